@@ -1,0 +1,25 @@
+//! Shoal's shared contract: the fleet manifest schema, MQTT topic names and the messages that
+//! cross the bus between operators, the hub and edge agents.
+//!
+//! Two layers live here:
+//! - **wire types** ([`manifest`], [`messages`]): what travels as YAML/JSON. Messages are
+//!   permissive (unknown fields are ignored, most fields default) so that a newer peer can talk to
+//!   an older one; manifests are strict (an unknown field is a typo, and is rejected).
+//! - **domain types** ([`workload`], [`ids`], [`quantity`]): validated with `TryFrom`, so code
+//!   that holds a [`workload::Workload`] never re-checks it.
+//!
+//! No I/O happens in this crate.
+
+pub mod endpoint;
+pub mod ids;
+pub mod manifest;
+pub mod messages;
+pub mod quantity;
+pub mod topics;
+pub mod views;
+pub mod workload;
+
+/// The protocol generation spoken on the bus; it is also the `v1` in every topic.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// `apiVersion` accepted in manifests.
+pub const API_VERSION: &str = "shoal.dev/v1";

@@ -1,0 +1,204 @@
+//! Fleet manifest wire format (`apiVersion: shoal.dev/v1`, `kind: Workload`).
+//!
+//! A manifest is a YAML stream: several documents separated by `---`, each one workload (a
+//! document may also be a sequence of workloads, which is how a JSON array arrives). Fields are
+//! strict: an unknown field is almost always a typo, so it is rejected rather than ignored.
+//! [`parse_stream`] returns the raw documents; [`crate::workload`] validates them.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadManifest {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    pub spec: WorkloadSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadSpec {
+    /// Number of replicas to run (default 1). Exclusive with `placement: every`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
+    /// `every`: one replica on every matching device, including devices that join later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<String>,
+    /// Device labels a device must carry (equality).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wasm: Option<WasmSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<Restart>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WasmSpec {
+    /// `sha256:<hex>` of a blob the hub has, or (for `shoal apply` only) a local file path.
+    pub module: String,
+    /// Optional expected digest of the module (hex, with or without `sha256:`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Restart {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<Backoff>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backoff {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<String>,
+}
+
+/// One problem found in a manifest, located by document (1-based) and workload name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestError {
+    pub document: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    pub message: String,
+}
+
+impl std::fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.workload {
+            Some(w) => write!(f, "document {} (workload {w:?}): {}", self.document, self.message),
+            None => write!(f, "document {}: {}", self.document, self.message),
+        }
+    }
+}
+
+/// A parsed document: its 1-based position in the stream and its content.
+pub type Located<T> = (usize, T);
+
+/// Splits a YAML stream (or a JSON document or array) into workload manifests.
+///
+/// Each document is parsed independently, so one broken document does not hide the problems of
+/// the others; every error found is returned. Empty documents are skipped.
+pub fn parse_stream(text: &str) -> Result<Vec<Located<WorkloadManifest>>, Vec<ManifestError>> {
+    use serde::de::Deserialize as _;
+    // First pass: learn each document's shape (mapping, sequence, empty). The second pass
+    // parses mappings straight from the text so that errors keep their line and column.
+    let mut shapes = Vec::new();
+    let mut errors = Vec::new();
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        match serde_yaml_ng::Value::deserialize(doc) {
+            Ok(v) => shapes.push(Some(v)),
+            Err(e) => {
+                errors.push(ManifestError {
+                    document: i + 1,
+                    workload: None,
+                    message: format!("invalid YAML: {e}"),
+                });
+                shapes.push(None);
+                // The YAML parser cannot resume after a syntax error.
+                break;
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let n = i + 1;
+        let name_hint = shapes
+            .get(i)
+            .and_then(|v| v.as_ref())
+            .and_then(|v| v.get("metadata"))
+            .and_then(|m| m.get("name"))
+            .and_then(|n| n.as_str())
+            .map(str::to_string);
+        match shapes.get(i).and_then(|v| v.as_ref()) {
+            Some(serde_yaml_ng::Value::Null) => {}
+            Some(serde_yaml_ng::Value::Sequence(items)) => {
+                for item in items {
+                    let hint = item
+                        .get("metadata")
+                        .and_then(|m| m.get("name"))
+                        .and_then(|n| n.as_str())
+                        .map(str::to_string);
+                    match serde_yaml_ng::from_value::<WorkloadManifest>(item.clone()) {
+                        Ok(m) => out.push((n, m)),
+                        Err(e) => errors.push(ManifestError {
+                            document: n,
+                            workload: hint,
+                            message: e.to_string(),
+                        }),
+                    }
+                }
+            }
+            Some(serde_yaml_ng::Value::Mapping(_)) => match WorkloadManifest::deserialize(doc) {
+                Ok(m) => out.push((n, m)),
+                Err(e) => errors.push(ManifestError {
+                    document: n,
+                    workload: name_hint,
+                    message: e.to_string(),
+                }),
+            },
+            _ => errors.push(ManifestError {
+                document: n,
+                workload: None,
+                message: "expected a Workload mapping (apiVersion, kind, metadata, spec)".into(),
+            }),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    if out.is_empty() {
+        return Err(vec![ManifestError {
+            document: 1,
+            workload: None,
+            message: "manifest contains no workloads".into(),
+        }]);
+    }
+    Ok(out)
+}
+
+/// Renders manifests back to a YAML stream (what `shoal apply` publishes after uploading
+/// local modules).
+pub fn to_yaml_stream(manifests: &[WorkloadManifest]) -> Result<String, serde_yaml_ng::Error> {
+    let mut out = String::new();
+    for m in manifests {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml_ng::to_string(m)?);
+    }
+    Ok(out)
+}

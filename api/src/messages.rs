@@ -1,0 +1,215 @@
+//! Messages carried on the bus (JSON payloads), one per topic in [`crate::topics`].
+//!
+//! Permissive by design: unknown fields are ignored and most fields default, so peers of
+//! different versions keep talking. Each carries `protocol` so a breaking change can be detected.
+
+use crate::ids::{DeviceId, Digest, WorkloadName};
+use crate::manifest::ManifestError;
+use crate::workload::{Resources, Restart, Workload};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+fn protocol() -> u32 {
+    crate::PROTOCOL_VERSION
+}
+
+/// `devices/{d}/hello`: what a device is and can do. Sent on every (re)connect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Hello {
+    #[serde(default = "protocol")]
+    pub protocol: u32,
+    pub device_id: DeviceId,
+    #[serde(default)]
+    pub arch: String,
+    #[serde(default)]
+    pub os: String,
+    /// Runtimes the device offers: `wasm` (and later `container`).
+    #[serde(default)]
+    pub runtimes: Vec<String>,
+    #[serde(default)]
+    pub cpus: u32,
+    /// Memory the agent offers to workloads, in bytes.
+    #[serde(default)]
+    pub memory: u64,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub agent_version: String,
+}
+
+/// The lifecycle phase of one replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Phase {
+    /// Not placed yet, or placed and not yet acted on by its device.
+    Pending,
+    /// Fetching the module.
+    Pulling,
+    /// Compiling/instantiating.
+    Starting,
+    Running,
+    /// Exited successfully and will not be restarted.
+    Succeeded,
+    /// Exited (or could not start) and will not be restarted.
+    Failed,
+    /// Exited and waiting out a restart back-off.
+    CrashLoopBackOff,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+/// One workload replica as a device should run it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DesiredWorkload {
+    pub name: WorkloadName,
+    /// Replica index within the workload (0 for `placement: every`).
+    #[serde(default)]
+    pub replica: u32,
+    /// Changes whenever a restart is needed.
+    pub revision: String,
+    pub module: Digest,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub resources: Resources,
+    pub restart: Restart,
+}
+
+impl DesiredWorkload {
+    /// Builds a device's view of replica `replica` of `w`; `None` when its module is not a
+    /// hub blob (the hub never stores such workloads).
+    pub fn from_workload(w: &Workload, replica: u32) -> Option<Self> {
+        Some(Self {
+            name: w.name.clone(),
+            replica,
+            revision: w.revision(),
+            module: w.digest()?.clone(),
+            args: w.args.clone(),
+            env: w.env.clone(),
+            resources: w.resources,
+            restart: w.restart,
+        })
+    }
+
+    /// The replica's identity on its device, e.g. `hello-0`.
+    pub fn instance(&self) -> String {
+        instance_name(&self.name, self.replica)
+    }
+}
+
+/// `{workload}-{replica}`: a replica's identity on a device (also its log file stem).
+pub fn instance_name(name: &WorkloadName, replica: u32) -> String {
+    format!("{name}-{replica}")
+}
+
+/// `devices/{d}/desired` (retained): everything device `d` should run. Level-based: each
+/// message replaces the previous one entirely.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DesiredState {
+    #[serde(default = "protocol")]
+    pub protocol: u32,
+    pub device_id: DeviceId,
+    /// Strictly increases with every change for this device.
+    pub generation: u64,
+    /// Base URL where modules are fetched as `{artifactBase}/v1/blobs/{digest}`.
+    #[serde(default)]
+    pub artifact_base: String,
+    #[serde(default)]
+    pub workloads: Vec<DesiredWorkload>,
+}
+
+/// The observed state of one replica on a device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceStatus {
+    pub name: WorkloadName,
+    #[serde(default)]
+    pub replica: u32,
+    #[serde(default)]
+    pub revision: String,
+    pub phase: Phase,
+    #[serde(default)]
+    pub restarts: u32,
+    /// Why the replica is not running, in words a person can act on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Exit status of the last run, when it exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Milliseconds since the Unix epoch when the current run started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at_ms: Option<u64>,
+    /// In `CrashLoopBackOff`: how long the agent waits before the next start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_ms: Option<u64>,
+    /// Which runtime variant runs this replica (`wasm`).
+    #[serde(default)]
+    pub variant: String,
+}
+
+/// `devices/{d}/status` (retained): what the device observes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceStatus {
+    #[serde(default = "protocol")]
+    pub protocol: u32,
+    pub device_id: DeviceId,
+    /// The generation of the desired state the device has persisted and is acting on.
+    #[serde(default)]
+    pub observed_generation: u64,
+    #[serde(default)]
+    pub workloads: Vec<InstanceStatus>,
+    /// Milliseconds since the Unix epoch when the status was produced.
+    #[serde(default)]
+    pub time_ms: u64,
+}
+
+/// `results/{req}`: the hub's verdict on an apply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyResult {
+    #[serde(default = "protocol")]
+    pub protocol: u32,
+    #[serde(default)]
+    pub request_id: Option<String>,
+    pub accepted: bool,
+    /// Per accepted workload: `created`, `configured` or `unchanged`.
+    #[serde(default)]
+    pub workloads: BTreeMap<String, String>,
+    /// Every reason the manifest was rejected (empty when accepted).
+    #[serde(default)]
+    pub errors: Vec<ManifestError>,
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before 1970).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_permissive() {
+        let s: DeviceStatus =
+            serde_json::from_str(r#"{"deviceId":"e1","futureField":1,"workloads":[{"name":"w","phase":"Running","x":2}]}"#)
+                .unwrap();
+        assert_eq!(s.protocol, 1);
+        assert_eq!(s.workloads[0].phase, Phase::Running);
+        let h: Hello = serde_json::from_str(r#"{"deviceId":"e1"}"#).unwrap();
+        assert!(h.runtimes.is_empty());
+        // but ids are still validated
+        assert!(serde_json::from_str::<Hello>(r#"{"deviceId":"E 1"}"#).is_err());
+    }
+}

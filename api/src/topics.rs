@@ -1,0 +1,94 @@
+//! MQTT topic names (protocol v1). Every Shoal topic lives under `shoal/v1/`.
+//!
+//! | topic | direction | retained |
+//! |---|---|---|
+//! | `shoal/v1/apply`, `shoal/v1/apply/{req}` | operator → hub | no |
+//! | `shoal/v1/results/{req}` | hub → operator | no |
+//! | `shoal/v1/devices/{d}/hello` | agent → hub | no |
+//! | `shoal/v1/devices/{d}/presence` | agent (and its last will) | yes |
+//! | `shoal/v1/devices/{d}/desired` | hub → agent | yes |
+//! | `shoal/v1/devices/{d}/status` | agent → hub | yes |
+//! | `shoal/v1/devices/{d}/logs/{w}` | agent → hub | no |
+
+use crate::ids::DeviceId;
+
+pub const PREFIX: &str = "shoal/v1";
+/// Apply without a request id (no verdict is published).
+pub const APPLY: &str = "shoal/v1/apply";
+/// Subscription filter for applies with a request id.
+pub const APPLY_WITH_REQ: &str = "shoal/v1/apply/+";
+/// Subscription filters the hub uses for device traffic.
+pub const ALL_HELLO: &str = "shoal/v1/devices/+/hello";
+pub const ALL_PRESENCE: &str = "shoal/v1/devices/+/presence";
+pub const ALL_STATUS: &str = "shoal/v1/devices/+/status";
+/// Presence payloads.
+pub const ONLINE: &str = "online";
+pub const OFFLINE: &str = "offline";
+
+pub fn apply(req: &str) -> String {
+    format!("{PREFIX}/apply/{req}")
+}
+pub fn results(req: &str) -> String {
+    format!("{PREFIX}/results/{req}")
+}
+pub fn hello(d: &DeviceId) -> String {
+    format!("{PREFIX}/devices/{d}/hello")
+}
+pub fn presence(d: &DeviceId) -> String {
+    format!("{PREFIX}/devices/{d}/presence")
+}
+pub fn desired(d: &DeviceId) -> String {
+    format!("{PREFIX}/devices/{d}/desired")
+}
+pub fn status(d: &DeviceId) -> String {
+    format!("{PREFIX}/devices/{d}/status")
+}
+
+/// A topic the hub receives, classified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    /// An apply; `Some(req)` when the topic carries a request id.
+    Apply(Option<String>),
+    Hello(String),
+    Presence(String),
+    Status(String),
+}
+
+/// Classifies an incoming topic; `None` for anything that is not a hub-bound Shoal topic.
+/// Device ids are returned raw: callers validate them.
+pub fn classify(topic: &str) -> Option<Inbound> {
+    let rest = topic.strip_prefix(PREFIX)?.strip_prefix('/')?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    match parts.as_slice() {
+        ["apply"] => Some(Inbound::Apply(None)),
+        ["apply", req] if !req.is_empty() => Some(Inbound::Apply(Some((*req).to_string()))),
+        ["devices", d, "hello"] => Some(Inbound::Hello((*d).to_string())),
+        ["devices", d, "presence"] => Some(Inbound::Presence((*d).to_string())),
+        ["devices", d, "status"] => Some(Inbound::Status((*d).to_string())),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_table() {
+        assert_eq!(classify("shoal/v1/apply"), Some(Inbound::Apply(None)));
+        assert_eq!(
+            classify("shoal/v1/apply/r1"),
+            Some(Inbound::Apply(Some("r1".into())))
+        );
+        assert_eq!(
+            classify("shoal/v1/devices/e1/status"),
+            Some(Inbound::Status("e1".into()))
+        );
+        assert_eq!(classify("shoal/v1/devices/e1/desired"), None);
+        assert_eq!(classify("shoal/v2/apply"), None);
+        assert_eq!(classify("shoal/v1/apply/"), None);
+        let d = DeviceId::try_from("e1").unwrap();
+        assert_eq!(classify(&hello(&d)), Some(Inbound::Hello("e1".into())));
+        assert_eq!(classify(&presence(&d)), Some(Inbound::Presence("e1".into())));
+    }
+}

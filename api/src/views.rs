@@ -1,0 +1,101 @@
+//! Read models served by the hub's HTTP API (`/v1/devices`, `/v1/workloads`) and printed by
+//! `shoal get … -o json`. Permissive like every wire type.
+
+use crate::messages::Phase;
+use crate::workload::Workload;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceView {
+    pub id: String,
+    pub online: bool,
+    #[serde(default)]
+    pub arch: String,
+    #[serde(default)]
+    pub os: String,
+    #[serde(default)]
+    pub runtimes: Vec<String>,
+    #[serde(default)]
+    pub cpus: u32,
+    /// Memory offered to workloads, bytes.
+    #[serde(default)]
+    pub memory: u64,
+    /// Memory requested by the replicas placed here, bytes.
+    #[serde(default)]
+    pub memory_allocated: u64,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub agent_version: String,
+    #[serde(default)]
+    pub last_seen_ms: u64,
+    /// Generation of the desired state last published to the device.
+    #[serde(default)]
+    pub desired_generation: u64,
+    /// Generation the device reports acting on.
+    #[serde(default)]
+    pub observed_generation: u64,
+    /// Replicas placed on the device.
+    #[serde(default)]
+    pub replicas: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaView {
+    pub replica: u32,
+    /// `None` while unplaced.
+    #[serde(default)]
+    pub device: Option<String>,
+    pub phase: Phase,
+    #[serde(default)]
+    pub restarts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_ms: Option<u64>,
+    /// Revision the device reports for this replica.
+    #[serde(default)]
+    pub revision: String,
+    #[serde(default)]
+    pub variant: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadView {
+    pub name: String,
+    pub revision: String,
+    /// `replicas` or `every`.
+    pub placement: String,
+    /// Wanted replica count (for `every`: the number of devices it is placed on).
+    pub desired: u32,
+    /// Replicas in phase `Running` at the current revision.
+    pub ready: u32,
+    pub replicas: Vec<ReplicaView>,
+    /// Why some replicas are unplaced, if any are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_reason: Option<String>,
+    /// The validated spec (for `shoal describe`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<Workload>,
+}
+
+/// Answer of `POST /v1/blobs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRef {
+    pub digest: String,
+    pub size: u64,
+}
+
+/// Error body of the HTTP API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}

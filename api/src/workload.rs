@@ -1,0 +1,477 @@
+//! Validated workload definitions: what the hub stores and schedules.
+//!
+//! [`Workload::try_from`] turns a [`WorkloadManifest`] into a [`Workload`] and reports *every*
+//! problem it finds, each naming the field, the bad value and the reason. [`parse_workloads`]
+//! does this for a whole manifest stream and also rejects duplicate names.
+
+use crate::ids::{check_label_key, check_label_value, Digest, WorkloadName};
+use crate::manifest::{parse_stream, ManifestError, WorkloadManifest};
+use crate::quantity::{format_memory, parse_cpu, parse_duration, parse_memory};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Memory request and limit of a workload that does not declare `resources.memory`.
+pub const DEFAULT_MEMORY: u64 = 64 << 20;
+/// Upper bound on `spec.replicas`.
+pub const MAX_REPLICAS: u32 = 10_000;
+pub const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Placement {
+    /// A fixed number of replicas, spread over matching devices.
+    Replicas(u32),
+    /// One replica on every matching device.
+    Every,
+}
+
+/// Where a module comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ModuleRef {
+    /// A blob held by the hub.
+    Digest(Digest),
+    /// A file on the operator's machine; only `shoal apply` accepts it (it uploads the file and
+    /// replaces the path with its digest). The hub rejects it.
+    Path(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RestartPolicy {
+    Always,
+    OnFailure,
+    Never,
+}
+
+impl RestartPolicy {
+    /// Whether an exit (`success` = exit status 0) leads to a restart.
+    pub fn restarts_after(self, success: bool) -> bool {
+        match self {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => !success,
+            RestartPolicy::Never => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Restart {
+    pub policy: RestartPolicy,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Resources {
+    /// Bytes; both the scheduling request and the enforced limit.
+    pub memory: u64,
+    /// Millicores; the scheduling request and the enforced share. `None`: no CPU cap.
+    pub cpu: Option<u32>,
+}
+
+/// A validated workload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Workload {
+    pub name: WorkloadName,
+    pub labels: BTreeMap<String, String>,
+    pub placement: Placement,
+    pub selector: BTreeMap<String, String>,
+    pub module: ModuleRef,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub resources: Resources,
+    pub restart: Restart,
+}
+
+impl Workload {
+    /// A short hash of everything that, when changed, requires running replicas to restart.
+    /// Labels are left out: relabelling a workload does not restart it.
+    pub fn revision(&self) -> String {
+        #[derive(Serialize, Debug)]
+        struct RevisionInput<'a> {
+            module: &'a ModuleRef,
+            args: &'a [String],
+            env: &'a BTreeMap<String, String>,
+            resources: &'a Resources,
+            restart: &'a Restart,
+        }
+        let input = RevisionInput {
+            module: &self.module,
+            args: &self.args,
+            env: &self.env,
+            resources: &self.resources,
+            restart: &self.restart,
+        };
+        // Serializing plain structs and BTreeMaps cannot fail; fall back to Debug regardless.
+        let bytes = serde_json::to_vec(&input).unwrap_or_else(|_| format!("{input:?}").into_bytes());
+        Digest::of(&bytes).hex()[..12].to_string()
+    }
+
+    /// The module digest, when the module is a hub blob.
+    pub fn digest(&self) -> Option<&Digest> {
+        match &self.module {
+            ModuleRef::Digest(d) => Some(d),
+            ModuleRef::Path(_) => None,
+        }
+    }
+
+    /// Whether a device with these labels satisfies the selector.
+    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.selector
+            .iter()
+            .all(|(k, v)| labels.get(k).is_some_and(|have| have == v))
+    }
+}
+
+impl TryFrom<WorkloadManifest> for Workload {
+    /// Every problem found, each a complete sentence fragment naming field, value and reason.
+    type Error = Vec<String>;
+
+    fn try_from(m: WorkloadManifest) -> Result<Self, Vec<String>> {
+        let mut errs = Vec::new();
+        if m.api_version != crate::API_VERSION {
+            errs.push(format!(
+                "apiVersion {:?} is not supported: expected {:?}",
+                m.api_version,
+                crate::API_VERSION
+            ));
+        }
+        if m.kind != "Workload" {
+            errs.push(format!("kind {:?} is not supported: expected \"Workload\"", m.kind));
+        }
+        let name = WorkloadName::try_from(m.metadata.name.as_str())
+            .map_err(|e| errs.push(format!("metadata.name: {e}")))
+            .ok();
+        check_labels("metadata.labels", &m.metadata.labels, &mut errs);
+        let spec = m.spec;
+
+        let placement = match (spec.replicas, spec.placement.as_deref()) {
+            (Some(_), Some(p)) => {
+                errs.push(format!(
+                    "spec.replicas and spec.placement {p:?} are mutually exclusive: give one"
+                ));
+                None
+            }
+            (_, Some("every")) => Some(Placement::Every),
+            (_, Some(other)) => {
+                errs.push(format!(
+                    "spec.placement {other:?} is invalid: the only placement is \"every\" (or use spec.replicas)"
+                ));
+                None
+            }
+            (Some(0), None) => Some(Placement::Replicas(0)),
+            (Some(n), None) if n > MAX_REPLICAS => {
+                errs.push(format!("spec.replicas {n} is invalid: must be at most {MAX_REPLICAS}"));
+                None
+            }
+            (Some(n), None) => Some(Placement::Replicas(n)),
+            (None, None) => Some(Placement::Replicas(1)),
+        };
+        check_labels("spec.selector", &spec.selector, &mut errs);
+
+        let module = match spec.wasm {
+            None => {
+                errs.push("spec.wasm is required: give spec.wasm.module".to_string());
+                None
+            }
+            Some(w) => module_ref(&w.module, w.sha256.as_deref(), &mut errs),
+        };
+
+        for k in spec.env.keys() {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                errs.push(format!(
+                    "spec.env: name {k:?} is invalid: must be non-empty without '=' or NUL"
+                ));
+            }
+        }
+        for (k, v) in &spec.env {
+            if v.contains('\0') {
+                errs.push(format!("spec.env.{k}: value {v:?} is invalid: must not contain NUL"));
+            }
+        }
+        for a in &spec.args {
+            if a.contains('\0') {
+                errs.push(format!("spec.args: {a:?} is invalid: must not contain NUL"));
+            }
+        }
+
+        let res = spec.resources.unwrap_or_default();
+        let memory = match res.memory.as_deref() {
+            None => Some(DEFAULT_MEMORY),
+            Some(s) => parse_memory(s)
+                .map_err(|e| errs.push(format!("spec.resources.memory: {e}")))
+                .ok(),
+        };
+        let cpu = match res.cpu.as_deref() {
+            None => Some(None),
+            Some(s) => parse_cpu(s)
+                .map(Some)
+                .map_err(|e| errs.push(format!("spec.resources.cpu: {e}")))
+                .ok(),
+        };
+
+        let restart = restart(spec.restart.unwrap_or_default(), &mut errs);
+
+        match (name, placement, module, memory, cpu, restart) {
+            (Some(name), Some(placement), Some(module), Some(memory), Some(cpu), Some(restart))
+                if errs.is_empty() =>
+            {
+                Ok(Workload {
+                    name,
+                    labels: m.metadata.labels,
+                    placement,
+                    selector: spec.selector,
+                    module,
+                    args: spec.args,
+                    env: spec.env,
+                    resources: Resources { memory, cpu },
+                    restart,
+                })
+            }
+            _ => Err(errs),
+        }
+    }
+}
+
+fn check_labels(field: &str, labels: &BTreeMap<String, String>, errs: &mut Vec<String>) {
+    for (k, v) in labels {
+        if let Err(e) = check_label_key(k) {
+            errs.push(format!("{field}: {e}"));
+        }
+        if let Err(e) = check_label_value(v) {
+            errs.push(format!("{field}.{k}: {e}"));
+        }
+    }
+}
+
+fn module_ref(module: &str, sha256: Option<&str>, errs: &mut Vec<String>) -> Option<ModuleRef> {
+    let expected = match sha256 {
+        None => None,
+        Some(s) => {
+            let full = if s.starts_with("sha256:") { s.to_string() } else { format!("sha256:{s}") };
+            match full.parse::<Digest>() {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    errs.push(format!("spec.wasm.sha256: {e}"));
+                    return None;
+                }
+            }
+        }
+    };
+    if module.is_empty() {
+        errs.push("spec.wasm.module is empty: give a sha256:<hex> digest or a file path".into());
+        return None;
+    }
+    if module.starts_with("sha256:") {
+        return match module.parse::<Digest>() {
+            Ok(d) => {
+                if let Some(x) = expected.filter(|x| *x != d) {
+                    errs.push(format!(
+                        "spec.wasm.sha256 {:?} does not match spec.wasm.module {:?}",
+                        x.as_str(),
+                        d.as_str()
+                    ));
+                    return None;
+                }
+                Some(ModuleRef::Digest(d))
+            }
+            Err(e) => {
+                errs.push(format!("spec.wasm.module: {e}"));
+                None
+            }
+        };
+    }
+    if let Some((scheme, _)) = module.split_once("://") {
+        errs.push(format!(
+            "spec.wasm.module {module:?} is not supported: {scheme}:// references are not available yet; give a sha256:<hex> digest of a blob pushed with `shoal push`, or a file path for `shoal apply`"
+        ));
+        return None;
+    }
+    Some(ModuleRef::Path(module.to_string()))
+}
+
+fn restart(r: crate::manifest::Restart, errs: &mut Vec<String>) -> Option<Restart> {
+    let policy = match r.policy.as_deref() {
+        None | Some("Always") => Some(RestartPolicy::Always),
+        Some("OnFailure") => Some(RestartPolicy::OnFailure),
+        Some("Never") => Some(RestartPolicy::Never),
+        Some(other) => {
+            errs.push(format!(
+                "spec.restart.policy {other:?} is invalid: expected Always, OnFailure or Never"
+            ));
+            None
+        }
+    };
+    let b = r.backoff.unwrap_or_default();
+    let dur = |field: &str, v: Option<&str>, default: Duration, errs: &mut Vec<String>| match v {
+        None => Some(default),
+        Some(s) => parse_duration(s)
+            .map_err(|e| errs.push(format!("{field}: {e}")))
+            .ok(),
+    };
+    let initial = dur("spec.restart.backoff.initial", b.initial.as_deref(), DEFAULT_BACKOFF_INITIAL, errs);
+    let max = dur("spec.restart.backoff.max", b.max.as_deref(), DEFAULT_BACKOFF_MAX, errs);
+    let (initial, max) = (initial?, max?);
+    if initial < Duration::from_millis(10) {
+        errs.push(format!(
+            "spec.restart.backoff.initial {:?} is invalid: must be at least 10ms",
+            b.initial.unwrap_or_default()
+        ));
+        return None;
+    }
+    if max < initial {
+        errs.push(format!(
+            "spec.restart.backoff.max {:?} is invalid: must not be below initial ({}ms)",
+            b.max.unwrap_or_default(),
+            initial.as_millis()
+        ));
+        return None;
+    }
+    Some(Restart {
+        policy: policy?,
+        initial_backoff_ms: initial.as_millis() as u64,
+        max_backoff_ms: max.as_millis() as u64,
+    })
+}
+
+/// Parses and validates a whole manifest stream. All-or-nothing: any error rejects the lot.
+pub fn parse_workloads(text: &str) -> Result<Vec<Workload>, Vec<ManifestError>> {
+    let docs = parse_stream(text)?;
+    validate_all(docs)
+}
+
+/// Validates already-parsed documents (see [`parse_workloads`]).
+pub fn validate_all(
+    docs: Vec<crate::manifest::Located<WorkloadManifest>>,
+) -> Result<Vec<Workload>, Vec<ManifestError>> {
+    let mut errors = Vec::new();
+    let mut out: Vec<(usize, Workload)> = Vec::new();
+    for (n, m) in docs {
+        let hint = Some(m.metadata.name.clone());
+        match Workload::try_from(m) {
+            Ok(w) => out.push((n, w)),
+            Err(es) => errors.extend(es.into_iter().map(|message| ManifestError {
+                document: n,
+                workload: hint.clone(),
+                message,
+            })),
+        }
+    }
+    let mut seen = BTreeMap::new();
+    for (n, w) in &out {
+        if let Some(first) = seen.insert(w.name.clone(), *n) {
+            errors.push(ManifestError {
+                document: *n,
+                workload: Some(w.name.to_string()),
+                message: format!(
+                    "metadata.name {:?} is duplicated: already defined in document {first}",
+                    w.name.as_str()
+                ),
+            });
+        }
+    }
+    if errors.is_empty() {
+        Ok(out.into_iter().map(|(_, w)| w).collect())
+    } else {
+        Err(errors)
+    }
+}
+
+/// Human summary of resources, e.g. `memory 16Mi, cpu 100m`.
+pub fn describe_resources(r: &Resources) -> String {
+    match r.cpu {
+        Some(c) => format!("memory {}, cpu {c}m", format_memory(r.memory)),
+        None => format!("memory {}, cpu unlimited", format_memory(r.memory)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: shoal.dev/v1
+kind: Workload
+metadata: { name: hello, labels: { app: demo } }
+spec:
+  replicas: 2
+  selector: { zone: a }
+  wasm: { module: "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad" }
+  args: ["--x"]
+  env: { GREETING: hi }
+  resources: { memory: 16Mi, cpu: 100m }
+  restart: { policy: OnFailure, backoff: { initial: 200ms, max: 5s } }
+---
+apiVersion: shoal.dev/v1
+kind: Workload
+metadata: { name: sensor }
+spec:
+  placement: every
+  wasm: { module: ./sensor.wasm }
+"#;
+
+    #[test]
+    fn parses_good_stream() {
+        let ws = parse_workloads(GOOD).unwrap();
+        assert_eq!(ws.len(), 2);
+        assert_eq!(ws[0].placement, Placement::Replicas(2));
+        assert_eq!(ws[0].resources, Resources { memory: 16 << 20, cpu: Some(100) });
+        assert_eq!(ws[0].restart.policy, RestartPolicy::OnFailure);
+        assert_eq!(ws[0].restart.initial_backoff_ms, 200);
+        assert_eq!(ws[1].placement, Placement::Every);
+        assert_eq!(ws[1].module, ModuleRef::Path("./sensor.wasm".into()));
+        assert_eq!(ws[1].resources.memory, DEFAULT_MEMORY);
+    }
+
+    #[test]
+    fn json_array_is_accepted() {
+        let ws = parse_workloads(GOOD).unwrap();
+        let _ = ws;
+        let json = r#"[{"apiVersion":"shoal.dev/v1","kind":"Workload","metadata":{"name":"a"},"spec":{"wasm":{"module":"x.wasm"}}}]"#;
+        assert_eq!(parse_workloads(json).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn revision_tracks_spec_not_labels() {
+        let ws = parse_workloads(GOOD).unwrap();
+        let mut a = ws[0].clone();
+        let r0 = a.revision();
+        a.labels.insert("x".into(), "y".into());
+        assert_eq!(a.revision(), r0);
+        a.env.insert("K".into(), "V".into());
+        assert_ne!(a.revision(), r0);
+    }
+
+    #[test]
+    fn every_error_is_reported() {
+        let bad = r#"
+apiVersion: shoal.dev/v2
+kind: Pod
+metadata: { name: Bad_Name }
+spec:
+  replicas: 1
+  placement: every
+  selector: { "bad key": x }
+  resources: { memory: 16MB, cpu: lots }
+  restart: { policy: Sometimes }
+"#;
+        let errs = parse_workloads(bad).unwrap_err();
+        let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        assert_eq!(text.len(), 9, "{text:#?}");
+        assert!(text.iter().all(|t| t.starts_with("document 1 (workload \"Bad_Name\")")));
+    }
+
+    #[test]
+    fn policy_table() {
+        use RestartPolicy::*;
+        for (p, ok, fail) in [(Always, true, true), (OnFailure, false, true), (Never, false, false)] {
+            assert_eq!(p.restarts_after(true), ok);
+            assert_eq!(p.restarts_after(false), fail);
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! Shoal edge agent: receives desired state over MQTT and runs WASM workloads in wasmtime.
+
+pub mod logs;
+pub mod runtime;
+pub mod wasm;

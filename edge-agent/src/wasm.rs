@@ -1,0 +1,1015 @@
+//! [`WasmRuntime`]: runs workloads in wasmtime, with WASI and per-instance limits.
+//!
+//! - One [`wasmtime::Engine`] per runtime, with epoch interruption; a ticker task bumps the
+//!   epoch every [`EPOCH_TICK`] so every running guest reaches a deadline at least that often.
+//!   At each deadline the guest yields to the executor (a spinning guest never monopolises a
+//!   thread) and, with a CPU share, sleeps off the rest of its [`CPU_PERIOD`] once it has used
+//!   its budget.
+//! - Both WASI command flavours: core modules (`wasm32-wasip1`, entry `_start`) and components
+//!   (`wasm32-wasip2`, `wasi:cli/run`). Deny by default: only the spec's arguments and
+//!   environment, no preopened directories, no network, empty stdin; stdout and stderr go to
+//!   the instance's [`LogSink`].
+//! - Compiled artifacts are cached on disk under `cache_dir/{engine_key}/{digest}.cwasm`,
+//!   keyed by a hash of the engine's compatibility settings, and in memory per digest.
+//! - Each linear memory is capped at the spec's memory limit by a [`ResourceLimiter`]; going
+//!   over it fails the run with a reason that says "memory limit exceeded".
+
+use crate::logs::{LogSink, Stream};
+use crate::runtime::{Exit, Prepared, RunSpec, RuntimeError, WorkloadRuntime};
+use shoal_api::ids::Digest;
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+use wasmtime::component::ResourceTable;
+use wasmtime::{Engine, InstancePre, ResourceLimiter, Store, UpdateDeadline};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::bindings::CommandPre;
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+use wasmtime_wasi::{I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+/// How often the engine's epoch advances: the longest a guest runs without yielding.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// The accounting period of CPU shares: with `cpu_millis = m`, a guest runs at most
+/// `CPU_PERIOD * m / 1000` of every period.
+pub const CPU_PERIOD: Duration = Duration::from_millis(100);
+
+/// Size counted per table element when capping tables against the memory limit.
+const TABLE_ELEMENT_BYTES: u64 = 8;
+/// Absolute cap on the elements of one table, whatever the memory limit.
+const MAX_TABLE_ELEMENTS: u64 = 1 << 20;
+/// Permit size handed to the guest's output streams (bytes per write).
+const OUTPUT_PERMIT: usize = 64 * 1024;
+/// Bumped when the layout of the on-disk cache changes.
+const CACHE_FORMAT: &str = "shoal-cwasm-v1";
+
+/// Why a [`WasmRuntime`] could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum WasmInitError {
+    #[error("cannot create the wasm engine: {0}")]
+    Engine(String),
+    #[error("cannot create the module cache directory {path:?}: {source}")]
+    CacheDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot link wasi into the engine: {0}")]
+    Linker(String),
+    #[error("the wasm runtime must be created inside a tokio runtime")]
+    NoTokio,
+}
+
+/// Runs WASI workloads in wasmtime. Cheap to clone (all clones share one engine and cache).
+#[derive(Clone)]
+pub struct WasmRuntime {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for WasmRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmRuntime")
+            .field("cache_dir", &self.inner.cache_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    engine: Engine,
+    /// `cache_dir/{engine_key}`.
+    cache_dir: PathBuf,
+    core_linker: wasmtime::Linker<CoreState>,
+    component_linker: wasmtime::component::Linker<ComponentState>,
+    prepared: Mutex<HashMap<Digest, Arc<OnceCell<Arc<WasmModule>>>>>,
+    compiles: AtomicU64,
+}
+
+/// A compiled, linked module or component, ready to instantiate.
+pub struct WasmModule {
+    digest: Digest,
+    kind: ModuleKind,
+}
+
+enum ModuleKind {
+    Core(InstancePre<CoreState>),
+    Component(CommandPre<ComponentState>),
+}
+
+impl WasmModule {
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    /// Whether this is a (wasip2) component rather than a (wasip1) core module.
+    pub fn is_component(&self) -> bool {
+        matches!(self.kind, ModuleKind::Component(_))
+    }
+
+    fn kind_name(&self) -> &'static str {
+        match self.kind {
+            ModuleKind::Core(_) => "core module",
+            ModuleKind::Component(_) => "component",
+        }
+    }
+}
+
+impl std::fmt::Debug for WasmModule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmModule")
+            .field("digest", &self.digest.as_str())
+            .field("kind", &self.kind_name())
+            .finish()
+    }
+}
+
+impl Prepared for WasmModule {}
+
+/// Measurements of one run, from [`WasmRuntime::run_measured`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunStats {
+    /// Wall time from start to exit (or cancellation).
+    pub wall: Duration,
+    /// Time the guest spent running (instantiating or executing), not counting time it was
+    /// blocked in host calls (sleeps) or throttled by its CPU share.
+    pub busy: Duration,
+}
+
+impl WasmRuntime {
+    /// Builds the engine and spawns its epoch ticker, which runs until `shutdown` is cancelled
+    /// (await the returned handle to see it end). Must be called inside a tokio runtime.
+    ///
+    /// Cancel every run before `shutdown`: without epoch ticks a spinning guest no longer
+    /// yields, so its cancellation could not be noticed.
+    pub fn new(
+        cache_dir: PathBuf,
+        shutdown: CancellationToken,
+    ) -> Result<(WasmRuntime, tokio::task::JoinHandle<()>), WasmInitError> {
+        let tokio = tokio::runtime::Handle::try_current().map_err(|_| WasmInitError::NoTokio)?;
+        let mut config = wasmtime::Config::new();
+        // Async support is always on in wasmtime 48 (`Config::async_support` is a deprecated
+        // no-op), so only epoch interruption needs enabling.
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config).map_err(|e| WasmInitError::Engine(format!("{e:#}")))?;
+
+        let cache_dir = cache_dir.join(engine_key(&engine));
+        std::fs::create_dir_all(&cache_dir).map_err(|source| WasmInitError::CacheDir {
+            path: cache_dir.clone(),
+            source,
+        })?;
+
+        let mut core_linker = wasmtime::Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut core_linker, |s: &mut CoreState| {
+            &mut s.wasi
+        })
+        .map_err(|e| WasmInitError::Linker(format!("{e:#}")))?;
+        let mut component_linker = wasmtime::component::Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut component_linker)
+            .map_err(|e| WasmInitError::Linker(format!("{e:#}")))?;
+
+        let ticker_engine = engine.clone();
+        let ticker = tokio.spawn(async move {
+            let mut interval = tokio::time::interval(EPOCH_TICK);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    _ = interval.tick() => ticker_engine.increment_epoch(),
+                }
+            }
+            tracing::debug!("wasm epoch ticker stopped");
+        });
+
+        let runtime = WasmRuntime {
+            inner: Arc::new(Inner {
+                engine,
+                cache_dir,
+                core_linker,
+                component_linker,
+                prepared: Mutex::new(HashMap::new()),
+                compiles: AtomicU64::new(0),
+            }),
+        };
+        Ok((runtime, ticker))
+    }
+
+    /// The directory holding this engine's compiled artifacts (`cache_dir/{engine_key}`).
+    pub fn artifact_dir(&self) -> &Path {
+        &self.inner.cache_dir
+    }
+
+    /// Where the compiled artifact of `digest` is cached.
+    pub fn artifact_path(&self, digest: &Digest) -> PathBuf {
+        self.inner.artifact_path(digest)
+    }
+
+    /// How many times this runtime compiled wasm from source (cache misses).
+    pub fn compile_count(&self) -> u64 {
+        self.inner.compiles.load(Ordering::Relaxed)
+    }
+
+    /// Prepares the module at `path` (see [`WorkloadRuntime::prepare`]). Concurrent prepares
+    /// of one digest share a single compilation.
+    pub async fn prepare_module(
+        &self,
+        digest: &Digest,
+        path: PathBuf,
+    ) -> Result<Arc<WasmModule>, RuntimeError> {
+        let cell = {
+            let mut map = self.inner.lock_prepared();
+            map.entry(digest.clone()).or_default().clone()
+        };
+        let span = tracing::debug_span!("prepare", digest = %digest);
+        cell.get_or_try_init(|| {
+            let inner = self.inner.clone();
+            let digest = digest.clone();
+            async move {
+                let task_digest = digest.clone();
+                tokio::task::spawn_blocking(move || inner.load_or_compile(&task_digest, &path))
+                    .await
+                    .map_err(|e| RuntimeError::Prepare {
+                        digest: digest.as_str().to_string(),
+                        reason: format!("compile task failed: {e}"),
+                    })?
+                    .map(Arc::new)
+            }
+            .instrument(span)
+        })
+        .await
+        .cloned()
+    }
+
+    /// Runs `module` like [`WorkloadRuntime::run`] and also reports how long it ran and how
+    /// much of that it was busy.
+    pub async fn run_measured(
+        &self,
+        module: Arc<WasmModule>,
+        spec: RunSpec,
+        log: LogSink,
+        cancel: CancellationToken,
+    ) -> (Exit, RunStats) {
+        let span = tracing::info_span!(
+            "run",
+            instance = %spec.instance,
+            digest = %module.digest,
+        );
+        self.run_inner(module, spec, log, cancel)
+            .instrument(span)
+            .await
+    }
+
+    async fn run_inner(
+        &self,
+        module: Arc<WasmModule>,
+        spec: RunSpec,
+        log: LogSink,
+        cancel: CancellationToken,
+    ) -> (Exit, RunStats) {
+        let instance = spec.instance.clone();
+        log.system(&format!(
+            "started {} {} (memory limit {}, cpu {})",
+            module.kind_name(),
+            module.digest,
+            fmt_bytes(spec.memory_limit),
+            spec.cpu_millis
+                .map_or_else(|| "unlimited".to_string(), |m| format!("{m}m")),
+        ));
+        tracing::info!(instance = %instance, "instance started");
+
+        let started = Instant::now();
+        let meter = Arc::new(Meter::new());
+        let guest: Pin<Box<dyn Future<Output = Exit> + Send>> = match &module.kind {
+            ModuleKind::Core(pre) => Box::pin(run_core(
+                self.inner.engine.clone(),
+                pre.clone(),
+                spec,
+                log.clone(),
+                meter.clone(),
+            )),
+            ModuleKind::Component(pre) => Box::pin(run_component(
+                self.inner.engine.clone(),
+                pre.clone(),
+                spec,
+                log.clone(),
+                meter.clone(),
+            )),
+        };
+        let metered = Metered {
+            inner: guest,
+            meter: meter.clone(),
+        };
+        let exit = tokio::select! {
+            biased;
+            () = cancel.cancelled() => Exit::Cancelled,
+            exit = metered => exit,
+        };
+        // The guest's future (and its store) is dropped by now.
+        let stats = RunStats {
+            wall: started.elapsed(),
+            busy: meter.busy(),
+        };
+        log.flush_partial();
+        let what = match &exit {
+            Exit::Success => "success".to_string(),
+            Exit::Failure { reason, .. } => reason.clone(),
+            Exit::Cancelled => "cancelled".to_string(),
+        };
+        log.system(&format!(
+            "exited: {what} (ran {:.2} s, busy {} ms)",
+            stats.wall.as_secs_f64(),
+            stats.busy.as_millis()
+        ));
+        match &exit {
+            Exit::Failure { .. } => {
+                tracing::warn!(instance = %instance, reason = %what, "instance failed");
+            }
+            _ => tracing::info!(instance = %instance, exit = %what, "instance exited"),
+        }
+        (exit, stats)
+    }
+}
+
+impl WorkloadRuntime for WasmRuntime {
+    type Module = WasmModule;
+
+    fn prepare(
+        &self,
+        digest: &Digest,
+        path: PathBuf,
+    ) -> impl Future<Output = Result<Arc<WasmModule>, RuntimeError>> + Send {
+        self.prepare_module(digest, path)
+    }
+
+    fn run(
+        &self,
+        module: Arc<WasmModule>,
+        spec: RunSpec,
+        log: LogSink,
+        cancel: CancellationToken,
+    ) -> impl Future<Output = Exit> + Send {
+        let this = self.clone();
+        async move { this.run_measured(module, spec, log, cancel).await.0 }
+    }
+}
+
+impl Inner {
+    fn artifact_path(&self, digest: &Digest) -> PathBuf {
+        self.cache_dir.join(format!("{}.cwasm", digest.hex()))
+    }
+
+    fn lock_prepared(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<Digest, Arc<OnceCell<Arc<WasmModule>>>>> {
+        self.prepared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Blocking: loads the cached artifact or compiles `path` (and caches it), then links.
+    fn load_or_compile(&self, digest: &Digest, path: &Path) -> Result<WasmModule, RuntimeError> {
+        let artifact_path = self.artifact_path(digest);
+        let artifact = match self.load_artifact(&artifact_path) {
+            Ok(Some(artifact)) => {
+                tracing::debug!(path = %artifact_path.display(), "loaded compiled artifact");
+                artifact
+            }
+            Ok(None) => self.compile(digest, path, &artifact_path)?,
+            Err(e) => {
+                tracing::warn!(
+                    path = %artifact_path.display(),
+                    error = %format!("{e:#}"),
+                    "ignoring unusable compiled artifact"
+                );
+                let _ = std::fs::remove_file(&artifact_path);
+                self.compile(digest, path, &artifact_path)?
+            }
+        };
+        self.link(digest, artifact)
+    }
+
+    fn load_artifact(&self, artifact_path: &Path) -> wasmtime::Result<Option<Artifact>> {
+        if !artifact_path.exists() {
+            return Ok(None);
+        }
+        let Some(kind) = Engine::detect_precompiled_file(artifact_path)? else {
+            wasmtime::bail!("not a precompiled artifact");
+        };
+        deserialize_artifact(&self.engine, artifact_path, kind).map(Some)
+    }
+
+    fn compile(
+        &self,
+        digest: &Digest,
+        path: &Path,
+        artifact_path: &Path,
+    ) -> Result<Artifact, RuntimeError> {
+        let invalid = |reason: String| RuntimeError::InvalidModule {
+            digest: digest.as_str().to_string(),
+            reason,
+        };
+        let bytes = std::fs::read(path).map_err(|e| RuntimeError::Prepare {
+            digest: digest.as_str().to_string(),
+            reason: format!("cannot read {:?}: {e}", path),
+        })?;
+        let kind = detect_kind(&bytes).map_err(invalid)?;
+        self.compiles.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let (artifact, serialized) = match kind {
+            WasmKind::Core => {
+                let module = wasmtime::Module::new(&self.engine, &bytes)
+                    .map_err(|e| invalid(format!("{e:#}")))?;
+                let serialized = module.serialize();
+                (Artifact::Core(module), serialized)
+            }
+            WasmKind::Component => {
+                let component = wasmtime::component::Component::new(&self.engine, &bytes)
+                    .map_err(|e| invalid(format!("{e:#}")))?;
+                let serialized = component.serialize();
+                (Artifact::Component(component), serialized)
+            }
+        };
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "compiled wasm {}",
+            kind.name()
+        );
+        match serialized {
+            Ok(bytes) => {
+                if let Err(e) = write_atomically(artifact_path, &bytes) {
+                    tracing::warn!(
+                        path = %artifact_path.display(),
+                        error = %e,
+                        "cannot cache compiled artifact"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot serialize artifact"),
+        }
+        Ok(artifact)
+    }
+
+    fn link(&self, digest: &Digest, artifact: Artifact) -> Result<WasmModule, RuntimeError> {
+        let link_error = |e: wasmtime::Error| RuntimeError::Prepare {
+            digest: digest.as_str().to_string(),
+            reason: format!("cannot link it against wasi: {e:#}"),
+        };
+        let kind = match artifact {
+            Artifact::Core(module) => {
+                match module.get_export("_start") {
+                    Some(wasmtime::ExternType::Func(f))
+                        if f.params().len() == 0 && f.results().len() == 0 => {}
+                    _ => {
+                        return Err(RuntimeError::InvalidModule {
+                            digest: digest.as_str().to_string(),
+                            reason: "core module has no `_start` function: not a wasi command"
+                                .to_string(),
+                        })
+                    }
+                }
+                ModuleKind::Core(self.core_linker.instantiate_pre(&module).map_err(link_error)?)
+            }
+            Artifact::Component(component) => {
+                let pre = self
+                    .component_linker
+                    .instantiate_pre(&component)
+                    .map_err(link_error)?;
+                ModuleKind::Component(CommandPre::new(pre).map_err(|e| {
+                    RuntimeError::InvalidModule {
+                        digest: digest.as_str().to_string(),
+                        reason: format!("component is not a wasi:cli command: {e:#}"),
+                    }
+                })?)
+            }
+        };
+        Ok(WasmModule {
+            digest: digest.clone(),
+            kind,
+        })
+    }
+}
+
+enum Artifact {
+    Core(wasmtime::Module),
+    Component(wasmtime::component::Component),
+}
+
+#[allow(unsafe_code)]
+fn deserialize_artifact(
+    engine: &Engine,
+    path: &Path,
+    kind: wasmtime::Precompiled,
+) -> wasmtime::Result<Artifact> {
+    // SAFETY: `path` lies in this runtime's private cache directory, keyed by the engine's
+    // compatibility hash, and is only ever written (atomically, by rename) with the output of
+    // `Module::serialize`/`Component::serialize` of this same engine configuration; wasmtime
+    // also checks the artifact's header, version and configuration before using it. The file
+    // is trusted as much as the agent's own binary.
+    unsafe {
+        Ok(match kind {
+            wasmtime::Precompiled::Module => {
+                Artifact::Core(wasmtime::Module::deserialize_file(engine, path)?)
+            }
+            wasmtime::Precompiled::Component => Artifact::Component(
+                wasmtime::component::Component::deserialize_file(engine, path)?,
+            ),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum WasmKind {
+    Core,
+    Component,
+}
+
+impl WasmKind {
+    fn name(self) -> &'static str {
+        match self {
+            WasmKind::Core => "core module",
+            WasmKind::Component => "component",
+        }
+    }
+}
+
+/// Tells a core module from a component by the 8-byte preamble.
+fn detect_kind(bytes: &[u8]) -> Result<WasmKind, String> {
+    const CORE: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00];
+    const COMPONENT: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
+    match bytes.get(..8) {
+        Some(h) if h == CORE => Ok(WasmKind::Core),
+        Some(h) if h == COMPONENT => Ok(WasmKind::Component),
+        Some(h) if h[..4] == CORE[..4] => Err(format!(
+            "unsupported wasm binary version {:02x?}",
+            &h[4..]
+        )),
+        _ => Err(format!(
+            "not a wasm binary: it starts with {:02x?}, not \"\\0asm\"",
+            &bytes[..bytes.len().min(8)]
+        )),
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension(format!("tmp.{:016x}", rand::random::<u64>()));
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// A short hex key of everything that makes compiled artifacts (in)compatible.
+fn engine_key(engine: &Engine) -> String {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = Sha256Hasher(sha2::Sha256::default());
+    CACHE_FORMAT.hash(&mut hasher);
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    format!("{:016x}", hasher.finish())
+}
+
+/// A deterministic [`std::hash::Hasher`] (unlike `DefaultHasher`, stable across builds).
+struct Sha256Hasher(sha2::Sha256);
+
+impl std::hash::Hasher for Sha256Hasher {
+    fn finish(&self) -> u64 {
+        use sha2::Digest as _;
+        let digest = self.0.clone().finalize();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        u64::from_be_bytes(first)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        use sha2::Digest as _;
+        self.0.update(bytes);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Store data: WASI context, limits and CPU accounting.
+
+struct Host<W> {
+    wasi: W,
+    limits: Limits,
+    meter: Arc<Meter>,
+    quota: Option<Quota>,
+}
+
+type CoreState = Host<WasiP1Ctx>;
+type ComponentState = Host<P2Wasi>;
+
+struct P2Wasi {
+    ctx: WasiCtx,
+    table: ResourceTable,
+}
+
+impl WasiView for ComponentState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi.ctx,
+            table: &mut self.wasi.table,
+        }
+    }
+}
+
+/// Why a run hit one of its limits; becomes the run's failure reason.
+#[derive(Debug, thiserror::Error)]
+enum LimitExceeded {
+    #[error(
+        "memory limit exceeded: the module tried to grow its memory to {}, above its limit of {}",
+        fmt_bytes(*.desired),
+        fmt_bytes(*.limit)
+    )]
+    Memory { desired: u64, limit: u64 },
+    #[error(
+        "table limit exceeded: the module tried to grow a table to {desired} elements, above \
+         its limit of {limit}"
+    )]
+    Table { desired: u64, limit: u64 },
+}
+
+struct Limits {
+    memory: u64,
+    table_elements: u64,
+}
+
+impl Limits {
+    fn new(memory_limit: u64) -> Self {
+        Limits {
+            memory: memory_limit,
+            table_elements: (memory_limit / TABLE_ELEMENT_BYTES).min(MAX_TABLE_ELEMENTS),
+        }
+    }
+}
+
+impl ResourceLimiter for Limits {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        // Also called with `current = 0` when an instance creates its memories, so a module
+        // whose initial memory is over the limit fails the same way.
+        let desired = desired as u64;
+        if desired > self.memory {
+            return Err(LimitExceeded::Memory {
+                desired,
+                limit: self.memory,
+            }
+            .into());
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let desired = desired as u64;
+        if desired > self.table_elements {
+            return Err(LimitExceeded::Table {
+                desired,
+                limit: self.table_elements,
+            }
+            .into());
+        }
+        Ok(true)
+    }
+
+    fn instances(&self) -> usize {
+        1_000
+    }
+
+    fn tables(&self) -> usize {
+        1_000
+    }
+
+    fn memories(&self) -> usize {
+        100
+    }
+}
+
+/// Running time of one guest: wall time spent inside `poll` of its future.
+struct Meter {
+    origin: Instant,
+    /// Nanoseconds of finished polls.
+    busy_nanos: AtomicU64,
+    /// When the current poll started, in nanoseconds since `origin` plus one; 0: not polling.
+    poll_start: AtomicU64,
+}
+
+impl Meter {
+    fn new() -> Self {
+        Meter {
+            origin: Instant::now(),
+            busy_nanos: AtomicU64::new(0),
+            poll_start: AtomicU64::new(0),
+        }
+    }
+
+    fn nanos_since_origin(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Busy time so far, including the poll in progress.
+    fn busy_at(&self, now: Instant) -> Duration {
+        let mut nanos = self.busy_nanos.load(Ordering::Acquire);
+        let start = self.poll_start.load(Ordering::Acquire);
+        if start != 0 {
+            nanos = nanos.saturating_add(self.nanos_since_origin(now).saturating_sub(start - 1));
+        }
+        Duration::from_nanos(nanos)
+    }
+
+    fn busy(&self) -> Duration {
+        self.busy_at(Instant::now())
+    }
+}
+
+/// Wraps the guest's future, accounting the time spent in its `poll` to a [`Meter`].
+struct Metered<F: ?Sized> {
+    inner: Pin<Box<F>>,
+    meter: Arc<Meter>,
+}
+
+impl<F: Future + ?Sized> Future for Metered<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        let start = Instant::now();
+        let start_nanos = this.meter.nanos_since_origin(start);
+        this.meter
+            .poll_start
+            .store(start_nanos.saturating_add(1), Ordering::Release);
+        let result = this.inner.as_mut().poll(cx);
+        let elapsed = this
+            .meter
+            .nanos_since_origin(Instant::now())
+            .saturating_sub(start_nanos);
+        this.meter.busy_nanos.fetch_add(elapsed, Ordering::AcqRel);
+        this.meter.poll_start.store(0, Ordering::Release);
+        result
+    }
+}
+
+/// CPU share state, read and updated at each epoch deadline.
+struct Quota {
+    /// Running time allowed per [`CPU_PERIOD`].
+    budget: Duration,
+    period_start: Instant,
+    /// Busy time at the start of the period (less any overrun carried over).
+    busy_at_start: Duration,
+}
+
+impl Quota {
+    fn new(cpu_millis: u32, now: Instant) -> Self {
+        let millis = cpu_millis.clamp(1, 1000);
+        Quota {
+            budget: CPU_PERIOD * millis / 1000,
+            period_start: now,
+            busy_at_start: Duration::ZERO,
+        }
+    }
+
+    /// `Some(wake)`: the budget of this period is used up; sleep until `wake`.
+    fn check(&mut self, busy: Duration, now: Instant) -> Option<Instant> {
+        if now >= self.period_start + CPU_PERIOD {
+            // New period; an overrun of the last one (the guest runs a whole tick between
+            // checks) is charged to this one, at most one budget's worth.
+            let used = busy.saturating_sub(self.busy_at_start);
+            let overrun = used.saturating_sub(self.budget).min(self.budget);
+            self.period_start = now;
+            self.busy_at_start = busy.saturating_sub(overrun);
+        }
+        let used = busy.saturating_sub(self.busy_at_start);
+        (used >= self.budget).then_some(self.period_start + CPU_PERIOD)
+    }
+}
+
+fn new_store<W: Send + 'static>(engine: &Engine, host: Host<W>) -> Store<Host<W>> {
+    let mut store = Store::new(engine, host);
+    store.limiter(|host| &mut host.limits);
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(|mut ctx| {
+        let host = ctx.data_mut();
+        let Some(quota) = host.quota.as_mut() else {
+            return Ok(UpdateDeadline::Yield(1));
+        };
+        let now = Instant::now();
+        match quota.check(host.meter.busy_at(now), now) {
+            Some(wake) => Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::time::sleep_until(wake.into())),
+            )),
+            None => Ok(UpdateDeadline::Yield(1)),
+        }
+    });
+    store
+}
+
+fn host<W>(wasi: W, spec: &RunSpec, meter: Arc<Meter>) -> Host<W> {
+    Host {
+        wasi,
+        limits: Limits::new(spec.memory_limit),
+        meter,
+        quota: spec.cpu_millis.map(|m| Quota::new(m, Instant::now())),
+    }
+}
+
+fn wasi_builder(spec: &RunSpec, log: &LogSink) -> WasiCtxBuilder {
+    let mut builder = WasiCtxBuilder::new();
+    builder
+        .arg(&spec.instance)
+        .args(&spec.args)
+        .stdout(GuestOutput {
+            sink: log.clone(),
+            stream: Stream::Stdout,
+        })
+        .stderr(GuestOutput {
+            sink: log.clone(),
+            stream: Stream::Stderr,
+        })
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false);
+    for (key, value) in &spec.env {
+        builder.env(key, value);
+    }
+    // Defaults kept: empty (closed) stdin, no preopens, no inherited env, every socket
+    // address denied.
+    builder
+}
+
+async fn run_core(
+    engine: Engine,
+    pre: InstancePre<CoreState>,
+    spec: RunSpec,
+    log: LogSink,
+    meter: Arc<Meter>,
+) -> Exit {
+    let wasi = wasi_builder(&spec, &log).build_p1();
+    let mut store = new_store(&engine, host(wasi, &spec, meter));
+    let result = async {
+        let instance = pre.instantiate_async(&mut store).await?;
+        let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+        start.call_async(&mut store, ()).await
+    }
+    .await;
+    match result {
+        Ok(()) => Exit::Success,
+        Err(e) => exit_from_error(&e),
+    }
+}
+
+async fn run_component(
+    engine: Engine,
+    pre: CommandPre<ComponentState>,
+    spec: RunSpec,
+    log: LogSink,
+    meter: Arc<Meter>,
+) -> Exit {
+    let wasi = P2Wasi {
+        ctx: wasi_builder(&spec, &log).build(),
+        table: ResourceTable::new(),
+    };
+    let mut store = new_store(&engine, host(wasi, &spec, meter));
+    let result = async {
+        let command = pre.instantiate_async(&mut store).await?;
+        command.wasi_cli_run().call_run(&mut store).await
+    }
+    .await;
+    match result {
+        Ok(Ok(())) => Exit::Success,
+        Ok(Err(())) => Exit::Failure {
+            code: Some(1),
+            reason: "exited with status 1".to_string(),
+        },
+        Err(e) => exit_from_error(&e),
+    }
+}
+
+fn exit_from_error(e: &wasmtime::Error) -> Exit {
+    if let Some(I32Exit(code)) = e.downcast_ref::<I32Exit>() {
+        return match *code {
+            0 => Exit::Success,
+            code => Exit::Failure {
+                code: Some(code),
+                reason: format!("exited with status {code}"),
+            },
+        };
+    }
+    if let Some(limit) = e.downcast_ref::<LimitExceeded>() {
+        return Exit::Failure {
+            code: None,
+            reason: limit.to_string(),
+        };
+    }
+    if let Some(trap) = e.downcast_ref::<wasmtime::Trap>() {
+        return Exit::Failure {
+            code: None,
+            reason: format!("trap: {trap}"),
+        };
+    }
+    Exit::Failure {
+        code: None,
+        reason: format!("error: {}", e.root_cause()),
+    }
+}
+
+/// `17.1 MiB`, `16 MiB`, `64 KiB`.
+fn fmt_bytes(bytes: u64) -> String {
+    const KIB: u64 = 1024;
+    const MIB: u64 = 1024 * 1024;
+    let (unit, name) = if bytes >= MIB {
+        (MIB, "MiB")
+    } else if bytes >= KIB {
+        (KIB, "KiB")
+    } else {
+        return format!("{bytes} B");
+    };
+    if bytes % unit == 0 {
+        format!("{} {name}", bytes / unit)
+    } else {
+        format!("{:.1} {name}", bytes as f64 / unit as f64)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Guest stdout/stderr into the log.
+
+/// Guest stdout or stderr, written synchronously into a [`LogSink`].
+#[derive(Debug, Clone)]
+pub struct GuestOutput {
+    pub sink: LogSink,
+    pub stream: Stream,
+}
+
+impl IsTerminal for GuestOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestOutput {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+}
+
+impl tokio::io::AsyncWrite for GuestOutput {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.sink.write(self.stream, buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl OutputStream for GuestOutput {
+    fn write(&mut self, bytes: bytes::Bytes) -> StreamResult<()> {
+        self.sink.write(self.stream, &bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(OUTPUT_PERMIT)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for GuestOutput {
+    async fn ready(&mut self) {}
+}
+

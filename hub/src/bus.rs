@@ -1,0 +1,159 @@
+//! The hub's MQTT adapter (rumqttc, MQTT 5 so that response topics and correlation data of
+//! operator publishes are visible). Incoming publishes become [`BusEvent`]s on a bounded
+//! channel; outgoing messages go through the [`Bus`] trait so the main loop can be tested
+//! with a fake.
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use shoal_api::endpoint::BrokerUrl;
+use shoal_api::topics;
+use std::future::Future;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+#[derive(Debug, thiserror::Error)]
+#[error("mqtt publish to {topic:?} failed: {reason}")]
+pub struct BusError {
+    pub topic: String,
+    pub reason: String,
+}
+
+/// Something that arrived from the broker.
+#[derive(Debug)]
+pub enum BusEvent {
+    /// (Re)connected and subscribed: retained messages may have been lost, republish.
+    Connected,
+    Message {
+        topic: String,
+        payload: Bytes,
+        /// MQTT 5 response topic and correlation data, when the publisher set them.
+        response_topic: Option<String>,
+        correlation: Option<Bytes>,
+    },
+}
+
+/// One outgoing message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+    pub correlation: Option<Bytes>,
+}
+
+/// Publishing side of the bus.
+pub trait Bus: Send + Sync + 'static {
+    fn publish(&self, msg: Outgoing) -> impl Future<Output = Result<(), BusError>> + Send;
+}
+
+pub struct MqttBus {
+    client: AsyncClient,
+}
+
+impl Bus for MqttBus {
+    async fn publish(&self, msg: Outgoing) -> Result<(), BusError> {
+        let topic = msg.topic.clone();
+        let r = match msg.correlation {
+            Some(c) => {
+                let props = PublishProperties {
+                    correlation_data: Some(c),
+                    ..Default::default()
+                };
+                self.client
+                    .publish_with_properties(msg.topic, QoS::AtLeastOnce, msg.retain, msg.payload, props)
+                    .await
+            }
+            None => {
+                self.client
+                    .publish(msg.topic, QoS::AtLeastOnce, msg.retain, msg.payload)
+                    .await
+            }
+        };
+        r.map_err(|e| BusError {
+            topic,
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// Connects to `broker` and spawns the event loop task; events go to `tx`.
+pub fn connect(
+    broker: &BrokerUrl,
+    client_id: &str,
+    tx: mpsc::Sender<BusEvent>,
+    tracker: &TaskTracker,
+    shutdown: CancellationToken,
+) -> MqttBus {
+    let mut opts = MqttOptions::new(client_id, broker.host.clone(), broker.port);
+    opts.set_keep_alive(Duration::from_secs(15));
+    opts.set_clean_start(true);
+    opts.set_max_packet_size(Some(crate::broker::MAX_PAYLOAD as u32 + 1024));
+    let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+    let sub = client.clone();
+    let broker = broker.to_string();
+    tracker.spawn(async move {
+        let mut failures = 0u32;
+        loop {
+            let ev = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                ev = eventloop.poll() => ev,
+            };
+            match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    failures = 0;
+                    info!(%broker, "hub connected to broker");
+                    for f in [
+                        topics::APPLY,
+                        topics::APPLY_WITH_REQ,
+                        topics::ALL_HELLO,
+                        topics::ALL_PRESENCE,
+                        topics::ALL_STATUS,
+                    ] {
+                        if let Err(e) = sub.try_subscribe(f, QoS::AtLeastOnce) {
+                            warn!(filter = f, error = %e, "subscribe failed");
+                        }
+                    }
+                    if tx.send(BusEvent::Connected).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                    let (response_topic, correlation) = p
+                        .properties
+                        .map(|pr| (pr.response_topic, pr.correlation_data))
+                        .unwrap_or((None, None));
+                    let msg = BusEvent::Message {
+                        topic,
+                        payload: p.payload,
+                        response_topic,
+                        correlation,
+                    };
+                    if tx.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(other) => debug!(event = ?other, "mqtt event"),
+                Err(e) => {
+                    failures += 1;
+                    // One line per retry period, not a flood.
+                    if failures == 1 || failures % 30 == 0 {
+                        warn!(%broker, error = %e, attempt = failures, "broker connection failed; retrying");
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+        // Best effort: tell the broker we are leaving.
+        let _ = sub.try_disconnect();
+    });
+    MqttBus { client }
+}

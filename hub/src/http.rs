@@ -1,0 +1,172 @@
+//! The hub's HTTP API (axum): read models for the CLI, apply/delete, the blob store, metrics.
+//!
+//! | route | |
+//! |---|---|
+//! | `GET /healthz` | liveness |
+//! | `GET /v1/devices` | `[DeviceView]` |
+//! | `GET /v1/workloads` | `[WorkloadView]` |
+//! | `GET /v1/workloads/{name}` | `WorkloadView` with its spec |
+//! | `DELETE /v1/workloads/{name}` | delete |
+//! | `POST /v1/apply` | manifest text → `ApplyResult` (same path as an MQTT apply) |
+//! | `POST /v1/blobs` | upload bytes → `BlobRef` |
+//! | `GET /v1/blobs/{digest}` | download a blob |
+//! | `GET /metrics` | Prometheus text |
+//!
+//! Handlers that touch fleet state ask the main loop over a bounded channel and await its
+//! answer; blobs are served straight from disk.
+
+use crate::blobs::BlobStore;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use prometheus_client::registry::Registry;
+use shoal_api::ids::{Digest, WorkloadName};
+use shoal_api::messages::ApplyResult;
+use shoal_api::views::{ApiError, BlobRef, DeviceView, WorkloadView};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+/// Largest blob accepted by `POST /v1/blobs`.
+pub const MAX_BLOB: usize = 64 << 20;
+
+/// A question for the main loop.
+#[derive(Debug)]
+pub enum Request {
+    Apply { text: String, reply: oneshot::Sender<ApplyResult> },
+    Delete { name: WorkloadName, reply: oneshot::Sender<Result<bool, String>> },
+    Devices { reply: oneshot::Sender<Vec<DeviceView>> },
+    Workloads { reply: oneshot::Sender<Vec<WorkloadView>> },
+    Workload { name: WorkloadName, reply: oneshot::Sender<Option<WorkloadView>> },
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub requests: mpsc::Sender<Request>,
+    pub blobs: Arc<BlobStore>,
+    pub registry: Arc<Registry>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .route("/v1/devices", get(devices))
+        .route("/v1/workloads", get(workloads))
+        .route("/v1/workloads/{name}", get(workload).delete(delete))
+        .route("/v1/apply", post(apply))
+        .route("/v1/blobs", post(put_blob))
+        .route("/v1/blobs/{digest}", get(get_blob))
+        .layer(DefaultBodyLimit::max(MAX_BLOB))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(ApiError { error: msg.into() })).into_response()
+}
+
+async fn ask<T>(
+    s: &AppState,
+    make: impl FnOnce(oneshot::Sender<T>) -> Request,
+) -> Result<T, Response> {
+    let (tx, rx) = oneshot::channel();
+    s.requests
+        .send(make(tx))
+        .await
+        .map_err(|_| error(StatusCode::SERVICE_UNAVAILABLE, "hub is shutting down"))?;
+    rx.await
+        .map_err(|_| error(StatusCode::SERVICE_UNAVAILABLE, "hub is shutting down"))
+}
+
+fn parse_name(name: &str) -> Result<WorkloadName, Response> {
+    WorkloadName::try_from(name).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+async fn devices(State(s): State<AppState>) -> Response {
+    match ask(&s, |reply| Request::Devices { reply }).await {
+        Ok(v) => Json(v).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn workloads(State(s): State<AppState>) -> Response {
+    match ask(&s, |reply| Request::Workloads { reply }).await {
+        Ok(v) => Json(v).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn workload(State(s): State<AppState>, Path(name): Path<String>) -> Response {
+    let name = match parse_name(&name) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    match ask(&s, |reply| Request::Workload { name: name.clone(), reply }).await {
+        Ok(Some(v)) => Json(v).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("workload {:?} not found", name.as_str())),
+        Err(r) => r,
+    }
+}
+
+async fn delete(State(s): State<AppState>, Path(name): Path<String>) -> Response {
+    let name = match parse_name(&name) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    match ask(&s, |reply| Request::Delete { name: name.clone(), reply }).await {
+        Ok(Ok(true)) => Json(serde_json::json!({ "deleted": name.as_str() })).into_response(),
+        Ok(Ok(false)) => error(StatusCode::NOT_FOUND, format!("workload {:?} not found", name.as_str())),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(r) => r,
+    }
+}
+
+async fn apply(State(s): State<AppState>, body: Bytes) -> Response {
+    let text = match String::from_utf8(body.to_vec()) {
+        Ok(t) => t,
+        Err(_) => return error(StatusCode::BAD_REQUEST, "manifest is not valid UTF-8"),
+    };
+    match ask(&s, |reply| Request::Apply { text, reply }).await {
+        Ok(r) if r.accepted => Json(r).into_response(),
+        Ok(r) => (StatusCode::UNPROCESSABLE_ENTITY, Json(r)).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn put_blob(State(s): State<AppState>, body: Bytes) -> Response {
+    let size = body.len() as u64;
+    let blobs = s.blobs.clone();
+    match tokio::task::spawn_blocking(move || blobs.put(&body)).await {
+        Ok(Ok(d)) => Json(BlobRef { digest: d.to_string(), size }).into_response(),
+        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn get_blob(State(s): State<AppState>, Path(digest): Path<String>) -> Response {
+    let d: Digest = match digest.parse() {
+        Ok(d) => d,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("{e}")),
+    };
+    let blobs = s.blobs.clone();
+    let dd = d.clone();
+    match tokio::task::spawn_blocking(move || blobs.read(&dd)).await {
+        Ok(Ok(bytes)) => ([(header::CONTENT_TYPE, "application/wasm")], bytes).into_response(),
+        Ok(Err(_)) => error(StatusCode::NOT_FOUND, format!("blob {:?} not found", d.as_str())),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    let mut out = String::new();
+    match prometheus_client::encoding::text::encode(&mut out, &s.registry) {
+        Ok(()) => (
+            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            out,
+        )
+            .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}

@@ -1,0 +1,18 @@
+//! Shoal hub: accepts fleet manifests (over MQTT or HTTP), validates and stores them, places
+//! workload replicas on devices, and publishes each device's desired state.
+//!
+//! Code map: [`server`] wires everything and owns the main loop; [`core`] is the state
+//! machine; [`scheduler`] is the pure placement function; [`store`] (sled) and [`blobs`]
+//! persist; [`bus`] and [`broker`] speak MQTT; [`http`] serves the API.
+
+pub mod blobs;
+pub mod broker;
+pub mod bus;
+pub mod core;
+pub mod http;
+pub mod metrics;
+pub mod scheduler;
+pub mod server;
+pub mod store;
+
+pub use server::{run, HubConfig, HubError};

@@ -1,0 +1,419 @@
+//! `shoal-hub serve`: wires the broker, the bus, the HTTP API and [`HubCore`] together and runs
+//! the main loop until shutdown.
+//!
+//! The main loop is the only owner of [`HubCore`]. It `select!`s over bus events, HTTP
+//! requests and the shutdown token, turns each into an [`Event`], handles it, and publishes
+//! whatever desired states changed. Every spawned task is tracked and awaited on shutdown.
+
+use crate::blobs::BlobStore;
+use crate::bus::{self, Bus, BusEvent, Outgoing};
+use crate::core::HubCore;
+use crate::http::{self, AppState, Request};
+use crate::metrics::{Metrics, PhaseLabel, ResultLabel};
+use crate::store::{SledStore, Store};
+use shoal_api::endpoint::BrokerUrl;
+use shoal_api::ids::DeviceId;
+use shoal_api::manifest::{parse_stream, ManifestError};
+use shoal_api::messages::{ApplyResult, DesiredState, DeviceStatus, Hello, Phase};
+use shoal_api::topics::{self, Inbound};
+use shoal_api::workload::validate_all;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, info_span, warn, Instrument};
+
+/// Hub settings (from flags and environment; see `shoal-hub serve --help`).
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub data_dir: PathBuf,
+    /// Where the embedded broker listens (ignored with `broker`).
+    pub mqtt_listen: SocketAddr,
+    /// External broker; `None` runs the embedded one.
+    pub broker: Option<BrokerUrl>,
+    pub http_listen: SocketAddr,
+    /// URL agents use to fetch blobs; default `http://{http_listen}`.
+    pub public_url: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Blob(#[from] crate::blobs::BlobError),
+    #[error(transparent)]
+    Broker(#[from] crate::broker::BrokerError),
+    #[error("cannot create data directory {path:?}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("cannot listen for HTTP on {addr}: {source}")]
+    HttpListen { addr: SocketAddr, source: std::io::Error },
+}
+
+/// What the main loop reacts to.
+#[derive(Debug)]
+pub enum Event {
+    Bus(BusEvent),
+    Http(Request),
+}
+
+/// Runs the hub until `shutdown` is cancelled.
+pub async fn run(config: HubConfig, shutdown: CancellationToken) -> Result<(), HubError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| HubError::DataDir {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let tracker = TaskTracker::new();
+    let result = serve(&config, &tracker, shutdown.clone()).await;
+    // Whatever happened, stop and await every task we started.
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+    result
+}
+
+async fn serve(config: &HubConfig, tracker: &TaskTracker, shutdown: CancellationToken) -> Result<(), HubError> {
+    let store = SledStore::open(&config.data_dir)?;
+    let blobs = Arc::new(BlobStore::open(&config.data_dir)?);
+
+    let http_listener = tokio::net::TcpListener::bind(config.http_listen)
+        .await
+        .map_err(|source| HubError::HttpListen { addr: config.http_listen, source })?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|source| HubError::HttpListen { addr: config.http_listen, source })?;
+    let public_url = config.public_url.clone().unwrap_or_else(|| {
+        let mut a = http_addr;
+        if a.ip().is_unspecified() {
+            warn!("--http-listen is a wildcard address; agents will fetch blobs from 127.0.0.1 unless --public-url is given");
+            a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("http://{a}")
+    });
+
+    let broker = match &config.broker {
+        Some(b) => b.clone(),
+        None => {
+            let addr = crate::broker::start(config.mqtt_listen, tracker, shutdown.clone()).await?;
+            BrokerUrl {
+                host: addr.ip().to_string(),
+                port: addr.port(),
+            }
+        }
+    };
+
+    let core = HubCore::open(store, public_url.clone())?;
+    let metrics = Arc::new(Metrics::default());
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+
+    let (bus_tx, bus_rx) = mpsc::channel(1024);
+    let bus = bus::connect(&broker, &format!("shoal-hub-{}", std::process::id()), bus_tx, tracker, shutdown.clone());
+
+    let (req_tx, req_rx) = mpsc::channel(256);
+    let app = http::router(AppState {
+        requests: req_tx,
+        blobs: blobs.clone(),
+        registry: Arc::new(registry),
+    });
+    let http_stop = shutdown.clone();
+    tracker.spawn(async move {
+        let r = axum::serve(http_listener, app)
+            .with_graceful_shutdown(async move { http_stop.cancelled().await })
+            .await;
+        if let Err(e) = r {
+            warn!(error = %e, "http server stopped");
+        }
+    });
+    info!(http = %http_addr, %broker, public_url, data_dir = %config.data_dir.display(), "hub serving");
+
+    let mut main = MainLoop { core, bus, blobs, metrics };
+    main.update_metrics();
+    main.run(bus_rx, req_rx, shutdown).await;
+    info!("hub stopped");
+    Ok(())
+}
+
+struct MainLoop<S: Store, B: Bus> {
+    core: HubCore<S>,
+    bus: B,
+    blobs: Arc<BlobStore>,
+    metrics: Arc<Metrics>,
+}
+
+impl<S: Store, B: Bus> MainLoop<S, B> {
+    async fn run(
+        &mut self,
+        mut bus_rx: mpsc::Receiver<BusEvent>,
+        mut req_rx: mpsc::Receiver<Request>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(e) = bus_rx.recv() => Event::Bus(e),
+                Some(r) = req_rx.recv() => Event::Http(r),
+                else => break,
+            };
+            self.handle(event).await;
+        }
+    }
+
+    async fn handle(&mut self, event: Event) {
+        match event {
+            Event::Bus(BusEvent::Connected) => {
+                // The broker may have lost retained desired states (e.g. the embedded broker
+                // after a hub restart): publish them all again. Agents ignore generations they
+                // already have.
+                let all = self.core.all_desired();
+                self.publish_desired(all).await;
+            }
+            Event::Bus(BusEvent::Message {
+                topic,
+                payload,
+                response_topic,
+                correlation,
+            }) => self.on_message(&topic, &payload, response_topic, correlation).await,
+            Event::Http(r) => self.on_request(r).await,
+        }
+        self.update_metrics();
+    }
+
+    async fn on_message(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        response_topic: Option<String>,
+        correlation: Option<bytes::Bytes>,
+    ) {
+        let Some(kind) = topics::classify(topic) else {
+            return;
+        };
+        match kind {
+            Inbound::Apply(req) => {
+                let text = String::from_utf8_lossy(payload);
+                let span = info_span!("apply", source = "mqtt", req = req.as_deref().unwrap_or(""));
+                let result = self.apply(&text, req.clone()).instrument(span).await;
+                let body = serde_json::to_vec(&result).unwrap_or_default();
+                let mut targets = Vec::new();
+                if let Some(r) = &req {
+                    targets.push(topics::results(r));
+                }
+                if let Some(rt) = response_topic.filter(|t| !targets.contains(t)) {
+                    targets.push(rt);
+                }
+                for topic in targets {
+                    let msg = Outgoing {
+                        topic,
+                        payload: body.clone(),
+                        retain: false,
+                        correlation: correlation.clone(),
+                    };
+                    if let Err(e) = self.bus.publish(msg).await {
+                        warn!(error = %e, "cannot publish apply result");
+                    }
+                }
+            }
+            Inbound::Hello(raw) => {
+                let Some(hello) = decode::<Hello>(topic, payload, &raw) else {
+                    return;
+                };
+                match self.core.hello(hello) {
+                    Ok(publish) => self.publish_desired(publish).await,
+                    Err(e) => warn!(device = %raw, error = %e, "cannot record hello"),
+                }
+            }
+            Inbound::Presence(raw) => {
+                let Ok(id) = DeviceId::try_from(raw.as_str()) else {
+                    warn!(topic, "presence for an invalid device id ignored");
+                    return;
+                };
+                let online = match payload {
+                    b"online" => true,
+                    b"offline" | b"" => false,
+                    other => {
+                        warn!(device = %id, payload = %String::from_utf8_lossy(other), "unknown presence payload ignored");
+                        return;
+                    }
+                };
+                match self.core.presence(&id, online) {
+                    Ok(publish) => self.publish_desired(publish).await,
+                    Err(e) => warn!(device = %id, error = %e, "cannot record presence"),
+                }
+            }
+            Inbound::Status(raw) => {
+                if payload.is_empty() {
+                    return; // a cleared retained status
+                }
+                if let Some(status) = decode::<DeviceStatus>(topic, payload, &raw) {
+                    self.core.status(status);
+                }
+            }
+        }
+    }
+
+    async fn on_request(&mut self, r: Request) {
+        match r {
+            Request::Apply { text, reply } => {
+                let result = self.apply(&text, None).instrument(info_span!("apply", source = "http")).await;
+                let _ = reply.send(result);
+            }
+            Request::Delete { name, reply } => {
+                let r = match self.core.delete(&name) {
+                    Ok(Some(publish)) => {
+                        self.publish_desired(publish).await;
+                        Ok(true)
+                    }
+                    Ok(None) => Ok(false),
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = reply.send(r);
+            }
+            Request::Devices { reply } => {
+                let _ = reply.send(self.core.device_views());
+            }
+            Request::Workloads { reply } => {
+                let _ = reply.send(self.core.workload_views());
+            }
+            Request::Workload { name, reply } => {
+                let _ = reply.send(self.core.workload_view(&name));
+            }
+        }
+    }
+
+    /// Validates a manifest completely (schema, then modules against the blob store) and
+    /// applies it only if everything is right: a rejected manifest changes nothing.
+    async fn apply(&mut self, text: &str, req: Option<String>) -> ApplyResult {
+        let reject = |errors: Vec<ManifestError>| ApplyResult {
+            protocol: shoal_api::PROTOCOL_VERSION,
+            request_id: req.clone(),
+            accepted: false,
+            workloads: Default::default(),
+            errors,
+        };
+        let result = match parse_stream(text) {
+            Err(errors) => reject(errors),
+            Ok(docs) => {
+                let positions: Vec<usize> = docs.iter().map(|(n, _)| *n).collect();
+                match validate_all(docs) {
+                    Err(errors) => reject(errors),
+                    Ok(workloads) => {
+                        let located: Vec<(usize, &_)> = positions.iter().copied().zip(workloads.iter()).collect();
+                        let errors = self.blobs.check_modules(&located);
+                        if !errors.is_empty() {
+                            reject(errors)
+                        } else {
+                            match self.core.apply(workloads) {
+                                Ok((outcome, publish)) => {
+                                    self.publish_desired(publish).await;
+                                    ApplyResult {
+                                        protocol: shoal_api::PROTOCOL_VERSION,
+                                        request_id: req.clone(),
+                                        accepted: true,
+                                        workloads: outcome,
+                                        errors: Vec::new(),
+                                    }
+                                }
+                                Err(e) => reject(vec![ManifestError {
+                                    document: 0,
+                                    workload: None,
+                                    message: format!("hub could not store the manifest: {e}"),
+                                }]),
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        if result.accepted {
+            info!(workloads = ?result.workloads, "manifest accepted");
+            self.metrics.applies.get_or_create(&ResultLabel { result: "accepted".into() }).inc();
+        } else {
+            let reasons: Vec<String> = result.errors.iter().map(ToString::to_string).collect();
+            info!(?reasons, "manifest rejected");
+            self.metrics.applies.get_or_create(&ResultLabel { result: "rejected".into() }).inc();
+        }
+        result
+    }
+
+    async fn publish_desired(&self, states: Vec<DesiredState>) {
+        for d in states {
+            let payload = match serde_json::to_vec(&d) {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(device = %d.device_id, error = %e, "cannot encode desired state");
+                    continue;
+                }
+            };
+            let msg = Outgoing {
+                topic: topics::desired(&d.device_id),
+                payload,
+                retain: true,
+                correlation: None,
+            };
+            match self.bus.publish(msg).await {
+                Ok(()) => {
+                    self.metrics.desired_published.inc();
+                }
+                Err(e) => warn!(device = %d.device_id, generation = d.generation, error = %e, "cannot publish desired state"),
+            }
+        }
+    }
+
+    fn update_metrics(&self) {
+        let devices = self.core.device_views();
+        self.metrics.devices.set(devices.len() as i64);
+        self.metrics.devices_online.set(devices.iter().filter(|d| d.online).count() as i64);
+        let workloads = self.core.workload_views();
+        self.metrics.workloads.set(workloads.len() as i64);
+        for phase in [
+            Phase::Pending,
+            Phase::Pulling,
+            Phase::Starting,
+            Phase::Running,
+            Phase::Succeeded,
+            Phase::Failed,
+            Phase::CrashLoopBackOff,
+        ] {
+            let n = workloads
+                .iter()
+                .flat_map(|w| &w.replicas)
+                .filter(|r| r.phase == phase)
+                .count();
+            self.metrics
+                .replicas
+                .get_or_create(&PhaseLabel { phase: phase.to_string() })
+                .set(n as i64);
+        }
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned + HasDevice>(topic: &str, payload: &[u8], raw: &str) -> Option<T> {
+    match serde_json::from_slice::<T>(payload) {
+        Ok(v) if v.device().as_str() == raw => Some(v),
+        Ok(v) => {
+            warn!(topic, claimed = %v.device(), "message for another device ignored");
+            None
+        }
+        Err(e) => {
+            warn!(topic, error = %e, "malformed message ignored");
+            None
+        }
+    }
+}
+
+trait HasDevice {
+    fn device(&self) -> &DeviceId;
+}
+impl HasDevice for Hello {
+    fn device(&self) -> &DeviceId {
+        &self.device_id
+    }
+}
+impl HasDevice for DeviceStatus {
+    fn device(&self) -> &DeviceId {
+        &self.device_id
+    }
+}

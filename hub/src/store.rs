@@ -1,0 +1,222 @@
+//! Durable hub state behind the [`Store`] trait: workloads, devices, assignments and the
+//! desired state last published to each device (with its generation).
+//!
+//! [`SledStore`] is the real implementation; [`MemStore`] is an in-memory fake for tests.
+//! Every write is flushed before the hub acknowledges the change that caused it.
+
+use crate::scheduler::Assignments;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use shoal_api::ids::{DeviceId, WorkloadName};
+use shoal_api::messages::{DesiredState, Hello};
+use shoal_api::workload::Workload;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open hub database at {path:?}: {source}")]
+    Open { path: String, source: sled::Error },
+    #[error("hub database error: {0}")]
+    Db(#[from] sled::Error),
+    #[error("corrupt record {key:?} in hub database: {source}")]
+    Corrupt { key: String, source: serde_json::Error },
+    #[error("cannot encode record: {0}")]
+    Encode(serde_json::Error),
+}
+
+/// A device as the hub remembers it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceRecord {
+    pub hello: Hello,
+    pub first_seen_ms: u64,
+    pub last_seen_ms: u64,
+}
+
+/// Everything the hub loads at start.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    pub workloads: BTreeMap<WorkloadName, Workload>,
+    pub devices: BTreeMap<DeviceId, DeviceRecord>,
+    pub assignments: Assignments,
+    pub desired: BTreeMap<DeviceId, DesiredState>,
+}
+
+/// Hub persistence. Methods are synchronous and short; `flush` makes prior writes durable.
+pub trait Store: Send + 'static {
+    fn load(&self) -> Result<Snapshot, StoreError>;
+    fn put_workload(&self, w: &Workload) -> Result<(), StoreError>;
+    fn delete_workload(&self, name: &WorkloadName) -> Result<(), StoreError>;
+    fn put_device(&self, d: &DeviceRecord) -> Result<(), StoreError>;
+    fn put_assignments(&self, a: &Assignments) -> Result<(), StoreError>;
+    fn put_desired(&self, d: &DesiredState) -> Result<(), StoreError>;
+    fn flush(&self) -> Result<(), StoreError>;
+}
+
+const WORKLOADS: &str = "workloads";
+const DEVICES: &str = "devices";
+const DESIRED: &str = "desired";
+const META: &str = "meta";
+const ASSIGNMENTS_KEY: &[u8] = b"assignments";
+
+/// sled-backed store in `DATA_DIR/hub.db`.
+pub struct SledStore {
+    db: sled::Db,
+    workloads: sled::Tree,
+    devices: sled::Tree,
+    desired: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl SledStore {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let path = dir.join("hub.db");
+        let db = sled::open(&path).map_err(|source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(Self {
+            workloads: db.open_tree(WORKLOADS)?,
+            devices: db.open_tree(DEVICES)?,
+            desired: db.open_tree(DESIRED)?,
+            meta: db.open_tree(META)?,
+            db,
+        })
+    }
+}
+
+fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(StoreError::Encode)
+}
+
+fn dec<T: DeserializeOwned>(key: &[u8], v: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(v).map_err(|source| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        source,
+    })
+}
+
+fn load_tree<K: Ord, V: DeserializeOwned>(
+    tree: &sled::Tree,
+    key: impl Fn(&V) -> K,
+) -> Result<BTreeMap<K, V>, StoreError> {
+    let mut out = BTreeMap::new();
+    for item in tree.iter() {
+        let (k, v) = item?;
+        let v: V = dec(&k, &v)?;
+        out.insert(key(&v), v);
+    }
+    Ok(out)
+}
+
+impl Store for SledStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        let assignments = match self.meta.get(ASSIGNMENTS_KEY)? {
+            Some(v) => dec(ASSIGNMENTS_KEY, &v)?,
+            None => Assignments::new(),
+        };
+        Ok(Snapshot {
+            workloads: load_tree(&self.workloads, |w: &Workload| w.name.clone())?,
+            devices: load_tree(&self.devices, |d: &DeviceRecord| d.hello.device_id.clone())?,
+            desired: load_tree(&self.desired, |d: &DesiredState| d.device_id.clone())?,
+            assignments,
+        })
+    }
+    fn put_workload(&self, w: &Workload) -> Result<(), StoreError> {
+        self.workloads.insert(w.name.as_str(), enc(w)?)?;
+        Ok(())
+    }
+    fn delete_workload(&self, name: &WorkloadName) -> Result<(), StoreError> {
+        self.workloads.remove(name.as_str())?;
+        Ok(())
+    }
+    fn put_device(&self, d: &DeviceRecord) -> Result<(), StoreError> {
+        self.devices.insert(d.hello.device_id.as_str(), enc(d)?)?;
+        Ok(())
+    }
+    fn put_assignments(&self, a: &Assignments) -> Result<(), StoreError> {
+        self.meta.insert(ASSIGNMENTS_KEY, enc(a)?)?;
+        Ok(())
+    }
+    fn put_desired(&self, d: &DesiredState) -> Result<(), StoreError> {
+        self.desired.insert(d.device_id.as_str(), enc(d)?)?;
+        Ok(())
+    }
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+/// In-memory fake for unit tests.
+#[derive(Default)]
+pub struct MemStore {
+    inner: Mutex<Snapshot>,
+}
+
+impl MemStore {
+    fn with<R>(&self, f: impl FnOnce(&mut Snapshot) -> R) -> R {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut g)
+    }
+}
+
+impl Store for MemStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        Ok(self.with(|s| s.clone()))
+    }
+    fn put_workload(&self, w: &Workload) -> Result<(), StoreError> {
+        self.with(|s| s.workloads.insert(w.name.clone(), w.clone()));
+        Ok(())
+    }
+    fn delete_workload(&self, name: &WorkloadName) -> Result<(), StoreError> {
+        self.with(|s| s.workloads.remove(name));
+        Ok(())
+    }
+    fn put_device(&self, d: &DeviceRecord) -> Result<(), StoreError> {
+        self.with(|s| s.devices.insert(d.hello.device_id.clone(), d.clone()));
+        Ok(())
+    }
+    fn put_assignments(&self, a: &Assignments) -> Result<(), StoreError> {
+        self.with(|s| s.assignments = a.clone());
+        Ok(())
+    }
+    fn put_desired(&self, d: &DesiredState) -> Result<(), StoreError> {
+        self.with(|s| s.desired.insert(d.device_id.clone(), d.clone()));
+        Ok(())
+    }
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sled_roundtrip() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = DeviceId::try_from("e1").unwrap();
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            s.put_desired(&DesiredState {
+                protocol: 1,
+                device_id: d.clone(),
+                generation: 7,
+                artifact_base: String::new(),
+                workloads: vec![],
+            })
+            .unwrap();
+            let mut a = Assignments::new();
+            a.insert(WorkloadName::try_from("w").unwrap(), [(0, d.clone())].into());
+            s.put_assignments(&a).unwrap();
+            s.flush().unwrap();
+        }
+        let s = SledStore::open(dir.path()).unwrap();
+        let snap = s.load().unwrap();
+        assert_eq!(snap.desired[&d].generation, 7);
+        assert_eq!(snap.assignments.len(), 1);
+    }
+}

@@ -1,0 +1,53 @@
+//! `probe`: a WASI preview 1 module whose first argument picks a misbehaviour, for tests.
+//!
+//! - `heartbeat [MS]`: print `beat N` every MS milliseconds (default 100), forever.
+//! - `crash`: print a line and exit with status 3.
+//! - `hog [MIB]`: allocate (and touch) 1 MiB blocks up to MIB (default: unbounded), printing
+//!   the running total; a memory limit below that makes it fail.
+//! - `spin`: burn CPU forever, printing `spin N` every 2^24 iterations.
+use std::time::Duration;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let mode = args.get(1).map(String::as_str).unwrap_or("heartbeat");
+    let num = args.get(2).and_then(|v| v.parse::<u64>().ok());
+    match mode {
+        "heartbeat" => {
+            let ms = num.unwrap_or(100);
+            let mut n = 0u64;
+            loop {
+                n += 1;
+                println!("beat {n}");
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+        }
+        "crash" => {
+            println!("probe: about to crash");
+            std::process::exit(3);
+        }
+        "hog" => {
+            let limit = num.unwrap_or(u64::MAX);
+            let mut blocks: Vec<Vec<u8>> = Vec::new();
+            while (blocks.len() as u64) < limit {
+                blocks.push(vec![1u8; 1 << 20]);
+                println!("hog: holding {} MiB", blocks.len());
+            }
+            println!("hog: done");
+        }
+        "spin" => {
+            let mut x: u64 = 0;
+            let mut n = 0u64;
+            loop {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                if x & 0xff_ffff == 0 {
+                    n += 1;
+                    println!("spin {n}");
+                }
+            }
+        }
+        other => {
+            eprintln!("probe: unknown mode {other:?}");
+            std::process::exit(2);
+        }
+    }
+}
