@@ -1,1 +1,403 @@
-fn main() {}
+//! `shoal`: the operator command line.
+//!
+//! `apply` validates a manifest locally, uploads modules given as local paths, and publishes
+//! the manifest on `shoal/v1/apply/{req}`, waiting for the hub's verdict on
+//! `shoal/v1/results/{req}` — exactly what a third-party MQTT client would do. The read and
+//! delete commands use the hub's HTTP API.
+
+mod table;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use shoal_api::endpoint::BrokerUrl;
+use shoal_api::manifest::{parse_stream, to_yaml_stream, ManifestError};
+use shoal_api::messages::ApplyResult;
+use shoal_api::quantity::format_memory;
+use shoal_api::topics;
+use shoal_api::views::{ApiError, BlobRef, DeviceView, WorkloadView};
+use shoal_api::workload::{validate_all, ModuleRef};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use table::Table;
+
+#[derive(Parser)]
+#[command(name = "shoal", version, about = "Operate a Shoal fleet")]
+struct Cli {
+    /// MQTT broker of the fleet.
+    #[arg(long, global = true, env = "SHOAL_BROKER", default_value = "mqtt://127.0.0.1:1883")]
+    broker: BrokerUrl,
+    /// HTTP API of the hub.
+    #[arg(long, global = true, env = "SHOAL_HUB", default_value = "http://127.0.0.1:8080")]
+    hub: String,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply a fleet manifest (YAML stream or JSON); `-f -` reads standard input.
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// How long to wait for the hub's verdict.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Upload a WASM module to the hub and print its digest.
+    Push { file: PathBuf },
+    /// List devices or workloads.
+    Get {
+        #[arg(value_enum)]
+        kind: Kind,
+    },
+    /// Show one workload in detail.
+    Describe {
+        #[arg(value_enum)]
+        kind: OneKind,
+        name: String,
+    },
+    /// Delete a workload.
+    Delete {
+        #[arg(value_enum)]
+        kind: OneKind,
+        name: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Kind {
+    #[value(alias = "device")]
+    Devices,
+    #[value(alias = "workload")]
+    Workloads,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OneKind {
+    #[value(alias = "workloads")]
+    Workload,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    shoal_api::quantity::parse_duration(s).map_err(|e| e.to_string())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let hub = Hub::new(&cli.hub)?;
+    match cli.command {
+        Command::Apply { file, timeout } => apply(&cli.broker, &hub, &file, timeout, cli.output).await,
+        Command::Push { file } => {
+            let digest = push(&hub, &file).await?;
+            println!("{digest}");
+            Ok(())
+        }
+        Command::Get { kind: Kind::Devices } => {
+            let devices: Vec<DeviceView> = hub.get("/v1/devices").await?;
+            print_devices(&devices, cli.output)
+        }
+        Command::Get { kind: Kind::Workloads } => {
+            let workloads: Vec<WorkloadView> = hub.get("/v1/workloads").await?;
+            print_workloads(&workloads, cli.output)
+        }
+        Command::Describe { name, .. } => {
+            let w: WorkloadView = hub.get(&format!("/v1/workloads/{name}")).await?;
+            describe(&w, cli.output)
+        }
+        Command::Delete { name, .. } => {
+            hub.delete(&format!("/v1/workloads/{name}")).await?;
+            println!("workload/{name} deleted");
+            Ok(())
+        }
+    }
+}
+
+struct Hub {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Hub {
+    fn new(base: &str) -> anyhow::Result<Self> {
+        if !base.starts_with("http://") && !base.starts_with("https://") {
+            bail!("hub address {base:?} is invalid: expected http://HOST:PORT");
+        }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .context("cannot create http client")?;
+        Ok(Self {
+            base: base.trim_end_matches('/').to_string(),
+            http,
+        })
+    }
+
+    async fn check(&self, resp: reqwest::Result<reqwest::Response>, what: &str) -> anyhow::Result<reqwest::Response> {
+        let resp = resp.with_context(|| format!("cannot reach the hub at {} ({what})", self.base))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        let msg = serde_json::from_str::<ApiError>(&body).map(|e| e.error).unwrap_or(body);
+        bail!("{msg} (hub answered {status})")
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let r = self.check(self.http.get(format!("{}{path}", self.base)).send().await, path).await?;
+        r.json().await.context("hub sent an unreadable answer")
+    }
+
+    async fn delete(&self, path: &str) -> anyhow::Result<()> {
+        self.check(self.http.delete(format!("{}{path}", self.base)).send().await, path).await?;
+        Ok(())
+    }
+
+    async fn put_blob(&self, bytes: Vec<u8>) -> anyhow::Result<BlobRef> {
+        let r = self
+            .check(self.http.post(format!("{}/v1/blobs", self.base)).body(bytes).send().await, "upload")
+            .await?;
+        r.json().await.context("hub sent an unreadable answer")
+    }
+}
+
+/// Reads and validates a module file, then uploads it.
+async fn push(hub: &Hub, file: &Path) -> anyhow::Result<String> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read module {:?}", file.display().to_string()))?;
+    let mut v = wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all());
+    if let Err(e) = v.validate_all(&bytes) {
+        bail!("module {:?} is not a valid wasm module or component: {e}", file.display().to_string());
+    }
+    Ok(hub.put_blob(bytes).await?.digest)
+}
+
+fn report(errors: &[ManifestError]) -> anyhow::Error {
+    for e in errors {
+        eprintln!("error: {e}");
+    }
+    anyhow::anyhow!("manifest rejected ({} problem{})", errors.len(), if errors.len() == 1 { "" } else { "s" })
+}
+
+async fn apply(broker: &BrokerUrl, hub: &Hub, file: &Path, timeout: Duration, output: Output) -> anyhow::Result<()> {
+    let (text, base_dir) = if file == Path::new("-") {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("cannot read standard input")?;
+        (s, PathBuf::from("."))
+    } else {
+        let s = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read manifest {:?}", file.display().to_string()))?;
+        (s, file.parent().map(Path::to_path_buf).unwrap_or_default())
+    };
+    // Validate locally first: the same checks as the hub, without a round trip.
+    let docs = parse_stream(&text).map_err(|e| report(&e))?;
+    let positions: Vec<(usize, String)> = docs.iter().map(|(n, m)| (*n, m.metadata.name.clone())).collect();
+    let mut manifests: Vec<_> = docs.iter().map(|(_, m)| m.clone()).collect();
+    let workloads = validate_all(docs).map_err(|e| report(&e))?;
+
+    // Upload modules given as local paths; refer to them by digest.
+    let mut errors = Vec::new();
+    for ((w, m), (doc, name)) in workloads.iter().zip(manifests.iter_mut()).zip(&positions) {
+        if let ModuleRef::Path(p) = &w.module {
+            let path = base_dir.join(p);
+            match push(hub, &path).await {
+                Ok(digest) => {
+                    if let Some(wasm) = m.spec.wasm.as_mut() {
+                        wasm.module = digest;
+                    }
+                }
+                Err(e) => errors.push(ManifestError {
+                    document: *doc,
+                    workload: Some(name.clone()),
+                    message: format!("spec.wasm.module {p:?}: {e:#}"),
+                }),
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(report(&errors));
+    }
+    let payload = to_yaml_stream(&manifests).context("cannot encode manifest")?;
+    let result = publish_apply(broker, payload, timeout).await?;
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    }
+    if !result.accepted {
+        return Err(report(&result.errors));
+    }
+    if output == Output::Table {
+        for (name, verdict) in &result.workloads {
+            println!("workload/{name} {verdict}");
+        }
+    }
+    Ok(())
+}
+
+/// Publishes on `shoal/v1/apply/{req}` and waits for `shoal/v1/results/{req}`.
+async fn publish_apply(broker: &BrokerUrl, payload: String, timeout: Duration) -> anyhow::Result<ApplyResult> {
+    let req = format!("{:016x}", rand::random::<u64>());
+    let mut opts = MqttOptions::new(format!("shoal-cli-{req}"), broker.host.clone(), broker.port);
+    opts.set_keep_alive(Duration::from_secs(10));
+    opts.set_max_packet_size(8 << 20, 8 << 20);
+    let (client, mut events) = AsyncClient::new(opts, 16);
+    let results = topics::results(&req);
+    let work = async {
+        let mut published = false;
+        loop {
+            match events.poll().await.with_context(|| format!("cannot reach the broker at {broker}"))? {
+                Event::Incoming(Packet::ConnAck(_)) => {
+                    client.subscribe(results.clone(), QoS::AtLeastOnce).await?;
+                }
+                Event::Incoming(Packet::SubAck(_)) if !published => {
+                    client
+                        .publish(topics::apply(&req), QoS::AtLeastOnce, false, payload.clone().into_bytes())
+                        .await?;
+                    published = true;
+                }
+                Event::Incoming(Packet::Publish(p)) if p.topic == results => {
+                    let r: ApplyResult = serde_json::from_slice(&p.payload).context("hub sent an unreadable verdict")?;
+                    let _ = client.try_disconnect();
+                    return Ok::<_, anyhow::Error>(r);
+                }
+                _ => {}
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r,
+        Err(_) => bail!(
+            "no verdict from the hub on {results} within {}s: is shoal-hub running and connected to {broker}?",
+            timeout.as_secs()
+        ),
+    }
+}
+
+fn ago(ms: u64) -> String {
+    let now = shoal_api::messages::now_ms();
+    if ms == 0 {
+        return "-".into();
+    }
+    let s = now.saturating_sub(ms) / 1000;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        _ => format!("{}h", s / 3600),
+    }
+}
+
+fn print_devices(devices: &[DeviceView], output: Output) -> anyhow::Result<()> {
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(devices)?);
+        return Ok(());
+    }
+    let mut t = Table::new(&["NAME", "STATUS", "ARCH", "RUNTIMES", "CPUS", "MEMORY", "ALLOCATED", "REPLICAS", "GENERATION", "LAST SEEN", "LABELS"]);
+    for d in devices {
+        let labels: Vec<String> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        t.row(vec![
+            d.id.clone(),
+            if d.online { "Online".into() } else { "Offline".into() },
+            d.arch.clone(),
+            d.runtimes.join(","),
+            d.cpus.to_string(),
+            format_memory(d.memory),
+            format_memory(d.memory_allocated),
+            d.replicas.to_string(),
+            format!("{}/{}", d.observed_generation, d.desired_generation),
+            ago(d.last_seen_ms),
+            if labels.is_empty() { "<none>".into() } else { labels.join(",") },
+        ]);
+    }
+    print!("{t}");
+    Ok(())
+}
+
+fn print_workloads(workloads: &[WorkloadView], output: Output) -> anyhow::Result<()> {
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(workloads)?);
+        return Ok(());
+    }
+    let mut t = Table::new(&["NAME", "READY", "PLACEMENT", "REVISION", "PHASES", "DEVICES"]);
+    for w in workloads {
+        let mut phases: std::collections::BTreeMap<String, usize> = Default::default();
+        for r in &w.replicas {
+            *phases.entry(r.phase.to_string()).or_default() += 1;
+        }
+        let phases: Vec<String> = phases.iter().map(|(p, n)| format!("{p}:{n}")).collect();
+        let mut devices: Vec<String> = w.replicas.iter().filter_map(|r| r.device.clone()).collect();
+        devices.dedup();
+        t.row(vec![
+            w.name.clone(),
+            format!("{}/{}", w.ready, w.desired),
+            w.placement.clone(),
+            w.revision.clone(),
+            if phases.is_empty() { "-".into() } else { phases.join(",") },
+            if devices.is_empty() { "-".into() } else { devices.join(",") },
+        ]);
+    }
+    print!("{t}");
+    Ok(())
+}
+
+fn describe(w: &WorkloadView, output: Output) -> anyhow::Result<()> {
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(w)?);
+        return Ok(());
+    }
+    println!("Name:       {}", w.name);
+    println!("Revision:   {}", w.revision);
+    println!("Placement:  {} ({} ready / {} desired)", w.placement, w.ready, w.desired);
+    if let Some(spec) = &w.spec {
+        let module = match &spec.module {
+            ModuleRef::Digest(d) => d.to_string(),
+            ModuleRef::Path(p) => p.clone(),
+        };
+        println!("Module:     {module}");
+        let sel: Vec<String> = spec.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("Selector:   {}", if sel.is_empty() { "<none>".into() } else { sel.join(",") });
+        println!("Resources:  {}", shoal_api::workload::describe_resources(&spec.resources));
+        println!(
+            "Restart:    {:?} (back-off {}ms .. {}ms)",
+            spec.restart.policy, spec.restart.initial_backoff_ms, spec.restart.max_backoff_ms
+        );
+        if !spec.args.is_empty() {
+            println!("Args:       {:?}", spec.args);
+        }
+        for (k, v) in &spec.env {
+            println!("Env:        {k}={v}");
+        }
+    }
+    if let Some(p) = &w.pending_reason {
+        println!("Pending:    {p}");
+    }
+    println!("Replicas:");
+    let mut t = Table::new(&["REPLICA", "DEVICE", "PHASE", "RESTARTS", "STARTED", "REASON"]);
+    for r in &w.replicas {
+        t.row(vec![
+            r.replica.to_string(),
+            r.device.clone().unwrap_or_else(|| "<none>".into()),
+            r.phase.to_string(),
+            r.restarts.to_string(),
+            r.started_at_ms.map_or("-".into(), ago),
+            r.reason.clone().unwrap_or_default(),
+        ]);
+    }
+    print!("{t}");
+    Ok(())
+}

@@ -3,3 +3,9 @@
 pub mod logs;
 pub mod runtime;
 pub mod wasm;
+pub mod agent;
+pub mod bus;
+pub mod fetch;
+pub mod plan;
+pub mod store;
+pub mod supervisor;

@@ -1013,3 +1013,353 @@ impl Pollable for GuestOutput {
     async fn ready(&mut self) {}
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    const MIB: u64 = 1024 * 1024;
+
+    /// Path of an example guest; fails the test (with how to build it) when it is missing.
+    fn example(name: &str) -> PathBuf {
+        let file = format!("{name}.wasm");
+        let target = if name == "hello" {
+            "wasm32-wasip2"
+        } else {
+            "wasm32-wasip1"
+        };
+        let path = match std::env::var_os("SHOAL_MODULES_DIR") {
+            Some(dir) => PathBuf::from(dir).join(&file),
+            None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/shoal/modules-target")
+                .join(target)
+                .join("release")
+                .join(&file),
+        };
+        assert!(
+            path.is_file(),
+            "example guest {path:?} is missing. Build the examples with:\n  \
+             cd {modules} && CARGO_TARGET_DIR=$HOME/.cache/shoal/modules-target cargo build \
+             --release --target wasm32-wasip2 -p hello && \
+             CARGO_TARGET_DIR=$HOME/.cache/shoal/modules-target cargo build --release \
+             --target wasm32-wasip1 -p ticker -p probe\n\
+             (or set SHOAL_MODULES_DIR to a directory holding hello.wasm, ticker.wasm and \
+             probe.wasm)",
+            modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("../modules").display(),
+        );
+        path
+    }
+
+    struct Fixture {
+        runtime: WasmRuntime,
+        shutdown: CancellationToken,
+        ticker: tokio::task::JoinHandle<()>,
+        dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            Fixture::with_cache(dir, "cache")
+        }
+
+        fn with_cache(dir: tempfile::TempDir, cache: &str) -> Fixture {
+            let shutdown = CancellationToken::new();
+            let (runtime, ticker) =
+                WasmRuntime::new(dir.path().join(cache), shutdown.clone()).unwrap();
+            Fixture {
+                runtime,
+                shutdown,
+                ticker,
+                dir,
+            }
+        }
+
+        async fn prepare(&self, name: &str) -> Arc<WasmModule> {
+            let path = example(name);
+            let digest = Digest::of(&std::fs::read(&path).unwrap());
+            self.runtime.prepare(&digest, path).await.unwrap()
+        }
+
+        fn log(&self, instance: &str) -> LogSink {
+            LogSink::open(&self.dir.path().join("logs"), instance, MIB).unwrap()
+        }
+
+        async fn stop(self) -> tempfile::TempDir {
+            self.shutdown.cancel();
+            tokio::time::timeout(Duration::from_secs(1), self.ticker)
+                .await
+                .unwrap()
+                .unwrap();
+            self.dir
+        }
+    }
+
+    fn spec(instance: &str, args: &[&str]) -> RunSpec {
+        RunSpec {
+            instance: instance.to_string(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env: BTreeMap::new(),
+            memory_limit: 64 * MIB,
+            cpu_millis: None,
+        }
+    }
+
+    fn log_text(log: &LogSink) -> String {
+        std::fs::read_to_string(log.path()).unwrap()
+    }
+
+    async fn run_to_end(fx: &Fixture, module: Arc<WasmModule>, spec: RunSpec) -> (Exit, LogSink) {
+        let log = fx.log(&spec.instance);
+        let run = fx
+            .runtime
+            .run(module, spec, log.clone(), CancellationToken::new());
+        let exit = tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .unwrap();
+        (exit, log)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn component_hello_succeeds_after_its_beats() {
+        let fx = Fixture::new();
+        let module = fx.prepare("hello").await;
+        assert!(module.is_component());
+        let mut spec = spec("hello-0", &["world"]);
+        spec.env.insert("BEATS".into(), "3".into());
+        spec.env.insert("INTERVAL_MS".into(), "20".into());
+        let (exit, log) = run_to_end(&fx, module, spec).await;
+        let text = log_text(&log);
+        assert_eq!(exit, Exit::Success, "log:\n{text}");
+        assert!(
+            text.contains("hello from a wasip2 component; args=[\"world\"]\n"),
+            "log:\n{text}"
+        );
+        assert!(text.contains("\nheartbeat 3\n"), "log:\n{text}");
+        assert!(!text.contains("heartbeat 4"), "log:\n{text}");
+        assert!(text.contains("[shoal] exited: success"), "log:\n{text}");
+        fx.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn core_probe_crash_exits_with_status_3() {
+        let fx = Fixture::new();
+        let module = fx.prepare("probe").await;
+        assert!(!module.is_component());
+        let (exit, log) = run_to_end(&fx, module, spec("probe-0", &["crash"])).await;
+        assert_eq!(
+            exit,
+            Exit::Failure {
+                code: Some(3),
+                reason: "exited with status 3".into()
+            }
+        );
+        let text = log_text(&log);
+        assert!(text.contains("probe: about to crash\n"), "log:\n{text}");
+        assert!(text.contains("[shoal] exited: exited with status 3"));
+        fx.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn memory_hog_hits_the_memory_limit() {
+        let fx = Fixture::new();
+        let module = fx.prepare("probe").await;
+        let mut hog = spec("hog-0", &["hog"]);
+        hog.memory_limit = 16 * MIB;
+        let (exit, log) = run_to_end(&fx, module.clone(), hog).await;
+        let text = log_text(&log);
+        match &exit {
+            Exit::Failure { code: None, reason } => {
+                assert!(
+                    reason.contains("memory limit exceeded") && reason.contains("16 MiB"),
+                    "{reason}"
+                );
+            }
+            other => panic!("expected a memory limit failure, got {other:?}; log:\n{text}"),
+        }
+        assert!(text.contains("hog: holding 1 MiB\n"), "log:\n{text}");
+        assert!(!text.contains("hog: holding 16 MiB"), "log:\n{text}");
+
+        // A limit below the module's initial memory fails at instantiation, the same way.
+        let mut tiny = spec("hog-1", &["hog", "1"]);
+        tiny.memory_limit = 64 * 1024;
+        let (exit, log) = run_to_end(&fx, module, tiny).await;
+        match &exit {
+            Exit::Failure { code: None, reason } => {
+                assert!(reason.contains("memory limit exceeded"), "{reason}");
+            }
+            other => panic!("expected a memory limit failure, got {other:?}"),
+        }
+        assert!(!log_text(&log).contains("hog: holding"));
+        fx.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cpu_share_throttles_a_spinner_without_starving_others() {
+        let fx = Fixture::new();
+        let probe = fx.prepare("probe").await;
+
+        let start_run = |spec: RunSpec, cancel: CancellationToken| {
+            let log = fx.log(&spec.instance);
+            let runtime = fx.runtime.clone();
+            let module = probe.clone();
+            let sink = log.clone();
+            let task = tokio::spawn(async move {
+                let (exit, stats) = runtime.run_measured(module, spec, sink, cancel).await;
+                (exit, stats, Instant::now())
+            });
+            (task, log)
+        };
+        let cancel = CancellationToken::new();
+        let mut spinner = spec("spin-0", &["spin"]);
+        spinner.cpu_millis = Some(100);
+        let (spin_task, spin_log) = start_run(spinner, cancel.clone());
+        let (beat_task, beat_log) = start_run(spec("beat-0", &["heartbeat", "50"]), cancel.clone());
+
+        let window = Duration::from_millis(1500);
+        tokio::time::sleep(window).await;
+        let beats = beat_log
+            .tail(usize::MAX)
+            .iter()
+            .filter(|l| l.starts_with("beat "))
+            .count();
+        let cancelled_at = Instant::now();
+        cancel.cancel();
+        let (spin_exit, spin_stats, spin_end) =
+            tokio::time::timeout(Duration::from_secs(5), spin_task)
+                .await
+                .unwrap()
+                .unwrap();
+        let (beat_exit, _, beat_end) = tokio::time::timeout(Duration::from_secs(5), beat_task)
+            .await
+            .unwrap()
+            .unwrap();
+
+        let expected = window.as_millis() as usize / 50;
+        assert!(
+            beats * 10 >= expected * 7,
+            "heartbeat kept {beats} of {expected} beats next to the spinner"
+        );
+        let share = spin_stats.busy.as_secs_f64() / spin_stats.wall.as_secs_f64();
+        assert!(
+            share < 0.5,
+            "spinner with a 100m share was busy {:?} of {:?} ({:.0}%)",
+            spin_stats.busy,
+            spin_stats.wall,
+            share * 100.0
+        );
+        assert!(
+            spin_stats.busy >= Duration::from_millis(50),
+            "the spinner barely ran: {spin_stats:?}"
+        );
+        assert_eq!(spin_exit, Exit::Cancelled);
+        assert_eq!(beat_exit, Exit::Cancelled);
+        for (what, end) in [("spinner", spin_end), ("heartbeat", beat_end)] {
+            let took = end.saturating_duration_since(cancelled_at);
+            assert!(
+                took < Duration::from_millis(500),
+                "{what} took {took:?} to stop"
+            );
+        }
+        assert!(log_text(&spin_log).contains("[shoal] exited: cancelled"));
+        fx.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn compiled_artifacts_are_cached_in_memory_and_on_disk() {
+        let fx = Fixture::new();
+        let path = example("probe");
+        let digest = Digest::of(&std::fs::read(&path).unwrap());
+        let artifact = fx.runtime.artifact_path(&digest);
+        assert!(!artifact.exists());
+
+        let first = fx.runtime.prepare(&digest, path.clone()).await.unwrap();
+        assert_eq!(fx.runtime.compile_count(), 1);
+        assert!(artifact.is_file(), "{artifact:?} was not written");
+        assert!(artifact.starts_with(fx.dir.path().join("cache")));
+        let again = fx.runtime.prepare(&digest, path.clone()).await.unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "second prepare did not hit memory");
+        assert_eq!(fx.runtime.compile_count(), 1);
+        let dir = fx.stop().await;
+
+        // A fresh runtime on the same cache directory loads the artifact instead of compiling
+        // (the source path no longer even exists), and the loaded module runs.
+        let fx = Fixture::with_cache(dir, "cache");
+        assert_eq!(fx.runtime.artifact_path(&digest), artifact);
+        let loaded = fx
+            .runtime
+            .prepare(&digest, fx.dir.path().join("no-such-file.wasm"))
+            .await
+            .unwrap();
+        assert_eq!(fx.runtime.compile_count(), 0);
+        let (exit, _) = run_to_end(&fx, loaded, spec("probe-0", &["crash"])).await;
+        assert!(matches!(exit, Exit::Failure { code: Some(3), .. }), "{exit:?}");
+
+        // A corrupt artifact is ignored and replaced.
+        std::fs::write(&artifact, b"garbage").unwrap();
+        let dir = fx.stop().await;
+        let fx = Fixture::with_cache(dir, "cache");
+        fx.runtime.prepare(&digest, path).await.unwrap();
+        assert_eq!(fx.runtime.compile_count(), 1);
+        assert!(std::fs::metadata(&artifact).unwrap().len() > 1000);
+        fx.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn garbage_is_an_invalid_module() {
+        let fx = Fixture::new();
+        for (name, bytes) in [
+            ("garbage", b"this is not wasm at all".to_vec()),
+            ("broken", b"\0asm\x01\0\0\0\x01\xff\xff".to_vec()),
+        ] {
+            let path = fx.dir.path().join(name);
+            std::fs::write(&path, &bytes).unwrap();
+            let digest = Digest::of(&bytes);
+            match fx.runtime.prepare(&digest, path).await {
+                Err(RuntimeError::InvalidModule { digest: d, reason }) => {
+                    assert_eq!(d, digest.as_str());
+                    assert!(!reason.is_empty());
+                }
+                other => panic!("{name}: expected InvalidModule, got {other:?}"),
+            }
+        }
+        assert!(!fx
+            .runtime
+            .artifact_dir()
+            .read_dir()
+            .unwrap()
+            .any(|e| e.is_ok()));
+        fx.stop().await;
+    }
+
+    #[test]
+    fn quota_sleeps_once_the_budget_is_used() {
+        let t0 = Instant::now();
+        let mut q = Quota::new(100, t0);
+        assert_eq!(q.budget, Duration::from_millis(10));
+        let ms = Duration::from_millis;
+        assert_eq!(q.check(ms(5), t0 + ms(5)), None);
+        assert_eq!(q.check(ms(10), t0 + ms(12)), Some(t0 + CPU_PERIOD));
+        // Next period: the 5 ms overrun is charged to it.
+        let t1 = t0 + ms(101);
+        assert_eq!(q.check(ms(15), t1), None);
+        assert_eq!(q.check(ms(20), t1 + ms(5)), Some(t1 + CPU_PERIOD));
+    }
+
+    #[test]
+    fn sizes_are_formatted_for_people() {
+        assert_eq!(fmt_bytes(16 * MIB), "16 MiB");
+        assert_eq!(fmt_bytes(17 * MIB + MIB / 10), "17.1 MiB");
+        assert_eq!(fmt_bytes(64 * 1024), "64 KiB");
+        let err = LimitExceeded::Memory {
+            desired: 17 * MIB + MIB / 10,
+            limit: 16 * MIB,
+        };
+        assert_eq!(
+            err.to_string(),
+            "memory limit exceeded: the module tried to grow its memory to 17.1 MiB, above its \
+             limit of 16 MiB"
+        );
+    }
+}

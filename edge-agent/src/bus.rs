@@ -1,0 +1,137 @@
+//! The agent's MQTT adapter (rumqttc, MQTT 3.1.1, which every broker speaks).
+//!
+//! On every (re)connect it subscribes to the device's desired topic and announces itself
+//! (retained `online` presence, retained hello); its last will marks it `offline`. Incoming
+//! desired states become [`BusEvent`]s; publishing goes through the [`Bus`] trait.
+
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use shoal_api::endpoint::BrokerUrl;
+use shoal_api::ids::DeviceId;
+use shoal_api::topics;
+use std::future::Future;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+#[derive(Debug, thiserror::Error)]
+#[error("mqtt publish to {topic:?} failed: {reason}")]
+pub struct BusError {
+    pub topic: String,
+    pub reason: String,
+}
+
+#[derive(Debug)]
+pub enum BusEvent {
+    /// Connected (again): announce and republish status.
+    Connected,
+    /// A desired-state payload arrived on our desired topic.
+    Desired(bytes::Bytes),
+}
+
+pub trait Bus: Send + Sync + 'static {
+    fn publish(&self, topic: String, payload: Vec<u8>, retain: bool) -> impl Future<Output = Result<(), BusError>> + Send;
+}
+
+pub struct MqttBus {
+    client: AsyncClient,
+}
+
+impl Bus for MqttBus {
+    /// Never waits: while the broker is unreachable the client's queue fills up, and a full
+    /// queue drops the message (every message the agent sends is level-based and is sent
+    /// again on reconnect).
+    async fn publish(&self, topic: String, payload: Vec<u8>, retain: bool) -> Result<(), BusError> {
+        self.client
+            .try_publish(topic.clone(), QoS::AtLeastOnce, retain, payload)
+            .map_err(|e| BusError {
+                topic,
+                reason: e.to_string(),
+            })
+    }
+}
+
+/// Largest message the agent accepts (a desired state for a busy device).
+const MAX_PACKET: usize = 4 << 20;
+
+/// Connects (and keeps reconnecting) to `broker`; events go to `tx`.
+pub fn connect(
+    broker: &BrokerUrl,
+    device: &DeviceId,
+    tx: mpsc::Sender<BusEvent>,
+    tracker: &TaskTracker,
+    shutdown: CancellationToken,
+) -> MqttBus {
+    let mut opts = MqttOptions::new(format!("shoal-agent-{device}"), broker.host.clone(), broker.port);
+    opts.set_keep_alive(Duration::from_secs(10));
+    opts.set_clean_session(true);
+    opts.set_max_packet_size(MAX_PACKET, MAX_PACKET);
+    opts.set_last_will(LastWill::new(
+        topics::presence(device),
+        topics::OFFLINE,
+        QoS::AtLeastOnce,
+        true,
+    ));
+    let (client, mut eventloop) = AsyncClient::new(opts, 256);
+    let sub = client.clone();
+    let desired_topic = topics::desired(device);
+    let broker = broker.to_string();
+    tracker.spawn(async move {
+        let mut failures = 0u32;
+        loop {
+            let ev = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                ev = eventloop.poll() => ev,
+            };
+            match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    if failures > 0 {
+                        info!(%broker, after_attempts = failures, "reconnected to broker");
+                    } else {
+                        info!(%broker, "connected to broker");
+                    }
+                    failures = 0;
+                    if let Err(e) = sub.try_subscribe(desired_topic.clone(), QoS::AtLeastOnce) {
+                        warn!(error = %e, "subscribe failed");
+                    }
+                    if tx.send(BusEvent::Connected).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) if p.topic == desired_topic => {
+                    if tx.send(BusEvent::Desired(p.payload)).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(other) => debug!(event = ?other, "mqtt event"),
+                Err(e) => {
+                    failures += 1;
+                    // One line per retry period (about 30 s), not a flood.
+                    if failures == 1 || failures % 30 == 0 {
+                        warn!(%broker, error = %e, attempt = failures, "broker unreachable; running from local state and retrying");
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+    });
+    MqttBus { client }
+}
+
+impl MqttBus {
+    /// Announces a clean departure: retained `offline` presence, then disconnect.
+    pub async fn leave(&self, device: &DeviceId) {
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            let _ = self
+                .client
+                .publish(topics::presence(device), QoS::AtLeastOnce, true, topics::OFFLINE)
+                .await;
+            let _ = self.client.disconnect().await;
+        })
+        .await;
+    }
+}

@@ -1,0 +1,113 @@
+//! Module fetching: `GET {artifact_base}/v1/blobs/{digest}` from the hub, verified against the
+//! digest and cached on disk as `DATA_DIR/cache/modules/<hex>.wasm`.
+//!
+//! A cached module is used without asking the hub, which is what lets a device restart its
+//! workloads while the hub is unreachable.
+
+use shoal_api::ids::Digest;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("cannot fetch module {digest} from {url:?}: {reason}")]
+    Http { digest: String, url: String, reason: String },
+    #[error("module {digest} from {url:?} failed verification: its content hashes to {actual}")]
+    Digest { digest: String, url: String, actual: String },
+    #[error("module cache i/o error at {path:?}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+#[derive(Clone)]
+pub struct Fetcher {
+    dir: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Fetcher {
+    pub fn new(data_dir: &Path) -> Result<Self, FetchError> {
+        let dir = data_dir.join("cache").join("modules");
+        std::fs::create_dir_all(&dir).map_err(|source| FetchError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .timeout(std::time::Duration::from_secs(120))
+            .build()
+            .map_err(|e| FetchError::Http {
+                digest: String::new(),
+                url: String::new(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self { dir, http })
+    }
+
+    pub fn cached_path(&self, d: &Digest) -> PathBuf {
+        self.dir.join(format!("{}.wasm", d.hex()))
+    }
+
+    /// Returns the path of the verified module, downloading it if it is not cached.
+    pub async fn fetch(&self, artifact_base: &str, d: &Digest) -> Result<PathBuf, FetchError> {
+        let path = self.cached_path(d);
+        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            return Ok(path);
+        }
+        let url = format!("{}/v1/blobs/{}", artifact_base.trim_end_matches('/'), d.as_str());
+        let http_err = |reason: String| FetchError::Http {
+            digest: d.to_string(),
+            url: url.clone(),
+            reason,
+        };
+        let resp = self.http.get(&url).send().await.map_err(|e| http_err(e.to_string()))?;
+        if !resp.status().is_success() {
+            return Err(http_err(format!("hub answered {}", resp.status())));
+        }
+        let bytes = resp.bytes().await.map_err(|e| http_err(e.to_string()))?;
+        let actual = Digest::of(&bytes);
+        if actual != *d {
+            return Err(FetchError::Digest {
+                digest: d.to_string(),
+                url,
+                actual: actual.to_string(),
+            });
+        }
+        let dir = self.dir.clone();
+        let target = path.clone();
+        tokio::task::spawn_blocking(move || write_atomic(&dir, &target, &bytes))
+            .await
+            .map_err(|e| FetchError::Io {
+                path: path.display().to_string(),
+                source: std::io::Error::other(e),
+            })??;
+        Ok(path)
+    }
+}
+
+fn write_atomic(dir: &Path, target: &Path, bytes: &[u8]) -> Result<(), FetchError> {
+    let io = |p: &Path| {
+        let p = p.display().to_string();
+        move |source| FetchError::Io { path: p, source }
+    };
+    let tmp = dir.join(format!(".fetch-{}-{}", std::process::id(), rand::random::<u32>()));
+    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, target).map_err(io(target))?;
+    Ok(())
+}
+
+/// Where supervisors get verified module files from (a seam for tests).
+pub trait ModuleSource: Clone + Send + Sync + 'static {
+    fn fetch(
+        &self,
+        artifact_base: &str,
+        digest: &Digest,
+    ) -> impl std::future::Future<Output = Result<PathBuf, FetchError>> + Send;
+}
+
+impl ModuleSource for Fetcher {
+    async fn fetch(&self, artifact_base: &str, digest: &Digest) -> Result<PathBuf, FetchError> {
+        Fetcher::fetch(self, artifact_base, digest).await
+    }
+}

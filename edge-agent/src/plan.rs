@@ -1,0 +1,170 @@
+//! The agent's reconcile decision: a pure function from desired and observed state to actions.
+//!
+//! `plan` only decides which replicas must start, stop or be replaced; what happens *within*
+//! one replica's life (fetch, run, restart with back-off) belongs to its supervisor task and is
+//! decided by the pure helpers [`restart_delay`] and [`after_exit`].
+
+use shoal_api::messages::DesiredWorkload;
+use shoal_api::workload::Restart;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+/// What the agent knows about a replica it supervises.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    pub revision: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Start supervising a new replica.
+    Start(DesiredWorkload),
+    /// Stop the replica with this instance name and forget it.
+    Stop(String),
+    /// The replica's revision changed: stop the old one, then start this.
+    Replace(DesiredWorkload),
+}
+
+/// Decides how to go from `observed` (instance name → what runs) to `desired`.
+/// Stops come first, so resources are released before new replicas start.
+pub fn plan(desired: &[DesiredWorkload], observed: &BTreeMap<String, Observed>) -> Vec<Action> {
+    let wanted: BTreeSet<String> = desired.iter().map(DesiredWorkload::instance).collect();
+    let mut actions: Vec<Action> = observed
+        .keys()
+        .filter(|i| !wanted.contains(*i))
+        .map(|i| Action::Stop(i.clone()))
+        .collect();
+    for d in desired {
+        match observed.get(&d.instance()) {
+            None => actions.push(Action::Start(d.clone())),
+            Some(o) if o.revision != d.revision => actions.push(Action::Replace(d.clone())),
+            Some(_) => {}
+        }
+    }
+    actions
+}
+
+/// A run lasting at least this long resets the back-off (it was healthy for a while).
+pub const STABLE_RUN: Duration = Duration::from_secs(600);
+
+/// The delay before restart number `restarts` (0-based count of restarts already done):
+/// `initial * 2^restarts`, capped at `max`, plus up to 10 % jitter from `jitter` (in [0, 1)).
+pub fn restart_delay(restart: &Restart, restarts: u32, jitter: f64) -> Duration {
+    let base = restart
+        .initial_backoff_ms
+        .saturating_mul(1u64.checked_shl(restarts.min(32)).unwrap_or(u64::MAX))
+        .min(restart.max_backoff_ms);
+    let extra = (base as f64 * 0.1 * jitter.clamp(0.0, 1.0)) as u64;
+    Duration::from_millis(base + extra)
+}
+
+/// What the supervisor does after a run ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterExit {
+    /// Wait this long, then run again.
+    Restart(Duration),
+    /// Done for good.
+    Stay,
+}
+
+/// Applies the restart policy to an exit. `step` is the current back-off step (restarts since
+/// the last stable run); `ran_for` is how long the run lasted. Returns the decision and the
+/// next back-off step: a run of at least [`STABLE_RUN`] resets the back-off.
+pub fn after_exit(restart: &Restart, success: bool, step: u32, ran_for: Duration, jitter: f64) -> (AfterExit, u32) {
+    let step = if ran_for >= STABLE_RUN { 0 } else { step };
+    if !restart.policy.restarts_after(success) {
+        return (AfterExit::Stay, step);
+    }
+    (AfterExit::Restart(restart_delay(restart, step, jitter)), step.saturating_add(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_api::ids::{Digest, WorkloadName};
+    use shoal_api::workload::{Resources, RestartPolicy};
+
+    fn dw(name: &str, replica: u32, rev: &str) -> DesiredWorkload {
+        DesiredWorkload {
+            name: WorkloadName::try_from(name).unwrap(),
+            replica,
+            revision: rev.into(),
+            module: Digest::of(b"m"),
+            args: vec![],
+            env: Default::default(),
+            resources: Resources { memory: 1 << 20, cpu: None },
+            restart: Restart { policy: RestartPolicy::Always, initial_backoff_ms: 100, max_backoff_ms: 1000 },
+        }
+    }
+
+    fn obs(items: &[(&str, &str)]) -> BTreeMap<String, Observed> {
+        items.iter().map(|(i, r)| (i.to_string(), Observed { revision: r.to_string() })).collect()
+    }
+
+    #[test]
+    fn plan_table() {
+        let cases: Vec<(&str, Vec<DesiredWorkload>, BTreeMap<String, Observed>, Vec<Action>)> = vec![
+            ("nothing to do", vec![], obs(&[]), vec![]),
+            ("start new", vec![dw("a", 0, "r1")], obs(&[]), vec![Action::Start(dw("a", 0, "r1"))]),
+            ("in sync", vec![dw("a", 0, "r1")], obs(&[("a-0", "r1")]), vec![]),
+            ("stop removed", vec![], obs(&[("a-0", "r1")]), vec![Action::Stop("a-0".into())]),
+            ("replace changed", vec![dw("a", 0, "r2")], obs(&[("a-0", "r1")]), vec![Action::Replace(dw("a", 0, "r2"))]),
+            (
+                "stops before starts",
+                vec![dw("b", 0, "r1"), dw("a", 1, "r1")],
+                obs(&[("a-0", "r1")]),
+                vec![Action::Stop("a-0".into()), Action::Start(dw("b", 0, "r1")), Action::Start(dw("a", 1, "r1"))],
+            ),
+        ];
+        for (name, desired, observed, want) in cases {
+            assert_eq!(plan(&desired, &observed), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let r = dw("a", 0, "r").restart;
+        let delays: Vec<u64> = (0..6).map(|n| restart_delay(&r, n, 0.0).as_millis() as u64).collect();
+        assert_eq!(delays, vec![100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(restart_delay(&r, 1, 1.0).as_millis(), 220);
+        assert_eq!(restart_delay(&r, 10_000, 0.0).as_millis(), 1000);
+    }
+
+    #[test]
+    fn after_exit_table() {
+        let mut r = dw("a", 0, "r").restart;
+        let short = Duration::from_secs(1);
+        assert_eq!(after_exit(&r, true, 2, short, 0.0), (AfterExit::Restart(Duration::from_millis(400)), 3));
+        assert_eq!(after_exit(&r, false, 2, STABLE_RUN, 0.0), (AfterExit::Restart(Duration::from_millis(100)), 1));
+        r.policy = RestartPolicy::OnFailure;
+        assert_eq!(after_exit(&r, true, 0, short, 0.0), (AfterExit::Stay, 0));
+        assert_eq!(after_exit(&r, false, 0, short, 0.0), (AfterExit::Restart(Duration::from_millis(100)), 1));
+        r.policy = RestartPolicy::Never;
+        assert_eq!(after_exit(&r, false, 0, short, 0.0).0, AfterExit::Stay);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn applying_the_plan_converges(
+            desired_set in proptest::collection::btree_map(0u32..6, 0u8..3, 0..6),
+            observed_set in proptest::collection::btree_map(0u32..6, 0u8..3, 0..6),
+        ) {
+            let desired: Vec<DesiredWorkload> =
+                desired_set.iter().map(|(i, r)| dw("w", *i, &format!("r{r}"))).collect();
+            let mut observed: BTreeMap<String, Observed> = observed_set
+                .iter()
+                .map(|(i, r)| (format!("w-{i}"), Observed { revision: format!("r{r}") }))
+                .collect();
+            for a in plan(&desired, &observed) {
+                match a {
+                    Action::Stop(i) => { observed.remove(&i); }
+                    Action::Start(d) | Action::Replace(d) => {
+                        observed.insert(d.instance(), Observed { revision: d.revision.clone() });
+                    }
+                }
+            }
+            proptest::prop_assert!(plan(&desired, &observed).is_empty());
+            proptest::prop_assert_eq!(observed.len(), desired.len());
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! Durable agent state behind the [`Store`] trait: the last accepted desired state.
+//!
+//! The agent saves (and flushes) a desired state *before* acting on it, so that after a crash
+//! or a reboot with no hub in sight it restarts exactly the workloads it was told to run.
+//! [`SledStore`] is the real implementation; [`MemStore`] is a fake for tests.
+
+use shoal_api::messages::DesiredState;
+use std::path::Path;
+use std::sync::Mutex;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open agent database at {path:?}: {source}")]
+    Open { path: String, source: sled::Error },
+    #[error("agent database error: {0}")]
+    Db(#[from] sled::Error),
+    #[error("corrupt desired state in agent database: {0}")]
+    Corrupt(serde_json::Error),
+    #[error("cannot encode desired state: {0}")]
+    Encode(serde_json::Error),
+}
+
+pub trait Store: Send + 'static {
+    fn load_desired(&self) -> Result<Option<DesiredState>, StoreError>;
+    /// Saves durably: when this returns `Ok`, the state survives a crash.
+    fn save_desired(&self, d: &DesiredState) -> Result<(), StoreError>;
+}
+
+const DESIRED_KEY: &[u8] = b"desired";
+
+pub struct SledStore {
+    db: sled::Db,
+}
+
+impl SledStore {
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let path = data_dir.join("agent.db");
+        let db = sled::open(&path).map_err(|source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(Self { db })
+    }
+}
+
+impl Store for SledStore {
+    fn load_desired(&self) -> Result<Option<DesiredState>, StoreError> {
+        match self.db.get(DESIRED_KEY)? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v).map(Some).map_err(StoreError::Corrupt),
+        }
+    }
+    fn save_desired(&self, d: &DesiredState) -> Result<(), StoreError> {
+        let v = serde_json::to_vec(d).map_err(StoreError::Encode)?;
+        self.db.insert(DESIRED_KEY, v)?;
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+pub struct MemStore {
+    desired: Mutex<Option<DesiredState>>,
+}
+
+impl Store for MemStore {
+    fn load_desired(&self) -> Result<Option<DesiredState>, StoreError> {
+        Ok(self.desired.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+    fn save_desired(&self, d: &DesiredState) -> Result<(), StoreError> {
+        *self.desired.lock().unwrap_or_else(|p| p.into_inner()) = Some(d.clone());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sled_roundtrip() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = DesiredState {
+            protocol: 1,
+            device_id: "e1".parse().unwrap(),
+            generation: 3,
+            artifact_base: "http://h".into(),
+            workloads: vec![],
+        };
+        SledStore::open(dir.path()).unwrap().save_desired(&d).unwrap();
+        assert_eq!(SledStore::open(dir.path()).unwrap().load_desired().unwrap(), Some(d));
+    }
+}

@@ -1,0 +1,312 @@
+//! One task per replica: it owns that replica's state for its whole life.
+//!
+//! Pulling (fetch the module, retried with back-off while the hub is unreachable) → Starting
+//! (compile, cached) → Running → on exit, the restart policy decides: `CrashLoopBackOff` while
+//! waiting out an exponential back-off, or `Succeeded`/`Failed` for good. Every phase change is
+//! sent to the agent's main loop as an [`Update`]; cancellation stops the replica at once.
+
+use crate::fetch::ModuleSource;
+use crate::logs::LogSink;
+use crate::plan::{after_exit, AfterExit};
+use crate::runtime::{Exit, RunSpec, WorkloadRuntime};
+use shoal_api::messages::{now_ms, DesiredWorkload, InstanceStatus, Phase};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, info_span, warn, Instrument};
+
+/// Bytes of log kept on disk per replica (plus one rotated file).
+pub const LOG_MAX_BYTES: u64 = 1 << 20;
+
+/// A status change of one replica, tagged with the supervising task so that late updates
+/// from a replaced task are recognised and dropped.
+#[derive(Debug, Clone)]
+pub struct Update {
+    pub instance: String,
+    pub task: u64,
+    pub status: InstanceStatus,
+}
+
+/// What every supervisor shares.
+pub struct Shared<R, F> {
+    pub runtime: Arc<R>,
+    pub source: F,
+    pub logs_dir: PathBuf,
+    pub updates: mpsc::Sender<Update>,
+}
+
+impl<R, F: Clone> Clone for Shared<R, F> {
+    fn clone(&self) -> Self {
+        Self {
+            runtime: self.runtime.clone(),
+            source: self.source.clone(),
+            logs_dir: self.logs_dir.clone(),
+            updates: self.updates.clone(),
+        }
+    }
+}
+
+struct Reporter {
+    instance: String,
+    task: u64,
+    status: InstanceStatus,
+    tx: mpsc::Sender<Update>,
+}
+
+impl Reporter {
+    async fn send(&self) {
+        let _ = self
+            .tx
+            .send(Update {
+                instance: self.instance.clone(),
+                task: self.task,
+                status: self.status.clone(),
+            })
+            .await;
+    }
+
+    async fn phase(&mut self, phase: Phase, reason: Option<String>) {
+        if self.status.phase != phase {
+            info!(from = %self.status.phase, to = %phase, reason = reason.as_deref().unwrap_or(""), "replica phase");
+        }
+        self.status.phase = phase;
+        self.status.reason = reason;
+        self.send().await;
+    }
+}
+
+/// Supervises one replica until `cancel` fires.
+pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
+    shared: Shared<R, F>,
+    desired: DesiredWorkload,
+    artifact_base: String,
+    task: u64,
+    cancel: CancellationToken,
+) {
+    let instance = desired.instance();
+    let span = info_span!("replica", instance = %instance, revision = %desired.revision);
+    async move {
+        let mut r = Reporter {
+            instance: instance.clone(),
+            task,
+            status: InstanceStatus {
+                name: desired.name.clone(),
+                replica: desired.replica,
+                revision: desired.revision.clone(),
+                phase: Phase::Pending,
+                restarts: 0,
+                reason: None,
+                exit_code: None,
+                started_at_ms: None,
+                backoff_ms: None,
+                variant: "wasm".into(),
+            },
+            tx: shared.updates.clone(),
+        };
+        let log = match LogSink::open(&shared.logs_dir, &instance, LOG_MAX_BYTES) {
+            Ok(l) => l,
+            Err(e) => {
+                r.phase(Phase::Failed, Some(format!("cannot open log file: {e}"))).await;
+                return;
+            }
+        };
+
+        // Pulling: retried until it works (like an image pull back-off).
+        let mut attempt = 0u32;
+        let path = loop {
+            r.phase(Phase::Pulling, r.status.reason.clone()).await;
+            let fetched = tokio::select! {
+                _ = cancel.cancelled() => return,
+                f = shared.source.fetch(&artifact_base, &desired.module) => f,
+            };
+            match fetched {
+                Ok(p) => break p,
+                Err(e) => {
+                    let delay = Duration::from_millis((500u64 << attempt.min(6)).min(30_000));
+                    attempt += 1;
+                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "module fetch failed");
+                    r.status.reason = Some(format!("{e}; retrying in {}ms", delay.as_millis()));
+                    r.send().await;
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        };
+
+        r.phase(Phase::Starting, None).await;
+        let module = tokio::select! {
+            _ = cancel.cancelled() => return,
+            m = shared.runtime.prepare(&desired.module, path) => m,
+        };
+        let module = match module {
+            Ok(m) => m,
+            Err(e) => {
+                log.system(&format!("cannot start: {e}"));
+                r.phase(Phase::Failed, Some(e.to_string())).await;
+                cancel.cancelled().await;
+                return;
+            }
+        };
+
+        let spec = RunSpec {
+            instance: instance.clone(),
+            args: desired.args.clone(),
+            env: desired.env.clone(),
+            memory_limit: desired.resources.memory,
+            cpu_millis: desired.resources.cpu,
+        };
+        let mut step = 0u32;
+        loop {
+            r.status.started_at_ms = Some(now_ms());
+            r.status.exit_code = None;
+            r.status.backoff_ms = None;
+            r.phase(Phase::Running, None).await;
+            let t0 = Instant::now();
+            let exit = shared
+                .runtime
+                .run(module.clone(), spec.clone(), log.clone(), cancel.clone())
+                .await;
+            let (success, code, reason) = match exit {
+                Exit::Cancelled => return,
+                Exit::Success => (true, Some(0), "completed (exit status 0)".to_string()),
+                Exit::Failure { code, reason } => (false, code, reason),
+            };
+            r.status.exit_code = code;
+            let (next, next_step) =
+                after_exit(&desired.restart, success, step, t0.elapsed(), rand::random::<f64>());
+            step = next_step;
+            match next {
+                AfterExit::Stay => {
+                    let phase = if success { Phase::Succeeded } else { Phase::Failed };
+                    log.system(&format!("{reason}; restart policy {:?}: not restarting", desired.restart.policy));
+                    r.phase(phase, Some(reason)).await;
+                    cancel.cancelled().await;
+                    return;
+                }
+                AfterExit::Restart(delay) => {
+                    let ms = delay.as_millis() as u64;
+                    log.system(&format!("{reason}; restarting in {ms}ms"));
+                    r.status.backoff_ms = Some(ms);
+                    r.phase(Phase::CrashLoopBackOff, Some(format!("{reason}; restarting in {ms}ms")))
+                        .await;
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    r.status.restarts += 1;
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fetch::FetchError;
+    use crate::runtime::{Prepared, RuntimeError};
+    use shoal_api::ids::{Digest, WorkloadName};
+    use shoal_api::workload::{Resources, Restart, RestartPolicy};
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    #[derive(Debug)]
+    struct FakeModule;
+    impl Prepared for FakeModule {}
+
+    /// Replays a scripted list of exits.
+    struct FakeRuntime {
+        exits: Mutex<VecDeque<Exit>>,
+    }
+    impl WorkloadRuntime for FakeRuntime {
+        type Module = FakeModule;
+        async fn prepare(&self, _d: &Digest, _p: PathBuf) -> Result<Arc<FakeModule>, RuntimeError> {
+            Ok(Arc::new(FakeModule))
+        }
+        async fn run(&self, _m: Arc<FakeModule>, _s: RunSpec, _l: LogSink, cancel: CancellationToken) -> Exit {
+            let next = self.exits.lock().unwrap().pop_front();
+            match next {
+                Some(e) => e,
+                None => {
+                    cancel.cancelled().await;
+                    Exit::Cancelled
+                }
+            }
+        }
+    }
+
+    #[derive(Clone)]
+    struct FakeSource;
+    impl ModuleSource for FakeSource {
+        async fn fetch(&self, _b: &str, _d: &Digest) -> Result<PathBuf, FetchError> {
+            Ok(PathBuf::from("/dev/null"))
+        }
+    }
+
+    fn desired(policy: RestartPolicy) -> DesiredWorkload {
+        DesiredWorkload {
+            name: WorkloadName::try_from("w").unwrap(),
+            replica: 0,
+            revision: "r".into(),
+            module: Digest::of(b"m"),
+            args: vec![],
+            env: Default::default(),
+            resources: Resources { memory: 1 << 20, cpu: None },
+            restart: Restart { policy, initial_backoff_ms: 10, max_backoff_ms: 40 },
+        }
+    }
+
+    async fn phases(policy: RestartPolicy, exits: Vec<Exit>, until: Phase) -> Vec<(Phase, u32, Option<u64>)> {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        let shared = Shared {
+            runtime: Arc::new(FakeRuntime { exits: Mutex::new(exits.into()) }),
+            source: FakeSource,
+            logs_dir: dir.path().to_path_buf(),
+            updates: tx,
+        };
+        let cancel = CancellationToken::new();
+        let h = tokio::spawn(supervise(shared, desired(policy), "http://x".into(), 1, cancel.clone()));
+        let mut seen = Vec::new();
+        while let Some(u) = rx.recv().await {
+            seen.push((u.status.phase, u.status.restarts, u.status.backoff_ms));
+            if u.status.phase == until && seen.iter().filter(|s| s.0 == until).count() >= 1 {
+                break;
+            }
+        }
+        cancel.cancel();
+        h.await.unwrap();
+        seen
+    }
+
+    fn fail() -> Exit {
+        Exit::Failure { code: Some(1), reason: "exited with status 1".into() }
+    }
+
+    #[tokio::test]
+    async fn crash_loop_backs_off_exponentially_then_runs() {
+        let seen = phases(RestartPolicy::Always, vec![fail(), fail(), fail()], Phase::Running).await;
+        let backoffs: Vec<u64> = seen.iter().filter_map(|s| s.2.filter(|_| s.0 == Phase::CrashLoopBackOff)).collect();
+        assert_eq!(backoffs.len(), 3, "{seen:?}");
+        assert!(backoffs[0] >= 10 && backoffs[0] <= 11, "{backoffs:?}");
+        assert!(backoffs[1] >= 20 && backoffs[1] <= 22, "{backoffs:?}");
+        assert!(backoffs[2] >= 40 && backoffs[2] <= 44, "{backoffs:?}");
+        assert_eq!(seen.iter().map(|s| s.1).max(), Some(3), "three restarts counted");
+    }
+
+    #[tokio::test]
+    async fn policies_end_in_terminal_phases() {
+        let seen = phases(RestartPolicy::Never, vec![fail()], Phase::Failed).await;
+        assert_eq!(seen.last().unwrap().0, Phase::Failed);
+        let seen = phases(RestartPolicy::OnFailure, vec![Exit::Success], Phase::Succeeded).await;
+        assert_eq!(seen.last().unwrap().0, Phase::Succeeded);
+        let order: Vec<Phase> = seen.iter().map(|s| s.0).collect();
+        assert_eq!(order, vec![Phase::Pulling, Phase::Starting, Phase::Running, Phase::Succeeded]);
+    }
+}
