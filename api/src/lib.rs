@@ -17,6 +17,7 @@ pub mod messages;
 pub mod quantity;
 pub mod topics;
 pub mod views;
+pub mod wasm;
 pub mod workload;
 
 /// The protocol generation spoken on the bus; it is also the `v1` in every topic.

@@ -179,13 +179,16 @@ impl Hub {
     }
 }
 
-/// Reads and validates a module file, then uploads it.
+/// Reads a module file and checks that it is valid WASM; the error is the reason only.
+fn read_module(file: &Path) -> Result<Vec<u8>, String> {
+    let bytes = std::fs::read(file).map_err(|e| format!("cannot read the file: {e}"))?;
+    shoal_api::wasm::validate(&bytes).map_err(|e| format!("not a valid wasm module or component: {e}"))?;
+    Ok(bytes)
+}
+
+/// `shoal push`: validates and uploads a module, returning its digest.
 async fn push(hub: &Hub, file: &Path) -> anyhow::Result<String> {
-    let bytes = std::fs::read(file).with_context(|| format!("cannot read module {:?}", file.display().to_string()))?;
-    let mut v = wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all());
-    if let Err(e) = v.validate_all(&bytes) {
-        bail!("module {:?} is not a valid wasm module or component: {e}", file.display().to_string());
-    }
+    let bytes = read_module(file).map_err(|e| anyhow::anyhow!("module {:?}: {e}", file.display().to_string()))?;
     Ok(hub.put_blob(bytes).await?.digest)
 }
 
@@ -216,8 +219,11 @@ async fn apply(broker: &BrokerUrl, hub: &Hub, file: &Path, timeout: Duration, ou
     let mut errors = Vec::new();
     for ((w, m), (doc, name)) in workloads.iter().zip(manifests.iter_mut()).zip(&positions) {
         if let ModuleRef::Path(p) = &w.module {
-            let path = base_dir.join(p);
-            match push(hub, &path).await {
+            let uploaded = match read_module(&base_dir.join(p)) {
+                Ok(bytes) => hub.put_blob(bytes).await.map(|b| b.digest).map_err(|e| format!("{e:#}")),
+                Err(e) => Err(e),
+            };
+            match uploaded {
                 Ok(digest) => {
                     if let Some(wasm) = m.spec.wasm.as_mut() {
                         wasm.module = digest;
@@ -226,7 +232,7 @@ async fn apply(broker: &BrokerUrl, hub: &Hub, file: &Path, timeout: Duration, ou
                 Err(e) => errors.push(ManifestError {
                     document: *doc,
                     workload: Some(name.clone()),
-                    message: format!("spec.wasm.module {p:?}: {e:#}"),
+                    message: format!("spec.wasm.module {p:?}: {e}"),
                 }),
             }
         }
@@ -289,6 +295,21 @@ async fn publish_apply(broker: &BrokerUrl, payload: String, timeout: Duration) -
     }
 }
 
+/// Memory for tables: exact quantities as written in manifests (`16Mi`), others rounded
+/// (`23.5Gi`).
+fn human_memory(bytes: u64) -> String {
+    let exact = format_memory(bytes);
+    if exact.len() <= 6 {
+        return exact;
+    }
+    for (suf, m) in [("Gi", (1u64 << 30) as f64), ("Mi", (1u64 << 20) as f64), ("Ki", 1024.0)] {
+        if bytes as f64 >= m {
+            return format!("{:.1}{suf}", bytes as f64 / m);
+        }
+    }
+    exact
+}
+
 fn ago(ms: u64) -> String {
     let now = shoal_api::messages::now_ms();
     if ms == 0 {
@@ -316,8 +337,8 @@ fn print_devices(devices: &[DeviceView], output: Output) -> anyhow::Result<()> {
             d.arch.clone(),
             d.runtimes.join(","),
             d.cpus.to_string(),
-            format_memory(d.memory),
-            format_memory(d.memory_allocated),
+            human_memory(d.memory),
+            human_memory(d.memory_allocated),
             d.replicas.to_string(),
             format!("{}/{}", d.observed_generation, d.desired_generation),
             ago(d.last_seen_ms),

@@ -81,7 +81,7 @@ impl BlobStore {
         }
         let verdict = match self.read(d) {
             Err(e) => return Err(e.to_string()),
-            Ok(bytes) => validate_wasm_bytes(&bytes),
+            Ok(bytes) => shoal_api::wasm::validate(&bytes),
         };
         self.lock().insert(d.clone(), verdict.clone());
         verdict
@@ -121,12 +121,6 @@ impl BlobStore {
         }
         errs
     }
-}
-
-/// Validates WASM bytes (core module or component) with every proposal wasmtime may enable.
-pub fn validate_wasm_bytes(bytes: &[u8]) -> Result<(), String> {
-    let mut v = wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all());
-    v.validate_all(bytes).map(|_| ()).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -1,1 +1,332 @@
-//! placeholder
+//! Harness for Shoal's end-to-end tests: starts the real `shoal-hub`, `shoal-agent` and
+//! `shoal` binaries (and Debian's mosquitto) as processes on loopback, and cleans them up.
+//!
+//! Binaries are taken from `SHOAL_BIN_DIR`, or from the cargo target directory this test runs
+//! from (so `cargo build --workspace` must come first; the README test command does it).
+//! Example modules come from `SHOAL_MODULES_DIR` or `modules/dist` (built by
+//! `scripts/build-modules.sh`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("SHOAL_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    // target/debug/deps/<test binary> → target/debug
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.is_file(),
+        "{} not found: run `cargo build --workspace` first (or set SHOAL_BIN_DIR)",
+        p.display()
+    );
+    p
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Path of an example module (`hello.wasm`, `ticker.wasm`, `probe.wasm`).
+pub fn module(name: &str) -> PathBuf {
+    let dir = std::env::var("SHOAL_MODULES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo_root().join("modules").join("dist"));
+    let p = dir.join(name);
+    assert!(p.is_file(), "{} not found: run scripts/build-modules.sh first", p.display());
+    p
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Result<Proc> {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .env("SHOAL_LOG", "info,rumqttd=warn")
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        Ok(Proc { name: name.to_string(), child: Some(child), log })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGKILL: no chance to clean up (crash test).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status success.
+    pub fn terminate(&mut self, within: Duration) -> Result<bool> {
+        let Some(mut c) = self.child.take() else { return Ok(true) };
+        Command::new("kill").args(["-TERM", &c.id().to_string()]).status()?;
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = c.try_wait()? {
+                return Ok(st.success());
+            }
+            if t0.elapsed() > within {
+                let _ = c.kill();
+                let _ = c.wait();
+                bail!("{} did not exit within {within:?} of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A hub (embedded broker unless `broker` is given).
+pub struct Hub {
+    pub proc: Proc,
+    pub mqtt: u16,
+    pub http: u16,
+    pub broker_url: String,
+    pub data_dir: PathBuf,
+}
+
+impl Hub {
+    pub fn start(dir: &Path, external_broker: Option<&str>) -> Result<Hub> {
+        Self::start_on(dir, external_broker, free_port(), free_port())
+    }
+
+    pub fn start_on(dir: &Path, external_broker: Option<&str>, mqtt: u16, http: u16) -> Result<Hub> {
+        let data_dir = dir.join("hub");
+        let mut cmd = Command::new(bin("shoal-hub"));
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--http-listen")
+            .arg(format!("127.0.0.1:{http}"))
+            .arg("--mqtt-listen")
+            .arg(format!("127.0.0.1:{mqtt}"));
+        let broker_url = match external_broker {
+            Some(b) => {
+                cmd.arg("--broker").arg(b);
+                b.to_string()
+            }
+            None => format!("mqtt://127.0.0.1:{mqtt}"),
+        };
+        let proc = Proc::spawn("shoal-hub", &mut cmd, dir.join("hub.log"))?;
+        let hub = Hub { proc, mqtt, http, broker_url, data_dir };
+        wait_until(Duration::from_secs(20), "hub HTTP API up", || {
+            Ok(hub.shoal(&["get", "devices"]).status.success().then_some(()))
+        })?;
+        Ok(hub)
+    }
+
+    pub fn hub_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http)
+    }
+
+    /// Runs the `shoal` CLI against this hub.
+    pub fn shoal(&self, args: &[&str]) -> Output {
+        self.shoal_in(args, None)
+    }
+
+    pub fn shoal_in(&self, args: &[&str], cwd: Option<&Path>) -> Output {
+        let mut c = Command::new(bin("shoal"));
+        c.args(args).env("SHOAL_BROKER", &self.broker_url).env("SHOAL_HUB", self.hub_url());
+        if let Some(d) = cwd {
+            c.current_dir(d);
+        }
+        c.output().expect("run shoal")
+    }
+
+    pub fn json(&self, args: &[&str]) -> Result<Value> {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        let out = self.shoal(&a);
+        if !out.status.success() {
+            bail!("shoal {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    pub fn apply(&self, manifest: &Path) -> Result<String> {
+        let out = self.shoal(&["apply", "-f", manifest.to_str().unwrap()]);
+        if !out.status.success() {
+            bail!("apply failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `shoal get workloads -o json`, as a map name → workload.
+    pub fn workloads(&self) -> Result<Vec<Value>> {
+        Ok(self.json(&["get", "workloads"])?.as_array().cloned().unwrap_or_default())
+    }
+
+    pub fn workload(&self, name: &str) -> Result<Option<Value>> {
+        Ok(self.workloads()?.into_iter().find(|w| w["name"] == name))
+    }
+
+    /// Waits until every replica of `name` is `Running`, returning the workload view.
+    pub fn wait_running(&self, name: &str, replicas: usize, within: Duration) -> Result<Value> {
+        wait_until(within, &format!("{name}: {replicas} replicas Running"), || {
+            let Some(w) = self.workload(name)? else { return Ok(None) };
+            let reps = w["replicas"].as_array().cloned().unwrap_or_default();
+            let running = reps.iter().filter(|r| r["phase"] == "Running").count();
+            Ok((reps.len() == replicas && running == replicas).then_some(w))
+        })
+    }
+
+    pub fn devices(&self) -> Result<Vec<Value>> {
+        Ok(self.json(&["get", "devices"])?.as_array().cloned().unwrap_or_default())
+    }
+
+    pub fn wait_devices_online(&self, n: usize, within: Duration) -> Result<()> {
+        wait_until(within, &format!("{n} devices online"), || {
+            let online = self.devices()?.iter().filter(|d| d["online"] == true).count();
+            Ok((online == n).then_some(()))
+        })
+    }
+}
+
+pub struct Agent {
+    pub proc: Proc,
+    pub id: String,
+    pub data_dir: PathBuf,
+}
+
+impl Agent {
+    pub fn start(dir: &Path, id: &str, labels: &str, broker: &str) -> Result<Agent> {
+        let data_dir = dir.join(id);
+        let mut cmd = Command::new(bin("shoal-agent"));
+        cmd.arg("run")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--device-id")
+            .arg(id)
+            .arg("--labels")
+            .arg(labels)
+            .arg("--broker")
+            .arg(broker)
+            .arg("--memory")
+            .arg("1Gi");
+        let proc = Proc::spawn(id, &mut cmd, dir.join(format!("{id}.log")))?;
+        Ok(Agent { proc, id: id.to_string(), data_dir })
+    }
+
+    /// The workload log of a replica on this device (`{workload}-{replica}`).
+    pub fn workload_log(&self, instance: &str) -> String {
+        std::fs::read_to_string(self.data_dir.join("logs").join(format!("{instance}.log"))).unwrap_or_default()
+    }
+}
+
+/// Debian's mosquitto on a private loopback port, no persistence.
+pub struct Mosquitto {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl Mosquitto {
+    pub fn start(dir: &Path) -> Result<Mosquitto> {
+        Self::start_on(dir, free_port())
+    }
+
+    pub fn start_on(dir: &Path, port: u16) -> Result<Mosquitto> {
+        let exe = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).is_file())
+            .context("mosquitto is not installed (apt-get install mosquitto)")?;
+        let conf = dir.join(format!("mosquitto-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_packet_size 8388608\n"),
+        )?;
+        let proc = Proc::spawn("mosquitto", Command::new(exe).arg("-c").arg(&conf), dir.join(format!("mosquitto-{port}.log")))?;
+        wait_until(Duration::from_secs(10), "mosquitto listening", || {
+            Ok(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok().then_some(()))
+        })?;
+        Ok(Mosquitto { proc, port })
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+/// Reads the retained message on `topic` with `mosquitto_sub` (None if there is none).
+pub fn retained(port: u16, topic: &str) -> Result<Option<String>> {
+    let out = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic, "-C", "1", "-W", "2", "--retained-only"])
+        .output()
+        .context("mosquitto_sub is not installed (apt-get install mosquitto-clients)")?;
+    let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    Ok((!s.is_empty()).then_some(s))
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, or fails after `within`.
+pub fn wait_until<T>(within: Duration, what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let t0 = Instant::now();
+    let mut last_err = None;
+    loop {
+        match f() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if t0.elapsed() > within {
+            bail!("timed out after {within:?} waiting for {what} (last error: {last_err:?})");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Writes a manifest file into `dir`.
+pub fn write_manifest(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// Counts lines of `log` that start with `prefix`.
+pub fn count_lines(log: &str, prefix: &str) -> usize {
+    log.lines().filter(|l| l.starts_with(prefix)).count()
+}
+
+/// CPU time (user + system) of a process in seconds, from /proc.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the ")" of the command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("bad /proc stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    Ok(ticks / 100.0)
+}

@@ -1,0 +1,31 @@
+//! WASM binary validation shared by the CLI (before upload) and the hub (at apply), so both
+//! reject a bad module with the same words.
+
+/// `Ok` if `bytes` is a valid WASM core module or component (any proposal wasmtime may enable).
+/// The error is one line, for people.
+pub fn validate(bytes: &[u8]) -> Result<(), String> {
+    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+        return Err("not a WebAssembly binary (it does not start with the \\0asm magic number)".to_string());
+    }
+    let mut v = wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all());
+    v.validate_all(bytes).map(|_| ()).map_err(|e| {
+        let msg = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+        format!("{msg} (at byte offset {:#x})", e.offset())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_table() {
+        assert_eq!(validate(b"\0asm\x01\0\0\0"), Ok(()));
+        assert!(validate(b"hello world").unwrap_err().starts_with("not a WebAssembly binary"));
+        // Right magic, unknown version.
+        let e = validate(b"\0asm\x09\0\0\0").unwrap_err();
+        assert!(e.contains("at byte offset"), "{e}");
+        // Truncated section.
+        assert!(validate(b"\0asm\x01\0\0\0\x01\x05").is_err());
+    }
+}

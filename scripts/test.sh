@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The test command (README, and what .ci/run calls): installs what it needs, checks
+# formatting and lints, builds everything, runs the unit tests and the end-to-end tests.
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+cd "$REPO_ROOT"
+scripts/install-deps.sh
+scripts/build-modules.sh
+echo "== fmt";    cargo fmt --all -- --check
+echo "== clippy"; cargo clippy --workspace --all-targets -q -- -D warnings
+echo "== build";  cargo build --workspace -q
+echo "== unit tests"
+cargo test --workspace --exclude shoal-e2e -q
+echo "== end-to-end tests (real hub, agents, mosquitto)"
+# One at a time: they start processes and one measures CPU shares.
+cargo test -p shoal-e2e -q -- --test-threads=1

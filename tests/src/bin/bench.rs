@@ -1,0 +1,146 @@
+//! `shoal-bench`: measures the walking skeleton's figures against a baseline run side by side.
+//! Run it through `scripts/bench.sh` (release builds); results go to stdout as Markdown.
+//!
+//! - apply → Running latency for a cached module: publish a manifest with a new workload on
+//!   `shoal/v1/apply/{req}`, stop the clock when the device's retained status shows it
+//!   `Running`. Baseline: one MQTT QoS 1 hop through the same broker (publish → delivery to a
+//!   subscriber), measured in the same run; the protocol floor is three hops.
+//! - agent idle RSS with the engine loaded, and release binary sizes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use anyhow::{bail, Context, Result};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use shoal_e2e::*;
+use std::time::{Duration, Instant};
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
+    Ok(line.split_whitespace().nth(1).context("bad VmRSS")?.parse()?)
+}
+
+struct Mqtt {
+    client: AsyncClient,
+    events: rumqttc::EventLoop,
+}
+
+impl Mqtt {
+    async fn connect(port: u16, id: &str) -> Result<Mqtt> {
+        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        o.set_max_packet_size(8 << 20, 8 << 20);
+        let (client, mut events) = AsyncClient::new(o, 64);
+        loop {
+            if let Event::Incoming(Packet::ConnAck(_)) = events.poll().await? {
+                break;
+            }
+        }
+        Ok(Mqtt { client, events })
+    }
+
+    async fn subscribe(&mut self, topic: &str) -> Result<()> {
+        self.client.subscribe(topic, QoS::AtLeastOnce).await?;
+        loop {
+            if let Event::Incoming(Packet::SubAck(_)) = self.events.poll().await? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Waits for a publish on `topic` whose payload satisfies `done`.
+    async fn wait(&mut self, topic: &str, done: impl Fn(&[u8]) -> bool) -> Result<()> {
+        loop {
+            if let Event::Incoming(Packet::Publish(p)) = self.events.poll().await? {
+                if p.topic == topic && done(&p.payload) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+fn running(payload: &[u8], name: &str) -> bool {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else { return false };
+    v["workloads"]
+        .as_array()
+        .is_some_and(|ws| ws.iter().any(|w| w["name"] == name && w["phase"] == "Running"))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let n: usize = std::env::var("SHOAL_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let dir = tempfile::tempdir()?;
+    let hub = Hub::start(dir.path(), None)?;
+    let agent = Agent::start(dir.path(), "bench-1", "", &hub.broker_url)?;
+    hub.wait_devices_online(1, Duration::from_secs(20))?;
+    let out = hub.shoal(&["push", module("probe.wasm").to_str().unwrap()]);
+    if !out.status.success() {
+        bail!("push failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let digest = String::from_utf8(out.stdout)?.trim().to_string();
+
+    let mut m = Mqtt::connect(hub.mqtt, "bench").await?;
+    let status_topic = "shoal/v1/devices/bench-1/status";
+    m.subscribe(status_topic).await?;
+    m.subscribe("bench/echo").await?;
+
+    // Baseline: one QoS 1 hop through the same broker.
+    let mut hop = Vec::new();
+    for i in 0..n {
+        let t0 = Instant::now();
+        m.client.publish("bench/echo", QoS::AtLeastOnce, false, i.to_string()).await?;
+        let want = i.to_string();
+        m.wait("bench/echo", |p| p == want.as_bytes()).await?;
+        hop.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+
+    let manifest = |name: &str| {
+        format!(
+            "apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: {name} }}\nspec:\n  wasm: {{ module: \"{digest}\" }}\n  args: [heartbeat, \"1000\"]\n  resources: {{ memory: 16Mi }}\n"
+        )
+    };
+    // Warm-up: the first run downloads and compiles the module.
+    let t0 = Instant::now();
+    m.client.publish("shoal/v1/apply/warm", QoS::AtLeastOnce, false, manifest("warm")).await?;
+    tokio::time::timeout(Duration::from_secs(60), m.wait(status_topic, |p| running(p, "warm"))).await??;
+    let cold_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let rss_idle_loaded = rss_kib(agent.proc.pid())?;
+
+    let mut lat = Vec::new();
+    for i in 0..n {
+        let name = format!("b{i}");
+        let t0 = Instant::now();
+        m.client
+            .publish(format!("shoal/v1/apply/r{i}"), QoS::AtLeastOnce, false, manifest(&name))
+            .await?;
+        tokio::time::timeout(Duration::from_secs(10), m.wait(status_topic, |p| running(p, &name))).await??;
+        lat.push(t0.elapsed().as_secs_f64() * 1000.0);
+        // Delete it again (not timed) so every iteration starts one replica.
+        let out = hub.shoal(&["delete", "workload", &name]);
+        if !out.status.success() {
+            bail!("delete failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    lat.sort_by(f64::total_cmp);
+    hop.sort_by(f64::total_cmp);
+    let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
+    let (h50, h99) = (percentile(&hop, 0.5), percentile(&hop, 0.99));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_after = rss_kib(agent.proc.pid())?;
+
+    let size = |name: &str| std::fs::metadata(bin(name)).map(|m| m.len()).unwrap_or(0);
+    println!("| figure | value | baseline (same run) | ratio |");
+    println!("|---|---|---|---|");
+    println!("| apply → Running p50 (n={n}) | {p50:.2} ms | 3 MQTT hops p50 {:.2} ms | {:.1}× |", 3.0 * h50, p50 / (3.0 * h50));
+    println!("| apply → Running p99 (n={n}) | {p99:.2} ms | 3 MQTT hops p99 {:.2} ms | {:.1}× |", 3.0 * h99, p99 / (3.0 * h99));
+    println!("| one MQTT QoS 1 hop p50 / p99 | {h50:.3} / {h99:.3} ms | | |");
+    println!("| first apply → Running (download + compile) | {cold_ms:.0} ms | | |");
+    println!("| agent RSS, engine loaded, one replica | {:.1} MiB | | |", rss_idle_loaded as f64 / 1024.0);
+    println!("| agent RSS after {n} replicas came and went (1 running) | {:.1} MiB | | |", rss_after as f64 / 1024.0);
+    println!("| shoal-agent binary ({}) | {:.1} MiB | shoal-hub {:.1} MiB | |", bin_dir().display(), size("shoal-agent") as f64 / 1048576.0, size("shoal-hub") as f64 / 1048576.0);
+    Ok(())
+}
