@@ -36,9 +36,11 @@ impl FromStr for BrokerUrl {
         }
         let (host, port) = match rest.rsplit_once(':') {
             // `[::1]:1883` or `host:1883`; a bare IPv6 address needs brackets.
-            Some((h, p)) if !h.is_empty() && (!h.contains(':') || h.starts_with('[')) => {
-                (h, p.parse::<u16>().map_err(|_| err("port must be a number 1-65535"))?)
-            }
+            Some((h, p)) if !h.is_empty() && (!h.contains(':') || h.starts_with('[')) => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| err("port must be a number 1-65535"))?,
+            ),
             _ => (rest, 1883),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -75,8 +77,18 @@ mod tests {
         assert_eq!((u.host.as_str(), u.port), ("127.0.0.1", 1884));
         assert_eq!("mqtt://hub.local".parse::<BrokerUrl>().unwrap().port, 1883);
         assert_eq!("tcp://h:1/".parse::<BrokerUrl>().unwrap().port, 1);
-        assert_eq!("mqtt://[::1]:1883".parse::<BrokerUrl>().unwrap().host, "::1");
-        for bad in ["127.0.0.1:1883", "mqtt://", "mqtt://h:x", "mqtt://h:0", "http://h:1", "mqtt://h:1/a"] {
+        assert_eq!(
+            "mqtt://[::1]:1883".parse::<BrokerUrl>().unwrap().host,
+            "::1"
+        );
+        for bad in [
+            "127.0.0.1:1883",
+            "mqtt://",
+            "mqtt://h:x",
+            "mqtt://h:0",
+            "http://h:1",
+            "mqtt://h:1/a",
+        ] {
             assert!(bad.parse::<BrokerUrl>().is_err(), "{bad}");
         }
         assert_eq!(u.to_string(), "mqtt://127.0.0.1:1884");

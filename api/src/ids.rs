@@ -46,7 +46,11 @@ fn check_dns_label(kind: &'static str, s: &str) -> Result<(), IdError> {
         ));
     }
     if s.starts_with('-') || s.ends_with('-') {
-        return Err(invalid(kind, s, "must start and end with a letter or digit"));
+        return Err(invalid(
+            kind,
+            s,
+            "must start and end with a letter or digit",
+        ));
     }
     Ok(())
 }
@@ -117,11 +121,7 @@ pub fn check_label_key(key: &str) -> Result<(), IdError> {
     let name = match key.rsplit_once('/') {
         Some((prefix, name)) => {
             if prefix.is_empty() || prefix.len() > 253 {
-                return Err(invalid(
-                    "label key",
-                    key,
-                    "prefix must be 1-253 characters",
-                ));
+                return Err(invalid("label key", key, "prefix must be 1-253 characters"));
             }
             if !prefix
                 .bytes()
@@ -212,7 +212,10 @@ impl Digest {
     /// The digest of `bytes`.
     pub fn of(bytes: &[u8]) -> Self {
         use sha2::Digest as _;
-        Self(format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes))))
+        Self(format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(bytes))
+        ))
     }
     /// The 64 hex characters, without the `sha256:` prefix (safe as a file name).
     pub fn hex(&self) -> &str {
@@ -229,7 +232,11 @@ impl TryFrom<String> for Digest {
         let Some(hex) = s.strip_prefix("sha256:") else {
             return Err(invalid("digest", &s, "must start with \"sha256:\""));
         };
-        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if hex.len() != 64
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(invalid(
                 "digest",
                 &s,

@@ -98,7 +98,11 @@ pub struct ManifestError {
 impl std::fmt::Display for ManifestError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.workload {
-            Some(w) => write!(f, "document {} (workload {w:?}): {}", self.document, self.message),
+            Some(w) => write!(
+                f,
+                "document {} (workload {w:?}): {}",
+                self.document, self.message
+            ),
             None => write!(f, "document {}: {}", self.document, self.message),
         }
     }

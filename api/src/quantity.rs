@@ -23,7 +23,8 @@ fn err(kind: &'static str, value: &str, reason: &'static str) -> QuantityError {
     }
 }
 
-const MEMORY_HINT: &str = "expected a number of bytes with an optional suffix Ki, Mi, Gi, k, M or G (e.g. 16Mi)";
+const MEMORY_HINT: &str =
+    "expected a number of bytes with an optional suffix Ki, Mi, Gi, k, M or G (e.g. 16Mi)";
 
 /// Parses a memory quantity into bytes.
 pub fn parse_memory(s: &str) -> Result<u64, QuantityError> {
@@ -42,7 +43,9 @@ pub fn parse_memory(s: &str) -> Result<u64, QuantityError> {
     if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
         return Err(err("memory", s, MEMORY_HINT));
     }
-    let n: u64 = num.parse().map_err(|_| err("memory", s, "number too large"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| err("memory", s, "number too large"))?;
     let bytes = n
         .checked_mul(mult)
         .ok_or_else(|| err("memory", s, "number too large"))?;
@@ -55,7 +58,7 @@ pub fn parse_memory(s: &str) -> Result<u64, QuantityError> {
 /// Formats bytes the way a person writes them (`16Mi`, `1536Ki`, `100`).
 pub fn format_memory(bytes: u64) -> String {
     for (suf, m) in [("Gi", 1u64 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
-        if bytes >= m && bytes % m == 0 {
+        if bytes >= m && bytes.is_multiple_of(m) {
             return format!("{}{suf}", bytes / m);
         }
     }
@@ -104,7 +107,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, QuantityError> {
     if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
         return Err(err("duration", s, HINT));
     }
-    let n: u64 = num.parse().map_err(|_| err("duration", s, "number too large"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| err("duration", s, "number too large"))?;
     let ms = n
         .checked_mul(unit_ms)
         .ok_or_else(|| err("duration", s, "number too large"))?;
@@ -127,7 +132,15 @@ mod tests {
         ] {
             assert_eq!(parse_memory(s), Ok(want), "{s}");
         }
-        for s in ["", "Mi", "1.5Mi", "16MB", "-1", "0", "99999999999999999999Gi"] {
+        for s in [
+            "",
+            "Mi",
+            "1.5Mi",
+            "16MB",
+            "-1",
+            "0",
+            "99999999999999999999Gi",
+        ] {
             assert!(parse_memory(s).is_err(), "{s}");
         }
         assert_eq!(format_memory(16 << 20), "16Mi");

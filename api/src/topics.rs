@@ -89,6 +89,9 @@ mod tests {
         assert_eq!(classify("shoal/v1/apply/"), None);
         let d = DeviceId::try_from("e1").unwrap();
         assert_eq!(classify(&hello(&d)), Some(Inbound::Hello("e1".into())));
-        assert_eq!(classify(&presence(&d)), Some(Inbound::Presence("e1".into())));
+        assert_eq!(
+            classify(&presence(&d)),
+            Some(Inbound::Presence("e1".into()))
+        );
     }
 }

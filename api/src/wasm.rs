@@ -5,7 +5,9 @@
 /// The error is one line, for people.
 pub fn validate(bytes: &[u8]) -> Result<(), String> {
     if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
-        return Err("not a WebAssembly binary (it does not start with the \\0asm magic number)".to_string());
+        return Err(
+            "not a WebAssembly binary (it does not start with the \\0asm magic number)".to_string(),
+        );
     }
     let mut v = wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all());
     v.validate_all(bytes).map(|_| ()).map_err(|e| {
@@ -21,7 +23,9 @@ mod tests {
     #[test]
     fn validation_table() {
         assert_eq!(validate(b"\0asm\x01\0\0\0"), Ok(()));
-        assert!(validate(b"hello world").unwrap_err().starts_with("not a WebAssembly binary"));
+        assert!(validate(b"hello world")
+            .unwrap_err()
+            .starts_with("not a WebAssembly binary"));
         // Right magic, unknown version.
         let e = validate(b"\0asm\x09\0\0\0").unwrap_err();
         assert!(e.contains("at byte offset"), "{e}");

@@ -108,7 +108,8 @@ impl Workload {
             restart: &self.restart,
         };
         // Serializing plain structs and BTreeMaps cannot fail; fall back to Debug regardless.
-        let bytes = serde_json::to_vec(&input).unwrap_or_else(|_| format!("{input:?}").into_bytes());
+        let bytes =
+            serde_json::to_vec(&input).unwrap_or_else(|_| format!("{input:?}").into_bytes());
         Digest::of(&bytes).hex()[..12].to_string()
     }
 
@@ -142,7 +143,10 @@ impl TryFrom<WorkloadManifest> for Workload {
             ));
         }
         if m.kind != "Workload" {
-            errs.push(format!("kind {:?} is not supported: expected \"Workload\"", m.kind));
+            errs.push(format!(
+                "kind {:?} is not supported: expected \"Workload\"",
+                m.kind
+            ));
         }
         let name = WorkloadName::try_from(m.metadata.name.as_str())
             .map_err(|e| errs.push(format!("metadata.name: {e}")))
@@ -166,7 +170,9 @@ impl TryFrom<WorkloadManifest> for Workload {
             }
             (Some(0), None) => Some(Placement::Replicas(0)),
             (Some(n), None) if n > MAX_REPLICAS => {
-                errs.push(format!("spec.replicas {n} is invalid: must be at most {MAX_REPLICAS}"));
+                errs.push(format!(
+                    "spec.replicas {n} is invalid: must be at most {MAX_REPLICAS}"
+                ));
                 None
             }
             (Some(n), None) => Some(Placement::Replicas(n)),
@@ -191,7 +197,9 @@ impl TryFrom<WorkloadManifest> for Workload {
         }
         for (k, v) in &spec.env {
             if v.contains('\0') {
-                errs.push(format!("spec.env.{k}: value {v:?} is invalid: must not contain NUL"));
+                errs.push(format!(
+                    "spec.env.{k}: value {v:?} is invalid: must not contain NUL"
+                ));
             }
         }
         for a in &spec.args {
@@ -253,7 +261,11 @@ fn module_ref(module: &str, sha256: Option<&str>, errs: &mut Vec<String>) -> Opt
     let expected = match sha256 {
         None => None,
         Some(s) => {
-            let full = if s.starts_with("sha256:") { s.to_string() } else { format!("sha256:{s}") };
+            let full = if s.starts_with("sha256:") {
+                s.to_string()
+            } else {
+                format!("sha256:{s}")
+            };
             match full.parse::<Digest>() {
                 Ok(d) => Some(d),
                 Err(e) => {
@@ -314,8 +326,18 @@ fn restart(r: crate::manifest::Restart, errs: &mut Vec<String>) -> Option<Restar
             .map_err(|e| errs.push(format!("{field}: {e}")))
             .ok(),
     };
-    let initial = dur("spec.restart.backoff.initial", b.initial.as_deref(), DEFAULT_BACKOFF_INITIAL, errs);
-    let max = dur("spec.restart.backoff.max", b.max.as_deref(), DEFAULT_BACKOFF_MAX, errs);
+    let initial = dur(
+        "spec.restart.backoff.initial",
+        b.initial.as_deref(),
+        DEFAULT_BACKOFF_INITIAL,
+        errs,
+    );
+    let max = dur(
+        "spec.restart.backoff.max",
+        b.max.as_deref(),
+        DEFAULT_BACKOFF_MAX,
+        errs,
+    );
     let (initial, max) = (initial?, max?);
     if initial < Duration::from_millis(10) {
         errs.push(format!(
@@ -420,7 +442,13 @@ spec:
         let ws = parse_workloads(GOOD).unwrap();
         assert_eq!(ws.len(), 2);
         assert_eq!(ws[0].placement, Placement::Replicas(2));
-        assert_eq!(ws[0].resources, Resources { memory: 16 << 20, cpu: Some(100) });
+        assert_eq!(
+            ws[0].resources,
+            Resources {
+                memory: 16 << 20,
+                cpu: Some(100)
+            }
+        );
         assert_eq!(ws[0].restart.policy, RestartPolicy::OnFailure);
         assert_eq!(ws[0].restart.initial_backoff_ms, 200);
         assert_eq!(ws[1].placement, Placement::Every);
@@ -463,13 +491,19 @@ spec:
         let errs = parse_workloads(bad).unwrap_err();
         let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
         assert_eq!(text.len(), 9, "{text:#?}");
-        assert!(text.iter().all(|t| t.starts_with("document 1 (workload \"Bad_Name\")")));
+        assert!(text
+            .iter()
+            .all(|t| t.starts_with("document 1 (workload \"Bad_Name\")")));
     }
 
     #[test]
     fn policy_table() {
         use RestartPolicy::*;
-        for (p, ok, fail) in [(Always, true, true), (OnFailure, false, true), (Never, false, false)] {
+        for (p, ok, fail) in [
+            (Always, true, true),
+            (OnFailure, false, true),
+            (Never, false, false),
+        ] {
             assert_eq!(p.restarts_after(true), ok);
             assert_eq!(p.restarts_after(false), fail);
         }

@@ -25,10 +25,20 @@ use table::Table;
 #[command(name = "shoal", version, about = "Operate a Shoal fleet")]
 struct Cli {
     /// MQTT broker of the fleet.
-    #[arg(long, global = true, env = "SHOAL_BROKER", default_value = "mqtt://127.0.0.1:1883")]
+    #[arg(
+        long,
+        global = true,
+        env = "SHOAL_BROKER",
+        default_value = "mqtt://127.0.0.1:1883"
+    )]
     broker: BrokerUrl,
     /// HTTP API of the hub.
-    #[arg(long, global = true, env = "SHOAL_HUB", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "SHOAL_HUB",
+        default_value = "http://127.0.0.1:8080"
+    )]
     hub: String,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
@@ -104,17 +114,23 @@ async fn main() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let hub = Hub::new(&cli.hub)?;
     match cli.command {
-        Command::Apply { file, timeout } => apply(&cli.broker, &hub, &file, timeout, cli.output).await,
+        Command::Apply { file, timeout } => {
+            apply(&cli.broker, &hub, &file, timeout, cli.output).await
+        }
         Command::Push { file } => {
             let digest = push(&hub, &file).await?;
             println!("{digest}");
             Ok(())
         }
-        Command::Get { kind: Kind::Devices } => {
+        Command::Get {
+            kind: Kind::Devices,
+        } => {
             let devices: Vec<DeviceView> = hub.get("/v1/devices").await?;
             print_devices(&devices, cli.output)
         }
-        Command::Get { kind: Kind::Workloads } => {
+        Command::Get {
+            kind: Kind::Workloads,
+        } => {
             let workloads: Vec<WorkloadView> = hub.get("/v1/workloads").await?;
             print_workloads(&workloads, cli.output)
         }
@@ -150,30 +166,56 @@ impl Hub {
         })
     }
 
-    async fn check(&self, resp: reqwest::Result<reqwest::Response>, what: &str) -> anyhow::Result<reqwest::Response> {
-        let resp = resp.with_context(|| format!("cannot reach the hub at {} ({what})", self.base))?;
+    async fn check(
+        &self,
+        resp: reqwest::Result<reqwest::Response>,
+        what: &str,
+    ) -> anyhow::Result<reqwest::Response> {
+        let resp =
+            resp.with_context(|| format!("cannot reach the hub at {} ({what})", self.base))?;
         if resp.status().is_success() {
             return Ok(resp);
         }
         let status = resp.status();
         let body = resp.text().await.unwrap_or_default();
-        let msg = serde_json::from_str::<ApiError>(&body).map(|e| e.error).unwrap_or(body);
+        let msg = serde_json::from_str::<ApiError>(&body)
+            .map(|e| e.error)
+            .unwrap_or(body);
         bail!("{msg} (hub answered {status})")
     }
 
     async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let r = self.check(self.http.get(format!("{}{path}", self.base)).send().await, path).await?;
+        let r = self
+            .check(
+                self.http.get(format!("{}{path}", self.base)).send().await,
+                path,
+            )
+            .await?;
         r.json().await.context("hub sent an unreadable answer")
     }
 
     async fn delete(&self, path: &str) -> anyhow::Result<()> {
-        self.check(self.http.delete(format!("{}{path}", self.base)).send().await, path).await?;
+        self.check(
+            self.http
+                .delete(format!("{}{path}", self.base))
+                .send()
+                .await,
+            path,
+        )
+        .await?;
         Ok(())
     }
 
     async fn put_blob(&self, bytes: Vec<u8>) -> anyhow::Result<BlobRef> {
         let r = self
-            .check(self.http.post(format!("{}/v1/blobs", self.base)).body(bytes).send().await, "upload")
+            .check(
+                self.http
+                    .post(format!("{}/v1/blobs", self.base))
+                    .body(bytes)
+                    .send()
+                    .await,
+                "upload",
+            )
             .await?;
         r.json().await.context("hub sent an unreadable answer")
     }
@@ -182,13 +224,15 @@ impl Hub {
 /// Reads a module file and checks that it is valid WASM; the error is the reason only.
 fn read_module(file: &Path) -> Result<Vec<u8>, String> {
     let bytes = std::fs::read(file).map_err(|e| format!("cannot read the file: {e}"))?;
-    shoal_api::wasm::validate(&bytes).map_err(|e| format!("not a valid wasm module or component: {e}"))?;
+    shoal_api::wasm::validate(&bytes)
+        .map_err(|e| format!("not a valid wasm module or component: {e}"))?;
     Ok(bytes)
 }
 
 /// `shoal push`: validates and uploads a module, returning its digest.
 async fn push(hub: &Hub, file: &Path) -> anyhow::Result<String> {
-    let bytes = read_module(file).map_err(|e| anyhow::anyhow!("module {:?}: {e}", file.display().to_string()))?;
+    let bytes = read_module(file)
+        .map_err(|e| anyhow::anyhow!("module {:?}: {e}", file.display().to_string()))?;
     Ok(hub.put_blob(bytes).await?.digest)
 }
 
@@ -196,13 +240,24 @@ fn report(errors: &[ManifestError]) -> anyhow::Error {
     for e in errors {
         eprintln!("error: {e}");
     }
-    anyhow::anyhow!("manifest rejected ({} problem{})", errors.len(), if errors.len() == 1 { "" } else { "s" })
+    anyhow::anyhow!(
+        "manifest rejected ({} problem{})",
+        errors.len(),
+        if errors.len() == 1 { "" } else { "s" }
+    )
 }
 
-async fn apply(broker: &BrokerUrl, hub: &Hub, file: &Path, timeout: Duration, output: Output) -> anyhow::Result<()> {
+async fn apply(
+    broker: &BrokerUrl,
+    hub: &Hub,
+    file: &Path,
+    timeout: Duration,
+    output: Output,
+) -> anyhow::Result<()> {
     let (text, base_dir) = if file == Path::new("-") {
         let mut s = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("cannot read standard input")?;
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .context("cannot read standard input")?;
         (s, PathBuf::from("."))
     } else {
         let s = std::fs::read_to_string(file)
@@ -211,7 +266,10 @@ async fn apply(broker: &BrokerUrl, hub: &Hub, file: &Path, timeout: Duration, ou
     };
     // Validate locally first: the same checks as the hub, without a round trip.
     let docs = parse_stream(&text).map_err(|e| report(&e))?;
-    let positions: Vec<(usize, String)> = docs.iter().map(|(n, m)| (*n, m.metadata.name.clone())).collect();
+    let positions: Vec<(usize, String)> = docs
+        .iter()
+        .map(|(n, m)| (*n, m.metadata.name.clone()))
+        .collect();
     let mut manifests: Vec<_> = docs.iter().map(|(_, m)| m.clone()).collect();
     let workloads = validate_all(docs).map_err(|e| report(&e))?;
 
@@ -220,7 +278,11 @@ async fn apply(broker: &BrokerUrl, hub: &Hub, file: &Path, timeout: Duration, ou
     for ((w, m), (doc, name)) in workloads.iter().zip(manifests.iter_mut()).zip(&positions) {
         if let ModuleRef::Path(p) = &w.module {
             let uploaded = match read_module(&base_dir.join(p)) {
-                Ok(bytes) => hub.put_blob(bytes).await.map(|b| b.digest).map_err(|e| format!("{e:#}")),
+                Ok(bytes) => hub
+                    .put_blob(bytes)
+                    .await
+                    .map(|b| b.digest)
+                    .map_err(|e| format!("{e:#}")),
                 Err(e) => Err(e),
             };
             match uploaded {
@@ -257,7 +319,11 @@ async fn apply(broker: &BrokerUrl, hub: &Hub, file: &Path, timeout: Duration, ou
 }
 
 /// Publishes on `shoal/v1/apply/{req}` and waits for `shoal/v1/results/{req}`.
-async fn publish_apply(broker: &BrokerUrl, payload: String, timeout: Duration) -> anyhow::Result<ApplyResult> {
+async fn publish_apply(
+    broker: &BrokerUrl,
+    payload: String,
+    timeout: Duration,
+) -> anyhow::Result<ApplyResult> {
     let req = format!("{:016x}", rand::random::<u64>());
     let mut opts = MqttOptions::new(format!("shoal-cli-{req}"), broker.host.clone(), broker.port);
     opts.set_keep_alive(Duration::from_secs(10));
@@ -267,18 +333,28 @@ async fn publish_apply(broker: &BrokerUrl, payload: String, timeout: Duration) -
     let work = async {
         let mut published = false;
         loop {
-            match events.poll().await.with_context(|| format!("cannot reach the broker at {broker}"))? {
+            match events
+                .poll()
+                .await
+                .with_context(|| format!("cannot reach the broker at {broker}"))?
+            {
                 Event::Incoming(Packet::ConnAck(_)) => {
                     client.subscribe(results.clone(), QoS::AtLeastOnce).await?;
                 }
                 Event::Incoming(Packet::SubAck(_)) if !published => {
                     client
-                        .publish(topics::apply(&req), QoS::AtLeastOnce, false, payload.clone().into_bytes())
+                        .publish(
+                            topics::apply(&req),
+                            QoS::AtLeastOnce,
+                            false,
+                            payload.clone().into_bytes(),
+                        )
                         .await?;
                     published = true;
                 }
                 Event::Incoming(Packet::Publish(p)) if p.topic == results => {
-                    let r: ApplyResult = serde_json::from_slice(&p.payload).context("hub sent an unreadable verdict")?;
+                    let r: ApplyResult = serde_json::from_slice(&p.payload)
+                        .context("hub sent an unreadable verdict")?;
                     let _ = client.try_disconnect();
                     return Ok::<_, anyhow::Error>(r);
                 }
@@ -302,7 +378,11 @@ fn human_memory(bytes: u64) -> String {
     if exact.len() <= 6 {
         return exact;
     }
-    for (suf, m) in [("Gi", (1u64 << 30) as f64), ("Mi", (1u64 << 20) as f64), ("Ki", 1024.0)] {
+    for (suf, m) in [
+        ("Gi", (1u64 << 30) as f64),
+        ("Mi", (1u64 << 20) as f64),
+        ("Ki", 1024.0),
+    ] {
         if bytes as f64 >= m {
             return format!("{:.1}{suf}", bytes as f64 / m);
         }
@@ -328,12 +408,28 @@ fn print_devices(devices: &[DeviceView], output: Output) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(devices)?);
         return Ok(());
     }
-    let mut t = Table::new(&["NAME", "STATUS", "ARCH", "RUNTIMES", "CPUS", "MEMORY", "ALLOCATED", "REPLICAS", "GENERATION", "LAST SEEN", "LABELS"]);
+    let mut t = Table::new(&[
+        "NAME",
+        "STATUS",
+        "ARCH",
+        "RUNTIMES",
+        "CPUS",
+        "MEMORY",
+        "ALLOCATED",
+        "REPLICAS",
+        "GENERATION",
+        "LAST SEEN",
+        "LABELS",
+    ]);
     for d in devices {
         let labels: Vec<String> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         t.row(vec![
             d.id.clone(),
-            if d.online { "Online".into() } else { "Offline".into() },
+            if d.online {
+                "Online".into()
+            } else {
+                "Offline".into()
+            },
             d.arch.clone(),
             d.runtimes.join(","),
             d.cpus.to_string(),
@@ -342,7 +438,11 @@ fn print_devices(devices: &[DeviceView], output: Output) -> anyhow::Result<()> {
             d.replicas.to_string(),
             format!("{}/{}", d.observed_generation, d.desired_generation),
             ago(d.last_seen_ms),
-            if labels.is_empty() { "<none>".into() } else { labels.join(",") },
+            if labels.is_empty() {
+                "<none>".into()
+            } else {
+                labels.join(",")
+            },
         ]);
     }
     print!("{t}");
@@ -354,7 +454,14 @@ fn print_workloads(workloads: &[WorkloadView], output: Output) -> anyhow::Result
         println!("{}", serde_json::to_string_pretty(workloads)?);
         return Ok(());
     }
-    let mut t = Table::new(&["NAME", "READY", "PLACEMENT", "REVISION", "PHASES", "DEVICES"]);
+    let mut t = Table::new(&[
+        "NAME",
+        "READY",
+        "PLACEMENT",
+        "REVISION",
+        "PHASES",
+        "DEVICES",
+    ]);
     for w in workloads {
         let mut phases: std::collections::BTreeMap<String, usize> = Default::default();
         for r in &w.replicas {
@@ -368,8 +475,16 @@ fn print_workloads(workloads: &[WorkloadView], output: Output) -> anyhow::Result
             format!("{}/{}", w.ready, w.desired),
             w.placement.clone(),
             w.revision.clone(),
-            if phases.is_empty() { "-".into() } else { phases.join(",") },
-            if devices.is_empty() { "-".into() } else { devices.join(",") },
+            if phases.is_empty() {
+                "-".into()
+            } else {
+                phases.join(",")
+            },
+            if devices.is_empty() {
+                "-".into()
+            } else {
+                devices.join(",")
+            },
         ]);
     }
     print!("{t}");
@@ -383,16 +498,33 @@ fn describe(w: &WorkloadView, output: Output) -> anyhow::Result<()> {
     }
     println!("Name:       {}", w.name);
     println!("Revision:   {}", w.revision);
-    println!("Placement:  {} ({} ready / {} desired)", w.placement, w.ready, w.desired);
+    println!(
+        "Placement:  {} ({} ready / {} desired)",
+        w.placement, w.ready, w.desired
+    );
     if let Some(spec) = &w.spec {
         let module = match &spec.module {
             ModuleRef::Digest(d) => d.to_string(),
             ModuleRef::Path(p) => p.clone(),
         };
         println!("Module:     {module}");
-        let sel: Vec<String> = spec.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!("Selector:   {}", if sel.is_empty() { "<none>".into() } else { sel.join(",") });
-        println!("Resources:  {}", shoal_api::workload::describe_resources(&spec.resources));
+        let sel: Vec<String> = spec
+            .selector
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!(
+            "Selector:   {}",
+            if sel.is_empty() {
+                "<none>".into()
+            } else {
+                sel.join(",")
+            }
+        );
+        println!(
+            "Resources:  {}",
+            shoal_api::workload::describe_resources(&spec.resources)
+        );
         println!(
             "Restart:    {:?} (back-off {}ms .. {}ms)",
             spec.restart.policy, spec.restart.initial_backoff_ms, spec.restart.max_backoff_ms
@@ -408,7 +540,9 @@ fn describe(w: &WorkloadView, output: Output) -> anyhow::Result<()> {
         println!("Pending:    {p}");
     }
     println!("Replicas:");
-    let mut t = Table::new(&["REPLICA", "DEVICE", "PHASE", "RESTARTS", "STARTED", "REASON"]);
+    let mut t = Table::new(&[
+        "REPLICA", "DEVICE", "PHASE", "RESTARTS", "STARTED", "REASON",
+    ]);
     for r in &w.replicas {
         t.row(vec![
             r.replica.to_string(),

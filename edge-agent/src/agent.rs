@@ -9,13 +9,15 @@
 use crate::bus::{self, Bus, BusEvent};
 use crate::fetch::{Fetcher, ModuleSource};
 use crate::plan::{plan, Action, Observed};
+use crate::runtime::WorkloadRuntime;
 use crate::store::{SledStore, Store};
 use crate::supervisor::{self, Shared, Update};
 use crate::wasm::WasmRuntime;
-use crate::runtime::WorkloadRuntime;
 use shoal_api::endpoint::BrokerUrl;
 use shoal_api::ids::DeviceId;
-use shoal_api::messages::{now_ms, DesiredState, DesiredWorkload, DeviceStatus, Hello, InstanceStatus};
+use shoal_api::messages::{
+    now_ms, DesiredState, DesiredWorkload, DeviceStatus, Hello, InstanceStatus,
+};
 use shoal_api::topics;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -40,7 +42,10 @@ pub struct AgentConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("cannot create data directory {path:?}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
@@ -61,13 +66,22 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let fetcher = Fetcher::new(&config.data_dir)?;
     let tracker = TaskTracker::new();
     let engine_stop = CancellationToken::new();
-    let (runtime, ticker) = WasmRuntime::new(config.data_dir.join("cache").join("compiled"), engine_stop.clone())
-        .map_err(|e| AgentError::Runtime(e.to_string()))?;
+    let (runtime, ticker) = WasmRuntime::new(
+        config.data_dir.join("cache").join("compiled"),
+        engine_stop.clone(),
+    )
+    .map_err(|e| AgentError::Runtime(e.to_string()))?;
 
     // The bus outlives the main loop by a moment, to announce a clean departure.
     let bus_stop = CancellationToken::new();
     let (bus_tx, bus_rx) = mpsc::channel(64);
-    let bus = bus::connect(&config.broker, &config.device_id, bus_tx, &tracker, bus_stop.clone());
+    let bus = bus::connect(
+        &config.broker,
+        &config.device_id,
+        bus_tx,
+        &tracker,
+        bus_stop.clone(),
+    );
 
     let (up_tx, up_rx) = mpsc::channel(256);
     let shared = Shared {
@@ -132,7 +146,11 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
     /// Resumes from the persisted desired state (offline autonomy).
     async fn start(&mut self) -> Result<(), AgentError> {
         if let Some(d) = self.store.load_desired()? {
-            info!(generation = d.generation, replicas = d.workloads.len(), "resuming persisted desired state");
+            info!(
+                generation = d.generation,
+                replicas = d.workloads.len(),
+                "resuming persisted desired state"
+            );
             self.desired = Some(d);
             self.reconcile().await;
         }
@@ -156,7 +174,10 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
                 Event::Bus(BusEvent::Connected) => self.announce().await,
                 Event::Bus(BusEvent::Desired(payload)) => self.on_desired(&payload).await,
                 Event::Replica(u) => {
-                    let current = self.replicas.get(&u.instance).is_some_and(|r| r.task == u.task);
+                    let current = self
+                        .replicas
+                        .get(&u.instance)
+                        .is_some_and(|r| r.task == u.task);
                     if current {
                         self.statuses.insert(u.instance, u.status);
                         self.publish_status().await;
@@ -168,7 +189,12 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
 
     async fn announce(&self) {
         let id = &self.config.device_id;
-        self.publish(topics::presence(id), topics::ONLINE.as_bytes().to_vec(), true).await;
+        self.publish(
+            topics::presence(id),
+            topics::ONLINE.as_bytes().to_vec(),
+            true,
+        )
+        .await;
         match serde_json::to_vec(&self.hello) {
             Ok(h) => self.publish(topics::hello(id), h, true).await,
             Err(e) => warn!(error = %e, "cannot encode hello"),
@@ -193,7 +219,10 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         }
         let have = self.desired.as_ref().map_or(0, |c| c.generation);
         if d.generation <= have {
-            debug!(generation = d.generation, have, "desired state not newer; ignored");
+            debug!(
+                generation = d.generation,
+                have, "desired state not newer; ignored"
+            );
             return;
         }
         // Durable before acted on.
@@ -201,7 +230,11 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
             warn!(generation = d.generation, error = %e, "cannot persist desired state; not acting on it");
             return;
         }
-        info!(generation = d.generation, replicas = d.workloads.len(), "desired state accepted");
+        info!(
+            generation = d.generation,
+            replicas = d.workloads.len(),
+            "desired state accepted"
+        );
         self.desired = Some(d);
         self.reconcile().await;
     }
@@ -213,7 +246,14 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         let observed: BTreeMap<String, Observed> = self
             .replicas
             .iter()
-            .map(|(k, r)| (k.clone(), Observed { revision: r.revision.clone() }))
+            .map(|(k, r)| {
+                (
+                    k.clone(),
+                    Observed {
+                        revision: r.revision.clone(),
+                    },
+                )
+            })
             .collect();
         for action in plan(&desired.workloads, &observed) {
             match action {
@@ -242,7 +282,15 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
             task,
             cancel.clone(),
         ));
-        self.replicas.insert(instance, Replica { revision, task, cancel, handle });
+        self.replicas.insert(
+            instance,
+            Replica {
+                revision,
+                task,
+                cancel,
+                handle,
+            },
+        );
     }
 
     async fn stop(&mut self, instance: &str) {
@@ -273,7 +321,10 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
             time_ms: now_ms(),
         };
         match serde_json::to_vec(&status) {
-            Ok(p) => self.publish(topics::status(&self.config.device_id), p, true).await,
+            Ok(p) => {
+                self.publish(topics::status(&self.config.device_id), p, true)
+                    .await
+            }
             Err(e) => warn!(error = %e, "cannot encode status"),
         }
     }

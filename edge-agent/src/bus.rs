@@ -31,7 +31,12 @@ pub enum BusEvent {
 }
 
 pub trait Bus: Send + Sync + 'static {
-    fn publish(&self, topic: String, payload: Vec<u8>, retain: bool) -> impl Future<Output = Result<(), BusError>> + Send;
+    fn publish(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+    ) -> impl Future<Output = Result<(), BusError>> + Send;
 }
 
 pub struct MqttBus {
@@ -63,7 +68,11 @@ pub fn connect(
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> MqttBus {
-    let mut opts = MqttOptions::new(format!("shoal-agent-{device}"), broker.host.clone(), broker.port);
+    let mut opts = MqttOptions::new(
+        format!("shoal-agent-{device}"),
+        broker.host.clone(),
+        broker.port,
+    );
     opts.set_keep_alive(Duration::from_secs(10));
     opts.set_clean_session(true);
     opts.set_max_packet_size(MAX_PACKET, MAX_PACKET);
@@ -108,7 +117,7 @@ pub fn connect(
                 Err(e) => {
                     failures += 1;
                     // One line per retry period (about 30 s), not a flood.
-                    if failures == 1 || failures % 30 == 0 {
+                    if failures == 1 || failures.is_multiple_of(30) {
                         warn!(%broker, error = %e, attempt = failures, "broker unreachable; running from local state and retrying");
                     }
                     tokio::select! {
@@ -128,7 +137,12 @@ impl MqttBus {
         let _ = tokio::time::timeout(Duration::from_millis(500), async {
             let _ = self
                 .client
-                .publish(topics::presence(device), QoS::AtLeastOnce, true, topics::OFFLINE)
+                .publish(
+                    topics::presence(device),
+                    QoS::AtLeastOnce,
+                    true,
+                    topics::OFFLINE,
+                )
                 .await;
             let _ = self.client.disconnect().await;
         })

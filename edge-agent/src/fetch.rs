@@ -11,11 +11,22 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error("cannot fetch module {digest} from {url:?}: {reason}")]
-    Http { digest: String, url: String, reason: String },
+    Http {
+        digest: String,
+        url: String,
+        reason: String,
+    },
     #[error("module {digest} from {url:?} failed verification: its content hashes to {actual}")]
-    Digest { digest: String, url: String, actual: String },
+    Digest {
+        digest: String,
+        url: String,
+        actual: String,
+    },
     #[error("module cache i/o error at {path:?}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Clone)]
@@ -53,13 +64,22 @@ impl Fetcher {
         if tokio::fs::try_exists(&path).await.unwrap_or(false) {
             return Ok(path);
         }
-        let url = format!("{}/v1/blobs/{}", artifact_base.trim_end_matches('/'), d.as_str());
+        let url = format!(
+            "{}/v1/blobs/{}",
+            artifact_base.trim_end_matches('/'),
+            d.as_str()
+        );
         let http_err = |reason: String| FetchError::Http {
             digest: d.to_string(),
             url: url.clone(),
             reason,
         };
-        let resp = self.http.get(&url).send().await.map_err(|e| http_err(e.to_string()))?;
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| http_err(e.to_string()))?;
         if !resp.status().is_success() {
             return Err(http_err(format!("hub answered {}", resp.status())));
         }
@@ -89,7 +109,11 @@ fn write_atomic(dir: &Path, target: &Path, bytes: &[u8]) -> Result<(), FetchErro
         let p = p.display().to_string();
         move |source| FetchError::Io { path: p, source }
     };
-    let tmp = dir.join(format!(".fetch-{}-{}", std::process::id(), rand::random::<u32>()));
+    let tmp = dir.join(format!(
+        ".fetch-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
     f.write_all(bytes).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;

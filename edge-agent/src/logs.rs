@@ -181,7 +181,8 @@ impl Inner {
             if self.ring.len() == TAIL_LINES {
                 self.ring.pop_front();
             }
-            self.ring.push_back(String::from_utf8_lossy(line).into_owned());
+            self.ring
+                .push_back(String::from_utf8_lossy(line).into_owned());
         }
         self.write_file(&batch);
     }
@@ -242,6 +243,7 @@ fn open_append(path: &Path) -> io::Result<File> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

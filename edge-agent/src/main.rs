@@ -8,7 +8,11 @@ use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "shoal-agent", version, about = "Shoal edge agent: runs the WASM workloads the hub assigns to this device")]
+#[command(
+    name = "shoal-agent",
+    version,
+    about = "Shoal edge agent: runs the WASM workloads the hub assigns to this device"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,8 +54,9 @@ fn parse_memory(s: &str) -> Result<u64, String> {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn")),
+            tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn")
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -75,7 +80,9 @@ fn main() -> anyhow::Result<()> {
                 broker: a.broker,
                 memory: a.memory,
             };
-            shoal_agent::agent::run(config, shutdown).await.context("agent failed")
+            shoal_agent::agent::run(config, shutdown)
+                .await
+                .context("agent failed")
         }),
     }
 }

@@ -70,12 +70,21 @@ pub enum AfterExit {
 /// Applies the restart policy to an exit. `step` is the current back-off step (restarts since
 /// the last stable run); `ran_for` is how long the run lasted. Returns the decision and the
 /// next back-off step: a run of at least [`STABLE_RUN`] resets the back-off.
-pub fn after_exit(restart: &Restart, success: bool, step: u32, ran_for: Duration, jitter: f64) -> (AfterExit, u32) {
+pub fn after_exit(
+    restart: &Restart,
+    success: bool,
+    step: u32,
+    ran_for: Duration,
+    jitter: f64,
+) -> (AfterExit, u32) {
     let step = if ran_for >= STABLE_RUN { 0 } else { step };
     if !restart.policy.restarts_after(success) {
         return (AfterExit::Stay, step);
     }
-    (AfterExit::Restart(restart_delay(restart, step, jitter)), step.saturating_add(1))
+    (
+        AfterExit::Restart(restart_delay(restart, step, jitter)),
+        step.saturating_add(1),
+    )
 }
 
 #[cfg(test)]
@@ -92,28 +101,76 @@ mod tests {
             module: Digest::of(b"m"),
             args: vec![],
             env: Default::default(),
-            resources: Resources { memory: 1 << 20, cpu: None },
-            restart: Restart { policy: RestartPolicy::Always, initial_backoff_ms: 100, max_backoff_ms: 1000 },
+            resources: Resources {
+                memory: 1 << 20,
+                cpu: None,
+            },
+            restart: Restart {
+                policy: RestartPolicy::Always,
+                initial_backoff_ms: 100,
+                max_backoff_ms: 1000,
+            },
         }
     }
 
     fn obs(items: &[(&str, &str)]) -> BTreeMap<String, Observed> {
-        items.iter().map(|(i, r)| (i.to_string(), Observed { revision: r.to_string() })).collect()
+        items
+            .iter()
+            .map(|(i, r)| {
+                (
+                    i.to_string(),
+                    Observed {
+                        revision: r.to_string(),
+                    },
+                )
+            })
+            .collect()
     }
+
+    type Case = (
+        &'static str,
+        Vec<DesiredWorkload>,
+        BTreeMap<String, Observed>,
+        Vec<Action>,
+    );
 
     #[test]
     fn plan_table() {
-        let cases: Vec<(&str, Vec<DesiredWorkload>, BTreeMap<String, Observed>, Vec<Action>)> = vec![
+        let cases: Vec<Case> = vec![
             ("nothing to do", vec![], obs(&[]), vec![]),
-            ("start new", vec![dw("a", 0, "r1")], obs(&[]), vec![Action::Start(dw("a", 0, "r1"))]),
-            ("in sync", vec![dw("a", 0, "r1")], obs(&[("a-0", "r1")]), vec![]),
-            ("stop removed", vec![], obs(&[("a-0", "r1")]), vec![Action::Stop("a-0".into())]),
-            ("replace changed", vec![dw("a", 0, "r2")], obs(&[("a-0", "r1")]), vec![Action::Replace(dw("a", 0, "r2"))]),
+            (
+                "start new",
+                vec![dw("a", 0, "r1")],
+                obs(&[]),
+                vec![Action::Start(dw("a", 0, "r1"))],
+            ),
+            (
+                "in sync",
+                vec![dw("a", 0, "r1")],
+                obs(&[("a-0", "r1")]),
+                vec![],
+            ),
+            (
+                "stop removed",
+                vec![],
+                obs(&[("a-0", "r1")]),
+                vec![Action::Stop("a-0".into())],
+            ),
+            (
+                "replace changed",
+                vec![dw("a", 0, "r2")],
+                obs(&[("a-0", "r1")]),
+                vec![Action::Replace(dw("a", 0, "r2"))],
+            ),
             (
                 "stops before starts",
                 vec![dw("b", 0, "r1"), dw("a", 1, "r1")],
                 obs(&[("a-0", "r1")]),
-                vec![Action::Stop("a-0".into()), Action::Start(dw("b", 0, "r1")), Action::Start(dw("a", 1, "r1"))],
+                vec![
+                    Action::Stop("a-0".into()),
+                    Action::Start(dw("b", 0, "r1")),
+                    Action::Start(dw("a", 1, "r1")),
+                ],
             ),
         ];
         for (name, desired, observed, want) in cases {
@@ -124,7 +181,9 @@ mod tests {
     #[test]
     fn backoff_grows_and_caps() {
         let r = dw("a", 0, "r").restart;
-        let delays: Vec<u64> = (0..6).map(|n| restart_delay(&r, n, 0.0).as_millis() as u64).collect();
+        let delays: Vec<u64> = (0..6)
+            .map(|n| restart_delay(&r, n, 0.0).as_millis() as u64)
+            .collect();
         assert_eq!(delays, vec![100, 200, 400, 800, 1000, 1000]);
         assert_eq!(restart_delay(&r, 1, 1.0).as_millis(), 220);
         assert_eq!(restart_delay(&r, 10_000, 0.0).as_millis(), 1000);
@@ -134,11 +193,20 @@ mod tests {
     fn after_exit_table() {
         let mut r = dw("a", 0, "r").restart;
         let short = Duration::from_secs(1);
-        assert_eq!(after_exit(&r, true, 2, short, 0.0), (AfterExit::Restart(Duration::from_millis(400)), 3));
-        assert_eq!(after_exit(&r, false, 2, STABLE_RUN, 0.0), (AfterExit::Restart(Duration::from_millis(100)), 1));
+        assert_eq!(
+            after_exit(&r, true, 2, short, 0.0),
+            (AfterExit::Restart(Duration::from_millis(400)), 3)
+        );
+        assert_eq!(
+            after_exit(&r, false, 2, STABLE_RUN, 0.0),
+            (AfterExit::Restart(Duration::from_millis(100)), 1)
+        );
         r.policy = RestartPolicy::OnFailure;
         assert_eq!(after_exit(&r, true, 0, short, 0.0), (AfterExit::Stay, 0));
-        assert_eq!(after_exit(&r, false, 0, short, 0.0), (AfterExit::Restart(Duration::from_millis(100)), 1));
+        assert_eq!(
+            after_exit(&r, false, 0, short, 0.0),
+            (AfterExit::Restart(Duration::from_millis(100)), 1)
+        );
         r.policy = RestartPolicy::Never;
         assert_eq!(after_exit(&r, false, 0, short, 0.0).0, AfterExit::Stay);
     }

@@ -47,7 +47,9 @@ impl Store for SledStore {
     fn load_desired(&self) -> Result<Option<DesiredState>, StoreError> {
         match self.db.get(DESIRED_KEY)? {
             None => Ok(None),
-            Some(v) => serde_json::from_slice(&v).map(Some).map_err(StoreError::Corrupt),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(StoreError::Corrupt),
         }
     }
     fn save_desired(&self, d: &DesiredState) -> Result<(), StoreError> {
@@ -65,7 +67,11 @@ pub struct MemStore {
 
 impl Store for MemStore {
     fn load_desired(&self) -> Result<Option<DesiredState>, StoreError> {
-        Ok(self.desired.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        Ok(self
+            .desired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone())
     }
     fn save_desired(&self, d: &DesiredState) -> Result<(), StoreError> {
         *self.desired.lock().unwrap_or_else(|p| p.into_inner()) = Some(d.clone());
@@ -87,7 +93,13 @@ mod tests {
             artifact_base: "http://h".into(),
             workloads: vec![],
         };
-        SledStore::open(dir.path()).unwrap().save_desired(&d).unwrap();
-        assert_eq!(SledStore::open(dir.path()).unwrap().load_desired().unwrap(), Some(d));
+        SledStore::open(dir.path())
+            .unwrap()
+            .save_desired(&d)
+            .unwrap();
+        assert_eq!(
+            SledStore::open(dir.path()).unwrap().load_desired().unwrap(),
+            Some(d)
+        );
     }
 }

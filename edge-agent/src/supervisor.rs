@@ -229,7 +229,13 @@ mod tests {
         async fn prepare(&self, _d: &Digest, _p: PathBuf) -> Result<Arc<FakeModule>, RuntimeError> {
             Ok(Arc::new(FakeModule))
         }
-        async fn run(&self, _m: Arc<FakeModule>, _s: RunSpec, _l: LogSink, cancel: CancellationToken) -> Exit {
+        async fn run(
+            &self,
+            _m: Arc<FakeModule>,
+            _s: RunSpec,
+            _l: LogSink,
+            cancel: CancellationToken,
+        ) -> Exit {
             let next = self.exits.lock().unwrap().pop_front();
             match next {
                 Some(e) => e,
@@ -257,26 +263,46 @@ mod tests {
             module: Digest::of(b"m"),
             args: vec![],
             env: Default::default(),
-            resources: Resources { memory: 1 << 20, cpu: None },
-            restart: Restart { policy, initial_backoff_ms: 10, max_backoff_ms: 40 },
+            resources: Resources {
+                memory: 1 << 20,
+                cpu: None,
+            },
+            restart: Restart {
+                policy,
+                initial_backoff_ms: 10,
+                max_backoff_ms: 40,
+            },
         }
     }
 
-    async fn phases(policy: RestartPolicy, exits: Vec<Exit>, until: Phase) -> Vec<(Phase, u32, Option<u64>)> {
+    async fn phases(
+        policy: RestartPolicy,
+        exits: Vec<Exit>,
+        until: Phase,
+        min_restarts: u32,
+    ) -> Vec<(Phase, u32, Option<u64>)> {
         let dir = tempfile::tempdir().unwrap();
         let (tx, mut rx) = mpsc::channel(64);
         let shared = Shared {
-            runtime: Arc::new(FakeRuntime { exits: Mutex::new(exits.into()) }),
+            runtime: Arc::new(FakeRuntime {
+                exits: Mutex::new(exits.into()),
+            }),
             source: FakeSource,
             logs_dir: dir.path().to_path_buf(),
             updates: tx,
         };
         let cancel = CancellationToken::new();
-        let h = tokio::spawn(supervise(shared, desired(policy), "http://x".into(), 1, cancel.clone()));
+        let h = tokio::spawn(supervise(
+            shared,
+            desired(policy),
+            "http://x".into(),
+            1,
+            cancel.clone(),
+        ));
         let mut seen = Vec::new();
         while let Some(u) = rx.recv().await {
             seen.push((u.status.phase, u.status.restarts, u.status.backoff_ms));
-            if u.status.phase == until && seen.iter().filter(|s| s.0 == until).count() >= 1 {
+            if u.status.phase == until && u.status.restarts >= min_restarts {
                 break;
             }
         }
@@ -286,27 +312,57 @@ mod tests {
     }
 
     fn fail() -> Exit {
-        Exit::Failure { code: Some(1), reason: "exited with status 1".into() }
+        Exit::Failure {
+            code: Some(1),
+            reason: "exited with status 1".into(),
+        }
     }
 
     #[tokio::test]
     async fn crash_loop_backs_off_exponentially_then_runs() {
-        let seen = phases(RestartPolicy::Always, vec![fail(), fail(), fail()], Phase::Running).await;
-        let backoffs: Vec<u64> = seen.iter().filter_map(|s| s.2.filter(|_| s.0 == Phase::CrashLoopBackOff)).collect();
+        let seen = phases(
+            RestartPolicy::Always,
+            vec![fail(), fail(), fail()],
+            Phase::Running,
+            3,
+        )
+        .await;
+        let backoffs: Vec<u64> = seen
+            .iter()
+            .filter_map(|s| s.2.filter(|_| s.0 == Phase::CrashLoopBackOff))
+            .collect();
         assert_eq!(backoffs.len(), 3, "{seen:?}");
         assert!(backoffs[0] >= 10 && backoffs[0] <= 11, "{backoffs:?}");
         assert!(backoffs[1] >= 20 && backoffs[1] <= 22, "{backoffs:?}");
         assert!(backoffs[2] >= 40 && backoffs[2] <= 44, "{backoffs:?}");
-        assert_eq!(seen.iter().map(|s| s.1).max(), Some(3), "three restarts counted");
+        assert_eq!(
+            seen.iter().map(|s| s.1).max(),
+            Some(3),
+            "three restarts counted"
+        );
     }
 
     #[tokio::test]
     async fn policies_end_in_terminal_phases() {
-        let seen = phases(RestartPolicy::Never, vec![fail()], Phase::Failed).await;
+        let seen = phases(RestartPolicy::Never, vec![fail()], Phase::Failed, 0).await;
         assert_eq!(seen.last().unwrap().0, Phase::Failed);
-        let seen = phases(RestartPolicy::OnFailure, vec![Exit::Success], Phase::Succeeded).await;
+        let seen = phases(
+            RestartPolicy::OnFailure,
+            vec![Exit::Success],
+            Phase::Succeeded,
+            0,
+        )
+        .await;
         assert_eq!(seen.last().unwrap().0, Phase::Succeeded);
         let order: Vec<Phase> = seen.iter().map(|s| s.0).collect();
-        assert_eq!(order, vec![Phase::Pulling, Phase::Starting, Phase::Running, Phase::Succeeded]);
+        assert_eq!(
+            order,
+            vec![
+                Phase::Pulling,
+                Phase::Starting,
+                Phase::Running,
+                Phase::Succeeded
+            ]
+        );
     }
 }

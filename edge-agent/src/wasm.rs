@@ -1,6 +1,6 @@
 //! [`WasmRuntime`]: runs workloads in wasmtime, with WASI and per-instance limits.
 //!
-//! - One [`wasmtime::Engine`] per runtime, with epoch interruption; a ticker task bumps the
+//! - One [`wasmtime::Engine`] per runtime, with epoch interruption; a ticker thread bumps the
 //!   epoch every [`EPOCH_TICK`] so every running guest reaches a deadline at least that often.
 //!   At each deadline the guest yields to the executor (a spinning guest never monopolises a
 //!   thread) and, with a CPU share, sleeps off the rest of its [`CPU_PERIOD`] once it has used
@@ -22,6 +22,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -64,6 +65,8 @@ pub enum WasmInitError {
     },
     #[error("cannot link wasi into the engine: {0}")]
     Linker(String),
+    #[error("cannot start the epoch ticker thread: {0}")]
+    Ticker(std::io::Error),
     #[error("the wasm runtime must be created inside a tokio runtime")]
     NoTokio,
 }
@@ -143,8 +146,9 @@ pub struct RunStats {
 }
 
 impl WasmRuntime {
-    /// Builds the engine and spawns its epoch ticker, which runs until `shutdown` is cancelled
-    /// (await the returned handle to see it end). Must be called inside a tokio runtime.
+    /// Builds the engine and starts its epoch ticker (an OS thread, so that ticks never wait
+    /// for a busy executor), which runs until `shutdown` is cancelled; the returned task ends
+    /// once the thread has stopped. Must be called inside a tokio runtime.
     ///
     /// Cancel every run before `shutdown`: without epoch ticks a spinning guest no longer
     /// yields, so its cancellation could not be noticed.
@@ -166,23 +170,34 @@ impl WasmRuntime {
         })?;
 
         let mut core_linker = wasmtime::Linker::new(&engine);
-        wasmtime_wasi::p1::add_to_linker_async(&mut core_linker, |s: &mut CoreState| {
-            &mut s.wasi
-        })
-        .map_err(|e| WasmInitError::Linker(format!("{e:#}")))?;
+        wasmtime_wasi::p1::add_to_linker_async(&mut core_linker, |s: &mut CoreState| &mut s.wasi)
+            .map_err(|e| WasmInitError::Linker(format!("{e:#}")))?;
         let mut component_linker = wasmtime::component::Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut component_linker)
             .map_err(|e| WasmInitError::Linker(format!("{e:#}")))?;
 
+        // The epoch advances on a thread of its own, not on a tokio timer: a guest only yields
+        // at epoch deadlines, so a timer that needs a worker thread to be driven could wait
+        // forever behind the very guests it is meant to interrupt.
+        let (stop_ticker, ticks) = std::sync::mpsc::channel::<()>();
         let ticker_engine = engine.clone();
-        let ticker = tokio.spawn(async move {
-            let mut interval = tokio::time::interval(EPOCH_TICK);
-            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            loop {
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    _ = interval.tick() => ticker_engine.increment_epoch(),
+        let thread = std::thread::Builder::new()
+            .name("shoal-wasm-epoch".to_string())
+            .spawn(move || {
+                // Ends when the sender is dropped.
+                while let Err(RecvTimeoutError::Timeout) = ticks.recv_timeout(EPOCH_TICK) {
+                    ticker_engine.increment_epoch();
                 }
+            })
+            .map_err(WasmInitError::Ticker)?;
+        let ticker = tokio.spawn(async move {
+            shutdown.cancelled().await;
+            drop(stop_ticker);
+            if tokio::task::spawn_blocking(move || thread.join())
+                .await
+                .is_err()
+            {
+                tracing::warn!("wasm epoch ticker thread panicked");
             }
             tracing::debug!("wasm epoch ticker stopped");
         });
@@ -471,7 +486,11 @@ impl Inner {
                         })
                     }
                 }
-                ModuleKind::Core(self.core_linker.instantiate_pre(&module).map_err(link_error)?)
+                ModuleKind::Core(
+                    self.core_linker
+                        .instantiate_pre(&module)
+                        .map_err(link_error)?,
+                )
             }
             Artifact::Component(component) => {
                 let pre = self
@@ -543,10 +562,9 @@ fn detect_kind(bytes: &[u8]) -> Result<WasmKind, String> {
     match bytes.get(..8) {
         Some(h) if h == CORE => Ok(WasmKind::Core),
         Some(h) if h == COMPONENT => Ok(WasmKind::Component),
-        Some(h) if h[..4] == CORE[..4] => Err(format!(
-            "unsupported wasm binary version {:02x?}",
-            &h[4..]
-        )),
+        Some(h) if h[..4] == CORE[..4] => {
+            Err(format!("unsupported wasm binary version {:02x?}", &h[4..]))
+        }
         _ => Err(format!(
             "not a wasm binary: it starts with {:02x?}, not \"\\0asm\"",
             &bytes[..bytes.len().min(8)]
@@ -807,7 +825,7 @@ fn new_store<W: Send + 'static>(engine: &Engine, host: Host<W>) -> Store<Host<W>
     store.epoch_deadline_callback(|mut ctx| {
         let host = ctx.data_mut();
         let Some(quota) = host.quota.as_mut() else {
-            return Ok(UpdateDeadline::Yield(1));
+            return Ok(yield_to_tokio());
         };
         let now = Instant::now();
         match quota.check(host.meter.busy_at(now), now) {
@@ -815,10 +833,17 @@ fn new_store<W: Send + 'static>(engine: &Engine, host: Host<W>) -> Store<Host<W>
                 1,
                 Box::pin(tokio::time::sleep_until(wake.into())),
             )),
-            None => Ok(UpdateDeadline::Yield(1)),
+            None => Ok(yield_to_tokio()),
         }
     });
     store
+}
+
+/// Yields to the executor and continues for another tick. `tokio::task::yield_now` (rather
+/// than a plain self-wake) lets the worker poll its timers and I/O before resuming the guest,
+/// so a spinning guest does not delay the timers of others on its worker.
+fn yield_to_tokio() -> UpdateDeadline {
+    UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now()))
 }
 
 fn host<W>(wasi: W, spec: &RunSpec, meter: Arc<Meter>) -> Host<W> {
@@ -941,7 +966,7 @@ fn fmt_bytes(bytes: u64) -> String {
     } else {
         return format!("{bytes} B");
     };
-    if bytes % unit == 0 {
+    if bytes.is_multiple_of(unit) {
         format!("{} {name}", bytes / unit)
     } else {
         format!("{:.1} {name}", bytes as f64 / unit as f64)
@@ -1013,8 +1038,8 @@ impl Pollable for GuestOutput {
     async fn ready(&mut self) {}
 }
 
-
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
@@ -1046,7 +1071,9 @@ mod tests {
              --target wasm32-wasip1 -p ticker -p probe\n\
              (or set SHOAL_MODULES_DIR to a directory holding hello.wasm, ticker.wasm and \
              probe.wasm)",
-            modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("../modules").display(),
+            modules = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../modules")
+                .display(),
         );
         path
     }
@@ -1279,7 +1306,10 @@ mod tests {
         assert!(artifact.is_file(), "{artifact:?} was not written");
         assert!(artifact.starts_with(fx.dir.path().join("cache")));
         let again = fx.runtime.prepare(&digest, path.clone()).await.unwrap();
-        assert!(Arc::ptr_eq(&first, &again), "second prepare did not hit memory");
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "second prepare did not hit memory"
+        );
         assert_eq!(fx.runtime.compile_count(), 1);
         let dir = fx.stop().await;
 
@@ -1294,9 +1324,14 @@ mod tests {
             .unwrap();
         assert_eq!(fx.runtime.compile_count(), 0);
         let (exit, _) = run_to_end(&fx, loaded, spec("probe-0", &["crash"])).await;
-        assert!(matches!(exit, Exit::Failure { code: Some(3), .. }), "{exit:?}");
+        assert!(
+            matches!(exit, Exit::Failure { code: Some(3), .. }),
+            "{exit:?}"
+        );
 
-        // A corrupt artifact is ignored and replaced.
+        // A corrupt artifact is ignored and replaced. (Replace the file, never overwrite it in
+        // place: a loaded artifact is mapped from it.)
+        std::fs::remove_file(&artifact).unwrap();
         std::fs::write(&artifact, b"garbage").unwrap();
         let dir = fx.stop().await;
         let fx = Fixture::with_cache(dir, "cache");

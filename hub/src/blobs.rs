@@ -15,7 +15,10 @@ use std::sync::Mutex;
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
     #[error("blob store i/o error at {path:?}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("blob is empty")]
     Empty,
 }
@@ -61,7 +64,9 @@ impl BlobStore {
         if path.is_file() {
             return Ok(d);
         }
-        let tmp = self.dir.join(format!(".{}.tmp-{}", d.hex(), std::process::id()));
+        let tmp = self
+            .dir
+            .join(format!(".{}.tmp-{}", d.hex(), std::process::id()));
         let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
         f.write_all(bytes).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;

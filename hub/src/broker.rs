@@ -22,7 +22,10 @@ use tracing::{debug, info, warn};
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("cannot listen for MQTT on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot start the embedded broker: {0}")]
     Start(String),
 }
@@ -38,10 +41,14 @@ pub async fn start(
 ) -> Result<SocketAddr, BrokerError> {
     let front = TcpListener::bind(listen)
         .await
-        .map_err(|source| BrokerError::Listen { addr: listen, source })?;
-    let bound = front
-        .local_addr()
-        .map_err(|source| BrokerError::Listen { addr: listen, source })?;
+        .map_err(|source| BrokerError::Listen {
+            addr: listen,
+            source,
+        })?;
+    let bound = front.local_addr().map_err(|source| BrokerError::Listen {
+        addr: listen,
+        source,
+    })?;
     let v4 = free_loopback_port()?;
     let v5 = free_loopback_port()?;
     let config = rumqttd_config(v4, v5);
@@ -88,8 +95,10 @@ pub async fn start(
 
 fn free_loopback_port() -> Result<SocketAddr, BrokerError> {
     let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
-    let l = std::net::TcpListener::bind(addr).map_err(|source| BrokerError::Listen { addr, source })?;
-    l.local_addr().map_err(|source| BrokerError::Listen { addr, source })
+    let l =
+        std::net::TcpListener::bind(addr).map_err(|source| BrokerError::Listen { addr, source })?;
+    l.local_addr()
+        .map_err(|source| BrokerError::Listen { addr, source })
 }
 
 async fn wait_for(addr: SocketAddr) -> Result<(), BrokerError> {
@@ -99,7 +108,9 @@ async fn wait_for(addr: SocketAddr) -> Result<(), BrokerError> {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    Err(BrokerError::Start(format!("backend listener {addr} did not come up")))
+    Err(BrokerError::Start(format!(
+        "backend listener {addr} did not come up"
+    )))
 }
 
 fn rumqttd_config(v4: SocketAddr, v5: SocketAddr) -> rumqttd::Config {
@@ -146,7 +157,9 @@ async fn dispatch(mut conn: TcpStream, v4: SocketAddr, v5: SocketAddr) -> std::i
     conn.set_nodelay(true)?;
     let level = tokio::time::timeout(Duration::from_secs(10), protocol_level(&conn))
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no CONNECT within 10s"))??;
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "no CONNECT within 10s")
+        })??;
     let backend = match level {
         5 => v5,
         3 | 4 => v4,
@@ -179,7 +192,10 @@ async fn protocol_level(conn: &TcpStream) -> std::io::Result<u8> {
                 return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
             }
             Parse::NeedMore if n == buf.len() => {
-                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "oversized header"));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "oversized header",
+                ));
             }
             // Wait for more bytes to arrive; `peek` returns at once when data is buffered.
             Parse::NeedMore => tokio::time::sleep(Duration::from_millis(2)).await,
@@ -215,7 +231,10 @@ fn parse_level(b: &[u8]) -> Parse {
             return Parse::Invalid("malformed remaining length");
         }
     }
-    let Some(name_len) = b.get(i..i + 2).map(|s| u16::from_be_bytes([s[0], s[1]]) as usize) else {
+    let Some(name_len) = b
+        .get(i..i + 2)
+        .map(|s| u16::from_be_bytes([s[0], s[1]]) as usize)
+    else {
         return Parse::NeedMore;
     };
     if name_len > 6 {
@@ -234,12 +253,24 @@ mod tests {
     #[test]
     fn connect_header_table() {
         // 3.1.1: 10 <len> 00 04 'MQTT' 04
-        assert_eq!(parse_level(&[0x10, 0x10, 0, 4, b'M', b'Q', b'T', b'T', 4]), Parse::Level(4));
-        assert_eq!(parse_level(&[0x10, 0x80, 0x01, 0, 4, b'M', b'Q', b'T', b'T', 5]), Parse::Level(5));
-        assert_eq!(parse_level(&[0x10, 0x10, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3]), Parse::Level(3));
+        assert_eq!(
+            parse_level(&[0x10, 0x10, 0, 4, b'M', b'Q', b'T', b'T', 4]),
+            Parse::Level(4)
+        );
+        assert_eq!(
+            parse_level(&[0x10, 0x80, 0x01, 0, 4, b'M', b'Q', b'T', b'T', 5]),
+            Parse::Level(5)
+        );
+        assert_eq!(
+            parse_level(&[0x10, 0x10, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3]),
+            Parse::Level(3)
+        );
         assert_eq!(parse_level(&[0x10, 0x10, 0, 4, b'M']), Parse::NeedMore);
         assert_eq!(parse_level(&[]), Parse::NeedMore);
         assert!(matches!(parse_level(&[0x30, 0]), Parse::Invalid(_)));
-        assert!(matches!(parse_level(&[0x10, 0x80, 0x80, 0x80, 0x80, 0x01]), Parse::Invalid(_)));
+        assert!(matches!(
+            parse_level(&[0x10, 0x80, 0x80, 0x80, 0x80, 0x01]),
+            Parse::Invalid(_)
+        ));
     }
 }

@@ -65,7 +65,13 @@ impl Bus for MqttBus {
                     ..Default::default()
                 };
                 self.client
-                    .publish_with_properties(msg.topic, QoS::AtLeastOnce, msg.retain, msg.payload, props)
+                    .publish_with_properties(
+                        msg.topic,
+                        QoS::AtLeastOnce,
+                        msg.retain,
+                        msg.payload,
+                        props,
+                    )
                     .await
             }
             None => {
@@ -142,7 +148,7 @@ pub fn connect(
                 Err(e) => {
                     failures += 1;
                     // One line per retry period, not a flood.
-                    if failures == 1 || failures % 30 == 0 {
+                    if failures == 1 || failures.is_multiple_of(30) {
                         warn!(%broker, error = %e, attempt = failures, "broker connection failed; retrying");
                     }
                     tokio::select! {

@@ -140,7 +140,11 @@ impl<S: Store> HubCore<S> {
     }
 
     /// Presence changed (`online`, or `offline` from the device or its last will).
-    pub fn presence(&mut self, id: &DeviceId, online: bool) -> Result<Vec<DesiredState>, StoreError> {
+    pub fn presence(
+        &mut self,
+        id: &DeviceId,
+        online: bool,
+    ) -> Result<Vec<DesiredState>, StoreError> {
         let live = self.live.entry(id.clone()).or_default();
         if live.online == online {
             return Ok(Vec::new());
@@ -226,7 +230,11 @@ impl<S: Store> HubCore<S> {
         Ok(changed)
     }
 
-    fn bump(&mut self, dev: &DeviceId, workloads: Vec<DesiredWorkload>) -> Result<DesiredState, StoreError> {
+    fn bump(
+        &mut self,
+        dev: &DeviceId,
+        workloads: Vec<DesiredWorkload>,
+    ) -> Result<DesiredState, StoreError> {
         let generation = self.desired.get(dev).map_or(0, |d| d.generation) + 1;
         let d = DesiredState {
             protocol: shoal_api::PROTOCOL_VERSION,
@@ -248,8 +256,11 @@ impl<S: Store> HubCore<S> {
             .map(|r| {
                 let id = &r.hello.device_id;
                 let live = self.live.get(id).cloned().unwrap_or_default();
-                let placed: Vec<&DesiredWorkload> =
-                    self.desired.get(id).map(|d| d.workloads.iter().collect()).unwrap_or_default();
+                let placed: Vec<&DesiredWorkload> = self
+                    .desired
+                    .get(id)
+                    .map(|d| d.workloads.iter().collect())
+                    .unwrap_or_default();
                 DeviceView {
                     id: id.to_string(),
                     online: live.online,
@@ -271,7 +282,10 @@ impl<S: Store> HubCore<S> {
     }
 
     pub fn workload_views(&self) -> Vec<WorkloadView> {
-        self.workloads.values().map(|w| self.view(w, false)).collect()
+        self.workloads
+            .values()
+            .map(|w| self.view(w, false))
+            .collect()
     }
 
     pub fn workload_view(&self, name: &WorkloadName) -> Option<WorkloadView> {
@@ -280,7 +294,12 @@ impl<S: Store> HubCore<S> {
 
     fn view(&self, w: &Workload, with_spec: bool) -> WorkloadView {
         let revision = w.revision();
-        let placed = self.schedule.assignments.get(&w.name).cloned().unwrap_or_default();
+        let placed = self
+            .schedule
+            .assignments
+            .get(&w.name)
+            .cloned()
+            .unwrap_or_default();
         let pending = self.schedule.pending.get(&w.name);
         let mut replicas: Vec<ReplicaView> = placed
             .iter()
@@ -322,12 +341,20 @@ impl<S: Store> HubCore<S> {
         }
     }
 
-    fn replica_view(&self, w: &Workload, revision: &str, replica: u32, dev: &DeviceId) -> ReplicaView {
+    fn replica_view(
+        &self,
+        w: &Workload,
+        revision: &str,
+        replica: u32,
+        dev: &DeviceId,
+    ) -> ReplicaView {
         let live = self.live.get(dev);
         let online = live.is_some_and(|l| l.online);
-        let reported = live
-            .and_then(|l| l.status.as_ref())
-            .and_then(|s| s.workloads.iter().find(|i| i.name == w.name && i.replica == replica));
+        let reported = live.and_then(|l| l.status.as_ref()).and_then(|s| {
+            s.workloads
+                .iter()
+                .find(|i| i.name == w.name && i.replica == replica)
+        });
         let mut v = ReplicaView {
             replica,
             device: Some(dev.to_string()),
@@ -351,12 +378,18 @@ impl<S: Store> HubCore<S> {
                 v.revision = i.revision.clone();
                 v.variant = i.variant.clone();
                 if !online {
-                    v.reason = Some(format!("device {dev} is offline; last reported {}", i.phase));
+                    v.reason = Some(format!(
+                        "device {dev} is offline; last reported {}",
+                        i.phase
+                    ));
                 }
             }
             Some(i) => {
                 v.revision = i.revision.clone();
-                v.reason = Some(format!("device {dev} is updating from revision {} to {revision}", i.revision));
+                v.reason = Some(format!(
+                    "device {dev} is updating from revision {} to {revision}",
+                    i.revision
+                ));
             }
             None if !online => v.reason = Some(format!("device {dev} is offline")),
             None => v.reason = Some(format!("waiting for device {dev} to start it")),
@@ -385,7 +418,10 @@ mod tests {
             runtimes: vec!["wasm".into()],
             cpus: 2,
             memory: 512 << 20,
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             agent_version: "test".into(),
         }
     }
@@ -411,12 +447,18 @@ spec:
     fn apply_places_and_bumps_generations() {
         let mut hub = HubCore::open(MemStore::default(), "http://h".into()).unwrap();
         let a = hub.hello(hello("a", &[("role", "sensor")])).unwrap();
-        assert_eq!(a.len(), 1, "a joining device gets its (empty) desired state");
+        assert_eq!(
+            a.len(),
+            1,
+            "a joining device gets its (empty) desired state"
+        );
         hub.hello(hello("b", &[])).unwrap();
         let (outcome, publish) = hub.apply(parse_workloads(M).unwrap()).unwrap();
         assert_eq!(outcome["web"], "created");
-        let by_dev: BTreeMap<String, &DesiredState> =
-            publish.iter().map(|d| (d.device_id.to_string(), d)).collect();
+        let by_dev: BTreeMap<String, &DesiredState> = publish
+            .iter()
+            .map(|d| (d.device_id.to_string(), d))
+            .collect();
         assert_eq!(by_dev["a"].workloads.len(), 2, "web-0 + sensor");
         assert_eq!(by_dev["b"].workloads.len(), 1, "web-1");
         assert_eq!(by_dev["a"].generation, 2);
@@ -433,10 +475,18 @@ spec:
         assert_eq!(c.workloads[0].name.as_str(), "sensor");
 
         // Delete removes it everywhere.
-        let publish = hub.delete(&WorkloadName::try_from("sensor").unwrap()).unwrap().unwrap();
+        let publish = hub
+            .delete(&WorkloadName::try_from("sensor").unwrap())
+            .unwrap()
+            .unwrap();
         assert_eq!(publish.len(), 2, "a and c");
-        assert!(publish.iter().all(|d| d.workloads.iter().all(|w| w.name.as_str() != "sensor")));
-        assert!(hub.delete(&WorkloadName::try_from("sensor").unwrap()).unwrap().is_none());
+        assert!(publish
+            .iter()
+            .all(|d| d.workloads.iter().all(|w| w.name.as_str() != "sensor")));
+        assert!(hub
+            .delete(&WorkloadName::try_from("sensor").unwrap())
+            .unwrap()
+            .is_none());
     }
 
     #[test]
@@ -444,13 +494,27 @@ spec:
         let store = std::sync::Arc::new(MemStore::default());
         struct Shared(std::sync::Arc<MemStore>);
         impl Store for Shared {
-            fn load(&self) -> Result<crate::store::Snapshot, StoreError> { self.0.load() }
-            fn put_workload(&self, w: &Workload) -> Result<(), StoreError> { self.0.put_workload(w) }
-            fn delete_workload(&self, n: &WorkloadName) -> Result<(), StoreError> { self.0.delete_workload(n) }
-            fn put_device(&self, d: &DeviceRecord) -> Result<(), StoreError> { self.0.put_device(d) }
-            fn put_assignments(&self, a: &Assignments) -> Result<(), StoreError> { self.0.put_assignments(a) }
-            fn put_desired(&self, d: &DesiredState) -> Result<(), StoreError> { self.0.put_desired(d) }
-            fn flush(&self) -> Result<(), StoreError> { Ok(()) }
+            fn load(&self) -> Result<crate::store::Snapshot, StoreError> {
+                self.0.load()
+            }
+            fn put_workload(&self, w: &Workload) -> Result<(), StoreError> {
+                self.0.put_workload(w)
+            }
+            fn delete_workload(&self, n: &WorkloadName) -> Result<(), StoreError> {
+                self.0.delete_workload(n)
+            }
+            fn put_device(&self, d: &DeviceRecord) -> Result<(), StoreError> {
+                self.0.put_device(d)
+            }
+            fn put_assignments(&self, a: &Assignments) -> Result<(), StoreError> {
+                self.0.put_assignments(a)
+            }
+            fn put_desired(&self, d: &DesiredState) -> Result<(), StoreError> {
+                self.0.put_desired(d)
+            }
+            fn flush(&self) -> Result<(), StoreError> {
+                Ok(())
+            }
         }
         let mut hub = HubCore::open(Shared(store.clone()), "x".into()).unwrap();
         hub.hello(hello("a", &[])).unwrap();

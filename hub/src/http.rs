@@ -35,11 +35,24 @@ pub const MAX_BLOB: usize = 64 << 20;
 /// A question for the main loop.
 #[derive(Debug)]
 pub enum Request {
-    Apply { text: String, reply: oneshot::Sender<ApplyResult> },
-    Delete { name: WorkloadName, reply: oneshot::Sender<Result<bool, String>> },
-    Devices { reply: oneshot::Sender<Vec<DeviceView>> },
-    Workloads { reply: oneshot::Sender<Vec<WorkloadView>> },
-    Workload { name: WorkloadName, reply: oneshot::Sender<Option<WorkloadView>> },
+    Apply {
+        text: String,
+        reply: oneshot::Sender<ApplyResult>,
+    },
+    Delete {
+        name: WorkloadName,
+        reply: oneshot::Sender<Result<bool, String>>,
+    },
+    Devices {
+        reply: oneshot::Sender<Vec<DeviceView>>,
+    },
+    Workloads {
+        reply: oneshot::Sender<Vec<WorkloadView>>,
+    },
+    Workload {
+        name: WorkloadName,
+        reply: oneshot::Sender<Option<WorkloadView>>,
+    },
 }
 
 #[derive(Clone)]
@@ -67,59 +80,86 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(ApiError { error: msg.into() })).into_response()
 }
 
+/// A failed request, turned into a JSON error body (small, so `Result`s stay cheap).
+struct Failure(StatusCode, String);
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        error(self.0, self.1)
+    }
+}
+
 async fn ask<T>(
     s: &AppState,
     make: impl FnOnce(oneshot::Sender<T>) -> Request,
-) -> Result<T, Response> {
+) -> Result<T, Failure> {
+    let down = || {
+        Failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "hub is shutting down".into(),
+        )
+    };
     let (tx, rx) = oneshot::channel();
-    s.requests
-        .send(make(tx))
-        .await
-        .map_err(|_| error(StatusCode::SERVICE_UNAVAILABLE, "hub is shutting down"))?;
-    rx.await
-        .map_err(|_| error(StatusCode::SERVICE_UNAVAILABLE, "hub is shutting down"))
+    s.requests.send(make(tx)).await.map_err(|_| down())?;
+    rx.await.map_err(|_| down())
 }
 
-fn parse_name(name: &str) -> Result<WorkloadName, Response> {
-    WorkloadName::try_from(name).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))
+fn parse_name(name: &str) -> Result<WorkloadName, Failure> {
+    WorkloadName::try_from(name).map_err(|e| Failure(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
 async fn devices(State(s): State<AppState>) -> Response {
     match ask(&s, |reply| Request::Devices { reply }).await {
         Ok(v) => Json(v).into_response(),
-        Err(r) => r,
+        Err(f) => f.into_response(),
     }
 }
 
 async fn workloads(State(s): State<AppState>) -> Response {
     match ask(&s, |reply| Request::Workloads { reply }).await {
         Ok(v) => Json(v).into_response(),
-        Err(r) => r,
+        Err(f) => f.into_response(),
     }
 }
 
 async fn workload(State(s): State<AppState>, Path(name): Path<String>) -> Response {
     let name = match parse_name(&name) {
         Ok(n) => n,
-        Err(r) => return r,
+        Err(f) => return f.into_response(),
     };
-    match ask(&s, |reply| Request::Workload { name: name.clone(), reply }).await {
+    match ask(&s, |reply| Request::Workload {
+        name: name.clone(),
+        reply,
+    })
+    .await
+    {
         Ok(Some(v)) => Json(v).into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, format!("workload {:?} not found", name.as_str())),
-        Err(r) => r,
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("workload {:?} not found", name.as_str()),
+        ),
+        Err(f) => f.into_response(),
     }
 }
 
 async fn delete(State(s): State<AppState>, Path(name): Path<String>) -> Response {
     let name = match parse_name(&name) {
         Ok(n) => n,
-        Err(r) => return r,
+        Err(f) => return f.into_response(),
     };
-    match ask(&s, |reply| Request::Delete { name: name.clone(), reply }).await {
+    match ask(&s, |reply| Request::Delete {
+        name: name.clone(),
+        reply,
+    })
+    .await
+    {
         Ok(Ok(true)) => Json(serde_json::json!({ "deleted": name.as_str() })).into_response(),
-        Ok(Ok(false)) => error(StatusCode::NOT_FOUND, format!("workload {:?} not found", name.as_str())),
+        Ok(Ok(false)) => error(
+            StatusCode::NOT_FOUND,
+            format!("workload {:?} not found", name.as_str()),
+        ),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
-        Err(r) => r,
+        Err(f) => f.into_response(),
     }
 }
 
@@ -131,7 +171,7 @@ async fn apply(State(s): State<AppState>, body: Bytes) -> Response {
     match ask(&s, |reply| Request::Apply { text, reply }).await {
         Ok(r) if r.accepted => Json(r).into_response(),
         Ok(r) => (StatusCode::UNPROCESSABLE_ENTITY, Json(r)).into_response(),
-        Err(r) => r,
+        Err(f) => f.into_response(),
     }
 }
 
@@ -139,7 +179,11 @@ async fn put_blob(State(s): State<AppState>, body: Bytes) -> Response {
     let size = body.len() as u64;
     let blobs = s.blobs.clone();
     match tokio::task::spawn_blocking(move || blobs.put(&body)).await {
-        Ok(Ok(d)) => Json(BlobRef { digest: d.to_string(), size }).into_response(),
+        Ok(Ok(d)) => Json(BlobRef {
+            digest: d.to_string(),
+            size,
+        })
+        .into_response(),
         Ok(Err(e)) => error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
@@ -154,7 +198,10 @@ async fn get_blob(State(s): State<AppState>, Path(digest): Path<String>) -> Resp
     let dd = d.clone();
     match tokio::task::spawn_blocking(move || blobs.read(&dd)).await {
         Ok(Ok(bytes)) => ([(header::CONTENT_TYPE, "application/wasm")], bytes).into_response(),
-        Ok(Err(_)) => error(StatusCode::NOT_FOUND, format!("blob {:?} not found", d.as_str())),
+        Ok(Err(_)) => error(
+            StatusCode::NOT_FOUND,
+            format!("blob {:?} not found", d.as_str()),
+        ),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
@@ -163,7 +210,10 @@ async fn metrics(State(s): State<AppState>) -> Response {
     let mut out = String::new();
     match prometheus_client::encoding::text::encode(&mut out, &s.registry) {
         Ok(()) => (
-            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             out,
         )
             .into_response(),

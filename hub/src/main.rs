@@ -8,7 +8,11 @@ use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "shoal-hub", version, about = "Shoal hub: schedules WASM workloads onto edge devices")]
+#[command(
+    name = "shoal-hub",
+    version,
+    about = "Shoal hub: schedules WASM workloads onto edge devices"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

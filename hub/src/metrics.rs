@@ -28,15 +28,35 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn register(&self, r: &mut Registry) {
-        r.register("shoal_hub_applies", "Manifests received, by result", self.applies.clone());
+        r.register(
+            "shoal_hub_applies",
+            "Manifests received, by result",
+            self.applies.clone(),
+        );
         r.register(
             "shoal_hub_desired_published",
             "Desired-state messages published to devices",
             self.desired_published.clone(),
         );
-        r.register("shoal_hub_devices", "Devices known to the hub", self.devices.clone());
-        r.register("shoal_hub_devices_online", "Devices currently online", self.devices_online.clone());
-        r.register("shoal_hub_workloads", "Workloads stored", self.workloads.clone());
-        r.register("shoal_hub_replicas", "Replicas by phase", self.replicas.clone());
+        r.register(
+            "shoal_hub_devices",
+            "Devices known to the hub",
+            self.devices.clone(),
+        );
+        r.register(
+            "shoal_hub_devices_online",
+            "Devices currently online",
+            self.devices_online.clone(),
+        );
+        r.register(
+            "shoal_hub_workloads",
+            "Workloads stored",
+            self.workloads.clone(),
+        );
+        r.register(
+            "shoal_hub_replicas",
+            "Replicas by phase",
+            self.replicas.clone(),
+        );
     }
 }

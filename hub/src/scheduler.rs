@@ -108,10 +108,12 @@ pub fn schedule(devices: &[DeviceView], workloads: &[Workload], current: &Assign
             Placement::Every => {
                 let have: BTreeSet<DeviceId> = placed.values().cloned().collect();
                 for d in devices {
-                    if have.contains(&d.id) || !fits(d, w, &used).is_ok() {
+                    if have.contains(&d.id) || fits(d, w, &used).is_err() {
                         continue;
                     }
-                    let replica = (0u32..).find(|i| !placed.contains_key(i)).unwrap_or(u32::MAX);
+                    let replica = (0u32..)
+                        .find(|i| !placed.contains_key(i))
+                        .unwrap_or(u32::MAX);
                     *used.entry(d.id.clone()).or_default() += w.resources.memory;
                     placed.insert(replica, d.id.clone());
                 }
@@ -170,7 +172,8 @@ fn fits(d: &DeviceView, w: &Workload, used: &BTreeMap<DeviceId, u64>) -> Result<
 }
 
 fn free_memory(d: &DeviceView, used: &BTreeMap<DeviceId, u64>) -> u64 {
-    d.memory.saturating_sub(used.get(&d.id).copied().unwrap_or(0))
+    d.memory
+        .saturating_sub(used.get(&d.id).copied().unwrap_or(0))
 }
 
 enum Unfit {
@@ -253,7 +256,10 @@ mod tests {
     fn dev(id: &str, labels: &[(&str, &str)], mem_mi: u64) -> DeviceView {
         DeviceView {
             id: DeviceId::try_from(id).unwrap(),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             runtimes: ["wasm".to_string()].into(),
             memory: mem_mi << 20,
             online: true,
@@ -265,17 +271,30 @@ mod tests {
             name: WorkloadName::try_from(name).unwrap(),
             labels: BTreeMap::new(),
             placement,
-            selector: sel.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            selector: sel
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             module: ModuleRef::Digest(Digest::of(name.as_bytes())),
             args: vec![],
             env: BTreeMap::new(),
-            resources: Resources { memory: mem_mi << 20, cpu: None },
-            restart: Restart { policy: RestartPolicy::Always, initial_backoff_ms: 1000, max_backoff_ms: 60000 },
+            resources: Resources {
+                memory: mem_mi << 20,
+                cpu: None,
+            },
+            restart: Restart {
+                policy: RestartPolicy::Always,
+                initial_backoff_ms: 1000,
+                max_backoff_ms: 60000,
+            },
         }
     }
 
     fn devices_of(s: &Schedule, w: &str) -> Vec<String> {
-        s.assignments[&WorkloadName::try_from(w).unwrap()].values().map(|d| d.to_string()).collect()
+        s.assignments[&WorkloadName::try_from(w).unwrap()]
+            .values()
+            .map(|d| d.to_string())
+            .collect()
     }
 
     #[test]
@@ -329,10 +348,16 @@ mod tests {
             for (w, devs) in &c.want {
                 assert_eq!(devices_of(&s, w), *devs, "{}", c.name);
             }
-            let got: Vec<(String, String)> =
-                s.pending.iter().map(|(k, p)| (k.to_string(), p.reason.clone())).collect();
-            let want: Vec<(String, String)> =
-                c.pending.iter().map(|(k, r)| (k.to_string(), r.to_string())).collect();
+            let got: Vec<(String, String)> = s
+                .pending
+                .iter()
+                .map(|(k, p)| (k.to_string(), p.reason.clone()))
+                .collect();
+            let want: Vec<(String, String)> = c
+                .pending
+                .iter()
+                .map(|(k, r)| (k.to_string(), r.to_string()))
+                .collect();
             assert_eq!(got, want, "{}", c.name);
         }
     }
@@ -346,8 +371,16 @@ mod tests {
         assert_eq!(devices_of(&s1, "w"), vec!["a"]);
         a.online = false;
         let s2 = schedule(&[a.clone(), b.clone()], &w, &s1.assignments);
-        assert_eq!(devices_of(&s2, "w"), vec!["a"], "kept: rescheduling lost devices is not placement's job");
-        let s3 = schedule(&[a, b], &[wl("v", Placement::Replicas(1), &[], 64)], &Assignments::new());
+        assert_eq!(
+            devices_of(&s2, "w"),
+            vec!["a"],
+            "kept: rescheduling lost devices is not placement's job"
+        );
+        let s3 = schedule(
+            &[a, b],
+            &[wl("v", Placement::Replicas(1), &[], 64)],
+            &Assignments::new(),
+        );
         assert_eq!(devices_of(&s3, "v"), vec!["b"]);
     }
 
@@ -364,11 +397,22 @@ mod tests {
     #[test]
     fn scaling_down_removes_highest_indices() {
         let ds = vec![dev("a", &[], 256), dev("b", &[], 256)];
-        let s1 = schedule(&ds, &[wl("w", Placement::Replicas(3), &[], 16)], &Assignments::new());
-        let s2 = schedule(&ds, &[wl("w", Placement::Replicas(1), &[], 16)], &s1.assignments);
+        let s1 = schedule(
+            &ds,
+            &[wl("w", Placement::Replicas(3), &[], 16)],
+            &Assignments::new(),
+        );
+        let s2 = schedule(
+            &ds,
+            &[wl("w", Placement::Replicas(1), &[], 16)],
+            &s1.assignments,
+        );
         let m = &s2.assignments[&WorkloadName::try_from("w").unwrap()];
         assert_eq!(m.keys().copied().collect::<Vec<_>>(), vec![0]);
-        assert_eq!(m[&0], s1.assignments[&WorkloadName::try_from("w").unwrap()][&0]);
+        assert_eq!(
+            m[&0],
+            s1.assignments[&WorkloadName::try_from("w").unwrap()][&0]
+        );
     }
 
     fn arb_inputs() -> impl Strategy<Value = (Vec<DeviceView>, Vec<Workload>)> {
@@ -376,23 +420,35 @@ mod tests {
             v.into_iter()
                 .enumerate()
                 .map(|(i, (zone, mem, online))| {
-                    let mut d = dev(&format!("d{i}"), &[("zone", ["a", "b", "c"][zone as usize])], mem);
+                    let mut d = dev(
+                        &format!("d{i}"),
+                        &[("zone", ["a", "b", "c"][zone as usize])],
+                        mem,
+                    );
                     d.online = online;
                     d
                 })
                 .collect::<Vec<_>>()
         });
-        let wls = prop::collection::vec((0u8..4, 0u32..5, 1u64..128, any::<bool>()), 0..5).prop_map(|v| {
-            v.into_iter()
-                .enumerate()
-                .map(|(i, (zone, n, mem, every))| {
-                    let sel: Vec<(&str, &str)> =
-                        if zone == 3 { vec![] } else { vec![("zone", ["a", "b", "c"][zone as usize])] };
-                    let p = if every { Placement::Every } else { Placement::Replicas(n) };
-                    wl(&format!("w{i}"), p, &sel, mem)
-                })
-                .collect::<Vec<_>>()
-        });
+        let wls = prop::collection::vec((0u8..4, 0u32..5, 1u64..128, any::<bool>()), 0..5)
+            .prop_map(|v| {
+                v.into_iter()
+                    .enumerate()
+                    .map(|(i, (zone, n, mem, every))| {
+                        let sel: Vec<(&str, &str)> = if zone == 3 {
+                            vec![]
+                        } else {
+                            vec![("zone", ["a", "b", "c"][zone as usize])]
+                        };
+                        let p = if every {
+                            Placement::Every
+                        } else {
+                            Placement::Replicas(n)
+                        };
+                        wl(&format!("w{i}"), p, &sel, mem)
+                    })
+                    .collect::<Vec<_>>()
+            });
         (devs, wls)
     }
 

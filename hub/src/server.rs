@@ -47,9 +47,15 @@ pub enum HubError {
     #[error(transparent)]
     Broker(#[from] crate::broker::BrokerError),
     #[error("cannot create data directory {path:?}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot listen for HTTP on {addr}: {source}")]
-    HttpListen { addr: SocketAddr, source: std::io::Error },
+    HttpListen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// What the main loop reacts to.
@@ -74,16 +80,26 @@ pub async fn run(config: HubConfig, shutdown: CancellationToken) -> Result<(), H
     result
 }
 
-async fn serve(config: &HubConfig, tracker: &TaskTracker, shutdown: CancellationToken) -> Result<(), HubError> {
+async fn serve(
+    config: &HubConfig,
+    tracker: &TaskTracker,
+    shutdown: CancellationToken,
+) -> Result<(), HubError> {
     let store = SledStore::open(&config.data_dir)?;
     let blobs = Arc::new(BlobStore::open(&config.data_dir)?);
 
     let http_listener = tokio::net::TcpListener::bind(config.http_listen)
         .await
-        .map_err(|source| HubError::HttpListen { addr: config.http_listen, source })?;
+        .map_err(|source| HubError::HttpListen {
+            addr: config.http_listen,
+            source,
+        })?;
     let http_addr = http_listener
         .local_addr()
-        .map_err(|source| HubError::HttpListen { addr: config.http_listen, source })?;
+        .map_err(|source| HubError::HttpListen {
+            addr: config.http_listen,
+            source,
+        })?;
     let public_url = config.public_url.clone().unwrap_or_else(|| {
         let mut a = http_addr;
         if a.ip().is_unspecified() {
@@ -110,7 +126,13 @@ async fn serve(config: &HubConfig, tracker: &TaskTracker, shutdown: Cancellation
     metrics.register(&mut registry);
 
     let (bus_tx, bus_rx) = mpsc::channel(1024);
-    let bus = bus::connect(&broker, &format!("shoal-hub-{}", std::process::id()), bus_tx, tracker, shutdown.clone());
+    let bus = bus::connect(
+        &broker,
+        &format!("shoal-hub-{}", std::process::id()),
+        bus_tx,
+        tracker,
+        shutdown.clone(),
+    );
 
     let (req_tx, req_rx) = mpsc::channel(256);
     let app = http::router(AppState {
@@ -129,7 +151,12 @@ async fn serve(config: &HubConfig, tracker: &TaskTracker, shutdown: Cancellation
     });
     info!(http = %http_addr, %broker, public_url, data_dir = %config.data_dir.display(), "hub serving");
 
-    let mut main = MainLoop { core, bus, blobs, metrics };
+    let mut main = MainLoop {
+        core,
+        bus,
+        blobs,
+        metrics,
+    };
     main.update_metrics();
     main.run(bus_rx, req_rx, shutdown).await;
     info!("hub stopped");
@@ -175,7 +202,10 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 payload,
                 response_topic,
                 correlation,
-            }) => self.on_message(&topic, &payload, response_topic, correlation).await,
+            }) => {
+                self.on_message(&topic, &payload, response_topic, correlation)
+                    .await
+            }
             Event::Http(r) => self.on_request(r).await,
         }
         self.update_metrics();
@@ -257,7 +287,10 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     async fn on_request(&mut self, r: Request) {
         match r {
             Request::Apply { text, reply } => {
-                let result = self.apply(&text, None).instrument(info_span!("apply", source = "http")).await;
+                let result = self
+                    .apply(&text, None)
+                    .instrument(info_span!("apply", source = "http"))
+                    .await;
                 let _ = reply.send(result);
             }
             Request::Delete { name, reply } => {
@@ -300,7 +333,8 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 match validate_all(docs) {
                     Err(errors) => reject(errors),
                     Ok(workloads) => {
-                        let located: Vec<(usize, &_)> = positions.iter().copied().zip(workloads.iter()).collect();
+                        let located: Vec<(usize, &_)> =
+                            positions.iter().copied().zip(workloads.iter()).collect();
                         let errors = self.blobs.check_modules(&located);
                         if !errors.is_empty() {
                             reject(errors)
@@ -329,11 +363,21 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         };
         if result.accepted {
             info!(workloads = ?result.workloads, "manifest accepted");
-            self.metrics.applies.get_or_create(&ResultLabel { result: "accepted".into() }).inc();
+            self.metrics
+                .applies
+                .get_or_create(&ResultLabel {
+                    result: "accepted".into(),
+                })
+                .inc();
         } else {
             let reasons: Vec<String> = result.errors.iter().map(ToString::to_string).collect();
             info!(?reasons, "manifest rejected");
-            self.metrics.applies.get_or_create(&ResultLabel { result: "rejected".into() }).inc();
+            self.metrics
+                .applies
+                .get_or_create(&ResultLabel {
+                    result: "rejected".into(),
+                })
+                .inc();
         }
         result
     }
@@ -357,7 +401,9 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 Ok(()) => {
                     self.metrics.desired_published.inc();
                 }
-                Err(e) => warn!(device = %d.device_id, generation = d.generation, error = %e, "cannot publish desired state"),
+                Err(e) => {
+                    warn!(device = %d.device_id, generation = d.generation, error = %e, "cannot publish desired state")
+                }
             }
         }
     }
@@ -365,7 +411,9 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     fn update_metrics(&self) {
         let devices = self.core.device_views();
         self.metrics.devices.set(devices.len() as i64);
-        self.metrics.devices_online.set(devices.iter().filter(|d| d.online).count() as i64);
+        self.metrics
+            .devices_online
+            .set(devices.iter().filter(|d| d.online).count() as i64);
         let workloads = self.core.workload_views();
         self.metrics.workloads.set(workloads.len() as i64);
         for phase in [
@@ -384,13 +432,19 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 .count();
             self.metrics
                 .replicas
-                .get_or_create(&PhaseLabel { phase: phase.to_string() })
+                .get_or_create(&PhaseLabel {
+                    phase: phase.to_string(),
+                })
                 .set(n as i64);
         }
     }
 }
 
-fn decode<T: serde::de::DeserializeOwned + HasDevice>(topic: &str, payload: &[u8], raw: &str) -> Option<T> {
+fn decode<T: serde::de::DeserializeOwned + HasDevice>(
+    topic: &str,
+    payload: &[u8],
+    raw: &str,
+) -> Option<T> {
     match serde_json::from_slice::<T>(payload) {
         Ok(v) if v.device().as_str() == raw => Some(v),
         Ok(v) => {

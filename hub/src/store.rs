@@ -20,7 +20,10 @@ pub enum StoreError {
     #[error("hub database error: {0}")]
     Db(#[from] sled::Error),
     #[error("corrupt record {key:?} in hub database: {source}")]
-    Corrupt { key: String, source: serde_json::Error },
+    Corrupt {
+        key: String,
+        source: serde_json::Error,
+    },
     #[error("cannot encode record: {0}")]
     Encode(serde_json::Error),
 }
@@ -210,7 +213,10 @@ mod tests {
             })
             .unwrap();
             let mut a = Assignments::new();
-            a.insert(WorkloadName::try_from("w").unwrap(), [(0, d.clone())].into());
+            a.insert(
+                WorkloadName::try_from("w").unwrap(),
+                [(0, d.clone())].into(),
+            );
             s.put_assignments(&a).unwrap();
             s.flush().unwrap();
         }

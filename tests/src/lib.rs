@@ -20,7 +20,10 @@ pub fn bin_dir() -> PathBuf {
     }
     // target/debug/deps/<test binary> → target/debug
     let exe = std::env::current_exe().expect("current exe");
-    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
 }
 
 pub fn bin(name: &str) -> PathBuf {
@@ -34,7 +37,10 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Path of an example module (`hello.wasm`, `ticker.wasm`, `probe.wasm`).
@@ -43,12 +49,20 @@ pub fn module(name: &str) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|_| repo_root().join("modules").join("dist"));
     let p = dir.join(name);
-    assert!(p.is_file(), "{} not found: run scripts/build-modules.sh first", p.display());
+    assert!(
+        p.is_file(),
+        "{} not found: run scripts/build-modules.sh first",
+        p.display()
+    );
     p
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A child process killed (SIGKILL) when dropped.
@@ -60,7 +74,10 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Result<Proc> {
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -68,7 +85,11 @@ impl Proc {
             .env("SHOAL_LOG", "info,rumqttd=warn")
             .spawn()
             .with_context(|| format!("cannot start {name}"))?;
-        Ok(Proc { name: name.to_string(), child: Some(child), log })
+        Ok(Proc {
+            name: name.to_string(),
+            child: Some(child),
+            log,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -85,8 +106,12 @@ impl Proc {
 
     /// SIGTERM and wait for a clean exit; returns the exit status success.
     pub fn terminate(&mut self, within: Duration) -> Result<bool> {
-        let Some(mut c) = self.child.take() else { return Ok(true) };
-        Command::new("kill").args(["-TERM", &c.id().to_string()]).status()?;
+        let Some(mut c) = self.child.take() else {
+            return Ok(true);
+        };
+        Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()?;
         let t0 = Instant::now();
         loop {
             if let Some(st) = c.try_wait()? {
@@ -126,7 +151,12 @@ impl Hub {
         Self::start_on(dir, external_broker, free_port(), free_port())
     }
 
-    pub fn start_on(dir: &Path, external_broker: Option<&str>, mqtt: u16, http: u16) -> Result<Hub> {
+    pub fn start_on(
+        dir: &Path,
+        external_broker: Option<&str>,
+        mqtt: u16,
+        http: u16,
+    ) -> Result<Hub> {
         let data_dir = dir.join("hub");
         let mut cmd = Command::new(bin("shoal-hub"));
         cmd.arg("serve")
@@ -144,9 +174,19 @@ impl Hub {
             None => format!("mqtt://127.0.0.1:{mqtt}"),
         };
         let proc = Proc::spawn("shoal-hub", &mut cmd, dir.join("hub.log"))?;
-        let hub = Hub { proc, mqtt, http, broker_url, data_dir };
+        let hub = Hub {
+            proc,
+            mqtt,
+            http,
+            broker_url,
+            data_dir,
+        };
         wait_until(Duration::from_secs(20), "hub HTTP API up", || {
-            Ok(hub.shoal(&["get", "devices"]).status.success().then_some(()))
+            Ok(hub
+                .shoal(&["get", "devices"])
+                .status
+                .success()
+                .then_some(()))
         })?;
         Ok(hub)
     }
@@ -162,7 +202,9 @@ impl Hub {
 
     pub fn shoal_in(&self, args: &[&str], cwd: Option<&Path>) -> Output {
         let mut c = Command::new(bin("shoal"));
-        c.args(args).env("SHOAL_BROKER", &self.broker_url).env("SHOAL_HUB", self.hub_url());
+        c.args(args)
+            .env("SHOAL_BROKER", &self.broker_url)
+            .env("SHOAL_HUB", self.hub_url());
         if let Some(d) = cwd {
             c.current_dir(d);
         }
@@ -174,7 +216,10 @@ impl Hub {
         a.extend(["-o", "json"]);
         let out = self.shoal(&a);
         if !out.status.success() {
-            bail!("shoal {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "shoal {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(serde_json::from_slice(&out.stdout)?)
     }
@@ -189,7 +234,11 @@ impl Hub {
 
     /// `shoal get workloads -o json`, as a map name → workload.
     pub fn workloads(&self) -> Result<Vec<Value>> {
-        Ok(self.json(&["get", "workloads"])?.as_array().cloned().unwrap_or_default())
+        Ok(self
+            .json(&["get", "workloads"])?
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
     }
 
     pub fn workload(&self, name: &str) -> Result<Option<Value>> {
@@ -198,21 +247,35 @@ impl Hub {
 
     /// Waits until every replica of `name` is `Running`, returning the workload view.
     pub fn wait_running(&self, name: &str, replicas: usize, within: Duration) -> Result<Value> {
-        wait_until(within, &format!("{name}: {replicas} replicas Running"), || {
-            let Some(w) = self.workload(name)? else { return Ok(None) };
-            let reps = w["replicas"].as_array().cloned().unwrap_or_default();
-            let running = reps.iter().filter(|r| r["phase"] == "Running").count();
-            Ok((reps.len() == replicas && running == replicas).then_some(w))
-        })
+        wait_until(
+            within,
+            &format!("{name}: {replicas} replicas Running"),
+            || {
+                let Some(w) = self.workload(name)? else {
+                    return Ok(None);
+                };
+                let reps = w["replicas"].as_array().cloned().unwrap_or_default();
+                let running = reps.iter().filter(|r| r["phase"] == "Running").count();
+                Ok((reps.len() == replicas && running == replicas).then_some(w))
+            },
+        )
     }
 
     pub fn devices(&self) -> Result<Vec<Value>> {
-        Ok(self.json(&["get", "devices"])?.as_array().cloned().unwrap_or_default())
+        Ok(self
+            .json(&["get", "devices"])?
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
     }
 
     pub fn wait_devices_online(&self, n: usize, within: Duration) -> Result<()> {
         wait_until(within, &format!("{n} devices online"), || {
-            let online = self.devices()?.iter().filter(|d| d["online"] == true).count();
+            let online = self
+                .devices()?
+                .iter()
+                .filter(|d| d["online"] == true)
+                .count();
             Ok((online == n).then_some(()))
         })
     }
@@ -240,12 +303,17 @@ impl Agent {
             .arg("--memory")
             .arg("1Gi");
         let proc = Proc::spawn(id, &mut cmd, dir.join(format!("{id}.log")))?;
-        Ok(Agent { proc, id: id.to_string(), data_dir })
+        Ok(Agent {
+            proc,
+            id: id.to_string(),
+            data_dir,
+        })
     }
 
     /// The workload log of a replica on this device (`{workload}-{replica}`).
     pub fn workload_log(&self, instance: &str) -> String {
-        std::fs::read_to_string(self.data_dir.join("logs").join(format!("{instance}.log"))).unwrap_or_default()
+        std::fs::read_to_string(self.data_dir.join("logs").join(format!("{instance}.log")))
+            .unwrap_or_default()
     }
 }
 
@@ -270,9 +338,15 @@ impl Mosquitto {
             &conf,
             format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_packet_size 8388608\n"),
         )?;
-        let proc = Proc::spawn("mosquitto", Command::new(exe).arg("-c").arg(&conf), dir.join(format!("mosquitto-{port}.log")))?;
+        let proc = Proc::spawn(
+            "mosquitto",
+            Command::new(exe).arg("-c").arg(&conf),
+            dir.join(format!("mosquitto-{port}.log")),
+        )?;
         wait_until(Duration::from_secs(10), "mosquitto listening", || {
-            Ok(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok().then_some(()))
+            Ok(std::net::TcpStream::connect(("127.0.0.1", port))
+                .is_ok()
+                .then_some(()))
         })?;
         Ok(Mosquitto { proc, port })
     }
@@ -285,7 +359,19 @@ impl Mosquitto {
 /// Reads the retained message on `topic` with `mosquitto_sub` (None if there is none).
 pub fn retained(port: u16, topic: &str) -> Result<Option<String>> {
     let out = Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic, "-C", "1", "-W", "2", "--retained-only"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            topic,
+            "-C",
+            "1",
+            "-W",
+            "2",
+            "--retained-only",
+        ])
         .output()
         .context("mosquitto_sub is not installed (apt-get install mosquitto-clients)")?;
     let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
@@ -293,7 +379,11 @@ pub fn retained(port: u16, topic: &str) -> Result<Option<String>> {
 }
 
 /// Polls `f` every 100 ms until it returns `Some`, or fails after `within`.
-pub fn wait_until<T>(within: Duration, what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+pub fn wait_until<T>(
+    within: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
     let t0 = Instant::now();
     let mut last_err = None;
     loop {
@@ -325,7 +415,10 @@ pub fn count_lines(log: &str, prefix: &str) -> usize {
 pub fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the ")" of the command name; utime and stime are fields 14 and 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("bad /proc stat")?;
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("bad /proc stat")?;
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
     Ok(ticks / 100.0)

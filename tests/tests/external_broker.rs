@@ -8,7 +8,18 @@ use std::time::Duration;
 /// Starts `mosquitto_sub` waiting for one message on `topic`, returning the child.
 fn subscribe_one(port: u16, topic: &str, v5: bool) -> std::process::Child {
     let mut c = Command::new("mosquitto_sub");
-    c.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic, "-C", "1", "-W", "15"]);
+    c.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-t",
+        topic,
+        "-C",
+        "1",
+        "-W",
+        "15",
+    ]);
     if v5 {
         c.args(["-V", "mqttv5"]);
     }
@@ -40,9 +51,16 @@ fn mosquitto_pub_apply_works_like_shoal_apply() -> anyhow::Result<()> {
 
     // Upload the module, then refer to it by digest in a manifest sent by mosquitto_pub.
     let out = hub.shoal(&["push", module("probe.wasm").to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let digest = String::from_utf8(out.stdout)?.trim().to_string();
-    assert!(digest.starts_with("sha256:") && digest.len() == 71, "{digest}");
+    assert!(
+        digest.starts_with("sha256:") && digest.len() == 71,
+        "{digest}"
+    );
     let manifest = write_manifest(
         dir.path(),
         "fleet.yaml",
@@ -52,7 +70,10 @@ fn mosquitto_pub_apply_works_like_shoal_apply() -> anyhow::Result<()> {
     );
     let sub = subscribe_one(mq.port, "shoal/v1/results/r1", false);
     std::thread::sleep(Duration::from_millis(300));
-    publish(mq.port, &["-t", "shoal/v1/apply/r1", "-f", manifest.to_str().unwrap()]);
+    publish(
+        mq.port,
+        &["-t", "shoal/v1/apply/r1", "-f", manifest.to_str().unwrap()],
+    );
     let verdict = wait_verdict(sub);
     assert_eq!(verdict["accepted"], true, "{verdict}");
     assert_eq!(verdict["requestId"], "r1");
@@ -68,12 +89,21 @@ fn mosquitto_pub_apply_works_like_shoal_apply() -> anyhow::Result<()> {
     );
     let sub = subscribe_one(mq.port, "shoal/v1/results/r2", false);
     std::thread::sleep(Duration::from_millis(300));
-    publish(mq.port, &["-t", "shoal/v1/apply/r2", "-f", bad.to_str().unwrap()]);
+    publish(
+        mq.port,
+        &["-t", "shoal/v1/apply/r2", "-f", bad.to_str().unwrap()],
+    );
     let verdict = wait_verdict(sub);
     assert_eq!(verdict["accepted"], false, "{verdict}");
     let errors = verdict["errors"].as_array().unwrap();
     assert!(!errors.is_empty());
-    assert!(errors[0]["message"].as_str().unwrap().contains("spec.replicas"), "{verdict}");
+    assert!(
+        errors[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.replicas"),
+        "{verdict}"
+    );
     assert_eq!(hub.workloads()?.len(), 1);
 
     // MQTT 5: the verdict also goes to the publish's response topic, with its correlation data.
@@ -82,9 +112,20 @@ fn mosquitto_pub_apply_works_like_shoal_apply() -> anyhow::Result<()> {
     publish(
         mq.port,
         &[
-            "-V", "mqttv5", "-t", "shoal/v1/apply", "-f", manifest.to_str().unwrap(),
-            "-D", "publish", "response-topic", "ops/replies/42",
-            "-D", "publish", "correlation-data", "c-42",
+            "-V",
+            "mqttv5",
+            "-t",
+            "shoal/v1/apply",
+            "-f",
+            manifest.to_str().unwrap(),
+            "-D",
+            "publish",
+            "response-topic",
+            "ops/replies/42",
+            "-D",
+            "publish",
+            "correlation-data",
+            "c-42",
         ],
     );
     let verdict = wait_verdict(reply);
@@ -110,7 +151,13 @@ fn embedded_broker_speaks_mqtt_3_and_5() -> anyhow::Result<()> {
         publish(hub.mqtt, &args);
         let verdict = wait_verdict(sub);
         assert_eq!(verdict["accepted"], false);
-        assert!(verdict["errors"][0]["message"].as_str().unwrap().starts_with("invalid YAML"), "{verdict}");
+        assert!(
+            verdict["errors"][0]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("invalid YAML"),
+            "{verdict}"
+        );
     }
     Ok(())
 }

@@ -31,8 +31,15 @@ fn malformed_manifests_are_rejected_with_golden_errors_and_change_nothing() -> a
         "good.yaml.in",
         "apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: { name: web }\nspec:\n  wasm: { module: ./ok.wasm }\n  args: [heartbeat, \"200\"]\n",
     );
-    let out = hub.shoal_in(&["apply", "-f", good.file_name().unwrap().to_str().unwrap()], Some(&work));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = hub.shoal_in(
+        &["apply", "-f", good.file_name().unwrap().to_str().unwrap()],
+        Some(&work),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let before = hub.wait_running("web", 1, Duration::from_secs(60))?;
 
     let bless = std::env::var_os("SHOAL_BLESS").is_some();
@@ -58,7 +65,9 @@ fn malformed_manifests_are_rejected_with_golden_errors_and_change_nothing() -> a
         }
         let expected = std::fs::read_to_string(&expected_path).unwrap_or_default();
         if stderr != expected {
-            failures.push(format!("{file}:\n--- expected\n{expected}--- got\n{stderr}"));
+            failures.push(format!(
+                "{file}:\n--- expected\n{expected}--- got\n{stderr}"
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -69,7 +78,10 @@ fn malformed_manifests_are_rejected_with_golden_errors_and_change_nothing() -> a
     let w = &after[0];
     assert_eq!(w["revision"], before["revision"]);
     assert_eq!(w["replicas"][0]["phase"], "Running");
-    assert_eq!(w["replicas"][0]["startedAtMs"], before["replicas"][0]["startedAtMs"]);
+    assert_eq!(
+        w["replicas"][0]["startedAtMs"],
+        before["replicas"][0]["startedAtMs"]
+    );
     assert_eq!(w["replicas"][0]["restarts"], 0);
     Ok(())
 }

@@ -19,8 +19,16 @@ fn crash_loop_memory_limit_and_cpu_share() -> anyhow::Result<()> {
     hub.wait_devices_online(1, Duration::from_secs(20))?;
 
     let text = [
-        probe_workload("crasher", "crash", "  restart: { policy: Always, backoff: { initial: 200ms, max: 10s } }\n"),
-        probe_workload("hog", "hog", "  resources: { memory: 16Mi }\n  restart: { policy: Never }\n"),
+        probe_workload(
+            "crasher",
+            "crash",
+            "  restart: { policy: Always, backoff: { initial: 200ms, max: 10s } }\n",
+        ),
+        probe_workload(
+            "hog",
+            "hog",
+            "  resources: { memory: 16Mi }\n  restart: { policy: Never }\n",
+        ),
     ]
     .concat();
     hub.apply(&write_manifest(dir.path(), "a.yaml", &text))?;
@@ -35,12 +43,21 @@ fn crash_loop_memory_limit_and_cpu_share() -> anyhow::Result<()> {
             if backoffs.last() != Some(&b) {
                 backoffs.push(b);
                 assert_eq!(r["exitCode"], 3);
-                assert!(r["reason"].as_str().unwrap().contains("exited with status 3"), "{r}");
+                assert!(
+                    r["reason"]
+                        .as_str()
+                        .unwrap()
+                        .contains("exited with status 3"),
+                    "{r}"
+                );
             }
         }
         Ok((backoffs.len() >= 3).then_some(()))
     })?;
-    assert!(backoffs.windows(2).all(|p| p[1] > p[0]), "delays grow: {backoffs:?}");
+    assert!(
+        backoffs.windows(2).all(|p| p[1] > p[0]),
+        "delays grow: {backoffs:?}"
+    );
     assert!(backoffs[0] >= 200 && backoffs[0] < 1000, "{backoffs:?}");
 
     // The memory hog fails with a reason that says so.
@@ -80,9 +97,16 @@ fn crash_loop_memory_limit_and_cpu_share() -> anyhow::Result<()> {
     let cpu = (cpu_seconds(agent.proc.pid())? - cpu0) / elapsed;
 
     let expected = elapsed / 0.1;
-    assert!(beats as f64 >= expected * 0.7, "heartbeat slowed down: {beats} beats in {elapsed:.1}s");
+    assert!(
+        beats as f64 >= expected * 0.7,
+        "heartbeat slowed down: {beats} beats in {elapsed:.1}s"
+    );
     // 100m for the spinner plus the agent's own work; a spinner left alone would take a core.
-    assert!(cpu < 0.5, "agent used {:.0}% of a core with a 100m spinner", cpu * 100.0);
+    assert!(
+        cpu < 0.5,
+        "agent used {:.0}% of a core with a 100m spinner",
+        cpu * 100.0
+    );
     let spins = count_lines(&agent.workload_log("spinner-0"), "spin ");
     assert!(spins > 0, "the spinner did run");
     Ok(())

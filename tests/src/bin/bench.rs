@@ -20,8 +20,15 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn rss_kib(pid: u32) -> Result<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = s.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
-    Ok(line.split_whitespace().nth(1).context("bad VmRSS")?.parse()?)
+    let line = s
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("no VmRSS")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("bad VmRSS")?
+        .parse()?)
 }
 
 struct Mqtt {
@@ -64,15 +71,21 @@ impl Mqtt {
 }
 
 fn running(payload: &[u8], name: &str) -> bool {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else { return false };
-    v["workloads"]
-        .as_array()
-        .is_some_and(|ws| ws.iter().any(|w| w["name"] == name && w["phase"] == "Running"))
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+        return false;
+    };
+    v["workloads"].as_array().is_some_and(|ws| {
+        ws.iter()
+            .any(|w| w["name"] == name && w["phase"] == "Running")
+    })
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let n: usize = std::env::var("SHOAL_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let n: usize = std::env::var("SHOAL_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
     let dir = tempfile::tempdir()?;
     let hub = Hub::start(dir.path(), None)?;
     let agent = Agent::start(dir.path(), "bench-1", "", &hub.broker_url)?;
@@ -92,7 +105,9 @@ async fn main() -> Result<()> {
     let mut hop = Vec::new();
     for i in 0..n {
         let t0 = Instant::now();
-        m.client.publish("bench/echo", QoS::AtLeastOnce, false, i.to_string()).await?;
+        m.client
+            .publish("bench/echo", QoS::AtLeastOnce, false, i.to_string())
+            .await?;
         let want = i.to_string();
         m.wait("bench/echo", |p| p == want.as_bytes()).await?;
         hop.push(t0.elapsed().as_secs_f64() * 1000.0);
@@ -105,8 +120,19 @@ async fn main() -> Result<()> {
     };
     // Warm-up: the first run downloads and compiles the module.
     let t0 = Instant::now();
-    m.client.publish("shoal/v1/apply/warm", QoS::AtLeastOnce, false, manifest("warm")).await?;
-    tokio::time::timeout(Duration::from_secs(60), m.wait(status_topic, |p| running(p, "warm"))).await??;
+    m.client
+        .publish(
+            "shoal/v1/apply/warm",
+            QoS::AtLeastOnce,
+            false,
+            manifest("warm"),
+        )
+        .await?;
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        m.wait(status_topic, |p| running(p, "warm")),
+    )
+    .await??;
     let cold_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let rss_idle_loaded = rss_kib(agent.proc.pid())?;
 
@@ -115,9 +141,18 @@ async fn main() -> Result<()> {
         let name = format!("b{i}");
         let t0 = Instant::now();
         m.client
-            .publish(format!("shoal/v1/apply/r{i}"), QoS::AtLeastOnce, false, manifest(&name))
+            .publish(
+                format!("shoal/v1/apply/r{i}"),
+                QoS::AtLeastOnce,
+                false,
+                manifest(&name),
+            )
             .await?;
-        tokio::time::timeout(Duration::from_secs(10), m.wait(status_topic, |p| running(p, &name))).await??;
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            m.wait(status_topic, |p| running(p, &name)),
+        )
+        .await??;
         lat.push(t0.elapsed().as_secs_f64() * 1000.0);
         // Delete it again (not timed) so every iteration starts one replica.
         let out = hub.shoal(&["delete", "workload", &name]);
@@ -135,12 +170,31 @@ async fn main() -> Result<()> {
     let size = |name: &str| std::fs::metadata(bin(name)).map(|m| m.len()).unwrap_or(0);
     println!("| figure | value | baseline (same run) | ratio |");
     println!("|---|---|---|---|");
-    println!("| apply → Running p50 (n={n}) | {p50:.2} ms | 3 MQTT hops p50 {:.2} ms | {:.1}× |", 3.0 * h50, p50 / (3.0 * h50));
-    println!("| apply → Running p99 (n={n}) | {p99:.2} ms | 3 MQTT hops p99 {:.2} ms | {:.1}× |", 3.0 * h99, p99 / (3.0 * h99));
+    println!(
+        "| apply → Running p50 (n={n}) | {p50:.2} ms | 3 MQTT hops p50 {:.2} ms | {:.1}× |",
+        3.0 * h50,
+        p50 / (3.0 * h50)
+    );
+    println!(
+        "| apply → Running p99 (n={n}) | {p99:.2} ms | 3 MQTT hops p99 {:.2} ms | {:.1}× |",
+        3.0 * h99,
+        p99 / (3.0 * h99)
+    );
     println!("| one MQTT QoS 1 hop p50 / p99 | {h50:.3} / {h99:.3} ms | | |");
     println!("| first apply → Running (download + compile) | {cold_ms:.0} ms | | |");
-    println!("| agent RSS, engine loaded, one replica | {:.1} MiB | | |", rss_idle_loaded as f64 / 1024.0);
-    println!("| agent RSS after {n} replicas came and went (1 running) | {:.1} MiB | | |", rss_after as f64 / 1024.0);
-    println!("| shoal-agent binary ({}) | {:.1} MiB | shoal-hub {:.1} MiB | |", bin_dir().display(), size("shoal-agent") as f64 / 1048576.0, size("shoal-hub") as f64 / 1048576.0);
+    println!(
+        "| agent RSS, engine loaded, one replica | {:.1} MiB | | |",
+        rss_idle_loaded as f64 / 1024.0
+    );
+    println!(
+        "| agent RSS after {n} replicas came and went (1 running) | {:.1} MiB | | |",
+        rss_after as f64 / 1024.0
+    );
+    println!(
+        "| shoal-agent binary ({}) | {:.1} MiB | shoal-hub {:.1} MiB | |",
+        bin_dir().display(),
+        size("shoal-agent") as f64 / 1048576.0,
+        size("shoal-hub") as f64 / 1048576.0
+    );
     Ok(())
 }
