@@ -9,8 +9,13 @@ scripts/build-modules.sh
 echo "== fmt";    cargo fmt --all -- --check
 echo "== clippy"; cargo clippy --workspace --all-targets -q -- -D warnings
 echo "== build";  cargo build --workspace -q
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 echo "== unit tests"
-cargo test --workspace --exclude shoal-e2e -q
+cargo test --workspace --exclude shoal-e2e -q 2>&1 | tee -a "$log"
 echo "== end-to-end tests (real hub, agents, mosquitto)"
-# One at a time: they start processes and one measures CPU shares.
-cargo test -p shoal-e2e -q -- --test-threads=1
+# One at a time: they start processes, and one measures CPU shares.
+cargo test -p shoal-e2e -q -- --test-threads=1 2>&1 | tee -a "$log"
+# One closing line for the whole run.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
+     END { printf "all tests: %d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }' "$log"
