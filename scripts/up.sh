@@ -24,6 +24,7 @@ export SHOAL_BROKER="mqtt://127.0.0.1:$mqtt_port" SHOAL_HUB="http://127.0.0.1:$h
 mkdir -p "$state"
 pids=()
 cleanup() {
+  trap - EXIT INT TERM
   echo; echo "== stopping"
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true

@@ -1,9 +1,11 @@
 //! `shoal-agent`: the edge agent binary.
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use shoal_agent::agent::AgentConfig;
 use shoal_api::endpoint::BrokerUrl;
 use shoal_api::ids::DeviceId;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
@@ -24,26 +26,42 @@ enum Command {
     Run(RunArgs),
 }
 
+/// Settings come from built-in defaults, then `--config FILE` (TOML, see
+/// examples/agent.toml), then environment variables, then flags: each later source wins.
 #[derive(clap::Args)]
 struct RunArgs {
+    /// TOML config file (keys as in examples/agent.toml).
+    #[arg(long, env = "SHOAL_AGENT_CONFIG")]
+    config: Option<PathBuf>,
     /// Directory for the agent database, module cache and workload logs.
     #[arg(long, env = "SHOAL_AGENT_DATA_DIR")]
-    data_dir: PathBuf,
+    data_dir: Option<PathBuf>,
     /// This device's id (lowercase letters, digits and '-').
     #[arg(long, env = "SHOAL_AGENT_DEVICE_ID")]
-    device_id: DeviceId,
+    device_id: Option<DeviceId>,
     /// Device labels, k=v,k2=v2.
-    #[arg(long, env = "SHOAL_AGENT_LABELS", default_value = "", value_parser = parse_labels)]
-    labels: std::collections::BTreeMap<String, String>,
-    /// MQTT broker, mqtt://HOST:PORT.
-    #[arg(long, env = "SHOAL_BROKER", default_value = "mqtt://127.0.0.1:1883")]
-    broker: BrokerUrl,
-    /// Memory offered to workloads (e.g. 512Mi); default: all of the machine's memory.
+    #[arg(long, env = "SHOAL_AGENT_LABELS", value_parser = parse_labels)]
+    labels: Option<BTreeMap<String, String>>,
+    /// MQTT broker, mqtt://HOST:PORT [default: mqtt://127.0.0.1:1883].
+    #[arg(long, env = "SHOAL_BROKER")]
+    broker: Option<BrokerUrl>,
+    /// Memory offered to workloads (e.g. 512Mi) [default: all of the machine's memory].
     #[arg(long, env = "SHOAL_AGENT_MEMORY", value_parser = parse_memory)]
     memory: Option<u64>,
 }
 
-fn parse_labels(s: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
+/// The config file. Unknown keys are errors (a typo must not be silently ignored).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    device_id: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
+    broker: Option<String>,
+    memory: Option<String>,
+}
+
+fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
     shoal_api::ids::parse_label_list(s).map_err(|e| e.to_string())
 }
 
@@ -51,7 +69,74 @@ fn parse_memory(s: &str) -> Result<u64, String> {
     shoal_api::quantity::parse_memory(s).map_err(|e| e.to_string())
 }
 
-fn main() -> anyhow::Result<()> {
+fn agent_config(a: RunArgs) -> anyhow::Result<AgentConfig> {
+    let (file, name) = match &a.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| {
+                format!("cannot read config file {:?}", p.display().to_string())
+            })?;
+            let f: FileConfig = toml::from_str(&text)
+                .with_context(|| format!("config file {:?} is invalid", p.display().to_string()))?;
+            (f, p.display().to_string())
+        }
+        None => (FileConfig::default(), String::new()),
+    };
+    let bad = |key: &str, e: String| anyhow::anyhow!("config file {name:?}: {key}: {e}");
+    let device_id = match (a.device_id, file.device_id) {
+        (Some(d), _) => d,
+        (None, Some(d)) => d
+            .parse()
+            .map_err(|e: shoal_api::ids::IdError| bad("device-id", e.to_string()))?,
+        (None, None) => bail!(
+            "no device id: give --device-id, SHOAL_AGENT_DEVICE_ID or device-id in a config file"
+        ),
+    };
+    let labels = match (a.labels, file.labels) {
+        (Some(l), _) => l,
+        (None, Some(l)) => {
+            for (k, v) in &l {
+                shoal_api::ids::check_label_key(k).map_err(|e| bad("labels", e.to_string()))?;
+                shoal_api::ids::check_label_value(v).map_err(|e| bad("labels", e.to_string()))?;
+            }
+            l
+        }
+        (None, None) => BTreeMap::new(),
+    };
+    let broker = match (a.broker, file.broker) {
+        (Some(b), _) => b,
+        (None, Some(b)) => b
+            .parse()
+            .map_err(|e: shoal_api::endpoint::EndpointError| bad("broker", e.to_string()))?,
+        (None, None) => BrokerUrl {
+            host: "127.0.0.1".into(),
+            port: 1883,
+        },
+    };
+    let memory = match (a.memory, file.memory) {
+        (Some(m), _) => Some(m),
+        (None, Some(m)) => Some(parse_memory(&m).map_err(|e| bad("memory", e))?),
+        (None, None) => None,
+    };
+    let data_dir = a.data_dir.or(file.data_dir).context(
+        "no data directory: give --data-dir, SHOAL_AGENT_DATA_DIR or data-dir in a config file",
+    )?;
+    Ok(AgentConfig {
+        data_dir,
+        device_id,
+        labels,
+        broker,
+        memory,
+    })
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG").unwrap_or_else(|_| {
@@ -73,13 +158,7 @@ fn main() -> anyhow::Result<()> {
                 wait_for_signal().await;
                 stop.cancel();
             });
-            let config = shoal_agent::agent::AgentConfig {
-                data_dir: a.data_dir,
-                device_id: a.device_id,
-                labels: a.labels,
-                broker: a.broker,
-                memory: a.memory,
-            };
+            let config = agent_config(a)?;
             shoal_agent::agent::run(config, shutdown)
                 .await
                 .context("agent failed")
@@ -99,5 +178,49 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(config: Option<PathBuf>) -> RunArgs {
+        RunArgs {
+            config,
+            data_dir: None,
+            device_id: None,
+            labels: None,
+            broker: None,
+            memory: None,
+        }
+    }
+
+    #[test]
+    fn precedence_defaults_file_then_env_or_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            "data-dir = \"/d\"\ndevice-id = \"from-file\"\nlabels = { zone = \"a\" }\nmemory = \"64Mi\"\n",
+        )
+        .unwrap();
+        let c = agent_config(args(Some(file.clone()))).unwrap();
+        assert_eq!(c.device_id.as_str(), "from-file");
+        assert_eq!(c.memory, Some(64 << 20));
+        assert_eq!(c.broker.to_string(), "mqtt://127.0.0.1:1883", "default");
+        let mut a = args(Some(file.clone()));
+        a.device_id = Some("from-flag".parse().unwrap());
+        a.memory = Some(1);
+        let c = agent_config(a).unwrap();
+        assert_eq!(c.device_id.as_str(), "from-flag");
+        assert_eq!(c.memory, Some(1));
+        assert_eq!(c.labels.get("zone").map(String::as_str), Some("a"));
+
+        std::fs::write(&file, "device-id = \"Bad_Id\"\ndata-dir = \"/d\"\n").unwrap();
+        let e = format!("{:#}", agent_config(args(Some(file))).unwrap_err());
+        assert!(e.contains("device-id") && e.contains("\"Bad_Id\""), "{e}");
+        let e = format!("{:#}", agent_config(args(None)).unwrap_err());
+        assert!(e.contains("no device id"), "{e}");
     }
 }

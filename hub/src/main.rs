@@ -24,26 +24,85 @@ enum Command {
     Serve(ServeArgs),
 }
 
+/// Settings come from built-in defaults, then `--config FILE` (TOML, see examples/hub.toml),
+/// then environment variables, then flags: each later source wins.
 #[derive(clap::Args)]
 struct ServeArgs {
+    /// TOML config file (keys as in examples/hub.toml).
+    #[arg(long, env = "SHOAL_HUB_CONFIG")]
+    config: Option<PathBuf>,
     /// Directory for the hub database and blobs.
     #[arg(long, env = "SHOAL_HUB_DATA_DIR")]
-    data_dir: PathBuf,
-    /// Address of the embedded MQTT broker (MQTT 3.1.1 and 5 on one port).
-    #[arg(long, env = "SHOAL_HUB_MQTT_LISTEN", default_value = "127.0.0.1:1883")]
-    mqtt_listen: SocketAddr,
+    data_dir: Option<PathBuf>,
+    /// Address of the embedded MQTT broker (MQTT 3.1.1 and 5 on one port) [default: 127.0.0.1:1883].
+    #[arg(long, env = "SHOAL_HUB_MQTT_LISTEN")]
+    mqtt_listen: Option<SocketAddr>,
     /// Use this external broker (mqtt://HOST:PORT) instead of the embedded one.
     #[arg(long, env = "SHOAL_HUB_BROKER")]
     broker: Option<BrokerUrl>,
-    /// Address of the HTTP API.
-    #[arg(long, env = "SHOAL_HUB_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
-    http_listen: SocketAddr,
-    /// URL agents fetch blobs from (default: http://<http-listen>).
+    /// Address of the HTTP API [default: 127.0.0.1:8080].
+    #[arg(long, env = "SHOAL_HUB_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
+    /// URL agents fetch blobs from [default: http://<http-listen>].
     #[arg(long, env = "SHOAL_HUB_PUBLIC_URL")]
     public_url: Option<String>,
 }
 
-fn main() -> anyhow::Result<()> {
+/// The config file. Unknown keys are errors (a typo must not be silently ignored).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    mqtt_listen: Option<SocketAddr>,
+    broker: Option<String>,
+    http_listen: Option<SocketAddr>,
+    public_url: Option<String>,
+}
+
+fn hub_config(a: ServeArgs) -> anyhow::Result<shoal_hub::HubConfig> {
+    let (file, name) = match &a.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| {
+                format!("cannot read config file {:?}", p.display().to_string())
+            })?;
+            let f: FileConfig = toml::from_str(&text)
+                .with_context(|| format!("config file {:?} is invalid", p.display().to_string()))?;
+            (f, p.display().to_string())
+        }
+        None => (FileConfig::default(), String::new()),
+    };
+    let broker = match (a.broker, file.broker) {
+        (Some(b), _) => Some(b),
+        (None, Some(b)) => Some(b.parse().map_err(|e: shoal_api::endpoint::EndpointError| {
+            anyhow::anyhow!("config file {name:?}: broker: {e}")
+        })?),
+        (None, None) => None,
+    };
+    Ok(shoal_hub::HubConfig {
+        data_dir: a.data_dir.or(file.data_dir).context(
+            "no data directory: give --data-dir, SHOAL_HUB_DATA_DIR or data-dir in a config file",
+        )?,
+        mqtt_listen: a
+            .mqtt_listen
+            .or(file.mqtt_listen)
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 1883))),
+        broker,
+        http_listen: a
+            .http_listen
+            .or(file.http_listen)
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
+        public_url: a.public_url.or(file.public_url),
+    })
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
@@ -64,13 +123,7 @@ fn main() -> anyhow::Result<()> {
                 wait_for_signal().await;
                 stop.cancel();
             });
-            let config = shoal_hub::HubConfig {
-                data_dir: a.data_dir,
-                mqtt_listen: a.mqtt_listen,
-                broker: a.broker,
-                http_listen: a.http_listen,
-                public_url: a.public_url,
-            };
+            let config = hub_config(a)?;
             shoal_hub::run(config, shutdown).await.context("hub failed")
         }),
     }?;
