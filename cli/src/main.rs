@@ -329,6 +329,9 @@ async fn publish_apply(
     opts.set_keep_alive(Duration::from_secs(10));
     opts.set_max_packet_size(8 << 20, 8 << 20);
     let (client, mut events) = AsyncClient::new(opts, 16);
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    events.set_network_options(net);
     let results = topics::results(&req);
     let work = async {
         let mut published = false;

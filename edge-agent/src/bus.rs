@@ -83,6 +83,9 @@ pub fn connect(
         true,
     ));
     let (client, mut eventloop) = AsyncClient::new(opts, 256);
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    eventloop.set_network_options(net);
     let sub = client.clone();
     let desired_topic = topics::desired(device);
     let broker = broker.to_string();

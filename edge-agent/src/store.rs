@@ -35,10 +35,15 @@ pub struct SledStore {
 impl SledStore {
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let path = data_dir.join("agent.db");
-        let db = sled::open(&path).map_err(|source| StoreError::Open {
-            path: path.display().to_string(),
-            source,
-        })?;
+        // One small key lives here: a small page cache keeps the agent's footprint down.
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(1 << 20)
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
         Ok(Self { db })
     }
 }

@@ -172,11 +172,44 @@ async fn dispatch(mut conn: TcpStream, v4: SocketAddr, v5: SocketAddr) -> std::i
             ));
         }
     };
-    let mut up = TcpStream::connect(backend).await?;
+    let up = TcpStream::connect(backend).await?;
     up.set_nodelay(true)?;
-    tokio::io::copy_bidirectional(&mut conn, &mut up).await?;
-    Ok(())
+    splice(conn, up).await
 }
+
+/// Copies both ways until either side closes. rumqttd does not set TCP_NODELAY on the sockets
+/// it accepts, so two small packets in a row from the broker (a PUBACK then a PUBLISH) would
+/// wait for our delayed ACK (~40 ms, Nagle). Acknowledging at once (TCP_QUICKACK, which Linux
+/// resets after each read) on the broker-facing socket removes that stall.
+async fn splice(conn: TcpStream, up: TcpStream) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let (mut client_rx, mut client_tx) = conn.into_split();
+    let (mut up_rx, mut up_tx) = up.into_split();
+    let to_broker = async {
+        tokio::io::copy(&mut client_rx, &mut up_tx).await?;
+        up_tx.shutdown().await
+    };
+    let to_client = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = up_rx.read(&mut buf).await?;
+            quick_ack(up_rx.as_ref());
+            if n == 0 {
+                return client_tx.shutdown().await;
+            }
+            client_tx.write_all(&buf[..n]).await?;
+        }
+    };
+    tokio::try_join!(to_broker, to_client).map(|_| ())
+}
+
+#[cfg(target_os = "linux")]
+fn quick_ack(s: &TcpStream) {
+    let _ = socket2::SockRef::from(s).set_tcp_quickack(true);
+}
+
+#[cfg(not(target_os = "linux"))]
+fn quick_ack(_: &TcpStream) {}
 
 /// Peeks (without consuming) at the CONNECT packet's protocol level byte.
 async fn protocol_level(conn: &TcpStream) -> std::io::Result<u8> {

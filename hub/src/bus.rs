@@ -98,6 +98,9 @@ pub fn connect(
     let mut opts = MqttOptions::new(client_id, broker.host.clone(), broker.port);
     opts.set_keep_alive(Duration::from_secs(15));
     opts.set_clean_start(true);
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    opts.set_network_options(net);
     opts.set_max_packet_size(Some(crate::broker::MAX_PAYLOAD as u32 + 1024));
     let (client, mut eventloop) = AsyncClient::new(opts, 1024);
     let sub = client.clone();

@@ -18,17 +18,30 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn rss_kib(pid: u32) -> Result<u64> {
+/// (total RSS, anonymous, file-backed) in KiB.
+fn rss_kib(pid: u32) -> Result<(u64, u64, u64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = s
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .context("no VmRSS")?;
-    Ok(line
-        .split_whitespace()
-        .nth(1)
-        .context("bad VmRSS")?
-        .parse()?)
+    let field = |name: &str| -> Result<u64> {
+        let line = s
+            .lines()
+            .find(|l| l.starts_with(name))
+            .with_context(|| format!("no {name}"))?;
+        Ok(line
+            .split_whitespace()
+            .nth(1)
+            .context("bad status line")?
+            .parse()?)
+    };
+    Ok((field("VmRSS:")?, field("RssAnon:")?, field("RssFile:")?))
+}
+
+fn mib((total, anon, file): (u64, u64, u64)) -> String {
+    format!(
+        "{:.1} MiB ({:.1} anonymous, {:.1} file-backed)",
+        total as f64 / 1024.0,
+        anon as f64 / 1024.0,
+        file as f64 / 1024.0
+    )
 }
 
 struct Mqtt {
@@ -41,6 +54,9 @@ impl Mqtt {
         let mut o = MqttOptions::new(id, "127.0.0.1", port);
         o.set_max_packet_size(8 << 20, 8 << 20);
         let (client, mut events) = AsyncClient::new(o, 64);
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        events.set_network_options(net);
         loop {
             if let Event::Incoming(Packet::ConnAck(_)) = events.poll().await? {
                 break;
@@ -183,12 +199,12 @@ async fn main() -> Result<()> {
     println!("| one MQTT QoS 1 hop p50 / p99 | {h50:.3} / {h99:.3} ms | | |");
     println!("| first apply → Running (download + compile) | {cold_ms:.0} ms | | |");
     println!(
-        "| agent RSS, engine loaded, one replica | {:.1} MiB | | |",
-        rss_idle_loaded as f64 / 1024.0
+        "| agent RSS, engine loaded, one replica | {} | | |",
+        mib(rss_idle_loaded)
     );
     println!(
-        "| agent RSS after {n} replicas came and went (1 running) | {:.1} MiB | | |",
-        rss_after as f64 / 1024.0
+        "| agent RSS after {n} replicas came and went (1 running) | {} | | |",
+        mib(rss_after)
     );
     println!(
         "| shoal-agent binary ({}) | {:.1} MiB | shoal-hub {:.1} MiB | |",
