@@ -33,8 +33,15 @@ trap cleanup EXIT INT TERM
 
 "$bin/shoal-hub" serve --data-dir "$state/hub" --mqtt-listen "127.0.0.1:$mqtt_port" \
   --http-listen "127.0.0.1:$http_port" >"$state/hub.log" 2>&1 &
-pids+=($!)
+hub_pid=$!
+pids+=("$hub_pid")
 for _ in $(seq 100); do "$bin/shoal" get devices >/dev/null 2>&1 && break; sleep 0.1; done
+if ! kill -0 "$hub_pid" 2>/dev/null; then
+  echo "shoal-hub did not start (is port $mqtt_port or $http_port taken, e.g. by a mosquitto service?" \
+       "set SHOAL_MQTT_PORT / SHOAL_HTTP_PORT):"
+  cat "$state/hub.log"
+  exit 1
+fi
 "$bin/shoal-agent" run --data-dir "$state/agent" --device-id "$(hostname -s | tr 'A-Z_.' 'a-z--' | cut -c1-63)" \
   --labels role=sensor,zone=local --broker "$SHOAL_BROKER" >"$state/agent.log" 2>&1 &
 pids+=($!)
