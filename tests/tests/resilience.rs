@@ -2,7 +2,20 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use shoal_e2e::*;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// One `probe heartbeat 100` workload named `beat`.
+fn beat_manifest(dir: &Path) -> PathBuf {
+    write_manifest(
+        dir,
+        "fleet.yaml",
+        &format!(
+            "apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: beat }}\nspec:\n  wasm: {{ module: \"{}\" }}\n  args: [heartbeat, \"100\"]\n",
+            module("probe.wasm").display()
+        ),
+    )
+}
 
 #[test]
 fn killed_agent_restarts_its_workloads_from_sled_without_a_broker() -> anyhow::Result<()> {
@@ -12,14 +25,7 @@ fn killed_agent_restarts_its_workloads_from_sled_without_a_broker() -> anyhow::R
     let hub = Hub::start(dir.path(), Some(&mq.url()))?;
     let mut agent = Agent::start(dir.path(), "edge-1", "", &mq.url())?;
     hub.wait_devices_online(1, Duration::from_secs(20))?;
-    let manifest = write_manifest(
-        dir.path(),
-        "fleet.yaml",
-        &format!(
-            "apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: beat }}\nspec:\n  wasm: {{ module: \"{}\" }}\n  args: [heartbeat, \"100\"]\n",
-            module("probe.wasm").display()
-        ),
-    );
+    let manifest = beat_manifest(dir.path());
     hub.apply(&manifest)?;
     hub.wait_running("beat", 1, Duration::from_secs(60))?;
 
@@ -89,14 +95,7 @@ fn hub_killed_keeps_fleet_state() -> anyhow::Result<()> {
     let mut hub = Hub::start_on(dir.path(), None, mqtt, http)?;
     let agent = Agent::start(dir.path(), "edge-1", "", &hub.broker_url)?;
     hub.wait_devices_online(1, Duration::from_secs(20))?;
-    let manifest = write_manifest(
-        dir.path(),
-        "fleet.yaml",
-        &format!(
-            "apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: beat }}\nspec:\n  wasm: {{ module: \"{}\" }}\n  args: [heartbeat, \"100\"]\n",
-            module("probe.wasm").display()
-        ),
-    );
+    let manifest = beat_manifest(dir.path());
     hub.apply(&manifest)?;
     let before = hub.wait_running("beat", 1, Duration::from_secs(60))?;
     hub.proc.kill();
