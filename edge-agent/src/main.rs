@@ -7,7 +7,6 @@ use shoal_api::endpoint::BrokerUrl;
 use shoal_api::ids::DeviceId;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -70,17 +69,12 @@ fn parse_memory(s: &str) -> Result<u64, String> {
 }
 
 fn agent_config(a: RunArgs) -> anyhow::Result<AgentConfig> {
-    let (file, name) = match &a.config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| {
-                format!("cannot read config file {:?}", p.display().to_string())
-            })?;
-            let f: FileConfig = toml::from_str(&text)
-                .with_context(|| format!("config file {:?} is invalid", p.display().to_string()))?;
-            (f, p.display().to_string())
-        }
-        None => (FileConfig::default(), String::new()),
-    };
+    let file: FileConfig = shoal_daemon::read_config(a.config.as_deref())?;
+    let name = a
+        .config
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
     let bad = |key: &str, e: String| anyhow::anyhow!("config file {name:?}: {key}: {e}");
     let device_id = match (a.device_id, file.device_id) {
         (Some(d), _) => d,
@@ -137,14 +131,7 @@ fn main() {
 }
 
 fn real_main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG").unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn")
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    shoal_daemon::init_tracing("info,wasmtime=warn,cranelift=warn");
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -152,32 +139,12 @@ fn real_main() -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     match cli.command {
         Command::Run(a) => rt.block_on(async {
-            let shutdown = CancellationToken::new();
-            let stop = shutdown.clone();
-            tokio::spawn(async move {
-                wait_for_signal().await;
-                stop.cancel();
-            });
+            let shutdown = shoal_daemon::shutdown_on_signal();
             let config = agent_config(a)?;
             shoal_agent::agent::run(config, shutdown)
                 .await
                 .context("agent failed")
         }),
-    }
-}
-
-async fn wait_for_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
     }
 }
 

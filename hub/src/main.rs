@@ -5,7 +5,6 @@ use clap::{Parser, Subcommand};
 use shoal_api::endpoint::BrokerUrl;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -60,17 +59,12 @@ struct FileConfig {
 }
 
 fn hub_config(a: ServeArgs) -> anyhow::Result<shoal_hub::HubConfig> {
-    let (file, name) = match &a.config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| {
-                format!("cannot read config file {:?}", p.display().to_string())
-            })?;
-            let f: FileConfig = toml::from_str(&text)
-                .with_context(|| format!("config file {:?} is invalid", p.display().to_string()))?;
-            (f, p.display().to_string())
-        }
-        None => (FileConfig::default(), String::new()),
-    };
+    let file: FileConfig = shoal_daemon::read_config(a.config.as_deref())?;
+    let name = a
+        .config
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
     let broker = match (a.broker, file.broker) {
         (Some(b), _) => Some(b),
         (None, Some(b)) => Some(b.parse().map_err(|e: shoal_api::endpoint::EndpointError| {
@@ -103,13 +97,7 @@ fn main() {
 }
 
 fn real_main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    shoal_daemon::init_tracing("info,rumqttd=warn");
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -117,31 +105,11 @@ fn real_main() -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     match cli.command {
         Command::Serve(a) => rt.block_on(async {
-            let shutdown = CancellationToken::new();
-            let stop = shutdown.clone();
-            tokio::spawn(async move {
-                wait_for_signal().await;
-                stop.cancel();
-            });
+            let shutdown = shoal_daemon::shutdown_on_signal();
             let config = hub_config(a)?;
             shoal_hub::run(config, shutdown).await.context("hub failed")
         }),
     }?;
     // rumqttd's threads have no shutdown API; leave without waiting for them.
     std::process::exit(0)
-}
-
-async fn wait_for_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
 }
