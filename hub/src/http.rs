@@ -49,6 +49,8 @@ pub enum Request {
     Workloads {
         reply: oneshot::Sender<Vec<WorkloadView>>,
     },
+    /// Bring the gauges up to date before a scrape (computed on demand, not on every event).
+    RefreshMetrics { reply: oneshot::Sender<()> },
     Workload {
         name: WorkloadName,
         reply: oneshot::Sender<Option<WorkloadView>>,
@@ -207,6 +209,9 @@ async fn get_blob(State(s): State<AppState>, Path(digest): Path<String>) -> Resp
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
+    if let Err(f) = ask(&s, |reply| Request::RefreshMetrics { reply }).await {
+        return f.into_response();
+    }
     let mut out = String::new();
     match prometheus_client::encoding::text::encode(&mut out, &s.registry) {
         Ok(()) => (

@@ -157,7 +157,6 @@ async fn serve(
         blobs,
         metrics,
     };
-    main.update_metrics();
     main.run(bus_rx, req_rx, shutdown).await;
     info!("hub stopped");
     Ok(())
@@ -208,7 +207,6 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             }
             Event::Http(r) => self.on_request(r).await,
         }
-        self.update_metrics();
     }
 
     async fn on_message(
@@ -303,6 +301,10 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     Err(e) => Err(e.to_string()),
                 };
                 let _ = reply.send(r);
+            }
+            Request::RefreshMetrics { reply } => {
+                self.update_metrics();
+                let _ = reply.send(());
             }
             Request::Devices { reply } => {
                 let _ = reply.send(self.core.device_views());

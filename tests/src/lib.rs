@@ -423,3 +423,13 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
     Ok(ticks / 100.0)
 }
+
+/// A plain HTTP/1.0 GET on loopback (for endpoints the CLI does not wrap, like `/metrics`).
+pub fn http_get(port: u16, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
+}
