@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Builds the example WASM workloads in modules/ and copies them to modules/dist/:
-# hello.wasm (wasm32-wasip2 component), ticker.wasm and probe.wasm (wasm32-wasip1 modules).
+# hello.wasm and netprobe.wasm (wasm32-wasip2 components), ticker.wasm and probe.wasm
+# (wasm32-wasip1 modules).
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$REPO_ROOT/modules"
-CARGO_TARGET_DIR="$SHOAL_MODULES_TARGET" cargo build -q --release --target wasm32-wasip2 -p hello
+CARGO_TARGET_DIR="$SHOAL_MODULES_TARGET" cargo build -q --release --target wasm32-wasip2 -p hello -p netprobe
 CARGO_TARGET_DIR="$SHOAL_MODULES_TARGET" cargo build -q --release --target wasm32-wasip1 -p ticker -p probe
 mkdir -p dist
-cp "$SHOAL_MODULES_TARGET/wasm32-wasip2/release/hello.wasm" dist/
+cp "$SHOAL_MODULES_TARGET/wasm32-wasip2/release/hello.wasm" "$SHOAL_MODULES_TARGET/wasm32-wasip2/release/netprobe.wasm" dist/
 cp "$SHOAL_MODULES_TARGET/wasm32-wasip1/release/ticker.wasm" "$SHOAL_MODULES_TARGET/wasm32-wasip1/release/probe.wasm" dist/
 echo "modules built: $(cd dist && ls *.wasm | tr '\n' ' ')"

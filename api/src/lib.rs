@@ -10,11 +10,13 @@
 //!
 //! No I/O happens in this crate.
 
+pub mod discovery;
 pub mod endpoint;
 pub mod ids;
 pub mod manifest;
 pub mod messages;
 pub mod quantity;
+pub mod table;
 pub mod topics;
 pub mod views;
 pub mod wasm;

@@ -47,6 +47,29 @@ pub struct WorkloadSpec {
     pub resources: Option<Resources>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart: Option<Restart>,
+    /// TCP ports the workload listens on; `expose: mdns` advertises them on the LAN.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<Port>,
+    /// Services (workload names) this workload connects to: the agent keeps their endpoints in
+    /// `/shoal/services/{name}/{port}` inside the sandbox and allows connections to them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uses: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Port {
+    /// Port name (default: the port number), used in endpoint file names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Wide integer so that out-of-range values get a clear error rather than a serde one.
+    pub port: i64,
+    /// `tcp` (the default and only protocol for now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// `none` (default) or `mdns`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expose: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

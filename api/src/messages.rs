@@ -5,7 +5,7 @@
 
 use crate::ids::{DeviceId, Digest, WorkloadName};
 use crate::manifest::ManifestError;
-use crate::workload::{Resources, Restart, Workload};
+use crate::workload::{Port, Resources, Restart, Workload};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -79,6 +79,10 @@ pub struct DesiredWorkload {
     pub env: BTreeMap<String, String>,
     pub resources: Resources,
     pub restart: Restart,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<Port>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uses: Vec<WorkloadName>,
 }
 
 impl DesiredWorkload {
@@ -94,6 +98,8 @@ impl DesiredWorkload {
             env: w.env.clone(),
             resources: w.resources,
             restart: w.restart,
+            ports: w.ports.clone(),
+            uses: w.uses.clone(),
         })
     }
 

@@ -66,6 +66,16 @@ pub fn format_memory(bytes: u64) -> String {
 }
 
 /// Parses a CPU quantity into millicores (`100m` → 100, `0.5` → 500, `2` → 2000).
+/// An age the way kubectl prints it: `42s`, `17m`, `5h`.
+pub fn format_age(elapsed_ms: u64) -> String {
+    let s = elapsed_ms / 1000;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        _ => format!("{}h", s / 3600),
+    }
+}
+
 pub fn parse_cpu(s: &str) -> Result<u32, QuantityError> {
     const HINT: &str = "expected millicores like 100m or cores like 0.5 or 2";
     let t = s.trim();

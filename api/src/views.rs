@@ -40,6 +40,10 @@ pub struct DeviceView {
     /// Replicas placed on the device.
     #[serde(default)]
     pub replicas: usize,
+    /// Addresses the device's agent advertises over mDNS, as the hub sees them; empty when
+    /// the hub has not seen it on the LAN (other subnet, mDNS off).
+    #[serde(default)]
+    pub mdns_addresses: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

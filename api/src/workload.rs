@@ -73,6 +73,30 @@ pub struct Resources {
     pub cpu: Option<u32>,
 }
 
+/// Longest service name DNS-SD allows (RFC 6763 §7.2), so the longest name of a workload whose
+/// ports are exposed over mDNS or that another workload `uses`.
+pub const MAX_SERVICE_NAME: usize = 15;
+
+/// How a port is made known beyond its device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Expose {
+    /// Reachable on the device's addresses, but not advertised.
+    None,
+    /// Advertised as `_{workload}._tcp.local.` by the device that runs the replica.
+    Mdns,
+}
+
+/// A TCP port a workload listens on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Port {
+    /// 1–15 characters of `a-z`, `0-9` and `-`; defaults to the port number.
+    pub name: String,
+    pub port: u16,
+    pub expose: Expose,
+}
+
 /// A validated workload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -86,6 +110,8 @@ pub struct Workload {
     pub env: BTreeMap<String, String>,
     pub resources: Resources,
     pub restart: Restart,
+    pub ports: Vec<Port>,
+    pub uses: Vec<WorkloadName>,
 }
 
 impl Workload {
@@ -99,13 +125,21 @@ impl Workload {
             env: &'a BTreeMap<String, String>,
             resources: &'a Resources,
             restart: &'a Restart,
+            #[serde(skip_serializing_if = "<[_]>::is_empty")]
+            ports: &'a [Port],
+            #[serde(skip_serializing_if = "<[_]>::is_empty")]
+            uses: &'a [WorkloadName],
         }
+        // Empty lists are left out so that revisions of workloads written before ports and
+        // uses existed do not change (which would restart every replica on upgrade).
         let input = RevisionInput {
             module: &self.module,
             args: &self.args,
             env: &self.env,
             resources: &self.resources,
             restart: &self.restart,
+            ports: &self.ports,
+            uses: &self.uses,
         };
         // Serializing plain structs and BTreeMaps cannot fail; fall back to Debug regardless.
         let bytes =
@@ -224,6 +258,8 @@ impl TryFrom<WorkloadManifest> for Workload {
         };
 
         let restart = restart(spec.restart.unwrap_or_default(), &mut errs);
+        let ports = ports(name.as_ref(), spec.ports, &mut errs);
+        let uses = uses(spec.uses, &mut errs);
 
         match (name, placement, module, memory, cpu, restart) {
             (Some(name), Some(placement), Some(module), Some(memory), Some(cpu), Some(restart))
@@ -239,11 +275,109 @@ impl TryFrom<WorkloadManifest> for Workload {
                     env: spec.env,
                     resources: Resources { memory, cpu },
                     restart,
+                    ports,
+                    uses,
                 })
             }
             _ => Err(errs),
         }
     }
+}
+
+fn ports(
+    workload: Option<&WorkloadName>,
+    wire: Vec<crate::manifest::Port>,
+    errs: &mut Vec<String>,
+) -> Vec<Port> {
+    let mut out: Vec<Port> = Vec::new();
+    for (i, p) in wire.into_iter().enumerate() {
+        let field = format!("spec.ports[{i}]");
+        let before = errs.len();
+        let number = u16::try_from(p.port).ok().filter(|n| *n != 0);
+        if number.is_none() {
+            errs.push(format!(
+                "{field}.port {} is invalid: must be 1-65535",
+                p.port
+            ));
+        }
+        match p.protocol.as_deref() {
+            None | Some("tcp") => {}
+            Some(other) => errs.push(format!(
+                "{field}.protocol {other:?} is not supported: only \"tcp\""
+            )),
+        }
+        let expose = match p.expose.as_deref() {
+            None | Some("none") => Expose::None,
+            Some("mdns") => Expose::Mdns,
+            Some(other) => {
+                errs.push(format!(
+                    "{field}.expose {other:?} is invalid: expected \"mdns\" or \"none\""
+                ));
+                Expose::None
+            }
+        };
+        let name = p
+            .name
+            .clone()
+            .unwrap_or_else(|| number.map(|n| n.to_string()).unwrap_or_default());
+        let name_ok = !name.is_empty()
+            && name.len() <= MAX_SERVICE_NAME
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !name.starts_with('-')
+            && !name.ends_with('-');
+        if p.name.is_some() && !name_ok {
+            errs.push(format!(
+                "{field}.name {name:?} is invalid: must be 1-{MAX_SERVICE_NAME} characters of a-z, 0-9 and '-', not starting or ending with '-'"
+            ));
+        }
+        if let Some(n) = number {
+            if out.iter().any(|o| o.port == n) {
+                errs.push(format!("{field}.port {n} is declared twice"));
+            }
+        }
+        if out.iter().any(|o| o.name == name) && p.name.is_some() {
+            errs.push(format!("{field}.name {name:?} is declared twice"));
+        }
+        if expose == Expose::Mdns {
+            if let Some(w) = workload.filter(|w| w.as_str().len() > MAX_SERVICE_NAME) {
+                errs.push(format!(
+                    "{field}.expose: workload name {:?} is {} characters; mDNS service names are limited to {MAX_SERVICE_NAME} (RFC 6763), so rename the workload or drop expose",
+                    w.as_str(),
+                    w.as_str().len()
+                ));
+            }
+        }
+        if let (Some(port), true) = (number, errs.len() == before) {
+            out.push(Port { name, port, expose });
+        }
+    }
+    out
+}
+
+fn uses(wire: Vec<String>, errs: &mut Vec<String>) -> Vec<WorkloadName> {
+    let mut out: Vec<WorkloadName> = Vec::new();
+    for (i, u) in wire.iter().enumerate() {
+        match WorkloadName::try_from(u.as_str()) {
+            Err(e) => errs.push(format!("spec.uses[{i}]: {e}")),
+            Ok(_) if u.len() > MAX_SERVICE_NAME => errs.push(format!(
+                "spec.uses[{i}] {u:?} can never be found: mDNS service names are limited to {MAX_SERVICE_NAME} characters (RFC 6763)"
+            )),
+            Ok(n) if out.contains(&n) => {
+                errs.push(format!("spec.uses[{i}] {u:?} is listed twice"))
+            }
+            Ok(n) => out.push(n),
+        }
+    }
+    out
+}
+
+/// Whether two port lists share a port number (replicas holding them cannot share a device).
+pub fn ports_clash(a: &[Port], b: &[Port]) -> Option<u16> {
+    a.iter()
+        .find(|p| b.iter().any(|q| q.port == p.port))
+        .map(|p| p.port)
 }
 
 fn check_labels(field: &str, labels: &BTreeMap<String, String>, errs: &mut Vec<String>) {
@@ -494,6 +628,77 @@ spec:
         assert!(text
             .iter()
             .all(|t| t.starts_with("document 1 (workload \"Bad_Name\")")));
+    }
+
+    #[test]
+    fn ports_and_uses_are_validated() {
+        let doc = |spec: &str| {
+            format!("apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: greeter }}\nspec:\n  wasm: {{ module: x.wasm }}\n{spec}")
+        };
+        let w = &parse_workloads(&doc(
+            "  ports: [{ port: 8080, expose: mdns }, { name: admin, port: 9000 }]\n  uses: [store]\n",
+        ))
+        .unwrap()[0];
+        assert_eq!(
+            w.ports,
+            vec![
+                Port {
+                    name: "8080".into(),
+                    port: 8080,
+                    expose: Expose::Mdns
+                },
+                Port {
+                    name: "admin".into(),
+                    port: 9000,
+                    expose: Expose::None
+                },
+            ]
+        );
+        assert_eq!(w.uses, vec![WorkloadName::try_from("store").unwrap()]);
+        let errs = parse_workloads(&doc(
+            "  ports: [{ port: 70000 }, { port: 80, protocol: udp, expose: dns }, { port: 80, name: Web }]\n  uses: [Bad, a-service-name-longer-than-15]\n",
+        ))
+        .unwrap_err();
+        let all: Vec<String> = errs.iter().map(|e| e.message.clone()).collect();
+        for needle in [
+            "spec.ports[0].port 70000 is invalid",
+            "spec.ports[1].protocol \"udp\" is not supported",
+            "spec.ports[1].expose \"dns\" is invalid",
+            "spec.ports[2].name \"Web\" is invalid",
+            "spec.uses[0]",
+            "spec.uses[1] \"a-service-name-longer-than-15\" can never be found",
+        ] {
+            assert!(
+                all.iter().any(|m| m.contains(needle)),
+                "{needle} not in {all:#?}"
+            );
+        }
+        let long = doc("  ports: [{ port: 80, expose: mdns }]\n")
+            .replace("greeter", "a-very-long-greeter");
+        let errs = parse_workloads(&long).unwrap_err();
+        assert!(errs[0].message.contains("limited to 15"), "{errs:?}");
+        // The same port twice.
+        let errs = parse_workloads(&doc("  ports: [{ port: 80 }, { port: 80, name: again }]\n"))
+            .unwrap_err();
+        assert!(
+            errs[0].message.contains("port 80 is declared twice"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn revision_without_ports_is_unchanged_by_their_introduction() {
+        // The revision computed by the code before ports and uses existed: it must not change
+        // (every replica would restart on upgrade).
+        let w = &parse_workloads(GOOD).unwrap()[0];
+        assert_eq!(w.revision(), "a081638dc26f");
+        let mut with = w.clone();
+        with.ports.push(Port {
+            name: "80".into(),
+            port: 80,
+            expose: Expose::None,
+        });
+        assert_ne!(with.revision(), w.revision());
     }
 
     #[test]

@@ -5,8 +5,6 @@
 //! `shoal/v1/results/{req}` — exactly what a third-party MQTT client would do. The read and
 //! delete commands use the hub's HTTP API.
 
-mod table;
-
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -14,12 +12,12 @@ use shoal_api::endpoint::BrokerUrl;
 use shoal_api::manifest::{parse_stream, to_yaml_stream, ManifestError};
 use shoal_api::messages::ApplyResult;
 use shoal_api::quantity::format_memory;
+use shoal_api::table::Table;
 use shoal_api::topics;
 use shoal_api::views::{ApiError, BlobRef, DeviceView, WorkloadView};
 use shoal_api::workload::{validate_all, ModuleRef};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use table::Table;
 
 #[derive(Parser)]
 #[command(name = "shoal", version, about = "Operate a Shoal fleet")]
@@ -394,16 +392,10 @@ fn human_memory(bytes: u64) -> String {
 }
 
 fn ago(ms: u64) -> String {
-    let now = shoal_api::messages::now_ms();
     if ms == 0 {
         return "-".into();
     }
-    let s = now.saturating_sub(ms) / 1000;
-    match s {
-        0..=119 => format!("{s}s"),
-        120..=7199 => format!("{}m", s / 60),
-        _ => format!("{}h", s / 3600),
-    }
+    shoal_api::quantity::format_age(shoal_api::messages::now_ms().saturating_sub(ms))
 }
 
 fn print_devices(devices: &[DeviceView], output: Output) -> anyhow::Result<()> {
@@ -422,6 +414,7 @@ fn print_devices(devices: &[DeviceView], output: Output) -> anyhow::Result<()> {
         "REPLICAS",
         "GENERATION",
         "LAST SEEN",
+        "MDNS",
         "LABELS",
     ]);
     for d in devices {
@@ -441,6 +434,11 @@ fn print_devices(devices: &[DeviceView], output: Output) -> anyhow::Result<()> {
             d.replicas.to_string(),
             format!("{}/{}", d.observed_generation, d.desired_generation),
             ago(d.last_seen_ms),
+            if d.mdns_addresses.is_empty() {
+                "-".into()
+            } else {
+                d.mdns_addresses.join(",")
+            },
             if labels.is_empty() {
                 "<none>".into()
             } else {

@@ -1,6 +1,8 @@
 //! Process glue shared by the two daemons (`shoal-hub`, `shoal-agent`): logging set-up, a
-//! shutdown token cancelled by SIGINT/SIGTERM, and reading the optional TOML config file.
-//! Only `main` functions use it; the libraries take their config and token as arguments.
+//! shutdown token cancelled by SIGINT/SIGTERM, reading the optional TOML config file, and the
+//! mDNS adapter ([`mdns`]) both daemons advertise and browse with.
+
+pub mod mdns;
 
 use anyhow::Context;
 use std::path::Path;
@@ -51,4 +53,13 @@ pub fn read_config<T: serde::de::DeserializeOwned + Default>(
     let text =
         std::fs::read_to_string(p).with_context(|| format!("cannot read config file {name:?}"))?;
     toml::from_str(&text).with_context(|| format!("config file {name:?} is invalid"))
+}
+
+/// This machine's host name (`/proc/sys/kernel/hostname`), or `"localhost"`.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
 }

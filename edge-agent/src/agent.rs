@@ -5,24 +5,35 @@
 //! state is acted on only if its generation is newer than the persisted one, and only after it
 //! has been saved durably. At start the persisted desired state is acted on at once, so a
 //! device runs its workloads even when the hub and the broker are unreachable.
+//!
+//! Discovery runs in the same loop: mDNS browse results update the [`Directory`]; a new hub
+//! choice retargets the bus (through a watch channel), service changes rewrite the endpoint
+//! files of consuming workloads, and replicas entering or leaving `Running` are advertised or
+//! withdrawn.
 
 use crate::bus::{self, Bus, BusEvent};
+use crate::directory::{Change, Directory};
 use crate::fetch::{Fetcher, ModuleSource};
+use crate::local::{self, DevicePeer, HubPeer, LocalRequest, PeersView};
 use crate::plan::{plan, Action, Observed};
-use crate::runtime::WorkloadRuntime;
+use crate::runtime::{Network, WorkloadRuntime};
+use crate::services::{self, ServiceFiles};
 use crate::store::{SledStore, Store};
 use crate::supervisor::{self, Shared, Update};
 use crate::wasm::WasmRuntime;
+use shoal_api::discovery::{self, AgentAd};
 use shoal_api::endpoint::BrokerUrl;
-use shoal_api::ids::DeviceId;
+use shoal_api::ids::{DeviceId, WorkloadName};
 use shoal_api::messages::{
-    now_ms, DesiredState, DesiredWorkload, DeviceStatus, Hello, InstanceStatus,
+    now_ms, DesiredState, DesiredWorkload, DeviceStatus, Hello, InstanceStatus, Phase,
 };
 use shoal_api::topics;
-use std::collections::BTreeMap;
+use shoal_daemon::mdns::{Discovery, Mdns, MdnsEvent, MdnsOptions, NoDiscovery};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use tokio::sync::mpsc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -34,10 +45,22 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     pub device_id: DeviceId,
     pub labels: BTreeMap<String, String>,
-    pub broker: BrokerUrl,
+    /// The broker; `None`: find the hub of `fleet` over mDNS.
+    pub broker: Option<BrokerUrl>,
     /// Memory offered to workloads; default: the machine's total memory.
     pub memory: Option<u64>,
+    /// The fleet this device belongs to; hubs of other fleets are ignored.
+    pub fleet: String,
+    /// mDNS interfaces; `None`: mDNS off (then `broker` is required).
+    pub mdns: Option<MdnsOptions>,
+    /// The local API's Unix socket; `None`: no local API.
+    pub socket: Option<PathBuf>,
 }
+
+/// How long the agent looks for a hub before saying it found none, and how often it says so
+/// again (one line per period, not a flood).
+pub const HUB_SEARCH_REPORT: Duration = Duration::from_secs(5);
+pub const HUB_SEARCH_REPORT_PERIOD: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -52,6 +75,12 @@ pub enum AgentError {
     Fetch(#[from] crate::fetch::FetchError),
     #[error("cannot start the wasm runtime: {0}")]
     Runtime(String),
+    #[error(transparent)]
+    Mdns(#[from] shoal_daemon::mdns::MdnsError),
+    #[error(transparent)]
+    Local(#[from] crate::local::LocalError),
+    #[error("no broker given and mDNS is off: give --broker, or drop --no-mdns to find the hub")]
+    NoBroker,
 }
 
 /// Runs the agent until `shutdown` is cancelled.
@@ -72,11 +101,37 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     )
     .map_err(|e| AgentError::Runtime(e.to_string()))?;
 
-    // The bus outlives the main loop by a moment, to announce a clean departure.
+    if config.broker.is_none() && config.mdns.is_none() {
+        return Err(AgentError::NoBroker);
+    }
+    // Discovery and the local API stop with the main loop; the bus outlives it by a moment,
+    // to announce a clean departure.
+    let loop_stop = shutdown.child_token();
+    let (mdns_tx, mdns_rx) = mpsc::channel(256);
+    let (mdns, discovery): (Option<Arc<Mdns>>, Arc<dyn Discovery>) = match &config.mdns {
+        Some(opts) => {
+            let m = Arc::new(Mdns::start(
+                opts,
+                &format!("shoal-agent-{}", config.device_id),
+                tracker.clone(),
+                loop_stop.clone(),
+            )?);
+            (Some(m.clone()), m)
+        }
+        None => (None, Arc::new(NoDiscovery)),
+    };
+    let (local_tx, local_rx) = mpsc::channel(16);
+    if let Some(path) = &config.socket {
+        local::serve(path, local_tx, &tracker, loop_stop.clone()).await?;
+        info!(socket = %path.display(), "local api listening");
+    }
+
     let bus_stop = CancellationToken::new();
     let (bus_tx, bus_rx) = mpsc::channel(64);
+    let (broker_tx, broker_rx) = watch::channel(config.broker.clone());
+    let (hub_http_tx, hub_http_rx) = watch::channel(None);
     let bus = bus::connect(
-        &config.broker,
+        broker_rx,
         &config.device_id,
         bus_tx,
         &tracker,
@@ -89,9 +144,16 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         source: fetcher,
         logs_dir: config.data_dir.join("logs"),
         updates: up_tx,
+        hub_http: hub_http_rx,
     };
     let mut agent = Agent {
         hello: hello(&config),
+        directory: Directory::new(
+            &config.fleet,
+            shoal_api::PROTOCOL_VERSION,
+            config.device_id.clone(),
+        ),
+        files: ServiceFiles::new(&config.data_dir),
         config,
         store,
         bus,
@@ -101,11 +163,30 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         replicas: BTreeMap::new(),
         statuses: BTreeMap::new(),
         next_task: 0,
+        discovery,
+        mdns_tx,
+        broker_tx,
+        hub_http_tx,
+        hub: HubState::default(),
+        advertised: BTreeMap::new(),
+        browsing: BTreeSet::new(),
     };
+    agent.advertise_self();
     agent.start().await?;
-    agent.main_loop(bus_rx, up_rx, shutdown).await;
+    agent
+        .main_loop(bus_rx, up_rx, mdns_rx, local_rx, shutdown)
+        .await;
     agent.stop_all().await;
+    agent.withdraw_all();
     agent.bus.leave(&agent.config.device_id).await;
+    loop_stop.cancel();
+    if let Some(m) = mdns {
+        drop(agent);
+        match Arc::try_unwrap(m) {
+            Ok(m) => m.stop().await,
+            Err(_) => debug!("mdns still shared at shutdown"),
+        }
+    }
     bus_stop.cancel();
     engine_stop.cancel();
     let _ = ticker.await;
@@ -113,6 +194,17 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     tracker.wait().await;
     info!("agent stopped");
     Ok(())
+}
+
+/// What the agent knows of its hub search.
+#[derive(Debug, Default)]
+struct HubState {
+    /// The hub in use (mDNS instance).
+    selected: Option<String>,
+    /// Conflicting hubs last reported.
+    conflicting: Vec<String>,
+    /// Hubs already reported as ignored.
+    ignored: BTreeSet<String>,
 }
 
 struct Replica {
@@ -127,6 +219,10 @@ struct Replica {
 enum Event {
     Bus(BusEvent),
     Replica(Update),
+    Mdns(MdnsEvent),
+    Local(LocalRequest),
+    /// Time to say again that no hub was found, if still so.
+    HubSearchReport,
 }
 
 struct Agent<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> {
@@ -140,6 +236,17 @@ struct Agent<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> {
     replicas: BTreeMap<String, Replica>,
     statuses: BTreeMap<String, InstanceStatus>,
     next_task: u64,
+    discovery: Arc<dyn Discovery>,
+    mdns_tx: mpsc::Sender<MdnsEvent>,
+    directory: Directory,
+    files: ServiceFiles,
+    broker_tx: watch::Sender<Option<BrokerUrl>>,
+    hub_http_tx: watch::Sender<Option<String>>,
+    hub: HubState,
+    /// Service adverts of this device's running replicas: instance name → mDNS full name.
+    advertised: BTreeMap<String, String>,
+    /// Service types browsed for the workloads that `use` them.
+    browsing: BTreeSet<WorkloadName>,
 }
 
 impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
@@ -161,14 +268,23 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         &mut self,
         mut bus_rx: mpsc::Receiver<BusEvent>,
         mut up_rx: mpsc::Receiver<Update>,
+        mut mdns_rx: mpsc::Receiver<MdnsEvent>,
+        mut local_rx: mpsc::Receiver<LocalRequest>,
         shutdown: CancellationToken,
     ) {
+        let mut report = tokio::time::interval_at(
+            tokio::time::Instant::now() + HUB_SEARCH_REPORT,
+            HUB_SEARCH_REPORT_PERIOD,
+        );
+        let searched_since = std::time::Instant::now();
         loop {
             let event = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(e) = bus_rx.recv() => Event::Bus(e),
                 Some(u) = up_rx.recv() => Event::Replica(u),
-                else => break,
+                Some(m) = mdns_rx.recv() => Event::Mdns(m),
+                Some(r) = local_rx.recv() => Event::Local(r),
+                _ = report.tick() => Event::HubSearchReport,
             };
             match event {
                 Event::Bus(BusEvent::Connected) => self.announce().await,
@@ -179,11 +295,230 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
                         .get(&u.instance)
                         .is_some_and(|r| r.task == u.task);
                     if current {
-                        self.statuses.insert(u.instance, u.status);
+                        let was_running = self.is_running(&u.instance);
+                        self.statuses.insert(u.instance.clone(), u.status);
+                        if was_running != self.is_running(&u.instance) {
+                            self.refresh_services();
+                        }
                         self.publish_status().await;
                     }
                 }
+                Event::Mdns(m) => self.on_mdns(m),
+                Event::Local(LocalRequest::Peers(reply)) => {
+                    let _ = reply.send(self.peers_view());
+                }
+                Event::HubSearchReport => {
+                    if self.config.broker.is_none() && self.hub.selected.is_none() {
+                        warn!(
+                            fleet = %self.config.fleet,
+                            searched_s = searched_since.elapsed().as_secs(),
+                            running = self.replicas.len(),
+                            "no hub for this fleet found over mDNS yet; running the persisted workloads offline and still looking"
+                        );
+                    }
+                }
             }
+        }
+    }
+
+    fn is_running(&self, instance: &str) -> bool {
+        self.statuses
+            .get(instance)
+            .is_some_and(|s| s.phase == Phase::Running)
+    }
+
+    /// Advertises this device as `_shoal-agent._tcp.local.` and browses for hubs and peers.
+    fn advertise_self(&mut self) {
+        let ad = AgentAd {
+            protocol: shoal_api::PROTOCOL_VERSION,
+            fleet: self.config.fleet.clone(),
+            device: self.config.device_id.clone(),
+            arch: self.hello.arch.clone(),
+            runtimes: self.hello.runtimes.clone(),
+            labels: self.hello.labels.clone(),
+        };
+        let advert = shoal_daemon::mdns::Advert {
+            ty: discovery::AGENT_SERVICE.to_string(),
+            instance: self.config.device_id.to_string(),
+            port: 0, // no TCP service: the record says "this device is here"
+            txt: ad.to_txt(),
+        };
+        if let Err(e) = self.discovery.advertise(&advert) {
+            warn!(error = %e, "cannot advertise this device over mdns");
+        }
+        for ty in [discovery::HUB_SERVICE, discovery::AGENT_SERVICE] {
+            if let Err(e) = self.discovery.browse(ty, self.mdns_tx.clone()) {
+                warn!(error = %e, "cannot browse over mdns");
+            }
+        }
+    }
+
+    fn on_mdns(&mut self, ev: MdnsEvent) {
+        let (change, rejected) = self.directory.apply(ev, now_ms());
+        if let Some(reason) = rejected {
+            warn!(%reason, "mdns record ignored");
+        }
+        match change {
+            Change::None | Change::Peers => {}
+            Change::Hubs => self.choose_hub(),
+            Change::Service(_) => self.refresh_services(),
+        }
+    }
+
+    /// Follows the directory's hub choice: connect to the chosen hub, move when it moves,
+    /// report conflicts and ignored hubs once.
+    fn choose_hub(&mut self) {
+        let choice = self.directory.hub_choice();
+        for (instance, reason) in &choice.ignored {
+            if self.hub.ignored.insert(instance.clone()) {
+                info!(hub = %instance, %reason, "hub ignored");
+            }
+        }
+        if choice.conflicting != self.hub.conflicting {
+            if let (Some(s), false) = (&choice.selected, choice.conflicting.is_empty()) {
+                warn!(fleet = %self.config.fleet, using = %s.instance, others = ?choice.conflicting, "several hubs serve this fleet; using the one with the smallest name (run one hub per fleet)");
+            }
+            self.hub.conflicting = choice.conflicting.clone();
+        }
+        match choice.selected {
+            Some(s) => {
+                if self.hub.selected.as_ref() != Some(&s.instance) {
+                    info!(hub = %s.instance, broker = %s.broker, http = %s.http, "hub found over mdns");
+                }
+                self.hub.selected = Some(s.instance.clone());
+                self.hub_http_tx.send_replace(Some(s.http));
+                if self.config.broker.is_none() {
+                    // A no-op unless the address changed (the bus compares).
+                    self.broker_tx.send_replace(Some(s.broker));
+                }
+            }
+            None => {
+                if let Some(old) = self.hub.selected.take() {
+                    warn!(hub = %old, "hub withdrew its mdns record; still trying its last address and looking for another");
+                }
+            }
+        }
+    }
+
+    /// Brings service adverts, browses, endpoint files and allow-lists in line with the
+    /// desired state, the replicas running here and the directory.
+    fn refresh_services(&mut self) {
+        let desired: Vec<DesiredWorkload> = self
+            .desired
+            .as_ref()
+            .map(|d| d.workloads.clone())
+            .unwrap_or_default();
+        let running: Vec<&DesiredWorkload> = desired
+            .iter()
+            .filter(|w| self.is_running(&w.instance()))
+            .collect();
+
+        let want = services::adverts(
+            &self.config.fleet,
+            &self.config.device_id,
+            running.iter().copied(),
+        );
+        let stale: Vec<String> = self
+            .advertised
+            .keys()
+            .filter(|k| !want.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in stale {
+            if let Some(fullname) = self.advertised.remove(&key) {
+                info!(service = %key, "withdrawing service advert");
+                self.discovery.withdraw(&fullname);
+            }
+        }
+        for (key, ad) in want {
+            if self.advertised.contains_key(&key) {
+                continue;
+            }
+            match self.discovery.advertise(&ad) {
+                Ok(fullname) => {
+                    info!(service = %key, port = ad.port, "advertising service");
+                    self.advertised.insert(key, fullname);
+                }
+                Err(e) => warn!(error = %e, "cannot advertise service"),
+            }
+        }
+
+        let used: BTreeSet<WorkloadName> = desired
+            .iter()
+            .flat_map(|w| w.uses.iter().cloned())
+            .collect();
+        for svc in self.browsing.difference(&used) {
+            self.discovery
+                .stop_browse(&discovery::workload_service(svc));
+        }
+        for svc in used.difference(&self.browsing) {
+            if let Err(e) = self
+                .discovery
+                .browse(&discovery::workload_service(svc), self.mdns_tx.clone())
+            {
+                warn!(error = %e, "cannot browse for service");
+            }
+        }
+        self.browsing = used;
+
+        let wanted = services::wanted(&desired, running.iter().copied(), &self.directory);
+        if let Err(e) = self.files.sync(&wanted) {
+            warn!(error = %e, "cannot write service endpoint files");
+        }
+    }
+
+    fn withdraw_all(&mut self) {
+        for (_, fullname) in std::mem::take(&mut self.advertised) {
+            self.discovery.withdraw(&fullname);
+        }
+    }
+
+    fn peers_view(&self) -> PeersView {
+        let choice = self.directory.hub_choice();
+        let state = |instance: &str| {
+            if choice
+                .selected
+                .as_ref()
+                .is_some_and(|s| s.instance == instance)
+            {
+                "selected".to_string()
+            } else if choice.conflicting.iter().any(|c| c == instance) {
+                "conflict".to_string()
+            } else {
+                choice
+                    .ignored
+                    .iter()
+                    .find(|(i, _)| i == instance)
+                    .map_or("ignored".to_string(), |(_, r)| format!("ignored: {r}"))
+            }
+        };
+        let addrs = |a: &[std::net::IpAddr]| a.iter().map(|a| a.to_string()).collect();
+        PeersView {
+            mdns: self.config.mdns.is_some(),
+            fleet: self.config.fleet.clone(),
+            hubs: self
+                .directory
+                .hubs()
+                .map(|h| HubPeer {
+                    instance: h.hub.instance.clone(),
+                    fleet: h.hub.ad.fleet.clone(),
+                    addresses: addrs(&h.hub.addrs),
+                    state: state(&h.hub.instance),
+                    first_seen_ms: h.first_seen_ms,
+                })
+                .collect(),
+            devices: self
+                .directory
+                .peers()
+                .map(|p| DevicePeer {
+                    device: p.ad.device.to_string(),
+                    arch: p.ad.arch.clone(),
+                    runtimes: p.ad.runtimes.clone(),
+                    labels: p.ad.labels.clone(),
+                    addresses: addrs(&p.addrs),
+                    first_seen_ms: p.first_seen_ms,
+                })
+                .collect(),
         }
     }
 
@@ -265,6 +600,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
                 }
             }
         }
+        self.refresh_services();
         self.publish_status().await;
     }
 
@@ -275,10 +611,12 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         let instance = w.instance();
         info!(%instance, revision = %w.revision, "starting replica");
         let revision = w.revision.clone();
+        let network = self.network(&w);
         let handle = self.tracker.spawn(supervisor::supervise(
             self.shared.clone(),
             w,
             artifact_base.to_string(),
+            network,
             task,
             cancel.clone(),
         ));
@@ -291,6 +629,24 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
                 handle,
             },
         );
+    }
+
+    /// The sandbox's network grants for a replica of `w` (see [`crate::services`]).
+    fn network(&mut self, w: &DesiredWorkload) -> Network {
+        let mut net = Network {
+            listen: w.ports.iter().map(|p| p.port).collect(),
+            ..Network::default()
+        };
+        if !w.uses.is_empty() {
+            net.connect = Some(self.files.allow_list(&w.name));
+            match self.files.dir(&w.name) {
+                Ok(d) => net.services_dir = Some(d),
+                Err(e) => {
+                    warn!(workload = %w.name, error = %e, "cannot create service endpoint directory")
+                }
+            }
+        }
+        net
     }
 
     async fn stop(&mut self, instance: &str) {

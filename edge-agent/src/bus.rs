@@ -1,7 +1,8 @@
 //! The agent's MQTT adapter (rumqttc, MQTT 3.1.1, which every broker speaks).
 //!
 //! On every (re)connect it subscribes to the device's desired topic and announces itself
-//! (retained `online` presence, retained hello); its last will marks it `offline`. Incoming
+//! (retained `online` presence, retained hello); its last will marks it `offline`. The broker
+//! address comes through a watch channel: fixed with `--broker`, or whatever hub mDNS found. Incoming
 //! desired states become [`BusEvent`]s; publishing goes through the [`Bus`] trait.
 
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
@@ -10,7 +11,7 @@ use shoal_api::ids::DeviceId;
 use shoal_api::topics;
 use std::future::Future;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -60,14 +61,7 @@ impl Bus for MqttBus {
 /// Largest message the agent accepts (a desired state for a busy device).
 const MAX_PACKET: usize = 4 << 20;
 
-/// Connects (and keeps reconnecting) to `broker`; events go to `tx`.
-pub fn connect(
-    broker: &BrokerUrl,
-    device: &DeviceId,
-    tx: mpsc::Sender<BusEvent>,
-    tracker: &TaskTracker,
-    shutdown: CancellationToken,
-) -> MqttBus {
+fn options(broker: &BrokerUrl, device: &DeviceId) -> MqttOptions {
     let mut opts = MqttOptions::new(
         format!("shoal-agent-{device}"),
         broker.host.clone(),
@@ -82,18 +76,60 @@ pub fn connect(
         QoS::AtLeastOnce,
         true,
     ));
-    let (client, mut eventloop) = AsyncClient::new(opts, 256);
+    opts
+}
+
+/// Connects (and keeps reconnecting) to the broker `target` names; events go to `tx`. While
+/// `target` is `None` (no hub found yet) nothing is attempted; when it changes (the hub moved)
+/// the connection is dropped and made again to the new address.
+pub fn connect(
+    mut target: watch::Receiver<Option<BrokerUrl>>,
+    device: &DeviceId,
+    tx: mpsc::Sender<BusEvent>,
+    tracker: &TaskTracker,
+    shutdown: CancellationToken,
+) -> MqttBus {
+    let placeholder = BrokerUrl {
+        host: "127.0.0.1".into(),
+        port: 1883,
+    };
+    let (client, mut eventloop) = AsyncClient::new(options(&placeholder, device), 256);
     let mut net = rumqttc::NetworkOptions::new();
     net.set_tcp_nodelay(true);
     eventloop.set_network_options(net);
     let sub = client.clone();
     let desired_topic = topics::desired(device);
-    let broker = broker.to_string();
+    let device = device.clone();
     tracker.spawn(async move {
+        let mut current: Option<BrokerUrl> = None;
+        let mut watching = true;
         let mut failures = 0u32;
         loop {
+            let wanted = target.borrow_and_update().clone();
+            if wanted.is_some() && wanted != current {
+                if let Some(old) = &current {
+                    info!(from = %old, to = ?wanted.as_ref().map(ToString::to_string), "hub moved; reconnecting");
+                }
+                current = wanted;
+                if let Some(b) = &current {
+                    eventloop.mqtt_options = options(b, &device);
+                }
+                eventloop.clean(); // drop the old connection; queued messages are kept
+                failures = 0;
+            }
+            let Some(broker) = current.clone() else {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    r = target.changed() => if r.is_err() { break },
+                }
+                continue;
+            };
             let ev = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                r = target.changed(), if watching => {
+                    watching = r.is_ok();
+                    continue;
+                }
                 ev = eventloop.poll() => ev,
             };
             match ev {
@@ -125,6 +161,7 @@ pub fn connect(
                     }
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
+                        r = target.changed(), if watching => watching = r.is_ok(),
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
                 }

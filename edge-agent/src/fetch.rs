@@ -64,6 +64,13 @@ impl Fetcher {
         if tokio::fs::try_exists(&path).await.unwrap_or(false) {
             return Ok(path);
         }
+        if artifact_base.is_empty() {
+            return Err(FetchError::Http {
+                digest: d.to_string(),
+                url: String::new(),
+                reason: "no artifact URL yet: the hub gave none (it listens on a wildcard address without --public-url) and has not been found over mDNS".into(),
+            });
+        }
         let url = format!(
             "{}/v1/blobs/{}",
             artifact_base.trim_end_matches('/'),

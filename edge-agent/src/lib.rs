@@ -2,10 +2,13 @@
 
 pub mod agent;
 pub mod bus;
+pub mod directory;
 pub mod fetch;
+pub mod local;
 pub mod logs;
 pub mod plan;
 pub mod runtime;
+pub mod services;
 pub mod store;
 pub mod supervisor;
 pub mod wasm;

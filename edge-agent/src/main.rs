@@ -3,8 +3,10 @@
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use shoal_agent::agent::AgentConfig;
+use shoal_agent::local::{self, PeersView};
 use shoal_api::endpoint::BrokerUrl;
 use shoal_api::ids::DeviceId;
+use shoal_daemon::mdns::{MdnsArgs, MdnsFile};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -23,6 +25,24 @@ struct Cli {
 enum Command {
     /// Run the agent.
     Run(RunArgs),
+    /// List the hubs and devices this device's agent sees on the LAN (over mDNS).
+    Peers(PeersArgs),
+}
+
+#[derive(clap::Args)]
+struct PeersArgs {
+    /// The running agent's local API socket.
+    #[arg(long, env = "SHOAL_AGENT_SOCKET", default_value = local::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Output {
+    Table,
+    Json,
 }
 
 /// Settings come from built-in defaults, then `--config FILE` (TOML, see
@@ -41,9 +61,17 @@ struct RunArgs {
     /// Device labels, k=v,k2=v2.
     #[arg(long, env = "SHOAL_AGENT_LABELS", value_parser = parse_labels)]
     labels: Option<BTreeMap<String, String>>,
-    /// MQTT broker, mqtt://HOST:PORT [default: mqtt://127.0.0.1:1883].
+    /// MQTT broker, mqtt://HOST:PORT [default: find the fleet's hub over mDNS].
     #[arg(long, env = "SHOAL_BROKER")]
     broker: Option<BrokerUrl>,
+    /// The fleet this device joins; hubs of other fleets are ignored [default: default].
+    #[arg(long, env = "SHOAL_FLEET")]
+    fleet: Option<String>,
+    /// Unix socket of the local API (`shoal-agent peers`, …) [default: /run/shoal/agent.sock].
+    #[arg(long, env = "SHOAL_AGENT_SOCKET")]
+    socket: Option<PathBuf>,
+    #[command(flatten)]
+    mdns: MdnsArgs,
     /// Memory offered to workloads (e.g. 512Mi) [default: all of the machine's memory].
     #[arg(long, env = "SHOAL_AGENT_MEMORY", value_parser = parse_memory)]
     memory: Option<u64>,
@@ -58,6 +86,10 @@ struct FileConfig {
     labels: Option<BTreeMap<String, String>>,
     broker: Option<String>,
     memory: Option<String>,
+    fleet: Option<String>,
+    socket: Option<PathBuf>,
+    #[serde(default)]
+    mdns: MdnsFile,
 }
 
 fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
@@ -97,15 +129,22 @@ fn agent_config(a: RunArgs) -> anyhow::Result<AgentConfig> {
         (None, None) => BTreeMap::new(),
     };
     let broker = match (a.broker, file.broker) {
-        (Some(b), _) => b,
-        (None, Some(b)) => b
-            .parse()
-            .map_err(|e: shoal_api::endpoint::EndpointError| bad("broker", e.to_string()))?,
-        (None, None) => BrokerUrl {
-            host: "127.0.0.1".into(),
-            port: 1883,
-        },
+        (Some(b), _) => Some(b),
+        (None, Some(b)) => Some(
+            b.parse()
+                .map_err(|e: shoal_api::endpoint::EndpointError| bad("broker", e.to_string()))?,
+        ),
+        (None, None) => None,
     };
+    let fleet = a
+        .fleet
+        .or(file.fleet)
+        .unwrap_or_else(|| shoal_api::discovery::DEFAULT_FLEET.to_string());
+    shoal_api::discovery::check_fleet(&fleet).map_err(anyhow::Error::msg)?;
+    let mdns = a.mdns.options(&file.mdns);
+    if broker.is_none() && mdns.is_none() {
+        bail!("no broker and mDNS is off: give --broker (or SHOAL_BROKER, or broker in a config file), or drop --no-mdns to find the hub");
+    }
     let memory = match (a.memory, file.memory) {
         (Some(m), _) => Some(m),
         (None, Some(m)) => Some(parse_memory(&m).map_err(|e| bad("memory", e))?),
@@ -120,6 +159,13 @@ fn agent_config(a: RunArgs) -> anyhow::Result<AgentConfig> {
         labels,
         broker,
         memory,
+        fleet,
+        mdns,
+        socket: Some(
+            a.socket
+                .or(file.socket)
+                .unwrap_or_else(|| PathBuf::from(local::DEFAULT_SOCKET)),
+        ),
     })
 }
 
@@ -145,7 +191,53 @@ fn real_main() -> anyhow::Result<()> {
                 .await
                 .context("agent failed")
         }),
+        Command::Peers(a) => rt.block_on(async {
+            let v: PeersView = local::get_json(&a.socket, "/v1/peers").await?;
+            match a.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                Output::Table => print!("{}", peers_table(&v, shoal_api::messages::now_ms())),
+            }
+            Ok(())
+        }),
     }
+}
+
+/// `shoal-agent peers` as text: the hubs, then the devices, with how long ago each was
+/// first seen.
+fn peers_table(v: &PeersView, now_ms: u64) -> String {
+    use shoal_api::table::Table;
+    let age = |since: u64| shoal_api::quantity::format_age(now_ms.saturating_sub(since));
+    if !v.mdns {
+        return "mDNS is off on this agent (--no-mdns): no peers are discovered\n".into();
+    }
+    let mut hubs = Table::new(&["HUB", "FLEET", "ADDRESSES", "AGE", "STATE"]);
+    for h in &v.hubs {
+        let name = h
+            .instance
+            .strip_suffix(shoal_api::discovery::HUB_SERVICE)
+            .unwrap_or(&h.instance)
+            .trim_end_matches('.');
+        hubs.row(vec![
+            name.to_string(),
+            h.fleet.clone(),
+            h.addresses.join(","),
+            age(h.first_seen_ms),
+            h.state.clone(),
+        ]);
+    }
+    let mut devices = Table::new(&["DEVICE", "ARCH", "RUNTIMES", "ADDRESSES", "AGE", "LABELS"]);
+    for d in &v.devices {
+        let labels: Vec<String> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        devices.row(vec![
+            d.device.clone(),
+            d.arch.clone(),
+            d.runtimes.join(","),
+            d.addresses.join(","),
+            age(d.first_seen_ms),
+            labels.join(","),
+        ]);
+    }
+    format!("fleet {:?}\n\n{hubs}\n{devices}", v.fleet)
 }
 
 #[cfg(test)]
@@ -160,6 +252,9 @@ mod tests {
             labels: None,
             broker: None,
             memory: None,
+            fleet: None,
+            socket: None,
+            mdns: MdnsArgs::default(),
         }
     }
 
@@ -175,7 +270,13 @@ mod tests {
         let c = agent_config(args(Some(file.clone()))).unwrap();
         assert_eq!(c.device_id.as_str(), "from-file");
         assert_eq!(c.memory, Some(64 << 20));
-        assert_eq!(c.broker.to_string(), "mqtt://127.0.0.1:1883", "default");
+        assert_eq!(c.broker, None, "default: discover over mDNS");
+        assert_eq!(c.fleet, "default");
+        assert_eq!(
+            c.socket.as_deref(),
+            Some(std::path::Path::new("/run/shoal/agent.sock"))
+        );
+        assert!(c.mdns.is_some());
         let mut a = args(Some(file.clone()));
         a.device_id = Some("from-flag".parse().unwrap());
         a.memory = Some(1);

@@ -110,6 +110,8 @@ mod tests {
                 initial_backoff_ms: 100,
                 max_backoff_ms: 1000,
             },
+            ports: vec![],
+            uses: vec![],
         }
     }
 

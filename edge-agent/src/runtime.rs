@@ -23,6 +23,21 @@ pub struct RunSpec {
     pub memory_limit: u64,
     /// CPU share in millicores (1000 = one core); `None`: no cap.
     pub cpu_millis: Option<u32>,
+    pub network: Network,
+}
+
+/// Addresses a replica may connect to, kept current by the agent while the replica runs.
+pub type AllowList = Arc<std::sync::RwLock<std::collections::BTreeSet<std::net::SocketAddr>>>;
+
+/// A replica's network grants. Default: none at all.
+#[derive(Debug, Clone, Default)]
+pub struct Network {
+    /// TCP ports it may listen on (its `spec.ports`).
+    pub listen: Vec<u16>,
+    /// Endpoints of the services it `uses`; `None` when it uses none.
+    pub connect: Option<AllowList>,
+    /// Host directory shown read-only at `/shoal/services` (endpoint files).
+    pub services_dir: Option<PathBuf>,
 }
 
 /// How a run ended.

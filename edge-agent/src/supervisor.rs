@@ -8,12 +8,12 @@
 use crate::fetch::ModuleSource;
 use crate::logs::LogSink;
 use crate::plan::{after_exit, AfterExit};
-use crate::runtime::{Exit, RunSpec, WorkloadRuntime};
+use crate::runtime::{Exit, Network, RunSpec, WorkloadRuntime};
 use shoal_api::messages::{now_ms, DesiredWorkload, InstanceStatus, Phase};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
@@ -35,6 +35,9 @@ pub struct Shared<R, F> {
     pub source: F,
     pub logs_dir: PathBuf,
     pub updates: mpsc::Sender<Update>,
+    /// The hub's HTTP API as this agent reaches it (mDNS, or the broker's host); used when
+    /// the desired state carries no artifact base.
+    pub hub_http: watch::Receiver<Option<String>>,
 }
 
 impl<R, F: Clone> Clone for Shared<R, F> {
@@ -44,6 +47,7 @@ impl<R, F: Clone> Clone for Shared<R, F> {
             source: self.source.clone(),
             logs_dir: self.logs_dir.clone(),
             updates: self.updates.clone(),
+            hub_http: self.hub_http.clone(),
         }
     }
 }
@@ -82,6 +86,7 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
     shared: Shared<R, F>,
     desired: DesiredWorkload,
     artifact_base: String,
+    network: Network,
     task: u64,
     cancel: CancellationToken,
 ) {
@@ -117,9 +122,14 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
         let mut attempt = 0u32;
         let path = loop {
             r.phase(Phase::Pulling, r.status.reason.clone()).await;
+            let base = if artifact_base.is_empty() {
+                shared.hub_http.borrow().clone().unwrap_or_default()
+            } else {
+                artifact_base.clone()
+            };
             let fetched = tokio::select! {
                 _ = cancel.cancelled() => return,
-                f = shared.source.fetch(&artifact_base, &desired.module) => f,
+                f = shared.source.fetch(&base, &desired.module) => f,
             };
             match fetched {
                 Ok(p) => break p,
@@ -158,6 +168,7 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
             env: desired.env.clone(),
             memory_limit: desired.resources.memory,
             cpu_millis: desired.resources.cpu,
+            network,
         };
         let mut step = 0u32;
         loop {
@@ -272,6 +283,8 @@ mod tests {
                 initial_backoff_ms: 10,
                 max_backoff_ms: 40,
             },
+            ports: vec![],
+            uses: vec![],
         }
     }
 
@@ -290,12 +303,14 @@ mod tests {
             source: FakeSource,
             logs_dir: dir.path().to_path_buf(),
             updates: tx,
+            hub_http: watch::channel(None).1,
         };
         let cancel = CancellationToken::new();
         let h = tokio::spawn(supervise(
             shared,
             desired(policy),
             "http://x".into(),
+            Network::default(),
             1,
             cancel.clone(),
         ));

@@ -8,7 +8,9 @@
 //! - Both WASI command flavours: core modules (`wasm32-wasip1`, entry `_start`) and components
 //!   (`wasm32-wasip2`, `wasi:cli/run`). Deny by default: only the spec's arguments and
 //!   environment, no preopened directories, no network, empty stdin; stdout and stderr go to
-//!   the instance's [`LogSink`].
+//!   the instance's [`LogSink`]. The only grants are the spec's [`crate::runtime::Network`]:
+//!   listening on its declared TCP ports, connecting to the current endpoints of the services
+//!   it uses, and reading their endpoint files at `/shoal/services`.
 //! - Compiled artifacts are cached on disk under `cache_dir/{engine_key}/{digest}.cwasm`,
 //!   keyed by a hash of the engine's compatibility settings, and in memory per digest.
 //! - Each linear memory is capped at the spec's memory limit by a [`ResourceLimiter`]; going
@@ -855,7 +857,7 @@ fn host<W>(wasi: W, spec: &RunSpec, meter: Arc<Meter>) -> Host<W> {
     }
 }
 
-fn wasi_builder(spec: &RunSpec, log: &LogSink) -> WasiCtxBuilder {
+fn wasi_builder(spec: &RunSpec, log: &LogSink) -> Result<WasiCtxBuilder, String> {
     let mut builder = WasiCtxBuilder::new();
     builder
         .arg(&spec.instance)
@@ -868,15 +870,42 @@ fn wasi_builder(spec: &RunSpec, log: &LogSink) -> WasiCtxBuilder {
             sink: log.clone(),
             stream: Stream::Stderr,
         })
-        .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false);
     for (key, value) in &spec.env {
         builder.env(key, value);
     }
-    // Defaults kept: empty (closed) stdin, no preopens, no inherited env, every socket
-    // address denied.
-    builder
+    let net = &spec.network;
+    if let Some(dir) = &net.services_dir {
+        builder
+            .preopened_dir(
+                dir,
+                crate::services::GUEST_DIR,
+                wasmtime_wasi::FsPerms::ReadOnly,
+            )
+            .map_err(|e| format!("cannot open services directory {}: {e}", dir.display()))?;
+    }
+    // TCP only for what the manifest declares: listening on its own ports, connecting to the
+    // current endpoints of the services it uses. Everything else is denied.
+    builder.allow_tcp(!net.listen.is_empty() || net.connect.is_some());
+    let listen = net.listen.clone();
+    let connect = net.connect.clone();
+    builder.socket_addr_check(move |addr, use_| {
+        use wasmtime_wasi::sockets::SocketAddrUse as U;
+        let ok = match use_ {
+            U::TcpBind => listen.contains(&addr.port()) || (addr.port() == 0 && connect.is_some()),
+            U::TcpListen => listen.contains(&addr.port()),
+            U::TcpAccept => !listen.is_empty(),
+            U::TcpConnect => connect
+                .as_ref()
+                .and_then(|c| c.read().ok().map(|set| set.contains(&addr)))
+                .unwrap_or(false),
+            _ => false,
+        };
+        Box::pin(async move { ok })
+    });
+    // Defaults kept: empty (closed) stdin, no inherited env, no other preopens.
+    Ok(builder)
 }
 
 async fn run_core(
@@ -886,7 +915,10 @@ async fn run_core(
     log: LogSink,
     meter: Arc<Meter>,
 ) -> Exit {
-    let wasi = wasi_builder(&spec, &log).build_p1();
+    let wasi = match wasi_builder(&spec, &log) {
+        Ok(mut b) => b.build_p1(),
+        Err(reason) => return Exit::Failure { code: None, reason },
+    };
     let mut store = new_store(&engine, host(wasi, &spec, meter));
     let result = async {
         let instance = pre.instantiate_async(&mut store).await?;
@@ -907,8 +939,12 @@ async fn run_component(
     log: LogSink,
     meter: Arc<Meter>,
 ) -> Exit {
+    let ctx = match wasi_builder(&spec, &log) {
+        Ok(mut b) => b.build(),
+        Err(reason) => return Exit::Failure { code: None, reason },
+    };
     let wasi = P2Wasi {
-        ctx: wasi_builder(&spec, &log).build(),
+        ctx,
         table: ResourceTable::new(),
     };
     let mut store = new_store(&engine, host(wasi, &spec, meter));
@@ -1130,6 +1166,7 @@ mod tests {
             env: BTreeMap::new(),
             memory_limit: 64 * MIB,
             cpu_millis: None,
+            network: Default::default(),
         }
     }
 

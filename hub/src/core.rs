@@ -29,6 +29,9 @@ pub struct HubCore<S: Store> {
     live: BTreeMap<DeviceId, Live>,
     schedule: Schedule,
     desired: BTreeMap<DeviceId, DesiredState>,
+    /// Agents of this fleet currently advertised over mDNS: record full name → (device,
+    /// addresses). Live only: mDNS re-announces after a hub restart.
+    mdns: BTreeMap<String, (DeviceId, Vec<std::net::IpAddr>)>,
 }
 
 /// What happened to each workload of an accepted apply.
@@ -49,6 +52,7 @@ impl<S: Store> HubCore<S> {
                 pending: BTreeMap::new(),
             },
             desired: snap.desired,
+            mdns: BTreeMap::new(),
         };
         // Recompute pending reasons; assignments are stable, so this changes nothing placed.
         core.schedule = scheduler::schedule(
@@ -250,6 +254,21 @@ impl<S: Store> HubCore<S> {
         Ok(d)
     }
 
+    /// An agent's mDNS record appeared or changed.
+    pub fn mdns_seen(&mut self, fullname: String, device: DeviceId, addrs: Vec<std::net::IpAddr>) {
+        if self.mdns.get(&fullname).is_none_or(|(d, _)| d != &device) {
+            info!(%device, ?addrs, "device seen over mdns");
+        }
+        self.mdns.insert(fullname, (device, addrs));
+    }
+
+    /// An agent's mDNS record said goodbye or expired.
+    pub fn mdns_gone(&mut self, fullname: &str) {
+        if let Some((device, _)) = self.mdns.remove(fullname) {
+            info!(%device, "device no longer advertised over mdns");
+        }
+    }
+
     pub fn device_views(&self) -> Vec<DeviceView> {
         self.devices
             .values()
@@ -276,6 +295,12 @@ impl<S: Store> HubCore<S> {
                     desired_generation: self.desired.get(id).map_or(0, |d| d.generation),
                     observed_generation: live.status.as_ref().map_or(0, |s| s.observed_generation),
                     replicas: placed.len(),
+                    mdns_addresses: self
+                        .mdns
+                        .values()
+                        .filter(|(d, _)| d == id)
+                        .flat_map(|(_, a)| a.iter().map(|a| a.to_string()))
+                        .collect(),
                 }
             })
             .collect()

@@ -3,6 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use shoal_api::endpoint::BrokerUrl;
+use shoal_daemon::mdns::{MdnsArgs, MdnsFile};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -42,9 +43,18 @@ struct ServeArgs {
     /// Address of the HTTP API [default: 127.0.0.1:8080].
     #[arg(long, env = "SHOAL_HUB_HTTP_LISTEN")]
     http_listen: Option<SocketAddr>,
-    /// URL agents fetch blobs from [default: http://<http-listen>].
+    /// URL agents fetch blobs from [default: http://<http-listen>; with a wildcard
+    /// --http-listen, the hub address each agent knows].
     #[arg(long, env = "SHOAL_HUB_PUBLIC_URL")]
     public_url: Option<String>,
+    /// The fleet this hub serves; agents configured for another fleet ignore it [default: default].
+    #[arg(long, env = "SHOAL_FLEET")]
+    fleet: Option<String>,
+    /// This hub's name on the LAN [default: the host name].
+    #[arg(long, env = "SHOAL_HUB_NAME")]
+    name: Option<String>,
+    #[command(flatten)]
+    mdns: MdnsArgs,
 }
 
 /// The config file. Unknown keys are errors (a typo must not be silently ignored).
@@ -56,6 +66,10 @@ struct FileConfig {
     broker: Option<String>,
     http_listen: Option<SocketAddr>,
     public_url: Option<String>,
+    fleet: Option<String>,
+    name: Option<String>,
+    #[serde(default)]
+    mdns: MdnsFile,
 }
 
 fn hub_config(a: ServeArgs) -> anyhow::Result<shoal_hub::HubConfig> {
@@ -72,6 +86,12 @@ fn hub_config(a: ServeArgs) -> anyhow::Result<shoal_hub::HubConfig> {
         })?),
         (None, None) => None,
     };
+    let fleet = a
+        .fleet
+        .or(file.fleet)
+        .unwrap_or_else(|| shoal_api::discovery::DEFAULT_FLEET.to_string());
+    shoal_api::discovery::check_fleet(&fleet).map_err(anyhow::Error::msg)?;
+    let name = a.name.or(file.name).unwrap_or_else(shoal_daemon::host_name);
     Ok(shoal_hub::HubConfig {
         data_dir: a.data_dir.or(file.data_dir).context(
             "no data directory: give --data-dir, SHOAL_HUB_DATA_DIR or data-dir in a config file",
@@ -86,6 +106,9 @@ fn hub_config(a: ServeArgs) -> anyhow::Result<shoal_hub::HubConfig> {
             .or(file.http_listen)
             .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
         public_url: a.public_url.or(file.public_url),
+        fleet,
+        name,
+        mdns: a.mdns.options(&file.mdns),
     })
 }
 

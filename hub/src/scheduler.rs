@@ -287,6 +287,8 @@ mod tests {
                 initial_backoff_ms: 1000,
                 max_backoff_ms: 60000,
             },
+            ports: vec![],
+            uses: vec![],
         }
     }
 

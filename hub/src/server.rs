@@ -11,12 +11,14 @@ use crate::core::HubCore;
 use crate::http::{self, AppState, Request};
 use crate::metrics::{Metrics, PhaseLabel, ResultLabel};
 use crate::store::{SledStore, Store};
+use shoal_api::discovery::{self, AgentAd, HubAd, MqttEndpoint};
 use shoal_api::endpoint::BrokerUrl;
 use shoal_api::ids::DeviceId;
 use shoal_api::manifest::{parse_stream, ManifestError};
 use shoal_api::messages::{ApplyResult, DesiredState, DeviceStatus, Hello, Phase};
 use shoal_api::topics::{self, Inbound};
 use shoal_api::workload::validate_all;
+use shoal_daemon::mdns::{Advert, Discovery, Mdns, MdnsEvent, MdnsOptions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,8 +36,15 @@ pub struct HubConfig {
     /// External broker; `None` runs the embedded one.
     pub broker: Option<BrokerUrl>,
     pub http_listen: SocketAddr,
-    /// URL agents use to fetch blobs; default `http://{http_listen}`.
+    /// URL agents use to fetch blobs; default `http://{http_listen}` (empty when that is a
+    /// wildcard address: agents then use the address they reached the hub at).
     pub public_url: Option<String>,
+    /// The fleet this hub serves (agents of other fleets ignore it).
+    pub fleet: String,
+    /// This hub's name on the LAN (its mDNS instance is `{fleet}-{name}`).
+    pub name: String,
+    /// mDNS interfaces; `None`: mDNS off.
+    pub mdns: Option<MdnsOptions>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +60,8 @@ pub enum HubError {
         path: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Mdns(#[from] shoal_daemon::mdns::MdnsError),
     #[error("cannot listen for HTTP on {addr}: {source}")]
     HttpListen {
         addr: SocketAddr,
@@ -63,6 +74,7 @@ pub enum HubError {
 pub enum Event {
     Bus(BusEvent),
     Http(Request),
+    Mdns(MdnsEvent),
 }
 
 /// Runs the hub until `shutdown` is cancelled.
@@ -101,10 +113,12 @@ async fn serve(
             source,
         })?;
     let public_url = config.public_url.clone().unwrap_or_else(|| {
-        let mut a = http_addr;
+        let a = http_addr;
         if a.ip().is_unspecified() {
-            warn!("--http-listen is a wildcard address; agents will fetch blobs from 127.0.0.1 unless --public-url is given");
-            a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            // Empty: each agent fetches from the address it found the hub at (mDNS), or from
+            // its broker's host.
+            info!("--http-listen is a wildcard address: agents fetch blobs from the hub address they know (set --public-url to override)");
+            return String::new();
         }
         format!("http://{a}")
     });
@@ -151,15 +165,96 @@ async fn serve(
     });
     info!(http = %http_addr, %broker, public_url, data_dir = %config.data_dir.display(), "hub serving");
 
+    let (mdns_tx, mdns_rx) = mpsc::channel(256);
+    let mdns = match &config.mdns {
+        None => None,
+        Some(opts) => Some(advertise(
+            config,
+            opts,
+            http_addr,
+            &broker,
+            mdns_tx,
+            tracker,
+            shutdown.clone(),
+        )?),
+    };
+
     let mut main = MainLoop {
         core,
         bus,
         blobs,
         metrics,
+        fleet: config.fleet.clone(),
     };
-    main.run(bus_rx, req_rx, shutdown).await;
+    main.run(bus_rx, req_rx, mdns_rx, shutdown).await;
+    if let Some(m) = mdns {
+        m.stop().await; // goodbye packets: agents learn at once that this hub left
+    }
     info!("hub stopped");
     Ok(())
+}
+
+/// Advertises the hub as `_shoal-hub._tcp.local.` and browses for the fleet's agents.
+fn advertise(
+    config: &HubConfig,
+    opts: &MdnsOptions,
+    http_addr: SocketAddr,
+    broker: &BrokerUrl,
+    tx: mpsc::Sender<MdnsEvent>,
+    tracker: &TaskTracker,
+    shutdown: CancellationToken,
+) -> Result<Mdns, HubError> {
+    let mqtt = match &config.broker {
+        // A broker on the hub's own loopback is reached on the hub's addresses.
+        Some(b) if is_local_host(&b.host) => MqttEndpoint::Local(b.port),
+        Some(b) => MqttEndpoint::Remote(b.clone()),
+        None => MqttEndpoint::Local(broker.port),
+    };
+    let loopback_only = |a: SocketAddr| a.ip().is_loopback();
+    if !opts.loopback
+        && (loopback_only(http_addr) || (config.broker.is_none() && is_local_host(&broker.host)))
+    {
+        warn!(http = %http_addr, mqtt = %broker, "advertising over mDNS, but the hub listens on loopback only: devices on the LAN cannot reach it (listen on 0.0.0.0 or a LAN address, or pass --mdns-loopback for single-host use)");
+    }
+    let ad = HubAd {
+        protocol: shoal_api::PROTOCOL_VERSION,
+        fleet: config.fleet.clone(),
+        http_port: http_addr.port(),
+        mqtt: vec![mqtt],
+    };
+    let label: String = config
+        .name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let mdns = Mdns::start(
+        opts,
+        &format!("shoal-hub-{label}"),
+        tracker.clone(),
+        shutdown,
+    )?;
+    let fullname = mdns.advertise(&Advert {
+        ty: discovery::HUB_SERVICE.to_string(),
+        instance: format!("{}-{}", config.fleet, config.name),
+        port: http_addr.port(),
+        txt: ad.to_txt(),
+    })?;
+    mdns.browse(discovery::AGENT_SERVICE, tx)?;
+    info!(%fullname, fleet = %config.fleet, ?opts, "advertising over mdns");
+    Ok(mdns)
+}
+
+fn is_local_host(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified())
 }
 
 struct MainLoop<S: Store, B: Bus> {
@@ -167,6 +262,7 @@ struct MainLoop<S: Store, B: Bus> {
     bus: B,
     blobs: Arc<BlobStore>,
     metrics: Arc<Metrics>,
+    fleet: String,
 }
 
 impl<S: Store, B: Bus> MainLoop<S, B> {
@@ -174,6 +270,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         &mut self,
         mut bus_rx: mpsc::Receiver<BusEvent>,
         mut req_rx: mpsc::Receiver<Request>,
+        mut mdns_rx: mpsc::Receiver<MdnsEvent>,
         shutdown: CancellationToken,
     ) {
         loop {
@@ -181,6 +278,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 _ = shutdown.cancelled() => break,
                 Some(e) = bus_rx.recv() => Event::Bus(e),
                 Some(r) = req_rx.recv() => Event::Http(r),
+                Some(m) = mdns_rx.recv() => Event::Mdns(m),
                 else => break,
             };
             self.handle(event).await;
@@ -206,6 +304,14 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     .await
             }
             Event::Http(r) => self.on_request(r).await,
+            Event::Mdns(MdnsEvent::Resolved(r)) => match AgentAd::from_txt(&r.fullname, &r.txt) {
+                Ok(ad) if ad.fleet == self.fleet => {
+                    self.core.mdns_seen(r.fullname, ad.device, r.addrs)
+                }
+                Ok(_) => {} // another fleet's device
+                Err(e) => warn!(error = %e, "agent advertisement ignored"),
+            },
+            Event::Mdns(MdnsEvent::Removed { fullname, .. }) => self.core.mdns_gone(&fullname),
         }
     }
 

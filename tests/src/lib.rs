@@ -7,6 +7,8 @@
 //! `scripts/build-modules.sh`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod netns;
+
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::net::TcpListener;
@@ -165,7 +167,9 @@ impl Hub {
             .arg("--http-listen")
             .arg(format!("127.0.0.1:{http}"))
             .arg("--mqtt-listen")
-            .arg(format!("127.0.0.1:{mqtt}"));
+            .arg(format!("127.0.0.1:{mqtt}"))
+            // Loopback tests stay off the host's LAN; tests/tests/mdns.rs covers discovery.
+            .arg("--no-mdns");
         let broker_url = match external_broker {
             Some(b) => {
                 cmd.arg("--broker").arg(b);
@@ -301,7 +305,10 @@ impl Agent {
             .arg("--broker")
             .arg(broker)
             .arg("--memory")
-            .arg("1Gi");
+            .arg("1Gi")
+            .arg("--no-mdns")
+            .arg("--socket")
+            .arg(data_dir.join("agent.sock"));
         let proc = Proc::spawn(id, &mut cmd, dir.join(format!("{id}.log")))?;
         Ok(Agent {
             proc,

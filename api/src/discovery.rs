@@ -1,0 +1,476 @@
+//! The mDNS (DNS-SD) contract: service types, instance names and TXT records of what the hub,
+//! the agents and exposed workloads advertise on the LAN, plus the pure choice an agent makes
+//! among the hubs it sees.
+//!
+//! | service type | advertised by | SRV port | TXT |
+//! |---|---|---|---|
+//! | `_shoal-hub._tcp.local.` | the hub | HTTP API | `proto`, `fleet`, `http`, `mqtt` |
+//! | `_shoal-agent._tcp.local.` | every agent | 0 (no TCP service) | `proto`, `fleet`, `device`, `arch`, `runtimes`, `label:{key}` |
+//! | `_{workload}._tcp.local.` | the device running a replica | the port | `proto`, `fleet`, `device`, `workload`, `replica`, `port` |
+//!
+//! `mqtt` lists broker endpoints separated by commas: a bare port (`1883`) means "on the
+//! addresses this service resolved to" (the hub's embedded broker); `mqtt://HOST:PORT` names an
+//! external broker. `http` is the HTTP API port on the hub's addresses. No I/O here: the
+//! adapters in the hub and the agent turn these into mdns-sd calls.
+
+use crate::endpoint::BrokerUrl;
+use crate::ids::{DeviceId, WorkloadName};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+pub const HUB_SERVICE: &str = "_shoal-hub._tcp.local.";
+pub const AGENT_SERVICE: &str = "_shoal-agent._tcp.local.";
+/// The fleet a hub or agent belongs to when none is configured.
+pub const DEFAULT_FLEET: &str = "default";
+
+/// `_{workload}._tcp.local.`: the service type of a workload's exposed ports.
+pub fn workload_service(name: &WorkloadName) -> String {
+    format!("_{name}._tcp.local.")
+}
+
+/// The workload a service type names, if it is one (`_greeter._tcp.local.` → `greeter`).
+pub fn service_workload(ty: &str) -> Option<WorkloadName> {
+    let name = ty.strip_prefix('_')?.strip_suffix("._tcp.local.")?;
+    WorkloadName::try_from(name).ok()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("mdns record {instance:?} ignored: {reason}")]
+pub struct DiscoveryError {
+    pub instance: String,
+    pub reason: String,
+}
+
+/// Checks a fleet name: 1–63 characters of `a-z`, `0-9` and `-`.
+pub fn check_fleet(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "fleet name {name:?} is invalid: must be 1-63 characters of a-z, 0-9 and '-'"
+        ))
+    }
+}
+
+/// Where the hub's broker is, as advertised.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MqttEndpoint {
+    /// A port on the addresses the hub's record resolved to.
+    Local(u16),
+    /// An external broker.
+    Remote(BrokerUrl),
+}
+
+impl MqttEndpoint {
+    /// The broker URL as reached from an agent that resolved the hub to `addr`.
+    pub fn at(&self, addr: IpAddr) -> BrokerUrl {
+        match self {
+            MqttEndpoint::Local(port) => BrokerUrl {
+                host: addr.to_string(),
+                port: *port,
+            },
+            MqttEndpoint::Remote(url) => url.clone(),
+        }
+    }
+}
+
+/// What a hub advertises.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubAd {
+    pub protocol: u32,
+    pub fleet: String,
+    pub http_port: u16,
+    pub mqtt: Vec<MqttEndpoint>,
+}
+
+impl HubAd {
+    pub fn to_txt(&self) -> Vec<(String, String)> {
+        let mqtt: Vec<String> = self
+            .mqtt
+            .iter()
+            .map(|e| match e {
+                MqttEndpoint::Local(p) => p.to_string(),
+                MqttEndpoint::Remote(u) => u.to_string(),
+            })
+            .collect();
+        vec![
+            ("proto".into(), self.protocol.to_string()),
+            ("fleet".into(), self.fleet.clone()),
+            ("http".into(), self.http_port.to_string()),
+            ("mqtt".into(), mqtt.join(",")),
+        ]
+    }
+
+    /// Reads a hub's TXT record; `instance` names it in errors.
+    pub fn from_txt(
+        instance: &str,
+        txt: &BTreeMap<String, String>,
+    ) -> Result<Self, DiscoveryError> {
+        let err = |reason: String| DiscoveryError {
+            instance: instance.to_string(),
+            reason,
+        };
+        let protocol = number(txt, "proto").map_err(err)?;
+        let fleet = txt
+            .get("fleet")
+            .cloned()
+            .ok_or_else(|| err("no fleet in TXT".into()))?;
+        let http_port = number(txt, "http").map_err(err)?;
+        let mut mqtt = Vec::new();
+        for part in txt.get("mqtt").map(String::as_str).unwrap_or("").split(',') {
+            let part = part.trim();
+            if part.is_empty() {
+                continue;
+            }
+            if let Ok(port) = part.parse::<u16>() {
+                mqtt.push(MqttEndpoint::Local(port));
+            } else {
+                let url = part
+                    .parse::<BrokerUrl>()
+                    .map_err(|e| err(format!("mqtt: {e}")))?;
+                mqtt.push(MqttEndpoint::Remote(url));
+            }
+        }
+        if mqtt.is_empty() {
+            return Err(err("no mqtt endpoint in TXT".into()));
+        }
+        Ok(Self {
+            protocol,
+            fleet,
+            http_port,
+            mqtt,
+        })
+    }
+}
+
+fn number<T: std::str::FromStr>(txt: &BTreeMap<String, String>, key: &str) -> Result<T, String> {
+    let v = txt.get(key).ok_or_else(|| format!("no {key} in TXT"))?;
+    v.parse()
+        .map_err(|_| format!("{key} {v:?} is not a valid number"))
+}
+
+/// What an agent advertises about its device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentAd {
+    pub protocol: u32,
+    pub fleet: String,
+    pub device: DeviceId,
+    pub arch: String,
+    pub runtimes: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// TXT entries are at most 255 bytes (RFC 6763 §6.1); longer labels are left out.
+const TXT_MAX: usize = 255;
+
+impl AgentAd {
+    pub fn to_txt(&self) -> Vec<(String, String)> {
+        let mut txt = vec![
+            ("proto".into(), self.protocol.to_string()),
+            ("fleet".into(), self.fleet.clone()),
+            ("device".into(), self.device.to_string()),
+            ("arch".into(), self.arch.clone()),
+            ("runtimes".into(), self.runtimes.join(",")),
+        ];
+        for (k, v) in &self.labels {
+            let key = format!("label:{k}");
+            if key.len() + 1 + v.len() <= TXT_MAX {
+                txt.push((key, v.clone()));
+            }
+        }
+        txt
+    }
+
+    pub fn from_txt(
+        instance: &str,
+        txt: &BTreeMap<String, String>,
+    ) -> Result<Self, DiscoveryError> {
+        let err = |reason: String| DiscoveryError {
+            instance: instance.to_string(),
+            reason,
+        };
+        let device = txt
+            .get("device")
+            .ok_or_else(|| err("no device in TXT".into()))?
+            .parse::<DeviceId>()
+            .map_err(|e| err(e.to_string()))?;
+        Ok(Self {
+            protocol: number(txt, "proto").map_err(err)?,
+            fleet: txt.get("fleet").cloned().unwrap_or_default(),
+            device,
+            arch: txt.get("arch").cloned().unwrap_or_default(),
+            runtimes: txt
+                .get("runtimes")
+                .map(|r| {
+                    r.split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(String::from)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            labels: txt
+                .iter()
+                .filter_map(|(k, v)| Some((k.strip_prefix("label:")?.to_string(), v.clone())))
+                .collect(),
+        })
+    }
+}
+
+/// One exposed port of one replica, as advertised by the device running it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceAd {
+    pub protocol: u32,
+    pub fleet: String,
+    pub device: DeviceId,
+    pub workload: WorkloadName,
+    pub replica: u32,
+    /// The port's name (`spec.ports[].name`).
+    pub port_name: String,
+}
+
+impl ServiceAd {
+    /// The DNS-SD instance name: unique per replica, port and device (during a move, the same
+    /// replica may briefly be advertised by two devices).
+    pub fn instance_name(&self) -> String {
+        format!(
+            "{}-{}-{}@{}",
+            self.workload, self.replica, self.port_name, self.device
+        )
+    }
+
+    pub fn to_txt(&self) -> Vec<(String, String)> {
+        vec![
+            ("proto".into(), self.protocol.to_string()),
+            ("fleet".into(), self.fleet.clone()),
+            ("device".into(), self.device.to_string()),
+            ("workload".into(), self.workload.to_string()),
+            ("replica".into(), self.replica.to_string()),
+            ("port".into(), self.port_name.clone()),
+        ]
+    }
+
+    pub fn from_txt(
+        instance: &str,
+        txt: &BTreeMap<String, String>,
+    ) -> Result<Self, DiscoveryError> {
+        let err = |reason: String| DiscoveryError {
+            instance: instance.to_string(),
+            reason,
+        };
+        let get = |k: &str| {
+            txt.get(k)
+                .cloned()
+                .ok_or_else(|| err(format!("no {k} in TXT")))
+        };
+        Ok(Self {
+            protocol: number(txt, "proto").map_err(err)?,
+            fleet: get("fleet")?,
+            device: get("device")?
+                .parse()
+                .map_err(|e: crate::ids::IdError| err(e.to_string()))?,
+            workload: WorkloadName::try_from(get("workload")?.as_str())
+                .map_err(|e| err(e.to_string()))?,
+            replica: number(txt, "replica").map_err(err)?,
+            port_name: get("port")?,
+        })
+    }
+}
+
+/// A hub as one agent saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeenHub {
+    /// DNS-SD instance full name (unique on the LAN; the deterministic tie-breaker).
+    pub instance: String,
+    pub ad: HubAd,
+    pub addrs: Vec<IpAddr>,
+}
+
+/// The outcome of [`choose_hub`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HubChoice {
+    /// The hub to use, with the broker and HTTP URLs as reached from here.
+    pub selected: Option<SelectedHub>,
+    /// Every other compatible hub of the same fleet (a misconfiguration to report).
+    pub conflicting: Vec<String>,
+    /// Hubs ignored, with the reason (other fleet, other protocol, no usable address).
+    pub ignored: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelectedHub {
+    pub instance: String,
+    pub broker: BrokerUrl,
+    pub http: String,
+}
+
+/// Picks the hub of `fleet` an agent connects to: among compatible hubs (same fleet, same
+/// protocol, at least one address), the one with the smallest instance name, so that every
+/// agent that sees the same hubs picks the same one. Within a hub, the address is chosen by
+/// [`preferred_addr`].
+pub fn choose_hub(fleet: &str, protocol: u32, hubs: &[SeenHub]) -> HubChoice {
+    let mut choice = HubChoice::default();
+    let mut compatible: Vec<(&SeenHub, IpAddr)> = Vec::new();
+    for h in hubs {
+        if h.ad.fleet != fleet {
+            choice
+                .ignored
+                .push((h.instance.clone(), format!("serves fleet {:?}", h.ad.fleet)));
+        } else if h.ad.protocol != protocol {
+            choice.ignored.push((
+                h.instance.clone(),
+                format!("speaks protocol {} (this agent: {protocol})", h.ad.protocol),
+            ));
+        } else if let Some(addr) = preferred_addr(&h.addrs) {
+            compatible.push((h, addr));
+        } else {
+            choice
+                .ignored
+                .push((h.instance.clone(), "no usable address".into()));
+        }
+    }
+    compatible.sort_by(|a, b| a.0.instance.cmp(&b.0.instance));
+    let mut it = compatible.into_iter();
+    if let Some((h, addr)) = it.next() {
+        let host = match addr {
+            IpAddr::V4(a) => a.to_string(),
+            IpAddr::V6(a) => format!("[{a}]"),
+        };
+        choice.selected = h.ad.mqtt.first().map(|m| SelectedHub {
+            instance: h.instance.clone(),
+            broker: m.at(addr),
+            http: format!("http://{host}:{}", h.ad.http_port),
+        });
+    }
+    choice.conflicting = it.map(|(h, _)| h.instance.clone()).collect();
+    choice
+}
+
+/// The address to use among those a record resolved to: IPv4 before IPv6, routable before
+/// link-local (an IPv6 link-local address needs a scope this layer does not carry), then the
+/// smallest, so the choice is stable.
+pub fn preferred_addr(addrs: &[IpAddr]) -> Option<IpAddr> {
+    let rank = |a: &IpAddr| match a {
+        IpAddr::V4(v) if v.is_link_local() => 1,
+        IpAddr::V4(_) => 0,
+        IpAddr::V6(v) if v.is_unicast_link_local() => 3,
+        IpAddr::V6(_) => 2,
+    };
+    addrs
+        .iter()
+        .filter(|a| !matches!(a, IpAddr::V6(v) if v.is_unicast_link_local()))
+        .min_by(|a, b| rank(a).cmp(&rank(b)).then(a.cmp(b)))
+        .copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub(instance: &str, fleet: &str, addrs: &[&str]) -> SeenHub {
+        SeenHub {
+            instance: instance.into(),
+            ad: HubAd {
+                protocol: 1,
+                fleet: fleet.into(),
+                http_port: 8080,
+                mqtt: vec![MqttEndpoint::Local(1883)],
+            },
+            addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+        }
+    }
+
+    #[test]
+    fn hub_txt_round_trips_and_rejects_garbage() {
+        let ad = HubAd {
+            protocol: 1,
+            fleet: "farm".into(),
+            http_port: 8080,
+            mqtt: vec![
+                MqttEndpoint::Local(1883),
+                MqttEndpoint::Remote("mqtt://broker.lan:1884".parse().unwrap()),
+            ],
+        };
+        let txt: BTreeMap<_, _> = ad.to_txt().into_iter().collect();
+        assert_eq!(HubAd::from_txt("h", &txt).unwrap(), ad);
+        let mut bad = txt.clone();
+        bad.insert("http".into(), "eighty".into());
+        let e = HubAd::from_txt("h", &bad).unwrap_err().to_string();
+        assert!(e.contains("\"h\"") && e.contains("\"eighty\""), "{e}");
+        let mut bad = txt;
+        bad.insert("mqtt".into(), "".into());
+        assert!(HubAd::from_txt("h", &bad).is_err());
+    }
+
+    #[test]
+    fn agent_and_service_txt_round_trip() {
+        let ad = AgentAd {
+            protocol: 1,
+            fleet: "farm".into(),
+            device: "pi-1".parse().unwrap(),
+            arch: "aarch64".into(),
+            runtimes: vec!["wasm".into()],
+            labels: [("zone".to_string(), "greenhouse".to_string())].into(),
+        };
+        let txt: BTreeMap<_, _> = ad.to_txt().into_iter().collect();
+        assert_eq!(AgentAd::from_txt("a", &txt).unwrap(), ad);
+        let s = ServiceAd {
+            protocol: 1,
+            fleet: "farm".into(),
+            device: "pi-1".parse().unwrap(),
+            workload: WorkloadName::try_from("greeter").unwrap(),
+            replica: 2,
+            port_name: "http".into(),
+        };
+        let txt: BTreeMap<_, _> = s.to_txt().into_iter().collect();
+        assert_eq!(ServiceAd::from_txt("s", &txt).unwrap(), s);
+        assert_eq!(s.instance_name(), "greeter-2-http@pi-1");
+        assert_eq!(
+            service_workload(&workload_service(&s.workload)),
+            Some(s.workload)
+        );
+        assert_eq!(service_workload("_shoal-hub._udp.local."), None);
+    }
+
+    #[test]
+    fn choice_is_deterministic_and_reports_conflicts() {
+        let a = hub("b-hub._shoal-hub._tcp.local.", "farm", &["10.0.0.2"]);
+        let b = hub(
+            "a-hub._shoal-hub._tcp.local.",
+            "farm",
+            &["fe80::1", "10.0.0.9", "10.0.0.3"],
+        );
+        let other = hub("0-hub._shoal-hub._tcp.local.", "lab", &["10.0.0.4"]);
+        for order in [
+            vec![a.clone(), b.clone(), other.clone()],
+            vec![other.clone(), b.clone(), a.clone()],
+        ] {
+            let c = choose_hub("farm", 1, &order);
+            let s = c.selected.unwrap();
+            assert_eq!(s.instance, b.instance);
+            assert_eq!(s.broker.to_string(), "mqtt://10.0.0.3:1883");
+            assert_eq!(s.http, "http://10.0.0.3:8080");
+            assert_eq!(c.conflicting, vec![a.instance.clone()]);
+            assert_eq!(c.ignored.len(), 1);
+            assert!(c.ignored[0].1.contains("\"lab\""));
+        }
+        let mut old = a.clone();
+        old.ad.protocol = 2;
+        let c = choose_hub("farm", 1, &[old]);
+        assert!(c.selected.is_none() && c.ignored[0].1.contains("protocol 2"));
+        let c = choose_hub("farm", 1, &[hub("x", "farm", &["fe80::1"])]);
+        assert!(c.selected.is_none(), "link-local v6 only is unusable");
+    }
+
+    #[test]
+    fn ipv6_hosts_are_bracketed() {
+        let c = choose_hub("farm", 1, &[hub("x", "farm", &["2001:db8::5"])]);
+        let s = c.selected.unwrap();
+        assert_eq!(s.http, "http://[2001:db8::5]:8080");
+        assert_eq!(s.broker.host, "2001:db8::5");
+    }
+}

@@ -1,0 +1,282 @@
+//! The mDNS adapter (mdns-sd), shared by the hub and the agent. The only module that names
+//! mdns-sd; what is advertised is defined in `shoal_api::discovery`.
+//!
+//! [`Discovery`] is the seam: [`Mdns`] is the real implementation, [`NoDiscovery`] the one used
+//! with `--no-mdns` (it advertises and finds nothing). Browse results arrive as
+//! [`MdnsEvent`]s on a bounded channel, so the owner's main loop handles them like any other
+//! event.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+/// Which interfaces mDNS uses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MdnsOptions {
+    /// Interface names; empty: every interface except loopback.
+    pub interfaces: Vec<String>,
+    /// Also use loopback (single-host development).
+    pub loopback: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MdnsError {
+    #[error("cannot start mdns: {0}")]
+    Start(String),
+    #[error("cannot advertise {instance:?} as {ty:?}: {reason}")]
+    Advertise {
+        ty: String,
+        instance: String,
+        reason: String,
+    },
+    #[error("cannot browse for {ty:?}: {reason}")]
+    Browse { ty: String, reason: String },
+}
+
+/// A service instance to advertise on this host's addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Advert {
+    /// `_name._tcp.local.`
+    pub ty: String,
+    /// Instance name, without the type (dots are escaped).
+    pub instance: String,
+    pub port: u16,
+    pub txt: Vec<(String, String)>,
+}
+
+/// A browse result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MdnsEvent {
+    /// A service instance was resolved (again: addresses, port or TXT may have changed).
+    Resolved(Resolved),
+    /// A service instance said goodbye or expired.
+    Removed { ty: String, fullname: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    pub ty: String,
+    /// `instance._type._tcp.local.`
+    pub fullname: String,
+    pub addrs: Vec<IpAddr>,
+    pub port: u16,
+    pub txt: BTreeMap<String, String>,
+}
+
+/// Advertising and browsing, as the hub and the agent use them.
+pub trait Discovery: Send + Sync + 'static {
+    /// Advertises `ad`; returns its full name (the key for [`Discovery::withdraw`]).
+    fn advertise(&self, ad: &Advert) -> Result<String, MdnsError>;
+    /// Withdraws an advertisement (a goodbye packet tells browsers at once).
+    fn withdraw(&self, fullname: &str);
+    /// Browses for `ty` until [`Discovery::stop_browse`] or shutdown; events go to `tx`.
+    fn browse(&self, ty: &str, tx: mpsc::Sender<MdnsEvent>) -> Result<(), MdnsError>;
+    fn stop_browse(&self, ty: &str);
+}
+
+/// mDNS turned off.
+pub struct NoDiscovery;
+
+impl Discovery for NoDiscovery {
+    fn advertise(&self, ad: &Advert) -> Result<String, MdnsError> {
+        Ok(format!("{}.{}", ad.instance, ad.ty))
+    }
+    fn withdraw(&self, _fullname: &str) {}
+    fn browse(&self, _ty: &str, _tx: mpsc::Sender<MdnsEvent>) -> Result<(), MdnsError> {
+        Ok(())
+    }
+    fn stop_browse(&self, _ty: &str) {}
+}
+
+/// The real thing: one mdns-sd daemon (it runs its own thread) per process.
+pub struct Mdns {
+    daemon: mdns_sd::ServiceDaemon,
+    /// The host name our records use for their addresses, `{name}.local.`.
+    hostname: String,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Mdns {
+    /// Starts the daemon on the interfaces `opts` selects. `host_label` becomes this host's
+    /// mDNS name (`{host_label}.local.`); make it unique per process on the LAN.
+    pub fn start(
+        opts: &MdnsOptions,
+        host_label: &str,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<Self, MdnsError> {
+        use mdns_sd::IfKind;
+        let daemon = mdns_sd::ServiceDaemon::new().map_err(|e| MdnsError::Start(e.to_string()))?;
+        let start = |r: mdns_sd::Result<()>| r.map_err(|e| MdnsError::Start(e.to_string()));
+        // Selections apply in order; the last one matching an interface wins.
+        if opts.interfaces.is_empty() {
+            start(daemon.disable_interface(vec![IfKind::LoopbackV4, IfKind::LoopbackV6]))?;
+        } else {
+            start(daemon.disable_interface(IfKind::All))?;
+            start(
+                daemon.enable_interface(
+                    opts.interfaces
+                        .iter()
+                        .map(|i| IfKind::Name(i.clone()))
+                        .collect::<Vec<_>>(),
+                ),
+            )?;
+        }
+        if opts.loopback {
+            start(daemon.enable_interface(vec![IfKind::LoopbackV4, IfKind::LoopbackV6]))?;
+        }
+        Ok(Self {
+            daemon,
+            hostname: format!("{host_label}.local."),
+            tracker,
+            shutdown,
+        })
+    }
+
+    /// Withdraws every advertisement (goodbye packets) and stops the daemon thread.
+    pub async fn stop(self) {
+        match self.daemon.shutdown() {
+            Ok(rx) => {
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(2), rx.recv_async()).await;
+            }
+            Err(e) => debug!(error = %e, "mdns shutdown"),
+        }
+    }
+}
+
+impl Discovery for Mdns {
+    fn advertise(&self, ad: &Advert) -> Result<String, MdnsError> {
+        let err = |reason: String| MdnsError::Advertise {
+            ty: ad.ty.clone(),
+            instance: ad.instance.clone(),
+            reason,
+        };
+        let props: Vec<(&str, &str)> = ad
+            .txt
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let no_addrs: &[IpAddr] = &[];
+        // Addresses are filled in (and kept current) from the selected interfaces.
+        let info = mdns_sd::ServiceInfo::new(
+            &ad.ty,
+            &ad.instance,
+            &self.hostname,
+            no_addrs,
+            ad.port,
+            props.as_slice(),
+        )
+        .map_err(|e| err(e.to_string()))?
+        .enable_addr_auto();
+        let fullname = info.get_fullname().to_string();
+        self.daemon.register(info).map_err(|e| err(e.to_string()))?;
+        Ok(fullname)
+    }
+
+    fn withdraw(&self, fullname: &str) {
+        if let Err(e) = self.daemon.unregister(fullname) {
+            warn!(%fullname, error = %e, "cannot withdraw mdns advertisement");
+        }
+    }
+
+    fn browse(&self, ty: &str, tx: mpsc::Sender<MdnsEvent>) -> Result<(), MdnsError> {
+        let rx = self.daemon.browse(ty).map_err(|e| MdnsError::Browse {
+            ty: ty.to_string(),
+            reason: e.to_string(),
+        })?;
+        let shutdown = self.shutdown.clone();
+        self.tracker.spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    ev = rx.recv_async() => ev,
+                };
+                let out = match ev {
+                    Err(_) => break, // browse stopped or daemon gone
+                    Ok(mdns_sd::ServiceEvent::ServiceResolved(s)) => {
+                        let mut addrs: Vec<IpAddr> =
+                            s.addresses.iter().map(|a| a.to_ip_addr()).collect();
+                        addrs.sort();
+                        addrs.dedup();
+                        MdnsEvent::Resolved(Resolved {
+                            ty: s.ty_domain.clone(),
+                            fullname: s.fullname.clone(),
+                            addrs,
+                            port: s.port,
+                            txt: s
+                                .txt_properties
+                                .iter()
+                                .map(|p| (p.key().to_string(), p.val_str().to_string()))
+                                .collect(),
+                        })
+                    }
+                    Ok(mdns_sd::ServiceEvent::ServiceRemoved(ty, fullname)) => {
+                        MdnsEvent::Removed { ty, fullname }
+                    }
+                    Ok(mdns_sd::ServiceEvent::SearchStopped(_)) => break,
+                    Ok(other) => {
+                        debug!(event = ?other, "mdns");
+                        continue;
+                    }
+                };
+                if tx.send(out).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn stop_browse(&self, ty: &str) {
+        if let Err(e) = self.daemon.stop_browse(ty) {
+            debug!(%ty, error = %e, "mdns stop_browse");
+        }
+    }
+}
+
+/// The mDNS flags of `shoal-hub serve` and `shoal-agent run`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct MdnsArgs {
+    /// Turn mDNS off: do not advertise, do not browse.
+    #[arg(long, env = "SHOAL_NO_MDNS")]
+    pub no_mdns: bool,
+    /// Use mDNS on these interfaces only (repeat or comma-separate) [default: every interface
+    /// except loopback].
+    #[arg(long, env = "SHOAL_MDNS_INTERFACE", value_delimiter = ',')]
+    pub mdns_interface: Vec<String>,
+    /// Also use mDNS on loopback (single-host development).
+    #[arg(long, env = "SHOAL_MDNS_LOOPBACK")]
+    pub mdns_loopback: bool,
+}
+
+/// The mDNS keys of the config files.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct MdnsFile {
+    /// `false` turns mDNS off.
+    pub enabled: Option<bool>,
+    pub interfaces: Option<Vec<String>>,
+    pub loopback: Option<bool>,
+}
+
+impl MdnsArgs {
+    /// Merges flags over the file's `[mdns]` table; `None`: mDNS is off.
+    pub fn options(&self, file: &MdnsFile) -> Option<MdnsOptions> {
+        if self.no_mdns || file.enabled == Some(false) {
+            return None;
+        }
+        Some(MdnsOptions {
+            interfaces: if self.mdns_interface.is_empty() {
+                file.interfaces.clone().unwrap_or_default()
+            } else {
+                self.mdns_interface.clone()
+            },
+            loopback: self.mdns_loopback || file.loopback.unwrap_or(false),
+        })
+    }
+}

@@ -1,0 +1,362 @@
+//! Zero-config discovery across hosts: network namespaces on a bridge (see
+//! `shoal_e2e::netns`), real multicast, no broker address given to any agent.
+//!
+//! Skipped with a loud message where namespaces cannot be created (not root); CI runs as root
+//! with `SHOAL_E2E_REQUIRE_NETNS=1`, which turns the skip into a failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use shoal_e2e::netns::Lan;
+use shoal_e2e::*;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+const FLEET: &str = "farm";
+
+/// A hub in namespace `host` of `lan`, listening on all its addresses.
+fn start_hub(lan: &Lan, host: usize, dir: &Path, name: &str) -> Result<Proc> {
+    let mut cmd = lan.command(host, bin("shoal-hub"));
+    cmd.args(["serve", "--data-dir"])
+        .arg(dir.join(format!("hub-{name}")))
+        .args([
+            "--mqtt-listen",
+            "0.0.0.0:1883",
+            "--http-listen",
+            "0.0.0.0:8080",
+            "--fleet",
+            FLEET,
+            "--name",
+            name,
+        ]);
+    let p = Proc::spawn(name, &mut cmd, dir.join(format!("{name}.log")))?;
+    wait_until(Duration::from_secs(20), "hub up", || {
+        Ok(shoal(lan, host, &["get", "devices"])
+            .status
+            .success()
+            .then_some(()))
+    })?;
+    Ok(p)
+}
+
+/// An agent in namespace `host`, told nothing but its fleet and the interface to use.
+fn start_agent(lan: &Lan, host: usize, dir: &Path, id: &str, labels: &str) -> Result<Proc> {
+    let mut cmd = lan.command(host, bin("shoal-agent"));
+    cmd.args(["run", "--data-dir"])
+        .arg(dir.join(id))
+        .args([
+            "--device-id",
+            id,
+            "--labels",
+            labels,
+            "--fleet",
+            FLEET,
+            "--memory",
+            "512Mi",
+            "--mdns-interface",
+            lan.iface(host),
+            "--socket",
+        ])
+        .arg(socket(dir, id));
+    Proc::spawn(id, &mut cmd, dir.join(format!("{id}.log")))
+}
+
+fn socket(dir: &Path, id: &str) -> PathBuf {
+    dir.join(id).join("agent.sock")
+}
+
+/// The `shoal` CLI, run next to the hub in namespace `host`.
+fn shoal(lan: &Lan, host: usize, args: &[&str]) -> Output {
+    lan.command(host, bin("shoal"))
+        .args(args)
+        .env("SHOAL_BROKER", "mqtt://127.0.0.1:1883")
+        .env("SHOAL_HUB", "http://127.0.0.1:8080")
+        .output()
+        .expect("run shoal")
+}
+
+fn json(lan: &Lan, host: usize, args: &[&str]) -> Result<Value> {
+    let mut a = args.to_vec();
+    a.extend(["-o", "json"]);
+    let out = shoal(lan, host, &a);
+    anyhow::ensure!(
+        out.status.success(),
+        "shoal {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// `shoal-agent peers -o json` against an agent's socket (Unix sockets are file-system
+/// objects, reachable from any network namespace).
+fn peers(dir: &Path, id: &str) -> Result<Value> {
+    let out = std::process::Command::new(bin("shoal-agent"))
+        .args(["peers", "-o", "json", "--socket"])
+        .arg(socket(dir, id))
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "shoal-agent peers: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn online_with_mdns(lan: &Lan, hub_host: usize, ids: &[&str]) -> Result<Option<Value>> {
+    let devices = json(lan, hub_host, &["get", "devices"])?;
+    let ok = ids.iter().all(|id| {
+        devices.as_array().unwrap().iter().any(|d| {
+            d["id"] == *id
+                && d["online"] == true
+                && !d["mdnsAddresses"].as_array().unwrap().is_empty()
+        })
+    });
+    Ok(ok.then_some(devices))
+}
+
+fn selected_hub(p: &Value) -> Option<String> {
+    p["hubs"]
+        .as_array()?
+        .iter()
+        .find(|h| h["state"] == "selected")
+        .and_then(|h| h["instance"].as_str().map(String::from))
+}
+
+#[test]
+fn agents_find_the_hub_each_other_and_services_without_addresses() -> Result<()> {
+    let Some(lan) = Lan::new(4)? else {
+        return Ok(());
+    };
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let mut hub = start_hub(&lan, 0, dir, "hub-a")?;
+    let _a = start_agent(&lan, 1, dir, "dev-a", "role=server")?;
+    let mut b = start_agent(&lan, 2, dir, "dev-b", "role=client")?;
+
+    // Both join with no broker address, and the hub saw both over mDNS too.
+    let devices = wait_until(
+        Duration::from_secs(20),
+        "both devices online and seen over mDNS",
+        || online_with_mdns(&lan, 0, &["dev-a", "dev-b"]),
+    )?;
+    let a_view = devices
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == "dev-a")
+        .unwrap();
+    assert!(
+        a_view["mdnsAddresses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x == &lan.addr(1).to_string()),
+        "{a_view}"
+    );
+
+    // Each agent lists the hub (selected) and the other device.
+    let p = wait_until(Duration::from_secs(10), "dev-a sees dev-b", || {
+        let p = peers(dir, "dev-a")?;
+        Ok(p["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["device"] == "dev-b")
+            .then_some(p))
+    })?;
+    assert!(selected_hub(&p).unwrap().starts_with("farm-hub-a"), "{p}");
+    let dev_b = p["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device"] == "dev-b")
+        .unwrap();
+    assert_eq!(dev_b["labels"]["role"], "client");
+    assert_eq!(dev_b["addresses"][0], lan.addr(2).to_string());
+    let table = std::process::Command::new(bin("shoal-agent"))
+        .args(["peers", "--socket"])
+        .arg(socket(dir, "dev-a"))
+        .output()?;
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("farm-hub-a") && table.contains("selected") && table.contains("dev-b"),
+        "{table}"
+    );
+
+    // An every-device workload runs on both; a service on dev-a is found by a workload on
+    // dev-b, which connects to it through the endpoint file the agent keeps.
+    let manifest = write_manifest(
+        dir,
+        "fleet.yaml",
+        &format!(
+            r#"
+apiVersion: shoal.dev/v1
+kind: Workload
+metadata: {{ name: sensor }}
+spec:
+  placement: every
+  wasm: {{ module: "{probe}" }}
+  args: ["heartbeat", "200"]
+  resources: {{ memory: 16Mi }}
+---
+apiVersion: shoal.dev/v1
+kind: Workload
+metadata: {{ name: greeter }}
+spec:
+  selector: {{ role: server }}
+  wasm: {{ module: "{net}" }}
+  args: ["serve", "7000"]
+  ports: [{{ name: tcp, port: 7000, expose: mdns }}]
+---
+apiVersion: shoal.dev/v1
+kind: Workload
+metadata: {{ name: caller }}
+spec:
+  selector: {{ role: client }}
+  wasm: {{ module: "{net}" }}
+  args: ["call", "greeter", "tcp", "200"]
+  uses: [greeter]
+"#,
+            probe = module("probe.wasm").display(),
+            net = module("netprobe.wasm").display(),
+        ),
+    );
+    let out = shoal(&lan, 0, &["apply", "-f", manifest.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let caller_log =
+        || std::fs::read_to_string(dir.join("dev-b/logs/caller-0.log")).unwrap_or_default();
+    let want = format!("reply from {}:7000: hello from greeter-0", lan.addr(1));
+    wait_until(
+        Duration::from_secs(30),
+        "caller on dev-b reaches greeter on dev-a",
+        || Ok(caller_log().contains(&want).then_some(())),
+    )
+    .with_context(|| format!("caller log:\n{}", caller_log()))?;
+    let sensor = json(&lan, 0, &["get", "workloads"])?;
+    let sensor = sensor
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "sensor")
+        .unwrap()
+        .clone();
+    // Replica logs are `{data}/logs/sensor-{replica}.log` on each device.
+    let mut sensor_logs: Vec<(String, PathBuf)> = sensor["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let dev = r["device"].as_str().unwrap().to_string();
+            let log = dir
+                .join(&dev)
+                .join(format!("logs/sensor-{}.log", r["replica"]));
+            (dev, log)
+        })
+        .collect();
+    sensor_logs.sort();
+    let on: Vec<&str> = sensor_logs.iter().map(|(d, _)| d.as_str()).collect();
+    assert_eq!(on, ["dev-a", "dev-b"], "{sensor}");
+    for (_, log) in &sensor_logs {
+        wait_until(
+            Duration::from_secs(20),
+            "sensor beats on both devices",
+            || {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                Ok(text.contains("beat 2").then_some(()))
+            },
+        )?;
+    }
+    let b_sensor_log = sensor_logs[1].1.clone();
+
+    // The service stops: its advert is withdrawn and the caller's endpoint list empties.
+    let out = shoal(&lan, 0, &["delete", "workload", "greeter"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until(
+        Duration::from_secs(15),
+        "greeter endpoints withdrawn",
+        || {
+            Ok(caller_log()
+                .contains("endpoints of greeter/tcp: []")
+                .then_some(()))
+        },
+    )
+    .with_context(|| format!("caller log:\n{}", caller_log()))?;
+
+    // The hub moves to another host (new address): the agents follow it.
+    assert!(
+        hub.terminate(Duration::from_secs(10))?,
+        "hub stops on SIGTERM"
+    );
+    let _hub3 = start_hub(&lan, 3, dir, "hub-a")?;
+    wait_until(
+        Duration::from_secs(20),
+        "agents reconnect to the moved hub",
+        || online_with_mdns(&lan, 3, &["dev-a", "dev-b"]).map(|d| d.map(|_| ())),
+    )?;
+    let p = peers(dir, "dev-b")?;
+    let hub_entry = p["hubs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["state"] == "selected")
+        .unwrap();
+    assert_eq!(hub_entry["addresses"][0], lan.addr(3).to_string(), "{p}");
+
+    // A second hub for the same fleet: both agents report the conflict and keep the same,
+    // deterministic choice (the smallest instance name).
+    let _hub_b = start_hub(&lan, 0, dir, "hub-b")?;
+    for id in ["dev-a", "dev-b"] {
+        let p = wait_until(Duration::from_secs(15), "conflict seen", || {
+            let p = peers(dir, id)?;
+            let conflict = p["hubs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|h| h["state"] == "conflict");
+            Ok(conflict.then_some(p))
+        })?;
+        assert!(
+            selected_hub(&p).unwrap().starts_with("farm-hub-a"),
+            "{id}: {p}"
+        );
+        let log = std::fs::read_to_string(dir.join(format!("{id}.log")))?;
+        assert!(log.contains("several hubs serve this fleet"), "{id} log");
+    }
+
+    // Offline autonomy: with no hub at all, a restarted agent runs its persisted workloads
+    // and says so once per period, not in a flood.
+    drop(_hub_b);
+    drop(_hub3);
+    b.kill();
+    let b_log_len = std::fs::read_to_string(dir.join("dev-b.log"))?.len();
+    let sensor_len = std::fs::read_to_string(&b_sensor_log)?.len();
+    let _b2 = start_agent(&lan, 2, dir, "dev-b", "role=client")?;
+    std::thread::sleep(Duration::from_secs(9));
+    let log = std::fs::read_to_string(dir.join("dev-b.log"))?;
+    let since_restart = &log[b_log_len..];
+    assert_eq!(
+        since_restart
+            .matches("no hub for this fleet found over mDNS yet")
+            .count(),
+        1,
+        "one line in the first period:\n{since_restart}"
+    );
+    let sensor_log = std::fs::read_to_string(&b_sensor_log)?;
+    assert!(
+        sensor_log[sensor_len..].contains("beat 3"),
+        "persisted workload runs without a hub"
+    );
+    if std::env::var_os("SHOAL_E2E_KEEP").is_some() {
+        eprintln!("kept {}", tmp.keep().display());
+    }
+    Ok(())
+}
