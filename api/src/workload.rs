@@ -290,6 +290,8 @@ fn ports(
     errs: &mut Vec<String>,
 ) -> Vec<Port> {
     let mut out: Vec<Port> = Vec::new();
+    let mut seen_ports = std::collections::BTreeSet::new();
+    let mut seen_names = std::collections::BTreeSet::new();
     for (i, p) in wire.into_iter().enumerate() {
         let field = format!("spec.ports[{i}]");
         let before = errs.len();
@@ -333,11 +335,11 @@ fn ports(
             ));
         }
         if let Some(n) = number {
-            if out.iter().any(|o| o.port == n) {
+            if !seen_ports.insert(n) {
                 errs.push(format!("{field}.port {n} is declared twice"));
             }
         }
-        if out.iter().any(|o| o.name == name) && p.name.is_some() {
+        if !name.is_empty() && !seen_names.insert(name.clone()) {
             errs.push(format!("{field}.name {name:?} is declared twice"));
         }
         if expose == Expose::Mdns {

@@ -5,7 +5,9 @@
 //!    still matches the workload's selector and runtime (no needless restarts). Replicas whose
 //!    index is beyond `spec.replicas` are removed.
 //! 2. Unplaced replicas go to an *eligible* device: online, carries every selector label,
-//!    offers the `wasm` runtime, and has free memory for the workload's request.
+//!    offers the `wasm` runtime, has free memory for the workload's request, and none of the
+//!    workload's `spec.ports` is taken there (replicas listen on the device's own addresses,
+//!    like Kubernetes host ports, so two replicas holding port 8080 never share a device).
 //! 3. Among eligible devices: fewest replicas of this workload first (spread), then most free
 //!    memory (least loaded), then device id (deterministic ties).
 //! 4. `placement: every` keeps one replica on each eligible device; a new device gets the
@@ -30,6 +32,29 @@ pub struct DeviceView {
     pub online: bool,
 }
 
+/// What is taken on a device by the replicas placed so far.
+#[derive(Debug, Clone, Default)]
+struct Load {
+    memory: u64,
+    ports: BTreeSet<u16>,
+}
+
+impl Load {
+    fn add(&mut self, w: &Workload) {
+        self.memory += w.resources.memory;
+        self.ports.extend(w.ports.iter().map(|p| p.port));
+    }
+
+    fn port_taken(&self, w: &Workload) -> Option<u16> {
+        w.ports
+            .iter()
+            .map(|p| p.port)
+            .find(|p| self.ports.contains(p))
+    }
+}
+
+type Used = BTreeMap<DeviceId, Load>;
+
 /// Replica index → device, per workload.
 pub type Assignments = BTreeMap<WorkloadName, BTreeMap<u32, DeviceId>>;
 
@@ -53,8 +78,8 @@ pub fn schedule(devices: &[DeviceView], workloads: &[Workload], current: &Assign
     let by_id: BTreeMap<&DeviceId, &DeviceView> = devices.iter().map(|d| (&d.id, d)).collect();
     let wl: BTreeMap<&WorkloadName, &Workload> = workloads.iter().map(|w| (&w.name, w)).collect();
 
-    // Step 1: keep what still fits, and charge it against device memory.
-    let mut used: BTreeMap<DeviceId, u64> = BTreeMap::new();
+    // Step 1: keep what still fits, and charge it against device memory and ports.
+    let mut used = Used::new();
     let mut out = Schedule::default();
     for (name, w) in &wl {
         let mut kept = BTreeMap::new();
@@ -67,11 +92,14 @@ pub fn schedule(devices: &[DeviceView], workloads: &[Workload], current: &Assign
                 let still_matches = by_id
                     .get(dev)
                     .is_some_and(|d| w.selects(&d.labels) && d.runtimes.contains("wasm"));
+                // A port clash can only come from placements made before ports existed; the
+                // later workload (in name order) moves.
+                let clash = used.get(dev).and_then(|l| l.port_taken(w)).is_some();
                 // `every` keeps only online devices' replicas to mirror the eligible set; a
                 // replica on an offline device stays (rescheduling lost devices is separate).
-                if in_range && still_matches {
+                if in_range && still_matches && !clash {
                     kept.insert(replica, dev.clone());
-                    *used.entry(dev.clone()).or_default() += w.resources.memory;
+                    used.entry(dev.clone()).or_default().add(w);
                 }
             }
         }
@@ -98,7 +126,7 @@ pub fn schedule(devices: &[DeviceView], workloads: &[Workload], current: &Assign
                     }
                     match best_device(devices, w, &placed, &used) {
                         Some(d) => {
-                            *used.entry(d.clone()).or_default() += w.resources.memory;
+                            used.entry(d.clone()).or_default().add(w);
                             placed.insert(replica, d);
                         }
                         None => unplaced.push(replica),
@@ -114,7 +142,7 @@ pub fn schedule(devices: &[DeviceView], workloads: &[Workload], current: &Assign
                     let replica = (0u32..)
                         .find(|i| !placed.contains_key(i))
                         .unwrap_or(u32::MAX);
-                    *used.entry(d.id.clone()).or_default() += w.resources.memory;
+                    used.entry(d.id.clone()).or_default().add(w);
                     placed.insert(replica, d.id.clone());
                 }
                 // Matching devices that could not take it are worth reporting.
@@ -150,7 +178,7 @@ pub fn schedule(devices: &[DeviceView], workloads: &[Workload], current: &Assign
 }
 
 /// Why `d` cannot take `w` now, or `Ok` if it can.
-fn fits(d: &DeviceView, w: &Workload, used: &BTreeMap<DeviceId, u64>) -> Result<(), Unfit> {
+fn fits(d: &DeviceView, w: &Workload, used: &Used) -> Result<(), Unfit> {
     if !d.online {
         return Err(Unfit::Offline);
     }
@@ -164,6 +192,9 @@ fn fits(d: &DeviceView, w: &Workload, used: &BTreeMap<DeviceId, u64>) -> Result<
     if !d.runtimes.contains("wasm") {
         return Err(Unfit::Runtime);
     }
+    if let Some(port) = used.get(&d.id).and_then(|l| l.port_taken(w)) {
+        return Err(Unfit::Port(port));
+    }
     let free = free_memory(d, used);
     if free < w.resources.memory {
         return Err(Unfit::Memory(free));
@@ -171,15 +202,16 @@ fn fits(d: &DeviceView, w: &Workload, used: &BTreeMap<DeviceId, u64>) -> Result<
     Ok(())
 }
 
-fn free_memory(d: &DeviceView, used: &BTreeMap<DeviceId, u64>) -> u64 {
+fn free_memory(d: &DeviceView, used: &Used) -> u64 {
     d.memory
-        .saturating_sub(used.get(&d.id).copied().unwrap_or(0))
+        .saturating_sub(used.get(&d.id).map_or(0, |l| l.memory))
 }
 
 enum Unfit {
     Offline,
     Label(String),
     Runtime,
+    Port(u16),
     Memory(u64),
 }
 
@@ -187,7 +219,7 @@ fn best_device(
     devices: &[DeviceView],
     w: &Workload,
     placed: &BTreeMap<u32, DeviceId>,
-    used: &BTreeMap<DeviceId, u64>,
+    used: &Used,
 ) -> Option<DeviceId> {
     devices
         .iter()
@@ -200,9 +232,10 @@ fn best_device(
 }
 
 /// "0/3 devices: 1 offline, 1 no label zone=a, 1 insufficient memory (need 64Mi, max free 32Mi)".
-fn explain(devices: &[DeviceView], w: &Workload, used: &BTreeMap<DeviceId, u64>) -> String {
+fn explain(devices: &[DeviceView], w: &Workload, used: &Used) -> String {
     let mut offline = 0;
     let mut labels: BTreeMap<String, usize> = BTreeMap::new();
+    let mut ports: BTreeMap<u16, usize> = BTreeMap::new();
     let mut runtime = 0;
     let mut memory = 0;
     let mut max_free = 0;
@@ -213,6 +246,7 @@ fn explain(devices: &[DeviceView], w: &Workload, used: &BTreeMap<DeviceId, u64>)
             Err(Unfit::Offline) => offline += 1,
             Err(Unfit::Label(l)) => *labels.entry(l).or_default() += 1,
             Err(Unfit::Runtime) => runtime += 1,
+            Err(Unfit::Port(p)) => *ports.entry(p).or_default() += 1,
             Err(Unfit::Memory(free)) => {
                 memory += 1;
                 max_free = max_free.max(free);
@@ -228,6 +262,9 @@ fn explain(devices: &[DeviceView], w: &Workload, used: &BTreeMap<DeviceId, u64>)
     }
     if runtime > 0 {
         parts.push(format!("{runtime} no wasm runtime"));
+    }
+    for (p, n) in ports {
+        parts.push(format!("{n} port {p} in use"));
     }
     if memory > 0 {
         parts.push(format!(
@@ -290,6 +327,41 @@ mod tests {
             ports: vec![],
             uses: vec![],
         }
+    }
+
+    fn port_decl(port: u16) -> shoal_api::workload::Port {
+        shoal_api::workload::Port {
+            name: port.to_string(),
+            port,
+            expose: shoal_api::workload::Expose::None,
+        }
+    }
+
+    #[test]
+    fn replicas_holding_the_same_port_never_share_a_device() {
+        let devices = vec![dev("a", &[], 512), dev("b", &[], 512)];
+        let mut web = wl("web", Placement::Replicas(3), &[], 16);
+        web.ports.push(port_decl(8080));
+        let mut api = wl("api", Placement::Every, &[], 16);
+        api.ports.push(port_decl(8080));
+        let s = schedule(&devices, &[web.clone()], &Assignments::new());
+        assert_eq!(devices_of(&s, "web"), ["a", "b"]);
+        assert_eq!(
+            s.pending[&web.name].reason,
+            "0/2 devices: 2 port 8080 in use"
+        );
+        // Another workload on the same port finds no room either; `api` sorts first, so
+        // it takes the devices and `web` waits.
+        let s = schedule(&devices, &[web.clone(), api.clone()], &Assignments::new());
+        assert_eq!(devices_of(&s, "api"), ["a", "b"]);
+        assert!(devices_of(&s, "web").is_empty());
+        // A clash inherited from older placements is resolved by moving the later workload.
+        let mut cur = Assignments::new();
+        cur.insert(api.name.clone(), [(0, devices[0].id.clone())].into());
+        cur.insert(web.name.clone(), [(0, devices[0].id.clone())].into());
+        let s = schedule(&devices, &[web, api], &cur);
+        assert_eq!(devices_of(&s, "api"), ["a", "b"]);
+        assert!(devices_of(&s, "web").is_empty());
     }
 
     fn devices_of(s: &Schedule, w: &str) -> Vec<String> {
@@ -432,11 +504,11 @@ mod tests {
                 })
                 .collect::<Vec<_>>()
         });
-        let wls = prop::collection::vec((0u8..4, 0u32..5, 1u64..128, any::<bool>()), 0..5)
+        let wls = prop::collection::vec((0u8..4, 0u32..5, 1u64..128, any::<bool>(), 0u16..4), 0..5)
             .prop_map(|v| {
                 v.into_iter()
                     .enumerate()
-                    .map(|(i, (zone, n, mem, every))| {
+                    .map(|(i, (zone, n, mem, every, port))| {
                         let sel: Vec<(&str, &str)> = if zone == 3 {
                             vec![]
                         } else {
@@ -447,7 +519,12 @@ mod tests {
                         } else {
                             Placement::Replicas(n)
                         };
-                        wl(&format!("w{i}"), p, &sel, mem)
+                        let mut w = wl(&format!("w{i}"), p, &sel, mem);
+                        // Port 0 here means none; 1-3 make clashes likely.
+                        if port > 0 {
+                            w.ports.push(port_decl(8000 + port));
+                        }
+                        w
                     })
                     .collect::<Vec<_>>()
             });
@@ -474,6 +551,13 @@ mod tests {
             }
             for d in &devices {
                 prop_assert!(used.get(&d.id).copied().unwrap_or(0) <= d.memory, "over capacity");
+                let mut ports = BTreeSet::new();
+                for w in &workloads {
+                    let here = s.assignments[&w.name].values().filter(|p| **p == d.id).count();
+                    for p in w.ports.iter().flat_map(|p| std::iter::repeat_n(p, here)) {
+                        prop_assert!(ports.insert(p.port), "port {} twice on {}", p.port, d.id);
+                    }
+                }
             }
             // Placing again changes nothing.
             let again = schedule(&devices, &workloads, &s.assignments);
