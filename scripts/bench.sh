@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Benchmarks (not part of the test run): release builds, then shoal-bench prints a Markdown
 # table of apply → Running latency (vs MQTT hops through the same broker), agent RSS and
-# binary sizes. SHOAL_BENCH_N sets the number of applies (default 200).
+# binary sizes; then shoal-join-bench (root: network namespaces) times mDNS joins against
+# joins with --broker. SHOAL_BENCH_N sets the number of applies (default 200),
+# SHOAL_BENCH_JOINS the number of joins (default 20).
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$REPO_ROOT"
@@ -9,3 +11,4 @@ scripts/install-deps.sh
 scripts/build-modules.sh
 cargo build --release --workspace -q
 SHOAL_BIN_DIR="$CARGO_TARGET_DIR/release" "$CARGO_TARGET_DIR/release/shoal-bench"
+SHOAL_BIN_DIR="$CARGO_TARGET_DIR/release" "$CARGO_TARGET_DIR/release/shoal-join-bench"

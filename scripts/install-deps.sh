@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Installs what building and testing Shoal needs on a fresh Debian machine:
 # Debian's mosquitto (reference external broker) and its clients (used by the tests),
-# and the rustup targets for the example WASM modules. Idempotent and quiet when done already.
+# iproute2 and python3 (the multi-host tests build network namespaces with `ip` and probe
+# multicast with python3), and the rustup targets for the example WASM modules. Idempotent
+# and quiet when done already.
 set -euo pipefail
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing apt packages: ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

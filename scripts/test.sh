@@ -13,7 +13,7 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 echo "== unit tests"
 cargo test --workspace --exclude shoal-e2e -q 2>&1 | tee -a "$log"
-echo "== end-to-end tests (real hub, agents, mosquitto)"
+echo "== end-to-end tests (real hub, agents, mosquitto; network namespaces for multi-host)"
 # One at a time: they start processes, and one measures CPU shares.
 cargo test -p shoal-e2e -q -- --test-threads=1 2>&1 | tee -a "$log"
 # One closing line for the whole run.

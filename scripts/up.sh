@@ -2,6 +2,8 @@
 # The all-in-one node: builds Shoal, starts a hub (with its embedded MQTT broker) and a local
 # edge agent, applies examples/hello-fleet.yaml, and shows the fleet converging until every
 # replica runs; then follows the workloads' output until Ctrl-C, and stops both processes.
+# The agent is given no broker address: it finds the hub over mDNS on loopback, the way a
+# device on a LAN finds it (nothing is advertised beyond this machine).
 #
 #   scripts/up.sh [MANIFEST]      state lives in .shoal/ (delete it to start afresh)
 #
@@ -32,7 +34,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 "$bin/shoal-hub" serve --data-dir "$state/hub" --mqtt-listen "127.0.0.1:$mqtt_port" \
-  --http-listen "127.0.0.1:$http_port" >"$state/hub.log" 2>&1 &
+  --http-listen "127.0.0.1:$http_port" --mdns-interface lo >"$state/hub.log" 2>&1 &
 hub_pid=$!
 pids+=("$hub_pid")
 for _ in $(seq 100); do "$bin/shoal" get devices >/dev/null 2>&1 && break; sleep 0.1; done
@@ -43,9 +45,11 @@ if ! kill -0 "$hub_pid" 2>/dev/null; then
   exit 1
 fi
 "$bin/shoal-agent" run --data-dir "$state/agent" --device-id "$(hostname -s | tr 'A-Z_.' 'a-z--' | cut -c1-63)" \
-  --labels role=sensor,zone=local --broker "$SHOAL_BROKER" >"$state/agent.log" 2>&1 &
+  --labels role=sensor,zone=local --mdns-interface lo --socket "$state/agent.sock" \
+  >"$state/agent.log" 2>&1 &
 pids+=($!)
 echo "== hub: $SHOAL_HUB (log .shoal/hub.log), broker: $SHOAL_BROKER, agent log: .shoal/agent.log"
+echo "   the agent finds the hub over mDNS; see: $bin/shoal-agent peers --socket .shoal/agent.sock"
 
 for _ in $(seq 100); do
   [ "$("$bin/shoal" get devices -o json 2>/dev/null | grep -c '"online": true')" -ge 1 ] && break; sleep 0.1

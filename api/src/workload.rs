@@ -704,6 +704,22 @@ spec:
     }
 
     #[test]
+    fn example_manifests_are_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                let ws = parse_workloads(&text).unwrap_or_else(|e| panic!("{path:?}: {e:?}"));
+                assert!(!ws.is_empty(), "{path:?}");
+                n += 1;
+            }
+        }
+        assert!(n >= 2, "examples found: {n}");
+    }
+
+    #[test]
     fn policy_table() {
         use RestartPolicy::*;
         for (p, ok, fail) in [

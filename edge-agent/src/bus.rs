@@ -152,6 +152,8 @@ pub fn connect(
                         break;
                     }
                 }
+                // Our own clean departure (see `leave`): nothing more to do.
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
                 Ok(other) => debug!(event = ?other, "mqtt event"),
                 Err(e) => {
                     failures += 1;

@@ -259,6 +259,20 @@ mod tests {
     }
 
     #[test]
+    fn example_config_parses() {
+        let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/agent.toml");
+        let c = agent_config(args(Some(example))).unwrap();
+        assert_eq!((c.fleet.as_str(), c.broker), ("greenhouse", None));
+        assert_eq!(c.mdns, Some(shoal_daemon::mdns::MdnsOptions::default()));
+        let mut a = args(None);
+        a.device_id = Some("d".parse().unwrap());
+        a.data_dir = Some("/d".into());
+        a.mdns.no_mdns = true;
+        let e = agent_config(a).unwrap_err().to_string();
+        assert!(e.contains("no broker and mDNS is off"), "{e}");
+    }
+
+    #[test]
     fn precedence_defaults_file_then_env_or_flags() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("agent.toml");

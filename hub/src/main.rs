@@ -136,3 +136,40 @@ fn real_main() -> anyhow::Result<()> {
     // rumqttd's threads have no shutdown API; leave without waiting for them.
     std::process::exit(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(config: Option<PathBuf>) -> ServeArgs {
+        ServeArgs {
+            config,
+            data_dir: None,
+            mqtt_listen: None,
+            broker: None,
+            http_listen: None,
+            public_url: None,
+            fleet: None,
+            name: None,
+            mdns: MdnsArgs::default(),
+        }
+    }
+
+    #[test]
+    fn example_config_parses_and_flags_win() {
+        let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/hub.toml");
+        let c = hub_config(args(Some(example.clone()))).unwrap();
+        assert_eq!(c.fleet, "greenhouse");
+        assert_eq!(c.mdns, Some(shoal_daemon::mdns::MdnsOptions::default()));
+        let mut a = args(Some(example));
+        a.fleet = Some("lab".into());
+        a.mdns.no_mdns = true;
+        let c = hub_config(a).unwrap();
+        assert_eq!((c.fleet.as_str(), c.mdns), ("lab", None));
+        let mut a = args(None);
+        a.data_dir = Some("/d".into());
+        a.fleet = Some("Bad Fleet".into());
+        let e = hub_config(a).unwrap_err().to_string();
+        assert!(e.contains("\"Bad Fleet\""), "{e}");
+    }
+}

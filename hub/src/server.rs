@@ -211,10 +211,11 @@ fn advertise(
         None => MqttEndpoint::Local(broker.port),
     };
     let loopback_only = |a: SocketAddr| a.ip().is_loopback();
-    if !opts.loopback
+    let on_lan = opts.interfaces.is_empty() || opts.interfaces.iter().any(|i| i != "lo");
+    if on_lan
         && (loopback_only(http_addr) || (config.broker.is_none() && is_local_host(&broker.host)))
     {
-        warn!(http = %http_addr, mqtt = %broker, "advertising over mDNS, but the hub listens on loopback only: devices on the LAN cannot reach it (listen on 0.0.0.0 or a LAN address, or pass --mdns-loopback for single-host use)");
+        warn!(http = %http_addr, mqtt = %broker, "advertising over mDNS, but the hub listens on loopback only: devices on the LAN cannot reach it (listen on 0.0.0.0 or a LAN address, or use --mdns-interface lo for single-host use)");
     }
     let ad = HubAd {
         protocol: shoal_api::PROTOCOL_VERSION,
