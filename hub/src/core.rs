@@ -269,6 +269,15 @@ impl<S: Store> HubCore<S> {
         }
     }
 
+    /// How many distinct devices of the fleet are advertised over mDNS.
+    pub fn mdns_devices(&self) -> usize {
+        self.mdns
+            .values()
+            .map(|(d, _)| d)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    }
+
     pub fn device_views(&self) -> Vec<DeviceView> {
         self.devices
             .values()
@@ -512,6 +521,43 @@ spec:
             .delete(&WorkloadName::try_from("sensor").unwrap())
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn devices_seen_over_mdns_are_marked_until_they_leave() {
+        let mut hub = HubCore::open(MemStore::default(), "http://h".into()).unwrap();
+        hub.hello(hello("a", &[])).unwrap();
+        hub.hello(hello("b", &[])).unwrap();
+        let ip: std::net::IpAddr = "10.0.0.7".parse().unwrap();
+        hub.mdns_seen(
+            "a._shoal-agent._tcp.local.".into(),
+            "a".parse().unwrap(),
+            vec![ip],
+        );
+        // A record not (yet) matching a joined device is counted, not shown.
+        hub.mdns_seen(
+            "c._shoal-agent._tcp.local.".into(),
+            "c".parse().unwrap(),
+            vec![ip],
+        );
+        let views = hub.device_views();
+        let addrs = |id: &str| {
+            views
+                .iter()
+                .find(|d| d.id == id)
+                .unwrap()
+                .mdns_addresses
+                .clone()
+        };
+        assert_eq!(addrs("a"), ["10.0.0.7"]);
+        assert!(addrs("b").is_empty());
+        assert_eq!(hub.mdns_devices(), 2);
+        hub.mdns_gone("a._shoal-agent._tcp.local.");
+        assert!(hub
+            .device_views()
+            .iter()
+            .all(|d| d.mdns_addresses.is_empty()));
+        assert_eq!(hub.mdns_devices(), 1);
     }
 
     #[test]

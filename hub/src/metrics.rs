@@ -22,6 +22,7 @@ pub struct Metrics {
     pub desired_published: Counter,
     pub devices: Gauge,
     pub devices_online: Gauge,
+    pub devices_mdns: Gauge,
     pub workloads: Gauge,
     pub replicas: Family<PhaseLabel, Gauge>,
 }
@@ -47,6 +48,11 @@ impl Metrics {
             "shoal_hub_devices_online",
             "Devices currently online",
             self.devices_online.clone(),
+        );
+        r.register(
+            "shoal_hub_devices_mdns",
+            "Devices of this fleet the hub sees advertised over mDNS",
+            self.devices_mdns.clone(),
         );
         r.register(
             "shoal_hub_workloads",

@@ -523,6 +523,9 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         self.metrics
             .devices_online
             .set(devices.iter().filter(|d| d.online).count() as i64);
+        self.metrics
+            .devices_mdns
+            .set(self.core.mdns_devices() as i64);
         let workloads = self.core.workload_views();
         self.metrics.workloads.set(workloads.len() as i64);
         for phase in [

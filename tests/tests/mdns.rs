@@ -155,6 +155,17 @@ fn agents_find_the_hub_each_other_and_services_without_addresses() -> Result<()>
         "{a_view}"
     );
 
+    // The hub counts them in its metrics too.
+    let metrics = lan
+        .command(0, "python3")
+        .args([
+            "-c",
+            "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8080/metrics').read().decode())",
+        ])
+        .output()?;
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(metrics.contains("shoal_hub_devices_mdns 2"), "{metrics}");
+
     // Each agent lists the hub (selected) and the other device.
     let p = wait_until(Duration::from_secs(10), "dev-a sees dev-b", || {
         let p = peers(dir, "dev-a")?;

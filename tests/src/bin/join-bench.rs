@@ -50,11 +50,16 @@ fn main() -> Result<()> {
     let mut mdns = Vec::new();
     let mut burst = Vec::new();
     let mut fixed = Vec::new();
+    let (mut rss_mdns, mut rss_fixed) = (Vec::new(), Vec::new());
     for i in 0..n {
         std::thread::sleep(Duration::from_millis(1500));
-        mdns.push(join_once(&lan, dir, &format!("j{i}-mdns"), None)?);
-        burst.push(join_once(&lan, dir, &format!("j{i}-burst"), None)?);
-        fixed.push(join_once(&lan, dir, &format!("j{i}-fixed"), Some(&broker))?);
+        let (ms, rss) = join_once(&lan, dir, &format!("j{i}-mdns"), None)?;
+        mdns.push(ms);
+        rss_mdns.push(rss);
+        burst.push(join_once(&lan, dir, &format!("j{i}-burst"), None)?.0);
+        let (ms, rss) = join_once(&lan, dir, &format!("j{i}-fixed"), Some(&broker))?;
+        fixed.push(ms);
+        rss_fixed.push(rss);
     }
     let stats = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -63,6 +68,8 @@ fn main() -> Result<()> {
     let (m50, m95) = stats(&mut mdns);
     let (b50, b95) = stats(&mut burst);
     let (f50, f95) = stats(&mut fixed);
+    let (rm, _) = stats(&mut rss_mdns);
+    let (rf, _) = stats(&mut rss_fixed);
     println!("| join (agent start → hub lists it online), n={n} each | p50 | p95 |");
     println!("|---|---|---|");
     println!("| no broker given: hub found over mDNS | {m50:.0} ms | {m95:.0} ms |");
@@ -73,6 +80,12 @@ fn main() -> Result<()> {
         m50 / f50.max(1.0),
         m95 / f95.max(1.0)
     );
+    println!();
+    println!(
+        "| agent RSS 0.5 s after joining, no workloads (p50) | mDNS on | `--no-mdns --broker` |"
+    );
+    println!("|---|---|---|");
+    println!("| | {:.1} MiB | {:.1} MiB |", rm / 1024.0, rf / 1024.0);
     Ok(())
 }
 
@@ -81,8 +94,14 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// Starts a fresh agent in namespace 1 and returns the milliseconds until the hub lists it.
-fn join_once(lan: &Lan, dir: &std::path::Path, id: &str, broker: Option<&str>) -> Result<f64> {
+/// Starts a fresh agent in namespace 1; returns the milliseconds until the hub lists it and
+/// the agent's RSS (KiB) half a second later.
+fn join_once(
+    lan: &Lan,
+    dir: &std::path::Path,
+    id: &str,
+    broker: Option<&str>,
+) -> Result<(f64, f64)> {
     let mut watcher = lan
         .command(0, std::env::current_exe()?)
         .args(["watch", "8080", id])
@@ -107,6 +126,12 @@ fn join_once(lan: &Lan, dir: &std::path::Path, id: &str, broker: Option<&str>) -
     let ms = t0.elapsed().as_secs_f64() * 1000.0;
     anyhow::ensure!(line == "online", "watcher said {line:?}");
     let _ = watcher.wait();
+    std::thread::sleep(Duration::from_millis(500));
+    let rss = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .context("no VmRSS")?;
     agent.terminate(Duration::from_secs(5))?;
     let log = agent.log_text();
     let at = |needle: &str| {
@@ -127,7 +152,7 @@ fn join_once(lan: &Lan, dir: &std::path::Path, id: &str, broker: Option<&str>) -
     } else {
         eprintln!("{id}: {ms:.0} ms");
     }
-    Ok(ms)
+    Ok((ms, rss))
 }
 
 /// Seconds since midnight of a log line's RFC 3339 timestamp.
