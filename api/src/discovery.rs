@@ -41,6 +41,13 @@ pub struct DiscoveryError {
     pub reason: String,
 }
 
+/// The configured fleet (flag or file), or [`DEFAULT_FLEET`], checked.
+pub fn fleet_or_default(configured: Option<String>) -> Result<String, String> {
+    let fleet = configured.unwrap_or_else(|| DEFAULT_FLEET.to_string());
+    check_fleet(&fleet)?;
+    Ok(fleet)
+}
+
 /// Checks a fleet name: 1–63 characters of `a-z`, `0-9` and `-`.
 pub fn check_fleet(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
@@ -111,47 +118,66 @@ impl HubAd {
         instance: &str,
         txt: &BTreeMap<String, String>,
     ) -> Result<Self, DiscoveryError> {
-        let err = |reason: String| DiscoveryError {
-            instance: instance.to_string(),
-            reason,
-        };
-        let protocol = number(txt, "proto").map_err(err)?;
-        let fleet = txt
-            .get("fleet")
-            .cloned()
-            .ok_or_else(|| err("no fleet in TXT".into()))?;
-        let http_port = number(txt, "http").map_err(err)?;
+        let t = Txt { instance, txt };
         let mut mqtt = Vec::new();
-        for part in txt.get("mqtt").map(String::as_str).unwrap_or("").split(',') {
-            let part = part.trim();
+        for part in t.get("mqtt")?.split(',').map(str::trim) {
             if part.is_empty() {
                 continue;
             }
-            if let Ok(port) = part.parse::<u16>() {
-                mqtt.push(MqttEndpoint::Local(port));
-            } else {
-                let url = part
-                    .parse::<BrokerUrl>()
-                    .map_err(|e| err(format!("mqtt: {e}")))?;
-                mqtt.push(MqttEndpoint::Remote(url));
+            match part.parse::<u16>() {
+                Ok(port) => mqtt.push(MqttEndpoint::Local(port)),
+                Err(_) => mqtt.push(MqttEndpoint::Remote(
+                    part.parse().map_err(|e| t.err(format!("mqtt: {e}")))?,
+                )),
             }
         }
         if mqtt.is_empty() {
-            return Err(err("no mqtt endpoint in TXT".into()));
+            return Err(t.err("no mqtt endpoint in TXT"));
         }
         Ok(Self {
-            protocol,
-            fleet,
-            http_port,
+            protocol: t.number("proto")?,
+            fleet: t.get("fleet")?.to_string(),
+            http_port: t.number("http")?,
             mqtt,
         })
     }
 }
 
-fn number<T: std::str::FromStr>(txt: &BTreeMap<String, String>, key: &str) -> Result<T, String> {
-    let v = txt.get(key).ok_or_else(|| format!("no {key} in TXT"))?;
-    v.parse()
-        .map_err(|_| format!("{key} {v:?} is not a valid number"))
+/// Reads one record's TXT entries; every error names the record.
+struct Txt<'a> {
+    instance: &'a str,
+    txt: &'a BTreeMap<String, String>,
+}
+
+impl Txt<'_> {
+    fn err(&self, reason: impl Into<String>) -> DiscoveryError {
+        DiscoveryError {
+            instance: self.instance.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    fn get(&self, key: &str) -> Result<&str, DiscoveryError> {
+        self.txt
+            .get(key)
+            .map(String::as_str)
+            .ok_or_else(|| self.err(format!("no {key} in TXT")))
+    }
+
+    fn number<T: std::str::FromStr>(&self, key: &str) -> Result<T, DiscoveryError> {
+        let v = self.get(key)?;
+        v.parse()
+            .map_err(|_| self.err(format!("{key} {v:?} is not a valid number")))
+    }
+
+    fn parse<T: std::str::FromStr>(&self, key: &str) -> Result<T, DiscoveryError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        self.get(key)?
+            .parse()
+            .map_err(|e: T::Err| self.err(e.to_string()))
+    }
 }
 
 /// What an agent advertises about its device.
@@ -190,29 +216,19 @@ impl AgentAd {
         instance: &str,
         txt: &BTreeMap<String, String>,
     ) -> Result<Self, DiscoveryError> {
-        let err = |reason: String| DiscoveryError {
-            instance: instance.to_string(),
-            reason,
-        };
-        let device = txt
-            .get("device")
-            .ok_or_else(|| err("no device in TXT".into()))?
-            .parse::<DeviceId>()
-            .map_err(|e| err(e.to_string()))?;
+        let t = Txt { instance, txt };
         Ok(Self {
-            protocol: number(txt, "proto").map_err(err)?,
-            fleet: txt.get("fleet").cloned().unwrap_or_default(),
-            device,
-            arch: txt.get("arch").cloned().unwrap_or_default(),
-            runtimes: txt
+            protocol: t.number("proto")?,
+            fleet: t.get("fleet").unwrap_or_default().to_string(),
+            device: t.parse("device")?,
+            arch: t.get("arch").unwrap_or_default().to_string(),
+            runtimes: t
                 .get("runtimes")
-                .map(|r| {
-                    r.split(',')
-                        .filter(|s| !s.is_empty())
-                        .map(String::from)
-                        .collect()
-                })
-                .unwrap_or_default(),
+                .unwrap_or_default()
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
             labels: txt
                 .iter()
                 .filter_map(|(k, v)| Some((k.strip_prefix("label:")?.to_string(), v.clone())))
@@ -258,25 +274,15 @@ impl ServiceAd {
         instance: &str,
         txt: &BTreeMap<String, String>,
     ) -> Result<Self, DiscoveryError> {
-        let err = |reason: String| DiscoveryError {
-            instance: instance.to_string(),
-            reason,
-        };
-        let get = |k: &str| {
-            txt.get(k)
-                .cloned()
-                .ok_or_else(|| err(format!("no {k} in TXT")))
-        };
+        let t = Txt { instance, txt };
         Ok(Self {
-            protocol: number(txt, "proto").map_err(err)?,
-            fleet: get("fleet")?,
-            device: get("device")?
-                .parse()
-                .map_err(|e: crate::ids::IdError| err(e.to_string()))?,
-            workload: WorkloadName::try_from(get("workload")?.as_str())
-                .map_err(|e| err(e.to_string()))?,
-            replica: number(txt, "replica").map_err(err)?,
-            port_name: get("port")?,
+            protocol: t.number("proto")?,
+            fleet: t.get("fleet")?.to_string(),
+            device: t.parse("device")?,
+            workload: WorkloadName::try_from(t.get("workload")?)
+                .map_err(|e| t.err(e.to_string()))?,
+            replica: t.number("replica")?,
+            port_name: t.get("port")?.to_string(),
         })
     }
 }

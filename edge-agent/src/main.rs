@@ -136,11 +136,8 @@ fn agent_config(a: RunArgs) -> anyhow::Result<AgentConfig> {
         ),
         (None, None) => None,
     };
-    let fleet = a
-        .fleet
-        .or(file.fleet)
-        .unwrap_or_else(|| shoal_api::discovery::DEFAULT_FLEET.to_string());
-    shoal_api::discovery::check_fleet(&fleet).map_err(anyhow::Error::msg)?;
+    let fleet = shoal_api::discovery::fleet_or_default(a.fleet.or(file.fleet))
+        .map_err(anyhow::Error::msg)?;
     let mdns = a.mdns.options(&file.mdns);
     if broker.is_none() && mdns.is_none() {
         bail!("no broker and mDNS is off: give --broker (or SHOAL_BROKER, or broker in a config file), or drop --no-mdns to find the hub");

@@ -93,9 +93,13 @@ pub struct ServiceFiles {
 }
 
 impl ServiceFiles {
+    /// Starts from nothing: files a previous run left behind may be stale, and the next
+    /// [`ServiceFiles::sync`] writes everything that is current.
     pub fn new(data_dir: &Path) -> Self {
+        let root = data_dir.join("services");
+        let _ = std::fs::remove_dir_all(&root);
         Self {
-            root: data_dir.join("services"),
+            root,
             written: BTreeMap::new(),
             allow: BTreeMap::new(),
         }
@@ -259,5 +263,10 @@ mod tests {
         // The consumer goes: its directory goes too.
         files.sync(&wanted(&[g], [], &dir)).unwrap();
         assert!(!tmp.path().join("services/caller").exists());
+        // A restarted agent does not trust what an earlier run left.
+        std::fs::create_dir_all(tmp.path().join("services/old/svc")).unwrap();
+        std::fs::write(tmp.path().join("services/old/svc/p"), "10.0.0.1:1\n").unwrap();
+        let _files = ServiceFiles::new(tmp.path());
+        assert!(!tmp.path().join("services/old").exists());
     }
 }

@@ -86,11 +86,8 @@ fn hub_config(a: ServeArgs) -> anyhow::Result<shoal_hub::HubConfig> {
         })?),
         (None, None) => None,
     };
-    let fleet = a
-        .fleet
-        .or(file.fleet)
-        .unwrap_or_else(|| shoal_api::discovery::DEFAULT_FLEET.to_string());
-    shoal_api::discovery::check_fleet(&fleet).map_err(anyhow::Error::msg)?;
+    let fleet = shoal_api::discovery::fleet_or_default(a.fleet.or(file.fleet))
+        .map_err(anyhow::Error::msg)?;
     let name = a.name.or(file.name).unwrap_or_else(shoal_daemon::host_name);
     Ok(shoal_hub::HubConfig {
         data_dir: a.data_dir.or(file.data_dir).context(

@@ -284,6 +284,35 @@ spec:
     }
     let b_sensor_log = sensor_logs[1].1.clone();
 
+    // The service moves to the caller's device: the remote advert is withdrawn and the caller
+    // follows it to the local replica (served on loopback).
+    let moved = std::fs::read_to_string(&manifest)?.replacen(
+        "selector: { role: server }",
+        "selector: { role: client }",
+        1,
+    );
+    let manifest2 = write_manifest(dir, "fleet2.yaml", &moved);
+    let out = shoal(&lan, 0, &["apply", "-f", manifest2.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "caller follows greeter to its own device",
+        || {
+            let log = caller_log();
+            let tail = &log[log
+                .rfind("endpoints of greeter/tcp: [127.0.0.1:7000]")
+                .unwrap_or(log.len())..];
+            Ok(tail
+                .contains("reply from 127.0.0.1:7000: hello from greeter-0")
+                .then_some(()))
+        },
+    )
+    .with_context(|| format!("caller log:\n{}", caller_log()))?;
+
     // The service stops: its advert is withdrawn and the caller's endpoint list empties.
     let out = shoal(&lan, 0, &["delete", "workload", "greeter"]);
     assert!(
