@@ -204,12 +204,7 @@ fn advertise(
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<Mdns, HubError> {
-    let mqtt = match &config.broker {
-        // A broker on the hub's own loopback is reached on the hub's addresses.
-        Some(b) if is_local_host(&b.host) => MqttEndpoint::Local(b.port),
-        Some(b) => MqttEndpoint::Remote(b.clone()),
-        None => MqttEndpoint::Local(broker.port),
-    };
+    let mqtt = advertised_mqtt(config.broker.as_ref(), broker);
     let loopback_only = |a: SocketAddr| a.ip().is_loopback();
     let on_lan = opts.interfaces.is_empty() || opts.interfaces.iter().any(|i| i != "lo");
     if on_lan
@@ -249,6 +244,16 @@ fn advertise(
     mdns.browse(discovery::AGENT_SERVICE, tx)?;
     info!(%fullname, fleet = %config.fleet, ?opts, "advertising over mdns");
     Ok(mdns)
+}
+
+/// How agents reach the broker: the embedded one (or an external one on this host) at a port
+/// of the addresses they found the hub at; any other external broker by its own address.
+fn advertised_mqtt(external: Option<&BrokerUrl>, embedded: &BrokerUrl) -> MqttEndpoint {
+    match external {
+        Some(b) if is_local_host(&b.host) => MqttEndpoint::Local(b.port),
+        Some(b) => MqttEndpoint::Remote(b.clone()),
+        None => MqttEndpoint::Local(embedded.port),
+    }
 }
 
 fn is_local_host(host: &str) -> bool {
@@ -581,5 +586,33 @@ impl HasDevice for Hello {
 impl HasDevice for DeviceStatus {
     fn device(&self) -> &DeviceId {
         &self.device_id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advertised_broker_is_reachable_from_the_lan() {
+        let url = |s: &str| s.parse::<BrokerUrl>().unwrap();
+        let embedded = url("mqtt://0.0.0.0:1883");
+        assert_eq!(advertised_mqtt(None, &embedded), MqttEndpoint::Local(1883));
+        for local in [
+            "mqtt://127.0.0.1:1884",
+            "mqtt://localhost:1884",
+            "mqtt://[::1]:1884",
+        ] {
+            assert_eq!(
+                advertised_mqtt(Some(&url(local)), &embedded),
+                MqttEndpoint::Local(1884),
+                "{local}"
+            );
+        }
+        let remote = url("mqtt://broker.lan:1883");
+        assert_eq!(
+            advertised_mqtt(Some(&remote), &embedded),
+            MqttEndpoint::Remote(remote.clone())
+        );
     }
 }
