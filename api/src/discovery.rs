@@ -41,6 +41,71 @@ pub struct DiscoveryError {
     pub reason: String,
 }
 
+/// Service names Shoal uses itself; a workload may not take them.
+const RESERVED: [&str; 2] = ["shoal-hub", "shoal-agent"];
+
+/// Checks that `name` can be a DNS-SD service name (RFC 6335 §5.1): 1–15 characters of
+/// letters, digits and '-', at least one letter, no '-' at either end and no "--"; and that
+/// it is not one of Shoal's own.
+pub fn check_service_name(name: &str) -> Result<(), String> {
+    let why = if name.is_empty() || name.len() > 15 {
+        Some(format!(
+            "is {} characters; service names are 1-15 (RFC 6335)",
+            name.len()
+        ))
+    } else if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        Some("may contain only letters, digits and '-'".to_string())
+    } else if !name.bytes().any(|b| b.is_ascii_alphabetic()) {
+        Some("needs at least one letter (RFC 6335)".to_string())
+    } else if name.starts_with('-') || name.ends_with('-') || name.contains("--") {
+        Some("may not start or end with '-' or contain \"--\" (RFC 6335)".to_string())
+    } else if RESERVED.contains(&name) {
+        Some("is reserved for Shoal itself".to_string())
+    } else {
+        None
+    };
+    match why {
+        Some(w) => Err(format!("service name {name:?} {w}")),
+        None => Ok(()),
+    }
+}
+
+/// Checks a port name (`spec.ports[].name`, and the endpoint file's name): 1–15 characters
+/// of `a-z`, `0-9` and `-`, not starting or ending with '-'.
+pub fn check_port_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "port name {name:?} is invalid: must be 1-15 characters of a-z, 0-9 and '-', not starting or ending with '-'"
+        ))
+    }
+}
+
+/// `s` as one DNS label (at most 63 bytes, RFC 1035): unchanged when it fits, otherwise a
+/// prefix and a hash of the whole, so distinct long names stay distinct.
+pub fn dns_label(s: &str) -> String {
+    if s.len() <= 63 {
+        return s.to_string();
+    }
+    let mut cut = 50;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!(
+        "{}~{}",
+        &s[..cut],
+        &crate::ids::Digest::of(s.as_bytes()).hex()[..12]
+    )
+}
+
 /// The configured fleet (flag or file), or [`DEFAULT_FLEET`], checked.
 pub fn fleet_or_default(configured: Option<String>) -> Result<String, String> {
     let fleet = configured.unwrap_or_else(|| DEFAULT_FLEET.to_string());
@@ -253,10 +318,10 @@ impl ServiceAd {
     /// The DNS-SD instance name: unique per replica, port and device (during a move, the same
     /// replica may briefly be advertised by two devices).
     pub fn instance_name(&self) -> String {
-        format!(
+        dns_label(&format!(
             "{}-{}-{}@{}",
             self.workload, self.replica, self.port_name, self.device
-        )
+        ))
     }
 
     pub fn to_txt(&self) -> Vec<(String, String)> {
@@ -275,6 +340,9 @@ impl ServiceAd {
         txt: &BTreeMap<String, String>,
     ) -> Result<Self, DiscoveryError> {
         let t = Txt { instance, txt };
+        // The port name becomes a file name on the consumer's device: checked like a manifest's.
+        let port_name = t.get("port")?;
+        check_port_name(port_name).map_err(|e| t.err(e))?;
         Ok(Self {
             protocol: t.number("proto")?,
             fleet: t.get("fleet")?.to_string(),
@@ -282,7 +350,7 @@ impl ServiceAd {
             workload: WorkloadName::try_from(t.get("workload")?)
                 .map_err(|e| t.err(e.to_string()))?,
             replica: t.number("replica")?,
-            port_name: t.get("port")?.to_string(),
+            port_name: port_name.to_string(),
         })
     }
 }
@@ -435,6 +503,26 @@ mod tests {
         let txt: BTreeMap<_, _> = s.to_txt().into_iter().collect();
         assert_eq!(ServiceAd::from_txt("s", &txt).unwrap(), s);
         assert_eq!(s.instance_name(), "greeter-2-http@pi-1");
+        // A port name is a file name on the consumer: no paths, no dots.
+        for evil in ["/etc/passwd", "..", "a/b", "", "x.y"] {
+            let mut bad = txt.clone();
+            bad.insert("port".into(), evil.into());
+            let e = ServiceAd::from_txt("s", &bad).unwrap_err().to_string();
+            assert!(e.contains("port name"), "{evil}: {e}");
+        }
+        let long = ServiceAd {
+            device: "d".repeat(63).parse().unwrap(),
+            ..s.clone()
+        };
+        assert!(long.instance_name().len() <= 63);
+        assert_ne!(
+            long.instance_name(),
+            ServiceAd {
+                replica: 3,
+                ..long.clone()
+            }
+            .instance_name()
+        );
         assert_eq!(
             service_workload(&workload_service(&s.workload)),
             Some(s.workload)
@@ -470,6 +558,23 @@ mod tests {
         assert!(c.selected.is_none() && c.ignored[0].1.contains("protocol 2"));
         let c = choose_hub("farm", 1, &[hub("x", "farm", &["fe80::1"])]);
         assert!(c.selected.is_none(), "link-local v6 only is unusable");
+    }
+
+    #[test]
+    fn service_names_follow_rfc_6335() {
+        for ok in ["greeter", "a1", "web-2", "x"] {
+            assert!(check_service_name(ok).is_ok(), "{ok}");
+        }
+        for (bad, why) in [
+            ("a-long-service-nm", "1-15"),
+            ("123", "letter"),
+            ("a--b", "--"),
+            ("shoal-hub", "reserved"),
+            ("", "1-15"),
+        ] {
+            let e = check_service_name(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]

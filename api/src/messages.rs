@@ -124,9 +124,13 @@ pub struct DesiredState {
     pub device_id: DeviceId,
     /// Strictly increases with every change for this device.
     pub generation: u64,
-    /// Base URL where modules are fetched as `{artifactBase}/v1/blobs/{digest}`.
+    /// Base URL where modules are fetched as `{artifactBase}/v1/blobs/{digest}`. Empty: the
+    /// hub's own HTTP API at the address the agent knows the hub by (mDNS, else its broker's
+    /// host) and `artifactPort`.
     #[serde(default)]
     pub artifact_base: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_port: Option<u16>,
     #[serde(default)]
     pub workloads: Vec<DesiredWorkload>,
 }

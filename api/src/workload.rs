@@ -73,10 +73,6 @@ pub struct Resources {
     pub cpu: Option<u32>,
 }
 
-/// Longest service name DNS-SD allows (RFC 6763 §7.2), so the longest name of a workload whose
-/// ports are exposed over mDNS or that another workload `uses`.
-pub const MAX_SERVICE_NAME: usize = 15;
-
 /// How a port is made known beyond its device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -322,17 +318,8 @@ fn ports(
             .name
             .clone()
             .unwrap_or_else(|| number.map(|n| n.to_string()).unwrap_or_default());
-        let name_ok = !name.is_empty()
-            && name.len() <= MAX_SERVICE_NAME
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !name.starts_with('-')
-            && !name.ends_with('-');
-        if p.name.is_some() && !name_ok {
-            errs.push(format!(
-                "{field}.name {name:?} is invalid: must be 1-{MAX_SERVICE_NAME} characters of a-z, 0-9 and '-', not starting or ending with '-'"
-            ));
+        if let (Some(_), Err(e)) = (&p.name, crate::discovery::check_port_name(&name)) {
+            errs.push(format!("{field}.name: {e}"));
         }
         if let Some(n) = number {
             if !seen_ports.insert(n) {
@@ -343,11 +330,10 @@ fn ports(
             errs.push(format!("{field}.name {name:?} is declared twice"));
         }
         if expose == Expose::Mdns {
-            if let Some(w) = workload.filter(|w| w.as_str().len() > MAX_SERVICE_NAME) {
+            if let Some(Err(e)) = workload.map(|w| crate::discovery::check_service_name(w.as_str()))
+            {
                 errs.push(format!(
-                    "{field}.expose: workload name {:?} is {} characters; mDNS service names are limited to {MAX_SERVICE_NAME} (RFC 6763), so rename the workload or drop expose",
-                    w.as_str(),
-                    w.as_str().len()
+                    "{field}.expose: the workload's name is its mDNS service name, and {e}; rename the workload or drop expose"
                 ));
             }
         }
@@ -363,23 +349,16 @@ fn uses(wire: Vec<String>, errs: &mut Vec<String>) -> Vec<WorkloadName> {
     for (i, u) in wire.iter().enumerate() {
         match WorkloadName::try_from(u.as_str()) {
             Err(e) => errs.push(format!("spec.uses[{i}]: {e}")),
-            Ok(_) if u.len() > MAX_SERVICE_NAME => errs.push(format!(
-                "spec.uses[{i}] {u:?} can never be found: mDNS service names are limited to {MAX_SERVICE_NAME} characters (RFC 6763)"
-            )),
-            Ok(n) if out.contains(&n) => {
-                errs.push(format!("spec.uses[{i}] {u:?} is listed twice"))
-            }
-            Ok(n) => out.push(n),
+            Ok(n) => match crate::discovery::check_service_name(u) {
+                Err(e) => errs.push(format!("spec.uses[{i}] can never be found: {e}")),
+                Ok(()) if out.contains(&n) => {
+                    errs.push(format!("spec.uses[{i}] {u:?} is listed twice"))
+                }
+                Ok(()) => out.push(n),
+            },
         }
     }
     out
-}
-
-/// Whether two port lists share a port number (replicas holding them cannot share a device).
-pub fn ports_clash(a: &[Port], b: &[Port]) -> Option<u16> {
-    a.iter()
-        .find(|p| b.iter().any(|q| q.port == p.port))
-        .map(|p| p.port)
 }
 
 fn check_labels(field: &str, labels: &BTreeMap<String, String>, errs: &mut Vec<String>) {
@@ -666,9 +645,9 @@ spec:
             "spec.ports[0].port 70000 is invalid",
             "spec.ports[1].protocol \"udp\" is not supported",
             "spec.ports[1].expose \"dns\" is invalid",
-            "spec.ports[2].name \"Web\" is invalid",
+            "spec.ports[2].name: port name \"Web\" is invalid",
             "spec.uses[0]",
-            "spec.uses[1] \"a-service-name-longer-than-15\" can never be found",
+            "spec.uses[1] can never be found: service name \"a-service-name-longer-than-15\"",
         ] {
             assert!(
                 all.iter().any(|m| m.contains(needle)),
@@ -678,7 +657,7 @@ spec:
         let long = doc("  ports: [{ port: 80, expose: mdns }]\n")
             .replace("greeter", "a-very-long-greeter");
         let errs = parse_workloads(&long).unwrap_err();
-        assert!(errs[0].message.contains("limited to 15"), "{errs:?}");
+        assert!(errs[0].message.contains("1-15 (RFC 6335)"), "{errs:?}");
         // The same port twice.
         let errs = parse_workloads(&doc("  ports: [{ port: 80 }, { port: 80, name: again }]\n"))
             .unwrap_err();

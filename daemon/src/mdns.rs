@@ -190,6 +190,7 @@ impl Discovery for Mdns {
             reason: e.to_string(),
         })?;
         let shutdown = self.shutdown.clone();
+        let ty = ty.to_string();
         self.tracker.spawn(async move {
             loop {
                 let ev = tokio::select! {
@@ -197,7 +198,12 @@ impl Discovery for Mdns {
                     ev = rx.recv_async() => ev,
                 };
                 let out = match ev {
-                    Err(_) => break, // browse stopped or daemon gone
+                    Err(_) => {
+                        if !shutdown.is_cancelled() {
+                            warn!(%ty, "mdns browse ended");
+                        }
+                        break;
+                    }
                     Ok(mdns_sd::ServiceEvent::ServiceResolved(s)) => {
                         let mut addrs: Vec<IpAddr> =
                             s.addresses.iter().map(|a| a.to_ip_addr()).collect();

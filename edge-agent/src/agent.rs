@@ -37,7 +37,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// Agent settings (from flags and environment; see `shoal-agent run --help`).
 #[derive(Debug, Clone)]
@@ -54,7 +54,15 @@ pub struct AgentConfig {
     /// mDNS interfaces; `None`: mDNS off (then `broker` is required).
     pub mdns: Option<MdnsOptions>,
     /// The local API's Unix socket; `None`: no local API.
-    pub socket: Option<PathBuf>,
+    pub socket: Option<LocalSocket>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalSocket {
+    pub path: PathBuf,
+    /// Given by the user: failing to serve it is an error. The default path is only tried
+    /// (it needs root), with a warning if it cannot be used.
+    pub explicit: bool,
 }
 
 /// How long the agent looks for a hub before saying it found none, and how often it says so
@@ -108,22 +116,36 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     // to announce a clean departure.
     let loop_stop = shutdown.child_token();
     let (mdns_tx, mdns_rx) = mpsc::channel(256);
-    let (mdns, discovery): (Option<Arc<Mdns>>, Arc<dyn Discovery>) = match &config.mdns {
-        Some(opts) => {
-            let m = Arc::new(Mdns::start(
-                opts,
-                &format!("shoal-agent-{}", config.device_id),
-                tracker.clone(),
-                loop_stop.clone(),
-            )?);
+    // Neither discovery nor the local API is worth refusing to run the persisted workloads
+    // for: without them the agent still works offline (and with --broker, online).
+    let started = config.mdns.as_ref().map(|opts| {
+        Mdns::start(
+            opts,
+            &discovery::dns_label(&format!("shoal-agent-{}", config.device_id)),
+            tracker.clone(),
+            loop_stop.clone(),
+        )
+    });
+    let (mdns, discovery): (Option<Arc<Mdns>>, Arc<dyn Discovery>) = match started {
+        Some(Ok(m)) => {
+            let m = Arc::new(m);
             (Some(m.clone()), m)
+        }
+        Some(Err(e)) => {
+            error!(error = %e, "mDNS is off: this device neither finds the hub nor is found");
+            (None, Arc::new(NoDiscovery))
         }
         None => (None, Arc::new(NoDiscovery)),
     };
     let (local_tx, local_rx) = mpsc::channel(16);
-    if let Some(path) = &config.socket {
-        local::serve(path, local_tx, &tracker, loop_stop.clone()).await?;
-        info!(socket = %path.display(), "local api listening");
+    if let Some(sock) = &config.socket {
+        match local::serve(&sock.path, local_tx, &tracker, loop_stop.clone()).await {
+            Ok(()) => info!(socket = %sock.path.display(), "local api listening"),
+            Err(e) if !sock.explicit => {
+                warn!(error = %e, "local api off (the default socket needs root; give --socket PATH)")
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 
     let bus_stop = CancellationToken::new();
@@ -152,6 +174,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             &config.fleet,
             shoal_api::PROTOCOL_VERSION,
             config.device_id.clone(),
+        )
+        .with_loopback(
+            config
+                .mdns
+                .as_ref()
+                .is_some_and(|m| m.loopback || m.interfaces.iter().any(|i| i == "lo")),
         ),
         files: ServiceFiles::new(&config.data_dir),
         config,
@@ -388,8 +416,12 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
                 self.hub.selected = Some(s.instance.clone());
                 self.hub_http_tx.send_replace(Some(s.http));
                 if self.config.broker.is_none() {
-                    // A no-op unless the address changed (the bus compares).
-                    self.broker_tx.send_replace(Some(s.broker));
+                    // Only a new address wakes the bus (a wake-up restarts a pending connect).
+                    self.broker_tx.send_if_modified(|b| {
+                        let changed = b.as_ref() != Some(&s.broker);
+                        *b = Some(s.broker.clone());
+                        changed
+                    });
                 }
             }
             None => {
@@ -447,19 +479,27 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
             .iter()
             .flat_map(|w| w.uses.iter().cloned())
             .collect();
-        for svc in self.browsing.difference(&used) {
+        let unused: Vec<WorkloadName> = self.browsing.difference(&used).cloned().collect();
+        for svc in unused {
+            // No more events come for it: forget its endpoints, or they would linger.
             self.discovery
-                .stop_browse(&discovery::workload_service(svc));
+                .stop_browse(&discovery::workload_service(&svc));
+            self.directory.forget_service(&svc);
+            self.browsing.remove(&svc);
         }
-        for svc in used.difference(&self.browsing) {
-            if let Err(e) = self
+        let new: Vec<WorkloadName> = used.difference(&self.browsing).cloned().collect();
+        for svc in new {
+            match self
                 .discovery
-                .browse(&discovery::workload_service(svc), self.mdns_tx.clone())
+                .browse(&discovery::workload_service(&svc), self.mdns_tx.clone())
             {
-                warn!(error = %e, "cannot browse for service");
+                Ok(()) => {
+                    self.browsing.insert(svc);
+                }
+                // Tried again at the next refresh.
+                Err(e) => warn!(error = %e, "cannot browse for service"),
             }
         }
-        self.browsing = used;
 
         let wanted = services::wanted(&desired, running.iter().copied(), &self.directory);
         if let Err(e) = self.files.sync(&wanted) {
@@ -593,10 +633,10 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         for action in plan(&desired.workloads, &observed) {
             match action {
                 Action::Stop(instance) => self.stop(&instance).await,
-                Action::Start(w) => self.spawn(w, &desired.artifact_base),
+                Action::Start(w) => self.spawn(w, &self.artifact_base(&desired)),
                 Action::Replace(w) => {
                     self.stop(&w.instance()).await;
-                    self.spawn(w, &desired.artifact_base);
+                    self.spawn(w, &self.artifact_base(&desired));
                 }
             }
         }
@@ -629,6 +669,19 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
                 handle,
             },
         );
+    }
+
+    /// Where modules come from: the hub's URL if it gave one; otherwise its HTTP port at the
+    /// pinned broker's host; otherwise empty, and the supervisor uses the hub found over mDNS.
+    fn artifact_base(&self, desired: &DesiredState) -> String {
+        if !desired.artifact_base.is_empty() {
+            return desired.artifact_base.clone();
+        }
+        match (desired.artifact_port, &self.config.broker) {
+            (Some(port), Some(b)) if b.host.contains(':') => format!("http://[{}]:{port}", b.host),
+            (Some(port), Some(b)) => format!("http://{}:{port}", b.host),
+            _ => String::new(),
+        }
     }
 
     /// The sandbox's network grants for a replica of `w` (see [`crate::services`]).

@@ -114,7 +114,9 @@ pub fn connect(
                 if let Some(b) = &current {
                     eventloop.mqtt_options = options(b, &device);
                 }
-                eventloop.clean(); // drop the old connection; queued messages are kept
+                // Drop the old connection. What was queued is lost with the clean session;
+                // harmless, since every message is level-based and re-sent on connect.
+                eventloop.clean();
                 failures = 0;
             }
             let Some(broker) = current.clone() else {

@@ -55,6 +55,10 @@ pub struct Directory {
     /// Service → record full name → endpoint. Records of this device are left out: the agent
     /// knows its own replicas better than mDNS does (see [`Directory::endpoints`]).
     services: BTreeMap<WorkloadName, BTreeMap<String, Endpoint>>,
+    /// Whether loopback addresses in records are believed (only when mDNS itself runs on
+    /// loopback): otherwise anyone on the LAN could point a hub or a service endpoint at this
+    /// device's own loopback services.
+    allow_loopback: bool,
 }
 
 impl Directory {
@@ -67,7 +71,14 @@ impl Directory {
             rejected: BTreeMap::new(),
             peers: BTreeMap::new(),
             services: BTreeMap::new(),
+            allow_loopback: false,
         }
+    }
+
+    /// Believe loopback addresses in records (single-host development over loopback mDNS).
+    pub fn with_loopback(mut self, allow: bool) -> Self {
+        self.allow_loopback = allow;
+        self
     }
 
     /// Applies one browse result. A record that cannot be read is remembered with its reason
@@ -93,7 +104,10 @@ impl Directory {
         }
     }
 
-    fn resolved(&mut self, r: Resolved, now_ms: u64) -> (Change, Option<String>) {
+    fn resolved(&mut self, mut r: Resolved, now_ms: u64) -> (Change, Option<String>) {
+        if !self.allow_loopback {
+            r.addrs.retain(|a| !a.is_loopback() && !a.is_unspecified());
+        }
         let parsed = if r.ty == discovery::HUB_SERVICE {
             HubAd::from_txt(&r.fullname, &r.txt).map(|ad| {
                 let first_seen_ms = self
@@ -173,6 +187,11 @@ impl Directory {
                 (Change::None, first.then_some(reason))
             }
         }
+    }
+
+    /// Drops what is known of `service` (its browse stopped; no removal would arrive).
+    pub fn forget_service(&mut self, service: &WorkloadName) {
+        self.services.remove(service);
     }
 
     /// The hub to use (see [`choose_hub`]).
@@ -296,6 +315,34 @@ mod tests {
         };
         assert_eq!(d.apply(gone, 5).0, Change::Hubs);
         assert!(d.hub_choice().selected.is_none());
+    }
+
+    #[test]
+    fn loopback_addresses_from_the_lan_are_not_believed() {
+        let mut d = Directory::new("farm", 1, "me".parse().unwrap());
+        let h = discovery::HUB_SERVICE;
+        d.apply(resolved(h, "farm-a", &["127.0.0.1"], 8080, hub("farm")), 1);
+        assert!(d.hub_choice().selected.is_none());
+        let ty = "_greeter._tcp.local.";
+        d.apply(
+            resolved(
+                ty,
+                "greeter-0-http@a",
+                &["127.0.0.1", "10.0.0.5"],
+                22,
+                svc("a", 0),
+            ),
+            1,
+        );
+        let g = WorkloadName::try_from("greeter").unwrap();
+        let eps: Vec<String> = d.endpoints(&g, &[])["http"]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(eps, ["10.0.0.5:22"]);
+        let mut d = Directory::new("farm", 1, "me".parse().unwrap()).with_loopback(true);
+        d.apply(resolved(h, "farm-a", &["127.0.0.1"], 8080, hub("farm")), 1);
+        assert!(d.hub_choice().selected.is_some());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use shoal_agent::agent::AgentConfig;
+use shoal_agent::agent::{AgentConfig, LocalSocket};
 use shoal_agent::local::{self, PeersView};
 use shoal_api::endpoint::BrokerUrl;
 use shoal_api::ids::DeviceId;
@@ -158,11 +158,16 @@ fn agent_config(a: RunArgs) -> anyhow::Result<AgentConfig> {
         memory,
         fleet,
         mdns,
-        socket: Some(
-            a.socket
-                .or(file.socket)
-                .unwrap_or_else(|| PathBuf::from(local::DEFAULT_SOCKET)),
-        ),
+        socket: Some(match a.socket.or(file.socket) {
+            Some(path) => LocalSocket {
+                path,
+                explicit: true,
+            },
+            None => LocalSocket {
+                path: PathBuf::from(local::DEFAULT_SOCKET),
+                explicit: false,
+            },
+        }),
     })
 }
 
@@ -284,8 +289,11 @@ mod tests {
         assert_eq!(c.broker, None, "default: discover over mDNS");
         assert_eq!(c.fleet, "default");
         assert_eq!(
-            c.socket.as_deref(),
-            Some(std::path::Path::new("/run/shoal/agent.sock"))
+            c.socket,
+            Some(LocalSocket {
+                path: "/run/shoal/agent.sock".into(),
+                explicit: false
+            })
         );
         assert!(c.mdns.is_some());
         let mut a = args(Some(file.clone()));

@@ -124,21 +124,21 @@ impl ServiceFiles {
         let mut keep = BTreeSet::new();
         for (consumer, sets) in wanted {
             let dir = self.dir(consumer)?;
-            let mut all = BTreeSet::new();
+            // The allow-list first: a guest that reads a new endpoint may connect at once.
+            let all: BTreeSet<SocketAddr> = sets.values().flatten().copied().collect();
+            let list = self.allow_list(consumer);
+            if let Ok(mut l) = list.write() {
+                *l = all;
+            };
             for ((svc, port), addrs) in sets {
                 let path = dir.join(svc.as_str()).join(port);
                 let text: String = addrs.iter().map(|a| format!("{a}\n")).collect();
-                all.extend(addrs.iter().copied());
                 if self.written.get(&path) != Some(&text) {
                     write_atomic(&path, &text)?;
                     self.written.insert(path.clone(), text);
                 }
                 keep.insert(path);
             }
-            let list = self.allow_list(consumer);
-            if let Ok(mut l) = list.write() {
-                *l = all;
-            };
         }
         let stale: Vec<PathBuf> = self
             .written

@@ -96,6 +96,7 @@ mod tests {
             device_id: "e1".parse().unwrap(),
             generation: 3,
             artifact_base: "http://h".into(),
+            artifact_port: None,
             workloads: vec![],
         };
         SledStore::open(dir.path())

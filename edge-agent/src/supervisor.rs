@@ -35,8 +35,8 @@ pub struct Shared<R, F> {
     pub source: F,
     pub logs_dir: PathBuf,
     pub updates: mpsc::Sender<Update>,
-    /// The hub's HTTP API as this agent reaches it (mDNS, or the broker's host); used when
-    /// the desired state carries no artifact base.
+    /// The hub's HTTP API as found over mDNS; used when the artifact base the agent computed
+    /// for a replica is empty (see `Agent::artifact_base`).
     pub hub_http: watch::Receiver<Option<String>>,
 }
 

@@ -1085,7 +1085,7 @@ mod tests {
     /// Path of an example guest; fails the test (with how to build it) when it is missing.
     fn example(name: &str) -> PathBuf {
         let file = format!("{name}.wasm");
-        let target = if name == "hello" {
+        let target = if name == "hello" || name == "netprobe" {
             "wasm32-wasip2"
         } else {
             "wasm32-wasip1"
@@ -1100,16 +1100,8 @@ mod tests {
         };
         assert!(
             path.is_file(),
-            "example guest {path:?} is missing. Build the examples with:\n  \
-             cd {modules} && CARGO_TARGET_DIR=$HOME/.cache/shoal/modules-target cargo build \
-             --release --target wasm32-wasip2 -p hello && \
-             CARGO_TARGET_DIR=$HOME/.cache/shoal/modules-target cargo build --release \
-             --target wasm32-wasip1 -p ticker -p probe\n\
-             (or set SHOAL_MODULES_DIR to a directory holding hello.wasm, ticker.wasm and \
-             probe.wasm)",
-            modules = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../modules")
-                .display(),
+            "example guest {path:?} is missing: build the examples with scripts/build-modules.sh \
+             (or set SHOAL_MODULES_DIR to a directory holding them)"
         );
         path
     }
@@ -1203,6 +1195,101 @@ mod tests {
         assert!(text.contains("\nheartbeat 3\n"), "log:\n{text}");
         assert!(!text.contains("heartbeat 4"), "log:\n{text}");
         assert!(text.contains("[shoal] exited: success"), "log:\n{text}");
+        fx.stop().await;
+    }
+
+    /// Polls `log` until it contains `needle` (10 s at most).
+    async fn wait_for(log: &LogSink, needle: &str) -> String {
+        for _ in 0..200 {
+            let text = log_text(log);
+            if text.contains(needle) {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{needle:?} never appeared in:\n{}", log_text(log));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sockets_only_where_the_manifest_grants_them() {
+        let fx = Fixture::new();
+        let module = fx.prepare("netprobe").await;
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let port_s = port.to_string();
+
+        // No `ports`: listening is refused.
+        let (exit, log) =
+            run_to_end(&fx, module.clone(), spec("deny-0", &["serve", &port_s])).await;
+        assert!(
+            matches!(exit, Exit::Failure { code: Some(1), .. }),
+            "{exit:?}"
+        );
+        assert!(log_text(&log).contains(&format!("cannot listen on port {port}")));
+
+        // The declared port: it serves.
+        let mut serve = spec("serve-0", &["serve", &port_s]);
+        serve.network.listen = vec![port];
+        let log = fx.log("serve-0");
+        let stop = CancellationToken::new();
+        let client = async {
+            wait_for(&log, "serving on port").await;
+            let reply = tokio::task::spawn_blocking(move || {
+                use std::io::Read;
+                let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                let mut text = String::new();
+                s.read_to_string(&mut text).unwrap();
+                text
+            })
+            .await
+            .unwrap();
+            stop.cancel();
+            reply
+        };
+        let (exit, reply) = tokio::join!(
+            fx.runtime
+                .run(module.clone(), serve, log.clone(), stop.clone()),
+            client
+        );
+        assert_eq!(reply, "hello from serve-0\n");
+        assert_eq!(exit, Exit::Cancelled);
+
+        // A consumer: connects only to what its allow-list holds right now.
+        let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = host.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for conn in host.incoming() {
+                use std::io::Write;
+                let _ = writeln!(conn.unwrap(), "hi from the host");
+            }
+        });
+        let services = fx.dir.path().join("services");
+        std::fs::create_dir_all(services.join("svc")).unwrap();
+        std::fs::write(services.join("svc/tcp"), format!("{target}\n")).unwrap();
+        let allow: crate::runtime::AllowList = Default::default();
+        let mut call = spec("call-0", &["call", "svc", "tcp", "50"]);
+        call.network.connect = Some(allow.clone());
+        call.network.services_dir = Some(services);
+        let log = fx.log("call-0");
+        let stop = CancellationToken::new();
+        let check = async {
+            let text = wait_for(&log, &format!("cannot connect to {target}")).await;
+            assert!(
+                text.contains(&format!("endpoints of svc/tcp: [{target}]")),
+                "{text}"
+            );
+            assert!(!text.contains("reply from"), "{text}");
+            allow.write().unwrap().insert(target);
+            wait_for(&log, &format!("reply from {target}: hi from the host")).await;
+            stop.cancel();
+        };
+        let (exit, ()) = tokio::join!(
+            fx.runtime.run(module, call, log.clone(), stop.clone()),
+            check
+        );
+        assert_eq!(exit, Exit::Cancelled);
         fx.stop().await;
     }
 

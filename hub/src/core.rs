@@ -24,6 +24,8 @@ struct Live {
 pub struct HubCore<S: Store> {
     store: S,
     artifact_base: String,
+    /// The HTTP port agents use when `artifact_base` is empty.
+    artifact_port: Option<u16>,
     workloads: BTreeMap<WorkloadName, Workload>,
     devices: BTreeMap<DeviceId, DeviceRecord>,
     live: BTreeMap<DeviceId, Live>,
@@ -44,6 +46,7 @@ impl<S: Store> HubCore<S> {
         let mut core = Self {
             store,
             artifact_base,
+            artifact_port: None,
             workloads: snap.workloads,
             devices: snap.devices,
             live: BTreeMap::new(),
@@ -245,6 +248,7 @@ impl<S: Store> HubCore<S> {
             device_id: dev.clone(),
             generation,
             artifact_base: self.artifact_base.clone(),
+            artifact_port: self.artifact_port,
             workloads,
         };
         self.store.put_desired(&d)?;
@@ -252,6 +256,11 @@ impl<S: Store> HubCore<S> {
         info!(device = %dev, generation, replicas = d.workloads.len(), "desired state changed");
         self.desired.insert(dev.clone(), d.clone());
         Ok(d)
+    }
+
+    /// With an empty artifact base, agents fetch from the hub's address they know, on `port`.
+    pub fn set_artifact_port(&mut self, port: Option<u16>) {
+        self.artifact_port = port;
     }
 
     /// An agent's mDNS record appeared or changed.

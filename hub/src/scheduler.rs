@@ -92,8 +92,8 @@ pub fn schedule(devices: &[DeviceView], workloads: &[Workload], current: &Assign
                 let still_matches = by_id
                     .get(dev)
                     .is_some_and(|d| w.selects(&d.labels) && d.runtimes.contains("wasm"));
-                // A port clash can only come from placements made before ports existed; the
-                // later workload (in name order) moves.
+                // A clash among kept replicas (a workload gained a port, or placements made
+                // before ports existed): the later workload in name order moves.
                 let clash = used.get(dev).and_then(|l| l.port_taken(w)).is_some();
                 // `every` keeps only online devices' replicas to mirror the eligible set; a
                 // replica on an offline device stays (rescheduling lost devices is separate).

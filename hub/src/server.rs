@@ -25,7 +25,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{error, info, info_span, warn, Instrument};
 
 /// Hub settings (from flags and environment; see `shoal-hub serve --help`).
 #[derive(Debug, Clone)]
@@ -115,8 +115,8 @@ async fn serve(
     let public_url = config.public_url.clone().unwrap_or_else(|| {
         let a = http_addr;
         if a.ip().is_unspecified() {
-            // Empty: each agent fetches from the address it found the hub at (mDNS), or from
-            // its broker's host.
+            // Empty (with the port alongside): each agent fetches from the address it found
+            // the hub at over mDNS, or from its broker's host.
             info!("--http-listen is a wildcard address: agents fetch blobs from the hub address they know (set --public-url to override)");
             return String::new();
         }
@@ -134,7 +134,10 @@ async fn serve(
         }
     };
 
-    let core = HubCore::open(store, public_url.clone())?;
+    let mut core = HubCore::open(store, public_url.clone())?;
+    if public_url.is_empty() {
+        core.set_artifact_port(Some(http_addr.port()));
+    }
     let metrics = Arc::new(Metrics::default());
     let mut registry = prometheus_client::registry::Registry::default();
     metrics.register(&mut registry);
@@ -168,15 +171,20 @@ async fn serve(
     let (mdns_tx, mdns_rx) = mpsc::channel(256);
     let mdns = match &config.mdns {
         None => None,
-        Some(opts) => Some(advertise(
-            config,
-            opts,
-            http_addr,
-            &broker,
-            mdns_tx,
-            tracker,
-            shutdown.clone(),
-        )?),
+        // Serving the fleet does not depend on mDNS: without it, agents need --broker.
+        Some(opts) => {
+            match advertise(
+                config, opts, http_addr, &broker, mdns_tx, tracker, &shutdown,
+            )
+            .await
+            {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    error!(error = %e, "mDNS is off: agents must be given --broker");
+                    None
+                }
+            }
+        }
     };
 
     let mut main = MainLoop {
@@ -195,22 +203,26 @@ async fn serve(
 }
 
 /// Advertises the hub as `_shoal-hub._tcp.local.` and browses for the fleet's agents.
-fn advertise(
+async fn advertise(
     config: &HubConfig,
     opts: &MdnsOptions,
     http_addr: SocketAddr,
     broker: &BrokerUrl,
     tx: mpsc::Sender<MdnsEvent>,
     tracker: &TaskTracker,
-    shutdown: CancellationToken,
+    shutdown: &CancellationToken,
 ) -> Result<Mdns, HubError> {
     let mqtt = advertised_mqtt(config.broker.as_ref(), broker);
-    let loopback_only = |a: SocketAddr| a.ip().is_loopback();
-    let on_lan = opts.interfaces.is_empty() || opts.interfaces.iter().any(|i| i != "lo");
-    if on_lan
-        && (loopback_only(http_addr) || (config.broker.is_none() && is_local_host(&broker.host)))
-    {
-        warn!(http = %http_addr, mqtt = %broker, "advertising over mDNS, but the hub listens on loopback only: devices on the LAN cannot reach it (listen on 0.0.0.0 or a LAN address, or use --mdns-interface lo for single-host use)");
+    // A hub listening on loopback only (the default) cannot serve the LAN: advertising it
+    // there would send every agent to an address that refuses it.
+    let unreachable = (config.broker.is_none() && is_loopback_host(&broker.host))
+        || (http_addr.ip().is_loopback() && config.public_url.is_none());
+    let mut opts = opts.clone();
+    if unreachable && opts.interfaces.is_empty() {
+        info!(http = %http_addr, mqtt = %broker, "the hub listens on loopback only, so it advertises on loopback only (agents on this machine: --mdns-loopback); to serve the LAN, listen on 0.0.0.0 or a LAN address");
+        opts.interfaces = vec!["lo".to_string()];
+    } else if unreachable && opts.interfaces.iter().any(|i| i != "lo") {
+        warn!(http = %http_addr, mqtt = %broker, interfaces = ?opts.interfaces, "advertising on the LAN, but the hub listens on loopback only: devices cannot reach it (listen on 0.0.0.0 or a LAN address)");
     }
     let ad = HubAd {
         protocol: shoal_api::PROTOCOL_VERSION,
@@ -230,20 +242,29 @@ fn advertise(
         })
         .collect();
     let mdns = Mdns::start(
-        opts,
-        &format!("shoal-hub-{label}"),
+        &opts,
+        &discovery::dns_label(&format!("shoal-hub-{label}")),
         tracker.clone(),
-        shutdown,
+        shutdown.clone(),
     )?;
-    let fullname = mdns.advertise(&Advert {
-        ty: discovery::HUB_SERVICE.to_string(),
-        instance: format!("{}-{}", config.fleet, config.name),
-        port: http_addr.port(),
-        txt: ad.to_txt(),
-    })?;
-    mdns.browse(discovery::AGENT_SERVICE, tx)?;
-    info!(%fullname, fleet = %config.fleet, ?opts, "advertising over mdns");
-    Ok(mdns)
+    let advertised = mdns
+        .advertise(&Advert {
+            ty: discovery::HUB_SERVICE.to_string(),
+            instance: discovery::dns_label(&format!("{}-{}", config.fleet, config.name)),
+            port: http_addr.port(),
+            txt: ad.to_txt(),
+        })
+        .and_then(|fullname| mdns.browse(discovery::AGENT_SERVICE, tx).map(|()| fullname));
+    match advertised {
+        Ok(fullname) => {
+            info!(%fullname, fleet = %config.fleet, ?opts, "advertising over mdns");
+            Ok(mdns)
+        }
+        Err(e) => {
+            mdns.stop().await;
+            Err(e.into())
+        }
+    }
 }
 
 /// How agents reach the broker: the embedded one (or an external one on this host) at a port
@@ -254,6 +275,13 @@ fn advertised_mqtt(external: Option<&BrokerUrl>, embedded: &BrokerUrl) -> MqttEn
         Some(b) => MqttEndpoint::Remote(b.clone()),
         None => MqttEndpoint::Local(embedded.port),
     }
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn is_local_host(host: &str) -> bool {

@@ -209,6 +209,7 @@ mod tests {
                 device_id: d.clone(),
                 generation: 7,
                 artifact_base: String::new(),
+                artifact_port: None,
                 workloads: vec![],
             })
             .unwrap();
