@@ -333,7 +333,7 @@ fn ports(
             if let Some(Err(e)) = workload.map(|w| crate::discovery::check_service_name(w.as_str()))
             {
                 errs.push(format!(
-                    "{field}.expose: the workload's name is its mDNS service name, and {e}; rename the workload or drop expose"
+                    "{field}.expose: mdns advertises the workload under its name, but {e}; rename the workload or drop expose"
                 ));
             }
         }
