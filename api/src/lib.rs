@@ -16,6 +16,7 @@ pub mod ids;
 pub mod manifest;
 pub mod messages;
 pub mod quantity;
+pub mod selector;
 pub mod table;
 pub mod topics;
 pub mod views;

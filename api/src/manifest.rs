@@ -34,9 +34,17 @@ pub struct WorkloadSpec {
     /// `every`: one replica on every matching device, including devices that join later.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<String>,
-    /// Device labels a device must carry (equality).
+    /// Device label requirements: a value (equality) or `{in: [...]}`, `{notIn: [...]}`,
+    /// `{exists: bool}` (see [`crate::selector`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub selector: BTreeMap<String, String>,
+    pub selector: BTreeMap<String, crate::selector::WireRequirement>,
+    /// A device label to spread replicas across (e.g. `zone`): fewest replicas per value first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread: Option<String>,
+    /// `spread` (default: fewest replicas of the workload, then least loaded) or `binpack`
+    /// (fill the most loaded device that fits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wasm: Option<WasmSpec>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

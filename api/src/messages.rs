@@ -13,6 +13,10 @@ fn protocol() -> u32 {
     crate::PROTOCOL_VERSION
 }
 
+/// How often an agent publishes its status even when nothing changed (a heartbeat: the hub
+/// marks a device lost that stays silent past its grace period).
+pub const STATUS_PERIOD_MS: u64 = 10_000;
+
 /// `devices/{d}/hello`: what a device is and can do. Sent on every (re)connect.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -36,6 +40,9 @@ pub struct Hello {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub agent_version: String,
+    /// Most replicas the device takes (`shoal-agent run --max-replicas`); absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_replicas: Option<u32>,
 }
 
 /// The lifecycle phase of one replica.

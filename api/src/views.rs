@@ -11,6 +11,12 @@ use std::collections::BTreeMap;
 pub struct DeviceView {
     pub id: String,
     pub online: bool,
+    /// Offline or silent past the hub's grace period: its replicas were moved.
+    #[serde(default)]
+    pub lost: bool,
+    /// Takes no new replicas (`shoal cordon`).
+    #[serde(default)]
+    pub cordoned: bool,
     #[serde(default)]
     pub arch: String,
     #[serde(default)]

@@ -7,6 +7,7 @@
 use crate::ids::{check_label_key, check_label_value, Digest, WorkloadName};
 use crate::manifest::{parse_stream, ManifestError, WorkloadManifest};
 use crate::quantity::{format_memory, parse_cpu, parse_duration, parse_memory};
+use crate::selector::Selector;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -93,6 +94,17 @@ pub struct Port {
     pub expose: Expose,
 }
 
+/// How replicas are spread over eligible devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Strategy {
+    /// Fewest replicas of this workload first, then the least loaded device.
+    #[default]
+    Spread,
+    /// The most loaded device that still fits (leaves whole devices free).
+    Binpack,
+}
+
 /// A validated workload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -100,7 +112,12 @@ pub struct Workload {
     pub name: WorkloadName,
     pub labels: BTreeMap<String, String>,
     pub placement: Placement,
-    pub selector: BTreeMap<String, String>,
+    pub selector: Selector,
+    /// Topology label to spread replicas across (`spec.spread`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread: Option<String>,
+    #[serde(default)]
+    pub strategy: Strategy,
     pub module: ModuleRef,
     pub args: Vec<String>,
     pub env: BTreeMap<String, String>,
@@ -153,9 +170,7 @@ impl Workload {
 
     /// Whether a device with these labels satisfies the selector.
     pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.selector
-            .iter()
-            .all(|(k, v)| labels.get(k).is_some_and(|have| have == v))
+        self.selector.matches(labels)
     }
 }
 
@@ -208,7 +223,22 @@ impl TryFrom<WorkloadManifest> for Workload {
             (Some(n), None) => Some(Placement::Replicas(n)),
             (None, None) => Some(Placement::Replicas(1)),
         };
-        check_labels("spec.selector", &spec.selector, &mut errs);
+        let selector = crate::selector::validate("spec.selector", &spec.selector, &mut errs);
+        if let Some(key) = &spec.spread {
+            if let Err(e) = check_label_key(key) {
+                errs.push(format!("spec.spread: {e}"));
+            }
+        }
+        let strategy = match spec.strategy.as_deref() {
+            None | Some("spread") => Strategy::Spread,
+            Some("binpack") => Strategy::Binpack,
+            Some(other) => {
+                errs.push(format!(
+                    "spec.strategy {other:?} is invalid: expected \"spread\" or \"binpack\""
+                ));
+                Strategy::Spread
+            }
+        };
 
         let module = match spec.wasm {
             None => {
@@ -265,7 +295,9 @@ impl TryFrom<WorkloadManifest> for Workload {
                     name,
                     labels: m.metadata.labels,
                     placement,
-                    selector: spec.selector,
+                    selector,
+                    spread: spec.spread,
+                    strategy,
                     module,
                     args: spec.args,
                     env: spec.env,

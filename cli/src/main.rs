@@ -80,6 +80,12 @@ enum Command {
         kind: OneKind,
         name: String,
     },
+    /// Stop placing new replicas on a device (what runs there stays).
+    Cordon { device: String },
+    /// Let a cordoned device take new replicas again.
+    Uncordon { device: String },
+    /// Cordon a device and move its replicas elsewhere (`placement: every` ones stay).
+    Drain { device: String },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -141,6 +147,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("workload/{name} deleted");
             Ok(())
         }
+        Command::Cordon { device } => hub.device_action(&device, "cordon").await,
+        Command::Uncordon { device } => hub.device_action(&device, "uncordon").await,
+        Command::Drain { device } => hub.device_action(&device, "drain").await,
     }
 }
 
@@ -201,6 +210,18 @@ impl Hub {
             path,
         )
         .await?;
+        Ok(())
+    }
+
+    /// `POST /v1/devices/{device}/{action}`, then says what was done.
+    async fn device_action(&self, device: &str, action: &str) -> anyhow::Result<()> {
+        let path = format!("/v1/devices/{device}/{action}");
+        self.check(
+            self.http.post(format!("{}{path}", self.base)).send().await,
+            &path,
+        )
+        .await?;
+        println!("device/{device} {action}ed");
         Ok(())
     }
 
@@ -421,10 +442,17 @@ fn print_devices(devices: &[DeviceView], output: Output) -> anyhow::Result<()> {
         let labels: Vec<String> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         t.row(vec![
             d.id.clone(),
-            if d.online {
-                "Online".into()
-            } else {
-                "Offline".into()
+            {
+                let state = match (d.online, d.lost) {
+                    (true, _) => "Online",
+                    (false, true) => "Lost",
+                    (false, false) => "Offline",
+                };
+                if d.cordoned {
+                    format!("{state},Cordoned")
+                } else {
+                    state.to_string()
+                }
             },
             d.arch.clone(),
             d.runtimes.join(","),
@@ -509,19 +537,17 @@ fn describe(w: &WorkloadView, output: Output) -> anyhow::Result<()> {
             ModuleRef::Path(p) => p.clone(),
         };
         println!("Module:     {module}");
-        let sel: Vec<String> = spec
-            .selector
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
         println!(
             "Selector:   {}",
-            if sel.is_empty() {
-                "<none>".into()
+            if spec.selector.is_empty() {
+                "<none>".to_string()
             } else {
-                sel.join(",")
+                spec.selector.to_string()
             }
         );
+        if let Some(key) = &spec.spread {
+            println!("Spread:     by label {key}");
+        }
         println!(
             "Resources:  {}",
             shoal_api::workload::describe_resources(&spec.resources)

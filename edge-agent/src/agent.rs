@@ -49,6 +49,8 @@ pub struct AgentConfig {
     pub broker: Option<BrokerUrl>,
     /// Memory offered to workloads; default: the machine's total memory.
     pub memory: Option<u64>,
+    /// Most replicas this device takes; `None`: no limit.
+    pub max_replicas: Option<u32>,
     /// The fleet this device belongs to; hubs of other fleets are ignored.
     pub fleet: String,
     /// mDNS interfaces; `None`: mDNS off (then `broker` is required).
@@ -251,6 +253,8 @@ enum Event {
     Local(LocalRequest),
     /// Time to say again that no hub was found, if still so.
     HubSearchReport,
+    /// Time for the periodic status (the hub's sign of life from this device).
+    Heartbeat,
 }
 
 struct Agent<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> {
@@ -305,6 +309,8 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
             HUB_SEARCH_REPORT_PERIOD,
         );
         let searched_since = std::time::Instant::now();
+        let period = Duration::from_millis(shoal_api::messages::STATUS_PERIOD_MS);
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         loop {
             let event = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -313,6 +319,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
                 Some(m) = mdns_rx.recv() => Event::Mdns(m),
                 Some(r) = local_rx.recv() => Event::Local(r),
                 _ = report.tick() => Event::HubSearchReport,
+                _ = heartbeat.tick() => Event::Heartbeat,
             };
             match event {
                 Event::Bus(BusEvent::Connected) => self.announce().await,
@@ -335,6 +342,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
                 Event::Local(LocalRequest::Peers(reply)) => {
                     let _ = reply.send(self.peers_view());
                 }
+                Event::Heartbeat => self.publish_status().await,
                 Event::HubSearchReport => {
                     if self.config.broker.is_none() && self.hub.selected.is_none() {
                         warn!(
@@ -757,6 +765,7 @@ fn hello(config: &AgentConfig) -> Hello {
         memory: config.memory.unwrap_or_else(total_memory),
         labels: config.labels.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        max_replicas: config.max_replicas,
     }
 }
 

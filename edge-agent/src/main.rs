@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List the hubs and devices this device's agent sees on the LAN (over mDNS).
     Peers(PeersArgs),
 }
@@ -75,6 +75,9 @@ struct RunArgs {
     /// Memory offered to workloads (e.g. 512Mi) [default: all of the machine's memory].
     #[arg(long, env = "SHOAL_AGENT_MEMORY", value_parser = parse_memory)]
     memory: Option<u64>,
+    /// Most replicas this device takes [default: no limit].
+    #[arg(long, env = "SHOAL_AGENT_MAX_REPLICAS")]
+    max_replicas: Option<u32>,
 }
 
 /// The config file. Unknown keys are errors (a typo must not be silently ignored).
@@ -86,6 +89,7 @@ struct FileConfig {
     labels: Option<BTreeMap<String, String>>,
     broker: Option<String>,
     memory: Option<String>,
+    max_replicas: Option<u32>,
     fleet: Option<String>,
     socket: Option<PathBuf>,
     #[serde(default)]
@@ -156,6 +160,7 @@ fn agent_config(a: RunArgs) -> anyhow::Result<AgentConfig> {
         labels,
         broker,
         memory,
+        max_replicas: a.max_replicas.or(file.max_replicas),
         fleet,
         mdns,
         socket: Some(match a.socket.or(file.socket) {
@@ -188,7 +193,7 @@ fn real_main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(a) => rt.block_on(async {
             let shutdown = shoal_daemon::shutdown_on_signal();
-            let config = agent_config(a)?;
+            let config = agent_config(*a)?;
             shoal_agent::agent::run(config, shutdown)
                 .await
                 .context("agent failed")
@@ -254,6 +259,7 @@ mod tests {
             labels: None,
             broker: None,
             memory: None,
+            max_replicas: None,
             fleet: None,
             socket: None,
             mdns: MdnsArgs::default(),

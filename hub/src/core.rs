@@ -19,6 +19,12 @@ use tracing::{info, info_span};
 struct Live {
     online: bool,
     status: Option<DeviceStatus>,
+    /// When the hub last heard from the device (any message), or when it started.
+    last_heard_ms: u64,
+    /// When presence went offline (last will or clean leave).
+    offline_since_ms: Option<u64>,
+    /// Offline, or silent, for longer than the grace period: its replicas move.
+    lost: bool,
 }
 
 pub struct HubCore<S: Store> {
@@ -119,6 +125,7 @@ impl<S: Store> HubCore<S> {
                 hello,
                 first_seen_ms: old.first_seen_ms,
                 last_seen_ms: now,
+                cordoned: old.cordoned,
             },
             None => {
                 info!(arch = %hello.arch, labels = ?hello.labels, "device joined");
@@ -126,13 +133,17 @@ impl<S: Store> HubCore<S> {
                     hello,
                     first_seen_ms: now,
                     last_seen_ms: now,
+                    cordoned: false,
                 }
             }
         };
         self.store.put_device(&rec)?;
         self.devices.insert(id.clone(), rec);
         // A device that says hello is connected, whatever order hello and presence arrive in.
-        self.live.entry(id.clone()).or_default().online = true;
+        let live = self.live.entry(id.clone()).or_default();
+        live.online = true;
+        live.offline_since_ms = None;
+        self.heard(&id, now);
         let mut out = self.reconcile()?;
         // A device that joins with no desired state yet still gets an (empty) one, so it
         // knows it is in sync; and a device whose desired state exists gets it again.
@@ -152,25 +163,114 @@ impl<S: Store> HubCore<S> {
         id: &DeviceId,
         online: bool,
     ) -> Result<Vec<DesiredState>, StoreError> {
+        let now = now_ms();
         let live = self.live.entry(id.clone()).or_default();
         if live.online == online {
             return Ok(Vec::new());
         }
         live.online = online;
+        live.offline_since_ms = (!online).then_some(now);
         info!(device = %id, online, "device presence changed");
         if let Some(rec) = self.devices.get_mut(id) {
-            rec.last_seen_ms = now_ms();
+            rec.last_seen_ms = now;
+        }
+        if online {
+            self.heard(id, now);
         }
         self.reconcile()
+    }
+
+    /// The device spoke: it is not lost (any more).
+    fn heard(&mut self, id: &DeviceId, now: u64) {
+        let live = self.live.entry(id.clone()).or_default();
+        live.last_heard_ms = now;
+        if live.lost {
+            live.lost = false;
+            info!(device = %id, "lost device is back");
+        }
+    }
+
+    /// Marks devices lost that have been offline, or silent, for longer than `grace_ms`, and
+    /// reschedules their replicas. Call it periodically with the current time.
+    pub fn check_lost(&mut self, now: u64, grace_ms: u64) -> Result<Vec<DesiredState>, StoreError> {
+        let mut changed = false;
+        for id in self.devices.keys() {
+            let live = self.live.entry(id.clone()).or_insert_with(|| Live {
+                last_heard_ms: now,
+                ..Live::default()
+            });
+            if live.lost {
+                continue;
+            }
+            // Offline: since presence went offline. Online: since the last message (agents
+            // send their status at least every STATUS_PERIOD).
+            let since = live.offline_since_ms.unwrap_or(live.last_heard_ms);
+            if now.saturating_sub(since) > grace_ms {
+                live.lost = true;
+                changed = true;
+                let why = if live.online { "silent" } else { "offline" };
+                info!(device = %id, why, grace_ms, "device lost; rescheduling its replicas");
+            }
+        }
+        if changed {
+            self.reconcile()
+        } else {
+            Ok(Vec::new())
+        }
+    }
+
+    /// `shoal cordon` / `uncordon`: whether the device takes new replicas. `None`: unknown
+    /// device.
+    pub fn cordon(
+        &mut self,
+        id: &DeviceId,
+        cordoned: bool,
+    ) -> Result<Option<Vec<DesiredState>>, StoreError> {
+        let Some(rec) = self.devices.get_mut(id) else {
+            return Ok(None);
+        };
+        if rec.cordoned != cordoned {
+            rec.cordoned = cordoned;
+            let rec = rec.clone();
+            self.store.put_device(&rec)?;
+            info!(device = %id, cordoned, "device cordon changed");
+        }
+        self.reconcile().map(Some)
+    }
+
+    /// `shoal drain`: cordon, then move every replica off the device except `placement:
+    /// every` ones (which belong to it).
+    pub fn drain(&mut self, id: &DeviceId) -> Result<Option<Vec<DesiredState>>, StoreError> {
+        if !self.devices.contains_key(id) {
+            return Ok(None);
+        }
+        if let Some(rec) = self.devices.get_mut(id) {
+            rec.cordoned = true;
+            let rec = rec.clone();
+            self.store.put_device(&rec)?;
+        }
+        for (name, placed) in self.schedule.assignments.iter_mut() {
+            if self
+                .workloads
+                .get(name)
+                .is_some_and(|w| w.placement != Placement::Every)
+            {
+                placed.retain(|_, d| d != id);
+            }
+        }
+        info!(device = %id, "device drained");
+        self.reconcile().map(Some)
     }
 
     /// A device reported what it runs.
     pub fn status(&mut self, status: DeviceStatus) {
         let id = status.device_id.clone();
+        let now = now_ms();
         if let Some(rec) = self.devices.get_mut(&id) {
-            rec.last_seen_ms = now_ms();
+            rec.last_seen_ms = now;
         }
-        self.live.entry(id).or_default().status = Some(status);
+        self.live.entry(id.clone()).or_default().status = Some(status);
+        self.heard(&id, now);
     }
 
     fn workload_list(&self) -> Vec<Workload> {
@@ -180,12 +280,19 @@ impl<S: Store> HubCore<S> {
     fn sched_devices(&self) -> Vec<SchedDevice> {
         self.devices
             .values()
-            .map(|r| SchedDevice {
-                id: r.hello.device_id.clone(),
-                labels: r.hello.labels.clone(),
-                runtimes: r.hello.runtimes.iter().cloned().collect(),
-                memory: r.hello.memory,
-                online: self.live.get(&r.hello.device_id).is_some_and(|l| l.online),
+            .map(|r| {
+                let live = self.live.get(&r.hello.device_id);
+                SchedDevice {
+                    id: r.hello.device_id.clone(),
+                    labels: r.hello.labels.clone(),
+                    runtimes: r.hello.runtimes.iter().cloned().collect(),
+                    memory: r.hello.memory,
+                    cpu_millis: u64::from(r.hello.cpus) * 1000,
+                    max_replicas: r.hello.max_replicas,
+                    online: live.is_some_and(|l| l.online),
+                    lost: live.is_some_and(|l| l.lost),
+                    cordoned: r.cordoned,
+                }
             })
             .collect()
     }
@@ -301,6 +408,8 @@ impl<S: Store> HubCore<S> {
                 DeviceView {
                     id: id.to_string(),
                     online: live.online,
+                    lost: live.lost,
+                    cordoned: r.cordoned,
                     arch: r.hello.arch.clone(),
                     os: r.hello.os.clone(),
                     runtimes: r.hello.runtimes.clone(),
@@ -466,6 +575,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             agent_version: "test".into(),
+            max_replicas: None,
         }
     }
 
@@ -485,6 +595,98 @@ spec:
   selector: { role: sensor }
   wasm: { module: "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad" }
 "#;
+
+    fn placed(hub: &HubCore<MemStore>, w: &str) -> Vec<String> {
+        hub.assignments()[&WorkloadName::try_from(w).unwrap()]
+            .values()
+            .map(|d| d.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn lost_devices_are_rescheduled_and_return_without_churn() {
+        let grace = 30_000;
+        let mut hub = HubCore::open(MemStore::default(), "http://h".into()).unwrap();
+        hub.hello(hello("a", &[("role", "sensor")])).unwrap();
+        hub.hello(hello("b", &[("role", "sensor")])).unwrap();
+        hub.apply(parse_workloads(M).unwrap()).unwrap();
+        assert_eq!(placed(&hub, "web"), ["a", "b"]);
+        let a: DeviceId = "a".parse().unwrap();
+        hub.presence(&a, false).unwrap();
+        // Within the grace period nothing moves.
+        assert!(hub
+            .check_lost(now_ms() + grace / 2, grace)
+            .unwrap()
+            .is_empty());
+        assert_eq!(placed(&hub, "web"), ["a", "b"]);
+        // Past it (b keeps reporting), a's `web` replica moves to b; its `sensor` (every)
+        // replica stays.
+        let later = now_ms() + grace + 1;
+        let beat = |hub: &mut HubCore<MemStore>, id: &str, at: u64| {
+            hub.status(DeviceStatus {
+                protocol: 1,
+                device_id: id.parse().unwrap(),
+                observed_generation: 0,
+                workloads: vec![],
+                time_ms: at,
+            });
+            hub.live
+                .get_mut(&id.parse::<DeviceId>().unwrap())
+                .unwrap()
+                .last_heard_ms = at;
+        };
+        beat(&mut hub, "b", later);
+        let publish = hub.check_lost(later, grace).unwrap();
+        assert_eq!(placed(&hub, "web"), ["b", "b"]);
+        assert_eq!(placed(&hub, "sensor"), ["a", "b"]);
+        let to_a = publish
+            .iter()
+            .find(|d| d.device_id == a)
+            .expect("a's desired state changes");
+        assert!(
+            to_a.workloads.iter().all(|w| w.name.as_str() == "sensor"),
+            "{to_a:?}"
+        );
+        assert!(hub.device_views().iter().any(|d| d.id == "a" && d.lost));
+        // a comes back: it is no longer lost, and nothing moves back (no churn).
+        hub.hello(hello("a", &[("role", "sensor")])).unwrap();
+        assert!(hub.device_views().iter().any(|d| d.id == "a" && !d.lost));
+        assert_eq!(placed(&hub, "web"), ["b", "b"]);
+        // An online device that stops reporting is lost too.
+        beat(&mut hub, "a", later + grace);
+        let b_silent = hub.check_lost(later + grace + 1, grace).unwrap();
+        assert!(!b_silent.is_empty(), "silent devices are lost");
+        assert_eq!(placed(&hub, "web"), ["a", "a"]);
+    }
+
+    #[test]
+    fn cordon_and_drain() {
+        let mut hub = HubCore::open(MemStore::default(), "http://h".into()).unwrap();
+        hub.hello(hello("a", &[("role", "sensor")])).unwrap();
+        hub.hello(hello("b", &[])).unwrap();
+        let a: DeviceId = "a".parse().unwrap();
+        hub.cordon(&a, true).unwrap().unwrap();
+        hub.apply(parse_workloads(M).unwrap()).unwrap();
+        assert_eq!(
+            placed(&hub, "web"),
+            ["b", "b"],
+            "cordoned a takes nothing new"
+        );
+        assert!(placed(&hub, "sensor").is_empty());
+        hub.cordon(&a, false).unwrap().unwrap();
+        assert_eq!(placed(&hub, "sensor"), ["a"]);
+        assert_eq!(
+            placed(&hub, "web"),
+            ["b", "b"],
+            "uncordon does not move running replicas"
+        );
+        hub.drain(&"b".parse().unwrap()).unwrap().unwrap();
+        assert_eq!(placed(&hub, "web"), ["a", "a"]);
+        assert!(hub
+            .cordon(&"nope".parse().unwrap(), true)
+            .unwrap()
+            .is_none());
+    }
 
     #[test]
     fn apply_places_and_bumps_generations() {

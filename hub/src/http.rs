@@ -7,6 +7,7 @@
 //! | `GET /v1/workloads` | `[WorkloadView]` |
 //! | `GET /v1/workloads/{name}` | `WorkloadView` with its spec |
 //! | `DELETE /v1/workloads/{name}` | delete |
+//! | `POST /v1/devices/{id}/cordon`, `/uncordon`, `/drain` | no new replicas; move replicas off |
 //! | `POST /v1/apply` | manifest text → `ApplyResult` (same path as an MQTT apply) |
 //! | `POST /v1/blobs` | upload bytes → `BlobRef` |
 //! | `GET /v1/blobs/{digest}` | download a blob |
@@ -23,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use prometheus_client::registry::Registry;
-use shoal_api::ids::{Digest, WorkloadName};
+use shoal_api::ids::{DeviceId, Digest, WorkloadName};
 use shoal_api::messages::ApplyResult;
 use shoal_api::views::{ApiError, BlobRef, DeviceView, WorkloadView};
 use std::sync::Arc;
@@ -55,6 +56,19 @@ pub enum Request {
         name: WorkloadName,
         reply: oneshot::Sender<Option<WorkloadView>>,
     },
+    /// Cordon, uncordon or drain a device; `Ok(false)`: no such device.
+    Device {
+        id: DeviceId,
+        action: DeviceAction,
+        reply: oneshot::Sender<Result<bool, String>>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceAction {
+    Cordon,
+    Uncordon,
+    Drain,
 }
 
 #[derive(Clone)]
@@ -69,6 +83,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .route("/v1/devices", get(devices))
+        .route("/v1/devices/{id}/{action}", post(device_action))
         .route("/v1/workloads", get(workloads))
         .route("/v1/workloads/{name}", get(workload).delete(delete))
         .route("/v1/apply", post(apply))
@@ -114,6 +129,53 @@ async fn devices(State(s): State<AppState>) -> Response {
     match ask(&s, |reply| Request::Devices { reply }).await {
         Ok(v) => Json(v).into_response(),
         Err(f) => f.into_response(),
+    }
+}
+
+async fn device_action(
+    State(s): State<AppState>,
+    Path((id, action)): Path<(String, String)>,
+) -> Response {
+    let id: DeviceId = match id.parse() {
+        Ok(d) => d,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("{e}")),
+    };
+    let action = match action.as_str() {
+        "cordon" => DeviceAction::Cordon,
+        "uncordon" => DeviceAction::Uncordon,
+        "drain" => DeviceAction::Drain,
+        other => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("device action {other:?} is unknown: expected cordon, uncordon or drain"),
+            )
+        }
+    };
+    match ask(&s, |reply| Request::Device {
+        id: id.clone(),
+        action,
+        reply,
+    })
+    .await
+    {
+        Ok(Ok(true)) => {
+            Json(serde_json::json!({ "device": id.as_str(), "done": action_name(action) }))
+                .into_response()
+        }
+        Ok(Ok(false)) => error(
+            StatusCode::NOT_FOUND,
+            format!("device {:?} not found", id.as_str()),
+        ),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(f) => f.into_response(),
+    }
+}
+
+fn action_name(a: DeviceAction) -> &'static str {
+    match a {
+        DeviceAction::Cordon => "cordoned",
+        DeviceAction::Uncordon => "uncordoned",
+        DeviceAction::Drain => "drained",
     }
 }
 

@@ -55,6 +55,14 @@ struct ServeArgs {
     name: Option<String>,
     #[command(flatten)]
     mdns: MdnsArgs,
+    /// How long a device may be offline or silent before it is lost and its replicas are
+    /// rescheduled (`placement: every` ones stay), e.g. 500ms, 30s, 2m [default: 30s].
+    #[arg(long, env = "SHOAL_HUB_DEVICE_GRACE", value_parser = parse_duration)]
+    device_grace: Option<std::time::Duration>,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    shoal_api::quantity::parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// The config file. Unknown keys are errors (a typo must not be silently ignored).
@@ -68,6 +76,7 @@ struct FileConfig {
     public_url: Option<String>,
     fleet: Option<String>,
     name: Option<String>,
+    device_grace: Option<String>,
     #[serde(default)]
     mdns: MdnsFile,
 }
@@ -88,7 +97,13 @@ fn hub_config(a: ServeArgs) -> anyhow::Result<shoal_hub::HubConfig> {
     };
     let fleet = shoal_api::discovery::fleet_or_default(a.fleet.or(file.fleet))
         .map_err(anyhow::Error::msg)?;
-    let name = a.name.or(file.name).unwrap_or_else(shoal_daemon::host_name);
+    let hub_name = a.name.or(file.name).unwrap_or_else(shoal_daemon::host_name);
+    let device_grace = match (a.device_grace, file.device_grace) {
+        (Some(d), _) => d,
+        (None, Some(d)) => parse_duration(&d)
+            .map_err(|e| anyhow::anyhow!("config file {name:?}: device-grace: {e}"))?,
+        (None, None) => std::time::Duration::from_secs(30),
+    };
     Ok(shoal_hub::HubConfig {
         data_dir: a.data_dir.or(file.data_dir).context(
             "no data directory: give --data-dir, SHOAL_HUB_DATA_DIR or data-dir in a config file",
@@ -104,8 +119,9 @@ fn hub_config(a: ServeArgs) -> anyhow::Result<shoal_hub::HubConfig> {
             .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
         public_url: a.public_url.or(file.public_url),
         fleet,
-        name,
+        name: hub_name,
         mdns: a.mdns.options(&file.mdns),
+        device_grace,
     })
 }
 
@@ -149,6 +165,7 @@ mod tests {
             fleet: None,
             name: None,
             mdns: MdnsArgs::default(),
+            device_grace: None,
         }
     }
 

@@ -1,25 +1,35 @@
 //! Placement: a pure function from (devices, workloads, current assignments) to assignments.
 //!
 //! Rules (in order):
-//! 1. A replica that is already placed stays where it is while its device still exists and
-//!    still matches the workload's selector and runtime (no needless restarts). Replicas whose
-//!    index is beyond `spec.replicas` are removed.
-//! 2. Unplaced replicas go to an *eligible* device: online, carries every selector label,
-//!    offers the `wasm` runtime, has free memory for the workload's request, and none of the
-//!    workload's `spec.ports` is taken there (replicas listen on the device's own addresses,
-//!    like Kubernetes host ports, so two replicas holding port 8080 never share a device).
-//! 3. Among eligible devices: fewest replicas of this workload first (spread), then most free
-//!    memory (least loaded), then device id (deterministic ties).
+//! 1. A replica that is already placed stays where it is while its device exists, is not lost,
+//!    and still matches the workload's selector and runtime (no needless restarts), and no
+//!    earlier workload (in name order) holds one of its ports there. Replicas whose index is
+//!    beyond `spec.replicas` are removed. A lost device keeps its `placement: every` replicas
+//!    (they belong to that device); its other replicas move.
+//! 2. Unplaced replicas go to an *eligible* device: online, not lost, not cordoned, meets the
+//!    selector (equality and set-based), offers the `wasm` runtime, and has room: free memory
+//!    and CPU (millicores, from its CPU count) for the workload's requests, a free replica slot
+//!    under its limit, and none of the workload's `spec.ports` taken (replicas listen on the
+//!    device's own addresses, like Kubernetes host ports).
+//! 3. Among eligible devices, `strategy: spread` (default): fewest replicas of this workload
+//!    in the device's `spec.spread` topology domain (e.g. its `zone` label value), then on the
+//!    device, then most free memory (least loaded), then device id. `strategy: binpack`: least
+//!    free memory that still fits, then id. Every tie is broken by device id.
 //! 4. `placement: every` keeps one replica on each eligible device; a new device gets the
 //!    lowest free replica index, so existing replicas keep their identity.
 //!
 //! Whatever cannot be placed is reported as pending with a reason a person can act on.
 //! Workloads are placed in name order, so the result depends only on the inputs.
+//!
+//! Cost: per workload, one pass over the devices to find the eligible ones, then a heap
+//! ordered by the score, so placing R replicas on D devices is O(D + R log D) per workload
+//! (`cargo bench -p shoal-hub` measures it at fleet scale).
 
 use shoal_api::ids::{DeviceId, WorkloadName};
 use shoal_api::quantity::format_memory;
-use shoal_api::workload::{Placement, Workload};
-use std::collections::{BTreeMap, BTreeSet};
+use shoal_api::workload::{Placement, Strategy, Workload};
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 /// What the scheduler needs to know about a device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,31 +39,16 @@ pub struct DeviceView {
     pub runtimes: BTreeSet<String>,
     /// Memory offered to workloads, bytes.
     pub memory: u64,
+    /// CPU offered to workloads, millicores; 0: unknown (CPU requests are not checked).
+    pub cpu_millis: u64,
+    /// Most replicas the device takes; `None`: no limit.
+    pub max_replicas: Option<u32>,
     pub online: bool,
+    /// Offline past the grace period: its replicas (except `every`) move elsewhere.
+    pub lost: bool,
+    /// Takes no new replicas (keeps what it runs).
+    pub cordoned: bool,
 }
-
-/// What is taken on a device by the replicas placed so far.
-#[derive(Debug, Clone, Default)]
-struct Load {
-    memory: u64,
-    ports: BTreeSet<u16>,
-}
-
-impl Load {
-    fn add(&mut self, w: &Workload) {
-        self.memory += w.resources.memory;
-        self.ports.extend(w.ports.iter().map(|p| p.port));
-    }
-
-    fn port_taken(&self, w: &Workload) -> Option<u16> {
-        w.ports
-            .iter()
-            .map(|p| p.port)
-            .find(|p| self.ports.contains(p))
-    }
-}
-
-type Used = BTreeMap<DeviceId, Load>;
 
 /// Replica index → device, per workload.
 pub type Assignments = BTreeMap<WorkloadName, BTreeMap<u32, DeviceId>>;
@@ -73,91 +68,139 @@ pub struct Pending {
     pub reason: String,
 }
 
+/// What is taken on a device by the replicas placed so far.
+#[derive(Debug, Clone, Default)]
+struct Load {
+    memory: u64,
+    cpu: u64,
+    replicas: u32,
+    ports: BTreeSet<u16>,
+}
+
+impl Load {
+    fn add(&mut self, w: &Workload) {
+        self.memory += w.resources.memory;
+        self.cpu += u64::from(w.resources.cpu.unwrap_or(0));
+        self.replicas += 1;
+        self.ports.extend(w.ports.iter().map(|p| p.port));
+    }
+
+    fn port_taken(&self, w: &Workload) -> Option<u16> {
+        w.ports
+            .iter()
+            .map(|p| p.port)
+            .find(|p| self.ports.contains(p))
+    }
+}
+
+/// Why a device cannot take a replica of a workload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Unfit {
+    Offline,
+    Cordoned,
+    Label(String),
+    Runtime,
+    Topology(String),
+    Port(u16),
+    Full(u32),
+    Memory(u64),
+    Cpu(u64),
+}
+
 /// Places every workload; see the module docs for the rules.
 pub fn schedule(devices: &[DeviceView], workloads: &[Workload], current: &Assignments) -> Schedule {
-    let by_id: BTreeMap<&DeviceId, &DeviceView> = devices.iter().map(|d| (&d.id, d)).collect();
-    let wl: BTreeMap<&WorkloadName, &Workload> = workloads.iter().map(|w| (&w.name, w)).collect();
-
-    // Step 1: keep what still fits, and charge it against device memory and ports.
-    let mut used = Used::new();
+    let by_id: BTreeMap<&DeviceId, usize> = devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (&d.id, i))
+        .collect();
+    let mut wl: Vec<&Workload> = workloads.iter().collect();
+    wl.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut load: Vec<Load> = vec![Load::default(); devices.len()];
     let mut out = Schedule::default();
-    for (name, w) in &wl {
+
+    // Step 1: keep what still fits, and charge it to its device.
+    for w in &wl {
         let mut kept = BTreeMap::new();
-        if let Some(cur) = current.get(*name) {
-            for (&replica, dev) in cur {
-                let in_range = match w.placement {
-                    Placement::Replicas(n) => replica < n,
-                    Placement::Every => true,
-                };
-                let still_matches = by_id
-                    .get(dev)
-                    .is_some_and(|d| w.selects(&d.labels) && d.runtimes.contains("wasm"));
-                // A clash among kept replicas (a workload gained a port, or placements made
-                // before ports existed): the later workload in name order moves.
-                let clash = used.get(dev).and_then(|l| l.port_taken(w)).is_some();
-                // `every` keeps only online devices' replicas to mirror the eligible set; a
-                // replica on an offline device stays (rescheduling lost devices is separate).
-                if in_range && still_matches && !clash {
-                    kept.insert(replica, dev.clone());
-                    used.entry(dev.clone()).or_default().add(w);
-                }
+        let mut on_device = BTreeSet::new();
+        for (&replica, dev) in current.get(&w.name).into_iter().flatten() {
+            let in_range = match w.placement {
+                Placement::Replicas(n) => replica < n,
+                Placement::Every => true,
+            };
+            let Some(&i) = by_id.get(dev) else { continue };
+            let d = &devices[i];
+            let stays = match w.placement {
+                Placement::Every => on_device.insert(i), // one per device: lowest index wins
+                Placement::Replicas(_) => !d.lost,
+            };
+            if in_range
+                && stays
+                && w.selects(&d.labels)
+                && d.runtimes.contains("wasm")
+                && load[i].port_taken(w).is_none()
+            {
+                kept.insert(replica, dev.clone());
+                load[i].add(w);
             }
         }
-        if let Placement::Every = w.placement {
-            // One replica per device: drop duplicates, keeping the lowest index.
-            let mut seen = BTreeSet::new();
-            kept.retain(|_, d| seen.insert(d.clone()));
-        }
-        out.assignments.insert((*name).clone(), kept);
+        out.assignments.insert(w.name.clone(), kept);
     }
 
     // Step 2: place what is missing.
-    for (name, w) in &wl {
-        let Some(placed) = out.assignments.get(*name).cloned() else {
-            continue;
-        };
-        let mut placed = placed;
+    for w in &wl {
+        let mut placed = out.assignments.remove(&w.name).unwrap_or_default();
+        let eligible: Vec<usize> = (0..devices.len())
+            .filter(|&i| static_fit(&devices[i], w).is_ok())
+            .collect();
         let mut unplaced = Vec::new();
         match w.placement {
             Placement::Replicas(n) => {
-                for replica in 0..n {
-                    if placed.contains_key(&replica) {
-                        continue;
-                    }
-                    match best_device(devices, w, &placed, &used) {
-                        Some(d) => {
-                            used.entry(d.clone()).or_default().add(w);
-                            placed.insert(replica, d);
+                let missing: Vec<u32> = (0..n).filter(|r| !placed.contains_key(r)).collect();
+                if !missing.is_empty() {
+                    let chosen =
+                        place_replicas(devices, w, &eligible, &placed, &mut load, missing.len());
+                    for (k, replica) in missing.into_iter().enumerate() {
+                        match chosen.get(k) {
+                            Some(&i) => {
+                                placed.insert(replica, devices[i].id.clone());
+                            }
+                            None => unplaced.push(replica),
                         }
-                        None => unplaced.push(replica),
                     }
                 }
             }
             Placement::Every => {
-                let have: BTreeSet<DeviceId> = placed.values().cloned().collect();
-                for d in devices {
-                    if have.contains(&d.id) || fits(d, w, &used).is_err() {
+                let have: BTreeSet<&DeviceId> = placed.values().collect();
+                let new: Vec<usize> = eligible
+                    .iter()
+                    .copied()
+                    .filter(|&i| !have.contains(&devices[i].id))
+                    .collect();
+                let mut next = 0u32;
+                for i in new {
+                    if dynamic_fit(&devices[i], w, &load[i]).is_err() {
                         continue;
                     }
-                    let replica = (0u32..)
-                        .find(|i| !placed.contains_key(i))
-                        .unwrap_or(u32::MAX);
-                    used.entry(d.id.clone()).or_default().add(w);
-                    placed.insert(replica, d.id.clone());
+                    while placed.contains_key(&next) {
+                        next += 1;
+                    }
+                    placed.insert(next, devices[i].id.clone());
+                    load[i].add(w);
                 }
                 // Matching devices that could not take it are worth reporting.
-                let blocked: Vec<&DeviceView> = devices
-                    .iter()
-                    .filter(|d| {
-                        d.online && w.selects(&d.labels) && !placed.values().any(|p| p == &d.id)
-                    })
-                    .collect();
-                if !blocked.is_empty() || placed.is_empty() {
+                let blocked = devices.iter().any(|d| {
+                    d.online
+                        && !d.lost
+                        && w.selects(&d.labels)
+                        && !placed.values().any(|p| p == &d.id)
+                });
+                if blocked || placed.is_empty() {
                     out.pending.insert(
-                        (*name).clone(),
+                        w.name.clone(),
                         Pending {
                             replicas: Vec::new(),
-                            reason: explain(devices, w, &used),
+                            reason: explain(devices, w, &load),
                         },
                     );
                 }
@@ -165,116 +208,257 @@ pub fn schedule(devices: &[DeviceView], workloads: &[Workload], current: &Assign
         }
         if !unplaced.is_empty() {
             out.pending.insert(
-                (*name).clone(),
+                w.name.clone(),
                 Pending {
                     replicas: unplaced,
-                    reason: explain(devices, w, &used),
+                    reason: explain(devices, w, &load),
                 },
             );
         }
-        out.assignments.insert((*name).clone(), placed);
+        out.assignments.insert(w.name.clone(), placed);
     }
     out
 }
 
-/// Why `d` cannot take `w` now, or `Ok` if it can.
-fn fits(d: &DeviceView, w: &Workload, used: &Used) -> Result<(), Unfit> {
-    if !d.online {
+/// Chooses devices for `count` new replicas of `w` (fewer if room runs out), charging each.
+fn place_replicas(
+    devices: &[DeviceView],
+    w: &Workload,
+    eligible: &[usize],
+    placed: &BTreeMap<u32, DeviceId>,
+    load: &mut [Load],
+    count: usize,
+) -> Vec<usize> {
+    let topology = |i: usize| -> Option<&str> {
+        match &w.spread {
+            Some(key) => devices[i].labels.get(key).map(String::as_str),
+            None => Some(""),
+        }
+    };
+    // Replicas of this workload per device and per topology domain, including kept ones.
+    let index: BTreeMap<&DeviceId, usize> = eligible.iter().map(|&i| (&devices[i].id, i)).collect();
+    let mut same: BTreeMap<usize, u32> = BTreeMap::new();
+    let mut domain_count: BTreeMap<&str, u32> = BTreeMap::new();
+    for dev in placed.values() {
+        if let Some(&i) = index.get(dev) {
+            *same.entry(i).or_default() += 1;
+        }
+        if let (Some(key), Some(d)) = (&w.spread, devices.iter().find(|d| &d.id == dev)) {
+            if let Some(v) = d.labels.get(key) {
+                *domain_count.entry(v.as_str()).or_default() += 1;
+            }
+        }
+    }
+    // One heap of candidate devices per topology domain (one domain without `spread`).
+    let mut heaps: BTreeMap<&str, BinaryHeap<Candidate<'_>>> = BTreeMap::new();
+    for &i in eligible {
+        let Some(dom) = topology(i) else { continue };
+        let c = candidate(devices, w, i, load, same.get(&i).copied().unwrap_or(0));
+        heaps.entry(dom).or_default().push(c);
+        domain_count.entry(dom).or_default();
+    }
+    let mut chosen = Vec::with_capacity(count);
+    while chosen.len() < count {
+        // The domain with the fewest replicas (then name) that still has a candidate.
+        let Some(dom) = heaps
+            .iter()
+            .filter(|(_, h)| !h.is_empty())
+            .map(|(d, _)| *d)
+            .min_by_key(|d| (domain_count.get(d).copied().unwrap_or(0), *d))
+        else {
+            break;
+        };
+        let Some(heap) = heaps.get_mut(dom) else {
+            break;
+        };
+        let Some(c) = heap.pop() else { continue };
+        let i = c.device;
+        let now_same = same.get(&i).copied().unwrap_or(0);
+        if c.same != now_same || c.free_memory != free_memory(&devices[i], &load[i]) {
+            continue; // stale: a fresher entry for this device is in the heap
+        }
+        if dynamic_fit(&devices[i], w, &load[i]).is_err() {
+            continue; // full for this workload; it only fills further, so drop it
+        }
+        load[i].add(w);
+        *same.entry(i).or_default() += 1;
+        *domain_count.entry(dom).or_default() += 1;
+        chosen.push(i);
+        heap.push(candidate(devices, w, i, load, now_same + 1));
+    }
+    chosen
+}
+
+/// A device as a heap entry: the greatest entry is the best device.
+struct Candidate<'a> {
+    device: usize,
+    id: &'a DeviceId,
+    same: u32,
+    free_memory: u64,
+    binpack: bool,
+}
+
+fn candidate<'a>(
+    devices: &'a [DeviceView],
+    w: &Workload,
+    i: usize,
+    load: &[Load],
+    same: u32,
+) -> Candidate<'a> {
+    Candidate {
+        device: i,
+        id: &devices[i].id,
+        same,
+        free_memory: free_memory(&devices[i], &load[i]),
+        binpack: w.strategy == Strategy::Binpack,
+    }
+}
+
+impl Candidate<'_> {
+    /// Smaller is better.
+    fn key(&self) -> (u32, i128, &DeviceId) {
+        if self.binpack {
+            (0, i128::from(self.free_memory), self.id)
+        } else {
+            (self.same, -i128::from(self.free_memory), self.id)
+        }
+    }
+}
+
+impl PartialEq for Candidate<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+impl Eq for Candidate<'_> {}
+impl PartialOrd for Candidate<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Candidate<'_> {
+    fn cmp(&self, other: &Self) -> Ordering {
+        // BinaryHeap pops the greatest: reverse so the smallest key wins.
+        Reverse(self.key()).cmp(&Reverse(other.key()))
+    }
+}
+
+/// What does not change while one workload is placed: state, labels, runtime, topology.
+fn static_fit(d: &DeviceView, w: &Workload) -> Result<(), Unfit> {
+    if !d.online || d.lost {
         return Err(Unfit::Offline);
     }
-    if let Some((k, v)) = w
-        .selector
-        .iter()
-        .find(|(k, v)| d.labels.get(*k).is_none_or(|have| have != *v))
-    {
-        return Err(Unfit::Label(format!("{k}={v}")));
+    if d.cordoned {
+        return Err(Unfit::Cordoned);
+    }
+    if let Some(req) = w.selector.first_unmet(&d.labels) {
+        return Err(Unfit::Label(req));
     }
     if !d.runtimes.contains("wasm") {
         return Err(Unfit::Runtime);
     }
-    if let Some(port) = used.get(&d.id).and_then(|l| l.port_taken(w)) {
-        return Err(Unfit::Port(port));
-    }
-    let free = free_memory(d, used);
-    if free < w.resources.memory {
-        return Err(Unfit::Memory(free));
+    if let Some(key) = &w.spread {
+        if !d.labels.contains_key(key) {
+            return Err(Unfit::Topology(key.clone()));
+        }
     }
     Ok(())
 }
 
-fn free_memory(d: &DeviceView, used: &Used) -> u64 {
-    d.memory
-        .saturating_sub(used.get(&d.id).map_or(0, |l| l.memory))
+/// Room on the device given what is placed so far.
+fn dynamic_fit(d: &DeviceView, w: &Workload, load: &Load) -> Result<(), Unfit> {
+    if let Some(port) = load.port_taken(w) {
+        return Err(Unfit::Port(port));
+    }
+    if let Some(max) = d.max_replicas {
+        if load.replicas >= max {
+            return Err(Unfit::Full(max));
+        }
+    }
+    let free = free_memory(d, load);
+    if free < w.resources.memory {
+        return Err(Unfit::Memory(free));
+    }
+    if let Some(cpu) = w.resources.cpu {
+        let free_cpu = d.cpu_millis.saturating_sub(load.cpu);
+        if d.cpu_millis > 0 && free_cpu < u64::from(cpu) {
+            return Err(Unfit::Cpu(free_cpu));
+        }
+    }
+    Ok(())
 }
 
-enum Unfit {
-    Offline,
-    Label(String),
-    Runtime,
-    Port(u16),
-    Memory(u64),
-}
-
-fn best_device(
-    devices: &[DeviceView],
-    w: &Workload,
-    placed: &BTreeMap<u32, DeviceId>,
-    used: &Used,
-) -> Option<DeviceId> {
-    devices
-        .iter()
-        .filter(|d| fits(d, w, used).is_ok())
-        .min_by_key(|d| {
-            let same = placed.values().filter(|p| **p == d.id).count();
-            (same, std::cmp::Reverse(free_memory(d, used)), d.id.clone())
-        })
-        .map(|d| d.id.clone())
+fn free_memory(d: &DeviceView, load: &Load) -> u64 {
+    d.memory.saturating_sub(load.memory)
 }
 
 /// "0/3 devices: 1 offline, 1 no label zone=a, 1 insufficient memory (need 64Mi, max free 32Mi)".
-fn explain(devices: &[DeviceView], w: &Workload, used: &Used) -> String {
-    let mut offline = 0;
+fn explain(devices: &[DeviceView], w: &Workload, load: &[Load]) -> String {
+    if devices.is_empty() {
+        return "0/0 devices: no device has joined the fleet".to_string();
+    }
+    let mut ok = 0;
+    let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut labels: BTreeMap<String, usize> = BTreeMap::new();
     let mut ports: BTreeMap<u16, usize> = BTreeMap::new();
-    let mut runtime = 0;
-    let mut memory = 0;
-    let mut max_free = 0;
-    let mut ok = 0;
-    for d in devices {
-        match fits(d, w, used) {
+    let (mut max_free_mem, mut max_free_cpu) = (0u64, 0u64);
+    let mut full = BTreeMap::<u32, usize>::new();
+    let mut topology = 0;
+    for (d, l) in devices.iter().zip(load) {
+        match static_fit(d, w).and_then(|()| dynamic_fit(d, w, l)) {
             Ok(()) => ok += 1,
-            Err(Unfit::Offline) => offline += 1,
+            Err(Unfit::Offline) => *counts.entry("offline").or_default() += 1,
+            Err(Unfit::Cordoned) => *counts.entry("cordoned").or_default() += 1,
+            Err(Unfit::Runtime) => *counts.entry("no wasm runtime").or_default() += 1,
             Err(Unfit::Label(l)) => *labels.entry(l).or_default() += 1,
-            Err(Unfit::Runtime) => runtime += 1,
+            Err(Unfit::Topology(_)) => topology += 1,
             Err(Unfit::Port(p)) => *ports.entry(p).or_default() += 1,
+            Err(Unfit::Full(max)) => *full.entry(max).or_default() += 1,
             Err(Unfit::Memory(free)) => {
-                memory += 1;
-                max_free = max_free.max(free);
+                *counts.entry("memory").or_default() += 1;
+                max_free_mem = max_free_mem.max(free);
+            }
+            Err(Unfit::Cpu(free)) => {
+                *counts.entry("cpu").or_default() += 1;
+                max_free_cpu = max_free_cpu.max(free);
             }
         }
     }
     let mut parts = Vec::new();
-    if offline > 0 {
-        parts.push(format!("{offline} offline"));
+    for what in ["offline", "cordoned"] {
+        if let Some(n) = counts.get(what) {
+            parts.push(format!("{n} {what}"));
+        }
     }
     for (l, n) in labels {
         parts.push(format!("{n} no label {l}"));
     }
-    if runtime > 0 {
-        parts.push(format!("{runtime} no wasm runtime"));
+    if topology > 0 {
+        if let Some(key) = &w.spread {
+            parts.push(format!("{topology} no label {key} (spread)"));
+        }
+    }
+    if let Some(n) = counts.get("no wasm runtime") {
+        parts.push(format!("{n} no wasm runtime"));
     }
     for (p, n) in ports {
         parts.push(format!("{n} port {p} in use"));
     }
-    if memory > 0 {
+    for (max, n) in full {
+        parts.push(format!("{n} at their replica limit ({max})"));
+    }
+    if let Some(n) = counts.get("memory") {
         parts.push(format!(
-            "{memory} insufficient memory (need {}, max free {})",
+            "{n} insufficient memory (need {}, max free {})",
             format_memory(w.resources.memory),
-            format_memory(max_free)
+            format_memory(max_free_mem)
         ));
     }
-    if devices.is_empty() {
-        return "0/0 devices: no device has joined the fleet".to_string();
+    if let Some(n) = counts.get("cpu") {
+        parts.push(format!(
+            "{n} insufficient cpu (need {}m, max free {max_free_cpu}m)",
+            w.resources.cpu.unwrap_or(0)
+        ));
     }
     if parts.is_empty() {
         // Eligible devices exist but all replicas could not be spread further.
@@ -287,7 +471,9 @@ fn explain(devices: &[DeviceView], w: &Workload, used: &Used) -> String {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use proptest::strategy::Strategy as _;
     use shoal_api::ids::Digest;
+    use shoal_api::selector::Selector;
     use shoal_api::workload::{ModuleRef, Resources, Restart, RestartPolicy};
 
     fn dev(id: &str, labels: &[(&str, &str)], mem_mi: u64) -> DeviceView {
@@ -299,7 +485,11 @@ mod tests {
                 .collect(),
             runtimes: ["wasm".to_string()].into(),
             memory: mem_mi << 20,
+            cpu_millis: 2000,
+            max_replicas: None,
             online: true,
+            lost: false,
+            cordoned: false,
         }
     }
 
@@ -308,10 +498,13 @@ mod tests {
             name: WorkloadName::try_from(name).unwrap(),
             labels: BTreeMap::new(),
             placement,
-            selector: sel
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            selector: Selector::equals(
+                sel.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            spread: None,
+            strategy: shoal_api::workload::Strategy::Spread,
             module: ModuleRef::Digest(Digest::of(name.as_bytes())),
             args: vec![],
             env: BTreeMap::new(),
@@ -436,6 +629,109 @@ mod tests {
         }
     }
 
+    fn sel_expr(json: &str) -> Selector {
+        let wire = serde_json::from_str(json).unwrap();
+        let mut errs = Vec::new();
+        let s = shoal_api::selector::validate("s", &wire, &mut errs);
+        assert!(errs.is_empty(), "{errs:?}");
+        s
+    }
+
+    #[test]
+    fn filters_and_scores() {
+        let zone = |id: &str, z: &str| dev(id, &[("zone", z)], 256);
+        // Set-based selector.
+        let mut w = wl("w", Placement::Every, &[], 16);
+        w.selector = sel_expr(r#"{"zone": {"in": ["a", "b"]}, "tier": {"notIn": ["test"]}}"#);
+        let mut t = zone("t", "a");
+        t.labels.insert("tier".into(), "test".into());
+        let s = schedule(
+            &[zone("a1", "a"), zone("c1", "c"), t],
+            &[w.clone()],
+            &Assignments::new(),
+        );
+        assert_eq!(devices_of(&s, "w"), ["a1"]);
+        assert!(
+            s.pending.is_empty(),
+            "devices outside an every selector are not missed"
+        );
+        let mut w = wl("w", Placement::Replicas(1), &[], 16);
+        w.selector = sel_expr(r#"{"zone": {"in": ["x", "y"]}, "tier": {"notIn": ["test"]}}"#);
+        let mut t = zone("t", "a");
+        t.labels.insert("tier".into(), "test".into());
+        let s = schedule(
+            &[zone("a1", "a"), zone("c1", "c"), t],
+            &[w.clone()],
+            &Assignments::new(),
+        );
+        assert_eq!(
+            s.pending[&w.name].reason,
+            "0/3 devices: 1 no label tier notin (test), 2 no label zone in (x,y)"
+        );
+        // CPU requests against the device's CPUs.
+        let mut w = wl("w", Placement::Replicas(3), &[], 16);
+        w.resources.cpu = Some(900);
+        let s = schedule(&[zone("a1", "a")], &[w.clone()], &Assignments::new());
+        assert_eq!(devices_of(&s, "w"), ["a1", "a1"]);
+        assert_eq!(
+            s.pending[&w.name].reason,
+            "0/1 devices: 1 insufficient cpu (need 900m, max free 200m)"
+        );
+        // Replica limit and cordon.
+        let mut full = zone("full", "a");
+        full.max_replicas = Some(1);
+        let mut cord = zone("cord", "a");
+        cord.cordoned = true;
+        let w = wl("w", Placement::Replicas(2), &[], 16);
+        let s = schedule(&[full, cord], std::slice::from_ref(&w), &Assignments::new());
+        assert_eq!(devices_of(&s, "w"), ["full"]);
+        assert_eq!(
+            s.pending[&w.name].reason,
+            "0/2 devices: 1 cordoned, 1 at their replica limit (1)"
+        );
+        // Spread across zones: a, b, then a again (not a, a, b by id).
+        let mut w = wl("w", Placement::Replicas(3), &[], 16);
+        w.spread = Some("zone".into());
+        let devs = [
+            zone("a1", "a"),
+            zone("a2", "a"),
+            zone("b1", "b"),
+            dev("x", &[], 999),
+        ];
+        let s = schedule(&devs, &[w.clone()], &Assignments::new());
+        assert_eq!(devices_of(&s, "w"), ["a1", "b1", "a2"]);
+        // Binpack fills the fullest device that fits.
+        let mut w = wl("w", Placement::Replicas(3), &[], 100);
+        w.strategy = shoal_api::workload::Strategy::Binpack;
+        let s = schedule(
+            &[dev("big", &[], 1000), dev("small", &[], 300)],
+            &[w],
+            &Assignments::new(),
+        );
+        assert_eq!(devices_of(&s, "w"), ["small", "small", "small"]);
+    }
+
+    #[test]
+    fn lost_devices_lose_their_replicas_but_not_every_ones() {
+        let a = dev("a", &[], 256);
+        let b = dev("b", &[], 256);
+        let ws = vec![
+            wl("w", Placement::Replicas(1), &[], 64),
+            wl("e", Placement::Every, &[], 16),
+        ];
+        let s1 = schedule(&[a.clone(), b.clone()], &ws, &Assignments::new());
+        assert_eq!(devices_of(&s1, "w"), ["a"]);
+        let mut lost = a.clone();
+        lost.online = false;
+        lost.lost = true;
+        let s2 = schedule(&[lost, b.clone()], &ws, &s1.assignments);
+        assert_eq!(devices_of(&s2, "w"), ["b"], "moved off the lost device");
+        assert_eq!(devices_of(&s2, "e"), ["a", "b"], "every replicas stay");
+        // It comes back: nothing moves again (no churn, no duplicate).
+        let s3 = schedule(&[a, b], &ws, &s2.assignments);
+        assert_eq!(s3.assignments, s2.assignments);
+    }
+
     #[test]
     fn offline_devices_get_nothing_new_but_keep_their_replicas() {
         let mut a = dev("a", &[], 256);
@@ -489,17 +785,32 @@ mod tests {
         );
     }
 
-    fn arb_inputs() -> impl Strategy<Value = (Vec<DeviceView>, Vec<Workload>)> {
-        let devs = prop::collection::vec((0u8..3, 16u64..512, any::<bool>()), 0..6).prop_map(|v| {
+    fn arb_inputs() -> impl proptest::strategy::Strategy<Value = (Vec<DeviceView>, Vec<Workload>)> {
+        let devs = prop::collection::vec(
+            (
+                0u8..3,
+                16u64..512,
+                any::<bool>(),
+                0u8..8,
+                0u64..3000,
+                0u32..4,
+            ),
+            0..6,
+        )
+        .prop_map(|v| {
             v.into_iter()
                 .enumerate()
-                .map(|(i, (zone, mem, online))| {
+                .map(|(i, (zone, mem, online, flags, cpu, max))| {
                     let mut d = dev(
                         &format!("d{i}"),
                         &[("zone", ["a", "b", "c"][zone as usize])],
                         mem,
                     );
                     d.online = online;
+                    d.cordoned = flags & 1 != 0;
+                    d.lost = flags & 2 != 0;
+                    d.cpu_millis = cpu;
+                    d.max_replicas = (max > 0).then_some(max);
                     d
                 })
                 .collect::<Vec<_>>()
@@ -509,6 +820,20 @@ mod tests {
                 v.into_iter()
                     .enumerate()
                     .map(|(i, (zone, n, mem, every, port))| {
+                        let (cpu, strategy, spread) = match i % 4 {
+                            0 => (None, shoal_api::workload::Strategy::Spread, None),
+                            1 => (Some(300), shoal_api::workload::Strategy::Binpack, None),
+                            2 => (
+                                Some(700),
+                                shoal_api::workload::Strategy::Spread,
+                                Some("zone"),
+                            ),
+                            _ => (
+                                Some(100),
+                                shoal_api::workload::Strategy::Spread,
+                                Some("rack"),
+                            ),
+                        };
                         let sel: Vec<(&str, &str)> = if zone == 3 {
                             vec![]
                         } else {
@@ -520,6 +845,9 @@ mod tests {
                             Placement::Replicas(n)
                         };
                         let mut w = wl(&format!("w{i}"), p, &sel, mem);
+                        w.resources.cpu = cpu;
+                        w.strategy = strategy;
+                        w.spread = spread.map(String::from);
                         // Port 0 here means none; 1-3 make clashes likely.
                         if port > 0 {
                             w.ports.push(port_decl(8000 + port));
@@ -536,13 +864,20 @@ mod tests {
         fn invariants((devices, workloads) in arb_inputs()) {
             let s = schedule(&devices, &workloads, &Assignments::new());
             let mut used: BTreeMap<DeviceId, u64> = BTreeMap::new();
+            let mut cpu: BTreeMap<DeviceId, u64> = BTreeMap::new();
+            let mut count: BTreeMap<DeviceId, u32> = BTreeMap::new();
             for w in &workloads {
                 let placed = &s.assignments[&w.name];
                 for d in placed.values() {
                     let dv = devices.iter().find(|x| &x.id == d).unwrap();
                     prop_assert!(w.selects(&dv.labels), "selector violated");
-                    prop_assert!(dv.online);
+                    prop_assert!(dv.online && !dv.lost && !dv.cordoned, "ineligible device used");
+                    if let Some(key) = &w.spread {
+                        prop_assert!(dv.labels.contains_key(key), "spread label missing");
+                    }
                     *used.entry(d.clone()).or_default() += w.resources.memory;
+                    *cpu.entry(d.clone()).or_default() += u64::from(w.resources.cpu.unwrap_or(0));
+                    *count.entry(d.clone()).or_default() += 1;
                 }
                 if let Placement::Replicas(n) = w.placement {
                     prop_assert!(placed.len() as u32 <= n);
@@ -551,6 +886,12 @@ mod tests {
             }
             for d in &devices {
                 prop_assert!(used.get(&d.id).copied().unwrap_or(0) <= d.memory, "over capacity");
+                if d.cpu_millis > 0 {
+                    prop_assert!(cpu.get(&d.id).copied().unwrap_or(0) <= d.cpu_millis, "cpu over");
+                }
+                if let Some(max) = d.max_replicas {
+                    prop_assert!(count.get(&d.id).copied().unwrap_or(0) <= max, "over replica limit");
+                }
                 let mut ports = BTreeSet::new();
                 for w in &workloads {
                     let here = s.assignments[&w.name].values().filter(|p| **p == d.id).count();

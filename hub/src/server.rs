@@ -8,14 +8,14 @@
 use crate::blobs::BlobStore;
 use crate::bus::{self, Bus, BusEvent, Outgoing};
 use crate::core::HubCore;
-use crate::http::{self, AppState, Request};
+use crate::http::{self, AppState, DeviceAction, Request};
 use crate::metrics::{Metrics, PhaseLabel, ResultLabel};
 use crate::store::{SledStore, Store};
 use shoal_api::discovery::{self, AgentAd, HubAd, MqttEndpoint};
 use shoal_api::endpoint::BrokerUrl;
 use shoal_api::ids::DeviceId;
 use shoal_api::manifest::{parse_stream, ManifestError};
-use shoal_api::messages::{ApplyResult, DesiredState, DeviceStatus, Hello, Phase};
+use shoal_api::messages::{now_ms, ApplyResult, DesiredState, DeviceStatus, Hello, Phase};
 use shoal_api::topics::{self, Inbound};
 use shoal_api::workload::validate_all;
 use shoal_daemon::mdns::{Advert, Discovery, Mdns, MdnsEvent, MdnsOptions};
@@ -45,6 +45,8 @@ pub struct HubConfig {
     pub name: String,
     /// mDNS interfaces; `None`: mDNS off.
     pub mdns: Option<MdnsOptions>,
+    /// How long a device may be offline or silent before it is lost and its replicas move.
+    pub device_grace: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +77,8 @@ pub enum Event {
     Bus(BusEvent),
     Http(Request),
     Mdns(MdnsEvent),
+    /// Time to look for lost devices.
+    Tick,
 }
 
 /// Runs the hub until `shutdown` is cancelled.
@@ -193,6 +197,7 @@ async fn serve(
         blobs,
         metrics,
         fleet: config.fleet.clone(),
+        grace_ms: u64::try_from(config.device_grace.as_millis()).unwrap_or(u64::MAX),
     };
     main.run(bus_rx, req_rx, mdns_rx, shutdown).await;
     if let Some(m) = mdns {
@@ -297,6 +302,7 @@ struct MainLoop<S: Store, B: Bus> {
     blobs: Arc<BlobStore>,
     metrics: Arc<Metrics>,
     fleet: String,
+    grace_ms: u64,
 }
 
 impl<S: Store, B: Bus> MainLoop<S, B> {
@@ -307,13 +313,18 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         mut mdns_rx: mpsc::Receiver<MdnsEvent>,
         shutdown: CancellationToken,
     ) {
+        // Often enough that a lost device is noticed within a second of its grace period.
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(
+            (self.grace_ms / 4).clamp(50, 1000),
+        ));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let event = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(e) = bus_rx.recv() => Event::Bus(e),
                 Some(r) = req_rx.recv() => Event::Http(r),
                 Some(m) = mdns_rx.recv() => Event::Mdns(m),
-                else => break,
+                _ = tick.tick() => Event::Tick,
             };
             self.handle(event).await;
         }
@@ -338,6 +349,10 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     .await
             }
             Event::Http(r) => self.on_request(r).await,
+            Event::Tick => match self.core.check_lost(now_ms(), self.grace_ms) {
+                Ok(publish) => self.publish_desired(publish).await,
+                Err(e) => warn!(error = %e, "cannot persist rescheduling of lost devices"),
+            },
             Event::Mdns(MdnsEvent::Resolved(r)) => match AgentAd::from_txt(&r.fullname, &r.txt) {
                 Ok(ad) if ad.fleet == self.fleet => {
                     self.core.mdns_seen(r.fullname, ad.device, r.addrs)
@@ -454,6 +469,22 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             }
             Request::Workload { name, reply } => {
                 let _ = reply.send(self.core.workload_view(&name));
+            }
+            Request::Device { id, action, reply } => {
+                let r = match action {
+                    DeviceAction::Cordon => self.core.cordon(&id, true),
+                    DeviceAction::Uncordon => self.core.cordon(&id, false),
+                    DeviceAction::Drain => self.core.drain(&id),
+                };
+                let r = match r {
+                    Ok(Some(publish)) => {
+                        self.publish_desired(publish).await;
+                        Ok(true)
+                    }
+                    Ok(None) => Ok(false),
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = reply.send(r);
             }
         }
     }

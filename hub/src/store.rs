@@ -35,6 +35,9 @@ pub struct DeviceRecord {
     pub hello: Hello,
     pub first_seen_ms: u64,
     pub last_seen_ms: u64,
+    /// `shoal cordon`: no new replicas (persisted: an operator's decision outlives restarts).
+    #[serde(default)]
+    pub cordoned: bool,
 }
 
 /// Everything the hub loads at start.
