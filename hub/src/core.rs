@@ -202,10 +202,17 @@ impl<S: Store> HubCore<S> {
             if live.lost {
                 continue;
             }
-            // Offline: since presence went offline. Online: since the last message (agents
-            // send their status at least every STATUS_PERIOD).
-            let since = live.offline_since_ms.unwrap_or(live.last_heard_ms);
-            if now.saturating_sub(since) > grace_ms {
+            // Offline (last will or leave): lost after the grace period. Online but silent:
+            // agents send their status every STATUS_PERIOD_MS, so silence counts only past
+            // three of those, even with a shorter grace.
+            let (since, limit) = match live.offline_since_ms {
+                Some(t) => (t, grace_ms),
+                None => (
+                    live.last_heard_ms,
+                    grace_ms.max(3 * shoal_api::messages::STATUS_PERIOD_MS),
+                ),
+            };
+            if now.saturating_sub(since) > limit {
                 live.lost = true;
                 changed = true;
                 let why = if live.online { "silent" } else { "offline" };

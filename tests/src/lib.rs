@@ -159,6 +159,17 @@ impl Hub {
         mqtt: u16,
         http: u16,
     ) -> Result<Hub> {
+        Self::start_with(dir, external_broker, mqtt, http, &[])
+    }
+
+    /// Like [`Hub::start_on`], with extra `shoal-hub serve` flags.
+    pub fn start_with(
+        dir: &Path,
+        external_broker: Option<&str>,
+        mqtt: u16,
+        http: u16,
+        extra: &[&str],
+    ) -> Result<Hub> {
         let data_dir = dir.join("hub");
         let mut cmd = Command::new(bin("shoal-hub"));
         cmd.arg("serve")
@@ -169,7 +180,8 @@ impl Hub {
             .arg("--mqtt-listen")
             .arg(format!("127.0.0.1:{mqtt}"))
             // Loopback tests stay off the host's LAN; tests/tests/mdns.rs covers discovery.
-            .arg("--no-mdns");
+            .arg("--no-mdns")
+            .args(extra);
         let broker_url = match external_broker {
             Some(b) => {
                 cmd.arg("--broker").arg(b);
