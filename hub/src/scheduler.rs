@@ -27,9 +27,11 @@
 
 use shoal_api::ids::{DeviceId, WorkloadName};
 use shoal_api::quantity::format_memory;
+use shoal_api::selector::Selector;
 use shoal_api::workload::{Placement, Strategy, Workload};
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
+use std::rc::Rc;
 
 /// What the scheduler needs to know about a device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,11 +111,14 @@ enum Unfit {
 
 /// Places every workload; see the module docs for the rules.
 pub fn schedule(devices: &[DeviceView], workloads: &[Workload], current: &Assignments) -> Schedule {
-    let by_id: BTreeMap<&DeviceId, usize> = devices
+    let by_id: HashMap<&DeviceId, usize> = devices
         .iter()
         .enumerate()
         .map(|(i, d)| (&d.id, i))
         .collect();
+    // Eligibility depends on the selector and the spread label only, and fleets reuse a few
+    // selectors across many workloads: compute each distinct one once.
+    let mut eligible_by: HashMap<(&Selector, Option<&String>), Rc<Vec<usize>>> = HashMap::new();
     let mut wl: Vec<&Workload> = workloads.iter().collect();
     wl.sort_by(|a, b| a.name.cmp(&b.name));
     let mut load: Vec<Load> = vec![Load::default(); devices.len()];
@@ -150,16 +155,38 @@ pub fn schedule(devices: &[DeviceView], workloads: &[Workload], current: &Assign
     // Step 2: place what is missing.
     for w in &wl {
         let mut placed = out.assignments.remove(&w.name).unwrap_or_default();
-        let eligible: Vec<usize> = (0..devices.len())
-            .filter(|&i| static_fit(&devices[i], w).is_ok())
-            .collect();
+        let needs_more = match w.placement {
+            Placement::Replicas(n) => placed.len() < n as usize,
+            Placement::Every => true,
+        };
+        if !needs_more {
+            out.assignments.insert(w.name.clone(), placed);
+            continue;
+        }
+        let eligible = eligible_by
+            .entry((&w.selector, w.spread.as_ref()))
+            .or_insert_with(|| {
+                Rc::new(
+                    (0..devices.len())
+                        .filter(|&i| static_fit(&devices[i], w).is_ok())
+                        .collect(),
+                )
+            })
+            .clone();
         let mut unplaced = Vec::new();
         match w.placement {
             Placement::Replicas(n) => {
                 let missing: Vec<u32> = (0..n).filter(|r| !placed.contains_key(r)).collect();
                 if !missing.is_empty() {
-                    let chosen =
-                        place_replicas(devices, w, &eligible, &placed, &mut load, missing.len());
+                    let chosen = place_replicas(
+                        devices,
+                        &by_id,
+                        w,
+                        &eligible,
+                        &placed,
+                        &mut load,
+                        missing.len(),
+                    );
                     for (k, replica) in missing.into_iter().enumerate() {
                         match chosen.get(k) {
                             Some(&i) => {
@@ -171,7 +198,7 @@ pub fn schedule(devices: &[DeviceView], workloads: &[Workload], current: &Assign
                 }
             }
             Placement::Every => {
-                let have: BTreeSet<&DeviceId> = placed.values().collect();
+                let have: HashSet<&DeviceId> = placed.values().collect();
                 let new: Vec<usize> = eligible
                     .iter()
                     .copied()
@@ -189,12 +216,10 @@ pub fn schedule(devices: &[DeviceView], workloads: &[Workload], current: &Assign
                     load[i].add(w);
                 }
                 // Matching devices that could not take it are worth reporting.
-                let blocked = devices.iter().any(|d| {
-                    d.online
-                        && !d.lost
-                        && w.selects(&d.labels)
-                        && !placed.values().any(|p| p == &d.id)
-                });
+                let have: HashSet<&DeviceId> = placed.values().collect();
+                let blocked = devices
+                    .iter()
+                    .any(|d| d.online && !d.lost && !have.contains(&d.id) && w.selects(&d.labels));
                 if blocked || placed.is_empty() {
                     out.pending.insert(
                         w.name.clone(),
@@ -223,6 +248,7 @@ pub fn schedule(devices: &[DeviceView], workloads: &[Workload], current: &Assign
 /// Chooses devices for `count` new replicas of `w` (fewer if room runs out), charging each.
 fn place_replicas(
     devices: &[DeviceView],
+    by_id: &HashMap<&DeviceId, usize>,
     w: &Workload,
     eligible: &[usize],
     placed: &BTreeMap<u32, DeviceId>,
@@ -236,41 +262,57 @@ fn place_replicas(
         }
     };
     // Replicas of this workload per device and per topology domain, including kept ones.
-    let index: BTreeMap<&DeviceId, usize> = eligible.iter().map(|&i| (&devices[i].id, i)).collect();
-    let mut same: BTreeMap<usize, u32> = BTreeMap::new();
+    let mut same: HashMap<usize, u32> = HashMap::new();
     let mut domain_count: BTreeMap<&str, u32> = BTreeMap::new();
     for dev in placed.values() {
-        if let Some(&i) = index.get(dev) {
+        if let Some(&i) = by_id.get(dev) {
             *same.entry(i).or_default() += 1;
-        }
-        if let (Some(key), Some(d)) = (&w.spread, devices.iter().find(|d| &d.id == dev)) {
-            if let Some(v) = d.labels.get(key) {
-                *domain_count.entry(v.as_str()).or_default() += 1;
+            if w.spread.is_some() {
+                if let Some(dom) = topology(i) {
+                    *domain_count.entry(dom).or_default() += 1;
+                }
             }
         }
     }
-    // One heap of candidate devices per topology domain (one domain without `spread`).
-    let mut heaps: BTreeMap<&str, BinaryHeap<Candidate<'_>>> = BTreeMap::new();
+    // Candidate devices per topology domain (one domain without `spread`). Only the best
+    // `count` (plus slack) of each go into its heap; the rest wait in `spare`, needed only if
+    // the heap runs dry because devices fill up.
+    let mut pools: BTreeMap<&str, Vec<Candidate<'_>>> = BTreeMap::new();
     for &i in eligible {
         let Some(dom) = topology(i) else { continue };
         let c = candidate(devices, w, i, load, same.get(&i).copied().unwrap_or(0));
-        heaps.entry(dom).or_default().push(c);
+        pools.entry(dom).or_default().push(c);
+    }
+    let keep = count + 8;
+    let mut heaps: BTreeMap<&str, (BinaryHeap<Candidate<'_>>, Vec<Candidate<'_>>)> =
+        BTreeMap::new();
+    for (dom, mut pool) in pools {
         domain_count.entry(dom).or_default();
+        let spare = if pool.len() > keep {
+            pool.select_nth_unstable_by(keep, |a, b| a.key().cmp(&b.key()));
+            pool.split_off(keep)
+        } else {
+            Vec::new()
+        };
+        heaps.insert(dom, (BinaryHeap::from(pool), spare));
     }
     let mut chosen = Vec::with_capacity(count);
     while chosen.len() < count {
         // The domain with the fewest replicas (then name) that still has a candidate.
         let Some(dom) = heaps
             .iter()
-            .filter(|(_, h)| !h.is_empty())
+            .filter(|(_, (h, spare))| !h.is_empty() || !spare.is_empty())
             .map(|(d, _)| *d)
             .min_by_key(|d| (domain_count.get(d).copied().unwrap_or(0), *d))
         else {
             break;
         };
-        let Some(heap) = heaps.get_mut(dom) else {
+        let Some((heap, spare)) = heaps.get_mut(dom) else {
             break;
         };
+        if heap.is_empty() {
+            heap.extend(std::mem::take(spare));
+        }
         let Some(c) = heap.pop() else { continue };
         let i = c.device;
         let now_same = same.get(&i).copied().unwrap_or(0);
