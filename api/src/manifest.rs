@@ -55,6 +55,9 @@ pub struct WorkloadSpec {
     pub resources: Option<Resources>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart: Option<Restart>,
+    /// How a new revision rolls out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<Update>,
     /// TCP ports the workload listens on; `expose: mdns` advertises them on the LAN.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<Port>,
@@ -106,6 +109,31 @@ pub struct Restart {
     pub policy: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<Backoff>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Update {
+    /// Replicas that may be unavailable during a rollout: a count (`1`) or a percentage
+    /// (`"25%"`, rounded down, at least 1). Default 25%.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unavailable: Option<serde_json::Value>,
+    /// Extra replicas during a rollout; only `0` for now (replicas are replaced in place).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_surge: Option<serde_json::Value>,
+    /// Update this many replicas first, and go on only once they are ready (or promoted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<u32>,
+    /// Roll back to the last good revision when updated replicas fail or the rollout misses
+    /// its progress deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_rollback: Option<bool>,
+    /// A replica counts as updated once it has run this long (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_ready_seconds: Option<u32>,
+    /// How long a rollout may take (default 10m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_deadline: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

@@ -95,6 +95,37 @@ pub struct WorkloadView {
     /// The validated spec (for `shoal describe`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spec: Option<Workload>,
+    /// The latest rollout, if the workload has had a new revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutView>,
+}
+
+/// A workload's latest rollout (`shoal rollout status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutView {
+    /// `Progressing`, `Paused`, `Canary`, `Complete`, `Failed` or `RolledBack`.
+    pub state: String,
+    pub revision: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_revision: Option<String>,
+    /// Replicas on the new revision / all replicas.
+    pub updated: u32,
+    pub total: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub started_ms: u64,
+    #[serde(default)]
+    pub history: Vec<RevisionView>,
+}
+
+/// One past revision (`shoal rollout history`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionView {
+    pub revision: String,
+    pub applied_ms: u64,
+    pub outcome: String,
 }
 
 /// Answer of `POST /v1/blobs`.

@@ -94,6 +94,49 @@ pub struct Port {
     pub expose: Expose,
 }
 
+/// `maxUnavailable`: a count or a percentage of the replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Budget {
+    Count(u32),
+    Percent(u32),
+}
+
+impl Budget {
+    /// Replicas that may be unavailable out of `total`: percentages round down, and at least
+    /// one is always allowed (replicas are replaced in place, so zero would never progress).
+    pub fn of(self, total: u32) -> u32 {
+        let n = match self {
+            Budget::Count(n) => n,
+            Budget::Percent(p) => total.saturating_mul(p) / 100,
+        };
+        n.max(1)
+    }
+}
+
+/// How a new revision replaces the old one (`spec.update`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpdatePolicy {
+    pub max_unavailable: Budget,
+    pub canary: u32,
+    pub auto_rollback: bool,
+    pub min_ready_ms: u64,
+    pub progress_deadline_ms: u64,
+}
+
+impl Default for UpdatePolicy {
+    fn default() -> Self {
+        Self {
+            max_unavailable: Budget::Percent(25),
+            canary: 0,
+            auto_rollback: false,
+            min_ready_ms: 0,
+            progress_deadline_ms: 600_000,
+        }
+    }
+}
+
 /// How replicas are spread over eligible devices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -123,6 +166,9 @@ pub struct Workload {
     pub env: BTreeMap<String, String>,
     pub resources: Resources,
     pub restart: Restart,
+    /// Not part of the revision: changing how updates roll out restarts nothing.
+    #[serde(default)]
+    pub update: UpdatePolicy,
     pub ports: Vec<Port>,
     pub uses: Vec<WorkloadName>,
 }
@@ -284,6 +330,7 @@ impl TryFrom<WorkloadManifest> for Workload {
         };
 
         let restart = restart(spec.restart.unwrap_or_default(), &mut errs);
+        let update = update(spec.update.unwrap_or_default(), &mut errs);
         let ports = ports(name.as_ref(), spec.ports, &mut errs);
         let uses = uses(spec.uses, &mut errs);
 
@@ -303,6 +350,7 @@ impl TryFrom<WorkloadManifest> for Workload {
                     env: spec.env,
                     resources: Resources { memory, cpu },
                     restart,
+                    update,
                     ports,
                     uses,
                 })
@@ -452,6 +500,47 @@ fn module_ref(module: &str, sha256: Option<&str>, errs: &mut Vec<String>) -> Opt
         return None;
     }
     Some(ModuleRef::Path(module.to_string()))
+}
+
+fn update(u: crate::manifest::Update, errs: &mut Vec<String>) -> UpdatePolicy {
+    let mut p = UpdatePolicy::default();
+    if let Some(v) = &u.max_unavailable {
+        let parsed = match v {
+            serde_json::Value::Number(n) => n
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .map(Budget::Count),
+            serde_json::Value::String(s) => s
+                .strip_suffix('%')
+                .and_then(|n| n.parse::<u32>().ok())
+                .filter(|n| *n <= 100)
+                .map(Budget::Percent),
+            _ => None,
+        };
+        match parsed {
+            Some(b) => p.max_unavailable = b,
+            None => errs.push(format!(
+                "spec.update.maxUnavailable {v} is invalid: expected a count (1) or a percentage (\"25%\")"
+            )),
+        }
+    }
+    match &u.max_surge {
+        None => {}
+        Some(v) if v.as_u64() == Some(0) || v.as_str() == Some("0%") => {}
+        Some(v) => errs.push(format!(
+            "spec.update.maxSurge {v} is not supported yet: replicas are replaced in place, within maxUnavailable"
+        )),
+    }
+    p.canary = u.canary.unwrap_or(0);
+    p.auto_rollback = u.auto_rollback.unwrap_or(false);
+    p.min_ready_ms = u64::from(u.min_ready_seconds.unwrap_or(0)) * 1000;
+    if let Some(d) = &u.progress_deadline {
+        match parse_duration(d) {
+            Ok(d) => p.progress_deadline_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+            Err(e) => errs.push(format!("spec.update.progressDeadline: {e}")),
+        }
+    }
+    p
 }
 
 fn restart(r: crate::manifest::Restart, errs: &mut Vec<String>) -> Option<Restart> {

@@ -80,12 +80,44 @@ enum Command {
         kind: OneKind,
         name: String,
     },
+    /// Watch or steer a workload's rollout.
+    Rollout {
+        #[arg(value_enum)]
+        action: RolloutCmd,
+        workload: String,
+        /// `status`: print once instead of waiting for the rollout to finish.
+        #[arg(long)]
+        no_wait: bool,
+        /// `status`: how long to wait.
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Change a workload's replica count (no rollout: the revision stays).
+    Scale {
+        workload: String,
+        #[arg(long)]
+        replicas: u32,
+    },
     /// Stop placing new replicas on a device (what runs there stays).
     Cordon { device: String },
     /// Let a cordoned device take new replicas again.
     Uncordon { device: String },
     /// Cordon a device and move its replicas elsewhere (`placement: every` ones stay).
     Drain { device: String },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RolloutCmd {
+    /// Progress of the latest rollout; waits until it ends (exit status 1 if it failed).
+    Status,
+    /// The workload's revisions and how each ended.
+    History,
+    Pause,
+    Resume,
+    /// Go past the canary without waiting for it to be ready.
+    Promote,
+    /// Roll back to the previous revision.
+    Undo,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -147,6 +179,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("workload/{name} deleted");
             Ok(())
         }
+        Command::Rollout {
+            action,
+            workload,
+            no_wait,
+            timeout,
+        } => rollout(&hub, action, &workload, no_wait, timeout).await,
+        Command::Scale { workload, replicas } => {
+            hub.post_json(
+                &format!("/v1/workloads/{workload}/scale"),
+                &serde_json::json!({ "replicas": replicas }),
+            )
+            .await?;
+            println!("workload/{workload} scaled to {replicas}");
+            Ok(())
+        }
         Command::Cordon { device } => hub.device_action(&device, "cordon").await,
         Command::Uncordon { device } => hub.device_action(&device, "uncordon").await,
         Command::Drain { device } => hub.device_action(&device, "drain").await,
@@ -205,6 +252,19 @@ impl Hub {
         self.check(
             self.http
                 .delete(format!("{}{path}", self.base))
+                .send()
+                .await,
+            path,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn post_json(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<()> {
+        self.check(
+            self.http
+                .post(format!("{}{path}", self.base))
+                .json(body)
                 .send()
                 .await,
             path,
@@ -582,4 +642,98 @@ fn describe(w: &WorkloadView, output: Output) -> anyhow::Result<()> {
     }
     print!("{t}");
     Ok(())
+}
+
+/// `shoal rollout ACTION WORKLOAD`.
+async fn rollout(
+    hub: &Hub,
+    action: RolloutCmd,
+    workload: &str,
+    no_wait: bool,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let verb = match action {
+        RolloutCmd::Pause => Some("pause"),
+        RolloutCmd::Resume => Some("resume"),
+        RolloutCmd::Promote => Some("promote"),
+        RolloutCmd::Undo => Some("undo"),
+        RolloutCmd::Status | RolloutCmd::History => None,
+    };
+    if let Some(verb) = verb {
+        hub.post_json(
+            &format!("/v1/workloads/{workload}/rollout/{verb}"),
+            &serde_json::json!({}),
+        )
+        .await?;
+        let done = match action {
+            RolloutCmd::Undo => "undone",
+            RolloutCmd::Pause => "paused",
+            RolloutCmd::Resume => "resumed",
+            _ => "promoted",
+        };
+        println!("workload/{workload} rollout {done}");
+        return Ok(());
+    }
+    let path = format!("/v1/workloads/{workload}");
+    if action == RolloutCmd::History {
+        let w: WorkloadView = hub.get(&path).await?;
+        let mut t = Table::new(&["REVISION", "APPLIED", "OUTCOME"]);
+        for e in w.rollout.map(|r| r.history).unwrap_or_default() {
+            t.row(vec![e.revision, ago(e.applied_ms), e.outcome]);
+        }
+        print!("{t}");
+        return Ok(());
+    }
+    // Status: one line per change until the rollout ends (kubectl rollout status).
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        let w: WorkloadView = hub.get(&path).await?;
+        let Some(r) = w.rollout else {
+            println!(
+                "workload/{workload} has had no rollout (revision {})",
+                w.revision
+            );
+            return Ok(());
+        };
+        let bar = progress_bar(r.updated, r.total, 20);
+        let line = format!(
+            "workload/{workload} revision {}: {} {bar} {}/{} updated, {}/{} ready{}",
+            r.revision,
+            r.state,
+            r.updated,
+            r.total,
+            w.ready,
+            w.desired,
+            r.reason.map(|x| format!(" ({x})")).unwrap_or_default()
+        );
+        if line != last {
+            println!("{line}");
+            last = line;
+        }
+        match r.state.as_str() {
+            "Complete" => return Ok(()),
+            "Failed" | "RolledBack" => bail!("rollout of {workload} did not complete"),
+            _ if no_wait => return Ok(()),
+            _ => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("rollout of {workload} still {} after {timeout:?}", r.state);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `[#####.....]`: `done` of `total` in `width` cells.
+fn progress_bar(done: u32, total: u32, width: usize) -> String {
+    let filled = if total == 0 {
+        width
+    } else {
+        (done as usize * width) / total as usize
+    };
+    format!(
+        "[{}{}]",
+        "#".repeat(filled),
+        ".".repeat(width - filled.min(width))
+    )
 }

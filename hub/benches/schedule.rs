@@ -92,6 +92,7 @@ fn workloads(count: usize, replicas_each: u32) -> Vec<Workload> {
                     initial_backoff_ms: 1000,
                     max_backoff_ms: 60_000,
                 },
+                update: Default::default(),
                 ports: vec![],
                 uses: vec![],
             }

@@ -5,6 +5,7 @@
 //! returns the desired-state messages to publish. It does no network I/O itself, so it is
 //! tested with [`crate::store::MemStore`].
 
+use crate::rollout::{self, Observed, Outcome, Record, Rollout, RolloutState};
 use crate::scheduler::{self, Assignments, DeviceView as SchedDevice, Schedule};
 use crate::store::{DeviceRecord, Store, StoreError};
 use shoal_api::ids::{DeviceId, WorkloadName};
@@ -40,6 +41,17 @@ pub struct HubCore<S: Store> {
     /// Agents of this fleet currently advertised over mDNS: record full name → (device,
     /// addresses). Live only: mDNS re-announces after a hub restart.
     mdns: BTreeMap<String, (DeviceId, Vec<std::net::IpAddr>)>,
+    /// Per workload: its rollout and revision history (persisted).
+    rollouts: BTreeMap<WorkloadName, Record>,
+}
+
+/// What `shoal rollout ACTION` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutAction {
+    Pause,
+    Resume,
+    Promote,
+    Undo,
 }
 
 /// What happened to each workload of an accepted apply.
@@ -62,6 +74,7 @@ impl<S: Store> HubCore<S> {
             },
             desired: snap.desired,
             mdns: BTreeMap::new(),
+            rollouts: snap.rollouts,
         };
         // Recompute pending reasons; assignments are stable, so this changes nothing placed.
         core.schedule = scheduler::schedule(
@@ -95,6 +108,7 @@ impl<S: Store> HubCore<S> {
                 Some(_) => "configured",
             };
             if verdict != "unchanged" {
+                self.start_rollout(&w)?;
                 self.store.put_workload(&w)?;
                 info!(workload = %w.name, revision = %w.revision(), verdict, "workload stored");
                 self.workloads.insert(w.name.clone(), w.clone());
@@ -105,11 +119,232 @@ impl<S: Store> HubCore<S> {
         Ok((outcome, publish))
     }
 
+    /// Notes a stored workload's new spec: a new revision of a workload that has replicas
+    /// starts a rollout from the last good revision; anything else just enters the history.
+    fn start_rollout(&mut self, w: &Workload) -> Result<(), StoreError> {
+        let now = now_ms();
+        let rec = self
+            .rollouts
+            .entry(w.name.clone())
+            .or_insert_with(|| Record {
+                workload: w.name.clone(),
+                rollout: None,
+                history: Vec::new(),
+            });
+        let old = self.workloads.get(&w.name);
+        match old {
+            Some(old) if old.revision() != w.revision() => {
+                let placed: BTreeSet<u32> = self
+                    .schedule
+                    .assignments
+                    .get(&w.name)
+                    .map(|m| m.keys().copied().collect())
+                    .unwrap_or_default();
+                // Mid-rollout, the last good revision is the one it started from.
+                let stable = match &rec.rollout {
+                    Some(r) if r.active() => r.previous.clone().unwrap_or_else(|| old.clone()),
+                    _ => old.clone(),
+                };
+                if placed.is_empty() {
+                    rec.rollout = None;
+                    rec.push(w, now, "complete");
+                } else {
+                    info!(workload = %w.name, from = %stable.revision(), to = %w.revision(), replicas = placed.len(), "rollout started");
+                    rec.rollout = Some(Rollout::start(w, stable, placed, now));
+                    rec.push(w, now, "in progress");
+                }
+            }
+            Some(_) => return Ok(()), // same revision: placement, labels or policy only
+            None => rec.push(w, now, "complete"),
+        }
+        let rec = rec.clone();
+        self.store.put_rollout(&w.name, Some(&rec))
+    }
+
+    /// Whether any rollout needs stepping.
+    pub fn rolling(&self) -> bool {
+        self.rollouts
+            .values()
+            .any(|r| r.rollout.as_ref().is_some_and(|x| x.active()))
+    }
+
+    /// Advances every active rollout from what devices report; returns the desired states
+    /// that changed.
+    pub fn advance_rollouts(&mut self, now: u64) -> Result<Vec<DesiredState>, StoreError> {
+        let names: Vec<WorkloadName> = self
+            .rollouts
+            .iter()
+            .filter(|(_, r)| r.rollout.as_ref().is_some_and(|x| x.active()))
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut changed = false;
+        for name in names {
+            let Some(target) = self.workloads.get(&name).cloned() else {
+                continue;
+            };
+            let observed = self.observe(&name);
+            let Some(rec) = self.rollouts.get_mut(&name) else {
+                continue;
+            };
+            let Some(mut r) = rec.rollout.clone() else {
+                continue;
+            };
+            let _span = info_span!("rollout", workload = %name, revision = %r.revision).entered();
+            let outcome = rollout::step(&mut r, &target, &observed, now);
+            if outcome == Outcome::Unchanged {
+                continue;
+            }
+            let (state, rev, reason) = (r.state, r.revision.clone(), r.reason.clone());
+            let updated = r.updated.len();
+            rec.rollout = Some(r);
+            match outcome {
+                Outcome::Unchanged => {}
+                Outcome::Changed => {
+                    match state {
+                        RolloutState::Complete => rec.finish(&rev, "complete"),
+                        RolloutState::Failed => rec.finish(
+                            &rev,
+                            &format!("failed: {}", reason.as_deref().unwrap_or("")),
+                        ),
+                        _ => {}
+                    }
+                    info!(%state, updated, reason = reason.as_deref().unwrap_or(""), "rollout step");
+                }
+                Outcome::RollBack { previous, reason } => {
+                    rec.finish(&rev, &format!("rolled back: {reason}"));
+                    tracing::warn!(%reason, to = %previous.revision(), "rollout failed; rolling back");
+                    self.store.put_workload(&previous)?;
+                    self.workloads.insert(name.clone(), *previous);
+                }
+            }
+            let rec = self.rollouts.get(&name).cloned();
+            self.store.put_rollout(&name, rec.as_ref())?;
+            changed = true;
+        }
+        if changed {
+            self.reconcile()
+        } else {
+            Ok(Vec::new())
+        }
+    }
+
+    /// Every placed replica of `name` as its device last reported it.
+    fn observe(&self, name: &WorkloadName) -> Vec<Observed> {
+        let Some(placed) = self.schedule.assignments.get(name) else {
+            return Vec::new();
+        };
+        placed
+            .iter()
+            .map(|(&replica, dev)| {
+                let live = self.live.get(dev).filter(|l| l.online);
+                let reported = live.and_then(|l| l.status.as_ref()).and_then(|s| {
+                    s.workloads
+                        .iter()
+                        .find(|i| &i.name == name && i.replica == replica)
+                });
+                Observed {
+                    replica,
+                    device: dev.clone(),
+                    revision: reported.map(|i| i.revision.clone()),
+                    phase: reported.map_or(Phase::Pending, |i| i.phase),
+                    started_at_ms: reported.and_then(|i| i.started_at_ms),
+                    reason: reported.and_then(|i| i.reason.clone()),
+                }
+            })
+            .collect()
+    }
+
+    /// `shoal rollout pause|resume|promote|undo`. `Ok(Err(why))`: not possible now.
+    pub fn rollout_action(
+        &mut self,
+        name: &WorkloadName,
+        action: RolloutAction,
+    ) -> Result<Result<Vec<DesiredState>, String>, StoreError> {
+        let Some(current) = self.workloads.get(name).cloned() else {
+            return Ok(Err(format!("workload {:?} not found", name.as_str())));
+        };
+        let rec = self.rollouts.get_mut(name);
+        let active = rec
+            .as_ref()
+            .and_then(|r| r.rollout.as_ref())
+            .filter(|r| r.active())
+            .is_some();
+        match action {
+            RolloutAction::Undo => {
+                let rev = current.revision();
+                let Some(spec) = rec
+                    .and_then(|r| r.history.iter().rev().find(|e| e.revision != rev))
+                    .map(|e| e.spec.clone())
+                else {
+                    return Ok(Err(format!(
+                        "workload {:?} has no earlier revision to go back to",
+                        name.as_str()
+                    )));
+                };
+                info!(workload = %name, to = %spec.revision(), "rollout undo");
+                return self.apply(vec![spec]).map(|(_, publish)| Ok(publish));
+            }
+            _ if !active => {
+                return Ok(Err(format!(
+                    "workload {:?} has no rollout in progress",
+                    name.as_str()
+                )))
+            }
+            _ => {}
+        }
+        if let Some(r) = self.rollouts.get_mut(name).and_then(|r| r.rollout.as_mut()) {
+            match action {
+                RolloutAction::Pause => r.state = RolloutState::Paused,
+                RolloutAction::Resume => r.state = RolloutState::Progressing,
+                RolloutAction::Promote => {
+                    r.promoted = true;
+                    r.state = RolloutState::Progressing;
+                }
+                RolloutAction::Undo => {}
+            }
+            info!(workload = %name, state = %r.state, "rollout changed by operator");
+        }
+        let rec = self.rollouts.get(name).cloned();
+        self.store.put_rollout(name, rec.as_ref())?;
+        self.store.flush()?;
+        self.advance_rollouts(now_ms()).map(Ok)
+    }
+
+    /// `shoal scale`: a new replica count. `Ok(Err(why))`: not possible.
+    pub fn scale(
+        &mut self,
+        name: &WorkloadName,
+        replicas: u32,
+    ) -> Result<Result<Vec<DesiredState>, String>, StoreError> {
+        let Some(mut w) = self.workloads.get(name).cloned() else {
+            return Ok(Err(format!("workload {:?} not found", name.as_str())));
+        };
+        if w.placement == Placement::Every {
+            return Ok(Err(format!(
+                "workload {:?} runs on every matching device: it has no replica count",
+                name.as_str()
+            )));
+        }
+        if replicas > shoal_api::workload::MAX_REPLICAS {
+            return Ok(Err(format!(
+                "replicas {replicas} is invalid: must be at most {}",
+                shoal_api::workload::MAX_REPLICAS
+            )));
+        }
+        w.placement = Placement::Replicas(replicas);
+        self.store.put_workload(&w)?;
+        info!(workload = %name, replicas, "scaled");
+        self.workloads.insert(name.clone(), w);
+        self.reconcile().map(Ok)
+    }
+
     /// Deletes a workload; `None` if it did not exist.
     pub fn delete(&mut self, name: &WorkloadName) -> Result<Option<Vec<DesiredState>>, StoreError> {
         if self.workloads.remove(name).is_none() {
             return Ok(None);
         }
+        self.rollouts.remove(name);
+        self.store.put_rollout(name, None)?;
         self.store.delete_workload(name)?;
         info!(workload = %name, "workload deleted");
         self.reconcile().map(Some)
@@ -150,7 +385,11 @@ impl<S: Store> HubCore<S> {
         if !out.iter().any(|d| d.device_id == id) {
             let d = match self.desired.get(&id) {
                 Some(d) => d.clone(),
-                None => self.bump(&id, Vec::new())?,
+                None => {
+                    let d = self.bump(&id, Vec::new())?;
+                    self.store.flush()?;
+                    d
+                }
             };
             out.push(d);
         }
@@ -327,8 +566,13 @@ impl<S: Store> HubCore<S> {
             let Some(w) = self.workloads.get(name) else {
                 continue;
             };
+            let rollout = self.rollouts.get(name).and_then(|r| r.rollout.as_ref());
             for (&replica, dev) in replicas {
-                if let Some(dw) = DesiredWorkload::from_workload(w, replica) {
+                let spec = match rollout {
+                    Some(r) if r.on_previous(replica) => r.previous.as_ref().unwrap_or(w),
+                    _ => w,
+                };
+                if let Some(dw) = DesiredWorkload::from_workload(spec, replica) {
                     per_device.entry(dev.clone()).or_default().push(dw);
                 }
             }
@@ -365,8 +609,8 @@ impl<S: Store> HubCore<S> {
             artifact_port: self.artifact_port,
             workloads,
         };
+        // Callers flush once for all the devices they change (before publishing).
         self.store.put_desired(&d)?;
-        self.store.flush()?;
         info!(device = %dev, generation, replicas = d.workloads.len(), "desired state changed");
         self.desired.insert(dev.clone(), d.clone());
         Ok(d)
@@ -497,7 +741,36 @@ impl<S: Store> HubCore<S> {
             replicas,
             pending_reason: pending.map(|p| p.reason.clone()),
             spec: with_spec.then(|| w.clone()),
+            rollout: self.rollout_view(&w.name, &placed),
         }
+    }
+
+    fn rollout_view(
+        &self,
+        name: &WorkloadName,
+        placed: &BTreeMap<u32, DeviceId>,
+    ) -> Option<shoal_api::views::RolloutView> {
+        let rec = self.rollouts.get(name)?;
+        let history = rec
+            .history
+            .iter()
+            .map(|e| shoal_api::views::RevisionView {
+                revision: e.revision.clone(),
+                applied_ms: e.applied_ms,
+                outcome: e.outcome.clone(),
+            })
+            .collect();
+        let r = rec.rollout.as_ref()?;
+        Some(shoal_api::views::RolloutView {
+            state: r.state.to_string(),
+            revision: r.revision.clone(),
+            previous_revision: r.previous.as_ref().map(|p| p.revision()),
+            updated: placed.keys().filter(|i| !r.on_previous(**i)).count() as u32,
+            total: placed.len() as u32,
+            reason: r.reason.clone(),
+            started_ms: r.started_ms,
+            history,
+        })
     }
 
     fn replica_view(
@@ -603,6 +876,34 @@ spec:
   wasm: { module: "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad" }
 "#;
 
+    struct Shared(std::sync::Arc<MemStore>);
+    impl Store for Shared {
+        fn load(&self) -> Result<crate::store::Snapshot, StoreError> {
+            self.0.load()
+        }
+        fn put_workload(&self, w: &Workload) -> Result<(), StoreError> {
+            self.0.put_workload(w)
+        }
+        fn delete_workload(&self, n: &WorkloadName) -> Result<(), StoreError> {
+            self.0.delete_workload(n)
+        }
+        fn put_device(&self, d: &DeviceRecord) -> Result<(), StoreError> {
+            self.0.put_device(d)
+        }
+        fn put_assignments(&self, a: &Assignments) -> Result<(), StoreError> {
+            self.0.put_assignments(a)
+        }
+        fn put_desired(&self, d: &DesiredState) -> Result<(), StoreError> {
+            self.0.put_desired(d)
+        }
+        fn put_rollout(&self, name: &WorkloadName, r: Option<&Record>) -> Result<(), StoreError> {
+            self.0.put_rollout(name, r)
+        }
+        fn flush(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
     fn placed(hub: &HubCore<MemStore>, w: &str) -> Vec<String> {
         hub.assignments()[&WorkloadName::try_from(w).unwrap()]
             .values()
@@ -664,6 +965,85 @@ spec:
         let b_silent = hub.check_lost(later + grace + 1, grace).unwrap();
         assert!(!b_silent.is_empty(), "silent devices are lost");
         assert_eq!(placed(&hub, "web"), ["a", "a"]);
+    }
+
+    #[test]
+    fn a_new_revision_rolls_out_within_the_budget_and_survives_reopen() {
+        let store = std::sync::Arc::new(MemStore::default());
+        let mut hub = HubCore::open(Shared(store.clone()), "http://h".into()).unwrap();
+        hub.hello(hello("a", &[])).unwrap();
+        hub.hello(hello("b", &[])).unwrap();
+        let v = |arg: &str| {
+            let text = M.split("---").next().unwrap().replace(
+                "  replicas: 2\n",
+                &format!("  replicas: 2\n  args: [{arg}]\n  update: {{ maxUnavailable: 1 }}\n"),
+            );
+            parse_workloads(&text).unwrap()
+        };
+        hub.apply(v("one")).unwrap();
+        let (_, publish) = hub.apply(v("two")).unwrap();
+        let args: Vec<Vec<String>> = hub
+            .desired
+            .values()
+            .flat_map(|d| d.workloads.iter().map(|w| w.args.clone()))
+            .collect();
+        assert!(args.contains(&vec!["one".to_string()]), "{args:?}");
+        assert!(
+            publish.is_empty(),
+            "nothing switches before the rollout steps"
+        );
+        assert!(hub.rolling());
+        // Report both running their revisions: the first step switches one replica.
+        let report = |hub: &mut HubCore<Shared>| {
+            for d in ["a", "b"] {
+                let id: DeviceId = d.parse().unwrap();
+                let workloads = hub.desired[&id]
+                    .workloads
+                    .iter()
+                    .map(|w| shoal_api::messages::InstanceStatus {
+                        name: w.name.clone(),
+                        replica: w.replica,
+                        revision: w.revision.clone(),
+                        phase: Phase::Running,
+                        restarts: 0,
+                        reason: None,
+                        exit_code: None,
+                        started_at_ms: Some(0),
+                        backoff_ms: None,
+                        variant: "wasm".into(),
+                    })
+                    .collect();
+                hub.status(DeviceStatus {
+                    protocol: 1,
+                    device_id: id,
+                    observed_generation: 0,
+                    workloads,
+                    time_ms: 0,
+                });
+            }
+        };
+        report(&mut hub);
+        let step1 = hub.advance_rollouts(now_ms()).unwrap();
+        assert_eq!(step1.len(), 1, "one device changes: {step1:?}");
+        // The hub restarts mid-rollout: the rollout is still there.
+        let mut hub = HubCore::open(Shared(store), "http://h".into()).unwrap();
+        hub.hello(hello("a", &[])).unwrap();
+        hub.hello(hello("b", &[])).unwrap();
+        assert!(hub.rolling());
+        report(&mut hub);
+        hub.advance_rollouts(now_ms()).unwrap();
+        report(&mut hub);
+        hub.advance_rollouts(now_ms()).unwrap();
+        assert!(!hub.rolling(), "complete");
+        let view = hub
+            .workload_view(&WorkloadName::try_from("web").unwrap())
+            .unwrap();
+        assert_eq!(view.rollout.unwrap().state, "Complete");
+        assert!(hub
+            .desired
+            .values()
+            .flat_map(|d| d.workloads.iter())
+            .all(|w| w.args == ["two"]));
     }
 
     #[test]
@@ -781,30 +1161,7 @@ spec:
     #[test]
     fn state_survives_reopen() {
         let store = std::sync::Arc::new(MemStore::default());
-        struct Shared(std::sync::Arc<MemStore>);
-        impl Store for Shared {
-            fn load(&self) -> Result<crate::store::Snapshot, StoreError> {
-                self.0.load()
-            }
-            fn put_workload(&self, w: &Workload) -> Result<(), StoreError> {
-                self.0.put_workload(w)
-            }
-            fn delete_workload(&self, n: &WorkloadName) -> Result<(), StoreError> {
-                self.0.delete_workload(n)
-            }
-            fn put_device(&self, d: &DeviceRecord) -> Result<(), StoreError> {
-                self.0.put_device(d)
-            }
-            fn put_assignments(&self, a: &Assignments) -> Result<(), StoreError> {
-                self.0.put_assignments(a)
-            }
-            fn put_desired(&self, d: &DesiredState) -> Result<(), StoreError> {
-                self.0.put_desired(d)
-            }
-            fn flush(&self) -> Result<(), StoreError> {
-                Ok(())
-            }
-        }
+
         let mut hub = HubCore::open(Shared(store.clone()), "x".into()).unwrap();
         hub.hello(hello("a", &[])).unwrap();
         hub.apply(parse_workloads(M).unwrap()).unwrap();

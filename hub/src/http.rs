@@ -8,6 +8,8 @@
 //! | `GET /v1/workloads/{name}` | `WorkloadView` with its spec |
 //! | `DELETE /v1/workloads/{name}` | delete |
 //! | `POST /v1/devices/{id}/cordon`, `/uncordon`, `/drain` | no new replicas; move replicas off |
+//! | `POST /v1/workloads/{name}/rollout/{pause,resume,promote,undo}` | steer a rollout |
+//! | `POST /v1/workloads/{name}/scale` | body `{"replicas": N}` |
 //! | `POST /v1/apply` | manifest text → `ApplyResult` (same path as an MQTT apply) |
 //! | `POST /v1/blobs` | upload bytes → `BlobRef` |
 //! | `GET /v1/blobs/{digest}` | download a blob |
@@ -17,6 +19,7 @@
 //! answer; blobs are served straight from disk.
 
 use crate::blobs::BlobStore;
+use crate::core::RolloutAction;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, StatusCode};
@@ -56,6 +59,17 @@ pub enum Request {
         name: WorkloadName,
         reply: oneshot::Sender<Option<WorkloadView>>,
     },
+    /// Steer a rollout. `Err((server fault, message))`.
+    Rollout {
+        name: WorkloadName,
+        action: RolloutAction,
+        reply: oneshot::Sender<Result<(), (bool, String)>>,
+    },
+    Scale {
+        name: WorkloadName,
+        replicas: u32,
+        reply: oneshot::Sender<Result<(), (bool, String)>>,
+    },
     /// Cordon, uncordon or drain a device; `Ok(false)`: no such device.
     Device {
         id: DeviceId,
@@ -84,6 +98,11 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/devices", get(devices))
         .route("/v1/devices/{id}/{action}", post(device_action))
+        .route(
+            "/v1/workloads/{name}/rollout/{action}",
+            post(rollout_action),
+        )
+        .route("/v1/workloads/{name}/scale", post(scale))
         .route("/v1/workloads", get(workloads))
         .route("/v1/workloads/{name}", get(workload).delete(delete))
         .route("/v1/apply", post(apply))
@@ -167,6 +186,78 @@ async fn device_action(
             format!("device {:?} not found", id.as_str()),
         ),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(f) => f.into_response(),
+    }
+}
+
+async fn rollout_action(
+    State(s): State<AppState>,
+    Path((name, action)): Path<(String, String)>,
+) -> Response {
+    let name = match parse_name(&name) {
+        Ok(n) => n,
+        Err(f) => return f.into_response(),
+    };
+    let action = match action.as_str() {
+        "pause" => RolloutAction::Pause,
+        "resume" => RolloutAction::Resume,
+        "promote" => RolloutAction::Promote,
+        "undo" => RolloutAction::Undo,
+        other => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "rollout action {other:?} is unknown: expected pause, resume, promote or undo"
+                ),
+            )
+        }
+    };
+    answer(
+        ask(&s, |reply| Request::Rollout {
+            name,
+            action,
+            reply,
+        })
+        .await,
+    )
+}
+
+#[derive(serde::Deserialize)]
+struct ScaleBody {
+    replicas: u32,
+}
+
+async fn scale(State(s): State<AppState>, Path(name): Path<String>, body: Bytes) -> Response {
+    let name = match parse_name(&name) {
+        Ok(n) => n,
+        Err(f) => return f.into_response(),
+    };
+    let replicas = match serde_json::from_slice::<ScaleBody>(&body) {
+        Ok(b) => b.replicas,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("expected {{\"replicas\": N}}: {e}"),
+            )
+        }
+    };
+    answer(
+        ask(&s, |reply| Request::Scale {
+            name,
+            replicas,
+            reply,
+        })
+        .await,
+    )
+}
+
+/// The main loop's verdict on a command: done, refused (422) or failed (500).
+fn answer(r: Result<Result<(), (bool, String)>, Failure>) -> Response {
+    match r {
+        Ok(Ok(())) => Json(serde_json::json!({ "ok": true })).into_response(),
+        Ok(Err((false, why))) if why.ends_with("not found") => error(StatusCode::NOT_FOUND, why),
+        Ok(Err((false, why))) => error(StatusCode::UNPROCESSABLE_ENTITY, why),
+        Ok(Err((true, why))) => error(StatusCode::INTERNAL_SERVER_ERROR, why),
         Err(f) => f.into_response(),
     }
 }

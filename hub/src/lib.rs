@@ -11,6 +11,7 @@ pub mod bus;
 pub mod core;
 pub mod http;
 pub mod metrics;
+pub mod rollout;
 pub mod scheduler;
 pub mod server;
 pub mod store;

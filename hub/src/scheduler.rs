@@ -559,6 +559,7 @@ mod tests {
                 initial_backoff_ms: 1000,
                 max_backoff_ms: 60000,
             },
+            update: Default::default(),
             ports: vec![],
             uses: vec![],
         }

@@ -349,10 +349,16 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     .await
             }
             Event::Http(r) => self.on_request(r).await,
-            Event::Tick => match self.core.check_lost(now_ms(), self.grace_ms) {
-                Ok(publish) => self.publish_desired(publish).await,
-                Err(e) => warn!(error = %e, "cannot persist rescheduling of lost devices"),
-            },
+            Event::Tick => {
+                match self.core.check_lost(now_ms(), self.grace_ms) {
+                    Ok(publish) => self.publish_desired(publish).await,
+                    Err(e) => warn!(error = %e, "cannot persist rescheduling of lost devices"),
+                }
+                // Readiness periods and deadlines pass with time, not only with reports.
+                if self.core.rolling() {
+                    self.advance_rollouts().await;
+                }
+            }
             Event::Mdns(MdnsEvent::Resolved(r)) => match AgentAd::from_txt(&r.fullname, &r.txt) {
                 Ok(ad) if ad.fleet == self.fleet => {
                     self.core.mdns_seen(r.fullname, ad.device, r.addrs)
@@ -432,8 +438,18 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 }
                 if let Some(status) = decode::<DeviceStatus>(topic, payload, &raw) {
                     self.core.status(status);
+                    if self.core.rolling() {
+                        self.advance_rollouts().await;
+                    }
                 }
             }
+        }
+    }
+
+    async fn advance_rollouts(&mut self) {
+        match self.core.advance_rollouts(now_ms()) {
+            Ok(publish) => self.publish_desired(publish).await,
+            Err(e) => warn!(error = %e, "cannot persist rollout progress"),
         }
     }
 
@@ -469,6 +485,36 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             }
             Request::Workload { name, reply } => {
                 let _ = reply.send(self.core.workload_view(&name));
+            }
+            Request::Rollout {
+                name,
+                action,
+                reply,
+            } => {
+                let r = match self.core.rollout_action(&name, action) {
+                    Ok(Ok(publish)) => {
+                        self.publish_desired(publish).await;
+                        Ok(())
+                    }
+                    Ok(Err(why)) => Err((false, why)),
+                    Err(e) => Err((true, e.to_string())),
+                };
+                let _ = reply.send(r);
+            }
+            Request::Scale {
+                name,
+                replicas,
+                reply,
+            } => {
+                let r = match self.core.scale(&name, replicas) {
+                    Ok(Ok(publish)) => {
+                        self.publish_desired(publish).await;
+                        Ok(())
+                    }
+                    Ok(Err(why)) => Err((false, why)),
+                    Err(e) => Err((true, e.to_string())),
+                };
+                let _ = reply.send(r);
             }
             Request::Device { id, action, reply } => {
                 let r = match action {

@@ -1,5 +1,6 @@
-//! Durable hub state behind the [`Store`] trait: workloads, devices, assignments and the
-//! desired state last published to each device (with its generation).
+//! Durable hub state behind the [`Store`] trait: workloads, devices, assignments, rollouts
+//! and revision history, and the desired state last published to each device (with its
+//! generation).
 //!
 //! [`SledStore`] is the real implementation; [`MemStore`] is an in-memory fake for tests.
 //! Every write is flushed before the hub acknowledges the change that caused it.
@@ -47,6 +48,7 @@ pub struct Snapshot {
     pub devices: BTreeMap<DeviceId, DeviceRecord>,
     pub assignments: Assignments,
     pub desired: BTreeMap<DeviceId, DesiredState>,
+    pub rollouts: BTreeMap<WorkloadName, crate::rollout::Record>,
 }
 
 /// Hub persistence. Methods are synchronous and short; `flush` makes prior writes durable.
@@ -57,6 +59,12 @@ pub trait Store: Send + 'static {
     fn put_device(&self, d: &DeviceRecord) -> Result<(), StoreError>;
     fn put_assignments(&self, a: &Assignments) -> Result<(), StoreError>;
     fn put_desired(&self, d: &DesiredState) -> Result<(), StoreError>;
+    /// A workload's rollout and revision history (`None`: the workload is gone).
+    fn put_rollout(
+        &self,
+        name: &WorkloadName,
+        r: Option<&crate::rollout::Record>,
+    ) -> Result<(), StoreError>;
     fn flush(&self) -> Result<(), StoreError>;
 }
 
@@ -64,6 +72,7 @@ const WORKLOADS: &str = "workloads";
 const DEVICES: &str = "devices";
 const DESIRED: &str = "desired";
 const META: &str = "meta";
+const ROLLOUTS: &str = "rollouts";
 const ASSIGNMENTS_KEY: &[u8] = b"assignments";
 
 /// sled-backed store in `DATA_DIR/hub.db`.
@@ -73,6 +82,7 @@ pub struct SledStore {
     devices: sled::Tree,
     desired: sled::Tree,
     meta: sled::Tree,
+    rollouts: sled::Tree,
 }
 
 impl SledStore {
@@ -87,6 +97,7 @@ impl SledStore {
             devices: db.open_tree(DEVICES)?,
             desired: db.open_tree(DESIRED)?,
             meta: db.open_tree(META)?,
+            rollouts: db.open_tree(ROLLOUTS)?,
             db,
         })
     }
@@ -126,6 +137,9 @@ impl Store for SledStore {
             workloads: load_tree(&self.workloads, |w: &Workload| w.name.clone())?,
             devices: load_tree(&self.devices, |d: &DeviceRecord| d.hello.device_id.clone())?,
             desired: load_tree(&self.desired, |d: &DesiredState| d.device_id.clone())?,
+            rollouts: load_tree(&self.rollouts, |r: &crate::rollout::Record| {
+                r.workload.clone()
+            })?,
             assignments,
         })
     }
@@ -147,6 +161,17 @@ impl Store for SledStore {
     }
     fn put_desired(&self, d: &DesiredState) -> Result<(), StoreError> {
         self.desired.insert(d.device_id.as_str(), enc(d)?)?;
+        Ok(())
+    }
+    fn put_rollout(
+        &self,
+        name: &WorkloadName,
+        r: Option<&crate::rollout::Record>,
+    ) -> Result<(), StoreError> {
+        match r {
+            Some(r) => self.rollouts.insert(name.as_str(), enc(r)?)?,
+            None => self.rollouts.remove(name.as_str())?,
+        };
         Ok(())
     }
     fn flush(&self) -> Result<(), StoreError> {
@@ -190,6 +215,17 @@ impl Store for MemStore {
     }
     fn put_desired(&self, d: &DesiredState) -> Result<(), StoreError> {
         self.with(|s| s.desired.insert(d.device_id.clone(), d.clone()));
+        Ok(())
+    }
+    fn put_rollout(
+        &self,
+        name: &WorkloadName,
+        r: Option<&crate::rollout::Record>,
+    ) -> Result<(), StoreError> {
+        self.with(|s| match r {
+            Some(r) => s.rollouts.insert(name.clone(), r.clone()),
+            None => s.rollouts.remove(name),
+        });
         Ok(())
     }
     fn flush(&self) -> Result<(), StoreError> {

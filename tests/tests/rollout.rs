@@ -1,0 +1,104 @@
+//! Rolling updates with real agents: a new revision that crashes stops at the canary and
+//! rolls back by itself while the old revision keeps serving; a good one completes; scale.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::Value;
+use shoal_e2e::*;
+use std::time::Duration;
+
+fn manifest(args: &str) -> String {
+    format!(
+        r#"apiVersion: shoal.dev/v1
+kind: Workload
+metadata: {{ name: web }}
+spec:
+  replicas: 3
+  wasm: {{ module: "{probe}" }}
+  args: [{args}]
+  resources: {{ memory: 16Mi }}
+  restart: {{ backoff: {{ initial: 200ms, max: 1s }} }}
+  update: {{ maxUnavailable: 1, canary: 1, autoRollback: true, minReadySeconds: 1 }}
+"#,
+        probe = module("probe.wasm").display()
+    )
+}
+
+fn rollout_state(hub: &Hub) -> anyhow::Result<Value> {
+    Ok(hub.workload("web")?.unwrap()["rollout"].clone())
+}
+
+#[test]
+fn crashing_revision_rolls_back_at_the_canary_and_a_good_one_completes() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = Hub::start(dir.path(), None)?;
+    let agents: Vec<Agent> = ["r1", "r2", "r3"]
+        .iter()
+        .map(|id| Agent::start(dir.path(), id, "", &hub.broker_url).unwrap())
+        .collect();
+    hub.wait_devices_online(3, Duration::from_secs(20))?;
+    let v1 = write_manifest(dir.path(), "v1.yaml", &manifest(r#""heartbeat", "100""#));
+    hub.apply(&v1)?;
+    let w1 = hub.wait_running("web", 3, Duration::from_secs(60))?;
+    let rev1 = w1["revision"].as_str().unwrap().to_string();
+
+    // v2 crashes: only the canary ever runs it, then everything is back on v1.
+    let v2 = write_manifest(dir.path(), "v2.yaml", &manifest(r#""crash""#));
+    hub.apply(&v2)?;
+    let r = wait_until(Duration::from_secs(30), "rollback", || {
+        let r = rollout_state(&hub)?;
+        Ok((r["state"] == "RolledBack").then_some(r))
+    })?;
+    assert!(
+        r["reason"].as_str().unwrap().contains("CrashLoopBackOff"),
+        "{r}"
+    );
+    let w = hub.wait_running("web", 3, Duration::from_secs(30))?;
+    assert_eq!(w["revision"], rev1.as_str(), "back on the old revision");
+    let crashed: Vec<&str> = agents
+        .iter()
+        .filter(|a| {
+            (0..3).any(|i| {
+                a.workload_log(&format!("web-{i}"))
+                    .contains("about to crash")
+            })
+        })
+        .map(|a| a.id.as_str())
+        .collect();
+    assert_eq!(crashed.len(), 1, "only the canary ran v2: {crashed:?}");
+    let status = hub.shoal(&["rollout", "status", "web"]);
+    assert!(
+        !status.status.success(),
+        "status fails on a rolled-back rollout"
+    );
+    let history =
+        String::from_utf8_lossy(&hub.shoal(&["rollout", "history", "web"]).stdout).to_string();
+    assert!(history.contains("rolled back: replica"), "{history}");
+
+    // v3 is good: it rolls out replica by replica and completes.
+    let v3 = write_manifest(dir.path(), "v3.yaml", &manifest(r#""heartbeat", "50""#));
+    hub.apply(&v3)?;
+    let out = hub.shoal(&["rollout", "status", "web", "--timeout", "60s"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("Complete") && text.contains("3/3 updated"),
+        "{text}"
+    );
+    let w = hub.wait_running("web", 3, Duration::from_secs(30))?;
+    assert_ne!(w["revision"], rev1.as_str());
+
+    // Scaling changes the count, not the revision.
+    let out = hub.shoal(&["scale", "web", "--replicas", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let w2 = hub.wait_running("web", 2, Duration::from_secs(30))?;
+    assert_eq!(w2["revision"], w["revision"]);
+    Ok(())
+}
