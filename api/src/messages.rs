@@ -5,7 +5,7 @@
 
 use crate::ids::{DeviceId, Digest, WorkloadName};
 use crate::manifest::ManifestError;
-use crate::workload::{Port, Resources, Restart, Workload};
+use crate::workload::{Health, Port, Resources, Restart, Workload};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -86,6 +86,8 @@ pub struct DesiredWorkload {
     pub env: BTreeMap<String, String>,
     pub resources: Resources,
     pub restart: Restart,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<Port>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -105,6 +107,7 @@ impl DesiredWorkload {
             env: w.env.clone(),
             resources: w.resources,
             restart: w.restart,
+            health: w.health.clone(),
             ports: w.ports.clone(),
             uses: w.uses.clone(),
         })
@@ -169,6 +172,9 @@ pub struct InstanceStatus {
     /// Which runtime variant runs this replica (`wasm`).
     #[serde(default)]
     pub variant: String,
+    /// The health probe's verdict while running; absent without a probe or before the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy: Option<bool>,
 }
 
 /// `devices/{d}/status` (retained): what the device observes.

@@ -137,6 +137,27 @@ impl Default for UpdatePolicy {
     }
 }
 
+/// What a health probe checks, on the device's loopback.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Check {
+    /// `GET http://127.0.0.1:{port}{path}` answers 2xx or 3xx.
+    Http { port: u16, path: String },
+    /// A TCP connection to `127.0.0.1:{port}` opens.
+    Tcp { port: u16 },
+}
+
+/// `spec.health`: probed while the replica runs; `failure_threshold` failures in a row
+/// restart it (per its restart policy) and make it unready for rollouts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Health {
+    pub check: Check,
+    pub period_ms: u64,
+    pub timeout_ms: u64,
+    pub failure_threshold: u32,
+}
+
 /// How replicas are spread over eligible devices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -169,6 +190,8 @@ pub struct Workload {
     /// Not part of the revision: changing how updates roll out restarts nothing.
     #[serde(default)]
     pub update: UpdatePolicy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
     pub ports: Vec<Port>,
     pub uses: Vec<WorkloadName>,
 }
@@ -188,6 +211,8 @@ impl Workload {
             ports: &'a [Port],
             #[serde(skip_serializing_if = "<[_]>::is_empty")]
             uses: &'a [WorkloadName],
+            #[serde(skip_serializing_if = "Option::is_none")]
+            health: &'a Option<Health>,
         }
         // Empty lists are left out so that revisions of workloads written before ports and
         // uses existed do not change (which would restart every replica on upgrade).
@@ -199,6 +224,7 @@ impl Workload {
             restart: &self.restart,
             ports: &self.ports,
             uses: &self.uses,
+            health: &self.health,
         };
         // Serializing plain structs and BTreeMaps cannot fail; fall back to Debug regardless.
         let bytes =
@@ -331,6 +357,7 @@ impl TryFrom<WorkloadManifest> for Workload {
 
         let restart = restart(spec.restart.unwrap_or_default(), &mut errs);
         let update = update(spec.update.unwrap_or_default(), &mut errs);
+        let health = spec.health.and_then(|h| health(h, &mut errs));
         let ports = ports(name.as_ref(), spec.ports, &mut errs);
         let uses = uses(spec.uses, &mut errs);
 
@@ -351,6 +378,7 @@ impl TryFrom<WorkloadManifest> for Workload {
                     resources: Resources { memory, cpu },
                     restart,
                     update,
+                    health,
                     ports,
                     uses,
                 })
@@ -500,6 +528,64 @@ fn module_ref(module: &str, sha256: Option<&str>, errs: &mut Vec<String>) -> Opt
         return None;
     }
     Some(ModuleRef::Path(module.to_string()))
+}
+
+fn health(h: crate::manifest::Health, errs: &mut Vec<String>) -> Option<Health> {
+    let port = |field: &str, p: i64, errs: &mut Vec<String>| {
+        let ok = u16::try_from(p).ok().filter(|p| *p != 0);
+        if ok.is_none() {
+            errs.push(format!("{field} {p} is invalid: must be 1-65535"));
+        }
+        ok
+    };
+    let check = match (h.http_get, h.tcp_socket) {
+        (Some(g), None) => {
+            let path = g.path.unwrap_or_else(|| "/".to_string());
+            if !path.starts_with('/') || path.contains(char::is_whitespace) {
+                errs.push(format!(
+                    "spec.health.httpGet.path {path:?} is invalid: must start with '/' and have no spaces"
+                ));
+            }
+            port("spec.health.httpGet.port", g.port, errs).map(|port| Check::Http { port, path })
+        }
+        (None, Some(t)) => {
+            port("spec.health.tcpSocket.port", t.port, errs).map(|port| Check::Tcp { port })
+        }
+        (Some(_), Some(_)) => {
+            errs.push("spec.health: give one of httpGet and tcpSocket, not both".to_string());
+            None
+        }
+        (None, None) => {
+            errs.push("spec.health: give httpGet or tcpSocket".to_string());
+            None
+        }
+    };
+    let ms = |field: &str, v: Option<&str>, default: u64, errs: &mut Vec<String>| match v {
+        None => default,
+        Some(s) => match parse_duration(s) {
+            Ok(d) if !d.is_zero() => u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+            Ok(_) => {
+                errs.push(format!("{field} {s:?} is invalid: must be more than zero"));
+                default
+            }
+            Err(e) => {
+                errs.push(format!("{field}: {e}"));
+                default
+            }
+        },
+    };
+    let period_ms = ms("spec.health.period", h.period.as_deref(), 10_000, errs);
+    let timeout_ms = ms("spec.health.timeout", h.timeout.as_deref(), 1_000, errs);
+    let failure_threshold = h.failure_threshold.unwrap_or(3);
+    if failure_threshold == 0 {
+        errs.push("spec.health.failureThreshold 0 is invalid: must be at least 1".to_string());
+    }
+    check.map(|check| Health {
+        check,
+        period_ms,
+        timeout_ms,
+        failure_threshold: failure_threshold.max(1),
+    })
 }
 
 fn update(u: crate::manifest::Update, errs: &mut Vec<String>) -> UpdatePolicy {

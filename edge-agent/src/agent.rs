@@ -168,6 +168,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         source: fetcher,
         logs_dir: config.data_dir.join("logs"),
         updates: up_tx,
+        http: reqwest::Client::new(),
         hub_http: hub_http_rx,
     };
     let mut agent = Agent {

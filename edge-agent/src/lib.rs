@@ -4,6 +4,7 @@ pub mod agent;
 pub mod bus;
 pub mod directory;
 pub mod fetch;
+pub mod health;
 pub mod local;
 pub mod logs;
 pub mod plan;

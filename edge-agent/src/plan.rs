@@ -110,6 +110,7 @@ mod tests {
                 initial_backoff_ms: 100,
                 max_backoff_ms: 1000,
             },
+            health: None,
             ports: vec![],
             uses: vec![],
         }

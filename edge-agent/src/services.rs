@@ -209,6 +209,7 @@ mod tests {
                 initial_backoff_ms: 1,
                 max_backoff_ms: 1,
             },
+            health: None,
             ports: ports
                 .iter()
                 .map(|(p, e)| Port {

@@ -6,6 +6,7 @@
 //! sent to the agent's main loop as an [`Update`]; cancellation stops the replica at once.
 
 use crate::fetch::ModuleSource;
+use crate::health;
 use crate::logs::LogSink;
 use crate::plan::{after_exit, AfterExit};
 use crate::runtime::{Exit, Network, RunSpec, WorkloadRuntime};
@@ -35,6 +36,8 @@ pub struct Shared<R, F> {
     pub source: F,
     pub logs_dir: PathBuf,
     pub updates: mpsc::Sender<Update>,
+    /// For HTTP health probes.
+    pub http: reqwest::Client,
     /// The hub's HTTP API as found over mDNS; used when the artifact base the agent computed
     /// for a replica is empty (see `Agent::artifact_base`).
     pub hub_http: watch::Receiver<Option<String>>,
@@ -47,6 +50,7 @@ impl<R, F: Clone> Clone for Shared<R, F> {
             source: self.source.clone(),
             logs_dir: self.logs_dir.clone(),
             updates: self.updates.clone(),
+            http: self.http.clone(),
             hub_http: self.hub_http.clone(),
         }
     }
@@ -107,6 +111,7 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
                 started_at_ms: None,
                 backoff_ms: None,
                 variant: "wasm".into(),
+                healthy: None,
             },
             tx: shared.updates.clone(),
         };
@@ -175,12 +180,59 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
             r.status.started_at_ms = Some(now_ms());
             r.status.exit_code = None;
             r.status.backoff_ms = None;
+            r.status.healthy = None;
             r.phase(Phase::Running, None).await;
             let t0 = Instant::now();
-            let exit = shared
+            // The run has its own token, so that a failing health probe can stop it.
+            let run_cancel = cancel.child_token();
+            let run = shared
                 .runtime
-                .run(module.clone(), spec.clone(), log.clone(), cancel.clone())
-                .await;
+                .run(module.clone(), spec.clone(), log.clone(), run_cancel.clone());
+            let mut unhealthy = None;
+            let exit = match &desired.health {
+                None => run.await,
+                Some(h) => {
+                    tokio::pin!(run);
+                    let mut probe = Box::pin(health::next_probe(h, &shared.http));
+                    let mut failures = 0u32;
+                    loop {
+                        tokio::select! {
+                            exit = &mut run => break exit,
+                            res = &mut probe => {
+                                let healthy = match res {
+                                    Ok(()) => {
+                                        failures = 0;
+                                        true
+                                    }
+                                    Err(why) => {
+                                        failures += 1;
+                                        warn!(%why, failures, "health probe failed");
+                                        if failures >= h.failure_threshold {
+                                            let reason = format!("health check failed {failures} times: {why}");
+                                            log.system(&reason);
+                                            unhealthy = Some(reason);
+                                            run_cancel.cancel();
+                                        }
+                                        false
+                                    }
+                                };
+                                if r.status.healthy != Some(healthy) && (healthy || unhealthy.is_some()) {
+                                    r.status.healthy = Some(healthy);
+                                    r.send().await;
+                                }
+                                probe = Box::pin(health::next_probe(h, &shared.http));
+                            }
+                        }
+                    }
+                }
+            };
+            let exit = match (exit, unhealthy) {
+                (Exit::Cancelled, Some(reason)) if !cancel.is_cancelled() => Exit::Failure {
+                    code: None,
+                    reason,
+                },
+                (exit, _) => exit,
+            };
             let (success, code, reason) = match exit {
                 Exit::Cancelled => return,
                 Exit::Success => (true, Some(0), "completed (exit status 0)".to_string()),
@@ -283,6 +335,7 @@ mod tests {
                 initial_backoff_ms: 10,
                 max_backoff_ms: 40,
             },
+            health: None,
             ports: vec![],
             uses: vec![],
         }
@@ -303,6 +356,7 @@ mod tests {
             source: FakeSource,
             logs_dir: dir.path().to_path_buf(),
             updates: tx,
+            http: reqwest::Client::new(),
             hub_http: watch::channel(None).1,
         };
         let cancel = CancellationToken::new();
@@ -379,5 +433,63 @@ mod tests {
                 Phase::Succeeded
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn failing_health_probe_restarts_a_running_replica() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        let shared = Shared {
+            // No scripted exits: every run lasts until it is cancelled.
+            runtime: Arc::new(FakeRuntime {
+                exits: Mutex::new(VecDeque::new()),
+            }),
+            source: FakeSource,
+            logs_dir: dir.path().to_path_buf(),
+            updates: tx,
+            http: reqwest::Client::new(),
+            hub_http: watch::channel(None).1,
+        };
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let mut d = desired(RestartPolicy::Always);
+        d.health = Some(shoal_api::workload::Health {
+            check: shoal_api::workload::Check::Tcp { port: closed },
+            period_ms: 10,
+            timeout_ms: 100,
+            failure_threshold: 2,
+        });
+        let cancel = CancellationToken::new();
+        let h = tokio::spawn(supervise(
+            shared,
+            d,
+            "http://x".into(),
+            Network::default(),
+            1,
+            cancel.clone(),
+        ));
+        let mut reasons = Vec::new();
+        let mut unhealthy_seen = false;
+        while let Some(u) = rx.recv().await {
+            unhealthy_seen |= u.status.healthy == Some(false);
+            if u.status.phase == Phase::CrashLoopBackOff {
+                reasons.push(u.status.reason.clone().unwrap_or_default());
+                if u.status.restarts >= 1 {
+                    break;
+                }
+            }
+        }
+        cancel.cancel();
+        h.await.unwrap();
+        assert!(unhealthy_seen, "the status says unhealthy");
+        assert!(
+            reasons[0].contains("health check failed 2 times")
+                && reasons[0].contains(&format!("port {closed}")),
+            "{reasons:?}"
+        );
+        let log = std::fs::read_to_string(dir.path().join("w-0.log")).unwrap();
+        assert!(log.contains("health check failed"), "{log}");
     }
 }

@@ -93,6 +93,7 @@ fn workloads(count: usize, replicas_each: u32) -> Vec<Workload> {
                     max_backoff_ms: 60_000,
                 },
                 update: Default::default(),
+                health: None,
                 ports: vec![],
                 uses: vec![],
             }

@@ -249,6 +249,7 @@ impl<S: Store> HubCore<S> {
                     phase: reported.map_or(Phase::Pending, |i| i.phase),
                     started_at_ms: reported.and_then(|i| i.started_at_ms),
                     reason: reported.and_then(|i| i.reason.clone()),
+                    healthy: reported.and_then(|i| i.healthy),
                 }
             })
             .collect()
@@ -1011,6 +1012,7 @@ spec:
                         started_at_ms: Some(0),
                         backoff_ms: None,
                         variant: "wasm".into(),
+                        healthy: None,
                     })
                     .collect();
                 hub.status(DeviceStatus {

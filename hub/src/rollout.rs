@@ -159,6 +159,8 @@ pub struct Observed {
     pub phase: Phase,
     pub started_at_ms: Option<u64>,
     pub reason: Option<String>,
+    /// The health probe's verdict, if the replica has one.
+    pub healthy: Option<bool>,
 }
 
 /// What a step decided.
@@ -193,8 +195,18 @@ pub fn step(r: &mut Rollout, target: &Workload, observed: &[Observed], now: u64)
             &r.revision
         }
     };
+    // With a health probe, ready means probed healthy; without, running is enough.
+    let probed = |i: u32| {
+        if r.on_previous(i) {
+            previous.health.is_some()
+        } else {
+            target.health.is_some()
+        }
+    };
     let ready = |o: &Observed| {
         o.phase == Phase::Running
+            && o.healthy != Some(false)
+            && (!probed(o.replica) || o.healthy == Some(true))
             && o.revision.as_deref() == Some(should_run(o.replica))
             && o.started_at_ms
                 .is_some_and(|t| now.saturating_sub(t) >= policy.min_ready_ms)
@@ -354,6 +366,7 @@ mod tests {
                     phase,
                     started_at_ms: Some(0),
                     reason: None,
+                    healthy: None,
                 }
             })
             .collect()
@@ -475,5 +488,27 @@ mod tests {
         assert_eq!(step(&mut r, &new, &o, 70_001), Outcome::Changed);
         assert_eq!(r.state, RolloutState::Failed);
         assert!(r.reason.as_deref().unwrap().contains("deadline"));
+    }
+
+    #[test]
+    fn with_a_health_probe_ready_means_probed_healthy() {
+        let old = spec("a", 2);
+        let mut new = spec("b", 2);
+        new.update.max_unavailable = Budget::Count(1);
+        new.health = Some(shoal_api::workload::Health {
+            check: shoal_api::workload::Check::Tcp { port: 80 },
+            period_ms: 1000,
+            timeout_ms: 100,
+            failure_threshold: 1,
+        });
+        let mut r = Rollout::start(&new, old, (0..2).collect(), 0);
+        tick(&mut r, &new, 2, 1);
+        assert_eq!(r.updated, [0].into());
+        // Running but not yet probed: not ready, so replica 1 waits.
+        assert_eq!(tick(&mut r, &new, 2, 2), Outcome::Unchanged);
+        let mut o = obs(&r, 2, &[]);
+        o[0].healthy = Some(true);
+        assert_eq!(step(&mut r, &new, &o, 3), Outcome::Changed);
+        assert_eq!(r.updated, [0, 1].into());
     }
 }

@@ -560,6 +560,7 @@ mod tests {
                 max_backoff_ms: 60000,
             },
             update: Default::default(),
+            health: None,
             ports: vec![],
             uses: vec![],
         }
