@@ -260,7 +260,14 @@ mod tests {
             s.put_assignments(&a).unwrap();
             s.flush().unwrap();
         }
-        let s = SledStore::open(dir.path()).unwrap();
+        // sled's flusher thread may hold the file lock a moment after the drop.
+        let s = (0..100)
+            .find_map(|_| {
+                SledStore::open(dir.path())
+                    .map_err(|_| std::thread::sleep(std::time::Duration::from_millis(20)))
+                    .ok()
+            })
+            .expect("reopen");
         let snap = s.load().unwrap();
         assert_eq!(snap.desired[&d].generation, 7);
         assert_eq!(snap.assignments.len(), 1);
