@@ -766,7 +766,10 @@ impl<S: Store> HubCore<S> {
             state: r.state.to_string(),
             revision: r.revision.clone(),
             previous_revision: r.previous.as_ref().map(|p| p.revision()),
-            updated: placed.keys().filter(|i| !r.on_previous(**i)).count() as u32,
+            updated: match r.state {
+                RolloutState::RolledBack => 0,
+                _ => placed.keys().filter(|i| !r.on_previous(**i)).count() as u32,
+            },
             total: placed.len() as u32,
             reason: r.reason.clone(),
             started_ms: r.started_ms,

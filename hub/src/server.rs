@@ -79,7 +79,12 @@ pub enum Event {
     Mdns(MdnsEvent),
     /// Time to look for lost devices.
     Tick,
+    /// Time to step rollouts that have new reports.
+    RolloutTick,
 }
+
+/// How long status reports are gathered before a rollout steps on them.
+const ROLLOUT_BATCH_MS: u64 = 50;
 
 /// Runs the hub until `shutdown` is cancelled.
 pub async fn run(config: HubConfig, shutdown: CancellationToken) -> Result<(), HubError> {
@@ -198,6 +203,7 @@ async fn serve(
         metrics,
         fleet: config.fleet.clone(),
         grace_ms: u64::try_from(config.device_grace.as_millis()).unwrap_or(u64::MAX),
+        rollout_due: false,
     };
     main.run(bus_rx, req_rx, mdns_rx, shutdown).await;
     if let Some(m) = mdns {
@@ -303,6 +309,8 @@ struct MainLoop<S: Store, B: Bus> {
     metrics: Arc<Metrics>,
     fleet: String,
     grace_ms: u64,
+    /// Status reports arrived during a rollout since its last step.
+    rollout_due: bool,
 }
 
 impl<S: Store, B: Bus> MainLoop<S, B> {
@@ -318,6 +326,9 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             (self.grace_ms / 4).clamp(50, 1000),
         ));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rollout_tick =
+            tokio::time::interval(std::time::Duration::from_millis(ROLLOUT_BATCH_MS));
+        rollout_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let event = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -325,6 +336,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 Some(r) = req_rx.recv() => Event::Http(r),
                 Some(m) = mdns_rx.recv() => Event::Mdns(m),
                 _ = tick.tick() => Event::Tick,
+                _ = rollout_tick.tick(), if self.rollout_due => Event::RolloutTick,
             };
             self.handle(event).await;
         }
@@ -349,6 +361,10 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     .await
             }
             Event::Http(r) => self.on_request(r).await,
+            Event::RolloutTick => {
+                self.rollout_due = false;
+                self.advance_rollouts().await;
+            }
             Event::Tick => {
                 match self.core.check_lost(now_ms(), self.grace_ms) {
                     Ok(publish) => self.publish_desired(publish).await,
@@ -438,9 +454,9 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 }
                 if let Some(status) = decode::<DeviceStatus>(topic, payload, &raw) {
                     self.core.status(status);
-                    if self.core.rolling() {
-                        self.advance_rollouts().await;
-                    }
+                    // Stepped in batches (see RolloutTick): one step per report would
+                    // republish desired states once per freed slot.
+                    self.rollout_due |= self.core.rolling();
                 }
             }
         }

@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod netns;
+pub mod sim;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
