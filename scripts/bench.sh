@@ -3,7 +3,8 @@
 # table of apply → Running latency (vs MQTT hops through the same broker), agent RSS and
 # binary sizes; then shoal-join-bench (root: network namespaces) times mDNS joins against
 # joins with --broker. SHOAL_BENCH_N sets the number of applies (default 200),
-# SHOAL_BENCH_JOINS the number of joins (default 20).
+# SHOAL_BENCH_JOINS the number of joins (default 20); then shoal-scale-bench (the hub under
+# SHOAL_BENCH_FLEET simulated devices, default 10,000) and the scheduler benchmark.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$REPO_ROOT"
@@ -12,3 +13,5 @@ scripts/build-modules.sh
 cargo build --release --workspace -q
 SHOAL_BIN_DIR="$CARGO_TARGET_DIR/release" "$CARGO_TARGET_DIR/release/shoal-bench"
 SHOAL_BIN_DIR="$CARGO_TARGET_DIR/release" "$CARGO_TARGET_DIR/release/shoal-join-bench"
+SHOAL_BIN_DIR="$CARGO_TARGET_DIR/release" "$CARGO_TARGET_DIR/release/shoal-scale-bench"
+cargo bench -q -p shoal-hub --bench schedule

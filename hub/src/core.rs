@@ -380,7 +380,12 @@ impl<S: Store> HubCore<S> {
         live.online = true;
         live.offline_since_ms = None;
         self.heard(&id, now);
-        let mut out = self.reconcile()?;
+        // Placement can only change if there is something to place.
+        let mut out = if self.workloads.is_empty() {
+            Vec::new()
+        } else {
+            self.reconcile()?
+        };
         // A device that joins with no desired state yet still gets an (empty) one, so it
         // knows it is in sync; and a device whose desired state exists gets it again.
         if !out.iter().any(|d| d.device_id == id) {
