@@ -362,6 +362,7 @@ impl<S: Store> HubCore<S> {
                 first_seen_ms: old.first_seen_ms,
                 last_seen_ms: now,
                 cordoned: old.cordoned,
+                draining: old.draining,
             },
             None => {
                 info!(arch = %hello.arch, labels = ?hello.labels, "device joined");
@@ -370,6 +371,7 @@ impl<S: Store> HubCore<S> {
                     first_seen_ms: now,
                     last_seen_ms: now,
                     cordoned: false,
+                    draining: false,
                 }
             }
         };
@@ -490,28 +492,99 @@ impl<S: Store> HubCore<S> {
         self.reconcile().map(Some)
     }
 
-    /// `shoal drain`: cordon, then move every replica off the device except `placement:
-    /// every` ones (which belong to it).
+    /// `shoal drain`: cordon the device and move its replicas elsewhere, except `placement:
+    /// every` ones (which belong to it), within each workload's `maxUnavailable` (see
+    /// [`HubCore::advance_drains`]).
     pub fn drain(&mut self, id: &DeviceId) -> Result<Option<Vec<DesiredState>>, StoreError> {
-        if !self.devices.contains_key(id) {
+        let Some(rec) = self.devices.get_mut(id) else {
             return Ok(None);
-        }
-        if let Some(rec) = self.devices.get_mut(id) {
-            rec.cordoned = true;
-            let rec = rec.clone();
-            self.store.put_device(&rec)?;
-        }
-        for (name, placed) in self.schedule.assignments.iter_mut() {
-            if self
-                .workloads
-                .get(name)
-                .is_some_and(|w| w.placement != Placement::Every)
-            {
-                placed.retain(|_, d| d != id);
+        };
+        rec.cordoned = true;
+        rec.draining = true;
+        let rec = rec.clone();
+        self.store.put_device(&rec)?;
+        info!(device = %id, "drain started");
+        let mut out = self.reconcile()?;
+        out.extend(self.advance_drains()?);
+        Ok(Some(out))
+    }
+
+    /// Whether a drain is in progress.
+    pub fn draining(&self) -> bool {
+        self.devices.values().any(|r| r.draining)
+    }
+
+    /// Moves replicas off draining devices: per workload, only while fewer than its
+    /// `maxUnavailable` replicas are unavailable (a replica that is itself unavailable moves
+    /// at once), like a Kubernetes drain honouring disruption budgets. Call it as reports
+    /// arrive; a device is done when none of its movable replicas is left.
+    pub fn advance_drains(&mut self) -> Result<Vec<DesiredState>, StoreError> {
+        let draining: Vec<DeviceId> = self
+            .devices
+            .values()
+            .filter(|r| r.draining)
+            .map(|r| r.hello.device_id.clone())
+            .collect();
+        let mut evicted = false;
+        for dev in draining {
+            let names: Vec<WorkloadName> = self
+                .schedule
+                .assignments
+                .iter()
+                .filter(|(_, m)| m.values().any(|d| d == &dev))
+                .map(|(n, _)| n.clone())
+                .collect();
+            let mut left = 0usize;
+            for name in names {
+                let Some(w) = self.workloads.get(&name) else {
+                    continue;
+                };
+                if w.placement == Placement::Every {
+                    continue;
+                }
+                let budget_total = w.update.max_unavailable;
+                let observed = self.observe(&name);
+                let ready = |o: &Observed| o.phase == Phase::Running && o.healthy != Some(false);
+                let unavailable = observed.iter().filter(|o| !ready(o)).count() as u32;
+                let mut budget = budget_total
+                    .of(observed.len() as u32)
+                    .saturating_sub(unavailable);
+                let mut evict = Vec::new();
+                for o in observed.iter().filter(|o| o.device == dev) {
+                    if !ready(o) {
+                        evict.push(o.replica);
+                    } else if budget > 0 {
+                        budget -= 1;
+                        evict.push(o.replica);
+                    } else {
+                        left += 1;
+                    }
+                }
+                if let Some(placed) = self.schedule.assignments.get_mut(&name) {
+                    for i in &evict {
+                        placed.remove(i);
+                    }
+                }
+                if !evict.is_empty() {
+                    info!(device = %dev, workload = %name, replicas = ?evict, "draining: moving replicas");
+                    evicted = true;
+                }
+            }
+            if left == 0 {
+                if let Some(rec) = self.devices.get_mut(&dev) {
+                    rec.draining = false;
+                    let rec = rec.clone();
+                    self.store.put_device(&rec)?;
+                    info!(device = %dev, "drain complete");
+                }
             }
         }
-        info!(device = %id, "device drained");
-        self.reconcile().map(Some)
+        if evicted {
+            self.reconcile()
+        } else {
+            self.store.flush()?;
+            Ok(Vec::new())
+        }
     }
 
     /// A device reported what it runs.
@@ -1054,6 +1127,71 @@ spec:
             .values()
             .flat_map(|d| d.workloads.iter())
             .all(|w| w.args == ["two"]));
+    }
+
+    /// Every device reports every replica it should run as Running.
+    fn report_running<S: Store>(hub: &mut HubCore<S>) {
+        let ids: Vec<DeviceId> = hub.desired.keys().cloned().collect();
+        for id in ids {
+            let workloads = hub.desired[&id]
+                .workloads
+                .iter()
+                .map(|w| shoal_api::messages::InstanceStatus {
+                    name: w.name.clone(),
+                    replica: w.replica,
+                    revision: w.revision.clone(),
+                    phase: Phase::Running,
+                    restarts: 0,
+                    reason: None,
+                    exit_code: None,
+                    started_at_ms: Some(0),
+                    backoff_ms: None,
+                    variant: "wasm".into(),
+                    healthy: None,
+                })
+                .collect();
+            hub.status(DeviceStatus {
+                protocol: 1,
+                device_id: id,
+                observed_generation: 0,
+                workloads,
+                time_ms: 0,
+            });
+        }
+    }
+
+    #[test]
+    fn drain_moves_replicas_within_the_budget() {
+        let mut hub = HubCore::open(MemStore::default(), "http://h".into()).unwrap();
+        for d in ["a", "b", "c"] {
+            hub.hello(hello(d, &[])).unwrap();
+        }
+        let text = M.split("---").next().unwrap().replace(
+            "  replicas: 2\n",
+            "  replicas: 6\n  update: { maxUnavailable: 1 }\n",
+        );
+        hub.apply(parse_workloads(&text).unwrap()).unwrap();
+        assert_eq!(placed(&hub, "web").iter().filter(|d| *d == "b").count(), 2);
+        report_running(&mut hub);
+        let b: DeviceId = "b".parse().unwrap();
+        hub.drain(&b).unwrap().unwrap();
+        assert_eq!(
+            placed(&hub, "web").iter().filter(|d| *d == "b").count(),
+            1,
+            "one at a time: {:?}",
+            placed(&hub, "web")
+        );
+        assert!(hub.draining());
+        // Until the moved replica reports Running, nothing else moves.
+        hub.advance_drains().unwrap();
+        assert_eq!(placed(&hub, "web").iter().filter(|d| *d == "b").count(), 1);
+        report_running(&mut hub);
+        hub.advance_drains().unwrap();
+        assert!(!placed(&hub, "web").contains(&"b".to_string()));
+        report_running(&mut hub);
+        hub.advance_drains().unwrap();
+        assert!(!hub.draining(), "drain complete");
+        assert!(hub.device_views().iter().any(|d| d.id == "b" && d.cordoned));
     }
 
     #[test]

@@ -371,7 +371,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     Err(e) => warn!(error = %e, "cannot persist rescheduling of lost devices"),
                 }
                 // Readiness periods and deadlines pass with time, not only with reports.
-                if self.core.rolling() {
+                if self.core.rolling() || self.core.draining() {
                     self.advance_rollouts().await;
                 }
             }
@@ -456,16 +456,23 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     self.core.status(status);
                     // Stepped in batches (see RolloutTick): one step per report would
                     // republish desired states once per freed slot.
-                    self.rollout_due |= self.core.rolling();
+                    self.rollout_due |= self.core.rolling() || self.core.draining();
                 }
             }
         }
     }
 
+    /// Steps rollouts and drains on what devices reported.
     async fn advance_rollouts(&mut self) {
         match self.core.advance_rollouts(now_ms()) {
             Ok(publish) => self.publish_desired(publish).await,
             Err(e) => warn!(error = %e, "cannot persist rollout progress"),
+        }
+        if self.core.draining() {
+            match self.core.advance_drains() {
+                Ok(publish) => self.publish_desired(publish).await,
+                Err(e) => warn!(error = %e, "cannot persist drain progress"),
+            }
         }
     }
 

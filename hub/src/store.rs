@@ -39,6 +39,9 @@ pub struct DeviceRecord {
     /// `shoal cordon`: no new replicas (persisted: an operator's decision outlives restarts).
     #[serde(default)]
     pub cordoned: bool,
+    /// `shoal drain` in progress: replicas are being moved off within their budgets.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// Everything the hub loads at start.
