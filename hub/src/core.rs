@@ -85,6 +85,13 @@ impl<S: Store> HubCore<S> {
         Ok(core)
     }
 
+    /// Makes every change so far durable. Changes are written as they happen but flushed
+    /// only here: the server calls it once per batch of events, before it publishes the
+    /// desired states or answers the requests that follow from them (group commit).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.store.flush()
+    }
+
     /// Every device's current desired state (republished when the hub (re)connects, since
     /// a broker may have lost its retained messages).
     pub fn all_desired(&self) -> Vec<DesiredState> {
@@ -307,7 +314,6 @@ impl<S: Store> HubCore<S> {
         }
         let rec = self.rollouts.get(name).cloned();
         self.store.put_rollout(name, rec.as_ref())?;
-        self.store.flush()?;
         self.advance_rollouts(now_ms()).map(Ok)
     }
 
@@ -393,11 +399,7 @@ impl<S: Store> HubCore<S> {
         if !out.iter().any(|d| d.device_id == id) {
             let d = match self.desired.get(&id) {
                 Some(d) => d.clone(),
-                None => {
-                    let d = self.bump(&id, Vec::new())?;
-                    self.store.flush()?;
-                    d
-                }
+                None => self.bump(&id, Vec::new())?,
             };
             out.push(d);
         }
@@ -423,6 +425,10 @@ impl<S: Store> HubCore<S> {
         }
         if online {
             self.heard(id, now);
+        }
+        // Placement can only change if there is something to place.
+        if self.workloads.is_empty() {
+            return Ok(Vec::new());
         }
         self.reconcile()
     }
@@ -582,7 +588,6 @@ impl<S: Store> HubCore<S> {
         if evicted {
             self.reconcile()
         } else {
-            self.store.flush()?;
             Ok(Vec::new())
         }
     }
@@ -670,7 +675,6 @@ impl<S: Store> HubCore<S> {
                 changed.push(self.bump(&dev, want)?);
             }
         }
-        self.store.flush()?;
         Ok(changed)
     }
 

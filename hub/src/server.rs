@@ -83,6 +83,9 @@ pub enum Event {
     RolloutTick,
 }
 
+/// Bus events handled before one commit (flush, then publish).
+const BATCH: usize = 256;
+
 /// How long status reports are gathered before a rollout steps on them.
 const ROLLOUT_BATCH_MS: u64 = 50;
 
@@ -151,7 +154,9 @@ async fn serve(
     let mut registry = prometheus_client::registry::Registry::default();
     metrics.register(&mut registry);
 
-    let (bus_tx, bus_rx) = mpsc::channel(1024);
+    // Deep enough for a fleet's join burst: while it is full the bus task cannot poll the
+    // connection, and a broker drops a client that misses its keep-alive.
+    let (bus_tx, bus_rx) = mpsc::channel(16_384);
     let bus = bus::connect(
         &broker,
         &format!("shoal-hub-{}", std::process::id()),
@@ -204,6 +209,7 @@ async fn serve(
         fleet: config.fleet.clone(),
         grace_ms: u64::try_from(config.device_grace.as_millis()).unwrap_or(u64::MAX),
         rollout_due: false,
+        outbox: Vec::new(),
     };
     main.run(bus_rx, req_rx, mdns_rx, shutdown).await;
     if let Some(m) = mdns {
@@ -309,6 +315,8 @@ struct MainLoop<S: Store, B: Bus> {
     metrics: Arc<Metrics>,
     fleet: String,
     grace_ms: u64,
+    /// Desired states to publish at the next commit.
+    outbox: Vec<DesiredState>,
     /// Status reports arrived during a rollout since its last step.
     rollout_due: bool,
 }
@@ -339,7 +347,50 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 _ = rollout_tick.tick(), if self.rollout_due => Event::RolloutTick,
             };
             self.handle(event).await;
+            // Group commit: handle whatever else the bus has ready (bounded), then flush
+            // once and publish everything those events changed.
+            for _ in 0..BATCH {
+                match bus_rx.try_recv() {
+                    Ok(e) => self.handle(Event::Bus(e)).await,
+                    Err(_) => break,
+                }
+            }
+            self.commit().await;
         }
+    }
+
+    /// Flushes the store, then publishes the queued desired states (the newest per device).
+    async fn commit(&mut self) {
+        // Always flush: an accepted apply is acknowledged right after, even when it changes
+        // no device (sled's flush is cheap when nothing is dirty).
+        if let Err(e) = self.core.flush() {
+            // Not durable: do not tell devices (they would act on state a crash could lose).
+            warn!(error = %e, "cannot flush the hub store; desired states not published");
+            self.outbox.clear();
+            return;
+        }
+        let mut newest: std::collections::BTreeMap<DeviceId, DesiredState> =
+            std::collections::BTreeMap::new();
+        for d in self.outbox.drain(..) {
+            match newest.get(&d.device_id) {
+                Some(have) if have.generation >= d.generation => {}
+                _ => {
+                    newest.insert(d.device_id.clone(), d);
+                }
+            }
+        }
+        self.send_desired(newest.into_values().collect()).await;
+    }
+
+    /// Queues desired states for the next commit (bus events, handled in batches).
+    fn queue(&mut self, states: Vec<DesiredState>) {
+        self.outbox.extend(states);
+    }
+
+    /// Queues desired states and commits at once (requests answered right after).
+    async fn publish_desired(&mut self, states: Vec<DesiredState>) {
+        self.queue(states);
+        self.commit().await;
     }
 
     async fn handle(&mut self, event: Event) {
@@ -426,7 +477,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     return;
                 };
                 match self.core.hello(hello) {
-                    Ok(publish) => self.publish_desired(publish).await,
+                    Ok(publish) => self.queue(publish),
                     Err(e) => warn!(device = %raw, error = %e, "cannot record hello"),
                 }
             }
@@ -444,7 +495,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     }
                 };
                 match self.core.presence(&id, online) {
-                    Ok(publish) => self.publish_desired(publish).await,
+                    Ok(publish) => self.queue(publish),
                     Err(e) => warn!(device = %id, error = %e, "cannot record presence"),
                 }
             }
@@ -624,7 +675,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         result
     }
 
-    async fn publish_desired(&self, states: Vec<DesiredState>) {
+    async fn send_desired(&self, states: Vec<DesiredState>) {
         for d in states {
             let payload = match serde_json::to_vec(&d) {
                 Ok(p) => p,

@@ -356,7 +356,9 @@ impl Mosquitto {
         let conf = dir.join(format!("mosquitto-{port}.conf"));
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_packet_size 8388608\n"),
+            // The hub's one subscription takes every device's messages: mosquitto's default
+            // queue of 1,000 per client would drop a large fleet's join burst.
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_packet_size 8388608\nmax_queued_messages 1000000\n"),
         )?;
         let proc = Proc::spawn(
             "mosquitto",

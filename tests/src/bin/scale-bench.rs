@@ -1,7 +1,7 @@
 //! `shoal-scale-bench`: the hub under a simulated fleet (release builds; `scripts/bench.sh`).
 //!
 //! 1. `SHOAL_BENCH_FLEET` (default 10,000) simulated devices (`shoal_e2e::sim`, in this
-//!    process, one MQTT connection each) join a release hub with its embedded broker; they
+//!    process, one MQTT connection each) join a release hub through Debian's mosquitto; they
 //!    report status every 10 s. Measured: time to join, then the hub's CPU (as a share of one
 //!    core) and RSS over 60 s of steady state.
 //! 2. A `placement: every` workload restricted to 1,000 of them (`role=canary-ring`)
@@ -63,13 +63,16 @@ fn main() -> Result<()> {
         .unwrap_or(10_000);
     let ring = 1000.min(fleet);
     let tmp = tempfile::tempdir()?;
-    let hub = Hub::start(tmp.path(), None)?;
+    // Debian's mosquitto as the broker: the production shape for a fleet this size (the
+    // embedded rumqttd's join rate falls off past a few thousand connections; BENCHMARKS.md).
+    let mq = Mosquitto::start(tmp.path())?;
+    let hub = Hub::start(tmp.path(), Some(&mq.url()))?;
     let rt = tokio::runtime::Runtime::new()?;
     let stop = tokio_util::sync::CancellationToken::new();
     let stats = Arc::new(SimStats::default());
     let base = SimConfig {
         host: "127.0.0.1".into(),
-        port: hub.mqtt,
+        port: mq.port,
         prefix: "ring".into(),
         devices: ring,
         labels: [("role".to_string(), "canary-ring".to_string())].into(),
