@@ -107,10 +107,37 @@ pub fn connect(
     let broker = broker.to_string();
     tracker.spawn(async move {
         let mut failures = 0u32;
+        // Events the main loop has not taken yet. The event loop must keep being polled
+        // while the main loop is busy: it carries the hub's own publishes (the main loop may
+        // be waiting on one, which would deadlock on a full channel) and the keep-alive (a
+        // broker drops a client that misses it).
+        let mut backlog: std::collections::VecDeque<BusEvent> = std::collections::VecDeque::new();
         loop {
             let ev = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                permit = tx.reserve(), if !backlog.is_empty() => {
+                    match (permit, backlog.pop_front()) {
+                        (Ok(p), Some(e)) => p.send(e),
+                        (Err(_), _) => break,
+                        (Ok(_), None) => {}
+                    }
+                    continue;
+                }
                 ev = eventloop.poll() => ev,
+            };
+            let mut forward = |e: BusEvent| -> bool {
+                if !backlog.is_empty() {
+                    backlog.push_back(e);
+                    return true;
+                }
+                match tx.try_send(e) {
+                    Ok(()) => true,
+                    Err(mpsc::error::TrySendError::Full(e)) => {
+                        backlog.push_back(e);
+                        true
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => false,
+                }
             };
             match ev {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -127,7 +154,7 @@ pub fn connect(
                             warn!(filter = f, error = %e, "subscribe failed");
                         }
                     }
-                    if tx.send(BusEvent::Connected).await.is_err() {
+                    if !forward(BusEvent::Connected) {
                         break;
                     }
                 }
@@ -143,7 +170,7 @@ pub fn connect(
                         response_topic,
                         correlation,
                     };
-                    if tx.send(msg).await.is_err() {
+                    if !forward(msg) {
                         break;
                     }
                 }
