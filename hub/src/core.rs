@@ -1080,36 +1080,7 @@ spec:
         );
         assert!(hub.rolling());
         // Report both running their revisions: the first step switches one replica.
-        let report = |hub: &mut HubCore<Shared>| {
-            for d in ["a", "b"] {
-                let id: DeviceId = d.parse().unwrap();
-                let workloads = hub.desired[&id]
-                    .workloads
-                    .iter()
-                    .map(|w| shoal_api::messages::InstanceStatus {
-                        name: w.name.clone(),
-                        replica: w.replica,
-                        revision: w.revision.clone(),
-                        phase: Phase::Running,
-                        restarts: 0,
-                        reason: None,
-                        exit_code: None,
-                        started_at_ms: Some(0),
-                        backoff_ms: None,
-                        variant: "wasm".into(),
-                        healthy: None,
-                    })
-                    .collect();
-                hub.status(DeviceStatus {
-                    protocol: 1,
-                    device_id: id,
-                    observed_generation: 0,
-                    workloads,
-                    time_ms: 0,
-                });
-            }
-        };
-        report(&mut hub);
+        report_running(&mut hub);
         let step1 = hub.advance_rollouts(now_ms()).unwrap();
         assert_eq!(step1.len(), 1, "one device changes: {step1:?}");
         // The hub restarts mid-rollout: the rollout is still there.
@@ -1117,9 +1088,9 @@ spec:
         hub.hello(hello("a", &[])).unwrap();
         hub.hello(hello("b", &[])).unwrap();
         assert!(hub.rolling());
-        report(&mut hub);
+        report_running(&mut hub);
         hub.advance_rollouts(now_ms()).unwrap();
-        report(&mut hub);
+        report_running(&mut hub);
         hub.advance_rollouts(now_ms()).unwrap();
         assert!(!hub.rolling(), "complete");
         let view = hub

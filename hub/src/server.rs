@@ -513,6 +513,21 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         }
     }
 
+    /// Publishes what an operator command changed; `Err((server fault, message))`.
+    async fn command(
+        &mut self,
+        r: Result<Result<Vec<DesiredState>, String>, crate::store::StoreError>,
+    ) -> Result<(), (bool, String)> {
+        match r {
+            Ok(Ok(publish)) => {
+                self.publish_desired(publish).await;
+                Ok(())
+            }
+            Ok(Err(why)) => Err((false, why)),
+            Err(e) => Err((true, e.to_string())),
+        }
+    }
+
     /// Steps rollouts and drains on what devices reported.
     async fn advance_rollouts(&mut self) {
         match self.core.advance_rollouts(now_ms()) {
@@ -565,14 +580,8 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 action,
                 reply,
             } => {
-                let r = match self.core.rollout_action(&name, action) {
-                    Ok(Ok(publish)) => {
-                        self.publish_desired(publish).await;
-                        Ok(())
-                    }
-                    Ok(Err(why)) => Err((false, why)),
-                    Err(e) => Err((true, e.to_string())),
-                };
+                let done = self.core.rollout_action(&name, action);
+                let r = self.command(done).await;
                 let _ = reply.send(r);
             }
             Request::Scale {
@@ -580,14 +589,8 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 replicas,
                 reply,
             } => {
-                let r = match self.core.scale(&name, replicas) {
-                    Ok(Ok(publish)) => {
-                        self.publish_desired(publish).await;
-                        Ok(())
-                    }
-                    Ok(Err(why)) => Err((false, why)),
-                    Err(e) => Err((true, e.to_string())),
-                };
+                let done = self.core.scale(&name, replicas);
+                let r = self.command(done).await;
                 let _ = reply.send(r);
             }
             Request::Device { id, action, reply } => {
