@@ -148,8 +148,12 @@ impl<S: Store> HubCore<S> {
                     .map(|m| m.keys().copied().collect())
                     .unwrap_or_default();
                 // Mid-rollout, the last good revision is the one it started from.
+                // A failed one (without rollback) too: its replicas not yet switched still
+                // run the last good revision.
                 let stable = match &rec.rollout {
-                    Some(r) if r.active() => r.previous.clone().unwrap_or_else(|| old.clone()),
+                    Some(r) if r.active() || r.state == RolloutState::Failed => {
+                        r.previous.clone().unwrap_or_else(|| old.clone())
+                    }
                     _ => old.clone(),
                 };
                 if placed.is_empty() {
@@ -220,8 +224,17 @@ impl<S: Store> HubCore<S> {
                 Outcome::RollBack { previous, reason } => {
                     rec.finish(&rev, &format!("rolled back: {reason}"));
                     tracing::warn!(%reason, to = %previous.revision(), "rollout failed; rolling back");
-                    self.store.put_workload(&previous)?;
-                    self.workloads.insert(name.clone(), *previous);
+                    // Back to the previous revision's spec; where and how many (scaled or
+                    // re-placed during the rollout) stay as they are now.
+                    let mut restored = *previous;
+                    restored.placement = target.placement.clone();
+                    restored.selector = target.selector.clone();
+                    restored.spread = target.spread.clone();
+                    restored.strategy = target.strategy;
+                    restored.labels = target.labels.clone();
+                    restored.update = target.update;
+                    self.store.put_workload(&restored)?;
+                    self.workloads.insert(name.clone(), restored);
                 }
             }
             let rec = self.rollouts.get(&name).cloned();
@@ -303,10 +316,14 @@ impl<S: Store> HubCore<S> {
         if let Some(r) = self.rollouts.get_mut(name).and_then(|r| r.rollout.as_mut()) {
             match action {
                 RolloutAction::Pause => r.state = RolloutState::Paused,
-                RolloutAction::Resume => r.state = RolloutState::Progressing,
+                RolloutAction::Resume => {
+                    r.state = RolloutState::Progressing;
+                    r.progress_ms = now_ms();
+                }
                 RolloutAction::Promote => {
                     r.promoted = true;
                     r.state = RolloutState::Progressing;
+                    r.progress_ms = now_ms();
                 }
                 RolloutAction::Undo => {}
             }
@@ -548,13 +565,29 @@ impl<S: Store> HubCore<S> {
                 if w.placement == Placement::Every {
                     continue;
                 }
+                // A rollout spends the same budget: the drain waits for it to finish.
+                if self
+                    .rollouts
+                    .get(&name)
+                    .and_then(|r| r.rollout.as_ref())
+                    .is_some_and(|r| r.active())
+                {
+                    left += 1;
+                    continue;
+                }
+                let wanted = match w.placement {
+                    Placement::Replicas(n) => n,
+                    Placement::Every => 0,
+                };
                 let budget_total = w.update.max_unavailable;
                 let observed = self.observe(&name);
                 let ready = |o: &Observed| o.phase == Phase::Running && o.healthy != Some(false);
-                let unavailable = observed.iter().filter(|o| !ready(o)).count() as u32;
-                let mut budget = budget_total
-                    .of(observed.len() as u32)
-                    .saturating_sub(unavailable);
+                // Unplaced replicas are unavailable too, so a drain with nowhere to go
+                // stops instead of evicting everything.
+                let total = wanted.max(observed.len() as u32);
+                let unavailable = observed.iter().filter(|o| !ready(o)).count() as u32
+                    + total.saturating_sub(observed.len() as u32);
+                let mut budget = budget_total.of(total).saturating_sub(unavailable);
                 let mut evict = Vec::new();
                 for o in observed.iter().filter(|o| o.device == dev) {
                     if !ready(o) {

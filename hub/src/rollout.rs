@@ -60,6 +60,10 @@ pub struct Rollout {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub started_ms: u64,
+    /// Last time the rollout moved (replicas switched, resumed, promoted): the progress
+    /// deadline counts from here, so a paused or steadily progressing rollout does not fail.
+    #[serde(default)]
+    pub progress_ms: u64,
     /// `shoal rollout promote`: go past the canary without waiting.
     #[serde(default)]
     pub promoted: bool,
@@ -75,6 +79,7 @@ impl Rollout {
             state: RolloutState::Progressing,
             reason: None,
             started_ms: now,
+            progress_ms: now,
             promoted: false,
         }
     }
@@ -218,7 +223,9 @@ pub fn step(r: &mut Rollout, target: &Workload, observed: &[Observed], now: u64)
             && matches!(o.phase, Phase::CrashLoopBackOff | Phase::Failed)
             && !r.on_previous(o.replica)
     });
-    let overdue = now.saturating_sub(r.started_ms) > policy.progress_deadline_ms;
+    let since = r.started_ms.max(r.progress_ms);
+    let overdue =
+        r.state != RolloutState::Canary && now.saturating_sub(since) > policy.progress_deadline_ms;
     if failed.is_some() || overdue {
         let reason = match failed {
             Some(o) => format!(
@@ -250,7 +257,11 @@ pub fn step(r: &mut Rollout, target: &Workload, observed: &[Observed], now: u64)
         return Outcome::Changed;
     }
 
-    let total = observed.len() as u32;
+    // Unplaced replicas count as unavailable: the budget is out of the wanted count.
+    let total = match target.placement {
+        shoal_api::workload::Placement::Replicas(n) => n.max(observed.len() as u32),
+        shoal_api::workload::Placement::Every => observed.len() as u32,
+    };
     let ready_set: BTreeSet<u32> = observed
         .iter()
         .filter(|o| ready(o))
@@ -295,17 +306,25 @@ pub fn step(r: &mut Rollout, target: &Workload, observed: &[Observed], now: u64)
     } else {
         usize::MAX
     };
-    let unavailable = total - ready_set.len() as u32;
+    let unavailable = total.saturating_sub(ready_set.len() as u32);
     let mut budget = policy.max_unavailable.of(total).saturating_sub(unavailable);
     let mut picked = Vec::new();
-    // Not-ready old replicas first: replacing them costs nothing.
-    for &i in pending.iter().filter(|i| !ready_set.contains(i)) {
+    // Old replicas their device reports as not ready (starting, crash-looping) first:
+    // replacing them costs nothing. One with no report at all (device silent, hub just
+    // restarted) is not known to be down: it goes through the budget like a ready one.
+    let reported_down = |i: &u32| {
+        !ready_set.contains(i)
+            && observed
+                .iter()
+                .any(|o| o.replica == *i && o.revision.is_some())
+    };
+    for &i in pending.iter().filter(|i| reported_down(i)) {
         if picked.len() >= limit {
             break;
         }
         picked.push(i);
     }
-    for &i in pending.iter().filter(|i| ready_set.contains(i)) {
+    for &i in pending.iter().filter(|i| !reported_down(i)) {
         if picked.len() >= limit || budget == 0 {
             break;
         }
@@ -316,6 +335,7 @@ pub fn step(r: &mut Rollout, target: &Workload, observed: &[Observed], now: u64)
         return Outcome::Unchanged;
     }
     r.updated.extend(picked);
+    r.progress_ms = now;
     Outcome::Changed
 }
 
@@ -510,5 +530,36 @@ mod tests {
         o[0].healthy = Some(true);
         assert_eq!(step(&mut r, &new, &o, 3), Outcome::Changed);
         assert_eq!(r.updated, [0, 1].into());
+    }
+
+    #[test]
+    fn unreported_replicas_are_not_free_to_replace() {
+        // Right after a hub restart nothing has reported yet: the budget still holds.
+        let old = spec("a", 4);
+        let mut new = spec("b", 4);
+        new.update.max_unavailable = Budget::Count(1);
+        let mut r = Rollout::start(&new, old, (0..4).collect(), 0);
+        let mut o = obs(&r, 4, &[]);
+        for x in &mut o {
+            x.revision = None;
+            x.phase = Phase::Pending;
+        }
+        step(&mut r, &new, &o, 1);
+        assert!(r.updated.len() <= 1, "{:?}", r.updated);
+    }
+
+    #[test]
+    fn the_deadline_counts_from_the_last_progress() {
+        let old = spec("a", 2);
+        let mut new = spec("b", 2);
+        new.update.progress_deadline_ms = 1000;
+        new.update.max_unavailable = Budget::Count(1);
+        let mut r = Rollout::start(&new, old, (0..2).collect(), 0);
+        tick(&mut r, &new, 2, 10);
+        // Progress at 10 ms; still progressing at 900 ms and 1,500 ms (progress moved on).
+        tick(&mut r, &new, 2, 900);
+        assert_eq!(r.state, RolloutState::Progressing);
+        assert_eq!(tick(&mut r, &new, 2, 1500), Outcome::Changed);
+        assert_eq!(r.state, RolloutState::Complete);
     }
 }

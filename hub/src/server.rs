@@ -83,6 +83,8 @@ pub enum Event {
     RolloutTick,
 }
 
+const NOT_DURABLE: &str = "the hub could not make the change durable (store flush failed); it retries, check the hub's disk";
+
 /// Bus events handled before one commit (flush, then publish).
 const BATCH: usize = 256;
 
@@ -360,14 +362,15 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     }
 
     /// Flushes the store, then publishes the queued desired states (the newest per device).
-    async fn commit(&mut self) {
+    /// `false` if the store could not be flushed: nothing is published then (the queue is
+    /// kept for the next commit), and whoever asked must not be told it worked.
+    async fn commit(&mut self) -> bool {
         // Always flush: an accepted apply is acknowledged right after, even when it changes
         // no device (sled's flush is cheap when nothing is dirty).
         if let Err(e) = self.core.flush() {
             // Not durable: do not tell devices (they would act on state a crash could lose).
-            warn!(error = %e, "cannot flush the hub store; desired states not published");
-            self.outbox.clear();
-            return;
+            warn!(error = %e, "cannot flush the hub store; desired states held back");
+            return false;
         }
         let mut newest: std::collections::BTreeMap<DeviceId, DesiredState> =
             std::collections::BTreeMap::new();
@@ -380,6 +383,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             }
         }
         self.send_desired(newest.into_values().collect()).await;
+        true
     }
 
     /// Queues desired states for the next commit (bus events, handled in batches).
@@ -387,10 +391,11 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         self.outbox.extend(states);
     }
 
-    /// Queues desired states and commits at once (requests answered right after).
-    async fn publish_desired(&mut self, states: Vec<DesiredState>) {
+    /// Queues desired states and commits at once (requests answered right after);
+    /// `false`: not durable, see [`MainLoop::commit`].
+    async fn publish_desired(&mut self, states: Vec<DesiredState>) -> bool {
         self.queue(states);
-        self.commit().await;
+        self.commit().await
     }
 
     async fn handle(&mut self, event: Event) {
@@ -418,7 +423,9 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             }
             Event::Tick => {
                 match self.core.check_lost(now_ms(), self.grace_ms) {
-                    Ok(publish) => self.publish_desired(publish).await,
+                    Ok(publish) => {
+                        self.publish_desired(publish).await;
+                    }
                     Err(e) => warn!(error = %e, "cannot persist rescheduling of lost devices"),
                 }
                 // Readiness periods and deadlines pass with time, not only with reports.
@@ -520,8 +527,11 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     ) -> Result<(), (bool, String)> {
         match r {
             Ok(Ok(publish)) => {
-                self.publish_desired(publish).await;
-                Ok(())
+                if self.publish_desired(publish).await {
+                    Ok(())
+                } else {
+                    Err((true, NOT_DURABLE.to_string()))
+                }
             }
             Ok(Err(why)) => Err((false, why)),
             Err(e) => Err((true, e.to_string())),
@@ -531,12 +541,16 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     /// Steps rollouts and drains on what devices reported.
     async fn advance_rollouts(&mut self) {
         match self.core.advance_rollouts(now_ms()) {
-            Ok(publish) => self.publish_desired(publish).await,
+            Ok(publish) => {
+                self.publish_desired(publish).await;
+            }
             Err(e) => warn!(error = %e, "cannot persist rollout progress"),
         }
         if self.core.draining() {
             match self.core.advance_drains() {
-                Ok(publish) => self.publish_desired(publish).await,
+                Ok(publish) => {
+                    self.publish_desired(publish).await;
+                }
                 Err(e) => warn!(error = %e, "cannot persist drain progress"),
             }
         }
@@ -554,8 +568,11 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             Request::Delete { name, reply } => {
                 let r = match self.core.delete(&name) {
                     Ok(Some(publish)) => {
-                        self.publish_desired(publish).await;
-                        Ok(true)
+                        if self.publish_desired(publish).await {
+                            Ok(true)
+                        } else {
+                            Err(NOT_DURABLE.to_string())
+                        }
                     }
                     Ok(None) => Ok(false),
                     Err(e) => Err(e.to_string()),
@@ -601,8 +618,11 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 };
                 let r = match r {
                     Ok(Some(publish)) => {
-                        self.publish_desired(publish).await;
-                        Ok(true)
+                        if self.publish_desired(publish).await {
+                            Ok(true)
+                        } else {
+                            Err(NOT_DURABLE.to_string())
+                        }
                     }
                     Ok(None) => Ok(false),
                     Err(e) => Err(e.to_string()),
@@ -637,13 +657,20 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                         } else {
                             match self.core.apply(workloads) {
                                 Ok((outcome, publish)) => {
-                                    self.publish_desired(publish).await;
-                                    ApplyResult {
-                                        protocol: shoal_api::PROTOCOL_VERSION,
-                                        request_id: req.clone(),
-                                        accepted: true,
-                                        workloads: outcome,
-                                        errors: Vec::new(),
+                                    if self.publish_desired(publish).await {
+                                        ApplyResult {
+                                            protocol: shoal_api::PROTOCOL_VERSION,
+                                            request_id: req.clone(),
+                                            accepted: true,
+                                            workloads: outcome,
+                                            errors: Vec::new(),
+                                        }
+                                    } else {
+                                        reject(vec![ManifestError {
+                                            document: 0,
+                                            workload: None,
+                                            message: NOT_DURABLE.to_string(),
+                                        }])
                                     }
                                 }
                                 Err(e) => reject(vec![ManifestError {
