@@ -6,10 +6,13 @@
 //! - A rollout starts when a stored workload gets a new revision. Replicas that existed then
 //!   (`old`) keep the previous spec until they are picked; replicas placed later start on the
 //!   new one.
-//! - Each step replaces old replicas in index order: first those that are not ready anyway
-//!   (replacing them costs no availability), then ready ones while fewer than
-//!   `maxUnavailable` replicas are unavailable. A replica is ready when it reports the
-//!   revision it should run, `Running`, for at least `minReadySeconds`.
+//! - Each step replaces old replicas in index order: first those their device reports as not
+//!   ready (replacing them costs no availability), then the others while fewer than
+//!   `maxUnavailable` of the wanted replicas (unplaced ones included) are unavailable. A
+//!   replica nobody has reported on (a hub that just restarted) is not assumed down. A
+//!   replica is ready when it reports the revision it should run, `Running` (and healthy,
+//!   with a probe), for at least `minReadySeconds`.
+//! - The progress deadline counts from the rollout's last progress, not its start.
 //! - With `canary: N`, after N replicas are updated the rollout waits until they are all
 //!   ready (or `shoal rollout promote`).
 //! - An updated replica that fails (`CrashLoopBackOff`, `Failed`), or a rollout that misses
