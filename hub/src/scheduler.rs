@@ -284,8 +284,17 @@ fn place_replicas(
         pools.entry(dom).or_default().push(c);
     }
     let keep = count + 8;
-    let mut heaps: BTreeMap<&str, (BinaryHeap<Candidate<'_>>, Vec<Candidate<'_>>)> =
-        BTreeMap::new();
+    // Per domain: the heap, the spare candidates, and the best spare key (the heap must not
+    // serve an entry worse than it: re-pushed entries get worse as devices fill).
+    type Key<'a> = (u32, i128, &'a DeviceId);
+    let mut heaps: BTreeMap<
+        &str,
+        (
+            BinaryHeap<Candidate<'_>>,
+            Vec<Candidate<'_>>,
+            Option<Key<'_>>,
+        ),
+    > = BTreeMap::new();
     for (dom, mut pool) in pools {
         domain_count.entry(dom).or_default();
         let spare = if pool.len() > keep {
@@ -294,24 +303,31 @@ fn place_replicas(
         } else {
             Vec::new()
         };
-        heaps.insert(dom, (BinaryHeap::from(pool), spare));
+        let best = spare.iter().map(|c| c.key()).min();
+        heaps.insert(dom, (BinaryHeap::from(pool), spare, best));
     }
     let mut chosen = Vec::with_capacity(count);
     while chosen.len() < count {
         // The domain with the fewest replicas (then name) that still has a candidate.
         let Some(dom) = heaps
             .iter()
-            .filter(|(_, (h, spare))| !h.is_empty() || !spare.is_empty())
+            .filter(|(_, (h, spare, _))| !h.is_empty() || !spare.is_empty())
             .map(|(d, _)| *d)
             .min_by_key(|d| (domain_count.get(d).copied().unwrap_or(0), *d))
         else {
             break;
         };
-        let Some((heap, spare)) = heaps.get_mut(dom) else {
+        let Some((heap, spare, spare_best)) = heaps.get_mut(dom) else {
             break;
         };
-        if heap.is_empty() {
+        let top_worse = match (heap.peek(), *spare_best) {
+            (None, _) => true,
+            (Some(top), Some(best)) => top.key() > best,
+            (Some(_), None) => false,
+        };
+        if top_worse && !spare.is_empty() {
             heap.extend(std::mem::take(spare));
+            *spare_best = None;
         }
         let Some(c) = heap.pop() else { continue };
         let i = c.device;
@@ -356,9 +372,9 @@ fn candidate<'a>(
     }
 }
 
-impl Candidate<'_> {
+impl<'a> Candidate<'a> {
     /// Smaller is better.
-    fn key(&self) -> (u32, i128, &DeviceId) {
+    fn key(&self) -> (u32, i128, &'a DeviceId) {
         if self.binpack {
             (0, i128::from(self.free_memory), self.id)
         } else {
@@ -753,6 +769,25 @@ mod tests {
             &Assignments::new(),
         );
         assert_eq!(devices_of(&s, "w"), ["small", "small", "small"]);
+    }
+
+    #[test]
+    fn spread_holds_when_the_best_candidates_are_full() {
+        // 20 devices; the 9 with the most memory take nothing (replica limit 0). Two
+        // replicas must still land on two different devices.
+        let devices: Vec<DeviceView> = (0..20)
+            .map(|i| {
+                let mut d = dev(&format!("d{i:02}"), &[], 1000 - i as u64);
+                d.max_replicas = (i < 9).then_some(0);
+                d
+            })
+            .collect();
+        let s = schedule(
+            &devices,
+            &[wl("w", Placement::Replicas(2), &[], 16)],
+            &Assignments::new(),
+        );
+        assert_eq!(devices_of(&s, "w"), ["d09", "d10"]);
     }
 
     #[test]
