@@ -286,15 +286,7 @@ fn place_replicas(
     let keep = count + 8;
     // Per domain: the heap, the spare candidates, and the best spare key (the heap must not
     // serve an entry worse than it: re-pushed entries get worse as devices fill).
-    type Key<'a> = (u32, i128, &'a DeviceId);
-    let mut heaps: BTreeMap<
-        &str,
-        (
-            BinaryHeap<Candidate<'_>>,
-            Vec<Candidate<'_>>,
-            Option<Key<'_>>,
-        ),
-    > = BTreeMap::new();
+    let mut heaps: BTreeMap<&str, DomainHeap<'_>> = BTreeMap::new();
     for (dom, mut pool) in pools {
         domain_count.entry(dom).or_default();
         let spare = if pool.len() > keep {
@@ -347,6 +339,16 @@ fn place_replicas(
     chosen
 }
 
+/// A candidate's sort key (smaller is better).
+type Key<'a> = (u32, i128, &'a DeviceId);
+
+/// One topology domain's candidates: the heap, the spare ones, and the best spare key.
+type DomainHeap<'a> = (
+    BinaryHeap<Candidate<'a>>,
+    Vec<Candidate<'a>>,
+    Option<Key<'a>>,
+);
+
 /// A device as a heap entry: the greatest entry is the best device.
 struct Candidate<'a> {
     device: usize,
@@ -374,7 +376,7 @@ fn candidate<'a>(
 
 impl<'a> Candidate<'a> {
     /// Smaller is better.
-    fn key(&self) -> (u32, i128, &'a DeviceId) {
+    fn key(&self) -> Key<'a> {
         if self.binpack {
             (0, i128::from(self.free_memory), self.id)
         } else {
