@@ -303,11 +303,12 @@ fn is_loopback_host(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
+/// Loopback, or the wildcard address (a broker bound to it is on this host too).
 fn is_local_host(host: &str) -> bool {
-    host == "localhost"
+    is_loopback_host(host)
         || host
             .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified())
+            .is_ok_and(|ip| ip.is_unspecified())
 }
 
 struct MainLoop<S: Store, B: Bus> {
@@ -520,6 +521,22 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         }
     }
 
+    /// Publishes what a delete or device action changed: `Ok(false)` when its target does
+    /// not exist, `Err` when it could not be stored or made durable.
+    async fn published(
+        &mut self,
+        r: Result<Option<Vec<DesiredState>>, crate::store::StoreError>,
+    ) -> Result<bool, String> {
+        match r {
+            Ok(Some(publish)) => match self.publish_desired(publish).await {
+                true => Ok(true),
+                false => Err(NOT_DURABLE.to_string()),
+            },
+            Ok(None) => Ok(false),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// Publishes what an operator command changed; `Err((server fault, message))`.
     async fn command(
         &mut self,
@@ -566,17 +583,8 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 let _ = reply.send(result);
             }
             Request::Delete { name, reply } => {
-                let r = match self.core.delete(&name) {
-                    Ok(Some(publish)) => {
-                        if self.publish_desired(publish).await {
-                            Ok(true)
-                        } else {
-                            Err(NOT_DURABLE.to_string())
-                        }
-                    }
-                    Ok(None) => Ok(false),
-                    Err(e) => Err(e.to_string()),
-                };
+                let done = self.core.delete(&name);
+                let r = self.published(done).await;
                 let _ = reply.send(r);
             }
             Request::RefreshMetrics { reply } => {
@@ -616,17 +624,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     DeviceAction::Uncordon => self.core.cordon(&id, false),
                     DeviceAction::Drain => self.core.drain(&id),
                 };
-                let r = match r {
-                    Ok(Some(publish)) => {
-                        if self.publish_desired(publish).await {
-                            Ok(true)
-                        } else {
-                            Err(NOT_DURABLE.to_string())
-                        }
-                    }
-                    Ok(None) => Ok(false),
-                    Err(e) => Err(e.to_string()),
-                };
+                let r = self.published(r).await;
                 let _ = reply.send(r);
             }
         }

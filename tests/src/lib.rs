@@ -455,3 +455,26 @@ pub fn http_get(port: u16, path: &str) -> Result<String> {
     s.read_to_string(&mut body)?;
     Ok(body)
 }
+
+/// The `p` quantile (0–1) of sorted samples, nearest rank.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// (total RSS, anonymous, file-backed) of a process, in KiB.
+pub fn rss_kib(pid: u32) -> Result<(u64, u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> Result<u64> {
+        let line = s
+            .lines()
+            .find(|l| l.starts_with(name))
+            .with_context(|| format!("no {name}"))?;
+        Ok(line
+            .split_whitespace()
+            .nth(1)
+            .context("bad status line")?
+            .parse()?)
+    };
+    Ok((field("VmRSS:")?, field("RssAnon:")?, field("RssFile:")?))
+}

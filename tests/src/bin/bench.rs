@@ -8,32 +8,10 @@
 //! - agent idle RSS with the engine loaded, and release binary sizes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use shoal_e2e::*;
 use std::time::{Duration, Instant};
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-/// (total RSS, anonymous, file-backed) in KiB.
-fn rss_kib(pid: u32) -> Result<(u64, u64, u64)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> Result<u64> {
-        let line = s
-            .lines()
-            .find(|l| l.starts_with(name))
-            .with_context(|| format!("no {name}"))?;
-        Ok(line
-            .split_whitespace()
-            .nth(1)
-            .context("bad status line")?
-            .parse()?)
-    };
-    Ok((field("VmRSS:")?, field("RssAnon:")?, field("RssFile:")?))
-}
 
 fn mib((total, anon, file): (u64, u64, u64)) -> String {
     format!(

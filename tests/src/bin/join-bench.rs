@@ -89,11 +89,6 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 /// Starts a fresh agent in namespace 1; returns the milliseconds until the hub lists it and
 /// the agent's RSS (KiB) half a second later.
 fn join_once(
@@ -127,11 +122,7 @@ fn join_once(
     anyhow::ensure!(line == "online", "watcher said {line:?}");
     let _ = watcher.wait();
     std::thread::sleep(Duration::from_millis(500));
-    let rss = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .context("no VmRSS")?;
+    let rss = rss_kib(agent.pid())?.0 as f64;
     agent.terminate(Duration::from_secs(5))?;
     let log = agent.log_text();
     let at = |needle: &str| {

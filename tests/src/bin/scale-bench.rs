@@ -17,17 +17,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
-}
-
 fn manifest(args: &str) -> String {
     format!(
         r#"apiVersion: shoal.dev/v1
@@ -101,7 +90,7 @@ fn main() -> Result<()> {
     let cpu = (cpu_seconds(pid)? - cpu0) / t0.elapsed().as_secs_f64();
     let rate =
         (stats.statuses_sent.load(Ordering::Relaxed) - sent0) as f64 / t0.elapsed().as_secs_f64();
-    let rss = rss_mib(pid);
+    let rss = rss_kib(pid)?.0 as f64 / 1024.0;
 
     // First placement (baseline), then a rollout of a new revision.
     let t = Instant::now();
