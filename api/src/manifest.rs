@@ -150,10 +150,12 @@ pub struct TcpSocket {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Update {
     /// Replicas that may be unavailable during a rollout: a count (`1`) or a percentage
-    /// (`"25%"`, rounded down, at least 1). Default 25%.
+    /// (`"25%"`, rounded down). Default 25%. At least 1 unless `maxSurge` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_unavailable: Option<serde_json::Value>,
-    /// Extra replicas during a rollout; only `0` for now (replicas are replaced in place).
+    /// Extra replicas a rollout may start before stopping old ones: a count or a percentage
+    /// (rounded up). Default 0: replicas are replaced in place, within `maxUnavailable`.
+    /// Only for `replicas` placement.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_surge: Option<serde_json::Value>,
     /// Update this many replicas first, and go on only once they are ready (or promoted).

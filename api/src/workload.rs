@@ -94,7 +94,7 @@ pub struct Port {
     pub expose: Expose,
 }
 
-/// `maxUnavailable`: a count or a percentage of the replicas.
+/// `maxUnavailable` or `maxSurge`: a count or a percentage of the replicas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Budget {
@@ -103,15 +103,36 @@ pub enum Budget {
 }
 
 impl Budget {
-    /// Replicas that may be unavailable out of `total`: percentages round down, and at least
-    /// one is always allowed (replicas are replaced in place, so zero would never progress).
+    /// Replicas that may be unavailable out of `total` when nothing surges: percentages
+    /// round down, and at least one is always allowed (replicas are then replaced in place,
+    /// so zero would never progress). Drains use it too.
     pub fn of(self, total: u32) -> u32 {
-        let n = match self {
+        self.floor(total).max(1)
+    }
+
+    /// The budget out of `total`, percentages rounded down.
+    pub fn floor(self, total: u32) -> u32 {
+        match self {
             Budget::Count(n) => n,
             Budget::Percent(p) => total.saturating_mul(p) / 100,
-        };
-        n.max(1)
+        }
     }
+
+    /// The budget out of `total`, percentages rounded up (as Kubernetes rounds `maxSurge`).
+    pub fn ceil(self, total: u32) -> u32 {
+        match self {
+            Budget::Count(n) => n,
+            Budget::Percent(p) => total.saturating_mul(p).div_ceil(100),
+        }
+    }
+
+    fn is_zero(&self) -> bool {
+        matches!(self, Budget::Count(0) | Budget::Percent(0))
+    }
+}
+
+fn no_surge() -> Budget {
+    Budget::Count(0)
 }
 
 /// How a new revision replaces the old one (`spec.update`).
@@ -119,16 +140,37 @@ impl Budget {
 #[serde(rename_all = "camelCase")]
 pub struct UpdatePolicy {
     pub max_unavailable: Budget,
+    /// Extra replicas a rollout may start before it stops old ones; `0`: replace in place.
+    #[serde(default = "no_surge")]
+    pub max_surge: Budget,
     pub canary: u32,
     pub auto_rollback: bool,
     pub min_ready_ms: u64,
     pub progress_deadline_ms: u64,
 }
 
+impl UpdatePolicy {
+    /// Extra replicas allowed out of `total` wanted (percentages round up).
+    pub fn surge(&self, total: u32) -> u32 {
+        self.max_surge.ceil(total)
+    }
+
+    /// Replicas that may be unavailable out of `total` wanted. With a surge it may be 0
+    /// (new replicas start before old ones stop); without, it is at least 1.
+    pub fn unavailable(&self, total: u32) -> u32 {
+        if self.surge(total) > 0 {
+            self.max_unavailable.floor(total)
+        } else {
+            self.max_unavailable.of(total)
+        }
+    }
+}
+
 impl Default for UpdatePolicy {
     fn default() -> Self {
         Self {
             max_unavailable: Budget::Percent(25),
+            max_surge: no_surge(),
             canary: 0,
             auto_rollback: false,
             min_ready_ms: 0,
@@ -357,6 +399,12 @@ impl TryFrom<WorkloadManifest> for Workload {
 
         let restart = restart(spec.restart.unwrap_or_default(), &mut errs);
         let update = update(spec.update.unwrap_or_default(), &mut errs);
+        if placement == Some(Placement::Every) && !update.max_surge.is_zero() {
+            errs.push(
+                "spec.update.maxSurge is invalid with placement \"every\": each device runs one replica, which is replaced in place"
+                    .to_string(),
+            );
+        }
         let health = spec.health.and_then(|h| health(h, &mut errs));
         let ports = ports(name.as_ref(), spec.ports, &mut errs);
         let uses = uses(spec.uses, &mut errs);
@@ -588,34 +636,45 @@ fn health(h: crate::manifest::Health, errs: &mut Vec<String>) -> Option<Health> 
     })
 }
 
+/// A count (`1`) or a percentage (`"25%"`, at most 100).
+fn budget(v: &serde_json::Value) -> Option<Budget> {
+    match v {
+        serde_json::Value::Number(n) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .map(Budget::Count),
+        serde_json::Value::String(s) => s
+            .strip_suffix('%')
+            .and_then(|n| n.parse::<u32>().ok())
+            .filter(|n| *n <= 100)
+            .map(Budget::Percent),
+        _ => None,
+    }
+}
+
 fn update(u: crate::manifest::Update, errs: &mut Vec<String>) -> UpdatePolicy {
     let mut p = UpdatePolicy::default();
     if let Some(v) = &u.max_unavailable {
-        let parsed = match v {
-            serde_json::Value::Number(n) => n
-                .as_u64()
-                .and_then(|n| u32::try_from(n).ok())
-                .map(Budget::Count),
-            serde_json::Value::String(s) => s
-                .strip_suffix('%')
-                .and_then(|n| n.parse::<u32>().ok())
-                .filter(|n| *n <= 100)
-                .map(Budget::Percent),
-            _ => None,
-        };
-        match parsed {
+        match budget(v) {
             Some(b) => p.max_unavailable = b,
             None => errs.push(format!(
                 "spec.update.maxUnavailable {v} is invalid: expected a count (1) or a percentage (\"25%\")"
             )),
         }
     }
-    match &u.max_surge {
-        None => {}
-        Some(v) if v.as_u64() == Some(0) || v.as_str() == Some("0%") => {}
-        Some(v) => errs.push(format!(
-            "spec.update.maxSurge {v} is not supported yet: replicas are replaced in place, within maxUnavailable"
-        )),
+    if let Some(v) = &u.max_surge {
+        match budget(v) {
+            Some(b) => p.max_surge = b,
+            None => errs.push(format!(
+                "spec.update.maxSurge {v} is invalid: expected a count (1) or a percentage (\"25%\")"
+            )),
+        }
+    }
+    if u.max_unavailable.is_some() && p.max_unavailable.is_zero() && p.max_surge.is_zero() {
+        errs.push(
+            "spec.update: maxUnavailable and maxSurge are both 0: a rollout could never replace a replica; allow one of them"
+                .to_string(),
+        );
     }
     p.canary = u.canary.unwrap_or(0);
     p.auto_rollback = u.auto_rollback.unwrap_or(false);

@@ -684,8 +684,20 @@ async fn rollout(
         print!("{t}");
         return Ok(());
     }
-    // Status: one line per change until the rollout ends (kubectl rollout status).
+    // Status until the rollout ends (kubectl rollout status): a live bar on a terminal,
+    // otherwise one line per change (for logs and scripts). The last line always goes to
+    // stdout.
     let deadline = tokio::time::Instant::now() + timeout;
+    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let style = indicatif::ProgressStyle::with_template(
+            "{spinner} {prefix} [{bar:30}] {pos}/{len} updated {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("#>.");
+        let bar = indicatif::ProgressBar::new(0).with_style(style);
+        bar.enable_steady_tick(Duration::from_millis(120));
+        bar
+    });
     let mut last = String::new();
     loop {
         let w: WorkloadView = hub.get(&path).await?;
@@ -696,21 +708,33 @@ async fn rollout(
             );
             return Ok(());
         };
-        let bar = progress_bar(r.updated, r.total, 20);
+        let reason = r.reason.map(|x| format!(" ({x})")).unwrap_or_default();
         let line = format!(
-            "workload/{workload} revision {}: {} {bar} {}/{} updated, {}/{} ready{}",
+            "workload/{workload} revision {}: {} {} {}/{} updated, {}/{} ready{reason}",
             r.revision,
             r.state,
+            progress_bar(r.updated, r.total, 20),
             r.updated,
             r.total,
             w.ready,
             w.desired,
-            r.reason.map(|x| format!(" ({x})")).unwrap_or_default()
         );
-        if line != last {
-            println!("{line}");
-            last = line;
+        let finished = matches!(r.state.as_str(), "Complete" | "Failed" | "RolledBack");
+        match &bar {
+            Some(bar) => {
+                bar.set_prefix(format!("workload/{workload} {} {}", r.revision, r.state));
+                bar.set_length(u64::from(r.total));
+                bar.set_position(u64::from(r.updated));
+                bar.set_message(format!("{}/{} ready{reason}", w.ready, w.desired));
+                if finished || no_wait {
+                    bar.finish_and_clear();
+                    println!("{line}");
+                }
+            }
+            None if line != last => println!("{line}"),
+            None => {}
         }
+        last = line;
         match r.state.as_str() {
             "Complete" => return Ok(()),
             "Failed" | "RolledBack" => bail!("rollout of {workload} did not complete"),
@@ -718,6 +742,9 @@ async fn rollout(
             _ => {}
         }
         if tokio::time::Instant::now() >= deadline {
+            if let Some(bar) = &bar {
+                bar.abandon();
+            }
             bail!("rollout of {workload} still {} after {timeout:?}", r.state);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -87,6 +87,80 @@ impl Bus for MqttBus {
     }
 }
 
+/// Events waiting for the main loop while its channel is full. A device's hello, presence
+/// and status each carry its whole current state, so only the newest per topic is kept (a
+/// join burst or a slow main loop cannot grow it past three entries per device); applies and
+/// connection events are all kept, in order. Written by hand: it is a queue with one twist,
+/// which no queue crate offers.
+#[derive(Debug, Default)]
+struct Backlog {
+    queue: std::collections::VecDeque<(u64, BusEvent)>,
+    /// Per coalescing topic: the sequence number of its newest entry in `queue`.
+    newest: std::collections::HashMap<String, u64>,
+    next: u64,
+    /// Entries in `queue` that are not superseded.
+    live: usize,
+}
+
+impl Backlog {
+    /// The topic to coalesce on, for device state messages.
+    fn key(e: &BusEvent) -> Option<&str> {
+        match e {
+            BusEvent::Message { topic, .. } => match topics::classify(topic) {
+                Some(
+                    topics::Inbound::Hello(_)
+                    | topics::Inbound::Presence(_)
+                    | topics::Inbound::Status(_),
+                ) => Some(topic),
+                _ => None,
+            },
+            BusEvent::Connected => None,
+        }
+    }
+
+    fn push(&mut self, e: BusEvent) {
+        let seq = self.next;
+        self.next += 1;
+        let superseded = match Self::key(&e) {
+            Some(topic) => self.newest.insert(topic.to_string(), seq).is_some(),
+            None => false,
+        };
+        if !superseded {
+            self.live += 1;
+        }
+        self.queue.push_back((seq, e));
+        // Superseded entries are skipped when popped; drop them early once they dominate,
+        // so memory follows the live entries.
+        if self.queue.len() > 2 * self.live + 64 {
+            let newest = &self.newest;
+            self.queue.retain(|(seq, e)| match Self::key(e) {
+                Some(topic) => newest.get(topic) == Some(seq),
+                None => true,
+            });
+        }
+    }
+
+    fn pop(&mut self) -> Option<BusEvent> {
+        while let Some((seq, e)) = self.queue.pop_front() {
+            match Self::key(&e) {
+                Some(topic) if self.newest.get(topic) != Some(&seq) => continue,
+                Some(topic) => {
+                    let topic = topic.to_string();
+                    self.newest.remove(&topic);
+                }
+                None => {}
+            }
+            self.live -= 1;
+            return Some(e);
+        }
+        None
+    }
+
+    fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+}
+
 /// Connects to `broker` and spawns the event loop task; events go to `tx`.
 pub fn connect(
     broker: &BrokerUrl,
@@ -111,12 +185,12 @@ pub fn connect(
         // while the main loop is busy: it carries the hub's own publishes (the main loop may
         // be waiting on one, which would deadlock on a full channel) and the keep-alive (a
         // broker drops a client that misses it).
-        let mut backlog: std::collections::VecDeque<BusEvent> = std::collections::VecDeque::new();
+        let mut backlog = Backlog::default();
         loop {
             let ev = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 permit = tx.reserve(), if !backlog.is_empty() => {
-                    match (permit, backlog.pop_front()) {
+                    match (permit, backlog.pop()) {
                         (Ok(p), Some(e)) => p.send(e),
                         (Err(_), _) => break,
                         (Ok(_), None) => {}
@@ -127,13 +201,13 @@ pub fn connect(
             };
             let mut forward = |e: BusEvent| -> bool {
                 if !backlog.is_empty() {
-                    backlog.push_back(e);
+                    backlog.push(e);
                     return true;
                 }
                 match tx.try_send(e) {
                     Ok(()) => true,
                     Err(mpsc::error::TrySendError::Full(e)) => {
-                        backlog.push_back(e);
+                        backlog.push(e);
                         true
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -192,4 +266,68 @@ pub fn connect(
         let _ = sub.try_disconnect();
     });
     MqttBus { client }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(topic: &str, payload: &str) -> BusEvent {
+        BusEvent::Message {
+            topic: topic.to_string(),
+            payload: Bytes::from(payload.to_string()),
+            response_topic: None,
+            correlation: None,
+        }
+    }
+
+    fn drain(b: &mut Backlog) -> Vec<String> {
+        std::iter::from_fn(|| b.pop())
+            .map(|e| match e {
+                BusEvent::Connected => "connected".to_string(),
+                BusEvent::Message { topic, payload, .. } => {
+                    format!("{topic}={}", String::from_utf8_lossy(&payload))
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn device_state_coalesces_to_the_newest_and_applies_never_do() {
+        let mut b = Backlog::default();
+        let status = "shoal/v1/devices/d1/status";
+        b.push(msg(status, "1"));
+        b.push(msg(topics::APPLY, "a"));
+        b.push(msg("shoal/v1/devices/d1/presence", "online"));
+        b.push(msg(status, "2"));
+        b.push(msg(topics::APPLY, "b"));
+        b.push(BusEvent::Connected);
+        b.push(msg(status, "3"));
+        b.push(msg("shoal/v1/devices/d2/status", "x"));
+        assert!(!b.is_empty());
+        assert_eq!(
+            drain(&mut b),
+            [
+                "shoal/v1/apply=a",
+                "shoal/v1/devices/d1/presence=online",
+                "shoal/v1/apply=b",
+                "connected",
+                "shoal/v1/devices/d1/status=3",
+                "shoal/v1/devices/d2/status=x",
+            ]
+        );
+        assert!(b.is_empty());
+        // Superseded entries do not count: a status storm leaves one live entry.
+        for i in 0..1000 {
+            b.push(msg(status, &i.to_string()));
+        }
+        assert_eq!(b.live, 1);
+        assert!(
+            b.queue.len() <= 66,
+            "superseded entries dropped: {}",
+            b.queue.len()
+        );
+        assert_eq!(drain(&mut b), [format!("{status}=999")]);
+        assert!(b.is_empty() && b.queue.is_empty());
+    }
 }

@@ -77,11 +77,7 @@ impl<S: Store> HubCore<S> {
             rollouts: snap.rollouts,
         };
         // Recompute pending reasons; assignments are stable, so this changes nothing placed.
-        core.schedule = scheduler::schedule(
-            &core.sched_devices(),
-            &core.workload_list(),
-            &core.schedule.assignments,
-        );
+        core.schedule = core.place();
         Ok(core)
     }
 
@@ -141,21 +137,26 @@ impl<S: Store> HubCore<S> {
         let old = self.workloads.get(&w.name);
         match old {
             Some(old) if old.revision() != w.revision() => {
-                let placed: BTreeSet<u32> = self
-                    .schedule
-                    .assignments
-                    .get(&w.name)
-                    .map(|m| m.keys().copied().collect())
-                    .unwrap_or_default();
                 // Mid-rollout, the last good revision is the one it started from.
                 // A failed one (without rollback) too: its replicas not yet switched still
                 // run the last good revision.
-                let stable = match &rec.rollout {
-                    Some(r) if r.active() || r.state == RolloutState::Failed => {
-                        r.previous.clone().unwrap_or_else(|| old.clone())
-                    }
-                    _ => old.clone(),
-                };
+                let unfinished = rec
+                    .rollout
+                    .as_ref()
+                    .filter(|r| r.active() || r.state == RolloutState::Failed);
+                let stable = unfinished
+                    .and_then(|r| r.previous.clone())
+                    .unwrap_or_else(|| old.clone());
+                // Each placed replica keeps the spec it runs until the new rollout replaces
+                // it: a replica already updated by an unfinished rollout does not go back.
+                let placed: Vec<(u32, &Workload)> = self
+                    .schedule
+                    .assignments
+                    .get(&w.name)
+                    .into_iter()
+                    .flat_map(|m| m.keys())
+                    .map(|&i| (i, unfinished.and_then(|r| r.spec_of(i)).unwrap_or(old)))
+                    .collect();
                 if placed.is_empty() {
                     rec.rollout = None;
                     rec.push(w, now, "complete");
@@ -206,8 +207,17 @@ impl<S: Store> HubCore<S> {
                 continue;
             }
             let (state, rev, reason) = (r.state, r.revision.clone(), r.reason.clone());
-            let updated = r.updated.len();
+            let old = r.running.len();
+            let retire = std::mem::take(&mut r.retire);
             rec.rollout = Some(r);
+            if !retire.is_empty() {
+                if let Some(placed) = self.schedule.assignments.get_mut(&name) {
+                    for i in &retire {
+                        placed.remove(i);
+                    }
+                }
+                info!(replicas = ?retire, "old replicas retired");
+            }
             match outcome {
                 Outcome::Unchanged => {}
                 Outcome::Changed => {
@@ -219,7 +229,7 @@ impl<S: Store> HubCore<S> {
                         ),
                         _ => {}
                     }
-                    info!(%state, updated, reason = reason.as_deref().unwrap_or(""), "rollout step");
+                    info!(%state, old, reason = reason.as_deref().unwrap_or(""), "rollout step");
                 }
                 Outcome::RollBack { previous, reason } => {
                     rec.finish(&rev, &format!("rolled back: {reason}"));
@@ -660,16 +670,60 @@ impl<S: Store> HubCore<S> {
             .collect()
     }
 
-    /// Re-runs placement and returns the desired states that changed (already persisted, with
-    /// bumped generations).
-    fn reconcile(&mut self) -> Result<Vec<DesiredState>, StoreError> {
-        let next = scheduler::schedule(
+    /// Runs the scheduler over the current state, rollouts in progress included.
+    fn place(&self) -> Schedule {
+        let inflight: std::collections::HashMap<&WorkloadName, scheduler::InFlight<'_>> = self
+            .rollouts
+            .iter()
+            .filter_map(|(name, rec)| {
+                let r = rec.rollout.as_ref()?;
+                let earlier: BTreeMap<u32, &Workload> = r
+                    .running
+                    .keys()
+                    .filter_map(|&i| Some((i, r.spec_of(i)?)))
+                    .collect();
+                (!earlier.is_empty() || r.extra() > 0).then_some((
+                    name,
+                    scheduler::InFlight {
+                        earlier,
+                        surge: r.extra(),
+                    },
+                ))
+            })
+            .collect();
+        scheduler::schedule_with(
             &self.sched_devices(),
             &self.workload_list(),
             &self.schedule.assignments,
-        );
+            &inflight,
+        )
+    }
+
+    /// Re-runs placement and returns the desired states that changed (already persisted, with
+    /// bumped generations).
+    fn reconcile(&mut self) -> Result<Vec<DesiredState>, StoreError> {
+        let next = self.place();
         if next.assignments != self.schedule.assignments {
             self.store.put_assignments(&next.assignments)?;
+            // A replica that moved or went away no longer runs its earlier spec: it starts
+            // afresh on the new revision.
+            for (name, rec) in self.rollouts.iter_mut() {
+                let Some(r) = rec.rollout.as_mut() else {
+                    continue;
+                };
+                let (before, after) = (
+                    self.schedule.assignments.get(name),
+                    next.assignments.get(name),
+                );
+                let old = r.running.len();
+                r.keep_only(|i| {
+                    let dev = after.and_then(|m| m.get(&i));
+                    dev.is_some() && dev == before.and_then(|m| m.get(&i))
+                });
+                if r.running.len() != old {
+                    self.store.put_rollout(name, Some(rec))?;
+                }
+            }
         }
         for (w, p) in &next.pending {
             if self.schedule.pending.get(w) != Some(p) {
@@ -685,10 +739,7 @@ impl<S: Store> HubCore<S> {
             };
             let rollout = self.rollouts.get(name).and_then(|r| r.rollout.as_ref());
             for (&replica, dev) in replicas {
-                let spec = match rollout {
-                    Some(r) if r.on_previous(replica) => r.previous.as_ref().unwrap_or(w),
-                    _ => w,
-                };
+                let spec = rollout.and_then(|r| r.spec_of(replica)).unwrap_or(w);
                 if let Some(dw) = DesiredWorkload::from_workload(spec, replica) {
                     per_device.entry(dev.clone()).or_default().push(dw);
                 }
@@ -820,9 +871,16 @@ impl<S: Store> HubCore<S> {
             .cloned()
             .unwrap_or_default();
         let pending = self.schedule.pending.get(&w.name);
+        let rollout = self.rollouts.get(&w.name).and_then(|r| r.rollout.as_ref());
+        // Mid-rollout, a replica not yet replaced is expected on its earlier revision.
         let mut replicas: Vec<ReplicaView> = placed
             .iter()
-            .map(|(&replica, dev)| self.replica_view(w, &revision, replica, dev))
+            .map(|(&replica, dev)| {
+                let expected = rollout
+                    .and_then(|r| r.running.get(&replica))
+                    .unwrap_or(&revision);
+                self.replica_view(w, expected, replica, dev)
+            })
             .collect();
         if let Some(p) = pending {
             for &replica in &p.replicas {
@@ -850,9 +908,10 @@ impl<S: Store> HubCore<S> {
             revision: revision.clone(),
             placement: placement.to_string(),
             desired,
+            // A replica shows its reported phase only on the revision it should run.
             ready: replicas
                 .iter()
-                .filter(|r| r.phase == Phase::Running && r.revision == revision)
+                .filter(|r| r.phase == Phase::Running)
                 .count() as u32,
             replicas,
             pending_reason: pending.map(|p| p.reason.clone()),
@@ -883,7 +942,7 @@ impl<S: Store> HubCore<S> {
             previous_revision: r.previous.as_ref().map(|p| p.revision()),
             updated: match r.state {
                 RolloutState::RolledBack => 0,
-                _ => placed.keys().filter(|i| !r.on_previous(**i)).count() as u32,
+                _ => placed.keys().filter(|i| r.spec_of(**i).is_none()).count() as u32,
             },
             total: placed.len() as u32,
             reason: r.reason.clone(),
@@ -1135,6 +1194,104 @@ spec:
             .values()
             .flat_map(|d| d.workloads.iter())
             .all(|w| w.args == ["two"]));
+    }
+
+    /// Every replica's args as the desired states say, by replica index.
+    fn args_by_replica<S: Store>(hub: &HubCore<S>) -> BTreeMap<u32, String> {
+        hub.desired
+            .values()
+            .flat_map(|d| d.workloads.iter())
+            .map(|w| (w.replica, w.args.join(" ")))
+            .collect()
+    }
+
+    fn web(replicas: u32, arg: &str, update: &str) -> Vec<Workload> {
+        let text = M.split("---").next().unwrap().replace(
+            "  replicas: 2\n",
+            &format!("  replicas: {replicas}\n  args: [{arg}]\n  update: {{ {update} }}\n"),
+        );
+        parse_workloads(&text).unwrap()
+    }
+
+    #[test]
+    fn a_surge_rollout_adds_before_it_removes_and_survives_reopen() {
+        let store = std::sync::Arc::new(MemStore::default());
+        let mut hub = HubCore::open(Shared(store.clone()), "http://h".into()).unwrap();
+        for d in ["a", "b", "c"] {
+            hub.hello(hello(d, &[])).unwrap();
+        }
+        let update = "maxUnavailable: 0, maxSurge: 1";
+        hub.apply(web(2, "one", update)).unwrap();
+        hub.apply(web(2, "two", update)).unwrap();
+        report_running(&mut hub);
+        hub.advance_rollouts(now_ms()).unwrap();
+        // A third replica on the new revision; both old ones still run.
+        let by = args_by_replica(&hub);
+        assert_eq!(
+            by,
+            BTreeMap::from([(0, "one".into()), (1, "one".into()), (2, "two".into())])
+        );
+        // The hub restarts: the surge replica stays.
+        let mut hub = HubCore::open(Shared(store), "http://h".into()).unwrap();
+        for d in ["a", "b", "c"] {
+            hub.hello(hello(d, &[])).unwrap();
+        }
+        assert_eq!(
+            args_by_replica(&hub).len(),
+            3,
+            "the surge survives a restart"
+        );
+        let mut most = 0;
+        for _ in 0..6 {
+            report_running(&mut hub);
+            hub.advance_rollouts(now_ms()).unwrap();
+            most = most.max(args_by_replica(&hub).len());
+            if !hub.rolling() {
+                break;
+            }
+        }
+        assert!(!hub.rolling(), "complete");
+        assert_eq!(most, 3, "never more than replicas + maxSurge");
+        let by = args_by_replica(&hub);
+        assert_eq!(by.len(), 2, "{by:?}");
+        assert!(by.values().all(|a| a == "two"), "{by:?}");
+    }
+
+    #[test]
+    fn a_third_revision_mid_rollout_keeps_updated_replicas() {
+        let mut hub = HubCore::open(MemStore::default(), "http://h".into()).unwrap();
+        for d in ["a", "b", "c", "d"] {
+            hub.hello(hello(d, &[])).unwrap();
+        }
+        let update = "maxUnavailable: 1";
+        hub.apply(web(4, "one", update)).unwrap();
+        hub.apply(web(4, "two", update)).unwrap();
+        report_running(&mut hub);
+        hub.advance_rollouts(now_ms()).unwrap();
+        let by = args_by_replica(&hub);
+        assert_eq!(by.values().filter(|a| *a == "two").count(), 1, "{by:?}");
+        let switched = by
+            .iter()
+            .find(|(_, a)| *a == "two")
+            .map(|(i, _)| *i)
+            .unwrap();
+        // v3 arrives: nothing changes before it steps, and the v2 replica is not sent back.
+        let (_, publish) = hub.apply(web(4, "three", update)).unwrap();
+        assert!(publish.is_empty(), "{publish:?}");
+        assert_eq!(args_by_replica(&hub)[&switched], "two");
+        // The rollback target is still the last good revision.
+        let view = hub
+            .workload_view(&WorkloadName::try_from("web").unwrap())
+            .unwrap();
+        let rollout = view.rollout.unwrap();
+        let first = web(4, "one", update).remove(0).revision();
+        assert_eq!(rollout.previous_revision.as_deref(), Some(first.as_str()));
+        for _ in 0..8 {
+            report_running(&mut hub);
+            hub.advance_rollouts(now_ms()).unwrap();
+        }
+        assert!(!hub.rolling());
+        assert!(args_by_replica(&hub).values().all(|a| a == "three"));
     }
 
     /// Every device reports every replica it should run as Running.

@@ -3,28 +3,35 @@
 //! policy, the observed replicas and the time, and changes the rollout; the hub's core
 //! persists it and publishes the desired states that follow.
 //!
-//! - A rollout starts when a stored workload gets a new revision. Replicas that existed then
-//!   (`old`) keep the previous spec until they are picked; replicas placed later start on the
-//!   new one.
-//! - Each step replaces old replicas in index order: first those their device reports as not
-//!   ready (replacing them costs no availability), then the others while fewer than
-//!   `maxUnavailable` of the wanted replicas (unplaced ones included) are unavailable. A
-//!   replica nobody has reported on (a hub that just restarted) is not assumed down. A
-//!   replica is ready when it reports the revision it should run, `Running` (and healthy,
+//! - A rollout starts when a stored workload gets a new revision. Each replica placed then
+//!   keeps the revision it runs (`running`: usually the previous one; after an apply in the
+//!   middle of a rollout, some may run the superseded one) until it is replaced. Replicas
+//!   placed later start on the new revision.
+//! - Without `maxSurge`, replicas are replaced in place, in index order: first those their
+//!   device reports as not ready (replacing them costs no availability), then the others
+//!   while fewer than `maxUnavailable` of the wanted replicas (unplaced ones included) are
+//!   unavailable. A replica nobody has reported on (a hub that just restarted) is not assumed
+//!   down.
+//! - With `maxSurge`, up to that many extra replicas of the new revision are placed (`surge`)
+//!   before old ones stop; an old replica is retired (removed, not replaced in place) while at
+//!   least `replicas - maxUnavailable` stay ready. `maxUnavailable` may then be 0. Replicas
+//!   keep their index; new ones take the lowest free index, so indices may have gaps.
+//! - A replica is ready when it reports the revision it should run, `Running` (and healthy,
 //!   with a probe), for at least `minReadySeconds`.
 //! - The progress deadline counts from the rollout's last progress, not its start.
-//! - With `canary: N`, after N replicas are updated the rollout waits until they are all
-//!   ready (or `shoal rollout promote`).
-//! - An updated replica that fails (`CrashLoopBackOff`, `Failed`), or a rollout that misses
-//!   its progress deadline, stops the rollout: with `autoRollback` every replica goes back to
-//!   the previous revision, with the reason recorded; without it the rollout stays `Failed`
-//!   where it is (updated replicas keep the new revision) until the operator acts.
+//! - With `canary: N`, once N replicas run the new revision the rollout waits until they are
+//!   all ready (or `shoal rollout promote`). With `maxSurge`, the canaries are extra replicas
+//!   (the surge grows to N if smaller), so the old revision keeps serving at full strength.
+//! - A new-revision replica that fails (`CrashLoopBackOff`, `Failed`), or a rollout that
+//!   misses its progress deadline, stops the rollout: with `autoRollback` every replica goes
+//!   back to the last good revision, with the reason recorded; without it the rollout stays
+//!   `Failed` where it is (updated replicas keep the new revision) until the operator acts.
 
 use serde::{Deserialize, Serialize};
 use shoal_api::ids::DeviceId;
 use shoal_api::messages::Phase;
-use shoal_api::workload::{UpdatePolicy, Workload};
-use std::collections::BTreeSet;
+use shoal_api::workload::{Placement, UpdatePolicy, Workload};
+use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -48,37 +55,117 @@ impl std::fmt::Display for RolloutState {
 
 /// One workload's rollout, persisted with the workload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", from = "StoredRollout")]
 pub struct Rollout {
     /// The revision being rolled out (the stored spec).
     pub revision: String,
-    /// The spec not-yet-updated replicas keep running; `None` once complete.
+    /// The last good revision, which a rollback restores; `None` once complete.
     pub previous: Option<Workload>,
-    /// Replicas that existed when the rollout started.
-    pub old: BTreeSet<u32>,
-    /// Old replicas switched to the new revision.
-    pub updated: BTreeSet<u32>,
+    /// Replicas not yet on `revision` → the revision each runs (a key of `specs`).
+    pub running: BTreeMap<u32, String>,
+    /// The specs of the revisions in `running`.
+    pub specs: BTreeMap<String, Workload>,
+    /// Replicas wanted beyond `spec.replicas` while old ones still run (`maxSurge`).
+    pub surge: u32,
+    /// Old replicas the last step stopped for good (surge mode): the core removes them from
+    /// the assignments and empties this.
+    #[serde(skip)]
+    pub retire: Vec<u32>,
     pub state: RolloutState,
     /// Why it stopped (failed, rolled back), or what it waits for.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub started_ms: u64,
     /// Last time the rollout moved (replicas switched, resumed, promoted): the progress
     /// deadline counts from here, so a paused or steadily progressing rollout does not fail.
-    #[serde(default)]
     pub progress_ms: u64,
     /// `shoal rollout promote`: go past the canary without waiting.
-    #[serde(default)]
     pub promoted: bool,
 }
 
-impl Rollout {
-    pub fn start(target: &Workload, previous: Workload, old: BTreeSet<u32>, now: u64) -> Self {
+/// A rollout as stored, including the form earlier hubs wrote (`old` replicas at the start,
+/// `updated` ones switched since; all old ones ran `previous`).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredRollout {
+    revision: String,
+    previous: Option<Workload>,
+    #[serde(default)]
+    running: BTreeMap<u32, String>,
+    #[serde(default)]
+    specs: BTreeMap<String, Workload>,
+    #[serde(default)]
+    surge: u32,
+    state: RolloutState,
+    #[serde(default)]
+    reason: Option<String>,
+    started_ms: u64,
+    #[serde(default)]
+    progress_ms: u64,
+    #[serde(default)]
+    promoted: bool,
+    #[serde(default)]
+    old: BTreeSet<u32>,
+    #[serde(default)]
+    updated: BTreeSet<u32>,
+}
+
+impl From<StoredRollout> for Rollout {
+    fn from(s: StoredRollout) -> Self {
+        let mut running = s.running;
+        let mut specs = s.specs;
+        if let Some(prev) = &s.previous {
+            let legacy: Vec<u32> = s.old.difference(&s.updated).copied().collect();
+            if !legacy.is_empty() {
+                let rev = prev.revision();
+                for i in legacy {
+                    running.insert(i, rev.clone());
+                }
+                specs.insert(rev, prev.clone());
+            }
+        }
         Self {
-            revision: target.revision(),
-            previous: Some(previous),
-            old,
-            updated: BTreeSet::new(),
+            revision: s.revision,
+            previous: s.previous,
+            running,
+            specs,
+            surge: s.surge,
+            retire: Vec::new(),
+            state: s.state,
+            reason: s.reason,
+            started_ms: s.started_ms,
+            progress_ms: s.progress_ms,
+            promoted: s.promoted,
+        }
+    }
+}
+
+impl Rollout {
+    /// Starts rolling `target` out over `placed` (each replica with the spec it runs now).
+    /// `stable` is the last good revision, the one a rollback restores.
+    pub fn start<'a>(
+        target: &Workload,
+        stable: Workload,
+        placed: impl IntoIterator<Item = (u32, &'a Workload)>,
+        now: u64,
+    ) -> Self {
+        let revision = target.revision();
+        let mut running = BTreeMap::new();
+        let mut specs = BTreeMap::new();
+        for (i, spec) in placed {
+            let rev = spec.revision();
+            if rev != revision {
+                specs.entry(rev.clone()).or_insert_with(|| spec.clone());
+                running.insert(i, rev);
+            }
+        }
+        Self {
+            revision,
+            previous: Some(stable),
+            running,
+            specs,
+            surge: 0,
+            retire: Vec::new(),
             state: RolloutState::Progressing,
             reason: None,
             started_ms: now,
@@ -87,9 +174,25 @@ impl Rollout {
         }
     }
 
-    /// Whether replica `i` runs the previous spec.
-    pub fn on_previous(&self, i: u32) -> bool {
-        self.previous.is_some() && self.old.contains(&i) && !self.updated.contains(&i)
+    /// The earlier spec replica `i` still runs, if it is not on the new revision.
+    pub fn spec_of(&self, i: u32) -> Option<&Workload> {
+        self.running.get(&i).and_then(|rev| self.specs.get(rev))
+    }
+
+    /// Forgets replicas that are gone or moved (they start afresh on the new revision), and
+    /// specs no replica runs any more.
+    pub fn keep_only(&mut self, still: impl Fn(u32) -> bool) {
+        self.running.retain(|i, _| still(*i));
+        let used: BTreeSet<&String> = self.running.values().collect();
+        self.specs.retain(|rev, _| used.contains(rev));
+    }
+
+    /// Extra replicas the scheduler should place for this rollout now.
+    pub fn extra(&self) -> u32 {
+        match self.state {
+            RolloutState::Complete | RolloutState::RolledBack => 0,
+            _ => self.surge,
+        }
     }
 
     pub fn active(&self) -> bool {
@@ -97,6 +200,13 @@ impl Rollout {
             self.state,
             RolloutState::Progressing | RolloutState::Paused | RolloutState::Canary
         )
+    }
+
+    fn finish(&mut self) {
+        self.previous = None;
+        self.running.clear();
+        self.specs.clear();
+        self.surge = 0;
     }
 }
 
@@ -195,22 +305,9 @@ pub fn step(r: &mut Rollout, target: &Workload, observed: &[Observed], now: u64)
     let Some(previous) = r.previous.clone() else {
         return Outcome::Unchanged;
     };
-    let prev_rev = previous.revision();
-    let should_run = |i: u32| -> &str {
-        if r.on_previous(i) {
-            &prev_rev
-        } else {
-            &r.revision
-        }
-    };
+    let should_run = |i: u32| -> &str { r.running.get(&i).map_or(r.revision.as_str(), |x| x) };
     // With a health probe, ready means probed healthy; without, running is enough.
-    let probed = |i: u32| {
-        if r.on_previous(i) {
-            previous.health.is_some()
-        } else {
-            target.health.is_some()
-        }
-    };
+    let probed = |i: u32| r.spec_of(i).unwrap_or(target).health.is_some();
     let ready = |o: &Observed| {
         o.phase == Phase::Running
             && o.healthy != Some(false)
@@ -224,7 +321,7 @@ pub fn step(r: &mut Rollout, target: &Workload, observed: &[Observed], now: u64)
     let failed = observed.iter().find(|o| {
         o.revision.as_deref() == Some(r.revision.as_str())
             && matches!(o.phase, Phase::CrashLoopBackOff | Phase::Failed)
-            && !r.on_previous(o.replica)
+            && !r.running.contains_key(&o.replica)
     });
     let since = r.started_ms.max(r.progress_ms);
     let overdue =
@@ -249,8 +346,7 @@ pub fn step(r: &mut Rollout, target: &Workload, observed: &[Observed], now: u64)
         r.reason = Some(reason.clone());
         if policy.auto_rollback {
             r.state = RolloutState::RolledBack;
-            r.previous = None;
-            r.updated.clear();
+            r.finish();
             return Outcome::RollBack {
                 previous: Box::new(previous),
                 reason,
@@ -260,40 +356,44 @@ pub fn step(r: &mut Rollout, target: &Workload, observed: &[Observed], now: u64)
         return Outcome::Changed;
     }
 
-    // Unplaced replicas count as unavailable: the budget is out of the wanted count.
-    let total = match target.placement {
-        shoal_api::workload::Placement::Replicas(n) => n.max(observed.len() as u32),
-        shoal_api::workload::Placement::Every => observed.len() as u32,
+    let wanted = match target.placement {
+        Placement::Replicas(n) => n,
+        Placement::Every => observed.len() as u32,
     };
     let ready_set: BTreeSet<u32> = observed
         .iter()
         .filter(|o| ready(o))
         .map(|o| o.replica)
         .collect();
-    let pending: Vec<u32> = r
-        .old
+    // Old replicas still to replace, in index order.
+    let pending: Vec<u32> = observed
         .iter()
-        .copied()
-        .filter(|i| !r.updated.contains(i) && observed.iter().any(|o| o.replica == *i))
+        .map(|o| o.replica)
+        .filter(|i| r.running.contains_key(i))
         .collect();
+    let new_count = observed.len() - pending.len();
 
     // Done when every replica runs the new revision and is ready.
     if pending.is_empty() && observed.iter().all(|o| ready_set.contains(&o.replica)) {
         r.state = RolloutState::Complete;
-        r.previous = None;
         r.reason = None;
+        r.finish();
         return Outcome::Changed;
     }
 
-    // The canary gate.
-    if policy.canary > 0 && !r.promoted && r.updated.len() as u32 >= policy.canary {
-        let canary_ready = r.updated.iter().all(|i| ready_set.contains(i));
+    // The canary gate: a canary larger than the workload is all of it.
+    let canary = policy.canary.min(wanted);
+    let mut canary_phase = canary > 0 && !r.promoted;
+    if canary_phase && new_count as u32 >= canary {
+        let canary_ready = observed
+            .iter()
+            .filter(|o| !r.running.contains_key(&o.replica))
+            .all(|o| ready_set.contains(&o.replica));
         if !canary_ready {
             if r.state != RolloutState::Canary {
                 r.state = RolloutState::Canary;
                 r.reason = Some(format!(
-                    "waiting for {} canary replica(s) to be ready (or `shoal rollout promote`)",
-                    policy.canary
+                    "waiting for {canary} canary replica(s) to be ready (or `shoal rollout promote`)"
                 ));
                 return Outcome::Changed;
             }
@@ -302,17 +402,10 @@ pub fn step(r: &mut Rollout, target: &Workload, observed: &[Observed], now: u64)
         r.promoted = true;
         r.state = RolloutState::Progressing;
         r.reason = None;
+        canary_phase = false;
     }
 
-    let limit = if policy.canary > 0 && !r.promoted {
-        policy.canary.saturating_sub(r.updated.len() as u32) as usize
-    } else {
-        usize::MAX
-    };
-    let unavailable = total.saturating_sub(ready_set.len() as u32);
-    let mut budget = policy.max_unavailable.of(total).saturating_sub(unavailable);
-    let mut picked = Vec::new();
-    // Old replicas their device reports as not ready (starting, crash-looping) first:
+    // Old replicas their device reports as not ready (starting, crash-looping) go first:
     // replacing them costs nothing. One with no report at all (device silent, hub just
     // restarted) is not known to be down: it goes through the budget like a ready one.
     let reported_down = |i: &u32| {
@@ -321,23 +414,72 @@ pub fn step(r: &mut Rollout, target: &Workload, observed: &[Observed], now: u64)
                 .iter()
                 .any(|o| o.replica == *i && o.revision.is_some())
     };
-    for &i in pending.iter().filter(|i| reported_down(i)) {
-        if picked.len() >= limit {
-            break;
+    let order = pending
+        .iter()
+        .filter(|i| reported_down(i))
+        .chain(pending.iter().filter(|i| !reported_down(i)))
+        .copied();
+    let surge = policy.surge(wanted);
+    let changed = if surge == 0 {
+        // In place: switch old replicas to the new spec, within the budget. Unplaced
+        // replicas count as unavailable too.
+        let total = wanted.max(observed.len() as u32);
+        let limit = if canary_phase {
+            canary.saturating_sub(new_count as u32) as usize
+        } else {
+            usize::MAX
+        };
+        let unavailable = total.saturating_sub(ready_set.len() as u32);
+        let mut budget = policy.unavailable(total).saturating_sub(unavailable);
+        let mut picked = Vec::new();
+        for i in order {
+            if picked.len() >= limit {
+                break;
+            }
+            if !reported_down(&i) {
+                if budget == 0 {
+                    break;
+                }
+                budget -= 1;
+            }
+            picked.push(i);
         }
-        picked.push(i);
-    }
-    for &i in pending.iter().filter(|i| !reported_down(i)) {
-        if picked.len() >= limit || budget == 0 {
-            break;
+        for i in &picked {
+            r.running.remove(i);
         }
-        picked.push(i);
-        budget -= 1;
-    }
-    if picked.is_empty() {
+        !picked.is_empty()
+    } else {
+        // Surge: extra new replicas first; old ones retire while enough stay ready.
+        let mut left = pending.len() as u32;
+        if !canary_phase {
+            let floor = wanted.saturating_sub(policy.unavailable(wanted));
+            let mut available = ready_set.len() as u32;
+            for i in order {
+                let up = ready_set.contains(&i);
+                if up && available <= floor {
+                    break;
+                }
+                if up {
+                    available -= 1;
+                }
+                r.running.remove(&i);
+                r.retire.push(i);
+                left -= 1;
+            }
+        }
+        let want = if canary_phase {
+            surge.max(canary).min(left)
+        } else {
+            surge.min(left)
+        };
+        let changed = !r.retire.is_empty() || want != r.surge;
+        r.surge = want;
+        changed
+    };
+    r.keep_only(|_| true);
+    if !changed {
         return Outcome::Unchanged;
     }
-    r.updated.extend(picked);
     r.progress_ms = now;
     Outcome::Changed
 }
@@ -354,8 +496,27 @@ mod tests {
         parse_workloads(&text).unwrap().remove(0)
     }
 
+    fn begin(new: &Workload, old: &Workload, n: u32) -> Rollout {
+        Rollout::start(new, old.clone(), (0..n).map(|i| (i, old)), 0)
+    }
+
+    /// Replicas among `0..n` on the new revision.
+    fn updated(r: &Rollout, n: u32) -> BTreeSet<u32> {
+        (0..n).filter(|i| !r.running.contains_key(i)).collect()
+    }
+
     fn obs(r: &Rollout, n: u32, phases: &[(u32, Phase, &str)]) -> Vec<Observed> {
-        (0..n)
+        obs_of(r, (0..n).collect(), phases)
+    }
+
+    fn obs_of(r: &Rollout, placed: Vec<u32>, phases: &[(u32, Phase, &str)]) -> Vec<Observed> {
+        let prev = r
+            .previous
+            .as_ref()
+            .map(|p| p.revision())
+            .unwrap_or_default();
+        placed
+            .into_iter()
             .map(|i| {
                 let (phase, rev) = phases
                     .iter()
@@ -364,23 +525,13 @@ mod tests {
                         let rev = if *which == "new" {
                             r.revision.clone()
                         } else {
-                            r.previous
-                                .as_ref()
-                                .map(|p| p.revision())
-                                .unwrap_or_default()
+                            prev.clone()
                         };
                         (*p, rev)
                     })
                     .unwrap_or((
                         Phase::Running,
-                        if r.on_previous(i) {
-                            r.previous
-                                .as_ref()
-                                .map(|p| p.revision())
-                                .unwrap_or_default()
-                        } else {
-                            r.revision.clone()
-                        },
+                        r.running.get(&i).cloned().unwrap_or(r.revision.clone()),
                     ));
                 Observed {
                     replica: i,
@@ -406,22 +557,22 @@ mod tests {
         let old = spec("a", 4);
         let mut new = spec("b", 4);
         new.update.max_unavailable = Budget::Count(1);
-        let mut r = Rollout::start(&new, old, (0..4).collect(), 0);
+        let mut r = begin(&new, &old, 4);
         // Everyone ready on the old revision: one at a time.
         assert_eq!(tick(&mut r, &new, 4, 1), Outcome::Changed);
-        assert_eq!(r.updated, [0].into());
+        assert_eq!(updated(&r, 4), [0].into());
         // Replica 0 restarting on the new revision: no budget left.
         let o = obs(&r, 4, &[(0, Phase::Starting, "new")]);
         assert_eq!(step(&mut r, &new, &o, 2), Outcome::Unchanged);
         // Ready: the next one.
         assert_eq!(tick(&mut r, &new, 4, 3), Outcome::Changed);
-        assert_eq!(r.updated, [0, 1].into());
+        assert_eq!(updated(&r, 4), [0, 1].into());
         tick(&mut r, &new, 4, 4);
         tick(&mut r, &new, 4, 5);
-        assert_eq!(r.updated.len(), 4);
+        assert_eq!(updated(&r, 4).len(), 4);
         assert_eq!(tick(&mut r, &new, 4, 6), Outcome::Changed);
         assert_eq!(r.state, RolloutState::Complete);
-        assert!(!r.on_previous(0));
+        assert!(r.spec_of(0).is_none());
     }
 
     #[test]
@@ -429,11 +580,11 @@ mod tests {
         let old = spec("a", 3);
         let mut new = spec("b", 3);
         new.update.max_unavailable = Budget::Count(1);
-        let mut r = Rollout::start(&new, old, (0..3).collect(), 0);
+        let mut r = begin(&new, &old, 3);
         let o = obs(&r, 3, &[(2, Phase::CrashLoopBackOff, "old")]);
         step(&mut r, &new, &o, 1);
         assert_eq!(
-            r.updated,
+            updated(&r, 3),
             [2].into(),
             "the broken old one goes first, budget intact"
         );
@@ -445,16 +596,16 @@ mod tests {
         let mut new = spec("b", 4);
         new.update.canary = 1;
         new.update.max_unavailable = Budget::Count(4);
-        let mut r = Rollout::start(&new, old, (0..4).collect(), 0);
+        let mut r = begin(&new, &old, 4);
         tick(&mut r, &new, 4, 1);
-        assert_eq!(r.updated, [0].into(), "only the canary");
+        assert_eq!(updated(&r, 4), [0].into(), "only the canary");
         let o = obs(&r, 4, &[(0, Phase::Starting, "new")]);
         step(&mut r, &new, &o, 2);
         assert_eq!(r.state, RolloutState::Canary);
-        assert_eq!(r.updated.len(), 1);
+        assert_eq!(updated(&r, 4).len(), 1);
         tick(&mut r, &new, 4, 3);
         assert_eq!(
-            r.updated.len(),
+            updated(&r, 4).len(),
             4,
             "canary ready: the rest at once within the budget"
         );
@@ -465,7 +616,7 @@ mod tests {
         let old = spec("a", 3);
         let mut new = spec("b", 3);
         new.update.auto_rollback = true;
-        let mut r = Rollout::start(&new, old.clone(), (0..3).collect(), 0);
+        let mut r = begin(&new, &old, 3);
         tick(&mut r, &new, 3, 1);
         let o = obs(&r, 3, &[(0, Phase::CrashLoopBackOff, "new")]);
         match step(&mut r, &new, &o, 2) {
@@ -481,7 +632,7 @@ mod tests {
         assert_eq!(r.state, RolloutState::RolledBack);
         // Without auto-rollback it stops where it is.
         new.update.auto_rollback = false;
-        let mut r = Rollout::start(&new, old, (0..3).collect(), 0);
+        let mut r = begin(&new, &old, 3);
         tick(&mut r, &new, 3, 1);
         let o = obs(&r, 3, &[(0, Phase::CrashLoopBackOff, "new")]);
         assert_eq!(step(&mut r, &new, &o, 2), Outcome::Changed);
@@ -500,7 +651,7 @@ mod tests {
         new.update.min_ready_ms = 5000;
         new.update.progress_deadline_ms = 60_000;
         new.update.max_unavailable = Budget::Count(1);
-        let mut r = Rollout::start(&new, old, (0..2).collect(), 0);
+        let mut r = begin(&new, &old, 2);
         tick(&mut r, &new, 2, 10_000);
         // Running for 1 s only (started at 9 s): not ready yet, so no second replica.
         let mut o = obs(&r, 2, &[]);
@@ -524,15 +675,15 @@ mod tests {
             timeout_ms: 100,
             failure_threshold: 1,
         });
-        let mut r = Rollout::start(&new, old, (0..2).collect(), 0);
+        let mut r = begin(&new, &old, 2);
         tick(&mut r, &new, 2, 1);
-        assert_eq!(r.updated, [0].into());
+        assert_eq!(updated(&r, 2), [0].into());
         // Running but not yet probed: not ready, so replica 1 waits.
         assert_eq!(tick(&mut r, &new, 2, 2), Outcome::Unchanged);
         let mut o = obs(&r, 2, &[]);
         o[0].healthy = Some(true);
         assert_eq!(step(&mut r, &new, &o, 3), Outcome::Changed);
-        assert_eq!(r.updated, [0, 1].into());
+        assert_eq!(updated(&r, 2), [0, 1].into());
     }
 
     #[test]
@@ -541,14 +692,14 @@ mod tests {
         let old = spec("a", 4);
         let mut new = spec("b", 4);
         new.update.max_unavailable = Budget::Count(1);
-        let mut r = Rollout::start(&new, old, (0..4).collect(), 0);
+        let mut r = begin(&new, &old, 4);
         let mut o = obs(&r, 4, &[]);
         for x in &mut o {
             x.revision = None;
             x.phase = Phase::Pending;
         }
         step(&mut r, &new, &o, 1);
-        assert!(r.updated.len() <= 1, "{:?}", r.updated);
+        assert!(updated(&r, 4).len() <= 1, "{:?}", r.running);
     }
 
     #[test]
@@ -557,12 +708,191 @@ mod tests {
         let mut new = spec("b", 2);
         new.update.progress_deadline_ms = 1000;
         new.update.max_unavailable = Budget::Count(1);
-        let mut r = Rollout::start(&new, old, (0..2).collect(), 0);
+        let mut r = begin(&new, &old, 2);
         tick(&mut r, &new, 2, 10);
         // Progress at 10 ms; still progressing at 900 ms and 1,500 ms (progress moved on).
         tick(&mut r, &new, 2, 900);
         assert_eq!(r.state, RolloutState::Progressing);
         assert_eq!(tick(&mut r, &new, 2, 1500), Outcome::Changed);
         assert_eq!(r.state, RolloutState::Complete);
+    }
+
+    /// A toy fleet for whole rollouts: placed replicas with their revision and the step at
+    /// which they became ready. A new or switched replica is ready one step later; the
+    /// "scheduler" keeps `replicas + surge` replicas at the lowest free indices.
+    struct Fleet {
+        placed: BTreeMap<u32, (String, u64)>,
+    }
+
+    impl Fleet {
+        fn new(old: &Workload, n: u32) -> Self {
+            Self {
+                placed: (0..n).map(|i| (i, (old.revision(), 0))).collect(),
+            }
+        }
+
+        fn observe(&self) -> Vec<Observed> {
+            self.placed
+                .iter()
+                .map(|(&i, (rev, since))| Observed {
+                    replica: i,
+                    device: format!("d{i}").parse().unwrap(),
+                    revision: Some(rev.clone()),
+                    phase: Phase::Running,
+                    started_at_ms: Some(*since),
+                    reason: None,
+                    healthy: None,
+                })
+                .collect()
+        }
+
+        /// What the core and the agents do after a step, at time `now`.
+        fn apply(&mut self, r: &mut Rollout, n: u32, now: u64) {
+            for i in std::mem::take(&mut r.retire) {
+                assert!(self.placed.remove(&i).is_some(), "retired unplaced {i}");
+            }
+            let count = (n + r.extra()) as usize;
+            assert!(
+                self.placed.len() <= count,
+                "the scheduler would have to drop a replica: {} placed, {count} wanted",
+                self.placed.len()
+            );
+            let mut next = 0;
+            while self.placed.len() < count {
+                while self.placed.contains_key(&next) {
+                    next += 1;
+                }
+                assert!(
+                    !r.running.contains_key(&next),
+                    "new replica {next} on an old revision"
+                );
+                self.placed.insert(next, (r.revision.clone(), now + 1));
+            }
+            for (i, (rev, since)) in self.placed.iter_mut() {
+                let want = r.running.get(i).unwrap_or(&r.revision);
+                if rev != want {
+                    *rev = want.clone();
+                    *since = now + 1;
+                }
+            }
+        }
+
+        /// Replicas ready at `now` on the revision they should run.
+        fn ready(&self, r: &Rollout, now: u64) -> u32 {
+            self.placed
+                .iter()
+                .filter(|(i, (rev, since))| {
+                    *since <= now && rev == r.running.get(i).unwrap_or(&r.revision)
+                })
+                .count() as u32
+        }
+    }
+
+    /// Runs a rollout to the end; returns the number of steps, checking the budgets as it
+    /// goes.
+    fn roll(n: u32, unavailable: Budget, surge: Budget, canary: u32) -> u64 {
+        let old = spec("a", n);
+        let mut new = spec("b", n);
+        new.update.max_unavailable = unavailable;
+        new.update.max_surge = surge;
+        new.update.canary = canary;
+        new.update.min_ready_ms = 1;
+        let (max_down, max_extra) = (new.update.unavailable(n), new.update.surge(n));
+        let mut r = begin(&new, &old, n);
+        let mut fleet = Fleet::new(&old, n);
+        for now in 1..(4 * u64::from(n) + 20) {
+            step(&mut r, &new, &fleet.observe(), now * 10);
+            if r.state == RolloutState::Complete {
+                assert!(fleet.placed.values().all(|(rev, _)| *rev == r.revision));
+                assert_eq!(fleet.placed.len() as u32, n);
+                return now;
+            }
+            assert_eq!(r.state, RolloutState::Progressing, "{:?}", r.reason);
+            fleet.apply(&mut r, n, now * 10);
+            let extra = fleet.placed.len() as u32 - n.min(fleet.placed.len() as u32);
+            assert!(
+                extra <= max_extra.max(canary.min(n)),
+                "{extra} extra replicas"
+            );
+            // Replicas switched this step are down until the next one.
+            let down = n.saturating_sub(fleet.ready(&r, now * 10));
+            assert!(down <= max_down, "{down} unavailable, budget {max_down}");
+        }
+        panic!("no convergence: {r:?}");
+    }
+
+    #[test]
+    fn surge_starts_new_replicas_before_old_ones_stop() {
+        // maxUnavailable 0: never fewer than 4 ready, at most one extra.
+        let steps = roll(4, Budget::Count(0), Budget::Count(1), 0);
+        assert!(steps <= 12, "{steps} steps");
+        // A percentage surge rounds up: 10% of 4 is 1.
+        roll(4, Budget::Count(0), Budget::Percent(10), 0);
+        // Both budgets at once.
+        roll(10, Budget::Count(2), Budget::Count(3), 0);
+    }
+
+    #[test]
+    fn surge_canaries_are_extra_replicas() {
+        let old = spec("a", 3);
+        let mut new = spec("b", 3);
+        new.update.max_unavailable = Budget::Count(0);
+        new.update.max_surge = Budget::Count(1);
+        new.update.canary = 2;
+        let mut r = begin(&new, &old, 3);
+        assert_eq!(tick(&mut r, &new, 3, 1), Outcome::Changed);
+        assert_eq!(r.surge, 2, "the surge grows to the canary");
+        assert!(r.retire.is_empty());
+        // Canaries placed as 3 and 4, not ready yet: the old three keep serving.
+        let o = obs_of(&r, vec![0, 1, 2, 3, 4], &[(3, Phase::Starting, "new")]);
+        step(&mut r, &new, &o, 2);
+        assert_eq!(r.state, RolloutState::Canary);
+        assert!(r.retire.is_empty() && r.running.len() == 3);
+        // Ready: promoted, an old one retires, and the surge drops to maxSurge.
+        let o = obs_of(&r, vec![0, 1, 2, 3, 4], &[]);
+        assert_eq!(step(&mut r, &new, &o, 3), Outcome::Changed);
+        assert!(r.promoted);
+        assert_eq!(r.retire, vec![0, 1]);
+        assert_eq!(r.surge, 1);
+    }
+
+    #[test]
+    fn in_place_and_canary_rollouts_converge_within_budget() {
+        roll(5, Budget::Count(1), Budget::Count(0), 0);
+        roll(8, Budget::Percent(25), Budget::Count(0), 2);
+        roll(7, Budget::Count(0), Budget::Count(2), 3);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn every_rollout_converges_within_its_budgets(
+            n in 1u32..12,
+            u in 0u32..4,
+            su in 0u32..4,
+            canary in 0u32..4,
+        ) {
+            roll(n, Budget::Count(u), Budget::Count(su), canary);
+        }
+    }
+
+    #[test]
+    fn rollouts_stored_by_earlier_hubs_still_load() {
+        let old = spec("a", 3);
+        let new = spec("b", 3);
+        let stored = serde_json::json!({
+            "revision": new.revision(),
+            "previous": old,
+            "old": [0, 1, 2],
+            "updated": [0],
+            "state": "progressing",
+            "startedMs": 5,
+        });
+        let r: Rollout = serde_json::from_value(stored).unwrap();
+        assert_eq!(r.spec_of(0), None);
+        assert_eq!(r.spec_of(1), Some(&old));
+        assert_eq!(r.running.len(), 2);
+        // And the current form round-trips.
+        let back: Rollout = serde_json::from_value(serde_json::to_value(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
     }
 }

@@ -3,10 +3,12 @@
 //! Rules (in order):
 //! 1. A replica that is already placed stays where it is while its device exists, is not lost,
 //!    and still matches the workload's selector and runtime (no needless restarts), and no
-//!    earlier workload (in name order) holds one of its ports there. Replicas whose index is
-//!    beyond `spec.replicas` are removed. A lost device keeps its `placement: every` replicas
-//!    (they belong to that device); its other replicas move.
-//! 2. Unplaced replicas go to an *eligible* device: online, not lost, not cordoned, meets the
+//!    earlier workload (in name order) holds one of its ports there. Of those, the lowest
+//!    `spec.replicas` indices stay (plus a rollout's surge, see [`InFlight`]); the rest are
+//!    removed. A lost device keeps its `placement: every` replicas (they belong to that
+//!    device); its other replicas move. A replica that still runs an earlier spec during a
+//!    rollout is charged that spec's resources and ports.
+//! 2. Missing replicas take the lowest free indices and go to an *eligible* device: online, not lost, not cordoned, meets the
 //!    selector (equality and set-based), offers the `wasm` runtime, and has room: free memory
 //!    and CPU (millicores, from its CPU count) for the workload's requests, a free replica slot
 //!    under its limit, and none of the workload's `spec.ports` taken (replicas listen on the
@@ -109,8 +111,28 @@ enum Unfit {
     Cpu(u64),
 }
 
+/// What an unfinished rollout changes about placing one workload.
+#[derive(Debug, Clone, Default)]
+pub struct InFlight<'a> {
+    /// Replicas still running an earlier spec: they keep its resources and ports.
+    pub earlier: BTreeMap<u32, &'a Workload>,
+    /// Replicas wanted beyond `spec.replicas` (`maxSurge`).
+    pub surge: u32,
+}
+
 /// Places every workload; see the module docs for the rules.
 pub fn schedule(devices: &[DeviceView], workloads: &[Workload], current: &Assignments) -> Schedule {
+    schedule_with(devices, workloads, current, &HashMap::new())
+}
+
+/// [`schedule`], with the rollouts in progress.
+pub fn schedule_with(
+    devices: &[DeviceView],
+    workloads: &[Workload],
+    current: &Assignments,
+    inflight: &HashMap<&WorkloadName, InFlight<'_>>,
+) -> Schedule {
+    let none = InFlight::default();
     let by_id: HashMap<&DeviceId, usize> = devices
         .iter()
         .enumerate()
@@ -126,14 +148,16 @@ pub fn schedule(devices: &[DeviceView], workloads: &[Workload], current: &Assign
 
     // Step 1: keep what still fits, and charge it to its device.
     for w in &wl {
+        let fl = inflight.get(&w.name).unwrap_or(&none);
         let mut kept = BTreeMap::new();
         let mut on_device = BTreeSet::new();
         for (&replica, dev) in current.get(&w.name).into_iter().flatten() {
             let in_range = match w.placement {
-                Placement::Replicas(n) => replica < n,
+                Placement::Replicas(n) => (kept.len() as u32) < n.saturating_add(fl.surge),
                 Placement::Every => true,
             };
             let Some(&i) = by_id.get(dev) else { continue };
+            let spec = fl.earlier.get(&replica).copied().unwrap_or(w);
             let d = &devices[i];
             let stays = match w.placement {
                 Placement::Every => on_device.insert(i), // one per device: lowest index wins
@@ -143,10 +167,10 @@ pub fn schedule(devices: &[DeviceView], workloads: &[Workload], current: &Assign
                 && stays
                 && w.selects(&d.labels)
                 && d.runtimes.contains("wasm")
-                && load[i].port_taken(w).is_none()
+                && load[i].port_taken(spec).is_none()
             {
                 kept.insert(replica, dev.clone());
-                load[i].add(w);
+                load[i].add(spec);
             }
         }
         out.assignments.insert(w.name.clone(), kept);
@@ -155,8 +179,9 @@ pub fn schedule(devices: &[DeviceView], workloads: &[Workload], current: &Assign
     // Step 2: place what is missing.
     for w in &wl {
         let mut placed = out.assignments.remove(&w.name).unwrap_or_default();
+        let surge = inflight.get(&w.name).map_or(0, |f| f.surge);
         let needs_more = match w.placement {
-            Placement::Replicas(n) => placed.len() < n as usize,
+            Placement::Replicas(n) => placed.len() < n.saturating_add(surge) as usize,
             Placement::Every => true,
         };
         if !needs_more {
@@ -176,7 +201,11 @@ pub fn schedule(devices: &[DeviceView], workloads: &[Workload], current: &Assign
         let mut unplaced = Vec::new();
         match w.placement {
             Placement::Replicas(n) => {
-                let missing: Vec<u32> = (0..n).filter(|r| !placed.contains_key(r)).collect();
+                let count = (n.saturating_add(surge) as usize).saturating_sub(placed.len());
+                let missing: Vec<u32> = (0..)
+                    .filter(|r| !placed.contains_key(r))
+                    .take(count)
+                    .collect();
                 if !missing.is_empty() {
                     let chosen = place_replicas(
                         devices,
@@ -590,6 +619,51 @@ mod tests {
             port,
             expose: shoal_api::workload::Expose::None,
         }
+    }
+
+    #[test]
+    fn a_rollout_surges_at_free_indices_and_charges_earlier_specs() {
+        let devices = vec![dev("a", &[], 100), dev("b", &[], 100)];
+        let mut web = wl("web", Placement::Replicas(2), &[], 40);
+        let current: Assignments = [(
+            web.name.clone(),
+            [(1, devices[0].id.clone()), (3, devices[1].id.clone())].into(),
+        )]
+        .into();
+        // A surge of one: the lowest free index, and the gaps stay.
+        let fl: HashMap<&WorkloadName, InFlight<'_>> = [(
+            &web.name,
+            InFlight {
+                earlier: BTreeMap::new(),
+                surge: 1,
+            },
+        )]
+        .into();
+        let s = schedule_with(&devices, &[web.clone()], &current, &fl);
+        let placed: Vec<u32> = s.assignments[&web.name].keys().copied().collect();
+        assert_eq!(placed, [0, 1, 3]);
+        // Without it, the lowest indices stay.
+        let s = schedule(&devices, &[web.clone()], &s.assignments);
+        let placed: Vec<u32> = s.assignments[&web.name].keys().copied().collect();
+        assert_eq!(placed, [0, 1]);
+        // The new spec needs 60Mi, but replica 1 still runs the 40Mi one: device a has
+        // room for one more 60Mi replica only if 1 is charged 40Mi.
+        let old = web.clone();
+        web.resources.memory = 60 << 20;
+        let current: Assignments = [(web.name.clone(), [(1, devices[0].id.clone())].into())].into();
+        let fl: HashMap<&WorkloadName, InFlight<'_>> = [(
+            &web.name,
+            InFlight {
+                earlier: [(1, &old)].into(),
+                surge: 1,
+            },
+        )]
+        .into();
+        let only_a = vec![devices[0].clone()];
+        let s = schedule_with(&only_a, &[web.clone()], &current, &fl);
+        assert_eq!(s.assignments[&web.name].len(), 2, "{:?}", s.pending);
+        let s = schedule(&only_a, &[web.clone()], &current);
+        assert_eq!(s.assignments[&web.name].len(), 1, "charged 60Mi, no room");
     }
 
     #[test]

@@ -1,12 +1,19 @@
 //! Rolling updates with real agents: a new revision that crashes stops at the canary and
-//! rolls back by itself while the old revision keeps serving; a good one completes; scale.
+//! rolls back by itself while the old revision keeps serving; a good one completes; one with
+//! `maxSurge` never drops below the wanted count; scale.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::Value;
 use shoal_e2e::*;
 use std::time::Duration;
 
+const CANARY: &str = "maxUnavailable: 1, canary: 1, autoRollback: true, minReadySeconds: 1";
+
 fn manifest(args: &str) -> String {
+    manifest_with(args, CANARY)
+}
+
+fn manifest_with(args: &str, update: &str) -> String {
     format!(
         r#"apiVersion: shoal.dev/v1
 kind: Workload
@@ -17,7 +24,7 @@ spec:
   args: [{args}]
   resources: {{ memory: 16Mi }}
   restart: {{ backoff: {{ initial: 200ms, max: 1s }} }}
-  update: {{ maxUnavailable: 1, canary: 1, autoRollback: true, minReadySeconds: 1 }}
+  update: {{ {update} }}
 "#,
         probe = module("probe.wasm").display()
     )
@@ -90,6 +97,36 @@ fn crashing_revision_rolls_back_at_the_canary_and_a_good_one_completes() -> anyh
     );
     let w = hub.wait_running("web", 3, Duration::from_secs(30))?;
     assert_ne!(w["revision"], rev1.as_str());
+
+    // v4 surges: a fourth replica starts before an old one stops, so at least 3 stay
+    // running the whole time and never more than 4 are placed.
+    let v4 = write_manifest(
+        dir.path(),
+        "v4.yaml",
+        &manifest_with(
+            r#""heartbeat", "60""#,
+            "maxUnavailable: 0, maxSurge: 1, minReadySeconds: 1",
+        ),
+    );
+    hub.apply(&v4)?;
+    let (mut least_ready, mut most_placed) = (u64::MAX, 0usize);
+    let w4 = wait_until(Duration::from_secs(60), "surge rollout", || {
+        let w = hub.workload("web")?.unwrap();
+        least_ready = least_ready.min(w["ready"].as_u64().unwrap_or(0));
+        let placed = w["replicas"]
+            .as_array()
+            .map_or(0, |r| r.iter().filter(|x| !x["device"].is_null()).count());
+        most_placed = most_placed.max(placed);
+        let done = w["rollout"]["state"] == "Complete" && w["ready"] == 3;
+        Ok(done.then_some(w))
+    })?;
+    assert!(
+        least_ready >= 3,
+        "ready fell to {least_ready} during a surge"
+    );
+    assert_eq!(most_placed, 4, "one surge replica at a time");
+    assert_ne!(w4["revision"], w["revision"]);
+    let w = w4;
 
     // Scaling changes the count, not the revision.
     let out = hub.shoal(&["scale", "web", "--replicas", "2"]);
