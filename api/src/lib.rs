@@ -15,6 +15,7 @@ pub mod endpoint;
 pub mod ids;
 pub mod manifest;
 pub mod messages;
+pub mod oci;
 pub mod quantity;
 pub mod selector;
 pub mod table;

@@ -79,7 +79,11 @@ pub struct DesiredWorkload {
     pub replica: u32,
     /// Changes whenever a restart is needed.
     pub revision: String,
+    /// The module: a hub blob's digest, or with `oci` the pinned manifest's digest.
     pub module: Digest,
+    /// Where to pull the module when it is not a hub blob: a pinned OCI reference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci: Option<crate::oci::OciRef>,
     #[serde(default)]
     pub args: Vec<String>,
     #[serde(default)]
@@ -103,6 +107,10 @@ impl DesiredWorkload {
             replica,
             revision: w.revision(),
             module: w.digest()?.clone(),
+            oci: match &w.module {
+                crate::workload::ModuleRef::Oci(r) => Some(r.clone()),
+                _ => None,
+            },
             args: w.args.clone(),
             env: w.env.clone(),
             resources: w.resources,

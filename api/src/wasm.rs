@@ -16,6 +16,24 @@ pub fn validate(bytes: &[u8]) -> Result<(), String> {
     })
 }
 
+/// A core module or a component.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Module,
+    Component,
+}
+
+/// Validates `bytes` (as [`validate`]) and tells a core module from a component by the
+/// version/layer field after the magic number.
+pub fn kind(bytes: &[u8]) -> Result<Kind, String> {
+    validate(bytes)?;
+    Ok(if bytes.get(4..8) == Some(&[1, 0, 0, 0]) {
+        Kind::Module
+    } else {
+        Kind::Component
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -23,6 +41,8 @@ mod tests {
     #[test]
     fn validation_table() {
         assert_eq!(validate(b"\0asm\x01\0\0\0"), Ok(()));
+        assert_eq!(kind(b"\0asm\x01\0\0\0"), Ok(Kind::Module));
+        assert_eq!(kind(b"\0asm\x0d\0\x01\0"), Ok(Kind::Component));
         assert!(validate(b"hello world")
             .unwrap_err()
             .starts_with("not a WebAssembly binary"));

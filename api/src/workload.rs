@@ -37,6 +37,9 @@ pub enum ModuleRef {
     /// A file on the operator's machine; only `shoal apply` accepts it (it uploads the file and
     /// replaces the path with its digest). The hub rejects it.
     Path(String),
+    /// An OCI artifact in a registry. The hub accepts only pinned references (`shoal apply`
+    /// pins a tag to the manifest digest it points at); agents pull it themselves.
+    Oci(crate::oci::OciRef),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -274,10 +277,12 @@ impl Workload {
         Digest::of(&bytes).hex()[..12].to_string()
     }
 
-    /// The module digest, when the module is a hub blob.
+    /// The digest that names the module's content: a hub blob's digest, or a pinned OCI
+    /// reference's manifest digest. `None` for a path or an unpinned reference.
     pub fn digest(&self) -> Option<&Digest> {
         match &self.module {
             ModuleRef::Digest(d) => Some(d),
+            ModuleRef::Oci(r) => r.digest.as_ref(),
             ModuleRef::Path(_) => None,
         }
     }
@@ -569,9 +574,24 @@ fn module_ref(module: &str, sha256: Option<&str>, errs: &mut Vec<String>) -> Opt
             }
         };
     }
+    if module.starts_with(crate::oci::SCHEME) {
+        if expected.is_some() {
+            errs.push(format!(
+                "spec.wasm.sha256 is invalid with an OCI module {module:?}: pin the reference itself (REPOSITORY@sha256:...)"
+            ));
+            return None;
+        }
+        return match module.parse::<crate::oci::OciRef>() {
+            Ok(r) => Some(ModuleRef::Oci(r)),
+            Err(e) => {
+                errs.push(format!("spec.wasm.module: {e}"));
+                None
+            }
+        };
+    }
     if let Some((scheme, _)) = module.split_once("://") {
         errs.push(format!(
-            "spec.wasm.module {module:?} is not supported: {scheme}:// references are not available yet; give a sha256:<hex> digest of a blob pushed with `shoal push`, or a file path for `shoal apply`"
+            "spec.wasm.module {module:?} is not supported: {scheme}:// is not a module source; give oci://REGISTRY/REPOSITORY:TAG, a sha256:<hex> digest of a blob pushed with `shoal push`, or a file path for `shoal apply`"
         ));
         return None;
     }

@@ -1,6 +1,7 @@
 //! `shoal`: the operator command line.
 //!
-//! `apply` validates a manifest locally, uploads modules given as local paths, and publishes
+//! `apply` validates a manifest locally, uploads modules given as local paths, pins `oci://`
+//! tags to their manifest digests, and publishes
 //! the manifest on `shoal/v1/apply/{req}`, waiting for the hub's verdict on
 //! `shoal/v1/results/{req}` — exactly what a third-party MQTT client would do. The read and
 //! delete commands use the hub's HTTP API.
@@ -41,6 +42,24 @@ struct Cli {
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// A registry (`HOST:PORT`) that may be reached over plain HTTP; loopback ones always may.
+    #[arg(long = "insecure-registry", global = true, value_name = "HOST:PORT")]
+    insecure_registries: Vec<String>,
+    /// User name for the registry of an `oci://` reference (with SHOAL_REGISTRY_PASSWORD).
+    #[arg(
+        long,
+        global = true,
+        env = "SHOAL_REGISTRY_USERNAME",
+        requires = "registry_password"
+    )]
+    registry_username: Option<String>,
+    #[arg(
+        long,
+        global = true,
+        env = "SHOAL_REGISTRY_PASSWORD",
+        hide_env_values = true
+    )]
+    registry_password: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -61,8 +80,13 @@ enum Command {
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         timeout: Duration,
     },
-    /// Upload a WASM module to the hub and print its digest.
-    Push { file: PathBuf },
+    /// Upload a WASM module to the hub and print its digest, or with an `oci://` reference
+    /// publish it to that registry and print the reference pinned to its digest.
+    Push {
+        file: PathBuf,
+        /// `oci://REGISTRY/REPOSITORY:TAG`.
+        destination: Option<shoal_api::oci::OciRef>,
+    },
     /// List devices or workloads.
     Get {
         #[arg(value_enum)]
@@ -148,14 +172,29 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    shoal_registry::install_crypto();
     let hub = Hub::new(&cli.hub)?;
+    let registries = registries(&cli);
     match cli.command {
         Command::Apply { file, timeout } => {
-            apply(&cli.broker, &hub, &file, timeout, cli.output).await
+            apply(&cli.broker, &hub, &registries, &file, timeout, cli.output).await
         }
-        Command::Push { file } => {
+        Command::Push {
+            file,
+            destination: None,
+        } => {
             let digest = push(&hub, &file).await?;
             println!("{digest}");
+            Ok(())
+        }
+        Command::Push {
+            file,
+            destination: Some(to),
+        } => {
+            let bytes = read_module(&file)
+                .map_err(|e| anyhow::anyhow!("module {:?}: {e}", file.display().to_string()))?;
+            let pushed = registries.push_wasm(&to, bytes).await?;
+            println!("{}", pushed.reference);
             Ok(())
         }
         Command::Get {
@@ -300,6 +339,22 @@ impl Hub {
     }
 }
 
+/// The registries `oci://` references are resolved against, with the credentials given.
+fn registries(cli: &Cli) -> shoal_registry::Registries {
+    let mut config = shoal_registry::RegistryConfig {
+        insecure: cli.insecure_registries.clone(),
+        ..Default::default()
+    };
+    if let (Some(username), Some(password)) = (&cli.registry_username, &cli.registry_password) {
+        // Given once for the command: it applies to whichever registry it talks to.
+        config.default_credentials = Some(shoal_registry::Credentials {
+            username: username.clone(),
+            password: password.clone(),
+        });
+    }
+    shoal_registry::Registries::new(config)
+}
+
 /// Reads a module file and checks that it is valid WASM; the error is the reason only.
 fn read_module(file: &Path) -> Result<Vec<u8>, String> {
     let bytes = std::fs::read(file).map_err(|e| format!("cannot read the file: {e}"))?;
@@ -329,6 +384,7 @@ fn report(errors: &[ManifestError]) -> anyhow::Error {
 async fn apply(
     broker: &BrokerUrl,
     hub: &Hub,
+    registries: &shoal_registry::Registries,
     file: &Path,
     timeout: Duration,
     output: Output,
@@ -355,6 +411,25 @@ async fn apply(
     // Upload modules given as local paths; refer to them by digest.
     let mut errors = Vec::new();
     for ((w, m), (doc, name)) in workloads.iter().zip(manifests.iter_mut()).zip(&positions) {
+        if let ModuleRef::Oci(r) = &w.module {
+            // Pin tags to the digest they point at now, so every device runs the same bytes
+            // and a tag moved later changes nothing until the next apply.
+            if !r.is_pinned() {
+                match registries.resolve(r).await {
+                    Ok(digest) => {
+                        if let Some(wasm) = m.spec.wasm.as_mut() {
+                            wasm.module = r.pinned(digest).to_string();
+                        }
+                    }
+                    Err(e) => errors.push(ManifestError {
+                        document: *doc,
+                        workload: Some(name.clone()),
+                        message: format!("spec.wasm.module: {e}"),
+                    }),
+                }
+            }
+            continue;
+        }
         if let ModuleRef::Path(p) = &w.module {
             let uploaded = match read_module(&base_dir.join(p)) {
                 Ok(bytes) => hub
@@ -595,6 +670,7 @@ fn describe(w: &WorkloadView, output: Output) -> anyhow::Result<()> {
         let module = match &spec.module {
             ModuleRef::Digest(d) => d.to_string(),
             ModuleRef::Path(p) => p.clone(),
+            ModuleRef::Oci(r) => r.to_string(),
         };
         println!("Module:     {module}");
         println!(

@@ -57,6 +57,8 @@ pub struct AgentConfig {
     pub mdns: Option<MdnsOptions>,
     /// The local API's Unix socket; `None`: no local API.
     pub socket: Option<LocalSocket>,
+    /// How to reach the OCI registries `oci://` modules come from.
+    pub registries: shoal_registry::RegistryConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,7 +104,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         })?;
     }
     let store = SledStore::open(&config.data_dir)?;
-    let fetcher = Fetcher::new(&config.data_dir)?;
+    let fetcher = Fetcher::new(
+        &config.data_dir,
+        shoal_registry::Registries::new(config.registries.clone()),
+    )?;
     let tracker = TaskTracker::new();
     let engine_stop = CancellationToken::new();
     let (runtime, ticker) = WasmRuntime::new(
@@ -168,7 +173,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         source: fetcher,
         logs_dir: config.data_dir.join("logs"),
         updates: up_tx,
-        http: reqwest::Client::new(),
+        http: crate::http_client(reqwest::Client::builder()).unwrap_or_default(),
         hub_http: hub_http_rx,
     };
     let mut agent = Agent {

@@ -1,10 +1,13 @@
 //! Module fetching: `GET {artifact_base}/v1/blobs/{digest}` from the hub, verified against the
-//! digest and cached on disk as `DATA_DIR/cache/modules/<hex>.wasm`.
+//! digest and cached on disk as `DATA_DIR/cache/modules/<hex>.wasm`; or, for a module given as
+//! a pinned `oci://` reference, pulled from its registry (manifest and layer verified by
+//! [`shoal_registry`]) and cached as `DATA_DIR/cache/modules/oci-<manifest hex>.wasm`.
 //!
 //! A cached module is used without asking the hub, which is what lets a device restart its
 //! workloads while the hub is unreachable.
 
 use shoal_api::ids::Digest;
+use shoal_api::oci::OciRef;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -22,6 +25,8 @@ pub enum FetchError {
         url: String,
         actual: String,
     },
+    #[error("cannot pull module: {0}")]
+    Registry(#[from] shoal_registry::RegistryError),
     #[error("module cache i/o error at {path:?}: {source}")]
     Io {
         path: String,
@@ -33,33 +38,57 @@ pub enum FetchError {
 pub struct Fetcher {
     dir: PathBuf,
     http: reqwest::Client,
+    registries: std::sync::Arc<shoal_registry::Registries>,
 }
 
 impl Fetcher {
-    pub fn new(data_dir: &Path) -> Result<Self, FetchError> {
+    pub fn new(
+        data_dir: &Path,
+        registries: shoal_registry::Registries,
+    ) -> Result<Self, FetchError> {
         let dir = data_dir.join("cache").join("modules");
         std::fs::create_dir_all(&dir).map_err(|source| FetchError::Io {
             path: dir.display().to_string(),
             source,
         })?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .timeout(std::time::Duration::from_secs(120))
-            .build()
-            .map_err(|e| FetchError::Http {
-                digest: String::new(),
-                url: String::new(),
-                reason: e.to_string(),
-            })?;
-        Ok(Self { dir, http })
+        let http = crate::http_client(
+            reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(5))
+                .timeout(std::time::Duration::from_secs(120)),
+        )
+        .map_err(|e| FetchError::Http {
+            digest: String::new(),
+            url: String::new(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            dir,
+            http,
+            registries: std::sync::Arc::new(registries),
+        })
     }
 
     pub fn cached_path(&self, d: &Digest) -> PathBuf {
         self.dir.join(format!("{}.wasm", d.hex()))
     }
 
-    /// Returns the path of the verified module, downloading it if it is not cached.
-    pub async fn fetch(&self, artifact_base: &str, d: &Digest) -> Result<PathBuf, FetchError> {
+    /// Returns the path of the verified module, downloading it if it is not cached: from
+    /// `oci`'s registry when given (`d` is then its manifest digest), else from the hub.
+    pub async fn fetch(
+        &self,
+        artifact_base: &str,
+        d: &Digest,
+        oci: Option<&OciRef>,
+    ) -> Result<PathBuf, FetchError> {
+        if let Some(r) = oci {
+            let path = self.dir.join(format!("oci-{}.wasm", d.hex()));
+            if !tokio::fs::try_exists(&path).await.unwrap_or(false) {
+                let pinned = r.pinned(d.clone());
+                let layer = self.registries.pull_wasm(&pinned, &path).await?;
+                tracing::info!(module = %pinned, %layer, "module pulled from its registry");
+            }
+            return Ok(path);
+        }
         let path = self.cached_path(d);
         if tokio::fs::try_exists(&path).await.unwrap_or(false) {
             return Ok(path);
@@ -134,11 +163,17 @@ pub trait ModuleSource: Clone + Send + Sync + 'static {
         &self,
         artifact_base: &str,
         digest: &Digest,
+        oci: Option<&OciRef>,
     ) -> impl std::future::Future<Output = Result<PathBuf, FetchError>> + Send;
 }
 
 impl ModuleSource for Fetcher {
-    async fn fetch(&self, artifact_base: &str, digest: &Digest) -> Result<PathBuf, FetchError> {
-        Fetcher::fetch(self, artifact_base, digest).await
+    async fn fetch(
+        &self,
+        artifact_base: &str,
+        digest: &Digest,
+        oci: Option<&OciRef>,
+    ) -> Result<PathBuf, FetchError> {
+        Fetcher::fetch(self, artifact_base, digest, oci).await
     }
 }

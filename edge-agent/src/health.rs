@@ -54,7 +54,7 @@ mod tests {
 
     #[tokio::test]
     async fn tcp_and_http_probes() {
-        let client = reqwest::Client::new();
+        let client = crate::http_client(reqwest::Client::builder()).unwrap_or_default();
         let t = Duration::from_millis(500);
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
@@ -98,9 +98,13 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let e = probe(&Check::Tcp { port: closed }, t, &reqwest::Client::new())
-            .await
-            .unwrap_err();
+        let e = probe(
+            &Check::Tcp { port: closed },
+            t,
+            &crate::http_client(reqwest::Client::builder()).unwrap_or_default(),
+        )
+        .await
+        .unwrap_err();
         assert!(e.contains(&format!("port {closed}")), "{e}");
     }
 }

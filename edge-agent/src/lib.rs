@@ -13,3 +13,10 @@ pub mod services;
 pub mod store;
 pub mod supervisor;
 pub mod wasm;
+
+/// An HTTP client for probes and downloads (after installing the TLS crypto provider, which
+/// reqwest requires in this build; see [`shoal_registry::install_crypto`]).
+pub fn http_client(builder: reqwest::ClientBuilder) -> Result<reqwest::Client, reqwest::Error> {
+    shoal_registry::install_crypto();
+    builder.build()
+}

@@ -78,6 +78,21 @@ struct RunArgs {
     /// Most replicas this device takes [default: no limit].
     #[arg(long, env = "SHOAL_AGENT_MAX_REPLICAS")]
     max_replicas: Option<u32>,
+    /// A registry (`HOST:PORT`) that may be reached over plain HTTP; loopback ones always
+    /// may. Repeat for several; adds to `[registries]` in the config file.
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    insecure_registries: Vec<String>,
+}
+
+/// One `[registries."HOST:PORT"]` table of the config file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RegistryFile {
+    /// Plain HTTP allowed (loopback registries always are).
+    #[serde(default)]
+    insecure: bool,
+    username: Option<String>,
+    password: Option<String>,
 }
 
 /// The config file. Unknown keys are errors (a typo must not be silently ignored).
@@ -94,6 +109,8 @@ struct FileConfig {
     socket: Option<PathBuf>,
     #[serde(default)]
     mdns: MdnsFile,
+    #[serde(default)]
+    registries: BTreeMap<String, RegistryFile>,
 }
 
 fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
@@ -154,7 +171,31 @@ fn agent_config(a: RunArgs) -> anyhow::Result<AgentConfig> {
     let data_dir = a.data_dir.or(file.data_dir).context(
         "no data directory: give --data-dir, SHOAL_AGENT_DATA_DIR or data-dir in a config file",
     )?;
+    let mut registries = shoal_registry::RegistryConfig {
+        insecure: a.insecure_registries,
+        ..Default::default()
+    };
+    for (host, r) in file.registries {
+        if r.insecure {
+            registries.insecure.push(host.clone());
+        }
+        match (r.username, r.password) {
+            (Some(username), Some(password)) => {
+                registries
+                    .credentials
+                    .insert(host, shoal_registry::Credentials { username, password });
+            }
+            (None, None) => {}
+            _ => {
+                return Err(bad(
+                    &format!("registries.{host:?}"),
+                    "give both username and password, or neither".into(),
+                ))
+            }
+        }
+    }
     Ok(AgentConfig {
+        registries,
         data_dir,
         device_id,
         labels,
@@ -263,6 +304,7 @@ mod tests {
             fleet: None,
             socket: None,
             mdns: MdnsArgs::default(),
+            insecure_registries: Vec::new(),
         }
     }
 
@@ -272,12 +314,31 @@ mod tests {
         let c = agent_config(args(Some(example))).unwrap();
         assert_eq!((c.fleet.as_str(), c.broker), ("greenhouse", None));
         assert_eq!(c.mdns, Some(shoal_daemon::mdns::MdnsOptions::default()));
+        assert_eq!(c.registries.insecure, ["lab-registry.lan:5000"]);
+        assert_eq!(
+            c.registries.credentials["registry.example.com"].username,
+            "greenhouse"
+        );
         let mut a = args(None);
         a.device_id = Some("d".parse().unwrap());
         a.data_dir = Some("/d".into());
         a.mdns.no_mdns = true;
         let e = agent_config(a).unwrap_err().to_string();
         assert!(e.contains("no broker and mDNS is off"), "{e}");
+    }
+
+    #[test]
+    fn registry_tables_need_both_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            "data-dir = \"/d\"\ndevice-id = \"d\"\n[registries.\"r.lan:5000\"]\nusername = \"u\"\n",
+        )
+        .unwrap();
+        let e = agent_config(args(Some(file))).unwrap_err().to_string();
+        assert!(e.contains("registries.\"r.lan:5000\""), "{e}");
+        assert!(e.contains("both username and password"), "{e}");
     }
 
     #[test]

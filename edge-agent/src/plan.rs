@@ -99,6 +99,7 @@ mod tests {
             replica,
             revision: rev.into(),
             module: Digest::of(b"m"),
+            oci: None,
             args: vec![],
             env: Default::default(),
             resources: Resources {

@@ -198,6 +198,7 @@ mod tests {
             replica,
             revision: "r".into(),
             module: shoal_api::ids::Digest::of(b"m"),
+            oci: None,
             args: vec![],
             env: BTreeMap::new(),
             resources: Resources {

@@ -134,7 +134,7 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
             };
             let fetched = tokio::select! {
                 _ = cancel.cancelled() => return,
-                f = shared.source.fetch(&base, &desired.module) => f,
+                f = shared.source.fetch(&base, &desired.module, desired.oci.as_ref()) => f,
             };
             match fetched {
                 Ok(p) => break p,
@@ -313,7 +313,12 @@ mod tests {
     #[derive(Clone)]
     struct FakeSource;
     impl ModuleSource for FakeSource {
-        async fn fetch(&self, _b: &str, _d: &Digest) -> Result<PathBuf, FetchError> {
+        async fn fetch(
+            &self,
+            _b: &str,
+            _d: &Digest,
+            _oci: Option<&shoal_api::oci::OciRef>,
+        ) -> Result<PathBuf, FetchError> {
             Ok(PathBuf::from("/dev/null"))
         }
     }
@@ -324,6 +329,7 @@ mod tests {
             replica: 0,
             revision: "r".into(),
             module: Digest::of(b"m"),
+            oci: None,
             args: vec![],
             env: Default::default(),
             resources: Resources {
@@ -356,7 +362,7 @@ mod tests {
             source: FakeSource,
             logs_dir: dir.path().to_path_buf(),
             updates: tx,
-            http: reqwest::Client::new(),
+            http: crate::http_client(reqwest::Client::builder()).unwrap_or_default(),
             hub_http: watch::channel(None).1,
         };
         let cancel = CancellationToken::new();
@@ -447,7 +453,7 @@ mod tests {
             source: FakeSource,
             logs_dir: dir.path().to_path_buf(),
             updates: tx,
-            http: reqwest::Client::new(),
+            http: crate::http_client(reqwest::Client::builder()).unwrap_or_default(),
             hub_http: watch::channel(None).1,
         };
         let closed = {

@@ -110,6 +110,12 @@ impl BlobStore {
                 ModuleRef::Path(p) => errs.push(err(format!(
                     "spec.wasm.module {p:?} is a local file path, which the hub cannot read: apply it with `shoal apply` (which uploads it) or upload it with `shoal push` and use the printed sha256 digest"
                 ))),
+                ModuleRef::Oci(r) if !r.is_pinned() => errs.push(err(format!(
+                    "spec.wasm.module {:?} is not pinned: the hub sends devices digests, not tags; give {r}@sha256:<manifest digest>, or apply with `shoal apply`, which pins tags itself",
+                    r.to_string()
+                ))),
+                // Devices pull and validate it; the hub does not reach into registries.
+                ModuleRef::Oci(_) => {}
                 ModuleRef::Digest(d) if !self.has(d) => errs.push(err(format!(
                     "spec.wasm.module {:?} is missing: the hub has no blob with that digest (upload it with `shoal push FILE`)",
                     d.as_str()
@@ -143,5 +149,30 @@ mod tests {
         let bad = s.put(b"not wasm at all").unwrap();
         assert!(s.validate_wasm(&bad).is_err());
         assert!(matches!(s.put(b""), Err(BlobError::Empty)));
+    }
+
+    #[test]
+    fn oci_modules_must_be_pinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        let text = |m: &str| {
+            format!("apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: w }}\nspec:\n  wasm: {{ module: \"{m}\" }}\n")
+        };
+        let tag = shoal_api::workload::parse_workloads(&text("oci://localhost:5000/a:v1")).unwrap();
+        let errs = s.check_modules(&[(1, &tag[0])]);
+        assert_eq!(errs.len(), 1);
+        assert!(
+            errs[0]
+                .message
+                .contains("\"oci://localhost:5000/a:v1\" is not pinned"),
+            "{}",
+            errs[0].message
+        );
+        let pinned = shoal_api::workload::parse_workloads(&text(&format!(
+            "oci://localhost:5000/a:v1@{}",
+            shoal_api::ids::Digest::of(b"m")
+        )))
+        .unwrap();
+        assert!(s.check_modules(&[(1, &pinned[0])]).is_empty());
     }
 }

@@ -337,6 +337,61 @@ impl Agent {
     }
 }
 
+/// Debian's docker-registry (the CNCF distribution registry) on a private loopback port,
+/// storing under the test's directory.
+pub struct Registry {
+    pub proc: Proc,
+    pub port: u16,
+    pub storage: PathBuf,
+}
+
+impl Registry {
+    pub fn start(dir: &Path) -> Result<Registry> {
+        let exe = ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"]
+            .into_iter()
+            .find(|p| Path::new(p).is_file())
+            .context("docker-registry is not installed (apt-get install docker-registry)")?;
+        let port = free_port();
+        let storage = dir.join(format!("registry-{port}"));
+        let conf = dir.join(format!("registry-{port}.yml"));
+        std::fs::write(
+            &conf,
+            format!(
+                "version: 0.1\nlog: {{ level: warn }}\nstorage:\n  filesystem: {{ rootdirectory: {} }}\n  delete: {{ enabled: true }}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                storage.display()
+            ),
+        )?;
+        let proc = Proc::spawn(
+            "docker-registry",
+            Command::new(exe).arg("serve").arg(&conf),
+            dir.join(format!("registry-{port}.log")),
+        )?;
+        wait_until(Duration::from_secs(10), "registry answering /v2/", || {
+            Ok(http_get(port, "/v2/").is_ok().then_some(()))
+        })?;
+        Ok(Registry {
+            proc,
+            port,
+            storage,
+        })
+    }
+
+    /// `oci://127.0.0.1:PORT/{repo_tag}`.
+    pub fn reference(&self, repo_tag: &str) -> String {
+        format!("oci://127.0.0.1:{}/{repo_tag}", self.port)
+    }
+
+    /// Where the registry keeps the blob `sha256:HEX` (to tamper with it).
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.storage
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
+
 /// Debian's mosquitto on a private loopback port, no persistence.
 pub struct Mosquitto {
     pub proc: Proc,

@@ -1,0 +1,296 @@
+//! OCI artifact references as manifests write them: `oci://REGISTRY/REPOSITORY[:TAG][@sha256:HEX]`.
+//!
+//! The registry is always explicit (no implicit `docker.io`): an edge fleet pulls from
+//! registries its operator names. A reference with a digest is *pinned*: what the hub stores
+//! and sends to devices is always pinned, so every device runs the same bytes and the digest
+//! travels in the desired state (`shoal apply` pins tags before sending). Pure parsing, no I/O.
+//! The grammar follows the OCI distribution spec (repository path components of lowercase
+//! alphanumerics with `.`, `_`, `__`, `-` separators; tags of at most 128 characters).
+
+use crate::ids::Digest;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// The scheme that marks a module or image as living in an OCI registry.
+pub const SCHEME: &str = "oci://";
+
+/// Why a reference was refused; quotes the reference.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("OCI reference {value:?} is invalid: {reason}")]
+pub struct OciRefError {
+    pub value: String,
+    pub reason: String,
+}
+
+/// A parsed `oci://` reference.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct OciRef {
+    /// `host[:port]`.
+    pub registry: String,
+    pub repository: String,
+    pub tag: Option<String>,
+    /// The manifest digest; `Some` means pinned.
+    pub digest: Option<Digest>,
+}
+
+impl OciRef {
+    pub fn is_pinned(&self) -> bool {
+        self.digest.is_some()
+    }
+
+    /// The same reference pinned to `digest` (the tag is kept for people to read).
+    pub fn pinned(&self, digest: Digest) -> Self {
+        Self {
+            digest: Some(digest),
+            ..self.clone()
+        }
+    }
+
+    /// Without the `oci://` scheme: what registry clients parse.
+    pub fn without_scheme(&self) -> String {
+        let mut s = format!("{}/{}", self.registry, self.repository);
+        if let Some(t) = &self.tag {
+            s.push(':');
+            s.push_str(t);
+        }
+        if let Some(d) = &self.digest {
+            s.push('@');
+            s.push_str(d.as_str());
+        }
+        s
+    }
+
+    /// The registry's host without the port.
+    pub fn host(&self) -> &str {
+        host_of(&self.registry)
+    }
+
+    /// Whether the registry is on a loopback address (`localhost`, 127.0.0.0/8): plain HTTP
+    /// is allowed there without being asked, as Docker does.
+    pub fn is_loopback(&self) -> bool {
+        let h = self.host();
+        h.eq_ignore_ascii_case("localhost")
+            || h.parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
+/// `host` of `host[:port]`.
+pub fn host_of(registry: &str) -> &str {
+    match registry.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => registry,
+    }
+}
+
+fn err(value: &str, reason: impl Into<String>) -> OciRefError {
+    OciRefError {
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn check_registry(value: &str, reg: &str) -> Result<(), OciRefError> {
+    let host = host_of(reg);
+    if host.is_empty()
+        || !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+    {
+        return Err(err(
+            value,
+            format!("registry {reg:?} must be a host name or IPv4 address, with an optional :port"),
+        ));
+    }
+    if host != reg {
+        let port = &reg[host.len() + 1..];
+        if port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(err(
+                value,
+                format!("registry port {port:?} is not a port number"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_repository(value: &str, repo: &str) -> Result<(), OciRefError> {
+    if repo.is_empty() {
+        return Err(err(
+            value,
+            "the repository is missing: expected oci://REGISTRY/REPOSITORY[:TAG]",
+        ));
+    }
+    if repo.len() > 255 {
+        return Err(err(value, "the repository is longer than 255 characters"));
+    }
+    for part in repo.split('/') {
+        let ok = !part.is_empty()
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+            && part
+                .bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_alphanumeric())
+            && part
+                .bytes()
+                .last()
+                .is_some_and(|b| b.is_ascii_alphanumeric());
+        if !ok {
+            return Err(err(
+                value,
+                format!(
+                    "repository component {part:?} must be lowercase letters and digits, separated by '.', '_' or '-'"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_tag(value: &str, tag: &str) -> Result<(), OciRefError> {
+    let ok = !tag.is_empty()
+        && tag.len() <= 128
+        && tag
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(err(
+            value,
+            format!("tag {tag:?} must be 1-128 letters, digits, '_', '.' or '-', not starting with '.' or '-'"),
+        ))
+    }
+}
+
+impl FromStr for OciRef {
+    type Err = OciRefError;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let rest = value
+            .strip_prefix(SCHEME)
+            .ok_or_else(|| err(value, "it must start with oci://"))?;
+        let (rest, digest) = match rest.split_once('@') {
+            Some((r, d)) => (
+                r,
+                Some(
+                    d.parse::<Digest>()
+                        .map_err(|e| err(value, format!("bad digest: {e}")))?,
+                ),
+            ),
+            None => (rest, None),
+        };
+        let (registry, path) = rest.split_once('/').ok_or_else(|| {
+            err(
+                value,
+                "the registry is missing: expected oci://REGISTRY/REPOSITORY[:TAG]",
+            )
+        })?;
+        check_registry(value, registry)?;
+        // A ':' after the last '/' starts the tag.
+        let (repository, tag) = match path.rsplit_once(':') {
+            Some((repo, tag)) if !tag.contains('/') => (repo, Some(tag)),
+            _ => (path, None),
+        };
+        check_repository(value, repository)?;
+        if let Some(t) = tag {
+            check_tag(value, t)?;
+        }
+        if tag.is_none() && digest.is_none() {
+            return Err(err(value, "give a :TAG or an @sha256: digest"));
+        }
+        Ok(Self {
+            registry: registry.to_string(),
+            repository: repository.to_string(),
+            tag: tag.map(str::to_string),
+            digest,
+        })
+    }
+}
+
+impl TryFrom<String> for OciRef {
+    type Error = OciRefError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<OciRef> for String {
+    fn from(r: OciRef) -> String {
+        r.to_string()
+    }
+}
+
+impl fmt::Display for OciRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{SCHEME}{}", self.without_scheme())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: &str = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+
+    #[test]
+    fn parses_and_prints_back() {
+        for s in [
+            "oci://localhost:5000/hello:v1".to_string(),
+            format!("oci://registry.example.com/team/sensor@{D}"),
+            format!("oci://127.0.0.1:5000/a/b-c/d_e:1.2.3@{D}"),
+        ] {
+            let r: OciRef = s.parse().unwrap();
+            assert_eq!(r.to_string(), s);
+        }
+        let r: OciRef = "oci://localhost:5000/a/hello:v1".parse().unwrap();
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str(), r.tag.as_deref()),
+            ("localhost:5000", "a/hello", Some("v1"))
+        );
+        assert!(!r.is_pinned() && r.is_loopback());
+        let p = r.pinned(D.parse().unwrap());
+        assert_eq!(p.without_scheme(), format!("localhost:5000/a/hello:v1@{D}"));
+        assert!(!"oci://r.example.com/x:1"
+            .parse::<OciRef>()
+            .unwrap()
+            .is_loopback());
+        assert!("oci://127.0.0.9:80/x:1"
+            .parse::<OciRef>()
+            .unwrap()
+            .is_loopback());
+    }
+
+    #[test]
+    fn bad_references_say_why() {
+        for (s, why) in [
+            ("localhost:5000/x:v1", "must start with oci://"),
+            ("oci://hello:v1", "the registry is missing"),
+            (
+                "oci://localhost:5000/x",
+                "give a :TAG or an @sha256: digest",
+            ),
+            (
+                "oci://localhost:5000/Hello:v1",
+                "repository component \"Hello\"",
+            ),
+            ("oci://localhost:5000/x:-v1", "tag \"-v1\""),
+            ("oci://localhost:0/x:v1", "registry port \"0\""),
+            ("oci://local_host/x:v1", "registry \"local_host\""),
+            ("oci://localhost/x@sha256:12", "bad digest"),
+            ("oci://localhost//x:1", "repository component \"\""),
+        ] {
+            let e = s.parse::<OciRef>().unwrap_err().to_string();
+            assert!(e.contains(why), "{s}: {e}");
+            assert!(e.contains(&format!("{s:?}")), "{e}");
+        }
+    }
+}

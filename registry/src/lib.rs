@@ -1,0 +1,508 @@
+//! Shoal's OCI registry client, the only code that names `oci-client`.
+//!
+//! - [`Registries::resolve`] pins a tag to its manifest digest (what `shoal apply` does before
+//!   it sends a manifest, so that every device runs the same bytes).
+//! - [`Registries::pull_wasm`] fetches a pinned WASM artifact: the manifest by digest, then
+//!   its one wasm layer, each verified against its digest and a size cap, written atomically.
+//! - [`Registries::push_wasm`] publishes a module or component in the layout of the CNCF
+//!   "Wasm OCI Artifact" spec (what `wkg oci push` writes): an OCI image manifest with config
+//!   `application/vnd.wasm.config.v0+json` and one `application/wasm` layer.
+//!
+//! Transport policy: HTTPS always, except for registries on loopback addresses and those
+//! named as insecure (`--insecure-registry HOST:PORT`), which may use plain HTTP, as Docker
+//! allows. One `oci-client` client per registry, so each gets its own credentials and
+//! protocol (the crate stores credentials per registry and keeps the first it is given).
+
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::manifest::{OciImageManifest, OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use shoal_api::ids::Digest;
+use shoal_api::oci::OciRef;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Mutex;
+use tokio::io::AsyncWriteExt;
+
+/// Layer media types taken as a wasm module or component on pull: the CNCF one first, then
+/// those of wasm-to-oci and of older wasmCloud releases.
+pub const WASM_LAYER_TYPES: [&str; 3] = [
+    "application/wasm",
+    "application/vnd.wasm.content.layer.v1+wasm",
+    "application/vnd.module.wasm.content.layer.v1+wasm",
+];
+/// The config media type of the CNCF layout.
+pub const WASM_CONFIG_TYPE: &str = "application/vnd.wasm.config.v0+json";
+/// Largest module pulled unless configured otherwise.
+pub const DEFAULT_MAX_MODULE_BYTES: u64 = 256 << 20;
+
+/// Manifest media types asked for (docker-registry answers 404 to a GET that does not accept
+/// the OCI ones).
+const MANIFEST_TYPES: [&str; 4] = [
+    OCI_IMAGE_MEDIA_TYPE,
+    OCI_IMAGE_INDEX_MEDIA_TYPE,
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{reference} is not pinned: pulls need an @sha256: manifest digest")]
+    Unpinned { reference: String },
+    #[error("{reference}: {reason}")]
+    Registry { reference: String, reason: String },
+    #[error("{reference} is not a wasm artifact: {reason}")]
+    NotWasm { reference: String, reason: String },
+    #[error("{reference}: {what} {expected} failed verification: its content hashes to {actual}")]
+    Digest {
+        reference: String,
+        what: &'static str,
+        expected: String,
+        actual: String,
+    },
+    #[error("{reference}: {what} is larger than {limit} bytes")]
+    TooLarge {
+        reference: String,
+        what: &'static str,
+        limit: u64,
+    },
+    #[error("{path:?}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Credentials for one registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+/// How to reach registries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegistryConfig {
+    /// `host:port` of registries that may be reached over plain HTTP (loopback ones always may).
+    pub insecure: Vec<String>,
+    /// Per `host[:port]`.
+    pub credentials: BTreeMap<String, Credentials>,
+    /// For registries without their own entry (a command line given one user).
+    pub default_credentials: Option<Credentials>,
+    /// Largest module [`Registries::pull_wasm`] accepts; 0 means the default.
+    pub max_module_bytes: u64,
+}
+
+/// What a push published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pushed {
+    /// The reference pinned to the manifest digest.
+    pub reference: OciRef,
+    /// The wasm layer's digest (the module's own sha256).
+    pub layer: Digest,
+}
+
+/// A set of registries, with one client each (created on first use).
+pub struct Registries {
+    config: RegistryConfig,
+    clients: Mutex<HashMap<String, Client>>,
+}
+
+impl std::fmt::Debug for Registries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registries")
+            .field("insecure", &self.config.insecure)
+            .field("credentials", &self.config.credentials.keys())
+            .finish()
+    }
+}
+
+/// Installs the process-wide rustls crypto provider (ring), which every reqwest client of the
+/// process needs once this crate is linked: cargo unifies reqwest's features, so even a
+/// plain-HTTP client panics without one. ring cross-compiles to ARM with just gcc. Calling it
+/// again is harmless.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl Registries {
+    pub fn new(config: RegistryConfig) -> Self {
+        install_crypto();
+        Self {
+            config,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether plain HTTP is allowed to `r`'s registry.
+    pub fn allows_http(&self, r: &OciRef) -> bool {
+        r.is_loopback() || self.config.insecure.contains(&r.registry)
+    }
+
+    fn client(&self, r: &OciRef) -> Result<Client, RegistryError> {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(&r.registry) {
+            return Ok(c.clone());
+        }
+        let protocol = if self.allows_http(r) {
+            ClientProtocol::HttpsExcept(vec![r.registry.clone()])
+        } else {
+            ClientProtocol::Https
+        };
+        let config = ClientConfig {
+            protocol,
+            connect_timeout: Some(std::time::Duration::from_secs(10)),
+            read_timeout: Some(std::time::Duration::from_secs(60)),
+            ..Default::default()
+        };
+        let client = Client::try_from(config).map_err(|e| RegistryError::Registry {
+            reference: r.to_string(),
+            reason: format!("cannot build a client: {e}"),
+        })?;
+        clients.insert(r.registry.clone(), client.clone());
+        Ok(client)
+    }
+
+    fn auth(&self, r: &OciRef) -> RegistryAuth {
+        match self
+            .config
+            .credentials
+            .get(&r.registry)
+            .or(self.config.default_credentials.as_ref())
+        {
+            Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
+            None => RegistryAuth::Anonymous,
+        }
+    }
+
+    fn reference(r: &OciRef) -> Result<Reference, RegistryError> {
+        r.without_scheme()
+            .parse::<Reference>()
+            .map_err(|e| RegistryError::Registry {
+                reference: r.to_string(),
+                reason: format!("unusable reference: {e}"),
+            })
+    }
+
+    fn failed(r: &OciRef, what: &str, e: impl std::fmt::Display) -> RegistryError {
+        RegistryError::Registry {
+            reference: r.to_string(),
+            reason: format!("{what}: {e}"),
+        }
+    }
+
+    /// The manifest digest `r` points at now (a tag's current target).
+    pub async fn resolve(&self, r: &OciRef) -> Result<Digest, RegistryError> {
+        let client = self.client(r)?;
+        let reference = Self::reference(r)?;
+        let (_, digest) = client
+            .pull_manifest_raw(&reference, &self.auth(r), &MANIFEST_TYPES)
+            .await
+            .map_err(|e| Self::failed(r, "cannot fetch the manifest", e))?;
+        digest
+            .parse::<Digest>()
+            .map_err(|e| Self::failed(r, "the registry gave a bad digest", e))
+    }
+
+    /// Pulls the pinned wasm artifact `r` into `dest` (written atomically, only once
+    /// verified). Returns the wasm layer's digest.
+    pub async fn pull_wasm(&self, r: &OciRef, dest: &Path) -> Result<Digest, RegistryError> {
+        let Some(pin) = &r.digest else {
+            return Err(RegistryError::Unpinned {
+                reference: r.to_string(),
+            });
+        };
+        let client = self.client(r)?;
+        let reference = Self::reference(r)?;
+        let auth = self.auth(r);
+        let (bytes, _) = client
+            .pull_manifest_raw(&reference, &auth, &MANIFEST_TYPES)
+            .await
+            .map_err(|e| Self::failed(r, "cannot fetch the manifest", e))?;
+        let actual = Digest::of(&bytes);
+        if actual != *pin {
+            return Err(RegistryError::Digest {
+                reference: r.to_string(),
+                what: "manifest",
+                expected: pin.to_string(),
+                actual: actual.to_string(),
+            });
+        }
+        let layer = wasm_layer(r, &bytes)?;
+        let limit = match self.config.max_module_bytes {
+            0 => DEFAULT_MAX_MODULE_BYTES,
+            n => n,
+        };
+        if u64::try_from(layer.size).unwrap_or(u64::MAX) > limit {
+            return Err(RegistryError::TooLarge {
+                reference: r.to_string(),
+                what: "the wasm layer",
+                limit,
+            });
+        }
+        let expected: Digest = layer
+            .digest
+            .parse()
+            .map_err(|e| Self::failed(r, "the manifest names a bad layer digest", e))?;
+        let mut stream = client
+            .pull_blob_stream(&reference, &layer)
+            .await
+            .map_err(|e| Self::failed(r, "cannot fetch the wasm layer", e))?;
+        // Streamed into a temporary file next to `dest`, hashed on the way, and renamed only
+        // once the digest matches: a cut or tampered download never becomes the module.
+        let tmp = dest.with_extension(format!("part-{}", rand::random::<u32>()));
+        let io = |p: &Path| {
+            let path = p.display().to_string();
+            move |source| RegistryError::Io { path, source }
+        };
+        let result = async {
+            let mut file = tokio::fs::File::create(&tmp).await.map_err(io(&tmp))?;
+            let mut hash = Sha256::new();
+            let mut total = 0u64;
+            use futures_util::StreamExt;
+            while let Some(chunk) = stream.next().await {
+                // oci-client checks the digest too and reports a mismatch as a stream error.
+                let chunk = chunk.map_err(|e| RegistryError::Registry {
+                    reference: r.to_string(),
+                    reason: format!(
+                        "the wasm layer {expected} failed verification or its download broke: {e}"
+                    ),
+                })?;
+                total += chunk.len() as u64;
+                if total > limit {
+                    return Err(RegistryError::TooLarge {
+                        reference: r.to_string(),
+                        what: "the wasm layer",
+                        limit,
+                    });
+                }
+                hash.update(&chunk);
+                file.write_all(&chunk).await.map_err(io(&tmp))?;
+            }
+            let actual = format!("sha256:{}", hex::encode(hash.finalize()));
+            if actual != expected.as_str() {
+                return Err(RegistryError::Digest {
+                    reference: r.to_string(),
+                    what: "wasm layer",
+                    expected: expected.to_string(),
+                    actual,
+                });
+            }
+            file.sync_all().await.map_err(io(&tmp))?;
+            tokio::fs::rename(&tmp, dest).await.map_err(io(dest))?;
+            Ok(())
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        result.map(|()| expected)
+    }
+
+    /// Publishes `wasm` (a module or component) at `r` (a tag). Returns `r` pinned.
+    pub async fn push_wasm(&self, r: &OciRef, wasm: Vec<u8>) -> Result<Pushed, RegistryError> {
+        let kind = shoal_api::wasm::kind(&wasm).map_err(|reason| RegistryError::NotWasm {
+            reference: r.to_string(),
+            reason,
+        })?;
+        let client = self.client(r)?;
+        let reference = Self::reference(r)?;
+        client
+            .auth(
+                &reference,
+                &self.auth(r),
+                oci_client::RegistryOperation::Push,
+            )
+            .await
+            .map_err(|e| Self::failed(r, "authentication failed", e))?;
+        let layer = Digest::of(&wasm);
+        let layer_size = wasm.len();
+        let config = wasm_config(&layer, kind, std::time::SystemTime::now());
+        let config_digest = Digest::of(&config);
+        let config_size = config.len();
+        client
+            .push_blob(&reference, wasm, layer.as_str())
+            .await
+            .map_err(|e| Self::failed(r, "cannot upload the wasm layer", e))?;
+        client
+            .push_blob(&reference, config, config_digest.as_str())
+            .await
+            .map_err(|e| Self::failed(r, "cannot upload the config", e))?;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_IMAGE_MEDIA_TYPE,
+            "config": {
+                "mediaType": WASM_CONFIG_TYPE,
+                "digest": config_digest.as_str(),
+                "size": config_size,
+            },
+            "layers": [{
+                "mediaType": WASM_LAYER_TYPES[0],
+                "digest": layer.as_str(),
+                "size": layer_size,
+            }],
+        });
+        // Serialized here, so the digest is of exactly the bytes the registry stores.
+        let body = serde_json::to_vec(&manifest).map_err(|e| Self::failed(r, "manifest", e))?;
+        let digest = Digest::of(&body);
+        let content_type = http::HeaderValue::from_static(OCI_IMAGE_MEDIA_TYPE);
+        client
+            .push_manifest_raw(&reference, body, content_type)
+            .await
+            .map_err(|e| Self::failed(r, "cannot upload the manifest", e))?;
+        Ok(Pushed {
+            reference: r.pinned(digest),
+            layer,
+        })
+    }
+}
+
+/// The one wasm layer of the manifest `bytes`.
+fn wasm_layer(
+    r: &OciRef,
+    bytes: &[u8],
+) -> Result<oci_client::manifest::OciDescriptor, RegistryError> {
+    let not_wasm = |reason: String| RegistryError::NotWasm {
+        reference: r.to_string(),
+        reason,
+    };
+    let value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| not_wasm(format!("the manifest is not JSON: {e}")))?;
+    let media = value["mediaType"].as_str().unwrap_or_default();
+    if media == OCI_IMAGE_INDEX_MEDIA_TYPE || value.get("manifests").is_some() {
+        return Err(not_wasm(
+            "it is an image index (a multi-platform container image?), not a single artifact"
+                .into(),
+        ));
+    }
+    let manifest: OciImageManifest = serde_json::from_value(value)
+        .map_err(|e| not_wasm(format!("the manifest is not an OCI image manifest: {e}")))?;
+    let mut wasm = manifest
+        .layers
+        .iter()
+        .filter(|l| WASM_LAYER_TYPES.contains(&l.media_type.as_str()));
+    match (wasm.next(), wasm.next()) {
+        (Some(l), None) => Ok(l.clone()),
+        (None, _) => {
+            let types: Vec<&str> = manifest
+                .layers
+                .iter()
+                .map(|l| l.media_type.as_str())
+                .collect();
+            Err(not_wasm(format!(
+                "no layer has a wasm media type ({}); its layers are {types:?}",
+                WASM_LAYER_TYPES.join(", ")
+            )))
+        }
+        (Some(_), Some(_)) => Err(not_wasm(
+            "it has several wasm layers (a Spin application?); expected exactly one".into(),
+        )),
+    }
+}
+
+/// The config blob of the CNCF layout. `exports`/`imports` are left empty: filling them
+/// needs a WIT decoder, and no puller we know of relies on them.
+fn wasm_config(layer: &Digest, kind: shoal_api::wasm::Kind, now: std::time::SystemTime) -> Vec<u8> {
+    let component = matches!(kind, shoal_api::wasm::Kind::Component);
+    let config = serde_json::json!({
+        "created": humantime::format_rfc3339_seconds(now).to_string(),
+        "author": null,
+        "architecture": "wasm",
+        "os": if component { "wasip2" } else { "wasip1" },
+        "layerDigests": [layer.as_str()],
+        "component": if component {
+            serde_json::json!({ "exports": [], "imports": [], "target": null })
+        } else {
+            serde_json::Value::Null
+        },
+    });
+    serde_json::to_vec(&config).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(s: &str) -> OciRef {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn plain_http_only_for_loopback_and_named_registries() {
+        let regs = Registries::new(RegistryConfig {
+            insecure: vec!["lab.example:5000".into()],
+            ..Default::default()
+        });
+        assert!(regs.allows_http(&r("oci://localhost:5000/a:1")));
+        assert!(regs.allows_http(&r("oci://127.0.0.1:5000/a:1")));
+        assert!(regs.allows_http(&r("oci://lab.example:5000/a:1")));
+        assert!(!regs.allows_http(&r("oci://lab.example:5001/a:1")));
+        assert!(!regs.allows_http(&r("oci://registry.example.com/a:1")));
+    }
+
+    #[test]
+    fn picks_the_one_wasm_layer_and_says_why_otherwise() {
+        let reference = r("oci://localhost:5000/a:1");
+        let layer = |t: &str| serde_json::json!({"mediaType": t, "digest": format!("sha256:{}", "a".repeat(64)), "size": 3});
+        let manifest = |layers: Vec<serde_json::Value>| {
+            serde_json::to_vec(&serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": OCI_IMAGE_MEDIA_TYPE,
+                "config": {"mediaType": WASM_CONFIG_TYPE, "digest": format!("sha256:{}", "b".repeat(64)), "size": 2},
+                "layers": layers,
+            }))
+            .unwrap()
+        };
+        for t in WASM_LAYER_TYPES {
+            let got = wasm_layer(&reference, &manifest(vec![layer(t)])).unwrap();
+            assert_eq!(got.media_type, t);
+        }
+        let e = wasm_layer(
+            &reference,
+            &manifest(vec![layer("application/vnd.oci.image.layer.v1.tar+gzip")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("no layer has a wasm media type"), "{e}");
+        assert!(e.contains("oci://localhost:5000/a:1"), "{e}");
+        let e = wasm_layer(
+            &reference,
+            &manifest(vec![layer("application/wasm"), layer("application/wasm")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("several wasm layers"), "{e}");
+        let index = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_IMAGE_INDEX_MEDIA_TYPE, "manifests": []
+        }))
+        .unwrap();
+        let e = wasm_layer(&reference, &index).unwrap_err().to_string();
+        assert!(e.contains("image index"), "{e}");
+    }
+
+    #[test]
+    fn config_follows_the_cncf_layout() {
+        let d = Digest::of(b"x");
+        let c: serde_json::Value = serde_json::from_slice(&wasm_config(
+            &d,
+            shoal_api::wasm::Kind::Component,
+            std::time::UNIX_EPOCH,
+        ))
+        .unwrap();
+        assert_eq!(c["created"], "1970-01-01T00:00:00Z");
+        assert_eq!(c["os"], "wasip2");
+        assert_eq!(c["layerDigests"][0], d.as_str());
+        assert_eq!(c["component"]["exports"], serde_json::json!([]));
+        let c: serde_json::Value = serde_json::from_slice(&wasm_config(
+            &d,
+            shoal_api::wasm::Kind::Module,
+            std::time::UNIX_EPOCH,
+        ))
+        .unwrap();
+        assert_eq!(c["os"], "wasip1");
+        assert!(c["component"].is_null());
+    }
+}
