@@ -45,8 +45,14 @@ pub struct WorkloadSpec {
     /// (fill the most loaded device that fits).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<String>,
+    /// The WASM variant. A workload has it, `container`, or both (then WASM runs where it can).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wasm: Option<WasmSpec>,
+    /// The container variant, run through containerd on devices that offer it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerSpec>,
+    /// Arguments: the module's argv, or the container's command arguments (replacing the
+    /// image's `Cmd`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -94,6 +100,23 @@ pub struct WasmSpec {
     /// Optional expected digest of the module (hex, with or without `sha256:`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ContainerSpec {
+    /// `oci://REGISTRY/REPOSITORY:TAG` (or `@sha256:`); `shoal apply` pins tags.
+    pub image: String,
+    /// Replaces the image's entrypoint; default: the image's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// The root filesystem is read-only unless this is `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only_root_filesystem: Option<bool>,
+    /// Platforms the image offers (`linux/arm64`, `linux/arm/v7`, ...); the scheduler only
+    /// sends the container to devices of these. `shoal apply` fills it from the image index.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub platforms: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

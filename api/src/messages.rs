@@ -79,11 +79,16 @@ pub struct DesiredWorkload {
     pub replica: u32,
     /// Changes whenever a restart is needed.
     pub revision: String,
-    /// The module: a hub blob's digest, or with `oci` the pinned manifest's digest.
-    pub module: Digest,
+    /// The WASM variant's module: a hub blob's digest, or with `oci` the pinned manifest's
+    /// digest. Absent when the replica runs its container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<Digest>,
     /// Where to pull the module when it is not a hub blob: a pinned OCI reference.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oci: Option<crate::oci::OciRef>,
+    /// The container variant, when the replica runs it (then `module` is absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<crate::workload::Container>,
     #[serde(default)]
     pub args: Vec<String>,
     #[serde(default)]
@@ -99,18 +104,32 @@ pub struct DesiredWorkload {
 }
 
 impl DesiredWorkload {
-    /// Builds a device's view of replica `replica` of `w`; `None` when its module is not a
-    /// hub blob (the hub never stores such workloads).
-    pub fn from_workload(w: &Workload, replica: u32) -> Option<Self> {
+    /// Builds a device's view of replica `replica` of `w` running `variant`; `None` when that
+    /// variant is missing or its module is not a hub blob or pinned reference (the hub never
+    /// stores such workloads).
+    pub fn from_workload(
+        w: &Workload,
+        replica: u32,
+        variant: crate::workload::Variant,
+    ) -> Option<Self> {
+        let (module, oci, container) = match variant {
+            crate::workload::Variant::Wasm => (
+                Some(w.digest()?.clone()),
+                match &w.module {
+                    Some(crate::workload::ModuleRef::Oci(r)) => Some(r.clone()),
+                    _ => None,
+                },
+                None,
+            ),
+            crate::workload::Variant::Container => (None, None, Some(w.container.clone()?)),
+        };
         Some(Self {
             name: w.name.clone(),
             replica,
             revision: w.revision(),
-            module: w.digest()?.clone(),
-            oci: match &w.module {
-                crate::workload::ModuleRef::Oci(r) => Some(r.clone()),
-                _ => None,
-            },
+            module,
+            oci,
+            container,
             args: w.args.clone(),
             env: w.env.clone(),
             resources: w.resources,

@@ -235,9 +235,103 @@ impl fmt::Display for OciRef {
     }
 }
 
+/// An image platform, `os/architecture[/variant]` as OCI image indexes name them
+/// (`linux/amd64`, `linux/arm64`, `linux/arm/v7`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    /// Whether a device reporting `arch` (Rust's `std::env::consts::ARCH`: `x86_64`,
+    /// `aarch64`, `arm`, ...) on Linux can run images of this platform.
+    pub fn runs_on(&self, arch: &str) -> bool {
+        self.os == "linux" && self.architecture == oci_arch(arch)
+    }
+}
+
+/// The OCI architecture name of a Rust target architecture.
+pub fn oci_arch(rust_arch: &str) -> &str {
+    match rust_arch {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        other => other, // arm, riscv64, s390x, mips64 are spelled the same
+    }
+}
+
+impl FromStr for Platform {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parts: Vec<&str> = s.split('/').collect();
+        let ok = |p: &str| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        };
+        match parts.as_slice() {
+            [os, arch] | [os, arch, _] if ok(os) && ok(arch) && parts.iter().all(|p| ok(p)) => {
+                Ok(Self {
+                    os: (*os).to_string(),
+                    architecture: (*arch).to_string(),
+                    variant: parts.get(2).map(|v| (*v).to_string()),
+                })
+            }
+            _ => Err(format!(
+                "platform {s:?} is invalid: expected os/architecture[/variant], e.g. linux/arm64 or linux/arm/v7"
+            )),
+        }
+    }
+}
+
+impl TryFrom<String> for Platform {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<Platform> for String {
+    fn from(p: Platform) -> String {
+        p.to_string()
+    }
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn platforms_parse_and_match_device_arches() {
+        let p: Platform = "linux/arm/v7".parse().unwrap();
+        assert_eq!(p.to_string(), "linux/arm/v7");
+        assert!(p.runs_on("arm") && !p.runs_on("aarch64"));
+        let p: Platform = "linux/arm64".parse().unwrap();
+        assert!(p.runs_on("aarch64"));
+        assert!("linux/amd64".parse::<Platform>().unwrap().runs_on("x86_64"));
+        assert!(!"windows/amd64"
+            .parse::<Platform>()
+            .unwrap()
+            .runs_on("x86_64"));
+        for bad in ["linux", "linux/", "Linux/amd64", "linux/arm/v7/x"] {
+            let e = bad.parse::<Platform>().unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
+    }
 
     const D: &str = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
 

@@ -77,6 +77,37 @@ pub struct Resources {
     pub cpu: Option<u32>,
 }
 
+/// Which variant of a workload a replica runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Variant {
+    Wasm,
+    Container,
+}
+
+impl Variant {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Variant::Wasm => "wasm",
+            Variant::Container => "container",
+        }
+    }
+}
+
+/// The container variant of a workload, run through containerd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Container {
+    pub image: crate::oci::OciRef,
+    /// Replaces the image's entrypoint; empty: the image's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    pub read_only_root: bool,
+    /// Platforms the image offers; empty: unknown (then no device is filtered out).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub platforms: Vec<crate::oci::Platform>,
+}
+
 /// How a port is made known beyond its device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -227,7 +258,11 @@ pub struct Workload {
     pub spread: Option<String>,
     #[serde(default)]
     pub strategy: Strategy,
-    pub module: ModuleRef,
+    /// The WASM variant (`spec.wasm.module`).
+    pub module: Option<ModuleRef>,
+    /// The container variant (`spec.container`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<Container>,
     pub args: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub resources: Resources,
@@ -247,7 +282,9 @@ impl Workload {
     pub fn revision(&self) -> String {
         #[derive(Serialize, Debug)]
         struct RevisionInput<'a> {
-            module: &'a ModuleRef,
+            module: &'a Option<ModuleRef>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            container: &'a Option<Container>,
             args: &'a [String],
             env: &'a BTreeMap<String, String>,
             resources: &'a Resources,
@@ -263,6 +300,7 @@ impl Workload {
         // uses existed do not change (which would restart every replica on upgrade).
         let input = RevisionInput {
             module: &self.module,
+            container: &self.container,
             args: &self.args,
             env: &self.env,
             resources: &self.resources,
@@ -280,11 +318,24 @@ impl Workload {
     /// The digest that names the module's content: a hub blob's digest, or a pinned OCI
     /// reference's manifest digest. `None` for a path or an unpinned reference.
     pub fn digest(&self) -> Option<&Digest> {
-        match &self.module {
+        match self.module.as_ref()? {
             ModuleRef::Digest(d) => Some(d),
             ModuleRef::Oci(r) => r.digest.as_ref(),
             ModuleRef::Path(_) => None,
         }
+    }
+
+    /// The variant a device runs, given the runtimes it offers and its architecture (Rust's
+    /// `std::env::consts::ARCH`): the WASM variant wherever the device has the `wasm`
+    /// runtime; otherwise the container, where the device has the `container` runtime and the
+    /// image offers the device's platform (or its platforms are unknown). `None`: neither.
+    pub fn variant_for(&self, has_runtime: impl Fn(&str) -> bool, arch: &str) -> Option<Variant> {
+        if self.module.is_some() && has_runtime("wasm") {
+            return Some(Variant::Wasm);
+        }
+        let c = self.container.as_ref()?;
+        let platform_ok = c.platforms.is_empty() || c.platforms.iter().any(|p| p.runs_on(arch));
+        (has_runtime("container") && platform_ok).then_some(Variant::Container)
     }
 
     /// Whether a device with these labels satisfies the selector.
@@ -359,12 +410,21 @@ impl TryFrom<WorkloadManifest> for Workload {
             }
         };
 
-        let module = match spec.wasm {
-            None => {
-                errs.push("spec.wasm is required: give spec.wasm.module".to_string());
+        // `variants` is None when a variant is invalid (already reported).
+        let wasm = spec
+            .wasm
+            .map(|w| module_ref(&w.module, w.sha256.as_deref(), &mut errs));
+        let container = spec.container.map(|c| container(c, &mut errs));
+        let variants = match (wasm, container) {
+            (None, None) => {
+                errs.push(
+                    "spec.wasm or spec.container is required: give spec.wasm.module, spec.container.image, or both"
+                        .to_string(),
+                );
                 None
             }
-            Some(w) => module_ref(&w.module, w.sha256.as_deref(), &mut errs),
+            (Some(None), _) | (_, Some(None)) => None,
+            (w, c) => Some((w.flatten(), c.flatten())),
         };
 
         for k in spec.env.keys() {
@@ -414,28 +474,32 @@ impl TryFrom<WorkloadManifest> for Workload {
         let ports = ports(name.as_ref(), spec.ports, &mut errs);
         let uses = uses(spec.uses, &mut errs);
 
-        match (name, placement, module, memory, cpu, restart) {
-            (Some(name), Some(placement), Some(module), Some(memory), Some(cpu), Some(restart))
-                if errs.is_empty() =>
-            {
-                Ok(Workload {
-                    name,
-                    labels: m.metadata.labels,
-                    placement,
-                    selector,
-                    spread: spec.spread,
-                    strategy,
-                    module,
-                    args: spec.args,
-                    env: spec.env,
-                    resources: Resources { memory, cpu },
-                    restart,
-                    update,
-                    health,
-                    ports,
-                    uses,
-                })
-            }
+        match (name, placement, variants, memory, cpu, restart) {
+            (
+                Some(name),
+                Some(placement),
+                Some((module, container)),
+                Some(memory),
+                Some(cpu),
+                Some(restart),
+            ) if errs.is_empty() => Ok(Workload {
+                name,
+                labels: m.metadata.labels,
+                placement,
+                selector,
+                spread: spec.spread,
+                strategy,
+                module,
+                container,
+                args: spec.args,
+                env: spec.env,
+                resources: Resources { memory, cpu },
+                restart,
+                update,
+                health,
+                ports,
+                uses,
+            }),
             _ => Err(errs),
         }
     }
@@ -656,6 +720,36 @@ fn health(h: crate::manifest::Health, errs: &mut Vec<String>) -> Option<Health> 
     })
 }
 
+/// `spec.container`, validated.
+fn container(c: crate::manifest::ContainerSpec, errs: &mut Vec<String>) -> Option<Container> {
+    let image = if c.image.starts_with(crate::oci::SCHEME) {
+        c.image
+            .parse::<crate::oci::OciRef>()
+            .map_err(|e| errs.push(format!("spec.container.image: {e}")))
+            .ok()
+    } else {
+        errs.push(format!(
+            "spec.container.image {:?} is invalid: give oci://REGISTRY/REPOSITORY:TAG (or @sha256:...)",
+            c.image
+        ));
+        None
+    };
+    let mut platforms = Vec::new();
+    for p in &c.platforms {
+        match p.parse::<crate::oci::Platform>() {
+            Ok(p) if !platforms.contains(&p) => platforms.push(p),
+            Ok(_) => {}
+            Err(e) => errs.push(format!("spec.container.platforms: {e}")),
+        }
+    }
+    Some(Container {
+        image: image?,
+        command: c.command,
+        read_only_root: c.read_only_root_filesystem.unwrap_or(true),
+        platforms,
+    })
+}
+
 /// A count (`1`) or a percentage (`"25%"`, at most 100).
 fn budget(v: &serde_json::Value) -> Option<Budget> {
     match v {
@@ -853,7 +947,7 @@ spec:
         assert_eq!(ws[0].restart.policy, RestartPolicy::OnFailure);
         assert_eq!(ws[0].restart.initial_backoff_ms, 200);
         assert_eq!(ws[1].placement, Placement::Every);
-        assert_eq!(ws[1].module, ModuleRef::Path("./sensor.wasm".into()));
+        assert_eq!(ws[1].module, Some(ModuleRef::Path("./sensor.wasm".into())));
         assert_eq!(ws[1].resources.memory, DEFAULT_MEMORY);
     }
 
@@ -966,6 +1060,65 @@ spec:
             expose: Expose::None,
         });
         assert_ne!(with.revision(), w.revision());
+    }
+
+    #[test]
+    fn containers_validate_and_pick_a_variant_per_device() {
+        let doc = |spec: &str| {
+            format!("apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: box }}\nspec:\n{spec}")
+        };
+        let both = parse_workloads(&doc(
+            "  wasm: { module: ./m.wasm }\n  container: { image: \"oci://localhost:5000/box:1\", platforms: [linux/arm64, linux/arm/v7] }\n",
+        ))
+        .unwrap()
+        .remove(0);
+        let c = both.container.as_ref().unwrap();
+        assert!(c.read_only_root && c.command.is_empty());
+        assert_eq!(c.platforms.len(), 2);
+        let has = |rs: &'static [&'static str]| move |r: &str| rs.contains(&r);
+        // (runtimes, arch) → variant: WASM wherever possible; containers where the platform fits.
+        for (runtimes, arch, want) in [
+            (&["wasm", "container"][..], "aarch64", Some(Variant::Wasm)),
+            (&["wasm"][..], "x86_64", Some(Variant::Wasm)),
+            (&["container"][..], "aarch64", Some(Variant::Container)),
+            (&["container"][..], "arm", Some(Variant::Container)),
+            (&["container"][..], "x86_64", None),
+            (&[][..], "aarch64", None),
+        ] {
+            assert_eq!(
+                both.variant_for(has(runtimes), arch),
+                want,
+                "{runtimes:?} {arch}"
+            );
+        }
+        let only = parse_workloads(&doc(
+            "  container: { image: \"oci://localhost:5000/box:1\" }\n",
+        ))
+        .unwrap()
+        .remove(0);
+        assert_eq!(only.variant_for(has(&["wasm"]), "x86_64"), None);
+        assert_eq!(
+            only.variant_for(has(&["container"]), "riscv64"),
+            Some(Variant::Container),
+            "unknown platforms filter nothing"
+        );
+        assert_ne!(only.revision(), both.revision());
+        // Errors name the field and the value.
+        let errs = parse_workloads(&doc(
+            "  container: { image: \"box:1\", platforms: [linux] }\n",
+        ))
+        .unwrap_err();
+        let text: Vec<&str> = errs.iter().map(|e| e.message.as_str()).collect();
+        assert!(
+            text.iter()
+                .any(|m| m.contains("spec.container.image \"box:1\" is invalid")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|m| m.contains("platform \"linux\" is invalid")),
+            "{text:?}"
+        );
     }
 
     #[test]

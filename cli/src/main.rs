@@ -408,10 +408,35 @@ async fn apply(
     let mut manifests: Vec<_> = docs.iter().map(|(_, m)| m.clone()).collect();
     let workloads = validate_all(docs).map_err(|e| report(&e))?;
 
-    // Upload modules given as local paths; refer to them by digest.
+    // Upload modules given as local paths; refer to them by digest. Pin `oci://` tags to the
+    // digest they point at now, so every device runs the same bytes and a tag moved later
+    // changes nothing until the next apply.
     let mut errors = Vec::new();
     for ((w, m), (doc, name)) in workloads.iter().zip(manifests.iter_mut()).zip(&positions) {
-        if let ModuleRef::Oci(r) = &w.module {
+        let fail = |message: String| ManifestError {
+            document: *doc,
+            workload: Some(name.clone()),
+            message,
+        };
+        if let Some(c) = &w.container {
+            // Pinned or not, learn the platforms unless the manifest lists them.
+            if !c.image.is_pinned() || c.platforms.is_empty() {
+                match registries.resolve_image(&c.image).await {
+                    Ok((digest, platforms)) => {
+                        if let Some(spec) = m.spec.container.as_mut() {
+                            if !c.image.is_pinned() {
+                                spec.image = c.image.pinned(digest).to_string();
+                            }
+                            if spec.platforms.is_empty() {
+                                spec.platforms = platforms.iter().map(|p| p.to_string()).collect();
+                            }
+                        }
+                    }
+                    Err(e) => errors.push(fail(format!("spec.container.image: {e}"))),
+                }
+            }
+        }
+        if let Some(ModuleRef::Oci(r)) = &w.module {
             // Pin tags to the digest they point at now, so every device runs the same bytes
             // and a tag moved later changes nothing until the next apply.
             if !r.is_pinned() {
@@ -421,16 +446,12 @@ async fn apply(
                             wasm.module = r.pinned(digest).to_string();
                         }
                     }
-                    Err(e) => errors.push(ManifestError {
-                        document: *doc,
-                        workload: Some(name.clone()),
-                        message: format!("spec.wasm.module: {e}"),
-                    }),
+                    Err(e) => errors.push(fail(format!("spec.wasm.module: {e}"))),
                 }
             }
             continue;
         }
-        if let ModuleRef::Path(p) = &w.module {
+        if let Some(ModuleRef::Path(p)) = &w.module {
             let uploaded = match read_module(&base_dir.join(p)) {
                 Ok(bytes) => hub
                     .put_blob(bytes)
@@ -445,11 +466,7 @@ async fn apply(
                         wasm.module = digest;
                     }
                 }
-                Err(e) => errors.push(ManifestError {
-                    document: *doc,
-                    workload: Some(name.clone()),
-                    message: format!("spec.wasm.module {p:?}: {e}"),
-                }),
+                Err(e) => errors.push(fail(format!("spec.wasm.module {p:?}: {e}"))),
             }
         }
     }
@@ -667,12 +684,18 @@ fn describe(w: &WorkloadView, output: Output) -> anyhow::Result<()> {
         w.placement, w.ready, w.desired
     );
     if let Some(spec) = &w.spec {
-        let module = match &spec.module {
-            ModuleRef::Digest(d) => d.to_string(),
-            ModuleRef::Path(p) => p.clone(),
-            ModuleRef::Oci(r) => r.to_string(),
-        };
-        println!("Module:     {module}");
+        if let Some(module) = &spec.module {
+            let module = match module {
+                ModuleRef::Digest(d) => d.to_string(),
+                ModuleRef::Path(p) => p.clone(),
+                ModuleRef::Oci(r) => r.to_string(),
+            };
+            println!("Module:     {module}");
+        }
+        if let Some(c) = &spec.container {
+            let platforms: Vec<String> = c.platforms.iter().map(|p| p.to_string()).collect();
+            println!("Image:      {} ({})", c.image, platforms.join(", "));
+        }
         println!(
             "Selector:   {}",
             if spec.selector.is_empty() {

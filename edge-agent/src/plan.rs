@@ -98,8 +98,9 @@ mod tests {
             name: WorkloadName::try_from(name).unwrap(),
             replica,
             revision: rev.into(),
-            module: Digest::of(b"m"),
+            module: Some(Digest::of(b"m")),
             oci: None,
+            container: None,
             args: vec![],
             env: Default::default(),
             resources: Resources {

@@ -197,8 +197,9 @@ mod tests {
             name: WorkloadName::try_from(name).unwrap(),
             replica,
             revision: "r".into(),
-            module: shoal_api::ids::Digest::of(b"m"),
+            module: Some(shoal_api::ids::Digest::of(b"m")),
             oci: None,
+            container: None,
             args: vec![],
             env: BTreeMap::new(),
             resources: Resources {

@@ -123,6 +123,15 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
             }
         };
 
+        let Some(digest) = desired.module.clone() else {
+            // The hub sends the container variant only to devices that advertise the
+            // `container` runtime, which this agent does not yet.
+            let why = "this agent cannot run the container variant: it offers no container runtime";
+            log.system(why);
+            r.phase(Phase::Failed, Some(why.to_string())).await;
+            cancel.cancelled().await;
+            return;
+        };
         // Pulling: retried until it works (like an image pull back-off).
         let mut attempt = 0u32;
         let path = loop {
@@ -134,7 +143,7 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
             };
             let fetched = tokio::select! {
                 _ = cancel.cancelled() => return,
-                f = shared.source.fetch(&base, &desired.module, desired.oci.as_ref()) => f,
+                f = shared.source.fetch(&base, &digest, desired.oci.as_ref()) => f,
             };
             match fetched {
                 Ok(p) => break p,
@@ -155,7 +164,7 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
         r.phase(Phase::Starting, None).await;
         let module = tokio::select! {
             _ = cancel.cancelled() => return,
-            m = shared.runtime.prepare(&desired.module, path) => m,
+            m = shared.runtime.prepare(&digest, path) => m,
         };
         let module = match module {
             Ok(m) => m,
@@ -328,8 +337,9 @@ mod tests {
             name: WorkloadName::try_from("w").unwrap(),
             replica: 0,
             revision: "r".into(),
-            module: Digest::of(b"m"),
+            module: Some(Digest::of(b"m")),
             oci: None,
+            container: None,
             args: vec![],
             env: Default::default(),
             resources: Resources {

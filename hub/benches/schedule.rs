@@ -38,6 +38,7 @@ fn fleet(devices: usize) -> Vec<DeviceView> {
             ]
             .into(),
             runtimes: ["wasm".to_string()].into(),
+            arch: "x86_64".into(),
             memory: 4 << 30,
             cpu_millis: 64_000,
             max_replicas: None,
@@ -80,7 +81,8 @@ fn workloads(count: usize, replicas_each: u32) -> Vec<Workload> {
                 } else {
                     Strategy::Spread
                 },
-                module: ModuleRef::Digest(Digest::of(b"m")),
+                module: Some(ModuleRef::Digest(Digest::of(b"m"))),
+                container: None,
                 args: vec![],
                 env: BTreeMap::new(),
                 resources: Resources {

@@ -106,7 +106,17 @@ impl BlobStore {
                 workload: Some(w.name.to_string()),
                 message,
             };
-            match &w.module {
+            if let Some(c) = &w.container {
+                if !c.image.is_pinned() {
+                    errs.push(err(format!(
+                        "spec.container.image {:?} is not pinned: the hub sends devices digests, not tags; give {}@sha256:<digest>, or apply with `shoal apply`, which pins tags itself",
+                        c.image.to_string(),
+                        c.image
+                    )));
+                }
+            }
+            let Some(module) = &w.module else { continue };
+            match module {
                 ModuleRef::Path(p) => errs.push(err(format!(
                     "spec.wasm.module {p:?} is a local file path, which the hub cannot read: apply it with `shoal apply` (which uploads it) or upload it with `shoal push` and use the printed sha256 digest"
                 ))),

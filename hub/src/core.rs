@@ -659,6 +659,7 @@ impl<S: Store> HubCore<S> {
                     id: r.hello.device_id.clone(),
                     labels: r.hello.labels.clone(),
                     runtimes: r.hello.runtimes.iter().cloned().collect(),
+                    arch: r.hello.arch.clone(),
                     memory: r.hello.memory,
                     cpu_millis: u64::from(r.hello.cpus) * 1000,
                     max_replicas: r.hello.max_replicas,
@@ -740,7 +741,14 @@ impl<S: Store> HubCore<S> {
             let rollout = self.rollouts.get(name).and_then(|r| r.rollout.as_ref());
             for (&replica, dev) in replicas {
                 let spec = rollout.and_then(|r| r.spec_of(replica)).unwrap_or(w);
-                if let Some(dw) = DesiredWorkload::from_workload(spec, replica) {
+                // WASM where the device can, else the container (the scheduler only places
+                // a replica where one of them runs).
+                let Some(variant) = self.devices.get(dev).and_then(|d| {
+                    spec.variant_for(|r| d.hello.runtimes.iter().any(|x| x == r), &d.hello.arch)
+                }) else {
+                    continue;
+                };
+                if let Some(dw) = DesiredWorkload::from_workload(spec, replica, variant) {
                     per_device.entry(dev.clone()).or_default().push(dw);
                 }
             }
@@ -1194,6 +1202,26 @@ spec:
             .values()
             .flat_map(|d| d.workloads.iter())
             .all(|w| w.args == ["two"]));
+    }
+
+    #[test]
+    fn each_device_gets_the_variant_it_can_run() {
+        let mut hub = HubCore::open(MemStore::default(), "http://h".into()).unwrap();
+        hub.hello(hello("w1", &[])).unwrap();
+        let mut boxed = hello("c1", &[]);
+        boxed.runtimes = vec!["container".into()];
+        boxed.arch = "aarch64".into();
+        hub.hello(boxed).unwrap();
+        let text = format!(
+            "apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: both }}\nspec:\n  placement: every\n  wasm: {{ module: \"sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\" }}\n  container: {{ image: \"oci://localhost:5000/both:1@{}\", platforms: [linux/arm64] }}\n",
+            shoal_api::ids::Digest::of(b"image")
+        );
+        hub.apply(parse_workloads(&text).unwrap()).unwrap();
+        let on = |d: &str| hub.desired[&DeviceId::try_from(d).unwrap()].workloads[0].clone();
+        let (w, c) = (on("w1"), on("c1"));
+        assert!(w.module.is_some() && w.container.is_none(), "{w:?}");
+        assert!(c.module.is_none() && c.container.is_some(), "{c:?}");
+        assert_eq!(w.revision, c.revision, "one revision, two variants");
     }
 
     /// Every replica's args as the desired states say, by replica index.

@@ -41,6 +41,8 @@ pub struct DeviceView {
     pub id: DeviceId,
     pub labels: BTreeMap<String, String>,
     pub runtimes: BTreeSet<String>,
+    /// CPU architecture as the agent reports it (Rust's `std::env::consts::ARCH`).
+    pub arch: String,
     /// Memory offered to workloads, bytes.
     pub memory: u64,
     /// CPU offered to workloads, millicores; 0: unknown (CPU requests are not checked).
@@ -166,7 +168,7 @@ pub fn schedule_with(
             if in_range
                 && stays
                 && w.selects(&d.labels)
-                && d.runtimes.contains("wasm")
+                && runs_a_variant(d, w)
                 && load[i].port_taken(spec).is_none()
             {
                 kept.insert(replica, dev.clone());
@@ -432,6 +434,11 @@ impl Ord for Candidate<'_> {
     }
 }
 
+/// Whether `d` can run a variant of `w` (see [`Workload::variant_for`]).
+fn runs_a_variant(d: &DeviceView, w: &Workload) -> bool {
+    w.variant_for(|r| d.runtimes.contains(r), &d.arch).is_some()
+}
+
 /// What does not change while one workload is placed: state, labels, runtime, topology.
 fn static_fit(d: &DeviceView, w: &Workload) -> Result<(), Unfit> {
     if !d.online || d.lost {
@@ -443,7 +450,7 @@ fn static_fit(d: &DeviceView, w: &Workload) -> Result<(), Unfit> {
     if let Some(req) = w.selector.first_unmet(&d.labels) {
         return Err(Unfit::Label(req));
     }
-    if !d.runtimes.contains("wasm") {
+    if !runs_a_variant(d, w) {
         return Err(Unfit::Runtime);
     }
     if let Some(key) = &w.spread {
@@ -498,7 +505,14 @@ fn explain(devices: &[DeviceView], w: &Workload, load: &[Load]) -> String {
             Ok(()) => ok += 1,
             Err(Unfit::Offline) => *counts.entry("offline").or_default() += 1,
             Err(Unfit::Cordoned) => *counts.entry("cordoned").or_default() += 1,
-            Err(Unfit::Runtime) => *counts.entry("no wasm runtime").or_default() += 1,
+            Err(Unfit::Runtime) => {
+                let what = match (&w.module, &w.container) {
+                    (Some(_), None) => "no wasm runtime",
+                    (None, Some(_)) => "no container runtime for the image's platforms",
+                    _ => "no wasm runtime, nor a container runtime for the image's platforms",
+                };
+                *counts.entry(what).or_default() += 1
+            }
             Err(Unfit::Label(l)) => *labels.entry(l).or_default() += 1,
             Err(Unfit::Topology(_)) => topology += 1,
             Err(Unfit::Port(p)) => *ports.entry(p).or_default() += 1,
@@ -527,8 +541,11 @@ fn explain(devices: &[DeviceView], w: &Workload, load: &[Load]) -> String {
             parts.push(format!("{topology} no label {key} (spread)"));
         }
     }
-    if let Some(n) = counts.get("no wasm runtime") {
-        parts.push(format!("{n} no wasm runtime"));
+    let runtime = counts
+        .iter()
+        .find(|(k, _)| k.starts_with("no wasm") || k.starts_with("no container"));
+    if let Some((what, n)) = runtime {
+        parts.push(format!("{n} {what}"));
     }
     for (p, n) in ports {
         parts.push(format!("{n} port {p} in use"));
@@ -573,6 +590,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             runtimes: ["wasm".to_string()].into(),
+            arch: "x86_64".into(),
             memory: mem_mi << 20,
             cpu_millis: 2000,
             max_replicas: None,
@@ -594,7 +612,8 @@ mod tests {
             ),
             spread: None,
             strategy: shoal_api::workload::Strategy::Spread,
-            module: ModuleRef::Digest(Digest::of(name.as_bytes())),
+            module: Some(ModuleRef::Digest(Digest::of(name.as_bytes()))),
+            container: None,
             args: vec![],
             env: BTreeMap::new(),
             resources: Resources {
@@ -619,6 +638,39 @@ mod tests {
             port,
             expose: shoal_api::workload::Expose::None,
         }
+    }
+
+    #[test]
+    fn containers_go_where_a_container_runtime_offers_the_image_platform() {
+        let mut devices = vec![
+            dev("wasm-only", &[], 512),
+            dev("arm-box", &[], 512),
+            dev("x86-box", &[], 512),
+        ];
+        devices[1].runtimes = ["container".to_string()].into();
+        devices[1].arch = "aarch64".into();
+        devices[2].runtimes = ["container".to_string()].into();
+        let mut w = wl("box", Placement::Replicas(2), &[], 16);
+        w.module = None;
+        w.container = Some(shoal_api::workload::Container {
+            image: "oci://localhost:5000/box:1".parse().unwrap(),
+            command: vec![],
+            read_only_root: true,
+            platforms: vec!["linux/arm64".parse().unwrap()],
+        });
+        let s = schedule(&devices, &[w.clone()], &Assignments::new());
+        assert_eq!(devices_of(&s, "box"), ["arm-box", "arm-box"]);
+        // Only one slot for it: the reason names the runtime and platforms.
+        devices[1].max_replicas = Some(1);
+        let s = schedule(&devices, &[w.clone()], &Assignments::new());
+        assert_eq!(
+            s.pending[&w.name].reason,
+            "0/3 devices: 2 no container runtime for the image's platforms, 1 at their replica limit (1)"
+        );
+        // With a WASM variant too, WASM devices take it.
+        w.module = Some(ModuleRef::Digest(Digest::of(b"m")));
+        let s = schedule(&devices, &[w.clone()], &Assignments::new());
+        assert_eq!(devices_of(&s, "box"), ["arm-box", "wasm-only"]);
     }
 
     #[test]

@@ -187,10 +187,17 @@ impl Registries {
             })
     }
 
-    fn failed(r: &OciRef, what: &str, e: impl std::fmt::Display) -> RegistryError {
+    fn failed(r: &OciRef, what: &str, e: impl std::error::Error) -> RegistryError {
+        // The whole cause chain: "error sending request" alone says nothing.
+        let mut reason = format!("{what}: {e}");
+        let mut source = e.source();
+        while let Some(s) = source {
+            reason.push_str(&format!(": {s}"));
+            source = s.source();
+        }
         RegistryError::Registry {
             reference: r.to_string(),
-            reason: format!("{what}: {e}"),
+            reason,
         }
     }
 
@@ -205,6 +212,68 @@ impl Registries {
         digest
             .parse::<Digest>()
             .map_err(|e| Self::failed(r, "the registry gave a bad digest", e))
+    }
+
+    /// Pins a container image: its manifest (or index) digest and the platforms it offers,
+    /// from the index entries or, for a single-platform image, from its config.
+    pub async fn resolve_image(
+        &self,
+        r: &OciRef,
+    ) -> Result<(Digest, Vec<shoal_api::oci::Platform>), RegistryError> {
+        let client = self.client(r)?;
+        let reference = Self::reference(r)?;
+        let auth = self.auth(r);
+        let (bytes, digest) = client
+            .pull_manifest_raw(&reference, &auth, &MANIFEST_TYPES)
+            .await
+            .map_err(|e| Self::failed(r, "cannot fetch the manifest", e))?;
+        let digest = digest
+            .parse::<Digest>()
+            .map_err(|e| Self::failed(r, "the registry gave a bad digest", e))?;
+        let value: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| Self::failed(r, "the manifest is not JSON", e))?;
+        let mut platforms = Vec::new();
+        let mut add =
+            |os: &serde_json::Value, arch: &serde_json::Value, variant: &serde_json::Value| {
+                let text = match variant.as_str() {
+                    Some(v) => format!(
+                        "{}/{}/{v}",
+                        os.as_str().unwrap_or(""),
+                        arch.as_str().unwrap_or("")
+                    ),
+                    None => format!(
+                        "{}/{}",
+                        os.as_str().unwrap_or(""),
+                        arch.as_str().unwrap_or("")
+                    ),
+                };
+                // Attestation entries say unknown/unknown; anything unparsable is skipped too.
+                if let Ok(p) = text.parse::<shoal_api::oci::Platform>() {
+                    if p.os != "unknown" && !platforms.contains(&p) {
+                        platforms.push(p);
+                    }
+                }
+            };
+        if let Some(entries) = value["manifests"].as_array() {
+            for e in entries {
+                let p = &e["platform"];
+                add(&p["os"], &p["architecture"], &p["variant"]);
+            }
+        } else {
+            let config = value["config"]["digest"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let mut out = Vec::new();
+            client
+                .pull_blob(&reference, config.as_str(), &mut out)
+                .await
+                .map_err(|e| Self::failed(r, "cannot fetch the image config", e))?;
+            let c: serde_json::Value = serde_json::from_slice(&out)
+                .map_err(|e| Self::failed(r, "the image config is not JSON", e))?;
+            add(&c["os"], &c["architecture"], &c["variant"]);
+        }
+        Ok((digest, platforms))
     }
 
     /// Pulls the pinned wasm artifact `r` into `dest` (written atomically, only once
