@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs what building and testing Shoal needs on a fresh Debian machine:
 # Debian's mosquitto (reference external broker) and its clients (used by the tests),
-# docker-registry (a real OCI registry for the `oci://` tests), iproute2 and python3 (the multi-host tests build network namespaces with `ip` and probe
+# docker-registry (a real OCI registry for the `oci://` tests), containerd and runc (the
+# container runtime tests run a private containerd), busybox-static (the test image's only
+# binary), protobuf-compiler (containerd-client generates its gRPC code at build time),
+# iproute2 and python3 (the multi-host tests build network namespaces with `ip` and probe
 # multicast with python3), and the rustup targets for the example WASM modules. Idempotent
 # and quiet when done already.
 set -euo pipefail
@@ -10,6 +13,10 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mos
 command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 [ -x /usr/bin/docker-registry ] || need+=(docker-registry)
+[ -x /usr/bin/containerd ] || need+=(containerd)
+command -v runc >/dev/null 2>&1 || [ -x /usr/sbin/runc ] || need+=(runc)
+dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing apt packages: ${need[*]}"
@@ -17,8 +24,8 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-# Debian starts mosquitto and docker-registry as services on install (where systemd runs);
-# the tests run their own on private ports.
+# Debian starts mosquitto, docker-registry and containerd as services on install (where
+# systemd runs); the tests run their own on private ports and sockets.
 installed=$(rustup target list --installed)
 for t in wasm32-wasip1 wasm32-wasip2; do
   grep -qx "$t" <<<"$installed" || rustup target add "$t"

@@ -2,6 +2,8 @@
 
 pub mod agent;
 pub mod bus;
+#[cfg(feature = "containerd")]
+pub mod containerd;
 pub mod directory;
 pub mod fetch;
 pub mod health;

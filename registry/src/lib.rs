@@ -105,6 +105,30 @@ pub struct Pushed {
     pub layer: Digest,
 }
 
+/// A container image pulled for one platform: every blob verified and written under a
+/// directory, ready to be handed to a container runtime.
+#[derive(Debug, Clone)]
+pub struct PulledImage {
+    /// The pinned reference it was pulled as.
+    pub reference: OciRef,
+    /// The index the reference pins, when it pins one: (media type, bytes).
+    pub index: Option<(String, Vec<u8>)>,
+    /// The platform manifest: (media type, bytes, digest).
+    pub manifest: (String, Vec<u8>, Digest),
+    /// The image config: (media type, bytes, digest).
+    pub config: (String, Vec<u8>, Digest),
+    /// Layers in order: media type, digest, size, and the file holding it.
+    pub layers: Vec<PulledLayer>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PulledLayer {
+    pub media_type: String,
+    pub digest: Digest,
+    pub size: u64,
+    pub path: std::path::PathBuf,
+}
+
 /// A set of registries, with one client each (created on first use).
 pub struct Registries {
     config: RegistryConfig,
@@ -276,6 +300,184 @@ impl Registries {
         Ok((digest, platforms))
     }
 
+    /// Pulls the pinned image `r` for Linux on `arch` (Rust's `std::env::consts::ARCH`):
+    /// the index (if `r` pins one) and the matching platform manifest, checked against their
+    /// digests; the config and layers streamed into `dir` and checked against theirs. Layers
+    /// already in `dir` (verified earlier) are not fetched again.
+    pub async fn pull_image(
+        &self,
+        r: &OciRef,
+        arch: &str,
+        dir: &Path,
+    ) -> Result<PulledImage, RegistryError> {
+        let Some(pin) = &r.digest else {
+            return Err(RegistryError::Unpinned {
+                reference: r.to_string(),
+            });
+        };
+        let client = self.client(r)?;
+        let auth = self.auth(r);
+        let reference = Self::reference(r)?;
+        let (bytes, _) = client
+            .pull_manifest_raw(&reference, &auth, &MANIFEST_TYPES)
+            .await
+            .map_err(|e| Self::failed(r, "cannot fetch the manifest", e))?;
+        check_digest(r, "manifest", pin, &bytes)?;
+        let value: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| Self::failed(r, "the manifest is not JSON", e))?;
+        let media = |v: &serde_json::Value| v["mediaType"].as_str().unwrap_or_default().to_string();
+        let (index, manifest) = if let Some(entries) = value["manifests"].as_array() {
+            let want = shoal_api::oci::oci_arch(arch);
+            let entry = entries
+                .iter()
+                .find(|e| e["platform"]["os"] == "linux" && e["platform"]["architecture"] == want)
+                .ok_or_else(|| RegistryError::Registry {
+                    reference: r.to_string(),
+                    reason: format!("the image index has no manifest for linux/{want}"),
+                })?;
+            let digest: Digest = entry["digest"]
+                .as_str()
+                .unwrap_or_default()
+                .parse()
+                .map_err(|e| Self::failed(r, "the index names a bad digest", e))?;
+            let child = r.pinned(digest.clone());
+            let (child_bytes, _) = client
+                .pull_manifest_raw(&Self::reference(&child)?, &auth, &MANIFEST_TYPES)
+                .await
+                .map_err(|e| Self::failed(r, "cannot fetch the platform manifest", e))?;
+            check_digest(r, "platform manifest", &digest, &child_bytes)?;
+            let child_value: serde_json::Value = serde_json::from_slice(&child_bytes)
+                .map_err(|e| Self::failed(r, "the platform manifest is not JSON", e))?;
+            (
+                Some((media(&value), bytes.to_vec())),
+                (
+                    media(&child_value),
+                    child_bytes.to_vec(),
+                    digest,
+                    child_value,
+                ),
+            )
+        } else {
+            (None, (media(&value), bytes.to_vec(), pin.clone(), value))
+        };
+        let (manifest_type, manifest_bytes, manifest_digest, manifest_value) = manifest;
+        let descriptor = |v: &serde_json::Value| -> Result<(String, Digest, u64), RegistryError> {
+            let digest = v["digest"]
+                .as_str()
+                .unwrap_or_default()
+                .parse::<Digest>()
+                .map_err(|e| Self::failed(r, "the manifest names a bad digest", e))?;
+            Ok((media(v), digest, v["size"].as_u64().unwrap_or(0)))
+        };
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|source| RegistryError::Io {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        let (config_type, config_digest, _) = descriptor(&manifest_value["config"])?;
+        let config_path = self
+            .pull_blob_to(&client, &reference, r, &config_digest, 1 << 20, dir)
+            .await?;
+        let config_bytes =
+            tokio::fs::read(&config_path)
+                .await
+                .map_err(|source| RegistryError::Io {
+                    path: config_path.display().to_string(),
+                    source,
+                })?;
+        let mut layers = Vec::new();
+        for l in manifest_value["layers"].as_array().into_iter().flatten() {
+            let (media_type, digest, size) = descriptor(l)?;
+            let path = self
+                .pull_blob_to(&client, &reference, r, &digest, u64::MAX, dir)
+                .await?;
+            layers.push(PulledLayer {
+                media_type,
+                digest,
+                size,
+                path,
+            });
+        }
+        Ok(PulledImage {
+            reference: r.clone(),
+            index,
+            manifest: (manifest_type, manifest_bytes, manifest_digest),
+            config: (config_type, config_bytes, config_digest),
+            layers,
+        })
+    }
+
+    /// Streams blob `digest` into `dir/<hex>` unless it is there already, verifying it.
+    async fn pull_blob_to(
+        &self,
+        client: &Client,
+        reference: &Reference,
+        r: &OciRef,
+        digest: &Digest,
+        limit: u64,
+        dir: &Path,
+    ) -> Result<std::path::PathBuf, RegistryError> {
+        let dest = dir.join(digest.hex());
+        if tokio::fs::try_exists(&dest).await.unwrap_or(false) {
+            return Ok(dest);
+        }
+        let stream = client
+            .pull_blob_stream(reference, digest.as_str())
+            .await
+            .map_err(|e| Self::failed(r, "cannot fetch a blob", e))?;
+        write_verified(r, stream, digest, limit, &dest).await?;
+        Ok(dest)
+    }
+
+    /// Uploads one blob to `r`'s repository (for publishing images built elsewhere).
+    pub async fn push_blob(&self, r: &OciRef, bytes: Vec<u8>) -> Result<Digest, RegistryError> {
+        let client = self.client(r)?;
+        let reference = Self::reference(r)?;
+        client
+            .auth(
+                &reference,
+                &self.auth(r),
+                oci_client::RegistryOperation::Push,
+            )
+            .await
+            .map_err(|e| Self::failed(r, "authentication failed", e))?;
+        let digest = Digest::of(&bytes);
+        client
+            .push_blob(&reference, bytes, digest.as_str())
+            .await
+            .map_err(|e| Self::failed(r, "cannot upload a blob", e))?;
+        Ok(digest)
+    }
+
+    /// Uploads a manifest or index given as bytes (its blobs pushed already) and tags it
+    /// as `r`; returns `r` pinned to its digest.
+    pub async fn push_manifest(
+        &self,
+        r: &OciRef,
+        media_type: &str,
+        bytes: Vec<u8>,
+    ) -> Result<OciRef, RegistryError> {
+        let client = self.client(r)?;
+        let reference = Self::reference(r)?;
+        client
+            .auth(
+                &reference,
+                &self.auth(r),
+                oci_client::RegistryOperation::Push,
+            )
+            .await
+            .map_err(|e| Self::failed(r, "authentication failed", e))?;
+        let digest = Digest::of(&bytes);
+        let content_type = http::HeaderValue::from_str(media_type)
+            .map_err(|e| Self::failed(r, "bad media type", e))?;
+        client
+            .push_manifest_raw(&reference, bytes, content_type)
+            .await
+            .map_err(|e| Self::failed(r, "cannot upload the manifest", e))?;
+        Ok(r.pinned(digest))
+    }
+
     /// Pulls the pinned wasm artifact `r` into `dest` (written atomically, only once
     /// verified). Returns the wasm layer's digest.
     pub async fn pull_wasm(&self, r: &OciRef, dest: &Path) -> Result<Digest, RegistryError> {
@@ -291,15 +493,7 @@ impl Registries {
             .pull_manifest_raw(&reference, &auth, &MANIFEST_TYPES)
             .await
             .map_err(|e| Self::failed(r, "cannot fetch the manifest", e))?;
-        let actual = Digest::of(&bytes);
-        if actual != *pin {
-            return Err(RegistryError::Digest {
-                reference: r.to_string(),
-                what: "manifest",
-                expected: pin.to_string(),
-                actual: actual.to_string(),
-            });
-        }
+        check_digest(r, "manifest", pin, &bytes)?;
         let layer = wasm_layer(r, &bytes)?;
         let limit = match self.config.max_module_bytes {
             0 => DEFAULT_MAX_MODULE_BYTES,
@@ -316,59 +510,12 @@ impl Registries {
             .digest
             .parse()
             .map_err(|e| Self::failed(r, "the manifest names a bad layer digest", e))?;
-        let mut stream = client
+        let stream = client
             .pull_blob_stream(&reference, &layer)
             .await
             .map_err(|e| Self::failed(r, "cannot fetch the wasm layer", e))?;
-        // Streamed into a temporary file next to `dest`, hashed on the way, and renamed only
-        // once the digest matches: a cut or tampered download never becomes the module.
-        let tmp = dest.with_extension(format!("part-{}", rand::random::<u32>()));
-        let io = |p: &Path| {
-            let path = p.display().to_string();
-            move |source| RegistryError::Io { path, source }
-        };
-        let result = async {
-            let mut file = tokio::fs::File::create(&tmp).await.map_err(io(&tmp))?;
-            let mut hash = Sha256::new();
-            let mut total = 0u64;
-            use futures_util::StreamExt;
-            while let Some(chunk) = stream.next().await {
-                // oci-client checks the digest too and reports a mismatch as a stream error.
-                let chunk = chunk.map_err(|e| RegistryError::Registry {
-                    reference: r.to_string(),
-                    reason: format!(
-                        "the wasm layer {expected} failed verification or its download broke: {e}"
-                    ),
-                })?;
-                total += chunk.len() as u64;
-                if total > limit {
-                    return Err(RegistryError::TooLarge {
-                        reference: r.to_string(),
-                        what: "the wasm layer",
-                        limit,
-                    });
-                }
-                hash.update(&chunk);
-                file.write_all(&chunk).await.map_err(io(&tmp))?;
-            }
-            let actual = format!("sha256:{}", hex::encode(hash.finalize()));
-            if actual != expected.as_str() {
-                return Err(RegistryError::Digest {
-                    reference: r.to_string(),
-                    what: "wasm layer",
-                    expected: expected.to_string(),
-                    actual,
-                });
-            }
-            file.sync_all().await.map_err(io(&tmp))?;
-            tokio::fs::rename(&tmp, dest).await.map_err(io(dest))?;
-            Ok(())
-        }
-        .await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
-        }
-        result.map(|()| expected)
+        write_verified(r, stream, &expected, limit, dest).await?;
+        Ok(expected)
     }
 
     /// Publishes `wasm` (a module or component) at `r` (a tag). Returns `r` pinned.
@@ -427,6 +574,81 @@ impl Registries {
             layer,
         })
     }
+}
+
+fn check_digest(
+    r: &OciRef,
+    what: &'static str,
+    expected: &Digest,
+    bytes: &[u8],
+) -> Result<(), RegistryError> {
+    let actual = Digest::of(bytes);
+    if actual == *expected {
+        Ok(())
+    } else {
+        Err(RegistryError::Digest {
+            reference: r.to_string(),
+            what,
+            expected: expected.to_string(),
+            actual: actual.to_string(),
+        })
+    }
+}
+
+/// Streams a blob into a temporary file next to `dest`, hashing it on the way, and renames
+/// it only once the digest matches: a cut or tampered download never becomes the blob.
+async fn write_verified(
+    r: &OciRef,
+    mut stream: oci_client::client::SizedStream,
+    expected: &Digest,
+    limit: u64,
+    dest: &Path,
+) -> Result<(), RegistryError> {
+    use futures_util::StreamExt;
+    let tmp = dest.with_extension(format!("part-{}", rand::random::<u32>()));
+    let io = |p: &Path| {
+        let path = p.display().to_string();
+        move |source| RegistryError::Io { path, source }
+    };
+    let result = async {
+        let mut file = tokio::fs::File::create(&tmp).await.map_err(io(&tmp))?;
+        let mut hash = Sha256::new();
+        let mut total = 0u64;
+        while let Some(chunk) = stream.next().await {
+            // oci-client checks the digest too and reports a mismatch as a stream error.
+            let chunk = chunk.map_err(|e| RegistryError::Registry {
+                reference: r.to_string(),
+                reason: format!("blob {expected} failed verification or its download broke: {e}"),
+            })?;
+            total += chunk.len() as u64;
+            if total > limit {
+                return Err(RegistryError::TooLarge {
+                    reference: r.to_string(),
+                    what: "a blob",
+                    limit,
+                });
+            }
+            hash.update(&chunk);
+            file.write_all(&chunk).await.map_err(io(&tmp))?;
+        }
+        let actual = format!("sha256:{}", hex::encode(hash.finalize()));
+        if actual != expected.as_str() {
+            return Err(RegistryError::Digest {
+                reference: r.to_string(),
+                what: "blob",
+                expected: expected.to_string(),
+                actual,
+            });
+        }
+        file.sync_all().await.map_err(io(&tmp))?;
+        tokio::fs::rename(&tmp, dest).await.map_err(io(dest))?;
+        Ok(())
+    }
+    .await;
+    if result.is_err() {
+        let _ = tokio::fs::remove_file(&tmp).await;
+    }
+    result
 }
 
 /// The one wasm layer of the manifest `bytes`.

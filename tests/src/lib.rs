@@ -7,6 +7,7 @@
 //! `scripts/build-modules.sh`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod image;
 pub mod netns;
 pub mod sim;
 
@@ -390,6 +391,88 @@ impl Registry {
             .join(hex)
             .join("data")
     }
+}
+
+/// A private containerd (Debian's package) with its own root, state and socket under the
+/// test's directory. `None` (after saying why on stderr) when it cannot run here: not root,
+/// or containerd/runc missing; `SHOAL_E2E_REQUIRE_CONTAINERD=1` (set by .ci/run) turns that
+/// into a failure.
+pub struct PrivateContainerd {
+    pub proc: Proc,
+    pub socket: PathBuf,
+    pub root: PathBuf,
+}
+
+impl PrivateContainerd {
+    pub fn start(dir: &Path) -> Result<Option<PrivateContainerd>> {
+        let missing = if !is_root() {
+            Some("not running as root")
+        } else if !Path::new("/usr/bin/containerd").is_file() {
+            Some("containerd is not installed (apt-get install containerd runc)")
+        } else if !Path::new("/usr/sbin/runc").is_file() && !Path::new("/usr/bin/runc").is_file() {
+            Some("runc is not installed")
+        } else {
+            None
+        };
+        if let Some(why) = missing {
+            if std::env::var("SHOAL_E2E_REQUIRE_CONTAINERD").is_ok_and(|v| v == "1") {
+                bail!("containerd tests required but cannot run: {why}");
+            }
+            eprintln!("SKIPPED: containerd test: {why}");
+            return Ok(None);
+        }
+        let base = dir.join("containerd");
+        std::fs::create_dir_all(&base)?;
+        let socket = base.join("containerd.sock");
+        let conf = base.join("config.toml");
+        std::fs::write(
+            &conf,
+            format!(
+                "version = 2\nroot = \"{b}/root\"\nstate = \"{b}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\naddress = \"{s}\"\n[ttrpc]\naddress = \"{s}.ttrpc\"\n[debug]\naddress = \"{b}/debug.sock\"\n",
+                b = base.display(),
+                s = socket.display()
+            ),
+        )?;
+        let proc = Proc::spawn(
+            "containerd",
+            Command::new("/usr/bin/containerd")
+                .arg("--config")
+                .arg(&conf),
+            dir.join("containerd.log"),
+        )?;
+        wait_until(Duration::from_secs(20), "containerd socket", || {
+            Ok(std::os::unix::net::UnixStream::connect(&socket)
+                .is_ok()
+                .then_some(()))
+        })?;
+        Ok(Some(PrivateContainerd {
+            proc,
+            socket,
+            root: base.join("root"),
+        }))
+    }
+}
+
+impl Drop for PrivateContainerd {
+    fn drop(&mut self) {
+        // Shims outlive containerd; tests remove their tasks, this is the backstop.
+        self.proc.kill();
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg(self.root.join("io.containerd.runtime.v2.task"))
+            .status();
+    }
+}
+
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
 }
 
 /// Debian's mosquitto on a private loopback port, no persistence.

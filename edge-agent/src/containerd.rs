@@ -1,0 +1,1089 @@
+//! The container runtime: drives containerd over its gRPC API (the only module naming
+//! `containerd-client`). Images are pulled client-side (containerd 1.6, Debian 12's, has no
+//! Transfer service): [`shoal_registry`] fetches and verifies the blobs, this module writes
+//! them into containerd's content store under a lease, records the image and unpacks its
+//! layers into overlayfs snapshots, labelled so that containerd's garbage collector keeps
+//! them. A run prepares a snapshot, creates the container with an OCI runtime spec built by
+//! [`runtime_spec`] (pure), starts its task with stdout and stderr appended to the replica's
+//! log, waits, and on cancel stops it with SIGTERM then SIGKILL after a grace period; task,
+//! container and snapshot are removed afterwards. docs/research/containerd-1.6.md records the
+//! protocol details this follows.
+
+use crate::runtime::Exit;
+use containerd_client::services::v1::container::Runtime;
+use containerd_client::services::v1::snapshots::{
+    snapshots_client::SnapshotsClient, CommitSnapshotRequest, PrepareSnapshotRequest,
+    RemoveSnapshotRequest, StatSnapshotRequest,
+};
+use containerd_client::services::v1::{
+    ApplyRequest, Container, CreateContainerRequest, CreateImageRequest, CreateTaskRequest,
+    DeleteContainerRequest, DeleteTaskRequest, Image, InfoRequest, KillRequest,
+    ListContainersRequest, StartRequest, UpdateImageRequest, UpdateRequest, WaitRequest,
+    WriteAction, WriteContentRequest,
+};
+use containerd_client::tonic::transport::Channel;
+use containerd_client::tonic::{Code, Request, Status};
+use containerd_client::types::Descriptor;
+use serde::{Deserialize, Serialize};
+use shoal_api::oci::OciRef;
+use shoal_registry::{PulledImage, Registries};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// containerd namespace of everything the agent creates.
+pub const DEFAULT_NAMESPACE: &str = "shoal";
+pub const DEFAULT_SOCKET: &str = "/run/containerd/containerd.sock";
+const SNAPSHOTTER: &str = "overlayfs";
+const RUNTIME: &str = "io.containerd.runc.v2";
+const SPEC_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
+/// Label on every container the agent creates (adoption and cleanup look for it).
+pub const MANAGED_LABEL: &str = "dev.shoal.managed";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerdError {
+    #[error("containerd at {socket:?} does not answer: {reason}")]
+    Connect { socket: String, reason: String },
+    #[error("containerd {what} failed: {reason}")]
+    Grpc { what: String, reason: String },
+    #[error(transparent)]
+    Pull(#[from] shoal_registry::RegistryError),
+    #[error("image {image}: {reason}")]
+    Image { image: String, reason: String },
+    #[error("{path:?}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+fn grpc(what: impl Into<String>) -> impl FnOnce(Status) -> ContainerdError {
+    let what = what.into();
+    move |s| ContainerdError::Grpc {
+        what,
+        reason: format!("{}: {}", s.code(), s.message()),
+    }
+}
+
+/// What the image config says about running it (the parts a runtime spec needs).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageConfig {
+    pub env: Vec<String>,
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub working_dir: String,
+    pub user: String,
+}
+
+impl ImageConfig {
+    /// Reads the `config` object of an OCI/Docker image config blob.
+    pub fn from_blob(bytes: &[u8]) -> Result<Self, String> {
+        let v: serde_json::Value = serde_json::from_slice(bytes)
+            .map_err(|e| format!("the image config is not JSON: {e}"))?;
+        let c = &v["config"];
+        let strings = |x: &serde_json::Value| -> Vec<String> {
+            x.as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        };
+        Ok(Self {
+            env: strings(&c["Env"]),
+            entrypoint: strings(&c["Entrypoint"]),
+            cmd: strings(&c["Cmd"]),
+            working_dir: c["WorkingDir"].as_str().unwrap_or_default().to_string(),
+            user: c["User"].as_str().unwrap_or_default().to_string(),
+        })
+    }
+}
+
+/// An image unpacked in containerd and ready to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreparedImage {
+    /// The image record's name (the pinned reference without `oci://`).
+    pub name: String,
+    /// Chain id of the top layer: the parent of each container's snapshot.
+    pub chain: String,
+    pub config: ImageConfig,
+}
+
+/// One run of a container replica.
+#[derive(Debug, Clone)]
+pub struct ContainerRun {
+    /// containerd container id (also the snapshot key and the cgroup name).
+    pub id: String,
+    /// Replaces the image's entrypoint when not empty.
+    pub command: Vec<String>,
+    /// Replaces the image's `Cmd` when not empty.
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Bytes; the cgroup memory limit.
+    pub memory_limit: u64,
+    /// Millicores; a CFS quota. `None`: no CPU cap.
+    pub cpu_millis: Option<u32>,
+    pub read_only_root: bool,
+    /// stdout and stderr are appended here.
+    pub log_path: PathBuf,
+    /// Between SIGTERM and SIGKILL when stopped.
+    pub stop_grace: Duration,
+    /// Extra labels on the container (e.g. the replica it belongs to).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Builds the OCI runtime spec for `run` of `image`: argv from the command/args or the image,
+/// environment from the image then the manifest, the memory limit and CPU quota as cgroup
+/// limits, a read-only root unless asked otherwise, the host network (ports behave like the
+/// WASM variant's: on the device's addresses) and containerd's usual device allow-list.
+pub fn runtime_spec(
+    image: &ImageConfig,
+    run: &ContainerRun,
+    namespace: &str,
+) -> Result<oci_spec::runtime::Spec, String> {
+    use oci_spec::runtime::{
+        LinuxCpuBuilder, LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxMemoryBuilder,
+        LinuxNamespaceType, LinuxResourcesBuilder,
+    };
+    let entrypoint = if run.command.is_empty() {
+        image.entrypoint.clone()
+    } else {
+        run.command.clone()
+    };
+    let cmd = if run.args.is_empty() && run.command.is_empty() {
+        image.cmd.clone()
+    } else {
+        run.args.clone()
+    };
+    let argv: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
+    if argv.is_empty() {
+        return Err(
+            "nothing to run: the image has no entrypoint or command, and the manifest gives none"
+                .into(),
+        );
+    }
+    let mut env: Vec<String> = image.env.clone();
+    for (k, v) in &run.env {
+        env.retain(|e| e.split_once('=').map(|(n, _)| n) != Some(k.as_str()));
+        env.push(format!("{k}={v}"));
+    }
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    }
+    let mut spec = oci_spec::runtime::Spec::default();
+    spec.set_hostname(Some(run.id.clone()));
+    let mut process = spec.process().clone().unwrap_or_default();
+    process.set_args(Some(argv));
+    process.set_env(Some(env));
+    process.set_terminal(Some(false));
+    if !image.working_dir.is_empty() {
+        process.set_cwd(PathBuf::from(&image.working_dir));
+    }
+    // Numeric `uid[:gid]` users only; names would need the image's /etc/passwd.
+    if let Some((uid, gid)) = numeric_user(&image.user) {
+        let mut user = process.user().clone();
+        user.set_uid(uid);
+        user.set_gid(gid);
+        process.set_user(user);
+    }
+    spec.set_process(Some(process));
+    if let Some(root) = spec.root().clone() {
+        let mut root = root;
+        root.set_readonly(Some(run.read_only_root));
+        spec.set_root(Some(root));
+    }
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    linux.set_cgroups_path(Some(PathBuf::from(format!("/{namespace}/{}", run.id))));
+    // Host network: no network namespace.
+    if let Some(ns) = linux.namespaces().clone() {
+        linux.set_namespaces(Some(
+            ns.into_iter()
+                .filter(|n| n.typ() != LinuxNamespaceType::Network)
+                .collect(),
+        ));
+    }
+    let err = |e: oci_spec::OciSpecError| e.to_string();
+    let memory = i64::try_from(run.memory_limit).unwrap_or(i64::MAX);
+    let mut resources = LinuxResourcesBuilder::default().memory(
+        LinuxMemoryBuilder::default()
+            .limit(memory)
+            .swap(memory)
+            .build()
+            .map_err(err)?,
+    );
+    if let Some(m) = run.cpu_millis {
+        resources = resources.cpu(
+            LinuxCpuBuilder::default()
+                .quota(i64::from(m) * 100)
+                .period(100_000u64)
+                .build()
+                .map_err(err)?,
+        );
+    }
+    // Deny every device, then allow the ones every container needs (null, zero, full,
+    // random, urandom, tty, console, ptmx, pts), as containerd's own default spec does.
+    let mut devices = vec![LinuxDeviceCgroupBuilder::default()
+        .allow(false)
+        .access("rwm")
+        .build()
+        .map_err(err)?];
+    for (major, minor) in [
+        (1, Some(3)),
+        (1, Some(5)),
+        (1, Some(7)),
+        (1, Some(8)),
+        (1, Some(9)),
+        (5, Some(0)),
+        (5, Some(1)),
+        (5, Some(2)),
+        (136, None),
+    ] {
+        let mut b = LinuxDeviceCgroupBuilder::default()
+            .allow(true)
+            .typ(LinuxDeviceType::C)
+            .major(major)
+            .access("rwm");
+        if let Some(minor) = minor {
+            b = b.minor(minor);
+        }
+        devices.push(b.build().map_err(err)?);
+    }
+    resources = resources.devices(devices);
+    linux.set_resources(Some(resources.build().map_err(err)?));
+    spec.set_linux(Some(linux));
+    Ok(spec)
+}
+
+fn numeric_user(user: &str) -> Option<(u32, u32)> {
+    if user.is_empty() {
+        return None;
+    }
+    let (u, g) = user.split_once(':').unwrap_or((user, "0"));
+    Some((u.parse().ok()?, g.parse().ok()?))
+}
+
+/// A containerd connection for one namespace.
+#[derive(Clone)]
+pub struct Containerd {
+    channel: Channel,
+    namespace: String,
+    /// `DATA_DIR/cache/images`: pulled blobs and the record of prepared images, so that an
+    /// image once pulled runs again without the registry.
+    cache: PathBuf,
+    registries: Arc<Registries>,
+}
+
+impl std::fmt::Debug for Containerd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Containerd")
+            .field("namespace", &self.namespace)
+            .finish()
+    }
+}
+
+impl Containerd {
+    /// Connects and checks that containerd answers (its version is returned).
+    pub async fn connect(
+        socket: &Path,
+        namespace: &str,
+        cache: PathBuf,
+        registries: Arc<Registries>,
+    ) -> Result<(Self, String), ContainerdError> {
+        let fail = |reason: String| ContainerdError::Connect {
+            socket: socket.display().to_string(),
+            reason,
+        };
+        if !socket.exists() {
+            return Err(fail("no such socket".into()));
+        }
+        let channel =
+            tokio::time::timeout(Duration::from_secs(3), containerd_client::connect(socket))
+                .await
+                .map_err(|_| fail("timed out".into()))?
+                .map_err(|e| fail(e.to_string()))?;
+        let c = Self {
+            channel,
+            namespace: namespace.to_string(),
+            cache,
+            registries,
+        };
+        let v = tokio::time::timeout(
+            Duration::from_secs(3),
+            containerd_client::Client::from(c.channel.clone())
+                .version()
+                .version(()),
+        )
+        .await
+        .map_err(|_| fail("timed out".into()))?
+        .map_err(|s| fail(s.message().to_string()))?
+        .into_inner();
+        Ok((c, v.version))
+    }
+
+    fn req<T>(&self, msg: T, lease: Option<&str>) -> Request<T> {
+        let mut r = Request::new(msg);
+        if let Ok(ns) = self.namespace.parse() {
+            r.metadata_mut().insert("containerd-namespace", ns);
+        }
+        if let Some(l) = lease.and_then(|l| l.parse().ok()) {
+            r.metadata_mut().insert("containerd-lease", l);
+        }
+        r
+    }
+
+    fn client(&self) -> containerd_client::Client {
+        containerd_client::Client::from(self.channel.clone())
+    }
+
+    /// Pulls and unpacks the pinned `image` for this device's architecture, unless it was
+    /// prepared before and its snapshot still exists.
+    pub async fn prepare(&self, image: &OciRef) -> Result<Arc<PreparedImage>, ContainerdError> {
+        let Some(digest) = &image.digest else {
+            return Err(ContainerdError::Image {
+                image: image.to_string(),
+                reason: "not pinned".into(),
+            });
+        };
+        let record = self.cache.join(format!("{}.json", digest.hex()));
+        if let Ok(bytes) = tokio::fs::read(&record).await {
+            if let Ok(p) = serde_json::from_slice::<PreparedImage>(&bytes) {
+                if self.snapshot_exists(&p.chain).await {
+                    return Ok(Arc::new(p));
+                }
+            }
+        }
+        let blobs = self.cache.join("blobs");
+        let pulled = self
+            .registries
+            .pull_image(image, std::env::consts::ARCH, &blobs)
+            .await?;
+        let prepared = self.import(&pulled).await?;
+        let bytes = serde_json::to_vec(&prepared).unwrap_or_default();
+        let tmp = record.with_extension("tmp");
+        let io = |p: &Path| {
+            let path = p.display().to_string();
+            move |source| ContainerdError::Io { path, source }
+        };
+        tokio::fs::write(&tmp, bytes).await.map_err(io(&tmp))?;
+        tokio::fs::rename(&tmp, &record)
+            .await
+            .map_err(io(&record))?;
+        // The blobs now live in containerd's content store.
+        for l in &pulled.layers {
+            let _ = tokio::fs::remove_file(&l.path).await;
+        }
+        let _ = tokio::fs::remove_file(blobs.join(pulled.config.2.hex())).await;
+        info!(image = %image, chain = %prepared.chain, "image pulled and unpacked");
+        Ok(Arc::new(prepared))
+    }
+
+    async fn snapshot_exists(&self, key: &str) -> bool {
+        SnapshotsClient::new(self.channel.clone())
+            .stat(self.req(
+                StatSnapshotRequest {
+                    snapshotter: SNAPSHOTTER.into(),
+                    key: key.into(),
+                },
+                None,
+            ))
+            .await
+            .is_ok()
+    }
+
+    /// Writes a pulled image into containerd and unpacks it, under a lease so that nothing
+    /// is collected half-way.
+    async fn import(&self, p: &PulledImage) -> Result<PreparedImage, ContainerdError> {
+        let lease = format!("shoal-pull-{}", rand::random::<u64>());
+        let expire = humantime::format_rfc3339_seconds(
+            std::time::SystemTime::now() + Duration::from_secs(3600),
+        )
+        .to_string();
+        self.client()
+            .leases()
+            .create(self.req(
+                containerd_client::services::v1::CreateRequest {
+                    id: lease.clone(),
+                    labels: HashMap::from([("containerd.io/gc.expire".into(), expire)]),
+                },
+                None,
+            ))
+            .await
+            .map_err(grpc("lease create"))?;
+        let result = self.import_leased(p, &lease).await;
+        let _ = self
+            .client()
+            .leases()
+            .delete(self.req(
+                containerd_client::services::v1::DeleteRequest {
+                    id: lease,
+                    sync: false,
+                },
+                None,
+            ))
+            .await;
+        result
+    }
+
+    async fn import_leased(
+        &self,
+        p: &PulledImage,
+        lease: &str,
+    ) -> Result<PreparedImage, ContainerdError> {
+        let image = p.reference.to_string();
+        let bad = |reason: String| ContainerdError::Image {
+            image: image.clone(),
+            reason,
+        };
+        let config = ImageConfig::from_blob(&p.config.1).map_err(&bad)?;
+        let config_json: serde_json::Value =
+            serde_json::from_slice(&p.config.1).map_err(|e| bad(e.to_string()))?;
+        let diff_ids: Vec<String> = config_json["rootfs"]["diff_ids"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d.as_str().map(str::to_string))
+            .collect();
+        if diff_ids.len() != p.layers.len() {
+            return Err(bad(format!(
+                "{} layers but {} diff ids in the config",
+                p.layers.len(),
+                diff_ids.len()
+            )));
+        }
+        // Children first: layers, config, manifest, index; each parent labels its children
+        // so that containerd's garbage collector keeps them.
+        let mut manifest_labels = HashMap::new();
+        for (i, l) in p.layers.iter().enumerate() {
+            let bytes = tokio::fs::read(&l.path)
+                .await
+                .map_err(|source| ContainerdError::Io {
+                    path: l.path.display().to_string(),
+                    source,
+                })?;
+            self.write_blob(lease, l.digest.as_str(), &bytes, HashMap::new())
+                .await?;
+            manifest_labels.insert(
+                format!("containerd.io/gc.ref.content.l.{i}"),
+                l.digest.to_string(),
+            );
+        }
+        self.write_blob(lease, p.config.2.as_str(), &p.config.1, HashMap::new())
+            .await?;
+        manifest_labels.insert(
+            "containerd.io/gc.ref.content.config".into(),
+            p.config.2.to_string(),
+        );
+        self.write_blob(lease, p.manifest.2.as_str(), &p.manifest.1, manifest_labels)
+            .await?;
+        let target = match &p.index {
+            Some((media, bytes)) => {
+                let digest = shoal_api::ids::Digest::of(bytes);
+                let labels = HashMap::from([(
+                    "containerd.io/gc.ref.content.m.0".to_string(),
+                    p.manifest.2.to_string(),
+                )]);
+                self.write_blob(lease, digest.as_str(), bytes, labels)
+                    .await?;
+                Descriptor {
+                    media_type: media.clone(),
+                    digest: digest.to_string(),
+                    size: bytes.len() as i64,
+                    annotations: HashMap::new(),
+                }
+            }
+            None => Descriptor {
+                media_type: p.manifest.0.clone(),
+                digest: p.manifest.2.to_string(),
+                size: p.manifest.1.len() as i64,
+                annotations: HashMap::new(),
+            },
+        };
+        let name = p.reference.without_scheme();
+        let record = Image {
+            name: name.clone(),
+            target: Some(target),
+            ..Default::default()
+        };
+        let mut images = self.client().images();
+        match images
+            .create(self.req(
+                CreateImageRequest {
+                    image: Some(record.clone()),
+                    ..Default::default()
+                },
+                Some(lease),
+            ))
+            .await
+        {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::AlreadyExists => {
+                images
+                    .update(self.req(
+                        UpdateImageRequest {
+                            image: Some(record),
+                            ..Default::default()
+                        },
+                        Some(lease),
+                    ))
+                    .await
+                    .map_err(grpc("image update"))?;
+            }
+            Err(s) => return Err(grpc("image create")(s)),
+        }
+
+        // Unpack: one committed snapshot per layer, named by its chain id.
+        let mut snapshots = SnapshotsClient::new(self.channel.clone());
+        let mut content = self.client().content();
+        let mut parent = String::new();
+        for (i, l) in p.layers.iter().enumerate() {
+            let chain = if i == 0 {
+                diff_ids[0].clone()
+            } else {
+                shoal_api::ids::Digest::of(format!("{parent} {}", diff_ids[i]).as_bytes())
+                    .to_string()
+            };
+            if self.snapshot_exists(&chain).await {
+                parent = chain;
+                continue;
+            }
+            let key = format!("extract-{} {chain}", rand::random::<u32>());
+            let mounts = snapshots
+                .prepare(self.req(
+                    PrepareSnapshotRequest {
+                        snapshotter: SNAPSHOTTER.into(),
+                        key: key.clone(),
+                        parent: parent.clone(),
+                        labels: HashMap::from([(
+                            "containerd.io/snapshot.ref".into(),
+                            chain.clone(),
+                        )]),
+                    },
+                    Some(lease),
+                ))
+                .await
+                .map_err(grpc("snapshot prepare"))?
+                .into_inner()
+                .mounts;
+            let applied = self
+                .client()
+                .diff()
+                .apply(self.req(
+                    ApplyRequest {
+                        diff: Some(Descriptor {
+                            media_type: l.media_type.clone(),
+                            digest: l.digest.to_string(),
+                            size: l.size as i64,
+                            annotations: HashMap::new(),
+                        }),
+                        mounts,
+                        ..Default::default()
+                    },
+                    Some(lease),
+                ))
+                .await
+                .map_err(grpc("layer apply"))?
+                .into_inner()
+                .applied;
+            let applied = applied.map(|a| a.digest).unwrap_or_default();
+            if applied != diff_ids[i] {
+                let _ = snapshots
+                    .remove(self.req(
+                        RemoveSnapshotRequest {
+                            snapshotter: SNAPSHOTTER.into(),
+                            key,
+                        },
+                        Some(lease),
+                    ))
+                    .await;
+                return Err(bad(format!(
+                    "layer {} unpacked to {applied}, but the config says {}",
+                    l.digest, diff_ids[i]
+                )));
+            }
+            snapshots
+                .commit(self.req(
+                    CommitSnapshotRequest {
+                        snapshotter: SNAPSHOTTER.into(),
+                        name: chain.clone(),
+                        key,
+                        labels: HashMap::new(),
+                    },
+                    Some(lease),
+                ))
+                .await
+                .map_err(grpc("snapshot commit"))?;
+            self.label(
+                &mut content,
+                lease,
+                l.digest.as_str(),
+                "containerd.io/uncompressed",
+                &diff_ids[i],
+            )
+            .await?;
+            parent = chain;
+        }
+        // This label keeps the unpacked chain alive as long as the image is.
+        self.label(
+            &mut content,
+            lease,
+            p.config.2.as_str(),
+            &format!("containerd.io/gc.ref.snapshot.{SNAPSHOTTER}"),
+            &parent,
+        )
+        .await?;
+        Ok(PreparedImage {
+            name,
+            chain: parent,
+            config,
+        })
+    }
+
+    async fn label(
+        &self,
+        content: &mut containerd_client::services::v1::content_client::ContentClient<Channel>,
+        lease: &str,
+        digest: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<(), ContainerdError> {
+        content
+            .update(self.req(
+                UpdateRequest {
+                    info: Some(containerd_client::services::v1::Info {
+                        digest: digest.into(),
+                        labels: HashMap::from([(key.to_string(), value.to_string())]),
+                        ..Default::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec![format!("labels.{key}")],
+                    }),
+                },
+                Some(lease),
+            ))
+            .await
+            .map_err(grpc("content label"))?;
+        Ok(())
+    }
+
+    /// Writes `bytes` as blob `digest` into the content store, unless it is there.
+    async fn write_blob(
+        &self,
+        lease: &str,
+        digest: &str,
+        bytes: &[u8],
+        labels: HashMap<String, String>,
+    ) -> Result<(), ContainerdError> {
+        let mut content = self.client().content();
+        match content
+            .info(self.req(
+                InfoRequest {
+                    digest: digest.into(),
+                },
+                Some(lease),
+            ))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(s) if s.code() == Code::NotFound => {}
+            Err(s) => return Err(grpc("content info")(s)),
+        }
+        let total = bytes.len() as i64;
+        let r#ref = format!("shoal-{digest}");
+        let mut msgs: Vec<WriteContentRequest> = bytes
+            .chunks(1 << 20)
+            .scan(0i64, |offset, chunk| {
+                let m = WriteContentRequest {
+                    action: WriteAction::Write as i32,
+                    r#ref: r#ref.clone(),
+                    total,
+                    expected: digest.into(),
+                    offset: *offset,
+                    data: chunk.to_vec(),
+                    labels: HashMap::new(),
+                };
+                *offset += chunk.len() as i64;
+                Some(m)
+            })
+            .collect();
+        msgs.push(WriteContentRequest {
+            action: WriteAction::Commit as i32,
+            r#ref,
+            total,
+            expected: digest.into(),
+            offset: total,
+            data: Vec::new(),
+            labels,
+        });
+        let written = content
+            .write(self.req(tokio_stream::iter(msgs), Some(lease)))
+            .await;
+        match written {
+            Ok(resp) => {
+                let mut resp = resp.into_inner();
+                while resp
+                    .message()
+                    .await
+                    .map_err(grpc(format!("content write of {digest}")))?
+                    .is_some()
+                {}
+                Ok(())
+            }
+            Err(s) if s.code() == Code::AlreadyExists => Ok(()),
+            Err(s) => Err(grpc(format!("content write of {digest}"))(s)),
+        }
+    }
+
+    /// Runs one container to its end (or until `cancel`), then removes it.
+    pub async fn run(
+        &self,
+        image: &PreparedImage,
+        run: &ContainerRun,
+        cancel: CancellationToken,
+    ) -> Exit {
+        // A container of the same id left by a crash is in the way: remove it first.
+        self.remove(&run.id).await;
+        let exit = match self.start(image, run).await {
+            Ok(()) => self.wait(run, cancel).await,
+            Err(e) => Exit::Failure {
+                code: None,
+                reason: format!("cannot start the container: {e}"),
+            },
+        };
+        self.remove(&run.id).await;
+        exit
+    }
+
+    async fn start(
+        &self,
+        image: &PreparedImage,
+        run: &ContainerRun,
+    ) -> Result<(), ContainerdError> {
+        let spec = runtime_spec(&image.config, run, &self.namespace).map_err(|reason| {
+            ContainerdError::Image {
+                image: image.name.clone(),
+                reason,
+            }
+        })?;
+        let spec = serde_json::to_vec(&spec).map_err(|e| ContainerdError::Image {
+            image: image.name.clone(),
+            reason: e.to_string(),
+        })?;
+        let lease = format!("shoal-run-{}", run.id);
+        let mut leases = self.client().leases();
+        leases
+            .create(self.req(
+                containerd_client::services::v1::CreateRequest {
+                    id: lease.clone(),
+                    labels: HashMap::new(),
+                },
+                None,
+            ))
+            .await
+            .map_err(grpc("lease create"))?;
+        let created = self.create(image, run, spec, &lease).await;
+        let _ = leases
+            .delete(self.req(
+                containerd_client::services::v1::DeleteRequest {
+                    id: lease,
+                    sync: false,
+                },
+                None,
+            ))
+            .await;
+        let mounts = created?;
+        // The shim appends both streams to the replica's log (one `file://` URI for both:
+        // containerd 1.6's shim mishandles a file stdout with an empty stderr).
+        if let Some(dir) = run.log_path.parent() {
+            let _ = tokio::fs::create_dir_all(dir).await;
+        }
+        let log = format!("file://{}", run.log_path.display());
+        let mut tasks = self.client().tasks();
+        tasks
+            .create(self.req(
+                CreateTaskRequest {
+                    container_id: run.id.clone(),
+                    rootfs: mounts,
+                    stdout: log.clone(),
+                    stderr: log,
+                    ..Default::default()
+                },
+                None,
+            ))
+            .await
+            .map_err(grpc("task create"))?;
+        tasks
+            .start(self.req(
+                StartRequest {
+                    container_id: run.id.clone(),
+                    exec_id: String::new(),
+                },
+                None,
+            ))
+            .await
+            .map_err(grpc("task start"))?;
+        Ok(())
+    }
+
+    async fn create(
+        &self,
+        image: &PreparedImage,
+        run: &ContainerRun,
+        spec: Vec<u8>,
+        lease: &str,
+    ) -> Result<Vec<containerd_client::types::Mount>, ContainerdError> {
+        let mounts = SnapshotsClient::new(self.channel.clone())
+            .prepare(self.req(
+                PrepareSnapshotRequest {
+                    snapshotter: SNAPSHOTTER.into(),
+                    key: run.id.clone(),
+                    parent: image.chain.clone(),
+                    labels: HashMap::new(),
+                },
+                Some(lease),
+            ))
+            .await
+            .map_err(grpc("snapshot prepare"))?
+            .into_inner()
+            .mounts;
+        let mut labels: HashMap<String, String> = run
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        labels.insert(MANAGED_LABEL.into(), "true".into());
+        self.client()
+            .containers()
+            .create(self.req(
+                CreateContainerRequest {
+                    container: Some(Container {
+                        id: run.id.clone(),
+                        image: image.name.clone(),
+                        labels,
+                        runtime: Some(Runtime {
+                            name: RUNTIME.into(),
+                            options: None,
+                        }),
+                        spec: Some(prost_types::Any {
+                            type_url: SPEC_TYPE.into(),
+                            value: spec,
+                        }),
+                        snapshotter: SNAPSHOTTER.into(),
+                        snapshot_key: run.id.clone(),
+                        ..Default::default()
+                    }),
+                },
+                Some(lease),
+            ))
+            .await
+            .map_err(grpc("container create"))?;
+        Ok(mounts)
+    }
+
+    /// Waits for the task's exit; on cancel, SIGTERM, then SIGKILL after the grace period.
+    async fn wait(&self, run: &ContainerRun, cancel: CancellationToken) -> Exit {
+        let waiter = {
+            let mut tasks = self.client().tasks();
+            let req = self.req(
+                WaitRequest {
+                    container_id: run.id.clone(),
+                    exec_id: String::new(),
+                },
+                None,
+            );
+            async move { tasks.wait(req).await }
+        };
+        tokio::pin!(waiter);
+        let stopped = tokio::select! {
+            w = &mut waiter => return exit_of(w, run),
+            _ = cancel.cancelled() => true,
+        };
+        debug_assert!(stopped);
+        self.kill(&run.id, 15, false).await;
+        match tokio::time::timeout(run.stop_grace, &mut waiter).await {
+            Ok(_) => {}
+            Err(_) => {
+                warn!(container = %run.id, grace_ms = run.stop_grace.as_millis() as u64, "no exit after SIGTERM; sending SIGKILL");
+                self.kill(&run.id, 9, true).await;
+                let _ = tokio::time::timeout(Duration::from_secs(10), &mut waiter).await;
+            }
+        }
+        Exit::Cancelled
+    }
+
+    async fn kill(&self, id: &str, signal: u32, all: bool) {
+        let _ = self
+            .client()
+            .tasks()
+            .kill(self.req(
+                KillRequest {
+                    container_id: id.into(),
+                    exec_id: String::new(),
+                    signal,
+                    all,
+                },
+                None,
+            ))
+            .await;
+    }
+
+    /// Removes task, container and snapshot `id`, whatever of them exists.
+    pub async fn remove(&self, id: &str) {
+        let mut tasks = self.client().tasks();
+        let _ = tasks
+            .kill(self.req(
+                KillRequest {
+                    container_id: id.into(),
+                    exec_id: String::new(),
+                    signal: 9,
+                    all: true,
+                },
+                None,
+            ))
+            .await;
+        let _ = tasks
+            .delete(self.req(
+                DeleteTaskRequest {
+                    container_id: id.into(),
+                },
+                None,
+            ))
+            .await;
+        let _ = self
+            .client()
+            .containers()
+            .delete(self.req(DeleteContainerRequest { id: id.into() }, None))
+            .await;
+        let _ = SnapshotsClient::new(self.channel.clone())
+            .remove(self.req(
+                RemoveSnapshotRequest {
+                    snapshotter: SNAPSHOTTER.into(),
+                    key: id.into(),
+                },
+                None,
+            ))
+            .await;
+    }
+
+    /// Ids of the containers the agent created in its namespace.
+    pub async fn managed(&self) -> Result<Vec<String>, ContainerdError> {
+        let list = self
+            .client()
+            .containers()
+            .list(self.req(
+                ListContainersRequest {
+                    filters: vec![format!(r#"labels."{MANAGED_LABEL}"==true"#)],
+                },
+                None,
+            ))
+            .await
+            .map_err(grpc("container list"))?
+            .into_inner();
+        Ok(list.containers.into_iter().map(|c| c.id).collect())
+    }
+}
+
+fn exit_of(
+    w: Result<
+        containerd_client::tonic::Response<containerd_client::services::v1::WaitResponse>,
+        Status,
+    >,
+    run: &ContainerRun,
+) -> Exit {
+    match w {
+        Ok(r) => match r.into_inner().exit_status {
+            0 => Exit::Success,
+            // 128 + SIGKILL: with a memory limit, almost always the OOM killer.
+            137 => Exit::Failure {
+                code: Some(137),
+                reason: format!(
+                    "killed (status 137): memory limit of {} exceeded, or SIGKILL",
+                    shoal_api::quantity::format_memory(run.memory_limit)
+                ),
+            },
+            n => Exit::Failure {
+                code: i32::try_from(n).ok(),
+                reason: format!("exited with status {n}"),
+            },
+        },
+        Err(s) => Exit::Failure {
+            code: None,
+            reason: format!("lost the task: {}: {}", s.code(), s.message()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run() -> ContainerRun {
+        ContainerRun {
+            id: "web-0".into(),
+            command: vec![],
+            args: vec![],
+            env: BTreeMap::from([
+                ("GREETING".into(), "hi".into()),
+                ("PATH".into(), "/x".into()),
+            ]),
+            memory_limit: 64 << 20,
+            cpu_millis: Some(250),
+            read_only_root: true,
+            log_path: "/l".into(),
+            stop_grace: Duration::from_secs(1),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn image() -> ImageConfig {
+        ImageConfig::from_blob(
+            br#"{"config":{"Env":["PATH=/bin","A=1"],"Entrypoint":["/bin/busybox"],"Cmd":["sh"],"WorkingDir":"/w","User":"1000:1000"},"rootfs":{"type":"layers","diff_ids":[]}}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_spec_merges_image_and_manifest() {
+        let spec = runtime_spec(&image(), &run(), "shoal").unwrap();
+        let p = spec.process().as_ref().unwrap();
+        assert_eq!(p.args().as_ref().unwrap(), &["/bin/busybox", "sh"]);
+        let env = p.env().as_ref().unwrap();
+        assert!(env.contains(&"PATH=/x".to_string()) && !env.contains(&"PATH=/bin".to_string()));
+        assert!(env.contains(&"A=1".to_string()) && env.contains(&"GREETING=hi".to_string()));
+        assert_eq!(p.cwd(), &PathBuf::from("/w"));
+        assert_eq!((p.user().uid(), p.user().gid()), (1000, 1000));
+        assert_eq!(spec.root().as_ref().unwrap().readonly(), Some(true));
+        let linux = spec.linux().as_ref().unwrap();
+        assert_eq!(
+            linux.cgroups_path().as_ref().unwrap(),
+            &PathBuf::from("/shoal/web-0")
+        );
+        let res = linux.resources().as_ref().unwrap();
+        assert_eq!(res.memory().as_ref().unwrap().limit(), Some(64 << 20));
+        assert_eq!(res.cpu().as_ref().unwrap().quota(), Some(25_000));
+        assert!(linux
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .all(|n| n.typ() != oci_spec::runtime::LinuxNamespaceType::Network));
+        // Manifest args replace Cmd; a command replaces the entrypoint (and Cmd).
+        let mut r = run();
+        r.args = vec!["-c".into(), "echo hi".into()];
+        let spec = runtime_spec(&image(), &r, "shoal").unwrap();
+        assert_eq!(
+            spec.process().as_ref().unwrap().args().as_ref().unwrap(),
+            &["/bin/busybox", "-c", "echo hi"]
+        );
+        r.command = vec!["/bin/true".into()];
+        r.args.clear();
+        let spec = runtime_spec(&image(), &r, "shoal").unwrap();
+        assert_eq!(
+            spec.process().as_ref().unwrap().args().as_ref().unwrap(),
+            &["/bin/true"]
+        );
+        let e = runtime_spec(&ImageConfig::default(), &run(), "shoal").unwrap_err();
+        assert!(e.contains("nothing to run"), "{e}");
+    }
+}
