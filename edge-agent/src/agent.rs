@@ -57,8 +57,19 @@ pub struct AgentConfig {
     pub mdns: Option<MdnsOptions>,
     /// The local API's Unix socket; `None`: no local API.
     pub socket: Option<LocalSocket>,
-    /// How to reach the OCI registries `oci://` modules come from.
+    /// How to reach the OCI registries `oci://` modules and images come from.
     pub registries: shoal_registry::RegistryConfig,
+    /// containerd to run container workloads with; `None`: no container runtime.
+    pub containerd: Option<ContainerdOptions>,
+    /// Whether the device offers the WASM runtime (`--no-wasm` turns it off).
+    pub wasm: bool,
+}
+
+/// Where containerd listens, and the namespace the agent keeps its containers in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerdOptions {
+    pub socket: PathBuf,
+    pub namespace: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,10 +115,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         })?;
     }
     let store = SledStore::open(&config.data_dir)?;
-    let fetcher = Fetcher::new(
-        &config.data_dir,
-        shoal_registry::Registries::new(config.registries.clone()),
-    )?;
+    let registries = Arc::new(shoal_registry::Registries::new(config.registries.clone()));
+    let fetcher = Fetcher::new(&config.data_dir, registries.clone())?;
+    let containers = containers(&config, &store, registries).await;
     let tracker = TaskTracker::new();
     let engine_stop = CancellationToken::new();
     let (runtime, ticker) = WasmRuntime::new(
@@ -170,6 +180,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let (up_tx, up_rx) = mpsc::channel(256);
     let shared = Shared {
         runtime: Arc::new(runtime),
+        containers: containers.clone(),
+        stopping: shutdown.clone(),
         source: fetcher,
         logs_dir: config.data_dir.join("logs"),
         updates: up_tx,
@@ -177,7 +189,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         hub_http: hub_http_rx,
     };
     let mut agent = Agent {
-        hello: hello(&config),
+        hello: hello(&config, containers.is_some()),
         directory: Directory::new(
             &config.fleet,
             shoal_api::PROTOCOL_VERSION,
@@ -230,6 +242,60 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     tracker.wait().await;
     info!("agent stopped");
     Ok(())
+}
+
+/// The container runtime: containerd, when configured and answering (then the device offers
+/// the `container` runtime). Containers the agent created that its persisted desired state no
+/// longer names (deleted while it was down) are removed.
+#[cfg(feature = "containerd")]
+async fn containers(
+    config: &AgentConfig,
+    store: &SledStore,
+    registries: Arc<shoal_registry::Registries>,
+) -> Option<Arc<dyn crate::runtime::ContainerRuntime>> {
+    let opts = config.containerd.as_ref()?;
+    let cache = config.data_dir.join("cache").join("images");
+    if let Err(e) = std::fs::create_dir_all(&cache) {
+        warn!(error = %e, "no container runtime: cannot create the image cache");
+        return None;
+    }
+    match crate::containerd::Containerd::connect(&opts.socket, &opts.namespace, cache, registries)
+        .await
+    {
+        Ok((c, version)) => {
+            info!(socket = %opts.socket.display(), %version, namespace = %opts.namespace, "containerd found: offering the container runtime");
+            let keep: BTreeSet<String> = store
+                .load_desired()
+                .ok()
+                .flatten()
+                .map(|d| {
+                    d.workloads
+                        .iter()
+                        .filter(|w| w.container.is_some())
+                        .map(crate::supervisor::container_id)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let removed = c.sweep(&keep).await;
+            if !removed.is_empty() {
+                info!(containers = ?removed, "removed containers no longer desired");
+            }
+            Some(Arc::new(c))
+        }
+        Err(e) => {
+            info!(error = %e, "no container runtime (containers will not be scheduled here)");
+            None
+        }
+    }
+}
+
+#[cfg(not(feature = "containerd"))]
+async fn containers(
+    _config: &AgentConfig,
+    _store: &SledStore,
+    _registries: Arc<shoal_registry::Registries>,
+) -> Option<Arc<dyn crate::runtime::ContainerRuntime>> {
+    None
 }
 
 /// What the agent knows of its hub search.
@@ -760,13 +826,20 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
 }
 
 /// The device's capabilities, sent on every connect.
-fn hello(config: &AgentConfig) -> Hello {
+fn hello(config: &AgentConfig, containers: bool) -> Hello {
+    let mut runtimes = Vec::new();
+    if config.wasm {
+        runtimes.push("wasm".to_string());
+    }
+    if containers {
+        runtimes.push("container".to_string());
+    }
     Hello {
         protocol: shoal_api::PROTOCOL_VERSION,
         device_id: config.device_id.clone(),
         arch: std::env::consts::ARCH.to_string(),
         os: std::env::consts::OS.to_string(),
-        runtimes: vec!["wasm".to_string()],
+        runtimes,
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
         memory: config.memory.unwrap_or_else(total_memory),
         labels: config.labels.clone(),

@@ -9,7 +9,8 @@
 //! container and snapshot are removed afterwards. docs/research/containerd-1.6.md records the
 //! protocol details this follows.
 
-use crate::runtime::Exit;
+use crate::runtime::{BoxFuture, ContainerRuntime, Exit};
+pub use crate::runtime::{ContainerRun, ImageConfig, PreparedImage};
 use containerd_client::services::v1::container::Runtime;
 use containerd_client::services::v1::snapshots::{
     snapshots_client::SnapshotsClient, CommitSnapshotRequest, PrepareSnapshotRequest,
@@ -24,10 +25,9 @@ use containerd_client::services::v1::{
 use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::{Code, Request, Status};
 use containerd_client::types::Descriptor;
-use serde::{Deserialize, Serialize};
 use shoal_api::oci::OciRef;
 use shoal_registry::{PulledImage, Registries};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,72 +66,6 @@ fn grpc(what: impl Into<String>) -> impl FnOnce(Status) -> ContainerdError {
         what,
         reason: format!("{}: {}", s.code(), s.message()),
     }
-}
-
-/// What the image config says about running it (the parts a runtime spec needs).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageConfig {
-    pub env: Vec<String>,
-    pub entrypoint: Vec<String>,
-    pub cmd: Vec<String>,
-    pub working_dir: String,
-    pub user: String,
-}
-
-impl ImageConfig {
-    /// Reads the `config` object of an OCI/Docker image config blob.
-    pub fn from_blob(bytes: &[u8]) -> Result<Self, String> {
-        let v: serde_json::Value = serde_json::from_slice(bytes)
-            .map_err(|e| format!("the image config is not JSON: {e}"))?;
-        let c = &v["config"];
-        let strings = |x: &serde_json::Value| -> Vec<String> {
-            x.as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|s| s.as_str().map(str::to_string))
-                .collect()
-        };
-        Ok(Self {
-            env: strings(&c["Env"]),
-            entrypoint: strings(&c["Entrypoint"]),
-            cmd: strings(&c["Cmd"]),
-            working_dir: c["WorkingDir"].as_str().unwrap_or_default().to_string(),
-            user: c["User"].as_str().unwrap_or_default().to_string(),
-        })
-    }
-}
-
-/// An image unpacked in containerd and ready to run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PreparedImage {
-    /// The image record's name (the pinned reference without `oci://`).
-    pub name: String,
-    /// Chain id of the top layer: the parent of each container's snapshot.
-    pub chain: String,
-    pub config: ImageConfig,
-}
-
-/// One run of a container replica.
-#[derive(Debug, Clone)]
-pub struct ContainerRun {
-    /// containerd container id (also the snapshot key and the cgroup name).
-    pub id: String,
-    /// Replaces the image's entrypoint when not empty.
-    pub command: Vec<String>,
-    /// Replaces the image's `Cmd` when not empty.
-    pub args: Vec<String>,
-    pub env: BTreeMap<String, String>,
-    /// Bytes; the cgroup memory limit.
-    pub memory_limit: u64,
-    /// Millicores; a CFS quota. `None`: no CPU cap.
-    pub cpu_millis: Option<u32>,
-    pub read_only_root: bool,
-    /// stdout and stderr are appended here.
-    pub log_path: PathBuf,
-    /// Between SIGTERM and SIGKILL when stopped.
-    pub stop_grace: Duration,
-    /// Extra labels on the container (e.g. the replica it belongs to).
-    pub labels: BTreeMap<String, String>,
 }
 
 /// Builds the OCI runtime spec for `run` of `image`: argv from the command/args or the image,
@@ -735,24 +669,66 @@ impl Containerd {
         }
     }
 
-    /// Runs one container to its end (or until `cancel`), then removes it.
+    /// Runs one container to its end (or until `cancel`), then removes it. A task of the
+    /// same id still running (the agent restarted under it) is adopted: waited on, not
+    /// started again; anything else of that id (a crash's leftovers) is removed first.
     pub async fn run(
         &self,
         image: &PreparedImage,
         run: &ContainerRun,
         cancel: CancellationToken,
+        detach: CancellationToken,
     ) -> Exit {
-        // A container of the same id left by a crash is in the way: remove it first.
-        self.remove(&run.id).await;
-        let exit = match self.start(image, run).await {
-            Ok(()) => self.wait(run, cancel).await,
-            Err(e) => Exit::Failure {
-                code: None,
-                reason: format!("cannot start the container: {e}"),
-            },
+        let exit = if self.running(&run.id).await {
+            info!(container = %run.id, "adopting the running container");
+            self.wait(run, cancel, &detach).await
+        } else {
+            self.remove(&run.id).await;
+            match self.start(image, run).await {
+                Ok(()) => self.wait(run, cancel, &detach).await,
+                Err(e) => Exit::Failure {
+                    code: None,
+                    reason: format!("cannot start the container: {e}"),
+                },
+            }
         };
-        self.remove(&run.id).await;
+        if exit == Exit::Cancelled && detach.is_cancelled() {
+            info!(container = %run.id, "agent stopping: container left running, to be adopted");
+        } else {
+            self.remove(&run.id).await;
+        }
         exit
+    }
+
+    /// Whether task `id` exists and runs.
+    async fn running(&self, id: &str) -> bool {
+        let got = self
+            .client()
+            .tasks()
+            .get(self.req(
+                containerd_client::services::v1::GetRequest {
+                    container_id: id.into(),
+                    exec_id: String::new(),
+                },
+                None,
+            ))
+            .await;
+        got.ok()
+            .and_then(|r| r.into_inner().process)
+            .is_some_and(|p| p.status == containerd_client::types::v1::Status::Running as i32)
+    }
+
+    /// Removes every container the agent created that is not in `keep` (replicas deleted
+    /// while the agent was down). Returns the ids removed.
+    pub async fn sweep(&self, keep: &std::collections::BTreeSet<String>) -> Vec<String> {
+        let mut removed = Vec::new();
+        for id in self.managed().await.unwrap_or_default() {
+            if !keep.contains(&id) {
+                self.remove(&id).await;
+                removed.push(id);
+            }
+        }
+        removed
     }
 
     async fn start(
@@ -881,8 +857,14 @@ impl Containerd {
         Ok(mounts)
     }
 
-    /// Waits for the task's exit; on cancel, SIGTERM, then SIGKILL after the grace period.
-    async fn wait(&self, run: &ContainerRun, cancel: CancellationToken) -> Exit {
+    /// Waits for the task's exit; on cancel, SIGTERM, then SIGKILL after the grace period
+    /// (unless `detach`: then it is left running).
+    async fn wait(
+        &self,
+        run: &ContainerRun,
+        cancel: CancellationToken,
+        detach: &CancellationToken,
+    ) -> Exit {
         let waiter = {
             let mut tasks = self.client().tasks();
             let req = self.req(
@@ -900,6 +882,9 @@ impl Containerd {
             _ = cancel.cancelled() => true,
         };
         debug_assert!(stopped);
+        if detach.is_cancelled() {
+            return Exit::Cancelled;
+        }
         self.kill(&run.id, 15, false).await;
         match tokio::time::timeout(run.stop_grace, &mut waiter).await {
             Ok(_) => {}
@@ -984,6 +969,29 @@ impl Containerd {
     }
 }
 
+impl ContainerRuntime for Containerd {
+    fn prepare<'a>(
+        &'a self,
+        image: &'a OciRef,
+    ) -> BoxFuture<'a, Result<Arc<PreparedImage>, String>> {
+        Box::pin(async move {
+            Containerd::prepare(self, image)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn run<'a>(
+        &'a self,
+        image: Arc<PreparedImage>,
+        run: ContainerRun,
+        cancel: CancellationToken,
+        detach: CancellationToken,
+    ) -> BoxFuture<'a, Exit> {
+        Box::pin(async move { Containerd::run(self, &image, &run, cancel, detach).await })
+    }
+}
+
 fn exit_of(
     w: Result<
         containerd_client::tonic::Response<containerd_client::services::v1::WaitResponse>,
@@ -1017,6 +1025,7 @@ fn exit_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     fn run() -> ContainerRun {
         ContainerRun {

@@ -44,7 +44,7 @@ pub struct Fetcher {
 impl Fetcher {
     pub fn new(
         data_dir: &Path,
-        registries: shoal_registry::Registries,
+        registries: std::sync::Arc<shoal_registry::Registries>,
     ) -> Result<Self, FetchError> {
         let dir = data_dir.join("cache").join("modules");
         std::fs::create_dir_all(&dir).map_err(|source| FetchError::Io {
@@ -64,7 +64,7 @@ impl Fetcher {
         Ok(Self {
             dir,
             http,
-            registries: std::sync::Arc::new(registries),
+            registries,
         })
     }
 

@@ -82,6 +82,28 @@ struct RunArgs {
     /// may. Repeat for several; adds to `[registries]` in the config file.
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     insecure_registries: Vec<String>,
+    /// containerd's socket; the device offers the `container` runtime only if it answers
+    /// [default: /run/containerd/containerd.sock].
+    #[arg(long, env = "SHOAL_AGENT_CONTAINERD_SOCKET")]
+    containerd_socket: Option<PathBuf>,
+    /// containerd namespace for this agent's containers [default: shoal].
+    #[arg(long, env = "SHOAL_AGENT_CONTAINERD_NAMESPACE")]
+    containerd_namespace: Option<String>,
+    /// Do not look for containerd: run WASM workloads only.
+    #[arg(long, env = "SHOAL_AGENT_NO_CONTAINERD")]
+    no_containerd: bool,
+    /// Do not offer the WASM runtime (workloads with a container variant run that here).
+    #[arg(long, env = "SHOAL_AGENT_NO_WASM")]
+    no_wasm: bool,
+}
+
+/// The `[containerd]` table of the config file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ContainerdFile {
+    enabled: Option<bool>,
+    socket: Option<PathBuf>,
+    namespace: Option<String>,
 }
 
 /// One `[registries."HOST:PORT"]` table of the config file.
@@ -111,6 +133,8 @@ struct FileConfig {
     mdns: MdnsFile,
     #[serde(default)]
     registries: BTreeMap<String, RegistryFile>,
+    #[serde(default)]
+    containerd: ContainerdFile,
 }
 
 fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
@@ -194,8 +218,21 @@ fn agent_config(a: RunArgs) -> anyhow::Result<AgentConfig> {
             }
         }
     }
+    let containerd_on = !a.no_containerd && file.containerd.enabled.unwrap_or(true);
+    let containerd = containerd_on.then(|| shoal_agent::agent::ContainerdOptions {
+        socket: a
+            .containerd_socket
+            .or(file.containerd.socket)
+            .unwrap_or_else(|| PathBuf::from("/run/containerd/containerd.sock")),
+        namespace: a
+            .containerd_namespace
+            .or(file.containerd.namespace)
+            .unwrap_or_else(|| "shoal".to_string()),
+    });
     Ok(AgentConfig {
         registries,
+        containerd,
+        wasm: !a.no_wasm,
         data_dir,
         device_id,
         labels,
@@ -305,6 +342,10 @@ mod tests {
             socket: None,
             mdns: MdnsArgs::default(),
             insecure_registries: Vec::new(),
+            containerd_socket: None,
+            containerd_namespace: None,
+            no_containerd: false,
+            no_wasm: false,
         }
     }
 

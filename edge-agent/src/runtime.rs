@@ -5,11 +5,15 @@
 //! [`crate::wasm::WasmRuntime`] is the real implementation; tests use in-memory fakes.
 
 use crate::logs::LogSink;
+use serde::{Deserialize, Serialize};
 use shoal_api::ids::Digest;
+use shoal_api::oci::OciRef;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Everything needed to start one run of a replica.
@@ -85,4 +89,96 @@ pub trait WorkloadRuntime: Send + Sync + 'static {
         log: LogSink,
         cancel: CancellationToken,
     ) -> impl Future<Output = Exit> + Send;
+}
+
+/// What the image config says about running it (the parts a runtime spec needs).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageConfig {
+    pub env: Vec<String>,
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub working_dir: String,
+    pub user: String,
+}
+
+impl ImageConfig {
+    /// Reads the `config` object of an OCI/Docker image config blob.
+    pub fn from_blob(bytes: &[u8]) -> Result<Self, String> {
+        let v: serde_json::Value = serde_json::from_slice(bytes)
+            .map_err(|e| format!("the image config is not JSON: {e}"))?;
+        let c = &v["config"];
+        let strings = |x: &serde_json::Value| -> Vec<String> {
+            x.as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        };
+        Ok(Self {
+            env: strings(&c["Env"]),
+            entrypoint: strings(&c["Entrypoint"]),
+            cmd: strings(&c["Cmd"]),
+            working_dir: c["WorkingDir"].as_str().unwrap_or_default().to_string(),
+            user: c["User"].as_str().unwrap_or_default().to_string(),
+        })
+    }
+}
+
+/// An image unpacked in containerd and ready to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreparedImage {
+    /// The image record's name (the pinned reference without `oci://`).
+    pub name: String,
+    /// Chain id of the top layer: the parent of each container's snapshot.
+    pub chain: String,
+    pub config: ImageConfig,
+}
+
+/// One run of a container replica.
+#[derive(Debug, Clone)]
+pub struct ContainerRun {
+    /// containerd container id (also the snapshot key and the cgroup name).
+    pub id: String,
+    /// Replaces the image's entrypoint when not empty.
+    pub command: Vec<String>,
+    /// Replaces the image's `Cmd` when not empty.
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Bytes; the cgroup memory limit.
+    pub memory_limit: u64,
+    /// Millicores; a CFS quota. `None`: no CPU cap.
+    pub cpu_millis: Option<u32>,
+    pub read_only_root: bool,
+    /// stdout and stderr are appended here.
+    pub log_path: PathBuf,
+    /// Between SIGTERM and SIGKILL when stopped.
+    pub stop_grace: Duration,
+    /// Extra labels on the container (e.g. the replica it belongs to).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A boxed future, for the object-safe [`ContainerRuntime`].
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Runs container replicas. Object-safe, so supervisors hold an
+/// `Option<Arc<dyn ContainerRuntime>>` (none when the device has no container runtime) and
+/// tests use a fake. [`crate::containerd::Containerd`] is the real one.
+pub trait ContainerRuntime: Send + Sync + 'static {
+    /// Pulls and unpacks the pinned `image` (cached: a prepared image needs no registry).
+    fn prepare<'a>(
+        &'a self,
+        image: &'a OciRef,
+    ) -> BoxFuture<'a, Result<Arc<PreparedImage>, String>>;
+
+    /// Runs one container to its end, or until `cancel` (then stops it and returns
+    /// [`Exit::Cancelled`]). If `detach` is cancelled by then (the agent is shutting down),
+    /// the container is left running instead, and the next agent adopts it: a container of
+    /// the same id still running is waited on, not started twice.
+    fn run<'a>(
+        &'a self,
+        image: Arc<PreparedImage>,
+        run: ContainerRun,
+        cancel: CancellationToken,
+        detach: CancellationToken,
+    ) -> BoxFuture<'a, Exit>;
 }

@@ -1,7 +1,7 @@
 //! One task per replica: it owns that replica's state for its whole life.
 //!
-//! Pulling (fetch the module, retried with back-off while the hub is unreachable) → Starting
-//! (compile, cached) → Running → on exit, the restart policy decides: `CrashLoopBackOff` while
+//! Pulling (fetch the module, or pull the container image, retried with back-off while the
+//! hub or registry is unreachable) → Starting (compile, cached) → Running → on exit, the restart policy decides: `CrashLoopBackOff` while
 //! waiting out an exponential back-off, or `Succeeded`/`Failed` for good. Every phase change is
 //! sent to the agent's main loop as an [`Update`]; cancellation stops the replica at once.
 
@@ -9,8 +9,12 @@ use crate::fetch::ModuleSource;
 use crate::health;
 use crate::logs::LogSink;
 use crate::plan::{after_exit, AfterExit};
-use crate::runtime::{Exit, Network, RunSpec, WorkloadRuntime};
+use crate::runtime::{
+    BoxFuture, ContainerRun, ContainerRuntime, Exit, Network, PreparedImage, RunSpec,
+    WorkloadRuntime,
+};
 use shoal_api::messages::{now_ms, DesiredWorkload, InstanceStatus, Phase};
+use shoal_api::workload::Variant;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +37,11 @@ pub struct Update {
 /// What every supervisor shares.
 pub struct Shared<R, F> {
     pub runtime: Arc<R>,
+    /// The container runtime, when the device has one.
+    pub containers: Option<Arc<dyn ContainerRuntime>>,
+    /// Cancelled when the agent shuts down: containers are then left running (and adopted
+    /// by the next agent) rather than stopped.
+    pub stopping: CancellationToken,
     pub source: F,
     pub logs_dir: PathBuf,
     pub updates: mpsc::Sender<Update>,
@@ -47,6 +56,8 @@ impl<R, F: Clone> Clone for Shared<R, F> {
     fn clone(&self) -> Self {
         Self {
             runtime: self.runtime.clone(),
+            containers: self.containers.clone(),
+            stopping: self.stopping.clone(),
             source: self.source.clone(),
             logs_dir: self.logs_dir.clone(),
             updates: self.updates.clone(),
@@ -85,6 +96,55 @@ impl Reporter {
     }
 }
 
+/// The containerd id of a container replica: one per revision, so that a replaced revision
+/// still stopping never collides with its successor (restarts reuse it).
+pub fn container_id(d: &DesiredWorkload) -> String {
+    format!("{}-{}", d.instance(), d.revision)
+}
+
+/// Between SIGTERM and SIGKILL when a container replica is stopped.
+pub const CONTAINER_STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// What a replica runs, once pulled and prepared.
+enum Ready<M> {
+    Wasm(Arc<M>),
+    Container(Arc<dyn ContainerRuntime>, Arc<PreparedImage>),
+}
+
+/// Pulls with `attempt` until it works (like an image pull back-off: 0.5 s doubling to 30 s),
+/// reporting `Pulling` with the last error. `None` when cancelled.
+async fn pull<T, Fut>(
+    r: &mut Reporter,
+    cancel: &CancellationToken,
+    mut attempt: impl FnMut() -> Fut,
+) -> Option<T>
+where
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let mut n = 0u32;
+    loop {
+        r.phase(Phase::Pulling, r.status.reason.clone()).await;
+        let got = tokio::select! {
+            _ = cancel.cancelled() => return None,
+            got = attempt() => got,
+        };
+        match got {
+            Ok(t) => return Some(t),
+            Err(e) => {
+                let delay = Duration::from_millis((500u64 << n.min(6)).min(30_000));
+                n += 1;
+                warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "pull failed");
+                r.status.reason = Some(format!("{e}; retrying in {}ms", delay.as_millis()));
+                r.send().await;
+                tokio::select! {
+                    _ = cancel.cancelled() => return None,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
 /// Supervises one replica until `cancel` fires.
 pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
     shared: Shared<R, F>,
@@ -110,7 +170,7 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
                 exit_code: None,
                 started_at_ms: None,
                 backoff_ms: None,
-                variant: "wasm".into(),
+                variant: Variant::Wasm.as_str().into(),
                 healthy: None,
             },
             tx: shared.updates.clone(),
@@ -123,54 +183,60 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
             }
         };
 
-        let Some(digest) = desired.module.clone() else {
-            // The hub sends the container variant only to devices that advertise the
-            // `container` runtime, which this agent does not yet.
-            let why = "this agent cannot run the container variant: it offers no container runtime";
-            log.system(why);
-            r.phase(Phase::Failed, Some(why.to_string())).await;
-            cancel.cancelled().await;
-            return;
-        };
-        // Pulling: retried until it works (like an image pull back-off).
-        let mut attempt = 0u32;
-        let path = loop {
-            r.phase(Phase::Pulling, r.status.reason.clone()).await;
-            let base = if artifact_base.is_empty() {
-                shared.hub_http.borrow().clone().unwrap_or_default()
-            } else {
-                artifact_base.clone()
-            };
-            let fetched = tokio::select! {
-                _ = cancel.cancelled() => return,
-                f = shared.source.fetch(&base, &digest, desired.oci.as_ref()) => f,
-            };
-            match fetched {
-                Ok(p) => break p,
-                Err(e) => {
-                    let delay = Duration::from_millis((500u64 << attempt.min(6)).min(30_000));
-                    attempt += 1;
-                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "module fetch failed");
-                    r.status.reason = Some(format!("{e}; retrying in {}ms", delay.as_millis()));
-                    r.send().await;
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
+        let ready = match (&desired.module, &desired.container) {
+            (Some(digest), _) => {
+                let Some(path) = pull(&mut r, &cancel, || async {
+                    let base = if artifact_base.is_empty() {
+                        shared.hub_http.borrow().clone().unwrap_or_default()
+                    } else {
+                        artifact_base.clone()
+                    };
+                    shared
+                        .source
+                        .fetch(&base, digest, desired.oci.as_ref())
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                else {
+                    return;
+                };
+                r.phase(Phase::Starting, None).await;
+                let module = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    m = shared.runtime.prepare(digest, path) => m,
+                };
+                match module {
+                    Ok(m) => Ready::Wasm(m),
+                    Err(e) => {
+                        log.system(&format!("cannot start: {e}"));
+                        r.phase(Phase::Failed, Some(e.to_string())).await;
+                        cancel.cancelled().await;
+                        return;
                     }
                 }
             }
-        };
-
-        r.phase(Phase::Starting, None).await;
-        let module = tokio::select! {
-            _ = cancel.cancelled() => return,
-            m = shared.runtime.prepare(&digest, path) => m,
-        };
-        let module = match module {
-            Ok(m) => m,
-            Err(e) => {
-                log.system(&format!("cannot start: {e}"));
-                r.phase(Phase::Failed, Some(e.to_string())).await;
+            (None, Some(c)) => {
+                r.status.variant = Variant::Container.as_str().into();
+                let Some(rt) = shared.containers.clone() else {
+                    // The hub sends the container variant only to devices that advertise
+                    // the `container` runtime.
+                    let why = "this device has no container runtime (containerd did not answer at startup)";
+                    log.system(why);
+                    r.phase(Phase::Failed, Some(why.to_string())).await;
+                    cancel.cancelled().await;
+                    return;
+                };
+                let Some(image) = pull(&mut r, &cancel, || rt.prepare(&c.image)).await else {
+                    return;
+                };
+                r.phase(Phase::Starting, None).await;
+                Ready::Container(rt.clone(), image)
+            }
+            (None, None) => {
+                let why = "the desired state names neither a module nor a container";
+                log.system(why);
+                r.phase(Phase::Failed, Some(why.to_string())).await;
                 cancel.cancelled().await;
                 return;
             }
@@ -184,6 +250,24 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
             cpu_millis: desired.resources.cpu,
             network,
         };
+        // One container id per revision, so a replaced revision still stopping never
+        // collides with its successor; restarts reuse it.
+        let container_run = desired.container.as_ref().map(|c| ContainerRun {
+            id: container_id(&desired),
+            command: c.command.clone(),
+            args: desired.args.clone(),
+            env: desired.env.clone(),
+            memory_limit: desired.resources.memory,
+            cpu_millis: desired.resources.cpu,
+            read_only_root: c.read_only_root,
+            log_path: log.path(),
+            stop_grace: CONTAINER_STOP_GRACE,
+            labels: [
+                ("dev.shoal.instance".to_string(), instance.clone()),
+                ("dev.shoal.revision".to_string(), desired.revision.clone()),
+            ]
+            .into(),
+        });
         let mut step = 0u32;
         loop {
             r.status.started_at_ms = Some(now_ms());
@@ -194,9 +278,28 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
             let t0 = Instant::now();
             // The run has its own token, so that a failing health probe can stop it.
             let run_cancel = cancel.child_token();
-            let run = shared
-                .runtime
-                .run(module.clone(), spec.clone(), log.clone(), run_cancel.clone());
+            let run: BoxFuture<'_, Exit> = match (&ready, &container_run) {
+                (Ready::Wasm(m), _) => Box::pin(shared.runtime.run(
+                    m.clone(),
+                    spec.clone(),
+                    log.clone(),
+                    run_cancel.clone(),
+                )),
+                (Ready::Container(rt, image), Some(c)) => {
+                    rt.run(
+                        image.clone(),
+                        c.clone(),
+                        run_cancel.clone(),
+                        shared.stopping.clone(),
+                    )
+                }
+                (Ready::Container(..), None) => Box::pin(async {
+                    Exit::Failure {
+                        code: None,
+                        reason: "no container spec".into(),
+                    }
+                }),
+            };
             let mut unhealthy = None;
             let exit = match &desired.health {
                 None => run.await,
@@ -366,6 +469,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (tx, mut rx) = mpsc::channel(64);
         let shared = Shared {
+            containers: None,
+            stopping: CancellationToken::new(),
             runtime: Arc::new(FakeRuntime {
                 exits: Mutex::new(exits.into()),
             }),
@@ -451,11 +556,128 @@ mod tests {
         );
     }
 
+    /// A container runtime that fails its first pull, then replays scripted exits.
+    struct FakeContainers {
+        pulls: Mutex<u32>,
+        exits: Mutex<VecDeque<Exit>>,
+        runs: Mutex<Vec<ContainerRun>>,
+    }
+    impl ContainerRuntime for FakeContainers {
+        fn prepare<'a>(
+            &'a self,
+            image: &'a shoal_api::oci::OciRef,
+        ) -> BoxFuture<'a, Result<Arc<PreparedImage>, String>> {
+            Box::pin(async move {
+                let mut n = self.pulls.lock().unwrap();
+                *n += 1;
+                if *n == 1 {
+                    return Err(format!("{image}: registry unreachable"));
+                }
+                Ok(Arc::new(PreparedImage {
+                    name: image.without_scheme(),
+                    chain: "sha256:c".into(),
+                    config: Default::default(),
+                }))
+            })
+        }
+        fn run<'a>(
+            &'a self,
+            _image: Arc<PreparedImage>,
+            run: ContainerRun,
+            cancel: CancellationToken,
+            _detach: CancellationToken,
+        ) -> BoxFuture<'a, Exit> {
+            Box::pin(async move {
+                self.runs.lock().unwrap().push(run);
+                let next = self.exits.lock().unwrap().pop_front();
+                match next {
+                    Some(e) => e,
+                    None => {
+                        cancel.cancelled().await;
+                        Exit::Cancelled
+                    }
+                }
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn container_replicas_pull_with_back_off_and_follow_the_restart_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        let containers = Arc::new(FakeContainers {
+            pulls: Mutex::new(0),
+            exits: Mutex::new(vec![fail()].into()),
+            runs: Mutex::new(Vec::new()),
+        });
+        let shared = Shared {
+            containers: Some(containers.clone()),
+            stopping: CancellationToken::new(),
+            runtime: Arc::new(FakeRuntime {
+                exits: Mutex::new(VecDeque::new()),
+            }),
+            source: FakeSource,
+            logs_dir: dir.path().to_path_buf(),
+            updates: tx,
+            http: crate::http_client(reqwest::Client::builder()).unwrap_or_default(),
+            hub_http: watch::channel(None).1,
+        };
+        let mut d = desired(RestartPolicy::Always);
+        d.module = None;
+        d.container = Some(shoal_api::workload::Container {
+            image: format!("oci://localhost:5000/box:1@{}", Digest::of(b"i"))
+                .parse()
+                .unwrap(),
+            command: vec!["/bin/sh".into()],
+            read_only_root: true,
+            platforms: vec![],
+        });
+        d.args = vec!["-c".into(), "exit 1".into()];
+        let cancel = CancellationToken::new();
+        let h = tokio::spawn(supervise(
+            shared,
+            d,
+            "http://x".into(),
+            Network::default(),
+            1,
+            cancel.clone(),
+        ));
+        let mut seen = Vec::new();
+        while let Some(u) = rx.recv().await {
+            assert_eq!(u.status.variant, "container");
+            seen.push((u.status.phase, u.status.reason.clone()));
+            if u.status.phase == Phase::Running && u.status.restarts == 1 {
+                break;
+            }
+        }
+        cancel.cancel();
+        h.await.unwrap();
+        let pull_error = seen
+            .iter()
+            .find_map(|(p, r)| (*p == Phase::Pulling).then_some(r.clone()).flatten());
+        assert!(
+            pull_error.is_some_and(|r| r.contains("registry unreachable; retrying in 500ms")),
+            "{seen:?}"
+        );
+        assert!(
+            seen.iter().any(|(p, _)| *p == Phase::CrashLoopBackOff),
+            "{seen:?}"
+        );
+        let runs = containers.runs.lock().unwrap();
+        assert_eq!(runs.len(), 2, "run, exit 1, run again");
+        assert_eq!(runs[0].id, "w-0-r", "one container id per revision");
+        assert_eq!(runs[0].command, ["/bin/sh"]);
+        assert_eq!(runs[0].args, ["-c", "exit 1"]);
+        assert!(runs[0].log_path.ends_with("w-0.log"));
+    }
+
     #[tokio::test]
     async fn failing_health_probe_restarts_a_running_replica() {
         let dir = tempfile::tempdir().unwrap();
         let (tx, mut rx) = mpsc::channel(64);
         let shared = Shared {
+            containers: None,
+            stopping: CancellationToken::new(),
             // No scripted exits: every run lasts until it is cancelled.
             runtime: Arc::new(FakeRuntime {
                 exits: Mutex::new(VecDeque::new()),

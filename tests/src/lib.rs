@@ -307,6 +307,18 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(dir: &Path, id: &str, labels: &str, broker: &str) -> Result<Agent> {
+        Self::start_with(dir, id, labels, broker, &[])
+    }
+
+    /// [`Agent::start`] with extra flags. Agents run without containerd unless `extra` names
+    /// a `--containerd-socket` (a host's own containerd must not leak into tests).
+    pub fn start_with(
+        dir: &Path,
+        id: &str,
+        labels: &str,
+        broker: &str,
+        extra: &[&str],
+    ) -> Result<Agent> {
         let data_dir = dir.join(id);
         let mut cmd = Command::new(bin("shoal-agent"));
         cmd.arg("run")
@@ -322,7 +334,11 @@ impl Agent {
             .arg("1Gi")
             .arg("--no-mdns")
             .arg("--socket")
-            .arg(data_dir.join("agent.sock"));
+            .arg(data_dir.join("agent.sock"))
+            .args(extra);
+        if !extra.contains(&"--containerd-socket") {
+            cmd.arg("--no-containerd");
+        }
         let proc = Proc::spawn(id, &mut cmd, dir.join(format!("{id}.log")))?;
         Ok(Agent {
             proc,
@@ -460,6 +476,7 @@ impl Drop for PrivateContainerd {
         let _ = Command::new("umount")
             .arg("-R")
             .arg(self.root.join("io.containerd.runtime.v2.task"))
+            .stderr(Stdio::null())
             .status();
     }
 }

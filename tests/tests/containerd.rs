@@ -72,7 +72,8 @@ fn containers_pull_run_stop_and_leave_nothing() -> anyhow::Result<()> {
                     ],
                     &log,
                 ),
-                tokio_util::sync::CancellationToken::new(),
+                Default::default(),
+                Default::default(),
             )
             .await;
         assert_eq!(
@@ -96,6 +97,7 @@ fn containers_pull_run_stop_and_leave_nothing() -> anyhow::Result<()> {
                     &["-c", "x=$(yes | head -c 100000000); echo survived"],
                     &log,
                 ),
+                Default::default(),
                 Default::default(),
             )
             .await;
@@ -125,7 +127,8 @@ fn containers_pull_run_stop_and_leave_nothing() -> anyhow::Result<()> {
             &["-c", "trap '' TERM; echo up; while true; do sleep 1; done"],
             &log,
         );
-        let (exit, cancelled_at) = tokio::join!(c.run(&image, &long, cancel), stopper);
+        let (exit, cancelled_at) =
+            tokio::join!(c.run(&image, &long, cancel, Default::default()), stopper);
         assert_eq!(exit, Exit::Cancelled);
         let took = cancelled_at.elapsed();
         assert!(took < Duration::from_secs(8), "stopping took {took:?}");
@@ -140,6 +143,7 @@ fn containers_pull_run_stop_and_leave_nothing() -> anyhow::Result<()> {
             .run(
                 &image,
                 &run("box-2", &["-c", "true"], &log),
+                Default::default(),
                 Default::default(),
             )
             .await;

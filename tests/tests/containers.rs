@@ -1,0 +1,207 @@
+//! Container workloads end to end: the real hub and agents, a private containerd (Debian's)
+//! and a registry on loopback, with a busybox image the test builds and pushes.
+//!
+//! - Only agents whose containerd answers offer `container`; a container workload lands on
+//!   them alone, runs, logs, and restarts by its policy.
+//! - A workload with both variants runs WASM where the device offers it, the container
+//!   elsewhere, and says which runs where.
+//! - An agent restart adopts its running containers (nothing starts twice); delete leaves
+//!   nothing in containerd.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use shoal_e2e::*;
+use std::time::Duration;
+
+fn containers_of(
+    rt: &tokio::runtime::Runtime,
+    socket: &std::path::Path,
+    ns: &str,
+) -> anyhow::Result<Vec<String>> {
+    rt.block_on(async {
+        let regs = std::sync::Arc::new(shoal_registry::Registries::new(Default::default()));
+        let (c, _) =
+            shoal_agent::containerd::Containerd::connect(socket, ns, std::env::temp_dir(), regs)
+                .await?;
+        Ok(c.managed().await?)
+    })
+}
+
+#[test]
+fn container_workloads_run_where_containerd_answers() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let Some(ctrd) = PrivateContainerd::start(dir.path())? else {
+        return Ok(());
+    };
+    let registry = Registry::start(dir.path())?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let image = rt.block_on(async {
+        let regs = shoal_registry::Registries::new(Default::default());
+        let tag = registry.reference("shoal/busybox:1").parse()?;
+        shoal_e2e::image::push_busybox(&regs, &tag, &[("amd64", None), ("arm64", Some("v8"))]).await
+    })?;
+    let hub = Hub::start(dir.path(), None)?;
+    let socket = ctrd.socket.to_str().unwrap().to_string();
+    let ns = |id: &str| format!("shoal-e2e-{}-{id}", std::process::id());
+    let with_containerd = |id: &str, extra: &[&str]| {
+        let namespace = ns(id);
+        let mut args = vec![
+            "--containerd-socket",
+            socket.as_str(),
+            "--containerd-namespace",
+        ];
+        args.push(&namespace);
+        args.extend_from_slice(extra);
+        Agent::start_with(dir.path(), id, "", &hub.broker_url, &args)
+    };
+    let c1 = with_containerd("c1", &[])?;
+    let mut c2 = with_containerd("c2", &["--no-wasm"])?;
+    let _w1 = Agent::start(dir.path(), "w1", "", &hub.broker_url)?;
+    hub.wait_devices_online(3, Duration::from_secs(20))?;
+
+    // The image's tag, pinned by `shoal apply`; the container variant only.
+    let tag = registry.reference("shoal/busybox:1");
+    let manifest = format!(
+        r#"apiVersion: shoal.dev/v1
+kind: Workload
+metadata: {{ name: box }}
+spec:
+  placement: every
+  container: {{ image: "{tag}", command: [/bin/sh] }}
+  args: ["-c", "echo hello from box $ZONE; sleep 2; exit 3"]
+  env: {{ ZONE: greenhouse }}
+  resources: {{ memory: 32Mi }}
+  restart: {{ backoff: {{ initial: 200ms, max: 1s }} }}
+"#
+    );
+    let m = write_manifest(dir.path(), "box.yaml", &manifest);
+    hub.apply(&m)?;
+    let w = wait_until(Duration::from_secs(60), "box running on both", || {
+        let w = hub.workload("box")?.unwrap();
+        let running = w["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["phase"] == "Running")
+            .count();
+        Ok((running == 2).then_some(w))
+    })?;
+    let mut devices: Vec<&str> = w["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["device"].as_str().unwrap())
+        .collect();
+    devices.sort();
+    assert_eq!(devices, ["c1", "c2"], "only devices with containerd: {w}");
+    assert!(w["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["variant"] == "container"));
+    let described = hub.json(&["describe", "workload", "box"])?;
+    let stored = described["spec"]["container"]["image"].as_str().unwrap();
+    assert_eq!(stored, image.to_string(), "pinned to the pushed index");
+    // Its output reaches the replica log, and exit 3 restarts it by policy.
+    wait_until(Duration::from_secs(30), "a restart after exit 3", || {
+        let w = hub.workload("box")?.unwrap();
+        let restarted = w["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["restarts"].as_u64().unwrap_or(0) >= 1);
+        Ok(restarted.then_some(()))
+    })?;
+    let log = c1.workload_log("box-0") + &c1.workload_log("box-1");
+    assert!(
+        log.matches("hello from box greenhouse").count() >= 2,
+        "{log}"
+    );
+    assert!(log.contains("exited with status 3"), "{log}");
+
+    // Both variants: WASM on c1 and w1, the container on c2 (no WASM there).
+    let both = format!(
+        r#"apiVersion: shoal.dev/v1
+kind: Workload
+metadata: {{ name: both }}
+spec:
+  placement: every
+  wasm: {{ module: "{hello}" }}
+  container: {{ image: "{tag}", command: [/bin/sh] }}
+  args: ["-c", "echo started; exec sleep 1000"]
+  resources: {{ memory: 32Mi }}
+"#,
+        hello = module("hello.wasm").display()
+    );
+    let m = write_manifest(dir.path(), "both.yaml", &both);
+    hub.apply(&m)?;
+    let w = hub.wait_running("both", 3, Duration::from_secs(60))?;
+    let variants: std::collections::BTreeMap<String, String> = w["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["device"].as_str().unwrap().to_string(),
+                r["variant"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        variants,
+        [
+            ("c1".to_string(), "wasm".to_string()),
+            ("c2".to_string(), "container".to_string()),
+            ("w1".to_string(), "wasm".to_string()),
+        ]
+        .into()
+    );
+
+    // Restart c2: its container keeps running and is adopted, not started twice.
+    // Every replica log of `both` on a device (its replica index is not known here).
+    let logs_of = |a: &Agent| -> String {
+        (0..3)
+            .map(|i| a.workload_log(&format!("both-{i}")))
+            .collect()
+    };
+    wait_until(Duration::from_secs(20), "the container's output", || {
+        Ok(logs_of(&c2).contains("started").then_some(()))
+    })?;
+    assert!(c2.proc.terminate(Duration::from_secs(20))?, "clean exit");
+    let before = containers_of(&rt, &ctrd.socket, &ns("c2"))?;
+    assert!(
+        before.iter().any(|id| id.starts_with("both-")),
+        "left running while the agent is down: {before:?}"
+    );
+    c2 = with_containerd("c2", &["--no-wasm"])?;
+    wait_until(Duration::from_secs(30), "c2 adopting", || {
+        Ok(c2
+            .proc
+            .log_text()
+            .contains("adopting the running container")
+            .then_some(()))
+    })?;
+    hub.wait_running("both", 3, Duration::from_secs(30))?;
+    let text = logs_of(&c2);
+    assert_eq!(text.matches("started").count(), 1, "{text}");
+
+    // Delete: nothing of either workload is left in containerd.
+    for name in ["box", "both"] {
+        let out = hub.shoal(&["delete", "workload", name]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for id in ["c1", "c2"] {
+        wait_until(Duration::from_secs(30), "containers removed", || {
+            Ok(containers_of(&rt, &ctrd.socket, &ns(id))?
+                .is_empty()
+                .then_some(()))
+        })?;
+    }
+    drop(c2);
+    drop(c1);
+    drop(ctrd);
+    Ok(())
+}
