@@ -4,7 +4,9 @@
 # binary sizes; then shoal-join-bench (root: network namespaces) times mDNS joins against
 # joins with --broker. SHOAL_BENCH_N sets the number of applies (default 200),
 # SHOAL_BENCH_JOINS the number of joins (default 20); then shoal-scale-bench (the hub under
-# SHOAL_BENCH_FLEET simulated devices, default 10,000) and the scheduler benchmark.
+# SHOAL_BENCH_FLEET simulated devices, default 10,000), shoal-container-bench (root: a
+# private containerd; container and WASM deploys against `ctr run`, SHOAL_BENCH_CONTAINERS
+# iterations, default 20) and the scheduler benchmark.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$REPO_ROOT"
@@ -14,4 +16,5 @@ cargo build --release --workspace -q
 SHOAL_BIN_DIR="$CARGO_TARGET_DIR/release" "$CARGO_TARGET_DIR/release/shoal-bench"
 SHOAL_BIN_DIR="$CARGO_TARGET_DIR/release" "$CARGO_TARGET_DIR/release/shoal-join-bench"
 SHOAL_BIN_DIR="$CARGO_TARGET_DIR/release" "$CARGO_TARGET_DIR/release/shoal-scale-bench"
+SHOAL_BIN_DIR="$CARGO_TARGET_DIR/release" "$CARGO_TARGET_DIR/release/shoal-container-bench"
 cargo bench -q -p shoal-hub --bench schedule

@@ -311,6 +311,8 @@ struct HubState {
 
 struct Replica {
     revision: String,
+    /// Runs the container variant (its stop may take a grace period).
+    container: bool,
     task: u64,
     cancel: CancellationToken,
     handle: JoinHandle<()>,
@@ -731,6 +733,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         let instance = w.instance();
         info!(%instance, revision = %w.revision, "starting replica");
         let revision = w.revision.clone();
+        let container = w.container.is_some();
         let network = self.network(&w);
         let handle = self.tracker.spawn(supervisor::supervise(
             self.shared.clone(),
@@ -744,6 +747,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
             instance,
             Replica {
                 revision,
+                container,
                 task,
                 cancel,
                 handle,
@@ -782,23 +786,30 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         net
     }
 
+    /// Stops a replica. A WASM guest stops within milliseconds and is waited for (its
+    /// successor may need its ports). A container may take its whole stop grace period
+    /// (SIGTERM, then SIGKILL), which must not hold up the main loop: its supervisor finishes
+    /// in the background (the task tracker still awaits it at shutdown; its container id is
+    /// per revision, so a successor never collides with it).
     async fn stop(&mut self, instance: &str) {
         if let Some(r) = self.replicas.remove(instance) {
             info!(%instance, "stopping replica");
             r.cancel.cancel();
-            let _ = r.handle.await;
+            if !r.container {
+                let _ = r.handle.await;
+            }
         }
         self.statuses.remove(instance);
     }
 
     async fn stop_all(&mut self) {
-        let all: Vec<String> = self.replicas.keys().cloned().collect();
         for r in self.replicas.values() {
             r.cancel.cancel();
         }
-        for i in all {
-            self.stop(&i).await;
+        for (_, r) in std::mem::take(&mut self.replicas) {
+            let _ = r.handle.await;
         }
+        self.statuses.clear();
     }
 
     async fn publish_status(&self) {

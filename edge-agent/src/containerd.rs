@@ -669,9 +669,8 @@ impl Containerd {
         }
     }
 
-    /// Runs one container to its end (or until `cancel`), then removes it. A task of the
-    /// same id still running (the agent restarted under it) is adopted: waited on, not
-    /// started again; anything else of that id (a crash's leftovers) is removed first.
+    /// Runs one container to its end (or until `cancel`), then removes it: [`Self::begin`]
+    /// then [`Self::finish`].
     pub async fn run(
         &self,
         image: &PreparedImage,
@@ -679,19 +678,41 @@ impl Containerd {
         cancel: CancellationToken,
         detach: CancellationToken,
     ) -> Exit {
-        let exit = if self.running(&run.id).await {
-            info!(container = %run.id, "adopting the running container");
-            self.wait(run, cancel, &detach).await
-        } else {
+        if let Err(e) = self.begin(image, run).await {
             self.remove(&run.id).await;
-            match self.start(image, run).await {
-                Ok(()) => self.wait(run, cancel, &detach).await,
-                Err(e) => Exit::Failure {
-                    code: None,
-                    reason: format!("cannot start the container: {e}"),
-                },
-            }
-        };
+            return Exit::Failure {
+                code: None,
+                reason: format!("cannot start the container: {e}"),
+            };
+        }
+        self.finish(run, cancel, detach).await
+    }
+
+    /// Starts the container, or adopts a task of the same id that is still running (the
+    /// agent restarted under it); anything else of that id (a crash's leftovers) is removed
+    /// first.
+    pub async fn begin(
+        &self,
+        image: &PreparedImage,
+        run: &ContainerRun,
+    ) -> Result<(), ContainerdError> {
+        if self.running(&run.id).await {
+            info!(container = %run.id, "adopting the running container");
+            return Ok(());
+        }
+        self.remove(&run.id).await;
+        self.start(image, run).await
+    }
+
+    /// Waits for the started container's end (or stops it on `cancel`) and removes it,
+    /// unless the agent is stopping (`detach`): then it is left running, to be adopted.
+    pub async fn finish(
+        &self,
+        run: &ContainerRun,
+        cancel: CancellationToken,
+        detach: CancellationToken,
+    ) -> Exit {
+        let exit = self.wait(run, cancel, &detach).await;
         if exit == Exit::Cancelled && detach.is_cancelled() {
             info!(container = %run.id, "agent stopping: container left running, to be adopted");
         } else {
@@ -981,14 +1002,27 @@ impl ContainerRuntime for Containerd {
         })
     }
 
-    fn run<'a>(
+    fn start<'a>(
         &'a self,
         image: Arc<PreparedImage>,
-        run: ContainerRun,
+        run: &'a ContainerRun,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let started = self.begin(&image, run).await;
+            if started.is_err() {
+                self.remove(&run.id).await;
+            }
+            started.map_err(|e| e.to_string())
+        })
+    }
+
+    fn wait<'a>(
+        &'a self,
+        run: &'a ContainerRun,
         cancel: CancellationToken,
         detach: CancellationToken,
     ) -> BoxFuture<'a, Exit> {
-        Box::pin(async move { Containerd::run(self, &image, &run, cancel, detach).await })
+        Box::pin(self.finish(run, cancel, detach))
     }
 }
 

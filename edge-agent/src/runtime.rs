@@ -170,14 +170,20 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         image: &'a OciRef,
     ) -> BoxFuture<'a, Result<Arc<PreparedImage>, String>>;
 
-    /// Runs one container to its end, or until `cancel` (then stops it and returns
-    /// [`Exit::Cancelled`]). If `detach` is cancelled by then (the agent is shutting down),
-    /// the container is left running instead, and the next agent adopts it: a container of
-    /// the same id still running is waited on, not started twice.
-    fn run<'a>(
+    /// Starts container `run` (returns once its task runs). A container of the same id
+    /// still running from before an agent restart is adopted, not started twice.
+    fn start<'a>(
         &'a self,
         image: Arc<PreparedImage>,
-        run: ContainerRun,
+        run: &'a ContainerRun,
+    ) -> BoxFuture<'a, Result<(), String>>;
+
+    /// Waits for a started container to end, or until `cancel` (then stops it and returns
+    /// [`Exit::Cancelled`]), and removes it. If `detach` is cancelled by then (the agent is
+    /// shutting down), the container is left running instead, for the next agent to adopt.
+    fn wait<'a>(
+        &'a self,
+        run: &'a ContainerRun,
         cancel: CancellationToken,
         detach: CancellationToken,
     ) -> BoxFuture<'a, Exit>;

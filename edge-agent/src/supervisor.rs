@@ -270,30 +270,42 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
         });
         let mut step = 0u32;
         loop {
-            r.status.started_at_ms = Some(now_ms());
             r.status.exit_code = None;
             r.status.backoff_ms = None;
             r.status.healthy = None;
-            r.phase(Phase::Running, None).await;
+            // A container is Running once its task runs (create and start take a while);
+            // a failed start counts as a failed run for the restart policy.
+            let started = match (&ready, &container_run) {
+                (Ready::Container(rt, image), Some(c)) => tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    s = rt.start(image.clone(), c) => s,
+                },
+                _ => Ok(()),
+            };
+            r.status.started_at_ms = Some(now_ms());
+            if started.is_ok() {
+                r.phase(Phase::Running, None).await;
+            }
             let t0 = Instant::now();
             // The run has its own token, so that a failing health probe can stop it.
             let run_cancel = cancel.child_token();
-            let run: BoxFuture<'_, Exit> = match (&ready, &container_run) {
-                (Ready::Wasm(m), _) => Box::pin(shared.runtime.run(
+            let run: BoxFuture<'_, Exit> = match (&ready, &container_run, started) {
+                (_, _, Err(reason)) => Box::pin(async move {
+                    Exit::Failure {
+                        code: None,
+                        reason: format!("cannot start the container: {reason}"),
+                    }
+                }),
+                (Ready::Wasm(m), _, Ok(())) => Box::pin(shared.runtime.run(
                     m.clone(),
                     spec.clone(),
                     log.clone(),
                     run_cancel.clone(),
                 )),
-                (Ready::Container(rt, image), Some(c)) => {
-                    rt.run(
-                        image.clone(),
-                        c.clone(),
-                        run_cancel.clone(),
-                        shared.stopping.clone(),
-                    )
+                (Ready::Container(rt, _), Some(c), Ok(())) => {
+                    rt.wait(c, run_cancel.clone(), shared.stopping.clone())
                 }
-                (Ready::Container(..), None) => Box::pin(async {
+                (Ready::Container(..), None, Ok(())) => Box::pin(async {
                     Exit::Failure {
                         code: None,
                         reason: "no container spec".into(),
@@ -580,15 +592,21 @@ mod tests {
                 }))
             })
         }
-        fn run<'a>(
+        fn start<'a>(
             &'a self,
             _image: Arc<PreparedImage>,
-            run: ContainerRun,
+            run: &'a ContainerRun,
+        ) -> BoxFuture<'a, Result<(), String>> {
+            self.runs.lock().unwrap().push(run.clone());
+            Box::pin(async { Ok(()) })
+        }
+        fn wait<'a>(
+            &'a self,
+            _run: &'a ContainerRun,
             cancel: CancellationToken,
             _detach: CancellationToken,
         ) -> BoxFuture<'a, Exit> {
             Box::pin(async move {
-                self.runs.lock().unwrap().push(run);
                 let next = self.exits.lock().unwrap().pop_front();
                 match next {
                     Some(e) => e,

@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod image;
+pub mod mqtt;
 pub mod netns;
 pub mod sim;
 

@@ -9,7 +9,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use anyhow::{bail, Result};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::QoS;
+use shoal_e2e::mqtt::{running, Mqtt};
 use shoal_e2e::*;
 use std::time::{Duration, Instant};
 
@@ -20,58 +21,6 @@ fn mib((total, anon, file): (u64, u64, u64)) -> String {
         anon as f64 / 1024.0,
         file as f64 / 1024.0
     )
-}
-
-struct Mqtt {
-    client: AsyncClient,
-    events: rumqttc::EventLoop,
-}
-
-impl Mqtt {
-    async fn connect(port: u16, id: &str) -> Result<Mqtt> {
-        let mut o = MqttOptions::new(id, "127.0.0.1", port);
-        o.set_max_packet_size(8 << 20, 8 << 20);
-        let (client, mut events) = AsyncClient::new(o, 64);
-        let mut net = rumqttc::NetworkOptions::new();
-        net.set_tcp_nodelay(true);
-        events.set_network_options(net);
-        loop {
-            if let Event::Incoming(Packet::ConnAck(_)) = events.poll().await? {
-                break;
-            }
-        }
-        Ok(Mqtt { client, events })
-    }
-
-    async fn subscribe(&mut self, topic: &str) -> Result<()> {
-        self.client.subscribe(topic, QoS::AtLeastOnce).await?;
-        loop {
-            if let Event::Incoming(Packet::SubAck(_)) = self.events.poll().await? {
-                return Ok(());
-            }
-        }
-    }
-
-    /// Waits for a publish on `topic` whose payload satisfies `done`.
-    async fn wait(&mut self, topic: &str, done: impl Fn(&[u8]) -> bool) -> Result<()> {
-        loop {
-            if let Event::Incoming(Packet::Publish(p)) = self.events.poll().await? {
-                if p.topic == topic && done(&p.payload) {
-                    return Ok(());
-                }
-            }
-        }
-    }
-}
-
-fn running(payload: &[u8], name: &str) -> bool {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
-        return false;
-    };
-    v["workloads"].as_array().is_some_and(|ws| {
-        ws.iter()
-            .any(|w| w["name"] == name && w["phase"] == "Running")
-    })
 }
 
 #[tokio::main]

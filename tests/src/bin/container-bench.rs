@@ -1,0 +1,176 @@
+//! `shoal-container-bench`: container deploy latency through Shoal against `ctr` on the same
+//! containerd and cached image, in the same run, and WASM deploy latency next to it. Needs
+//! root (it starts a private containerd). Run through `scripts/bench.sh`; Markdown to stdout.
+//!
+//! - Shoal: publish a manifest with a new container workload, stop the clock when the
+//!   device's retained status shows it `Running` (the image was pulled by a warm-up apply).
+//! - Baseline: `ctr run -d` of the same image in the agent's namespace (create + start,
+//!   returning once started), and `ctr run --rm … true` (start to finish) for reference.
+//! - WASM: the same apply → Running for a cached module on the same agent.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use anyhow::{bail, Context, Result};
+use rumqttc::QoS;
+use shoal_e2e::mqtt::{running, Mqtt};
+use shoal_e2e::*;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Applies `manifest` as `name` and returns milliseconds until the device reports it Running.
+async fn deploy(m: &mut Mqtt, status: &str, name: &str, manifest: String) -> Result<f64> {
+    let t0 = Instant::now();
+    m.client
+        .publish(
+            format!("shoal/v1/apply/{name}"),
+            QoS::AtLeastOnce,
+            false,
+            manifest,
+        )
+        .await?;
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        m.wait(status, |p| running(p, name)),
+    )
+    .await
+    .with_context(|| format!("{name} not Running within 60s"))??;
+    Ok(t0.elapsed().as_secs_f64() * 1000.0)
+}
+
+fn ctr(socket: &str, ns: &str, args: &[&str]) -> Result<f64> {
+    let t0 = Instant::now();
+    let out = Command::new("ctr")
+        .args(["-a", socket, "-n", ns])
+        .args(args)
+        .output()?;
+    let ms = t0.elapsed().as_secs_f64() * 1000.0;
+    if !out.status.success() {
+        bail!("ctr {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(ms)
+}
+
+fn row(what: &str, v: &mut [f64], base: &mut [f64], base_name: &str) {
+    v.sort_by(f64::total_cmp);
+    base.sort_by(f64::total_cmp);
+    let (p50, b50) = (percentile(v, 0.5), percentile(base, 0.5));
+    println!(
+        "| {what} p50 (n={}) | {p50:.1} ms | {base_name} p50 {b50:.1} ms | {:.2}× |",
+        v.len(),
+        p50 / b50
+    );
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let n: usize = std::env::var("SHOAL_BENCH_CONTAINERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let dir = tempfile::tempdir()?;
+    let Some(ctrd) = PrivateContainerd::start(dir.path())? else {
+        bail!("the container benchmark needs root and containerd");
+    };
+    let registry = Registry::start(dir.path())?;
+    let regs = shoal_registry::Registries::new(Default::default());
+    let tag = registry.reference("shoal/busybox:1");
+    let image = shoal_e2e::image::push_busybox(&regs, &tag.parse()?, &[("amd64", None)]).await?;
+    let hub = Hub::start(dir.path(), None)?;
+    let socket = ctrd.socket.to_str().unwrap().to_string();
+    let ns = format!("shoal-bench-{}", std::process::id());
+    let _agent = Agent::start_with(
+        dir.path(),
+        "cb-1",
+        "",
+        &hub.broker_url,
+        &[
+            "--containerd-socket",
+            &socket,
+            "--containerd-namespace",
+            &ns,
+        ],
+    )?;
+    hub.wait_devices_online(1, Duration::from_secs(20))?;
+    let out = hub.shoal(&["push", module("probe.wasm").to_str().unwrap()]);
+    if !out.status.success() {
+        bail!("push failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let digest = String::from_utf8(out.stdout)?.trim().to_string();
+    let container = |name: &str| {
+        format!(
+            "apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: {name} }}\nspec:\n  container: {{ image: \"{image}\", command: [/bin/sleep] }}\n  args: [\"1000\"]\n  resources: {{ memory: 16Mi }}\n"
+        )
+    };
+    let wasm = |name: &str| {
+        format!(
+            "apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: {name} }}\nspec:\n  wasm: {{ module: \"{digest}\" }}\n  args: [heartbeat, \"1000\"]\n  resources: {{ memory: 16Mi }}\n"
+        )
+    };
+    let mut m = Mqtt::connect(hub.mqtt, "container-bench").await?;
+    let status = "shoal/v1/devices/cb-1/status";
+    m.subscribe(status).await?;
+
+    // Warm-up: pull and unpack the image, compile the module.
+    let cold = deploy(&mut m, status, "warm", container("warm")).await?;
+    deploy(&mut m, status, "warmw", wasm("warmw")).await?;
+    let delete = |name: &str| {
+        let out = hub.shoal(&["delete", "workload", name]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    delete("warm");
+    delete("warmw");
+
+    let (mut shoal_c, mut shoal_w, mut ctr_d, mut ctr_rm) = (vec![], vec![], vec![], vec![]);
+    let image_name = image.without_scheme();
+    for i in 0..n {
+        let name = format!("c{i}");
+        shoal_c.push(deploy(&mut m, status, &name, container(&name)).await?);
+        delete(&name);
+        let name = format!("w{i}");
+        shoal_w.push(deploy(&mut m, status, &name, wasm(&name)).await?);
+        delete(&name);
+        let id = format!("ctr-{i}");
+        ctr_d.push(ctr(
+            &socket,
+            &ns,
+            &["run", "-d", &image_name, &id, "/bin/sleep", "1000"],
+        )?);
+        let _ = ctr(&socket, &ns, &["task", "kill", "-s", "SIGKILL", &id]);
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = ctr(&socket, &ns, &["task", "rm", "-f", &id]);
+        let _ = ctr(&socket, &ns, &["container", "rm", &id]);
+        let id = format!("ctr-rm-{i}");
+        ctr_rm.push(ctr(
+            &socket,
+            &ns,
+            &["run", "--rm", &image_name, &id, "/bin/true"],
+        )?);
+    }
+    println!("| figure | value | baseline (same run) | ratio |");
+    println!("|---|---|---|---|");
+    row(
+        "container apply → Running",
+        &mut shoal_c,
+        &mut ctr_d,
+        "`ctr run -d`",
+    );
+    row(
+        "WASM apply → Running",
+        &mut shoal_w,
+        &mut shoal_c.clone(),
+        "container apply → Running",
+    );
+    ctr_rm.sort_by(f64::total_cmp);
+    println!(
+        "| `ctr run --rm … true` p50 (start to finish) | {:.1} ms | | |",
+        percentile(&ctr_rm, 0.5)
+    );
+    println!("| first container apply → Running (pull + unpack) | {cold:.0} ms | | |");
+    if std::env::var("SHOAL_BENCH_KEEP").is_ok() {
+        eprintln!("logs kept in {}", dir.keep().display());
+    }
+    Ok(())
+}
