@@ -199,6 +199,24 @@ spec:
                 .is_empty()
                 .then_some(()))
         })?;
+        // No task and no container snapshot left: only the image's committed layers.
+        let ctr = |args: &[&str]| {
+            let out = std::process::Command::new("ctr")
+                .args(["-a", &socket, "-n", &ns(id)])
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).to_string()
+        };
+        let tasks = ctr(&["tasks", "ls", "-q"]);
+        assert!(tasks.trim().is_empty(), "tasks left in {id}: {tasks}");
+        let snapshots = ctr(&["snapshots", "ls"]);
+        assert!(
+            !snapshots.lines().any(|l| l.contains("Active")),
+            "active snapshots left in {id}: {snapshots}"
+        );
+        assert!(snapshots.lines().any(|l| l.contains("Committed")), "{snapshots}");
     }
     drop(c2);
     drop(c1);
