@@ -727,12 +727,17 @@ fn describe(w: &WorkloadView, output: Output) -> anyhow::Result<()> {
     }
     println!("Replicas:");
     let mut t = Table::new(&[
-        "REPLICA", "DEVICE", "PHASE", "RESTARTS", "STARTED", "REASON",
+        "REPLICA", "DEVICE", "VARIANT", "PHASE", "RESTARTS", "STARTED", "REASON",
     ]);
     for r in &w.replicas {
         t.row(vec![
             r.replica.to_string(),
             r.device.clone().unwrap_or_else(|| "<none>".into()),
+            if r.variant.is_empty() {
+                "-".into()
+            } else {
+                r.variant.clone()
+            },
             r.phase.to_string(),
             r.restarts.to_string(),
             r.started_at_ms.map_or("-".into(), ago),

@@ -430,8 +430,8 @@ impl Registries {
         Ok(dest)
     }
 
-    /// Uploads one blob to `r`'s repository (for publishing images built elsewhere).
-    pub async fn push_blob(&self, r: &OciRef, bytes: Vec<u8>) -> Result<Digest, RegistryError> {
+    /// A client for `r`'s registry, authenticated for pushing to its repository.
+    async fn pusher(&self, r: &OciRef) -> Result<(Client, Reference), RegistryError> {
         let client = self.client(r)?;
         let reference = Self::reference(r)?;
         client
@@ -442,6 +442,12 @@ impl Registries {
             )
             .await
             .map_err(|e| Self::failed(r, "authentication failed", e))?;
+        Ok((client, reference))
+    }
+
+    /// Uploads one blob to `r`'s repository (for publishing images built elsewhere).
+    pub async fn push_blob(&self, r: &OciRef, bytes: Vec<u8>) -> Result<Digest, RegistryError> {
+        let (client, reference) = self.pusher(r).await?;
         let digest = Digest::of(&bytes);
         client
             .push_blob(&reference, bytes, digest.as_str())
@@ -458,16 +464,7 @@ impl Registries {
         media_type: &str,
         bytes: Vec<u8>,
     ) -> Result<OciRef, RegistryError> {
-        let client = self.client(r)?;
-        let reference = Self::reference(r)?;
-        client
-            .auth(
-                &reference,
-                &self.auth(r),
-                oci_client::RegistryOperation::Push,
-            )
-            .await
-            .map_err(|e| Self::failed(r, "authentication failed", e))?;
+        let (client, reference) = self.pusher(r).await?;
         let digest = Digest::of(&bytes);
         let content_type = http::HeaderValue::from_str(media_type)
             .map_err(|e| Self::failed(r, "bad media type", e))?;
@@ -524,29 +521,11 @@ impl Registries {
             reference: r.to_string(),
             reason,
         })?;
-        let client = self.client(r)?;
-        let reference = Self::reference(r)?;
-        client
-            .auth(
-                &reference,
-                &self.auth(r),
-                oci_client::RegistryOperation::Push,
-            )
-            .await
-            .map_err(|e| Self::failed(r, "authentication failed", e))?;
-        let layer = Digest::of(&wasm);
         let layer_size = wasm.len();
+        let layer = self.push_blob(r, wasm).await?;
         let config = wasm_config(&layer, kind, std::time::SystemTime::now());
-        let config_digest = Digest::of(&config);
         let config_size = config.len();
-        client
-            .push_blob(&reference, wasm, layer.as_str())
-            .await
-            .map_err(|e| Self::failed(r, "cannot upload the wasm layer", e))?;
-        client
-            .push_blob(&reference, config, config_digest.as_str())
-            .await
-            .map_err(|e| Self::failed(r, "cannot upload the config", e))?;
+        let config_digest = self.push_blob(r, config).await?;
         let manifest = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": OCI_IMAGE_MEDIA_TYPE,
@@ -563,16 +542,8 @@ impl Registries {
         });
         // Serialized here, so the digest is of exactly the bytes the registry stores.
         let body = serde_json::to_vec(&manifest).map_err(|e| Self::failed(r, "manifest", e))?;
-        let digest = Digest::of(&body);
-        let content_type = http::HeaderValue::from_static(OCI_IMAGE_MEDIA_TYPE);
-        client
-            .push_manifest_raw(&reference, body, content_type)
-            .await
-            .map_err(|e| Self::failed(r, "cannot upload the manifest", e))?;
-        Ok(Pushed {
-            reference: r.pinned(digest),
-            layer,
-        })
+        let reference = self.push_manifest(r, OCI_IMAGE_MEDIA_TYPE, body).await?;
+        Ok(Pushed { reference, layer })
     }
 }
 

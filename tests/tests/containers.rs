@@ -206,7 +206,11 @@ spec:
                 .args(args)
                 .output()
                 .unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             String::from_utf8_lossy(&out.stdout).to_string()
         };
         let tasks = ctr(&["tasks", "ls", "-q"]);
@@ -216,7 +220,10 @@ spec:
             !snapshots.lines().any(|l| l.contains("Active")),
             "active snapshots left in {id}: {snapshots}"
         );
-        assert!(snapshots.lines().any(|l| l.contains("Committed")), "{snapshots}");
+        assert!(
+            snapshots.lines().any(|l| l.contains("Committed")),
+            "{snapshots}"
+        );
     }
     drop(c2);
     drop(c1);
