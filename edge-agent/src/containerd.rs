@@ -898,11 +898,19 @@ impl Containerd {
             async move { tasks.wait(req).await }
         };
         tokio::pin!(waiter);
-        let stopped = tokio::select! {
-            w = &mut waiter => return exit_of(w, run),
-            _ = cancel.cancelled() => true,
-        };
-        debug_assert!(stopped);
+        // The shim writes the log itself; keep it bounded meanwhile.
+        let mut check = tokio::time::interval(LOG_CHECK);
+        loop {
+            tokio::select! {
+                w = &mut waiter => return exit_of(w, run),
+                _ = cancel.cancelled() => break,
+                _ = check.tick() => {
+                    if let Err(e) = bound_log(&run.log_path, run.log_max_bytes).await {
+                        warn!(container = %run.id, error = %e, "cannot rotate the container log");
+                    }
+                }
+            }
+        }
         if detach.is_cancelled() {
             return Exit::Cancelled;
         }
@@ -1026,6 +1034,35 @@ impl ContainerRuntime for Containerd {
     }
 }
 
+/// How often a running container's log size is checked.
+const LOG_CHECK: Duration = Duration::from_secs(2);
+
+/// Keeps a log the shim appends to within about `max` bytes: once over, its content is copied
+/// to `{path}.1` (replacing the older one) and the file truncated in place. The shim writes
+/// with `O_APPEND`, so it simply goes on at the new end (copytruncate, as logrotate does: a
+/// line written between the copy and the truncation may be lost). Written by hand: no crate
+/// rotates a file another process holds open.
+pub async fn bound_log(path: &Path, max: u64) -> std::io::Result<bool> {
+    let len = match tokio::fs::metadata(path).await {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if len <= max {
+        return Ok(false);
+    }
+    let mut rotated = path.as_os_str().to_owned();
+    rotated.push(".1");
+    tokio::fs::copy(path, PathBuf::from(rotated)).await?;
+    tokio::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .await?
+        .set_len(0)
+        .await?;
+    Ok(true)
+}
+
 fn exit_of(
     w: Result<
         containerd_client::tonic::Response<containerd_client::services::v1::WaitResponse>,
@@ -1074,6 +1111,7 @@ mod tests {
             cpu_millis: Some(250),
             read_only_root: true,
             log_path: "/l".into(),
+            log_max_bytes: 1 << 20,
             stop_grace: Duration::from_secs(1),
             labels: BTreeMap::new(),
         }
@@ -1084,6 +1122,22 @@ mod tests {
             br#"{"config":{"Env":["PATH=/bin","A=1"],"Entrypoint":["/bin/busybox"],"Cmd":["sh"],"WorkingDir":"/w","User":"1000:1000"},"rootfs":{"type":"layers","diff_ids":[]}}"#,
         )
         .unwrap()
+    }
+
+    #[tokio::test]
+    async fn container_logs_are_bounded_by_copytruncate() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("box-0.log");
+        assert!(!bound_log(&log, 10).await.unwrap(), "no file yet");
+        std::fs::write(&log, "0123456789").unwrap();
+        assert!(!bound_log(&log, 10).await.unwrap(), "within the bound");
+        std::fs::write(&log, "0123456789abc").unwrap();
+        assert!(bound_log(&log, 10).await.unwrap());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("box-0.log.1")).unwrap(),
+            "0123456789abc"
+        );
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
     }
 
     #[test]

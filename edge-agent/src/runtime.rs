@@ -151,6 +151,8 @@ pub struct ContainerRun {
     pub read_only_root: bool,
     /// stdout and stderr are appended here.
     pub log_path: PathBuf,
+    /// The log is kept within about this size (copytruncate to `{log_path}.1`).
+    pub log_max_bytes: u64,
     /// Between SIGTERM and SIGKILL when stopped.
     pub stop_grace: Duration,
     /// Extra labels on the container (e.g. the replica it belongs to).

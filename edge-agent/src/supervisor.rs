@@ -261,6 +261,7 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
             cpu_millis: desired.resources.cpu,
             read_only_root: c.read_only_root,
             log_path: log.path(),
+            log_max_bytes: LOG_MAX_BYTES,
             stop_grace: CONTAINER_STOP_GRACE,
             labels: [
                 ("dev.shoal.instance".to_string(), instance.clone()),

@@ -22,6 +22,7 @@ fn run(id: &str, args: &[&str], log: &std::path::Path) -> ContainerRun {
         cpu_millis: Some(500),
         read_only_root: true,
         log_path: log.to_path_buf(),
+        log_max_bytes: 1 << 20,
         stop_grace: Duration::from_millis(500),
         labels: BTreeMap::new(),
     }
