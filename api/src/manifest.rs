@@ -113,6 +113,9 @@ pub struct ContainerSpec {
     /// The root filesystem is read-only unless this is `false`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_only_root_filesystem: Option<bool>,
+    /// How long a stopping container gets between SIGTERM and SIGKILL (default `10s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_grace_period: Option<String>,
     /// Platforms the image offers (`linux/arm64`, `linux/arm/v7`, ...); the scheduler only
     /// sends the container to devices of these. `shoal apply` fills it from the image index.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -106,6 +106,17 @@ pub struct Container {
     /// Platforms the image offers; empty: unknown (then no device is filtered out).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub platforms: Vec<crate::oci::Platform>,
+    /// Between SIGTERM and SIGKILL when stopped (`stopGracePeriod`, default 10s).
+    #[serde(default = "default_stop_grace")]
+    pub stop_grace_ms: u64,
+}
+
+/// `spec.container.stopGracePeriod` when not given, as Kubernetes' default is 30s but edge
+/// devices restart more often.
+pub const DEFAULT_STOP_GRACE_MS: u64 = 10_000;
+
+fn default_stop_grace() -> u64 {
+    DEFAULT_STOP_GRACE_MS
 }
 
 /// How a port is made known beyond its device.
@@ -742,11 +753,27 @@ fn container(c: crate::manifest::ContainerSpec, errs: &mut Vec<String>) -> Optio
             Err(e) => errs.push(format!("spec.container.platforms: {e}")),
         }
     }
+    let stop_grace_ms = match c.stop_grace_period.as_deref().map(parse_duration) {
+        None => DEFAULT_STOP_GRACE_MS,
+        Some(Ok(d)) if d <= Duration::from_secs(3600) => d.as_millis() as u64,
+        Some(Ok(_)) => {
+            errs.push(format!(
+                "spec.container.stopGracePeriod {:?} is invalid: at most 1h",
+                c.stop_grace_period.unwrap_or_default()
+            ));
+            return None;
+        }
+        Some(Err(e)) => {
+            errs.push(format!("spec.container.stopGracePeriod: {e}"));
+            return None;
+        }
+    };
     Some(Container {
         image: image?,
         command: c.command,
         read_only_root: c.read_only_root_filesystem.unwrap_or(true),
         platforms,
+        stop_grace_ms,
     })
 }
 
@@ -1074,6 +1101,7 @@ spec:
         .remove(0);
         let c = both.container.as_ref().unwrap();
         assert!(c.read_only_root && c.command.is_empty());
+        assert_eq!(c.stop_grace_ms, DEFAULT_STOP_GRACE_MS);
         assert_eq!(c.platforms.len(), 2);
         let has = |rs: &'static [&'static str]| move |r: &str| rs.contains(&r);
         // (runtimes, arch) → variant: WASM wherever possible; containers where the platform fits.
@@ -1104,6 +1132,21 @@ spec:
         );
         assert_ne!(only.revision(), both.revision());
         // Errors name the field and the value.
+        let quick = parse_workloads(&doc(
+            "  container: { image: \"oci://localhost:5000/box:1\", stopGracePeriod: 1500ms }\n",
+        ))
+        .unwrap();
+        assert_eq!(quick[0].container.as_ref().unwrap().stop_grace_ms, 1500);
+        let errs = parse_workloads(&doc(
+            "  container: { image: \"oci://localhost:5000/box:1\", stopGracePeriod: 2h }\n",
+        ))
+        .unwrap_err();
+        assert!(
+            errs[0]
+                .message
+                .contains("stopGracePeriod \"2h\" is invalid: at most 1h"),
+            "{errs:?}"
+        );
         let errs = parse_workloads(&doc(
             "  container: { image: \"box:1\", platforms: [linux] }\n",
         ))

@@ -696,11 +696,17 @@ impl Containerd {
         image: &PreparedImage,
         run: &ContainerRun,
     ) -> Result<(), ContainerdError> {
-        if self.running(&run.id).await {
-            info!(container = %run.id, "adopting the running container");
-            return Ok(());
+        match self.task_state(&run.id).await {
+            Some(true) => {
+                info!(container = %run.id, "adopting the running container");
+                return Ok(());
+            }
+            Some(false) => self.remove(&run.id).await,
+            // No task: clean up only if a container record is left (a first start, the
+            // common case, then costs no clean-up calls).
+            None if self.container_exists(&run.id).await => self.remove(&run.id).await,
+            None => {}
         }
-        self.remove(&run.id).await;
         self.start(image, run).await
     }
 
@@ -721,8 +727,8 @@ impl Containerd {
         exit
     }
 
-    /// Whether task `id` exists and runs.
-    async fn running(&self, id: &str) -> bool {
+    /// Task `id`: `None` if there is none, else whether it runs.
+    async fn task_state(&self, id: &str) -> Option<bool> {
         let got = self
             .client()
             .tasks()
@@ -733,10 +739,24 @@ impl Containerd {
                 },
                 None,
             ))
-            .await;
-        got.ok()
-            .and_then(|r| r.into_inner().process)
-            .is_some_and(|p| p.status == containerd_client::types::v1::Status::Running as i32)
+            .await
+            .ok()?;
+        Some(
+            got.into_inner()
+                .process
+                .is_some_and(|p| p.status == containerd_client::types::v1::Status::Running as i32),
+        )
+    }
+
+    async fn container_exists(&self, id: &str) -> bool {
+        self.client()
+            .containers()
+            .get(self.req(
+                containerd_client::services::v1::GetContainerRequest { id: id.into() },
+                None,
+            ))
+            .await
+            .is_ok()
     }
 
     /// Removes every container the agent created that is not in `keep` (replicas deleted
@@ -830,8 +850,9 @@ impl Containerd {
         spec: Vec<u8>,
         lease: &str,
     ) -> Result<Vec<containerd_client::types::Mount>, ContainerdError> {
-        let mounts = SnapshotsClient::new(self.channel.clone())
-            .prepare(self.req(
+        let mut snapshots = SnapshotsClient::new(self.channel.clone());
+        let prepare = || {
+            self.req(
                 PrepareSnapshotRequest {
                     snapshotter: SNAPSHOTTER.into(),
                     key: run.id.clone(),
@@ -839,8 +860,25 @@ impl Containerd {
                     labels: HashMap::new(),
                 },
                 Some(lease),
-            ))
-            .await
+            )
+        };
+        let prepared = match snapshots.prepare(prepare()).await {
+            // A snapshot left without its container (a crash between the two): replace it.
+            Err(s) if s.code() == Code::AlreadyExists => {
+                let _ = snapshots
+                    .remove(self.req(
+                        RemoveSnapshotRequest {
+                            snapshotter: SNAPSHOTTER.into(),
+                            key: run.id.clone(),
+                        },
+                        Some(lease),
+                    ))
+                    .await;
+                snapshots.prepare(prepare()).await
+            }
+            other => other,
+        };
+        let mounts = prepared
             .map_err(grpc("snapshot prepare"))?
             .into_inner()
             .mounts;

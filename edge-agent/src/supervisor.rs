@@ -102,9 +102,6 @@ pub fn container_id(d: &DesiredWorkload) -> String {
     format!("{}-{}", d.instance(), d.revision)
 }
 
-/// Between SIGTERM and SIGKILL when a container replica is stopped.
-pub const CONTAINER_STOP_GRACE: Duration = Duration::from_secs(10);
-
 /// What a replica runs, once pulled and prepared.
 enum Ready<M> {
     Wasm(Arc<M>),
@@ -262,7 +259,7 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
             read_only_root: c.read_only_root,
             log_path: log.path(),
             log_max_bytes: LOG_MAX_BYTES,
-            stop_grace: CONTAINER_STOP_GRACE,
+            stop_grace: Duration::from_millis(c.stop_grace_ms),
             labels: [
                 ("dev.shoal.instance".to_string(), instance.clone()),
                 ("dev.shoal.revision".to_string(), desired.revision.clone()),
@@ -650,6 +647,7 @@ mod tests {
             command: vec!["/bin/sh".into()],
             read_only_root: true,
             platforms: vec![],
+            stop_grace_ms: 100,
         });
         d.args = vec!["-c".into(), "exit 1".into()];
         let cancel = CancellationToken::new();

@@ -657,6 +657,7 @@ mod tests {
             command: vec![],
             read_only_root: true,
             platforms: vec!["linux/arm64".parse().unwrap()],
+            stop_grace_ms: 10_000,
         });
         let s = schedule(&devices, &[w.clone()], &Assignments::new());
         assert_eq!(devices_of(&s, "box"), ["arm-box", "arm-box"]);

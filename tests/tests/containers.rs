@@ -126,7 +126,7 @@ metadata: {{ name: both }}
 spec:
   placement: every
   wasm: {{ module: "{hello}" }}
-  container: {{ image: "{tag}", command: [/bin/sh] }}
+  container: {{ image: "{tag}", command: [/bin/sh], stopGracePeriod: 1s }}
   args: ["-c", "echo started; exec sleep 1000"]
   resources: {{ memory: 32Mi }}
 "#,
