@@ -74,6 +74,19 @@ pub struct WorkloadSpec {
     /// `/shoal/services/{name}/{port}` inside the sandbox and allows connections to them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub uses: Vec<String>,
+    /// Directories on the device that outlive a run (see [`crate::volume`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<Volume>,
+}
+
+/// `spec.volumes[]`: `{ name: data, path: /data }`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Volume {
+    pub name: String,
+    /// Where the workload sees it (`mountPath`, as Kubernetes spells it, is accepted too).
+    #[serde(alias = "mountPath")]
+    pub path: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

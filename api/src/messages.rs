@@ -101,6 +101,9 @@ pub struct DesiredWorkload {
     pub ports: Vec<Port>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub uses: Vec<WorkloadName>,
+    /// Directories kept on the device for the workload (see [`crate::volume`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<crate::volume::Volume>,
 }
 
 impl DesiredWorkload {
@@ -137,6 +140,7 @@ impl DesiredWorkload {
             health: w.health.clone(),
             ports: w.ports.clone(),
             uses: w.uses.clone(),
+            volumes: w.volumes.clone(),
         })
     }
 

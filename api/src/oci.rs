@@ -264,6 +264,55 @@ pub fn oci_arch(rust_arch: &str) -> &str {
     }
 }
 
+/// The variant of this build's CPU architecture as OCI names it: `v7`/`v6`/`v5` for 32-bit
+/// ARM (from the target's features), `v8` for arm64, none elsewhere.
+pub fn native_variant() -> Option<&'static str> {
+    if cfg!(target_arch = "aarch64") {
+        Some("v8")
+    } else if cfg!(target_arch = "arm") {
+        if cfg!(target_feature = "v7") {
+            Some("v7")
+        } else if cfg!(target_feature = "v6") {
+            Some("v6")
+        } else {
+            Some("v5")
+        }
+    } else {
+        None
+    }
+}
+
+/// Which of an image index's platforms a Linux device of `arch` (Rust's name) and `variant`
+/// (see [`native_variant`]) runs: the same architecture, and for 32-bit ARM the newest
+/// variant not newer than the device's (a v7 board runs v6 and v5 images, a v6 board never
+/// a v7 one; no variant counts as v7, as containerd assumes); otherwise an entry without a
+/// variant or with the device's. Among equals the first wins. `None`: none fits.
+pub fn choose_platform(platforms: &[Platform], arch: &str, variant: Option<&str>) -> Option<usize> {
+    let want = oci_arch(arch);
+    let arm_level =
+        |v: Option<&str>| -> Option<u32> { v.unwrap_or("v7").strip_prefix('v')?.parse().ok() };
+    let mut best: Option<(usize, u32)> = None;
+    for (i, p) in platforms.iter().enumerate() {
+        if p.os != "linux" || p.architecture != want {
+            continue;
+        }
+        let rank = if want == "arm" {
+            match (arm_level(p.variant.as_deref()), arm_level(variant)) {
+                (Some(image), Some(device)) if image <= device => image,
+                _ => continue,
+            }
+        } else if p.variant.is_none() || p.variant.as_deref() == variant {
+            1
+        } else {
+            0 // another variant of the same architecture: a last resort
+        };
+        if best.is_none_or(|(_, r)| rank > r) {
+            best = Some((i, rank));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
 impl FromStr for Platform {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -314,6 +363,45 @@ impl fmt::Display for Platform {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_index_entry_for_this_device() {
+        let index: Vec<Platform> = [
+            "linux/amd64",
+            "linux/arm/v5",
+            "linux/arm/v7",
+            "linux/arm/v6",
+            "linux/arm64/v8",
+            "windows/amd64",
+        ]
+        .iter()
+        .map(|p| p.parse().unwrap())
+        .collect();
+        let pick =
+            |arch, variant| choose_platform(&index, arch, variant).map(|i| index[i].to_string());
+        assert_eq!(pick("x86_64", None).as_deref(), Some("linux/amd64"));
+        assert_eq!(
+            pick("aarch64", Some("v8")).as_deref(),
+            Some("linux/arm64/v8")
+        );
+        assert_eq!(pick("arm", Some("v7")).as_deref(), Some("linux/arm/v7"));
+        assert_eq!(pick("arm", Some("v6")).as_deref(), Some("linux/arm/v6"));
+        assert_eq!(pick("arm", Some("v5")).as_deref(), Some("linux/arm/v5"));
+        assert_eq!(pick("riscv64", None), None);
+        // A v6 board never takes a v7-only image (nor one without a variant, read as v7).
+        let v7_only: Vec<Platform> = vec![
+            "linux/arm/v7".parse().unwrap(),
+            "linux/arm".parse().unwrap(),
+        ];
+        assert_eq!(choose_platform(&v7_only, "arm", Some("v6")), None);
+        assert_eq!(choose_platform(&v7_only, "arm", Some("v7")), Some(0));
+        // This build's own variant.
+        if cfg!(target_arch = "x86_64") {
+            assert_eq!(native_variant(), None);
+        } else if cfg!(target_arch = "aarch64") {
+            assert_eq!(native_variant(), Some("v8"));
+        }
+    }
 
     #[test]
     fn platforms_parse_and_match_device_arches() {

@@ -65,7 +65,6 @@ pub fn format_memory(bytes: u64) -> String {
     bytes.to_string()
 }
 
-/// Parses a CPU quantity into millicores (`100m` → 100, `0.5` → 500, `2` → 2000).
 /// An age the way kubectl prints it: `42s`, `17m`, `5h`.
 pub fn format_age(elapsed_ms: u64) -> String {
     let s = elapsed_ms / 1000;
@@ -76,6 +75,17 @@ pub fn format_age(elapsed_ms: u64) -> String {
     }
 }
 
+/// A duration in the largest unit [`parse_duration`] reads back exactly: `2m`, `90s`, `500ms`.
+pub fn format_duration_ms(ms: u64) -> String {
+    for (unit, m) in [("h", 3_600_000u64), ("m", 60_000), ("s", 1000)] {
+        if ms >= m && ms.is_multiple_of(m) {
+            return format!("{}{unit}", ms / m);
+        }
+    }
+    format!("{ms}ms")
+}
+
+/// Parses a CPU quantity into millicores (`100m` → 100, `0.5` → 500, `2` → 2000).
 pub fn parse_cpu(s: &str) -> Result<u32, QuantityError> {
     const HINT: &str = "expected millicores like 100m or cores like 0.5 or 2";
     let t = s.trim();
@@ -174,6 +184,9 @@ mod tests {
         assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(format_duration_ms(90_000), "90s");
+        assert_eq!(format_duration_ms(120_000), "2m");
+        assert_eq!(format_duration_ms(1500), "1500ms");
         for s in ["", "3", "s", "1.5s", "-1s", "3d"] {
             assert!(parse_duration(s).is_err(), "{s}");
         }
@@ -183,6 +196,12 @@ mod tests {
         #[test]
         fn memory_roundtrip(n in 1u64..(1 << 40)) {
             proptest::prop_assert_eq!(parse_memory(&format_memory(n)), Ok(n));
+        }
+
+        #[test]
+        fn duration_roundtrip(ms in 0u64..(1 << 40)) {
+            let text = format_duration_ms(ms);
+            proptest::prop_assert_eq!(parse_duration(&text), Ok(Duration::from_millis(ms)));
         }
     }
 }

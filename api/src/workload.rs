@@ -285,6 +285,9 @@ pub struct Workload {
     pub health: Option<Health>,
     pub ports: Vec<Port>,
     pub uses: Vec<WorkloadName>,
+    /// `spec.volumes` (see [`crate::volume`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<crate::volume::Volume>,
 }
 
 impl Workload {
@@ -306,6 +309,8 @@ impl Workload {
             uses: &'a [WorkloadName],
             #[serde(skip_serializing_if = "Option::is_none")]
             health: &'a Option<Health>,
+            #[serde(skip_serializing_if = "<[_]>::is_empty")]
+            volumes: &'a [crate::volume::Volume],
         }
         // Empty lists are left out so that revisions of workloads written before ports and
         // uses existed do not change (which would restart every replica on upgrade).
@@ -319,6 +324,7 @@ impl Workload {
             ports: &self.ports,
             uses: &self.uses,
             health: &self.health,
+            volumes: &self.volumes,
         };
         // Serializing plain structs and BTreeMaps cannot fail; fall back to Debug regardless.
         let bytes =
@@ -484,6 +490,7 @@ impl TryFrom<WorkloadManifest> for Workload {
         let health = spec.health.and_then(|h| health(h, &mut errs));
         let ports = ports(name.as_ref(), spec.ports, &mut errs);
         let uses = uses(spec.uses, &mut errs);
+        let volumes = crate::volume::validate(spec.volumes, &mut errs);
 
         match (name, placement, variants, memory, cpu, restart) {
             (
@@ -510,6 +517,7 @@ impl TryFrom<WorkloadManifest> for Workload {
                 health,
                 ports,
                 uses,
+                volumes,
             }),
             _ => Err(errs),
         }
@@ -825,6 +833,13 @@ fn update(u: crate::manifest::Update, errs: &mut Vec<String>) -> UpdatePolicy {
             Ok(d) => p.progress_deadline_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
             Err(e) => errs.push(format!("spec.update.progressDeadline: {e}")),
         }
+    }
+    if p.progress_deadline_ms <= p.min_ready_ms {
+        errs.push(format!(
+            "spec.update.progressDeadline {} is invalid: must be longer than minReadySeconds ({}s), or no replica could ever count as ready in time",
+            crate::quantity::format_duration_ms(p.progress_deadline_ms),
+            p.min_ready_ms / 1000
+        ));
     }
     p
 }

@@ -115,6 +115,9 @@ enum Command {
         /// `status`: how long to wait.
         #[arg(long, default_value = "10m", value_parser = parse_duration)]
         timeout: Duration,
+        /// `undo`: the revision to go back to (from `rollout history`; a unique prefix does).
+        #[arg(long, value_name = "REVISION")]
+        to_revision: Option<String>,
     },
     /// Change a workload's replica count (no rollout: the revision stays).
     Scale {
@@ -140,7 +143,8 @@ enum RolloutCmd {
     Resume,
     /// Go past the canary without waiting for it to be ready.
     Promote,
-    /// Roll back to the previous revision.
+    /// Go back to the revision before the current one (after an automatic rollback, the one
+    /// that failed), or to `--to-revision`; the replica count and placement stay.
     Undo,
 }
 
@@ -223,7 +227,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             workload,
             no_wait,
             timeout,
-        } => rollout(&hub, action, &workload, no_wait, timeout).await,
+            to_revision,
+        } => rollout(&hub, action, &workload, no_wait, timeout, to_revision).await,
         Command::Scale { workload, replicas } => {
             hub.post_json(
                 &format!("/v1/workloads/{workload}/scale"),
@@ -711,6 +716,14 @@ fn describe(w: &WorkloadView, output: Output) -> anyhow::Result<()> {
             "Resources:  {}",
             shoal_api::workload::describe_resources(&spec.resources)
         );
+        if !spec.volumes.is_empty() {
+            let v: Vec<String> = spec
+                .volumes
+                .iter()
+                .map(|v| format!("{} at {}", v.name, v.path))
+                .collect();
+            println!("Volumes:    {}", v.join(", "));
+        }
         println!(
             "Restart:    {:?} (back-off {}ms .. {}ms)",
             spec.restart.policy, spec.restart.initial_backoff_ms, spec.restart.max_backoff_ms
@@ -755,7 +768,11 @@ async fn rollout(
     workload: &str,
     no_wait: bool,
     timeout: Duration,
+    to_revision: Option<String>,
 ) -> anyhow::Result<()> {
+    if to_revision.is_some() && action != RolloutCmd::Undo {
+        anyhow::bail!("--to-revision goes with `rollout undo` only");
+    }
     let verb = match action {
         RolloutCmd::Pause => Some("pause"),
         RolloutCmd::Resume => Some("resume"),
@@ -764,11 +781,12 @@ async fn rollout(
         RolloutCmd::Status | RolloutCmd::History => None,
     };
     if let Some(verb) = verb {
-        hub.post_json(
-            &format!("/v1/workloads/{workload}/rollout/{verb}"),
-            &serde_json::json!({}),
-        )
-        .await?;
+        let body = match &to_revision {
+            Some(rev) => serde_json::json!({ "toRevision": rev }),
+            None => serde_json::json!({}),
+        };
+        hub.post_json(&format!("/v1/workloads/{workload}/rollout/{verb}"), &body)
+            .await?;
         let done = match action {
             RolloutCmd::Undo => "undone",
             RolloutCmd::Pause => "paused",

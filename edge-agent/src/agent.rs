@@ -178,12 +178,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     );
 
     let (up_tx, up_rx) = mpsc::channel(256);
+    let (gone_tx, gone_rx) = mpsc::channel(64);
     let shared = Shared {
         runtime: Arc::new(runtime),
         containers: containers.clone(),
         stopping: shutdown.clone(),
         source: fetcher,
         logs_dir: config.data_dir.join("logs"),
+        volumes: crate::volumes::Volumes::new(config.data_dir.join("volumes")),
         updates: up_tx,
         http: crate::http_client(reqwest::Client::builder()).unwrap_or_default(),
         hub_http: hub_http_rx,
@@ -218,11 +220,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         hub: HubState::default(),
         advertised: BTreeMap::new(),
         browsing: BTreeSet::new(),
+        stopping: BTreeMap::new(),
+        gone_tx,
     };
     agent.advertise_self();
     agent.start().await?;
     agent
-        .main_loop(bus_rx, up_rx, mdns_rx, local_rx, shutdown)
+        .main_loop(bus_rx, up_rx, gone_rx, mdns_rx, local_rx, shutdown)
         .await;
     agent.stop_all().await;
     agent.withdraw_all();
@@ -310,6 +314,7 @@ struct HubState {
 }
 
 struct Replica {
+    workload: WorkloadName,
     revision: String,
     /// Runs the container variant (its stop may take a grace period).
     container: bool,
@@ -323,6 +328,8 @@ struct Replica {
 enum Event {
     Bus(BusEvent),
     Replica(Update),
+    /// A replica stopping in the background (a container in its grace period) has ended.
+    Gone(WorkloadName),
     Mdns(MdnsEvent),
     Local(LocalRequest),
     /// Time to say again that no hub was found, if still so.
@@ -353,6 +360,9 @@ struct Agent<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> {
     advertised: BTreeMap<String, String>,
     /// Service types browsed for the workloads that `use` them.
     browsing: BTreeSet<WorkloadName>,
+    /// Replicas still stopping in the background, per workload: their volumes stay.
+    stopping: BTreeMap<WorkloadName, u32>,
+    gone_tx: mpsc::Sender<WorkloadName>,
 }
 
 impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
@@ -374,6 +384,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         &mut self,
         mut bus_rx: mpsc::Receiver<BusEvent>,
         mut up_rx: mpsc::Receiver<Update>,
+        mut gone_rx: mpsc::Receiver<WorkloadName>,
         mut mdns_rx: mpsc::Receiver<MdnsEvent>,
         mut local_rx: mpsc::Receiver<LocalRequest>,
         shutdown: CancellationToken,
@@ -390,6 +401,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
                 _ = shutdown.cancelled() => break,
                 Some(e) = bus_rx.recv() => Event::Bus(e),
                 Some(u) = up_rx.recv() => Event::Replica(u),
+                Some(w) = gone_rx.recv() => Event::Gone(w),
                 Some(m) = mdns_rx.recv() => Event::Mdns(m),
                 Some(r) = local_rx.recv() => Event::Local(r),
                 _ = report.tick() => Event::HubSearchReport,
@@ -411,6 +423,15 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
                         }
                         self.publish_status().await;
                     }
+                }
+                Event::Gone(w) => {
+                    if let Some(n) = self.stopping.get_mut(&w) {
+                        *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            self.stopping.remove(&w);
+                        }
+                    }
+                    self.remove_unused_volumes();
                 }
                 Event::Mdns(m) => self.on_mdns(m),
                 Event::Local(LocalRequest::Peers(reply)) => {
@@ -723,7 +744,29 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
             }
         }
         self.refresh_services();
+        self.remove_unused_volumes();
         self.publish_status().await;
+    }
+
+    /// Removes the volumes of workloads this device no longer runs: not desired, no replica
+    /// left, none still stopping (a container may still write during its grace period).
+    fn remove_unused_volumes(&self) {
+        let Some(desired) = &self.desired else {
+            return; // nothing known yet: keep everything
+        };
+        let keep: BTreeSet<&str> = desired
+            .workloads
+            .iter()
+            .map(|w| w.name.as_str())
+            .chain(self.replicas.values().map(|r| r.workload.as_str()))
+            .chain(self.stopping.keys().map(WorkloadName::as_str))
+            .collect();
+        for (workload, result) in self.shared.volumes.remove_all_but(&keep) {
+            match result {
+                Ok(()) => info!(%workload, "volumes removed: the workload left this device"),
+                Err(e) => warn!(%workload, error = %e, "cannot remove volumes"),
+            }
+        }
     }
 
     fn spawn(&mut self, w: DesiredWorkload, artifact_base: &str) {
@@ -733,6 +776,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         let instance = w.instance();
         info!(%instance, revision = %w.revision, "starting replica");
         let revision = w.revision.clone();
+        let workload = w.name.clone();
         let container = w.container.is_some();
         let network = self.network(&w);
         let handle = self.tracker.spawn(supervisor::supervise(
@@ -746,6 +790,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         self.replicas.insert(
             instance,
             Replica {
+                workload,
                 revision,
                 container,
                 task,
@@ -795,7 +840,14 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         if let Some(r) = self.replicas.remove(instance) {
             info!(%instance, "stopping replica");
             r.cancel.cancel();
-            if !r.container {
+            if r.container {
+                *self.stopping.entry(r.workload.clone()).or_default() += 1;
+                let gone = self.gone_tx.clone();
+                self.tracker.spawn(async move {
+                    let _ = r.handle.await;
+                    let _ = gone.send(r.workload).await;
+                });
+            } else {
                 let _ = r.handle.await;
             }
         }

@@ -70,7 +70,7 @@ fn grpc(what: impl Into<String>) -> impl FnOnce(Status) -> ContainerdError {
 
 /// Builds the OCI runtime spec for `run` of `image`: argv from the command/args or the image,
 /// environment from the image then the manifest, the memory limit and CPU quota as cgroup
-/// limits, a read-only root unless asked otherwise, the host network (ports behave like the
+/// limits, a read-only root unless asked otherwise, volumes as bind mounts, the host network (ports behave like the
 /// WASM variant's: on the device's addresses) and containerd's usual device allow-list.
 pub fn runtime_spec(
     image: &ImageConfig,
@@ -128,6 +128,22 @@ pub fn runtime_spec(
         root.set_readonly(Some(run.read_only_root));
         spec.set_root(Some(root));
     }
+    // Volumes: read-write bind mounts (writable under a read-only root; runc creates the
+    // mount point before it makes the root read-only). Private propagation: nothing mounted
+    // inside leaks back to the device.
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    for m in &run.mounts {
+        mounts.push(
+            oci_spec::runtime::MountBuilder::default()
+                .destination(PathBuf::from(&m.guest))
+                .typ("bind")
+                .source(m.host.clone())
+                .options(vec!["rbind".into(), "rprivate".into(), "rw".into()])
+                .build()
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    spec.set_mounts(Some(mounts));
     let mut linux = spec.linux().clone().unwrap_or_default();
     linux.set_cgroups_path(Some(PathBuf::from(format!("/{namespace}/{}", run.id))));
     // Host network: no network namespace.
@@ -291,7 +307,12 @@ impl Containerd {
         let blobs = self.cache.join("blobs");
         let pulled = self
             .registries
-            .pull_image(image, std::env::consts::ARCH, &blobs)
+            .pull_image(
+                image,
+                std::env::consts::ARCH,
+                shoal_api::oci::native_variant(),
+                &blobs,
+            )
             .await?;
         let prepared = self.import(&pulled).await?;
         let bytes = serde_json::to_vec(&prepared).unwrap_or_default();
@@ -940,7 +961,11 @@ impl Containerd {
         let mut check = tokio::time::interval(LOG_CHECK);
         loop {
             tokio::select! {
-                w = &mut waiter => return exit_of(w, run),
+                w = &mut waiter => {
+                    // The cgroup goes with the task: read it before the task is deleted.
+                    let oom = oom_kills(&self.namespace, &run.id).await;
+                    return exit_of(w, run, oom);
+                }
                 _ = cancel.cancelled() => break,
                 _ = check.tick() => {
                     if let Err(e) = bound_log(&run.log_path, run.log_max_bytes).await {
@@ -1101,22 +1126,59 @@ pub async fn bound_log(path: &Path, max: u64) -> std::io::Result<bool> {
     Ok(true)
 }
 
+/// How many processes of container `id` the kernel's OOM killer has killed, from its memory
+/// cgroup (`runtime_spec` puts it at `/{namespace}/{id}`): `memory.events` under cgroup v2,
+/// `memory.oom_control` under v1. `None` when neither can be read (another cgroup driver, or
+/// a kernel without the counter).
+async fn oom_kills(namespace: &str, id: &str) -> Option<u64> {
+    let v2 = format!("/sys/fs/cgroup/{namespace}/{id}/memory.events");
+    let v1 = format!("/sys/fs/cgroup/memory/{namespace}/{id}/memory.oom_control");
+    for path in [v2, v1] {
+        if let Ok(text) = tokio::fs::read_to_string(&path).await {
+            if let Some(n) = parse_oom_kills(&text) {
+                return Some(n);
+            }
+        }
+    }
+    None
+}
+
+/// The `oom_kill N` line of a `memory.events` or `memory.oom_control` file.
+pub fn parse_oom_kills(text: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == "oom_kill").then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
 fn exit_of(
     w: Result<
         containerd_client::tonic::Response<containerd_client::services::v1::WaitResponse>,
         Status,
     >,
     run: &ContainerRun,
+    oom_kills: Option<u64>,
 ) -> Exit {
+    let limit = shoal_api::quantity::format_memory(run.memory_limit);
     match w {
         Ok(r) => match r.into_inner().exit_status {
             0 => Exit::Success,
-            // 128 + SIGKILL: with a memory limit, almost always the OOM killer.
+            // The OOM killer may also take a child while the main process lives on and
+            // exits otherwise: say so whatever the status.
+            n if oom_kills.is_some_and(|k| k > 0) => Exit::Failure {
+                code: i32::try_from(n).ok(),
+                reason: format!("OOMKilled: memory limit of {limit} exceeded (status {n})"),
+            },
+            137 if oom_kills == Some(0) => Exit::Failure {
+                code: Some(137),
+                reason: "killed by SIGKILL (status 137)".to_string(),
+            },
+            // 128 + SIGKILL, cgroup unreadable: with a memory limit, most likely the OOM
+            // killer.
             137 => Exit::Failure {
                 code: Some(137),
                 reason: format!(
-                    "killed (status 137): memory limit of {} exceeded, or SIGKILL",
-                    shoal_api::quantity::format_memory(run.memory_limit)
+                    "killed (status 137): memory limit of {limit} exceeded, or SIGKILL"
                 ),
             },
             n => Exit::Failure {
@@ -1148,6 +1210,10 @@ mod tests {
             memory_limit: 64 << 20,
             cpu_millis: Some(250),
             read_only_root: true,
+            mounts: vec![crate::runtime::Mount {
+                host: "/var/lib/shoal/volumes/web/data".into(),
+                guest: "/data".into(),
+            }],
             log_path: "/l".into(),
             log_max_bytes: 1 << 20,
             stop_grace: Duration::from_secs(1),
@@ -1160,6 +1226,15 @@ mod tests {
             br#"{"config":{"Env":["PATH=/bin","A=1"],"Entrypoint":["/bin/busybox"],"Cmd":["sh"],"WorkingDir":"/w","User":"1000:1000"},"rootfs":{"type":"layers","diff_ids":[]}}"#,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn oom_kill_counters_are_read_from_either_cgroup_version() {
+        let v2 = "low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\noom_group_kill 0\n";
+        let v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n";
+        assert_eq!(parse_oom_kills(v2), Some(1));
+        assert_eq!(parse_oom_kills(v1), Some(0));
+        assert_eq!(parse_oom_kills("oom_kill_disable 0\nunder_oom 0\n"), None);
     }
 
     #[tokio::test]
@@ -1189,6 +1264,19 @@ mod tests {
         assert_eq!(p.cwd(), &PathBuf::from("/w"));
         assert_eq!((p.user().uid(), p.user().gid()), (1000, 1000));
         assert_eq!(spec.root().as_ref().unwrap().readonly(), Some(true));
+        let data = spec
+            .mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.destination() == &PathBuf::from("/data"))
+            .unwrap();
+        assert_eq!(data.typ().as_deref(), Some("bind"));
+        assert_eq!(
+            data.source().as_deref(),
+            Some(Path::new("/var/lib/shoal/volumes/web/data"))
+        );
+        assert!(data.options().as_ref().unwrap().contains(&"rw".to_string()));
         let linux = spec.linux().as_ref().unwrap();
         assert_eq!(
             linux.cgroups_path().as_ref().unwrap(),

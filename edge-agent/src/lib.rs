@@ -14,6 +14,7 @@ pub mod runtime;
 pub mod services;
 pub mod store;
 pub mod supervisor;
+pub mod volumes;
 pub mod wasm;
 
 /// An HTTP client for probes and downloads (after installing the TLS crypto provider, which

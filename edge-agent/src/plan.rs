@@ -115,6 +115,7 @@ mod tests {
             health: None,
             ports: vec![],
             uses: vec![],
+            volumes: vec![],
         }
     }
 

@@ -5,6 +5,7 @@
 //! [`crate::wasm::WasmRuntime`] is the real implementation; tests use in-memory fakes.
 
 use crate::logs::LogSink;
+pub use crate::volumes::Mount;
 use serde::{Deserialize, Serialize};
 use shoal_api::ids::Digest;
 use shoal_api::oci::OciRef;
@@ -28,6 +29,8 @@ pub struct RunSpec {
     /// CPU share in millicores (1000 = one core); `None`: no cap.
     pub cpu_millis: Option<u32>,
     pub network: Network,
+    /// `spec.volumes`: directories preopened read-write at their guest paths.
+    pub mounts: Vec<Mount>,
 }
 
 /// Addresses a replica may connect to, kept current by the agent while the replica runs.
@@ -149,6 +152,8 @@ pub struct ContainerRun {
     /// Millicores; a CFS quota. `None`: no CPU cap.
     pub cpu_millis: Option<u32>,
     pub read_only_root: bool,
+    /// `spec.volumes`: bind-mounted read-write at their guest paths.
+    pub mounts: Vec<Mount>,
     /// stdout and stderr are appended here.
     pub log_path: PathBuf,
     /// The log is kept within about this size (copytruncate to `{log_path}.1`).

@@ -224,6 +224,7 @@ mod tests {
                 .iter()
                 .map(|u| WorkloadName::try_from(*u).unwrap())
                 .collect(),
+            volumes: vec![],
         }
     }
 

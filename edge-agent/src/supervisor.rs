@@ -13,6 +13,7 @@ use crate::runtime::{
     BoxFuture, ContainerRun, ContainerRuntime, Exit, Network, PreparedImage, RunSpec,
     WorkloadRuntime,
 };
+use crate::volumes::Volumes;
 use shoal_api::messages::{now_ms, DesiredWorkload, InstanceStatus, Phase};
 use shoal_api::workload::Variant;
 use std::path::PathBuf;
@@ -44,6 +45,8 @@ pub struct Shared<R, F> {
     pub stopping: CancellationToken,
     pub source: F,
     pub logs_dir: PathBuf,
+    /// Where `spec.volumes` live.
+    pub volumes: Volumes,
     pub updates: mpsc::Sender<Update>,
     /// For HTTP health probes.
     pub http: reqwest::Client,
@@ -60,6 +63,7 @@ impl<R, F: Clone> Clone for Shared<R, F> {
             stopping: self.stopping.clone(),
             source: self.source.clone(),
             logs_dir: self.logs_dir.clone(),
+            volumes: self.volumes.clone(),
             updates: self.updates.clone(),
             http: self.http.clone(),
             hub_http: self.hub_http.clone(),
@@ -239,6 +243,15 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
             }
         };
 
+        let mounts = match shared.volumes.prepare(&desired.name, &desired.volumes) {
+            Ok(m) => m,
+            Err(e) => {
+                log.system(&format!("cannot start: {e}"));
+                r.phase(Phase::Failed, Some(e)).await;
+                cancel.cancelled().await;
+                return;
+            }
+        };
         let spec = RunSpec {
             instance: instance.clone(),
             args: desired.args.clone(),
@@ -246,6 +259,7 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
             memory_limit: desired.resources.memory,
             cpu_millis: desired.resources.cpu,
             network,
+            mounts: mounts.clone(),
         };
         // One container id per revision, so a replaced revision still stopping never
         // collides with its successor; restarts reuse it.
@@ -257,6 +271,7 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
             memory_limit: desired.resources.memory,
             cpu_millis: desired.resources.cpu,
             read_only_root: c.read_only_root,
+            mounts,
             log_path: log.path(),
             log_max_bytes: LOG_MAX_BYTES,
             stop_grace: Duration::from_millis(c.stop_grace_ms),
@@ -467,6 +482,7 @@ mod tests {
             health: None,
             ports: vec![],
             uses: vec![],
+            volumes: vec![],
         }
     }
 
@@ -486,6 +502,7 @@ mod tests {
             }),
             source: FakeSource,
             logs_dir: dir.path().to_path_buf(),
+            volumes: Volumes::new(dir.path().join("volumes")),
             updates: tx,
             http: crate::http_client(reqwest::Client::builder()).unwrap_or_default(),
             hub_http: watch::channel(None).1,
@@ -634,6 +651,7 @@ mod tests {
             }),
             source: FakeSource,
             logs_dir: dir.path().to_path_buf(),
+            volumes: Volumes::new(dir.path().join("volumes")),
             updates: tx,
             http: crate::http_client(reqwest::Client::builder()).unwrap_or_default(),
             hub_http: watch::channel(None).1,
@@ -701,6 +719,7 @@ mod tests {
             }),
             source: FakeSource,
             logs_dir: dir.path().to_path_buf(),
+            volumes: Volumes::new(dir.path().join("volumes")),
             updates: tx,
             http: crate::http_client(reqwest::Client::builder()).unwrap_or_default(),
             hub_http: watch::channel(None).1,

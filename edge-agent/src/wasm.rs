@@ -885,6 +885,11 @@ fn wasi_builder(spec: &RunSpec, log: &LogSink) -> Result<WasiCtxBuilder, String>
             )
             .map_err(|e| format!("cannot open services directory {}: {e}", dir.display()))?;
     }
+    for m in &spec.mounts {
+        builder
+            .preopened_dir(&m.host, &m.guest, wasmtime_wasi::FsPerms::ReadWrite)
+            .map_err(|e| format!("cannot open volume {}: {e}", m.host.display()))?;
+    }
     // TCP only for what the manifest declares: listening on its own ports, connecting to the
     // current endpoints of the services it uses. Everything else is denied.
     builder.allow_tcp(!net.listen.is_empty() || net.connect.is_some());
@@ -1159,6 +1164,7 @@ mod tests {
             memory_limit: 64 * MIB,
             cpu_millis: None,
             network: Default::default(),
+            mounts: vec![],
         }
     }
 
@@ -1309,6 +1315,33 @@ mod tests {
         let text = log_text(&log);
         assert!(text.contains("probe: about to crash\n"), "log:\n{text}");
         assert!(text.contains("[shoal] exited: exited with status 3"));
+        fx.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_volume_keeps_its_files_across_runs_and_nothing_else_is_visible() {
+        let fx = Fixture::new();
+        let module = fx.prepare("probe").await;
+        let vol = fx.dir.path().join("volumes/probe/data");
+        std::fs::create_dir_all(&vol).unwrap();
+        let mut s = spec("probe-0", &["count", "/data/n"]);
+        s.mounts = vec![crate::runtime::Mount {
+            host: vol.clone(),
+            guest: "/data".into(),
+        }];
+        for want in ["count 1", "count 2"] {
+            let (exit, log) = run_to_end(&fx, module.clone(), s.clone()).await;
+            assert_eq!(exit, Exit::Success, "{}", log_text(&log));
+            assert!(log_text(&log).contains(want), "{}", log_text(&log));
+        }
+        assert_eq!(std::fs::read_to_string(vol.join("n")).unwrap(), "2");
+        // Without the volume the same path does not exist: no file system by default.
+        let (exit, log) = run_to_end(&fx, module, spec("probe-1", &["count", "/data/n"])).await;
+        assert!(
+            matches!(exit, Exit::Failure { code: Some(1), .. }),
+            "{exit:?}"
+        );
+        assert!(log_text(&log).contains("cannot write /data/n"));
         fx.stop().await;
     }
 

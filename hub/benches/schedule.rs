@@ -98,6 +98,7 @@ fn workloads(count: usize, replicas_each: u32) -> Vec<Workload> {
                 health: None,
                 ports: vec![],
                 uses: vec![],
+                volumes: vec![],
             }
         })
         .collect()

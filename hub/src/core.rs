@@ -46,16 +46,34 @@ pub struct HubCore<S: Store> {
 }
 
 /// What `shoal rollout ACTION` asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RolloutAction {
     Pause,
     Resume,
     Promote,
-    Undo,
+    /// Back to a revision of the history: the given one (a revision or a unique prefix of
+    /// one), or else the newest that differs from the current (as `kubectl rollout undo`:
+    /// after an automatic rollback, that is the revision that failed).
+    Undo {
+        to: Option<String>,
+    },
 }
 
 /// What happened to each workload of an accepted apply.
 pub type ApplyOutcome = BTreeMap<String, String>;
+
+/// `spec` (an earlier revision) with what is not part of a revision (how many replicas,
+/// where, how updates roll, labels) taken from `current`: going back to a revision changes
+/// what runs, not the fleet's shape.
+fn keep_placement(mut spec: Workload, current: &Workload) -> Workload {
+    spec.placement = current.placement.clone();
+    spec.selector = current.selector.clone();
+    spec.spread = current.spread.clone();
+    spec.strategy = current.strategy;
+    spec.labels = current.labels.clone();
+    spec.update = current.update;
+    spec
+}
 
 impl<S: Store> HubCore<S> {
     /// Loads persisted state. `artifact_base` is the URL agents fetch blobs from.
@@ -236,13 +254,7 @@ impl<S: Store> HubCore<S> {
                     tracing::warn!(%reason, to = %previous.revision(), "rollout failed; rolling back");
                     // Back to the previous revision's spec; where and how many (scaled or
                     // re-placed during the rollout) stay as they are now.
-                    let mut restored = *previous;
-                    restored.placement = target.placement.clone();
-                    restored.selector = target.selector.clone();
-                    restored.spread = target.spread.clone();
-                    restored.strategy = target.strategy;
-                    restored.labels = target.labels.clone();
-                    restored.update = target.update;
+                    let restored = keep_placement(*previous, &target);
                     self.store.put_workload(&restored)?;
                     self.workloads.insert(name.clone(), restored);
                 }
@@ -301,17 +313,53 @@ impl<S: Store> HubCore<S> {
             .filter(|r| r.active())
             .is_some();
         match action {
-            RolloutAction::Undo => {
+            RolloutAction::Undo { to } => {
                 let rev = current.revision();
-                let Some(spec) = rec
-                    .and_then(|r| r.history.iter().rev().find(|e| e.revision != rev))
-                    .map(|e| e.spec.clone())
-                else {
+                let history = rec.map(|r| r.history.as_slice()).unwrap_or_default();
+                let spec = match to.as_deref() {
+                    None => match history.iter().rev().find(|e| e.revision != rev) {
+                        Some(e) => e.spec.clone(),
+                        None => {
+                            return Ok(Err(format!(
+                                "workload {:?} has no earlier revision to go back to",
+                                name.as_str()
+                            )))
+                        }
+                    },
+                    Some(to) => {
+                        let mut found: Vec<&Workload> = Vec::new();
+                        for e in history.iter().rev() {
+                            if e.revision.starts_with(to)
+                                && !found.iter().any(|f| f.revision() == e.revision)
+                            {
+                                found.push(&e.spec);
+                            }
+                        }
+                        match found.as_slice() {
+                            [one] => (*one).clone(),
+                            [] => {
+                                return Ok(Err(format!(
+                                    "revision {to:?} is not in the history of workload {:?} (see `shoal rollout history`)",
+                                    name.as_str()
+                                )))
+                            }
+                            _ => {
+                                return Ok(Err(format!(
+                                    "revision {to:?} is ambiguous in the history of workload {:?}: give more of it",
+                                    name.as_str()
+                                )))
+                            }
+                        }
+                    }
+                };
+                if spec.revision() == rev {
                     return Ok(Err(format!(
-                        "workload {:?} has no earlier revision to go back to",
+                        "workload {:?} already runs revision {rev}",
                         name.as_str()
                     )));
-                };
+                }
+                // Only what runs goes back; how many and where stay as they are now.
+                let spec = keep_placement(spec, &current);
                 info!(workload = %name, to = %spec.revision(), "rollout undo");
                 return self.apply(vec![spec]).map(|(_, publish)| Ok(publish));
             }
@@ -335,7 +383,7 @@ impl<S: Store> HubCore<S> {
                     r.state = RolloutState::Progressing;
                     r.progress_ms = now_ms();
                 }
-                RolloutAction::Undo => {}
+                RolloutAction::Undo { .. } => {}
             }
             info!(workload = %name, state = %r.state, "rollout changed by operator");
         }
@@ -1322,8 +1370,126 @@ spec:
         assert!(args_by_replica(&hub).values().all(|a| a == "three"));
     }
 
+    #[test]
+    fn operators_pause_resume_promote_and_undo() {
+        let mut hub = HubCore::open(MemStore::default(), "http://h".into()).unwrap();
+        for d in ["a", "b", "c", "d"] {
+            hub.hello(hello(d, &[])).unwrap();
+        }
+        let name = WorkloadName::try_from("web").unwrap();
+        let state =
+            |hub: &HubCore<MemStore>| hub.workload_view(&name).unwrap().rollout.unwrap().state;
+        let count = |hub: &HubCore<MemStore>, a: &str| {
+            args_by_replica(hub).values().filter(|x| *x == a).count()
+        };
+        // Nothing to steer before a rollout.
+        let none = hub.rollout_action(&name, RolloutAction::Pause).unwrap();
+        assert!(none.unwrap_err().contains("not found"));
+        hub.apply(web(4, "one", "maxUnavailable: 1")).unwrap();
+        let none = hub.rollout_action(&name, RolloutAction::Resume).unwrap();
+        assert!(none.unwrap_err().contains("no rollout in progress"));
+
+        // Paused: reports come in, nothing switches; resumed: it goes on.
+        hub.apply(web(4, "two", "maxUnavailable: 1")).unwrap();
+        hub.rollout_action(&name, RolloutAction::Pause)
+            .unwrap()
+            .unwrap();
+        assert_eq!(state(&hub), "Paused");
+        for _ in 0..3 {
+            report_running(&mut hub);
+            hub.advance_rollouts(now_ms()).unwrap();
+        }
+        assert_eq!(count(&hub, "two"), 0, "a paused rollout switches nothing");
+        hub.rollout_action(&name, RolloutAction::Resume)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            count(&hub, "two"),
+            1,
+            "resumed: a step at once, within the budget"
+        );
+
+        // A canary that does not get ready holds the rest until `promote`.
+        hub.apply(web(4, "three", "maxUnavailable: 4, canary: 1"))
+            .unwrap();
+        let starting = |a: &str| {
+            if a == "three" {
+                Phase::Starting
+            } else {
+                Phase::Running
+            }
+        };
+        for _ in 0..4 {
+            report(&mut hub, starting);
+            hub.advance_rollouts(now_ms()).unwrap();
+        }
+        assert_eq!(state(&hub), "Canary");
+        assert_eq!(count(&hub, "three"), 1, "only the canary");
+        hub.rollout_action(&name, RolloutAction::Promote)
+            .unwrap()
+            .unwrap();
+        report(&mut hub, starting);
+        hub.advance_rollouts(now_ms()).unwrap();
+        assert_eq!(
+            count(&hub, "three"),
+            4,
+            "promoted: the rest within the budget"
+        );
+        for _ in 0..4 {
+            report_running(&mut hub);
+            hub.advance_rollouts(now_ms()).unwrap();
+        }
+        assert_eq!(state(&hub), "Complete");
+        assert_eq!(count(&hub, "three"), 4);
+
+        // Scale, then undo: the previous revision's spec, the current replica count.
+        hub.scale(&name, 2).unwrap().unwrap();
+        hub.rollout_action(&name, RolloutAction::Undo { to: None })
+            .unwrap()
+            .unwrap();
+        assert_eq!(hub.workloads[&name].args, ["two"]);
+        assert_eq!(hub.workloads[&name].placement, Placement::Replicas(2));
+        // To a named revision (a prefix will do); unknown and current ones are refused.
+        let first = web(4, "one", "").remove(0).revision();
+        let bad = hub
+            .rollout_action(
+                &name,
+                RolloutAction::Undo {
+                    to: Some("zzz".into()),
+                },
+            )
+            .unwrap();
+        assert!(bad
+            .unwrap_err()
+            .contains(r#"revision "zzz" is not in the history"#));
+        hub.rollout_action(
+            &name,
+            RolloutAction::Undo {
+                to: Some(first[..6].into()),
+            },
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(hub.workloads[&name].args, ["one"]);
+        assert_eq!(hub.workloads[&name].placement, Placement::Replicas(2));
+        let same = hub
+            .rollout_action(
+                &name,
+                RolloutAction::Undo {
+                    to: Some(first.clone()),
+                },
+            )
+            .unwrap();
+        assert!(same.unwrap_err().contains("already runs"));
+    }
+
     /// Every device reports every replica it should run as Running.
     fn report_running<S: Store>(hub: &mut HubCore<S>) {
+        report(hub, |_| Phase::Running)
+    }
+
+    /// Every device reports every replica it should run, in the phase `phase_of` its args.
+    fn report<S: Store>(hub: &mut HubCore<S>, phase_of: impl Fn(&str) -> Phase) {
         let ids: Vec<DeviceId> = hub.desired.keys().cloned().collect();
         for id in ids {
             let workloads = hub.desired[&id]
@@ -1333,7 +1499,7 @@ spec:
                     name: w.name.clone(),
                     replica: w.replica,
                     revision: w.revision.clone(),
-                    phase: Phase::Running,
+                    phase: phase_of(&w.args.join(" ")),
                     restarts: 0,
                     reason: None,
                     exit_code: None,

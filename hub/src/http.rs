@@ -190,9 +190,18 @@ async fn device_action(
     }
 }
 
+/// The optional body of `POST …/rollout/undo`.
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct UndoBody {
+    #[serde(default)]
+    to_revision: Option<String>,
+}
+
 async fn rollout_action(
     State(s): State<AppState>,
     Path((name, action)): Path<(String, String)>,
+    body: Bytes,
 ) -> Response {
     let name = match parse_name(&name) {
         Ok(n) => n,
@@ -202,7 +211,22 @@ async fn rollout_action(
         "pause" => RolloutAction::Pause,
         "resume" => RolloutAction::Resume,
         "promote" => RolloutAction::Promote,
-        "undo" => RolloutAction::Undo,
+        "undo" => {
+            let body = if body.iter().all(u8::is_ascii_whitespace) {
+                Ok(UndoBody::default())
+            } else {
+                serde_json::from_slice::<UndoBody>(&body)
+            };
+            match body {
+                Ok(b) => RolloutAction::Undo { to: b.to_revision },
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("expected {{\"toRevision\": \"REVISION\"}} or no body: {e}"),
+                    )
+                }
+            }
+        }
         other => {
             return error(
                 StatusCode::NOT_FOUND,

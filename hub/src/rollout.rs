@@ -18,7 +18,8 @@
 //!   keep their index; new ones take the lowest free index, so indices may have gaps.
 //! - A replica is ready when it reports the revision it should run, `Running` (and healthy,
 //!   with a probe), for at least `minReadySeconds`.
-//! - The progress deadline counts from the rollout's last progress, not its start.
+//! - The progress deadline counts from the rollout's last progress, not its start, and also
+//!   while the rollout waits for its canary (a canary that never gets ready fails it).
 //! - With `canary: N`, once N replicas run the new revision the rollout waits until they are
 //!   all ready (or `shoal rollout promote`). With `maxSurge`, the canaries are extra replicas
 //!   (the surge grows to N if smaller), so the old revision keeps serving at full strength.
@@ -30,6 +31,7 @@
 use serde::{Deserialize, Serialize};
 use shoal_api::ids::DeviceId;
 use shoal_api::messages::Phase;
+use shoal_api::quantity::format_duration_ms;
 use shoal_api::workload::{Placement, UpdatePolicy, Workload};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -323,9 +325,10 @@ pub fn step(r: &mut Rollout, target: &Workload, observed: &[Observed], now: u64)
             && matches!(o.phase, Phase::CrashLoopBackOff | Phase::Failed)
             && !r.running.contains_key(&o.replica)
     });
+    // The canary gate counts too: a canary that never becomes ready (stuck pulling, never
+    // healthy, nowhere to run) fails the rollout like any other lack of progress.
     let since = r.started_ms.max(r.progress_ms);
-    let overdue =
-        r.state != RolloutState::Canary && now.saturating_sub(since) > policy.progress_deadline_ms;
+    let overdue = now.saturating_sub(since) > policy.progress_deadline_ms;
     if failed.is_some() || overdue {
         let reason = match failed {
             Some(o) => format!(
@@ -339,8 +342,13 @@ pub fn step(r: &mut Rollout, target: &Workload, observed: &[Observed], now: u64)
                     .unwrap_or_default()
             ),
             None => format!(
-                "progress deadline of {}s exceeded",
-                policy.progress_deadline_ms / 1000
+                "progress deadline of {} exceeded{}",
+                format_duration_ms(policy.progress_deadline_ms),
+                if r.state == RolloutState::Canary {
+                    " waiting for the canary to be ready"
+                } else {
+                    ""
+                }
             ),
         };
         r.reason = Some(reason.clone());
@@ -609,6 +617,32 @@ mod tests {
             4,
             "canary ready: the rest at once within the budget"
         );
+    }
+
+    #[test]
+    fn a_canary_that_never_gets_ready_misses_the_deadline() {
+        let old = spec("a", 3);
+        let mut new = spec("b", 3);
+        new.update.canary = 1;
+        new.update.auto_rollback = true;
+        new.update.progress_deadline_ms = 60_000;
+        let mut r = begin(&new, &old, 3);
+        tick(&mut r, &new, 3, 1);
+        let stuck = |r: &Rollout| obs(r, 3, &[(0, Phase::Pulling, "new")]);
+        let o = stuck(&r);
+        step(&mut r, &new, &o, 2);
+        assert_eq!(r.state, RolloutState::Canary);
+        let o = stuck(&r);
+        assert_eq!(step(&mut r, &new, &o, 60_001), Outcome::Unchanged);
+        let o = stuck(&r);
+        match step(&mut r, &new, &o, 60_002) {
+            Outcome::RollBack { reason, .. } => assert_eq!(
+                reason,
+                "progress deadline of 1m exceeded waiting for the canary to be ready"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(r.state, RolloutState::RolledBack);
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //!    device); its other replicas move. A replica that still runs an earlier spec during a
 //!    rollout is charged that spec's resources and ports.
 //! 2. Missing replicas take the lowest free indices and go to an *eligible* device: online, not lost, not cordoned, meets the
-//!    selector (equality and set-based), offers the `wasm` runtime, and has room: free memory
+//!    selector (equality and set-based), can run one of its variants (the `wasm` runtime for
+//!    `spec.wasm`, or the `container` runtime and one of the image's platforms for
+//!    `spec.container`; see `Workload::variant_for`), and has room: free memory
 //!    and CPU (millicores, from its CPU count) for the workload's requests, a free replica slot
 //!    under its limit, and none of the workload's `spec.ports` taken (replicas listen on the
 //!    device's own addresses, like Kubernetes host ports).
@@ -28,6 +30,7 @@
 //! (`cargo bench -p shoal-hub` measures it at fleet scale).
 
 use shoal_api::ids::{DeviceId, WorkloadName};
+use shoal_api::oci::Platform;
 use shoal_api::quantity::format_memory;
 use shoal_api::selector::Selector;
 use shoal_api::workload::{Placement, Strategy, Workload};
@@ -122,6 +125,28 @@ pub struct InFlight<'a> {
     pub surge: u32,
 }
 
+/// Everything of a workload that [`static_fit`] reads: two workloads with equal keys are
+/// eligible on the same devices.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct EligibilityKey<'a> {
+    selector: &'a Selector,
+    spread: Option<&'a String>,
+    wasm: bool,
+    /// The container variant's platforms (`Some(empty)`: a container of unknown platforms).
+    container: Option<&'a [Platform]>,
+}
+
+impl<'a> EligibilityKey<'a> {
+    fn of(w: &'a Workload) -> Self {
+        EligibilityKey {
+            selector: &w.selector,
+            spread: w.spread.as_ref(),
+            wasm: w.module.is_some(),
+            container: w.container.as_ref().map(|c| c.platforms.as_slice()),
+        }
+    }
+}
+
 /// Places every workload; see the module docs for the rules.
 pub fn schedule(devices: &[DeviceView], workloads: &[Workload], current: &Assignments) -> Schedule {
     schedule_with(devices, workloads, current, &HashMap::new())
@@ -140,9 +165,10 @@ pub fn schedule_with(
         .enumerate()
         .map(|(i, d)| (&d.id, i))
         .collect();
-    // Eligibility depends on the selector and the spread label only, and fleets reuse a few
-    // selectors across many workloads: compute each distinct one once.
-    let mut eligible_by: HashMap<(&Selector, Option<&String>), Rc<Vec<usize>>> = HashMap::new();
+    // Eligibility (`static_fit`) depends on the selector, the spread label and what the
+    // variants need (see `EligibilityKey`), and fleets reuse a few of each across many
+    // workloads: compute each distinct combination once.
+    let mut eligible_by: HashMap<EligibilityKey<'_>, Rc<Vec<usize>>> = HashMap::new();
     let mut wl: Vec<&Workload> = workloads.iter().collect();
     wl.sort_by(|a, b| a.name.cmp(&b.name));
     let mut load: Vec<Load> = vec![Load::default(); devices.len()];
@@ -191,7 +217,7 @@ pub fn schedule_with(
             continue;
         }
         let eligible = eligible_by
-            .entry((&w.selector, w.spread.as_ref()))
+            .entry(EligibilityKey::of(w))
             .or_insert_with(|| {
                 Rc::new(
                     (0..devices.len())
@@ -629,6 +655,7 @@ mod tests {
             health: None,
             ports: vec![],
             uses: vec![],
+            volumes: vec![],
         }
     }
 
@@ -672,6 +699,37 @@ mod tests {
         w.module = Some(ModuleRef::Digest(Digest::of(b"m")));
         let s = schedule(&devices, &[w.clone()], &Assignments::new());
         assert_eq!(devices_of(&s, "box"), ["arm-box", "wasm-only"]);
+    }
+
+    #[test]
+    fn workloads_with_one_selector_but_different_variants_are_judged_apart() {
+        // Same (empty) selector and spread: eligibility must still follow each variant.
+        let mut devices = vec![dev("wasm-box", &[], 512), dev("arm-box", &[], 512)];
+        devices[0].runtimes = ["wasm".to_string()].into();
+        devices[1].runtimes = ["container".to_string()].into();
+        devices[1].arch = "aarch64".into();
+        let container = |platform: &str| shoal_api::workload::Container {
+            image: "oci://localhost:5000/box:1".parse().unwrap(),
+            command: vec![],
+            read_only_root: true,
+            platforms: vec![platform.parse().unwrap()],
+            stop_grace_ms: 10_000,
+        };
+        let mut arm = wl("a-arm", Placement::Replicas(1), &[], 16);
+        arm.module = None;
+        arm.container = Some(container("linux/arm64"));
+        let wasm = wl("b-wasm", Placement::Replicas(1), &[], 16);
+        let mut x86 = wl("c-x86", Placement::Replicas(1), &[], 16);
+        x86.module = None;
+        x86.container = Some(container("linux/amd64"));
+        let s = schedule(&devices, &[arm, wasm, x86.clone()], &Assignments::new());
+        assert_eq!(devices_of(&s, "a-arm"), ["arm-box"]);
+        assert_eq!(devices_of(&s, "b-wasm"), ["wasm-box"]);
+        assert!(devices_of(&s, "c-x86").is_empty());
+        assert_eq!(
+            s.pending[&x86.name].reason,
+            "0/2 devices: 2 no container runtime for the image's platforms"
+        );
     }
 
     #[test]
@@ -1106,6 +1164,33 @@ mod tests {
                     for p in w.ports.iter().flat_map(|p| std::iter::repeat_n(p, here)) {
                         prop_assert!(ports.insert(p.port), "port {} twice on {}", p.port, d.id);
                     }
+                }
+            }
+            // The replica count is met when feasible: whatever stays unplaced fits on no
+            // device even with everything else placed (load only grows while placing, so a
+            // device that refused a replica earlier still refuses it at the end).
+            let mut load = vec![Load::default(); devices.len()];
+            for w in &workloads {
+                for d in s.assignments[&w.name].values() {
+                    let i = devices.iter().position(|x| &x.id == d).unwrap();
+                    load[i].add(w);
+                }
+            }
+            for w in &workloads {
+                let placed = &s.assignments[&w.name];
+                let short = match w.placement {
+                    Placement::Replicas(n) => placed.len() < n as usize,
+                    Placement::Every => true,
+                };
+                if !short {
+                    continue;
+                }
+                for (i, d) in devices.iter().enumerate() {
+                    if w.placement == Placement::Every && placed.values().any(|p| *p == d.id) {
+                        continue;
+                    }
+                    let fits = static_fit(d, w).and_then(|()| dynamic_fit(d, w, &load[i]));
+                    prop_assert!(fits.is_err(), "{} left short but {} has room", w.name, d.id);
                 }
             }
             // Placing again changes nothing.

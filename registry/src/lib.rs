@@ -20,7 +20,7 @@ use oci_client::{Client, Reference};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use shoal_api::ids::Digest;
-use shoal_api::oci::OciRef;
+use shoal_api::oci::{OciRef, Platform};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Mutex;
@@ -300,14 +300,15 @@ impl Registries {
         Ok((digest, platforms))
     }
 
-    /// Pulls the pinned image `r` for Linux on `arch` (Rust's `std::env::consts::ARCH`):
-    /// the index (if `r` pins one) and the matching platform manifest, checked against their
-    /// digests; the config and layers streamed into `dir` and checked against theirs. Layers
+    /// Pulls the pinned image `r` for Linux on `arch` (Rust's `std::env::consts::ARCH`) and
+    /// `variant` (see `shoal_api::oci::choose_platform`): the index (if `r` pins one) and the
+    /// matching platform manifest, checked against their digests; the config and layers streamed into `dir` and checked against theirs. Layers
     /// already in `dir` (verified earlier) are not fetched again.
     pub async fn pull_image(
         &self,
         r: &OciRef,
         arch: &str,
+        variant: Option<&str>,
         dir: &Path,
     ) -> Result<PulledImage, RegistryError> {
         let Some(pin) = &r.digest else {
@@ -327,13 +328,32 @@ impl Registries {
             .map_err(|e| Self::failed(r, "the manifest is not JSON", e))?;
         let media = |v: &serde_json::Value| v["mediaType"].as_str().unwrap_or_default().to_string();
         let (index, manifest) = if let Some(entries) = value["manifests"].as_array() {
-            let want = shoal_api::oci::oci_arch(arch);
-            let entry = entries
+            // Entries without a readable platform (attestations, say) never match.
+            let platforms: Vec<Platform> = entries
                 .iter()
-                .find(|e| e["platform"]["os"] == "linux" && e["platform"]["architecture"] == want)
+                .map(|e| {
+                    let p = &e["platform"];
+                    Platform {
+                        os: p["os"].as_str().unwrap_or("unknown").to_string(),
+                        architecture: p["architecture"].as_str().unwrap_or("unknown").to_string(),
+                        variant: p["variant"].as_str().map(str::to_string),
+                    }
+                })
+                .collect();
+            let entry = shoal_api::oci::choose_platform(&platforms, arch, variant)
+                .and_then(|i| entries.get(i))
                 .ok_or_else(|| RegistryError::Registry {
                     reference: r.to_string(),
-                    reason: format!("the image index has no manifest for linux/{want}"),
+                    reason: format!(
+                        "the image index has no manifest for linux/{}{} (it has: {})",
+                        shoal_api::oci::oci_arch(arch),
+                        variant.map(|v| format!("/{v}")).unwrap_or_default(),
+                        platforms
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
                 })?;
             let digest: Digest = entry["digest"]
                 .as_str()

@@ -1,7 +1,8 @@
 //! Test container images built without Docker: one gzip layer holding Debian's static
 //! busybox (`busybox-static`) and a few applet links, an OCI config, one manifest per
 //! platform (the same layer for each: the registry never looks inside) and an index over them,
-//! pushed to a registry with `shoal-registry`.
+//! pushed to a registry with `shoal-registry`. Each platform's config sets
+//! `SHOAL_TEST_PLATFORM=linux/ARCH[/VARIANT]`, so a test can tell which manifest was chosen.
 
 use anyhow::{Context, Result};
 use shoal_api::ids::Digest;
@@ -55,10 +56,17 @@ pub async fn push_busybox(
     let layer_digest = registries.push_blob(r, layer).await?;
     let mut entries = Vec::new();
     for (arch, variant) in platforms {
+        let platform_name = match variant {
+            Some(v) => format!("linux/{arch}/{v}"),
+            None => format!("linux/{arch}"),
+        };
         let mut config = serde_json::json!({
             "architecture": arch,
             "os": "linux",
-            "config": { "Env": ["PATH=/bin"], "Cmd": ["/bin/sh"] },
+            "config": {
+                "Env": ["PATH=/bin", format!("SHOAL_TEST_PLATFORM={platform_name}")],
+                "Cmd": ["/bin/sh"],
+            },
             "rootfs": { "type": "layers", "diff_ids": [diff_id.as_str()] },
         });
         if let Some(v) = variant {

@@ -220,10 +220,16 @@ impl Hub {
     }
 
     pub fn shoal_in(&self, args: &[&str], cwd: Option<&Path>) -> Output {
+        self.shoal_with(args, cwd, &[])
+    }
+
+    /// `shoal ARGS` in `cwd` with extra environment variables.
+    pub fn shoal_with(&self, args: &[&str], cwd: Option<&Path>, env: &[(&str, &str)]) -> Output {
         let mut c = Command::new(bin("shoal"));
         c.args(args)
             .env("SHOAL_BROKER", &self.broker_url)
-            .env("SHOAL_HUB", self.hub_url());
+            .env("SHOAL_HUB", self.hub_url())
+            .envs(env.iter().copied());
         if let Some(d) = cwd {
             c.current_dir(d);
         }
@@ -365,6 +371,16 @@ pub struct Registry {
 
 impl Registry {
     pub fn start(dir: &Path) -> Result<Registry> {
+        Self::start_inner(dir, None)
+    }
+
+    /// A registry that wants `user`/`password` (HTTP basic auth from an htpasswd file, the
+    /// way the distribution registry is usually protected).
+    pub fn start_with_auth(dir: &Path, user: &str, password: &str) -> Result<Registry> {
+        Self::start_inner(dir, Some((user, password)))
+    }
+
+    fn start_inner(dir: &Path, auth: Option<(&str, &str)>) -> Result<Registry> {
         let exe = ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"]
             .into_iter()
             .find(|p| Path::new(p).is_file())
@@ -372,13 +388,21 @@ impl Registry {
         let port = free_port();
         let storage = dir.join(format!("registry-{port}"));
         let conf = dir.join(format!("registry-{port}.yml"));
-        std::fs::write(
-            &conf,
-            format!(
-                "version: 0.1\nlog: {{ level: warn }}\nstorage:\n  filesystem: {{ rootdirectory: {} }}\n  delete: {{ enabled: true }}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                storage.display()
-            ),
-        )?;
+        let mut text = format!(
+            "version: 0.1\nlog: {{ level: warn }}\nstorage:\n  filesystem: {{ rootdirectory: {} }}\n  delete: {{ enabled: true }}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            storage.display()
+        );
+        if let Some((user, password)) = auth {
+            let htpasswd = dir.join(format!("registry-{port}.htpasswd"));
+            // The registry reads bcrypt hashes only.
+            let hash = bcrypt::hash(password, 5)?;
+            std::fs::write(&htpasswd, format!("{user}:{hash}\n"))?;
+            text.push_str(&format!(
+                "auth:\n  htpasswd: {{ realm: shoal-test, path: {} }}\n",
+                htpasswd.display()
+            ));
+        }
+        std::fs::write(&conf, text)?;
         let proc = Proc::spawn(
             "docker-registry",
             Command::new(exe).arg("serve").arg(&conf),
@@ -472,14 +496,75 @@ impl PrivateContainerd {
 
 impl Drop for PrivateContainerd {
     fn drop(&mut self) {
-        // Shims outlive containerd; tests remove their tasks, this is the backstop.
+        // Tests remove their tasks; this is the backstop when one failed halfway. Shims
+        // outlive containerd: kill each container's init (the kernel then kills the rest of
+        // its PID namespace), then the shims, then unmount what they left (containerd 1.6
+        // mounts task root file systems under the state directory).
         self.proc.kill();
-        let _ = Command::new("umount")
-            .arg("-R")
-            .arg(self.root.join("io.containerd.runtime.v2.task"))
-            .stderr(Stdio::null())
-            .status();
+        kill_shims_of(&self.socket);
+        if let Some(base) = self.root.parent() {
+            for dir in ["root", "state"] {
+                let _ = Command::new("umount")
+                    .arg("-R")
+                    .arg(base.join(dir).join("io.containerd.runtime.v2.task"))
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
     }
+}
+
+/// SIGKILLs the children of the containerd shims serving `socket` (container inits), then
+/// the shims.
+fn kill_shims_of(socket: &Path) {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    let needle = socket.to_string_lossy().into_owned();
+    // (pid, parent pid, command line) of every process.
+    let procs: Vec<(u32, u32, String)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // `pid (comm) state ppid …`: comm may hold spaces, so split after its ')'.
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            Some((
+                pid,
+                ppid,
+                String::from_utf8_lossy(&cmdline).replace('\0', " "),
+            ))
+        })
+        .collect();
+    let shims: Vec<u32> = procs
+        .iter()
+        .filter(|(_, _, cmd)| cmd.contains("containerd-shim") && cmd.contains(&needle))
+        .map(|(pid, _, _)| *pid)
+        .collect();
+    let kill = |pids: Vec<String>| {
+        if !pids.is_empty() {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .args(pids)
+                .stderr(Stdio::null())
+                .status();
+        }
+    };
+    kill(
+        procs
+            .iter()
+            .filter(|(_, ppid, _)| shims.contains(ppid))
+            .map(|(pid, _, _)| pid.to_string())
+            .collect(),
+    );
+    kill(shims.iter().map(u32::to_string).collect());
 }
 
 pub fn is_root() -> bool {

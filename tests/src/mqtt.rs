@@ -48,11 +48,15 @@ impl Mqtt {
 
 /// Whether a device status payload shows workload `name` `Running`.
 pub fn running(payload: &[u8], name: &str) -> bool {
+    in_phase(payload, name, "Running")
+}
+
+/// Whether a device status payload shows a replica of workload `name` in `phase`.
+pub fn in_phase(payload: &[u8], name: &str, phase: &str) -> bool {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
         return false;
     };
-    v["workloads"].as_array().is_some_and(|ws| {
-        ws.iter()
-            .any(|w| w["name"] == name && w["phase"] == "Running")
-    })
+    v["workloads"]
+        .as_array()
+        .is_some_and(|ws| ws.iter().any(|w| w["name"] == name && w["phase"] == phase))
 }

@@ -21,6 +21,7 @@ fn run(id: &str, args: &[&str], log: &std::path::Path) -> ContainerRun {
         memory_limit: 32 << 20,
         cpu_millis: Some(500),
         read_only_root: true,
+        mounts: vec![],
         log_path: log.to_path_buf(),
         log_max_bytes: 1 << 20,
         stop_grace: Duration::from_millis(500),
@@ -59,24 +60,61 @@ fn containers_pull_run_stop_and_leave_nothing() -> anyhow::Result<()> {
         );
         let image = c.prepare(&pinned).await?;
         assert_eq!(image.config.cmd, ["/bin/sh"]);
+        // One container from start to end (no cancel, no detach).
+        let run_to_end = |r: &ContainerRun| {
+            let (c, image, r) = (&c, &image, r.clone());
+            async move {
+                c.run(image, &r, Default::default(), Default::default())
+                    .await
+            }
+        };
+        // This machine's manifest was chosen from the index.
+        if cfg!(target_arch = "x86_64") {
+            assert!(
+                image
+                    .config
+                    .env
+                    .contains(&"SHOAL_TEST_PLATFORM=linux/amd64".to_string()),
+                "{:?}",
+                image.config.env
+            );
+        }
+        // Other boards get theirs: arm64, a v7 board the v7 image, a v6 board none.
+        for (arch, variant, want) in [
+            ("aarch64", Some("v8"), Some("linux/arm64/v8")),
+            ("arm", Some("v7"), Some("linux/arm/v7")),
+            ("arm", Some("v6"), None),
+        ] {
+            let pulled = registries
+                .pull_image(&pinned, arch, variant, &dir.path().join("foreign"))
+                .await;
+            match (pulled, want) {
+                (Ok(p), Some(want)) => {
+                    let config = String::from_utf8(p.config.1)?;
+                    assert!(
+                        config.contains(&format!("SHOAL_TEST_PLATFORM={want}")),
+                        "{config}"
+                    );
+                }
+                (Err(e), None) => assert!(
+                    e.to_string().contains("no manifest for linux/arm/v6"),
+                    "{e}"
+                ),
+                (other, want) => panic!("{arch} {variant:?}: {other:?}, wanted {want:?}"),
+            }
+        }
 
         // Output, environment and exit status; the root is read-only.
         let log = dir.path().join("logs/box-0.log");
-        let exit = c
-            .run(
-                &image,
-                &run(
-                    "box-0",
-                    &[
-                        "-c",
-                        "echo out $GREETING; echo err >&2; touch /x || echo read-only; exit 3",
-                    ],
-                    &log,
-                ),
-                Default::default(),
-                Default::default(),
-            )
-            .await;
+        let exit = run_to_end(&run(
+            "box-0",
+            &[
+                "-c",
+                "echo out $GREETING; echo err >&2; touch /x || echo read-only; exit 3",
+            ],
+            &log,
+        ))
+        .await;
         assert_eq!(
             exit,
             Exit::Failure {
@@ -90,28 +128,61 @@ fn containers_pull_run_stop_and_leave_nothing() -> anyhow::Result<()> {
         }
 
         // Over its memory limit (32Mi), the kernel kills it, and the reason says so.
-        let exit = c
-            .run(
-                &image,
-                &run(
-                    "box-3",
-                    &["-c", "x=$(yes | head -c 100000000); echo survived"],
-                    &log,
-                ),
-                Default::default(),
-                Default::default(),
-            )
-            .await;
+        let exit = run_to_end(&run(
+            "box-3",
+            &["-c", "x=$(yes | head -c 100000000); echo survived"],
+            &log,
+        ))
+        .await;
         match &exit {
             Exit::Failure {
                 code: Some(137),
                 reason,
             } => {
-                assert!(reason.contains("memory limit of 32Mi"), "{reason}")
+                assert_eq!(
+                    reason,
+                    "OOMKilled: memory limit of 32Mi exceeded (status 137)"
+                )
             }
             other => panic!("expected an OOM kill, got {other:?}"),
         }
         assert!(!std::fs::read_to_string(&log)?.contains("survived"));
+        // A SIGKILL that is not the OOM killer's is told apart.
+        // PID 1 of the container ignores its own SIGKILL: a child takes it, and the shell
+        // exits with its status.
+        let exit = run_to_end(&run("box-4", &["-c", "sh -c 'kill -9 $$'; exit $?"], &log)).await;
+        assert_eq!(
+            exit,
+            Exit::Failure {
+                code: Some(137),
+                reason: "killed by SIGKILL (status 137)".into()
+            }
+        );
+
+        // A volume is writable under the read-only root and keeps what was written
+        // from one container to the next.
+        let vol = dir.path().join("volumes/box/data");
+        std::fs::create_dir_all(&vol)?;
+        let counter = |id: &str| {
+            let mut r = run(
+                id,
+                &[
+                    "-c",
+                    "n=$(cat /data/n 2>/dev/null || echo 0); echo $((n+1)) > /data/n",
+                ],
+                &log,
+            );
+            r.mounts = vec![shoal_agent::runtime::Mount {
+                host: vol.clone(),
+                guest: "/data".into(),
+            }];
+            r
+        };
+        for id in ["box-5", "box-6"] {
+            let exit = run_to_end(&counter(id)).await;
+            assert_eq!(exit, Exit::Success, "{}", std::fs::read_to_string(&log)?);
+        }
+        assert_eq!(std::fs::read_to_string(vol.join("n"))?.trim(), "2");
 
         // A container that ignores SIGTERM is killed after the grace period.
         let cancel = tokio_util::sync::CancellationToken::new();
@@ -140,14 +211,7 @@ fn containers_pull_run_stop_and_leave_nothing() -> anyhow::Result<()> {
         drop(registry);
         let again = c.prepare(&pinned).await?;
         assert_eq!(again.chain, image.chain);
-        let exit = c
-            .run(
-                &image,
-                &run("box-2", &["-c", "true"], &log),
-                Default::default(),
-                Default::default(),
-            )
-            .await;
+        let exit = run_to_end(&run("box-2", &["-c", "true"], &log)).await;
         assert_eq!(exit, Exit::Success);
         anyhow::Ok(())
     })?;

@@ -1,12 +1,14 @@
 //! Container workloads end to end: the real hub and agents, a private containerd (Debian's)
 //! and a registry on loopback, with a busybox image the test builds and pushes.
 //!
-//! - Only agents whose containerd answers offer `container`; a container workload lands on
-//!   them alone, runs, logs, and restarts by its policy.
+//! - Only agents whose containerd answers offer `container` (an agent given a socket nobody
+//!   serves does not); a container workload lands on them alone, runs, logs, restarts by its
+//!   policy, and keeps its volume across restarts; one over its memory limit is reported
+//!   `OOMKilled` through the hub.
 //! - A workload with both variants runs WASM where the device offers it, the container
 //!   elsewhere, and says which runs where.
 //! - An agent restart adopts its running containers (nothing starts twice); delete leaves
-//!   nothing in containerd.
+//!   nothing in containerd, and the volumes go.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use shoal_e2e::*;
@@ -55,8 +57,29 @@ fn container_workloads_run_where_containerd_answers() -> anyhow::Result<()> {
     };
     let c1 = with_containerd("c1", &[])?;
     let mut c2 = with_containerd("c2", &["--no-wasm"])?;
-    let _w1 = Agent::start(dir.path(), "w1", "", &hub.broker_url)?;
+    // A containerd socket that nobody serves: the agent runs, WASM only.
+    let silent = dir.path().join("no-containerd.sock");
+    let _w1 = Agent::start_with(
+        dir.path(),
+        "w1",
+        "",
+        &hub.broker_url,
+        &["--containerd-socket", silent.to_str().unwrap()],
+    )?;
     hub.wait_devices_online(3, Duration::from_secs(20))?;
+    let devices = hub.json(&["get", "devices"])?;
+    let runtimes = |id: &str| -> Vec<String> {
+        let d = devices
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == id)
+            .unwrap_or_else(|| panic!("{id} in {devices}"));
+        serde_json::from_value(d["runtimes"].clone()).unwrap()
+    };
+    assert_eq!(runtimes("c1"), ["wasm", "container"]);
+    assert_eq!(runtimes("c2"), ["container"]);
+    assert_eq!(runtimes("w1"), ["wasm"], "no answer, no container runtime");
 
     // The image's tag, pinned by `shoal apply`; the container variant only.
     let tag = registry.reference("shoal/busybox:1");
@@ -67,10 +90,11 @@ metadata: {{ name: box }}
 spec:
   placement: every
   container: {{ image: "{tag}", command: [/bin/sh] }}
-  args: ["-c", "echo hello from box $ZONE; sleep 2; exit 3"]
+  args: ["-c", "echo hello from box $ZONE; n=$(cat /data/n 2>/dev/null || echo 0); n=$((n+1)); echo $n > /data/n; echo run $n; sleep 2; exit 3"]
   env: {{ ZONE: greenhouse }}
   resources: {{ memory: 32Mi }}
   restart: {{ backoff: {{ initial: 200ms, max: 1s }} }}
+  volumes: [{{ name: data, path: /data }}]
 "#
     );
     let m = write_manifest(dir.path(), "box.yaml", &manifest);
@@ -117,6 +141,38 @@ spec:
         "{log}"
     );
     assert!(log.contains("exited with status 3"), "{log}");
+    // The volume outlived the first run: the second counted on from it.
+    wait_until(Duration::from_secs(30), "a second run on c1", || {
+        let log = c1.workload_log("box-0") + &c1.workload_log("box-1");
+        Ok(log.contains("run 2").then_some(()))
+    })?;
+    let volume = c1.data_dir.join("volumes/box/data");
+    let runs: u32 = std::fs::read_to_string(volume.join("n"))?.trim().parse()?;
+    assert!(runs >= 2, "{runs}");
+
+    // Over its memory limit: the kernel kills it, and the hub says why.
+    let hog = format!(
+        r#"apiVersion: shoal.dev/v1
+kind: Workload
+metadata: {{ name: hog }}
+spec:
+  container: {{ image: "{tag}", command: [/bin/sh] }}
+  args: ["-c", "x=$(yes | head -c 100000000); echo survived"]
+  resources: {{ memory: 16Mi }}
+  restart: {{ policy: Never }}
+"#
+    );
+    let m = write_manifest(dir.path(), "hog.yaml", &hog);
+    hub.apply(&m)?;
+    let r = wait_until(Duration::from_secs(60), "hog failed", || {
+        let w = hub.workload("hog")?.unwrap();
+        let r = w["replicas"][0].clone();
+        Ok((r["phase"] == "Failed").then_some(r))
+    })?;
+    assert_eq!(
+        r["reason"], "OOMKilled: memory limit of 16Mi exceeded (status 137)",
+        "{r}"
+    );
 
     // Both variants: WASM on c1 and w1, the container on c2 (no WASM there).
     let both = format!(
@@ -184,8 +240,8 @@ spec:
     let text = logs_of(&c2);
     assert_eq!(text.matches("started").count(), 1, "{text}");
 
-    // Delete: nothing of either workload is left in containerd.
-    for name in ["box", "both"] {
+    // Delete: nothing of these workloads is left in containerd, nor their volumes.
+    for name in ["box", "both", "hog"] {
         let out = hub.shoal(&["delete", "workload", name]);
         assert!(
             out.status.success(),
@@ -193,6 +249,13 @@ spec:
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    wait_until(Duration::from_secs(30), "box's volumes removed", || {
+        Ok(
+            (!c1.data_dir.join("volumes/box").exists()
+                && !c2.data_dir.join("volumes/box").exists())
+            .then_some(()),
+        )
+    })?;
     for id in ["c1", "c2"] {
         wait_until(Duration::from_secs(30), "containers removed", || {
             Ok(containers_of(&rt, &ctrd.socket, &ns(id))?

@@ -1,6 +1,7 @@
 //! WASM modules from an OCI registry (Debian's docker-registry on loopback): `shoal push`
 //! publishes one, `shoal apply` pins its tag, the agent pulls and runs it; a tampered layer
-//! is refused and nothing runs.
+//! is refused and nothing runs. A registry behind a password: the CLI and agents that have
+//! its credentials get through, an agent without them says why it cannot pull.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use shoal_e2e::*;
@@ -140,5 +141,82 @@ fn modules_pulled_from_a_registry_run_and_tampered_ones_do_not() -> anyhow::Resu
         .data_dir
         .join(format!("cache/modules/oci-{digest}.wasm"))
         .exists());
+    Ok(())
+}
+
+#[test]
+fn a_registry_behind_a_password_takes_the_configured_credentials() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let registry = Registry::start_with_auth(dir.path(), "fleet", "s3cret-pass")?;
+    let hub = Hub::start(dir.path(), None)?;
+    let host = format!("127.0.0.1:{}", registry.port);
+    // One agent with the registry's credentials in its config file, one without.
+    let config = dir.path().join("agent-creds.toml");
+    std::fs::write(
+        &config,
+        format!("[registries.\"{host}\"]\nusername = \"fleet\"\npassword = \"s3cret-pass\"\n"),
+    )?;
+    let with = Agent::start_with(
+        dir.path(),
+        "with",
+        "",
+        &hub.broker_url,
+        &["--config", config.to_str().unwrap()],
+    )?;
+    let _without = Agent::start(dir.path(), "without", "", &hub.broker_url)?;
+    hub.wait_devices_online(2, Duration::from_secs(20))?;
+
+    // `shoal push` without credentials is refused, with them it publishes.
+    let hello = module("hello.wasm");
+    let tag = registry.reference("shoal/private:v1");
+    let out = hub.shoal(&["push", hello.to_str().unwrap(), &tag]);
+    assert!(!out.status.success(), "pushed without credentials");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains(&host), "the error names the registry: {err}");
+    let creds = [
+        ("SHOAL_REGISTRY_USERNAME", "fleet"),
+        ("SHOAL_REGISTRY_PASSWORD", "s3cret-pass"),
+    ];
+    let out = hub.shoal_with(&["push", hello.to_str().unwrap(), &tag], None, &creds);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Applied by tag (the CLI pins it with the same credentials) to every device: the agent
+    // with credentials runs it; the other keeps retrying its pull, saying why.
+    let text = manifest("private", &tag).replace("replicas: 1", "placement: every");
+    let m = write_manifest(dir.path(), "private.yaml", &text);
+    let out = hub.shoal_with(&["apply", "-f", m.to_str().unwrap()], None, &creds);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let w = wait_until(Duration::from_secs(60), "private on both devices", || {
+        let w = hub.workload("private")?.unwrap();
+        let replicas = w["replicas"].as_array().unwrap().clone();
+        let on = |d: &str| replicas.iter().find(|r| r["device"] == d).cloned();
+        Ok(match (on("with"), on("without")) {
+            (Some(a), Some(b)) if a["phase"] == "Running" && b["reason"].is_string() => {
+                Some((a, b))
+            }
+            _ => None,
+        })
+    })?;
+    assert_eq!(w.1["phase"], "Pulling", "{:?}", w.1);
+    let reason = w.1["reason"].as_str().unwrap();
+    assert!(reason.contains(&host), "{reason}");
+    wait_until(
+        Duration::from_secs(20),
+        "output of the private module",
+        || {
+            Ok(with
+                .workload_log(&format!("private-{}", w.0["replica"]))
+                .contains("from-oci")
+                .then_some(()))
+        },
+    )?;
     Ok(())
 }

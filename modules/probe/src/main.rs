@@ -5,12 +5,28 @@
 //! - `hog [MIB]`: allocate (and touch) 1 MiB blocks up to MIB (default: unbounded), printing
 //!   the running total; a memory limit below that makes it fail.
 //! - `spin`: burn CPU forever, printing `spin N` every 2^24 iterations.
+//! - `count FILE`: read a number from FILE (0 if absent), write it back plus one, print
+//!   `count N` and exit 0; with a volume, N counts the runs that ever saw it.
 use std::time::Duration;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mode = args.get(1).map(String::as_str).unwrap_or("heartbeat");
     let num = args.get(2).and_then(|v| v.parse::<u64>().ok());
+    if mode == "count" {
+        let path = args.get(2).map(String::as_str).unwrap_or("/data/count");
+        let n = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            + 1;
+        if let Err(e) = std::fs::write(path, n.to_string()) {
+            eprintln!("probe: cannot write {path}: {e}");
+            std::process::exit(1);
+        }
+        println!("count {n}");
+        return;
+    }
     match mode {
         "heartbeat" => {
             let ms = num.unwrap_or(100);
