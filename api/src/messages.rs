@@ -26,9 +26,13 @@ pub struct Hello {
     pub device_id: DeviceId,
     #[serde(default)]
     pub arch: String,
+    /// The CPU variant as OCI names it (`v7` on a 32-bit ARMv7 board, `v8` on arm64; see
+    /// `oci::native_variant`); absent elsewhere and from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
     #[serde(default)]
     pub os: String,
-    /// Runtimes the device offers: `wasm` (and later `container`).
+    /// Runtimes the device offers: `wasm` and/or `container`.
     #[serde(default)]
     pub runtimes: Vec<String>,
     #[serde(default)]

@@ -285,8 +285,10 @@ pub fn native_variant() -> Option<&'static str> {
 /// Which of an image index's platforms a Linux device of `arch` (Rust's name) and `variant`
 /// (see [`native_variant`]) runs: the same architecture, and for 32-bit ARM the newest
 /// variant not newer than the device's (a v7 board runs v6 and v5 images, a v6 board never
-/// a v7 one; no variant counts as v7, as containerd assumes); otherwise an entry without a
-/// variant or with the device's. Among equals the first wins. `None`: none fits.
+/// a v7 one; no variant counts as v7, as containerd assumes). Elsewhere the device's own
+/// variant first, then an entry without one, then the lowest level (`amd64/v2` before
+/// `amd64/v3`: a device that does not know its level must not get the most demanding
+/// build). Among equals the first wins. `None`: none fits.
 pub fn choose_platform(platforms: &[Platform], arch: &str, variant: Option<&str>) -> Option<usize> {
     let want = oci_arch(arch);
     let arm_level =
@@ -301,10 +303,14 @@ pub fn choose_platform(platforms: &[Platform], arch: &str, variant: Option<&str>
                 (Some(image), Some(device)) if image <= device => image,
                 _ => continue,
             }
-        } else if p.variant.is_none() || p.variant.as_deref() == variant {
-            1
+        } else if p.variant.as_deref() == variant {
+            1001
+        } else if p.variant.is_none() {
+            1000
         } else {
-            0 // another variant of the same architecture: a last resort
+            // Another variant of the architecture: a last resort, lowest level first.
+            let level = arm_level(p.variant.as_deref()).unwrap_or(999);
+            999u32.saturating_sub(level)
         };
         if best.is_none_or(|(_, r)| rank > r) {
             best = Some((i, rank));
@@ -388,6 +394,17 @@ mod tests {
         assert_eq!(pick("arm", Some("v6")).as_deref(), Some("linux/arm/v6"));
         assert_eq!(pick("arm", Some("v5")).as_deref(), Some("linux/arm/v5"));
         assert_eq!(pick("riscv64", None), None);
+        // An x86 device that does not know its level gets the least demanding build.
+        let levels: Vec<Platform> = ["linux/amd64/v3", "linux/amd64/v2"]
+            .iter()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        assert_eq!(choose_platform(&levels, "x86_64", None), Some(1));
+        let plain: Vec<Platform> = ["linux/arm64/v9", "linux/arm64"]
+            .iter()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        assert_eq!(choose_platform(&plain, "aarch64", Some("v8")), Some(1));
         // A v6 board never takes a v7-only image (nor one without a variant, read as v7).
         let v7_only: Vec<Platform> = vec![
             "linux/arm/v7".parse().unwrap(),

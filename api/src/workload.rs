@@ -343,15 +343,23 @@ impl Workload {
     }
 
     /// The variant a device runs, given the runtimes it offers and its architecture (Rust's
-    /// `std::env::consts::ARCH`): the WASM variant wherever the device has the `wasm`
-    /// runtime; otherwise the container, where the device has the `container` runtime and the
-    /// image offers the device's platform (or its platforms are unknown). `None`: neither.
-    pub fn variant_for(&self, has_runtime: impl Fn(&str) -> bool, arch: &str) -> Option<Variant> {
+    /// `std::env::consts::ARCH`) and CPU variant: the WASM variant wherever the device has
+    /// the `wasm` runtime; otherwise the container, where the device has the `container`
+    /// runtime and the image offers a platform it runs (the same choice the device makes when
+    /// it pulls: [`crate::oci::choose_platform`]), or its platforms are unknown. `None`:
+    /// neither.
+    pub fn variant_for(
+        &self,
+        has_runtime: impl Fn(&str) -> bool,
+        arch: &str,
+        cpu_variant: Option<&str>,
+    ) -> Option<Variant> {
         if self.module.is_some() && has_runtime("wasm") {
             return Some(Variant::Wasm);
         }
         let c = self.container.as_ref()?;
-        let platform_ok = c.platforms.is_empty() || c.platforms.iter().any(|p| p.runs_on(arch));
+        let platform_ok = c.platforms.is_empty()
+            || crate::oci::choose_platform(&c.platforms, arch, cpu_variant).is_some();
         (has_runtime("container") && platform_ok).then_some(Variant::Container)
     }
 
@@ -828,16 +836,29 @@ fn update(u: crate::manifest::Update, errs: &mut Vec<String>) -> UpdatePolicy {
     p.canary = u.canary.unwrap_or(0);
     p.auto_rollback = u.auto_rollback.unwrap_or(false);
     p.min_ready_ms = u64::from(u.min_ready_seconds.unwrap_or(0)) * 1000;
-    if let Some(d) = &u.progress_deadline {
-        match parse_duration(d) {
-            Ok(d) => p.progress_deadline_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
-            Err(e) => errs.push(format!("spec.update.progressDeadline: {e}")),
-        }
-    }
-    if p.progress_deadline_ms <= p.min_ready_ms {
+    let deadline_ok = match &u.progress_deadline {
+        Some(d) => match parse_duration(d) {
+            Ok(d) => {
+                p.progress_deadline_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+                true
+            }
+            Err(e) => {
+                errs.push(format!("spec.update.progressDeadline: {e}"));
+                false
+            }
+        },
+        None => true,
+    };
+    if deadline_ok && p.progress_deadline_ms <= p.min_ready_ms {
+        let given = match &u.progress_deadline {
+            Some(d) => format!("{d:?}"),
+            None => format!(
+                "(the default, {})",
+                crate::quantity::format_duration_ms(p.progress_deadline_ms)
+            ),
+        };
         errs.push(format!(
-            "spec.update.progressDeadline {} is invalid: must be longer than minReadySeconds ({}s), or no replica could ever count as ready in time",
-            crate::quantity::format_duration_ms(p.progress_deadline_ms),
+            "spec.update.progressDeadline {given} is invalid: must be longer than minReadySeconds ({}s), or no replica could ever count as ready in time",
             p.min_ready_ms / 1000
         ));
     }
@@ -1129,7 +1150,7 @@ spec:
             (&[][..], "aarch64", None),
         ] {
             assert_eq!(
-                both.variant_for(has(runtimes), arch),
+                both.variant_for(has(runtimes), arch, None),
                 want,
                 "{runtimes:?} {arch}"
             );
@@ -1139,9 +1160,9 @@ spec:
         ))
         .unwrap()
         .remove(0);
-        assert_eq!(only.variant_for(has(&["wasm"]), "x86_64"), None);
+        assert_eq!(only.variant_for(has(&["wasm"]), "x86_64", None), None);
         assert_eq!(
-            only.variant_for(has(&["container"]), "riscv64"),
+            only.variant_for(has(&["container"]), "riscv64", None),
             Some(Variant::Container),
             "unknown platforms filter nothing"
         );

@@ -20,6 +20,7 @@ use crate::runtime::{Network, WorkloadRuntime};
 use crate::services::{self, ServiceFiles};
 use crate::store::{SledStore, Store};
 use crate::supervisor::{self, Shared, Update};
+use crate::volumes::Swept;
 use crate::wasm::WasmRuntime;
 use shoal_api::discovery::{self, AgentAd};
 use shoal_api::endpoint::BrokerUrl;
@@ -63,6 +64,8 @@ pub struct AgentConfig {
     pub containerd: Option<ContainerdOptions>,
     /// Whether the device offers the WASM runtime (`--no-wasm` turns it off).
     pub wasm: bool,
+    /// How long a workload's volumes outlive its leaving this device.
+    pub volume_retention: Duration,
 }
 
 /// Where containerd listens, and the namespace the agent keeps its containers in.
@@ -224,6 +227,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         gone_tx,
     };
     agent.advertise_self();
+    for trash in agent.shared.volumes.leftover_trash() {
+        agent.delete_in_background(trash);
+    }
     agent.start().await?;
     agent
         .main_loop(bus_rx, up_rx, gone_rx, mdns_rx, local_rx, shutdown)
@@ -316,8 +322,9 @@ struct HubState {
 struct Replica {
     workload: WorkloadName,
     revision: String,
-    /// Runs the container variant (its stop may take a grace period).
-    container: bool,
+    /// The container's id when it runs the container variant (its stop may take a grace
+    /// period).
+    container: Option<String>,
     task: u64,
     cancel: CancellationToken,
     handle: JoinHandle<()>,
@@ -328,8 +335,8 @@ struct Replica {
 enum Event {
     Bus(BusEvent),
     Replica(Update),
-    /// A replica stopping in the background (a container in its grace period) has ended.
-    Gone(WorkloadName),
+    /// A container stopping in the background (in its grace period) has ended: its id.
+    Gone(String),
     Mdns(MdnsEvent),
     Local(LocalRequest),
     /// Time to say again that no hub was found, if still so.
@@ -360,9 +367,10 @@ struct Agent<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> {
     advertised: BTreeMap<String, String>,
     /// Service types browsed for the workloads that `use` them.
     browsing: BTreeSet<WorkloadName>,
-    /// Replicas still stopping in the background, per workload: their volumes stay.
-    stopping: BTreeMap<WorkloadName, u32>,
-    gone_tx: mpsc::Sender<WorkloadName>,
+    /// Containers still stopping in the background (id → workload): their workloads'
+    /// volumes stay, and a replica that would reuse the id waits for them.
+    stopping: BTreeMap<String, WorkloadName>,
+    gone_tx: mpsc::Sender<String>,
 }
 
 impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
@@ -384,7 +392,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         &mut self,
         mut bus_rx: mpsc::Receiver<BusEvent>,
         mut up_rx: mpsc::Receiver<Update>,
-        mut gone_rx: mpsc::Receiver<WorkloadName>,
+        mut gone_rx: mpsc::Receiver<String>,
         mut mdns_rx: mpsc::Receiver<MdnsEvent>,
         mut local_rx: mpsc::Receiver<LocalRequest>,
         shutdown: CancellationToken,
@@ -424,20 +432,19 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
                         self.publish_status().await;
                     }
                 }
-                Event::Gone(w) => {
-                    if let Some(n) = self.stopping.get_mut(&w) {
-                        *n = n.saturating_sub(1);
-                        if *n == 0 {
-                            self.stopping.remove(&w);
-                        }
-                    }
-                    self.remove_unused_volumes();
+                Event::Gone(id) => {
+                    self.stopping.remove(&id);
+                    // A replica held back for this id may start now; volumes may go.
+                    self.reconcile().await;
                 }
                 Event::Mdns(m) => self.on_mdns(m),
                 Event::Local(LocalRequest::Peers(reply)) => {
                     let _ = reply.send(self.peers_view());
                 }
-                Event::Heartbeat => self.publish_status().await,
+                Event::Heartbeat => {
+                    self.publish_status().await;
+                    self.sweep_volumes(); // orphaned volumes expire
+                }
                 Event::HubSearchReport => {
                     if self.config.broker.is_none() && self.hub.selected.is_none() {
                         warn!(
@@ -736,6 +743,15 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         for action in plan(&desired.workloads, &observed) {
             match action {
                 Action::Stop(instance) => self.stop(&instance).await,
+                // The same replica and revision again while its old container still stops
+                // (deleted and applied again within the grace period): containerd would
+                // see one id twice. It starts once that container is gone.
+                Action::Start(w)
+                    if w.container.is_some()
+                        && self.stopping.contains_key(&supervisor::container_id(&w)) =>
+                {
+                    info!(instance = %w.instance(), "waiting for the previous container of this replica to stop");
+                }
                 Action::Start(w) => self.spawn(w, &self.artifact_base(&desired)),
                 Action::Replace(w) => {
                     self.stop(&w.instance()).await;
@@ -744,13 +760,14 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
             }
         }
         self.refresh_services();
-        self.remove_unused_volumes();
+        self.sweep_volumes();
         self.publish_status().await;
     }
 
-    /// Removes the volumes of workloads this device no longer runs: not desired, no replica
-    /// left, none still stopping (a container may still write during its grace period).
-    fn remove_unused_volumes(&self) {
+    /// Sweeps the volumes of workloads this device no longer runs (not desired, no replica
+    /// left, none still stopping: a container may write during its grace period): kept for
+    /// the retention period, then deleted in the background.
+    fn sweep_volumes(&self) {
         let Some(desired) = &self.desired else {
             return; // nothing known yet: keep everything
         };
@@ -759,14 +776,37 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
             .iter()
             .map(|w| w.name.as_str())
             .chain(self.replicas.values().map(|r| r.workload.as_str()))
-            .chain(self.stopping.keys().map(WorkloadName::as_str))
+            .chain(self.stopping.values().map(WorkloadName::as_str))
             .collect();
-        for (workload, result) in self.shared.volumes.remove_all_but(&keep) {
-            match result {
-                Ok(()) => info!(%workload, "volumes removed: the workload left this device"),
-                Err(e) => warn!(%workload, error = %e, "cannot remove volumes"),
+        let retention = self.config.volume_retention;
+        for swept in self.shared.volumes.sweep(&keep, now_ms(), retention) {
+            match swept {
+                Swept::Orphaned(workload) => info!(
+                    %workload,
+                    retention = %shoal_api::quantity::format_duration_ms(
+                        u64::try_from(retention.as_millis()).unwrap_or(u64::MAX)
+                    ),
+                    "the workload left this device; its volumes are kept for the retention period"
+                ),
+                Swept::Expired(workload, trash) => {
+                    info!(%workload, "volumes deleted: the workload left this device");
+                    self.delete_in_background(trash);
+                }
+                Swept::Failed(workload, e) => warn!(%workload, error = %e, "cannot sweep volumes"),
             }
         }
+    }
+
+    /// Deletes a directory on the blocking pool (a large volume takes a while on an SD card).
+    fn delete_in_background(&self, dir: PathBuf) {
+        self.tracker.spawn(async move {
+            let shown = dir.display().to_string();
+            match tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(dir = %shown, error = %e, "cannot delete"),
+                Err(e) => warn!(dir = %shown, error = %e, "delete task failed"),
+            }
+        });
     }
 
     fn spawn(&mut self, w: DesiredWorkload, artifact_base: &str) {
@@ -777,7 +817,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         info!(%instance, revision = %w.revision, "starting replica");
         let revision = w.revision.clone();
         let workload = w.name.clone();
-        let container = w.container.is_some();
+        let container = w.container.is_some().then(|| supervisor::container_id(&w));
         let network = self.network(&w);
         let handle = self.tracker.spawn(supervisor::supervise(
             self.shared.clone(),
@@ -835,17 +875,18 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
     /// successor may need its ports). A container may take its whole stop grace period
     /// (SIGTERM, then SIGKILL), which must not hold up the main loop: its supervisor finishes
     /// in the background (the task tracker still awaits it at shutdown; its container id is
-    /// per revision, so a successor never collides with it).
+    /// per revision, so a successor of another revision never collides with it, and one of
+    /// the same revision waits for [`Event::Gone`]).
     async fn stop(&mut self, instance: &str) {
         if let Some(r) = self.replicas.remove(instance) {
             info!(%instance, "stopping replica");
             r.cancel.cancel();
-            if r.container {
-                *self.stopping.entry(r.workload.clone()).or_default() += 1;
+            if let Some(id) = r.container {
+                self.stopping.insert(id.clone(), r.workload);
                 let gone = self.gone_tx.clone();
                 self.tracker.spawn(async move {
                     let _ = r.handle.await;
-                    let _ = gone.send(r.workload).await;
+                    let _ = gone.send(id).await;
                 });
             } else {
                 let _ = r.handle.await;
@@ -901,6 +942,7 @@ fn hello(config: &AgentConfig, containers: bool) -> Hello {
         protocol: shoal_api::PROTOCOL_VERSION,
         device_id: config.device_id.clone(),
         arch: std::env::consts::ARCH.to_string(),
+        variant: shoal_api::oci::native_variant().map(String::from),
         os: std::env::consts::OS.to_string(),
         runtimes,
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),

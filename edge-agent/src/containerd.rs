@@ -130,7 +130,7 @@ pub fn runtime_spec(
     }
     // Volumes: read-write bind mounts (writable under a read-only root; runc creates the
     // mount point before it makes the root read-only). Private propagation: nothing mounted
-    // inside leaks back to the device.
+    // inside leaks back to the device; no set-uid programs or device files from them.
     let mut mounts = spec.mounts().clone().unwrap_or_default();
     for m in &run.mounts {
         mounts.push(
@@ -138,7 +138,13 @@ pub fn runtime_spec(
                 .destination(PathBuf::from(&m.guest))
                 .typ("bind")
                 .source(m.host.clone())
-                .options(vec!["rbind".into(), "rprivate".into(), "rw".into()])
+                .options(vec![
+                    "rbind".into(),
+                    "rprivate".into(),
+                    "nosuid".into(),
+                    "nodev".into(),
+                    "rw".into(),
+                ])
                 .build()
                 .map_err(|e| e.to_string())?,
         );
@@ -1164,7 +1170,8 @@ fn exit_of(
         Ok(r) => match r.into_inner().exit_status {
             0 => Exit::Success,
             // The OOM killer may also take a child while the main process lives on and
-            // exits otherwise: say so whatever the status.
+            // exits otherwise: a failure says so whatever its status (the counter is the
+            // container's own cgroup's: its limit was hit, not the machine's memory).
             n if oom_kills.is_some_and(|k| k > 0) => Exit::Failure {
                 code: i32::try_from(n).ok(),
                 reason: format!("OOMKilled: memory limit of {limit} exceeded (status {n})"),

@@ -9,6 +9,7 @@ use shoal_api::ids::DeviceId;
 use shoal_daemon::mdns::{MdnsArgs, MdnsFile};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -95,7 +96,18 @@ struct RunArgs {
     /// Do not offer the WASM runtime (workloads with a container variant run that here).
     #[arg(long, env = "SHOAL_AGENT_NO_WASM")]
     no_wasm: bool,
+    /// How long a workload's volumes are kept after it left this device, in case it comes
+    /// back (e.g. 0s, 30m, 24h) [default: 24h].
+    #[arg(long, env = "SHOAL_AGENT_VOLUME_RETENTION", value_parser = parse_duration)]
+    volume_retention: Option<Duration>,
 }
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    shoal_api::quantity::parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// `--volume-retention` when not given: a device offline overnight keeps its data.
+const DEFAULT_VOLUME_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
 /// The `[containerd]` table of the config file.
 #[derive(Debug, Default, serde::Deserialize)]
@@ -135,6 +147,7 @@ struct FileConfig {
     registries: BTreeMap<String, RegistryFile>,
     #[serde(default)]
     containerd: ContainerdFile,
+    volume_retention: Option<String>,
 }
 
 fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
@@ -229,10 +242,16 @@ fn agent_config(a: RunArgs) -> anyhow::Result<AgentConfig> {
             .or(file.containerd.namespace)
             .unwrap_or_else(|| "shoal".to_string()),
     });
+    let volume_retention = match (a.volume_retention, file.volume_retention) {
+        (Some(d), _) => d,
+        (None, Some(d)) => parse_duration(&d).map_err(|e| bad("volume-retention", e))?,
+        (None, None) => DEFAULT_VOLUME_RETENTION,
+    };
     Ok(AgentConfig {
         registries,
         containerd,
         wasm: !a.no_wasm,
+        volume_retention,
         data_dir,
         device_id,
         labels,
@@ -346,6 +365,7 @@ mod tests {
             containerd_namespace: None,
             no_containerd: false,
             no_wasm: false,
+            volume_retention: None,
         }
     }
 

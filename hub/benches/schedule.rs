@@ -39,6 +39,7 @@ fn fleet(devices: usize) -> Vec<DeviceView> {
             .into(),
             runtimes: ["wasm".to_string()].into(),
             arch: "x86_64".into(),
+            variant: None,
             memory: 4 << 30,
             cpu_millis: 64_000,
             max_replicas: None,

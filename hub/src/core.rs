@@ -326,17 +326,24 @@ impl<S: Store> HubCore<S> {
                             )))
                         }
                     },
+                    Some("") => {
+                        return Ok(Err(
+                            "--to-revision is empty: give a revision from `shoal rollout history`"
+                                .to_string(),
+                        ))
+                    }
                     Some(to) => {
-                        let mut found: Vec<&Workload> = Vec::new();
+                        // Newest entry per revision (a revision may be applied more than once).
+                        let mut found: Vec<(&str, &Workload)> = Vec::new();
                         for e in history.iter().rev() {
                             if e.revision.starts_with(to)
-                                && !found.iter().any(|f| f.revision() == e.revision)
+                                && !found.iter().any(|(r, _)| *r == e.revision)
                             {
-                                found.push(&e.spec);
+                                found.push((&e.revision, &e.spec));
                             }
                         }
                         match found.as_slice() {
-                            [one] => (*one).clone(),
+                            [(_, one)] => (*one).clone(),
                             [] => {
                                 return Ok(Err(format!(
                                     "revision {to:?} is not in the history of workload {:?} (see `shoal rollout history`)",
@@ -708,6 +715,7 @@ impl<S: Store> HubCore<S> {
                     labels: r.hello.labels.clone(),
                     runtimes: r.hello.runtimes.iter().cloned().collect(),
                     arch: r.hello.arch.clone(),
+                    variant: r.hello.variant.clone(),
                     memory: r.hello.memory,
                     cpu_millis: u64::from(r.hello.cpus) * 1000,
                     max_replicas: r.hello.max_replicas,
@@ -792,7 +800,11 @@ impl<S: Store> HubCore<S> {
                 // WASM where the device can, else the container (the scheduler only places
                 // a replica where one of them runs).
                 let Some(variant) = self.devices.get(dev).and_then(|d| {
-                    spec.variant_for(|r| d.hello.runtimes.iter().any(|x| x == r), &d.hello.arch)
+                    spec.variant_for(
+                        |r| d.hello.runtimes.iter().any(|x| x == r),
+                        &d.hello.arch,
+                        d.hello.variant.as_deref(),
+                    )
                 }) else {
                     continue;
                 };
@@ -1080,6 +1092,7 @@ mod tests {
             protocol: 1,
             device_id: DeviceId::try_from(id).unwrap(),
             arch: "x86_64".into(),
+            variant: None,
             os: "linux".into(),
             runtimes: vec!["wasm".into()],
             cpus: 2,

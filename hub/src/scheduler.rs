@@ -46,6 +46,8 @@ pub struct DeviceView {
     pub runtimes: BTreeSet<String>,
     /// CPU architecture as the agent reports it (Rust's `std::env::consts::ARCH`).
     pub arch: String,
+    /// Its CPU variant (`v7`, `v8`), if the agent reported one.
+    pub variant: Option<String>,
     /// Memory offered to workloads, bytes.
     pub memory: u64,
     /// CPU offered to workloads, millicores; 0: unknown (CPU requests are not checked).
@@ -462,7 +464,8 @@ impl Ord for Candidate<'_> {
 
 /// Whether `d` can run a variant of `w` (see [`Workload::variant_for`]).
 fn runs_a_variant(d: &DeviceView, w: &Workload) -> bool {
-    w.variant_for(|r| d.runtimes.contains(r), &d.arch).is_some()
+    w.variant_for(|r| d.runtimes.contains(r), &d.arch, d.variant.as_deref())
+        .is_some()
 }
 
 /// What does not change while one workload is placed: state, labels, runtime, topology.
@@ -617,6 +620,7 @@ mod tests {
                 .collect(),
             runtimes: ["wasm".to_string()].into(),
             arch: "x86_64".into(),
+            variant: None,
             memory: mem_mi << 20,
             cpu_millis: 2000,
             max_replicas: None,
@@ -699,6 +703,31 @@ mod tests {
         w.module = Some(ModuleRef::Digest(Digest::of(b"m")));
         let s = schedule(&devices, &[w.clone()], &Assignments::new());
         assert_eq!(devices_of(&s, "box"), ["arm-box", "wasm-only"]);
+    }
+
+    #[test]
+    fn a_32_bit_arm_board_gets_only_images_its_cpu_runs() {
+        let mut devices = vec![dev("pi-zero", &[], 512), dev("pi-3", &[], 512)];
+        for (d, v) in devices.iter_mut().zip(["v6", "v7"]) {
+            d.runtimes = ["container".to_string()].into();
+            d.arch = "arm".into();
+            d.variant = Some(v.into());
+        }
+        let mut w = wl("box", Placement::Every, &[], 16);
+        w.module = None;
+        w.container = Some(shoal_api::workload::Container {
+            image: "oci://localhost:5000/box:1".parse().unwrap(),
+            command: vec![],
+            read_only_root: true,
+            platforms: vec!["linux/arm/v7".parse().unwrap()],
+            stop_grace_ms: 10_000,
+        });
+        let s = schedule(&devices, &[w], &Assignments::new());
+        assert_eq!(
+            devices_of(&s, "box"),
+            ["pi-3"],
+            "a v6 CPU cannot run a v7 build"
+        );
     }
 
     #[test]

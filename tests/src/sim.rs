@@ -83,6 +83,7 @@ async fn device(cfg: &SimConfig, id: DeviceId, stats: &SimStats, stop: Cancellat
         protocol: shoal_api::PROTOCOL_VERSION,
         device_id: id.clone(),
         arch: "sim".into(),
+        variant: None,
         os: "linux".into(),
         runtimes: vec!["wasm".into()],
         cpus: 4,

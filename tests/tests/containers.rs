@@ -46,7 +46,10 @@ fn container_workloads_run_where_containerd_answers() -> anyhow::Result<()> {
     let ns = |id: &str| format!("shoal-e2e-{}-{id}", std::process::id());
     let with_containerd = |id: &str, extra: &[&str]| {
         let namespace = ns(id);
+        // Volumes go as soon as their workload leaves (the default keeps them for 24h).
         let mut args = vec![
+            "--volume-retention",
+            "0s",
             "--containerd-socket",
             socket.as_str(),
             "--containerd-namespace",
@@ -239,6 +242,48 @@ spec:
     hub.wait_running("both", 3, Duration::from_secs(30))?;
     let text = logs_of(&c2);
     assert_eq!(text.matches("started").count(), 1, "{text}");
+
+    // Deleted and applied again within its stop grace period (`sleep` ignores SIGTERM, so
+    // the old container lives 1 s more under the same id): the new one waits for it, then
+    // starts afresh, neither adopting the dying task nor restarting.
+    let out = hub.shoal(&["delete", "workload", "both"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    hub.apply(&m)?;
+    let w = hub.wait_running("both", 3, Duration::from_secs(30))?;
+    wait_until(
+        Duration::from_secs(20),
+        "the container started again",
+        || Ok((logs_of(&c2).matches("started").count() == 2).then_some(())),
+    )?;
+    let on_c2 = w["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["device"] == "c2")
+        .cloned()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let w = hub.workload("both")?.unwrap();
+    let now_c2 = w["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["device"] == "c2")
+        .cloned()
+        .unwrap();
+    assert_eq!(now_c2["phase"], "Running", "{now_c2}");
+    assert_eq!(now_c2["restarts"], 0, "{now_c2} (was {on_c2})");
+    let adopted_both = c2
+        .proc
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("adopting the running container") && l.contains("both-"))
+        .count();
+    assert_eq!(adopted_both, 1, "only the agent restart adopted `both`");
 
     // Delete: nothing of these workloads is left in containerd, nor their volumes.
     for name in ["box", "both", "hog"] {
