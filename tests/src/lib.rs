@@ -503,13 +503,35 @@ impl Drop for PrivateContainerd {
         self.proc.kill();
         kill_shims_of(&self.socket);
         if let Some(base) = self.root.parent() {
-            for dir in ["root", "state"] {
-                let _ = Command::new("umount")
-                    .arg("-R")
-                    .arg(base.join(dir).join("io.containerd.runtime.v2.task"))
-                    .stderr(Stdio::null())
-                    .status();
-            }
+            unmount_below(base);
+        }
+    }
+}
+
+/// Unmounts every mount point below `dir`, deepest first (a task's root file system is
+/// mounted at `state/io.containerd.runtime.v2.task/{ns}/{id}/rootfs`).
+fn unmount_below(dir: &Path) {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return;
+    };
+    let prefix = format!("{}/", dir.display());
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|p| p.starts_with(&prefix))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        let ok = Command::new("umount")
+            .arg(p)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount")
+                .args(["-l", p])
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }

@@ -118,7 +118,7 @@ fn main() -> Result<()> {
         "| {fleet} devices join (from first connect to all online) | {:.1} s |",
         join.as_secs_f64()
     );
-    println!("| steady state: status reports received | {rate:.0}/s |");
+    println!("| steady state: status reports sent by the simulated fleet | {rate:.0}/s |");
     println!(
         "| hub CPU, steady state | **{:.1} % of one core** |",
         cpu * 100.0
