@@ -1,9 +1,9 @@
 //! Rolling updates with real agents: a new revision that crashes stops at the canary and
 //! rolls back by itself while the old revision keeps serving; a good one completes; one with
-//! `maxSurge` never drops below the wanted count; scale.
+//! `maxSurge` never drops below the wanted count; scale; undo to the previous revision and to
+//! a named one, keeping the replica count.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use serde_json::Value;
 use shoal_e2e::*;
 use std::time::Duration;
 
@@ -30,10 +30,6 @@ spec:
     )
 }
 
-fn rollout_state(hub: &Hub) -> anyhow::Result<Value> {
-    Ok(hub.workload("web")?.unwrap()["rollout"].clone())
-}
-
 #[test]
 fn crashing_revision_rolls_back_at_the_canary_and_a_good_one_completes() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -51,10 +47,24 @@ fn crashing_revision_rolls_back_at_the_canary_and_a_good_one_completes() -> anyh
     // v2 crashes: only the canary ever runs it, then everything is back on v1.
     let v2 = write_manifest(dir.path(), "v2.yaml", &manifest(r#""crash""#));
     hub.apply(&v2)?;
+    // Meanwhile the two replicas beyond the canary keep running v1, sampled every poll.
+    let mut least_on_v1 = usize::MAX;
     let r = wait_until(Duration::from_secs(30), "rollback", || {
-        let r = rollout_state(&hub)?;
+        let w = hub.workload("web")?.unwrap();
+        let on_v1 = w["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["phase"] == "Running" && x["revision"] == rev1.as_str())
+            .count();
+        least_on_v1 = least_on_v1.min(on_v1);
+        let r = w["rollout"].clone();
         Ok((r["state"] == "RolledBack").then_some(r))
     })?;
+    assert!(
+        least_on_v1 >= 2,
+        "v1 served by {least_on_v1} replica(s) at one point"
+    );
     assert!(
         r["reason"].as_str().unwrap().contains("CrashLoopBackOff"),
         "{r}"
@@ -95,8 +105,9 @@ fn crashing_revision_rolls_back_at_the_canary_and_a_good_one_completes() -> anyh
         text.contains("Complete") && text.contains("3/3 updated"),
         "{text}"
     );
-    let w = hub.wait_running("web", 3, Duration::from_secs(30))?;
-    assert_ne!(w["revision"], rev1.as_str());
+    let w3 = hub.wait_running("web", 3, Duration::from_secs(30))?;
+    assert_ne!(w3["revision"], rev1.as_str());
+    let w = w3.clone();
 
     // v4 surges: a fourth replica starts before an old one stops, so at least 3 stay
     // running the whole time and never more than 4 are placed.
@@ -137,5 +148,37 @@ fn crashing_revision_rolls_back_at_the_canary_and_a_good_one_completes() -> anyh
     );
     let w2 = hub.wait_running("web", 2, Duration::from_secs(30))?;
     assert_eq!(w2["revision"], w["revision"]);
+
+    // Undo goes back to the revision before (v3), keeping the replica count; then to v1 by
+    // a prefix of its revision from the history.
+    let rev3 = w3["revision"].as_str().unwrap().to_string();
+    for (args, want) in [
+        (vec!["rollout", "undo", "web"], rev3.as_str()),
+        (
+            vec!["rollout", "undo", "web", "--to-revision", &rev1[..6]],
+            rev1.as_str(),
+        ),
+    ] {
+        let out = hub.shoal(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let w = wait_until(Duration::from_secs(60), "undo rolled out", || {
+            let w = hub.workload("web")?.unwrap();
+            let done =
+                w["revision"] == want && w["rollout"]["state"] == "Complete" && w["ready"] == 2;
+            Ok(done.then_some(w))
+        })?;
+        assert_eq!(w["desired"], 2, "undo keeps the replica count: {w}");
+    }
+    let out = hub.shoal(&["rollout", "undo", "web", "--to-revision", "zzz"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("revision \"zzz\" is not in the history"),
+        "{err}"
+    );
     Ok(())
 }
