@@ -1336,12 +1336,37 @@ mod tests {
         }
         assert_eq!(std::fs::read_to_string(vol.join("n")).unwrap(), "2");
         // Without the volume the same path does not exist: no file system by default.
-        let (exit, log) = run_to_end(&fx, module, spec("probe-1", &["count", "/data/n"])).await;
+        let (exit, log) =
+            run_to_end(&fx, module.clone(), spec("probe-1", &["count", "/data/n"])).await;
         assert!(
             matches!(exit, Exit::Failure { code: Some(1), .. }),
             "{exit:?}"
         );
         assert!(log_text(&log).contains("cannot write /data/n"));
+        // Nothing leads out of a volume: not `..`, not a symlink planted in it (cap-std
+        // resolves every path beneath the preopened directory).
+        std::fs::write(fx.dir.path().join("secret"), "host secret").unwrap();
+        std::os::unix::fs::symlink(fx.dir.path().join("secret"), vol.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../../secret", vol.join("rel")).unwrap();
+        for path in ["/data/../secret", "/data/abs", "/data/rel", "/secret"] {
+            let mut s = s.clone();
+            s.instance = "probe-2".into();
+            s.args = vec!["cat".into(), path.into()];
+            let (exit, log) = run_to_end(&fx, module.clone(), s).await;
+            let text = log_text(&log);
+            assert!(
+                matches!(exit, Exit::Failure { code: Some(1), .. }),
+                "{path}: {exit:?} {text}"
+            );
+            assert!(!text.contains("host secret"), "{path} escaped: {text}");
+        }
+        // A file inside the volume is readable, so the failures above are the sandbox's.
+        std::fs::write(vol.join("inside"), "mine").unwrap();
+        let mut inside = s.clone();
+        inside.args = vec!["cat".into(), "/data/inside".into()];
+        let (exit, log) = run_to_end(&fx, module, inside).await;
+        assert_eq!(exit, Exit::Success, "{}", log_text(&log));
+        assert!(log_text(&log).contains("mine"));
         fx.stop().await;
     }
 

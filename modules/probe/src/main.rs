@@ -7,12 +7,26 @@
 //! - `spin`: burn CPU forever, printing `spin N` every 2^24 iterations.
 //! - `count FILE`: read a number from FILE (0 if absent), write it back plus one, print
 //!   `count N` and exit 0; with a volume, N counts the runs that ever saw it.
+//! - `cat FILE`: print FILE's content and exit 0, or say why not and exit 1 (sandbox tests).
 use std::time::Duration;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mode = args.get(1).map(String::as_str).unwrap_or("heartbeat");
     let num = args.get(2).and_then(|v| v.parse::<u64>().ok());
+    if mode == "cat" {
+        let path = args.get(2).map(String::as_str).unwrap_or("/");
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                print!("{text}");
+                return;
+            }
+            Err(e) => {
+                println!("probe: cannot read {path}: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
     if mode == "count" {
         let path = args.get(2).map(String::as_str).unwrap_or("/data/count");
         let n = std::fs::read_to_string(path)
