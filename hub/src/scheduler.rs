@@ -663,6 +663,17 @@ mod tests {
         }
     }
 
+    /// A container variant of the test image offering `platforms`.
+    fn container(platforms: &[&str]) -> shoal_api::workload::Container {
+        shoal_api::workload::Container {
+            image: "oci://localhost:5000/box:1".parse().unwrap(),
+            command: vec![],
+            read_only_root: true,
+            platforms: platforms.iter().map(|p| p.parse().unwrap()).collect(),
+            stop_grace_ms: 10_000,
+        }
+    }
+
     fn port_decl(port: u16) -> shoal_api::workload::Port {
         shoal_api::workload::Port {
             name: port.to_string(),
@@ -683,13 +694,7 @@ mod tests {
         devices[2].runtimes = ["container".to_string()].into();
         let mut w = wl("box", Placement::Replicas(2), &[], 16);
         w.module = None;
-        w.container = Some(shoal_api::workload::Container {
-            image: "oci://localhost:5000/box:1".parse().unwrap(),
-            command: vec![],
-            read_only_root: true,
-            platforms: vec!["linux/arm64".parse().unwrap()],
-            stop_grace_ms: 10_000,
-        });
+        w.container = Some(container(&["linux/arm64"]));
         let s = schedule(&devices, &[w.clone()], &Assignments::new());
         assert_eq!(devices_of(&s, "box"), ["arm-box", "arm-box"]);
         // Only one slot for it: the reason names the runtime and platforms.
@@ -715,13 +720,7 @@ mod tests {
         }
         let mut w = wl("box", Placement::Every, &[], 16);
         w.module = None;
-        w.container = Some(shoal_api::workload::Container {
-            image: "oci://localhost:5000/box:1".parse().unwrap(),
-            command: vec![],
-            read_only_root: true,
-            platforms: vec!["linux/arm/v7".parse().unwrap()],
-            stop_grace_ms: 10_000,
-        });
+        w.container = Some(container(&["linux/arm/v7"]));
         let s = schedule(&devices, &[w], &Assignments::new());
         assert_eq!(
             devices_of(&s, "box"),
@@ -737,20 +736,13 @@ mod tests {
         devices[0].runtimes = ["wasm".to_string()].into();
         devices[1].runtimes = ["container".to_string()].into();
         devices[1].arch = "aarch64".into();
-        let container = |platform: &str| shoal_api::workload::Container {
-            image: "oci://localhost:5000/box:1".parse().unwrap(),
-            command: vec![],
-            read_only_root: true,
-            platforms: vec![platform.parse().unwrap()],
-            stop_grace_ms: 10_000,
-        };
         let mut arm = wl("a-arm", Placement::Replicas(1), &[], 16);
         arm.module = None;
-        arm.container = Some(container("linux/arm64"));
+        arm.container = Some(container(&["linux/arm64"]));
         let wasm = wl("b-wasm", Placement::Replicas(1), &[], 16);
         let mut x86 = wl("c-x86", Placement::Replicas(1), &[], 16);
         x86.module = None;
-        x86.container = Some(container("linux/amd64"));
+        x86.container = Some(container(&["linux/amd64"]));
         let s = schedule(&devices, &[arm, wasm, x86.clone()], &Assignments::new());
         assert_eq!(devices_of(&s, "a-arm"), ["arm-box"]);
         assert_eq!(devices_of(&s, "b-wasm"), ["wasm-box"]);

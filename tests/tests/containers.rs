@@ -259,24 +259,20 @@ spec:
         "the container started again",
         || Ok((logs_of(&c2).matches("started").count() == 2).then_some(())),
     )?;
-    let on_c2 = w["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["device"] == "c2")
-        .cloned()
-        .unwrap();
+    let on_c2 = |w: &serde_json::Value| {
+        w["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["device"] == "c2")
+            .cloned()
+            .unwrap()
+    };
+    let was_c2 = on_c2(&w);
     std::thread::sleep(Duration::from_secs(2));
-    let w = hub.workload("both")?.unwrap();
-    let now_c2 = w["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["device"] == "c2")
-        .cloned()
-        .unwrap();
+    let now_c2 = on_c2(&hub.workload("both")?.unwrap());
     assert_eq!(now_c2["phase"], "Running", "{now_c2}");
-    assert_eq!(now_c2["restarts"], 0, "{now_c2} (was {on_c2})");
+    assert_eq!(now_c2["restarts"], 0, "{now_c2} (was {was_c2})");
     let adopted_both = c2
         .proc
         .log_text()
