@@ -100,6 +100,7 @@ impl Volumes {
         let Ok(entries) = std::fs::read_dir(&self.root) else {
             return Vec::new(); // no volume was ever made
         };
+        let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
         let mut out = Vec::new();
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -128,7 +129,6 @@ impl Volumes {
                     now_ms
                 }
             };
-            let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
             if now_ms.saturating_sub(since) < retention_ms {
                 continue;
             }

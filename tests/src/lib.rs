@@ -223,6 +223,17 @@ impl Hub {
         self.shoal_with(args, cwd, &[])
     }
 
+    /// `shoal ARGS`, which must succeed (panics with its stderr otherwise).
+    pub fn shoal_ok(&self, args: &[&str]) -> Output {
+        let out = self.shoal(args);
+        assert!(
+            out.status.success(),
+            "shoal {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
     /// `shoal ARGS` in `cwd` with extra environment variables.
     pub fn shoal_with(&self, args: &[&str], cwd: Option<&Path>, env: &[(&str, &str)]) -> Output {
         let mut c = Command::new(bin("shoal"));

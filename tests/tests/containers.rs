@@ -246,12 +246,7 @@ spec:
     // Deleted and applied again within its stop grace period (`sleep` ignores SIGTERM, so
     // the old container lives 1 s more under the same id): the new one waits for it, then
     // starts afresh, neither adopting the dying task nor restarting.
-    let out = hub.shoal(&["delete", "workload", "both"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    hub.shoal_ok(&["delete", "workload", "both"]);
     hub.apply(&m)?;
     let w = hub.wait_running("both", 3, Duration::from_secs(30))?;
     wait_until(
@@ -283,12 +278,7 @@ spec:
 
     // Delete: nothing of these workloads is left in containerd, nor their volumes.
     for name in ["box", "both", "hog"] {
-        let out = hub.shoal(&["delete", "workload", name]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        hub.shoal_ok(&["delete", "workload", name]);
     }
     wait_until(Duration::from_secs(30), "box's volumes removed", || {
         Ok(

@@ -50,12 +50,7 @@ fn mosquitto_pub_apply_works_like_shoal_apply() -> anyhow::Result<()> {
     hub.wait_devices_online(1, Duration::from_secs(20))?;
 
     // Upload the module, then refer to it by digest in a manifest sent by mosquitto_pub.
-    let out = hub.shoal(&["push", module("probe.wasm").to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = hub.shoal_ok(&["push", module("probe.wasm").to_str().unwrap()]);
     let digest = String::from_utf8(out.stdout)?.trim().to_string();
     assert!(
         digest.starts_with("sha256:") && digest.len() == 71,

@@ -163,12 +163,7 @@ spec:
 
     // Drain another device: its web replica moves, nothing new lands on it.
     let other = devices_of(&web).into_iter().find(|d| d != &victim).unwrap();
-    let out = hub.shoal(&["drain", &other]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    hub.shoal_ok(&["drain", &other]);
     let w = wait_until(Duration::from_secs(20), "web drained", || {
         let w = hub.workload("web")?.unwrap();
         Ok((!devices_of(&w).contains(&other)).then_some(w))

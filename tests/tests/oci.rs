@@ -37,12 +37,7 @@ fn modules_pulled_from_a_registry_run_and_tampered_ones_do_not() -> anyhow::Resu
     // Publish: the CNCF layout, printed back pinned.
     let hello = module("hello.wasm");
     let tag = registry.reference("shoal/hello:v1");
-    let out = hub.shoal(&["push", hello.to_str().unwrap(), &tag]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = hub.shoal_ok(&["push", hello.to_str().unwrap(), &tag]);
     let pinned = stdout(&out);
     assert!(pinned.starts_with(&format!("{tag}@sha256:")), "{pinned}");
     let manifest_digest = pinned.rsplit_once('@').unwrap().1.to_string();
@@ -90,16 +85,11 @@ fn modules_pulled_from_a_registry_run_and_tampered_ones_do_not() -> anyhow::Resu
 
     // Tamper with another artifact's layer in the registry's storage: the agent refuses it.
     let ticker = module("ticker.wasm");
-    let out = hub.shoal(&[
+    let out = hub.shoal_ok(&[
         "push",
         ticker.to_str().unwrap(),
         &registry.reference("shoal/ticker:v1"),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let ticker_pinned = stdout(&out);
     let layer = shoal_api::ids::Digest::of(&std::fs::read(&ticker)?);
     let blob = registry.blob_path(layer.as_str());

@@ -140,12 +140,7 @@ fn crashing_revision_rolls_back_at_the_canary_and_a_good_one_completes() -> anyh
     let w = w4;
 
     // Scaling changes the count, not the revision.
-    let out = hub.shoal(&["scale", "web", "--replicas", "2"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    hub.shoal_ok(&["scale", "web", "--replicas", "2"]);
     let w2 = hub.wait_running("web", 2, Duration::from_secs(30))?;
     assert_eq!(w2["revision"], w["revision"]);
 
@@ -159,12 +154,7 @@ fn crashing_revision_rolls_back_at_the_canary_and_a_good_one_completes() -> anyh
             rev1.as_str(),
         ),
     ] {
-        let out = hub.shoal(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        hub.shoal_ok(&args);
         let w = wait_until(Duration::from_secs(60), "undo rolled out", || {
             let w = hub.workload("web")?.unwrap();
             let done =
