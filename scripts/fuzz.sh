@@ -26,7 +26,7 @@ for a in "$@"; do
     *) targets+=("$a") ;;
   esac
 done
-[ ${#targets[@]} -gt 0 ] || targets=(manifest bus_messages references)
+[ ${#targets[@]} -gt 0 ] || targets=(manifest bus_messages references mqtt_guard desired_verify)
 for t in "${targets[@]}"; do
   cargo fuzz build -O "$t"
 done

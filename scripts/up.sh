@@ -2,17 +2,20 @@
 # The all-in-one node: builds Shoal, starts a hub (with its embedded MQTT broker) and a local
 # edge agent, applies examples/hello-fleet.yaml, and shows the fleet converging until every
 # replica runs; then follows the workloads' output until Ctrl-C, and stops both processes.
-# The agent is given no broker address: it finds the hub over mDNS on loopback, the way a
-# device on a LAN finds it (nothing is advertised beyond this machine).
+# The agent is given no broker address, only a one-time join token: it finds the hub over
+# mDNS on loopback, the way a device on a LAN finds it (nothing is advertised beyond this
+# machine), enrolls, and from then on speaks TLS with its own certificate. `shoal` uses the
+# operator bundle the hub wrote (.shoal/hub/operator).
 #
 #   scripts/up.sh [MANIFEST]      state lives in .shoal/ (delete it to start afresh)
 #
-# Ports: MQTT 127.0.0.1:1883, HTTP 127.0.0.1:8080 (override with SHOAL_MQTT_PORT / SHOAL_HTTP_PORT).
+# Ports: MQTT over TLS 127.0.0.1:8883, HTTPS 127.0.0.1:8080 (override with SHOAL_MQTT_PORT /
+# SHOAL_HTTP_PORT).
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$REPO_ROOT"
 manifest="${1:-examples/hello-fleet.yaml}"
-mqtt_port="${SHOAL_MQTT_PORT:-1883}"
+mqtt_port="${SHOAL_MQTT_PORT:-8883}"
 http_port="${SHOAL_HTTP_PORT:-8080}"
 state="$REPO_ROOT/.shoal"
 
@@ -21,7 +24,8 @@ echo "== building (first build takes a few minutes)"
 scripts/build-modules.sh
 cargo build --workspace -q --bins
 bin="$CARGO_TARGET_DIR/debug"
-export SHOAL_BROKER="mqtt://127.0.0.1:$mqtt_port" SHOAL_HUB="http://127.0.0.1:$http_port"
+export SHOAL_BROKER="mqtts://127.0.0.1:$mqtt_port" SHOAL_HUB="https://127.0.0.1:$http_port" \
+  SHOAL_CREDENTIALS="$state/hub/operator"
 
 mkdir -p "$state"
 pids=()
@@ -44,11 +48,13 @@ if ! kill -0 "$hub_pid" 2>/dev/null; then
   cat "$state/hub.log"
   exit 1
 fi
-"$bin/shoal-agent" run --data-dir "$state/agent" --device-id "$(hostname -s | tr 'A-Z_.' 'a-z--' | cut -c1-63)" \
+token=$("$bin/shoal-hub" token create --data-dir "$state/hub" --ttl 10m)
+SHOAL_AGENT_JOIN_TOKEN="$token" "$bin/shoal-agent" run --data-dir "$state/agent" --device-id "$(hostname -s | tr 'A-Z_.' 'a-z--' | cut -c1-63)" \
   --labels role=sensor,zone=local --mdns-interface lo --socket "$state/agent.sock" \
   >"$state/agent.log" 2>&1 &
 pids+=($!)
 echo "== hub: $SHOAL_HUB (log .shoal/hub.log), broker: $SHOAL_BROKER, agent log: .shoal/agent.log"
+echo "   operator credentials: SHOAL_CREDENTIALS=$SHOAL_CREDENTIALS (also for mosquitto_pub --cafile/--cert/--key)"
 echo "   the agent finds the hub over mDNS; see: $bin/shoal-agent peers --socket .shoal/agent.sock"
 
 for _ in $(seq 100); do

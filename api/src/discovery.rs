@@ -139,12 +139,14 @@ pub enum MqttEndpoint {
 }
 
 impl MqttEndpoint {
-    /// The broker URL as reached from an agent that resolved the hub to `addr`.
-    pub fn at(&self, addr: IpAddr) -> BrokerUrl {
+    /// The broker URL as reached from an agent that resolved the hub to `addr` (a hub's own
+    /// broker speaks TLS unless the fleet runs `--insecure`).
+    pub fn at(&self, addr: IpAddr, tls: bool) -> BrokerUrl {
         match self {
             MqttEndpoint::Local(port) => BrokerUrl {
                 host: addr.to_string(),
                 port: *port,
+                tls,
             },
             MqttEndpoint::Remote(url) => url.clone(),
         }
@@ -385,8 +387,8 @@ pub struct SelectedHub {
 /// Picks the hub of `fleet` an agent connects to: among compatible hubs (same fleet, same
 /// protocol, at least one address), the one with the smallest instance name, so that every
 /// agent that sees the same hubs picks the same one. Within a hub, the address is chosen by
-/// [`preferred_addr`].
-pub fn choose_hub(fleet: &str, protocol: u32, hubs: &[SeenHub]) -> HubChoice {
+/// [`preferred_addr`]. `tls`: the agent speaks TLS to the hub (`mqtts://`, `https://`).
+pub fn choose_hub(fleet: &str, protocol: u32, tls: bool, hubs: &[SeenHub]) -> HubChoice {
     let mut choice = HubChoice::default();
     let mut compatible: Vec<(&SeenHub, IpAddr)> = Vec::new();
     for h in hubs {
@@ -416,8 +418,12 @@ pub fn choose_hub(fleet: &str, protocol: u32, hubs: &[SeenHub]) -> HubChoice {
         };
         choice.selected = h.ad.mqtt.first().map(|m| SelectedHub {
             instance: h.instance.clone(),
-            broker: m.at(addr),
-            http: format!("http://{host}:{}", h.ad.http_port),
+            broker: m.at(addr, tls),
+            http: format!(
+                "{}://{host}:{}",
+                if tls { "https" } else { "http" },
+                h.ad.http_port
+            ),
         });
     }
     choice.conflicting = it.map(|(h, _)| h.instance.clone()).collect();
@@ -543,7 +549,7 @@ mod tests {
             vec![a.clone(), b.clone(), other.clone()],
             vec![other.clone(), b.clone(), a.clone()],
         ] {
-            let c = choose_hub("farm", 1, &order);
+            let c = choose_hub("farm", 1, false, &order);
             let s = c.selected.unwrap();
             assert_eq!(s.instance, b.instance);
             assert_eq!(s.broker.to_string(), "mqtt://10.0.0.3:1883");
@@ -554,9 +560,9 @@ mod tests {
         }
         let mut old = a.clone();
         old.ad.protocol = 2;
-        let c = choose_hub("farm", 1, &[old]);
+        let c = choose_hub("farm", 1, false, &[old]);
         assert!(c.selected.is_none() && c.ignored[0].1.contains("protocol 2"));
-        let c = choose_hub("farm", 1, &[hub("x", "farm", &["fe80::1"])]);
+        let c = choose_hub("farm", 1, false, &[hub("x", "farm", &["fe80::1"])]);
         assert!(c.selected.is_none(), "link-local v6 only is unusable");
     }
 
@@ -579,7 +585,7 @@ mod tests {
 
     #[test]
     fn ipv6_hosts_are_bracketed() {
-        let c = choose_hub("farm", 1, &[hub("x", "farm", &["2001:db8::5"])]);
+        let c = choose_hub("farm", 1, false, &[hub("x", "farm", &["2001:db8::5"])]);
         let s = c.selected.unwrap();
         assert_eq!(s.http, "http://[2001:db8::5]:8080");
         assert_eq!(s.broker.host, "2001:db8::5");

@@ -1,15 +1,18 @@
-//! Endpoint URLs given on command lines: the MQTT broker (`mqtt://HOST:PORT`) and the hub's
-//! HTTP API (`http://HOST:PORT`).
+//! Endpoint URLs given on command lines: the MQTT broker (`mqtts://HOST:PORT` over TLS, or
+//! `mqtt://HOST:PORT` in the clear) and the hub's HTTP API (`https://HOST:PORT`).
 
 use std::fmt;
 use std::str::FromStr;
 
-/// An MQTT broker address, `mqtt://HOST[:PORT]` (port 1883 by default). `tcp://` is accepted
-/// as a synonym, as many MQTT tools use it.
+/// An MQTT broker address: `mqtts://HOST[:PORT]` (TLS, port 8883 by default; `ssl://` is a
+/// synonym) or `mqtt://HOST[:PORT]` (plain TCP, port 1883 by default; `tcp://` is a
+/// synonym, as many MQTT tools use it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerUrl {
     pub host: String,
     pub port: u16,
+    /// Over TLS (`mqtts://`).
+    pub tls: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,10 +29,21 @@ impl FromStr for BrokerUrl {
             value: s.to_string(),
             reason,
         };
-        let rest = s
+        let (tls, rest) = if let Some(r) = s
+            .strip_prefix("mqtts://")
+            .or_else(|| s.strip_prefix("ssl://"))
+        {
+            (true, r)
+        } else if let Some(r) = s
             .strip_prefix("mqtt://")
             .or_else(|| s.strip_prefix("tcp://"))
-            .ok_or_else(|| err("expected mqtt://HOST:PORT"))?;
+        {
+            (false, r)
+        } else {
+            return Err(err(
+                "expected mqtts://HOST:PORT (or mqtt://HOST:PORT in the clear)",
+            ));
+        };
         let rest = rest.trim_end_matches('/');
         if rest.contains('/') {
             return Err(err("expected mqtt://HOST:PORT without a path"));
@@ -41,7 +55,7 @@ impl FromStr for BrokerUrl {
                 p.parse::<u16>()
                     .map_err(|_| err("port must be a number 1-65535"))?,
             ),
-            _ => (rest, 1883),
+            _ => (rest, if tls { 8883 } else { 1883 }),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
@@ -53,16 +67,18 @@ impl FromStr for BrokerUrl {
         Ok(Self {
             host: host.to_string(),
             port,
+            tls,
         })
     }
 }
 
 impl fmt::Display for BrokerUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
         if self.host.contains(':') {
-            write!(f, "mqtt://[{}]:{}", self.host, self.port)
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
         } else {
-            write!(f, "mqtt://{}:{}", self.host, self.port)
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
         }
     }
 }
@@ -92,5 +108,12 @@ mod tests {
             assert!(bad.parse::<BrokerUrl>().is_err(), "{bad}");
         }
         assert_eq!(u.to_string(), "mqtt://127.0.0.1:1884");
+        let t: BrokerUrl = "mqtts://hub.local".parse().unwrap();
+        assert_eq!(
+            (t.port, t.tls, t.to_string().as_str()),
+            (8883, true, "mqtts://hub.local:8883")
+        );
+        assert!("ssl://h:1".parse::<BrokerUrl>().unwrap().tls);
+        assert!(!u.tls);
     }
 }

@@ -10,11 +10,13 @@
 //!
 //! No I/O happens in this crate.
 
+pub mod acl;
 pub mod discovery;
 pub mod endpoint;
 pub mod ids;
 pub mod manifest;
 pub mod messages;
+pub mod mqtt_guard;
 pub mod oci;
 pub mod quantity;
 pub mod selector;

@@ -180,6 +180,16 @@ pub struct DesiredState {
     pub workloads: Vec<DesiredWorkload>,
 }
 
+/// What the hub publishes on `devices/{d}/desired`: a [`DesiredState`]'s exact JSON bytes
+/// (base64) and the hub's ed25519 signature over them (base64). Agents verify the signature
+/// with the key they received at enrollment *before* parsing the state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SignedDesired {
+    pub state: String,
+    pub signature: String,
+}
+
 /// The observed state of one replica on a device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

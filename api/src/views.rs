@@ -140,3 +140,34 @@ pub struct BlobRef {
 pub struct ApiError {
     pub error: String,
 }
+
+/// `POST /v1/enroll`: a device joins with a one-time token and a certificate signing
+/// request for the key it generated (the key itself never leaves the device).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollRequest {
+    /// The whole join token (`SHL1.…`), sent only after the hub proved it holds the CA the
+    /// token pins.
+    pub token: String,
+    pub device: String,
+    pub csr: String,
+}
+
+/// `POST /v1/renew`, authenticated by the device's current certificate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RenewRequest {
+    pub csr: String,
+}
+
+/// The answer to an enrollment or renewal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Enrolled {
+    /// The device certificate (PEM), its common name the device id.
+    pub certificate: String,
+    /// The fleet CA (PEM).
+    pub ca: String,
+    /// The hub's ed25519 public key (base64) that signs desired states.
+    pub signing_key: String,
+}

@@ -18,27 +18,33 @@ use shoal_api::topics;
 use shoal_api::views::{ApiError, BlobRef, DeviceView, WorkloadView};
 use shoal_api::workload::{validate_all, ModuleRef};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser)]
 #[command(name = "shoal", version, about = "Operate a Shoal fleet")]
 struct Cli {
-    /// MQTT broker of the fleet.
+    /// MQTT broker of the fleet (`mqtt://` only for a hub run --insecure).
     #[arg(
         long,
         global = true,
         env = "SHOAL_BROKER",
-        default_value = "mqtt://127.0.0.1:1883"
+        default_value = "mqtts://127.0.0.1:8883"
     )]
     broker: BrokerUrl,
-    /// HTTP API of the hub.
+    /// HTTP API of the hub (`http://` only for a hub run --insecure).
     #[arg(
         long,
         global = true,
         env = "SHOAL_HUB",
-        default_value = "http://127.0.0.1:8080"
+        default_value = "https://127.0.0.1:8080"
     )]
     hub: String,
+    /// The operator credential bundle (ca.pem, operator.pem, operator.key) the hub writes to
+    /// its DATA_DIR/operator [default: ~/.config/shoal/operator, else ./.shoal/hub/operator,
+    /// where scripts/up.sh keeps its hub].
+    #[arg(long, global = true, env = "SHOAL_CREDENTIALS", value_name = "DIR")]
+    credentials: Option<PathBuf>,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -175,13 +181,67 @@ async fn main() {
     }
 }
 
+/// The operator's TLS client configuration, from the credential bundle.
+fn operator_tls(dir: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let dir = match dir {
+        Some(d) => d.to_path_buf(),
+        None => {
+            let home =
+                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/shoal/operator"));
+            let local = PathBuf::from(".shoal/hub/operator");
+            match home.filter(|h| h.join("operator.pem").exists()) {
+                Some(h) => h,
+                None if local.join("operator.pem").exists() => local,
+                None => return Err("no operator credentials found: point --credentials (or SHOAL_CREDENTIALS) at the hub's DATA_DIR/operator, or copy that directory to ~/.config/shoal/operator".into()),
+            }
+        }
+    };
+    let read = |f: &str| {
+        std::fs::read_to_string(dir.join(f)).map_err(|e| {
+            format!(
+                "operator credentials {:?}: {e}",
+                dir.join(f).display().to_string()
+            )
+        })
+    };
+    let identity =
+        shoal_pki::tls::ClientIdentity::new(&read("operator.pem")?, &read("operator.key")?)
+            .map_err(|e| {
+                format!(
+                    "operator credentials in {:?}: {e}",
+                    dir.display().to_string()
+                )
+            })?;
+    shoal_pki::tls::client_config(&read("ca.pem")?, Some(identity)).map_err(|e| {
+        format!(
+            "operator credentials in {:?}: {e}",
+            dir.display().to_string()
+        )
+    })
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     shoal_registry::install_crypto();
-    let hub = Hub::new(&cli.hub)?;
+    // Loaded only if a TLS endpoint is used; an error is reported when one is.
+    let tls = if cli.hub.starts_with("https://") || cli.broker.tls {
+        operator_tls(cli.credentials.as_deref())
+    } else {
+        Err("unused".into())
+    };
+    let hub = Hub::new(&cli.hub, &tls)?;
     let registries = registries(&cli);
     match cli.command {
         Command::Apply { file, timeout } => {
-            apply(&cli.broker, &hub, &registries, &file, timeout, cli.output).await
+            apply(
+                &cli.broker,
+                &tls,
+                &hub,
+                &registries,
+                &file,
+                timeout,
+                cli.output,
+            )
+            .await
         }
         Command::Push {
             file,
@@ -246,22 +306,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 struct Hub {
     base: String,
-    http: reqwest::Client,
+    /// `Err`: no client could be made (missing operator credentials), said on first use.
+    client: Result<reqwest::Client, String>,
 }
 
 impl Hub {
-    fn new(base: &str) -> anyhow::Result<Self> {
-        if !base.starts_with("http://") && !base.starts_with("https://") {
-            bail!("hub address {base:?} is invalid: expected http://HOST:PORT");
+    fn new(base: &str, tls: &Result<Arc<rustls::ClientConfig>, String>) -> anyhow::Result<Self> {
+        let secure = base.starts_with("https://");
+        if !secure && !base.starts_with("http://") {
+            bail!("hub address {base:?} is invalid: expected https://HOST:PORT");
         }
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .context("cannot create http client")?;
+        let builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
+        let client = match (secure, tls) {
+            (false, _) => Ok(builder),
+            (true, Ok(t)) => Ok(builder.use_preconfigured_tls((**t).clone())),
+            (true, Err(e)) => Err(e.clone()),
+        }
+        .and_then(|b| {
+            b.build()
+                .map_err(|e| format!("cannot create an http client: {e}"))
+        });
         Ok(Self {
             base: base.trim_end_matches('/').to_string(),
-            http,
+            client,
         })
+    }
+
+    fn http(&self) -> anyhow::Result<&reqwest::Client> {
+        self.client.as_ref().map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     async fn check(
@@ -285,7 +357,10 @@ impl Hub {
     async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let r = self
             .check(
-                self.http.get(format!("{}{path}", self.base)).send().await,
+                self.http()?
+                    .get(format!("{}{path}", self.base))
+                    .send()
+                    .await,
                 path,
             )
             .await?;
@@ -294,7 +369,7 @@ impl Hub {
 
     async fn delete(&self, path: &str) -> anyhow::Result<()> {
         self.check(
-            self.http
+            self.http()?
                 .delete(format!("{}{path}", self.base))
                 .send()
                 .await,
@@ -306,7 +381,7 @@ impl Hub {
 
     async fn post_json(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<()> {
         self.check(
-            self.http
+            self.http()?
                 .post(format!("{}{path}", self.base))
                 .json(body)
                 .send()
@@ -321,7 +396,10 @@ impl Hub {
     async fn device_action(&self, device: &str, action: &str) -> anyhow::Result<()> {
         let path = format!("/v1/devices/{device}/{action}");
         self.check(
-            self.http.post(format!("{}{path}", self.base)).send().await,
+            self.http()?
+                .post(format!("{}{path}", self.base))
+                .send()
+                .await,
             &path,
         )
         .await?;
@@ -332,7 +410,7 @@ impl Hub {
     async fn put_blob(&self, bytes: Vec<u8>) -> anyhow::Result<BlobRef> {
         let r = self
             .check(
-                self.http
+                self.http()?
                     .post(format!("{}/v1/blobs", self.base))
                     .body(bytes)
                     .send()
@@ -388,6 +466,7 @@ fn report(errors: &[ManifestError]) -> anyhow::Error {
 
 async fn apply(
     broker: &BrokerUrl,
+    tls: &Result<Arc<rustls::ClientConfig>, String>,
     hub: &Hub,
     registries: &shoal_registry::Registries,
     file: &Path,
@@ -479,7 +558,7 @@ async fn apply(
         return Err(report(&errors));
     }
     let payload = to_yaml_stream(&manifests).context("cannot encode manifest")?;
-    let result = publish_apply(broker, payload, timeout).await?;
+    let result = publish_apply(broker, tls, payload, timeout).await?;
     if output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&result)?);
     }
@@ -497,11 +576,18 @@ async fn apply(
 /// Publishes on `shoal/v1/apply/{req}` and waits for `shoal/v1/results/{req}`.
 async fn publish_apply(
     broker: &BrokerUrl,
+    tls: &Result<Arc<rustls::ClientConfig>, String>,
     payload: String,
     timeout: Duration,
 ) -> anyhow::Result<ApplyResult> {
     let req = format!("{:016x}", rand::random::<u64>());
     let mut opts = MqttOptions::new(format!("shoal-cli-{req}"), broker.host.clone(), broker.port);
+    if broker.tls {
+        let tls = tls.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls.clone()),
+        ));
+    }
     opts.set_keep_alive(Duration::from_secs(10));
     opts.set_max_packet_size(8 << 20, 8 << 20);
     let (client, mut events) = AsyncClient::new(opts, 16);

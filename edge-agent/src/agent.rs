@@ -66,6 +66,13 @@ pub struct AgentConfig {
     pub wasm: bool,
     /// How long a workload's volumes outlive its leaving this device.
     pub volume_retention: Duration,
+    /// Plain MQTT and HTTP, no device certificate, desired state not verified (local
+    /// development with a hub run `--insecure`).
+    pub insecure: bool,
+    /// A join token for enrolling (used only while the device has no certificate).
+    pub join_token: Option<shoal_pki::token::JoinToken>,
+    /// The hub's HTTP API for enrollment, e.g. `https://hub.local:8080`.
+    pub hub_url: Option<String>,
 }
 
 /// Where containerd listens, and the namespace the agent keeps its containers in.
@@ -107,6 +114,8 @@ pub enum AgentError {
     Local(#[from] crate::local::LocalError),
     #[error("no broker given and mDNS is off: give --broker, or drop --no-mdns to find the hub")]
     NoBroker,
+    #[error(transparent)]
+    Enroll(#[from] crate::enroll::EnrollError),
 }
 
 /// Runs the agent until `shutdown` is cancelled.
@@ -119,8 +128,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     }
     let store = SledStore::open(&config.data_dir)?;
     let registries = Arc::new(shoal_registry::Registries::new(config.registries.clone()));
-    let fetcher = Fetcher::new(&config.data_dir, registries.clone())?;
-    let containers = containers(&config, &store, registries).await;
+    let containers = containers(&config, &store, registries.clone()).await;
     let tracker = TaskTracker::new();
     let engine_stop = CancellationToken::new();
     let (runtime, ticker) = WasmRuntime::new(
@@ -135,7 +143,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     // Discovery and the local API stop with the main loop; the bus outlives it by a moment,
     // to announce a clean departure.
     let loop_stop = shutdown.child_token();
-    let (mdns_tx, mdns_rx) = mpsc::channel(256);
+    let (mdns_tx, mut mdns_rx) = mpsc::channel(256);
     // Neither discovery nor the local API is worth refusing to run the persisted workloads
     // for: without them the agent still works offline (and with --broker, online).
     let started = config.mdns.as_ref().map(|opts| {
@@ -157,6 +165,46 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         }
         None => (None, Arc::new(NoDiscovery)),
     };
+    // The device's identity: saved credentials, or enrollment now (at --hub, or at the hub
+    // mDNS finds; browse results seen meanwhile are replayed into the main loop).
+    let mut early_mdns = Vec::new();
+    let mut hubs_browsed = false;
+    let identity = if config.insecure {
+        warn!("--insecure: plain MQTT and HTTP, desired state not verified; for local development only");
+        None
+    } else {
+        let enrolled =
+            shoal_pki::device::DeviceCredentials::load(&crate::enroll::pki_dir(&config.data_dir))
+                .map_err(crate::enroll::EnrollError::from)?
+                .is_some();
+        let hub = match (&config.hub_url, enrolled, &mdns) {
+            (Some(u), _, _) => Some(u.clone()),
+            (None, false, Some(_)) if config.join_token.is_some() => {
+                match discovery.browse(discovery::HUB_SERVICE, mdns_tx.clone()) {
+                    Ok(()) => {
+                        hubs_browsed = true;
+                        find_hub(&config, &mut mdns_rx, &mut early_mdns, &shutdown).await
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "cannot browse for the hub over mdns");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        Some(
+            crate::enroll::identity(
+                &config.data_dir,
+                &config.device_id,
+                config.join_token.as_ref(),
+                hub.as_deref(),
+            )
+            .await?,
+        )
+    };
+    let tls = identity.as_ref().map(|i| i.client.clone());
+    let fetcher = Fetcher::new(&config.data_dir, registries.clone(), tls.clone())?;
     let (local_tx, local_rx) = mpsc::channel(16);
     if let Some(sock) = &config.socket {
         match local::serve(&sock.path, local_tx, &tracker, loop_stop.clone()).await {
@@ -171,10 +219,18 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let bus_stop = CancellationToken::new();
     let (bus_tx, bus_rx) = mpsc::channel(64);
     let (broker_tx, broker_rx) = watch::channel(config.broker.clone());
-    let (hub_http_tx, hub_http_rx) = watch::channel(None);
+    let (hub_http_tx, hub_http_rx) = watch::channel(config.hub_url.clone());
+    if let Some(id) = &identity {
+        tracker.spawn(crate::enroll::renew_loop(
+            id.clone(),
+            hub_http_rx.clone(),
+            loop_stop.clone(),
+        ));
+    }
     let bus = bus::connect(
         broker_rx,
         &config.device_id,
+        tls,
         bus_tx,
         &tracker,
         bus_stop.clone(),
@@ -205,7 +261,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                 .mdns
                 .as_ref()
                 .is_some_and(|m| m.loopback || m.interfaces.iter().any(|i| i == "lo")),
-        ),
+        )
+        .with_tls(!config.insecure),
+        hub_key: identity.map(|i| i.hub_key),
+        hubs_browsed,
         files: ServiceFiles::new(&config.data_dir),
         config,
         store,
@@ -227,6 +286,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         gone_tx,
     };
     agent.advertise_self();
+    for ev in early_mdns {
+        agent.on_mdns(ev);
+    }
     for trash in agent.shared.volumes.leftover_trash() {
         agent.delete_in_background(trash);
     }
@@ -252,6 +314,40 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     tracker.wait().await;
     info!("agent stopped");
     Ok(())
+}
+
+/// Browses until mDNS finds a hub of the fleet to enroll with; returns its HTTP URL (`None`
+/// on shutdown). Every browse result is kept in `seen` for the main loop.
+async fn find_hub(
+    config: &AgentConfig,
+    rx: &mut mpsc::Receiver<MdnsEvent>,
+    seen: &mut Vec<MdnsEvent>,
+    shutdown: &CancellationToken,
+) -> Option<String> {
+    info!("not enrolled yet: looking for the fleet's hub over mDNS to enroll with");
+    let mut dir = Directory::new(
+        &config.fleet,
+        shoal_api::PROTOCOL_VERSION,
+        config.device_id.clone(),
+    )
+    .with_loopback(
+        config
+            .mdns
+            .as_ref()
+            .is_some_and(|m| m.loopback || m.interfaces.iter().any(|i| i == "lo")),
+    );
+    loop {
+        let ev = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            ev = rx.recv() => ev?,
+        };
+        seen.push(ev.clone());
+        dir.apply(ev, now_ms());
+        if let Some(hub) = dir.hub_choice().selected {
+            info!(hub = %hub.instance, http = %hub.http, "hub found over mDNS; enrolling");
+            return Some(hub.http);
+        }
+    }
 }
 
 /// The container runtime: containerd, when configured and answering (then the device offers
@@ -362,6 +458,10 @@ struct Agent<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> {
     files: ServiceFiles,
     broker_tx: watch::Sender<Option<BrokerUrl>>,
     hub_http_tx: watch::Sender<Option<String>>,
+    /// The hub service is browsed already (to find a hub to enroll with).
+    hubs_browsed: bool,
+    /// The hub's signing key; `None` for an `--insecure` agent (nothing to verify with).
+    hub_key: Option<shoal_pki::sign::HubKey>,
     hub: HubState,
     /// Service adverts of this device's running replicas: instance name → mDNS full name.
     advertised: BTreeMap<String, String>,
@@ -485,6 +585,9 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
             warn!(error = %e, "cannot advertise this device over mdns");
         }
         for ty in [discovery::HUB_SERVICE, discovery::AGENT_SERVICE] {
+            if ty == discovery::HUB_SERVICE && self.hubs_browsed {
+                continue; // already browsed for enrollment
+            }
             if let Err(e) = self.discovery.browse(ty, self.mdns_tx.clone()) {
                 warn!(error = %e, "cannot browse over mdns");
             }
@@ -691,25 +794,23 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         if payload.is_empty() {
             return; // a cleared retained message
         }
-        let d: DesiredState = match serde_json::from_slice(payload) {
+        let have = self.desired.as_ref().map_or(0, |c| c.generation);
+        let d = match shoal_pki::sign::verify_desired(
+            self.hub_key.as_ref(),
+            &self.config.device_id,
+            have,
+            payload,
+        ) {
             Ok(d) => d,
+            Err(shoal_pki::sign::Rejected::Same(g)) => {
+                debug!(generation = g, "desired state in force delivered again");
+                return;
+            }
             Err(e) => {
-                warn!(error = %e, "malformed desired state ignored");
+                warn!(reason = %e, "desired state rejected; nothing changes");
                 return;
             }
         };
-        if d.device_id != self.config.device_id {
-            warn!(claimed = %d.device_id, "desired state for another device ignored");
-            return;
-        }
-        let have = self.desired.as_ref().map_or(0, |c| c.generation);
-        if d.generation <= have {
-            debug!(
-                generation = d.generation,
-                have, "desired state not newer; ignored"
-            );
-            return;
-        }
         // Durable before acted on.
         if let Err(e) = self.store.save_desired(&d) {
             warn!(generation = d.generation, error = %e, "cannot persist desired state; not acting on it");

@@ -1,4 +1,5 @@
-//! The agent's MQTT adapter (rumqttc, MQTT 3.1.1, which every broker speaks).
+//! The agent's MQTT adapter (rumqttc, MQTT 3.1.1, which every broker speaks), over TLS with
+//! the device certificate unless the agent runs `--insecure`.
 //!
 //! On every (re)connect it subscribes to the device's desired topic and announces itself
 //! (retained `online` presence, retained hello); its last will marks it `offline`. The broker
@@ -10,6 +11,7 @@ use shoal_api::endpoint::BrokerUrl;
 use shoal_api::ids::DeviceId;
 use shoal_api::topics;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -61,12 +63,21 @@ impl Bus for MqttBus {
 /// Largest message the agent accepts (a desired state for a busy device).
 const MAX_PACKET: usize = 4 << 20;
 
-fn options(broker: &BrokerUrl, device: &DeviceId) -> MqttOptions {
+fn options(
+    broker: &BrokerUrl,
+    device: &DeviceId,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> MqttOptions {
     let mut opts = MqttOptions::new(
-        format!("shoal-agent-{device}"),
+        format!("{}{device}", shoal_api::acl::AGENT_CLIENT_PREFIX),
         broker.host.clone(),
         broker.port,
     );
+    if let (true, Some(tls)) = (broker.tls, tls) {
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls.clone()),
+        ));
+    }
     opts.set_keep_alive(Duration::from_secs(10));
     opts.set_clean_session(true);
     opts.set_max_packet_size(MAX_PACKET, MAX_PACKET);
@@ -85,6 +96,7 @@ fn options(broker: &BrokerUrl, device: &DeviceId) -> MqttOptions {
 pub fn connect(
     mut target: watch::Receiver<Option<BrokerUrl>>,
     device: &DeviceId,
+    tls: Option<Arc<rustls::ClientConfig>>,
     tx: mpsc::Sender<BusEvent>,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
@@ -92,8 +104,9 @@ pub fn connect(
     let placeholder = BrokerUrl {
         host: "127.0.0.1".into(),
         port: 1883,
+        tls: false,
     };
-    let (client, mut eventloop) = AsyncClient::new(options(&placeholder, device), 256);
+    let (client, mut eventloop) = AsyncClient::new(options(&placeholder, device, None), 256);
     let mut net = rumqttc::NetworkOptions::new();
     net.set_tcp_nodelay(true);
     eventloop.set_network_options(net);
@@ -106,13 +119,23 @@ pub fn connect(
         let mut failures = 0u32;
         loop {
             let wanted = target.borrow_and_update().clone();
+            if let (Some(b), Some(_)) = (&wanted, &tls) {
+                if !b.tls && wanted != current {
+                    warn!(broker = %b, "refusing plain MQTT: this agent speaks TLS only (run both hub and agent with --insecure for a plain-TCP development fleet)");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        r = target.changed() => if r.is_err() { break },
+                    }
+                    continue;
+                }
+            }
             if wanted.is_some() && wanted != current {
                 if let Some(old) = &current {
                     info!(from = %old, to = ?wanted.as_ref().map(ToString::to_string), "hub moved; reconnecting");
                 }
                 current = wanted;
                 if let Some(b) = &current {
-                    eventloop.mqtt_options = options(b, &device);
+                    eventloop.mqtt_options = options(b, &device, tls.as_ref());
                 }
                 // Drop the old connection. What was queued is lost with the clean session;
                 // harmless, since every message is level-based and re-sent on connect.

@@ -59,6 +59,8 @@ pub struct Directory {
     /// loopback): otherwise anyone on the LAN could point a hub or a service endpoint at this
     /// device's own loopback services.
     allow_loopback: bool,
+    /// Reach hubs over TLS (`mqtts://`, `https://`); off only for `--insecure` agents.
+    tls: bool,
 }
 
 impl Directory {
@@ -72,7 +74,14 @@ impl Directory {
             peers: BTreeMap::new(),
             services: BTreeMap::new(),
             allow_loopback: false,
+            tls: true,
         }
+    }
+
+    /// Reach hubs in the clear (an agent run with `--insecure`).
+    pub fn with_tls(mut self, tls: bool) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Believe loopback addresses in records (single-host development over loopback mDNS).
@@ -197,7 +206,7 @@ impl Directory {
     /// The hub to use (see [`choose_hub`]).
     pub fn hub_choice(&self) -> HubChoice {
         let hubs: Vec<SeenHub> = self.hubs.values().map(|h| h.hub.clone()).collect();
-        choose_hub(&self.fleet, self.protocol, &hubs)
+        choose_hub(&self.fleet, self.protocol, self.tls, &hubs)
     }
 
     pub fn hubs(&self) -> impl Iterator<Item = &HubEntry> {
@@ -287,7 +296,7 @@ mod tests {
         );
         assert_eq!(
             d.hub_choice().selected.unwrap().broker.to_string(),
-            "mqtt://10.0.0.1:1883"
+            "mqtts://10.0.0.1:1883"
         );
         // The same record again changes nothing; a new address does.
         assert_eq!(
@@ -302,7 +311,7 @@ mod tests {
         );
         assert_eq!(
             d.hub_choice().selected.unwrap().broker.to_string(),
-            "mqtt://10.0.0.7:1883"
+            "mqtts://10.0.0.7:1883"
         );
         assert_eq!(d.hubs().next().unwrap().first_seen_ms, 1);
         // Another fleet's hub is seen but never chosen.

@@ -42,21 +42,25 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
+    /// `tls`: the device's TLS configuration for the hub (fleet CA, device certificate);
+    /// `None` for an `--insecure` agent.
     pub fn new(
         data_dir: &Path,
         registries: std::sync::Arc<shoal_registry::Registries>,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     ) -> Result<Self, FetchError> {
         let dir = data_dir.join("cache").join("modules");
         std::fs::create_dir_all(&dir).map_err(|source| FetchError::Io {
             path: dir.display().to_string(),
             source,
         })?;
-        let http = crate::http_client(
-            reqwest::Client::builder()
-                .connect_timeout(std::time::Duration::from_secs(5))
-                .timeout(std::time::Duration::from_secs(120)),
-        )
-        .map_err(|e| FetchError::Http {
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .timeout(std::time::Duration::from_secs(120));
+        if let Some(tls) = tls {
+            builder = builder.use_preconfigured_tls((*tls).clone());
+        }
+        let http = crate::http_client(builder).map_err(|e| FetchError::Http {
             digest: String::new(),
             url: String::new(),
             reason: e.to_string(),

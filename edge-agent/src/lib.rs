@@ -5,6 +5,7 @@ pub mod bus;
 #[cfg(feature = "containerd")]
 pub mod containerd;
 pub mod directory;
+pub mod enroll;
 pub mod fetch;
 pub mod health;
 pub mod local;

@@ -100,6 +100,18 @@ struct RunArgs {
     /// back (e.g. 0s, 30m, 24h) [default: 24h].
     #[arg(long, env = "SHOAL_AGENT_VOLUME_RETENTION", value_parser = parse_duration)]
     volume_retention: Option<Duration>,
+    /// A one-time join token from `shoal-hub token create`, to enroll this device (only
+    /// needed until it holds a certificate, in DATA_DIR/pki).
+    #[arg(long, env = "SHOAL_AGENT_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// The hub's HTTP API, https://HOST:PORT (for enrollment and module downloads)
+    /// [default: found over mDNS].
+    #[arg(long, env = "SHOAL_HUB")]
+    hub: Option<String>,
+    /// Plain MQTT and HTTP, no device certificate, desired state not verified: only with a
+    /// hub run --insecure, for local development.
+    #[arg(long, env = "SHOAL_AGENT_INSECURE")]
+    insecure: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -148,6 +160,9 @@ struct FileConfig {
     #[serde(default)]
     containerd: ContainerdFile,
     volume_retention: Option<String>,
+    hub: Option<String>,
+    #[serde(default)]
+    insecure: bool,
 }
 
 fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
@@ -194,6 +209,17 @@ fn agent_config(a: RunArgs) -> anyhow::Result<AgentConfig> {
         ),
         (None, None) => None,
     };
+    let insecure = a.insecure || file.insecure;
+    if let Some(b) = broker.as_ref().filter(|b| !b.tls && !insecure) {
+        bail!("broker {b} is plain MQTT: use mqtts://{}:{} (the hub's TLS port), or --insecure with a hub run --insecure", b.host, b.port);
+    }
+    let hub_url = a.hub.or(file.hub);
+    if let Some(h) = &hub_url {
+        let plain = h.starts_with("http://");
+        if !(h.starts_with("https://") || plain) || (plain && !insecure) {
+            bail!("hub URL {h:?} is invalid: expected https://HOST:PORT");
+        }
+    }
     let fleet = shoal_api::discovery::fleet_or_default(a.fleet.or(file.fleet))
         .map_err(anyhow::Error::msg)?;
     let mdns = a.mdns.options(&file.mdns);
@@ -248,6 +274,13 @@ fn agent_config(a: RunArgs) -> anyhow::Result<AgentConfig> {
         (None, None) => DEFAULT_VOLUME_RETENTION,
     };
     Ok(AgentConfig {
+        insecure,
+        // Parsed here, not by clap, whose error would echo the secret.
+        join_token: a
+            .join_token
+            .map(|t| t.parse::<shoal_pki::token::JoinToken>())
+            .transpose()?,
+        hub_url,
         registries,
         containerd,
         wasm: !a.no_wasm,
@@ -366,6 +399,9 @@ mod tests {
             no_containerd: false,
             no_wasm: false,
             volume_retention: None,
+            join_token: None,
+            hub: None,
+            insecure: false,
         }
     }
 

@@ -6,12 +6,20 @@
 //! by protocol level, and splices the bytes through. That dispatcher is written here because it
 //! is a dozen lines of framing that no crate offers on its own.
 //!
+//! With TLS (the default) the front listener also terminates TLS, requires a client
+//! certificate from the fleet CA, and passes every packet the client sends through
+//! [`shoal_api::mqtt_guard`], which enforces the fleet's topic ACL; rumqttd then only accepts the
+//! private login the guard writes into CONNECT, so nothing reaches it around the front.
+//!
 //! rumqttd has no shutdown API: its threads live for the life of the process (see
 //! docs/adr/0001-embedded-broker.md). The front listener does stop on shutdown, which closes
 //! the port to new clients.
 
+use shoal_api::acl::Identity;
+use shoal_api::mqtt_guard::{packet_len, refusal, Guard, Pass};
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -32,13 +40,27 @@ pub enum BrokerError {
 
 /// Largest MQTT payload the embedded broker accepts (manifests, desired state).
 pub const MAX_PAYLOAD: usize = 4 << 20;
+const _: () = assert!(shoal_api::mqtt_guard::MAX_PACKET > MAX_PAYLOAD);
 
-/// Starts rumqttd and the front listener on `listen`. Returns the bound address.
+/// The running embedded broker.
+#[derive(Debug, Clone)]
+pub struct Embedded {
+    /// The front listener's address (what devices and operators dial).
+    pub addr: SocketAddr,
+    /// rumqttd's MQTT 5 listener on loopback, for the hub's own connection.
+    pub backend: SocketAddr,
+    /// The private login rumqttd requires (with TLS on).
+    pub login: Option<(String, String)>,
+}
+
+/// Starts rumqttd and the front listener on `listen`: TLS with client certificates and the
+/// ACL when `tls` is given, plain TCP otherwise (`--insecure`).
 pub async fn start(
     listen: SocketAddr,
+    tls: Option<Arc<rustls::ServerConfig>>,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
-) -> Result<SocketAddr, BrokerError> {
+) -> Result<Embedded, BrokerError> {
     let front = TcpListener::bind(listen)
         .await
         .map_err(|source| BrokerError::Listen {
@@ -51,7 +73,14 @@ pub async fn start(
     })?;
     let v4 = free_loopback_port()?;
     let v5 = free_loopback_port()?;
-    let config = rumqttd_config(v4, v5);
+    let login = tls.as_ref().map(|_| {
+        (
+            "shoal-front".to_string(),
+            hex::encode(rand::random::<[u8; 16]>()),
+        )
+    });
+    let config = rumqttd_config(v4, v5, login.clone());
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     // rumqttd's `start` blocks for the life of its servers; give it a thread of its own.
     std::thread::Builder::new()
         .name("mqtt-broker".into())
@@ -64,8 +93,9 @@ pub async fn start(
         .map_err(|e| BrokerError::Start(e.to_string()))?;
     wait_for(v4).await?;
     wait_for(v5).await?;
-    info!(%bound, "embedded MQTT broker listening (3.1.1 and 5)");
+    info!(%bound, tls = acceptor.is_some(), "embedded MQTT broker listening (3.1.1 and 5)");
     let t = tracker.clone();
+    let front_login = login.clone();
     tracker.spawn(async move {
         loop {
             tokio::select! {
@@ -73,10 +103,17 @@ pub async fn start(
                 accepted = front.accept() => match accepted {
                     Ok((conn, peer)) => {
                         let stop = shutdown.clone();
+                        let secure = acceptor.clone().zip(front_login.clone());
                         t.spawn(async move {
+                            let serve = async {
+                                match secure {
+                                    Some((a, login)) => dispatch_tls(conn, peer, a, v4, v5, login).await,
+                                    None => dispatch(conn, v4, v5).await,
+                                }
+                            };
                             tokio::select! {
                                 _ = stop.cancelled() => {}
-                                r = dispatch(conn, v4, v5) => if let Err(e) = r {
+                                r = serve => if let Err(e) = r {
                                     debug!(%peer, error = %e, "mqtt connection ended");
                                 }
                             }
@@ -90,7 +127,11 @@ pub async fn start(
             }
         }
     });
-    Ok(bound)
+    Ok(Embedded {
+        addr: bound,
+        backend: v5,
+        login,
+    })
 }
 
 fn free_loopback_port() -> Result<SocketAddr, BrokerError> {
@@ -113,12 +154,16 @@ async fn wait_for(addr: SocketAddr) -> Result<(), BrokerError> {
     )))
 }
 
-fn rumqttd_config(v4: SocketAddr, v5: SocketAddr) -> rumqttd::Config {
+fn rumqttd_config(
+    v4: SocketAddr,
+    v5: SocketAddr,
+    login: Option<(String, String)>,
+) -> rumqttd::Config {
     let connections = rumqttd::ConnectionSettings {
         connection_timeout_ms: 10_000,
         max_payload_size: MAX_PAYLOAD,
         max_inflight_count: 100,
-        auth: None,
+        auth: login.map(|(u, p)| HashMap::from([(u, p)])),
         external_auth: None,
         dynamic_filters: true,
     };
@@ -175,6 +220,138 @@ async fn dispatch(mut conn: TcpStream, v4: SocketAddr, v5: SocketAddr) -> std::i
     let up = TcpStream::connect(backend).await?;
     up.set_nodelay(true)?;
     splice(conn, up).await
+}
+
+/// The TLS front: handshake (client certificate required), identity from the certificate,
+/// then every client packet through the [`Guard`]; a violation closes the connection with a
+/// logged reason (and a "not authorized" CONNACK or MQTT 5 DISCONNECT where the protocol has
+/// one).
+async fn dispatch_tls(
+    conn: TcpStream,
+    peer: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    v4: SocketAddr,
+    v5: SocketAddr,
+    login: (String, String),
+) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    conn.set_nodelay(true)?;
+    let timeout = |what: &'static str| std::io::Error::new(std::io::ErrorKind::TimedOut, what);
+    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(conn)).await {
+        Err(_) => return Err(timeout("no TLS handshake within 10s")),
+        Ok(Err(e)) => {
+            warn!(%peer, error = %e, "mqtt client refused: TLS handshake failed (no or untrusted client certificate?)");
+            return Err(e);
+        }
+        Ok(Ok(t)) => t,
+    };
+    let who = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(shoal_pki::tls::common_name)
+        .and_then(|cn| Identity::from_common_name(&cn));
+    let Some(who) = who else {
+        warn!(%peer, "mqtt client refused: its certificate names no fleet identity");
+        return Ok(());
+    };
+    let (mut client_rx, mut client_tx) = tokio::io::split(tls);
+    let mut guard = Guard::new(who, login);
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut chunk = vec![0u8; 16 * 1024];
+    // The first packet: CONNECT, which picks the backend by protocol level.
+    let first = loop {
+        if let Some(n) = packet_len(&buf).map_err(invalid)? {
+            break buf.drain(..n).collect::<Vec<u8>>();
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), client_rx.read(&mut chunk))
+            .await
+            .map_err(|_| timeout("no CONNECT within 10s"))??;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let level = match parse_level(&first) {
+        Parse::Level(l) => l,
+        _ => 4,
+    };
+    let connect = match guard.check(&first) {
+        Ok(Pass::Rewritten(c)) => c,
+        Ok(Pass::AsIs) => first,
+        Err(v) => {
+            warn!(%peer, identity = %guard.identity(), reason = %v, "mqtt client refused at CONNECT");
+            if let Some(r) = refusal(None, true, level) {
+                let _ = client_tx.write_all(&r).await;
+            }
+            return Ok(());
+        }
+    };
+    let up = TcpStream::connect(if level == 5 { v5 } else { v4 }).await?;
+    up.set_nodelay(true)?;
+    let (mut up_rx, mut up_tx) = up.into_split();
+    up_tx.write_all(&connect).await?;
+    let to_broker = async {
+        loop {
+            while let Some(n) = packet_len(&buf)? {
+                let packet: Vec<u8> = buf.drain(..n).collect();
+                match guard.check(&packet)? {
+                    Pass::AsIs => up_tx.write_all(&packet).await,
+                    Pass::Rewritten(p) => up_tx.write_all(&p).await,
+                }
+                .map_err(Violation::Io)?;
+            }
+            let n = client_rx.read(&mut chunk).await.map_err(Violation::Io)?;
+            if n == 0 {
+                return Ok::<(), Violation>(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    let mut out = vec![0u8; 16 * 1024];
+    let to_client = async {
+        loop {
+            let n = up_rx.read(&mut out).await?;
+            quick_ack(up_rx.as_ref());
+            if n == 0 {
+                return client_tx.shutdown().await;
+            }
+            client_tx.write_all(&out[..n]).await?;
+        }
+    };
+    let r = tokio::select! {
+        r = to_broker => r,
+        r = to_client => r.map_err(Violation::Io),
+    };
+    match r {
+        Err(Violation::Guard(v)) => {
+            warn!(%peer, identity = %guard.identity(), reason = %v, "mqtt client disconnected");
+            if let Some(r) = refusal(guard.level(), false, level) {
+                let _ = client_tx.write_all(&r).await;
+            }
+            let _ = client_tx.shutdown().await;
+            Ok(())
+        }
+        Err(Violation::Io(e)) => Err(e),
+        Ok(()) => Ok(()),
+    }
+}
+
+fn invalid(v: shoal_api::mqtt_guard::Violation) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, v.to_string())
+}
+
+/// How a guarded connection ended badly.
+enum Violation {
+    Guard(shoal_api::mqtt_guard::Violation),
+    Io(std::io::Error),
+}
+
+impl From<shoal_api::mqtt_guard::Violation> for Violation {
+    fn from(v: shoal_api::mqtt_guard::Violation) -> Self {
+        Violation::Guard(v)
+    }
 }
 
 /// Copies both ways until either side closes. rumqttd does not set TCP_NODELAY on the sockets

@@ -161,15 +161,38 @@ impl Backlog {
     }
 }
 
+/// How the hub proves itself to the broker.
+#[derive(Clone)]
+pub enum BusAuth {
+    /// Nothing (`--insecure`).
+    None,
+    /// The embedded broker's private login (on its loopback backend port).
+    Login(String, String),
+    /// TLS with the hub's client certificate (an external `mqtts://` broker).
+    Tls(std::sync::Arc<rustls::ClientConfig>),
+}
+
 /// Connects to `broker` and spawns the event loop task; events go to `tx`.
 pub fn connect(
     broker: &BrokerUrl,
     client_id: &str,
+    auth: BusAuth,
     tx: mpsc::Sender<BusEvent>,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> MqttBus {
     let mut opts = MqttOptions::new(client_id, broker.host.clone(), broker.port);
+    match auth {
+        BusAuth::None => {}
+        BusAuth::Login(u, p) => {
+            opts.set_credentials(u, p);
+        }
+        BusAuth::Tls(c) => {
+            opts.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(c),
+            ));
+        }
+    }
     opts.set_keep_alive(Duration::from_secs(15));
     opts.set_clean_start(true);
     let mut net = rumqttc::NetworkOptions::new();

@@ -14,12 +14,21 @@
 //! | `POST /v1/blobs` | upload bytes → `BlobRef` |
 //! | `GET /v1/blobs/{digest}` | download a blob |
 //! | `GET /metrics` | Prometheus text |
+//! | `GET /v1/ca` | the fleet CA (PEM), for enrollment |
+//! | `POST /v1/enroll` | `EnrollRequest` (join token + CSR) → `Enrolled` |
+//! | `POST /v1/renew` | `RenewRequest` (CSR) → `Enrolled`, for the calling device |
+//!
+//! Served over TLS (unless `--insecure`), asking for a client certificate from the fleet CA.
+//! Who may call what ([`need`]): `/healthz`, `/v1/ca` and `/v1/enroll` are open; blob
+//! downloads and `/v1/renew` take any fleet certificate; everything else takes an operator's
+//! (or the hub's).
 //!
 //! Handlers that touch fleet state ask the main loop over a bounded channel and await its
 //! answer; blobs are served straight from disk.
 
 use crate::blobs::BlobStore;
 use crate::core::RolloutAction;
+use crate::security::Security;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, StatusCode};
@@ -27,11 +36,17 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use prometheus_client::registry::Registry;
+use shoal_api::acl::Identity;
 use shoal_api::ids::{DeviceId, Digest, WorkloadName};
 use shoal_api::messages::ApplyResult;
-use shoal_api::views::{ApiError, BlobRef, DeviceView, WorkloadView};
+use shoal_api::views::{
+    ApiError, BlobRef, DeviceView, EnrollRequest, Enrolled, RenewRequest, WorkloadView,
+};
+use shoal_pki::token::JoinToken;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Largest blob accepted by `POST /v1/blobs`.
 pub const MAX_BLOB: usize = 64 << 20;
@@ -90,11 +105,89 @@ pub struct AppState {
     pub requests: mpsc::Sender<Request>,
     pub blobs: Arc<BlobStore>,
     pub registry: Arc<Registry>,
+    /// The fleet's credentials; `None` with `--insecure` (no enrollment).
+    pub security: Option<Arc<Security>>,
+}
+
+/// Who is calling: set per connection from its client certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    /// The hub runs `--insecure`: no identities, everything allowed.
+    Insecure,
+    /// TLS without a (fleet) client certificate.
+    Anonymous,
+    Known(Identity),
+}
+
+/// What a route requires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    Nothing,
+    /// Any fleet certificate (devices fetch blobs and renew).
+    Fleet,
+    /// An operator's certificate (or the hub's).
+    Operator,
+}
+
+/// The access rule for a request.
+pub fn need(method: &axum::http::Method, path: &str) -> Need {
+    match (method.as_str(), path) {
+        (_, "/healthz" | "/v1/ca" | "/v1/enroll") => Need::Nothing,
+        ("POST", "/v1/renew") => Need::Fleet,
+        ("GET" | "HEAD", p) if p.starts_with("/v1/blobs/") => Need::Fleet,
+        _ => Need::Operator,
+    }
+}
+
+async fn authorize(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let peer = req
+        .extensions()
+        .get::<Peer>()
+        .cloned()
+        .unwrap_or(Peer::Anonymous);
+    let need = need(req.method(), req.uri().path());
+    let ok = matches!(
+        (&peer, need),
+        (Peer::Insecure, _)
+            | (_, Need::Nothing)
+            | (Peer::Known(_), Need::Fleet)
+            | (
+                Peer::Known(Identity::Operator | Identity::Hub),
+                Need::Operator
+            )
+    );
+    if ok {
+        return next.run(req).await;
+    }
+    let (status, who) = match &peer {
+        Peer::Known(who) => (StatusCode::FORBIDDEN, who.to_string()),
+        _ => (
+            StatusCode::UNAUTHORIZED,
+            "a client without a fleet certificate".to_string(),
+        ),
+    };
+    tracing::warn!(%who, method = %req.method(), path = req.uri().path(), "http request refused");
+    error(
+        status,
+        format!(
+            "{who} may not {} {}: {}",
+            req.method(),
+            req.uri().path(),
+            match need {
+                Need::Operator =>
+                    "it needs an operator certificate (see the hub's DATA_DIR/operator bundle)",
+                _ => "it needs a fleet certificate",
+            }
+        ),
+    )
 }
 
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/v1/ca", get(ca))
+        .route("/v1/enroll", post(enroll))
+        .route("/v1/renew", post(renew))
         .route("/metrics", get(metrics))
         .route("/v1/devices", get(devices))
         .route("/v1/devices/{id}/{action}", post(device_action))
@@ -109,7 +202,173 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/blobs", post(put_blob))
         .route("/v1/blobs/{digest}", get(get_blob))
         .layer(DefaultBodyLimit::max(MAX_BLOB))
+        .layer(axum::middleware::from_fn(authorize))
         .with_state(state)
+}
+
+/// Serves `app` on `listener` until `shutdown`: over TLS with `tls` (each connection's
+/// client certificate becomes its [`Peer`]), else in the clear with every call allowed.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let Some(tls) = tls else {
+        let app = app.layer(axum::Extension(Peer::Insecure));
+        let r = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "http server stopped");
+        }
+        return;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (conn, addr) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "http accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (acceptor, app, stop) = (acceptor.clone(), app.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            let handshake =
+                tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(conn));
+            let tls = match handshake.await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    tracing::debug!(%addr, error = %e, "https handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let peer = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(shoal_pki::tls::common_name)
+                .and_then(|cn| Identity::from_common_name(&cn))
+                .map_or(Peer::Anonymous, Peer::Known);
+            let svc =
+                hyper_util::service::TowerToHyperService::new(app.layer(axum::Extension(peer)));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => if let Err(e) = r {
+                    tracing::debug!(%addr, error = %e, "https connection ended");
+                },
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn).await;
+                }
+            }
+        });
+    }
+}
+
+fn security(s: &AppState) -> Result<&Arc<Security>, Failure> {
+    s.security.as_ref().ok_or_else(|| {
+        Failure(
+            StatusCode::NOT_FOUND,
+            "this hub runs --insecure: there is no fleet CA and no enrollment".into(),
+        )
+    })
+}
+
+async fn ca(State(s): State<AppState>) -> Response {
+    match security(&s) {
+        Ok(sec) => (
+            [(header::CONTENT_TYPE, "application/x-pem-file")],
+            sec.ca.pem().to_string(),
+        )
+            .into_response(),
+        Err(f) => f.into_response(),
+    }
+}
+
+fn enrolled(sec: &Security, csr: &str, device: &DeviceId) -> Result<Enrolled, Failure> {
+    let certificate = sec
+        .ca
+        .sign_csr(csr, device.as_str(), shoal_pki::ca::DEVICE_CERT_LIFETIME)
+        .map_err(|e| Failure(StatusCode::BAD_REQUEST, e.to_string()))?;
+    Ok(Enrolled {
+        certificate,
+        ca: sec.ca.pem().to_string(),
+        signing_key: sec.signing_key.clone(),
+    })
+}
+
+async fn enroll(State(s): State<AppState>, Json(req): Json<EnrollRequest>) -> Response {
+    let r = async {
+        let sec = security(&s)?.clone();
+        let bad = |m: String| Failure(StatusCode::BAD_REQUEST, m);
+        let device = DeviceId::try_from(req.device.as_str()).map_err(|e| bad(e.to_string()))?;
+        if Identity::reserved(device.as_str()) {
+            return Err(bad(format!("device id {:?} is reserved", device.as_str())));
+        }
+        let token: JoinToken = req
+            .token
+            .parse()
+            .map_err(|e: shoal_pki::token::TokenError| {
+                Failure(StatusCode::FORBIDDEN, e.to_string())
+            })?;
+        if token.ca_hash != sec.ca.hash() {
+            return Err(Failure(
+                StatusCode::FORBIDDEN,
+                format!("join token {token:?} pins another fleet CA than this hub's"),
+            ));
+        }
+        let now = shoal_api::messages::now_ms();
+        let (id, secret) = (token.id.clone(), token.secret().to_string());
+        let tokens = sec.tokens.clone();
+        tokio::task::spawn_blocking(move || tokens.consume(&id, &secret, now))
+            .await
+            .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(|e| Failure(StatusCode::FORBIDDEN, e.to_string()))?;
+        let out = enrolled(&sec, &req.csr, &device)?;
+        tracing::info!(device = %device, token = %token.id, "device enrolled");
+        Ok(out)
+    };
+    match r.await {
+        Ok(e) => Json(e).into_response(),
+        Err(f) => {
+            tracing::warn!(device = %req.device, reason = %f.1, "enrollment refused");
+            f.into_response()
+        }
+    }
+}
+
+async fn renew(
+    State(s): State<AppState>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    Json(req): Json<RenewRequest>,
+) -> Response {
+    let r = (|| {
+        let sec = security(&s)?;
+        let Peer::Known(Identity::Device(device)) = &peer else {
+            return Err(Failure(
+                StatusCode::FORBIDDEN,
+                "only a device renews its certificate".into(),
+            ));
+        };
+        let out = enrolled(sec, &req.csr, device)?;
+        tracing::info!(device = %device, "device certificate renewed");
+        Ok(out)
+    })();
+    match r {
+        Ok(e) => Json(e).into_response(),
+        Err(f) => f.into_response(),
+    }
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {

@@ -13,6 +13,7 @@ pub mod http;
 pub mod metrics;
 pub mod rollout;
 pub mod scheduler;
+pub mod security;
 pub mod server;
 pub mod store;
 

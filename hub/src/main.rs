@@ -21,7 +21,48 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the hub (with its embedded MQTT broker unless --broker is given).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Join tokens for new devices.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Certificates from the fleet CA for an external broker.
+    #[command(subcommand)]
+    Cert(CertCommand),
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Issue a server certificate for an external MQTT broker (e.g. mosquitto, see
+    /// examples/mosquitto/): writes ca.pem, broker.pem and broker.key to --out. Creates the
+    /// fleet CA (and the operator bundle) if the hub has not run yet.
+    Broker {
+        /// The hub's data directory.
+        #[arg(long, env = "SHOAL_HUB_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Where to write the files.
+        #[arg(long)]
+        out: PathBuf,
+        /// A DNS name or IP address clients reach the broker at (repeatable; `shoal-hub`,
+        /// `localhost` and the loopback addresses are always included).
+        #[arg(long = "name", value_name = "NAME")]
+        names: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Issue a one-time join token and print it (works while the hub runs).
+    ///
+    /// Give it to one device: `shoal-agent run --join-token TOKEN …`. It pins this hub's
+    /// fleet CA and can be used once, before it expires.
+    Create {
+        /// The hub's data directory.
+        #[arg(long, env = "SHOAL_HUB_DATA_DIR")]
+        data_dir: PathBuf,
+        /// How long the token stays valid (e.g. 30m, 24h).
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: std::time::Duration,
+    },
 }
 
 /// Settings come from built-in defaults, then `--config FILE` (TOML, see examples/hub.toml),
@@ -34,10 +75,11 @@ struct ServeArgs {
     /// Directory for the hub database and blobs.
     #[arg(long, env = "SHOAL_HUB_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Address of the embedded MQTT broker (MQTT 3.1.1 and 5 on one port) [default: 127.0.0.1:1883].
+    /// Address of the embedded MQTT broker (MQTT 3.1.1 and 5 on one port) [default:
+    /// 127.0.0.1:8883, or 127.0.0.1:1883 with --insecure].
     #[arg(long, env = "SHOAL_HUB_MQTT_LISTEN")]
     mqtt_listen: Option<SocketAddr>,
-    /// Use this external broker (mqtt://HOST:PORT) instead of the embedded one.
+    /// Use this external broker (mqtts://HOST:PORT) instead of the embedded one.
     #[arg(long, env = "SHOAL_HUB_BROKER")]
     broker: Option<BrokerUrl>,
     /// Address of the HTTP API [default: 127.0.0.1:8080].
@@ -59,6 +101,14 @@ struct ServeArgs {
     /// rescheduled (`placement: every` ones stay), e.g. 500ms, 30s, 2m [default: 30s].
     #[arg(long, env = "SHOAL_HUB_DEVICE_GRACE", value_parser = parse_duration)]
     device_grace: Option<std::time::Duration>,
+    /// Serve MQTT and HTTP in the clear, without client certificates or topic ACLs. For
+    /// local development only: anyone who reaches the ports controls the fleet.
+    #[arg(long, env = "SHOAL_HUB_INSECURE")]
+    insecure: bool,
+    /// Another name (DNS name or IP address) for the hub's server certificate, e.g. the
+    /// address devices and `mosquitto_pub` use (repeatable).
+    #[arg(long = "tls-name", value_name = "NAME")]
+    tls_names: Vec<String>,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -77,6 +127,10 @@ struct FileConfig {
     fleet: Option<String>,
     name: Option<String>,
     device_grace: Option<String>,
+    #[serde(default)]
+    insecure: bool,
+    #[serde(default)]
+    tls_names: Vec<String>,
     #[serde(default)]
     mdns: MdnsFile,
 }
@@ -104,6 +158,9 @@ fn hub_config(a: ServeArgs) -> anyhow::Result<shoal_hub::HubConfig> {
             .map_err(|e| anyhow::anyhow!("config file {name:?}: device-grace: {e}"))?,
         (None, None) => std::time::Duration::from_secs(30),
     };
+    let insecure = a.insecure || file.insecure;
+    let mut tls_names = file.tls_names;
+    tls_names.extend(a.tls_names);
     Ok(shoal_hub::HubConfig {
         data_dir: a.data_dir.or(file.data_dir).context(
             "no data directory: give --data-dir, SHOAL_HUB_DATA_DIR or data-dir in a config file",
@@ -111,7 +168,10 @@ fn hub_config(a: ServeArgs) -> anyhow::Result<shoal_hub::HubConfig> {
         mqtt_listen: a
             .mqtt_listen
             .or(file.mqtt_listen)
-            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 1883))),
+            .unwrap_or(SocketAddr::from((
+                [127, 0, 0, 1],
+                if insecure { 1883 } else { 8883 },
+            ))),
         broker,
         http_listen: a
             .http_listen
@@ -122,6 +182,8 @@ fn hub_config(a: ServeArgs) -> anyhow::Result<shoal_hub::HubConfig> {
         name: hub_name,
         mdns: a.mdns.options(&file.mdns),
         device_grace,
+        insecure,
+        tls_names,
     })
 }
 
@@ -133,7 +195,7 @@ fn main() {
 }
 
 fn real_main() -> anyhow::Result<()> {
-    shoal_daemon::init_tracing("info,rumqttd=warn");
+    shoal_daemon::init_tracing("info,rumqttd=warn,rustls=error");
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -142,9 +204,55 @@ fn real_main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(a) => rt.block_on(async {
             let shutdown = shoal_daemon::shutdown_on_signal();
-            let config = hub_config(a)?;
+            let config = hub_config(*a)?;
             shoal_hub::run(config, shutdown).await.context("hub failed")
         }),
+        Command::Cert(CertCommand::Broker {
+            data_dir,
+            out,
+            names,
+        }) => {
+            let pki = shoal_hub::security::pki_dir(&data_dir);
+            let ca = shoal_pki::ca::FleetCa::load_or_create(&pki)
+                .with_context(|| format!("cannot load the fleet CA of {}", data_dir.display()))?;
+            ca.write_operator_bundle(&shoal_hub::security::operator_dir(&data_dir))?;
+            let mut all: Vec<String> = ["localhost", "127.0.0.1", "::1"].map(String::from).to_vec();
+            all.extend(names);
+            let (cert, key) = ca.issue(
+                shoal_pki::ca::HUB_NAME,
+                &shoal_pki::ca::Usage::Server { names: all },
+            )?;
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            for (file, text) in [
+                ("ca.pem", ca.pem()),
+                ("broker.pem", &cert),
+                ("broker.key", &key),
+            ] {
+                std::fs::write(out.join(file), text)
+                    .with_context(|| format!("cannot write {}", out.join(file).display()))?;
+            }
+            // The key for the broker's user only (mosquitto reads it after dropping root).
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(
+                out.join("broker.key"),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .context("cannot restrict broker.key")?;
+            println!("{}", out.display());
+            return Ok(());
+        }
+        Command::Token(TokenCommand::Create { data_dir, ttl }) => {
+            let pki = shoal_hub::security::pki_dir(&data_dir);
+            let ca = shoal_pki::ca::FleetCa::load_or_create(&pki)
+                .with_context(|| format!("cannot load the fleet CA of {}", data_dir.display()))?;
+            let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+            let token = shoal_pki::token::TokenStore::new(&pki)
+                .create(&ca.hash(), shoal_api::messages::now_ms(), ttl_ms)
+                .context("cannot issue a join token")?;
+            println!("{token}");
+            return Ok(());
+        }
     }?;
     // rumqttd's threads have no shutdown API; leave without waiting for them.
     std::process::exit(0)
@@ -166,6 +274,8 @@ mod tests {
             name: None,
             mdns: MdnsArgs::default(),
             device_grace: None,
+            insecure: false,
+            tls_names: Vec::new(),
         }
     }
 

@@ -47,6 +47,11 @@ pub struct HubConfig {
     pub mdns: Option<MdnsOptions>,
     /// How long a device may be offline or silent before it is lost and its replicas move.
     pub device_grace: std::time::Duration,
+    /// Plain MQTT and HTTP, no client certificates, no ACL (local development only).
+    pub insecure: bool,
+    /// Extra names (DNS names or IP addresses) for the hub's server certificate, besides
+    /// `shoal-hub`, `localhost`, the loopback addresses, the host name and the listen addresses.
+    pub tls_names: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +69,10 @@ pub enum HubError {
     },
     #[error(transparent)]
     Mdns(#[from] shoal_daemon::mdns::MdnsError),
+    #[error("fleet credentials: {0}")]
+    Pki(#[from] shoal_pki::PkiError),
+    #[error("external broker {0} is plain MQTT: use mqtts:// (or run the hub with --insecure)")]
+    PlainBroker(String),
     #[error("cannot listen for HTTP on {addr}: {source}")]
     HttpListen {
         addr: SocketAddr,
@@ -113,6 +122,24 @@ async fn serve(
 ) -> Result<(), HubError> {
     let store = SledStore::open(&config.data_dir)?;
     let blobs = Arc::new(BlobStore::open(&config.data_dir)?);
+    let signer = crate::security::signer(&config.data_dir)?;
+    let security = if config.insecure {
+        warn!("--insecure: MQTT and HTTP in the clear, no client certificates, no topic ACL; for local development only");
+        None
+    } else {
+        let mut names = config.tls_names.clone();
+        names.push(shoal_daemon::host_name());
+        for ip in [config.mqtt_listen.ip(), config.http_listen.ip()] {
+            if !ip.is_unspecified() {
+                names.push(ip.to_string());
+            }
+        }
+        Some(Arc::new(crate::security::Security::load(
+            &config.data_dir,
+            &names,
+            signer.public_key_b64(),
+        )?))
+    };
 
     let http_listener = tokio::net::TcpListener::bind(config.http_listen)
         .await
@@ -126,6 +153,7 @@ async fn serve(
             addr: config.http_listen,
             source,
         })?;
+    let scheme = if security.is_some() { "https" } else { "http" };
     let public_url = config.public_url.clone().unwrap_or_else(|| {
         let a = http_addr;
         if a.ip().is_unspecified() {
@@ -134,16 +162,42 @@ async fn serve(
             info!("--http-listen is a wildcard address: agents fetch blobs from the hub address they know (set --public-url to override)");
             return String::new();
         }
-        format!("http://{a}")
+        format!("{scheme}://{a}")
     });
 
-    let broker = match &config.broker {
-        Some(b) => b.clone(),
+    // The broker devices are told about, and how the hub itself connects.
+    let (broker, hub_link, auth) = match &config.broker {
+        Some(b) if !b.tls && security.is_some() => {
+            return Err(HubError::PlainBroker(b.to_string()));
+        }
+        Some(b) => {
+            let auth = match &security {
+                Some(sec) => bus::BusAuth::Tls(sec.client.clone()),
+                None => bus::BusAuth::None,
+            };
+            (b.clone(), b.clone(), auth)
+        }
         None => {
-            let addr = crate::broker::start(config.mqtt_listen, tracker, shutdown.clone()).await?;
-            BrokerUrl {
-                host: addr.ip().to_string(),
-                port: addr.port(),
+            let tls = security.as_ref().map(|s| s.mqtt.clone());
+            let e =
+                crate::broker::start(config.mqtt_listen, tls, tracker, shutdown.clone()).await?;
+            let front = BrokerUrl {
+                host: e.addr.ip().to_string(),
+                port: e.addr.port(),
+                tls: security.is_some(),
+            };
+            match e.login {
+                // Straight to rumqttd's loopback listener with its private login: the hub's
+                // own traffic need not pass the TLS front and its filter.
+                Some((u, p)) => {
+                    let link = BrokerUrl {
+                        host: e.backend.ip().to_string(),
+                        port: e.backend.port(),
+                        tls: false,
+                    };
+                    (front, link, bus::BusAuth::Login(u, p))
+                }
+                None => (front.clone(), front, bus::BusAuth::None),
             }
         }
     };
@@ -160,8 +214,9 @@ async fn serve(
     // connection, and a broker drops a client that misses its keep-alive.
     let (bus_tx, bus_rx) = mpsc::channel(16_384);
     let bus = bus::connect(
-        &broker,
+        &hub_link,
         &format!("shoal-hub-{}", std::process::id()),
+        auth,
         bus_tx,
         tracker,
         shutdown.clone(),
@@ -172,16 +227,15 @@ async fn serve(
         requests: req_tx,
         blobs: blobs.clone(),
         registry: Arc::new(registry),
+        security: security.clone(),
     });
-    let http_stop = shutdown.clone();
-    tracker.spawn(async move {
-        let r = axum::serve(http_listener, app)
-            .with_graceful_shutdown(async move { http_stop.cancelled().await })
-            .await;
-        if let Err(e) = r {
-            warn!(error = %e, "http server stopped");
-        }
-    });
+    tracker.spawn(http::serve(
+        http_listener,
+        app,
+        security.as_ref().map(|s| s.http.clone()),
+        tracker.clone(),
+        shutdown.clone(),
+    ));
     info!(http = %http_addr, %broker, public_url, data_dir = %config.data_dir.display(), "hub serving");
 
     let (mdns_tx, mdns_rx) = mpsc::channel(256);
@@ -212,6 +266,7 @@ async fn serve(
         grace_ms: u64::try_from(config.device_grace.as_millis()).unwrap_or(u64::MAX),
         rollout_due: false,
         outbox: Vec::new(),
+        signer,
     };
     main.run(bus_rx, req_rx, mdns_rx, shutdown).await;
     if let Some(m) = mdns {
@@ -322,6 +377,8 @@ struct MainLoop<S: Store, B: Bus> {
     outbox: Vec<DesiredState>,
     /// Status reports arrived during a rollout since its last step.
     rollout_due: bool,
+    /// Signs every desired state before it is published.
+    signer: shoal_pki::sign::HubSigner,
 }
 
 impl<S: Store, B: Bus> MainLoop<S, B> {
@@ -706,7 +763,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     async fn send_desired(&self, states: Vec<DesiredState>) {
         for d in states {
             let payload = match serde_json::to_vec(&d) {
-                Ok(p) => p,
+                Ok(p) => self.signer.seal(&p),
                 Err(e) => {
                     warn!(device = %d.device_id, error = %e, "cannot encode desired state");
                     continue;

@@ -142,13 +142,75 @@ impl Drop for Proc {
     }
 }
 
-/// A hub (embedded broker unless `broker` is given).
+/// How a client reaches a broker: its port and, unless the fleet runs `--insecure`, the
+/// operator bundle (fleet CA, operator certificate and key) to connect with.
+#[derive(Debug, Clone)]
+pub struct BrokerAccess {
+    pub port: u16,
+    pub bundle: Option<PathBuf>,
+}
+
+impl BrokerAccess {
+    /// `mosquitto_sub`/`mosquitto_pub` arguments for host, port and credentials.
+    pub fn mosquitto_args(&self) -> Vec<String> {
+        let mut a = vec![
+            "-h".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            self.port.to_string(),
+        ];
+        if let Some(b) = &self.bundle {
+            for (flag, file) in [
+                ("--cafile", "ca.pem"),
+                ("--cert", "operator.pem"),
+                ("--key", "operator.key"),
+            ] {
+                a.push(flag.into());
+                a.push(b.join(file).display().to_string());
+            }
+        }
+        a
+    }
+}
+
+/// What an agent needs to join a fleet: the broker, the hub's HTTP API, and the hub's data
+/// directory to issue a join token from (`None`: the fleet runs `--insecure`).
+#[derive(Debug, Clone)]
+pub struct Join {
+    pub broker: String,
+    pub hub: String,
+    pub hub_data: Option<PathBuf>,
+}
+
+impl Join {
+    /// A fresh one-time join token.
+    pub fn token(&self) -> Result<Option<String>> {
+        let Some(d) = &self.hub_data else {
+            return Ok(None);
+        };
+        let out = Command::new(bin("shoal-hub"))
+            .args(["token", "create", "--data-dir"])
+            .arg(d)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "token create failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(Some(String::from_utf8(out.stdout)?.trim().to_string()))
+    }
+}
+
+/// A hub (embedded broker unless `broker` is given), over TLS unless started with
+/// `--insecure`.
 pub struct Hub {
     pub proc: Proc,
     pub mqtt: u16,
     pub http: u16,
     pub broker_url: String,
     pub data_dir: PathBuf,
+    pub insecure: bool,
 }
 
 impl Hub {
@@ -174,6 +236,7 @@ impl Hub {
         extra: &[&str],
     ) -> Result<Hub> {
         let data_dir = dir.join("hub");
+        let insecure = extra.contains(&"--insecure");
         let mut cmd = Command::new(bin("shoal-hub"));
         cmd.arg("serve")
             .arg("--data-dir")
@@ -190,7 +253,8 @@ impl Hub {
                 cmd.arg("--broker").arg(b);
                 b.to_string()
             }
-            None => format!("mqtt://127.0.0.1:{mqtt}"),
+            None if insecure => format!("mqtt://127.0.0.1:{mqtt}"),
+            None => format!("mqtts://127.0.0.1:{mqtt}"),
         };
         let proc = Proc::spawn("shoal-hub", &mut cmd, dir.join("hub.log"))?;
         let hub = Hub {
@@ -199,6 +263,7 @@ impl Hub {
             http,
             broker_url,
             data_dir,
+            insecure,
         };
         wait_until(Duration::from_secs(20), "hub HTTP API up", || {
             Ok(hub
@@ -211,7 +276,30 @@ impl Hub {
     }
 
     pub fn hub_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.http)
+        let scheme = if self.insecure { "http" } else { "https" };
+        format!("{scheme}://127.0.0.1:{}", self.http)
+    }
+
+    /// The operator credential bundle the hub wrote (`None` with `--insecure`).
+    pub fn bundle(&self) -> Option<PathBuf> {
+        (!self.insecure).then(|| self.data_dir.join("operator"))
+    }
+
+    /// The embedded broker, as an operator reaches it.
+    pub fn access(&self) -> BrokerAccess {
+        BrokerAccess {
+            port: self.mqtt,
+            bundle: self.bundle(),
+        }
+    }
+
+    /// What an agent needs to join this hub's fleet.
+    pub fn join(&self) -> Join {
+        Join {
+            broker: self.broker_url.clone(),
+            hub: self.hub_url(),
+            hub_data: (!self.insecure).then(|| self.data_dir.clone()),
+        }
     }
 
     /// Runs the `shoal` CLI against this hub.
@@ -240,6 +328,7 @@ impl Hub {
         c.args(args)
             .env("SHOAL_BROKER", &self.broker_url)
             .env("SHOAL_HUB", self.hub_url())
+            .env("SHOAL_CREDENTIALS", self.data_dir.join("operator"))
             .envs(env.iter().copied());
         if let Some(d) = cwd {
             c.current_dir(d);
@@ -324,8 +413,10 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn start(dir: &Path, id: &str, labels: &str, broker: &str) -> Result<Agent> {
-        Self::start_with(dir, id, labels, broker, &[])
+    /// Starts an agent joining the fleet `join` describes (enrolling with a fresh join token
+    /// unless it runs `--insecure`).
+    pub fn start(dir: &Path, id: &str, labels: &str, join: &Join) -> Result<Agent> {
+        Self::start_with(dir, id, labels, join, &[])
     }
 
     /// [`Agent::start`] with extra flags. Agents run without containerd unless `extra` names
@@ -334,10 +425,11 @@ impl Agent {
         dir: &Path,
         id: &str,
         labels: &str,
-        broker: &str,
+        join: &Join,
         extra: &[&str],
     ) -> Result<Agent> {
         let data_dir = dir.join(id);
+        let token = join.token()?;
         let mut cmd = Command::new(bin("shoal-agent"));
         cmd.arg("run")
             .arg("--data-dir")
@@ -347,7 +439,9 @@ impl Agent {
             .arg("--labels")
             .arg(labels)
             .arg("--broker")
-            .arg(broker)
+            .arg(&join.broker)
+            .arg("--hub")
+            .arg(&join.hub)
             .arg("--memory")
             .arg("1Gi")
             .arg("--no-mdns")
@@ -356,6 +450,14 @@ impl Agent {
             .args(extra);
         if !extra.contains(&"--containerd-socket") {
             cmd.arg("--no-containerd");
+        }
+        match token {
+            Some(t) => {
+                cmd.env("SHOAL_AGENT_JOIN_TOKEN", t);
+            }
+            None => {
+                cmd.arg("--insecure");
+            }
         }
         let proc = Proc::spawn(id, &mut cmd, dir.join(format!("{id}.log")))?;
         Ok(Agent {
@@ -611,10 +713,15 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Debian's mosquitto on a private loopback port, no persistence.
+/// Debian's mosquitto on a private loopback port, no persistence. By default it is set up
+/// as `examples/mosquitto/` documents: TLS with certificates from the fleet CA of the hub
+/// that will use `DIR/hub` (issued with `shoal-hub cert broker`), client certificates
+/// required, and the shipped ACL file.
 pub struct Mosquitto {
     pub proc: Proc,
     pub port: u16,
+    /// The operator bundle of the fleet (`None`: plain, anonymous).
+    pub bundle: Option<PathBuf>,
 }
 
 impl Mosquitto {
@@ -623,17 +730,65 @@ impl Mosquitto {
     }
 
     pub fn start_on(dir: &Path, port: u16) -> Result<Mosquitto> {
+        Self::start_mode(dir, port, true, true)
+    }
+
+    /// Plain and anonymous, for hubs run `--insecure`.
+    pub fn start_insecure(dir: &Path) -> Result<Mosquitto> {
+        Self::start_mode(dir, free_port(), false, false)
+    }
+
+    /// A compromised broker: the fleet's certificates, but no ACL (any client with a fleet
+    /// certificate may publish anything, e.g. desired states).
+    pub fn start_without_acl(dir: &Path, port: u16) -> Result<Mosquitto> {
+        Self::start_mode(dir, port, true, false)
+    }
+
+    fn start_mode(dir: &Path, port: u16, tls: bool, acl: bool) -> Result<Mosquitto> {
         let exe = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
             .find(|p| Path::new(p).is_file())
             .context("mosquitto is not installed (apt-get install mosquitto)")?;
         let conf = dir.join(format!("mosquitto-{port}.conf"));
-        std::fs::write(
-            &conf,
+        let text = if tls {
+            let hub_data = dir.join("hub");
+            let pki = dir.join("mosquitto-pki");
+            let out = Command::new(bin("shoal-hub"))
+                .args(["cert", "broker", "--data-dir"])
+                .arg(&hub_data)
+                .arg("--out")
+                .arg(&pki)
+                .output()?;
+            if !out.status.success() {
+                bail!(
+                    "shoal-hub cert broker failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            // The shipped config, pointed at this test's files and port.
+            let shipped =
+                std::fs::read_to_string(repo_root().join("examples/mosquitto/mosquitto.conf"))?;
+            std::fs::copy(repo_root().join("examples/mosquitto/acl"), pki.join("acl"))?;
+            // Run as root in tests: the files live in a private temporary directory the
+            // `mosquitto` user could not read (in production: chown the key, see the file).
+            let conf = shipped
+                .replace("listener 8883", &format!("listener {port} 127.0.0.1"))
+                .replace("/etc/mosquitto/shoal", &pki.display().to_string())
+                + "user root\n";
+            if acl {
+                conf
+            } else {
+                conf.lines()
+                    .filter(|l| !l.starts_with("acl_file"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            }
+        } else {
             // The hub's one subscription takes every device's messages: mosquitto's default
             // queue of 1,000 per client would drop a large fleet's join burst.
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_packet_size 8388608\nmax_queued_messages 1000000\n"),
-        )?;
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_packet_size 8388608\nmax_queued_messages 1000000\n")
+        };
+        std::fs::write(&conf, text)?;
         let proc = Proc::spawn(
             "mosquitto",
             Command::new(exe).arg("-c").arg(&conf),
@@ -644,30 +799,33 @@ impl Mosquitto {
                 .is_ok()
                 .then_some(()))
         })?;
-        Ok(Mosquitto { proc, port })
+        Ok(Mosquitto {
+            proc,
+            port,
+            bundle: tls.then(|| dir.join("hub").join("operator")),
+        })
     }
 
     pub fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
+        match self.bundle {
+            Some(_) => format!("mqtts://127.0.0.1:{}", self.port),
+            None => format!("mqtt://127.0.0.1:{}", self.port),
+        }
+    }
+
+    pub fn access(&self) -> BrokerAccess {
+        BrokerAccess {
+            port: self.port,
+            bundle: self.bundle.clone(),
+        }
     }
 }
 
 /// Reads the retained message on `topic` with `mosquitto_sub` (None if there is none).
-pub fn retained(port: u16, topic: &str) -> Result<Option<String>> {
+pub fn retained(broker: &BrokerAccess, topic: &str) -> Result<Option<String>> {
     let out = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-t",
-            topic,
-            "-C",
-            "1",
-            "-W",
-            "2",
-            "--retained-only",
-        ])
+        .args(broker.mosquitto_args())
+        .args(["-t", topic, "-C", "1", "-W", "2", "--retained-only"])
         .output()
         .context("mosquitto_sub is not installed (apt-get install mosquitto-clients)")?;
     let s = String::from_utf8_lossy(&out.stdout).trim().to_string();

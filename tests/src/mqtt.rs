@@ -10,8 +10,20 @@ pub struct Mqtt {
 }
 
 impl Mqtt {
-    pub async fn connect(port: u16, id: &str) -> Result<Mqtt> {
-        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    /// Connects as an operator (with the fleet's bundle, unless it runs `--insecure`).
+    pub async fn connect(broker: &crate::BrokerAccess, id: &str) -> Result<Mqtt> {
+        let mut o = MqttOptions::new(id, "127.0.0.1", broker.port);
+        if let Some(b) = &broker.bundle {
+            let read = |f: &str| std::fs::read_to_string(b.join(f));
+            let identity = shoal_pki::tls::ClientIdentity::new(
+                &read("operator.pem")?,
+                &read("operator.key")?,
+            )?;
+            let tls = shoal_pki::tls::client_config(&read("ca.pem")?, Some(identity))?;
+            o.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls),
+            ));
+        }
         o.set_max_packet_size(8 << 20, 8 << 20);
         let (client, mut events) = AsyncClient::new(o, 64);
         let mut net = rumqttc::NetworkOptions::new();

@@ -143,7 +143,8 @@ async fn device(cfg: &SimConfig, id: DeviceId, stats: &SimStats, stop: Cancellat
                     publish_status(&running, generation);
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let Ok(d) = serde_json::from_slice::<DesiredState>(&p.payload) else { continue };
+                    let Ok(state) = shoal_pki::sign::open(None, &p.payload) else { continue };
+                    let Ok(d) = serde_json::from_slice::<DesiredState>(&state) else { continue };
                     if d.generation <= generation {
                         continue;
                     }

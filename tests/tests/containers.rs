@@ -56,7 +56,7 @@ fn container_workloads_run_where_containerd_answers() -> anyhow::Result<()> {
         ];
         args.push(&namespace);
         args.extend_from_slice(extra);
-        Agent::start_with(dir.path(), id, "", &hub.broker_url, &args)
+        Agent::start_with(dir.path(), id, "", &hub.join(), &args)
     };
     let c1 = with_containerd("c1", &[])?;
     let mut c2 = with_containerd("c2", &["--no-wasm"])?;
@@ -66,7 +66,7 @@ fn container_workloads_run_where_containerd_answers() -> anyhow::Result<()> {
         dir.path(),
         "w1",
         "",
-        &hub.broker_url,
+        &hub.join(),
         &["--containerd-socket", silent.to_str().unwrap()],
     )?;
     hub.wait_devices_online(3, Duration::from_secs(20))?;

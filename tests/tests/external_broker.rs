@@ -6,29 +6,20 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// Starts `mosquitto_sub` waiting for one message on `topic`, returning the child.
-fn subscribe_one(port: u16, topic: &str, v5: bool) -> std::process::Child {
+fn subscribe_one(broker: &BrokerAccess, topic: &str, v5: bool) -> std::process::Child {
     let mut c = Command::new("mosquitto_sub");
-    c.args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "-t",
-        topic,
-        "-C",
-        "1",
-        "-W",
-        "15",
-    ]);
+    c.args(broker.mosquitto_args())
+        .args(["-t", topic, "-C", "1", "-W", "15"]);
     if v5 {
         c.args(["-V", "mqttv5"]);
     }
     c.stdout(Stdio::piped()).spawn().expect("mosquitto_sub")
 }
 
-fn publish(port: u16, args: &[&str]) {
+fn publish(broker: &BrokerAccess, args: &[&str]) {
     let st = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
+        .args(broker.mosquitto_args())
+        .args(["-q", "1"])
         .args(args)
         .status()
         .expect("mosquitto_pub");
@@ -46,7 +37,7 @@ fn mosquitto_pub_apply_works_like_shoal_apply() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mq = Mosquitto::start(dir.path())?;
     let hub = Hub::start(dir.path(), Some(&mq.url()))?;
-    let _a1 = Agent::start(dir.path(), "edge-1", "zone=a", &mq.url())?;
+    let _a1 = Agent::start(dir.path(), "edge-1", "zone=a", &hub.join())?;
     hub.wait_devices_online(1, Duration::from_secs(20))?;
 
     // Upload the module, then refer to it by digest in a manifest sent by mosquitto_pub.
@@ -63,10 +54,10 @@ fn mosquitto_pub_apply_works_like_shoal_apply() -> anyhow::Result<()> {
             "apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: beat }}\nspec:\n  selector: {{ zone: a }}\n  wasm: {{ module: \"{digest}\" }}\n  args: [heartbeat, \"100\"]\n"
         ),
     );
-    let sub = subscribe_one(mq.port, "shoal/v1/results/r1", false);
+    let sub = subscribe_one(&mq.access(), "shoal/v1/results/r1", false);
     std::thread::sleep(Duration::from_millis(300));
     publish(
-        mq.port,
+        &mq.access(),
         &["-t", "shoal/v1/apply/r1", "-f", manifest.to_str().unwrap()],
     );
     let verdict = wait_verdict(sub);
@@ -82,10 +73,10 @@ fn mosquitto_pub_apply_works_like_shoal_apply() -> anyhow::Result<()> {
         "bad.yaml",
         "apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: { name: Bad }\nspec:\n  replicas: -1\n",
     );
-    let sub = subscribe_one(mq.port, "shoal/v1/results/r2", false);
+    let sub = subscribe_one(&mq.access(), "shoal/v1/results/r2", false);
     std::thread::sleep(Duration::from_millis(300));
     publish(
-        mq.port,
+        &mq.access(),
         &["-t", "shoal/v1/apply/r2", "-f", bad.to_str().unwrap()],
     );
     let verdict = wait_verdict(sub);
@@ -102,10 +93,10 @@ fn mosquitto_pub_apply_works_like_shoal_apply() -> anyhow::Result<()> {
     assert_eq!(hub.workloads()?.len(), 1);
 
     // MQTT 5: the verdict also goes to the publish's response topic, with its correlation data.
-    let reply = subscribe_one(mq.port, "ops/replies/42", true);
+    let reply = subscribe_one(&mq.access(), "ops/replies/42", true);
     std::thread::sleep(Duration::from_millis(300));
     publish(
-        mq.port,
+        &mq.access(),
         &[
             "-V",
             "mqttv5",
@@ -135,7 +126,7 @@ fn embedded_broker_speaks_mqtt_3_and_5() -> anyhow::Result<()> {
     let hub = Hub::start(dir.path(), None)?;
     for v5 in [false, true] {
         let topic = format!("shoal/v1/results/probe-{v5}");
-        let sub = subscribe_one(hub.mqtt, &topic, v5);
+        let sub = subscribe_one(&hub.access(), &topic, v5);
         std::thread::sleep(Duration::from_millis(300));
         let mut args = vec!["-t", "shoal/v1/apply/x", "-m", "not: [valid"];
         let t = topic.replace("results", "apply");
@@ -143,7 +134,7 @@ fn embedded_broker_speaks_mqtt_3_and_5() -> anyhow::Result<()> {
         if v5 {
             args.extend(["-V", "mqttv5"]);
         }
-        publish(hub.mqtt, &args);
+        publish(&hub.access(), &args);
         let verdict = wait_verdict(sub);
         assert_eq!(verdict["accepted"], false);
         assert!(

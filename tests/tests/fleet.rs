@@ -8,8 +8,8 @@ use std::time::Duration;
 fn manifest_runs_on_the_right_devices_and_delete_stops_it_everywhere() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let hub = Hub::start(dir.path(), None)?;
-    let a1 = Agent::start(dir.path(), "edge-1", "role=sensor,zone=a", &hub.broker_url)?;
-    let a2 = Agent::start(dir.path(), "edge-2", "zone=b", &hub.broker_url)?;
+    let a1 = Agent::start(dir.path(), "edge-1", "role=sensor,zone=a", &hub.join())?;
+    let a2 = Agent::start(dir.path(), "edge-2", "zone=b", &hub.join())?;
     hub.wait_devices_online(2, Duration::from_secs(20))?;
 
     let devices = hub.devices()?;
@@ -110,7 +110,10 @@ spec:
             Duration::from_secs(10),
             "device reports no workloads",
             || {
-                let Some(s) = retained(hub.mqtt, &format!("shoal/v1/devices/{}/status", agent.id))?
+                let Some(s) = retained(
+                    &hub.access(),
+                    &format!("shoal/v1/devices/{}/status", agent.id),
+                )?
                 else {
                     return Ok(None);
                 };
@@ -148,7 +151,7 @@ spec:
 fn graceful_shutdown_marks_device_offline() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut hub = Hub::start(dir.path(), None)?;
-    let mut a1 = Agent::start(dir.path(), "edge-1", "", &hub.broker_url)?;
+    let mut a1 = Agent::start(dir.path(), "edge-1", "", &hub.join())?;
     hub.wait_devices_online(1, Duration::from_secs(20))?;
     assert!(
         a1.proc.terminate(Duration::from_secs(5))?,

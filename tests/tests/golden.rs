@@ -12,7 +12,7 @@ use std::time::Duration;
 fn malformed_manifests_are_rejected_with_golden_errors_and_change_nothing() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let hub = Hub::start(dir.path(), None)?;
-    let _agent = Agent::start(dir.path(), "edge-1", "", &hub.broker_url)?;
+    let _agent = Agent::start(dir.path(), "edge-1", "", &hub.join())?;
     hub.wait_devices_online(1, Duration::from_secs(20))?;
 
     // A copy of the golden directory with a real module next to the manifests.

@@ -19,8 +19,8 @@ fn devices_of(w: &Value) -> Vec<String> {
 }
 
 /// The instances a device reports running, from its retained status on the broker.
-fn reported(mq_port: u16, device: &str) -> anyhow::Result<Vec<String>> {
-    let Some(s) = retained(mq_port, &format!("shoal/v1/devices/{device}/status"))? else {
+fn reported(mq: &shoal_e2e::BrokerAccess, device: &str) -> anyhow::Result<Vec<String>> {
+    let Some(s) = retained(mq, &format!("shoal/v1/devices/{device}/status"))? else {
         return Ok(vec![]);
     };
     let v: Value = serde_json::from_str(&s)?;
@@ -45,7 +45,7 @@ fn lost_device_is_rescheduled_and_returns_without_duplicates() -> anyhow::Result
     )?;
     let mut agents: Vec<Agent> = ["d1", "d2", "d3"]
         .iter()
-        .map(|id| Agent::start(dir.path(), id, "role=edge", &mq.url()).unwrap())
+        .map(|id| Agent::start(dir.path(), id, "role=edge", &hub.join()).unwrap())
         .collect();
     hub.wait_devices_online(3, Duration::from_secs(20))?;
     let manifest = write_manifest(
@@ -115,12 +115,12 @@ spec:
     // It comes back (same data dir): it first resumes its persisted state, then the hub's
     // newer desired state stops the moved replica. Nothing is left running twice, and its
     // `sensor` replica is not restarted by the hub.
-    agents[idx] = Agent::start(dir.path(), &victim, "role=edge", &mq.url())?;
+    agents[idx] = Agent::start(dir.path(), &victim, "role=edge", &hub.join())?;
     wait_until(
         Duration::from_secs(20),
         "victim back and reconciled",
         || {
-            let mine = reported(mq.port, &victim)?;
+            let mine = reported(&mq.access(), &victim)?;
             let online = hub
                 .devices()?
                 .iter()
@@ -134,7 +134,7 @@ spec:
     let mut running_web = Vec::new();
     for a in &agents {
         running_web.extend(
-            reported(mq.port, &a.id)?
+            reported(&mq.access(), &a.id)?
                 .into_iter()
                 .filter(|i| i.starts_with("web-"))
                 .map(|i| format!("{i}@{}", a.id)),

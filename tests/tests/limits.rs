@@ -15,7 +15,7 @@ fn probe_workload(name: &str, args: &str, extra: &str) -> String {
 fn crash_loop_memory_limit_and_cpu_share() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let hub = Hub::start(dir.path(), None)?;
-    let agent = Agent::start(dir.path(), "edge-1", "", &hub.broker_url)?;
+    let agent = Agent::start(dir.path(), "edge-1", "", &hub.join())?;
     hub.wait_devices_online(1, Duration::from_secs(20))?;
 
     let text = [

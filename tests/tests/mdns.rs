@@ -15,6 +15,9 @@ use std::time::Duration;
 
 const FLEET: &str = "farm";
 
+/// The operator bundle of hub-a, for the `shoal` CLI.
+static CREDENTIALS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
 /// A hub in namespace `host` of `lan`, listening on all its addresses.
 fn start_hub(lan: &Lan, host: usize, dir: &Path, name: &str) -> Result<Proc> {
     let mut cmd = lan.command(host, bin("shoal-hub"));
@@ -22,7 +25,7 @@ fn start_hub(lan: &Lan, host: usize, dir: &Path, name: &str) -> Result<Proc> {
         .arg(dir.join(format!("hub-{name}")))
         .args([
             "--mqtt-listen",
-            "0.0.0.0:1883",
+            "0.0.0.0:8883",
             "--http-listen",
             "0.0.0.0:8080",
             "--fleet",
@@ -31,8 +34,9 @@ fn start_hub(lan: &Lan, host: usize, dir: &Path, name: &str) -> Result<Proc> {
             name,
         ]);
     let p = Proc::spawn(name, &mut cmd, dir.join(format!("{name}.log")))?;
+    let creds = dir.join(format!("hub-{name}")).join("operator");
     wait_until(Duration::from_secs(20), "hub up", || {
-        Ok(shoal(lan, host, &["get", "devices"])
+        Ok(shoal_as(lan, host, &creds, &["get", "devices"])
             .status
             .success()
             .then_some(()))
@@ -40,9 +44,23 @@ fn start_hub(lan: &Lan, host: usize, dir: &Path, name: &str) -> Result<Proc> {
     Ok(p)
 }
 
-/// An agent in namespace `host`, told nothing but its fleet and the interface to use.
+/// The data directory of the fleet's hub `hub-a` (it keeps it when it moves hosts).
+fn hub_a(dir: &Path) -> PathBuf {
+    dir.join("hub-hub-a")
+}
+
+/// An agent in namespace `host`, told nothing but its fleet, the interface to use and a
+/// join token (it finds the hub to enroll with over mDNS).
 fn start_agent(lan: &Lan, host: usize, dir: &Path, id: &str, labels: &str) -> Result<Proc> {
+    let token = Join {
+        broker: String::new(),
+        hub: String::new(),
+        hub_data: Some(hub_a(dir)),
+    }
+    .token()?
+    .context("a join token")?;
     let mut cmd = lan.command(host, bin("shoal-agent"));
+    cmd.env("SHOAL_AGENT_JOIN_TOKEN", token);
     cmd.args(["run", "--data-dir"])
         .arg(dir.join(id))
         .args([
@@ -68,10 +86,16 @@ fn socket(dir: &Path, id: &str) -> PathBuf {
 
 /// The `shoal` CLI, run next to the hub in namespace `host`.
 fn shoal(lan: &Lan, host: usize, args: &[&str]) -> Output {
+    shoal_as(lan, host, CREDENTIALS.get().expect("credentials set"), args)
+}
+
+/// The `shoal` CLI with the operator bundle in `creds`.
+fn shoal_as(lan: &Lan, host: usize, creds: &Path, args: &[&str]) -> Output {
     lan.command(host, bin("shoal"))
         .args(args)
-        .env("SHOAL_BROKER", "mqtt://127.0.0.1:1883")
-        .env("SHOAL_HUB", "http://127.0.0.1:8080")
+        .env("SHOAL_BROKER", "mqtts://127.0.0.1:8883")
+        .env("SHOAL_HUB", "https://127.0.0.1:8080")
+        .env("SHOAL_CREDENTIALS", creds)
         .output()
         .expect("run shoal")
 }
@@ -137,6 +161,7 @@ fn agents_find_the_hub_each_other_and_services_without_addresses() -> Result<()>
     };
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
+    CREDENTIALS.get_or_init(|| hub_a(dir).join("operator"));
     let mut hub = start_hub(&lan, 0, dir, "hub-a")?;
     let _a = start_agent(&lan, 1, dir, "dev-a", "role=server")?;
     let mut b = start_agent(&lan, 2, dir, "dev-b", "role=client")?;
@@ -153,8 +178,9 @@ fn agents_find_the_hub_each_other_and_services_without_addresses() -> Result<()>
         .command(0, "python3")
         .args([
             "-c",
-            "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8080/metrics').read().decode())",
+            "import ssl, sys, urllib.request; b = sys.argv[1]; c = ssl.create_default_context(cafile=b + '/ca.pem'); c.load_cert_chain(b + '/operator.pem', b + '/operator.key'); print(urllib.request.urlopen('https://127.0.0.1:8080/metrics', context=c).read().decode())",
         ])
+        .arg(hub_a(dir).join("operator"))
         .output()?;
     let metrics = String::from_utf8_lossy(&metrics.stdout);
     assert!(metrics.contains("shoal_hub_devices_mdns 2"), "{metrics}");

@@ -31,7 +31,7 @@ fn modules_pulled_from_a_registry_run_and_tampered_ones_do_not() -> anyhow::Resu
     let dir = tempfile::tempdir()?;
     let registry = Registry::start(dir.path())?;
     let hub = Hub::start(dir.path(), None)?;
-    let agent = Agent::start(dir.path(), "o1", "", &hub.broker_url)?;
+    let agent = Agent::start(dir.path(), "o1", "", &hub.join())?;
     hub.wait_devices_online(1, Duration::from_secs(20))?;
 
     // Publish: the CNCF layout, printed back pinned.
@@ -150,10 +150,10 @@ fn a_registry_behind_a_password_takes_the_configured_credentials() -> anyhow::Re
         dir.path(),
         "with",
         "",
-        &hub.broker_url,
+        &hub.join(),
         &["--config", config.to_str().unwrap()],
     )?;
-    let _without = Agent::start(dir.path(), "without", "", &hub.broker_url)?;
+    let _without = Agent::start(dir.path(), "without", "", &hub.join())?;
     hub.wait_devices_online(2, Duration::from_secs(20))?;
 
     // `shoal push` without credentials is refused, with them it publishes.

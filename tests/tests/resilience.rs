@@ -23,7 +23,7 @@ fn killed_agent_restarts_its_workloads_from_sled_without_a_broker() -> anyhow::R
     let mq_port = free_port();
     let mut mq = Mosquitto::start_on(dir.path(), mq_port)?;
     let hub = Hub::start(dir.path(), Some(&mq.url()))?;
-    let mut agent = Agent::start(dir.path(), "edge-1", "", &mq.url())?;
+    let mut agent = Agent::start(dir.path(), "edge-1", "", &hub.join())?;
     hub.wait_devices_online(1, Duration::from_secs(20))?;
     let manifest = beat_manifest(dir.path());
     hub.apply(&manifest)?;
@@ -37,7 +37,7 @@ fn killed_agent_restarts_its_workloads_from_sled_without_a_broker() -> anyhow::R
     assert_eq!(starts_before, 1);
 
     // Restarted with no broker reachable, it runs its last desired workloads from sled.
-    let agent = Agent::start(dir.path(), "edge-1", "", &mq.url())?;
+    let agent = Agent::start(dir.path(), "edge-1", "", &hub.join())?;
     wait_until(
         Duration::from_secs(30),
         "workload restarted offline",
@@ -93,7 +93,7 @@ fn hub_killed_keeps_fleet_state() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let (mqtt, http) = (free_port(), free_port());
     let mut hub = Hub::start_on(dir.path(), None, mqtt, http)?;
-    let agent = Agent::start(dir.path(), "edge-1", "", &hub.broker_url)?;
+    let agent = Agent::start(dir.path(), "edge-1", "", &hub.join())?;
     hub.wait_devices_online(1, Duration::from_secs(20))?;
     let manifest = beat_manifest(dir.path());
     hub.apply(&manifest)?;

@@ -36,7 +36,7 @@ fn crashing_revision_rolls_back_at_the_canary_and_a_good_one_completes() -> anyh
     let hub = Hub::start(dir.path(), None)?;
     let agents: Vec<Agent> = ["r1", "r2", "r3"]
         .iter()
-        .map(|id| Agent::start(dir.path(), id, "", &hub.broker_url).unwrap())
+        .map(|id| Agent::start(dir.path(), id, "", &hub.join()).unwrap())
         .collect();
     hub.wait_devices_online(3, Duration::from_secs(20))?;
     let v1 = write_manifest(dir.path(), "v1.yaml", &manifest(r#""heartbeat", "100""#));

@@ -31,7 +31,7 @@ async fn main() -> Result<()> {
         .unwrap_or(200);
     let dir = tempfile::tempdir()?;
     let hub = Hub::start(dir.path(), None)?;
-    let agent = Agent::start(dir.path(), "bench-1", "", &hub.broker_url)?;
+    let agent = Agent::start(dir.path(), "bench-1", "", &hub.join())?;
     hub.wait_devices_online(1, Duration::from_secs(20))?;
     let out = hub.shoal(&["push", module("probe.wasm").to_str().unwrap()]);
     if !out.status.success() {
@@ -39,7 +39,7 @@ async fn main() -> Result<()> {
     }
     let digest = String::from_utf8(out.stdout)?.trim().to_string();
 
-    let mut m = Mqtt::connect(hub.mqtt, "bench").await?;
+    let mut m = Mqtt::connect(&hub.access(), "bench").await?;
     let status_topic = "shoal/v1/devices/bench-1/status";
     m.subscribe(status_topic).await?;
     m.subscribe("bench/echo").await?;

@@ -96,7 +96,7 @@ async fn main() -> Result<()> {
         dir.path(),
         "cb-1",
         "",
-        &hub.broker_url,
+        &hub.join(),
         &[
             "--containerd-socket",
             &socket,
@@ -125,7 +125,7 @@ async fn main() -> Result<()> {
             "apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: {name} }}\nspec:\n  wasm: {{ module: \"{digest}\" }}\n  args: [heartbeat, \"1000\"]\n  resources: {{ memory: 16Mi }}\n"
         )
     };
-    let mut m = Mqtt::connect(hub.mqtt, "container-bench").await?;
+    let mut m = Mqtt::connect(&hub.access(), "container-bench").await?;
     let status = "shoal/v1/devices/cb-1/status";
     m.subscribe(status).await?;
 

@@ -54,8 +54,15 @@ fn main() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     // Debian's mosquitto as the broker: the production shape for a fleet this size (the
     // embedded rumqttd's join rate falls off past a few thousand connections; BENCHMARKS.md).
-    let mq = Mosquitto::start(tmp.path())?;
-    let hub = Hub::start(tmp.path(), Some(&mq.url()))?;
+    // Simulated devices hold no certificates: plain MQTT (the bench measures the hub).
+    let mq = Mosquitto::start_insecure(tmp.path())?;
+    let hub = Hub::start_with(
+        tmp.path(),
+        Some(&mq.url()),
+        free_port(),
+        free_port(),
+        &["--insecure"],
+    )?;
     let rt = tokio::runtime::Runtime::new()?;
     let stop = tokio_util::sync::CancellationToken::new();
     let stats = Arc::new(SimStats::default());

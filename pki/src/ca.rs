@@ -1,0 +1,225 @@
+//! The fleet CA (hub side): generated on the hub's first start under `DATA_DIR/pki/`
+//! (`ca.key` owner-only, `ca.pem`), it signs the hub's server and client certificates, the
+//! operator bundle and every device certificate (from the device's CSR, so device keys never
+//! leave the device).
+
+use crate::{io_err, read_string, write_atomic, PkiError};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls_pki_types::CertificateDer;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Common name of the hub's certificates, and the server name every client verifies.
+pub const HUB_NAME: &str = "shoal-hub";
+/// Common name of operator certificates.
+pub const OPERATOR_NAME: &str = "shoal-operator";
+
+/// How long a device certificate is valid; agents renew after two thirds of it.
+pub const DEVICE_CERT_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
+/// How long the hub's own certificates and the operator's are valid (re-issued on start).
+const SERVICE_CERT_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Clock skew tolerated between hub and devices.
+const BACKDATE: Duration = Duration::from_secs(3600);
+
+/// What a certificate is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Usage {
+    /// A TLS server (the hub's listeners, an external broker). `HUB_NAME` is always added to
+    /// `names` (DNS names or IP addresses).
+    Server { names: Vec<String> },
+    /// A TLS client (mTLS): the hub, an operator, a device.
+    Client,
+}
+
+pub struct FleetCa {
+    dir: PathBuf,
+    issuer: Issuer<'static, KeyPair>,
+    der: CertificateDer<'static>,
+    pem: String,
+}
+
+impl std::fmt::Debug for FleetCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetCa").field("dir", &self.dir).finish()
+    }
+}
+
+impl FleetCa {
+    /// Loads the CA from `pki_dir`, generating it (key first, then certificate) if absent.
+    pub fn load_or_create(pki_dir: &Path) -> Result<Self, PkiError> {
+        let key_path = pki_dir.join("ca.key");
+        let pem_path = pki_dir.join("ca.pem");
+        if !key_path.exists() || !pem_path.exists() {
+            crate::private_dir(pki_dir)?;
+            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+                .map_err(|e| issue_err("fleet CA", e))?;
+            let mut params = CertificateParams::default();
+            params.distinguished_name = name(&format!(
+                "Shoal fleet CA {}",
+                hex::encode(rand::random::<[u8; 4]>())
+            ));
+            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+            params.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::CrlSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+            validity(&mut params, CA_LIFETIME)?;
+            let cert = params
+                .self_signed(&key)
+                .map_err(|e| issue_err("fleet CA", e))?;
+            write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+            write_atomic(&pem_path, cert.pem().as_bytes(), 0o644)?;
+        }
+        let key_pem = read_string(&key_path)?;
+        let pem = read_string(&pem_path)?;
+        let bad = |reason: String| PkiError::BadFile {
+            what: "the fleet CA",
+            path: pki_dir.display().to_string(),
+            reason,
+        };
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| bad(e.to_string()))?;
+        let der = crate::tls::first_cert(&pem).map_err(|e| bad(e.to_string()))?;
+        let issuer = Issuer::from_ca_cert_der(&der, key).map_err(|e| bad(e.to_string()))?;
+        Ok(Self {
+            dir: pki_dir.to_path_buf(),
+            issuer,
+            der,
+            pem,
+        })
+    }
+
+    /// The CA certificate, PEM.
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// SHA-256 (hex) of the CA certificate's DER: what join tokens pin.
+    pub fn hash(&self) -> String {
+        crate::sha256_hex(&self.der)
+    }
+
+    /// Issues a certificate for `cn` with a fresh key; returns (certificate PEM, key PEM).
+    pub fn issue(&self, cn: &str, usage: &Usage) -> Result<(String, String), PkiError> {
+        let key =
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| issue_err(cn, e))?;
+        let params = leaf_params(cn, usage, SERVICE_CERT_LIFETIME)?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| issue_err(cn, e))?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Signs a device's certificate signing request: the CSR proves possession of the key;
+    /// its subject and extensions are ignored and replaced by `cn` as a client certificate.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        cn: &str,
+        lifetime: Duration,
+    ) -> Result<String, PkiError> {
+        let csr =
+            CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| PkiError::Issue {
+                name: cn.to_string(),
+                reason: format!("the certificate signing request is invalid: {e}"),
+            })?;
+        let req = CertificateSigningRequestParams {
+            params: leaf_params(cn, &Usage::Client, lifetime)?,
+            public_key: csr.public_key,
+        };
+        let cert = req.signed_by(&self.issuer).map_err(|e| issue_err(cn, e))?;
+        Ok(cert.pem())
+    }
+
+    /// Writes the operator bundle (`ca.pem`, `operator.pem`, `operator.key`) to `dir` unless
+    /// one signed by this CA is already there. Usable by `shoal` and by
+    /// `mosquitto_pub --cafile ca.pem --cert operator.pem --key operator.key`.
+    pub fn write_operator_bundle(&self, dir: &Path) -> Result<bool, PkiError> {
+        let ca_path = dir.join("ca.pem");
+        if std::fs::read_to_string(&ca_path).ok().as_deref() == Some(self.pem.as_str())
+            && dir.join("operator.key").exists()
+            && dir.join("operator.pem").exists()
+        {
+            return Ok(false);
+        }
+        crate::private_dir(dir)?;
+        let (cert, key) = self.issue(OPERATOR_NAME, &Usage::Client)?;
+        write_atomic(&dir.join("operator.key"), key.as_bytes(), 0o600)?;
+        write_atomic(&dir.join("operator.pem"), cert.as_bytes(), 0o644)?;
+        write_atomic(&ca_path, self.pem.as_bytes(), 0o644)?;
+        Ok(true)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// The CA certificate's hash from `pki_dir/ca.pem`, without its key (for tools).
+pub fn hash_of(pki_dir: &Path) -> Result<String, PkiError> {
+    let path = pki_dir.join("ca.pem");
+    let pem = std::fs::read_to_string(&path).map_err(io_err("read", &path))?;
+    let der = crate::tls::first_cert(&pem).map_err(|e| PkiError::BadFile {
+        what: "the fleet CA",
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    Ok(crate::sha256_hex(&der))
+}
+
+fn issue_err(name: &str, e: rcgen::Error) -> PkiError {
+    PkiError::Issue {
+        name: name.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+fn name(cn: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Shoal");
+    dn.push(DnType::CommonName, cn);
+    dn
+}
+
+fn validity(p: &mut CertificateParams, lifetime: Duration) -> Result<(), PkiError> {
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - BACKDATE;
+    p.not_after = now + lifetime;
+    p.serial_number = Some(rcgen::SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
+    Ok(())
+}
+
+fn leaf_params(cn: &str, usage: &Usage, lifetime: Duration) -> Result<CertificateParams, PkiError> {
+    let mut p = CertificateParams::default();
+    p.distinguished_name = name(cn);
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.use_authority_key_identifier_extension = true;
+    match usage {
+        Usage::Server { names } => {
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            let mut all = vec![HUB_NAME.to_string()];
+            all.extend(names.iter().filter(|n| n.as_str() != HUB_NAME).cloned());
+            for n in all {
+                let san = match n.parse::<std::net::IpAddr>() {
+                    Ok(ip) => SanType::IpAddress(ip),
+                    Err(_) => {
+                        SanType::DnsName(n.as_str().try_into().map_err(|e| PkiError::Issue {
+                            name: cn.to_string(),
+                            reason: format!("{n:?} is not a DNS name: {e}"),
+                        })?)
+                    }
+                };
+                if !p.subject_alt_names.contains(&san) {
+                    p.subject_alt_names.push(san);
+                }
+            }
+        }
+        Usage::Client => p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth],
+    }
+    validity(&mut p, lifetime)?;
+    Ok(p)
+}

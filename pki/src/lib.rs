@@ -1,0 +1,92 @@
+//! Fleet identities: the fleet CA the hub owns ([`ca`]), one-time join tokens ([`token`]),
+//! the rustls configurations every Shoal process uses for mTLS ([`tls`]), the hub's
+//! signature over desired state ([`sign`]), and the credentials a device keeps ([`device`]).
+//!
+//! Certificates name their holder in the subject's common name: the hub is `shoal-hub`,
+//! operators are `shoal-operator`, and a device is its device id (see
+//! [`shoal_api::acl::Identity`]). Every server certificate the fleet CA issues also names
+//! `shoal-hub`, and clients verify that fixed name rather than the address they dialled: a
+//! device that found its hub over mDNS at some LAN address still checks that the peer is the
+//! fleet's hub, and a device certificate (client-auth only) can never pass as one.
+//!
+//! This is the only crate that names rcgen, ring or x509-parser.
+
+use std::io::Write;
+use std::path::Path;
+
+pub mod ca;
+pub mod device;
+pub mod sign;
+pub mod tls;
+pub mod token;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("cannot {action} {path:?}: {source}")]
+    Io {
+        action: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{what} in {path:?} is unusable: {reason}")]
+    BadFile {
+        what: &'static str,
+        path: String,
+        reason: String,
+    },
+    #[error("cannot issue a certificate for {name:?}: {reason}")]
+    Issue { name: String, reason: String },
+    #[error("{0}")]
+    Token(#[from] token::TokenError),
+    #[error("tls configuration: {0}")]
+    Tls(String),
+}
+
+pub(crate) fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PkiError {
+    let path = path.display().to_string();
+    move |source| PkiError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+pub(crate) fn read_string(path: &Path) -> Result<String, PkiError> {
+    std::fs::read_to_string(path).map_err(io_err("read", path))
+}
+
+/// Writes `bytes` to `path` atomically (temporary file, fsync, rename) with `mode`, so a
+/// crash leaves either the old file or the new one, never half a key.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+    let tmp = path.with_extension(format!("tmp{}", rand::random::<u32>()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io_err("create", &tmp))?;
+    f.write_all(bytes).map_err(io_err("write", &tmp))?;
+    f.sync_all().map_err(io_err("sync", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err("rename into", path))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Creates `dir` (and parents) readable by its owner only.
+pub(crate) fn private_dir(dir: &Path) -> Result<(), PkiError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io_err("restrict permissions of", dir))
+}
+
+/// Lowercase hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}

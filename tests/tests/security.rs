@@ -1,0 +1,508 @@
+//! Hostile input against a fleet that runs secure by default: clients without (or with the
+//! wrong) certificates, a device impersonating another or applying manifests, bad join
+//! tokens, forged and replayed desired states through a compromised broker, a tampered
+//! module. Each is refused with a logged reason, and nothing changes or runs.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use anyhow::Result;
+use shoal_e2e::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+/// A probe workload printing a heartbeat.
+fn heartbeat(dir: &Path, name: &str, beat_ms: u32) -> PathBuf {
+    std::fs::copy(module("probe.wasm"), dir.join("probe.wasm")).unwrap();
+    write_manifest(
+        dir,
+        &format!("{name}.yaml"),
+        &format!(
+            "apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: {name} }}\nspec:\n  wasm: {{ module: ./probe.wasm }}\n  args: [heartbeat, \"{beat_ms}\"]\n"
+        ),
+    )
+}
+
+/// `mosquitto_pub`/`mosquitto_sub` with explicit TLS files (`None`: no TLS at all).
+fn mosquitto(tool: &str, port: u16, tls: Option<(&Path, &Path, &Path)>, args: &[&str]) -> Output {
+    let mut c = Command::new(tool);
+    c.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
+    if let Some((ca, cert, key)) = tls {
+        c.arg("--cafile")
+            .arg(ca)
+            .arg("--cert")
+            .arg(cert)
+            .arg("--key")
+            .arg(key);
+    }
+    c.args(args).output().expect("mosquitto client")
+}
+
+/// A device's own credentials, as enrollment left them.
+fn device_tls(agent: &Agent) -> (PathBuf, PathBuf, PathBuf) {
+    let p = agent.data_dir.join("pki");
+    (p.join("ca.pem"), p.join("device.pem"), p.join("device.key"))
+}
+
+fn as_refs(t: &(PathBuf, PathBuf, PathBuf)) -> Option<(&Path, &Path, &Path)> {
+    Some((&t.0, &t.1, &t.2))
+}
+
+#[test]
+fn the_broker_and_the_api_refuse_strangers_and_confine_devices() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = Hub::start(dir.path(), None)?;
+    let a = Agent::start(dir.path(), "edge-a", "", &hub.join())?;
+    hub.wait_devices_online(1, Duration::from_secs(20))?;
+    let bundle = hub.bundle().unwrap();
+    let status_b = "shoal/v1/devices/edge-b/status";
+    let fake_status = r#"{"protocol":1,"deviceId":"edge-b","observedGeneration":0,"workloads":[]}"#;
+
+    // No TLS at all, and TLS without a client certificate: refused at the door.
+    let out = mosquitto(
+        "mosquitto_pub",
+        hub.mqtt,
+        None,
+        &["-t", status_b, "-m", fake_status],
+    );
+    assert!(!out.status.success(), "plain MQTT accepted");
+    let mut c = Command::new("mosquitto_pub");
+    let out = c
+        .args(["-h", "127.0.0.1", "-p", &hub.mqtt.to_string(), "--cafile"])
+        .arg(bundle.join("ca.pem"))
+        .args(["-t", status_b, "-m", fake_status])
+        .output()?;
+    assert!(
+        !out.status.success(),
+        "a client without a certificate was accepted"
+    );
+
+    // A certificate from another fleet's CA.
+    let other = dir.path().join("other-hub");
+    let st = Command::new(bin("shoal-hub"))
+        .args(["cert", "broker", "--data-dir"])
+        .arg(&other)
+        .arg("--out")
+        .arg(dir.path().join("other-broker"))
+        .output()?;
+    assert!(st.status.success());
+    let o = other.join("operator");
+    let foreign = (
+        bundle.join("ca.pem"),
+        o.join("operator.pem"),
+        o.join("operator.key"),
+    );
+    let out = mosquitto(
+        "mosquitto_pub",
+        hub.mqtt,
+        as_refs(&foreign),
+        &["-t", "shoal/v1/apply", "-m", "x"],
+    );
+    assert!(
+        !out.status.success(),
+        "another CA's certificate was accepted"
+    );
+
+    // Device A's certificate: its own client id only, its own topics only.
+    let tls = device_tls(&a);
+    let out = mosquitto(
+        "mosquitto_pub",
+        hub.mqtt,
+        as_refs(&tls),
+        &[
+            "-i",
+            "shoal-agent-edge-b",
+            "-t",
+            "shoal/v1/devices/edge-a/status",
+            "-m",
+            "{}",
+        ],
+    );
+    assert!(
+        !out.status.success(),
+        "device A connected as device B's client"
+    );
+    mosquitto(
+        "mosquitto_pub",
+        hub.mqtt,
+        as_refs(&tls),
+        &[
+            "-i",
+            "shoal-agent-edge-a",
+            "-q",
+            "1",
+            "-t",
+            status_b,
+            "-m",
+            fake_status,
+        ],
+    );
+    let manifest = std::fs::read_to_string(heartbeat(dir.path(), "rogue", 1000))?;
+    mosquitto(
+        "mosquitto_pub",
+        hub.mqtt,
+        as_refs(&tls),
+        &[
+            "-i",
+            "shoal-agent-edge-a",
+            "-q",
+            "1",
+            "-t",
+            "shoal/v1/apply",
+            "-m",
+            &manifest,
+        ],
+    );
+    let out = mosquitto(
+        "mosquitto_sub",
+        hub.mqtt,
+        as_refs(&tls),
+        &[
+            "-i",
+            "shoal-agent-edge-a",
+            "-t",
+            "shoal/v1/devices/+/desired",
+            "-C",
+            "1",
+            "-W",
+            "3",
+        ],
+    );
+    assert!(!out.status.success(), "device A read every desired state");
+
+    let log = wait_until(
+        Duration::from_secs(10),
+        "the refusals in the hub log",
+        || {
+            let log = hub.proc.log_text();
+            let all = [
+                "no or untrusted client certificate",
+                "\"shoal-agent-edge-b\"",
+                "device edge-a may not publish to \"shoal/v1/devices/edge-b/status\"",
+                "device edge-a may not publish to \"shoal/v1/apply\"",
+                "device edge-a may not subscribe to \"shoal/v1/devices/+/desired\"",
+            ]
+            .iter()
+            .all(|s| log.contains(s));
+            Ok(all.then_some(log))
+        },
+    );
+    let log = log.map_err(|e| anyhow::anyhow!("{e}\nhub log:\n{}", hub.proc.log_text()))?;
+    assert!(log.contains("mqtt client refused"), "{log}");
+
+    // Nothing changed: no device B, no workload.
+    let devices = hub.devices()?;
+    assert_eq!(devices.len(), 1, "{devices:?}");
+    assert!(hub.workloads()?.is_empty());
+
+    // The HTTP API: nothing without a certificate; a device's certificate is not an operator's.
+    let out = hub.shoal_with(
+        &["get", "devices"],
+        None,
+        &[("SHOAL_CREDENTIALS", "/nonexistent")],
+    );
+    assert!(!out.status.success());
+    let as_device = dir.path().join("as-device");
+    std::fs::create_dir_all(&as_device)?;
+    std::fs::copy(&tls.0, as_device.join("ca.pem"))?;
+    std::fs::copy(&tls.1, as_device.join("operator.pem"))?;
+    std::fs::copy(&tls.2, as_device.join("operator.key"))?;
+    let out = hub.shoal_with(
+        &["get", "devices"],
+        None,
+        &[("SHOAL_CREDENTIALS", as_device.to_str().unwrap())],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("device edge-a may not GET /v1/devices"),
+        "{err}"
+    );
+    // The operator's bundle works with mosquitto's own clients too.
+    let out = Command::new("mosquitto_sub")
+        .args(hub.access().mosquitto_args())
+        .args(["-t", "shoal/v1/devices/edge-a/status", "-C", "1", "-W", "5"])
+        .output()?;
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("edge-a"));
+    Ok(())
+}
+
+#[test]
+fn join_tokens_pin_the_ca_and_work_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = Hub::start(dir.path(), None)?;
+    let join = hub.join();
+    let agent = |id: &str, token: &str| -> Output {
+        Command::new(bin("shoal-agent"))
+            .args([
+                "run",
+                "--no-mdns",
+                "--no-containerd",
+                "--device-id",
+                id,
+                "--data-dir",
+            ])
+            .arg(dir.path().join(id))
+            .args([
+                "--broker",
+                &join.broker,
+                "--hub",
+                &join.hub,
+                "--join-token",
+                token,
+                "--socket",
+            ])
+            .arg(dir.path().join(format!("{id}.sock")))
+            .output()
+            .expect("shoal-agent")
+    };
+    let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    // A token made by another hub pins another CA: the agent refuses to talk further.
+    let other = Join {
+        broker: String::new(),
+        hub: String::new(),
+        hub_data: Some(dir.path().join("elsewhere")),
+    };
+    let st = Command::new(bin("shoal-hub"))
+        .args(["cert", "broker", "--data-dir"])
+        .arg(dir.path().join("elsewhere"))
+        .arg("--out")
+        .arg(dir.path().join("elsewhere-broker"))
+        .output()?;
+    assert!(st.status.success());
+    let out = agent("edge-x", &other.token()?.unwrap());
+    assert!(
+        stderr(&out).contains("but the join token pins"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!dir.path().join("edge-x/pki/device.pem").exists());
+
+    // A malformed token names the problem without echoing the secret.
+    let out = agent("edge-x", "SHL1.abc.def.0123456789abcdef0123456789abcdef");
+    let e = stderr(&out);
+    assert!(
+        !out.status.success()
+            && e.contains("CA hash")
+            && !e.contains("0123456789abcdef0123456789abcdef"),
+        "{e}"
+    );
+
+    // A good token enrolls once; the second use is refused by the hub.
+    let token = join.token()?.unwrap();
+    let mut first = Proc::spawn(
+        "edge-1",
+        Command::new(bin("shoal-agent"))
+            .args([
+                "run",
+                "--no-mdns",
+                "--no-containerd",
+                "--device-id",
+                "edge-1",
+                "--data-dir",
+            ])
+            .arg(dir.path().join("edge-1"))
+            .args([
+                "--broker",
+                &join.broker,
+                "--hub",
+                &join.hub,
+                "--join-token",
+                &token,
+                "--socket",
+            ])
+            .arg(dir.path().join("edge-1.sock")),
+        dir.path().join("edge-1.log"),
+    )?;
+    hub.wait_devices_online(1, Duration::from_secs(20))?;
+    let out = agent("edge-2", &token);
+    assert!(stderr(&out).contains("already used"), "{}", stderr(&out));
+    // Reserved names cannot be enrolled.
+    let out = agent("shoal-hub", &join.token()?.unwrap());
+    assert!(stderr(&out).contains("reserved"), "{}", stderr(&out));
+    // An expired token.
+    let st = Command::new(bin("shoal-hub"))
+        .args(["token", "create", "--ttl", "1ms", "--data-dir"])
+        .arg(&hub.data_dir)
+        .output()?;
+    std::thread::sleep(Duration::from_millis(20));
+    let out = agent("edge-3", String::from_utf8_lossy(&st.stdout).trim());
+    assert!(stderr(&out).contains("expired"), "{}", stderr(&out));
+
+    // The enrolled device restarts without a token, from its saved credentials.
+    first.kill();
+    let again = Proc::spawn(
+        "edge-1",
+        Command::new(bin("shoal-agent"))
+            .args([
+                "run",
+                "--no-mdns",
+                "--no-containerd",
+                "--device-id",
+                "edge-1",
+                "--data-dir",
+            ])
+            .arg(dir.path().join("edge-1"))
+            .args(["--broker", &join.broker, "--hub", &join.hub, "--socket"])
+            .arg(dir.path().join("edge-1.sock")),
+        dir.path().join("edge-1-again.log"),
+    )?;
+    wait_until(
+        Duration::from_secs(20),
+        "the restarted device connects",
+        || {
+            Ok(again
+                .log_text()
+                .contains("connected to broker")
+                .then_some(()))
+        },
+    )?;
+    let key = std::fs::metadata(dir.path().join("edge-1/pki/device.key"))?;
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(key.permissions().mode() & 0o777, 0o600);
+    Ok(())
+}
+
+#[test]
+fn forged_and_replayed_desired_states_change_nothing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut hub = Hub::start(dir.path(), None)?;
+    let a = Agent::start(dir.path(), "edge-a", "", &hub.join())?;
+    hub.wait_devices_online(1, Duration::from_secs(20))?;
+    let desired = "shoal/v1/devices/edge-a/desired";
+
+    // Generation g1: one workload. Capture its signed desired state (operators may read it).
+    hub.apply(&heartbeat(dir.path(), "first", 200))?;
+    hub.wait_running("first", 1, Duration::from_secs(30))?;
+    let old = retained(&hub.access(), desired)?.expect("a retained desired state");
+    // Generation g2: a second workload.
+    hub.apply(&heartbeat(dir.path(), "second", 200))?;
+    hub.wait_running("second", 1, Duration::from_secs(30))?;
+
+    // The hub goes away, and a compromised broker with the fleet's certificates but no ACL
+    // takes its port: any client with a fleet certificate may publish desired states.
+    hub.proc.kill();
+    let mq = Mosquitto::start_without_acl(dir.path(), hub.mqtt)?;
+    let log_at = a.proc.log_text().len();
+    wait_until(
+        Duration::from_secs(20),
+        "the agent reconnects to the broker",
+        || {
+            Ok(a.proc.log_text()[log_at..]
+                .contains("connected to broker")
+                .then_some(()))
+        },
+    )?;
+
+    // A forged state: well-formed, newer, empty, but signed by some other key.
+    let forged = format!(
+        r#"{{"state":"{}","signature":"{}"}}"#,
+        b64(br#"{"protocol":1,"deviceId":"edge-a","generation":999,"workloads":[]}"#),
+        b64(&[7u8; 64])
+    );
+    let publish = |payload: &str| {
+        let out = Command::new("mosquitto_pub")
+            .args(mq.access().mosquitto_args())
+            .args(["-q", "1", "-r", "-t", desired, "-m", payload])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    publish(&forged);
+    // A replay of the genuine, older generation.
+    publish(&old);
+    // A bare, unsigned desired state.
+    publish(r#"{"protocol":1,"deviceId":"edge-a","generation":1000,"workloads":[]}"#);
+
+    let log = wait_until(Duration::from_secs(15), "three rejections", || {
+        let log = a.proc.log_text()[log_at..].to_string();
+        Ok((log.matches("desired state rejected").count() >= 3).then_some(log))
+    })?;
+    assert!(log.contains("does not verify with the hub's key"), "{log}");
+    assert!(log.contains("is older than generation"), "{log}");
+    assert!(log.contains("not a signed desired state"), "{log}");
+    assert!(!log.contains("desired state accepted"), "{log}");
+
+    // Both workloads still run: their output keeps growing.
+    let before: Vec<usize> = ["first-0", "second-0"]
+        .iter()
+        .map(|w| a.workload_log(w).len())
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    for (w, n) in ["first-0", "second-0"].iter().zip(before) {
+        assert!(a.workload_log(w).len() > n, "{w} stopped");
+    }
+    Ok(())
+}
+
+/// Standard base64, for hand-made envelopes.
+fn b64(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_tampered_module_is_refused_and_never_runs() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = Hub::start(dir.path(), None)?;
+    let a = Agent::start(dir.path(), "edge-a", "", &hub.join())?;
+    hub.wait_devices_online(1, Duration::from_secs(20))?;
+    // Upload the module, then corrupt the hub's copy before any device fetched it.
+    std::fs::copy(module("probe.wasm"), dir.path().join("probe.wasm"))?;
+    let digest = String::from_utf8(
+        hub.shoal_ok(&["push", dir.path().join("probe.wasm").to_str().unwrap()])
+            .stdout,
+    )?;
+    let digest = digest.trim();
+    let blob = hub
+        .data_dir
+        .join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"));
+    let mut bytes = std::fs::read(&blob)?;
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&blob, bytes)?;
+    let m = write_manifest(
+        dir.path(),
+        "t.yaml",
+        &format!("apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: tampered }}\nspec:\n  wasm: {{ module: \"{digest}\" }}\n  args: [heartbeat, \"100\"]\n"),
+    );
+    hub.apply(&m)?;
+    let w = wait_until(
+        Duration::from_secs(20),
+        "the digest failure reported",
+        || {
+            let w = hub.workload("tampered")?.unwrap_or_default();
+            let msg = w["replicas"][0]["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            Ok(msg.contains("failed verification").then_some(w))
+        },
+    )?;
+    assert_ne!(w["replicas"][0]["phase"], "Running", "{w}");
+    assert!(
+        a.workload_log("tampered-0").is_empty(),
+        "the tampered module ran"
+    );
+    Ok(())
+}
