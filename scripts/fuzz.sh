@@ -37,6 +37,7 @@ for t in "${targets[@]}"; do
   seeds=()
   case "$t" in
     manifest) seeds=("$REPO_ROOT/tests/golden" "$REPO_ROOT/examples") ;;
+    mqtt_guard | desired_verify) seeds=("$REPO_ROOT/fuzz/seeds/$t") ;;
   esac
   if [ "$short" = 1 ]; then
     limit=(-max_total_time="${SHOAL_FUZZ_SHORT:-20}")

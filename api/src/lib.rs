@@ -17,6 +17,7 @@ pub mod ids;
 pub mod manifest;
 pub mod messages;
 pub mod mqtt_guard;
+pub mod network;
 pub mod oci;
 pub mod quantity;
 pub mod selector;

@@ -77,6 +77,32 @@ pub struct WorkloadSpec {
     /// Directories on the device that outlive a run (see [`crate::volume`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<Volume>,
+    /// Outbound connections a WASM guest may open (see [`crate::network`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<Network>,
+    /// Limits that stop a WASM run when it breaches them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+}
+
+/// `spec.limits`: `{ cpuTime: 30s, logRate: 64Ki }`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Limits {
+    /// Most CPU time one run may use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_time: Option<String>,
+    /// Most bytes of output per second (averaged over 10 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_rate: Option<String>,
+}
+
+/// `spec.network`: `{ allow: ["10.0.0.0/8:443", …] }`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Network {
+    #[serde(default)]
+    pub allow: Vec<String>,
 }
 
 /// `spec.volumes[]`: `{ name: data, path: /data }`.

@@ -108,6 +108,12 @@ pub struct DesiredWorkload {
     /// Directories kept on the device for the workload (see [`crate::volume`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<crate::volume::Volume>,
+    /// Outbound connections the WASM guest may open (see [`crate::network`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network: Vec<crate::network::NetRule>,
+    /// Limits that stop a run (see [`crate::workload::RunLimits`]).
+    #[serde(default, skip_serializing_if = "crate::workload::RunLimits::is_none")]
+    pub limits: crate::workload::RunLimits,
 }
 
 impl DesiredWorkload {
@@ -145,6 +151,8 @@ impl DesiredWorkload {
             ports: w.ports.clone(),
             uses: w.uses.clone(),
             volumes: w.volumes.clone(),
+            network: w.network.clone(),
+            limits: w.limits,
         })
     }
 

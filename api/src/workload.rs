@@ -77,6 +77,28 @@ pub struct Resources {
     pub cpu: Option<u32>,
 }
 
+/// `spec.limits`: a WASM run that breaches one is stopped, with the limit as its reason, and
+/// restarted by its restart policy (containers are not limited this way yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunLimits {
+    /// Most CPU time one run may use, in milliseconds: a guard for jobs and runaway loops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_time_ms: Option<u64>,
+    /// Most bytes of output per second, averaged over [`RunLimits::LOG_WINDOW_SECS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_bytes_per_sec: Option<u64>,
+}
+
+impl RunLimits {
+    /// The window output is measured over (a burst within it is fine).
+    pub const LOG_WINDOW_SECS: u64 = 10;
+
+    pub fn is_none(&self) -> bool {
+        *self == RunLimits::default()
+    }
+}
+
 /// Which variant of a workload a replica runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -288,6 +310,11 @@ pub struct Workload {
     /// `spec.volumes` (see [`crate::volume`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<crate::volume::Volume>,
+    /// `spec.network.allow` (see [`crate::network`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network: Vec<crate::network::NetRule>,
+    #[serde(default, skip_serializing_if = "RunLimits::is_none")]
+    pub limits: RunLimits,
 }
 
 impl Workload {
@@ -311,6 +338,10 @@ impl Workload {
             health: &'a Option<Health>,
             #[serde(skip_serializing_if = "<[_]>::is_empty")]
             volumes: &'a [crate::volume::Volume],
+            #[serde(skip_serializing_if = "<[_]>::is_empty")]
+            network: &'a [crate::network::NetRule],
+            #[serde(skip_serializing_if = "RunLimits::is_none")]
+            limits: &'a RunLimits,
         }
         // Empty lists are left out so that revisions of workloads written before ports and
         // uses existed do not change (which would restart every replica on upgrade).
@@ -325,6 +356,8 @@ impl Workload {
             uses: &self.uses,
             health: &self.health,
             volumes: &self.volumes,
+            network: &self.network,
+            limits: &self.limits,
         };
         // Serializing plain structs and BTreeMaps cannot fail; fall back to Debug regardless.
         let bytes =
@@ -499,6 +532,9 @@ impl TryFrom<WorkloadManifest> for Workload {
         let ports = ports(name.as_ref(), spec.ports, &mut errs);
         let uses = uses(spec.uses, &mut errs);
         let volumes = crate::volume::validate(spec.volumes, &mut errs);
+        let network =
+            crate::network::validate(spec.network.map(|n| n.allow).unwrap_or_default(), &mut errs);
+        let limits = run_limits(spec.limits, &mut errs);
 
         match (name, placement, variants, memory, cpu, restart) {
             (
@@ -526,9 +562,49 @@ impl TryFrom<WorkloadManifest> for Workload {
                 ports,
                 uses,
                 volumes,
+                network,
+                limits,
             }),
             _ => Err(errs),
         }
+    }
+}
+
+fn run_limits(l: Option<crate::manifest::Limits>, errs: &mut Vec<String>) -> RunLimits {
+    let Some(l) = l else {
+        return RunLimits::default();
+    };
+    let cpu_time_ms = l.cpu_time.and_then(|s| match parse_duration(&s) {
+        Ok(d) if !d.is_zero() => Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        Ok(_) => {
+            errs.push(format!(
+                "spec.limits.cpuTime {s:?} is invalid: must be more than 0"
+            ));
+            None
+        }
+        Err(e) => {
+            errs.push(format!("spec.limits.cpuTime: {e}"));
+            None
+        }
+    });
+    let log_bytes_per_sec = l.log_rate.and_then(|s| match parse_memory(&s) {
+        Ok(0) => {
+            errs.push(format!(
+                "spec.limits.logRate {s:?} is invalid: must be more than 0 (bytes per second)"
+            ));
+            None
+        }
+        Ok(n) => Some(n),
+        Err(_) => {
+            errs.push(format!(
+                "spec.limits.logRate {s:?} is invalid: expected bytes per second like 64Ki or 1Mi"
+            ));
+            None
+        }
+    });
+    RunLimits {
+        cpu_time_ms,
+        log_bytes_per_sec,
     }
 }
 

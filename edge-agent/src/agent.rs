@@ -958,6 +958,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
     fn network(&mut self, w: &DesiredWorkload) -> Network {
         let mut net = Network {
             listen: w.ports.iter().map(|p| p.port).collect(),
+            allow: w.network.clone(),
             ..Network::default()
         };
         if !w.uses.is_empty() {

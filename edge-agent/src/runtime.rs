@@ -31,6 +31,8 @@ pub struct RunSpec {
     pub network: Network,
     /// `spec.volumes`: directories preopened read-write at their guest paths.
     pub mounts: Vec<Mount>,
+    /// `spec.limits`: breaching one stops the run with the limit as its reason.
+    pub limits: shoal_api::workload::RunLimits,
 }
 
 /// Addresses a replica may connect to, kept current by the agent while the replica runs.
@@ -43,6 +45,8 @@ pub struct Network {
     pub listen: Vec<u16>,
     /// Endpoints of the services it `uses`; `None` when it uses none.
     pub connect: Option<AllowList>,
+    /// `spec.network.allow`: destinations it may always connect to.
+    pub allow: Vec<shoal_api::network::NetRule>,
     /// Host directory shown read-only at `/shoal/services` (endpoint files).
     pub services_dir: Option<PathBuf>,
 }

@@ -225,6 +225,8 @@ mod tests {
                 .map(|u| WorkloadName::try_from(*u).unwrap())
                 .collect(),
             volumes: vec![],
+            network: vec![],
+            limits: Default::default(),
         }
     }
 

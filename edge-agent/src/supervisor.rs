@@ -260,6 +260,7 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
             cpu_millis: desired.resources.cpu,
             network,
             mounts: mounts.clone(),
+            limits: desired.limits,
         };
         // One container id per revision, so a replaced revision still stopping never
         // collides with its successor; restarts reuse it.
@@ -483,6 +484,8 @@ mod tests {
             ports: vec![],
             uses: vec![],
             volumes: vec![],
+            network: vec![],
+            limits: Default::default(),
         }
     }
 

@@ -623,6 +623,61 @@ struct Host<W> {
     limits: Limits,
     meter: Arc<Meter>,
     quota: Option<Quota>,
+    /// `spec.limits.cpuTime`: busy time after which the run is stopped.
+    cpu_time: Option<Duration>,
+    /// `spec.limits.logRate`, counted by the guest's output streams.
+    output: Option<Arc<OutputBudget>>,
+}
+
+/// Output accounting for `spec.limits.logRate`: bytes written in the current window. A
+/// window over its allowance marks the run, which the next epoch deadline stops.
+#[derive(Debug)]
+pub struct OutputBudget {
+    per_window: u64,
+    per_sec: u64,
+    origin: Instant,
+    window_start_ms: AtomicU64,
+    bytes: AtomicU64,
+    exceeded: std::sync::atomic::AtomicBool,
+}
+
+impl OutputBudget {
+    fn for_spec(spec: &RunSpec) -> Option<Arc<Self>> {
+        let per_sec = spec.limits.log_bytes_per_sec?;
+        let window = shoal_api::workload::RunLimits::LOG_WINDOW_SECS;
+        Some(Arc::new(OutputBudget {
+            per_window: per_sec.saturating_mul(window),
+            per_sec,
+            origin: Instant::now(),
+            window_start_ms: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            exceeded: Default::default(),
+        }))
+    }
+
+    fn add(&self, n: usize) {
+        let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let window_ms = shoal_api::workload::RunLimits::LOG_WINDOW_SECS * 1000;
+        if now.saturating_sub(self.window_start_ms.load(Ordering::Acquire)) >= window_ms {
+            self.window_start_ms.store(now, Ordering::Release);
+            self.bytes.store(0, Ordering::Release);
+        }
+        let total = self.bytes.fetch_add(n as u64, Ordering::AcqRel) + n as u64;
+        if total > self.per_window {
+            self.exceeded.store(true, Ordering::Release);
+        }
+    }
+
+    fn exceeded(&self) -> bool {
+        self.exceeded.load(Ordering::Acquire)
+    }
+
+    fn error(&self) -> LimitExceeded {
+        LimitExceeded::LogRate {
+            per_sec: self.per_sec,
+            window: shoal_api::workload::RunLimits::LOG_WINDOW_SECS,
+        }
+    }
 }
 
 type CoreState = Host<WasiP1Ctx>;
@@ -656,6 +711,10 @@ enum LimitExceeded {
          its limit of {limit}"
     )]
     Table { desired: u64, limit: u64 },
+    #[error("CPU time limit exceeded: the run used its limit of {} of CPU time (spec.limits.cpuTime)", shoal_api::quantity::format_duration_ms(*.limit_ms))]
+    CpuTime { limit_ms: u64 },
+    #[error("log rate limit exceeded: the run wrote more than {}/s over {window} s (spec.limits.logRate)", fmt_bytes(*.per_sec))]
+    LogRate { per_sec: u64, window: u64 },
 }
 
 struct Limits {
@@ -826,10 +885,20 @@ fn new_store<W: Send + 'static>(engine: &Engine, host: Host<W>) -> Store<Host<W>
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(|mut ctx| {
         let host = ctx.data_mut();
+        let now = Instant::now();
+        // Limits that stop the run, checked at every deadline (at least every tick of running).
+        if let Some(limit) = host.cpu_time {
+            if host.meter.busy_at(now) > limit {
+                let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+                return Err(LimitExceeded::CpuTime { limit_ms }.into());
+            }
+        }
+        if let Some(out) = host.output.as_ref().filter(|o| o.exceeded()) {
+            return Err(out.error().into());
+        }
         let Some(quota) = host.quota.as_mut() else {
             return Ok(yield_to_tokio());
         };
-        let now = Instant::now();
         match quota.check(host.meter.busy_at(now), now) {
             Some(wake) => Ok(UpdateDeadline::YieldCustom(
                 1,
@@ -848,16 +917,27 @@ fn yield_to_tokio() -> UpdateDeadline {
     UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now()))
 }
 
-fn host<W>(wasi: W, spec: &RunSpec, meter: Arc<Meter>) -> Host<W> {
+fn host<W>(
+    wasi: W,
+    spec: &RunSpec,
+    meter: Arc<Meter>,
+    output: Option<Arc<OutputBudget>>,
+) -> Host<W> {
     Host {
         wasi,
         limits: Limits::new(spec.memory_limit),
         meter,
         quota: spec.cpu_millis.map(|m| Quota::new(m, Instant::now())),
+        cpu_time: spec.limits.cpu_time_ms.map(Duration::from_millis),
+        output,
     }
 }
 
-fn wasi_builder(spec: &RunSpec, log: &LogSink) -> Result<WasiCtxBuilder, String> {
+fn wasi_builder(
+    spec: &RunSpec,
+    log: &LogSink,
+    budget: Option<Arc<OutputBudget>>,
+) -> Result<WasiCtxBuilder, String> {
     let mut builder = WasiCtxBuilder::new();
     builder
         .arg(&spec.instance)
@@ -865,10 +945,12 @@ fn wasi_builder(spec: &RunSpec, log: &LogSink) -> Result<WasiCtxBuilder, String>
         .stdout(GuestOutput {
             sink: log.clone(),
             stream: Stream::Stdout,
+            budget: budget.clone(),
         })
         .stderr(GuestOutput {
             sink: log.clone(),
             stream: Stream::Stderr,
+            budget,
         })
         .allow_udp(false)
         .allow_ip_name_lookup(false);
@@ -891,20 +973,34 @@ fn wasi_builder(spec: &RunSpec, log: &LogSink) -> Result<WasiCtxBuilder, String>
             .map_err(|e| format!("cannot open volume {}: {e}", m.host.display()))?;
     }
     // TCP only for what the manifest declares: listening on its own ports, connecting to the
-    // current endpoints of the services it uses. Everything else is denied.
-    builder.allow_tcp(!net.listen.is_empty() || net.connect.is_some());
+    // current endpoints of the services it uses and to `spec.network.allow`. Everything else
+    // is denied, and a denied connect is said in the replica's log (the guest only sees
+    // "access denied").
+    let outbound = net.connect.is_some() || !net.allow.is_empty();
+    builder.allow_tcp(!net.listen.is_empty() || outbound);
     let listen = net.listen.clone();
     let connect = net.connect.clone();
+    let allow = net.allow.clone();
+    let denied_log = log.clone();
     builder.socket_addr_check(move |addr, use_| {
         use wasmtime_wasi::sockets::SocketAddrUse as U;
         let ok = match use_ {
-            U::TcpBind => listen.contains(&addr.port()) || (addr.port() == 0 && connect.is_some()),
+            U::TcpBind => listen.contains(&addr.port()) || (addr.port() == 0 && outbound),
             U::TcpListen => listen.contains(&addr.port()),
             U::TcpAccept => !listen.is_empty(),
-            U::TcpConnect => connect
-                .as_ref()
-                .and_then(|c| c.read().ok().map(|set| set.contains(&addr)))
-                .unwrap_or(false),
+            U::TcpConnect => {
+                let ok = allow.iter().any(|r| r.allows(addr))
+                    || connect
+                        .as_ref()
+                        .and_then(|c| c.read().ok().map(|set| set.contains(&addr)))
+                        .unwrap_or(false);
+                if !ok {
+                    denied_log.system(&format!(
+                        "connect to {addr} denied: not in spec.network.allow nor an endpoint of spec.uses"
+                    ));
+                }
+                ok
+            }
             _ => false,
         };
         Box::pin(async move { ok })
@@ -920,11 +1016,12 @@ async fn run_core(
     log: LogSink,
     meter: Arc<Meter>,
 ) -> Exit {
-    let wasi = match wasi_builder(&spec, &log) {
+    let budget = OutputBudget::for_spec(&spec);
+    let wasi = match wasi_builder(&spec, &log, budget.clone()) {
         Ok(mut b) => b.build_p1(),
         Err(reason) => return Exit::Failure { code: None, reason },
     };
-    let mut store = new_store(&engine, host(wasi, &spec, meter));
+    let mut store = new_store(&engine, host(wasi, &spec, meter, budget));
     let result = async {
         let instance = pre.instantiate_async(&mut store).await?;
         let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
@@ -944,7 +1041,8 @@ async fn run_component(
     log: LogSink,
     meter: Arc<Meter>,
 ) -> Exit {
-    let ctx = match wasi_builder(&spec, &log) {
+    let budget = OutputBudget::for_spec(&spec);
+    let ctx = match wasi_builder(&spec, &log, budget.clone()) {
         Ok(mut b) => b.build(),
         Err(reason) => return Exit::Failure { code: None, reason },
     };
@@ -952,7 +1050,7 @@ async fn run_component(
         ctx,
         table: ResourceTable::new(),
     };
-    let mut store = new_store(&engine, host(wasi, &spec, meter));
+    let mut store = new_store(&engine, host(wasi, &spec, meter, budget));
     let result = async {
         let command = pre.instantiate_async(&mut store).await?;
         command.wasi_cli_run().call_run(&mut store).await
@@ -1022,6 +1120,8 @@ fn fmt_bytes(bytes: u64) -> String {
 pub struct GuestOutput {
     pub sink: LogSink,
     pub stream: Stream,
+    /// `spec.limits.logRate` accounting, if limited.
+    pub budget: Option<Arc<OutputBudget>>,
 }
 
 impl IsTerminal for GuestOutput {
@@ -1046,6 +1146,12 @@ impl tokio::io::AsyncWrite for GuestOutput {
         _cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        if let Some(b) = &self.budget {
+            b.add(buf.len());
+            if b.exceeded() {
+                return Poll::Ready(Err(std::io::Error::other(b.error().to_string())));
+            }
+        }
         self.sink.write(self.stream, buf);
         Poll::Ready(Ok(buf.len()))
     }
@@ -1061,6 +1167,14 @@ impl tokio::io::AsyncWrite for GuestOutput {
 
 impl OutputStream for GuestOutput {
     fn write(&mut self, bytes: bytes::Bytes) -> StreamResult<()> {
+        if let Some(b) = &self.budget {
+            b.add(bytes.len());
+            if b.exceeded() {
+                // Stop the guest at once, not at the next deadline: a flood writes megabytes
+                // in one tick.
+                return Err(wasmtime_wasi::p2::StreamError::Trap(b.error().into()));
+            }
+        }
         self.sink.write(self.stream, &bytes);
         Ok(())
     }
@@ -1165,6 +1279,7 @@ mod tests {
             cpu_millis: None,
             network: Default::default(),
             mounts: vec![],
+            limits: Default::default(),
         }
     }
 
@@ -1181,6 +1296,56 @@ mod tests {
             .await
             .unwrap();
         (exit, log)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cpu_time_and_log_rate_limits_stop_the_run_with_a_reason() {
+        let fx = Fixture::new();
+        let module = fx.prepare("probe").await;
+        // An endless loop with a CPU time limit: stopped once it used 300 ms.
+        let mut spinner = spec("spin-0", &["spin"]);
+        spinner.limits.cpu_time_ms = Some(300);
+        let t0 = Instant::now();
+        let (exit, _) = run_to_end(&fx, module.clone(), spinner).await;
+        let Exit::Failure { reason, .. } = exit else {
+            panic!("{exit:?}")
+        };
+        assert!(
+            reason.contains("CPU time limit exceeded") && reason.contains("300ms"),
+            "{reason}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        // A heartbeat under the same limit is not stopped for sleeping.
+        let mut beat = spec("beat-0", &["heartbeat", "100"]);
+        beat.limits.cpu_time_ms = Some(300);
+        let log = fx.log("beat-0");
+        let cancel = CancellationToken::new();
+        let run = fx
+            .runtime
+            .run(module.clone(), beat, log.clone(), cancel.clone());
+        let stop = async {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            cancel.cancel();
+        };
+        let (exit, ()) = tokio::join!(run, stop);
+        assert_eq!(exit, Exit::Cancelled);
+
+        // A flood of output with a log rate limit: stopped, and the log stays small.
+        let mut flood = spec("flood-0", &["flood"]);
+        flood.limits.log_bytes_per_sec = Some(10 * 1024);
+        let (exit, log) = run_to_end(&fx, module, flood).await;
+        let Exit::Failure { reason, .. } = exit else {
+            panic!("{exit:?}")
+        };
+        assert!(
+            reason.contains("log rate limit exceeded") && reason.contains("10 KiB/s"),
+            "{reason}"
+        );
+        let written = std::fs::metadata(log.path()).unwrap().len();
+        assert!(
+            written < 2 << 20,
+            "the flood wrote {written} bytes before it was stopped"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

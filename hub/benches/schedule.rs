@@ -100,6 +100,8 @@ fn workloads(count: usize, replicas_each: u32) -> Vec<Workload> {
                 ports: vec![],
                 uses: vec![],
                 volumes: vec![],
+                network: vec![],
+                limits: Default::default(),
             }
         })
         .collect()

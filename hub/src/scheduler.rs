@@ -660,6 +660,8 @@ mod tests {
             ports: vec![],
             uses: vec![],
             volumes: vec![],
+            network: vec![],
+            limits: Default::default(),
         }
     }
 

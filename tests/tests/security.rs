@@ -506,3 +506,98 @@ fn a_tampered_module_is_refused_and_never_runs() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_wasm_guest_connects_only_where_spec_network_allows() -> Result<()> {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    // Two TCP servers on loopback; the manifest allows one.
+    let serve = |name: &'static str| -> Result<(String, Arc<AtomicUsize>)> {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = l.local_addr()?.to_string();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        std::thread::spawn(move || {
+            for mut c in l.incoming().flatten() {
+                h.fetch_add(1, Ordering::SeqCst);
+                let _ = writeln!(c, "pong from {name}");
+            }
+        });
+        Ok((addr, hits))
+    };
+    let (allowed, _) = serve("allowed")?;
+    let (other, other_hits) = serve("other")?;
+
+    let dir = tempfile::tempdir()?;
+    let hub = Hub::start(dir.path(), None)?;
+    let a = Agent::start(dir.path(), "edge-a", "", &hub.join())?;
+    hub.wait_devices_online(1, Duration::from_secs(20))?;
+    std::fs::copy(module("netprobe.wasm"), dir.path().join("netprobe.wasm"))?;
+    let m = write_manifest(
+        dir.path(),
+        "net.yaml",
+        &format!(
+            "apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: uplink }}\nspec:\n  wasm: {{ module: ./netprobe.wasm }}\n  args: [connect, \"{allowed}\", \"{other}\"]\n  network: {{ allow: [\"{allowed}\"] }}\n"
+        ),
+    );
+    hub.apply(&m)?;
+    let log = wait_until(Duration::from_secs(30), "both attempts logged", || {
+        let log = a.workload_log("uplink-0");
+        let done = log.contains(&format!("reply from {allowed}: pong from allowed"))
+            && log.contains(&format!("cannot connect to {other}"))
+            && log.contains(&format!("[shoal] connect to {other} denied"));
+        Ok(done.then_some(log))
+    })?;
+    assert!(!log.contains("pong from other"), "{log}");
+    assert_eq!(
+        other_hits.load(Ordering::SeqCst),
+        0,
+        "the denied server was reached"
+    );
+    Ok(())
+}
+
+#[test]
+fn hostile_modules_are_stopped_by_their_limits_and_neighbours_keep_running() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = Hub::start(dir.path(), None)?;
+    let a = Agent::start(dir.path(), "edge-a", "", &hub.join())?;
+    hub.wait_devices_online(1, Duration::from_secs(20))?;
+    std::fs::copy(module("probe.wasm"), dir.path().join("probe.wasm"))?;
+    let m = write_manifest(
+        dir.path(),
+        "hostile.yaml",
+        "apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: { name: loop }\nspec:\n  wasm: { module: ./probe.wasm }\n  args: [spin]\n  restart: { policy: Never }\n  limits: { cpuTime: 500ms }\n---\napiVersion: shoal.dev/v1\nkind: Workload\nmetadata: { name: chatty }\nspec:\n  wasm: { module: ./probe.wasm }\n  args: [flood]\n  restart: { policy: Never }\n  limits: { logRate: 16Ki }\n---\napiVersion: shoal.dev/v1\nkind: Workload\nmetadata: { name: calm }\nspec:\n  wasm: { module: ./probe.wasm }\n  args: [heartbeat, \"100\"]\n",
+    );
+    hub.apply(&m)?;
+    for (name, why) in [
+        ("loop", "CPU time limit exceeded"),
+        ("chatty", "log rate limit exceeded"),
+    ] {
+        let w = wait_until(Duration::from_secs(30), &format!("{name} stopped"), || {
+            let w = hub.workload(name)?.unwrap_or_default();
+            let r = &w["replicas"][0];
+            Ok(
+                (r["phase"] == "Failed" && r["reason"].as_str().unwrap_or("").contains(why))
+                    .then_some(w),
+            )
+        })?;
+        assert!(
+            w["replicas"][0]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("spec.limits"),
+            "{w}"
+        );
+    }
+    // The flood was cut short: its log is about one window's allowance, not megabytes.
+    let flood = std::fs::metadata(a.data_dir.join("logs/chatty-0.log"))?.len();
+    assert!(flood < 1 << 20, "chatty wrote {flood} bytes");
+    // The neighbour runs on.
+    hub.wait_running("calm", 1, Duration::from_secs(10))?;
+    let before = a.workload_log("calm-0").len();
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(a.workload_log("calm-0").len() > before, "calm stopped");
+    Ok(())
+}

@@ -6,6 +6,8 @@
 //! - `call SERVICE PORT_NAME [MS]`: every MS milliseconds (default 200) read the endpoints the
 //!   agent publishes in `/shoal/services/SERVICE/PORT_NAME` (one `ip:port` per line), print
 //!   them when they change, connect to the first one and print its answer.
+//! - `connect ADDR...`: every 300 ms connect to each `ip:port` and print its answer or the
+//!   error (for the network allow-list tests).
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
@@ -15,13 +17,16 @@ fn main() {
     let me = args.first().cloned().unwrap_or_default();
     match args.get(1).map(String::as_str) {
         Some("serve") => serve(&me, args.get(2).and_then(|p| p.parse().ok()).unwrap_or(8080)),
+        Some("connect") if args.len() >= 3 => connect(&args[2..]),
         Some("call") if args.len() >= 4 => call(
             &args[2],
             &args[3],
             args.get(4).and_then(|m| m.parse().ok()).unwrap_or(200),
         ),
         _ => {
-            eprintln!("usage: netprobe serve PORT | netprobe call SERVICE PORT_NAME [MS]");
+            eprintln!(
+                "usage: netprobe serve PORT | netprobe call SERVICE PORT_NAME [MS] | netprobe connect ADDR..."
+            );
             std::process::exit(2);
         }
     }
@@ -69,5 +74,21 @@ fn call(service: &str, port_name: &str, ms: u64) {
             }
         }
         std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
+fn connect(addrs: &[String]) {
+    loop {
+        for a in addrs {
+            match TcpStream::connect(a.as_str()) {
+                Ok(s) => {
+                    let mut line = String::new();
+                    let _ = BufReader::new(s).read_line(&mut line);
+                    println!("reply from {a}: {}", line.trim_end());
+                }
+                Err(e) => println!("cannot connect to {a}: {e}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
     }
 }

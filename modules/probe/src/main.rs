@@ -5,6 +5,7 @@
 //! - `hog [MIB]`: allocate (and touch) 1 MiB blocks up to MIB (default: unbounded), printing
 //!   the running total; a memory limit below that makes it fail.
 //! - `spin`: burn CPU forever, printing `spin N` every 2^24 iterations.
+//! - `flood`: print numbered 100-byte lines as fast as it can, forever (log limits).
 //! - `count FILE`: read a number from FILE (0 if absent), write it back plus one, print
 //!   `count N` and exit 0; with a volume, N counts the runs that ever saw it.
 //! - `cat FILE`: print FILE's content and exit 0, or say why not and exit 1 (sandbox tests).
@@ -63,6 +64,14 @@ fn main() {
                 println!("hog: holding {} MiB", blocks.len());
             }
             println!("hog: done");
+        }
+        "flood" => {
+            let pad = "x".repeat(90);
+            let mut n = 0u64;
+            loop {
+                n += 1;
+                println!("{n:08} {pad}");
+            }
         }
         "spin" => {
             let mut x: u64 = 0;

@@ -1,0 +1,251 @@
+//! `spec.network`: the outbound TCP connections a WASM workload may open besides the
+//! endpoints of the services it `uses`. Deny by default: with no rules and no `uses`, a guest
+//! has no sockets at all.
+//!
+//! ```yaml
+//! network:
+//!   allow: ["192.168.1.20:1883", "10.0.0.0/8:443", "[2001:db8::/32]:443", "172.16.0.9"]
+//! ```
+//!
+//! A rule is `ADDR[/PREFIX][:PORT]` (IPv6 in brackets when a port follows); no port means
+//! every port. Addresses only: guests get no name lookup (a name would let whoever answers
+//! DNS choose what the workload reaches).
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+
+/// One allowed destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NetRule {
+    /// The network address (host bits zero).
+    pub net: IpAddr,
+    pub prefix: u8,
+    /// `None`: any port.
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{value:?} is not a network rule: {reason} (expected ADDR[/PREFIX][:PORT], e.g. 10.0.0.0/8:443 or [2001:db8::1]:443)")]
+pub struct NetRuleError {
+    pub value: String,
+    pub reason: String,
+}
+
+impl FromStr for NetRule {
+    type Err = NetRuleError;
+    fn from_str(s: &str) -> Result<Self, NetRuleError> {
+        let err = |reason: &str| NetRuleError {
+            value: s.to_string(),
+            reason: reason.to_string(),
+        };
+        // Split off the port: `[v6…]:port`, `v4…:port`; a bare IPv6 has no port.
+        let (addr, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (inside, after) = rest.split_once(']').ok_or_else(|| err("unclosed '['"))?;
+            match after {
+                "" => (inside, None),
+                p => (
+                    inside,
+                    Some(
+                        p.strip_prefix(':')
+                            .ok_or_else(|| err("expected ':' after ']'"))?,
+                    ),
+                ),
+            }
+        } else if s.matches(':').count() == 1 {
+            let (a, p) = s.split_once(':').ok_or_else(|| err("bad port"))?;
+            (a, Some(p))
+        } else {
+            (s, None)
+        };
+        let port = match port {
+            None => None,
+            Some(p) => match p.parse::<u16>() {
+                Ok(0) | Err(_) => return Err(err("the port must be a number 1-65535")),
+                Ok(n) => Some(n),
+            },
+        };
+        let (ip, prefix) = match addr.split_once('/') {
+            Some((ip, pre)) => (ip, Some(pre)),
+            None => (addr, None),
+        };
+        let ip: IpAddr = ip
+            .parse()
+            .map_err(|_| err("not an IP address (names are not allowed)"))?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => match p.parse::<u8>() {
+                Ok(n) if n <= max => n,
+                _ => return Err(err(&format!("the prefix must be 0-{max}"))),
+            },
+        };
+        if mask(ip, prefix) != ip {
+            return Err(err(&format!(
+                "host bits are set: the network is {}/{prefix}",
+                mask(ip, prefix)
+            )));
+        }
+        Ok(NetRule {
+            net: ip,
+            prefix,
+            port,
+        })
+    }
+}
+
+impl TryFrom<String> for NetRule {
+    type Error = NetRuleError;
+    fn try_from(s: String) -> Result<Self, NetRuleError> {
+        s.parse()
+    }
+}
+
+impl From<NetRule> for String {
+    fn from(r: NetRule) -> String {
+        r.to_string()
+    }
+}
+
+impl fmt::Display for NetRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let max = if self.net.is_ipv4() { 32 } else { 128 };
+        let addr = if self.prefix == max {
+            self.net.to_string()
+        } else {
+            format!("{}/{}", self.net, self.prefix)
+        };
+        match (self.net, self.port) {
+            (_, None) => f.write_str(&addr),
+            (IpAddr::V6(_), Some(p)) => write!(f, "[{addr}]:{p}"),
+            (IpAddr::V4(_), Some(p)) => write!(f, "{addr}:{p}"),
+        }
+    }
+}
+
+fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(a) => {
+            let m = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V4((u32::from(a) & m).into())
+        }
+        IpAddr::V6(a) => {
+            let m = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V6((u128::from(a) & m).into())
+        }
+    }
+}
+
+impl NetRule {
+    /// Whether a connection to `to` is allowed by this rule. An IPv4-mapped IPv6 address
+    /// counts as its IPv4 address.
+    pub fn allows(&self, to: SocketAddr) -> bool {
+        let ip = match to.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        self.port.is_none_or(|p| p == to.port())
+            && ip.is_ipv4() == self.net.is_ipv4()
+            && mask(ip, self.prefix) == self.net
+    }
+}
+
+/// Validates `spec.network.allow`, pushing one error per bad rule.
+pub fn validate(allow: Vec<String>, errs: &mut Vec<String>) -> Vec<NetRule> {
+    let mut out: Vec<NetRule> = Vec::new();
+    for (i, r) in allow.into_iter().enumerate() {
+        match r.parse::<NetRule>() {
+            Ok(rule) if !out.contains(&rule) => out.push(rule),
+            Ok(_) => {}
+            Err(e) => errs.push(format!("spec.network.allow[{i}]: {e}")),
+        }
+    }
+    out.sort();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_parse_print_and_match() {
+        type Case<'a> = (&'a str, &'a str, &'a [(&'a str, bool)]);
+        let cases: &[Case] = &[
+            (
+                "192.168.1.20:1883",
+                "192.168.1.20:1883",
+                &[
+                    ("192.168.1.20:1883", true),
+                    ("192.168.1.20:1884", false),
+                    ("192.168.1.21:1883", false),
+                ],
+            ),
+            (
+                "10.0.0.0/8:443",
+                "10.0.0.0/8:443",
+                &[
+                    ("10.200.3.4:443", true),
+                    ("11.0.0.1:443", false),
+                    ("10.0.0.1:80", false),
+                ],
+            ),
+            (
+                "172.16.0.9",
+                "172.16.0.9",
+                &[("172.16.0.9:1", true), ("172.16.0.9:65535", true)],
+            ),
+            (
+                "[2001:db8::/32]:443",
+                "[2001:db8::/32]:443",
+                &[("[2001:db8:1::5]:443", true), ("[2001:db9::5]:443", false)],
+            ),
+            ("2001:db8::1", "2001:db8::1", &[("[2001:db8::1]:22", true)]),
+            (
+                "0.0.0.0/0:53",
+                "0.0.0.0/0:53",
+                &[
+                    ("8.8.8.8:53", true),
+                    ("[::ffff:8.8.8.8]:53", true),
+                    ("[2001:db8::1]:53", false),
+                ],
+            ),
+        ];
+        for (text, shown, probes) in cases {
+            let r: NetRule = text.parse().unwrap();
+            assert_eq!(&r.to_string(), shown);
+            assert_eq!(r.to_string().parse::<NetRule>().unwrap(), r);
+            for (to, want) in *probes {
+                assert_eq!(r.allows(to.parse().unwrap()), *want, "{text} → {to}");
+            }
+        }
+        for (bad, why) in [
+            ("example.com:443", "names are not allowed"),
+            ("10.0.0.1/8", "host bits"),
+            ("10.0.0.0/33", "prefix"),
+            ("10.0.0.1:0", "port"),
+            ("10.0.0.1:http", "port"),
+            ("[2001:db8::1:443", "unclosed"),
+            ("", "not an IP"),
+        ] {
+            let e = bad.parse::<NetRule>().unwrap_err().to_string();
+            assert!(
+                e.contains(why) && e.contains(&format!("{bad:?}")),
+                "{bad}: {e}"
+            );
+        }
+        let mut errs = Vec::new();
+        let rules = validate(
+            vec!["10.0.0.1".into(), "bad".into(), "10.0.0.1".into()],
+            &mut errs,
+        );
+        assert_eq!(rules.len(), 1);
+        assert_eq!(errs.len(), 1);
+        assert!(
+            errs[0].starts_with("spec.network.allow[1]: \"bad\""),
+            "{errs:?}"
+        );
+    }
+}
