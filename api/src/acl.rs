@@ -7,8 +7,8 @@
 //! | an operator (`shoal-operator`) | `shoal/v1/apply[/{req}]` | anything (results, MQTT 5 response topics, device topics) |
 //! | device `d` | `shoal/v1/devices/d/{hello,presence,status}`, `…/d/logs/{w}` | `shoal/v1/devices/d/desired` |
 //!
-//! A device's MQTT client id must be `shoal-agent-{d}`, and nobody else may use that prefix,
-//! so no client can take over (and disconnect) another's session.
+//! A device's MQTT client id must be `shoal-agent-{d}`; nobody else may use that prefix, and
+//! only the hub `shoal-hub-`, so no client can take over (and disconnect) another's session.
 
 use crate::ids::DeviceId;
 use crate::topics::PREFIX;
@@ -28,6 +28,8 @@ pub const OPERATOR: &str = "shoal-operator";
 
 /// Prefix of every agent's MQTT client id.
 pub const AGENT_CLIENT_PREFIX: &str = "shoal-agent-";
+/// Prefix of the hub's MQTT client id (it adds a random suffix).
+pub const HUB_CLIENT_PREFIX: &str = "shoal-hub-";
 
 impl Identity {
     /// The identity a certificate's common name stands for; `None` if it names nothing a
@@ -134,7 +136,10 @@ pub fn client_id_allowed(who: &Identity, client_id: &str) -> Result<(), Denied> 
         Identity::Device(d) => client_id
             .strip_prefix(AGENT_CLIENT_PREFIX)
             .is_some_and(|rest| rest == d.as_str()),
-        _ => !client_id.starts_with(AGENT_CLIENT_PREFIX),
+        Identity::Hub => !client_id.starts_with(AGENT_CLIENT_PREFIX),
+        Identity::Operator => {
+            !client_id.starts_with(AGENT_CLIENT_PREFIX) && !client_id.starts_with(HUB_CLIENT_PREFIX)
+        }
     };
     if ok {
         Ok(())
@@ -143,7 +148,7 @@ pub fn client_id_allowed(who: &Identity, client_id: &str) -> Result<(), Denied> 
             who: who.to_string(),
             action: "connect as",
             topic: client_id.to_string(),
-            reason: "a device's client id is shoal-agent-{its id}, and only its own",
+            reason: "a device's client id is shoal-agent-{its id}, the hub's shoal-hub-…, and nobody else uses those",
         })
     }
 }
@@ -234,5 +239,6 @@ mod tests {
         assert!(client_id_allowed(&Identity::Operator, "shoal-cli-1").is_ok());
         assert!(client_id_allowed(&Identity::Operator, "shoal-agent-edge-a").is_err());
         assert!(client_id_allowed(&Identity::Hub, "shoal-hub-x").is_ok());
+        assert!(client_id_allowed(&Identity::Operator, "shoal-hub-1234").is_err());
     }
 }

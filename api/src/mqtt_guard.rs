@@ -200,10 +200,14 @@ impl Guard {
     }
 
     fn connect(&mut self, first: u8, r: &mut Reader<'_>) -> Result<Vec<u8>, Violation> {
+        if first != 0x10 {
+            return Err(Violation::Malformed("CONNECT with reserved flags set"));
+        }
         let name = r.bytes()?;
         let level = r.u8()?;
-        if !matches!((name, level), (b"MQTT", 4 | 5) | (b"MQIsdp", 3)) {
-            return Err(Violation::Malformed("unknown protocol name or level"));
+        // What the broker behind speaks: MQTT 3.1.1 and 5 (not 3.1's MQIsdp).
+        if !matches!((name, level), (b"MQTT", 4 | 5)) {
+            return Err(Violation::Malformed("unsupported protocol name or level"));
         }
         let flags_at = r.at;
         let flags = r.u8()?;
@@ -320,7 +324,16 @@ mod tests {
 
     #[test]
     fn connect_is_checked_and_gets_the_broker_login() {
-        for level in [3, 4, 5] {
+        let mut g = Guard::new(dev("edge-a"), login());
+        assert!(
+            g.check(&connect(3, "shoal-agent-edge-a", None, None))
+                .is_err(),
+            "MQTT 3.1"
+        );
+        let mut bad_flags = connect(4, "shoal-agent-edge-a", None, None);
+        bad_flags[0] = 0x12;
+        assert!(g.check(&bad_flags).is_err());
+        for level in [4, 5] {
             let will = "shoal/v1/devices/edge-a/presence";
             let mut g = Guard::new(dev("edge-a"), login());
             let p = connect(level, "shoal-agent-edge-a", Some(will), Some(("x", "y")));

@@ -74,6 +74,11 @@ impl FromStr for NetRule {
         let ip: IpAddr = ip
             .parse()
             .map_err(|_| err("not an IP address (names are not allowed)"))?;
+        if let IpAddr::V6(v6) = ip {
+            if v6.to_ipv4_mapped().is_some() {
+                return Err(err("write an IPv4 address as IPv4, not IPv4-mapped IPv6"));
+            }
+        }
         let max = if ip.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => max,
@@ -125,6 +130,34 @@ impl fmt::Display for NetRule {
     }
 }
 
+impl NetRule {
+    /// Whether the rule's whole network is loopback, unspecified or link-local (then it may
+    /// reach those addresses).
+    fn within_local(&self) -> bool {
+        let ranges: &[(IpAddr, u8)] = &[
+            (IpAddr::V4([127, 0, 0, 0].into()), 8),
+            (IpAddr::V4([169, 254, 0, 0].into()), 16),
+            (IpAddr::V4([0, 0, 0, 0].into()), 32),
+            (IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), 128),
+            (IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 128),
+            (IpAddr::V6([0xfe80, 0, 0, 0, 0, 0, 0, 0].into()), 10),
+        ];
+        ranges.iter().any(|&(net, prefix)| {
+            self.net.is_ipv4() == net.is_ipv4()
+                && self.prefix >= prefix
+                && mask(self.net, prefix) == net
+        })
+    }
+}
+
+/// Loopback, unspecified and link-local addresses.
+fn local_only(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => a.is_loopback() || a.is_unspecified() || a.is_link_local(),
+        IpAddr::V6(a) => a.is_loopback() || a.is_unspecified() || a.is_unicast_link_local(),
+    }
+}
+
 fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
     match ip {
         IpAddr::V4(a) => {
@@ -140,7 +173,10 @@ fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
 
 impl NetRule {
     /// Whether a connection to `to` is allowed by this rule. An IPv4-mapped IPv6 address
-    /// counts as its IPv4 address.
+    /// counts as its IPv4 address. The device's own and local-only addresses (loopback,
+    /// unspecified, link-local, e.g. a cloud metadata service at 169.254.169.254) are
+    /// reached only through a rule inside those ranges, never through a broad one such as
+    /// `0.0.0.0/0`.
     pub fn allows(&self, to: SocketAddr) -> bool {
         let ip = match to.ip() {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
@@ -149,6 +185,7 @@ impl NetRule {
         self.port.is_none_or(|p| p == to.port())
             && ip.is_ipv4() == self.net.is_ipv4()
             && mask(ip, self.prefix) == self.net
+            && (!local_only(ip) || self.within_local())
     }
 }
 
@@ -210,7 +247,23 @@ mod tests {
                     ("8.8.8.8:53", true),
                     ("[::ffff:8.8.8.8]:53", true),
                     ("[2001:db8::1]:53", false),
+                    ("127.0.0.1:53", false),
+                    ("169.254.169.254:53", false),
                 ],
+            ),
+            (
+                "::/0",
+                "::/0",
+                &[
+                    ("[2001:db8::1]:1", true),
+                    ("[::1]:1", false),
+                    ("[fe80::1]:1", false),
+                ],
+            ),
+            (
+                "127.0.0.1:8080",
+                "127.0.0.1:8080",
+                &[("127.0.0.1:8080", true)],
             ),
         ];
         for (text, shown, probes) in cases {
@@ -228,6 +281,7 @@ mod tests {
             ("10.0.0.1:0", "port"),
             ("10.0.0.1:http", "port"),
             ("[2001:db8::1:443", "unclosed"),
+            ("::ffff:10.0.0.1", "IPv4-mapped"),
             ("", "not an IP"),
         ] {
             let e = bad.parse::<NetRule>().unwrap_err().to_string();

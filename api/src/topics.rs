@@ -44,6 +44,16 @@ pub fn status(d: &DeviceId) -> String {
     format!("{PREFIX}/devices/{d}/status")
 }
 
+/// Whether the hub may answer an apply on this MQTT 5 response topic: anything outside
+/// `shoal/v1/`, or a results topic (never a device's or the apply topic).
+pub fn response_topic_allowed(t: &str) -> bool {
+    let valid = !t.is_empty() && !t.contains(['+', '#', '\0']);
+    match t.strip_prefix(PREFIX) {
+        Some(rest) => valid && rest.starts_with("/results/") && rest.len() > "/results/".len(),
+        None => valid,
+    }
+}
+
 /// A topic the hub receives, classified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inbound {
@@ -86,6 +96,11 @@ mod tests {
         );
         assert_eq!(classify("shoal/v1/devices/e1/desired"), None);
         assert_eq!(classify("shoal/v2/apply"), None);
+        assert!(response_topic_allowed("ops/replies/42"));
+        assert!(response_topic_allowed("shoal/v1/results/r9"));
+        assert!(!response_topic_allowed("shoal/v1/devices/e1/desired"));
+        assert!(!response_topic_allowed("shoal/v1/apply"));
+        assert!(!response_topic_allowed("ops/#"));
         assert_eq!(classify("shoal/v1/apply/"), None);
         let d = DeviceId::try_from("e1").unwrap();
         assert_eq!(classify(&hello(&d)), Some(Inbound::Hello("e1".into())));

@@ -142,8 +142,9 @@ pub struct ApiError {
 }
 
 /// `POST /v1/enroll`: a device joins with a one-time token and a certificate signing
-/// request for the key it generated (the key itself never leaves the device).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// request for the key it generated (the key itself never leaves the device). Its `Debug`
+/// leaves the token out.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EnrollRequest {
     /// The whole join token (`SHL1.…`), sent only after the hub proved it holds the CA the
@@ -170,4 +171,12 @@ pub struct Enrolled {
     pub ca: String,
     /// The hub's ed25519 public key (base64) that signs desired states.
     pub signing_key: String,
+}
+
+impl std::fmt::Debug for EnrollRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollRequest")
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
 }

@@ -947,9 +947,16 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         if !desired.artifact_base.is_empty() {
             return desired.artifact_base.clone();
         }
+        let scheme = if self.config.insecure {
+            "http"
+        } else {
+            "https"
+        };
         match (desired.artifact_port, &self.config.broker) {
-            (Some(port), Some(b)) if b.host.contains(':') => format!("http://[{}]:{port}", b.host),
-            (Some(port), Some(b)) => format!("http://{}:{port}", b.host),
+            (Some(port), Some(b)) if b.host.contains(':') => {
+                format!("{scheme}://[{}]:{port}", b.host)
+            }
+            (Some(port), Some(b)) => format!("{scheme}://{}:{port}", b.host),
             _ => String::new(),
         }
     }

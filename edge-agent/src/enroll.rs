@@ -8,8 +8,9 @@
 //! [`DeviceCredentials`]); later starts use them without a token.
 //!
 //! Renewal: once the certificate is past two thirds of its lifetime, `POST /v1/renew` with a
-//! new key's CSR, authenticated by the current certificate; the new certificate is saved and
-//! presented from the next handshake on ([`ClientIdentity::replace`]).
+//! CSR for the same key, authenticated by the current certificate; the new certificate is
+//! saved (one atomic rename) and presented from the next handshake on
+//! ([`ClientIdentity::replace`]).
 
 use shoal_api::ids::DeviceId;
 use shoal_api::views::{EnrollRequest, Enrolled, RenewRequest};
@@ -133,7 +134,9 @@ async fn enroll(
         .text()
         .await
         .map_err(|e| http(e.to_string()))?;
-    let actual = shoal_pki::sha256_hex(&tls::first_cert(&ca_pem)?);
+    // Exactly one certificate, the one the token pins; only it is trusted and saved.
+    let (ca_der, ca_pem) = tls::only_cert(&ca_pem)?;
+    let actual = shoal_pki::sha256_hex(&ca_der);
     if actual != token.ca_hash {
         return Err(EnrollError::WrongCa {
             url: hub.to_string(),
@@ -180,11 +183,21 @@ async fn answer<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// How often the certificate's age is checked.
-const RENEW_CHECK: Duration = Duration::from_secs(3600);
+/// Longest wait between two looks at the certificate, and the retry delay after a failed
+/// renewal.
+const RENEW_CHECK_MAX: Duration = Duration::from_secs(3600);
+const RENEW_RETRY: Duration = Duration::from_secs(30);
 
-/// Renews the certificate when due, checking every hour until `shutdown`. `hub` is the
-/// current hub URL (it may move; `None` while unknown).
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Renews the certificate when it is due (two thirds into its lifetime), sleeping until then
+/// (at most an hour at a time), until `shutdown`. `hub` is the current hub URL (it may move;
+/// `None` while unknown).
 pub async fn renew_loop(
     id: Identity,
     hub: tokio::sync::watch::Receiver<Option<String>>,
@@ -192,35 +205,37 @@ pub async fn renew_loop(
 ) {
     loop {
         let url = hub.borrow().clone();
-        if let Some(url) = url {
-            if let Err(e) = renew_if_due(&id, &url).await {
-                warn!(error = %e, "certificate renewal failed; retrying in an hour");
-            }
-        }
+        let wait = match (url, DeviceCredentials::load(&id.dir)) {
+            (Some(url), Ok(Some(creds))) => match creds.renewal_at() {
+                Ok(at) if unix_now() >= at => match renew(&id, &url, creds).await {
+                    Ok(()) => Duration::from_secs(1),
+                    Err(e) => {
+                        warn!(error = %e, "certificate renewal failed; retrying");
+                        RENEW_RETRY
+                    }
+                },
+                Ok(at) => Duration::from_secs(u64::try_from(at - unix_now()).unwrap_or(1)),
+                Err(e) => {
+                    warn!(error = %e, "cannot read the device certificate");
+                    RENEW_CHECK_MAX
+                }
+            },
+            _ => RENEW_RETRY,
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(RENEW_CHECK) => {}
+            _ = tokio::time::sleep(wait.clamp(Duration::from_secs(1), RENEW_CHECK_MAX)) => {}
         }
     }
 }
 
-async fn renew_if_due(id: &Identity, hub: &str) -> Result<(), EnrollError> {
-    let Some(mut creds) = DeviceCredentials::load(&id.dir)? else {
-        return Ok(());
-    };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    if !creds.renewal_due(now)? {
-        return Ok(());
-    }
+async fn renew(id: &Identity, hub: &str, mut creds: DeviceCredentials) -> Result<(), EnrollError> {
     let device = creds.name().unwrap_or_default();
     let http = |reason: String| EnrollError::Http {
         url: hub.to_string(),
         reason,
     };
-    let (key_pem, csr) = key_and_csr(&device)?;
+    let csr = shoal_pki::device::csr_for_key(&device, &creds.key_pem)?;
     let out: Enrolled = answer(
         client(id.client.clone())
             .map_err(http)?
@@ -232,8 +247,9 @@ async fn renew_if_due(id: &Identity, hub: &str) -> Result<(), EnrollError> {
     .await
     .map_err(http)?;
     creds.cert_pem = out.certificate;
-    creds.key_pem = key_pem;
-    creds.save(&id.dir)?;
+    // Same key: only the certificate file changes (one atomic rename, so a crash leaves the
+    // old pair or the new one, never a key without its certificate).
+    creds.save_cert(&id.dir)?;
     id.cert.replace(&creds.cert_pem, &creds.key_pem)?;
     info!(device, "device certificate renewed");
     Ok(())

@@ -982,6 +982,9 @@ fn wasi_builder(
     let connect = net.connect.clone();
     let allow = net.allow.clone();
     let denied_log = log.clone();
+    // Each denied destination is said once per run (a guest retrying in a loop must not fill
+    // its log with the same line), for at most 32 destinations.
+    let said = std::sync::Mutex::new(std::collections::BTreeSet::<std::net::SocketAddr>::new());
     builder.socket_addr_check(move |addr, use_| {
         use wasmtime_wasi::sockets::SocketAddrUse as U;
         let ok = match use_ {
@@ -994,7 +997,12 @@ fn wasi_builder(
                         .as_ref()
                         .and_then(|c| c.read().ok().map(|set| set.contains(&addr)))
                         .unwrap_or(false);
-                if !ok {
+                let first = !ok
+                    && said
+                        .lock()
+                        .map(|mut set| set.len() < 32 && set.insert(addr))
+                        .unwrap_or(false);
+                if first {
                     denied_log.system(&format!(
                         "connect to {addr} denied: not in spec.network.allow nor an endpoint of spec.uses"
                     ));

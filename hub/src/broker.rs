@@ -38,6 +38,9 @@ pub enum BrokerError {
     Start(String),
 }
 
+/// Largest CONNECT the TLS front accepts (client id, will, login: small).
+const MAX_CONNECT: usize = 64 << 10;
+
 /// Largest MQTT payload the embedded broker accepts (manifests, desired state).
 pub const MAX_PAYLOAD: usize = 4 << 20;
 const _: () = assert!(shoal_api::mqtt_guard::MAX_PACKET > MAX_PAYLOAD);
@@ -260,18 +263,31 @@ async fn dispatch_tls(
     let mut guard = Guard::new(who, login);
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut chunk = vec![0u8; 16 * 1024];
-    // The first packet: CONNECT, which picks the backend by protocol level.
-    let first = loop {
-        if let Some(n) = packet_len(&buf).map_err(invalid)? {
-            break buf.drain(..n).collect::<Vec<u8>>();
+    // The first packet: CONNECT, which picks the backend by protocol level. It must arrive
+    // whole within 10 s and be small: nothing is buffered for long before the client said
+    // who it is.
+    let read_connect = async {
+        loop {
+            if let Some(n) = packet_len(&buf).map_err(invalid)? {
+                return Ok::<_, std::io::Error>(Some(buf.drain(..n).collect::<Vec<u8>>()));
+            }
+            if buf.len() > MAX_CONNECT {
+                return Err(invalid(shoal_api::mqtt_guard::Violation::Malformed(
+                    "CONNECT larger than 64 KiB",
+                )));
+            }
+            let n = client_rx.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(None);
+            }
+            buf.extend_from_slice(&chunk[..n]);
         }
-        let n = tokio::time::timeout(Duration::from_secs(10), client_rx.read(&mut chunk))
-            .await
-            .map_err(|_| timeout("no CONNECT within 10s"))??;
-        if n == 0 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
+    };
+    let first = match tokio::time::timeout(Duration::from_secs(10), read_connect).await {
+        Err(_) => return Err(timeout("no CONNECT within 10s")),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Ok(Some(p))) => p,
     };
     let level = match parse_level(&first) {
         Parse::Level(l) => l,
@@ -288,7 +304,7 @@ async fn dispatch_tls(
             return Ok(());
         }
     };
-    let up = TcpStream::connect(if level == 5 { v5 } else { v4 }).await?;
+    let up = TcpStream::connect(if guard.level() == Some(5) { v5 } else { v4 }).await?;
     up.set_nodelay(true)?;
     let (mut up_rx, mut up_tx) = up.into_split();
     up_tx.write_all(&connect).await?;

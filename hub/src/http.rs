@@ -51,6 +51,9 @@ use tokio_util::task::TaskTracker;
 /// Largest blob accepted by `POST /v1/blobs`.
 pub const MAX_BLOB: usize = 64 << 20;
 
+/// Largest enrollment or renewal request (a token and a CSR).
+const ENROLL_BODY: usize = 16 << 10;
+
 /// A question for the main loop.
 #[derive(Debug)]
 pub enum Request {
@@ -186,8 +189,15 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/v1/ca", get(ca))
-        .route("/v1/enroll", post(enroll))
-        .route("/v1/renew", post(renew))
+        // Small bodies for the routes anyone (or any device) may call.
+        .route(
+            "/v1/enroll",
+            post(enroll).layer(DefaultBodyLimit::max(ENROLL_BODY)),
+        )
+        .route(
+            "/v1/renew",
+            post(renew).layer(DefaultBodyLimit::max(ENROLL_BODY)),
+        )
         .route("/metrics", get(metrics))
         .route("/v1/devices", get(devices))
         .route("/v1/devices/{id}/{action}", post(device_action))
@@ -260,7 +270,10 @@ pub async fn serve(
                 .map_or(Peer::Anonymous, Peer::Known);
             let svc =
                 hyper_util::service::TowerToHyperService::new(app.layer(axum::Extension(peer)));
+            // A client that sends its headers slowly is dropped (slowloris).
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
             tokio::pin!(conn);
             tokio::select! {
@@ -299,7 +312,7 @@ async fn ca(State(s): State<AppState>) -> Response {
 fn enrolled(sec: &Security, csr: &str, device: &DeviceId) -> Result<Enrolled, Failure> {
     let certificate = sec
         .ca
-        .sign_csr(csr, device.as_str(), shoal_pki::ca::DEVICE_CERT_LIFETIME)
+        .sign_csr(csr, device.as_str(), sec.device_cert_lifetime)
         .map_err(|e| Failure(StatusCode::BAD_REQUEST, e.to_string()))?;
     Ok(Enrolled {
         certificate,
@@ -328,21 +341,27 @@ async fn enroll(State(s): State<AppState>, Json(req): Json<EnrollRequest>) -> Re
                 format!("join token {token:?} pins another fleet CA than this hub's"),
             ));
         }
+        // Sign first: a bad CSR must not burn the token.
+        let out = enrolled(&sec, &req.csr, &device)?;
         let now = shoal_api::messages::now_ms();
         let (id, secret) = (token.id.clone(), token.secret().to_string());
-        let tokens = sec.tokens.clone();
-        tokio::task::spawn_blocking(move || tokens.consume(&id, &secret, now))
-            .await
-            .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-            .map_err(|e| Failure(StatusCode::FORBIDDEN, e.to_string()))?;
-        let out = enrolled(&sec, &req.csr, &device)?;
+        let (sec2, dev, cert) = (sec.clone(), device.clone(), out.certificate.clone());
+        tokio::task::spawn_blocking(move || {
+            sec2.tokens
+                .consume(&id, &secret, dev.as_str(), sec2.is_enrolled(&dev), now)
+                .map_err(|e| Failure(StatusCode::FORBIDDEN, e.to_string()))?;
+            sec2.record(&dev, &cert)
+                .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+        })
+        .await
+        .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
         tracing::info!(device = %device, token = %token.id, "device enrolled");
         Ok(out)
     };
     match r.await {
         Ok(e) => Json(e).into_response(),
         Err(f) => {
-            tracing::warn!(device = %req.device, reason = %f.1, "enrollment refused");
+            tracing::warn!(device = ?req.device, reason = %f.1, "enrollment refused");
             f.into_response()
         }
     }
@@ -361,7 +380,17 @@ async fn renew(
                 "only a device renews its certificate".into(),
             ));
         };
+        // Deleting DATA_DIR/pki/devices/{id}.pem stops renewals (the current certificate
+        // still works until it expires; there is no revocation list yet).
+        if !sec.is_enrolled(device) {
+            return Err(Failure(
+                StatusCode::FORBIDDEN,
+                format!("device {:?} is not enrolled (any more)", device.as_str()),
+            ));
+        }
         let out = enrolled(sec, &req.csr, device)?;
+        sec.record(device, &out.certificate)
+            .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         tracing::info!(device = %device, "device certificate renewed");
         Ok(out)
     })();

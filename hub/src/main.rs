@@ -62,6 +62,10 @@ enum TokenCommand {
         /// How long the token stays valid (e.g. 30m, 24h).
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         ttl: std::time::Duration,
+        /// Bind the token to this device id: it enrolls that device only, and may enroll it
+        /// again (a wiped or replaced board), which an unbound token may not.
+        #[arg(long, value_name = "ID")]
+        device: Option<shoal_api::ids::DeviceId>,
     },
 }
 
@@ -105,6 +109,10 @@ struct ServeArgs {
     /// local development only: anyone who reaches the ports controls the fleet.
     #[arg(long, env = "SHOAL_HUB_INSECURE")]
     insecure: bool,
+    /// How long device certificates are valid; agents renew them after two thirds
+    /// (e.g. 90d is 2160h; at least 10s) [default: 2160h].
+    #[arg(long, env = "SHOAL_HUB_DEVICE_CERT_LIFETIME", value_parser = parse_duration)]
+    device_cert_lifetime: Option<std::time::Duration>,
     /// Another name (DNS name or IP address) for the hub's server certificate, e.g. the
     /// address devices and `mosquitto_pub` use (repeatable).
     #[arg(long = "tls-name", value_name = "NAME")]
@@ -131,6 +139,7 @@ struct FileConfig {
     insecure: bool,
     #[serde(default)]
     tls_names: Vec<String>,
+    device_cert_lifetime: Option<String>,
     #[serde(default)]
     mdns: MdnsFile,
 }
@@ -159,6 +168,17 @@ fn hub_config(a: ServeArgs) -> anyhow::Result<shoal_hub::HubConfig> {
         (None, None) => std::time::Duration::from_secs(30),
     };
     let insecure = a.insecure || file.insecure;
+    let device_cert_lifetime = match (a.device_cert_lifetime, file.device_cert_lifetime) {
+        (Some(d), _) => d,
+        (None, Some(d)) => parse_duration(&d)
+            .map_err(|e| anyhow::anyhow!("config file {name:?}: device-cert-lifetime: {e}"))?,
+        (None, None) => shoal_pki::ca::DEVICE_CERT_LIFETIME,
+    };
+    if device_cert_lifetime < std::time::Duration::from_secs(10) {
+        anyhow::bail!(
+            "device certificate lifetime {device_cert_lifetime:?} is too short: at least 10s"
+        );
+    }
     let mut tls_names = file.tls_names;
     tls_names.extend(a.tls_names);
     Ok(shoal_hub::HubConfig {
@@ -184,6 +204,7 @@ fn hub_config(a: ServeArgs) -> anyhow::Result<shoal_hub::HubConfig> {
         device_grace,
         insecure,
         tls_names,
+        device_cert_lifetime,
     })
 }
 
@@ -224,31 +245,44 @@ fn real_main() -> anyhow::Result<()> {
             )?;
             std::fs::create_dir_all(&out)
                 .with_context(|| format!("cannot create {}", out.display()))?;
-            for (file, text) in [
-                ("ca.pem", ca.pem()),
-                ("broker.pem", &cert),
-                ("broker.key", &key),
+            // The key is owner-only from its creation (mosquitto reads it after dropping
+            // root: chown it to the broker's user).
+            for (file, text, mode) in [
+                ("ca.pem", ca.pem(), 0o644),
+                ("broker.pem", cert.as_str(), 0o644),
+                ("broker.key", key.as_str(), 0o600),
             ] {
-                std::fs::write(out.join(file), text)
-                    .with_context(|| format!("cannot write {}", out.join(file).display()))?;
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let path = out.join(file);
+                let _ = std::fs::remove_file(&path);
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(mode)
+                    .open(&path)
+                    .and_then(|mut f| f.write_all(text.as_bytes()))
+                    .with_context(|| format!("cannot write {}", path.display()))?;
             }
-            // The key for the broker's user only (mosquitto reads it after dropping root).
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(
-                out.join("broker.key"),
-                std::fs::Permissions::from_mode(0o600),
-            )
-            .context("cannot restrict broker.key")?;
             println!("{}", out.display());
             return Ok(());
         }
-        Command::Token(TokenCommand::Create { data_dir, ttl }) => {
+        Command::Token(TokenCommand::Create {
+            data_dir,
+            ttl,
+            device,
+        }) => {
             let pki = shoal_hub::security::pki_dir(&data_dir);
             let ca = shoal_pki::ca::FleetCa::load_or_create(&pki)
                 .with_context(|| format!("cannot load the fleet CA of {}", data_dir.display()))?;
             let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
             let token = shoal_pki::token::TokenStore::new(&pki)
-                .create(&ca.hash(), shoal_api::messages::now_ms(), ttl_ms)
+                .create(
+                    &ca.hash(),
+                    shoal_api::messages::now_ms(),
+                    ttl_ms,
+                    device.as_ref().map(|d| d.as_str()),
+                )
                 .context("cannot issue a join token")?;
             println!("{token}");
             return Ok(());
@@ -276,6 +310,7 @@ mod tests {
             device_grace: None,
             insecure: false,
             tls_names: Vec::new(),
+            device_cert_lifetime: None,
         }
     }
 

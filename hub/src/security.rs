@@ -35,6 +35,8 @@ pub struct Security {
     pub client: Arc<rustls::ClientConfig>,
     /// The hub's public signing key (base64), handed to devices at enrollment.
     pub signing_key: String,
+    /// How long device certificates are valid.
+    pub device_cert_lifetime: std::time::Duration,
 }
 
 impl std::fmt::Debug for Security {
@@ -46,10 +48,49 @@ impl std::fmt::Debug for Security {
 }
 
 impl Security {
+    /// `DATA_DIR/pki/devices/{id}.pem`: the device's latest certificate, the record that it
+    /// is enrolled.
+    fn record_path(&self, device: &shoal_api::ids::DeviceId) -> PathBuf {
+        self.ca.dir().join("devices").join(format!("{device}.pem"))
+    }
+
+    pub fn is_enrolled(&self, device: &shoal_api::ids::DeviceId) -> bool {
+        self.record_path(device).exists()
+    }
+
+    /// Records a certificate issued to `device`.
+    pub fn record(
+        &self,
+        device: &shoal_api::ids::DeviceId,
+        cert_pem: &str,
+    ) -> Result<(), PkiError> {
+        let path = self.record_path(device);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+                action: "create directory",
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, cert_pem)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|source| PkiError::Io {
+                action: "write",
+                path: path.display().to_string(),
+                source,
+            })
+    }
+
     /// Loads (or on first start creates) the fleet CA, issues the hub's certificates for
     /// `names` (besides `shoal-hub`, `localhost` and the loopback addresses), and writes the
     /// operator bundle if it is missing.
-    pub fn load(data_dir: &Path, names: &[String], signing_key: String) -> Result<Self, PkiError> {
+    pub fn load(
+        data_dir: &Path,
+        names: &[String],
+        signing_key: String,
+        device_cert_lifetime: std::time::Duration,
+    ) -> Result<Self, PkiError> {
         let dir = pki_dir(data_dir);
         let ca = FleetCa::load_or_create(&dir)?;
         let mut all: Vec<String> = ["localhost", "127.0.0.1", "::1"]
@@ -72,6 +113,7 @@ impl Security {
             http,
             client,
             signing_key,
+            device_cert_lifetime,
         })
     }
 }

@@ -52,6 +52,8 @@ pub struct HubConfig {
     /// Extra names (DNS names or IP addresses) for the hub's server certificate, besides
     /// `shoal-hub`, `localhost`, the loopback addresses, the host name and the listen addresses.
     pub tls_names: Vec<String>,
+    /// How long a device certificate is valid (agents renew after two thirds of it).
+    pub device_cert_lifetime: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +140,7 @@ async fn serve(
             &config.data_dir,
             &names,
             signer.public_key_b64(),
+            config.device_cert_lifetime,
         )?))
     };
 
@@ -215,7 +218,7 @@ async fn serve(
     let (bus_tx, bus_rx) = mpsc::channel(16_384);
     let bus = bus::connect(
         &hub_link,
-        &format!("shoal-hub-{}", std::process::id()),
+        &format!("shoal-hub-{:016x}", rand::random::<u64>()),
         auth,
         bus_tx,
         tracker,
@@ -522,8 +525,15 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 if let Some(r) = &req {
                     targets.push(topics::results(r));
                 }
-                if let Some(rt) = response_topic.filter(|t| !targets.contains(t)) {
-                    targets.push(rt);
+                // The hub may publish anywhere; an operator must not steer that into Shoal's
+                // own topics (e.g. another device's), so a response topic under shoal/v1/ is
+                // honoured only among the results.
+                match response_topic.filter(|t| !targets.contains(t)) {
+                    Some(rt) if topics::response_topic_allowed(&rt) => targets.push(rt),
+                    Some(rt) => {
+                        warn!(response_topic = %rt, "response topic refused: inside shoal/v1/ only shoal/v1/results/… may be used")
+                    }
+                    None => {}
                 }
                 for topic in targets {
                     let msg = Outgoing {

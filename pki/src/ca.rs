@@ -187,7 +187,9 @@ fn name(cn: &str) -> DistinguishedName {
 
 fn validity(p: &mut CertificateParams, lifetime: Duration) -> Result<(), PkiError> {
     let now = time::OffsetDateTime::now_utc();
-    p.not_before = now - BACKDATE;
+    // Short-lived certificates (tests, or fleets that want them) are backdated less, so that
+    // "two thirds of the lifetime" stays in the future.
+    p.not_before = now - BACKDATE.min(lifetime / 10);
     p.not_after = now + lifetime;
     p.serial_number = Some(rcgen::SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
     Ok(())

@@ -47,14 +47,24 @@ impl DeviceCredentials {
         write_atomic(&dir.join("device.pem"), self.cert_pem.as_bytes(), 0o644)
     }
 
+    /// Replaces the saved certificate (renewal: same key), atomically.
+    pub fn save_cert(&self, dir: &Path) -> Result<(), PkiError> {
+        write_atomic(&dir.join("device.pem"), self.cert_pem.as_bytes(), 0o644)
+    }
+
     pub fn hub_key(&self) -> Result<HubKey, PkiError> {
         HubKey::from_b64(&self.hub_key).map_err(|e| PkiError::Tls(e.to_string()))
     }
 
+    /// When the certificate is due for renewal: two thirds into its lifetime (Unix seconds).
+    pub fn renewal_at(&self) -> Result<i64, PkiError> {
+        let (from, to) = crate::tls::validity(&self.cert_pem)?;
+        Ok(from + (to - from) * 2 / 3)
+    }
+
     /// Whether the certificate is past two thirds of its lifetime at `now` (Unix seconds).
     pub fn renewal_due(&self, now: i64) -> Result<bool, PkiError> {
-        let (from, to) = crate::tls::validity(&self.cert_pem)?;
-        Ok(now >= from + (to - from) * 2 / 3)
+        Ok(now >= self.renewal_at()?)
     }
 
     /// The identity the certificate names.
@@ -67,17 +77,36 @@ impl DeviceCredentials {
 
 /// A fresh key pair and a certificate signing request for `device`: (key PEM, CSR PEM).
 pub fn key_and_csr(device: &str) -> Result<(String, String), PkiError> {
+    let key =
+        KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| PkiError::Issue {
+            name: device.to_string(),
+            reason: e.to_string(),
+        })?;
+    let csr = csr_for(device, &key)?;
+    Ok((key.serialize_pem(), csr))
+}
+
+/// A certificate signing request for `device` with the key it has (renewal keeps the key,
+/// so only the certificate file changes, in one atomic rename).
+pub fn csr_for_key(device: &str, key_pem: &str) -> Result<String, PkiError> {
+    let key = KeyPair::from_pem(key_pem).map_err(|e| PkiError::Issue {
+        name: device.to_string(),
+        reason: format!("the device key is unusable: {e}"),
+    })?;
+    csr_for(device, &key)
+}
+
+fn csr_for(device: &str, key: &KeyPair) -> Result<String, PkiError> {
     let err = |e: rcgen::Error| PkiError::Issue {
         name: device.to_string(),
         reason: e.to_string(),
     };
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, device);
     params.distinguished_name = dn;
-    let csr = params.serialize_request(&key).map_err(err)?;
-    Ok((key.serialize_pem(), csr.pem().map_err(err)?))
+    let csr = params.serialize_request(key).map_err(err)?;
+    csr.pem().map_err(err)
 }
 
 #[cfg(test)]
@@ -117,6 +146,16 @@ mod tests {
         assert!(ca
             .sign_csr("garbage", "edge-1", DEVICE_CERT_LIFETIME)
             .is_err());
+
+        // What a new device trusts is exactly the one certificate the token pins: a CA text
+        // with a second certificate (or a key) appended is refused.
+        let (der, pem) = crate::tls::only_cert(ca.pem()).unwrap();
+        assert_eq!(crate::sha256_hex(&der), ca.hash());
+        assert_eq!(crate::tls::only_cert(&pem).unwrap().0, der);
+        let other = FleetCa::load_or_create(&dir.path().join("other")).unwrap();
+        assert!(crate::tls::only_cert(&format!("{}{}", ca.pem(), other.pem())).is_err());
+        assert!(crate::tls::only_cert(&format!("{}{}", ca.pem(), creds.key_pem)).is_err());
+        assert!(crate::tls::only_cert("").is_err());
 
         let (server, _) = ca
             .issue(

@@ -38,6 +38,34 @@ pub fn certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
         .map_err(|e| PkiError::Tls(format!("cannot read a certificate: {e}")))
 }
 
+/// The one certificate of a PEM text that must hold exactly one (the fleet CA as a new
+/// device fetches it): its DER and a canonical PEM of it alone. Anything else in the text
+/// (a second certificate, a key, any other section) is refused, so that what the join token's
+/// hash pins is all that is ever trusted.
+pub fn only_cert(pem: &str) -> Result<(CertificateDer<'static>, String), PkiError> {
+    use rustls::pki_types::pem::SectionKind;
+    let sections = <(SectionKind, Vec<u8>)>::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PkiError::Tls(format!("cannot read the CA certificate: {e}")))?;
+    match sections.as_slice() {
+        [(SectionKind::Certificate, der)] => {
+            use base64::Engine;
+            let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+            let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+            for chunk in b64.as_bytes().chunks(64) {
+                out.push_str(&String::from_utf8_lossy(chunk));
+                out.push('\n');
+            }
+            out.push_str("-----END CERTIFICATE-----\n");
+            Ok((CertificateDer::from(der.clone()), out))
+        }
+        other => Err(PkiError::Tls(format!(
+            "expected exactly one certificate, found {} PEM section(s)",
+            other.len()
+        ))),
+    }
+}
+
 fn key(pem: &str) -> Result<PrivateKeyDer<'static>, PkiError> {
     PrivateKeyDer::from_pem_slice(pem.as_bytes())
         .map_err(|e| PkiError::Tls(format!("cannot read a private key: {e}")))

@@ -98,6 +98,10 @@ struct Stored {
     secret_sha256: String,
     expires_ms: u64,
     created_ms: u64,
+    /// The only device id the token may enroll (`token create --device`); needed to enroll
+    /// an id again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    device: Option<String>,
 }
 
 /// The hub's token directory, `DATA_DIR/pki/tokens`.
@@ -113,8 +117,15 @@ impl TokenStore {
         }
     }
 
-    /// Issues a token valid for `ttl_ms` from `now_ms` for the CA whose hash is `ca_hash`.
-    pub fn create(&self, ca_hash: &str, now_ms: u64, ttl_ms: u64) -> Result<JoinToken, PkiError> {
+    /// Issues a token valid for `ttl_ms` from `now_ms` for the CA whose hash is `ca_hash`,
+    /// bound to `device` if given.
+    pub fn create(
+        &self,
+        ca_hash: &str,
+        now_ms: u64,
+        ttl_ms: u64,
+        device: Option<&str>,
+    ) -> Result<JoinToken, PkiError> {
         crate::private_dir(&self.dir)?;
         let token = JoinToken {
             ca_hash: ca_hash.to_string(),
@@ -125,15 +136,25 @@ impl TokenStore {
             secret_sha256: crate::sha256_hex(token.secret.as_bytes()),
             expires_ms: now_ms.saturating_add(ttl_ms),
             created_ms: now_ms,
+            device: device.map(str::to_string),
         };
         let json = serde_json::to_vec_pretty(&stored).map_err(|e| PkiError::Tls(e.to_string()))?;
         write_atomic(&self.dir.join(format!("{}.json", token.id)), &json, 0o600)?;
         Ok(token)
     }
 
-    /// Checks `id`/`secret` and claims the token: it can never be used again. A wrong secret
-    /// or an expired token leaves it as it was.
-    pub fn consume(&self, id: &str, secret: &str, now_ms: u64) -> Result<(), PkiError> {
+    /// Checks `id`/`secret` for enrolling `device` and claims the token: it can never be used
+    /// again. A token bound to a device enrolls only that one; an id that is `enrolled`
+    /// already needs a token bound to it (so a token cannot take over an existing device).
+    /// A refused token stays as it was.
+    pub fn consume(
+        &self,
+        id: &str,
+        secret: &str,
+        device: &str,
+        enrolled: bool,
+        now_ms: u64,
+    ) -> Result<(), PkiError> {
         let refused = |reason| {
             PkiError::Token(TokenError::Refused {
                 id: id.to_string(),
@@ -162,6 +183,15 @@ impl TokenStore {
         }
         if now_ms > stored.expires_ms {
             return Err(refused("expired"));
+        }
+        match &stored.device {
+            Some(d) if d != device => return Err(refused("it is bound to another device id")),
+            None if enrolled => {
+                return Err(refused(
+                    "this device id is enrolled already; to enroll it again, use a token made for it (shoal-hub token create --device ID)",
+                ))
+            }
+            _ => {}
         }
         let used = self.dir.join(format!("{id}.used"));
         match std::fs::rename(&path, &used) {
@@ -214,17 +244,35 @@ mod tests {
     fn a_token_is_used_once_and_not_after_it_expires() {
         let dir = tempfile::tempdir().unwrap();
         let store = TokenStore::new(dir.path());
-        let t = store.create(&"a".repeat(64), 1000, 500).unwrap();
-        let e = store.consume(&t.id, &"0".repeat(32), 1001).unwrap_err();
-        assert!(e.to_string().contains("wrong secret"), "{e}");
-        store.consume(&t.id, t.secret(), 1001).unwrap();
-        let e = store.consume(&t.id, t.secret(), 1002).unwrap_err();
-        assert!(e.to_string().contains("already used"), "{e}");
-        let t = store.create(&"a".repeat(64), 1000, 500).unwrap();
-        let e = store.consume(&t.id, t.secret(), 1501).unwrap_err();
-        assert!(e.to_string().contains("expired"), "{e}");
+        let t = store.create(&"a".repeat(64), 1000, 500, None).unwrap();
         let e = store
-            .consume("../../etc/passwd", t.secret(), 1000)
+            .consume(&t.id, &"0".repeat(32), "d", false, 1001)
+            .unwrap_err();
+        assert!(e.to_string().contains("wrong secret"), "{e}");
+        // An unbound token does not enroll an id that is enrolled already.
+        let e = store
+            .consume(&t.id, t.secret(), "d", true, 1001)
+            .unwrap_err();
+        assert!(e.to_string().contains("enrolled already"), "{e}");
+        store.consume(&t.id, t.secret(), "d", false, 1001).unwrap();
+        let e = store
+            .consume(&t.id, t.secret(), "d", false, 1002)
+            .unwrap_err();
+        assert!(e.to_string().contains("already used"), "{e}");
+        let t = store.create(&"a".repeat(64), 1000, 500, None).unwrap();
+        let e = store
+            .consume(&t.id, t.secret(), "d", false, 1501)
+            .unwrap_err();
+        assert!(e.to_string().contains("expired"), "{e}");
+        // A bound token enrolls its device, even again, and no other.
+        let b = store.create(&"a".repeat(64), 1000, 500, Some("d")).unwrap();
+        let e = store
+            .consume(&b.id, b.secret(), "e", false, 1001)
+            .unwrap_err();
+        assert!(e.to_string().contains("another device"), "{e}");
+        store.consume(&b.id, b.secret(), "d", true, 1001).unwrap();
+        let e = store
+            .consume("../../etc/passwd", t.secret(), "d", false, 1000)
             .unwrap_err();
         assert!(e.to_string().contains("no such token"), "{e}");
     }

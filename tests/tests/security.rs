@@ -230,7 +230,7 @@ fn join_tokens_pin_the_ca_and_work_once() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let hub = Hub::start(dir.path(), None)?;
     let join = hub.join();
-    let agent = |id: &str, token: &str| -> Output {
+    let agent_at = |data: &str, id: &str, token: &str| -> Output {
         Command::new(bin("shoal-agent"))
             .args([
                 "run",
@@ -240,7 +240,7 @@ fn join_tokens_pin_the_ca_and_work_once() -> Result<()> {
                 id,
                 "--data-dir",
             ])
-            .arg(dir.path().join(id))
+            .arg(dir.path().join(data))
             .args([
                 "--broker",
                 &join.broker,
@@ -254,6 +254,7 @@ fn join_tokens_pin_the_ca_and_work_once() -> Result<()> {
             .output()
             .expect("shoal-agent")
     };
+    let agent = |id: &str, token: &str| agent_at(id, id, token);
     let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
 
     // A token made by another hub pins another CA: the agent refuses to talk further.
@@ -327,6 +328,54 @@ fn join_tokens_pin_the_ca_and_work_once() -> Result<()> {
     std::thread::sleep(Duration::from_millis(20));
     let out = agent("edge-3", String::from_utf8_lossy(&st.stdout).trim());
     assert!(stderr(&out).contains("expired"), "{}", stderr(&out));
+
+    // A wiped board (fresh data directory) cannot take over an enrolled id with an ordinary
+    // token; a token made for that id enrolls it again.
+    let out = agent_at("edge-1-wiped", "edge-1", &join.token()?.unwrap());
+    assert!(
+        stderr(&out).contains("enrolled already"),
+        "{}",
+        stderr(&out)
+    );
+    let bound = Command::new(bin("shoal-hub"))
+        .args(["token", "create", "--device", "edge-1", "--data-dir"])
+        .arg(&hub.data_dir)
+        .output()?;
+    let bound = String::from_utf8(bound.stdout)?.trim().to_string();
+    let out = agent_at("edge-2-data", "edge-2", &bound);
+    assert!(
+        stderr(&out).contains("bound to another device"),
+        "{}",
+        stderr(&out)
+    );
+    let mut wiped = Proc::spawn(
+        "edge-1-wiped",
+        Command::new(bin("shoal-agent"))
+            .args([
+                "run",
+                "--no-mdns",
+                "--no-containerd",
+                "--device-id",
+                "edge-1",
+                "--data-dir",
+            ])
+            .arg(dir.path().join("edge-1-wiped"))
+            .args(["--broker", &join.broker, "--hub", &join.hub, "--socket"])
+            .arg(dir.path().join("edge-1-wiped.sock"))
+            .env("SHOAL_AGENT_JOIN_TOKEN", &bound),
+        dir.path().join("edge-1-wiped.log"),
+    )?;
+    wait_until(
+        Duration::from_secs(20),
+        "the wiped board enrolls again",
+        || {
+            Ok(wiped
+                .log_text()
+                .contains("enrolled: device certificate saved")
+                .then_some(()))
+        },
+    )?;
+    wiped.kill();
 
     // The enrolled device restarts without a token, from its saved credentials.
     first.kill();
@@ -599,5 +648,47 @@ fn hostile_modules_are_stopped_by_their_limits_and_neighbours_keep_running() -> 
     let before = a.workload_log("calm-0").len();
     std::thread::sleep(Duration::from_millis(800));
     assert!(a.workload_log("calm-0").len() > before, "calm stopped");
+    Ok(())
+}
+
+#[test]
+fn device_certificates_are_renewed_before_they_expire() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (mqtt, http) = (free_port(), free_port());
+    let flags = ["--device-cert-lifetime", "15s"];
+    let mut hub = Hub::start_with(dir.path(), None, mqtt, http, &flags)?;
+    let a = Agent::start(dir.path(), "edge-a", "", &hub.join())?;
+    hub.wait_devices_online(1, Duration::from_secs(20))?;
+    let enrolled_at = std::time::Instant::now();
+    let cert = a.data_dir.join("pki/device.pem");
+    let first = std::fs::read_to_string(&cert)?;
+    let key = std::fs::read_to_string(a.data_dir.join("pki/device.key"))?;
+
+    // Two thirds into its 15 s, the agent renews (same key, new certificate).
+    wait_until(Duration::from_secs(20), "a renewal", || {
+        Ok(a.proc
+            .log_text()
+            .contains("device certificate renewed")
+            .then_some(()))
+    })?;
+    assert_ne!(std::fs::read_to_string(&cert)?, first);
+    assert_eq!(
+        std::fs::read_to_string(a.data_dir.join("pki/device.key"))?,
+        key
+    );
+
+    // Once the first certificate has expired, a restarted hub still lets the agent in: it
+    // presents the renewed one.
+    hub.proc.kill();
+    let expired = Duration::from_secs(17);
+    std::thread::sleep(expired.saturating_sub(enrolled_at.elapsed()));
+    let hub = Hub::start_with(dir.path(), None, mqtt, http, &flags)?;
+    let at = a.proc.log_text().len();
+    wait_until(Duration::from_secs(20), "the agent reconnects", || {
+        Ok(a.proc.log_text()[at..]
+            .contains("connected to broker")
+            .then_some(()))
+    })?;
+    hub.wait_devices_online(1, Duration::from_secs(20))?;
     Ok(())
 }
