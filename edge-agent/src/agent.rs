@@ -251,18 +251,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     };
     let mut agent = Agent {
         hello: hello(&config, containers.is_some()),
-        directory: Directory::new(
-            &config.fleet,
-            shoal_api::PROTOCOL_VERSION,
-            config.device_id.clone(),
-        )
-        .with_loopback(
-            config
-                .mdns
-                .as_ref()
-                .is_some_and(|m| m.loopback || m.interfaces.iter().any(|i| i == "lo")),
-        )
-        .with_tls(!config.insecure),
+        directory: directory(&config),
         hub_key: identity.map(|i| i.hub_key),
         hubs_browsed,
         files: ServiceFiles::new(&config.data_dir),
@@ -316,16 +305,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     Ok(())
 }
 
-/// Browses until mDNS finds a hub of the fleet to enroll with; returns its HTTP URL (`None`
-/// on shutdown). Every browse result is kept in `seen` for the main loop.
-async fn find_hub(
-    config: &AgentConfig,
-    rx: &mut mpsc::Receiver<MdnsEvent>,
-    seen: &mut Vec<MdnsEvent>,
-    shutdown: &CancellationToken,
-) -> Option<String> {
-    info!("not enrolled yet: looking for the fleet's hub over mDNS to enroll with");
-    let mut dir = Directory::new(
+/// An empty [`Directory`] for this agent's fleet, believing loopback addresses only when
+/// mDNS itself runs on loopback.
+fn directory(config: &AgentConfig) -> Directory {
+    Directory::new(
         &config.fleet,
         shoal_api::PROTOCOL_VERSION,
         config.device_id.clone(),
@@ -335,7 +318,20 @@ async fn find_hub(
             .mdns
             .as_ref()
             .is_some_and(|m| m.loopback || m.interfaces.iter().any(|i| i == "lo")),
-    );
+    )
+    .with_tls(!config.insecure)
+}
+
+/// Browses until mDNS finds a hub of the fleet to enroll with; returns its HTTP URL (`None`
+/// on shutdown). Every browse result is kept in `seen` for the main loop.
+async fn find_hub(
+    config: &AgentConfig,
+    rx: &mut mpsc::Receiver<MdnsEvent>,
+    seen: &mut Vec<MdnsEvent>,
+    shutdown: &CancellationToken,
+) -> Option<String> {
+    info!("not enrolled yet: looking for the fleet's hub over mDNS to enroll with");
+    let mut dir = directory(config);
     loop {
         let ev = tokio::select! {
             _ = shutdown.cancelled() => return None,

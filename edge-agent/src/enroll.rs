@@ -183,10 +183,10 @@ async fn answer<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// Longest wait between two looks at the certificate, and the retry delay after a failed
-/// renewal.
+/// Longest wait between two looks at the certificate, and the longest retry delay after a
+/// failed renewal (shorter as expiry nears: a certificate that expires cannot be renewed).
 const RENEW_CHECK_MAX: Duration = Duration::from_secs(3600);
-const RENEW_RETRY: Duration = Duration::from_secs(30);
+const RENEW_RETRY: Duration = Duration::from_secs(300);
 
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
@@ -200,27 +200,44 @@ fn unix_now() -> i64 {
 /// `None` while unknown).
 pub async fn renew_loop(
     id: Identity,
-    hub: tokio::sync::watch::Receiver<Option<String>>,
+    mut hub: tokio::sync::watch::Receiver<Option<String>>,
     shutdown: CancellationToken,
 ) {
     loop {
-        let url = hub.borrow().clone();
-        let wait = match (url, DeviceCredentials::load(&id.dir)) {
-            (Some(url), Ok(Some(creds))) => match creds.renewal_at() {
-                Ok(at) if unix_now() >= at => match renew(&id, &url, creds).await {
-                    Ok(()) => Duration::from_secs(1),
-                    Err(e) => {
-                        warn!(error = %e, "certificate renewal failed; retrying");
-                        RENEW_RETRY
+        let url = hub.borrow_and_update().clone();
+        let Some(url) = url else {
+            // No hub known yet: wait for one.
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = hub.changed() => if r.is_err() { return },
+            }
+            continue;
+        };
+        let wait = match DeviceCredentials::load(&id.dir) {
+            Ok(Some(creds)) => match creds.renewal_at() {
+                Ok(at) if unix_now() >= at => {
+                    // Retry well before expiry: a tenth of the time left, at most RENEW_RETRY.
+                    let left = creds.expires_at().map_or(0, |to| to - unix_now());
+                    let retry = Duration::from_secs(u64::try_from(left / 10).unwrap_or(1));
+                    match renew(&id, &url, creds).await {
+                        Ok(()) => Duration::from_secs(1),
+                        Err(e) => {
+                            warn!(error = %e, "certificate renewal failed; retrying");
+                            retry.min(RENEW_RETRY)
+                        }
                     }
-                },
+                }
                 Ok(at) => Duration::from_secs(u64::try_from(at - unix_now()).unwrap_or(1)),
                 Err(e) => {
                     warn!(error = %e, "cannot read the device certificate");
                     RENEW_CHECK_MAX
                 }
             },
-            _ => RENEW_RETRY,
+            Ok(None) => return, // not enrolled: nothing to renew
+            Err(e) => {
+                warn!(error = %e, "cannot read the device credentials");
+                RENEW_CHECK_MAX
+            }
         };
         tokio::select! {
             _ = shutdown.cancelled() => return,

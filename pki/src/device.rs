@@ -62,6 +62,11 @@ impl DeviceCredentials {
         Ok(from + (to - from) * 2 / 3)
     }
 
+    /// When the certificate expires (Unix seconds).
+    pub fn expires_at(&self) -> Result<i64, PkiError> {
+        Ok(crate::tls::validity(&self.cert_pem)?.1)
+    }
+
     /// Whether the certificate is past two thirds of its lifetime at `now` (Unix seconds).
     pub fn renewal_due(&self, now: i64) -> Result<bool, PkiError> {
         Ok(now >= self.renewal_at()?)

@@ -121,37 +121,22 @@ fn the_broker_and_the_api_refuse_strangers_and_confine_devices() -> Result<()> {
         !out.status.success(),
         "device A connected as device B's client"
     );
-    mosquitto(
-        "mosquitto_pub",
-        hub.mqtt,
-        as_refs(&tls),
-        &[
+    let publish_as_a = |topic: &str, msg: &str| {
+        let args = [
             "-i",
             "shoal-agent-edge-a",
             "-q",
             "1",
             "-t",
-            status_b,
+            topic,
             "-m",
-            fake_status,
-        ],
-    );
+            msg,
+        ];
+        mosquitto("mosquitto_pub", hub.mqtt, as_refs(&tls), &args)
+    };
+    publish_as_a(status_b, fake_status);
     let manifest = std::fs::read_to_string(heartbeat(dir.path(), "rogue", 1000))?;
-    mosquitto(
-        "mosquitto_pub",
-        hub.mqtt,
-        as_refs(&tls),
-        &[
-            "-i",
-            "shoal-agent-edge-a",
-            "-q",
-            "1",
-            "-t",
-            "shoal/v1/apply",
-            "-m",
-            &manifest,
-        ],
-    );
+    publish_as_a("shoal/v1/apply", &manifest);
     let out = mosquitto(
         "mosquitto_sub",
         hub.mqtt,
@@ -225,32 +210,34 @@ fn the_broker_and_the_api_refuse_strangers_and_confine_devices() -> Result<()> {
     Ok(())
 }
 
+/// `shoal-agent run` for device `id` with its data in `dir/data`, joining `join`'s fleet,
+/// with `token` (as the environment variable) when given.
+fn agent_command(dir: &Path, data: &str, id: &str, join: &Join, token: Option<&str>) -> Command {
+    let mut c = Command::new(bin("shoal-agent"));
+    c.args([
+        "run",
+        "--no-mdns",
+        "--no-containerd",
+        "--device-id",
+        id,
+        "--data-dir",
+    ])
+    .arg(dir.join(data))
+    .args(["--broker", &join.broker, "--hub", &join.hub, "--socket"])
+    .arg(dir.join(format!("{data}.sock")));
+    if let Some(t) = token {
+        c.env("SHOAL_AGENT_JOIN_TOKEN", t);
+    }
+    c
+}
+
 #[test]
 fn join_tokens_pin_the_ca_and_work_once() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let hub = Hub::start(dir.path(), None)?;
     let join = hub.join();
     let agent_at = |data: &str, id: &str, token: &str| -> Output {
-        Command::new(bin("shoal-agent"))
-            .args([
-                "run",
-                "--no-mdns",
-                "--no-containerd",
-                "--device-id",
-                id,
-                "--data-dir",
-            ])
-            .arg(dir.path().join(data))
-            .args([
-                "--broker",
-                &join.broker,
-                "--hub",
-                &join.hub,
-                "--join-token",
-                token,
-                "--socket",
-            ])
-            .arg(dir.path().join(format!("{id}.sock")))
+        agent_command(dir.path(), data, id, &join, Some(token))
             .output()
             .expect("shoal-agent")
     };
@@ -292,26 +279,7 @@ fn join_tokens_pin_the_ca_and_work_once() -> Result<()> {
     let token = join.token()?.unwrap();
     let mut first = Proc::spawn(
         "edge-1",
-        Command::new(bin("shoal-agent"))
-            .args([
-                "run",
-                "--no-mdns",
-                "--no-containerd",
-                "--device-id",
-                "edge-1",
-                "--data-dir",
-            ])
-            .arg(dir.path().join("edge-1"))
-            .args([
-                "--broker",
-                &join.broker,
-                "--hub",
-                &join.hub,
-                "--join-token",
-                &token,
-                "--socket",
-            ])
-            .arg(dir.path().join("edge-1.sock")),
+        &mut agent_command(dir.path(), "edge-1", "edge-1", &join, Some(&token)),
         dir.path().join("edge-1.log"),
     )?;
     hub.wait_devices_online(1, Duration::from_secs(20))?;
@@ -350,19 +318,7 @@ fn join_tokens_pin_the_ca_and_work_once() -> Result<()> {
     );
     let mut wiped = Proc::spawn(
         "edge-1-wiped",
-        Command::new(bin("shoal-agent"))
-            .args([
-                "run",
-                "--no-mdns",
-                "--no-containerd",
-                "--device-id",
-                "edge-1",
-                "--data-dir",
-            ])
-            .arg(dir.path().join("edge-1-wiped"))
-            .args(["--broker", &join.broker, "--hub", &join.hub, "--socket"])
-            .arg(dir.path().join("edge-1-wiped.sock"))
-            .env("SHOAL_AGENT_JOIN_TOKEN", &bound),
+        &mut agent_command(dir.path(), "edge-1-wiped", "edge-1", &join, Some(&bound)),
         dir.path().join("edge-1-wiped.log"),
     )?;
     wait_until(
@@ -381,18 +337,7 @@ fn join_tokens_pin_the_ca_and_work_once() -> Result<()> {
     first.kill();
     let again = Proc::spawn(
         "edge-1",
-        Command::new(bin("shoal-agent"))
-            .args([
-                "run",
-                "--no-mdns",
-                "--no-containerd",
-                "--device-id",
-                "edge-1",
-                "--data-dir",
-            ])
-            .arg(dir.path().join("edge-1"))
-            .args(["--broker", &join.broker, "--hub", &join.hub, "--socket"])
-            .arg(dir.path().join("edge-1.sock")),
+        &mut agent_command(dir.path(), "edge-1", "edge-1", &join, None),
         dir.path().join("edge-1-again.log"),
     )?;
     wait_until(
@@ -655,7 +600,7 @@ fn hostile_modules_are_stopped_by_their_limits_and_neighbours_keep_running() -> 
 fn device_certificates_are_renewed_before_they_expire() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (mqtt, http) = (free_port(), free_port());
-    let flags = ["--device-cert-lifetime", "15s"];
+    let flags = ["--device-cert-lifetime", "20s"];
     let mut hub = Hub::start_with(dir.path(), None, mqtt, http, &flags)?;
     let a = Agent::start(dir.path(), "edge-a", "", &hub.join())?;
     hub.wait_devices_online(1, Duration::from_secs(20))?;
@@ -664,7 +609,7 @@ fn device_certificates_are_renewed_before_they_expire() -> Result<()> {
     let first = std::fs::read_to_string(&cert)?;
     let key = std::fs::read_to_string(a.data_dir.join("pki/device.key"))?;
 
-    // Two thirds into its 15 s, the agent renews (same key, new certificate).
+    // Two thirds into its 20 s, the agent renews (same key, new certificate).
     wait_until(Duration::from_secs(20), "a renewal", || {
         Ok(a.proc
             .log_text()
@@ -680,7 +625,7 @@ fn device_certificates_are_renewed_before_they_expire() -> Result<()> {
     // Once the first certificate has expired, a restarted hub still lets the agent in: it
     // presents the renewed one.
     hub.proc.kill();
-    let expired = Duration::from_secs(17);
+    let expired = Duration::from_secs(21);
     std::thread::sleep(expired.saturating_sub(enrolled_at.elapsed()));
     let hub = Hub::start_with(dir.path(), None, mqtt, http, &flags)?;
     let at = a.proc.log_text().len();
