@@ -50,10 +50,6 @@ const _: () = assert!(shoal_api::mqtt_guard::MAX_PACKET > MAX_PAYLOAD);
 pub struct Embedded {
     /// The front listener's address (what devices and operators dial).
     pub addr: SocketAddr,
-    /// rumqttd's MQTT 5 listener on loopback, for the hub's own connection.
-    pub backend: SocketAddr,
-    /// The private login rumqttd requires (with TLS on).
-    pub login: Option<(String, String)>,
 }
 
 /// Starts rumqttd and the front listener on `listen`: TLS with client certificates and the
@@ -98,7 +94,7 @@ pub async fn start(
     wait_for(v5).await?;
     info!(%bound, tls = acceptor.is_some(), "embedded MQTT broker listening (3.1.1 and 5)");
     let t = tracker.clone();
-    let front_login = login.clone();
+    let front_login = login;
     tracker.spawn(async move {
         loop {
             tokio::select! {
@@ -130,11 +126,7 @@ pub async fn start(
             }
         }
     });
-    Ok(Embedded {
-        addr: bound,
-        backend: v5,
-        login,
-    })
+    Ok(Embedded { addr: bound })
 }
 
 fn free_loopback_port() -> Result<SocketAddr, BrokerError> {

@@ -166,8 +166,6 @@ impl Backlog {
 pub enum BusAuth {
     /// Nothing (`--insecure`).
     None,
-    /// The embedded broker's private login (on its loopback backend port).
-    Login(String, String),
     /// TLS with the hub's client certificate (an external `mqtts://` broker).
     Tls(std::sync::Arc<rustls::ClientConfig>),
 }
@@ -184,9 +182,6 @@ pub fn connect(
     let mut opts = MqttOptions::new(client_id, broker.host.clone(), broker.port);
     match auth {
         BusAuth::None => {}
-        BusAuth::Login(u, p) => {
-            opts.set_credentials(u, p);
-        }
         BusAuth::Tls(c) => {
             opts.set_transport(rumqttc::Transport::tls_with_config(
                 rumqttc::TlsConfiguration::Rustls(c),

@@ -189,19 +189,15 @@ async fn serve(
                 port: e.addr.port(),
                 tls: security.is_some(),
             };
-            match e.login {
-                // Straight to rumqttd's loopback listener with its private login: the hub's
-                // own traffic need not pass the TLS front and its filter.
-                Some((u, p)) => {
-                    let link = BrokerUrl {
-                        host: e.backend.ip().to_string(),
-                        port: e.backend.port(),
-                        tls: false,
-                    };
-                    (front, link, bus::BusAuth::Login(u, p))
-                }
-                None => (front.clone(), front, bus::BusAuth::None),
-            }
+            // The hub connects through the front listener like everyone else (as `shoal-hub`).
+            // Not straight to rumqttd: rumqttd leaves Nagle on for the sockets it accepts,
+            // and its PUBACK-then-PUBLISH pairs would stall on delayed ACKs (~40 ms per
+            // apply, measured); the front listener acknowledges at once.
+            let auth = match &security {
+                Some(sec) => bus::BusAuth::Tls(sec.client.clone()),
+                None => bus::BusAuth::None,
+            };
+            (front.clone(), front, auth)
         }
     };
 

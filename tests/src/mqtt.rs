@@ -12,14 +12,41 @@ pub struct Mqtt {
 impl Mqtt {
     /// Connects as an operator (with the fleet's bundle, unless it runs `--insecure`).
     pub async fn connect(broker: &crate::BrokerAccess, id: &str) -> Result<Mqtt> {
-        let mut o = MqttOptions::new(id, "127.0.0.1", broker.port);
-        if let Some(b) = &broker.bundle {
-            let read = |f: &str| std::fs::read_to_string(b.join(f));
-            let identity = shoal_pki::tls::ClientIdentity::new(
-                &read("operator.pem")?,
-                &read("operator.key")?,
-            )?;
-            let tls = shoal_pki::tls::client_config(&read("ca.pem")?, Some(identity))?;
+        let tls = match &broker.bundle {
+            Some(b) => {
+                let read = |f: &str| std::fs::read_to_string(b.join(f));
+                let identity = shoal_pki::tls::ClientIdentity::new(
+                    &read("operator.pem")?,
+                    &read("operator.key")?,
+                )?;
+                Some(shoal_pki::tls::client_config(
+                    &read("ca.pem")?,
+                    Some(identity),
+                )?)
+            }
+            None => None,
+        };
+        Self::connect_with(broker.port, id, tls).await
+    }
+
+    /// Connects as the hub (which may publish anywhere), with a client certificate the
+    /// benchmark issues itself from the hub's CA: for baseline hops on a scratch topic,
+    /// which an operator may not publish to.
+    pub async fn connect_as_hub(port: u16, hub_data: &std::path::Path, id: &str) -> Result<Mqtt> {
+        let ca = shoal_pki::ca::FleetCa::load_or_create(&hub_data.join("pki"))?;
+        let (cert, key) = ca.issue(shoal_pki::ca::HUB_NAME, &shoal_pki::ca::Usage::Client)?;
+        let identity = shoal_pki::tls::ClientIdentity::new(&cert, &key)?;
+        let tls = shoal_pki::tls::client_config(ca.pem(), Some(identity))?;
+        Self::connect_with(port, &format!("shoal-hub-{id}"), Some(tls)).await
+    }
+
+    async fn connect_with(
+        port: u16,
+        id: &str,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    ) -> Result<Mqtt> {
+        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        if let Some(tls) = tls {
             o.set_transport(rumqttc::Transport::tls_with_config(
                 rumqttc::TlsConfiguration::Rustls(tls),
             ));
