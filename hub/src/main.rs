@@ -243,8 +243,6 @@ fn real_main() -> anyhow::Result<()> {
                 shoal_pki::ca::HUB_NAME,
                 &shoal_pki::ca::Usage::Server { names: all },
             )?;
-            std::fs::create_dir_all(&out)
-                .with_context(|| format!("cannot create {}", out.display()))?;
             // The key is owner-only from its creation (mosquitto reads it after dropping
             // root: chown it to the broker's user).
             for (file, text, mode) in [
@@ -252,17 +250,7 @@ fn real_main() -> anyhow::Result<()> {
                 ("broker.pem", cert.as_str(), 0o644),
                 ("broker.key", key.as_str(), 0o600),
             ] {
-                use std::io::Write;
-                use std::os::unix::fs::OpenOptionsExt;
-                let path = out.join(file);
-                let _ = std::fs::remove_file(&path);
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(mode)
-                    .open(&path)
-                    .and_then(|mut f| f.write_all(text.as_bytes()))
-                    .with_context(|| format!("cannot write {}", path.display()))?;
+                shoal_pki::write_atomic(&out.join(file), text.as_bytes(), mode)?;
             }
             println!("{}", out.display());
             return Ok(());

@@ -64,22 +64,8 @@ impl Security {
         device: &shoal_api::ids::DeviceId,
         cert_pem: &str,
     ) -> Result<(), PkiError> {
-        let path = self.record_path(device);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
-                action: "create directory",
-                path: dir.display().to_string(),
-                source,
-            })?;
-        }
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, cert_pem)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|source| PkiError::Io {
-                action: "write",
-                path: path.display().to_string(),
-                source,
-            })
+        // Durable before the certificate is handed out (fsync, then rename).
+        shoal_pki::write_atomic(&self.record_path(device), cert_pem.as_bytes(), 0o644)
     }
 
     /// Loads (or on first start creates) the fleet CA, issues the hub's certificates for

@@ -57,7 +57,7 @@ pub(crate) fn read_string(path: &Path) -> Result<String, PkiError> {
 
 /// Writes `bytes` to `path` atomically (temporary file, fsync, rename) with `mode`, so a
 /// crash leaves either the old file or the new one, never half a key.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;

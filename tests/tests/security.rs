@@ -375,8 +375,8 @@ fn forged_and_replayed_desired_states_change_nothing() -> Result<()> {
     // The hub goes away, and a compromised broker with the fleet's certificates but no ACL
     // takes its port: any client with a fleet certificate may publish desired states.
     hub.proc.kill();
-    let mq = Mosquitto::start_without_acl(dir.path(), hub.mqtt)?;
     let log_at = a.proc.log_text().len();
+    let mq = Mosquitto::start_without_acl(dir.path(), hub.mqtt)?;
     wait_until(
         Duration::from_secs(20),
         "the agent reconnects to the broker",
@@ -627,8 +627,10 @@ fn device_certificates_are_renewed_before_they_expire() -> Result<()> {
     hub.proc.kill();
     let expired = Duration::from_secs(21);
     std::thread::sleep(expired.saturating_sub(enrolled_at.elapsed()));
-    let hub = Hub::start_with(dir.path(), None, mqtt, http, &flags)?;
+    // Where the agent's log stands before the hub is back (it may reconnect while the
+    // restarted hub is still being waited for).
     let at = a.proc.log_text().len();
+    let hub = Hub::start_with(dir.path(), None, mqtt, http, &flags)?;
     wait_until(Duration::from_secs(20), "the agent reconnects", || {
         Ok(a.proc.log_text()[at..]
             .contains("connected to broker")
