@@ -114,6 +114,11 @@ name_newtype!(
     WorkloadName,
     "workload name"
 );
+name_newtype!(
+    /// A secret's `metadata.name` (a DNS-1123 label).
+    SecretName,
+    "secret name"
+);
 
 /// Checks a label key: an optional DNS-subdomain prefix and `/`, then a name of 1–63
 /// characters from `[A-Za-z0-9._-]` that starts and ends alphanumeric (the Kubernetes rule).

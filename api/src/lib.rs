@@ -5,7 +5,7 @@
 //! - **wire types** ([`manifest`], [`messages`]): what travels as YAML/JSON. Messages are
 //!   permissive (unknown fields are ignored, most fields default) so that a newer peer can talk to
 //!   an older one; manifests are strict (an unknown field is a typo, and is rejected).
-//! - **domain types** ([`workload`], [`ids`], [`quantity`], [`volume`]): validated with `TryFrom`, so code
+//! - **domain types** ([`workload`], [`ids`], [`quantity`], [`volume`], [`secret`]): validated with `TryFrom`, so code
 //!   that holds a [`workload::Workload`] never re-checks it.
 //!
 //! No I/O happens in this crate.
@@ -20,6 +20,7 @@ pub mod mqtt_guard;
 pub mod network;
 pub mod oci;
 pub mod quantity;
+pub mod secret;
 pub mod selector;
 pub mod table;
 pub mod topics;

@@ -1,9 +1,11 @@
-//! Fleet manifest wire format (`apiVersion: shoal.dev/v1`, `kind: Workload`).
+//! Fleet manifest wire format (`apiVersion: shoal.dev/v1`, `kind: Workload` or `Secret`).
 //!
-//! A manifest is a YAML stream: several documents separated by `---`, each one workload (a
-//! document may also be a sequence of workloads, which is how a JSON array arrives). Fields are
-//! strict: an unknown field is almost always a typo, so it is rejected rather than ignored.
-//! [`parse_stream`] returns the raw documents; [`crate::workload`] validates them.
+//! A manifest is a YAML stream: several documents separated by `---`, each one workload or
+//! secret (a document may also be a sequence of them, which is how a JSON array arrives).
+//! Fields are strict: an unknown field is almost always a typo, so it is rejected rather than
+//! ignored. [`parse_stream`] returns the raw workload documents, which [`crate::workload`]
+//! validates, and the secrets, already validated by [`crate::secret::parse`] (which never
+//! quotes a value in an error).
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -83,6 +85,25 @@ pub struct WorkloadSpec {
     /// Limits that stop a WASM run when it breaches them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<Limits>,
+    /// Secrets the workload reads, as files or environment variables (see
+    /// [`crate::secret`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<SecretRef>,
+}
+
+/// `spec.secrets[]`: `{ name: db, path: /etc/db, env: { DB_PASSWORD: password } }`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretRef {
+    /// The secret's `metadata.name`.
+    pub name: String,
+    /// Directory where each key is a read-only file (default `/run/secrets/{name}` unless
+    /// `env` is given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Environment variable → the key whose value it takes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
 }
 
 /// `spec.limits`: `{ cpuTime: 30s, logRate: 64Ki }`.
@@ -247,21 +268,41 @@ pub struct Backoff {
     pub max: Option<String>,
 }
 
-/// One problem found in a manifest, located by document (1-based) and workload name.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One problem found in a manifest, located by document (1-based) and object name.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ManifestError {
     pub document: usize,
+    /// The object's name (a workload's, unless `kind` says otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<String>,
+    /// `Secret` when the object is a secret; absent for workloads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
     pub message: String,
+}
+
+impl ManifestError {
+    /// A problem with secret `name` (if known) in document `document`.
+    pub fn secret(document: usize, name: Option<String>, message: String) -> Self {
+        Self {
+            document,
+            workload: name,
+            kind: Some(SECRET.into()),
+            message,
+        }
+    }
 }
 
 impl std::fmt::Display for ManifestError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.kind.as_deref() {
+            Some(SECRET) => "secret",
+            _ => "workload",
+        };
         match &self.workload {
             Some(w) => write!(
                 f,
-                "document {} (workload {w:?}): {}",
+                "document {} ({kind} {w:?}): {}",
                 self.document, self.message
             ),
             None => write!(f, "document {}: {}", self.document, self.message),
@@ -269,27 +310,39 @@ impl std::fmt::Display for ManifestError {
     }
 }
 
+/// The `kind` of a secret document.
+pub const SECRET: &str = "Secret";
+
+/// A manifest stream, parsed: its workload documents (to validate) and its secrets.
+#[derive(Debug, Default)]
+pub struct Stream {
+    pub workloads: Vec<Located<WorkloadManifest>>,
+    pub secrets: Vec<Located<crate::secret::Secret>>,
+}
+
 /// A parsed document: its 1-based position in the stream and its content.
 pub type Located<T> = (usize, T);
 
-/// Splits a YAML stream (or a JSON document or array) into workload manifests.
+/// Splits a YAML stream (or a JSON document or array) into workload manifests and secrets.
 ///
 /// Each document is parsed independently, so one broken document does not hide the problems of
 /// the others; every error found is returned. Empty documents are skipped.
-pub fn parse_stream(text: &str) -> Result<Vec<Located<WorkloadManifest>>, Vec<ManifestError>> {
+pub fn parse_stream(text: &str) -> Result<Stream, Vec<ManifestError>> {
     use serde::de::Deserialize as _;
+    use serde_yaml_ng::Value;
     // First pass: learn each document's shape (mapping, sequence, empty). The second pass
-    // parses mappings straight from the text so that errors keep their line and column.
+    // parses workload mappings straight from the text so that errors keep their line and
+    // column.
     let mut shapes = Vec::new();
     let mut errors = Vec::new();
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        match serde_yaml_ng::Value::deserialize(doc) {
+        match Value::deserialize(doc) {
             Ok(v) => shapes.push(Some(v)),
             Err(e) => {
                 errors.push(ManifestError {
                     document: i + 1,
-                    workload: None,
                     message: format!("invalid YAML: {e}"),
+                    ..Default::default()
                 });
                 shapes.push(None);
                 // The YAML parser cannot resume after a syntax error.
@@ -300,67 +353,85 @@ pub fn parse_stream(text: &str) -> Result<Vec<Located<WorkloadManifest>>, Vec<Ma
     if !errors.is_empty() {
         return Err(errors);
     }
-    let mut out = Vec::new();
-    for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        let n = i + 1;
-        let name_hint = shapes
-            .get(i)
-            .and_then(|v| v.as_ref())
-            .and_then(|v| v.get("metadata"))
+    let name_of = |v: &Value| {
+        v.get("metadata")
             .and_then(|m| m.get("name"))
             .and_then(|n| n.as_str())
-            .map(str::to_string);
-        match shapes.get(i).and_then(|v| v.as_ref()) {
-            Some(serde_yaml_ng::Value::Null) => {}
-            Some(serde_yaml_ng::Value::Sequence(items)) => {
-                for item in items {
-                    let hint = item
-                        .get("metadata")
-                        .and_then(|m| m.get("name"))
-                        .and_then(|n| n.as_str())
-                        .map(str::to_string);
-                    match serde_yaml_ng::from_value::<WorkloadManifest>(item.clone()) {
-                        Ok(m) => out.push((n, m)),
-                        Err(e) => errors.push(ManifestError {
-                            document: n,
-                            workload: hint,
-                            message: e.to_string(),
-                        }),
-                    }
-                }
+            .map(str::to_string)
+    };
+    let is_secret = |v: &Value| v.get("kind").and_then(|k| k.as_str()) == Some(SECRET);
+    let mut out = Stream::default();
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let n = i + 1;
+        let shape = shapes.get(i).and_then(|v| v.as_ref());
+        let items: Vec<&Value> = match shape {
+            Some(Value::Null) => continue,
+            Some(Value::Sequence(items)) => items.iter().collect(),
+            Some(v @ Value::Mapping(_)) => vec![v],
+            _ => {
+                errors.push(ManifestError {
+                    document: n,
+                    message:
+                        "expected a Workload or Secret mapping (apiVersion, kind, metadata, ...)"
+                            .into(),
+                    ..Default::default()
+                });
+                continue;
             }
-            Some(serde_yaml_ng::Value::Mapping(_)) => match WorkloadManifest::deserialize(doc) {
-                Ok(m) => out.push((n, m)),
+        };
+        let mut doc = matches!(shape, Some(Value::Mapping(_))).then_some(doc);
+        for item in items {
+            if is_secret(item) {
+                match crate::secret::parse(item) {
+                    Ok(s) => out.secrets.push((n, s)),
+                    Err(es) => errors.extend(
+                        es.into_iter()
+                            .map(|m| ManifestError::secret(n, name_of(item), m)),
+                    ),
+                }
+                continue;
+            }
+            // A lone mapping is parsed from the text, so that errors keep their line and
+            // column; items of a sequence from their tree.
+            let parsed = match doc.take() {
+                Some(d) => WorkloadManifest::deserialize(d),
+                None => serde_yaml_ng::from_value::<WorkloadManifest>(item.clone()),
+            };
+            match parsed {
+                Ok(m) => out.workloads.push((n, m)),
                 Err(e) => errors.push(ManifestError {
                     document: n,
-                    workload: name_hint,
+                    workload: name_of(item),
                     message: e.to_string(),
+                    ..Default::default()
                 }),
-            },
-            _ => errors.push(ManifestError {
-                document: n,
-                workload: None,
-                message: "expected a Workload mapping (apiVersion, kind, metadata, spec)".into(),
-            }),
+            }
         }
     }
     if !errors.is_empty() {
         return Err(errors);
     }
-    if out.is_empty() {
+    if out.workloads.is_empty() && out.secrets.is_empty() {
         return Err(vec![ManifestError {
             document: 1,
-            workload: None,
-            message: "manifest contains no workloads".into(),
+            message: "manifest contains no workloads or secrets".into(),
+            ..Default::default()
         }]);
     }
     Ok(out)
 }
 
-/// Renders manifests back to a YAML stream (what `shoal apply` publishes after uploading
-/// local modules).
-pub fn to_yaml_stream(manifests: &[WorkloadManifest]) -> Result<String, serde_yaml_ng::Error> {
+/// Renders manifests (and secrets, values base64) back to a YAML stream: what `shoal apply`
+/// publishes after uploading local modules.
+pub fn to_yaml_stream(
+    manifests: &[WorkloadManifest],
+    secrets: &[crate::secret::Secret],
+) -> Result<String, serde_yaml_ng::Error> {
     let mut out = String::new();
+    for s in secrets {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml_ng::to_string(&s.to_manifest())?);
+    }
     for m in manifests {
         out.push_str("---\n");
         out.push_str(&serde_yaml_ng::to_string(m)?);

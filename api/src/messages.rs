@@ -114,6 +114,10 @@ pub struct DesiredWorkload {
     /// Limits that stop a run (see [`crate::workload::RunLimits`]).
     #[serde(default, skip_serializing_if = "crate::workload::RunLimits::is_none")]
     pub limits: crate::workload::RunLimits,
+    /// Secrets the replica reads, at the version it runs with; their values travel sealed in
+    /// [`DesiredState::secrets`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<crate::secret::DesiredSecretMount>,
 }
 
 impl DesiredWorkload {
@@ -153,6 +157,15 @@ impl DesiredWorkload {
             volumes: w.volumes.clone(),
             network: w.network.clone(),
             limits: w.limits,
+            // The hub fills in each secret's version.
+            secrets: w
+                .secrets
+                .iter()
+                .map(|m| crate::secret::DesiredSecretMount {
+                    mount: m.clone(),
+                    version: String::new(),
+                })
+                .collect(),
         })
     }
 
@@ -186,6 +199,9 @@ pub struct DesiredState {
     pub artifact_port: Option<u16>,
     #[serde(default)]
     pub workloads: Vec<DesiredWorkload>,
+    /// The values of the secrets these workloads use, each sealed to this device's key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<crate::secret::SealedSecret>,
 }
 
 /// What the hub publishes on `devices/{d}/desired`: a [`DesiredState`]'s exact JSON bytes
@@ -259,6 +275,9 @@ pub struct ApplyResult {
     /// Per accepted workload: `created`, `configured` or `unchanged`.
     #[serde(default)]
     pub workloads: BTreeMap<String, String>,
+    /// The same for each accepted secret.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, String>,
     /// Every reason the manifest was rejected (empty when accepted).
     #[serde(default)]
     pub errors: Vec<ManifestError>,

@@ -100,6 +100,20 @@ pub struct WorkloadView {
     pub rollout: Option<RolloutView>,
 }
 
+/// A secret as `shoal get secrets` shows it: never its values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretView {
+    pub name: String,
+    pub keys: Vec<String>,
+    /// Changes with the content (a keyed fingerprint, not a hash of the values).
+    pub version: String,
+    /// Workloads that reference it.
+    #[serde(default)]
+    pub used_by: Vec<String>,
+    pub updated_ms: u64,
+}
+
 /// A workload's latest rollout (`shoal rollout status`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -117,7 +117,7 @@ pub fn validate(wire: Vec<crate::manifest::Volume>, errs: &mut Vec<String>) -> V
 }
 
 /// Whether one path is the other or lies inside it.
-fn nested(a: &str, b: &str) -> bool {
+pub fn nested(a: &str, b: &str) -> bool {
     let inside = |x: &str, y: &str| x == y || x.starts_with(&format!("{y}/"));
     inside(a, b) || inside(b, a)
 }

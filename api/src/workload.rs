@@ -315,6 +315,9 @@ pub struct Workload {
     pub network: Vec<crate::network::NetRule>,
     #[serde(default, skip_serializing_if = "RunLimits::is_none")]
     pub limits: RunLimits,
+    /// `spec.secrets` (see [`crate::secret`]): references only, never values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<crate::secret::SecretMount>,
 }
 
 impl Workload {
@@ -342,6 +345,8 @@ impl Workload {
             network: &'a [crate::network::NetRule],
             #[serde(skip_serializing_if = "RunLimits::is_none")]
             limits: &'a RunLimits,
+            #[serde(skip_serializing_if = "<[_]>::is_empty")]
+            secrets: &'a [crate::secret::SecretMount],
         }
         // Empty lists are left out so that revisions of workloads written before ports and
         // uses existed do not change (which would restart every replica on upgrade).
@@ -358,6 +363,7 @@ impl Workload {
             volumes: &self.volumes,
             network: &self.network,
             limits: &self.limits,
+            secrets: &self.secrets,
         };
         // Serializing plain structs and BTreeMaps cannot fail; fall back to Debug regardless.
         let bytes =
@@ -535,6 +541,7 @@ impl TryFrom<WorkloadManifest> for Workload {
         let network =
             crate::network::validate(spec.network.map(|n| n.allow).unwrap_or_default(), &mut errs);
         let limits = run_limits(spec.limits, &mut errs);
+        let secrets = crate::secret::validate_mounts(spec.secrets, &spec.env, &volumes, &mut errs);
 
         match (name, placement, variants, memory, cpu, restart) {
             (
@@ -564,6 +571,7 @@ impl TryFrom<WorkloadManifest> for Workload {
                 volumes,
                 network,
                 limits,
+                secrets,
             }),
             _ => Err(errs),
         }
@@ -995,10 +1003,11 @@ fn restart(r: crate::manifest::Restart, errs: &mut Vec<String>) -> Option<Restar
     })
 }
 
-/// Parses and validates a whole manifest stream. All-or-nothing: any error rejects the lot.
+/// Parses and validates the workloads of a manifest stream (its secrets are checked and
+/// dropped). All-or-nothing: any error rejects the lot.
 pub fn parse_workloads(text: &str) -> Result<Vec<Workload>, Vec<ManifestError>> {
-    let docs = parse_stream(text)?;
-    validate_all(docs)
+    let stream = parse_stream(text)?;
+    validate_all(stream.workloads)
 }
 
 /// Validates already-parsed documents (see [`parse_workloads`]).
@@ -1013,6 +1022,7 @@ pub fn validate_all(
             Ok(w) => out.push((n, w)),
             Err(es) => errors.extend(es.into_iter().map(|message| ManifestError {
                 document: n,
+                kind: None,
                 workload: hint.clone(),
                 message,
             })),
@@ -1023,6 +1033,7 @@ pub fn validate_all(
         if let Some(first) = seen.insert(w.name.clone(), *n) {
             errors.push(ManifestError {
                 document: *n,
+                kind: None,
                 workload: Some(w.name.to_string()),
                 message: format!(
                     "metadata.name {:?} is duplicated: already defined in document {first}",

@@ -15,7 +15,7 @@ use shoal_api::messages::ApplyResult;
 use shoal_api::quantity::format_memory;
 use shoal_api::table::Table;
 use shoal_api::topics;
-use shoal_api::views::{ApiError, BlobRef, DeviceView, WorkloadView};
+use shoal_api::views::{ApiError, BlobRef, DeviceView, SecretView, WorkloadView};
 use shoal_api::workload::{validate_all, ModuleRef};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -93,18 +93,18 @@ enum Command {
         /// `oci://REGISTRY/REPOSITORY:TAG`.
         destination: Option<shoal_api::oci::OciRef>,
     },
-    /// List devices or workloads.
+    /// List devices, workloads or secrets (names and keys, never values).
     Get {
         #[arg(value_enum)]
         kind: Kind,
     },
-    /// Show one workload in detail.
+    /// Show one workload (or secret) in detail.
     Describe {
         #[arg(value_enum)]
         kind: OneKind,
         name: String,
     },
-    /// Delete a workload.
+    /// Delete a workload, or a secret no workload uses.
     Delete {
         #[arg(value_enum)]
         kind: OneKind,
@@ -160,12 +160,17 @@ enum Kind {
     Devices,
     #[value(alias = "workload")]
     Workloads,
+    /// Names, keys and versions only: values are never shown.
+    #[value(alias = "secret")]
+    Secrets,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum OneKind {
     #[value(alias = "workloads")]
     Workload,
+    #[value(alias = "secrets")]
+    Secret,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -273,9 +278,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let workloads: Vec<WorkloadView> = hub.get("/v1/workloads").await?;
             print_workloads(&workloads, cli.output)
         }
+        Command::Get {
+            kind: Kind::Secrets,
+        } => {
+            let secrets: Vec<SecretView> = hub.get("/v1/secrets").await?;
+            print_secrets(&secrets, cli.output)
+        }
+        Command::Describe {
+            kind: OneKind::Secret,
+            name,
+        } => {
+            let secrets: Vec<SecretView> = hub.get("/v1/secrets").await?;
+            let found: Vec<SecretView> = secrets.into_iter().filter(|s| s.name == name).collect();
+            if found.is_empty() {
+                bail!("secret {name:?} not found");
+            }
+            print_secrets(&found, cli.output)
+        }
         Command::Describe { name, .. } => {
             let w: WorkloadView = hub.get(&format!("/v1/workloads/{name}")).await?;
             describe(&w, cli.output)
+        }
+        Command::Delete {
+            kind: OneKind::Secret,
+            name,
+        } => {
+            hub.delete(&format!("/v1/secrets/{name}")).await?;
+            println!("secret/{name} deleted");
+            Ok(())
         }
         Command::Delete { name, .. } => {
             hub.delete(&format!("/v1/workloads/{name}")).await?;
@@ -484,13 +514,15 @@ async fn apply(
         (s, file.parent().map(Path::to_path_buf).unwrap_or_default())
     };
     // Validate locally first: the same checks as the hub, without a round trip.
-    let docs = parse_stream(&text).map_err(|e| report(&e))?;
-    let positions: Vec<(usize, String)> = docs
+    let stream = parse_stream(&text).map_err(|e| report(&e))?;
+    let positions: Vec<(usize, String)> = stream
+        .workloads
         .iter()
         .map(|(n, m)| (*n, m.metadata.name.clone()))
         .collect();
-    let mut manifests: Vec<_> = docs.iter().map(|(_, m)| m.clone()).collect();
-    let workloads = validate_all(docs).map_err(|e| report(&e))?;
+    let mut manifests: Vec<_> = stream.workloads.iter().map(|(_, m)| m.clone()).collect();
+    let secrets: Vec<_> = stream.secrets.into_iter().map(|(_, s)| s).collect();
+    let workloads = validate_all(stream.workloads).map_err(|e| report(&e))?;
 
     // Upload modules given as local paths; refer to them by digest. Pin `oci://` tags to the
     // digest they point at now, so every device runs the same bytes and a tag moved later
@@ -499,6 +531,7 @@ async fn apply(
     for ((w, m), (doc, name)) in workloads.iter().zip(manifests.iter_mut()).zip(&positions) {
         let fail = |message: String| ManifestError {
             document: *doc,
+            kind: None,
             workload: Some(name.clone()),
             message,
         };
@@ -557,7 +590,7 @@ async fn apply(
     if !errors.is_empty() {
         return Err(report(&errors));
     }
-    let payload = to_yaml_stream(&manifests).context("cannot encode manifest")?;
+    let payload = to_yaml_stream(&manifests, &secrets).context("cannot encode manifest")?;
     let result = publish_apply(broker, tls, payload, timeout).await?;
     if output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&result)?);
@@ -566,6 +599,9 @@ async fn apply(
         return Err(report(&result.errors));
     }
     if output == Output::Table {
+        for (name, verdict) in &result.secrets {
+            println!("secret/{name} {verdict}");
+        }
         for (name, verdict) in &result.workloads {
             println!("workload/{name} {verdict}");
         }
@@ -714,6 +750,28 @@ fn print_devices(devices: &[DeviceView], output: Output) -> anyhow::Result<()> {
                 "<none>".into()
             } else {
                 labels.join(",")
+            },
+        ]);
+    }
+    print!("{t}");
+    Ok(())
+}
+
+fn print_secrets(secrets: &[SecretView], output: Output) -> anyhow::Result<()> {
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(secrets)?);
+        return Ok(());
+    }
+    let mut t = Table::new(&["NAME", "KEYS", "VERSION", "USED BY"]);
+    for s in secrets {
+        t.row(vec![
+            s.name.clone(),
+            s.keys.join(","),
+            s.version.clone(),
+            if s.used_by.is_empty() {
+                "-".into()
+            } else {
+                s.used_by.join(",")
             },
         ]);
     }

@@ -24,7 +24,7 @@ use crate::volumes::Swept;
 use crate::wasm::WasmRuntime;
 use shoal_api::discovery::{self, AgentAd};
 use shoal_api::endpoint::BrokerUrl;
-use shoal_api::ids::{DeviceId, WorkloadName};
+use shoal_api::ids::{DeviceId, SecretName, WorkloadName};
 use shoal_api::messages::{
     now_ms, DesiredState, DesiredWorkload, DeviceStatus, Hello, InstanceStatus, Phase,
 };
@@ -116,6 +116,8 @@ pub enum AgentError {
     NoBroker,
     #[error(transparent)]
     Enroll(#[from] crate::enroll::EnrollError),
+    #[error("secrets directory: {0}")]
+    Secrets(String),
 }
 
 /// Runs the agent until `shutdown` is cancelled.
@@ -238,6 +240,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
 
     let (up_tx, up_rx) = mpsc::channel(256);
     let (gone_tx, gone_rx) = mpsc::channel(64);
+    // Opened secrets do not outlive the agent: re-opened from the sealed desired state.
+    let secrets = crate::secrets::SecretFiles::new(&config.data_dir);
+    secrets.reset().map_err(AgentError::Secrets)?;
     let shared = Shared {
         runtime: Arc::new(runtime),
         containers: containers.clone(),
@@ -245,6 +250,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         source: fetcher,
         logs_dir: config.data_dir.join("logs"),
         volumes: crate::volumes::Volumes::new(config.data_dir.join("volumes")),
+        secrets,
         updates: up_tx,
         http: crate::http_client(reqwest::Client::builder()).unwrap_or_default(),
         hub_http: hub_http_rx,
@@ -252,6 +258,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let mut agent = Agent {
         hello: hello(&config, containers.is_some()),
         directory: directory(&config),
+        device_key: identity
+            .as_ref()
+            .map(|i| shoal_pki::device::key_file(&i.dir)),
         hub_key: identity.map(|i| i.hub_key),
         hubs_browsed,
         files: ServiceFiles::new(&config.data_dir),
@@ -411,9 +420,21 @@ struct HubState {
     ignored: BTreeSet<String>,
 }
 
+/// The (secret, version) pairs a replica runs with.
+fn secret_refs(w: &DesiredWorkload) -> BTreeSet<(SecretName, String)> {
+    w.secrets
+        .iter()
+        .map(|m| (m.mount.name.clone(), m.version.clone()))
+        .collect()
+}
+
 struct Replica {
     workload: WorkloadName,
     revision: String,
+    /// The secret versions it runs with ([`crate::plan::secret_versions`]) and, for the
+    /// sweep, as pairs.
+    secrets: String,
+    secret_refs: BTreeSet<(SecretName, String)>,
     /// The container's id when it runs the container variant (its stop may take a grace
     /// period).
     container: Option<String>,
@@ -458,6 +479,9 @@ struct Agent<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> {
     hubs_browsed: bool,
     /// The hub's signing key; `None` for an `--insecure` agent (nothing to verify with).
     hub_key: Option<shoal_pki::sign::HubKey>,
+    /// The device's private key, which opens the secrets sealed to it; `None` for an
+    /// `--insecure` agent.
+    device_key: Option<PathBuf>,
     hub: HubState,
     /// Service adverts of this device's running replicas: instance name → mDNS full name.
     advertised: BTreeMap<String, String>,
@@ -478,10 +502,42 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
                 replicas = d.workloads.len(),
                 "resuming persisted desired state"
             );
+            self.open_secrets(&d);
             self.desired = Some(d);
             self.reconcile().await;
         }
         Ok(())
+    }
+
+    /// Opens the secrets sealed in `d` that are not on disk yet. One that cannot be opened
+    /// is logged (never its value); the replicas that need it fail with that said.
+    fn open_secrets(&self, d: &DesiredState) {
+        let failed = self.shared.secrets.open_all(
+            self.config.device_id.as_str(),
+            self.device_key.as_deref(),
+            &d.secrets,
+        );
+        for (secret, reason) in failed {
+            warn!(%secret, %reason, "cannot open secret");
+        }
+    }
+
+    /// Removes opened secrets that neither the desired state nor a running replica uses.
+    fn sweep_secrets(&self) {
+        let Some(desired) = &self.desired else {
+            return;
+        };
+        let keep: BTreeSet<(SecretName, String)> = desired
+            .workloads
+            .iter()
+            .flat_map(secret_refs)
+            .chain(
+                self.replicas
+                    .values()
+                    .flat_map(|r| r.secret_refs.iter().cloned()),
+            )
+            .collect();
+        self.shared.secrets.sweep(&keep);
     }
 
     async fn main_loop(
@@ -817,6 +873,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
             replicas = d.workloads.len(),
             "desired state accepted"
         );
+        self.open_secrets(&d);
         self.desired = Some(d);
         self.reconcile().await;
     }
@@ -833,6 +890,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
                     k.clone(),
                     Observed {
                         revision: r.revision.clone(),
+                        secrets: r.secrets.clone(),
                     },
                 )
             })
@@ -858,6 +916,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         }
         self.refresh_services();
         self.sweep_volumes();
+        self.sweep_secrets();
         self.publish_status().await;
     }
 
@@ -914,6 +973,8 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         info!(%instance, revision = %w.revision, "starting replica");
         let revision = w.revision.clone();
         let workload = w.name.clone();
+        let secrets = crate::plan::secret_versions(&w);
+        let secret_refs = secret_refs(&w);
         let container = w.container.is_some().then(|| supervisor::container_id(&w));
         let network = self.network(&w);
         let handle = self.tracker.spawn(supervisor::supervise(
@@ -929,6 +990,8 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
             Replica {
                 workload,
                 revision,
+                secrets,
+                secret_refs,
                 container,
                 task,
                 cancel,

@@ -129,8 +129,9 @@ pub fn runtime_spec(
         spec.set_root(Some(root));
     }
     // Volumes: read-write bind mounts (writable under a read-only root; runc creates the
-    // mount point before it makes the root read-only). Private propagation: nothing mounted
-    // inside leaks back to the device; no set-uid programs or device files from them.
+    // mount point before it makes the root read-only); secrets: read-only ones. Private
+    // propagation: nothing mounted inside leaks back to the device; no set-uid programs or
+    // device files from them.
     let mut mounts = spec.mounts().clone().unwrap_or_default();
     for m in &run.mounts {
         mounts.push(
@@ -143,7 +144,7 @@ pub fn runtime_spec(
                     "rprivate".into(),
                     "nosuid".into(),
                     "nodev".into(),
-                    "rw".into(),
+                    if m.read_only { "ro" } else { "rw" }.into(),
                 ])
                 .build()
                 .map_err(|e| e.to_string())?,
@@ -1220,6 +1221,7 @@ mod tests {
             mounts: vec![crate::runtime::Mount {
                 host: "/var/lib/shoal/volumes/web/data".into(),
                 guest: "/data".into(),
+                read_only: false,
             }],
             log_path: "/l".into(),
             log_max_bytes: 1 << 20,

@@ -12,6 +12,7 @@ pub mod local;
 pub mod logs;
 pub mod plan;
 pub mod runtime;
+pub mod secrets;
 pub mod services;
 pub mod store;
 pub mod supervisor;

@@ -10,9 +10,20 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 /// What the agent knows about a replica it supervises.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Observed {
     pub revision: String,
+    /// The versions of the secrets it runs with ([`secret_versions`]).
+    pub secrets: String,
+}
+
+/// The secret versions a replica runs with, as one comparable string (`name@version,…`).
+pub fn secret_versions(w: &DesiredWorkload) -> String {
+    w.secrets
+        .iter()
+        .map(|m| format!("{}@{}", m.mount.name, m.version))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,7 +32,8 @@ pub enum Action {
     Start(DesiredWorkload),
     /// Stop the replica with this instance name and forget it.
     Stop(String),
-    /// The replica's revision changed: stop the old one, then start this.
+    /// The replica's revision (or a secret's version) changed: stop the old one, then start
+    /// this.
     Replace(DesiredWorkload),
 }
 
@@ -37,7 +49,10 @@ pub fn plan(desired: &[DesiredWorkload], observed: &BTreeMap<String, Observed>) 
     for d in desired {
         match observed.get(&d.instance()) {
             None => actions.push(Action::Start(d.clone())),
-            Some(o) if o.revision != d.revision => actions.push(Action::Replace(d.clone())),
+            // A new revision, or a secret it uses changed: run it again.
+            Some(o) if o.revision != d.revision || o.secrets != secret_versions(d) => {
+                actions.push(Action::Replace(d.clone()))
+            }
             Some(_) => {}
         }
     }
@@ -118,6 +133,7 @@ mod tests {
             volumes: vec![],
             network: vec![],
             limits: Default::default(),
+            secrets: Default::default(),
         }
     }
 
@@ -129,6 +145,7 @@ mod tests {
                     i.to_string(),
                     Observed {
                         revision: r.to_string(),
+                        ..Default::default()
                     },
                 )
             })
@@ -187,6 +204,42 @@ mod tests {
     }
 
     #[test]
+    fn a_new_secret_version_replaces_the_replica() {
+        let with = |version: &str| {
+            let mut d = dw("a", 0, "r1");
+            d.secrets = vec![shoal_api::secret::DesiredSecretMount {
+                mount: shoal_api::secret::SecretMount {
+                    name: shoal_api::ids::SecretName::try_from("db").unwrap(),
+                    path: Some("/run/secrets/db".into()),
+                    env: Default::default(),
+                },
+                version: version.into(),
+            }];
+            d
+        };
+        let running = |d: &DesiredWorkload| {
+            BTreeMap::from([(
+                d.instance(),
+                Observed {
+                    revision: d.revision.clone(),
+                    secrets: secret_versions(d),
+                },
+            )])
+        };
+        assert_eq!(secret_versions(&with("v1")), "db@v1");
+        assert!(plan(&[with("v1")], &running(&with("v1"))).is_empty());
+        assert_eq!(
+            plan(&[with("v2")], &running(&with("v1"))),
+            vec![Action::Replace(with("v2"))]
+        );
+        // Adding a secret reference changes the revision anyway; dropping the last one too.
+        assert_eq!(
+            plan(&[dw("a", 0, "r1")], &running(&with("v1"))),
+            vec![Action::Replace(dw("a", 0, "r1"))]
+        );
+    }
+
+    #[test]
     fn backoff_grows_and_caps() {
         let r = dw("a", 0, "r").restart;
         let delays: Vec<u64> = (0..6)
@@ -229,13 +282,13 @@ mod tests {
                 desired_set.iter().map(|(i, r)| dw("w", *i, &format!("r{r}"))).collect();
             let mut observed: BTreeMap<String, Observed> = observed_set
                 .iter()
-                .map(|(i, r)| (format!("w-{i}"), Observed { revision: format!("r{r}") }))
+                .map(|(i, r)| (format!("w-{i}"), Observed { revision: format!("r{r}"), ..Default::default() }))
                 .collect();
             for a in plan(&desired, &observed) {
                 match a {
                     Action::Stop(i) => { observed.remove(&i); }
                     Action::Start(d) | Action::Replace(d) => {
-                        observed.insert(d.instance(), Observed { revision: d.revision.clone() });
+                        observed.insert(d.instance(), Observed { revision: d.revision.clone(), ..Default::default() });
                     }
                 }
             }

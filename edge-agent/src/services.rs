@@ -227,6 +227,7 @@ mod tests {
             volumes: vec![],
             network: vec![],
             limits: Default::default(),
+            secrets: Default::default(),
         }
     }
 

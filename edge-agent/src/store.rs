@@ -98,6 +98,7 @@ mod tests {
             artifact_base: "http://h".into(),
             artifact_port: None,
             workloads: vec![],
+            secrets: vec![],
         };
         SledStore::open(dir.path())
             .unwrap()

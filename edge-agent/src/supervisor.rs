@@ -47,6 +47,8 @@ pub struct Shared<R, F> {
     pub logs_dir: PathBuf,
     /// Where `spec.volumes` live.
     pub volumes: Volumes,
+    /// Where opened secrets live.
+    pub secrets: crate::secrets::SecretFiles,
     pub updates: mpsc::Sender<Update>,
     /// For HTTP health probes.
     pub http: reqwest::Client,
@@ -64,6 +66,7 @@ impl<R, F: Clone> Clone for Shared<R, F> {
             source: self.source.clone(),
             logs_dir: self.logs_dir.clone(),
             volumes: self.volumes.clone(),
+            secrets: self.secrets.clone(),
             updates: self.updates.clone(),
             http: self.http.clone(),
             hub_http: self.hub_http.clone(),
@@ -243,8 +246,18 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
             }
         };
 
-        let mounts = match shared.volumes.prepare(&desired.name, &desired.volumes) {
-            Ok(m) => m,
+        let prepared = shared
+            .volumes
+            .prepare(&desired.name, &desired.volumes)
+            .and_then(|mut mounts| {
+                let (secret_mounts, secret_env) = shared.secrets.for_run(&desired.secrets)?;
+                mounts.extend(secret_mounts);
+                let mut env = desired.env.clone();
+                env.extend(secret_env);
+                Ok((mounts, env))
+            });
+        let (mounts, env) = match prepared {
+            Ok(x) => x,
             Err(e) => {
                 log.system(&format!("cannot start: {e}"));
                 r.phase(Phase::Failed, Some(e)).await;
@@ -255,7 +268,7 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
         let spec = RunSpec {
             instance: instance.clone(),
             args: desired.args.clone(),
-            env: desired.env.clone(),
+            env: env.clone(),
             memory_limit: desired.resources.memory,
             cpu_millis: desired.resources.cpu,
             network,
@@ -268,7 +281,7 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
             id: container_id(&desired),
             command: c.command.clone(),
             args: desired.args.clone(),
-            env: desired.env.clone(),
+            env,
             memory_limit: desired.resources.memory,
             cpu_millis: desired.resources.cpu,
             read_only_root: c.read_only_root,
@@ -486,6 +499,7 @@ mod tests {
             volumes: vec![],
             network: vec![],
             limits: Default::default(),
+            secrets: Default::default(),
         }
     }
 
@@ -506,6 +520,7 @@ mod tests {
             source: FakeSource,
             logs_dir: dir.path().to_path_buf(),
             volumes: Volumes::new(dir.path().join("volumes")),
+            secrets: crate::secrets::SecretFiles::new(dir.path()),
             updates: tx,
             http: crate::http_client(reqwest::Client::builder()).unwrap_or_default(),
             hub_http: watch::channel(None).1,
@@ -655,6 +670,7 @@ mod tests {
             source: FakeSource,
             logs_dir: dir.path().to_path_buf(),
             volumes: Volumes::new(dir.path().join("volumes")),
+            secrets: crate::secrets::SecretFiles::new(dir.path()),
             updates: tx,
             http: crate::http_client(reqwest::Client::builder()).unwrap_or_default(),
             hub_http: watch::channel(None).1,
@@ -723,6 +739,7 @@ mod tests {
             source: FakeSource,
             logs_dir: dir.path().to_path_buf(),
             volumes: Volumes::new(dir.path().join("volumes")),
+            secrets: crate::secrets::SecretFiles::new(dir.path()),
             updates: tx,
             http: crate::http_client(reqwest::Client::builder()).unwrap_or_default(),
             hub_http: watch::channel(None).1,

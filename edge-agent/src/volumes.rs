@@ -21,6 +21,8 @@ pub struct Mount {
     pub host: PathBuf,
     /// Where the workload sees it.
     pub guest: String,
+    /// Read-only for the workload (secrets); volumes are read-write.
+    pub read_only: bool,
 }
 
 /// Marks a workload's volume directory as orphaned since a time (ms since the epoch).
@@ -84,6 +86,7 @@ impl Volumes {
                 Ok(Mount {
                     host,
                     guest: v.path.clone(),
+                    read_only: false,
                 })
             })
             .collect()

@@ -968,9 +968,14 @@ fn wasi_builder(
             .map_err(|e| format!("cannot open services directory {}: {e}", dir.display()))?;
     }
     for m in &spec.mounts {
+        let perms = if m.read_only {
+            wasmtime_wasi::FsPerms::ReadOnly
+        } else {
+            wasmtime_wasi::FsPerms::ReadWrite
+        };
         builder
-            .preopened_dir(&m.host, &m.guest, wasmtime_wasi::FsPerms::ReadWrite)
-            .map_err(|e| format!("cannot open volume {}: {e}", m.host.display()))?;
+            .preopened_dir(&m.host, &m.guest, perms)
+            .map_err(|e| format!("cannot open {}: {e}", m.host.display()))?;
     }
     // TCP only for what the manifest declares: listening on its own ports, connecting to the
     // current endpoints of the services it uses and to `spec.network.allow`. Everything else
@@ -1501,6 +1506,7 @@ mod tests {
         s.mounts = vec![crate::runtime::Mount {
             host: vol.clone(),
             guest: "/data".into(),
+            read_only: false,
         }];
         for want in ["count 1", "count 2"] {
             let (exit, log) = run_to_end(&fx, module.clone(), s.clone()).await;

@@ -102,6 +102,7 @@ fn workloads(count: usize, replicas_each: u32) -> Vec<Workload> {
                 volumes: vec![],
                 network: vec![],
                 limits: Default::default(),
+                secrets: Default::default(),
             }
         })
         .collect()

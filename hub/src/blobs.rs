@@ -103,6 +103,7 @@ impl BlobStore {
         for (doc, w) in workloads {
             let err = |message: String| ManifestError {
                 document: *doc,
+                kind: None,
                 workload: Some(w.name.to_string()),
                 message,
             };

@@ -7,10 +7,11 @@
 
 use crate::rollout::{self, Observed, Outcome, Record, Rollout, RolloutState};
 use crate::scheduler::{self, Assignments, DeviceView as SchedDevice, Schedule};
-use crate::store::{DeviceRecord, Store, StoreError};
-use shoal_api::ids::{DeviceId, WorkloadName};
+use crate::store::{DeviceRecord, Store, StoreError, StoredSecret};
+use shoal_api::ids::{DeviceId, SecretName, WorkloadName};
+use shoal_api::manifest::ManifestError;
 use shoal_api::messages::{now_ms, DesiredState, DesiredWorkload, DeviceStatus, Hello, Phase};
-use shoal_api::views::{DeviceView, ReplicaView, WorkloadView};
+use shoal_api::views::{DeviceView, ReplicaView, SecretView, WorkloadView};
 use shoal_api::workload::{Placement, Workload};
 use std::collections::{BTreeMap, BTreeSet};
 use tracing::{info, info_span};
@@ -43,6 +44,8 @@ pub struct HubCore<S: Store> {
     mdns: BTreeMap<String, (DeviceId, Vec<std::net::IpAddr>)>,
     /// Per workload: its rollout and revision history (persisted).
     rollouts: BTreeMap<WorkloadName, Record>,
+    /// Secrets: names, keys and versions; values only encrypted (persisted).
+    secrets: BTreeMap<SecretName, StoredSecret>,
 }
 
 /// What `shoal rollout ACTION` asks for.
@@ -59,8 +62,16 @@ pub enum RolloutAction {
     },
 }
 
-/// What happened to each workload of an accepted apply.
+/// What happened to each workload (or secret) of an accepted apply.
 pub type ApplyOutcome = BTreeMap<String, String>;
+
+/// Why a secret cannot be deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretRefusal {
+    NotFound,
+    /// These workloads use it.
+    InUse(Vec<String>),
+}
 
 /// `spec` (an earlier revision) with what is not part of a revision (how many replicas,
 /// where, how updates roll, labels) taken from `current`: going back to a revision changes
@@ -93,6 +104,7 @@ impl<S: Store> HubCore<S> {
             desired: snap.desired,
             mdns: BTreeMap::new(),
             rollouts: snap.rollouts,
+            secrets: snap.secrets,
         };
         // Recompute pending reasons; assignments are stable, so this changes nothing placed.
         core.schedule = core.place();
@@ -808,7 +820,15 @@ impl<S: Store> HubCore<S> {
                 }) else {
                     continue;
                 };
-                if let Some(dw) = DesiredWorkload::from_workload(spec, replica, variant) {
+                if let Some(mut dw) = DesiredWorkload::from_workload(spec, replica, variant) {
+                    // A new version of a secret restarts the replicas that use it.
+                    for m in &mut dw.secrets {
+                        m.version = self
+                            .secrets
+                            .get(&m.mount.name)
+                            .map(|s| s.version.clone())
+                            .unwrap_or_default();
+                    }
                     per_device.entry(dev.clone()).or_default().push(dw);
                 }
             }
@@ -843,6 +863,8 @@ impl<S: Store> HubCore<S> {
             artifact_base: self.artifact_base.clone(),
             artifact_port: self.artifact_port,
             workloads,
+            // Sealed per device when published (see `crate::server`).
+            secrets: Vec::new(),
         };
         // Callers flush once for all the devices they change (before publishing).
         self.store.put_desired(&d)?;
@@ -917,6 +939,164 @@ impl<S: Store> HubCore<S> {
                 }
             })
             .collect()
+    }
+
+    /// What is wrong with the secrets of an apply: references (`spec.secrets`) of its
+    /// `workloads` to secrets that neither the apply (`incoming`) nor the hub has, or to keys
+    /// they lack; and keys an incoming secret drops that a stored workload outside the apply
+    /// still reads. Each error is located by document.
+    pub fn check_secrets(
+        &self,
+        workloads: &[(usize, &Workload)],
+        incoming: &[(usize, &StoredSecret)],
+    ) -> Vec<ManifestError> {
+        let mut errors = Vec::new();
+        let mut seen = BTreeMap::new();
+        for (n, s) in incoming {
+            if let Some(first) = seen.insert(s.name.clone(), *n) {
+                errors.push(ManifestError::secret(
+                    *n,
+                    Some(s.name.to_string()),
+                    format!(
+                        "metadata.name {:?} is duplicated: already defined in document {first}",
+                        s.name.as_str()
+                    ),
+                ));
+            }
+        }
+        let keys_of = |name: &SecretName| {
+            incoming
+                .iter()
+                .map(|(_, s)| *s)
+                .chain(self.secrets.get(name))
+                .find(|s| &s.name == name)
+                .map(|s| s.keys.clone())
+        };
+        for (n, w) in workloads {
+            for message in shoal_api::secret::unresolved(&w.secrets, keys_of) {
+                errors.push(ManifestError {
+                    document: *n,
+                    workload: Some(w.name.to_string()),
+                    kind: None,
+                    message,
+                });
+            }
+        }
+        let applied: BTreeSet<&WorkloadName> = workloads.iter().map(|(_, w)| &w.name).collect();
+        for (n, s) in incoming {
+            for w in self
+                .workloads
+                .values()
+                .filter(|w| !applied.contains(&w.name))
+            {
+                for m in w.secrets.iter().filter(|m| m.name == s.name) {
+                    for (var, key) in &m.env {
+                        if !s.keys.contains(key) {
+                            errors.push(ManifestError::secret(
+                                *n,
+                                Some(s.name.to_string()),
+                                format!(
+                                    "key {key:?} is missing, but workload {:?} reads it (spec.secrets env {var}): keep the key or change the workload in the same apply",
+                                    w.name.as_str()
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        errors
+    }
+
+    /// Stores secrets (created, configured or unchanged); the [`Self::apply`] that follows
+    /// reconciles, which hands new versions to the replicas that use them.
+    pub fn apply_secrets(
+        &mut self,
+        secrets: Vec<StoredSecret>,
+    ) -> Result<ApplyOutcome, StoreError> {
+        let mut outcome = ApplyOutcome::new();
+        for s in secrets {
+            let verdict = match self.secrets.get(&s.name) {
+                None => "created",
+                Some(old) if old.version == s.version && old.keys == s.keys => "unchanged",
+                Some(_) => "configured",
+            };
+            if verdict != "unchanged" {
+                self.store.put_secret(&s.name, Some(&s))?;
+                info!(secret = %s.name, version = %s.version, verdict, "secret stored");
+                self.secrets.insert(s.name.clone(), s.clone());
+            }
+            outcome.insert(s.name.to_string(), verdict.to_string());
+        }
+        Ok(outcome)
+    }
+
+    /// Deletes a secret no workload uses. `Ok(Err(why))`: not found, or still in use (by a
+    /// workload's spec or a revision a rollout still runs).
+    pub fn delete_secret(
+        &mut self,
+        name: &SecretName,
+    ) -> Result<Result<(), SecretRefusal>, StoreError> {
+        if !self.secrets.contains_key(name) {
+            return Ok(Err(SecretRefusal::NotFound));
+        }
+        let uses = |w: &Workload| w.secrets.iter().any(|m| &m.name == name);
+        let users: BTreeSet<String> = self
+            .workloads
+            .values()
+            .filter(|w| uses(w))
+            .chain(
+                self.rollouts
+                    .values()
+                    .filter_map(|r| r.rollout.as_ref())
+                    .filter_map(|r| r.previous.as_ref())
+                    .filter(|w| uses(w)),
+            )
+            .map(|w| w.name.to_string())
+            .collect();
+        if !users.is_empty() {
+            return Ok(Err(SecretRefusal::InUse(users.into_iter().collect())));
+        }
+        self.store.put_secret(name, None)?;
+        self.secrets.remove(name);
+        info!(secret = %name, "secret deleted");
+        Ok(Ok(()))
+    }
+
+    /// A stored secret (its values encrypted), for sealing to devices.
+    pub fn secret(&self, name: &SecretName) -> Option<&StoredSecret> {
+        self.secrets.get(name)
+    }
+
+    /// `shoal get secrets`: names, keys, versions and users; never values.
+    pub fn secret_views(&self) -> Vec<SecretView> {
+        self.secrets
+            .values()
+            .map(|s| SecretView {
+                name: s.name.to_string(),
+                keys: s.keys.clone(),
+                version: s.version.clone(),
+                used_by: self
+                    .workloads
+                    .values()
+                    .filter(|w| w.secrets.iter().any(|m| m.name == s.name))
+                    .map(|w| w.name.to_string())
+                    .collect(),
+                updated_ms: s.updated_ms,
+            })
+            .collect()
+    }
+
+    /// The device's desired state again under a new generation, so that it is sealed anew
+    /// (a device that enrolled again has a new key and cannot open what was sealed before).
+    pub fn reissue(&mut self, dev: &DeviceId) -> Result<Option<DesiredState>, StoreError> {
+        match self.desired.get(dev) {
+            Some(d) => {
+                let workloads = d.workloads.clone();
+                self.bump(dev, workloads).map(Some)
+            }
+            None => Ok(None),
+        }
     }
 
     pub fn workload_views(&self) -> Vec<WorkloadView> {
@@ -1145,6 +1325,13 @@ spec:
         }
         fn put_rollout(&self, name: &WorkloadName, r: Option<&Record>) -> Result<(), StoreError> {
             self.0.put_rollout(name, r)
+        }
+        fn put_secret(
+            &self,
+            name: &SecretName,
+            s: Option<&StoredSecret>,
+        ) -> Result<(), StoreError> {
+            self.0.put_secret(name, s)
         }
         fn flush(&self) -> Result<(), StoreError> {
             Ok(())
@@ -1593,6 +1780,108 @@ spec:
             .cordon(&"nope".parse().unwrap(), true)
             .unwrap()
             .is_none());
+    }
+
+    fn stored(name: &str, keys: &[&str], version: &str) -> StoredSecret {
+        StoredSecret {
+            name: SecretName::try_from(name).unwrap(),
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+            version: version.into(),
+            encrypted: "opaque".into(),
+            updated_ms: 1,
+        }
+    }
+
+    #[test]
+    fn secrets_are_checked_versioned_and_kept_while_used() {
+        let mut hub = HubCore::open(MemStore::default(), "http://h".into()).unwrap();
+        hub.hello(hello("a", &[("role", "sensor")])).unwrap();
+        hub.hello(hello("b", &[])).unwrap();
+        let uses = parse_workloads(
+            r#"
+apiVersion: shoal.dev/v1
+kind: Workload
+metadata: { name: sensor }
+spec:
+  placement: every
+  selector: { role: sensor }
+  wasm: { module: "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad" }
+  secrets: [{ name: db, env: { PASS: password } }]
+"#,
+        )
+        .unwrap();
+        let located: Vec<(usize, &Workload)> = uses.iter().map(|w| (1, w)).collect();
+        // Missing secret, then a secret without the key the workload reads.
+        let errs = hub.check_secrets(&located, &[]);
+        assert!(
+            errs[0].message.contains("secret \"db\" does not exist"),
+            "{errs:?}"
+        );
+        let wrong = stored("db", &["user"], "01");
+        let errs = hub.check_secrets(&located, &[(2, &wrong)]);
+        assert!(
+            errs[0].message.contains("has no key \"password\""),
+            "{errs:?}"
+        );
+        let v1 = stored("db", &["password"], "01");
+        assert!(hub.check_secrets(&located, &[(2, &v1)]).is_empty());
+        assert_eq!(
+            hub.apply_secrets(vec![v1.clone()]).unwrap()["db"],
+            "created"
+        );
+        let (_, publish) = hub.apply(uses.clone()).unwrap();
+        // Only the device that runs the workload is told about the secret, at its version.
+        assert_eq!(publish.len(), 1);
+        assert_eq!(publish[0].device_id.as_str(), "a");
+        assert_eq!(publish[0].workloads[0].secrets[0].version, "01");
+        assert!(
+            publish[0].secrets.is_empty(),
+            "values are sealed by the server"
+        );
+        let gen = publish[0].generation;
+
+        // The same content again: unchanged, nothing published.
+        assert_eq!(
+            hub.apply_secrets(vec![v1.clone()]).unwrap()["db"],
+            "unchanged"
+        );
+        assert!(hub.apply(vec![]).unwrap().1.is_empty());
+        // New content: a new version reaches device a under a new generation.
+        let v2 = stored("db", &["password"], "02");
+        assert_eq!(hub.apply_secrets(vec![v2]).unwrap()["db"], "configured");
+        let (_, publish) = hub.apply(vec![]).unwrap();
+        assert_eq!(publish.len(), 1);
+        assert_eq!(publish[0].workloads[0].secrets[0].version, "02");
+        assert!(publish[0].generation > gen);
+        // Dropping the key the stored workload reads is refused.
+        let errs = hub.check_secrets(&[], &[(1, &stored("db", &["user"], "03"))]);
+        assert!(
+            errs[0].message.contains("workload \"sensor\" reads it"),
+            "{errs:?}"
+        );
+        // Two definitions in one apply are refused.
+        let errs = hub.check_secrets(&[], &[(1, &v1), (2, &v1)]);
+        assert!(errs[0].message.contains("duplicated"), "{errs:?}");
+
+        // In use: not deleted; unused: deleted; gone: not found. Views never hold values.
+        let db = SecretName::try_from("db").unwrap();
+        assert_eq!(
+            hub.delete_secret(&db).unwrap(),
+            Err(SecretRefusal::InUse(vec!["sensor".into()]))
+        );
+        let view = &hub.secret_views()[0];
+        assert_eq!(
+            (view.keys.clone(), view.used_by.clone()),
+            (vec!["password".to_string()], vec!["sensor".to_string()])
+        );
+        hub.delete(&WorkloadName::try_from("sensor").unwrap())
+            .unwrap();
+        assert_eq!(hub.delete_secret(&db).unwrap(), Ok(()));
+        assert_eq!(
+            hub.delete_secret(&db).unwrap(),
+            Err(SecretRefusal::NotFound)
+        );
+        assert!(hub.secret_views().is_empty());
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! | `POST /v1/workloads/{name}/rollout/{pause,resume,promote,undo}` | steer a rollout |
 //! | `POST /v1/workloads/{name}/scale` | body `{"replicas": N}` |
 //! | `POST /v1/apply` | manifest text → `ApplyResult` (same path as an MQTT apply) |
+//! | `GET /v1/secrets` | `[SecretView]`: names, keys, versions, users; never values |
+//! | `DELETE /v1/secrets/{name}` | delete a secret no workload uses (409 otherwise) |
 //! | `POST /v1/blobs` | upload bytes → `BlobRef` |
 //! | `GET /v1/blobs/{digest}` | download a blob |
 //! | `GET /metrics` | Prometheus text |
@@ -37,10 +39,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use prometheus_client::registry::Registry;
 use shoal_api::acl::Identity;
-use shoal_api::ids::{DeviceId, Digest, WorkloadName};
+use shoal_api::ids::{DeviceId, Digest, SecretName, WorkloadName};
 use shoal_api::messages::ApplyResult;
 use shoal_api::views::{
-    ApiError, BlobRef, DeviceView, EnrollRequest, Enrolled, RenewRequest, WorkloadView,
+    ApiError, BlobRef, DeviceView, EnrollRequest, Enrolled, RenewRequest, SecretView, WorkloadView,
 };
 use shoal_pki::token::JoinToken;
 use std::sync::Arc;
@@ -68,6 +70,16 @@ pub enum Request {
     Devices {
         reply: oneshot::Sender<Vec<DeviceView>>,
     },
+    Secrets {
+        reply: oneshot::Sender<Vec<SecretView>>,
+    },
+    /// `Err((HTTP status, message))`.
+    DeleteSecret {
+        name: SecretName,
+        reply: oneshot::Sender<Result<(), (u16, String)>>,
+    },
+    /// A device enrolled (perhaps again, with a new key).
+    Enrolled { device: DeviceId },
     Workloads {
         reply: oneshot::Sender<Vec<WorkloadView>>,
     },
@@ -209,6 +221,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/workloads", get(workloads))
         .route("/v1/workloads/{name}", get(workload).delete(delete))
         .route("/v1/apply", post(apply))
+        .route("/v1/secrets", get(secrets))
+        .route("/v1/secrets/{name}", axum::routing::delete(delete_secret))
         .route("/v1/blobs", post(put_blob))
         .route("/v1/blobs/{digest}", get(get_blob))
         .layer(DefaultBodyLimit::max(MAX_BLOB))
@@ -356,6 +370,8 @@ async fn enroll(State(s): State<AppState>, Json(req): Json<EnrollRequest>) -> Re
         .await
         .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
         tracing::info!(device = %device, token = %token.id, "device enrolled");
+        // Best effort: a full queue only delays the re-sealing to the next change.
+        let _ = s.requests.try_send(Request::Enrolled { device });
         Ok(out)
     };
     match r.await {
@@ -604,6 +620,33 @@ async fn workload(State(s): State<AppState>, Path(name): Path<String>) -> Respon
         Ok(None) => error(
             StatusCode::NOT_FOUND,
             format!("workload {:?} not found", name.as_str()),
+        ),
+        Err(f) => f.into_response(),
+    }
+}
+
+async fn secrets(State(s): State<AppState>) -> Response {
+    match ask(&s, |reply| Request::Secrets { reply }).await {
+        Ok(v) => Json(v).into_response(),
+        Err(f) => f.into_response(),
+    }
+}
+
+async fn delete_secret(State(s): State<AppState>, Path(name): Path<String>) -> Response {
+    let name = match SecretName::try_from(name.as_str()) {
+        Ok(n) => n,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    match ask(&s, |reply| Request::DeleteSecret {
+        name: name.clone(),
+        reply,
+    })
+    .await
+    {
+        Ok(Ok(())) => Json(serde_json::json!({ "deleted": name.as_str() })).into_response(),
+        Ok(Err((code, why))) => error(
+            StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            why,
         ),
         Err(f) => f.into_response(),
     }

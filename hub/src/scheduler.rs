@@ -662,6 +662,7 @@ mod tests {
             volumes: vec![],
             network: vec![],
             limits: Default::default(),
+            secrets: Default::default(),
         }
     }
 

@@ -21,6 +21,12 @@ pub fn operator_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("operator")
 }
 
+/// The hub's key for secrets at rest (`DATA_DIR/pki/secrets.key`). Used with `--insecure`
+/// too: secrets stay encrypted in the store whatever the transport.
+pub fn secrets_key(data_dir: &Path) -> Result<shoal_pki::secret::SecretsKey, PkiError> {
+    shoal_pki::secret::SecretsKey::load_or_create(&pki_dir(data_dir).join("secrets.key"))
+}
+
 /// The hub's signing key (`DATA_DIR/pki/signing.key`).
 pub fn signer(data_dir: &Path) -> Result<HubSigner, PkiError> {
     HubSigner::load_or_create(&pki_dir(data_dir).join("signing.key"))
@@ -52,6 +58,11 @@ impl Security {
     /// is enrolled.
     fn record_path(&self, device: &shoal_api::ids::DeviceId) -> PathBuf {
         self.ca.dir().join("devices").join(format!("{device}.pem"))
+    }
+
+    /// The certificate `device` enrolled with (its key is what secrets are sealed to).
+    pub fn enrolled_cert(&self, device: &shoal_api::ids::DeviceId) -> Result<String, PkiError> {
+        shoal_pki::secret::read_cert(&self.record_path(device))
     }
 
     pub fn is_enrolled(&self, device: &shoal_api::ids::DeviceId) -> bool {

@@ -7,10 +7,10 @@
 
 use crate::blobs::BlobStore;
 use crate::bus::{self, Bus, BusEvent, Outgoing};
-use crate::core::HubCore;
+use crate::core::{ApplyOutcome, HubCore, SecretRefusal};
 use crate::http::{self, AppState, DeviceAction, Request};
 use crate::metrics::{Metrics, PhaseLabel, ResultLabel};
-use crate::store::{SledStore, Store};
+use crate::store::{SledStore, Store, StoredSecret};
 use shoal_api::discovery::{self, AgentAd, HubAd, MqttEndpoint};
 use shoal_api::endpoint::BrokerUrl;
 use shoal_api::ids::DeviceId;
@@ -19,6 +19,7 @@ use shoal_api::messages::{now_ms, ApplyResult, DesiredState, DeviceStatus, Hello
 use shoal_api::topics::{self, Inbound};
 use shoal_api::workload::validate_all;
 use shoal_daemon::mdns::{Advert, Discovery, Mdns, MdnsEvent, MdnsOptions};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -125,6 +126,7 @@ async fn serve(
     let store = SledStore::open(&config.data_dir)?;
     let blobs = Arc::new(BlobStore::open(&config.data_dir)?);
     let signer = crate::security::signer(&config.data_dir)?;
+    let secrets_key = crate::security::secrets_key(&config.data_dir)?;
     let security = if config.insecure {
         warn!("--insecure: MQTT and HTTP in the clear, no client certificates, no topic ACL; for local development only");
         None
@@ -266,6 +268,8 @@ async fn serve(
         rollout_due: false,
         outbox: Vec::new(),
         signer,
+        secrets_key,
+        security: security.clone(),
     };
     main.run(bus_rx, req_rx, mdns_rx, shutdown).await;
     if let Some(m) = mdns {
@@ -378,6 +382,10 @@ struct MainLoop<S: Store, B: Bus> {
     rollout_due: bool,
     /// Signs every desired state before it is published.
     signer: shoal_pki::sign::HubSigner,
+    /// Encrypts secrets at rest.
+    secrets_key: shoal_pki::secret::SecretsKey,
+    /// Enrollment records: the device keys secrets are sealed to (`None`: `--insecure`).
+    security: Option<Arc<crate::security::Security>>,
 }
 
 impl<S: Store, B: Bus> MainLoop<S, B> {
@@ -650,6 +658,35 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 let r = self.published(done).await;
                 let _ = reply.send(r);
             }
+            Request::Secrets { reply } => {
+                let _ = reply.send(self.core.secret_views());
+            }
+            Request::DeleteSecret { name, reply } => {
+                let r = match self.core.delete_secret(&name) {
+                    Ok(Ok(())) => match self.core.flush() {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err((500, e.to_string())),
+                    },
+                    Ok(Err(SecretRefusal::NotFound)) => {
+                        Err((404, format!("secret {:?} not found", name.as_str())))
+                    }
+                    Ok(Err(SecretRefusal::InUse(users))) => Err((
+                        409,
+                        format!(
+                            "secret {:?} is used by workload(s) {}: change or delete them first",
+                            name.as_str(),
+                            users.join(", ")
+                        ),
+                    )),
+                    Err(e) => Err((500, e.to_string())),
+                };
+                let _ = reply.send(r);
+            }
+            Request::Enrolled { device } => {
+                // A device that enrolled again has a new key: seal its state anew.
+                let done = self.core.reissue(&device).map(|d| d.map(|d| vec![d]));
+                let _ = self.published(done).await;
+            }
             Request::RefreshMetrics { reply } => {
                 self.update_metrics();
                 let _ = reply.send(());
@@ -701,52 +738,22 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             request_id: req.clone(),
             accepted: false,
             workloads: Default::default(),
+            secrets: Default::default(),
             errors,
         };
-        let result = match parse_stream(text) {
+        let result = match self.try_apply(text).await {
+            Ok((workloads, secrets)) => ApplyResult {
+                protocol: shoal_api::PROTOCOL_VERSION,
+                request_id: req.clone(),
+                accepted: true,
+                workloads,
+                secrets,
+                errors: Vec::new(),
+            },
             Err(errors) => reject(errors),
-            Ok(docs) => {
-                let positions: Vec<usize> = docs.iter().map(|(n, _)| *n).collect();
-                match validate_all(docs) {
-                    Err(errors) => reject(errors),
-                    Ok(workloads) => {
-                        let located: Vec<(usize, &_)> =
-                            positions.iter().copied().zip(workloads.iter()).collect();
-                        let errors = self.blobs.check_modules(&located);
-                        if !errors.is_empty() {
-                            reject(errors)
-                        } else {
-                            match self.core.apply(workloads) {
-                                Ok((outcome, publish)) => {
-                                    if self.publish_desired(publish).await {
-                                        ApplyResult {
-                                            protocol: shoal_api::PROTOCOL_VERSION,
-                                            request_id: req.clone(),
-                                            accepted: true,
-                                            workloads: outcome,
-                                            errors: Vec::new(),
-                                        }
-                                    } else {
-                                        reject(vec![ManifestError {
-                                            document: 0,
-                                            workload: None,
-                                            message: NOT_DURABLE.to_string(),
-                                        }])
-                                    }
-                                }
-                                Err(e) => reject(vec![ManifestError {
-                                    document: 0,
-                                    workload: None,
-                                    message: format!("hub could not store the manifest: {e}"),
-                                }]),
-                            }
-                        }
-                    }
-                }
-            }
         };
         if result.accepted {
-            info!(workloads = ?result.workloads, "manifest accepted");
+            info!(workloads = ?result.workloads, secrets = ?result.secrets, "manifest accepted");
             self.metrics
                 .applies
                 .get_or_create(&ResultLabel {
@@ -766,8 +773,126 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         result
     }
 
+    /// Checks a manifest completely, then stores and publishes it; every error otherwise.
+    async fn try_apply(
+        &mut self,
+        text: &str,
+    ) -> Result<(ApplyOutcome, ApplyOutcome), Vec<ManifestError>> {
+        let stream = parse_stream(text)?;
+        let positions: Vec<usize> = stream.workloads.iter().map(|(n, _)| *n).collect();
+        let workloads = validate_all(stream.workloads)?;
+        let located: Vec<(usize, &_)> = positions.iter().copied().zip(workloads.iter()).collect();
+        let mut errors = self.blobs.check_modules(&located);
+        let now = now_ms();
+        let mut secrets = Vec::new();
+        for (n, s) in &stream.secrets {
+            let plain = s.to_bytes();
+            match self.secrets_key.encrypt(s.name.as_str(), &plain) {
+                Ok(blob) => secrets.push((
+                    *n,
+                    StoredSecret {
+                        name: s.name.clone(),
+                        keys: s.data.keys().cloned().collect(),
+                        version: self.secrets_key.version(s.name.as_str(), &plain),
+                        encrypted: shoal_api::secret::b64::encode(&blob),
+                        updated_ms: now,
+                    },
+                )),
+                Err(e) => errors.push(ManifestError::secret(
+                    *n,
+                    Some(s.name.to_string()),
+                    e.to_string(),
+                )),
+            }
+        }
+        let refs: Vec<(usize, &StoredSecret)> = secrets.iter().map(|(n, s)| (*n, s)).collect();
+        errors.extend(self.core.check_secrets(&located, &refs));
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let server_fault = |message: String| {
+            vec![ManifestError {
+                message,
+                ..Default::default()
+            }]
+        };
+        let stored = self
+            .core
+            .apply_secrets(secrets.into_iter().map(|(_, s)| s).collect())
+            .map_err(|e| server_fault(format!("hub could not store the manifest: {e}")))?;
+        let (outcome, publish) = self
+            .core
+            .apply(workloads)
+            .map_err(|e| server_fault(format!("hub could not store the manifest: {e}")))?;
+        if !self.publish_desired(publish).await {
+            return Err(server_fault(NOT_DURABLE.to_string()));
+        }
+        Ok((outcome, stored))
+    }
+
+    /// `state` with the values of the secrets its workloads use, each sealed to the
+    /// device's enrolled key. A secret that cannot be sealed is left out (the replicas that
+    /// need it report it missing) and the reason logged.
+    fn seal_secrets(&self, mut state: DesiredState) -> DesiredState {
+        let wanted: BTreeMap<&shoal_api::ids::SecretName, &str> = state
+            .workloads
+            .iter()
+            .flat_map(|w| &w.secrets)
+            .map(|m| (&m.mount.name, m.version.as_str()))
+            .collect();
+        if wanted.is_empty() {
+            return state;
+        }
+        let dev = &state.device_id;
+        let cert = match &self.security {
+            None => {
+                Err("the hub runs --insecure: devices hold no keys to seal secrets to".to_string())
+            }
+            Some(sec) => sec
+                .enrolled_cert(dev)
+                .map_err(|e| format!("no enrollment record: {e}")),
+        };
+        let mut sealed = Vec::new();
+        for (name, version) in wanted {
+            let r = cert.clone().and_then(|cert| {
+                let s = self
+                    .core
+                    .secret(name)
+                    .ok_or_else(|| "the hub has no such secret".to_string())?;
+                let blob = shoal_api::secret::b64::decode(&s.encrypted)
+                    .ok_or_else(|| "its stored form is not base64".to_string())?;
+                let plain = self
+                    .secrets_key
+                    .decrypt(name.as_str(), &blob)
+                    .map_err(|e| e.to_string())?;
+                shoal_pki::secret::seal_to_device(
+                    &cert,
+                    dev.as_str(),
+                    name.as_str(),
+                    version,
+                    &plain,
+                )
+                .map_err(|e| e.to_string())
+            });
+            match r {
+                Ok(x) => sealed.push(shoal_api::secret::SealedSecret {
+                    name: name.clone(),
+                    version: version.to_string(),
+                    enc: shoal_api::secret::b64::encode(&x.enc),
+                    ciphertext: shoal_api::secret::b64::encode(&x.ciphertext),
+                }),
+                Err(why) => {
+                    warn!(device = %dev, secret = %name, reason = %why, "cannot deliver secret")
+                }
+            }
+        }
+        state.secrets = sealed;
+        state
+    }
+
     async fn send_desired(&self, states: Vec<DesiredState>) {
         for d in states {
+            let d = self.seal_secrets(d);
             let payload = match serde_json::to_vec(&d) {
                 Ok(p) => self.signer.seal(&p),
                 Err(e) => {

@@ -1,13 +1,13 @@
 //! Durable hub state behind the [`Store`] trait: workloads, devices, assignments, rollouts
-//! and revision history, and the desired state last published to each device (with its
-//! generation).
+//! and revision history, the desired state last published to each device (with its
+//! generation), and secrets, whose values are stored only encrypted ([`StoredSecret`]).
 //!
 //! [`SledStore`] is the real implementation; [`MemStore`] is an in-memory fake for tests.
 //! Every write is flushed before the hub acknowledges the change that caused it.
 
 use crate::scheduler::Assignments;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use shoal_api::ids::{DeviceId, WorkloadName};
+use shoal_api::ids::{DeviceId, SecretName, WorkloadName};
 use shoal_api::messages::{DesiredState, Hello};
 use shoal_api::workload::Workload;
 use std::collections::BTreeMap;
@@ -44,6 +44,29 @@ pub struct DeviceRecord {
     pub draining: bool,
 }
 
+/// A secret as the hub keeps it: names and a version in the clear, the values encrypted
+/// with the hub's secrets key (`shoal_pki::secret::SecretsKey`, base64 of nonce, ciphertext
+/// and tag). Nothing in the store or its backups reveals a value.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredSecret {
+    pub name: SecretName,
+    pub keys: Vec<String>,
+    pub version: String,
+    pub encrypted: String,
+    pub updated_ms: u64,
+}
+
+impl std::fmt::Debug for StoredSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredSecret")
+            .field("name", &self.name)
+            .field("keys", &self.keys)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Everything the hub loads at start.
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
@@ -52,6 +75,7 @@ pub struct Snapshot {
     pub assignments: Assignments,
     pub desired: BTreeMap<DeviceId, DesiredState>,
     pub rollouts: BTreeMap<WorkloadName, crate::rollout::Record>,
+    pub secrets: BTreeMap<SecretName, StoredSecret>,
 }
 
 /// Hub persistence. Methods are synchronous and short; `flush` makes prior writes durable.
@@ -68,6 +92,8 @@ pub trait Store: Send + 'static {
         name: &WorkloadName,
         r: Option<&crate::rollout::Record>,
     ) -> Result<(), StoreError>;
+    /// A secret, or its removal (`None`).
+    fn put_secret(&self, name: &SecretName, s: Option<&StoredSecret>) -> Result<(), StoreError>;
     fn flush(&self) -> Result<(), StoreError>;
 }
 
@@ -76,6 +102,7 @@ const DEVICES: &str = "devices";
 const DESIRED: &str = "desired";
 const META: &str = "meta";
 const ROLLOUTS: &str = "rollouts";
+const SECRETS: &str = "secrets";
 const ASSIGNMENTS_KEY: &[u8] = b"assignments";
 
 /// sled-backed store in `DATA_DIR/hub.db`.
@@ -86,6 +113,7 @@ pub struct SledStore {
     desired: sled::Tree,
     meta: sled::Tree,
     rollouts: sled::Tree,
+    secrets: sled::Tree,
 }
 
 impl SledStore {
@@ -101,6 +129,7 @@ impl SledStore {
             desired: db.open_tree(DESIRED)?,
             meta: db.open_tree(META)?,
             rollouts: db.open_tree(ROLLOUTS)?,
+            secrets: db.open_tree(SECRETS)?,
             db,
         })
     }
@@ -143,6 +172,7 @@ impl Store for SledStore {
             rollouts: load_tree(&self.rollouts, |r: &crate::rollout::Record| {
                 r.workload.clone()
             })?,
+            secrets: load_tree(&self.secrets, |s: &StoredSecret| s.name.clone())?,
             assignments,
         })
     }
@@ -174,6 +204,13 @@ impl Store for SledStore {
         match r {
             Some(r) => self.rollouts.insert(name.as_str(), enc(r)?)?,
             None => self.rollouts.remove(name.as_str())?,
+        };
+        Ok(())
+    }
+    fn put_secret(&self, name: &SecretName, s: Option<&StoredSecret>) -> Result<(), StoreError> {
+        match s {
+            Some(s) => self.secrets.insert(name.as_str(), enc(s)?)?,
+            None => self.secrets.remove(name.as_str())?,
         };
         Ok(())
     }
@@ -231,6 +268,13 @@ impl Store for MemStore {
         });
         Ok(())
     }
+    fn put_secret(&self, name: &SecretName, sec: Option<&StoredSecret>) -> Result<(), StoreError> {
+        self.with(|s| match sec {
+            Some(x) => s.secrets.insert(name.clone(), x.clone()),
+            None => s.secrets.remove(name),
+        });
+        Ok(())
+    }
     fn flush(&self) -> Result<(), StoreError> {
         Ok(())
     }
@@ -253,6 +297,7 @@ mod tests {
                 artifact_base: String::new(),
                 artifact_port: None,
                 workloads: vec![],
+                secrets: vec![],
             })
             .unwrap();
             let mut a = Assignments::new();

@@ -5,7 +5,7 @@
 use crate::sign::HubKey;
 use crate::{read_string, write_atomic, PkiError};
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Clone)]
 pub struct DeviceCredentials {
@@ -32,7 +32,7 @@ impl DeviceCredentials {
         Ok(Some(Self {
             ca_pem: read_string(&dir.join("ca.pem"))?,
             cert_pem: read_string(&dir.join("device.pem"))?,
-            key_pem: read_string(&dir.join("device.key"))?,
+            key_pem: read_string(&key_file(dir))?,
             hub_key: read_string(&dir.join("hub-signing.pub"))?
                 .trim()
                 .to_string(),
@@ -41,7 +41,7 @@ impl DeviceCredentials {
 
     pub fn save(&self, dir: &Path) -> Result<(), PkiError> {
         crate::private_dir(dir)?;
-        write_atomic(&dir.join("device.key"), self.key_pem.as_bytes(), 0o600)?;
+        write_atomic(&key_file(dir), self.key_pem.as_bytes(), 0o600)?;
         write_atomic(&dir.join("ca.pem"), self.ca_pem.as_bytes(), 0o644)?;
         write_atomic(&dir.join("hub-signing.pub"), self.hub_key.as_bytes(), 0o644)?;
         write_atomic(&dir.join("device.pem"), self.cert_pem.as_bytes(), 0o644)
@@ -78,6 +78,11 @@ impl DeviceCredentials {
             .ok()
             .and_then(|c| crate::tls::common_name(&c))
     }
+}
+
+/// The device's private key in credentials directory `dir`: it never leaves the device.
+pub fn key_file(dir: &Path) -> PathBuf {
+    dir.join("device.key")
 }
 
 /// A fresh key pair and a certificate signing request for `device`: (key PEM, CSR PEM).

@@ -1,6 +1,7 @@
 //! Fleet identities: the fleet CA the hub owns ([`ca`]), one-time join tokens ([`token`]),
 //! the rustls configurations every Shoal process uses for mTLS ([`tls`]), the hub's
-//! signature over desired state ([`sign`]), and the credentials a device keeps ([`device`]).
+//! signature over desired state ([`sign`]), the credentials a device keeps ([`device`]), and
+//! secret values, encrypted at rest on the hub and sealed to one device's key ([`secret`]).
 //!
 //! Certificates name their holder in the subject's common name: the hub is `shoal-hub`,
 //! operators are `shoal-operator`, and a device is its device id (see
@@ -9,13 +10,14 @@
 //! device that found its hub over mDNS at some LAN address still checks that the peer is the
 //! fleet's hub, and a device certificate (client-auth only) can never pass as one.
 //!
-//! This is the only crate that names rcgen, ring or x509-parser.
+//! This is the only crate that names rcgen, ring, x509-parser, hpke or p256.
 
 use std::io::Write;
 use std::path::Path;
 
 pub mod ca;
 pub mod device;
+pub mod secret;
 pub mod sign;
 pub mod tls;
 pub mod token;

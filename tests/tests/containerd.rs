@@ -175,6 +175,7 @@ fn containers_pull_run_stop_and_leave_nothing() -> anyhow::Result<()> {
             r.mounts = vec![shoal_agent::runtime::Mount {
                 host: vol.clone(),
                 guest: "/data".into(),
+                read_only: false,
             }];
             r
         };
