@@ -9,6 +9,9 @@
 //! - `count FILE`: read a number from FILE (0 if absent), write it back plus one, print
 //!   `count N` and exit 0; with a volume, N counts the runs that ever saw it.
 //! - `cat FILE`: print FILE's content and exit 0, or say why not and exit 1 (sandbox tests).
+//! - `secret FILE VAR OUT`: copy FILE's content and environment variable VAR into OUT (a
+//!   volume the test reads, so the values never reach the log), print their sizes and
+//!   whether FILE can be written, then idle.
 use std::time::Duration;
 
 fn main() {
@@ -26,6 +29,26 @@ fn main() {
                 println!("probe: cannot read {path}: {e}");
                 std::process::exit(1);
             }
+        }
+    }
+    if mode == "secret" {
+        let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or("");
+        let (file, var, out) = (arg(2), arg(3), arg(4));
+        let from_file = std::fs::read_to_string(file).unwrap_or_else(|e| format!("<{e}>"));
+        let from_env = std::env::var(var).unwrap_or_else(|e| format!("<{e}>"));
+        let writable = std::fs::OpenOptions::new().append(true).open(file).is_ok();
+        if let Err(e) = std::fs::write(out, format!("file={from_file}\nenv={from_env}\n")) {
+            eprintln!("probe: cannot write {out}: {e}");
+            std::process::exit(1);
+        }
+        println!(
+            "secret: file {} bytes, env {} bytes, file {}",
+            from_file.len(),
+            from_env.len(),
+            if writable { "writable" } else { "read-only" }
+        );
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
         }
     }
     if mode == "count" {
