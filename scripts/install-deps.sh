@@ -5,8 +5,10 @@
 # container runtime tests run a private containerd), busybox-static (the test image's only
 # binary), protobuf-compiler (containerd-client generates its gRPC code at build time),
 # iproute2 and python3 (the multi-host tests build network namespaces with `ip` and probe
-# multicast with python3), and the rustup targets for the example WASM modules. Idempotent
-# and quiet when done already.
+# multicast with python3), the cross toolchains and qemu-user for the ARM agent builds
+# (gcc-aarch64-linux-gnu, gcc-arm-linux-gnueabihf and their C libraries link them; qemu-user
+# runs them in the tests), and the rustup targets for the example WASM modules and the ARM
+# agents. Idempotent and quiet when done already.
 set -euo pipefail
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
@@ -18,6 +20,9 @@ command -v runc >/dev/null 2>&1 || [ -x /usr/sbin/runc ] || need+=(runc)
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || need+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || need+=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
+command -v qemu-aarch64 >/dev/null 2>&1 && command -v qemu-arm >/dev/null 2>&1 || need+=(qemu-user)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing apt packages: ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -27,7 +32,7 @@ fi
 # Debian starts mosquitto, docker-registry and containerd as services on install (where
 # systemd runs); the tests run their own on private ports and sockets.
 installed=$(rustup target list --installed)
-for t in wasm32-wasip1 wasm32-wasip2; do
+for t in wasm32-wasip1 wasm32-wasip2 aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
   grep -qx "$t" <<<"$installed" || rustup target add "$t"
 done
 for c in rustfmt clippy; do

@@ -11,6 +11,8 @@ echo "== fmt";    cargo fmt --all -- --check
 cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 echo "== clippy"; cargo clippy --workspace --all-targets -q -- -D warnings
 echo "== build";  cargo build --workspace -q
+echo "== cross-compile the agent for aarch64 and armv7 (run under qemu by the ARM tests)"
+scripts/cross.sh
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 echo "== unit tests"

@@ -428,9 +428,28 @@ impl Agent {
         join: &Join,
         extra: &[&str],
     ) -> Result<Agent> {
+        Self::start_program(
+            dir,
+            id,
+            labels,
+            join,
+            extra,
+            Command::new(bin("shoal-agent")),
+        )
+    }
+
+    /// [`Agent::start_with`] running `cmd` as the agent binary: e.g. a cross-compiled agent
+    /// under `qemu-aarch64` (`cmd` is the program and its leading arguments).
+    pub fn start_program(
+        dir: &Path,
+        id: &str,
+        labels: &str,
+        join: &Join,
+        extra: &[&str],
+        mut cmd: Command,
+    ) -> Result<Agent> {
         let data_dir = dir.join(id);
         let token = join.token()?;
-        let mut cmd = Command::new(bin("shoal-agent"));
         cmd.arg("run")
             .arg("--data-dir")
             .arg(&data_dir)

@@ -1,0 +1,384 @@
+//! Shoal's release tooling.
+//!
+//! `cargo xtask dist` cross-compiles `shoal-agent` for the boards Shoal supports and packages
+//! each build three ways, into `target/dist/` (or `--out`):
+//!
+//! - `{triple}/shoal-agent`: the stripped binary;
+//! - `shoal-agent-{version}-{arch}.tar.gz`: the binary, the systemd unit, a minimal
+//!   `agent.toml` and the fully commented `agent.toml.example`;
+//! - `shoal-agent_{version}_{arch}.deb`: the same, installed as `/usr/bin/shoal-agent`,
+//!   `/lib/systemd/system/shoal-agent.service`, `/etc/shoal/agent.toml` (a conffile) and
+//!   `/usr/share/doc/shoal-agent/agent.toml.example`; its maintainer scripts create the data
+//!   directory (`/var/lib/shoal-agent`, 0700) and remove it on purge. Built with Debian's
+//!   `dpkg-deb` from a staged tree: cargo-deb would need a compile of its own and knows
+//!   nothing the staged tree does not say.
+//!
+//! The linkers are Debian's cross gcc packages (`.cargo/config.toml`;
+//! `scripts/install-deps.sh` installs them). `--profile dev --no-build` packages what
+//! `scripts/cross.sh` built, which is how the tests check the packaging without a release
+//! build.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Parser)]
+#[command(about = "Shoal's release tooling")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build and package shoal-agent for each target (default: amd64, arm64 and armhf).
+    Dist {
+        /// Cargo profile (`release`, `release-small`, or `dev` to package test builds).
+        #[arg(long, default_value = "release")]
+        profile: String,
+        /// Target triple (repeatable): x86_64-unknown-linux-gnu, aarch64-unknown-linux-gnu,
+        /// armv7-unknown-linux-gnueabihf.
+        #[arg(long = "target")]
+        targets: Vec<String>,
+        /// Where the artifacts go (default: TARGET_DIR/dist).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Package the binaries already built instead of building them.
+        #[arg(long)]
+        no_build: bool,
+    },
+}
+
+/// A board architecture Shoal ships for.
+struct Board {
+    triple: &'static str,
+    /// Debian's name for it (`Architecture:` of the .deb, and the artifact suffix).
+    deb: &'static str,
+    /// The binutils `strip` for its binaries.
+    strip: &'static str,
+    /// ELF `e_machine` of its binaries (checked before packaging).
+    machine: u16,
+}
+
+const BOARDS: [Board; 3] = [
+    Board {
+        triple: "x86_64-unknown-linux-gnu",
+        deb: "amd64",
+        strip: "strip",
+        machine: 62,
+    },
+    Board {
+        triple: "aarch64-unknown-linux-gnu",
+        deb: "arm64",
+        strip: "aarch64-linux-gnu-strip",
+        machine: 183,
+    },
+    Board {
+        triple: "armv7-unknown-linux-gnueabihf",
+        deb: "armhf",
+        strip: "arm-linux-gnueabihf-strip",
+        machine: 40,
+    },
+];
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Dist {
+            profile,
+            targets,
+            out,
+            no_build,
+        } => dist(&profile, &targets, out, no_build),
+    }
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Cargo's target directory, as cargo would choose it (without asking cargo, which may hold
+/// the build lock when this runs from a test).
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn dist(profile: &str, targets: &[String], out: Option<PathBuf>, no_build: bool) -> Result<()> {
+    let boards: Vec<&Board> = if targets.is_empty() {
+        BOARDS.iter().collect()
+    } else {
+        targets
+            .iter()
+            .map(|t| {
+                BOARDS.iter().find(|b| b.triple == t).with_context(|| {
+                    let known: Vec<&str> = BOARDS.iter().map(|b| b.triple).collect();
+                    format!("target {t:?} is not supported: expected one of {known:?}")
+                })
+            })
+            .collect::<Result<_>>()?
+    };
+    let out = out.unwrap_or_else(|| target_dir().join("dist"));
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    // Cargo names the dev profile's directory `debug`.
+    let profile_dir = if profile == "dev" { "debug" } else { profile };
+    for b in boards {
+        if !no_build {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            run(Command::new(cargo).current_dir(repo_root()).args([
+                "build",
+                "-p",
+                "shoal-agent",
+                "--target",
+                b.triple,
+                "--profile",
+                profile,
+            ]))?;
+        }
+        let built = target_dir()
+            .join(b.triple)
+            .join(profile_dir)
+            .join("shoal-agent");
+        let bin = out.join(b.triple).join("shoal-agent");
+        stage_binary(b, &built, &bin)?;
+        let glibc = needed_glibc(&std::fs::read(&bin)?);
+        let tarball = out.join(format!("shoal-agent-{VERSION}-{}.tar.gz", b.deb));
+        write_tarball(b, &bin, &tarball)?;
+        let deb = out.join(format!("shoal-agent_{VERSION}_{}.deb", b.deb));
+        write_deb(b, &bin, glibc.as_deref(), profile == "dev", &deb)?;
+        let size = std::fs::metadata(&bin)?.len();
+        println!(
+            "{:<32} {:>6.1} MiB stripped  {}  {}",
+            b.triple,
+            size as f64 / (1024.0 * 1024.0),
+            tarball.display(),
+            deb.display()
+        );
+    }
+    Ok(())
+}
+
+/// Copies the built binary next to the artifacts, checks it is for `b`, and strips it.
+fn stage_binary(b: &Board, built: &Path, bin: &Path) -> Result<()> {
+    if !built.is_file() {
+        bail!(
+            "{} not found: build it first (scripts/cross.sh, or drop --no-build)",
+            built.display()
+        );
+    }
+    if let Some(dir) = bin.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::copy(built, bin)
+        .with_context(|| format!("cannot copy {} to {}", built.display(), bin.display()))?;
+    let head = std::fs::read(bin)?;
+    let machine = head
+        .get(18..20)
+        .map(|m| u16::from_le_bytes([m[0], m[1]]))
+        .unwrap_or_default();
+    if !head.starts_with(b"\x7fELF") || machine != b.machine {
+        bail!(
+            "{} is not a {} binary (ELF machine {machine})",
+            built.display(),
+            b.triple
+        );
+    }
+    run(Command::new(b.strip).arg(bin))
+}
+
+/// The newest `GLIBC_x.y` symbol version the binary asks for (the .deb's libc6 dependency).
+fn needed_glibc(elf: &[u8]) -> Option<String> {
+    let mut best: Option<(u32, u32)> = None;
+    let tag = b"GLIBC_";
+    let mut i = 0;
+    while let Some(pos) = elf[i..].windows(tag.len()).position(|w| w == tag) {
+        let start = i + pos + tag.len();
+        let end = elf[start..]
+            .iter()
+            .position(|c| !(c.is_ascii_digit() || *c == b'.'))
+            .map_or(elf.len(), |n| start + n);
+        let text = std::str::from_utf8(&elf[start..end]).unwrap_or_default();
+        let mut parts = text.split('.').map(|p| p.parse::<u32>().ok());
+        if let (Some(Some(major)), Some(Some(minor))) = (parts.next(), parts.next()) {
+            best = best.max(Some((major, minor)));
+        }
+        i = end.max(start);
+    }
+    best.map(|(a, b)| format!("{a}.{b}"))
+}
+
+/// The packaging files: (path in the package, source, mode).
+fn payload(bin: &Path) -> Vec<(&'static str, PathBuf, u32)> {
+    let root = repo_root();
+    vec![
+        ("shoal-agent", bin.to_path_buf(), 0o755),
+        (
+            "shoal-agent.service",
+            root.join("edge-agent/packaging/shoal-agent.service"),
+            0o644,
+        ),
+        (
+            "agent.toml",
+            root.join("edge-agent/packaging/agent.toml"),
+            0o644,
+        ),
+        (
+            "agent.toml.example",
+            root.join("examples/agent.toml"),
+            0o644,
+        ),
+    ]
+}
+
+/// `shoal-agent-{version}-{arch}/…` in a gzipped tar, owned by root, timestamps zeroed.
+fn write_tarball(b: &Board, bin: &Path, path: &Path) -> Result<()> {
+    let file = std::fs::File::create(path)?;
+    let gz = flate2::write::GzEncoder::new(file, flate2::Compression::best());
+    let mut tar = tar::Builder::new(gz);
+    let top = format!("shoal-agent-{VERSION}-{}", b.deb);
+    for (name, src, mode) in payload(bin) {
+        let bytes =
+            std::fs::read(&src).with_context(|| format!("cannot read {}", src.display()))?;
+        let mut h = tar::Header::new_gnu();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        tar.append_data(&mut h, format!("{top}/{name}"), bytes.as_slice())?;
+    }
+    tar.into_inner()?.finish()?;
+    Ok(())
+}
+
+/// Stages the package tree and builds it with `dpkg-deb`.
+fn write_deb(b: &Board, bin: &Path, glibc: Option<&str>, fast: bool, path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let stage = path.with_extension("staging");
+    let _ = std::fs::remove_dir_all(&stage);
+    let mut installed_bytes = 0u64;
+    let place = |to: &str, from: &Path, mode: u32, total: &mut u64| -> Result<()> {
+        let dest = stage.join(to);
+        if let Some(dir) = dest.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::copy(from, &dest)
+            .with_context(|| format!("cannot copy {} into the package", from.display()))?;
+        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(mode))?;
+        *total += std::fs::metadata(&dest)?.len();
+        Ok(())
+    };
+    for (name, src, mode) in payload(bin) {
+        let to = match name {
+            "shoal-agent" => "usr/bin/shoal-agent",
+            "shoal-agent.service" => "lib/systemd/system/shoal-agent.service",
+            "agent.toml" => "etc/shoal/agent.toml",
+            _ => "usr/share/doc/shoal-agent/agent.toml.example",
+        };
+        place(to, &src, mode, &mut installed_bytes)?;
+    }
+    let depends = match glibc {
+        Some(v) => format!("libc6 (>= {v})"),
+        None => "libc6".to_string(),
+    };
+    let control = format!(
+        "Package: shoal-agent\n\
+         Version: {VERSION}\n\
+         Architecture: {arch}\n\
+         Maintainer: Shoal developers <shoal@example.invalid>\n\
+         Installed-Size: {kib}\n\
+         Depends: {depends}\n\
+         Recommends: containerd\n\
+         Section: admin\n\
+         Priority: optional\n\
+         Homepage: https://example.invalid/shoal\n\
+         Description: Shoal edge agent\n \
+         Runs the WASM modules (in wasmtime) and containers (through containerd) that a\n \
+         Shoal hub schedules onto this device, and reports their status over MQTT.\n",
+        arch = b.deb,
+        kib = installed_bytes.div_ceil(1024),
+    );
+    let debian = stage.join("DEBIAN");
+    std::fs::create_dir_all(&debian)?;
+    let script = |name: &str, text: &str, mode: u32| -> Result<()> {
+        let p = debian.join(name);
+        std::fs::write(&p, text)?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;
+        Ok(())
+    };
+    script("control", &control, 0o644)?;
+    script("conffiles", "/etc/shoal/agent.toml\n", 0o644)?;
+    script(
+        "postinst",
+        "#!/bin/sh\n\
+         set -e\n\
+         if [ \"$1\" = configure ]; then\n\
+         \x20 install -d -m 0700 /var/lib/shoal-agent\n\
+         \x20 if [ -d /run/systemd/system ]; then systemctl daemon-reload >/dev/null 2>&1 || true; fi\n\
+         \x20 echo 'shoal-agent: set device-id in /etc/shoal/agent.toml and SHOAL_AGENT_JOIN_TOKEN in /etc/default/shoal-agent, then: systemctl enable --now shoal-agent'\n\
+         fi\n",
+        0o755,
+    )?;
+    script(
+        "prerm",
+        "#!/bin/sh\n\
+         set -e\n\
+         if [ \"$1\" = remove ] && [ -d /run/systemd/system ]; then\n\
+         \x20 systemctl stop shoal-agent.service >/dev/null 2>&1 || true\n\
+         fi\n",
+        0o755,
+    )?;
+    script(
+        "postrm",
+        "#!/bin/sh\n\
+         set -e\n\
+         if [ \"$1\" = purge ]; then rm -rf /var/lib/shoal-agent; fi\n\
+         if [ -d /run/systemd/system ]; then systemctl daemon-reload >/dev/null 2>&1 || true; fi\n",
+        0o755,
+    )?;
+    // Test packages of debug builds: quick gzip instead of xz.
+    let compression: &[&str] = if fast {
+        &["-Zgzip", "-z1"]
+    } else {
+        &["-Zxz", "-z9"]
+    };
+    run(Command::new("dpkg-deb")
+        .arg("--root-owner-group")
+        .args(compression)
+        .arg("--build")
+        .arg(&stage)
+        .arg(path)
+        .stdout(std::process::Stdio::null()))?;
+    std::fs::remove_dir_all(&stage)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn needed_glibc_is_the_newest_version_asked_for() {
+        let elf = b"\0GLIBC_2.17\0GLIBC_2.34\0GLIBC_PRIVATE\0GLIBC_2.4\0GLIBC_2.";
+        assert_eq!(needed_glibc(elf).as_deref(), Some("2.34"));
+        assert_eq!(needed_glibc(b"nothing here"), None);
+    }
+}
