@@ -341,7 +341,7 @@ pub fn parse_stream(text: &str) -> Result<Stream, Vec<ManifestError>> {
             Err(e) => {
                 errors.push(ManifestError {
                     document: i + 1,
-                    message: format!("invalid YAML: {e}"),
+                    message: format!("invalid YAML: {}", unquote(&e.to_string())),
                     ..Default::default()
                 });
                 shapes.push(None);
@@ -421,6 +421,33 @@ pub fn parse_stream(text: &str) -> Result<Stream, Vec<ManifestError>> {
     Ok(out)
 }
 
+/// `text` with what it quotes (`"…"` or `` `…` ``) elided. YAML-level errors come before the
+/// document's kind is known, and serde quotes the offending value (`!!int hunter2` gives
+/// `invalid value: string "hunter2"`): in a Secret that value is secret. The location stays.
+fn unquote(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut open: Option<char> = None;
+    for c in text.chars() {
+        match open {
+            Some(q) if c == q => {
+                out.push('…');
+                out.push(c);
+                open = None;
+            }
+            Some(_) => {}
+            None if c == '"' || c == '`' => {
+                out.push(c);
+                open = Some(c);
+            }
+            None => out.push(c),
+        }
+    }
+    if open.is_some() {
+        out.push('…');
+    }
+    out
+}
+
 /// Renders manifests (and secrets, values base64) back to a YAML stream: what `shoal apply`
 /// publishes after uploading local modules.
 pub fn to_yaml_stream(
@@ -437,4 +464,42 @@ pub fn to_yaml_stream(
         out.push_str(&serde_yaml_ng::to_string(m)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn yaml_errors_keep_the_location_but_never_a_value() {
+        let text = "apiVersion: shoal.dev/v1\nkind: Secret\nmetadata: {name: db}\nstringData: {password: !!int hunter2}\n";
+        let errs = parse_stream(text).unwrap_err();
+        let all: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        let all = all.join("\n");
+        assert!(!all.contains("hunter2"), "{all}");
+        assert!(all.contains("line 4"), "{all}");
+        assert_eq!(unquote(r#"a "b" `c` "d"#), r#"a "…" `…` "…"#);
+    }
+
+    #[test]
+    fn a_stream_mixes_workloads_and_secrets() {
+        let text = "apiVersion: shoal.dev/v1\nkind: Secret\nmetadata: {name: db}\nstringData: {k: v}\n---\n- apiVersion: shoal.dev/v1\n  kind: Workload\n  metadata: {name: w}\n  spec: {wasm: {module: x.wasm}}\n- apiVersion: shoal.dev/v1\n  kind: Secret\n  metadata: {name: tls}\n  stringData: {k: v}\n";
+        let s = parse_stream(text).unwrap();
+        assert_eq!(s.workloads.len(), 1);
+        let names: Vec<(usize, &str)> = s
+            .secrets
+            .iter()
+            .map(|(n, x)| (*n, x.name.as_str()))
+            .collect();
+        assert_eq!(names, vec![(1, "db"), (2, "tls")]);
+        let again = to_yaml_stream(
+            &[s.workloads[0].1.clone()],
+            &s.secrets.iter().map(|(_, x)| x.clone()).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let back = parse_stream(&again).unwrap();
+        assert_eq!(back.secrets.len(), 2);
+        assert_eq!(back.secrets[0].1, s.secrets[0].1);
+    }
 }

@@ -51,14 +51,14 @@ impl std::fmt::Debug for Secret {
 
 impl Secret {
     /// The canonical byte form of the values (what the hub encrypts): JSON of key → base64.
-    pub fn to_bytes(&self) -> Vec<u8> {
+    pub fn to_bytes(&self) -> Result<Vec<u8>, String> {
         let map: BTreeMap<&str, String> = self
             .data
             .iter()
             .map(|(k, v)| (k.as_str(), b64::encode(v)))
             .collect();
-        // A map of strings always serializes.
-        serde_json::to_vec(&map).unwrap_or_default()
+        serde_json::to_vec(&map)
+            .map_err(|_| format!("secret {:?} cannot be encoded", self.name.as_str()))
     }
 
     /// Reads [`Self::to_bytes`]'s form back. Errors never include the bytes.
@@ -147,6 +147,11 @@ pub fn parse(doc: &serde_yaml_ng::Value) -> Result<Secret, Vec<String>> {
     };
     let mut name = None;
     let mut data = BTreeMap::new();
+    for required in ["apiVersion", "metadata"] {
+        if doc.get(required).is_none() {
+            errs.push(format!("{required} is missing"));
+        }
+    }
     for (k, v) in map {
         let Some(field) = k.as_str() else {
             errs.push("field names must be strings".into());
@@ -163,13 +168,23 @@ pub fn parse(doc: &serde_yaml_ng::Value) -> Result<Secret, Vec<String>> {
                 }
             }
             "kind" => {} // dispatched on by the caller
-            "metadata" => match v.get("name").and_then(Value::as_str) {
-                Some(n) => match SecretName::try_from(n) {
-                    Ok(n) => name = Some(n),
-                    Err(e) => errs.push(format!("metadata.name: {e}")),
-                },
-                None => errs.push("metadata.name is missing".into()),
-            },
+            "metadata" => {
+                match v.get("name").and_then(Value::as_str) {
+                    Some(n) => match SecretName::try_from(n) {
+                        Ok(n) => name = Some(n),
+                        Err(e) => errs.push(format!("metadata.name: {e}")),
+                    },
+                    None => errs.push("metadata.name is missing".into()),
+                }
+                for field in v.as_mapping().into_iter().flat_map(|m| m.keys()) {
+                    if field.as_str() != Some("name") {
+                        errs.push(format!(
+                            "unknown field metadata.{}: a Secret's metadata has only a name",
+                            field.as_str().unwrap_or("?")
+                        ));
+                    }
+                }
+            }
             "data" | "stringData" => {
                 let Some(entries) = v.as_mapping() else {
                     if !v.is_null() {
@@ -225,6 +240,8 @@ pub fn parse(doc: &serde_yaml_ng::Value) -> Result<Secret, Vec<String>> {
     }
     match name {
         Some(name) if errs.is_empty() => Ok(Secret { name, data }),
+        // Never an empty error list: that would drop the document silently.
+        _ if errs.is_empty() => Err(vec!["metadata.name is missing".into()]),
         _ => Err(errs),
     }
 }
@@ -428,7 +445,7 @@ mod tests {
             !dbg.contains("hunter2") && !dbg.contains("aHVudGVyMg"),
             "{dbg}"
         );
-        let back = Secret::from_bytes(s.name.clone(), &s.to_bytes()).unwrap();
+        let back = Secret::from_bytes(s.name.clone(), &s.to_bytes().unwrap()).unwrap();
         assert_eq!(back, s);
     }
 
@@ -455,6 +472,17 @@ mod tests {
         ))
         .unwrap_err();
         assert!(errs[0].contains("no keys"), "{errs:?}");
+        // Nothing about it is silently dropped: no metadata, no apiVersion, extra metadata.
+        let errs = parse(&yaml("kind: Secret\nstringData: {k: v}\n")).unwrap_err();
+        assert_eq!(errs, vec!["apiVersion is missing", "metadata is missing"]);
+        let errs = parse(&yaml(
+            "apiVersion: shoal.dev/v1\nkind: Secret\nmetadata: {name: db, labels: {a: b}}\nstringData: {k: v}\n",
+        ))
+        .unwrap_err();
+        assert!(
+            errs[0].contains("unknown field metadata.labels"),
+            "{errs:?}"
+        );
         let big = format!(
             "apiVersion: shoal.dev/v1\nkind: Secret\nmetadata: {{name: db}}\nstringData: {{k: {}}}\n",
             "x".repeat(MAX_SECRET_BYTES)

@@ -437,6 +437,23 @@ impl Hub {
         Ok(())
     }
 
+    /// `POST /v1/apply`: the hub's verdict, accepted (200) or not (422).
+    async fn apply(&self, manifest: String) -> anyhow::Result<ApplyResult> {
+        let r = self
+            .http()?
+            .post(format!("{}/v1/apply", self.base))
+            .body(manifest)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the hub at {}", self.base))?;
+        let status = r.status();
+        if status.is_success() || status == reqwest::StatusCode::UNPROCESSABLE_ENTITY {
+            return r.json().await.context("hub sent an unreadable verdict");
+        }
+        let body = r.text().await.unwrap_or_default();
+        bail!("hub answered {status} to apply: {body}")
+    }
+
     async fn put_blob(&self, bytes: Vec<u8>) -> anyhow::Result<BlobRef> {
         let r = self
             .check(
@@ -591,7 +608,13 @@ async fn apply(
         return Err(report(&errors));
     }
     let payload = to_yaml_stream(&manifests, &secrets).context("cannot encode manifest")?;
-    let result = publish_apply(broker, tls, payload, timeout).await?;
+    // Secret values go over HTTPS to the hub only: on MQTT the broker (and any operator
+    // subscribed to shoal/v1/apply) would see them.
+    let result = if secrets.is_empty() {
+        publish_apply(broker, tls, payload, timeout).await?
+    } else {
+        hub.apply(payload).await?
+    };
     if output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&result)?);
     }

@@ -240,9 +240,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
 
     let (up_tx, up_rx) = mpsc::channel(256);
     let (gone_tx, gone_rx) = mpsc::channel(64);
-    // Opened secrets do not outlive the agent: re-opened from the sealed desired state.
+    // Opened secrets stay while replicas (containers adopted after a restart, too) use them;
+    // the first reconcile sweeps the rest.
     let secrets = crate::secrets::SecretFiles::new(&config.data_dir);
-    secrets.reset().map_err(AgentError::Secrets)?;
+    secrets.prepare().map_err(AgentError::Secrets)?;
     let shared = Shared {
         runtime: Arc::new(runtime),
         containers: containers.clone(),
@@ -489,7 +490,7 @@ struct Agent<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> {
     browsing: BTreeSet<WorkloadName>,
     /// Containers still stopping in the background (id → workload): their workloads'
     /// volumes stay, and a replica that would reuse the id waits for them.
-    stopping: BTreeMap<String, WorkloadName>,
+    stopping: BTreeMap<String, (WorkloadName, BTreeSet<(SecretName, String)>)>,
     gone_tx: mpsc::Sender<String>,
 }
 
@@ -536,6 +537,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
                     .values()
                     .flat_map(|r| r.secret_refs.iter().cloned()),
             )
+            .chain(self.stopping.values().flat_map(|(_, s)| s.iter().cloned()))
             .collect();
         self.shared.secrets.sweep(&keep);
     }
@@ -932,7 +934,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
             .iter()
             .map(|w| w.name.as_str())
             .chain(self.replicas.values().map(|r| r.workload.as_str()))
-            .chain(self.stopping.values().map(WorkloadName::as_str))
+            .chain(self.stopping.values().map(|(w, _)| w.as_str()))
             .collect();
         let retention = self.config.volume_retention;
         for swept in self.shared.volumes.sweep(&keep, now_ms(), retention) {
@@ -1050,7 +1052,9 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
             info!(%instance, "stopping replica");
             r.cancel.cancel();
             if let Some(id) = r.container {
-                self.stopping.insert(id.clone(), r.workload);
+                // Its volumes and secret files stay until it is gone.
+                self.stopping
+                    .insert(id.clone(), (r.workload, r.secret_refs));
                 let gone = self.gone_tx.clone();
                 self.tracker.spawn(async move {
                     let _ = r.handle.await;

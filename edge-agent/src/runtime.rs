@@ -17,8 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// Everything needed to start one run of a replica.
-#[derive(Debug, Clone)]
+/// Everything needed to start one run of a replica. Its `Debug` shows environment names
+/// only: values may be secrets.
+#[derive(Clone)]
 pub struct RunSpec {
     /// Instance name on this device, e.g. `hello-0` (used in logs and spans).
     pub instance: String,
@@ -33,6 +34,21 @@ pub struct RunSpec {
     pub mounts: Vec<Mount>,
     /// `spec.limits`: breaching one stops the run with the limit as its reason.
     pub limits: shoal_api::workload::RunLimits,
+}
+
+impl std::fmt::Debug for RunSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunSpec")
+            .field("instance", &self.instance)
+            .field("args", &self.args)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("memory_limit", &self.memory_limit)
+            .field("cpu_millis", &self.cpu_millis)
+            .field("network", &self.network)
+            .field("mounts", &self.mounts)
+            .field("limits", &self.limits)
+            .finish()
+    }
 }
 
 /// Addresses a replica may connect to, kept current by the agent while the replica runs.
@@ -141,8 +157,8 @@ pub struct PreparedImage {
     pub config: ImageConfig,
 }
 
-/// One run of a container replica.
-#[derive(Debug, Clone)]
+/// One run of a container replica. Its `Debug` shows environment names only.
+#[derive(Clone)]
 pub struct ContainerRun {
     /// containerd container id (also the snapshot key and the cgroup name).
     pub id: String,
@@ -166,6 +182,22 @@ pub struct ContainerRun {
     pub stop_grace: Duration,
     /// Extra labels on the container (e.g. the replica it belongs to).
     pub labels: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for ContainerRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContainerRun")
+            .field("id", &self.id)
+            .field("command", &self.command)
+            .field("args", &self.args)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("memory_limit", &self.memory_limit)
+            .field("cpu_millis", &self.cpu_millis)
+            .field("read_only_root", &self.read_only_root)
+            .field("mounts", &self.mounts)
+            .field("log_path", &self.log_path)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A boxed future, for the object-safe [`ContainerRuntime`].

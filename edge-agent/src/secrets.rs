@@ -2,10 +2,11 @@
 //! device's key inside the signed desired state; they are opened here and written, one
 //! read-only file per key, to `DATA_DIR/run/secrets/{name}/{version}`.
 //!
-//! - `DATA_DIR/run` is owner-only (0700) and emptied when the agent starts, so values do not
-//!   outlive the agent on disk longer than needed; they are re-opened from the (sealed)
-//!   persisted desired state. Point the data directory's `run` at a tmpfs to keep them off
-//!   the disk entirely.
+//! - `DATA_DIR/run` is owner-only (0700). A version's directory lives while the desired state,
+//!   a replica or a container still stopping uses it, and is swept after every change (also
+//!   across agent restarts: an adopted container keeps its bind mount). After a restart the
+//!   agent re-opens what is missing from the (sealed) persisted desired state. Point the
+//!   data directory's `run` at a tmpfs to keep values off the disk entirely.
 //! - Each version has its own directory, written to a temporary name and renamed into place,
 //!   so a replica never sees half a secret; directories of versions no replica uses are
 //!   removed after every change.
@@ -34,15 +35,11 @@ impl SecretFiles {
         }
     }
 
-    /// Removes whatever a previous agent left, and creates the owner-only `run` directory.
-    pub fn reset(&self) -> Result<(), String> {
+    /// Creates the owner-only `run` directory (and tightens it if it exists). What a previous
+    /// agent opened stays: containers it ran and this agent adopts have it bind-mounted. The
+    /// first sweep removes what no replica uses.
+    pub fn prepare(&self) -> Result<(), String> {
         let run = self.root.parent().unwrap_or(&self.root);
-        self.sweep(&BTreeSet::new()); // makes the read-only directories removable
-        match std::fs::remove_dir_all(&self.root) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("cannot clear {}: {e}", self.root.display())),
-        }
         for d in [run, &self.root] {
             std::fs::create_dir_all(d)
                 .and_then(|()| std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)))
@@ -252,7 +249,8 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_vec()))
                 .collect(),
         };
-        let x = shoal_pki::secret::seal_to_device(cert, dev, name, version, &s.to_bytes()).unwrap();
+        let x = shoal_pki::secret::seal_to_device(cert, dev, name, version, &s.to_bytes().unwrap())
+            .unwrap();
         SealedSecret {
             name: s.name,
             version: version.into(),
@@ -285,7 +283,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (key, cert) = device(tmp.path(), "dev-a");
         let files = SecretFiles::new(&tmp.path().join("data"));
-        files.reset().unwrap();
+        files.prepare().unwrap();
         let s = sealed(
             &cert,
             "dev-a",
@@ -330,12 +328,15 @@ mod tests {
             .unwrap_err();
         assert!(e.contains("not on this device"), "{e}");
 
-        // Sweep keeps what is in use only; reset empties everything.
+        // Prepare keeps what is there; sweep keeps what is in use only.
+        files.prepare().unwrap();
+        assert!(dir.exists());
+        files.sweep(&BTreeSet::from([(s.name.clone(), "00aa".to_string())]));
+        assert!(dir.exists());
         files.sweep(&BTreeSet::new());
         assert!(!dir.exists());
         assert!(files.open_all("dev-a", Some(&key), &[s]).is_empty());
-        files.reset().unwrap();
-        assert!(!dir.exists());
+        assert!(dir.exists());
     }
 
     #[test]
@@ -344,7 +345,7 @@ mod tests {
         let (key_a, cert_a) = device(tmp.path(), "dev-a");
         let (key_b, _) = device(tmp.path(), "dev-b");
         let files = SecretFiles::new(&tmp.path().join("data"));
-        files.reset().unwrap();
+        files.prepare().unwrap();
         let s = sealed(&cert_a, "dev-a", "db", "01", &[("k", b"v")]);
         // Another device's key, another device id, no key, a tampered version string.
         for (dev, key) in [

@@ -104,9 +104,15 @@ mod tests {
             .unwrap()
             .save_desired(&d)
             .unwrap();
-        assert_eq!(
-            SledStore::open(dir.path()).unwrap().load_desired().unwrap(),
-            Some(d)
-        );
+        // sled's flusher thread may hold the file lock a moment after the drop.
+        let again = (0..100)
+            .find_map(|_| {
+                SledStore::open(dir.path()).ok().or_else(|| {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    None
+                })
+            })
+            .unwrap();
+        assert_eq!(again.load_desired().unwrap(), Some(d));
     }
 }

@@ -26,6 +26,9 @@ use tracing::{info, info_span, warn, Instrument};
 /// Bytes of log kept on disk per replica (plus one rotated file).
 pub const LOG_MAX_BYTES: u64 = 1 << 20;
 
+/// How often a replica that could not get its volumes or secrets looks again.
+const PREPARE_RETRY: Duration = Duration::from_secs(5);
+
 /// A status change of one replica, tagged with the supervising task so that late updates
 /// from a replaced task are recognised and dropped.
 #[derive(Debug, Clone)]
@@ -106,7 +109,15 @@ impl Reporter {
 /// The containerd id of a container replica: one per revision, so that a replaced revision
 /// still stopping never collides with its successor (restarts reuse it).
 pub fn container_id(d: &DesiredWorkload) -> String {
-    format!("{}-{}", d.instance(), d.revision)
+    let secrets = crate::plan::secret_versions(d);
+    if secrets.is_empty() {
+        format!("{}-{}", d.instance(), d.revision)
+    } else {
+        // A new secret version is a new container too: the old one may still be stopping.
+        use sha2::Digest as _;
+        let h = hex::encode(sha2::Sha256::digest(secrets.as_bytes()));
+        format!("{}-{}-{}", d.instance(), d.revision, &h[..8])
+    }
 }
 
 /// What a replica runs, once pulled and prepared.
@@ -246,23 +257,36 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
             }
         };
 
-        let prepared = shared
-            .volumes
-            .prepare(&desired.name, &desired.volumes)
-            .and_then(|mut mounts| {
-                let (secret_mounts, secret_env) = shared.secrets.for_run(&desired.secrets)?;
-                mounts.extend(secret_mounts);
-                let mut env = desired.env.clone();
-                env.extend(secret_env);
-                Ok((mounts, env))
-            });
-        let (mounts, env) = match prepared {
+        // Volumes, then secrets: their mounts and the environment variables they give.
+        let prepare = || {
+            shared
+                .volumes
+                .prepare(&desired.name, &desired.volumes)
+                .and_then(|mut mounts| {
+                    let (secret_mounts, secret_env) = shared.secrets.for_run(&desired.secrets)?;
+                    mounts.extend(secret_mounts);
+                    let mut env = desired.env.clone();
+                    env.extend(secret_env);
+                    Ok((mounts, env))
+                })
+        };
+        let (mounts, env) = match prepare() {
             Ok(x) => x,
             Err(e) => {
                 log.system(&format!("cannot start: {e}"));
                 r.phase(Phase::Failed, Some(e)).await;
-                cancel.cancelled().await;
-                return;
+                // A secret may still arrive under the same version (opened once the hub
+                // re-sealed it, e.g. after the device enrolled again): look again now and
+                // then rather than stay failed until the desired state changes.
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(PREPARE_RETRY) => {}
+                    }
+                    if let Ok(x) = prepare() {
+                        break x;
+                    }
+                }
             }
         };
         let spec = RunSpec {

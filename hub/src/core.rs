@@ -379,6 +379,17 @@ impl<S: Store> HubCore<S> {
                 }
                 // Only what runs goes back; how many and where stay as they are now.
                 let spec = keep_placement(spec, &current);
+                // The secrets that revision reads must still be there.
+                let missing = shoal_api::secret::unresolved(&spec.secrets, |n| {
+                    self.secrets.get(n).map(|s| s.keys.clone())
+                });
+                if !missing.is_empty() {
+                    return Ok(Err(format!(
+                        "cannot go back to revision {}: {}",
+                        spec.revision(),
+                        missing.join("; ")
+                    )));
+                }
                 info!(workload = %name, to = %spec.revision(), "rollout undo");
                 return self.apply(vec![spec]).map(|(_, publish)| Ok(publish));
             }
@@ -941,6 +952,17 @@ impl<S: Store> HubCore<S> {
             .collect()
     }
 
+    /// Every spec replicas may run: the workloads', and those of the revisions rollouts
+    /// still run (the last good one, and each replica's not yet replaced).
+    fn specs_in_use(&self) -> impl Iterator<Item = &Workload> {
+        self.workloads.values().chain(
+            self.rollouts
+                .values()
+                .filter_map(|r| r.rollout.as_ref())
+                .flat_map(|r| r.previous.iter().chain(r.specs.values())),
+        )
+    }
+
     /// What is wrong with the secrets of an apply: references (`spec.secrets`) of its
     /// `workloads` to secrets that neither the apply (`incoming`) nor the hub has, or to keys
     /// they lack; and keys an incoming secret drops that a stored workload outside the apply
@@ -984,11 +1006,8 @@ impl<S: Store> HubCore<S> {
         }
         let applied: BTreeSet<&WorkloadName> = workloads.iter().map(|(_, w)| &w.name).collect();
         for (n, s) in incoming {
-            for w in self
-                .workloads
-                .values()
-                .filter(|w| !applied.contains(&w.name))
-            {
+            // Replicas of other workloads, and revisions rollouts still run, keep reading it.
+            for w in self.specs_in_use().filter(|w| !applied.contains(&w.name)) {
                 for m in w.secrets.iter().filter(|m| m.name == s.name) {
                     for (var, key) in &m.env {
                         if !s.keys.contains(key) {
@@ -1040,18 +1059,9 @@ impl<S: Store> HubCore<S> {
         if !self.secrets.contains_key(name) {
             return Ok(Err(SecretRefusal::NotFound));
         }
-        let uses = |w: &Workload| w.secrets.iter().any(|m| &m.name == name);
         let users: BTreeSet<String> = self
-            .workloads
-            .values()
-            .filter(|w| uses(w))
-            .chain(
-                self.rollouts
-                    .values()
-                    .filter_map(|r| r.rollout.as_ref())
-                    .filter_map(|r| r.previous.as_ref())
-                    .filter(|w| uses(w)),
-            )
+            .specs_in_use()
+            .filter(|w| w.secrets.iter().any(|m| &m.name == name))
             .map(|w| w.name.to_string())
             .collect();
         if !users.is_empty() {
@@ -1061,6 +1071,11 @@ impl<S: Store> HubCore<S> {
         self.secrets.remove(name);
         info!(secret = %name, "secret deleted");
         Ok(Ok(()))
+    }
+
+    /// Every stored secret (values encrypted).
+    pub fn stored_secrets(&self) -> impl Iterator<Item = &StoredSecret> {
+        self.secrets.values()
     }
 
     /// A stored secret (its values encrypted), for sealing to devices.
@@ -1077,10 +1092,11 @@ impl<S: Store> HubCore<S> {
                 keys: s.keys.clone(),
                 version: s.version.clone(),
                 used_by: self
-                    .workloads
-                    .values()
+                    .specs_in_use()
                     .filter(|w| w.secrets.iter().any(|m| m.name == s.name))
                     .map(|w| w.name.to_string())
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
                     .collect(),
                 updated_ms: s.updated_ms,
             })

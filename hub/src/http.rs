@@ -60,7 +60,7 @@ const ENROLL_BODY: usize = 16 << 10;
 #[derive(Debug)]
 pub enum Request {
     Apply {
-        text: String,
+        text: ManifestText,
         reply: oneshot::Sender<ApplyResult>,
     },
     Delete {
@@ -106,6 +106,15 @@ pub enum Request {
         action: DeviceAction,
         reply: oneshot::Sender<Result<bool, String>>,
     },
+}
+
+/// A manifest as posted: its `Debug` shows only its size, since it may hold secret values.
+pub struct ManifestText(pub String);
+
+impl std::fmt::Debug for ManifestText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ManifestText({} bytes)", self.0.len())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -370,8 +379,8 @@ async fn enroll(State(s): State<AppState>, Json(req): Json<EnrollRequest>) -> Re
         .await
         .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
         tracing::info!(device = %device, token = %token.id, "device enrolled");
-        // Best effort: a full queue only delays the re-sealing to the next change.
-        let _ = s.requests.try_send(Request::Enrolled { device });
+        // The main loop re-seals the device's state for its new key.
+        let _ = s.requests.send(Request::Enrolled { device }).await;
         Ok(out)
     };
     match r.await {
@@ -678,6 +687,7 @@ async fn apply(State(s): State<AppState>, body: Bytes) -> Response {
         Ok(t) => t,
         Err(_) => return error(StatusCode::BAD_REQUEST, "manifest is not valid UTF-8"),
     };
+    let text = ManifestText(text);
     match ask(&s, |reply| Request::Apply { text, reply }).await {
         Ok(r) if r.accepted => Json(r).into_response(),
         Ok(r) => (StatusCode::UNPROCESSABLE_ENTITY, Json(r)).into_response(),

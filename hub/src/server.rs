@@ -81,6 +81,8 @@ pub enum HubError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}: restore DATA_DIR/pki/secrets.key from the backup it came with (a new key cannot read secrets stored under the old one)")]
+    SecretsKey(String),
 }
 
 /// What the main loop reacts to.
@@ -204,6 +206,11 @@ async fn serve(
     };
 
     let mut core = HubCore::open(store, public_url.clone())?;
+    // Every stored secret must open with this key: a lost or replaced key file would
+    // otherwise show only as secrets that never reach devices.
+    for s in core.stored_secrets() {
+        open_stored(&secrets_key, s).map_err(HubError::SecretsKey)?;
+    }
     if public_url.is_empty() {
         core.set_artifact_port(Some(http_addr.port()));
     }
@@ -277,6 +284,18 @@ async fn serve(
     }
     info!("hub stopped");
     Ok(())
+}
+
+/// The values of a stored secret, decrypted with the hub's secrets key.
+fn open_stored(key: &shoal_pki::secret::SecretsKey, s: &StoredSecret) -> Result<Vec<u8>, String> {
+    let blob = shoal_api::secret::b64::decode(&s.encrypted).ok_or_else(|| {
+        format!(
+            "the stored form of secret {:?} is not base64",
+            s.name.as_str()
+        )
+    })?;
+    key.decrypt(s.name.as_str(), &s.version, &blob)
+        .map_err(|e| e.to_string())
 }
 
 /// Advertises the hub as `_shoal-hub._tcp.local.` and browses for the fleet's agents.
@@ -523,7 +542,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             Inbound::Apply(req) => {
                 let text = String::from_utf8_lossy(payload);
                 let span = info_span!("apply", source = "mqtt", req = req.as_deref().unwrap_or(""));
-                let result = self.apply(&text, req.clone()).instrument(span).await;
+                let result = self.apply(&text, req.clone(), true).instrument(span).await;
                 let body = serde_json::to_vec(&result).unwrap_or_default();
                 let mut targets = Vec::new();
                 if let Some(r) = &req {
@@ -648,7 +667,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         match r {
             Request::Apply { text, reply } => {
                 let result = self
-                    .apply(&text, None)
+                    .apply(&text.0, None, false)
                     .instrument(info_span!("apply", source = "http"))
                     .await;
                 let _ = reply.send(result);
@@ -732,7 +751,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
 
     /// Validates a manifest completely (schema, then modules against the blob store) and
     /// applies it only if everything is right: a rejected manifest changes nothing.
-    async fn apply(&mut self, text: &str, req: Option<String>) -> ApplyResult {
+    async fn apply(&mut self, text: &str, req: Option<String>, over_mqtt: bool) -> ApplyResult {
         let reject = |errors: Vec<ManifestError>| ApplyResult {
             protocol: shoal_api::PROTOCOL_VERSION,
             request_id: req.clone(),
@@ -741,7 +760,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             secrets: Default::default(),
             errors,
         };
-        let result = match self.try_apply(text).await {
+        let result = match self.try_apply(text, over_mqtt).await {
             Ok((workloads, secrets)) => ApplyResult {
                 protocol: shoal_api::PROTOCOL_VERSION,
                 request_id: req.clone(),
@@ -777,6 +796,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     async fn try_apply(
         &mut self,
         text: &str,
+        over_mqtt: bool,
     ) -> Result<(ApplyOutcome, ApplyOutcome), Vec<ManifestError>> {
         let stream = parse_stream(text)?;
         let positions: Vec<usize> = stream.workloads.iter().map(|(n, _)| *n).collect();
@@ -786,23 +806,33 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         let now = now_ms();
         let mut secrets = Vec::new();
         for (n, s) in &stream.secrets {
-            let plain = s.to_bytes();
-            match self.secrets_key.encrypt(s.name.as_str(), &plain) {
-                Ok(blob) => secrets.push((
+            if over_mqtt {
+                errors.push(ManifestError::secret(
+                    *n,
+                    Some(s.name.to_string()),
+                    "secrets are applied over the HTTPS API only (shoal apply does so): on MQTT the broker and every operator subscribed to shoal/v1/apply see the values".into(),
+                ));
+                continue;
+            }
+            let sealed = s.to_bytes().and_then(|plain| {
+                let version = self.secrets_key.version(s.name.as_str(), &plain);
+                self.secrets_key
+                    .encrypt(s.name.as_str(), &version, &plain)
+                    .map(|blob| (version, blob))
+                    .map_err(|e| e.to_string())
+            });
+            match sealed {
+                Ok((version, blob)) => secrets.push((
                     *n,
                     StoredSecret {
                         name: s.name.clone(),
                         keys: s.data.keys().cloned().collect(),
-                        version: self.secrets_key.version(s.name.as_str(), &plain),
+                        version,
                         encrypted: shoal_api::secret::b64::encode(&blob),
                         updated_ms: now,
                     },
                 )),
-                Err(e) => errors.push(ManifestError::secret(
-                    *n,
-                    Some(s.name.to_string()),
-                    e.to_string(),
-                )),
+                Err(e) => errors.push(ManifestError::secret(*n, Some(s.name.to_string()), e)),
             }
         }
         let refs: Vec<(usize, &StoredSecret)> = secrets.iter().map(|(n, s)| (*n, s)).collect();
@@ -859,12 +889,13 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     .core
                     .secret(name)
                     .ok_or_else(|| "the hub has no such secret".to_string())?;
-                let blob = shoal_api::secret::b64::decode(&s.encrypted)
-                    .ok_or_else(|| "its stored form is not base64".to_string())?;
-                let plain = self
-                    .secrets_key
-                    .decrypt(name.as_str(), &blob)
-                    .map_err(|e| e.to_string())?;
+                if s.version != version {
+                    return Err(format!(
+                        "the desired state wants version {version}, the hub has {}",
+                        s.version
+                    ));
+                }
+                let plain = open_stored(&self.secrets_key, s)?;
                 shoal_pki::secret::seal_to_device(
                     &cert,
                     dev.as_str(),

@@ -1,9 +1,9 @@
 //! Secret values at rest on the hub and on their way to one device.
 //!
 //! - **At rest** ([`SecretsKey`]): AES-256-GCM (ring) under a key the hub generates once in
-//!   `pki/secrets.key`, with a fresh random nonce per write and the secret's name as
-//!   associated data, so a stored ciphertext cannot be moved under another name. The store
-//!   (and its backups) only ever hold ciphertext.
+//!   `pki/secrets.key`, with a fresh random nonce per write and the secret's name and
+//!   version as associated data, so a stored ciphertext cannot be moved under another name or
+//!   paired with another version. The store (and its backups) only ever hold ciphertext.
 //! - **Version** ([`SecretsKey::version`]): an HMAC-SHA256 of the content under a key derived
 //!   from the same file. It changes whenever the content does, so devices restart what uses a
 //!   changed secret, yet it says nothing about the value to whoever reads desired states: a
@@ -84,28 +84,34 @@ impl SecretsKey {
         let key: [u8; 32] = bytes
             .try_into()
             .map_err(|_| bad("not 32 bytes (64 hex digits)"))?;
-        Ok(Self::from_bytes(&key))
+        Self::from_bytes(&key)
     }
 
     /// A key from its raw bytes (tests; [`Self::load_or_create`] otherwise).
-    pub fn from_bytes(key: &[u8; 32]) -> Self {
+    pub fn from_bytes(key: &[u8; 32]) -> Result<Self, PkiError> {
         // Two keys from one: HMAC-SHA256 of fixed labels under the master key (HKDF-Expand
         // with a single block, in effect), so the MAC never shares a key with the cipher.
         let master = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
         let derive = |label: &[u8]| ring::hmac::sign(&master, label);
         let enc = derive(b"shoal secrets at rest: aes-256-gcm");
         let mac = derive(b"shoal secrets at rest: version");
-        // A 32-byte key is always a valid AES-256 key.
-        let unbound = UnboundKey::new(&AES_256_GCM, enc.as_ref())
-            .unwrap_or_else(|_| unreachable!("AES-256 takes any 32-byte key"));
-        Self {
+        let unbound = UnboundKey::new(&AES_256_GCM, enc.as_ref()).map_err(|_| PkiError::Issue {
+            name: "the hub's secrets key".into(),
+            reason: "not an AES-256 key".into(),
+        })?;
+        Ok(Self {
             aead: LessSafeKey::new(unbound),
             mac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, mac.as_ref()),
-        }
+        })
     }
 
-    /// `nonce || ciphertext || tag` of `plaintext`, bound to `name`.
-    pub fn encrypt(&self, name: &str, plaintext: &[u8]) -> Result<Vec<u8>, SecretError> {
+    /// `nonce || ciphertext || tag` of `plaintext`, bound to `name` and `version`.
+    pub fn encrypt(
+        &self,
+        name: &str,
+        version: &str,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, SecretError> {
         let fail = || SecretError::Encrypt(name.to_string());
         let mut nonce = [0u8; NONCE_LEN];
         SystemRandom::new().fill(&mut nonce).map_err(|_| fail())?;
@@ -113,7 +119,7 @@ impl SecretsKey {
         self.aead
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(name.as_bytes()),
+                Aad::from(at_rest_aad(name, version)),
                 &mut buf,
             )
             .map_err(|_| fail())?;
@@ -122,8 +128,8 @@ impl SecretsKey {
         Ok(out)
     }
 
-    /// The plaintext of a blob [`Self::encrypt`] made for `name`.
-    pub fn decrypt(&self, name: &str, blob: &[u8]) -> Result<Vec<u8>, SecretError> {
+    /// The plaintext of a blob [`Self::encrypt`] made for `name` at `version`.
+    pub fn decrypt(&self, name: &str, version: &str, blob: &[u8]) -> Result<Vec<u8>, SecretError> {
         let fail = || SecretError::Decrypt(name.to_string());
         if blob.len() < NONCE_LEN {
             return Err(fail());
@@ -133,7 +139,7 @@ impl SecretsKey {
         let mut buf = ct.to_vec();
         let plain = self
             .aead
-            .open_in_place(nonce, Aad::from(name.as_bytes()), &mut buf)
+            .open_in_place(nonce, Aad::from(at_rest_aad(name, version)), &mut buf)
             .map_err(|_| fail())?;
         Ok(plain.to_vec())
     }
@@ -146,6 +152,11 @@ impl SecretsKey {
         ctx.update(plaintext);
         hex::encode(&ctx.sign().as_ref()[..8])
     }
+}
+
+/// The associated data of a secret at rest: its name and version.
+fn at_rest_aad(name: &str, version: &str) -> Vec<u8> {
+    format!("{name}\n{version}").into_bytes()
 }
 
 /// A secret sealed to one device: HPKE's encapsulated key and the ciphertext.
@@ -254,22 +265,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pki/secrets.key");
         let k = SecretsKey::load_or_create(&path).unwrap();
-        let blob = k.encrypt("db", b"hunter2").unwrap();
+        let blob = k.encrypt("db", "v1", b"hunter2").unwrap();
         assert!(!blob.windows(7).any(|w| w == b"hunter2"));
-        assert_eq!(k.decrypt("db", &blob).unwrap(), b"hunter2");
-        // Same file, same key; another name or key does not open it.
+        assert_eq!(k.decrypt("db", "v1", &blob).unwrap(), b"hunter2");
+        // Same file, same key; another name, version or key does not open it.
         let again = SecretsKey::load_or_create(&path).unwrap();
-        assert_eq!(again.decrypt("db", &blob).unwrap(), b"hunter2");
-        assert!(k.decrypt("web", &blob).is_err());
-        assert!(SecretsKey::from_bytes(&[7; 32])
-            .decrypt("db", &blob)
-            .is_err());
+        assert_eq!(again.decrypt("db", "v1", &blob).unwrap(), b"hunter2");
+        assert!(k.decrypt("web", "v1", &blob).is_err());
+        assert!(k.decrypt("db", "v2", &blob).is_err());
+        let other = SecretsKey::from_bytes(&[7; 32]).unwrap();
+        assert!(other.decrypt("db", "v1", &blob).is_err());
         let mut bad = blob.clone();
         bad[20] ^= 1;
-        assert!(k.decrypt("db", &bad).is_err());
-        assert!(k.decrypt("db", &blob[..5]).is_err());
+        assert!(k.decrypt("db", "v1", &bad).is_err());
+        assert!(k.decrypt("db", "v1", &blob[..5]).is_err());
         // A fresh nonce every time.
-        assert_ne!(k.encrypt("db", b"hunter2").unwrap(), blob);
+        assert_ne!(k.encrypt("db", "v1", b"hunter2").unwrap(), blob);
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
@@ -277,13 +288,15 @@ mod tests {
 
     #[test]
     fn versions_follow_content_and_key() {
-        let k = SecretsKey::from_bytes(&[1; 32]);
+        let k = SecretsKey::from_bytes(&[1; 32]).unwrap();
         assert_eq!(k.version("db", b"a"), k.version("db", b"a"));
         assert_ne!(k.version("db", b"a"), k.version("db", b"b"));
         assert_ne!(k.version("db", b"a"), k.version("dc", b"a"));
         assert_ne!(
             k.version("db", b"a"),
-            SecretsKey::from_bytes(&[2; 32]).version("db", b"a")
+            SecretsKey::from_bytes(&[2; 32])
+                .unwrap()
+                .version("db", b"a")
         );
         assert_eq!(k.version("db", b"a").len(), 16);
     }

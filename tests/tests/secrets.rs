@@ -55,7 +55,7 @@ fn desired_state(hub: &Hub, device: &str) -> Result<serde_json::Value> {
 #[test]
 fn a_secret_reaches_only_the_workload_that_uses_it() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let hub = Hub::start(dir.path(), None)?;
+    let mut hub = Hub::start(dir.path(), None)?;
     let mut a = Agent::start(dir.path(), "edge-a", "role=db", &hub.join())?;
     let b = Agent::start(dir.path(), "edge-b", "", &hub.join())?;
     hub.wait_devices_online(2, Duration::from_secs(20))?;
@@ -148,6 +148,26 @@ fn a_secret_reaches_only_the_workload_that_uses_it() -> Result<()> {
     let out = hub.shoal(&["apply", "-f", bad.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(err.contains("secret \"nope\" does not exist"), "{err}");
+    // Over MQTT the broker would see the values: refused (shoal apply uses HTTPS).
+    let raw = secret_doc("seen-by-the-broker");
+    let out = std::process::Command::new("mosquitto_pub")
+        .args(hub.access().mosquitto_args())
+        .args(["-t", "shoal/v1/apply/raw", "-m", &raw, "-q", "1"])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until(Duration::from_secs(10), "the MQTT apply refused", || {
+        let log = std::fs::read_to_string(dir.path().join("hub.log"))?;
+        Ok(log
+            .contains("secrets are applied over the HTTPS API only")
+            .then_some(()))
+    })?;
+    assert!(files_containing(&hub.data_dir, b"seen-by-the-broker", &[]).is_empty());
+    let hub_log = std::fs::read_to_string(dir.path().join("hub.log"))?;
+    assert!(!hub_log.contains("seen-by-the-broker"));
     let out = hub.shoal(&["delete", "secret", "db"]);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(
@@ -178,6 +198,30 @@ fn a_secret_reaches_only_the_workload_that_uses_it() -> Result<()> {
     std::fs::remove_file(&out_file)?;
     let _a = Agent::start(dir.path(), "edge-a", "role=db", &hub.join())?;
     seen(&v2)?;
+
+    // SIGKILL the hub. With another secrets key it refuses to start, saying what to do;
+    // with its own key the secret is there again (encrypted in its store all along).
+    hub.proc.kill();
+    let key = hub.data_dir.join("pki/secrets.key");
+    std::fs::rename(&key, key.with_extension("saved"))?;
+    let out = std::process::Command::new(bin("shoal-hub"))
+        .args(["serve", "--no-mdns", "--data-dir"])
+        .arg(&hub.data_dir)
+        .args([
+            "--http-listen",
+            "127.0.0.1:0",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+        ])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("restore DATA_DIR/pki/secrets.key"), "{err}");
+    std::fs::rename(key.with_extension("saved"), &key)?;
+    let hub = Hub::start_on(dir.path(), None, hub.mqtt, hub.http)?;
+    let listed = hub.json(&["get", "secrets"])?;
+    assert_eq!(listed[0]["name"], "db", "{listed}");
+    hub.wait_running("app", 1, Duration::from_secs(30))?;
 
     // Once nothing uses it, it can be deleted.
     hub.shoal_ok(&["delete", "workload", "app"]);

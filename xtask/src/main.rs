@@ -6,6 +6,8 @@
 //! - `{triple}/shoal-agent`: the stripped binary;
 //! - `shoal-agent-{version}-{arch}.tar.gz`: the binary, the systemd unit, a minimal
 //!   `agent.toml` and the fully commented `agent.toml.example`;
+//! - `shoal-agent-{version}-oci.tar`: an OCI image layout holding an image index over one
+//!   image per architecture ([`oci`]);
 //! - `shoal-agent_{version}_{arch}.deb`: the same, installed as `/usr/bin/shoal-agent`,
 //!   `/lib/systemd/system/shoal-agent.service`, `/etc/shoal/agent.toml` (a conffile) and
 //!   `/usr/share/doc/shoal-agent/agent.toml.example`; its maintainer scripts create the data
@@ -17,6 +19,8 @@
 //! `scripts/install-deps.sh` installs them). `--profile dev --no-build` packages what
 //! `scripts/cross.sh` built, which is how the tests check the packaging without a release
 //! build.
+
+mod oci;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -59,6 +63,12 @@ struct Board {
     strip: &'static str,
     /// ELF `e_machine` of its binaries (checked before packaging).
     machine: u16,
+    /// The OCI platform of its image.
+    oci_arch: oci_spec::image::Arch,
+    oci_variant: Option<&'static str>,
+    /// The C runtime its binary needs, for the image: (file on this machine, path in the
+    /// image). The program interpreter first.
+    runtime: [(&'static str, &'static str); 4],
 }
 
 const BOARDS: [Board; 3] = [
@@ -67,18 +77,75 @@ const BOARDS: [Board; 3] = [
         deb: "amd64",
         strip: "strip",
         machine: 62,
+        oci_arch: oci_spec::image::Arch::Amd64,
+        oci_variant: None,
+        runtime: [
+            ("/lib64/ld-linux-x86-64.so.2", "lib64/ld-linux-x86-64.so.2"),
+            (
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "lib/x86_64-linux-gnu/libc.so.6",
+            ),
+            (
+                "/lib/x86_64-linux-gnu/libm.so.6",
+                "lib/x86_64-linux-gnu/libm.so.6",
+            ),
+            (
+                "/lib/x86_64-linux-gnu/libgcc_s.so.1",
+                "lib/x86_64-linux-gnu/libgcc_s.so.1",
+            ),
+        ],
     },
     Board {
         triple: "aarch64-unknown-linux-gnu",
         deb: "arm64",
         strip: "aarch64-linux-gnu-strip",
         machine: 183,
+        oci_arch: oci_spec::image::Arch::ARM64,
+        oci_variant: None,
+        runtime: [
+            (
+                "/usr/aarch64-linux-gnu/lib/ld-linux-aarch64.so.1",
+                "lib/ld-linux-aarch64.so.1",
+            ),
+            (
+                "/usr/aarch64-linux-gnu/lib/libc.so.6",
+                "lib/aarch64-linux-gnu/libc.so.6",
+            ),
+            (
+                "/usr/aarch64-linux-gnu/lib/libm.so.6",
+                "lib/aarch64-linux-gnu/libm.so.6",
+            ),
+            (
+                "/usr/aarch64-linux-gnu/lib/libgcc_s.so.1",
+                "lib/aarch64-linux-gnu/libgcc_s.so.1",
+            ),
+        ],
     },
     Board {
         triple: "armv7-unknown-linux-gnueabihf",
         deb: "armhf",
         strip: "arm-linux-gnueabihf-strip",
         machine: 40,
+        oci_arch: oci_spec::image::Arch::ARM,
+        oci_variant: Some("v7"),
+        runtime: [
+            (
+                "/usr/arm-linux-gnueabihf/lib/ld-linux-armhf.so.3",
+                "lib/ld-linux-armhf.so.3",
+            ),
+            (
+                "/usr/arm-linux-gnueabihf/lib/libc.so.6",
+                "lib/arm-linux-gnueabihf/libc.so.6",
+            ),
+            (
+                "/usr/arm-linux-gnueabihf/lib/libm.so.6",
+                "lib/arm-linux-gnueabihf/libm.so.6",
+            ),
+            (
+                "/usr/arm-linux-gnueabihf/lib/libgcc_s.so.1",
+                "lib/arm-linux-gnueabihf/libgcc_s.so.1",
+            ),
+        ],
     },
 ];
 
@@ -138,7 +205,8 @@ fn dist(profile: &str, targets: &[String], out: Option<PathBuf>, no_build: bool)
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     // Cargo names the dev profile's directory `debug`.
     let profile_dir = if profile == "dev" { "debug" } else { profile };
-    for b in boards {
+    let mut images = Vec::new();
+    for b in &boards {
         if !no_build {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             run(Command::new(cargo).current_dir(repo_root()).args([
@@ -151,10 +219,14 @@ fn dist(profile: &str, targets: &[String], out: Option<PathBuf>, no_build: bool)
                 profile,
             ]))?;
         }
-        let built = target_dir()
+        let mut built = target_dir()
             .join(b.triple)
             .join(profile_dir)
             .join("shoal-agent");
+        if !built.is_file() && no_build && b.triple == HOST {
+            // A plain `cargo build` puts the host's binary outside any triple directory.
+            built = target_dir().join(profile_dir).join("shoal-agent");
+        }
         let bin = out.join(b.triple).join("shoal-agent");
         stage_binary(b, &built, &bin)?;
         let glibc = needed_glibc(&std::fs::read(&bin)?);
@@ -170,9 +242,36 @@ fn dist(profile: &str, targets: &[String], out: Option<PathBuf>, no_build: bool)
             tarball.display(),
             deb.display()
         );
+        let mut files = std::collections::BTreeMap::new();
+        files.insert("usr/bin/shoal-agent".to_string(), (bin.clone(), 0o755));
+        files.insert(
+            "etc/shoal/agent.toml".to_string(),
+            (repo_root().join("edge-agent/packaging/agent.toml"), 0o644),
+        );
+        for (from, to) in b.runtime {
+            files.insert(to.to_string(), (PathBuf::from(from), 0o755));
+        }
+        images.push(oci::Image {
+            arch: b.oci_arch.clone(),
+            variant: b.oci_variant,
+            files,
+        });
     }
+    // The image index covers the boards built in this run.
+    let image = out.join(format!("shoal-agent-{VERSION}-oci.tar"));
+    oci::write_layout(&image, "shoal.local/shoal-agent", VERSION, &images)?;
+    let arches: Vec<String> = boards.iter().map(|b| b.deb.to_string()).collect();
+    println!(
+        "{:<32} index of {}  {}",
+        "OCI image",
+        arches.join(", "),
+        image.display()
+    );
     Ok(())
 }
+
+/// The triple this tool was built for (the `dev` agent of a plain `cargo build`).
+const HOST: &str = "x86_64-unknown-linux-gnu";
 
 /// Copies the built binary next to the artifacts, checks it is for `b`, and strips it.
 fn stage_binary(b: &Board, built: &Path, bin: &Path) -> Result<()> {
