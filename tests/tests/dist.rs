@@ -1,8 +1,11 @@
 //! The agent's packages for ARM boards (`cargo xtask dist`), checked as a user would: the
 //! .deb's metadata and contents with `dpkg-deb --info/--contents`, the binary extracted
 //! from it runs (under qemu-user) and accepts the packaged config, and the tarball holds the
-//! binary, the systemd unit and the configs. Packages the dev builds `scripts/cross.sh`
-//! made (`--profile dev --no-build`); a release build goes through the same code.
+//! binary, the systemd unit and the configs. The OCI image index lists the three platforms,
+//! each manifest's config names its architecture, containerd imports it and runs the amd64
+//! image, and `ctr` pushes the whole index to a real registry. Packages the dev builds
+//! `scripts/cross.sh` made (`--profile dev --no-build`); a release build goes through the
+//! same code.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use anyhow::Result;
@@ -127,8 +130,6 @@ fn dist_packages_the_arm_agents_as_tarballs_and_debs() -> Result<()> {
     let target_dir = bin_dir().parent().unwrap().to_path_buf();
     ok(Command::new(bin("xtask"))
         .args(["dist", "--profile", "dev", "--no-build"])
-        .args(["--target", "aarch64-unknown-linux-gnu"])
-        .args(["--target", "armv7-unknown-linux-gnueabihf"])
         .arg("--out")
         .arg(out.path())
         .env("CARGO_TARGET_DIR", &target_dir));
@@ -148,6 +149,7 @@ fn dist_packages_the_arm_agents_as_tarballs_and_debs() -> Result<()> {
         "/usr/arm-linux-gnueabihf",
         40,
     );
+    check_image(out.path())?;
     // A target Shoal does not ship for is refused by name.
     let bad = Command::new(bin("xtask"))
         .args(["dist", "--no-build", "--target", "mips-unknown-linux-gnu"])
@@ -160,5 +162,108 @@ fn dist_packages_the_arm_agents_as_tarballs_and_debs() -> Result<()> {
         "{}",
         text(&bad)
     );
+    Ok(())
+}
+
+/// The OCI layout: an index of three platforms whose configs agree; containerd imports it
+/// and runs the amd64 image; `ctr` pushes the index to a registry, which then serves it.
+fn check_image(out: &Path) -> Result<()> {
+    use std::collections::BTreeMap;
+    use std::io::Read;
+    let version = env!("CARGO_PKG_VERSION");
+    let layout = out.join(format!("shoal-agent-{version}-oci.tar"));
+    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut tar = tar::Archive::new(std::fs::File::open(&layout)?);
+    for e in tar.entries()? {
+        let mut e = e?;
+        let name = e.path()?.display().to_string();
+        let mut bytes = Vec::new();
+        e.read_to_end(&mut bytes)?;
+        files.insert(name, bytes);
+    }
+    let blob = |digest: &str| -> serde_json::Value {
+        let hex = digest.trim_start_matches("sha256:");
+        serde_json::from_slice(&files[&format!("blobs/sha256/{hex}")]).unwrap()
+    };
+    let top: serde_json::Value = serde_json::from_slice(&files["index.json"])?;
+    let index_desc = &top["manifests"][0];
+    assert_eq!(
+        index_desc["annotations"]["io.containerd.image.name"],
+        format!("shoal.local/shoal-agent:{version}")
+    );
+    let index = blob(index_desc["digest"].as_str().unwrap());
+    assert_eq!(
+        index["mediaType"],
+        "application/vnd.oci.image.index.v1+json"
+    );
+    let mut platforms = Vec::new();
+    for m in index["manifests"].as_array().unwrap() {
+        let p = &m["platform"];
+        let manifest = blob(m["digest"].as_str().unwrap());
+        let config = blob(manifest["config"]["digest"].as_str().unwrap());
+        assert_eq!(config["architecture"], p["architecture"], "{config}");
+        assert_eq!(config["os"], "linux");
+        assert_eq!(config["config"]["Entrypoint"][0], "/usr/bin/shoal-agent");
+        let variant = p["variant"]
+            .as_str()
+            .map(|v| format!("/{v}"))
+            .unwrap_or_default();
+        platforms.push(format!("{}{variant}", p["architecture"].as_str().unwrap()));
+    }
+    assert_eq!(platforms, vec!["amd64", "arm64", "arm/v7"]);
+
+    let dir = tempfile::tempdir()?;
+    let Some(ctrd) = PrivateContainerd::start(dir.path())? else {
+        return Ok(()); // said why (not root, or no containerd) unless CI requires it
+    };
+    let socket = ctrd.socket.display().to_string();
+    let ctr = |args: &[&str]| -> Result<String> {
+        let out = Command::new("ctr")
+            .args(["-a", &socket, "-n", "shoal-dist"])
+            .args(args)
+            .output()?;
+        anyhow::ensure!(out.status.success(), "ctr {args:?}: {}", text(&out));
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    let image = format!("shoal.local/shoal-agent:{version}");
+    ctr(&[
+        "images",
+        "import",
+        "--all-platforms",
+        layout.to_str().unwrap(),
+    ])?;
+    let ran = ctr(&[
+        "run",
+        "--rm",
+        &image,
+        "agent-version",
+        "/usr/bin/shoal-agent",
+        "--version",
+    ])?;
+    assert_eq!(ran.trim(), format!("shoal-agent {version}"));
+
+    let registry = Registry::start(dir.path())?;
+    let pushed = format!("127.0.0.1:{}/shoal/agent:{version}", registry.port);
+    ctr(&["images", "tag", &image, &pushed])?;
+    ctr(&["images", "push", "--plain-http", &pushed, &image])?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let regs = shoal_registry::Registries::new(Default::default());
+    let (_, served) = rt.block_on(
+        regs.resolve_image(
+            &registry
+                .reference(&format!("shoal/agent:{version}"))
+                .parse()?,
+        ),
+    )?;
+    let served: Vec<String> = served
+        .iter()
+        .map(|p| match &p.variant {
+            Some(v) => format!("{}/{v}", p.architecture),
+            None => p.architecture.clone(),
+        })
+        .collect();
+    assert_eq!(served, vec!["amd64", "arm64", "arm/v7"]);
     Ok(())
 }
