@@ -6,7 +6,8 @@
 # SHOAL_BENCH_JOINS the number of joins (default 20); then shoal-scale-bench (the hub under
 # SHOAL_BENCH_FLEET simulated devices, default 10,000), shoal-container-bench (root: a
 # private containerd; container and WASM deploys against `ctr run`, SHOAL_BENCH_CONTAINERS
-# iterations, default 20) and the scheduler benchmark.
+# iterations, default 20), shoal-engine-bench (Pulley against Cranelift on one module) and
+# the scheduler benchmark.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$REPO_ROOT"
@@ -17,4 +18,5 @@ SHOAL_BIN_DIR="$CARGO_TARGET_DIR/release" "$CARGO_TARGET_DIR/release/shoal-bench
 SHOAL_BIN_DIR="$CARGO_TARGET_DIR/release" "$CARGO_TARGET_DIR/release/shoal-join-bench"
 SHOAL_BIN_DIR="$CARGO_TARGET_DIR/release" "$CARGO_TARGET_DIR/release/shoal-scale-bench"
 SHOAL_BIN_DIR="$CARGO_TARGET_DIR/release" "$CARGO_TARGET_DIR/release/shoal-container-bench"
+SHOAL_MODULES_DIR="$REPO_ROOT/modules/dist" "$CARGO_TARGET_DIR/release/shoal-engine-bench"
 cargo bench -q -p shoal-hub --bench schedule

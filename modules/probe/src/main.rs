@@ -9,6 +9,8 @@
 //! - `count FILE`: read a number from FILE (0 if absent), write it back plus one, print
 //!   `count N` and exit 0; with a volume, N counts the runs that ever saw it.
 //! - `cat FILE`: print FILE's content and exit 0, or say why not and exit 1 (sandbox tests).
+//! - `work N`: N rounds of integer arithmetic (xorshift and a running sum), then print the
+//!   result and exit: a fixed amount of pure computation for engine benchmarks.
 //! - `secret FILE VAR OUT`: copy FILE's content and environment variable VAR into OUT (a
 //!   volume the test reads, so the values never reach the log), print their sizes and
 //!   whether FILE can be written, then idle.
@@ -50,6 +52,18 @@ fn main() {
         loop {
             std::thread::sleep(Duration::from_secs(1));
         }
+    }
+    if mode == "work" {
+        let rounds = num.unwrap_or(10_000_000);
+        let (mut x, mut sum) = (0x2545_f491_4f6c_dd1du64, 0u64);
+        for i in 0..rounds {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            sum = sum.wrapping_add(x % (i + 1));
+        }
+        println!("work {rounds} = {sum}");
+        return;
     }
     if mode == "count" {
         let path = args.get(2).map(String::as_str).unwrap_or("/data/count");
