@@ -421,21 +421,11 @@ struct HubState {
     ignored: BTreeSet<String>,
 }
 
-/// The (secret, version) pairs a replica runs with.
-fn secret_refs(w: &DesiredWorkload) -> BTreeSet<(SecretName, String)> {
-    w.secrets
-        .iter()
-        .map(|m| (m.mount.name.clone(), m.version.clone()))
-        .collect()
-}
-
 struct Replica {
     workload: WorkloadName,
     revision: String,
-    /// The secret versions it runs with ([`crate::plan::secret_versions`]) and, for the
-    /// sweep, as pairs.
-    secrets: String,
-    secret_refs: BTreeSet<(SecretName, String)>,
+    /// The secrets it runs with, at their versions ([`crate::plan::secret_versions`]).
+    secrets: BTreeSet<(SecretName, String)>,
     /// The container's id when it runs the container variant (its stop may take a grace
     /// period).
     container: Option<String>,
@@ -531,11 +521,11 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         let keep: BTreeSet<(SecretName, String)> = desired
             .workloads
             .iter()
-            .flat_map(secret_refs)
+            .flat_map(crate::plan::secret_versions)
             .chain(
                 self.replicas
                     .values()
-                    .flat_map(|r| r.secret_refs.iter().cloned()),
+                    .flat_map(|r| r.secrets.iter().cloned()),
             )
             .chain(self.stopping.values().flat_map(|(_, s)| s.iter().cloned()))
             .collect();
@@ -976,7 +966,6 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         let revision = w.revision.clone();
         let workload = w.name.clone();
         let secrets = crate::plan::secret_versions(&w);
-        let secret_refs = secret_refs(&w);
         let container = w.container.is_some().then(|| supervisor::container_id(&w));
         let network = self.network(&w);
         let handle = self.tracker.spawn(supervisor::supervise(
@@ -993,7 +982,6 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
                 workload,
                 revision,
                 secrets,
-                secret_refs,
                 container,
                 task,
                 cancel,
@@ -1053,8 +1041,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
             r.cancel.cancel();
             if let Some(id) = r.container {
                 // Its volumes and secret files stay until it is gone.
-                self.stopping
-                    .insert(id.clone(), (r.workload, r.secret_refs));
+                self.stopping.insert(id.clone(), (r.workload, r.secrets));
                 let gone = self.gone_tx.clone();
                 self.tracker.spawn(async move {
                     let _ = r.handle.await;

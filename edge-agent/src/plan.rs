@@ -4,6 +4,7 @@
 //! one replica's life (fetch, run, restart with back-off) belongs to its supervisor task and is
 //! decided by the pure helpers [`restart_delay`] and [`after_exit`].
 
+use shoal_api::ids::SecretName;
 use shoal_api::messages::DesiredWorkload;
 use shoal_api::workload::Restart;
 use std::collections::{BTreeMap, BTreeSet};
@@ -13,17 +14,16 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Observed {
     pub revision: String,
-    /// The versions of the secrets it runs with ([`secret_versions`]).
-    pub secrets: String,
+    /// The secrets it runs with, and their versions ([`secret_versions`]).
+    pub secrets: BTreeSet<(SecretName, String)>,
 }
 
-/// The secret versions a replica runs with, as one comparable string (`name@version,…`).
-pub fn secret_versions(w: &DesiredWorkload) -> String {
+/// The (secret, version) pairs a replica runs with.
+pub fn secret_versions(w: &DesiredWorkload) -> BTreeSet<(SecretName, String)> {
     w.secrets
         .iter()
-        .map(|m| format!("{}@{}", m.mount.name, m.version))
-        .collect::<Vec<_>>()
-        .join(",")
+        .map(|m| (m.mount.name.clone(), m.version.clone()))
+        .collect()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -226,7 +226,10 @@ mod tests {
                 },
             )])
         };
-        assert_eq!(secret_versions(&with("v1")), "db@v1");
+        assert_eq!(
+            secret_versions(&with("v1")),
+            BTreeSet::from([(SecretName::try_from("db").unwrap(), "v1".to_string())])
+        );
         assert!(plan(&[with("v1")], &running(&with("v1"))).is_empty());
         assert_eq!(
             plan(&[with("v2")], &running(&with("v1"))),

@@ -115,7 +115,8 @@ pub fn container_id(d: &DesiredWorkload) -> String {
     } else {
         // A new secret version is a new container too: the old one may still be stopping.
         use sha2::Digest as _;
-        let h = hex::encode(sha2::Sha256::digest(secrets.as_bytes()));
+        let text: Vec<String> = secrets.iter().map(|(n, v)| format!("{n}@{v}")).collect();
+        let h = hex::encode(sha2::Sha256::digest(text.join(",").as_bytes()));
         format!("{}-{}-{}", d.instance(), d.revision, &h[..8])
     }
 }
