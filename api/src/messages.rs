@@ -17,6 +17,14 @@ fn protocol() -> u32 {
 /// marks a device lost that stays silent past its grace period).
 pub const STATUS_PERIOD_MS: u64 = 10_000;
 
+/// The runtime of an agent that compiles and runs WASM modules.
+pub const RUNTIME_WASM: &str = "wasm";
+/// The runtime of a runtime-only agent (built without a compiler): it runs WASM modules the hub
+/// precompiled for it, so only modules the hub stores, not `oci://` ones.
+pub const RUNTIME_WASM_PRECOMPILED: &str = "wasm-precompiled";
+/// The runtime of an agent that runs OCI containers through containerd.
+pub const RUNTIME_CONTAINER: &str = "container";
+
 /// `devices/{d}/hello`: what a device is and can do. Sent on every (re)connect.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -32,7 +40,8 @@ pub struct Hello {
     pub variant: Option<String>,
     #[serde(default)]
     pub os: String,
-    /// Runtimes the device offers: `wasm` and/or `container`.
+    /// Runtimes the device offers: [`RUNTIME_WASM`] or [`RUNTIME_WASM_PRECOMPILED`], and/or
+    /// [`RUNTIME_CONTAINER`].
     #[serde(default)]
     pub runtimes: Vec<String>,
     #[serde(default)]

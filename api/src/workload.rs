@@ -383,7 +383,8 @@ impl Workload {
 
     /// The variant a device runs, given the runtimes it offers and its architecture (Rust's
     /// `std::env::consts::ARCH`) and CPU variant: the WASM variant wherever the device has
-    /// the `wasm` runtime; otherwise the container, where the device has the `container`
+    /// the `wasm` runtime, or the `wasm-precompiled` one and the module is a hub blob (the hub
+    /// precompiles only what it stores); otherwise the container, where the device has the `container`
     /// runtime and the image offers a platform it runs (the same choice the device makes when
     /// it pulls: [`crate::oci::choose_platform`]), or its platforms are unknown. `None`:
     /// neither.
@@ -393,13 +394,21 @@ impl Workload {
         arch: &str,
         cpu_variant: Option<&str>,
     ) -> Option<Variant> {
-        if self.module.is_some() && has_runtime("wasm") {
+        use crate::messages::{RUNTIME_CONTAINER, RUNTIME_WASM, RUNTIME_WASM_PRECOMPILED};
+        let wasm = match &self.module {
+            Some(ModuleRef::Digest(_)) => {
+                has_runtime(RUNTIME_WASM) || has_runtime(RUNTIME_WASM_PRECOMPILED)
+            }
+            Some(ModuleRef::Oci(_) | ModuleRef::Path(_)) => has_runtime(RUNTIME_WASM),
+            None => false,
+        };
+        if wasm {
             return Some(Variant::Wasm);
         }
         let c = self.container.as_ref()?;
         let platform_ok = c.platforms.is_empty()
             || crate::oci::choose_platform(&c.platforms, arch, cpu_variant).is_some();
-        (has_runtime("container") && platform_ok).then_some(Variant::Container)
+        (has_runtime(RUNTIME_CONTAINER) && platform_ok).then_some(Variant::Container)
     }
 
     /// Whether a device with these labels satisfies the selector.
@@ -1210,6 +1219,30 @@ spec:
             expose: Expose::None,
         });
         assert_ne!(with.revision(), w.revision());
+    }
+
+    #[test]
+    fn runtime_only_devices_run_hub_blobs_only() {
+        let doc = |module: &str| {
+            format!("apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: w }}\nspec:\n  wasm: {{ module: \"{module}\" }}\n")
+        };
+        let blob = format!("sha256:{}", "ab".repeat(32));
+        let oci = format!("oci://localhost:5000/m@sha256:{}", "cd".repeat(32));
+        let has = |rs: &'static [&'static str]| move |r: &str| rs.contains(&r);
+        for (module, runtimes, want) in [
+            (&blob, &["wasm-precompiled"][..], Some(Variant::Wasm)),
+            (&blob, &["wasm"][..], Some(Variant::Wasm)),
+            (&oci, &["wasm"][..], Some(Variant::Wasm)),
+            (&oci, &["wasm-precompiled"][..], None),
+            (&oci, &["wasm-precompiled", "container"][..], None),
+        ] {
+            let w = parse_workloads(&doc(module)).unwrap().remove(0);
+            assert_eq!(
+                w.variant_for(has(runtimes), "aarch64", None),
+                want,
+                "{module} on {runtimes:?}"
+            );
+        }
     }
 
     #[test]

@@ -27,6 +27,7 @@ use shoal_api::endpoint::BrokerUrl;
 use shoal_api::ids::{DeviceId, SecretName, WorkloadName};
 use shoal_api::messages::{
     now_ms, DesiredState, DesiredWorkload, DeviceStatus, Hello, InstanceStatus, Phase,
+    RUNTIME_CONTAINER, RUNTIME_WASM, RUNTIME_WASM_PRECOMPILED,
 };
 use shoal_api::topics;
 use shoal_daemon::mdns::{Discovery, Mdns, MdnsEvent, MdnsOptions, NoDiscovery};
@@ -206,7 +207,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         )
     };
     let tls = identity.as_ref().map(|i| i.client.clone());
-    let fetcher = Fetcher::new(&config.data_dir, registries.clone(), tls.clone())?;
+    let mut fetcher = Fetcher::new(&config.data_dir, registries.clone(), tls.clone())?;
+    if !WasmRuntime::compiles() {
+        fetcher = fetcher.precompiled_for(runtime.target());
+    }
     let (local_tx, local_rx) = mpsc::channel(16);
     if let Some(sock) = &config.socket {
         match local::serve(&sock.path, local_tx, &tracker, loop_stop.clone()).await {
@@ -1092,10 +1096,14 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
 fn hello(config: &AgentConfig, containers: bool) -> Hello {
     let mut runtimes = Vec::new();
     if config.wasm {
-        runtimes.push("wasm".to_string());
+        runtimes.push(if WasmRuntime::compiles() {
+            RUNTIME_WASM.to_string()
+        } else {
+            RUNTIME_WASM_PRECOMPILED.to_string()
+        });
     }
     if containers {
-        runtimes.push("container".to_string());
+        runtimes.push(RUNTIME_CONTAINER.to_string());
     }
     Hello {
         protocol: shoal_api::PROTOCOL_VERSION,

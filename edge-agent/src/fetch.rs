@@ -3,6 +3,11 @@
 //! a pinned `oci://` reference, pulled from its registry (manifest and layer verified by
 //! [`shoal_registry`]) and cached as `DATA_DIR/cache/modules/oci-<manifest hex>.wasm`.
 //!
+//! A runtime-only agent (built without the `compiler` feature) cannot compile wasm: it fetches
+//! `GET {artifact_base}/v1/blobs/{digest}/precompiled?target=T&engine=E` instead, the module
+//! compiled by the hub for its engine and target, cached as `<hex>.<target>.cwasm`. That is
+//! native code, so it is only taken from a hub authenticated over TLS.
+//!
 //! A cached module is used without asking the hub, which is what lets a device restart its
 //! workloads while the hub is unreachable.
 
@@ -25,6 +30,10 @@ pub enum FetchError {
         url: String,
         actual: String,
     },
+    #[error("module {module} comes from a registry, and this runtime-only agent cannot compile it: the hub precompiles only the modules it stores")]
+    NeedsCompiler { module: String },
+    #[error("module {digest}: a runtime-only agent loads native code from the hub, so it needs a hub it authenticates over TLS (not --insecure)")]
+    PrecompiledNeedsTls { digest: String },
     #[error("cannot pull module: {0}")]
     Registry(#[from] shoal_registry::RegistryError),
     #[error("module cache i/o error at {path:?}: {source}")]
@@ -39,6 +48,10 @@ pub struct Fetcher {
     dir: PathBuf,
     http: reqwest::Client,
     registries: std::sync::Arc<shoal_registry::Registries>,
+    /// Whether the hub is authenticated over TLS.
+    tls: bool,
+    /// Runtime-only: the engine target to ask the hub to precompile modules for.
+    precompiled: Option<String>,
 }
 
 impl Fetcher {
@@ -54,6 +67,7 @@ impl Fetcher {
             path: dir.display().to_string(),
             source,
         })?;
+        let authenticated = tls.is_some();
         let mut builder = reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(5))
             .timeout(std::time::Duration::from_secs(120));
@@ -69,7 +83,16 @@ impl Fetcher {
             dir,
             http,
             registries,
+            tls: authenticated,
+            precompiled: None,
         })
+    }
+
+    /// Makes this a runtime-only agent's fetcher: modules from the hub come precompiled for
+    /// `target` (see [`shoal_engine::native_target`]).
+    pub fn precompiled_for(mut self, target: String) -> Self {
+        self.precompiled = Some(target);
+        self
     }
 
     pub fn cached_path(&self, d: &Digest) -> PathBuf {
@@ -85,6 +108,11 @@ impl Fetcher {
         oci: Option<&OciRef>,
     ) -> Result<PathBuf, FetchError> {
         if let Some(r) = oci {
+            if self.precompiled.is_some() {
+                return Err(FetchError::NeedsCompiler {
+                    module: r.pinned(d.clone()).to_string(),
+                });
+            }
             let path = self.dir.join(format!("oci-{}.wasm", d.hex()));
             if !tokio::fs::try_exists(&path).await.unwrap_or(false) {
                 let pinned = r.pinned(d.clone());
@@ -93,9 +121,17 @@ impl Fetcher {
             }
             return Ok(path);
         }
-        let path = self.cached_path(d);
+        let path = match &self.precompiled {
+            Some(target) => self.dir.join(format!("{}.{target}.cwasm", d.hex())),
+            None => self.cached_path(d),
+        };
         if tokio::fs::try_exists(&path).await.unwrap_or(false) {
             return Ok(path);
+        }
+        if self.precompiled.is_some() && !self.tls {
+            return Err(FetchError::PrecompiledNeedsTls {
+                digest: d.to_string(),
+            });
         }
         if artifact_base.is_empty() {
             return Err(FetchError::Http {
@@ -104,11 +140,19 @@ impl Fetcher {
                 reason: "no artifact URL yet: the hub gave none (it listens on a wildcard address without --public-url) and has not been found over mDNS".into(),
             });
         }
-        let url = format!(
+        let mut url = format!(
             "{}/v1/blobs/{}",
             artifact_base.trim_end_matches('/'),
             d.as_str()
         );
+        let mut query = Vec::new();
+        if let Some(target) = &self.precompiled {
+            url.push_str("/precompiled");
+            query = vec![
+                ("target", target.as_str()),
+                ("engine", shoal_engine::ENGINE_ID),
+            ];
+        }
         let http_err = |reason: String| FetchError::Http {
             digest: d.to_string(),
             url: url.clone(),
@@ -117,15 +161,24 @@ impl Fetcher {
         let resp = self
             .http
             .get(&url)
+            .query(&query)
             .send()
             .await
             .map_err(|e| http_err(e.to_string()))?;
         if !resp.status().is_success() {
-            return Err(http_err(format!("hub answered {}", resp.status())));
+            let status = resp.status();
+            // The hub explains a refused precompile (wrong engine, bad target) in the body.
+            let why = resp
+                .json::<shoal_api::views::ApiError>()
+                .await
+                .map(|b| format!(": {}", b.error))
+                .unwrap_or_default();
+            return Err(http_err(format!("hub answered {status}{why}")));
         }
         let bytes = resp.bytes().await.map_err(|e| http_err(e.to_string()))?;
         let actual = Digest::of(&bytes);
-        if actual != *d {
+        // A precompiled artifact is the hub's output, not the blob: TLS vouches for it.
+        if self.precompiled.is_none() && actual != *d {
             return Err(FetchError::Digest {
                 digest: d.to_string(),
                 url,
@@ -179,5 +232,42 @@ impl ModuleSource for Fetcher {
         oci: Option<&OciRef>,
     ) -> Result<PathBuf, FetchError> {
         Fetcher::fetch(self, artifact_base, digest, oci).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn fetcher(dir: &Path) -> Fetcher {
+        let registries = std::sync::Arc::new(shoal_registry::Registries::new(
+            shoal_registry::RegistryConfig::default(),
+        ));
+        Fetcher::new(dir, registries, None).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_runtime_only_fetcher_refuses_what_it_could_not_run_safely() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = fetcher(dir.path()).precompiled_for("pulley32".into());
+        let d = Digest::of(b"module");
+        // Native code from a hub it cannot authenticate: refused before any request.
+        let e = f.fetch("http://127.0.0.1:9", &d, None).await.unwrap_err();
+        assert!(matches!(e, FetchError::PrecompiledNeedsTls { .. }), "{e}");
+        assert!(e.to_string().contains("not --insecure"), "{e}");
+        // A registry module: the hub never saw it, so nobody compiles it.
+        let oci: OciRef = "oci://localhost:5000/m:1".parse().unwrap();
+        let e = f.fetch("", &d, Some(&oci)).await.unwrap_err();
+        assert!(matches!(e, FetchError::NeedsCompiler { .. }), "{e}");
+        assert!(e.to_string().contains("oci://localhost:5000/m"), "{e}");
+        assert!(e.to_string().contains(d.as_str()), "{e}");
+        // What it already holds it uses without asking anyone (the hub may be away).
+        let cached = dir
+            .path()
+            .join("cache/modules")
+            .join(format!("{}.pulley32.cwasm", d.hex()));
+        std::fs::write(&cached, b"artifact").unwrap();
+        assert_eq!(f.fetch("", &d, None).await.unwrap(), cached);
     }
 }

@@ -13,6 +13,9 @@
 //!   it uses, and reading their endpoint files at `/shoal/services`.
 //! - Compiled artifacts are cached on disk under `cache_dir/{engine_key}/{digest}.cwasm`,
 //!   keyed by a hash of the engine's compatibility settings, and in memory per digest.
+//! - A runtime-only build (without the `compiler` feature, so without Cranelift) cannot
+//!   compile: its fetcher hands over artifacts the hub precompiled for this engine
+//!   ([`shoal_engine`]), which are loaded as they are.
 //! - Each linear memory is capped at the spec's memory limit by a [`ResourceLimiter`]; going
 //!   over it fails the run with a reason that says "memory limit exceeded".
 
@@ -159,10 +162,7 @@ impl WasmRuntime {
         shutdown: CancellationToken,
     ) -> Result<(WasmRuntime, tokio::task::JoinHandle<()>), WasmInitError> {
         let tokio = tokio::runtime::Handle::try_current().map_err(|_| WasmInitError::NoTokio)?;
-        let mut config = wasmtime::Config::new();
-        // Async support is always on in wasmtime 48 (`Config::async_support` is a deprecated
-        // no-op), so only epoch interruption needs enabling.
-        config.epoch_interruption(true);
+        let config = shoal_engine::config().map_err(|e| WasmInitError::Engine(e.to_string()))?;
         let engine = Engine::new(&config).map_err(|e| WasmInitError::Engine(format!("{e:#}")))?;
 
         let cache_dir = cache_dir.join(engine_key(&engine));
@@ -225,6 +225,17 @@ impl WasmRuntime {
     /// Where the compiled artifact of `digest` is cached.
     pub fn artifact_path(&self, digest: &Digest) -> PathBuf {
         self.inner.artifact_path(digest)
+    }
+
+    /// The target this engine runs code for, which a runtime-only agent asks the hub to
+    /// precompile for (see [`shoal_engine::native_target`]).
+    pub fn target(&self) -> String {
+        shoal_engine::native_target(&self.inner.engine)
+    }
+
+    /// Whether this build can compile wasm itself (else it is runtime-only).
+    pub const fn compiles() -> bool {
+        cfg!(feature = "compiler")
     }
 
     /// How many times this runtime compiled wasm from source (cache misses).
@@ -387,8 +398,35 @@ impl Inner {
         self.prepared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Blocking: loads the cached artifact or compiles `path` (and caches it), then links.
+    /// Blocking: loads the cached artifact or compiles `path` (and caches it), then links. A
+    /// `path` that is itself a precompiled artifact (from the hub) is loaded as it is.
     fn load_or_compile(&self, digest: &Digest, path: &Path) -> Result<WasmModule, RuntimeError> {
+        let prepare_error = |reason: String| RuntimeError::Prepare {
+            digest: digest.as_str().to_string(),
+            reason,
+        };
+        // wasmtime's detection fails on anything that is not ELF, so look at the magic first.
+        let mut magic = [0u8; 4];
+        let elf = std::fs::File::open(path)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+            .is_ok()
+            && magic == *b"\x7fELF";
+        let detected = if elf {
+            Engine::detect_precompiled_file(path)
+        } else {
+            Ok(None)
+        };
+        match detected {
+            Ok(Some(kind)) => {
+                let artifact = deserialize_artifact(&self.engine, path, kind).map_err(|e| {
+                    prepare_error(format!("cannot load the precompiled module: {e:#}"))
+                })?;
+                tracing::debug!(path = %path.display(), "loaded precompiled module");
+                return self.link(digest, artifact);
+            }
+            Ok(None) => {}
+            Err(e) => return Err(prepare_error(format!("cannot read {path:?}: {e:#}"))),
+        }
         let artifact_path = self.artifact_path(digest);
         let artifact = match self.load_artifact(&artifact_path) {
             Ok(Some(artifact)) => {
@@ -419,6 +457,22 @@ impl Inner {
         deserialize_artifact(&self.engine, artifact_path, kind).map(Some)
     }
 
+    #[cfg(not(feature = "compiler"))]
+    fn compile(
+        &self,
+        digest: &Digest,
+        path: &Path,
+        _artifact_path: &Path,
+    ) -> Result<Artifact, RuntimeError> {
+        Err(RuntimeError::InvalidModule {
+            digest: digest.as_str().to_string(),
+            reason: format!(
+                "{path:?} is wasm, not a precompiled module, and this runtime-only agent cannot compile it"
+            ),
+        })
+    }
+
+    #[cfg(feature = "compiler")]
     fn compile(
         &self,
         digest: &Digest,
@@ -525,11 +579,14 @@ fn deserialize_artifact(
     path: &Path,
     kind: wasmtime::Precompiled,
 ) -> wasmtime::Result<Artifact> {
-    // SAFETY: `path` lies in this runtime's private cache directory, keyed by the engine's
-    // compatibility hash, and is only ever written (atomically, by rename) with the output of
-    // `Module::serialize`/`Component::serialize` of this same engine configuration; wasmtime
-    // also checks the artifact's header, version and configuration before using it. The file
-    // is trusted as much as the agent's own binary.
+    // SAFETY: `path` lies in the agent's private data directory and is only ever written
+    // (atomically, by rename) with either the output of `Module::serialize`/
+    // `Component::serialize` of this same engine configuration (its cache, keyed by the
+    // engine's compatibility hash) or an artifact the hub precompiled with the shared
+    // `shoal_engine::config`, fetched over TLS from the authenticated hub (the fetcher refuses
+    // precompiled modules without TLS). wasmtime also checks the artifact's header, version,
+    // target and configuration before using it. The file is trusted as much as the agent's own
+    // binary and the hub that signs its desired state.
     unsafe {
         Ok(match kind {
             wasmtime::Precompiled::Module => {
@@ -542,12 +599,14 @@ fn deserialize_artifact(
     }
 }
 
+#[cfg_attr(not(feature = "compiler"), allow(dead_code))]
 #[derive(Debug, Clone, Copy)]
 enum WasmKind {
     Core,
     Component,
 }
 
+#[cfg_attr(not(feature = "compiler"), allow(dead_code))]
 impl WasmKind {
     fn name(self) -> &'static str {
         match self {
@@ -558,6 +617,7 @@ impl WasmKind {
 }
 
 /// Tells a core module from a component by the 8-byte preamble.
+#[cfg_attr(not(feature = "compiler"), allow(dead_code))]
 fn detect_kind(bytes: &[u8]) -> Result<WasmKind, String> {
     const CORE: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00];
     const COMPONENT: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
@@ -574,6 +634,7 @@ fn detect_kind(bytes: &[u8]) -> Result<WasmKind, String> {
     }
 }
 
+#[cfg_attr(not(feature = "compiler"), allow(dead_code))]
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;
     let tmp = path.with_extension(format!("tmp.{:016x}", rand::random::<u64>()));
@@ -589,12 +650,17 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
-/// A short hex key of everything that makes compiled artifacts (in)compatible.
+/// A short hex key of everything that makes compiled artifacts (in)compatible: wasmtime's
+/// own compatibility hash where it compiles, else (runtime-only) the stamp and target of the
+/// artifacts the hub compiles for it.
 fn engine_key(engine: &Engine) -> String {
     use std::hash::{Hash as _, Hasher as _};
     let mut hasher = Sha256Hasher(sha2::Sha256::default());
     CACHE_FORMAT.hash(&mut hasher);
+    #[cfg(feature = "compiler")]
     engine.precompile_compatibility_hash().hash(&mut hasher);
+    #[cfg(not(feature = "compiler"))]
+    (shoal_engine::ENGINE_ID, shoal_engine::native_target(engine)).hash(&mut hasher);
     format!("{:016x}", hasher.finish())
 }
 

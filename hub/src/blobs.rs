@@ -3,6 +3,10 @@
 //! Blobs are written to a temporary file, fsynced and renamed into place, so a crash never
 //! leaves a partial blob under its digest. Whether a blob is a valid WASM module or component
 //! is checked (and remembered) when a manifest refers to it.
+//!
+//! For runtime-only agents (built without a compiler) the store also precompiles a module for
+//! an agent's engine and target ([`BlobStore::precompiled`]), once, and keeps the artifact
+//! under `DATA_DIR/blobs/precompiled/{engine}/{target}/<hex>.cwasm`.
 
 use shoal_api::ids::Digest;
 use shoal_api::manifest::ManifestError;
@@ -23,8 +27,31 @@ pub enum BlobError {
     Empty,
 }
 
+/// Why [`BlobStore::precompiled`] gave nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum PrecompileError {
+    #[error("the device's engine {device:?} is not the hub's {hub:?}: run the same Shoal release (the same wasmtime) on both")]
+    Engine { device: String, hub: String },
+    #[error("target {0:?} is not a target triple (letters, digits, '_', '-' and '.' only)")]
+    BadTarget(String),
+    #[error("blob {0:?} not found")]
+    NotFound(String),
+    #[error("cannot precompile blob {digest:?}: {source}")]
+    Compile {
+        digest: String,
+        source: shoal_engine::PrecompileError,
+    },
+    #[error(transparent)]
+    Io(#[from] BlobError),
+}
+
 pub struct BlobStore {
     dir: PathBuf,
+    /// `DATA_DIR/blobs/precompiled/{ENGINE_ID}`.
+    precompiled_dir: PathBuf,
+    /// Held while compiling: devices asking at once for one module wait for the first compile
+    /// instead of each starting one (and the hub's CPUs stay for its other work).
+    compiling: Mutex<()>,
     /// Validation verdicts per digest (blobs are immutable, so a verdict never changes).
     verdicts: Mutex<HashMap<Digest, Result<(), String>>>,
 }
@@ -36,12 +63,32 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BlobError + '_ {
     }
 }
 
+/// Writes `bytes` to a temporary file beside `path`, fsyncs it and renames it into place.
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), BlobError> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{:08x}", rand::random::<u32>()));
+    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    Ok(())
+}
+
 impl BlobStore {
     pub fn open(data_dir: &Path) -> Result<Self, BlobError> {
         let dir = data_dir.join("blobs").join("sha256");
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let precompiled_dir = data_dir
+            .join("blobs")
+            .join("precompiled")
+            .join(shoal_engine::ENGINE_ID);
         Ok(Self {
             dir,
+            precompiled_dir,
+            compiling: Mutex::new(()),
             verdicts: Mutex::new(HashMap::new()),
         })
     }
@@ -64,14 +111,64 @@ impl BlobStore {
         if path.is_file() {
             return Ok(d);
         }
-        let tmp = self
-            .dir
-            .join(format!(".{}.tmp-{}", d.hex(), std::process::id()));
-        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        write_durably(&path, bytes)?;
         Ok(d)
+    }
+
+    /// Blocking: blob `d` compiled for an agent whose engine is `engine` (its
+    /// [`shoal_engine::ENGINE_ID`]) and whose target is `target`, compiled on the first request
+    /// and kept. Artifacts are deterministic, so a kept one is as good as a fresh one.
+    pub fn precompiled(
+        &self,
+        d: &Digest,
+        engine: &str,
+        target: &str,
+    ) -> Result<Vec<u8>, PrecompileError> {
+        if engine != shoal_engine::ENGINE_ID {
+            return Err(PrecompileError::Engine {
+                device: engine.to_string(),
+                hub: shoal_engine::ENGINE_ID.to_string(),
+            });
+        }
+        // The target names a directory: nothing that could climb out of it.
+        let safe = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+        if target.is_empty()
+            || target.len() > 64
+            || target.starts_with('.')
+            || !target.chars().all(safe)
+        {
+            return Err(PrecompileError::BadTarget(target.to_string()));
+        }
+        let dir = self.precompiled_dir.join(target);
+        let path = dir.join(format!("{}.cwasm", d.hex()));
+        if let Ok(bytes) = std::fs::read(&path) {
+            return Ok(bytes);
+        }
+        let _compiling = self.compiling.lock().unwrap_or_else(|p| p.into_inner());
+        // Another request may have compiled it while this one waited.
+        if let Ok(bytes) = std::fs::read(&path) {
+            return Ok(bytes);
+        }
+        if !self.has(d) {
+            return Err(PrecompileError::NotFound(d.to_string()));
+        }
+        let wasm = self.read(d)?;
+        let started = std::time::Instant::now();
+        let compiled =
+            shoal_engine::precompile(&wasm, target).map_err(|source| PrecompileError::Compile {
+                digest: d.to_string(),
+                source,
+            })?;
+        tracing::info!(
+            digest = %d,
+            target,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            bytes = compiled.len(),
+            "precompiled module for runtime-only devices"
+        );
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        write_durably(&path, &compiled)?;
+        Ok(compiled)
     }
 
     pub fn read(&self, d: &Digest) -> Result<Vec<u8>, BlobError> {
@@ -160,6 +257,53 @@ mod tests {
         let bad = s.put(b"not wasm at all").unwrap();
         assert!(s.validate_wasm(&bad).is_err());
         assert!(matches!(s.put(b""), Err(BlobError::Empty)));
+    }
+
+    #[test]
+    fn precompiles_once_per_target_and_refuses_with_reasons() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        let d = s.put(b"\0asm\x01\0\0\0").unwrap();
+        let id = shoal_engine::ENGINE_ID;
+        let first = s.precompiled(&d, id, "pulley32").unwrap();
+        assert!(
+            first.starts_with(b"\x7fELF"),
+            "an artifact is an ELF object"
+        );
+        let kept = dir
+            .path()
+            .join("blobs/precompiled")
+            .join(id)
+            .join("pulley32")
+            .join(format!("{}.cwasm", d.hex()));
+        assert_eq!(std::fs::read(&kept).unwrap(), first);
+        // The second request reads what the first compiled (a planted file proves it).
+        std::fs::write(&kept, b"kept").unwrap();
+        assert_eq!(s.precompiled(&d, id, "pulley32").unwrap(), b"kept");
+        // Refusals name the bad value.
+        let e = s
+            .precompiled(&d, "wasmtime-47+shoal.1", "pulley32")
+            .unwrap_err();
+        assert!(matches!(e, PrecompileError::Engine { .. }), "{e}");
+        assert!(e.to_string().contains("\"wasmtime-47+shoal.1\""), "{e}");
+        for bad in ["../../etc", "", ".hidden", "a/b"] {
+            let e = s.precompiled(&d, id, bad).unwrap_err();
+            assert!(matches!(e, PrecompileError::BadTarget(_)), "{bad}: {e}");
+        }
+        let e = s.precompiled(&d, id, "vax-dec-ultrix").unwrap_err();
+        assert!(e.to_string().contains("\"vax-dec-ultrix\""), "{e}");
+        let missing = Digest::of(b"absent");
+        let e = s.precompiled(&missing, id, "pulley32").unwrap_err();
+        assert!(matches!(e, PrecompileError::NotFound(_)), "{e}");
+        let junk = s.put(b"not wasm at all").unwrap();
+        let e = s.precompiled(&junk, id, "pulley32").unwrap_err();
+        assert!(matches!(e, PrecompileError::Compile { .. }), "{e}");
+        assert!(!dir
+            .path()
+            .join("blobs/precompiled")
+            .join(id)
+            .join("vax-dec-ultrix")
+            .exists());
     }
 
     #[test]

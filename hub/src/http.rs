@@ -15,6 +15,7 @@
 //! | `DELETE /v1/secrets/{name}` | delete a secret no workload uses (409 otherwise) |
 //! | `POST /v1/blobs` | upload bytes → `BlobRef` |
 //! | `GET /v1/blobs/{digest}` | download a blob |
+//! | `GET /v1/blobs/{digest}/precompiled?target=T&engine=E` | the blob compiled for a runtime-only agent |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /v1/ca` | the fleet CA (PEM), for enrollment |
 //! | `POST /v1/enroll` | `EnrollRequest` (join token + CSR) → `Enrolled` |
@@ -234,6 +235,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/secrets/{name}", axum::routing::delete(delete_secret))
         .route("/v1/blobs", post(put_blob))
         .route("/v1/blobs/{digest}", get(get_blob))
+        .route("/v1/blobs/{digest}/precompiled", get(get_precompiled))
         .layer(DefaultBodyLimit::max(MAX_BLOB))
         .layer(axum::middleware::from_fn(authorize))
         .with_state(state)
@@ -722,6 +724,45 @@ async fn get_blob(State(s): State<AppState>, Path(digest): Path<String>) -> Resp
             StatusCode::NOT_FOUND,
             format!("blob {:?} not found", d.as_str()),
         ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// The query of `GET /v1/blobs/{digest}/precompiled`.
+#[derive(Debug, serde::Deserialize)]
+struct PrecompileQuery {
+    /// The agent's engine target (`shoal_engine::native_target`).
+    target: String,
+    /// The agent's `shoal_engine::ENGINE_ID`.
+    engine: String,
+}
+
+async fn get_precompiled(
+    State(s): State<AppState>,
+    Path(digest): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<PrecompileQuery>,
+) -> Response {
+    use crate::blobs::PrecompileError as E;
+    let d: Digest = match digest.parse() {
+        Ok(d) => d,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("{e}")),
+    };
+    let blobs = s.blobs.clone();
+    match tokio::task::spawn_blocking(move || blobs.precompiled(&d, &q.engine, &q.target)).await {
+        Ok(Ok(bytes)) => {
+            ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
+        }
+        Ok(Err(e)) => {
+            let status = match &e {
+                E::Engine { .. } => StatusCode::CONFLICT,
+                E::BadTarget(_) => StatusCode::BAD_REQUEST,
+                E::NotFound(_) => StatusCode::NOT_FOUND,
+                E::Compile { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+                E::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            tracing::warn!(error = %e, "precompile refused");
+            error(status, e.to_string())
+        }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

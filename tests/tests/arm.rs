@@ -4,6 +4,10 @@
 //! report it Running with its output in the log. On armv7, wasmtime runs the module on its
 //! Pulley interpreter (Cranelift has no 32-bit ARM backend).
 //!
+//! The runtime-only builds (`--no-default-features`: no Cranelift, no containerd) do the same
+//! with modules the hub precompiled for them: native aarch64 code, and Pulley bytecode for
+//! armv7.
+//!
 //! `scripts/cross.sh` builds the agents these tests run (the test command does it first).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,14 +17,15 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-/// The cross-compiled agent for `triple` (`target/{triple}/debug/shoal-agent`).
-fn cross_agent(triple: &str) -> Result<PathBuf> {
+/// A cross-compiled agent for `triple` (`target/{triple}/debug/{name}`): `shoal-agent`, or
+/// `shoal-agent-runtime-only`.
+fn cross_agent(triple: &str, name: &str) -> Result<PathBuf> {
     let p = bin_dir()
         .parent()
         .unwrap()
         .join(triple)
         .join("debug")
-        .join("shoal-agent");
+        .join(name);
     if !p.is_file() {
         bail!(
             "{} not found: run scripts/cross.sh first (it installs the cross toolchain and builds it)",
@@ -30,8 +35,48 @@ fn cross_agent(triple: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-fn runs_a_workload_under_qemu(triple: &str, qemu: &str, sysroot: &str, arch: &str) -> Result<()> {
-    let agent = cross_agent(triple)?;
+/// A board to emulate.
+struct Board {
+    triple: &'static str,
+    qemu: &'static str,
+    sysroot: &'static str,
+    /// What the agent reports as its architecture.
+    arch: &'static str,
+    /// The engine target a runtime-only agent asks the hub to compile for.
+    engine_target: &'static str,
+}
+
+const AARCH64: Board = Board {
+    triple: "aarch64-unknown-linux-gnu",
+    qemu: "qemu-aarch64",
+    sysroot: "/usr/aarch64-linux-gnu",
+    arch: "aarch64",
+    engine_target: "aarch64-unknown-linux-gnu",
+};
+
+const ARMV7: Board = Board {
+    triple: "armv7-unknown-linux-gnueabihf",
+    qemu: "qemu-arm",
+    sysroot: "/usr/arm-linux-gnueabihf",
+    arch: "arm",
+    engine_target: "pulley32",
+};
+
+/// Runs the probe's heartbeat on `board` with the full agent, or the runtime-only one.
+fn runs_a_workload_under_qemu(board: &Board, runtime_only: bool) -> Result<()> {
+    let Board {
+        triple,
+        qemu,
+        sysroot,
+        arch,
+        engine_target,
+    } = *board;
+    let name = if runtime_only {
+        "shoal-agent-runtime-only"
+    } else {
+        "shoal-agent"
+    };
+    let agent = cross_agent(triple, name)?;
     let dir = tempfile::tempdir()?;
     let hub = Hub::start(dir.path(), None)?;
     let mut cmd = Command::new(qemu);
@@ -42,6 +87,12 @@ fn runs_a_workload_under_qemu(triple: &str, qemu: &str, sysroot: &str, arch: &st
     hub.wait_devices_online(1, Duration::from_secs(60))?;
     let devices = hub.devices()?;
     assert_eq!(devices[0]["arch"], arch, "{}", devices[0]);
+    let runtime = if runtime_only {
+        "wasm-precompiled"
+    } else {
+        "wasm"
+    };
+    assert_eq!(devices[0]["runtimes"][0], runtime, "{}", devices[0]);
 
     std::fs::copy(module("probe.wasm"), dir.path().join("probe.wasm"))?;
     let m = write_manifest(
@@ -50,30 +101,59 @@ fn runs_a_workload_under_qemu(triple: &str, qemu: &str, sysroot: &str, arch: &st
         "apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: { name: blink }\nspec:\n  selector: { board: pi }\n  wasm: { module: ./probe.wasm }\n  args: [heartbeat, \"200\"]\n",
     );
     hub.apply(&m)?;
-    let w = hub.wait_running("blink", 1, Duration::from_secs(120))?;
+    let w = match hub.wait_running("blink", 1, Duration::from_secs(120)) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!(
+                "{}",
+                std::fs::read_to_string(&a.proc.log).unwrap_or_default()
+            );
+            return Err(e);
+        }
+    };
     assert_eq!(w["replicas"][0]["device"], id.as_str(), "{w}");
     wait_until(Duration::from_secs(30), "heartbeats in the log", || {
         Ok((count_lines(&a.workload_log("blink-0"), "beat ") >= 3).then_some(()))
     })?;
+
+    // Where the module was compiled: by the hub, for the board's engine, or on the board.
+    let digest = shoal_api::ids::Digest::of(&std::fs::read(module("probe.wasm"))?);
+    let precompiled = hub
+        .data_dir
+        .join("blobs/precompiled")
+        .join(shoal_engine::ENGINE_ID)
+        .join(engine_target)
+        .join(format!("{}.cwasm", digest.hex()));
+    let on_board = a
+        .data_dir
+        .join("cache/modules")
+        .join(format!("{}.{engine_target}.cwasm", digest.hex()));
+    assert_eq!(
+        precompiled.is_file(),
+        runtime_only,
+        "{}",
+        precompiled.display()
+    );
+    assert_eq!(on_board.is_file(), runtime_only, "{}", on_board.display());
     Ok(())
 }
 
 #[test]
 fn an_aarch64_agent_under_qemu_runs_a_wasm_workload() -> Result<()> {
-    runs_a_workload_under_qemu(
-        "aarch64-unknown-linux-gnu",
-        "qemu-aarch64",
-        "/usr/aarch64-linux-gnu",
-        "aarch64",
-    )
+    runs_a_workload_under_qemu(&AARCH64, false)
 }
 
 #[test]
 fn an_armv7_agent_under_qemu_runs_a_wasm_workload_on_pulley() -> Result<()> {
-    runs_a_workload_under_qemu(
-        "armv7-unknown-linux-gnueabihf",
-        "qemu-arm",
-        "/usr/arm-linux-gnueabihf",
-        "arm",
-    )
+    runs_a_workload_under_qemu(&ARMV7, false)
+}
+
+#[test]
+fn a_runtime_only_aarch64_agent_runs_a_module_the_hub_precompiled() -> Result<()> {
+    runs_a_workload_under_qemu(&AARCH64, true)
+}
+
+#[test]
+fn a_runtime_only_armv7_agent_runs_pulley_bytecode_the_hub_precompiled() -> Result<()> {
+    runs_a_workload_under_qemu(&ARMV7, true)
 }

@@ -124,6 +124,83 @@ fn check_board(out: &Path, triple: &str, deb_arch: &str, qemu: &str, sysroot: &s
     }
 }
 
+/// Whether `needle` occurs in the file at `path`.
+fn mentions(path: &Path, needle: &[u8]) -> bool {
+    let bytes = std::fs::read(path).unwrap();
+    bytes.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn dist_packages_the_runtime_only_agents_under_their_own_name() -> Result<()> {
+    let out = tempfile::tempdir()?;
+    let target_dir = bin_dir().parent().unwrap().to_path_buf();
+    ok(Command::new(bin("xtask"))
+        .args(["dist", "--profile", "dev", "--no-build", "--runtime-only"])
+        .args(["--target", "aarch64-unknown-linux-gnu"])
+        .args(["--target", "armv7-unknown-linux-gnueabihf"])
+        .arg("--out")
+        .arg(out.path())
+        .env("CARGO_TARGET_DIR", &target_dir));
+    let version = env!("CARGO_PKG_VERSION");
+    for (triple, deb_arch, qemu, sysroot) in [
+        (
+            "aarch64-unknown-linux-gnu",
+            "arm64",
+            "qemu-aarch64",
+            "/usr/aarch64-linux-gnu",
+        ),
+        (
+            "armv7-unknown-linux-gnueabihf",
+            "armhf",
+            "qemu-arm",
+            "/usr/arm-linux-gnueabihf",
+        ),
+    ] {
+        let deb = out
+            .path()
+            .join(format!("shoal-agent-runtime-only_{version}_{deb_arch}.deb"));
+        let info = ok(Command::new("dpkg-deb").arg("--info").arg(&deb));
+        for want in [
+            "Package: shoal-agent-runtime-only",
+            "Provides: shoal-agent",
+            "Conflicts: shoal-agent",
+            "no WASM compiler",
+        ] {
+            assert!(info.contains(want), "{want:?} missing in:\n{info}");
+        }
+        assert!(!info.contains("containerd\n"), "{info}");
+        let root = out.path().join(format!("root-{deb_arch}"));
+        ok(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root));
+        let installed = root.join("usr/bin/shoal-agent");
+        let version_out = ok(Command::new(qemu)
+            .arg("-L")
+            .arg(sysroot)
+            .arg(&installed)
+            .arg("--version"));
+        assert_eq!(version_out.trim(), format!("shoal-agent {version}"));
+        // No compiler inside: Cranelift's code generator leaves its name in any binary that
+        // carries it (the full build beside it does).
+        assert!(!mentions(&installed, b"cranelift-codegen"), "{triple}");
+        let full = target_dir.join(triple).join("debug/shoal-agent");
+        assert!(mentions(&full, b"cranelift-codegen"), "{}", full.display());
+        let tarball = out.path().join(format!(
+            "shoal-agent-runtime-only-{version}-{deb_arch}.tar.gz"
+        ));
+        let listing = ok(Command::new("tar").arg("tzvf").arg(&tarball));
+        assert!(
+            listing.contains(&format!(
+                "shoal-agent-runtime-only-{version}-{deb_arch}/shoal-agent\n"
+            )),
+            "{listing}"
+        );
+    }
+    assert!(out
+        .path()
+        .join(format!("shoal-agent-runtime-only-{version}-oci.tar"))
+        .is_file());
+    Ok(())
+}
+
 #[test]
 fn dist_packages_the_arm_agents_as_tarballs_and_debs() -> Result<()> {
     let out = tempfile::tempdir()?;

@@ -15,6 +15,10 @@
 //!   `dpkg-deb` from a staged tree: cargo-deb would need a compile of its own and knows
 //!   nothing the staged tree does not say.
 //!
+//! `--runtime-only` packages the runtime-only agent (`--no-default-features`: no Cranelift, no
+//! containerd client; it runs modules the hub precompiles for it) the same way, under the name
+//! `shoal-agent-runtime-only` (the .deb conflicts with, and provides, `shoal-agent`).
+//!
 //! The linkers are Debian's cross gcc packages (`.cargo/config.toml`;
 //! `scripts/install-deps.sh` installs them). `--profile dev --no-build` packages what
 //! `scripts/cross.sh` built, which is how the tests check the packaging without a release
@@ -51,6 +55,9 @@ enum Cmd {
         /// Package the binaries already built instead of building them.
         #[arg(long)]
         no_build: bool,
+        /// The runtime-only agent (no compiler, no containerd), for the smallest boards.
+        #[arg(long)]
+        runtime_only: bool,
     },
 }
 
@@ -151,6 +158,36 @@ const BOARDS: [Board; 3] = [
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// Which agent build is packaged.
+struct Flavour {
+    /// The package, tarball and image name (the installed binary is always `shoal-agent`).
+    name: &'static str,
+    /// Extra `cargo build` arguments.
+    cargo_args: &'static [&'static str],
+    /// The .deb's relationship fields beyond `Depends`.
+    relations: &'static str,
+    /// The .deb description's body (each line starting with a space).
+    description: &'static str,
+}
+
+const FULL: Flavour = Flavour {
+    name: "shoal-agent",
+    cargo_args: &[],
+    relations: "Recommends: containerd\n",
+    description:
+        " Runs the WASM modules (in wasmtime) and containers (through containerd) that a\n \
+                  Shoal hub schedules onto this device, and reports their status over MQTT.\n",
+};
+
+const RUNTIME_ONLY: Flavour = Flavour {
+    name: "shoal-agent-runtime-only",
+    cargo_args: &["--no-default-features"],
+    relations: "Provides: shoal-agent\nConflicts: shoal-agent\nReplaces: shoal-agent\n",
+    description: " The runtime-only build, for the smallest boards: no WASM compiler and no\n \
+                  containers. It runs the WASM modules a Shoal hub schedules onto this device\n \
+                  and precompiles for it, and reports their status over MQTT.\n",
+};
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Dist {
@@ -158,7 +195,11 @@ fn main() -> Result<()> {
             targets,
             out,
             no_build,
-        } => dist(&profile, &targets, out, no_build),
+            runtime_only,
+        } => {
+            let flavour = if runtime_only { &RUNTIME_ONLY } else { &FULL };
+            dist(&profile, &targets, out, no_build, flavour)
+        }
     }
 }
 
@@ -187,7 +228,13 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn dist(profile: &str, targets: &[String], out: Option<PathBuf>, no_build: bool) -> Result<()> {
+fn dist(
+    profile: &str,
+    targets: &[String],
+    out: Option<PathBuf>,
+    no_build: bool,
+    flavour: &Flavour,
+) -> Result<()> {
     let boards: Vec<&Board> = if targets.is_empty() {
         BOARDS.iter().collect()
     } else {
@@ -209,31 +256,41 @@ fn dist(profile: &str, targets: &[String], out: Option<PathBuf>, no_build: bool)
     for b in &boards {
         if !no_build {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            run(Command::new(cargo).current_dir(repo_root()).args([
-                "build",
-                "-p",
-                "shoal-agent",
-                "--target",
-                b.triple,
-                "--profile",
-                profile,
-            ]))?;
+            run(Command::new(cargo)
+                .current_dir(repo_root())
+                .args([
+                    "build",
+                    "-p",
+                    "shoal-agent",
+                    "--target",
+                    b.triple,
+                    "--profile",
+                    profile,
+                ])
+                .args(flavour.cargo_args))?;
         }
+        // `scripts/cross.sh` keeps its runtime-only builds beside the full ones, under the
+        // flavour's name; a build of this run is still called `shoal-agent`.
+        let built_name = if no_build {
+            flavour.name
+        } else {
+            "shoal-agent"
+        };
         let mut built = target_dir()
             .join(b.triple)
             .join(profile_dir)
-            .join("shoal-agent");
+            .join(built_name);
         if !built.is_file() && no_build && b.triple == HOST {
             // A plain `cargo build` puts the host's binary outside any triple directory.
-            built = target_dir().join(profile_dir).join("shoal-agent");
+            built = target_dir().join(profile_dir).join(built_name);
         }
-        let bin = out.join(b.triple).join("shoal-agent");
+        let bin = out.join(b.triple).join(flavour.name);
         stage_binary(b, &built, &bin)?;
         let glibc = needed_glibc(&std::fs::read(&bin)?);
-        let tarball = out.join(format!("shoal-agent-{VERSION}-{}.tar.gz", b.deb));
-        write_tarball(b, &bin, &tarball)?;
-        let deb = out.join(format!("shoal-agent_{VERSION}_{}.deb", b.deb));
-        write_deb(b, &bin, glibc.as_deref(), profile == "dev", &deb)?;
+        let tarball = out.join(format!("{}-{VERSION}-{}.tar.gz", flavour.name, b.deb));
+        write_tarball(b, flavour, &bin, &tarball)?;
+        let deb = out.join(format!("{}_{VERSION}_{}.deb", flavour.name, b.deb));
+        write_deb(b, flavour, &bin, glibc.as_deref(), profile == "dev", &deb)?;
         let size = std::fs::metadata(&bin)?.len();
         println!(
             "{:<32} {:>6.1} MiB stripped  {}  {}",
@@ -258,8 +315,9 @@ fn dist(profile: &str, targets: &[String], out: Option<PathBuf>, no_build: bool)
         });
     }
     // The image index covers the boards built in this run.
-    let image = out.join(format!("shoal-agent-{VERSION}-oci.tar"));
-    oci::write_layout(&image, "shoal.local/shoal-agent", VERSION, &images)?;
+    let image = out.join(format!("{}-{VERSION}-oci.tar", flavour.name));
+    let image_name = format!("shoal.local/{}", flavour.name);
+    oci::write_layout(&image, &image_name, VERSION, &images)?;
     let arches: Vec<String> = boards.iter().map(|b| b.deb.to_string()).collect();
     println!(
         "{:<32} index of {}  {}",
@@ -346,11 +404,11 @@ fn payload(bin: &Path) -> Vec<(&'static str, PathBuf, u32)> {
 }
 
 /// `shoal-agent-{version}-{arch}/…` in a gzipped tar, owned by root, timestamps zeroed.
-fn write_tarball(b: &Board, bin: &Path, path: &Path) -> Result<()> {
+fn write_tarball(b: &Board, flavour: &Flavour, bin: &Path, path: &Path) -> Result<()> {
     let file = std::fs::File::create(path)?;
     let gz = flate2::write::GzEncoder::new(file, flate2::Compression::best());
     let mut tar = tar::Builder::new(gz);
-    let top = format!("shoal-agent-{VERSION}-{}", b.deb);
+    let top = format!("{}-{VERSION}-{}", flavour.name, b.deb);
     for (name, src, mode) in payload(bin) {
         let bytes =
             std::fs::read(&src).with_context(|| format!("cannot read {}", src.display()))?;
@@ -368,7 +426,14 @@ fn write_tarball(b: &Board, bin: &Path, path: &Path) -> Result<()> {
 }
 
 /// Stages the package tree and builds it with `dpkg-deb`.
-fn write_deb(b: &Board, bin: &Path, glibc: Option<&str>, fast: bool, path: &Path) -> Result<()> {
+fn write_deb(
+    b: &Board,
+    flavour: &Flavour,
+    bin: &Path,
+    glibc: Option<&str>,
+    fast: bool,
+    path: &Path,
+) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let stage = path.with_extension("staging");
     let _ = std::fs::remove_dir_all(&stage);
@@ -398,19 +463,21 @@ fn write_deb(b: &Board, bin: &Path, glibc: Option<&str>, fast: bool, path: &Path
         None => "libc6".to_string(),
     };
     let control = format!(
-        "Package: shoal-agent\n\
+        "Package: {name}\n\
          Version: {VERSION}\n\
          Architecture: {arch}\n\
          Maintainer: Shoal developers <shoal@example.invalid>\n\
          Installed-Size: {kib}\n\
          Depends: {depends}\n\
-         Recommends: containerd\n\
+         {relations}\
          Section: admin\n\
          Priority: optional\n\
          Homepage: https://example.invalid/shoal\n\
-         Description: Shoal edge agent\n \
-         Runs the WASM modules (in wasmtime) and containers (through containerd) that a\n \
-         Shoal hub schedules onto this device, and reports their status over MQTT.\n",
+         Description: Shoal edge agent\n\
+         {description}",
+        name = flavour.name,
+        relations = flavour.relations,
+        description = flavour.description,
         arch = b.deb,
         kib = installed_bytes.div_ceil(1024),
     );
