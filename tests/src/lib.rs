@@ -7,6 +7,7 @@
 //! `scripts/build-modules.sh`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod boards;
 pub mod image;
 pub mod mqtt;
 pub mod netns;

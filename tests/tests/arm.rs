@@ -11,76 +11,27 @@
 //! `scripts/cross.sh` builds the agents these tests run (the test command does it first).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use anyhow::{bail, Result};
+use anyhow::Result;
+use shoal_e2e::boards::{Board, AARCH64, ARMV7};
 use shoal_e2e::*;
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
-
-/// A cross-compiled agent for `triple` (`target/{triple}/debug/{name}`): `shoal-agent`, or
-/// `shoal-agent-runtime-only`.
-fn cross_agent(triple: &str, name: &str) -> Result<PathBuf> {
-    let p = bin_dir()
-        .parent()
-        .unwrap()
-        .join(triple)
-        .join("debug")
-        .join(name);
-    if !p.is_file() {
-        bail!(
-            "{} not found: run scripts/cross.sh first (it installs the cross toolchain and builds it)",
-            p.display()
-        );
-    }
-    Ok(p)
-}
-
-/// A board to emulate.
-struct Board {
-    triple: &'static str,
-    qemu: &'static str,
-    sysroot: &'static str,
-    /// What the agent reports as its architecture.
-    arch: &'static str,
-    /// The engine target a runtime-only agent asks the hub to compile for.
-    engine_target: &'static str,
-}
-
-const AARCH64: Board = Board {
-    triple: "aarch64-unknown-linux-gnu",
-    qemu: "qemu-aarch64",
-    sysroot: "/usr/aarch64-linux-gnu",
-    arch: "aarch64",
-    engine_target: "aarch64-unknown-linux-gnu",
-};
-
-const ARMV7: Board = Board {
-    triple: "armv7-unknown-linux-gnueabihf",
-    qemu: "qemu-arm",
-    sysroot: "/usr/arm-linux-gnueabihf",
-    arch: "arm",
-    engine_target: "pulley32",
-};
 
 /// Runs the probe's heartbeat on `board` with the full agent, or the runtime-only one.
 fn runs_a_workload_under_qemu(board: &Board, runtime_only: bool) -> Result<()> {
     let Board {
-        triple,
-        qemu,
-        sysroot,
         arch,
         engine_target,
+        ..
     } = *board;
     let name = if runtime_only {
         "shoal-agent-runtime-only"
     } else {
         "shoal-agent"
     };
-    let agent = cross_agent(triple, name)?;
+    let agent = board.cross_agent(name)?;
     let dir = tempfile::tempdir()?;
     let hub = Hub::start(dir.path(), None)?;
-    let mut cmd = Command::new(qemu);
-    cmd.arg("-L").arg(sysroot).arg(&agent);
+    let cmd = board.qemu(&agent);
     let id = format!("board-{arch}");
     let a = Agent::start_program(dir.path(), &id, "board=pi", &hub.join(), &[], cmd)?;
     // Emulated, enrollment and startup take a few seconds more than natively.
