@@ -327,15 +327,20 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
             r.status.healthy = None;
             // A container is Running once its task runs (create and start take a while);
             // a failed start counts as a failed run for the restart policy.
+            // The start is not raced against `cancel`: dropped half-way, it would leave a
+            // created (or started) container behind that nothing removes. A cancel that
+            // arrives meanwhile stops the started container through `wait` below, which
+            // also removes it (or, when the agent is stopping, leaves it to be adopted).
             let started = match (&ready, &container_run) {
-                (Ready::Container(rt, image), Some(c)) => tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    s = rt.start(image.clone(), c) => s,
-                },
+                (Ready::Container(rt, image), Some(c)) => rt.start(image.clone(), c).await,
                 _ => Ok(()),
             };
+            if started.is_err() && cancel.is_cancelled() {
+                // A failed start cleans up after itself.
+                return;
+            }
             r.status.started_at_ms = Some(now_ms());
-            if started.is_ok() {
+            if started.is_ok() && !cancel.is_cancelled() {
                 r.phase(Phase::Running, None).await;
             }
             let t0 = Instant::now();
@@ -631,6 +636,10 @@ mod tests {
         pulls: Mutex<u32>,
         exits: Mutex<VecDeque<Exit>>,
         runs: Mutex<Vec<ContainerRun>>,
+        /// How long a start takes (create, then start the task).
+        start_takes: Duration,
+        /// Containers started and not yet stopped and removed by `wait`.
+        live: Mutex<Vec<String>>,
     }
     impl ContainerRuntime for FakeContainers {
         fn prepare<'a>(
@@ -656,23 +665,30 @@ mod tests {
             run: &'a ContainerRun,
         ) -> BoxFuture<'a, Result<(), String>> {
             self.runs.lock().unwrap().push(run.clone());
-            Box::pin(async { Ok(()) })
+            Box::pin(async move {
+                // The container exists from the first step on; the task starts later.
+                self.live.lock().unwrap().push(run.id.clone());
+                tokio::time::sleep(self.start_takes).await;
+                Ok(())
+            })
         }
         fn wait<'a>(
             &'a self,
-            _run: &'a ContainerRun,
+            run: &'a ContainerRun,
             cancel: CancellationToken,
             _detach: CancellationToken,
         ) -> BoxFuture<'a, Exit> {
             Box::pin(async move {
                 let next = self.exits.lock().unwrap().pop_front();
-                match next {
+                let exit = match next {
                     Some(e) => e,
                     None => {
                         cancel.cancelled().await;
                         Exit::Cancelled
                     }
-                }
+                };
+                self.live.lock().unwrap().retain(|id| *id != run.id);
+                exit
             })
         }
     }
@@ -685,6 +701,8 @@ mod tests {
             pulls: Mutex::new(0),
             exits: Mutex::new(vec![fail()].into()),
             runs: Mutex::new(Vec::new()),
+            start_takes: Duration::ZERO,
+            live: Mutex::new(Vec::new()),
         });
         let shared = Shared {
             containers: Some(containers.clone()),
@@ -748,6 +766,71 @@ mod tests {
         assert_eq!(runs[0].command, ["/bin/sh"]);
         assert_eq!(runs[0].args, ["-c", "exit 1"]);
         assert!(runs[0].log_path.ends_with("w-0.log"));
+    }
+
+    #[tokio::test]
+    async fn a_replica_cancelled_while_its_container_starts_leaves_no_container() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        let containers = Arc::new(FakeContainers {
+            pulls: Mutex::new(1),
+            exits: Mutex::new(VecDeque::new()),
+            runs: Mutex::new(Vec::new()),
+            start_takes: Duration::from_millis(300),
+            live: Mutex::new(Vec::new()),
+        });
+        let shared = Shared {
+            containers: Some(containers.clone()),
+            stopping: CancellationToken::new(),
+            runtime: Arc::new(FakeRuntime {
+                exits: Mutex::new(VecDeque::new()),
+            }),
+            source: FakeSource,
+            logs_dir: dir.path().to_path_buf(),
+            volumes: Volumes::new(dir.path().join("volumes")),
+            secrets: crate::secrets::SecretFiles::new(dir.path()),
+            updates: tx,
+            http: crate::http_client(reqwest::Client::builder()).unwrap_or_default(),
+            hub_http: watch::channel(None).1,
+        };
+        let mut d = desired(RestartPolicy::Always);
+        d.module = None;
+        d.container = Some(shoal_api::workload::Container {
+            image: format!("oci://localhost:5000/box:1@{}", Digest::of(b"i"))
+                .parse()
+                .unwrap(),
+            command: vec!["/bin/sh".into()],
+            read_only_root: true,
+            platforms: vec![],
+            stop_grace_ms: 100,
+        });
+        let cancel = CancellationToken::new();
+        let h = tokio::spawn(supervise(
+            shared,
+            d,
+            "http://x".into(),
+            Network::default(),
+            1,
+            cancel.clone(),
+        ));
+        // Deleted while the container is being created and started.
+        while let Some(u) = rx.recv().await {
+            if u.status.phase == Phase::Starting {
+                break;
+            }
+        }
+        cancel.cancel();
+        h.await.unwrap();
+        assert_eq!(containers.runs.lock().unwrap().len(), 1, "it was started");
+        let live = containers.live.lock().unwrap().clone();
+        assert!(live.is_empty(), "left behind: {live:?}");
+        while let Ok(u) = rx.try_recv() {
+            assert_ne!(
+                u.status.phase,
+                Phase::Running,
+                "reported Running after the cancel"
+            );
+        }
     }
 
     #[tokio::test]

@@ -288,11 +288,18 @@ spec:
         )
     })?;
     for id in ["c1", "c2"] {
-        wait_until(Duration::from_secs(30), "containers removed", || {
+        let removed = wait_until(Duration::from_secs(30), "containers removed", || {
             Ok(containers_of(&rt, &ctrd.socket, &ns(id))?
                 .is_empty()
                 .then_some(()))
-        })?;
+        });
+        if let Err(e) = removed {
+            // What is left, and what the agent said about it (a flaky failure once in CI).
+            let left = containers_of(&rt, &ctrd.socket, &ns(id)).unwrap_or_default();
+            let agent = if id == "c1" { &c1 } else { &c2 };
+            eprintln!("{id}: left {left:?}\n{}", agent.proc.log_text());
+            return Err(e);
+        }
         // No task and no container snapshot left: only the image's committed layers.
         let ctr = |args: &[&str]| {
             let out = std::process::Command::new("ctr")
