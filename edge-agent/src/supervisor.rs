@@ -541,20 +541,7 @@ mod tests {
     ) -> Vec<(Phase, u32, Option<u64>)> {
         let dir = tempfile::tempdir().unwrap();
         let (tx, mut rx) = mpsc::channel(64);
-        let shared = Shared {
-            containers: None,
-            stopping: CancellationToken::new(),
-            runtime: Arc::new(FakeRuntime {
-                exits: Mutex::new(exits.into()),
-            }),
-            source: FakeSource,
-            logs_dir: dir.path().to_path_buf(),
-            volumes: Volumes::new(dir.path().join("volumes")),
-            secrets: crate::secrets::SecretFiles::new(dir.path()),
-            updates: tx,
-            http: crate::http_client(reqwest::Client::builder()).unwrap_or_default(),
-            hub_http: watch::channel(None).1,
-        };
+        let shared = fake_shared(dir.path(), exits, None, tx);
         let cancel = CancellationToken::new();
         let h = tokio::spawn(supervise(
             shared,
@@ -574,6 +561,51 @@ mod tests {
         cancel.cancel();
         h.await.unwrap();
         seen
+    }
+
+    /// The supervisor's collaborators, faked: `exits` scripts the WASM runs (none: every run
+    /// lasts until cancelled).
+    fn fake_shared(
+        dir: &std::path::Path,
+        exits: Vec<Exit>,
+        containers: Option<Arc<dyn ContainerRuntime>>,
+        updates: mpsc::Sender<Update>,
+    ) -> Shared<FakeRuntime, FakeSource> {
+        Shared {
+            containers,
+            stopping: CancellationToken::new(),
+            runtime: Arc::new(FakeRuntime {
+                exits: Mutex::new(exits.into()),
+            }),
+            source: FakeSource,
+            logs_dir: dir.to_path_buf(),
+            volumes: Volumes::new(dir.join("volumes")),
+            secrets: crate::secrets::SecretFiles::new(dir),
+            updates,
+            http: crate::http_client(reqwest::Client::builder()).unwrap_or_default(),
+            hub_http: watch::channel(None).1,
+        }
+    }
+
+    /// A replica of a container-only workload (busybox, image pinned; the fakes never pull
+    /// it), restarted always.
+    fn container_desired() -> DesiredWorkload {
+        let mut d = desired(RestartPolicy::Always);
+        d.module = None;
+        d.container = Some(box_container());
+        d
+    }
+
+    fn box_container() -> shoal_api::workload::Container {
+        shoal_api::workload::Container {
+            image: format!("oci://localhost:5000/box:1@{}", Digest::of(b"i"))
+                .parse()
+                .unwrap(),
+            command: vec!["/bin/sh".into()],
+            read_only_root: true,
+            platforms: vec![],
+            stop_grace_ms: 100,
+        }
     }
 
     fn fail() -> Exit {
@@ -704,31 +736,13 @@ mod tests {
             start_takes: Duration::ZERO,
             live: Mutex::new(Vec::new()),
         });
-        let shared = Shared {
-            containers: Some(containers.clone()),
-            stopping: CancellationToken::new(),
-            runtime: Arc::new(FakeRuntime {
-                exits: Mutex::new(VecDeque::new()),
-            }),
-            source: FakeSource,
-            logs_dir: dir.path().to_path_buf(),
-            volumes: Volumes::new(dir.path().join("volumes")),
-            secrets: crate::secrets::SecretFiles::new(dir.path()),
-            updates: tx,
-            http: crate::http_client(reqwest::Client::builder()).unwrap_or_default(),
-            hub_http: watch::channel(None).1,
-        };
-        let mut d = desired(RestartPolicy::Always);
-        d.module = None;
-        d.container = Some(shoal_api::workload::Container {
-            image: format!("oci://localhost:5000/box:1@{}", Digest::of(b"i"))
-                .parse()
-                .unwrap(),
-            command: vec!["/bin/sh".into()],
-            read_only_root: true,
-            platforms: vec![],
-            stop_grace_ms: 100,
-        });
+        let shared = fake_shared(
+            dir.path(),
+            Vec::new(),
+            Some(containers.clone() as Arc<dyn ContainerRuntime>),
+            tx,
+        );
+        let mut d = container_desired();
         d.args = vec!["-c".into(), "exit 1".into()];
         let cancel = CancellationToken::new();
         let h = tokio::spawn(supervise(
@@ -779,31 +793,13 @@ mod tests {
             start_takes: Duration::from_millis(300),
             live: Mutex::new(Vec::new()),
         });
-        let shared = Shared {
-            containers: Some(containers.clone()),
-            stopping: CancellationToken::new(),
-            runtime: Arc::new(FakeRuntime {
-                exits: Mutex::new(VecDeque::new()),
-            }),
-            source: FakeSource,
-            logs_dir: dir.path().to_path_buf(),
-            volumes: Volumes::new(dir.path().join("volumes")),
-            secrets: crate::secrets::SecretFiles::new(dir.path()),
-            updates: tx,
-            http: crate::http_client(reqwest::Client::builder()).unwrap_or_default(),
-            hub_http: watch::channel(None).1,
-        };
-        let mut d = desired(RestartPolicy::Always);
-        d.module = None;
-        d.container = Some(shoal_api::workload::Container {
-            image: format!("oci://localhost:5000/box:1@{}", Digest::of(b"i"))
-                .parse()
-                .unwrap(),
-            command: vec!["/bin/sh".into()],
-            read_only_root: true,
-            platforms: vec![],
-            stop_grace_ms: 100,
-        });
+        let shared = fake_shared(
+            dir.path(),
+            Vec::new(),
+            Some(containers.clone() as Arc<dyn ContainerRuntime>),
+            tx,
+        );
+        let d = container_desired();
         let cancel = CancellationToken::new();
         let h = tokio::spawn(supervise(
             shared,
@@ -837,21 +833,7 @@ mod tests {
     async fn failing_health_probe_restarts_a_running_replica() {
         let dir = tempfile::tempdir().unwrap();
         let (tx, mut rx) = mpsc::channel(64);
-        let shared = Shared {
-            containers: None,
-            stopping: CancellationToken::new(),
-            // No scripted exits: every run lasts until it is cancelled.
-            runtime: Arc::new(FakeRuntime {
-                exits: Mutex::new(VecDeque::new()),
-            }),
-            source: FakeSource,
-            logs_dir: dir.path().to_path_buf(),
-            volumes: Volumes::new(dir.path().join("volumes")),
-            secrets: crate::secrets::SecretFiles::new(dir.path()),
-            updates: tx,
-            http: crate::http_client(reqwest::Client::builder()).unwrap_or_default(),
-            hub_http: watch::channel(None).1,
-        };
+        let shared = fake_shared(dir.path(), Vec::new(), None, tx);
         let closed = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
