@@ -398,9 +398,13 @@ impl Inner {
         self.prepared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Blocking: loads the cached artifact or compiles `path` (and caches it), then links. A
-    /// `path` that is itself a precompiled artifact (from the hub) is loaded as it is.
-    fn load_or_compile(&self, digest: &Digest, path: &Path) -> Result<WasmModule, RuntimeError> {
+    /// Runtime-only: `path` loaded as it is when it is a precompiled artifact (from the hub).
+    #[cfg(not(feature = "compiler"))]
+    fn load_precompiled(
+        &self,
+        digest: &Digest,
+        path: &Path,
+    ) -> Result<Option<WasmModule>, RuntimeError> {
         let prepare_error = |reason: String| RuntimeError::Prepare {
             digest: digest.as_str().to_string(),
             reason,
@@ -422,10 +426,22 @@ impl Inner {
                     prepare_error(format!("cannot load the precompiled module: {e:#}"))
                 })?;
                 tracing::debug!(path = %path.display(), "loaded precompiled module");
-                return self.link(digest, artifact);
+                self.link(digest, artifact).map(Some)
             }
-            Ok(None) => {}
-            Err(e) => return Err(prepare_error(format!("cannot read {path:?}: {e:#}"))),
+            Ok(None) => Ok(None),
+            Err(e) => Err(prepare_error(format!("cannot read {path:?}: {e:#}"))),
+        }
+    }
+
+    /// Blocking: loads the cached artifact or compiles `path` (and caches it), then links. On a
+    /// runtime-only agent, a `path` that is itself a precompiled artifact (from the hub) is
+    /// loaded as it is.
+    fn load_or_compile(&self, digest: &Digest, path: &Path) -> Result<WasmModule, RuntimeError> {
+        // Only a runtime-only agent is handed precompiled artifacts; one that compiles is
+        // always handed wasm and need not look.
+        #[cfg(not(feature = "compiler"))]
+        if let Some(module) = self.load_precompiled(digest, path)? {
+            return Ok(module);
         }
         let artifact_path = self.artifact_path(digest);
         let artifact = match self.load_artifact(&artifact_path) {
