@@ -65,6 +65,25 @@ pub fn format_memory(bytes: u64) -> String {
     bytes.to_string()
 }
 
+/// Memory for tables: exact quantities as written in manifests (`16Mi`), others rounded to
+/// one decimal (`23.5Gi`, `1.2Mi`).
+pub fn format_memory_rounded(bytes: u64) -> String {
+    let exact = format_memory(bytes);
+    if exact.len() <= 6 {
+        return exact;
+    }
+    for (suf, m) in [
+        ("Gi", (1u64 << 30) as f64),
+        ("Mi", (1u64 << 20) as f64),
+        ("Ki", 1024.0),
+    ] {
+        if bytes as f64 >= m {
+            return format!("{:.1}{suf}", bytes as f64 / m);
+        }
+    }
+    exact
+}
+
 /// An age the way kubectl prints it: `42s`, `17m`, `5h`.
 pub fn format_age(elapsed_ms: u64) -> String {
     let s = elapsed_ms / 1000;

@@ -75,6 +75,9 @@ pub struct ReplicaView {
     pub revision: String,
     #[serde(default)]
     pub variant: String,
+    /// The health probe's last verdict while running (none without a probe).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -140,6 +143,25 @@ pub struct RevisionView {
     pub revision: String,
     pub applied_ms: u64,
     pub outcome: String,
+}
+
+/// Something that happened in the fleet (`shoal get events`, the dashboard), in the spirit
+/// of Kubernetes events: kept by the hub in a bounded in-memory ring, not persisted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventView {
+    /// Increases by one per event, across the hub's life (`/v1/events?after=SEQ`).
+    pub seq: u64,
+    pub time_ms: u64,
+    /// `Normal` or `Warning`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// A CamelCase word: `Scheduled`, `Started`, `Restarted`, `Failed`, `Unhealthy`,
+    /// `DeviceJoined`, `DeviceOffline`, `DeviceLost`, `RolloutStarted`, …
+    pub reason: String,
+    /// What it is about: `workload/web`, `device/d1`.
+    pub object: String,
+    pub message: String,
 }
 
 /// Answer of `POST /v1/blobs`.

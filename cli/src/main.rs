@@ -12,7 +12,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use shoal_api::endpoint::BrokerUrl;
 use shoal_api::manifest::{parse_stream, to_yaml_stream, ManifestError};
 use shoal_api::messages::ApplyResult;
-use shoal_api::quantity::format_memory;
+use shoal_api::quantity::format_memory_rounded;
 use shoal_api::table::Table;
 use shoal_api::topics;
 use shoal_api::views::{ApiError, BlobRef, DeviceView, SecretView, WorkloadView};
@@ -695,25 +695,6 @@ async fn publish_apply(
     }
 }
 
-/// Memory for tables: exact quantities as written in manifests (`16Mi`), others rounded
-/// (`23.5Gi`).
-fn human_memory(bytes: u64) -> String {
-    let exact = format_memory(bytes);
-    if exact.len() <= 6 {
-        return exact;
-    }
-    for (suf, m) in [
-        ("Gi", (1u64 << 30) as f64),
-        ("Mi", (1u64 << 20) as f64),
-        ("Ki", 1024.0),
-    ] {
-        if bytes as f64 >= m {
-            return format!("{:.1}{suf}", bytes as f64 / m);
-        }
-    }
-    exact
-}
-
 fn ago(ms: u64) -> String {
     if ms == 0 {
         return "-".into();
@@ -759,8 +740,8 @@ fn print_devices(devices: &[DeviceView], output: Output) -> anyhow::Result<()> {
             d.arch.clone(),
             d.runtimes.join(","),
             d.cpus.to_string(),
-            human_memory(d.memory),
-            human_memory(d.memory_allocated),
+            format_memory_rounded(d.memory),
+            format_memory_rounded(d.memory_allocated),
             d.replicas.to_string(),
             format!("{}/{}", d.observed_generation, d.desired_generation),
             ago(d.last_seen_ms),

@@ -1,4 +1,5 @@
-//! Process glue shared by the two daemons (`shoal-hub`, `shoal-agent`): logging set-up, a
+//! Process glue shared by the two daemons (`shoal-hub`, `shoal-agent`): logging set-up
+//! (`RUST_LOG` filters, text or JSON lines), a
 //! shutdown token cancelled by SIGINT/SIGTERM, reading the optional TOML config file, and the
 //! mDNS adapter ([`mdns`]) both daemons advertise and browse with.
 
@@ -8,15 +9,58 @@ use anyhow::Context;
 use std::path::Path;
 use tokio_util::sync::CancellationToken;
 
-/// Logs to stderr, filtered by `SHOAL_LOG` (default `default_filter`).
-pub fn init_tracing(default_filter: &str) {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+/// How the daemons write their own log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, target, fields, spans), for log shippers.
+    Json,
+}
+
+/// Logging flags shared by the daemons (`global`: accepted before or after the subcommand).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct LogArgs {
+    /// Log line format.
+    #[arg(long, global = true, env = "SHOAL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// The log filter in force: `RUST_LOG`, else `SHOAL_LOG`, else `default_filter`; each in the
+/// `tracing_subscriber::EnvFilter` syntax (`info,shoal_hub=debug,rumqttd=warn`). A value
+/// that does not parse is an error naming it, not a silent fall back to the default.
+pub fn log_filter(
+    default_filter: &str,
+    env: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<tracing_subscriber::EnvFilter> {
+    for var in ["RUST_LOG", "SHOAL_LOG"] {
+        if let Some(v) = env(var).filter(|v| !v.trim().is_empty()) {
+            return tracing_subscriber::EnvFilter::builder()
+                .parse(&v)
+                .with_context(|| {
+                    format!("{var}={v:?} is not a valid log filter (e.g. info,shoal_hub=debug)")
+                });
+        }
+    }
+    Ok(tracing_subscriber::EnvFilter::new(default_filter))
+}
+
+/// Logs to stderr in `args.log_format`, filtered as [`log_filter`] says.
+pub fn init_tracing(default_filter: &str, args: &LogArgs) -> anyhow::Result<()> {
+    let filter = log_filter(default_filter, |k| std::env::var(k).ok())?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let set = match args.log_format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .try_init(),
+    };
+    set.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
 }
 
 /// A token cancelled on the first SIGINT or SIGTERM. Call inside the tokio runtime.
@@ -62,4 +106,34 @@ pub fn host_name() -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_filter_precedence_and_bad_values() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let f = log_filter("info", env(&[])).unwrap();
+        assert_eq!(f.to_string(), "info");
+        let f = log_filter("info", env(&[("SHOAL_LOG", "warn")])).unwrap();
+        assert_eq!(f.to_string(), "warn");
+        let f = log_filter(
+            "info",
+            env(&[("SHOAL_LOG", "warn"), ("RUST_LOG", "shoal_hub=debug")]),
+        )
+        .unwrap();
+        assert_eq!(f.to_string(), "shoal_hub=debug");
+        let e = log_filter("info", env(&[("RUST_LOG", "shoal_hub=loud")])).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("RUST_LOG=\"shoal_hub=loud\""), "{e}");
+    }
 }

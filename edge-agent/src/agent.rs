@@ -14,7 +14,10 @@
 use crate::bus::{self, Bus, BusEvent};
 use crate::directory::{Change, Directory};
 use crate::fetch::{Fetcher, ModuleSource};
-use crate::local::{self, DevicePeer, HubPeer, LocalRequest, PeersView};
+use crate::local::{
+    self, AgentStatusView, DevicePeer, HubLinkView, HubPeer, InspectView, LocalRequest, PeersView,
+    ReplicaView, RestartView,
+};
 use crate::plan::{plan, Action, Observed};
 use crate::runtime::{Network, WorkloadRuntime};
 use crate::services::{self, ServiceFiles};
@@ -59,6 +62,8 @@ pub struct AgentConfig {
     pub mdns: Option<MdnsOptions>,
     /// The local API's Unix socket; `None`: no local API.
     pub socket: Option<LocalSocket>,
+    /// Where Prometheus scrapes `/metrics` over TCP; `None`: only on the local socket.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// How to reach the OCI registries `oci://` modules and images come from.
     pub registries: shoal_registry::RegistryConfig,
     /// containerd to run container workloads with; `None`: no container runtime.
@@ -212,8 +217,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         fetcher = fetcher.precompiled_for(runtime.target());
     }
     let (local_tx, local_rx) = mpsc::channel(16);
+    if let Some(addr) = config.metrics_listen {
+        let bound =
+            local::serve_metrics(addr, local_tx.clone(), &tracker, loop_stop.clone()).await?;
+        info!(%bound, "metrics listening");
+    }
     if let Some(sock) = &config.socket {
-        match local::serve(&sock.path, local_tx, &tracker, loop_stop.clone()).await {
+        let logs = config.data_dir.join("logs");
+        match local::serve(&sock.path, local_tx, logs, &tracker, loop_stop.clone()).await {
             Ok(()) => info!(socket = %sock.path.display(), "local api listening"),
             Err(e) if !sock.explicit => {
                 warn!(error = %e, "local api off (the default socket needs root; give --socket PATH)")
@@ -287,6 +298,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         browsing: BTreeSet::new(),
         stopping: BTreeMap::new(),
         gone_tx,
+        link: HubLinkView::default(),
+        last_sync_ms: None,
+        started_at_ms: now_ms(),
     };
     agent.advertise_self();
     for ev in early_mdns {
@@ -434,7 +448,7 @@ struct Replica {
     /// period).
     container: Option<String>,
     task: u64,
-    cancel: CancellationToken,
+    controls: supervisor::Controls,
     handle: JoinHandle<()>,
 }
 
@@ -486,6 +500,11 @@ struct Agent<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> {
     /// volumes stay, and a replica that would reuse the id waits for them.
     stopping: BTreeMap<String, (WorkloadName, BTreeSet<(SecretName, String)>)>,
     gone_tx: mpsc::Sender<String>,
+    /// The link to the broker, for `shoal-agent status`.
+    link: HubLinkView,
+    /// When a verified desired state last arrived.
+    last_sync_ms: Option<u64>,
+    started_at_ms: u64,
 }
 
 impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
@@ -564,7 +583,13 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
                 _ = heartbeat.tick() => Event::Heartbeat,
             };
             match event {
-                Event::Bus(BusEvent::Connected) => self.announce().await,
+                Event::Bus(BusEvent::Connected) => {
+                    self.link_changed(true, None);
+                    self.announce().await
+                }
+                Event::Bus(BusEvent::Disconnected(reason)) => {
+                    self.link_changed(false, Some(reason))
+                }
                 Event::Bus(BusEvent::Desired(payload)) => self.on_desired(&payload).await,
                 Event::Replica(u) => {
                     let current = self
@@ -586,9 +611,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
                     self.reconcile().await;
                 }
                 Event::Mdns(m) => self.on_mdns(m),
-                Event::Local(LocalRequest::Peers(reply)) => {
-                    let _ = reply.send(self.peers_view());
-                }
+                Event::Local(request) => self.on_local(request),
                 Event::Heartbeat => {
                     self.publish_status().await;
                     self.sweep_volumes(); // orphaned volumes expire
@@ -774,6 +797,149 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         }
     }
 
+    fn link_changed(&mut self, connected: bool, error: Option<String>) {
+        if self.link.connected != connected || self.link.since_ms.is_none() {
+            self.link.since_ms = Some(now_ms());
+        }
+        self.link.connected = connected;
+        self.link.last_error = error;
+    }
+
+    /// Answers the local API (`shoal-agent ps`, …): from state the loop owns, at once.
+    fn on_local(&mut self, request: LocalRequest) {
+        match request {
+            LocalRequest::Peers(reply) => {
+                let _ = reply.send(self.peers_view());
+            }
+            LocalRequest::Status(reply) => {
+                let _ = reply.send(self.status_view());
+            }
+            LocalRequest::Replicas(reply) => {
+                let _ = reply.send(self.replica_views());
+            }
+            LocalRequest::Inspect(name, reply) => {
+                let desired: Vec<DesiredWorkload> = self
+                    .desired
+                    .iter()
+                    .flat_map(|d| &d.workloads)
+                    .filter(|w| w.name == name)
+                    .cloned()
+                    .collect();
+                let observed: Vec<ReplicaView> = self
+                    .replica_views()
+                    .into_iter()
+                    .filter(|r| r.workload == name.as_str())
+                    .collect();
+                let view = (!desired.is_empty() || !observed.is_empty()).then(|| InspectView {
+                    workload: name.to_string(),
+                    desired,
+                    observed,
+                    logs: Vec::new(),
+                });
+                let _ = reply.send(view);
+            }
+            LocalRequest::Restart(name, reply) => {
+                let mut restarted = Vec::new();
+                for (instance, r) in &self.replicas {
+                    if r.workload == name {
+                        info!(%instance, "restart requested over the local api");
+                        r.controls.restart.notify_one();
+                        restarted.push(instance.clone());
+                    }
+                }
+                let _ = reply.send(if restarted.is_empty() {
+                    Err(format!(
+                        "no replica of workload {:?} runs on this device (see `shoal-agent ps`)",
+                        name.as_str()
+                    ))
+                } else {
+                    Ok(RestartView { restarted })
+                });
+            }
+        }
+    }
+
+    /// Every replica supervised here, with what it uses.
+    fn replica_views(&self) -> Vec<ReplicaView> {
+        let desired: BTreeMap<String, &DesiredWorkload> = self
+            .desired
+            .iter()
+            .flat_map(|d| &d.workloads)
+            .map(|w| (w.instance(), w))
+            .collect();
+        self.replicas
+            .iter()
+            .map(|(instance, r)| {
+                let status = self.statuses.get(instance);
+                let phase = status.map_or(Phase::Pending, |s| s.phase);
+                let (memory, cpu) = match (&r.container, &self.shared.containers) {
+                    (Some(id), Some(rt)) => match rt.usage(id) {
+                        Some(u) => (Some(u.memory_bytes), Some(u.cpu_nanos)),
+                        None => (None, None),
+                    },
+                    (Some(_), None) => (None, None),
+                    (None, _) => (
+                        (phase == Phase::Running).then(|| r.controls.usage.memory_bytes()),
+                        Some(r.controls.usage.cpu_nanos()),
+                    ),
+                };
+                ReplicaView {
+                    instance: instance.clone(),
+                    workload: r.workload.to_string(),
+                    replica: desired.get(instance).map_or(0, |w| w.replica),
+                    revision: r.revision.clone(),
+                    variant: status.map(|s| s.variant.clone()).unwrap_or_default(),
+                    phase: phase.to_string(),
+                    restarts: status.map_or(0, |s| s.restarts),
+                    started_at_ms: status.and_then(|s| s.started_at_ms),
+                    reason: status.and_then(|s| s.reason.clone()),
+                    healthy: status.and_then(|s| s.healthy),
+                    exit_code: status.and_then(|s| s.exit_code),
+                    memory_bytes: memory,
+                    memory_limit: desired.get(instance).map_or(0, |w| w.resources.memory),
+                    cpu_nanos: cpu,
+                }
+            })
+            .collect()
+    }
+
+    fn status_view(&self) -> AgentStatusView {
+        let mut hub = self.link.clone();
+        hub.broker = self.broker_tx.borrow().as_ref().map(ToString::to_string);
+        let allocated = self
+            .desired
+            .iter()
+            .flat_map(|d| &d.workloads)
+            .map(|w| w.resources.memory)
+            .sum();
+        AgentStatusView {
+            device: self.config.device_id.to_string(),
+            fleet: self.config.fleet.clone(),
+            agent_version: self.hello.agent_version.clone(),
+            runtimes: self.hello.runtimes.clone(),
+            hub,
+            generation: self.desired.as_ref().map_or(0, |d| d.generation),
+            last_sync_ms: self.last_sync_ms,
+            replicas: self.replicas.len(),
+            running: self.replicas.keys().filter(|i| self.is_running(i)).count(),
+            disk: crate::host::disk(&self.config.data_dir).map(|(total, available)| {
+                local::DiskView {
+                    path: self.config.data_dir.display().to_string(),
+                    total_bytes: total,
+                    available_bytes: available,
+                }
+            }),
+            memory: local::MemoryView {
+                offered_bytes: self.hello.memory,
+                allocated_bytes: allocated,
+                machine_total_bytes: crate::host::total_memory(),
+                machine_available_bytes: crate::host::available_memory(),
+                agent_rss_bytes: crate::host::agent_rss(),
+            },
+            started_at_ms: self.started_at_ms,
+        }
+    }
+
     fn peers_view(&self) -> PeersView {
         let choice = self.directory.hub_choice();
         let state = |instance: &str| {
@@ -852,6 +1018,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
             Ok(d) => d,
             Err(shoal_pki::sign::Rejected::Same(g)) => {
                 debug!(generation = g, "desired state in force delivered again");
+                self.last_sync_ms = Some(now_ms());
                 return;
             }
             Err(e) => {
@@ -869,6 +1036,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
             replicas = d.workloads.len(),
             "desired state accepted"
         );
+        self.last_sync_ms = Some(now_ms());
         self.open_secrets(&d);
         self.desired = Some(d);
         self.reconcile().await;
@@ -964,7 +1132,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
     fn spawn(&mut self, w: DesiredWorkload, artifact_base: &str) {
         self.next_task += 1;
         let task = self.next_task;
-        let cancel = CancellationToken::new();
+        let controls = supervisor::Controls::default();
         let instance = w.instance();
         info!(%instance, revision = %w.revision, "starting replica");
         let revision = w.revision.clone();
@@ -978,7 +1146,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
             artifact_base.to_string(),
             network,
             task,
-            cancel.clone(),
+            controls.clone(),
         ));
         self.replicas.insert(
             instance,
@@ -988,7 +1156,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
                 secrets,
                 container,
                 task,
-                cancel,
+                controls,
                 handle,
             },
         );
@@ -1042,7 +1210,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
     async fn stop(&mut self, instance: &str) {
         if let Some(r) = self.replicas.remove(instance) {
             info!(%instance, "stopping replica");
-            r.cancel.cancel();
+            r.controls.cancel.cancel();
             if let Some(id) = r.container {
                 // Its volumes and secret files stay until it is gone.
                 self.stopping.insert(id.clone(), (r.workload, r.secrets));
@@ -1060,7 +1228,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
 
     async fn stop_all(&mut self) {
         for r in self.replicas.values() {
-            r.cancel.cancel();
+            r.controls.cancel.cancel();
         }
         for (_, r) in std::mem::take(&mut self.replicas) {
             let _ = r.handle.await;
@@ -1113,30 +1281,17 @@ fn hello(config: &AgentConfig, containers: bool) -> Hello {
         os: std::env::consts::OS.to_string(),
         runtimes,
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
-        memory: config.memory.unwrap_or_else(total_memory),
+        memory: config.memory.unwrap_or_else(crate::host::total_memory),
         labels: config.labels.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         max_replicas: config.max_replicas,
     }
 }
 
-/// Total memory from `/proc/meminfo` (0 if unreadable, e.g. off Linux).
-fn total_memory() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
 impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Drop for Agent<S, B, R, F> {
     fn drop(&mut self) {
         for r in self.replicas.values() {
-            r.cancel.cancel();
+            r.controls.cancel.cancel();
         }
     }
 }

@@ -29,6 +29,8 @@ pub struct BusError {
 pub enum BusEvent {
     /// Connected (again): announce and republish status.
     Connected,
+    /// The connection failed or was lost (said once per outage): why.
+    Disconnected(String),
     /// A desired-state payload arrived on our desired topic.
     Desired(bytes::Bytes),
 }
@@ -185,6 +187,9 @@ pub fn connect(
                     // One line per retry period (about 30 s), not a flood.
                     if failures == 1 || failures.is_multiple_of(30) {
                         warn!(%broker, error = %e, attempt = failures, "broker unreachable; running from local state and retrying");
+                    }
+                    if failures == 1 && tx.send(BusEvent::Disconnected(e.to_string())).await.is_err() {
+                        break;
                     }
                     tokio::select! {
                         _ = shutdown.cancelled() => break,

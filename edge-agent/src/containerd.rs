@@ -9,7 +9,7 @@
 //! container and snapshot are removed afterwards. docs/research/containerd-1.6.md records the
 //! protocol details this follows.
 
-use crate::runtime::{BoxFuture, ContainerRuntime, Exit};
+use crate::runtime::{BoxFuture, ContainerRuntime, Exit, UsageSample};
 pub use crate::runtime::{ContainerRun, ImageConfig, PreparedImage};
 use containerd_client::services::v1::container::Runtime;
 use containerd_client::services::v1::snapshots::{
@@ -1102,6 +1102,54 @@ impl ContainerRuntime for Containerd {
     ) -> BoxFuture<'a, Exit> {
         Box::pin(self.finish(run, cancel, detach))
     }
+
+    fn usage(&self, id: &str) -> Option<UsageSample> {
+        cgroup_usage(std::path::Path::new("/sys/fs/cgroup"), &self.namespace, id)
+    }
+}
+
+/// Memory and CPU time of container `id`'s cgroup under `root` (cgroup v2:
+/// `memory.current`, `cpu.stat` `usage_usec`; v1: `memory/…/memory.usage_in_bytes`,
+/// `cpuacct/…/cpuacct.usage`). `None` when neither layout can be read.
+pub fn cgroup_usage(root: &Path, namespace: &str, id: &str) -> Option<UsageSample> {
+    let read = |p: PathBuf| std::fs::read_to_string(p).ok();
+    let number = |t: String| t.trim().parse::<u64>().ok();
+    let v2 = root.join(namespace).join(id);
+    if let Some(memory) = read(v2.join("memory.current")).and_then(number) {
+        let cpu_usec = read(v2.join("cpu.stat"))
+            .and_then(|t| {
+                t.lines().find_map(|l| {
+                    let (k, v) = l.split_once(' ')?;
+                    (k == "usage_usec")
+                        .then(|| v.trim().parse::<u64>().ok())
+                        .flatten()
+                })
+            })
+            .unwrap_or(0);
+        return Some(UsageSample {
+            memory_bytes: memory,
+            cpu_nanos: cpu_usec.saturating_mul(1000),
+        });
+    }
+    let memory = read(
+        root.join("memory")
+            .join(namespace)
+            .join(id)
+            .join("memory.usage_in_bytes"),
+    )
+    .and_then(number)?;
+    let cpu_nanos = read(
+        root.join("cpuacct")
+            .join(namespace)
+            .join(id)
+            .join("cpuacct.usage"),
+    )
+    .and_then(number)
+    .unwrap_or(0);
+    Some(UsageSample {
+        memory_bytes: memory,
+        cpu_nanos,
+    })
 }
 
 /// How often a running container's log size is checked.
@@ -1235,6 +1283,36 @@ mod tests {
             br#"{"config":{"Env":["PATH=/bin","A=1"],"Entrypoint":["/bin/busybox"],"Cmd":["sh"],"WorkingDir":"/w","User":"1000:1000"},"rootfs":{"type":"layers","diff_ids":[]}}"#,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn usage_is_read_from_either_cgroup_version() {
+        let root = tempfile::tempdir().unwrap();
+        assert_eq!(cgroup_usage(root.path(), "shoal", "c1"), None);
+        let v2 = root.path().join("shoal/c1");
+        std::fs::create_dir_all(&v2).unwrap();
+        std::fs::write(v2.join("memory.current"), "4096\n").unwrap();
+        std::fs::write(v2.join("cpu.stat"), "usage_usec 1500\nuser_usec 1000\n").unwrap();
+        assert_eq!(
+            cgroup_usage(root.path(), "shoal", "c1"),
+            Some(UsageSample {
+                memory_bytes: 4096,
+                cpu_nanos: 1_500_000
+            })
+        );
+        let v1 = root.path().join("memory/shoal/c2");
+        std::fs::create_dir_all(&v1).unwrap();
+        std::fs::write(v1.join("memory.usage_in_bytes"), "8192\n").unwrap();
+        let cpu = root.path().join("cpuacct/shoal/c2");
+        std::fs::create_dir_all(&cpu).unwrap();
+        std::fs::write(cpu.join("cpuacct.usage"), "777\n").unwrap();
+        assert_eq!(
+            cgroup_usage(root.path(), "shoal", "c2"),
+            Some(UsageSample {
+                memory_bytes: 8192,
+                cpu_nanos: 777
+            })
+        );
     }
 
     #[test]

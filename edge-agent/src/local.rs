@@ -6,12 +6,24 @@
 //! | route | answer |
 //! |---|---|
 //! | `GET /v1/peers` | [`PeersView`]: hubs and devices seen over mDNS |
+//! | `GET /v1/status` | [`AgentStatusView`]: hub link, generation, last sync, disk, memory |
+//! | `GET /v1/workloads` | [`ReplicaView`]s: every replica on this device (`ps`) |
+//! | `GET /v1/workloads/{name}` | [`InspectView`]: desired vs observed for one workload |
+//! | `GET /v1/workloads/{name}/logs?tail=N&follow=true` | its replicas' log lines, as text |
+//! | `POST /v1/workloads/{name}/restart` | [`RestartView`]: the replicas restarted |
+//! | `GET /metrics` | Prometheus text ([`crate::metrics`]); also on `--metrics-listen` |
+//!
+//! Errors are JSON `{"error": "..."}` with a 4xx/5xx status. Logs are read from the files in
+//! `DATA_DIR/logs` by the handler itself (never through the main loop), so they are there for
+//! a workload that has left the device too.
 
-use axum::extract::State;
+use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use shoal_api::ids::WorkloadName;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tokio::sync::{mpsc, oneshot};
@@ -43,6 +55,120 @@ pub enum LocalError {
 #[derive(Debug)]
 pub enum LocalRequest {
     Peers(oneshot::Sender<PeersView>),
+    Status(oneshot::Sender<AgentStatusView>),
+    Replicas(oneshot::Sender<Vec<ReplicaView>>),
+    /// `None`: no such workload on this device.
+    Inspect(WorkloadName, oneshot::Sender<Option<InspectView>>),
+    /// Restart the replicas of a workload; `Err`: why nothing was restarted.
+    Restart(WorkloadName, oneshot::Sender<Result<RestartView, String>>),
+}
+
+/// One replica on this device, as `shoal-agent ps` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaView {
+    pub instance: String,
+    pub workload: String,
+    pub replica: u32,
+    pub revision: String,
+    /// `wasm` or `container`.
+    pub variant: String,
+    pub phase: String,
+    pub restarts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Memory in use (WASM: linear memories and tables; container: its cgroup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// Its memory limit (`spec.resources.memory`).
+    pub memory_limit: u64,
+    /// CPU time used by all its runs (a container: the current one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_nanos: Option<u64>,
+}
+
+/// `shoal-agent status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatusView {
+    pub device: String,
+    pub fleet: String,
+    pub agent_version: String,
+    pub runtimes: Vec<String>,
+    pub hub: HubLinkView,
+    /// Generation of the desired state in force (0: none yet).
+    pub generation: u64,
+    /// When a desired state last came from the hub (the one in force or the same again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync_ms: Option<u64>,
+    pub replicas: usize,
+    pub running: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskView>,
+    pub memory: MemoryView,
+    /// When the agent started.
+    pub started_at_ms: u64,
+}
+
+/// The agent's link to the hub's broker.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HubLinkView {
+    /// `mqtt(s)://HOST:PORT`, once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<String>,
+    pub connected: bool,
+    /// Since when it has been connected, or disconnected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_ms: Option<u64>,
+    /// Why the last attempt failed, while disconnected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskView {
+    pub path: String,
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemoryView {
+    /// Offered to workloads (`--memory`, or the machine's).
+    pub offered_bytes: u64,
+    /// The sum of the memory limits of the replicas here.
+    pub allocated_bytes: u64,
+    pub machine_total_bytes: u64,
+    pub machine_available_bytes: u64,
+    /// The agent's own resident set.
+    pub agent_rss_bytes: u64,
+}
+
+/// `shoal-agent inspect`: what the hub wants here and what runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InspectView {
+    pub workload: String,
+    /// The replicas of it in the desired state in force.
+    pub desired: Vec<shoal_api::messages::DesiredWorkload>,
+    pub observed: Vec<ReplicaView>,
+    /// Its log files on this device.
+    pub logs: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RestartView {
+    pub restarted: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -77,13 +203,61 @@ pub struct DevicePeer {
     pub first_seen_ms: u64,
 }
 
-type Requests = mpsc::Sender<LocalRequest>;
+#[derive(Clone)]
+struct Ctx {
+    requests: mpsc::Sender<LocalRequest>,
+    logs_dir: PathBuf,
+    /// Followed log streams end with the agent (graceful shutdown waits for open answers).
+    stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// An error answer: status and `{"error": message}`.
+struct Failure(StatusCode, String);
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl Ctx {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> LocalRequest,
+    ) -> Result<T, Failure> {
+        let gone = || {
+            Failure(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the agent is shutting down".into(),
+            )
+        };
+        let (reply, rx) = oneshot::channel();
+        self.requests.send(make(reply)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
+    }
+}
+
+fn workload_name(name: &str) -> Result<WorkloadName, Failure> {
+    WorkloadName::try_from(name).map_err(|e| Failure(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+fn no_workload(name: &WorkloadName) -> Failure {
+    Failure(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no workload {:?} on this device (see `shoal-agent ps`)",
+            name.as_str()
+        ),
+    )
+}
 
 /// Binds `path` (replacing a stale socket file; creating its directory) with owner-only
 /// permissions and serves until `shutdown`; the socket file is removed on the way out.
 pub async fn serve(
     path: &Path,
-    requests: Requests,
+    requests: mpsc::Sender<LocalRequest>,
+    logs_dir: PathBuf,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<(), LocalError> {
@@ -104,7 +278,18 @@ pub async fn serve(
     }
     let app = Router::new()
         .route("/v1/peers", get(peers))
-        .with_state(requests);
+        .route("/v1/status", get(status))
+        .route("/v1/workloads", get(replicas))
+        .route("/v1/workloads/{name}", get(inspect))
+        .route("/v1/workloads/{name}/logs", get(logs))
+        .route("/v1/workloads/{name}/restart", post(restart))
+        .route("/metrics", get(metrics))
+        .with_state(Ctx {
+            requests,
+            logs_dir,
+            stop: shutdown.clone(),
+            tracker: tracker.clone(),
+        });
     let path: PathBuf = path.to_path_buf();
     tracker.spawn(async move {
         let stop = shutdown.clone();
@@ -119,22 +304,266 @@ pub async fn serve(
     Ok(())
 }
 
-async fn peers(State(tx): State<Requests>) -> Result<Json<PeersView>, StatusCode> {
-    let (reply, rx) = oneshot::channel();
-    tx.send(LocalRequest::Peers(reply))
-        .await
-        .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
-    rx.await
-        .map(Json)
-        .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)
+async fn metrics(State(ctx): State<Ctx>) -> Result<Response, Failure> {
+    let status = ctx.ask(LocalRequest::Status).await?;
+    let replicas = ctx.ask(LocalRequest::Replicas).await?;
+    let text = crate::metrics::render(&status, &replicas)
+        .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(([("content-type", crate::metrics::CONTENT_TYPE)], text).into_response())
 }
 
-/// `GET uri` on the agent at `socket`, decoded as JSON. Written on hyper directly: reqwest
-/// has no Unix-socket transport.
-pub async fn get_json<T: serde::de::DeserializeOwned>(
+/// Serves `GET /metrics` (only that: the control routes stay on the owner-only socket) over
+/// TCP at `addr`, for Prometheus, until `shutdown`.
+pub async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    requests: mpsc::Sender<LocalRequest>,
+    tracker: &TaskTracker,
+    shutdown: CancellationToken,
+) -> Result<std::net::SocketAddr, LocalError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| LocalError::Bind {
+            path: addr.to_string(),
+            source,
+        })?;
+    let bound = listener.local_addr().map_err(|source| LocalError::Bind {
+        path: addr.to_string(),
+        source,
+    })?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(Ctx {
+            requests,
+            logs_dir: PathBuf::new(),
+            stop: shutdown.clone(),
+            tracker: tracker.clone(),
+        });
+    tracker.spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+        {
+            warn!(error = %e, "metrics listener stopped");
+        }
+    });
+    Ok(bound)
+}
+
+async fn peers(State(ctx): State<Ctx>) -> Result<Json<PeersView>, Failure> {
+    ctx.ask(LocalRequest::Peers).await.map(Json)
+}
+
+async fn status(State(ctx): State<Ctx>) -> Result<Json<AgentStatusView>, Failure> {
+    ctx.ask(LocalRequest::Status).await.map(Json)
+}
+
+async fn replicas(State(ctx): State<Ctx>) -> Result<Json<Vec<ReplicaView>>, Failure> {
+    ctx.ask(LocalRequest::Replicas).await.map(Json)
+}
+
+async fn inspect(
+    State(ctx): State<Ctx>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<InspectView>, Failure> {
+    let name = workload_name(&name)?;
+    let mut view = ctx
+        .ask(|r| LocalRequest::Inspect(name.clone(), r))
+        .await?
+        .ok_or_else(|| no_workload(&name))?;
+    view.logs = log_files(&ctx.logs_dir, &name)
+        .into_iter()
+        .map(|(_, p)| p.display().to_string())
+        .collect();
+    Ok(Json(view))
+}
+
+async fn restart(
+    State(ctx): State<Ctx>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<RestartView>, Failure> {
+    let name = workload_name(&name)?;
+    ctx.ask(|r| LocalRequest::Restart(name.clone(), r))
+        .await?
+        .map(Json)
+        .map_err(|e| Failure(StatusCode::NOT_FOUND, e))
+}
+
+#[derive(Debug, Deserialize)]
+struct LogQuery {
+    /// Lines from the end of each replica's log; default all that is kept.
+    tail: Option<usize>,
+    #[serde(default)]
+    follow: bool,
+}
+
+/// How often a followed log is looked at for new lines.
+const FOLLOW_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+async fn logs(
+    State(ctx): State<Ctx>,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<LogQuery>,
+) -> Result<Response, Failure> {
+    let name = workload_name(&name)?;
+    let files = log_files(&ctx.logs_dir, &name);
+    if files.is_empty() {
+        return Err(no_workload(&name));
+    }
+    let prefixed = files.len() > 1;
+    let mut tails = Vec::new();
+    let mut text = String::new();
+    for (instance, path) in &files {
+        let (lines, end) = read_tail(path, q.tail).map_err(|e| {
+            Failure(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        for l in lines {
+            push_line(&mut text, prefixed.then_some(instance.as_str()), &l);
+        }
+        tails.push(Follower::new(instance.clone(), path.clone(), end));
+    }
+    if !q.follow {
+        return Ok(text.into_response());
+    }
+    // Followed: the lines so far, then whatever the replicas write, until the client goes
+    // away or the agent stops.
+    let (tx, rx) = mpsc::channel::<Result<String, std::io::Error>>(16);
+    let stop = ctx.stop.clone();
+    ctx.tracker.spawn(async move {
+        if tx.send(Ok(text)).await.is_err() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                () = tx.closed() => return,
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(FOLLOW_POLL) => {}
+            }
+            let mut chunk = String::new();
+            for f in &mut tails {
+                for l in f.poll() {
+                    push_line(&mut chunk, prefixed.then_some(f.instance.as_str()), &l);
+                }
+            }
+            if !chunk.is_empty() && tx.send(Ok(chunk)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let body = axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    Ok(([("content-type", "text/plain; charset=utf-8")], body).into_response())
+}
+
+fn push_line(out: &mut String, prefix: Option<&str>, line: &str) {
+    if let Some(p) = prefix {
+        out.push('[');
+        out.push_str(p);
+        out.push_str("] ");
+    }
+    out.push_str(line);
+    out.push('\n');
+}
+
+/// The log files of `workload`'s replicas in `dir` (`{workload}-{N}.log`), by replica.
+pub fn log_files(dir: &Path, workload: &WorkloadName) -> Vec<(String, PathBuf)> {
+    let prefix = format!("{}-", workload.as_str());
+    let mut found: Vec<(u32, String, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_string();
+            let instance = name.strip_suffix(".log")?;
+            let n: u32 = instance.strip_prefix(&prefix)?.parse().ok()?;
+            Some((n, instance.to_string(), e.path()))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().map(|(_, i, p)| (i, p)).collect()
+}
+
+/// The last `tail` lines (all when `None`) of a log and its rotated predecessor
+/// (`{path}.1`), and the current file's length (where following starts).
+fn read_tail(path: &Path, tail: Option<usize>) -> std::io::Result<(Vec<String>, u64)> {
+    let read = |p: &Path| match std::fs::read(p) {
+        Ok(b) => Ok(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
+    };
+    let mut rotated = path.as_os_str().to_owned();
+    rotated.push(".1");
+    let current = read(path)?;
+    let end = current.len() as u64;
+    let mut bytes = read(Path::new(&rotated))?;
+    bytes.extend_from_slice(&current);
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<&str> = text.lines().collect();
+    let skip = tail.map_or(0, |n| lines.len().saturating_sub(n));
+    Ok((lines[skip..].iter().map(|l| l.to_string()).collect(), end))
+}
+
+/// Follows one log file by polling its length: new complete lines are returned; a file that
+/// got shorter (rotated to `.1`, or truncated in place by the container log bound) is read
+/// again from its start. Written by hand: the crates that follow files either watch with
+/// inotify (not on every board's filesystem) or do not survive copytruncate rotation.
+struct Follower {
+    instance: String,
+    path: PathBuf,
+    offset: u64,
+    partial: Vec<u8>,
+}
+
+impl Follower {
+    fn new(instance: String, path: PathBuf, offset: u64) -> Self {
+        Self {
+            instance,
+            path,
+            offset,
+            partial: Vec::new(),
+        }
+    }
+
+    fn poll(&mut self) -> Vec<String> {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut f) = std::fs::File::open(&self.path) else {
+            return Vec::new();
+        };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if len < self.offset {
+            self.offset = 0;
+            self.partial.clear();
+        }
+        if len == self.offset || f.seek(SeekFrom::Start(self.offset)).is_err() {
+            return Vec::new();
+        }
+        let mut buf = Vec::new();
+        if f.take(len - self.offset).read_to_end(&mut buf).is_err() {
+            return Vec::new();
+        }
+        self.offset += buf.len() as u64;
+        self.partial.extend_from_slice(&buf);
+        let Some(last_nl) = self.partial.iter().rposition(|&b| b == b'\n') else {
+            return Vec::new();
+        };
+        let rest = self.partial.split_off(last_nl + 1);
+        let done = std::mem::replace(&mut self.partial, rest);
+        String::from_utf8_lossy(&done)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// A request to the agent at `socket`; answers other than 2xx are errors carrying the
+/// agent's `{"error"}` message. Written on hyper directly: reqwest has no Unix-socket
+/// transport.
+pub async fn request(
     socket: &Path,
+    method: hyper::Method,
     uri: &str,
-) -> Result<T, LocalError> {
+) -> Result<hyper::Response<hyper::body::Incoming>, LocalError> {
     use http_body_util::BodyExt;
     let connect_err = |reason: String| LocalError::Connect {
         path: socket.display().to_string(),
@@ -152,8 +581,12 @@ pub async fn get_json<T: serde::de::DeserializeOwned>(
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
             .map_err(|e| connect_err(e.to_string()))?;
-    let driver = tokio::spawn(conn);
-    let req = hyper::Request::get(uri)
+    // Drives the connection; ends when the answer's body is done or dropped. Not tracked:
+    // this is the CLI's side, which exits when the answer is read.
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(uri)
         .header("host", "localhost")
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .map_err(|e| answer_err(e.to_string()))?;
@@ -162,20 +595,78 @@ pub async fn get_json<T: serde::de::DeserializeOwned>(
         .await
         .map_err(|e| answer_err(e.to_string()))?;
     let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
     let body = resp
         .into_body()
         .collect()
         .await
         .map_err(|e| answer_err(e.to_string()))?
         .to_bytes();
-    driver.abort();
-    if !status.is_success() {
-        return Err(answer_err(format!(
-            "{status}: {}",
-            String::from_utf8_lossy(&body)
-        )));
+    let message = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+    Err(answer_err(format!("{status}: {message}")))
+}
+
+/// `method uri` on the agent at `socket`, its answer decoded as JSON.
+pub async fn call_json<T: serde::de::DeserializeOwned>(
+    socket: &Path,
+    method: hyper::Method,
+    uri: &str,
+) -> Result<T, LocalError> {
+    use http_body_util::BodyExt;
+    let resp = request(socket, method, uri).await?;
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| LocalError::Answer {
+            path: socket.display().to_string(),
+            uri: uri.to_string(),
+            reason: e.to_string(),
+        })?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| LocalError::Answer {
+        path: socket.display().to_string(),
+        uri: uri.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// `GET uri` on the agent at `socket`, decoded as JSON.
+pub async fn get_json<T: serde::de::DeserializeOwned>(
+    socket: &Path,
+    uri: &str,
+) -> Result<T, LocalError> {
+    call_json(socket, hyper::Method::GET, uri).await
+}
+
+/// `GET uri` on the agent at `socket`, its body copied to `out` as it arrives (a followed
+/// log), until the agent ends it.
+pub async fn stream_to(
+    socket: &Path,
+    uri: &str,
+    out: &mut (impl std::io::Write + Send),
+) -> Result<(), LocalError> {
+    use http_body_util::BodyExt;
+    let mut body = request(socket, hyper::Method::GET, uri).await?.into_body();
+    let fail = |reason: String| LocalError::Answer {
+        path: socket.display().to_string(),
+        uri: uri.to_string(),
+        reason,
+    };
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| fail(e.to_string()))?;
+        if let Ok(data) = frame.into_data() {
+            out.write_all(&data)
+                .and_then(|()| out.flush())
+                .map_err(|e| fail(format!("cannot write: {e}")))?;
+        }
     }
-    serde_json::from_slice(&body).map_err(|e| answer_err(e.to_string()))
+    Ok(())
 }
 
 #[cfg(test)]
@@ -189,7 +680,9 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(4);
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
-        serve(&path, tx, &tracker, stop.clone()).await.unwrap();
+        serve(&path, tx, dir.path().join("logs"), &tracker, stop.clone())
+            .await
+            .unwrap();
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
@@ -212,5 +705,123 @@ mod tests {
         assert!(!path.exists(), "socket file removed on shutdown");
         let e = get_json::<PeersView>(&path, "/v1/peers").await.unwrap_err();
         assert!(e.to_string().contains("cannot reach the agent"), "{e}");
+    }
+
+    #[test]
+    fn log_files_tails_and_follows_across_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = WorkloadName::try_from("web").unwrap();
+        for f in [
+            "web-10.log",
+            "web-2.log",
+            "web-2.log.1",
+            "webby-0.log",
+            "web-x.log",
+        ] {
+            std::fs::write(dir.path().join(f), "").unwrap();
+        }
+        let names: Vec<String> = log_files(dir.path(), &w)
+            .into_iter()
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(names, ["web-2", "web-10"]);
+
+        let log = dir.path().join("web-2.log");
+        std::fs::write(dir.path().join("web-2.log.1"), "a\nb\n").unwrap();
+        std::fs::write(&log, "c\nd\n").unwrap();
+        let (lines, end) = read_tail(&log, None).unwrap();
+        assert_eq!(lines, ["a", "b", "c", "d"]);
+        assert_eq!(end, 4);
+        assert_eq!(read_tail(&log, Some(3)).unwrap().0, ["b", "c", "d"]);
+        assert_eq!(read_tail(&log, Some(0)).unwrap().0, Vec::<String>::new());
+
+        let mut f = Follower::new("web-2".into(), log.clone(), end);
+        assert!(f.poll().is_empty());
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        file.write_all(b"e\npart").unwrap();
+        assert_eq!(f.poll(), ["e"]);
+        file.write_all(b"ial\n").unwrap();
+        assert_eq!(f.poll(), ["partial"]);
+        // Truncated in place (the container log bound) or replaced by a new file: read again
+        // from the start.
+        std::fs::write(&log, "f\n").unwrap();
+        assert_eq!(f.poll(), ["f"]);
+    }
+
+    #[tokio::test]
+    async fn logs_are_served_tailed_and_followed_and_unknown_workloads_are_404() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().join("logs");
+        std::fs::create_dir_all(&logs).unwrap();
+        std::fs::write(logs.join("web-0.log"), "one\ntwo\n").unwrap();
+        std::fs::write(logs.join("web-1.log"), "uno\n").unwrap();
+        let path = dir.path().join("agent.sock");
+        let (tx, _rx) = mpsc::channel(4);
+        let tracker = TaskTracker::new();
+        let stop = CancellationToken::new();
+        serve(&path, tx, logs.clone(), &tracker, stop.clone())
+            .await
+            .unwrap();
+
+        let text = |resp: hyper::Response<hyper::body::Incoming>| async move {
+            use http_body_util::BodyExt;
+            let b = resp.into_body().collect().await.unwrap().to_bytes();
+            String::from_utf8(b.to_vec()).unwrap()
+        };
+        let all = request(&path, hyper::Method::GET, "/v1/workloads/web/logs")
+            .await
+            .unwrap();
+        assert_eq!(text(all).await, "[web-0] one\n[web-0] two\n[web-1] uno\n");
+        let tail = request(&path, hyper::Method::GET, "/v1/workloads/web/logs?tail=1")
+            .await
+            .unwrap();
+        assert_eq!(text(tail).await, "[web-0] two\n[web-1] uno\n");
+        let e = request(&path, hyper::Method::GET, "/v1/workloads/api/logs")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("404") && e.contains("no workload \"api\""),
+            "{e}"
+        );
+        let e = request(&path, hyper::Method::GET, "/v1/workloads/Bad_Name/logs")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("400") && e.contains("Bad_Name"), "{e}");
+
+        // Followed: the lines so far, then new ones as they are written.
+        let mut body = request(
+            &path,
+            hyper::Method::GET,
+            "/v1/workloads/web/logs?tail=0&follow=true",
+        )
+        .await
+        .unwrap()
+        .into_body();
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(logs.join("web-1.log"))
+            .unwrap();
+        f.write_all(b"dos\n").unwrap();
+        use http_body_util::BodyExt;
+        let mut got = String::new();
+        while !got.contains("dos") {
+            let frame = tokio::time::timeout(std::time::Duration::from_secs(5), body.frame())
+                .await
+                .expect("a line within 5 s")
+                .unwrap()
+                .unwrap();
+            got.push_str(&String::from_utf8_lossy(&frame.into_data().unwrap()));
+        }
+        assert_eq!(got, "[web-1] dos\n");
+        // The agent stopping ends the stream (shutdown does not wait for the client).
+        stop.cancel();
+        tracker.close();
+        tokio::time::timeout(std::time::Duration::from_secs(5), tracker.wait())
+            .await
+            .expect("followed log ends with the agent");
     }
 }

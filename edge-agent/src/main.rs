@@ -3,7 +3,7 @@
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use shoal_agent::agent::{AgentConfig, LocalSocket};
-use shoal_agent::local::{self, PeersView};
+use shoal_agent::local::{self, AgentStatusView, InspectView, PeersView, ReplicaView, RestartView};
 use shoal_api::endpoint::BrokerUrl;
 use shoal_api::ids::DeviceId;
 use shoal_daemon::mdns::{MdnsArgs, MdnsFile};
@@ -18,6 +18,8 @@ use std::time::Duration;
     about = "Shoal edge agent: runs the WASM workloads the hub assigns to this device"
 )]
 struct Cli {
+    #[command(flatten)]
+    log: shoal_daemon::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -26,18 +28,76 @@ struct Cli {
 enum Command {
     /// Run the agent.
     Run(Box<RunArgs>),
+    /// List the replicas on this device: workload, variant, phase, restarts, uptime, memory.
+    ///
+    /// Asks the running agent over its local socket; works while the hub is unreachable.
+    #[command(
+        after_help = "Examples:\n  shoal-agent ps\n  shoal-agent ps -o json | jq '.[].phase'"
+    )]
+    Ps(LocalArgs),
+    /// The agent's state: hub connection, desired-state generation, last sync, disk, memory.
+    Status(LocalArgs),
+    /// One workload on this device: what the hub asked for and what runs.
+    #[command(after_help = "Example:\n  shoal-agent inspect web -o json")]
+    Inspect {
+        /// The workload's name.
+        workload: String,
+        #[command(flatten)]
+        local: LocalArgs,
+    },
+    /// Print the logs of a workload's replicas on this device (kept in DATA_DIR/logs).
+    #[command(
+        after_help = "Examples:\n  shoal-agent logs web --tail 50\n  shoal-agent logs web -f"
+    )]
+    Logs {
+        /// The workload's name.
+        workload: String,
+        /// Keep printing lines as they are written, until Ctrl-C.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines of each replica.
+        #[arg(long, value_name = "N")]
+        tail: Option<usize>,
+        /// The running agent's local API socket.
+        #[arg(long, env = "SHOAL_AGENT_SOCKET", default_value = local::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Restart a workload's replicas on this device now (counted as restarts).
+    Restart {
+        /// The workload's name.
+        workload: String,
+        #[command(flatten)]
+        local: LocalArgs,
+    },
     /// List the hubs and devices this device's agent sees on the LAN (over mDNS).
-    Peers(PeersArgs),
+    Peers(LocalArgs),
 }
 
+/// Flags of the commands that ask the running agent.
 #[derive(clap::Args)]
-struct PeersArgs {
+struct LocalArgs {
     /// The running agent's local API socket.
     #[arg(long, env = "SHOAL_AGENT_SOCKET", default_value = local::DEFAULT_SOCKET)]
     socket: PathBuf,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     output: Output,
+}
+
+impl LocalArgs {
+    /// Prints what the agent answers to `GET uri`, as JSON or as `table` says.
+    async fn show<T: serde::de::DeserializeOwned + serde::Serialize>(
+        &self,
+        uri: &str,
+        table: impl FnOnce(&T, u64) -> String,
+    ) -> anyhow::Result<()> {
+        let v: T = local::get_json(&self.socket, uri).await?;
+        match self.output {
+            Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+            Output::Table => print!("{}", table(&v, shoal_api::messages::now_ms())),
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -68,9 +128,13 @@ struct RunArgs {
     /// The fleet this device joins; hubs of other fleets are ignored [default: default].
     #[arg(long, env = "SHOAL_FLEET")]
     fleet: Option<String>,
-    /// Unix socket of the local API (`shoal-agent peers`, …) [default: /run/shoal/agent.sock].
+    /// Unix socket of the local API (`shoal-agent ps`, …) [default: /run/shoal/agent.sock].
     #[arg(long, env = "SHOAL_AGENT_SOCKET")]
     socket: Option<PathBuf>,
+    /// Serve Prometheus `/metrics` over plain HTTP at this address (e.g. 127.0.0.1:9465)
+    /// [default: only on the local socket].
+    #[arg(long, env = "SHOAL_AGENT_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
     mdns: MdnsArgs,
     /// Memory offered to workloads (e.g. 512Mi) [default: all of the machine's memory].
@@ -153,6 +217,7 @@ struct FileConfig {
     max_replicas: Option<u32>,
     fleet: Option<String>,
     socket: Option<PathBuf>,
+    metrics_listen: Option<String>,
     #[serde(default)]
     mdns: MdnsFile,
     #[serde(default)]
@@ -273,7 +338,16 @@ fn agent_config(a: RunArgs) -> anyhow::Result<AgentConfig> {
         (None, Some(d)) => parse_duration(&d).map_err(|e| bad("volume-retention", e))?,
         (None, None) => DEFAULT_VOLUME_RETENTION,
     };
+    let metrics_listen =
+        match (a.metrics_listen, file.metrics_listen) {
+            (Some(m), _) => Some(m),
+            (None, Some(m)) => Some(m.parse().map_err(|e: std::net::AddrParseError| {
+                bad("metrics-listen", format!("{m:?}: {e}"))
+            })?),
+            (None, None) => None,
+        };
     Ok(AgentConfig {
+        metrics_listen,
         insecure,
         // Parsed here, not by clap, whose error would echo the secret.
         join_token: a
@@ -314,8 +388,8 @@ fn main() {
 }
 
 fn real_main() -> anyhow::Result<()> {
-    shoal_daemon::init_tracing("info,wasmtime=warn,cranelift=warn");
     let cli = Cli::parse();
+    shoal_daemon::init_tracing("info,wasmtime=warn,cranelift=warn", &cli.log)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -328,15 +402,195 @@ fn real_main() -> anyhow::Result<()> {
                 .await
                 .context("agent failed")
         }),
-        Command::Peers(a) => rt.block_on(async {
-            let v: PeersView = local::get_json(&a.socket, "/v1/peers").await?;
-            match a.output {
+        Command::Peers(a) => rt.block_on(a.show::<PeersView>("/v1/peers", peers_table)),
+        Command::Ps(a) => rt.block_on(a.show::<Vec<ReplicaView>>("/v1/workloads", ps_table)),
+        Command::Status(a) => rt.block_on(a.show::<AgentStatusView>("/v1/status", status_text)),
+        Command::Inspect { workload, local } => rt.block_on(local.show::<InspectView>(
+            &format!("/v1/workloads/{}", path_segment(&workload)?),
+            inspect_text,
+        )),
+        Command::Restart { workload, local } => rt.block_on(async {
+            let uri = format!("/v1/workloads/{}/restart", path_segment(&workload)?);
+            let v: RestartView = local::call_json(&local.socket, hyper::Method::POST, &uri).await?;
+            match local.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
-                Output::Table => print!("{}", peers_table(&v, shoal_api::messages::now_ms())),
+                Output::Table => {
+                    for i in &v.restarted {
+                        println!("{i} restarted");
+                    }
+                }
+            }
+            Ok(())
+        }),
+        Command::Logs {
+            workload,
+            follow,
+            tail,
+            socket,
+        } => rt.block_on(async {
+            let mut uri = format!(
+                "/v1/workloads/{}/logs?follow={follow}",
+                path_segment(&workload)?
+            );
+            if let Some(n) = tail {
+                uri.push_str(&format!("&tail={n}"));
+            }
+            let shutdown = shoal_daemon::shutdown_on_signal();
+            let mut out = std::io::stdout();
+            tokio::select! {
+                r = local::stream_to(&socket, &uri, &mut out) => r?,
+                () = shutdown.cancelled() => {}
             }
             Ok(())
         }),
     }
+}
+
+/// A workload name checked before it goes into a URL path.
+fn path_segment(name: &str) -> anyhow::Result<&str> {
+    shoal_api::ids::WorkloadName::try_from(name)?;
+    Ok(name)
+}
+
+/// `shoal-agent ps` as a table.
+fn ps_table(v: &Vec<ReplicaView>, now_ms: u64) -> String {
+    use shoal_api::quantity::{format_age, format_memory_rounded};
+    use shoal_api::table::Table;
+    if v.is_empty() {
+        return "no replicas on this device\n".into();
+    }
+    let mut t = Table::new(&[
+        "INSTANCE", "WORKLOAD", "VARIANT", "PHASE", "RESTARTS", "UPTIME", "MEMORY", "CPU", "REASON",
+    ]);
+    for r in v {
+        let uptime = match (r.phase.as_str(), r.started_at_ms) {
+            ("Running", Some(t)) => format_age(now_ms.saturating_sub(t)),
+            _ => "-".into(),
+        };
+        let memory = match r.memory_bytes {
+            Some(m) => format!(
+                "{}/{}",
+                format_memory_rounded(m),
+                format_memory_rounded(r.memory_limit)
+            ),
+            None => format!("-/{}", format_memory_rounded(r.memory_limit)),
+        };
+        let cpu = r
+            .cpu_nanos
+            .map_or("-".into(), |n| format!("{:.2}s", n as f64 / 1e9));
+        let mut phase = r.phase.clone();
+        if r.healthy == Some(false) {
+            phase.push_str(" (unhealthy)");
+        }
+        t.row(vec![
+            r.instance.clone(),
+            r.workload.clone(),
+            r.variant.clone(),
+            phase,
+            r.restarts.to_string(),
+            uptime,
+            memory,
+            cpu,
+            r.reason.clone().unwrap_or_default(),
+        ]);
+    }
+    t.to_string()
+}
+
+/// `shoal-agent status` as text.
+fn status_text(v: &AgentStatusView, now_ms: u64) -> String {
+    use shoal_api::quantity::{format_age, format_memory_rounded};
+    let ago = |t: u64| format!("{} ago", format_age(now_ms.saturating_sub(t)));
+    let hub = match (&v.hub.broker, v.hub.connected) {
+        (None, _) => "not found yet (looking over mDNS)".to_string(),
+        (Some(b), true) => format!(
+            "connected to {b}{}",
+            v.hub
+                .since_ms
+                .map(|t| format!(" since {}", ago(t)))
+                .unwrap_or_default()
+        ),
+        (Some(b), false) => format!(
+            "DISCONNECTED from {b}{}{}",
+            v.hub
+                .since_ms
+                .map(|t| format!(" since {}", ago(t)))
+                .unwrap_or_default(),
+            v.hub
+                .last_error
+                .as_ref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        ),
+    };
+    let m = &v.memory;
+    let disk = v.disk.as_ref().map_or("unknown".into(), |d| {
+        format!(
+            "{} free of {} ({})",
+            format_memory_rounded(d.available_bytes),
+            format_memory_rounded(d.total_bytes),
+            d.path
+        )
+    });
+    format!(
+        "device:      {}\nfleet:       {}\nagent:       {} (up {}), runtimes {}\nhub:         {hub}\ngeneration:  {}\nlast sync:   {}\nreplicas:    {} ({} running)\nmemory:      {} of {} offered allocated; machine {} free of {}; agent RSS {}\ndisk:        {disk}\n",
+        v.device,
+        v.fleet,
+        v.agent_version,
+        format_age(now_ms.saturating_sub(v.started_at_ms)),
+        v.runtimes.join(","),
+        v.generation,
+        v.last_sync_ms.map_or("never (since the agent started)".into(), ago),
+        v.replicas,
+        v.running,
+        format_memory_rounded(m.allocated_bytes),
+        format_memory_rounded(m.offered_bytes),
+        format_memory_rounded(m.machine_available_bytes),
+        format_memory_rounded(m.machine_total_bytes),
+        format_memory_rounded(m.agent_rss_bytes),
+    )
+}
+
+/// `shoal-agent inspect` as text: the desired replicas, what runs, where the logs are.
+fn inspect_text(v: &InspectView, now_ms: u64) -> String {
+    let mut out = format!("workload {}\n\ndesired here:\n", v.workload);
+    if v.desired.is_empty() {
+        out.push_str("  (none: the workload left this device)\n");
+    }
+    for d in &v.desired {
+        let what = match (&d.module, &d.container) {
+            (Some(m), _) => format!("module {m}"),
+            (None, Some(c)) => format!("image {}", c.image),
+            (None, None) => "nothing".into(),
+        };
+        out.push_str(&format!(
+            "  {} revision {} {what} memory {}{}\n",
+            d.instance(),
+            d.revision,
+            shoal_api::quantity::format_memory_rounded(d.resources.memory),
+            d.resources
+                .cpu
+                .map(|c| format!(" cpu {c}m"))
+                .unwrap_or_default(),
+        ));
+    }
+    out.push_str("\nobserved:\n");
+    if v.observed.is_empty() {
+        out.push_str("  (no replica runs here)\n");
+    } else {
+        for line in ps_table(&v.observed, now_ms).lines() {
+            out.push_str("  ");
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    if !v.logs.is_empty() {
+        out.push_str("\nlogs:\n");
+        for l in &v.logs {
+            out.push_str(&format!("  {l}\n"));
+        }
+    }
+    out
 }
 
 /// `shoal-agent peers` as text: the hubs, then the devices, with how long ago each was
@@ -392,6 +646,7 @@ mod tests {
             max_replicas: None,
             fleet: None,
             socket: None,
+            metrics_listen: None,
             mdns: MdnsArgs::default(),
             insecure_registries: Vec::new(),
             containerd_socket: None,
@@ -412,6 +667,7 @@ mod tests {
         assert_eq!((c.fleet.as_str(), c.broker), ("greenhouse", None));
         assert_eq!(c.mdns, Some(shoal_daemon::mdns::MdnsOptions::default()));
         assert_eq!(c.registries.insecure, ["lab-registry.lan:5000"]);
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9465".parse().unwrap()));
         assert_eq!(
             c.registries.credentials["registry.example.com"].username,
             "greenhouse"

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +35,8 @@ pub struct RunSpec {
     pub mounts: Vec<Mount>,
     /// `spec.limits`: breaching one stops the run with the limit as its reason.
     pub limits: shoal_api::workload::RunLimits,
+    /// Where the runtime reports what the run uses (shared with the agent).
+    pub usage: Arc<Usage>,
 }
 
 impl std::fmt::Debug for RunSpec {
@@ -47,8 +50,48 @@ impl std::fmt::Debug for RunSpec {
             .field("network", &self.network)
             .field("mounts", &self.mounts)
             .field("limits", &self.limits)
+            .field("usage", &self.usage)
             .finish()
     }
+}
+
+/// What one replica uses, kept current by the runtime that runs it (WASM) and read by the
+/// agent for `shoal-agent ps` and its metrics. Atomics: written from the guest's poll, read
+/// from the main loop, never locked.
+#[derive(Debug, Default)]
+pub struct Usage {
+    /// Linear memories (and tables) of the current run, in bytes; 0 between runs.
+    memory_bytes: AtomicU64,
+    /// CPU time used by every run of the replica so far, in nanoseconds.
+    cpu_nanos: AtomicU64,
+}
+
+impl Usage {
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_bytes.load(Ordering::Relaxed)
+    }
+    pub fn cpu_nanos(&self) -> u64 {
+        self.cpu_nanos.load(Ordering::Relaxed)
+    }
+    /// A memory grew (or was created) from `from` to `to` bytes.
+    pub fn memory_grew(&self, from: u64, to: u64) {
+        self.memory_bytes
+            .fetch_add(to.saturating_sub(from), Ordering::Relaxed);
+    }
+    /// A run ended (its memories are freed) or is about to start.
+    pub fn memory_freed(&self) {
+        self.memory_bytes.store(0, Ordering::Relaxed);
+    }
+    pub fn add_cpu(&self, nanos: u64) {
+        self.cpu_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+/// A reading of a container's cgroup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UsageSample {
+    pub memory_bytes: u64,
+    pub cpu_nanos: u64,
 }
 
 /// Addresses a replica may connect to, kept current by the agent while the replica runs.
@@ -230,4 +273,10 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         cancel: CancellationToken,
         detach: CancellationToken,
     ) -> BoxFuture<'a, Exit>;
+
+    /// What container `id` uses now (memory, CPU time of its cgroup); `None` when unknown
+    /// (not running, or its cgroup cannot be read). Quick and synchronous.
+    fn usage(&self, _id: &str) -> Option<UsageSample> {
+        None
+    }
 }

@@ -161,15 +161,29 @@ where
     }
 }
 
-/// Supervises one replica until `cancel` fires.
+/// How the agent reaches one supervised replica.
+#[derive(Debug, Clone, Default)]
+pub struct Controls {
+    /// Stops the replica for good.
+    pub cancel: CancellationToken,
+    /// Restarts the current run now (`shoal-agent restart`): a running replica is stopped and
+    /// started again, one waiting out a back-off or stopped by its restart policy starts at
+    /// once. Counted as a restart.
+    pub restart: Arc<tokio::sync::Notify>,
+    /// What the replica's runs use (filled in by the WASM runtime).
+    pub usage: Arc<crate::runtime::Usage>,
+}
+
+/// Supervises one replica until `controls.cancel` fires.
 pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
     shared: Shared<R, F>,
     desired: DesiredWorkload,
     artifact_base: String,
     network: Network,
     task: u64,
-    cancel: CancellationToken,
+    controls: Controls,
 ) {
+    let cancel = controls.cancel.clone();
     let instance = desired.instance();
     let span = info_span!("replica", instance = %instance, revision = %desired.revision);
     async move {
@@ -299,6 +313,7 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
             network,
             mounts: mounts.clone(),
             limits: desired.limits,
+            usage: controls.usage.clone(),
         };
         // One container id per revision, so a replaced revision still stopping never
         // collides with its successor; restarts reuse it.
@@ -369,6 +384,22 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
                     }
                 }),
             };
+            // A restart request stops the run through its token, and the run is still
+            // awaited to its end (a container is removed by `wait`, not dropped half-way).
+            let run: BoxFuture<'_, Exit> = {
+                let restart = controls.restart.clone();
+                let stop = run_cancel.clone();
+                Box::pin(async move {
+                    tokio::select! {
+                        exit = run => exit,
+                        exit = async {
+                            restart.notified().await;
+                            stop.cancel();
+                            std::future::pending::<Exit>().await
+                        } => exit,
+                    }
+                })
+            };
             let mut unhealthy = None;
             let exit = match &desired.health {
                 None => run.await,
@@ -412,6 +443,12 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
                     code: None,
                     reason,
                 },
+                (Exit::Cancelled, None) if !cancel.is_cancelled() => {
+                    info!("restarting on request");
+                    log.system("restarting on request (shoal-agent restart)");
+                    r.status.restarts += 1;
+                    continue;
+                }
                 (exit, _) => exit,
             };
             let (success, code, reason) = match exit {
@@ -428,8 +465,14 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
                     let phase = if success { Phase::Succeeded } else { Phase::Failed };
                     log.system(&format!("{reason}; restart policy {:?}: not restarting", desired.restart.policy));
                     r.phase(phase, Some(reason)).await;
-                    cancel.cancelled().await;
-                    return;
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = controls.restart.notified() => {
+                            log.system("starting again on request (shoal-agent restart)");
+                            r.status.restarts += 1;
+                            step = 0;
+                        }
+                    }
                 }
                 AfterExit::Restart(delay) => {
                     let ms = delay.as_millis() as u64;
@@ -440,6 +483,9 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep(delay) => {}
+                        _ = controls.restart.notified() => {
+                            log.system("back-off cut short on request (shoal-agent restart)");
+                        }
                     }
                     r.status.restarts += 1;
                 }
@@ -549,7 +595,10 @@ mod tests {
             "http://x".into(),
             Network::default(),
             1,
-            cancel.clone(),
+            Controls {
+                cancel: cancel.clone(),
+                ..Controls::default()
+            },
         ));
         let mut seen = Vec::new();
         while let Some(u) = rx.recv().await {
@@ -585,6 +634,82 @@ mod tests {
             http: crate::http_client(reqwest::Client::builder()).unwrap_or_default(),
             hub_http: watch::channel(None).1,
         }
+    }
+
+    #[tokio::test]
+    async fn a_restart_request_restarts_a_running_or_stopped_replica_and_counts_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        // First run: until cancelled (a restart); second: fails for good (policy Never).
+        let exits = vec![];
+        let shared = fake_shared(dir.path(), exits, None, tx);
+        let controls = Controls::default();
+        let h = tokio::spawn(supervise(
+            shared,
+            desired(RestartPolicy::Never),
+            "http://x".into(),
+            Network::default(),
+            1,
+            controls.clone(),
+        ));
+        async fn until(
+            rx: &mut mpsc::Receiver<Update>,
+            phase: Phase,
+            restarts: u32,
+        ) -> InstanceStatus {
+            loop {
+                let u = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                    .await
+                    .expect("an update")
+                    .expect("supervisor alive");
+                if u.status.phase == phase && u.status.restarts == restarts {
+                    return u.status;
+                }
+            }
+        }
+        until(&mut rx, Phase::Running, 0).await;
+        controls.restart.notify_one();
+        let s = until(&mut rx, Phase::Running, 1).await;
+        assert!(s.started_at_ms.is_some());
+        let log = std::fs::read_to_string(dir.path().join("w-0.log")).unwrap();
+        assert!(log.contains("restarting on request"), "{log}");
+        controls.cancel.cancel();
+        h.await.unwrap();
+
+        // A replica its restart policy left Failed starts again on request.
+        let (tx, mut rx) = mpsc::channel(64);
+        let shared = fake_shared(
+            dir.path(),
+            vec![Exit::Failure {
+                code: Some(3),
+                reason: "exited with status 3".into(),
+            }],
+            None,
+            tx,
+        );
+        let controls = Controls::default();
+        let h = tokio::spawn(supervise(
+            shared,
+            desired(RestartPolicy::Never),
+            "http://x".into(),
+            Network::default(),
+            1,
+            controls.clone(),
+        ));
+        let mut seen = Vec::new();
+        loop {
+            let u = rx.recv().await.unwrap();
+            seen.push((u.status.phase, u.status.restarts));
+            if u.status.phase == Phase::Failed {
+                controls.restart.notify_one();
+            }
+            if u.status.phase == Phase::Running && u.status.restarts == 1 {
+                break;
+            }
+        }
+        assert!(seen.contains(&(Phase::Failed, 0)), "{seen:?}");
+        controls.cancel.cancel();
+        h.await.unwrap();
     }
 
     /// A replica of a container-only workload (busybox, image pinned; the fakes never pull
@@ -751,7 +876,10 @@ mod tests {
             "http://x".into(),
             Network::default(),
             1,
-            cancel.clone(),
+            Controls {
+                cancel: cancel.clone(),
+                ..Controls::default()
+            },
         ));
         let mut seen = Vec::new();
         while let Some(u) = rx.recv().await {
@@ -807,7 +935,10 @@ mod tests {
             "http://x".into(),
             Network::default(),
             1,
-            cancel.clone(),
+            Controls {
+                cancel: cancel.clone(),
+                ..Controls::default()
+            },
         ));
         // Deleted while the container is being created and started.
         while let Some(u) = rx.recv().await {
@@ -852,7 +983,10 @@ mod tests {
             "http://x".into(),
             Network::default(),
             1,
-            cancel.clone(),
+            Controls {
+                cancel: cancel.clone(),
+                ..Controls::default()
+            },
         ));
         let mut reasons = Vec::new();
         let mut unhealthy_seen = false;

@@ -313,6 +313,8 @@ impl WasmRuntime {
 
         let started = Instant::now();
         let meter = Arc::new(Meter::new());
+        let usage = spec.usage.clone();
+        usage.memory_freed();
         let guest: Pin<Box<dyn Future<Output = Exit> + Send>> = match &module.kind {
             ModuleKind::Core(pre) => Box::pin(run_core(
                 self.inner.engine.clone(),
@@ -332,6 +334,7 @@ impl WasmRuntime {
         let metered = Metered {
             inner: guest,
             meter: meter.clone(),
+            usage: usage.clone(),
         };
         let exit = tokio::select! {
             biased;
@@ -339,6 +342,7 @@ impl WasmRuntime {
             exit = metered => exit,
         };
         // The guest's future (and its store) is dropped by now.
+        usage.memory_freed();
         let stats = RunStats {
             wall: started.elapsed(),
             busy: meter.busy(),
@@ -802,13 +806,16 @@ enum LimitExceeded {
 struct Limits {
     memory: u64,
     table_elements: u64,
+    /// Where the memory the guest holds is reported.
+    usage: Arc<crate::runtime::Usage>,
 }
 
 impl Limits {
-    fn new(memory_limit: u64) -> Self {
+    fn new(memory_limit: u64, usage: Arc<crate::runtime::Usage>) -> Self {
         Limits {
             memory: memory_limit,
             table_elements: (memory_limit / TABLE_ELEMENT_BYTES).min(MAX_TABLE_ELEMENTS),
+            usage,
         }
     }
 }
@@ -816,7 +823,7 @@ impl Limits {
 impl ResourceLimiter for Limits {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
@@ -830,6 +837,7 @@ impl ResourceLimiter for Limits {
             }
             .into());
         }
+        self.usage.memory_grew(current as u64, desired);
         Ok(true)
     }
 
@@ -904,6 +912,8 @@ impl Meter {
 struct Metered<F: ?Sized> {
     inner: Pin<Box<F>>,
     meter: Arc<Meter>,
+    /// The replica's running total, for `ps` and metrics.
+    usage: Arc<crate::runtime::Usage>,
 }
 
 impl<F: Future + ?Sized> Future for Metered<F> {
@@ -923,6 +933,7 @@ impl<F: Future + ?Sized> Future for Metered<F> {
             .saturating_sub(start_nanos);
         this.meter.busy_nanos.fetch_add(elapsed, Ordering::AcqRel);
         this.meter.poll_start.store(0, Ordering::Release);
+        this.usage.add_cpu(elapsed);
         result
     }
 }
@@ -1007,7 +1018,7 @@ fn host<W>(
 ) -> Host<W> {
     Host {
         wasi,
-        limits: Limits::new(spec.memory_limit),
+        limits: Limits::new(spec.memory_limit, spec.usage.clone()),
         meter,
         quota: spec.cpu_millis.map(|m| Quota::new(m, Instant::now())),
         cpu_time: spec.limits.cpu_time_ms.map(Duration::from_millis),
@@ -1375,6 +1386,7 @@ mod tests {
             network: Default::default(),
             mounts: vec![],
             limits: Default::default(),
+            usage: Default::default(),
         }
     }
 

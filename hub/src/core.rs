@@ -1159,6 +1159,7 @@ impl<S: Store> HubCore<S> {
                     backoff_ms: None,
                     revision: String::new(),
                     variant: String::new(),
+                    healthy: None,
                 });
             }
         }
@@ -1240,6 +1241,7 @@ impl<S: Store> HubCore<S> {
             backoff_ms: None,
             revision: String::new(),
             variant: String::new(),
+            healthy: None,
         };
         match reported {
             Some(i) if i.revision == revision => {
@@ -1251,6 +1253,7 @@ impl<S: Store> HubCore<S> {
                 v.backoff_ms = i.backoff_ms;
                 v.revision = i.revision.clone();
                 v.variant = i.variant.clone();
+                v.healthy = i.healthy;
                 if !online {
                     v.reason = Some(format!(
                         "device {dev} is offline; last reported {}",

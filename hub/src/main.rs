@@ -14,6 +14,8 @@ use std::path::PathBuf;
     about = "Shoal hub: schedules WASM workloads onto edge devices"
 )]
 struct Cli {
+    #[command(flatten)]
+    log: shoal_daemon::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -216,8 +218,8 @@ fn main() {
 }
 
 fn real_main() -> anyhow::Result<()> {
-    shoal_daemon::init_tracing("info,rumqttd=warn,rustls=error");
     let cli = Cli::parse();
+    shoal_daemon::init_tracing("info,rumqttd=warn,rustls=error", &cli.log)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -930,3 +930,99 @@ pub fn rss_kib(pid: u32) -> Result<(u64, u64, u64)> {
     };
     Ok((field("VmRSS:")?, field("RssAnon:")?, field("RssFile:")?))
 }
+
+/// One sample of a Prometheus text exposition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// Parses the Prometheus/OpenMetrics text format strictly enough to catch a broken exposition:
+/// every sample line is `name{k="v",…} value`, every sample's family was declared by a
+/// `# TYPE` line before it, names are valid metric names, and an OpenMetrics text ends with
+/// `# EOF`.
+pub fn parse_metrics(text: &str) -> Result<Vec<Sample>> {
+    let valid_name = |n: &str| {
+        !n.is_empty()
+            && n.chars().enumerate().all(|(i, c)| {
+                c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
+            })
+    };
+    let mut families: Vec<String> = Vec::new();
+    let mut out = Vec::new();
+    let mut eof = false;
+    for (n, line) in text.lines().enumerate() {
+        let at = || format!("line {}: {line:?}", n + 1);
+        anyhow::ensure!(!eof, "text after # EOF at {}", at());
+        if line == "# EOF" {
+            eof = true;
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let name = rest.split_whitespace().next().unwrap_or_default();
+            anyhow::ensure!(valid_name(name), "bad family name at {}", at());
+            families.push(name.to_string());
+            continue;
+        }
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .with_context(|| format!("no value at {}", at()))?;
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v
+                .parse()
+                .with_context(|| format!("bad value at {}", at()))?,
+        };
+        let (name, labels) = match series.split_once('{') {
+            None => (series, std::collections::BTreeMap::new()),
+            Some((name, rest)) => {
+                let body = rest
+                    .strip_suffix('}')
+                    .with_context(|| format!("unclosed labels at {}", at()))?;
+                let mut labels = std::collections::BTreeMap::new();
+                for pair in body.split("\",").filter(|p| !p.is_empty()) {
+                    let (k, v) = pair
+                        .split_once("=\"")
+                        .with_context(|| format!("bad label at {}", at()))?;
+                    anyhow::ensure!(valid_name(k), "bad label name {k:?} at {}", at());
+                    labels.insert(k.to_string(), v.trim_end_matches('"').to_string());
+                }
+                (name, labels)
+            }
+        };
+        anyhow::ensure!(valid_name(name), "bad metric name at {}", at());
+        anyhow::ensure!(
+            families.iter().any(|f| name == f
+                || ["_total", "_created", "_bucket", "_sum", "_count", "_info"]
+                    .iter()
+                    .any(|s| name.strip_suffix(s) == Some(f))),
+            "sample of an undeclared family at {}",
+            at()
+        );
+        out.push(Sample {
+            name: name.to_string(),
+            labels,
+            value,
+        });
+    }
+    Ok(out)
+}
+
+/// The value of the sample `name` whose labels include every `(k, v)` of `labels`.
+pub fn metric(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+}
