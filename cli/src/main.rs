@@ -5,6 +5,10 @@
 //! the manifest on `shoal/v1/apply/{req}`, waiting for the hub's verdict on
 //! `shoal/v1/results/{req}` — exactly what a third-party MQTT client would do. The read and
 //! delete commands use the hub's HTTP API.
+//!
+//! Output: tables sized to the terminal by default (`-o wide` for every column), or
+//! `-o json` / `-o yaml` for scripts. Exit status: 0 done, 1 failed (the reason on stderr;
+//! for `rollout status`, a rollout that failed), 2 bad usage.
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -15,14 +19,28 @@ use shoal_api::messages::ApplyResult;
 use shoal_api::quantity::format_memory_rounded;
 use shoal_api::table::Table;
 use shoal_api::topics;
-use shoal_api::views::{ApiError, BlobRef, DeviceView, SecretView, WorkloadView};
+use shoal_api::views::{ApiError, BlobRef, DeviceView, EventView, SecretView, WorkloadView};
 use shoal_api::workload::{validate_all, ModuleRef};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "shoal", version, about = "Operate a Shoal fleet")]
+#[command(
+    name = "shoal",
+    version,
+    about = "Operate a Shoal fleet",
+    after_help = "Examples:
+  shoal apply -f examples/fleet.yaml       apply a fleet manifest and wait for the verdict
+  shoal get workloads                      what runs, how many replicas are ready
+  shoal get devices -o wide                every column (labels, mDNS addresses, generations)
+  shoal get events --for workload/web -w   what happened to web, then follow new events
+  shoal describe workload web -o yaml      one workload, with its spec, as YAML
+  shoal rollout status web                 wait for a rollout (exit 1 if it fails)
+  shoal completion bash > /etc/bash_completion.d/shoal
+
+Exit status: 0 done, 1 failed (the reason is on stderr), 2 bad usage."
+)]
 struct Cli {
     /// MQTT broker of the fleet (`mqtt://` only for a hub run --insecure).
     #[arg(
@@ -72,8 +90,12 @@ struct Cli {
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Output {
+    /// Columns that fit the terminal.
     Table,
+    /// Every column, nothing shortened.
+    Wide,
     Json,
+    Yaml,
 }
 
 #[derive(Subcommand)]
@@ -93,10 +115,16 @@ enum Command {
         /// `oci://REGISTRY/REPOSITORY:TAG`.
         destination: Option<shoal_api::oci::OciRef>,
     },
-    /// List devices, workloads or secrets (names and keys, never values).
+    /// List devices, workloads, secrets (names and keys, never values) or recent events.
     Get {
         #[arg(value_enum)]
         kind: Kind,
+        /// `events`: only those about this object (`workload/NAME` or `device/ID`).
+        #[arg(long = "for", value_name = "KIND/NAME")]
+        object: Option<String>,
+        /// `events`: keep printing new events as they happen (until Ctrl-C).
+        #[arg(short = 'w', long)]
+        watch: bool,
     },
     /// Show one workload (or secret) in detail.
     Describe {
@@ -137,6 +165,12 @@ enum Command {
     Uncordon { device: String },
     /// Cordon a device and move its replicas elsewhere (`placement: every` ones stay).
     Drain { device: String },
+    /// Print a shell completion script (bash, zsh, fish, elvish or powershell).
+    #[command(after_help = "Examples:
+  shoal completion bash > /etc/bash_completion.d/shoal
+  shoal completion zsh > \"${fpath[1]}/_shoal\"
+  shoal completion fish > ~/.config/fish/completions/shoal.fish")]
+    Completion { shell: clap_complete::Shell },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -163,6 +197,9 @@ enum Kind {
     /// Names, keys and versions only: values are never shown.
     #[value(alias = "secret")]
     Secrets,
+    /// What happened in the fleet: placements, restarts, failures, rollouts, devices.
+    #[value(alias = "event")]
+    Events,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -226,6 +263,24 @@ fn operator_tls(dir: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String>
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Completion { shell } = cli.command {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut cmd, "shoal", &mut std::io::stdout());
+        return Ok(());
+    }
+    if let Command::Get {
+        kind: Kind::Devices | Kind::Workloads | Kind::Secrets,
+        object: Some(_),
+        ..
+    }
+    | Command::Get {
+        kind: Kind::Devices | Kind::Workloads | Kind::Secrets,
+        watch: true,
+        ..
+    } = &cli.command
+    {
+        bail!("--for and --watch go with `get events` only");
+    }
     shoal_registry::install_crypto();
     // Loaded only if a TLS endpoint is used; an error is reported when one is.
     let tls = if cli.hub.starts_with("https://") || cli.broker.tls {
@@ -268,22 +323,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Get {
             kind: Kind::Devices,
+            ..
         } => {
             let devices: Vec<DeviceView> = hub.get("/v1/devices").await?;
             print_devices(&devices, cli.output)
         }
         Command::Get {
             kind: Kind::Workloads,
+            ..
         } => {
             let workloads: Vec<WorkloadView> = hub.get("/v1/workloads").await?;
             print_workloads(&workloads, cli.output)
         }
         Command::Get {
             kind: Kind::Secrets,
+            ..
         } => {
             let secrets: Vec<SecretView> = hub.get("/v1/secrets").await?;
             print_secrets(&secrets, cli.output)
         }
+        Command::Get {
+            kind: Kind::Events,
+            object,
+            watch,
+        } => events(&hub, object, watch, cli.output).await,
         Command::Describe {
             kind: OneKind::Secret,
             name,
@@ -331,7 +394,125 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cordon { device } => hub.device_action(&device, "cordon").await,
         Command::Uncordon { device } => hub.device_action(&device, "uncordon").await,
         Command::Drain { device } => hub.device_action(&device, "drain").await,
+        Command::Completion { .. } => Ok(()), // answered above, before any setup
     }
+}
+
+/// Prints `value` as JSON or YAML, or with `table` (told whether the view is wide).
+fn emit<T: serde::Serialize + ?Sized>(
+    value: &T,
+    output: Output,
+    table: impl FnOnce(bool) -> Table,
+) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Output::Yaml => print!("{}", serde_yaml_ng::to_string(value)?),
+        Output::Table => {
+            let mut t = table(false);
+            if let Some((terminal_size::Width(w), _)) = terminal_size::terminal_size() {
+                t.fit(usize::from(w));
+            }
+            print!("{t}");
+        }
+        Output::Wide => print!("{}", table(true)),
+    }
+    Ok(())
+}
+
+/// `shoal get events [--for OBJECT] [-w]`.
+async fn events(
+    hub: &Hub,
+    object: Option<String>,
+    watch: bool,
+    output: Output,
+) -> anyhow::Result<()> {
+    if let Some(o) = &object {
+        match o.split_once('/') {
+            Some(("workload" | "device", name)) if !name.is_empty() => {}
+            _ => bail!("--for {o:?}: expected workload/NAME or device/ID"),
+        }
+    }
+    let path = |after: u64| {
+        let mut p = format!("/v1/events?after={after}");
+        if let Some(o) = &object {
+            p.push_str("&object=");
+            p.push_str(&url_escape(o));
+        }
+        p
+    };
+    let mut seen: Vec<EventView> = hub.get(&path(0)).await?;
+    if !watch {
+        return emit(&seen, output, |wide| events_table(&seen, wide, true));
+    }
+    // Watch: the list so far, then new events as they come (one JSON document per line
+    // with -o json, as `kubectl get -w` does).
+    let mut header = true;
+    loop {
+        match output {
+            Output::Json => {
+                for e in &seen {
+                    println!("{}", serde_json::to_string(e)?);
+                }
+            }
+            Output::Yaml => {
+                for e in &seen {
+                    print!("---\n{}", serde_yaml_ng::to_string(e)?);
+                }
+            }
+            Output::Table | Output::Wide if !seen.is_empty() => {
+                print!("{}", events_table(&seen, output == Output::Wide, header));
+                header = false;
+            }
+            _ => {}
+        }
+        let after = seen.last().map(|e| e.seq);
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        seen = hub.get(&path(after.unwrap_or(0))).await?;
+    }
+}
+
+/// Escapes what a query value must not carry raw (names are `[a-z0-9-]`, plus the slash).
+fn url_escape(s: &str) -> String {
+    s.replace('%', "%25")
+        .replace('&', "%26")
+        .replace('#', "%23")
+        .replace('+', "%2B")
+}
+
+fn events_table(events: &[EventView], wide: bool, header: bool) -> Table {
+    let mut t = Table::new(&[
+        "SEQ",
+        "LAST SEEN",
+        "TIME",
+        "TYPE",
+        "REASON",
+        "OBJECT",
+        "MESSAGE",
+    ]);
+    if !header {
+        t.no_header();
+    }
+    for e in events {
+        t.row(vec![
+            e.seq.to_string(),
+            ago(e.time_ms),
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + Duration::from_millis(e.time_ms),
+            )
+            .to_string(),
+            e.kind.clone(),
+            e.reason.clone(),
+            e.object.clone(),
+            e.message.clone(),
+        ]);
+    }
+    if !wide {
+        t.hide(&["SEQ", "TIME"]);
+    }
+    t
 }
 
 struct Hub {
@@ -615,13 +796,13 @@ async fn apply(
     } else {
         hub.apply(payload).await?
     };
-    if output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&result)?);
+    if matches!(output, Output::Json | Output::Yaml) {
+        emit(&result, output, |_| Table::new(&[]))?;
     }
     if !result.accepted {
         return Err(report(&result.errors));
     }
-    if output == Output::Table {
+    if matches!(output, Output::Table | Output::Wide) {
         for (name, verdict) in &result.secrets {
             println!("secret/{name} {verdict}");
         }
@@ -703,10 +884,10 @@ fn ago(ms: u64) -> String {
 }
 
 fn print_devices(devices: &[DeviceView], output: Output) -> anyhow::Result<()> {
-    if output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(devices)?);
-        return Ok(());
-    }
+    emit(devices, output, |wide| devices_table(devices, wide))
+}
+
+fn devices_table(devices: &[DeviceView], wide: bool) -> Table {
     let mut t = Table::new(&[
         "NAME",
         "STATUS",
@@ -757,15 +938,17 @@ fn print_devices(devices: &[DeviceView], output: Output) -> anyhow::Result<()> {
             },
         ]);
     }
-    print!("{t}");
-    Ok(())
+    if !wide {
+        t.hide(&["RUNTIMES", "GENERATION", "MDNS"]);
+    }
+    t
 }
 
 fn print_secrets(secrets: &[SecretView], output: Output) -> anyhow::Result<()> {
-    if output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(secrets)?);
-        return Ok(());
-    }
+    emit(secrets, output, |_| secrets_table(secrets))
+}
+
+fn secrets_table(secrets: &[SecretView]) -> Table {
     let mut t = Table::new(&["NAME", "KEYS", "VERSION", "USED BY"]);
     for s in secrets {
         t.row(vec![
@@ -779,15 +962,14 @@ fn print_secrets(secrets: &[SecretView], output: Output) -> anyhow::Result<()> {
             },
         ]);
     }
-    print!("{t}");
-    Ok(())
+    t
 }
 
 fn print_workloads(workloads: &[WorkloadView], output: Output) -> anyhow::Result<()> {
-    if output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(workloads)?);
-        return Ok(());
-    }
+    emit(workloads, output, |wide| workloads_table(workloads, wide))
+}
+
+fn workloads_table(workloads: &[WorkloadView], wide: bool) -> Table {
     let mut t = Table::new(&[
         "NAME",
         "READY",
@@ -808,7 +990,11 @@ fn print_workloads(workloads: &[WorkloadView], output: Output) -> anyhow::Result
             w.name.clone(),
             format!("{}/{}", w.ready, w.desired),
             w.placement.clone(),
-            w.revision.clone(),
+            if wide {
+                w.revision.clone()
+            } else {
+                w.revision.chars().take(12).collect()
+            },
             if phases.is_empty() {
                 "-".into()
             } else {
@@ -821,14 +1007,12 @@ fn print_workloads(workloads: &[WorkloadView], output: Output) -> anyhow::Result
             },
         ]);
     }
-    print!("{t}");
-    Ok(())
+    t
 }
 
 fn describe(w: &WorkloadView, output: Output) -> anyhow::Result<()> {
-    if output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(w)?);
-        return Ok(());
+    if matches!(output, Output::Json | Output::Yaml) {
+        return emit(w, output, |_| Table::new(&[]));
     }
     println!("Name:       {}", w.name);
     println!("Revision:   {}", w.revision);

@@ -46,7 +46,22 @@ pub struct HubCore<S: Store> {
     rollouts: BTreeMap<WorkloadName, Record>,
     /// Secrets: names, keys and versions; values only encrypted (persisted).
     secrets: BTreeMap<SecretName, StoredSecret>,
+    /// Scheduler runs since the server last took them (for its metrics).
+    runs: Vec<SchedulingRun>,
 }
+
+/// One run of the scheduler: how long it took and what it changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulingRun {
+    pub took: std::time::Duration,
+    /// Replicas given a device they did not have.
+    pub placed: usize,
+    /// Replicas moved from one device to another.
+    pub moved: usize,
+}
+
+/// Bounds the runs kept when nobody takes them.
+const RUNS_KEPT: usize = 1024;
 
 /// What `shoal rollout ACTION` asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,6 +120,7 @@ impl<S: Store> HubCore<S> {
             mdns: BTreeMap::new(),
             rollouts: snap.rollouts,
             secrets: snap.secrets,
+            runs: Vec::new(),
         };
         // Recompute pending reasons; assignments are stable, so this changes nothing placed.
         core.schedule = core.place();
@@ -782,7 +798,27 @@ impl<S: Store> HubCore<S> {
     /// Re-runs placement and returns the desired states that changed (already persisted, with
     /// bumped generations).
     fn reconcile(&mut self) -> Result<Vec<DesiredState>, StoreError> {
+        let started = std::time::Instant::now();
         let next = self.place();
+        let took = started.elapsed();
+        let (mut placed, mut moved) = (0, 0);
+        for (name, replicas) in &next.assignments {
+            let before = self.schedule.assignments.get(name);
+            for (i, dev) in replicas {
+                match before.and_then(|b| b.get(i)) {
+                    None => placed += 1,
+                    Some(d) if d != dev => moved += 1,
+                    Some(_) => {}
+                }
+            }
+        }
+        if self.runs.len() < RUNS_KEPT {
+            self.runs.push(SchedulingRun {
+                took,
+                placed,
+                moved,
+            });
+        }
         if next.assignments != self.schedule.assignments {
             self.store.put_assignments(&next.assignments)?;
             // A replica that moved or went away no longer runs its earlier spec: it starts
@@ -1274,6 +1310,11 @@ impl<S: Store> HubCore<S> {
         v
     }
 
+    /// The scheduler runs since the last call.
+    pub fn take_scheduling_runs(&mut self) -> Vec<SchedulingRun> {
+        std::mem::take(&mut self.runs)
+    }
+
     /// Assignments as placed now (for tests and metrics).
     pub fn assignments(&self) -> &Assignments {
         &self.schedule.assignments
@@ -1370,8 +1411,13 @@ spec:
         let mut hub = HubCore::open(MemStore::default(), "http://h".into()).unwrap();
         hub.hello(hello("a", &[("role", "sensor")])).unwrap();
         hub.hello(hello("b", &[("role", "sensor")])).unwrap();
+        hub.take_scheduling_runs();
         hub.apply(parse_workloads(M).unwrap()).unwrap();
         assert_eq!(placed(&hub, "web"), ["a", "b"]);
+        // web on a and b, sensor on both: four placements, nothing moved.
+        let runs = hub.take_scheduling_runs();
+        assert_eq!(runs.iter().map(|r| r.placed).sum::<usize>(), 4, "{runs:?}");
+        assert_eq!(runs.iter().map(|r| r.moved).sum::<usize>(), 0, "{runs:?}");
         let a: DeviceId = "a".parse().unwrap();
         hub.presence(&a, false).unwrap();
         // Within the grace period nothing moves.
@@ -1409,6 +1455,12 @@ spec:
             "{to_a:?}"
         );
         assert!(hub.device_views().iter().any(|d| d.id == "a" && d.lost));
+        let runs = hub.take_scheduling_runs();
+        assert_eq!(
+            runs.iter().map(|r| r.moved).sum::<usize>(),
+            1,
+            "web-0 moved: {runs:?}"
+        );
         // a comes back: it is no longer lost, and nothing moves back (no churn).
         hub.hello(hello("a", &[("role", "sensor")])).unwrap();
         assert!(hub.device_views().iter().any(|d| d.id == "a" && !d.lost));

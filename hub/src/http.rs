@@ -16,6 +16,7 @@
 //! | `POST /v1/blobs` | upload bytes → `BlobRef` |
 //! | `GET /v1/blobs/{digest}` | download a blob |
 //! | `GET /v1/blobs/{digest}/precompiled?target=T&engine=E` | the blob compiled for a runtime-only agent |
+//! | `GET /v1/events?after=N&object=KIND/NAME` | `[EventView]`: recent fleet events, oldest first |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /v1/ca` | the fleet CA (PEM), for enrollment |
 //! | `POST /v1/enroll` | `EnrollRequest` (join token + CSR) → `Enrolled` |
@@ -43,7 +44,8 @@ use shoal_api::acl::Identity;
 use shoal_api::ids::{DeviceId, Digest, SecretName, WorkloadName};
 use shoal_api::messages::ApplyResult;
 use shoal_api::views::{
-    ApiError, BlobRef, DeviceView, EnrollRequest, Enrolled, RenewRequest, SecretView, WorkloadView,
+    ApiError, BlobRef, DeviceView, EnrollRequest, Enrolled, EventView, RenewRequest, SecretView,
+    WorkloadView,
 };
 use shoal_pki::token::JoinToken;
 use std::sync::Arc;
@@ -86,6 +88,12 @@ pub enum Request {
     },
     /// Bring the gauges up to date before a scrape (computed on demand, not on every event).
     RefreshMetrics { reply: oneshot::Sender<()> },
+    /// Recorded events numbered after `after`, about `object` when given.
+    Events {
+        after: u64,
+        object: Option<String>,
+        reply: oneshot::Sender<Vec<EventView>>,
+    },
     Workload {
         name: WorkloadName,
         reply: oneshot::Sender<Option<WorkloadView>>,
@@ -221,6 +229,7 @@ pub fn router(state: AppState) -> Router {
             post(renew).layer(DefaultBodyLimit::max(ENROLL_BODY)),
         )
         .route("/metrics", get(metrics))
+        .route("/v1/events", get(events))
         .route("/v1/devices", get(devices))
         .route("/v1/devices/{id}/{action}", post(device_action))
         .route(
@@ -764,6 +773,35 @@ async fn get_precompiled(
             error(status, e.to_string())
         }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `GET /v1/events` query.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    #[serde(default)]
+    after: u64,
+    object: Option<String>,
+}
+
+async fn events(
+    State(s): State<AppState>,
+    query: Result<axum::extract::Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let q = match query {
+        Ok(axum::extract::Query(q)) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    match ask(&s, |reply| Request::Events {
+        after: q.after,
+        object: q.object,
+        reply,
+    })
+    .await
+    {
+        Ok(v) => Json(v).into_response(),
+        Err(f) => f.into_response(),
     }
 }
 

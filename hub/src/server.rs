@@ -9,13 +9,13 @@ use crate::blobs::BlobStore;
 use crate::bus::{self, Bus, BusEvent, Outgoing};
 use crate::core::{ApplyOutcome, HubCore, SecretRefusal};
 use crate::http::{self, AppState, DeviceAction, Request};
-use crate::metrics::{Metrics, PhaseLabel, ResultLabel};
+use crate::metrics::{Metrics, ResultLabel};
 use crate::store::{SledStore, Store, StoredSecret};
 use shoal_api::discovery::{self, AgentAd, HubAd, MqttEndpoint};
 use shoal_api::endpoint::BrokerUrl;
 use shoal_api::ids::DeviceId;
 use shoal_api::manifest::{parse_stream, ManifestError};
-use shoal_api::messages::{now_ms, ApplyResult, DesiredState, DeviceStatus, Hello, Phase};
+use shoal_api::messages::{now_ms, ApplyResult, DesiredState, DeviceStatus, Hello};
 use shoal_api::topics::{self, Inbound};
 use shoal_api::workload::validate_all;
 use shoal_daemon::mdns::{Advert, Discovery, Mdns, MdnsEvent, MdnsOptions};
@@ -277,6 +277,9 @@ async fn serve(
         signer,
         secrets_key,
         security: security.clone(),
+        events: crate::events::Events::default(),
+        changed: true,
+        last_snapshot: None,
     };
     main.run(bus_rx, req_rx, mdns_rx, shutdown).await;
     if let Some(m) = mdns {
@@ -405,6 +408,11 @@ struct MainLoop<S: Store, B: Bus> {
     secrets_key: shoal_pki::secret::SecretsKey,
     /// Enrollment records: the device keys secrets are sealed to (`None`: `--insecure`).
     security: Option<Arc<crate::security::Security>>,
+    /// Recent fleet events (see [`crate::events`]).
+    events: crate::events::Events,
+    /// Something happened since the last events snapshot.
+    changed: bool,
+    last_snapshot: Option<std::time::Instant>,
 }
 
 impl<S: Store, B: Bus> MainLoop<S, B> {
@@ -483,6 +491,9 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     }
 
     async fn handle(&mut self, event: Event) {
+        if !matches!(event, Event::Tick | Event::RolloutTick) {
+            self.changed = true;
+        }
         match event {
             Event::Bus(BusEvent::Connected) => {
                 // The broker may have lost retained desired states (e.g. the embedded broker
@@ -516,6 +527,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 if self.core.rolling() || self.core.draining() {
                     self.advance_rollouts().await;
                 }
+                self.record_events();
             }
             Event::Mdns(MdnsEvent::Resolved(r)) => match AgentAd::from_txt(&r.fullname, &r.txt) {
                 Ok(ad) if ad.fleet == self.fleet => {
@@ -538,6 +550,16 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         let Some(kind) = topics::classify(topic) else {
             return;
         };
+        let label = match &kind {
+            Inbound::Apply(_) => "apply",
+            Inbound::Hello(_) => "hello",
+            Inbound::Presence(_) => "presence",
+            Inbound::Status(_) => "status",
+        };
+        self.metrics
+            .mqtt_received
+            .get_or_create(&crate::metrics::KindLabel { kind: label.into() })
+            .inc();
         match kind {
             Inbound::Apply(req) => {
                 let text = String::from_utf8_lossy(payload);
@@ -709,6 +731,16 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             Request::RefreshMetrics { reply } => {
                 self.update_metrics();
                 let _ = reply.send(());
+            }
+            Request::Events {
+                after,
+                object,
+                reply,
+            } => {
+                // Up to date with what the requester may just have done.
+                self.changed = true;
+                self.record_events();
+                let _ = reply.send(self.events.since(after, object.as_deref()));
             }
             Request::Devices { reply } => {
                 let _ = reply.send(self.core.device_views());
@@ -948,38 +980,34 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         }
     }
 
-    fn update_metrics(&self) {
-        let devices = self.core.device_views();
-        self.metrics.devices.set(devices.len() as i64);
-        self.metrics
-            .devices_online
-            .set(devices.iter().filter(|d| d.online).count() as i64);
-        self.metrics
-            .devices_mdns
-            .set(self.core.mdns_devices() as i64);
-        let workloads = self.core.workload_views();
-        self.metrics.workloads.set(workloads.len() as i64);
-        for phase in [
-            Phase::Pending,
-            Phase::Pulling,
-            Phase::Starting,
-            Phase::Running,
-            Phase::Succeeded,
-            Phase::Failed,
-            Phase::CrashLoopBackOff,
-        ] {
-            let n = workloads
-                .iter()
-                .flat_map(|w| &w.replicas)
-                .filter(|r| r.phase == phase)
-                .count();
-            self.metrics
-                .replicas
-                .get_or_create(&PhaseLabel {
-                    phase: phase.to_string(),
-                })
-                .set(n as i64);
+    fn update_metrics(&mut self) {
+        self.metrics.scheduled(&self.core.take_scheduling_runs());
+        self.metrics.refresh(
+            &self.core.device_views(),
+            &self.core.workload_views(),
+            self.core.mdns_devices(),
+        );
+    }
+
+    /// Takes a snapshot of the fleet and records what changed since the last one: when
+    /// something happened, and at least every second (devices go offline with time).
+    fn record_events(&mut self) {
+        let due = self
+            .last_snapshot
+            .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1));
+        if !(self.changed || due) {
+            return;
         }
+        self.changed = false;
+        self.last_snapshot = Some(std::time::Instant::now());
+        self.metrics.scheduled(&self.core.take_scheduling_runs());
+        let snapshot =
+            crate::events::Snapshot::of(&self.core.device_views(), &self.core.workload_views());
+        let added = self.events.observe(snapshot, now_ms());
+        for e in &added {
+            info!(target: "shoal_hub::events", kind = %e.kind, reason = %e.reason, object = %e.object, "{}", e.message);
+        }
+        self.metrics.recorded(&added);
     }
 }
 

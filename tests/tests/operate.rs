@@ -264,3 +264,221 @@ fn a_bad_log_filter_is_refused_by_name() -> anyhow::Result<()> {
     assert!(!out.status.success() && err.contains("yaml"), "{err}");
     Ok(())
 }
+
+/// The events of `shoal get events -o json`, as "REASON OBJECT" strings.
+fn event_keys(hub: &Hub, extra: &[&str]) -> anyhow::Result<Vec<String>> {
+    let mut args = vec!["get", "events"];
+    args.extend(extra);
+    Ok(hub
+        .json(&args)?
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["reason"].as_str().unwrap(),
+                e["object"].as_str().unwrap()
+            )
+        })
+        .collect())
+}
+
+fn wait_event(hub: &Hub, key: &str) -> anyhow::Result<()> {
+    wait_until(Duration::from_secs(30), key, || {
+        Ok(event_keys(hub, &[])?.iter().any(|k| k == key).then_some(()))
+    })
+    .map_err(|e| e.context(format!("events: {:?}", event_keys(hub, &[]))))
+}
+
+#[test]
+fn events_and_hub_metrics_follow_placements_restarts_losses_and_rollouts() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = Hub::start_with(
+        dir.path(),
+        None,
+        free_port(),
+        free_port(),
+        &["--insecure", "--device-grace", "2s"],
+    )?;
+    let _a1 = Agent::start(dir.path(), "dev1", "role=edge", &hub.join())?;
+    let mut a2 = Agent::start(dir.path(), "dev2", "role=edge", &hub.join())?;
+    hub.wait_devices_online(2, Duration::from_secs(20))?;
+
+    // A watcher started now sees what follows, one JSON object per line.
+    let mut watch = Command::new(bin("shoal"))
+        .args(["get", "events", "-w", "-o", "json", "--for", "workload/web"])
+        .env("SHOAL_HUB", hub.hub_url())
+        .env("SHOAL_BROKER", &hub.broker_url)
+        .stdout(Stdio::piped())
+        .spawn()?;
+
+    let manifest = |args: &str| {
+        write_manifest(
+            dir.path(),
+            "fleet.yaml",
+            &format!(
+                r#"
+apiVersion: shoal.dev/v1
+kind: Workload
+metadata: {{ name: web }}
+spec:
+  replicas: 2
+  wasm: {{ module: "{probe}" }}
+  args: [{args}]
+  resources: {{ memory: 16Mi }}
+  update: {{ maxUnavailable: 1 }}
+---
+apiVersion: shoal.dev/v1
+kind: Workload
+metadata: {{ name: crashy }}
+spec:
+  replicas: 1
+  wasm: {{ module: "{probe}" }}
+  args: ["crash"]
+  resources: {{ memory: 16Mi }}
+  restart: {{ policy: Always, backoff: {{ initial: 100ms, max: 200ms }} }}
+"#,
+                probe = module("probe.wasm").display()
+            ),
+        )
+    };
+    hub.apply(&manifest(r#""heartbeat", "100""#))?;
+    hub.wait_running("web", 2, Duration::from_secs(60))?;
+    for key in [
+        "DeviceJoined device/dev1",
+        "DeviceJoined device/dev2",
+        "Created workload/web",
+        "Scheduled workload/web",
+        "Started workload/web",
+        "Created workload/crashy",
+        "Restarted workload/crashy",
+    ] {
+        wait_event(&hub, key)?;
+    }
+    let mut lines = std::io::BufReader::new(watch.stdout.take().unwrap()).lines();
+    let first: Value = serde_json::from_str(&lines.next().unwrap()?)?;
+    assert_eq!(first["object"], "workload/web", "{first}");
+    assert!(first["seq"].as_u64().unwrap() > 0 && first["timeMs"].as_u64().unwrap() > 0);
+
+    // dev2 dies: offline, then lost; its web replica moves to dev1.
+    a2.proc.kill();
+    wait_event(&hub, "DeviceLost device/dev2")?;
+    wait_event(&hub, "Rescheduled workload/web")?;
+    let only_web = event_keys(&hub, &["--for", "workload/web"])?;
+    assert!(
+        only_web.iter().all(|k| k.ends_with(" workload/web")),
+        "{only_web:?}"
+    );
+    assert!(
+        only_web.iter().any(|k| k.starts_with("Rescheduled")),
+        "{only_web:?}"
+    );
+
+    // A new revision rolls out.
+    hub.apply(&manifest(r#""heartbeat", "150""#))?;
+    wait_event(&hub, "RolloutStarted workload/web")?;
+    wait_event(&hub, "RolloutComplete workload/web")?;
+
+    // The table: kubectl's columns; -o yaml: the same events.
+    let table = text(&hub.shoal_ok(&["get", "events"]));
+    let head = table.lines().next().unwrap();
+    assert!(
+        head.starts_with("LAST SEEN") && head.contains("REASON") && head.ends_with("MESSAGE"),
+        "{table}"
+    );
+    assert!(
+        table.contains("DeviceLost") && table.contains("device dev2 is lost"),
+        "{table}"
+    );
+    let wide = text(&hub.shoal_ok(&["get", "events", "-o", "wide"]));
+    assert!(wide.lines().next().unwrap().starts_with("SEQ"), "{wide}");
+    let yaml = text(&hub.shoal_ok(&["get", "events", "-o", "yaml"]));
+    assert!(yaml.contains("reason: RolloutComplete"), "{yaml}");
+    let devices = text(&hub.shoal_ok(&["get", "devices"]));
+    let devices_wide = text(&hub.shoal_ok(&["get", "devices", "-o", "wide"]));
+    assert!(
+        !devices.contains("RUNTIMES") && devices_wide.contains("RUNTIMES"),
+        "{devices}\n{devices_wide}"
+    );
+
+    // The watcher saw the loss's consequence and the rollout, in order.
+    let mut seen = Vec::new();
+    while !seen.iter().any(|r| r == "RolloutComplete") {
+        let e: Value = serde_json::from_str(&lines.next().unwrap()?)?;
+        assert_eq!(e["object"], "workload/web", "{e}");
+        seen.push(e["reason"].as_str().unwrap().to_string());
+    }
+    let pos = |r: &str| seen.iter().position(|s| s == r);
+    assert!(pos("Rescheduled") < pos("RolloutStarted"), "{seen:?}");
+    watch.kill()?;
+    watch.wait()?;
+
+    // Hub metrics, parsed.
+    let scrape = http_get(hub.http, "/metrics")?;
+    let (_, body) = scrape.split_once("\r\n\r\n").unwrap();
+    let m = parse_metrics(body)?;
+    let get = |name: &str, labels: &[(&str, &str)]| {
+        metric(&m, name, labels).unwrap_or_else(|| panic!("{name} {labels:?} in\n{body}"))
+    };
+    assert_eq!(get("shoal_hub_devices", &[("state", "online")]), 1.0);
+    assert_eq!(get("shoal_hub_devices", &[("state", "lost")]), 1.0);
+    assert_eq!(get("shoal_hub_workloads", &[]), 2.0);
+    assert!(get("shoal_hub_replicas", &[("phase", "Running")]) >= 2.0);
+    // web 0 and 1 and crashy 0 placed; what ran on dev2 moved.
+    assert!(
+        get("shoal_hub_placements_total", &[("kind", "placed")]) >= 3.0,
+        "{body}"
+    );
+    assert!(
+        get("shoal_hub_placements_total", &[("kind", "moved")]) >= 1.0,
+        "{body}"
+    );
+    assert!(get("shoal_hub_scheduling_duration_seconds_count", &[]) >= 2.0);
+    assert!(
+        get(
+            "shoal_hub_mqtt_messages_received_total",
+            &[("kind", "status")]
+        ) > 0.0
+    );
+    assert!(
+        get(
+            "shoal_hub_mqtt_messages_received_total",
+            &[("kind", "apply")]
+        ) >= 2.0
+    );
+    assert_eq!(
+        get(
+            "shoal_hub_rollout_state",
+            &[("workload", "web"), ("state", "Complete")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        get("shoal_hub_rollout_updated_replicas", &[("workload", "web")]),
+        2.0
+    );
+    assert_eq!(
+        get(
+            "shoal_hub_events_total",
+            &[("type", "Warning"), ("reason", "DeviceLost")]
+        ),
+        1.0
+    );
+
+    // Conventions: completions, clear errors with a failing status.
+    let bash = text(&hub.shoal_ok(&["completion", "bash"]));
+    assert!(
+        bash.contains("complete") && bash.contains("shoal"),
+        "{bash}"
+    );
+    let out = hub.shoal(&["get", "events", "--for", "bogus"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1) && err.contains("\"bogus\""),
+        "{err}"
+    );
+    let out = hub.shoal(&["get", "nothing"]);
+    assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
+    Ok(())
+}
