@@ -7,7 +7,8 @@
 # iproute2 and python3 (the multi-host tests build network namespaces with `ip` and probe
 # multicast with python3), the cross toolchains and qemu-user for the ARM agent builds
 # (gcc-aarch64-linux-gnu, gcc-arm-linux-gnueabihf and their C libraries link them; qemu-user
-# runs them in the tests), and the rustup targets for the example WASM modules and the ARM
+# runs them in the tests), Debian's chromium and its chromedriver (the dashboard test drives
+# a headless browser over WebDriver), and the rustup targets for the example WASM modules and the ARM
 # agents. Idempotent and quiet when done already.
 set -euo pipefail
 need=()
@@ -23,6 +24,8 @@ command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || need+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
 command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || need+=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
 command -v qemu-aarch64 >/dev/null 2>&1 && command -v qemu-arm >/dev/null 2>&1 || need+=(qemu-user)
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing apt packages: ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -164,6 +164,16 @@ pub struct EventView {
     pub message: String,
 }
 
+/// One message of the dashboard's live stream (`GET /v1/stream`, server-sent events):
+/// the fleet as it is now, and the events recorded since the previous message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FleetView {
+    pub devices: Vec<DeviceView>,
+    pub workloads: Vec<WorkloadView>,
+    pub events: Vec<EventView>,
+}
+
 /// Answer of `POST /v1/blobs`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlobRef {

@@ -37,6 +37,7 @@ use std::time::Duration;
   shoal get events --for workload/web -w   what happened to web, then follow new events
   shoal describe workload web -o yaml      one workload, with its spec, as YAML
   shoal rollout status web                 wait for a rollout (exit 1 if it fails)
+  shoal dashboard                          a link that signs a browser in to the dashboard
   shoal completion bash > /etc/bash_completion.d/shoal
 
 Exit status: 0 done, 1 failed (the reason is on stderr), 2 bad usage."
@@ -165,6 +166,9 @@ enum Command {
     Uncordon { device: String },
     /// Cordon a device and move its replicas elsewhere (`placement: every` ones stay).
     Drain { device: String },
+    /// Print a link that signs a browser in to the hub's web dashboard (read-only; one use,
+    /// within 5 minutes). A hub run --insecure needs none: its address is printed.
+    Dashboard,
     /// Print a shell completion script (bash, zsh, fish, elvish or powershell).
     #[command(after_help = "Examples:
   shoal completion bash > /etc/bash_completion.d/shoal
@@ -395,6 +399,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Uncordon { device } => hub.device_action(&device, "uncordon").await,
         Command::Drain { device } => hub.device_action(&device, "drain").await,
         Command::Completion { .. } => Ok(()), // answered above, before any setup
+        Command::Dashboard => {
+            if hub.base.starts_with("http://") {
+                println!("{}/", hub.base);
+                return Ok(());
+            }
+            let link: serde_json::Value = hub
+                .post_for("/v1/dashboard/login", &serde_json::json!({}))
+                .await?;
+            let path = link["path"]
+                .as_str()
+                .context("hub sent an unreadable answer")?;
+            println!("{}{path}", hub.base);
+            eprintln!(
+                "open it within {}s (once); the browser must trust the fleet CA (ca.pem of the operator bundle) or be told to accept the hub's certificate",
+                link["expiresInSeconds"]
+            );
+            Ok(())
+        }
     }
 }
 
@@ -588,6 +610,24 @@ impl Hub {
         )
         .await?;
         Ok(())
+    }
+
+    async fn post_for<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<T> {
+        let r = self
+            .check(
+                self.http()?
+                    .post(format!("{}{path}", self.base))
+                    .json(body)
+                    .send()
+                    .await,
+                path,
+            )
+            .await?;
+        r.json().await.context("hub sent an unreadable answer")
     }
 
     async fn post_json(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<()> {

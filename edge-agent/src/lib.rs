@@ -4,6 +4,7 @@ pub mod agent;
 pub mod bus;
 #[cfg(feature = "containerd")]
 pub mod containerd;
+pub mod dev;
 pub mod directory;
 pub mod enroll;
 pub mod fetch;

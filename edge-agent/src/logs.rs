@@ -68,6 +68,8 @@ struct Inner {
     partial: [Vec<u8>; 2],
     /// Whether the last file operation failed (so a broken disk warns once, not per line).
     failing: bool,
+    /// Also print every line on standard output (`shoal-agent run MODULE`).
+    echo: bool,
 }
 
 impl LogSink {
@@ -90,6 +92,7 @@ impl LogSink {
                 ring: VecDeque::with_capacity(TAIL_LINES),
                 partial: [Vec::new(), Vec::new()],
                 failing: false,
+                echo: false,
             })),
         })
     }
@@ -126,6 +129,11 @@ impl LogSink {
         inner.emit(&lines);
         let rest = rest.to_vec();
         inner.partial[idx] = rest;
+    }
+
+    /// Also prints every line on standard output from now on.
+    pub fn echo_to_stdout(&self) {
+        self.lock().echo = true;
     }
 
     /// Writes a line from the agent itself, as `[shoal] {line}`.
@@ -183,6 +191,11 @@ impl Inner {
             }
             self.ring
                 .push_back(String::from_utf8_lossy(line).into_owned());
+        }
+        if self.echo {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&batch).and_then(|()| out.flush());
         }
         self.write_file(&batch);
     }

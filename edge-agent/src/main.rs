@@ -26,7 +26,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the agent.
+    /// Run the agent; or, given MODULE, run that WASM module here once, without a hub.
+    #[command(after_help = "Examples:
+  shoal-agent run --config /etc/shoal/agent.toml          the agent (a device of the fleet)
+  shoal-agent run ./ticker.wasm -- greenhouse             a module, for development
+  shoal-agent run ./m.wasm --limit-memory 16Mi --limit-cpu 250m --env LEVEL=debug")]
     Run(Box<RunArgs>),
     /// List the replicas on this device: workload, variant, phase, restarts, uptime, memory.
     ///
@@ -110,6 +114,25 @@ enum Output {
 /// examples/agent.toml), then environment variables, then flags: each later source wins.
 #[derive(clap::Args)]
 struct RunArgs {
+    /// Run this WASM module (a .wasm file) here, once, without a hub, in a workload's
+    /// sandbox and limits, for development: arguments after `--` go to it, its output to
+    /// the terminal; Ctrl-C stops it. The exit status is the module's.
+    #[arg(value_name = "MODULE")]
+    module: Option<PathBuf>,
+    #[arg(last = true, value_name = "ARGS", requires = "module")]
+    module_args: Vec<String>,
+    /// With MODULE: its memory limit [default: 64Mi, a workload's default].
+    #[arg(long, value_parser = parse_memory, requires = "module")]
+    limit_memory: Option<u64>,
+    /// With MODULE: its CPU share, e.g. 250m [default: none].
+    #[arg(long, value_parser = parse_cpu, requires = "module")]
+    limit_cpu: Option<u32>,
+    /// With MODULE: stop it once it used this much CPU time (spec.limits.cpuTime), e.g. 30s.
+    #[arg(long, value_parser = parse_duration, requires = "module")]
+    limit_cpu_time: Option<Duration>,
+    /// With MODULE: an environment variable for it, KEY=VALUE (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env, requires = "module")]
+    module_env: Vec<(String, String)>,
     /// TOML config file (keys as in examples/agent.toml).
     #[arg(long, env = "SHOAL_AGENT_CONFIG")]
     config: Option<PathBuf>,
@@ -176,6 +199,55 @@ struct RunArgs {
     /// hub run --insecure, for local development.
     #[arg(long, env = "SHOAL_AGENT_INSECURE")]
     insecure: bool,
+}
+
+fn parse_cpu(s: &str) -> Result<u32, String> {
+    shoal_api::quantity::parse_cpu(s).map_err(|e| e.to_string())
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+/// `shoal-agent run MODULE`: the module's exit status (128 + SIGINT's number when stopped).
+async fn dev_run(a: RunArgs) -> anyhow::Result<i32> {
+    let Some(module) = a.module else {
+        anyhow::bail!("no module given");
+    };
+    let data_dir = match a.data_dir {
+        Some(d) => d,
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .unwrap_or_else(std::env::temp_dir)
+            .join("shoal-agent-dev"),
+    };
+    let dev = shoal_agent::dev::DevRun {
+        module,
+        args: a.module_args,
+        env: a.module_env.into_iter().collect(),
+        memory_limit: a.limit_memory.unwrap_or(64 << 20),
+        cpu_millis: a.limit_cpu,
+        limits: shoal_api::workload::RunLimits {
+            cpu_time_ms: a
+                .limit_cpu_time
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            ..Default::default()
+        },
+        data_dir,
+    };
+    let shutdown = shoal_daemon::shutdown_on_signal();
+    match shoal_agent::dev::run_module(dev, shutdown).await? {
+        shoal_agent::runtime::Exit::Success => Ok(0),
+        shoal_agent::runtime::Exit::Failure { code, reason } => {
+            eprintln!("shoal-agent: the module failed: {reason}");
+            Ok(code.filter(|c| *c > 0).unwrap_or(1))
+        }
+        shoal_agent::runtime::Exit::Cancelled => Ok(130),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -381,20 +453,35 @@ fn agent_config(a: RunArgs) -> anyhow::Result<AgentConfig> {
 }
 
 fn main() {
-    if let Err(e) = real_main() {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    match real_main() {
+        Ok(0) => {}
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
     }
 }
 
-fn real_main() -> anyhow::Result<()> {
+/// The exit status: 0, or a module's (`run MODULE`).
+fn real_main() -> anyhow::Result<i32> {
     let cli = Cli::parse();
-    shoal_daemon::init_tracing("info,wasmtime=warn,cranelift=warn", &cli.log)?;
+    // Running one module, the terminal is for its output: only warnings from the agent.
+    let quiet = matches!(&cli.command, Command::Run(a) if a.module.is_some());
+    shoal_daemon::init_tracing(
+        if quiet {
+            "warn"
+        } else {
+            "info,wasmtime=warn,cranelift=warn"
+        },
+        &cli.log,
+    )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    match cli.command {
+    let done = match cli.command {
+        Command::Run(a) if a.module.is_some() => return rt.block_on(dev_run(*a)),
         Command::Run(a) => rt.block_on(async {
             let shutdown = shoal_daemon::shutdown_on_signal();
             let config = agent_config(*a)?;
@@ -443,7 +530,8 @@ fn real_main() -> anyhow::Result<()> {
             }
             Ok(())
         }),
-    }
+    };
+    done.map(|()| 0)
 }
 
 /// A workload name checked before it goes into a URL path.
@@ -637,6 +725,12 @@ mod tests {
 
     fn args(config: Option<PathBuf>) -> RunArgs {
         RunArgs {
+            module: None,
+            module_args: Vec::new(),
+            limit_memory: None,
+            limit_cpu: None,
+            limit_cpu_time: None,
+            module_env: Vec::new(),
             config,
             data_dir: None,
             device_id: None,

@@ -281,7 +281,10 @@ pub fn diff(before: &Snapshot, after: &Snapshot) -> Vec<Happened> {
                 ),
             ));
         }
-        if was != Some(r.phase) {
+        // A replica replaced by a new revision within one snapshot is Running before and
+        // after: its revision says it started again.
+        let new_revision = b.is_some_and(|b| b.revision != r.revision);
+        if was != Some(r.phase) || (new_revision && r.phase == Phase::Running) {
             match r.phase {
                 Phase::Running => out.push(normal(
                     "Started",
@@ -592,6 +595,14 @@ mod tests {
                     ..rep(0, Some("d1"), Phase::Running, 0)
                 }]),
                 vec!["Unhealthy workload/web"],
+            ),
+            (
+                base.clone(),
+                s(vec![ReplicaView {
+                    revision: "rev2".into(),
+                    ..rep(0, Some("d1"), Phase::Running, 0)
+                }]),
+                vec!["Started workload/web web-0 running on device d1 at revision rev2"],
             ),
             (base.clone(), base.clone(), vec![]),
         ];

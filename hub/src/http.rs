@@ -17,6 +17,10 @@
 //! | `GET /v1/blobs/{digest}` | download a blob |
 //! | `GET /v1/blobs/{digest}/precompiled?target=T&engine=E` | the blob compiled for a runtime-only agent |
 //! | `GET /v1/events?after=N&object=KIND/NAME` | `[EventView]`: recent fleet events, oldest first |
+//! | `GET /v1/stream` | server-sent events: a `FleetView` at once, then one per change |
+//! | `GET /`, `/ui/*` | the web dashboard (page, script, style; no data) |
+//! | `POST /v1/dashboard/login` | a one-time login link for a browser (`shoal dashboard`) |
+//! | `GET /login?token=T` | trades it for a read-only session cookie, redirects to `/` |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /v1/ca` | the fleet CA (PEM), for enrollment |
 //! | `POST /v1/enroll` | `EnrollRequest` (join token + CSR) → `Enrolled` |
@@ -25,7 +29,8 @@
 //! Served over TLS (unless `--insecure`), asking for a client certificate from the fleet CA.
 //! Who may call what ([`need`]): `/healthz`, `/v1/ca` and `/v1/enroll` are open; blob
 //! downloads and `/v1/renew` take any fleet certificate; everything else takes an operator's
-//! (or the hub's).
+//! (or the hub's). The dashboard's files and `/login` are open; a browser signed in through
+//! `/login` may read the fleet (the dashboard's GET routes) and nothing more.
 //!
 //! Handlers that touch fleet state ask the main loop over a bounded channel and await its
 //! answer; blobs are served straight from disk.
@@ -44,8 +49,8 @@ use shoal_api::acl::Identity;
 use shoal_api::ids::{DeviceId, Digest, SecretName, WorkloadName};
 use shoal_api::messages::ApplyResult;
 use shoal_api::views::{
-    ApiError, BlobRef, DeviceView, EnrollRequest, Enrolled, EventView, RenewRequest, SecretView,
-    WorkloadView,
+    ApiError, BlobRef, DeviceView, EnrollRequest, Enrolled, EventView, FleetView, RenewRequest,
+    SecretView, WorkloadView,
 };
 use shoal_pki::token::JoinToken;
 use std::sync::Arc;
@@ -88,6 +93,11 @@ pub enum Request {
     },
     /// Bring the gauges up to date before a scrape (computed on demand, not on every event).
     RefreshMetrics { reply: oneshot::Sender<()> },
+    /// The fleet, and the events numbered after `after` (the dashboard's stream).
+    Fleet {
+        after: u64,
+        reply: oneshot::Sender<FleetView>,
+    },
     /// Recorded events numbered after `after`, about `object` when given.
     Events {
         after: u64,
@@ -117,6 +127,22 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// Whether the request only reads (it changes nothing in the fleet).
+    pub fn reads_only(&self) -> bool {
+        matches!(
+            self,
+            Request::Devices { .. }
+                | Request::Secrets { .. }
+                | Request::Workloads { .. }
+                | Request::Workload { .. }
+                | Request::RefreshMetrics { .. }
+                | Request::Fleet { .. }
+                | Request::Events { .. }
+        )
+    }
+}
+
 /// A manifest as posted: its `Debug` shows only its size, since it may hold secret values.
 pub struct ManifestText(pub String);
 
@@ -140,6 +166,12 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     /// The fleet's credentials; `None` with `--insecure` (no enrollment).
     pub security: Option<Arc<Security>>,
+    /// Bumped by the main loop when the fleet changed (wakes the dashboard streams).
+    pub fleet_changed: tokio::sync::watch::Receiver<u64>,
+    /// Ends the long-lived responses (the dashboard streams) when the hub stops.
+    pub shutdown: CancellationToken,
+    /// Dashboard logins and sessions (see [`crate::dashboard`]).
+    pub sessions: Arc<crate::dashboard::Sessions>,
 }
 
 /// Who is calling: set per connection from its client certificate.
@@ -166,13 +198,20 @@ pub enum Need {
 pub fn need(method: &axum::http::Method, path: &str) -> Need {
     match (method.as_str(), path) {
         (_, "/healthz" | "/v1/ca" | "/v1/enroll") => Need::Nothing,
+        // The dashboard's page and code carry no fleet data: what it shows comes from the
+        // API below, with the caller's credentials.
+        ("GET" | "HEAD", p) if crate::dashboard::is_static(p) => Need::Nothing,
         ("POST", "/v1/renew") => Need::Fleet,
         ("GET" | "HEAD", p) if p.starts_with("/v1/blobs/") => Need::Fleet,
         _ => Need::Operator,
     }
 }
 
-async fn authorize(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+async fn authorize(
+    State(s): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
     let peer = req
         .extensions()
         .get::<Peer>()
@@ -189,7 +228,12 @@ async fn authorize(req: axum::extract::Request, next: axum::middleware::Next) ->
                 Need::Operator
             )
     );
-    if ok {
+    // A dashboard session (a browser signed in with `shoal dashboard`) may read.
+    let session = need == Need::Operator
+        && crate::dashboard::session_may(req.method(), req.uri().path())
+        && s.sessions
+            .valid(req.headers(), shoal_api::messages::now_ms());
+    if ok || session {
         return next.run(req).await;
     }
     let (status, who) = match &peer {
@@ -230,6 +274,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/metrics", get(metrics))
         .route("/v1/events", get(events))
+        .route("/v1/stream", get(stream))
+        .route("/v1/dashboard/login", post(login_token))
+        .route("/login", get(login))
+        .merge(crate::dashboard::routes())
         .route("/v1/devices", get(devices))
         .route("/v1/devices/{id}/{action}", post(device_action))
         .route(
@@ -246,7 +294,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/blobs/{digest}", get(get_blob))
         .route("/v1/blobs/{digest}/precompiled", get(get_precompiled))
         .layer(DefaultBodyLimit::max(MAX_BLOB))
-        .layer(axum::middleware::from_fn(authorize))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authorize,
+        ))
         .with_state(state)
 }
 
@@ -805,6 +856,96 @@ async fn events(
     }
 }
 
+/// `POST /v1/dashboard/login` (an operator): a one-time login link for a browser.
+async fn login_token(State(s): State<AppState>) -> Response {
+    let token = s.sessions.login_token(shoal_api::messages::now_ms());
+    Json(serde_json::json!({
+        "path": format!("/login?token={token}"),
+        "expiresInSeconds": crate::dashboard::LOGIN_TTL_MS / 1000,
+    }))
+    .into_response()
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct LoginQuery {
+    token: String,
+}
+
+/// `GET /login?token=T`: trades a login token for a session cookie, then shows the dashboard.
+async fn login(
+    State(s): State<AppState>,
+    query: Result<axum::extract::Query<LoginQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let now = shoal_api::messages::now_ms();
+    let Some(session) = query.ok().and_then(|q| s.sessions.log_in(&q.token, now)) else {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "this login link is invalid, used or expired: run `shoal dashboard` for a new one",
+        );
+    };
+    let secure = if s.security.is_some() { "; Secure" } else { "" };
+    (
+        StatusCode::SEE_OTHER,
+        [
+            (
+                header::SET_COOKIE,
+                format!(
+                    "{}={session}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
+                    crate::dashboard::COOKIE,
+                    crate::dashboard::SESSION_TTL_MS / 1000
+                ),
+            ),
+            (header::LOCATION, "/".to_string()),
+        ],
+    )
+        .into_response()
+}
+
+/// How many past events the first message of a stream carries.
+const STREAM_BACKLOG: usize = 100;
+
+/// `GET /v1/stream`: the dashboard's live view. A [`FleetView`] at once (with the latest
+/// [`STREAM_BACKLOG`] events), then another whenever the fleet changes (at most about three
+/// a second) and at least every 5 s (ages move on); it ends when the hub stops.
+async fn stream(State(s): State<AppState>) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let mut changed = s.fleet_changed.clone();
+    changed.mark_unchanged();
+    let first = true;
+    let after = 0u64;
+    let messages = futures_util::stream::unfold(
+        (s, changed, after, first),
+        |(s, mut changed, after, first)| async move {
+            if !first {
+                tokio::select! {
+                    _ = s.shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(300)) => {}
+                }
+                tokio::select! {
+                    _ = s.shutdown.cancelled() => return None,
+                    r = changed.changed() => r.ok()?,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                }
+            }
+            let mut fleet = ask(&s, |reply| Request::Fleet { after, reply })
+                .await
+                .ok()?;
+            if first && fleet.events.len() > STREAM_BACKLOG {
+                fleet.events.drain(..fleet.events.len() - STREAM_BACKLOG);
+            }
+            let after = fleet.events.last().map_or(after, |e| e.seq);
+            let event = Event::default().event("fleet").json_data(&fleet).ok()?;
+            Some((
+                Ok::<_, std::convert::Infallible>(event),
+                (s, changed, after, false),
+            ))
+        },
+    );
+    Sse::new(messages)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
 async fn metrics(State(s): State<AppState>) -> Response {
     if let Err(f) = ask(&s, |reply| Request::RefreshMetrics { reply }).await {
         return f.into_response();
@@ -820,5 +961,33 @@ async fn metrics(State(s): State<AppState>) -> Response {
         )
             .into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::Method;
+
+    #[test]
+    fn who_needs_what() {
+        let table = [
+            (Method::GET, "/healthz", Need::Nothing),
+            (Method::GET, "/", Need::Nothing),
+            (Method::GET, "/ui/app.js", Need::Nothing),
+            (Method::GET, "/login", Need::Nothing),
+            (Method::POST, "/v1/enroll", Need::Nothing),
+            (Method::POST, "/v1/renew", Need::Fleet),
+            (Method::GET, "/v1/blobs/sha256:ab", Need::Fleet),
+            (Method::GET, "/v1/stream", Need::Operator),
+            (Method::GET, "/v1/events", Need::Operator),
+            (Method::POST, "/v1/dashboard/login", Need::Operator),
+            (Method::POST, "/", Need::Operator),
+            (Method::GET, "/ui/other.js", Need::Operator),
+            (Method::DELETE, "/v1/workloads/web", Need::Operator),
+        ];
+        for (m, p, want) in table {
+            assert_eq!(need(&m, p), want, "{m} {p}");
+        }
     }
 }

@@ -9,6 +9,7 @@ pub mod blobs;
 pub mod broker;
 pub mod bus;
 pub mod core;
+pub mod dashboard;
 pub mod events;
 pub mod http;
 pub mod metrics;

@@ -231,11 +231,15 @@ async fn serve(
     );
 
     let (req_tx, req_rx) = mpsc::channel(256);
+    let (fleet_changed, fleet_changed_rx) = tokio::sync::watch::channel(0u64);
     let app = http::router(AppState {
         requests: req_tx,
         blobs: blobs.clone(),
         registry: Arc::new(registry),
         security: security.clone(),
+        fleet_changed: fleet_changed_rx,
+        shutdown: shutdown.clone(),
+        sessions: Default::default(),
     });
     tracker.spawn(http::serve(
         http_listener,
@@ -278,6 +282,7 @@ async fn serve(
         secrets_key,
         security: security.clone(),
         events: crate::events::Events::default(),
+        fleet_changed,
         changed: true,
         last_snapshot: None,
     };
@@ -410,6 +415,8 @@ struct MainLoop<S: Store, B: Bus> {
     security: Option<Arc<crate::security::Security>>,
     /// Recent fleet events (see [`crate::events`]).
     events: crate::events::Events,
+    /// Bumped when the fleet changed (the dashboard streams wait on it).
+    fleet_changed: tokio::sync::watch::Sender<u64>,
     /// Something happened since the last events snapshot.
     changed: bool,
     last_snapshot: Option<std::time::Instant>,
@@ -491,8 +498,10 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     }
 
     async fn handle(&mut self, event: Event) {
-        if !matches!(event, Event::Tick | Event::RolloutTick) {
-            self.changed = true;
+        match &event {
+            Event::Tick | Event::RolloutTick => {}
+            Event::Http(r) if r.reads_only() => {}
+            _ => self.changed = true,
         }
         match event {
             Event::Bus(BusEvent::Connected) => {
@@ -527,7 +536,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 if self.core.rolling() || self.core.draining() {
                     self.advance_rollouts().await;
                 }
-                self.record_events();
+                self.record_events(false);
             }
             Event::Mdns(MdnsEvent::Resolved(r)) => match AgentAd::from_txt(&r.fullname, &r.txt) {
                 Ok(ad) if ad.fleet == self.fleet => {
@@ -732,14 +741,21 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 self.update_metrics();
                 let _ = reply.send(());
             }
+            Request::Fleet { after, reply } => {
+                self.record_events(true);
+                let _ = reply.send(shoal_api::views::FleetView {
+                    devices: self.core.device_views(),
+                    workloads: self.core.workload_views(),
+                    events: self.events.since(after, None),
+                });
+            }
             Request::Events {
                 after,
                 object,
                 reply,
             } => {
                 // Up to date with what the requester may just have done.
-                self.changed = true;
-                self.record_events();
+                self.record_events(true);
                 let _ = reply.send(self.events.since(after, object.as_deref()));
             }
             Request::Devices { reply } => {
@@ -990,15 +1006,16 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     }
 
     /// Takes a snapshot of the fleet and records what changed since the last one: when
-    /// something happened, and at least every second (devices go offline with time).
-    fn record_events(&mut self) {
+    /// something happened, at least every second (devices go offline with time), and
+    /// whenever `now` (a reader wants the latest).
+    fn record_events(&mut self, now: bool) {
         let due = self
             .last_snapshot
             .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1));
-        if !(self.changed || due) {
+        if !(self.changed || due || now) {
             return;
         }
-        self.changed = false;
+        let changed = std::mem::take(&mut self.changed);
         self.last_snapshot = Some(std::time::Instant::now());
         self.metrics.scheduled(&self.core.take_scheduling_runs());
         let snapshot =
@@ -1008,6 +1025,9 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             info!(target: "shoal_hub::events", kind = %e.kind, reason = %e.reason, object = %e.object, "{}", e.message);
         }
         self.metrics.recorded(&added);
+        if changed || !added.is_empty() {
+            self.fleet_changed.send_modify(|v| *v = v.wrapping_add(1));
+        }
     }
 }
 

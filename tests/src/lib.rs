@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod boards;
+pub mod browser;
 pub mod image;
 pub mod mqtt;
 pub mod netns;

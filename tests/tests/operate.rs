@@ -112,18 +112,23 @@ fn device_cli_shows_restarts_and_tails_a_workload_also_without_the_hub() -> anyh
         "{i}"
     );
 
-    // logs --tail.
+    // logs --tail (once the replica has written more than its start line and a beat).
+    wait_until(Duration::from_secs(10), "a few beats logged", || {
+        Ok((count_lines(&agent.workload_log("beat-0"), "beat ") >= 3).then_some(()))
+    })?;
     let tail = text(&device_cli(&agent, &["logs", "beat", "--tail", "2"]));
     assert_eq!(tail.lines().count(), 2, "{tail}");
     assert!(tail.lines().all(|l| l.starts_with("beat ")), "{tail}");
 
     // logs -f: lines keep coming.
-    let mut follow = Command::new(bin("shoal-agent"))
-        .args(["logs", "beat", "-f", "--tail", "0", "--socket"])
-        .arg(agent.data_dir.join("agent.sock"))
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut lines = std::io::BufReader::new(follow.stdout.take().unwrap()).lines();
+    let mut follow = KillOnDrop(
+        Command::new(bin("shoal-agent"))
+            .args(["logs", "beat", "-f", "--tail", "0", "--socket"])
+            .arg(agent.data_dir.join("agent.sock"))
+            .stdout(Stdio::piped())
+            .spawn()?,
+    );
+    let mut lines = std::io::BufReader::new(follow.0.stdout.take().unwrap()).lines();
     let first = lines.next().unwrap()?;
     let second = lines.next().unwrap()?;
     assert!(
@@ -131,8 +136,7 @@ fn device_cli_shows_restarts_and_tails_a_workload_also_without_the_hub() -> anyh
         "{first} / {second}"
     );
     assert_ne!(first, second);
-    follow.kill()?;
-    follow.wait()?;
+    drop(follow);
 
     // restart: counted, and running again.
     let out = device_cli(&agent, &["restart", "beat"]);
@@ -306,12 +310,14 @@ fn events_and_hub_metrics_follow_placements_restarts_losses_and_rollouts() -> an
     hub.wait_devices_online(2, Duration::from_secs(20))?;
 
     // A watcher started now sees what follows, one JSON object per line.
-    let mut watch = Command::new(bin("shoal"))
-        .args(["get", "events", "-w", "-o", "json", "--for", "workload/web"])
-        .env("SHOAL_HUB", hub.hub_url())
-        .env("SHOAL_BROKER", &hub.broker_url)
-        .stdout(Stdio::piped())
-        .spawn()?;
+    let mut watch = KillOnDrop(
+        Command::new(bin("shoal"))
+            .args(["get", "events", "-w", "-o", "json", "--for", "workload/web"])
+            .env("SHOAL_HUB", hub.hub_url())
+            .env("SHOAL_BROKER", &hub.broker_url)
+            .stdout(Stdio::piped())
+            .spawn()?,
+    );
 
     let manifest = |args: &str| {
         write_manifest(
@@ -356,7 +362,7 @@ spec:
     ] {
         wait_event(&hub, key)?;
     }
-    let mut lines = std::io::BufReader::new(watch.stdout.take().unwrap()).lines();
+    let mut lines = std::io::BufReader::new(watch.0.stdout.take().unwrap()).lines();
     let first: Value = serde_json::from_str(&lines.next().unwrap()?)?;
     assert_eq!(first["object"], "workload/web", "{first}");
     assert!(first["seq"].as_u64().unwrap() > 0 && first["timeMs"].as_u64().unwrap() > 0);
@@ -411,8 +417,7 @@ spec:
     }
     let pos = |r: &str| seen.iter().position(|s| s == r);
     assert!(pos("Rescheduled") < pos("RolloutStarted"), "{seen:?}");
-    watch.kill()?;
-    watch.wait()?;
+    drop(watch);
 
     // Hub metrics, parsed.
     let scrape = http_get(hub.http, "/metrics")?;
@@ -480,5 +485,77 @@ spec:
     );
     let out = hub.shoal(&["get", "nothing"]);
     assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
+    Ok(())
+}
+
+/// A child process killed if the test fails before it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn agent_runs_a_module_locally_with_its_limits_and_exit_status() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let run = |args: &[&str]| {
+        Command::new(bin("shoal-agent"))
+            .arg("run")
+            .arg(module("probe.wasm"))
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // The module's own exit status and output.
+    let out = run(&["--", "crash"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    // Over its memory limit: stopped, and told why.
+    let out = run(&["--limit-memory", "8Mi", "--", "hog", "64"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("memory limit"),
+        "{err}"
+    );
+    assert!(text(&out).contains("hog: holding"), "{out:?}");
+    // Sandboxed: no host files.
+    let out = run(&["--", "cat", "/etc/hostname"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(text(&out).contains("cannot read /etc/hostname"), "{out:?}");
+    // Forever, until Ctrl-C (SIGINT): lines stream to the terminal meanwhile.
+    let mut child = KillOnDrop(
+        Command::new(bin("shoal-agent"))
+            .arg("run")
+            .arg(module("probe.wasm"))
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["--", "heartbeat", "50"])
+            .stdout(Stdio::piped())
+            .spawn()?,
+    );
+    let mut lines = std::io::BufReader::new(child.0.stdout.take().unwrap())
+        .lines()
+        .map(|l| l.unwrap())
+        .filter(|l| !l.starts_with("[shoal] "));
+    assert_eq!(lines.next().unwrap(), "beat 1");
+    assert_eq!(lines.next().unwrap(), "beat 2");
+    Command::new("kill")
+        .args(["-INT", &child.0.id().to_string()])
+        .status()?;
+    let status = child.0.wait()?;
+    assert_eq!(status.code(), Some(130));
+    // Bad input: named, and nothing runs.
+    let out = Command::new(bin("shoal-agent"))
+        .args(["run", "/nonexistent/m.wasm"])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("/nonexistent/m.wasm"),
+        "{err}"
+    );
     Ok(())
 }
