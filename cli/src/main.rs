@@ -385,7 +385,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             no_wait,
             timeout,
             to_revision,
-        } => rollout(&hub, action, &workload, no_wait, timeout, to_revision).await,
+        } => {
+            rollout(
+                &hub,
+                action,
+                &workload,
+                no_wait,
+                timeout,
+                to_revision,
+                cli.output,
+            )
+            .await
+        }
         Command::Scale { workload, replicas } => {
             hub.post_json(
                 &format!("/v1/workloads/{workload}/scale"),
@@ -612,25 +623,11 @@ impl Hub {
         Ok(())
     }
 
-    async fn post_for<T: serde::de::DeserializeOwned>(
+    async fn post(
         &self,
         path: &str,
         body: &serde_json::Value,
-    ) -> anyhow::Result<T> {
-        let r = self
-            .check(
-                self.http()?
-                    .post(format!("{}{path}", self.base))
-                    .json(body)
-                    .send()
-                    .await,
-                path,
-            )
-            .await?;
-        r.json().await.context("hub sent an unreadable answer")
-    }
-
-    async fn post_json(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<()> {
+    ) -> anyhow::Result<reqwest::Response> {
         self.check(
             self.http()?
                 .post(format!("{}{path}", self.base))
@@ -639,8 +636,20 @@ impl Hub {
                 .await,
             path,
         )
-        .await?;
-        Ok(())
+        .await
+    }
+
+    async fn post_for<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<T> {
+        let r = self.post(path, body).await?;
+        r.json().await.context("hub sent an unreadable answer")
+    }
+
+    async fn post_json(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<()> {
+        self.post(path, body).await.map(drop)
     }
 
     /// `POST /v1/devices/{device}/{action}`, then says what was done.
@@ -1141,6 +1150,7 @@ async fn rollout(
     no_wait: bool,
     timeout: Duration,
     to_revision: Option<String>,
+    output: Output,
 ) -> anyhow::Result<()> {
     if to_revision.is_some() && action != RolloutCmd::Undo {
         anyhow::bail!("--to-revision goes with `rollout undo` only");
@@ -1171,12 +1181,18 @@ async fn rollout(
     let path = format!("/v1/workloads/{workload}");
     if action == RolloutCmd::History {
         let w: WorkloadView = hub.get(&path).await?;
-        let mut t = Table::new(&["REVISION", "APPLIED", "OUTCOME"]);
-        for e in w.rollout.map(|r| r.history).unwrap_or_default() {
-            t.row(vec![e.revision, ago(e.applied_ms), e.outcome]);
-        }
-        print!("{t}");
-        return Ok(());
+        let history = w.rollout.map(|r| r.history).unwrap_or_default();
+        return emit(&history, output, |_| {
+            let mut t = Table::new(&["REVISION", "APPLIED", "OUTCOME"]);
+            for e in &history {
+                t.row(vec![
+                    e.revision.clone(),
+                    ago(e.applied_ms),
+                    e.outcome.clone(),
+                ]);
+            }
+            t
+        });
     }
     // Status until the rollout ends (kubectl rollout status): a live bar on a terminal,
     // otherwise one line per change (for logs and scripts). The last line always goes to

@@ -90,6 +90,15 @@ fn crashing_revision_rolls_back_at_the_canary_and_a_good_one_completes() -> anyh
     let history =
         String::from_utf8_lossy(&hub.shoal(&["rollout", "history", "web"]).stdout).to_string();
     assert!(history.contains("rolled back: replica"), "{history}");
+    let as_json = hub.json(&["rollout", "history", "web"])?;
+    assert!(
+        as_json
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["outcome"].as_str().unwrap().starts_with("rolled back")),
+        "{as_json}"
+    );
 
     // v3 is good: it rolls out replica by replica and completes.
     let v3 = write_manifest(dir.path(), "v3.yaml", &manifest(r#""heartbeat", "50""#));
