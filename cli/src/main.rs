@@ -321,7 +321,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let bytes = read_module(&file)
                 .map_err(|e| anyhow::anyhow!("module {:?}: {e}", file.display().to_string()))?;
-            let pushed = registries.push_wasm(&to, bytes).await?;
+            let what = format!(
+                "pushing {} ({}) to {to}",
+                file.display(),
+                format_memory_rounded(bytes.len() as u64)
+            );
+            let pushed = with_spinner(what, registries.push_wasm(&to, bytes)).await?;
             println!("{}", pushed.reference);
             Ok(())
         }
@@ -685,6 +690,14 @@ impl Hub {
     }
 
     async fn put_blob(&self, bytes: Vec<u8>) -> anyhow::Result<BlobRef> {
+        let what = format!(
+            "uploading {} to the hub",
+            format_memory_rounded(bytes.len() as u64)
+        );
+        with_spinner(what, self.put_blob_quiet(bytes)).await
+    }
+
+    async fn put_blob_quiet(&self, bytes: Vec<u8>) -> anyhow::Result<BlobRef> {
         let r = self
             .check(
                 self.http()?
@@ -721,6 +734,18 @@ fn read_module(file: &Path) -> Result<Vec<u8>, String> {
     shoal_api::wasm::validate(&bytes)
         .map_err(|e| format!("not a valid wasm module or component: {e}"))?;
     Ok(bytes)
+}
+
+/// Awaits `work`, with a spinner saying `what` on a terminal (nothing in scripts and pipes).
+async fn with_spinner<T>(what: String, work: impl std::future::Future<Output = T>) -> T {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return work.await;
+    }
+    let bar = indicatif::ProgressBar::new_spinner().with_message(what);
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let out = work.await;
+    bar.finish_and_clear();
+    out
 }
 
 /// `shoal push`: validates and uploads a module, returning its digest.
@@ -804,7 +829,7 @@ async fn apply(
             // Pin tags to the digest they point at now, so every device runs the same bytes
             // and a tag moved later changes nothing until the next apply.
             if !r.is_pinned() {
-                match registries.resolve(r).await {
+                match with_spinner(format!("resolving {r}"), registries.resolve(r)).await {
                     Ok(digest) => {
                         if let Some(wasm) = m.spec.wasm.as_mut() {
                             wasm.module = r.pinned(digest).to_string();

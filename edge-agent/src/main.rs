@@ -32,6 +32,11 @@ enum Command {
   shoal-agent run ./ticker.wasm -- greenhouse             a module, for development
   shoal-agent run ./m.wasm --limit-memory 16Mi --limit-cpu 250m --env LEVEL=debug")]
     Run(Box<RunArgs>),
+    /// Print a shell completion script (bash, zsh, fish, elvish or powershell).
+    #[command(
+        after_help = "Example:\n  shoal-agent completion bash > /etc/bash_completion.d/shoal-agent"
+    )]
+    Completion { shell: clap_complete::Shell },
     /// List the replicas on this device: workload, variant, phase, restarts, uptime, memory.
     ///
     /// Asks the running agent over its local socket; works while the hub is unreachable.
@@ -482,6 +487,11 @@ fn real_main() -> anyhow::Result<i32> {
         .context("cannot start the async runtime")?;
     let done = match cli.command {
         Command::Run(a) if a.module.is_some() => return rt.block_on(dev_run(*a)),
+        Command::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "shoal-agent", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Run(a) => rt.block_on(async {
             let shutdown = shoal_daemon::shutdown_on_signal();
             let config = agent_config(*a)?;

@@ -559,3 +559,30 @@ fn agent_runs_a_module_locally_with_its_limits_and_exit_status() -> anyhow::Resu
     );
     Ok(())
 }
+
+#[test]
+fn both_command_lines_print_shell_completions() -> anyhow::Result<()> {
+    for (bin_name, shell, marker) in [
+        ("shoal-agent", "zsh", "#compdef shoal-agent"),
+        ("shoal", "fish", "complete -c shoal"),
+    ] {
+        let out = Command::new(bin(bin_name))
+            .args(["completion", shell])
+            .output()?;
+        assert!(out.status.success(), "{out:?}");
+        assert!(
+            text(&out).contains(marker),
+            "{bin_name} {shell}: {}",
+            text(&out)
+        );
+    }
+    let out = Command::new(bin("shoal"))
+        .args(["completion", "tcsh"])
+        .output()?;
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+    Ok(())
+}
