@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | the hub (`shoal-hub`) | anything | anything |
 //! | an operator (`shoal-operator`) | `shoal/v1/apply[/{req}]` | anything (results, MQTT 5 response topics, device topics) |
-//! | device `d` | `shoal/v1/devices/d/{hello,presence,status}`, `…/d/logs/{w}` | `shoal/v1/devices/d/desired` |
+//! | device `d` | `shoal/v1/devices/d/{hello,presence,status}`, `…/d/logs/{req}` | `shoal/v1/devices/d/{desired,logreq}` |
 //!
 //! A device's MQTT client id must be `shoal-agent-{d}`; nobody else may use that prefix, and
 //! only the hub `shoal-hub-`, so no client can take over (and disconnect) another's session.
@@ -120,11 +120,13 @@ pub fn allowed(who: &Identity, access: Access, topic: &str) -> Result<(), Denied
                 {
                     Ok(())
                 }
-                (Access::Subscribe, Some("desired")) => Ok(()),
+                (Access::Subscribe, Some("desired" | "logreq")) => Ok(()),
                 (Access::Publish, _) => Err(deny(
                     "a device publishes only its own hello, presence, status and logs",
                 )),
-                (Access::Subscribe, _) => Err(deny("a device reads only its own desired state")),
+                (Access::Subscribe, _) => Err(deny(
+                    "a device reads only its own desired state and log requests",
+                )),
             }
         }
     }
@@ -179,6 +181,9 @@ mod tests {
             (&a, Publish, "shoal/v1/devices/+/status", false),
             (&a, Subscribe, "shoal/v1/devices/edge-a/desired", true),
             (&a, Subscribe, "shoal/v1/devices/edge-b/desired", false),
+            (&a, Subscribe, "shoal/v1/devices/edge-a/logreq", true),
+            (&a, Subscribe, "shoal/v1/devices/edge-b/logreq", false),
+            (&a, Publish, "shoal/v1/devices/edge-a/logreq", false),
             (&a, Subscribe, "shoal/v1/devices/+/desired", false),
             (&a, Subscribe, "#", false),
             (&a, Subscribe, "$SYS/#", false),

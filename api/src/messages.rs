@@ -76,6 +76,20 @@ pub enum Phase {
     CrashLoopBackOff,
 }
 
+impl Phase {
+    /// Every phase, in lifecycle order (metrics give each one a series so that
+    /// `sum by (phase)` has no gaps).
+    pub const ALL: [Phase; 7] = [
+        Phase::Pending,
+        Phase::Pulling,
+        Phase::Starting,
+        Phase::Running,
+        Phase::Succeeded,
+        Phase::Failed,
+        Phase::CrashLoopBackOff,
+    ];
+}
+
 impl std::fmt::Display for Phase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         std::fmt::Debug::fmt(self, f)
@@ -293,6 +307,61 @@ pub struct ApplyResult {
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).
+/// `devices/{d}/logreq`, hub → device: send lines of a workload's log on
+/// `devices/{d}/logs/{request}`. A follow request runs until the hub sends it again with
+/// `cancel`, or fails to renew it (publish it again) within `lease_secs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LogRequest {
+    #[serde(default = "protocol")]
+    pub protocol: u32,
+    /// The request id (a topic level: letters, digits, `-`).
+    pub request: String,
+    pub workload: String,
+    /// Only the last this many lines of each replica (before following).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail: Option<u32>,
+    /// Only lines written in the last this many seconds, by the device's clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_secs: Option<u64>,
+    #[serde(default)]
+    pub follow: bool,
+    #[serde(default)]
+    pub lease_secs: u32,
+    #[serde(default)]
+    pub cancel: bool,
+}
+
+/// Most bytes of log lines in one [`LogChunk`] (a chunk is one MQTT message).
+pub const LOG_CHUNK_BYTES: usize = 64 * 1024;
+
+/// `devices/{d}/logs/{request}`, device → hub: lines answering a [`LogRequest`], in `seq`
+/// order. The last chunk of a request has `done` (and `error` when it failed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LogChunk {
+    #[serde(default = "protocol")]
+    pub protocol: u32,
+    pub device_id: DeviceId,
+    pub request: String,
+    #[serde(default)]
+    pub seq: u64,
+    #[serde(default)]
+    pub lines: Vec<LogLine>,
+    #[serde(default)]
+    pub done: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One line of one replica's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LogLine {
+    pub instance: String,
+    pub line: String,
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -155,6 +155,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, QuantityError> {
     Ok(Duration::from_millis(ms))
 }
 
+/// [`parse_duration`] for command-line parsers (clap's `value_parser` wants a `String`
+/// error).
+pub fn duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,8 @@
 //! | `shoal/v1/devices/{d}/presence` | agent (and its last will) | yes |
 //! | `shoal/v1/devices/{d}/desired` | hub → agent | yes |
 //! | `shoal/v1/devices/{d}/status` | agent → hub | yes |
-//! | `shoal/v1/devices/{d}/logs/{w}` | agent → hub | no |
+//! | `shoal/v1/devices/{d}/logreq` | hub → agent | no |
+//! | `shoal/v1/devices/{d}/logs/{req}` | agent → hub | no |
 
 use crate::ids::DeviceId;
 
@@ -21,6 +22,7 @@ pub const APPLY_WITH_REQ: &str = "shoal/v1/apply/+";
 pub const ALL_HELLO: &str = "shoal/v1/devices/+/hello";
 pub const ALL_PRESENCE: &str = "shoal/v1/devices/+/presence";
 pub const ALL_STATUS: &str = "shoal/v1/devices/+/status";
+pub const ALL_LOGS: &str = "shoal/v1/devices/+/logs/+";
 /// Presence payloads.
 pub const ONLINE: &str = "online";
 pub const OFFLINE: &str = "offline";
@@ -43,6 +45,12 @@ pub fn desired(d: &DeviceId) -> String {
 pub fn status(d: &DeviceId) -> String {
     format!("{PREFIX}/devices/{d}/status")
 }
+pub fn log_request(d: &DeviceId) -> String {
+    format!("{PREFIX}/devices/{d}/logreq")
+}
+pub fn logs(d: &DeviceId, req: &str) -> String {
+    format!("{PREFIX}/devices/{d}/logs/{req}")
+}
 
 /// Whether the hub may answer an apply on this MQTT 5 response topic: anything outside
 /// `shoal/v1/`, or a results topic (never a device's or the apply topic).
@@ -62,6 +70,8 @@ pub enum Inbound {
     Hello(String),
     Presence(String),
     Status(String),
+    /// Log lines: the device and the request id.
+    Logs(String, String),
 }
 
 /// Classifies an incoming topic; `None` for anything that is not a hub-bound Shoal topic.
@@ -75,6 +85,9 @@ pub fn classify(topic: &str) -> Option<Inbound> {
         ["devices", d, "hello"] => Some(Inbound::Hello((*d).to_string())),
         ["devices", d, "presence"] => Some(Inbound::Presence((*d).to_string())),
         ["devices", d, "status"] => Some(Inbound::Status((*d).to_string())),
+        ["devices", d, "logs", req] if !req.is_empty() => {
+            Some(Inbound::Logs((*d).to_string(), (*req).to_string()))
+        }
         _ => None,
     }
 }
@@ -95,6 +108,12 @@ mod tests {
             Some(Inbound::Status("e1".into()))
         );
         assert_eq!(classify("shoal/v1/devices/e1/desired"), None);
+        assert_eq!(classify("shoal/v1/devices/e1/logreq"), None);
+        assert_eq!(
+            classify(&logs(&DeviceId::try_from("e1").unwrap(), "r7")),
+            Some(Inbound::Logs("e1".into(), "r7".into()))
+        );
+        assert_eq!(classify("shoal/v1/devices/e1/logs/"), None);
         assert_eq!(classify("shoal/v2/apply"), None);
         assert!(response_topic_allowed("ops/replies/42"));
         assert!(response_topic_allowed("shoal/v1/results/r9"));

@@ -145,6 +145,20 @@ pub struct RevisionView {
     pub outcome: String,
 }
 
+/// One entry of `GET /v1/workloads/{name}/logs` (newline-delimited JSON): a line of a
+/// replica's log, or a device that could not answer (`error`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LogEntry {
+    pub device: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub instance: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub line: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// Something that happened in the fleet (`shoal get events`, the dashboard), in the spirit
 /// of Kubernetes events: kept by the hub in a bounded in-memory ring, not persisted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,7 +4,8 @@
 //! tags to their manifest digests, and publishes
 //! the manifest on `shoal/v1/apply/{req}`, waiting for the hub's verdict on
 //! `shoal/v1/results/{req}` — exactly what a third-party MQTT client would do. The read and
-//! delete commands use the hub's HTTP API.
+//! delete commands, and `logs` (which the hub relays from the devices over MQTT), use the
+//! hub's HTTP API.
 //!
 //! Output: tables sized to the terminal by default (`-o wide` for every column), or
 //! `-o json` / `-o yaml` for scripts. Exit status: 0 done, 1 failed (the reason on stderr;
@@ -19,7 +20,9 @@ use shoal_api::messages::ApplyResult;
 use shoal_api::quantity::format_memory_rounded;
 use shoal_api::table::Table;
 use shoal_api::topics;
-use shoal_api::views::{ApiError, BlobRef, DeviceView, EventView, SecretView, WorkloadView};
+use shoal_api::views::{
+    ApiError, BlobRef, DeviceView, EventView, LogEntry, SecretView, WorkloadView,
+};
 use shoal_api::workload::{validate_all, ModuleRef};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,6 +38,7 @@ use std::time::Duration;
   shoal get workloads                      what runs, how many replicas are ready
   shoal get devices -o wide                every column (labels, mDNS addresses, generations)
   shoal get events --for workload/web -w   what happened to web, then follow new events
+  shoal logs web --since 10m -f            web's recent lines from its devices, then new ones
   shoal describe workload web -o yaml      one workload, with its spec, as YAML
   shoal rollout status web                 wait for a rollout (exit 1 if it fails)
   shoal dashboard                          a link that signs a browser in to the dashboard
@@ -106,7 +110,7 @@ enum Command {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
         /// How long to wait for the hub's verdict.
-        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        #[arg(long, default_value = "10s", value_parser = shoal_api::quantity::duration_arg)]
         timeout: Duration,
     },
     /// Upload a WASM module to the hub and print its digest, or with an `oci://` reference
@@ -148,7 +152,7 @@ enum Command {
         #[arg(long)]
         no_wait: bool,
         /// `status`: how long to wait.
-        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        #[arg(long, default_value = "10m", value_parser = shoal_api::quantity::duration_arg)]
         timeout: Duration,
         /// `undo`: the revision to go back to (from `rollout history`; a unique prefix does).
         #[arg(long, value_name = "REVISION")]
@@ -166,6 +170,34 @@ enum Command {
     Uncordon { device: String },
     /// Cordon a device and move its replicas elsewhere (`placement: every` ones stay).
     Drain { device: String },
+    /// Print a workload's log lines, which the hub reads from its devices over MQTT (each
+    /// device keeps its replicas' recent logs in bounded files).
+    #[command(after_help = "Examples:
+  shoal logs web                     every replica's lines, prefixed with the replica
+  shoal logs web --device edge-1 -f  one device's replicas, then new lines until Ctrl-C
+  shoal logs web --since 10m         what the last ten minutes wrote
+  shoal logs web --tail 20 -o json   the last 20 lines per replica, one JSON object each
+
+Exit status 1 if a device could not send its lines (offline, silent, no logs there); the
+lines of the others are printed anyway.")]
+    Logs {
+        workload: String,
+        /// Only from this device (default: every device with a replica of the workload).
+        #[arg(long)]
+        device: Option<String>,
+        /// Keep printing new lines as the replicas write them (until Ctrl-C).
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only lines written this recently (e.g. 30s, 10m, 2h), by each device's clock.
+        #[arg(long, value_parser = shoal_api::quantity::duration_arg, value_name = "DURATION")]
+        since: Option<Duration>,
+        /// Only the last N lines of each replica.
+        #[arg(long, value_name = "N")]
+        tail: Option<u32>,
+        /// Prefix each line with its replica (the default when there are several).
+        #[arg(long)]
+        prefix: bool,
+    },
     /// Print a link that signs a browser in to the hub's web dashboard (read-only; one use,
     /// within 5 minutes). A hub run --insecure needs none: its address is printed.
     Dashboard,
@@ -212,10 +244,6 @@ enum OneKind {
     Workload,
     #[value(alias = "secrets")]
     Secret,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    shoal_api::quantity::parse_duration(s).map_err(|e| e.to_string())
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -415,6 +443,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Uncordon { device } => hub.device_action(&device, "uncordon").await,
         Command::Drain { device } => hub.device_action(&device, "drain").await,
         Command::Completion { .. } => Ok(()), // answered above, before any setup
+        Command::Logs {
+            workload,
+            device,
+            follow,
+            since,
+            tail,
+            prefix,
+        } => {
+            let mut path = format!(
+                "/v1/workloads/{}/logs?follow={follow}",
+                url_escape(&workload)
+            );
+            if let Some(d) = &device {
+                path.push_str(&format!("&device={}", url_escape(d)));
+            }
+            if let Some(t) = tail {
+                path.push_str(&format!("&tail={t}"));
+            }
+            if let Some(s) = since {
+                path.push_str(&format!("&since={}", s.as_secs().max(1)));
+            }
+            logs(&hub, &path, follow, prefix, cli.output).await
+        }
         Command::Dashboard => {
             if hub.base.starts_with("http://") {
                 println!("{}/", hub.base);
@@ -510,6 +561,76 @@ async fn events(
         }
         seen = hub.get(&path(after.unwrap_or(0))).await?;
     }
+}
+
+/// `shoal logs`: prints the hub's stream of [`LogEntry`]s as it comes.
+async fn logs(
+    hub: &Hub,
+    path: &str,
+    follow: bool,
+    prefix: bool,
+    output: Output,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    // A followed stream lasts as long as the operator wants (the client's 30 s does not
+    // apply); a plain read ends when every device has answered or timed out.
+    let timeout = if follow {
+        Duration::from_secs(u64::from(u32::MAX))
+    } else {
+        Duration::from_secs(120)
+    };
+    let send = hub
+        .http()?
+        .get(format!("{}{path}", hub.base))
+        .timeout(timeout)
+        .send()
+        .await;
+    let mut resp = hub.check(send, path).await?;
+    let replicas: usize = resp
+        .headers()
+        .get("x-shoal-replicas")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let prefixed = prefix || replicas > 1;
+    let mut failed = 0;
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let chunk = tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            c = resp.chunk() => c.context("the hub's log stream broke off")?,
+        };
+        let Some(chunk) = chunk else { break };
+        buf.extend_from_slice(&chunk);
+        let mut out = std::io::stdout().lock();
+        while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=nl).collect();
+            let entry: LogEntry =
+                serde_json::from_slice(&line[..nl]).context("hub sent an unreadable log entry")?;
+            if let Some(e) = &entry.error {
+                failed += 1;
+                eprintln!("error: {e}");
+            }
+            match output {
+                Output::Json => out.write_all(&line)?,
+                Output::Yaml => write!(out, "---\n{}", serde_yaml_ng::to_string(&entry)?)?,
+                Output::Table | Output::Wide if entry.error.is_none() => {
+                    if prefixed {
+                        writeln!(out, "[{}] {}", entry.instance, entry.line)?;
+                    } else {
+                        writeln!(out, "{}", entry.line)?;
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Flushed per chunk: `shoal logs -f web | grep …` sees lines as they come.
+        out.flush()?;
+    }
+    if failed > 0 {
+        bail!("{failed} device(s) could not send their lines (see above)");
+    }
+    Ok(())
 }
 
 /// Escapes what a query value must not carry raw (names are `[a-z0-9-]`, plus the slash).

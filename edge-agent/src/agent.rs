@@ -301,6 +301,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         link: HubLinkView::default(),
         last_sync_ms: None,
         started_at_ms: now_ms(),
+        log_streams: crate::remote_logs::Streams::default(),
     };
     agent.advertise_self();
     for ev in early_mdns {
@@ -505,6 +506,8 @@ struct Agent<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> {
     /// When a verified desired state last arrived.
     last_sync_ms: Option<u64>,
     started_at_ms: u64,
+    /// Log streams the hub asked for (`shoal logs`).
+    log_streams: crate::remote_logs::Streams,
 }
 
 impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
@@ -591,6 +594,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
                     self.link_changed(false, Some(reason))
                 }
                 Event::Bus(BusEvent::Desired(payload)) => self.on_desired(&payload).await,
+                Event::Bus(BusEvent::LogRequest(payload)) => self.on_log_request(&payload),
                 Event::Replica(u) => {
                     let current = self
                         .replicas
@@ -1002,6 +1006,23 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
             Err(e) => warn!(error = %e, "cannot encode hello"),
         }
         self.publish_status().await;
+    }
+
+    /// The hub asks for log lines: served by a task of their own (see [`crate::remote_logs`]).
+    fn on_log_request(&mut self, payload: &[u8]) {
+        match serde_json::from_slice::<shoal_api::messages::LogRequest>(payload) {
+            Ok(req) => self.log_streams.handle(
+                req,
+                crate::remote_logs::Context {
+                    device: &self.config.device_id,
+                    logs_dir: &self.shared.logs_dir,
+                    bus: &self.bus,
+                    tracker: &self.tracker,
+                    shutdown: &self.shared.stopping,
+                },
+            ),
+            Err(e) => warn!(error = %e, "malformed log request ignored"),
+        }
     }
 
     async fn on_desired(&mut self, payload: &[u8]) {

@@ -1,10 +1,10 @@
 //! The agent's MQTT adapter (rumqttc, MQTT 3.1.1, which every broker speaks), over TLS with
 //! the device certificate unless the agent runs `--insecure`.
 //!
-//! On every (re)connect it subscribes to the device's desired topic and announces itself
+//! On every (re)connect it subscribes to the device's desired and log-request topics and announces itself
 //! (retained `online` presence, retained hello); its last will marks it `offline`. The broker
 //! address comes through a watch channel: fixed with `--broker`, or whatever hub mDNS found. Incoming
-//! desired states become [`BusEvent`]s; publishing goes through the [`Bus`] trait.
+//! desired states and log requests become [`BusEvent`]s; publishing goes through the [`Bus`] trait.
 
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use shoal_api::endpoint::BrokerUrl;
@@ -33,9 +33,12 @@ pub enum BusEvent {
     Disconnected(String),
     /// A desired-state payload arrived on our desired topic.
     Desired(bytes::Bytes),
+    /// The hub asks for log lines (`devices/{d}/logreq`).
+    LogRequest(bytes::Bytes),
 }
 
-pub trait Bus: Send + Sync + 'static {
+/// Cloneable so that tasks (log streams) can publish on their own.
+pub trait Bus: Clone + Send + Sync + 'static {
     fn publish(
         &self,
         topic: String,
@@ -44,6 +47,7 @@ pub trait Bus: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), BusError>> + Send;
 }
 
+#[derive(Clone)]
 pub struct MqttBus {
     client: AsyncClient,
 }
@@ -114,6 +118,7 @@ pub fn connect(
     eventloop.set_network_options(net);
     let sub = client.clone();
     let desired_topic = topics::desired(device);
+    let logreq_topic = topics::log_request(device);
     let device = device.clone();
     tracker.spawn(async move {
         let mut current: Option<BrokerUrl> = None;
@@ -167,8 +172,10 @@ pub fn connect(
                         info!(%broker, "connected to broker");
                     }
                     failures = 0;
-                    if let Err(e) = sub.try_subscribe(desired_topic.clone(), QoS::AtLeastOnce) {
-                        warn!(error = %e, "subscribe failed");
+                    for t in [&desired_topic, &logreq_topic] {
+                        if let Err(e) = sub.try_subscribe(t.clone(), QoS::AtLeastOnce) {
+                            warn!(topic = %t, error = %e, "subscribe failed");
+                        }
                     }
                     if tx.send(BusEvent::Connected).await.is_err() {
                         break;
@@ -176,6 +183,11 @@ pub fn connect(
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) if p.topic == desired_topic => {
                     if tx.send(BusEvent::Desired(p.payload)).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) if p.topic == logreq_topic => {
+                    if tx.send(BusEvent::LogRequest(p.payload)).await.is_err() {
                         break;
                     }
                 }

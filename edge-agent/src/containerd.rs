@@ -25,6 +25,7 @@ use containerd_client::services::v1::{
 use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::{Code, Request, Status};
 use containerd_client::types::Descriptor;
+use shoal_api::messages::now_ms;
 use shoal_api::oci::OciRef;
 use shoal_registry::{PulledImage, Registries};
 use std::collections::HashMap;
@@ -964,8 +965,9 @@ impl Containerd {
             async move { tasks.wait(req).await }
         };
         tokio::pin!(waiter);
-        // The shim writes the log itself; keep it bounded meanwhile.
+        // The shim writes the log itself; keep it bounded and time-indexed meanwhile.
         let mut check = tokio::time::interval(LOG_CHECK);
+        let mut sampler = crate::logs::Sampler::new(&run.log_path, run.log_max_bytes);
         loop {
             tokio::select! {
                 w = &mut waiter => {
@@ -975,8 +977,13 @@ impl Containerd {
                 }
                 _ = cancel.cancelled() => break,
                 _ = check.tick() => {
-                    if let Err(e) = bound_log(&run.log_path, run.log_max_bytes).await {
-                        warn!(container = %run.id, error = %e, "cannot rotate the container log");
+                    match bound_log(&run.log_path, run.log_max_bytes).await {
+                        Ok(true) => sampler.rotated(now_ms()),
+                        Ok(false) => {}
+                        Err(e) => warn!(container = %run.id, error = %e, "cannot rotate the container log"),
+                    }
+                    if let Ok(m) = tokio::fs::metadata(&run.log_path).await {
+                        sampler.observe(now_ms(), m.len());
                     }
                 }
             }
@@ -1152,8 +1159,9 @@ pub fn cgroup_usage(root: &Path, namespace: &str, id: &str) -> Option<UsageSampl
     })
 }
 
-/// How often a running container's log size is checked.
-const LOG_CHECK: Duration = Duration::from_secs(2);
+/// How often a running container's log size is checked (also the precision of its time
+/// index, see [`crate::logs::Sampler`]).
+const LOG_CHECK: Duration = Duration::from_secs(1);
 
 /// Keeps a log the shim appends to within about `max` bytes: once over, its content is copied
 /// to `{path}.1` (replacing the older one) and the file truncated in place. The shim writes

@@ -14,6 +14,7 @@ pub mod local;
 pub mod logs;
 pub mod metrics;
 pub mod plan;
+pub mod remote_logs;
 pub mod runtime;
 pub mod secrets;
 pub mod services;

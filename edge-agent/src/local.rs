@@ -9,7 +9,7 @@
 //! | `GET /v1/status` | [`AgentStatusView`]: hub link, generation, last sync, disk, memory |
 //! | `GET /v1/workloads` | [`ReplicaView`]s: every replica on this device (`ps`) |
 //! | `GET /v1/workloads/{name}` | [`InspectView`]: desired vs observed for one workload |
-//! | `GET /v1/workloads/{name}/logs?tail=N&follow=true` | its replicas' log lines, as text |
+//! | `GET /v1/workloads/{name}/logs?tail=N&since=SECS&follow=true` | its replicas' log lines, as text |
 //! | `POST /v1/workloads/{name}/restart` | [`RestartView`]: the replicas restarted |
 //! | `GET /metrics` | Prometheus text ([`crate::metrics`]); also on `--metrics-listen` |
 //!
@@ -17,6 +17,7 @@
 //! `DATA_DIR/logs` by the handler itself (never through the main loop), so they are there for
 //! a workload that has left the device too.
 
+use crate::logs::{log_files, read_backlog, Follower, Window};
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -370,7 +371,7 @@ async fn inspect(
         .ask(|r| LocalRequest::Inspect(name.clone(), r))
         .await?
         .ok_or_else(|| no_workload(&name))?;
-    view.logs = log_files(&ctx.logs_dir, &name)
+    view.logs = log_files(&ctx.logs_dir, name.as_str())
         .into_iter()
         .map(|(_, p)| p.display().to_string())
         .collect();
@@ -392,6 +393,8 @@ async fn restart(
 struct LogQuery {
     /// Lines from the end of each replica's log; default all that is kept.
     tail: Option<usize>,
+    /// Only lines written in the last this many seconds.
+    since: Option<u64>,
     #[serde(default)]
     follow: bool,
 }
@@ -405,7 +408,7 @@ async fn logs(
     Query(q): Query<LogQuery>,
 ) -> Result<Response, Failure> {
     let name = workload_name(&name)?;
-    let files = log_files(&ctx.logs_dir, &name);
+    let files = log_files(&ctx.logs_dir, name.as_str());
     if files.is_empty() {
         return Err(no_workload(&name));
     }
@@ -413,7 +416,13 @@ async fn logs(
     let mut tails = Vec::new();
     let mut text = String::new();
     for (instance, path) in &files {
-        let (lines, end) = read_tail(path, q.tail).map_err(|e| {
+        let window = Window {
+            since_ms: q
+                .since
+                .map(|secs| shoal_api::messages::now_ms().saturating_sub(secs * 1000)),
+            tail: q.tail,
+        };
+        let (lines, end) = read_backlog(path, window).map_err(|e| {
             Failure(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("cannot read {}: {e}", path.display()),
@@ -464,96 +473,6 @@ fn push_line(out: &mut String, prefix: Option<&str>, line: &str) {
     }
     out.push_str(line);
     out.push('\n');
-}
-
-/// The log files of `workload`'s replicas in `dir` (`{workload}-{N}.log`), by replica.
-pub fn log_files(dir: &Path, workload: &WorkloadName) -> Vec<(String, PathBuf)> {
-    let prefix = format!("{}-", workload.as_str());
-    let mut found: Vec<(u32, String, PathBuf)> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_str()?.to_string();
-            let instance = name.strip_suffix(".log")?;
-            let n: u32 = instance.strip_prefix(&prefix)?.parse().ok()?;
-            Some((n, instance.to_string(), e.path()))
-        })
-        .collect();
-    found.sort();
-    found.into_iter().map(|(_, i, p)| (i, p)).collect()
-}
-
-/// The last `tail` lines (all when `None`) of a log and its rotated predecessor
-/// (`{path}.1`), and the current file's length (where following starts).
-fn read_tail(path: &Path, tail: Option<usize>) -> std::io::Result<(Vec<String>, u64)> {
-    let read = |p: &Path| match std::fs::read(p) {
-        Ok(b) => Ok(b),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(e),
-    };
-    let mut rotated = path.as_os_str().to_owned();
-    rotated.push(".1");
-    let current = read(path)?;
-    let end = current.len() as u64;
-    let mut bytes = read(Path::new(&rotated))?;
-    bytes.extend_from_slice(&current);
-    let text = String::from_utf8_lossy(&bytes);
-    let lines: Vec<&str> = text.lines().collect();
-    let skip = tail.map_or(0, |n| lines.len().saturating_sub(n));
-    Ok((lines[skip..].iter().map(|l| l.to_string()).collect(), end))
-}
-
-/// Follows one log file by polling its length: new complete lines are returned; a file that
-/// got shorter (rotated to `.1`, or truncated in place by the container log bound) is read
-/// again from its start. Written by hand: the crates that follow files either watch with
-/// inotify (not on every board's filesystem) or do not survive copytruncate rotation.
-struct Follower {
-    instance: String,
-    path: PathBuf,
-    offset: u64,
-    partial: Vec<u8>,
-}
-
-impl Follower {
-    fn new(instance: String, path: PathBuf, offset: u64) -> Self {
-        Self {
-            instance,
-            path,
-            offset,
-            partial: Vec::new(),
-        }
-    }
-
-    fn poll(&mut self) -> Vec<String> {
-        use std::io::{Read, Seek, SeekFrom};
-        let Ok(mut f) = std::fs::File::open(&self.path) else {
-            return Vec::new();
-        };
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        if len < self.offset {
-            self.offset = 0;
-            self.partial.clear();
-        }
-        if len == self.offset || f.seek(SeekFrom::Start(self.offset)).is_err() {
-            return Vec::new();
-        }
-        let mut buf = Vec::new();
-        if f.take(len - self.offset).read_to_end(&mut buf).is_err() {
-            return Vec::new();
-        }
-        self.offset += buf.len() as u64;
-        self.partial.extend_from_slice(&buf);
-        let Some(last_nl) = self.partial.iter().rposition(|&b| b == b'\n') else {
-            return Vec::new();
-        };
-        let rest = self.partial.split_off(last_nl + 1);
-        let done = std::mem::replace(&mut self.partial, rest);
-        String::from_utf8_lossy(&done)
-            .lines()
-            .map(str::to_string)
-            .collect()
-    }
 }
 
 /// A request to the agent at `socket`; answers other than 2xx are errors carrying the
@@ -705,48 +624,6 @@ mod tests {
         assert!(!path.exists(), "socket file removed on shutdown");
         let e = get_json::<PeersView>(&path, "/v1/peers").await.unwrap_err();
         assert!(e.to_string().contains("cannot reach the agent"), "{e}");
-    }
-
-    #[test]
-    fn log_files_tails_and_follows_across_rotation() {
-        let dir = tempfile::tempdir().unwrap();
-        let w = WorkloadName::try_from("web").unwrap();
-        for f in [
-            "web-10.log",
-            "web-2.log",
-            "web-2.log.1",
-            "webby-0.log",
-            "web-x.log",
-        ] {
-            std::fs::write(dir.path().join(f), "").unwrap();
-        }
-        let names: Vec<String> = log_files(dir.path(), &w)
-            .into_iter()
-            .map(|(i, _)| i)
-            .collect();
-        assert_eq!(names, ["web-2", "web-10"]);
-
-        let log = dir.path().join("web-2.log");
-        std::fs::write(dir.path().join("web-2.log.1"), "a\nb\n").unwrap();
-        std::fs::write(&log, "c\nd\n").unwrap();
-        let (lines, end) = read_tail(&log, None).unwrap();
-        assert_eq!(lines, ["a", "b", "c", "d"]);
-        assert_eq!(end, 4);
-        assert_eq!(read_tail(&log, Some(3)).unwrap().0, ["b", "c", "d"]);
-        assert_eq!(read_tail(&log, Some(0)).unwrap().0, Vec::<String>::new());
-
-        let mut f = Follower::new("web-2".into(), log.clone(), end);
-        assert!(f.poll().is_empty());
-        use std::io::Write;
-        let mut file = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
-        file.write_all(b"e\npart").unwrap();
-        assert_eq!(f.poll(), ["e"]);
-        file.write_all(b"ial\n").unwrap();
-        assert_eq!(f.poll(), ["partial"]);
-        // Truncated in place (the container log bound) or replaced by a new file: read again
-        // from the start.
-        std::fs::write(&log, "f\n").unwrap();
-        assert_eq!(f.poll(), ["f"]);
     }
 
     #[tokio::test]

@@ -56,7 +56,7 @@ enum Command {
     },
     /// Print the logs of a workload's replicas on this device (kept in DATA_DIR/logs).
     #[command(
-        after_help = "Examples:\n  shoal-agent logs web --tail 50\n  shoal-agent logs web -f"
+        after_help = "Examples:\n  shoal-agent logs web --tail 50\n  shoal-agent logs web --since 10m -f"
     )]
     Logs {
         /// The workload's name.
@@ -67,6 +67,9 @@ enum Command {
         /// Only the last N lines of each replica.
         #[arg(long, value_name = "N")]
         tail: Option<usize>,
+        /// Only lines written this recently (e.g. 30s, 10m, 2h).
+        #[arg(long, value_parser = shoal_api::quantity::duration_arg, value_name = "DURATION")]
+        since: Option<Duration>,
         /// The running agent's local API socket.
         #[arg(long, env = "SHOAL_AGENT_SOCKET", default_value = local::DEFAULT_SOCKET)]
         socket: PathBuf,
@@ -133,7 +136,7 @@ struct RunArgs {
     #[arg(long, value_parser = parse_cpu, requires = "module")]
     limit_cpu: Option<u32>,
     /// With MODULE: stop it once it used this much CPU time (spec.limits.cpuTime), e.g. 30s.
-    #[arg(long, value_parser = parse_duration, requires = "module")]
+    #[arg(long, value_parser = shoal_api::quantity::duration_arg, requires = "module")]
     limit_cpu_time: Option<Duration>,
     /// With MODULE: an environment variable for it, KEY=VALUE (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env, requires = "module")]
@@ -190,7 +193,7 @@ struct RunArgs {
     no_wasm: bool,
     /// How long a workload's volumes are kept after it left this device, in case it comes
     /// back (e.g. 0s, 30m, 24h) [default: 24h].
-    #[arg(long, env = "SHOAL_AGENT_VOLUME_RETENTION", value_parser = parse_duration)]
+    #[arg(long, env = "SHOAL_AGENT_VOLUME_RETENTION", value_parser = shoal_api::quantity::duration_arg)]
     volume_retention: Option<Duration>,
     /// A one-time join token from `shoal-hub token create`, to enroll this device (only
     /// needed until it holds a certificate, in DATA_DIR/pki).
@@ -253,10 +256,6 @@ async fn dev_run(a: RunArgs) -> anyhow::Result<i32> {
         }
         shoal_agent::runtime::Exit::Cancelled => Ok(130),
     }
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    shoal_api::quantity::parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// `--volume-retention` when not given: a device offline overnight keeps its data.
@@ -412,7 +411,9 @@ fn agent_config(a: RunArgs) -> anyhow::Result<AgentConfig> {
     });
     let volume_retention = match (a.volume_retention, file.volume_retention) {
         (Some(d), _) => d,
-        (None, Some(d)) => parse_duration(&d).map_err(|e| bad("volume-retention", e))?,
+        (None, Some(d)) => {
+            shoal_api::quantity::duration_arg(&d).map_err(|e| bad("volume-retention", e))?
+        }
         (None, None) => DEFAULT_VOLUME_RETENTION,
     };
     let metrics_listen =
@@ -523,6 +524,7 @@ fn real_main() -> anyhow::Result<i32> {
             workload,
             follow,
             tail,
+            since,
             socket,
         } => rt.block_on(async {
             let mut uri = format!(
@@ -531,6 +533,9 @@ fn real_main() -> anyhow::Result<i32> {
             );
             if let Some(n) = tail {
                 uri.push_str(&format!("&tail={n}"));
+            }
+            if let Some(d) = since {
+                uri.push_str(&format!("&since={}", d.as_secs().max(1)));
             }
             let shutdown = shoal_daemon::shutdown_on_signal();
             let mut out = std::io::stdout();

@@ -54,18 +54,6 @@ struct PhaseLabels {
 type FloatGauge = Gauge<f64, AtomicU64>;
 type FloatCounter = Counter<f64, AtomicU64>;
 
-/// Every phase a replica can be in (each gets a series, 1 for the current one, so that
-/// `sum by (phase)` counts replicas per phase without gaps).
-const PHASES: [&str; 7] = [
-    "Pending",
-    "Pulling",
-    "Starting",
-    "Running",
-    "CrashLoopBackOff",
-    "Succeeded",
-    "Failed",
-];
-
 fn gauge(r: &mut Registry, name: &str, help: &str, v: i64) {
     let g: Gauge = Gauge::default();
     g.set(v);
@@ -152,13 +140,16 @@ pub fn render(
             workload: rep.workload.clone(),
             instance: rep.instance.clone(),
         };
-        for p in PHASES {
+        // Every phase gets a series (1 for the current one), so that `sum by (phase)`
+        // counts replicas per phase without gaps.
+        for p in shoal_api::messages::Phase::ALL {
+            let p = p.to_string();
             phase
                 .get_or_create(&PhaseLabels {
                     workload: rep.workload.clone(),
                     instance: rep.instance.clone(),
                     variant: rep.variant.clone(),
-                    phase: p.to_string(),
+                    phase: p.clone(),
                 })
                 .set(i64::from(rep.phase == p));
         }

@@ -241,6 +241,7 @@ pub fn connect(
                         topics::ALL_HELLO,
                         topics::ALL_PRESENCE,
                         topics::ALL_STATUS,
+                        topics::ALL_LOGS,
                     ] {
                         if let Err(e) = sub.try_subscribe(f, QoS::AtLeastOnce) {
                             warn!(filter = f, error = %e, "subscribe failed");

@@ -17,6 +17,7 @@
 //! | `GET /v1/blobs/{digest}` | download a blob |
 //! | `GET /v1/blobs/{digest}/precompiled?target=T&engine=E` | the blob compiled for a runtime-only agent |
 //! | `GET /v1/events?after=N&object=KIND/NAME` | `[EventView]`: recent fleet events, oldest first |
+//! | `GET /v1/workloads/{name}/logs?device=D&tail=N&since=SECS&follow=true` | `LogEntry` lines (NDJSON) from the devices, asked over MQTT |
 //! | `GET /v1/stream` | server-sent events: a `FleetView` at once, then one per change |
 //! | `GET /`, `/ui/*` | the web dashboard (page, script, style; no data) |
 //! | `POST /v1/dashboard/login` | a one-time login link for a browser (`shoal dashboard`) |
@@ -49,8 +50,8 @@ use shoal_api::acl::Identity;
 use shoal_api::ids::{DeviceId, Digest, SecretName, WorkloadName};
 use shoal_api::messages::ApplyResult;
 use shoal_api::views::{
-    ApiError, BlobRef, DeviceView, EnrollRequest, Enrolled, EventView, FleetView, RenewRequest,
-    SecretView, WorkloadView,
+    ApiError, BlobRef, DeviceView, EnrollRequest, Enrolled, EventView, FleetView, LogEntry,
+    RenewRequest, SecretView, WorkloadView,
 };
 use shoal_pki::token::JoinToken;
 use std::sync::Arc;
@@ -125,6 +126,28 @@ pub enum Request {
         action: DeviceAction,
         reply: oneshot::Sender<Result<bool, String>>,
     },
+    /// Open a log session (`shoal logs`): all devices with a replica of `workload`, or only
+    /// `device`. `Err((HTTP status, message))`.
+    Logs {
+        workload: WorkloadName,
+        device: Option<DeviceId>,
+        tail: Option<u32>,
+        since_secs: Option<u64>,
+        follow: bool,
+        reply: oneshot::Sender<Result<LogStream, (u16, String)>>,
+    },
+}
+
+/// An open log session, as the main loop hands it to the HTTP handler.
+#[derive(Debug)]
+pub struct LogStream {
+    /// Devices that were asked.
+    pub asked: Vec<DeviceId>,
+    /// Devices that could not be asked, and why.
+    pub unreachable: Vec<(DeviceId, String)>,
+    /// Replicas of the workload on the devices concerned.
+    pub replicas: usize,
+    pub events: mpsc::Receiver<crate::logs::LogEvent>,
 }
 
 impl Request {
@@ -139,6 +162,7 @@ impl Request {
                 | Request::RefreshMetrics { .. }
                 | Request::Fleet { .. }
                 | Request::Events { .. }
+                | Request::Logs { .. }
         )
     }
 }
@@ -285,6 +309,7 @@ pub fn router(state: AppState) -> Router {
             post(rollout_action),
         )
         .route("/v1/workloads/{name}/scale", post(scale))
+        .route("/v1/workloads/{name}/logs", get(logs))
         .route("/v1/workloads", get(workloads))
         .route("/v1/workloads/{name}", get(workload).delete(delete))
         .route("/v1/apply", post(apply))
@@ -854,6 +879,167 @@ async fn events(
         Ok(v) => Json(v).into_response(),
         Err(f) => f.into_response(),
     }
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogsQuery {
+    device: Option<String>,
+    tail: Option<u32>,
+    /// Seconds.
+    since: Option<u64>,
+    #[serde(default)]
+    follow: bool,
+}
+
+/// How long a device may stay silent before a (not followed) log read gives up on it.
+const LOG_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `GET /v1/workloads/{name}/logs`: the lines the devices send, as they come, one
+/// [`LogEntry`] per line; the header `x-shoal-replicas` says how many replicas they come from.
+async fn logs(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    query: Result<axum::extract::Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let q = match query {
+        Ok(axum::extract::Query(q)) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let workload = match parse_name(&name) {
+        Ok(w) => w,
+        Err(f) => return f.into_response(),
+    };
+    let device = match q.device.as_deref().map(DeviceId::try_from).transpose() {
+        Ok(d) => d,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let follow = q.follow;
+    let opened = ask(&s, |reply| Request::Logs {
+        workload,
+        device,
+        tail: q.tail,
+        since_secs: q.since,
+        follow,
+        reply,
+    })
+    .await;
+    let stream = match opened {
+        Ok(Ok(st)) => st,
+        Ok(Err((status, msg))) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return error(status, msg);
+        }
+        Err(f) => return f.into_response(),
+    };
+    let replicas = stream.replicas;
+    let first: Vec<LogEntry> = stream
+        .unreachable
+        .iter()
+        .map(|(d, why)| LogEntry {
+            device: d.to_string(),
+            instance: String::new(),
+            line: String::new(),
+            error: Some(why.clone()),
+        })
+        .collect();
+    let pending: std::collections::BTreeSet<DeviceId> = stream.asked.into_iter().collect();
+    let state = (stream.events, pending, Some(first), s.shutdown.clone());
+    let body = futures_util::stream::unfold(
+        state,
+        move |(mut rx, mut pending, first, stop)| async move {
+            if let Some(entries) = first {
+                return Some((Ok(ndjson(&entries)), (rx, pending, None, stop)));
+            }
+            if !follow && pending.is_empty() {
+                return None;
+            }
+            let next = tokio::select! {
+                () = stop.cancelled() => return None,
+                e = rx.recv() => e,
+                // Only a read that ends waits for answers; a follow waits for lines.
+                () = tokio::time::sleep(LOG_ANSWER_WAIT), if !follow => {
+                    if pending.is_empty() {
+                        return None;
+                    }
+                    let silent: Vec<LogEntry> = std::mem::take(&mut pending)
+                        .into_iter()
+                        .map(|d| LogEntry {
+                            error: Some(format!(
+                                "device {d} did not answer within {}s",
+                                LOG_ANSWER_WAIT.as_secs()
+                            )),
+                            device: d.to_string(),
+                            instance: String::new(),
+                            line: String::new(),
+                        })
+                        .collect();
+                    return Some((Ok(ndjson(&silent)), (rx, pending, None, stop)));
+                }
+            };
+            let entries = match next? {
+            crate::logs::LogEvent::Chunk(c) => {
+                if c.done {
+                    pending.remove(&c.device_id);
+                }
+                let device = c.device_id.to_string();
+                let mut v: Vec<LogEntry> = c
+                    .lines
+                    .into_iter()
+                    .map(|l| LogEntry {
+                        device: device.clone(),
+                        instance: l.instance,
+                        line: l.line,
+                        error: None,
+                    })
+                    .collect();
+                if let Some(e) = c.error {
+                    v.push(LogEntry {
+                        device,
+                        instance: String::new(),
+                        line: String::new(),
+                        error: Some(e),
+                    });
+                }
+                v
+            }
+            crate::logs::LogEvent::Dropped { device, chunks } => vec![LogEntry {
+                error: Some(format!(
+                    "{chunks} chunk(s) of lines from device {device} were dropped: this reader fell behind"
+                )),
+                device: device.to_string(),
+                instance: String::new(),
+                line: String::new(),
+            }],
+        };
+            Some((
+                Ok::<_, std::convert::Infallible>(ndjson(&entries)),
+                (rx, pending, None, stop),
+            ))
+        },
+    );
+    (
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson".to_string()),
+            (
+                header::HeaderName::from_static("x-shoal-replicas"),
+                replicas.to_string(),
+            ),
+        ],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
+}
+
+/// One JSON document per line.
+fn ndjson(entries: &[LogEntry]) -> Bytes {
+    let mut out = Vec::new();
+    for e in entries {
+        if serde_json::to_writer(&mut out, e).is_ok() {
+            out.push(b'\n');
+        }
+    }
+    Bytes::from(out)
 }
 
 /// `POST /v1/dashboard/login` (an operator): a one-time login link for a browser.

@@ -3,7 +3,8 @@
 //!
 //! Code map: [`server`] wires everything and owns the main loop; [`core`] is the state
 //! machine; [`scheduler`] is the pure placement function; [`store`] (sled) and [`blobs`]
-//! persist; [`bus`] and [`broker`] speak MQTT; [`http`] serves the API.
+//! persist; [`bus`] and [`broker`] speak MQTT; [`http`] serves the API; [`logs`] relays `shoal logs`
+//! between callers and devices.
 
 pub mod blobs;
 pub mod broker;
@@ -12,6 +13,7 @@ pub mod core;
 pub mod dashboard;
 pub mod events;
 pub mod http;
+pub mod logs;
 pub mod metrics;
 pub mod rollout;
 pub mod scheduler;

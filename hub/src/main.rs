@@ -62,7 +62,7 @@ enum TokenCommand {
         #[arg(long, env = "SHOAL_HUB_DATA_DIR")]
         data_dir: PathBuf,
         /// How long the token stays valid (e.g. 30m, 24h).
-        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        #[arg(long, default_value = "24h", value_parser = shoal_api::quantity::duration_arg)]
         ttl: std::time::Duration,
         /// Bind the token to this device id: it enrolls that device only, and may enroll it
         /// again (a wiped or replaced board), which an unbound token may not.
@@ -105,7 +105,7 @@ struct ServeArgs {
     mdns: MdnsArgs,
     /// How long a device may be offline or silent before it is lost and its replicas are
     /// rescheduled (`placement: every` ones stay), e.g. 500ms, 30s, 2m [default: 30s].
-    #[arg(long, env = "SHOAL_HUB_DEVICE_GRACE", value_parser = parse_duration)]
+    #[arg(long, env = "SHOAL_HUB_DEVICE_GRACE", value_parser = shoal_api::quantity::duration_arg)]
     device_grace: Option<std::time::Duration>,
     /// Serve MQTT and HTTP in the clear, without client certificates or topic ACLs. For
     /// local development only: anyone who reaches the ports controls the fleet.
@@ -113,16 +113,12 @@ struct ServeArgs {
     insecure: bool,
     /// How long device certificates are valid; agents renew them after two thirds
     /// (e.g. 90d is 2160h; at least 10s) [default: 2160h].
-    #[arg(long, env = "SHOAL_HUB_DEVICE_CERT_LIFETIME", value_parser = parse_duration)]
+    #[arg(long, env = "SHOAL_HUB_DEVICE_CERT_LIFETIME", value_parser = shoal_api::quantity::duration_arg)]
     device_cert_lifetime: Option<std::time::Duration>,
     /// Another name (DNS name or IP address) for the hub's server certificate, e.g. the
     /// address devices and `mosquitto_pub` use (repeatable).
     #[arg(long = "tls-name", value_name = "NAME")]
     tls_names: Vec<String>,
-}
-
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    shoal_api::quantity::parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// The config file. Unknown keys are errors (a typo must not be silently ignored).
@@ -165,14 +161,14 @@ fn hub_config(a: ServeArgs) -> anyhow::Result<shoal_hub::HubConfig> {
     let hub_name = a.name.or(file.name).unwrap_or_else(shoal_daemon::host_name);
     let device_grace = match (a.device_grace, file.device_grace) {
         (Some(d), _) => d,
-        (None, Some(d)) => parse_duration(&d)
+        (None, Some(d)) => shoal_api::quantity::duration_arg(&d)
             .map_err(|e| anyhow::anyhow!("config file {name:?}: device-grace: {e}"))?,
         (None, None) => std::time::Duration::from_secs(30),
     };
     let insecure = a.insecure || file.insecure;
     let device_cert_lifetime = match (a.device_cert_lifetime, file.device_cert_lifetime) {
         (Some(d), _) => d,
-        (None, Some(d)) => parse_duration(&d)
+        (None, Some(d)) => shoal_api::quantity::duration_arg(&d)
             .map_err(|e| anyhow::anyhow!("config file {name:?}: device-cert-lifetime: {e}"))?,
         (None, None) => shoal_pki::ca::DEVICE_CERT_LIFETIME,
     };

@@ -54,16 +54,6 @@ pub struct EventLabel {
 }
 
 /// The replica phases, in the order a replica goes through them.
-const PHASES: [Phase; 7] = [
-    Phase::Pending,
-    Phase::Pulling,
-    Phase::Starting,
-    Phase::Running,
-    Phase::Succeeded,
-    Phase::Failed,
-    Phase::CrashLoopBackOff,
-];
-
 /// Rollout states a workload can show (see `rollout`).
 const ROLLOUT_STATES: [&str; 6] = [
     "Progressing",
@@ -243,7 +233,7 @@ impl Metrics {
             .set(devices.iter().filter(|d| d.cordoned).count() as i64);
         self.devices_mdns.set(mdns as i64);
         self.workloads.set(workloads.len() as i64);
-        for phase in PHASES {
+        for phase in Phase::ALL {
             let n = workloads
                 .iter()
                 .flat_map(|w| &w.replicas)

@@ -15,7 +15,7 @@ use shoal_api::discovery::{self, AgentAd, HubAd, MqttEndpoint};
 use shoal_api::endpoint::BrokerUrl;
 use shoal_api::ids::DeviceId;
 use shoal_api::manifest::{parse_stream, ManifestError};
-use shoal_api::messages::{now_ms, ApplyResult, DesiredState, DeviceStatus, Hello};
+use shoal_api::messages::{now_ms, ApplyResult, DesiredState, DeviceStatus, Hello, LogChunk};
 use shoal_api::topics::{self, Inbound};
 use shoal_api::workload::validate_all;
 use shoal_daemon::mdns::{Advert, Discovery, Mdns, MdnsEvent, MdnsOptions};
@@ -285,6 +285,7 @@ async fn serve(
         fleet_changed,
         changed: true,
         last_snapshot: None,
+        logs: crate::logs::LogSessions::default(),
     };
     main.run(bus_rx, req_rx, mdns_rx, shutdown).await;
     if let Some(m) = mdns {
@@ -420,6 +421,8 @@ struct MainLoop<S: Store, B: Bus> {
     /// Something happened since the last events snapshot.
     changed: bool,
     last_snapshot: Option<std::time::Instant>,
+    /// Open `shoal logs` sessions.
+    logs: crate::logs::LogSessions,
 }
 
 impl<S: Store, B: Bus> MainLoop<S, B> {
@@ -501,6 +504,9 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         match &event {
             Event::Tick | Event::RolloutTick => {}
             Event::Http(r) if r.reads_only() => {}
+            // Log lines change nothing in the fleet.
+            Event::Bus(BusEvent::Message { topic, .. })
+                if matches!(topics::classify(topic), Some(Inbound::Logs(..))) => {}
             _ => self.changed = true,
         }
         match event {
@@ -537,6 +543,11 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     self.advance_rollouts().await;
                 }
                 self.record_events(false);
+                for msg in self.logs.tick(now_ms()) {
+                    if let Err(e) = self.bus.publish(msg).await {
+                        warn!(error = %e, "cannot publish a log request");
+                    }
+                }
             }
             Event::Mdns(MdnsEvent::Resolved(r)) => match AgentAd::from_txt(&r.fullname, &r.txt) {
                 Ok(ad) if ad.fleet == self.fleet => {
@@ -564,6 +575,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             Inbound::Hello(_) => "hello",
             Inbound::Presence(_) => "presence",
             Inbound::Status(_) => "status",
+            Inbound::Logs(..) => "logs",
         };
         self.metrics
             .mqtt_received
@@ -637,6 +649,12 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     // Stepped in batches (see RolloutTick): one step per report would
                     // republish desired states once per freed slot.
                     self.rollout_due |= self.core.rolling() || self.core.draining();
+                }
+            }
+            Inbound::Logs(raw, _req) => {
+                if let Some(chunk) = decode::<LogChunk>(topic, payload, &raw) {
+                    let device = chunk.device_id.clone();
+                    self.logs.deliver(&device, chunk);
                 }
             }
         }
@@ -737,15 +755,55 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 let done = self.core.reissue(&device).map(|d| d.map(|d| vec![d]));
                 let _ = self.published(done).await;
             }
+            Request::Logs {
+                workload,
+                device,
+                tail,
+                since_secs,
+                follow,
+                reply,
+            } => {
+                let ask = self.log_targets(&workload, device.as_ref());
+                let opened = match ask {
+                    Ok((devices, unreachable, replicas)) => {
+                        let (events, out) = self.logs.open(
+                            crate::logs::LogAsk {
+                                workload,
+                                devices: devices.clone(),
+                                tail,
+                                since_secs,
+                                follow,
+                            },
+                            now_ms(),
+                        );
+                        for msg in out {
+                            if let Err(e) = self.bus.publish(msg).await {
+                                warn!(error = %e, "cannot publish a log request");
+                            }
+                        }
+                        Ok(crate::http::LogStream {
+                            asked: devices,
+                            unreachable,
+                            replicas,
+                            events,
+                        })
+                    }
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(opened);
+            }
             Request::RefreshMetrics { reply } => {
                 self.update_metrics();
                 let _ = reply.send(());
             }
             Request::Fleet { after, reply } => {
-                self.record_events(true);
+                // One set of views serves both the event diff and the reply.
+                let devices = self.core.device_views();
+                let workloads = self.core.workload_views();
+                self.observe(&devices, &workloads);
                 let _ = reply.send(shoal_api::views::FleetView {
-                    devices: self.core.device_views(),
-                    workloads: self.core.workload_views(),
+                    devices,
+                    workloads,
                     events: self.events.since(after, None),
                 });
             }
@@ -1005,6 +1063,57 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         );
     }
 
+    /// Whom to ask for `workload`'s logs: the online devices among those with a replica of it
+    /// (or `device` alone), the offline ones with why, and how many replicas they hold.
+    #[allow(clippy::type_complexity)]
+    fn log_targets(
+        &self,
+        workload: &shoal_api::ids::WorkloadName,
+        device: Option<&DeviceId>,
+    ) -> Result<(Vec<DeviceId>, Vec<(DeviceId, String)>, usize), (u16, String)> {
+        let Some(view) = self.core.workload_view(workload) else {
+            return Err((404, format!("workload {:?} not found", workload.as_str())));
+        };
+        let devices = self.core.device_views();
+        let placed: std::collections::BTreeSet<&str> = view
+            .replicas
+            .iter()
+            .filter_map(|r| r.device.as_deref())
+            .collect();
+        let wanted: Vec<&str> = match device {
+            Some(d) if devices.iter().any(|v| v.id == d.as_str()) => vec![d.as_str()],
+            Some(d) => return Err((404, format!("device {:?} not found", d.as_str()))),
+            None if placed.is_empty() => {
+                return Err((
+                    404,
+                    format!(
+                        "workload {:?} has no replica placed on a device yet",
+                        workload.as_str()
+                    ),
+                ))
+            }
+            None => placed.into_iter().collect(),
+        };
+        let replicas = view
+            .replicas
+            .iter()
+            .filter(|r| r.device.as_deref().is_some_and(|d| wanted.contains(&d)))
+            .count();
+        let (mut asked, mut unreachable) = (Vec::new(), Vec::new());
+        for v in devices.iter().filter(|v| wanted.contains(&v.id.as_str())) {
+            let Ok(id) = DeviceId::try_from(v.id.as_str()) else {
+                continue;
+            };
+            if v.online {
+                asked.push(id);
+            } else {
+                let why = format!("device {id} is offline: its logs can be read when it is back");
+                unreachable.push((id, why));
+            }
+        }
+        Ok((asked, unreachable, replicas))
+    }
+
     /// Takes a snapshot of the fleet and records what changed since the last one: when
     /// something happened, at least every second (devices go offline with time), and
     /// whenever `now` (a reader wants the latest).
@@ -1015,11 +1124,21 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         if !(self.changed || due || now) {
             return;
         }
+        let devices = self.core.device_views();
+        let workloads = self.core.workload_views();
+        self.observe(&devices, &workloads);
+    }
+
+    /// Records the events between the last snapshot and these views of the fleet.
+    fn observe(
+        &mut self,
+        devices: &[shoal_api::views::DeviceView],
+        workloads: &[shoal_api::views::WorkloadView],
+    ) {
         let changed = std::mem::take(&mut self.changed);
         self.last_snapshot = Some(std::time::Instant::now());
         self.metrics.scheduled(&self.core.take_scheduling_runs());
-        let snapshot =
-            crate::events::Snapshot::of(&self.core.device_views(), &self.core.workload_views());
+        let snapshot = crate::events::Snapshot::of(devices, workloads);
         let added = self.events.observe(snapshot, now_ms());
         for e in &added {
             info!(target: "shoal_hub::events", kind = %e.kind, reason = %e.reason, object = %e.object, "{}", e.message);
@@ -1053,6 +1172,11 @@ trait HasDevice {
     fn device(&self) -> &DeviceId;
 }
 impl HasDevice for Hello {
+    fn device(&self) -> &DeviceId {
+        &self.device_id
+    }
+}
+impl HasDevice for LogChunk {
     fn device(&self) -> &DeviceId {
         &self.device_id
     }

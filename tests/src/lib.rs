@@ -324,14 +324,20 @@ impl Hub {
         out
     }
 
-    /// `shoal ARGS` in `cwd` with extra environment variables.
-    pub fn shoal_with(&self, args: &[&str], cwd: Option<&Path>, env: &[(&str, &str)]) -> Output {
+    /// `shoal ARGS` set up to talk to this hub, not started (for one that runs on).
+    pub fn shoal_command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(bin("shoal"));
         c.args(args)
             .env("SHOAL_BROKER", &self.broker_url)
             .env("SHOAL_HUB", self.hub_url())
-            .env("SHOAL_CREDENTIALS", self.data_dir.join("operator"))
-            .envs(env.iter().copied());
+            .env("SHOAL_CREDENTIALS", self.data_dir.join("operator"));
+        c
+    }
+
+    /// `shoal ARGS` in `cwd` with extra environment variables.
+    pub fn shoal_with(&self, args: &[&str], cwd: Option<&Path>, env: &[(&str, &str)]) -> Output {
+        let mut c = self.shoal_command(args);
+        c.envs(env.iter().copied());
         if let Some(d) = cwd {
             c.current_dir(d);
         }
@@ -879,6 +885,28 @@ pub fn write_manifest(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
     p
+}
+
+/// Writes `beat.yaml` into `dir`: workload `beat`, `replicas` copies of the probe module
+/// printing a heartbeat line every `every_ms`.
+pub fn heartbeat_manifest(dir: &Path, replicas: u32, every_ms: u32) -> PathBuf {
+    write_manifest(
+        dir,
+        "beat.yaml",
+        &format!(
+            r#"
+apiVersion: shoal.dev/v1
+kind: Workload
+metadata: {{ name: beat }}
+spec:
+  replicas: {replicas}
+  wasm: {{ module: "{probe}" }}
+  args: ["heartbeat", "{every_ms}"]
+  resources: {{ memory: 16Mi }}
+"#,
+            probe = module("probe.wasm").display()
+        ),
+    )
 }
 
 /// Counts lines of `log` that start with `prefix`.

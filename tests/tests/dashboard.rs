@@ -54,26 +54,7 @@ fn the_dashboard_shows_a_workload_applied_with_the_cli_live() -> anyhow::Result<
     // Marks this page load: a reload would lose it.
     browser.eval("window.shoalMarker = 42; return null")?;
 
-    let manifest = |ms: &str| {
-        write_manifest(
-            dir.path(),
-            "beat.yaml",
-            &format!(
-                r#"
-apiVersion: shoal.dev/v1
-kind: Workload
-metadata: {{ name: beat }}
-spec:
-  replicas: 2
-  wasm: {{ module: "{probe}" }}
-  args: ["heartbeat", "{ms}"]
-  resources: {{ memory: 16Mi }}
-"#,
-                probe = module("probe.wasm").display()
-            ),
-        )
-    };
-    hub.apply(&manifest("100"))?;
+    hub.apply(&heartbeat_manifest(dir.path(), 2, 100))?;
     wait_js(
         &browser,
         "beat running on the overview",
@@ -105,7 +86,7 @@ spec:
         "beat's replicas on its page",
         r#"return document.querySelectorAll('#replicas tr[data-phase="Running"]').length === 2"#,
     )?;
-    hub.apply(&manifest("150"))?;
+    hub.apply(&heartbeat_manifest(dir.path(), 2, 150))?;
     wait_js(
         &browser,
         "the rollout complete on beat's page",

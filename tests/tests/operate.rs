@@ -1,11 +1,11 @@
 //! Operating a fleet (issue 8): the device CLI against a real agent (ps, status, inspect,
-//! logs, restart), working on while the hub is gone; log filters and JSON log lines.
+//! logs, restart), working on while the hub is gone; `shoal logs` read from the devices over
+//! MQTT; events and metrics; log filters and JSON log lines.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::Value;
 use shoal_e2e::*;
 use std::io::BufRead;
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
@@ -35,26 +35,6 @@ fn text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn heartbeat_manifest(dir: &Path) -> std::path::PathBuf {
-    write_manifest(
-        dir,
-        "beat.yaml",
-        &format!(
-            r#"
-apiVersion: shoal.dev/v1
-kind: Workload
-metadata: {{ name: beat }}
-spec:
-  replicas: 1
-  wasm: {{ module: "{probe}" }}
-  args: ["heartbeat", "100"]
-  resources: {{ memory: 16Mi }}
-"#,
-            probe = module("probe.wasm").display()
-        ),
-    )
-}
-
 #[test]
 fn device_cli_shows_restarts_and_tails_a_workload_also_without_the_hub() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -69,7 +49,7 @@ fn device_cli_shows_restarts_and_tails_a_workload_also_without_the_hub() -> anyh
         &["--log-format", "json", "--metrics-listen", &metrics_addr],
     )?;
     hub.wait_devices_online(1, Duration::from_secs(20))?;
-    hub.apply(&heartbeat_manifest(dir.path()))?;
+    hub.apply(&heartbeat_manifest(dir.path(), 1, 100))?;
     hub.wait_running("beat", 1, Duration::from_secs(60))?;
 
     // ps: the replica, its phase and what it uses.
@@ -311,10 +291,7 @@ fn events_and_hub_metrics_follow_placements_restarts_losses_and_rollouts() -> an
 
     // A watcher started now sees what follows, one JSON object per line.
     let mut watch = KillOnDrop(
-        Command::new(bin("shoal"))
-            .args(["get", "events", "-w", "-o", "json", "--for", "workload/web"])
-            .env("SHOAL_HUB", hub.hub_url())
-            .env("SHOAL_BROKER", &hub.broker_url)
+        hub.shoal_command(&["get", "events", "-w", "-o", "json", "--for", "workload/web"])
             .stdout(Stdio::piped())
             .spawn()?,
     );
@@ -583,6 +560,173 @@ fn both_command_lines_print_shell_completions() -> anyhow::Result<()> {
         out.status.code(),
         Some(2),
         "an unknown shell is a usage error"
+    );
+    Ok(())
+}
+
+/// The beat number of a probe heartbeat line (`beat N`, maybe after a `[replica] ` prefix).
+fn beat(line: &str) -> Option<u64> {
+    line.rsplit_once("beat ")?.1.trim().parse().ok()
+}
+
+/// `shoal logs ARGS -o json`: the entries, and whether the command succeeded.
+fn log_entries(hub: &Hub, args: &[&str]) -> (Vec<Value>, Output) {
+    let mut all = vec!["logs"];
+    all.extend(args);
+    all.extend(["-o", "json"]);
+    let out = hub.shoal(&all);
+    let entries = text(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (entries, out)
+}
+
+#[test]
+fn shoal_logs_reads_replicas_from_their_devices_over_mqtt() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // TLS and the topic ACL: devices may read their log requests and answer them.
+    let hub = Hub::start(dir.path(), None)?;
+    let a1 = Agent::start(dir.path(), "dev1", "role=edge", &hub.join())?;
+    let mut a2 = Agent::start(dir.path(), "dev2", "role=edge", &hub.join())?;
+    hub.wait_devices_online(2, Duration::from_secs(30))?;
+    // A beat every 20 ms: enough bytes that the logs' time index is marked every second.
+    hub.apply(&heartbeat_manifest(dir.path(), 2, 20))?;
+    let view = hub.wait_running("beat", 2, Duration::from_secs(60))?;
+    let on = |replica: u64| {
+        view["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["replica"] == replica)
+            .and_then(|r| r["device"].as_str())
+            .unwrap()
+            .to_string()
+    };
+    let (d0, d1) = (on(0), on(1));
+    assert_ne!(d0, d1, "the two replicas are spread over both devices");
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Everything: both replicas' lines, prefixed since there are two.
+    let all = text(&hub.shoal_ok(&["logs", "beat"]));
+    for instance in ["beat-0", "beat-1"] {
+        let n = all
+            .lines()
+            .filter(|l| l.starts_with(&format!("[{instance}] beat ")))
+            .count();
+        assert!(n >= 20, "{n} lines of {instance} in:\n{all}");
+    }
+    // The replicas' output, and the agent's own lines about their runs.
+    assert!(
+        all.lines()
+            .all(|l| beat(l).is_some() || l.contains("] [shoal] started")),
+        "{all}"
+    );
+
+    // One device: its replica alone, unprefixed; the JSON entries name device and replica.
+    let only = text(&hub.shoal_ok(&["logs", "beat", "--device", &d1]));
+    assert!(
+        only.lines()
+            .all(|l| l.starts_with("beat ") || l.starts_with("[shoal] ")),
+        "{only}"
+    );
+    let (entries, out) = log_entries(&hub, &["beat", "--device", &d1]);
+    assert!(out.status.success());
+    assert!(!entries.is_empty());
+    assert!(
+        entries
+            .iter()
+            .all(|e| e["device"] == d1.as_str() && e["instance"] == "beat-1"),
+        "{entries:?}"
+    );
+
+    // --tail: per replica.
+    let tail = text(&hub.shoal_ok(&["logs", "beat", "--tail", "3"]));
+    assert_eq!(tail.lines().count(), 6, "{tail}");
+    assert_eq!(
+        tail.lines().filter(|l| l.starts_with("[beat-0]")).count(),
+        3
+    );
+
+    // --since: what was there 3 s ago is left out, what came after is not.
+    let (before, _) = log_entries(&hub, &["beat", "--device", &d0]);
+    let last_before = before
+        .iter()
+        .filter_map(|e| beat(e["line"].as_str()?))
+        .max()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let (recent, out) = log_entries(&hub, &["beat", "--device", &d0, "--since", "1s"]);
+    assert!(out.status.success());
+    let numbers: Vec<u64> = recent
+        .iter()
+        .filter_map(|e| beat(e["line"].as_str()?))
+        .collect();
+    assert!(!numbers.is_empty());
+    assert!(
+        numbers[0] > last_before,
+        "--since 1s began at beat {} though beat {last_before} was 3 s old",
+        numbers[0]
+    );
+    assert!(numbers.len() < before.len(), "fewer lines than everything");
+
+    // -f: new lines as they come, until the reader goes; then the device stops streaming.
+    let mut follow = KillOnDrop(
+        hub.shoal_command(&["logs", "beat", "--device", &d0, "--tail", "1", "-f"])
+            .stdout(Stdio::piped())
+            .spawn()?,
+    );
+    let mut lines = std::io::BufReader::new(follow.0.stdout.take().unwrap()).lines();
+    let first = beat(&lines.next().unwrap()?).unwrap();
+    let mut last = first;
+    // Well past the first renewal of the session (5 s).
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(7) {
+        let n = beat(&lines.next().unwrap()?).unwrap();
+        assert!(n > last, "beat {n} after {last}");
+        last = n;
+    }
+    assert!(last > first + 100, "followed from {first} to {last}");
+    drop(lines);
+    drop(follow);
+    let streamer = if d0 == "dev1" { &a1 } else { &a2 };
+    wait_until(Duration::from_secs(10), "the stream cancelled", || {
+        Ok(streamer
+            .proc
+            .log_text()
+            .contains("log stream cancelled by the hub")
+            .then_some(()))
+    })?;
+
+    // Bad input names itself; nothing is asked of anyone.
+    let out = hub.shoal(&["logs", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("workload \"nope\" not found"), "{err}");
+    let out = hub.shoal(&["logs", "beat", "--device", "Bad_Id"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Bad_Id"));
+
+    // A device gone: the others' lines still come, its absence is said, and the exit
+    // status says the output is incomplete.
+    a2.proc.kill();
+    wait_until(Duration::from_secs(20), "dev2 offline", || {
+        let devices = hub.devices()?;
+        Ok(devices
+            .iter()
+            .any(|d| d["id"] == "dev2" && d["online"] == false)
+            .then_some(()))
+    })?;
+    let out = hub.shoal(&["logs", "beat", "--tail", "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("device dev2 is offline"), "{err}");
+    let alive = if d0 == "dev1" { "beat-0" } else { "beat-1" };
+    let got = text(&out);
+    assert_eq!(got.lines().count(), 2, "{got}");
+    assert!(
+        got.lines().all(|l| l.starts_with(&format!("[{alive}]"))),
+        "{got}"
     );
     Ok(())
 }

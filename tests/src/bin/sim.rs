@@ -28,14 +28,10 @@ struct Args {
     /// Labels every simulated device carries, k=v,k2=v2.
     #[arg(long, default_value = "")]
     labels: String,
-    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    #[arg(long, default_value = "50ms", value_parser = shoal_api::quantity::duration_arg)]
     start_delay: Duration,
     #[arg(long, default_value_t = 0.0)]
     failure_rate: f64,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    shoal_api::quantity::parse_duration(s).map_err(|e| e.to_string())
 }
 
 #[tokio::main]
