@@ -343,6 +343,42 @@ mod tests {
         }
     }
 
+    /// One device's streams, recording what they publish.
+    struct Harness {
+        dir: PathBuf,
+        device: DeviceId,
+        bus: Recorder,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+        streams: Streams,
+    }
+
+    impl Harness {
+        fn new(dir: &Path) -> Harness {
+            Harness {
+                dir: dir.to_path_buf(),
+                device: DeviceId::try_from("dev1").unwrap(),
+                bus: Recorder::default(),
+                tracker: TaskTracker::new(),
+                shutdown: CancellationToken::new(),
+                streams: Streams::default(),
+            }
+        }
+
+        fn handle(&mut self, req: LogRequest) {
+            self.streams.handle(
+                req,
+                Context {
+                    device: &self.device,
+                    logs_dir: &self.dir,
+                    bus: &self.bus,
+                    tracker: &self.tracker,
+                    shutdown: &self.shutdown,
+                },
+            );
+        }
+    }
+
     async fn settle(tracker: &TaskTracker) {
         for _ in 0..50 {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -357,42 +393,32 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("web-0.log"), "a\nb\nc\n").unwrap();
         std::fs::write(dir.path().join("web-1.log"), "x\n").unwrap();
-        let device = DeviceId::try_from("dev1").unwrap();
-        let bus = Recorder::default();
-        let tracker = TaskTracker::new();
-        let shutdown = CancellationToken::new();
-        let mut streams = Streams::default();
-        let cx = || Context {
-            device: &device,
-            logs_dir: dir.path(),
-            bus: &bus,
-            tracker: &tracker,
-            shutdown: &shutdown,
-        };
+        let mut h = Harness::new(dir.path());
 
         // All lines of both replicas, one done chunk, on the request's topic.
-        streams.handle(request("r1", "web"), cx());
-        settle(&tracker).await;
-        assert_eq!(bus.lines(), ["web-0 a", "web-0 b", "web-0 c", "web-1 x"]);
-        let (topic, chunk) = bus.0.lock().unwrap()[0].clone();
+        h.handle(request("r1", "web"));
+        settle(&h.tracker).await;
+        assert_eq!(h.bus.lines(), ["web-0 a", "web-0 b", "web-0 c", "web-1 x"]);
+        let (topic, chunk) = h.bus.0.lock().unwrap()[0].clone();
         assert_eq!(topic, "shoal/v1/devices/dev1/logs/r1");
         assert!(chunk.done && chunk.error.is_none() && chunk.seq == 0);
-        bus.0.lock().unwrap().clear();
+        h.bus.0.lock().unwrap().clear();
 
         // --tail 1: per replica.
         let mut r = request("r2", "web");
         r.tail = Some(1);
-        streams.handle(r, cx());
-        settle(&tracker).await;
-        assert_eq!(bus.lines(), ["web-0 c", "web-1 x"]);
-        bus.0.lock().unwrap().clear();
+        h.handle(r);
+        settle(&h.tracker).await;
+        assert_eq!(h.bus.lines(), ["web-0 c", "web-1 x"]);
+        h.bus.0.lock().unwrap().clear();
 
         // Unknown workload, bad workload name, bad request id.
-        streams.handle(request("r3", "api"), cx());
-        streams.handle(request("r4", "Bad_Name"), cx());
-        streams.handle(request("a/b", "web"), cx());
-        settle(&tracker).await;
-        let errors: Vec<String> = bus
+        h.handle(request("r3", "api"));
+        h.handle(request("r4", "Bad_Name"));
+        h.handle(request("a/b", "web"));
+        settle(&h.tracker).await;
+        let errors: Vec<String> = h
+            .bus
             .chunks()
             .iter()
             .map(|c| c.error.clone().unwrap())
@@ -405,13 +431,13 @@ mod tests {
             "{errors:?}"
         );
         assert!(errors.iter().any(|e| e.contains("Bad_Name")), "{errors:?}");
-        bus.0.lock().unwrap().clear();
+        h.bus.0.lock().unwrap().clear();
 
         // Follow: the backlog, then new lines; cancel ends it.
         let mut r = request("r5", "web");
         r.follow = true;
         r.tail = Some(0);
-        streams.handle(r.clone(), cx());
+        h.handle(r.clone());
         tokio::time::sleep(Duration::from_millis(300)).await;
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()
@@ -420,50 +446,39 @@ mod tests {
             .unwrap();
         f.write_all(b"y\n").unwrap();
         for _ in 0..50 {
-            if bus.lines().contains(&"web-1 y".to_string()) {
+            if h.bus.lines().contains(&"web-1 y".to_string()) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert_eq!(bus.lines(), ["web-1 y"]);
-        assert!(bus.chunks().iter().all(|c| !c.done));
+        assert_eq!(h.bus.lines(), ["web-1 y"]);
+        assert!(h.bus.chunks().iter().all(|c| !c.done));
         // Chunks are numbered in order.
-        let seqs: Vec<u64> = bus.chunks().iter().map(|c| c.seq).collect();
+        let seqs: Vec<u64> = h.bus.chunks().iter().map(|c| c.seq).collect();
         assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
-        assert!(!tracker.is_empty(), "still following");
+        assert!(!h.tracker.is_empty(), "still following");
         r.cancel = true;
-        streams.handle(r, cx());
-        settle(&tracker).await;
-        assert!(tracker.is_empty(), "cancel ends the stream");
+        h.handle(r);
+        settle(&h.tracker).await;
+        assert!(h.tracker.is_empty(), "cancel ends the stream");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_follow_stream_without_renewals_ends_with_its_lease() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("web-0.log"), "a\n").unwrap();
-        let device = DeviceId::try_from("dev1").unwrap();
-        let bus = Recorder::default();
-        let tracker = TaskTracker::new();
-        let shutdown = CancellationToken::new();
-        let mut streams = Streams::default();
-        let cx = || Context {
-            device: &device,
-            logs_dir: dir.path(),
-            bus: &bus,
-            tracker: &tracker,
-            shutdown: &shutdown,
-        };
+        let mut h = Harness::new(dir.path());
         let mut r = request("r1", "web");
         r.follow = true;
         r.lease_secs = 6;
-        streams.handle(r.clone(), cx());
+        h.handle(r.clone());
         tokio::time::sleep(Duration::from_secs(4)).await;
-        streams.handle(r, cx()); // renewed: 6 s from now
+        h.handle(r); // renewed: 6 s from now
         tokio::time::sleep(Duration::from_secs(4)).await;
-        assert!(!tracker.is_empty(), "renewed, so still running at 8 s");
+        assert!(!h.tracker.is_empty(), "renewed, so still running at 8 s");
         tokio::time::sleep(Duration::from_secs(3)).await;
-        assert!(tracker.is_empty(), "ended 6 s after the last renewal");
-        assert_eq!(bus.lines(), ["web-0 a"]);
+        assert!(h.tracker.is_empty(), "ended 6 s after the last renewal");
+        assert_eq!(h.bus.lines(), ["web-0 a"]);
     }
 
     #[tokio::test]
@@ -472,22 +487,10 @@ mod tests {
         let line = "z".repeat(1000);
         let text: String = (0..300).map(|_| format!("{line}\n")).collect();
         std::fs::write(dir.path().join("big-0.log"), text).unwrap();
-        let device = DeviceId::try_from("dev1").unwrap();
-        let bus = Recorder::default();
-        let tracker = TaskTracker::new();
-        let shutdown = CancellationToken::new();
-        Streams::default().handle(
-            request("r1", "big"),
-            Context {
-                device: &device,
-                logs_dir: dir.path(),
-                bus: &bus,
-                tracker: &tracker,
-                shutdown: &shutdown,
-            },
-        );
-        settle(&tracker).await;
-        let chunks = bus.chunks();
+        let mut h = Harness::new(dir.path());
+        h.handle(request("r1", "big"));
+        settle(&h.tracker).await;
+        let chunks = h.bus.chunks();
         assert!(chunks.len() >= 4, "{} chunks", chunks.len());
         for c in &chunks {
             let bytes: usize = c.lines.iter().map(|l| l.line.len()).sum();
@@ -495,6 +498,6 @@ mod tests {
         }
         assert_eq!(chunks.iter().filter(|c| c.done).count(), 1);
         assert!(chunks.last().unwrap().done);
-        assert_eq!(bus.lines().len(), 300);
+        assert_eq!(h.bus.lines().len(), 300);
     }
 }

@@ -152,7 +152,10 @@ spec:
     );
     let sensor_log = std::fs::read_dir(agents[idx].data_dir.join("logs"))?
         .filter_map(|e| e.ok())
-        .find(|e| e.file_name().to_string_lossy().starts_with("sensor-"))
+        .find(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("sensor-") && name.ends_with(".log")
+        })
         .map(|e| std::fs::read_to_string(e.path()).unwrap())
         .unwrap();
     assert_eq!(
