@@ -8,7 +8,8 @@
 # multicast with python3), the cross toolchains and qemu-user for the ARM agent builds
 # (gcc-aarch64-linux-gnu, gcc-arm-linux-gnueabihf and their C libraries link them; qemu-user
 # runs them in the tests), Debian's chromium and its chromedriver (the dashboard test drives
-# a headless browser over WebDriver), and the rustup targets for the example WASM modules and the ARM
+# a headless browser over WebDriver), etcd-server (the hub's etcd store is tested against a real
+# etcd), and the rustup targets for the example WASM modules and the ARM
 # agents. Idempotent and quiet when done already.
 set -euo pipefail
 need=()
@@ -26,6 +27,7 @@ command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || need+=(gcc-arm-linux-gnuea
 command -v qemu-aarch64 >/dev/null 2>&1 && command -v qemu-arm >/dev/null 2>&1 || need+=(qemu-user)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
+[ -x /usr/bin/etcd ] || need+=(etcd-server)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing apt packages: ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

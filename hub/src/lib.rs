@@ -2,8 +2,8 @@
 //! workload replicas on devices, and publishes each device's desired state.
 //!
 //! Code map: [`server`] wires everything and owns the main loop; [`core`] is the state
-//! machine; [`scheduler`] is the pure placement function; [`store`] (sled) and [`blobs`]
-//! persist; [`bus`] and [`broker`] speak MQTT; [`http`] serves the API; [`logs`] relays `shoal logs`
+//! machine; [`scheduler`] is the pure placement function; [`store`] (sled, or [`etcd`]) and
+//! [`blobs`] persist; [`bus`] and [`broker`] speak MQTT; [`http`] serves the API; [`logs`] relays `shoal logs`
 //! between callers and devices.
 
 pub mod blobs;
@@ -11,6 +11,7 @@ pub mod broker;
 pub mod bus;
 pub mod core;
 pub mod dashboard;
+pub mod etcd;
 pub mod events;
 pub mod http;
 pub mod logs;

@@ -119,6 +119,11 @@ struct ServeArgs {
     /// address devices and `mosquitto_pub` use (repeatable).
     #[arg(long = "tls-name", value_name = "NAME")]
     tls_names: Vec<String>,
+    /// Where the hub keeps its state: `sled` (DATA_DIR/hub.db) or
+    /// `etcd://HOST:PORT[,HOST:PORT…][/PREFIX]` (keys under PREFIX, default /shoal)
+    /// [default: sled].
+    #[arg(long, env = "SHOAL_HUB_STORE", value_name = "URL")]
+    store: Option<shoal_hub::store::StoreChoice>,
 }
 
 /// The config file. Unknown keys are errors (a typo must not be silently ignored).
@@ -138,6 +143,7 @@ struct FileConfig {
     #[serde(default)]
     tls_names: Vec<String>,
     device_cert_lifetime: Option<String>,
+    store: Option<String>,
     #[serde(default)]
     mdns: MdnsFile,
 }
@@ -177,6 +183,13 @@ fn hub_config(a: ServeArgs) -> anyhow::Result<shoal_hub::HubConfig> {
             "device certificate lifetime {device_cert_lifetime:?} is too short: at least 10s"
         );
     }
+    let store = match (a.store, file.store) {
+        (Some(s), _) => s,
+        (None, Some(s)) => s
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("config file {name:?}: store: {e}"))?,
+        (None, None) => shoal_hub::store::StoreChoice::Sled,
+    };
     let mut tls_names = file.tls_names;
     tls_names.extend(a.tls_names);
     Ok(shoal_hub::HubConfig {
@@ -203,6 +216,7 @@ fn hub_config(a: ServeArgs) -> anyhow::Result<shoal_hub::HubConfig> {
         insecure,
         tls_names,
         device_cert_lifetime,
+        store,
     })
 }
 
@@ -297,6 +311,7 @@ mod tests {
             insecure: false,
             tls_names: Vec::new(),
             device_cert_lifetime: None,
+            store: None,
         }
     }
 

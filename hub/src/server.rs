@@ -10,7 +10,7 @@ use crate::bus::{self, Bus, BusEvent, Outgoing};
 use crate::core::{ApplyOutcome, HubCore, SecretRefusal};
 use crate::http::{self, AppState, DeviceAction, Request};
 use crate::metrics::{Metrics, ResultLabel};
-use crate::store::{SledStore, Store, StoredSecret};
+use crate::store::{Store, StoredSecret};
 use shoal_api::discovery::{self, AgentAd, HubAd, MqttEndpoint};
 use shoal_api::endpoint::BrokerUrl;
 use shoal_api::ids::DeviceId;
@@ -55,6 +55,8 @@ pub struct HubConfig {
     pub tls_names: Vec<String>,
     /// How long a device certificate is valid (agents renew after two thirds of it).
     pub device_cert_lifetime: std::time::Duration,
+    /// Where the hub's state lives: sled in `data_dir` (default), or etcd.
+    pub store: crate::store::StoreChoice,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +127,7 @@ async fn serve(
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<(), HubError> {
-    let store = SledStore::open(&config.data_dir)?;
+    let store = config.store.open(&config.data_dir)?;
     let blobs = Arc::new(BlobStore::open(&config.data_dir)?);
     let signer = crate::security::signer(&config.data_dir)?;
     let secrets_key = crate::security::secrets_key(&config.data_dir)?;

@@ -2,7 +2,8 @@
 //! and revision history, the desired state last published to each device (with its
 //! generation), and secrets, whose values are stored only encrypted ([`StoredSecret`]).
 //!
-//! [`SledStore`] is the real implementation; [`MemStore`] is an in-memory fake for tests.
+//! [`SledStore`] (the default, `DATA_DIR/hub.db`) and [`crate::etcd::EtcdStore`] are the real
+//! implementations; [`MemStore`] is an in-memory fake for tests.
 //! Every write is flushed before the hub acknowledges the change that caused it.
 
 use crate::scheduler::Assignments;
@@ -27,6 +28,8 @@ pub enum StoreError {
     },
     #[error("cannot encode record: {0}")]
     Encode(serde_json::Error),
+    #[error("hub store {url}: {reason}")]
+    Etcd { url: String, reason: String },
 }
 
 /// A device as the hub remembers it.
@@ -95,6 +98,75 @@ pub trait Store: Send + 'static {
     /// A secret, or its removal (`None`).
     fn put_secret(&self, name: &SecretName, s: Option<&StoredSecret>) -> Result<(), StoreError>;
     fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// The store chosen at start (`--store`), whichever it is.
+impl Store for Box<dyn Store> {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        (**self).load()
+    }
+    fn put_workload(&self, w: &Workload) -> Result<(), StoreError> {
+        (**self).put_workload(w)
+    }
+    fn delete_workload(&self, name: &WorkloadName) -> Result<(), StoreError> {
+        (**self).delete_workload(name)
+    }
+    fn put_device(&self, d: &DeviceRecord) -> Result<(), StoreError> {
+        (**self).put_device(d)
+    }
+    fn put_assignments(&self, a: &Assignments) -> Result<(), StoreError> {
+        (**self).put_assignments(a)
+    }
+    fn put_desired(&self, d: &DesiredState) -> Result<(), StoreError> {
+        (**self).put_desired(d)
+    }
+    fn put_rollout(
+        &self,
+        name: &WorkloadName,
+        r: Option<&crate::rollout::Record>,
+    ) -> Result<(), StoreError> {
+        (**self).put_rollout(name, r)
+    }
+    fn put_secret(&self, name: &SecretName, s: Option<&StoredSecret>) -> Result<(), StoreError> {
+        (**self).put_secret(name, s)
+    }
+    fn flush(&self) -> Result<(), StoreError> {
+        (**self).flush()
+    }
+}
+
+/// Where the hub keeps its state (`--store`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StoreChoice {
+    /// sled in `DATA_DIR/hub.db`.
+    #[default]
+    Sled,
+    Etcd(crate::etcd::EtcdUrl),
+}
+
+impl std::str::FromStr for StoreChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "sled" {
+            return Ok(StoreChoice::Sled);
+        }
+        if s.starts_with("etcd://") {
+            return s.parse().map(StoreChoice::Etcd);
+        }
+        Err(format!(
+            "store {s:?} is invalid: expected sled or etcd://HOST:PORT[,HOST:PORT…][/PREFIX]"
+        ))
+    }
+}
+
+impl StoreChoice {
+    /// Opens the store (`data_dir` holds sled's database).
+    pub fn open(&self, data_dir: &Path) -> Result<Box<dyn Store>, StoreError> {
+        Ok(match self {
+            StoreChoice::Sled => Box::new(SledStore::open(data_dir)?),
+            StoreChoice::Etcd(url) => Box::new(crate::etcd::EtcdStore::connect(url)?),
+        })
+    }
 }
 
 const WORKLOADS: &str = "workloads";

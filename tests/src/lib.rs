@@ -887,6 +887,62 @@ pub fn write_manifest(dir: &Path, name: &str, text: &str) -> PathBuf {
     p
 }
 
+/// Debian's etcd (`etcd-server`) as a one-member cluster on private loopback ports, its data
+/// under the test's directory.
+pub struct Etcd {
+    pub proc: Proc,
+    pub port: u16,
+    peer: u16,
+}
+
+impl Etcd {
+    pub fn start(dir: &Path) -> Result<Etcd> {
+        Self::start_on(dir, free_port(), free_port())
+    }
+
+    /// Starts `old`'s member again (it is killed first if still running): same ports, same
+    /// data.
+    pub fn restart(dir: &Path, old: Etcd) -> Result<Etcd> {
+        let (port, peer) = (old.port, old.peer);
+        drop(old);
+        Self::start_on(dir, port, peer)
+    }
+
+    fn start_on(dir: &Path, port: u16, peer: u16) -> Result<Etcd> {
+        let client = format!("http://127.0.0.1:{port}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let mut cmd = Command::new("/usr/bin/etcd");
+        cmd.arg("--name")
+            .arg("shoal-test")
+            .arg("--data-dir")
+            .arg(dir.join(format!("etcd-{port}")))
+            .arg("--listen-client-urls")
+            .arg(&client)
+            .arg("--advertise-client-urls")
+            .arg(&client)
+            .arg("--listen-peer-urls")
+            .arg(&peer_url)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer_url)
+            .arg("--initial-cluster")
+            .arg(format!("shoal-test={peer_url}"));
+        let proc = Proc::spawn("etcd", &mut cmd, dir.join(format!("etcd-{port}.log")))?;
+        let etcd = Etcd { proc, port, peer };
+        wait_until(Duration::from_secs(20), "etcd serving", || {
+            Ok(http_get(port, "/health")
+                .ok()
+                .filter(|b| b.contains("\"health\":\"true\""))
+                .map(|_| ()))
+        })?;
+        Ok(etcd)
+    }
+
+    /// `--store` for a hub on this etcd.
+    pub fn url(&self) -> String {
+        format!("etcd://127.0.0.1:{}", self.port)
+    }
+}
+
 /// Writes `beat.yaml` into `dir`: workload `beat`, `replicas` copies of the probe module
 /// printing a heartbeat line every `every_ms`.
 pub fn heartbeat_manifest(dir: &Path, replicas: u32, every_ms: u32) -> PathBuf {

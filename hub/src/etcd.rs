@@ -1,0 +1,401 @@
+//! [`EtcdStore`]: the hub's state in etcd (`shoal-hub serve --store etcd://HOST:PORT[,…]`),
+//! for fleets whose control plane must not live on one disk.
+//!
+//! Keys sit under a prefix (default `/shoal`, or the URL's path): `{prefix}/workloads/{name}`,
+//! `/devices/{id}`, `/desired/{id}`, `/rollouts/{name}`, `/secrets/{name}` and
+//! `/meta/assignments`, each a JSON document as in the sled store. Writes are buffered and
+//! [`Store::flush`] commits them in etcd transactions (at most [`TXN_OPS`] operations each,
+//! etcd's default limit), so, as with sled, nothing is acknowledged before etcd has it; a
+//! failed flush keeps the writes for the next one.
+//!
+//! The [`Store`] trait is synchronous (the hub's main loop blocks on sled's flush the same
+//! way); etcd's client is async, so the client lives on a thread of its own with a
+//! single-threaded runtime, and the store talks to it over a channel. The thread ends when
+//! the store is dropped.
+
+use crate::store::{Snapshot, Store, StoreError, StoredSecret};
+use etcd_client::{Client, ConnectOptions, GetOptions, Txn, TxnOp};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use shoal_api::ids::{SecretName, WorkloadName};
+use shoal_api::messages::DesiredState;
+use shoal_api::workload::Workload;
+use std::sync::{mpsc, Mutex};
+use std::time::Duration;
+
+/// Most operations in one etcd transaction (etcd's `--max-txn-ops` default).
+pub const TXN_OPS: usize = 128;
+
+/// How long one etcd call may take before the store reports it failed.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where an etcd store lives: `etcd://HOST:PORT[,HOST:PORT…][/PREFIX]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdUrl {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+}
+
+impl std::str::FromStr for EtcdUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("etcd store {s:?} is invalid: {why}");
+        let rest = s
+            .strip_prefix("etcd://")
+            .ok_or_else(|| bad("expected etcd://HOST:PORT[,HOST:PORT…][/PREFIX]"))?;
+        let (hosts, prefix) = match rest.split_once('/') {
+            Some((h, p)) => (h, format!("/{}", p.trim_end_matches('/'))),
+            None => (rest, "/shoal".to_string()),
+        };
+        if prefix == "/" {
+            return Err(bad("the prefix must not be empty"));
+        }
+        let mut endpoints = Vec::new();
+        for h in hosts.split(',') {
+            let (host, port) = h
+                .rsplit_once(':')
+                .ok_or_else(|| bad(&format!("{h:?} has no port")))?;
+            if host.is_empty() || port.parse::<u16>().is_err() {
+                return Err(bad(&format!("{h:?} is not HOST:PORT")));
+            }
+            endpoints.push(format!("http://{h}"));
+        }
+        Ok(EtcdUrl { endpoints, prefix })
+    }
+}
+
+impl std::fmt::Display for EtcdUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hosts: Vec<&str> = self
+            .endpoints
+            .iter()
+            .map(|e| e.trim_start_matches("http://"))
+            .collect();
+        write!(f, "etcd://{}{}", hosts.join(","), self.prefix)
+    }
+}
+
+/// One buffered write.
+#[derive(Debug, Clone)]
+enum Op {
+    Put(String, Vec<u8>),
+    Delete(String),
+}
+
+/// Every key under the prefix, with its value.
+type Entries = Vec<(String, Vec<u8>)>;
+
+enum Cmd {
+    Load(mpsc::Sender<Result<Entries, String>>),
+    Commit(Vec<Op>, mpsc::Sender<Result<(), String>>),
+}
+
+/// The hub's state in etcd. See the [module docs](self).
+pub struct EtcdStore {
+    url: EtcdUrl,
+    pending: Mutex<Vec<Op>>,
+    /// `None` once dropped (the thread ends when this sender goes).
+    tx: Option<mpsc::Sender<Cmd>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EtcdStore {
+    /// Connects (failing if no endpoint answers within a few seconds).
+    pub fn connect(url: &EtcdUrl) -> Result<EtcdStore, StoreError> {
+        let fail = |reason: String| StoreError::Etcd {
+            url: url.to_string(),
+            reason,
+        };
+        // Everything async happens on the client's own thread (a runtime cannot be started
+        // from within the hub's); it says when it is connected, or why not.
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+        let (tx, rx) = mpsc::channel::<Cmd>();
+        let endpoints = url.endpoints.clone();
+        let prefix = url.prefix.clone();
+        let thread = std::thread::Builder::new()
+            .name("shoal-etcd".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let opts = ConnectOptions::new()
+                    .with_connect_timeout(CALL_TIMEOUT)
+                    .with_timeout(CALL_TIMEOUT);
+                let connected = rt.block_on(async move {
+                    let mut c = Client::connect(endpoints, Some(opts)).await?;
+                    // Connecting is lazy: ask something so that a dead endpoint fails here.
+                    c.status().await?;
+                    Ok::<_, etcd_client::Error>(c)
+                });
+                match connected {
+                    Ok(client) => {
+                        let _ = ready_tx.send(Ok(()));
+                        serve(rt, client, prefix, rx);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                    }
+                }
+            })
+            .map_err(|e| fail(e.to_string()))?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(fail(e));
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(fail("the etcd client thread stopped".into()));
+            }
+        }
+        Ok(EtcdStore {
+            url: url.clone(),
+            pending: Mutex::new(Vec::new()),
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    fn key(&self, kind: &str, name: &str) -> String {
+        format!("{}/{kind}/{name}", self.url.prefix)
+    }
+
+    fn fail(&self, reason: String) -> StoreError {
+        StoreError::Etcd {
+            url: self.url.to_string(),
+            reason,
+        }
+    }
+
+    fn push(&self, op: Op) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(op);
+    }
+
+    fn put<T: Serialize>(&self, kind: &str, name: &str, v: &T) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(v).map_err(StoreError::Encode)?;
+        self.push(Op::Put(self.key(kind, name), bytes));
+        Ok(())
+    }
+
+    fn ask<T>(
+        &self,
+        make: impl FnOnce(mpsc::Sender<Result<T, String>>) -> Cmd,
+    ) -> Result<T, StoreError> {
+        let gone = || self.fail("the etcd client thread has stopped".into());
+        let (reply, answer) = mpsc::channel();
+        self.tx
+            .as_ref()
+            .ok_or_else(gone)?
+            .send(make(reply))
+            .map_err(|_| gone())?;
+        answer.recv().map_err(|_| gone())?.map_err(|e| self.fail(e))
+    }
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The client thread: one command at a time, each bounded by [`CALL_TIMEOUT`].
+fn serve(rt: tokio::runtime::Runtime, client: Client, prefix: String, rx: mpsc::Receiver<Cmd>) {
+    let mut kv = client.kv_client();
+    while let Ok(cmd) = rx.recv() {
+        match cmd {
+            Cmd::Load(reply) => {
+                let scan = async {
+                    let opts = GetOptions::new().with_prefix();
+                    let resp = kv.get(format!("{prefix}/"), Some(opts)).await?;
+                    Ok::<_, etcd_client::Error>(
+                        resp.kvs()
+                            .iter()
+                            .map(|kv| {
+                                (
+                                    String::from_utf8_lossy(kv.key()).into_owned(),
+                                    kv.value().to_vec(),
+                                )
+                            })
+                            .collect(),
+                    )
+                };
+                let r = rt
+                    .block_on(async { tokio::time::timeout(CALL_TIMEOUT, scan).await })
+                    .map_err(|_| "etcd did not answer in time".to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()));
+                let _ = reply.send(r);
+            }
+            Cmd::Commit(ops, reply) => {
+                let mut result = Ok(());
+                for batch in ops.chunks(TXN_OPS) {
+                    let txn = Txn::new().and_then(
+                        batch
+                            .iter()
+                            .map(|op| match op {
+                                Op::Put(k, v) => TxnOp::put(k.as_str(), v.clone(), None),
+                                Op::Delete(k) => TxnOp::delete(k.as_str(), None),
+                            })
+                            .collect::<Vec<_>>(),
+                    );
+                    let call = async { tokio::time::timeout(CALL_TIMEOUT, kv.txn(txn)).await };
+                    match rt.block_on(call) {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => {
+                            result = Err(e.to_string());
+                            break;
+                        }
+                        Err(_) => {
+                            result = Err("etcd did not answer in time".into());
+                            break;
+                        }
+                    }
+                }
+                let _ = reply.send(result);
+            }
+        }
+    }
+}
+
+fn dec<T: DeserializeOwned>(key: &str, v: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(v).map_err(|source| StoreError::Corrupt {
+        key: key.to_string(),
+        source,
+    })
+}
+
+impl Store for EtcdStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        let mut snap = Snapshot::default();
+        let base = format!("{}/", self.url.prefix);
+        for (key, value) in self.ask(Cmd::Load)? {
+            let Some((kind, _name)) = key.strip_prefix(&base).and_then(|r| r.split_once('/'))
+            else {
+                continue;
+            };
+            match kind {
+                "workloads" => {
+                    let w: Workload = dec(&key, &value)?;
+                    snap.workloads.insert(w.name.clone(), w);
+                }
+                "devices" => {
+                    let d: crate::store::DeviceRecord = dec(&key, &value)?;
+                    snap.devices.insert(d.hello.device_id.clone(), d);
+                }
+                "desired" => {
+                    let d: DesiredState = dec(&key, &value)?;
+                    snap.desired.insert(d.device_id.clone(), d);
+                }
+                "rollouts" => {
+                    let r: crate::rollout::Record = dec(&key, &value)?;
+                    snap.rollouts.insert(r.workload.clone(), r);
+                }
+                "secrets" => {
+                    let s: StoredSecret = dec(&key, &value)?;
+                    snap.secrets.insert(s.name.clone(), s);
+                }
+                "meta" if key.ends_with("/meta/assignments") => {
+                    snap.assignments = dec(&key, &value)?;
+                }
+                _ => {} // written by a newer hub: not ours to judge
+            }
+        }
+        Ok(snap)
+    }
+    fn put_workload(&self, w: &Workload) -> Result<(), StoreError> {
+        self.put("workloads", w.name.as_str(), w)
+    }
+    fn delete_workload(&self, name: &WorkloadName) -> Result<(), StoreError> {
+        self.push(Op::Delete(self.key("workloads", name.as_str())));
+        Ok(())
+    }
+    fn put_device(&self, d: &crate::store::DeviceRecord) -> Result<(), StoreError> {
+        self.put("devices", d.hello.device_id.as_str(), d)
+    }
+    fn put_assignments(&self, a: &crate::scheduler::Assignments) -> Result<(), StoreError> {
+        self.put("meta", "assignments", a)
+    }
+    fn put_desired(&self, d: &DesiredState) -> Result<(), StoreError> {
+        self.put("desired", d.device_id.as_str(), d)
+    }
+    fn put_rollout(
+        &self,
+        name: &WorkloadName,
+        r: Option<&crate::rollout::Record>,
+    ) -> Result<(), StoreError> {
+        match r {
+            Some(r) => self.put("rollouts", name.as_str(), r),
+            None => {
+                self.push(Op::Delete(self.key("rollouts", name.as_str())));
+                Ok(())
+            }
+        }
+    }
+    fn put_secret(&self, name: &SecretName, s: Option<&StoredSecret>) -> Result<(), StoreError> {
+        match s {
+            Some(s) => self.put("secrets", name.as_str(), s),
+            None => {
+                self.push(Op::Delete(self.key("secrets", name.as_str())));
+                Ok(())
+            }
+        }
+    }
+    fn flush(&self) -> Result<(), StoreError> {
+        let ops = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        if ops.is_empty() {
+            return Ok(());
+        }
+        match self.ask(|reply| Cmd::Commit(ops.clone(), reply)) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // Kept, in order, ahead of anything written since: the next flush retries.
+                let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                let newer = std::mem::take(&mut *pending);
+                *pending = ops;
+                pending.extend(newer);
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_and_bad_ones_say_why() {
+        let u: EtcdUrl = "etcd://127.0.0.1:2379".parse().unwrap();
+        assert_eq!(u.endpoints, ["http://127.0.0.1:2379"]);
+        assert_eq!(u.prefix, "/shoal");
+        let u: EtcdUrl = "etcd://a:1,b:2/fleets/prod/".parse().unwrap();
+        assert_eq!(u.endpoints, ["http://a:1", "http://b:2"]);
+        assert_eq!(u.prefix, "/fleets/prod");
+        assert_eq!(u.to_string(), "etcd://a:1,b:2/fleets/prod");
+        for (bad, why) in [
+            ("http://a:1", "expected etcd://"),
+            ("etcd://a", "\"a\" has no port"),
+            ("etcd://a:x", "\"a:x\" is not HOST:PORT"),
+            ("etcd://:1", "\":1\" is not HOST:PORT"),
+            ("etcd://a:1/", "prefix must not be empty"),
+        ] {
+            let e = bad.parse::<EtcdUrl>().unwrap_err();
+            assert!(e.contains(why) && e.contains(bad), "{bad}: {e}");
+        }
+    }
+}

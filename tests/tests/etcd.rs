@@ -1,0 +1,247 @@
+//! The hub's state in etcd (issue 9, first step): the `EtcdStore` adapter against Debian's
+//! etcd, and a hub run with `--store etcd://…` that is SIGKILLed and replaced by a hub with
+//! an empty data directory, which carries on from what etcd holds.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use shoal_api::ids::{DeviceId, WorkloadName};
+use shoal_api::messages::DesiredState;
+use shoal_e2e::*;
+use shoal_hub::etcd::{EtcdStore, EtcdUrl, TXN_OPS};
+use shoal_hub::store::Store;
+use std::time::Duration;
+
+fn desired(device: &str, generation: u64) -> DesiredState {
+    DesiredState {
+        protocol: 1,
+        device_id: DeviceId::try_from(device).unwrap(),
+        generation,
+        artifact_base: String::new(),
+        artifact_port: None,
+        workloads: vec![],
+        secrets: vec![],
+    }
+}
+
+#[test]
+fn etcd_store_keeps_writes_until_flushed_and_retries_a_failed_flush() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut etcd = Etcd::start(dir.path())?;
+    let url: EtcdUrl = format!("{}/t1", etcd.url())
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    let store = EtcdStore::connect(&url)?;
+    assert!(store.load()?.desired.is_empty());
+
+    // More writes than one etcd transaction takes.
+    let n = TXN_OPS * 2 + 7;
+    for i in 0..n {
+        store.put_desired(&desired(&format!("d{i}"), i as u64))?;
+    }
+    assert!(
+        EtcdStore::connect(&url)?.load()?.desired.is_empty(),
+        "nothing is written before the flush"
+    );
+    store.flush()?;
+    let other = EtcdStore::connect(&url)?;
+    let snap = other.load()?;
+    assert_eq!(snap.desired.len(), n);
+    assert_eq!(
+        snap.desired[&DeviceId::try_from("d9").unwrap()].generation,
+        9
+    );
+
+    // Deletes, and a prefix of its own per hub fleet.
+    let manifest = format!(
+        "apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: web }}\nspec:\n  wasm: {{ module: \"sha256:{}\" }}\n",
+        "0".repeat(64)
+    );
+    let stream = shoal_api::manifest::parse_stream(&manifest).unwrap();
+    let w = shoal_api::workload::validate_all(stream.workloads)
+        .unwrap()
+        .remove(0);
+    store.put_workload(&w)?;
+    store.flush()?;
+    assert_eq!(other.load()?.workloads.len(), 1);
+    store.delete_workload(&WorkloadName::try_from("web").unwrap())?;
+    store.flush()?;
+    assert!(other.load()?.workloads.is_empty());
+    let elsewhere: EtcdUrl = format!("{}/t2", etcd.url())
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    assert!(EtcdStore::connect(&elsewhere)?.load()?.desired.is_empty());
+
+    // etcd gone: the flush fails, naming the store, and keeps the write for the next one.
+    etcd.proc.kill();
+    store.put_desired(&desired("late", 42))?;
+    let err = store.flush().unwrap_err().to_string();
+    assert!(err.contains(&url.to_string()), "{err}");
+    let err = EtcdStore::connect(&url).err().unwrap().to_string();
+    assert!(err.contains(&url.to_string()), "{err}");
+    // Same data directory, same port: the member comes back with what it had.
+    let etcd = Etcd::restart(dir.path(), etcd)?;
+    store.flush()?;
+    let snap = EtcdStore::connect(&url)?.load()?;
+    assert_eq!(snap.desired.len(), n + 1);
+    assert_eq!(
+        snap.desired[&DeviceId::try_from("late").unwrap()].generation,
+        42
+    );
+    drop(etcd);
+    Ok(())
+}
+
+#[test]
+fn a_hub_on_etcd_is_replaced_by_one_with_an_empty_data_dir_and_carries_on() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let etcd = Etcd::start(dir.path())?;
+    let store = etcd.url();
+    let first = dir.path().join("first");
+    std::fs::create_dir_all(&first)?;
+    let (mqtt, http) = (free_port(), free_port());
+    let mut hub = Hub::start_with(&first, None, mqtt, http, &["--insecure", "--store", &store])?;
+    let agent = Agent::start(dir.path(), "dev1", "role=edge", &hub.join())?;
+    hub.wait_devices_online(1, Duration::from_secs(20))?;
+    // The module is uploaded to the hub's blob store (in its data directory); the agent
+    // caches it, so the replacement hub does not need the blob.
+    hub.apply(&heartbeat_manifest(dir.path(), 1, 100))?;
+    hub.wait_running("beat", 1, Duration::from_secs(60))?;
+    let generation = |hub: &Hub| -> anyhow::Result<u64> {
+        Ok(hub
+            .devices()?
+            .iter()
+            .find(|d| d["id"] == "dev1")
+            .and_then(|d| d["desiredGeneration"].as_u64())
+            .unwrap_or(0))
+    };
+    let before = generation(&hub)?;
+    assert!(before > 0);
+
+    hub.proc.kill();
+    let second = dir.path().join("second");
+    std::fs::create_dir_all(&second)?;
+    let hub = Hub::start_with(
+        &second,
+        None,
+        mqtt,
+        http,
+        &["--insecure", "--store", &store],
+    )?;
+    assert!(
+        !second.join("hub").join("hub.db").exists(),
+        "nothing in sled"
+    );
+    let w = hub.wait_running("beat", 1, Duration::from_secs(30))?;
+    assert_eq!(w["replicas"][0]["device"], "dev1");
+    assert!(generation(&hub)? >= before, "generations only grow");
+    // The replica was never restarted: the new hub took over the same desired state.
+    let log = agent.workload_log("beat-0");
+    assert_eq!(count_lines(&log, "[shoal] started"), 1, "{log}");
+
+    // A bad store is refused at start, naming it.
+    let out = std::process::Command::new(bin("shoal-hub"))
+        .args(["serve", "--insecure", "--data-dir"])
+        .arg(dir.path().join("third"))
+        .args(["--store", "etcd://nowhere"])
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("\"etcd://nowhere\"") && err.contains("no port"),
+        "{err}"
+    );
+    Ok(())
+}
+
+/// Kills the hub (SIGKILL) `kills` times while a client applies manifests as fast as it
+/// can; after each restart every apply that was acknowledged must be there.
+fn acknowledged_applies_survive_hub_kills(store: Option<&str>, kills: usize) -> anyhow::Result<()> {
+    use rand::Rng;
+    use std::collections::BTreeSet;
+    let dir = tempfile::tempdir()?;
+    let (mqtt, http) = (free_port(), free_port());
+    let mut flags = vec!["--insecure"];
+    if let Some(s) = store {
+        flags.extend(["--store", s]);
+    }
+    let mut acked: BTreeSet<String> = BTreeSet::new();
+    let mut digest = String::new();
+    let mut rng = rand::rng();
+    for kill in 0..=kills {
+        let mut hub = Hub::start_with(dir.path(), None, mqtt, http, &flags)?;
+        let have: BTreeSet<String> = hub
+            .workloads()?
+            .iter()
+            .map(|w| w["name"].as_str().unwrap().to_string())
+            .collect();
+        let missing: Vec<&String> = acked.difference(&have).collect();
+        assert!(
+            missing.is_empty(),
+            "after {kill} kills, acknowledged but gone: {missing:?}"
+        );
+        if kill == kills {
+            break;
+        }
+        if digest.is_empty() {
+            let out = hub.shoal_ok(&["push", module("probe.wasm").to_str().unwrap()]);
+            digest = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let applier = {
+            let stop = stop.clone();
+            let (dir, digest) = (dir.path().to_path_buf(), digest.clone());
+            let (hub_url, broker) = (hub.hub_url(), hub.broker_url.clone());
+            std::thread::spawn(move || {
+                let mut ok = Vec::new();
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let name = format!("w-{kill}-{n}");
+                    n += 1;
+                    let path = write_manifest(
+                        &dir,
+                        "apply.yaml",
+                        &format!(
+                            "apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: {name} }}\nspec:\n  wasm: {{ module: \"{digest}\" }}\n"
+                        ),
+                    );
+                    let out = std::process::Command::new(bin("shoal"))
+                        .args(["apply", "--timeout", "2s", "-f"])
+                        .arg(&path)
+                        .env("SHOAL_HUB", &hub_url)
+                        .env("SHOAL_BROKER", &broker)
+                        .output()
+                        .unwrap();
+                    if out.status.success() {
+                        ok.push(name);
+                    }
+                }
+                ok
+            })
+        };
+        std::thread::sleep(Duration::from_millis(rng.random_range(150..600)));
+        hub.proc.kill();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        acked.extend(applier.join().unwrap());
+    }
+    eprintln!(
+        "{} applies acknowledged across {kills} kills of the hub",
+        acked.len()
+    );
+    assert!(
+        acked.len() >= kills,
+        "only {} applies acknowledged in {kills} runs",
+        acked.len()
+    );
+    Ok(())
+}
+
+#[test]
+fn acknowledged_applies_survive_50_kills_of_a_hub_on_sled() -> anyhow::Result<()> {
+    acknowledged_applies_survive_hub_kills(None, 50)
+}
+
+#[test]
+fn acknowledged_applies_survive_50_kills_of_a_hub_on_etcd() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let etcd = Etcd::start(dir.path())?;
+    acknowledged_applies_survive_hub_kills(Some(&etcd.url()), 50)
+}
