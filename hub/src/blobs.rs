@@ -7,6 +7,10 @@
 //! For runtime-only agents (built without a compiler) the store also precompiles a module for
 //! an agent's engine and target ([`BlobStore::precompiled`]), once, and keeps the artifact
 //! under `DATA_DIR/blobs/precompiled/{engine}/{target}/<hex>.cwasm`.
+//!
+//! Hub replicas (see [`crate::ha`]) share blobs through [`SharedBlobs`] (etcd): an upload is
+//! acknowledged once it is there too, and a replica fetches a blob it lacks from there the
+//! first time it needs it (checking its digest), then keeps it.
 
 use shoal_api::ids::Digest;
 use shoal_api::manifest::ManifestError;
@@ -25,6 +29,15 @@ pub enum BlobError {
     },
     #[error("blob is empty")]
     Empty,
+    #[error("cannot share blob {digest:?} with the other hub replicas: {reason}")]
+    Shared { digest: String, reason: String },
+}
+
+/// Blobs every hub replica can read (blocking calls).
+pub trait SharedBlobs: Send + Sync {
+    fn put(&self, d: &Digest, bytes: &[u8]) -> Result<(), String>;
+    /// `Ok(None)`: not there.
+    fn get(&self, d: &Digest) -> Result<Option<Vec<u8>>, String>;
 }
 
 /// Why [`BlobStore::precompiled`] gave nothing.
@@ -54,6 +67,7 @@ pub struct BlobStore {
     compiling: Mutex<()>,
     /// Validation verdicts per digest (blobs are immutable, so a verdict never changes).
     verdicts: Mutex<HashMap<Digest, Result<(), String>>>,
+    shared: Option<Box<dyn SharedBlobs>>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BlobError + '_ {
@@ -90,7 +104,44 @@ impl BlobStore {
             precompiled_dir,
             compiling: Mutex::new(()),
             verdicts: Mutex::new(HashMap::new()),
+            shared: None,
         })
+    }
+
+    /// Shares blobs with other hub replicas through `shared`.
+    pub fn with_shared(mut self, shared: Box<dyn SharedBlobs>) -> Self {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// Whether blob `d` is here, fetched from the shared blobs if need be.
+    fn fetch(&self, d: &Digest) -> bool {
+        if self.path(d).is_file() {
+            return true;
+        }
+        let Some(shared) = &self.shared else {
+            return false;
+        };
+        match shared.get(d) {
+            Ok(Some(bytes)) if Digest::of(&bytes) == *d => {
+                match write_durably(&self.path(d), &bytes) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(digest = %d, error = %e, "cannot keep a shared blob");
+                        false
+                    }
+                }
+            }
+            Ok(Some(_)) => {
+                tracing::warn!(digest = %d, "shared blob does not match its digest; ignored");
+                false
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(digest = %d, error = %e, "cannot read shared blobs");
+                false
+            }
+        }
     }
 
     pub fn path(&self, d: &Digest) -> PathBuf {
@@ -98,7 +149,7 @@ impl BlobStore {
     }
 
     pub fn has(&self, d: &Digest) -> bool {
-        self.path(d).is_file()
+        self.fetch(d)
     }
 
     /// Stores `bytes` durably and returns their digest.
@@ -108,10 +159,15 @@ impl BlobStore {
         }
         let d = Digest::of(bytes);
         let path = self.path(&d);
-        if path.is_file() {
-            return Ok(d);
+        if !path.is_file() {
+            write_durably(&path, bytes)?;
         }
-        write_durably(&path, bytes)?;
+        if let Some(shared) = &self.shared {
+            shared.put(&d, bytes).map_err(|reason| BlobError::Shared {
+                digest: d.to_string(),
+                reason,
+            })?;
+        }
         Ok(d)
     }
 
@@ -172,6 +228,7 @@ impl BlobStore {
     }
 
     pub fn read(&self, d: &Digest) -> Result<Vec<u8>, BlobError> {
+        self.fetch(d);
         let p = self.path(d);
         std::fs::read(&p).map_err(io(&p))
     }

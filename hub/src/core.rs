@@ -127,6 +127,46 @@ impl<S: Store> HubCore<S> {
         Ok(core)
     }
 
+    /// Reads the persistent state again (a standby hub follows its leader's writes this
+    /// way), keeping what devices reported.
+    pub fn reload(&mut self) -> Result<(), StoreError> {
+        let snap = self.store.load()?;
+        self.workloads = snap.workloads;
+        self.devices = snap.devices;
+        self.schedule.assignments = snap.assignments;
+        self.desired = snap.desired;
+        self.rollouts = snap.rollouts;
+        self.secrets = snap.secrets;
+        self.schedule = self.place();
+        Ok(())
+    }
+
+    /// Takes over what `standby` heard from devices (their liveness, status and mDNS
+    /// records), so that a hub promoted to leader starts from what it already knows.
+    pub fn adopt_live<T: Store>(&mut self, standby: &mut HubCore<T>) {
+        self.live = std::mem::take(&mut standby.live);
+        self.mdns = std::mem::take(&mut standby.mdns);
+    }
+
+    /// Desired states that name another place to fetch blobs from than this hub's (stored
+    /// by an earlier hub, or one with another `--public-url`), moved to this hub's under a
+    /// new generation. Agents keep what runs: only the address changes.
+    pub fn relocate_artifacts(&mut self) -> Result<Vec<DesiredState>, StoreError> {
+        let stale: Vec<(DeviceId, Vec<DesiredWorkload>)> = self
+            .desired
+            .values()
+            .filter(|d| {
+                d.artifact_base != self.artifact_base || d.artifact_port != self.artifact_port
+            })
+            .map(|d| (d.device_id.clone(), d.workloads.clone()))
+            .collect();
+        let mut moved = Vec::new();
+        for (dev, workloads) in stale {
+            moved.push(self.bump(&dev, workloads)?);
+        }
+        Ok(moved)
+    }
+
     /// Makes every change so far durable. Changes are written as they happen but flushed
     /// only here: the server calls it once per batch of events, before it publishes the
     /// desired states or answers the requests that follow from them (group commit).

@@ -6,15 +6,17 @@
 //! `/meta/assignments`, each a JSON document as in the sled store. Writes are buffered and
 //! [`Store::flush`] commits them in etcd transactions (at most [`TXN_OPS`] operations each,
 //! etcd's default limit), so, as with sled, nothing is acknowledged before etcd has it; a
-//! failed flush keeps the writes for the next one.
+//! failed flush keeps the writes for the next one. A leader's store is fenced
+//! ([`Store::fence`]): each transaction commits only if the leader's election key is still
+//! the one it won with (see [`crate::ha`]).
 //!
 //! The [`Store`] trait is synchronous (the hub's main loop blocks on sled's flush the same
 //! way); etcd's client is async, so the client lives on a thread of its own with a
 //! single-threaded runtime, and the store talks to it over a channel. The thread ends when
 //! the store is dropped.
 
-use crate::store::{Snapshot, Store, StoreError, StoredSecret};
-use etcd_client::{Client, ConnectOptions, GetOptions, Txn, TxnOp};
+use crate::store::{Fence, Snapshot, Store, StoreError, StoredSecret};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use shoal_api::ids::{SecretName, WorkloadName};
@@ -87,14 +89,22 @@ enum Op {
 type Entries = Vec<(String, Vec<u8>)>;
 
 enum Cmd {
-    Load(mpsc::Sender<Result<Entries, String>>),
-    Commit(Vec<Op>, mpsc::Sender<Result<(), String>>),
+    /// Every key starting with the given one.
+    Load(String, mpsc::Sender<Result<Entries, String>>),
+    Commit(Vec<Op>, Option<Fence>, mpsc::Sender<Result<(), Refused>>),
+}
+
+/// Why a commit did not happen.
+enum Refused {
+    Failed(String),
+    Fenced(Fence),
 }
 
 /// The hub's state in etcd. See the [module docs](self).
 pub struct EtcdStore {
     url: EtcdUrl,
     pending: Mutex<Vec<Op>>,
+    fence: Mutex<Option<Fence>>,
     /// `None` once dropped (the thread ends when this sender goes).
     tx: Option<mpsc::Sender<Cmd>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -112,7 +122,6 @@ impl EtcdStore {
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
         let (tx, rx) = mpsc::channel::<Cmd>();
         let endpoints = url.endpoints.clone();
-        let prefix = url.prefix.clone();
         let thread = std::thread::Builder::new()
             .name("shoal-etcd".into())
             .spawn(move || {
@@ -138,7 +147,7 @@ impl EtcdStore {
                 match connected {
                     Ok(client) => {
                         let _ = ready_tx.send(Ok(()));
-                        serve(rt, client, prefix, rx);
+                        serve(rt, client, rx);
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e.to_string()));
@@ -160,6 +169,7 @@ impl EtcdStore {
         Ok(EtcdStore {
             url: url.clone(),
             pending: Mutex::new(Vec::new()),
+            fence: Mutex::new(None),
             tx: Some(tx),
             thread: Some(thread),
         })
@@ -189,10 +199,10 @@ impl EtcdStore {
         Ok(())
     }
 
-    fn ask<T>(
+    fn ask<T, E>(
         &self,
-        make: impl FnOnce(mpsc::Sender<Result<T, String>>) -> Cmd,
-    ) -> Result<T, StoreError> {
+        make: impl FnOnce(mpsc::Sender<Result<T, E>>) -> Cmd,
+    ) -> Result<Result<T, E>, StoreError> {
         let gone = || self.fail("the etcd client thread has stopped".into());
         let (reply, answer) = mpsc::channel();
         self.tx
@@ -200,7 +210,7 @@ impl EtcdStore {
             .ok_or_else(gone)?
             .send(make(reply))
             .map_err(|_| gone())?;
-        answer.recv().map_err(|_| gone())?.map_err(|e| self.fail(e))
+        answer.recv().map_err(|_| gone())
     }
 }
 
@@ -214,14 +224,14 @@ impl Drop for EtcdStore {
 }
 
 /// The client thread: one command at a time, each bounded by [`CALL_TIMEOUT`].
-fn serve(rt: tokio::runtime::Runtime, client: Client, prefix: String, rx: mpsc::Receiver<Cmd>) {
+fn serve(rt: tokio::runtime::Runtime, client: Client, rx: mpsc::Receiver<Cmd>) {
     let mut kv = client.kv_client();
     while let Ok(cmd) = rx.recv() {
         match cmd {
-            Cmd::Load(reply) => {
+            Cmd::Load(from, reply) => {
                 let scan = async {
                     let opts = GetOptions::new().with_prefix();
-                    let resp = kv.get(format!("{prefix}/"), Some(opts)).await?;
+                    let resp = kv.get(from, Some(opts)).await?;
                     Ok::<_, etcd_client::Error>(
                         resp.kvs()
                             .iter()
@@ -240,10 +250,18 @@ fn serve(rt: tokio::runtime::Runtime, client: Client, prefix: String, rx: mpsc::
                     .and_then(|r| r.map_err(|e| e.to_string()));
                 let _ = reply.send(r);
             }
-            Cmd::Commit(ops, reply) => {
+            Cmd::Commit(ops, fence, reply) => {
                 let mut result = Ok(());
                 for batch in ops.chunks(TXN_OPS) {
-                    let txn = Txn::new().and_then(
+                    let mut txn = Txn::new();
+                    if let Some(f) = &fence {
+                        txn = txn.when(vec![Compare::create_revision(
+                            f.key.clone(),
+                            CompareOp::Equal,
+                            f.create_revision,
+                        )]);
+                    }
+                    let txn = txn.and_then(
                         batch
                             .iter()
                             .map(|op| match op {
@@ -254,13 +272,20 @@ fn serve(rt: tokio::runtime::Runtime, client: Client, prefix: String, rx: mpsc::
                     );
                     let call = async { tokio::time::timeout(CALL_TIMEOUT, kv.txn(txn)).await };
                     match rt.block_on(call) {
-                        Ok(Ok(_)) => {}
+                        Ok(Ok(r)) if r.succeeded() => {}
+                        Ok(Ok(_)) => {
+                            result = Err(Refused::Fenced(fence.clone().unwrap_or(Fence {
+                                key: Vec::new(),
+                                create_revision: 0,
+                            })));
+                            break;
+                        }
                         Ok(Err(e)) => {
-                            result = Err(e.to_string());
+                            result = Err(Refused::Failed(e.to_string()));
                             break;
                         }
                         Err(_) => {
-                            result = Err("etcd did not answer in time".into());
+                            result = Err(Refused::Failed("etcd did not answer in time".into()));
                             break;
                         }
                     }
@@ -282,7 +307,10 @@ impl Store for EtcdStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
         let mut snap = Snapshot::default();
         let base = format!("{}/", self.url.prefix);
-        for (key, value) in self.ask(Cmd::Load)? {
+        for (key, value) in self
+            .ask(|reply| Cmd::Load(base.clone(), reply))?
+            .map_err(|e| self.fail(e))?
+        {
             let Some((kind, _name)) = key.strip_prefix(&base).and_then(|r| r.split_once('/'))
             else {
                 continue;
@@ -359,7 +387,19 @@ impl Store for EtcdStore {
         if ops.is_empty() {
             return Ok(());
         }
-        match self.ask(|reply| Cmd::Commit(ops.clone(), reply)) {
+        let fence = self.fence.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let r = self
+            .ask(|reply| Cmd::Commit(ops.clone(), fence, reply))
+            .and_then(|r| {
+                r.map_err(|e| match e {
+                    Refused::Failed(why) => self.fail(why),
+                    Refused::Fenced(f) => StoreError::Fenced {
+                        url: self.url.to_string(),
+                        key: String::from_utf8_lossy(&f.key).into_owned(),
+                    },
+                })
+            });
+        match r {
             Ok(()) => Ok(()),
             Err(e) => {
                 // Kept, in order, ahead of anything written since: the next flush retries.
@@ -370,6 +410,73 @@ impl Store for EtcdStore {
                 Err(e)
             }
         }
+    }
+    fn fence(&self, fence: Fence) {
+        *self.fence.lock().unwrap_or_else(|p| p.into_inner()) = Some(fence);
+    }
+}
+
+/// Bytes per blob chunk: etcd takes requests of up to 1.5 MiB by default.
+const BLOB_CHUNK: usize = 1 << 20;
+
+/// Blobs shared by hub replicas, beside the state (not under it: loading the state must not
+/// read every module): `{prefix}.blobs/{hex}/{chunk}` (zero-padded, in order) and, written
+/// last, `{prefix}.blobs/{hex}` holding the number of chunks. Use a connection of its own,
+/// so that large uploads do not hold up the state's flushes.
+impl crate::blobs::SharedBlobs for EtcdStore {
+    fn put(&self, d: &shoal_api::ids::Digest, bytes: &[u8]) -> Result<(), String> {
+        let marker = format!("{}.blobs/{}", self.url.prefix, d.hex());
+        if self.get_blob(&marker)?.is_some() {
+            return Ok(());
+        }
+        let chunks: Vec<&[u8]> = bytes.chunks(BLOB_CHUNK).collect();
+        for (i, c) in chunks.iter().enumerate() {
+            self.put_now(Op::Put(format!("{marker}/{i:05}"), c.to_vec()))?;
+        }
+        self.put_now(Op::Put(marker, chunks.len().to_string().into_bytes()))
+    }
+
+    fn get(&self, d: &shoal_api::ids::Digest) -> Result<Option<Vec<u8>>, String> {
+        self.get_blob(&format!("{}.blobs/{}", self.url.prefix, d.hex()))
+    }
+}
+
+impl EtcdStore {
+    /// Writes one key at once, unfenced (blobs are content-addressed: any replica may).
+    fn put_now(&self, op: Op) -> Result<(), String> {
+        match self.ask(|reply| Cmd::Commit(vec![op], None, reply)) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(Refused::Failed(why))) => Err(why),
+            Ok(Err(Refused::Fenced(_))) => Err("refused".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// The blob whose marker key is `marker`, if it was completely written.
+    fn get_blob(&self, marker: &str) -> Result<Option<Vec<u8>>, String> {
+        let entries = self
+            .ask(|reply| Cmd::Load(marker.to_string(), reply))
+            .map_err(|e| e.to_string())??;
+        let Some(count) = entries
+            .iter()
+            .find(|(k, _)| k == marker)
+            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<usize>().ok())
+        else {
+            return Ok(None);
+        };
+        let chunk_prefix = format!("{marker}/");
+        let chunks: Vec<&Vec<u8>> = entries
+            .iter()
+            .filter(|(k, _)| k.starts_with(&chunk_prefix))
+            .map(|(_, v)| v)
+            .collect();
+        if chunks.len() != count {
+            return Err(format!(
+                "blob {marker:?} has {} of its {count} chunks",
+                chunks.len()
+            ));
+        }
+        Ok(Some(chunks.into_iter().flatten().copied().collect()))
     }
 }
 

@@ -196,6 +196,9 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Dashboard logins and sessions (see [`crate::dashboard`]).
     pub sessions: Arc<crate::dashboard::Sessions>,
+    /// `Some(the leader, as it announced itself)` while this hub stands by (see
+    /// [`crate::ha`]): it answers reads and refuses changes.
+    pub standby: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 /// Who is calling: set per connection from its client certificate.
@@ -536,7 +539,16 @@ async fn ask<T>(
         )
     };
     let (tx, rx) = oneshot::channel();
-    s.requests.send(make(tx)).await.map_err(|_| down())?;
+    let req = make(tx);
+    if !req.reads_only() {
+        if let Some(leader) = s.standby.borrow().as_ref() {
+            return Err(Failure(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("this hub is a standby replica and changes nothing: send changes to the leader ({leader})"),
+            ));
+        }
+    }
+    s.requests.send(req).await.map_err(|_| down())?;
     rx.await.map_err(|_| down())
 }
 

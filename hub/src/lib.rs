@@ -3,8 +3,8 @@
 //!
 //! Code map: [`server`] wires everything and owns the main loop; [`core`] is the state
 //! machine; [`scheduler`] is the pure placement function; [`store`] (sled, or [`etcd`]) and
-//! [`blobs`] persist; [`bus`] and [`broker`] speak MQTT; [`http`] serves the API; [`logs`] relays `shoal logs`
-//! between callers and devices.
+//! [`blobs`] persist; [`ha`] elects a leader among hubs on etcd; [`bus`] and [`broker`] speak
+//! MQTT; [`http`] serves the API; [`logs`] relays `shoal logs` between callers and devices.
 
 pub mod blobs;
 pub mod broker;
@@ -13,6 +13,7 @@ pub mod core;
 pub mod dashboard;
 pub mod etcd;
 pub mod events;
+pub mod ha;
 pub mod http;
 pub mod logs;
 pub mod metrics;

@@ -124,6 +124,10 @@ struct ServeArgs {
     /// [default: sled].
     #[arg(long, env = "SHOAL_HUB_STORE", value_name = "URL")]
     store: Option<shoal_hub::store::StoreChoice>,
+    /// With an etcd store: the TTL of the lease the leader holds its leadership with; a dead
+    /// leader is replaced about this long after (at least 2s) [default: 3s].
+    #[arg(long, env = "SHOAL_HUB_LEADER_LEASE", value_parser = shoal_api::quantity::duration_arg)]
+    leader_lease: Option<std::time::Duration>,
 }
 
 /// The config file. Unknown keys are errors (a typo must not be silently ignored).
@@ -144,6 +148,7 @@ struct FileConfig {
     tls_names: Vec<String>,
     device_cert_lifetime: Option<String>,
     store: Option<String>,
+    leader_lease: Option<String>,
     #[serde(default)]
     mdns: MdnsFile,
 }
@@ -190,6 +195,18 @@ fn hub_config(a: ServeArgs) -> anyhow::Result<shoal_hub::HubConfig> {
             .map_err(|e: String| anyhow::anyhow!("config file {name:?}: store: {e}"))?,
         (None, None) => shoal_hub::store::StoreChoice::Sled,
     };
+    let leader_lease = match (a.leader_lease, file.leader_lease) {
+        (Some(d), _) => d,
+        (None, Some(d)) => shoal_api::quantity::duration_arg(&d)
+            .map_err(|e| anyhow::anyhow!("config file {name:?}: leader-lease: {e}"))?,
+        (None, None) => std::time::Duration::from_secs(3),
+    };
+    if leader_lease < shoal_hub::ha::MIN_LEASE {
+        anyhow::bail!(
+            "leader lease {leader_lease:?} is too short: etcd grants at least {:?}",
+            shoal_hub::ha::MIN_LEASE
+        );
+    }
     let mut tls_names = file.tls_names;
     tls_names.extend(a.tls_names);
     Ok(shoal_hub::HubConfig {
@@ -217,6 +234,7 @@ fn hub_config(a: ServeArgs) -> anyhow::Result<shoal_hub::HubConfig> {
         tls_names,
         device_cert_lifetime,
         store,
+        leader_lease,
     })
 }
 
@@ -312,6 +330,7 @@ mod tests {
             tls_names: Vec::new(),
             device_cert_lifetime: None,
             store: None,
+            leader_lease: None,
         }
     }
 

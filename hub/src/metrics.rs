@@ -79,6 +79,10 @@ pub struct Metrics {
     rollout_updated: Family<WorkloadLabel, Gauge>,
     rollout_total: Family<WorkloadLabel, Gauge>,
     rollout_state: Family<RolloutLabel, Gauge>,
+    /// 1 while this hub leads (always, on sled), 0 while it stands by.
+    pub leader: Gauge,
+    /// Times this hub was elected leader.
+    pub elections_won: Counter,
 }
 
 impl Default for Metrics {
@@ -102,12 +106,24 @@ impl Default for Metrics {
             rollout_updated: Family::default(),
             rollout_total: Family::default(),
             rollout_state: Family::default(),
+            leader: Gauge::default(),
+            elections_won: Counter::default(),
         }
     }
 }
 
 impl Metrics {
     pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "shoal_hub_leader",
+            "1 while this hub leads the fleet, 0 while it stands by (hubs on etcd elect one)",
+            self.leader.clone(),
+        );
+        r.register(
+            "shoal_hub_elections_won",
+            "Times this hub was elected leader",
+            self.elections_won.clone(),
+        );
         r.register(
             "shoal_hub_applies",
             "Manifests received, by result",

@@ -4,6 +4,9 @@
 //! The main loop is the only owner of [`HubCore`]. It `select!`s over bus events, HTTP
 //! requests and the shutdown token, turns each into an [`Event`], handles it, and publishes
 //! whatever desired states changed. Every spawned task is tracked and awaited on shutdown.
+//!
+//! On an etcd store the loop first stands by (reads only, see [`crate::ha`]) until this hub
+//! is elected, then leads until shutdown or until it loses the leadership.
 
 use crate::blobs::BlobStore;
 use crate::bus::{self, Bus, BusEvent, Outgoing};
@@ -57,6 +60,9 @@ pub struct HubConfig {
     pub device_cert_lifetime: std::time::Duration,
     /// Where the hub's state lives: sled in `data_dir` (default), or etcd.
     pub store: crate::store::StoreChoice,
+    /// With etcd: the TTL of the lease leadership is held with (a dead leader is replaced
+    /// about this long after it died; see [`crate::ha`]).
+    pub leader_lease: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +91,8 @@ pub enum HubError {
     },
     #[error("{0}: restore DATA_DIR/pki/secrets.key from the backup it came with (a new key cannot read secrets stored under the old one)")]
     SecretsKey(String),
+    #[error("lost the leadership (its etcd lease expired or its key is gone): stopping so that a supervisor starts this hub again, as a standby")]
+    LeadershipLost,
 }
 
 /// What the main loop reacts to.
@@ -128,7 +136,24 @@ async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), HubError> {
     let store = config.store.open(&config.data_dir)?;
-    let blobs = Arc::new(BlobStore::open(&config.data_dir)?);
+    // Replicas on etcd share the fleet's keys and elect a leader (see crate::ha).
+    let elector = match &config.store {
+        crate::store::StoreChoice::Etcd(url) => {
+            if config.broker.is_none() {
+                warn!("hub state in etcd with the embedded broker: other hub replicas cannot take over this one's devices (give every replica the same --broker)");
+            }
+            let e = crate::ha::Elector::connect(url, config.leader_lease).await?;
+            e.share_keys(&crate::security::pki_dir(&config.data_dir))
+                .await?;
+            Some(e)
+        }
+        crate::store::StoreChoice::Sled => None,
+    };
+    let mut blobs = BlobStore::open(&config.data_dir)?;
+    if let crate::store::StoreChoice::Etcd(url) = &config.store {
+        blobs = blobs.with_shared(Box::new(crate::etcd::EtcdStore::connect(url)?));
+    }
+    let blobs = Arc::new(blobs);
     let signer = crate::security::signer(&config.data_dir)?;
     let secrets_key = crate::security::secrets_key(&config.data_dir)?;
     let security = if config.insecure {
@@ -207,14 +232,25 @@ async fn serve(
         }
     };
 
-    let mut core = HubCore::open(store, public_url.clone())?;
+    let artifact_port = public_url.is_empty().then_some(http_addr.port());
+    // A standby reads the store through a connection of its own; the leader's is fenced.
+    let mut standby_core = match &elector {
+        Some(_) => {
+            let mut c = HubCore::open(
+                crate::store::ReadOnly(config.store.open(&config.data_dir)?),
+                public_url.clone(),
+            )?;
+            c.set_artifact_port(artifact_port);
+            Some(c)
+        }
+        None => None,
+    };
     // Every stored secret must open with this key: a lost or replaced key file would
     // otherwise show only as secrets that never reach devices.
-    for s in core.stored_secrets() {
-        open_stored(&secrets_key, s).map_err(HubError::SecretsKey)?;
-    }
-    if public_url.is_empty() {
-        core.set_artifact_port(Some(http_addr.port()));
+    if let Some(c) = &standby_core {
+        for s in c.stored_secrets() {
+            open_stored(&secrets_key, s).map_err(HubError::SecretsKey)?;
+        }
     }
     let metrics = Arc::new(Metrics::default());
     let mut registry = prometheus_client::registry::Registry::default();
@@ -234,6 +270,8 @@ async fn serve(
 
     let (req_tx, req_rx) = mpsc::channel(256);
     let (fleet_changed, fleet_changed_rx) = tokio::sync::watch::channel(0u64);
+    let (standby_tx, standby_rx) =
+        tokio::sync::watch::channel(elector.as_ref().map(|_| "not yet elected".to_string()));
     let app = http::router(AppState {
         requests: req_tx,
         blobs: blobs.clone(),
@@ -242,6 +280,7 @@ async fn serve(
         fleet_changed: fleet_changed_rx,
         shutdown: shutdown.clone(),
         sessions: Default::default(),
+        standby: standby_rx,
     });
     tracker.spawn(http::serve(
         http_listener,
@@ -271,30 +310,100 @@ async fn serve(
         }
     };
 
-    let mut main = MainLoop {
-        core,
+    let mut chans = Channels {
+        bus: bus_rx,
+        requests: req_rx,
+        mdns: mdns_rx,
+    };
+    let mut parts = Parts {
         bus,
         blobs,
         metrics,
         fleet: config.fleet.clone(),
         grace_ms: u64::try_from(config.device_grace.as_millis()).unwrap_or(u64::MAX),
-        rollout_due: false,
-        outbox: Vec::new(),
         signer,
         secrets_key,
         security: security.clone(),
         events: crate::events::Events::default(),
         fleet_changed,
-        changed: true,
-        last_snapshot: None,
         logs: crate::logs::LogSessions::default(),
     };
-    main.run(bus_rx, req_rx, mdns_rx, shutdown).await;
-    if let Some(m) = mdns {
-        m.stop().await; // goodbye packets: agents learn at once that this hub left
+    let mut lost = None;
+    let mut heard = None;
+    if let (Some(elector), Some(core)) = (elector, standby_core.take()) {
+        // Stand by (serving reads) until elected.
+        let value = if public_url.is_empty() {
+            format!("{} http://{http_addr}", config.name)
+        } else {
+            format!("{} {public_url}", config.name)
+        };
+        let mut standby = MainLoop::new(
+            core,
+            parts,
+            Some(Standby {
+                elector: elector.clone(),
+                leader: standby_tx.clone(),
+                last_reload: None,
+            }),
+        );
+        let campaign = elector.campaign(value, tracker, shutdown.clone());
+        let won = standby.run(&mut chans, &shutdown, campaign).await;
+        let leadership = match won {
+            None => {
+                stop_mdns(mdns).await;
+                return Ok(());
+            }
+            Some(r) => r?,
+        };
+        store.fence(leadership.fence.clone());
+        lost = Some(leadership.lost);
+        let _ = standby_tx.send(None);
+        let (core, p) = standby.into_parts();
+        parts = p;
+        parts.metrics.elections_won.inc();
+        heard = Some(core);
+    }
+    let mut core = HubCore::open(store, public_url.clone())?;
+    core.set_artifact_port(artifact_port);
+    for s in core.stored_secrets() {
+        open_stored(&parts.secrets_key, s).map_err(HubError::SecretsKey)?;
+    }
+    if let Some(mut standby) = heard {
+        core.adopt_live(&mut standby);
+    }
+    let moved = core.relocate_artifacts()?;
+    parts.metrics.leader.set(1);
+    let mut main = MainLoop::new(core, parts, None);
+    main.lost = lost.clone();
+    let promoted = lost.is_some();
+    if promoted {
+        // Leading now: the broker's retained desired states may be older than the store's.
+        let mut all = main.core.all_desired();
+        all.extend(moved);
+        main.publish_desired(all).await;
+    } else {
+        main.queue(moved);
+    }
+    let until = async {
+        match &lost {
+            Some(l) => l.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    let ended = main.run(&mut chans, &shutdown, until).await;
+    stop_mdns(mdns).await;
+    if ended.is_some() {
+        error!("lost the leadership; stopping");
+        return Err(HubError::LeadershipLost);
     }
     info!("hub stopped");
     Ok(())
+}
+
+async fn stop_mdns(mdns: Option<Mdns>) {
+    if let Some(m) = mdns {
+        m.stop().await; // goodbye packets: agents learn at once that this hub left
+    }
 }
 
 /// The values of a stored secret, decrypted with the hub's secrets key.
@@ -399,8 +508,47 @@ fn is_local_host(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_unspecified())
 }
 
+/// What the main loop receives from.
+struct Channels {
+    bus: mpsc::Receiver<BusEvent>,
+    requests: mpsc::Receiver<Request>,
+    mdns: mpsc::Receiver<MdnsEvent>,
+}
+
+/// What a standby main loop hands to the leader's when it is elected.
+struct Parts<B: Bus> {
+    bus: B,
+    blobs: Arc<BlobStore>,
+    metrics: Arc<Metrics>,
+    fleet: String,
+    grace_ms: u64,
+    signer: shoal_pki::sign::HubSigner,
+    secrets_key: shoal_pki::secret::SecretsKey,
+    security: Option<Arc<crate::security::Security>>,
+    events: crate::events::Events,
+    fleet_changed: tokio::sync::watch::Sender<u64>,
+    logs: crate::logs::LogSessions,
+}
+
+/// A hub standing by for the leadership (see [`crate::ha`]).
+struct Standby {
+    elector: crate::ha::Elector,
+    /// The leader as it announced itself (for the `http` module's refusals).
+    leader: tokio::sync::watch::Sender<Option<String>>,
+    last_reload: Option<std::time::Instant>,
+}
+
+/// How often a standby reads the store again.
+const STANDBY_RELOAD: std::time::Duration = std::time::Duration::from_millis(500);
+
 struct MainLoop<S: Store, B: Bus> {
     core: HubCore<S>,
+    /// `Some` while standing by: reads are answered, devices are listened to, nothing is
+    /// written or published.
+    standby: Option<Standby>,
+    /// The leader's: cancelled when its leadership is lost (by the lease keeper, or here
+    /// when the store refuses a write as fenced).
+    lost: Option<CancellationToken>,
     bus: B,
     blobs: Arc<BlobStore>,
     metrics: Arc<Metrics>,
@@ -428,13 +576,54 @@ struct MainLoop<S: Store, B: Bus> {
 }
 
 impl<S: Store, B: Bus> MainLoop<S, B> {
-    async fn run(
+    fn new(core: HubCore<S>, p: Parts<B>, standby: Option<Standby>) -> Self {
+        MainLoop {
+            core,
+            standby,
+            lost: None,
+            bus: p.bus,
+            blobs: p.blobs,
+            metrics: p.metrics,
+            fleet: p.fleet,
+            grace_ms: p.grace_ms,
+            rollout_due: false,
+            outbox: Vec::new(),
+            signer: p.signer,
+            secrets_key: p.secrets_key,
+            security: p.security,
+            events: p.events,
+            fleet_changed: p.fleet_changed,
+            changed: true,
+            last_snapshot: None,
+            logs: p.logs,
+        }
+    }
+
+    fn into_parts(self) -> (HubCore<S>, Parts<B>) {
+        let p = Parts {
+            bus: self.bus,
+            blobs: self.blobs,
+            metrics: self.metrics,
+            fleet: self.fleet,
+            grace_ms: self.grace_ms,
+            signer: self.signer,
+            secrets_key: self.secrets_key,
+            security: self.security,
+            events: self.events,
+            fleet_changed: self.fleet_changed,
+            logs: self.logs,
+        };
+        (self.core, p)
+    }
+
+    /// Handles events until `shutdown` (`None`) or until `until` is ready (its output).
+    async fn run<R>(
         &mut self,
-        mut bus_rx: mpsc::Receiver<BusEvent>,
-        mut req_rx: mpsc::Receiver<Request>,
-        mut mdns_rx: mpsc::Receiver<MdnsEvent>,
-        shutdown: CancellationToken,
-    ) {
+        chans: &mut Channels,
+        shutdown: &CancellationToken,
+        until: impl std::future::Future<Output = R>,
+    ) -> Option<R> {
+        tokio::pin!(until);
         // Often enough that a lost device is noticed within a second of its grace period.
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(
             (self.grace_ms / 4).clamp(50, 1000),
@@ -445,10 +634,11 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         rollout_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let event = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                Some(e) = bus_rx.recv() => Event::Bus(e),
-                Some(r) = req_rx.recv() => Event::Http(r),
-                Some(m) = mdns_rx.recv() => Event::Mdns(m),
+                _ = shutdown.cancelled() => return None,
+                r = &mut until => return Some(r),
+                Some(e) = chans.bus.recv() => Event::Bus(e),
+                Some(r) = chans.requests.recv() => Event::Http(r),
+                Some(m) = chans.mdns.recv() => Event::Mdns(m),
                 _ = tick.tick() => Event::Tick,
                 _ = rollout_tick.tick(), if self.rollout_due => Event::RolloutTick,
             };
@@ -456,7 +646,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             // Group commit: handle whatever else the bus has ready (bounded), then flush
             // once and publish everything those events changed.
             for _ in 0..BATCH {
-                match bus_rx.try_recv() {
+                match chans.bus.try_recv() {
                     Ok(e) => self.handle(Event::Bus(e)).await,
                     Err(_) => break,
                 }
@@ -469,11 +659,18 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     /// `false` if the store could not be flushed: nothing is published then (the queue is
     /// kept for the next commit), and whoever asked must not be told it worked.
     async fn commit(&mut self) -> bool {
+        if self.standby.is_some() {
+            self.outbox.clear(); // the leader publishes
+            return true;
+        }
         // Always flush: an accepted apply is acknowledged right after, even when it changes
         // no device (sled's flush is cheap when nothing is dirty).
         if let Err(e) = self.core.flush() {
             // Not durable: do not tell devices (they would act on state a crash could lose).
             warn!(error = %e, "cannot flush the hub store; desired states held back");
+            if let (crate::store::StoreError::Fenced { .. }, Some(lost)) = (&e, &self.lost) {
+                lost.cancel();
+            }
             return false;
         }
         let mut newest: std::collections::BTreeMap<DeviceId, DesiredState> =
@@ -510,6 +707,9 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             Event::Bus(BusEvent::Message { topic, .. })
                 if matches!(topics::classify(topic), Some(Inbound::Logs(..))) => {}
             _ => self.changed = true,
+        }
+        if self.standby.is_some() {
+            return self.stand_by(event).await;
         }
         match event {
             Event::Bus(BusEvent::Connected) => {
@@ -559,6 +759,51 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 Err(e) => warn!(error = %e, "agent advertisement ignored"),
             },
             Event::Mdns(MdnsEvent::Removed { fullname, .. }) => self.core.mdns_gone(&fullname),
+        }
+    }
+
+    /// A standby's share of `handle`: it listens to devices and answers reads, and
+    /// follows the leader's writes in the store; it decides nothing (the `http` module
+    /// refuses changes before they get here).
+    async fn stand_by(&mut self, event: Event) {
+        match event {
+            Event::Bus(BusEvent::Message {
+                topic,
+                payload,
+                response_topic,
+                correlation,
+            }) => {
+                // The leader answers manifests sent over MQTT.
+                if !matches!(topics::classify(&topic), Some(Inbound::Apply(_)) | None) {
+                    self.on_message(&topic, &payload, response_topic, correlation)
+                        .await
+                }
+            }
+            Event::Bus(BusEvent::Connected) | Event::RolloutTick => {}
+            Event::Http(r) if r.reads_only() => self.on_request(r).await,
+            Event::Http(_) => {} // refused by the http module; a device's enrollment
+            Event::Mdns(_) => {}
+            Event::Tick => {
+                let now = std::time::Instant::now();
+                let Some(sb) = self.standby.as_mut() else {
+                    return;
+                };
+                if sb.last_reload.is_none_or(|t| now - t >= STANDBY_RELOAD) {
+                    sb.last_reload = Some(now);
+                    let leader = sb.elector.leader().await;
+                    sb.leader
+                        .send_replace(Some(leader.unwrap_or_else(|| "none yet".into())));
+                    if let Err(e) = self.core.reload() {
+                        warn!(error = %e, "standby cannot read the hub store");
+                    }
+                }
+                self.record_events(false);
+                for msg in self.logs.tick(now_ms()) {
+                    if let Err(e) = self.bus.publish(msg).await {
+                        warn!(error = %e, "cannot publish a log request");
+                    }
+                }
+            }
         }
     }
 

@@ -30,6 +30,16 @@ pub enum StoreError {
     Encode(serde_json::Error),
     #[error("hub store {url}: {reason}")]
     Etcd { url: String, reason: String },
+    #[error("hub store {url}: this hub is no longer the leader (its election key {key:?} is gone): nothing it wrote since was committed")]
+    Fenced { url: String, key: String },
+}
+
+/// A leader's claim, checked by every write it commits: its election key must still exist
+/// with the creation revision it won with (see [`crate::ha`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub key: Vec<u8>,
+    pub create_revision: i64,
 }
 
 /// A device as the hub remembers it.
@@ -98,6 +108,9 @@ pub trait Store: Send + 'static {
     /// A secret, or its removal (`None`).
     fn put_secret(&self, name: &SecretName, s: Option<&StoredSecret>) -> Result<(), StoreError>;
     fn flush(&self) -> Result<(), StoreError>;
+    /// From now on, commit writes only while `fence` holds. Only stores several hubs share
+    /// (etcd) elect a leader; the others have nothing to fence.
+    fn fence(&self, _fence: Fence) {}
 }
 
 /// The store chosen at start (`--store`), whichever it is.
@@ -132,6 +145,48 @@ impl Store for Box<dyn Store> {
     }
     fn flush(&self) -> Result<(), StoreError> {
         (**self).flush()
+    }
+    fn fence(&self, fence: Fence) {
+        (**self).fence(fence)
+    }
+}
+
+/// A view of a store that reads and never writes: a standby hub's (see [`crate::ha`]),
+/// whose in-memory changes (device reports) are its own and whose persistent state the
+/// leader writes.
+pub struct ReadOnly<S: Store>(pub S);
+
+impl<S: Store> Store for ReadOnly<S> {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        self.0.load()
+    }
+    fn put_workload(&self, _: &Workload) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn delete_workload(&self, _: &WorkloadName) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn put_device(&self, _: &DeviceRecord) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn put_assignments(&self, _: &Assignments) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn put_desired(&self, _: &DesiredState) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn put_rollout(
+        &self,
+        _: &WorkloadName,
+        _: Option<&crate::rollout::Record>,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn put_secret(&self, _: &SecretName, _: Option<&StoredSecret>) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
     }
 }
 

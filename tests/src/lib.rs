@@ -357,6 +357,41 @@ impl Hub {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
+    /// A scrape of the hub's `/metrics` (over HTTPS with the operator bundle unless the hub
+    /// runs `--insecure`).
+    pub fn metrics(&self) -> Result<Vec<Sample>> {
+        let text = match self.bundle() {
+            None => http_get(self.http, "/metrics")?,
+            Some(b) => {
+                use std::io::{Read, Write};
+                let read = |f: &str| std::fs::read_to_string(b.join(f));
+                let id = shoal_pki::tls::ClientIdentity::new(
+                    &read("operator.pem")?,
+                    &read("operator.key")?,
+                )?;
+                let config = shoal_pki::tls::client_config(&read("ca.pem")?, Some(id))?;
+                let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?;
+                let conn = rustls::ClientConnection::new(config, name)?;
+                let sock = std::net::TcpStream::connect(("127.0.0.1", self.http))?;
+                sock.set_read_timeout(Some(Duration::from_secs(5)))?;
+                let mut tls = rustls::StreamOwned::new(conn, sock);
+                write!(tls, "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+                let mut body = Vec::new();
+                // The hub may close without a TLS close_notify: keep what arrived.
+                let _ = tls.read_to_end(&mut body);
+                String::from_utf8_lossy(&body).into_owned()
+            }
+        };
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        parse_metrics(body)
+    }
+
+    /// Whether this hub leads its fleet (`shoal_hub_leader`; `None`: no answer).
+    pub fn is_leader(&self) -> Option<bool> {
+        let m = self.metrics().ok()?;
+        metric(&m, "shoal_hub_leader", &[]).map(|v| v == 1.0)
+    }
+
     pub fn apply(&self, manifest: &Path) -> Result<String> {
         let out = self.shoal(&["apply", "-f", manifest.to_str().unwrap()]);
         if !out.status.success() {

@@ -90,6 +90,81 @@ fn etcd_store_keeps_writes_until_flushed_and_retries_a_failed_flush() -> anyhow:
     Ok(())
 }
 
+/// Fencing: a leader's writes commit only while its election key lives. Two candidates
+/// campaign; the loser waits; the winner's lease is revoked (as etcd does when a leader
+/// dies); the old leader's next flush is refused and leaves nothing behind, and the other
+/// candidate is elected and writes.
+#[test]
+fn a_deposed_leader_cannot_write_and_the_next_candidate_is_elected() -> anyhow::Result<()> {
+    use shoal_hub::ha::Elector;
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+    let dir = tempfile::tempdir()?;
+    let etcd = Etcd::start(dir.path())?;
+    let url: EtcdUrl = format!("{}/fence", etcd.url())
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let tracker = TaskTracker::new();
+    let (a_stop, b_stop) = (CancellationToken::new(), CancellationToken::new());
+    let lease = Duration::from_secs(2);
+    let elector = rt.block_on(Elector::connect(&url, lease))?;
+    let a = rt.block_on(elector.campaign("a".into(), &tracker, a_stop.clone()))?;
+    assert_eq!(rt.block_on(elector.leader()).as_deref(), Some("a"));
+    let b = {
+        let (e, t, s) = (elector.clone(), tracker.clone(), b_stop.clone());
+        rt.spawn(async move { e.campaign("b".into(), &t, s).await })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!b.is_finished(), "b must wait while a leads");
+
+    let store = EtcdStore::connect(&url)?;
+    store.fence(a.fence.clone());
+    store.put_desired(&desired("d1", 1))?;
+    store.flush()?;
+    // A outlives the lease TTL: its keeper renews it.
+    std::thread::sleep(lease + Duration::from_millis(500));
+    assert!(!a.lost.is_cancelled() && !b.is_finished());
+
+    // The leader's lease ends (revoked here; expired when a leader dies).
+    a_stop.cancel();
+    let b = rt.block_on(b)??;
+    assert_eq!(rt.block_on(elector.leader()).as_deref(), Some("b"));
+    store.put_desired(&desired("d1", 2))?;
+    store.put_desired(&desired("d2", 1))?;
+    let err = store.flush().unwrap_err();
+    assert!(
+        matches!(err, shoal_hub::store::StoreError::Fenced { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("no longer the leader"), "{err}");
+    let snap = EtcdStore::connect(&url)?.load()?;
+    assert_eq!(
+        snap.desired.len(),
+        1,
+        "nothing of the deposed leader's commit"
+    );
+    assert_eq!(
+        snap.desired[&DeviceId::try_from("d1").unwrap()].generation,
+        1
+    );
+
+    // The new leader writes under its own fence.
+    let newer = EtcdStore::connect(&url)?;
+    newer.fence(b.fence.clone());
+    newer.put_desired(&desired("d1", 3))?;
+    newer.flush()?;
+    assert_eq!(
+        EtcdStore::connect(&url)?.load()?.desired[&DeviceId::try_from("d1").unwrap()].generation,
+        3
+    );
+    b_stop.cancel();
+    tracker.close();
+    rt.block_on(tracker.wait());
+    drop(etcd);
+    Ok(())
+}
+
 #[test]
 fn a_hub_on_etcd_is_replaced_by_one_with_an_empty_data_dir_and_carries_on() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -161,7 +236,7 @@ fn acknowledged_applies_survive_hub_kills(store: Option<&str>, kills: usize) -> 
     let (mqtt, http) = (free_port(), free_port());
     let mut flags = vec!["--insecure"];
     if let Some(s) = store {
-        flags.extend(["--store", s]);
+        flags.extend(["--store", s, "--leader-lease", "2s"]);
     }
     let mut acked: BTreeSet<String> = BTreeSet::new();
     let mut digest = String::new();
@@ -180,6 +255,13 @@ fn acknowledged_applies_survive_hub_kills(store: Option<&str>, kills: usize) -> 
         );
         if kill == kills {
             break;
+        }
+        // On etcd the restarted hub stands by until the killed one's lease has expired:
+        // the applies are meant for a leader.
+        if store.is_some() {
+            wait_until(Duration::from_secs(15), "the hub leads", || {
+                Ok((hub.is_leader() == Some(true)).then_some(()))
+            })?;
         }
         if digest.is_empty() {
             let out = hub.shoal_ok(&["push", module("probe.wasm").to_str().unwrap()]);

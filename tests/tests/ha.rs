@@ -1,0 +1,234 @@
+//! Hub replicas (issue 9): three hubs on one etcd and one mosquitto (TLS, the shipped ACL),
+//! real agents. The leader is SIGKILLed in the middle of a rolling update: a standby takes
+//! over within seconds, the rollout completes, no replica is lost or doubled and no
+//! acknowledged manifest is lost; standbys serve reads and refuse changes; the old leader
+//! comes back as a standby.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::Value;
+use shoal_e2e::*;
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const LEASE: &str = "2s";
+
+fn web(dir: &Path, file: &str, every_ms: u32) -> std::path::PathBuf {
+    write_manifest(
+        dir,
+        file,
+        &format!(
+            r#"apiVersion: shoal.dev/v1
+kind: Workload
+metadata: {{ name: web }}
+spec:
+  replicas: 6
+  wasm: {{ module: "{probe}" }}
+  args: ["heartbeat", "{every_ms}"]
+  resources: {{ memory: 16Mi }}
+  update: {{ maxUnavailable: 1, minReadySeconds: 2 }}
+"#,
+            probe = module("probe.wasm").display()
+        ),
+    )
+}
+
+/// A hub replica with its data under `dir` (its own directory per replica).
+fn replica(dir: &Path, broker: &str, etcd: &str) -> anyhow::Result<Hub> {
+    std::fs::create_dir_all(dir)?;
+    Hub::start_with(
+        dir,
+        Some(broker),
+        free_port(),
+        free_port(),
+        &[
+            "--store",
+            etcd,
+            "--leader-lease",
+            LEASE,
+            // Longer than the failover: no device may be taken for lost meanwhile.
+            "--device-grace",
+            "60s",
+        ],
+    )
+}
+
+fn leaders(hubs: &[&Hub]) -> Vec<usize> {
+    hubs.iter()
+        .enumerate()
+        .filter(|(_, h)| h.is_leader() == Some(true))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// A workload's replicas as (ordinal, device, revision, phase).
+fn replicas(w: &Value) -> Vec<(String, String, String, String)> {
+    w["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let s = |k: &str| r[k].as_str().unwrap_or_default().to_string();
+            (
+                r["replica"].to_string(),
+                s("device"),
+                s("revision"),
+                s("phase"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_killed_leader_is_replaced_within_seconds_and_its_rollout_completes() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let etcd = Etcd::start(dir.path())?;
+    // The broker's certificate comes from the first replica's fleet CA (`DIR/hub`), which
+    // the others then take from etcd.
+    let mq = Mosquitto::start(dir.path())?;
+    let mut first = replica(dir.path(), &mq.url(), &etcd.url())?;
+    wait_until(Duration::from_secs(15), "the first hub leads", || {
+        Ok((first.is_leader() == Some(true)).then_some(()))
+    })?;
+    let second = replica(&dir.path().join("r2"), &mq.url(), &etcd.url())?;
+    let third = replica(&dir.path().join("r3"), &mq.url(), &etcd.url())?;
+    assert_eq!(second.is_leader(), Some(false));
+    assert_eq!(third.is_leader(), Some(false));
+
+    let agents: Vec<Agent> = ["a1", "a2", "a3"]
+        .iter()
+        .map(|id| Agent::start(dir.path(), id, "", &first.join()).unwrap())
+        .collect();
+    first.wait_devices_online(3, Duration::from_secs(30))?;
+    first.apply(&web(dir.path(), "v1.yaml", 100))?;
+    let v1 = first.wait_running("web", 6, Duration::from_secs(60))?;
+    let rev1 = v1["revision"].as_str().unwrap().to_string();
+
+    // A standby answers reads from what the leader stored and what devices report...
+    let seen = second.wait_running("web", 6, Duration::from_secs(15))?;
+    assert_eq!(seen["revision"], rev1.as_str());
+    // ...and refuses changes over its HTTP API, naming the leader (`shoal apply` goes over
+    // MQTT, where only the leader answers).
+    let out = second.shoal(&["scale", "web", "--replicas", "7"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "a standby scaled a workload");
+    assert!(
+        err.contains("standby") && err.contains(&first.hub_url()),
+        "{err}"
+    );
+
+    // A rolling update, replica by replica, at least 2 s each (once v1's replicas count as
+    // ready: unready ones would be replaced at once); the leader dies during it.
+    std::thread::sleep(Duration::from_secs(3));
+    first.apply(&web(dir.path(), "v2.yaml", 50))?;
+    let other = write_manifest(
+        dir.path(),
+        "other.yaml",
+        &format!(
+            "apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: other }}\nspec:\n  wasm: {{ module: \"{}\" }}\n  args: [heartbeat, \"200\"]\n  resources: {{ memory: 16Mi }}\n",
+            module("probe.wasm").display()
+        ),
+    );
+    first.apply(&other)?;
+    let mut seen = Value::Null;
+    let under_way = wait_until(Duration::from_secs(30), "the rollout under way", || {
+        let w = first.workload("web")?.unwrap();
+        let updated = w["rollout"]["updated"].as_u64().unwrap_or(0);
+        let ok = w["rollout"]["state"] == "Progressing" && (1..6).contains(&updated);
+        seen = w;
+        Ok(ok.then_some(()))
+    });
+    assert!(under_way.is_ok(), "no rollout under way: {seen}");
+    // A module uploaded to the leader only; a workload uses it after the failover.
+    let out = first.shoal_ok(&["push", module("ticker.wasm").to_str().unwrap()]);
+    let ticker = String::from_utf8(out.stdout)?.trim().to_string();
+    first.proc.kill();
+    let killed = Instant::now();
+    let hubs = [&second, &third];
+    let leader = wait_until(Duration::from_secs(15), "a new leader", || {
+        Ok(leaders(&hubs).first().copied())
+    })?;
+    let failover = killed.elapsed();
+    eprintln!("new leader after {failover:?}");
+    assert!(
+        failover < Duration::from_secs(5),
+        "a new leader took {failover:?}"
+    );
+    let (leader, standby) = (hubs[leader], hubs[1 - leader]);
+    assert_eq!(leaders(&hubs).len(), 1, "one leader");
+
+    // The rollout goes on where it was and completes.
+    let done = wait_until(Duration::from_secs(90), "the rollout completes", || {
+        let w = leader.workload("web")?.unwrap();
+        let reps = replicas(&w);
+        let ok = w["rollout"]["state"] == "Complete"
+            && reps.len() == 6
+            && reps.iter().all(|r| r.3 == "Running" && r.2 != rev1);
+        Ok(ok.then_some(w))
+    })?;
+    // Each replica exactly once, in the hub's view and on the devices: what the agents run
+    // (their local `ps`) settles on each instance once, nothing twice, nothing missing.
+    let reps = replicas(&done);
+    let names: BTreeSet<&str> = reps.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(names.len(), 6, "{reps:?}");
+    let mut want: Vec<String> = (0..6)
+        .map(|i| format!("web-{i}"))
+        .chain(["other-0".to_string()])
+        .collect();
+    want.sort();
+    let mut last = Vec::new();
+    let settled = wait_until(
+        Duration::from_secs(30),
+        "the devices run each replica once",
+        || {
+            let mut running: Vec<String> = Vec::new();
+            for a in &agents {
+                let out = std::process::Command::new(bin("shoal-agent"))
+                    .args(["ps", "-o", "json", "--socket"])
+                    .arg(a.data_dir.join("agent.sock"))
+                    .output()?;
+                let ps: Value = serde_json::from_slice(&out.stdout)?;
+                running.extend(
+                    ps.as_array()
+                        .unwrap()
+                        .iter()
+                        .filter(|r| r["phase"] == "Running")
+                        .map(|r| r["instance"].as_str().unwrap().to_string()),
+                );
+            }
+            running.sort();
+            last = running.clone();
+            Ok((running == want).then_some(()))
+        },
+    );
+    assert!(settled.is_ok(), "devices run {last:?}, want {want:?}");
+    // The new leader has the blob the old one took (through etcd), and the device that
+    // runs it downloads it from the new leader.
+    let late = write_manifest(
+        dir.path(),
+        "late.yaml",
+        &format!(
+            "apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: late }}\nspec:\n  wasm: {{ module: \"{ticker}\" }}\n  args: [late]\n  resources: {{ memory: 16Mi }}\n"
+        ),
+    );
+    leader.apply(&late)?;
+    leader.wait_running("late", 1, Duration::from_secs(30))?;
+    // Nothing acknowledged was lost.
+    let w = leader.wait_running("other", 1, Duration::from_secs(30))?;
+    assert_eq!(w["name"], "other");
+    let history = leader.json(&["rollout", "history", "web"])?;
+    assert!(history.as_array().unwrap().len() >= 2, "{history}");
+    // The standby follows.
+    wait_until(Duration::from_secs(15), "the standby follows", || {
+        let w = standby.workload("web")?.unwrap();
+        Ok((w["revision"] == done["revision"]).then_some(()))
+    })?;
+
+    // The old leader comes back (same data directory) and stands by.
+    let back = replica(dir.path(), &mq.url(), &etcd.url())?;
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(back.is_leader(), Some(false));
+    assert_eq!(leaders(&[&second, &third, &back]).len(), 1);
+    drop(first);
+    Ok(())
+}
