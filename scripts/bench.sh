@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Benchmarks (not part of the test run): release builds, then shoal-bench prints a Markdown
 # table of apply → Running latency (vs MQTT hops through the same broker; and with the hub's
-# state in etcd vs on sled, side by side), agent RSS and binary sizes; then shoal-join-bench (root: network namespaces) times mDNS joins against
+# state in etcd vs on sled, side by side), hub failover time (three replicas on etcd, the
+# leader SIGKILLed SHOAL_BENCH_KILLS times, default 10, vs the lease TTL), agent RSS and
+# binary sizes; then shoal-join-bench (root: network namespaces) times mDNS joins against
 # joins with --broker. SHOAL_BENCH_N sets the number of applies (default 200),
 # SHOAL_BENCH_JOINS the number of joins (default 20); then shoal-scale-bench (the hub under
 # SHOAL_BENCH_FLEET simulated devices, default 10,000), shoal-container-bench (root: a

@@ -2,7 +2,8 @@
 //! real agents. The leader is SIGKILLed in the middle of a rolling update: a standby takes
 //! over within seconds, the rollout completes, no replica is lost or doubled and no
 //! acknowledged manifest is lost; standbys serve reads and refuse changes; the old leader
-//! comes back as a standby.
+//! comes back as a standby. The broker is SIGKILLed under load and restarted: everyone
+//! reconnects and the fleet converges.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::Value;
@@ -77,6 +78,33 @@ fn replicas(w: &Value) -> Vec<(String, String, String, String)> {
             )
         })
         .collect()
+}
+
+/// Waits until the agents' local `ps` shows exactly `want` (sorted instance names) running:
+/// each once, nothing twice, nothing missing.
+fn each_runs_once(agents: &[Agent], want: &[String], within: Duration) {
+    let mut last = Vec::new();
+    let settled = wait_until(within, "each replica running once", || {
+        let mut running = Vec::new();
+        for a in agents {
+            let out = std::process::Command::new(bin("shoal-agent"))
+                .args(["ps", "-o", "json", "--socket"])
+                .arg(a.data_dir.join("agent.sock"))
+                .output()?;
+            let ps: Value = serde_json::from_slice(&out.stdout)?;
+            running.extend(
+                ps.as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|r| r["phase"] == "Running")
+                    .map(|r| r["instance"].as_str().unwrap().to_string()),
+            );
+        }
+        running.sort();
+        last = running.clone();
+        Ok((running == want).then_some(()))
+    });
+    assert!(settled.is_ok(), "devices run {last:?}, want {want:?}");
 }
 
 #[test]
@@ -176,32 +204,7 @@ fn a_killed_leader_is_replaced_within_seconds_and_its_rollout_completes() -> any
         .chain(["other-0".to_string()])
         .collect();
     want.sort();
-    let mut last = Vec::new();
-    let settled = wait_until(
-        Duration::from_secs(30),
-        "the devices run each replica once",
-        || {
-            let mut running: Vec<String> = Vec::new();
-            for a in &agents {
-                let out = std::process::Command::new(bin("shoal-agent"))
-                    .args(["ps", "-o", "json", "--socket"])
-                    .arg(a.data_dir.join("agent.sock"))
-                    .output()?;
-                let ps: Value = serde_json::from_slice(&out.stdout)?;
-                running.extend(
-                    ps.as_array()
-                        .unwrap()
-                        .iter()
-                        .filter(|r| r["phase"] == "Running")
-                        .map(|r| r["instance"].as_str().unwrap().to_string()),
-                );
-            }
-            running.sort();
-            last = running.clone();
-            Ok((running == want).then_some(()))
-        },
-    );
-    assert!(settled.is_ok(), "devices run {last:?}, want {want:?}");
+    each_runs_once(&agents, &want, Duration::from_secs(30));
     // The new leader has the blob the old one took (through etcd), and the device that
     // runs it downloads it from the new leader.
     let late = write_manifest(
@@ -230,5 +233,105 @@ fn a_killed_leader_is_replaced_within_seconds_and_its_rollout_completes() -> any
     assert_eq!(back.is_leader(), Some(false));
     assert_eq!(leaders(&[&second, &third, &back]).len(), 1);
     drop(first);
+    Ok(())
+}
+
+/// The broker (mosquitto, no persistence: it forgets every retained message) is SIGKILLed
+/// while manifests keep arriving, and started again on its port. Hubs and agents reconnect,
+/// the leader publishes every desired state again, and the fleet converges: every
+/// acknowledged manifest runs, nothing runs twice.
+#[test]
+fn the_fleet_reconverges_after_the_broker_restarts_under_load() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let etcd = Etcd::start(dir.path())?;
+    let mut mq = Mosquitto::start(dir.path())?;
+    let leader = replica(dir.path(), &mq.url(), &etcd.url())?;
+    wait_until(Duration::from_secs(15), "the first hub leads", || {
+        Ok((leader.is_leader() == Some(true)).then_some(()))
+    })?;
+    let standby = replica(&dir.path().join("r2"), &mq.url(), &etcd.url())?;
+    let agents: Vec<Agent> = ["b1", "b2", "b3"]
+        .iter()
+        .map(|id| Agent::start(dir.path(), id, "", &leader.join()).unwrap())
+        .collect();
+    leader.wait_devices_online(3, Duration::from_secs(30))?;
+    let out = leader.shoal_ok(&["push", module("probe.wasm").to_str().unwrap()]);
+    let digest = String::from_utf8(out.stdout)?.trim().to_string();
+
+    // Load: one new workload after another, each acknowledged or not.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let applier = {
+        let stop = stop.clone();
+        let (dir, digest) = (dir.path().to_path_buf(), digest.clone());
+        let env = [
+            ("SHOAL_HUB", leader.hub_url()),
+            ("SHOAL_BROKER", leader.broker_url.clone()),
+            (
+                "SHOAL_CREDENTIALS",
+                leader.data_dir.join("operator").display().to_string(),
+            ),
+        ];
+        std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 60 {
+                let name = format!("w{n}");
+                n += 1;
+                let path = write_manifest(
+                    &dir,
+                    "load.yaml",
+                    &format!(
+                        "apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: {name} }}\nspec:\n  wasm: {{ module: \"{digest}\" }}\n  args: [heartbeat, \"500\"]\n  resources: {{ memory: 16Mi }}\n"
+                    ),
+                );
+                let out = std::process::Command::new(bin("shoal"))
+                    .args(["apply", "--timeout", "3s", "-f"])
+                    .arg(&path)
+                    .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+                    .output()
+                    .unwrap();
+                if out.status.success() {
+                    acked.push(name);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (acked, n)
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let port = mq.port;
+    mq.proc.kill();
+    std::thread::sleep(Duration::from_secs(2));
+    mq = Mosquitto::start_on(dir.path(), port)?;
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, tried) = applier.join().unwrap();
+    eprintln!(
+        "{} of {tried} applies acknowledged around the broker restart",
+        acked.len()
+    );
+    assert!(acked.len() >= 5, "only {} acknowledged", acked.len());
+
+    // Everything acknowledged is stored and runs, once; devices are back online.
+    leader.wait_devices_online(3, Duration::from_secs(30))?;
+    for name in &acked {
+        leader.wait_running(name, 1, Duration::from_secs(60))?;
+    }
+    let stored: BTreeSet<String> = leader
+        .workloads()?
+        .iter()
+        .map(|w| w["name"].as_str().unwrap().to_string())
+        .collect();
+    let mut want: Vec<String> = stored.iter().map(|n| format!("{n}-0")).collect();
+    want.sort();
+    each_runs_once(&agents, &want, Duration::from_secs(60));
+    // The restarted broker holds every device's desired state again (retained).
+    for a in &agents {
+        let topic = format!("shoal/v1/devices/{}/desired", a.id);
+        assert!(retained(&mq.access(), &topic)?.is_some(), "{topic}");
+    }
+    // Leadership did not move: it lives in etcd, not in the broker.
+    assert_eq!(leader.is_leader(), Some(true));
+    assert_eq!(standby.is_leader(), Some(false));
     Ok(())
 }

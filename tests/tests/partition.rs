@@ -1,0 +1,169 @@
+//! A device cut off the network (issue 9's partition test): hosts in network namespaces, the
+//! device's switch port goes down for longer than the grace period. Meanwhile the device
+//! keeps running what it has (offline autonomy) and the hub moves its replicas; when the
+//! link comes back the device takes the newer desired state and stops what moved away, so
+//! no replica runs twice. Needs root (see `shoal_e2e::netns`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use anyhow::Result;
+use serde_json::Value;
+use shoal_e2e::netns::Lan;
+use shoal_e2e::*;
+use std::time::Duration;
+
+/// Instances running on an agent, by its local `ps` (its socket is a file: reachable from
+/// outside its namespace).
+fn running(agent: &Agent) -> Result<Vec<String>> {
+    let out = std::process::Command::new(bin("shoal-agent"))
+        .args(["ps", "-o", "json", "--socket"])
+        .arg(agent.data_dir.join("agent.sock"))
+        .output()?;
+    let ps: Value = serde_json::from_slice(&out.stdout)?;
+    let mut v: Vec<String> = ps
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|r| r["phase"] == "Running")
+                .map(|r| r["instance"].as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    Ok(v)
+}
+
+#[test]
+fn a_partitioned_device_loses_its_replicas_and_on_return_runs_no_duplicates() -> Result<()> {
+    let Some(lan) = Lan::new(3)? else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let hub_dir = dir.path().join("hub");
+    let mut cmd = lan.command(0, bin("shoal-hub"));
+    cmd.args(["serve", "--data-dir"]).arg(&hub_dir).args([
+        "--mqtt-listen",
+        "0.0.0.0:8883",
+        "--http-listen",
+        "0.0.0.0:8080",
+        "--no-mdns",
+        "--device-grace",
+        "3s",
+    ]);
+    let _hub = Proc::spawn("hub", &mut cmd, dir.path().join("hub.log"))?;
+    let creds = hub_dir.join("operator");
+    let shoal = |args: &[&str]| {
+        lan.command(0, bin("shoal"))
+            .args(args)
+            .env("SHOAL_BROKER", "mqtts://127.0.0.1:8883")
+            .env("SHOAL_HUB", "https://127.0.0.1:8080")
+            .env("SHOAL_CREDENTIALS", &creds)
+            .output()
+            .expect("run shoal")
+    };
+    let json = |args: &[&str]| -> Result<Value> {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        let out = shoal(&a);
+        anyhow::ensure!(
+            out.status.success(),
+            "shoal {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    wait_until(Duration::from_secs(20), "hub up", || {
+        Ok(shoal(&["get", "devices"]).status.success().then_some(()))
+    })?;
+    let join = Join {
+        broker: format!("mqtts://{}:8883", lan.addr(0)),
+        hub: format!("https://{}:8080", lan.addr(0)),
+        hub_data: Some(hub_dir.clone()),
+    };
+    let cut = Agent::start_program(
+        dir.path(),
+        "p1",
+        "",
+        &join,
+        &[],
+        lan.command(1, bin("shoal-agent")),
+    )?;
+    let other = Agent::start_program(
+        dir.path(),
+        "p2",
+        "",
+        &join,
+        &[],
+        lan.command(2, bin("shoal-agent")),
+    )?;
+    let online = |n: usize| -> Result<Option<()>> {
+        let d = json(&["get", "devices"])?;
+        let up = d
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["online"] == true && d["lost"] == false)
+            .count();
+        Ok((up == n).then_some(()))
+    };
+    wait_until(Duration::from_secs(30), "two devices online", || online(2))?;
+    // Spread: one replica on each device.
+    let manifest = write_manifest(
+        dir.path(),
+        "web.yaml",
+        &format!(
+            "apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: web }}\nspec:\n  replicas: 2\n  wasm: {{ module: \"{}\" }}\n  args: [heartbeat, \"200\"]\n  resources: {{ memory: 16Mi }}\n",
+            module("probe.wasm").display()
+        ),
+    );
+    let out = shoal(&["apply", "-f", manifest.to_str().unwrap()]);
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until(Duration::from_secs(60), "one replica per device", || {
+        Ok((running(&cut)?.len() == 1 && running(&other)?.len() == 1).then_some(()))
+    })?;
+    let mine = running(&cut)?;
+
+    // Unplugged: lost after its MQTT keep-alive runs out and the grace period passes; its
+    // replica moves to the other device. The cut-off device keeps running its own.
+    lan.set_link(1, false)?;
+    wait_until(
+        Duration::from_secs(60),
+        "the replica moved off the cut-off device",
+        || Ok((running(&other)?.len() == 2).then_some(())),
+    )?;
+    let devices = json(&["get", "devices"])?;
+    let p1 = devices
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == "p1")
+        .unwrap();
+    assert_eq!(p1["lost"], true, "{p1}");
+    assert_eq!(
+        running(&cut)?,
+        mine,
+        "offline, the device keeps what it runs"
+    );
+
+    // Plugged back in: it learns its replica moved and stops it; nothing runs twice.
+    lan.set_link(1, true)?;
+    wait_until(
+        Duration::from_secs(60),
+        "the device back and reconciled",
+        || Ok((online(2)?.is_some() && running(&cut)?.is_empty()).then_some(())),
+    )?;
+    let both = running(&other)?;
+    assert_eq!(
+        both,
+        ["web-0", "web-1"],
+        "every replica once, on the other device"
+    );
+    // And it stays that way (placement is stable: nothing moves back).
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(running(&cut)?.is_empty());
+    assert_eq!(running(&other)?, both);
+    Ok(())
+}
