@@ -281,9 +281,37 @@ pub struct DeviceStatus {
     pub observed_generation: u64,
     #[serde(default)]
     pub workloads: Vec<InstanceStatus>,
-    /// Milliseconds since the Unix epoch when the status was produced.
+    /// Milliseconds since the Unix epoch when the status was produced; strictly increasing
+    /// across an agent's reports (hub replicas take them in parallel and order them by it).
     #[serde(default)]
     pub time_ms: u64,
+}
+
+/// `hubs/{replica}/ingest`: what one hub replica heard from devices since its last batch,
+/// for the other replicas (the leader decides on it, standbys answer reads with it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IngestBatch {
+    #[serde(default = "protocol")]
+    pub protocol: u32,
+    /// Statuses whose content changed (or that another replica has older).
+    #[serde(default)]
+    pub statuses: Vec<DeviceStatus>,
+    /// Statuses that only repeated what was known: the device is alive.
+    #[serde(default)]
+    pub heard: Vec<Heard>,
+}
+
+/// A status that repeated known content: its device, time and content fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Heard {
+    pub device_id: DeviceId,
+    #[serde(default)]
+    pub time_ms: u64,
+    /// See `DeviceStatus::fingerprint` in the hub: equal content, equal fingerprint.
+    #[serde(default)]
+    pub fingerprint: String,
 }
 
 /// `results/{req}`: the hub's verdict on an apply.

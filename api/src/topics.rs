@@ -10,6 +10,11 @@
 //! | `shoal/v1/devices/{d}/status` | agent → hub | yes |
 //! | `shoal/v1/devices/{d}/logreq` | hub → agent | no |
 //! | `shoal/v1/devices/{d}/logs/{req}` | agent → hub | no |
+//! | `shoal/v1/hubs/{replica}/ingest` | hub replica → hub replicas | no |
+//!
+//! Hub replicas (a shared store, an external broker) take device statuses through the MQTT 5
+//! shared subscription [`SHARED_STATUS`], so each report reaches one replica; that replica
+//! passes what the others need on as an [`crate::messages::IngestBatch`].
 
 use crate::ids::DeviceId;
 
@@ -23,6 +28,11 @@ pub const ALL_HELLO: &str = "shoal/v1/devices/+/hello";
 pub const ALL_PRESENCE: &str = "shoal/v1/devices/+/presence";
 pub const ALL_STATUS: &str = "shoal/v1/devices/+/status";
 pub const ALL_LOGS: &str = "shoal/v1/devices/+/logs/+";
+/// The MQTT 5 shared subscription hub replicas take statuses through: the broker hands
+/// each report to one member of the `shoal-hub` group.
+pub const SHARED_STATUS: &str = "$share/shoal-hub/shoal/v1/devices/+/status";
+/// Subscription filter for the replicas' ingest batches.
+pub const ALL_HUB_INGEST: &str = "shoal/v1/hubs/+/ingest";
 /// Presence payloads.
 pub const ONLINE: &str = "online";
 pub const OFFLINE: &str = "offline";
@@ -51,6 +61,10 @@ pub fn log_request(d: &DeviceId) -> String {
 pub fn logs(d: &DeviceId, req: &str) -> String {
     format!("{PREFIX}/devices/{d}/logs/{req}")
 }
+/// Where hub replica `replica` publishes its ingest batches.
+pub fn hub_ingest(replica: &str) -> String {
+    format!("{PREFIX}/hubs/{replica}/ingest")
+}
 
 /// Whether the hub may answer an apply on this MQTT 5 response topic: anything outside
 /// `shoal/v1/`, or a results topic (never a device's or the apply topic).
@@ -72,6 +86,8 @@ pub enum Inbound {
     Status(String),
     /// Log lines: the device and the request id.
     Logs(String, String),
+    /// Another hub replica's ingest batch: its replica id.
+    Ingest(String),
 }
 
 /// Classifies an incoming topic; `None` for anything that is not a hub-bound Shoal topic.
@@ -88,6 +104,7 @@ pub fn classify(topic: &str) -> Option<Inbound> {
         ["devices", d, "logs", req] if !req.is_empty() => {
             Some(Inbound::Logs((*d).to_string(), (*req).to_string()))
         }
+        ["hubs", r, "ingest"] if !r.is_empty() => Some(Inbound::Ingest((*r).to_string())),
         _ => None,
     }
 }
@@ -108,6 +125,11 @@ mod tests {
             Some(Inbound::Status("e1".into()))
         );
         assert_eq!(classify("shoal/v1/devices/e1/desired"), None);
+        assert_eq!(
+            classify(&hub_ingest("h1")),
+            Some(Inbound::Ingest("h1".into()))
+        );
+        assert_eq!(classify("shoal/v1/hubs//ingest"), None);
         assert_eq!(classify("shoal/v1/devices/e1/logreq"), None);
         assert_eq!(
             classify(&logs(&DeviceId::try_from("e1").unwrap(), "r7")),

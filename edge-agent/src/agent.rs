@@ -288,6 +288,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         desired: None,
         replicas: BTreeMap::new(),
         statuses: BTreeMap::new(),
+        status_ms: std::sync::atomic::AtomicU64::new(0),
         next_task: 0,
         discovery,
         mdns_tx,
@@ -478,6 +479,9 @@ struct Agent<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> {
     desired: Option<DesiredState>,
     replicas: BTreeMap<String, Replica>,
     statuses: BTreeMap<String, InstanceStatus>,
+    /// The time of the last status sent: each status is strictly newer (hub replicas order
+    /// a device's reports by it, and two can fall in one millisecond).
+    status_ms: std::sync::atomic::AtomicU64,
     next_task: u64,
     discovery: Arc<dyn Discovery>,
     mdns_tx: mpsc::Sender<MdnsEvent>,
@@ -1263,7 +1267,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
             device_id: self.config.device_id.clone(),
             observed_generation: self.desired.as_ref().map_or(0, |d| d.generation),
             workloads: self.statuses.values().cloned().collect(),
-            time_ms: now_ms(),
+            time_ms: strictly_after(&self.status_ms, now_ms()),
         };
         match serde_json::to_vec(&status) {
             Ok(p) => {
@@ -1277,6 +1281,20 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
     async fn publish(&self, topic: String, payload: Vec<u8>, retain: bool) {
         if let Err(e) = self.bus.publish(topic, payload, retain).await {
             debug!(error = %e, "publish dropped (will resend on reconnect)");
+        }
+    }
+}
+
+/// `now`, or one past the last time handed out when that is not older: successive calls
+/// return strictly increasing times.
+fn strictly_after(last: &std::sync::atomic::AtomicU64, now: u64) -> u64 {
+    use std::sync::atomic::Ordering;
+    let mut prev = last.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(prev + 1);
+        match last.compare_exchange_weak(prev, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(p) => prev = p,
         }
     }
 }
@@ -1314,5 +1332,19 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Drop for Agent<S, B,
         for r in self.replicas.values() {
             r.controls.cancel.cancel();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strictly_after;
+
+    #[test]
+    fn status_times_strictly_increase() {
+        let last = std::sync::atomic::AtomicU64::new(0);
+        assert_eq!(strictly_after(&last, 100), 100);
+        assert_eq!(strictly_after(&last, 100), 101); // same millisecond
+        assert_eq!(strictly_after(&last, 50), 102); // the clock stepped back
+        assert_eq!(strictly_after(&last, 500), 500);
     }
 }

@@ -170,11 +170,14 @@ pub enum BusAuth {
     Tls(std::sync::Arc<rustls::ClientConfig>),
 }
 
-/// Connects to `broker` and spawns the event loop task; events go to `tx`.
+/// Connects to `broker` and spawns the event loop task; events go to `tx`. With
+/// `shared_ingest` (hub replicas), statuses come through the shared subscription and the
+/// other replicas' ingest batches are subscribed to (see [`crate::ingest`]).
 pub fn connect(
     broker: &BrokerUrl,
     client_id: &str,
     auth: BusAuth,
+    shared_ingest: bool,
     tx: mpsc::Sender<BusEvent>,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
@@ -235,16 +238,22 @@ pub fn connect(
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     failures = 0;
                     info!(%broker, "hub connected to broker");
+                    let status: &[&str] = match shared_ingest {
+                        true => &[topics::SHARED_STATUS, topics::ALL_HUB_INGEST],
+                        false => &[topics::ALL_STATUS],
+                    };
                     for f in [
                         topics::APPLY,
                         topics::APPLY_WITH_REQ,
                         topics::ALL_HELLO,
                         topics::ALL_PRESENCE,
-                        topics::ALL_STATUS,
                         topics::ALL_LOGS,
-                    ] {
-                        if let Err(e) = sub.try_subscribe(f, QoS::AtLeastOnce) {
-                            warn!(filter = f, error = %e, "subscribe failed");
+                    ]
+                    .iter()
+                    .chain(status)
+                    {
+                        if let Err(e) = sub.try_subscribe(*f, QoS::AtLeastOnce) {
+                            warn!(filter = *f, error = %e, "subscribe failed");
                         }
                     }
                     if !forward(BusEvent::Connected) {

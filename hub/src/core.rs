@@ -27,6 +27,41 @@ struct Live {
     offline_since_ms: Option<u64>,
     /// Offline, or silent, for longer than the grace period: its replicas move.
     lost: bool,
+    /// When this hub took `status` (its own clock; see [`HubCore::accept_status`]).
+    status_at_ms: u64,
+    /// `status`'s fingerprint, once asked for.
+    fingerprint: Option<String>,
+}
+
+impl Live {
+    fn fingerprint(&mut self) -> Option<&str> {
+        let s = self.status.as_ref()?;
+        Some(
+            self.fingerprint
+                .get_or_insert_with(|| crate::ingest::fingerprint(s)),
+        )
+    }
+}
+
+/// How long a status stays newer than a report with an older device time arriving after it.
+/// Hub replicas take reports in parallel, so two of a device's reports can reach a hub out of
+/// order, but only within this window; past it the arrival order wins, so a device whose
+/// clock jumps back is not ignored for longer.
+const REORDER_WINDOW_MS: u64 = 2_000;
+
+/// What [`HubCore::accept_status`] made of a device's report.
+#[derive(Debug, PartialEq)]
+pub enum Accepted {
+    /// New content, now the device's status (a copy for the other replicas).
+    New(DeviceStatus),
+    /// The content the hub had, newer: the device is alive.
+    Same(shoal_api::messages::Heard),
+    /// Older than the status the hub has; `ours` is that status when its content differs
+    /// (another replica may have taken the older report as the newest: it needs ours).
+    Stale {
+        heard: shoal_api::messages::Heard,
+        ours: Option<DeviceStatus>,
+    },
 }
 
 pub struct HubCore<S: Store> {
@@ -776,8 +811,93 @@ impl<S: Store> HubCore<S> {
         if let Some(rec) = self.devices.get_mut(&id) {
             rec.last_seen_ms = now;
         }
-        self.live.entry(id.clone()).or_default().status = Some(status);
+        let live = self.live.entry(id.clone()).or_default();
+        live.status = Some(status);
+        live.status_at_ms = now;
+        live.fingerprint = None;
         self.heard(&id, now);
+    }
+
+    /// A device's report as hub replicas take it (see [`crate::ingest`]): reports may
+    /// arrive out of order, so one older than the hub's status (by the device's clock, within
+    /// [`REORDER_WINDOW_MS`] of taking that status) is not taken.
+    pub fn accept_status(&mut self, status: DeviceStatus) -> Accepted {
+        let id = status.device_id.clone();
+        let now = now_ms();
+        if let Some(rec) = self.devices.get_mut(&id) {
+            rec.last_seen_ms = now;
+        }
+        self.heard(&id, now);
+        let live = self.live.entry(id.clone()).or_default();
+        let heard = |fingerprint: String| shoal_api::messages::Heard {
+            device_id: id.clone(),
+            time_ms: status.time_ms,
+            fingerprint,
+        };
+        let accepted = match &live.status {
+            Some(cur)
+                if status.time_ms < cur.time_ms
+                    && now.saturating_sub(live.status_at_ms) < REORDER_WINDOW_MS =>
+            {
+                let theirs = crate::ingest::fingerprint(&status);
+                let ours = live.fingerprint().map(str::to_string);
+                let differs = ours.as_deref() != Some(theirs.as_str());
+                let ours = live.status.clone().filter(|_| differs);
+                return Accepted::Stale {
+                    heard: heard(theirs),
+                    ours,
+                };
+            }
+            Some(cur)
+                if cur.observed_generation == status.observed_generation
+                    && cur.workloads == status.workloads =>
+            {
+                let fp = live.fingerprint().map(str::to_string).unwrap_or_default();
+                Accepted::Same(heard(fp))
+            }
+            _ => {
+                live.fingerprint = None;
+                Accepted::New(status.clone())
+            }
+        };
+        live.status = Some(status);
+        live.status_at_ms = now;
+        accepted
+    }
+
+    /// Another replica's ingest batch (see [`crate::ingest`]); returns the statuses this hub
+    /// must pass on again: its own, where the batch brought an older one with other content.
+    pub fn ingest_batch(&mut self, batch: shoal_api::messages::IngestBatch) -> Vec<DeviceStatus> {
+        let mut again = Vec::new();
+        for s in batch.statuses {
+            if let Accepted::Stale { ours: Some(o), .. } = self.accept_status(s) {
+                again.push(o);
+            }
+        }
+        for h in &batch.heard {
+            self.heard_status(h);
+        }
+        again
+    }
+
+    /// Another replica heard a device repeat a status: it is alive, and when the content is
+    /// the one this hub has, that status is as new as the report.
+    pub fn heard_status(&mut self, h: &shoal_api::messages::Heard) {
+        let now = now_ms();
+        if let Some(rec) = self.devices.get_mut(&h.device_id) {
+            rec.last_seen_ms = now;
+        }
+        self.heard(&h.device_id, now);
+        let Some(live) = self.live.get_mut(&h.device_id) else {
+            return;
+        };
+        let same = live.fingerprint() == Some(h.fingerprint.as_str());
+        if let (true, Some(cur)) = (same, live.status.as_mut()) {
+            if h.time_ms > cur.time_ms {
+                cur.time_ms = h.time_ms;
+                live.status_at_ms = now;
+            }
+        }
     }
 
     fn workload_list(&self) -> Vec<Workload> {
@@ -1402,6 +1522,94 @@ spec:
   selector: { role: sensor }
   wasm: { module: "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad" }
 "#;
+
+    /// A report of device `d1`: `content` picks one of three contents (so reports repeat).
+    fn d1_report(content: u8, time_ms: u64) -> DeviceStatus {
+        let phase = [Phase::Running, Phase::Failed, Phase::Starting][usize::from(content % 3)];
+        DeviceStatus {
+            protocol: 1,
+            device_id: DeviceId::try_from("d1").unwrap(),
+            observed_generation: 1,
+            workloads: vec![shoal_api::messages::InstanceStatus {
+                name: "web".try_into().unwrap(),
+                replica: 0,
+                revision: "r1".into(),
+                phase,
+                restarts: 0,
+                reason: None,
+                exit_code: None,
+                started_at_ms: None,
+                backoff_ms: None,
+                variant: "wasm".into(),
+                healthy: None,
+            }],
+            time_ms,
+        }
+    }
+
+    proptest::proptest! {
+        /// Three replicas take a device's reports as a shared subscription hands them out
+        /// (any replica, any order of batches): once the batches are all through, every
+        /// replica holds the content of the device's newest report.
+        #[test]
+        fn replicas_agree_on_the_newest_status(
+            steps in proptest::collection::vec((0u8..3, 0usize..3, proptest::bool::ANY), 1..40)
+        ) {
+            let mut hubs: Vec<HubCore<MemStore>> = (0..3)
+                .map(|_| HubCore::open(MemStore::default(), "http://h".into()).unwrap())
+                .collect();
+            let mut relays: Vec<crate::ingest::Relay> = (0..3).map(|_| Default::default()).collect();
+            // Batches on the wire: (from, batch), delivered in order per sender.
+            let mut wire: Vec<(usize, shoal_api::messages::IngestBatch)> = Vec::new();
+            let deliver = |hubs: &mut Vec<HubCore<MemStore>>,
+                           relays: &mut Vec<crate::ingest::Relay>,
+                           from: usize,
+                           b: shoal_api::messages::IngestBatch| {
+                for to in (0..3).filter(|&t| t != from) {
+                    for again in hubs[to].ingest_batch(b.clone()) {
+                        relays[to].changed(again);
+                    }
+                }
+            };
+            let mut newest = None;
+            for (i, (content, to, flush)) in steps.iter().enumerate() {
+                let r = d1_report(*content, 1000 + i as u64);
+                newest = Some(r.clone());
+                match hubs[*to].accept_status(r) {
+                    Accepted::New(s) => relays[*to].changed(s),
+                    Accepted::Same(h) | Accepted::Stale { heard: h, .. } => relays[*to].heard(h),
+                }
+                if *flush {
+                    // One replica's batch goes out; an older one still on the wire goes first.
+                    for b in relays[*to].take() {
+                        wire.push((*to, b));
+                    }
+                    if wire.len() > 1 {
+                        let (from, b) = wire.remove(0);
+                        deliver(&mut hubs, &mut relays, from, b);
+                    }
+                }
+            }
+            // Drain: everything on the wire, then whatever that made the replicas pass on.
+            for _ in 0..10 {
+                for (from, b) in std::mem::take(&mut wire) {
+                    deliver(&mut hubs, &mut relays, from, b);
+                }
+                for (from, r) in relays.iter_mut().enumerate() {
+                    wire.extend(r.take().into_iter().map(|b| (from, b)));
+                }
+                if wire.is_empty() {
+                    break;
+                }
+            }
+            let want = newest.unwrap().workloads;
+            for (i, h) in hubs.iter().enumerate() {
+                let have = h.live.get(&DeviceId::try_from("d1").unwrap())
+                    .and_then(|l| l.status.as_ref()).map(|s| s.workloads.clone());
+                proptest::prop_assert_eq!(have.as_ref(), Some(&want), "replica {}", i);
+            }
+        }
+    }
 
     struct Shared(std::sync::Arc<MemStore>);
     impl Store for Shared {

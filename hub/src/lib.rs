@@ -15,6 +15,7 @@ pub mod etcd;
 pub mod events;
 pub mod ha;
 pub mod http;
+pub mod ingest;
 pub mod logs;
 pub mod metrics;
 pub mod rollout;

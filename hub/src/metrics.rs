@@ -136,7 +136,7 @@ impl Metrics {
         );
         r.register(
             "shoal_hub_mqtt_messages_received",
-            "MQTT messages the hub received, by kind (apply, hello, presence, status)",
+            "MQTT messages the hub received, by kind (apply, hello, presence, status, logs, ingest: other replicas' batches)",
             self.mqtt_received.clone(),
         );
         r.register(

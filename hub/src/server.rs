@@ -105,6 +105,8 @@ pub enum Event {
     Tick,
     /// Time to step rollouts that have new reports.
     RolloutTick,
+    /// Time to pass what this replica heard on to the others (see [`crate::ingest`]).
+    RelayTick,
 }
 
 const NOT_DURABLE: &str = "the hub could not make the change durable (store flush failed); it retries, check the hub's disk";
@@ -114,6 +116,9 @@ const BATCH: usize = 256;
 
 /// How long status reports are gathered before a rollout steps on them.
 const ROLLOUT_BATCH_MS: u64 = 50;
+
+/// How long a replica gathers device reports before passing them on (see [`crate::ingest`]).
+const RELAY_BATCH_MS: u64 = 50;
 
 /// Runs the hub until `shutdown` is cancelled.
 pub async fn run(config: HubConfig, shutdown: CancellationToken) -> Result<(), HubError> {
@@ -259,10 +264,18 @@ async fn serve(
     // Deep enough for a fleet's join burst: while it is full the bus task cannot poll the
     // connection, and a broker drops a client that misses its keep-alive.
     let (bus_tx, bus_rx) = mpsc::channel(16_384);
+    let replica = format!("{:016x}", rand::random::<u64>());
+    // Replicas on one external broker share status ingest; the embedded broker serves one
+    // hub, which takes every report itself.
+    let ingest = (elector.is_some() && config.broker.is_some()).then(|| Ingest {
+        replica: replica.clone(),
+        relay: crate::ingest::Relay::default(),
+    });
     let bus = bus::connect(
         &hub_link,
-        &format!("shoal-hub-{:016x}", rand::random::<u64>()),
+        &format!("{}{replica}", shoal_api::acl::HUB_CLIENT_PREFIX),
         auth,
+        ingest.is_some(),
         bus_tx,
         tracker,
         shutdown.clone(),
@@ -327,6 +340,7 @@ async fn serve(
         events: crate::events::Events::default(),
         fleet_changed,
         logs: crate::logs::LogSessions::default(),
+        ingest,
     };
     let mut lost = None;
     let mut heard = None;
@@ -528,6 +542,14 @@ struct Parts<B: Bus> {
     events: crate::events::Events,
     fleet_changed: tokio::sync::watch::Sender<u64>,
     logs: crate::logs::LogSessions,
+    ingest: Option<Ingest>,
+}
+
+/// This replica's share of status ingest (see [`crate::ingest`]).
+struct Ingest {
+    /// Names this replica's batches (its MQTT client id's suffix).
+    replica: String,
+    relay: crate::ingest::Relay,
 }
 
 /// A hub standing by for the leadership (see [`crate::ha`]).
@@ -573,6 +595,8 @@ struct MainLoop<S: Store, B: Bus> {
     last_snapshot: Option<std::time::Instant>,
     /// Open `shoal logs` sessions.
     logs: crate::logs::LogSessions,
+    /// `Some` for replicas sharing status ingest.
+    ingest: Option<Ingest>,
 }
 
 impl<S: Store, B: Bus> MainLoop<S, B> {
@@ -596,6 +620,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             changed: true,
             last_snapshot: None,
             logs: p.logs,
+            ingest: p.ingest,
         }
     }
 
@@ -612,6 +637,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             events: self.events,
             fleet_changed: self.fleet_changed,
             logs: self.logs,
+            ingest: self.ingest,
         };
         (self.core, p)
     }
@@ -632,7 +658,11 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         let mut rollout_tick =
             tokio::time::interval(std::time::Duration::from_millis(ROLLOUT_BATCH_MS));
         rollout_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut relay_tick =
+            tokio::time::interval(std::time::Duration::from_millis(RELAY_BATCH_MS));
+        relay_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let relay_due = self.ingest.as_ref().is_some_and(|i| !i.relay.is_empty());
             let event = tokio::select! {
                 _ = shutdown.cancelled() => return None,
                 r = &mut until => return Some(r),
@@ -641,6 +671,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 Some(m) = chans.mdns.recv() => Event::Mdns(m),
                 _ = tick.tick() => Event::Tick,
                 _ = rollout_tick.tick(), if self.rollout_due => Event::RolloutTick,
+                _ = relay_tick.tick(), if relay_due => Event::RelayTick,
             };
             self.handle(event).await;
             // Group commit: handle whatever else the bus has ready (bounded), then flush
@@ -701,12 +732,15 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
 
     async fn handle(&mut self, event: Event) {
         match &event {
-            Event::Tick | Event::RolloutTick => {}
+            Event::Tick | Event::RolloutTick | Event::RelayTick => {}
             Event::Http(r) if r.reads_only() => {}
             // Log lines change nothing in the fleet.
             Event::Bus(BusEvent::Message { topic, .. })
                 if matches!(topics::classify(topic), Some(Inbound::Logs(..))) => {}
             _ => self.changed = true,
+        }
+        if let Event::RelayTick = event {
+            return self.relay().await;
         }
         if self.standby.is_some() {
             return self.stand_by(event).await;
@@ -729,6 +763,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     .await
             }
             Event::Http(r) => self.on_request(r).await,
+            Event::RelayTick => {}
             Event::RolloutTick => {
                 self.rollout_due = false;
                 self.advance_rollouts().await;
@@ -779,7 +814,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                         .await
                 }
             }
-            Event::Bus(BusEvent::Connected) | Event::RolloutTick => {}
+            Event::Bus(BusEvent::Connected) | Event::RolloutTick | Event::RelayTick => {}
             Event::Http(r) if r.reads_only() => self.on_request(r).await,
             Event::Http(_) => {} // refused by the http module; a device's enrollment
             Event::Mdns(_) => {}
@@ -807,6 +842,25 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         }
     }
 
+    /// Passes what this replica heard from devices on to the other replicas.
+    async fn relay(&mut self) {
+        let Some(ingest) = self.ingest.as_mut() else {
+            return;
+        };
+        let topic = topics::hub_ingest(&ingest.replica);
+        for batch in ingest.relay.take() {
+            let msg = Outgoing {
+                topic: topic.clone(),
+                payload: serde_json::to_vec(&batch).unwrap_or_default(),
+                retain: false,
+                correlation: None,
+            };
+            if let Err(e) = self.bus.publish(msg).await {
+                warn!(error = %e, "cannot pass device reports on to the other hub replicas");
+            }
+        }
+    }
+
     async fn on_message(
         &mut self,
         topic: &str,
@@ -823,6 +877,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             Inbound::Presence(_) => "presence",
             Inbound::Status(_) => "status",
             Inbound::Logs(..) => "logs",
+            Inbound::Ingest(_) => "ingest",
         };
         self.metrics
             .mqtt_received
@@ -892,11 +947,39 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     return; // a cleared retained status
                 }
                 if let Some(status) = decode::<DeviceStatus>(topic, payload, &raw) {
-                    self.core.status(status);
+                    match self.ingest.as_mut() {
+                        None => self.core.status(status),
+                        Some(i) => match self.core.accept_status(status) {
+                            crate::core::Accepted::New(s) => i.relay.changed(s),
+                            crate::core::Accepted::Same(h)
+                            | crate::core::Accepted::Stale { heard: h, .. } => i.relay.heard(h),
+                        },
+                    }
                     // Stepped in batches (see RolloutTick): one step per report would
                     // republish desired states once per freed slot.
                     self.rollout_due |= self.core.rolling() || self.core.draining();
                 }
+            }
+            Inbound::Ingest(replica) => {
+                let Some(i) = self.ingest.as_mut() else {
+                    return;
+                };
+                if replica == i.replica {
+                    return; // our own, back from the broker
+                }
+                let batch = match serde_json::from_slice::<shoal_api::messages::IngestBatch>(
+                    payload,
+                ) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        warn!(%replica, error = %e, "undecodable ingest batch from a hub replica ignored");
+                        return;
+                    }
+                };
+                for again in self.core.ingest_batch(batch) {
+                    i.relay.changed(again);
+                }
+                self.rollout_due |= self.core.rolling() || self.core.draining();
             }
             Inbound::Logs(raw, _req) => {
                 if let Some(chunk) = decode::<LogChunk>(topic, payload, &raw) {

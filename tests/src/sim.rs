@@ -98,12 +98,18 @@ async fn device(cfg: &SimConfig, id: DeviceId, stats: &SimStats, stop: Cancellat
     let mut was_connected = false;
     let mut heartbeat = tokio::time::interval(Duration::from_millis(STATUS_PERIOD_MS));
     heartbeat.tick().await;
+    // Strictly increasing, like an agent's (hub replicas order a device's reports by it).
+    let last_ms = std::sync::atomic::AtomicU64::new(0);
     let status = |running: &BTreeMap<String, InstanceStatus>, generation: u64| DeviceStatus {
         protocol: shoal_api::PROTOCOL_VERSION,
         device_id: id.clone(),
         observed_generation: generation,
         workloads: running.values().cloned().collect(),
-        time_ms: now_ms(),
+        time_ms: {
+            let t = now_ms().max(last_ms.load(Ordering::Relaxed) + 1);
+            last_ms.store(t, Ordering::Relaxed);
+            t
+        },
     };
     let publish_status = |running: &BTreeMap<String, InstanceStatus>, generation: u64| {
         if let Ok(p) = serde_json::to_vec(&status(running, generation)) {

@@ -2,7 +2,9 @@
 //! real agents. The leader is SIGKILLed in the middle of a rolling update: a standby takes
 //! over within seconds, the rollout completes, no replica is lost or doubled and no
 //! acknowledged manifest is lost; standbys serve reads and refuse changes; the old leader
-//! comes back as a standby. The broker is SIGKILLed under load and restarted: everyone
+//! comes back as a standby. Device statuses reach the replicas through a shared
+//! subscription, each report one replica, and the leader decides on what the others pass
+//! on. The broker is SIGKILLed under load and restarted: everyone
 //! reconnects and the fleet converges.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -135,6 +137,34 @@ fn a_killed_leader_is_replaced_within_seconds_and_its_rollout_completes() -> any
     // A standby answers reads from what the leader stored and what devices report...
     let seen = second.wait_running("web", 6, Duration::from_secs(15))?;
     assert_eq!(seen["revision"], rev1.as_str());
+    // Status ingest is spread: the broker hands each report to one replica (a shared
+    // subscription), and the others learn it from that replica's ingest batches.
+    let ingest = wait_until(
+        Duration::from_secs(30),
+        "every replica takes reports",
+        || {
+            let counts: Vec<(f64, f64)> = [&first, &second, &third]
+                .iter()
+                .map(|h| {
+                    let m = h.metrics().unwrap_or_default();
+                    let got = |kind| {
+                        metric(
+                            &m,
+                            "shoal_hub_mqtt_messages_received_total",
+                            &[("kind", kind)],
+                        )
+                        .unwrap_or(0.0)
+                    };
+                    (got("status"), got("ingest"))
+                })
+                .collect();
+            Ok(counts
+                .iter()
+                .all(|&(status, ingest)| status > 0.0 && ingest > 0.0)
+                .then_some(counts))
+        },
+    )?;
+    eprintln!("(status, ingest) received per replica: {ingest:?}");
     // ...and refuses changes over its HTTP API, naming the leader (`shoal apply` goes over
     // MQTT, where only the leader answers).
     let out = second.shoal(&["scale", "web", "--replicas", "7"]);

@@ -8,6 +8,10 @@
 //!    converges, then a new revision rolls out (`maxUnavailable: 25%`): time from apply until
 //!    every replica reports `Running` on it. Baseline, side by side: the first placement of
 //!    the same workload (no rollout gating), so the ratio is what rollout safety costs.
+//!
+//! `SHOAL_BENCH_REPLICAS=N` (N > 1) runs N hub replicas on one etcd (Debian's) instead of
+//! one hub on sled: status ingest is shared (MQTT 5 shared subscription), and the CPU of
+//! each replica is reported, the leader's first.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use anyhow::Result;
@@ -51,18 +55,43 @@ fn main() -> Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
     let ring = 1000.min(fleet);
+    let replicas: usize = std::env::var("SHOAL_BENCH_REPLICAS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
     let tmp = tempfile::tempdir()?;
     // Debian's mosquitto as the broker: the production shape for a fleet this size (the
     // embedded rumqttd's join rate falls off past a few thousand connections; BENCHMARKS.md).
     // Simulated devices hold no certificates: plain MQTT (the bench measures the hub).
     let mq = Mosquitto::start_insecure(tmp.path())?;
-    let hub = Hub::start_with(
-        tmp.path(),
-        Some(&mq.url()),
-        free_port(),
-        free_port(),
-        &["--insecure"],
-    )?;
+    let etcd = match replicas {
+        1 => None,
+        _ => Some(Etcd::start(tmp.path())?),
+    };
+    let mut hubs = Vec::new();
+    for i in 0..replicas {
+        let dir = tmp.path().join(format!("r{i}"));
+        std::fs::create_dir_all(&dir)?;
+        let mut args = vec!["--insecure".to_string()];
+        if let Some(e) = &etcd {
+            args.extend(["--store".into(), e.url()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        hubs.push(Hub::start_with(
+            &dir,
+            Some(&mq.url()),
+            free_port(),
+            free_port(),
+            &args,
+        )?);
+        if i == 0 && replicas > 1 {
+            wait_until(Duration::from_secs(30), "the first hub leads", || {
+                Ok((hubs[0].is_leader() == Some(true)).then_some(()))
+            })?;
+        }
+    }
+    let hub = &hubs[0];
     let rt = tokio::runtime::Runtime::new()?;
     let stop = tokio_util::sync::CancellationToken::new();
     let stats = Arc::new(SimStats::default());
@@ -90,11 +119,21 @@ fn main() -> Result<()> {
 
     // Steady state: statuses every 10 s from everyone.
     std::thread::sleep(Duration::from_secs(5));
-    let pid = hub.proc.pid();
-    let (cpu0, t0) = (cpu_seconds(pid)?, Instant::now());
+    let pids: Vec<u32> = hubs.iter().map(|h| h.proc.pid()).collect();
+    let cpu0 = pids
+        .iter()
+        .map(|&p| cpu_seconds(p))
+        .collect::<Result<Vec<f64>>>()?;
+    let t0 = Instant::now();
     let sent0 = stats.statuses_sent.load(Ordering::Relaxed);
     std::thread::sleep(Duration::from_secs(60));
-    let cpu = (cpu_seconds(pid)? - cpu0) / t0.elapsed().as_secs_f64();
+    let cpus = pids
+        .iter()
+        .zip(&cpu0)
+        .map(|(&p, c0)| Ok((cpu_seconds(p)? - c0) / t0.elapsed().as_secs_f64()))
+        .collect::<Result<Vec<f64>>>()?;
+    let cpu = cpus[0];
+    let pid = pids[0];
     let rate =
         (stats.statuses_sent.load(Ordering::Relaxed) - sent0) as f64 / t0.elapsed().as_secs_f64();
     let rss = rss_kib(pid)?.0 as f64 / 1024.0;
@@ -106,7 +145,7 @@ fn main() -> Result<()> {
         "v1.yaml",
         &manifest(r#""heartbeat", "1000""#),
     ))?;
-    until_converged(&hub, "v1 everywhere", |w| w["ready"] == ring as u64)?;
+    until_converged(hub, "v1 everywhere", |w| w["ready"] == ring as u64)?;
     let place = t.elapsed();
     let t = Instant::now();
     hub.apply(&write_manifest(
@@ -114,7 +153,7 @@ fn main() -> Result<()> {
         "v2.yaml",
         &manifest(r#""heartbeat", "500""#),
     ))?;
-    until_converged(&hub, "v2 everywhere", |w| {
+    until_converged(hub, "v2 everywhere", |w| {
         w["rollout"]["state"] == "Complete" && w["ready"] == ring as u64
     })?;
     let rollout = t.elapsed();
@@ -131,6 +170,16 @@ fn main() -> Result<()> {
         cpu * 100.0
     );
     println!("| hub RSS, steady state | {rss:.0} MiB |");
+    if replicas > 1 {
+        let standbys: Vec<String> = cpus[1..]
+            .iter()
+            .map(|c| format!("{:.1} %", c * 100.0))
+            .collect();
+        println!(
+            "| {replicas} replicas on etcd: leader CPU above; standbys' CPU | {} |",
+            standbys.join(", ")
+        );
+    }
     println!(
         "| baseline: first placement on {ring} devices until all Running | {:.2} s |",
         place.as_secs_f64()
