@@ -6,7 +6,8 @@
 # binary sizes; then shoal-join-bench (root: network namespaces) times mDNS joins against
 # joins with --broker. SHOAL_BENCH_N sets the number of applies (default 200),
 # SHOAL_BENCH_JOINS the number of joins (default 20); then shoal-scale-bench (the hub under
-# SHOAL_BENCH_FLEET simulated devices, default 10,000), shoal-container-bench (root: a
+# SHOAL_BENCH_FLEET simulated devices, default 10,000; once on one hub, once on three
+# replicas on etcd), shoal-container-bench (root: a
 # private containerd; container and WASM deploys against `ctr run`, SHOAL_BENCH_CONTAINERS
 # iterations, default 20), shoal-engine-bench (Pulley against Cranelift on one module) and
 # the scheduler benchmark.
@@ -19,6 +20,8 @@ cargo build --release --workspace -q
 SHOAL_BIN_DIR="$CARGO_TARGET_DIR/release" "$CARGO_TARGET_DIR/release/shoal-bench"
 SHOAL_BIN_DIR="$CARGO_TARGET_DIR/release" "$CARGO_TARGET_DIR/release/shoal-join-bench"
 SHOAL_BIN_DIR="$CARGO_TARGET_DIR/release" "$CARGO_TARGET_DIR/release/shoal-scale-bench"
+# The same fleet on three hub replicas (etcd, shared status ingest).
+SHOAL_BENCH_REPLICAS=3 SHOAL_BIN_DIR="$CARGO_TARGET_DIR/release" "$CARGO_TARGET_DIR/release/shoal-scale-bench"
 SHOAL_BIN_DIR="$CARGO_TARGET_DIR/release" "$CARGO_TARGET_DIR/release/shoal-container-bench"
 SHOAL_MODULES_DIR="$REPO_ROOT/modules/dist" "$CARGO_TARGET_DIR/release/shoal-engine-bench"
 cargo bench -q -p shoal-hub --bench schedule

@@ -229,20 +229,33 @@ fn serve(rt: tokio::runtime::Runtime, client: Client, rx: mpsc::Receiver<Cmd>) {
     while let Ok(cmd) = rx.recv() {
         match cmd {
             Cmd::Load(from, reply) => {
+                // A read is safe to repeat: after an outage the first call on the old
+                // connection fails (broken pipe) while the next one reconnects.
                 let scan = async {
-                    let opts = GetOptions::new().with_prefix();
-                    let resp = kv.get(from, Some(opts)).await?;
-                    Ok::<_, etcd_client::Error>(
-                        resp.kvs()
-                            .iter()
-                            .map(|kv| {
-                                (
-                                    String::from_utf8_lossy(kv.key()).into_owned(),
-                                    kv.value().to_vec(),
-                                )
-                            })
-                            .collect(),
-                    )
+                    let mut attempt = 0;
+                    loop {
+                        let opts = GetOptions::new().with_prefix();
+                        match kv.get(from.as_str(), Some(opts)).await {
+                            Ok(resp) => {
+                                return Ok::<_, etcd_client::Error>(
+                                    resp.kvs()
+                                        .iter()
+                                        .map(|kv| {
+                                            (
+                                                String::from_utf8_lossy(kv.key()).into_owned(),
+                                                kv.value().to_vec(),
+                                            )
+                                        })
+                                        .collect(),
+                                );
+                            }
+                            Err(e) if attempt >= 2 => return Err(e),
+                            Err(_) => {
+                                attempt += 1;
+                                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                            }
+                        }
+                    }
                 };
                 let r = rt
                     .block_on(async { tokio::time::timeout(CALL_TIMEOUT, scan).await })

@@ -83,6 +83,33 @@ impl Elector {
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<Leadership, StoreError> {
+        // A standby outlives an etcd outage: it campaigns again (it serves reads meanwhile)
+        // rather than exiting. Returns an error only once `shutdown` is cancelled.
+        let mut wait = Duration::from_millis(250);
+        loop {
+            match self
+                .campaign_once(value.clone(), tracker, shutdown.clone())
+                .await
+            {
+                Ok(l) => return Ok(l),
+                Err(e) => {
+                    warn!(error = %e, retry_in = ?wait, "campaign for leadership failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Err(e),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    wait = (wait * 2).min(self.lease_ttl);
+                }
+            }
+        }
+    }
+
+    async fn campaign_once(
+        &self,
+        value: String,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<Leadership, StoreError> {
         let ttl = i64::try_from(self.lease_ttl.as_secs()).unwrap_or(i64::MAX);
         let mut client = self.client.clone();
         let lease = within(&self.url, client.lease_grant(ttl, None)).await?.id();
@@ -96,7 +123,13 @@ impl Elector {
         ));
         info!(election = %self.election(), lease, "campaigning for leadership");
         let won = tokio::select! {
-            r = client.campaign(self.election(), value, lease) => r.map_err(|e| self.fail(e))?,
+            r = client.campaign(self.election(), value, lease) => match r {
+                Ok(w) => w,
+                Err(e) => {
+                    lost.cancel(); // ends this lease's keep-alive; the next try takes a new one
+                    return Err(self.fail(e));
+                }
+            },
             _ = lost.cancelled() => {
                 return Err(self.fail("the lease was lost while campaigning"));
             }

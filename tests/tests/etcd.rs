@@ -227,6 +227,53 @@ fn a_hub_on_etcd_is_replaced_by_one_with_an_empty_data_dir_and_carries_on() -> a
     Ok(())
 }
 
+/// etcd is SIGKILLed under two hub replicas: the leader cannot renew its lease and steps
+/// down (it exits, for its supervisor to restart), the standby's campaign fails; the standby
+/// keeps serving reads and campaigning, and is elected once etcd is back.
+#[test]
+fn a_standby_outlives_an_etcd_outage_and_is_elected_after_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let etcd = Etcd::start(dir.path())?;
+    let store = etcd.url();
+    let flags = ["--insecure", "--store", &store, "--leader-lease", "2s"];
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&a)?;
+    std::fs::create_dir_all(&b)?;
+    let mut leader = Hub::start_with(&a, None, free_port(), free_port(), &flags)?;
+    wait_until(Duration::from_secs(15), "the first hub leads", || {
+        Ok((leader.is_leader() == Some(true)).then_some(()))
+    })?;
+    let mut standby = Hub::start_with(&b, None, free_port(), free_port(), &flags)?;
+    assert_eq!(standby.is_leader(), Some(false));
+
+    let mut etcd = etcd;
+    etcd.proc.kill();
+    wait_until(Duration::from_secs(15), "the leader steps down", || {
+        Ok((!leader.proc.running()).then_some(()))
+    })?;
+    // Past several failed campaigns: the standby is still there, answering reads.
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(standby.proc.running(), "{}", standby.proc.log_text());
+    assert_eq!(standby.is_leader(), Some(false));
+    assert!(standby
+        .proc
+        .log_text()
+        .contains("campaign for leadership failed; retrying"));
+
+    let etcd = Etcd::restart(dir.path(), etcd)?;
+    let elected = wait_until(Duration::from_secs(20), "the standby is elected", || {
+        Ok((standby.is_leader() == Some(true)).then_some(()))
+    });
+    if let Err(e) = elected {
+        let log = standby.proc.log_text();
+        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+        anyhow::bail!("{e}; standby log (last lines first):\n{}", tail.join("\n"));
+    }
+    assert!(standby.proc.running());
+    drop(etcd);
+    Ok(())
+}
+
 /// Kills the hub (SIGKILL) `kills` times while a client applies manifests as fast as it
 /// can; after each restart every apply that was acknowledged must be there.
 fn acknowledged_applies_survive_hub_kills(store: Option<&str>, kills: usize) -> anyhow::Result<()> {
