@@ -1526,25 +1526,7 @@ spec:
     /// A report of device `d1`: `content` picks one of three contents (so reports repeat).
     fn d1_report(content: u8, time_ms: u64) -> DeviceStatus {
         let phase = [Phase::Running, Phase::Failed, Phase::Starting][usize::from(content % 3)];
-        DeviceStatus {
-            protocol: 1,
-            device_id: DeviceId::try_from("d1").unwrap(),
-            observed_generation: 1,
-            workloads: vec![shoal_api::messages::InstanceStatus {
-                name: "web".try_into().unwrap(),
-                replica: 0,
-                revision: "r1".into(),
-                phase,
-                restarts: 0,
-                reason: None,
-                exit_code: None,
-                started_at_ms: None,
-                backoff_ms: None,
-                variant: "wasm".into(),
-                healthy: None,
-            }],
-            time_ms,
-        }
+        crate::ingest::tests::status("d1", 1, phase, time_ms)
     }
 
     proptest::proptest! {

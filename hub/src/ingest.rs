@@ -97,11 +97,12 @@ impl Relay {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use shoal_api::messages::{InstanceStatus, Phase};
 
-    fn status(d: &str, generation: u64, phase: Phase, time_ms: u64) -> DeviceStatus {
+    /// A status of device `d` with one replica of `web` in `phase` (also used by `core`'s tests).
+    pub(crate) fn status(d: &str, generation: u64, phase: Phase, time_ms: u64) -> DeviceStatus {
         DeviceStatus {
             protocol: 1,
             device_id: DeviceId::try_from(d).unwrap(),
