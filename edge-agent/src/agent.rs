@@ -1289,13 +1289,9 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
 /// return strictly increasing times.
 fn strictly_after(last: &std::sync::atomic::AtomicU64, now: u64) -> u64 {
     use std::sync::atomic::Ordering;
-    let mut prev = last.load(Ordering::Relaxed);
-    loop {
-        let next = now.max(prev + 1);
-        match last.compare_exchange_weak(prev, next, Ordering::Relaxed, Ordering::Relaxed) {
-            Ok(_) => return next,
-            Err(p) => prev = p,
-        }
+    let next = |prev: u64| now.max(prev + 1);
+    match last.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| Some(next(p))) {
+        Ok(prev) | Err(prev) => next(prev),
     }
 }
 

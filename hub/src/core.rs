@@ -808,14 +808,19 @@ impl<S: Store> HubCore<S> {
     pub fn status(&mut self, status: DeviceStatus) {
         let id = status.device_id.clone();
         let now = now_ms();
-        if let Some(rec) = self.devices.get_mut(&id) {
-            rec.last_seen_ms = now;
-        }
-        let live = self.live.entry(id.clone()).or_default();
+        self.reported(&id, now);
+        let live = self.live.entry(id).or_default();
         live.status = Some(status);
         live.status_at_ms = now;
         live.fingerprint = None;
-        self.heard(&id, now);
+    }
+
+    /// A report of the device arrived (directly or through another replica).
+    fn reported(&mut self, id: &DeviceId, now: u64) {
+        if let Some(rec) = self.devices.get_mut(id) {
+            rec.last_seen_ms = now;
+        }
+        self.heard(id, now);
     }
 
     /// A device's report as hub replicas take it (see [`crate::ingest`]): reports may
@@ -824,10 +829,7 @@ impl<S: Store> HubCore<S> {
     pub fn accept_status(&mut self, status: DeviceStatus) -> Accepted {
         let id = status.device_id.clone();
         let now = now_ms();
-        if let Some(rec) = self.devices.get_mut(&id) {
-            rec.last_seen_ms = now;
-        }
-        self.heard(&id, now);
+        self.reported(&id, now);
         let live = self.live.entry(id.clone()).or_default();
         let heard = |fingerprint: String| shoal_api::messages::Heard {
             device_id: id.clone(),
@@ -884,10 +886,7 @@ impl<S: Store> HubCore<S> {
     /// the one this hub has, that status is as new as the report.
     pub fn heard_status(&mut self, h: &shoal_api::messages::Heard) {
         let now = now_ms();
-        if let Some(rec) = self.devices.get_mut(&h.device_id) {
-            rec.last_seen_ms = now;
-        }
-        self.heard(&h.device_id, now);
+        self.reported(&h.device_id, now);
         let Some(live) = self.live.get_mut(&h.device_id) else {
             return;
         };

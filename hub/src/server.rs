@@ -739,9 +739,6 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 if matches!(topics::classify(topic), Some(Inbound::Logs(..))) => {}
             _ => self.changed = true,
         }
-        if let Event::RelayTick = event {
-            return self.relay().await;
-        }
         if self.standby.is_some() {
             return self.stand_by(event).await;
         }
@@ -763,7 +760,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     .await
             }
             Event::Http(r) => self.on_request(r).await,
-            Event::RelayTick => {}
+            Event::RelayTick => self.relay().await,
             Event::RolloutTick => {
                 self.rollout_due = false;
                 self.advance_rollouts().await;
@@ -814,7 +811,9 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                         .await
                 }
             }
-            Event::Bus(BusEvent::Connected) | Event::RolloutTick | Event::RelayTick => {}
+            Event::Bus(BusEvent::Connected) | Event::RolloutTick => {}
+            // Standbys take their share of reports too.
+            Event::RelayTick => self.relay().await,
             Event::Http(r) if r.reads_only() => self.on_request(r).await,
             Event::Http(_) => {} // refused by the http module; a device's enrollment
             Event::Mdns(_) => {}
