@@ -300,6 +300,10 @@ pub struct IngestBatch {
     /// Statuses that only repeated what was known: the device is alive.
     #[serde(default)]
     pub heard: Vec<Heard>,
+    /// Devices that enrolled (again) through this replica: their keys may be new, so the
+    /// leader seals their secrets anew.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub enrolled: Vec<DeviceId>,
 }
 
 /// A status that repeated known content: its device, time and content fingerprint.

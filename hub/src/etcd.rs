@@ -3,7 +3,10 @@
 //!
 //! Keys sit under a prefix (default `/shoal`, or the URL's path): `{prefix}/workloads/{name}`,
 //! `/devices/{id}`, `/desired/{id}`, `/rollouts/{name}`, `/secrets/{name}` and
-//! `/meta/assignments`, each a JSON document as in the sled store. Writes are buffered and
+//! `/meta/assignments`, each a JSON document as in the sled store. Beside them, and skipped
+//! when the state is loaded: `/pki/` (the keys replicas share, [`crate::ha`]), and
+//! `/tokens/{id}` and `/enrolled/{id}` (join tokens and enrollment records, see
+//! [`crate::enrollment`]). Writes are buffered and
 //! [`Store::flush`] commits them in etcd transactions (at most [`TXN_OPS`] operations each,
 //! etcd's default limit), so, as with sled, nothing is acknowledged before etcd has it; a
 //! failed flush keeps the writes for the next one. A leader's store is fenced
@@ -15,11 +18,12 @@
 //! single-threaded runtime, and the store talks to it over a channel. The thread ends when
 //! the store is dropped.
 
+use crate::enrollment::EnrollError;
 use crate::store::{Fence, Snapshot, Store, StoreError, StoredSecret};
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use shoal_api::ids::{SecretName, WorkloadName};
+use shoal_api::ids::{DeviceId, SecretName, WorkloadName};
 use shoal_api::messages::DesiredState;
 use shoal_api::workload::Workload;
 use std::sync::{mpsc, Mutex};
@@ -88,9 +92,17 @@ enum Op {
 /// Every key under the prefix, with its value.
 type Entries = Vec<(String, Vec<u8>)>;
 
+/// One key's value and its modification revision.
+type Versioned = Option<(Vec<u8>, i64)>;
+
 enum Cmd {
     /// Every key starting with the given one.
     Load(String, mpsc::Sender<Result<Entries, String>>),
+    /// One key.
+    Get(String, mpsc::Sender<Result<Versioned, String>>),
+    /// Puts the value if the key's modification revision is still the given one (0: the
+    /// key does not exist); answers whether it did.
+    Swap(String, i64, Vec<u8>, mpsc::Sender<Result<bool, String>>),
     Commit(Vec<Op>, Option<Fence>, mpsc::Sender<Result<(), Refused>>),
 }
 
@@ -229,38 +241,41 @@ fn serve(rt: tokio::runtime::Runtime, client: Client, rx: mpsc::Receiver<Cmd>) {
     while let Ok(cmd) = rx.recv() {
         match cmd {
             Cmd::Load(from, reply) => {
-                // A read is safe to repeat: after an outage the first call on the old
-                // connection fails (broken pipe) while the next one reconnects.
-                let scan = async {
-                    let mut attempt = 0;
-                    loop {
-                        let opts = GetOptions::new().with_prefix();
-                        match kv.get(from.as_str(), Some(opts)).await {
-                            Ok(resp) => {
-                                return Ok::<_, etcd_client::Error>(
-                                    resp.kvs()
-                                        .iter()
-                                        .map(|kv| {
-                                            (
-                                                String::from_utf8_lossy(kv.key()).into_owned(),
-                                                kv.value().to_vec(),
-                                            )
-                                        })
-                                        .collect(),
-                                );
-                            }
-                            Err(e) if attempt >= 2 => return Err(e),
-                            Err(_) => {
-                                attempt += 1;
-                                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                            }
-                        }
-                    }
+                let r = rt.block_on(read(&mut kv, &from, true)).map(|resp| {
+                    resp.kvs()
+                        .iter()
+                        .map(|kv| {
+                            (
+                                String::from_utf8_lossy(kv.key()).into_owned(),
+                                kv.value().to_vec(),
+                            )
+                        })
+                        .collect()
+                });
+                let _ = reply.send(r);
+            }
+            Cmd::Get(key, reply) => {
+                let r = rt.block_on(read(&mut kv, &key, false)).map(|resp| {
+                    resp.kvs()
+                        .first()
+                        .map(|kv| (kv.value().to_vec(), kv.mod_revision()))
+                });
+                let _ = reply.send(r);
+            }
+            Cmd::Swap(key, revision, value, reply) => {
+                let txn = Txn::new()
+                    .when(vec![Compare::mod_revision(
+                        key.as_str(),
+                        CompareOp::Equal,
+                        revision,
+                    )])
+                    .and_then(vec![TxnOp::put(key.as_str(), value, None)]);
+                let call = async { tokio::time::timeout(CALL_TIMEOUT, kv.txn(txn)).await };
+                let r = match rt.block_on(call) {
+                    Ok(Ok(r)) => Ok(r.succeeded()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("etcd did not answer in time".to_string()),
                 };
-                let r = rt
-                    .block_on(async { tokio::time::timeout(CALL_TIMEOUT, scan).await })
-                    .map_err(|_| "etcd did not answer in time".to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()));
                 let _ = reply.send(r);
             }
             Cmd::Commit(ops, fence, reply) => {
@@ -306,6 +321,34 @@ fn serve(rt: tokio::runtime::Runtime, client: Client, rx: mpsc::Receiver<Cmd>) {
                 let _ = reply.send(result);
             }
         }
+    }
+}
+
+/// Reads `key` (every key starting with it if `prefix`), within [`CALL_TIMEOUT`]. A read is
+/// safe to repeat: after an outage the first call on the old connection fails (broken
+/// pipe) while the next one reconnects.
+async fn read(
+    kv: &mut etcd_client::KvClient,
+    key: &str,
+    prefix: bool,
+) -> Result<etcd_client::GetResponse, String> {
+    let scan = async {
+        let mut attempt = 0;
+        loop {
+            let opts = prefix.then(|| GetOptions::new().with_prefix());
+            match kv.get(key, opts).await {
+                Ok(resp) => return Ok(resp),
+                Err(e) if attempt >= 2 => return Err(e),
+                Err(_) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(CALL_TIMEOUT, scan).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("etcd did not answer in time".to_string()),
     }
 }
 
@@ -490,6 +533,68 @@ impl EtcdStore {
             ));
         }
         Ok(Some(chunks.into_iter().flatten().copied().collect()))
+    }
+}
+
+/// Join tokens and enrollment records shared by hub replicas (see [`crate::enrollment`]):
+/// `{prefix}/tokens/{id}` and `{prefix}/enrolled/{device}`, beside the state (its loader
+/// skips them). Written by any replica, unfenced; a token is claimed by a transaction on
+/// its modification revision. Use a connection of its own.
+impl crate::enrollment::Enrollments for EtcdStore {
+    fn token(
+        &self,
+        id: &str,
+    ) -> Result<Option<(shoal_pki::token::TokenRecord, crate::enrollment::Version)>, EnrollError>
+    {
+        let key = self.key("tokens", id);
+        match self.get(&key)? {
+            None => Ok(None),
+            Some((bytes, rev)) => Ok(Some((
+                shoal_pki::token::TokenRecord::from_json(&bytes, &key)?,
+                rev,
+            ))),
+        }
+    }
+
+    fn swap_token(
+        &self,
+        id: &str,
+        expected: crate::enrollment::Version,
+        record: &shoal_pki::token::TokenRecord,
+    ) -> Result<bool, EnrollError> {
+        let key = self.key("tokens", id);
+        let r = self.ask(|reply| Cmd::Swap(key, expected, record.to_json(), reply))?;
+        Ok(r.map_err(|e| self.fail(e))?)
+    }
+
+    fn record(&self, device: &DeviceId, cert_pem: &str) -> Result<(), EnrollError> {
+        let op = Op::Put(self.key("enrolled", device.as_str()), cert_pem.into());
+        self.put_now(op)
+            .map_err(|e| EnrollError::Store(self.fail(e)))
+    }
+
+    fn enrolled_cert(&self, device: &DeviceId) -> Result<Option<String>, EnrollError> {
+        let key = self.key("enrolled", device.as_str());
+        Ok(self
+            .get(&key)?
+            .map(|(bytes, _)| String::from_utf8_lossy(&bytes).into_owned()))
+    }
+}
+
+impl EtcdStore {
+    /// One key's value and modification revision.
+    fn get(&self, key: &str) -> Result<Versioned, StoreError> {
+        self.ask(|reply| Cmd::Get(key.to_string(), reply))?
+            .map_err(|e| self.fail(e))
+    }
+
+    /// The fleet CA's certificate as the replicas share it (`{prefix}/pki/ca.pem`, see
+    /// [`crate::ha::Elector::share_keys`]), if a hub has run on this store.
+    pub fn fleet_ca(&self) -> Result<Option<(String, String)>, StoreError> {
+        let key = self.key("pki", "ca.pem");
+        Ok(self
+            .get(&key)?
+            .map(|(bytes, _)| (String::from_utf8_lossy(&bytes).into_owned(), key)))
     }
 }
 

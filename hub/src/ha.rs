@@ -15,6 +15,9 @@
 //! the hub then stops (a supervisor starts it again, as a follower), as Kubernetes'
 //! controller manager does.
 //!
+//! A standby follows the leader's writes by reading the store again when
+//! [`Elector::watch_state`] (an etcd watch on the prefix) says it changed.
+//!
 //! The fleet CA, the desired-state signing key and the secrets key must be the same on every
 //! replica: [`share_keys`] makes them so through etcd (`{prefix}/pki/{file}`), the first
 //! hub to start creating them.
@@ -159,6 +162,64 @@ impl Elector {
 
     fn fail(&self, e: impl std::fmt::Display) -> StoreError {
         fail(&self.url, e)
+    }
+
+    /// Counts changes to the state under the prefix, from a task on `tracker` watching it
+    /// until `shutdown`: a standby reads the store again only when the count moved, instead
+    /// of on every tick. While the watch is down (etcd unreachable, or the watch cancelled,
+    /// e.g. compacted past) the count moves once it is back, since anything may have changed
+    /// meanwhile. Starts at 1, so that the first look reads the store.
+    pub fn watch_state(
+        &self,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> tokio::sync::watch::Receiver<u64> {
+        let (tx, mut rx) = tokio::sync::watch::channel(1u64);
+        rx.mark_changed();
+        let (mut client, prefix) = (self.client.clone(), format!("{}/", self.url.prefix));
+        let bump = move |tx: &tokio::sync::watch::Sender<u64>| tx.send_modify(|n| *n += 1);
+        tracker.spawn(async move {
+            let mut wait = Duration::from_millis(250);
+            loop {
+                let opts = etcd_client::WatchOptions::new().with_prefix();
+                let started = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = client.watch(prefix.as_str(), Some(opts)) => r,
+                };
+                match started {
+                    Ok(mut stream) => {
+                        bump(&tx);
+                        wait = Duration::from_millis(250);
+                        loop {
+                            let msg = tokio::select! {
+                                _ = shutdown.cancelled() => return,
+                                m = stream.message() => m,
+                            };
+                            match msg {
+                                Ok(Some(r)) if r.canceled() => break,
+                                Ok(Some(r)) => {
+                                    if !r.events().is_empty() {
+                                        bump(&tx);
+                                    }
+                                }
+                                Ok(None) => break,
+                                Err(e) => {
+                                    warn!(error = %e, "watch of the hub store broke; watching again");
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => warn!(error = %e, retry_in = ?wait, "cannot watch the hub store"),
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        });
+        rx
     }
 
     /// Makes [`SHARED_KEYS`] in `pki_dir` the fleet's: the copies in etcd if there are any,

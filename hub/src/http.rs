@@ -460,11 +460,9 @@ async fn enroll(State(s): State<AppState>, Json(req): Json<EnrollRequest>) -> Re
         let (id, secret) = (token.id.clone(), token.secret().to_string());
         let (sec2, dev, cert) = (sec.clone(), device.clone(), out.certificate.clone());
         tokio::task::spawn_blocking(move || {
-            sec2.tokens
-                .consume(&id, &secret, dev.as_str(), sec2.is_enrolled(&dev), now)
-                .map_err(|e| Failure(StatusCode::FORBIDDEN, e.to_string()))?;
-            sec2.record(&dev, &cert)
-                .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+            crate::enrollment::claim(&*sec2.enrollments, &id, &secret, &dev, now)
+                .map_err(enroll_failure)?;
+            sec2.enrollments.record(&dev, &cert).map_err(enroll_failure)
         })
         .await
         .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
@@ -482,34 +480,55 @@ async fn enroll(State(s): State<AppState>, Json(req): Json<EnrollRequest>) -> Re
     }
 }
 
+/// A refused token is the caller's fault; anything else is the hub's.
+fn enroll_failure(e: crate::enrollment::EnrollError) -> Failure {
+    let status = match e {
+        crate::enrollment::EnrollError::Refused(_) => StatusCode::FORBIDDEN,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    Failure(status, e.to_string())
+}
+
 async fn renew(
     State(s): State<AppState>,
     axum::Extension(peer): axum::Extension<Peer>,
     Json(req): Json<RenewRequest>,
 ) -> Response {
-    let r = (|| {
-        let sec = security(&s)?;
-        let Peer::Known(Identity::Device(device)) = &peer else {
+    let r = async {
+        let sec = security(&s)?.clone();
+        let Peer::Known(Identity::Device(device)) = peer else {
             return Err(Failure(
                 StatusCode::FORBIDDEN,
                 "only a device renews its certificate".into(),
             ));
         };
-        // Deleting DATA_DIR/pki/devices/{id}.pem stops renewals (the current certificate
-        // still works until it expires; there is no revocation list yet).
-        if !sec.is_enrolled(device) {
-            return Err(Failure(
-                StatusCode::FORBIDDEN,
-                format!("device {:?} is not enrolled (any more)", device.as_str()),
-            ));
-        }
-        let out = enrolled(sec, &req.csr, device)?;
-        sec.record(device, &out.certificate)
-            .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        tracing::info!(device = %device, "device certificate renewed");
-        Ok(out)
-    })();
-    match r {
+        // The record's store may be etcd: blocking calls off the async threads.
+        tokio::task::spawn_blocking(move || {
+            // Deleting the device's enrollment record (DATA_DIR/pki/devices/{id}.pem, or
+            // {prefix}/enrolled/{id} in etcd) stops renewals (the current certificate still
+            // works until it expires; there is no revocation list yet).
+            if sec
+                .enrollments
+                .enrolled_cert(&device)
+                .map_err(enroll_failure)?
+                .is_none()
+            {
+                return Err(Failure(
+                    StatusCode::FORBIDDEN,
+                    format!("device {:?} is not enrolled (any more)", device.as_str()),
+                ));
+            }
+            let out = enrolled(&sec, &req.csr, &device)?;
+            sec.enrollments
+                .record(&device, &out.certificate)
+                .map_err(enroll_failure)?;
+            tracing::info!(device = %device, "device certificate renewed");
+            Ok(out)
+        })
+        .await
+        .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    };
+    match r.await {
         Ok(e) => Json(e).into_response(),
         Err(f) => f.into_response(),
     }

@@ -9,7 +9,9 @@
 //!
 //! - a status whose content changed, whole;
 //! - a status that repeats known content (the 10 s heartbeat, nearly all of the traffic)
-//!   as a [`Heard`]: device, time, fingerprint, a few dozen bytes.
+//!   as a [`Heard`]: device, time, fingerprint, a few dozen bytes;
+//! - the devices that enrolled through this replica (their secrets must be sealed to their
+//!   new keys, which only the leader publishes).
 //!
 //! Reports of one device can reach different replicas, so batches can bring them out of
 //! order: [`crate::core::HubCore::accept_status`] keeps the newest by the device's clock, and
@@ -45,6 +47,7 @@ pub fn fingerprint(s: &DeviceStatus) -> String {
 pub struct Relay {
     statuses: BTreeMap<DeviceId, DeviceStatus>,
     heard: BTreeMap<DeviceId, Heard>,
+    enrolled: std::collections::BTreeSet<DeviceId>,
 }
 
 impl Relay {
@@ -76,20 +79,27 @@ impl Relay {
         }
     }
 
+    /// A device enrolled through this replica.
+    pub fn enrolled(&mut self, device: DeviceId) {
+        self.enrolled.insert(device);
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.statuses.is_empty() && self.heard.is_empty()
+        self.statuses.is_empty() && self.heard.is_empty() && self.enrolled.is_empty()
     }
 
     /// Everything gathered, as batches of bounded size; the relay is empty afterwards.
     pub fn take(&mut self) -> Vec<IngestBatch> {
         let mut statuses = std::mem::take(&mut self.statuses).into_values().peekable();
         let mut heard = std::mem::take(&mut self.heard).into_values().peekable();
+        let mut enrolled = std::mem::take(&mut self.enrolled).into_iter().peekable();
         let mut out = Vec::new();
-        while statuses.peek().is_some() || heard.peek().is_some() {
+        while statuses.peek().is_some() || heard.peek().is_some() || enrolled.peek().is_some() {
             out.push(IngestBatch {
                 protocol: shoal_api::PROTOCOL_VERSION,
                 statuses: statuses.by_ref().take(STATUSES_PER_BATCH).collect(),
                 heard: heard.by_ref().take(HEARD_PER_BATCH).collect(),
+                enrolled: enrolled.by_ref().take(HEARD_PER_BATCH).collect(),
             });
         }
         out
@@ -178,6 +188,14 @@ pub(crate) mod tests {
         r.changed(status("d3", 2, Phase::Running, 2));
         let b = r.take();
         assert_eq!((b[0].statuses.len(), b[0].heard.len()), (1, 0));
+        // Enrollments go on their own too, each device once.
+        r.enrolled(DeviceId::try_from("d4").unwrap());
+        r.enrolled(DeviceId::try_from("d4").unwrap());
+        assert!(!r.is_empty());
+        let b = r.take();
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].enrolled, vec![DeviceId::try_from("d4").unwrap()]);
+        assert!(r.is_empty());
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod broker;
 pub mod bus;
 pub mod core;
 pub mod dashboard;
+pub mod enrollment;
 pub mod etcd;
 pub mod events;
 pub mod ha;

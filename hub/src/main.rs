@@ -55,12 +55,16 @@ enum CertCommand {
 enum TokenCommand {
     /// Issue a one-time join token and print it (works while the hub runs).
     ///
-    /// Give it to one device: `shoal-agent run --join-token TOKEN …`. It pins this hub's
-    /// fleet CA and can be used once, before it expires.
+    /// Give it to one device: `shoal-agent run --join-token TOKEN …`. It pins the fleet CA
+    /// and can be used once, before it expires. With `--store etcd://…` the token goes to
+    /// etcd and enrolls through any hub replica.
     Create {
-        /// The hub's data directory.
+        /// The hub's data directory (needed unless --store is etcd).
         #[arg(long, env = "SHOAL_HUB_DATA_DIR")]
-        data_dir: PathBuf,
+        data_dir: Option<PathBuf>,
+        /// The hub's store, as given to `serve` (`sled`, or `etcd://HOST:PORT[,…][/PREFIX]`).
+        #[arg(long, env = "SHOAL_HUB_STORE", value_name = "URL")]
+        store: Option<shoal_hub::store::StoreChoice>,
         /// How long the token stays valid (e.g. 30m, 24h).
         #[arg(long, default_value = "24h", value_parser = shoal_api::quantity::duration_arg)]
         ttl: std::time::Duration,
@@ -287,21 +291,34 @@ fn real_main() -> anyhow::Result<()> {
         }
         Command::Token(TokenCommand::Create {
             data_dir,
+            store,
             ttl,
             device,
         }) => {
-            let pki = shoal_hub::security::pki_dir(&data_dir);
-            let ca = shoal_pki::ca::FleetCa::load_or_create(&pki)
-                .with_context(|| format!("cannot load the fleet CA of {}", data_dir.display()))?;
             let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-            let token = shoal_pki::token::TokenStore::new(&pki)
-                .create(
-                    &ca.hash(),
-                    shoal_api::messages::now_ms(),
-                    ttl_ms,
-                    device.as_ref().map(|d| d.as_str()),
-                )
-                .context("cannot issue a join token")?;
+            let now = shoal_api::messages::now_ms();
+            let token = match (store, data_dir) {
+                (Some(shoal_hub::store::StoreChoice::Etcd(url)), _) => {
+                    let etcd = shoal_hub::etcd::EtcdStore::connect(&url)?;
+                    let (pem, key) = etcd.fleet_ca()?.with_context(|| {
+                        format!("{url} holds no fleet CA: start a hub on it first")
+                    })?;
+                    let hash = shoal_pki::ca::hash_of_pem(&pem, &key)?;
+                    shoal_hub::enrollment::issue(&etcd, &hash, now, ttl_ms, device.as_ref())
+                }
+                (_, Some(data_dir)) => {
+                    let pki = shoal_hub::security::pki_dir(&data_dir);
+                    let ca = shoal_pki::ca::FleetCa::load_or_create(&pki).with_context(|| {
+                        format!("cannot load the fleet CA of {}", data_dir.display())
+                    })?;
+                    let files = shoal_hub::enrollment::Files::new(&pki);
+                    shoal_hub::enrollment::issue(&files, &ca.hash(), now, ttl_ms, device.as_ref())
+                }
+                (_, None) => anyhow::bail!(
+                    "token create needs --data-dir (or SHOAL_HUB_DATA_DIR), or --store etcd://…"
+                ),
+            }
+            .context("cannot issue a join token")?;
             println!("{token}");
             return Ok(());
         }

@@ -83,6 +83,8 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Times this hub was elected leader.
     pub elections_won: Counter,
+    /// Times this hub, standing by, read the store again after the leader wrote.
+    pub standby_reloads: Counter,
 }
 
 impl Default for Metrics {
@@ -108,6 +110,7 @@ impl Default for Metrics {
             rollout_state: Family::default(),
             leader: Gauge::default(),
             elections_won: Counter::default(),
+            standby_reloads: Counter::default(),
         }
     }
 }
@@ -123,6 +126,11 @@ impl Metrics {
             "shoal_hub_elections_won",
             "Times this hub was elected leader",
             self.elections_won.clone(),
+        );
+        r.register(
+            "shoal_hub_standby_reloads",
+            "Times this hub, standing by, read the store again because the leader changed it",
+            self.standby_reloads.clone(),
         );
         r.register(
             "shoal_hub_applies",

@@ -1,13 +1,12 @@
 //! The hub's credentials (`DATA_DIR/pki/`): the fleet CA, the TLS configurations of its
 //! listeners (MQTT requires a client certificate, HTTPS asks for one), the client identity
-//! it uses towards an external broker, the operator bundle it writes for `shoal`, and the
-//! join tokens devices enroll with. Nothing here is used with `--insecure` except the
+//! it uses towards an external broker, the operator bundle it writes for `shoal`, and where
+//! join tokens and enrollment records live ([`crate::enrollment`]). Nothing here is used with `--insecure` except the
 //! signing key, which always signs desired state.
 
 use shoal_pki::ca::{FleetCa, Usage, HUB_NAME};
 use shoal_pki::sign::HubSigner;
 use shoal_pki::tls::{self, ClientAuth, ClientIdentity};
-use shoal_pki::token::TokenStore;
 use shoal_pki::PkiError;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,7 +33,8 @@ pub fn signer(data_dir: &Path) -> Result<HubSigner, PkiError> {
 
 pub struct Security {
     pub ca: FleetCa,
-    pub tokens: TokenStore,
+    /// Join tokens and enrollment records.
+    pub enrollments: Box<dyn crate::enrollment::Enrollments>,
     pub mqtt: Arc<rustls::ServerConfig>,
     pub http: Arc<rustls::ServerConfig>,
     /// For the hub's connection to an external broker.
@@ -54,31 +54,6 @@ impl std::fmt::Debug for Security {
 }
 
 impl Security {
-    /// `DATA_DIR/pki/devices/{id}.pem`: the device's latest certificate, the record that it
-    /// is enrolled.
-    fn record_path(&self, device: &shoal_api::ids::DeviceId) -> PathBuf {
-        self.ca.dir().join("devices").join(format!("{device}.pem"))
-    }
-
-    /// The certificate `device` enrolled with (its key is what secrets are sealed to).
-    pub fn enrolled_cert(&self, device: &shoal_api::ids::DeviceId) -> Result<String, PkiError> {
-        shoal_pki::secret::read_cert(&self.record_path(device))
-    }
-
-    pub fn is_enrolled(&self, device: &shoal_api::ids::DeviceId) -> bool {
-        self.record_path(device).exists()
-    }
-
-    /// Records a certificate issued to `device`.
-    pub fn record(
-        &self,
-        device: &shoal_api::ids::DeviceId,
-        cert_pem: &str,
-    ) -> Result<(), PkiError> {
-        // Durable before the certificate is handed out (fsync, then rename).
-        shoal_pki::write_atomic(&self.record_path(device), cert_pem.as_bytes(), 0o644)
-    }
-
     /// Loads (or on first start creates) the fleet CA, issues the hub's certificates for
     /// `names` (besides `shoal-hub`, `localhost` and the loopback addresses), and writes the
     /// operator bundle if it is missing.
@@ -87,6 +62,7 @@ impl Security {
         names: &[String],
         signing_key: String,
         device_cert_lifetime: std::time::Duration,
+        enrollments: Box<dyn crate::enrollment::Enrollments>,
     ) -> Result<Self, PkiError> {
         let dir = pki_dir(data_dir);
         let ca = FleetCa::load_or_create(&dir)?;
@@ -104,7 +80,7 @@ impl Security {
             tracing::info!(bundle = %operator_dir(data_dir).display(), "wrote the operator credential bundle (ca.pem, operator.pem, operator.key)");
         }
         Ok(Self {
-            tokens: TokenStore::new(&dir),
+            enrollments,
             ca,
             mqtt,
             http,

@@ -172,11 +172,19 @@ async fn serve(
                 names.push(ip.to_string());
             }
         }
+        // Replicas share tokens and enrollment records through etcd.
+        let enrollments: Box<dyn crate::enrollment::Enrollments> = match &config.store {
+            crate::store::StoreChoice::Etcd(url) => Box::new(crate::etcd::EtcdStore::connect(url)?),
+            crate::store::StoreChoice::Sled => Box::new(crate::enrollment::Files::new(
+                &crate::security::pki_dir(&config.data_dir),
+            )),
+        };
         Some(Arc::new(crate::security::Security::load(
             &config.data_dir,
             &names,
             signer.public_key_b64(),
             config.device_cert_lifetime,
+            enrollments,
         )?))
     };
 
@@ -358,6 +366,7 @@ async fn serve(
                 elector: elector.clone(),
                 leader: standby_tx.clone(),
                 last_reload: None,
+                changes: elector.watch_state(tracker, shutdown.clone()),
             }),
         );
         let campaign = elector.campaign(value, tracker, shutdown.clone());
@@ -558,9 +567,12 @@ struct Standby {
     /// The leader as it announced itself (for the `http` module's refusals).
     leader: tokio::sync::watch::Sender<Option<String>>,
     last_reload: Option<std::time::Instant>,
+    /// Moves when the store changed ([`crate::ha::Elector::watch_state`]).
+    changes: tokio::sync::watch::Receiver<u64>,
 }
 
-/// How often a standby reads the store again.
+/// How often, at most, a standby reads the store again (a burst of the leader's writes is
+/// read once), and asks who leads.
 const STANDBY_RELOAD: std::time::Duration = std::time::Duration::from_millis(500);
 
 struct MainLoop<S: Store, B: Bus> {
@@ -815,7 +827,14 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             // Standbys take their share of reports too.
             Event::RelayTick => self.relay().await,
             Event::Http(r) if r.reads_only() => self.on_request(r).await,
-            Event::Http(_) => {} // refused by the http module; a device's enrollment
+            // A device enrolled here: the leader seals its secrets to its new key.
+            Event::Http(Request::Enrolled { device }) => match self.ingest.as_mut() {
+                Some(i) => i.relay.enrolled(device),
+                None => {
+                    warn!(%device, "a device enrolled through a standby without shared ingest: the leader seals its secrets to its new key only when its desired state changes")
+                }
+            },
+            Event::Http(_) => {} // refused by the http module
             Event::Mdns(_) => {}
             Event::Tick => {
                 let now = std::time::Instant::now();
@@ -827,8 +846,17 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     let leader = sb.elector.leader().await;
                     sb.leader
                         .send_replace(Some(leader.unwrap_or_else(|| "none yet".into())));
-                    if let Err(e) = self.core.reload() {
-                        warn!(error = %e, "standby cannot read the hub store");
+                    // Marked seen before reading: a write landing during the read moves
+                    // the count again and is read next time.
+                    // (Without its watch, at shutdown, it reads every time.)
+                    if sb.changes.has_changed().unwrap_or(true) {
+                        sb.changes.mark_unchanged();
+                        self.metrics.standby_reloads.inc();
+                        if let Err(e) = self.core.reload() {
+                            // Read again at the next tick.
+                            sb.changes.mark_changed();
+                            warn!(error = %e, "standby cannot read the hub store");
+                        }
                     }
                 }
                 self.record_events(false);
@@ -975,10 +1003,18 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                         return;
                     }
                 };
+                let enrolled = batch.enrolled.clone();
                 for again in self.core.ingest_batch(batch) {
                     i.relay.changed(again);
                 }
                 self.rollout_due |= self.core.rolling() || self.core.draining();
+                if self.standby.is_none() {
+                    for device in enrolled {
+                        // Enrolled through another replica: seal its state for its new key.
+                        let done = self.core.reissue(&device).map(|d| d.map(|d| vec![d]));
+                        let _ = self.published(done).await;
+                    }
+                }
             }
             Inbound::Logs(raw, _req) => {
                 if let Some(chunk) = decode::<LogChunk>(topic, payload, &raw) {
@@ -1313,9 +1349,13 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             None => {
                 Err("the hub runs --insecure: devices hold no keys to seal secrets to".to_string())
             }
-            Some(sec) => sec
-                .enrolled_cert(dev)
-                .map_err(|e| format!("no enrollment record: {e}")),
+            // A blocking read (a file, or one etcd round trip), for devices whose
+            // workloads use secrets only.
+            Some(sec) => match sec.enrollments.enrolled_cert(dev) {
+                Ok(Some(cert)) => Ok(cert),
+                Ok(None) => Err("the device has no enrollment record".to_string()),
+                Err(e) => Err(format!("cannot read the enrollment record: {e}")),
+            },
         };
         let mut sealed = Vec::new();
         for (name, version) in wanted {

@@ -163,9 +163,14 @@ impl FleetCa {
 pub fn hash_of(pki_dir: &Path) -> Result<String, PkiError> {
     let path = pki_dir.join("ca.pem");
     let pem = std::fs::read_to_string(&path).map_err(io_err("read", &path))?;
-    let der = crate::tls::first_cert(&pem).map_err(|e| PkiError::BadFile {
+    hash_of_pem(&pem, &path.display().to_string())
+}
+
+/// The hash of the CA certificate `pem`, read from `whence` (a file, or a key in a store).
+pub fn hash_of_pem(pem: &str, whence: &str) -> Result<String, PkiError> {
+    let der = crate::tls::first_cert(pem).map_err(|e| PkiError::BadFile {
         what: "the fleet CA",
-        path: path.display().to_string(),
+        path: whence.to_string(),
         reason: e.to_string(),
     })?;
     Ok(crate::sha256_hex(&der))

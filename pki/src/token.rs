@@ -1,16 +1,14 @@
 //! One-time, expiring join tokens: `SHL1.<sha256 of the fleet CA>.<id>.<secret>`.
 //!
 //! The CA hash lets a new device pin the hub's CA before it trusts anything (as K3s's
-//! `K10<hash>::…` tokens do); the id names the token's file on the hub; the secret proves the
-//! holder was given the token. The hub keeps `DATA_DIR/pki/tokens/<id>.json` with the
-//! secret's SHA-256 and the expiry, written atomically so that `shoal-hub token create` works
-//! while the hub runs (sled locks the hub's store to one process). Enrollment checks the
-//! secret and the expiry and then claims the token by renaming its file, which only one
-//! enrollment can do.
+//! `K10<hash>::…` tokens do); the id names the token's record on the hub; the secret proves
+//! the holder was given the token. The hub keeps a [`TokenRecord`] per token (the secret's
+//! SHA-256, the expiry, the device it is bound to) and claims it at enrollment, once: where
+//! and how atomically is the hub's `enrollment` module's business (files in
+//! `DATA_DIR/pki/tokens`, or etcd for hub replicas). This module is pure.
 
-use crate::{io_err, write_atomic, PkiError};
+use crate::PkiError;
 use std::fmt;
-use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 const PREFIX: &str = "SHL1";
@@ -91,10 +89,28 @@ impl FromStr for JoinToken {
     }
 }
 
-/// A token as the hub stores it.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+/// Whether `id` can be a token id (16 lowercase hex digits): checked before it names a file
+/// or a key.
+pub fn valid_id(id: &str) -> bool {
+    is_hex(id, 16)
+}
+
+impl JoinToken {
+    /// A fresh token pinning the CA whose hash is `ca_hash`.
+    pub fn generate(ca_hash: &str) -> JoinToken {
+        JoinToken {
+            ca_hash: ca_hash.to_string(),
+            id: hex::encode(rand::random::<[u8; 8]>()),
+            secret: hex::encode(rand::random::<[u8; 16]>()),
+        }
+    }
+}
+
+/// A token as the hub stores it (a file, or an etcd key): the secret's hash, never the
+/// secret. Pure: where records live is the hub's business.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Stored {
+pub struct TokenRecord {
     secret_sha256: String,
     expires_ms: u64,
     created_ms: u64,
@@ -102,105 +118,87 @@ struct Stored {
     /// an id again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     device: Option<String>,
+    /// The device that used the token (stores that keep used tokens in place).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    used_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    used_ms: Option<u64>,
 }
 
-/// The hub's token directory, `DATA_DIR/pki/tokens`.
-#[derive(Debug, Clone)]
-pub struct TokenStore {
-    dir: PathBuf,
-}
-
-impl TokenStore {
-    pub fn new(pki_dir: &Path) -> Self {
-        Self {
-            dir: pki_dir.join("tokens"),
-        }
-    }
-
-    /// Issues a token valid for `ttl_ms` from `now_ms` for the CA whose hash is `ca_hash`,
-    /// bound to `device` if given.
-    pub fn create(
-        &self,
-        ca_hash: &str,
-        now_ms: u64,
-        ttl_ms: u64,
-        device: Option<&str>,
-    ) -> Result<JoinToken, PkiError> {
-        crate::private_dir(&self.dir)?;
-        let token = JoinToken {
-            ca_hash: ca_hash.to_string(),
-            id: hex::encode(rand::random::<[u8; 8]>()),
-            secret: hex::encode(rand::random::<[u8; 16]>()),
-        };
-        let stored = Stored {
+impl TokenRecord {
+    /// The record of `token`, valid for `ttl_ms` from `now_ms`, bound to `device` if given.
+    pub fn new(token: &JoinToken, now_ms: u64, ttl_ms: u64, device: Option<&str>) -> Self {
+        TokenRecord {
             secret_sha256: crate::sha256_hex(token.secret.as_bytes()),
             expires_ms: now_ms.saturating_add(ttl_ms),
             created_ms: now_ms,
             device: device.map(str::to_string),
-        };
-        let json = serde_json::to_vec_pretty(&stored).map_err(|e| PkiError::Tls(e.to_string()))?;
-        write_atomic(&self.dir.join(format!("{}.json", token.id)), &json, 0o600)?;
-        Ok(token)
+            used_by: None,
+            used_ms: None,
+        }
     }
 
-    /// Checks `id`/`secret` for enrolling `device` and claims the token: it can never be used
-    /// again. A token bound to a device enrolls only that one; an id that is `enrolled`
-    /// already needs a token bound to it (so a token cannot take over an existing device).
-    /// A refused token stays as it was.
-    pub fn consume(
+    pub fn to_json(&self) -> Vec<u8> {
+        // Plain strings and numbers: serializing cannot fail.
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+
+    /// Parses a stored record; `whence` (its file or key) names it in the error.
+    pub fn from_json(bytes: &[u8], whence: &str) -> Result<Self, PkiError> {
+        serde_json::from_slice(bytes).map_err(|e| PkiError::BadFile {
+            what: "join token",
+            path: whence.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Whether the holder of `secret` may enroll `device` with token `id` at `now_ms`. A token
+    /// bound to a device enrolls only that one; an id that is `enrolled` already needs a
+    /// token bound to it (so a token cannot take over an existing device).
+    pub fn check(
         &self,
         id: &str,
         secret: &str,
         device: &str,
         enrolled: bool,
         now_ms: u64,
-    ) -> Result<(), PkiError> {
-        let refused = |reason| {
-            PkiError::Token(TokenError::Refused {
-                id: id.to_string(),
-                reason,
-            })
-        };
-        if !is_hex(id, 16) {
-            return Err(refused("no such token"));
+    ) -> Result<(), TokenError> {
+        let refused = |reason| refused(id, reason);
+        if self.used_by.is_some() {
+            return Err(refused(USED));
         }
-        let path = self.dir.join(format!("{id}.json"));
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(refused("no such token, or it was already used"))
-            }
-            Err(e) => return Err(io_err("read", &path)(e)),
-        };
-        let stored: Stored = serde_json::from_slice(&bytes).map_err(|e| PkiError::BadFile {
-            what: "join token",
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
         // Comparing hashes: equal-time comparison is not needed, the hash hides the secret.
-        if crate::sha256_hex(secret.as_bytes()) != stored.secret_sha256 {
+        if crate::sha256_hex(secret.as_bytes()) != self.secret_sha256 {
             return Err(refused("wrong secret"));
         }
-        if now_ms > stored.expires_ms {
+        if now_ms > self.expires_ms {
             return Err(refused("expired"));
         }
-        match &stored.device {
-            Some(d) if d != device => return Err(refused("it is bound to another device id")),
-            None if enrolled => {
-                return Err(refused(
-                    "this device id is enrolled already; to enroll it again, use a token made for it (shoal-hub token create --device ID)",
-                ))
-            }
-            _ => {}
+        match &self.device {
+            Some(d) if d != device => Err(refused("it is bound to another device id")),
+            None if enrolled => Err(refused(
+                "this device id is enrolled already; to enroll it again, use a token made for it (shoal-hub token create --device ID)",
+            )),
+            _ => Ok(()),
         }
-        let used = self.dir.join(format!("{id}.used"));
-        match std::fs::rename(&path, &used) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(refused("no such token, or it was already used"))
-            }
-            Err(e) => Err(io_err("claim", &path)(e)),
-        }
+    }
+
+    /// The record once `device` has used the token at `now_ms`.
+    pub fn used(mut self, device: &str, now_ms: u64) -> Self {
+        self.used_by = Some(device.to_string());
+        self.used_ms = Some(now_ms);
+        self
+    }
+}
+
+/// Why a token that does not exist (any more) is refused.
+pub const USED: &str = "no such token, or it was already used";
+
+/// A refusal of token `id`.
+pub fn refused(id: &str, reason: &'static str) -> TokenError {
+    TokenError::Refused {
+        id: id.to_string(),
+        reason,
     }
 }
 
@@ -241,39 +239,35 @@ mod tests {
     }
 
     #[test]
-    fn a_token_is_used_once_and_not_after_it_expires() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = TokenStore::new(dir.path());
-        let t = store.create(&"a".repeat(64), 1000, 500, None).unwrap();
-        let e = store
-            .consume(&t.id, &"0".repeat(32), "d", false, 1001)
-            .unwrap_err();
-        assert!(e.to_string().contains("wrong secret"), "{e}");
+    fn a_token_is_checked_for_secret_expiry_binding_and_use() {
+        let t = JoinToken::generate(&"a".repeat(64));
+        let r = TokenRecord::new(&t, 1000, 500, None);
+        let check = |r: &TokenRecord, secret: &str, device, enrolled, now| {
+            r.check(&t.id, secret, device, enrolled, now)
+                .map_err(|e| e.to_string())
+        };
+        let e = check(&r, &"0".repeat(32), "d", false, 1001).unwrap_err();
+        assert!(e.contains("wrong secret") && e.contains(&t.id), "{e}");
         // An unbound token does not enroll an id that is enrolled already.
-        let e = store
-            .consume(&t.id, t.secret(), "d", true, 1001)
-            .unwrap_err();
-        assert!(e.to_string().contains("enrolled already"), "{e}");
-        store.consume(&t.id, t.secret(), "d", false, 1001).unwrap();
-        let e = store
-            .consume(&t.id, t.secret(), "d", false, 1002)
-            .unwrap_err();
-        assert!(e.to_string().contains("already used"), "{e}");
-        let t = store.create(&"a".repeat(64), 1000, 500, None).unwrap();
-        let e = store
-            .consume(&t.id, t.secret(), "d", false, 1501)
-            .unwrap_err();
-        assert!(e.to_string().contains("expired"), "{e}");
+        let e = check(&r, t.secret(), "d", true, 1001).unwrap_err();
+        assert!(e.contains("enrolled already"), "{e}");
+        check(&r, t.secret(), "d", false, 1500).unwrap();
+        let e = check(&r, t.secret(), "d", false, 1501).unwrap_err();
+        assert!(e.contains("expired"), "{e}");
+        let used = r.clone().used("d", 1001);
+        let e = check(&used, t.secret(), "d", false, 1002).unwrap_err();
+        assert!(e.contains("already used"), "{e}");
+        // Records round-trip, and the secret is not in them.
+        let json = used.to_json();
+        assert_eq!(TokenRecord::from_json(&json, "k").unwrap(), used);
+        assert!(!String::from_utf8_lossy(&json).contains(t.secret()));
+        let e = TokenRecord::from_json(b"{", "tokens/x").unwrap_err();
+        assert!(e.to_string().contains("tokens/x"), "{e}");
         // A bound token enrolls its device, even again, and no other.
-        let b = store.create(&"a".repeat(64), 1000, 500, Some("d")).unwrap();
-        let e = store
-            .consume(&b.id, b.secret(), "e", false, 1001)
-            .unwrap_err();
-        assert!(e.to_string().contains("another device"), "{e}");
-        store.consume(&b.id, b.secret(), "d", true, 1001).unwrap();
-        let e = store
-            .consume("../../etc/passwd", t.secret(), "d", false, 1000)
-            .unwrap_err();
-        assert!(e.to_string().contains("no such token"), "{e}");
+        let b = TokenRecord::new(&t, 1000, 500, Some("d"));
+        let e = check(&b, t.secret(), "e", false, 1001).unwrap_err();
+        assert!(e.contains("another device"), "{e}");
+        check(&b, t.secret(), "d", true, 1001).unwrap();
+        assert!(valid_id(&t.id) && !valid_id("../../etc/passwd"));
     }
 }

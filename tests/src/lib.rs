@@ -183,12 +183,14 @@ impl BrokerAccess {
 }
 
 /// What an agent needs to join a fleet: the broker, the hub's HTTP API, and the hub's data
-/// directory to issue a join token from (`None`: the fleet runs `--insecure`).
+/// directory to issue a join token from (`None`: the fleet runs `--insecure`), or the etcd
+/// store hub replicas share (tokens then go to etcd, and enroll through any replica).
 #[derive(Debug, Clone)]
 pub struct Join {
     pub broker: String,
     pub hub: String,
     pub hub_data: Option<PathBuf>,
+    pub etcd: Option<String>,
 }
 
 impl Join {
@@ -197,10 +199,13 @@ impl Join {
         let Some(d) = &self.hub_data else {
             return Ok(None);
         };
-        let out = Command::new(bin("shoal-hub"))
-            .args(["token", "create", "--data-dir"])
-            .arg(d)
-            .output()?;
+        let mut cmd = Command::new(bin("shoal-hub"));
+        cmd.args(["token", "create"]);
+        match &self.etcd {
+            Some(url) => cmd.args(["--store", url]),
+            None => cmd.arg("--data-dir").arg(d),
+        };
+        let out = cmd.output()?;
         if !out.status.success() {
             bail!(
                 "token create failed: {}",
@@ -220,6 +225,8 @@ pub struct Hub {
     pub broker_url: String,
     pub data_dir: PathBuf,
     pub insecure: bool,
+    /// The etcd store it runs on (`--store etcd://…`).
+    pub etcd: Option<String>,
 }
 
 impl Hub {
@@ -246,6 +253,10 @@ impl Hub {
     ) -> Result<Hub> {
         let data_dir = dir.join("hub");
         let insecure = extra.contains(&"--insecure");
+        let etcd = extra
+            .windows(2)
+            .find(|w| w[0] == "--store" && w[1].starts_with("etcd://"))
+            .map(|w| w[1].to_string());
         let mut cmd = Command::new(bin("shoal-hub"));
         cmd.arg("serve")
             .arg("--data-dir")
@@ -273,6 +284,7 @@ impl Hub {
             broker_url,
             data_dir,
             insecure,
+            etcd,
         };
         wait_until(Duration::from_secs(20), "hub HTTP API up", || {
             Ok(hub
@@ -308,6 +320,7 @@ impl Hub {
             broker: self.broker_url.clone(),
             hub: self.hub_url(),
             hub_data: (!self.insecure).then(|| self.data_dir.clone()),
+            etcd: self.etcd.clone(),
         }
     }
 

@@ -1,6 +1,7 @@
-//! The hub's state in etcd (issue 9, first step): the `EtcdStore` adapter against Debian's
-//! etcd, and a hub run with `--store etcd://…` that is SIGKILLed and replaced by a hub with
-//! an empty data directory, which carries on from what etcd holds.
+//! The hub's state in etcd (issue 9): the `EtcdStore` adapter against Debian's etcd (writes,
+//! fencing, join tokens claimed once), and a hub run with `--store etcd://…` that is
+//! SIGKILLed and replaced by a hub with an empty data directory, which carries on from what
+//! etcd holds.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use shoal_api::ids::{DeviceId, WorkloadName};
@@ -161,6 +162,60 @@ fn a_deposed_leader_cannot_write_and_the_next_candidate_is_elected() -> anyhow::
     b_stop.cancel();
     tracker.close();
     rt.block_on(tracker.wait());
+    drop(etcd);
+    Ok(())
+}
+
+/// Join tokens in etcd: hub replicas racing to claim one token over their own connections
+/// (as enrollments through two replicas would), exactly one wins, every time; the state's
+/// loader is not disturbed by token and enrollment keys.
+#[test]
+fn of_replicas_racing_for_one_join_token_in_etcd_exactly_one_wins() -> anyhow::Result<()> {
+    use shoal_hub::enrollment::{claim, issue, Enrollments};
+    let dir = tempfile::tempdir()?;
+    let etcd = Etcd::start(dir.path())?;
+    let url: EtcdUrl = format!("{}/tokens", etcd.url())
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    let replicas: Vec<EtcdStore> = (0..4)
+        .map(|_| EtcdStore::connect(&url))
+        .collect::<Result<_, _>>()?;
+    let now = shoal_api::messages::now_ms();
+    for round in 0..20 {
+        let t = issue(&replicas[0], &"a".repeat(64), now, 60_000, None)?;
+        let won: Vec<String> = std::thread::scope(|s| {
+            let racers: Vec<_> = replicas
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    let t = &t;
+                    s.spawn(move || {
+                        let d = DeviceId::try_from(format!("r{round}-d{i}").as_str()).unwrap();
+                        match claim(r, &t.id, t.secret(), &d, now) {
+                            Ok(()) => Some(d.to_string()),
+                            Err(e) => {
+                                assert!(e.to_string().contains("already used"), "{e}");
+                                None
+                            }
+                        }
+                    })
+                })
+                .collect();
+            racers
+                .into_iter()
+                .filter_map(|r| r.join().unwrap())
+                .collect()
+        });
+        assert_eq!(won.len(), 1, "round {round}: {won:?}");
+    }
+    // Enrollment records are one etcd key each, seen by every connection.
+    let d = DeviceId::try_from("edge-1")?;
+    replicas[1].record(&d, "CERT")?;
+    assert_eq!(replicas[3].enrolled_cert(&d)?.as_deref(), Some("CERT"));
+    let snap = replicas[2].load()?;
+    assert!(snap.devices.is_empty() && snap.desired.is_empty());
+    // Without a hub having run, there is no fleet CA to pin a token to.
+    assert!(replicas[0].fleet_ca()?.is_none());
     drop(etcd);
     Ok(())
 }

@@ -5,7 +5,9 @@
 //! comes back as a standby. Device statuses reach the replicas through a shared
 //! subscription, each report one replica, and the leader decides on what the others pass
 //! on. The broker is SIGKILLed under load and restarted: everyone
-//! reconnects and the fleet converges.
+//! reconnects and the fleet converges. Join tokens made against etcd enroll through any
+//! replica, once; a board wiped and enrolled again through a standby gets its secret sealed
+//! to its new key by the leader.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::Value;
@@ -137,6 +139,27 @@ fn a_killed_leader_is_replaced_within_seconds_and_its_rollout_completes() -> any
     // A standby answers reads from what the leader stored and what devices report...
     let seen = second.wait_running("web", 6, Duration::from_secs(15))?;
     assert_eq!(seen["revision"], rev1.as_str());
+    // ...which it reads again when etcd says the leader wrote, not on every tick (500 ms).
+    let reloads = |h: &Hub| {
+        metric(
+            &h.metrics().unwrap_or_default(),
+            "shoal_hub_standby_reloads_total",
+            &[],
+        )
+        .unwrap_or(-1.0)
+    };
+    let before = reloads(&third);
+    std::thread::sleep(Duration::from_secs(3));
+    let idle = reloads(&third) - before;
+    eprintln!("standby reloads in 3 s of a steady fleet: {idle}");
+    assert!(
+        before >= 1.0,
+        "the standby never read the leader's writes: {before}"
+    );
+    assert!(
+        idle <= 2.0,
+        "a steady fleet made a standby read the store {idle} times in 3 s"
+    );
     // Status ingest is spread: the broker hands each report to one replica (a shared
     // subscription), and the others learn it from that replica's ingest batches.
     let ingest = wait_until(
@@ -363,5 +386,103 @@ fn the_fleet_reconverges_after_the_broker_restarts_under_load() -> anyhow::Resul
     // Leadership did not move: it lives in etcd, not in the broker.
     assert_eq!(leader.is_leader(), Some(true));
     assert_eq!(standby.is_leader(), Some(false));
+    Ok(())
+}
+
+/// `shoal-agent run` as device `id` (data in `dir/data`) enrolling through `hub` with `token`.
+fn enrolling(dir: &Path, data: &str, id: &str, join: &Join, token: &str) -> std::process::Command {
+    let mut c = std::process::Command::new(bin("shoal-agent"));
+    c.args(["run", "--no-mdns", "--no-containerd", "--labels", "role=db"])
+        .args(["--device-id", id, "--data-dir"])
+        .arg(dir.join(data))
+        .args(["--broker", &join.broker, "--hub", &join.hub, "--socket"])
+        .arg(dir.join(format!("{data}.sock")))
+        .env("SHOAL_AGENT_JOIN_TOKEN", token);
+    c
+}
+
+#[test]
+fn join_tokens_and_enrollments_are_shared_by_the_replicas() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let etcd = Etcd::start(dir.path())?;
+    let mq = Mosquitto::start(dir.path())?;
+    let leader = replica(dir.path(), &mq.url(), &etcd.url())?;
+    wait_until(Duration::from_secs(15), "the first hub leads", || {
+        Ok((leader.is_leader() == Some(true)).then_some(()))
+    })?;
+    let standby = replica(&dir.path().join("r2"), &mq.url(), &etcd.url())?;
+    let (to_leader, to_standby) = (leader.join(), standby.join());
+    // `token create --store etcd://…` needs no replica's data dir: the token is in etcd.
+    let token = |device: Option<&str>| -> anyhow::Result<String> {
+        let mut c = std::process::Command::new(bin("shoal-hub"));
+        c.args(["token", "create", "--store", &etcd.url()]);
+        if let Some(d) = device {
+            c.args(["--device", d]);
+        }
+        let out = c.output()?;
+        anyhow::ensure!(out.status.success(), "{out:?}");
+        Ok(String::from_utf8(out.stdout)?.trim().to_string())
+    };
+
+    // A device enrolls through the standby; the leader seals its secret to the key the
+    // standby recorded.
+    let t = token(None)?;
+    let mut edge_a = Proc::spawn(
+        "edge-a",
+        &mut enrolling(dir.path(), "edge-a", "edge-a", &to_standby, &t),
+        dir.path().join("edge-a.log"),
+    )?;
+    leader.wait_devices_online(1, Duration::from_secs(30))?;
+    // The same token, used again through the leader: refused there too.
+    let out = enrolling(dir.path(), "edge-b", "edge-b", &to_leader, &t).output()?;
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("already used"), "{err}");
+    for hub in [&leader, &standby] {
+        for local in ["pki/tokens", "pki/devices"] {
+            let path = hub.data_dir.join(local);
+            assert!(
+                !path.exists(),
+                "{} exists: etcd holds these",
+                path.display()
+            );
+        }
+    }
+    let value = format!("s3cr3t-{:016x}", rand::random::<u64>());
+    let m = write_manifest(
+        dir.path(),
+        "app.yaml",
+        &format!(
+            "apiVersion: shoal.dev/v1\nkind: Secret\nmetadata: {{ name: db }}\nstringData: {{ password: \"{value}\" }}\n---\napiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: app }}\nspec:\n  selector: {{ role: db }}\n  wasm: {{ module: \"{}\" }}\n  args: [secret, /etc/db/password, DB_PASSWORD, /data/out]\n  volumes: [{{ name: data, path: /data }}]\n  secrets: [{{ name: db, path: /etc/db, env: {{ DB_PASSWORD: password }} }}]\n",
+            module("probe.wasm").display()
+        ),
+    );
+    leader.apply(&m)?;
+    let seen = |data: &str| {
+        let path = dir.path().join(data).join("volumes/app/data/out");
+        let want = format!("file={value}\nenv={value}\n");
+        let mut last = String::new();
+        let r = wait_until(
+            Duration::from_secs(30),
+            "the workload sees the secret",
+            || {
+                last = std::fs::read_to_string(&path).unwrap_or_default();
+                Ok((last == want).then_some(()))
+            },
+        );
+        assert!(r.is_ok(), "{} holds {last:?}", path.display());
+    };
+    seen("edge-a");
+
+    // The board is wiped and enrolls again through the standby, with a new key and a token
+    // bound to it: the standby tells the leader, which seals the secret to the new key.
+    edge_a.kill();
+    let t = token(Some("edge-a"))?;
+    let mut wiped = Proc::spawn(
+        "edge-a-wiped",
+        &mut enrolling(dir.path(), "edge-a-wiped", "edge-a", &to_standby, &t),
+        dir.path().join("edge-a-wiped.log"),
+    )?;
+    seen("edge-a-wiped");
+    wiped.kill();
     Ok(())
 }

@@ -56,6 +56,7 @@ fn start_agent(lan: &Lan, host: usize, dir: &Path, id: &str, labels: &str) -> Re
         broker: String::new(),
         hub: String::new(),
         hub_data: Some(hub_a(dir)),
+        etcd: None,
     }
     .token()?
     .context("a join token")?;

@@ -249,6 +249,7 @@ fn join_tokens_pin_the_ca_and_work_once() -> Result<()> {
         broker: String::new(),
         hub: String::new(),
         hub_data: Some(dir.path().join("elsewhere")),
+        etcd: None,
     };
     let st = Command::new(bin("shoal-hub"))
         .args(["cert", "broker", "--data-dir"])
