@@ -7,15 +7,17 @@
 //!
 //! - [`Files`], in `DATA_DIR/pki/tokens/{id}.json` and `DATA_DIR/pki/devices/{id}.pem`, for a
 //!   single hub (sled locks its database to one process, so tokens cannot go there);
-//! - `EtcdStore` (in [`crate::etcd`]), under `{prefix}/tokens/{id}` and
-//!   `{prefix}/enrolled/{id}`, for hub replicas: a token created against etcd enrolls through
+//! - `EtcdStore` (in [`crate::etcd`]), under `{prefix}.enroll/tokens/{id}` and
+//!   `{prefix}.enroll/devices/{id}`, for hub replicas: a token created against etcd enrolls through
 //!   any replica, a device enrolled through one is known to all, and it survives the loss of
 //!   any replica's disk.
 //!
-//! Claiming is a compare-and-swap on the record ([`Enrollments::swap_token`]): of two
-//! enrollments racing with one token, on one hub or on two, exactly one wins. Token records
-//! are written by any replica, not only the leader, and are not fenced: nothing the leader
-//! decides depends on them, and enrolling must not wait for a failover.
+//! Claiming is one atomic step ([`Enrollments::claim_token`]): the token's record, still
+//! as it was read, becomes a used one, and the device's record is written, for an unbound
+//! token only if the id has none yet. So of two enrollments racing with one token, or two
+//! unbound tokens racing for one new id, on one hub or on two replicas, exactly one wins.
+//! Records are written by any replica, not only the leader, and are not fenced: nothing
+//! the leader decides depends on them, and enrolling must not wait for a failover.
 
 use crate::store::StoreError;
 use shoal_api::ids::DeviceId;
@@ -34,7 +36,7 @@ pub enum EnrollError {
     Store(#[from] StoreError),
 }
 
-/// A version of a token record for [`Enrollments::swap_token`]: `0` for "no such record".
+/// A version of a token record, for [`Enrollments::claim_token`].
 pub type Version = i64;
 
 /// Where tokens and enrollment records live. Calls block (files, or a round trip to etcd):
@@ -42,16 +44,24 @@ pub type Version = i64;
 pub trait Enrollments: Send + Sync {
     /// Token `id`'s record and its version, if there is one. `id` is a valid token id.
     fn token(&self, id: &str) -> Result<Option<(TokenRecord, Version)>, EnrollError>;
-    /// Writes `record` for token `id` if its version is still `expected`; `false`: it
-    /// changed meanwhile (another enrollment claimed it), nothing was written.
-    fn swap_token(
+    /// Writes a new token's record; `false` if token `id` exists (nothing written).
+    fn create_token(&self, id: &str, record: &TokenRecord) -> Result<bool, EnrollError>;
+    /// In one step: token `id`'s record, if still at version `expected`, becomes `used`, and
+    /// `cert_pem` becomes `device`'s record, if `fresh` only when it has none yet. `false`:
+    /// a condition failed, nothing was written.
+    fn claim_token(
         &self,
         id: &str,
         expected: Version,
-        record: &TokenRecord,
+        used: &TokenRecord,
+        device: &DeviceId,
+        cert_pem: &str,
+        fresh: bool,
     ) -> Result<bool, EnrollError>;
-    /// Records `cert_pem` as `device`'s latest certificate, durably.
+    /// Records `cert_pem` as `device`'s latest certificate (a renewal), durably.
     fn record(&self, device: &DeviceId, cert_pem: &str) -> Result<(), EnrollError>;
+    /// Records `cert_pem` for `device` unless it has a record; `false`: it had one.
+    fn adopt_record(&self, device: &DeviceId, cert_pem: &str) -> Result<bool, EnrollError>;
     /// The certificate `device` was last issued, if it is enrolled.
     fn enrolled_cert(&self, device: &DeviceId) -> Result<Option<String>, EnrollError>;
 }
@@ -68,35 +78,65 @@ pub fn issue(
     let t = JoinToken::generate(ca_hash);
     let record = TokenRecord::new(&t, now_ms, ttl_ms, device.map(DeviceId::as_str));
     // A random 64-bit id is new; if it were not, the token would not be issued.
-    if book.swap_token(&t.id, 0, &record)? {
+    if book.create_token(&t.id, &record)? {
         Ok(t)
     } else {
         Err(token::refused(&t.id, "a token with this id exists; create another").into())
     }
 }
 
-/// Checks token `id`/`secret` for enrolling `device` at `now_ms` and claims it: it can never
-/// be used again. A refused token stays as it was.
+/// Checks token `id`/`secret` for enrolling `device` at `now_ms`, claims it (it can never be
+/// used again) and records `cert_pem` as the device's certificate. A refused token stays as
+/// it was, and nothing is recorded.
 pub fn claim(
     book: &dyn Enrollments,
     id: &str,
     secret: &str,
     device: &DeviceId,
+    cert_pem: &str,
     now_ms: u64,
 ) -> Result<(), EnrollError> {
     if !token::valid_id(id) {
-        return Err(token::refused(id, token::USED).into());
+        return Err(token::refused(id, token::UNKNOWN).into());
     }
     let Some((record, version)) = book.token(id)? else {
-        return Err(token::refused(id, token::USED).into());
+        return Err(token::refused(id, token::UNKNOWN).into());
     };
     let enrolled = book.enrolled_cert(device)?.is_some();
     record.check(id, secret, device.as_str(), enrolled, now_ms)?;
-    if book.swap_token(id, version, &record.used(device.as_str(), now_ms))? {
-        Ok(())
+    let fresh = record.bound_to().is_none();
+    let used = record.used(device.as_str(), now_ms);
+    if book.claim_token(id, version, &used, device, cert_pem, fresh)? {
+        return Ok(());
+    }
+    // Lost a race: to another enrollment with this token, or for this id.
+    if fresh && book.enrolled_cert(device)?.is_some() {
+        Err(token::refused(id, token::ENROLLED).into())
     } else {
         Err(token::refused(id, token::USED).into())
     }
+}
+
+/// Copies the records and unused tokens of `files` (a hub's `DATA_DIR/pki`) into `book`
+/// where it has none of its own (a hub moving to etcd keeps its devices); returns how many.
+pub fn adopt_files(files: &Files, book: &dyn Enrollments) -> Result<usize, EnrollError> {
+    let mut adopted = 0;
+    for (name, path) in files.list(&files.devices, ".pem")? {
+        let Ok(device) = DeviceId::try_from(name.as_str()) else {
+            continue;
+        };
+        let cert = std::fs::read_to_string(&path).map_err(io("read", &path))?;
+        adopted += usize::from(book.adopt_record(&device, &cert)?);
+    }
+    for (id, path) in files.list(&files.tokens, ".json")? {
+        if !token::valid_id(&id) {
+            continue;
+        }
+        let bytes = std::fs::read(&path).map_err(io("read", &path))?;
+        let record = TokenRecord::from_json(&bytes, &path.display().to_string())?;
+        adopted += usize::from(book.create_token(&id, &record)?);
+    }
+    Ok(adopted)
 }
 
 /// Tokens and records as files in `DATA_DIR/pki`, for a single hub.
@@ -130,73 +170,144 @@ fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Enrol
     }
 }
 
-/// A file's "version": a token file is claimed by renaming it away (to `{id}.used`), which
-/// only one process can do, so the version only tells "exists" (1) from "gone" (0).
-const ON_DISK: Version = 1;
+/// A token file's "version": a token is claimed by renaming its file away (to `{id}.used`),
+/// which only one process can do, so the version only tells unused from used.
+const UNUSED: Version = 1;
+const USED: Version = 2;
+
+impl Files {
+    fn used_path(&self, id: &str) -> PathBuf {
+        self.tokens.join(format!("{id}.used"))
+    }
+
+    fn record_path(&self, device: &DeviceId) -> PathBuf {
+        self.devices.join(format!("{device}.pem"))
+    }
+
+    /// The files in `dir` named `{name}{ext}`, as (name, path); none if `dir` is missing.
+    fn list(&self, dir: &Path, ext: &str) -> Result<Vec<(String, PathBuf)>, EnrollError> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io("list", dir)(e)),
+        };
+        let mut out = Vec::new();
+        for e in entries {
+            let e = e.map_err(io("list", dir))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(stem) = name.strip_suffix(ext) {
+                out.push((stem.to_string(), e.path()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes `bytes` to `path` with `mode` only if `path` does not exist (written aside,
+    /// then linked into place: a crash leaves no half file); `false` if it existed.
+    fn create_new(&self, path: &Path, bytes: &[u8], mode: u32) -> Result<bool, EnrollError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(io("create directory", dir))?;
+        let tmp = path.with_extension(format!("tmp{}", rand::random::<u32>()));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(io("create", &tmp))?;
+        let written = std::io::Write::write_all(&mut f, bytes)
+            .and_then(|()| f.sync_all())
+            .map_err(io("write", &tmp));
+        let linked = written.and_then(|()| match std::fs::hard_link(&tmp, path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(io("create", path)(e)),
+        });
+        let _ = std::fs::remove_file(&tmp);
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        linked
+    }
+}
 
 impl Enrollments for Files {
     fn token(&self, id: &str) -> Result<Option<(TokenRecord, Version)>, EnrollError> {
-        let path = self.token_path(id);
-        match std::fs::read(&path) {
-            Ok(b) => Ok(Some((
-                TokenRecord::from_json(&b, &path.display().to_string())?,
-                ON_DISK,
-            ))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io("read", &path)(e)),
+        for (path, version) in [(self.token_path(id), UNUSED), (self.used_path(id), USED)] {
+            match std::fs::read(&path) {
+                Ok(b) => {
+                    let r = TokenRecord::from_json(&b, &path.display().to_string())?;
+                    return Ok(Some((r, version)));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("read", &path)(e)),
+            }
         }
+        Ok(None)
     }
 
-    fn swap_token(
+    fn create_token(&self, id: &str, record: &TokenRecord) -> Result<bool, EnrollError> {
+        use std::os::unix::fs::PermissionsExt;
+        // Owner-only: the directory and each token.
+        std::fs::create_dir_all(&self.tokens).map_err(io("create directory", &self.tokens))?;
+        std::fs::set_permissions(&self.tokens, std::fs::Permissions::from_mode(0o700))
+            .map_err(io("restrict permissions of", &self.tokens))?;
+        if self.used_path(id).exists() {
+            return Ok(false);
+        }
+        self.create_new(&self.token_path(id), &record.to_json(), 0o600)
+    }
+
+    fn claim_token(
         &self,
         id: &str,
         expected: Version,
-        record: &TokenRecord,
+        used: &TokenRecord,
+        device: &DeviceId,
+        cert_pem: &str,
+        fresh: bool,
     ) -> Result<bool, EnrollError> {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        let path = self.token_path(id);
-        if expected == 0 {
-            // Created owner-only, and only if new (written, then linked into place: a crash
-            // leaves no half token).
-            std::fs::create_dir_all(&self.tokens).map_err(io("create directory", &self.tokens))?;
-            std::fs::set_permissions(&self.tokens, std::fs::Permissions::from_mode(0o700))
-                .map_err(io("restrict permissions of", &self.tokens))?;
-            let tmp = path.with_extension(format!("tmp{}", rand::random::<u32>()));
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io("create", &tmp))?;
-            std::io::Write::write_all(&mut f, &record.to_json()).map_err(io("write", &tmp))?;
-            f.sync_all().map_err(io("sync", &tmp))?;
-            let linked = std::fs::hard_link(&tmp, &path);
-            let _ = std::fs::remove_file(&tmp);
-            return match linked {
-                Ok(()) => Ok(true),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-                Err(e) => Err(io("create", &path)(e)),
-            };
+        if expected != UNUSED {
+            return Ok(false);
         }
-        // Claiming: the rename is the atomic step; the used record then replaces what moved.
-        let used = self.tokens.join(format!("{id}.used"));
-        match std::fs::rename(&path, &used) {
+        // The rename is the atomic claim of the token.
+        let (path, used_path) = (self.token_path(id), self.used_path(id));
+        match std::fs::rename(&path, &used_path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(io("claim", &path)(e)),
         }
-        shoal_pki::write_atomic(&used, &record.to_json(), 0o600)?;
-        Ok(true)
+        let recorded = if fresh {
+            self.create_new(&self.record_path(device), cert_pem.as_bytes(), 0o644)
+        } else {
+            self.record(device, cert_pem).map(|()| true)
+        };
+        match recorded {
+            Ok(true) => {
+                shoal_pki::write_atomic(&used_path, &used.to_json(), 0o600)?;
+                Ok(true)
+            }
+            other => {
+                // The id was taken meanwhile (or the record could not be written): the
+                // token goes back as it was.
+                std::fs::rename(&used_path, &path).map_err(io("restore", &path))?;
+                other
+            }
+        }
     }
 
     fn record(&self, device: &DeviceId, cert_pem: &str) -> Result<(), EnrollError> {
         // Durable before the certificate is handed out (fsync, then rename).
-        let path = self.devices.join(format!("{device}.pem"));
+        let path = self.record_path(device);
         Ok(shoal_pki::write_atomic(&path, cert_pem.as_bytes(), 0o644)?)
     }
 
+    fn adopt_record(&self, device: &DeviceId, cert_pem: &str) -> Result<bool, EnrollError> {
+        self.create_new(&self.record_path(device), cert_pem.as_bytes(), 0o644)
+    }
+
     fn enrolled_cert(&self, device: &DeviceId) -> Result<Option<String>, EnrollError> {
-        let path = self.devices.join(format!("{device}.pem"));
+        let path = self.record_path(device);
         match std::fs::read_to_string(&path) {
             Ok(s) => Ok(Some(s)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -205,81 +316,120 @@ impl Enrollments for Files {
     }
 }
 
-/// An in-memory [`Enrollments`], for tests.
-#[cfg(test)]
-#[derive(Default)]
-pub struct Fake {
-    tokens: std::sync::Mutex<std::collections::BTreeMap<String, (TokenRecord, Version)>>,
-    certs: std::sync::Mutex<std::collections::BTreeMap<DeviceId, String>>,
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-impl Enrollments for Fake {
-    fn token(&self, id: &str) -> Result<Option<(TokenRecord, Version)>, EnrollError> {
-        Ok(self.tokens.lock().unwrap().get(id).cloned())
-    }
-    fn swap_token(
-        &self,
-        id: &str,
-        expected: Version,
-        record: &TokenRecord,
-    ) -> Result<bool, EnrollError> {
-        let mut t = self.tokens.lock().unwrap();
-        let now = t.get(id).map_or(0, |(_, v)| *v);
-        if now != expected {
-            return Ok(false);
-        }
-        t.insert(id.to_string(), (record.clone(), now + 1));
-        Ok(true)
-    }
-    fn record(&self, device: &DeviceId, cert_pem: &str) -> Result<(), EnrollError> {
-        self.certs
-            .lock()
-            .unwrap()
-            .insert(device.clone(), cert_pem.to_string());
-        Ok(())
-    }
-    fn enrolled_cert(&self, device: &DeviceId) -> Result<Option<String>, EnrollError> {
-        Ok(self.certs.lock().unwrap().get(device).cloned())
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    /// Token records by id, and certificates by device.
+    type Books = (
+        BTreeMap<String, (TokenRecord, Version)>,
+        BTreeMap<DeviceId, String>,
+    );
+
+    /// An in-memory [`Enrollments`]: one lock makes each call atomic.
+    #[derive(Default)]
+    struct Fake {
+        state: Mutex<Books>,
+    }
+
+    impl Enrollments for Fake {
+        fn token(&self, id: &str) -> Result<Option<(TokenRecord, Version)>, EnrollError> {
+            Ok(self.state.lock().unwrap().0.get(id).cloned())
+        }
+        fn create_token(&self, id: &str, record: &TokenRecord) -> Result<bool, EnrollError> {
+            let mut s = self.state.lock().unwrap();
+            if s.0.contains_key(id) {
+                return Ok(false);
+            }
+            s.0.insert(id.to_string(), (record.clone(), 1));
+            Ok(true)
+        }
+        fn claim_token(
+            &self,
+            id: &str,
+            expected: Version,
+            used: &TokenRecord,
+            device: &DeviceId,
+            cert_pem: &str,
+            fresh: bool,
+        ) -> Result<bool, EnrollError> {
+            let mut s = self.state.lock().unwrap();
+            let version = s.0.get(id).map_or(0, |(_, v)| *v);
+            if version != expected || (fresh && s.1.contains_key(device)) {
+                return Ok(false);
+            }
+            s.0.insert(id.to_string(), (used.clone(), version + 1));
+            s.1.insert(device.clone(), cert_pem.to_string());
+            Ok(true)
+        }
+        fn record(&self, device: &DeviceId, cert_pem: &str) -> Result<(), EnrollError> {
+            let mut s = self.state.lock().unwrap();
+            s.1.insert(device.clone(), cert_pem.to_string());
+            Ok(())
+        }
+        fn adopt_record(&self, device: &DeviceId, cert_pem: &str) -> Result<bool, EnrollError> {
+            let mut s = self.state.lock().unwrap();
+            if s.1.contains_key(device) {
+                return Ok(false);
+            }
+            s.1.insert(device.clone(), cert_pem.to_string());
+            Ok(true)
+        }
+        fn enrolled_cert(&self, device: &DeviceId) -> Result<Option<String>, EnrollError> {
+            Ok(self.state.lock().unwrap().1.get(device).cloned())
+        }
+    }
 
     fn id(s: &str) -> DeviceId {
         DeviceId::try_from(s).unwrap()
     }
 
-    /// The same story on every implementation: a token enrolls once, a refused one stays
-    /// usable, a bound one re-enrolls its device, nonsense ids name no file.
+    /// The same story on every implementation: a token enrolls once and records the device,
+    /// a refused one stays usable and records nothing, a bound one re-enrolls its device,
+    /// a stale version claims nothing, nonsense ids name no file.
     fn tokens_are_used_once(book: &dyn Enrollments) {
         let ca = "a".repeat(64);
         let t = issue(book, &ca, 1000, 500, None).unwrap();
-        let e = claim(book, &t.id, &"0".repeat(32), &id("d"), 1001).unwrap_err();
+        let e = claim(book, &t.id, &"0".repeat(32), &id("d"), "C0", 1001).unwrap_err();
         assert!(matches!(e, EnrollError::Refused(_)), "{e}");
         assert!(e.to_string().contains("wrong secret"), "{e}");
-        claim(book, &t.id, t.secret(), &id("d"), 1001).unwrap();
-        book.record(&id("d"), "CERT").unwrap();
-        assert_eq!(
-            book.enrolled_cert(&id("d")).unwrap().as_deref(),
-            Some("CERT")
-        );
+        assert_eq!(book.enrolled_cert(&id("d")).unwrap(), None);
+        claim(book, &t.id, t.secret(), &id("d"), "C1", 1001).unwrap();
+        assert_eq!(book.enrolled_cert(&id("d")).unwrap().as_deref(), Some("C1"));
         assert_eq!(book.enrolled_cert(&id("e")).unwrap(), None);
-        let e = claim(book, &t.id, t.secret(), &id("d"), 1002).unwrap_err();
+        let e = claim(book, &t.id, t.secret(), &id("x"), "C", 1002).unwrap_err();
         assert!(e.to_string().contains("already used"), "{e}");
+        let e = claim(book, "0123456789abcdef", t.secret(), &id("x"), "C", 1002).unwrap_err();
+        assert!(e.to_string().contains("no such token"), "{e}");
         // An unbound token cannot take over an enrolled id; one bound to it can.
         let u = issue(book, &ca, 1000, 500, None).unwrap();
-        let e = claim(book, &u.id, u.secret(), &id("d"), 1001).unwrap_err();
+        let e = claim(book, &u.id, u.secret(), &id("d"), "C", 1001).unwrap_err();
         assert!(e.to_string().contains("enrolled already"), "{e}");
         let b = issue(book, &ca, 1000, 500, Some(&id("d"))).unwrap();
-        claim(book, &b.id, b.secret(), &id("d"), 1001).unwrap();
-        // The refused unbound token was left as it was: it still enrolls a new device.
-        claim(book, &u.id, u.secret(), &id("e"), 1001).unwrap();
-        let e = claim(book, "../../etc/passwd", t.secret(), &id("d"), 1000).unwrap_err();
+        claim(book, &b.id, b.secret(), &id("d"), "C2", 1001).unwrap();
+        assert_eq!(book.enrolled_cert(&id("d")).unwrap().as_deref(), Some("C2"));
+        // A renewal replaces the record; adopting does not.
+        book.record(&id("d"), "C3").unwrap();
+        assert!(!book.adopt_record(&id("d"), "C4").unwrap());
+        assert_eq!(book.enrolled_cert(&id("d")).unwrap().as_deref(), Some("C3"));
+        // A claim against a version read before another one changed nothing; neither does
+        // a fresh claim for an id that got enrolled meanwhile.
+        let (rec, v) = book.token(&u.id).unwrap().unwrap();
+        let used = rec.clone().used("e", 1001);
+        assert!(!book
+            .claim_token(&u.id, v, &used, &id("d"), "C", true)
+            .unwrap());
+        assert!(book
+            .claim_token(&u.id, v, &used, &id("e"), "C5", true)
+            .unwrap());
+        assert!(!book
+            .claim_token(&u.id, v, &used, &id("f"), "C", true)
+            .unwrap());
+        assert_eq!(book.enrolled_cert(&id("f")).unwrap(), None);
+        let e = claim(book, "../../etc/passwd", t.secret(), &id("d"), "C", 1000).unwrap_err();
         assert!(e.to_string().contains("no such token"), "{e}");
     }
 
@@ -295,6 +445,10 @@ mod tests {
             .collect();
         assert!(names.iter().all(|n| n.ends_with(".used")), "{names:?}");
         assert_eq!(names.len(), 3, "{names:?}");
+        let devices = std::fs::read_dir(dir.path().join("devices"))
+            .unwrap()
+            .count();
+        assert_eq!(devices, 2, "d and e, no temporary files");
     }
 
     #[test]
@@ -303,25 +457,63 @@ mod tests {
     }
 
     #[test]
-    fn of_two_claims_racing_on_files_one_wins() {
+    fn a_hub_moving_to_another_store_keeps_its_devices_and_unused_tokens() {
         let dir = tempfile::tempdir().unwrap();
         let files = Files::new(dir.path());
-        for _ in 0..20 {
-            let t = issue(&files, &"a".repeat(64), 1000, 500, None).unwrap();
-            let wins: usize = std::thread::scope(|s| {
-                let racers: Vec<_> = ["d", "e", "f", "g"]
-                    .into_iter()
-                    .map(|d| {
-                        let (files, t) = (&files, &t);
-                        s.spawn(move || claim(files, &t.id, t.secret(), &id(d), 1001).is_ok())
+        let t = issue(&files, &"a".repeat(64), 1000, 500, None).unwrap();
+        let used = issue(&files, &"a".repeat(64), 1000, 500, None).unwrap();
+        claim(&files, &used.id, used.secret(), &id("d"), "C1", 1001).unwrap();
+        let book = Fake::default();
+        book.record(&id("e"), "theirs").unwrap();
+        files.record(&id("e"), "ours").unwrap();
+        assert_eq!(adopt_files(&files, &book).unwrap(), 2, "d's record and t");
+        assert_eq!(adopt_files(&files, &book).unwrap(), 0, "once");
+        assert_eq!(book.enrolled_cert(&id("d")).unwrap().as_deref(), Some("C1"));
+        assert_eq!(
+            book.enrolled_cert(&id("e")).unwrap().as_deref(),
+            Some("theirs")
+        );
+        claim(&book, &t.id, t.secret(), &id("f"), "C2", 1001).unwrap();
+        assert!(book.token(&used.id).unwrap().is_none());
+    }
+
+    /// Four threads, one token (or four unbound tokens, one new id): one enrollment wins.
+    fn one_of_racing_claims_wins(book: &(dyn Enrollments + Sync), rounds: usize) {
+        for round in 0..rounds {
+            let same_token = round % 2 == 0;
+            let tokens: Vec<JoinToken> = (0..4)
+                .map(|_| issue(book, &"a".repeat(64), 1000, 60_000, None).unwrap())
+                .collect();
+            let start = std::sync::Barrier::new(4);
+            let wins: Vec<bool> = std::thread::scope(|s| {
+                let racers: Vec<_> = (0..4)
+                    .map(|i| {
+                        let (t, start) = (&tokens[if same_token { 0 } else { i }], &start);
+                        let device = if same_token {
+                            id(&format!("r{round}-d{i}"))
+                        } else {
+                            id(&format!("r{round}"))
+                        };
+                        s.spawn(move || {
+                            start.wait();
+                            match claim(book, &t.id, t.secret(), &device, "C", 1001) {
+                                Ok(()) => true,
+                                Err(EnrollError::Refused(_)) => false,
+                                Err(e) => panic!("{e}"),
+                            }
+                        })
                     })
                     .collect();
-                racers
-                    .into_iter()
-                    .map(|r| usize::from(r.join().unwrap()))
-                    .sum()
+                racers.into_iter().map(|r| r.join().unwrap()).collect()
             });
-            assert_eq!(wins, 1);
+            let won = wins.iter().filter(|w| **w).count();
+            assert_eq!(won, 1, "round {round} (same token: {same_token}): {wins:?}");
         }
+    }
+
+    #[test]
+    fn of_claims_racing_on_files_one_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        one_of_racing_claims_wins(&Files::new(dir.path()), 20);
     }
 }

@@ -3,10 +3,10 @@
 //!
 //! Keys sit under a prefix (default `/shoal`, or the URL's path): `{prefix}/workloads/{name}`,
 //! `/devices/{id}`, `/desired/{id}`, `/rollouts/{name}`, `/secrets/{name}` and
-//! `/meta/assignments`, each a JSON document as in the sled store. Beside them, and skipped
-//! when the state is loaded: `/pki/` (the keys replicas share, [`crate::ha`]), and
-//! `/tokens/{id}` and `/enrolled/{id}` (join tokens and enrollment records, see
-//! [`crate::enrollment`]). Writes are buffered and
+//! `/meta/assignments`, each a JSON document as in the sled store, and `/pki/` (the keys
+//! replicas share, [`crate::ha`]; skipped when the state is loaded). Beside the prefix:
+//! `{prefix}.enroll/` (join tokens and enrollment records, see [`crate::enrollment`]) and
+//! `{prefix}.blobs/` (modules). Writes are buffered and
 //! [`Store::flush`] commits them in etcd transactions (at most [`TXN_OPS`] operations each,
 //! etcd's default limit), so, as with sled, nothing is acknowledged before etcd has it; a
 //! failed flush keeps the writes for the next one. A leader's store is fenced
@@ -100,9 +100,13 @@ enum Cmd {
     Load(String, mpsc::Sender<Result<Entries, String>>),
     /// One key.
     Get(String, mpsc::Sender<Result<Versioned, String>>),
-    /// Puts the value if the key's modification revision is still the given one (0: the
-    /// key does not exist); answers whether it did.
-    Swap(String, i64, Vec<u8>, mpsc::Sender<Result<bool, String>>),
+    /// Puts the values if every guard key's modification revision is still the given one
+    /// (0: the key does not exist); answers whether it did.
+    Cas {
+        guards: Vec<(String, i64)>,
+        puts: Vec<(String, Vec<u8>)>,
+        reply: mpsc::Sender<Result<bool, String>>,
+    },
     Commit(Vec<Op>, Option<Fence>, mpsc::Sender<Result<(), Refused>>),
 }
 
@@ -262,14 +266,23 @@ fn serve(rt: tokio::runtime::Runtime, client: Client, rx: mpsc::Receiver<Cmd>) {
                 });
                 let _ = reply.send(r);
             }
-            Cmd::Swap(key, revision, value, reply) => {
+            Cmd::Cas {
+                guards,
+                puts,
+                reply,
+            } => {
                 let txn = Txn::new()
-                    .when(vec![Compare::mod_revision(
-                        key.as_str(),
-                        CompareOp::Equal,
-                        revision,
-                    )])
-                    .and_then(vec![TxnOp::put(key.as_str(), value, None)]);
+                    .when(
+                        guards
+                            .into_iter()
+                            .map(|(k, rev)| Compare::mod_revision(k, CompareOp::Equal, rev))
+                            .collect::<Vec<_>>(),
+                    )
+                    .and_then(
+                        puts.into_iter()
+                            .map(|(k, v)| TxnOp::put(k, v, None))
+                            .collect::<Vec<_>>(),
+                    );
                 let call = async { tokio::time::timeout(CALL_TIMEOUT, kv.txn(txn)).await };
                 let r = match rt.block_on(call) {
                     Ok(Ok(r)) => Ok(r.succeeded()),
@@ -537,16 +550,18 @@ impl EtcdStore {
 }
 
 /// Join tokens and enrollment records shared by hub replicas (see [`crate::enrollment`]):
-/// `{prefix}/tokens/{id}` and `{prefix}/enrolled/{device}`, beside the state (its loader
-/// skips them). Written by any replica, unfenced; a token is claimed by a transaction on
-/// its modification revision. Use a connection of its own.
+/// `{prefix}.enroll/tokens/{id}` and `{prefix}.enroll/devices/{id}`, beside the state (not
+/// under it: the state's loads and the standbys' watch leave them alone). Written by any
+/// replica, unfenced; a claim is one transaction guarded by the token's modification
+/// revision and, for an unbound token, the device record's absence. Use a connection of
+/// its own.
 impl crate::enrollment::Enrollments for EtcdStore {
     fn token(
         &self,
         id: &str,
     ) -> Result<Option<(shoal_pki::token::TokenRecord, crate::enrollment::Version)>, EnrollError>
     {
-        let key = self.key("tokens", id);
+        let key = self.enroll_key("tokens", id);
         match self.get(&key)? {
             None => Ok(None),
             Some((bytes, rev)) => Ok(Some((
@@ -556,25 +571,49 @@ impl crate::enrollment::Enrollments for EtcdStore {
         }
     }
 
-    fn swap_token(
+    fn create_token(
+        &self,
+        id: &str,
+        record: &shoal_pki::token::TokenRecord,
+    ) -> Result<bool, EnrollError> {
+        let key = self.enroll_key("tokens", id);
+        Ok(self.cas(vec![(key.clone(), 0)], vec![(key, record.to_json())])?)
+    }
+
+    fn claim_token(
         &self,
         id: &str,
         expected: crate::enrollment::Version,
-        record: &shoal_pki::token::TokenRecord,
+        used: &shoal_pki::token::TokenRecord,
+        device: &DeviceId,
+        cert_pem: &str,
+        fresh: bool,
     ) -> Result<bool, EnrollError> {
-        let key = self.key("tokens", id);
-        let r = self.ask(|reply| Cmd::Swap(key, expected, record.to_json(), reply))?;
-        Ok(r.map_err(|e| self.fail(e))?)
+        let (token, record) = (
+            self.enroll_key("tokens", id),
+            self.enroll_key("devices", device.as_str()),
+        );
+        let mut guards = vec![(token.clone(), expected)];
+        if fresh {
+            guards.push((record.clone(), 0));
+        }
+        let puts = vec![(token, used.to_json()), (record, cert_pem.into())];
+        Ok(self.cas(guards, puts)?)
     }
 
     fn record(&self, device: &DeviceId, cert_pem: &str) -> Result<(), EnrollError> {
-        let op = Op::Put(self.key("enrolled", device.as_str()), cert_pem.into());
+        let op = Op::Put(self.enroll_key("devices", device.as_str()), cert_pem.into());
         self.put_now(op)
             .map_err(|e| EnrollError::Store(self.fail(e)))
     }
 
+    fn adopt_record(&self, device: &DeviceId, cert_pem: &str) -> Result<bool, EnrollError> {
+        let key = self.enroll_key("devices", device.as_str());
+        Ok(self.cas(vec![(key.clone(), 0)], vec![(key, cert_pem.into())])?)
+    }
+
     fn enrolled_cert(&self, device: &DeviceId) -> Result<Option<String>, EnrollError> {
-        let key = self.key("enrolled", device.as_str());
+        let key = self.enroll_key("devices", device.as_str());
         Ok(self
             .get(&key)?
             .map(|(bytes, _)| String::from_utf8_lossy(&bytes).into_owned()))
@@ -582,6 +621,24 @@ impl crate::enrollment::Enrollments for EtcdStore {
 }
 
 impl EtcdStore {
+    fn enroll_key(&self, kind: &str, name: &str) -> String {
+        format!("{}.enroll/{kind}/{name}", self.url.prefix)
+    }
+
+    /// Puts `puts` if every key in `guards` is still at its modification revision.
+    fn cas(
+        &self,
+        guards: Vec<(String, i64)>,
+        puts: Vec<(String, Vec<u8>)>,
+    ) -> Result<bool, StoreError> {
+        self.ask(|reply| Cmd::Cas {
+            guards,
+            puts,
+            reply,
+        })?
+        .map_err(|e| self.fail(e))
+    }
+
     /// One key's value and modification revision.
     fn get(&self, key: &str) -> Result<Versioned, StoreError> {
         self.ask(|reply| Cmd::Get(key.to_string(), reply))?

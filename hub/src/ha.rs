@@ -182,8 +182,10 @@ impl Elector {
             let mut wait = Duration::from_millis(250);
             loop {
                 let opts = etcd_client::WatchOptions::new().with_prefix();
+                // Ends with shutdown, or once the standby is elected (the receiver gone).
                 let started = tokio::select! {
                     _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
                     r = client.watch(prefix.as_str(), Some(opts)) => r,
                 };
                 match started {
@@ -193,6 +195,7 @@ impl Elector {
                         loop {
                             let msg = tokio::select! {
                                 _ = shutdown.cancelled() => return,
+                                _ = tx.closed() => return,
                                 m = stream.message() => m,
                             };
                             match msg {
@@ -214,6 +217,7 @@ impl Elector {
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
                     _ = tokio::time::sleep(wait) => {}
                 }
                 wait = (wait * 2).min(Duration::from_secs(5));

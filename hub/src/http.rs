@@ -460,9 +460,10 @@ async fn enroll(State(s): State<AppState>, Json(req): Json<EnrollRequest>) -> Re
         let (id, secret) = (token.id.clone(), token.secret().to_string());
         let (sec2, dev, cert) = (sec.clone(), device.clone(), out.certificate.clone());
         tokio::task::spawn_blocking(move || {
-            crate::enrollment::claim(&*sec2.enrollments, &id, &secret, &dev, now)
-                .map_err(enroll_failure)?;
-            sec2.enrollments.record(&dev, &cert).map_err(enroll_failure)
+            // Claims the token and records the certificate in one step, durably, before
+            // the certificate is handed out.
+            crate::enrollment::claim(&*sec2.enrollments, &id, &secret, &dev, &cert, now)
+                .map_err(enroll_failure)
         })
         .await
         .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
@@ -505,7 +506,7 @@ async fn renew(
         // The record's store may be etcd: blocking calls off the async threads.
         tokio::task::spawn_blocking(move || {
             // Deleting the device's enrollment record (DATA_DIR/pki/devices/{id}.pem, or
-            // {prefix}/enrolled/{id} in etcd) stops renewals (the current certificate still
+            // {prefix}.enroll/devices/{id} in etcd) stops renewals (the current certificate still
             // works until it expires; there is no revocation list yet).
             if sec
                 .enrollments

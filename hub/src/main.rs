@@ -311,6 +311,12 @@ fn real_main() -> anyhow::Result<()> {
                     let ca = shoal_pki::ca::FleetCa::load_or_create(&pki).with_context(|| {
                         format!("cannot load the fleet CA of {}", data_dir.display())
                     })?;
+                    if !data_dir.join("hub.db").exists() {
+                        eprintln!(
+                            "warning: {} holds no sled store (hub.db): a hub keeping its state in etcd reads tokens from there; use --store etcd://…",
+                            data_dir.display()
+                        );
+                    }
                     let files = shoal_hub::enrollment::Files::new(&pki);
                     shoal_hub::enrollment::issue(&files, &ca.hash(), now, ttl_ms, device.as_ref())
                 }

@@ -82,6 +82,8 @@ pub enum HubError {
     Mdns(#[from] shoal_daemon::mdns::MdnsError),
     #[error("fleet credentials: {0}")]
     Pki(#[from] shoal_pki::PkiError),
+    #[error("enrollment records: {0}")]
+    Enrollments(#[from] crate::enrollment::EnrollError),
     #[error("external broker {0} is plain MQTT: use mqtts:// (or run the hub with --insecure)")]
     PlainBroker(String),
     #[error("cannot listen for HTTP on {addr}: {source}")]
@@ -173,11 +175,22 @@ async fn serve(
             }
         }
         // Replicas share tokens and enrollment records through etcd.
+        let files = crate::enrollment::Files::new(&crate::security::pki_dir(&config.data_dir));
         let enrollments: Box<dyn crate::enrollment::Enrollments> = match &config.store {
-            crate::store::StoreChoice::Etcd(url) => Box::new(crate::etcd::EtcdStore::connect(url)?),
-            crate::store::StoreChoice::Sled => Box::new(crate::enrollment::Files::new(
-                &crate::security::pki_dir(&config.data_dir),
-            )),
+            crate::store::StoreChoice::Etcd(url) => {
+                let etcd = crate::etcd::EtcdStore::connect(url)?;
+                // A hub that kept its devices on disk (sled, or an older hub on etcd) brings
+                // them along; etcd's own records win.
+                let adopted = crate::enrollment::adopt_files(&files, &etcd)?;
+                if adopted > 0 {
+                    info!(
+                        adopted,
+                        "copied this hub's enrollment records and unused join tokens into etcd"
+                    );
+                }
+                Box::new(etcd)
+            }
+            crate::store::StoreChoice::Sled => Box::new(files),
         };
         Some(Arc::new(crate::security::Security::load(
             &config.data_dir,
@@ -278,6 +291,7 @@ async fn serve(
     let ingest = (elector.is_some() && config.broker.is_some()).then(|| Ingest {
         replica: replica.clone(),
         relay: crate::ingest::Relay::default(),
+        enrolled_lately: BTreeMap::new(),
     });
     let bus = bus::connect(
         &hub_link,
@@ -367,6 +381,7 @@ async fn serve(
                 leader: standby_tx.clone(),
                 last_reload: None,
                 changes: elector.watch_state(tracker, shutdown.clone()),
+                last_read: None,
             }),
         );
         let campaign = elector.campaign(value, tracker, shutdown.clone());
@@ -400,6 +415,18 @@ async fn serve(
     main.lost = lost.clone();
     let promoted = lost.is_some();
     if promoted {
+        // Devices that enrolled through a standby lately may have new keys the old leader
+        // did not seal to yet.
+        let lately = main
+            .ingest
+            .as_mut()
+            .map(|i| std::mem::take(&mut i.enrolled_lately))
+            .unwrap_or_default();
+        for device in lately.into_keys() {
+            if let Err(e) = main.core.reissue(&device) {
+                warn!(%device, error = %e, "cannot re-seal the state of a device that enrolled lately");
+            }
+        }
         // Leading now: the broker's retained desired states may be older than the store's.
         let mut all = main.core.all_desired();
         all.extend(moved);
@@ -559,6 +586,21 @@ struct Ingest {
     /// Names this replica's batches (its MQTT client id's suffix).
     replica: String,
     relay: crate::ingest::Relay,
+    /// Devices that enrolled through a standby lately (this one, or another by its
+    /// batches), with when this replica heard: should it be elected before the leader
+    /// re-sealed their states, it does so itself.
+    enrolled_lately: BTreeMap<DeviceId, u64>,
+}
+
+/// How long a standby remembers that a device enrolled (well beyond a failover).
+const ENROLLED_MEMORY_MS: u64 = 60_000;
+
+impl Ingest {
+    fn heard_enrolled(&mut self, device: DeviceId, now_ms: u64) {
+        self.enrolled_lately
+            .retain(|_, at| now_ms.saturating_sub(*at) < ENROLLED_MEMORY_MS);
+        self.enrolled_lately.insert(device, now_ms);
+    }
 }
 
 /// A hub standing by for the leadership (see [`crate::ha`]).
@@ -569,11 +611,16 @@ struct Standby {
     last_reload: Option<std::time::Instant>,
     /// Moves when the store changed ([`crate::ha::Elector::watch_state`]).
     changes: tokio::sync::watch::Receiver<u64>,
+    /// When the store was last read.
+    last_read: Option<std::time::Instant>,
 }
 
 /// How often, at most, a standby reads the store again (a burst of the leader's writes is
 /// read once), and asks who leads.
 const STANDBY_RELOAD: std::time::Duration = std::time::Duration::from_millis(500);
+/// How often a standby reads the store whatever its watch says (a watch stream can stall
+/// silently on a broken network path).
+const STANDBY_FULL_READ: std::time::Duration = std::time::Duration::from_secs(30);
 
 struct MainLoop<S: Store, B: Bus> {
     core: HubCore<S>,
@@ -829,7 +876,10 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             Event::Http(r) if r.reads_only() => self.on_request(r).await,
             // A device enrolled here: the leader seals its secrets to its new key.
             Event::Http(Request::Enrolled { device }) => match self.ingest.as_mut() {
-                Some(i) => i.relay.enrolled(device),
+                Some(i) => {
+                    i.heard_enrolled(device.clone(), now_ms());
+                    i.relay.enrolled(device)
+                }
                 None => {
                     warn!(%device, "a device enrolled through a standby without shared ingest: the leader seals its secrets to its new key only when its desired state changes")
                 }
@@ -847,10 +897,12 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     sb.leader
                         .send_replace(Some(leader.unwrap_or_else(|| "none yet".into())));
                     // Marked seen before reading: a write landing during the read moves
-                    // the count again and is read next time.
-                    // (Without its watch, at shutdown, it reads every time.)
-                    if sb.changes.has_changed().unwrap_or(true) {
+                    // the count again and is read next time. (Without its watch, at
+                    // shutdown, it reads every time.)
+                    let due = sb.last_read.is_none_or(|t| now - t >= STANDBY_FULL_READ);
+                    if sb.changes.has_changed().unwrap_or(true) || due {
                         sb.changes.mark_unchanged();
+                        sb.last_read = Some(now);
                         self.metrics.standby_reloads.inc();
                         if let Err(e) = self.core.reload() {
                             // Read again at the next tick.
@@ -1008,7 +1060,11 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     i.relay.changed(again);
                 }
                 self.rollout_due |= self.core.rolling() || self.core.draining();
-                if self.standby.is_none() {
+                if self.standby.is_some() {
+                    for device in enrolled {
+                        i.heard_enrolled(device, now_ms());
+                    }
+                } else {
                     for device in enrolled {
                         // Enrolled through another replica: seal its state for its new key.
                         let done = self.core.reissue(&device).map(|d| d.map(|d| vec![d]));

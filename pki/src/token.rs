@@ -176,11 +176,14 @@ impl TokenRecord {
         }
         match &self.device {
             Some(d) if d != device => Err(refused("it is bound to another device id")),
-            None if enrolled => Err(refused(
-                "this device id is enrolled already; to enroll it again, use a token made for it (shoal-hub token create --device ID)",
-            )),
+            None if enrolled => Err(refused(ENROLLED)),
             _ => Ok(()),
         }
+    }
+
+    /// The device id the token is bound to, if any (an unbound token enrolls new ids only).
+    pub fn bound_to(&self) -> Option<&str> {
+        self.device.as_deref()
     }
 
     /// The record once `device` has used the token at `now_ms`.
@@ -191,8 +194,12 @@ impl TokenRecord {
     }
 }
 
-/// Why a token that does not exist (any more) is refused.
-pub const USED: &str = "no such token, or it was already used";
+/// Why a token that was used is refused.
+pub const USED: &str = "it was already used";
+/// Why a token the hub does not know is refused.
+pub const UNKNOWN: &str = "no such token";
+/// Why an unbound token is refused for an id that is enrolled.
+pub const ENROLLED: &str = "this device id is enrolled already; to enroll it again, use a token made for it (shoal-hub token create --device ID)";
 
 /// A refusal of token `id`.
 pub fn refused(id: &str, reason: &'static str) -> TokenError {

@@ -166,12 +166,13 @@ fn a_deposed_leader_cannot_write_and_the_next_candidate_is_elected() -> anyhow::
     Ok(())
 }
 
-/// Join tokens in etcd: hub replicas racing to claim one token over their own connections
-/// (as enrollments through two replicas would), exactly one wins, every time; the state's
-/// loader is not disturbed by token and enrollment keys.
+/// Join tokens in etcd: hub replicas racing over their own connections to claim one token,
+/// or with four unbound tokens to enroll one new id (as enrollments through several
+/// replicas would): exactly one wins, every round. Records live beside the state, which
+/// the state's loader does not read.
 #[test]
-fn of_replicas_racing_for_one_join_token_in_etcd_exactly_one_wins() -> anyhow::Result<()> {
-    use shoal_hub::enrollment::{claim, issue, Enrollments};
+fn of_replicas_racing_for_one_join_token_or_one_new_id_exactly_one_wins() -> anyhow::Result<()> {
+    use shoal_hub::enrollment::{claim, issue, EnrollError, Enrollments};
     let dir = tempfile::tempdir()?;
     let etcd = Etcd::start(dir.path())?;
     let url: EtcdUrl = format!("{}/tokens", etcd.url())
@@ -182,21 +183,36 @@ fn of_replicas_racing_for_one_join_token_in_etcd_exactly_one_wins() -> anyhow::R
         .collect::<Result<_, _>>()?;
     let now = shoal_api::messages::now_ms();
     for round in 0..20 {
-        let t = issue(&replicas[0], &"a".repeat(64), now, 60_000, None)?;
+        let same_token = round % 2 == 0;
+        let tokens = (0..4)
+            .map(|_| issue(&replicas[0], &"a".repeat(64), now, 60_000, None))
+            .collect::<Result<Vec<_>, _>>()?;
+        let start = std::sync::Barrier::new(replicas.len());
         let won: Vec<String> = std::thread::scope(|s| {
             let racers: Vec<_> = replicas
                 .iter()
                 .enumerate()
                 .map(|(i, r)| {
-                    let t = &t;
+                    let (t, start) = (&tokens[if same_token { 0 } else { i }], &start);
                     s.spawn(move || {
-                        let d = DeviceId::try_from(format!("r{round}-d{i}").as_str()).unwrap();
-                        match claim(r, &t.id, t.secret(), &d, now) {
-                            Ok(()) => Some(d.to_string()),
-                            Err(e) => {
-                                assert!(e.to_string().contains("already used"), "{e}");
+                        let d = match same_token {
+                            true => format!("r{round}-d{i}"),
+                            false => format!("r{round}"),
+                        };
+                        let d = DeviceId::try_from(d.as_str()).unwrap();
+                        start.wait();
+                        match claim(r, &t.id, t.secret(), &d, &format!("CERT{i}"), now) {
+                            Ok(()) => Some(format!("{d} with CERT{i}")),
+                            Err(EnrollError::Refused(e)) => {
+                                let why = if same_token {
+                                    "already used"
+                                } else {
+                                    "enrolled already"
+                                };
+                                assert!(e.to_string().contains(why), "{e}");
                                 None
                             }
+                            Err(e) => panic!("{e}"),
                         }
                     })
                 })
@@ -206,12 +222,16 @@ fn of_replicas_racing_for_one_join_token_in_etcd_exactly_one_wins() -> anyhow::R
                 .filter_map(|r| r.join().unwrap())
                 .collect()
         });
-        assert_eq!(won.len(), 1, "round {round}: {won:?}");
+        assert_eq!(
+            won.len(),
+            1,
+            "round {round} (one token: {same_token}): {won:?}"
+        );
+        // The winner's certificate is the one recorded.
+        let (device, cert) = won[0].split_once(" with ").unwrap();
+        let recorded = replicas[3].enrolled_cert(&DeviceId::try_from(device)?)?;
+        assert_eq!(recorded.as_deref(), Some(cert));
     }
-    // Enrollment records are one etcd key each, seen by every connection.
-    let d = DeviceId::try_from("edge-1")?;
-    replicas[1].record(&d, "CERT")?;
-    assert_eq!(replicas[3].enrolled_cert(&d)?.as_deref(), Some("CERT"));
     let snap = replicas[2].load()?;
     assert!(snap.devices.is_empty() && snap.desired.is_empty());
     // Without a hub having run, there is no fleet CA to pin a token to.

@@ -389,10 +389,16 @@ fn the_fleet_reconverges_after_the_broker_restarts_under_load() -> anyhow::Resul
     Ok(())
 }
 
-/// `shoal-agent run` as device `id` (data in `dir/data`) enrolling through `hub` with `token`.
+/// `shoal-agent run` as device `id` (data in `dir/data`; `edge-a` is labelled `role=db`,
+/// where the workload with a secret goes) enrolling through `join`'s hub with `token`.
 fn enrolling(dir: &Path, data: &str, id: &str, join: &Join, token: &str) -> std::process::Command {
     let mut c = std::process::Command::new(bin("shoal-agent"));
-    c.args(["run", "--no-mdns", "--no-containerd", "--labels", "role=db"])
+    let role = if id == "edge-a" {
+        "role=db"
+    } else {
+        "role=other"
+    };
+    c.args(["run", "--no-mdns", "--no-containerd", "--labels", role])
         .args(["--device-id", id, "--data-dir"])
         .arg(dir.join(data))
         .args(["--broker", &join.broker, "--hub", &join.hub, "--socket"])
@@ -433,10 +439,17 @@ fn join_tokens_and_enrollments_are_shared_by_the_replicas() -> anyhow::Result<()
         dir.path().join("edge-a.log"),
     )?;
     leader.wait_devices_online(1, Duration::from_secs(30))?;
-    // The same token, used again through the leader: refused there too.
+    // The same token, used again through the leader: refused there as used (not unknown).
     let out = enrolling(dir.path(), "edge-b", "edge-b", &to_leader, &t).output()?;
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(err.contains("already used"), "{err}");
+    // A token enrolls through the leader as well.
+    let mut edge_c = Proc::spawn(
+        "edge-c",
+        &mut enrolling(dir.path(), "edge-c", "edge-c", &to_leader, &token(None)?),
+        dir.path().join("edge-c.log"),
+    )?;
+    leader.wait_devices_online(2, Duration::from_secs(30))?;
     for hub in [&leader, &standby] {
         for local in ["pki/tokens", "pki/devices"] {
             let path = hub.data_dir.join(local);
@@ -472,6 +485,7 @@ fn join_tokens_and_enrollments_are_shared_by_the_replicas() -> anyhow::Result<()
         assert!(r.is_ok(), "{} holds {last:?}", path.display());
     };
     seen("edge-a");
+    edge_c.kill();
 
     // The board is wiped and enrolls again through the standby, with a new key and a token
     // bound to it: the standby tells the leader, which seals the secret to the new key.
