@@ -201,34 +201,6 @@ impl Files {
         }
         Ok(out)
     }
-
-    /// Writes `bytes` to `path` with `mode` only if `path` does not exist (written aside,
-    /// then linked into place: a crash leaves no half file); `false` if it existed.
-    fn create_new(&self, path: &Path, bytes: &[u8], mode: u32) -> Result<bool, EnrollError> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let dir = path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(io("create directory", dir))?;
-        let tmp = path.with_extension(format!("tmp{}", rand::random::<u32>()));
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(io("create", &tmp))?;
-        let written = std::io::Write::write_all(&mut f, bytes)
-            .and_then(|()| f.sync_all())
-            .map_err(io("write", &tmp));
-        let linked = written.and_then(|()| match std::fs::hard_link(&tmp, path) {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(io("create", path)(e)),
-        });
-        let _ = std::fs::remove_file(&tmp);
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        linked
-    }
 }
 
 impl Enrollments for Files {
@@ -255,7 +227,11 @@ impl Enrollments for Files {
         if self.used_path(id).exists() {
             return Ok(false);
         }
-        self.create_new(&self.token_path(id), &record.to_json(), 0o600)
+        Ok(shoal_pki::write_new(
+            &self.token_path(id),
+            &record.to_json(),
+            0o600,
+        )?)
     }
 
     fn claim_token(
@@ -278,7 +254,8 @@ impl Enrollments for Files {
             Err(e) => return Err(io("claim", &path)(e)),
         }
         let recorded = if fresh {
-            self.create_new(&self.record_path(device), cert_pem.as_bytes(), 0o644)
+            shoal_pki::write_new(&self.record_path(device), cert_pem.as_bytes(), 0o644)
+                .map_err(EnrollError::from)
         } else {
             self.record(device, cert_pem).map(|()| true)
         };
@@ -303,7 +280,8 @@ impl Enrollments for Files {
     }
 
     fn adopt_record(&self, device: &DeviceId, cert_pem: &str) -> Result<bool, EnrollError> {
-        self.create_new(&self.record_path(device), cert_pem.as_bytes(), 0o644)
+        shoal_pki::write_new(&self.record_path(device), cert_pem.as_bytes(), 0o644)
+            .map_err(EnrollError::from)
     }
 
     fn enrolled_cert(&self, device: &DeviceId) -> Result<Option<String>, EnrollError> {

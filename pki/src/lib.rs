@@ -13,7 +13,7 @@
 //! This is the only crate that names rcgen, ring, x509-parser, hpke or p256.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub mod ca;
 pub mod device;
@@ -57,9 +57,9 @@ pub(crate) fn read_string(path: &Path) -> Result<String, PkiError> {
     std::fs::read_to_string(path).map_err(io_err("read", path))
 }
 
-/// Writes `bytes` to `path` atomically (temporary file, fsync, rename) with `mode`, so a
-/// crash leaves either the old file or the new one, never half a key.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
+/// Writes `bytes` with `mode` to a new, synced temporary file beside `path` (creating the
+/// directory); returns the temporary file's path.
+fn write_aside(path: &Path, bytes: &[u8], mode: u32) -> Result<PathBuf, PkiError> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
@@ -70,13 +70,45 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError
         .mode(mode)
         .open(&tmp)
         .map_err(io_err("create", &tmp))?;
-    f.write_all(bytes).map_err(io_err("write", &tmp))?;
-    f.sync_all().map_err(io_err("sync", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err("rename into", path))?;
-    if let Ok(d) = std::fs::File::open(dir) {
+    let written = f
+        .write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(io_err("write", &tmp));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map(|()| tmp)
+}
+
+/// Makes what was moved into `path`'s directory durable.
+fn sync_dir(path: &Path) {
+    if let Ok(d) = std::fs::File::open(path.parent().unwrap_or(Path::new("."))) {
         let _ = d.sync_all();
     }
+}
+
+/// Writes `bytes` to `path` atomically (temporary file, fsync, rename) with `mode`, so a
+/// crash leaves either the old file or the new one, never half a key.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
+    let tmp = write_aside(path, bytes, mode)?;
+    std::fs::rename(&tmp, path).map_err(io_err("rename into", path))?;
+    sync_dir(path);
     Ok(())
+}
+
+/// Writes `bytes` to `path` with `mode` only if `path` does not exist, atomically (written
+/// aside, then hard-linked into place: of two writers one wins, and a crash leaves no half
+/// file); `false` if it existed.
+pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<bool, PkiError> {
+    let tmp = write_aside(path, bytes, mode)?;
+    let linked = match std::fs::hard_link(&tmp, path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(io_err("create", path)(e)),
+    };
+    let _ = std::fs::remove_file(&tmp);
+    sync_dir(path);
+    linked
 }
 
 /// Creates `dir` (and parents) readable by its owner only.
