@@ -1046,7 +1046,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 if replica == i.replica {
                     return; // our own, back from the broker
                 }
-                let batch = match serde_json::from_slice::<shoal_api::messages::IngestBatch>(
+                let mut batch = match serde_json::from_slice::<shoal_api::messages::IngestBatch>(
                     payload,
                 ) {
                     Ok(b) => b,
@@ -1055,7 +1055,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                         return;
                     }
                 };
-                let enrolled = batch.enrolled.clone();
+                let enrolled = std::mem::take(&mut batch.enrolled);
                 for again in self.core.ingest_batch(batch) {
                     i.relay.changed(again);
                 }
