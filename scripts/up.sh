@@ -48,9 +48,10 @@ if ! kill -0 "$hub_pid" 2>/dev/null; then
   cat "$state/hub.log"
   exit 1
 fi
-token=$("$bin/shoal-hub" token create --data-dir "$state/hub" --ttl 10m)
+# The token grants the labels (placement selects on the operator's labels only).
+token=$("$bin/shoal-hub" token create --data-dir "$state/hub" --ttl 10m --labels role=sensor,zone=local)
 SHOAL_AGENT_JOIN_TOKEN="$token" "$bin/shoal-agent" run --data-dir "$state/agent" --device-id "$(hostname -s | tr 'A-Z_.' 'a-z--' | cut -c1-63)" \
-  --labels role=sensor,zone=local --mdns-interface lo --socket "$state/agent.sock" \
+  --mdns-interface lo --socket "$state/agent.sock" \
   >"$state/agent.log" 2>&1 &
 pids+=($!)
 echo "== hub: $SHOAL_HUB (log .shoal/hub.log), broker: $SHOAL_BROKER, agent log: .shoal/agent.log"

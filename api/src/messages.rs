@@ -58,6 +58,26 @@ pub struct Hello {
     pub max_replicas: Option<u32>,
 }
 
+impl Hello {
+    /// A hello that names `device_id` and nothing else: what the hub knows of a device that
+    /// enrolled and has not connected yet.
+    pub fn announcing(device_id: DeviceId) -> Self {
+        Hello {
+            protocol: protocol(),
+            device_id,
+            arch: String::new(),
+            variant: None,
+            os: String::new(),
+            runtimes: Vec::new(),
+            cpus: 0,
+            memory: 0,
+            labels: BTreeMap::new(),
+            agent_version: String::new(),
+            max_replicas: None,
+        }
+    }
+}
+
 /// The lifecycle phase of one replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Phase {
@@ -304,6 +324,10 @@ pub struct IngestBatch {
     /// leader seals their secrets anew.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub enrolled: Vec<DeviceId>,
+    /// The labels the join tokens of `enrolled` devices granted (those that granted any):
+    /// the leader gives them to the devices.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub granted: BTreeMap<DeviceId, crate::labels::Labels>,
 }
 
 /// A status that repeated known content: its device, time and content fingerprint.

@@ -31,10 +31,15 @@ pub struct DeviceView {
     /// Memory requested by the replicas placed here, bytes.
     #[serde(default)]
     pub memory_allocated: u64,
+    /// The labels placement sees: the operator's (join token, `shoal label device`).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Labels the device asked for (`shoal-agent run --labels`) that it was not granted.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub requested_labels: BTreeMap<String, String>,
     #[serde(default)]
     pub agent_version: String,
+    /// When the device last spoke; 0 for a device that enrolled and never connected.
     #[serde(default)]
     pub last_seen_ms: u64,
     /// Generation of the desired state last published to the device.

@@ -28,6 +28,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// What `shoal label` labels.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LabelKind {
+    Device,
+}
+
 #[derive(Parser)]
 #[command(
     name = "shoal",
@@ -37,6 +43,7 @@ use std::time::Duration;
   shoal apply -f examples/fleet.yaml       apply a fleet manifest and wait for the verdict
   shoal get workloads                      what runs, how many replicas are ready
   shoal get devices -o wide                every column (labels, mDNS addresses, generations)
+  shoal label device edge-1 role=vault     grant a label (placement selects on operators' labels)
   shoal get events --for workload/web -w   what happened to web, then follow new events
   shoal logs web --since 10m -f            web's recent lines from its devices, then new ones
   shoal describe workload web -o yaml      one workload, with its spec, as YAML
@@ -163,6 +170,24 @@ enum Command {
         workload: String,
         #[arg(long)]
         replicas: u32,
+    },
+    /// Set or remove a device's labels. Placement selects on these only: a device's own
+    /// `--labels` steer nothing until an operator grants them (here, or with `shoal-hub
+    /// token create --labels` when it enrolls). Keys under `shoal.dev/` are operators' alone.
+    #[command(after_help = "Examples:
+  shoal label device edge-1 role=vault zone=a   grant labels
+  shoal label device edge-1 role=db --overwrite  change one that has another value
+  shoal label device edge-1 role-                remove one")]
+    Label {
+        /// What to label.
+        kind: LabelKind,
+        device: String,
+        /// KEY=VALUE to set, KEY- to remove.
+        #[arg(required = true, value_name = "KEY=VALUE|KEY-")]
+        changes: Vec<String>,
+        /// Allow changing a label that has another value.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Stop placing new replicas on a device (what runs there stays).
     Cordon { device: String },
@@ -437,6 +462,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await?;
             println!("workload/{workload} scaled to {replicas}");
+            Ok(())
+        }
+        Command::Label {
+            kind: LabelKind::Device,
+            device,
+            changes,
+            overwrite,
+        } => {
+            let change = shoal_api::labels::LabelChange::parse(&changes, overwrite)?;
+            let labels: shoal_api::labels::Labels = hub
+                .post_for(
+                    &format!("/v1/devices/{device}/labels"),
+                    &serde_json::to_value(&change)?,
+                )
+                .await?;
+            let now: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!("device/{device} labelled: {}", now.join(","));
             Ok(())
         }
         Command::Cordon { device } => hub.device_action(&device, "cordon").await,
@@ -1096,15 +1138,25 @@ fn devices_table(devices: &[DeviceView], wide: bool) -> Table {
         "LAST SEEN",
         "MDNS",
         "LABELS",
+        "NOT GRANTED",
     ]);
+    let list = |l: &std::collections::BTreeMap<String, String>| -> String {
+        let items: Vec<String> = l.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        if items.is_empty() {
+            "<none>".into()
+        } else {
+            items.join(",")
+        }
+    };
     for d in devices {
-        let labels: Vec<String> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         t.row(vec![
             d.id.clone(),
             {
                 let state = match (d.online, d.lost) {
                     (true, _) => "Online",
                     (false, true) => "Lost",
+                    // Enrolled, never connected.
+                    (false, false) if d.last_seen_ms == 0 => "Enrolled",
                     (false, false) => "Offline",
                 };
                 if d.cordoned {
@@ -1126,15 +1178,13 @@ fn devices_table(devices: &[DeviceView], wide: bool) -> Table {
             } else {
                 d.mdns_addresses.join(",")
             },
-            if labels.is_empty() {
-                "<none>".into()
-            } else {
-                labels.join(",")
-            },
+            list(&d.labels),
+            // What the device asked for (its own --labels) and was not given.
+            list(&d.requested_labels),
         ]);
     }
     if !wide {
-        t.hide(&["RUNTIMES", "GENERATION", "MDNS"]);
+        t.hide(&["RUNTIMES", "GENERATION", "MDNS", "NOT GRANTED"]);
     }
     t
 }

@@ -150,7 +150,8 @@ struct RunArgs {
     /// This device's id (lowercase letters, digits and '-').
     #[arg(long, env = "SHOAL_AGENT_DEVICE_ID")]
     device_id: Option<DeviceId>,
-    /// Device labels, k=v,k2=v2.
+    /// Labels this device asks for, k=v,k2=v2: shown to operators, but placement selects
+    /// only on the labels they grant (join token `--labels`, `shoal label device`).
     #[arg(long, env = "SHOAL_AGENT_LABELS", value_parser = parse_labels)]
     labels: Option<BTreeMap<String, String>>,
     /// MQTT broker, mqtt://HOST:PORT [default: find the fleet's hub over mDNS].

@@ -59,6 +59,48 @@ pub fn native_target(engine: &wasmtime::Engine) -> String {
     }
 }
 
+/// The targets a hub compiles artifacts for, as agents name them ([`native_target`]): the
+/// Linux triples Shoal's agents are built for, and Pulley's. Anything else is refused before
+/// any compiling (each new target would be a new Cranelift compile, and a new cache entry).
+pub const KNOWN_TARGETS: &[&str] = &[
+    "x86_64-unknown-linux-gnu",
+    "x86_64-unknown-linux-musl",
+    "aarch64-unknown-linux-gnu",
+    "aarch64-unknown-linux-musl",
+    "riscv64gc-unknown-linux-gnu",
+    "s390x-unknown-linux-gnu",
+    "pulley32",
+    "pulley64",
+    "pulley32be",
+    "pulley64be",
+];
+
+/// `target` as one of [`KNOWN_TARGETS`] (ASCII case and surrounding space ignored), or
+/// `None`.
+pub fn known_target(target: &str) -> Option<&'static str> {
+    let t = target.trim();
+    KNOWN_TARGETS
+        .iter()
+        .find(|k| k.eq_ignore_ascii_case(t))
+        .copied()
+}
+
+/// Whether a device whose Rust `std::env::consts::ARCH` is `arch` runs code for `target`
+/// (a known target): its own architecture's triples, or Pulley of its pointer width, which
+/// wasmtime interprets where Cranelift has no backend.
+pub fn target_fits(target: &str, arch: &str) -> bool {
+    let t_arch = target.split('-').next().unwrap_or_default();
+    match t_arch {
+        "pulley32" | "pulley32be" => matches!(arch, "arm" | "x86" | "mips" | "powerpc" | "riscv32"),
+        "pulley64" | "pulley64be" => matches!(
+            arch,
+            "x86_64" | "aarch64" | "riscv64" | "s390x" | "powerpc64" | "mips64" | "loongarch64"
+        ),
+        "riscv64gc" => arch == "riscv64",
+        other => other == arch,
+    }
+}
+
 /// Why a module could not be precompiled.
 #[derive(Debug, thiserror::Error)]
 pub enum PrecompileError {
@@ -104,6 +146,35 @@ mod tests {
     }
 
     #[test]
+    fn only_known_targets_and_each_device_its_own() {
+        assert_eq!(
+            known_target(" X86_64-unknown-linux-gnu "),
+            Some("x86_64-unknown-linux-gnu")
+        );
+        for made_up in [
+            "x86_64-evil-linux-gnu",
+            "i686-pc-windows-msvc",
+            "../../etc",
+            "",
+            "pulley16",
+        ] {
+            assert_eq!(known_target(made_up), None, "{made_up}");
+        }
+        // (target, device arch, fits)
+        for (t, arch, fits) in [
+            ("x86_64-unknown-linux-gnu", "x86_64", true),
+            ("aarch64-unknown-linux-gnu", "x86_64", false),
+            ("aarch64-unknown-linux-musl", "aarch64", true),
+            ("pulley32", "arm", true),
+            ("pulley32", "aarch64", false),
+            ("pulley64", "aarch64", true),
+            ("riscv64gc-unknown-linux-gnu", "riscv64", true),
+        ] {
+            assert_eq!(target_fits(t, arch), fits, "{t} on {arch}");
+        }
+    }
+
+    #[test]
     fn native_target_is_this_build_s() {
         let engine = wasmtime::Engine::new(&config().unwrap()).unwrap();
         let target = native_target(&engine);
@@ -112,6 +183,9 @@ mod tests {
         } else {
             assert!(target.starts_with(std::env::consts::ARCH), "{target}");
         }
+        // What this build asks for is known, and fits it.
+        assert_eq!(known_target(&target), Some(target.as_str()));
+        assert!(target_fits(&target, std::env::consts::ARCH));
     }
 
     /// The smallest WASI-less core module: `(module (func (export "f")))`.

@@ -9,12 +9,13 @@ use crate::rollout::{self, Observed, Outcome, Record, Rollout, RolloutState};
 use crate::scheduler::{self, Assignments, DeviceView as SchedDevice, Schedule};
 use crate::store::{DeviceRecord, Store, StoreError, StoredSecret};
 use shoal_api::ids::{DeviceId, SecretName, WorkloadName};
+use shoal_api::labels::{self, LabelChange, LabelError, Labels};
 use shoal_api::manifest::ManifestError;
 use shoal_api::messages::{now_ms, DesiredState, DesiredWorkload, DeviceStatus, Hello, Phase};
 use shoal_api::views::{DeviceView, ReplicaView, SecretView, WorkloadView};
 use shoal_api::workload::{Placement, Workload};
 use std::collections::{BTreeMap, BTreeSet};
-use tracing::{info, info_span};
+use tracing::{info, info_span, warn};
 
 /// Live (not persisted) knowledge about a device.
 #[derive(Debug, Default, Clone)]
@@ -83,6 +84,18 @@ pub struct HubCore<S: Store> {
     secrets: BTreeMap<SecretName, StoredSecret>,
     /// Scheduler runs since the server last took them (for its metrics).
     runs: Vec<SchedulingRun>,
+    /// Whether the labels devices report steer placement (an `--insecure` fleet, where any
+    /// client can speak as any device anyway); otherwise only the operator's do.
+    trust_reported_labels: bool,
+}
+
+/// Why `shoal label device` changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LabelRefusal {
+    #[error("device {:?} is not known to the hub (it has neither enrolled nor connected)", .0.as_str())]
+    UnknownDevice(DeviceId),
+    #[error(transparent)]
+    Invalid(#[from] LabelError),
 }
 
 /// One run of the scheduler: how long it took and what it changed.
@@ -156,10 +169,54 @@ impl<S: Store> HubCore<S> {
             rollouts: snap.rollouts,
             secrets: snap.secrets,
             runs: Vec::new(),
+            trust_reported_labels: false,
         };
+        core.adopt_reported_labels()?;
         // Recompute pending reasons; assignments are stable, so this changes nothing placed.
         core.schedule = core.place();
         Ok(core)
+    }
+
+    /// Lets the labels devices report steer placement, beside the operator's (`--insecure`
+    /// fleets, whose devices have no identity to bind labels to). Reserved keys
+    /// (`shoal.dev/…`) stay the operator's.
+    pub fn trust_reported_labels(&mut self, trust: bool) {
+        if self.trust_reported_labels != trust {
+            self.trust_reported_labels = trust;
+            self.schedule = self.place();
+        }
+    }
+
+    /// Upgrade: records from before labels were the operator's have none of their own; the
+    /// labels their devices reported then (when they steered placement) become the
+    /// operator's, once, so a fleet places as it did. Reports made after the upgrade are
+    /// never adopted.
+    fn adopt_reported_labels(&mut self) -> Result<(), StoreError> {
+        let mut adopted = 0;
+        for rec in self.devices.values_mut().filter(|r| r.labels.is_none()) {
+            rec.labels = Some(labels::requestable(&rec.hello.labels));
+            self.store.put_device(rec)?;
+            adopted += 1;
+        }
+        if adopted > 0 {
+            info!(
+                devices = adopted,
+                "labels are the operator's now: kept the labels these devices reported before (see `shoal label device`)"
+            );
+        }
+        Ok(())
+    }
+
+    /// The labels placement sees for `rec`.
+    fn labels_of(&self, rec: &DeviceRecord) -> Labels {
+        let own = rec.labels.clone().unwrap_or_default();
+        if self.trust_reported_labels {
+            let mut l = labels::requestable(&rec.hello.labels);
+            l.extend(own);
+            l
+        } else {
+            own
+        }
     }
 
     /// Reads the persistent state again (a standby hub follows its leader's writes this
@@ -172,6 +229,8 @@ impl<S: Store> HubCore<S> {
         self.desired = snap.desired;
         self.rollouts = snap.rollouts;
         self.secrets = snap.secrets;
+        // A standby's store drops the writes: the leader adopts and writes the same.
+        self.adopt_reported_labels()?;
         self.schedule = self.place();
         Ok(())
     }
@@ -553,30 +612,47 @@ impl<S: Store> HubCore<S> {
         self.reconcile().map(Some)
     }
 
-    /// A device announced itself (on every connect).
+    /// A device announced itself (on every connect). A hello with values no real device has
+    /// is refused (logged, nothing changes). The labels it asks for steer nothing unless the
+    /// operator granted the same (see [`shoal_api::labels`]).
     pub fn hello(&mut self, hello: Hello) -> Result<Vec<DesiredState>, StoreError> {
         let id = hello.device_id.clone();
         let _span = info_span!("hello", device = %id).entered();
+        if let Err(e) = shoal_api::report::check_hello(&hello) {
+            warn!(error = %e, "hello refused");
+            return Ok(Vec::new());
+        }
         let now = now_ms();
         let rec = match self.devices.get(&id) {
             Some(old) => DeviceRecord {
-                hello,
                 first_seen_ms: old.first_seen_ms,
                 last_seen_ms: now,
                 cordoned: old.cordoned,
                 draining: old.draining,
+                // What the device reported before it was upgraded, never what it says now.
+                labels: Some(
+                    old.labels
+                        .clone()
+                        .unwrap_or_else(|| labels::requestable(&old.hello.labels)),
+                ),
+                hello,
             },
             None => {
-                info!(arch = %hello.arch, labels = ?hello.labels, "device joined");
+                info!(arch = %hello.arch, "device joined");
                 DeviceRecord {
                     hello,
                     first_seen_ms: now,
                     last_seen_ms: now,
                     cordoned: false,
                     draining: false,
+                    labels: Some(Labels::new()),
                 }
             }
         };
+        let asked = labels::ungranted(&rec.hello.labels, &self.labels_of(&rec));
+        if !asked.is_empty() {
+            info!(labels = ?asked, "device asks for labels the operator has not granted: they steer nothing (shoal label device, or token create --labels)");
+        }
         self.store.put_device(&rec)?;
         self.devices.insert(id.clone(), rec);
         // A device that says hello is connected, whatever order hello and presence arrive in.
@@ -643,7 +719,13 @@ impl<S: Store> HubCore<S> {
     /// reschedules their replicas. Call it periodically with the current time.
     pub fn check_lost(&mut self, now: u64, grace_ms: u64) -> Result<Vec<DesiredState>, StoreError> {
         let mut changed = false;
-        for id in self.devices.keys() {
+        // A device that enrolled and never connected has no replicas to move.
+        for id in self
+            .devices
+            .values()
+            .filter(|r| r.last_seen_ms > 0)
+            .map(|r| &r.hello.device_id)
+        {
             let live = self.live.entry(id.clone()).or_insert_with(|| Live {
                 last_heard_ms: now,
                 ..Live::default()
@@ -673,6 +755,78 @@ impl<S: Store> HubCore<S> {
         } else {
             Ok(Vec::new())
         }
+    }
+
+    /// A device enrolled (or enrolled again, with a new key), granted `grant` by its join
+    /// token: a device the hub did not know is recorded (it shows before it connects, and
+    /// can be labelled), the granted labels are set (over any it had), and its desired
+    /// state is issued anew, to be sealed to its new key.
+    pub fn enrolled(
+        &mut self,
+        id: &DeviceId,
+        grant: Labels,
+    ) -> Result<Vec<DesiredState>, StoreError> {
+        let rec = self
+            .devices
+            .entry(id.clone())
+            .or_insert_with(|| DeviceRecord {
+                hello: Hello::announcing(id.clone()),
+                first_seen_ms: now_ms(),
+                last_seen_ms: 0,
+                cordoned: false,
+                draining: false,
+                labels: None,
+            });
+        let mut labels = rec
+            .labels
+            .clone()
+            .unwrap_or_else(|| labels::requestable(&rec.hello.labels));
+        let changed = !grant.iter().all(|(k, v)| labels.get(k) == Some(v)) || rec.labels.is_none();
+        let mut out = Vec::new();
+        if changed {
+            labels.extend(grant);
+            info!(device = %id, ?labels, "device enrolled");
+            rec.labels = Some(labels);
+            let rec = rec.clone();
+            self.store.put_device(&rec)?;
+            if !self.workloads.is_empty() {
+                out = self.reconcile()?;
+            }
+        }
+        if !out.iter().any(|d| &d.device_id == id) {
+            out.extend(self.reissue(id)?);
+        }
+        Ok(out)
+    }
+
+    /// The labels placement sees for device `id`, if the hub knows it.
+    pub fn labels_of_device(&self, id: &DeviceId) -> Option<Labels> {
+        self.devices.get(id).map(|r| self.labels_of(r))
+    }
+
+    /// `shoal label device ID k=v k-`: the operator changes the labels placement sees.
+    pub fn label(
+        &mut self,
+        id: &DeviceId,
+        change: &LabelChange,
+    ) -> Result<Result<Vec<DesiredState>, LabelRefusal>, StoreError> {
+        let Some(rec) = self.devices.get(id) else {
+            return Ok(Err(LabelRefusal::UnknownDevice(id.clone())));
+        };
+        let current = rec.labels.clone().unwrap_or_default();
+        let next = match change.apply(&current) {
+            Ok(l) => l,
+            Err(e) => return Ok(Err(e.into())),
+        };
+        if next == current {
+            return Ok(Ok(Vec::new()));
+        }
+        info!(device = %id, labels = ?next, "device labelled");
+        let mut rec = rec.clone();
+        rec.labels = Some(next);
+        self.store.put_device(&rec)?;
+        self.devices.insert(id.clone(), rec);
+        self.reconcile().map(Ok)
     }
 
     /// `shoal cordon` / `uncordon`: whether the device takes new replicas. `None`: unknown
@@ -910,7 +1064,7 @@ impl<S: Store> HubCore<S> {
                 let live = self.live.get(&r.hello.device_id);
                 SchedDevice {
                     id: r.hello.device_id.clone(),
-                    labels: r.hello.labels.clone(),
+                    labels: self.labels_of(r),
                     runtimes: r.hello.runtimes.iter().cloned().collect(),
                     arch: r.hello.arch.clone(),
                     variant: r.hello.variant.clone(),
@@ -1114,6 +1268,7 @@ impl<S: Store> HubCore<S> {
             .map(|r| {
                 let id = &r.hello.device_id;
                 let live = self.live.get(id).cloned().unwrap_or_default();
+                let labels = self.labels_of(r);
                 let placed: Vec<&DesiredWorkload> = self
                     .desired
                     .get(id)
@@ -1130,7 +1285,8 @@ impl<S: Store> HubCore<S> {
                     cpus: r.hello.cpus,
                     memory: r.hello.memory,
                     memory_allocated: placed.iter().map(|w| w.resources.memory).sum(),
-                    labels: r.hello.labels.clone(),
+                    requested_labels: labels::ungranted(&r.hello.labels, &labels),
+                    labels,
                     agent_version: r.hello.agent_version.clone(),
                     last_seen_ms: r.last_seen_ms,
                     desired_generation: self.desired.get(id).map_or(0, |d| d.generation),
@@ -1505,6 +1661,13 @@ mod tests {
         }
     }
 
+    /// A device whose join token granted `labels` enrolls, then says hello asking for them.
+    fn join(hub: &mut HubCore<MemStore>, id: &str, labels: &[(&str, &str)]) -> Vec<DesiredState> {
+        let h = hello(id, labels);
+        hub.enrolled(&h.device_id, h.labels.clone()).unwrap();
+        hub.hello(h).unwrap()
+    }
+
     const M: &str = r#"
 apiVersion: shoal.dev/v1
 kind: Workload
@@ -1634,12 +1797,169 @@ spec:
             .collect()
     }
 
+    fn id(s: &str) -> DeviceId {
+        DeviceId::try_from(s).unwrap()
+    }
+
+    fn change(words: &[&str], overwrite: bool) -> LabelChange {
+        LabelChange::parse(words, overwrite).unwrap()
+    }
+
+    fn labels_of(hub: &HubCore<impl Store>, d: &str) -> Vec<String> {
+        hub.labels_of_device(&id(d))
+            .unwrap_or_default()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect()
+    }
+
+    #[test]
+    fn placement_sees_the_operators_labels_never_the_devices() {
+        let mut hub = HubCore::open(MemStore::default(), "http://h".into()).unwrap();
+        // `thief` asks for role=sensor (and an operator-only key); nobody granted either.
+        hub.hello(hello("thief", &[("role", "sensor"), ("shoal.dev/x", "y")]))
+            .unwrap();
+        join(&mut hub, "a", &[("role", "sensor")]);
+        hub.apply(parse_workloads(M).unwrap()).unwrap();
+        assert_eq!(placed(&hub, "sensor"), ["a"]);
+        let view = |hub: &HubCore<MemStore>| {
+            hub.device_views()
+                .into_iter()
+                .find(|v| v.id == "thief")
+                .unwrap()
+        };
+        assert!(view(&hub).labels.is_empty());
+        assert_eq!(view(&hub).requested_labels.len(), 2);
+
+        // Refusals change nothing: an unknown device, a value changed without --overwrite.
+        let r = hub
+            .label(&id("nobody"), &change(&["role=sensor"], false))
+            .unwrap();
+        assert_eq!(r, Err(LabelRefusal::UnknownDevice(id("nobody"))));
+        let r = hub.label(&id("a"), &change(&["role=db"], false)).unwrap();
+        assert!(
+            matches!(r, Err(LabelRefusal::Invalid(LabelError::Exists { .. }))),
+            "{r:?}"
+        );
+        assert_eq!(labels_of(&hub, "a"), ["role=sensor"]);
+
+        // The operator grants it: placed; the device's next hello cannot change that.
+        let out = hub
+            .label(&id("thief"), &change(&["role=sensor"], false))
+            .unwrap()
+            .unwrap();
+        assert!(out.iter().any(|d| d.device_id == id("thief")));
+        assert_eq!(placed(&hub, "sensor"), ["a", "thief"]);
+        assert_eq!(
+            view(&hub).requested_labels.len(),
+            1,
+            "the reserved key stays ungranted"
+        );
+        hub.hello(hello("thief", &[("role", "db")])).unwrap();
+        assert_eq!(labels_of(&hub, "thief"), ["role=sensor"]);
+        assert_eq!(placed(&hub, "sensor"), ["a", "thief"]);
+        // Taken away again: the replica leaves.
+        hub.label(&id("thief"), &change(&["role-"], false))
+            .unwrap()
+            .unwrap();
+        assert_eq!(placed(&hub, "sensor"), ["a"]);
+        // An operator may use the reserved prefix.
+        hub.label(&id("thief"), &change(&["shoal.dev/ring=canary"], false))
+            .unwrap()
+            .unwrap();
+        assert_eq!(labels_of(&hub, "thief"), ["shoal.dev/ring=canary"]);
+    }
+
+    #[test]
+    fn an_enrolled_device_shows_before_it_connects_and_keeps_its_grant_on_reenrolment() {
+        let mut hub = HubCore::open(MemStore::default(), "http://h".into()).unwrap();
+        hub.apply(parse_workloads(M).unwrap()).unwrap();
+        hub.enrolled(&id("new"), [("role".into(), "sensor".into())].into())
+            .unwrap();
+        let v = hub.device_views();
+        assert_eq!((v.len(), v[0].online, v[0].last_seen_ms), (1, false, 0));
+        assert_eq!(labels_of(&hub, "new"), ["role=sensor"]);
+        // Never connected: never lost, nothing placed on it until it is online.
+        let far = now_ms() + 10 * 3_600_000;
+        hub.check_lost(far, 30_000).unwrap();
+        assert!(!hub.device_views()[0].lost);
+        assert!(hub
+            .assignments()
+            .get(&WorkloadName::try_from("sensor").unwrap())
+            .is_none_or(|a| a.is_empty()));
+        hub.hello(hello("new", &[])).unwrap();
+        assert_eq!(placed(&hub, "sensor"), ["new"]);
+        // Enrolling again (a wiped board, a token bound to it) keeps the labels it has and
+        // adds what the new token grants; the state is issued anew for its new key.
+        let g = hub.desired[&id("new")].generation;
+        let out = hub
+            .enrolled(&id("new"), [("zone".into(), "a".into())].into())
+            .unwrap();
+        assert!(out
+            .iter()
+            .any(|d| d.device_id == id("new") && d.generation > g));
+        assert_eq!(labels_of(&hub, "new"), ["role=sensor", "zone=a"]);
+    }
+
+    #[test]
+    fn records_from_before_the_upgrade_keep_what_their_devices_reported_then() {
+        let store = std::sync::Arc::new(MemStore::default());
+        let old = DeviceRecord {
+            hello: hello("old", &[("role", "sensor"), ("shoal.dev/x", "y")]),
+            first_seen_ms: 1,
+            last_seen_ms: 1,
+            cordoned: false,
+            draining: false,
+            labels: None,
+        };
+        store.put_device(&old).unwrap();
+        let mut hub = HubCore::open(Shared(store.clone()), "http://h".into()).unwrap();
+        assert_eq!(labels_of(&hub, "old"), ["role=sensor"]);
+        // Written back as the operator's, so what the device says later is a request only.
+        let rec = &store.load().unwrap().devices[&id("old")];
+        assert_eq!(rec.labels.as_ref().map(|l| l.len()), Some(1));
+        hub.hello(hello("old", &[("role", "vault")])).unwrap();
+        assert_eq!(labels_of(&hub, "old"), ["role=sensor"]);
+        let again = HubCore::open(Shared(store), "http://h".into()).unwrap();
+        assert_eq!(labels_of(&again, "old"), ["role=sensor"]);
+    }
+
+    #[test]
+    fn an_insecure_fleet_lets_reports_steer_except_reserved_keys() {
+        let mut hub = HubCore::open(MemStore::default(), "http://h".into()).unwrap();
+        hub.trust_reported_labels(true);
+        hub.hello(hello("a", &[("role", "sensor"), ("shoal.dev/x", "y")]))
+            .unwrap();
+        assert_eq!(labels_of(&hub, "a"), ["role=sensor"]);
+        hub.apply(parse_workloads(M).unwrap()).unwrap();
+        assert_eq!(placed(&hub, "sensor"), ["a"]);
+        // The operator's word wins over the report.
+        hub.label(&id("a"), &change(&["role=db"], false))
+            .unwrap()
+            .unwrap();
+        assert_eq!(labels_of(&hub, "a"), ["role=db"]);
+    }
+
+    #[test]
+    fn a_hello_with_absurd_capacity_changes_nothing() {
+        let mut hub = HubCore::open(MemStore::default(), "http://h".into()).unwrap();
+        hub.hello(hello("a", &[])).unwrap();
+        let mut h = hello("a", &[]);
+        h.memory = 1 << 60;
+        assert!(hub.hello(h).unwrap().is_empty());
+        assert_eq!(hub.device_views()[0].memory, 512 << 20);
+        let mut h = hello("b", &[]);
+        h.arch = "x86\nforged".into();
+        hub.hello(h).unwrap();
+        assert_eq!(hub.device_views().len(), 1, "b is not recorded");
+    }
+
     #[test]
     fn lost_devices_are_rescheduled_and_return_without_churn() {
         let grace = 30_000;
         let mut hub = HubCore::open(MemStore::default(), "http://h".into()).unwrap();
-        hub.hello(hello("a", &[("role", "sensor")])).unwrap();
-        hub.hello(hello("b", &[("role", "sensor")])).unwrap();
+        join(&mut hub, "a", &[("role", "sensor")]);
+        join(&mut hub, "b", &[("role", "sensor")]);
         hub.take_scheduling_runs();
         hub.apply(parse_workloads(M).unwrap()).unwrap();
         assert_eq!(placed(&hub, "web"), ["a", "b"]);
@@ -1691,7 +2011,7 @@ spec:
             "web-0 moved: {runs:?}"
         );
         // a comes back: it is no longer lost, and nothing moves back (no churn).
-        hub.hello(hello("a", &[("role", "sensor")])).unwrap();
+        join(&mut hub, "a", &[("role", "sensor")]);
         assert!(hub.device_views().iter().any(|d| d.id == "a" && !d.lost));
         assert_eq!(placed(&hub, "web"), ["b", "b"]);
         // An online device that stops reporting is lost too.
@@ -2056,7 +2376,7 @@ spec:
     #[test]
     fn cordon_and_drain() {
         let mut hub = HubCore::open(MemStore::default(), "http://h".into()).unwrap();
-        hub.hello(hello("a", &[("role", "sensor")])).unwrap();
+        join(&mut hub, "a", &[("role", "sensor")]);
         hub.hello(hello("b", &[])).unwrap();
         let a: DeviceId = "a".parse().unwrap();
         hub.cordon(&a, true).unwrap().unwrap();
@@ -2095,7 +2415,7 @@ spec:
     #[test]
     fn secrets_are_checked_versioned_and_kept_while_used() {
         let mut hub = HubCore::open(MemStore::default(), "http://h".into()).unwrap();
-        hub.hello(hello("a", &[("role", "sensor")])).unwrap();
+        join(&mut hub, "a", &[("role", "sensor")]);
         hub.hello(hello("b", &[])).unwrap();
         let uses = parse_workloads(
             r#"
@@ -2187,7 +2507,7 @@ spec:
     #[test]
     fn apply_places_and_bumps_generations() {
         let mut hub = HubCore::open(MemStore::default(), "http://h".into()).unwrap();
-        let a = hub.hello(hello("a", &[("role", "sensor")])).unwrap();
+        let a = join(&mut hub, "a", &[("role", "sensor")]);
         assert_eq!(
             a.len(),
             1,
@@ -2210,7 +2530,7 @@ spec:
         assert!(publish.is_empty());
 
         // A device joining later gets the `every` workload.
-        let c = hub.hello(hello("c", &[("role", "sensor")])).unwrap();
+        let c = join(&mut hub, "c", &[("role", "sensor")]);
         let c = c.iter().find(|d| d.device_id.as_str() == "c").unwrap();
         assert_eq!(c.workloads.len(), 1);
         assert_eq!(c.workloads[0].name.as_str(), "sensor");

@@ -21,6 +21,7 @@
 
 use crate::store::StoreError;
 use shoal_api::ids::DeviceId;
+use shoal_api::labels::Labels;
 use shoal_pki::token::{self, JoinToken, TokenError, TokenRecord};
 use shoal_pki::PkiError;
 use std::path::{Path, PathBuf};
@@ -67,16 +68,17 @@ pub trait Enrollments: Send + Sync {
 }
 
 /// Issues a join token for the CA whose hash is `ca_hash`, valid `ttl_ms` from `now_ms`,
-/// bound to `device` if given.
+/// bound to `device` if given, granting `labels` to the device it enrolls.
 pub fn issue(
     book: &dyn Enrollments,
     ca_hash: &str,
     now_ms: u64,
     ttl_ms: u64,
     device: Option<&DeviceId>,
+    labels: Labels,
 ) -> Result<JoinToken, EnrollError> {
     let t = JoinToken::generate(ca_hash);
-    let record = TokenRecord::new(&t, now_ms, ttl_ms, device.map(DeviceId::as_str));
+    let record = TokenRecord::new(&t, now_ms, ttl_ms, device.map(DeviceId::as_str), labels);
     // A random 64-bit id is new; if it were not, the token would not be issued.
     if book.create_token(&t.id, &record)? {
         Ok(t)
@@ -86,8 +88,9 @@ pub fn issue(
 }
 
 /// Checks token `id`/`secret` for enrolling `device` at `now_ms`, claims it (it can never be
-/// used again) and records `cert_pem` as the device's certificate. A refused token stays as
-/// it was, and nothing is recorded.
+/// used again) and records `cert_pem` as the device's certificate; returns the labels the
+/// token grants (the used record keeps them too). A refused token stays as it was, and
+/// nothing is recorded.
 pub fn claim(
     book: &dyn Enrollments,
     id: &str,
@@ -95,7 +98,7 @@ pub fn claim(
     device: &DeviceId,
     cert_pem: &str,
     now_ms: u64,
-) -> Result<(), EnrollError> {
+) -> Result<Labels, EnrollError> {
     if !token::valid_id(id) {
         return Err(token::refused(id, token::UNKNOWN).into());
     }
@@ -105,9 +108,10 @@ pub fn claim(
     let enrolled = book.enrolled_cert(device)?.is_some();
     record.check(id, secret, device.as_str(), enrolled, now_ms)?;
     let fresh = record.bound_to().is_none();
+    let labels = record.labels().clone();
     let used = record.used(device.as_str(), now_ms);
     if book.claim_token(id, version, &used, device, cert_pem, fresh)? {
-        return Ok(());
+        return Ok(labels);
     }
     // Lost a race: to another enrollment with this token, or for this id.
     if fresh && book.enrolled_cert(device)?.is_some() {
@@ -370,7 +374,7 @@ mod tests {
     /// a stale version claims nothing, nonsense ids name no file.
     fn tokens_are_used_once(book: &dyn Enrollments) {
         let ca = "a".repeat(64);
-        let t = issue(book, &ca, 1000, 500, None).unwrap();
+        let t = issue(book, &ca, 1000, 500, None, Labels::new()).unwrap();
         let e = claim(book, &t.id, &"0".repeat(32), &id("d"), "C0", 1001).unwrap_err();
         assert!(matches!(e, EnrollError::Refused(_)), "{e}");
         assert!(e.to_string().contains("wrong secret"), "{e}");
@@ -383,11 +387,17 @@ mod tests {
         let e = claim(book, "0123456789abcdef", t.secret(), &id("x"), "C", 1002).unwrap_err();
         assert!(e.to_string().contains("no such token"), "{e}");
         // An unbound token cannot take over an enrolled id; one bound to it can.
-        let u = issue(book, &ca, 1000, 500, None).unwrap();
+        let u = issue(book, &ca, 1000, 500, None, Labels::new()).unwrap();
         let e = claim(book, &u.id, u.secret(), &id("d"), "C", 1001).unwrap_err();
         assert!(e.to_string().contains("enrolled already"), "{e}");
-        let b = issue(book, &ca, 1000, 500, Some(&id("d"))).unwrap();
-        claim(book, &b.id, b.secret(), &id("d"), "C2", 1001).unwrap();
+        let grant: Labels = [("role".to_string(), "vault".to_string())].into();
+        let b = issue(book, &ca, 1000, 500, Some(&id("d")), grant.clone()).unwrap();
+        assert_eq!(
+            claim(book, &b.id, b.secret(), &id("d"), "C2", 1001).unwrap(),
+            grant
+        );
+        // The used record keeps what it granted, beside who used it.
+        assert_eq!(book.token(&b.id).unwrap().unwrap().0.labels(), &grant);
         assert_eq!(book.enrolled_cert(&id("d")).unwrap().as_deref(), Some("C2"));
         // A renewal replaces the record; adopting does not.
         book.record(&id("d"), "C3").unwrap();
@@ -438,8 +448,8 @@ mod tests {
     fn a_hub_moving_to_another_store_keeps_its_devices_and_unused_tokens() {
         let dir = tempfile::tempdir().unwrap();
         let files = Files::new(dir.path());
-        let t = issue(&files, &"a".repeat(64), 1000, 500, None).unwrap();
-        let used = issue(&files, &"a".repeat(64), 1000, 500, None).unwrap();
+        let t = issue(&files, &"a".repeat(64), 1000, 500, None, Labels::new()).unwrap();
+        let used = issue(&files, &"a".repeat(64), 1000, 500, None, Labels::new()).unwrap();
         claim(&files, &used.id, used.secret(), &id("d"), "C1", 1001).unwrap();
         let book = Fake::default();
         book.record(&id("e"), "theirs").unwrap();
@@ -460,7 +470,7 @@ mod tests {
         for round in 0..rounds {
             let same_token = round % 2 == 0;
             let tokens: Vec<JoinToken> = (0..4)
-                .map(|_| issue(book, &"a".repeat(64), 1000, 60_000, None).unwrap())
+                .map(|_| issue(book, &"a".repeat(64), 1000, 60_000, None, Labels::new()).unwrap())
                 .collect();
             let start = std::sync::Barrier::new(4);
             let wins: Vec<bool> = std::thread::scope(|s| {
@@ -475,7 +485,7 @@ mod tests {
                         s.spawn(move || {
                             start.wait();
                             match claim(book, &t.id, t.secret(), &device, "C", 1001) {
-                                Ok(()) => true,
+                                Ok(_) => true,
                                 Err(EnrollError::Refused(_)) => false,
                                 Err(e) => panic!("{e}"),
                             }

@@ -8,6 +8,7 @@
 //! | `GET /v1/workloads/{name}` | `WorkloadView` with its spec |
 //! | `DELETE /v1/workloads/{name}` | delete |
 //! | `POST /v1/devices/{id}/cordon`, `/uncordon`, `/drain` | no new replicas; move replicas off |
+//! | `POST /v1/devices/{id}/labels` | `LabelChange` (set, remove, overwrite) → the device's labels |
 //! | `POST /v1/workloads/{name}/rollout/{pause,resume,promote,undo}` | steer a rollout |
 //! | `POST /v1/workloads/{name}/scale` | body `{"replicas": N}` |
 //! | `POST /v1/apply` | manifest text → `ApplyResult` (same path as an MQTT apply) |
@@ -48,6 +49,7 @@ use axum::{Json, Router};
 use prometheus_client::registry::Registry;
 use shoal_api::acl::Identity;
 use shoal_api::ids::{DeviceId, Digest, SecretName, WorkloadName};
+use shoal_api::labels::{LabelChange, LabelError, Labels};
 use shoal_api::messages::ApplyResult;
 use shoal_api::views::{
     ApiError, BlobRef, DeviceView, EnrollRequest, Enrolled, EventView, FleetView, LogEntry,
@@ -64,6 +66,9 @@ pub const MAX_BLOB: usize = 64 << 20;
 
 /// Largest enrollment or renewal request (a token and a CSR).
 const ENROLL_BODY: usize = 16 << 10;
+
+/// How long an enrollment waits for the main loop to store the labels its token granted.
+const GRANT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A question for the main loop.
 #[derive(Debug)]
@@ -87,8 +92,19 @@ pub enum Request {
         name: SecretName,
         reply: oneshot::Sender<Result<(), (u16, String)>>,
     },
-    /// A device enrolled (perhaps again, with a new key).
-    Enrolled { device: DeviceId },
+    /// A device enrolled (perhaps again, with a new key), granted `labels` by its token.
+    /// `done` says whether the leader made the grant durable (a standby: passed it on).
+    Enrolled {
+        device: DeviceId,
+        labels: Labels,
+        done: oneshot::Sender<bool>,
+    },
+    /// `shoal label device`: the device's labels afterwards.
+    Label {
+        id: DeviceId,
+        change: LabelChange,
+        reply: oneshot::Sender<Result<Labels, LabelFailure>>,
+    },
     Workloads {
         reply: oneshot::Sender<Vec<WorkloadView>>,
     },
@@ -174,6 +190,14 @@ impl std::fmt::Debug for ManifestText {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "ManifestText({} bytes)", self.0.len())
     }
+}
+
+/// Why a label change failed.
+#[derive(Debug)]
+pub enum LabelFailure {
+    Refused(crate::core::LabelRefusal),
+    /// Not stored, or not made durable.
+    Store(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -306,6 +330,7 @@ pub fn router(state: AppState) -> Router {
         .route("/login", get(login))
         .merge(crate::dashboard::routes())
         .route("/v1/devices", get(devices))
+        .route("/v1/devices/{id}/labels", post(label_device))
         .route("/v1/devices/{id}/{action}", post(device_action))
         .route(
             "/v1/workloads/{name}/rollout/{action}",
@@ -459,7 +484,7 @@ async fn enroll(State(s): State<AppState>, Json(req): Json<EnrollRequest>) -> Re
         let now = shoal_api::messages::now_ms();
         let (id, secret) = (token.id.clone(), token.secret().to_string());
         let (sec2, dev, cert) = (sec.clone(), device.clone(), out.certificate.clone());
-        tokio::task::spawn_blocking(move || {
+        let labels = tokio::task::spawn_blocking(move || {
             // Claims the token and records the certificate in one step, durably, before
             // the certificate is handed out.
             crate::enrollment::claim(&*sec2.enrollments, &id, &secret, &dev, &cert, now)
@@ -468,8 +493,25 @@ async fn enroll(State(s): State<AppState>, Json(req): Json<EnrollRequest>) -> Re
         .await
         .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
         tracing::info!(device = %device, token = %token.id, "device enrolled");
-        // The main loop re-seals the device's state for its new key.
-        let _ = s.requests.send(Request::Enrolled { device }).await;
+        // The main loop gives the device the labels its token granted (durably, before the
+        // certificate goes out) and re-seals its state for its new key. Should that fail,
+        // the device is enrolled all the same, without those labels (fewer rights, never
+        // more): the operator sets them with `shoal label device`.
+        let (done, granted) = oneshot::channel();
+        let sent = s.requests.send(Request::Enrolled {
+            device: device.clone(),
+            labels,
+            done,
+        });
+        // A timeout reads as not durable.
+        let durable = tokio::time::timeout(GRANT_WAIT, async {
+            sent.await.is_ok() && granted.await.unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false);
+        if !durable {
+            tracing::error!(device = %device, "the labels the join token granted were not stored: set them with `shoal label device`");
+        }
         Ok(out)
     };
     match r.await {
@@ -705,6 +747,35 @@ async fn scale(State(s): State<AppState>, Path(name): Path<String>, body: Bytes)
         })
         .await,
     )
+}
+
+async fn label_device(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Json(change): Json<LabelChange>,
+) -> Response {
+    let id: DeviceId = match id.parse() {
+        Ok(d) => d,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("{e}")),
+    };
+    if let Err(e) = change.check() {
+        return error(StatusCode::BAD_REQUEST, e.to_string());
+    }
+    match ask(&s, |reply| Request::Label { id, change, reply }).await {
+        Ok(Ok(labels)) => Json(labels).into_response(),
+        Ok(Err(LabelFailure::Refused(r))) => {
+            let status = match &r {
+                crate::core::LabelRefusal::UnknownDevice(_) => StatusCode::NOT_FOUND,
+                crate::core::LabelRefusal::Invalid(LabelError::Exists { .. }) => {
+                    StatusCode::CONFLICT
+                }
+                crate::core::LabelRefusal::Invalid(_) => StatusCode::BAD_REQUEST,
+            };
+            error(status, r.to_string())
+        }
+        Ok(Err(LabelFailure::Store(e))) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(f) => f.into_response(),
+    }
 }
 
 /// The main loop's verdict on a command: done, refused (422) or failed (500).

@@ -72,7 +72,18 @@ enum TokenCommand {
         /// again (a wiped or replaced board), which an unbound token may not.
         #[arg(long, value_name = "ID")]
         device: Option<shoal_api::ids::DeviceId>,
+        /// Labels the enrolled device gets (`k=v,k=v`; placement selects on them). A
+        /// device's own `--labels` steer nothing: labels are the operator's word, given here
+        /// or later with `shoal label device ID k=v`.
+        #[arg(long, value_name = "K=V,…", value_parser = token_labels, default_value = "")]
+        labels: shoal_api::labels::Labels,
     },
+}
+
+fn token_labels(s: &str) -> Result<shoal_api::labels::Labels, String> {
+    let l = shoal_api::ids::parse_label_list(s).map_err(|e| e.to_string())?;
+    shoal_api::labels::check_grant(&l).map_err(|e| e.to_string())?;
+    Ok(l)
 }
 
 /// Settings come from built-in defaults, then `--config FILE` (TOML, see examples/hub.toml),
@@ -294,6 +305,7 @@ fn real_main() -> anyhow::Result<()> {
             store,
             ttl,
             device,
+            labels,
         }) => {
             let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
             let now = shoal_api::messages::now_ms();
@@ -304,7 +316,7 @@ fn real_main() -> anyhow::Result<()> {
                         format!("{url} holds no fleet CA: start a hub on it first")
                     })?;
                     let hash = shoal_pki::ca::hash_of_pem(&pem, &key)?;
-                    shoal_hub::enrollment::issue(&etcd, &hash, now, ttl_ms, device.as_ref())
+                    shoal_hub::enrollment::issue(&etcd, &hash, now, ttl_ms, device.as_ref(), labels)
                 }
                 (_, Some(data_dir)) => {
                     let pki = shoal_hub::security::pki_dir(&data_dir);
@@ -318,7 +330,7 @@ fn real_main() -> anyhow::Result<()> {
                         );
                     }
                     let files = shoal_hub::enrollment::Files::new(&pki);
-                    shoal_hub::enrollment::issue(&files, &ca.hash(), now, ttl_ms, device.as_ref())
+                    shoal_hub::enrollment::issue(&files, &ca.hash(), now, ttl_ms, device.as_ref(), labels)
                 }
                 (_, None) => anyhow::bail!(
                     "token create needs --data-dir (or SHOAL_HUB_DATA_DIR), or --store etcd://…"

@@ -11,12 +11,13 @@
 use crate::blobs::BlobStore;
 use crate::bus::{self, Bus, BusEvent, Outgoing};
 use crate::core::{ApplyOutcome, HubCore, SecretRefusal};
-use crate::http::{self, AppState, DeviceAction, Request};
+use crate::http::{self, AppState, DeviceAction, LabelFailure, Request};
 use crate::metrics::{Metrics, ResultLabel};
 use crate::store::{Store, StoredSecret};
 use shoal_api::discovery::{self, AgentAd, HubAd, MqttEndpoint};
 use shoal_api::endpoint::BrokerUrl;
 use shoal_api::ids::DeviceId;
+use shoal_api::labels::Labels;
 use shoal_api::manifest::{parse_stream, ManifestError};
 use shoal_api::messages::{now_ms, ApplyResult, DesiredState, DeviceStatus, Hello, LogChunk};
 use shoal_api::topics::{self, Inbound};
@@ -267,6 +268,7 @@ async fn serve(
                 public_url.clone(),
             )?;
             c.set_artifact_port(artifact_port);
+            c.trust_reported_labels(config.insecure);
             Some(c)
         }
         None => None,
@@ -403,6 +405,7 @@ async fn serve(
     }
     let mut core = HubCore::open(store, public_url.clone())?;
     core.set_artifact_port(artifact_port);
+    core.trust_reported_labels(parts.security.is_none());
     for s in core.stored_secrets() {
         open_stored(&parts.secrets_key, s).map_err(HubError::SecretsKey)?;
     }
@@ -422,8 +425,8 @@ async fn serve(
             .as_mut()
             .map(|i| std::mem::take(&mut i.enrolled_lately))
             .unwrap_or_default();
-        for device in lately.into_keys() {
-            if let Err(e) = main.core.reissue(&device) {
+        for (device, (_, labels)) in lately {
+            if let Err(e) = main.core.enrolled(&device, labels) {
                 warn!(%device, error = %e, "cannot re-seal the state of a device that enrolled lately");
             }
         }
@@ -589,17 +592,17 @@ struct Ingest {
     /// Devices that enrolled through a standby lately (this one, or another by its
     /// batches), with when this replica heard: should it be elected before the leader
     /// re-sealed their states, it does so itself.
-    enrolled_lately: BTreeMap<DeviceId, u64>,
+    enrolled_lately: BTreeMap<DeviceId, (u64, Labels)>,
 }
 
 /// How long a standby remembers that a device enrolled (well beyond a failover).
 const ENROLLED_MEMORY_MS: u64 = 60_000;
 
 impl Ingest {
-    fn heard_enrolled(&mut self, device: DeviceId, now_ms: u64) {
+    fn heard_enrolled(&mut self, device: DeviceId, labels: Labels, now_ms: u64) {
         self.enrolled_lately
-            .retain(|_, at| now_ms.saturating_sub(*at) < ENROLLED_MEMORY_MS);
-        self.enrolled_lately.insert(device, now_ms);
+            .retain(|_, (at, _)| now_ms.saturating_sub(*at) < ENROLLED_MEMORY_MS);
+        self.enrolled_lately.insert(device, (now_ms, labels));
     }
 }
 
@@ -874,14 +877,21 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             // Standbys take their share of reports too.
             Event::RelayTick => self.relay().await,
             Event::Http(r) if r.reads_only() => self.on_request(r).await,
-            // A device enrolled here: the leader seals its secrets to its new key.
-            Event::Http(Request::Enrolled { device }) => match self.ingest.as_mut() {
+            // A device enrolled here: the leader grants it its token's labels and seals its
+            // secrets to its new key.
+            Event::Http(Request::Enrolled {
+                device,
+                labels,
+                done,
+            }) => match self.ingest.as_mut() {
                 Some(i) => {
-                    i.heard_enrolled(device.clone(), now_ms());
-                    i.relay.enrolled(device)
+                    i.heard_enrolled(device.clone(), labels.clone(), now_ms());
+                    i.relay.enrolled(device, labels);
+                    let _ = done.send(true);
                 }
                 None => {
-                    warn!(%device, "a device enrolled through a standby without shared ingest: the leader seals its secrets to its new key only when its desired state changes")
+                    warn!(%device, "a device enrolled through a standby without shared ingest: the leader grants its token's labels and seals its secrets to its new key only when elected");
+                    let _ = done.send(false);
                 }
             },
             Event::Http(_) => {} // refused by the http module
@@ -1056,18 +1066,24 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     }
                 };
                 let enrolled = std::mem::take(&mut batch.enrolled);
+                let mut granted = std::mem::take(&mut batch.granted);
                 for again in self.core.ingest_batch(batch) {
                     i.relay.changed(again);
                 }
                 self.rollout_due |= self.core.rolling() || self.core.draining();
+                let enrolled = enrolled.into_iter().map(|d| {
+                    let labels = granted.remove(&d).unwrap_or_default();
+                    (d, labels)
+                });
                 if self.standby.is_some() {
-                    for device in enrolled {
-                        i.heard_enrolled(device, now_ms());
+                    for (device, labels) in enrolled {
+                        i.heard_enrolled(device, labels, now_ms());
                     }
                 } else {
-                    for device in enrolled {
-                        // Enrolled through another replica: seal its state for its new key.
-                        let done = self.core.reissue(&device).map(|d| d.map(|d| vec![d]));
+                    for (device, labels) in enrolled {
+                        // Enrolled through another replica: grant its token's labels, seal
+                        // its state for its new key.
+                        let done = self.core.enrolled(&device, labels).map(Some);
                         let _ = self.published(done).await;
                     }
                 }
@@ -1171,10 +1187,30 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 };
                 let _ = reply.send(r);
             }
-            Request::Enrolled { device } => {
-                // A device that enrolled again has a new key: seal its state anew.
-                let done = self.core.reissue(&device).map(|d| d.map(|d| vec![d]));
-                let _ = self.published(done).await;
+            Request::Enrolled {
+                device,
+                labels,
+                done,
+            } => {
+                // Its token's labels, and (a device that enrolled again has a new key) its
+                // state sealed anew.
+                let r = self.core.enrolled(&device, labels).map(Some);
+                let durable = self.published(r).await;
+                if let Err(e) = &durable {
+                    warn!(%device, error = %e, "cannot store what a device's enrollment granted");
+                }
+                let _ = done.send(durable.is_ok());
+            }
+            Request::Label { id, change, reply } => {
+                let r = match self.core.label(&id, &change) {
+                    Ok(Ok(publish)) => match self.publish_desired(publish).await {
+                        true => Ok(self.core.labels_of_device(&id).unwrap_or_default()),
+                        false => Err(LabelFailure::Store(NOT_DURABLE.to_string())),
+                    },
+                    Ok(Err(refused)) => Err(LabelFailure::Refused(refused)),
+                    Err(e) => Err(LabelFailure::Store(e.to_string())),
+                };
+                let _ = reply.send(r);
             }
             Request::Logs {
                 workload,

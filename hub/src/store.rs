@@ -42,13 +42,21 @@ pub struct Fence {
     pub create_revision: i64,
 }
 
-/// A device as the hub remembers it.
+/// A device as the hub remembers it: what it last said of itself (`hello`), and what the
+/// operator decided about it. A device that enrolled and has not connected yet has a hello
+/// with its id only, and `last_seen_ms` 0.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceRecord {
     pub hello: Hello,
     pub first_seen_ms: u64,
     pub last_seen_ms: u64,
+    /// The labels placement sees, the operator's: granted by the join token, or set with
+    /// `shoal label device`. `None` only in records written before labels were the
+    /// operator's; the hub then adopts what the device had reported (see
+    /// `HubCore::open`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<shoal_api::labels::Labels>,
     /// `shoal cordon`: no new replicas (persisted: an operator's decision outlives restarts).
     #[serde(default)]
     pub cordoned: bool,

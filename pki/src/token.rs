@@ -118,6 +118,10 @@ pub struct TokenRecord {
     /// an id again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     device: Option<String>,
+    /// Labels the operator grants the device it enrolls (`token create --labels`): they
+    /// steer placement, which a device's own labels never do.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    labels: std::collections::BTreeMap<String, String>,
     /// The device that used the token (stores that keep used tokens in place).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     used_by: Option<String>,
@@ -126,13 +130,21 @@ pub struct TokenRecord {
 }
 
 impl TokenRecord {
-    /// The record of `token`, valid for `ttl_ms` from `now_ms`, bound to `device` if given.
-    pub fn new(token: &JoinToken, now_ms: u64, ttl_ms: u64, device: Option<&str>) -> Self {
+    /// The record of `token`, valid for `ttl_ms` from `now_ms`, bound to `device` if given,
+    /// granting `labels` to the device it enrolls.
+    pub fn new(
+        token: &JoinToken,
+        now_ms: u64,
+        ttl_ms: u64,
+        device: Option<&str>,
+        labels: std::collections::BTreeMap<String, String>,
+    ) -> Self {
         TokenRecord {
             secret_sha256: crate::sha256_hex(token.secret.as_bytes()),
             expires_ms: now_ms.saturating_add(ttl_ms),
             created_ms: now_ms,
             device: device.map(str::to_string),
+            labels,
             used_by: None,
             used_ms: None,
         }
@@ -184,6 +196,11 @@ impl TokenRecord {
     /// The device id the token is bound to, if any (an unbound token enrolls new ids only).
     pub fn bound_to(&self) -> Option<&str> {
         self.device.as_deref()
+    }
+
+    /// The labels the token grants the device it enrolls.
+    pub fn labels(&self) -> &std::collections::BTreeMap<String, String> {
+        &self.labels
     }
 
     /// The record once `device` has used the token at `now_ms`.
@@ -248,7 +265,7 @@ mod tests {
     #[test]
     fn a_token_is_checked_for_secret_expiry_binding_and_use() {
         let t = JoinToken::generate(&"a".repeat(64));
-        let r = TokenRecord::new(&t, 1000, 500, None);
+        let r = TokenRecord::new(&t, 1000, 500, None, Default::default());
         let check = |r: &TokenRecord, secret: &str, device, enrolled, now| {
             r.check(&t.id, secret, device, enrolled, now)
                 .map_err(|e| e.to_string())
@@ -271,7 +288,7 @@ mod tests {
         let e = TokenRecord::from_json(b"{", "tokens/x").unwrap_err();
         assert!(e.to_string().contains("tokens/x"), "{e}");
         // A bound token enrolls its device, even again, and no other.
-        let b = TokenRecord::new(&t, 1000, 500, Some("d"));
+        let b = TokenRecord::new(&t, 1000, 500, Some("d"), Default::default());
         let e = check(&b, t.secret(), "e", false, 1001).unwrap_err();
         assert!(e.contains("another device"), "{e}");
         check(&b, t.secret(), "d", true, 1001).unwrap();

@@ -191,11 +191,20 @@ pub struct Join {
     pub hub: String,
     pub hub_data: Option<PathBuf>,
     pub etcd: Option<String>,
+    /// Whether [`Agent::start`] grants an agent the labels it asks for, through its join
+    /// token (the operator's word; a device's own `--labels` steer nothing). `false` plays a
+    /// device that claims labels nobody gave it.
+    pub grant_labels: bool,
 }
 
 impl Join {
     /// A fresh one-time join token.
     pub fn token(&self) -> Result<Option<String>> {
+        self.token_with_labels("")
+    }
+
+    /// A fresh one-time join token that binds `labels` (`k=v,…`) to the device it enrolls.
+    pub fn token_with_labels(&self, labels: &str) -> Result<Option<String>> {
         let Some(d) = &self.hub_data else {
             return Ok(None);
         };
@@ -205,6 +214,9 @@ impl Join {
             Some(url) => cmd.args(["--store", url]),
             None => cmd.arg("--data-dir").arg(d),
         };
+        if !labels.is_empty() {
+            cmd.args(["--labels", labels]);
+        }
         let out = cmd.output()?;
         if !out.status.success() {
             bail!(
@@ -321,6 +333,7 @@ impl Hub {
             hub: self.hub_url(),
             hub_data: (!self.insecure).then(|| self.data_dir.clone()),
             etcd: self.etcd.clone(),
+            grant_labels: true,
         }
     }
 
@@ -512,7 +525,7 @@ impl Agent {
         mut cmd: Command,
     ) -> Result<Agent> {
         let data_dir = dir.join(id);
-        let token = join.token()?;
+        let token = join.token_with_labels(if join.grant_labels { labels } else { "" })?;
         cmd.arg("run")
             .arg("--data-dir")
             .arg(&data_dir)

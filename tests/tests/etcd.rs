@@ -185,7 +185,16 @@ fn of_replicas_racing_for_one_join_token_or_one_new_id_exactly_one_wins() -> any
     for round in 0..20 {
         let same_token = round % 2 == 0;
         let tokens = (0..4)
-            .map(|_| issue(&replicas[0], &"a".repeat(64), now, 60_000, None))
+            .map(|_| {
+                issue(
+                    &replicas[0],
+                    &"a".repeat(64),
+                    now,
+                    60_000,
+                    None,
+                    Default::default(),
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let start = std::sync::Barrier::new(replicas.len());
         let won: Vec<String> = std::thread::scope(|s| {
@@ -202,7 +211,7 @@ fn of_replicas_racing_for_one_join_token_or_one_new_id_exactly_one_wins() -> any
                         let d = DeviceId::try_from(d.as_str()).unwrap();
                         start.wait();
                         match claim(r, &t.id, t.secret(), &d, &format!("CERT{i}"), now) {
-                            Ok(()) => Some(format!("{d} with CERT{i}")),
+                            Ok(_) => Some(format!("{d} with CERT{i}")),
                             Err(EnrollError::Refused(e)) => {
                                 let why = if same_token {
                                     "already used"

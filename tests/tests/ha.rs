@@ -419,9 +419,17 @@ fn join_tokens_and_enrollments_are_shared_by_the_replicas() -> anyhow::Result<()
     let standby = replica(&dir.path().join("r2"), &mq.url(), &etcd.url())?;
     let (to_leader, to_standby) = (leader.join(), standby.join());
     // `token create --store etcd://…` needs no replica's data dir: the token is in etcd.
-    let token = |device: Option<&str>| -> anyhow::Result<String> {
+    // Labels steer placement only when the operator grants them: here, through the token.
+    let token = |device: Option<&str>, labels: &str| -> anyhow::Result<String> {
         let mut c = std::process::Command::new(bin("shoal-hub"));
-        c.args(["token", "create", "--store", &etcd.url()]);
+        c.args([
+            "token",
+            "create",
+            "--store",
+            &etcd.url(),
+            "--labels",
+            labels,
+        ]);
         if let Some(d) = device {
             c.args(["--device", d]);
         }
@@ -431,8 +439,8 @@ fn join_tokens_and_enrollments_are_shared_by_the_replicas() -> anyhow::Result<()
     };
 
     // A device enrolls through the standby; the leader seals its secret to the key the
-    // standby recorded.
-    let t = token(None)?;
+    // standby recorded (and the label its token grants reaches the leader).
+    let t = token(None, "role=db")?;
     let mut edge_a = Proc::spawn(
         "edge-a",
         &mut enrolling(dir.path(), "edge-a", "edge-a", &to_standby, &t),
@@ -446,7 +454,13 @@ fn join_tokens_and_enrollments_are_shared_by_the_replicas() -> anyhow::Result<()
     // A token enrolls through the leader as well.
     let mut edge_c = Proc::spawn(
         "edge-c",
-        &mut enrolling(dir.path(), "edge-c", "edge-c", &to_leader, &token(None)?),
+        &mut enrolling(
+            dir.path(),
+            "edge-c",
+            "edge-c",
+            &to_leader,
+            &token(None, "role=other")?,
+        ),
         dir.path().join("edge-c.log"),
     )?;
     leader.wait_devices_online(2, Duration::from_secs(30))?;
@@ -490,7 +504,7 @@ fn join_tokens_and_enrollments_are_shared_by_the_replicas() -> anyhow::Result<()
     // The board is wiped and enrolls again through the standby, with a new key and a token
     // bound to it: the standby tells the leader, which seals the secret to the new key.
     edge_a.kill();
-    let t = token(Some("edge-a"))?;
+    let t = token(Some("edge-a"), "role=db")?;
     let mut wiped = Proc::spawn(
         "edge-a-wiped",
         &mut enrolling(dir.path(), "edge-a-wiped", "edge-a", &to_standby, &t),

@@ -57,8 +57,9 @@ fn start_agent(lan: &Lan, host: usize, dir: &Path, id: &str, labels: &str) -> Re
         hub: String::new(),
         hub_data: Some(hub_a(dir)),
         etcd: None,
+        grant_labels: true,
     }
-    .token()?
+    .token_with_labels(labels)?
     .context("a join token")?;
     let mut cmd = lan.command(host, bin("shoal-agent"));
     cmd.env("SHOAL_AGENT_JOIN_TOKEN", token);

@@ -79,6 +79,7 @@ fn a_partitioned_device_loses_its_replicas_and_on_return_runs_no_duplicates() ->
         hub: format!("https://{}:8080", lan.addr(0)),
         hub_data: Some(hub_dir.clone()),
         etcd: None,
+        grant_labels: true,
     };
     let cut = Agent::start_program(
         dir.path(),

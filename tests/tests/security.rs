@@ -250,6 +250,7 @@ fn join_tokens_pin_the_ca_and_work_once() -> Result<()> {
         hub: String::new(),
         hub_data: Some(dir.path().join("elsewhere")),
         etcd: None,
+        grant_labels: true,
     };
     let st = Command::new(bin("shoal-hub"))
         .args(["cert", "broker", "--data-dir"])
