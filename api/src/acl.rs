@@ -25,6 +25,8 @@ pub enum Identity {
 /// Common names the fleet CA never issues to a device.
 pub const HUB: &str = "shoal-hub";
 pub const OPERATOR: &str = "shoal-operator";
+/// The name an external broker's certificate carries (never a device id).
+pub const BROKER: &str = "shoal-broker";
 
 /// Prefix of every agent's MQTT client id.
 pub const AGENT_CLIENT_PREFIX: &str = "shoal-agent-";
@@ -44,7 +46,7 @@ impl Identity {
 
     /// Whether `name` may be given to a device (enrollment refuses the reserved names).
     pub fn reserved(name: &str) -> bool {
-        name == HUB || name == OPERATOR
+        name == HUB || name == OPERATOR || name == BROKER
     }
 }
 

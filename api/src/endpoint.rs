@@ -72,6 +72,54 @@ impl FromStr for BrokerUrl {
     }
 }
 
+/// Checks the hub's `--public-url`, where devices download modules: `https://HOST[:PORT]`
+/// (`http://` only for a hub without TLS), no user, path, query or fragment, so the address
+/// in a signed desired state names a host and nothing that could redirect or confuse a
+/// client. Returns it without a trailing `/`.
+pub fn check_public_url(s: &str, tls: bool) -> Result<String, PublicUrlError> {
+    let err = |reason| PublicUrlError {
+        value: s.to_string(),
+        reason,
+    };
+    let rest = match (s.strip_prefix("https://"), s.strip_prefix("http://")) {
+        (Some(r), _) => r,
+        (None, Some(_)) if tls => {
+            return Err(err("must be https:// (agents verify the hub over TLS)"))
+        }
+        (None, Some(r)) => r,
+        _ => return Err(err("expected https://HOST[:PORT]")),
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.is_empty() {
+        return Err(err("host is empty"));
+    }
+    if rest.contains(['/', '?', '#', '@', ' ']) || rest.chars().any(|c| c.is_control()) {
+        return Err(err(
+            "expected only HOST[:PORT]: no user, path, query or fragment",
+        ));
+    }
+    // `[v6]:port`, `[v6]`, `host:port` or `host`.
+    let port = match rest.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((_, "")) => None,
+            Some((_, p)) => Some(p.strip_prefix(':').unwrap_or("x")),
+            None => return Err(err("unclosed [")),
+        },
+        None => rest.split_once(':').map(|(_, p)| p),
+    };
+    if port.is_some_and(|p| p.parse::<u16>().map_or(true, |p| p == 0)) {
+        return Err(err("port must be a number 1-65535"));
+    }
+    Ok(s.trim_end_matches('/').to_string())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("public URL {value:?} is invalid: {reason}")]
+pub struct PublicUrlError {
+    pub value: String,
+    pub reason: &'static str,
+}
+
 impl fmt::Display for BrokerUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let scheme = if self.tls { "mqtts" } else { "mqtt" };
@@ -86,6 +134,30 @@ impl fmt::Display for BrokerUrl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn public_urls_name_a_host_and_nothing_else() {
+        for (url, tls, ok) in [
+            ("https://hub.example.net", true, true),
+            ("https://hub.example.net:8443/", true, true),
+            ("https://[::1]:8080", true, true),
+            ("https://10.0.0.1", true, true),
+            ("http://hub:8080", false, true),
+            ("http://hub:8080", true, false),
+            ("https://evil@hub", true, false),
+            ("https://hub/redirect?to=x", true, false),
+            ("https://hub#x", true, false),
+            ("https://hub:99999", true, false),
+            ("ftp://hub", true, false),
+            ("https://", true, false),
+        ] {
+            assert_eq!(check_public_url(url, tls).is_ok(), ok, "{url} tls={tls}");
+        }
+        let e = check_public_url("https://hub/x", true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"https://hub/x\""), "{e}");
+    }
 
     #[test]
     fn broker_urls() {

@@ -281,7 +281,9 @@ async fn main() {
 }
 
 /// The operator's TLS client configuration, from the credential bundle.
-fn operator_tls(dir: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+/// The operator's TLS client: for HTTPS to the hub (`mqtt` false: the hub only), or for
+/// MQTT (the hub's embedded broker, or an external broker of the fleet).
+fn operator_tls(dir: Option<&Path>, mqtt: bool) -> Result<Arc<rustls::ClientConfig>, String> {
     let dir = match dir {
         Some(d) => d.to_path_buf(),
         None => {
@@ -311,7 +313,12 @@ fn operator_tls(dir: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String>
                     dir.display().to_string()
                 )
             })?;
-    shoal_pki::tls::client_config(&read("ca.pem")?, Some(identity)).map_err(|e| {
+    let config = if mqtt {
+        shoal_pki::tls::mqtt_client_config
+    } else {
+        shoal_pki::tls::client_config
+    };
+    config(&read("ca.pem")?, Some(identity)).map_err(|e| {
         format!(
             "operator credentials in {:?}: {e}",
             dir.display().to_string()
@@ -340,8 +347,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     shoal_registry::install_crypto();
     // Loaded only if a TLS endpoint is used; an error is reported when one is.
-    let tls = if cli.hub.starts_with("https://") || cli.broker.tls {
-        operator_tls(cli.credentials.as_deref())
+    let tls = if cli.hub.starts_with("https://") {
+        operator_tls(cli.credentials.as_deref(), false)
+    } else {
+        Err("unused".into())
+    };
+    let mqtt_tls = if cli.broker.tls {
+        operator_tls(cli.credentials.as_deref(), true)
     } else {
         Err("unused".into())
     };
@@ -351,7 +363,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Apply { file, timeout } => {
             apply(
                 &cli.broker,
-                &tls,
+                &mqtt_tls,
                 &hub,
                 &registries,
                 &file,

@@ -214,7 +214,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let tls = identity.as_ref().map(|i| i.client.clone());
     let mut fetcher = Fetcher::new(&config.data_dir, registries.clone(), tls.clone())?;
     if !WasmRuntime::compiles() {
-        fetcher = fetcher.precompiled_for(runtime.target());
+        fetcher = fetcher.precompiled_for(
+            runtime.target(),
+            identity.as_ref().map(|i| i.hub_key.clone()),
+        );
     }
     let (local_tx, local_rx) = mpsc::channel(16);
     if let Some(addr) = config.metrics_listen {
@@ -247,7 +250,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let bus = bus::connect(
         broker_rx,
         &config.device_id,
-        tls,
+        identity.as_ref().map(|i| i.mqtt.clone()),
         bus_tx,
         &tracker,
         bus_stop.clone(),
@@ -1187,17 +1190,22 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         );
     }
 
-    /// Where modules come from: the hub's URL if it gave one; otherwise its HTTP port at the
-    /// pinned broker's host; otherwise empty, and the supervisor uses the hub found over mDNS.
+    /// Where modules come from: the hub's URL if it gave one; otherwise the hub this agent
+    /// was pointed at (`--hub`); otherwise empty, and the supervisor uses the hub found over
+    /// mDNS. Never the broker's host on a TLS fleet: a broker (`shoal-broker`) is not the
+    /// hub, and the fetcher verifies the hub as `shoal-hub`. An `--insecure` agent, which
+    /// authenticates nobody, still tries the hub's port at the broker's host.
     fn artifact_base(&self, desired: &DesiredState) -> String {
         if !desired.artifact_base.is_empty() {
             return desired.artifact_base.clone();
         }
-        let scheme = if self.config.insecure {
-            "http"
-        } else {
-            "https"
-        };
+        if let Some(hub) = &self.config.hub_url {
+            return hub.trim_end_matches('/').to_string();
+        }
+        if !self.config.insecure {
+            return String::new();
+        }
+        let scheme = "http";
         match (desired.artifact_port, &self.config.broker) {
             (Some(port), Some(b)) if b.host.contains(':') => {
                 format!("{scheme}://[{}]:{port}", b.host)

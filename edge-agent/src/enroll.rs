@@ -51,7 +51,10 @@ pub enum EnrollError {
 /// What the agent's connections to the hub use.
 #[derive(Clone, Debug)]
 pub struct Identity {
+    /// HTTPS to the hub (enrollment, renewal, module downloads): the hub only.
     pub client: Arc<rustls::ClientConfig>,
+    /// MQTT: the hub's embedded broker, or an external broker of the fleet.
+    pub mqtt: Arc<rustls::ClientConfig>,
     pub cert: Arc<ClientIdentity>,
     pub hub_key: HubKey,
     pub dir: PathBuf,
@@ -98,6 +101,7 @@ pub async fn identity(
     let cert = ClientIdentity::new(&creds.cert_pem, &creds.key_pem)?;
     Ok(Identity {
         client: tls::client_config(&creds.ca_pem, Some(cert.clone()))?,
+        mqtt: tls::mqtt_client_config(&creds.ca_pem, Some(cert.clone()))?,
         hub_key: creds.hub_key()?,
         cert,
         dir,
@@ -171,7 +175,7 @@ async fn enroll(
 async fn answer<T: serde::de::DeserializeOwned>(
     r: reqwest::Result<reqwest::Response>,
 ) -> Result<T, String> {
-    let r = r.map_err(|e| e.to_string())?;
+    let r = r.map_err(|e| crate::with_causes(&e))?;
     if r.status().is_success() {
         return r.json().await.map_err(|e| e.to_string());
     }

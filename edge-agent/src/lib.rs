@@ -29,3 +29,16 @@ pub fn http_client(builder: reqwest::ClientBuilder) -> Result<reqwest::Client, r
     shoal_registry::install_crypto();
     builder.build()
 }
+
+/// `e` and the errors under it: reqwest's own message ("error sending request") hides why,
+/// e.g. a hub certificate that is not valid for `shoal-hub`.
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}

@@ -45,7 +45,7 @@ pub trait SharedBlobs: Send + Sync {
 pub enum PrecompileError {
     #[error("the device's engine {device:?} is not the hub's {hub:?}: run the same Shoal release (the same wasmtime) on both")]
     Engine { device: String, hub: String },
-    #[error("target {0:?} is not a target triple (letters, digits, '_', '-' and '.' only)")]
+    #[error("target {0:?} is not one this hub compiles for (see shoal_engine::KNOWN_TARGETS)")]
     BadTarget(String),
     #[error("blob {0:?} not found")]
     NotFound(String),
@@ -186,15 +186,11 @@ impl BlobStore {
                 hub: shoal_engine::ENGINE_ID.to_string(),
             });
         }
-        // The target names a directory: nothing that could climb out of it.
-        let safe = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
-        if target.is_empty()
-            || target.len() > 64
-            || target.starts_with('.')
-            || !target.chars().all(safe)
-        {
+        // The target names a directory: only a known one (which also bounds the cache to
+        // the known targets times the stored modules).
+        let Some(target) = shoal_engine::known_target(target) else {
             return Err(PrecompileError::BadTarget(target.to_string()));
-        }
+        };
         let dir = self.precompiled_dir.join(target);
         let path = dir.join(format!("{}.cwasm", d.hex()));
         if let Ok(bytes) = std::fs::read(&path) {
@@ -348,6 +344,7 @@ mod tests {
             assert!(matches!(e, PrecompileError::BadTarget(_)), "{bad}: {e}");
         }
         let e = s.precompiled(&d, id, "vax-dec-ultrix").unwrap_err();
+        assert!(matches!(e, PrecompileError::BadTarget(_)), "{e}");
         assert!(e.to_string().contains("\"vax-dec-ultrix\""), "{e}");
         let missing = Digest::of(b"absent");
         let e = s.precompiled(&missing, id, "pulley32").unwrap_err();

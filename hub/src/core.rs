@@ -8,7 +8,7 @@
 use crate::rollout::{self, Observed, Outcome, Record, Rollout, RolloutState};
 use crate::scheduler::{self, Assignments, DeviceView as SchedDevice, Schedule};
 use crate::store::{DeviceRecord, Store, StoreError, StoredSecret};
-use shoal_api::ids::{DeviceId, SecretName, WorkloadName};
+use shoal_api::ids::{DeviceId, Digest, SecretName, WorkloadName};
 use shoal_api::labels::{self, LabelChange, LabelError, Labels};
 use shoal_api::manifest::ManifestError;
 use shoal_api::messages::{now_ms, DesiredState, DesiredWorkload, DeviceStatus, Hello, Phase};
@@ -87,6 +87,15 @@ pub struct HubCore<S: Store> {
     /// Whether the labels devices report steer placement (an `--insecure` fleet, where any
     /// client can speak as any device anyway); otherwise only the operator's do.
     trust_reported_labels: bool,
+}
+
+/// Why a device may not download a blob.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FetchRefusal {
+    #[error("device {:?} is not known to the hub", .0.as_str())]
+    UnknownDevice(DeviceId),
+    #[error("blob {digest:?} is not in device {device:?}'s desired state")]
+    NotDesired { device: String, digest: String },
 }
 
 /// Why `shoal label device` changed nothing.
@@ -797,6 +806,29 @@ impl<S: Store> HubCore<S> {
             out.extend(self.reissue(id)?);
         }
         Ok(out)
+    }
+
+    /// Whether `device` may download blob `digest`: only a module its desired state names.
+    /// `Ok`: the architecture it reported (which bounds the precompiled targets it may ask
+    /// for).
+    pub fn may_fetch(&self, device: &DeviceId, digest: &Digest) -> Result<String, FetchRefusal> {
+        let rec = self
+            .devices
+            .get(device)
+            .ok_or_else(|| FetchRefusal::UnknownDevice(device.clone()))?;
+        let named = self.desired.get(device).is_some_and(|d| {
+            d.workloads
+                .iter()
+                .any(|w| w.module.as_ref() == Some(digest))
+        });
+        if named {
+            Ok(rec.hello.arch.clone())
+        } else {
+            Err(FetchRefusal::NotDesired {
+                device: device.to_string(),
+                digest: digest.to_string(),
+            })
+        }
     }
 
     /// The labels placement sees for device `id`, if the hub knows it.

@@ -20,11 +20,13 @@
 //!
 //! The fleet CA, the desired-state signing key and the secrets key must be the same on every
 //! replica: [`share_keys`] makes them so through etcd (`{prefix}/pki/{file}`), the first
-//! hub to start creating them.
+//! hub to start creating them. The private ones are stored wrapped with a key-encryption
+//! key that never goes to etcd (see `shoal_pki::wrap`): etcd is trusted with the fleet's
+//! state, not with the power to sign for it.
 
 use crate::etcd::EtcdUrl;
 use crate::store::{Fence, StoreError};
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -61,7 +63,7 @@ impl Elector {
         // No per-request timeout on the client: a campaign waits as long as another hub
         // leads, and the lease keeper's stream lives on. Calls that must answer are bounded
         // one by one (`within`).
-        let opts = ConnectOptions::new().with_connect_timeout(CALL_TIMEOUT);
+        let opts = url.options(None).map_err(|e| fail(url, e))?;
         let mut client = Client::connect(url.endpoints.clone(), Some(opts))
             .await
             .map_err(|e| fail(url, e))?;
@@ -228,17 +230,26 @@ impl Elector {
 
     /// Makes [`SHARED_KEYS`] in `pki_dir` the fleet's: the copies in etcd if there are any,
     /// else this hub's (created if missing), which it then uploads, unless another hub did
-    /// so first, whose copies it then takes.
+    /// so first, whose copies it then takes. Private keys (`*.key`) go to etcd only wrapped
+    /// with the key-encryption key (`kek=` in the store URL, default `pki_dir/etcd.kek`;
+    /// created by the first hub, copied to every other replica by the operator). Raw keys
+    /// an older hub uploaded are taken, then replaced by wrapped ones.
     pub async fn share_keys(&self, pki_dir: &Path) -> Result<(), StoreError> {
         let prefix = format!("{}/pki/", self.url.prefix);
+        let kek_path = self
+            .url
+            .kek
+            .clone()
+            .unwrap_or_else(|| pki_dir.join("etcd.kek"));
         let mut kv = self.client.kv_client();
-        for attempt in 0..2 {
+        for attempt in 0..3 {
             let got = within(
                 &self.url,
                 kv.get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
             )
             .await?;
-            let stored: Vec<(String, Vec<u8>)> = got
+            // name → (bytes as stored, mod revision)
+            let stored: Vec<(String, Vec<u8>, i64)> = got
                 .kvs()
                 .iter()
                 .filter_map(|kv| {
@@ -247,19 +258,58 @@ impl Elector {
                         .to_string();
                     SHARED_KEYS
                         .contains(&name.as_str())
-                        .then(|| (name, kv.value().to_vec()))
+                        .then(|| (name, kv.value().to_vec(), kv.mod_revision()))
                 })
                 .collect();
             if stored.len() == SHARED_KEYS.len() {
-                for (name, bytes) in stored {
-                    let path = pki_dir.join(&name);
+                let raw: Vec<&(String, Vec<u8>, i64)> = stored
+                    .iter()
+                    .filter(|(n, b, _)| is_private(n) && !shoal_pki::wrap::is_wrapped(b))
+                    .collect();
+                // Raw keys (an older hub's upload): this hub wraps them, with its KEK or a
+                // new one.
+                let kek = shoal_pki::wrap::Kek::load(&kek_path, !raw.is_empty())
+                    .map_err(|e| self.fail(e))?;
+                for (name, bytes, _) in &stored {
+                    let bytes = match (&kek, shoal_pki::wrap::is_wrapped(bytes)) {
+                        (Some(k), true) => k.unwrap(name, bytes, &kek_path).map_err(|e| self.fail(e))?,
+                        (None, true) => {
+                            return Err(self.fail(format!(
+                                "etcd holds the fleet's keys wrapped with a key-encryption key this hub has not got: copy {} from a replica that runs (or give kek=FILE in the store URL)",
+                                kek_path.display()
+                            )))
+                        }
+                        (_, false) => bytes.clone(),
+                    };
+                    let path = pki_dir.join(name);
                     if std::fs::read(&path).ok().as_deref() != Some(&bytes[..]) {
-                        shoal_pki::write_atomic(&path, &bytes, mode(&name))
+                        shoal_pki::write_atomic(&path, &bytes, mode(name))
                             .map_err(|e| self.fail(e))?;
                         info!(file = %path.display(), "took the fleet's copy from etcd");
                     }
                 }
-                return Ok(());
+                let Some(kek) = kek.filter(|_| !raw.is_empty()) else {
+                    return Ok(());
+                };
+                let mut compares = Vec::new();
+                let mut puts = Vec::new();
+                for (name, bytes, rev) in raw {
+                    let key = format!("{prefix}{name}");
+                    let wrapped = kek.wrap(name, bytes).map_err(|e| self.fail(e))?;
+                    compares.push(Compare::mod_revision(key.as_str(), CompareOp::Equal, *rev));
+                    puts.push(TxnOp::put(key, wrapped, None));
+                }
+                let txn = Txn::new().when(compares).and_then(puts);
+                if within(&self.url, kv.txn(txn)).await?.succeeded() {
+                    warn!(
+                        prefix,
+                        kek = %kek_path.display(),
+                        "the fleet's private keys were in etcd in the clear: wrapped them with this key-encryption key; copy it to every other replica"
+                    );
+                    return Ok(());
+                }
+                // Another replica wrapped them first: read them again.
+                continue;
             }
             if !stored.is_empty() {
                 return Err(self.fail(format!(
@@ -275,10 +325,16 @@ impl Elector {
                 .map_err(|e| self.fail(e))?;
             shoal_pki::secret::SecretsKey::load_or_create(&pki_dir.join("secrets.key"))
                 .map_err(|e| self.fail(e))?;
+            let kek = shoal_pki::wrap::Kek::load(&kek_path, true)
+                .map_err(|e| self.fail(e))?
+                .ok_or_else(|| self.fail("no key-encryption key"))?;
             let mut compares = Vec::new();
             let mut puts = Vec::new();
             for name in SHARED_KEYS {
-                let bytes = std::fs::read(pki_dir.join(name)).map_err(|e| self.fail(e))?;
+                let mut bytes = std::fs::read(pki_dir.join(name)).map_err(|e| self.fail(e))?;
+                if is_private(name) {
+                    bytes = kek.wrap(name, &bytes).map_err(|e| self.fail(e))?;
+                }
                 let key = format!("{prefix}{name}");
                 compares.push(Compare::create_revision(key.as_str(), CompareOp::Equal, 0));
                 puts.push(TxnOp::put(key, bytes, None));
@@ -287,7 +343,8 @@ impl Elector {
             if within(&self.url, kv.txn(txn)).await?.succeeded() {
                 info!(
                     prefix,
-                    "uploaded this hub's fleet keys: other replicas will use them"
+                    kek = %kek_path.display(),
+                    "uploaded this hub's fleet keys, the private ones wrapped: other replicas need a copy of the key-encryption key"
                 );
                 return Ok(());
             }
@@ -295,6 +352,11 @@ impl Elector {
         }
         Err(self.fail(format!("cannot agree on the fleet keys under {prefix}")))
     }
+}
+
+/// Whether a shared file is a private key (wrapped in etcd) rather than a certificate.
+fn is_private(name: &str) -> bool {
+    name.ends_with(".key")
 }
 
 fn mode(name: &str) -> u32 {

@@ -67,6 +67,9 @@ pub const MAX_BLOB: usize = 64 << 20;
 /// Largest enrollment or renewal request (a token and a CSR).
 const ENROLL_BODY: usize = 16 << 10;
 
+/// The response header that carries the hub's signature over a precompiled artifact.
+pub const ARTIFACT_SIGNATURE: &str = "x-shoal-signature";
+
 /// How long an enrollment waits for the main loop to store the labels its token granted.
 const GRANT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -98,6 +101,13 @@ pub enum Request {
         device: DeviceId,
         labels: Labels,
         done: oneshot::Sender<bool>,
+    },
+    /// May `device` download blob `digest` (its desired state names it)? Its reported
+    /// architecture if so.
+    MayFetch {
+        device: DeviceId,
+        digest: Digest,
+        reply: oneshot::Sender<Result<String, crate::core::FetchRefusal>>,
     },
     /// `shoal label device`: the device's labels afterwards.
     Label {
@@ -172,6 +182,7 @@ impl Request {
         matches!(
             self,
             Request::Devices { .. }
+                | Request::MayFetch { .. }
                 | Request::Secrets { .. }
                 | Request::Workloads { .. }
                 | Request::Workload { .. }
@@ -899,11 +910,44 @@ async fn put_blob(State(s): State<AppState>, body: Bytes) -> Response {
     }
 }
 
-async fn get_blob(State(s): State<AppState>, Path(digest): Path<String>) -> Response {
+/// A device downloads only the blobs its desired state names (the hub's answer is its
+/// reported architecture, which bounds the precompiled targets it may ask for); operators and
+/// the hub anything. `Ok(None)`: no device identity to hold to (operators, `--insecure`).
+async fn device_may_fetch(
+    s: &AppState,
+    peer: &Peer,
+    d: &Digest,
+) -> Result<Option<String>, Failure> {
+    let Peer::Known(Identity::Device(device)) = peer else {
+        return Ok(None);
+    };
+    let answer = ask(s, |reply| Request::MayFetch {
+        device: device.clone(),
+        digest: d.clone(),
+        reply,
+    })
+    .await?;
+    match answer {
+        Ok(arch) => Ok(Some(arch)),
+        Err(refused) => {
+            tracing::warn!(%device, digest = %d, reason = %refused, "blob download refused");
+            Err(Failure(StatusCode::FORBIDDEN, refused.to_string()))
+        }
+    }
+}
+
+async fn get_blob(
+    State(s): State<AppState>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    Path(digest): Path<String>,
+) -> Response {
     let d: Digest = match digest.parse() {
         Ok(d) => d,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("{e}")),
     };
+    if let Err(f) = device_may_fetch(&s, &peer, &d).await {
+        return f.into_response();
+    }
     let blobs = s.blobs.clone();
     let dd = d.clone();
     match tokio::task::spawn_blocking(move || blobs.read(&dd)).await {
@@ -925,8 +969,12 @@ struct PrecompileQuery {
     engine: String,
 }
 
+/// A precompiled artifact, compiled on the first request: only for a known target
+/// ([`shoal_engine::KNOWN_TARGETS`]), and a device gets only its own architecture's, of a
+/// module its desired state names. Every other request is refused before any compiling.
 async fn get_precompiled(
     State(s): State<AppState>,
+    axum::Extension(peer): axum::Extension<Peer>,
     Path(digest): Path<String>,
     axum::extract::Query(q): axum::extract::Query<PrecompileQuery>,
 ) -> Response {
@@ -935,10 +983,43 @@ async fn get_precompiled(
         Ok(d) => d,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("{e}")),
     };
+    let Some(target) = shoal_engine::known_target(&q.target) else {
+        tracing::warn!(target = ?q.target, "precompile refused: unknown target");
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "target {:?} is not one this hub compiles for: expected one of {}",
+                q.target,
+                shoal_engine::KNOWN_TARGETS.join(", ")
+            ),
+        );
+    };
+    match device_may_fetch(&s, &peer, &d).await {
+        Err(f) => return f.into_response(),
+        Ok(Some(arch)) if !shoal_engine::target_fits(target, &arch) => {
+            tracing::warn!(%target, %arch, "precompile refused: not the device's architecture");
+            return error(
+                StatusCode::FORBIDDEN,
+                format!("target {target:?} is not for this device's architecture {arch:?}"),
+            );
+        }
+        Ok(_) => {}
+    }
     let blobs = s.blobs.clone();
-    match tokio::task::spawn_blocking(move || blobs.precompiled(&d, &q.engine, &q.target)).await {
+    let (dd, engine) = (d.clone(), q.engine.clone());
+    match tokio::task::spawn_blocking(move || blobs.precompiled(&dd, &engine, target)).await {
         Ok(Ok(bytes)) => {
-            ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
+            // Native code: signed by the hub's key, which the agent checks before keeping it.
+            let signature = s.security.as_ref().map(|sec| {
+                sec.signer
+                    .sign_artifact(d.as_str(), target, &q.engine, &bytes)
+            });
+            let mut r =
+                ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response();
+            if let Some(v) = signature.and_then(|s| header::HeaderValue::from_str(&s).ok()) {
+                r.headers_mut().insert(ARTIFACT_SIGNATURE, v);
+            }
+            r
         }
         Ok(Err(e)) => {
             let status = match &e {

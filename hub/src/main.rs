@@ -26,7 +26,7 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Join tokens for new devices.
     #[command(subcommand)]
-    Token(TokenCommand),
+    Token(Box<TokenCommand>),
     /// Certificates from the fleet CA for an external broker.
     #[command(subcommand)]
     Cert(CertCommand),
@@ -44,8 +44,9 @@ enum CertCommand {
         /// Where to write the files.
         #[arg(long)]
         out: PathBuf,
-        /// A DNS name or IP address clients reach the broker at (repeatable; `shoal-hub`,
-        /// `localhost` and the loopback addresses are always included).
+        /// A DNS name or IP address clients reach the broker at (repeatable; `shoal-broker`,
+        /// `localhost` and the loopback addresses are always included; never `shoal-hub`:
+        /// a broker's key must not pass as the hub over HTTPS).
         #[arg(long = "name", value_name = "NAME")]
         names: Vec<String>,
     },
@@ -77,6 +78,9 @@ enum TokenCommand {
         /// or later with `shoal label device ID k=v`.
         #[arg(long, value_name = "K=V,…", value_parser = token_labels, default_value = "")]
         labels: shoal_api::labels::Labels,
+        /// Allow a plaintext `etcd://` store (for local experiments only).
+        #[arg(long)]
+        insecure: bool,
     },
 }
 
@@ -135,8 +139,11 @@ struct ServeArgs {
     #[arg(long = "tls-name", value_name = "NAME")]
     tls_names: Vec<String>,
     /// Where the hub keeps its state: `sled` (DATA_DIR/hub.db) or
-    /// `etcd://HOST:PORT[,HOST:PORT…][/PREFIX]` (keys under PREFIX, default /shoal)
-    /// [default: sled].
+    /// `etcds://HOST:PORT[,HOST:PORT…][/PREFIX]?ca=FILE[&cert=FILE&key=FILE][&user=NAME&password-file=FILE][&kek=FILE]`
+    /// (keys under PREFIX, default /shoal; TLS checked against `ca`, a client certificate
+    /// and/or etcd user; private keys wrapped with the key-encryption key `kek`, default
+    /// DATA_DIR/pki/etcd.kek, which every replica needs a copy of); plaintext `etcd://`
+    /// only with --insecure [default: sled].
     #[arg(long, env = "SHOAL_HUB_STORE", value_name = "URL")]
     store: Option<shoal_hub::store::StoreChoice>,
     /// With an etcd store: the TTL of the lease the leader holds its leadership with; a dead
@@ -284,9 +291,11 @@ fn real_main() -> anyhow::Result<()> {
             ca.write_operator_bundle(&shoal_hub::security::operator_dir(&data_dir))?;
             let mut all: Vec<String> = ["localhost", "127.0.0.1", "::1"].map(String::from).to_vec();
             all.extend(names);
+            // Its own name, never the hub's: a broker carries MQTT, and its key must not pass
+            // as the hub over HTTPS (enrollment, module downloads).
             let (cert, key) = ca.issue(
-                shoal_pki::ca::HUB_NAME,
-                &shoal_pki::ca::Usage::Server { names: all },
+                shoal_pki::ca::BROKER_NAME,
+                &shoal_pki::ca::Usage::Broker { names: all },
             )?;
             // The key is owner-only from its creation (mosquitto reads it after dropping
             // root: chown it to the broker's user).
@@ -300,17 +309,22 @@ fn real_main() -> anyhow::Result<()> {
             println!("{}", out.display());
             return Ok(());
         }
-        Command::Token(TokenCommand::Create {
-            data_dir,
-            store,
-            ttl,
-            device,
-            labels,
-        }) => {
+        Command::Token(token) => {
+            let TokenCommand::Create {
+                data_dir,
+                store,
+                ttl,
+                device,
+                labels,
+                insecure,
+            } = *token;
             let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
             let now = shoal_api::messages::now_ms();
             let token = match (store, data_dir) {
                 (Some(shoal_hub::store::StoreChoice::Etcd(url)), _) => {
+                    if url.plaintext() && !insecure {
+                        anyhow::bail!("{}", shoal_hub::etcd::PLAINTEXT_REFUSED);
+                    }
                     let etcd = shoal_hub::etcd::EtcdStore::connect(&url)?;
                     let (pem, key) = etcd.fleet_ca()?.with_context(|| {
                         format!("{url} holds no fleet CA: start a hub on it first")

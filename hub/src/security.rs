@@ -41,6 +41,8 @@ pub struct Security {
     pub client: Arc<rustls::ClientConfig>,
     /// The hub's public signing key (base64), handed to devices at enrollment.
     pub signing_key: String,
+    /// Signs precompiled artifacts (the same key as desired states).
+    pub signer: HubSigner,
     /// How long device certificates are valid.
     pub device_cert_lifetime: std::time::Duration,
 }
@@ -75,7 +77,8 @@ impl Security {
         let mqtt = tls::server_config(ca.pem(), &cert, &key, ClientAuth::Required, &[])?;
         let http = tls::server_config(ca.pem(), &cert, &key, ClientAuth::Optional, &[b"http/1.1"])?;
         let (ccert, ckey) = ca.issue(HUB_NAME, &Usage::Client)?;
-        let client = tls::client_config(ca.pem(), Some(ClientIdentity::new(&ccert, &ckey)?))?;
+        // The hub's MQTT client: to its embedded broker, or an external one (`shoal-broker`).
+        let client = tls::mqtt_client_config(ca.pem(), Some(ClientIdentity::new(&ccert, &ckey)?))?;
         if ca.write_operator_bundle(&operator_dir(data_dir))? {
             tracing::info!(bundle = %operator_dir(data_dir).display(), "wrote the operator credential bundle (ca.pem, operator.pem, operator.key)");
         }
@@ -86,6 +89,7 @@ impl Security {
             http,
             client,
             signing_key,
+            signer: signer(data_dir)?,
             device_cert_lifetime,
         })
     }

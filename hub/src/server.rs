@@ -87,6 +87,10 @@ pub enum HubError {
     Enrollments(#[from] crate::enrollment::EnrollError),
     #[error("external broker {0} is plain MQTT: use mqtts:// (or run the hub with --insecure)")]
     PlainBroker(String),
+    #[error("store {0}: {msg}", msg = crate::etcd::PLAINTEXT_REFUSED)]
+    PlainEtcd(String),
+    #[error(transparent)]
+    PublicUrl(#[from] shoal_api::endpoint::PublicUrlError),
     #[error("cannot listen for HTTP on {addr}: {source}")]
     HttpListen {
         addr: SocketAddr,
@@ -143,6 +147,11 @@ async fn serve(
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<(), HubError> {
+    if let crate::store::StoreChoice::Etcd(url) = &config.store {
+        if url.plaintext() && !config.insecure {
+            return Err(HubError::PlainEtcd(url.to_string()));
+        }
+    }
     let store = config.store.open(&config.data_dir)?;
     // Replicas on etcd share the fleet's keys and elect a leader (see crate::ha).
     let elector = match &config.store {
@@ -215,7 +224,14 @@ async fn serve(
             source,
         })?;
     let scheme = if security.is_some() { "https" } else { "http" };
-    let public_url = config.public_url.clone().unwrap_or_else(|| {
+    let public_url = match &config.public_url {
+        Some(u) => Some(
+            shoal_api::endpoint::check_public_url(u, security.is_some())
+                .map_err(HubError::PublicUrl)?,
+        ),
+        None => None,
+    };
+    let public_url = public_url.unwrap_or_else(|| {
         let a = http_addr;
         if a.ip().is_unspecified() {
             // Empty (with the port alongside): each agent fetches from the address it found
@@ -1275,6 +1291,13 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             }
             Request::Devices { reply } => {
                 let _ = reply.send(self.core.device_views());
+            }
+            Request::MayFetch {
+                device,
+                digest,
+                reply,
+            } => {
+                let _ = reply.send(self.core.may_fetch(&device, &digest));
             }
             Request::Workloads { reply } => {
                 let _ = reply.send(self.core.workload_views());

@@ -213,11 +213,11 @@ impl std::str::FromStr for StoreChoice {
         if s == "sled" {
             return Ok(StoreChoice::Sled);
         }
-        if s.starts_with("etcd://") {
+        if s.starts_with("etcd://") || s.starts_with("etcds://") {
             return s.parse().map(StoreChoice::Etcd);
         }
         Err(format!(
-            "store {s:?} is invalid: expected sled or etcd://HOST:PORT[,HOST:PORT…][/PREFIX]"
+            "store {s:?} is invalid: expected sled or etcds://HOST:PORT[,HOST:PORT…][/PREFIX]?ca=FILE…"
         ))
     }
 }

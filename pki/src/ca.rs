@@ -16,6 +16,10 @@ use std::time::Duration;
 pub const HUB_NAME: &str = "shoal-hub";
 /// Common name of operator certificates.
 pub const OPERATOR_NAME: &str = "shoal-operator";
+/// Common name of an external broker's certificate (`shoal-hub cert broker`), and the name
+/// MQTT clients accept beside [`HUB_NAME`]. Never the hub's name: a broker's key must not
+/// pass as the hub over HTTPS (enrollment, module downloads).
+pub const BROKER_NAME: &str = "shoal-broker";
 
 /// How long a device certificate is valid; agents renew after two thirds of it.
 pub const DEVICE_CERT_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
@@ -31,6 +35,9 @@ pub enum Usage {
     /// A TLS server (the hub's listeners, an external broker). `HUB_NAME` is always added to
     /// `names` (DNS names or IP addresses).
     Server { names: Vec<String> },
+    /// An external MQTT broker: [`BROKER_NAME`] is always added to `names`, and
+    /// [`HUB_NAME`] is never there.
+    Broker { names: Vec<String> },
     /// A TLS client (mTLS): the hub, an operator, a device.
     Client,
 }
@@ -206,10 +213,19 @@ fn leaf_params(cn: &str, usage: &Usage, lifetime: Duration) -> Result<Certificat
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.use_authority_key_identifier_extension = true;
     match usage {
-        Usage::Server { names } => {
+        Usage::Server { names } | Usage::Broker { names } => {
             p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-            let mut all = vec![HUB_NAME.to_string()];
-            all.extend(names.iter().filter(|n| n.as_str() != HUB_NAME).cloned());
+            let first = match usage {
+                Usage::Broker { .. } => BROKER_NAME,
+                _ => HUB_NAME,
+            };
+            let mut all = vec![first.to_string()];
+            all.extend(
+                names
+                    .iter()
+                    .filter(|n| n.as_str() != HUB_NAME && n.as_str() != BROKER_NAME)
+                    .cloned(),
+            );
             for n in all {
                 let san = match n.parse::<std::net::IpAddr>() {
                     Ok(ip) => SanType::IpAddress(ip),

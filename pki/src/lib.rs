@@ -21,6 +21,7 @@ pub mod secret;
 pub mod sign;
 pub mod tls;
 pub mod token;
+pub mod wrap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {

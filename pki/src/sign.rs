@@ -57,6 +57,19 @@ impl HubSigner {
         B64.encode(self.key.public_key().as_ref())
     }
 
+    /// The signature (base64) over a precompiled artifact: native code a runtime-only agent
+    /// loads only if the hub's signing key vouches for it (see [`verify_artifact`]).
+    pub fn sign_artifact(
+        &self,
+        digest: &str,
+        target: &str,
+        engine: &str,
+        artifact: &[u8],
+    ) -> String {
+        let statement = artifact_statement(digest, target, engine, artifact);
+        B64.encode(self.key.sign(&statement).as_ref())
+    }
+
     /// The envelope for `state` (the exact bytes agents will parse).
     pub fn seal(&self, state: &[u8]) -> Vec<u8> {
         let env = SignedDesired {
@@ -106,6 +119,35 @@ pub fn open(key: Option<&HubKey>, payload: &[u8]) -> Result<Vec<u8>, OpenError> 
     Ok(state)
 }
 
+/// What the hub signs for a precompiled artifact: module digest, target, engine and the
+/// artifact's SHA-256, under a prefix no desired state (JSON) starts with, so neither
+/// signature can pass for the other.
+fn artifact_statement(digest: &str, target: &str, engine: &str, artifact: &[u8]) -> Vec<u8> {
+    format!(
+        "shoal precompiled artifact v1\n{digest}\n{target}\n{engine}\n{}",
+        crate::sha256_hex(artifact)
+    )
+    .into_bytes()
+}
+
+/// Checks the hub's signature (`signature`, base64) over an artifact compiled from module
+/// `digest` for `target` and `engine`, before a runtime-only agent keeps or loads it.
+pub fn verify_artifact(
+    key: &HubKey,
+    digest: &str,
+    target: &str,
+    engine: &str,
+    artifact: &[u8],
+    signature: &str,
+) -> Result<(), OpenError> {
+    let sig = B64
+        .decode(signature.trim())
+        .map_err(|e| OpenError::Malformed(format!("artifact signature: {e}")))?;
+    UnparsedPublicKey::new(&ED25519, &key.0)
+        .verify(&artifact_statement(digest, target, engine, artifact), &sig)
+        .map_err(|_| OpenError::BadSignature)
+}
+
 /// Why an agent did not take a desired-state message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejected {
@@ -147,6 +189,42 @@ pub fn verify_desired(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_artifact_loads_only_as_the_hub_signed_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = HubSigner::load_or_create(&dir.path().join("k")).unwrap();
+        let key = HubKey::from_b64(&hub.public_key_b64()).unwrap();
+        let (d, t, e) = ("sha256:ab", "pulley32", "wasmtime-48+shoal.1");
+        let sig = hub.sign_artifact(d, t, e, b"\x7fELF code");
+        assert_eq!(
+            verify_artifact(&key, d, t, e, b"\x7fELF code", &sig),
+            Ok(())
+        );
+        // Tampered code, another module, another target, another key: refused.
+        let bad = [
+            verify_artifact(&key, d, t, e, b"\x7fELF c0de", &sig),
+            verify_artifact(&key, "sha256:cd", t, e, b"\x7fELF code", &sig),
+            verify_artifact(&key, d, "pulley64", e, b"\x7fELF code", &sig),
+        ];
+        assert!(
+            bad.iter().all(|r| *r == Err(OpenError::BadSignature)),
+            "{bad:?}"
+        );
+        let other = HubSigner::load_or_create(&dir.path().join("o")).unwrap();
+        let forged = other.sign_artifact(d, t, e, b"\x7fELF code");
+        assert_eq!(
+            verify_artifact(&key, d, t, e, b"\x7fELF code", &forged),
+            Err(OpenError::BadSignature)
+        );
+        // A desired state's signature is no artifact's.
+        let env: SignedDesired = serde_json::from_slice(&hub.seal(b"\x7fELF code")).unwrap();
+        assert!(verify_artifact(&key, d, t, e, b"\x7fELF code", &env.signature).is_err());
+        assert!(matches!(
+            verify_artifact(&key, d, t, e, b"x", "not base64!"),
+            Err(OpenError::Malformed(_))
+        ));
+    }
 
     #[test]
     fn sealed_state_opens_only_with_the_hub_key_and_untampered() {

@@ -115,10 +115,32 @@ pub fn server_config(
 }
 
 /// A client configuration trusting only the fleet CA, verifying the server as `shoal-hub`
-/// whatever address was dialled, and presenting `identity` when given.
+/// whatever address was dialled, and presenting `identity` when given. For HTTPS to the hub
+/// (enrollment, renewal, module downloads, the API) and its embedded broker.
 pub fn client_config(
     ca_pem: &str,
     identity: Option<Arc<ClientIdentity>>,
+) -> Result<Arc<ClientConfig>, PkiError> {
+    fleet_client_config(ca_pem, identity, &[crate::ca::HUB_NAME])
+}
+
+/// [`client_config`] for MQTT: the server may also be an external broker of the fleet
+/// (`shoal-broker`), which may carry messages but never passes as the hub over HTTPS.
+pub fn mqtt_client_config(
+    ca_pem: &str,
+    identity: Option<Arc<ClientIdentity>>,
+) -> Result<Arc<ClientConfig>, PkiError> {
+    fleet_client_config(
+        ca_pem,
+        identity,
+        &[crate::ca::HUB_NAME, crate::ca::BROKER_NAME],
+    )
+}
+
+fn fleet_client_config(
+    ca_pem: &str,
+    identity: Option<Arc<ClientIdentity>>,
+    names: &'static [&'static str],
 ) -> Result<Arc<ClientConfig>, PkiError> {
     let inner = WebPkiServerVerifier::builder_with_provider(roots(ca_pem)?, provider())
         .build()
@@ -127,7 +149,7 @@ pub fn client_config(
         .with_safe_default_protocol_versions()
         .map_err(tls_err("protocol versions"))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(FleetServerVerifier { inner }));
+        .with_custom_certificate_verifier(Arc::new(FleetServerVerifier { inner, names }));
     let config = match identity {
         Some(id) => builder.with_client_cert_resolver(id),
         None => builder.with_no_client_auth(),
@@ -136,12 +158,14 @@ pub fn client_config(
 }
 
 /// Verifies the server's chain against the fleet CA as usual (signatures, validity,
-/// server-auth usage), but for the name `shoal-hub` instead of the dialled address: devices
-/// reach the hub at whatever address mDNS reports, and the fleet CA issues server
-/// certificates only to the hub and its brokers.
+/// server-auth usage), but for one of `names` (`shoal-hub`, and for MQTT `shoal-broker`)
+/// instead of the dialled address: devices reach the hub at whatever address mDNS reports,
+/// and the fleet CA issues server certificates only to the hub and, under their own name,
+/// to its brokers.
 #[derive(Debug)]
 struct FleetServerVerifier {
     inner: Arc<WebPkiServerVerifier>,
+    names: &'static [&'static str],
 }
 
 impl ServerCertVerifier for FleetServerVerifier {
@@ -153,10 +177,21 @@ impl ServerCertVerifier for FleetServerVerifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let fleet = ServerName::try_from(crate::ca::HUB_NAME)
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
-        self.inner
-            .verify_server_cert(end_entity, intermediates, &fleet, ocsp, now)
+        let mut first_err = None;
+        for name in self.names {
+            let fleet =
+                ServerName::try_from(*name).map_err(|e| rustls::Error::General(e.to_string()))?;
+            match self
+                .inner
+                .verify_server_cert(end_entity, intermediates, &fleet, ocsp, now)
+            {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_err.unwrap_or_else(|| rustls::Error::General("no server name to verify".into())))
     }
 
     fn verify_tls12_signature(

@@ -267,7 +267,7 @@ impl Hub {
         let insecure = extra.contains(&"--insecure");
         let etcd = extra
             .windows(2)
-            .find(|w| w[0] == "--store" && w[1].starts_with("etcd://"))
+            .find(|w| w[0] == "--store" && w[1].starts_with("etcd"))
             .map(|w| w[1].to_string());
         let mut cmd = Command::new(bin("shoal-hub"));
         cmd.arg("serve")
@@ -396,23 +396,16 @@ impl Hub {
         let text = match self.bundle() {
             None => http_get(self.http, "/metrics")?,
             Some(b) => {
-                use std::io::{Read, Write};
-                let read = |f: &str| std::fs::read_to_string(b.join(f));
-                let id = shoal_pki::tls::ClientIdentity::new(
-                    &read("operator.pem")?,
-                    &read("operator.key")?,
+                let (_, body) = https_get(
+                    self.http,
+                    "/metrics",
+                    (
+                        &b.join("ca.pem"),
+                        &b.join("operator.pem"),
+                        &b.join("operator.key"),
+                    ),
                 )?;
-                let config = shoal_pki::tls::client_config(&read("ca.pem")?, Some(id))?;
-                let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?;
-                let conn = rustls::ClientConnection::new(config, name)?;
-                let sock = std::net::TcpStream::connect(("127.0.0.1", self.http))?;
-                sock.set_read_timeout(Some(Duration::from_secs(5)))?;
-                let mut tls = rustls::StreamOwned::new(conn, sock);
-                write!(tls, "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-                let mut body = Vec::new();
-                // The hub may close without a TLS close_notify: keep what arrived.
-                let _ = tls.read_to_end(&mut body);
-                String::from_utf8_lossy(&body).into_owned()
+                format!("\r\n\r\n{body}")
             }
         };
         let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
@@ -916,6 +909,32 @@ impl Mosquitto {
     }
 }
 
+/// `GET path` over HTTPS on 127.0.0.1:`port` with a client certificate (`tls`: CA, cert,
+/// key files): the status code and the body.
+pub fn https_get(port: u16, path: &str, tls: (&Path, &Path, &Path)) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let read = |f: &Path| std::fs::read_to_string(f);
+    let id = shoal_pki::tls::ClientIdentity::new(&read(tls.1)?, &read(tls.2)?)?;
+    let config = shoal_pki::tls::client_config(&read(tls.0)?, Some(id))?;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?;
+    let conn = rustls::ClientConnection::new(config, name)?;
+    let sock = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    sock.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    write!(tls, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut raw = Vec::new();
+    // The hub may close without a TLS close_notify: keep what arrived.
+    let _ = tls.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no HTTP status in {text:?}"))?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok((status, body.to_string()))
+}
+
 /// Reads the retained message on `topic` with `mosquitto_sub` (None if there is none).
 pub fn retained(broker: &BrokerAccess, topic: &str) -> Result<Option<String>> {
     let out = Command::new("mosquitto_sub")
@@ -961,23 +980,43 @@ pub struct Etcd {
     pub proc: Proc,
     pub port: u16,
     peer: u16,
+    /// Plain HTTP `/health` (the client port wants a client certificate).
+    metrics: u16,
+    /// The test's etcd CA and the certificates issued from it (`server.*`, `client.*`).
+    pub pki: PathBuf,
 }
 
 impl Etcd {
+    /// Debian's etcd on private loopback ports, serving clients over TLS and accepting only
+    /// client certificates from a CA of the test's own (`client-cert-auth`), as a
+    /// production etcd does.
     pub fn start(dir: &Path) -> Result<Etcd> {
-        Self::start_on(dir, free_port(), free_port())
+        Self::start_on(dir, free_port(), free_port(), free_port())
     }
 
     /// Starts `old`'s member again (it is killed first if still running): same ports, same
-    /// data.
+    /// data, same certificates.
     pub fn restart(dir: &Path, old: Etcd) -> Result<Etcd> {
-        let (port, peer) = (old.port, old.peer);
+        let (port, peer, metrics) = (old.port, old.peer, old.metrics);
         drop(old);
-        Self::start_on(dir, port, peer)
+        Self::start_on(dir, port, peer, metrics)
     }
 
-    fn start_on(dir: &Path, port: u16, peer: u16) -> Result<Etcd> {
-        let client = format!("http://127.0.0.1:{port}");
+    fn start_on(dir: &Path, port: u16, peer: u16, metrics: u16) -> Result<Etcd> {
+        let pki = dir.join(format!("etcd-pki-{port}"));
+        if !pki.join("client.key").exists() {
+            let ca = shoal_pki::ca::FleetCa::load_or_create(&pki)?;
+            let names = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+            for (name, usage) in [
+                ("server", shoal_pki::ca::Usage::Server { names }),
+                ("client", shoal_pki::ca::Usage::Client),
+            ] {
+                let (cert, key) = ca.issue(&format!("etcd-{name}"), &usage)?;
+                shoal_pki::write_atomic(&pki.join(format!("{name}.pem")), cert.as_bytes(), 0o644)?;
+                shoal_pki::write_atomic(&pki.join(format!("{name}.key")), key.as_bytes(), 0o600)?;
+            }
+        }
+        let client = format!("https://127.0.0.1:{port}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let mut cmd = Command::new("/usr/bin/etcd");
         cmd.arg("--name")
@@ -988,6 +1027,15 @@ impl Etcd {
             .arg(&client)
             .arg("--advertise-client-urls")
             .arg(&client)
+            .arg("--cert-file")
+            .arg(pki.join("server.pem"))
+            .arg("--key-file")
+            .arg(pki.join("server.key"))
+            .arg("--trusted-ca-file")
+            .arg(pki.join("ca.pem"))
+            .arg("--client-cert-auth")
+            .arg("--listen-metrics-urls")
+            .arg(format!("http://127.0.0.1:{metrics}"))
             .arg("--listen-peer-urls")
             .arg(&peer_url)
             .arg("--initial-advertise-peer-urls")
@@ -995,9 +1043,15 @@ impl Etcd {
             .arg("--initial-cluster")
             .arg(format!("shoal-test={peer_url}"));
         let proc = Proc::spawn("etcd", &mut cmd, dir.join(format!("etcd-{port}.log")))?;
-        let etcd = Etcd { proc, port, peer };
+        let etcd = Etcd {
+            proc,
+            port,
+            peer,
+            metrics,
+            pki,
+        };
         wait_until(Duration::from_secs(20), "etcd serving", || {
-            Ok(http_get(port, "/health")
+            Ok(http_get(metrics, "/health")
                 .ok()
                 .filter(|b| b.contains("\"health\":\"true\""))
                 .map(|_| ()))
@@ -1005,9 +1059,37 @@ impl Etcd {
         Ok(etcd)
     }
 
-    /// `--store` for a hub on this etcd.
+    /// `--store` for a hub on this etcd (prefix `/shoal`).
     pub fn url(&self) -> String {
-        format!("etcd://127.0.0.1:{}", self.port)
+        self.url_at("/shoal")
+    }
+
+    /// `--store` for a hub on this etcd, with its keys under `prefix`. Every hub given it
+    /// shares one key-encryption key (`fleet.kek` beside the certificates: the first hub
+    /// creates it), as an operator copies it to each replica.
+    pub fn url_at(&self, prefix: &str) -> String {
+        format!(
+            "{}&kek={}",
+            self.url_without_kek(prefix),
+            self.kek().display()
+        )
+    }
+
+    /// [`Etcd::url_at`] without `kek=`: a hub then looks for `DATA_DIR/pki/etcd.kek`.
+    pub fn url_without_kek(&self, prefix: &str) -> String {
+        let f = |n: &str| self.pki.join(n).display().to_string();
+        format!(
+            "etcds://127.0.0.1:{}{prefix}?ca={}&cert={}&key={}",
+            self.port,
+            f("ca.pem"),
+            f("client.pem"),
+            f("client.key")
+        )
+    }
+
+    /// The key-encryption key file hubs given [`Etcd::url`] share.
+    pub fn kek(&self) -> PathBuf {
+        self.pki.join("fleet.kek")
     }
 }
 

@@ -19,7 +19,7 @@ impl Mqtt {
                     &read("operator.pem")?,
                     &read("operator.key")?,
                 )?;
-                Some(shoal_pki::tls::client_config(
+                Some(shoal_pki::tls::mqtt_client_config(
                     &read("ca.pem")?,
                     Some(identity),
                 )?)
@@ -36,7 +36,7 @@ impl Mqtt {
         let ca = shoal_pki::ca::FleetCa::load_or_create(&hub_data.join("pki"))?;
         let (cert, key) = ca.issue(shoal_pki::ca::HUB_NAME, &shoal_pki::ca::Usage::Client)?;
         let identity = shoal_pki::tls::ClientIdentity::new(&cert, &key)?;
-        let tls = shoal_pki::tls::client_config(ca.pem(), Some(identity))?;
+        let tls = shoal_pki::tls::mqtt_client_config(ca.pem(), Some(identity))?;
         Self::connect_with(port, &format!("shoal-hub-{id}"), Some(tls)).await
     }
 

@@ -27,9 +27,7 @@ fn desired(device: &str, generation: u64) -> DesiredState {
 fn etcd_store_keeps_writes_until_flushed_and_retries_a_failed_flush() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut etcd = Etcd::start(dir.path())?;
-    let url: EtcdUrl = format!("{}/t1", etcd.url())
-        .parse()
-        .map_err(anyhow::Error::msg)?;
+    let url: EtcdUrl = etcd.url_at("/t1").parse().map_err(anyhow::Error::msg)?;
     let store = EtcdStore::connect(&url)?;
     assert!(store.load()?.desired.is_empty());
 
@@ -66,9 +64,7 @@ fn etcd_store_keeps_writes_until_flushed_and_retries_a_failed_flush() -> anyhow:
     store.delete_workload(&WorkloadName::try_from("web").unwrap())?;
     store.flush()?;
     assert!(other.load()?.workloads.is_empty());
-    let elsewhere: EtcdUrl = format!("{}/t2", etcd.url())
-        .parse()
-        .map_err(anyhow::Error::msg)?;
+    let elsewhere: EtcdUrl = etcd.url_at("/t2").parse().map_err(anyhow::Error::msg)?;
     assert!(EtcdStore::connect(&elsewhere)?.load()?.desired.is_empty());
 
     // etcd gone: the flush fails, naming the store, and keeps the write for the next one.
@@ -102,9 +98,7 @@ fn a_deposed_leader_cannot_write_and_the_next_candidate_is_elected() -> anyhow::
     use tokio_util::task::TaskTracker;
     let dir = tempfile::tempdir()?;
     let etcd = Etcd::start(dir.path())?;
-    let url: EtcdUrl = format!("{}/fence", etcd.url())
-        .parse()
-        .map_err(anyhow::Error::msg)?;
+    let url: EtcdUrl = etcd.url_at("/fence").parse().map_err(anyhow::Error::msg)?;
     let rt = tokio::runtime::Runtime::new()?;
     let tracker = TaskTracker::new();
     let (a_stop, b_stop) = (CancellationToken::new(), CancellationToken::new());
@@ -175,9 +169,7 @@ fn of_replicas_racing_for_one_join_token_or_one_new_id_exactly_one_wins() -> any
     use shoal_hub::enrollment::{claim, issue, EnrollError, Enrollments};
     let dir = tempfile::tempdir()?;
     let etcd = Etcd::start(dir.path())?;
-    let url: EtcdUrl = format!("{}/tokens", etcd.url())
-        .parse()
-        .map_err(anyhow::Error::msg)?;
+    let url: EtcdUrl = etcd.url_at("/tokens").parse().map_err(anyhow::Error::msg)?;
     let replicas: Vec<EtcdStore> = (0..4)
         .map(|_| EtcdStore::connect(&url))
         .collect::<Result<_, _>>()?;

@@ -5,7 +5,7 @@
 //!   `shoal/v1/apply/{req}`, stop the clock when the device's retained status shows it
 //!   `Running`. Baseline: one MQTT QoS 1 hop through the same broker (publish → delivery to a
 //!   subscriber), measured in the same run; the protocol floor is three hops.
-//! - the same latency with the hub's state in etcd (`--store etcd://…`, Debian's etcd on
+//! - the same latency with the hub's state in etcd (`--store etcds://…`, Debian's etcd over TLS with client certificates, on
 //!   loopback), against the sled hub's of the same run.
 //! - failover: three hub replicas on one etcd and one mosquitto; the leader is SIGKILLed
 //!   `SHOAL_BENCH_KILLS` times (default 10, restarted as a standby each time), timed until

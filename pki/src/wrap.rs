@@ -1,0 +1,103 @@
+//! Private keys wrapped for a store the hub does not fully trust (etcd, shared by hub
+//! replicas): the fleet CA's key, the signing key and the secrets key travel through it only
+//! encrypted under a key-encryption key ([`Kek`]) that each replica gets out of band (a file
+//! the operator copies), so whoever reads etcd, or its backups, or the path to it, holds
+//! ciphertext only.
+//!
+//! A wrapped key is [`MAGIC`] followed by what [`SecretsKey::encrypt`] makes (AES-256-GCM, a
+//! fresh nonce, the key's file name as associated data, so a wrapped key cannot be swapped
+//! for another). The KEK file has the secrets key's format (64 hex digits) under its own
+//! random value.
+
+use crate::secret::SecretsKey;
+use crate::PkiError;
+use std::path::Path;
+
+/// How a wrapped key starts (a raw key, PEM or hex, never does).
+pub const MAGIC: &[u8] = b"shoal-wrapped-v1\n";
+
+/// Associated-data "version" of wrapped keys.
+const WRAP_VERSION: &str = "kek-v1";
+
+/// The key-encryption key.
+#[derive(Debug)]
+pub struct Kek(SecretsKey);
+
+#[derive(Debug, thiserror::Error)]
+pub enum WrapError {
+    #[error("cannot wrap {0:?}")]
+    Wrap(String),
+    #[error("{name:?} does not open with the key-encryption key {kek:?}: it is not the one the fleet's keys were wrapped with (copy that file from a replica that runs)")]
+    WrongKek { name: String, kek: String },
+}
+
+impl Kek {
+    /// The KEK in `path`, created there (owner-only) if there is none and `create` says so.
+    /// `Ok(None)`: no file, and not to be created.
+    pub fn load(path: &Path, create: bool) -> Result<Option<Kek>, PkiError> {
+        if !path.exists() && !create {
+            return Ok(None);
+        }
+        SecretsKey::load_or_create(path).map(|k| Some(Kek(k)))
+    }
+
+    /// `bytes` (the file `name`) wrapped.
+    pub fn wrap(&self, name: &str, bytes: &[u8]) -> Result<Vec<u8>, WrapError> {
+        let sealed = self
+            .0
+            .encrypt(&format!("kek:{name}"), WRAP_VERSION, bytes)
+            .map_err(|_| WrapError::Wrap(name.to_string()))?;
+        let mut out = MAGIC.to_vec();
+        out.extend(sealed);
+        Ok(out)
+    }
+
+    /// The key `name` that [`Kek::wrap`] wrapped into `blob`; `kek` names the file in errors.
+    pub fn unwrap(&self, name: &str, blob: &[u8], kek: &Path) -> Result<Vec<u8>, WrapError> {
+        let wrong = || WrapError::WrongKek {
+            name: name.to_string(),
+            kek: kek.display().to_string(),
+        };
+        let sealed = blob.strip_prefix(MAGIC).ok_or_else(wrong)?;
+        self.0
+            .decrypt(&format!("kek:{name}"), WRAP_VERSION, sealed)
+            .map_err(|_| wrong())
+    }
+}
+
+/// Whether `blob` is a wrapped key (else it is a raw one, stored by an older hub).
+pub fn is_wrapped(blob: &[u8]) -> bool {
+    blob.starts_with(MAGIC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_open_only_under_their_name_and_kek() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("etcd.kek");
+        assert!(Kek::load(&path, false).unwrap().is_none());
+        let kek = Kek::load(&path, true).unwrap().unwrap();
+        let raw = b"-----BEGIN PRIVATE KEY-----\nMIG...\n";
+        let w = kek.wrap("ca.key", raw).unwrap();
+        assert!(is_wrapped(&w) && !is_wrapped(raw));
+        assert!(!w.windows(11).any(|x| x == b"PRIVATE KEY"));
+        assert_eq!(kek.unwrap("ca.key", &w, &path).unwrap(), raw);
+        // Under another name, or another KEK, it does not open; a raw key is no wrapped one.
+        assert!(kek.unwrap("signing.key", &w, &path).is_err());
+        let other = Kek::load(&dir.path().join("other.kek"), true)
+            .unwrap()
+            .unwrap();
+        let e = other.unwrap("ca.key", &w, &path).unwrap_err().to_string();
+        assert!(e.contains("\"ca.key\"") && e.contains("etcd.kek"), "{e}");
+        assert!(kek.unwrap("ca.key", raw, &path).is_err());
+        // The file is the owner's alone, and loads again as the same key.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let again = Kek::load(&path, false).unwrap().unwrap();
+        assert_eq!(again.unwrap("ca.key", &w, &path).unwrap(), raw);
+    }
+}
