@@ -46,7 +46,7 @@ impl Identity {
 
     /// Whether `name` may be given to a device (enrollment refuses the reserved names).
     pub fn reserved(name: &str) -> bool {
-        name == HUB || name == OPERATOR || name == BROKER
+        name == HUB || name == OPERATOR || name == BROKER || name == "shoal-hub-api"
     }
 }
 
@@ -74,6 +74,21 @@ pub struct Denied {
     pub action: &'static str,
     pub topic: String,
     pub reason: &'static str,
+}
+
+/// Whether a message on `topic` may be retained by the broker: only the per-device state
+/// that is level-based by design (a device's hello, presence and status, and its desired
+/// state). Anything else (log chunks, applies, results, ingest batches) is a stream, and a
+/// retained copy would be memory a client fills for ever; the embedded broker clears the
+/// retain flag of such publishes. This bounds retained messages to four per device.
+pub fn may_retain(topic: &str) -> bool {
+    let Some(rest) = topic.strip_prefix(PREFIX).and_then(|r| r.strip_prefix('/')) else {
+        return false;
+    };
+    matches!(
+        rest.split('/').collect::<Vec<_>>().as_slice(),
+        ["devices", d, "hello" | "presence" | "status" | "desired"] if !d.is_empty()
+    )
 }
 
 /// Whether `who` may publish to (or subscribe to the filter) `topic`.

@@ -93,20 +93,31 @@ pub fn check_public_url(s: &str, tls: bool) -> Result<String, PublicUrlError> {
     if rest.is_empty() {
         return Err(err("host is empty"));
     }
-    if rest.contains(['/', '?', '#', '@', ' ']) || rest.chars().any(|c| c.is_control()) {
+    // `[v6]:port`, `[v6]`, `host:port` or `host`; the host a DNS name or IPv4 address
+    // (letters, digits, `.`, `-`), or bracketed IPv6: nothing a URL parser could read as a
+    // user, a path or another host (`\`, `@`, `%`…).
+    let name_ok = |h: &str| {
+        !h.is_empty()
+            && h.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+    };
+    let v6_ok = |h: &str| !h.is_empty() && h.chars().all(|c| c.is_ascii_hexdigit() || c == ':');
+    let (host_ok, port) = match rest.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((h, "")) => (v6_ok(h), None),
+            Some((h, p)) => (v6_ok(h), Some(p.strip_prefix(':').unwrap_or("x"))),
+            None => return Err(err("unclosed [")),
+        },
+        None => match rest.split_once(':') {
+            Some((h, p)) => (name_ok(h), Some(p)),
+            None => (name_ok(rest), None),
+        },
+    };
+    if !host_ok {
         return Err(err(
             "expected only HOST[:PORT]: no user, path, query or fragment",
         ));
     }
-    // `[v6]:port`, `[v6]`, `host:port` or `host`.
-    let port = match rest.strip_prefix('[') {
-        Some(v6) => match v6.split_once(']') {
-            Some((_, "")) => None,
-            Some((_, p)) => Some(p.strip_prefix(':').unwrap_or("x")),
-            None => return Err(err("unclosed [")),
-        },
-        None => rest.split_once(':').map(|(_, p)| p),
-    };
     if port.is_some_and(|p| p.parse::<u16>().map_or(true, |p| p == 0)) {
         return Err(err("port must be a number 1-65535"));
     }
@@ -148,6 +159,9 @@ mod tests {
             ("https://hub/redirect?to=x", true, false),
             ("https://hub#x", true, false),
             ("https://hub:99999", true, false),
+            ("https://evil.example\\.hub", true, false),
+            ("https://hub%2fx", true, false),
+            ("https://[::1", true, false),
             ("ftp://hub", true, false),
             ("https://", true, false),
         ] {

@@ -150,6 +150,24 @@ impl LabelChange {
     }
 }
 
+/// What a join token granted the device it enrolled, as the hub's enrollment book keeps it
+/// (written with the claim, before the certificate goes out). The leader applies each grant
+/// once (by token), whoever tells it of the enrollment: it reads grants from the book, never
+/// from a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Grant {
+    /// The token's id.
+    pub token: String,
+    #[serde(default)]
+    pub labels: Labels,
+    /// Granted by an unbound token, which enrolls only ids with no enrollment record: a new
+    /// identity, whose labels replace any the hub kept for that id. A bound token (the
+    /// operator's choice of device) adds to them.
+    #[serde(default)]
+    pub fresh: bool,
+}
+
 /// Checks labels an operator binds to a join token (`token create --labels`).
 pub fn check_grant(labels: &Labels) -> Result<(), LabelError> {
     if labels.len() > MAX_LABELS {

@@ -322,12 +322,9 @@ pub struct IngestBatch {
     pub heard: Vec<Heard>,
     /// Devices that enrolled (again) through this replica: their keys may be new, so the
     /// leader seals their secrets anew.
+    /// The leader reads what their tokens granted from the enrollment book, not from here.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub enrolled: Vec<DeviceId>,
-    /// The labels the join tokens of `enrolled` devices granted (those that granted any):
-    /// the leader gives them to the devices.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub granted: BTreeMap<DeviceId, crate::labels::Labels>,
 }
 
 /// A status that repeated known content: its device, time and content fingerprint.

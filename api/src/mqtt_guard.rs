@@ -4,7 +4,8 @@
 //! - checks CONNECT's client id and will topic, and rewrites the login to the broker's
 //!   private one (rumqttd listens on loopback with a random password, so only the front
 //!   listener reaches it);
-//! - checks every PUBLISH topic and SUBSCRIBE filter with [`acl::allowed`];
+//! - checks every PUBLISH topic and SUBSCRIBE filter with [`acl::allowed`], and clears the
+//!   retain flag of publishes (and wills) whose topic is no retained kind ([`acl::may_retain`]);
 //! - refuses MQTT 5 topic aliases (an empty topic) and anything before CONNECT.
 //!
 //! Written by hand: it is a filter inside a byte proxy. The MQTT crates decode into their own
@@ -25,8 +26,20 @@ pub enum Violation {
     Malformed(&'static str),
 }
 
+/// Largest packet a device may send: its status (the biggest thing it publishes, some
+/// hundred bytes per replica) and its log chunks (64 KiB of lines, escaped) fit many times
+/// over. Judged from the fixed header, before the rest is read: a device cannot make the
+/// broker buffer megabytes.
+pub const MAX_DEVICE_PACKET: usize = 1 << 20;
+
 /// The total length of the first packet in `buf`, if it is complete.
 pub fn packet_len(buf: &[u8]) -> Result<Option<usize>, Violation> {
+    packet_len_max(buf, MAX_PACKET)
+}
+
+/// [`packet_len`] for a client that may send at most `max` bytes in one packet: a longer
+/// one is refused as soon as its length is known.
+pub fn packet_len_max(buf: &[u8], max: usize) -> Result<Option<usize>, Violation> {
     let mut len = 0usize;
     for i in 0..4 {
         let Some(&b) = buf.get(1 + i) else {
@@ -35,9 +48,9 @@ pub fn packet_len(buf: &[u8]) -> Result<Option<usize>, Violation> {
         len |= usize::from(b & 0x7f) << (7 * i);
         if b & 0x80 == 0 {
             let total = 1 + i + 1 + len;
-            if total > MAX_PACKET {
+            if total > max.min(MAX_PACKET) {
                 return Err(Violation::Malformed(
-                    "packet larger than the broker accepts",
+                    "packet larger than the broker accepts from this client",
                 ));
             }
             return Ok((buf.len() >= total).then_some(total));
@@ -131,6 +144,9 @@ pub enum Pass {
     AsIs,
     /// Forward these bytes instead (a CONNECT with the broker's login).
     Rewritten(Vec<u8>),
+    /// Forward the packet with its retain flag (bit 0 of the first byte) cleared: a
+    /// PUBLISH on a topic that keeps nothing retained.
+    StripRetain,
 }
 
 impl Guard {
@@ -144,6 +160,14 @@ impl Guard {
 
     pub fn identity(&self) -> &Identity {
         &self.who
+    }
+
+    /// The largest packet this client may send (see [`packet_len_max`]).
+    pub fn max_packet(&self) -> usize {
+        match self.who {
+            Identity::Device(_) => MAX_DEVICE_PACKET,
+            _ => MAX_PACKET,
+        }
     }
 
     /// MQTT 5 or not, once connected (for the shape of a refusal).
@@ -176,6 +200,9 @@ impl Guard {
                     ));
                 }
                 acl::allowed(&self.who, Access::Publish, topic)?;
+                if packet[0] & 0x01 != 0 && !acl::may_retain(topic) {
+                    return Ok(Pass::StripRetain);
+                }
                 Ok(Pass::AsIs)
             }
             (8, Some(level)) => {
@@ -217,12 +244,16 @@ impl Guard {
         }
         let client_id = r.str()?;
         acl::client_id_allowed(&self.who, client_id)?;
+        let mut flags = flags;
         if flags & 0x04 != 0 {
             if level == 5 {
                 r.properties()?;
             }
             let will = r.str()?;
             acl::allowed(&self.who, Access::Publish, will)?;
+            if !acl::may_retain(will) {
+                flags &= !0x20; // will retain
+            }
             r.bytes()?; // will payload
         }
         // Everything up to the login stays; the client's own login (if any) is dropped.
@@ -412,7 +443,53 @@ mod tests {
     }
 
     #[test]
+    fn only_device_state_is_retained() {
+        let mut g = Guard::new(dev("edge-a"), login());
+        g.check(&connect(4, "shoal-agent-edge-a", None, None))
+            .unwrap();
+        // QoS 1 + retain (0x33) and QoS 1 (0x32).
+        let publish =
+            |first: u8, t: &str| packet(first, &[str_(t), vec![0, 1], b"{}".to_vec()].concat());
+        for t in ["hello", "presence", "status"] {
+            let topic = format!("shoal/v1/devices/edge-a/{t}");
+            assert_eq!(g.check(&publish(0x33, &topic)), Ok(Pass::AsIs), "{t}");
+        }
+        let logs = "shoal/v1/devices/edge-a/logs/r1";
+        assert_eq!(g.check(&publish(0x33, logs)), Ok(Pass::StripRetain));
+        assert_eq!(g.check(&publish(0x32, logs)), Ok(Pass::AsIs));
+        // A will that is no presence keeps no retain flag either (the hub's own clients).
+        let mut hub = Guard::new(Identity::Hub, login());
+        let c = connect(4, "shoal-hub-x", Some("shoal/v1/hubs/x/ingest"), None);
+        let Pass::Rewritten(out) = hub.check(&c).unwrap() else {
+            panic!()
+        };
+        // The flags byte: after the fixed header (2 bytes, a short packet), the protocol
+        // name (2 + 4 bytes) and the level.
+        let flags_at = 2 + 2 + 4 + 1;
+        assert_eq!(out[flags_at] & 0x24, 0x04, "will kept, its retain cleared");
+        let mut dev_a = Guard::new(dev("edge-a"), login());
+        let c = connect(
+            4,
+            "shoal-agent-edge-a",
+            Some("shoal/v1/devices/edge-a/presence"),
+            None,
+        );
+        let Pass::Rewritten(out) = dev_a.check(&c).unwrap() else {
+            panic!()
+        };
+        assert_eq!(out[flags_at] & 0x24, 0x24, "a presence will stays retained");
+        assert!(acl::may_retain("shoal/v1/devices/d/desired"));
+        assert!(!acl::may_retain("shoal/v1/devices//status"));
+        assert!(!acl::may_retain("shoal/v1/results/r1"));
+    }
+
+    #[test]
     fn lengths() {
+        // A device's packet is judged by its fixed header alone.
+        let g = Guard::new(dev("edge-a"), login());
+        let big = [0x30, 0x80, 0x80, 0x80, 0x02]; // remaining length 4 MiB, nothing more
+        assert!(packet_len_max(&big, g.max_packet()).is_err());
+        assert_eq!(packet_len_max(&big, MAX_PACKET).unwrap(), None);
         assert_eq!(packet_len(&[0x30]).unwrap(), None);
         assert_eq!(packet_len(&[0x30, 2, 0]).unwrap(), None);
         assert_eq!(packet_len(&[0x30, 2, 0, 0, 9]).unwrap(), Some(4));

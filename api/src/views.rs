@@ -6,6 +6,11 @@ use crate::workload::Workload;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+/// The request header that marks a call to the hub's API as made by a program, not by a
+/// page in a browser: state-changing requests need it, or a JSON/YAML/binary body (see the
+/// hub's `http` module).
+pub const CLIENT_HEADER: &str = "x-shoal-client";
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceView {

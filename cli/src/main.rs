@@ -740,7 +740,17 @@ impl Hub {
         if !secure && !base.starts_with("http://") {
             bail!("hub address {base:?} is invalid: expected https://HOST:PORT");
         }
-        let builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
+        // The hub refuses state-changing requests a browser could send cross-site ("simple"
+        // requests): this header, which a page cannot add without the hub's consent, says
+        // the request is not one.
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            shoal_api::views::CLIENT_HEADER,
+            reqwest::header::HeaderValue::from_static("shoal-cli"),
+        );
+        let builder = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .default_headers(headers);
         let client = match (secure, tls) {
             (false, _) => Ok(builder),
             (true, Ok(t)) => Ok(builder.use_preconfigured_tls((**t).clone())),

@@ -100,6 +100,16 @@ pub fn read_config<T: serde::de::DeserializeOwned + Default>(
 }
 
 /// This machine's host name (`/proc/sys/kernel/hostname`), or `"localhost"`.
+/// Creates `dir` (and its parents) if need be and makes it the owner's alone (0700): a
+/// daemon's data directory holds desired states with environment values, keys and logs.
+/// Workloads that run as other users reach what they need through bind mounts, which do not
+/// look at the directories above the mounted one.
+pub fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())

@@ -129,7 +129,7 @@ pub enum AgentError {
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     for dir in [config.data_dir.clone(), config.data_dir.join("logs")] {
-        std::fs::create_dir_all(&dir).map_err(|source| AgentError::DataDir {
+        shoal_daemon::private_dir(&dir).map_err(|source| AgentError::DataDir {
             path: dir.display().to_string(),
             source,
         })?;

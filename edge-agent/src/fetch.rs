@@ -5,8 +5,9 @@
 //!
 //! A runtime-only agent (built without the `compiler` feature) cannot compile wasm: it fetches
 //! `GET {artifact_base}/v1/blobs/{digest}/precompiled?target=T&engine=E` instead, the module
-//! compiled by the hub for its engine and target, cached as `<hex>.<target>.cwasm`. That is
-//! native code, so it is only taken from a hub authenticated over TLS.
+//! compiled by the hub for its engine and target, cached as `<hex>.<target>.signed.cwasm`.
+//! That is native code, so it is only taken from a hub authenticated over TLS, and only with
+//! the hub's signature over it (`shoal_pki::sign::verify_artifact`).
 //!
 //! A cached module is used without asking the hub, which is what lets a device restart its
 //! workloads while the hub is unreachable.
@@ -140,7 +141,9 @@ impl Fetcher {
             return Ok(path);
         }
         let path = match &self.precompiled {
-            Some(target) => self.dir.join(format!("{}.{target}.cwasm", d.hex())),
+            // `.signed`: only artifacts whose signature was checked (those cached by agents
+            // that did not check are never loaded).
+            Some(target) => self.dir.join(format!("{}.{target}.signed.cwasm", d.hex())),
             None => self.cached_path(d),
         };
         if tokio::fs::try_exists(&path).await.unwrap_or(false) {
@@ -320,7 +323,7 @@ mod tests {
         let cached = dir
             .path()
             .join("cache/modules")
-            .join(format!("{}.pulley32.cwasm", d.hex()));
+            .join(format!("{}.pulley32.signed.cwasm", d.hex()));
         std::fs::write(&cached, b"artifact").unwrap();
         assert_eq!(f.fetch("", &d, None).await.unwrap(), cached);
     }
@@ -396,7 +399,7 @@ mod tests {
         let cached = dir
             .path()
             .join("cache/modules")
-            .join(format!("{}.pulley32.cwasm", d.hex()));
+            .join(format!("{}.pulley32.signed.cwasm", d.hex()));
         // The hub signed other code than what arrives: refused, nothing kept.
         let sig = hub.sign_artifact(d.as_str(), "pulley32", engine, b"good code");
         let port = https_server(&ca, server(), b"evil code", Some(sig)).await;

@@ -197,9 +197,18 @@ struct RunArgs {
     #[arg(long, env = "SHOAL_AGENT_VOLUME_RETENTION", value_parser = shoal_api::quantity::duration_arg)]
     volume_retention: Option<Duration>,
     /// A one-time join token from `shoal-hub token create`, to enroll this device (only
-    /// needed until it holds a certificate, in DATA_DIR/pki).
+    /// needed until it holds a certificate, in DATA_DIR/pki). Prefer the environment
+    /// variable or --join-token-file: a command line is visible to every local user.
     #[arg(long, env = "SHOAL_AGENT_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
+    /// A file holding the join token (e.g. written by provisioning, then removed).
+    #[arg(
+        long,
+        env = "SHOAL_AGENT_JOIN_TOKEN_FILE",
+        value_name = "FILE",
+        conflicts_with = "join_token"
+    )]
+    join_token_file: Option<PathBuf>,
     /// The hub's HTTP API, https://HOST:PORT (for enrollment and module downloads)
     /// [default: found over mDNS].
     #[arg(long, env = "SHOAL_HUB")]
@@ -429,10 +438,15 @@ fn agent_config(a: RunArgs) -> anyhow::Result<AgentConfig> {
         metrics_listen,
         insecure,
         // Parsed here, not by clap, whose error would echo the secret.
-        join_token: a
-            .join_token
-            .map(|t| t.parse::<shoal_pki::token::JoinToken>())
-            .transpose()?,
+        join_token: match (a.join_token, a.join_token_file) {
+            (Some(t), _) => Some(t.parse::<shoal_pki::token::JoinToken>()?),
+            (None, Some(f)) => Some(
+                std::fs::read_to_string(&f)
+                    .with_context(|| format!("cannot read the join token file {}", f.display()))?
+                    .parse::<shoal_pki::token::JoinToken>()?,
+            ),
+            (None, None) => None,
+        },
         hub_url,
         registries,
         containerd,
@@ -765,6 +779,7 @@ mod tests {
             no_wasm: false,
             volume_retention: None,
             join_token: None,
+            join_token_file: None,
             hub: None,
             insecure: false,
         }

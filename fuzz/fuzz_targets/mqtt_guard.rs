@@ -1,6 +1,7 @@
 //! The embedded broker's packet filter (`shoal_api::mqtt_guard`) on arbitrary client bytes,
-//! as a device: it must never panic, never pass a PUBLISH or SUBSCRIBE the ACL forbids, and a
-//! CONNECT it rewrites must be one well-framed packet.
+//! as a device: it must never panic, never pass a PUBLISH or SUBSCRIBE the ACL forbids, never
+//! let a retained PUBLISH through on a topic that keeps nothing retained, and a CONNECT it
+//! rewrites must be one well-framed packet.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -19,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
             Ok(Pass::Rewritten(out)) => {
                 assert_eq!(packet_len(&out).ok().flatten(), Some(out.len()), "{out:?}");
             }
-            Ok(Pass::AsIs) => {
+            Ok(pass @ (Pass::AsIs | Pass::StripRetain)) => {
                 // A forwarded PUBLISH's topic must be one the device may publish to.
                 if packet[0] >> 4 == 3 {
                     let mut at = 1;
@@ -33,6 +34,10 @@ fuzz_target!(|data: &[u8]| {
                         acl::allowed(&who, Access::Publish, topic).is_ok(),
                         "{topic}"
                     );
+                    let retained = packet[0] & 1 != 0 && pass == Pass::AsIs;
+                    assert!(!retained || acl::may_retain(topic), "{topic} retained");
+                } else {
+                    assert_eq!(pass, Pass::AsIs, "only a PUBLISH is stripped");
                 }
             }
             Err(_) => break,

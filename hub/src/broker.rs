@@ -16,11 +16,11 @@
 //! the port to new clients.
 
 use shoal_api::acl::Identity;
-use shoal_api::mqtt_guard::{packet_len, refusal, Guard, Pass};
+use shoal_api::mqtt_guard::{packet_len, packet_len_max, refusal, Guard, Pass};
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -287,7 +287,8 @@ async fn dispatch_tls(
     };
     let connect = match guard.check(&first) {
         Ok(Pass::Rewritten(c)) => c,
-        Ok(Pass::AsIs) => first,
+        // A CONNECT is never stripped; the guard rewrites it.
+        Ok(Pass::AsIs | Pass::StripRetain) => first,
         Err(v) => {
             warn!(%peer, identity = %guard.identity(), reason = %v, "mqtt client refused at CONNECT");
             if let Some(r) = refusal(None, true, level) {
@@ -300,13 +301,26 @@ async fn dispatch_tls(
     up.set_nodelay(true)?;
     let (mut up_rx, mut up_tx) = up.into_split();
     up_tx.write_all(&connect).await?;
+    let mut budget = (guard.identity() != &Identity::Hub).then(|| Budget::new(Instant::now()));
     let to_broker = async {
         loop {
-            while let Some(n) = packet_len(&buf)? {
-                let packet: Vec<u8> = buf.drain(..n).collect();
-                match guard.check(&packet)? {
+            while let Some(n) = packet_len_max(&buf, guard.max_packet())? {
+                let mut packet: Vec<u8> = buf.drain(..n).collect();
+                let pass = guard.check(&packet)?;
+                // Over its budget, a client waits (so does everything it sends after).
+                if let Some(b) = budget.as_mut() {
+                    let wait = b.take(Instant::now(), packet.len());
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                match pass {
                     Pass::AsIs => up_tx.write_all(&packet).await,
                     Pass::Rewritten(p) => up_tx.write_all(&p).await,
+                    Pass::StripRetain => {
+                        packet[0] &= !0x01;
+                        up_tx.write_all(&packet).await
+                    }
                 }
                 .map_err(Violation::Io)?;
             }
@@ -464,9 +478,70 @@ fn parse_level(b: &[u8]) -> Parse {
     }
 }
 
+/// What one client (anyone but the hub) may send through the front listener: token buckets
+/// of bytes and of packets. Past its budget a client is slowed down, its packets held back,
+/// rather than disconnected: a device streaming a large log only takes longer, while one
+/// that floods the broker cannot take its memory or the hub's. Pure: the caller passes the
+/// time.
+#[derive(Debug)]
+struct Budget {
+    bytes: f64,
+    packets: f64,
+    last: Instant,
+}
+
+/// Sustained bytes per second per client, and the burst.
+const BYTES_PER_SEC: f64 = 8.0 * 1024.0 * 1024.0;
+const BYTES_BURST: f64 = 64.0 * 1024.0 * 1024.0;
+/// Sustained packets per second per client, and the burst.
+const PACKETS_PER_SEC: f64 = 500.0;
+const PACKETS_BURST: f64 = 5_000.0;
+
+impl Budget {
+    fn new(now: Instant) -> Self {
+        Budget {
+            bytes: BYTES_BURST,
+            packets: PACKETS_BURST,
+            last: now,
+        }
+    }
+
+    /// Charges a packet of `len` bytes at `now`; how long the client must wait for it.
+    fn take(&mut self, now: Instant, len: usize) -> Duration {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.bytes = (self.bytes + dt * BYTES_PER_SEC).min(BYTES_BURST) - len as f64;
+        self.packets = (self.packets + dt * PACKETS_PER_SEC).min(PACKETS_BURST) - 1.0;
+        let debt = (-self.bytes / BYTES_PER_SEC).max(-self.packets / PACKETS_PER_SEC);
+        Duration::from_secs_f64(debt.max(0.0))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_past_its_budget_waits_as_long_as_it_overspent() {
+        let t0 = Instant::now();
+        let mut b = Budget::new(t0);
+        // The burst passes at once.
+        assert_eq!(b.take(t0, 60 << 20), Duration::ZERO);
+        // 8 MiB more than the burst: one second's worth of waiting.
+        let wait = b.take(t0, 12 << 20);
+        assert!((wait.as_secs_f64() - 1.0).abs() < 0.01, "{wait:?}");
+        // Time pays the debt back.
+        assert_eq!(b.take(t0 + Duration::from_secs(2), 1024), Duration::ZERO);
+        // Packets count too: 5,000 small ones pass, the next waits.
+        let mut b = Budget::new(t0);
+        for _ in 0..5_000 {
+            assert_eq!(b.take(t0, 10), Duration::ZERO);
+        }
+        assert!(b.take(t0, 10) > Duration::ZERO);
+        // A full budget never grows past its burst, however long the client was idle.
+        let mut b = Budget::new(t0);
+        assert!(b.take(t0 + Duration::from_secs(3600), 65 << 20) > Duration::ZERO);
+    }
 
     #[test]
     fn connect_header_table() {

@@ -9,7 +9,7 @@ use crate::rollout::{self, Observed, Outcome, Record, Rollout, RolloutState};
 use crate::scheduler::{self, Assignments, DeviceView as SchedDevice, Schedule};
 use crate::store::{DeviceRecord, Store, StoreError, StoredSecret};
 use shoal_api::ids::{DeviceId, Digest, SecretName, WorkloadName};
-use shoal_api::labels::{self, LabelChange, LabelError, Labels};
+use shoal_api::labels::{self, Grant, LabelChange, LabelError, Labels};
 use shoal_api::manifest::ManifestError;
 use shoal_api::messages::{now_ms, DesiredState, DesiredWorkload, DeviceStatus, Hello, Phase};
 use shoal_api::views::{DeviceView, ReplicaView, SecretView, WorkloadView};
@@ -161,7 +161,19 @@ fn keep_placement(mut spec: Workload, current: &Workload) -> Workload {
 impl<S: Store> HubCore<S> {
     /// Loads persisted state. `artifact_base` is the URL agents fetch blobs from.
     pub fn open(store: S, artifact_base: String) -> Result<Self, StoreError> {
+        Self::open_with(store, artifact_base, false)
+    }
+
+    /// [`HubCore::open`]; `trust_reported_labels`: the labels devices report steer
+    /// placement too, beside the operator's (`--insecure` fleets, whose devices have no
+    /// identity to bind labels to). Reserved keys (`shoal.dev/…`) stay the operator's.
+    pub fn open_with(
+        store: S,
+        artifact_base: String,
+        trust_reported_labels: bool,
+    ) -> Result<Self, StoreError> {
         let snap = store.load()?;
+        let labels_owned = snap.labels_owned;
         let mut core = Self {
             store,
             artifact_base,
@@ -178,39 +190,43 @@ impl<S: Store> HubCore<S> {
             rollouts: snap.rollouts,
             secrets: snap.secrets,
             runs: Vec::new(),
-            trust_reported_labels: false,
+            trust_reported_labels,
         };
-        core.adopt_reported_labels()?;
+        core.adopt_reported_labels(labels_owned)?;
         // Recompute pending reasons; assignments are stable, so this changes nothing placed.
         core.schedule = core.place();
         Ok(core)
     }
 
-    /// Lets the labels devices report steer placement, beside the operator's (`--insecure`
-    /// fleets, whose devices have no identity to bind labels to). Reserved keys
-    /// (`shoal.dev/…`) stay the operator's.
-    pub fn trust_reported_labels(&mut self, trust: bool) {
-        if self.trust_reported_labels != trust {
-            self.trust_reported_labels = trust;
-            self.schedule = self.place();
-        }
-    }
-
     /// Upgrade: records from before labels were the operator's have none of their own; the
     /// labels their devices reported then (when they steered placement) become the
-    /// operator's, once, so a fleet places as it did. Reports made after the upgrade are
-    /// never adopted.
-    fn adopt_reported_labels(&mut self) -> Result<(), StoreError> {
+    /// operator's, once for the whole store (`labels_owned`, a marker written with them), so
+    /// a fleet places as it did. After that, a record without labels (one an older replica
+    /// rewrote) gets none: reports made after the upgrade are never adopted. A hub that
+    /// trusts reports (`--insecure`) adopts nothing: reports count there anyway.
+    fn adopt_reported_labels(&mut self, labels_owned: bool) -> Result<(), StoreError> {
+        let adopt = !labels_owned && !self.trust_reported_labels;
         let mut adopted = 0;
         for rec in self.devices.values_mut().filter(|r| r.labels.is_none()) {
-            rec.labels = Some(labels::requestable(&rec.hello.labels));
+            rec.labels = Some(match adopt {
+                true => labels::requestable(&rec.hello.labels),
+                false => Labels::new(),
+            });
             self.store.put_device(rec)?;
             adopted += 1;
         }
-        if adopted > 0 {
+        if !labels_owned {
+            self.store.put_labels_owned()?;
+        }
+        if adopted > 0 && adopt {
             info!(
                 devices = adopted,
                 "labels are the operator's now: kept the labels these devices reported before (see `shoal label device`)"
+            );
+        } else if adopted > 0 {
+            warn!(
+                devices = adopted,
+                "device records without labels of their own (written by an older hub replica?) get none: label them with `shoal label device`"
             );
         }
         Ok(())
@@ -239,7 +255,7 @@ impl<S: Store> HubCore<S> {
         self.rollouts = snap.rollouts;
         self.secrets = snap.secrets;
         // A standby's store drops the writes: the leader adopts and writes the same.
-        self.adopt_reported_labels()?;
+        self.adopt_reported_labels(snap.labels_owned)?;
         self.schedule = self.place();
         Ok(())
     }
@@ -638,6 +654,7 @@ impl<S: Store> HubCore<S> {
                 last_seen_ms: now,
                 cordoned: old.cordoned,
                 draining: old.draining,
+                granted_by: old.granted_by.clone(),
                 // What the device reported before it was upgraded, never what it says now.
                 labels: Some(
                     old.labels
@@ -655,6 +672,7 @@ impl<S: Store> HubCore<S> {
                     cordoned: false,
                     draining: false,
                     labels: Some(Labels::new()),
+                    granted_by: None,
                 }
             }
         };
@@ -766,46 +784,68 @@ impl<S: Store> HubCore<S> {
         }
     }
 
-    /// A device enrolled (or enrolled again, with a new key), granted `grant` by its join
-    /// token: a device the hub did not know is recorded (it shows before it connects, and
-    /// can be labelled), the granted labels are set (over any it had), and its desired
-    /// state is issued anew, to be sealed to its new key.
+    /// A device enrolled (or enrolled again, with a new key): what its join token granted
+    /// (read from the enrollment book, see [`HubCore::apply_grants`]) is applied, and its
+    /// desired state is issued anew, to be sealed to its new key.
     pub fn enrolled(
         &mut self,
         id: &DeviceId,
-        grant: Labels,
+        grant: Option<Grant>,
     ) -> Result<Vec<DesiredState>, StoreError> {
-        let rec = self
-            .devices
-            .entry(id.clone())
-            .or_insert_with(|| DeviceRecord {
-                hello: Hello::announcing(id.clone()),
-                first_seen_ms: now_ms(),
-                last_seen_ms: 0,
-                cordoned: false,
-                draining: false,
-                labels: None,
-            });
-        let mut labels = rec
-            .labels
-            .clone()
-            .unwrap_or_else(|| labels::requestable(&rec.hello.labels));
-        let changed = !grant.iter().all(|(k, v)| labels.get(k) == Some(v)) || rec.labels.is_none();
-        let mut out = Vec::new();
-        if changed {
-            labels.extend(grant);
-            info!(device = %id, ?labels, "device enrolled");
-            rec.labels = Some(labels);
-            let rec = rec.clone();
-            self.store.put_device(&rec)?;
-            if !self.workloads.is_empty() {
-                out = self.reconcile()?;
-            }
-        }
+        let mut out = self.apply_grants(vec![(id.clone(), grant)])?;
         if !out.iter().any(|d| &d.device_id == id) {
             out.extend(self.reissue(id)?);
         }
         Ok(out)
+    }
+
+    /// Applies join-token grants (from the enrollment book, whose records only the hub's
+    /// enrollment writes), each once: a device the hub did not know is recorded (it shows
+    /// before it connects, and can be labelled); a fresh grant (an unbound token, a new
+    /// identity) replaces the labels the id had, a bound one adds to them. One placement run
+    /// for all.
+    pub fn apply_grants(
+        &mut self,
+        grants: Vec<(DeviceId, Option<Grant>)>,
+    ) -> Result<Vec<DesiredState>, StoreError> {
+        let mut changed = false;
+        for (id, grant) in grants {
+            let known = self.devices.contains_key(&id);
+            let rec = self
+                .devices
+                .entry(id.clone())
+                .or_insert_with(|| DeviceRecord {
+                    hello: Hello::announcing(id.clone()),
+                    first_seen_ms: now_ms(),
+                    last_seen_ms: 0,
+                    cordoned: false,
+                    draining: false,
+                    labels: Some(Labels::new()),
+                    granted_by: None,
+                });
+            let fresh_grant = grant.filter(|g| rec.granted_by.as_deref() != Some(g.token.as_str()));
+            if known && fresh_grant.is_none() {
+                continue;
+            }
+            if let Some(g) = fresh_grant {
+                let mut labels = match g.fresh {
+                    true => Labels::new(),
+                    false => rec.labels.clone().unwrap_or_default(),
+                };
+                labels.extend(g.labels);
+                info!(device = %id, ?labels, token = %g.token, "labels granted by the join token");
+                rec.labels = Some(labels);
+                rec.granted_by = Some(g.token);
+            }
+            let rec = rec.clone();
+            self.store.put_device(&rec)?;
+            changed = true;
+        }
+        if changed && !self.workloads.is_empty() {
+            self.reconcile()
+        } else {
+            Ok(Vec::new())
+        }
     }
 
     /// Whether `device` may download blob `digest`: only a module its desired state names.
@@ -1693,10 +1733,22 @@ mod tests {
         }
     }
 
+    fn grant(token: &str, labels: &[(&str, &str)], fresh: bool) -> Grant {
+        Grant {
+            token: token.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            fresh,
+        }
+    }
+
     /// A device whose join token granted `labels` enrolls, then says hello asking for them.
     fn join(hub: &mut HubCore<MemStore>, id: &str, labels: &[(&str, &str)]) -> Vec<DesiredState> {
         let h = hello(id, labels);
-        hub.enrolled(&h.device_id, h.labels.clone()).unwrap();
+        hub.enrolled(&h.device_id, Some(grant(&format!("t-{id}"), labels, true)))
+            .unwrap();
         hub.hello(h).unwrap()
     }
 
@@ -1817,6 +1869,9 @@ spec:
         ) -> Result<(), StoreError> {
             self.0.put_secret(name, s)
         }
+        fn put_labels_owned(&self) -> Result<(), StoreError> {
+            self.0.put_labels_owned()
+        }
         fn flush(&self) -> Result<(), StoreError> {
             Ok(())
         }
@@ -1906,7 +1961,7 @@ spec:
     fn an_enrolled_device_shows_before_it_connects_and_keeps_its_grant_on_reenrolment() {
         let mut hub = HubCore::open(MemStore::default(), "http://h".into()).unwrap();
         hub.apply(parse_workloads(M).unwrap()).unwrap();
-        hub.enrolled(&id("new"), [("role".into(), "sensor".into())].into())
+        hub.enrolled(&id("new"), Some(grant("t1", &[("role", "sensor")], true)))
             .unwrap();
         let v = hub.device_views();
         assert_eq!((v.len(), v[0].online, v[0].last_seen_ms), (1, false, 0));
@@ -1925,12 +1980,32 @@ spec:
         // adds what the new token grants; the state is issued anew for its new key.
         let g = hub.desired[&id("new")].generation;
         let out = hub
-            .enrolled(&id("new"), [("zone".into(), "a".into())].into())
+            .enrolled(&id("new"), Some(grant("t2", &[("zone", "a")], false)))
             .unwrap();
         assert!(out
             .iter()
             .any(|d| d.device_id == id("new") && d.generation > g));
         assert_eq!(labels_of(&hub, "new"), ["role=sensor", "zone=a"]);
+        // A grant applies once: told of the same enrollment again (a replayed message),
+        // the hub does not bring back a label the operator removed since.
+        hub.label(&id("new"), &change(&["zone-"], false))
+            .unwrap()
+            .unwrap();
+        hub.enrolled(&id("new"), Some(grant("t2", &[("zone", "a")], false)))
+            .unwrap();
+        assert_eq!(labels_of(&hub, "new"), ["role=sensor"]);
+        // An unbound token enrolls a new identity (the id's enrollment record was gone):
+        // it gets what its token grants, not what the id had.
+        hub.enrolled(&id("new"), Some(grant("t3", &[("zone", "b")], true)))
+            .unwrap();
+        assert_eq!(labels_of(&hub, "new"), ["zone=b"]);
+        // A new leader catching up on the book applies nothing twice.
+        let before = hub.device_views();
+        let out = hub
+            .apply_grants(vec![(id("new"), Some(grant("t3", &[("zone", "b")], true)))])
+            .unwrap();
+        assert!(out.is_empty());
+        assert_eq!(hub.device_views(), before);
     }
 
     #[test]
@@ -1943,6 +2018,7 @@ spec:
             cordoned: false,
             draining: false,
             labels: None,
+            granted_by: None,
         };
         store.put_device(&old).unwrap();
         let mut hub = HubCore::open(Shared(store.clone()), "http://h".into()).unwrap();
@@ -1952,14 +2028,21 @@ spec:
         assert_eq!(rec.labels.as_ref().map(|l| l.len()), Some(1));
         hub.hello(hello("old", &[("role", "vault")])).unwrap();
         assert_eq!(labels_of(&hub, "old"), ["role=sensor"]);
-        let again = HubCore::open(Shared(store), "http://h".into()).unwrap();
+        let again = HubCore::open(Shared(store.clone()), "http://h".into()).unwrap();
         assert_eq!(labels_of(&again, "old"), ["role=sensor"]);
+        // Once the store's labels are the operator's, a record without labels (an older
+        // replica rewrote it) adopts nothing the device says.
+        let mut rewritten = store.load().unwrap().devices[&id("old")].clone();
+        rewritten.labels = None;
+        rewritten.hello = hello("old", &[("role", "vault")]);
+        store.put_device(&rewritten).unwrap();
+        let third = HubCore::open(Shared(store), "http://h".into()).unwrap();
+        assert!(labels_of(&third, "old").is_empty());
     }
 
     #[test]
     fn an_insecure_fleet_lets_reports_steer_except_reserved_keys() {
-        let mut hub = HubCore::open(MemStore::default(), "http://h".into()).unwrap();
-        hub.trust_reported_labels(true);
+        let mut hub = HubCore::open_with(MemStore::default(), "http://h".into(), true).unwrap();
         hub.hello(hello("a", &[("role", "sensor"), ("shoal.dev/x", "y")]))
             .unwrap();
         assert_eq!(labels_of(&hub, "a"), ["role=sensor"]);

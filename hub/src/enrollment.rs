@@ -21,7 +21,7 @@
 
 use crate::store::StoreError;
 use shoal_api::ids::DeviceId;
-use shoal_api::labels::Labels;
+use shoal_api::labels::{Grant, Labels};
 use shoal_pki::token::{self, JoinToken, TokenError, TokenRecord};
 use shoal_pki::PkiError;
 use std::path::{Path, PathBuf};
@@ -47,9 +47,9 @@ pub trait Enrollments: Send + Sync {
     fn token(&self, id: &str) -> Result<Option<(TokenRecord, Version)>, EnrollError>;
     /// Writes a new token's record; `false` if token `id` exists (nothing written).
     fn create_token(&self, id: &str, record: &TokenRecord) -> Result<bool, EnrollError>;
-    /// In one step: token `id`'s record, if still at version `expected`, becomes `used`, and
-    /// `cert_pem` becomes `device`'s record, if `fresh` only when it has none yet. `false`:
-    /// a condition failed, nothing was written.
+    /// In one step: token `id`'s record, if still at version `expected`, becomes `used`,
+    /// `cert_pem` becomes `device`'s record (if `grant.fresh` only when it has none yet), and
+    /// `grant` what the token granted it. `false`: a condition failed, nothing was written.
     fn claim_token(
         &self,
         id: &str,
@@ -57,8 +57,12 @@ pub trait Enrollments: Send + Sync {
         used: &TokenRecord,
         device: &DeviceId,
         cert_pem: &str,
-        fresh: bool,
+        grant: &Grant,
     ) -> Result<bool, EnrollError>;
+    /// What the token `device` last enrolled with granted it.
+    fn grant(&self, device: &DeviceId) -> Result<Option<Grant>, EnrollError>;
+    /// Every device's grant (a new leader applies those it has not yet).
+    fn grants(&self) -> Result<Vec<(DeviceId, Grant)>, EnrollError>;
     /// Records `cert_pem` as `device`'s latest certificate (a renewal), durably.
     fn record(&self, device: &DeviceId, cert_pem: &str) -> Result<(), EnrollError>;
     /// Records `cert_pem` for `device` unless it has a record; `false`: it had one.
@@ -88,9 +92,8 @@ pub fn issue(
 }
 
 /// Checks token `id`/`secret` for enrolling `device` at `now_ms`, claims it (it can never be
-/// used again) and records `cert_pem` as the device's certificate; returns the labels the
-/// token grants (the used record keeps them too). A refused token stays as it was, and
-/// nothing is recorded.
+/// used again) and records `cert_pem` as the device's certificate and what the token
+/// granted it, which it returns. A refused token stays as it was, and nothing is recorded.
 pub fn claim(
     book: &dyn Enrollments,
     id: &str,
@@ -98,7 +101,7 @@ pub fn claim(
     device: &DeviceId,
     cert_pem: &str,
     now_ms: u64,
-) -> Result<Labels, EnrollError> {
+) -> Result<Grant, EnrollError> {
     if !token::valid_id(id) {
         return Err(token::refused(id, token::UNKNOWN).into());
     }
@@ -108,10 +111,14 @@ pub fn claim(
     let enrolled = book.enrolled_cert(device)?.is_some();
     record.check(id, secret, device.as_str(), enrolled, now_ms)?;
     let fresh = record.bound_to().is_none();
-    let labels = record.labels().clone();
+    let grant = Grant {
+        token: id.to_string(),
+        labels: record.labels().clone(),
+        fresh,
+    };
     let used = record.used(device.as_str(), now_ms);
-    if book.claim_token(id, version, &used, device, cert_pem, fresh)? {
-        return Ok(labels);
+    if book.claim_token(id, version, &used, device, cert_pem, &grant)? {
+        return Ok(grant);
     }
     // Lost a race: to another enrollment with this token, or for this id.
     if fresh && book.enrolled_cert(device)?.is_some() {
@@ -148,6 +155,7 @@ pub fn adopt_files(files: &Files, book: &dyn Enrollments) -> Result<usize, Enrol
 pub struct Files {
     tokens: PathBuf,
     devices: PathBuf,
+    grants: PathBuf,
 }
 
 impl Files {
@@ -155,6 +163,7 @@ impl Files {
         Files {
             tokens: pki_dir.join("tokens"),
             devices: pki_dir.join("devices"),
+            grants: pki_dir.join("grants"),
         }
     }
 
@@ -245,11 +254,12 @@ impl Enrollments for Files {
         used: &TokenRecord,
         device: &DeviceId,
         cert_pem: &str,
-        fresh: bool,
+        grant: &Grant,
     ) -> Result<bool, EnrollError> {
         if expected != UNUSED {
             return Ok(false);
         }
+        let fresh = grant.fresh;
         // The rename is the atomic claim of the token.
         let (path, used_path) = (self.token_path(id), self.used_path(id));
         match std::fs::rename(&path, &used_path) {
@@ -266,6 +276,13 @@ impl Enrollments for Files {
         match recorded {
             Ok(true) => {
                 shoal_pki::write_atomic(&used_path, &used.to_json(), 0o600)?;
+                // The grant is written after the claim (three files cannot change in one
+                // step): a crash in between leaves the device enrolled without its labels,
+                // fewer rights, never more; the operator sets them with `shoal label`.
+                std::fs::create_dir_all(&self.grants)
+                    .map_err(io("create directory", &self.grants))?;
+                let path = self.grants.join(format!("{device}.json"));
+                shoal_pki::write_atomic(&path, &grant_json(grant), 0o600)?;
                 Ok(true)
             }
             other => {
@@ -296,6 +313,44 @@ impl Enrollments for Files {
             Err(e) => Err(io("read", &path)(e)),
         }
     }
+
+    fn grant(&self, device: &DeviceId) -> Result<Option<Grant>, EnrollError> {
+        let path = self.grants.join(format!("{device}.json"));
+        match std::fs::read(&path) {
+            Ok(b) => parse_grant(&b, &path.display().to_string()).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io("read", &path)(e)),
+        }
+    }
+
+    fn grants(&self) -> Result<Vec<(DeviceId, Grant)>, EnrollError> {
+        let mut out = Vec::new();
+        for (name, path) in self.list(&self.grants, ".json")? {
+            let Ok(device) = DeviceId::try_from(name.as_str()) else {
+                continue;
+            };
+            let b = std::fs::read(&path).map_err(io("read", &path))?;
+            out.push((device, parse_grant(&b, &path.display().to_string())?));
+        }
+        Ok(out)
+    }
+}
+
+/// A grant as the book stores it.
+pub fn grant_json(g: &Grant) -> Vec<u8> {
+    // Strings and a map of strings: serializing cannot fail.
+    serde_json::to_vec(g).unwrap_or_default()
+}
+
+/// A stored grant; `whence` names its file or key in the error.
+pub fn parse_grant(bytes: &[u8], whence: &str) -> Result<Grant, EnrollError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        EnrollError::Pki(PkiError::BadFile {
+            what: "label grant",
+            path: whence.to_string(),
+            reason: e.to_string(),
+        })
+    })
 }
 
 #[cfg(test)]
@@ -305,10 +360,11 @@ mod tests {
     use std::collections::BTreeMap;
     use std::sync::Mutex;
 
-    /// Token records by id, and certificates by device.
+    /// Token records by id, certificates by device, grants by device.
     type Books = (
         BTreeMap<String, (TokenRecord, Version)>,
         BTreeMap<DeviceId, String>,
+        BTreeMap<DeviceId, Grant>,
     );
 
     /// An in-memory [`Enrollments`]: one lock makes each call atomic.
@@ -336,16 +392,23 @@ mod tests {
             used: &TokenRecord,
             device: &DeviceId,
             cert_pem: &str,
-            fresh: bool,
+            grant: &Grant,
         ) -> Result<bool, EnrollError> {
             let mut s = self.state.lock().unwrap();
             let version = s.0.get(id).map_or(0, |(_, v)| *v);
-            if version != expected || (fresh && s.1.contains_key(device)) {
+            if version != expected || (grant.fresh && s.1.contains_key(device)) {
                 return Ok(false);
             }
             s.0.insert(id.to_string(), (used.clone(), version + 1));
             s.1.insert(device.clone(), cert_pem.to_string());
+            s.2.insert(device.clone(), grant.clone());
             Ok(true)
+        }
+        fn grant(&self, device: &DeviceId) -> Result<Option<Grant>, EnrollError> {
+            Ok(self.state.lock().unwrap().2.get(device).cloned())
+        }
+        fn grants(&self) -> Result<Vec<(DeviceId, Grant)>, EnrollError> {
+            Ok(self.state.lock().unwrap().2.clone().into_iter().collect())
         }
         fn record(&self, device: &DeviceId, cert_pem: &str) -> Result<(), EnrollError> {
             let mut s = self.state.lock().unwrap();
@@ -390,14 +453,17 @@ mod tests {
         let u = issue(book, &ca, 1000, 500, None, Labels::new()).unwrap();
         let e = claim(book, &u.id, u.secret(), &id("d"), "C", 1001).unwrap_err();
         assert!(e.to_string().contains("enrolled already"), "{e}");
-        let grant: Labels = [("role".to_string(), "vault".to_string())].into();
-        let b = issue(book, &ca, 1000, 500, Some(&id("d")), grant.clone()).unwrap();
+        let labels: Labels = [("role".to_string(), "vault".to_string())].into();
+        let b = issue(book, &ca, 1000, 500, Some(&id("d")), labels.clone()).unwrap();
+        let grant = claim(book, &b.id, b.secret(), &id("d"), "C2", 1001).unwrap();
         assert_eq!(
-            claim(book, &b.id, b.secret(), &id("d"), "C2", 1001).unwrap(),
-            grant
+            (&grant.token, &grant.labels, grant.fresh),
+            (&b.id, &labels, false)
         );
-        // The used record keeps what it granted, beside who used it.
-        assert_eq!(book.token(&b.id).unwrap().unwrap().0.labels(), &grant);
+        // The book keeps what it granted, with the claim; the used record does too.
+        assert_eq!(book.grant(&id("d")).unwrap(), Some(grant.clone()));
+        assert!(book.grants().unwrap().contains(&(id("d"), grant)));
+        assert_eq!(book.token(&b.id).unwrap().unwrap().0.labels(), &labels);
         assert_eq!(book.enrolled_cert(&id("d")).unwrap().as_deref(), Some("C2"));
         // A renewal replaces the record; adopting does not.
         book.record(&id("d"), "C3").unwrap();
@@ -407,14 +473,19 @@ mod tests {
         // a fresh claim for an id that got enrolled meanwhile.
         let (rec, v) = book.token(&u.id).unwrap().unwrap();
         let used = rec.clone().used("e", 1001);
+        let fresh = Grant {
+            token: u.id.clone(),
+            labels: Labels::new(),
+            fresh: true,
+        };
         assert!(!book
-            .claim_token(&u.id, v, &used, &id("d"), "C", true)
+            .claim_token(&u.id, v, &used, &id("d"), "C", &fresh)
             .unwrap());
         assert!(book
-            .claim_token(&u.id, v, &used, &id("e"), "C5", true)
+            .claim_token(&u.id, v, &used, &id("e"), "C5", &fresh)
             .unwrap());
         assert!(!book
-            .claim_token(&u.id, v, &used, &id("f"), "C", true)
+            .claim_token(&u.id, v, &used, &id("f"), "C", &fresh)
             .unwrap());
         assert_eq!(book.enrolled_cert(&id("f")).unwrap(), None);
         let e = claim(book, "../../etc/passwd", t.secret(), &id("d"), "C", 1000).unwrap_err();

@@ -515,6 +515,7 @@ impl Store for EtcdStore {
                 "meta" if key.ends_with("/meta/assignments") => {
                     snap.assignments = dec(&key, &value)?;
                 }
+                "meta" if key.ends_with("/meta/labels-owned") => snap.labels_owned = true,
                 _ => {} // written by a newer hub: not ours to judge
             }
         }
@@ -532,6 +533,9 @@ impl Store for EtcdStore {
     }
     fn put_assignments(&self, a: &crate::scheduler::Assignments) -> Result<(), StoreError> {
         self.put("meta", "assignments", a)
+    }
+    fn put_labels_owned(&self) -> Result<(), StoreError> {
+        self.put("meta", "labels-owned", &true)
     }
     fn put_desired(&self, d: &DesiredState) -> Result<(), StoreError> {
         self.put("desired", d.device_id.as_str(), d)
@@ -694,18 +698,48 @@ impl crate::enrollment::Enrollments for EtcdStore {
         used: &shoal_pki::token::TokenRecord,
         device: &DeviceId,
         cert_pem: &str,
-        fresh: bool,
+        grant: &shoal_api::labels::Grant,
     ) -> Result<bool, EnrollError> {
         let (token, record) = (
             self.enroll_key("tokens", id),
             self.enroll_key("devices", device.as_str()),
         );
         let mut guards = vec![(token.clone(), expected)];
-        if fresh {
+        if grant.fresh {
             guards.push((record.clone(), 0));
         }
-        let puts = vec![(token, used.to_json()), (record, cert_pem.into())];
+        let puts = vec![
+            (token, used.to_json()),
+            (record, cert_pem.into()),
+            (
+                self.enroll_key("grants", device.as_str()),
+                crate::enrollment::grant_json(grant),
+            ),
+        ];
         Ok(self.cas(guards, puts)?)
+    }
+
+    fn grant(&self, device: &DeviceId) -> Result<Option<shoal_api::labels::Grant>, EnrollError> {
+        let key = self.enroll_key("grants", device.as_str());
+        match self.get(&key)? {
+            Some((bytes, _)) => crate::enrollment::parse_grant(&bytes, &key).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn grants(&self) -> Result<Vec<(DeviceId, shoal_api::labels::Grant)>, EnrollError> {
+        let under = self.enroll_key("grants", "");
+        let mut out = Vec::new();
+        for (key, bytes) in self.entries(&under)? {
+            let Some(device) = key
+                .strip_prefix(&under)
+                .and_then(|d| DeviceId::try_from(d).ok())
+            else {
+                continue;
+            };
+            out.push((device, crate::enrollment::parse_grant(&bytes, &key)?));
+        }
+        Ok(out)
     }
 
     fn record(&self, device: &DeviceId, cert_pem: &str) -> Result<(), EnrollError> {

@@ -266,8 +266,16 @@ impl Elector {
                     .iter()
                     .filter(|(n, b, _)| is_private(n) && !shoal_pki::wrap::is_wrapped(b))
                     .collect();
-                // Raw keys (an older hub's upload): this hub wraps them, with its KEK or a
-                // new one.
+                // Raw keys: an older hub's upload, which this hub wraps, with a new KEK. A hub
+                // that has a KEK has seen them wrapped: raw ones now were put there.
+                if !raw.is_empty() && kek_path.exists() {
+                    let names: Vec<&str> = raw.iter().map(|(n, _, _)| n.as_str()).collect();
+                    return Err(self.fail(format!(
+                        "etcd holds unwrapped fleet keys {names:?}, yet this hub has a key-encryption key ({}): someone put keys into etcd, or restored it from before the keys were wrapped; restore the wrapped keys, or remove {} to take these and wrap them",
+                        kek_path.display(),
+                        kek_path.display()
+                    )));
+                }
                 let kek = shoal_pki::wrap::Kek::load(&kek_path, !raw.is_empty())
                     .map_err(|e| self.fail(e))?;
                 for (name, bytes, _) in &stored {

@@ -70,9 +70,6 @@ const ENROLL_BODY: usize = 16 << 10;
 /// The response header that carries the hub's signature over a precompiled artifact.
 pub const ARTIFACT_SIGNATURE: &str = "x-shoal-signature";
 
-/// How long an enrollment waits for the main loop to store the labels its token granted.
-const GRANT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// A question for the main loop.
 #[derive(Debug)]
 pub enum Request {
@@ -95,13 +92,9 @@ pub enum Request {
         name: SecretName,
         reply: oneshot::Sender<Result<(), (u16, String)>>,
     },
-    /// A device enrolled (perhaps again, with a new key), granted `labels` by its token.
-    /// `done` says whether the leader made the grant durable (a standby: passed it on).
-    Enrolled {
-        device: DeviceId,
-        labels: Labels,
-        done: oneshot::Sender<bool>,
-    },
+    /// A device enrolled (perhaps again, with a new key); what its token granted is in the
+    /// enrollment book.
+    Enrolled { device: DeviceId },
     /// May `device` download blob `digest` (its desired state names it)? Its reported
     /// architecture if so.
     MayFetch {
@@ -321,6 +314,62 @@ async fn authorize(
     )
 }
 
+/// Refuses a state-changing request a browser could have sent from another site: an
+/// operator who installed the operator certificate in a browser must not have a page
+/// elsewhere cordon, delete or apply with it (cross-site request forgery). Browsers send
+/// cross-site, without asking the hub first, only "simple" requests: no custom header and a
+/// body of text/plain or a form. So a change needs [`CLIENT_HEADER`] (the CLI sends it), or
+/// a JSON, YAML or binary body; and an `Origin`, when there is one, must be this host.
+async fn same_site_only(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let m = req.method();
+    if m == axum::http::Method::GET || m == axum::http::Method::HEAD {
+        return next.run(req).await;
+    }
+    let h = req.headers();
+    let text = |name: header::HeaderName| h.get(name).and_then(|v| v.to_str().ok());
+    if let Some(origin) = text(header::ORIGIN) {
+        let host = text(header::HOST).unwrap_or_default();
+        let same = origin
+            .split_once("://")
+            .is_some_and(|(_, o)| !host.is_empty() && o.eq_ignore_ascii_case(host));
+        if !same {
+            tracing::warn!(origin, method = %m, path = req.uri().path(), "cross-site request refused");
+            return error(
+                StatusCode::FORBIDDEN,
+                format!("cross-site request from origin {origin:?} refused"),
+            );
+        }
+    }
+    let marked = h.contains_key(shoal_api::views::CLIENT_HEADER);
+    let mime = text(header::CONTENT_TYPE)
+        .unwrap_or_default()
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    let typed = [
+        "application/json",
+        "application/yaml",
+        "application/x-yaml",
+        "application/octet-stream",
+        "application/wasm",
+    ]
+    .contains(&mime.as_str());
+    if !marked && !typed {
+        tracing::warn!(content_type = %mime, method = %m, path = req.uri().path(), "request a browser could forge refused");
+        return error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{m} {} needs a JSON, YAML or binary body (Content-Type, not {mime:?}) or the {} header: a browser page could send this one from another site",
+                req.uri().path(),
+                shoal_api::views::CLIENT_HEADER
+            ),
+        );
+    }
+    next.run(req).await
+}
+
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -358,6 +407,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/blobs/{digest}", get(get_blob))
         .route("/v1/blobs/{digest}/precompiled", get(get_precompiled))
         .layer(DefaultBodyLimit::max(MAX_BLOB))
+        // Inside `authorize`: who may not call a route at all hears that first.
+        .layer(axum::middleware::from_fn(same_site_only))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authorize,
@@ -495,7 +546,7 @@ async fn enroll(State(s): State<AppState>, Json(req): Json<EnrollRequest>) -> Re
         let now = shoal_api::messages::now_ms();
         let (id, secret) = (token.id.clone(), token.secret().to_string());
         let (sec2, dev, cert) = (sec.clone(), device.clone(), out.certificate.clone());
-        let labels = tokio::task::spawn_blocking(move || {
+        let grant = tokio::task::spawn_blocking(move || {
             // Claims the token and records the certificate in one step, durably, before
             // the certificate is handed out.
             crate::enrollment::claim(&*sec2.enrollments, &id, &secret, &dev, &cert, now)
@@ -503,26 +554,10 @@ async fn enroll(State(s): State<AppState>, Json(req): Json<EnrollRequest>) -> Re
         })
         .await
         .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-        tracing::info!(device = %device, token = %token.id, "device enrolled");
-        // The main loop gives the device the labels its token granted (durably, before the
-        // certificate goes out) and re-seals its state for its new key. Should that fail,
-        // the device is enrolled all the same, without those labels (fewer rights, never
-        // more): the operator sets them with `shoal label device`.
-        let (done, granted) = oneshot::channel();
-        let sent = s.requests.send(Request::Enrolled {
-            device: device.clone(),
-            labels,
-            done,
-        });
-        // A timeout reads as not durable.
-        let durable = tokio::time::timeout(GRANT_WAIT, async {
-            sent.await.is_ok() && granted.await.unwrap_or(false)
-        })
-        .await
-        .unwrap_or(false);
-        if !durable {
-            tracing::error!(device = %device, "the labels the join token granted were not stored: set them with `shoal label device`");
-        }
+        tracing::info!(device = %device, token = %token.id, labels = ?grant.labels, "device enrolled");
+        // The grant is in the book already (durable with the claim, before the certificate
+        // goes out); the main loop applies it and re-seals the device's state for its key.
+        let _ = s.requests.send(Request::Enrolled { device }).await;
         Ok(out)
     };
     match r.await {

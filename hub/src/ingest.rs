@@ -20,7 +20,6 @@
 
 use sha2::{Digest, Sha256};
 use shoal_api::ids::DeviceId;
-use shoal_api::labels::Labels;
 use shoal_api::messages::{DeviceStatus, Heard, IngestBatch};
 use std::collections::BTreeMap;
 
@@ -48,8 +47,7 @@ pub fn fingerprint(s: &DeviceStatus) -> String {
 pub struct Relay {
     statuses: BTreeMap<DeviceId, DeviceStatus>,
     heard: BTreeMap<DeviceId, Heard>,
-    /// Devices enrolled through this replica, and the labels their tokens granted.
-    enrolled: BTreeMap<DeviceId, Labels>,
+    enrolled: std::collections::BTreeSet<DeviceId>,
 }
 
 impl Relay {
@@ -81,9 +79,9 @@ impl Relay {
         }
     }
 
-    /// A device enrolled through this replica, granted `labels` by its token.
-    pub fn enrolled(&mut self, device: DeviceId, labels: Labels) {
-        self.enrolled.insert(device, labels);
+    /// A device enrolled through this replica.
+    pub fn enrolled(&mut self, device: DeviceId) {
+        self.enrolled.insert(device);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -97,13 +95,11 @@ impl Relay {
         let mut enrolled = std::mem::take(&mut self.enrolled).into_iter().peekable();
         let mut out = Vec::new();
         while statuses.peek().is_some() || heard.peek().is_some() || enrolled.peek().is_some() {
-            let these: Vec<(DeviceId, Labels)> = enrolled.by_ref().take(HEARD_PER_BATCH).collect();
             out.push(IngestBatch {
                 protocol: shoal_api::PROTOCOL_VERSION,
                 statuses: statuses.by_ref().take(STATUSES_PER_BATCH).collect(),
                 heard: heard.by_ref().take(HEARD_PER_BATCH).collect(),
-                enrolled: these.iter().map(|(d, _)| d.clone()).collect(),
-                granted: these.into_iter().filter(|(_, l)| !l.is_empty()).collect(),
+                enrolled: enrolled.by_ref().take(HEARD_PER_BATCH).collect(),
             });
         }
         out
@@ -192,20 +188,13 @@ pub(crate) mod tests {
         r.changed(status("d3", 2, Phase::Running, 2));
         let b = r.take();
         assert_eq!((b[0].statuses.len(), b[0].heard.len()), (1, 0));
-        // Enrollments go on their own too, each device once, with what their tokens granted.
-        let grant: Labels = [("role".to_string(), "db".to_string())].into();
-        r.enrolled(DeviceId::try_from("d4").unwrap(), Labels::new());
-        r.enrolled(DeviceId::try_from("d4").unwrap(), grant.clone());
-        r.enrolled(DeviceId::try_from("d5").unwrap(), Labels::new());
+        // Enrollments go on their own too, each device once.
+        r.enrolled(DeviceId::try_from("d4").unwrap());
+        r.enrolled(DeviceId::try_from("d4").unwrap());
         assert!(!r.is_empty());
         let b = r.take();
         assert_eq!(b.len(), 1);
-        let (d4, d5) = (
-            DeviceId::try_from("d4").unwrap(),
-            DeviceId::try_from("d5").unwrap(),
-        );
-        assert_eq!(b[0].enrolled, vec![d4.clone(), d5]);
-        assert_eq!(b[0].granted, [(d4, grant)].into());
+        assert_eq!(b[0].enrolled, vec![DeviceId::try_from("d4").unwrap()]);
         assert!(r.is_empty());
     }
 

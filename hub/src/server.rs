@@ -17,7 +17,6 @@ use crate::store::{Store, StoredSecret};
 use shoal_api::discovery::{self, AgentAd, HubAd, MqttEndpoint};
 use shoal_api::endpoint::BrokerUrl;
 use shoal_api::ids::DeviceId;
-use shoal_api::labels::Labels;
 use shoal_api::manifest::{parse_stream, ManifestError};
 use shoal_api::messages::{now_ms, ApplyResult, DesiredState, DeviceStatus, Hello, LogChunk};
 use shoal_api::topics::{self, Inbound};
@@ -129,7 +128,7 @@ const RELAY_BATCH_MS: u64 = 50;
 
 /// Runs the hub until `shutdown` is cancelled.
 pub async fn run(config: HubConfig, shutdown: CancellationToken) -> Result<(), HubError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| HubError::DataDir {
+    shoal_daemon::private_dir(&config.data_dir).map_err(|source| HubError::DataDir {
         path: config.data_dir.display().to_string(),
         source,
     })?;
@@ -234,9 +233,10 @@ async fn serve(
     let public_url = public_url.unwrap_or_else(|| {
         let a = http_addr;
         if a.ip().is_unspecified() {
-            // Empty (with the port alongside): each agent fetches from the address it found
-            // the hub at over mDNS, or from its broker's host.
-            info!("--http-listen is a wildcard address: agents fetch blobs from the hub address they know (set --public-url to override)");
+            // Empty (with the port alongside): each agent fetches from its `--hub`, or from the
+            // address it found the hub at over mDNS (an --insecure one also tries its broker's
+            // host: a TLS agent never does, a broker is not the hub).
+            info!("--http-listen is a wildcard address: agents fetch modules from their --hub or the hub they find over mDNS (set --public-url to name one address)");
             return String::new();
         }
         format!("{scheme}://{a}")
@@ -279,12 +279,12 @@ async fn serve(
     // A standby reads the store through a connection of its own; the leader's is fenced.
     let mut standby_core = match &elector {
         Some(_) => {
-            let mut c = HubCore::open(
+            let mut c = HubCore::open_with(
                 crate::store::ReadOnly(config.store.open(&config.data_dir)?),
                 public_url.clone(),
+                config.insecure,
             )?;
             c.set_artifact_port(artifact_port);
-            c.trust_reported_labels(config.insecure);
             Some(c)
         }
         None => None,
@@ -419,9 +419,8 @@ async fn serve(
         parts.metrics.elections_won.inc();
         heard = Some(core);
     }
-    let mut core = HubCore::open(store, public_url.clone())?;
+    let mut core = HubCore::open_with(store, public_url.clone(), parts.security.is_none())?;
     core.set_artifact_port(artifact_port);
-    core.trust_reported_labels(parts.security.is_none());
     for s in core.stored_secrets() {
         open_stored(&parts.secrets_key, s).map_err(HubError::SecretsKey)?;
     }
@@ -432,6 +431,10 @@ async fn serve(
     parts.metrics.leader.set(1);
     let mut main = MainLoop::new(core, parts, None);
     main.lost = lost.clone();
+    // Grants of enrollments the last leader did not apply (it died first, or a relay was
+    // lost): every device's, from the book, each applied once.
+    let granted = main.catch_up_grants().await;
+    main.queue(granted);
     let promoted = lost.is_some();
     if promoted {
         // Devices that enrolled through a standby lately may have new keys the old leader
@@ -441,8 +444,8 @@ async fn serve(
             .as_mut()
             .map(|i| std::mem::take(&mut i.enrolled_lately))
             .unwrap_or_default();
-        for (device, (_, labels)) in lately {
-            if let Err(e) = main.core.enrolled(&device, labels) {
+        for device in lately.into_keys() {
+            if let Err(e) = main.core.reissue(&device) {
                 warn!(%device, error = %e, "cannot re-seal the state of a device that enrolled lately");
             }
         }
@@ -608,17 +611,17 @@ struct Ingest {
     /// Devices that enrolled through a standby lately (this one, or another by its
     /// batches), with when this replica heard: should it be elected before the leader
     /// re-sealed their states, it does so itself.
-    enrolled_lately: BTreeMap<DeviceId, (u64, Labels)>,
+    enrolled_lately: BTreeMap<DeviceId, u64>,
 }
 
 /// How long a standby remembers that a device enrolled (well beyond a failover).
 const ENROLLED_MEMORY_MS: u64 = 60_000;
 
 impl Ingest {
-    fn heard_enrolled(&mut self, device: DeviceId, labels: Labels, now_ms: u64) {
+    fn heard_enrolled(&mut self, device: DeviceId, now_ms: u64) {
         self.enrolled_lately
-            .retain(|_, (at, _)| now_ms.saturating_sub(*at) < ENROLLED_MEMORY_MS);
-        self.enrolled_lately.insert(device, (now_ms, labels));
+            .retain(|_, at| now_ms.saturating_sub(*at) < ENROLLED_MEMORY_MS);
+        self.enrolled_lately.insert(device, now_ms);
     }
 }
 
@@ -893,21 +896,15 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             // Standbys take their share of reports too.
             Event::RelayTick => self.relay().await,
             Event::Http(r) if r.reads_only() => self.on_request(r).await,
-            // A device enrolled here: the leader grants it its token's labels and seals its
-            // secrets to its new key.
-            Event::Http(Request::Enrolled {
-                device,
-                labels,
-                done,
-            }) => match self.ingest.as_mut() {
+            // A device enrolled here: the leader applies its token's grant (from the book)
+            // and seals its secrets to its new key.
+            Event::Http(Request::Enrolled { device }) => match self.ingest.as_mut() {
                 Some(i) => {
-                    i.heard_enrolled(device.clone(), labels.clone(), now_ms());
-                    i.relay.enrolled(device, labels);
-                    let _ = done.send(true);
+                    i.heard_enrolled(device.clone(), now_ms());
+                    i.relay.enrolled(device)
                 }
                 None => {
-                    warn!(%device, "a device enrolled through a standby without shared ingest: the leader grants its token's labels and seals its secrets to its new key only when elected");
-                    let _ = done.send(false);
+                    warn!(%device, "a device enrolled through a standby without shared ingest: the leader applies its token's grant when it starts, and seals its secrets to its new key when its desired state changes")
                 }
             },
             Event::Http(_) => {} // refused by the http module
@@ -1082,24 +1079,20 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     }
                 };
                 let enrolled = std::mem::take(&mut batch.enrolled);
-                let mut granted = std::mem::take(&mut batch.granted);
                 for again in self.core.ingest_batch(batch) {
                     i.relay.changed(again);
                 }
                 self.rollout_due |= self.core.rolling() || self.core.draining();
-                let enrolled = enrolled.into_iter().map(|d| {
-                    let labels = granted.remove(&d).unwrap_or_default();
-                    (d, labels)
-                });
                 if self.standby.is_some() {
-                    for (device, labels) in enrolled {
-                        i.heard_enrolled(device, labels, now_ms());
+                    for device in enrolled {
+                        i.heard_enrolled(device, now_ms());
                     }
                 } else {
-                    for (device, labels) in enrolled {
-                        // Enrolled through another replica: grant its token's labels, seal
-                        // its state for its new key.
-                        let done = self.core.enrolled(&device, labels).map(Some);
+                    for device in enrolled {
+                        // Enrolled through another replica: its grant from the book (never
+                        // from the message), its state sealed for its new key.
+                        let grant = self.grant_of(&device).await;
+                        let done = self.core.enrolled(&device, grant).map(Some);
                         let _ = self.published(done).await;
                     }
                 }
@@ -1109,6 +1102,51 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     let device = chunk.device_id.clone();
                     self.logs.deliver(&device, chunk);
                 }
+            }
+        }
+    }
+
+    /// What the join token `device` last enrolled with granted it, from the enrollment book
+    /// (off the loop's thread); `None` for an `--insecure` hub or when it cannot be read
+    /// (the device then keeps the labels it has: fewer rights, never more).
+    async fn grant_of(&self, device: &DeviceId) -> Option<shoal_api::labels::Grant> {
+        let sec = self.security.clone()?;
+        let d = device.clone();
+        match tokio::task::spawn_blocking(move || sec.enrollments.grant(&d)).await {
+            Ok(Ok(g)) => g,
+            Ok(Err(e)) => {
+                warn!(%device, error = %e, "cannot read what the device's join token granted");
+                None
+            }
+            Err(e) => {
+                warn!(%device, error = %e, "cannot read what the device's join token granted");
+                None
+            }
+        }
+    }
+
+    /// Applies every grant of the enrollment book this store has not applied yet.
+    async fn catch_up_grants(&mut self) -> Vec<DesiredState> {
+        let Some(sec) = self.security.clone() else {
+            return Vec::new();
+        };
+        let grants = match tokio::task::spawn_blocking(move || sec.enrollments.grants()).await {
+            Ok(Ok(g)) => g,
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot read the join tokens' grants");
+                return Vec::new();
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read the join tokens' grants");
+                return Vec::new();
+            }
+        };
+        let grants = grants.into_iter().map(|(d, g)| (d, Some(g))).collect();
+        match self.core.apply_grants(grants) {
+            Ok(out) => out,
+            Err(e) => {
+                warn!(error = %e, "cannot store the join tokens' grants");
+                Vec::new()
             }
         }
     }
@@ -1203,19 +1241,14 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 };
                 let _ = reply.send(r);
             }
-            Request::Enrolled {
-                device,
-                labels,
-                done,
-            } => {
-                // Its token's labels, and (a device that enrolled again has a new key) its
+            Request::Enrolled { device } => {
+                // Its token's grant, and (a device that enrolled again has a new key) its
                 // state sealed anew.
-                let r = self.core.enrolled(&device, labels).map(Some);
-                let durable = self.published(r).await;
-                if let Err(e) = &durable {
+                let grant = self.grant_of(&device).await;
+                let r = self.core.enrolled(&device, grant).map(Some);
+                if let Err(e) = self.published(r).await {
                     warn!(%device, error = %e, "cannot store what a device's enrollment granted");
                 }
-                let _ = done.send(durable.is_ok());
             }
             Request::Label { id, change, reply } => {
                 let r = match self.core.label(&id, &change) {

@@ -57,6 +57,9 @@ pub struct DeviceRecord {
     /// `HubCore::open`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<shoal_api::labels::Labels>,
+    /// The join token whose grant was applied last (each grant is applied once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granted_by: Option<String>,
     /// `shoal cordon`: no new replicas (persisted: an operator's decision outlives restarts).
     #[serde(default)]
     pub cordoned: bool,
@@ -97,6 +100,9 @@ pub struct Snapshot {
     pub desired: BTreeMap<DeviceId, DesiredState>,
     pub rollouts: BTreeMap<WorkloadName, crate::rollout::Record>,
     pub secrets: BTreeMap<SecretName, StoredSecret>,
+    /// Device labels are the operator's in this store (see `HubCore::open`): a record
+    /// without labels gets none, its device's reports are not adopted.
+    pub labels_owned: bool,
 }
 
 /// Hub persistence. Methods are synchronous and short; `flush` makes prior writes durable.
@@ -115,6 +121,8 @@ pub trait Store: Send + 'static {
     ) -> Result<(), StoreError>;
     /// A secret, or its removal (`None`).
     fn put_secret(&self, name: &SecretName, s: Option<&StoredSecret>) -> Result<(), StoreError>;
+    /// Marks device labels as the operator's in this store, for good.
+    fn put_labels_owned(&self) -> Result<(), StoreError>;
     fn flush(&self) -> Result<(), StoreError>;
     /// From now on, commit writes only while `fence` holds. Only stores several hubs share
     /// (etcd) elect a leader; the others have nothing to fence.
@@ -150,6 +158,9 @@ impl Store for Box<dyn Store> {
     }
     fn put_secret(&self, name: &SecretName, s: Option<&StoredSecret>) -> Result<(), StoreError> {
         (**self).put_secret(name, s)
+    }
+    fn put_labels_owned(&self) -> Result<(), StoreError> {
+        (**self).put_labels_owned()
     }
     fn flush(&self) -> Result<(), StoreError> {
         (**self).flush()
@@ -191,6 +202,9 @@ impl<S: Store> Store for ReadOnly<S> {
         Ok(())
     }
     fn put_secret(&self, _: &SecretName, _: Option<&StoredSecret>) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn put_labels_owned(&self) -> Result<(), StoreError> {
         Ok(())
     }
     fn flush(&self) -> Result<(), StoreError> {
@@ -239,6 +253,7 @@ const META: &str = "meta";
 const ROLLOUTS: &str = "rollouts";
 const SECRETS: &str = "secrets";
 const ASSIGNMENTS_KEY: &[u8] = b"assignments";
+const LABELS_OWNED_KEY: &[u8] = b"labels-owned";
 
 /// sled-backed store in `DATA_DIR/hub.db`.
 pub struct SledStore {
@@ -309,6 +324,7 @@ impl Store for SledStore {
             })?,
             secrets: load_tree(&self.secrets, |s: &StoredSecret| s.name.clone())?,
             assignments,
+            labels_owned: self.meta.contains_key(LABELS_OWNED_KEY)?,
         })
     }
     fn put_workload(&self, w: &Workload) -> Result<(), StoreError> {
@@ -347,6 +363,10 @@ impl Store for SledStore {
             Some(s) => self.secrets.insert(name.as_str(), enc(s)?)?,
             None => self.secrets.remove(name.as_str())?,
         };
+        Ok(())
+    }
+    fn put_labels_owned(&self) -> Result<(), StoreError> {
+        self.meta.insert(LABELS_OWNED_KEY, b"true".to_vec())?;
         Ok(())
     }
     fn flush(&self) -> Result<(), StoreError> {
@@ -408,6 +428,10 @@ impl Store for MemStore {
             Some(x) => s.secrets.insert(name.clone(), x.clone()),
             None => s.secrets.remove(name),
         });
+        Ok(())
+    }
+    fn put_labels_owned(&self) -> Result<(), StoreError> {
+        self.with(|s| s.labels_owned = true);
         Ok(())
     }
     fn flush(&self) -> Result<(), StoreError> {

@@ -14,6 +14,10 @@ use std::time::Duration;
 
 /// Common name of the hub's certificates, and the server name every client verifies.
 pub const HUB_NAME: &str = "shoal-hub";
+/// The name HTTPS clients verify the hub by (enrollment, renewal, downloads, the API). Only
+/// the hub's own server certificates carry it: broker certificates issued before brokers had
+/// their own name carry `shoal-hub`, and must not pass as the hub over HTTPS.
+pub const HUB_API_NAME: &str = "shoal-hub-api";
 /// Common name of operator certificates.
 pub const OPERATOR_NAME: &str = "shoal-operator";
 /// Common name of an external broker's certificate (`shoal-hub cert broker`), and the name
@@ -215,15 +219,14 @@ fn leaf_params(cn: &str, usage: &Usage, lifetime: Duration) -> Result<Certificat
     match usage {
         Usage::Server { names } | Usage::Broker { names } => {
             p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-            let first = match usage {
-                Usage::Broker { .. } => BROKER_NAME,
-                _ => HUB_NAME,
+            let mut all: Vec<String> = match usage {
+                Usage::Broker { .. } => vec![BROKER_NAME.into()],
+                _ => vec![HUB_NAME.into(), HUB_API_NAME.into()],
             };
-            let mut all = vec![first.to_string()];
             all.extend(
                 names
                     .iter()
-                    .filter(|n| n.as_str() != HUB_NAME && n.as_str() != BROKER_NAME)
+                    .filter(|n| ![HUB_NAME, HUB_API_NAME, BROKER_NAME].contains(&n.as_str()))
                     .cloned(),
             );
             for n in all {

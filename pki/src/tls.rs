@@ -114,14 +114,15 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// A client configuration trusting only the fleet CA, verifying the server as `shoal-hub`
-/// whatever address was dialled, and presenting `identity` when given. For HTTPS to the hub
-/// (enrollment, renewal, module downloads, the API) and its embedded broker.
+/// A client configuration trusting only the fleet CA, verifying the server as the hub
+/// (`shoal-hub-api`, which only the hub's own certificates carry) whatever address was
+/// dialled, and presenting `identity` when given. For HTTPS to the hub (enrollment,
+/// renewal, module downloads, the API).
 pub fn client_config(
     ca_pem: &str,
     identity: Option<Arc<ClientIdentity>>,
 ) -> Result<Arc<ClientConfig>, PkiError> {
-    fleet_client_config(ca_pem, identity, &[crate::ca::HUB_NAME])
+    fleet_client_config(ca_pem, identity, &[crate::ca::HUB_API_NAME])
 }
 
 /// [`client_config`] for MQTT: the server may also be an external broker of the fleet

@@ -176,12 +176,13 @@ impl TokenRecord {
         now_ms: u64,
     ) -> Result<(), TokenError> {
         let refused = |reason| refused(id, reason);
-        if self.used_by.is_some() {
-            return Err(refused(USED));
-        }
+        // The secret first: whoever knows only a token's id learns nothing of its state.
         // Comparing hashes: equal-time comparison is not needed, the hash hides the secret.
         if crate::sha256_hex(secret.as_bytes()) != self.secret_sha256 {
             return Err(refused("wrong secret"));
+        }
+        if self.used_by.is_some() {
+            return Err(refused(USED));
         }
         if now_ms > self.expires_ms {
             return Err(refused("expired"));
@@ -281,6 +282,13 @@ mod tests {
         let used = r.clone().used("d", 1001);
         let e = check(&used, t.secret(), "d", false, 1002).unwrap_err();
         assert!(e.contains("already used"), "{e}");
+        // Without the secret, a used token reads as any wrong one: its id alone tells
+        // nothing of its state.
+        let e = check(&used, &"0".repeat(32), "d", false, 1002).unwrap_err();
+        assert!(
+            e.contains("wrong secret") && !e.contains("already used"),
+            "{e}"
+        );
         // Records round-trip, and the secret is not in them.
         let json = used.to_json();
         assert_eq!(TokenRecord::from_json(&json, "k").unwrap(), used);

@@ -32,13 +32,39 @@ pub enum WrapError {
 }
 
 impl Kek {
-    /// The KEK in `path`, created there (owner-only) if there is none and `create` says so.
-    /// `Ok(None)`: no file, and not to be created.
+    /// The KEK in `path`, created there (owner-only, 32 random bytes as hex, the directory
+    /// left as it is) if there is none and `create` says so. `Ok(None)`: no file, and not to
+    /// be created. A KEK that other users may read is refused.
     pub fn load(path: &Path, create: bool) -> Result<Option<Kek>, PkiError> {
-        if !path.exists() && !create {
-            return Ok(None);
+        use std::os::unix::fs::PermissionsExt;
+        if !path.exists() {
+            if !create {
+                return Ok(None);
+            }
+            let mut key = [0u8; 32];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key).map_err(
+                |_| PkiError::Issue {
+                    name: "the key-encryption key".into(),
+                    reason: "no randomness".into(),
+                },
+            )?;
+            // Another replica (or hub) creating it at once: the first one's is the key.
+            crate::write_new(path, hex::encode(key).as_bytes(), 0o600)?;
         }
-        SecretsKey::load_or_create(path).map(|k| Some(Kek(k)))
+        let bad = |reason: &str| PkiError::BadFile {
+            what: "the key-encryption key",
+            path: path.display().to_string(),
+            reason: reason.to_string(),
+        };
+        let meta = std::fs::metadata(path).map_err(crate::io_err("read", path))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(bad("other users may read it: chmod 600"));
+        }
+        let bytes = hex::decode(crate::read_string(path)?.trim()).map_err(|_| bad("not hex"))?;
+        let key: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| bad("not 32 bytes (64 hex digits)"))?;
+        SecretsKey::from_bytes(&key).map(|k| Some(Kek(k)))
     }
 
     /// `bytes` (the file `name`) wrapped.
@@ -93,11 +119,25 @@ mod tests {
         let e = other.unwrap("ca.key", &w, &path).unwrap_err().to_string();
         assert!(e.contains("\"ca.key\"") && e.contains("etcd.kek"), "{e}");
         assert!(kek.unwrap("ca.key", raw, &path).is_err());
-        // The file is the owner's alone, and loads again as the same key.
+        // The file is the owner's alone, and loads again as the same key; the directory it
+        // is in keeps its mode.
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+        let shared = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        Kek::load(&shared.path().join("k"), true).unwrap().unwrap();
+        let dir_mode = std::fs::metadata(shared.path())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(dir_mode, 0o755, "a KEK does not change its directory");
         let again = Kek::load(&path, false).unwrap().unwrap();
         assert_eq!(again.unwrap("ca.key", &w, &path).unwrap(), raw);
+        // Readable by others: refused.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Kek::load(&path, false).unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
     }
 }

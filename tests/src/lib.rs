@@ -912,6 +912,18 @@ impl Mosquitto {
 /// `GET path` over HTTPS on 127.0.0.1:`port` with a client certificate (`tls`: CA, cert,
 /// key files): the status code and the body.
 pub fn https_get(port: u16, path: &str, tls: (&Path, &Path, &Path)) -> Result<(u16, String)> {
+    https_request(port, "GET", path, &[], b"", tls)
+}
+
+/// `method path` with `headers` and `body` over HTTPS, as [`https_get`].
+pub fn https_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    tls: (&Path, &Path, &Path),
+) -> Result<(u16, String)> {
     use std::io::{Read, Write};
     let read = |f: &Path| std::fs::read_to_string(f);
     let id = shoal_pki::tls::ClientIdentity::new(&read(tls.1)?, &read(tls.2)?)?;
@@ -921,7 +933,16 @@ pub fn https_get(port: u16, path: &str, tls: (&Path, &Path, &Path)) -> Result<(u
     let sock = std::net::TcpStream::connect(("127.0.0.1", port))?;
     sock.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut tls = rustls::StreamOwned::new(conn, sock);
-    write!(tls, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut head = format!(
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    tls.write_all(head.as_bytes())?;
+    tls.write_all(body)?;
     let mut raw = Vec::new();
     // The hub may close without a TLS close_notify: keep what arrived.
     let _ = tls.read_to_end(&mut raw);
@@ -933,6 +954,26 @@ pub fn https_get(port: u16, path: &str, tls: (&Path, &Path, &Path)) -> Result<(u
         .with_context(|| format!("no HTTP status in {text:?}"))?;
     let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     Ok((status, body.to_string()))
+}
+
+/// `mosquitto_pub` as `agent`'s device (its enrolled certificate and key, its client id,
+/// MQTT 3.1.1) to the broker on 127.0.0.1:`port`, with `args` (`-t`, `-m`/`-f`, `-r`…):
+/// what whoever holds a device's key can publish. Stop the agent first, or it takes its
+/// client id back.
+pub fn publish_as_device(port: u16, agent: &Agent, args: &[&std::ffi::OsStr]) -> Result<Output> {
+    let pki = agent.data_dir.join("pki");
+    Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", "mqttv311"])
+        .arg("--cafile")
+        .arg(pki.join("ca.pem"))
+        .arg("--cert")
+        .arg(pki.join("device.pem"))
+        .arg("--key")
+        .arg(pki.join("device.key"))
+        .args(["-i", &format!("shoal-agent-{}", agent.id)])
+        .args(args)
+        .output()
+        .context("mosquitto_pub is not installed (apt-get install mosquitto-clients)")
 }
 
 /// Reads the retained message on `topic` with `mosquitto_sub` (None if there is none).

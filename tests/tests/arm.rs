@@ -78,7 +78,7 @@ fn runs_a_workload_under_qemu(board: &Board, runtime_only: bool) -> Result<()> {
     let on_board = a
         .data_dir
         .join("cache/modules")
-        .join(format!("{}.{engine_target}.cwasm", digest.hex()));
+        .join(format!("{}.{engine_target}.signed.cwasm", digest.hex()));
     assert_eq!(
         precompiled.is_file(),
         runtime_only,

@@ -144,6 +144,10 @@ fn etcd_speaks_tls_only_and_never_holds_a_private_key() -> Result<()> {
     // Nor with another one.
     let wrong = dir.path().join("wrong.kek");
     std::fs::write(&wrong, format!("{:064x}", 7))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o600))?;
+    }
     let err = refused_serve(
         &dir.path().join("r4/hub"),
         &format!("{}&kek={}", etcd.url_without_kek("/shoal"), wrong.display()),

@@ -143,32 +143,10 @@ fn a_hello_claiming_absurd_capacity_or_reserved_labels_is_not_believed() -> Resu
     // that claims an exabyte of memory, a million CPUs and a label under the operator-only
     // prefix.
     a.proc.kill();
-    let pki = a.data_dir.join("pki");
     let publish = |hello: &serde_json::Value| -> Result<()> {
-        let out = std::process::Command::new("mosquitto_pub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &hub.mqtt.to_string(),
-                "-V",
-                "mqttv311",
-            ])
-            .arg("--cafile")
-            .arg(pki.join("ca.pem"))
-            .arg("--cert")
-            .arg(pki.join("device.pem"))
-            .arg("--key")
-            .arg(pki.join("device.key"))
-            .args([
-                "-i",
-                "shoal-agent-edge-a",
-                "-t",
-                "shoal/v1/devices/edge-a/hello",
-                "-m",
-            ])
-            .arg(hello.to_string())
-            .output()?;
+        let body = hello.to_string();
+        let args = ["-t", "shoal/v1/devices/edge-a/hello", "-m", &body];
+        let out = publish_as_device(hub.mqtt, &a, &args.map(std::ffi::OsStr::new))?;
         anyhow::ensure!(out.status.success(), "{out:?}");
         Ok(())
     };
