@@ -162,7 +162,7 @@ impl Fetcher {
             });
         }
         // An agent that authenticates its hub takes modules over HTTPS only (the client
-        // verifies the hub as `shoal-hub`; plain HTTP would verify nobody).
+        // verifies the hub as `shoal-hub-api`; plain HTTP would verify nobody).
         if self.tls && !artifact_base.starts_with("https://") {
             return Err(FetchError::Http {
                 digest: d.to_string(),

@@ -205,7 +205,12 @@ impl<S: Store> HubCore<S> {
     /// rewrote) gets none: reports made after the upgrade are never adopted. A hub that
     /// trusts reports (`--insecure`) adopts nothing: reports count there anyway.
     fn adopt_reported_labels(&mut self, labels_owned: bool) -> Result<(), StoreError> {
-        let adopt = !labels_owned && !self.trust_reported_labels;
+        // A hub that trusts reports (`--insecure`) leaves records and store as they are: a
+        // later hub with identities adopts then.
+        if self.trust_reported_labels {
+            return Ok(());
+        }
+        let adopt = !labels_owned;
         let mut adopted = 0;
         for rec in self.devices.values_mut().filter(|r| r.labels.is_none()) {
             rec.labels = Some(match adopt {
@@ -656,11 +661,9 @@ impl<S: Store> HubCore<S> {
                 draining: old.draining,
                 granted_by: old.granted_by.clone(),
                 // What the device reported before it was upgraded, never what it says now.
-                labels: Some(
-                    old.labels
-                        .clone()
-                        .unwrap_or_else(|| labels::requestable(&old.hello.labels)),
-                ),
+                // Never what the device says now: a record without labels of its own keeps
+                // none (see `adopt_reported_labels`).
+                labels: old.labels.clone(),
                 hello,
             },
             None => {
@@ -811,6 +814,11 @@ impl<S: Store> HubCore<S> {
         let mut changed = false;
         for (id, grant) in grants {
             let known = self.devices.contains_key(&id);
+            // A notice without a grant in the book names nothing to record: a device enrolls
+            // only with a token, and every claim writes a grant.
+            if !known && grant.is_none() {
+                continue;
+            }
             let rec = self
                 .devices
                 .entry(id.clone())
@@ -1877,7 +1885,7 @@ spec:
         }
     }
 
-    fn placed(hub: &HubCore<MemStore>, w: &str) -> Vec<String> {
+    fn placed(hub: &HubCore<impl Store>, w: &str) -> Vec<String> {
         hub.assignments()[&WorkloadName::try_from(w).unwrap()]
             .values()
             .map(|d| d.to_string())
@@ -1999,6 +2007,10 @@ spec:
         hub.enrolled(&id("new"), Some(grant("t3", &[("zone", "b")], true)))
             .unwrap();
         assert_eq!(labels_of(&hub, "new"), ["zone=b"]);
+        // A notice about an id with no grant in the book (forged, or a lost record) records
+        // nothing.
+        hub.enrolled(&id("ghost"), None).unwrap();
+        assert!(hub.labels_of_device(&id("ghost")).is_none());
         // A new leader catching up on the book applies nothing twice.
         let before = hub.device_views();
         let out = hub
@@ -2042,7 +2054,11 @@ spec:
 
     #[test]
     fn an_insecure_fleet_lets_reports_steer_except_reserved_keys() {
-        let mut hub = HubCore::open_with(MemStore::default(), "http://h".into(), true).unwrap();
+        let store = std::sync::Arc::new(MemStore::default());
+        let mut hub = HubCore::open_with(Shared(store.clone()), "http://h".into(), true).unwrap();
+        // It adopts nothing, and leaves the store unmarked: a hub with identities adopts
+        // the reports of before when the fleet moves to TLS.
+        assert!(!store.load().unwrap().labels_owned);
         hub.hello(hello("a", &[("role", "sensor"), ("shoal.dev/x", "y")]))
             .unwrap();
         assert_eq!(labels_of(&hub, "a"), ["role=sensor"]);

@@ -28,6 +28,9 @@ use std::collections::BTreeMap;
 const STATUSES_PER_BATCH: usize = 64;
 /// Heard entries per batch (each well under 100 bytes).
 const HEARD_PER_BATCH: usize = 4096;
+/// Most enrolled devices one batch names (each makes the leader read the enrollment book; a
+/// batch naming more is refused as not a replica's).
+pub const ENROLLED_PER_BATCH: usize = 256;
 
 /// A fingerprint of a status's content (its generation and replicas, not its time): equal
 /// content, equal fingerprint, on every replica whatever its build (SHA-256, not `Hash`).
@@ -99,7 +102,7 @@ impl Relay {
                 protocol: shoal_api::PROTOCOL_VERSION,
                 statuses: statuses.by_ref().take(STATUSES_PER_BATCH).collect(),
                 heard: heard.by_ref().take(HEARD_PER_BATCH).collect(),
-                enrolled: enrolled.by_ref().take(HEARD_PER_BATCH).collect(),
+                enrolled: enrolled.by_ref().take(ENROLLED_PER_BATCH).collect(),
             });
         }
         out

@@ -1078,7 +1078,12 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                         return;
                     }
                 };
-                let enrolled = std::mem::take(&mut batch.enrolled);
+                let mut enrolled = std::mem::take(&mut batch.enrolled);
+                // Enrollments are rare: a batch naming more is not from a hub that took them.
+                if enrolled.len() > crate::ingest::ENROLLED_PER_BATCH {
+                    warn!(%replica, enrolled = enrolled.len(), "ingest batch names too many enrolled devices: ignored them");
+                    enrolled.clear();
+                }
                 for again in self.core.ingest_batch(batch) {
                     i.relay.changed(again);
                 }
