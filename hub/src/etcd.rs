@@ -164,9 +164,12 @@ impl EtcdUrl {
     }
 
     /// Client options: TLS and credentials as the URL says, read from their files now.
-    pub fn options(&self, timeout: Option<Duration>) -> Result<ConnectOptions, String> {
+    pub fn options(&self, timeout: Option<Duration>) -> Result<ConnectOptions, StoreError> {
         let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+            std::fs::read(p).map_err(|e| StoreError::Etcd {
+                url: self.to_string(),
+                reason: format!("cannot read {}: {e}", p.display()),
+            })
         };
         let mut o = ConnectOptions::new().with_connect_timeout(CALL_TIMEOUT);
         if let Some(t) = timeout {
@@ -247,7 +250,7 @@ impl EtcdStore {
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
         let (tx, rx) = mpsc::channel::<Cmd>();
         let endpoints = url.endpoints.clone();
-        let opts = url.options(Some(CALL_TIMEOUT)).map_err(fail)?;
+        let opts = url.options(Some(CALL_TIMEOUT))?;
         let thread = std::thread::Builder::new()
             .name("shoal-etcd".into())
             .spawn(move || {

@@ -63,7 +63,7 @@ impl Elector {
         // No per-request timeout on the client: a campaign waits as long as another hub
         // leads, and the lease keeper's stream lives on. Calls that must answer are bounded
         // one by one (`within`).
-        let opts = url.options(None).map_err(|e| fail(url, e))?;
+        let opts = url.options(None)?;
         let mut client = Client::connect(url.endpoints.clone(), Some(opts))
             .await
             .map_err(|e| fail(url, e))?;

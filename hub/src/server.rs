@@ -1111,40 +1111,42 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         }
     }
 
-    /// What the join token `device` last enrolled with granted it, from the enrollment book
-    /// (off the loop's thread); `None` for an `--insecure` hub or when it cannot be read
-    /// (the device then keeps the labels it has: fewer rights, never more).
-    async fn grant_of(&self, device: &DeviceId) -> Option<shoal_api::labels::Grant> {
+    /// `read` on the enrollment book, off the loop's thread; `None` for an `--insecure` hub
+    /// or when it fails (logged as `what`: the fleet then keeps the labels it has, fewer
+    /// rights, never more).
+    async fn read_book<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        read: impl FnOnce(&dyn crate::enrollment::Enrollments) -> Result<T, crate::enrollment::EnrollError>
+            + Send
+            + 'static,
+    ) -> Option<T> {
         let sec = self.security.clone()?;
-        let d = device.clone();
-        match tokio::task::spawn_blocking(move || sec.enrollments.grant(&d)).await {
-            Ok(Ok(g)) => g,
-            Ok(Err(e)) => {
-                warn!(%device, error = %e, "cannot read what the device's join token granted");
-                None
-            }
+        let r = tokio::task::spawn_blocking(move || read(&*sec.enrollments)).await;
+        match r
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+        {
+            Ok(v) => Some(v),
             Err(e) => {
-                warn!(%device, error = %e, "cannot read what the device's join token granted");
+                warn!(error = %e, "cannot read {what} from the enrollment book");
                 None
             }
         }
     }
 
+    /// What the join token `device` last enrolled with granted it.
+    async fn grant_of(&self, device: &DeviceId) -> Option<shoal_api::labels::Grant> {
+        let d = device.clone();
+        self.read_book("a device's grant", move |b| b.grant(&d))
+            .await
+            .flatten()
+    }
+
     /// Applies every grant of the enrollment book this store has not applied yet.
     async fn catch_up_grants(&mut self) -> Vec<DesiredState> {
-        let Some(sec) = self.security.clone() else {
+        let Some(grants) = self.read_book("the grants", |b| b.grants()).await else {
             return Vec::new();
-        };
-        let grants = match tokio::task::spawn_blocking(move || sec.enrollments.grants()).await {
-            Ok(Ok(g)) => g,
-            Ok(Err(e)) => {
-                warn!(error = %e, "cannot read the join tokens' grants");
-                return Vec::new();
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot read the join tokens' grants");
-                return Vec::new();
-            }
         };
         let grants = grants.into_iter().map(|(d, g)| (d, Some(g))).collect();
         match self.core.apply_grants(grants) {
