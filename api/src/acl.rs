@@ -4,13 +4,14 @@
 //! | identity | publish | subscribe |
 //! |---|---|---|
 //! | the hub (`shoal-hub`) | anything | anything |
-//! | an operator (`shoal-operator`) | `shoal/v1/apply[/{req}]` | anything (results, MQTT 5 response topics, device topics) |
+//! | an operator (`shoal-operator`, `shoal-operator:{name}`) | `shoal/v1/apply[/{req}]` (deployers and admins) | anything (results, MQTT 5 response topics, device topics) |
 //! | device `d` | `shoal/v1/devices/d/{hello,presence,status}`, `…/d/logs/{req}` | `shoal/v1/devices/d/{desired,logreq}` |
 //!
 //! A device's MQTT client id must be `shoal-agent-{d}`; nobody else may use that prefix, and
 //! only the hub `shoal-hub-`, so no client can take over (and disconnect) another's session.
 
-use crate::ids::DeviceId;
+use crate::ids::{DeviceId, OperatorName};
+use crate::operator::Role;
 use crate::topics::PREFIX;
 use std::fmt;
 
@@ -18,8 +19,25 @@ use std::fmt;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Identity {
     Hub,
-    Operator,
+    Operator(Operator),
     Device(DeviceId),
+}
+
+/// A person at the fleet's controls, and what they may do (from the hub's records).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operator {
+    pub name: OperatorName,
+    pub role: Role,
+}
+
+impl Operator {
+    /// The hub's own bootstrap bundle (`DATA_DIR/operator`): an admin.
+    pub fn bootstrap() -> Self {
+        Operator {
+            name: OperatorName::bootstrap(),
+            role: Role::Admin,
+        }
+    }
 }
 
 /// Common names the fleet CA never issues to a device.
@@ -35,11 +53,11 @@ pub const HUB_CLIENT_PREFIX: &str = "shoal-hub-";
 
 impl Identity {
     /// The identity a certificate's common name stands for; `None` if it names nothing a
-    /// Shoal fleet issues.
+    /// Shoal fleet issues, or a named operator (whose role only the hub's records give).
     pub fn from_common_name(cn: &str) -> Option<Identity> {
         match cn {
             HUB => Some(Identity::Hub),
-            OPERATOR => Some(Identity::Operator),
+            OPERATOR => Some(Identity::Operator(Operator::bootstrap())),
             other => DeviceId::try_from(other).ok().map(Identity::Device),
         }
     }
@@ -54,7 +72,10 @@ impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Identity::Hub => f.write_str(HUB),
-            Identity::Operator => f.write_str(OPERATOR),
+            Identity::Operator(o) if o.name.as_str() == OPERATOR => {
+                write!(f, "{OPERATOR} ({})", o.role)
+            }
+            Identity::Operator(o) => write!(f, "operator {} ({})", o.name, o.role),
             Identity::Device(d) => write!(f, "device {d}"),
         }
     }
@@ -111,7 +132,10 @@ pub fn allowed(who: &Identity, access: Access, topic: &str) -> Result<(), Denied
     let rest = topic.strip_prefix(PREFIX).and_then(|r| r.strip_prefix('/'));
     match who {
         Identity::Hub => Ok(()),
-        Identity::Operator => match (access, rest) {
+        Identity::Operator(o) => match (access, rest) {
+            (Access::Publish, _) if o.role < Role::Deployer => {
+                Err(deny("a viewer reads the fleet and changes nothing"))
+            }
             (Access::Publish, Some("apply")) => Ok(()),
             (Access::Publish, Some(r))
                 if r.strip_prefix("apply/")
@@ -156,8 +180,15 @@ pub fn client_id_allowed(who: &Identity, client_id: &str) -> Result<(), Denied> 
             .strip_prefix(AGENT_CLIENT_PREFIX)
             .is_some_and(|rest| rest == d.as_str()),
         Identity::Hub => !client_id.starts_with(AGENT_CLIENT_PREFIX),
-        Identity::Operator => {
-            !client_id.starts_with(AGENT_CLIENT_PREFIX) && !client_id.starts_with(HUB_CLIENT_PREFIX)
+        Identity::Operator(o) => {
+            !client_id.starts_with(AGENT_CLIENT_PREFIX)
+                && !client_id.starts_with(HUB_CLIENT_PREFIX)
+                // A named operator's ids start with its name and a dot (names hold no dot),
+                // so no operator takes over another's session.
+                && (o.name.as_str() == OPERATOR
+                    || client_id
+                        .strip_prefix(o.name.as_str())
+                        .is_some_and(|rest| rest.starts_with('.')))
         }
     };
     if ok {
@@ -167,7 +198,7 @@ pub fn client_id_allowed(who: &Identity, client_id: &str) -> Result<(), Denied> 
             who: who.to_string(),
             action: "connect as",
             topic: client_id.to_string(),
-            reason: "a device's client id is shoal-agent-{its id}, the hub's shoal-hub-…, and nobody else uses those",
+            reason: "a device's client id is shoal-agent-{its id}, the hub's shoal-hub-…, a named operator's {its name}.…, and nobody else uses those",
         })
     }
 }
@@ -176,6 +207,13 @@ pub fn client_id_allowed(who: &Identity, client_id: &str) -> Result<(), Denied> 
 mod tests {
     use super::*;
     use Access::*;
+
+    fn op(role: Role) -> Identity {
+        Identity::Operator(Operator {
+            name: OperatorName::try_from("alice").unwrap(),
+            role,
+        })
+    }
 
     fn dev(s: &str) -> Identity {
         Identity::Device(DeviceId::try_from(s).unwrap())
@@ -204,29 +242,33 @@ mod tests {
             (&a, Subscribe, "shoal/v1/devices/+/desired", false),
             (&a, Subscribe, "#", false),
             (&a, Subscribe, "$SYS/#", false),
-            (&Identity::Operator, Publish, "shoal/v1/apply", true),
-            (&Identity::Operator, Publish, "shoal/v1/apply/r1", true),
-            (&Identity::Operator, Publish, "shoal/v1/apply/", false),
+            (&op(Role::Deployer), Publish, "shoal/v1/apply", true),
+            (&op(Role::Deployer), Publish, "shoal/v1/apply/r1", true),
+            (&op(Role::Deployer), Publish, "shoal/v1/apply/", false),
+            (&op(Role::Viewer), Publish, "shoal/v1/apply/r1", false),
+            (&op(Role::Viewer), Publish, "shoal/v1/apply", false),
+            (&op(Role::Viewer), Subscribe, "shoal/v1/results/r1", true),
+            (&op(Role::Admin), Publish, "shoal/v1/apply/r1", true),
             (
-                &Identity::Operator,
+                &op(Role::Deployer),
                 Publish,
                 "shoal/v1/devices/edge-a/desired",
                 false,
             ),
             (
-                &Identity::Operator,
+                &op(Role::Deployer),
                 Publish,
                 "shoal/v1/devices/edge-a/status",
                 false,
             ),
-            (&Identity::Operator, Subscribe, "shoal/v1/results/r1", true),
+            (&op(Role::Deployer), Subscribe, "shoal/v1/results/r1", true),
             (
-                &Identity::Operator,
+                &op(Role::Deployer),
                 Subscribe,
                 "shoal/v1/devices/+/status",
                 true,
             ),
-            (&Identity::Operator, Subscribe, "ops/replies/42", true),
+            (&op(Role::Deployer), Subscribe, "ops/replies/42", true),
             (
                 &Identity::Hub,
                 Publish,
@@ -251,16 +293,22 @@ mod tests {
         assert_eq!(Identity::from_common_name("shoal-hub"), Some(Identity::Hub));
         assert_eq!(
             Identity::from_common_name("shoal-operator"),
-            Some(Identity::Operator)
+            Some(Identity::Operator(Operator::bootstrap()))
         );
         assert_eq!(Identity::from_common_name("edge-a"), Some(dev("edge-a")));
         assert_eq!(Identity::from_common_name("Not A Device"), None);
         assert!(client_id_allowed(&dev("edge-a"), "shoal-agent-edge-a").is_ok());
         assert!(client_id_allowed(&dev("edge-a"), "shoal-agent-edge-b").is_err());
         assert!(client_id_allowed(&dev("edge-a"), "anything").is_err());
-        assert!(client_id_allowed(&Identity::Operator, "shoal-cli-1").is_ok());
-        assert!(client_id_allowed(&Identity::Operator, "shoal-agent-edge-a").is_err());
+        let boot = Identity::Operator(Operator::bootstrap());
+        assert!(client_id_allowed(&boot, "shoal-cli-1").is_ok());
+        assert!(client_id_allowed(&boot, "shoal-agent-edge-a").is_err());
+        assert!(client_id_allowed(&boot, "shoal-hub-1234").is_err());
         assert!(client_id_allowed(&Identity::Hub, "shoal-hub-x").is_ok());
-        assert!(client_id_allowed(&Identity::Operator, "shoal-hub-1234").is_err());
+        // A named operator's ids start with its name and a dot: none of another's.
+        assert!(client_id_allowed(&op(Role::Viewer), "alice.shoal-cli-1").is_ok());
+        assert!(client_id_allowed(&op(Role::Viewer), "shoal-cli-1").is_err());
+        assert!(client_id_allowed(&op(Role::Viewer), "alice-b.cli").is_err());
+        assert!(client_id_allowed(&op(Role::Deployer), "bob.shoal-cli-1").is_err());
     }
 }

@@ -4,14 +4,20 @@
 //!
 //! | service type | advertised by | SRV port | TXT |
 //! |---|---|---|---|
-//! | `_shoal-hub._tcp.local.` | the hub | HTTP API | `proto`, `fleet`, `http`, `mqtt` |
+//! | `_shoal-hub._tcp.local.` | the hub | HTTP API | `proto`, `fleet`, `http`, `mqtt`, `ca` |
 //! | `_shoal-agent._tcp.local.` | every agent | 0 (no TCP service) | `proto`, `fleet`, `device`, `arch`, `runtimes`, `label:{key}` |
 //! | `_{workload}._tcp.local.` | the device running a replica | the port | `proto`, `fleet`, `device`, `workload`, `replica`, `port` |
 //!
 //! `mqtt` lists broker endpoints separated by commas: a bare port (`1883`) means "on the
 //! addresses this service resolved to" (the hub's embedded broker); `mqtt://HOST:PORT` names an
-//! external broker. `http` is the HTTP API port on the hub's addresses. No I/O here: the
-//! adapters in the hub and the agent turn these into mdns-sd calls.
+//! external broker. `http` is the HTTP API port on the hub's addresses. `ca` is the SHA-256
+//! (hex) of the hub's fleet CA certificate, the hash join tokens pin; hubs from before it
+//! (and `--insecure` hubs) leave it out. No I/O here: the adapters in the hub and the agent
+//! turn these into mdns-sd calls.
+//!
+//! mDNS is unauthenticated, so a record only proposes a hub: [`choose_hub`] drops hubs whose
+//! `ca` is not the agent's own and ranks the rest; the agent uses a candidate only once it
+//! has authenticated it.
 
 use crate::endpoint::BrokerUrl;
 use crate::ids::{DeviceId, WorkloadName};
@@ -160,6 +166,16 @@ pub struct HubAd {
     pub fleet: String,
     pub http_port: u16,
     pub mqtt: Vec<MqttEndpoint>,
+    /// SHA-256 (64 lowercase hex digits) of the hub's fleet CA certificate; `None` from
+    /// hubs that do not say (older or `--insecure` ones).
+    pub ca: Option<String>,
+}
+
+/// Whether `s` reads as a SHA-256 in lowercase hex (how CA hashes are written).
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 impl HubAd {
@@ -172,12 +188,16 @@ impl HubAd {
                 MqttEndpoint::Remote(u) => u.to_string(),
             })
             .collect();
-        vec![
+        let mut txt = vec![
             ("proto".into(), self.protocol.to_string()),
             ("fleet".into(), self.fleet.clone()),
             ("http".into(), self.http_port.to_string()),
             ("mqtt".into(), mqtt.join(",")),
-        ]
+        ];
+        if let Some(ca) = &self.ca {
+            txt.push(("ca".into(), ca.clone()));
+        }
+        txt
     }
 
     /// Reads a hub's TXT record; `instance` names it in errors.
@@ -201,11 +221,21 @@ impl HubAd {
         if mqtt.is_empty() {
             return Err(t.err("no mqtt endpoint in TXT"));
         }
+        let ca = match txt.get("ca") {
+            None => None,
+            Some(ca) if is_sha256_hex(ca) => Some(ca.clone()),
+            Some(ca) => {
+                return Err(t.err(format!(
+                    "ca {ca:?} is not a SHA-256 in lowercase hex (64 digits)"
+                )))
+            }
+        };
         Ok(Self {
             protocol: t.number("proto")?,
             fleet: t.get("fleet")?.to_string(),
             http_port: t.number("http")?,
             mqtt,
+            ca,
         })
     }
 }
@@ -369,11 +399,12 @@ pub struct SeenHub {
 /// The outcome of [`choose_hub`].
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct HubChoice {
-    /// The hub to use, with the broker and HTTP URLs as reached from here.
-    pub selected: Option<SelectedHub>,
-    /// Every other compatible hub of the same fleet (a misconfiguration to report).
-    pub conflicting: Vec<String>,
-    /// Hubs ignored, with the reason (other fleet, other protocol, no usable address).
+    /// The compatible hubs, best first, with the broker and HTTP URLs as reached from here.
+    /// More than one is a misconfiguration to report; none of them is trusted before the
+    /// agent has authenticated it.
+    pub candidates: Vec<SelectedHub>,
+    /// Hubs ignored, with the reason (other fleet, other protocol, another fleet CA, no
+    /// usable address).
     pub ignored: Vec<(String, String)>,
 }
 
@@ -382,52 +413,94 @@ pub struct SelectedHub {
     pub instance: String,
     pub broker: BrokerUrl,
     pub http: String,
+    /// Whether the advert named the agent's fleet CA (`false`: it named none).
+    pub pins_ca: bool,
 }
 
-/// Picks the hub of `fleet` an agent connects to: among compatible hubs (same fleet, same
-/// protocol, at least one address), the one with the smallest instance name, so that every
-/// agent that sees the same hubs picks the same one. Within a hub, the address is chosen by
-/// [`preferred_addr`]. `tls`: the agent speaks TLS to the hub (`mqtts://`, `https://`).
-pub fn choose_hub(fleet: &str, protocol: u32, tls: bool, hubs: &[SeenHub]) -> HubChoice {
+/// What an agent asks of a hub before it is a candidate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HubWanted<'a> {
+    pub fleet: &'a str,
+    pub protocol: u32,
+    /// The agent speaks TLS to the hub (`mqtts://`, `https://`).
+    pub tls: bool,
+    /// SHA-256 of the fleet CA the agent trusts (enrolled with, or pinned by its join
+    /// token); `None`: no CA (an `--insecure` agent), any advert will do.
+    pub ca: Option<&'a str>,
+}
+
+/// Ranks the hubs an agent sees: compatible hubs (same fleet, same protocol, the agent's
+/// fleet CA or none named, at least one address) are candidates, those naming the agent's CA
+/// before those naming none (older hubs), each group by instance name, so that every agent
+/// that sees the same hubs ranks them alike. A hub naming another CA is ignored: it is not
+/// this agent's hub, whatever fleet it claims. Within a hub, the address is chosen by
+/// [`preferred_addr`].
+pub fn choose_hub(wanted: &HubWanted<'_>, hubs: &[SeenHub]) -> HubChoice {
     let mut choice = HubChoice::default();
-    let mut compatible: Vec<(&SeenHub, IpAddr)> = Vec::new();
+    let mut compatible: Vec<(bool, &SeenHub, IpAddr)> = Vec::new();
     for h in hubs {
-        if h.ad.fleet != fleet {
+        let ca_differs = match (wanted.ca, &h.ad.ca) {
+            (Some(own), Some(theirs)) => own != theirs,
+            _ => false,
+        };
+        if h.ad.fleet != wanted.fleet {
             choice
                 .ignored
                 .push((h.instance.clone(), format!("serves fleet {:?}", h.ad.fleet)));
-        } else if h.ad.protocol != protocol {
+        } else if h.ad.protocol != wanted.protocol {
             choice.ignored.push((
                 h.instance.clone(),
-                format!("speaks protocol {} (this agent: {protocol})", h.ad.protocol),
+                format!(
+                    "speaks protocol {} (this agent: {})",
+                    h.ad.protocol, wanted.protocol
+                ),
+            ));
+        } else if ca_differs {
+            choice.ignored.push((
+                h.instance.clone(),
+                format!(
+                    "its fleet CA is {:?}, not {:?}, the one this device trusts (a misconfigured or rogue hub)",
+                    short_hash(h.ad.ca.as_deref().unwrap_or_default()),
+                    short_hash(wanted.ca.unwrap_or_default())
+                ),
             ));
         } else if let Some(addr) = preferred_addr(&h.addrs) {
-            compatible.push((h, addr));
+            let pins_ca = wanted.ca.is_some() && h.ad.ca.is_some();
+            compatible.push((pins_ca, h, addr));
         } else {
             choice
                 .ignored
                 .push((h.instance.clone(), "no usable address".into()));
         }
     }
-    compatible.sort_by(|a, b| a.0.instance.cmp(&b.0.instance));
-    let mut it = compatible.into_iter();
-    if let Some((h, addr)) = it.next() {
-        let host = match addr {
-            IpAddr::V4(a) => a.to_string(),
-            IpAddr::V6(a) => format!("[{a}]"),
-        };
-        choice.selected = h.ad.mqtt.first().map(|m| SelectedHub {
-            instance: h.instance.clone(),
-            broker: m.at(addr, tls),
-            http: format!(
-                "{}://{host}:{}",
-                if tls { "https" } else { "http" },
-                h.ad.http_port
-            ),
-        });
-    }
-    choice.conflicting = it.map(|(h, _)| h.instance.clone()).collect();
+    // Naming the CA first (`true` sorts last, hence the `!`), then by name.
+    compatible.sort_by(|a, b| (!a.0, &a.1.instance).cmp(&(!b.0, &b.1.instance)));
+    let tls = wanted.tls;
+    choice.candidates = compatible
+        .into_iter()
+        .filter_map(|(pins_ca, h, addr)| {
+            let host = match addr {
+                IpAddr::V4(a) => a.to_string(),
+                IpAddr::V6(a) => format!("[{a}]"),
+            };
+            h.ad.mqtt.first().map(|m| SelectedHub {
+                instance: h.instance.clone(),
+                broker: m.at(addr, tls),
+                http: format!(
+                    "{}://{host}:{}",
+                    if tls { "https" } else { "http" },
+                    h.ad.http_port
+                ),
+                pins_ca,
+            })
+        })
+        .collect();
     choice
+}
+
+/// The first 12 digits of a hash, for messages.
+fn short_hash(h: &str) -> &str {
+    h.get(..12).unwrap_or(h)
 }
 
 /// The address to use among those a record resolved to: IPv4 before IPv6, routable before
@@ -459,9 +532,23 @@ mod tests {
                 fleet: fleet.into(),
                 http_port: 8080,
                 mqtt: vec![MqttEndpoint::Local(1883)],
+                ca: None,
             },
             addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
         }
+    }
+
+    fn farm(ca: Option<&str>) -> HubWanted<'_> {
+        HubWanted {
+            fleet: "farm",
+            protocol: 1,
+            tls: false,
+            ca,
+        }
+    }
+
+    fn names(c: &HubChoice) -> Vec<&str> {
+        c.candidates.iter().map(|h| h.instance.as_str()).collect()
     }
 
     #[test]
@@ -474,6 +561,7 @@ mod tests {
                 MqttEndpoint::Local(1883),
                 MqttEndpoint::Remote("mqtt://broker.lan:1884".parse().unwrap()),
             ],
+            ca: Some("ab".repeat(32)),
         };
         let txt: BTreeMap<_, _> = ad.to_txt().into_iter().collect();
         assert_eq!(HubAd::from_txt("h", &txt).unwrap(), ad);
@@ -481,9 +569,24 @@ mod tests {
         bad.insert("http".into(), "eighty".into());
         let e = HubAd::from_txt("h", &bad).unwrap_err().to_string();
         assert!(e.contains("\"h\"") && e.contains("\"eighty\""), "{e}");
-        let mut bad = txt;
+        let mut bad = txt.clone();
         bad.insert("mqtt".into(), "".into());
         assert!(HubAd::from_txt("h", &bad).is_err());
+        // A hub from before the CA hash: still readable, naming no CA.
+        let mut old = txt.clone();
+        old.remove("ca");
+        assert_eq!(HubAd::from_txt("h", &old).unwrap().ca, None);
+        for evil in [
+            "AB".repeat(32),
+            "ab".repeat(31),
+            "xy".repeat(32),
+            String::new(),
+        ] {
+            let mut bad = txt.clone();
+            bad.insert("ca".into(), evil.clone());
+            let e = HubAd::from_txt("h", &bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("ca {evil:?}")), "{evil}: {e}");
+        }
     }
 
     #[test]
@@ -549,21 +652,78 @@ mod tests {
             vec![a.clone(), b.clone(), other.clone()],
             vec![other.clone(), b.clone(), a.clone()],
         ] {
-            let c = choose_hub("farm", 1, false, &order);
-            let s = c.selected.unwrap();
+            let c = choose_hub(&farm(None), &order);
+            let s = &c.candidates[0];
             assert_eq!(s.instance, b.instance);
             assert_eq!(s.broker.to_string(), "mqtt://10.0.0.3:1883");
             assert_eq!(s.http, "http://10.0.0.3:8080");
-            assert_eq!(c.conflicting, vec![a.instance.clone()]);
+            assert_eq!(names(&c), [b.instance.as_str(), a.instance.as_str()]);
             assert_eq!(c.ignored.len(), 1);
             assert!(c.ignored[0].1.contains("\"lab\""));
         }
         let mut old = a.clone();
         old.ad.protocol = 2;
-        let c = choose_hub("farm", 1, false, &[old]);
-        assert!(c.selected.is_none() && c.ignored[0].1.contains("protocol 2"));
-        let c = choose_hub("farm", 1, false, &[hub("x", "farm", &["fe80::1"])]);
-        assert!(c.selected.is_none(), "link-local v6 only is unusable");
+        let c = choose_hub(&farm(None), &[old]);
+        assert!(c.candidates.is_empty() && c.ignored[0].1.contains("protocol 2"));
+        let c = choose_hub(&farm(None), &[hub("x", "farm", &["fe80::1"])]);
+        assert!(c.candidates.is_empty(), "link-local v6 only is unusable");
+    }
+
+    #[test]
+    fn hubs_of_another_ca_are_ignored_and_unnamed_ones_come_last() {
+        let own = "a".repeat(64);
+        let other = "b".repeat(64);
+        let with = |name: &str, ca: Option<&str>| {
+            let mut h = hub(name, "farm", &["10.0.0.2"]);
+            h.ad.ca = ca.map(String::from);
+            h
+        };
+        // (agent's CA, hubs seen) → (candidates in order, ignored)
+        type Case<'a> = (Option<&'a str>, Vec<SeenHub>, &'a [&'a str], &'a [&'a str]);
+        let cases: Vec<Case> = vec![
+            // A rogue with its own CA and a smaller name: ignored, whatever it claims.
+            (
+                Some(&own),
+                vec![with("a-rogue", Some(&other)), with("hub", Some(&own))],
+                &["hub"],
+                &["a-rogue"],
+            ),
+            // An older hub (no CA named) is a candidate, after those naming ours.
+            (
+                Some(&own),
+                vec![with("a-old", None), with("hub", Some(&own))],
+                &["hub", "a-old"],
+                &[],
+            ),
+            (Some(&own), vec![with("a-old", None)], &["a-old"], &[]),
+            // Only a foreign CA around: nothing to use.
+            (Some(&own), vec![with("x", Some(&other))], &[], &["x"]),
+            // An insecure agent trusts no CA: any advert, by name.
+            (
+                None,
+                vec![with("b", Some(&own)), with("a", Some(&other))],
+                &["a", "b"],
+                &[],
+            ),
+        ];
+        for (i, (ca, hubs, want, ignored)) in cases.into_iter().enumerate() {
+            let c = choose_hub(&farm(ca), &hubs);
+            assert_eq!(names(&c), want, "case {i}");
+            let got: Vec<&str> = c.ignored.iter().map(|(n, _)| n.as_str()).collect();
+            assert_eq!(got, ignored, "case {i}");
+            for (_, why) in &c.ignored {
+                assert!(
+                    why.contains("bbbbbbbbbbbb") && why.contains("rogue"),
+                    "{why}"
+                );
+            }
+            for h in &c.candidates {
+                let named = hubs
+                    .iter()
+                    .any(|s| s.instance == h.instance && s.ad.ca.is_some());
+                assert_eq!(h.pins_ca, ca.is_some() && named, "case {i}");
+            }
+        }
     }
 
     #[test]
@@ -585,8 +745,8 @@ mod tests {
 
     #[test]
     fn ipv6_hosts_are_bracketed() {
-        let c = choose_hub("farm", 1, false, &[hub("x", "farm", &["2001:db8::5"])]);
-        let s = c.selected.unwrap();
+        let c = choose_hub(&farm(None), &[hub("x", "farm", &["2001:db8::5"])]);
+        let s = &c.candidates[0];
         assert_eq!(s.http, "http://[2001:db8::5]:8080");
         assert_eq!(s.broker.host, "2001:db8::5");
     }

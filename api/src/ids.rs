@@ -119,6 +119,18 @@ name_newtype!(
     SecretName,
     "secret name"
 );
+name_newtype!(
+    /// A named operator (`shoal-hub operator create NAME`; a DNS-1123 label).
+    OperatorName,
+    "operator name"
+);
+
+impl OperatorName {
+    /// The bootstrap operator's name (`crate::operator::BOOTSTRAP`, a valid label).
+    pub fn bootstrap() -> Self {
+        OperatorName(crate::operator::BOOTSTRAP.to_string())
+    }
+}
 
 /// Checks a label key: an optional DNS-subdomain prefix and `/`, then a name of 1–63
 /// characters from `[A-Za-z0-9._-]` that starts and ends alphanumeric (the Kubernetes rule).

@@ -383,6 +383,40 @@ pub struct LogRequest {
     pub lease_secs: u32,
     #[serde(default)]
     pub cancel: bool,
+    /// The device it is for (signed: a request for one device does not work on another).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<DeviceId>,
+    /// When the hub issued it, by the hub's clock (signed: an agent refuses one much older
+    /// than the newest it took, so an old request cannot be replayed).
+    #[serde(default)]
+    pub issued_ms: u64,
+    /// The hub's signature (ed25519, base64) over [`LogRequest::statement`], made with the
+    /// key desired states are signed with. Hubs before it sent none; agents that hold the
+    /// hub's key refuse unsigned requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+impl LogRequest {
+    /// The bytes the hub signs: every field but the signature, as one JSON array under a
+    /// prefix no desired state (a JSON object) or artifact statement starts with.
+    pub fn statement(&self) -> Vec<u8> {
+        let fields = (
+            "shoal log request v1",
+            self.protocol,
+            &self.request,
+            &self.workload,
+            self.tail,
+            self.since_secs,
+            self.follow,
+            self.lease_secs,
+            self.cancel,
+            self.device_id.as_ref().map(DeviceId::as_str),
+            self.issued_ms,
+        );
+        // Strings, numbers and booleans: serializing cannot fail.
+        serde_json::to_vec(&fields).unwrap_or_default()
+    }
 }
 
 /// Most bytes of log lines in one [`LogChunk`] (a chunk is one MQTT message).

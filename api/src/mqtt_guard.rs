@@ -13,6 +13,7 @@
 //! fields of three packet types, read in place.
 
 use crate::acl::{self, Access, Identity};
+use crate::topics::{self, Inbound};
 
 /// Largest packet a client may send: the broker's 4 MiB payload limit plus headers.
 pub const MAX_PACKET: usize = (4 << 20) + 64 * 1024;
@@ -142,7 +143,8 @@ pub struct Guard {
 pub enum Pass {
     /// Forward the packet as it is.
     AsIs,
-    /// Forward these bytes instead (a CONNECT with the broker's login).
+    /// Forward these bytes instead (a CONNECT with the broker's login, an operator's apply
+    /// under the topic that names it).
     Rewritten(Vec<u8>),
     /// Forward the packet with its retain flag (bit 0 of the first byte) cleared: a
     /// PUBLISH on a topic that keeps nothing retained.
@@ -200,6 +202,18 @@ impl Guard {
                     ));
                 }
                 acl::allowed(&self.who, Access::Publish, topic)?;
+                // An operator's apply goes on to the hub under a topic that names the
+                // operator (`apply-as/{name}`), which only this guard writes: so the hub's
+                // audit log knows who applied.
+                if let Identity::Operator(o) = &self.who {
+                    if let Some(Inbound::Apply { req, by: None }) = topics::classify(topic) {
+                        let tagged = topics::apply_as(o.name.as_str(), req.as_deref());
+                        if tagged.len() > usize::from(u16::MAX) {
+                            return Err(Violation::Malformed("apply topic too long"));
+                        }
+                        return Ok(Pass::Rewritten(with_topic(packet, r.at, &tagged)));
+                    }
+                }
                 if packet[0] & 0x01 != 0 && !acl::may_retain(topic) {
                     return Ok(Pass::StripRetain);
                 }
@@ -251,6 +265,11 @@ impl Guard {
             }
             let will = r.str()?;
             acl::allowed(&self.who, Access::Publish, will)?;
+            // A will is published by the broker, past this guard: an apply as a will would
+            // reach the hub without the operator's name (see the PUBLISH rewrite below).
+            if matches!(topics::classify(will), Some(Inbound::Apply { .. })) {
+                return Err(Violation::Malformed("a will may not be an apply"));
+            }
             if !acl::may_retain(will) {
                 flags &= !0x20; // will retain
             }
@@ -283,6 +302,20 @@ impl Guard {
 /// A refusal the client understands before the connection closes: CONNACK "not
 /// authorized" during CONNECT, DISCONNECT "not authorized" (MQTT 5) after; 3.1.1 has no
 /// way to say it after CONNECT, so the connection just closes.
+/// `packet` (a PUBLISH whose topic, length prefix included, ends at `topic_end`) with
+/// `topic` instead and its retain flag cleared; the rest (packet id, MQTT 5 properties,
+/// payload) as it was.
+fn with_topic(packet: &[u8], topic_end: usize, topic: &str) -> Vec<u8> {
+    let rest = packet.get(topic_end..).unwrap_or_default();
+    let mut body = Vec::with_capacity(2 + topic.len() + rest.len());
+    put_bytes(topic.as_bytes(), &mut body);
+    body.extend_from_slice(rest);
+    let mut out = vec![packet.first().copied().unwrap_or(0x30) & !0x01];
+    encode_len(body.len(), &mut out);
+    out.extend_from_slice(&body);
+    out
+}
+
 pub fn refusal(level: Option<u8>, during_connect: bool, client_level: u8) -> Option<Vec<u8>> {
     match (during_connect, level.unwrap_or(client_level)) {
         (true, 5) => Some(vec![0x20, 0x03, 0x00, 0x87, 0x00]),
@@ -351,6 +384,21 @@ mod tests {
 
     fn login() -> (String, String) {
         ("broker".into(), "s3cret".into())
+    }
+
+    #[test]
+    fn an_apply_cannot_be_a_will() {
+        for topic in ["shoal/v1/apply", "shoal/v1/apply/r1"] {
+            let mut g = Guard::new(
+                Identity::Operator(crate::acl::Operator::bootstrap()),
+                login(),
+            );
+            assert!(
+                g.check(&connect(4, "shoal-cli-1", Some(topic), None))
+                    .is_err(),
+                "{topic}"
+            );
+        }
     }
 
     #[test]
@@ -426,11 +474,47 @@ mod tests {
         );
         assert_eq!(g.check(&[0xc0, 0]), Ok(Pass::AsIs), "PINGREQ");
 
-        let mut g = Guard::new(Identity::Operator, login());
+        let mut g = Guard::new(
+            Identity::Operator(crate::acl::Operator::bootstrap()),
+            login(),
+        );
         g.check(&connect(5, "shoal-cli-1", None, None)).unwrap();
         // MQTT 5 PUBLISH: topic, packet id, properties.
         let p5 = |t: &str| packet(0x32, &[str_(t), vec![0, 1, 0], b"{}".to_vec()].concat());
-        assert_eq!(g.check(&p5("shoal/v1/apply/r1")), Ok(Pass::AsIs));
+        // An operator's apply is passed on under a topic naming the operator; packet id,
+        // properties and payload as they were; retain cleared.
+        assert_eq!(
+            g.check(&p5("shoal/v1/apply/r1")),
+            Ok(Pass::Rewritten(packet(
+                0x32,
+                &[
+                    str_("shoal/v1/apply-as/shoal-operator/r1"),
+                    vec![0, 1, 0],
+                    b"{}".to_vec()
+                ]
+                .concat()
+            )))
+        );
+        let retained = packet(
+            0x33,
+            &[str_("shoal/v1/apply"), vec![0, 1, 0], b"{}".to_vec()].concat(),
+        );
+        assert_eq!(
+            g.check(&retained),
+            Ok(Pass::Rewritten(packet(
+                0x32,
+                &[
+                    str_("shoal/v1/apply-as/shoal-operator"),
+                    vec![0, 1, 0],
+                    b"{}".to_vec()
+                ]
+                .concat()
+            )))
+        );
+        assert!(
+            g.check(&p5("shoal/v1/apply-as/mallory/r1")).is_err(),
+            "nobody writes the attributed topic but the guard"
+        );
         assert!(g.check(&p5("shoal/v1/devices/edge-a/desired")).is_err());
         assert!(g.check(&p5("")).is_err(), "topic alias");
         let sub5 = |f: &str| packet(0x82, &[vec![0, 7, 0], str_(f), vec![1]].concat());

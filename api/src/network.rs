@@ -12,6 +12,7 @@
 //! DNS choose what the workload reaches).
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
@@ -189,6 +190,34 @@ impl NetRule {
     }
 }
 
+/// `ip` with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) written as the IPv4 address it
+/// is, as [`NetRule::allows`] reads destinations.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Whether a workload may be pointed at `ip` because the LAN said so (an address in a
+/// service's mDNS record): the filtering of `spec.network.allow` applied to what a broad
+/// rule would let through. The address is read canonically ([`canonical_ip`]); local-only
+/// addresses (loopback, unspecified, link-local) and the device's own addresses (`own`)
+/// are refused, since anyone on the LAN can advertise them, except with `local` (mDNS runs
+/// on loopback: every record comes from this machine), which lets loopback and own
+/// addresses through but still no link-local or unspecified one.
+pub fn lan_endpoint_allowed(ip: IpAddr, own: &BTreeSet<IpAddr>, local: bool) -> bool {
+    let ip = canonical_ip(ip);
+    let link_local = match ip {
+        IpAddr::V4(a) => a.is_link_local() || a.is_unspecified(),
+        IpAddr::V6(a) => a.is_unicast_link_local() || a.is_unspecified(),
+    };
+    if link_local {
+        return false;
+    }
+    local || !(local_only(ip) || own.contains(&ip))
+}
+
 /// Validates `spec.network.allow`, pushing one error per bad rule.
 pub fn validate(allow: Vec<String>, errs: &mut Vec<String>) -> Vec<NetRule> {
     let mut out: Vec<NetRule> = Vec::new();
@@ -206,6 +235,52 @@ pub fn validate(allow: Vec<String>, errs: &mut Vec<String>) -> Vec<NetRule> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lan_endpoints_are_filtered_like_allow_rules() {
+        let own: BTreeSet<IpAddr> = ["10.0.0.2", "2001:db8::2"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        // (address, allowed from the LAN, allowed with mDNS on loopback)
+        let cases = [
+            ("10.0.0.5", true, true),
+            ("2001:db8::5", true, true),
+            ("::ffff:10.0.0.5", true, true),
+            // The device's own addresses, in any spelling.
+            ("10.0.0.2", false, true),
+            ("::ffff:10.0.0.2", false, true),
+            ("2001:db8::2", false, true),
+            // Loopback.
+            ("127.0.0.1", false, true),
+            ("127.8.9.10", false, true),
+            ("::1", false, true),
+            ("::ffff:127.0.0.1", false, true),
+            // Link-local and unspecified: never.
+            ("169.254.169.254", false, false),
+            ("::ffff:169.254.169.254", false, false),
+            ("fe80::1", false, false),
+            ("0.0.0.0", false, false),
+            ("::", false, false),
+        ];
+        for (addr, lan, local) in cases {
+            let ip: IpAddr = addr.parse().unwrap();
+            assert_eq!(lan_endpoint_allowed(ip, &own, false), lan, "{addr}");
+            assert_eq!(
+                lan_endpoint_allowed(ip, &own, true),
+                local,
+                "{addr} (local)"
+            );
+        }
+        assert_eq!(
+            canonical_ip("::ffff:10.1.2.3".parse().unwrap()),
+            "10.1.2.3".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            canonical_ip("2001:db8::1".parse().unwrap()),
+            "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
+    }
 
     #[test]
     fn rules_parse_print_and_match() {

@@ -24,8 +24,14 @@ impl Table {
         self.show_header = false;
     }
 
+    /// Adds a row; cells are shown with control characters escaped (they may be what a
+    /// device reported: it must not drive the operator's terminal).
     pub fn row(&mut self, row: Vec<String>) {
-        self.rows.push(row);
+        self.rows.push(
+            row.into_iter()
+                .map(|c| crate::printable::escaped(&c).into_owned())
+                .collect(),
+        );
     }
 
     /// Drops the named columns (the `-o wide` ones, in the narrow view).

@@ -3,6 +3,7 @@
 //! | topic | direction | retained |
 //! |---|---|---|
 //! | `shoal/v1/apply`, `shoal/v1/apply/{req}` | operator → hub | no |
+//! | `shoal/v1/apply-as/{operator}[/{req}]` | the embedded broker → hub: an apply, with who sent it | no |
 //! | `shoal/v1/results/{req}` | hub → operator | no |
 //! | `shoal/v1/devices/{d}/hello` | agent → hub | no |
 //! | `shoal/v1/devices/{d}/presence` | agent (and its last will) | yes |
@@ -23,6 +24,9 @@ pub const PREFIX: &str = "shoal/v1";
 pub const APPLY: &str = "shoal/v1/apply";
 /// Subscription filter for applies with a request id.
 pub const APPLY_WITH_REQ: &str = "shoal/v1/apply/+";
+/// Subscription filter for applies the embedded broker attributed to an operator (only the
+/// broker's packet guard writes these: an operator's own apply topic is rewritten to one).
+pub const APPLY_AS: &str = "shoal/v1/apply-as/#";
 /// Subscription filters the hub uses for device traffic.
 pub const ALL_HELLO: &str = "shoal/v1/devices/+/hello";
 pub const ALL_PRESENCE: &str = "shoal/v1/devices/+/presence";
@@ -36,6 +40,14 @@ pub const ALL_HUB_INGEST: &str = "shoal/v1/hubs/+/ingest";
 /// Presence payloads.
 pub const ONLINE: &str = "online";
 pub const OFFLINE: &str = "offline";
+
+/// The topic the embedded broker gives an apply from operator `by` (with request id `req`).
+pub fn apply_as(by: &str, req: Option<&str>) -> String {
+    match req {
+        Some(r) => format!("{PREFIX}/apply-as/{by}/{r}"),
+        None => format!("{PREFIX}/apply-as/{by}"),
+    }
+}
 
 pub fn apply(req: &str) -> String {
     format!("{PREFIX}/apply/{req}")
@@ -79,8 +91,12 @@ pub fn response_topic_allowed(t: &str) -> bool {
 /// A topic the hub receives, classified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inbound {
-    /// An apply; `Some(req)` when the topic carries a request id.
-    Apply(Option<String>),
+    /// An apply; `req` when the topic carries a request id, `by` the operator who sent it
+    /// when the embedded broker says so.
+    Apply {
+        req: Option<String>,
+        by: Option<String>,
+    },
     Hello(String),
     Presence(String),
     Status(String),
@@ -96,8 +112,24 @@ pub fn classify(topic: &str) -> Option<Inbound> {
     let rest = topic.strip_prefix(PREFIX)?.strip_prefix('/')?;
     let parts: Vec<&str> = rest.split('/').collect();
     match parts.as_slice() {
-        ["apply"] => Some(Inbound::Apply(None)),
-        ["apply", req] if !req.is_empty() => Some(Inbound::Apply(Some((*req).to_string()))),
+        ["apply"] => Some(Inbound::Apply {
+            req: None,
+            by: None,
+        }),
+        ["apply", req] if !req.is_empty() => Some(Inbound::Apply {
+            req: Some((*req).to_string()),
+            by: None,
+        }),
+        ["apply-as", by, rest @ ..] if !by.is_empty() && rest.len() <= 1 => {
+            let req = rest.first().map(|r| (*r).to_string());
+            if req.as_deref() == Some("") {
+                return None;
+            }
+            Some(Inbound::Apply {
+                req,
+                by: Some((*by).to_string()),
+            })
+        }
         ["devices", d, "hello"] => Some(Inbound::Hello((*d).to_string())),
         ["devices", d, "presence"] => Some(Inbound::Presence((*d).to_string())),
         ["devices", d, "status"] => Some(Inbound::Status((*d).to_string())),
@@ -115,10 +147,35 @@ mod tests {
 
     #[test]
     fn classify_table() {
-        assert_eq!(classify("shoal/v1/apply"), Some(Inbound::Apply(None)));
+        assert_eq!(
+            classify("shoal/v1/apply"),
+            Some(Inbound::Apply {
+                req: None,
+                by: None
+            })
+        );
+        assert_eq!(
+            classify("shoal/v1/apply-as/alice/r1"),
+            Some(Inbound::Apply {
+                req: Some("r1".into()),
+                by: Some("alice".into())
+            })
+        );
+        assert_eq!(
+            classify(&apply_as("alice", None)),
+            Some(Inbound::Apply {
+                req: None,
+                by: Some("alice".into())
+            })
+        );
+        assert_eq!(classify("shoal/v1/apply-as/alice/"), None);
+        assert_eq!(classify("shoal/v1/apply-as/alice/r1/x"), None);
         assert_eq!(
             classify("shoal/v1/apply/r1"),
-            Some(Inbound::Apply(Some("r1".into())))
+            Some(Inbound::Apply {
+                req: Some("r1".into()),
+                by: None
+            })
         );
         assert_eq!(
             classify("shoal/v1/devices/e1/status"),

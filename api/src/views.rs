@@ -22,6 +22,9 @@ pub struct DeviceView {
     /// Takes no new replicas (`shoal cordon`).
     #[serde(default)]
     pub cordoned: bool,
+    /// Revoked (`shoal-hub device revoke`): refused by the hub, runs nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub revoked: bool,
     #[serde(default)]
     pub arch: String,
     #[serde(default)]

@@ -17,6 +17,8 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use shoal_api::endpoint::BrokerUrl;
 use shoal_api::manifest::{parse_stream, to_yaml_stream, ManifestError};
 use shoal_api::messages::ApplyResult;
+use shoal_api::operator::AuditEntry;
+use shoal_api::printable::escaped;
 use shoal_api::quantity::format_memory_rounded;
 use shoal_api::table::Table;
 use shoal_api::topics;
@@ -261,6 +263,8 @@ enum Kind {
     /// What happened in the fleet: placements, restarts, failures, rollouts, devices.
     #[value(alias = "event")]
     Events,
+    /// Who changed what, when and from where (admins; the hub keeps it durably).
+    Audit,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -284,19 +288,7 @@ async fn main() {
 /// The operator's TLS client: for HTTPS to the hub (`mqtt` false: the hub only), or for
 /// MQTT (the hub's embedded broker, or an external broker of the fleet).
 fn operator_tls(dir: Option<&Path>, mqtt: bool) -> Result<Arc<rustls::ClientConfig>, String> {
-    let dir = match dir {
-        Some(d) => d.to_path_buf(),
-        None => {
-            let home =
-                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/shoal/operator"));
-            let local = PathBuf::from(".shoal/hub/operator");
-            match home.filter(|h| h.join("operator.pem").exists()) {
-                Some(h) => h,
-                None if local.join("operator.pem").exists() => local,
-                None => return Err("no operator credentials found: point --credentials (or SHOAL_CREDENTIALS) at the hub's DATA_DIR/operator, or copy that directory to ~/.config/shoal/operator".into()),
-            }
-        }
-    };
+    let dir = credentials_dir(dir)?;
     let read = |f: &str| {
         std::fs::read_to_string(dir.join(f)).map_err(|e| {
             format!(
@@ -323,6 +315,37 @@ fn operator_tls(dir: Option<&Path>, mqtt: bool) -> Result<Arc<rustls::ClientConf
             "operator credentials in {:?}: {e}",
             dir.display().to_string()
         )
+    })
+}
+
+/// The start of the MQTT client ids this operator may use: `{name}.` for a named operator
+/// (`shoal-operator:NAME`; the broker holds it to that, so nobody takes over another's
+/// session), none for the hub's own bundle or without credentials.
+fn client_id_prefix(dir: Option<&Path>) -> String {
+    credentials_dir(dir)
+        .ok()
+        .and_then(|d| std::fs::read_to_string(d.join("operator.pem")).ok())
+        .and_then(|pem| shoal_pki::tls::first_cert(&pem).ok())
+        .and_then(|der| shoal_pki::tls::common_name(&der))
+        .and_then(|cn| shoal_api::operator::named_in(&cn))
+        .map(|name| format!("{name}."))
+        .unwrap_or_default()
+}
+
+/// Where the operator's credential bundle is.
+fn credentials_dir(dir: Option<&Path>) -> Result<PathBuf, String> {
+    Ok(match dir {
+        Some(d) => d.to_path_buf(),
+        None => {
+            let home =
+                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/shoal/operator"));
+            let local = PathBuf::from(".shoal/hub/operator");
+            match home.filter(|h| h.join("operator.pem").exists()) {
+                Some(h) => h,
+                None if local.join("operator.pem").exists() => local,
+                None => return Err("no operator credentials found: point --credentials (or SHOAL_CREDENTIALS) at a bundle from `shoal-hub operator create NAME --role R --out DIR` (or, on the hub's host, its DATA_DIR/operator), or put it in ~/.config/shoal/operator".into()),
+            }
+        }
     })
 }
 
@@ -361,16 +384,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let registries = registries(&cli);
     match cli.command {
         Command::Apply { file, timeout } => {
-            apply(
-                &cli.broker,
-                &mqtt_tls,
-                &hub,
-                &registries,
-                &file,
-                timeout,
-                cli.output,
-            )
-            .await
+            let target = MqttTarget {
+                broker: &cli.broker,
+                tls: &mqtt_tls,
+                client_prefix: client_id_prefix(cli.credentials.as_deref()),
+            };
+            apply(&target, &hub, &registries, &file, timeout, cli.output).await
         }
         Command::Push {
             file,
@@ -421,6 +440,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             object,
             watch,
         } => events(&hub, object, watch, cli.output).await,
+        Command::Get {
+            kind: Kind::Audit, ..
+        } => {
+            let entries: Vec<AuditEntry> = hub.get("/v1/audit").await?;
+            emit(&entries, cli.output, |wide| audit_table(&entries, wide))
+        }
         Command::Describe {
             kind: OneKind::Secret,
             name,
@@ -663,16 +688,23 @@ async fn logs(
                 serde_json::from_slice(&line[..nl]).context("hub sent an unreadable log entry")?;
             if let Some(e) = &entry.error {
                 failed += 1;
-                eprintln!("error: {e}");
+                eprintln!("error: {}", escaped(e));
             }
             match output {
                 Output::Json => out.write_all(&line)?,
                 Output::Yaml => write!(out, "---\n{}", serde_yaml_ng::to_string(&entry)?)?,
                 Output::Table | Output::Wide if entry.error.is_none() => {
+                    // Lines come from workloads on devices: control characters are shown
+                    // escaped, so they cannot drive the terminal (`-o json` has them raw).
                     if prefixed {
-                        writeln!(out, "[{}] {}", entry.instance, entry.line)?;
+                        writeln!(
+                            out,
+                            "[{}] {}",
+                            escaped(&entry.instance),
+                            escaped(&entry.line)
+                        )?;
                     } else {
-                        writeln!(out, "{}", entry.line)?;
+                        writeln!(out, "{}", escaped(&entry.line))?;
                     }
                 }
                 _ => {}
@@ -951,9 +983,16 @@ fn report(errors: &[ManifestError]) -> anyhow::Error {
     )
 }
 
+/// Where `shoal apply` publishes: the broker, the operator's TLS client, and the start of
+/// its MQTT client ids (see [`client_id_prefix`]).
+struct MqttTarget<'a> {
+    broker: &'a BrokerUrl,
+    tls: &'a Result<Arc<rustls::ClientConfig>, String>,
+    client_prefix: String,
+}
+
 async fn apply(
-    broker: &BrokerUrl,
-    tls: &Result<Arc<rustls::ClientConfig>, String>,
+    mqtt: &MqttTarget<'_>,
     hub: &Hub,
     registries: &shoal_registry::Registries,
     file: &Path,
@@ -1051,7 +1090,7 @@ async fn apply(
     // Secret values go over HTTPS to the hub only: on MQTT the broker (and any operator
     // subscribed to shoal/v1/apply) would see them.
     let result = if secrets.is_empty() {
-        publish_apply(broker, tls, payload, timeout).await?
+        publish_apply(mqtt, payload, timeout).await?
     } else {
         hub.apply(payload).await?
     };
@@ -1074,13 +1113,17 @@ async fn apply(
 
 /// Publishes on `shoal/v1/apply/{req}` and waits for `shoal/v1/results/{req}`.
 async fn publish_apply(
-    broker: &BrokerUrl,
-    tls: &Result<Arc<rustls::ClientConfig>, String>,
+    mqtt: &MqttTarget<'_>,
     payload: String,
     timeout: Duration,
 ) -> anyhow::Result<ApplyResult> {
+    let (broker, tls, client_prefix) = (mqtt.broker, mqtt.tls, &mqtt.client_prefix);
     let req = format!("{:016x}", rand::random::<u64>());
-    let mut opts = MqttOptions::new(format!("shoal-cli-{req}"), broker.host.clone(), broker.port);
+    let mut opts = MqttOptions::new(
+        format!("{client_prefix}shoal-cli-{req}"),
+        broker.host.clone(),
+        broker.port,
+    );
     if broker.tls {
         let tls = tls.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
         opts.set_transport(rumqttc::Transport::tls_with_config(
@@ -1175,6 +1218,7 @@ fn devices_table(devices: &[DeviceView], wide: bool) -> Table {
             d.id.clone(),
             {
                 let state = match (d.online, d.lost) {
+                    _ if d.revoked => "Revoked",
                     (true, _) => "Online",
                     (false, true) => "Lost",
                     // Enrolled, never connected.
@@ -1207,6 +1251,24 @@ fn devices_table(devices: &[DeviceView], wide: bool) -> Table {
     }
     if !wide {
         t.hide(&["RUNTIMES", "GENERATION", "MDNS", "NOT GRANTED"]);
+    }
+    t
+}
+
+fn audit_table(entries: &[AuditEntry], wide: bool) -> Table {
+    let mut t = Table::new(&["SEQ", "AGE", "WHO", "FROM", "ACTION", "OUTCOME"]);
+    for e in entries {
+        t.row(vec![
+            e.seq.to_string(),
+            ago(e.time_ms),
+            e.who.clone(),
+            e.from.clone(),
+            e.action.clone(),
+            e.outcome.clone(),
+        ]);
+    }
+    if !wide {
+        t.hide(&["FROM"]);
     }
     t
 }
@@ -1335,7 +1397,7 @@ fn describe(w: &WorkloadView, output: Output) -> anyhow::Result<()> {
         }
     }
     if let Some(p) = &w.pending_reason {
-        println!("Pending:    {p}");
+        println!("Pending:    {}", escaped(p));
     }
     println!("Replicas:");
     let mut t = Table::new(&[
@@ -1436,7 +1498,11 @@ async fn rollout(
             );
             return Ok(());
         };
-        let reason = r.reason.map(|x| format!(" ({x})")).unwrap_or_default();
+        // The reason may quote what a device reported: shown escaped.
+        let reason = r
+            .reason
+            .map(|x| format!(" ({})", escaped(&x)))
+            .unwrap_or_default();
         let line = format!(
             "workload/{workload} revision {}: {} {} {}/{} updated, {}/{} ready{reason}",
             r.revision,

@@ -118,6 +118,24 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
+/// Raises this process's open-file limit to its hard limit (a busy hub holds a descriptor
+/// per connection, and Debian's default soft limit is 1024) and returns the soft limit now
+/// in force; `None` if it cannot be read.
+pub fn raise_open_files() -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let now = getrlimit(Resource::Nofile);
+    // An unlimited hard limit is taken as a large finite one (the kernel caps it anyway).
+    let hard = now.maximum.unwrap_or(1 << 20);
+    let wanted = Rlimit {
+        current: Some(hard),
+        maximum: now.maximum,
+    };
+    if now.current.is_some_and(|c| c < hard) && setrlimit(Resource::Nofile, wanted).is_ok() {
+        return Some(hard);
+    }
+    now.current.or(Some(hard))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

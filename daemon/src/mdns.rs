@@ -6,7 +6,7 @@
 //! [`MdnsEvent`]s on a bounded channel, so the owner's main loop handles them like any other
 //! event.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -245,6 +245,46 @@ impl Discovery for Mdns {
     }
 }
 
+/// This host's own unicast addresses, every interface, from `/proc/net/fib_trie` (IPv4: its
+/// `/32 host LOCAL` entries) and `/proc/net/if_inet6` (IPv6), as the kernel sees them in this
+/// process's network namespace. Empty where those files cannot be read (not Linux): the
+/// caller then knows no own address. A LAN record naming one of them points at this host.
+pub fn host_addrs() -> BTreeSet<IpAddr> {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let mut out = local_v4(&read("/proc/net/fib_trie"));
+    out.extend(local_v6(&read("/proc/net/if_inet6")));
+    out
+}
+
+/// The addresses `fib_trie` marks `/32 host LOCAL` (an address line `|-- a.b.c.d`, then
+/// its route lines).
+fn local_v4(fib_trie: &str) -> BTreeSet<IpAddr> {
+    let mut out = BTreeSet::new();
+    let mut last: Option<IpAddr> = None;
+    for line in fib_trie.lines().map(str::trim) {
+        if let Some(addr) = line.strip_prefix("|-- ") {
+            last = addr.trim().parse().ok();
+        } else if line.starts_with("/32 host LOCAL") {
+            out.extend(last);
+        }
+    }
+    out
+}
+
+/// The addresses in `if_inet6` (32 hex digits first on each line).
+fn local_v6(if_inet6: &str) -> BTreeSet<IpAddr> {
+    if_inet6
+        .lines()
+        .filter_map(|l| {
+            let hex = l.split_whitespace().next()?;
+            let bits = u128::from_str_radix(hex, 16)
+                .ok()
+                .filter(|_| hex.len() == 32)?;
+            Some(IpAddr::V6(bits.into()))
+        })
+        .collect()
+}
+
 /// The mDNS flags of `shoal-hub serve` and `shoal-agent run`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct MdnsArgs {
@@ -284,5 +324,43 @@ impl MdnsArgs {
             },
             loopback: self.mdns_loopback || file.loopback.unwrap_or(false),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_addresses_from_proc() {
+        let fib = "Main:
+  +-- 0.0.0.0/0 3 0 5
+     +-- 127.0.0.0/8 2 0 2
+        +-- 127.0.0.0/31 1 0 0
+           |-- 127.0.0.0
+              /8 host LOCAL
+           |-- 127.0.0.1
+              /32 host LOCAL
+        |-- 127.255.255.255
+           /32 link BROADCAST
+     +-- 10.200.1.0/24 2 0 2
+           |-- 10.200.1.0
+              /24 link UNICAST
+           |-- 10.200.1.2
+              /32 host LOCAL
+Local:
+           |-- 10.200.1.2
+              /32 host LOCAL
+";
+        let v4: Vec<String> = local_v4(fib).iter().map(|a| a.to_string()).collect();
+        assert_eq!(v4, ["10.200.1.2", "127.0.0.1"]);
+        let inet6 = "fe8000000000000000fc00fffe000001 04 40 20 80     eth0
+fd000000000000000000000000000002 04 40 00 82     eth0
+00000000000000000000000000000001 01 80 10 80       lo
+garbage
+";
+        let v6: Vec<String> = local_v6(inet6).iter().map(|a| a.to_string()).collect();
+        assert_eq!(v6, ["::1", "fd00::2", "fe80::fc:ff:fe00:1"]);
+        assert!(local_v4("").is_empty() && local_v6("").is_empty());
     }
 }

@@ -6,12 +6,14 @@
 //! has been saved durably. At start the persisted desired state is acted on at once, so a
 //! device runs its workloads even when the hub and the broker are unreachable.
 //!
-//! Discovery runs in the same loop: mDNS browse results update the [`Directory`]; a new hub
-//! choice retargets the bus (through a watch channel), service changes rewrite the endpoint
-//! files of consuming workloads, and replicas entering or leaving `Running` are advertised or
-//! withdrawn.
+//! Discovery runs in the same loop: mDNS browse results update the [`Directory`]; a hub
+//! candidate is authenticated (a probe task) before [`HubLink`] lets it retarget the bus
+//! (through a watch channel) and the renewals, and never replaces what `--broker`/`--hub`
+//! pinned; service changes rewrite the endpoint files of consuming workloads, and replicas
+//! entering or leaving `Running` are advertised or withdrawn.
 
 use crate::bus::{self, Bus, BusEvent};
+use crate::directory::hub_link::{HubLink, Pins, Probe, Step, Target};
 use crate::directory::{Change, Directory};
 use crate::fetch::{Fetcher, ModuleSource};
 use crate::local::{
@@ -25,7 +27,7 @@ use crate::store::{SledStore, Store};
 use crate::supervisor::{self, Shared, Update};
 use crate::volumes::Swept;
 use crate::wasm::WasmRuntime;
-use shoal_api::discovery::{self, AgentAd};
+use shoal_api::discovery::{self, AgentAd, HubChoice};
 use shoal_api::endpoint::BrokerUrl;
 use shoal_api::ids::{DeviceId, SecretName, WorkloadName};
 use shoal_api::messages::{
@@ -185,14 +187,11 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             shoal_pki::device::DeviceCredentials::load(&crate::enroll::pki_dir(&config.data_dir))
                 .map_err(crate::enroll::EnrollError::from)?
                 .is_some();
-        let hub = match (&config.hub_url, enrolled, &mdns) {
-            (Some(u), _, _) => Some(u.clone()),
-            (None, false, Some(_)) if config.join_token.is_some() => {
+        let over_mdns = config.hub_url.is_none() && !enrolled && mdns.is_some();
+        let browsed = match (&config.join_token, over_mdns) {
+            (Some(token), true) => {
                 match discovery.browse(discovery::HUB_SERVICE, mdns_tx.clone()) {
-                    Ok(()) => {
-                        hubs_browsed = true;
-                        find_hub(&config, &mut mdns_rx, &mut early_mdns, &shutdown).await
-                    }
+                    Ok(()) => Some(token),
                     Err(e) => {
                         warn!(error = %e, "cannot browse for the hub over mdns");
                         None
@@ -201,15 +200,29 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             }
             _ => None,
         };
-        Some(
-            crate::enroll::identity(
-                &config.data_dir,
-                &config.device_id,
-                config.join_token.as_ref(),
-                hub.as_deref(),
-            )
-            .await?,
-        )
+        match browsed {
+            Some(token) => {
+                hubs_browsed = true;
+                let found =
+                    enroll_over_mdns(&config, token, &mut mdns_rx, &mut early_mdns, &shutdown)
+                        .await?;
+                let Some(id) = found else {
+                    info!("stopped before enrolling");
+                    engine_stop.cancel();
+                    return Ok(());
+                };
+                Some(id)
+            }
+            None => Some(
+                crate::enroll::identity(
+                    &config.data_dir,
+                    &config.device_id,
+                    config.join_token.as_ref(),
+                    config.hub_url.as_deref(),
+                )
+                .await?,
+            ),
+        }
     };
     let tls = identity.as_ref().map(|i| i.client.clone());
     let mut fetcher = Fetcher::new(&config.data_dir, registries.clone(), tls.clone())?;
@@ -258,6 +271,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
 
     let (up_tx, up_rx) = mpsc::channel(256);
     let (gone_tx, gone_rx) = mpsc::channel(64);
+    let (probe_tx, probe_rx) = mpsc::channel(8);
     // Opened secrets stay while replicas (containers adopted after a restart, too) use them;
     // the first reconcile sweeps the rest.
     let secrets = crate::secrets::SecretFiles::new(&config.data_dir);
@@ -274,13 +288,26 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         http: crate::http_client(reqwest::Client::builder()).unwrap_or_default(),
         hub_http: hub_http_rx,
     };
+    let mut directory = directory(&config, identity.as_ref().map(|i| i.ca_hash.clone()));
+    directory.set_own_addrs(shoal_daemon::mdns::host_addrs());
+    let hub_link = HubLink::new(
+        Pins {
+            broker: config.broker.is_some(),
+            http: config.hub_url.is_some(),
+        },
+        identity.is_some(),
+    );
     let mut agent = Agent {
         hello: hello(&config, containers.is_some()),
-        directory: directory(&config),
+        directory,
+        hub_link,
+        identity: identity.clone(),
+        probe_tx,
         device_key: identity
             .as_ref()
             .map(|i| shoal_pki::device::key_file(&i.dir)),
         hub_key: identity.map(|i| i.hub_key),
+        newest_log_request_ms: 0,
         hubs_browsed,
         files: ServiceFiles::new(&config.data_dir),
         config,
@@ -316,7 +343,17 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     }
     agent.start().await?;
     agent
-        .main_loop(bus_rx, up_rx, gone_rx, mdns_rx, local_rx, shutdown)
+        .main_loop(
+            Inbox {
+                bus: bus_rx,
+                replicas: up_rx,
+                gone: gone_rx,
+                mdns: mdns_rx,
+                probes: probe_rx,
+                local: local_rx,
+            },
+            shutdown,
+        )
         .await;
     agent.stop_all().await;
     agent.withdraw_all();
@@ -338,9 +375,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     Ok(())
 }
 
-/// An empty [`Directory`] for this agent's fleet, believing loopback addresses only when
-/// mDNS itself runs on loopback.
-fn directory(config: &AgentConfig) -> Directory {
+/// An empty [`Directory`] for this agent's fleet and fleet CA (`ca`: its SHA-256), believing
+/// loopback addresses only when mDNS itself runs on loopback.
+fn directory(config: &AgentConfig, ca: Option<String>) -> Directory {
     Directory::new(
         &config.fleet,
         shoal_api::PROTOCOL_VERSION,
@@ -353,28 +390,64 @@ fn directory(config: &AgentConfig) -> Directory {
             .is_some_and(|m| m.loopback || m.interfaces.iter().any(|i| i == "lo")),
     )
     .with_tls(!config.insecure)
+    .with_ca(ca)
 }
 
-/// Browses until mDNS finds a hub of the fleet to enroll with; returns its HTTP URL (`None`
-/// on shutdown). Every browse result is kept in `seen` for the main loop.
-async fn find_hub(
+/// Browses until the device has enrolled at the fleet's hub found over mDNS (`None` on
+/// shutdown). Hubs whose advert names another CA than `token` pins are not tried; one that
+/// turns out not to be the fleet's hub (it serves another CA, or cannot be reached over TLS
+/// with the pinned one) is skipped for the next candidate, and tried again only later
+/// ([`HubLink`]), so a rogue hub that sorts first does not stop the enrollment. A refusal
+/// from the right hub (token used or expired) is an error, as with `--hub`. Every browse
+/// result is kept in `seen` for the main loop.
+async fn enroll_over_mdns(
     config: &AgentConfig,
+    token: &shoal_pki::token::JoinToken,
     rx: &mut mpsc::Receiver<MdnsEvent>,
     seen: &mut Vec<MdnsEvent>,
     shutdown: &CancellationToken,
-) -> Option<String> {
+) -> Result<Option<crate::enroll::Identity>, AgentError> {
     info!("not enrolled yet: looking for the fleet's hub over mDNS to enroll with");
-    let mut dir = directory(config);
+    let mut dir = directory(config, Some(token.ca_hash.clone()));
+    // Enrolling authenticates the hub (its CA against the token's pin): only its HTTP API
+    // matters here.
+    let pins = Pins {
+        broker: true,
+        http: false,
+    };
+    let mut link = HubLink::new(pins, true);
+    // Skipped candidates are tried again after a while, even if mDNS stays quiet.
+    let mut retry = tokio::time::interval(Duration::from_secs(5));
     loop {
-        let ev = tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            ev = rx.recv() => ev?,
-        };
-        seen.push(ev.clone());
-        dir.apply(ev, now_ms());
-        if let Some(hub) = dir.hub_choice().selected {
-            info!(hub = %hub.instance, http = %hub.http, "hub found over mDNS; enrolling");
-            return Some(hub.http);
+        let mut step = link.next(&dir.hub_choice().candidates, now_ms());
+        while let Step::Probe(t) = step {
+            let http = t.http.clone().unwrap_or_default();
+            info!(hub = %t.instance, %http, "hub found over mDNS; enrolling");
+            let enrolled = crate::enroll::identity(
+                &config.data_dir,
+                &config.device_id,
+                Some(token),
+                Some(&http),
+            )
+            .await;
+            match enrolled {
+                Ok(id) => return Ok(Some(id)),
+                Err(e) if e.is_wrong_hub() => {
+                    warn!(hub = %t.instance, error = %e, "not the fleet's hub (a misconfigured or rogue hub?); trying another");
+                    let failed = Probe::Failed(e.to_string());
+                    step = link.probed(&t, failed, &dir.hub_choice().candidates, now_ms());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            ev = rx.recv() => {
+                let Some(ev) = ev else { return Ok(None) };
+                seen.push(ev.clone());
+                dir.apply(ev, now_ms());
+            }
+            _ = retry.tick() => {}
         }
     }
 }
@@ -433,15 +506,25 @@ async fn containers(
     None
 }
 
-/// What the agent knows of its hub search.
+/// What the agent has said of its hub search (each thing once).
 #[derive(Debug, Default)]
 struct HubState {
-    /// The hub in use (mDNS instance).
-    selected: Option<String>,
     /// Conflicting hubs last reported.
     conflicting: Vec<String>,
     /// Hubs already reported as ignored.
     ignored: BTreeSet<String>,
+    /// The hub in use withdrew its record (said once).
+    withdrawn: bool,
+}
+
+/// The channels the main loop reads.
+struct Inbox {
+    bus: mpsc::Receiver<BusEvent>,
+    replicas: mpsc::Receiver<Update>,
+    gone: mpsc::Receiver<String>,
+    mdns: mpsc::Receiver<MdnsEvent>,
+    probes: mpsc::Receiver<(Target, Result<(), crate::enroll::EnrollError>)>,
+    local: mpsc::Receiver<LocalRequest>,
 }
 
 struct Replica {
@@ -465,6 +548,8 @@ enum Event {
     /// A container stopping in the background (in its grace period) has ended: its id.
     Gone(String),
     Mdns(MdnsEvent),
+    /// How authenticating a hub candidate went.
+    Probed(Target, Result<(), crate::enroll::EnrollError>),
     Local(LocalRequest),
     /// Time to say again that no hub was found, if still so.
     HubSearchReport,
@@ -489,6 +574,11 @@ struct Agent<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> {
     discovery: Arc<dyn Discovery>,
     mdns_tx: mpsc::Sender<MdnsEvent>,
     directory: Directory,
+    /// Which hub is used, candidates authenticated first.
+    hub_link: HubLink,
+    /// What hub candidates are authenticated with; `None` for an `--insecure` agent.
+    identity: Option<crate::enroll::Identity>,
+    probe_tx: mpsc::Sender<(Target, Result<(), crate::enroll::EnrollError>)>,
     files: ServiceFiles,
     broker_tx: watch::Sender<Option<BrokerUrl>>,
     hub_http_tx: watch::Sender<Option<String>>,
@@ -496,6 +586,9 @@ struct Agent<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> {
     hubs_browsed: bool,
     /// The hub's signing key; `None` for an `--insecure` agent (nothing to verify with).
     hub_key: Option<shoal_pki::sign::HubKey>,
+    /// When the newest log request taken was issued (the hub's clock): much older ones are
+    /// replays.
+    newest_log_request_ms: u64,
     /// The device's private key, which opens the secrets sealed to it; `None` for an
     /// `--insecure` agent.
     device_key: Option<PathBuf>,
@@ -565,15 +658,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         self.shared.secrets.sweep(&keep);
     }
 
-    async fn main_loop(
-        &mut self,
-        mut bus_rx: mpsc::Receiver<BusEvent>,
-        mut up_rx: mpsc::Receiver<Update>,
-        mut gone_rx: mpsc::Receiver<String>,
-        mut mdns_rx: mpsc::Receiver<MdnsEvent>,
-        mut local_rx: mpsc::Receiver<LocalRequest>,
-        shutdown: CancellationToken,
-    ) {
+    async fn main_loop(&mut self, mut inbox: Inbox, shutdown: CancellationToken) {
         let mut report = tokio::time::interval_at(
             tokio::time::Instant::now() + HUB_SEARCH_REPORT,
             HUB_SEARCH_REPORT_PERIOD,
@@ -584,11 +669,12 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         loop {
             let event = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some(e) = bus_rx.recv() => Event::Bus(e),
-                Some(u) = up_rx.recv() => Event::Replica(u),
-                Some(w) = gone_rx.recv() => Event::Gone(w),
-                Some(m) = mdns_rx.recv() => Event::Mdns(m),
-                Some(r) = local_rx.recv() => Event::Local(r),
+                Some(e) = inbox.bus.recv() => Event::Bus(e),
+                Some(u) = inbox.replicas.recv() => Event::Replica(u),
+                Some(w) = inbox.gone.recv() => Event::Gone(w),
+                Some(m) = inbox.mdns.recv() => Event::Mdns(m),
+                Some((t, r)) = inbox.probes.recv() => Event::Probed(t, r),
+                Some(r) = inbox.local.recv() => Event::Local(r),
                 _ = report.tick() => Event::HubSearchReport,
                 _ = heartbeat.tick() => Event::Heartbeat,
             };
@@ -622,13 +708,15 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
                     self.reconcile().await;
                 }
                 Event::Mdns(m) => self.on_mdns(m),
+                Event::Probed(target, result) => self.on_probed(target, result),
                 Event::Local(request) => self.on_local(request),
                 Event::Heartbeat => {
                     self.publish_status().await;
                     self.sweep_volumes(); // orphaned volumes expire
+                    self.on_heartbeat_discovery();
                 }
                 Event::HubSearchReport => {
-                    if self.config.broker.is_none() && self.hub.selected.is_none() {
+                    if self.config.broker.is_none() && self.hub_link.current().is_none() {
                         warn!(
                             fleet = %self.config.fleet,
                             searched_s = searched_since.elapsed().as_secs(),
@@ -688,43 +776,150 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         }
     }
 
-    /// Follows the directory's hub choice: connect to the chosen hub, move when it moves,
-    /// report conflicts and ignored hubs once.
+    /// Follows the hubs mDNS shows through [`HubLink`]: the best candidate that
+    /// authenticates is used, the hub in use stays meanwhile, and what `--broker`/`--hub`
+    /// pinned is never replaced.
     fn choose_hub(&mut self) {
         let choice = self.directory.hub_choice();
+        let step = self.hub_link.next(&choice.candidates, now_ms());
+        self.follow(step, &choice);
+    }
+
+    /// Skipped hub candidates are due again after a while; the device's addresses may have
+    /// changed (no service endpoint may point at them).
+    fn on_heartbeat_discovery(&mut self) {
+        self.choose_hub();
+        if self
+            .directory
+            .set_own_addrs(shoal_daemon::mdns::host_addrs())
+        {
+            self.refresh_services();
+        }
+    }
+
+    /// A probe of a hub candidate ended.
+    fn on_probed(&mut self, target: Target, result: Result<(), crate::enroll::EnrollError>) {
+        let probe = match result {
+            Ok(()) => Probe::Authenticated,
+            Err(e) => {
+                let again = self
+                    .hub_link
+                    .failure(&target.instance)
+                    .is_some_and(|(t, _)| t == &target);
+                if again {
+                    debug!(hub = %target.instance, error = %e, "hub candidate still not authenticated");
+                } else {
+                    warn!(hub = %target.instance, error = %e, "hub candidate not authenticated: ignored (a misconfigured or rogue hub?); the hub in use, if any, stays");
+                }
+                Probe::Failed(e.to_string())
+            }
+        };
+        let choice = self.directory.hub_choice();
+        let step = self
+            .hub_link
+            .probed(&target, probe, &choice.candidates, now_ms());
+        self.follow(step, &choice);
+    }
+
+    /// Carries out `step` (and those it leads to), then reports what changed.
+    fn follow(&mut self, mut step: Step, choice: &HubChoice) {
+        loop {
+            match step {
+                Step::Wait => break,
+                Step::Probe(t) => {
+                    self.probe(t);
+                    break;
+                }
+                Step::Use(t) => {
+                    self.use_hub(&t);
+                    step = self.hub_link.next(&choice.candidates, now_ms());
+                }
+            }
+        }
+        self.report_hubs(choice);
+    }
+
+    /// Authenticates a candidate in the background; the outcome comes back as
+    /// [`Event::Probed`].
+    fn probe(&self, target: Target) {
+        let Some(id) = self.identity.clone() else {
+            // Not reached: an agent without an identity does not authenticate.
+            warn!(hub = %target.instance, "cannot authenticate a hub without credentials");
+            return;
+        };
+        // A candidate tried again (it failed before) is said once, not at every retry.
+        if self.hub_link.failure(&target.instance).is_some() {
+            debug!(hub = %target.instance, "authenticating a hub candidate again");
+        } else {
+            info!(hub = %target.instance, broker = ?target.broker.as_ref().map(ToString::to_string), http = ?target.http, "hub found over mdns; authenticating it");
+        }
+        let tx = self.probe_tx.clone();
+        let stop = self.shared.stopping.clone();
+        self.tracker.spawn(async move {
+            let auth =
+                crate::enroll::authenticate(&id, target.http.as_deref(), target.broker.as_ref());
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                r = auth => { let _ = tx.send((target, r)).await; }
+            }
+        });
+    }
+
+    /// Points the bus (unless `--broker`) and renewals and downloads (unless `--hub`) at
+    /// an authenticated hub.
+    fn use_hub(&mut self, t: &Target) {
+        info!(hub = %t.instance, broker = ?t.broker.as_ref().map(ToString::to_string), http = ?t.http, "using the hub found over mdns");
+        if let Some(http) = &t.http {
+            self.hub_http_tx.send_replace(Some(http.clone()));
+        }
+        if let Some(broker) = &t.broker {
+            // Only a new address wakes the bus (a wake-up restarts a pending connect).
+            self.broker_tx.send_if_modified(|b| {
+                let changed = b.as_ref() != Some(broker);
+                *b = Some(broker.clone());
+                changed
+            });
+        }
+    }
+
+    /// Says, once each, which hubs are ignored, which others serve the fleet, and when the
+    /// hub in use withdrew.
+    fn report_hubs(&mut self, choice: &HubChoice) {
         for (instance, reason) in &choice.ignored {
             if self.hub.ignored.insert(instance.clone()) {
-                info!(hub = %instance, %reason, "hub ignored");
-            }
-        }
-        if choice.conflicting != self.hub.conflicting {
-            if let (Some(s), false) = (&choice.selected, choice.conflicting.is_empty()) {
-                warn!(fleet = %self.config.fleet, using = %s.instance, others = ?choice.conflicting, "several hubs serve this fleet; using the one with the smallest name (run one hub per fleet)");
-            }
-            self.hub.conflicting = choice.conflicting.clone();
-        }
-        match choice.selected {
-            Some(s) => {
-                if self.hub.selected.as_ref() != Some(&s.instance) {
-                    info!(hub = %s.instance, broker = %s.broker, http = %s.http, "hub found over mdns");
-                }
-                self.hub.selected = Some(s.instance.clone());
-                self.hub_http_tx.send_replace(Some(s.http));
-                if self.config.broker.is_none() {
-                    // Only a new address wakes the bus (a wake-up restarts a pending connect).
-                    self.broker_tx.send_if_modified(|b| {
-                        let changed = b.as_ref() != Some(&s.broker);
-                        *b = Some(s.broker.clone());
-                        changed
-                    });
-                }
-            }
-            None => {
-                if let Some(old) = self.hub.selected.take() {
-                    warn!(hub = %old, "hub withdrew its mdns record; still trying its last address and looking for another");
+                let ours = self
+                    .directory
+                    .hubs()
+                    .any(|h| &h.hub.instance == instance && h.hub.ad.fleet == self.config.fleet);
+                if ours {
+                    warn!(hub = %instance, %reason, "hub advertising this fleet ignored");
+                } else {
+                    info!(hub = %instance, %reason, "hub ignored");
                 }
             }
         }
+        let current = self.hub_link.current().map(|t| t.instance.clone());
+        let others: Vec<String> = choice
+            .candidates
+            .iter()
+            .map(|c| c.instance.clone())
+            .filter(|i| Some(i) != current.as_ref())
+            .collect();
+        if others != self.hub.conflicting {
+            if let (Some(using), false) = (&current, others.is_empty()) {
+                warn!(fleet = %self.config.fleet, %using, others = ?others, "several hubs serve this fleet; using the first by name that authenticated (run one hub per fleet)");
+            }
+            self.hub.conflicting = others;
+        }
+        let withdrawn = current
+            .as_ref()
+            .is_some_and(|c| !choice.candidates.iter().any(|h| &h.instance == c));
+        if withdrawn && !self.hub.withdrawn {
+            if let Some(old) = &current {
+                warn!(hub = %old, "hub withdrew its mdns record; still trying its last address and looking for another");
+            }
+        }
+        self.hub.withdrawn = withdrawn;
     }
 
     /// Brings service adverts, browses, endpoint files and allow-lists in line with the
@@ -953,14 +1148,17 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
 
     fn peers_view(&self) -> PeersView {
         let choice = self.directory.hub_choice();
+        let current = self.hub_link.current().map(|t| t.instance.as_str());
+        let pinned = self.config.broker.is_some() && self.config.hub_url.is_some();
         let state = |instance: &str| {
-            if choice
-                .selected
-                .as_ref()
-                .is_some_and(|s| s.instance == instance)
-            {
+            let candidate = choice.candidates.iter().any(|c| c.instance == instance);
+            if current == Some(instance) {
                 "selected".to_string()
-            } else if choice.conflicting.iter().any(|c| c == instance) {
+            } else if let Some((_, why)) = self.hub_link.failure(instance) {
+                format!("ignored: not authenticated: {why}")
+            } else if candidate && pinned {
+                "ignored: --broker and --hub given".to_string()
+            } else if candidate {
                 "conflict".to_string()
             } else {
                 choice
@@ -1017,19 +1215,35 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
 
     /// The hub asks for log lines: served by a task of their own (see [`crate::remote_logs`]).
     fn on_log_request(&mut self, payload: &[u8]) {
-        match serde_json::from_slice::<shoal_api::messages::LogRequest>(payload) {
-            Ok(req) => self.log_streams.handle(
-                req,
-                crate::remote_logs::Context {
-                    device: &self.config.device_id,
-                    logs_dir: &self.shared.logs_dir,
-                    bus: &self.bus,
-                    tracker: &self.tracker,
-                    shutdown: &self.shared.stopping,
-                },
-            ),
-            Err(e) => warn!(error = %e, "malformed log request ignored"),
+        let req = match serde_json::from_slice::<shoal_api::messages::LogRequest>(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "malformed log request ignored");
+                return;
+            }
+        };
+        // Only what the hub signed, for this device, and not a replay of an old request (an
+        // agent run --insecure has no hub key to check with).
+        if let Some(key) = &self.hub_key {
+            let newest = self.newest_log_request_ms;
+            if let Err(e) =
+                shoal_pki::sign::verify_log_request(key, &self.config.device_id, newest, &req)
+            {
+                warn!(reason = %e, "log request refused");
+                return;
+            }
         }
+        self.newest_log_request_ms = self.newest_log_request_ms.max(req.issued_ms);
+        self.log_streams.handle(
+            req,
+            crate::remote_logs::Context {
+                device: &self.config.device_id,
+                logs_dir: &self.shared.logs_dir,
+                bus: &self.bus,
+                tracker: &self.tracker,
+                shutdown: &self.shared.stopping,
+            },
+        );
     }
 
     async fn on_desired(&mut self, payload: &[u8]) {

@@ -8,6 +8,15 @@
 //! log, waits, and on cancel stops it with SIGTERM then SIGKILL after a grace period; task,
 //! container and snapshot are removed afterwards. docs/research/containerd-1.6.md records the
 //! protocol details this follows.
+//!
+//! Confinement: every container runs under containerd's default seccomp profile
+//! ([`seccomp`]) and as its image's `USER`, resolved in the image's own `/etc/passwd` and
+//! `/etc/group` ([`user`], read from the snapshot by [`rootfs`]); a user the image does not
+//! know stops the start, never falls back to root.
+
+mod rootfs;
+pub mod seccomp;
+pub mod user;
 
 use crate::runtime::{BoxFuture, ContainerRuntime, Exit, UsageSample};
 pub use crate::runtime::{ContainerRun, ImageConfig, PreparedImage};
@@ -34,6 +43,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+use user::{ProcessUser, UserError, UserSpec};
 
 /// containerd namespace of everything the agent creates.
 pub const DEFAULT_NAMESPACE: &str = "shoal";
@@ -54,11 +64,30 @@ pub enum ContainerdError {
     Pull(#[from] shoal_registry::RegistryError),
     #[error("image {image}: {reason}")]
     Image { image: String, reason: String },
+    #[error("image {image}: {source}")]
+    User { image: String, source: UserError },
+    #[error("image {image}: cannot read its /etc/passwd or /etc/group to resolve user {user:?}: {source}")]
+    Rootfs {
+        image: String,
+        user: String,
+        source: rootfs::RootfsError,
+    },
+    #[error("image {image}: {source}")]
+    Spec { image: String, source: SpecError },
     #[error("{path:?}: {source}")]
     Io {
         path: String,
         source: std::io::Error,
     },
+}
+
+/// Why no runtime spec could be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("nothing to run: the image has no entrypoint or command, and the manifest gives none")]
+    NothingToRun,
+    #[error(transparent)]
+    Oci(#[from] oci_spec::OciSpecError),
 }
 
 fn grpc(what: impl Into<String>) -> impl FnOnce(Status) -> ContainerdError {
@@ -70,14 +99,18 @@ fn grpc(what: impl Into<String>) -> impl FnOnce(Status) -> ContainerdError {
 }
 
 /// Builds the OCI runtime spec for `run` of `image`: argv from the command/args or the image,
-/// environment from the image then the manifest, the memory limit and CPU quota as cgroup
-/// limits, a read-only root unless asked otherwise, volumes as bind mounts, the host network (ports behave like the
-/// WASM variant's: on the device's addresses) and containerd's usual device allow-list.
+/// environment from the image then the manifest, `user` (the image's `USER`, resolved), the
+/// memory limit and CPU quota as cgroup limits, a read-only root unless asked otherwise,
+/// volumes as bind mounts, the host network (ports behave like the WASM variant's: on the
+/// device's addresses), containerd's usual device allow-list and its default seccomp
+/// profile for `host`.
 pub fn runtime_spec(
     image: &ImageConfig,
     run: &ContainerRun,
     namespace: &str,
-) -> Result<oci_spec::runtime::Spec, String> {
+    user: &ProcessUser,
+    host: &seccomp::Host,
+) -> Result<oci_spec::runtime::Spec, SpecError> {
     use oci_spec::runtime::{
         LinuxCpuBuilder, LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxMemoryBuilder,
         LinuxNamespaceType, LinuxResourcesBuilder,
@@ -94,10 +127,7 @@ pub fn runtime_spec(
     };
     let argv: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
     if argv.is_empty() {
-        return Err(
-            "nothing to run: the image has no entrypoint or command, and the manifest gives none"
-                .into(),
-        );
+        return Err(SpecError::NothingToRun);
     }
     let mut env: Vec<String> = image.env.clone();
     for (k, v) in &run.env {
@@ -116,13 +146,18 @@ pub fn runtime_spec(
     if !image.working_dir.is_empty() {
         process.set_cwd(PathBuf::from(&image.working_dir));
     }
-    // Numeric `uid[:gid]` users only; names would need the image's /etc/passwd.
-    if let Some((uid, gid)) = numeric_user(&image.user) {
-        let mut user = process.user().clone();
-        user.set_uid(uid);
-        user.set_gid(gid);
-        process.set_user(user);
-    }
+    let mut who = process.user().clone();
+    who.set_uid(user.uid);
+    who.set_gid(user.gid);
+    who.set_additional_gids(
+        (!user.additional_gids.is_empty()).then(|| user.additional_gids.clone()),
+    );
+    process.set_user(who);
+    let bounding = process
+        .capabilities()
+        .as_ref()
+        .and_then(|c| c.bounding().clone())
+        .unwrap_or_default();
     spec.set_process(Some(process));
     if let Some(root) = spec.root().clone() {
         let mut root = root;
@@ -147,8 +182,7 @@ pub fn runtime_spec(
                     "nodev".into(),
                     if m.read_only { "ro" } else { "rw" }.into(),
                 ])
-                .build()
-                .map_err(|e| e.to_string())?,
+                .build()?,
         );
     }
     spec.set_mounts(Some(mounts));
@@ -162,22 +196,19 @@ pub fn runtime_spec(
                 .collect(),
         ));
     }
-    let err = |e: oci_spec::OciSpecError| e.to_string();
     let memory = i64::try_from(run.memory_limit).unwrap_or(i64::MAX);
     let mut resources = LinuxResourcesBuilder::default().memory(
         LinuxMemoryBuilder::default()
             .limit(memory)
             .swap(memory)
-            .build()
-            .map_err(err)?,
+            .build()?,
     );
     if let Some(m) = run.cpu_millis {
         resources = resources.cpu(
             LinuxCpuBuilder::default()
                 .quota(i64::from(m) * 100)
                 .period(100_000u64)
-                .build()
-                .map_err(err)?,
+                .build()?,
         );
     }
     // Deny every device, then allow the ones every container needs (null, zero, full,
@@ -185,8 +216,7 @@ pub fn runtime_spec(
     let mut devices = vec![LinuxDeviceCgroupBuilder::default()
         .allow(false)
         .access("rwm")
-        .build()
-        .map_err(err)?];
+        .build()?];
     for (major, minor) in [
         (1, Some(3)),
         (1, Some(5)),
@@ -206,20 +236,13 @@ pub fn runtime_spec(
         if let Some(minor) = minor {
             b = b.minor(minor);
         }
-        devices.push(b.build().map_err(err)?);
+        devices.push(b.build()?);
     }
     resources = resources.devices(devices);
-    linux.set_resources(Some(resources.build().map_err(err)?));
+    linux.set_resources(Some(resources.build()?));
+    linux.set_seccomp(Some(seccomp::default_profile(host, &bounding)?));
     spec.set_linux(Some(linux));
     Ok(spec)
-}
-
-fn numeric_user(user: &str) -> Option<(u32, u32)> {
-    if user.is_empty() {
-        return None;
-    }
-    let (u, g) = user.split_once(':').unwrap_or((user, "0"));
-    Some((u.parse().ok()?, g.parse().ok()?))
 }
 
 /// A containerd connection for one namespace.
@@ -806,16 +829,6 @@ impl Containerd {
         image: &PreparedImage,
         run: &ContainerRun,
     ) -> Result<(), ContainerdError> {
-        let spec = runtime_spec(&image.config, run, &self.namespace).map_err(|reason| {
-            ContainerdError::Image {
-                image: image.name.clone(),
-                reason,
-            }
-        })?;
-        let spec = serde_json::to_vec(&spec).map_err(|e| ContainerdError::Image {
-            image: image.name.clone(),
-            reason: e.to_string(),
-        })?;
         let lease = format!("shoal-run-{}", run.id);
         let mut leases = self.client().leases();
         leases
@@ -828,7 +841,7 @@ impl Containerd {
             ))
             .await
             .map_err(grpc("lease create"))?;
-        let created = self.create(image, run, spec, &lease).await;
+        let created = self.create(image, run, &lease).await;
         let _ = leases
             .delete(self.req(
                 containerd_client::services::v1::DeleteRequest {
@@ -872,11 +885,12 @@ impl Containerd {
         Ok(())
     }
 
+    /// Prepares the container's snapshot, builds its spec (the image's user is read from
+    /// the snapshot) and creates the container.
     async fn create(
         &self,
         image: &PreparedImage,
         run: &ContainerRun,
-        spec: Vec<u8>,
         lease: &str,
     ) -> Result<Vec<containerd_client::types::Mount>, ContainerdError> {
         let mut snapshots = SnapshotsClient::new(self.channel.clone());
@@ -911,6 +925,25 @@ impl Containerd {
             .map_err(grpc("snapshot prepare"))?
             .into_inner()
             .mounts;
+        let user = image_user(image, &mounts).await?;
+        let host = seccomp::Host {
+            arch: std::env::consts::ARCH,
+            kernel: tokio::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .await
+                .ok()
+                .and_then(|r| seccomp::kernel_version(&r)),
+        };
+        let spec =
+            runtime_spec(&image.config, run, &self.namespace, &user, &host).map_err(|source| {
+                ContainerdError::Spec {
+                    image: image.name.clone(),
+                    source,
+                }
+            })?;
+        let spec = serde_json::to_vec(&spec).map_err(|e| ContainerdError::Image {
+            image: image.name.clone(),
+            reason: e.to_string(),
+        })?;
         let mut labels: HashMap<String, String> = run
             .labels
             .iter()
@@ -1113,6 +1146,48 @@ impl ContainerRuntime for Containerd {
     fn usage(&self, id: &str) -> Option<UsageSample> {
         cgroup_usage(std::path::Path::new("/sys/fs/cgroup"), &self.namespace, id)
     }
+}
+
+/// The user `image` runs as: its `USER`, resolved in the image's `/etc/passwd` and
+/// `/etc/group`, which are read from the container's snapshot `mounts` only when a name (or
+/// a uid without a group, for its gid) asks for them. Root when the image names no user.
+async fn image_user(
+    image: &PreparedImage,
+    mounts: &[containerd_client::types::Mount],
+) -> Result<ProcessUser, ContainerdError> {
+    let bad_user = |source| ContainerdError::User {
+        image: image.name.clone(),
+        source,
+    };
+    let Some(spec) = UserSpec::parse(&image.config.user).map_err(bad_user)? else {
+        return Ok(ProcessUser::default());
+    };
+    let (passwd, group) = if spec.needs_files() {
+        let layers = rootfs::layers(mounts);
+        let read = tokio::task::spawn_blocking(move || {
+            let layers = layers?;
+            let text = |path| {
+                rootfs::read_file(&layers, path)
+                    .map(|b| b.map(|b| String::from_utf8_lossy(&b).into_owned()))
+            };
+            Ok((text("/etc/passwd")?, text("/etc/group")?))
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(rootfs::RootfsError::Io {
+                path: "/etc/passwd".into(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        });
+        read.map_err(|source| ContainerdError::Rootfs {
+            image: image.name.clone(),
+            user: image.config.user.clone(),
+            source,
+        })?
+    } else {
+        (None, None)
+    };
+    user::resolve(&spec, passwd.as_deref(), group.as_deref()).map_err(bad_user)
 }
 
 /// Memory and CPU time of container `id`'s cgroup under `root` (cgroup v2:
@@ -1348,9 +1423,123 @@ mod tests {
         assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
     }
 
+    const HOST: seccomp::Host = seccomp::Host {
+        arch: "x86_64",
+        kernel: Some((6, 1)),
+    };
+
+    fn app_user() -> ProcessUser {
+        ProcessUser {
+            uid: 1000,
+            gid: 1000,
+            additional_gids: vec![1000, 2000],
+        }
+    }
+
+    fn spec_of(image: &ImageConfig, run: &ContainerRun) -> oci_spec::runtime::Spec {
+        runtime_spec(image, run, "shoal", &app_user(), &HOST).unwrap()
+    }
+
+    #[test]
+    fn the_spec_confines_the_process() {
+        let spec = spec_of(&image(), &run());
+        let p = spec.process().as_ref().unwrap();
+        assert_eq!((p.user().uid(), p.user().gid()), (1000, 1000));
+        assert_eq!(
+            p.user().additional_gids().as_deref(),
+            Some(&[1000, 2000][..])
+        );
+        let seccomp = spec.linux().as_ref().unwrap().seccomp().as_ref().unwrap();
+        assert_eq!(
+            seccomp.default_action(),
+            oci_spec::runtime::LinuxSeccompAction::ScmpActErrno
+        );
+        assert!(seccomp.syscalls().as_ref().is_some_and(|s| !s.is_empty()));
+        // Root, when the image names no user: no supplementary groups forced on it.
+        let root = runtime_spec(&image(), &run(), "shoal", &ProcessUser::default(), &HOST).unwrap();
+        let u = root.process().as_ref().unwrap().user().clone();
+        assert_eq!(
+            (u.uid(), u.gid(), u.additional_gids().clone()),
+            (0, 0, None)
+        );
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO");
+        assert_eq!(json["process"]["user"]["additionalGids"][1], 2000);
+    }
+
+    #[tokio::test]
+    async fn the_image_user_is_read_from_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let (lower, upper) = (dir.path().join("1/fs"), dir.path().join("2/fs"));
+        std::fs::create_dir_all(lower.join("etc")).unwrap();
+        std::fs::create_dir_all(&upper).unwrap();
+        std::fs::write(
+            lower.join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\napp:x:1234:1234::/home/app:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(lower.join("etc/group"), "app:x:1234:\nsensors:x:2000:app\n").unwrap();
+        let overlay = containerd_client::types::Mount {
+            r#type: "overlay".into(),
+            source: "overlay".into(),
+            options: vec![
+                format!("upperdir={}", upper.display()),
+                format!("lowerdir={}", lower.display()),
+            ],
+            ..Default::default()
+        };
+        let zfs = containerd_client::types::Mount {
+            r#type: "zfs".into(),
+            ..Default::default()
+        };
+        let image = |user: &str| PreparedImage {
+            name: "reg/app@sha256:ab".into(),
+            chain: String::new(),
+            config: ImageConfig {
+                user: user.into(),
+                ..Default::default()
+            },
+        };
+        let user = |uid, gid, more: &[u32]| ProcessUser {
+            uid,
+            gid,
+            additional_gids: more.to_vec(),
+        };
+        let ok = [
+            ("", &overlay, ProcessUser::default()),
+            ("app", &overlay, user(1234, 1234, &[1234, 2000])),
+            ("1234", &overlay, user(1234, 1234, &[1234, 2000])),
+            ("app:5", &overlay, user(1234, 5, &[])),
+            // Both numbers: nothing to read, whatever the mount.
+            ("7:8", &zfs, user(7, 8, &[])),
+        ];
+        for (name, mount, want) in ok {
+            let got = image_user(&image(name), std::slice::from_ref(mount)).await;
+            assert_eq!(got.unwrap(), want, "{name:?}");
+        }
+        let err = |name: &str, mount: &containerd_client::types::Mount| {
+            let image = image(name);
+            let mounts = [mount.clone()];
+            async move { image_user(&image, &mounts).await.unwrap_err().to_string() }
+        };
+        assert_eq!(
+            err("nobody-here", &overlay).await,
+            r#"image reg/app@sha256:ab: user "nobody-here" is not in the image's /etc/passwd"#
+        );
+        assert_eq!(
+            err("app:", &overlay).await,
+            r#"image reg/app@sha256:ab: invalid user "app:": expected user or user:group, each a name or a number"#
+        );
+        let e = err("app", &zfs).await;
+        assert!(
+            e.contains(r#"resolve user "app""#) && e.contains(r#""zfs" mount"#),
+            "{e}"
+        );
+    }
+
     #[test]
     fn the_spec_merges_image_and_manifest() {
-        let spec = runtime_spec(&image(), &run(), "shoal").unwrap();
+        let spec = spec_of(&image(), &run());
         let p = spec.process().as_ref().unwrap();
         assert_eq!(p.args().as_ref().unwrap(), &["/bin/busybox", "sh"]);
         let env = p.env().as_ref().unwrap();
@@ -1389,19 +1578,20 @@ mod tests {
         // Manifest args replace Cmd; a command replaces the entrypoint (and Cmd).
         let mut r = run();
         r.args = vec!["-c".into(), "echo hi".into()];
-        let spec = runtime_spec(&image(), &r, "shoal").unwrap();
+        let spec = spec_of(&image(), &r);
         assert_eq!(
             spec.process().as_ref().unwrap().args().as_ref().unwrap(),
             &["/bin/busybox", "-c", "echo hi"]
         );
         r.command = vec!["/bin/true".into()];
         r.args.clear();
-        let spec = runtime_spec(&image(), &r, "shoal").unwrap();
+        let spec = spec_of(&image(), &r);
         assert_eq!(
             spec.process().as_ref().unwrap().args().as_ref().unwrap(),
             &["/bin/true"]
         );
-        let e = runtime_spec(&ImageConfig::default(), &run(), "shoal").unwrap_err();
-        assert!(e.contains("nothing to run"), "{e}");
+        let e =
+            runtime_spec(&ImageConfig::default(), &run(), "shoal", &app_user(), &HOST).unwrap_err();
+        assert!(matches!(e, SpecError::NothingToRun), "{e}");
     }
 }

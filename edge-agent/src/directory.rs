@@ -1,11 +1,21 @@
 //! What this agent knows about the LAN, from mDNS: hubs, peer devices and the endpoints of
 //! exposed workloads. Pure state fed with [`MdnsEvent`]s; the agent's main loop owns it and
-//! acts on the [`Change`] each event returns (reconnect to another hub, rewrite endpoint files).
+//! acts on the [`Change`] each event returns (look at the hubs again, rewrite endpoint
+//! files). Which hub the agent then uses is [`hub_link`]'s decision.
+//!
+//! Nothing from mDNS is authenticated, so what a record may do is bounded here: hubs naming
+//! another fleet CA are ignored ([`choose_hub`]); service endpoints are filtered like
+//! `spec.network.allow` ([`shoal_api::network::lan_endpoint_allowed`]: no link-local, no
+//! loopback and none of this device's own addresses unless mDNS itself runs on loopback,
+//! IPv4-mapped IPv6 read as IPv4).
+
+pub mod hub_link;
 
 use shoal_api::discovery::{
-    self, choose_hub, preferred_addr, AgentAd, HubAd, HubChoice, SeenHub, ServiceAd,
+    self, choose_hub, preferred_addr, AgentAd, HubAd, HubChoice, HubWanted, SeenHub, ServiceAd,
 };
 use shoal_api::ids::{DeviceId, WorkloadName};
+use shoal_api::network::{canonical_ip, lan_endpoint_allowed};
 use shoal_daemon::mdns::{MdnsEvent, Resolved};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -40,7 +50,11 @@ pub struct Endpoint {
     pub device: DeviceId,
     pub replica: u32,
     pub port_name: String,
-    pub addr: SocketAddr,
+    /// The record's addresses, canonical ([`canonical_ip`]), without those no record may
+    /// name; this device's own addresses are left out when endpoints are read, as they may
+    /// change.
+    pub addrs: Vec<IpAddr>,
+    pub port: u16,
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +75,10 @@ pub struct Directory {
     allow_loopback: bool,
     /// Reach hubs over TLS (`mqtts://`, `https://`); off only for `--insecure` agents.
     tls: bool,
+    /// SHA-256 of the fleet CA this agent trusts; hubs naming another are ignored.
+    ca: Option<String>,
+    /// This device's own addresses: no service endpoint may point at them.
+    own_addrs: BTreeSet<IpAddr>,
 }
 
 impl Directory {
@@ -75,7 +93,25 @@ impl Directory {
             services: BTreeMap::new(),
             allow_loopback: false,
             tls: true,
+            ca: None,
+            own_addrs: BTreeSet::new(),
         }
+    }
+
+    /// Trust hubs of the fleet CA with this SHA-256 only (the one enrolled with, or the one
+    /// a join token pins).
+    pub fn with_ca(mut self, ca: Option<String>) -> Self {
+        self.ca = ca;
+        self
+    }
+
+    /// This device's addresses (they change: DHCP, interfaces coming and going); returns
+    /// whether they did, and so whether service endpoints may have.
+    pub fn set_own_addrs(&mut self, addrs: BTreeSet<IpAddr>) -> bool {
+        let addrs: BTreeSet<IpAddr> = addrs.into_iter().map(canonical_ip).collect();
+        let changed = addrs != self.own_addrs;
+        self.own_addrs = addrs;
+        changed
     }
 
     /// Reach hubs in the clear (an agent run with `--insecure`).
@@ -114,6 +150,9 @@ impl Directory {
     }
 
     fn resolved(&mut self, mut r: Resolved, now_ms: u64) -> (Change, Option<String>) {
+        for a in &mut r.addrs {
+            *a = canonical_ip(*a);
+        }
         if !self.allow_loopback {
             r.addrs.retain(|a| !a.is_loopback() && !a.is_unspecified());
         }
@@ -161,20 +200,34 @@ impl Directory {
             })
         } else {
             ServiceAd::from_txt(&r.fullname, &r.txt).map(|ad| {
-                let Some(addr) = preferred_addr(&r.addrs) else {
-                    return Change::None;
-                };
+                let mut addrs: Vec<IpAddr> = r
+                    .addrs
+                    .iter()
+                    .map(|a| canonical_ip(*a))
+                    .filter(|a| lan_endpoint_allowed(*a, &BTreeSet::new(), self.allow_loopback))
+                    .collect();
+                addrs.sort();
+                addrs.dedup();
                 if ad.fleet != self.fleet
                     || ad.device == self.own
                     || discovery::workload_service(&ad.workload) != r.ty
                 {
                     return Change::None;
                 }
+                if addrs.is_empty() {
+                    // Nowhere a workload may be sent: not an endpoint (any more).
+                    let eps = self.services.get_mut(&ad.workload);
+                    return match eps.and_then(|e| e.remove(&r.fullname)) {
+                        Some(_) => Change::Service(ad.workload),
+                        None => Change::None,
+                    };
+                }
                 let ep = Endpoint {
                     device: ad.device,
                     replica: ad.replica,
                     port_name: ad.port_name,
-                    addr: SocketAddr::new(addr, r.port),
+                    addrs,
+                    port: r.port,
                 };
                 let eps = self.services.entry(ad.workload.clone()).or_default();
                 if eps.insert(r.fullname.clone(), ep.clone()) == Some(ep) {
@@ -203,10 +256,16 @@ impl Directory {
         self.services.remove(service);
     }
 
-    /// The hub to use (see [`choose_hub`]).
+    /// The candidate hubs, best first, and those ignored (see [`choose_hub`]).
     pub fn hub_choice(&self) -> HubChoice {
         let hubs: Vec<SeenHub> = self.hubs.values().map(|h| h.hub.clone()).collect();
-        choose_hub(&self.fleet, self.protocol, self.tls, &hubs)
+        let wanted = HubWanted {
+            fleet: &self.fleet,
+            protocol: self.protocol,
+            tls: self.tls,
+            ca: self.ca.as_deref(),
+        };
+        choose_hub(&wanted, &hubs)
     }
 
     pub fn hubs(&self) -> impl Iterator<Item = &HubEntry> {
@@ -217,9 +276,9 @@ impl Directory {
         self.peers.values()
     }
 
-    /// Current endpoints of `service`, by port name: the remote ones from mDNS plus
-    /// `local` (this device's running replicas of it, reached on loopback). Sorted, no
-    /// duplicates.
+    /// Current endpoints of `service`, by port name: the remote ones from mDNS (at the
+    /// preferred of their addresses that is not this device's own) plus `local` (this
+    /// device's running replicas of it, reached on loopback). Sorted, no duplicates.
     pub fn endpoints(
         &self,
         service: &WorkloadName,
@@ -237,7 +296,17 @@ impl Directory {
             .into_iter()
             .flat_map(|m| m.values())
         {
-            out.entry(ep.port_name.clone()).or_default().insert(ep.addr);
+            let usable: Vec<IpAddr> = ep
+                .addrs
+                .iter()
+                .copied()
+                .filter(|a| lan_endpoint_allowed(*a, &self.own_addrs, self.allow_loopback))
+                .collect();
+            if let Some(addr) = preferred_addr(&usable) {
+                out.entry(ep.port_name.clone())
+                    .or_default()
+                    .insert(SocketAddr::new(addr, ep.port));
+            }
         }
         out
     }
@@ -264,11 +333,16 @@ mod tests {
     }
 
     fn hub(fleet: &str) -> Vec<(String, String)> {
+        hub_of(fleet, None)
+    }
+
+    fn hub_of(fleet: &str, ca: Option<&str>) -> Vec<(String, String)> {
         HubAd {
             protocol: 1,
             fleet: fleet.into(),
             http_port: 8080,
             mqtt: vec![discovery::MqttEndpoint::Local(1883)],
+            ca: ca.map(String::from),
         }
         .to_txt()
     }
@@ -295,7 +369,7 @@ mod tests {
             Change::Hubs
         );
         assert_eq!(
-            d.hub_choice().selected.unwrap().broker.to_string(),
+            d.hub_choice().candidates[0].broker.to_string(),
             "mqtts://10.0.0.1:1883"
         );
         // The same record again changes nothing; a new address does.
@@ -310,20 +384,20 @@ mod tests {
             Change::Hubs
         );
         assert_eq!(
-            d.hub_choice().selected.unwrap().broker.to_string(),
+            d.hub_choice().candidates[0].broker.to_string(),
             "mqtts://10.0.0.7:1883"
         );
         assert_eq!(d.hubs().next().unwrap().first_seen_ms, 1);
         // Another fleet's hub is seen but never chosen.
         d.apply(resolved(h, "lab-x", &["10.0.0.2"], 8080, hub("lab")), 4);
         let c = d.hub_choice();
-        assert!(c.selected.unwrap().instance.starts_with("farm-a") && c.ignored.len() == 1);
+        assert!(c.candidates[0].instance.starts_with("farm-a") && c.ignored.len() == 1);
         let gone = MdnsEvent::Removed {
             ty: h.into(),
             fullname: format!("farm-a.{h}"),
         };
         assert_eq!(d.apply(gone, 5).0, Change::Hubs);
-        assert!(d.hub_choice().selected.is_none());
+        assert!(d.hub_choice().candidates.is_empty());
     }
 
     #[test]
@@ -331,7 +405,7 @@ mod tests {
         let mut d = Directory::new("farm", 1, "me".parse().unwrap());
         let h = discovery::HUB_SERVICE;
         d.apply(resolved(h, "farm-a", &["127.0.0.1"], 8080, hub("farm")), 1);
-        assert!(d.hub_choice().selected.is_none());
+        assert!(d.hub_choice().candidates.is_empty());
         let ty = "_greeter._tcp.local.";
         d.apply(
             resolved(
@@ -351,7 +425,130 @@ mod tests {
         assert_eq!(eps, ["10.0.0.5:22"]);
         let mut d = Directory::new("farm", 1, "me".parse().unwrap()).with_loopback(true);
         d.apply(resolved(h, "farm-a", &["127.0.0.1"], 8080, hub("farm")), 1);
-        assert!(d.hub_choice().selected.is_some());
+        assert!(!d.hub_choice().candidates.is_empty());
+    }
+
+    #[test]
+    fn hubs_of_another_fleet_ca_are_not_candidates() {
+        let own = "a".repeat(64);
+        let other = "b".repeat(64);
+        let h = discovery::HUB_SERVICE;
+        let mut d = Directory::new("farm", 1, "me".parse().unwrap()).with_ca(Some(own.clone()));
+        d.apply(
+            resolved(
+                h,
+                "farm-a-rogue",
+                &["10.0.0.3"],
+                8080,
+                hub_of("farm", Some(&other)),
+            ),
+            1,
+        );
+        d.apply(
+            resolved(
+                h,
+                "farm-hub-a",
+                &["10.0.0.1"],
+                8080,
+                hub_of("farm", Some(&own)),
+            ),
+            1,
+        );
+        d.apply(
+            resolved(h, "farm-0-old", &["10.0.0.2"], 8080, hub("farm")),
+            1,
+        );
+        let c = d.hub_choice();
+        let names: Vec<&str> = c.candidates.iter().map(|h| h.instance.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "farm-hub-a._shoal-hub._tcp.local.",
+                "farm-0-old._shoal-hub._tcp.local."
+            ]
+        );
+        assert_eq!(c.ignored.len(), 1);
+        assert!(c.ignored[0].0.starts_with("farm-a-rogue"), "{c:?}");
+    }
+
+    #[test]
+    fn service_endpoints_are_filtered_like_network_rules() {
+        let ty = "_greeter._tcp.local.";
+        let g = WorkloadName::try_from("greeter").unwrap();
+        let own: BTreeSet<IpAddr> = ["10.0.0.9".parse().unwrap()].into();
+        // (record's addresses, endpoint seen from the LAN, seen with mDNS on loopback)
+        let cases: &[(&[&str], Option<&str>, Option<&str>)] = &[
+            (&["10.0.0.5"], Some("10.0.0.5:7000"), Some("10.0.0.5:7000")),
+            // IPv4-mapped IPv6 is read as IPv4.
+            (
+                &["::ffff:10.0.0.5"],
+                Some("10.0.0.5:7000"),
+                Some("10.0.0.5:7000"),
+            ),
+            // Link-local: never; another address of the record is used instead.
+            (&["169.254.169.254"], None, None),
+            (&["fe80::1"], None, None),
+            (
+                &["169.254.1.1", "10.0.0.5"],
+                Some("10.0.0.5:7000"),
+                Some("10.0.0.5:7000"),
+            ),
+            // This device's own address, however written: only over loopback mDNS.
+            (&["10.0.0.9"], None, Some("10.0.0.9:7000")),
+            (&["::ffff:10.0.0.9"], None, Some("10.0.0.9:7000")),
+            (
+                &["10.0.0.9", "2001:db8::5"],
+                Some("[2001:db8::5]:7000"),
+                Some("10.0.0.9:7000"),
+            ),
+            (&["::ffff:127.0.0.1"], None, Some("127.0.0.1:7000")),
+            (&["0.0.0.0"], None, None),
+        ];
+        for (addrs, lan, local) in cases {
+            for (loopback, want) in [(false, lan), (true, local)] {
+                let mut d =
+                    Directory::new("farm", 1, "me".parse().unwrap()).with_loopback(loopback);
+                assert!(d.set_own_addrs(own.clone()));
+                assert!(!d.set_own_addrs(own.clone()));
+                d.apply(
+                    resolved(ty, "greeter-0-http@a", addrs, 7000, svc("a", 0)),
+                    1,
+                );
+                let got: Vec<String> = d
+                    .endpoints(&g, &[])
+                    .get("http")
+                    .into_iter()
+                    .flatten()
+                    .map(|a| a.to_string())
+                    .collect();
+                let want: Vec<String> = want.iter().map(|w| w.to_string()).collect();
+                assert_eq!(got, want, "{addrs:?} loopback={loopback}");
+            }
+        }
+        // A record that moves to addresses no workload may be sent to is no endpoint.
+        let mut d = Directory::new("farm", 1, "me".parse().unwrap());
+        d.apply(
+            resolved(ty, "greeter-0-http@a", &["10.0.0.5"], 7000, svc("a", 0)),
+            1,
+        );
+        assert_eq!(
+            d.apply(
+                resolved(ty, "greeter-0-http@a", &["fe80::5"], 7000, svc("a", 0)),
+                2
+            )
+            .0,
+            Change::Service(g.clone())
+        );
+        assert!(d.endpoints(&g, &[]).is_empty());
+        // The device's addresses change: endpoints follow.
+        let mut d = Directory::new("farm", 1, "me".parse().unwrap());
+        d.apply(
+            resolved(ty, "greeter-0-http@a", &["10.0.0.5"], 7000, svc("a", 0)),
+            1,
+        );
+        assert_eq!(d.endpoints(&g, &[]).len(), 1);
+        assert!(d.set_own_addrs(["10.0.0.5".parse().unwrap()].into()));
+        assert!(d.endpoints(&g, &[]).is_empty());
     }
 
     #[test]

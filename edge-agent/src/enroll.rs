@@ -7,10 +7,20 @@
 //! here. The key never leaves the device. The credentials land in `DATA_DIR/pki/` (see
 //! [`DeviceCredentials`]); later starts use them without a token.
 //!
+//! Enrolling at a hub found over mDNS, the agent tries the candidates in turn: one that
+//! serves another CA, or cannot be reached over TLS with the pinned one, is skipped
+//! ([`EnrollError::is_wrong_hub`]); a refusal from the right hub (token used, expired) ends
+//! the attempt as before.
+//!
 //! Renewal: once the certificate is past two thirds of its lifetime, `POST /v1/renew` with a
 //! CSR for the same key, authenticated by the current certificate; the new certificate is
 //! saved (one atomic rename) and presented from the next handshake on
-//! ([`ClientIdentity::replace`]).
+//! ([`ClientIdentity::replace`]). Renewal goes to the hub the agent last authenticated
+//! (`--hub`, or the one [`authenticate`] accepted), never to whatever mDNS shows.
+//!
+//! [`authenticate`]: a TLS handshake with each endpoint of a candidate hub (its HTTP API
+//! as `shoal-hub-api`, its broker as `shoal-hub` or `shoal-broker`, both from this device's
+//! fleet CA) before the agent uses it; nothing is sent over them.
 
 use shoal_api::ids::DeviceId;
 use shoal_api::views::{EnrollRequest, Enrolled, RenewRequest};
@@ -44,8 +54,27 @@ pub enum EnrollError {
     },
     #[error("enrollment at {url} failed: {reason}")]
     Http { url: String, reason: String },
+    #[error(
+        "enrollment at {url} failed: cannot reach the hub over TLS with the fleet CA: {reason}"
+    )]
+    Unreachable { url: String, reason: String },
+    #[error("hub endpoint {url} not authenticated: {reason}")]
+    Unauthenticated { url: String, reason: String },
     #[error(transparent)]
     Pki(#[from] shoal_pki::PkiError),
+}
+
+impl EnrollError {
+    /// Whether the hub tried is not the fleet's (another CA, or not reachable with the
+    /// pinned one), so that another candidate may be: not an answer from the right hub.
+    pub fn is_wrong_hub(&self) -> bool {
+        matches!(
+            self,
+            EnrollError::WrongCa { .. }
+                | EnrollError::Unreachable { .. }
+                | EnrollError::Unauthenticated { .. }
+        )
+    }
 }
 
 /// What the agent's connections to the hub use.
@@ -58,6 +87,9 @@ pub struct Identity {
     pub cert: Arc<ClientIdentity>,
     pub hub_key: HubKey,
     pub dir: PathBuf,
+    /// SHA-256 (hex) of the fleet CA this device enrolled with: hubs advertising another
+    /// are not this device's.
+    pub ca_hash: String,
 }
 
 pub fn pki_dir(data_dir: &Path) -> PathBuf {
@@ -99,12 +131,14 @@ pub async fn identity(
         });
     }
     let cert = ClientIdentity::new(&creds.cert_pem, &creds.key_pem)?;
+    let ca_hash = shoal_pki::ca::hash_of_pem(&creds.ca_pem, &dir.display().to_string())?;
     Ok(Identity {
         client: tls::client_config(&creds.ca_pem, Some(cert.clone()))?,
         mqtt: tls::mqtt_client_config(&creds.ca_pem, Some(cert.clone()))?,
         hub_key: creds.hub_key()?,
         cert,
         dir,
+        ca_hash,
     })
 }
 
@@ -128,12 +162,17 @@ async fn enroll(
         url: hub.to_string(),
         reason,
     };
+    let unreachable = |e: reqwest::Error| EnrollError::Unreachable {
+        url: hub.to_string(),
+        reason: crate::with_causes(&e),
+    };
     let unverified = client(tls::unverified_client_config()?).map_err(http)?;
     let ca_pem = unverified
         .get(format!("{hub}/v1/ca"))
         .send()
         .await
-        .and_then(|r| r.error_for_status())
+        .map_err(unreachable)?
+        .error_for_status()
         .map_err(|e| http(e.to_string()))?
         .text()
         .await
@@ -150,19 +189,19 @@ async fn enroll(
     }
     let (key_pem, csr) = key_and_csr(device.as_str())?;
     let pinned = client(tls::client_config(&ca_pem, None)?).map_err(http)?;
-    let out: Enrolled = answer(
-        pinned
-            .post(format!("{hub}/v1/enroll"))
-            .json(&EnrollRequest {
-                token: token.to_string(),
-                device: device.to_string(),
-                csr,
-            })
-            .send()
-            .await,
-    )
-    .await
-    .map_err(http)?;
+    // A failure to connect (TLS with the pinned CA included) says nothing of the fleet's
+    // hub: a host that served the fleet CA's (public) certificate cannot prove it holds it.
+    let sent = pinned
+        .post(format!("{hub}/v1/enroll"))
+        .json(&EnrollRequest {
+            token: token.to_string(),
+            device: device.to_string(),
+            csr,
+        })
+        .send()
+        .await
+        .map_err(unreachable)?;
+    let out: Enrolled = answer(Ok(sent)).await.map_err(http)?;
     Ok(DeviceCredentials {
         ca_pem,
         cert_pem: out.certificate,
@@ -274,4 +313,201 @@ async fn renew(id: &Identity, hub: &str, mut creds: DeviceCredentials) -> Result
     id.cert.replace(&creds.cert_pem, &creds.key_pem)?;
     info!(device, "device certificate renewed");
     Ok(())
+}
+
+/// How long authenticating one endpoint of a candidate hub may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Authenticates a candidate hub before the agent uses it: a TLS handshake with its HTTP
+/// API (`http`, verified as the hub's API against this device's fleet CA) and with its
+/// broker (`broker`, as the hub or the fleet's broker), each when given. Nothing is sent
+/// over them. A plain-MQTT broker cannot be authenticated.
+pub async fn authenticate(
+    id: &Identity,
+    http: Option<&str>,
+    broker: Option<&shoal_api::endpoint::BrokerUrl>,
+) -> Result<(), EnrollError> {
+    authenticate_with(&id.client, &id.mqtt, http, broker).await
+}
+
+/// [`authenticate`] with the HTTPS (`client`) and MQTT (`mqtt`) TLS configurations.
+async fn authenticate_with(
+    client: &Arc<rustls::ClientConfig>,
+    mqtt: &Arc<rustls::ClientConfig>,
+    http: Option<&str>,
+    broker: Option<&shoal_api::endpoint::BrokerUrl>,
+) -> Result<(), EnrollError> {
+    if let Some(url) = http {
+        let unauthenticated = |reason: String| EnrollError::Unauthenticated {
+            url: url.to_string(),
+            reason,
+        };
+        let (host, port) = http_endpoint(url).map_err(unauthenticated)?;
+        handshake(host, port, client.clone())
+            .await
+            .map_err(unauthenticated)?;
+    }
+    if let Some(b) = broker {
+        let unauthenticated = |reason: String| EnrollError::Unauthenticated {
+            url: b.to_string(),
+            reason,
+        };
+        if !b.tls {
+            return Err(unauthenticated(
+                "plain MQTT: this agent speaks TLS only".into(),
+            ));
+        }
+        handshake(b.host.clone(), b.port, mqtt.clone())
+            .await
+            .map_err(unauthenticated)?;
+    }
+    Ok(())
+}
+
+/// Host and port of an `https://HOST:PORT` URL (IPv6 hosts without their brackets).
+fn http_endpoint(url: &str) -> Result<(String, u16), String> {
+    let u = reqwest::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
+    let host = u
+        .host_str()
+        .ok_or_else(|| "no host in the URL".to_string())?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = u
+        .port_or_known_default()
+        .ok_or_else(|| "no port in the URL".to_string())?;
+    Ok((host, port))
+}
+
+/// A TLS handshake with `host:port` under `tls` (which verifies the peer against the fleet
+/// CA for the fleet's names, whatever address was dialled), then a close; within
+/// [`PROBE_TIMEOUT`]. On the blocking pool: rustls over a std socket.
+async fn handshake(host: String, port: u16, tls: Arc<rustls::ClientConfig>) -> Result<(), String> {
+    tokio::task::spawn_blocking(move || handshake_blocking(&host, port, tls))
+        .await
+        .map_err(|e| format!("probe task failed: {e}"))?
+}
+
+fn handshake_blocking(host: &str, port: u16, tls: Arc<rustls::ClientConfig>) -> Result<(), String> {
+    use std::net::ToSocketAddrs;
+    let started = std::time::Instant::now();
+    let addr = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{host:?} has no address"))?;
+    let mut sock = std::net::TcpStream::connect_timeout(&addr, PROBE_TIMEOUT)
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let io = |e: std::io::Error| format!("TLS with {addr}: {e}");
+    sock.set_read_timeout(Some(PROBE_TIMEOUT)).map_err(io)?;
+    sock.set_write_timeout(Some(PROBE_TIMEOUT)).map_err(io)?;
+    // The verifier checks the fleet's names, not this one.
+    let name = rustls::pki_types::ServerName::try_from(shoal_pki::ca::HUB_NAME)
+        .map_err(|e| e.to_string())?;
+    let mut conn = rustls::ClientConnection::new(tls, name).map_err(|e| e.to_string())?;
+    while conn.is_handshaking() {
+        if started.elapsed() > PROBE_TIMEOUT {
+            return Err(format!(
+                "TLS with {addr}: no handshake within {PROBE_TIMEOUT:?}"
+            ));
+        }
+        conn.complete_io(&mut sock).map_err(io)?;
+    }
+    conn.send_close_notify();
+    let _ = conn.complete_io(&mut sock);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_pki::ca::{FleetCa, Usage};
+    use shoal_pki::tls::ClientAuth;
+
+    /// A TLS server on loopback presenting `cn`'s certificate from `ca` (as `usage`), for
+    /// `conns` connections; returns its port.
+    fn tls_server(ca: &FleetCa, cn: &str, usage: &Usage, conns: usize) -> u16 {
+        let (cert, key) = ca.issue(cn, usage).unwrap();
+        let cfg = shoal_pki::tls::server_config(ca.pem(), &cert, &key, ClientAuth::Optional, &[])
+            .unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for sock in l.incoming().take(conns) {
+                let Ok(mut sock) = sock else { continue };
+                let Ok(mut conn) = rustls::ServerConnection::new(cfg.clone()) else {
+                    continue;
+                };
+                while conn.is_handshaking() {
+                    if conn.complete_io(&mut sock).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn only_the_fleets_hub_and_broker_authenticate() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fleet = FleetCa::load_or_create(&tmp.path().join("fleet")).unwrap();
+        let rogue = FleetCa::load_or_create(&tmp.path().join("rogue")).unwrap();
+        let client = tls::client_config(fleet.pem(), None).unwrap();
+        let mqtt = tls::mqtt_client_config(fleet.pem(), None).unwrap();
+        let server = |names: Vec<String>| Usage::Server { names };
+        let hub = tls_server(&fleet, "shoal-hub", &server(vec![]), 2);
+        let fake = tls_server(&rogue, "shoal-hub", &server(vec![]), 2);
+        let broker = tls_server(&fleet, "shoal-broker", &Usage::Broker { names: vec![] }, 2);
+        let device = tls_server(&fleet, "pi-1", &Usage::Client, 2);
+        // A port nobody listens on (bound, then released).
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let http = |p: u16| format!("https://127.0.0.1:{p}");
+        let mqtts = |p: u16| -> shoal_api::endpoint::BrokerUrl {
+            format!("mqtts://127.0.0.1:{p}").parse().unwrap()
+        };
+        // (HTTP API, broker, authenticated)
+        let cases = [
+            (Some(http(hub)), Some(mqtts(hub)), true),
+            // A CA of its own: neither endpoint.
+            (Some(http(fake)), None, false),
+            (None, Some(mqtts(fake)), false),
+            // The fleet's broker is no hub API; a device's certificate is neither.
+            (None, Some(mqtts(broker)), true),
+            (Some(http(broker)), None, false),
+            (Some(http(device)), None, false),
+            (None, Some(mqtts(device)), false),
+            // Plain MQTT cannot be authenticated; nobody listening is not authenticated.
+            (
+                None,
+                Some(format!("mqtt://127.0.0.1:{hub}").parse().unwrap()),
+                false,
+            ),
+            (Some(http(closed)), None, false),
+        ];
+        for (h, b, ok) in cases {
+            let r = authenticate_with(&client, &mqtt, h.as_deref(), b.as_ref()).await;
+            assert_eq!(r.is_ok(), ok, "{h:?} {b:?}: {r:?}");
+            if let Err(e) = r {
+                assert!(e.is_wrong_hub(), "{e}");
+                assert!(e.to_string().contains("127.0.0.1"), "{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn hub_urls_split_into_host_and_port() {
+        for (url, host, port) in [
+            ("https://10.0.0.1:8080", "10.0.0.1", 8080),
+            ("https://[2001:db8::1]:8443/", "2001:db8::1", 8443),
+            ("https://hub.lan", "hub.lan", 443),
+        ] {
+            assert_eq!(http_endpoint(url).unwrap(), (host.to_string(), port));
+        }
+        assert!(http_endpoint("hub.lan:8080").is_err());
+    }
 }

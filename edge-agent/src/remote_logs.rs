@@ -340,6 +340,9 @@ mod tests {
             follow: false,
             lease_secs: 10,
             cancel: false,
+            device_id: None,
+            issued_ms: 0,
+            signature: None,
         }
     }
 

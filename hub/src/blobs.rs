@@ -223,6 +223,16 @@ impl BlobStore {
         Ok(compiled)
     }
 
+    /// Blob `d` opened for reading, and its size (a download streams it from disk rather
+    /// than holding it in memory).
+    pub fn open_blob(&self, d: &Digest) -> Result<(std::fs::File, u64), BlobError> {
+        self.fetch(d);
+        let p = self.path(d);
+        let f = std::fs::File::open(&p).map_err(io(&p))?;
+        let len = f.metadata().map_err(io(&p))?.len();
+        Ok((f, len))
+    }
+
     pub fn read(&self, d: &Digest) -> Result<Vec<u8>, BlobError> {
         self.fetch(d);
         let p = self.path(d);

@@ -11,17 +11,27 @@
 //! [`shoal_api::mqtt_guard`], which enforces the fleet's topic ACL; rumqttd then only accepts the
 //! private login the guard writes into CONNECT, so nothing reaches it around the front.
 //!
+//! On both paths, TLS and plain, the front keeps the client's keep-alive in place of rumqttd
+//! ([`shoal_api::mqtt_keepalive`]): it accepts keep-alive 0 (rumqttd refuses it), and it cuts
+//! a client silent for 1.5 × its keep-alive by closing rumqttd's side without a DISCONNECT,
+//! so rumqttd publishes the client's will. Topics starting with `$` need nothing from the
+//! front: rumqttd matches them to no filter at all (`rumqttd::protocol::matches`), so no
+//! filter starting with a wildcard sees them (MQTT 3.1.1 §4.7.2; a server should keep clients
+//! from exchanging messages on `$` topics anyway). tests/tests/mqtt_protocol.rs holds all
+//! three to what Debian's mosquitto does.
+//!
 //! rumqttd has no shutdown API: its threads live for the life of the process (see
 //! docs/adr/0001-embedded-broker.md). The front listener does stop on shutdown, which closes
 //! the port to new clients.
 
 use shoal_api::acl::Identity;
 use shoal_api::mqtt_guard::{packet_len, packet_len_max, refusal, Guard, Pass};
+use shoal_api::mqtt_keepalive::{silence_limit, take_keep_alive, timed_out};
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -56,7 +66,8 @@ pub struct Embedded {
 /// ACL when `tls` is given, plain TCP otherwise (`--insecure`).
 pub async fn start(
     listen: SocketAddr,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    security: Option<(Arc<crate::security::Security>, crate::access::VerdictsRx)>,
+    gate: Arc<crate::gate::Gate>,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<Embedded, BrokerError> {
@@ -72,14 +83,20 @@ pub async fn start(
     })?;
     let v4 = free_loopback_port()?;
     let v5 = free_loopback_port()?;
-    let login = tls.as_ref().map(|_| {
+    let login = security.as_ref().map(|_| {
         (
             "shoal-front".to_string(),
             hex::encode(rand::random::<[u8; 16]>()),
         )
     });
     let config = rumqttd_config(v4, v5, login.clone());
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let acceptor = security.map(|(sec, verdicts)| {
+        (
+            tokio_rustls::TlsAcceptor::from(sec.mqtt.clone()),
+            sec,
+            verdicts,
+        )
+    });
     // rumqttd's `start` blocks for the life of its servers; give it a thread of its own.
     std::thread::Builder::new()
         .name("mqtt-broker".into())
@@ -101,17 +118,29 @@ pub async fn start(
                 _ = shutdown.cancelled() => break,
                 accepted = front.accept() => match accepted {
                     Ok((conn, peer)) => {
+                        // Past the descriptor budget, closed at once (see crate::gate).
+                        let Some(ticket) = gate.enter(crate::gate::MQTT_COST) else {
+                            debug!(%peer, "mqtt connection refused: the hub holds as many as it may");
+                            continue;
+                        };
                         let stop = shutdown.clone();
                         let secure = acceptor.clone().zip(front_login.clone());
                         t.spawn(async move {
+                            let evicted = ticket.evicted();
                             let serve = async {
                                 match secure {
-                                    Some((a, login)) => dispatch_tls(conn, peer, a, v4, v5, login).await,
-                                    None => dispatch(conn, v4, v5).await,
+                                    Some((front, login)) => dispatch_tls(conn, peer, front, &ticket, (v4, v5), login).await,
+                                    None => {
+                                        ticket.verified(); // --insecure: nobody to tell apart
+                                        dispatch(conn, v4, v5).await
+                                    }
                                 }
                             };
                             tokio::select! {
                                 _ = stop.cancelled() => {}
+                                _ = evicted.cancelled() => {
+                                    debug!(%peer, "mqtt connection closed before it showed a certificate: room for newer ones");
+                                }
                                 r = serve => if let Err(e) = r {
                                     debug!(%peer, error = %e, "mqtt connection ended");
                                 }
@@ -192,29 +221,112 @@ fn rumqttd_config(
     }
 }
 
-/// Reads the CONNECT header and splices the connection to the matching backend.
-async fn dispatch(mut conn: TcpStream, v4: SocketAddr, v5: SocketAddr) -> std::io::Result<()> {
+/// Reads the CONNECT, takes the client's keep-alive (see [`shoal_api::mqtt_keepalive`]) and
+/// splices the connection to the backend of its protocol level.
+async fn dispatch(conn: TcpStream, v4: SocketAddr, v5: SocketAddr) -> std::io::Result<()> {
     conn.set_nodelay(true)?;
-    let level = tokio::time::timeout(Duration::from_secs(10), protocol_level(&conn))
-        .await
-        .map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::TimedOut, "no CONNECT within 10s")
-        })??;
+    let (mut client_rx, mut client_tx) = conn.into_split();
+    let mut buf = Vec::with_capacity(4096);
+    let read = read_connect(&mut client_rx, &mut buf);
+    let mut connect = match tokio::time::timeout(Duration::from_secs(10), read).await {
+        Err(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no CONNECT within 10s",
+            ))
+        }
+        Ok(r) => match r? {
+            Some(p) => p,
+            None => return Ok(()),
+        },
+    };
+    let level = match parse_level(&connect) {
+        Parse::Level(l) => l,
+        Parse::Invalid(why) => {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why))
+        }
+        Parse::NeedMore => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "truncated CONNECT",
+            ))
+        }
+    };
     let backend = match level {
         5 => v5,
         3 | 4 => v4,
         other => {
             // CONNACK with return code 1: unacceptable protocol version (3.1.1 framing).
-            conn.write_all(&[0x20, 0x02, 0x00, 0x01]).await?;
+            client_tx.write_all(&[0x20, 0x02, 0x00, 0x01]).await?;
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!("unsupported MQTT protocol level {other}"),
             ));
         }
     };
+    let keep_alive = take_keep_alive(&mut connect).map_err(invalid)?;
     let up = TcpStream::connect(backend).await?;
     up.set_nodelay(true)?;
-    splice(conn, up).await
+    let (up_rx, mut up_tx) = up.into_split();
+    up_tx.write_all(&connect).await?;
+    // Whatever the client sent right after its CONNECT.
+    up_tx.write_all(&buf).await?;
+    let client = (client_rx, client_tx);
+    splice(client, (up_rx, up_tx), silence_limit(keep_alive), level).await
+}
+
+/// Reads a client's first packet (CONNECT, which picks the backend by protocol level) and
+/// leaves what came after it in `buf`; `None` if the client left first. It must be small:
+/// nothing is buffered for long before the client said who it is.
+async fn read_connect<R: AsyncRead + Unpin>(
+    rx: &mut R,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Option<Vec<u8>>> {
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        if let Some(n) = packet_len(buf).map_err(invalid)? {
+            return Ok(Some(buf.drain(..n).collect()));
+        }
+        if buf.len() > MAX_CONNECT {
+            return Err(invalid(shoal_api::mqtt_guard::Violation::Malformed(
+                "CONNECT larger than 64 KiB",
+            )));
+        }
+        let n = rx.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Reads what a client sends, for at most `silence` (1.5 × its keep-alive) when it has one.
+/// Each read counts from when the front starts waiting, so time the front holds a client
+/// back (its budget, a busy broker) is never taken for the client's silence.
+async fn read_client<R: AsyncRead + Unpin>(
+    rx: &mut R,
+    buf: &mut [u8],
+    silence: Option<Duration>,
+) -> Result<usize, Violation> {
+    match silence {
+        Some(limit) => tokio::time::timeout(limit, rx.read(buf))
+            .await
+            .map_err(|_| Violation::Silent(limit))?,
+        None => rx.read(buf).await,
+    }
+    .map_err(Violation::Io)
+}
+
+/// Says `last` (if anything) to a client that is being cut and closes its side, giving up
+/// after a few seconds: a client cut for its silence may not be reading at all.
+async fn farewell<W: tokio::io::AsyncWrite + Unpin>(tx: &mut W, last: Option<Vec<u8>>) {
+    let bye = async {
+        if let Some(p) = last {
+            tx.write_all(&p).await?;
+        }
+        tx.shutdown().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), bye).await;
 }
 
 /// The TLS front: handshake (client certificate required), identity from the certificate,
@@ -224,12 +336,15 @@ async fn dispatch(mut conn: TcpStream, v4: SocketAddr, v5: SocketAddr) -> std::i
 async fn dispatch_tls(
     conn: TcpStream,
     peer: SocketAddr,
-    acceptor: tokio_rustls::TlsAcceptor,
-    v4: SocketAddr,
-    v5: SocketAddr,
+    (acceptor, sec, verdicts): (
+        tokio_rustls::TlsAcceptor,
+        Arc<crate::security::Security>,
+        crate::access::VerdictsRx,
+    ),
+    ticket: &crate::gate::Ticket,
+    (v4, v5): (SocketAddr, SocketAddr),
     login: (String, String),
 ) -> std::io::Result<()> {
-    use tokio::io::AsyncReadExt;
     conn.set_nodelay(true)?;
     let timeout = |what: &'static str| std::io::Error::new(std::io::ErrorKind::TimedOut, what);
     let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(conn)).await {
@@ -240,42 +355,40 @@ async fn dispatch_tls(
         }
         Ok(Ok(t)) => t,
     };
-    let who = tls
+    // Who it is, from its certificate and the enrollment book (revoked devices and
+    // operators, replaced device keys and unknown operators stay out).
+    let cert = tls
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|c| c.first())
-        .and_then(shoal_pki::tls::common_name)
-        .and_then(|cn| Identity::from_common_name(&cn));
-    let Some(who) = who else {
-        warn!(%peer, "mqtt client refused: its certificate names no fleet identity");
-        return Ok(());
-    };
-    let (mut client_rx, mut client_tx) = tokio::io::split(tls);
-    let mut guard = Guard::new(who, login);
-    let mut buf: Vec<u8> = Vec::with_capacity(4096);
-    let mut chunk = vec![0u8; 16 * 1024];
-    // The first packet: CONNECT, which picks the backend by protocol level. It must arrive
-    // whole within 10 s and be small: nothing is buffered for long before the client said
-    // who it is.
-    let read_connect = async {
-        loop {
-            if let Some(n) = packet_len(&buf).map_err(invalid)? {
-                return Ok::<_, std::io::Error>(Some(buf.drain(..n).collect::<Vec<u8>>()));
-            }
-            if buf.len() > MAX_CONNECT {
-                return Err(invalid(shoal_api::mqtt_guard::Violation::Malformed(
-                    "CONNECT larger than 64 KiB",
-                )));
-            }
-            let n = client_rx.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok(None);
-            }
-            buf.extend_from_slice(&chunk[..n]);
+        .map(|c| c.clone().into_owned());
+    let fingerprint = cert
+        .as_ref()
+        .map(shoal_pki::tls::fingerprint)
+        .unwrap_or_default();
+    let who = match crate::access::admit_connection(&sec, cert).await {
+        crate::access::Admission::In(who) => {
+            ticket.verified();
+            who
+        }
+        crate::access::Admission::Out(why) => {
+            warn!(%peer, reason = %why, "mqtt client refused");
+            return Ok(());
+        }
+        crate::access::Admission::Anonymous => {
+            warn!(%peer, "mqtt client refused: no client certificate");
+            return Ok(());
         }
     };
-    let first = match tokio::time::timeout(Duration::from_secs(10), read_connect).await {
+    let (mut client_rx, mut client_tx) = tokio::io::split(tls);
+    // The session ends when the book shuts its holder out (a revocation after it connected).
+    let shut_out = crate::access::until_shut_out(verdicts, who.clone(), fingerprint);
+    let mut guard = Guard::new(who, login);
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    // The first packet, CONNECT, must arrive whole within 10 s.
+    let read = read_connect(&mut client_rx, &mut buf);
+    let first = match tokio::time::timeout(Duration::from_secs(10), read).await {
         Err(_) => return Err(timeout("no CONNECT within 10s")),
         Ok(Err(e)) => return Err(e),
         Ok(Ok(None)) => return Ok(()),
@@ -285,7 +398,7 @@ async fn dispatch_tls(
         Parse::Level(l) => l,
         _ => 4,
     };
-    let connect = match guard.check(&first) {
+    let mut connect = match guard.check(&first) {
         Ok(Pass::Rewritten(c)) => c,
         // A CONNECT is never stripped; the guard rewrites it.
         Ok(Pass::AsIs | Pass::StripRetain) => first,
@@ -297,10 +410,13 @@ async fn dispatch_tls(
             return Ok(());
         }
     };
+    // The guard's CONNECT is well formed: this only fails on a bug.
+    let silence = silence_limit(take_keep_alive(&mut connect).map_err(invalid)?);
     let up = TcpStream::connect(if guard.level() == Some(5) { v5 } else { v4 }).await?;
     up.set_nodelay(true)?;
     let (mut up_rx, mut up_tx) = up.into_split();
     up_tx.write_all(&connect).await?;
+    let mut chunk = vec![0u8; 16 * 1024];
     let mut budget = (guard.identity() != &Identity::Hub).then(|| Budget::new(Instant::now()));
     let to_broker = async {
         loop {
@@ -324,7 +440,7 @@ async fn dispatch_tls(
                 }
                 .map_err(Violation::Io)?;
             }
-            let n = client_rx.read(&mut chunk).await.map_err(Violation::Io)?;
+            let n = read_client(&mut client_rx, &mut chunk, silence).await?;
             if n == 0 {
                 return Ok::<(), Violation>(());
             }
@@ -345,14 +461,26 @@ async fn dispatch_tls(
     let r = tokio::select! {
         r = to_broker => r,
         r = to_client => r.map_err(Violation::Io),
+        _ = shut_out => Err(Violation::ShutOut),
     };
+    // rumqttd's side closes first, and without a DISCONNECT, so rumqttd publishes the will of
+    // a client that left without one, broke the rules or went silent; then the client's.
+    drop((up_rx, up_tx));
+    let level = guard.level().unwrap_or(level);
     match r {
         Err(Violation::Guard(v)) => {
             warn!(%peer, identity = %guard.identity(), reason = %v, "mqtt client disconnected");
-            if let Some(r) = refusal(guard.level(), false, level) {
-                let _ = client_tx.write_all(&r).await;
-            }
-            let _ = client_tx.shutdown().await;
+            farewell(&mut client_tx, refusal(Some(level), false, level)).await;
+            Ok(())
+        }
+        Err(Violation::Silent(limit)) => {
+            info!(%peer, identity = %guard.identity(), ?limit, "mqtt client disconnected: silent for 1.5 × its keep-alive");
+            farewell(&mut client_tx, timed_out(level)).await;
+            Ok(())
+        }
+        Err(Violation::ShutOut) => {
+            warn!(%peer, identity = %guard.identity(), "mqtt client disconnected: its certificate was revoked");
+            farewell(&mut client_tx, refusal(Some(level), false, level)).await;
             Ok(())
         }
         Err(Violation::Io(e)) => Err(e),
@@ -364,9 +492,13 @@ fn invalid(v: shoal_api::mqtt_guard::Violation) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, v.to_string())
 }
 
-/// How a guarded connection ended badly.
+/// How a connection ended badly.
 enum Violation {
     Guard(shoal_api::mqtt_guard::Violation),
+    /// The client sent nothing for this long: 1.5 × its keep-alive.
+    Silent(Duration),
+    /// The enrollment book no longer lets the client in (revoked).
+    ShutOut,
     Io(std::io::Error),
 }
 
@@ -376,17 +508,34 @@ impl From<shoal_api::mqtt_guard::Violation> for Violation {
     }
 }
 
-/// Copies both ways until either side closes. rumqttd does not set TCP_NODELAY on the sockets
-/// it accepts, so two small packets in a row from the broker (a PUBACK then a PUBLISH) would
-/// wait for our delayed ACK (~40 ms, Nagle). Acknowledging at once (TCP_QUICKACK, which Linux
-/// resets after each read) on the broker-facing socket removes that stall.
-async fn splice(conn: TcpStream, up: TcpStream) -> std::io::Result<()> {
-    use tokio::io::AsyncReadExt;
-    let (mut client_rx, mut client_tx) = conn.into_split();
-    let (mut up_rx, mut up_tx) = up.into_split();
+type Halves = (
+    tokio::net::tcp::OwnedReadHalf,
+    tokio::net::tcp::OwnedWriteHalf,
+);
+
+/// Copies both ways until either side closes, or until the client has been silent for
+/// `silence`: then rumqttd's side closes at once (no DISCONNECT, so it publishes the will),
+/// and the client's after a word to an MQTT 5 client (`level`). rumqttd does not set
+/// TCP_NODELAY on the sockets it accepts, so two small packets in a row from the broker (a
+/// PUBACK then a PUBLISH) would wait for our delayed ACK (~40 ms, Nagle). Acknowledging at
+/// once (TCP_QUICKACK, which Linux resets after each read) on the broker-facing socket
+/// removes that stall.
+async fn splice(
+    client: Halves,
+    up: Halves,
+    silence: Option<Duration>,
+    level: u8,
+) -> std::io::Result<()> {
+    let ((mut client_rx, mut client_tx), (mut up_rx, mut up_tx)) = (client, up);
     let to_broker = async {
-        tokio::io::copy(&mut client_rx, &mut up_tx).await?;
-        up_tx.shutdown().await
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = read_client(&mut client_rx, &mut buf, silence).await?;
+            if n == 0 {
+                return up_tx.shutdown().await.map_err(Violation::Io);
+            }
+            up_tx.write_all(&buf[..n]).await.map_err(Violation::Io)?;
+        }
     };
     let to_client = async {
         let mut buf = vec![0u8; 16 * 1024];
@@ -399,7 +548,22 @@ async fn splice(conn: TcpStream, up: TcpStream) -> std::io::Result<()> {
             client_tx.write_all(&buf[..n]).await?;
         }
     };
-    tokio::try_join!(to_broker, to_client).map(|_| ())
+    let r = tokio::try_join!(to_broker, async { to_client.await.map_err(Violation::Io) });
+    match r {
+        Ok(_) => Ok(()),
+        Err(Violation::Silent(limit)) => {
+            drop((up_rx, up_tx));
+            farewell(&mut client_tx, timed_out(level)).await;
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("client silent for {limit:?}, 1.5 × its keep-alive"),
+            ))
+        }
+        Err(Violation::Io(e)) => Err(e),
+        Err(Violation::Guard(v)) => Err(invalid(v)),
+        // Only TLS connections are watched for revocations.
+        Err(Violation::ShutOut) => Ok(()),
+    }
 }
 
 #[cfg(target_os = "linux")]
@@ -409,31 +573,6 @@ fn quick_ack(s: &TcpStream) {
 
 #[cfg(not(target_os = "linux"))]
 fn quick_ack(_: &TcpStream) {}
-
-/// Peeks (without consuming) at the CONNECT packet's protocol level byte.
-async fn protocol_level(conn: &TcpStream) -> std::io::Result<u8> {
-    let mut buf = [0u8; 16];
-    loop {
-        let n = conn.peek(&mut buf).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        match parse_level(&buf[..n]) {
-            Parse::Level(l) => return Ok(l),
-            Parse::Invalid(why) => {
-                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
-            }
-            Parse::NeedMore if n == buf.len() => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "oversized header",
-                ));
-            }
-            // Wait for more bytes to arrive; `peek` returns at once when data is buffered.
-            Parse::NeedMore => tokio::time::sleep(Duration::from_millis(2)).await,
-        }
-    }
-}
 
 #[derive(Debug, PartialEq)]
 enum Parse {

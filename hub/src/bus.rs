@@ -245,6 +245,7 @@ pub fn connect(
                     for f in [
                         topics::APPLY,
                         topics::APPLY_WITH_REQ,
+                        topics::APPLY_AS,
                         topics::ALL_HELLO,
                         topics::ALL_PRESENCE,
                         topics::ALL_LOGS,

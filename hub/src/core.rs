@@ -87,6 +87,12 @@ pub struct HubCore<S: Store> {
     /// Whether the labels devices report steer placement (an `--insecure` fleet, where any
     /// client can speak as any device anyway); otherwise only the operator's do.
     trust_reported_labels: bool,
+    /// The newest audit entries (persisted).
+    audit: crate::audit::AuditLog,
+    /// Devices revoked in the enrollment book (`shoal-hub device revoke`; the book is the
+    /// record, this its latest reading): placement does not see them, so they keep no
+    /// replica, `placement: every` ones included, and are sealed no secret.
+    revoked: std::collections::BTreeSet<DeviceId>,
 }
 
 /// Why a device may not download a blob.
@@ -191,6 +197,8 @@ impl<S: Store> HubCore<S> {
             secrets: snap.secrets,
             runs: Vec::new(),
             trust_reported_labels,
+            audit: crate::audit::AuditLog::from_loaded(snap.audit),
+            revoked: Default::default(),
         };
         core.adopt_reported_labels(labels_owned)?;
         // Recompute pending reasons; assignments are stable, so this changes nothing placed.
@@ -289,6 +297,23 @@ impl<S: Store> HubCore<S> {
             moved.push(self.bump(&dev, workloads)?);
         }
         Ok(moved)
+    }
+
+    /// Records a change in the audit log (durable at the next [`HubCore::flush`], which the
+    /// caller does before it answers).
+    pub fn record_audit(
+        &mut self,
+        change: crate::audit::Change,
+        now_ms: u64,
+    ) -> Result<shoal_api::operator::AuditEntry, StoreError> {
+        let e = self.audit.record(change, now_ms);
+        self.store.put_audit(&e)?;
+        Ok(e)
+    }
+
+    /// Audit entries numbered after `after`, oldest first, at most `limit`.
+    pub fn audit_since(&self, after: u64, limit: usize) -> Vec<shoal_api::operator::AuditEntry> {
+        self.audit.since(after, limit)
     }
 
     /// Makes every change so far durable. Changes are written as they happen but flushed
@@ -945,6 +970,25 @@ impl<S: Store> HubCore<S> {
         Ok(Some(out))
     }
 
+    /// The devices the enrollment book says are revoked, as of now: placement forgets them
+    /// (their replicas move, their desired states empty). `None`: nothing changed.
+    pub fn set_revoked(
+        &mut self,
+        revoked: std::collections::BTreeSet<DeviceId>,
+    ) -> Result<Option<Vec<DesiredState>>, StoreError> {
+        if revoked == self.revoked {
+            return Ok(None);
+        }
+        info!(devices = ?revoked, "revoked devices");
+        self.revoked = revoked;
+        self.reconcile().map(Some)
+    }
+
+    /// Whether the book says `id` is revoked.
+    pub fn is_revoked(&self, id: &DeviceId) -> bool {
+        self.revoked.contains(id)
+    }
+
     /// Whether a drain is in progress.
     pub fn draining(&self) -> bool {
         self.devices.values().any(|r| r.draining)
@@ -1140,6 +1184,7 @@ impl<S: Store> HubCore<S> {
     fn sched_devices(&self) -> Vec<SchedDevice> {
         self.devices
             .values()
+            .filter(|r| !self.revoked.contains(&r.hello.device_id))
             .map(|r| {
                 let live = self.live.get(&r.hello.device_id);
                 SchedDevice {
@@ -1359,6 +1404,7 @@ impl<S: Store> HubCore<S> {
                     online: live.online,
                     lost: live.lost,
                     cordoned: r.cordoned,
+                    revoked: self.revoked.contains(id),
                     arch: r.hello.arch.clone(),
                     os: r.hello.os.clone(),
                     runtimes: r.hello.runtimes.clone(),
@@ -1879,6 +1925,9 @@ spec:
         }
         fn put_labels_owned(&self) -> Result<(), StoreError> {
             self.0.put_labels_owned()
+        }
+        fn put_audit(&self, e: &shoal_api::operator::AuditEntry) -> Result<(), StoreError> {
+            self.0.put_audit(e)
         }
         fn flush(&self) -> Result<(), StoreError> {
             Ok(())

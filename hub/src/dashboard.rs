@@ -29,13 +29,17 @@ pub const SESSION_TTL_MS: u64 = 12 * 3600 * 1000;
 /// The session cookie's name.
 pub const COOKIE: &str = "shoal_session";
 
+/// Who asked for a login link: a session reads as long as its owner may (a revoked
+/// operator's sessions end with it). `None`: a hub run `--insecure`.
+pub type Owner = Option<(shoal_api::acl::Identity, String)>;
+
 /// Login tokens and sessions, by their random value.
 #[derive(Debug, Default)]
 pub struct Sessions {
-    /// token → expiry (ms): one use each.
-    logins: Mutex<HashMap<String, u64>>,
-    /// session → expiry (ms).
-    sessions: Mutex<HashMap<String, u64>>,
+    /// token → (expiry (ms), owner): one use each.
+    logins: Mutex<HashMap<String, (u64, Owner)>>,
+    /// session → (expiry (ms), owner).
+    sessions: Mutex<HashMap<String, (u64, Owner)>>,
 }
 
 fn random_token() -> String {
@@ -43,36 +47,40 @@ fn random_token() -> String {
 }
 
 impl Sessions {
-    /// A new one-time login token.
-    pub fn login_token(&self, now_ms: u64) -> String {
+    /// A new one-time login token for `owner` (the operator who asked: its identity and
+    /// certificate fingerprint).
+    pub fn login_token(&self, now_ms: u64, owner: Owner) -> String {
         let token = random_token();
         if let Ok(mut l) = self.logins.lock() {
-            l.retain(|_, exp| *exp > now_ms);
-            l.insert(token.clone(), now_ms + LOGIN_TTL_MS);
+            l.retain(|_, (exp, _)| *exp > now_ms);
+            l.insert(token.clone(), (now_ms + LOGIN_TTL_MS, owner));
         }
         token
     }
 
     /// Trades a login token (once) for a session.
     pub fn log_in(&self, token: &str, now_ms: u64) -> Option<String> {
-        let valid = self
+        let owner = self
             .logins
             .lock()
             .ok()?
             .remove(token)
-            .is_some_and(|exp| exp > now_ms);
-        if !valid {
-            return None;
-        }
+            .filter(|(exp, _)| *exp > now_ms)?
+            .1;
         let session = random_token();
         let mut s = self.sessions.lock().ok()?;
-        s.retain(|_, exp| *exp > now_ms);
-        s.insert(session.clone(), now_ms + SESSION_TTL_MS);
+        s.retain(|_, (exp, _)| *exp > now_ms);
+        s.insert(session.clone(), (now_ms + SESSION_TTL_MS, owner));
         Some(session)
     }
 
-    /// Whether the request's cookies hold a live session.
-    pub fn valid(&self, headers: &axum::http::HeaderMap, now_ms: u64) -> bool {
+    /// Whether the request's cookies hold a live session whose owner `may` still read.
+    pub fn valid(
+        &self,
+        headers: &axum::http::HeaderMap,
+        now_ms: u64,
+        may: impl Fn(&Owner) -> bool,
+    ) -> bool {
         let Ok(sessions) = self.sessions.lock() else {
             return false;
         };
@@ -82,7 +90,12 @@ impl Sessions {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(';'))
             .filter_map(|c| c.trim().split_once('='))
-            .any(|(k, v)| k == COOKIE && sessions.get(v).is_some_and(|exp| *exp > now_ms))
+            .any(|(k, v)| {
+                k == COOKIE
+                    && sessions
+                        .get(v)
+                        .is_some_and(|(exp, owner)| *exp > now_ms && may(owner))
+            })
     }
 }
 
@@ -146,21 +159,22 @@ mod tests {
     #[test]
     fn a_login_token_is_good_once_and_a_session_reads_only() {
         let s = Sessions::default();
-        let t = s.login_token(1000);
+        let t = s.login_token(1000, None);
         assert!(s.log_in("nope", 1000).is_none());
         let session = s.log_in(&t, 2000).unwrap();
         assert!(s.log_in(&t, 2000).is_none(), "one use");
-        let late = s.login_token(0);
+        let late = s.login_token(0, None);
         assert!(s.log_in(&late, LOGIN_TTL_MS + 1).is_none(), "expired");
         let mut h = axum::http::HeaderMap::new();
         h.insert(
             header::COOKIE,
             format!("a=b; {COOKIE}={session}").parse().unwrap(),
         );
-        assert!(s.valid(&h, 3000));
-        assert!(!s.valid(&h, 2000 + SESSION_TTL_MS + 1));
+        assert!(s.valid(&h, 3000, |_| true));
+        assert!(!s.valid(&h, 3000, |_| false), "its owner was shut out");
+        assert!(!s.valid(&h, 2000 + SESSION_TTL_MS + 1, |_| true));
         h.insert(header::COOKIE, format!("{COOKIE}=forged").parse().unwrap());
-        assert!(!s.valid(&h, 3000));
+        assert!(!s.valid(&h, 3000, |_| true));
         let get = axum::http::Method::GET;
         assert!(session_may(&get, "/v1/stream") && session_may(&get, "/v1/workloads/web"));
         assert!(!session_may(&axum::http::Method::POST, "/v1/apply"));

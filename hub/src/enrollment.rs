@@ -31,6 +31,9 @@ pub enum EnrollError {
     /// The token does not allow this enrollment (the caller's fault: 403).
     #[error(transparent)]
     Refused(#[from] TokenError),
+    /// The device was revoked: no token enrolls it again (the caller's fault: 403).
+    #[error("device {0:?} was revoked (`shoal-hub device revoke`): it cannot enroll again; give the board another device id")]
+    Revoked(String),
     #[error(transparent)]
     Pki(#[from] PkiError),
     #[error(transparent)]
@@ -65,10 +68,43 @@ pub trait Enrollments: Send + Sync {
     fn grants(&self) -> Result<Vec<(DeviceId, Grant)>, EnrollError>;
     /// Records `cert_pem` as `device`'s latest certificate (a renewal), durably.
     fn record(&self, device: &DeviceId, cert_pem: &str) -> Result<(), EnrollError>;
+    /// [`Enrollments::record`] only if `device`'s record is still `expected` (a renewal must
+    /// not undo an enrollment that replaced the record meanwhile); `false`: it was not.
+    fn renew_record(
+        &self,
+        device: &DeviceId,
+        expected: &str,
+        cert_pem: &str,
+    ) -> Result<bool, EnrollError>;
     /// Records `cert_pem` for `device` unless it has a record; `false`: it had one.
     fn adopt_record(&self, device: &DeviceId, cert_pem: &str) -> Result<bool, EnrollError>;
     /// The certificate `device` was last issued, if it is enrolled.
     fn enrolled_cert(&self, device: &DeviceId) -> Result<Option<String>, EnrollError>;
+    /// The record `name` on `shelf`, if there is one (see [`crate::access`]).
+    fn entry(&self, shelf: Shelf, name: &str) -> Result<Option<Vec<u8>>, EnrollError>;
+    /// Writes the record `name` on `shelf` (replacing it), durably.
+    fn put_entry(&self, shelf: Shelf, name: &str, bytes: &[u8]) -> Result<(), EnrollError>;
+    /// Every record on `shelf`, as (name, bytes).
+    fn entries_on(&self, shelf: Shelf) -> Result<Vec<(String, Vec<u8>)>, EnrollError>;
+}
+
+/// The book's other records, each a JSON document under a name (see [`crate::access`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shelf {
+    /// Revoked devices, by device id.
+    Revoked,
+    /// Named operators, by name.
+    Operators,
+}
+
+impl Shelf {
+    /// Its directory (files) or key segment (etcd).
+    pub fn dir(self) -> &'static str {
+        match self {
+            Shelf::Revoked => "revoked",
+            Shelf::Operators => "operators",
+        }
+    }
 }
 
 /// Issues a join token for the CA whose hash is `ca_hash`, valid `ttl_ms` from `now_ms`,
@@ -108,6 +144,9 @@ pub fn claim(
     let Some((record, version)) = book.token(id)? else {
         return Err(token::refused(id, token::UNKNOWN).into());
     };
+    if crate::access::revoked(book, device)? {
+        return Err(EnrollError::Revoked(device.to_string()));
+    }
     let enrolled = book.enrolled_cert(device)?.is_some();
     record.check(id, secret, device.as_str(), enrolled, now_ms)?;
     let fresh = record.bound_to().is_none();
@@ -153,6 +192,10 @@ pub fn adopt_files(files: &Files, book: &dyn Enrollments) -> Result<usize, Enrol
 /// Tokens and records as files in `DATA_DIR/pki`, for a single hub.
 #[derive(Debug, Clone)]
 pub struct Files {
+    /// Claims and renewals of this process, one at a time (a single hub uses files: no
+    /// other process writes records).
+    lock: std::sync::Arc<std::sync::Mutex<()>>,
+    pki: PathBuf,
     tokens: PathBuf,
     devices: PathBuf,
     grants: PathBuf,
@@ -161,6 +204,8 @@ pub struct Files {
 impl Files {
     pub fn new(pki_dir: &Path) -> Self {
         Files {
+            lock: Default::default(),
+            pki: pki_dir.to_path_buf(),
             tokens: pki_dir.join("tokens"),
             devices: pki_dir.join("devices"),
             grants: pki_dir.join("grants"),
@@ -259,6 +304,7 @@ impl Enrollments for Files {
         if expected != UNUSED {
             return Ok(false);
         }
+        let _one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let fresh = grant.fresh;
         // The rename is the atomic claim of the token.
         let (path, used_path) = (self.token_path(id), self.used_path(id));
@@ -300,6 +346,19 @@ impl Enrollments for Files {
         Ok(shoal_pki::write_atomic(&path, cert_pem.as_bytes(), 0o644)?)
     }
 
+    fn renew_record(
+        &self,
+        device: &DeviceId,
+        expected: &str,
+        cert_pem: &str,
+    ) -> Result<bool, EnrollError> {
+        let _one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.enrolled_cert(device)?.as_deref() != Some(expected) {
+            return Ok(false);
+        }
+        self.record(device, cert_pem).map(|()| true)
+    }
+
     fn adopt_record(&self, device: &DeviceId, cert_pem: &str) -> Result<bool, EnrollError> {
         shoal_pki::write_new(&self.record_path(device), cert_pem.as_bytes(), 0o644)
             .map_err(EnrollError::from)
@@ -334,6 +393,33 @@ impl Enrollments for Files {
         }
         Ok(out)
     }
+
+    fn entry(&self, shelf: Shelf, name: &str) -> Result<Option<Vec<u8>>, EnrollError> {
+        let path = self.pki.join(shelf.dir()).join(format!("{name}.json"));
+        match std::fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io("read", &path)(e)),
+        }
+    }
+
+    fn put_entry(&self, shelf: Shelf, name: &str, bytes: &[u8]) -> Result<(), EnrollError> {
+        let dir = self.pki.join(shelf.dir());
+        shoal_pki::private_dir(&dir)?;
+        Ok(shoal_pki::write_atomic(
+            &dir.join(format!("{name}.json")),
+            bytes,
+            0o600,
+        )?)
+    }
+
+    fn entries_on(&self, shelf: Shelf) -> Result<Vec<(String, Vec<u8>)>, EnrollError> {
+        let mut out = Vec::new();
+        for (name, path) in self.list(&self.pki.join(shelf.dir()), ".json")? {
+            out.push((name, std::fs::read(&path).map_err(io("read", &path))?));
+        }
+        Ok(out)
+    }
 }
 
 /// A grant as the book stores it.
@@ -360,11 +446,12 @@ mod tests {
     use std::collections::BTreeMap;
     use std::sync::Mutex;
 
-    /// Token records by id, certificates by device, grants by device.
+    /// Token records by id, certificates by device, grants by device, shelved records.
     type Books = (
         BTreeMap<String, (TokenRecord, Version)>,
         BTreeMap<DeviceId, String>,
         BTreeMap<DeviceId, Grant>,
+        BTreeMap<(&'static str, String), Vec<u8>>,
     );
 
     /// An in-memory [`Enrollments`]: one lock makes each call atomic.
@@ -415,6 +502,19 @@ mod tests {
             s.1.insert(device.clone(), cert_pem.to_string());
             Ok(())
         }
+        fn renew_record(
+            &self,
+            device: &DeviceId,
+            expected: &str,
+            cert_pem: &str,
+        ) -> Result<bool, EnrollError> {
+            let mut s = self.state.lock().unwrap();
+            if s.1.get(device).map(String::as_str) != Some(expected) {
+                return Ok(false);
+            }
+            s.1.insert(device.clone(), cert_pem.to_string());
+            Ok(true)
+        }
         fn adopt_record(&self, device: &DeviceId, cert_pem: &str) -> Result<bool, EnrollError> {
             let mut s = self.state.lock().unwrap();
             if s.1.contains_key(device) {
@@ -425,6 +525,23 @@ mod tests {
         }
         fn enrolled_cert(&self, device: &DeviceId) -> Result<Option<String>, EnrollError> {
             Ok(self.state.lock().unwrap().1.get(device).cloned())
+        }
+        fn entry(&self, shelf: Shelf, name: &str) -> Result<Option<Vec<u8>>, EnrollError> {
+            let s = self.state.lock().unwrap();
+            Ok(s.3.get(&(shelf.dir(), name.to_string())).cloned())
+        }
+        fn put_entry(&self, shelf: Shelf, name: &str, bytes: &[u8]) -> Result<(), EnrollError> {
+            let mut s = self.state.lock().unwrap();
+            s.3.insert((shelf.dir(), name.to_string()), bytes.to_vec());
+            Ok(())
+        }
+        fn entries_on(&self, shelf: Shelf) -> Result<Vec<(String, Vec<u8>)>, EnrollError> {
+            let s = self.state.lock().unwrap();
+            Ok(s.3
+                .iter()
+                .filter(|((d, _), _)| *d == shelf.dir())
+                .map(|((_, n), b)| (n.clone(), b.clone()))
+                .collect())
         }
     }
 

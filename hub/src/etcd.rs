@@ -210,6 +210,8 @@ type Versioned = Option<(Vec<u8>, i64)>;
 enum Cmd {
     /// Every key starting with the given one.
     Load(String, mpsc::Sender<Result<Entries, String>>),
+    /// The last (by key) so many keys starting with the given one, last first.
+    Newest(String, i64, mpsc::Sender<Result<Entries, String>>),
     /// One key.
     Get(String, mpsc::Sender<Result<Versioned, String>>),
     /// Puts the values if every guard key's modification revision is still the given one
@@ -305,6 +307,10 @@ impl EtcdStore {
         format!("{}/{kind}/{name}", self.url.prefix)
     }
 
+    fn audit_key(&self, name: &str) -> String {
+        format!("{}.audit/{name}", self.url.prefix)
+    }
+
     fn fail(&self, reason: String) -> StoreError {
         StoreError::Etcd {
             url: self.url.to_string(),
@@ -366,6 +372,33 @@ fn serve(rt: tokio::runtime::Runtime, client: Client, rx: mpsc::Receiver<Cmd>) {
                         })
                         .collect()
                 });
+                let _ = reply.send(r);
+            }
+            Cmd::Newest(from, limit, reply) => {
+                let opts = GetOptions::new()
+                    .with_prefix()
+                    .with_sort(
+                        etcd_client::SortTarget::Key,
+                        etcd_client::SortOrder::Descend,
+                    )
+                    .with_limit(limit);
+                let r = rt
+                    .block_on(async {
+                        tokio::time::timeout(CALL_TIMEOUT, kv.get(from, Some(opts))).await
+                    })
+                    .map_err(|_| "etcd did not answer in time".to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                    .map(|resp| {
+                        resp.kvs()
+                            .iter()
+                            .map(|kv| {
+                                (
+                                    String::from_utf8_lossy(kv.key()).into_owned(),
+                                    kv.value().to_vec(),
+                                )
+                            })
+                            .collect()
+                    });
                 let _ = reply.send(r);
             }
             Cmd::Get(key, reply) => {
@@ -522,6 +555,17 @@ impl Store for EtcdStore {
                 _ => {} // written by a newer hub: not ours to judge
             }
         }
+        // The audit log lives beside the state (`{prefix}.audit/{seq}`, zero-padded), so the
+        // state's loads and the standbys' watch never carry it: only its newest entries.
+        let limit = i64::try_from(crate::audit::IN_MEMORY).unwrap_or(i64::MAX);
+        let under = self.audit_key("");
+        for (key, value) in self
+            .ask(|reply| Cmd::Newest(under, limit, reply))?
+            .map_err(|e| self.fail(e))?
+        {
+            snap.audit.push(dec(&key, &value)?);
+        }
+        snap.audit.reverse();
         Ok(snap)
     }
     fn put_workload(&self, w: &Workload) -> Result<(), StoreError> {
@@ -539,6 +583,14 @@ impl Store for EtcdStore {
     }
     fn put_labels_owned(&self) -> Result<(), StoreError> {
         self.put("meta", "labels-owned", &true)
+    }
+    fn put_audit(&self, e: &shoal_api::operator::AuditEntry) -> Result<(), StoreError> {
+        if let Some(old) = e.seq.checked_sub(crate::audit::KEPT) {
+            self.push(Op::Delete(self.audit_key(&format!("{old:020}"))));
+        }
+        let bytes = serde_json::to_vec(e).map_err(StoreError::Encode)?;
+        self.push(Op::Put(self.audit_key(&format!("{:020}", e.seq)), bytes));
+        Ok(())
     }
     fn put_desired(&self, d: &DesiredState) -> Result<(), StoreError> {
         self.put("desired", d.device_id.as_str(), d)
@@ -751,6 +803,21 @@ impl crate::enrollment::Enrollments for EtcdStore {
             .map_err(|e| EnrollError::Store(self.fail(e)))
     }
 
+    fn renew_record(
+        &self,
+        device: &DeviceId,
+        expected: &str,
+        cert_pem: &str,
+    ) -> Result<bool, EnrollError> {
+        let key = self.enroll_key("devices", device.as_str());
+        match self.get(&key)? {
+            Some((bytes, rev)) if bytes == expected.as_bytes() => {
+                Ok(self.cas(vec![(key.clone(), rev)], vec![(key, cert_pem.into())])?)
+            }
+            _ => Ok(false),
+        }
+    }
+
     fn adopt_record(&self, device: &DeviceId, cert_pem: &str) -> Result<bool, EnrollError> {
         let key = self.enroll_key("devices", device.as_str());
         Ok(self.cas(vec![(key.clone(), 0)], vec![(key, cert_pem.into())])?)
@@ -761,6 +828,39 @@ impl crate::enrollment::Enrollments for EtcdStore {
         Ok(self
             .get(&key)?
             .map(|(bytes, _)| String::from_utf8_lossy(&bytes).into_owned()))
+    }
+
+    fn entry(
+        &self,
+        shelf: crate::enrollment::Shelf,
+        name: &str,
+    ) -> Result<Option<Vec<u8>>, EnrollError> {
+        Ok(self
+            .get(&self.enroll_key(shelf.dir(), name))?
+            .map(|(b, _)| b))
+    }
+
+    fn put_entry(
+        &self,
+        shelf: crate::enrollment::Shelf,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<(), EnrollError> {
+        let op = Op::Put(self.enroll_key(shelf.dir(), name), bytes.to_vec());
+        self.put_now(op)
+            .map_err(|e| EnrollError::Store(self.fail(e)))
+    }
+
+    fn entries_on(
+        &self,
+        shelf: crate::enrollment::Shelf,
+    ) -> Result<Vec<(String, Vec<u8>)>, EnrollError> {
+        let under = self.enroll_key(shelf.dir(), "");
+        Ok(self
+            .entries(&under)?
+            .into_iter()
+            .filter_map(|(k, b)| k.strip_prefix(&under).map(|n| (n.to_string(), b)))
+            .collect())
     }
 }
 

@@ -23,6 +23,7 @@
 //! | `GET /`, `/ui/*` | the web dashboard (page, script, style; no data) |
 //! | `POST /v1/dashboard/login` | a one-time login link for a browser (`shoal dashboard`) |
 //! | `GET /login?token=T` | trades it for a read-only session cookie, redirects to `/` |
+//! | `GET /v1/audit?after=N` | `[AuditEntry]`: the audit log (admins) |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /v1/ca` | the fleet CA (PEM), for enrollment |
 //! | `POST /v1/enroll` | `EnrollRequest` (join token + CSR) → `Enrolled` |
@@ -51,6 +52,7 @@ use shoal_api::acl::Identity;
 use shoal_api::ids::{DeviceId, Digest, SecretName, WorkloadName};
 use shoal_api::labels::{LabelChange, LabelError, Labels};
 use shoal_api::messages::ApplyResult;
+use shoal_api::operator::Role;
 use shoal_api::views::{
     ApiError, BlobRef, DeviceView, EnrollRequest, Enrolled, EventView, FleetView, LogEntry,
     RenewRequest, SecretView, WorkloadView,
@@ -110,6 +112,22 @@ pub enum Request {
     },
     Workloads {
         reply: oneshot::Sender<Vec<WorkloadView>>,
+    },
+    /// Record a change in the audit log, durably; its number.
+    Audit {
+        change: crate::audit::Change,
+        reply: oneshot::Sender<Result<u64, String>>,
+    },
+    /// The audit log after entry `after` (the leader's: a standby's copy is as old as the
+    /// standby, so it is not answered as a read).
+    AuditLog {
+        after: u64,
+        reply: oneshot::Sender<Vec<shoal_api::operator::AuditEntry>>,
+    },
+    /// The devices the enrollment book says are revoked (all of them; see
+    /// [`crate::access::watch`]).
+    Revoked {
+        devices: std::collections::BTreeSet<DeviceId>,
     },
     /// Bring the gauges up to date before a scrape (computed on demand, not on every event).
     RefreshMetrics { reply: oneshot::Sender<()> },
@@ -227,6 +245,10 @@ pub struct AppState {
     /// `Some(the leader, as it announced itself)` while this hub stands by (see
     /// [`crate::ha`]): it answers reads and refuses changes.
     pub standby: tokio::sync::watch::Receiver<Option<String>>,
+    /// What the enrollment book says of revocations (`None` with `--insecure`).
+    pub verdicts: Option<crate::access::VerdictsRx>,
+    /// How many refused requests each operator may still have recorded this minute.
+    pub refusals: Arc<std::sync::Mutex<crate::audit::RefusalBudget>>,
 }
 
 /// Who is calling: set per connection from its client certificate.
@@ -237,6 +259,8 @@ pub enum Peer {
     /// TLS without a (fleet) client certificate.
     Anonymous,
     Known(Identity),
+    /// A fleet certificate the hub does not let in (revoked, replaced), and why.
+    Refused(String),
 }
 
 /// What a route requires.
@@ -245,11 +269,12 @@ pub enum Need {
     Nothing,
     /// Any fleet certificate (devices fetch blobs and renew).
     Fleet,
-    /// An operator's certificate (or the hub's).
-    Operator,
+    /// An operator's certificate with this role at least (or the hub's).
+    Operator(Role),
 }
 
-/// The access rule for a request.
+/// The access rule for a request: viewers read; deployers change workloads, secrets and
+/// blobs; admins also manage devices and read the audit log.
 pub fn need(method: &axum::http::Method, path: &str) -> Need {
     match (method.as_str(), path) {
         (_, "/healthz" | "/v1/ca" | "/v1/enroll") => Need::Nothing,
@@ -258,7 +283,23 @@ pub fn need(method: &axum::http::Method, path: &str) -> Need {
         ("GET" | "HEAD", p) if crate::dashboard::is_static(p) => Need::Nothing,
         ("POST", "/v1/renew") => Need::Fleet,
         ("GET" | "HEAD", p) if p.starts_with("/v1/blobs/") => Need::Fleet,
-        _ => Need::Operator,
+        ("GET" | "HEAD", "/v1/audit") => Need::Operator(Role::Admin),
+        ("GET" | "HEAD", _) => Need::Operator(Role::Viewer),
+        // A read-only session for a browser.
+        ("POST", "/v1/dashboard/login") => Need::Operator(Role::Viewer),
+        (_, p) if p.starts_with("/v1/devices/") => Need::Operator(Role::Admin),
+        _ => Need::Operator(Role::Deployer),
+    }
+}
+
+/// Whether `peer` meets `need`.
+fn meets(peer: &Peer, need: Need) -> bool {
+    match (peer, need) {
+        (Peer::Insecure, _) | (_, Need::Nothing) => true,
+        (Peer::Known(_), Need::Fleet) => true,
+        (Peer::Known(Identity::Hub), Need::Operator(_)) => true,
+        (Peer::Known(Identity::Operator(o)), Need::Operator(role)) => o.role >= role,
+        _ => false,
     }
 }
 
@@ -273,43 +314,51 @@ async fn authorize(
         .cloned()
         .unwrap_or(Peer::Anonymous);
     let need = need(req.method(), req.uri().path());
-    let ok = matches!(
-        (&peer, need),
-        (Peer::Insecure, _)
-            | (_, Need::Nothing)
-            | (Peer::Known(_), Need::Fleet)
-            | (
-                Peer::Known(Identity::Operator | Identity::Hub),
-                Need::Operator
-            )
-    );
+    let ok = meets(&peer, need);
     // A dashboard session (a browser signed in with `shoal dashboard`) may read.
-    let session = need == Need::Operator
+    let session = need == Need::Operator(Role::Viewer)
         && crate::dashboard::session_may(req.method(), req.uri().path())
         && s.sessions
-            .valid(req.headers(), shoal_api::messages::now_ms());
+            .valid(req.headers(), shoal_api::messages::now_ms(), |owner| {
+                match (owner, &s.verdicts) {
+                    (Some((who, f)), Some(v)) => v.borrow().still_in(who, f),
+                    (None, None) => true, // --insecure
+                    _ => false,
+                }
+            });
+    if session {
+        if let Some(ConnTicket(t)) = req.extensions().get::<ConnTicket>() {
+            t.verified();
+        }
+    }
     if ok || session {
         return next.run(req).await;
     }
     let (status, who) = match &peer {
         Peer::Known(who) => (StatusCode::FORBIDDEN, who.to_string()),
+        Peer::Refused(why) => (StatusCode::FORBIDDEN, format!("a client refused ({why})")),
         _ => (
             StatusCode::UNAUTHORIZED,
             "a client without a fleet certificate".to_string(),
         ),
     };
     tracing::warn!(%who, method = %req.method(), path = req.uri().path(), "http request refused");
+    let reason = match (need, &peer) {
+        (Need::Operator(role), Peer::Known(Identity::Operator(_))) => {
+            format!("it needs the {role} role or higher")
+        }
+        (_, Peer::Refused(_)) => "this hub does not let its certificate in".to_string(),
+        (Need::Operator(_), _) => {
+            "it needs an operator certificate (see the hub's DATA_DIR/operator bundle, or `shoal-hub operator create`)".to_string()
+        }
+        _ => "it needs a fleet certificate".to_string(),
+    };
     error(
         status,
         format!(
-            "{who} may not {} {}: {}",
+            "{who} may not {} {}: {reason}",
             req.method(),
-            req.uri().path(),
-            match need {
-                Need::Operator =>
-                    "it needs an operator certificate (see the hub's DATA_DIR/operator bundle)",
-                _ => "it needs a fleet certificate",
-            }
+            req.uri().path()
         ),
     )
 }
@@ -401,6 +450,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/workloads", get(workloads))
         .route("/v1/workloads/{name}", get(workload).delete(delete))
         .route("/v1/apply", post(apply))
+        .route("/v1/audit", get(audit_log))
         .route("/v1/secrets", get(secrets))
         .route("/v1/secrets/{name}", axum::routing::delete(delete_secret))
         .route("/v1/blobs", post(put_blob))
@@ -413,6 +463,11 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             authorize,
         ))
+        // Outside `authorize`: refusals are recorded too.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit_changes,
+        ))
         .with_state(state)
 }
 
@@ -421,11 +476,12 @@ pub fn router(state: AppState) -> Router {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    security: Option<(Arc<Security>, crate::access::VerdictsRx)>,
+    gate: Arc<crate::gate::Gate>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) {
-    let Some(tls) = tls else {
+    let Some((security, verdicts)) = security else {
         let app = app.layer(axum::Extension(Peer::Insecure));
         let r = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -435,7 +491,7 @@ pub async fn serve(
         }
         return;
     };
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let acceptor = tokio_rustls::TlsAcceptor::from(security.http.clone());
     loop {
         let (conn, addr) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -448,38 +504,101 @@ pub async fn serve(
                 }
             },
         };
+        // Past the descriptor budget, closed at once (see crate::gate).
+        let Some(ticket) = gate.enter(crate::gate::HTTP_COST) else {
+            tracing::debug!(%addr, "https connection refused: the hub holds as many as it may");
+            continue;
+        };
         let (acceptor, app, stop) = (acceptor.clone(), app.clone(), shutdown.clone());
+        let (security, verdicts) = (security.clone(), verdicts.clone());
+        let ticket = Arc::new(ticket);
         tracker.spawn(async move {
+            let evicted = ticket.evicted();
             let handshake =
                 tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(conn));
-            let tls = match handshake.await {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    tracing::debug!(%addr, error = %e, "https handshake failed");
-                    return;
-                }
-                Err(_) => return,
+            let tls = tokio::select! {
+                _ = evicted.cancelled() => return,
+                h = handshake => match h {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%addr, error = %e, "https handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                },
             };
-            let peer = tls
+            let cert = tls
                 .get_ref()
                 .1
                 .peer_certificates()
                 .and_then(|c| c.first())
-                .and_then(shoal_pki::tls::common_name)
-                .and_then(|cn| Identity::from_common_name(&cn))
-                .map_or(Peer::Anonymous, Peer::Known);
-            let svc =
-                hyper_util::service::TowerToHyperService::new(app.layer(axum::Extension(peer)));
+                .map(|c| c.clone().into_owned());
+            let fingerprint = cert
+                .as_ref()
+                .map(shoal_pki::tls::fingerprint)
+                .unwrap_or_default();
+            let peer = match crate::access::admit_connection(&security, cert).await {
+                crate::access::Admission::Anonymous => Peer::Anonymous,
+                crate::access::Admission::In(who) => Peer::Known(who),
+                crate::access::Admission::Out(why) => {
+                    tracing::warn!(%addr, reason = %why, "https client refused");
+                    Peer::Refused(why)
+                }
+            };
+            let who = match &peer {
+                Peer::Known(who) => Some(who.clone()),
+                _ => None,
+            };
+            // A fleet certificate keeps the connection's place; others may be evicted, and
+            // live at most UNVERIFIED_LIFETIME (slow bodies, idle keep-alives).
+            if who.is_some() {
+                ticket.verified();
+            } else {
+                ticket.anonymous();
+            }
+            let lifetime = {
+                let ticket = ticket.clone();
+                async move {
+                    tokio::time::sleep(crate::gate::UNVERIFIED_LIFETIME).await;
+                    // A dashboard session shown on the connection meanwhile verifies it.
+                    if ticket.is_verified() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            };
+            let svc = hyper_util::service::TowerToHyperService::new(
+                app.layer(axum::Extension(peer))
+                    .layer(axum::Extension(ClientAddr(addr)))
+                    .layer(axum::Extension(PeerFingerprint(fingerprint.clone())))
+                    .layer(axum::Extension(ConnTicket(ticket.clone()))),
+            );
             // A client that sends its headers slowly is dropped (slowloris).
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
             tokio::pin!(conn);
+            // A connection let in ends when the book shuts its holder out (keep-alive
+            // connections and streams included).
+            let shut_out = async {
+                match who {
+                    Some(who) => crate::access::until_shut_out(verdicts, who, fingerprint).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 r = conn.as_mut() => if let Err(e) = r {
                     tracing::debug!(%addr, error = %e, "https connection ended");
                 },
+                _ = shut_out => {
+                    tracing::warn!(%addr, "https connection closed: its certificate was revoked");
+                }
+                _ = evicted.cancelled() => {
+                    tracing::debug!(%addr, "https connection without a fleet certificate closed: room for newer ones");
+                }
+                _ = lifetime => {
+                    tracing::debug!(%addr, "https connection without a fleet certificate closed: open too long");
+                }
                 _ = stop.cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn).await;
@@ -572,7 +691,9 @@ async fn enroll(State(s): State<AppState>, Json(req): Json<EnrollRequest>) -> Re
 /// A refused token is the caller's fault; anything else is the hub's.
 fn enroll_failure(e: crate::enrollment::EnrollError) -> Failure {
     let status = match e {
-        crate::enrollment::EnrollError::Refused(_) => StatusCode::FORBIDDEN,
+        crate::enrollment::EnrollError::Refused(_) | crate::enrollment::EnrollError::Revoked(_) => {
+            StatusCode::FORBIDDEN
+        }
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     Failure(status, e.to_string())
@@ -593,24 +714,53 @@ async fn renew(
         };
         // The record's store may be etcd: blocking calls off the async threads.
         tokio::task::spawn_blocking(move || {
-            // Deleting the device's enrollment record (DATA_DIR/pki/devices/{id}.pem, or
-            // {prefix}.enroll/devices/{id} in etcd) stops renewals (the current certificate still
-            // works until it expires; there is no revocation list yet).
-            if sec
+            let Some(recorded) = sec
                 .enrollments
                 .enrolled_cert(&device)
                 .map_err(enroll_failure)?
-                .is_none()
-            {
+            else {
                 return Err(Failure(
                     StatusCode::FORBIDDEN,
                     format!("device {:?} is not enrolled (any more)", device.as_str()),
                 ));
+            };
+            // A renewal keeps the key the device enrolled with: the key its secrets are
+            // sealed to, and the one its connections are checked against. A new key needs a
+            // new enrollment (a token the operator gave).
+            let bad = |e: shoal_pki::PkiError| Failure(StatusCode::BAD_REQUEST, e.to_string());
+            let asked = shoal_pki::tls::public_key_of_csr(&req.csr).map_err(bad)?;
+            let known = shoal_pki::tls::public_key_of_pem(&recorded)
+                .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            if asked != known {
+                return Err(Failure(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "device {:?} asked to renew for a key it did not enroll with: renewal keeps the key; enroll again with a join token for a new one",
+                        device.as_str()
+                    ),
+                ));
+            }
+            // A connection admitted before a revocation may still be open.
+            if crate::access::revoked(&*sec.enrollments, &device).map_err(enroll_failure)? {
+                return Err(Failure(
+                    StatusCode::FORBIDDEN,
+                    format!("device {:?} was revoked", device.as_str()),
+                ));
             }
             let out = enrolled(&sec, &req.csr, &device)?;
-            sec.enrollments
-                .record(&device, &out.certificate)
-                .map_err(enroll_failure)?;
+            if !sec
+                .enrollments
+                .renew_record(&device, &recorded, &out.certificate)
+                .map_err(enroll_failure)?
+            {
+                return Err(Failure(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "device {:?} enrolled again while this renewal ran: renew with the new certificate",
+                        device.as_str()
+                    ),
+                ));
+            }
             tracing::info!(device = %device, "device certificate renewed");
             Ok(out)
         })
@@ -624,7 +774,114 @@ async fn renew(
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
-    (status, Json(ApiError { error: msg.into() })).into_response()
+    let msg = msg.into();
+    let mut r = (status, Json(ApiError { error: msg.clone() })).into_response();
+    r.extensions_mut().insert(AuditNote(msg));
+    r
+}
+
+/// What a response says happened, for the audit log (set by handlers; errors carry their
+/// message).
+#[derive(Debug, Clone)]
+struct AuditNote(String);
+
+/// The connection's place at the gate (a dashboard session keeps it, see `authorize`).
+#[derive(Debug, Clone)]
+struct ConnTicket(Arc<crate::gate::Ticket>);
+
+/// The SHA-256 of the connection's client certificate.
+#[derive(Debug, Clone)]
+struct PeerFingerprint(String);
+
+/// The address a connection comes from (the audit log's "from").
+#[derive(Debug, Clone, Copy)]
+struct ClientAddr(std::net::SocketAddr);
+
+/// Records every change an operator (or the hub) asks for in the audit log — who, from
+/// where, what, and what came of it, refusals included — durably, before the answer goes
+/// out. Reads are not recorded; neither are requests without an operator's certificate
+/// (enrollment, renewal: a flood of those must not push operators' entries out).
+async fn audit_changes(
+    State(s): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let m = req.method().clone();
+    let who = match req.extensions().get::<Peer>() {
+        Some(Peer::Known(who @ (Identity::Operator(_) | Identity::Hub))) => who.to_string(),
+        Some(Peer::Insecure) => "anyone (--insecure)".to_string(),
+        _ => return next.run(req).await,
+    };
+    if m == axum::http::Method::GET || m == axum::http::Method::HEAD {
+        return next.run(req).await;
+    }
+    let from = req
+        .extensions()
+        .get::<ClientAddr>()
+        .map_or_else(|| "unknown".to_string(), |a| a.0.to_string());
+    let action = format!("{m} {}", req.uri().path());
+    let response = next.run(req).await;
+    let status = response.status();
+    let mut outcome = match response.extensions().get::<AuditNote>() {
+        Some(AuditNote(note)) if status.is_success() => note.clone(),
+        Some(AuditNote(note)) => format!("refused ({}): {note}", status.as_u16()),
+        None => format!("{}", status.as_u16()),
+    };
+    if !status.is_success() {
+        let budget = s
+            .refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(&who, shoal_api::messages::now_ms());
+        match budget {
+            None => return response,
+            Some(0) => {}
+            Some(n) => outcome.push_str(&format!(" ({n} more refused requests not recorded)")),
+        }
+    }
+    let change = crate::audit::Change {
+        who,
+        from,
+        action,
+        outcome: shoal_api::printable::escaped(&outcome).into_owned(),
+        accepted: status.is_success(),
+    };
+    match ask(&s, |reply| Request::Audit { change, reply }).await {
+        Ok(Ok(_)) => response,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "cannot record a change in the audit log");
+            response
+        }
+        // A standby refuses changes, and has nothing to record.
+        Err(_) => response,
+    }
+}
+
+/// `GET /v1/audit?after=N`: the audit log after entry N, oldest first.
+async fn audit_log(
+    State(s): State<AppState>,
+    query: Result<axum::extract::Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let q = match query {
+        Ok(axum::extract::Query(q)) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    match ask(&s, |reply| Request::AuditLog {
+        after: q.after,
+        reply,
+    })
+    .await
+    {
+        Ok(v) => Json(v).into_response(),
+        Err(f) => f.into_response(),
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    #[serde(default)]
+    after: u64,
 }
 
 /// A failed request, turned into a JSON error body (small, so `Result`s stay cheap).
@@ -925,8 +1182,16 @@ async fn apply(State(s): State<AppState>, body: Bytes) -> Response {
     };
     let text = ManifestText(text);
     match ask(&s, |reply| Request::Apply { text, reply }).await {
-        Ok(r) if r.accepted => Json(r).into_response(),
-        Ok(r) => (StatusCode::UNPROCESSABLE_ENTITY, Json(r)).into_response(),
+        Ok(r) => {
+            let note = AuditNote(crate::audit::apply_outcome(&r));
+            let status = match r.accepted {
+                true => StatusCode::OK,
+                false => StatusCode::UNPROCESSABLE_ENTITY,
+            };
+            let mut response = (status, Json(r)).into_response();
+            response.extensions_mut().insert(note);
+            response
+        }
         Err(f) => f.into_response(),
     }
 }
@@ -985,8 +1250,20 @@ async fn get_blob(
     }
     let blobs = s.blobs.clone();
     let dd = d.clone();
-    match tokio::task::spawn_blocking(move || blobs.read(&dd)).await {
-        Ok(Ok(bytes)) => ([(header::CONTENT_TYPE, "application/wasm")], bytes).into_response(),
+    match tokio::task::spawn_blocking(move || blobs.open_blob(&dd)).await {
+        // Streamed from disk, a chunk at a time: many devices fetching a large module hold
+        // a file each, not a copy of it.
+        Ok(Ok((file, len))) => {
+            let stream = tokio_util::io::ReaderStream::new(tokio::fs::File::from_std(file));
+            (
+                [
+                    (header::CONTENT_TYPE, "application/wasm".to_string()),
+                    (header::CONTENT_LENGTH, len.to_string()),
+                ],
+                axum::body::Body::from_stream(stream),
+            )
+                .into_response()
+        }
         Ok(Err(_)) => error(
             StatusCode::NOT_FOUND,
             format!("blob {:?} not found", d.as_str()),
@@ -1262,8 +1539,16 @@ fn ndjson(entries: &[LogEntry]) -> Bytes {
 }
 
 /// `POST /v1/dashboard/login` (an operator): a one-time login link for a browser.
-async fn login_token(State(s): State<AppState>) -> Response {
-    let token = s.sessions.login_token(shoal_api::messages::now_ms());
+async fn login_token(
+    State(s): State<AppState>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    fingerprint: Option<axum::Extension<PeerFingerprint>>,
+) -> Response {
+    let owner = match (peer, fingerprint) {
+        (Peer::Known(who), Some(axum::Extension(PeerFingerprint(f)))) => Some((who, f)),
+        _ => None,
+    };
+    let token = s.sessions.login_token(shoal_api::messages::now_ms(), owner);
     Json(serde_json::json!({
         "path": format!("/login?token={token}"),
         "expiresInSeconds": crate::dashboard::LOGIN_TTL_MS / 1000,
@@ -1384,12 +1669,43 @@ mod tests {
             (Method::POST, "/v1/enroll", Need::Nothing),
             (Method::POST, "/v1/renew", Need::Fleet),
             (Method::GET, "/v1/blobs/sha256:ab", Need::Fleet),
-            (Method::GET, "/v1/stream", Need::Operator),
-            (Method::GET, "/v1/events", Need::Operator),
-            (Method::POST, "/v1/dashboard/login", Need::Operator),
-            (Method::POST, "/", Need::Operator),
-            (Method::GET, "/ui/other.js", Need::Operator),
-            (Method::DELETE, "/v1/workloads/web", Need::Operator),
+            (Method::GET, "/v1/stream", Need::Operator(Role::Viewer)),
+            (Method::GET, "/v1/events", Need::Operator(Role::Viewer)),
+            (
+                Method::POST,
+                "/v1/dashboard/login",
+                Need::Operator(Role::Viewer),
+            ),
+            (Method::POST, "/", Need::Operator(Role::Deployer)),
+            (Method::GET, "/ui/other.js", Need::Operator(Role::Viewer)),
+            (
+                Method::DELETE,
+                "/v1/workloads/web",
+                Need::Operator(Role::Deployer),
+            ),
+            (Method::POST, "/v1/apply", Need::Operator(Role::Deployer)),
+            (
+                Method::POST,
+                "/v1/workloads/web/scale",
+                Need::Operator(Role::Deployer),
+            ),
+            (
+                Method::DELETE,
+                "/v1/secrets/s",
+                Need::Operator(Role::Deployer),
+            ),
+            (
+                Method::POST,
+                "/v1/devices/d/labels",
+                Need::Operator(Role::Admin),
+            ),
+            (
+                Method::POST,
+                "/v1/devices/d/drain",
+                Need::Operator(Role::Admin),
+            ),
+            (Method::GET, "/v1/devices", Need::Operator(Role::Viewer)),
+            (Method::GET, "/v1/audit", Need::Operator(Role::Admin)),
         ];
         for (m, p, want) in table {
             assert_eq!(need(&m, p), want, "{m} {p}");

@@ -6,6 +6,8 @@
 //! [`blobs`] persist; [`ha`] elects a leader among hubs on etcd; [`bus`] and [`broker`] speak
 //! MQTT; [`http`] serves the API; [`logs`] relays `shoal logs` between callers and devices.
 
+pub mod access;
+pub mod audit;
 pub mod blobs;
 pub mod broker;
 pub mod bus;
@@ -14,6 +16,7 @@ pub mod dashboard;
 pub mod enrollment;
 pub mod etcd;
 pub mod events;
+pub mod gate;
 pub mod ha;
 pub mod http;
 pub mod ingest;

@@ -1,7 +1,8 @@
 //! `shoal logs` on the hub: sessions between an HTTP caller and the devices whose logs it
 //! reads.
 //!
-//! Opening a session publishes a [`LogRequest`] to each device on `devices/{d}/logreq`; the
+//! Opening a session publishes a [`LogRequest`] to each device on `devices/{d}/logreq`
+//! (signed by the main loop with the desired-state key, for that device and time); the
 //! devices answer with [`LogChunk`]s on `devices/{d}/logs/{request}`, which the main loop hands
 //! to [`LogSessions::deliver`] and the session passes on to its caller over a bounded channel.
 //! A follow session is renewed every [`RENEW_MS`] (the request published again) while its
@@ -66,8 +67,13 @@ pub struct LogSessions {
 }
 
 impl LogSessions {
-    /// Opens a session: the caller's end, and the requests to publish.
-    pub fn open(&mut self, ask: LogAsk, now_ms: u64) -> (mpsc::Receiver<LogEvent>, Vec<Outgoing>) {
+    /// Opens a session: the caller's end, and the requests to sign and publish (see
+    /// [`message`]).
+    pub fn open(
+        &mut self,
+        ask: LogAsk,
+        now_ms: u64,
+    ) -> (mpsc::Receiver<LogEvent>, Vec<(DeviceId, LogRequest)>) {
         let (tx, rx) = mpsc::channel(CHANNEL);
         // Random, so that a device still following for a previous hub process never takes
         // a new request for a renewal of its old one.
@@ -81,12 +87,18 @@ impl LogSessions {
             follow: ask.follow,
             lease_secs: LEASE_SECS,
             cancel: false,
+            device_id: None,
+            issued_ms: 0,
+            signature: None,
         };
         let devices: BTreeMap<DeviceId, u64> = ask.devices.into_iter().map(|d| (d, 0)).collect();
         if devices.is_empty() {
             return (rx, Vec::new()); // nobody to ask: the caller's end is closed at once
         }
-        let out = devices.keys().map(|d| message(d, &request)).collect();
+        let out = devices
+            .keys()
+            .map(|d| (d.clone(), request.clone()))
+            .collect();
         debug!(request = %id, workload = %ask.workload, devices = devices.len(), "log session opened");
         self.live.insert(
             id,
@@ -138,8 +150,8 @@ impl LogSessions {
     }
 
     /// Renews follow sessions that are due, and ends those whose caller has gone (cancelling
-    /// them on their devices).
-    pub fn tick(&mut self, now_ms: u64) -> Vec<Outgoing> {
+    /// them on their devices): the requests to sign and publish.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<(DeviceId, LogRequest)> {
         let mut out = Vec::new();
         self.live.retain(|id, s| {
             if s.tx.is_closed() {
@@ -149,13 +161,13 @@ impl LogSessions {
                         cancel: true,
                         ..s.request.clone()
                     };
-                    out.extend(s.devices.keys().map(|d| message(d, &cancel)));
+                    out.extend(s.devices.keys().map(|d| (d.clone(), cancel.clone())));
                 }
                 return false;
             }
             if s.request.follow && now_ms.saturating_sub(s.renewed_ms) >= RENEW_MS {
                 s.renewed_ms = now_ms;
-                out.extend(s.devices.keys().map(|d| message(d, &s.request)));
+                out.extend(s.devices.keys().map(|d| (d.clone(), s.request.clone())));
             }
             true
         });
@@ -172,7 +184,8 @@ impl LogSessions {
     }
 }
 
-fn message(device: &DeviceId, req: &LogRequest) -> Outgoing {
+/// The message carrying `req` (signed by then) to `device`.
+pub fn message(device: &DeviceId, req: &LogRequest) -> Outgoing {
     Outgoing {
         topic: topics::log_request(device),
         // A plain struct of strings and numbers: serializing cannot fail.
@@ -238,12 +251,12 @@ mod tests {
     fn a_session_asks_each_device_and_ends_when_all_are_done() {
         let mut s = LogSessions::default();
         let (mut rx, out) = s.open(ask(false), 0);
-        let topics: Vec<&str> = out.iter().map(|o| o.topic.as_str()).collect();
+        let topics: Vec<String> = out.iter().map(|(d, r)| message(d, r).topic).collect();
         assert_eq!(
             topics,
             ["shoal/v1/devices/d1/logreq", "shoal/v1/devices/d2/logreq"]
         );
-        let req: LogRequest = serde_json::from_slice(&out[0].payload).unwrap();
+        let req = out[0].1.clone();
         assert_eq!(
             (req.workload.as_str(), req.tail, req.follow),
             ("web", Some(5), false)
@@ -269,15 +282,15 @@ mod tests {
         assert!(s.tick(1_000 + RENEW_MS - 1).is_empty());
         let renew = s.tick(1_000 + RENEW_MS);
         assert_eq!(renew.len(), 2);
-        let req: LogRequest = serde_json::from_slice(&renew[0].payload).unwrap();
+        let req = renew[0].1.clone();
         assert!(req.follow && !req.cancel && req.lease_secs == LEASE_SECS);
         // A device that is done (it had no logs) is neither renewed nor cancelled.
         s.deliver(&dev("d2"), chunk("d2", &req.request, 0, "gone", true));
         drop(rx);
         let cancel = s.tick(1_000 + RENEW_MS + 1);
         assert_eq!(cancel.len(), 1);
-        assert_eq!(cancel[0].topic, "shoal/v1/devices/d1/logreq");
-        let req: LogRequest = serde_json::from_slice(&cancel[0].payload).unwrap();
+        assert_eq!(cancel[0].0, dev("d1"));
+        let req = cancel[0].1.clone();
         assert!(req.cancel);
         assert!(s.is_empty());
     }
@@ -286,9 +299,7 @@ mod tests {
     fn a_slow_caller_is_told_how_much_it_missed() {
         let mut s = LogSessions::default();
         let (mut rx, out) = s.open(ask(true), 0);
-        let id = serde_json::from_slice::<LogRequest>(&out[0].payload)
-            .unwrap()
-            .request;
+        let id = out[0].1.request.clone();
         for seq in 0..(CHANNEL as u64 + 3) {
             s.deliver(&dev("d1"), chunk("d1", &id, seq, "l", false));
         }

@@ -30,6 +30,80 @@ enum Command {
     /// Certificates from the fleet CA for an external broker.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Named operators and their roles (works while the hub runs).
+    #[command(subcommand)]
+    Operator(Box<OperatorCommand>),
+    /// Devices: revocation (works while the hub runs).
+    #[command(subcommand)]
+    Device(Box<DeviceCommand>),
+}
+
+/// Where the enrollment book is: the hub's data directory (files), or its etcd store.
+#[derive(clap::Args)]
+struct BookArgs {
+    /// The hub's data directory (its fleet CA; the book too unless --store is etcd).
+    #[arg(long, env = "SHOAL_HUB_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The hub's store, as given to `serve` (`sled`, or `etcds://…`).
+    #[arg(long, env = "SHOAL_HUB_STORE", value_name = "URL")]
+    store: Option<shoal_hub::store::StoreChoice>,
+    /// Allow a plaintext `etcd://` store (for local experiments only).
+    #[arg(long)]
+    insecure: bool,
+}
+
+#[derive(Subcommand)]
+enum OperatorCommand {
+    /// Create operator NAME with a role and write its bundle (ca.pem, operator.pem,
+    /// operator.key) to --out, for `shoal --credentials DIR`.
+    Create {
+        name: shoal_api::ids::OperatorName,
+        /// viewer (reads), deployer (and changes workloads), admin (and manages devices,
+        /// reads the audit log).
+        #[arg(long)]
+        role: shoal_api::operator::Role,
+        /// Where to write the bundle (created owner-only).
+        #[arg(long)]
+        out: PathBuf,
+        /// How long its certificate is valid (renew before with `operator renew`).
+        #[arg(long, default_value = "2160h", value_parser = shoal_api::quantity::duration_arg)]
+        ttl: std::time::Duration,
+        #[command(flatten)]
+        book: BookArgs,
+    },
+    /// Issue operator NAME a new certificate (same name and role) into --out; the one it
+    /// replaces keeps working until it expires.
+    Renew {
+        name: shoal_api::ids::OperatorName,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "2160h", value_parser = shoal_api::quantity::duration_arg)]
+        ttl: std::time::Duration,
+        #[command(flatten)]
+        book: BookArgs,
+    },
+    /// Revoke operator NAME: its certificates are refused from its next connection on.
+    Revoke {
+        name: shoal_api::ids::OperatorName,
+        #[command(flatten)]
+        book: BookArgs,
+    },
+    /// List operators: name, role, expiry, revoked.
+    List {
+        #[command(flatten)]
+        book: BookArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Revoke device ID for good: its certificates are refused from its next connection on
+    /// (MQTT and HTTPS), it cannot renew, and no join token enrolls that id again.
+    Revoke {
+        id: shoal_api::ids::DeviceId,
+        #[command(flatten)]
+        book: BookArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -309,6 +383,18 @@ fn real_main() -> anyhow::Result<()> {
             println!("{}", out.display());
             return Ok(());
         }
+        Command::Operator(op) => return operator_command(*op),
+        Command::Device(d) => {
+            let DeviceCommand::Revoke { id, book } = *d;
+            let (book, _) = open_book(&book)?;
+            let now = shoal_api::messages::now_ms();
+            if shoal_hub::access::revoke_device(book.as_ref(), &id, now)? {
+                println!("device/{id} revoked");
+            } else {
+                println!("device/{id} was already revoked");
+            }
+            return Ok(());
+        }
         Command::Token(token) => {
             let TokenCommand::Create {
                 data_dir,
@@ -357,6 +443,170 @@ fn real_main() -> anyhow::Result<()> {
     }?;
     // rumqttd's threads have no shutdown API; leave without waiting for them.
     std::process::exit(0)
+}
+
+/// The enrollment book `args` name, and the hub's data directory if given.
+fn open_book(
+    args: &BookArgs,
+) -> anyhow::Result<(Box<dyn shoal_hub::enrollment::Enrollments>, Option<PathBuf>)> {
+    match (&args.store, &args.data_dir) {
+        (Some(shoal_hub::store::StoreChoice::Etcd(url)), dir) => {
+            if url.plaintext() && !args.insecure {
+                anyhow::bail!("{}", shoal_hub::etcd::PLAINTEXT_REFUSED);
+            }
+            Ok((
+                Box::new(shoal_hub::etcd::EtcdStore::connect(url)?),
+                dir.clone(),
+            ))
+        }
+        (_, Some(dir)) => {
+            let pki = shoal_hub::security::pki_dir(dir);
+            Ok((
+                Box::new(shoal_hub::enrollment::Files::new(&pki)),
+                Some(dir.clone()),
+            ))
+        }
+        (_, None) => {
+            anyhow::bail!("this needs --data-dir (or SHOAL_HUB_DATA_DIR), or --store etcds://…")
+        }
+    }
+}
+
+fn operator_command(cmd: OperatorCommand) -> anyhow::Result<()> {
+    use shoal_api::operator::OperatorRecord;
+    let now = shoal_api::messages::now_ms();
+    // Issues `name` a certificate into `out`: (its fingerprint, when it expires).
+    let issue = |data_dir: Option<PathBuf>,
+                 name: &shoal_api::ids::OperatorName,
+                 out: &std::path::Path,
+                 ttl: std::time::Duration|
+     -> anyhow::Result<(String, u64)> {
+        let dir =
+            data_dir.context("issuing a certificate needs the hub's --data-dir (its fleet CA)")?;
+        let ca = shoal_pki::ca::FleetCa::load(&shoal_hub::security::pki_dir(&dir))?;
+        let cn = shoal_api::operator::common_name(name);
+        let (cert, key) = ca.issue_for(&cn, &shoal_pki::ca::Usage::Client, ttl)?;
+        // Owner-only when created here; an existing directory keeps its mode (the key file
+        // is owner-only whatever the directory).
+        if !out.exists() {
+            shoal_pki::private_dir(out)?;
+        }
+        // The key first: a bundle is never a certificate without its key.
+        shoal_pki::write_atomic(&out.join("operator.key"), key.as_bytes(), 0o600)?;
+        shoal_pki::write_atomic(&out.join("operator.pem"), cert.as_bytes(), 0o644)?;
+        shoal_pki::write_atomic(&out.join("ca.pem"), ca.pem().as_bytes(), 0o644)?;
+        let der = shoal_pki::tls::first_cert(&cert)?;
+        let (_, not_after) = shoal_pki::tls::validity(&cert)?;
+        let expires_ms = u64::try_from(not_after).unwrap_or(0).saturating_mul(1000);
+        Ok((shoal_pki::tls::fingerprint(&der), expires_ms))
+    };
+    match cmd {
+        OperatorCommand::Create {
+            name,
+            role,
+            out,
+            ttl,
+            book,
+        } => {
+            if name.as_str() == shoal_api::operator::BOOTSTRAP {
+                anyhow::bail!(
+                    "operator name {:?} is the hub's own bootstrap bundle: pick another",
+                    name.as_str()
+                );
+            }
+            let (b, dir) = open_book(&book)?;
+            if let Some(r) = shoal_hub::access::operator(b.as_ref(), &name)? {
+                if r.revoked_ms.is_none() {
+                    anyhow::bail!(
+                        "operator {:?} exists (role {}): renew it, or revoke it first",
+                        name.as_str(),
+                        r.role
+                    );
+                }
+            }
+            let (fingerprint, expires_ms) = issue(dir, &name, &out, ttl)?;
+            let record = OperatorRecord {
+                name: name.clone(),
+                role,
+                certificates: vec![fingerprint],
+                created_ms: now,
+                expires_ms,
+                revoked_ms: None,
+            };
+            shoal_hub::access::put_operator(b.as_ref(), &record)?;
+            println!(
+                "operator/{name} created ({role}): bundle in {}",
+                out.display()
+            );
+        }
+        OperatorCommand::Renew {
+            name,
+            out,
+            ttl,
+            book,
+        } => {
+            if name.as_str() == shoal_api::operator::BOOTSTRAP {
+                anyhow::bail!(
+                    "operator {:?} is the hub's own bundle: the hub renews it at start",
+                    name.as_str()
+                );
+            }
+            let (b, dir) = open_book(&book)?;
+            let known =
+                |b: &dyn shoal_hub::enrollment::Enrollments| -> anyhow::Result<OperatorRecord> {
+                    let r = shoal_hub::access::operator(b, &name)?
+                        .with_context(|| format!("operator {:?} is unknown", name.as_str()))?;
+                    if r.revoked_ms.is_some() {
+                        anyhow::bail!("operator {:?} was revoked: create it anew", name.as_str());
+                    }
+                    Ok(r)
+                };
+            known(b.as_ref())?;
+            let (fingerprint, expires_ms) = issue(dir, &name, &out, ttl)?;
+            // Read again: a revocation made while the certificate was issued stands.
+            let record = known(b.as_ref())?;
+            let role = record.role;
+            shoal_hub::access::put_operator(b.as_ref(), &record.renewed(fingerprint, expires_ms))?;
+            println!(
+                "operator/{name} renewed ({role}): bundle in {}",
+                out.display()
+            );
+        }
+        OperatorCommand::Revoke { name, book } => {
+            let (b, _) = open_book(&book)?;
+            let mut record = shoal_hub::access::operator(b.as_ref(), &name)?
+                .with_context(|| format!("operator {:?} is unknown", name.as_str()))?;
+            if record.revoked_ms.is_some() {
+                println!("operator/{name} was already revoked");
+                return Ok(());
+            }
+            record.revoked_ms = Some(now);
+            shoal_hub::access::put_operator(b.as_ref(), &record)?;
+            println!("operator/{name} revoked");
+            if name.as_str() == shoal_api::operator::BOOTSTRAP {
+                println!("restart the hub (each replica) to rotate its DATA_DIR/operator bundle");
+            }
+        }
+        OperatorCommand::List { book } => {
+            let (b, _) = open_book(&book)?;
+            let mut t = shoal_api::table::Table::new(&["NAME", "ROLE", "EXPIRES", "REVOKED"]);
+            for r in shoal_hub::access::operators(b.as_ref())? {
+                let day = |ms: u64| {
+                    time::OffsetDateTime::from_unix_timestamp(i64::try_from(ms / 1000).unwrap_or(0))
+                        .map(|t| t.date().to_string())
+                        .unwrap_or_default()
+                };
+                t.row(vec![
+                    r.name.to_string(),
+                    r.role.to_string(),
+                    day(r.expires_ms),
+                    r.revoked_ms.map(day).unwrap_or_else(|| "-".into()),
+                ]);
+            }
+            print!("{t}");
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -242,6 +242,15 @@ async fn serve(
         format!("{scheme}://{a}")
     });
 
+    // How many connections the hub holds (the open-file limit, raised first).
+    let open_files = shoal_daemon::raise_open_files().unwrap_or(1024);
+    let gate = crate::gate::Gate::new(open_files);
+    info!(open_files, "connection budget set from the open-file limit");
+
+    // What the enrollment book says of revocations, for connections let in before one.
+    let (verdicts_tx, verdicts) =
+        tokio::sync::watch::channel(Arc::new(crate::access::Verdicts::default()));
+
     // The broker devices are told about, and how the hub itself connects.
     let (broker, hub_link, auth) = match &config.broker {
         Some(b) if !b.tls && security.is_some() => {
@@ -255,9 +264,14 @@ async fn serve(
             (b.clone(), b.clone(), auth)
         }
         None => {
-            let tls = security.as_ref().map(|s| s.mqtt.clone());
-            let e =
-                crate::broker::start(config.mqtt_listen, tls, tracker, shutdown.clone()).await?;
+            let e = crate::broker::start(
+                config.mqtt_listen,
+                security.clone().map(|sec| (sec, verdicts.clone())),
+                gate.clone(),
+                tracker,
+                shutdown.clone(),
+            )
+            .await?;
             let front = BrokerUrl {
                 host: e.addr.ip().to_string(),
                 port: e.addr.port(),
@@ -326,7 +340,7 @@ async fn serve(
     let (standby_tx, standby_rx) =
         tokio::sync::watch::channel(elector.as_ref().map(|_| "not yet elected".to_string()));
     let app = http::router(AppState {
-        requests: req_tx,
+        requests: req_tx.clone(),
         blobs: blobs.clone(),
         registry: Arc::new(registry),
         security: security.clone(),
@@ -334,11 +348,22 @@ async fn serve(
         shutdown: shutdown.clone(),
         sessions: Default::default(),
         standby: standby_rx,
+        refusals: Default::default(),
+        verdicts: security.as_ref().map(|_| verdicts.clone()),
     });
+    if let Some(sec) = &security {
+        tracker.spawn(crate::access::watch(
+            sec.clone(),
+            verdicts_tx,
+            req_tx.clone(),
+            shutdown.clone(),
+        ));
+    }
     tracker.spawn(http::serve(
         http_listener,
         app,
-        security.as_ref().map(|s| s.http.clone()),
+        security.clone().map(|sec| (sec, verdicts)),
+        gate,
         tracker.clone(),
         shutdown.clone(),
     ));
@@ -381,6 +406,9 @@ async fn serve(
         fleet_changed,
         logs: crate::logs::LogSessions::default(),
         ingest,
+        // Only the embedded broker's guard writes `apply-as` topics; through an external
+        // broker (or with no guard, --insecure) anyone allowed to publish there could.
+        attributed_applies: config.broker.is_none() && security.is_some(),
     };
     let mut lost = None;
     let mut heard = None;
@@ -512,11 +540,18 @@ async fn advertise(
     } else if unreachable && opts.interfaces.iter().any(|i| i != "lo") {
         warn!(http = %http_addr, mqtt = %broker, interfaces = ?opts.interfaces, "advertising on the LAN, but the hub listens on loopback only: devices cannot reach it (listen on 0.0.0.0 or a LAN address)");
     }
+    let pki = crate::security::pki_dir(&config.data_dir);
     let ad = HubAd {
         protocol: shoal_api::PROTOCOL_VERSION,
         fleet: config.fleet.clone(),
         http_port: http_addr.port(),
         mqtt: vec![mqtt],
+        // The fleet CA (loaded from here at start): agents trusting another CA ignore us.
+        ca: if config.insecure {
+            None
+        } else {
+            Some(shoal_pki::ca::hash_of(&pki)?)
+        },
     };
     let label: String = config
         .name
@@ -601,6 +636,9 @@ struct Parts<B: Bus> {
     fleet_changed: tokio::sync::watch::Sender<u64>,
     logs: crate::logs::LogSessions,
     ingest: Option<Ingest>,
+    /// Whether an `apply-as/{operator}` topic says who applied (the embedded broker's
+    /// guard writes it) or is only a claim.
+    attributed_applies: bool,
 }
 
 /// This replica's share of status ingest (see [`crate::ingest`]).
@@ -678,6 +716,9 @@ struct MainLoop<S: Store, B: Bus> {
     logs: crate::logs::LogSessions,
     /// `Some` for replicas sharing status ingest.
     ingest: Option<Ingest>,
+    /// Whether an `apply-as/{operator}` topic says who applied (the embedded broker's
+    /// guard writes it) or is only a claim.
+    attributed_applies: bool,
 }
 
 impl<S: Store, B: Bus> MainLoop<S, B> {
@@ -702,6 +743,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             last_snapshot: None,
             logs: p.logs,
             ingest: p.ingest,
+            attributed_applies: p.attributed_applies,
         }
     }
 
@@ -719,6 +761,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             fleet_changed: self.fleet_changed,
             logs: self.logs,
             ingest: self.ingest,
+            attributed_applies: self.attributed_applies,
         };
         (self.core, p)
     }
@@ -858,11 +901,8 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     self.advance_rollouts().await;
                 }
                 self.record_events(false);
-                for msg in self.logs.tick(now_ms()) {
-                    if let Err(e) = self.bus.publish(msg).await {
-                        warn!(error = %e, "cannot publish a log request");
-                    }
-                }
+                let due = self.logs.tick(now_ms());
+                self.publish_log_requests(due).await;
             }
             Event::Mdns(MdnsEvent::Resolved(r)) => match AgentAd::from_txt(&r.fullname, &r.txt) {
                 Ok(ad) if ad.fleet == self.fleet => {
@@ -887,7 +927,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 correlation,
             }) => {
                 // The leader answers manifests sent over MQTT.
-                if !matches!(topics::classify(&topic), Some(Inbound::Apply(_)) | None) {
+                if !matches!(topics::classify(&topic), Some(Inbound::Apply { .. }) | None) {
                     self.on_message(&topic, &payload, response_topic, correlation)
                         .await
                 }
@@ -935,11 +975,8 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     }
                 }
                 self.record_events(false);
-                for msg in self.logs.tick(now_ms()) {
-                    if let Err(e) = self.bus.publish(msg).await {
-                        warn!(error = %e, "cannot publish a log request");
-                    }
-                }
+                let due = self.logs.tick(now_ms());
+                self.publish_log_requests(due).await;
             }
         }
     }
@@ -974,7 +1011,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             return;
         };
         let label = match &kind {
-            Inbound::Apply(_) => "apply",
+            Inbound::Apply { .. } => "apply",
             Inbound::Hello(_) => "hello",
             Inbound::Presence(_) => "presence",
             Inbound::Status(_) => "status",
@@ -986,10 +1023,37 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             .get_or_create(&crate::metrics::KindLabel { kind: label.into() })
             .inc();
         match kind {
-            Inbound::Apply(req) => {
+            Inbound::Apply { req, by } => {
                 let text = String::from_utf8_lossy(payload);
-                let span = info_span!("apply", source = "mqtt", req = req.as_deref().unwrap_or(""));
+                let span = info_span!(
+                    "apply",
+                    source = "mqtt",
+                    req = req.as_deref().unwrap_or(""),
+                    operator = by.as_deref().unwrap_or("")
+                );
                 let result = self.apply(&text, req.clone(), true).instrument(span).await;
+                // Who sent it: the embedded broker names the operator; through an external
+                // broker the hub cannot know (its ACL decides who may apply).
+                let named = by
+                    .as_deref()
+                    .filter(|_| self.attributed_applies)
+                    .and_then(|b| shoal_api::ids::OperatorName::try_from(b).ok());
+                let who = match named {
+                    Some(name) => format!("operator {name}"),
+                    None => "unknown (an MQTT apply the broker did not attribute)".to_string(),
+                };
+                let change = crate::audit::Change {
+                    who,
+                    from: "mqtt".into(),
+                    action: format!("mqtt apply {}", req.as_deref().unwrap_or(""))
+                        .trim_end()
+                        .to_string(),
+                    outcome: crate::audit::apply_outcome(&result),
+                    accepted: result.accepted,
+                };
+                if let Err(e) = self.record_audit(change) {
+                    warn!(error = %e, "cannot record an apply in the audit log");
+                }
                 let body = serde_json::to_vec(&result).unwrap_or_default();
                 let mut targets = Vec::new();
                 if let Some(r) = &req {
@@ -1210,8 +1274,45 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         }
     }
 
+    /// Signs each log request for its device (agents take only what the hub signed) and
+    /// publishes it.
+    async fn publish_log_requests(
+        &mut self,
+        out: Vec<(DeviceId, shoal_api::messages::LogRequest)>,
+    ) {
+        let now = now_ms();
+        for (device, mut req) in out {
+            self.signer.sign_log_request(&mut req, &device, now);
+            if let Err(e) = self.bus.publish(crate::logs::message(&device, &req)).await {
+                warn!(%device, error = %e, "cannot publish a log request");
+            }
+        }
+    }
+
+    /// Records `change` in the audit log, durably, and returns its number.
+    fn record_audit(
+        &mut self,
+        change: crate::audit::Change,
+    ) -> Result<u64, crate::store::StoreError> {
+        let e = self.core.record_audit(change, now_ms())?;
+        self.core.flush()?;
+        Ok(e.seq)
+    }
+
     async fn on_request(&mut self, r: Request) {
         match r {
+            Request::Revoked { devices } => {
+                let r = self.core.set_revoked(devices);
+                if let Err(e) = self.published(r).await {
+                    warn!(error = %e, "cannot move replicas off revoked devices");
+                }
+            }
+            Request::Audit { change, reply } => {
+                let _ = reply.send(self.record_audit(change).map_err(|e| e.to_string()));
+            }
+            Request::AuditLog { after, reply } => {
+                let _ = reply.send(self.core.audit_since(after, crate::audit::IN_MEMORY));
+            }
             Request::Apply { text, reply } => {
                 let result = self
                     .apply(&text.0, None, false)
@@ -1289,11 +1390,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                             },
                             now_ms(),
                         );
-                        for msg in out {
-                            if let Err(e) = self.bus.publish(msg).await {
-                                warn!(error = %e, "cannot publish a log request");
-                            }
-                        }
+                        self.publish_log_requests(out).await;
                         Ok(crate::http::LogStream {
                             asked: devices,
                             unreachable,

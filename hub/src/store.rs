@@ -10,6 +10,7 @@ use crate::scheduler::Assignments;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use shoal_api::ids::{DeviceId, SecretName, WorkloadName};
 use shoal_api::messages::{DesiredState, Hello};
+use shoal_api::operator::AuditEntry;
 use shoal_api::workload::Workload;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -103,6 +104,8 @@ pub struct Snapshot {
     /// Device labels are the operator's in this store (see `HubCore::open`): a record
     /// without labels gets none, its device's reports are not adopted.
     pub labels_owned: bool,
+    /// The newest audit entries (at most [`crate::audit::IN_MEMORY`]), oldest first.
+    pub audit: Vec<AuditEntry>,
 }
 
 /// Hub persistence. Methods are synchronous and short; `flush` makes prior writes durable.
@@ -123,6 +126,8 @@ pub trait Store: Send + 'static {
     fn put_secret(&self, name: &SecretName, s: Option<&StoredSecret>) -> Result<(), StoreError>;
     /// Marks device labels as the operator's in this store, for good.
     fn put_labels_owned(&self) -> Result<(), StoreError>;
+    /// Appends an audit entry (and forgets the one [`crate::audit::KEPT`] before it).
+    fn put_audit(&self, e: &AuditEntry) -> Result<(), StoreError>;
     fn flush(&self) -> Result<(), StoreError>;
     /// From now on, commit writes only while `fence` holds. Only stores several hubs share
     /// (etcd) elect a leader; the others have nothing to fence.
@@ -161,6 +166,9 @@ impl Store for Box<dyn Store> {
     }
     fn put_labels_owned(&self) -> Result<(), StoreError> {
         (**self).put_labels_owned()
+    }
+    fn put_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
+        (**self).put_audit(e)
     }
     fn flush(&self) -> Result<(), StoreError> {
         (**self).flush()
@@ -205,6 +213,9 @@ impl<S: Store> Store for ReadOnly<S> {
         Ok(())
     }
     fn put_labels_owned(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn put_audit(&self, _: &AuditEntry) -> Result<(), StoreError> {
         Ok(())
     }
     fn flush(&self) -> Result<(), StoreError> {
@@ -252,6 +263,7 @@ const DESIRED: &str = "desired";
 const META: &str = "meta";
 const ROLLOUTS: &str = "rollouts";
 const SECRETS: &str = "secrets";
+const AUDIT: &str = "audit";
 const ASSIGNMENTS_KEY: &[u8] = b"assignments";
 const LABELS_OWNED_KEY: &[u8] = b"labels-owned";
 
@@ -264,6 +276,7 @@ pub struct SledStore {
     meta: sled::Tree,
     rollouts: sled::Tree,
     secrets: sled::Tree,
+    audit: sled::Tree,
 }
 
 impl SledStore {
@@ -280,6 +293,7 @@ impl SledStore {
             meta: db.open_tree(META)?,
             rollouts: db.open_tree(ROLLOUTS)?,
             secrets: db.open_tree(SECRETS)?,
+            audit: db.open_tree(AUDIT)?,
             db,
         })
     }
@@ -325,6 +339,15 @@ impl Store for SledStore {
             secrets: load_tree(&self.secrets, |s: &StoredSecret| s.name.clone())?,
             assignments,
             labels_owned: self.meta.contains_key(LABELS_OWNED_KEY)?,
+            audit: {
+                let mut newest = Vec::new();
+                for item in self.audit.iter().rev().take(crate::audit::IN_MEMORY) {
+                    let (k, v) = item?;
+                    newest.push(dec(&k, &v)?);
+                }
+                newest.reverse();
+                newest
+            },
         })
     }
     fn put_workload(&self, w: &Workload) -> Result<(), StoreError> {
@@ -367,6 +390,14 @@ impl Store for SledStore {
     }
     fn put_labels_owned(&self) -> Result<(), StoreError> {
         self.meta.insert(LABELS_OWNED_KEY, b"true".to_vec())?;
+        Ok(())
+    }
+    fn put_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
+        // Big-endian numbers sort as they count.
+        self.audit.insert(e.seq.to_be_bytes(), enc(e)?)?;
+        if let Some(old) = e.seq.checked_sub(crate::audit::KEPT) {
+            self.audit.remove(old.to_be_bytes())?;
+        }
         Ok(())
     }
     fn flush(&self) -> Result<(), StoreError> {
@@ -432,6 +463,15 @@ impl Store for MemStore {
     }
     fn put_labels_owned(&self) -> Result<(), StoreError> {
         self.with(|s| s.labels_owned = true);
+        Ok(())
+    }
+    fn put_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
+        self.with(|s| {
+            s.audit.push(e.clone());
+            if s.audit.len() > crate::audit::IN_MEMORY {
+                s.audit.remove(0);
+            }
+        });
         Ok(())
     }
     fn flush(&self) -> Result<(), StoreError> {

@@ -60,6 +60,21 @@ impl std::fmt::Debug for FleetCa {
 }
 
 impl FleetCa {
+    /// Loads the CA from `pki_dir`; an error if there is none (tools that must not start a
+    /// new fleet by accident).
+    pub fn load(pki_dir: &Path) -> Result<Self, PkiError> {
+        let key_path = pki_dir.join("ca.key");
+        if !key_path.exists() {
+            return Err(PkiError::BadFile {
+                what: "the fleet CA",
+                path: key_path.display().to_string(),
+                reason: "it does not exist: is this a hub's data directory, and has the hub run?"
+                    .into(),
+            });
+        }
+        Self::load_or_create(pki_dir)
+    }
+
     /// Loads the CA from `pki_dir`, generating it (key first, then certificate) if absent.
     pub fn load_or_create(pki_dir: &Path) -> Result<Self, PkiError> {
         let key_path = pki_dir.join("ca.key");
@@ -116,9 +131,19 @@ impl FleetCa {
 
     /// Issues a certificate for `cn` with a fresh key; returns (certificate PEM, key PEM).
     pub fn issue(&self, cn: &str, usage: &Usage) -> Result<(String, String), PkiError> {
+        self.issue_for(cn, usage, SERVICE_CERT_LIFETIME)
+    }
+
+    /// [`FleetCa::issue`], valid for `lifetime`.
+    pub fn issue_for(
+        &self,
+        cn: &str,
+        usage: &Usage,
+        lifetime: Duration,
+    ) -> Result<(String, String), PkiError> {
         let key =
             KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| issue_err(cn, e))?;
-        let params = leaf_params(cn, usage, SERVICE_CERT_LIFETIME)?;
+        let params = leaf_params(cn, usage, lifetime)?;
         let cert = params
             .signed_by(&key, &self.issuer)
             .map_err(|e| issue_err(cn, e))?;
@@ -147,22 +172,36 @@ impl FleetCa {
     }
 
     /// Writes the operator bundle (`ca.pem`, `operator.pem`, `operator.key`) to `dir` unless
-    /// one signed by this CA is already there. Usable by `shoal` and by
+    /// one signed by this CA, with more than a third of its life left, is already there. Usable by `shoal` and by
     /// `mosquitto_pub --cafile ca.pem --cert operator.pem --key operator.key`.
     pub fn write_operator_bundle(&self, dir: &Path) -> Result<bool, PkiError> {
         let ca_path = dir.join("ca.pem");
+        // Renewed at the hub's start once a third of its life is left.
+        let fresh = std::fs::read_to_string(dir.join("operator.pem"))
+            .ok()
+            .and_then(|pem| crate::tls::validity(&pem).ok())
+            .is_some_and(|(_, not_after)| {
+                let left = not_after - time::OffsetDateTime::now_utc().unix_timestamp();
+                left > i64::try_from(SERVICE_CERT_LIFETIME.as_secs() / 3).unwrap_or(i64::MAX)
+            });
         if std::fs::read_to_string(&ca_path).ok().as_deref() == Some(self.pem.as_str())
             && dir.join("operator.key").exists()
-            && dir.join("operator.pem").exists()
+            && fresh
         {
             return Ok(false);
         }
+        self.issue_operator_bundle(dir)?;
+        Ok(true)
+    }
+
+    /// Writes a new operator bundle to `dir`, whatever is there (rotation).
+    pub fn issue_operator_bundle(&self, dir: &Path) -> Result<(), PkiError> {
+        let ca_path = dir.join("ca.pem");
         crate::private_dir(dir)?;
         let (cert, key) = self.issue(OPERATOR_NAME, &Usage::Client)?;
         write_atomic(&dir.join("operator.key"), key.as_bytes(), 0o600)?;
         write_atomic(&dir.join("operator.pem"), cert.as_bytes(), 0o644)?;
-        write_atomic(&ca_path, self.pem.as_bytes(), 0o644)?;
-        Ok(true)
+        write_atomic(&ca_path, self.pem.as_bytes(), 0o644)
     }
 
     pub fn dir(&self) -> &Path {

@@ -113,7 +113,7 @@ pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<bool, PkiError>
 }
 
 /// Creates `dir` (and parents) readable by its owner only.
-pub(crate) fn private_dir(dir: &Path) -> Result<(), PkiError> {
+pub fn private_dir(dir: &Path) -> Result<(), PkiError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))

@@ -148,6 +148,84 @@ pub fn verify_artifact(
         .map_err(|_| OpenError::BadSignature)
 }
 
+/// Why an agent did not take a log request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LogRequestRefused {
+    #[error(
+        "log request {0:?} is not signed (a hub older than this agent, or forged): upgrade the hub"
+    )]
+    Unsigned(String),
+    #[error(
+        "log request {0:?}: the signature does not verify with the hub's key (forged or corrupted)"
+    )]
+    BadSignature(String),
+    #[error("log request {request:?} is for device {device:?}, not this one")]
+    OtherDevice { request: String, device: String },
+    #[error("log request {request:?} was issued at {issued_ms}, long before the newest one taken ({newest_ms}): a replay?")]
+    Stale {
+        request: String,
+        issued_ms: u64,
+        newest_ms: u64,
+    },
+}
+
+/// How much older than the newest request taken a request may be (hub clock): more than a
+/// follow request's lease, so renewals in flight pass.
+pub const LOG_REQUEST_WINDOW_MS: u64 = 5 * 60 * 1000;
+
+impl HubSigner {
+    /// Signs a log request for `device` at `now_ms` (its device and time set here).
+    pub fn sign_log_request(
+        &self,
+        req: &mut shoal_api::messages::LogRequest,
+        device: &shoal_api::ids::DeviceId,
+        now_ms: u64,
+    ) {
+        req.device_id = Some(device.clone());
+        req.issued_ms = now_ms;
+        req.signature = None;
+        req.signature = Some(B64.encode(self.key.sign(&req.statement()).as_ref()));
+    }
+}
+
+/// The agent's check of a log request: the hub's signature, this device, and not older than
+/// the newest taken (`newest_ms`) by more than [`LOG_REQUEST_WINDOW_MS`].
+pub fn verify_log_request(
+    key: &HubKey,
+    own: &shoal_api::ids::DeviceId,
+    newest_ms: u64,
+    req: &shoal_api::messages::LogRequest,
+) -> Result<(), LogRequestRefused> {
+    let id = || req.request.clone();
+    let sig = req
+        .signature
+        .as_deref()
+        .ok_or_else(|| LogRequestRefused::Unsigned(id()))?;
+    let sig = B64
+        .decode(sig)
+        .map_err(|_| LogRequestRefused::BadSignature(id()))?;
+    UnparsedPublicKey::new(&ED25519, &key.0)
+        .verify(&req.statement(), &sig)
+        .map_err(|_| LogRequestRefused::BadSignature(id()))?;
+    if req.device_id.as_ref() != Some(own) {
+        return Err(LogRequestRefused::OtherDevice {
+            request: id(),
+            device: req
+                .device_id
+                .as_ref()
+                .map_or_else(String::new, ToString::to_string),
+        });
+    }
+    if req.issued_ms.saturating_add(LOG_REQUEST_WINDOW_MS) < newest_ms {
+        return Err(LogRequestRefused::Stale {
+            request: id(),
+            issued_ms: req.issued_ms,
+            newest_ms,
+        });
+    }
+    Ok(())
+}
+
 /// Why an agent did not take a desired-state message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejected {
@@ -189,6 +267,74 @@ pub fn verify_desired(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_request_works_only_as_the_hub_signed_it_for_this_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = HubSigner::load_or_create(&dir.path().join("k")).unwrap();
+        let key = HubKey::from_b64(&hub.public_key_b64()).unwrap();
+        let d1 = shoal_api::ids::DeviceId::try_from("d1").unwrap();
+        let d2 = shoal_api::ids::DeviceId::try_from("d2").unwrap();
+        let mut req = shoal_api::messages::LogRequest {
+            protocol: 1,
+            request: "r1".into(),
+            workload: "web".into(),
+            tail: Some(5),
+            since_secs: None,
+            follow: true,
+            lease_secs: 30,
+            cancel: false,
+            device_id: None,
+            issued_ms: 0,
+            signature: None,
+        };
+        let unsigned = req.clone();
+        hub.sign_log_request(&mut req, &d1, 1_000_000);
+        assert_eq!(verify_log_request(&key, &d1, 0, &req), Ok(()));
+        // Within the window of the newest taken, a renewal passes; far older does not.
+        assert_eq!(
+            verify_log_request(&key, &d1, 1_000_000 + LOG_REQUEST_WINDOW_MS, &req),
+            Ok(())
+        );
+        assert!(matches!(
+            verify_log_request(&key, &d1, 1_000_001 + LOG_REQUEST_WINDOW_MS, &req),
+            Err(LogRequestRefused::Stale { .. })
+        ));
+        assert!(matches!(
+            verify_log_request(&key, &d2, 0, &req),
+            Err(LogRequestRefused::OtherDevice { .. })
+        ));
+        assert!(matches!(
+            verify_log_request(&key, &d1, 0, &unsigned),
+            Err(LogRequestRefused::Unsigned(_))
+        ));
+        for tamper in [
+            |r: &mut shoal_api::messages::LogRequest| r.workload = "vault".into(),
+            |r: &mut shoal_api::messages::LogRequest| {
+                r.device_id = shoal_api::ids::DeviceId::try_from("d2").ok()
+            },
+            |r: &mut shoal_api::messages::LogRequest| r.issued_ms += 1,
+            |r: &mut shoal_api::messages::LogRequest| r.cancel = true,
+        ] {
+            let mut t = req.clone();
+            tamper(&mut t);
+            assert!(
+                matches!(
+                    verify_log_request(&key, &d1, 0, &t),
+                    Err(LogRequestRefused::BadSignature(_))
+                        | Err(LogRequestRefused::OtherDevice { .. })
+                ),
+                "{t:?}"
+            );
+        }
+        let other = HubSigner::load_or_create(&dir.path().join("k2")).unwrap();
+        let mut forged = unsigned;
+        other.sign_log_request(&mut forged, &d1, 1_000_000);
+        assert!(matches!(
+            verify_log_request(&key, &d1, 0, &forged),
+            Err(LogRequestRefused::BadSignature(_))
+        ));
+    }
 
     #[test]
     fn an_artifact_loads_only_as_the_hub_signed_it() {

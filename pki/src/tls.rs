@@ -338,3 +338,32 @@ impl ServerCertVerifier for AnyServer {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+/// The public key (SubjectPublicKeyInfo, DER) of the first certificate in `pem`.
+pub fn public_key_of_pem(pem: &str) -> Result<Vec<u8>, PkiError> {
+    public_key_of(&first_cert(pem)?)
+}
+
+/// The public key (SubjectPublicKeyInfo, DER) of certificate `cert`.
+pub fn public_key_of(cert: &CertificateDer<'_>) -> Result<Vec<u8>, PkiError> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| PkiError::Tls(format!("cannot parse a certificate: {e}")))?;
+    Ok(x509.public_key().raw.to_vec())
+}
+
+/// The public key (SubjectPublicKeyInfo, DER) a certificate signing request asks for.
+pub fn public_key_of_csr(csr_pem: &str) -> Result<Vec<u8>, PkiError> {
+    use x509_parser::prelude::FromDer;
+    let bad = |e: String| PkiError::Tls(format!("cannot parse a certificate signing request: {e}"));
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(csr_pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+    let (_, csr) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(&pem.contents)
+            .map_err(|e| bad(e.to_string()))?;
+    Ok(csr.certification_request_info.subject_pki.raw.to_vec())
+}
+
+/// SHA-256 (hex) of certificate `cert`'s DER: what operator records pin.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    crate::sha256_hex(cert.as_ref())
+}

@@ -263,13 +263,30 @@ impl Hub {
         http: u16,
         extra: &[&str],
     ) -> Result<Hub> {
+        Self::start_program(
+            dir,
+            external_broker,
+            (mqtt, http),
+            extra,
+            Command::new(bin("shoal-hub")),
+        )
+    }
+
+    /// [`Hub::start_with`] running `cmd` as the hub binary (e.g. `prlimit --nofile=N:N
+    /// shoal-hub`: `cmd` is the program and its leading arguments).
+    pub fn start_program(
+        dir: &Path,
+        external_broker: Option<&str>,
+        (mqtt, http): (u16, u16),
+        extra: &[&str],
+        mut cmd: Command,
+    ) -> Result<Hub> {
         let data_dir = dir.join("hub");
         let insecure = extra.contains(&"--insecure");
         let etcd = extra
             .windows(2)
             .find(|w| w[0] == "--store" && w[1].starts_with("etcd"))
             .map(|w| w[1].to_string());
-        let mut cmd = Command::new(bin("shoal-hub"));
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(&data_dir)
@@ -298,13 +315,20 @@ impl Hub {
             insecure,
             etcd,
         };
-        wait_until(Duration::from_secs(20), "hub HTTP API up", || {
+        let up = wait_until(Duration::from_secs(20), "hub HTTP API up", || {
             Ok(hub
                 .shoal(&["get", "devices"])
                 .status
                 .success()
                 .then_some(()))
-        })?;
+        });
+        if let Err(e) = up {
+            // What the hub said is the first thing to read.
+            let log = hub.proc.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!("{e}\n--- hub log (last lines) ---\n{}", tail.join("\n"));
+        }
         Ok(hub)
     }
 

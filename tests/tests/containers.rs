@@ -9,6 +9,9 @@
 //!   elsewhere, and says which runs where.
 //! - An agent restart adopts its running containers (nothing starts twice); delete leaves
 //!   nothing in containerd, and the volumes go.
+//! - A container runs as its image's `USER`, resolved in the image's own `/etc/passwd` and
+//!   `/etc/group`, under containerd's default seccomp profile; a `USER` the image does not
+//!   know is refused, and the replica's reason names it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use shoal_e2e::*;
@@ -328,6 +331,105 @@ spec:
     }
     drop(c2);
     drop(c1);
+    drop(ctrd);
+    Ok(())
+}
+
+#[test]
+fn containers_run_as_the_image_user_under_seccomp() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let Some(ctrd) = PrivateContainerd::start(dir.path())? else {
+        return Ok(());
+    };
+    let registry = Registry::start(dir.path())?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let files = [
+        (
+            "etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\napp:x:1234:1234::/home/app:/bin/sh\n",
+        ),
+        (
+            "etc/group",
+            "root:x:0:\napp:x:1234:\nsensors:x:2000:app,root\n",
+        ),
+    ];
+    let platforms = [("amd64", None), ("arm64", Some("v8"))];
+    rt.block_on(async {
+        let regs = shoal_registry::Registries::new(Default::default());
+        for (tag, user) in [("shoal/app:1", "app"), ("shoal/stranger:1", "nobody-here")] {
+            let tag = registry.reference(tag).parse()?;
+            shoal_e2e::image::push_busybox_with(&regs, &tag, &platforms, &files, Some(user))
+                .await?;
+        }
+        anyhow::Ok(())
+    })?;
+    let hub = Hub::start(dir.path(), None)?;
+    let socket = ctrd.socket.to_str().unwrap().to_string();
+    let ns = format!("shoal-e2e-{}-u1", std::process::id());
+    let agent = Agent::start_with(
+        dir.path(),
+        "u1",
+        "",
+        &hub.join(),
+        &[
+            "--no-wasm",
+            "--containerd-socket",
+            &socket,
+            "--containerd-namespace",
+            &ns,
+        ],
+    )?;
+    hub.wait_devices_online(1, Duration::from_secs(20))?;
+
+    // `USER app`: uid and primary gid from the image's /etc/passwd, its other groups from
+    // /etc/group; seccomp in filter mode (2).
+    let tag = registry.reference("shoal/app:1");
+    let who = format!(
+        r#"apiVersion: shoal.dev/v1
+kind: Workload
+metadata: {{ name: who }}
+spec:
+  container: {{ image: "{tag}", command: [/bin/sh] }}
+  args: ["-c", "id; cat /proc/self/status"]
+  resources: {{ memory: 32Mi }}
+  restart: {{ policy: Never }}
+"#
+    );
+    hub.apply(&write_manifest(dir.path(), "who.yaml", &who))?;
+    let log = wait_until(Duration::from_secs(60), "who's output", || {
+        let log = agent.workload_log("who-0");
+        Ok(log.contains("Seccomp:").then_some(log))
+    })?;
+    assert!(log.contains("uid=1234(app) gid=1234(app)"), "{log}");
+    assert!(log.contains("2000(sensors)"), "supplementary group: {log}");
+    assert!(log.contains("Seccomp:\t2"), "{log}");
+
+    // `USER nobody-here`: not in the image's /etc/passwd, so it never starts.
+    let tag = registry.reference("shoal/stranger:1");
+    let stranger = format!(
+        r#"apiVersion: shoal.dev/v1
+kind: Workload
+metadata: {{ name: stranger }}
+spec:
+  container: {{ image: "{tag}", command: [/bin/sh] }}
+  args: ["-c", "echo ran as $(id -u)"]
+  resources: {{ memory: 32Mi }}
+  restart: {{ policy: Never }}
+"#
+    );
+    hub.apply(&write_manifest(dir.path(), "stranger.yaml", &stranger))?;
+    let r = wait_until(Duration::from_secs(60), "stranger failed", || {
+        let w = hub.workload("stranger")?.unwrap();
+        let r = w["replicas"][0].clone();
+        Ok((r["phase"] == "Failed").then_some(r))
+    })?;
+    let reason = r["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(r#"user "nobody-here""#) && reason.contains("shoal/stranger"),
+        "{r}"
+    );
+    assert!(!agent.workload_log("stranger-0").contains("ran as"));
+    drop(agent);
     drop(ctrd);
     Ok(())
 }

@@ -218,3 +218,109 @@ fn a_device_cannot_fill_the_hubs_memory_with_retained_messages() -> Result<()> {
     assert!(retained(&hub.access(), "shoal/v1/devices/edge-a/presence")?.is_some());
     Ok(())
 }
+
+/// Holds `n` HTTPS connections to the hub without a client certificate, each sending
+/// `POST /v1/enroll` with a body it trickles a byte at a time, reconnecting whenever the hub
+/// closes one, until `stop`. Returns how many connections it opened in all.
+fn slow_bodies(
+    port: u16,
+    ca: &str,
+    n: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<u64>> {
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    let config = shoal_pki::tls::client_config(ca, None).unwrap();
+    (0..n)
+        .map(|_| {
+            let (config, stop) = (config.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut opened = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let attempt = || -> anyhow::Result<()> {
+                        let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?;
+                        let conn = rustls::ClientConnection::new(config.clone(), name)?;
+                        let sock = std::net::TcpStream::connect(("127.0.0.1", port))?;
+                        sock.set_write_timeout(Some(Duration::from_secs(2)))?;
+                        let mut tls = rustls::StreamOwned::new(conn, sock);
+                        tls.write_all(
+                            b"POST /v1/enroll HTTP/1.1\r\nHost: hub\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{",
+                        )?;
+                        while !stop.load(Ordering::Relaxed) {
+                            std::thread::sleep(Duration::from_millis(300));
+                            tls.write_all(b" ")?;
+                        }
+                        Ok(())
+                    };
+                    opened += 1;
+                    if attempt().is_err() {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+                opened
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn slow_clients_without_certificates_do_not_take_the_hub_away() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // A hub allowed 256 descriptors, as a small board's might be.
+    let mut limited = Command::new("prlimit");
+    limited
+        .args(["--nofile=256:256", "--"])
+        .arg(bin("shoal-hub"));
+    let hub = Hub::start_program(dir.path(), None, (free_port(), free_port()), &[], limited)?;
+    let _a = Agent::start(dir.path(), "edge-a", "", &hub.join())?;
+    let _b = Agent::start(dir.path(), "edge-b", "", &hub.join())?;
+    hub.wait_devices_online(2, Duration::from_secs(20))?;
+    let ca = std::fs::read_to_string(hub.bundle().unwrap().join("ca.pem"))?;
+
+    // 300 slow enrollments, more than the hub has descriptors.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attackers = slow_bodies(hub.http, &ca, 300, stop.clone());
+    std::thread::sleep(Duration::from_secs(3));
+
+    // Meanwhile operators and devices go on: reads over HTTPS, an apply over MQTT that the
+    // devices run, both devices online throughout.
+    std::fs::copy(module("probe.wasm"), dir.path().join("probe.wasm"))?;
+    let m = write_manifest(
+        dir.path(),
+        "beat.yaml",
+        "apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: { name: beat }\nspec:\n  placement: every\n  wasm: { module: ./probe.wasm }\n  args: [heartbeat, \"1000\"]\n",
+    );
+    let outcome = (|| -> Result<()> {
+        for round in 0..10 {
+            let out = hub.shoal(&["get", "devices", "-o", "json"]);
+            anyhow::ensure!(
+                out.status.success(),
+                "round {round}: an operator's read failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let devices: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            let online = devices
+                .as_array()
+                .map_or(0, |d| d.iter().filter(|d| d["online"] == true).count());
+            anyhow::ensure!(online == 2, "round {round}: {online} of 2 devices online");
+            if round == 2 {
+                hub.apply(&m)?;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        hub.wait_running("beat", 2, Duration::from_secs(30))?;
+        Ok(())
+    })();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let opened: u64 = attackers.into_iter().map(|t| t.join().unwrap_or(0)).sum();
+    outcome?;
+    assert!(opened >= 300, "the attack opened {opened} connections");
+    assert!(
+        hub.proc
+            .log_text()
+            .contains("connection budget set from the open-file limit"),
+        "{}",
+        hub.proc.log_text()
+    );
+    Ok(())
+}

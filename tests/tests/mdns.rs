@@ -20,6 +20,12 @@ static CREDENTIALS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 /// A hub in namespace `host` of `lan`, listening on all its addresses.
 fn start_hub(lan: &Lan, host: usize, dir: &Path, name: &str) -> Result<Proc> {
+    start_hub_with(lan, host, dir, name, &[])
+}
+
+/// [`start_hub`] with more `serve` flags. Each name has its own data directory, hence its
+/// own fleet CA.
+fn start_hub_with(lan: &Lan, host: usize, dir: &Path, name: &str, extra: &[&str]) -> Result<Proc> {
     let mut cmd = lan.command(host, bin("shoal-hub"));
     cmd.args(["serve", "--data-dir"])
         .arg(dir.join(format!("hub-{name}")))
@@ -32,7 +38,8 @@ fn start_hub(lan: &Lan, host: usize, dir: &Path, name: &str) -> Result<Proc> {
             FLEET,
             "--name",
             name,
-        ]);
+        ])
+        .args(extra);
     let p = Proc::spawn(name, &mut cmd, dir.join(format!("{name}.log")))?;
     let creds = dir.join(format!("hub-{name}")).join("operator");
     wait_until(Duration::from_secs(20), "hub up", || {
@@ -44,6 +51,20 @@ fn start_hub(lan: &Lan, host: usize, dir: &Path, name: &str) -> Result<Proc> {
     Ok(p)
 }
 
+/// Gives the hub data directory `to` the fleet CA of the one in `from` (a second hub of the
+/// same fleet).
+fn share_ca(from: &Path, to: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(to.join("pki"))?;
+    for f in ["ca.key", "ca.pem"] {
+        std::fs::copy(from.join("pki").join(f), to.join("pki").join(f))?;
+    }
+    Ok(())
+}
+
 /// The data directory of the fleet's hub `hub-a` (it keeps it when it moves hosts).
 fn hub_a(dir: &Path) -> PathBuf {
     dir.join("hub-hub-a")
@@ -52,6 +73,18 @@ fn hub_a(dir: &Path) -> PathBuf {
 /// An agent in namespace `host`, told nothing but its fleet, the interface to use and a
 /// join token (it finds the hub to enroll with over mDNS).
 fn start_agent(lan: &Lan, host: usize, dir: &Path, id: &str, labels: &str) -> Result<Proc> {
+    start_agent_with(lan, host, dir, id, labels, &[])
+}
+
+/// [`start_agent`] with more `run` flags.
+fn start_agent_with(
+    lan: &Lan,
+    host: usize,
+    dir: &Path,
+    id: &str,
+    labels: &str,
+    extra: &[&str],
+) -> Result<Proc> {
     let token = Join {
         broker: String::new(),
         hub: String::new(),
@@ -78,7 +111,8 @@ fn start_agent(lan: &Lan, host: usize, dir: &Path, id: &str, labels: &str) -> Re
             lan.iface(host),
             "--socket",
         ])
-        .arg(socket(dir, id));
+        .arg(socket(dir, id))
+        .args(extra);
     Proc::spawn(id, &mut cmd, dir.join(format!("{id}.log")))
 }
 
@@ -103,9 +137,14 @@ fn shoal_as(lan: &Lan, host: usize, creds: &Path, args: &[&str]) -> Output {
 }
 
 fn json(lan: &Lan, host: usize, args: &[&str]) -> Result<Value> {
+    json_as(lan, host, CREDENTIALS.get().expect("credentials set"), args)
+}
+
+/// [`json`] with the operator bundle in `creds`.
+fn json_as(lan: &Lan, host: usize, creds: &Path, args: &[&str]) -> Result<Value> {
     let mut a = args.to_vec();
     a.extend(["-o", "json"]);
-    let out = shoal(lan, host, &a);
+    let out = shoal_as(lan, host, creds, &a);
     anyhow::ensure!(
         out.status.success(),
         "shoal {args:?}: {}",
@@ -124,6 +163,20 @@ fn peers(dir: &Path, id: &str) -> Result<Value> {
     anyhow::ensure!(
         out.status.success(),
         "shoal-agent peers: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// `shoal-agent status -o json` against an agent's socket.
+fn agent_status(dir: &Path, id: &str) -> Result<Value> {
+    let out = std::process::Command::new(bin("shoal-agent"))
+        .args(["status", "-o", "json", "--socket"])
+        .arg(socket(dir, id))
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "shoal-agent status: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(serde_json::from_slice(&out.stdout)?)
@@ -377,8 +430,10 @@ spec:
         .unwrap();
     assert!(has(&hub_entry["addresses"], lan.addr(3)), "{p}");
 
-    // A second hub for the same fleet: both agents report the conflict and keep the same,
-    // deterministic choice (the smallest instance name).
+    // A second hub for the same fleet (same fleet CA: a hub with a CA of its own is not
+    // this fleet's, see `a_rogue_hub_takes_no_device_off_the_fleet`): both agents report the
+    // conflict and keep the same, deterministic choice (the smallest instance name).
+    share_ca(&hub_a(dir), &dir.join("hub-hub-b"))?;
     let _hub_b = start_hub(&lan, 0, dir, "hub-b")?;
     for id in ["dev-a", "dev-b"] {
         let p = wait_until(Duration::from_secs(15), "conflict seen", || {
@@ -425,6 +480,206 @@ spec:
     assert!(
         sensor_log[sensor_len..].contains("beat 3"),
         "persisted workload runs without a hub"
+    );
+    if std::env::var_os("SHOAL_E2E_KEEP").is_some() {
+        eprintln!("kept {}", tmp.keep().display());
+    }
+    Ok(())
+}
+
+/// Whether `device` is online at the hub the operator bundle `creds` belongs to.
+fn online_at(lan: &Lan, host: usize, creds: &Path, device: &str) -> Result<bool> {
+    let devices = json_as(lan, host, creds, &["get", "devices"])?;
+    Ok(devices
+        .as_array()
+        .context("devices")?
+        .iter()
+        .any(|d| d["id"] == device && d["online"] == true))
+}
+
+/// The part of a log written after `from` bytes.
+fn log_since(path: &Path, from: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.get(from..).unwrap_or_default().to_string()
+}
+
+/// A rogue hub on the LAN (its own data directory, hence its own fleet CA) advertising the
+/// same fleet under a name that sorts before the real hub's takes no device off the fleet:
+/// enrolled agents stay connected to the real hub (with or without `--hub`), keep running
+/// their workloads and renew their certificates there; a new device enrolling over mDNS
+/// with the real hub's join token still finds the real hub.
+#[test]
+fn a_rogue_hub_takes_no_device_off_the_fleet() -> Result<()> {
+    let Some(lan) = Lan::new(5)? else {
+        return Ok(());
+    };
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let creds = hub_a(dir).join("operator");
+    // Short-lived device certificates: renewals happen while the rogue advertises.
+    let _hub = start_hub_with(&lan, 0, dir, "hub-a", &["--device-cert-lifetime", "30s"])?;
+    let hub_url = format!("https://{}:8080", lan.addr(0));
+    let _a = start_agent(&lan, 1, dir, "dev-a", "role=a")?;
+    // dev-c is told where the hub is; mDNS then only finds the broker.
+    let _c = start_agent_with(&lan, 4, dir, "dev-c", "role=c", &["--hub", &hub_url])?;
+    wait_until(Duration::from_secs(30), "dev-a and dev-c online", || {
+        Ok(
+            (online_at(&lan, 0, &creds, "dev-a")? && online_at(&lan, 0, &creds, "dev-c")?)
+                .then_some(()),
+        )
+    })?;
+    let manifest = write_manifest(
+        dir,
+        "sensor.yaml",
+        &format!(
+            r#"
+apiVersion: shoal.dev/v1
+kind: Workload
+metadata: {{ name: sensor }}
+spec:
+  placement: every
+  wasm: {{ module: "{probe}" }}
+  args: ["heartbeat", "200"]
+  resources: {{ memory: 16Mi }}
+"#,
+            probe = module("probe.wasm").display(),
+        ),
+    );
+    let out = shoal_as(
+        &lan,
+        0,
+        &creds,
+        &["apply", "-f", manifest.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sensor_logs = || -> Vec<PathBuf> {
+        ["dev-a", "dev-c"]
+            .iter()
+            .flat_map(|id| (0..3).map(move |r| dir.join(id).join(format!("logs/sensor-{r}.log"))))
+            .filter(|p| p.is_file())
+            .collect()
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "sensor beats on dev-a and dev-c",
+        || {
+            let beating = sensor_logs()
+                .iter()
+                .filter(|p| {
+                    std::fs::read_to_string(p)
+                        .unwrap_or_default()
+                        .contains("beat 2")
+                })
+                .count();
+            Ok((beating == 2).then_some(()))
+        },
+    )?;
+
+    // The rogue: same fleet, its own CA, a name that sorts first ("farm-a-rogue" <
+    // "farm-hub-a"), reachable on the LAN.
+    let a_log = dir.join("dev-a.log");
+    let c_log = dir.join("dev-c.log");
+    let (a_from, c_from) = (
+        std::fs::read_to_string(&a_log)?.len(),
+        std::fs::read_to_string(&c_log)?.len(),
+    );
+    let _rogue = start_hub(&lan, 2, dir, "a-rogue")?;
+    for id in ["dev-a", "dev-c"] {
+        wait_until(Duration::from_secs(20), "the rogue seen over mDNS", || {
+            let p = peers(dir, id)?;
+            let seen = p["hubs"].as_array().unwrap().iter().any(|h| {
+                h["instance"]
+                    .as_str()
+                    .is_some_and(|i| i.starts_with("farm-a-rogue"))
+                    && has(&h["addresses"], lan.addr(2))
+            });
+            Ok(seen.then_some(()))
+        })?;
+    }
+    let sizes = || -> Vec<u64> {
+        sensor_logs()
+            .iter()
+            .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+            .collect()
+    };
+    let beats_before = sizes();
+
+    // For longer than a certificate's renewal period: both stay online at the real hub,
+    // connected to its broker, and never select the rogue.
+    let hub_broker = format!("mqtts://{}:8883", lan.addr(0));
+    let until = std::time::Instant::now() + Duration::from_secs(25);
+    while std::time::Instant::now() < until {
+        for id in ["dev-a", "dev-c"] {
+            assert!(
+                online_at(&lan, 0, &creds, id)?,
+                "{id} went offline at the real hub while the rogue advertises:\n{}",
+                log_since(&dir.join(format!("{id}.log")), 0)
+            );
+            let s = agent_status(dir, id)?;
+            assert_eq!(s["hub"]["connected"], true, "{id}: {s}");
+            assert_eq!(s["hub"]["broker"], hub_broker.as_str(), "{id}: {s}");
+            let p = peers(dir, id)?;
+            let sel = selected_hub(&p).unwrap_or_default();
+            assert!(sel.starts_with("farm-hub-a"), "{id} selected {sel:?}: {p}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The workload ran on throughout.
+    let beats_after = sizes();
+    assert!(
+        beats_after.iter().zip(&beats_before).all(|(a, b)| a > b),
+        "sensor stopped: {beats_before:?} → {beats_after:?}"
+    );
+    // Certificates were renewed at the real hub, never tried at the rogue.
+    for (id, log, from) in [("dev-a", &a_log, a_from), ("dev-c", &c_log, c_from)] {
+        let text = log_since(log, from);
+        assert!(
+            text.contains("device certificate renewed"),
+            "{id} did not renew while the rogue advertised:\n{text}"
+        );
+        assert!(
+            !text.contains("certificate renewal failed"),
+            "{id} tried to renew elsewhere:\n{text}"
+        );
+    }
+    // The rogue is shown as ignored (for its CA; one naming no CA, an older hub, for
+    // failing authentication).
+    let p = peers(dir, "dev-a")?;
+    let rogue = p["hubs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| {
+            h["instance"]
+                .as_str()
+                .is_some_and(|i| i.starts_with("farm-a-rogue"))
+        })
+        .cloned()
+        .unwrap_or_default();
+    let state = rogue["state"].as_str().unwrap_or_default();
+    assert!(
+        state.starts_with("ignored: ")
+            && (state.contains("fleet CA") || state.contains("not authenticated")),
+        "{p}"
+    );
+
+    // A new device enrolling over mDNS with the real hub's token finds the real hub, not
+    // the rogue that sorts first.
+    let _b = start_agent(&lan, 3, dir, "dev-b", "role=b")?;
+    wait_until(
+        Duration::from_secs(30),
+        "dev-b enrolled at the real hub",
+        || Ok(online_at(&lan, 0, &creds, "dev-b")?.then_some(())),
+    )
+    .with_context(|| log_since(&dir.join("dev-b.log"), 0))?;
+    let rogue_creds = dir.join("hub-a-rogue").join("operator");
+    assert!(
+        !online_at(&lan, 2, &rogue_creds, "dev-b")?,
+        "dev-b joined the rogue"
     );
     if std::env::var_os("SHOAL_E2E_KEEP").is_some() {
         eprintln!("kept {}", tmp.keep().display());

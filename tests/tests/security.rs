@@ -335,11 +335,12 @@ fn join_tokens_pin_the_ca_and_work_once() -> Result<()> {
     )?;
     wiped.kill();
 
-    // The enrolled device restarts without a token, from its saved credentials.
+    // The re-enrolled board restarts without a token, from its saved credentials; the
+    // board it replaced (its old key, still a valid certificate) is shut out.
     first.kill();
     let again = Proc::spawn(
-        "edge-1",
-        &mut agent_command(dir.path(), "edge-1", "edge-1", &join, None),
+        "edge-1-wiped",
+        &mut agent_command(dir.path(), "edge-1-wiped", "edge-1", &join, None),
         dir.path().join("edge-1-again.log"),
     )?;
     wait_until(
@@ -352,6 +353,28 @@ fn join_tokens_pin_the_ca_and_work_once() -> Result<()> {
                 .then_some(()))
         },
     )?;
+    drop(again);
+    let stale = Proc::spawn(
+        "edge-1",
+        &mut agent_command(dir.path(), "edge-1", "edge-1", &join, None),
+        dir.path().join("edge-1-stale.log"),
+    )?;
+    wait_until(
+        Duration::from_secs(20),
+        "the hub refuses the replaced board",
+        || {
+            Ok(hub
+                .proc
+                .log_text()
+                .contains("for a key the device no longer has")
+                .then_some(()))
+        },
+    )?;
+    assert!(
+        !stale.log_text().contains("connected to broker"),
+        "{}",
+        stale.log_text()
+    );
     let key = std::fs::metadata(dir.path().join("edge-1/pki/device.key"))?;
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(key.permissions().mode() & 0o777, 0o600);
