@@ -77,6 +77,10 @@ pub struct OperatorRecord {
     pub expires_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_ms: Option<u64>,
+    /// Certificates revoked with an earlier record of this name, never accepted again (the
+    /// bootstrap bundles of hub replicas that have not rotated theirs yet).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<String>,
 }
 
 /// Why a certificate that names an operator does not let it in.
@@ -158,6 +162,7 @@ mod tests {
             created_ms: 1,
             expires_ms: 2,
             revoked_ms: None,
+            retired: Vec::new(),
         }
     }
 

@@ -8,9 +8,10 @@
 //!
 //! Discovery runs in the same loop: mDNS browse results update the [`Directory`]; a hub
 //! candidate is authenticated (a probe task) before [`HubLink`] lets it retarget the bus
-//! (through a watch channel) and the renewals, and never replaces what `--broker`/`--hub`
-//! pinned; service changes rewrite the endpoint files of consuming workloads, and replicas
-//! entering or leaving `Running` are advertised or withdrawn.
+//! (through a watch channel) and the renewals, only when the hub in use has stopped working
+//! (the bus tells it), and never replaces what `--broker`/`--hub` pinned; service changes
+//! rewrite the endpoint files of consuming workloads, and replicas entering or leaving
+//! `Running` are advertised or withdrawn.
 
 use crate::bus::{self, Bus, BusEvent};
 use crate::directory::hub_link::{HubLink, Pins, Probe, Step, Target};
@@ -102,6 +103,9 @@ pub struct LocalSocket {
 /// again (one line per period, not a flood).
 pub const HUB_SEARCH_REPORT: Duration = Duration::from_secs(5);
 pub const HUB_SEARCH_REPORT_PERIOD: Duration = Duration::from_secs(30);
+/// How often the choice of hub is looked at again (a hub in use that stopped working is
+/// left [`crate::directory::hub_link::DOWN_MS`] after, not a heartbeat later).
+const HUB_CHECK_PERIOD: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -555,6 +559,8 @@ enum Event {
     HubSearchReport,
     /// Time for the periodic status (the hub's sign of life from this device).
     Heartbeat,
+    /// Time to look at the choice of hub again.
+    HubCheck,
 }
 
 struct Agent<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> {
@@ -666,6 +672,8 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         let searched_since = std::time::Instant::now();
         let period = Duration::from_millis(shoal_api::messages::STATUS_PERIOD_MS);
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let mut hub_check = tokio::time::interval(HUB_CHECK_PERIOD);
+        hub_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let event = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -677,14 +685,17 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
                 Some(r) = inbox.local.recv() => Event::Local(r),
                 _ = report.tick() => Event::HubSearchReport,
                 _ = heartbeat.tick() => Event::Heartbeat,
+                _ = hub_check.tick() => Event::HubCheck,
             };
             match event {
                 Event::Bus(BusEvent::Connected) => {
                     self.link_changed(true, None);
+                    self.hub_link.connected();
                     self.announce().await
                 }
                 Event::Bus(BusEvent::Disconnected(reason)) => {
-                    self.link_changed(false, Some(reason))
+                    self.link_changed(false, Some(reason));
+                    self.hub_link.disconnected(now_ms());
                 }
                 Event::Bus(BusEvent::Desired(payload)) => self.on_desired(&payload).await,
                 Event::Bus(BusEvent::LogRequest(payload)) => self.on_log_request(&payload),
@@ -715,6 +726,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
                     self.sweep_volumes(); // orphaned volumes expire
                     self.on_heartbeat_discovery();
                 }
+                Event::HubCheck => self.choose_hub(),
                 Event::HubSearchReport => {
                     if self.config.broker.is_none() && self.hub_link.current().is_none() {
                         warn!(
@@ -776,19 +788,18 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         }
     }
 
-    /// Follows the hubs mDNS shows through [`HubLink`]: the best candidate that
-    /// authenticates is used, the hub in use stays meanwhile, and what `--broker`/`--hub`
-    /// pinned is never replaced.
+    /// Follows the hubs mDNS shows through [`HubLink`]: a candidate is used once
+    /// authenticated, and only while no hub is in use or the one in use has stopped working
+    /// (then the last one that worked first); what `--broker`/`--hub` pinned is never
+    /// replaced.
     fn choose_hub(&mut self) {
         let choice = self.directory.hub_choice();
         let step = self.hub_link.next(&choice.candidates, now_ms());
         self.follow(step, &choice);
     }
 
-    /// Skipped hub candidates are due again after a while; the device's addresses may have
-    /// changed (no service endpoint may point at them).
+    /// The device's addresses may have changed (no service endpoint may point at them).
     fn on_heartbeat_discovery(&mut self) {
-        self.choose_hub();
         if self
             .directory
             .set_own_addrs(shoal_daemon::mdns::host_addrs())
@@ -809,7 +820,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
                 if again {
                     debug!(hub = %target.instance, error = %e, "hub candidate still not authenticated");
                 } else {
-                    warn!(hub = %target.instance, error = %e, "hub candidate not authenticated: ignored (a misconfigured or rogue hub?); the hub in use, if any, stays");
+                    warn!(hub = %target.instance, error = %e, "hub candidate not authenticated: ignored (a misconfigured or rogue hub?)");
                 }
                 Probe::Failed(e.to_string())
             }
@@ -907,7 +918,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
             .collect();
         if others != self.hub.conflicting {
             if let (Some(using), false) = (&current, others.is_empty()) {
-                warn!(fleet = %self.config.fleet, %using, others = ?others, "several hubs serve this fleet; using the first by name that authenticated (run one hub per fleet)");
+                warn!(fleet = %self.config.fleet, %using, others = ?others, "several hubs serve this fleet; using the one in use while it works (run one hub per fleet)");
             }
             self.hub.conflicting = others;
         }

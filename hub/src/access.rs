@@ -90,8 +90,21 @@ pub fn operator(
     name: &OperatorName,
 ) -> Result<Option<OperatorRecord>, EnrollError> {
     book.entry(Shelf::Operators, name.as_str())?
-        .map(|b| decode(&b, "operator record", name.as_str()))
+        .map(|b| operator_record(&b, name.as_str()))
         .transpose()
+}
+
+/// A stored operator record, which must be filed under its own name.
+fn operator_record(bytes: &[u8], filed_as: &str) -> Result<OperatorRecord, EnrollError> {
+    let r: OperatorRecord = decode(bytes, "operator record", filed_as)?;
+    if r.name.as_str() != filed_as {
+        return Err(EnrollError::Pki(PkiError::BadFile {
+            what: "operator record",
+            path: filed_as.to_string(),
+            reason: format!("it names operator {:?}", r.name.as_str()),
+        }));
+    }
+    Ok(r)
 }
 
 pub fn put_operator(book: &dyn Enrollments, r: &OperatorRecord) -> Result<(), EnrollError> {
@@ -102,7 +115,7 @@ pub fn put_operator(book: &dyn Enrollments, r: &OperatorRecord) -> Result<(), En
 pub fn operators(book: &dyn Enrollments) -> Result<Vec<OperatorRecord>, EnrollError> {
     let mut out = Vec::new();
     for (name, bytes) in book.entries_on(Shelf::Operators)? {
-        out.push(decode::<OperatorRecord>(&bytes, "operator record", &name)?);
+        out.push(operator_record(&bytes, &name)?);
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
@@ -111,6 +124,8 @@ pub fn operators(book: &dyn Enrollments) -> Result<Vec<OperatorRecord>, EnrollEr
 /// How many certificates of the bootstrap operator a record pins (one per hub replica's
 /// bundle, and their renewals).
 const BOOTSTRAP_PINS: usize = 8;
+/// How many revoked bootstrap certificates a record remembers.
+const RETIRED_KEPT: usize = 64;
 
 /// Pins the hub's own operator bundle (`bundle`: `DATA_DIR/operator`) in the book, as the
 /// admin `shoal-operator`, at the hub's start: only bundles the hub wrote and pinned get in.
@@ -138,7 +153,18 @@ pub fn pin_bootstrap(
     };
     let name = OperatorName::bootstrap();
     let (mut mine, mut expires_ms) = fingerprint(bundle)?;
-    let record = match operator(book, &name)? {
+    let existing = operator(book, &name)?;
+    // A bundle revoked once (by this replica's record or an earlier one) is never pinned
+    // again: it is rotated.
+    let revoked_mine = existing.as_ref().is_some_and(|r| {
+        r.retired.contains(&mine) || (r.revoked_ms.is_some() && r.certificates.contains(&mine))
+    });
+    if revoked_mine {
+        ca.issue_operator_bundle(bundle)?;
+        (mine, expires_ms) = fingerprint(bundle)?;
+        tracing::warn!(bundle = %bundle.display(), "the bootstrap operator was revoked: its bundle is rotated");
+    }
+    let record = match existing {
         Some(r) if r.revoked_ms.is_none() => {
             if r.certificates.first() == Some(&mine) {
                 return Ok(());
@@ -154,11 +180,13 @@ pub fn pin_bootstrap(
             }
         }
         revoked => {
-            if revoked.is_some_and(|r| r.certificates.contains(&mine)) {
-                ca.issue_operator_bundle(bundle)?;
-                (mine, expires_ms) = fingerprint(bundle)?;
-                tracing::warn!(bundle = %bundle.display(), "the bootstrap operator was revoked: its bundle is rotated");
-            }
+            // A fresh record; what the revoked one pinned stays retired.
+            let mut retired: Vec<String> = revoked
+                .map(|r| r.retired.into_iter().chain(r.certificates).collect())
+                .unwrap_or_default();
+            retired.dedup();
+            let extra = retired.len().saturating_sub(RETIRED_KEPT);
+            retired.drain(..extra);
             OperatorRecord {
                 name,
                 role: shoal_api::operator::Role::Admin,
@@ -166,6 +194,7 @@ pub fn pin_bootstrap(
                 created_ms: now_ms,
                 expires_ms,
                 revoked_ms: None,
+                retired,
             }
         }
     };
@@ -279,17 +308,35 @@ impl Verdicts {
         }
     }
 
-    fn read(book: &dyn Enrollments) -> Result<Verdicts, EnrollError> {
+    /// What the book says now.
+    pub fn read(book: &dyn Enrollments) -> Result<Verdicts, EnrollError> {
         let mut revoked = std::collections::BTreeSet::new();
         for (name, _) in book.entries_on(Shelf::Revoked)? {
             if let Ok(d) = DeviceId::try_from(name.as_str()) {
                 revoked.insert(d);
             }
         }
-        let operators = operators(book)?
-            .into_iter()
-            .map(|r| (r.name.clone(), r))
-            .collect();
+        // One record that cannot be read shuts its operator out (fails closed); the others
+        // still count.
+        let mut operators = std::collections::BTreeMap::new();
+        for (name, bytes) in book.entries_on(Shelf::Operators)? {
+            let Ok(filed) = OperatorName::try_from(name.as_str()) else {
+                continue;
+            };
+            let record = operator_record(&bytes, &name).unwrap_or_else(|e| {
+                tracing::warn!(operator = %filed, error = %e, "unreadable operator record: refused");
+                OperatorRecord {
+                    name: filed.clone(),
+                    role: shoal_api::operator::Role::Viewer,
+                    certificates: Vec::new(),
+                    created_ms: 0,
+                    expires_ms: 0,
+                    revoked_ms: Some(0),
+                    retired: Vec::new(),
+                }
+            });
+            operators.insert(filed, record);
+        }
         Ok(Verdicts {
             loaded: true,
             revoked,
@@ -345,11 +392,12 @@ pub async fn watch(
 }
 
 /// Resolves once the book no longer lets `who` (with certificate `fingerprint`) in: a
-/// connection let in before a revocation ends with it.
+/// connection let in before a revocation ends with it. `rx` must have been marked seen
+/// (`mark_unchanged`) *before* the connection's admission read the book, so that nothing
+/// published between that read and this call is missed.
 pub async fn until_shut_out(mut rx: VerdictsRx, who: Identity, fingerprint: String) {
-    // What the watch holds now may be older than the admission (which read the book
-    // itself): only readings made after it count.
-    rx.mark_unchanged();
+    // The caller marked `rx` seen before its admission read the book: every reading
+    // published since may be news (a revocation during the handshake included).
     loop {
         if rx.changed().await.is_err() {
             // The watch is gone (the hub is stopping): nothing more to check.
@@ -389,6 +437,7 @@ mod tests {
             created_ms: 0,
             expires_ms: 0,
             revoked_ms: None,
+            retired: Vec::new(),
         };
         v.operators.insert(alice.clone(), rec.clone());
         assert!(v.still_in(&op, "f1") && !v.still_in(&op, "f2"));

@@ -367,9 +367,15 @@ async fn dispatch_tls(
         .as_ref()
         .map(shoal_pki::tls::fingerprint)
         .unwrap_or_default();
+    // Seen before the admission reads the book (see access::until_shut_out).
+    let mut verdicts = verdicts;
+    verdicts.mark_unchanged();
     let who = match crate::access::admit_connection(&sec, cert).await {
         crate::access::Admission::In(who) => {
-            ticket.verified();
+            if !ticket.verified_as(&who) {
+                warn!(%peer, identity = %who, "mqtt client refused: this identity holds as many connections as it may");
+                return Ok(());
+            }
             who
         }
         crate::access::Admission::Out(why) => {

@@ -74,6 +74,19 @@ impl Sessions {
         Some(session)
     }
 
+    /// The owner of the session the request's cookies hold, if any.
+    pub fn owner(&self, headers: &axum::http::HeaderMap) -> Owner {
+        let sessions = self.sessions.lock().ok()?;
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().split_once('='))
+            .find_map(|(k, v)| (k == COOKIE).then(|| sessions.get(v)).flatten())
+            .and_then(|(_, owner)| owner.clone())
+    }
+
     /// Whether the request's cookies hold a live session whose owner `may` still read.
     pub fn valid(
         &self,

@@ -14,6 +14,10 @@
 //! [`UNVERIFIED_LIFETIME`] unless it shows a dashboard session. Past the whole budget, a
 //! new connection is closed at once.
 //!
+//! A verified identity holds at most [`max_per_identity`] connections, so no single
+//! certificate (a device's, taken from a board) fills the gate; the budget is at most
+//! [`MAX_BUDGET`] whatever the limit (connections cost memory too).
+//!
 //! The bookkeeping ([`Books`]) is plain data, tested with tables; [`Gate`] wraps it in a
 //! lock held for a few instructions, never across an await.
 
@@ -31,6 +35,20 @@ pub const UNVERIFIED_LIFETIME: Duration = Duration::from_secs(30);
 pub const MQTT_COST: u64 = 3;
 /// What an HTTPS connection costs.
 pub const HTTP_COST: u64 = 1;
+/// The most descriptors the gate hands out, whatever the open-file limit: each connection
+/// also costs memory (TLS state, buffers), which a board has little of.
+pub const MAX_BUDGET: u64 = 16_384;
+
+/// How many connections one identity may hold at once: a device needs its MQTT session and
+/// a download or two, an operator a CLI or a few and a browser; the hub is not counted. No
+/// single certificate (a device's, taken from a board) fills the gate.
+pub fn max_per_identity(who: &shoal_api::acl::Identity) -> usize {
+    match who {
+        shoal_api::acl::Identity::Hub => usize::MAX,
+        shoal_api::acl::Identity::Device(_) => 8,
+        shoal_api::acl::Identity::Operator(_) => 64,
+    }
+}
 
 /// A pool of evictable connections (oldest first), within a share of the budget.
 #[derive(Debug)]
@@ -99,7 +117,7 @@ pub enum Opened {
 impl Books {
     /// Books for a process allowed `open_files` descriptors.
     pub fn new(open_files: u64) -> Self {
-        let budget = open_files.saturating_sub(RESERVE).max(16);
+        let budget = open_files.min(MAX_BUDGET).saturating_sub(RESERVE).max(16);
         Books {
             budget,
             held: 0,
@@ -154,6 +172,8 @@ pub struct Gate {
     books: Mutex<Books>,
     /// The unverified connections' tokens, cancelled to evict them.
     tokens: Mutex<BTreeMap<u64, CancellationToken>>,
+    /// Verified connections per identity.
+    identities: Mutex<std::collections::HashMap<String, usize>>,
 }
 
 /// One connection's place: dropping it gives the place back.
@@ -164,6 +184,8 @@ pub struct Ticket {
     cost: u64,
     evicted: CancellationToken,
     verified: std::sync::atomic::AtomicBool,
+    /// The identity counted for this connection (see [`Ticket::verified_as`]).
+    counted: Mutex<Option<String>>,
 }
 
 impl Gate {
@@ -171,6 +193,7 @@ impl Gate {
         Arc::new(Gate {
             books: Mutex::new(Books::new(open_files)),
             tokens: Mutex::new(BTreeMap::new()),
+            identities: Mutex::new(Default::default()),
         })
     }
 
@@ -198,6 +221,7 @@ impl Gate {
             cost,
             evicted,
             verified: Default::default(),
+            counted: Mutex::new(None),
         })
     }
 }
@@ -217,6 +241,31 @@ impl Gate {
 }
 
 impl Ticket {
+    /// The connection showed `who`'s certificate: it keeps its place, unless `who` holds
+    /// as many connections as it may (`false`: close this one).
+    pub fn verified_as(&self, who: &shoal_api::acl::Identity) -> bool {
+        let max = max_per_identity(who);
+        if max != usize::MAX {
+            let key = who.to_string();
+            let mut counted = self.counted.lock().unwrap_or_else(|p| p.into_inner());
+            if counted.is_none() {
+                let mut ids = self
+                    .gate
+                    .identities
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let n = ids.entry(key.clone()).or_default();
+                if *n >= max {
+                    return false;
+                }
+                *n += 1;
+                *counted = Some(key);
+            }
+        }
+        self.verified();
+        true
+    }
+
     /// Whether [`Ticket::verified`] was called.
     pub fn is_verified(&self) -> bool {
         self.verified.load(std::sync::atomic::Ordering::Relaxed)
@@ -259,6 +308,24 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
+        if let Some(key) = self
+            .counted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let mut ids = self
+                .gate
+                .identities
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = ids.get_mut(&key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    ids.remove(&key);
+                }
+            }
+        }
         self.gate
             .books
             .lock()
@@ -366,6 +433,23 @@ mod tests {
         );
         b.close(open[0], 1);
         assert!(matches!(b.open(1), Opened::In { .. }));
+    }
+
+    #[test]
+    fn one_identity_holds_only_so_many_connections() {
+        let g = Gate::new(RESERVE + 1000);
+        let d = shoal_api::acl::Identity::Device(shoal_api::ids::DeviceId::try_from("d").unwrap());
+        let held: Vec<Ticket> = (0..8).map(|_| g.enter(1).unwrap()).collect();
+        assert!(held.iter().all(|t| t.verified_as(&d)));
+        let ninth = g.enter(1).unwrap();
+        assert!(!ninth.verified_as(&d), "a ninth connection of one device");
+        assert!(ninth.verified_as(&shoal_api::acl::Identity::Hub));
+        drop(held);
+        let again = g.enter(1).unwrap();
+        assert!(
+            again.verified_as(&d),
+            "places come back when connections close"
+        );
     }
 
     #[tokio::test]

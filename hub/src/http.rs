@@ -318,17 +318,20 @@ async fn authorize(
     // A dashboard session (a browser signed in with `shoal dashboard`) may read.
     let session = need == Need::Operator(Role::Viewer)
         && crate::dashboard::session_may(req.method(), req.uri().path())
-        && s.sessions
-            .valid(req.headers(), shoal_api::messages::now_ms(), |owner| {
-                match (owner, &s.verdicts) {
-                    (Some((who, f)), Some(v)) => v.borrow().still_in(who, f),
-                    (None, None) => true, // --insecure
-                    _ => false,
-                }
-            });
+        && s.session_valid(req.headers());
+    // A dashboard session keeps its connection, counted against the operator who asked for
+    // the link.
     if session {
-        if let Some(ConnTicket(t)) = req.extensions().get::<ConnTicket>() {
-            t.verified();
+        let owner = s.sessions.owner(req.headers());
+        if let (Some(ConnTicket(t)), Some((who, _))) =
+            (req.extensions().get::<ConnTicket>(), owner.as_ref())
+        {
+            if !t.is_verified() && !t.verified_as(who) {
+                return error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!("{who} holds as many connections as it may"),
+                );
+            }
         }
     }
     if ok || session {
@@ -537,6 +540,9 @@ pub async fn serve(
                 .as_ref()
                 .map(shoal_pki::tls::fingerprint)
                 .unwrap_or_default();
+            // Seen before the admission reads the book (see access::until_shut_out).
+            let mut verdicts = verdicts;
+            verdicts.mark_unchanged();
             let peer = match crate::access::admit_connection(&security, cert).await {
                 crate::access::Admission::Anonymous => Peer::Anonymous,
                 crate::access::Admission::In(who) => Peer::Known(who),
@@ -551,10 +557,13 @@ pub async fn serve(
             };
             // A fleet certificate keeps the connection's place; others may be evicted, and
             // live at most UNVERIFIED_LIFETIME (slow bodies, idle keep-alives).
-            if who.is_some() {
-                ticket.verified();
-            } else {
-                ticket.anonymous();
+            match &who {
+                Some(w) if !ticket.verified_as(w) => {
+                    tracing::warn!(%addr, identity = %w, "https connection refused: this identity holds as many as it may");
+                    return;
+                }
+                Some(_) => {}
+                None => ticket.anonymous(),
             }
             let lifetime = {
                 let ticket = ticket.clone();
@@ -605,6 +614,21 @@ pub async fn serve(
                 }
             }
         });
+    }
+}
+
+impl AppState {
+    /// Whether the request's cookies hold a live dashboard session whose owner the book
+    /// still lets in.
+    fn session_valid(&self, headers: &axum::http::HeaderMap) -> bool {
+        self.sessions
+            .valid(headers, shoal_api::messages::now_ms(), |owner| {
+                match (owner, &self.verdicts) {
+                    (Some((who, f)), Some(v)) => v.borrow().still_in(who, f),
+                    (None, None) => true, // --insecure
+                    _ => false,
+                }
+            })
     }
 }
 
@@ -1597,38 +1621,51 @@ const STREAM_BACKLOG: usize = 100;
 /// `GET /v1/stream`: the dashboard's live view. A [`FleetView`] at once (with the latest
 /// [`STREAM_BACKLOG`] events), then another whenever the fleet changes (at most about three
 /// a second) and at least every 5 s (ages move on); it ends when the hub stops.
-async fn stream(State(s): State<AppState>) -> Response {
+async fn stream(
+    State(s): State<AppState>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    headers: axum::http::HeaderMap,
+) -> Response {
     use axum::response::sse::{Event, KeepAlive, Sse};
+    // A browser's stream lasts as long as its session (expiry, its owner's revocation); a
+    // certificate's connection is ended by the revocation watch itself.
+    let by_session = !matches!(peer, Peer::Known(_) | Peer::Insecure);
     let mut changed = s.fleet_changed.clone();
     changed.mark_unchanged();
     let first = true;
     let after = 0u64;
     let messages = futures_util::stream::unfold(
         (s, changed, after, first),
-        |(s, mut changed, after, first)| async move {
-            if !first {
-                tokio::select! {
-                    _ = s.shutdown.cancelled() => return None,
-                    _ = tokio::time::sleep(std::time::Duration::from_millis(300)) => {}
+        move |(s, mut changed, after, first)| {
+            let headers = headers.clone();
+            async move {
+                if by_session && !s.session_valid(&headers) {
+                    return None;
                 }
-                tokio::select! {
-                    _ = s.shutdown.cancelled() => return None,
-                    r = changed.changed() => r.ok()?,
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                if !first {
+                    tokio::select! {
+                        _ = s.shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(300)) => {}
+                    }
+                    tokio::select! {
+                        _ = s.shutdown.cancelled() => return None,
+                        r = changed.changed() => r.ok()?,
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                    }
                 }
+                let mut fleet = ask(&s, |reply| Request::Fleet { after, reply })
+                    .await
+                    .ok()?;
+                if first && fleet.events.len() > STREAM_BACKLOG {
+                    fleet.events.drain(..fleet.events.len() - STREAM_BACKLOG);
+                }
+                let after = fleet.events.last().map_or(after, |e| e.seq);
+                let event = Event::default().event("fleet").json_data(&fleet).ok()?;
+                Some((
+                    Ok::<_, std::convert::Infallible>(event),
+                    (s, changed, after, false),
+                ))
             }
-            let mut fleet = ask(&s, |reply| Request::Fleet { after, reply })
-                .await
-                .ok()?;
-            if first && fleet.events.len() > STREAM_BACKLOG {
-                fleet.events.drain(..fleet.events.len() - STREAM_BACKLOG);
-            }
-            let after = fleet.events.last().map_or(after, |e| e.seq);
-            let event = Event::default().event("fleet").json_data(&fleet).ok()?;
-            Some((
-                Ok::<_, std::convert::Infallible>(event),
-                (s, changed, after, false),
-            ))
         },
     );
     Sse::new(messages)

@@ -532,6 +532,7 @@ fn operator_command(cmd: OperatorCommand) -> anyhow::Result<()> {
                 created_ms: now,
                 expires_ms,
                 revoked_ms: None,
+                retired: Vec::new(),
             };
             shoal_hub::access::put_operator(b.as_ref(), &record)?;
             println!(

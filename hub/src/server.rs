@@ -455,12 +455,29 @@ async fn serve(
     if let Some(mut standby) = heard {
         core.adopt_live(&mut standby);
     }
+    // Revoked devices are known before anything is placed or sealed (the watch tells the
+    // loop again later, but a leader must not place on them meanwhile).
+    let mut revoked_states = Vec::new();
+    if let Some(sec) = parts.security.clone() {
+        let read = tokio::task::spawn_blocking(move || {
+            crate::access::Verdicts::read(&*sec.enrollments).map(|v| v.revoked)
+        })
+        .await;
+        match read {
+            Ok(Ok(revoked)) => {
+                revoked_states = core.set_revoked(revoked)?.unwrap_or_default();
+            }
+            Ok(Err(e)) => warn!(error = %e, "cannot read revoked devices at start; the watch will"),
+            Err(e) => warn!(error = %e, "cannot read revoked devices at start; the watch will"),
+        }
+    }
     let moved = core.relocate_artifacts()?;
     parts.metrics.leader.set(1);
     let mut main = MainLoop::new(core, parts, None);
     main.lost = lost.clone();
     // Grants of enrollments the last leader did not apply (it died first, or a relay was
     // lost): every device's, from the book, each applied once.
+    main.queue(revoked_states);
     let granted = main.catch_up_grants().await;
     main.queue(granted);
     let promoted = lost.is_some();

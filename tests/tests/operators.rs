@@ -219,6 +219,39 @@ fn operators_act_by_role_are_audited_and_can_be_revoked() -> Result<()> {
             .any(|l| l.starts_with("vic") && l.trim_end().ends_with('-')),
         "{list}"
     );
+
+    // The hub's own bundle is pinned too: revoked, its copies stop working, and a restart
+    // rotates it.
+    let copy = dir.path().join("bootstrap-copy");
+    std::fs::create_dir_all(&copy)?;
+    for f in ["ca.pem", "operator.pem", "operator.key"] {
+        std::fs::copy(hub.bundle().unwrap().join(f), copy.join(f))?;
+    }
+    assert!(shoal_as(&hub, &copy, &["get", "devices"]).status.success());
+    let o = hub_cmd(&hub, &["operator", "revoke", "shoal-operator"]);
+    assert!(
+        o.status.success() && text(&o).contains("rotate"),
+        "{}",
+        text(&o)
+    );
+    let o = shoal_as(&hub, &copy, &["get", "devices"]);
+    assert!(
+        !o.status.success() && text(&o).contains("revoked"),
+        "{}",
+        text(&o)
+    );
+    hub.proc.kill();
+    hub = Hub::start_on(dir.path(), None, hub.mqtt, hub.http)?;
+    assert!(
+        hub.shoal(&["get", "devices"]).status.success(),
+        "the rotated bundle works"
+    );
+    let o = shoal_as(&hub, &copy, &["get", "devices"]);
+    assert!(
+        !o.status.success(),
+        "the old bundle still works: {}",
+        text(&o)
+    );
     Ok(())
 }
 

@@ -5,7 +5,9 @@
 //! `DefaultProfile` in containerd's `contrib/seccomp` package as of containerd 2.x (the
 //! profile rides in the OCI spec's `linux.seccomp`, which runc compiles into a BPF filter).
 //! Anything not listed fails with `EPERM`; `clone3` fails with `ENOSYS` instead, so that C libraries fall back to
-//! `clone`, whose namespace flags are checked.
+//! `clone`, whose namespace flags are checked. Unlike containerd's, `socketcall` fails with
+//! `ENOSYS` too: through it the 32-bit ABIs (also reachable from x86_64) would open the
+//! socket families the `socket` rule refuses.
 //!
 //! Names the host's libseccomp does not know (system calls newer than it) are skipped by
 //! runc, so one list serves old and new devices alike.
@@ -56,7 +58,7 @@ set_thread_area set_tid_address setfsgid setfsgid32 setfsuid setfsuid32 setgid s
 setgroups setgroups32 setitimer setpgid setpriority setregid setregid32 setresgid
 setresgid32 setresuid setresuid32 setreuid setreuid32 setrlimit setsid setsockopt setuid
 setuid32 setxattr setxattrat shmat shmctl shmdt shmget shutdown sigaltstack signalfd
-signalfd4 sigprocmask sigreturn socketcall socketpair splice stat stat64 statfs statfs64
+signalfd4 sigprocmask sigreturn socketpair splice stat stat64 statfs statfs64
 statmount statx symlink symlinkat sync sync_file_range syncfs sysinfo tee tgkill time
 timer_create timer_delete timer_getoverrun timer_gettime timer_gettime64 timer_settime
 timer_settime64 timerfd_create timerfd_gettime timerfd_gettime64 timerfd_settime
@@ -188,6 +190,12 @@ pub fn default_profile(host: &Host, bounding: &Capabilities) -> Result<LinuxSecc
         clone3.set_errno_ret(Some(ENOSYS));
         rules.push(clone3);
     }
+    // `socketcall` (the 32-bit ABIs' multiplexer) would open socket families the `socket`
+    // rule refuses (AF_ALG, AF_VSOCK), even from a 64-bit process through `int 0x80`: it
+    // fails with ENOSYS, and C libraries use the direct calls (Linux 4.3 and later).
+    let mut socketcall = rule("socketcall", LinuxSeccompAction::ScmpActErrno);
+    socketcall.set_errno_ret(Some(ENOSYS));
+    rules.push(socketcall);
     let mut profile = LinuxSeccomp::default();
     profile.set_default_action(LinuxSeccompAction::ScmpActErrno);
     profile.set_architectures(Some(architectures(arch)));
