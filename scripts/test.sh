@@ -9,6 +9,8 @@ scripts/install-deps.sh
 scripts/build-modules.sh
 echo "== fmt";    cargo fmt --all -- --check
 cargo fmt --manifest-path fuzz/Cargo.toml -- --check
+echo "== boundaries (the functional core names no I/O crate and no clock)"
+cargo run -q -p xtask -- boundaries
 echo "== clippy"; cargo clippy --workspace --all-targets -q -- -D warnings
 # The runtime-only agent (no Cranelift, no containerd) has code of its own behind cfgs.
 cargo clippy -p shoal-agent --all-targets --no-default-features -q -- -D warnings

@@ -14,14 +14,14 @@
 //! `Running` are advertised or withdrawn.
 
 use crate::bus::{self, Bus, BusEvent};
-use crate::directory::hub_link::{HubLink, Pins, Probe, Step, Target};
-use crate::directory::{Change, Directory};
+use crate::core::directory::hub_link::{HubLink, Pins, Probe, Step, Target};
+use crate::core::directory::{Change, Directory};
+use crate::core::plan::{plan, Action, Observed};
 use crate::fetch::{Fetcher, ModuleSource};
 use crate::local::{
     self, AgentStatusView, DevicePeer, HubLinkView, HubPeer, InspectView, LocalRequest, PeersView,
     ReplicaView, RestartView,
 };
-use crate::plan::{plan, Action, Observed};
 use crate::runtime::{Network, WorkloadRuntime};
 use crate::services::{self, ServiceFiles};
 use crate::store::{SledStore, Store};
@@ -104,7 +104,7 @@ pub struct LocalSocket {
 pub const HUB_SEARCH_REPORT: Duration = Duration::from_secs(5);
 pub const HUB_SEARCH_REPORT_PERIOD: Duration = Duration::from_secs(30);
 /// How often the choice of hub is looked at again (a hub in use that stopped working is
-/// left [`crate::directory::hub_link::DOWN_MS`] after, not a heartbeat later).
+/// left [`crate::core::directory::hub_link::DOWN_MS`] after, not a heartbeat later).
 const HUB_CHECK_PERIOD: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
@@ -534,7 +534,7 @@ struct Inbox {
 struct Replica {
     workload: WorkloadName,
     revision: String,
-    /// The secrets it runs with, at their versions ([`crate::plan::secret_versions`]).
+    /// The secrets it runs with, at their versions ([`crate::core::plan::secret_versions`]).
     secrets: BTreeSet<(SecretName, String)>,
     /// The container's id when it runs the container variant (its stop may take a grace
     /// period).
@@ -653,7 +653,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         let keep: BTreeSet<(SecretName, String)> = desired
             .workloads
             .iter()
-            .flat_map(crate::plan::secret_versions)
+            .flat_map(crate::core::plan::secret_versions)
             .chain(
                 self.replicas
                     .values()
@@ -1390,7 +1390,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         info!(%instance, revision = %w.revision, "starting replica");
         let revision = w.revision.clone();
         let workload = w.name.clone();
-        let secrets = crate::plan::secret_versions(&w);
+        let secrets = crate::core::plan::secret_versions(&w);
         let container = w.container.is_some().then(|| supervisor::container_id(&w));
         let network = self.network(&w);
         let handle = self.tracker.spawn(supervisor::supervise(

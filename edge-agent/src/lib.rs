@@ -4,8 +4,8 @@ pub mod agent;
 pub mod bus;
 #[cfg(feature = "containerd")]
 pub mod containerd;
+pub mod core;
 pub mod dev;
-pub mod directory;
 pub mod enroll;
 pub mod fetch;
 pub mod health;
@@ -13,7 +13,6 @@ pub mod host;
 pub mod local;
 pub mod logs;
 pub mod metrics;
-pub mod plan;
 pub mod remote_logs;
 pub mod runtime;
 pub mod secrets;

@@ -9,7 +9,7 @@
 //!
 //! [`adverts`] and [`wanted`] are pure; [`ServiceFiles`] does the file I/O.
 
-use crate::directory::Directory;
+use crate::core::directory::Directory;
 use crate::runtime::AllowList;
 use shoal_api::discovery::{self, ServiceAd};
 use shoal_api::ids::{DeviceId, WorkloadName};

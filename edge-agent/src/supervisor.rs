@@ -5,10 +5,10 @@
 //! waiting out an exponential back-off, or `Succeeded`/`Failed` for good. Every phase change is
 //! sent to the agent's main loop as an [`Update`]; cancellation stops the replica at once.
 
+use crate::core::plan::{after_exit, AfterExit};
 use crate::fetch::ModuleSource;
 use crate::health;
 use crate::logs::LogSink;
-use crate::plan::{after_exit, AfterExit};
 use crate::runtime::{
     BoxFuture, ContainerRun, ContainerRuntime, Exit, Network, PreparedImage, RunSpec,
     WorkloadRuntime,
@@ -109,7 +109,7 @@ impl Reporter {
 /// The containerd id of a container replica: one per revision, so that a replaced revision
 /// still stopping never collides with its successor (restarts reuse it).
 pub fn container_id(d: &DesiredWorkload) -> String {
-    let secrets = crate::plan::secret_versions(d);
+    let secrets = crate::core::plan::secret_versions(d);
     if secrets.is_empty() {
         format!("{}-{}", d.instance(), d.revision)
     } else {

@@ -14,7 +14,7 @@ use shoal_api::selector::{Requirement, Selector, SetRequirement};
 use shoal_api::workload::{
     ModuleRef, Placement, Resources, Restart, RestartPolicy, Strategy, Workload,
 };
-use shoal_hub::scheduler::{schedule, Assignments, DeviceView};
+use shoal_hub::fleet::scheduler::{schedule, Assignments, DeviceView};
 use std::collections::BTreeMap;
 use std::time::Instant;
 

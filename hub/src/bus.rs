@@ -172,7 +172,7 @@ pub enum BusAuth {
 
 /// Connects to `broker` and spawns the event loop task; events go to `tx`. With
 /// `shared_ingest` (hub replicas), statuses come through the shared subscription and the
-/// other replicas' ingest batches are subscribed to (see [`crate::ingest`]).
+/// other replicas' ingest batches are subscribed to (see [`crate::fleet::ingest`]).
 pub fn connect(
     broker: &BrokerUrl,
     client_id: &str,

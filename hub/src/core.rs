@@ -5,8 +5,8 @@
 //! returns the desired-state messages to publish. It does no network I/O itself, so it is
 //! tested with [`crate::store::MemStore`].
 
-use crate::rollout::{self, Observed, Outcome, Record, Rollout, RolloutState};
-use crate::scheduler::{self, Assignments, DeviceView as SchedDevice, Schedule};
+use crate::fleet::rollout::{self, Observed, Outcome, Record, Rollout, RolloutState};
+use crate::fleet::scheduler::{self, Assignments, DeviceView as SchedDevice, Schedule};
 use crate::store::{DeviceRecord, Store, StoreError, StoredSecret};
 use shoal_api::ids::{DeviceId, Digest, SecretName, WorkloadName};
 use shoal_api::labels::{self, Grant, LabelChange, LabelError, Labels};
@@ -39,7 +39,7 @@ impl Live {
         let s = self.status.as_ref()?;
         Some(
             self.fingerprint
-                .get_or_insert_with(|| crate::ingest::fingerprint(s)),
+                .get_or_insert_with(|| crate::fleet::ingest::fingerprint(s)),
         )
     }
 }
@@ -88,7 +88,7 @@ pub struct HubCore<S: Store> {
     /// client can speak as any device anyway); otherwise only the operator's do.
     trust_reported_labels: bool,
     /// The newest audit entries (persisted).
-    audit: crate::audit::AuditLog,
+    audit: crate::fleet::audit::AuditLog,
     /// Devices revoked in the enrollment book (`shoal-hub device revoke`; the book is the
     /// record, this its latest reading): placement does not see them, so they keep no
     /// replica, `placement: every` ones included, and are sealed no secret.
@@ -197,7 +197,7 @@ impl<S: Store> HubCore<S> {
             secrets: snap.secrets,
             runs: Vec::new(),
             trust_reported_labels,
-            audit: crate::audit::AuditLog::from_loaded(snap.audit),
+            audit: crate::fleet::audit::AuditLog::from_loaded(snap.audit),
             revoked: Default::default(),
         };
         core.adopt_reported_labels(labels_owned)?;
@@ -303,7 +303,7 @@ impl<S: Store> HubCore<S> {
     /// caller does before it answers).
     pub fn record_audit(
         &mut self,
-        change: crate::audit::Change,
+        change: crate::fleet::audit::Change,
         now_ms: u64,
     ) -> Result<shoal_api::operator::AuditEntry, StoreError> {
         let e = self.audit.record(change, now_ms);
@@ -1101,7 +1101,7 @@ impl<S: Store> HubCore<S> {
         self.heard(id, now);
     }
 
-    /// A device's report as hub replicas take it (see [`crate::ingest`]): reports may
+    /// A device's report as hub replicas take it (see [`crate::fleet::ingest`]): reports may
     /// arrive out of order, so one older than the hub's status (by the device's clock, within
     /// [`REORDER_WINDOW_MS`] of taking that status) is not taken.
     pub fn accept_status(&mut self, status: DeviceStatus) -> Accepted {
@@ -1119,7 +1119,7 @@ impl<S: Store> HubCore<S> {
                 if status.time_ms < cur.time_ms
                     && now.saturating_sub(live.status_at_ms) < REORDER_WINDOW_MS =>
             {
-                let theirs = crate::ingest::fingerprint(&status);
+                let theirs = crate::fleet::ingest::fingerprint(&status);
                 let ours = live.fingerprint().map(str::to_string);
                 let differs = ours.as_deref() != Some(theirs.as_str());
                 let ours = live.status.clone().filter(|_| differs);
@@ -1145,7 +1145,7 @@ impl<S: Store> HubCore<S> {
         accepted
     }
 
-    /// Another replica's ingest batch (see [`crate::ingest`]); returns the statuses this hub
+    /// Another replica's ingest batch (see [`crate::fleet::ingest`]); returns the statuses this hub
     /// must pass on again: its own, where the batch brought an older one with other content.
     pub fn ingest_batch(&mut self, batch: shoal_api::messages::IngestBatch) -> Vec<DeviceStatus> {
         let mut again = Vec::new();
@@ -1826,7 +1826,7 @@ spec:
     /// A report of device `d1`: `content` picks one of three contents (so reports repeat).
     fn d1_report(content: u8, time_ms: u64) -> DeviceStatus {
         let phase = [Phase::Running, Phase::Failed, Phase::Starting][usize::from(content % 3)];
-        crate::ingest::tests::status("d1", 1, phase, time_ms)
+        crate::fleet::ingest::tests::status("d1", 1, phase, time_ms)
     }
 
     proptest::proptest! {
@@ -1840,11 +1840,11 @@ spec:
             let mut hubs: Vec<HubCore<MemStore>> = (0..3)
                 .map(|_| HubCore::open(MemStore::default(), "http://h".into()).unwrap())
                 .collect();
-            let mut relays: Vec<crate::ingest::Relay> = (0..3).map(|_| Default::default()).collect();
+            let mut relays: Vec<crate::fleet::ingest::Relay> = (0..3).map(|_| Default::default()).collect();
             // Batches on the wire: (from, batch), delivered in order per sender.
             let mut wire: Vec<(usize, shoal_api::messages::IngestBatch)> = Vec::new();
             let deliver = |hubs: &mut Vec<HubCore<MemStore>>,
-                           relays: &mut Vec<crate::ingest::Relay>,
+                           relays: &mut Vec<crate::fleet::ingest::Relay>,
                            from: usize,
                            b: shoal_api::messages::IngestBatch| {
                 for to in (0..3).filter(|&t| t != from) {

@@ -541,7 +541,7 @@ impl Store for EtcdStore {
                     snap.desired.insert(d.device_id.clone(), d);
                 }
                 "rollouts" => {
-                    let r: crate::rollout::Record = dec(&key, &value)?;
+                    let r: crate::fleet::rollout::Record = dec(&key, &value)?;
                     snap.rollouts.insert(r.workload.clone(), r);
                 }
                 "secrets" => {
@@ -557,7 +557,7 @@ impl Store for EtcdStore {
         }
         // The audit log lives beside the state (`{prefix}.audit/{seq}`, zero-padded), so the
         // state's loads and the standbys' watch never carry it: only its newest entries.
-        let limit = i64::try_from(crate::audit::IN_MEMORY).unwrap_or(i64::MAX);
+        let limit = i64::try_from(crate::fleet::audit::IN_MEMORY).unwrap_or(i64::MAX);
         let under = self.audit_key("");
         for (key, value) in self
             .ask(|reply| Cmd::Newest(under, limit, reply))?
@@ -578,14 +578,14 @@ impl Store for EtcdStore {
     fn put_device(&self, d: &crate::store::DeviceRecord) -> Result<(), StoreError> {
         self.put("devices", d.hello.device_id.as_str(), d)
     }
-    fn put_assignments(&self, a: &crate::scheduler::Assignments) -> Result<(), StoreError> {
+    fn put_assignments(&self, a: &crate::fleet::scheduler::Assignments) -> Result<(), StoreError> {
         self.put("meta", "assignments", a)
     }
     fn put_labels_owned(&self) -> Result<(), StoreError> {
         self.put("meta", "labels-owned", &true)
     }
     fn put_audit(&self, e: &shoal_api::operator::AuditEntry) -> Result<(), StoreError> {
-        if let Some(old) = e.seq.checked_sub(crate::audit::KEPT) {
+        if let Some(old) = e.seq.checked_sub(crate::fleet::audit::KEPT) {
             self.push(Op::Delete(self.audit_key(&format!("{old:020}"))));
         }
         let bytes = serde_json::to_vec(e).map_err(StoreError::Encode)?;
@@ -598,7 +598,7 @@ impl Store for EtcdStore {
     fn put_rollout(
         &self,
         name: &WorkloadName,
-        r: Option<&crate::rollout::Record>,
+        r: Option<&crate::fleet::rollout::Record>,
     ) -> Result<(), StoreError> {
         match r {
             Some(r) => self.put("rollouts", name.as_str(), r),

@@ -115,7 +115,7 @@ pub enum Request {
     },
     /// Record a change in the audit log, durably; its number.
     Audit {
-        change: crate::audit::Change,
+        change: crate::fleet::audit::Change,
         reply: oneshot::Sender<Result<u64, String>>,
     },
     /// The audit log after entry `after` (the leader's: a standby's copy is as old as the
@@ -248,7 +248,7 @@ pub struct AppState {
     /// What the enrollment book says of revocations (`None` with `--insecure`).
     pub verdicts: Option<crate::access::VerdictsRx>,
     /// How many refused requests each operator may still have recorded this minute.
-    pub refusals: Arc<std::sync::Mutex<crate::audit::RefusalBudget>>,
+    pub refusals: Arc<std::sync::Mutex<crate::fleet::audit::RefusalBudget>>,
 }
 
 /// Who is calling: set per connection from its client certificate.
@@ -863,7 +863,7 @@ async fn audit_changes(
             Some(n) => outcome.push_str(&format!(" ({n} more refused requests not recorded)")),
         }
     }
-    let change = crate::audit::Change {
+    let change = crate::fleet::audit::Change {
         who,
         from,
         action,
@@ -1207,7 +1207,7 @@ async fn apply(State(s): State<AppState>, body: Bytes) -> Response {
     let text = ManifestText(text);
     match ask(&s, |reply| Request::Apply { text, reply }).await {
         Ok(r) => {
-            let note = AuditNote(crate::audit::apply_outcome(&r));
+            let note = AuditNote(crate::fleet::audit::apply_outcome(&r));
             let status = match r.accepted {
                 true => StatusCode::OK,
                 false => StatusCode::UNPROCESSABLE_ENTITY,

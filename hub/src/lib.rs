@@ -2,12 +2,12 @@
 //! workload replicas on devices, and publishes each device's desired state.
 //!
 //! Code map: [`server`] wires everything and owns the main loop; [`core`] is the state
-//! machine; [`scheduler`] is the pure placement function; [`store`] (sled, or [`etcd`]) and
+//! machine; [`fleet`] holds the pure decisions (placement, rollouts, ingest, events, the
+//! audit log), which no I/O reaches (`cargo xtask boundaries` checks); [`store`] (sled, or [`etcd`]) and
 //! [`blobs`] persist; [`ha`] elects a leader among hubs on etcd; [`bus`] and [`broker`] speak
 //! MQTT; [`http`] serves the API; [`logs`] relays `shoal logs` between callers and devices.
 
 pub mod access;
-pub mod audit;
 pub mod blobs;
 pub mod broker;
 pub mod bus;
@@ -15,15 +15,12 @@ pub mod core;
 pub mod dashboard;
 pub mod enrollment;
 pub mod etcd;
-pub mod events;
+pub mod fleet;
 pub mod gate;
 pub mod ha;
 pub mod http;
-pub mod ingest;
 pub mod logs;
 pub mod metrics;
-pub mod rollout;
-pub mod scheduler;
 pub mod security;
 pub mod server;
 pub mod store;

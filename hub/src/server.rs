@@ -111,7 +111,7 @@ pub enum Event {
     Tick,
     /// Time to step rollouts that have new reports.
     RolloutTick,
-    /// Time to pass what this replica heard on to the others (see [`crate::ingest`]).
+    /// Time to pass what this replica heard on to the others (see [`crate::fleet::ingest`]).
     RelayTick,
 }
 
@@ -123,7 +123,7 @@ const BATCH: usize = 256;
 /// How long status reports are gathered before a rollout steps on them.
 const ROLLOUT_BATCH_MS: u64 = 50;
 
-/// How long a replica gathers device reports before passing them on (see [`crate::ingest`]).
+/// How long a replica gathers device reports before passing them on (see [`crate::fleet::ingest`]).
 const RELAY_BATCH_MS: u64 = 50;
 
 /// Runs the hub until `shutdown` is cancelled.
@@ -322,7 +322,7 @@ async fn serve(
     // hub, which takes every report itself.
     let ingest = (elector.is_some() && config.broker.is_some()).then(|| Ingest {
         replica: replica.clone(),
-        relay: crate::ingest::Relay::default(),
+        relay: crate::fleet::ingest::Relay::default(),
         enrolled_lately: BTreeMap::new(),
     });
     let bus = bus::connect(
@@ -402,7 +402,7 @@ async fn serve(
         signer,
         secrets_key,
         security: security.clone(),
-        events: crate::events::Events::default(),
+        events: crate::fleet::events::Events::default(),
         fleet_changed,
         logs: crate::logs::LogSessions::default(),
         ingest,
@@ -649,7 +649,7 @@ struct Parts<B: Bus> {
     signer: shoal_pki::sign::HubSigner,
     secrets_key: shoal_pki::secret::SecretsKey,
     security: Option<Arc<crate::security::Security>>,
-    events: crate::events::Events,
+    events: crate::fleet::events::Events,
     fleet_changed: tokio::sync::watch::Sender<u64>,
     logs: crate::logs::LogSessions,
     ingest: Option<Ingest>,
@@ -658,11 +658,11 @@ struct Parts<B: Bus> {
     attributed_applies: bool,
 }
 
-/// This replica's share of status ingest (see [`crate::ingest`]).
+/// This replica's share of status ingest (see [`crate::fleet::ingest`]).
 struct Ingest {
     /// Names this replica's batches (its MQTT client id's suffix).
     replica: String,
-    relay: crate::ingest::Relay,
+    relay: crate::fleet::ingest::Relay,
     /// Devices that enrolled through a standby lately (this one, or another by its
     /// batches), with when this replica heard: should it be elected before the leader
     /// re-sealed their states, it does so itself.
@@ -722,8 +722,8 @@ struct MainLoop<S: Store, B: Bus> {
     secrets_key: shoal_pki::secret::SecretsKey,
     /// Enrollment records: the device keys secrets are sealed to (`None`: `--insecure`).
     security: Option<Arc<crate::security::Security>>,
-    /// Recent fleet events (see [`crate::events`]).
-    events: crate::events::Events,
+    /// Recent fleet events (see [`crate::fleet::events`]).
+    events: crate::fleet::events::Events,
     /// Bumped when the fleet changed (the dashboard streams wait on it).
     fleet_changed: tokio::sync::watch::Sender<u64>,
     /// Something happened since the last events snapshot.
@@ -1059,13 +1059,13 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     Some(name) => format!("operator {name}"),
                     None => "unknown (an MQTT apply the broker did not attribute)".to_string(),
                 };
-                let change = crate::audit::Change {
+                let change = crate::fleet::audit::Change {
                     who,
                     from: "mqtt".into(),
                     action: format!("mqtt apply {}", req.as_deref().unwrap_or(""))
                         .trim_end()
                         .to_string(),
-                    outcome: crate::audit::apply_outcome(&result),
+                    outcome: crate::fleet::audit::apply_outcome(&result),
                     accepted: result.accepted,
                 };
                 if let Err(e) = self.record_audit(change) {
@@ -1161,7 +1161,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 };
                 let mut enrolled = std::mem::take(&mut batch.enrolled);
                 // Enrollments are rare: a batch naming more is not from a hub that took them.
-                if enrolled.len() > crate::ingest::ENROLLED_PER_BATCH {
+                if enrolled.len() > crate::fleet::ingest::ENROLLED_PER_BATCH {
                     warn!(%replica, enrolled = enrolled.len(), "ingest batch names too many enrolled devices: ignored them");
                     enrolled.clear();
                 }
@@ -1309,7 +1309,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     /// Records `change` in the audit log, durably, and returns its number.
     fn record_audit(
         &mut self,
-        change: crate::audit::Change,
+        change: crate::fleet::audit::Change,
     ) -> Result<u64, crate::store::StoreError> {
         let e = self.core.record_audit(change, now_ms())?;
         self.core.flush()?;
@@ -1328,7 +1328,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 let _ = reply.send(self.record_audit(change).map_err(|e| e.to_string()));
             }
             Request::AuditLog { after, reply } => {
-                let _ = reply.send(self.core.audit_since(after, crate::audit::IN_MEMORY));
+                let _ = reply.send(self.core.audit_since(after, crate::fleet::audit::IN_MEMORY));
             }
             Request::Apply { text, reply } => {
                 let result = self
@@ -1776,10 +1776,10 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         let changed = std::mem::take(&mut self.changed);
         self.last_snapshot = Some(std::time::Instant::now());
         self.metrics.scheduled(&self.core.take_scheduling_runs());
-        let snapshot = crate::events::Snapshot::of(devices, workloads);
+        let snapshot = crate::fleet::events::Snapshot::of(devices, workloads);
         let added = self.events.observe(snapshot, now_ms());
         for e in &added {
-            info!(target: "shoal_hub::events", kind = %e.kind, reason = %e.reason, object = %e.object, "{}", e.message);
+            info!(target: "shoal_hub::fleet::events", kind = %e.kind, reason = %e.reason, object = %e.object, "{}", e.message);
         }
         self.metrics.recorded(&added);
         if changed || !added.is_empty() {

@@ -6,7 +6,7 @@
 //! implementations; [`MemStore`] is an in-memory fake for tests.
 //! Every write is flushed before the hub acknowledges the change that caused it.
 
-use crate::scheduler::Assignments;
+use crate::fleet::scheduler::Assignments;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use shoal_api::ids::{DeviceId, SecretName, WorkloadName};
 use shoal_api::messages::{DesiredState, Hello};
@@ -99,12 +99,12 @@ pub struct Snapshot {
     pub devices: BTreeMap<DeviceId, DeviceRecord>,
     pub assignments: Assignments,
     pub desired: BTreeMap<DeviceId, DesiredState>,
-    pub rollouts: BTreeMap<WorkloadName, crate::rollout::Record>,
+    pub rollouts: BTreeMap<WorkloadName, crate::fleet::rollout::Record>,
     pub secrets: BTreeMap<SecretName, StoredSecret>,
     /// Device labels are the operator's in this store (see `HubCore::open`): a record
     /// without labels gets none, its device's reports are not adopted.
     pub labels_owned: bool,
-    /// The newest audit entries (at most [`crate::audit::IN_MEMORY`]), oldest first.
+    /// The newest audit entries (at most [`crate::fleet::audit::IN_MEMORY`]), oldest first.
     pub audit: Vec<AuditEntry>,
 }
 
@@ -120,13 +120,13 @@ pub trait Store: Send + 'static {
     fn put_rollout(
         &self,
         name: &WorkloadName,
-        r: Option<&crate::rollout::Record>,
+        r: Option<&crate::fleet::rollout::Record>,
     ) -> Result<(), StoreError>;
     /// A secret, or its removal (`None`).
     fn put_secret(&self, name: &SecretName, s: Option<&StoredSecret>) -> Result<(), StoreError>;
     /// Marks device labels as the operator's in this store, for good.
     fn put_labels_owned(&self) -> Result<(), StoreError>;
-    /// Appends an audit entry (and forgets the one [`crate::audit::KEPT`] before it).
+    /// Appends an audit entry (and forgets the one [`crate::fleet::audit::KEPT`] before it).
     fn put_audit(&self, e: &AuditEntry) -> Result<(), StoreError>;
     fn flush(&self) -> Result<(), StoreError>;
     /// From now on, commit writes only while `fence` holds. Only stores several hubs share
@@ -157,7 +157,7 @@ impl Store for Box<dyn Store> {
     fn put_rollout(
         &self,
         name: &WorkloadName,
-        r: Option<&crate::rollout::Record>,
+        r: Option<&crate::fleet::rollout::Record>,
     ) -> Result<(), StoreError> {
         (**self).put_rollout(name, r)
     }
@@ -205,7 +205,7 @@ impl<S: Store> Store for ReadOnly<S> {
     fn put_rollout(
         &self,
         _: &WorkloadName,
-        _: Option<&crate::rollout::Record>,
+        _: Option<&crate::fleet::rollout::Record>,
     ) -> Result<(), StoreError> {
         Ok(())
     }
@@ -333,7 +333,7 @@ impl Store for SledStore {
             workloads: load_tree(&self.workloads, |w: &Workload| w.name.clone())?,
             devices: load_tree(&self.devices, |d: &DeviceRecord| d.hello.device_id.clone())?,
             desired: load_tree(&self.desired, |d: &DesiredState| d.device_id.clone())?,
-            rollouts: load_tree(&self.rollouts, |r: &crate::rollout::Record| {
+            rollouts: load_tree(&self.rollouts, |r: &crate::fleet::rollout::Record| {
                 r.workload.clone()
             })?,
             secrets: load_tree(&self.secrets, |s: &StoredSecret| s.name.clone())?,
@@ -341,7 +341,7 @@ impl Store for SledStore {
             labels_owned: self.meta.contains_key(LABELS_OWNED_KEY)?,
             audit: {
                 let mut newest = Vec::new();
-                for item in self.audit.iter().rev().take(crate::audit::IN_MEMORY) {
+                for item in self.audit.iter().rev().take(crate::fleet::audit::IN_MEMORY) {
                     let (k, v) = item?;
                     newest.push(dec(&k, &v)?);
                 }
@@ -373,7 +373,7 @@ impl Store for SledStore {
     fn put_rollout(
         &self,
         name: &WorkloadName,
-        r: Option<&crate::rollout::Record>,
+        r: Option<&crate::fleet::rollout::Record>,
     ) -> Result<(), StoreError> {
         match r {
             Some(r) => self.rollouts.insert(name.as_str(), enc(r)?)?,
@@ -395,7 +395,7 @@ impl Store for SledStore {
     fn put_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
         // Big-endian numbers sort as they count.
         self.audit.insert(e.seq.to_be_bytes(), enc(e)?)?;
-        if let Some(old) = e.seq.checked_sub(crate::audit::KEPT) {
+        if let Some(old) = e.seq.checked_sub(crate::fleet::audit::KEPT) {
             self.audit.remove(old.to_be_bytes())?;
         }
         Ok(())
@@ -446,7 +446,7 @@ impl Store for MemStore {
     fn put_rollout(
         &self,
         name: &WorkloadName,
-        r: Option<&crate::rollout::Record>,
+        r: Option<&crate::fleet::rollout::Record>,
     ) -> Result<(), StoreError> {
         self.with(|s| match r {
             Some(r) => s.rollouts.insert(name.clone(), r.clone()),
@@ -468,7 +468,7 @@ impl Store for MemStore {
     fn put_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
         self.with(|s| {
             s.audit.push(e.clone());
-            if s.audit.len() > crate::audit::IN_MEMORY {
+            if s.audit.len() > crate::fleet::audit::IN_MEMORY {
                 s.audit.remove(0);
             }
         });

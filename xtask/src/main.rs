@@ -1,4 +1,5 @@
-//! Shoal's release tooling.
+//! Shoal's release tooling, and `cargo xtask boundaries` (the functional core stays pure,
+//! see [`boundaries`]).
 //!
 //! `cargo xtask dist` cross-compiles `shoal-agent` for the boards Shoal supports and packages
 //! each build three ways, into `target/dist/` (or `--out`):
@@ -24,6 +25,7 @@
 //! `scripts/cross.sh` built, which is how the tests check the packaging without a release
 //! build.
 
+mod boundaries;
 mod oci;
 
 use anyhow::{bail, Context, Result};
@@ -40,6 +42,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Check that the functional core (hub/src/fleet/) names no I/O crate and no clock.
+    Boundaries,
     /// Build and package shoal-agent for each target (default: amd64, arm64 and armhf).
     Dist {
         /// Cargo profile (`release`, `release-small`, or `dev` to package test builds).
@@ -190,6 +194,17 @@ const RUNTIME_ONLY: Flavour = Flavour {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Cmd::Boundaries => {
+            let found = boundaries::run(&repo_root())?;
+            for v in &found {
+                eprintln!("{v}");
+            }
+            if !found.is_empty() {
+                bail!("{} forbidden name(s) in the functional core", found.len());
+            }
+            println!("the functional core names no I/O crate and no clock");
+            Ok(())
+        }
         Cmd::Dist {
             profile,
             targets,
