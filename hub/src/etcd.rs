@@ -59,11 +59,25 @@ pub struct EtcdTls {
     pub identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
-impl std::str::FromStr for EtcdUrl {
-    type Err = String;
+/// A `--store` value that names no store, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} {url:?} is invalid: {reason}")]
+pub struct BadStoreUrl {
+    /// `store` or `etcd store`.
+    pub what: &'static str,
+    pub url: String,
+    pub reason: String,
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = |why: &str| format!("etcd store {s:?} is invalid: {why}");
+impl std::str::FromStr for EtcdUrl {
+    type Err = BadStoreUrl;
+
+    fn from_str(s: &str) -> Result<Self, BadStoreUrl> {
+        let bad = |why: &str| BadStoreUrl {
+            what: "etcd store",
+            url: s.to_string(),
+            reason: why.to_string(),
+        };
         let (scheme_tls, rest) = match (s.strip_prefix("etcds://"), s.strip_prefix("etcd://")) {
             (Some(r), _) => (true, r),
             (None, Some(r)) => (false, r),
@@ -952,7 +966,7 @@ mod tests {
             ("etcd://:1", "\":1\" is not HOST:PORT"),
             ("etcd://a:1/", "prefix must not be empty"),
         ] {
-            let e = bad.parse::<EtcdUrl>().unwrap_err();
+            let e = bad.parse::<EtcdUrl>().unwrap_err().to_string();
             assert!(e.contains(why) && e.contains(bad), "{bad}: {e}");
         }
     }

@@ -286,9 +286,9 @@ fn hub_config(a: ServeArgs) -> anyhow::Result<shoal_hub::HubConfig> {
     }
     let store = match (a.store, file.store) {
         (Some(s), _) => s,
-        (None, Some(s)) => s
-            .parse()
-            .map_err(|e: String| anyhow::anyhow!("config file {name:?}: store: {e}"))?,
+        (None, Some(s)) => s.parse().map_err(|e: shoal_hub::etcd::BadStoreUrl| {
+            anyhow::anyhow!("config file {name:?}: store: {e}")
+        })?,
         (None, None) => shoal_hub::store::StoreChoice::Sled,
     };
     let leader_lease = match (a.leader_lease, file.leader_lease) {

@@ -233,17 +233,19 @@ pub enum StoreChoice {
 }
 
 impl std::str::FromStr for StoreChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = crate::etcd::BadStoreUrl;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s == "sled" {
             return Ok(StoreChoice::Sled);
         }
         if s.starts_with("etcd://") || s.starts_with("etcds://") {
             return s.parse().map(StoreChoice::Etcd);
         }
-        Err(format!(
-            "store {s:?} is invalid: expected sled or etcds://HOST:PORT[,HOST:PORT…][/PREFIX]?ca=FILE…"
-        ))
+        Err(crate::etcd::BadStoreUrl {
+            what: "store",
+            url: s.to_string(),
+            reason: "expected sled or etcds://HOST:PORT[,HOST:PORT…][/PREFIX]?ca=FILE…".into(),
+        })
     }
 }
 
