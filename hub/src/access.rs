@@ -146,10 +146,7 @@ pub fn pin_bootstrap(
                 source,
             })
         })?;
-        let (_, not_after) = shoal_pki::tls::validity(&pem)?;
-        let der = shoal_pki::tls::first_cert(&pem)?;
-        let expires = u64::try_from(not_after).unwrap_or(0).saturating_mul(1000);
-        Ok((shoal_pki::tls::fingerprint(&der), expires))
+        Ok(shoal_pki::tls::pin_of_pem(&pem)?)
     };
     let name = OperatorName::bootstrap();
     let (mut mine, mut expires_ms) = fingerprint(bundle)?;
@@ -257,6 +254,26 @@ pub enum Admission {
     In(Identity),
     /// A fleet certificate that may not come in, and why (or why the book could not say).
     Out(String),
+}
+
+/// Admits the client of TLS connection `conn` ([`admit_connection`]): what it gets, its
+/// certificate's fingerprint, and `verdicts` marked seen *before* the book was read (for
+/// [`until_shut_out`]).
+pub async fn admit_tls(
+    sec: &std::sync::Arc<crate::security::Security>,
+    conn: &rustls::ServerConnection,
+    mut verdicts: VerdictsRx,
+) -> (Admission, String, VerdictsRx) {
+    let cert = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.clone().into_owned());
+    let fingerprint = cert
+        .as_ref()
+        .map(shoal_pki::tls::fingerprint)
+        .unwrap_or_default();
+    verdicts.mark_unchanged();
+    (admit_connection(sec, cert).await, fingerprint, verdicts)
 }
 
 /// [`admit`], off the async threads (the book may be files or etcd), for a connection whose

@@ -356,21 +356,11 @@ async fn dispatch_tls(
         Ok(Ok(t)) => t,
     };
     // Who it is, from its certificate and the enrollment book (revoked devices and
-    // operators, replaced device keys and unknown operators stay out).
-    let cert = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(|c| c.clone().into_owned());
-    let fingerprint = cert
-        .as_ref()
-        .map(shoal_pki::tls::fingerprint)
-        .unwrap_or_default();
-    // Seen before the admission reads the book (see access::until_shut_out).
-    let mut verdicts = verdicts;
-    verdicts.mark_unchanged();
-    let who = match crate::access::admit_connection(&sec, cert).await {
+    // operators, replaced device keys and unknown operators stay out), and the revocation
+    // watch marked seen before the book was read.
+    let (admission, fingerprint, verdicts) =
+        crate::access::admit_tls(&sec, tls.get_ref().1, verdicts).await;
+    let who = match admission {
         crate::access::Admission::In(who) => {
             if !ticket.verified_as(&who) {
                 warn!(%peer, identity = %who, "mqtt client refused: this identity holds as many connections as it may");

@@ -530,20 +530,10 @@ pub async fn serve(
                     Err(_) => return,
                 },
             };
-            let cert = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| c.clone().into_owned());
-            let fingerprint = cert
-                .as_ref()
-                .map(shoal_pki::tls::fingerprint)
-                .unwrap_or_default();
-            // Seen before the admission reads the book (see access::until_shut_out).
-            let mut verdicts = verdicts;
-            verdicts.mark_unchanged();
-            let peer = match crate::access::admit_connection(&security, cert).await {
+            // Who it is, and the revocation watch marked seen before the book was read.
+            let (admission, fingerprint, verdicts) =
+                crate::access::admit_tls(&security, tls.get_ref().1, verdicts).await;
+            let peer = match admission {
                 crate::access::Admission::Anonymous => Peer::Anonymous,
                 crate::access::Admission::In(who) => Peer::Known(who),
                 crate::access::Admission::Out(why) => {

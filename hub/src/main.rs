@@ -495,10 +495,7 @@ fn operator_command(cmd: OperatorCommand) -> anyhow::Result<()> {
         shoal_pki::write_atomic(&out.join("operator.key"), key.as_bytes(), 0o600)?;
         shoal_pki::write_atomic(&out.join("operator.pem"), cert.as_bytes(), 0o644)?;
         shoal_pki::write_atomic(&out.join("ca.pem"), ca.pem().as_bytes(), 0o644)?;
-        let der = shoal_pki::tls::first_cert(&cert)?;
-        let (_, not_after) = shoal_pki::tls::validity(&cert)?;
-        let expires_ms = u64::try_from(not_after).unwrap_or(0).saturating_mul(1000);
-        Ok((shoal_pki::tls::fingerprint(&der), expires_ms))
+        Ok(shoal_pki::tls::pin_of_pem(&cert)?)
     };
     match cmd {
         OperatorCommand::Create {

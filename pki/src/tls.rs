@@ -367,3 +367,10 @@ pub fn public_key_of_csr(csr_pem: &str) -> Result<Vec<u8>, PkiError> {
 pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
     crate::sha256_hex(cert.as_ref())
 }
+
+/// The first certificate in `pem`: its [`fingerprint`], and when it expires (Unix ms).
+pub fn pin_of_pem(pem: &str) -> Result<(String, u64), PkiError> {
+    let (_, not_after) = validity(pem)?;
+    let expires_ms = u64::try_from(not_after).unwrap_or(0).saturating_mul(1000);
+    Ok((fingerprint(&first_cert(pem)?), expires_ms))
+}
