@@ -3,7 +3,7 @@
 //!
 //! Every hub on an etcd store campaigns for `{prefix}/leader` with etcd's election API, on a
 //! lease of its own (`--leader-lease`, kept alive at a third of its TTL). The winner
-//! schedules and publishes; the others stand by and serve reads (see [`crate::server`]).
+//! schedules and publishes; the others stand by and serve reads (see [`crate::app`]).
 //! When the leader dies its lease expires, etcd deletes its key, and the oldest waiting
 //! campaign wins.
 //!

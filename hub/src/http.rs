@@ -39,7 +39,7 @@
 //! answer; blobs are served straight from disk.
 
 use crate::blobs::BlobStore;
-use crate::core::RolloutAction;
+use crate::fleet::RolloutAction;
 use crate::security::Security;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -102,7 +102,7 @@ pub enum Request {
     MayFetch {
         device: DeviceId,
         digest: Digest,
-        reply: oneshot::Sender<Result<String, crate::core::FetchRefusal>>,
+        reply: oneshot::Sender<Result<String, crate::fleet::FetchRefusal>>,
     },
     /// `shoal label device`: the device's labels afterwards.
     Label {
@@ -217,7 +217,7 @@ impl std::fmt::Debug for ManifestText {
 /// Why a label change failed.
 #[derive(Debug)]
 pub enum LabelFailure {
-    Refused(crate::core::LabelRefusal),
+    Refused(crate::fleet::LabelRefusal),
     /// Not stored, or not made durable.
     Store(String),
 }
@@ -1082,11 +1082,11 @@ async fn label_device(
         Ok(Ok(labels)) => Json(labels).into_response(),
         Ok(Err(LabelFailure::Refused(r))) => {
             let status = match &r {
-                crate::core::LabelRefusal::UnknownDevice(_) => StatusCode::NOT_FOUND,
-                crate::core::LabelRefusal::Invalid(LabelError::Exists { .. }) => {
+                crate::fleet::LabelRefusal::UnknownDevice(_) => StatusCode::NOT_FOUND,
+                crate::fleet::LabelRefusal::Invalid(LabelError::Exists { .. }) => {
                     StatusCode::CONFLICT
                 }
-                crate::core::LabelRefusal::Invalid(_) => StatusCode::BAD_REQUEST,
+                crate::fleet::LabelRefusal::Invalid(_) => StatusCode::BAD_REQUEST,
             };
             error(status, r.to_string())
         }

@@ -1,17 +1,18 @@
 //! Shoal hub: accepts fleet manifests (over MQTT or HTTP), validates and stores them, places
 //! workload replicas on devices, and publishes each device's desired state.
 //!
-//! Code map: [`server`] wires everything and owns the main loop; [`core`] is the state
-//! machine; [`fleet`] holds the pure decisions (placement, rollouts, ingest, events, the
-//! audit log), which no I/O reaches (`cargo xtask boundaries` checks); [`store`] (sled, or [`etcd`]) and
+//! Code map: [`app`] (the imperative shell) wires everything and owns the main loop; [`fleet`] is the functional
+//! core, the fleet's state machine and its pure decisions (placement, rollouts, ingest,
+//! events, the audit log), which no I/O and no clock reach (`cargo xtask boundaries`
+//! checks); [`store`] (sled, or [`etcd`]) and
 //! [`blobs`] persist; [`ha`] elects a leader among hubs on etcd; [`bus`] and [`broker`] speak
 //! MQTT; [`http`] serves the API; [`logs`] relays `shoal logs` between callers and devices.
 
 pub mod access;
+pub mod app;
 pub mod blobs;
 pub mod broker;
 pub mod bus;
-pub mod core;
 pub mod dashboard;
 pub mod enrollment;
 pub mod etcd;
@@ -22,7 +23,6 @@ pub mod http;
 pub mod logs;
 pub mod metrics;
 pub mod security;
-pub mod server;
 pub mod store;
 
-pub use server::{run, HubConfig, HubError};
+pub use app::{run, HubConfig, HubError};

@@ -5,7 +5,7 @@
 //! progress) are recomputed from the read models just before each scrape
 //! ([`Metrics::refresh`]), so they can never drift from what `shoal get` shows.
 
-use crate::core::SchedulingRun;
+use crate::fleet::SchedulingRun;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -205,10 +205,12 @@ impl Metrics {
         );
     }
 
-    /// Counts scheduler runs.
-    pub fn scheduled(&self, runs: &[SchedulingRun]) {
+    /// Counts scheduler runs; `took`: how long the fleet input that caused them took (the
+    /// fleet reads no clock, so the shell times its inputs), shared among them.
+    pub fn scheduled(&self, runs: &[SchedulingRun], took: std::time::Duration) {
+        let each = took.as_secs_f64() / runs.len().max(1) as f64;
         for r in runs {
-            self.scheduling.observe(r.took.as_secs_f64());
+            self.scheduling.observe(each);
             for (kind, n) in [("placed", r.placed), ("moved", r.moved)] {
                 if n > 0 {
                     self.placements
@@ -347,11 +349,13 @@ mod tests {
             }),
         };
         m.refresh(&devices, &[web], 2);
-        m.scheduled(&[SchedulingRun {
-            took: std::time::Duration::from_micros(30),
-            placed: 2,
-            moved: 1,
-        }]);
+        m.scheduled(
+            &[SchedulingRun {
+                placed: 2,
+                moved: 1,
+            }],
+            std::time::Duration::from_micros(30),
+        );
         let mut text = String::new();
         encode(&mut text, &reg).unwrap();
         for line in [

@@ -6,10 +6,13 @@
 //! implementations; [`MemStore`] is an in-memory fake for tests.
 //! Every write is flushed before the hub acknowledges the change that caused it.
 
+use crate::fleet::changes::Write;
+/// The records the fleet keeps are the fleet's types; the store persists them.
+pub use crate::fleet::records::{DeviceRecord, Snapshot, StoredSecret};
 use crate::fleet::scheduler::Assignments;
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use shoal_api::ids::{DeviceId, SecretName, WorkloadName};
-use shoal_api::messages::{DesiredState, Hello};
+use serde::{de::DeserializeOwned, Serialize};
+use shoal_api::ids::{SecretName, WorkloadName};
+use shoal_api::messages::DesiredState;
 use shoal_api::operator::AuditEntry;
 use shoal_api::workload::Workload;
 use std::collections::BTreeMap;
@@ -43,71 +46,6 @@ pub struct Fence {
     pub create_revision: i64,
 }
 
-/// A device as the hub remembers it: what it last said of itself (`hello`), and what the
-/// operator decided about it. A device that enrolled and has not connected yet has a hello
-/// with its id only, and `last_seen_ms` 0.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DeviceRecord {
-    pub hello: Hello,
-    pub first_seen_ms: u64,
-    pub last_seen_ms: u64,
-    /// The labels placement sees, the operator's: granted by the join token, or set with
-    /// `shoal label device`. `None` only in records written before labels were the
-    /// operator's; the hub then adopts what the device had reported (see
-    /// `HubCore::open`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub labels: Option<shoal_api::labels::Labels>,
-    /// The join token whose grant was applied last (each grant is applied once).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub granted_by: Option<String>,
-    /// `shoal cordon`: no new replicas (persisted: an operator's decision outlives restarts).
-    #[serde(default)]
-    pub cordoned: bool,
-    /// `shoal drain` in progress: replicas are being moved off within their budgets.
-    #[serde(default)]
-    pub draining: bool,
-}
-
-/// A secret as the hub keeps it: names and a version in the clear, the values encrypted
-/// with the hub's secrets key (`shoal_pki::secret::SecretsKey`, base64 of nonce, ciphertext
-/// and tag). Nothing in the store or its backups reveals a value.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct StoredSecret {
-    pub name: SecretName,
-    pub keys: Vec<String>,
-    pub version: String,
-    pub encrypted: String,
-    pub updated_ms: u64,
-}
-
-impl std::fmt::Debug for StoredSecret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StoredSecret")
-            .field("name", &self.name)
-            .field("keys", &self.keys)
-            .field("version", &self.version)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Everything the hub loads at start.
-#[derive(Debug, Default, Clone)]
-pub struct Snapshot {
-    pub workloads: BTreeMap<WorkloadName, Workload>,
-    pub devices: BTreeMap<DeviceId, DeviceRecord>,
-    pub assignments: Assignments,
-    pub desired: BTreeMap<DeviceId, DesiredState>,
-    pub rollouts: BTreeMap<WorkloadName, crate::fleet::rollout::Record>,
-    pub secrets: BTreeMap<SecretName, StoredSecret>,
-    /// Device labels are the operator's in this store (see `HubCore::open`): a record
-    /// without labels gets none, its device's reports are not adopted.
-    pub labels_owned: bool,
-    /// The newest audit entries (at most [`crate::fleet::audit::IN_MEMORY`]), oldest first.
-    pub audit: Vec<AuditEntry>,
-}
-
 /// Hub persistence. Methods are synchronous and short; `flush` makes prior writes durable.
 pub trait Store: Send + 'static {
     fn load(&self) -> Result<Snapshot, StoreError>;
@@ -132,6 +70,21 @@ pub trait Store: Send + 'static {
     /// From now on, commit writes only while `fence` holds. Only stores several hubs share
     /// (etcd) elect a leader; the others have nothing to fence.
     fn fence(&self, _fence: Fence) {}
+
+    /// One of the fleet's writes (see [`crate::fleet::changes`]); durable at the next flush.
+    fn write(&self, w: &Write) -> Result<(), StoreError> {
+        match w {
+            Write::Workload(x) => self.put_workload(x),
+            Write::DeleteWorkload(n) => self.delete_workload(n),
+            Write::Device(d) => self.put_device(d),
+            Write::Assignments(a) => self.put_assignments(a),
+            Write::Desired(d) => self.put_desired(d),
+            Write::Rollout(n, r) => self.put_rollout(n, r.as_ref()),
+            Write::Secret(n, s) => self.put_secret(n, s.as_ref()),
+            Write::LabelsOwned => self.put_labels_owned(),
+            Write::Audit(e) => self.put_audit(e),
+        }
+    }
 }
 
 /// The store chosen at start (`--store`), whichever it is.
@@ -484,6 +437,7 @@ impl Store for MemStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shoal_api::ids::DeviceId;
 
     #[test]
     fn sled_roundtrip() {

@@ -137,7 +137,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn heard(s: &DeviceStatus) -> Heard {
+    pub(super) fn heard(s: &DeviceStatus) -> Heard {
         Heard {
             device_id: s.device_id.clone(),
             time_ms: s.time_ms,

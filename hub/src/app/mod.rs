@@ -1,0 +1,260 @@
+//! The imperative shell: `shoal-hub serve` wires the broker, the bus, the HTTP API and the
+//! fleet ([`crate::fleet::Fleet`]) together and runs the main loop until shutdown.
+//!
+//! The main loop is the only owner of the fleet and the only writer of the store: it takes
+//! the fleet's writes, writes and flushes them, then publishes (`MainLoop::commit`). It
+//! `select!`s over bus events, HTTP requests, mDNS events, timers and the shutdown token,
+//! turns each into an [`Event`], handles it, and publishes whatever desired states changed.
+//! Every spawned task is tracked and awaited on shutdown.
+//!
+//! On an etcd store the loop first stands by (reads only, see [`crate::ha`]) until this hub
+//! is elected, then leads until shutdown or until it loses the leadership.
+//!
+//! - [`compose`]: opens everything and runs standby, then leader;
+//! - [`main_loop`]: the loop, commit (write → flush → publish) and the fleet's inputs;
+//! - [`standby`]: what a standby does instead;
+//! - [`inbound`]: MQTT messages into fleet inputs; [`requests`]: HTTP requests;
+//! - [`apply`]: the apply use case; [`publish`]: sealing, signing, sending;
+//! - [`grants`]: the enrollment book's grants; [`views`]: metrics, events, log targets;
+//! - [`mdns`]: the hub's advert.
+
+mod apply;
+mod compose;
+mod grants;
+mod inbound;
+mod main_loop;
+mod mdns;
+mod publish;
+mod requests;
+mod standby;
+mod views;
+
+use crate::blobs::BlobStore;
+use crate::bus::{Bus, BusEvent};
+use crate::fleet::Fleet;
+use crate::http::Request;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use shoal_api::endpoint::BrokerUrl;
+use shoal_api::ids::DeviceId;
+use shoal_api::messages::DesiredState;
+use shoal_daemon::mdns::{MdnsEvent, MdnsOptions};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Hub settings (from flags and environment; see `shoal-hub serve --help`).
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub data_dir: PathBuf,
+    /// Where the embedded broker listens (ignored with `broker`).
+    pub mqtt_listen: SocketAddr,
+    /// External broker; `None` runs the embedded one.
+    pub broker: Option<BrokerUrl>,
+    pub http_listen: SocketAddr,
+    /// URL agents use to fetch blobs; default `http://{http_listen}` (empty when that is a
+    /// wildcard address: agents then use the address they reached the hub at).
+    pub public_url: Option<String>,
+    /// The fleet this hub serves (agents of other fleets ignore it).
+    pub fleet: String,
+    /// This hub's name on the LAN (its mDNS instance is `{fleet}-{name}`).
+    pub name: String,
+    /// mDNS interfaces; `None`: mDNS off.
+    pub mdns: Option<MdnsOptions>,
+    /// How long a device may be offline or silent before it is lost and its replicas move.
+    pub device_grace: std::time::Duration,
+    /// Plain MQTT and HTTP, no client certificates, no ACL (local development only).
+    pub insecure: bool,
+    /// Extra names (DNS names or IP addresses) for the hub's server certificate, besides
+    /// `shoal-hub`, `localhost`, the loopback addresses, the host name and the listen addresses.
+    pub tls_names: Vec<String>,
+    /// How long a device certificate is valid (agents renew after two thirds of it).
+    pub device_cert_lifetime: std::time::Duration,
+    /// Where the hub's state lives: sled in `data_dir` (default), or etcd.
+    pub store: crate::store::StoreChoice,
+    /// With etcd: the TTL of the lease leadership is held with (a dead leader is replaced
+    /// about this long after it died; see [`crate::ha`]).
+    pub leader_lease: std::time::Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Blob(#[from] crate::blobs::BlobError),
+    #[error(transparent)]
+    Broker(#[from] crate::broker::BrokerError),
+    #[error("cannot create data directory {path:?}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Mdns(#[from] shoal_daemon::mdns::MdnsError),
+    #[error("fleet credentials: {0}")]
+    Pki(#[from] shoal_pki::PkiError),
+    #[error("enrollment records: {0}")]
+    Enrollments(#[from] crate::enrollment::EnrollError),
+    #[error("external broker {0} is plain MQTT: use mqtts:// (or run the hub with --insecure)")]
+    PlainBroker(String),
+    #[error("store {0}: {msg}", msg = crate::etcd::PLAINTEXT_REFUSED)]
+    PlainEtcd(String),
+    #[error(transparent)]
+    PublicUrl(#[from] shoal_api::endpoint::PublicUrlError),
+    #[error("cannot listen for HTTP on {addr}: {source}")]
+    HttpListen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}: restore DATA_DIR/pki/secrets.key from the backup it came with (a new key cannot read secrets stored under the old one)")]
+    SecretsKey(String),
+    #[error("lost the leadership (its etcd lease expired or its key is gone): stopping so that a supervisor starts this hub again, as a standby")]
+    LeadershipLost,
+}
+
+/// What the main loop reacts to.
+#[derive(Debug)]
+pub enum Event {
+    Bus(BusEvent),
+    Http(Request),
+    Mdns(MdnsEvent),
+    /// Time to look for lost devices.
+    Tick,
+    /// Time to step rollouts that have new reports.
+    RolloutTick,
+    /// Time to pass what this replica heard on to the others (see [`crate::fleet::ingest`]).
+    RelayTick,
+}
+
+const NOT_DURABLE: &str = "the hub could not make the change durable (store flush failed); it retries, check the hub's disk";
+
+/// Bus events handled before one commit (flush, then publish).
+const BATCH: usize = 256;
+
+/// How long status reports are gathered before a rollout steps on them.
+const ROLLOUT_BATCH_MS: u64 = 50;
+
+/// How long a replica gathers device reports before passing them on (see [`crate::fleet::ingest`]).
+const RELAY_BATCH_MS: u64 = 50;
+
+/// Runs the hub until `shutdown` is cancelled.
+pub async fn run(config: HubConfig, shutdown: CancellationToken) -> Result<(), HubError> {
+    shoal_daemon::private_dir(&config.data_dir).map_err(|source| HubError::DataDir {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let tracker = TaskTracker::new();
+    let result = compose::serve(&config, &tracker, shutdown.clone()).await;
+    // Whatever happened, stop and await every task we started.
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+    result
+}
+
+/// What the main loop receives from.
+struct Channels {
+    bus: mpsc::Receiver<BusEvent>,
+    requests: mpsc::Receiver<Request>,
+    mdns: mpsc::Receiver<MdnsEvent>,
+}
+
+/// What a standby main loop hands to the leader's when it is elected.
+struct Parts<B: Bus> {
+    bus: B,
+    blobs: Arc<BlobStore>,
+    metrics: Arc<Metrics>,
+    fleet: String,
+    grace_ms: u64,
+    signer: shoal_pki::sign::HubSigner,
+    secrets_key: shoal_pki::secret::SecretsKey,
+    security: Option<Arc<crate::security::Security>>,
+    events: crate::fleet::events::Events,
+    fleet_changed: tokio::sync::watch::Sender<u64>,
+    logs: crate::logs::LogSessions,
+    ingest: Option<Ingest>,
+    /// Whether an `apply-as/{operator}` topic says who applied (the embedded broker's
+    /// guard writes it) or is only a claim.
+    attributed_applies: bool,
+}
+
+/// This replica's share of status ingest (see [`crate::fleet::ingest`]).
+struct Ingest {
+    /// Names this replica's batches (its MQTT client id's suffix).
+    replica: String,
+    relay: crate::fleet::ingest::Relay,
+    /// Devices that enrolled through a standby lately (this one, or another by its
+    /// batches), with when this replica heard: should it be elected before the leader
+    /// re-sealed their states, it does so itself.
+    enrolled_lately: BTreeMap<DeviceId, u64>,
+}
+
+/// How long a standby remembers that a device enrolled (well beyond a failover).
+const ENROLLED_MEMORY_MS: u64 = 60_000;
+
+impl Ingest {
+    fn heard_enrolled(&mut self, device: DeviceId, now_ms: u64) {
+        self.enrolled_lately
+            .retain(|_, at| now_ms.saturating_sub(*at) < ENROLLED_MEMORY_MS);
+        self.enrolled_lately.insert(device, now_ms);
+    }
+}
+
+/// A hub standing by for the leadership (see [`crate::ha`]).
+struct Standby {
+    elector: crate::ha::Elector,
+    /// The leader as it announced itself (for the `http` module's refusals).
+    leader: tokio::sync::watch::Sender<Option<String>>,
+    last_reload: Option<std::time::Instant>,
+    /// Moves when the store changed ([`crate::ha::Elector::watch_state`]).
+    changes: tokio::sync::watch::Receiver<u64>,
+    /// When the store was last read.
+    last_read: Option<std::time::Instant>,
+}
+
+struct MainLoop<S: Store, B: Bus> {
+    core: Fleet,
+    /// The leader's store, which [`MainLoop::persist`] alone writes; a standby's reads
+    /// only (`ReadOnly`), and its loop drops the fleet's writes.
+    store: S,
+    /// `Some` while standing by: reads are answered, devices are listened to, nothing is
+    /// written or published.
+    standby: Option<Standby>,
+    /// The leader's: cancelled when its leadership is lost (by the lease keeper, or here
+    /// when the store refuses a write as fenced).
+    lost: Option<CancellationToken>,
+    bus: B,
+    blobs: Arc<BlobStore>,
+    metrics: Arc<Metrics>,
+    fleet: String,
+    grace_ms: u64,
+    /// Desired states to publish at the next commit.
+    outbox: Vec<DesiredState>,
+    /// Status reports arrived during a rollout since its last step.
+    rollout_due: bool,
+    /// Signs every desired state before it is published.
+    signer: shoal_pki::sign::HubSigner,
+    /// Encrypts secrets at rest.
+    secrets_key: shoal_pki::secret::SecretsKey,
+    /// Enrollment records: the device keys secrets are sealed to (`None`: `--insecure`).
+    security: Option<Arc<crate::security::Security>>,
+    /// Recent fleet events (see [`crate::fleet::events`]).
+    events: crate::fleet::events::Events,
+    /// Bumped when the fleet changed (the dashboard streams wait on it).
+    fleet_changed: tokio::sync::watch::Sender<u64>,
+    /// Something happened since the last events snapshot.
+    changed: bool,
+    last_snapshot: Option<std::time::Instant>,
+    /// Open `shoal logs` sessions.
+    logs: crate::logs::LogSessions,
+    /// `Some` for replicas sharing status ingest.
+    ingest: Option<Ingest>,
+    /// Whether an `apply-as/{operator}` topic says who applied (the embedded broker's
+    /// guard writes it) or is only a claim.
+    attributed_applies: bool,
+}

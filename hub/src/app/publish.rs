@@ -1,0 +1,135 @@
+//! Publishing: secrets sealed to each device's key, desired states signed and sent, log
+//! requests signed.
+
+use super::*;
+use crate::bus::{Bus, Outgoing};
+use crate::store::{Store, StoredSecret};
+use shoal_api::ids::DeviceId;
+use shoal_api::messages::{now_ms, DesiredState};
+use shoal_api::topics::{self};
+use std::collections::BTreeMap;
+use tracing::warn;
+
+/// The values of a stored secret, decrypted with the hub's secrets key.
+pub(super) fn open_stored(
+    key: &shoal_pki::secret::SecretsKey,
+    s: &StoredSecret,
+) -> Result<Vec<u8>, String> {
+    let blob = shoal_api::secret::b64::decode(&s.encrypted).ok_or_else(|| {
+        format!(
+            "the stored form of secret {:?} is not base64",
+            s.name.as_str()
+        )
+    })?;
+    key.decrypt(s.name.as_str(), &s.version, &blob)
+        .map_err(|e| e.to_string())
+}
+
+impl<S: Store, B: Bus> MainLoop<S, B> {
+    /// `state` with the values of the secrets its workloads use, each sealed to the
+    /// device's enrolled key. A secret that cannot be sealed is left out (the replicas that
+    /// need it report it missing) and the reason logged.
+    pub(super) fn seal_secrets(&self, mut state: DesiredState) -> DesiredState {
+        let wanted: BTreeMap<&shoal_api::ids::SecretName, &str> = state
+            .workloads
+            .iter()
+            .flat_map(|w| &w.secrets)
+            .map(|m| (&m.mount.name, m.version.as_str()))
+            .collect();
+        if wanted.is_empty() {
+            return state;
+        }
+        let dev = &state.device_id;
+        let cert = match &self.security {
+            None => {
+                Err("the hub runs --insecure: devices hold no keys to seal secrets to".to_string())
+            }
+            // A blocking read (a file, or one etcd round trip), for devices whose
+            // workloads use secrets only.
+            Some(sec) => match sec.enrollments.enrolled_cert(dev) {
+                Ok(Some(cert)) => Ok(cert),
+                Ok(None) => Err("the device has no enrollment record".to_string()),
+                Err(e) => Err(format!("cannot read the enrollment record: {e}")),
+            },
+        };
+        let mut sealed = Vec::new();
+        for (name, version) in wanted {
+            let r = cert.clone().and_then(|cert| {
+                let s = self
+                    .core
+                    .secret(name)
+                    .ok_or_else(|| "the hub has no such secret".to_string())?;
+                if s.version != version {
+                    return Err(format!(
+                        "the desired state wants version {version}, the hub has {}",
+                        s.version
+                    ));
+                }
+                let plain = open_stored(&self.secrets_key, s)?;
+                shoal_pki::secret::seal_to_device(
+                    &cert,
+                    dev.as_str(),
+                    name.as_str(),
+                    version,
+                    &plain,
+                )
+                .map_err(|e| e.to_string())
+            });
+            match r {
+                Ok(x) => sealed.push(shoal_api::secret::SealedSecret {
+                    name: name.clone(),
+                    version: version.to_string(),
+                    enc: shoal_api::secret::b64::encode(&x.enc),
+                    ciphertext: shoal_api::secret::b64::encode(&x.ciphertext),
+                }),
+                Err(why) => {
+                    warn!(device = %dev, secret = %name, reason = %why, "cannot deliver secret")
+                }
+            }
+        }
+        state.secrets = sealed;
+        state
+    }
+
+    pub(super) async fn send_desired(&self, states: Vec<DesiredState>) {
+        for d in states {
+            let d = self.seal_secrets(d);
+            let payload = match serde_json::to_vec(&d) {
+                Ok(p) => self.signer.seal(&p),
+                Err(e) => {
+                    warn!(device = %d.device_id, error = %e, "cannot encode desired state");
+                    continue;
+                }
+            };
+            let msg = Outgoing {
+                topic: topics::desired(&d.device_id),
+                payload,
+                retain: true,
+                correlation: None,
+            };
+            match self.bus.publish(msg).await {
+                Ok(()) => {
+                    self.metrics.desired_published.inc();
+                }
+                Err(e) => {
+                    warn!(device = %d.device_id, generation = d.generation, error = %e, "cannot publish desired state")
+                }
+            }
+        }
+    }
+
+    /// Signs each log request for its device (agents take only what the hub signed) and
+    /// publishes it.
+    pub(super) async fn publish_log_requests(
+        &mut self,
+        out: Vec<(DeviceId, shoal_api::messages::LogRequest)>,
+    ) {
+        let now = now_ms();
+        for (device, mut req) in out {
+            self.signer.sign_log_request(&mut req, &device, now);
+            if let Err(e) = self.bus.publish(crate::logs::message(&device, &req)).await {
+                warn!(%device, error = %e, "cannot publish a log request");
+            }
+        }
+    }
+}

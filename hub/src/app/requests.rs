@@ -1,0 +1,183 @@
+//! Requests from the HTTP adapter ([`crate::http::Request`]), answered on their reply
+//! channels after any change they made is durable.
+
+use super::*;
+use crate::bus::Bus;
+use crate::fleet::SecretRefusal;
+use crate::http::{DeviceAction, LabelFailure, Request};
+use crate::store::Store;
+use shoal_api::messages::now_ms;
+use tracing::{info_span, warn, Instrument};
+
+impl<S: Store, B: Bus> MainLoop<S, B> {
+    pub(super) async fn on_request(&mut self, r: Request) {
+        match r {
+            Request::Revoked { devices } => {
+                let r = self.fleet(|f| f.set_revoked(devices));
+                if let Err(e) = self.published(r).await {
+                    warn!(error = %e, "cannot move replicas off revoked devices");
+                }
+            }
+            Request::Audit { change, reply } => {
+                let _ = reply.send(self.record_audit(change).map_err(|e| e.to_string()));
+            }
+            Request::AuditLog { after, reply } => {
+                let _ = reply.send(self.core.audit_since(after, crate::fleet::audit::IN_MEMORY));
+            }
+            Request::Apply { text, reply } => {
+                let result = self
+                    .apply(&text.0, None, false)
+                    .instrument(info_span!("apply", source = "http"))
+                    .await;
+                let _ = reply.send(result);
+            }
+            Request::Delete { name, reply } => {
+                let done = self.fleet(|f| f.delete(&name));
+                let r = self.published(done).await;
+                let _ = reply.send(r);
+            }
+            Request::Secrets { reply } => {
+                let _ = reply.send(self.core.secret_views());
+            }
+            Request::DeleteSecret { name, reply } => {
+                let r = match self.core.delete_secret(&name) {
+                    Ok(()) => match self.persist() {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err((500, e.to_string())),
+                    },
+                    Err(SecretRefusal::NotFound) => {
+                        Err((404, format!("secret {:?} not found", name.as_str())))
+                    }
+                    Err(SecretRefusal::InUse(users)) => Err((
+                        409,
+                        format!(
+                            "secret {:?} is used by workload(s) {}: change or delete them first",
+                            name.as_str(),
+                            users.join(", ")
+                        ),
+                    )),
+                };
+                let _ = reply.send(r);
+            }
+            Request::Enrolled { device } => {
+                // Its token's grant, and (a device that enrolled again has a new key) its
+                // state sealed anew.
+                let grant = self.grant_of(&device).await;
+                let r = self.fleet(|f| f.enrolled(&device, grant, now_ms()));
+                if let Err(e) = self.published(Some(r)).await {
+                    warn!(%device, error = %e, "cannot store what a device's enrollment granted");
+                }
+            }
+            Request::Label { id, change, reply } => {
+                let r = match self.fleet(|f| f.label(&id, &change)) {
+                    Ok(publish) => match self.publish_desired(publish).await {
+                        true => Ok(self.core.labels_of_device(&id).unwrap_or_default()),
+                        false => Err(LabelFailure::Store(NOT_DURABLE.to_string())),
+                    },
+                    Err(refused) => Err(LabelFailure::Refused(refused)),
+                };
+                let _ = reply.send(r);
+            }
+            Request::Logs {
+                workload,
+                device,
+                tail,
+                since_secs,
+                follow,
+                reply,
+            } => {
+                let ask = self.log_targets(&workload, device.as_ref());
+                let opened = match ask {
+                    Ok((devices, unreachable, replicas)) => {
+                        let (events, out) = self.logs.open(
+                            crate::logs::LogAsk {
+                                workload,
+                                devices: devices.clone(),
+                                tail,
+                                since_secs,
+                                follow,
+                            },
+                            now_ms(),
+                        );
+                        self.publish_log_requests(out).await;
+                        Ok(crate::http::LogStream {
+                            asked: devices,
+                            unreachable,
+                            replicas,
+                            events,
+                        })
+                    }
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(opened);
+            }
+            Request::RefreshMetrics { reply } => {
+                self.update_metrics();
+                let _ = reply.send(());
+            }
+            Request::Fleet { after, reply } => {
+                // One set of views serves both the event diff and the reply.
+                let devices = self.core.device_views();
+                let workloads = self.core.workload_views();
+                self.observe(&devices, &workloads);
+                let _ = reply.send(shoal_api::views::FleetView {
+                    devices,
+                    workloads,
+                    events: self.events.since(after, None),
+                });
+            }
+            Request::Events {
+                after,
+                object,
+                reply,
+            } => {
+                // Up to date with what the requester may just have done.
+                self.record_events(true);
+                let _ = reply.send(self.events.since(after, object.as_deref()));
+            }
+            Request::Devices { reply } => {
+                let _ = reply.send(self.core.device_views());
+            }
+            Request::MayFetch {
+                device,
+                digest,
+                reply,
+            } => {
+                let _ = reply.send(self.core.may_fetch(&device, &digest));
+            }
+            Request::Workloads { reply } => {
+                let _ = reply.send(self.core.workload_views());
+            }
+            Request::Workload { name, reply } => {
+                let _ = reply.send(self.core.workload_view(&name));
+            }
+            Request::Rollout {
+                name,
+                action,
+                reply,
+            } => {
+                let done = self.fleet(|f| f.rollout_action(&name, action, now_ms()));
+                let r = self.command(done).await;
+                let _ = reply.send(r);
+            }
+            Request::Scale {
+                name,
+                replicas,
+                reply,
+            } => {
+                let done = self.fleet(|f| f.scale(&name, replicas));
+                let r = self.command(done).await;
+                let _ = reply.send(r);
+            }
+            Request::Device { id, action, reply } => {
+                let r = self.fleet(|f| match action {
+                    DeviceAction::Cordon => f.cordon(&id, true),
+                    DeviceAction::Uncordon => f.cordon(&id, false),
+                    DeviceAction::Drain => f.drain(&id),
+                });
+                let r = self.published(r).await;
+                let _ = reply.send(r);
+            }
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Read models and their side effects: metrics, events for the dashboard and `shoal get
+//! events`, and where `shoal logs` asks.
+
+use super::*;
+use crate::bus::Bus;
+use crate::store::Store;
+use shoal_api::ids::DeviceId;
+use shoal_api::messages::now_ms;
+use tracing::info;
+
+impl<S: Store, B: Bus> MainLoop<S, B> {
+    pub(super) fn update_metrics(&mut self) {
+        self.metrics.refresh(
+            &self.core.device_views(),
+            &self.core.workload_views(),
+            self.core.mdns_devices(),
+        );
+    }
+
+    /// Whom to ask for `workload`'s logs: the online devices among those with a replica of it
+    /// (or `device` alone), the offline ones with why, and how many replicas they hold.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn log_targets(
+        &self,
+        workload: &shoal_api::ids::WorkloadName,
+        device: Option<&DeviceId>,
+    ) -> Result<(Vec<DeviceId>, Vec<(DeviceId, String)>, usize), (u16, String)> {
+        let Some(view) = self.core.workload_view(workload) else {
+            return Err((404, format!("workload {:?} not found", workload.as_str())));
+        };
+        let devices = self.core.device_views();
+        let placed: std::collections::BTreeSet<&str> = view
+            .replicas
+            .iter()
+            .filter_map(|r| r.device.as_deref())
+            .collect();
+        let wanted: Vec<&str> = match device {
+            Some(d) if devices.iter().any(|v| v.id == d.as_str()) => vec![d.as_str()],
+            Some(d) => return Err((404, format!("device {:?} not found", d.as_str()))),
+            None if placed.is_empty() => {
+                return Err((
+                    404,
+                    format!(
+                        "workload {:?} has no replica placed on a device yet",
+                        workload.as_str()
+                    ),
+                ))
+            }
+            None => placed.into_iter().collect(),
+        };
+        let replicas = view
+            .replicas
+            .iter()
+            .filter(|r| r.device.as_deref().is_some_and(|d| wanted.contains(&d)))
+            .count();
+        let (mut asked, mut unreachable) = (Vec::new(), Vec::new());
+        for v in devices.iter().filter(|v| wanted.contains(&v.id.as_str())) {
+            let Ok(id) = DeviceId::try_from(v.id.as_str()) else {
+                continue;
+            };
+            if v.online {
+                asked.push(id);
+            } else {
+                let why = format!("device {id} is offline: its logs can be read when it is back");
+                unreachable.push((id, why));
+            }
+        }
+        Ok((asked, unreachable, replicas))
+    }
+
+    /// Takes a snapshot of the fleet and records what changed since the last one: when
+    /// something happened, at least every second (devices go offline with time), and
+    /// whenever `now` (a reader wants the latest).
+    pub(super) fn record_events(&mut self, now: bool) {
+        let due = self
+            .last_snapshot
+            .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1));
+        if !(self.changed || due || now) {
+            return;
+        }
+        let devices = self.core.device_views();
+        let workloads = self.core.workload_views();
+        self.observe(&devices, &workloads);
+    }
+
+    /// Records the events between the last snapshot and these views of the fleet.
+    pub(super) fn observe(
+        &mut self,
+        devices: &[shoal_api::views::DeviceView],
+        workloads: &[shoal_api::views::WorkloadView],
+    ) {
+        let changed = std::mem::take(&mut self.changed);
+        self.last_snapshot = Some(std::time::Instant::now());
+        let snapshot = crate::fleet::events::Snapshot::of(devices, workloads);
+        let added = self.events.observe(snapshot, now_ms());
+        for e in &added {
+            info!(target: "shoal_hub::fleet::events", kind = %e.kind, reason = %e.reason, object = %e.object, "{}", e.message);
+        }
+        self.metrics.recorded(&added);
+        if changed || !added.is_empty() {
+            self.fleet_changed.send_modify(|v| *v = v.wrapping_add(1));
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! Secrets: checked against the workloads that read them, stored (values only encrypted),
+//! deleted only when no workload or running revision uses them.
+
+use super::records::StoredSecret;
+use super::*;
+use shoal_api::ids::{SecretName, WorkloadName};
+use shoal_api::manifest::ManifestError;
+use shoal_api::views::SecretView;
+use shoal_api::workload::Workload;
+use std::collections::{BTreeMap, BTreeSet};
+use tracing::info;
+
+/// Why a secret cannot be deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretRefusal {
+    NotFound,
+    /// These workloads use it.
+    InUse(Vec<String>),
+}
+
+impl Fleet {
+    /// Every spec replicas may run: the workloads', and those of the revisions rollouts
+    /// still run (the last good one, and each replica's not yet replaced).
+    pub(super) fn specs_in_use(&self) -> impl Iterator<Item = &Workload> {
+        self.workloads.values().chain(
+            self.rollouts
+                .values()
+                .filter_map(|r| r.rollout.as_ref())
+                .flat_map(|r| r.previous.iter().chain(r.specs.values())),
+        )
+    }
+
+    /// What is wrong with the secrets of an apply: references (`spec.secrets`) of its
+    /// `workloads` to secrets that neither the apply (`incoming`) nor the hub has, or to keys
+    /// they lack; and keys an incoming secret drops that a stored workload outside the apply
+    /// still reads. Each error is located by document.
+    pub fn check_secrets(
+        &self,
+        workloads: &[(usize, &Workload)],
+        incoming: &[(usize, &StoredSecret)],
+    ) -> Vec<ManifestError> {
+        let mut errors = Vec::new();
+        let mut seen = BTreeMap::new();
+        for (n, s) in incoming {
+            if let Some(first) = seen.insert(s.name.clone(), *n) {
+                errors.push(ManifestError::secret(
+                    *n,
+                    Some(s.name.to_string()),
+                    format!(
+                        "metadata.name {:?} is duplicated: already defined in document {first}",
+                        s.name.as_str()
+                    ),
+                ));
+            }
+        }
+        let keys_of = |name: &SecretName| {
+            incoming
+                .iter()
+                .map(|(_, s)| *s)
+                .chain(self.secrets.get(name))
+                .find(|s| &s.name == name)
+                .map(|s| s.keys.clone())
+        };
+        for (n, w) in workloads {
+            for message in shoal_api::secret::unresolved(&w.secrets, keys_of) {
+                errors.push(ManifestError {
+                    document: *n,
+                    workload: Some(w.name.to_string()),
+                    kind: None,
+                    message,
+                });
+            }
+        }
+        let applied: BTreeSet<&WorkloadName> = workloads.iter().map(|(_, w)| &w.name).collect();
+        for (n, s) in incoming {
+            // Replicas of other workloads, and revisions rollouts still run, keep reading it.
+            for w in self.specs_in_use().filter(|w| !applied.contains(&w.name)) {
+                for m in w.secrets.iter().filter(|m| m.name == s.name) {
+                    for (var, key) in &m.env {
+                        if !s.keys.contains(key) {
+                            errors.push(ManifestError::secret(
+                                *n,
+                                Some(s.name.to_string()),
+                                format!(
+                                    "key {key:?} is missing, but workload {:?} reads it (spec.secrets env {var}): keep the key or change the workload in the same apply",
+                                    w.name.as_str()
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        errors
+    }
+
+    /// Stores secrets (created, configured or unchanged); the [`Self::apply`] that follows
+    /// reconciles, which hands new versions to the replicas that use them.
+    pub fn apply_secrets(&mut self, secrets: Vec<StoredSecret>) -> ApplyOutcome {
+        let mut outcome = ApplyOutcome::new();
+        for s in secrets {
+            let verdict = match self.secrets.get(&s.name) {
+                None => "created",
+                Some(old) if old.version == s.version && old.keys == s.keys => "unchanged",
+                Some(_) => "configured",
+            };
+            if verdict != "unchanged" {
+                self.changes.put_secret(&s.name, Some(&s));
+                info!(secret = %s.name, version = %s.version, verdict, "secret stored");
+                self.secrets.insert(s.name.clone(), s.clone());
+            }
+            outcome.insert(s.name.to_string(), verdict.to_string());
+        }
+        outcome
+    }
+
+    /// Deletes a secret no workload uses. `Err(why)`: not found, or still in use (by a
+    /// workload's spec or a revision a rollout still runs).
+    pub fn delete_secret(&mut self, name: &SecretName) -> Result<(), SecretRefusal> {
+        if !self.secrets.contains_key(name) {
+            return Err(SecretRefusal::NotFound);
+        }
+        let users: BTreeSet<String> = self
+            .specs_in_use()
+            .filter(|w| w.secrets.iter().any(|m| &m.name == name))
+            .map(|w| w.name.to_string())
+            .collect();
+        if !users.is_empty() {
+            return Err(SecretRefusal::InUse(users.into_iter().collect()));
+        }
+        self.changes.put_secret(name, None);
+        self.secrets.remove(name);
+        info!(secret = %name, "secret deleted");
+        Ok(())
+    }
+
+    /// Every stored secret (values encrypted).
+    pub fn stored_secrets(&self) -> impl Iterator<Item = &StoredSecret> {
+        self.secrets.values()
+    }
+
+    /// A stored secret (its values encrypted), for sealing to devices.
+    pub fn secret(&self, name: &SecretName) -> Option<&StoredSecret> {
+        self.secrets.get(name)
+    }
+
+    /// `shoal get secrets`: names, keys, versions and users; never values.
+    pub fn secret_views(&self) -> Vec<SecretView> {
+        self.secrets
+            .values()
+            .map(|s| SecretView {
+                name: s.name.to_string(),
+                keys: s.keys.clone(),
+                version: s.version.clone(),
+                used_by: self
+                    .specs_in_use()
+                    .filter(|w| w.secrets.iter().any(|m| m.name == s.name))
+                    .map(|w| w.name.to_string())
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect(),
+                updated_ms: s.updated_ms,
+            })
+            .collect()
+    }
+}
