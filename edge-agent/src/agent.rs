@@ -22,12 +22,12 @@ use crate::local::{
     self, AgentStatusView, DevicePeer, HubLinkView, HubPeer, InspectView, LocalRequest, PeersView,
     ReplicaView, RestartView,
 };
+use crate::runtime::wasm::WasmRuntime;
 use crate::runtime::{Network, WorkloadRuntime};
 use crate::services::{self, ServiceFiles};
 use crate::store::{SledStore, Store};
 use crate::supervisor::{self, Shared, Update};
 use crate::volumes::Swept;
-use crate::wasm::WasmRuntime;
 use shoal_api::discovery::{self, AgentAd, HubChoice};
 use shoal_api::endpoint::BrokerUrl;
 use shoal_api::ids::{DeviceId, SecretName, WorkloadName};
@@ -471,8 +471,13 @@ async fn containers(
         warn!(error = %e, "no container runtime: cannot create the image cache");
         return None;
     }
-    match crate::containerd::Containerd::connect(&opts.socket, &opts.namespace, cache, registries)
-        .await
+    match crate::runtime::containerd::Containerd::connect(
+        &opts.socket,
+        &opts.namespace,
+        cache,
+        registries,
+    )
+    .await
     {
         Ok((c, version)) => {
             info!(socket = %opts.socket.display(), %version, namespace = %opts.namespace, "containerd found: offering the container runtime");

@@ -5,8 +5,8 @@
 //! output goes to the terminal (and to `DATA_DIR/logs/{name}-dev.log`), Ctrl-C stops it.
 
 use crate::logs::LogSink;
+use crate::runtime::wasm::{WasmInitError, WasmRuntime};
 use crate::runtime::{Exit, RunSpec, WorkloadRuntime};
-use crate::wasm::{WasmInitError, WasmRuntime};
 use shoal_api::ids::Digest;
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -2,8 +2,6 @@
 
 pub mod agent;
 pub mod bus;
-#[cfg(feature = "containerd")]
-pub mod containerd;
 pub mod core;
 pub mod dev;
 pub mod enroll;
@@ -20,7 +18,11 @@ pub mod services;
 pub mod store;
 pub mod supervisor;
 pub mod volumes;
-pub mod wasm;
+
+// The runtimes live under `runtime/`; these keep their older paths working.
+#[cfg(feature = "containerd")]
+pub use runtime::containerd;
+pub use runtime::wasm;
 
 /// An HTTP client for probes and downloads (after installing the TLS crypto provider, which
 /// reqwest requires in this build; see [`shoal_registry::install_crypto`]).

@@ -2,7 +2,11 @@
 //!
 //! The supervisor ([`crate::supervisor`]) drives a runtime through `prepare` (turn verified
 //! module bytes into something runnable; cached) and `run` (execute until exit or cancel).
-//! [`crate::wasm::WasmRuntime`] is the real implementation; tests use in-memory fakes.
+//! [`wasm::WasmRuntime`] is the real implementation; tests use in-memory fakes.
+
+#[cfg(feature = "containerd")]
+pub mod containerd;
+pub mod wasm;
 
 use crate::logs::LogSink;
 pub use crate::volumes::Mount;
@@ -248,7 +252,7 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Runs container replicas. Object-safe, so supervisors hold an
 /// `Option<Arc<dyn ContainerRuntime>>` (none when the device has no container runtime) and
-/// tests use a fake. [`crate::containerd::Containerd`] is the real one.
+/// tests use a fake. [`containerd::Containerd`] is the real one.
 pub trait ContainerRuntime: Send + Sync + 'static {
     /// Pulls and unpacks the pinned `image` (cached: a prepared image needs no registry).
     fn prepare<'a>(
