@@ -17,16 +17,17 @@ use crate::bus::{self, Bus, BusEvent};
 use crate::core::directory::hub_link::{HubLink, Pins, Probe, Step, Target};
 use crate::core::directory::{Change, Directory};
 use crate::core::plan::{plan, Action, Observed};
-use crate::fetch::{Fetcher, ModuleSource};
+use crate::fetch::Fetcher;
 use crate::local::{
     self, AgentStatusView, DevicePeer, HubLinkView, HubPeer, InspectView, LocalRequest, PeersView,
     ReplicaView, RestartView,
 };
+use crate::replica::supervisor::{self, Shared, Update};
 use crate::runtime::wasm::WasmRuntime;
-use crate::runtime::{Network, WorkloadRuntime};
+use crate::runtime::wasm::WasmWorkloads;
+use crate::runtime::{Network, Runtime, Runtimes};
 use crate::services::{self, ServiceFiles};
 use crate::store::{SledStore, Store};
-use crate::supervisor::{self, Shared, Update};
 use crate::volumes::Swept;
 use shoal_api::discovery::{self, AgentAd, HubChoice};
 use shoal_api::endpoint::BrokerUrl;
@@ -142,7 +143,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     }
     let store = SledStore::open(&config.data_dir)?;
     let registries = Arc::new(shoal_registry::Registries::new(config.registries.clone()));
-    let containers = containers(&config, &store, registries.clone()).await;
+    let containers = containers(&config, &store, registries.clone(), shutdown.clone()).await;
     let tracker = TaskTracker::new();
     let engine_stop = CancellationToken::new();
     let (runtime, ticker) = WasmRuntime::new(
@@ -281,16 +282,16 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let secrets = crate::secrets::SecretFiles::new(&config.data_dir);
     secrets.prepare().map_err(AgentError::Secrets)?;
     let shared = Shared {
-        runtime: Arc::new(runtime),
-        containers: containers.clone(),
+        runtime: Arc::new(Runtimes {
+            wasm: Arc::new(WasmWorkloads::new(runtime, fetcher, hub_http_rx.clone())),
+            container: containers.clone(),
+        }),
         stopping: shutdown.clone(),
-        source: fetcher,
         logs_dir: config.data_dir.join("logs"),
         volumes: crate::volumes::Volumes::new(config.data_dir.join("volumes")),
         secrets,
         updates: up_tx,
         http: crate::http_client(reqwest::Client::builder()).unwrap_or_default(),
-        hub_http: hub_http_rx,
     };
     let mut directory = directory(&config, identity.as_ref().map(|i| i.ca_hash.clone()));
     directory.set_own_addrs(shoal_daemon::mdns::host_addrs());
@@ -464,7 +465,8 @@ async fn containers(
     config: &AgentConfig,
     store: &SledStore,
     registries: Arc<shoal_registry::Registries>,
-) -> Option<Arc<dyn crate::runtime::ContainerRuntime>> {
+    stopping: CancellationToken,
+) -> Option<Arc<dyn Runtime>> {
     let opts = config.containerd.as_ref()?;
     let cache = config.data_dir.join("cache").join("images");
     if let Err(e) = std::fs::create_dir_all(&cache) {
@@ -489,7 +491,7 @@ async fn containers(
                     d.workloads
                         .iter()
                         .filter(|w| w.container.is_some())
-                        .map(crate::supervisor::container_id)
+                        .map(crate::runtime::container_id)
                         .collect()
                 })
                 .unwrap_or_default();
@@ -497,7 +499,9 @@ async fn containers(
             if !removed.is_empty() {
                 info!(containers = ?removed, "removed containers no longer desired");
             }
-            Some(Arc::new(c))
+            Some(Arc::new(
+                crate::runtime::containerd::ContainerdRuntime::new(c, stopping),
+            ))
         }
         Err(e) => {
             info!(error = %e, "no container runtime (containers will not be scheduled here)");
@@ -511,7 +515,8 @@ async fn containers(
     _config: &AgentConfig,
     _store: &SledStore,
     _registries: Arc<shoal_registry::Registries>,
-) -> Option<Arc<dyn crate::runtime::ContainerRuntime>> {
+    _stopping: CancellationToken,
+) -> Option<Arc<dyn Runtime>> {
     None
 }
 
@@ -568,12 +573,12 @@ enum Event {
     HubCheck,
 }
 
-struct Agent<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> {
+struct Agent<S: Store, B: Bus> {
     config: AgentConfig,
     hello: Hello,
     store: S,
     bus: B,
-    shared: Shared<R, F>,
+    shared: Shared,
     tracker: TaskTracker,
     desired: Option<DesiredState>,
     replicas: BTreeMap<String, Replica>,
@@ -621,7 +626,7 @@ struct Agent<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> {
     log_streams: crate::remote_logs::Streams,
 }
 
-impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
+impl<S: Store, B: Bus> Agent<S, B> {
     /// Resumes from the persisted desired state (offline autonomy).
     async fn start(&mut self) -> Result<(), AgentError> {
         if let Some(d) = self.store.load_desired()? {
@@ -1094,17 +1099,7 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
             .map(|(instance, r)| {
                 let status = self.statuses.get(instance);
                 let phase = status.map_or(Phase::Pending, |s| s.phase);
-                let (memory, cpu) = match (&r.container, &self.shared.containers) {
-                    (Some(id), Some(rt)) => match rt.usage(id) {
-                        Some(u) => (Some(u.memory_bytes), Some(u.cpu_nanos)),
-                        None => (None, None),
-                    },
-                    (Some(_), None) => (None, None),
-                    (None, _) => (
-                        (phase == Phase::Running).then(|| r.controls.usage.memory_bytes()),
-                        Some(r.controls.usage.cpu_nanos()),
-                    ),
-                };
+                let (memory, cpu) = r.controls.usage.view(phase == Phase::Running);
                 ReplicaView {
                     instance: instance.clone(),
                     workload: r.workload.to_string(),
@@ -1325,7 +1320,9 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
                 // see one id twice. It starts once that container is gone.
                 Action::Start(w)
                     if w.container.is_some()
-                        && self.stopping.contains_key(&supervisor::container_id(&w)) =>
+                        && self
+                            .stopping
+                            .contains_key(&crate::runtime::container_id(&w)) =>
                 {
                     info!(instance = %w.instance(), "waiting for the previous container of this replica to stop");
                 }
@@ -1396,7 +1393,10 @@ impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Agent<S, B, R, F> {
         let revision = w.revision.clone();
         let workload = w.name.clone();
         let secrets = crate::core::plan::secret_versions(&w);
-        let container = w.container.is_some().then(|| supervisor::container_id(&w));
+        let container = w
+            .container
+            .is_some()
+            .then(|| crate::runtime::container_id(&w));
         let network = self.network(&w);
         let handle = self.tracker.spawn(supervisor::supervise(
             self.shared.clone(),
@@ -1561,7 +1561,7 @@ fn hello(config: &AgentConfig, containers: bool) -> Hello {
     }
 }
 
-impl<S: Store, B: Bus, R: WorkloadRuntime, F: ModuleSource> Drop for Agent<S, B, R, F> {
+impl<S: Store, B: Bus> Drop for Agent<S, B> {
     fn drop(&mut self) {
         for r in self.replicas.values() {
             r.controls.cancel.cancel();

@@ -1,12 +1,12 @@
 //! `shoal-agent run MODULE [-- ARGS]`: runs one WASM module here, once, without a hub, in
 //! the sandbox and under the limits a workload gets (the same [`WasmRuntime`] and
-//! [`RunSpec`]): no preopened directories, no network, arguments and environment only as
+//! [`WasmRun`]): no preopened directories, no network, arguments and environment only as
 //! given, memory capped, CPU share and run limits as asked. For developing a module; its
 //! output goes to the terminal (and to `DATA_DIR/logs/{name}-dev.log`), Ctrl-C stops it.
 
 use crate::logs::LogSink;
-use crate::runtime::wasm::{WasmInitError, WasmRuntime};
-use crate::runtime::{Exit, RunSpec, WorkloadRuntime};
+use crate::runtime::wasm::{WasmInitError, WasmRun, WasmRuntime};
+use crate::runtime::Exit;
 use shoal_api::ids::Digest;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -85,7 +85,7 @@ pub async fn run_module(dev: DevRun, shutdown: CancellationToken) -> Result<Exit
             source,
         })?;
         log.echo_to_stdout();
-        let spec = RunSpec {
+        let spec = WasmRun {
             instance,
             args: dev.args,
             env: dev.env,

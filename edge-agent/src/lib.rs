@@ -12,11 +12,11 @@ pub mod local;
 pub mod logs;
 pub mod metrics;
 pub mod remote_logs;
+pub mod replica;
 pub mod runtime;
 pub mod secrets;
 pub mod services;
 pub mod store;
-pub mod supervisor;
 pub mod volumes;
 
 // The runtimes live under `runtime/`; these keep their older paths working.

@@ -1,8 +1,16 @@
-//! The `WorkloadRuntime` seam: how the agent runs one replica, whatever executes it.
+//! The runtime seam: how the agent runs one replica, whatever executes it.
 //!
-//! The supervisor ([`crate::supervisor`]) drives a runtime through `prepare` (turn verified
-//! module bytes into something runnable; cached) and `run` (execute until exit or cancel).
-//! [`wasm::WasmRuntime`] is the real implementation; tests use in-memory fakes.
+//! One object-safe trait, [`Runtime`]: `pull` what a replica runs onto the device (a module
+//! fetched by digest, an image pulled; retried by the caller while it fails), `prepare` it
+//! (compile, cached), and `start` one run, which gives a [`Running`] handle to `wait` on
+//! (cancelling its token stops the run). One [`RunSpec`]: what every run has (arguments,
+//! environment, memory, CPU, mounts, the usage record) and, in [`VariantSpec`], what only
+//! one runtime reads. One [`RuntimeError`]. [`Runtimes`] holds the device's runtimes and
+//! hands each spec to the one for its variant, so the replica's supervisor never asks which
+//! variant it runs.
+//!
+//! [`wasm`] (wasmtime) and [`containerd`] (feature `containerd`) are the implementations;
+//! tests use in-memory fakes. Nothing here knows the agent's loop or the supervisor.
 
 #[cfg(feature = "containerd")]
 pub mod containerd;
@@ -10,37 +18,194 @@ pub mod wasm;
 
 use crate::logs::LogSink;
 pub use crate::volumes::Mount;
-use serde::{Deserialize, Serialize};
 use shoal_api::ids::Digest;
+use shoal_api::messages::DesiredWorkload;
 use shoal_api::oci::OciRef;
+use shoal_api::workload::{RunLimits, Variant};
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// Everything needed to start one run of a replica. Its `Debug` shows environment names
-/// only: values may be secrets.
+/// A boxed future, for the object-safe [`Runtime`].
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Runs replicas of one kind. Object-safe: the agent holds its runtimes as
+/// `Arc<dyn Runtime>` ([`Runtimes`]), tests hold fakes. Implementations never block the
+/// executor for long (a spinning guest yields at its CPU deadlines).
+pub trait Runtime: Send + Sync + 'static {
+    /// Gets what `spec` runs onto the device (downloads a module, pulls an image; verified,
+    /// cached). The caller retries a failure with back-off unless it [`RuntimeError::is_final`].
+    fn pull<'a>(&'a self, spec: &'a RunSpec) -> BoxFuture<'a, Result<Artifact, RuntimeError>>;
+
+    /// Makes what `pull` got runnable (compiles a module; cached per digest). A failure is
+    /// final for this revision.
+    fn prepare<'a>(
+        &'a self,
+        spec: &'a RunSpec,
+        pulled: Artifact,
+    ) -> BoxFuture<'a, Result<Artifact, RuntimeError>>;
+
+    /// Starts one run of `prepared` (returns once it runs; a container of the same id still
+    /// running from before an agent restart is adopted, not started twice). Not to be
+    /// dropped half-way: a failed start cleans up after itself, a started one is stopped
+    /// and removed through [`Running::wait`].
+    fn start<'a>(
+        &'a self,
+        prepared: &'a Artifact,
+        spec: &'a RunSpec,
+        log: &'a LogSink,
+    ) -> BoxFuture<'a, Result<Box<dyn Running>, RuntimeError>>;
+}
+
+/// One started run.
+pub trait Running: Send {
+    /// Runs to the end, or until `stop` is cancelled (then stops the run, promptly for a
+    /// module, after its grace period for a container, and returns [`Exit::Cancelled`]).
+    /// What the run uses meanwhile is kept in its spec's [`Usage`].
+    fn wait(self: Box<Self>, stop: CancellationToken) -> BoxFuture<'static, Exit>;
+}
+
+/// What a runtime pulled or prepared, handed back to it unopened by the caller.
+#[derive(Clone)]
+pub struct Artifact(Arc<dyn Any + Send + Sync>);
+
+impl Artifact {
+    pub fn new<T: Any + Send + Sync>(value: T) -> Self {
+        Artifact(Arc::new(value))
+    }
+
+    /// The value a runtime put in; an error when another runtime made it.
+    pub fn get<T: Any + Send + Sync>(&self, runtime: &'static str) -> Result<Arc<T>, RuntimeError> {
+        self.0
+            .clone()
+            .downcast::<T>()
+            .map_err(|_| RuntimeError::Foreign { runtime })
+    }
+}
+
+impl std::fmt::Debug for Artifact {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Artifact")
+    }
+}
+
+/// Everything needed to run a replica. Its `Debug` shows environment names only: values
+/// may be secrets.
 #[derive(Clone)]
 pub struct RunSpec {
     /// Instance name on this device, e.g. `hello-0` (used in logs and spans).
     pub instance: String,
     pub args: Vec<String>,
     pub env: BTreeMap<String, String>,
-    /// Hard cap on the guest's linear memories and tables, in bytes.
+    /// Bytes: a hard cap on a guest's linear memories and tables, a container's cgroup limit.
     pub memory_limit: u64,
     /// CPU share in millicores (1000 = one core); `None`: no cap.
     pub cpu_millis: Option<u32>,
-    pub network: Network,
-    /// `spec.volumes`: directories preopened read-write at their guest paths.
+    /// `spec.volumes` (read-write) and `spec.secrets` (read-only) at their guest paths.
     pub mounts: Vec<Mount>,
-    /// `spec.limits`: breaching one stops the run with the limit as its reason.
-    pub limits: shoal_api::workload::RunLimits,
-    /// Where the runtime reports what the run uses (shared with the agent).
+    /// Where the runtime reports what the replica uses (shared with the agent).
     pub usage: Arc<Usage>,
+    /// What only one runtime reads.
+    pub variant: VariantSpec,
+}
+
+/// The part of a [`RunSpec`] only one runtime reads.
+#[derive(Debug, Clone)]
+pub enum VariantSpec {
+    Wasm(WasmSpec),
+    Container(ContainerSpec),
+}
+
+/// A WASM replica: its module and sandbox grants.
+#[derive(Debug, Clone)]
+pub struct WasmSpec {
+    pub module: Digest,
+    /// Where a pinned `oci://` module comes from (else the hub).
+    pub oci: Option<OciRef>,
+    /// The hub's HTTP API to fetch from; empty: the hub found over mDNS.
+    pub artifact_base: String,
+    pub network: Network,
+    /// `spec.limits`: breaching one stops the run with the limit as its reason.
+    pub limits: RunLimits,
+}
+
+/// A container replica: its image and how to run it.
+#[derive(Debug, Clone)]
+pub struct ContainerSpec {
+    /// The pinned image.
+    pub image: OciRef,
+    /// containerd container id ([`container_id`]).
+    pub id: String,
+    /// Replaces the image's entrypoint when not empty.
+    pub command: Vec<String>,
+    pub read_only_root: bool,
+    /// Between SIGTERM and SIGKILL when stopped.
+    pub stop_grace: Duration,
+    /// The log is kept within about this size.
+    pub log_max_bytes: u64,
+    /// Extra labels on the container (the replica it belongs to).
+    pub labels: BTreeMap<String, String>,
+}
+
+impl RunSpec {
+    /// The spec of replica `d` (mounts and the secrets' environment are added once its
+    /// volumes and secrets are ready). `artifact_base`: where its module comes from;
+    /// `log_max_bytes`: the bound of its log.
+    pub fn for_replica(
+        d: &DesiredWorkload,
+        artifact_base: String,
+        network: Network,
+        usage: Arc<Usage>,
+        log_max_bytes: u64,
+    ) -> Result<RunSpec, RuntimeError> {
+        let variant = match (&d.module, &d.container) {
+            (Some(digest), _) => VariantSpec::Wasm(WasmSpec {
+                module: digest.clone(),
+                oci: d.oci.clone(),
+                artifact_base,
+                network,
+                limits: d.limits,
+            }),
+            (None, Some(c)) => VariantSpec::Container(ContainerSpec {
+                image: c.image.clone(),
+                id: container_id(d),
+                command: c.command.clone(),
+                read_only_root: c.read_only_root,
+                stop_grace: Duration::from_millis(c.stop_grace_ms),
+                log_max_bytes,
+                labels: [
+                    ("dev.shoal.instance".to_string(), d.instance()),
+                    ("dev.shoal.revision".to_string(), d.revision.clone()),
+                ]
+                .into(),
+            }),
+            (None, None) => return Err(RuntimeError::NothingToRun),
+        };
+        Ok(RunSpec {
+            instance: d.instance(),
+            args: d.args.clone(),
+            env: d.env.clone(),
+            memory_limit: d.resources.memory,
+            cpu_millis: d.resources.cpu,
+            mounts: Vec::new(),
+            usage,
+            variant,
+        })
+    }
+
+    /// Which variant this runs, as replica statuses name it.
+    pub fn variant_name(&self) -> &'static str {
+        match self.variant {
+            VariantSpec::Wasm(_) => Variant::Wasm.as_str(),
+            VariantSpec::Container(_) => Variant::Container.as_str(),
+        }
+    }
 }
 
 impl std::fmt::Debug for RunSpec {
@@ -51,26 +216,118 @@ impl std::fmt::Debug for RunSpec {
             .field("env", &self.env.keys().collect::<Vec<_>>())
             .field("memory_limit", &self.memory_limit)
             .field("cpu_millis", &self.cpu_millis)
-            .field("network", &self.network)
             .field("mounts", &self.mounts)
-            .field("limits", &self.limits)
             .field("usage", &self.usage)
+            .field("variant", &self.variant)
             .finish()
+    }
+}
+
+/// The containerd id of a container replica: one per revision, so that a replaced revision
+/// still stopping never collides with its successor (restarts reuse it).
+pub fn container_id(d: &DesiredWorkload) -> String {
+    let secrets = crate::core::plan::secret_versions(d);
+    if secrets.is_empty() {
+        format!("{}-{}", d.instance(), d.revision)
+    } else {
+        // A new secret version is a new container too: the old one may still be stopping.
+        use sha2::Digest as _;
+        let text: Vec<String> = secrets.iter().map(|(n, v)| format!("{n}@{v}")).collect();
+        let h = hex::encode(sha2::Sha256::digest(text.join(",").as_bytes()));
+        format!("{}-{}-{}", d.instance(), d.revision, &h[..8])
+    }
+}
+
+/// The device's runtimes: each spec goes to the one for its variant.
+#[derive(Clone)]
+pub struct Runtimes {
+    pub wasm: Arc<dyn Runtime>,
+    /// The container runtime, when the device has one.
+    pub container: Option<Arc<dyn Runtime>>,
+}
+
+impl Runtimes {
+    fn pick(&self, spec: &RunSpec) -> Result<&dyn Runtime, RuntimeError> {
+        match spec.variant {
+            VariantSpec::Wasm(_) => Ok(self.wasm.as_ref()),
+            // The hub sends the container variant only to devices that advertise the
+            // `container` runtime.
+            VariantSpec::Container(_) => self
+                .container
+                .as_deref()
+                .ok_or(RuntimeError::NoContainerRuntime),
+        }
+    }
+}
+
+impl Runtime for Runtimes {
+    fn pull<'a>(&'a self, spec: &'a RunSpec) -> BoxFuture<'a, Result<Artifact, RuntimeError>> {
+        match self.pick(spec) {
+            Ok(rt) => rt.pull(spec),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
+    }
+
+    fn prepare<'a>(
+        &'a self,
+        spec: &'a RunSpec,
+        pulled: Artifact,
+    ) -> BoxFuture<'a, Result<Artifact, RuntimeError>> {
+        match self.pick(spec) {
+            Ok(rt) => rt.prepare(spec, pulled),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
+    }
+
+    fn start<'a>(
+        &'a self,
+        prepared: &'a Artifact,
+        spec: &'a RunSpec,
+        log: &'a LogSink,
+    ) -> BoxFuture<'a, Result<Box<dyn Running>, RuntimeError>> {
+        match self.pick(spec) {
+            Ok(rt) => rt.start(prepared, spec, log),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
     }
 }
 
 /// What one replica uses, kept current by the runtime that runs it (WASM) and read by the
 /// agent for `shoal-agent ps` and its metrics. Atomics: written from the guest's poll, read
 /// from the main loop, never locked.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Usage {
     /// Linear memories (and tables) of the current run, in bytes; 0 between runs.
     memory_bytes: AtomicU64,
     /// CPU time used by every run of the replica so far, in nanoseconds.
     cpu_nanos: AtomicU64,
+    /// Reads what the replica uses from outside (a container's cgroup) instead of the
+    /// counters above, which its runtime then leaves alone.
+    meter: OnceLock<Meter>,
 }
 
+/// Reads a replica's usage from outside the agent; `None` when unknown.
+pub type Meter = Box<dyn Fn() -> Option<UsageSample> + Send + Sync>;
+
 impl Usage {
+    /// From now on, what the replica uses is read with `meter` (set once; later calls
+    /// keep the first).
+    pub fn measure_with(&self, meter: Meter) {
+        let _ = self.meter.set(meter);
+    }
+
+    /// Memory and CPU time for `ps` and the metrics: the meter's reading when there is one
+    /// (both or neither), else the counters (memory only while `running`).
+    pub fn view(&self, running: bool) -> (Option<u64>, Option<u64>) {
+        match self.meter.get() {
+            Some(meter) => match meter() {
+                Some(u) => (Some(u.memory_bytes), Some(u.cpu_nanos)),
+                None => (None, None),
+            },
+            None => (running.then(|| self.memory_bytes()), Some(self.cpu_nanos())),
+        }
+    }
+
     pub fn memory_bytes(&self) -> u64 {
         self.memory_bytes.load(Ordering::Relaxed)
     }
@@ -88,6 +345,16 @@ impl Usage {
     }
     pub fn add_cpu(&self, nanos: u64) {
         self.cpu_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Usage")
+            .field("memory_bytes", &self.memory_bytes())
+            .field("cpu_nanos", &self.cpu_nanos())
+            .field("metered", &self.meter.get().is_some())
+            .finish()
     }
 }
 
@@ -126,161 +393,80 @@ pub enum Exit {
     Cancelled,
 }
 
+/// Why a replica could not be pulled, prepared or started.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error("module {digest} is not a valid wasm module or component: {reason}")]
     InvalidModule { digest: String, reason: String },
     #[error("failed to prepare module {digest}: {reason}")]
     Prepare { digest: String, reason: String },
+    #[error(transparent)]
+    Fetch(#[from] crate::fetch::FetchError),
+    /// Pulling or unpacking an image failed.
+    #[cfg(feature = "containerd")]
+    #[error(transparent)]
+    Image(containerd::ContainerdError),
+    #[cfg(feature = "containerd")]
+    #[error("cannot start the container: {0}")]
+    Start(containerd::ContainerdError),
+    #[error("this device has no container runtime (containerd did not answer at startup)")]
+    NoContainerRuntime,
+    #[error("the desired state names neither a module nor a container")]
+    NothingToRun,
+    #[error("the {runtime} runtime was handed what another runtime pulled or prepared")]
+    Foreign { runtime: &'static str },
 }
 
-/// A module ready to instantiate (compiled, or whatever the runtime needs).
-pub trait Prepared: Send + Sync + std::fmt::Debug {}
-
-/// Runs workloads. Implementations must never block the async executor for long: a guest that
-/// spins must yield at its CPU deadlines.
-pub trait WorkloadRuntime: Send + Sync + 'static {
-    type Module: Prepared + 'static;
-
-    /// Prepares the module whose verified bytes are at `path` (content digest `digest`).
-    /// May be slow (compilation); implementations cache per digest.
-    fn prepare(
-        &self,
-        digest: &Digest,
-        path: PathBuf,
-    ) -> impl Future<Output = Result<Arc<Self::Module>, RuntimeError>> + Send;
-
-    /// Runs the module to completion, writing its stdout/stderr to `log`, or until `cancel`
-    /// fires (then returns [`Exit::Cancelled`] promptly).
-    fn run(
-        &self,
-        module: Arc<Self::Module>,
-        spec: RunSpec,
-        log: LogSink,
-        cancel: CancellationToken,
-    ) -> impl Future<Output = Exit> + Send;
-}
-
-/// What the image config says about running it (the parts a runtime spec needs).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageConfig {
-    pub env: Vec<String>,
-    pub entrypoint: Vec<String>,
-    pub cmd: Vec<String>,
-    pub working_dir: String,
-    pub user: String,
-}
-
-impl ImageConfig {
-    /// Reads the `config` object of an OCI/Docker image config blob.
-    pub fn from_blob(bytes: &[u8]) -> Result<Self, String> {
-        let v: serde_json::Value = serde_json::from_slice(bytes)
-            .map_err(|e| format!("the image config is not JSON: {e}"))?;
-        let c = &v["config"];
-        let strings = |x: &serde_json::Value| -> Vec<String> {
-            x.as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|s| s.as_str().map(str::to_string))
-                .collect()
-        };
-        Ok(Self {
-            env: strings(&c["Env"]),
-            entrypoint: strings(&c["Entrypoint"]),
-            cmd: strings(&c["Cmd"]),
-            working_dir: c["WorkingDir"].as_str().unwrap_or_default().to_string(),
-            user: c["User"].as_str().unwrap_or_default().to_string(),
-        })
+impl RuntimeError {
+    /// Whether trying again cannot help (the device lacks what the spec asks for); pulls
+    /// that fail otherwise are retried.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            RuntimeError::NoContainerRuntime
+                | RuntimeError::NothingToRun
+                | RuntimeError::Foreign { .. }
+        )
     }
 }
 
-/// An image unpacked in containerd and ready to run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PreparedImage {
-    /// The image record's name (the pinned reference without `oci://`).
-    pub name: String,
-    /// Chain id of the top layer: the parent of each container's snapshot.
-    pub chain: String,
-    pub config: ImageConfig,
-}
-
-/// One run of a container replica. Its `Debug` shows environment names only.
-#[derive(Clone)]
-pub struct ContainerRun {
-    /// containerd container id (also the snapshot key and the cgroup name).
-    pub id: String,
-    /// Replaces the image's entrypoint when not empty.
-    pub command: Vec<String>,
-    /// Replaces the image's `Cmd` when not empty.
-    pub args: Vec<String>,
-    pub env: BTreeMap<String, String>,
-    /// Bytes; the cgroup memory limit.
-    pub memory_limit: u64,
-    /// Millicores; a CFS quota. `None`: no CPU cap.
-    pub cpu_millis: Option<u32>,
-    pub read_only_root: bool,
-    /// `spec.volumes`: bind-mounted read-write at their guest paths.
-    pub mounts: Vec<Mount>,
-    /// stdout and stderr are appended here.
-    pub log_path: PathBuf,
-    /// The log is kept within about this size (copytruncate to `{log_path}.1`).
-    pub log_max_bytes: u64,
-    /// Between SIGTERM and SIGKILL when stopped.
-    pub stop_grace: Duration,
-    /// Extra labels on the container (e.g. the replica it belongs to).
-    pub labels: BTreeMap<String, String>,
-}
-
-impl std::fmt::Debug for ContainerRun {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ContainerRun")
-            .field("id", &self.id)
-            .field("command", &self.command)
-            .field("args", &self.args)
-            .field("env", &self.env.keys().collect::<Vec<_>>())
-            .field("memory_limit", &self.memory_limit)
-            .field("cpu_millis", &self.cpu_millis)
-            .field("read_only_root", &self.read_only_root)
-            .field("mounts", &self.mounts)
-            .field("log_path", &self.log_path)
-            .finish_non_exhaustive()
-    }
-}
-
-/// A boxed future, for the object-safe [`ContainerRuntime`].
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// Runs container replicas. Object-safe, so supervisors hold an
-/// `Option<Arc<dyn ContainerRuntime>>` (none when the device has no container runtime) and
-/// tests use a fake. [`containerd::Containerd`] is the real one.
-pub trait ContainerRuntime: Send + Sync + 'static {
-    /// Pulls and unpacks the pinned `image` (cached: a prepared image needs no registry).
-    fn prepare<'a>(
-        &'a self,
-        image: &'a OciRef,
-    ) -> BoxFuture<'a, Result<Arc<PreparedImage>, String>>;
-
-    /// Starts container `run` (returns once its task runs). A container of the same id
-    /// still running from before an agent restart is adopted, not started twice.
-    fn start<'a>(
-        &'a self,
-        image: Arc<PreparedImage>,
-        run: &'a ContainerRun,
-    ) -> BoxFuture<'a, Result<(), String>>;
-
-    /// Waits for a started container to end, or until `cancel` (then stops it and returns
-    /// [`Exit::Cancelled`]), and removes it. If `detach` is cancelled by then (the agent is
-    /// shutting down), the container is left running instead, for the next agent to adopt.
-    fn wait<'a>(
-        &'a self,
-        run: &'a ContainerRun,
-        cancel: CancellationToken,
-        detach: CancellationToken,
-    ) -> BoxFuture<'a, Exit>;
-
-    /// What container `id` uses now (memory, CPU time of its cgroup); `None` when unknown
-    /// (not running, or its cgroup cannot be read). Quick and synchronous.
-    fn usage(&self, _id: &str) -> Option<UsageSample> {
-        None
+#[cfg(test)]
+mod tests {
+    /// `runtime/*` knows neither the agent's loop nor the replica's supervisor
+    /// (ARCHITECTURE.md, Invariants): they use the runtimes, never the other way round.
+    #[test]
+    fn runtimes_import_neither_the_agent_nor_the_replica() {
+        fn sources(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+            for e in std::fs::read_dir(dir).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    sources(&p, out);
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    out.push(p);
+                }
+            }
+        }
+        let mut files = Vec::new();
+        sources(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/runtime"),
+            &mut files,
+        );
+        assert!(files.len() > 10, "{files:?}");
+        // Spelled apart, so that this file does not name them itself.
+        let forbidden = ["agent", "app", "replica", "supervisor"].map(|m| format!("crate::{m}"));
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap();
+            for (i, line) in text.lines().enumerate() {
+                let code = line.split("//").next().unwrap_or_default();
+                for name in &forbidden {
+                    assert!(
+                        !code.contains(name.as_str()),
+                        "{}:{}: runtime/ may not name {name}",
+                        f.display(),
+                        i + 1
+                    );
+                }
+            }
+        }
     }
 }

@@ -15,7 +15,7 @@
 //! know stops the start, never falls back to root.
 //!
 //! The parts: this module (the connection, its errors, the managed containers and the
-//! [`ContainerRuntime`] seam), [`images`] (pull, import, unpack, the image cache), [`task`]
+//! [`Runtime`] seam), [`images`] (pull, import, unpack, the image cache), [`task`]
 //! (a container's life: create, start or adopt, wait, stop, remove, and how its end becomes
 //! an [`Exit`]), [`spec`] (the OCI runtime spec and the image's user), [`cgroup`] (usage and
 //! OOM kills read from the container's cgroup), [`log`] (the shim-written log kept bounded),
@@ -34,13 +34,17 @@ pub use cgroup::{cgroup_usage, parse_oom_kills};
 pub use log::bound_log;
 pub use spec::{runtime_spec, SpecError};
 
-use crate::runtime::{BoxFuture, ContainerRuntime, Exit, UsageSample};
-pub use crate::runtime::{ContainerRun, ImageConfig, PreparedImage};
+use crate::logs::LogSink;
+use crate::runtime::{
+    Artifact, BoxFuture, ContainerSpec, Exit, Mount, RunSpec, Running, Runtime, RuntimeError,
+    VariantSpec,
+};
 use containerd_client::services::v1::ListContainersRequest;
 use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::{Request, Status};
-use shoal_api::oci::OciRef;
+use serde::{Deserialize, Serialize};
 use shoal_registry::Registries;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -194,42 +198,197 @@ impl Containerd {
     }
 }
 
-impl ContainerRuntime for Containerd {
+/// containerd behind the one [`Runtime`] seam: `pull` prepares the image (pulled and
+/// unpacked, cached), `prepare` has nothing left to do, `start` begins the container and
+/// from then on its usage is read from its cgroup. Cancelled `stopping` (the agent is
+/// shutting down) leaves running containers to be adopted by the next agent.
+#[derive(Debug, Clone)]
+pub struct ContainerdRuntime {
+    containerd: Containerd,
+    stopping: CancellationToken,
+}
+
+impl ContainerdRuntime {
+    pub fn new(containerd: Containerd, stopping: CancellationToken) -> Self {
+        ContainerdRuntime {
+            containerd,
+            stopping,
+        }
+    }
+}
+
+const NAME: &str = "container";
+
+fn container_spec(spec: &RunSpec) -> Result<&ContainerSpec, RuntimeError> {
+    match &spec.variant {
+        VariantSpec::Container(c) => Ok(c),
+        VariantSpec::Wasm(_) => Err(RuntimeError::Foreign { runtime: NAME }),
+    }
+}
+
+impl Runtime for ContainerdRuntime {
+    fn pull<'a>(&'a self, spec: &'a RunSpec) -> BoxFuture<'a, Result<Artifact, RuntimeError>> {
+        Box::pin(async move {
+            let c = container_spec(spec)?;
+            let (namespace, id) = (self.containerd.namespace.clone(), c.id.clone());
+            spec.usage.measure_with(Box::new(move || {
+                cgroup_usage(Path::new("/sys/fs/cgroup"), &namespace, &id)
+            }));
+            let image = self
+                .containerd
+                .prepare(&c.image)
+                .await
+                .map_err(RuntimeError::Image)?;
+            Ok(Artifact::new(image))
+        })
+    }
+
     fn prepare<'a>(
         &'a self,
-        image: &'a OciRef,
-    ) -> BoxFuture<'a, Result<Arc<PreparedImage>, String>> {
-        Box::pin(async move {
-            Containerd::prepare(self, image)
-                .await
-                .map_err(|e| e.to_string())
-        })
+        _spec: &'a RunSpec,
+        pulled: Artifact,
+    ) -> BoxFuture<'a, Result<Artifact, RuntimeError>> {
+        Box::pin(std::future::ready(Ok(pulled)))
     }
 
     fn start<'a>(
         &'a self,
-        image: Arc<PreparedImage>,
-        run: &'a ContainerRun,
-    ) -> BoxFuture<'a, Result<(), String>> {
+        prepared: &'a Artifact,
+        spec: &'a RunSpec,
+        log: &'a LogSink,
+    ) -> BoxFuture<'a, Result<Box<dyn Running>, RuntimeError>> {
         Box::pin(async move {
-            let started = self.begin(&image, run).await;
-            if started.is_err() {
-                self.remove(&run.id).await;
+            let c = container_spec(spec)?;
+            let image = prepared.get::<Arc<PreparedImage>>(NAME)?;
+            // One container id per revision, so a replaced revision still stopping never
+            // collides with its successor; restarts reuse it.
+            let run = ContainerRun {
+                id: c.id.clone(),
+                command: c.command.clone(),
+                args: spec.args.clone(),
+                env: spec.env.clone(),
+                memory_limit: spec.memory_limit,
+                cpu_millis: spec.cpu_millis,
+                read_only_root: c.read_only_root,
+                mounts: spec.mounts.clone(),
+                log_path: log.path(),
+                log_max_bytes: c.log_max_bytes,
+                stop_grace: c.stop_grace,
+                labels: c.labels.clone(),
+            };
+            let started = self.containerd.begin(&image, &run).await;
+            if let Err(e) = started {
+                self.containerd.remove(&run.id).await;
+                return Err(RuntimeError::Start(e));
             }
-            started.map_err(|e| e.to_string())
+            Ok(Box::new(ContainerdRunning {
+                containerd: self.containerd.clone(),
+                run,
+                detach: self.stopping.clone(),
+            }) as Box<dyn Running>)
         })
     }
+}
 
-    fn wait<'a>(
-        &'a self,
-        run: &'a ContainerRun,
-        cancel: CancellationToken,
-        detach: CancellationToken,
-    ) -> BoxFuture<'a, Exit> {
-        Box::pin(self.finish(run, cancel, detach))
+/// A started container.
+struct ContainerdRunning {
+    containerd: Containerd,
+    run: ContainerRun,
+    detach: CancellationToken,
+}
+
+impl Running for ContainerdRunning {
+    fn wait(self: Box<Self>, stop: CancellationToken) -> BoxFuture<'static, Exit> {
+        Box::pin(async move {
+            self.containerd
+                .finish(&self.run, stop, self.detach.clone())
+                .await
+        })
     }
+}
 
-    fn usage(&self, id: &str) -> Option<UsageSample> {
-        cgroup_usage(std::path::Path::new("/sys/fs/cgroup"), &self.namespace, id)
+/// What the image config says about running it (the parts a runtime spec needs).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageConfig {
+    pub env: Vec<String>,
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub working_dir: String,
+    pub user: String,
+}
+
+impl ImageConfig {
+    /// Reads the `config` object of an OCI/Docker image config blob.
+    pub fn from_blob(bytes: &[u8]) -> Result<Self, String> {
+        let v: serde_json::Value = serde_json::from_slice(bytes)
+            .map_err(|e| format!("the image config is not JSON: {e}"))?;
+        let c = &v["config"];
+        let strings = |x: &serde_json::Value| -> Vec<String> {
+            x.as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        };
+        Ok(Self {
+            env: strings(&c["Env"]),
+            entrypoint: strings(&c["Entrypoint"]),
+            cmd: strings(&c["Cmd"]),
+            working_dir: c["WorkingDir"].as_str().unwrap_or_default().to_string(),
+            user: c["User"].as_str().unwrap_or_default().to_string(),
+        })
+    }
+}
+
+/// An image unpacked in containerd and ready to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreparedImage {
+    /// The image record's name (the pinned reference without `oci://`).
+    pub name: String,
+    /// Chain id of the top layer: the parent of each container's snapshot.
+    pub chain: String,
+    pub config: ImageConfig,
+}
+
+/// One run of a container replica. Its `Debug` shows environment names only.
+#[derive(Clone)]
+pub struct ContainerRun {
+    /// containerd container id (also the snapshot key and the cgroup name).
+    pub id: String,
+    /// Replaces the image's entrypoint when not empty.
+    pub command: Vec<String>,
+    /// Replaces the image's `Cmd` when not empty.
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Bytes; the cgroup memory limit.
+    pub memory_limit: u64,
+    /// Millicores; a CFS quota. `None`: no CPU cap.
+    pub cpu_millis: Option<u32>,
+    pub read_only_root: bool,
+    /// `spec.volumes`: bind-mounted read-write at their guest paths.
+    pub mounts: Vec<Mount>,
+    /// stdout and stderr are appended here.
+    pub log_path: PathBuf,
+    /// The log is kept within about this size (copytruncate to `{log_path}.1`).
+    pub log_max_bytes: u64,
+    /// Between SIGTERM and SIGKILL when stopped.
+    pub stop_grace: Duration,
+    /// Extra labels on the container (e.g. the replica it belongs to).
+    pub labels: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for ContainerRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContainerRun")
+            .field("id", &self.id)
+            .field("command", &self.command)
+            .field("args", &self.args)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("memory_limit", &self.memory_limit)
+            .field("cpu_millis", &self.cpu_millis)
+            .field("read_only_root", &self.read_only_root)
+            .field("mounts", &self.mounts)
+            .field("log_path", &self.log_path)
+            .finish_non_exhaustive()
     }
 }

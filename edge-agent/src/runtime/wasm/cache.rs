@@ -33,7 +33,7 @@ impl WasmRuntime {
         self.inner.compiles.load(Ordering::Relaxed)
     }
 
-    /// Prepares the module at `path` (see [`WorkloadRuntime::prepare`]). Concurrent prepares
+    /// Prepares the module at `path` (see [`WasmRuntime::prepare`]). Concurrent prepares
     /// of one digest share a single compilation.
     pub async fn prepare_module(
         &self,

@@ -33,13 +33,16 @@ mod limits;
 mod output;
 mod run;
 mod wasi;
+mod workloads;
 
 pub use cpu::CPU_PERIOD;
 pub use engine::{WasmInitError, EPOCH_TICK};
 pub use output::{GuestOutput, OutputBudget};
+pub use workloads::WasmWorkloads;
 
-use crate::runtime::Prepared;
+use crate::runtime::{Mount, Network, Usage};
 use shoal_api::ids::Digest;
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
@@ -49,6 +52,44 @@ use tokio::sync::OnceCell;
 use wasi::{ComponentState, CoreState};
 use wasmtime::{Engine, InstancePre};
 use wasmtime_wasi::p2::bindings::CommandPre;
+
+/// Everything needed to start one run of a module (the wasm part of a replica's
+/// [`crate::runtime::RunSpec`]). Its `Debug` shows environment names
+/// only: values may be secrets.
+#[derive(Clone)]
+pub struct WasmRun {
+    /// Instance name on this device, e.g. `hello-0` (used in logs and spans).
+    pub instance: String,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Hard cap on the guest's linear memories and tables, in bytes.
+    pub memory_limit: u64,
+    /// CPU share in millicores (1000 = one core); `None`: no cap.
+    pub cpu_millis: Option<u32>,
+    pub network: Network,
+    /// `spec.volumes`: directories preopened read-write at their guest paths.
+    pub mounts: Vec<Mount>,
+    /// `spec.limits`: breaching one stops the run with the limit as its reason.
+    pub limits: shoal_api::workload::RunLimits,
+    /// Where the runtime reports what the run uses (shared with the agent).
+    pub usage: Arc<Usage>,
+}
+
+impl std::fmt::Debug for WasmRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmRun")
+            .field("instance", &self.instance)
+            .field("args", &self.args)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("memory_limit", &self.memory_limit)
+            .field("cpu_millis", &self.cpu_millis)
+            .field("network", &self.network)
+            .field("mounts", &self.mounts)
+            .field("limits", &self.limits)
+            .field("usage", &self.usage)
+            .finish()
+    }
+}
 
 /// Runs WASI workloads in wasmtime. Cheap to clone (all clones share one engine and cache).
 #[derive(Clone)]
@@ -111,8 +152,6 @@ impl std::fmt::Debug for WasmModule {
             .finish()
     }
 }
-
-impl Prepared for WasmModule {}
 
 /// Measurements of one run, from [`WasmRuntime::run_measured`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

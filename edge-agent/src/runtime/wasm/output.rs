@@ -2,8 +2,8 @@
 //! against `spec.limits.logRate` by an [`OutputBudget`] (a flood traps the guest at once).
 
 use super::limits::LimitExceeded;
+use super::WasmRun;
 use crate::logs::{LogSink, Stream};
-use crate::runtime::RunSpec;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,7 +28,7 @@ pub struct OutputBudget {
 }
 
 impl OutputBudget {
-    pub(super) fn for_spec(spec: &RunSpec) -> Option<Arc<Self>> {
+    pub(super) fn for_spec(spec: &WasmRun) -> Option<Arc<Self>> {
         let per_sec = spec.limits.log_bytes_per_sec?;
         let window = shoal_api::workload::RunLimits::LOG_WINDOW_SECS;
         Some(Arc::new(OutputBudget {

@@ -7,9 +7,10 @@ use super::cpu::{Meter, Metered, Quota};
 use super::limits::{fmt_bytes, LimitExceeded, Limits};
 use super::output::OutputBudget;
 use super::wasi::{wasi_builder, ComponentState, CoreState, P2Wasi};
+use super::WasmRun;
 use super::{ModuleKind, RunStats, WasmModule, WasmRuntime};
 use crate::logs::LogSink;
-use crate::runtime::{Exit, RunSpec, RuntimeError, WorkloadRuntime};
+use crate::runtime::{Exit, RuntimeError};
 use shoal_api::ids::Digest;
 use std::future::Future;
 use std::path::PathBuf;
@@ -24,12 +25,12 @@ use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::I32Exit;
 
 impl WasmRuntime {
-    /// Runs `module` like [`WorkloadRuntime::run`] and also reports how long it ran and how
+    /// Runs `module` like [`WasmRuntime::run`] and also reports how long it ran and how
     /// much of that it was busy.
     pub async fn run_measured(
         &self,
         module: Arc<WasmModule>,
-        spec: RunSpec,
+        spec: WasmRun,
         log: LogSink,
         cancel: CancellationToken,
     ) -> (Exit, RunStats) {
@@ -46,7 +47,7 @@ impl WasmRuntime {
     async fn run_inner(
         &self,
         module: Arc<WasmModule>,
-        spec: RunSpec,
+        spec: WasmRun,
         log: LogSink,
         cancel: CancellationToken,
     ) -> (Exit, RunStats) {
@@ -118,21 +119,23 @@ impl WasmRuntime {
     }
 }
 
-impl WorkloadRuntime for WasmRuntime {
-    type Module = WasmModule;
-
-    fn prepare(
+impl WasmRuntime {
+    /// Prepares the module whose verified bytes are at `path` (content digest `digest`):
+    /// [`WasmRuntime::prepare_module`].
+    pub async fn prepare(
         &self,
         digest: &Digest,
         path: PathBuf,
-    ) -> impl Future<Output = Result<Arc<WasmModule>, RuntimeError>> + Send {
-        self.prepare_module(digest, path)
+    ) -> Result<Arc<WasmModule>, RuntimeError> {
+        self.prepare_module(digest, path).await
     }
 
-    fn run(
+    /// Runs the module to completion, writing its stdout/stderr to `log`, or until `cancel`
+    /// fires (then returns [`Exit::Cancelled`] promptly).
+    pub fn run(
         &self,
         module: Arc<WasmModule>,
-        spec: RunSpec,
+        spec: WasmRun,
         log: LogSink,
         cancel: CancellationToken,
     ) -> impl Future<Output = Exit> + Send {
@@ -192,7 +195,7 @@ pub(super) fn yield_to_tokio() -> UpdateDeadline {
 
 pub(super) fn host<W>(
     wasi: W,
-    spec: &RunSpec,
+    spec: &WasmRun,
     meter: Arc<Meter>,
     output: Option<Arc<OutputBudget>>,
 ) -> Host<W> {
@@ -209,7 +212,7 @@ pub(super) fn host<W>(
 pub(super) async fn run_core(
     engine: Engine,
     pre: InstancePre<CoreState>,
-    spec: RunSpec,
+    spec: WasmRun,
     log: LogSink,
     meter: Arc<Meter>,
 ) -> Exit {
@@ -234,7 +237,7 @@ pub(super) async fn run_core(
 pub(super) async fn run_component(
     engine: Engine,
     pre: CommandPre<ComponentState>,
-    spec: RunSpec,
+    spec: WasmRun,
     log: LogSink,
     meter: Arc<Meter>,
 ) -> Exit {

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::logs::LogSink;
-use crate::runtime::{Exit, RunSpec, RuntimeError, WorkloadRuntime};
+use crate::runtime::{Exit, RuntimeError};
 use std::collections::BTreeMap;
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -79,8 +79,8 @@ impl Fixture {
     }
 }
 
-fn spec(instance: &str, args: &[&str]) -> RunSpec {
-    RunSpec {
+fn spec(instance: &str, args: &[&str]) -> WasmRun {
+    WasmRun {
         instance: instance.to_string(),
         args: args.iter().map(|a| a.to_string()).collect(),
         env: BTreeMap::new(),
@@ -97,7 +97,7 @@ fn log_text(log: &LogSink) -> String {
     std::fs::read_to_string(log.path()).unwrap()
 }
 
-async fn run_to_end(fx: &Fixture, module: Arc<WasmModule>, spec: RunSpec) -> (Exit, LogSink) {
+async fn run_to_end(fx: &Fixture, module: Arc<WasmModule>, spec: WasmRun) -> (Exit, LogSink) {
     let log = fx.log(&spec.instance);
     let run = fx
         .runtime
@@ -383,7 +383,7 @@ async fn cpu_share_throttles_a_spinner_without_starving_others() {
     let fx = Fixture::new();
     let probe = fx.prepare("probe").await;
 
-    let start_run = |spec: RunSpec, cancel: CancellationToken| {
+    let start_run = |spec: WasmRun, cancel: CancellationToken| {
         let log = fx.log(&spec.instance);
         let runtime = fx.runtime.clone();
         let module = probe.clone();

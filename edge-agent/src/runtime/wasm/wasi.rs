@@ -6,8 +6,8 @@
 
 use super::output::{GuestOutput, OutputBudget};
 use super::run::Host;
+use super::WasmRun;
 use crate::logs::{LogSink, Stream};
-use crate::runtime::RunSpec;
 use std::sync::Arc;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::p1::WasiP1Ctx;
@@ -31,7 +31,7 @@ impl WasiView for ComponentState {
 }
 
 pub(super) fn wasi_builder(
-    spec: &RunSpec,
+    spec: &WasmRun,
     log: &LogSink,
     budget: Option<Arc<OutputBudget>>,
 ) -> Result<WasiCtxBuilder, String> {

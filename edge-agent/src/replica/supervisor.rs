@@ -5,21 +5,18 @@
 //! waiting out an exponential back-off, or `Succeeded`/`Failed` for good. Every phase change is
 //! sent to the agent's main loop as an [`Update`]; cancellation stops the replica at once.
 
+use super::prestart::prestart;
 use crate::core::plan::{after_exit, AfterExit};
-use crate::fetch::ModuleSource;
 use crate::health;
 use crate::logs::LogSink;
-use crate::runtime::{
-    BoxFuture, ContainerRun, ContainerRuntime, Exit, Network, PreparedImage, RunSpec,
-    WorkloadRuntime,
-};
+use crate::runtime::{BoxFuture, Exit, Network, RunSpec, Runtime, RuntimeError};
 use crate::volumes::Volumes;
 use shoal_api::messages::{now_ms, DesiredWorkload, InstanceStatus, Phase};
 use shoal_api::workload::Variant;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
@@ -39,14 +36,13 @@ pub struct Update {
 }
 
 /// What every supervisor shares.
-pub struct Shared<R, F> {
-    pub runtime: Arc<R>,
-    /// The container runtime, when the device has one.
-    pub containers: Option<Arc<dyn ContainerRuntime>>,
-    /// Cancelled when the agent shuts down: containers are then left running (and adopted
-    /// by the next agent) rather than stopped.
+#[derive(Clone)]
+pub struct Shared {
+    /// The device's runtimes ([`crate::runtime::Runtimes`]; a fake in tests).
+    pub runtime: Arc<dyn Runtime>,
+    /// Cancelled when the agent shuts down (containers are then left running, to be
+    /// adopted by the next agent).
     pub stopping: CancellationToken,
-    pub source: F,
     pub logs_dir: PathBuf,
     /// Where `spec.volumes` live.
     pub volumes: Volumes,
@@ -55,26 +51,6 @@ pub struct Shared<R, F> {
     pub updates: mpsc::Sender<Update>,
     /// For HTTP health probes.
     pub http: reqwest::Client,
-    /// The hub's HTTP API as found over mDNS; used when the artifact base the agent computed
-    /// for a replica is empty (see `Agent::artifact_base`).
-    pub hub_http: watch::Receiver<Option<String>>,
-}
-
-impl<R, F: Clone> Clone for Shared<R, F> {
-    fn clone(&self) -> Self {
-        Self {
-            runtime: self.runtime.clone(),
-            containers: self.containers.clone(),
-            stopping: self.stopping.clone(),
-            source: self.source.clone(),
-            logs_dir: self.logs_dir.clone(),
-            volumes: self.volumes.clone(),
-            secrets: self.secrets.clone(),
-            updates: self.updates.clone(),
-            http: self.http.clone(),
-            hub_http: self.hub_http.clone(),
-        }
-    }
 }
 
 struct Reporter {
@@ -106,36 +82,17 @@ impl Reporter {
     }
 }
 
-/// The containerd id of a container replica: one per revision, so that a replaced revision
-/// still stopping never collides with its successor (restarts reuse it).
-pub fn container_id(d: &DesiredWorkload) -> String {
-    let secrets = crate::core::plan::secret_versions(d);
-    if secrets.is_empty() {
-        format!("{}-{}", d.instance(), d.revision)
-    } else {
-        // A new secret version is a new container too: the old one may still be stopping.
-        use sha2::Digest as _;
-        let text: Vec<String> = secrets.iter().map(|(n, v)| format!("{n}@{v}")).collect();
-        let h = hex::encode(sha2::Sha256::digest(text.join(",").as_bytes()));
-        format!("{}-{}-{}", d.instance(), d.revision, &h[..8])
-    }
-}
-
-/// What a replica runs, once pulled and prepared.
-enum Ready<M> {
-    Wasm(Arc<M>),
-    Container(Arc<dyn ContainerRuntime>, Arc<PreparedImage>),
-}
-
 /// Pulls with `attempt` until it works (like an image pull back-off: 0.5 s doubling to 30 s),
-/// reporting `Pulling` with the last error. `None` when cancelled.
+/// reporting `Pulling` with the last error. `None` when cancelled, or (once cancelled) after
+/// an error that trying again cannot help, which fails the replica.
 async fn pull<T, Fut>(
     r: &mut Reporter,
+    log: &LogSink,
     cancel: &CancellationToken,
     mut attempt: impl FnMut() -> Fut,
 ) -> Option<T>
 where
-    Fut: std::future::Future<Output = Result<T, String>>,
+    Fut: std::future::Future<Output = Result<T, RuntimeError>>,
 {
     let mut n = 0u32;
     loop {
@@ -146,6 +103,14 @@ where
         };
         match got {
             Ok(t) => return Some(t),
+            Err(e) if e.is_final() => {
+                // Trying again cannot help: failed until the desired state changes.
+                let why = e.to_string();
+                log.system(&why);
+                r.phase(Phase::Failed, Some(why)).await;
+                cancel.cancelled().await;
+                return None;
+            }
             Err(e) => {
                 let delay = Duration::from_millis((500u64 << n.min(6)).min(30_000));
                 n += 1;
@@ -170,13 +135,14 @@ pub struct Controls {
     /// started again, one waiting out a back-off or stopped by its restart policy starts at
     /// once. Counted as a restart.
     pub restart: Arc<tokio::sync::Notify>,
-    /// What the replica's runs use (filled in by the WASM runtime).
+    /// What the replica's runs use (kept by its runtime).
     pub usage: Arc<crate::runtime::Usage>,
 }
 
-/// Supervises one replica until `controls.cancel` fires.
-pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
-    shared: Shared<R, F>,
+/// Supervises one replica until `controls.cancel` fires: Pending → Pulling (retried) →
+/// Starting (prepare, then volumes and secrets) → Running → on exit, the restart policy.
+pub async fn supervise(
+    shared: Shared,
     desired: DesiredWorkload,
     artifact_base: String,
     network: Network,
@@ -212,84 +178,49 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
                 return;
             }
         };
+        let runtime = shared.runtime.as_ref();
+        let spec = RunSpec::for_replica(
+            &desired,
+            artifact_base,
+            network,
+            controls.usage.clone(),
+            LOG_MAX_BYTES,
+        );
+        let mut spec = match spec {
+            Ok(spec) => spec,
+            Err(e) => {
+                let why = e.to_string();
+                log.system(&why);
+                r.phase(Phase::Failed, Some(why)).await;
+                cancel.cancelled().await;
+                return;
+            }
+        };
+        r.status.variant = spec.variant_name().into();
 
-        let ready = match (&desired.module, &desired.container) {
-            (Some(digest), _) => {
-                let Some(path) = pull(&mut r, &cancel, || async {
-                    let base = if artifact_base.is_empty() {
-                        shared.hub_http.borrow().clone().unwrap_or_default()
-                    } else {
-                        artifact_base.clone()
-                    };
-                    shared
-                        .source
-                        .fetch(&base, digest, desired.oci.as_ref())
-                        .await
-                        .map_err(|e| e.to_string())
-                })
-                .await
-                else {
-                    return;
-                };
-                r.phase(Phase::Starting, None).await;
-                let module = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    m = shared.runtime.prepare(digest, path) => m,
-                };
-                match module {
-                    Ok(m) => Ready::Wasm(m),
-                    Err(e) => {
-                        log.system(&format!("cannot start: {e}"));
-                        r.phase(Phase::Failed, Some(e.to_string())).await;
-                        cancel.cancelled().await;
-                        return;
-                    }
-                }
-            }
-            (None, Some(c)) => {
-                r.status.variant = Variant::Container.as_str().into();
-                let Some(rt) = shared.containers.clone() else {
-                    // The hub sends the container variant only to devices that advertise
-                    // the `container` runtime.
-                    let why = "this device has no container runtime (containerd did not answer at startup)";
-                    log.system(why);
-                    r.phase(Phase::Failed, Some(why.to_string())).await;
-                    cancel.cancelled().await;
-                    return;
-                };
-                let Some(image) = pull(&mut r, &cancel, || rt.prepare(&c.image)).await else {
-                    return;
-                };
-                r.phase(Phase::Starting, None).await;
-                Ready::Container(rt.clone(), image)
-            }
-            (None, None) => {
-                let why = "the desired state names neither a module nor a container";
-                log.system(why);
-                r.phase(Phase::Failed, Some(why.to_string())).await;
+        let Some(pulled) = pull(&mut r, &log, &cancel, || runtime.pull(&spec)).await else {
+            return;
+        };
+        r.phase(Phase::Starting, None).await;
+        let prepared = tokio::select! {
+            _ = cancel.cancelled() => return,
+            p = runtime.prepare(&spec, pulled) => p,
+        };
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                log.system(&format!("cannot start: {e}"));
+                r.phase(Phase::Failed, Some(e.to_string())).await;
                 cancel.cancelled().await;
                 return;
             }
         };
 
-        // Volumes, then secrets: their mounts and the environment variables they give.
-        let prepare = || {
-            shared
-                .volumes
-                .prepare(&desired.name, &desired.volumes)
-                .and_then(|mut mounts| {
-                    let (secret_mounts, secret_env) = shared.secrets.for_run(&desired.secrets)?;
-                    mounts.extend(secret_mounts);
-                    let mut env = desired.env.clone();
-                    env.extend(secret_env);
-                    Ok((mounts, env))
-                })
-        };
-        let (mounts, env) = match prepare() {
+        let ready = match prestart(&shared.volumes, &shared.secrets, &desired) {
             Ok(x) => x,
             Err(e) => {
                 log.system(&format!("cannot start: {e}"));
-                r.phase(Phase::Failed, Some(e)).await;
+                r.phase(Phase::Failed, Some(e.to_string())).await;
                 // A secret may still arrive under the same version (opened once the hub
                 // re-sealed it, e.g. after the device enrolled again): look again now and
                 // then rather than stay failed until the desired state changes.
@@ -298,58 +229,25 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep(PREPARE_RETRY) => {}
                     }
-                    if let Ok(x) = prepare() {
+                    if let Ok(x) = prestart(&shared.volumes, &shared.secrets, &desired) {
                         break x;
                     }
                 }
             }
         };
-        let spec = RunSpec {
-            instance: instance.clone(),
-            args: desired.args.clone(),
-            env: env.clone(),
-            memory_limit: desired.resources.memory,
-            cpu_millis: desired.resources.cpu,
-            network,
-            mounts: mounts.clone(),
-            limits: desired.limits,
-            usage: controls.usage.clone(),
-        };
-        // One container id per revision, so a replaced revision still stopping never
-        // collides with its successor; restarts reuse it.
-        let container_run = desired.container.as_ref().map(|c| ContainerRun {
-            id: container_id(&desired),
-            command: c.command.clone(),
-            args: desired.args.clone(),
-            env,
-            memory_limit: desired.resources.memory,
-            cpu_millis: desired.resources.cpu,
-            read_only_root: c.read_only_root,
-            mounts,
-            log_path: log.path(),
-            log_max_bytes: LOG_MAX_BYTES,
-            stop_grace: Duration::from_millis(c.stop_grace_ms),
-            labels: [
-                ("dev.shoal.instance".to_string(), instance.clone()),
-                ("dev.shoal.revision".to_string(), desired.revision.clone()),
-            ]
-            .into(),
-        });
+        ready.apply(&mut spec);
         let mut step = 0u32;
         loop {
             r.status.exit_code = None;
             r.status.backoff_ms = None;
             r.status.healthy = None;
-            // A container is Running once its task runs (create and start take a while);
-            // a failed start counts as a failed run for the restart policy.
+            // A run is Running once it has started (a container's create and start take a
+            // while); a failed start counts as a failed run for the restart policy.
             // The start is not raced against `cancel`: dropped half-way, it would leave a
             // created (or started) container behind that nothing removes. A cancel that
-            // arrives meanwhile stops the started container through `wait` below, which
-            // also removes it (or, when the agent is stopping, leaves it to be adopted).
-            let started = match (&ready, &container_run) {
-                (Ready::Container(rt, image), Some(c)) => rt.start(image.clone(), c).await,
-                _ => Ok(()),
-            };
+            // arrives meanwhile stops the started run through `wait` below, which also
+            // removes it (or, when the agent is stopping, leaves it to be adopted).
+            let started = runtime.start(&prepared, &spec, &log).await;
             if started.is_err() && cancel.is_cancelled() {
                 // A failed start cleans up after itself.
                 return;
@@ -361,28 +259,12 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
             let t0 = Instant::now();
             // The run has its own token, so that a failing health probe can stop it.
             let run_cancel = cancel.child_token();
-            let run: BoxFuture<'_, Exit> = match (&ready, &container_run, started) {
-                (_, _, Err(reason)) => Box::pin(async move {
-                    Exit::Failure {
-                        code: None,
-                        reason: format!("cannot start the container: {reason}"),
-                    }
-                }),
-                (Ready::Wasm(m), _, Ok(())) => Box::pin(shared.runtime.run(
-                    m.clone(),
-                    spec.clone(),
-                    log.clone(),
-                    run_cancel.clone(),
-                )),
-                (Ready::Container(rt, _), Some(c), Ok(())) => {
-                    rt.wait(c, run_cancel.clone(), shared.stopping.clone())
-                }
-                (Ready::Container(..), None, Ok(())) => Box::pin(async {
-                    Exit::Failure {
-                        code: None,
-                        reason: "no container spec".into(),
-                    }
-                }),
+            let run: BoxFuture<'_, Exit> = match started {
+                Err(e) => Box::pin(std::future::ready(Exit::Failure {
+                    code: None,
+                    reason: e.to_string(),
+                })),
+                Ok(running) => running.wait(run_cancel.clone()),
             };
             // A restart request stops the run through its token, and the run is still
             // awaited to its end (a container is removed by `wait`, not dropped half-way).
@@ -499,54 +381,62 @@ pub async fn supervise<R: WorkloadRuntime, F: ModuleSource>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fetch::FetchError;
-    use crate::runtime::{Prepared, RuntimeError};
+    use crate::runtime::{Artifact, Running, RuntimeError, Runtimes, VariantSpec};
     use shoal_api::ids::{Digest, WorkloadName};
     use shoal_api::workload::{Resources, Restart, RestartPolicy};
     use std::collections::VecDeque;
     use std::sync::Mutex;
 
-    #[derive(Debug)]
-    struct FakeModule;
-    impl Prepared for FakeModule {}
+    /// A run that ends with its scripted exit, or (none) lasts until stopped; `done` runs
+    /// when it ends.
+    struct FakeRun {
+        exit: Option<Exit>,
+        done: Box<dyn FnOnce() + Send>,
+    }
+    impl Running for FakeRun {
+        fn wait(self: Box<Self>, stop: CancellationToken) -> BoxFuture<'static, Exit> {
+            Box::pin(async move {
+                let exit = match self.exit {
+                    Some(e) => e,
+                    None => {
+                        stop.cancelled().await;
+                        Exit::Cancelled
+                    }
+                };
+                (self.done)();
+                exit
+            })
+        }
+    }
 
-    /// Replays a scripted list of exits.
+    /// A WASM runtime that replays a scripted list of exits.
     struct FakeRuntime {
         exits: Mutex<VecDeque<Exit>>,
     }
-    impl WorkloadRuntime for FakeRuntime {
-        type Module = FakeModule;
-        async fn prepare(&self, _d: &Digest, _p: PathBuf) -> Result<Arc<FakeModule>, RuntimeError> {
-            Ok(Arc::new(FakeModule))
+    impl Runtime for FakeRuntime {
+        fn pull<'a>(&'a self, _s: &'a RunSpec) -> BoxFuture<'a, Result<Artifact, RuntimeError>> {
+            Box::pin(std::future::ready(Ok(Artifact::new(PathBuf::from(
+                "/dev/null",
+            )))))
         }
-        async fn run(
-            &self,
-            _m: Arc<FakeModule>,
-            _s: RunSpec,
-            _l: LogSink,
-            cancel: CancellationToken,
-        ) -> Exit {
-            let next = self.exits.lock().unwrap().pop_front();
-            match next {
-                Some(e) => e,
-                None => {
-                    cancel.cancelled().await;
-                    Exit::Cancelled
-                }
-            }
+        fn prepare<'a>(
+            &'a self,
+            _s: &'a RunSpec,
+            pulled: Artifact,
+        ) -> BoxFuture<'a, Result<Artifact, RuntimeError>> {
+            Box::pin(std::future::ready(Ok(pulled)))
         }
-    }
-
-    #[derive(Clone)]
-    struct FakeSource;
-    impl ModuleSource for FakeSource {
-        async fn fetch(
-            &self,
-            _b: &str,
-            _d: &Digest,
-            _oci: Option<&shoal_api::oci::OciRef>,
-        ) -> Result<PathBuf, FetchError> {
-            Ok(PathBuf::from("/dev/null"))
+        fn start<'a>(
+            &'a self,
+            _p: &'a Artifact,
+            _s: &'a RunSpec,
+            _l: &'a LogSink,
+        ) -> BoxFuture<'a, Result<Box<dyn Running>, RuntimeError>> {
+            let exit = self.exits.lock().unwrap().pop_front();
+            Box::pin(std::future::ready(Ok(Box::new(FakeRun {
+                exit,
+                done: Box::new(|| {}),
+            }) as Box<dyn Running>)))
         }
     }
 
@@ -613,26 +503,26 @@ mod tests {
     }
 
     /// The supervisor's collaborators, faked: `exits` scripts the WASM runs (none: every run
-    /// lasts until cancelled).
+    /// lasts until cancelled); `containers`, the container runtime if any.
     fn fake_shared(
         dir: &std::path::Path,
         exits: Vec<Exit>,
-        containers: Option<Arc<dyn ContainerRuntime>>,
+        containers: Option<Arc<dyn Runtime>>,
         updates: mpsc::Sender<Update>,
-    ) -> Shared<FakeRuntime, FakeSource> {
+    ) -> Shared {
         Shared {
-            containers,
-            stopping: CancellationToken::new(),
-            runtime: Arc::new(FakeRuntime {
-                exits: Mutex::new(exits.into()),
+            runtime: Arc::new(Runtimes {
+                wasm: Arc::new(FakeRuntime {
+                    exits: Mutex::new(exits.into()),
+                }),
+                container: containers,
             }),
-            source: FakeSource,
+            stopping: CancellationToken::new(),
             logs_dir: dir.to_path_buf(),
             volumes: Volumes::new(dir.join("volumes")),
             secrets: crate::secrets::SecretFiles::new(dir),
             updates,
             http: crate::http_client(reqwest::Client::builder()).unwrap_or_default(),
-            hub_http: watch::channel(None).1,
         }
     }
 
@@ -792,60 +682,55 @@ mod tests {
     struct FakeContainers {
         pulls: Mutex<u32>,
         exits: Mutex<VecDeque<Exit>>,
-        runs: Mutex<Vec<ContainerRun>>,
+        /// Each start's spec and log file.
+        runs: Mutex<Vec<(RunSpec, PathBuf)>>,
         /// How long a start takes (create, then start the task).
         start_takes: Duration,
         /// Containers started and not yet stopped and removed by `wait`.
-        live: Mutex<Vec<String>>,
+        live: Arc<Mutex<Vec<String>>>,
     }
-    impl ContainerRuntime for FakeContainers {
-        fn prepare<'a>(
-            &'a self,
-            image: &'a shoal_api::oci::OciRef,
-        ) -> BoxFuture<'a, Result<Arc<PreparedImage>, String>> {
+    impl Runtime for FakeContainers {
+        fn pull<'a>(&'a self, spec: &'a RunSpec) -> BoxFuture<'a, Result<Artifact, RuntimeError>> {
             Box::pin(async move {
                 let mut n = self.pulls.lock().unwrap();
                 *n += 1;
                 if *n == 1 {
-                    return Err(format!("{image}: registry unreachable"));
+                    return Err(RuntimeError::Prepare {
+                        digest: spec.instance.clone(),
+                        reason: "registry unreachable".into(),
+                    });
                 }
-                Ok(Arc::new(PreparedImage {
-                    name: image.without_scheme(),
-                    chain: "sha256:c".into(),
-                    config: Default::default(),
-                }))
+                Ok(Artifact::new(()))
             })
+        }
+        fn prepare<'a>(
+            &'a self,
+            _s: &'a RunSpec,
+            pulled: Artifact,
+        ) -> BoxFuture<'a, Result<Artifact, RuntimeError>> {
+            Box::pin(std::future::ready(Ok(pulled)))
         }
         fn start<'a>(
             &'a self,
-            _image: Arc<PreparedImage>,
-            run: &'a ContainerRun,
-        ) -> BoxFuture<'a, Result<(), String>> {
-            self.runs.lock().unwrap().push(run.clone());
+            _p: &'a Artifact,
+            spec: &'a RunSpec,
+            log: &'a LogSink,
+        ) -> BoxFuture<'a, Result<Box<dyn Running>, RuntimeError>> {
+            self.runs.lock().unwrap().push((spec.clone(), log.path()));
+            let VariantSpec::Container(c) = &spec.variant else {
+                panic!("not a container: {spec:?}");
+            };
+            let id = c.id.clone();
             Box::pin(async move {
                 // The container exists from the first step on; the task starts later.
-                self.live.lock().unwrap().push(run.id.clone());
+                self.live.lock().unwrap().push(id.clone());
                 tokio::time::sleep(self.start_takes).await;
-                Ok(())
-            })
-        }
-        fn wait<'a>(
-            &'a self,
-            run: &'a ContainerRun,
-            cancel: CancellationToken,
-            _detach: CancellationToken,
-        ) -> BoxFuture<'a, Exit> {
-            Box::pin(async move {
-                let next = self.exits.lock().unwrap().pop_front();
-                let exit = match next {
-                    Some(e) => e,
-                    None => {
-                        cancel.cancelled().await;
-                        Exit::Cancelled
-                    }
-                };
-                self.live.lock().unwrap().retain(|id| *id != run.id);
-                exit
+                let exit = self.exits.lock().unwrap().pop_front();
+                let live = self.live.clone();
+                Ok(Box::new(FakeRun {
+                    exit,
+                    done: Box::new(move || live.lock().unwrap().retain(|x| *x != id)),
+                }) as Box<dyn Running>)
             })
         }
     }
@@ -859,12 +744,12 @@ mod tests {
             exits: Mutex::new(vec![fail()].into()),
             runs: Mutex::new(Vec::new()),
             start_takes: Duration::ZERO,
-            live: Mutex::new(Vec::new()),
+            live: Default::default(),
         });
         let shared = fake_shared(
             dir.path(),
             Vec::new(),
-            Some(containers.clone() as Arc<dyn ContainerRuntime>),
+            Some(containers.clone() as Arc<dyn Runtime>),
             tx,
         );
         let mut d = container_desired();
@@ -904,10 +789,14 @@ mod tests {
         );
         let runs = containers.runs.lock().unwrap();
         assert_eq!(runs.len(), 2, "run, exit 1, run again");
-        assert_eq!(runs[0].id, "w-0-r", "one container id per revision");
-        assert_eq!(runs[0].command, ["/bin/sh"]);
-        assert_eq!(runs[0].args, ["-c", "exit 1"]);
-        assert!(runs[0].log_path.ends_with("w-0.log"));
+        let (spec, log) = &runs[0];
+        let VariantSpec::Container(c) = &spec.variant else {
+            panic!("{spec:?}")
+        };
+        assert_eq!(c.id, "w-0-r", "one container id per revision");
+        assert_eq!(c.command, ["/bin/sh"]);
+        assert_eq!(spec.args, ["-c", "exit 1"]);
+        assert!(log.ends_with("w-0.log"));
     }
 
     #[tokio::test]
@@ -919,12 +808,12 @@ mod tests {
             exits: Mutex::new(VecDeque::new()),
             runs: Mutex::new(Vec::new()),
             start_takes: Duration::from_millis(300),
-            live: Mutex::new(Vec::new()),
+            live: Default::default(),
         });
         let shared = fake_shared(
             dir.path(),
             Vec::new(),
-            Some(containers.clone() as Arc<dyn ContainerRuntime>),
+            Some(containers.clone() as Arc<dyn Runtime>),
             tx,
         );
         let d = container_desired();
