@@ -5,14 +5,12 @@
 //! core, the fleet's state machine and its pure decisions (placement, rollouts, ingest,
 //! events, the audit log), which no I/O and no clock reach (`cargo xtask boundaries`
 //! checks); [`store`] (sled, or [`etcd`]) and
-//! [`blobs`] persist; [`ha`] elects a leader among hubs on etcd; [`bus`] and [`broker`] speak
-//! MQTT; [`http`] serves the API; [`logs`] relays `shoal logs` between callers and devices.
+//! [`blobs`] persist; [`ha`] elects a leader among hubs on etcd; [`mqtt`] speaks
+//! MQTT (the hub's client and the embedded broker); [`http`] serves the API; [`logs`] relays `shoal logs` between callers and devices.
 
 pub mod access;
 pub mod app;
 pub mod blobs;
-pub mod broker;
-pub mod bus;
 pub mod dashboard;
 pub mod enrollment;
 pub mod etcd;
@@ -22,6 +20,7 @@ pub mod ha;
 pub mod http;
 pub mod logs;
 pub mod metrics;
+pub mod mqtt;
 pub mod security;
 pub mod store;
 

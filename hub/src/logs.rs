@@ -12,10 +12,8 @@
 //!
 //! Pure: the main loop publishes what the methods return.
 
-use crate::bus::Outgoing;
 use shoal_api::ids::{DeviceId, WorkloadName};
 use shoal_api::messages::{LogChunk, LogRequest};
-use shoal_api::topics;
 use std::collections::{BTreeMap, HashMap};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
@@ -184,17 +182,6 @@ impl LogSessions {
     }
 }
 
-/// The message carrying `req` (signed by then) to `device`.
-pub fn message(device: &DeviceId, req: &LogRequest) -> Outgoing {
-    Outgoing {
-        topic: topics::log_request(device),
-        // A plain struct of strings and numbers: serializing cannot fail.
-        payload: serde_json::to_vec(req).unwrap_or_default(),
-        retain: false,
-        correlation: None,
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -251,11 +238,8 @@ mod tests {
     fn a_session_asks_each_device_and_ends_when_all_are_done() {
         let mut s = LogSessions::default();
         let (mut rx, out) = s.open(ask(false), 0);
-        let topics: Vec<String> = out.iter().map(|(d, r)| message(d, r).topic).collect();
-        assert_eq!(
-            topics,
-            ["shoal/v1/devices/d1/logreq", "shoal/v1/devices/d2/logreq"]
-        );
+        let devices: Vec<&str> = out.iter().map(|(d, _)| d.as_str()).collect();
+        assert_eq!(devices, ["d1", "d2"]);
         let req = out[0].1.clone();
         assert_eq!(
             (req.workload.as_str(), req.tail, req.follow),

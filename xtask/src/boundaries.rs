@@ -1,6 +1,8 @@
-//! `cargo xtask boundaries`: the functional core stays pure. Files under the core's folders
-//! may not name a crate or call that does I/O or reads the clock; CI runs this before the
-//! build, and it fails naming the file, line and the forbidden name.
+//! `cargo xtask boundaries`: the functional core stays pure, and the hub's shell sees typed
+//! commands only. Files under the core's folders may not name a crate or call that does I/O
+//! or reads the clock; files of the hub's shell (`hub/src/app`) may not name MQTT topics or
+//! clients, HTTP status codes or the store's clients, which belong to their adapters. CI
+//! runs this before the build, and it fails naming the file, line and the forbidden name.
 //!
 //! Written by hand (a few lines of text matching): a lint crate would need a compile of its
 //! own, and what is forbidden here is a short list of names.
@@ -34,35 +36,81 @@ pub const FORBIDDEN: &[&str] = &[
     "now_ms()",
 ];
 
-/// One forbidden name in a core file.
+/// Folders of the hub's imperative shell, from the repository root.
+pub const SHELL: &[&str] = &["hub/src/app"];
+
+/// What the shell may not name: topics, payload formats and clients of MQTT
+/// (`crate::mqtt`), HTTP's types and status codes (`crate::http`), the store's clients
+/// (`crate::store`, `crate::etcd`), the runtimes.
+pub const ADAPTERS_ONLY: &[&str] = &[
+    "topics",
+    "rumqttc",
+    "rumqttd",
+    "axum",
+    "hyper",
+    "StatusCode",
+    "sled",
+    "etcd_client",
+    "wasmtime",
+    "containerd_client",
+];
+
+/// A set of folders and the names their files may not use, and why.
+struct Rule {
+    dirs: &'static [&'static str],
+    forbidden: &'static [&'static str],
+    why: &'static str,
+}
+
+const RULES: &[Rule] = &[
+    Rule {
+        dirs: CORE,
+        forbidden: FORBIDDEN,
+        why: "the functional core may not use it (I/O and the clock belong to the shell)",
+    },
+    Rule {
+        dirs: SHELL,
+        forbidden: ADAPTERS_ONLY,
+        why: "the shell sees typed commands only (topics, payloads, status codes and clients belong to the adapters)",
+    },
+];
+
+/// One forbidden name in a core or shell file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
     pub file: String,
     pub line: usize,
     pub name: &'static str,
+    pub why: &'static str,
 }
 
 impl std::fmt::Display for Violation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{}:{}: the functional core may not use `{}` (I/O and the clock belong to the shell)",
-            self.file, self.line, self.name
+            "{}:{}: `{}`: {}",
+            self.file, self.line, self.name, self.why
         )
     }
 }
 
-/// The forbidden names `text` (the file `file`) uses, outside comments.
-pub fn check(file: &str, text: &str) -> Vec<Violation> {
+/// The core's forbidden names `text` (the file `file`) uses, outside comments.
+#[cfg(test)]
+fn check(file: &str, text: &str) -> Vec<Violation> {
+    check_rule(&RULES[0], file, text)
+}
+
+fn check_rule(rule: &Rule, file: &str, text: &str) -> Vec<Violation> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let code = line.split("//").next().unwrap_or_default();
-        for name in FORBIDDEN {
+        for name in rule.forbidden {
             if uses(code, name) {
                 out.push(Violation {
                     file: file.to_string(),
                     line: i + 1,
                     name,
+                    why: rule.why,
                 });
             }
         }
@@ -95,17 +143,19 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Checks every core folder under `root`; the violations found.
+/// Checks every core and shell folder under `root`; the violations found.
 pub fn run(root: &Path) -> anyhow::Result<Vec<Violation>> {
     let mut all = Vec::new();
-    for dir in CORE {
-        let mut files = Vec::new();
-        sources(&root.join(dir), &mut files)?;
-        files.sort();
-        for f in files {
-            let text = std::fs::read_to_string(&f)?;
-            let shown = f.strip_prefix(root).unwrap_or(&f).display().to_string();
-            all.extend(check(&shown, &text));
+    for rule in RULES {
+        for dir in rule.dirs {
+            let mut files = Vec::new();
+            sources(&root.join(dir), &mut files)?;
+            files.sort();
+            for f in files {
+                let text = std::fs::read_to_string(&f)?;
+                let shown = f.strip_prefix(root).unwrap_or(&f).display().to_string();
+                all.extend(check_rule(rule, &shown, &text));
+            }
         }
     }
     Ok(all)
@@ -130,6 +180,21 @@ mod tests {
             v[0].to_string().contains("hub/src/fleet/x.rs:2"),
             "{}",
             v[0]
+        );
+        // The shell: a topic or a status code is the adapters' business.
+        let shell = check_rule(
+            &RULES[1],
+            "hub/src/app/x.rs",
+            "let t = shoal_api::topics::desired(&d);\nlet ok = 1;\nreturn StatusCode::NOT_FOUND;\n",
+        );
+        assert_eq!(
+            shell.iter().map(|v| (v.line, v.name)).collect::<Vec<_>>(),
+            [(1, "topics"), (3, "StatusCode")]
+        );
+        assert!(
+            shell[0].to_string().contains("typed commands"),
+            "{}",
+            shell[0]
         );
         // Whole words only.
         assert_eq!(check("a.rs", "let tokioish = 1; let my_sled = 2;"), []);

@@ -200,9 +200,12 @@ fn main() -> Result<()> {
                 eprintln!("{v}");
             }
             if !found.is_empty() {
-                bail!("{} forbidden name(s) in the functional core", found.len());
+                bail!(
+                    "{} forbidden name(s) in the functional core or the hub's shell",
+                    found.len()
+                );
             }
-            println!("the functional core names no I/O crate and no clock");
+            println!("the functional core names no I/O crate and no clock; the hub's shell no topic, status code or client");
             Ok(())
         }
         Cmd::Dist {

@@ -2,7 +2,7 @@
 //! secrets, then apply to the fleet, all or nothing.
 
 use super::*;
-use crate::bus::Bus;
+use crate::app::command::Bus;
 use crate::fleet::ApplyOutcome;
 use crate::metrics::ResultLabel;
 use crate::store::{Store, StoredSecret};

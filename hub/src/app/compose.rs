@@ -5,10 +5,10 @@ use super::mdns::{advertise, stop_mdns};
 use super::publish::open_stored;
 use super::*;
 use crate::blobs::BlobStore;
-use crate::bus::{self};
 use crate::fleet::Fleet;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
+use crate::mqtt::bus;
 use crate::store::Store;
 use shoal_api::endpoint::BrokerUrl;
 use std::collections::BTreeMap;
@@ -141,7 +141,7 @@ pub(super) async fn serve(
             (b.clone(), b.clone(), auth)
         }
         None => {
-            let e = crate::broker::start(
+            let e = crate::mqtt::broker::start(
                 config.mqtt_listen,
                 security.clone().map(|sec| (sec, verdicts.clone())),
                 gate.clone(),

@@ -2,7 +2,7 @@
 //! thread.
 
 use super::*;
-use crate::bus::Bus;
+use crate::app::command::Bus;
 use crate::store::Store;
 use shoal_api::ids::DeviceId;
 use shoal_api::messages::{now_ms, DesiredState};

@@ -2,13 +2,12 @@
 //! flush, then publish). The only place the hub's store is written ([`MainLoop::persist`]).
 
 use super::*;
-use crate::bus::{Bus, BusEvent};
+use crate::app::command::{Bus, BusEvent};
 use crate::fleet::Fleet;
 use crate::store::Store;
 use shoal_api::discovery::AgentAd;
 use shoal_api::ids::DeviceId;
 use shoal_api::messages::{now_ms, DesiredState};
-use shoal_api::topics::{self, Inbound};
 use shoal_daemon::mdns::MdnsEvent;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -175,8 +174,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             Event::Tick | Event::RolloutTick | Event::RelayTick => {}
             Event::Http(r) if r.reads_only() => {}
             // Log lines change nothing in the fleet.
-            Event::Bus(BusEvent::Message { topic, .. })
-                if matches!(topics::classify(topic), Some(Inbound::Logs(..))) => {}
+            Event::Bus(BusEvent::Logs(_)) => {}
             _ => self.changed = true,
         }
         if self.standby.is_some() {
@@ -190,15 +188,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 let all = self.core.all_desired();
                 self.publish_desired(all).await;
             }
-            Event::Bus(BusEvent::Message {
-                topic,
-                payload,
-                response_topic,
-                correlation,
-            }) => {
-                self.on_message(&topic, &payload, response_topic, correlation)
-                    .await
-            }
+            Event::Bus(e) => self.on_message(e).await,
             Event::Http(r) => self.on_request(r).await,
             Event::RelayTick => self.relay().await,
             Event::RolloutTick => {

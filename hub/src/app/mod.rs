@@ -10,6 +10,7 @@
 //! On an etcd store the loop first stands by (reads only, see [`crate::ha`]) until this hub
 //! is elected, then leads until shutdown or until it loses the leadership.
 //!
+//! - [`command`]: the loop's typed inputs and outputs, the ports its adapters implement;
 //! - [`compose`]: opens everything and runs standby, then leader;
 //! - [`main_loop`]: the loop, commit (write → flush → publish) and the fleet's inputs;
 //! - [`standby`]: what a standby does instead;
@@ -19,6 +20,7 @@
 //! - [`mdns`]: the hub's advert.
 
 mod apply;
+pub mod command;
 mod compose;
 mod grants;
 mod inbound;
@@ -30,11 +32,11 @@ mod standby;
 mod views;
 
 use crate::blobs::BlobStore;
-use crate::bus::{Bus, BusEvent};
 use crate::fleet::Fleet;
 use crate::http::Request;
 use crate::metrics::Metrics;
 use crate::store::Store;
+pub use command::{Bus, BusEvent, Event};
 use shoal_api::endpoint::BrokerUrl;
 use shoal_api::ids::DeviceId;
 use shoal_api::messages::DesiredState;
@@ -88,7 +90,7 @@ pub enum HubError {
     #[error(transparent)]
     Blob(#[from] crate::blobs::BlobError),
     #[error(transparent)]
-    Broker(#[from] crate::broker::BrokerError),
+    Broker(#[from] crate::mqtt::broker::BrokerError),
     #[error("cannot create data directory {path:?}: {source}")]
     DataDir {
         path: String,
@@ -115,20 +117,6 @@ pub enum HubError {
     SecretsKey(String),
     #[error("lost the leadership (its etcd lease expired or its key is gone): stopping so that a supervisor starts this hub again, as a standby")]
     LeadershipLost,
-}
-
-/// What the main loop reacts to.
-#[derive(Debug)]
-pub enum Event {
-    Bus(BusEvent),
-    Http(Request),
-    Mdns(MdnsEvent),
-    /// Time to look for lost devices.
-    Tick,
-    /// Time to step rollouts that have new reports.
-    RolloutTick,
-    /// Time to pass what this replica heard on to the others (see [`crate::fleet::ingest`]).
-    RelayTick,
 }
 
 const NOT_DURABLE: &str = "the hub could not make the change durable (store flush failed); it retries, check the hub's disk";

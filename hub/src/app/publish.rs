@@ -2,11 +2,10 @@
 //! requests signed.
 
 use super::*;
-use crate::bus::{Bus, Outgoing};
+use crate::app::command::{Bus, Outbound};
 use crate::store::{Store, StoredSecret};
 use shoal_api::ids::DeviceId;
 use shoal_api::messages::{now_ms, DesiredState};
-use shoal_api::topics::{self};
 use std::collections::BTreeMap;
 use tracing::warn;
 
@@ -101,13 +100,11 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     continue;
                 }
             };
-            let msg = Outgoing {
-                topic: topics::desired(&d.device_id),
-                payload,
-                retain: true,
-                correlation: None,
+            let msg = Outbound::Desired {
+                device: d.device_id.clone(),
+                signed: payload,
             };
-            match self.bus.publish(msg).await {
+            match self.bus.send(msg).await {
                 Ok(()) => {
                     self.metrics.desired_published.inc();
                 }
@@ -127,7 +124,11 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         let now = now_ms();
         for (device, mut req) in out {
             self.signer.sign_log_request(&mut req, &device, now);
-            if let Err(e) = self.bus.publish(crate::logs::message(&device, &req)).await {
+            let msg = Outbound::LogRequest {
+                device: device.clone(),
+                req,
+            };
+            if let Err(e) = self.bus.send(msg).await {
                 warn!(%device, error = %e, "cannot publish a log request");
             }
         }

@@ -2,7 +2,7 @@
 //! channels after any change they made is durable.
 
 use super::*;
-use crate::bus::Bus;
+use crate::app::command::Bus;
 use crate::fleet::SecretRefusal;
 use crate::http::{DeviceAction, LabelFailure, Request};
 use crate::store::Store;

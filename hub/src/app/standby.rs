@@ -3,11 +3,10 @@
 //! watch says), and never writes or publishes.
 
 use super::*;
-use crate::bus::{Bus, BusEvent};
+use crate::app::command::{Bus, BusEvent};
 use crate::http::Request;
 use crate::store::Store;
 use shoal_api::messages::now_ms;
-use shoal_api::topics::{self, Inbound};
 use tracing::warn;
 
 /// How often, at most, a standby reads the store again (a burst of the leader's writes is
@@ -24,19 +23,9 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     /// refuses changes before they get here).
     pub(super) async fn stand_by(&mut self, event: Event) {
         match event {
-            Event::Bus(BusEvent::Message {
-                topic,
-                payload,
-                response_topic,
-                correlation,
-            }) => {
-                // The leader answers manifests sent over MQTT.
-                if !matches!(topics::classify(&topic), Some(Inbound::Apply { .. }) | None) {
-                    self.on_message(&topic, &payload, response_topic, correlation)
-                        .await
-                }
-            }
-            Event::Bus(BusEvent::Connected) | Event::RolloutTick => {}
+            // The leader answers manifests sent over MQTT.
+            Event::Bus(BusEvent::Apply(_) | BusEvent::Connected) | Event::RolloutTick => {}
+            Event::Bus(e) => self.on_message(e).await,
             // Standbys take their share of reports too.
             Event::RelayTick => self.relay().await,
             Event::Http(r) if r.reads_only() => self.on_request(r).await,

@@ -2,7 +2,7 @@
 //! events`, and where `shoal logs` asks.
 
 use super::*;
-use crate::bus::Bus;
+use crate::app::command::Bus;
 use crate::store::Store;
 use shoal_api::ids::DeviceId;
 use shoal_api::messages::now_ms;

@@ -1,54 +1,28 @@
-//! The hub's MQTT adapter (rumqttc, MQTT 5 so that response topics and correlation data of
-//! operator publishes are visible). Incoming publishes become [`BusEvent`]s on a bounded
-//! channel; outgoing messages go through the [`Bus`] trait so the main loop can be tested
-//! with a fake.
+//! The hub's MQTT client (rumqttc, MQTT 5 so that response topics and correlation data of
+//! operator publishes are visible). Incoming publishes are decoded ([`super::wire`]) into
+//! the loop's typed [`BusEvent`]s on a bounded channel; what the loop sends arrives as
+//! [`Outbound`] through the [`Bus`] port, implemented here by [`MqttBus`].
 
-use bytes::Bytes;
+use super::wire::{self, Raw};
+use crate::app::command::{Bus, BusError, BusEvent, Outbound};
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use shoal_api::endpoint::BrokerUrl;
 use shoal_api::topics;
-use std::future::Future;
+
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-#[derive(Debug, thiserror::Error)]
-#[error("mqtt publish to {topic:?} failed: {reason}")]
-pub struct BusError {
-    pub topic: String,
-    pub reason: String,
-}
-
-/// Something that arrived from the broker.
-#[derive(Debug)]
-pub enum BusEvent {
-    /// (Re)connected and subscribed: retained messages may have been lost, republish.
+/// What the client task received and the loop has not taken yet: raw, so that a message a
+/// newer one supersedes is never decoded.
+#[derive(Debug, Clone)]
+enum Entry {
     Connected,
-    Message {
-        topic: String,
-        payload: Bytes,
-        /// MQTT 5 response topic and correlation data, when the publisher set them.
-        response_topic: Option<String>,
-        correlation: Option<Bytes>,
-    },
-}
-
-/// One outgoing message.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Outgoing {
-    pub topic: String,
-    pub payload: Vec<u8>,
-    pub retain: bool,
-    pub correlation: Option<Bytes>,
-}
-
-/// Publishing side of the bus.
-pub trait Bus: Send + Sync + 'static {
-    fn publish(&self, msg: Outgoing) -> impl Future<Output = Result<(), BusError>> + Send;
+    Message(Raw),
 }
 
 pub struct MqttBus {
@@ -56,7 +30,16 @@ pub struct MqttBus {
 }
 
 impl Bus for MqttBus {
-    async fn publish(&self, msg: Outgoing) -> Result<(), BusError> {
+    async fn send(&self, msg: Outbound) -> Result<(), BusError> {
+        for m in wire::encode(msg) {
+            self.publish(m).await?;
+        }
+        Ok(())
+    }
+}
+
+impl MqttBus {
+    async fn publish(&self, msg: wire::Message) -> Result<(), BusError> {
         let topic = msg.topic.clone();
         let r = match msg.correlation {
             Some(c) => {
@@ -81,7 +64,7 @@ impl Bus for MqttBus {
             }
         };
         r.map_err(|e| BusError {
-            topic,
+            to: topic,
             reason: e.to_string(),
         })
     }
@@ -94,7 +77,7 @@ impl Bus for MqttBus {
 /// which no queue crate offers.
 #[derive(Debug, Default)]
 struct Backlog {
-    queue: std::collections::VecDeque<(u64, BusEvent)>,
+    queue: std::collections::VecDeque<(u64, Entry)>,
     /// Per coalescing topic: the sequence number of its newest entry in `queue`.
     newest: std::collections::HashMap<String, u64>,
     next: u64,
@@ -104,21 +87,14 @@ struct Backlog {
 
 impl Backlog {
     /// The topic to coalesce on, for device state messages.
-    fn key(e: &BusEvent) -> Option<&str> {
+    fn key(e: &Entry) -> Option<&str> {
         match e {
-            BusEvent::Message { topic, .. } => match topics::classify(topic) {
-                Some(
-                    topics::Inbound::Hello(_)
-                    | topics::Inbound::Presence(_)
-                    | topics::Inbound::Status(_),
-                ) => Some(topic),
-                _ => None,
-            },
-            BusEvent::Connected => None,
+            Entry::Message(m) if wire::coalesces(&m.topic) => Some(&m.topic),
+            Entry::Message(_) | Entry::Connected => None,
         }
     }
 
-    fn push(&mut self, e: BusEvent) {
+    fn push(&mut self, e: Entry) {
         let seq = self.next;
         self.next += 1;
         let superseded = match Self::key(&e) {
@@ -140,7 +116,7 @@ impl Backlog {
         }
     }
 
-    fn pop(&mut self) -> Option<BusEvent> {
+    fn pop(&mut self) -> Option<Entry> {
         while let Some((seq, e)) = self.queue.pop_front() {
             match Self::key(&e) {
                 Some(topic) if self.newest.get(topic) != Some(&seq) => continue,
@@ -170,6 +146,14 @@ pub enum BusAuth {
     Tls(std::sync::Arc<rustls::ClientConfig>),
 }
 
+/// The loop's event for `e`, or `None` for a message the hub does not take (logged).
+fn decoded(e: Entry) -> Option<BusEvent> {
+    match e {
+        Entry::Connected => Some(BusEvent::Connected),
+        Entry::Message(m) => wire::decode(m),
+    }
+}
+
 /// Connects to `broker` and spawns the event loop task; events go to `tx`. With
 /// `shared_ingest` (hub replicas), statuses come through the shared subscription and the
 /// other replicas' ingest batches are subscribed to (see [`crate::fleet::ingest`]).
@@ -196,7 +180,7 @@ pub fn connect(
     let mut net = rumqttc::NetworkOptions::new();
     net.set_tcp_nodelay(true);
     opts.set_network_options(net);
-    opts.set_max_packet_size(Some(crate::broker::MAX_PAYLOAD as u32 + 1024));
+    opts.set_max_packet_size(Some(crate::mqtt::broker::MAX_PAYLOAD as u32 + 1024));
     let (client, mut eventloop) = AsyncClient::new(opts, 1024);
     let sub = client.clone();
     let broker = broker.to_string();
@@ -211,7 +195,7 @@ pub fn connect(
             let ev = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 permit = tx.reserve(), if !backlog.is_empty() => {
-                    match (permit, backlog.pop()) {
+                    match (permit, backlog.pop().and_then(decoded)) {
                         (Ok(p), Some(e)) => p.send(e),
                         (Err(_), _) => break,
                         (Ok(_), None) => {}
@@ -220,14 +204,18 @@ pub fn connect(
                 }
                 ev = eventloop.poll() => ev,
             };
-            let mut forward = |e: BusEvent| -> bool {
+            let mut forward = |e: Entry| -> bool {
                 if !backlog.is_empty() {
                     backlog.push(e);
                     return true;
                 }
-                match tx.try_send(e) {
+                // Decoded here, off the main loop; kept raw only while the loop is behind.
+                let Some(event) = decoded(e.clone()) else {
+                    return true;
+                };
+                match tx.try_send(event) {
                     Ok(()) => true,
-                    Err(mpsc::error::TrySendError::Full(e)) => {
+                    Err(mpsc::error::TrySendError::Full(_)) => {
                         backlog.push(e);
                         true
                     }
@@ -257,7 +245,7 @@ pub fn connect(
                             warn!(filter = *f, error = %e, "subscribe failed");
                         }
                     }
-                    if !forward(BusEvent::Connected) {
+                    if !forward(Entry::Connected) {
                         break;
                     }
                 }
@@ -267,12 +255,12 @@ pub fn connect(
                         .properties
                         .map(|pr| (pr.response_topic, pr.correlation_data))
                         .unwrap_or((None, None));
-                    let msg = BusEvent::Message {
+                    let msg = Entry::Message(Raw {
                         topic,
                         payload: p.payload,
                         response_topic,
                         correlation,
-                    };
+                    });
                     if !forward(msg) {
                         break;
                     }
@@ -301,21 +289,21 @@ pub fn connect(
 mod tests {
     use super::*;
 
-    fn msg(topic: &str, payload: &str) -> BusEvent {
-        BusEvent::Message {
+    fn msg(topic: &str, payload: &str) -> Entry {
+        Entry::Message(Raw {
             topic: topic.to_string(),
-            payload: Bytes::from(payload.to_string()),
+            payload: bytes::Bytes::from(payload.to_string()),
             response_topic: None,
             correlation: None,
-        }
+        })
     }
 
     fn drain(b: &mut Backlog) -> Vec<String> {
         std::iter::from_fn(|| b.pop())
             .map(|e| match e {
-                BusEvent::Connected => "connected".to_string(),
-                BusEvent::Message { topic, payload, .. } => {
-                    format!("{topic}={}", String::from_utf8_lossy(&payload))
+                Entry::Connected => "connected".to_string(),
+                Entry::Message(m) => {
+                    format!("{}={}", m.topic, String::from_utf8_lossy(&m.payload))
                 }
             })
             .collect()
@@ -330,7 +318,7 @@ mod tests {
         b.push(msg("shoal/v1/devices/d1/presence", "online"));
         b.push(msg(status, "2"));
         b.push(msg(topics::APPLY, "b"));
-        b.push(BusEvent::Connected);
+        b.push(Entry::Connected);
         b.push(msg(status, "3"));
         b.push(msg("shoal/v1/devices/d2/status", "x"));
         assert!(!b.is_empty());
