@@ -1,12 +1,12 @@
 //! Shoal edge agent: receives desired state over MQTT and runs WASM workloads in wasmtime.
 
-pub mod agent;
+pub mod app;
 pub mod bus;
+pub mod config;
 pub mod core;
 pub mod dev;
 pub mod enroll;
 pub mod fetch;
-pub mod health;
 pub mod host;
 pub mod local;
 pub mod logs;

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use shoal_agent::agent::{AgentConfig, LocalSocket};
+use shoal_agent::config::{AgentConfig, LocalSocket};
 use shoal_agent::local::{self, AgentStatusView, InspectView, PeersView, ReplicaView, RestartView};
 use shoal_api::endpoint::BrokerUrl;
 use shoal_api::ids::DeviceId;
@@ -409,7 +409,7 @@ fn agent_config(a: RunArgs) -> anyhow::Result<AgentConfig> {
         }
     }
     let containerd_on = !a.no_containerd && file.containerd.enabled.unwrap_or(true);
-    let containerd = containerd_on.then(|| shoal_agent::agent::ContainerdOptions {
+    let containerd = containerd_on.then(|| shoal_agent::config::ContainerdOptions {
         socket: a
             .containerd_socket
             .or(file.containerd.socket)
@@ -511,7 +511,7 @@ fn real_main() -> anyhow::Result<i32> {
         Command::Run(a) => rt.block_on(async {
             let shutdown = shoal_daemon::shutdown_on_signal();
             let config = agent_config(*a)?;
-            shoal_agent::agent::run(config, shutdown)
+            shoal_agent::app::run(config, shutdown)
                 .await
                 .context("agent failed")
         }),

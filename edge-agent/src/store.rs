@@ -65,6 +65,16 @@ impl Store for SledStore {
     }
 }
 
+/// A store shared (a test keeps a handle on the one it hands over).
+impl<S: Store + Sync> Store for std::sync::Arc<S> {
+    fn load_desired(&self) -> Result<Option<DesiredState>, StoreError> {
+        self.as_ref().load_desired()
+    }
+    fn save_desired(&self, d: &DesiredState) -> Result<(), StoreError> {
+        self.as_ref().save_desired(d)
+    }
+}
+
 #[derive(Default)]
 pub struct MemStore {
     desired: Mutex<Option<DesiredState>>,

@@ -5,9 +5,9 @@
 //! waiting out an exponential back-off, or `Succeeded`/`Failed` for good. Every phase change is
 //! sent to the agent's main loop as an [`Update`]; cancellation stops the replica at once.
 
+use super::health;
 use super::prestart::prestart;
 use crate::core::plan::{after_exit, AfterExit};
-use crate::health;
 use crate::logs::LogSink;
 use crate::runtime::{BoxFuture, Exit, Network, RunSpec, Runtime, RuntimeError};
 use crate::volumes::Volumes;
@@ -40,9 +40,6 @@ pub struct Update {
 pub struct Shared {
     /// The device's runtimes ([`crate::runtime::Runtimes`]; a fake in tests).
     pub runtime: Arc<dyn Runtime>,
-    /// Cancelled when the agent shuts down (containers are then left running, to be
-    /// adopted by the next agent).
-    pub stopping: CancellationToken,
     pub logs_dir: PathBuf,
     /// Where `spec.volumes` live.
     pub volumes: Volumes,
@@ -517,7 +514,6 @@ mod tests {
                 }),
                 container: containers,
             }),
-            stopping: CancellationToken::new(),
             logs_dir: dir.to_path_buf(),
             volumes: Volumes::new(dir.join("volumes")),
             secrets: crate::secrets::SecretFiles::new(dir),

@@ -1,0 +1,805 @@
+//! The replicas part of the agent's loop: the persisted desired state, the supervised
+//! replicas and their last statuses.
+//!
+//! [`Replicas`] takes a desired state (verified, newer, saved durably before it is acted
+//! on), reconciles the replicas with it (`plan`, then one supervisor task per replica to
+//! start, stop or replace), keeps the statuses the supervisors report, and sweeps what no
+//! replica uses any more (volumes, opened secrets). It knows nothing of the bus or mDNS:
+//! the loop hands it the network grants of a replica and publishes what it reports.
+
+use crate::core::plan::{plan, secret_versions, Action, Observed};
+use crate::local::RestartView;
+use crate::replica::supervisor::{self, Shared, Update};
+use crate::runtime::Network;
+use crate::store::{Store, StoreError};
+use crate::volumes::Swept;
+use shoal_api::endpoint::BrokerUrl;
+use shoal_api::ids::{DeviceId, SecretName, WorkloadName};
+use shoal_api::messages::{now_ms, DesiredState, DesiredWorkload, InstanceStatus, Phase};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+/// What [`Replicas`] is told once, at start.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub device_id: DeviceId,
+    /// The hub's signing key; `None` for an `--insecure` agent (nothing to verify with).
+    pub hub_key: Option<shoal_pki::sign::HubKey>,
+    /// The device's private key, which opens the secrets sealed to it; `None` for an
+    /// `--insecure` agent.
+    pub device_key: Option<PathBuf>,
+    /// Where modules come from when the desired state does not say.
+    pub artifacts: ArtifactSource,
+    /// How long a workload's volumes outlive its leaving this device.
+    pub volume_retention: Duration,
+}
+
+/// What the agent was pointed at, for [`Replicas::artifact_base`].
+#[derive(Debug, Clone, Default)]
+pub struct ArtifactSource {
+    /// `--hub`.
+    pub hub_url: Option<String>,
+    /// `--broker`.
+    pub broker: Option<BrokerUrl>,
+    pub insecure: bool,
+}
+
+/// What came of a desired-state message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Desired {
+    /// Newer, saved: to be reconciled.
+    Accepted,
+    /// The one in force, delivered again (the hub is in sync).
+    Same,
+    /// Rejected or not saved: nothing changes.
+    Ignored,
+}
+
+/// One supervised replica.
+struct Replica {
+    workload: WorkloadName,
+    revision: String,
+    /// The secrets it runs with, at their versions ([`crate::core::plan::secret_versions`]).
+    secrets: BTreeSet<(SecretName, String)>,
+    /// The container's id when it runs the container variant (its stop may take a grace
+    /// period).
+    container: Option<String>,
+    task: u64,
+    controls: supervisor::Controls,
+    handle: JoinHandle<()>,
+}
+
+/// The desired state, the replicas and their statuses.
+pub struct Replicas {
+    settings: Settings,
+    store: Box<dyn Store>,
+    shared: Shared,
+    tracker: TaskTracker,
+    desired: Option<DesiredState>,
+    replicas: BTreeMap<String, Replica>,
+    statuses: BTreeMap<String, InstanceStatus>,
+    /// Containers still stopping in the background (id → workload): their workloads'
+    /// volumes stay, and a replica that would reuse the id waits for them.
+    stopping: BTreeMap<String, (WorkloadName, BTreeSet<(SecretName, String)>)>,
+    /// Where a container that stopped in the background says so ([`Replicas::gone`]).
+    gone_tx: mpsc::Sender<String>,
+    next_task: u64,
+}
+
+impl Replicas {
+    /// `shared` goes to every supervisor (its `updates` come back through the loop to
+    /// [`Replicas::on_update`]); `gone` receives the ids of containers that finished
+    /// stopping in the background.
+    pub fn new(
+        settings: Settings,
+        store: Box<dyn Store>,
+        shared: Shared,
+        gone: mpsc::Sender<String>,
+        tracker: TaskTracker,
+    ) -> Self {
+        Replicas {
+            settings,
+            store,
+            shared,
+            tracker,
+            desired: None,
+            replicas: BTreeMap::new(),
+            statuses: BTreeMap::new(),
+            stopping: BTreeMap::new(),
+            gone_tx: gone,
+            next_task: 0,
+        }
+    }
+
+    /// Takes the persisted desired state, if any (offline autonomy): `true` when there is
+    /// one to reconcile.
+    pub fn resume(&mut self) -> Result<bool, StoreError> {
+        let Some(d) = self.store.load_desired()? else {
+            return Ok(false);
+        };
+        info!(
+            generation = d.generation,
+            replicas = d.workloads.len(),
+            "resuming persisted desired state"
+        );
+        self.open_secrets(&d);
+        self.desired = Some(d);
+        Ok(true)
+    }
+
+    /// A desired-state message: verified (for this device, newer, signed by the hub unless
+    /// `--insecure`), then saved durably before it is taken.
+    pub fn on_desired(&mut self, payload: &[u8]) -> Desired {
+        if payload.is_empty() {
+            return Desired::Ignored; // a cleared retained message
+        }
+        let have = self.generation();
+        let d = match shoal_pki::sign::verify_desired(
+            self.settings.hub_key.as_ref(),
+            &self.settings.device_id,
+            have,
+            payload,
+        ) {
+            Ok(d) => d,
+            Err(shoal_pki::sign::Rejected::Same(g)) => {
+                debug!(generation = g, "desired state in force delivered again");
+                return Desired::Same;
+            }
+            Err(e) => {
+                warn!(reason = %e, "desired state rejected; nothing changes");
+                return Desired::Ignored;
+            }
+        };
+        // Durable before acted on.
+        if let Err(e) = self.store.save_desired(&d) {
+            warn!(generation = d.generation, error = %e, "cannot persist desired state; not acting on it");
+            return Desired::Ignored;
+        }
+        info!(
+            generation = d.generation,
+            replicas = d.workloads.len(),
+            "desired state accepted"
+        );
+        self.open_secrets(&d);
+        self.desired = Some(d);
+        Desired::Accepted
+    }
+
+    /// Opens the secrets sealed in `d` that are not on disk yet. One that cannot be opened
+    /// is logged (never its value); the replicas that need it fail with that said.
+    fn open_secrets(&self, d: &DesiredState) {
+        let failed = self.shared.secrets.open_all(
+            self.settings.device_id.as_str(),
+            self.settings.device_key.as_deref(),
+            &d.secrets,
+        );
+        for (secret, reason) in failed {
+            warn!(%secret, %reason, "cannot open secret");
+        }
+    }
+
+    /// Starts, stops and replaces replicas as `plan` says; `grants` gives a new replica its
+    /// network grants. `false` when there is no desired state yet (nothing done).
+    pub async fn reconcile(&mut self, grants: &mut dyn FnMut(&DesiredWorkload) -> Network) -> bool {
+        let Some(desired) = self.desired.clone() else {
+            return false;
+        };
+        let observed: BTreeMap<String, Observed> = self
+            .replicas
+            .iter()
+            .map(|(k, r)| {
+                (
+                    k.clone(),
+                    Observed {
+                        revision: r.revision.clone(),
+                        secrets: r.secrets.clone(),
+                    },
+                )
+            })
+            .collect();
+        let base = self.artifact_base(&desired);
+        for action in plan(&desired.workloads, &observed) {
+            match action {
+                Action::Stop(instance) => self.stop(&instance).await,
+                // The same replica and revision again while its old container still stops
+                // (deleted and applied again within the grace period): containerd would
+                // see one id twice. It starts once that container is gone.
+                Action::Start(w)
+                    if w.container.is_some()
+                        && self
+                            .stopping
+                            .contains_key(&crate::runtime::container_id(&w)) =>
+                {
+                    info!(instance = %w.instance(), "waiting for the previous container of this replica to stop");
+                }
+                Action::Start(w) => {
+                    let network = grants(&w);
+                    self.spawn(w, &base, network);
+                }
+                Action::Replace(w) => {
+                    self.stop(&w.instance()).await;
+                    let network = grants(&w);
+                    self.spawn(w, &base, network);
+                }
+            }
+        }
+        true
+    }
+
+    /// After a reconcile: volumes and opened secrets nothing uses any more.
+    pub fn sweep(&self) {
+        self.sweep_volumes();
+        self.sweep_secrets();
+    }
+
+    /// A supervisor's report. `None` when it comes from a task that no longer supervises
+    /// its replica (dropped); else whether the replica entered or left `Running`.
+    pub fn on_update(&mut self, u: Update) -> Option<bool> {
+        let current = self
+            .replicas
+            .get(&u.instance)
+            .is_some_and(|r| r.task == u.task);
+        if !current {
+            return None;
+        }
+        let was_running = self.is_running(&u.instance);
+        self.statuses.insert(u.instance.clone(), u.status);
+        Some(was_running != self.is_running(&u.instance))
+    }
+
+    /// A container stopping in the background has ended (a replica held back for its id may
+    /// start at the next reconcile; its volumes may go).
+    pub fn gone(&mut self, id: &str) {
+        self.stopping.remove(id);
+    }
+
+    /// Restarts the replicas of `name` (`shoal-agent restart`); `Err`: why none was.
+    pub fn restart(&self, name: &WorkloadName) -> Result<RestartView, String> {
+        let mut restarted = Vec::new();
+        for (instance, r) in &self.replicas {
+            if &r.workload == name {
+                info!(%instance, "restart requested over the local api");
+                r.controls.restart.notify_one();
+                restarted.push(instance.clone());
+            }
+        }
+        if restarted.is_empty() {
+            Err(format!(
+                "no replica of workload {:?} runs on this device (see `shoal-agent ps`)",
+                name.as_str()
+            ))
+        } else {
+            Ok(RestartView { restarted })
+        }
+    }
+
+    /// The desired replicas (none before a desired state is known).
+    pub fn desired_workloads(&self) -> &[DesiredWorkload] {
+        self.desired.as_ref().map_or(&[], |d| &d.workloads)
+    }
+
+    /// The desired replicas running here.
+    pub fn running(&self) -> Vec<&DesiredWorkload> {
+        self.desired_workloads()
+            .iter()
+            .filter(|w| self.is_running(&w.instance()))
+            .collect()
+    }
+
+    /// The generation of the desired state in force (0: none).
+    pub fn generation(&self) -> u64 {
+        self.desired.as_ref().map_or(0, |d| d.generation)
+    }
+
+    /// The last status of every supervised replica, by instance.
+    pub fn statuses(&self) -> impl Iterator<Item = &InstanceStatus> {
+        self.statuses.values()
+    }
+
+    /// How many replicas are supervised.
+    pub fn len(&self) -> usize {
+        self.replicas.len()
+    }
+
+    pub fn is_running(&self, instance: &str) -> bool {
+        self.statuses
+            .get(instance)
+            .is_some_and(|s| s.phase == Phase::Running)
+    }
+
+    /// Every supervised replica as the local API shows it: instance, workload, revision,
+    /// last status, and its usage (memory, CPU time) while it runs.
+    pub fn supervised(&self) -> impl Iterator<Item = Supervised<'_>> {
+        self.replicas.iter().map(|(instance, r)| {
+            let status = self.statuses.get(instance);
+            let running = status.is_some_and(|s| s.phase == Phase::Running);
+            let (memory, cpu) = r.controls.usage.view(running);
+            Supervised {
+                instance,
+                workload: &r.workload,
+                revision: &r.revision,
+                status,
+                memory,
+                cpu,
+            }
+        })
+    }
+
+    /// Removes opened secrets that neither the desired state nor a running replica uses.
+    fn sweep_secrets(&self) {
+        let Some(desired) = &self.desired else {
+            return;
+        };
+        let keep: BTreeSet<(SecretName, String)> = desired
+            .workloads
+            .iter()
+            .flat_map(secret_versions)
+            .chain(
+                self.replicas
+                    .values()
+                    .flat_map(|r| r.secrets.iter().cloned()),
+            )
+            .chain(self.stopping.values().flat_map(|(_, s)| s.iter().cloned()))
+            .collect();
+        self.shared.secrets.sweep(&keep);
+    }
+
+    /// Sweeps the volumes of workloads this device no longer runs (not desired, no replica
+    /// left, none still stopping: a container may write during its grace period): kept for
+    /// the retention period, then deleted in the background.
+    pub fn sweep_volumes(&self) {
+        let Some(desired) = &self.desired else {
+            return; // nothing known yet: keep everything
+        };
+        let keep: BTreeSet<&str> = desired
+            .workloads
+            .iter()
+            .map(|w| w.name.as_str())
+            .chain(self.replicas.values().map(|r| r.workload.as_str()))
+            .chain(self.stopping.values().map(|(w, _)| w.as_str()))
+            .collect();
+        let retention = self.settings.volume_retention;
+        for swept in self.shared.volumes.sweep(&keep, now_ms(), retention) {
+            match swept {
+                Swept::Orphaned(workload) => info!(
+                    %workload,
+                    retention = %shoal_api::quantity::format_duration_ms(
+                        u64::try_from(retention.as_millis()).unwrap_or(u64::MAX)
+                    ),
+                    "the workload left this device; its volumes are kept for the retention period"
+                ),
+                Swept::Expired(workload, trash) => {
+                    info!(%workload, "volumes deleted: the workload left this device");
+                    self.delete_in_background(trash);
+                }
+                Swept::Failed(workload, e) => warn!(%workload, error = %e, "cannot sweep volumes"),
+            }
+        }
+    }
+
+    /// Deletes what earlier runs left in the volumes' trash (interrupted deletes).
+    pub fn empty_trash(&self) {
+        for trash in self.shared.volumes.leftover_trash() {
+            self.delete_in_background(trash);
+        }
+    }
+
+    /// Deletes a directory on the blocking pool (a large volume takes a while on an SD card).
+    fn delete_in_background(&self, dir: PathBuf) {
+        self.tracker.spawn(async move {
+            let shown = dir.display().to_string();
+            match tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(dir = %shown, error = %e, "cannot delete"),
+                Err(e) => warn!(dir = %shown, error = %e, "delete task failed"),
+            }
+        });
+    }
+
+    fn spawn(&mut self, w: DesiredWorkload, artifact_base: &str, network: Network) {
+        self.next_task += 1;
+        let task = self.next_task;
+        let controls = supervisor::Controls::default();
+        let instance = w.instance();
+        info!(%instance, revision = %w.revision, "starting replica");
+        let revision = w.revision.clone();
+        let workload = w.name.clone();
+        let secrets = secret_versions(&w);
+        let container = w
+            .container
+            .is_some()
+            .then(|| crate::runtime::container_id(&w));
+        let handle = self.tracker.spawn(supervisor::supervise(
+            self.shared.clone(),
+            w,
+            artifact_base.to_string(),
+            network,
+            task,
+            controls.clone(),
+        ));
+        self.replicas.insert(
+            instance,
+            Replica {
+                workload,
+                revision,
+                secrets,
+                container,
+                task,
+                controls,
+                handle,
+            },
+        );
+    }
+
+    /// Where modules come from: the hub's URL if it gave one; otherwise the hub this agent
+    /// was pointed at (`--hub`); otherwise empty, and the supervisor uses the hub found over
+    /// mDNS. Never the broker's host on a TLS fleet: a broker (`shoal-broker`) is not the
+    /// hub, and the fetcher verifies the hub as `shoal-hub`. An `--insecure` agent, which
+    /// authenticates nobody, still tries the hub's port at the broker's host.
+    fn artifact_base(&self, desired: &DesiredState) -> String {
+        if !desired.artifact_base.is_empty() {
+            return desired.artifact_base.clone();
+        }
+        let source = &self.settings.artifacts;
+        if let Some(hub) = &source.hub_url {
+            return hub.trim_end_matches('/').to_string();
+        }
+        if !source.insecure {
+            return String::new();
+        }
+        let scheme = "http";
+        match (desired.artifact_port, &source.broker) {
+            (Some(port), Some(b)) if b.host.contains(':') => {
+                format!("{scheme}://[{}]:{port}", b.host)
+            }
+            (Some(port), Some(b)) => format!("{scheme}://{}:{port}", b.host),
+            _ => String::new(),
+        }
+    }
+
+    /// Stops a replica. A WASM guest stops within milliseconds and is waited for (its
+    /// successor may need its ports). A container may take its whole stop grace period
+    /// (SIGTERM, then SIGKILL), which must not hold up the main loop: its supervisor finishes
+    /// in the background (the task tracker still awaits it at shutdown; its container id is
+    /// per revision, so a successor of another revision never collides with it, and one of
+    /// the same revision waits for [`Replicas::gone`]).
+    async fn stop(&mut self, instance: &str) {
+        if let Some(r) = self.replicas.remove(instance) {
+            info!(%instance, "stopping replica");
+            r.controls.cancel.cancel();
+            if let Some(id) = r.container {
+                // Its volumes and secret files stay until it is gone.
+                self.stopping.insert(id.clone(), (r.workload, r.secrets));
+                let gone = self.gone_tx.clone();
+                self.tracker.spawn(async move {
+                    let _ = r.handle.await;
+                    let _ = gone.send(id).await;
+                });
+            } else {
+                let _ = r.handle.await;
+            }
+        }
+        self.statuses.remove(instance);
+    }
+
+    /// Stops every replica and waits for their supervisors (shutdown).
+    pub async fn stop_all(&mut self) {
+        for r in self.replicas.values() {
+            r.controls.cancel.cancel();
+        }
+        for (_, r) in std::mem::take(&mut self.replicas) {
+            let _ = r.handle.await;
+        }
+        self.statuses.clear();
+    }
+}
+
+/// One supervised replica, read ([`Replicas::supervised`]).
+pub struct Supervised<'a> {
+    pub instance: &'a str,
+    pub workload: &'a WorkloadName,
+    pub revision: &'a str,
+    pub status: Option<&'a InstanceStatus>,
+    pub memory: Option<u64>,
+    pub cpu: Option<u64>,
+}
+
+impl Drop for Replicas {
+    fn drop(&mut self) {
+        for r in self.replicas.values() {
+            r.controls.cancel.cancel();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::logs::LogSink;
+    use crate::runtime::{
+        Artifact, BoxFuture, Exit, RunSpec, Running, Runtime, RuntimeError, Runtimes,
+    };
+    use crate::store::MemStore;
+    use shoal_api::ids::Digest;
+    use shoal_api::workload::{Resources, Restart, RestartPolicy};
+    use shoal_pki::sign::{HubKey, HubSigner};
+    use std::sync::Arc;
+    use tokio_util::sync::CancellationToken;
+
+    /// A run that lasts until stopped, except for replicas of the workload `bad`, which
+    /// fail at once.
+    struct FakeRuntime;
+    struct FakeRun(Option<Exit>);
+    impl Running for FakeRun {
+        fn wait(self: Box<Self>, stop: CancellationToken) -> BoxFuture<'static, Exit> {
+            Box::pin(async move {
+                match self.0 {
+                    Some(exit) => exit,
+                    None => {
+                        stop.cancelled().await;
+                        Exit::Cancelled
+                    }
+                }
+            })
+        }
+    }
+    impl Runtime for FakeRuntime {
+        fn pull<'a>(&'a self, _s: &'a RunSpec) -> BoxFuture<'a, Result<Artifact, RuntimeError>> {
+            Box::pin(std::future::ready(Ok(Artifact::new(()))))
+        }
+        fn prepare<'a>(
+            &'a self,
+            _s: &'a RunSpec,
+            pulled: Artifact,
+        ) -> BoxFuture<'a, Result<Artifact, RuntimeError>> {
+            Box::pin(std::future::ready(Ok(pulled)))
+        }
+        fn start<'a>(
+            &'a self,
+            _p: &'a Artifact,
+            spec: &'a RunSpec,
+            _l: &'a LogSink,
+        ) -> BoxFuture<'a, Result<Box<dyn Running>, RuntimeError>> {
+            let exit = spec.instance.starts_with("bad-").then(|| Exit::Failure {
+                code: Some(2),
+                reason: "exited with status 2".into(),
+            });
+            Box::pin(std::future::ready(Ok(
+                Box::new(FakeRun(exit)) as Box<dyn Running>
+            )))
+        }
+    }
+
+    fn workload(name: &str, replica: u32, revision: &str) -> DesiredWorkload {
+        DesiredWorkload {
+            name: WorkloadName::try_from(name).unwrap(),
+            replica,
+            revision: revision.into(),
+            module: Some(Digest::of(name.as_bytes())),
+            oci: None,
+            container: None,
+            args: vec![],
+            env: Default::default(),
+            resources: Resources {
+                memory: 1 << 20,
+                cpu: None,
+            },
+            restart: Restart {
+                policy: RestartPolicy::Never,
+                initial_backoff_ms: 10,
+                max_backoff_ms: 40,
+            },
+            health: None,
+            ports: vec![],
+            uses: vec![],
+            volumes: vec![],
+            network: vec![],
+            limits: Default::default(),
+            secrets: Default::default(),
+        }
+    }
+
+    fn state(device: &str, generation: u64, workloads: Vec<DesiredWorkload>) -> DesiredState {
+        DesiredState {
+            protocol: shoal_api::PROTOCOL_VERSION,
+            device_id: device.parse().unwrap(),
+            generation,
+            artifact_base: "http://hub".into(),
+            artifact_port: None,
+            workloads,
+            secrets: vec![],
+        }
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        hub: HubSigner,
+        store: Arc<MemStore>,
+        replicas: Replicas,
+        updates: mpsc::Receiver<Update>,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let hub = HubSigner::load_or_create(&dir.path().join("hub.key")).unwrap();
+            let store = Arc::new(MemStore::default());
+            let (replicas, updates) = Self::replicas(dir.path(), &hub, store.clone());
+            Fixture {
+                _dir: dir,
+                hub,
+                store,
+                replicas,
+                updates,
+            }
+        }
+
+        /// Replicas over `store`, with the fake runtime and no bus, mDNS or hub.
+        fn replicas(
+            dir: &std::path::Path,
+            hub: &HubSigner,
+            store: Arc<MemStore>,
+        ) -> (Replicas, mpsc::Receiver<Update>) {
+            let (tx, rx) = mpsc::channel(64);
+            let (gone, _) = mpsc::channel(8);
+            let shared = Shared {
+                runtime: Arc::new(Runtimes {
+                    wasm: Arc::new(FakeRuntime),
+                    container: None,
+                }),
+                logs_dir: dir.join("logs"),
+                volumes: crate::volumes::Volumes::new(dir.join("volumes")),
+                secrets: crate::secrets::SecretFiles::new(dir),
+                updates: tx,
+                http: crate::http_client(reqwest::Client::builder()).unwrap(),
+            };
+            let settings = Settings {
+                device_id: "d1".parse().unwrap(),
+                hub_key: Some(HubKey::from_b64(&hub.public_key_b64()).unwrap()),
+                device_key: None,
+                artifacts: ArtifactSource::default(),
+                volume_retention: Duration::from_secs(3600),
+            };
+            let replicas =
+                Replicas::new(settings, Box::new(store), shared, gone, TaskTracker::new());
+            (replicas, rx)
+        }
+
+        fn desired(&mut self, d: &DesiredState) -> Desired {
+            let payload = self.hub.seal(&serde_json::to_vec(d).unwrap());
+            self.replicas.on_desired(&payload)
+        }
+
+        async fn reconcile(&mut self) {
+            assert!(self.replicas.reconcile(&mut |_| Network::default()).await);
+            self.replicas.sweep();
+        }
+
+        /// Takes the supervisors' reports until the replicas' statuses are `want`
+        /// (instance → phase, revision).
+        async fn settle(&mut self, want: &[(&str, Phase, &str)]) {
+            let want: BTreeMap<String, (Phase, String)> = want
+                .iter()
+                .map(|(i, p, r)| (i.to_string(), (*p, r.to_string())))
+                .collect();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let have: BTreeMap<String, (Phase, String)> = self
+                    .replicas
+                    .statuses()
+                    .map(|s| {
+                        (
+                            format!("{}-{}", s.name, s.replica),
+                            (s.phase, s.revision.clone()),
+                        )
+                    })
+                    .collect();
+                if have == want {
+                    return;
+                }
+                let u = tokio::time::timeout_at(deadline, self.updates.recv())
+                    .await
+                    .unwrap_or_else(|_| panic!("statuses {have:?}, want {want:?}"))
+                    .expect("a supervisor alive");
+                self.replicas.on_update(u);
+            }
+        }
+
+        fn running(&self) -> Vec<String> {
+            self.replicas
+                .running()
+                .iter()
+                .map(|w| w.instance())
+                .collect()
+        }
+    }
+
+    #[tokio::test]
+    async fn reconciles_replicas_with_the_desired_state_and_reports_their_status() {
+        let mut f = Fixture::new();
+        assert!(!f.replicas.resume().unwrap(), "nothing persisted yet");
+        assert!(!f.replicas.reconcile(&mut |_| Network::default()).await);
+
+        let one = state(
+            "d1",
+            1,
+            vec![
+                workload("web", 0, "r1"),
+                workload("web", 1, "r1"),
+                workload("bad", 0, "r1"),
+            ],
+        );
+        assert_eq!(f.desired(&one), Desired::Accepted);
+        assert_eq!(
+            f.store.load_desired().unwrap(),
+            Some(one.clone()),
+            "saved first"
+        );
+        f.reconcile().await;
+        f.settle(&[
+            ("bad-0", Phase::Failed, "r1"),
+            ("web-0", Phase::Running, "r1"),
+            ("web-1", Phase::Running, "r1"),
+        ])
+        .await;
+        assert_eq!(f.running(), ["web-0", "web-1"]);
+        let bad = f.replicas.statuses().find(|s| s.name.as_str() == "bad");
+        assert_eq!(bad.and_then(|s| s.exit_code), Some(2));
+
+        // The state in force again, an older one, one for another device, one the hub did
+        // not sign: nothing changes.
+        assert_eq!(f.desired(&one), Desired::Same);
+        assert_eq!(f.desired(&state("d1", 0, vec![])), Desired::Ignored);
+        assert_eq!(f.desired(&state("d2", 5, vec![])), Desired::Ignored);
+        let unsigned = serde_json::to_vec(&state("d1", 5, vec![])).unwrap();
+        assert_eq!(f.replicas.on_desired(&unsigned), Desired::Ignored);
+        assert_eq!(f.replicas.generation(), 1);
+        assert_eq!(f.replicas.len(), 3);
+
+        // web-0 moves to a new revision, web-1 stays as it runs, bad leaves.
+        let two = state(
+            "d1",
+            2,
+            vec![workload("web", 0, "r2"), workload("web", 1, "r1")],
+        );
+        assert_eq!(f.desired(&two), Desired::Accepted);
+        f.reconcile().await;
+        f.settle(&[
+            ("web-0", Phase::Running, "r2"),
+            ("web-1", Phase::Running, "r1"),
+        ])
+        .await;
+        assert_eq!(f.replicas.len(), 2);
+        let restarts: Vec<u32> = f.replicas.statuses().map(|s| s.restarts).collect();
+        assert_eq!(
+            restarts,
+            [0, 0],
+            "a new revision is a new replica, not a restart"
+        );
+
+        // A restart request reaches the replicas of a workload, and only those that run.
+        let web = WorkloadName::try_from("web").unwrap();
+        let restarted = f.replicas.restart(&web).unwrap().restarted;
+        assert_eq!(restarted, ["web-0", "web-1"]);
+        let bad = WorkloadName::try_from("bad").unwrap();
+        let e = f.replicas.restart(&bad).unwrap_err();
+        assert!(e.contains("\"bad\""), "{e}");
+
+        f.replicas.stop_all().await;
+        assert_eq!(f.replicas.len(), 0);
+        assert_eq!(f.replicas.statuses().count(), 0);
+
+        // After a restart of the agent, the persisted state is taken up again, offline.
+        let (mut again, _updates) = Fixture::replicas(f._dir.path(), &f.hub, f.store.clone());
+        assert!(again.resume().unwrap());
+        assert_eq!(again.generation(), 2);
+        assert!(again.reconcile(&mut |_| Network::default()).await);
+        assert_eq!(again.len(), 2);
+        again.stop_all().await;
+    }
+}
