@@ -1,13 +1,9 @@
 //! `shoal-agent`: the edge agent binary.
 
-use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
-use shoal_agent::config::{AgentConfig, LocalSocket};
+use anyhow::Context;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use shoal_agent::config::{parse_memory, Settings};
 use shoal_agent::local::{self, AgentStatusView, InspectView, PeersView, ReplicaView, RestartView};
-use shoal_api::endpoint::BrokerUrl;
-use shoal_api::ids::DeviceId;
-use shoal_daemon::mdns::{MdnsArgs, MdnsFile};
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -141,82 +137,8 @@ struct RunArgs {
     /// With MODULE: an environment variable for it, KEY=VALUE (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env, requires = "module")]
     module_env: Vec<(String, String)>,
-    /// TOML config file (keys as in examples/agent.toml).
-    #[arg(long, env = "SHOAL_AGENT_CONFIG")]
-    config: Option<PathBuf>,
-    /// Directory for the agent database, module cache and workload logs.
-    #[arg(long, env = "SHOAL_AGENT_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-    /// This device's id (lowercase letters, digits and '-').
-    #[arg(long, env = "SHOAL_AGENT_DEVICE_ID")]
-    device_id: Option<DeviceId>,
-    /// Labels this device asks for, k=v,k2=v2: shown to operators, but placement selects
-    /// only on the labels they grant (join token `--labels`, `shoal label device`).
-    #[arg(long, env = "SHOAL_AGENT_LABELS", value_parser = parse_labels)]
-    labels: Option<BTreeMap<String, String>>,
-    /// MQTT broker, mqtt://HOST:PORT [default: find the fleet's hub over mDNS].
-    #[arg(long, env = "SHOAL_BROKER")]
-    broker: Option<BrokerUrl>,
-    /// The fleet this device joins; hubs of other fleets are ignored [default: default].
-    #[arg(long, env = "SHOAL_FLEET")]
-    fleet: Option<String>,
-    /// Unix socket of the local API (`shoal-agent ps`, …) [default: /run/shoal/agent.sock].
-    #[arg(long, env = "SHOAL_AGENT_SOCKET")]
-    socket: Option<PathBuf>,
-    /// Serve Prometheus `/metrics` over plain HTTP at this address (e.g. 127.0.0.1:9465)
-    /// [default: only on the local socket].
-    #[arg(long, env = "SHOAL_AGENT_METRICS_LISTEN")]
-    metrics_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
-    mdns: MdnsArgs,
-    /// Memory offered to workloads (e.g. 512Mi) [default: all of the machine's memory].
-    #[arg(long, env = "SHOAL_AGENT_MEMORY", value_parser = parse_memory)]
-    memory: Option<u64>,
-    /// Most replicas this device takes [default: no limit].
-    #[arg(long, env = "SHOAL_AGENT_MAX_REPLICAS")]
-    max_replicas: Option<u32>,
-    /// A registry (`HOST:PORT`) that may be reached over plain HTTP; loopback ones always
-    /// may. Repeat for several; adds to `[registries]` in the config file.
-    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
-    insecure_registries: Vec<String>,
-    /// containerd's socket; the device offers the `container` runtime only if it answers
-    /// [default: /run/containerd/containerd.sock].
-    #[arg(long, env = "SHOAL_AGENT_CONTAINERD_SOCKET")]
-    containerd_socket: Option<PathBuf>,
-    /// containerd namespace for this agent's containers [default: shoal].
-    #[arg(long, env = "SHOAL_AGENT_CONTAINERD_NAMESPACE")]
-    containerd_namespace: Option<String>,
-    /// Do not look for containerd: run WASM workloads only.
-    #[arg(long, env = "SHOAL_AGENT_NO_CONTAINERD")]
-    no_containerd: bool,
-    /// Do not offer the WASM runtime (workloads with a container variant run that here).
-    #[arg(long, env = "SHOAL_AGENT_NO_WASM")]
-    no_wasm: bool,
-    /// How long a workload's volumes are kept after it left this device, in case it comes
-    /// back (e.g. 0s, 30m, 24h) [default: 24h].
-    #[arg(long, env = "SHOAL_AGENT_VOLUME_RETENTION", value_parser = shoal_api::quantity::duration_arg)]
-    volume_retention: Option<Duration>,
-    /// A one-time join token from `shoal-hub token create`, to enroll this device (only
-    /// needed until it holds a certificate, in DATA_DIR/pki). Prefer the environment
-    /// variable or --join-token-file: a command line is visible to every local user.
-    #[arg(long, env = "SHOAL_AGENT_JOIN_TOKEN", hide_env_values = true)]
-    join_token: Option<String>,
-    /// A file holding the join token (e.g. written by provisioning, then removed).
-    #[arg(
-        long,
-        env = "SHOAL_AGENT_JOIN_TOKEN_FILE",
-        value_name = "FILE",
-        conflicts_with = "join_token"
-    )]
-    join_token_file: Option<PathBuf>,
-    /// The hub's HTTP API, https://HOST:PORT (for enrollment and module downloads)
-    /// [default: found over mDNS].
-    #[arg(long, env = "SHOAL_HUB")]
-    hub: Option<String>,
-    /// Plain MQTT and HTTP, no device certificate, desired state not verified: only with a
-    /// hub run --insecure, for local development.
-    #[arg(long, env = "SHOAL_AGENT_INSECURE")]
-    insecure: bool,
+    settings: Settings,
 }
 
 fn parse_cpu(s: &str) -> Result<u32, String> {
@@ -235,7 +157,7 @@ async fn dev_run(a: RunArgs) -> anyhow::Result<i32> {
     let Some(module) = a.module else {
         anyhow::bail!("no module given");
     };
-    let data_dir = match a.data_dir {
+    let data_dir = match a.settings.data_dir {
         Some(d) => d,
         None => std::env::var_os("XDG_CACHE_HOME")
             .map(PathBuf::from)
@@ -268,211 +190,6 @@ async fn dev_run(a: RunArgs) -> anyhow::Result<i32> {
     }
 }
 
-/// `--volume-retention` when not given: a device offline overnight keeps its data.
-const DEFAULT_VOLUME_RETENTION: Duration = Duration::from_secs(24 * 3600);
-
-/// The `[containerd]` table of the config file.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct ContainerdFile {
-    enabled: Option<bool>,
-    socket: Option<PathBuf>,
-    namespace: Option<String>,
-}
-
-/// One `[registries."HOST:PORT"]` table of the config file.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct RegistryFile {
-    /// Plain HTTP allowed (loopback registries always are).
-    #[serde(default)]
-    insecure: bool,
-    username: Option<String>,
-    password: Option<String>,
-}
-
-/// The config file. Unknown keys are errors (a typo must not be silently ignored).
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct FileConfig {
-    data_dir: Option<PathBuf>,
-    device_id: Option<String>,
-    labels: Option<BTreeMap<String, String>>,
-    broker: Option<String>,
-    memory: Option<String>,
-    max_replicas: Option<u32>,
-    fleet: Option<String>,
-    socket: Option<PathBuf>,
-    metrics_listen: Option<String>,
-    #[serde(default)]
-    mdns: MdnsFile,
-    #[serde(default)]
-    registries: BTreeMap<String, RegistryFile>,
-    #[serde(default)]
-    containerd: ContainerdFile,
-    volume_retention: Option<String>,
-    hub: Option<String>,
-    #[serde(default)]
-    insecure: bool,
-}
-
-fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
-    shoal_api::ids::parse_label_list(s).map_err(|e| e.to_string())
-}
-
-fn parse_memory(s: &str) -> Result<u64, String> {
-    shoal_api::quantity::parse_memory(s).map_err(|e| e.to_string())
-}
-
-fn agent_config(a: RunArgs) -> anyhow::Result<AgentConfig> {
-    let file: FileConfig = shoal_daemon::read_config(a.config.as_deref())?;
-    let name = a
-        .config
-        .as_ref()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
-    let bad = |key: &str, e: String| anyhow::anyhow!("config file {name:?}: {key}: {e}");
-    let device_id = match (a.device_id, file.device_id) {
-        (Some(d), _) => d,
-        (None, Some(d)) => d
-            .parse()
-            .map_err(|e: shoal_api::ids::IdError| bad("device-id", e.to_string()))?,
-        (None, None) => bail!(
-            "no device id: give --device-id, SHOAL_AGENT_DEVICE_ID or device-id in a config file"
-        ),
-    };
-    let labels = match (a.labels, file.labels) {
-        (Some(l), _) => l,
-        (None, Some(l)) => {
-            for (k, v) in &l {
-                shoal_api::ids::check_label_key(k).map_err(|e| bad("labels", e.to_string()))?;
-                shoal_api::ids::check_label_value(v).map_err(|e| bad("labels", e.to_string()))?;
-            }
-            l
-        }
-        (None, None) => BTreeMap::new(),
-    };
-    let broker = match (a.broker, file.broker) {
-        (Some(b), _) => Some(b),
-        (None, Some(b)) => Some(
-            b.parse()
-                .map_err(|e: shoal_api::endpoint::EndpointError| bad("broker", e.to_string()))?,
-        ),
-        (None, None) => None,
-    };
-    let insecure = a.insecure || file.insecure;
-    if let Some(b) = broker.as_ref().filter(|b| !b.tls && !insecure) {
-        bail!("broker {b} is plain MQTT: use mqtts://{}:{} (the hub's TLS port), or --insecure with a hub run --insecure", b.host, b.port);
-    }
-    let hub_url = a.hub.or(file.hub);
-    if let Some(h) = &hub_url {
-        let plain = h.starts_with("http://");
-        if !(h.starts_with("https://") || plain) || (plain && !insecure) {
-            bail!("hub URL {h:?} is invalid: expected https://HOST:PORT");
-        }
-    }
-    let fleet = shoal_api::discovery::fleet_or_default(a.fleet.or(file.fleet))
-        .map_err(anyhow::Error::msg)?;
-    let mdns = a.mdns.options(&file.mdns);
-    if broker.is_none() && mdns.is_none() {
-        bail!("no broker and mDNS is off: give --broker (or SHOAL_BROKER, or broker in a config file), or drop --no-mdns to find the hub");
-    }
-    let memory = match (a.memory, file.memory) {
-        (Some(m), _) => Some(m),
-        (None, Some(m)) => Some(parse_memory(&m).map_err(|e| bad("memory", e))?),
-        (None, None) => None,
-    };
-    let data_dir = a.data_dir.or(file.data_dir).context(
-        "no data directory: give --data-dir, SHOAL_AGENT_DATA_DIR or data-dir in a config file",
-    )?;
-    let mut registries = shoal_registry::RegistryConfig {
-        insecure: a.insecure_registries,
-        ..Default::default()
-    };
-    for (host, r) in file.registries {
-        if r.insecure {
-            registries.insecure.push(host.clone());
-        }
-        match (r.username, r.password) {
-            (Some(username), Some(password)) => {
-                registries
-                    .credentials
-                    .insert(host, shoal_registry::Credentials { username, password });
-            }
-            (None, None) => {}
-            _ => {
-                return Err(bad(
-                    &format!("registries.{host:?}"),
-                    "give both username and password, or neither".into(),
-                ))
-            }
-        }
-    }
-    let containerd_on = !a.no_containerd && file.containerd.enabled.unwrap_or(true);
-    let containerd = containerd_on.then(|| shoal_agent::config::ContainerdOptions {
-        socket: a
-            .containerd_socket
-            .or(file.containerd.socket)
-            .unwrap_or_else(|| PathBuf::from("/run/containerd/containerd.sock")),
-        namespace: a
-            .containerd_namespace
-            .or(file.containerd.namespace)
-            .unwrap_or_else(|| "shoal".to_string()),
-    });
-    let volume_retention = match (a.volume_retention, file.volume_retention) {
-        (Some(d), _) => d,
-        (None, Some(d)) => {
-            shoal_api::quantity::duration_arg(&d).map_err(|e| bad("volume-retention", e))?
-        }
-        (None, None) => DEFAULT_VOLUME_RETENTION,
-    };
-    let metrics_listen =
-        match (a.metrics_listen, file.metrics_listen) {
-            (Some(m), _) => Some(m),
-            (None, Some(m)) => Some(m.parse().map_err(|e: std::net::AddrParseError| {
-                bad("metrics-listen", format!("{m:?}: {e}"))
-            })?),
-            (None, None) => None,
-        };
-    Ok(AgentConfig {
-        metrics_listen,
-        insecure,
-        // Parsed here, not by clap, whose error would echo the secret.
-        join_token: match (a.join_token, a.join_token_file) {
-            (Some(t), _) => Some(t.parse::<shoal_pki::token::JoinToken>()?),
-            (None, Some(f)) => Some(
-                std::fs::read_to_string(&f)
-                    .with_context(|| format!("cannot read the join token file {}", f.display()))?
-                    .parse::<shoal_pki::token::JoinToken>()?,
-            ),
-            (None, None) => None,
-        },
-        hub_url,
-        registries,
-        containerd,
-        wasm: !a.no_wasm,
-        volume_retention,
-        data_dir,
-        device_id,
-        labels,
-        broker,
-        memory,
-        max_replicas: a.max_replicas.or(file.max_replicas),
-        fleet,
-        mdns,
-        socket: Some(match a.socket.or(file.socket) {
-            Some(path) => LocalSocket {
-                path,
-                explicit: true,
-            },
-            None => LocalSocket {
-                path: PathBuf::from(local::DEFAULT_SOCKET),
-                explicit: false,
-            },
-        }),
-    })
-}
-
 fn main() {
     match real_main() {
         Ok(0) => {}
@@ -486,7 +203,10 @@ fn main() {
 
 /// The exit status: 0, or a module's (`run MODULE`).
 fn real_main() -> anyhow::Result<i32> {
-    let cli = Cli::parse();
+    // Parsed by hand, not `Cli::parse()`: the settings' merge asks where each value came
+    // from (flag, environment or default), to put the config file in between.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // Running one module, the terminal is for its output: only warnings from the agent.
     let quiet = matches!(&cli.command, Command::Run(a) if a.module.is_some());
     shoal_daemon::init_tracing(
@@ -508,9 +228,12 @@ fn real_main() -> anyhow::Result<i32> {
             clap_complete::generate(shell, &mut cmd, "shoal-agent", &mut std::io::stdout());
             Ok(())
         }
-        Command::Run(a) => rt.block_on(async {
+        Command::Run(_) => rt.block_on(async {
             let shutdown = shoal_daemon::shutdown_on_signal();
-            let config = agent_config(*a)?;
+            let run = matches
+                .subcommand_matches("run")
+                .context("no settings for run")?;
+            let config = shoal_agent::config::resolve(run)?;
             shoal_agent::app::run(config, shutdown)
                 .await
                 .context("agent failed")
@@ -751,108 +474,8 @@ fn peers_table(v: &PeersView, now_ms: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    fn args(config: Option<PathBuf>) -> RunArgs {
-        RunArgs {
-            module: None,
-            module_args: Vec::new(),
-            limit_memory: None,
-            limit_cpu: None,
-            limit_cpu_time: None,
-            module_env: Vec::new(),
-            config,
-            data_dir: None,
-            device_id: None,
-            labels: None,
-            broker: None,
-            memory: None,
-            max_replicas: None,
-            fleet: None,
-            socket: None,
-            metrics_listen: None,
-            mdns: MdnsArgs::default(),
-            insecure_registries: Vec::new(),
-            containerd_socket: None,
-            containerd_namespace: None,
-            no_containerd: false,
-            no_wasm: false,
-            volume_retention: None,
-            join_token: None,
-            join_token_file: None,
-            hub: None,
-            insecure: false,
-        }
-    }
-
     #[test]
-    fn example_config_parses() {
-        let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/agent.toml");
-        let c = agent_config(args(Some(example))).unwrap();
-        assert_eq!((c.fleet.as_str(), c.broker), ("greenhouse", None));
-        assert_eq!(c.mdns, Some(shoal_daemon::mdns::MdnsOptions::default()));
-        assert_eq!(c.registries.insecure, ["lab-registry.lan:5000"]);
-        assert_eq!(c.metrics_listen, Some("127.0.0.1:9465".parse().unwrap()));
-        assert_eq!(
-            c.registries.credentials["registry.example.com"].username,
-            "greenhouse"
-        );
-        let mut a = args(None);
-        a.device_id = Some("d".parse().unwrap());
-        a.data_dir = Some("/d".into());
-        a.mdns.no_mdns = true;
-        let e = agent_config(a).unwrap_err().to_string();
-        assert!(e.contains("no broker and mDNS is off"), "{e}");
-    }
-
-    #[test]
-    fn registry_tables_need_both_credentials() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("agent.toml");
-        std::fs::write(
-            &file,
-            "data-dir = \"/d\"\ndevice-id = \"d\"\n[registries.\"r.lan:5000\"]\nusername = \"u\"\n",
-        )
-        .unwrap();
-        let e = agent_config(args(Some(file))).unwrap_err().to_string();
-        assert!(e.contains("registries.\"r.lan:5000\""), "{e}");
-        assert!(e.contains("both username and password"), "{e}");
-    }
-
-    #[test]
-    fn precedence_defaults_file_then_env_or_flags() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("agent.toml");
-        std::fs::write(
-            &file,
-            "data-dir = \"/d\"\ndevice-id = \"from-file\"\nlabels = { zone = \"a\" }\nmemory = \"64Mi\"\n",
-        )
-        .unwrap();
-        let c = agent_config(args(Some(file.clone()))).unwrap();
-        assert_eq!(c.device_id.as_str(), "from-file");
-        assert_eq!(c.memory, Some(64 << 20));
-        assert_eq!(c.broker, None, "default: discover over mDNS");
-        assert_eq!(c.fleet, "default");
-        assert_eq!(
-            c.socket,
-            Some(LocalSocket {
-                path: "/run/shoal/agent.sock".into(),
-                explicit: false
-            })
-        );
-        assert!(c.mdns.is_some());
-        let mut a = args(Some(file.clone()));
-        a.device_id = Some("from-flag".parse().unwrap());
-        a.memory = Some(1);
-        let c = agent_config(a).unwrap();
-        assert_eq!(c.device_id.as_str(), "from-flag");
-        assert_eq!(c.memory, Some(1));
-        assert_eq!(c.labels.get("zone").map(String::as_str), Some("a"));
-
-        std::fs::write(&file, "device-id = \"Bad_Id\"\ndata-dir = \"/d\"\n").unwrap();
-        let e = format!("{:#}", agent_config(args(Some(file))).unwrap_err());
-        assert!(e.contains("device-id") && e.contains("\"Bad_Id\""), "{e}");
-        let e = format!("{:#}", agent_config(args(None)).unwrap_err());
-        assert!(e.contains("no device id"), "{e}");
+    fn the_command_line_is_well_formed() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
     }
 }
