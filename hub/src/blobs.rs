@@ -29,16 +29,24 @@ pub enum BlobError {
     },
     #[error("blob is empty")]
     Empty,
-    #[error("cannot share blob {digest:?} with the other hub replicas: {reason}")]
-    Shared { digest: String, reason: String },
+    #[error("cannot share blob {digest:?} with the other hub replicas: {source}")]
+    Shared {
+        digest: String,
+        source: SharedBlobError,
+    },
 }
 
 /// Blobs every hub replica can read (blocking calls).
 pub trait SharedBlobs: Send + Sync {
-    fn put(&self, d: &Digest, bytes: &[u8]) -> Result<(), String>;
+    fn put(&self, d: &Digest, bytes: &[u8]) -> Result<(), SharedBlobError>;
     /// `Ok(None)`: not there.
-    fn get(&self, d: &Digest) -> Result<Option<Vec<u8>>, String>;
+    fn get(&self, d: &Digest) -> Result<Option<Vec<u8>>, SharedBlobError>;
 }
+
+/// Why the shared blob store failed: its adapter's error (the port names no adapter).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct SharedBlobError(#[from] pub Box<dyn std::error::Error + Send + Sync>);
 
 /// Why [`BlobStore::precompiled`] gave nothing.
 #[derive(Debug, thiserror::Error)]
@@ -163,9 +171,9 @@ impl BlobStore {
             write_durably(&path, bytes)?;
         }
         if let Some(shared) = &self.shared {
-            shared.put(&d, bytes).map_err(|reason| BlobError::Shared {
+            shared.put(&d, bytes).map_err(|source| BlobError::Shared {
                 digest: d.to_string(),
-                reason,
+                source,
             })?;
         }
         Ok(d)

@@ -18,6 +18,7 @@
 //! single-threaded runtime, and the store talks to it over a channel. The thread ends when
 //! the store is dropped.
 
+use crate::blobs::SharedBlobError;
 use crate::enrollment::EnrollError;
 use crate::store::{Fence, Snapshot, Store, StoreError, StoredSecret};
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
@@ -215,6 +216,34 @@ enum Op {
     Delete(String),
 }
 
+/// What went wrong on the etcd client's thread.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdFault {
+    #[error("{0}")]
+    Client(#[from] etcd_client::Error),
+    #[error("etcd did not answer in time")]
+    Timeout,
+    #[error("cannot start the etcd client's runtime: {0}")]
+    Runtime(std::io::Error),
+    /// A fenced write found its election key gone (only unfenced writes report this).
+    #[error("etcd refused the write")]
+    Refused,
+    #[error("blob {marker:?} has {have} of its {count} chunks")]
+    Incomplete {
+        marker: String,
+        have: usize,
+        count: usize,
+    },
+    #[error("the etcd client thread has stopped")]
+    Stopped,
+}
+
+impl From<EtcdFault> for SharedBlobError {
+    fn from(e: EtcdFault) -> Self {
+        SharedBlobError(Box::new(e))
+    }
+}
+
 /// Every key under the prefix, with its value.
 type Entries = Vec<(String, Vec<u8>)>;
 
@@ -223,24 +252,24 @@ type Versioned = Option<(Vec<u8>, i64)>;
 
 enum Cmd {
     /// Every key starting with the given one.
-    Load(String, mpsc::Sender<Result<Entries, String>>),
+    Load(String, mpsc::Sender<Result<Entries, EtcdFault>>),
     /// The last (by key) so many keys starting with the given one, last first.
-    Newest(String, i64, mpsc::Sender<Result<Entries, String>>),
+    Newest(String, i64, mpsc::Sender<Result<Entries, EtcdFault>>),
     /// One key.
-    Get(String, mpsc::Sender<Result<Versioned, String>>),
+    Get(String, mpsc::Sender<Result<Versioned, EtcdFault>>),
     /// Puts the values if every guard key's modification revision is still the given one
     /// (0: the key does not exist); answers whether it did.
     Cas {
         guards: Vec<(String, i64)>,
         puts: Vec<(String, Vec<u8>)>,
-        reply: mpsc::Sender<Result<bool, String>>,
+        reply: mpsc::Sender<Result<bool, EtcdFault>>,
     },
     Commit(Vec<Op>, Option<Fence>, mpsc::Sender<Result<(), Refused>>),
 }
 
 /// Why a commit did not happen.
 enum Refused {
-    Failed(String),
+    Failed(EtcdFault),
     Fenced(Fence),
 }
 
@@ -263,7 +292,7 @@ impl EtcdStore {
         };
         // Everything async happens on the client's own thread (a runtime cannot be started
         // from within the hub's); it says when it is connected, or why not.
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), EtcdFault>>();
         let (tx, rx) = mpsc::channel::<Cmd>();
         let endpoints = url.endpoints.clone();
         let opts = url.options(Some(CALL_TIMEOUT))?;
@@ -276,7 +305,7 @@ impl EtcdStore {
                 {
                     Ok(rt) => rt,
                     Err(e) => {
-                        let _ = ready_tx.send(Err(e.to_string()));
+                        let _ = ready_tx.send(Err(EtcdFault::Runtime(e)));
                         return;
                     }
                 };
@@ -292,7 +321,7 @@ impl EtcdStore {
                         serve(rt, client, rx);
                     }
                     Err(e) => {
-                        let _ = ready_tx.send(Err(e.to_string()));
+                        let _ = ready_tx.send(Err(e.into()));
                     }
                 }
             })
@@ -301,11 +330,11 @@ impl EtcdStore {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 let _ = thread.join();
-                return Err(fail(e));
+                return Err(fail(e.to_string()));
             }
             Err(_) => {
                 let _ = thread.join();
-                return Err(fail("the etcd client thread stopped".into()));
+                return Err(fail(EtcdFault::Stopped.to_string()));
             }
         }
         Ok(EtcdStore {
@@ -325,10 +354,10 @@ impl EtcdStore {
         format!("{}.audit/{name}", self.url.prefix)
     }
 
-    fn fail(&self, reason: String) -> StoreError {
+    fn fail(&self, e: impl std::fmt::Display) -> StoreError {
         StoreError::Etcd {
             url: self.url.to_string(),
-            reason,
+            reason: e.to_string(),
         }
     }
 
@@ -349,7 +378,7 @@ impl EtcdStore {
         &self,
         make: impl FnOnce(mpsc::Sender<Result<T, E>>) -> Cmd,
     ) -> Result<Result<T, E>, StoreError> {
-        let gone = || self.fail("the etcd client thread has stopped".into());
+        let gone = || self.fail(EtcdFault::Stopped);
         let (reply, answer) = mpsc::channel();
         self.tx
             .as_ref()
@@ -400,8 +429,8 @@ fn serve(rt: tokio::runtime::Runtime, client: Client, rx: mpsc::Receiver<Cmd>) {
                     .block_on(async {
                         tokio::time::timeout(CALL_TIMEOUT, kv.get(from, Some(opts))).await
                     })
-                    .map_err(|_| "etcd did not answer in time".to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()))
+                    .map_err(|_| EtcdFault::Timeout)
+                    .and_then(|r| r.map_err(EtcdFault::from))
                     .map(|resp| {
                         resp.kvs()
                             .iter()
@@ -443,8 +472,8 @@ fn serve(rt: tokio::runtime::Runtime, client: Client, rx: mpsc::Receiver<Cmd>) {
                 let call = async { tokio::time::timeout(CALL_TIMEOUT, kv.txn(txn)).await };
                 let r = match rt.block_on(call) {
                     Ok(Ok(r)) => Ok(r.succeeded()),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err("etcd did not answer in time".to_string()),
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(_) => Err(EtcdFault::Timeout),
                 };
                 let _ = reply.send(r);
             }
@@ -479,11 +508,11 @@ fn serve(rt: tokio::runtime::Runtime, client: Client, rx: mpsc::Receiver<Cmd>) {
                             break;
                         }
                         Ok(Err(e)) => {
-                            result = Err(Refused::Failed(e.to_string()));
+                            result = Err(Refused::Failed(e.into()));
                             break;
                         }
                         Err(_) => {
-                            result = Err(Refused::Failed("etcd did not answer in time".into()));
+                            result = Err(Refused::Failed(EtcdFault::Timeout));
                             break;
                         }
                     }
@@ -501,7 +530,7 @@ async fn read(
     kv: &mut etcd_client::KvClient,
     key: &str,
     prefix: bool,
-) -> Result<etcd_client::GetResponse, String> {
+) -> Result<etcd_client::GetResponse, EtcdFault> {
     let scan = async {
         let mut attempt = 0;
         loop {
@@ -517,8 +546,8 @@ async fn read(
         }
     };
     match tokio::time::timeout(CALL_TIMEOUT, scan).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err("etcd did not answer in time".to_string()),
+        Ok(r) => r.map_err(EtcdFault::from),
+        Err(_) => Err(EtcdFault::Timeout),
     }
 }
 
@@ -673,7 +702,7 @@ const BLOB_CHUNK: usize = 1 << 20;
 /// last, `{prefix}.blobs/{hex}` holding the number of chunks. Use a connection of its own,
 /// so that large uploads do not hold up the state's flushes.
 impl crate::blobs::SharedBlobs for EtcdStore {
-    fn put(&self, d: &shoal_api::ids::Digest, bytes: &[u8]) -> Result<(), String> {
+    fn put(&self, d: &shoal_api::ids::Digest, bytes: &[u8]) -> Result<(), SharedBlobError> {
         let marker = format!("{}.blobs/{}", self.url.prefix, d.hex());
         if self.get_blob(&marker)?.is_some() {
             return Ok(());
@@ -682,30 +711,30 @@ impl crate::blobs::SharedBlobs for EtcdStore {
         for (i, c) in chunks.iter().enumerate() {
             self.put_now(Op::Put(format!("{marker}/{i:05}"), c.to_vec()))?;
         }
-        self.put_now(Op::Put(marker, chunks.len().to_string().into_bytes()))
+        Ok(self.put_now(Op::Put(marker, chunks.len().to_string().into_bytes()))?)
     }
 
-    fn get(&self, d: &shoal_api::ids::Digest) -> Result<Option<Vec<u8>>, String> {
-        self.get_blob(&format!("{}.blobs/{}", self.url.prefix, d.hex()))
+    fn get(&self, d: &shoal_api::ids::Digest) -> Result<Option<Vec<u8>>, SharedBlobError> {
+        Ok(self.get_blob(&format!("{}.blobs/{}", self.url.prefix, d.hex()))?)
     }
 }
 
 impl EtcdStore {
     /// Writes one key at once, unfenced (blobs are content-addressed: any replica may).
-    fn put_now(&self, op: Op) -> Result<(), String> {
+    fn put_now(&self, op: Op) -> Result<(), EtcdFault> {
         match self.ask(|reply| Cmd::Commit(vec![op], None, reply)) {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(Refused::Failed(why))) => Err(why),
-            Ok(Err(Refused::Fenced(_))) => Err("refused".into()),
-            Err(e) => Err(e.to_string()),
+            Ok(Err(Refused::Failed(e))) => Err(e),
+            Ok(Err(Refused::Fenced(_))) => Err(EtcdFault::Refused),
+            Err(_) => Err(EtcdFault::Stopped),
         }
     }
 
     /// The blob whose marker key is `marker`, if it was completely written.
-    fn get_blob(&self, marker: &str) -> Result<Option<Vec<u8>>, String> {
+    fn get_blob(&self, marker: &str) -> Result<Option<Vec<u8>>, EtcdFault> {
         let entries = self
             .ask(|reply| Cmd::Load(marker.to_string(), reply))
-            .map_err(|e| e.to_string())??;
+            .map_err(|_| EtcdFault::Stopped)??;
         let Some(count) = entries
             .iter()
             .find(|(k, _)| k == marker)
@@ -720,10 +749,11 @@ impl EtcdStore {
             .map(|(_, v)| v)
             .collect();
         if chunks.len() != count {
-            return Err(format!(
-                "blob {marker:?} has {} of its {count} chunks",
-                chunks.len()
-            ));
+            return Err(EtcdFault::Incomplete {
+                marker: marker.to_string(),
+                have: chunks.len(),
+                count,
+            });
         }
         Ok(Some(chunks.into_iter().flatten().copied().collect()))
     }

@@ -38,8 +38,9 @@
 //! Handlers that touch fleet state ask the main loop over a bounded channel and await its
 //! answer; blobs are served straight from disk.
 
+use crate::app::{Failed, LogRefusal, NotDurable};
 use crate::blobs::BlobStore;
-use crate::fleet::RolloutAction;
+use crate::fleet::{RolloutAction, WorkloadRefusal};
 use crate::security::Security;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -79,9 +80,10 @@ pub enum Request {
         text: ManifestText,
         reply: oneshot::Sender<ApplyResult>,
     },
+    /// `Ok(false)`: no such workload.
     Delete {
         name: WorkloadName,
-        reply: oneshot::Sender<Result<bool, String>>,
+        reply: oneshot::Sender<Result<bool, NotDurable>>,
     },
     Devices {
         reply: oneshot::Sender<Vec<DeviceView>>,
@@ -89,10 +91,9 @@ pub enum Request {
     Secrets {
         reply: oneshot::Sender<Vec<SecretView>>,
     },
-    /// `Err((HTTP status, message))`.
     DeleteSecret {
         name: SecretName,
-        reply: oneshot::Sender<Result<(), (u16, String)>>,
+        reply: oneshot::Sender<Result<(), Failed<crate::fleet::SecretRefusal>>>,
     },
     /// A device enrolled (perhaps again, with a new key); what its token granted is in the
     /// enrollment book.
@@ -108,7 +109,7 @@ pub enum Request {
     Label {
         id: DeviceId,
         change: LabelChange,
-        reply: oneshot::Sender<Result<Labels, LabelFailure>>,
+        reply: oneshot::Sender<Result<Labels, Failed<crate::fleet::LabelRefusal>>>,
     },
     Workloads {
         reply: oneshot::Sender<Vec<WorkloadView>>,
@@ -116,7 +117,7 @@ pub enum Request {
     /// Record a change in the audit log, durably; its number.
     Audit {
         change: crate::fleet::audit::Change,
-        reply: oneshot::Sender<Result<u64, String>>,
+        reply: oneshot::Sender<Result<u64, NotDurable>>,
     },
     /// The audit log after entry `after` (the leader's: a standby's copy is as old as the
     /// standby, so it is not answered as a read).
@@ -146,32 +147,32 @@ pub enum Request {
         name: WorkloadName,
         reply: oneshot::Sender<Option<WorkloadView>>,
     },
-    /// Steer a rollout. `Err((server fault, message))`.
+    /// Steer a rollout.
     Rollout {
         name: WorkloadName,
         action: RolloutAction,
-        reply: oneshot::Sender<Result<(), (bool, String)>>,
+        reply: oneshot::Sender<Result<(), Failed<WorkloadRefusal>>>,
     },
     Scale {
         name: WorkloadName,
         replicas: u32,
-        reply: oneshot::Sender<Result<(), (bool, String)>>,
+        reply: oneshot::Sender<Result<(), Failed<WorkloadRefusal>>>,
     },
     /// Cordon, uncordon or drain a device; `Ok(false)`: no such device.
     Device {
         id: DeviceId,
         action: DeviceAction,
-        reply: oneshot::Sender<Result<bool, String>>,
+        reply: oneshot::Sender<Result<bool, NotDurable>>,
     },
     /// Open a log session (`shoal logs`): all devices with a replica of `workload`, or only
-    /// `device`. `Err((HTTP status, message))`.
+    /// `device`.
     Logs {
         workload: WorkloadName,
         device: Option<DeviceId>,
         tail: Option<u32>,
         since_secs: Option<u64>,
         follow: bool,
-        reply: oneshot::Sender<Result<LogStream, (u16, String)>>,
+        reply: oneshot::Sender<Result<LogStream, LogRefusal>>,
     },
 }
 
@@ -212,14 +213,6 @@ impl std::fmt::Debug for ManifestText {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "ManifestText({} bytes)", self.0.len())
     }
-}
-
-/// Why a label change failed.
-#[derive(Debug)]
-pub enum LabelFailure {
-    Refused(crate::fleet::LabelRefusal),
-    /// Not stored, or not made durable.
-    Store(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -976,7 +969,7 @@ async fn device_action(
             StatusCode::NOT_FOUND,
             format!("device {:?} not found", id.as_str()),
         ),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(f) => f.into_response(),
     }
 }
@@ -1080,28 +1073,33 @@ async fn label_device(
     }
     match ask(&s, |reply| Request::Label { id, change, reply }).await {
         Ok(Ok(labels)) => Json(labels).into_response(),
-        Ok(Err(LabelFailure::Refused(r))) => {
-            let status = match &r {
-                crate::fleet::LabelRefusal::UnknownDevice(_) => StatusCode::NOT_FOUND,
-                crate::fleet::LabelRefusal::Invalid(LabelError::Exists { .. }) => {
-                    StatusCode::CONFLICT
-                }
-                crate::fleet::LabelRefusal::Invalid(_) => StatusCode::BAD_REQUEST,
-            };
-            error(status, r.to_string())
-        }
-        Ok(Err(LabelFailure::Store(e))) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Ok(Err(e)) => failed(e, |r| match r {
+            crate::fleet::LabelRefusal::UnknownDevice(_) => StatusCode::NOT_FOUND,
+            crate::fleet::LabelRefusal::Invalid(LabelError::Exists { .. }) => StatusCode::CONFLICT,
+            crate::fleet::LabelRefusal::Invalid(_) => StatusCode::BAD_REQUEST,
+        }),
         Err(f) => f.into_response(),
     }
 }
 
-/// The main loop's verdict on a command: done, refused (422) or failed (500).
-fn answer(r: Result<Result<(), (bool, String)>, Failure>) -> Response {
+/// The answer to a change the main loop did not make: the refusal's status (`status_of`),
+/// or 500 when the hub could not make it durable. The one place a refusal becomes a status.
+fn failed<R: std::fmt::Display>(f: Failed<R>, status_of: impl Fn(&R) -> StatusCode) -> Response {
+    match &f {
+        Failed::Refused(r) => error(status_of(r), f.to_string()),
+        Failed::NotDurable(_) => error(StatusCode::INTERNAL_SERVER_ERROR, f.to_string()),
+    }
+}
+
+/// The main loop's verdict on a workload command: done, refused (404 for a workload that
+/// does not exist, else 422) or failed (500).
+fn answer(r: Result<Result<(), Failed<WorkloadRefusal>>, Failure>) -> Response {
     match r {
         Ok(Ok(())) => Json(serde_json::json!({ "ok": true })).into_response(),
-        Ok(Err((false, why))) if why.ends_with("not found") => error(StatusCode::NOT_FOUND, why),
-        Ok(Err((false, why))) => error(StatusCode::UNPROCESSABLE_ENTITY, why),
-        Ok(Err((true, why))) => error(StatusCode::INTERNAL_SERVER_ERROR, why),
+        Ok(Err(e)) => failed(e, |r| match r {
+            WorkloadRefusal::NotFound(_) => StatusCode::NOT_FOUND,
+            _ => StatusCode::UNPROCESSABLE_ENTITY,
+        }),
         Err(f) => f.into_response(),
     }
 }
@@ -1160,10 +1158,10 @@ async fn delete_secret(State(s): State<AppState>, Path(name): Path<String>) -> R
     .await
     {
         Ok(Ok(())) => Json(serde_json::json!({ "deleted": name.as_str() })).into_response(),
-        Ok(Err((code, why))) => error(
-            StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            why,
-        ),
+        Ok(Err(e)) => failed(e, |r| match r {
+            crate::fleet::SecretRefusal::NotFound(_) => StatusCode::NOT_FOUND,
+            crate::fleet::SecretRefusal::InUse { .. } => StatusCode::CONFLICT,
+        }),
         Err(f) => f.into_response(),
     }
 }
@@ -1184,7 +1182,7 @@ async fn delete(State(s): State<AppState>, Path(name): Path<String>) -> Response
             StatusCode::NOT_FOUND,
             format!("workload {:?} not found", name.as_str()),
         ),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(f) => f.into_response(),
     }
 }
@@ -1436,10 +1434,8 @@ async fn logs(
     .await;
     let stream = match opened {
         Ok(Ok(st)) => st,
-        Ok(Err((status, msg))) => {
-            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            return error(status, msg);
-        }
+        // Every refusal names something that is not there (or not placed yet).
+        Ok(Err(e)) => return error(StatusCode::NOT_FOUND, e.to_string()),
         Err(f) => return f.into_response(),
     };
     let replicas = stream.replicas;

@@ -108,18 +108,15 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         if !errors.is_empty() {
             return Err(errors);
         }
-        let server_fault = |message: String| {
-            vec![ManifestError {
-                message,
-                ..Default::default()
-            }]
-        };
         let stored = self
             .core
             .apply_secrets(secrets.into_iter().map(|(_, s)| s).collect());
         let (outcome, publish) = self.fleet(|f| f.apply(workloads, now));
         if !self.publish_desired(publish).await {
-            return Err(server_fault(NOT_DURABLE.to_string()));
+            return Err(vec![ManifestError {
+                message: NotDurable.to_string(),
+                ..Default::default()
+            }]);
         }
         Ok((outcome, stored))
     }

@@ -5,7 +5,7 @@
 
 use crate::http::Request;
 use crate::mqtt::wire::ReplyTo;
-use shoal_api::ids::DeviceId;
+use shoal_api::ids::{DeviceId, WorkloadName};
 use shoal_api::messages::{ApplyResult, DeviceStatus, Hello, IngestBatch, LogChunk, LogRequest};
 use shoal_daemon::mdns::MdnsEvent;
 use std::future::Future;
@@ -101,4 +101,31 @@ pub struct BusError {
 /// The sending side of the bus (the MQTT adapter, or a fake in tests).
 pub trait Bus: Send + Sync + 'static {
     fn send(&self, msg: Outbound) -> impl Future<Output = Result<(), BusError>> + Send;
+}
+
+/// The change was decided but could not be made durable (the store's flush failed): nothing
+/// was published, and whoever asked must not be told it worked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the hub could not make the change durable (store flush failed); it retries, check the hub's disk")]
+pub struct NotDurable;
+
+/// Why an operator's change was not made: refused by the fleet (`R`, the operator's to
+/// fix), or not durable (the hub's).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failed<R> {
+    #[error(transparent)]
+    Refused(R),
+    #[error(transparent)]
+    NotDurable(#[from] NotDurable),
+}
+
+/// Why `shoal logs` has nobody to ask.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LogRefusal {
+    #[error("workload {:?} not found", .0.as_str())]
+    WorkloadNotFound(WorkloadName),
+    #[error("device {:?} not found", .0.as_str())]
+    DeviceNotFound(DeviceId),
+    #[error("workload {:?} has no replica placed on a device yet", .0.as_str())]
+    NotPlaced(WorkloadName),
 }

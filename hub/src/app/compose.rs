@@ -181,7 +181,7 @@ pub(super) async fn serve(
     // otherwise show only as secrets that never reach devices.
     if let Some((c, _)) = &standby_core {
         for s in c.stored_secrets() {
-            open_stored(&secrets_key, s).map_err(HubError::SecretsKey)?;
+            open_stored(&secrets_key, s).map_err(|e| HubError::SecretsKey(e.to_string()))?;
         }
     }
     let metrics = Arc::new(Metrics::default());
@@ -325,7 +325,7 @@ pub(super) async fn serve(
     let mut core = Fleet::open(store.load()?, public_url.clone(), parts.security.is_none());
     core.set_artifact_port(artifact_port);
     for s in core.stored_secrets() {
-        open_stored(&parts.secrets_key, s).map_err(HubError::SecretsKey)?;
+        open_stored(&parts.secrets_key, s).map_err(|e| HubError::SecretsKey(e.to_string()))?;
     }
     if let Some(mut standby) = heard {
         core.adopt_live(&mut standby);

@@ -145,6 +145,15 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         self.store.flush()
     }
 
+    /// [`MainLoop::persist`] for an answer: the store's error is logged, the caller told
+    /// the change is not durable.
+    pub(super) fn persisted(&mut self) -> Result<(), NotDurable> {
+        self.persist().map_err(|e| {
+            warn!(error = %e, "cannot make a change durable");
+            NotDurable
+        })
+    }
+
     /// Runs one of the fleet's inputs, and times the scheduler runs it caused for the
     /// metrics (the fleet reads no clock).
     pub(super) fn fleet<R>(&mut self, input: impl FnOnce(&mut Fleet) -> R) -> R {
@@ -220,30 +229,28 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
 
     /// Publishes what a delete or device action changed: `Ok(false)` when its target does
     /// not exist, `Err` when it could not be made durable.
-    pub(super) async fn published(&mut self, r: Option<Vec<DesiredState>>) -> Result<bool, String> {
+    pub(super) async fn published(
+        &mut self,
+        r: Option<Vec<DesiredState>>,
+    ) -> Result<bool, NotDurable> {
         match r {
             Some(publish) => match self.publish_desired(publish).await {
                 true => Ok(true),
-                false => Err(NOT_DURABLE.to_string()),
+                false => Err(NotDurable),
             },
             None => Ok(false),
         }
     }
 
-    /// Publishes what an operator command changed; `Err((server fault, message))`.
-    pub(super) async fn command(
+    /// Publishes what an operator command changed, once durable.
+    pub(super) async fn command<R>(
         &mut self,
-        r: Result<Vec<DesiredState>, String>,
-    ) -> Result<(), (bool, String)> {
-        match r {
-            Ok(publish) => {
-                if self.publish_desired(publish).await {
-                    Ok(())
-                } else {
-                    Err((true, NOT_DURABLE.to_string()))
-                }
-            }
-            Err(why) => Err((false, why)),
+        r: Result<Vec<DesiredState>, R>,
+    ) -> Result<(), Failed<R>> {
+        let publish = r.map_err(Failed::Refused)?;
+        match self.publish_desired(publish).await {
+            true => Ok(()),
+            false => Err(NotDurable.into()),
         }
     }
 
@@ -261,9 +268,9 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     pub(super) fn record_audit(
         &mut self,
         change: crate::fleet::audit::Change,
-    ) -> Result<u64, crate::store::StoreError> {
+    ) -> Result<u64, NotDurable> {
         let e = self.core.record_audit(change, now_ms());
-        self.persist()?;
+        self.persisted()?;
         Ok(e.seq)
     }
 }

@@ -36,7 +36,7 @@ use crate::fleet::Fleet;
 use crate::http::Request;
 use crate::metrics::Metrics;
 use crate::store::Store;
-pub use command::{Bus, BusEvent, Event};
+pub use command::{Bus, BusEvent, Event, Failed, LogRefusal, NotDurable};
 use shoal_api::endpoint::BrokerUrl;
 use shoal_api::ids::DeviceId;
 use shoal_api::messages::DesiredState;
@@ -118,8 +118,6 @@ pub enum HubError {
     #[error("lost the leadership (its etcd lease expired or its key is gone): stopping so that a supervisor starts this hub again, as a standby")]
     LeadershipLost,
 }
-
-const NOT_DURABLE: &str = "the hub could not make the change durable (store flush failed); it retries, check the hub's disk";
 
 /// Bus events handled before one commit (flush, then publish).
 const BATCH: usize = 256;

@@ -13,15 +13,37 @@ use tracing::warn;
 pub(super) fn open_stored(
     key: &shoal_pki::secret::SecretsKey,
     s: &StoredSecret,
-) -> Result<Vec<u8>, String> {
-    let blob = shoal_api::secret::b64::decode(&s.encrypted).ok_or_else(|| {
-        format!(
-            "the stored form of secret {:?} is not base64",
-            s.name.as_str()
-        )
-    })?;
-    key.decrypt(s.name.as_str(), &s.version, &blob)
-        .map_err(|e| e.to_string())
+) -> Result<Vec<u8>, SealError> {
+    let blob = shoal_api::secret::b64::decode(&s.encrypted)
+        .ok_or_else(|| SealError::NotBase64(s.name.clone()))?;
+    Ok(key.decrypt(s.name.as_str(), &s.version, &blob)?)
+}
+
+/// Why a secret was not sealed to a device (logged; the replicas that need it report it
+/// missing).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SealError {
+    #[error("the stored form of secret {:?} is not base64", .0.as_str())]
+    NotBase64(shoal_api::ids::SecretName),
+    #[error(transparent)]
+    Crypto(#[from] shoal_pki::secret::SecretError),
+    #[error(transparent)]
+    NoKey(#[from] NoDeviceKey),
+    #[error("the hub has no such secret")]
+    Unknown,
+    #[error("the desired state wants version {wanted}, the hub has {have}")]
+    Version { wanted: String, have: String },
+}
+
+/// Why there is no device key to seal secrets to.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(super) enum NoDeviceKey {
+    #[error("the hub runs --insecure: devices hold no keys to seal secrets to")]
+    Insecure,
+    #[error("the device has no enrollment record")]
+    NotEnrolled,
+    #[error("cannot read the enrollment record: {0}")]
+    Unreadable(String),
 }
 
 impl<S: Store, B: Bus> MainLoop<S, B> {
@@ -40,29 +62,24 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         }
         let dev = &state.device_id;
         let cert = match &self.security {
-            None => {
-                Err("the hub runs --insecure: devices hold no keys to seal secrets to".to_string())
-            }
+            None => Err(NoDeviceKey::Insecure),
             // A blocking read (a file, or one etcd round trip), for devices whose
             // workloads use secrets only.
             Some(sec) => match sec.enrollments.enrolled_cert(dev) {
                 Ok(Some(cert)) => Ok(cert),
-                Ok(None) => Err("the device has no enrollment record".to_string()),
-                Err(e) => Err(format!("cannot read the enrollment record: {e}")),
+                Ok(None) => Err(NoDeviceKey::NotEnrolled),
+                Err(e) => Err(NoDeviceKey::Unreadable(e.to_string())),
             },
         };
         let mut sealed = Vec::new();
         for (name, version) in wanted {
-            let r = cert.clone().and_then(|cert| {
-                let s = self
-                    .core
-                    .secret(name)
-                    .ok_or_else(|| "the hub has no such secret".to_string())?;
+            let r = cert.clone().map_err(SealError::from).and_then(|cert| {
+                let s = self.core.secret(name).ok_or(SealError::Unknown)?;
                 if s.version != version {
-                    return Err(format!(
-                        "the desired state wants version {version}, the hub has {}",
-                        s.version
-                    ));
+                    return Err(SealError::Version {
+                        wanted: version.to_string(),
+                        have: s.version.clone(),
+                    });
                 }
                 let plain = open_stored(&self.secrets_key, s)?;
                 shoal_pki::secret::seal_to_device(
@@ -72,7 +89,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     version,
                     &plain,
                 )
-                .map_err(|e| e.to_string())
+                .map_err(SealError::from)
             });
             match r {
                 Ok(x) => sealed.push(shoal_api::secret::SealedSecret {

@@ -3,8 +3,7 @@
 
 use super::*;
 use crate::app::command::Bus;
-use crate::fleet::SecretRefusal;
-use crate::http::{DeviceAction, LabelFailure, Request};
+use crate::http::{DeviceAction, Request};
 use crate::store::Store;
 use shoal_api::messages::now_ms;
 use tracing::{info_span, warn, Instrument};
@@ -19,7 +18,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 }
             }
             Request::Audit { change, reply } => {
-                let _ = reply.send(self.record_audit(change).map_err(|e| e.to_string()));
+                let _ = reply.send(self.record_audit(change));
             }
             Request::AuditLog { after, reply } => {
                 let _ = reply.send(self.core.audit_since(after, crate::fleet::audit::IN_MEMORY));
@@ -41,21 +40,8 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             }
             Request::DeleteSecret { name, reply } => {
                 let r = match self.core.delete_secret(&name) {
-                    Ok(()) => match self.persist() {
-                        Ok(()) => Ok(()),
-                        Err(e) => Err((500, e.to_string())),
-                    },
-                    Err(SecretRefusal::NotFound) => {
-                        Err((404, format!("secret {:?} not found", name.as_str())))
-                    }
-                    Err(SecretRefusal::InUse(users)) => Err((
-                        409,
-                        format!(
-                            "secret {:?} is used by workload(s) {}: change or delete them first",
-                            name.as_str(),
-                            users.join(", ")
-                        ),
-                    )),
+                    Ok(()) => self.persisted().map_err(Failed::from),
+                    Err(refused) => Err(Failed::Refused(refused)),
                 };
                 let _ = reply.send(r);
             }
@@ -69,12 +55,10 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 }
             }
             Request::Label { id, change, reply } => {
-                let r = match self.fleet(|f| f.label(&id, &change)) {
-                    Ok(publish) => match self.publish_desired(publish).await {
-                        true => Ok(self.core.labels_of_device(&id).unwrap_or_default()),
-                        false => Err(LabelFailure::Store(NOT_DURABLE.to_string())),
-                    },
-                    Err(refused) => Err(LabelFailure::Refused(refused)),
+                let done = self.fleet(|f| f.label(&id, &change));
+                let r = match self.command(done).await {
+                    Ok(()) => Ok(self.core.labels_of_device(&id).unwrap_or_default()),
+                    Err(e) => Err(e),
                 };
                 let _ = reply.send(r);
             }

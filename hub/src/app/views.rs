@@ -24,9 +24,9 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         &self,
         workload: &shoal_api::ids::WorkloadName,
         device: Option<&DeviceId>,
-    ) -> Result<(Vec<DeviceId>, Vec<(DeviceId, String)>, usize), (u16, String)> {
+    ) -> Result<(Vec<DeviceId>, Vec<(DeviceId, String)>, usize), LogRefusal> {
         let Some(view) = self.core.workload_view(workload) else {
-            return Err((404, format!("workload {:?} not found", workload.as_str())));
+            return Err(LogRefusal::WorkloadNotFound(workload.clone()));
         };
         let devices = self.core.device_views();
         let placed: std::collections::BTreeSet<&str> = view
@@ -36,16 +36,8 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             .collect();
         let wanted: Vec<&str> = match device {
             Some(d) if devices.iter().any(|v| v.id == d.as_str()) => vec![d.as_str()],
-            Some(d) => return Err((404, format!("device {:?} not found", d.as_str()))),
-            None if placed.is_empty() => {
-                return Err((
-                    404,
-                    format!(
-                        "workload {:?} has no replica placed on a device yet",
-                        workload.as_str()
-                    ),
-                ))
-            }
+            Some(d) => return Err(LogRefusal::DeviceNotFound(d.clone())),
+            None if placed.is_empty() => return Err(LogRefusal::NotPlaced(workload.clone())),
             None => placed.into_iter().collect(),
         };
         let replicas = view

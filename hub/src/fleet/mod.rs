@@ -52,6 +52,7 @@ pub use placement::SchedulingRun;
 pub use reports::Accepted;
 pub use rollouts::RolloutAction;
 pub use secrets::SecretRefusal;
+pub use workloads::WorkloadRefusal;
 
 use changes::{Changes, Write};
 use records::{DeviceRecord, Snapshot, StoredSecret};

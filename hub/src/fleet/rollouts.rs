@@ -198,9 +198,9 @@ impl Fleet {
         name: &WorkloadName,
         action: RolloutAction,
         now: u64,
-    ) -> Result<Vec<DesiredState>, String> {
+    ) -> Result<Vec<DesiredState>, WorkloadRefusal> {
         let Some(current) = self.workloads.get(name).cloned() else {
-            return Err(format!("workload {:?} not found", name.as_str()));
+            return Err(WorkloadRefusal::NotFound(name.clone()));
         };
         let rec = self.rollouts.get_mut(name);
         let active = rec
@@ -215,19 +215,9 @@ impl Fleet {
                 let spec = match to.as_deref() {
                     None => match history.iter().rev().find(|e| e.revision != rev) {
                         Some(e) => e.spec.clone(),
-                        None => {
-                            return Err(format!(
-                                "workload {:?} has no earlier revision to go back to",
-                                name.as_str()
-                            ))
-                        }
+                        None => return Err(WorkloadRefusal::NoEarlierRevision(name.clone())),
                     },
-                    Some("") => {
-                        return Err(
-                            "--to-revision is empty: give a revision from `shoal rollout history`"
-                                .to_string(),
-                        )
-                    }
+                    Some("") => return Err(WorkloadRefusal::EmptyRevision),
                     Some(to) => {
                         // Newest entry per revision (a revision may be applied more than once).
                         let mut found: Vec<(&str, &Workload)> = Vec::new();
@@ -241,25 +231,25 @@ impl Fleet {
                         match found.as_slice() {
                             [(_, one)] => (*one).clone(),
                             [] => {
-                                return Err(format!(
-                                    "revision {to:?} is not in the history of workload {:?} (see `shoal rollout history`)",
-                                    name.as_str()
-                                ))
+                                return Err(WorkloadRefusal::NotInHistory {
+                                    revision: to.to_string(),
+                                    workload: name.clone(),
+                                })
                             }
                             _ => {
-                                return Err(format!(
-                                    "revision {to:?} is ambiguous in the history of workload {:?}: give more of it",
-                                    name.as_str()
-                                ))
+                                return Err(WorkloadRefusal::Ambiguous {
+                                    revision: to.to_string(),
+                                    workload: name.clone(),
+                                })
                             }
                         }
                     }
                 };
                 if spec.revision() == rev {
-                    return Err(format!(
-                        "workload {:?} already runs revision {rev}",
-                        name.as_str()
-                    ));
+                    return Err(WorkloadRefusal::AlreadyRuns {
+                        workload: name.clone(),
+                        revision: rev,
+                    });
                 }
                 // Only what runs goes back; how many and where stay as they are now.
                 let spec = keep_placement(spec, &current);
@@ -268,21 +258,15 @@ impl Fleet {
                     self.secrets.get(n).map(|s| s.keys.clone())
                 });
                 if !missing.is_empty() {
-                    return Err(format!(
-                        "cannot go back to revision {}: {}",
-                        spec.revision(),
-                        missing.join("; ")
-                    ));
+                    return Err(WorkloadRefusal::SecretsGone {
+                        revision: spec.revision(),
+                        missing,
+                    });
                 }
                 info!(workload = %name, to = %spec.revision(), "rollout undo");
                 return Ok(self.apply(vec![spec], now).1);
             }
-            _ if !active => {
-                return Err(format!(
-                    "workload {:?} has no rollout in progress",
-                    name.as_str()
-                ))
-            }
+            _ if !active => return Err(WorkloadRefusal::NoRollout(name.clone())),
             _ => {}
         }
         if let Some(r) = self.rollouts.get_mut(name).and_then(|r| r.rollout.as_mut()) {

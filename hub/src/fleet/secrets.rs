@@ -11,11 +11,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use tracing::info;
 
 /// Why a secret cannot be deleted.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SecretRefusal {
-    NotFound,
-    /// These workloads use it.
-    InUse(Vec<String>),
+    #[error("secret {:?} not found", .0.as_str())]
+    NotFound(SecretName),
+    /// These workloads (or revisions rollouts still run) use it.
+    #[error("secret {:?} is used by workload(s) {}: change or delete them first", .name.as_str(), .users.join(", "))]
+    InUse {
+        name: SecretName,
+        users: Vec<String>,
+    },
 }
 
 impl Fleet {
@@ -118,7 +123,7 @@ impl Fleet {
     /// workload's spec or a revision a rollout still runs).
     pub fn delete_secret(&mut self, name: &SecretName) -> Result<(), SecretRefusal> {
         if !self.secrets.contains_key(name) {
-            return Err(SecretRefusal::NotFound);
+            return Err(SecretRefusal::NotFound(name.clone()));
         }
         let users: BTreeSet<String> = self
             .specs_in_use()
@@ -126,7 +131,10 @@ impl Fleet {
             .map(|w| w.name.to_string())
             .collect();
         if !users.is_empty() {
-            return Err(SecretRefusal::InUse(users.into_iter().collect()));
+            return Err(SecretRefusal::InUse {
+                name: name.clone(),
+                users: users.into_iter().collect(),
+            });
         }
         self.changes.put_secret(name, None);
         self.secrets.remove(name);

@@ -603,10 +603,13 @@ fn operators_pause_resume_promote_and_undo() {
     let count = |hub: &Fleet, a: &str| args_by_replica(hub).values().filter(|x| *x == a).count();
     // Nothing to steer before a rollout.
     let none = hub.rollout_action(&name, RolloutAction::Pause, T0);
-    assert!(none.unwrap_err().contains("not found"));
+    assert!(matches!(none, Err(WorkloadRefusal::NotFound(_))));
     hub.apply(web(4, "one", "maxUnavailable: 1"), T0);
     let none = hub.rollout_action(&name, RolloutAction::Resume, T0);
-    assert!(none.unwrap_err().contains("no rollout in progress"));
+    assert!(none
+        .unwrap_err()
+        .to_string()
+        .contains("no rollout in progress"));
 
     // Paused: reports come in, nothing switches; resumed: it goes on.
     hub.apply(web(4, "two", "maxUnavailable: 1"), T0);
@@ -673,6 +676,7 @@ fn operators_pause_resume_promote_and_undo() {
     );
     assert!(bad
         .unwrap_err()
+        .to_string()
         .contains(r#"revision "zzz" is not in the history"#));
     hub.rollout_action(
         &name,
@@ -691,7 +695,7 @@ fn operators_pause_resume_promote_and_undo() {
         },
         T0,
     );
-    assert!(same.unwrap_err().contains("already runs"));
+    assert!(matches!(same, Err(WorkloadRefusal::AlreadyRuns { .. })));
 }
 
 /// Every device reports every replica it should run as Running.
@@ -872,7 +876,10 @@ spec:
     let db = SecretName::try_from("db").unwrap();
     assert_eq!(
         hub.delete_secret(&db),
-        Err(SecretRefusal::InUse(vec!["sensor".into()]))
+        Err(SecretRefusal::InUse {
+            name: db.clone(),
+            users: vec!["sensor".into()]
+        })
     );
     let view = &hub.secret_views()[0];
     assert_eq!(
@@ -881,7 +888,10 @@ spec:
     );
     hub.delete(&WorkloadName::try_from("sensor").unwrap());
     assert_eq!(hub.delete_secret(&db), Ok(()));
-    assert_eq!(hub.delete_secret(&db), Err(SecretRefusal::NotFound));
+    assert_eq!(
+        hub.delete_secret(&db),
+        Err(SecretRefusal::NotFound(db.clone()))
+    );
     assert!(hub.secret_views().is_empty());
 }
 

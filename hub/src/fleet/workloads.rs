@@ -1,10 +1,50 @@
 //! Workloads: apply (create or update), scale and delete; each reconciles placement.
+//! [`WorkloadRefusal`] says why an operator's command on a workload (scale, rollout) was
+//! refused.
 
 use super::*;
 use shoal_api::ids::WorkloadName;
 use shoal_api::messages::DesiredState;
 use shoal_api::workload::{Placement, Workload};
 use tracing::info;
+
+/// Why `shoal scale` or `shoal rollout …` changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WorkloadRefusal {
+    #[error("workload {:?} not found", .0.as_str())]
+    NotFound(WorkloadName),
+    #[error("workload {:?} runs on every matching device: it has no replica count", .0.as_str())]
+    NoReplicaCount(WorkloadName),
+    #[error("replicas {replicas} is invalid: must be at most {max}")]
+    TooManyReplicas { replicas: u32, max: u32 },
+    #[error("workload {:?} has no rollout in progress", .0.as_str())]
+    NoRollout(WorkloadName),
+    #[error("workload {:?} has no earlier revision to go back to", .0.as_str())]
+    NoEarlierRevision(WorkloadName),
+    #[error("--to-revision is empty: give a revision from `shoal rollout history`")]
+    EmptyRevision,
+    #[error("revision {revision:?} is not in the history of workload {:?} (see `shoal rollout history`)", .workload.as_str())]
+    NotInHistory {
+        revision: String,
+        workload: WorkloadName,
+    },
+    #[error("revision {revision:?} is ambiguous in the history of workload {:?}: give more of it", .workload.as_str())]
+    Ambiguous {
+        revision: String,
+        workload: WorkloadName,
+    },
+    #[error("workload {:?} already runs revision {revision}", .workload.as_str())]
+    AlreadyRuns {
+        workload: WorkloadName,
+        revision: String,
+    },
+    /// Going back to `revision` would read secrets (or keys) that are gone.
+    #[error("cannot go back to revision {revision}: {}", .missing.join("; "))]
+    SecretsGone {
+        revision: String,
+        missing: Vec<String>,
+    },
+}
 
 impl Fleet {
     /// Stores validated workloads (create or update), then reconciles.
@@ -37,21 +77,18 @@ impl Fleet {
         &mut self,
         name: &WorkloadName,
         replicas: u32,
-    ) -> Result<Vec<DesiredState>, String> {
+    ) -> Result<Vec<DesiredState>, WorkloadRefusal> {
         let Some(mut w) = self.workloads.get(name).cloned() else {
-            return Err(format!("workload {:?} not found", name.as_str()));
+            return Err(WorkloadRefusal::NotFound(name.clone()));
         };
         if w.placement == Placement::Every {
-            return Err(format!(
-                "workload {:?} runs on every matching device: it has no replica count",
-                name.as_str()
-            ));
+            return Err(WorkloadRefusal::NoReplicaCount(name.clone()));
         }
         if replicas > shoal_api::workload::MAX_REPLICAS {
-            return Err(format!(
-                "replicas {replicas} is invalid: must be at most {}",
-                shoal_api::workload::MAX_REPLICAS
-            ));
+            return Err(WorkloadRefusal::TooManyReplicas {
+                replicas,
+                max: shoal_api::workload::MAX_REPLICAS,
+            });
         }
         w.placement = Placement::Replicas(replicas);
         self.changes.put_workload(&w);

@@ -1,0 +1,82 @@
+//! An in-memory store, for tests.
+
+use super::{DeviceRecord, Snapshot, Store, StoreError, StoredSecret};
+use crate::fleet::scheduler::Assignments;
+use shoal_api::ids::{SecretName, WorkloadName};
+use shoal_api::messages::DesiredState;
+use shoal_api::operator::AuditEntry;
+use shoal_api::workload::Workload;
+use std::sync::Mutex;
+
+/// In-memory fake for unit tests.
+#[derive(Default)]
+pub struct MemStore {
+    inner: Mutex<Snapshot>,
+}
+
+impl MemStore {
+    fn with<R>(&self, f: impl FnOnce(&mut Snapshot) -> R) -> R {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut g)
+    }
+}
+
+impl Store for MemStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        Ok(self.with(|s| s.clone()))
+    }
+    fn put_workload(&self, w: &Workload) -> Result<(), StoreError> {
+        self.with(|s| s.workloads.insert(w.name.clone(), w.clone()));
+        Ok(())
+    }
+    fn delete_workload(&self, name: &WorkloadName) -> Result<(), StoreError> {
+        self.with(|s| s.workloads.remove(name));
+        Ok(())
+    }
+    fn put_device(&self, d: &DeviceRecord) -> Result<(), StoreError> {
+        self.with(|s| s.devices.insert(d.hello.device_id.clone(), d.clone()));
+        Ok(())
+    }
+    fn put_assignments(&self, a: &Assignments) -> Result<(), StoreError> {
+        self.with(|s| s.assignments = a.clone());
+        Ok(())
+    }
+    fn put_desired(&self, d: &DesiredState) -> Result<(), StoreError> {
+        self.with(|s| s.desired.insert(d.device_id.clone(), d.clone()));
+        Ok(())
+    }
+    fn put_rollout(
+        &self,
+        name: &WorkloadName,
+        r: Option<&crate::fleet::rollout::Record>,
+    ) -> Result<(), StoreError> {
+        self.with(|s| match r {
+            Some(r) => s.rollouts.insert(name.clone(), r.clone()),
+            None => s.rollouts.remove(name),
+        });
+        Ok(())
+    }
+    fn put_secret(&self, name: &SecretName, sec: Option<&StoredSecret>) -> Result<(), StoreError> {
+        self.with(|s| match sec {
+            Some(x) => s.secrets.insert(name.clone(), x.clone()),
+            None => s.secrets.remove(name),
+        });
+        Ok(())
+    }
+    fn put_labels_owned(&self) -> Result<(), StoreError> {
+        self.with(|s| s.labels_owned = true);
+        Ok(())
+    }
+    fn put_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
+        self.with(|s| {
+            s.audit.push(e.clone());
+            if s.audit.len() > crate::fleet::audit::IN_MEMORY {
+                s.audit.remove(0);
+            }
+        });
+        Ok(())
+    }
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
