@@ -26,6 +26,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             grace_ms: p.grace_ms,
             rollout_due: false,
             outbox: Vec::new(),
+            unwritten: Default::default(),
             signer: p.signer,
             secrets_key: p.secrets_key,
             security: p.security,
@@ -139,8 +140,14 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     /// Writes what the fleet changed to the store and flushes: durable from here on. The
     /// only place the hub's store is written (a standby's loop never calls it).
     pub(super) fn persist(&mut self) -> Result<(), crate::store::StoreError> {
-        for w in self.core.take_writes() {
-            self.store.write(&w)?;
+        debug_assert!(self.standby.is_none(), "a standby never writes the store");
+        self.unwritten.extend(self.core.take_writes());
+        // Each write leaves the queue only once the store took it: after a refusal the
+        // memory is ahead of the store, and nothing is published (see `commit`) until a
+        // later commit has written the rest.
+        while let Some(w) = self.unwritten.front() {
+            self.store.write(w)?;
+            self.unwritten.pop_front();
         }
         self.store.flush()
     }

@@ -221,6 +221,9 @@ struct MainLoop<S: Store, B: Bus> {
     grace_ms: u64,
     /// Desired states to publish at the next commit.
     outbox: Vec<DesiredState>,
+    /// The fleet's writes not yet in the store, oldest first: a write the store refused
+    /// stays here, with every later one, until a commit gets them all in (in order).
+    unwritten: std::collections::VecDeque<crate::fleet::changes::Write>,
     /// Status reports arrived during a rollout since its last step.
     rollout_due: bool,
     /// Signs every desired state before it is published.

@@ -30,11 +30,19 @@ pub struct MqttBus {
 }
 
 impl Bus for MqttBus {
+    /// Publishes every message that carries `msg` (an apply's result may go to two
+    /// topics), even after one fails; the first failure is returned.
     async fn send(&self, msg: Outbound) -> Result<(), BusError> {
+        let mut first = Ok(());
         for m in wire::encode(msg) {
-            self.publish(m).await?;
+            if let Err(e) = self.publish(m).await {
+                warn!(error = %e, "mqtt publish failed");
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
         }
-        Ok(())
+        first
     }
 }
 
