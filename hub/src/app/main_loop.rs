@@ -141,14 +141,9 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     /// only place the hub's store is written (a standby's loop never calls it).
     pub(super) fn persist(&mut self) -> Result<(), crate::store::StoreError> {
         debug_assert!(self.standby.is_none(), "a standby never writes the store");
-        self.unwritten.extend(self.core.take_writes());
-        // Each write leaves the queue only once the store took it: after a refusal the
-        // memory is ahead of the store, and nothing is published (see `commit`) until a
-        // later commit has written the rest.
-        while let Some(w) = self.unwritten.front() {
-            self.store.write(w)?;
-            self.unwritten.pop_front();
-        }
+        // After a refusal the memory is ahead of the store, and nothing is published (see
+        // `commit`) until a later commit has written the rest.
+        self.unwritten.write(self.core.take_writes(), &self.store)?;
         self.store.flush()
     }
 

@@ -29,6 +29,7 @@ mod mdns;
 mod publish;
 mod requests;
 mod standby;
+mod unwritten;
 mod views;
 
 use crate::blobs::BlobStore;
@@ -221,9 +222,8 @@ struct MainLoop<S: Store, B: Bus> {
     grace_ms: u64,
     /// Desired states to publish at the next commit.
     outbox: Vec<DesiredState>,
-    /// The fleet's writes not yet in the store, oldest first: a write the store refused
-    /// stays here, with every later one, until a commit gets them all in (in order).
-    unwritten: std::collections::VecDeque<crate::fleet::changes::Write>,
+    /// The fleet's writes not yet in the store (see [`unwritten`]).
+    unwritten: unwritten::Unwritten,
     /// Status reports arrived during a rollout since its last step.
     rollout_due: bool,
     /// Signs every desired state before it is published.
