@@ -170,7 +170,7 @@ pub(super) async fn serve(
     // A standby reads the store through a connection of its own; the leader's is fenced.
     let mut standby_core = match &elector {
         Some(_) => {
-            let read = crate::store::ReadOnly(config.store.open(&config.data_dir)?);
+            let read: Box<dyn crate::store::Load> = Box::new(config.store.open(&config.data_dir)?);
             let mut c = Fleet::open(read.load()?, public_url.clone(), config.insecure);
             c.set_artifact_port(artifact_port);
             Some((c, read))
@@ -293,17 +293,17 @@ pub(super) async fn serve(
         } else {
             format!("{} {public_url}", config.name)
         };
-        let mut standby = MainLoop::new(
+        let mut standby: MainLoop<Box<dyn Store>, _> = MainLoop::new(
             core,
-            read,
             parts,
-            Some(Standby {
+            Role::Standby(Box::new(Standby {
+                read,
                 elector: elector.clone(),
                 leader: standby_tx.clone(),
                 last_reload: None,
                 changes: elector.watch_state(tracker, shutdown.clone()),
                 last_read: None,
-            }),
+            })),
         );
         let campaign = elector.campaign(value, tracker, shutdown.clone());
         let won = standby.run(&mut chans, &shutdown, campaign).await;
@@ -348,8 +348,12 @@ pub(super) async fn serve(
     }
     let moved = core.relocate_artifacts();
     parts.metrics.leader.set(1);
-    let mut main = MainLoop::new(core, store, parts, None);
-    main.lost = lost.clone();
+    let writer = Writer {
+        store,
+        unwritten: Default::default(),
+        lost: lost.clone(),
+    };
+    let mut main = MainLoop::new(core, parts, Role::Leader(writer));
     // Grants of enrollments the last leader did not apply (it died first, or a relay was
     // lost): every device's, from the book, each applied once.
     main.queue(revoked_states);

@@ -111,7 +111,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             i.relay.changed(again);
         }
         self.rollout_due |= self.core.rolling() || self.core.draining();
-        if self.standby.is_some() {
+        if matches!(self.role, Role::Standby(_)) {
             for device in enrolled {
                 i.heard_enrolled(device, now_ms());
             }

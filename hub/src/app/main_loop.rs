@@ -13,12 +13,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 impl<S: Store, B: Bus> MainLoop<S, B> {
-    pub(super) fn new(core: Fleet, store: S, p: Parts<B>, standby: Option<Standby>) -> Self {
+    pub(super) fn new(core: Fleet, p: Parts<B>, role: Role<S>) -> Self {
         MainLoop {
             core,
-            store,
-            standby,
-            lost: None,
+            role,
             bus: p.bus,
             blobs: p.blobs,
             metrics: p.metrics,
@@ -26,7 +24,6 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             grace_ms: p.grace_ms,
             rollout_due: false,
             outbox: Vec::new(),
-            unwritten: Default::default(),
             signer: p.signer,
             secrets_key: p.secrets_key,
             security: p.security,
@@ -107,7 +104,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     /// `false` if the store could not be flushed: nothing is published then (the queue is
     /// kept for the next commit), and whoever asked must not be told it worked.
     pub(super) async fn commit(&mut self) -> bool {
-        if self.standby.is_some() {
+        if self.is_standby() {
             // The leader writes and publishes.
             self.core.take_writes();
             self.outbox.clear();
@@ -118,8 +115,10 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         if let Err(e) = self.persist() {
             // Not durable: do not tell devices (they would act on state a crash could lose).
             warn!(error = %e, "cannot flush the hub store; desired states held back");
-            if let (crate::store::StoreError::Fenced { .. }, Some(lost)) = (&e, &self.lost) {
-                lost.cancel();
+            if let (crate::store::StoreError::Fenced { .. }, Role::Leader(w)) = (&e, &self.role) {
+                if let Some(lost) = &w.lost {
+                    lost.cancel();
+                }
             }
             return false;
         }
@@ -140,11 +139,19 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     /// Writes what the fleet changed to the store and flushes: durable from here on. The
     /// only place the hub's store is written (a standby's loop never calls it).
     pub(super) fn persist(&mut self) -> Result<(), crate::store::StoreError> {
-        debug_assert!(self.standby.is_none(), "a standby never writes the store");
+        let writes = self.core.take_writes();
+        let Role::Leader(w) = &mut self.role else {
+            return Err(crate::store::StoreError::Standby);
+        };
         // After a refusal the memory is ahead of the store, and nothing is published (see
         // `commit`) until a later commit has written the rest.
-        self.unwritten.write(self.core.take_writes(), &self.store)?;
-        self.store.flush()
+        w.unwritten.write(writes, &w.store)?;
+        w.store.flush()
+    }
+
+    /// Whether this loop stands by (reads only, see [`Role`]).
+    pub(super) fn is_standby(&self) -> bool {
+        matches!(self.role, Role::Standby(_))
     }
 
     /// [`MainLoop::persist`] for an answer: the store's error is logged, the caller told
@@ -188,7 +195,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             Event::Bus(BusEvent::Logs(_)) => {}
             _ => self.changed = true,
         }
-        if self.standby.is_some() {
+        if self.is_standby() {
             return self.stand_by(event).await;
         }
         match event {

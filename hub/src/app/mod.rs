@@ -194,6 +194,8 @@ impl Ingest {
 
 /// A hub standing by for the leadership (see [`crate::ha`]).
 struct Standby {
+    /// The store, to read what the leader wrote; no write path.
+    read: Box<dyn crate::store::Load>,
     elector: crate::ha::Elector,
     /// The leader as it announced itself (for the `http` module's refusals).
     leader: tokio::sync::watch::Sender<Option<String>>,
@@ -204,17 +206,27 @@ struct Standby {
     last_read: Option<std::time::Instant>,
 }
 
+/// What a main loop is: the leader, which writes, or a standby, which cannot.
+enum Role<S: Store> {
+    Leader(Writer<S>),
+    Standby(Box<Standby>),
+}
+
+/// The leader's write path: its store, which [`MainLoop::persist`] alone writes.
+struct Writer<S: Store> {
+    store: S,
+    /// The fleet's writes not yet in the store (see [`unwritten`]).
+    unwritten: unwritten::Unwritten,
+    /// Cancelled when the leadership is lost (by the lease keeper, or here when the store
+    /// refuses a write as fenced).
+    lost: Option<CancellationToken>,
+}
+
 struct MainLoop<S: Store, B: Bus> {
     core: Fleet,
-    /// The leader's store, which [`MainLoop::persist`] alone writes; a standby's reads
-    /// only (`ReadOnly`), and its loop drops the fleet's writes.
-    store: S,
-    /// `Some` while standing by: reads are answered, devices are listened to, nothing is
-    /// written or published.
-    standby: Option<Standby>,
-    /// The leader's: cancelled when its leadership is lost (by the lease keeper, or here
-    /// when the store refuses a write as fenced).
-    lost: Option<CancellationToken>,
+    /// Leading (the only holder of the store's write path) or standing by (reads are
+    /// answered, devices are listened to, nothing is written or published).
+    role: Role<S>,
     bus: B,
     blobs: Arc<BlobStore>,
     metrics: Arc<Metrics>,
@@ -222,8 +234,6 @@ struct MainLoop<S: Store, B: Bus> {
     grace_ms: u64,
     /// Desired states to publish at the next commit.
     outbox: Vec<DesiredState>,
-    /// The fleet's writes not yet in the store (see [`unwritten`]).
-    unwritten: unwritten::Unwritten,
     /// Status reports arrived during a rollout since its last step.
     rollout_due: bool,
     /// Signs every desired state before it is published.

@@ -44,7 +44,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             Event::Mdns(_) => {}
             Event::Tick => {
                 let now = std::time::Instant::now();
-                let Some(sb) = self.standby.as_mut() else {
+                let Role::Standby(sb) = &mut self.role else {
                     return;
                 };
                 if sb.last_reload.is_none_or(|t| now - t >= STANDBY_RELOAD) {
@@ -60,7 +60,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                         sb.changes.mark_unchanged();
                         sb.last_read = Some(now);
                         self.metrics.standby_reloads.inc();
-                        match self.store.load() {
+                        match sb.read.load() {
                             Ok(snap) => self.core.reload(snap),
                             Err(e) => {
                                 // Read again at the next tick.

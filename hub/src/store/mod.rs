@@ -38,6 +38,8 @@ pub enum StoreError {
     Etcd { url: String, reason: String },
     #[error("hub store {url}: this hub is no longer the leader (its election key {key:?} is gone): nothing it wrote since was committed")]
     Fenced { url: String, key: String },
+    #[error("this hub stands by: the leader writes the store")]
+    Standby,
 }
 
 /// A leader's claim, checked by every write it commits: its election key must still exist
@@ -133,48 +135,15 @@ impl Store for Box<dyn Store> {
     }
 }
 
-/// A view of a store that reads and never writes: a standby hub's (see [`crate::ha`]),
-/// whose in-memory changes (device reports) are its own and whose persistent state the
-/// leader writes.
-pub struct ReadOnly<S: Store>(pub S);
+/// Reading a store, and nothing else: a standby hub's view (see [`crate::ha`]), whose
+/// persistent state the leader writes. It has no write method to call.
+pub trait Load: Send {
+    fn load(&self) -> Result<Snapshot, StoreError>;
+}
 
-impl<S: Store> Store for ReadOnly<S> {
+impl<S: Store + ?Sized> Load for S {
     fn load(&self) -> Result<Snapshot, StoreError> {
-        self.0.load()
-    }
-    fn put_workload(&self, _: &Workload) -> Result<(), StoreError> {
-        Ok(())
-    }
-    fn delete_workload(&self, _: &WorkloadName) -> Result<(), StoreError> {
-        Ok(())
-    }
-    fn put_device(&self, _: &DeviceRecord) -> Result<(), StoreError> {
-        Ok(())
-    }
-    fn put_assignments(&self, _: &Assignments) -> Result<(), StoreError> {
-        Ok(())
-    }
-    fn put_desired(&self, _: &DesiredState) -> Result<(), StoreError> {
-        Ok(())
-    }
-    fn put_rollout(
-        &self,
-        _: &WorkloadName,
-        _: Option<&crate::fleet::rollout::Record>,
-    ) -> Result<(), StoreError> {
-        Ok(())
-    }
-    fn put_secret(&self, _: &SecretName, _: Option<&StoredSecret>) -> Result<(), StoreError> {
-        Ok(())
-    }
-    fn put_labels_owned(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
-    fn put_audit(&self, _: &AuditEntry) -> Result<(), StoreError> {
-        Ok(())
-    }
-    fn flush(&self) -> Result<(), StoreError> {
-        Ok(())
+        Store::load(self)
     }
 }
 
