@@ -1,0 +1,159 @@
+//! The requests the HTTP handlers put to the main loop (`crate::app`), with their typed
+//! replies: the port between the HTTP adapter and the shell.
+
+use crate::app::{Failed, LogRefusal, NotDurable};
+use crate::fleet::{RolloutAction, WorkloadRefusal};
+use shoal_api::ids::{DeviceId, Digest, SecretName, WorkloadName};
+use shoal_api::labels::{LabelChange, Labels};
+use shoal_api::messages::ApplyResult;
+use shoal_api::views::{DeviceView, EventView, FleetView, SecretView, WorkloadView};
+use tokio::sync::{mpsc, oneshot};
+
+/// A question for the main loop.
+#[derive(Debug)]
+pub enum Request {
+    Apply {
+        text: ManifestText,
+        reply: oneshot::Sender<ApplyResult>,
+    },
+    /// `Ok(false)`: no such workload.
+    Delete {
+        name: WorkloadName,
+        reply: oneshot::Sender<Result<bool, NotDurable>>,
+    },
+    Devices {
+        reply: oneshot::Sender<Vec<DeviceView>>,
+    },
+    Secrets {
+        reply: oneshot::Sender<Vec<SecretView>>,
+    },
+    DeleteSecret {
+        name: SecretName,
+        reply: oneshot::Sender<Result<(), Failed<crate::fleet::SecretRefusal>>>,
+    },
+    /// A device enrolled (perhaps again, with a new key); what its token granted is in the
+    /// enrollment book.
+    Enrolled { device: DeviceId },
+    /// May `device` download blob `digest` (its desired state names it)? Its reported
+    /// architecture if so.
+    MayFetch {
+        device: DeviceId,
+        digest: Digest,
+        reply: oneshot::Sender<Result<String, crate::fleet::FetchRefusal>>,
+    },
+    /// `shoal label device`: the device's labels afterwards.
+    Label {
+        id: DeviceId,
+        change: LabelChange,
+        reply: oneshot::Sender<Result<Labels, Failed<crate::fleet::LabelRefusal>>>,
+    },
+    Workloads {
+        reply: oneshot::Sender<Vec<WorkloadView>>,
+    },
+    /// Record a change in the audit log, durably; its number.
+    Audit {
+        change: crate::fleet::audit::Change,
+        reply: oneshot::Sender<Result<u64, NotDurable>>,
+    },
+    /// The audit log after entry `after` (the leader's: a standby's copy is as old as the
+    /// standby, so it is not answered as a read).
+    AuditLog {
+        after: u64,
+        reply: oneshot::Sender<Vec<shoal_api::operator::AuditEntry>>,
+    },
+    /// The devices the enrollment book says are revoked (all of them; see
+    /// [`crate::access::watch`]).
+    Revoked {
+        devices: std::collections::BTreeSet<DeviceId>,
+    },
+    /// Bring the gauges up to date before a scrape (computed on demand, not on every event).
+    RefreshMetrics { reply: oneshot::Sender<()> },
+    /// The fleet, and the events numbered after `after` (the dashboard's stream).
+    Fleet {
+        after: u64,
+        reply: oneshot::Sender<FleetView>,
+    },
+    /// Recorded events numbered after `after`, about `object` when given.
+    Events {
+        after: u64,
+        object: Option<String>,
+        reply: oneshot::Sender<Vec<EventView>>,
+    },
+    Workload {
+        name: WorkloadName,
+        reply: oneshot::Sender<Option<WorkloadView>>,
+    },
+    /// Steer a rollout.
+    Rollout {
+        name: WorkloadName,
+        action: RolloutAction,
+        reply: oneshot::Sender<Result<(), Failed<WorkloadRefusal>>>,
+    },
+    Scale {
+        name: WorkloadName,
+        replicas: u32,
+        reply: oneshot::Sender<Result<(), Failed<WorkloadRefusal>>>,
+    },
+    /// Cordon, uncordon or drain a device; `Ok(false)`: no such device.
+    Device {
+        id: DeviceId,
+        action: DeviceAction,
+        reply: oneshot::Sender<Result<bool, NotDurable>>,
+    },
+    /// Open a log session (`shoal logs`): all devices with a replica of `workload`, or only
+    /// `device`.
+    Logs {
+        workload: WorkloadName,
+        device: Option<DeviceId>,
+        tail: Option<u32>,
+        since_secs: Option<u64>,
+        follow: bool,
+        reply: oneshot::Sender<Result<LogStream, LogRefusal>>,
+    },
+}
+
+/// An open log session, as the main loop hands it to the HTTP handler.
+#[derive(Debug)]
+pub struct LogStream {
+    /// Devices that were asked.
+    pub asked: Vec<DeviceId>,
+    /// Devices that could not be asked, and why.
+    pub unreachable: Vec<(DeviceId, String)>,
+    /// Replicas of the workload on the devices concerned.
+    pub replicas: usize,
+    pub events: mpsc::Receiver<crate::logs::LogEvent>,
+}
+
+impl Request {
+    /// Whether the request only reads (it changes nothing in the fleet).
+    pub fn reads_only(&self) -> bool {
+        matches!(
+            self,
+            Request::Devices { .. }
+                | Request::MayFetch { .. }
+                | Request::Secrets { .. }
+                | Request::Workloads { .. }
+                | Request::Workload { .. }
+                | Request::RefreshMetrics { .. }
+                | Request::Fleet { .. }
+                | Request::Events { .. }
+                | Request::Logs { .. }
+        )
+    }
+}
+
+/// A manifest as posted: its `Debug` shows only its size, since it may hold secret values.
+pub struct ManifestText(pub String);
+
+impl std::fmt::Debug for ManifestText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ManifestText({} bytes)", self.0.len())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceAction {
+    Cordon,
+    Uncordon,
+    Drain,
+}
