@@ -1,7 +1,8 @@
 //! Shoal hub: accepts fleet manifests (over MQTT or HTTP), validates and stores them, places
 //! workload replicas on devices, and publishes each device's desired state.
 //!
-//! Code map: [`app`] (the imperative shell) wires everything and owns the main loop; [`fleet`] is the functional
+//! Code map: [`config`] declares `shoal-hub serve`'s settings and merges them into a
+//! [`HubConfig`]; [`app`] (the imperative shell) wires everything and owns the main loop; [`fleet`] is the functional
 //! core, the fleet's state machine and its pure decisions (placement, rollouts, ingest,
 //! events, the audit log), which no I/O and no clock reach (`cargo xtask boundaries`
 //! checks); [`store`] (sled, or [`etcd`]) and
@@ -11,6 +12,7 @@
 pub mod access;
 pub mod app;
 pub mod blobs;
+pub mod config;
 pub mod dashboard;
 pub mod enrollment;
 pub mod etcd;
@@ -24,4 +26,5 @@ pub mod mqtt;
 pub mod security;
 pub mod store;
 
-pub use app::{run, HubConfig, HubError};
+pub use app::{run, HubError};
+pub use config::HubConfig;

@@ -1,10 +1,7 @@
 //! `shoal-hub`: the fleet hub binary.
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use shoal_api::endpoint::BrokerUrl;
-use shoal_daemon::mdns::{MdnsArgs, MdnsFile};
-use std::net::SocketAddr;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -23,7 +20,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the hub (with its embedded MQTT broker unless --broker is given).
-    Serve(Box<ServeArgs>),
+    ///
+    /// Settings come from built-in defaults, then `--config FILE` (TOML, see
+    /// examples/hub.toml), then environment variables, then flags: each later source wins.
+    Serve(Box<shoal_hub::config::Settings>),
     /// Join tokens for new devices.
     #[command(subcommand)]
     Token(Box<TokenCommand>),
@@ -164,176 +164,6 @@ fn token_labels(s: &str) -> Result<shoal_api::labels::Labels, String> {
     Ok(l)
 }
 
-/// Settings come from built-in defaults, then `--config FILE` (TOML, see examples/hub.toml),
-/// then environment variables, then flags: each later source wins.
-#[derive(clap::Args)]
-struct ServeArgs {
-    /// TOML config file (keys as in examples/hub.toml).
-    #[arg(long, env = "SHOAL_HUB_CONFIG")]
-    config: Option<PathBuf>,
-    /// Directory for the hub database and blobs.
-    #[arg(long, env = "SHOAL_HUB_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-    /// Address of the embedded MQTT broker (MQTT 3.1.1 and 5 on one port) [default:
-    /// 127.0.0.1:8883, or 127.0.0.1:1883 with --insecure].
-    #[arg(long, env = "SHOAL_HUB_MQTT_LISTEN")]
-    mqtt_listen: Option<SocketAddr>,
-    /// Use this external broker (mqtts://HOST:PORT) instead of the embedded one.
-    #[arg(long, env = "SHOAL_HUB_BROKER")]
-    broker: Option<BrokerUrl>,
-    /// Address of the HTTP API [default: 127.0.0.1:8080].
-    #[arg(long, env = "SHOAL_HUB_HTTP_LISTEN")]
-    http_listen: Option<SocketAddr>,
-    /// URL agents fetch blobs from [default: http://<http-listen>; with a wildcard
-    /// --http-listen, the hub address each agent knows].
-    #[arg(long, env = "SHOAL_HUB_PUBLIC_URL")]
-    public_url: Option<String>,
-    /// The fleet this hub serves; agents configured for another fleet ignore it [default: default].
-    #[arg(long, env = "SHOAL_FLEET")]
-    fleet: Option<String>,
-    /// This hub's name on the LAN [default: the host name].
-    #[arg(long, env = "SHOAL_HUB_NAME")]
-    name: Option<String>,
-    #[command(flatten)]
-    mdns: MdnsArgs,
-    /// How long a device may be offline or silent before it is lost and its replicas are
-    /// rescheduled (`placement: every` ones stay), e.g. 500ms, 30s, 2m [default: 30s].
-    #[arg(long, env = "SHOAL_HUB_DEVICE_GRACE", value_parser = shoal_api::quantity::duration_arg)]
-    device_grace: Option<std::time::Duration>,
-    /// Serve MQTT and HTTP in the clear, without client certificates or topic ACLs. For
-    /// local development only: anyone who reaches the ports controls the fleet.
-    #[arg(long, env = "SHOAL_HUB_INSECURE")]
-    insecure: bool,
-    /// How long device certificates are valid; agents renew them after two thirds
-    /// (e.g. 90d is 2160h; at least 10s) [default: 2160h].
-    #[arg(long, env = "SHOAL_HUB_DEVICE_CERT_LIFETIME", value_parser = shoal_api::quantity::duration_arg)]
-    device_cert_lifetime: Option<std::time::Duration>,
-    /// Another name (DNS name or IP address) for the hub's server certificate, e.g. the
-    /// address devices and `mosquitto_pub` use (repeatable).
-    #[arg(long = "tls-name", value_name = "NAME")]
-    tls_names: Vec<String>,
-    /// Where the hub keeps its state: `sled` (DATA_DIR/hub.db) or
-    /// `etcds://HOST:PORT[,HOST:PORT…][/PREFIX]?ca=FILE[&cert=FILE&key=FILE][&user=NAME&password-file=FILE][&kek=FILE]`
-    /// (keys under PREFIX, default /shoal; TLS checked against `ca`, a client certificate
-    /// and/or etcd user; private keys wrapped with the key-encryption key `kek`, default
-    /// DATA_DIR/pki/etcd.kek, which every replica needs a copy of); plaintext `etcd://`
-    /// only with --insecure [default: sled].
-    #[arg(long, env = "SHOAL_HUB_STORE", value_name = "URL")]
-    store: Option<shoal_hub::store::StoreChoice>,
-    /// With an etcd store: the TTL of the lease the leader holds its leadership with; a dead
-    /// leader is replaced about this long after (at least 2s) [default: 3s].
-    #[arg(long, env = "SHOAL_HUB_LEADER_LEASE", value_parser = shoal_api::quantity::duration_arg)]
-    leader_lease: Option<std::time::Duration>,
-}
-
-/// The config file. Unknown keys are errors (a typo must not be silently ignored).
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct FileConfig {
-    data_dir: Option<PathBuf>,
-    mqtt_listen: Option<SocketAddr>,
-    broker: Option<String>,
-    http_listen: Option<SocketAddr>,
-    public_url: Option<String>,
-    fleet: Option<String>,
-    name: Option<String>,
-    device_grace: Option<String>,
-    #[serde(default)]
-    insecure: bool,
-    #[serde(default)]
-    tls_names: Vec<String>,
-    device_cert_lifetime: Option<String>,
-    store: Option<String>,
-    leader_lease: Option<String>,
-    #[serde(default)]
-    mdns: MdnsFile,
-}
-
-fn hub_config(a: ServeArgs) -> anyhow::Result<shoal_hub::HubConfig> {
-    let file: FileConfig = shoal_daemon::read_config(a.config.as_deref())?;
-    let name = a
-        .config
-        .as_ref()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
-    let broker = match (a.broker, file.broker) {
-        (Some(b), _) => Some(b),
-        (None, Some(b)) => Some(b.parse().map_err(|e: shoal_api::endpoint::EndpointError| {
-            anyhow::anyhow!("config file {name:?}: broker: {e}")
-        })?),
-        (None, None) => None,
-    };
-    let fleet = shoal_api::discovery::fleet_or_default(a.fleet.or(file.fleet))
-        .map_err(anyhow::Error::msg)?;
-    let hub_name = a.name.or(file.name).unwrap_or_else(shoal_daemon::host_name);
-    let device_grace = match (a.device_grace, file.device_grace) {
-        (Some(d), _) => d,
-        (None, Some(d)) => shoal_api::quantity::duration_arg(&d)
-            .map_err(|e| anyhow::anyhow!("config file {name:?}: device-grace: {e}"))?,
-        (None, None) => std::time::Duration::from_secs(30),
-    };
-    let insecure = a.insecure || file.insecure;
-    let device_cert_lifetime = match (a.device_cert_lifetime, file.device_cert_lifetime) {
-        (Some(d), _) => d,
-        (None, Some(d)) => shoal_api::quantity::duration_arg(&d)
-            .map_err(|e| anyhow::anyhow!("config file {name:?}: device-cert-lifetime: {e}"))?,
-        (None, None) => shoal_pki::ca::DEVICE_CERT_LIFETIME,
-    };
-    if device_cert_lifetime < std::time::Duration::from_secs(10) {
-        anyhow::bail!(
-            "device certificate lifetime {device_cert_lifetime:?} is too short: at least 10s"
-        );
-    }
-    let store = match (a.store, file.store) {
-        (Some(s), _) => s,
-        (None, Some(s)) => s.parse().map_err(|e: shoal_hub::etcd::BadStoreUrl| {
-            anyhow::anyhow!("config file {name:?}: store: {e}")
-        })?,
-        (None, None) => shoal_hub::store::StoreChoice::Sled,
-    };
-    let leader_lease = match (a.leader_lease, file.leader_lease) {
-        (Some(d), _) => d,
-        (None, Some(d)) => shoal_api::quantity::duration_arg(&d)
-            .map_err(|e| anyhow::anyhow!("config file {name:?}: leader-lease: {e}"))?,
-        (None, None) => std::time::Duration::from_secs(3),
-    };
-    if leader_lease < shoal_hub::ha::MIN_LEASE {
-        anyhow::bail!(
-            "leader lease {leader_lease:?} is too short: etcd grants at least {:?}",
-            shoal_hub::ha::MIN_LEASE
-        );
-    }
-    let mut tls_names = file.tls_names;
-    tls_names.extend(a.tls_names);
-    Ok(shoal_hub::HubConfig {
-        data_dir: a.data_dir.or(file.data_dir).context(
-            "no data directory: give --data-dir, SHOAL_HUB_DATA_DIR or data-dir in a config file",
-        )?,
-        mqtt_listen: a
-            .mqtt_listen
-            .or(file.mqtt_listen)
-            .unwrap_or(SocketAddr::from((
-                [127, 0, 0, 1],
-                if insecure { 1883 } else { 8883 },
-            ))),
-        broker,
-        http_listen: a
-            .http_listen
-            .or(file.http_listen)
-            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
-        public_url: a.public_url.or(file.public_url),
-        fleet,
-        name: hub_name,
-        mdns: a.mdns.options(&file.mdns),
-        device_grace,
-        insecure,
-        tls_names,
-        device_cert_lifetime,
-        store,
-        leader_lease,
-    })
-}
-
 fn main() {
     if let Err(e) = real_main() {
         eprintln!("error: {e:#}");
@@ -342,16 +172,22 @@ fn main() {
 }
 
 fn real_main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    // Parsed by hand, not `Cli::parse()`: the settings' merge asks where each value came
+    // from (flag, environment or default), to put the config file in between.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     shoal_daemon::init_tracing("info,rumqttd=warn,rustls=error", &cli.log)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     match cli.command {
-        Command::Serve(a) => rt.block_on(async {
+        Command::Serve(_) => rt.block_on(async {
             let shutdown = shoal_daemon::shutdown_on_signal();
-            let config = hub_config(*a)?;
+            let serve = matches
+                .subcommand_matches("serve")
+                .context("no settings for serve")?;
+            let config = shoal_hub::config::resolve(serve)?;
             shoal_hub::run(config, shutdown).await.context("hub failed")
         }),
         Command::Cert(CertCommand::Broker {
@@ -605,47 +441,4 @@ fn operator_command(cmd: OperatorCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn args(config: Option<PathBuf>) -> ServeArgs {
-        ServeArgs {
-            config,
-            data_dir: None,
-            mqtt_listen: None,
-            broker: None,
-            http_listen: None,
-            public_url: None,
-            fleet: None,
-            name: None,
-            mdns: MdnsArgs::default(),
-            device_grace: None,
-            insecure: false,
-            tls_names: Vec::new(),
-            device_cert_lifetime: None,
-            store: None,
-            leader_lease: None,
-        }
-    }
-
-    #[test]
-    fn example_config_parses_and_flags_win() {
-        let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/hub.toml");
-        let c = hub_config(args(Some(example.clone()))).unwrap();
-        assert_eq!(c.fleet, "greenhouse");
-        assert_eq!(c.mdns, Some(shoal_daemon::mdns::MdnsOptions::default()));
-        let mut a = args(Some(example));
-        a.fleet = Some("lab".into());
-        a.mdns.no_mdns = true;
-        let c = hub_config(a).unwrap();
-        assert_eq!((c.fleet.as_str(), c.mdns), ("lab", None));
-        let mut a = args(None);
-        a.data_dir = Some("/d".into());
-        a.fleet = Some("Bad Fleet".into());
-        let e = hub_config(a).unwrap_err().to_string();
-        assert!(e.contains("\"Bad Fleet\""), "{e}");
-    }
 }

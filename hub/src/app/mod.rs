@@ -38,51 +38,18 @@ use crate::http::Request;
 use crate::metrics::Metrics;
 use crate::store::Store;
 pub use command::{Bus, BusEvent, Event, Failed, LogRefusal, NotDurable};
-use shoal_api::endpoint::BrokerUrl;
 use shoal_api::ids::DeviceId;
 use shoal_api::messages::DesiredState;
-use shoal_daemon::mdns::{MdnsEvent, MdnsOptions};
+use shoal_daemon::mdns::MdnsEvent;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Hub settings (from flags and environment; see `shoal-hub serve --help`).
-#[derive(Debug, Clone)]
-pub struct HubConfig {
-    pub data_dir: PathBuf,
-    /// Where the embedded broker listens (ignored with `broker`).
-    pub mqtt_listen: SocketAddr,
-    /// External broker; `None` runs the embedded one.
-    pub broker: Option<BrokerUrl>,
-    pub http_listen: SocketAddr,
-    /// URL agents use to fetch blobs; default `http://{http_listen}` (empty when that is a
-    /// wildcard address: agents then use the address they reached the hub at).
-    pub public_url: Option<String>,
-    /// The fleet this hub serves (agents of other fleets ignore it).
-    pub fleet: String,
-    /// This hub's name on the LAN (its mDNS instance is `{fleet}-{name}`).
-    pub name: String,
-    /// mDNS interfaces; `None`: mDNS off.
-    pub mdns: Option<MdnsOptions>,
-    /// How long a device may be offline or silent before it is lost and its replicas move.
-    pub device_grace: std::time::Duration,
-    /// Plain MQTT and HTTP, no client certificates, no ACL (local development only).
-    pub insecure: bool,
-    /// Extra names (DNS names or IP addresses) for the hub's server certificate, besides
-    /// `shoal-hub`, `localhost`, the loopback addresses, the host name and the listen addresses.
-    pub tls_names: Vec<String>,
-    /// How long a device certificate is valid (agents renew after two thirds of it).
-    pub device_cert_lifetime: std::time::Duration,
-    /// Where the hub's state lives: sled in `data_dir` (default), or etcd.
-    pub store: crate::store::StoreChoice,
-    /// With etcd: the TTL of the lease leadership is held with (a dead leader is replaced
-    /// about this long after it died; see [`crate::ha`]).
-    pub leader_lease: std::time::Duration,
-}
+/// Hub settings, declared and merged in [`crate::config`].
+pub use crate::config::HubConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
