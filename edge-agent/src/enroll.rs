@@ -53,15 +53,75 @@ pub enum EnrollError {
         pinned: String,
     },
     #[error("enrollment at {url} failed: {reason}")]
-    Http { url: String, reason: String },
+    Http { url: String, reason: HttpError },
     #[error(
-        "enrollment at {url} failed: cannot reach the hub over TLS with the fleet CA: {reason}"
+        "enrollment at {url} failed: cannot reach the hub over TLS with the fleet CA: {}",
+        crate::with_causes(.reason)
     )]
-    Unreachable { url: String, reason: String },
+    Unreachable { url: String, reason: reqwest::Error },
     #[error("hub endpoint {url} not authenticated: {reason}")]
-    Unauthenticated { url: String, reason: String },
+    Unauthenticated { url: String, reason: HandshakeError },
     #[error(transparent)]
     Pki(#[from] shoal_pki::PkiError),
+}
+
+/// Why a request to the hub got no answer the agent can use.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// The HTTPS client cannot be built.
+    #[error("{0}")]
+    Client(reqwest::Error),
+    /// The request did not get through (the message says why, down to the TLS error).
+    #[error("{}", crate::with_causes(.0))]
+    Send(reqwest::Error),
+    /// The answer is an error status, or its body cannot be read.
+    #[error("{0}")]
+    Answer(reqwest::Error),
+    /// The hub refused, saying why.
+    #[error("{status}: {message}")]
+    Refused {
+        status: reqwest::StatusCode,
+        message: String,
+    },
+    /// The hub refused without saying why.
+    #[error("{0}")]
+    Status(reqwest::StatusCode),
+}
+
+/// Why an endpoint of a candidate hub is not authenticated: its URL, or the TLS handshake
+/// with it.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("not a URL: {0}")]
+    Url(String),
+    #[error("no host in the URL")]
+    NoHost,
+    #[error("no port in the URL")]
+    NoPort,
+    #[error("plain MQTT: this agent speaks TLS only")]
+    PlainMqtt,
+    #[error("cannot resolve {host:?}: {error}")]
+    Resolve { host: String, error: std::io::Error },
+    #[error("{host:?} has no address")]
+    NoAddress { host: String },
+    #[error("cannot connect to {addr}: {error}")]
+    Connect {
+        addr: std::net::SocketAddr,
+        error: std::io::Error,
+    },
+    #[error("TLS with {addr}: {error}")]
+    Io {
+        addr: std::net::SocketAddr,
+        error: std::io::Error,
+    },
+    #[error("TLS with {addr}: no handshake within {PROBE_TIMEOUT:?}")]
+    Timeout { addr: std::net::SocketAddr },
+    #[error("{0}")]
+    Name(rustls::pki_types::InvalidDnsNameError),
+    #[error("{0}")]
+    Tls(rustls::Error),
+    #[error("probe task failed: {0}")]
+    Task(tokio::task::JoinError),
 }
 
 impl EnrollError {
@@ -142,14 +202,14 @@ pub async fn identity(
     })
 }
 
-fn client(tls: Arc<rustls::ClientConfig>) -> Result<reqwest::Client, String> {
+fn client(tls: Arc<rustls::ClientConfig>) -> Result<reqwest::Client, HttpError> {
     crate::http_client(
         reqwest::Client::builder()
             .use_preconfigured_tls((*tls).clone())
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30)),
     )
-    .map_err(|e| e.to_string())
+    .map_err(HttpError::Client)
 }
 
 async fn enroll(
@@ -158,13 +218,13 @@ async fn enroll(
     token: &JoinToken,
 ) -> Result<DeviceCredentials, EnrollError> {
     let hub = hub.trim_end_matches('/');
-    let http = |reason: String| EnrollError::Http {
+    let http = |reason: HttpError| EnrollError::Http {
         url: hub.to_string(),
         reason,
     };
-    let unreachable = |e: reqwest::Error| EnrollError::Unreachable {
+    let unreachable = |reason: reqwest::Error| EnrollError::Unreachable {
         url: hub.to_string(),
-        reason: crate::with_causes(&e),
+        reason,
     };
     let unverified = client(tls::unverified_client_config()?).map_err(http)?;
     let ca_pem = unverified
@@ -173,10 +233,10 @@ async fn enroll(
         .await
         .map_err(unreachable)?
         .error_for_status()
-        .map_err(|e| http(e.to_string()))?
+        .map_err(|e| http(HttpError::Answer(e)))?
         .text()
         .await
-        .map_err(|e| http(e.to_string()))?;
+        .map_err(|e| http(HttpError::Answer(e)))?;
     // Exactly one certificate, the one the token pins; only it is trusted and saved.
     let (ca_der, ca_pem) = tls::only_cert(&ca_pem)?;
     let actual = shoal_pki::sha256_hex(&ca_der);
@@ -213,16 +273,19 @@ async fn enroll(
 /// The JSON answer, or the hub's error message.
 async fn answer<T: serde::de::DeserializeOwned>(
     r: reqwest::Result<reqwest::Response>,
-) -> Result<T, String> {
-    let r = r.map_err(|e| crate::with_causes(&e))?;
+) -> Result<T, HttpError> {
+    let r = r.map_err(HttpError::Send)?;
     if r.status().is_success() {
-        return r.json().await.map_err(|e| e.to_string());
+        return r.json().await.map_err(HttpError::Answer);
     }
     let status = r.status();
     let body: Option<shoal_api::views::ApiError> = r.json().await.ok();
     Err(match body {
-        Some(b) => format!("{status}: {}", b.error),
-        None => status.to_string(),
+        Some(b) => HttpError::Refused {
+            status,
+            message: b.error,
+        },
+        None => HttpError::Status(status),
     })
 }
 
@@ -291,7 +354,7 @@ pub async fn renew_loop(
 
 async fn renew(id: &Identity, hub: &str, mut creds: DeviceCredentials) -> Result<(), EnrollError> {
     let device = creds.name().unwrap_or_default();
-    let http = |reason: String| EnrollError::Http {
+    let http = |reason: HttpError| EnrollError::Http {
         url: hub.to_string(),
         reason,
     };
@@ -338,7 +401,7 @@ async fn authenticate_with(
     broker: Option<&shoal_api::endpoint::BrokerUrl>,
 ) -> Result<(), EnrollError> {
     if let Some(url) = http {
-        let unauthenticated = |reason: String| EnrollError::Unauthenticated {
+        let unauthenticated = |reason: HandshakeError| EnrollError::Unauthenticated {
             url: url.to_string(),
             reason,
         };
@@ -348,14 +411,12 @@ async fn authenticate_with(
             .map_err(unauthenticated)?;
     }
     if let Some(b) = broker {
-        let unauthenticated = |reason: String| EnrollError::Unauthenticated {
+        let unauthenticated = |reason: HandshakeError| EnrollError::Unauthenticated {
             url: b.to_string(),
             reason,
         };
         if !b.tls {
-            return Err(unauthenticated(
-                "plain MQTT: this agent speaks TLS only".into(),
-            ));
+            return Err(unauthenticated(HandshakeError::PlainMqtt));
         }
         handshake(b.host.clone(), b.port, mqtt.clone())
             .await
@@ -365,51 +426,60 @@ async fn authenticate_with(
 }
 
 /// Host and port of an `https://HOST:PORT` URL (IPv6 hosts without their brackets).
-fn http_endpoint(url: &str) -> Result<(String, u16), String> {
-    let u = reqwest::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
+fn http_endpoint(url: &str) -> Result<(String, u16), HandshakeError> {
+    let u = reqwest::Url::parse(url).map_err(|e| HandshakeError::Url(e.to_string()))?;
     let host = u
         .host_str()
-        .ok_or_else(|| "no host in the URL".to_string())?
+        .ok_or(HandshakeError::NoHost)?
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
-    let port = u
-        .port_or_known_default()
-        .ok_or_else(|| "no port in the URL".to_string())?;
+    let port = u.port_or_known_default().ok_or(HandshakeError::NoPort)?;
     Ok((host, port))
 }
 
 /// A TLS handshake with `host:port` under `tls` (which verifies the peer against the fleet
 /// CA for the fleet's names, whatever address was dialled), then a close; within
 /// [`PROBE_TIMEOUT`]. On the blocking pool: rustls over a std socket.
-async fn handshake(host: String, port: u16, tls: Arc<rustls::ClientConfig>) -> Result<(), String> {
+async fn handshake(
+    host: String,
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<(), HandshakeError> {
     tokio::task::spawn_blocking(move || handshake_blocking(&host, port, tls))
         .await
-        .map_err(|e| format!("probe task failed: {e}"))?
+        .map_err(HandshakeError::Task)?
 }
 
-fn handshake_blocking(host: &str, port: u16, tls: Arc<rustls::ClientConfig>) -> Result<(), String> {
+fn handshake_blocking(
+    host: &str,
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<(), HandshakeError> {
     use std::net::ToSocketAddrs;
     let started = std::time::Instant::now();
     let addr = (host, port)
         .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {host:?}: {e}"))?
+        .map_err(|error| HandshakeError::Resolve {
+            host: host.to_string(),
+            error,
+        })?
         .next()
-        .ok_or_else(|| format!("{host:?} has no address"))?;
+        .ok_or_else(|| HandshakeError::NoAddress {
+            host: host.to_string(),
+        })?;
     let mut sock = std::net::TcpStream::connect_timeout(&addr, PROBE_TIMEOUT)
-        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-    let io = |e: std::io::Error| format!("TLS with {addr}: {e}");
+        .map_err(|error| HandshakeError::Connect { addr, error })?;
+    let io = |error: std::io::Error| HandshakeError::Io { addr, error };
     sock.set_read_timeout(Some(PROBE_TIMEOUT)).map_err(io)?;
     sock.set_write_timeout(Some(PROBE_TIMEOUT)).map_err(io)?;
     // The verifier checks the fleet's names, not this one.
     let name = rustls::pki_types::ServerName::try_from(shoal_pki::ca::HUB_NAME)
-        .map_err(|e| e.to_string())?;
-    let mut conn = rustls::ClientConnection::new(tls, name).map_err(|e| e.to_string())?;
+        .map_err(HandshakeError::Name)?;
+    let mut conn = rustls::ClientConnection::new(tls, name).map_err(HandshakeError::Tls)?;
     while conn.is_handshaking() {
         if started.elapsed() > PROBE_TIMEOUT {
-            return Err(format!(
-                "TLS with {addr}: no handshake within {PROBE_TIMEOUT:?}"
-            ));
+            return Err(HandshakeError::Timeout { addr });
         }
         conn.complete_io(&mut sock).map_err(io)?;
     }

@@ -52,6 +52,13 @@ pub enum LocalError {
     },
 }
 
+/// Why `shoal-agent restart` restarted nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RestartError {
+    #[error("no replica of workload {:?} runs on this device (see `shoal-agent ps`)", .0.as_str())]
+    NotHere(WorkloadName),
+}
+
 /// A question for the agent's main loop.
 #[derive(Debug)]
 pub enum LocalRequest {
@@ -61,7 +68,10 @@ pub enum LocalRequest {
     /// `None`: no such workload on this device.
     Inspect(WorkloadName, oneshot::Sender<Option<InspectView>>),
     /// Restart the replicas of a workload; `Err`: why nothing was restarted.
-    Restart(WorkloadName, oneshot::Sender<Result<RestartView, String>>),
+    Restart(
+        WorkloadName,
+        oneshot::Sender<Result<RestartView, RestartError>>,
+    ),
 }
 
 /// One replica on this device, as `shoal-agent ps` shows it.
@@ -386,7 +396,7 @@ async fn restart(
     ctx.ask(|r| LocalRequest::Restart(name.clone(), r))
         .await?
         .map(Json)
-        .map_err(|e| Failure(StatusCode::NOT_FOUND, e))
+        .map_err(|e| Failure(StatusCode::NOT_FOUND, e.to_string()))
 }
 
 #[derive(Debug, Deserialize)]

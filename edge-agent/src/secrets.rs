@@ -21,6 +21,84 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+/// A file operation on the secrets directory that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {what} {}: {error}", .path.display())]
+pub struct FileError {
+    /// What was done: `create`, `write`, `set permissions of`, `rename into`.
+    pub what: &'static str,
+    pub path: PathBuf,
+    pub error: std::io::Error,
+}
+
+impl FileError {
+    fn new(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.to_path_buf();
+        move |error| Self { what, path, error }
+    }
+}
+
+/// Why a sealed secret could not be opened and written out; never says a value.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("version {0:?} is malformed")]
+    Version(String),
+    #[error(transparent)]
+    DeviceKey(#[from] DeviceKeyError),
+    #[error("its {0} is not base64")]
+    NotBase64(&'static str),
+    #[error(transparent)]
+    Open(#[from] shoal_pki::secret::SecretError),
+    /// The opened values are malformed, or a key is not a file name (the message names
+    /// the secret or quotes the key).
+    #[error("{0}")]
+    Malformed(String),
+    #[error(transparent)]
+    Write(#[from] FileError),
+}
+
+/// Why the device key cannot open secrets. Read once for all the secrets of a desired
+/// state, so the same error may be said of each (hence `Clone`).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DeviceKeyError {
+    #[error("this agent runs --insecure and holds no device key")]
+    Insecure,
+    #[error("cannot read the device key {}: {error}", .path.display())]
+    Read {
+        path: PathBuf,
+        error: std::sync::Arc<std::io::Error>,
+    },
+}
+
+/// Why a replica cannot have its secrets (mounts and environment variables).
+#[derive(Debug, thiserror::Error)]
+pub enum ForRunError {
+    #[error("secret {:?} (version {version}) is not on this device: it was not delivered or could not be opened (see the agent's log)", .name.as_str())]
+    NotHere { name: SecretName, version: String },
+    /// A key that cannot be a file name (the message quotes it).
+    #[error("{0}")]
+    Key(String),
+    #[error("secret {:?} has no readable key {key:?} for {var}: {error}", .name.as_str())]
+    Unreadable {
+        name: SecretName,
+        key: String,
+        var: String,
+        error: std::io::Error,
+    },
+    #[error("secret {:?} key {key:?} is not UTF-8 text, so it cannot be the environment variable {var}: mount it as a file", .name.as_str())]
+    NotText {
+        name: SecretName,
+        key: String,
+        var: String,
+    },
+    #[error("secret {:?} key {key:?} contains NUL, so it cannot be the environment variable {var}", .name.as_str())]
+    Nul {
+        name: SecretName,
+        key: String,
+        var: String,
+    },
+}
+
 /// The opened secrets of one agent.
 #[derive(Debug, Clone)]
 pub struct SecretFiles {
@@ -38,12 +116,12 @@ impl SecretFiles {
     /// Creates the owner-only `run` directory (and tightens it if it exists). What a previous
     /// agent opened stays: containers it ran and this agent adopts have it bind-mounted. The
     /// first sweep removes what no replica uses.
-    pub fn prepare(&self) -> Result<(), String> {
+    pub fn prepare(&self) -> Result<(), FileError> {
         let run = self.root.parent().unwrap_or(&self.root);
         for d in [run, &self.root] {
             std::fs::create_dir_all(d)
                 .and_then(|()| std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)))
-                .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+                .map_err(FileError::new("create", d))?;
         }
         Ok(())
     }
@@ -60,43 +138,28 @@ impl SecretFiles {
         device: &str,
         key_path: Option<&Path>,
         sealed: &[SealedSecret],
-    ) -> Vec<(SecretName, String)> {
+    ) -> Vec<(SecretName, OpenError)> {
         let mut failed = Vec::new();
-        let mut key: Option<Result<String, String>> = None;
+        let mut key: Option<Result<String, DeviceKeyError>> = None;
         for s in sealed {
             if !check_version(&s.version) {
-                failed.push((
-                    s.name.clone(),
-                    format!("version {:?} is malformed", s.version),
-                ));
+                failed.push((s.name.clone(), OpenError::Version(s.version.clone())));
                 continue;
             }
             if self.dir(&s.name, &s.version).is_dir() {
                 continue;
             }
             let key = key.get_or_insert_with(|| match key_path {
-                None => Err("this agent runs --insecure and holds no device key".to_string()),
-                Some(p) => std::fs::read_to_string(p)
-                    .map_err(|e| format!("cannot read the device key {}: {e}", p.display())),
+                None => Err(DeviceKeyError::Insecure),
+                Some(p) => std::fs::read_to_string(p).map_err(|e| DeviceKeyError::Read {
+                    path: p.to_path_buf(),
+                    error: std::sync::Arc::new(e),
+                }),
             });
-            let r = key.clone().and_then(|pem| {
-                let sealed = shoal_pki::secret::Sealed {
-                    enc: shoal_api::secret::b64::decode(&s.enc)
-                        .ok_or("its encapsulated key is not base64")?,
-                    ciphertext: shoal_api::secret::b64::decode(&s.ciphertext)
-                        .ok_or("its ciphertext is not base64")?,
-                };
-                let plain = shoal_pki::secret::open_on_device(
-                    &pem,
-                    device,
-                    s.name.as_str(),
-                    &s.version,
-                    &sealed,
-                )
-                .map_err(|e| e.to_string())?;
-                let secret = Secret::from_bytes(s.name.clone(), &plain)?;
-                self.write(&secret, &s.version)
-            });
+            let r = match key {
+                Ok(pem) => self.open(pem, device, s),
+                Err(e) => Err(e.clone().into()),
+            };
             if let Err(why) = r {
                 failed.push((s.name.clone(), why));
             }
@@ -104,27 +167,40 @@ impl SecretFiles {
         failed
     }
 
+    /// Opens one sealed secret with the device key `pem` and writes it out.
+    fn open(&self, pem: &str, device: &str, s: &SealedSecret) -> Result<(), OpenError> {
+        let sealed = shoal_pki::secret::Sealed {
+            enc: shoal_api::secret::b64::decode(&s.enc)
+                .ok_or(OpenError::NotBase64("encapsulated key"))?,
+            ciphertext: shoal_api::secret::b64::decode(&s.ciphertext)
+                .ok_or(OpenError::NotBase64("ciphertext"))?,
+        };
+        let plain =
+            shoal_pki::secret::open_on_device(pem, device, s.name.as_str(), &s.version, &sealed)?;
+        let secret = Secret::from_bytes(s.name.clone(), &plain).map_err(OpenError::Malformed)?;
+        self.write(&secret, &s.version)
+    }
+
     /// Writes one version's files under a temporary name, then renames it into place.
-    fn write(&self, secret: &Secret, version: &str) -> Result<(), String> {
+    fn write(&self, secret: &Secret, version: &str) -> Result<(), OpenError> {
         let parent = self.root.join(secret.name.as_str());
-        let io =
-            |what: &str, p: &Path, e: std::io::Error| format!("cannot {what} {}: {e}", p.display());
-        std::fs::create_dir_all(&parent).map_err(|e| io("create", &parent, e))?;
+        std::fs::create_dir_all(&parent).map_err(FileError::new("create", &parent))?;
         let tmp = parent.join(format!(".tmp-{version}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir(&tmp).map_err(|e| io("create", &tmp, e))?;
+        std::fs::create_dir(&tmp).map_err(FileError::new("create", &tmp))?;
         for (k, v) in &secret.data {
             // The key was checked on the hub; check again before it becomes a file name.
-            shoal_api::secret::check_key(k)?;
+            shoal_api::secret::check_key(k).map_err(OpenError::Malformed)?;
             let f = tmp.join(k);
-            std::fs::write(&f, v).map_err(|e| io("write", &f, e))?;
+            std::fs::write(&f, v).map_err(FileError::new("write", &f))?;
             std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o444))
-                .map_err(|e| io("set permissions of", &f, e))?;
+                .map_err(FileError::new("set permissions of", &f))?;
         }
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o555))
-            .map_err(|e| io("set permissions of", &tmp, e))?;
+            .map_err(FileError::new("set permissions of", &tmp))?;
         let dest = self.dir(&secret.name, version);
-        std::fs::rename(&tmp, &dest).map_err(|e| io("rename into", &dest, e))
+        std::fs::rename(&tmp, &dest).map_err(FileError::new("rename into", &dest))?;
+        Ok(())
     }
 
     /// Removes every version not in `keep` (name, version).
@@ -159,18 +235,17 @@ impl SecretFiles {
     pub fn for_run(
         &self,
         mounts: &[DesiredSecretMount],
-    ) -> Result<(Vec<crate::runtime::Mount>, BTreeMap<String, String>), String> {
+    ) -> Result<(Vec<crate::runtime::Mount>, BTreeMap<String, String>), ForRunError> {
         let mut out = Vec::new();
         let mut env = BTreeMap::new();
         for m in mounts {
             let name = &m.mount.name;
             let dir = self.dir(name, &m.version);
             if !check_version(&m.version) || !dir.is_dir() {
-                return Err(format!(
-                    "secret {:?} (version {}) is not on this device: it was not delivered or could not be opened (see the agent's log)",
-                    name.as_str(),
-                    m.version
-                ));
+                return Err(ForRunError::NotHere {
+                    name: name.clone(),
+                    version: m.version.clone(),
+                });
             }
             if let Some(path) = &m.mount.path {
                 out.push(crate::runtime::Mount {
@@ -180,24 +255,25 @@ impl SecretFiles {
                 });
             }
             for (var, key) in &m.mount.env {
-                shoal_api::secret::check_key(key)?;
-                let bytes = std::fs::read(dir.join(key)).map_err(|e| {
-                    format!(
-                        "secret {:?} has no readable key {key:?} for {var}: {e}",
-                        name.as_str()
-                    )
-                })?;
-                let text = String::from_utf8(bytes).map_err(|_| {
-                    format!(
-                        "secret {:?} key {key:?} is not UTF-8 text, so it cannot be the environment variable {var}: mount it as a file",
-                        name.as_str()
-                    )
+                shoal_api::secret::check_key(key).map_err(ForRunError::Key)?;
+                let bytes =
+                    std::fs::read(dir.join(key)).map_err(|error| ForRunError::Unreadable {
+                        name: name.clone(),
+                        key: key.clone(),
+                        var: var.clone(),
+                        error,
+                    })?;
+                let text = String::from_utf8(bytes).map_err(|_| ForRunError::NotText {
+                    name: name.clone(),
+                    key: key.clone(),
+                    var: var.clone(),
                 })?;
                 if text.contains('\0') {
-                    return Err(format!(
-                        "secret {:?} key {key:?} contains NUL, so it cannot be the environment variable {var}",
-                        name.as_str()
-                    ));
+                    return Err(ForRunError::Nul {
+                        name: name.clone(),
+                        key: key.clone(),
+                        var: var.clone(),
+                    });
                 }
                 env.insert(var.clone(), text);
             }
@@ -321,11 +397,13 @@ mod tests {
         // Binary values are files only; a version not delivered is said plainly.
         let e = files
             .for_run(&[mount("db", "00aa", None, &[("B", "blob")])])
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not UTF-8") && !e.contains("hunter2"), "{e}");
         let e = files
             .for_run(&[mount("db", "00bb", Some("/x"), &[])])
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not on this device"), "{e}");
 
         // Prepare keeps what is there; sweep keeps what is in use only.
@@ -360,6 +438,7 @@ mod tests {
         bad.version = "../../x".into();
         assert!(files.open_all("dev-a", Some(&key_a), &[bad])[0]
             .1
+            .to_string()
             .contains("malformed"));
         assert!(!files.dir(&s.name, "01").exists());
     }

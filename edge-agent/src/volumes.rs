@@ -25,6 +25,25 @@ pub struct Mount {
     pub read_only: bool,
 }
 
+/// Why a workload's volume directories cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// The volume's name or path is refused (the message quotes it).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot create {}: {error}", .path.display())]
+    Create {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("cannot create volume {name:?} at {}: {error}", .path.display())]
+    CreateVolume {
+        name: String,
+        path: PathBuf,
+        error: std::io::Error,
+    },
+}
+
 /// Marks a workload's volume directory as orphaned since a time (ms since the epoch).
 const ORPHANED: &str = ".orphaned";
 
@@ -56,12 +75,12 @@ impl Volumes {
         &self,
         workload: &WorkloadName,
         volumes: &[Volume],
-    ) -> Result<Vec<Mount>, String> {
+    ) -> Result<Vec<Mount>, VolumeError> {
         if volumes.is_empty() {
             return Ok(Vec::new());
         }
         for v in volumes {
-            v.check()?;
+            v.check().map_err(VolumeError::Invalid)?;
         }
         create_private(&self.root)?;
         let dir = self.root.join(workload.as_str());
@@ -76,12 +95,10 @@ impl Volumes {
                     .and_then(|()| {
                         std::fs::set_permissions(&host, std::fs::Permissions::from_mode(0o777))
                     })
-                    .map_err(|e| {
-                        format!(
-                            "cannot create volume {:?} at {}: {e}",
-                            v.name,
-                            host.display()
-                        )
+                    .map_err(|error| VolumeError::CreateVolume {
+                        name: v.name.clone(),
+                        path: host.clone(),
+                        error,
                     })?;
                 Ok(Mount {
                     host,
@@ -164,10 +181,13 @@ impl Volumes {
     }
 }
 
-fn create_private(dir: &Path) -> Result<(), String> {
+fn create_private(dir: &Path) -> Result<(), VolumeError> {
     std::fs::create_dir_all(dir)
         .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
-        .map_err(|e| format!("cannot create {}: {e}", dir.display()))
+        .map_err(|error| VolumeError::Create {
+            path: dir.to_path_buf(),
+            error,
+        })
 }
 
 #[cfg(test)]
@@ -244,7 +264,10 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let v = Volumes::new(tmp.path().join("volumes"));
         let web = WorkloadName::try_from("web").unwrap();
-        let e = v.prepare(&web, &[vol("../../etc", "/data")]).unwrap_err();
+        let e = v
+            .prepare(&web, &[vol("../../etc", "/data")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("volume name \"../../etc\" is invalid"), "{e}");
         assert!(!v.root().exists());
     }

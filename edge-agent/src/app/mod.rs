@@ -62,7 +62,7 @@ pub enum AgentError {
     #[error(transparent)]
     Fetch(#[from] crate::fetch::FetchError),
     #[error("cannot start the wasm runtime: {0}")]
-    Runtime(String),
+    Runtime(crate::runtime::wasm::WasmInitError),
     #[error(transparent)]
     Mdns(#[from] shoal_daemon::mdns::MdnsError),
     #[error(transparent)]
@@ -72,7 +72,7 @@ pub enum AgentError {
     #[error(transparent)]
     Enroll(#[from] crate::enroll::EnrollError),
     #[error("secrets directory: {0}")]
-    Secrets(String),
+    Secrets(crate::secrets::FileError),
 }
 
 /// What the main loop reacts to: one closed set, each from one source.
@@ -131,7 +131,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         config.data_dir.join("cache").join("compiled"),
         engine_stop.clone(),
     )
-    .map_err(|e| AgentError::Runtime(e.to_string()))?;
+    .map_err(AgentError::Runtime)?;
 
     if config.broker.is_none() && config.mdns.is_none() {
         return Err(AgentError::NoBroker);

@@ -8,7 +8,7 @@
 //! the loop hands it the network grants of a replica and publishes what it reports.
 
 use crate::core::plan::{plan, secret_versions, Action, Observed};
-use crate::local::RestartView;
+use crate::local::{RestartError, RestartView};
 use crate::replica::supervisor::{self, Shared, Update};
 use crate::runtime::Network;
 use crate::store::{Store, StoreError};
@@ -259,7 +259,7 @@ impl Replicas {
     }
 
     /// Restarts the replicas of `name` (`shoal-agent restart`); `Err`: why none was.
-    pub fn restart(&self, name: &WorkloadName) -> Result<RestartView, String> {
+    pub fn restart(&self, name: &WorkloadName) -> Result<RestartView, RestartError> {
         let mut restarted = Vec::new();
         for (instance, r) in &self.replicas {
             if &r.workload == name {
@@ -269,10 +269,7 @@ impl Replicas {
             }
         }
         if restarted.is_empty() {
-            Err(format!(
-                "no replica of workload {:?} runs on this device (see `shoal-agent ps`)",
-                name.as_str()
-            ))
+            Err(RestartError::NotHere(name.clone()))
         } else {
             Ok(RestartView { restarted })
         }
@@ -788,7 +785,8 @@ mod tests {
         assert_eq!(restarted, ["web-0", "web-1"]);
         let bad = WorkloadName::try_from("bad").unwrap();
         let e = f.replicas.restart(&bad).unwrap_err();
-        assert!(e.contains("\"bad\""), "{e}");
+        assert_eq!(e, RestartError::NotHere(bad.clone()));
+        assert!(e.to_string().contains("\"bad\""), "{e}");
 
         f.replicas.stop_all().await;
         assert_eq!(f.replicas.len(), 0);

@@ -6,8 +6,26 @@
 use shoal_api::workload::{Check, Health};
 use std::time::Duration;
 
+/// Why a probe failed; shown in logs and the replica's status.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("tcp connect to port {port}: {error}")]
+    Connect { port: u16, error: std::io::Error },
+    #[error("tcp connect to port {port}: no answer within {}ms", .timeout.as_millis())]
+    ConnectTimeout { port: u16, timeout: Duration },
+    #[error("GET {url}: {status}")]
+    Status {
+        url: String,
+        status: reqwest::StatusCode,
+    },
+    #[error("GET {url}: no answer within {}ms", .timeout.as_millis())]
+    GetTimeout { url: String, timeout: Duration },
+    #[error("GET {url}: {error}")]
+    Get { url: String, error: reqwest::Error },
+}
+
 /// Waits one period, then probes once. `Err` says what failed, for logs and status.
-pub async fn next_probe(h: &Health, client: &reqwest::Client) -> Result<(), String> {
+pub async fn next_probe(h: &Health, client: &reqwest::Client) -> Result<(), ProbeError> {
     tokio::time::sleep(Duration::from_millis(h.period_ms)).await;
     probe(&h.check, Duration::from_millis(h.timeout_ms), client).await
 }
@@ -16,33 +34,28 @@ pub async fn probe(
     check: &Check,
     timeout: Duration,
     client: &reqwest::Client,
-) -> Result<(), String> {
+) -> Result<(), ProbeError> {
     match check {
         Check::Tcp { port } => {
-            match tokio::time::timeout(
-                timeout,
-                tokio::net::TcpStream::connect(("127.0.0.1", *port)),
-            )
-            .await
+            let port = *port;
+            match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(("127.0.0.1", port)))
+                .await
             {
                 Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(format!("tcp connect to port {port}: {e}")),
-                Err(_) => Err(format!(
-                    "tcp connect to port {port}: no answer within {}ms",
-                    timeout.as_millis()
-                )),
+                Ok(Err(error)) => Err(ProbeError::Connect { port, error }),
+                Err(_) => Err(ProbeError::ConnectTimeout { port, timeout }),
             }
         }
         Check::Http { port, path } => {
             let url = format!("http://127.0.0.1:{port}{path}");
             match client.get(&url).timeout(timeout).send().await {
                 Ok(r) if r.status().is_success() || r.status().is_redirection() => Ok(()),
-                Ok(r) => Err(format!("GET {url}: {}", r.status())),
-                Err(e) if e.is_timeout() => Err(format!(
-                    "GET {url}: no answer within {}ms",
-                    timeout.as_millis()
-                )),
-                Err(e) => Err(format!("GET {url}: {e}")),
+                Ok(r) => Err(ProbeError::Status {
+                    url,
+                    status: r.status(),
+                }),
+                Err(e) if e.is_timeout() => Err(ProbeError::GetTimeout { url, timeout }),
+                Err(error) => Err(ProbeError::Get { url, error }),
             }
         }
     }
@@ -91,7 +104,7 @@ mod tests {
             port,
             path: "/bad".into(),
         };
-        let e = probe(&bad, t, &client).await.unwrap_err();
+        let e = probe(&bad, t, &client).await.unwrap_err().to_string();
         assert!(e.contains("500"), "{e}");
         drop(client);
         let closed = {
@@ -104,7 +117,8 @@ mod tests {
             &crate::http_client(reqwest::Client::builder()).unwrap_or_default(),
         )
         .await
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains(&format!("port {closed}")), "{e}");
     }
 }

@@ -9,12 +9,12 @@ use shoal_api::messages::DesiredWorkload;
 use std::collections::BTreeMap;
 
 /// Why a replica's volumes or secrets are not ready; shown as it is.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum PrestartError {
-    #[error("{0}")]
-    Volumes(String),
-    #[error("{0}")]
-    Secrets(String),
+    #[error(transparent)]
+    Volumes(#[from] crate::volumes::VolumeError),
+    #[error(transparent)]
+    Secrets(#[from] crate::secrets::ForRunError),
 }
 
 /// What a run gets from its volumes and secrets.
@@ -39,12 +39,8 @@ pub fn prestart(
     secrets: &SecretFiles,
     desired: &DesiredWorkload,
 ) -> Result<Prestart, PrestartError> {
-    let mut mounts = volumes
-        .prepare(&desired.name, &desired.volumes)
-        .map_err(PrestartError::Volumes)?;
-    let (secret_mounts, secret_env) = secrets
-        .for_run(&desired.secrets)
-        .map_err(PrestartError::Secrets)?;
+    let mut mounts = volumes.prepare(&desired.name, &desired.volumes)?;
+    let (secret_mounts, secret_env) = secrets.for_run(&desired.secrets)?;
     mounts.extend(secret_mounts);
     let mut env = desired.env.clone();
     env.extend(secret_env);

@@ -130,7 +130,7 @@ impl Containerd {
             image: image.clone(),
             reason,
         };
-        let config = ImageConfig::from_blob(&p.config.1).map_err(&bad)?;
+        let config = ImageConfig::from_blob(&p.config.1).map_err(|e| bad(e.to_string()))?;
         let config_json: serde_json::Value =
             serde_json::from_slice(&p.config.1).map_err(|e| bad(e.to_string()))?;
         let diff_ids: Vec<String> = config_json["rootfs"]["diff_ids"]

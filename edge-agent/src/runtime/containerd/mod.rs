@@ -307,6 +307,11 @@ impl Running for ContainerdRunning {
     }
 }
 
+/// An image config blob that is not JSON.
+#[derive(Debug, thiserror::Error)]
+#[error("the image config is not JSON: {0}")]
+pub struct ImageConfigError(serde_json::Error);
+
 /// What the image config says about running it (the parts a runtime spec needs).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageConfig {
@@ -319,9 +324,8 @@ pub struct ImageConfig {
 
 impl ImageConfig {
     /// Reads the `config` object of an OCI/Docker image config blob.
-    pub fn from_blob(bytes: &[u8]) -> Result<Self, String> {
-        let v: serde_json::Value = serde_json::from_slice(bytes)
-            .map_err(|e| format!("the image config is not JSON: {e}"))?;
+    pub fn from_blob(bytes: &[u8]) -> Result<Self, ImageConfigError> {
+        let v: serde_json::Value = serde_json::from_slice(bytes).map_err(ImageConfigError)?;
         let c = &v["config"];
         let strings = |x: &serde_json::Value| -> Vec<String> {
             x.as_array()

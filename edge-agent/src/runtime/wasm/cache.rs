@@ -181,7 +181,7 @@ impl Inner {
             digest: digest.as_str().to_string(),
             reason: format!("cannot read {:?}: {e}", path),
         })?;
-        let kind = detect_kind(&bytes).map_err(invalid)?;
+        let kind = detect_kind(&bytes).map_err(|e| invalid(e.to_string()))?;
         self.compiles.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let (artifact, serialized) = match kind {
@@ -310,21 +310,26 @@ impl WasmKind {
     }
 }
 
+/// Why bytes are not a wasm binary this engine reads.
+#[cfg_attr(not(feature = "compiler"), allow(dead_code))]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(super) enum KindError {
+    #[error("unsupported wasm binary version {0:02x?}")]
+    Version(Vec<u8>),
+    #[error("not a wasm binary: it starts with {0:02x?}, not \"\\0asm\"")]
+    NotWasm(Vec<u8>),
+}
+
 /// Tells a core module from a component by the 8-byte preamble.
 #[cfg_attr(not(feature = "compiler"), allow(dead_code))]
-pub(super) fn detect_kind(bytes: &[u8]) -> Result<WasmKind, String> {
+pub(super) fn detect_kind(bytes: &[u8]) -> Result<WasmKind, KindError> {
     const CORE: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00];
     const COMPONENT: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
     match bytes.get(..8) {
         Some(h) if h == CORE => Ok(WasmKind::Core),
         Some(h) if h == COMPONENT => Ok(WasmKind::Component),
-        Some(h) if h[..4] == CORE[..4] => {
-            Err(format!("unsupported wasm binary version {:02x?}", &h[4..]))
-        }
-        _ => Err(format!(
-            "not a wasm binary: it starts with {:02x?}, not \"\\0asm\"",
-            &bytes[..bytes.len().min(8)]
-        )),
+        Some(h) if h[..4] == CORE[..4] => Err(KindError::Version(h[4..].to_vec())),
+        _ => Err(KindError::NotWasm(bytes[..bytes.len().min(8)].to_vec())),
     }
 }
 

@@ -219,7 +219,12 @@ pub(super) async fn run_core(
     let budget = OutputBudget::for_spec(&spec);
     let wasi = match wasi_builder(&spec, &log, budget.clone()) {
         Ok(mut b) => b.build_p1(),
-        Err(reason) => return Exit::Failure { code: None, reason },
+        Err(e) => {
+            return Exit::Failure {
+                code: None,
+                reason: e.to_string(),
+            }
+        }
     };
     let mut store = new_store(&engine, host(wasi, &spec, meter, budget));
     let result = async {
@@ -244,7 +249,12 @@ pub(super) async fn run_component(
     let budget = OutputBudget::for_spec(&spec);
     let ctx = match wasi_builder(&spec, &log, budget.clone()) {
         Ok(mut b) => b.build(),
-        Err(reason) => return Exit::Failure { code: None, reason },
+        Err(e) => {
+            return Exit::Failure {
+                code: None,
+                reason: e.to_string(),
+            }
+        }
     };
     let wasi = P2Wasi {
         ctx,

@@ -30,11 +30,26 @@ impl WasiView for ComponentState {
     }
 }
 
+/// Why a run's sandbox cannot be built: a directory it was granted cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SandboxError {
+    #[error("cannot open services directory {}: {error}", .path.display())]
+    ServicesDir {
+        path: std::path::PathBuf,
+        error: wasmtime::Error,
+    },
+    #[error("cannot open {}: {error}", .path.display())]
+    Mount {
+        path: std::path::PathBuf,
+        error: wasmtime::Error,
+    },
+}
+
 pub(super) fn wasi_builder(
     spec: &WasmRun,
     log: &LogSink,
     budget: Option<Arc<OutputBudget>>,
-) -> Result<WasiCtxBuilder, String> {
+) -> Result<WasiCtxBuilder, SandboxError> {
     let mut builder = WasiCtxBuilder::new();
     builder
         .arg(&spec.instance)
@@ -62,7 +77,10 @@ pub(super) fn wasi_builder(
                 crate::services::GUEST_DIR,
                 wasmtime_wasi::FsPerms::ReadOnly,
             )
-            .map_err(|e| format!("cannot open services directory {}: {e}", dir.display()))?;
+            .map_err(|error| SandboxError::ServicesDir {
+                path: dir.clone(),
+                error,
+            })?;
     }
     for m in &spec.mounts {
         let perms = if m.read_only {
@@ -72,7 +90,10 @@ pub(super) fn wasi_builder(
         };
         builder
             .preopened_dir(&m.host, &m.guest, perms)
-            .map_err(|e| format!("cannot open {}: {e}", m.host.display()))?;
+            .map_err(|error| SandboxError::Mount {
+                path: m.host.clone(),
+                error,
+            })?;
     }
     // TCP only for what the manifest declares: listening on its own ports, connecting to the
     // current endpoints of the services it uses and to `spec.network.allow`. Everything else
