@@ -49,21 +49,6 @@ pub enum BusEvent {
     Logs(Box<LogChunk>),
 }
 
-impl BusEvent {
-    /// The kind, for metrics.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            BusEvent::Connected => "connected",
-            BusEvent::Apply(_) => "apply",
-            BusEvent::Hello(_) => "hello",
-            BusEvent::Presence { .. } => "presence",
-            BusEvent::Status(_) => "status",
-            BusEvent::Ingest { .. } => "ingest",
-            BusEvent::Logs(_) => "logs",
-        }
-    }
-}
-
 /// A manifest applied over MQTT.
 #[derive(Debug)]
 pub struct MqttApply {

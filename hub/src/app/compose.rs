@@ -203,7 +203,10 @@ pub(super) async fn serve(
         &hub_link,
         &format!("{}{replica}", shoal_api::acl::HUB_CLIENT_PREFIX),
         auth,
-        ingest.is_some(),
+        bus::BusOptions {
+            shared_ingest: ingest.is_some(),
+            received: metrics.mqtt_received.clone(),
+        },
         bus_tx,
         tracker,
         shutdown.clone(),

@@ -10,12 +10,6 @@ use tracing::{info_span, warn, Instrument};
 impl<S: Store, B: Bus> MainLoop<S, B> {
     /// Something a device, an operator or another hub replica sent over MQTT.
     pub(super) async fn on_message(&mut self, event: BusEvent) {
-        self.metrics
-            .mqtt_received
-            .get_or_create(&crate::metrics::KindLabel {
-                kind: event.kind().into(),
-            })
-            .inc();
         match event {
             BusEvent::Connected => {}
             BusEvent::Apply(a) => self.on_mqtt_apply(*a).await,

@@ -5,6 +5,9 @@
 
 use super::wire::{self, Raw};
 use crate::app::command::{Bus, BusError, BusEvent, Outbound};
+use crate::metrics::KindLabel;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
@@ -154,6 +157,23 @@ pub enum BusAuth {
     Tls(std::sync::Arc<rustls::ClientConfig>),
 }
 
+/// Counts a message the loop takes or the adapter refuses, by its topic's kind (each
+/// message once: one that waits in the backlog is counted when it leaves it).
+fn count(received: &Family<KindLabel, Counter>, e: &Entry) {
+    if let Some(kind) = kind_of(e) {
+        received
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .inc();
+    }
+}
+
+fn kind_of(e: &Entry) -> Option<&'static str> {
+    match e {
+        Entry::Message(m) => wire::kind(&m.topic),
+        Entry::Connected => None,
+    }
+}
+
 /// The loop's event for `e`, or `None` for a message the hub does not take (logged).
 fn decoded(e: Entry) -> Option<BusEvent> {
     match e {
@@ -162,14 +182,21 @@ fn decoded(e: Entry) -> Option<BusEvent> {
     }
 }
 
-/// Connects to `broker` and spawns the event loop task; events go to `tx`. With
-/// `shared_ingest` (hub replicas), statuses come through the shared subscription and the
-/// other replicas' ingest batches are subscribed to (see [`crate::fleet::ingest`]).
+/// How the hub's client subscribes and counts.
+pub struct BusOptions {
+    /// Hub replicas: statuses come through the shared subscription and the other
+    /// replicas' ingest batches are subscribed to (see [`crate::fleet::ingest`]).
+    pub shared_ingest: bool,
+    /// Messages received by kind (`shoal_hub_mqtt_received_total`), refused ones included.
+    pub received: Family<KindLabel, Counter>,
+}
+
+/// Connects to `broker` and spawns the event loop task; events go to `tx`.
 pub fn connect(
     broker: &BrokerUrl,
     client_id: &str,
     auth: BusAuth,
-    shared_ingest: bool,
+    options: BusOptions,
     tx: mpsc::Sender<BusEvent>,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
@@ -190,6 +217,10 @@ pub fn connect(
     opts.set_network_options(net);
     opts.set_max_packet_size(Some(crate::mqtt::broker::MAX_PAYLOAD as u32 + 1024));
     let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+    let BusOptions {
+        shared_ingest,
+        received,
+    } = options;
     let sub = client.clone();
     let broker = broker.to_string();
     tracker.spawn(async move {
@@ -203,7 +234,11 @@ pub fn connect(
             let ev = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 permit = tx.reserve(), if !backlog.is_empty() => {
-                    match (permit, backlog.pop().and_then(decoded)) {
+                    let next = backlog.pop();
+                    if let Some(e) = &next {
+                        count(&received, e);
+                    }
+                    match (permit, next.and_then(decoded)) {
                         (Ok(p), Some(e)) => p.send(e),
                         (Err(_), _) => break,
                         (Ok(_), None) => {}
@@ -219,10 +254,14 @@ pub fn connect(
                 }
                 // Decoded here, off the main loop; kept raw only while the loop is behind.
                 let Some(event) = decoded(e.clone()) else {
+                    count(&received, &e);
                     return true;
                 };
                 match tx.try_send(event) {
-                    Ok(()) => true,
+                    Ok(()) => {
+                        count(&received, &e);
+                        true
+                    }
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         backlog.push(e);
                         true
@@ -315,6 +354,20 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    #[test]
+    fn messages_count_by_their_topics_kind_refused_ones_too() {
+        let received: Family<KindLabel, Counter> = Family::default();
+        // A hello that names another device is refused by the adapter, and still counted.
+        let spoof = msg("shoal/v1/devices/d1/hello", r#"{"deviceId":"d2"}"#);
+        assert!(decoded(spoof.clone()).is_none());
+        count(&received, &spoof);
+        count(&received, &msg(topics::APPLY, "kind: x"));
+        count(&received, &msg("elsewhere/d1/hello", "{}"));
+        count(&received, &Entry::Connected);
+        let n = |k: &str| received.get_or_create(&KindLabel { kind: k.into() }).get();
+        assert_eq!((n("hello"), n("apply"), n("status")), (1, 1, 0));
     }
 
     #[test]

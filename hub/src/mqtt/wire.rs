@@ -36,6 +36,18 @@ pub struct ReplyTo {
     correlation: Option<Bytes>,
 }
 
+/// The kind of a hub-bound topic (for metrics); `None` for any other topic.
+pub fn kind(topic: &str) -> Option<&'static str> {
+    Some(match topics::classify(topic)? {
+        Inbound::Apply { .. } => "apply",
+        Inbound::Hello(_) => "hello",
+        Inbound::Presence(_) => "presence",
+        Inbound::Status(_) => "status",
+        Inbound::Logs(..) => "logs",
+        Inbound::Ingest(_) => "ingest",
+    })
+}
+
 /// The topic to coalesce a backlog on (see `bus::Backlog`): device state, where only the
 /// newest message counts. Applies, ingest batches and log lines never coalesce.
 pub fn coalesces(topic: &str) -> bool {
