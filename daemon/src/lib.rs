@@ -1,12 +1,12 @@
 //! Process glue shared by the two daemons (`shoal-hub`, `shoal-agent`): logging set-up
 //! (`RUST_LOG` filters, text or JSON lines), a
-//! shutdown token cancelled by SIGINT/SIGTERM, reading the optional TOML config file, and the
-//! mDNS adapter ([`mdns`]) both daemons advertise and browse with.
+//! shutdown token cancelled by SIGINT/SIGTERM, the settings both daemons read the same way
+//! ([`config`]), and the mDNS adapter ([`mdns`]) both daemons advertise and browse with.
 
+pub mod config;
 pub mod mdns;
 
 use anyhow::Context;
-use std::path::Path;
 use tokio_util::sync::CancellationToken;
 
 /// How the daemons write their own log lines.
@@ -83,20 +83,6 @@ pub fn shutdown_on_signal() -> CancellationToken {
         stop.cancel();
     });
     token
-}
-
-/// Reads the config file at `path` (default value when `None`). Unknown keys are errors when
-/// `T` says `deny_unknown_fields`; errors name the file.
-pub fn read_config<T: serde::de::DeserializeOwned + Default>(
-    path: Option<&Path>,
-) -> anyhow::Result<T> {
-    let Some(p) = path else {
-        return Ok(T::default());
-    };
-    let name = p.display().to_string();
-    let text =
-        std::fs::read_to_string(p).with_context(|| format!("cannot read config file {name:?}"))?;
-    toml::from_str(&text).with_context(|| format!("config file {name:?} is invalid"))
 }
 
 /// This machine's host name (`/proc/sys/kernel/hostname`), or `"localhost"`.

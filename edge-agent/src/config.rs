@@ -5,16 +5,14 @@
 //! environment and defaults; the file comes between the last two because [`resolve`] asks
 //! clap where each value came from. The result is [`AgentConfig`], what `app::run` takes.
 
-use clap::parser::ValueSource;
 use clap::{ArgMatches, FromArgMatches};
 use serde::{Deserialize, Deserializer};
 use shoal_api::endpoint::BrokerUrl;
 use shoal_api::ids::DeviceId;
+use shoal_daemon::config::{parsed, parsed_with, ConfigFileError};
 use shoal_daemon::mdns::{MdnsArgs, MdnsFile, MdnsOptions};
 use std::collections::BTreeMap;
-use std::fmt::Display;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 /// Agent settings, merged ([`resolve`]).
@@ -73,8 +71,8 @@ pub struct LocalSocket {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file cannot be read or parsed (the message names the file and the key).
-    #[error("{0:#}")]
-    File(anyhow::Error),
+    #[error(transparent)]
+    File(#[from] ConfigFileError),
     #[error("config file {file:?}: {key}: {reason}")]
     Bad {
         file: String,
@@ -245,19 +243,11 @@ pub struct RegistryFile {
 /// defaults, as clap took them) and the config file it names: flags > environment > file >
 /// default.
 pub fn resolve(m: &ArgMatches) -> Result<AgentConfig, ConfigError> {
-    let cli = Settings::from_arg_matches(m).map_err(|e| ConfigError::File(e.into()))?;
-    let file: Settings =
-        shoal_daemon::read_config(cli.config.as_deref()).map_err(ConfigError::File)?;
-    // Given on the command line or in the environment: the file does not override it.
-    let given = |id: &str| {
-        matches!(
-            m.value_source(id),
-            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-        )
-    };
+    let cli = Settings::from_arg_matches(m).map_err(ConfigFileError::from)?;
+    let file: Settings = shoal_daemon::config::read(cli.config.as_deref())?;
     macro_rules! merged {
         ($($field:ident).+, $id:literal) => {
-            if given($id) { cli.$($field).+.clone() } else { file.$($field).+.clone().or(cli.$($field).+.clone()) }
+            shoal_daemon::merged!(m, cli, file, $($field).+; $id)
         };
     }
     let name = cli
@@ -324,7 +314,7 @@ pub fn resolve(m: &ArgMatches) -> Result<AgentConfig, ConfigError> {
         _ => None,
     };
     // Only a socket the user named must be served; the default one is tried.
-    let explicit = given("socket") || file.socket.is_some();
+    let explicit = shoal_daemon::config::given(m, "socket") || file.socket.is_some();
     let socket = merged!(socket, "socket").map(|path| LocalSocket { path, explicit });
     Ok(AgentConfig {
         metrics_listen: merged!(metrics_listen, "metrics_listen"),
@@ -379,27 +369,12 @@ pub fn parse_memory(s: &str) -> Result<u64, String> {
     shoal_api::quantity::parse_memory(s).map_err(|e| e.to_string())
 }
 
-/// A file value read as its flag would be (`FromStr`); the message quotes the value.
-fn parsed<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
-where
-    D: Deserializer<'de>,
-    T: FromStr,
-    T::Err: Display,
-{
-    let s = String::deserialize(d)?;
-    s.parse().map(Some).map_err(|e: T::Err| quoted(&s, e))
-}
-
 fn memory<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    let s = String::deserialize(d)?;
-    parse_memory(&s).map(Some).map_err(|e| quoted(&s, e))
+    parsed_with(d, parse_memory)
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let s = String::deserialize(d)?;
-    shoal_api::quantity::duration_arg(&s)
-        .map(Some)
-        .map_err(|e| quoted(&s, e))
+    parsed_with(d, shoal_api::quantity::duration_arg)
 }
 
 /// A table of labels, each key and value checked.
@@ -410,16 +385,6 @@ fn labels<'de, D: Deserializer<'de>>(d: D) -> Result<Option<BTreeMap<String, Str
         shoal_api::ids::check_label_value(v).map_err(serde::de::Error::custom)?;
     }
     Ok(Some(l))
-}
-
-/// `e`, quoting `value` unless it does already.
-fn quoted<E: serde::de::Error>(value: &str, e: impl Display) -> E {
-    let msg = e.to_string();
-    if msg.contains(&format!("{value:?}")) {
-        E::custom(msg)
-    } else {
-        E::custom(format!("{value:?}: {msg}"))
-    }
 }
 
 #[cfg(test)]

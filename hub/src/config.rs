@@ -6,15 +6,13 @@
 //! clap where each value came from. The result is [`HubConfig`], what `app::run` takes.
 
 use crate::store::StoreChoice;
-use clap::parser::ValueSource;
 use clap::{ArgMatches, FromArgMatches};
 use serde::{Deserialize, Deserializer};
 use shoal_api::endpoint::BrokerUrl;
+use shoal_daemon::config::{parsed, parsed_with, ConfigFileError};
 use shoal_daemon::mdns::{MdnsArgs, MdnsFile, MdnsOptions};
-use std::fmt::Display;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
 /// Hub settings, merged ([`resolve`]; see `shoal-hub serve --help`).
@@ -56,8 +54,8 @@ pub struct HubConfig {
 pub enum ConfigError {
     /// The command line or the file cannot be read or parsed (the message names the file
     /// and the key).
-    #[error("{0:#}")]
-    File(anyhow::Error),
+    #[error(transparent)]
+    File(#[from] ConfigFileError),
     #[error("no data directory: give --data-dir, SHOAL_HUB_DATA_DIR or data-dir in a config file")]
     NoDataDir,
     #[error("{0}")]
@@ -157,23 +155,11 @@ pub struct Settings {
 /// defaults, as clap took them) and the config file it names: flags > environment > file >
 /// default.
 pub fn resolve(m: &ArgMatches) -> Result<HubConfig, ConfigError> {
-    let cli = Settings::from_arg_matches(m).map_err(|e| ConfigError::File(e.into()))?;
-    let file: Settings =
-        shoal_daemon::read_config(cli.config.as_deref()).map_err(ConfigError::File)?;
-    // Given on the command line or in the environment: the file does not override it.
-    let given = |id: &str| {
-        matches!(
-            m.value_source(id),
-            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-        )
-    };
+    let cli = Settings::from_arg_matches(m).map_err(ConfigFileError::from)?;
+    let file: Settings = shoal_daemon::config::read(cli.config.as_deref())?;
     macro_rules! merged {
         ($field:ident) => {
-            if given(stringify!($field)) {
-                cli.$field.clone()
-            } else {
-                file.$field.clone().or(cli.$field.clone())
-            }
+            shoal_daemon::merged!(m, cli, file, $field; stringify!($field))
         };
     }
     let insecure = cli.insecure || file.insecure;
@@ -217,32 +203,8 @@ const DEFAULT_HTTP_LISTEN: SocketAddr =
 const DEFAULT_DEVICE_GRACE: Duration = Duration::from_secs(30);
 const DEFAULT_LEADER_LEASE: Duration = Duration::from_secs(3);
 
-/// A file value read as its flag would be (`FromStr`); the message quotes the value.
-fn parsed<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
-where
-    D: Deserializer<'de>,
-    T: FromStr,
-    T::Err: Display,
-{
-    let s = String::deserialize(d)?;
-    s.parse().map(Some).map_err(|e: T::Err| quoted(&s, e))
-}
-
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let s = String::deserialize(d)?;
-    shoal_api::quantity::duration_arg(&s)
-        .map(Some)
-        .map_err(|e| quoted(&s, e))
-}
-
-/// `e`, quoting `value` unless it does already.
-fn quoted<E: serde::de::Error>(value: &str, e: impl Display) -> E {
-    let msg = e.to_string();
-    if msg.contains(&format!("{value:?}")) {
-        E::custom(msg)
-    } else {
-        E::custom(format!("{value:?}: {msg}"))
-    }
+    parsed_with(d, shoal_api::quantity::duration_arg)
 }
 
 #[cfg(test)]
