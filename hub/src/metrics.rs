@@ -67,6 +67,8 @@ const ROLLOUT_STATES: [&str; 6] = [
 pub struct Metrics {
     pub applies: Family<ResultLabel, Counter>,
     pub desired_published: Counter,
+    /// Device keys read from the enrollment book, to seal secrets to.
+    pub device_key_reads: Counter,
     pub mqtt_received: Family<KindLabel, Counter>,
     pub placements: Family<KindLabel, Counter>,
     pub scheduling: Histogram,
@@ -92,6 +94,7 @@ impl Default for Metrics {
         Self {
             applies: Family::default(),
             desired_published: Counter::default(),
+            device_key_reads: Counter::default(),
             mqtt_received: Family::default(),
             placements: Family::default(),
             // 10 µs to ~5 s: a scheduler run over a small fleet takes microseconds, a
@@ -141,6 +144,11 @@ impl Metrics {
             "shoal_hub_desired_published",
             "Desired-state messages published to devices",
             self.desired_published.clone(),
+        );
+        r.register(
+            "shoal_hub_device_key_reads",
+            "Device keys read from the enrollment book to seal secrets to (each is kept a minute)",
+            self.device_key_reads.clone(),
         );
         r.register(
             "shoal_hub_mqtt_messages_received",

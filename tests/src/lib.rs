@@ -205,11 +205,20 @@ impl Join {
 
     /// A fresh one-time join token that binds `labels` (`k=v,…`) to the device it enrolls.
     pub fn token_with_labels(&self, labels: &str) -> Result<Option<String>> {
+        self.token_for(None, labels)
+    }
+
+    /// [`Join::token_with_labels`], bound to `device` when given (the token that enrolls a
+    /// wiped board under its old id).
+    pub fn token_for(&self, device: Option<&str>, labels: &str) -> Result<Option<String>> {
         let Some(d) = &self.hub_data else {
             return Ok(None);
         };
         let mut cmd = Command::new(bin("shoal-hub"));
         cmd.args(["token", "create"]);
+        if let Some(device) = device {
+            cmd.args(["--device", device]);
+        }
         match &self.etcd {
             Some(url) => cmd.args(["--store", url]),
             None => cmd.arg("--data-dir").arg(d),
@@ -539,10 +548,31 @@ impl Agent {
         labels: &str,
         join: &Join,
         extra: &[&str],
+        cmd: Command,
+    ) -> Result<Agent> {
+        let token = join.token_with_labels(if join.grant_labels { labels } else { "" })?;
+        Self::spawn(dir, id, labels, join, extra, cmd, token)
+    }
+
+    /// A board wiped (its data directory removed: a new key) that enrolls again under id
+    /// `id`, with a token bound to that id granting `labels`.
+    pub fn enroll_again(dir: &Path, id: &str, labels: &str, join: &Join) -> Result<Agent> {
+        let _ = std::fs::remove_dir_all(dir.join(id));
+        let token = join.token_for(Some(id), labels)?;
+        let cmd = Command::new(bin("shoal-agent"));
+        Self::spawn(dir, id, labels, join, &[], cmd, token)
+    }
+
+    fn spawn(
+        dir: &Path,
+        id: &str,
+        labels: &str,
+        join: &Join,
+        extra: &[&str],
         mut cmd: Command,
+        token: Option<String>,
     ) -> Result<Agent> {
         let data_dir = dir.join(id);
-        let token = join.token_with_labels(if join.grant_labels { labels } else { "" })?;
         cmd.arg("run")
             .arg("--data-dir")
             .arg(&data_dir)

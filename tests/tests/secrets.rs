@@ -196,7 +196,13 @@ fn a_secret_reaches_only_the_workload_that_uses_it() -> Result<()> {
     // sealed desired state it persisted.
     a.proc.kill();
     std::fs::remove_file(&out_file)?;
-    let _a = Agent::start(dir.path(), "edge-a", "role=db", &hub.join())?;
+    let mut a = Agent::start(dir.path(), "edge-a", "role=db", &hub.join())?;
+    seen(&v2)?;
+
+    // The board is wiped and enrolls again under its id: a new key, which the hub learns
+    // from the enrollment (the key it sealed to before is no longer the device's).
+    a.proc.kill();
+    let _a = Agent::enroll_again(dir.path(), "edge-a", "role=db", &hub.join())?;
     seen(&v2)?;
 
     // SIGKILL the hub. With another secrets key it refuses to start, saying what to do;

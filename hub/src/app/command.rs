@@ -16,6 +16,8 @@ pub enum Event {
     Bus(BusEvent),
     Http(Request),
     Mdns(MdnsEvent),
+    /// The enrollment book answered a read (see `app::book`).
+    Book(crate::app::book::BookAnswer),
     /// Time to look for lost devices.
     Tick,
     /// Time to step rollouts that have new reports.

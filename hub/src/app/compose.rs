@@ -265,10 +265,12 @@ pub(super) async fn serve(
         }
     };
 
+    let (book_tx, book_rx) = mpsc::channel(book::ANSWERS);
     let mut chans = Channels {
         bus: bus_rx,
         requests: req_rx,
         mdns: mdns_rx,
+        book: book_rx,
     };
     let mut parts = Parts {
         bus,
@@ -286,6 +288,7 @@ pub(super) async fn serve(
         // Only the embedded broker's guard writes `apply-as` topics; through an external
         // broker (or with no guard, --insecure) anyone allowed to publish there could.
         attributed_applies: config.broker.is_none() && security.is_some(),
+        book: book::BookReads::new(book_tx, tracker.clone()),
     };
     let mut lost = None;
     let mut heard = None;

@@ -113,9 +113,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             for device in enrolled {
                 // Enrolled through another replica: its grant from the book (never
                 // from the message), its state sealed for its new key.
-                let grant = self.grant_of(&device).await;
-                let done = self.fleet(|f| f.enrolled(&device, grant, now_ms()));
-                let _ = self.published(Some(done)).await;
+                self.enrolled(device).await;
             }
         }
     }

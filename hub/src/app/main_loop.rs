@@ -27,6 +27,8 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             signer: p.signer,
             secrets_key: p.secrets_key,
             security: p.security,
+            book: p.book,
+            keys: Default::default(),
             events: p.events,
             fleet_changed: p.fleet_changed,
             changed: true,
@@ -52,6 +54,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             logs: self.logs,
             ingest: self.ingest,
             attributed_applies: self.attributed_applies,
+            book: self.book,
         };
         (self.core, p)
     }
@@ -83,6 +86,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 Some(e) = chans.bus.recv() => Event::Bus(e),
                 Some(r) = chans.requests.recv() => Event::Http(r),
                 Some(m) = chans.mdns.recv() => Event::Mdns(m),
+                Some(a) = chans.book.recv() => Event::Book(a),
                 _ = tick.tick() => Event::Tick,
                 _ = rollout_tick.tick(), if self.rollout_due => Event::RolloutTick,
                 _ = relay_tick.tick(), if relay_due => Event::RelayTick,
@@ -189,7 +193,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
 
     pub(super) async fn handle(&mut self, event: Event) {
         match &event {
-            Event::Tick | Event::RolloutTick | Event::RelayTick => {}
+            Event::Tick | Event::RolloutTick | Event::RelayTick | Event::Book(_) => {}
             Event::Http(r) if r.reads_only() => {}
             // Log lines change nothing in the fleet.
             Event::Bus(BusEvent::Logs(_)) => {}
@@ -213,8 +217,10 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 self.rollout_due = false;
                 self.advance_rollouts().await;
             }
+            Event::Book(answer) => self.on_book(answer).await,
             Event::Tick => {
                 let grace = self.grace_ms;
+                self.keys.prune(now_ms());
                 let publish = self.fleet(|f| f.check_lost(now_ms(), grace));
                 self.publish_desired(publish).await;
                 // Readiness periods and deadlines pass with time, not only with reports.

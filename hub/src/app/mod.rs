@@ -16,14 +16,16 @@
 //! - [`standby`]: what a standby does instead;
 //! - [`inbound`]: MQTT messages into fleet inputs; [`requests`]: HTTP requests;
 //! - [`apply`]: the apply use case; [`publish`]: sealing, signing, sending;
-//! - [`grants`]: the enrollment book's grants; [`views`]: metrics, events, log targets;
+//! - [`book`]: the enrollment book, read off the loop; [`keys`]: the device keys secrets
+//!   are sealed to, and the states that wait for one; [`views`]: metrics, events, log targets;
 //! - [`mdns`]: the hub's advert.
 
 mod apply;
+mod book;
 pub mod command;
 mod compose;
-mod grants;
 mod inbound;
+mod keys;
 mod main_loop;
 mod mdns;
 mod publish;
@@ -116,6 +118,7 @@ struct Channels {
     bus: mpsc::Receiver<BusEvent>,
     requests: mpsc::Receiver<Request>,
     mdns: mpsc::Receiver<MdnsEvent>,
+    book: mpsc::Receiver<book::BookAnswer>,
 }
 
 /// What a standby main loop hands to the leader's when it is elected.
@@ -135,6 +138,7 @@ struct Parts<B: Bus> {
     /// Whether an `apply-as/{operator}` topic says who applied (the embedded broker's
     /// guard writes it) or is only a claim.
     attributed_applies: bool,
+    book: book::BookReads,
 }
 
 /// This replica's share of status ingest (see [`crate::fleet::ingest`]).
@@ -209,6 +213,10 @@ struct MainLoop<S: Store, B: Bus> {
     secrets_key: shoal_pki::secret::SecretsKey,
     /// Enrollment records: the device keys secrets are sealed to (`None`: `--insecure`).
     security: Option<Arc<crate::security::Security>>,
+    /// Reads of the enrollment book in flight.
+    book: book::BookReads,
+    /// Device keys at hand, and desired states waiting for theirs.
+    keys: keys::DeviceKeys,
     /// Recent fleet events (see [`crate::fleet::events`]).
     events: crate::fleet::events::Events,
     /// Bumped when the fleet changed (the dashboard streams wait on it).

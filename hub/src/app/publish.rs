@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::app::command::{Bus, Outbound};
+use crate::app::keys::Route;
 use crate::store::{Store, StoredSecret};
 use shoal_api::ids::DeviceId;
 use shoal_api::messages::{now_ms, DesiredState};
@@ -37,7 +38,7 @@ pub(super) enum SealError {
 
 /// Why there is no device key to seal secrets to.
 #[derive(Debug, Clone, thiserror::Error)]
-pub(super) enum NoDeviceKey {
+pub enum NoDeviceKey {
     #[error("the hub runs --insecure: devices hold no keys to seal secrets to")]
     Insecure,
     #[error("the device has no enrollment record")]
@@ -47,10 +48,15 @@ pub(super) enum NoDeviceKey {
 }
 
 impl<S: Store, B: Bus> MainLoop<S, B> {
-    /// `state` with the values of the secrets its workloads use, each sealed to the
-    /// device's enrolled key. A secret that cannot be sealed is left out (the replicas that
-    /// need it report it missing) and the reason logged.
-    pub(super) fn seal_secrets(&self, mut state: DesiredState) -> DesiredState {
+    /// `state` with the values of the secrets its workloads use, each sealed to `key` (the
+    /// certificate the device enrolled with). A secret that cannot be sealed is left out
+    /// (the replicas that need it report it missing) and the reason logged. CPU only: the
+    /// key was read off the loop ([`super::keys`]).
+    pub(super) fn sealed(
+        &self,
+        mut state: DesiredState,
+        key: Result<&str, NoDeviceKey>,
+    ) -> DesiredState {
         let wanted: BTreeMap<&shoal_api::ids::SecretName, &str> = state
             .workloads
             .iter()
@@ -61,19 +67,9 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             return state;
         }
         let dev = &state.device_id;
-        let cert = match &self.security {
-            None => Err(NoDeviceKey::Insecure),
-            // A blocking read (a file, or one etcd round trip), for devices whose
-            // workloads use secrets only.
-            Some(sec) => match sec.enrollments.enrolled_cert(dev) {
-                Ok(Some(cert)) => Ok(cert),
-                Ok(None) => Err(NoDeviceKey::NotEnrolled),
-                Err(e) => Err(NoDeviceKey::Unreadable(e.to_string())),
-            },
-        };
         let mut sealed = Vec::new();
         for (name, version) in wanted {
-            let r = cert.clone().map_err(SealError::from).and_then(|cert| {
+            let r = key.clone().map_err(SealError::from).and_then(|cert| {
                 let s = self.core.secret(name).ok_or(SealError::Unknown)?;
                 if s.version != version {
                     return Err(SealError::Version {
@@ -83,7 +79,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 }
                 let plain = open_stored(&self.secrets_key, s)?;
                 shoal_pki::secret::seal_to_device(
-                    &cert,
+                    cert,
                     dev.as_str(),
                     name.as_str(),
                     version,
@@ -107,27 +103,45 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         state
     }
 
-    pub(super) async fn send_desired(&self, states: Vec<DesiredState>) {
+    /// Sends durable desired states: each sealed to its device's key and signed now, or
+    /// (its key not at hand) once the key is read off the loop.
+    pub(super) async fn send_desired(&mut self, states: Vec<DesiredState>) {
+        let now = now_ms();
         for d in states {
-            let d = self.seal_secrets(d);
-            let payload = match serde_json::to_vec(&d) {
-                Ok(p) => self.signer.seal(&p),
-                Err(e) => {
-                    warn!(device = %d.device_id, error = %e, "cannot encode desired state");
-                    continue;
-                }
+            let ready = match &self.security {
+                None => Some(self.sealed(d, Err(NoDeviceKey::Insecure))),
+                Some(_) => match self.keys.route(d, now) {
+                    Route::Send(d) => Some(d),
+                    Route::Seal(d, key) => Some(self.sealed(d, Ok(&key))),
+                    Route::Parked => None,
+                },
             };
-            let msg = Outbound::Desired {
-                device: d.device_id.clone(),
-                signed: payload,
-            };
-            match self.bus.send(msg).await {
-                Ok(()) => {
-                    self.metrics.desired_published.inc();
-                }
-                Err(e) => {
-                    warn!(device = %d.device_id, generation = d.generation, error = %e, "cannot publish desired state")
-                }
+            if let Some(d) = ready {
+                self.send_signed(d).await;
+            }
+        }
+        self.read_keys();
+    }
+
+    /// Signs `d` and publishes it.
+    pub(super) async fn send_signed(&self, d: DesiredState) {
+        let payload = match serde_json::to_vec(&d) {
+            Ok(p) => self.signer.seal(&p),
+            Err(e) => {
+                warn!(device = %d.device_id, error = %e, "cannot encode desired state");
+                return;
+            }
+        };
+        let msg = Outbound::Desired {
+            device: d.device_id.clone(),
+            signed: payload,
+        };
+        match self.bus.send(msg).await {
+            Ok(()) => {
+                self.metrics.desired_published.inc();
+            }
+            Err(e) => {
+                warn!(device = %d.device_id, generation = d.generation, error = %e, "cannot publish desired state")
             }
         }
     }

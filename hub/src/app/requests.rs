@@ -12,6 +12,9 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     pub(super) async fn on_request(&mut self, r: Request) {
         match r {
             Request::Revoked { devices } => {
+                for d in &devices {
+                    self.keys.forget(d);
+                }
                 let r = self.fleet(|f| f.set_revoked(devices));
                 if let Err(e) = self.published(r).await {
                     warn!(error = %e, "cannot move replicas off revoked devices");
@@ -45,15 +48,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 };
                 let _ = reply.send(r);
             }
-            Request::Enrolled { device } => {
-                // Its token's grant, and (a device that enrolled again has a new key) its
-                // state sealed anew.
-                let grant = self.grant_of(&device).await;
-                let r = self.fleet(|f| f.enrolled(&device, grant, now_ms()));
-                if let Err(e) = self.published(Some(r)).await {
-                    warn!(%device, error = %e, "cannot store what a device's enrollment granted");
-                }
-            }
+            Request::Enrolled { device } => self.enrolled(device).await,
             Request::Label { id, change, reply } => {
                 let done = self.fleet(|f| f.label(&id, &change));
                 let r = match self.command(done).await {

@@ -42,6 +42,8 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             },
             Event::Http(_) => {} // refused by the http module
             Event::Mdns(_) => {}
+            // The leader reads the book (a standby asks it nothing).
+            Event::Book(_) => {}
             Event::Tick => {
                 let now = std::time::Instant::now();
                 let Role::Standby(sb) = &mut self.role else {
