@@ -1182,7 +1182,10 @@ fn ago(ms: u64) -> String {
     if ms == 0 {
         return "-".into();
     }
-    shoal_api::quantity::format_age(shoal_api::messages::now_ms().saturating_sub(ms))
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    shoal_api::quantity::format_age(now.saturating_sub(ms))
 }
 
 fn print_devices(devices: &[DeviceView], output: Output) -> anyhow::Result<()> {

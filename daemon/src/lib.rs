@@ -1,8 +1,10 @@
 //! Process glue shared by the two daemons (`shoal-hub`, `shoal-agent`): logging set-up
 //! (`RUST_LOG` filters, text or JSON lines), a
 //! shutdown token cancelled by SIGINT/SIGTERM, the settings both daemons read the same way
-//! ([`config`]), and the mDNS adapter ([`mdns`]) both daemons advertise and browse with.
+//! ([`config`]), the wall clock ([`clock`]), and the mDNS adapter ([`mdns`]) both daemons
+//! advertise and browse with.
 
+pub mod clock;
 pub mod config;
 pub mod mdns;
 

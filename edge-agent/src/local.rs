@@ -429,7 +429,7 @@ async fn logs(
         let window = Window {
             since_ms: q
                 .since
-                .map(|secs| shoal_api::messages::now_ms().saturating_sub(secs * 1000)),
+                .map(|secs| shoal_daemon::clock::now_ms().saturating_sub(secs * 1000)),
             tail: q.tail,
         };
         let (lines, end) = read_backlog(path, window).map_err(|e| {

@@ -182,7 +182,7 @@ impl Inner {
         if lines.is_empty() {
             return;
         }
-        let now = shoal_api::messages::now_ms();
+        let now = shoal_daemon::clock::now_ms();
         self.index.mark(now, self.size);
         let mut batch: Vec<u8> = Vec::new();
         for line in lines {

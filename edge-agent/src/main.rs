@@ -102,7 +102,7 @@ impl LocalArgs {
         let v: T = local::get_json(&self.socket, uri).await?;
         match self.output {
             Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
-            Output::Table => print!("{}", table(&v, shoal_api::messages::now_ms())),
+            Output::Table => print!("{}", table(&v, shoal_daemon::clock::now_ms())),
         }
         Ok(())
     }

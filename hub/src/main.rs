@@ -223,7 +223,7 @@ fn real_main() -> anyhow::Result<()> {
         Command::Device(d) => {
             let DeviceCommand::Revoke { id, book } = *d;
             let (book, _) = open_book(&book)?;
-            let now = shoal_api::messages::now_ms();
+            let now = shoal_daemon::clock::now_ms();
             if shoal_hub::access::revoke_device(book.as_ref(), &id, now)? {
                 println!("device/{id} revoked");
             } else {
@@ -241,7 +241,7 @@ fn real_main() -> anyhow::Result<()> {
                 insecure,
             } = *token;
             let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-            let now = shoal_api::messages::now_ms();
+            let now = shoal_daemon::clock::now_ms();
             let token = match (store, data_dir) {
                 (Some(shoal_hub::store::StoreChoice::Etcd(url)), _) => {
                     if url.plaintext() && !insecure {
@@ -310,7 +310,7 @@ fn open_book(
 
 fn operator_command(cmd: OperatorCommand) -> anyhow::Result<()> {
     use shoal_api::operator::OperatorRecord;
-    let now = shoal_api::messages::now_ms();
+    let now = shoal_daemon::clock::now_ms();
     // Issues `name` a certificate into `out`: (its fingerprint, when it expires).
     let issue = |data_dir: Option<PathBuf>,
                  name: &shoal_api::ids::OperatorName,

@@ -9,9 +9,10 @@
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use shoal_api::ids::DeviceId;
 use shoal_api::messages::{
-    now_ms, DesiredState, DeviceStatus, Hello, InstanceStatus, Phase, STATUS_PERIOD_MS,
+    DesiredState, DeviceStatus, Hello, InstanceStatus, Phase, STATUS_PERIOD_MS,
 };
 use shoal_api::topics;
+use shoal_daemon::clock::now_ms;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -201,9 +201,19 @@ fn a_secret_reaches_only_the_workload_that_uses_it() -> Result<()> {
 
     // The board is wiped and enrolls again under its id: a new key, which the hub learns
     // from the enrollment (the key it sealed to before is no longer the device's).
+    let key_reads = |hub: &Hub| -> Result<f64> {
+        Ok(hub
+            .metrics()?
+            .iter()
+            .find(|s| s.name == "shoal_hub_device_key_reads_total")
+            .map_or(0.0, |s| s.value))
+    };
+    let reads_before = key_reads(&hub)?;
     a.proc.kill();
     let _a = Agent::enroll_again(dir.path(), "edge-a", "role=db", &hub.join())?;
     seen(&v2)?;
+    // The new key was read from the book, not taken from what the hub had kept.
+    assert!(key_reads(&hub)? > reads_before);
 
     // SIGKILL the hub. With another secrets key it refuses to start, saying what to do;
     // with its own key the secret is there again (encrypted in its store all along).

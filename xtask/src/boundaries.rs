@@ -1,7 +1,8 @@
-//! `cargo xtask boundaries`: the functional core stays pure, and the hub's shell sees typed
-//! commands only. Files under the core's folders may not name a crate or call that does I/O
-//! or reads the clock; files of the hub's shell (`hub/src/app`) may not name MQTT topics or
-//! clients, HTTP status codes or the store's clients, which belong to their adapters. CI
+//! `cargo xtask boundaries`: the functional core stays pure, the hub's shell sees typed
+//! commands only, and the shared types read no clock. Files under the core's folders may
+//! not name a crate or call that does I/O or reads the clock; files of the hub's shell
+//! (`hub/src/app`) may not name MQTT topics or clients, HTTP status codes or the store's
+//! clients, which belong to their adapters; files of `api/src` may not read the clock. CI
 //! runs this before the build, and it fails naming the file, line and the forbidden name.
 //!
 //! Written by hand (a few lines of text matching): a lint crate would need a compile of its
@@ -55,6 +56,13 @@ pub const ADAPTERS_ONLY: &[&str] = &[
     "containerd_client",
 ];
 
+/// The types every program shares (`shoal_api`): wire messages, manifests, policies.
+pub const API: &[&str] = &["api/src"];
+
+/// What they may not name: the clock (whoever decides by time passes `now`; the daemons'
+/// clock is `shoal_daemon::clock`).
+pub const CLOCK: &[&str] = &["SystemTime", "Instant::now", "UNIX_EPOCH"];
+
 /// A set of folders and the names their files may not use, and why.
 struct Rule {
     dirs: &'static [&'static str],
@@ -72,6 +80,11 @@ const RULES: &[Rule] = &[
         dirs: SHELL,
         forbidden: ADAPTERS_ONLY,
         why: "the shell sees typed commands only (topics, payloads, status codes and clients belong to the adapters)",
+    },
+    Rule {
+        dirs: API,
+        forbidden: CLOCK,
+        why: "the shared types read no clock (take `now` as a parameter; the daemons read shoal_daemon::clock)",
     },
 ];
 
@@ -196,10 +209,20 @@ mod tests {
             "{}",
             shell[0]
         );
+        // The shared types: no clock.
+        let api = check_rule(
+            &RULES[2],
+            "api/src/x.rs",
+            "let t = std::time::SystemTime::now();\nlet n = now;\n",
+        );
+        assert_eq!(
+            api.iter().map(|v| (v.line, v.name)).collect::<Vec<_>>(),
+            [(1, "SystemTime")]
+        );
         // Whole words only.
         assert_eq!(check("a.rs", "let tokioish = 1; let my_sled = 2;"), []);
         assert_eq!(
-            check("a.rs", "let t = shoal_api::messages::now_ms();").len(),
+            check("a.rs", "let t = shoal_daemon::clock::now_ms();").len(),
             1
         );
     }

@@ -42,7 +42,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Check that the functional core (hub/src/fleet/) names no I/O crate and no clock.
+    /// Check that the functional core names no I/O crate and no clock, the hub's shell no adapter, and `api` no clock.
     Boundaries,
     /// Build and package shoal-agent for each target (default: amd64, arm64 and armhf).
     Dist {
@@ -205,7 +205,7 @@ fn main() -> Result<()> {
                     found.len()
                 );
             }
-            println!("the functional core names no I/O crate and no clock; the hub's shell no topic, status code or client");
+            println!("the functional core names no I/O crate and no clock; the hub's shell no topic, status code or client; the shared types no clock");
             Ok(())
         }
         Cmd::Dist {

@@ -30,7 +30,7 @@ use crate::store::SledStore;
 use discovery::{Discovery, Probed, Wiring};
 use link::Link;
 use replicas::{ArtifactSource, Desired, Replicas, Settings};
-use shoal_api::messages::now_ms;
+use shoal_daemon::clock::now_ms;
 use shoal_daemon::mdns::MdnsEvent;
 use std::sync::Arc;
 use std::time::Duration;

@@ -12,9 +12,8 @@ use crate::runtime::wasm::WasmRuntime;
 use crate::runtime::Runtime;
 use crate::store::Store;
 use shoal_api::discovery;
-use shoal_api::messages::{
-    now_ms, Hello, RUNTIME_CONTAINER, RUNTIME_WASM, RUNTIME_WASM_PRECOMPILED,
-};
+use shoal_api::messages::{Hello, RUNTIME_CONTAINER, RUNTIME_WASM, RUNTIME_WASM_PRECOMPILED};
+use shoal_daemon::clock::now_ms;
 use shoal_daemon::mdns::{Discovery, Mdns, MdnsEvent, NoDiscovery};
 use std::sync::Arc;
 use std::time::Duration;

@@ -7,8 +7,9 @@ use crate::fleet::ApplyOutcome;
 use crate::metrics::ResultLabel;
 use crate::store::{Store, StoredSecret};
 use shoal_api::manifest::{parse_stream, ManifestError};
-use shoal_api::messages::{now_ms, ApplyResult};
+use shoal_api::messages::ApplyResult;
 use shoal_api::workload::validate_all;
+use shoal_daemon::clock::now_ms;
 use tracing::info;
 
 impl<S: Store, B: Bus> MainLoop<S, B> {

@@ -11,7 +11,9 @@ use crate::app::command::Bus;
 use crate::store::Store;
 use shoal_api::ids::DeviceId;
 use shoal_api::labels::Grant;
-use shoal_api::messages::{now_ms, DesiredState};
+use shoal_api::messages::DesiredState;
+use shoal_daemon::clock::now_ms;
+use std::collections::{BTreeSet, VecDeque};
 use tracing::warn;
 
 /// How many answers wait for the loop at most (readers wait beyond that, the loop never).
@@ -27,23 +29,21 @@ pub enum BookAnswer {
         cert: Result<Option<String>, NoDeviceKey>,
     },
     /// What `device`'s join token granted it (`None`: nothing, or the read failed, logged:
-    /// the fleet then keeps the labels it has, fewer rights, never more). `ticket` orders
-    /// the reads of one device.
+    /// the fleet then keeps the labels it has, fewer rights, never more).
     Grant {
         device: DeviceId,
         grant: Option<Grant>,
-        ticket: u64,
     },
 }
+
+/// Grant reads in flight at once (enrollments come in bursts; the book is one etcd client).
+pub(super) const MAX_GRANT_READS: usize = 4;
 
 /// Reads in flight, and where their answers go.
 pub(super) struct BookReads {
     answers: mpsc::Sender<BookAnswer>,
     tracker: TaskTracker,
-    /// The latest grant read asked for each device: an older answer is dropped (the later
-    /// read saw the book at least as new).
-    grant_tickets: BTreeMap<DeviceId, u64>,
-    next_ticket: u64,
+    grants: GrantReads,
 }
 
 impl BookReads {
@@ -51,27 +51,80 @@ impl BookReads {
         BookReads {
             answers,
             tracker,
-            grant_tickets: BTreeMap::new(),
-            next_ticket: 0,
+            grants: GrantReads::default(),
         }
     }
 
-    /// Runs `read` on a blocking thread, a tracked task sending its answer to the loop.
+    /// Runs `read` on a blocking thread, a tracked task sending its answer to the loop, or
+    /// `failed` if the read did not finish (it panicked): every read is answered, so no
+    /// state waits for an answer that never comes.
     fn ask(
         &self,
         sec: Arc<crate::security::Security>,
         read: impl FnOnce(&dyn crate::enrollment::Enrollments) -> BookAnswer + Send + 'static,
+        failed: BookAnswer,
     ) {
         let answers = self.answers.clone();
         self.tracker.spawn(async move {
-            match tokio::task::spawn_blocking(move || read(&*sec.enrollments)).await {
-                // The loop is gone when this fails (shutting down): nothing to tell.
-                Ok(answer) => {
-                    let _ = answers.send(answer).await;
+            let answer = match tokio::task::spawn_blocking(move || read(&*sec.enrollments)).await {
+                Ok(answer) => answer,
+                Err(e) => {
+                    warn!(error = %e, "a read of the enrollment book failed");
+                    failed
                 }
-                Err(e) => warn!(error = %e, "a read of the enrollment book failed"),
-            }
+            };
+            // The loop is gone when this fails (shutting down): nothing to tell.
+            let _ = answers.send(answer).await;
         });
+    }
+}
+
+/// Which devices' grants to read, at most [`MAX_GRANT_READS`] at once. A device that
+/// enrolls again while its grant is read is read again after (the answer in flight may
+/// predate the new grant); one queued is read once, however often it was named.
+#[derive(Debug, Default)]
+pub(super) struct GrantReads {
+    /// Reads in flight; `true`: read again when it answers.
+    reading: BTreeMap<DeviceId, bool>,
+    queue: VecDeque<DeviceId>,
+    queued: BTreeSet<DeviceId>,
+}
+
+impl GrantReads {
+    /// `device` enrolled: its grant is to be read.
+    pub(super) fn want(&mut self, device: DeviceId) {
+        if let Some(again) = self.reading.get_mut(&device) {
+            *again = true;
+        } else if self.queued.insert(device.clone()) {
+            self.queue.push_back(device);
+        }
+    }
+
+    /// Devices whose grant to read now.
+    pub(super) fn reads(&mut self) -> Vec<DeviceId> {
+        let mut start = Vec::new();
+        while self.reading.len() < MAX_GRANT_READS {
+            let Some(device) = self.queue.pop_front() else {
+                break;
+            };
+            self.queued.remove(&device);
+            self.reading.insert(device.clone(), false);
+            start.push(device);
+        }
+        start
+    }
+
+    /// `device`'s read answered: whether to apply the answer (`false`: it was not asked
+    /// for, or it may be stale and the device is read again).
+    pub(super) fn answered(&mut self, device: &DeviceId) -> bool {
+        match self.reading.remove(device) {
+            None => false,
+            Some(false) => true,
+            Some(true) => {
+                self.want(device.clone());
+                false
+            }
+        }
     }
 }
 
@@ -109,19 +162,51 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         self.fleet(|f| f.apply_grants(grants, now_ms()))
     }
 
-    /// Starts the key reads the parked desired states wait for (see [`super::keys`]).
+    /// Starts the key reads the parked desired states wait for (see [`super::keys`]). A
+    /// device the book says is revoked has no key to seal to, whatever the loop has heard
+    /// of the revocation yet.
     pub(super) fn read_keys(&mut self) {
         let Some(sec) = &self.security else {
             return;
         };
         for device in self.keys.reads() {
             self.metrics.device_key_reads.inc();
-            self.book.ask(sec.clone(), move |b| {
-                let cert = b
-                    .enrolled_cert(&device)
-                    .map_err(|e| NoDeviceKey::Unreadable(e.to_string()));
+            let failed = BookAnswer::Key {
+                device: device.clone(),
+                cert: Err(NoDeviceKey::Unreadable("the read did not finish".into())),
+            };
+            let read = move |b: &dyn crate::enrollment::Enrollments| {
+                let cert = match crate::access::revoked(b, &device) {
+                    Ok(true) => Err(NoDeviceKey::Revoked),
+                    Ok(false) => b
+                        .enrolled_cert(&device)
+                        .map_err(|e| NoDeviceKey::Unreadable(e.to_string())),
+                    Err(e) => Err(NoDeviceKey::Unreadable(e.to_string())),
+                };
                 BookAnswer::Key { device, cert }
-            });
+            };
+            self.book.ask(sec.clone(), read, failed);
+        }
+    }
+
+    /// Starts the grant reads enrolled devices wait for.
+    fn read_grants(&mut self) {
+        let Some(sec) = &self.security else {
+            return;
+        };
+        for device in self.book.grants.reads() {
+            let failed = BookAnswer::Grant {
+                device: device.clone(),
+                grant: None,
+            };
+            let read = move |b: &dyn crate::enrollment::Enrollments| {
+                let grant = b.grant(&device).unwrap_or_else(|e| {
+                    warn!(%device, error = %e, "cannot read a device's grant from the enrollment book");
+                    None
+                });
+                BookAnswer::Grant { device, grant }
+            };
+            self.book.ask(sec.clone(), read, failed);
         }
     }
 
@@ -130,24 +215,12 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     /// key is new, so its state is sealed anew then.
     pub(super) async fn enrolled(&mut self, device: DeviceId) {
         self.keys.forget(&device);
-        let Some(sec) = self.security.clone() else {
+        if self.security.is_none() {
             // No book (--insecure): nothing was granted.
             return self.granted(device, None).await;
-        };
-        self.book.next_ticket += 1;
-        let ticket = self.book.next_ticket;
-        self.book.grant_tickets.insert(device.clone(), ticket);
-        self.book.ask(sec, move |b| {
-            let grant = b.grant(&device).unwrap_or_else(|e| {
-                warn!(%device, error = %e, "cannot read a device's grant from the enrollment book");
-                None
-            });
-            BookAnswer::Grant {
-                device,
-                grant,
-                ticket,
-            }
-        });
+        }
+        self.book.grants.want(device);
+        self.read_grants();
     }
 
     /// What the book answered.
@@ -160,16 +233,11 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 }
                 self.read_keys();
             }
-            BookAnswer::Grant {
-                device,
-                grant,
-                ticket,
-            } => {
-                if self.book.grant_tickets.get(&device) != Some(&ticket) {
-                    return; // a later read of the same device answers
+            BookAnswer::Grant { device, grant } => {
+                if self.book.grants.answered(&device) {
+                    self.granted(device, grant).await;
                 }
-                self.book.grant_tickets.remove(&device);
-                self.granted(device, grant).await;
+                self.read_grants();
             }
         }
     }
@@ -179,5 +247,41 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         if let Err(e) = self.published(Some(done)).await {
             warn!(%device, error = %e, "cannot store what a device's enrollment granted");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dev(id: &str) -> DeviceId {
+        DeviceId::try_from(id.to_string()).unwrap()
+    }
+
+    #[test]
+    fn grant_reads_are_bounded_and_each_device_is_read_once_per_enrollment() {
+        let mut g = GrantReads::default();
+        for i in 0..(MAX_GRANT_READS + 2) {
+            g.want(dev(&format!("d{i}")));
+        }
+        g.want(dev("d0")); // named twice before it is read: read once
+        let first = g.reads();
+        assert_eq!(first.len(), MAX_GRANT_READS);
+        assert!(g.reads().is_empty());
+        assert!(!g.answered(&dev("stranger")), "unasked");
+        assert!(g.answered(&first[0]));
+        assert_eq!(g.reads(), vec![dev(&format!("d{MAX_GRANT_READS}"))]);
+    }
+
+    #[test]
+    fn a_device_that_enrolls_again_while_its_grant_is_read_is_read_again() {
+        let mut g = GrantReads::default();
+        g.want(dev("a"));
+        assert_eq!(g.reads(), vec![dev("a")]);
+        g.want(dev("a")); // enrolled again: the answer in flight may predate it
+        assert!(!g.answered(&dev("a")), "the older answer is not applied");
+        assert_eq!(g.reads(), vec![dev("a")], "read again");
+        assert!(g.answered(&dev("a")));
+        assert!(g.reads().is_empty());
     }
 }

@@ -7,16 +7,21 @@
 //! read are kept for [`FRESH_MS`], so a rollout over devices that use secrets reads each
 //! key once, not once per step.
 //!
-//! The book is the truth; this is a cache of it, and it is forgotten where a key can
-//! change: a device that enrolls again (through this replica or another, [`DeviceKeys::
-//! forget`]) gets a new key, and a new leader starts with an empty cache. A renewal keeps
-//! the key (see `http::enroll`). Anything else that changed a record (an operator's edit of
-//! the book, an enrollment through a standby without shared ingest) is read again within
-//! [`FRESH_MS`].
+//! The book is the truth; this is a cache of it, and it is forgotten
+//! ([`DeviceKeys::forget`]) where a key can change: a device that enrolls again (through
+//! this replica or another) gets a new key, and a wiped board says hello when it connects
+//! with it, so an enrollment notice that never arrived is made up for; a new leader starts
+//! with an empty cache. A renewal keeps the key (see `http::enroll`). Anything else that
+//! changed a record (an operator's edit of the book) is read again within [`FRESH_MS`].
+//!
+//! A parked state keeps the stored (encrypted) secrets it was committed with: it is sealed
+//! with those, not with whatever the fleet holds when the key arrives (a later change may
+//! not be durable yet).
 //!
 //! Decisions only: no I/O and no clock (`now` is a parameter), tested below with tables.
 
 use super::publish::NoDeviceKey;
+use crate::fleet::records::StoredSecret;
 use shoal_api::ids::DeviceId;
 use shoal_api::messages::DesiredState;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -33,7 +38,7 @@ pub(super) struct DeviceKeys {
     /// Certificates read from the book, and when.
     known: HashMap<DeviceId, (Arc<str>, u64)>,
     /// The newest desired state of each device that waits for its key.
-    parked: BTreeMap<DeviceId, DesiredState>,
+    parked: BTreeMap<DeviceId, Sealable>,
     /// Reads in flight; `false` once the answer is known to be stale (the device enrolled
     /// again after the read began): it is read again.
     reading: BTreeMap<DeviceId, bool>,
@@ -42,15 +47,28 @@ pub(super) struct DeviceKeys {
     queued: BTreeSet<DeviceId>,
 }
 
+/// A durable desired state and the stored secrets it was committed with, to seal with them.
+#[derive(Debug, Clone)]
+pub(super) struct Sealable {
+    pub(super) state: DesiredState,
+    pub(super) secrets: Vec<StoredSecret>,
+}
+
 /// What to do with a desired state now.
 #[derive(Debug)]
 pub(super) enum Route {
     /// It carries no secret: send it as it is.
     Send(DesiredState),
     /// Seal its secrets to this certificate's key, then send it.
-    Seal(DesiredState, Arc<str>),
+    Seal(Sealable, Arc<str>),
     /// It waits for its device's key (see [`DeviceKeys::reads`]).
     Parked,
+}
+
+/// Whether a key read at `at` may still be used at `now` (a clock that went back makes it
+/// stale, never fresher).
+fn fresh(at: u64, now: u64) -> bool {
+    at <= now && now - at < FRESH_MS
 }
 
 /// Whether `state` carries secrets to seal.
@@ -61,15 +79,15 @@ fn wants_secrets(state: &DesiredState) -> bool {
 impl DeviceKeys {
     /// Routes a desired state that is durable and due to be sent. It supersedes any older
     /// one of its device still parked (an older state is never sent after a newer one).
-    pub(super) fn route(&mut self, state: DesiredState, now: u64) -> Route {
-        let device = state.device_id.clone();
+    pub(super) fn route(&mut self, s: Sealable, now: u64) -> Route {
+        let device = s.state.device_id.clone();
         self.parked.remove(&device);
-        if !wants_secrets(&state) {
-            return Route::Send(state);
+        if !wants_secrets(&s.state) {
+            return Route::Send(s.state);
         }
         match self.known.get(&device) {
-            Some((cert, at)) if now.saturating_sub(*at) < FRESH_MS => {
-                return Route::Seal(state, cert.clone());
+            Some((cert, at)) if fresh(*at, now) => {
+                return Route::Seal(s, cert.clone());
             }
             Some(_) => {
                 self.known.remove(&device);
@@ -79,7 +97,7 @@ impl DeviceKeys {
         if !self.reading.contains_key(&device) && self.queued.insert(device.clone()) {
             self.queue.push_back(device.clone());
         }
-        self.parked.insert(device, state);
+        self.parked.insert(device, s);
         Route::Parked
     }
 
@@ -109,7 +127,7 @@ impl DeviceKeys {
         device: &DeviceId,
         cert: Result<Option<String>, NoDeviceKey>,
         now: u64,
-    ) -> Option<(DesiredState, Result<Arc<str>, NoDeviceKey>)> {
+    ) -> Option<(Sealable, Result<Arc<str>, NoDeviceKey>)> {
         let fresh = self.reading.remove(device)?;
         if !fresh {
             if self.parked.contains_key(device) && self.queued.insert(device.clone()) {
@@ -140,8 +158,13 @@ impl DeviceKeys {
 
     /// Drops keys no longer fresh (devices that left, or whose states stopped changing).
     pub(super) fn prune(&mut self, now: u64) {
-        self.known
-            .retain(|_, (_, at)| now.saturating_sub(*at) < FRESH_MS);
+        self.known.retain(|_, (_, at)| fresh(*at, now));
+    }
+
+    /// Keys at hand.
+    #[cfg(test)]
+    fn known(&self) -> usize {
+        self.known.len()
     }
 
     /// Desired states waiting for a key.
@@ -182,9 +205,17 @@ mod tests {
         s
     }
 
+    fn sealable(id: &str, generation: u64, secrets: bool) -> Sealable {
+        Sealable {
+            state: state(id, generation, secrets),
+            secrets: Vec::new(),
+        }
+    }
+
     fn generation(r: &Route) -> Option<u64> {
         match r {
-            Route::Send(s) | Route::Seal(s, _) => Some(s.generation),
+            Route::Send(s) => Some(s.generation),
+            Route::Seal(s, _) => Some(s.state.generation),
             Route::Parked => None,
         }
     }
@@ -192,20 +223,23 @@ mod tests {
     #[test]
     fn a_state_without_secrets_is_sent_at_once() {
         let mut k = DeviceKeys::default();
-        assert!(matches!(k.route(state("a", 1, false), T0), Route::Send(_)));
+        assert!(matches!(
+            k.route(sealable("a", 1, false), T0),
+            Route::Send(_)
+        ));
         assert!(k.reads().is_empty());
     }
 
     #[test]
     fn a_state_waits_for_its_key_then_goes_sealed_to_it() {
         let mut k = DeviceKeys::default();
-        assert!(matches!(k.route(state("a", 1, true), T0), Route::Parked));
+        assert!(matches!(k.route(sealable("a", 1, true), T0), Route::Parked));
         assert_eq!(k.reads(), vec![dev("a")]);
         assert!(k.reads().is_empty(), "one read per device");
         let (s, key) = k.answer(&dev("a"), Ok(Some("A1".into())), T0).unwrap();
-        assert_eq!((s.generation, key.unwrap().as_ref()), (1, "A1"));
+        assert_eq!((s.state.generation, key.unwrap().as_ref()), (1, "A1"));
         // The key is at hand now: the next state is sealed without a read.
-        let r = k.route(state("a", 2, true), T0 + 1);
+        let r = k.route(sealable("a", 2, true), T0 + 1);
         assert!(
             matches!(&r, Route::Seal(_, c) if c.as_ref() == "A1"),
             "{r:?}"
@@ -216,20 +250,20 @@ mod tests {
     #[test]
     fn a_newer_state_supersedes_a_parked_one() {
         let mut k = DeviceKeys::default();
-        k.route(state("a", 1, true), T0);
+        k.route(sealable("a", 1, true), T0);
         let reads = k.reads();
-        k.route(state("a", 2, true), T0);
+        k.route(sealable("a", 2, true), T0);
         assert!(
             k.reads().is_empty(),
             "the read in flight serves the newer state"
         );
         let (s, _) = k.answer(&reads[0], Ok(Some("A".into())), T0).unwrap();
-        assert_eq!(s.generation, 2);
+        assert_eq!(s.state.generation, 2);
         // A newer state without secrets goes at once, and the parked one never goes.
         k.forget(&dev("a"));
-        k.route(state("a", 3, true), T0);
+        k.route(sealable("a", 3, true), T0);
         let reads = k.reads();
-        assert_eq!(generation(&k.route(state("a", 4, false), T0)), Some(4));
+        assert_eq!(generation(&k.route(sealable("a", 4, false), T0)), Some(4));
         assert!(k.answer(&reads[0], Ok(Some("A".into())), T0).is_none());
         assert_eq!(k.parked(), 0);
     }
@@ -237,44 +271,78 @@ mod tests {
     #[test]
     fn an_answer_begun_before_the_device_enrolled_again_is_not_used() {
         let mut k = DeviceKeys::default();
-        k.route(state("a", 1, true), T0);
+        k.route(sealable("a", 1, true), T0);
         let reads = k.reads();
         k.forget(&dev("a")); // enrolled again while the old key was being read
         assert!(k.answer(&reads[0], Ok(Some("OLD".into())), T0).is_none());
+        // A newer state meanwhile waits too: the old key was not kept.
+        assert!(matches!(k.route(sealable("a", 2, true), T0), Route::Parked));
         assert_eq!(k.reads(), vec![dev("a")], "read again");
         let (_, key) = k.answer(&dev("a"), Ok(Some("NEW".into())), T0).unwrap();
         assert_eq!(key.unwrap().as_ref(), "NEW");
         // And the old key was never kept.
         assert!(
-            matches!(k.route(state("a", 2, true), T0), Route::Seal(_, c) if c.as_ref() == "NEW")
+            matches!(k.route(sealable("a", 2, true), T0), Route::Seal(_, c) if c.as_ref() == "NEW")
         );
     }
 
     #[test]
     fn a_forgotten_or_stale_key_is_read_again() {
         let mut k = DeviceKeys::default();
-        k.route(state("a", 1, true), T0);
+        k.route(sealable("a", 1, true), T0);
         k.reads();
         k.answer(&dev("a"), Ok(Some("A".into())), T0);
         k.forget(&dev("a"));
-        assert!(matches!(k.route(state("a", 2, true), T0), Route::Parked));
+        assert!(matches!(k.route(sealable("a", 2, true), T0), Route::Parked));
         k.reads();
         k.answer(&dev("a"), Ok(Some("A".into())), T0);
         assert!(matches!(
-            k.route(state("a", 3, true), T0 + FRESH_MS - 1),
+            k.route(sealable("a", 3, true), T0 + FRESH_MS - 1),
             Route::Seal(..)
         ));
         assert!(matches!(
-            k.route(state("a", 4, true), T0 + FRESH_MS),
+            k.route(sealable("a", 4, true), T0 + FRESH_MS),
             Route::Parked
         ));
         k.reads();
         k.answer(&dev("a"), Ok(Some("A".into())), T0 + FRESH_MS);
+        k.prune(T0 + FRESH_MS + 1);
+        assert_eq!(k.known(), 1, "still fresh");
         k.prune(T0 + 2 * FRESH_MS);
+        assert_eq!(k.known(), 0);
         assert!(matches!(
-            k.route(state("a", 5, true), T0 + 2 * FRESH_MS),
+            k.route(sealable("a", 5, true), T0 + 2 * FRESH_MS),
             Route::Parked
         ));
+    }
+
+    #[test]
+    fn a_clock_that_went_back_makes_a_key_stale() {
+        let mut k = DeviceKeys::default();
+        k.route(sealable("a", 1, true), T0);
+        k.reads();
+        k.answer(&dev("a"), Ok(Some("A".into())), T0);
+        assert!(matches!(
+            k.route(sealable("a", 2, true), T0 - 1),
+            Route::Parked
+        ));
+    }
+
+    #[test]
+    fn a_parked_state_keeps_the_secrets_it_was_committed_with() {
+        let mut k = DeviceKeys::default();
+        let mut s = sealable("a", 1, true);
+        s.secrets = vec![StoredSecret {
+            name: serde_json::from_value(serde_json::json!("db")).unwrap(),
+            keys: vec!["password".into()],
+            version: "1".into(),
+            encrypted: "AAAA".into(),
+            updated_ms: T0,
+        }];
+        k.route(s, T0);
+        k.reads();
+        let (s, _) = k.answer(&dev("a"), Ok(Some("A".into())), T0).unwrap();
+        assert_eq!(s.secrets[0].version, "1");
     }
 
     #[test]
@@ -287,11 +355,11 @@ mod tests {
                 "cannot read the enrollment record: etcd is down",
             ),
         ] {
-            k.route(state("a", 1, true), T0);
+            k.route(sealable("a", 1, true), T0);
             assert_eq!(k.reads(), vec![dev("a")]);
             let (_, key) = k.answer(&dev("a"), answer, T0).unwrap();
             assert_eq!(key.unwrap_err().to_string(), want);
-            assert!(matches!(k.route(state("a", 2, true), T0), Route::Parked));
+            assert!(matches!(k.route(sealable("a", 2, true), T0), Route::Parked));
             k.reads();
             assert!(k.answer(&dev("a"), Ok(Some("A".into())), T0).is_some());
             k.forget(&dev("a"));
@@ -302,7 +370,7 @@ mod tests {
     fn reads_in_flight_are_bounded_and_unasked_answers_ignored() {
         let mut k = DeviceKeys::default();
         for i in 0..(MAX_READS + 5) {
-            k.route(state(&format!("d{i}"), 1, true), T0);
+            k.route(sealable(&format!("d{i}"), 1, true), T0);
         }
         let first = k.reads();
         assert_eq!(first.len(), MAX_READS);

@@ -7,7 +7,8 @@ use crate::fleet::Fleet;
 use crate::store::Store;
 use shoal_api::discovery::AgentAd;
 use shoal_api::ids::DeviceId;
-use shoal_api::messages::{now_ms, DesiredState};
+use shoal_api::messages::DesiredState;
+use shoal_daemon::clock::now_ms;
 use shoal_daemon::mdns::MdnsEvent;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -193,7 +194,9 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
 
     pub(super) async fn handle(&mut self, event: Event) {
         match &event {
-            Event::Tick | Event::RolloutTick | Event::RelayTick | Event::Book(_) => {}
+            Event::Tick | Event::RolloutTick | Event::RelayTick => {}
+            // A key changes nothing in the fleet; a grant may change labels.
+            Event::Book(crate::app::book::BookAnswer::Key { .. }) => {}
             Event::Http(r) if r.reads_only() => {}
             // Log lines change nothing in the fleet.
             Event::Bus(BusEvent::Logs(_)) => {}

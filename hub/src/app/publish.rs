@@ -3,10 +3,11 @@
 
 use super::*;
 use crate::app::command::{Bus, Outbound};
-use crate::app::keys::Route;
+use crate::app::keys::{Route, Sealable};
 use crate::store::{Store, StoredSecret};
 use shoal_api::ids::DeviceId;
-use shoal_api::messages::{now_ms, DesiredState};
+use shoal_api::messages::DesiredState;
+use shoal_daemon::clock::now_ms;
 use std::collections::BTreeMap;
 use tracing::warn;
 
@@ -45,24 +46,39 @@ pub enum NoDeviceKey {
     NotEnrolled,
     #[error("cannot read the enrollment record: {0}")]
     Unreadable(String),
+    #[error("the device is revoked")]
+    Revoked,
+}
+
+/// The secrets `state`'s workloads use, by name, at the version each runs with.
+fn wanted(state: &DesiredState) -> BTreeMap<&shoal_api::ids::SecretName, &str> {
+    state
+        .workloads
+        .iter()
+        .flat_map(|w| &w.secrets)
+        .map(|m| (&m.mount.name, m.version.as_str()))
+        .collect()
 }
 
 impl<S: Store, B: Bus> MainLoop<S, B> {
-    /// `state` with the values of the secrets its workloads use, each sealed to `key` (the
-    /// certificate the device enrolled with). A secret that cannot be sealed is left out
-    /// (the replicas that need it report it missing) and the reason logged. CPU only: the
-    /// key was read off the loop ([`super::keys`]).
-    pub(super) fn sealed(
-        &self,
-        mut state: DesiredState,
-        key: Result<&str, NoDeviceKey>,
-    ) -> DesiredState {
-        let wanted: BTreeMap<&shoal_api::ids::SecretName, &str> = state
-            .workloads
-            .iter()
-            .flat_map(|w| &w.secrets)
-            .map(|m| (&m.mount.name, m.version.as_str()))
+    /// A durable desired state with the stored secrets it names, as the fleet holds them
+    /// now (right after the commit that made the state durable).
+    pub(super) fn sealable(&self, state: DesiredState) -> Sealable {
+        let secrets = wanted(&state)
+            .into_keys()
+            .filter_map(|name| self.core.secret(name).cloned())
             .collect();
+        Sealable { state, secrets }
+    }
+
+    /// The state with the values of the secrets its workloads use, each sealed to `key` (the
+    /// certificate the device enrolled with), from the stored secrets it was committed with.
+    /// A secret that cannot be sealed is left out (the replicas that need it report it
+    /// missing) and the reason logged. CPU only: the key was read off the loop
+    /// ([`super::keys`]).
+    pub(super) fn sealed(&self, s: Sealable, key: Result<&str, NoDeviceKey>) -> DesiredState {
+        let Sealable { mut state, secrets } = s;
+        let wanted = wanted(&state);
         if wanted.is_empty() {
             return state;
         }
@@ -70,7 +86,10 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         let mut sealed = Vec::new();
         for (name, version) in wanted {
             let r = key.clone().map_err(SealError::from).and_then(|cert| {
-                let s = self.core.secret(name).ok_or(SealError::Unknown)?;
+                let s = secrets
+                    .iter()
+                    .find(|s| &s.name == name)
+                    .ok_or(SealError::Unknown)?;
                 if s.version != version {
                     return Err(SealError::Version {
                         wanted: version.to_string(),
@@ -108,6 +127,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     pub(super) async fn send_desired(&mut self, states: Vec<DesiredState>) {
         let now = now_ms();
         for d in states {
+            let d = self.sealable(d);
             let ready = match &self.security {
                 None => Some(self.sealed(d, Err(NoDeviceKey::Insecure))),
                 Some(_) => match self.keys.route(d, now) {

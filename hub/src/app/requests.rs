@@ -5,7 +5,7 @@ use super::*;
 use crate::app::command::Bus;
 use crate::http::{DeviceAction, Request};
 use crate::store::Store;
-use shoal_api::messages::now_ms;
+use shoal_daemon::clock::now_ms;
 use tracing::{info_span, warn, Instrument};
 
 impl<S: Store, B: Bus> MainLoop<S, B> {

@@ -6,7 +6,7 @@ use super::*;
 use crate::app::command::{Bus, BusEvent};
 use crate::http::Request;
 use crate::store::Store;
-use shoal_api::messages::now_ms;
+use shoal_daemon::clock::now_ms;
 use tracing::warn;
 
 /// How often, at most, a standby reads the store again (a burst of the leader's writes is
@@ -37,7 +37,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     i.relay.enrolled(device)
                 }
                 None => {
-                    warn!(%device, "a device enrolled through a standby without shared ingest: the leader applies its token's grant when it starts, and seals its secrets to its new key when its desired state changes")
+                    warn!(%device, "a device enrolled through a standby without shared ingest: the leader applies its token's grant when it starts, and seals its secrets to its new key when the device has said hello and its desired state changes")
                 }
             },
             Event::Http(_) => {} // refused by the http module

@@ -61,7 +61,7 @@ pub(super) async fn audit_changes(
             .refusals
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take(&who, shoal_api::messages::now_ms());
+            .take(&who, shoal_daemon::clock::now_ms());
         match budget {
             None => return response,
             Some(0) => {}

@@ -17,7 +17,7 @@ pub(super) async fn login_token(
         (Peer::Known(who), Some(axum::Extension(PeerFingerprint(f)))) => Some((who, f)),
         _ => None,
     };
-    let token = s.sessions.login_token(shoal_api::messages::now_ms(), owner);
+    let token = s.sessions.login_token(shoal_daemon::clock::now_ms(), owner);
     Json(serde_json::json!({
         "path": format!("/login?token={token}"),
         "expiresInSeconds": crate::dashboard::LOGIN_TTL_MS / 1000,
@@ -35,7 +35,7 @@ pub(super) async fn login(
     State(s): State<AppState>,
     query: Result<axum::extract::Query<LoginQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    let now = shoal_api::messages::now_ms();
+    let now = shoal_daemon::clock::now_ms();
     let Some(session) = query.ok().and_then(|q| s.sessions.log_in(&q.token, now)) else {
         return error(
             StatusCode::UNAUTHORIZED,

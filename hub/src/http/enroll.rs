@@ -67,7 +67,7 @@ pub(super) async fn enroll(State(s): State<AppState>, Json(req): Json<EnrollRequ
         }
         // Sign first: a bad CSR must not burn the token.
         let out = enrolled(&sec, &req.csr, &device)?;
-        let now = shoal_api::messages::now_ms();
+        let now = shoal_daemon::clock::now_ms();
         let (id, secret) = (token.id.clone(), token.secret().to_string());
         let (sec2, dev, cert) = (sec.clone(), device.clone(), out.certificate.clone());
         let grant = tokio::task::spawn_blocking(move || {

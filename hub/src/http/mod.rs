@@ -313,7 +313,7 @@ impl AppState {
     /// still lets in.
     fn session_valid(&self, headers: &axum::http::HeaderMap) -> bool {
         self.sessions
-            .valid(headers, shoal_api::messages::now_ms(), |owner| {
+            .valid(headers, shoal_daemon::clock::now_ms(), |owner| {
                 match (owner, &self.verdicts) {
                     (Some((who, f)), Some(v)) => v.borrow().still_in(who, f),
                     (None, None) => true, // --insecure

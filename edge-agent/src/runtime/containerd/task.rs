@@ -21,7 +21,7 @@ use containerd_client::services::v1::{
     DeleteTaskRequest, KillRequest, StartRequest, WaitRequest,
 };
 use containerd_client::tonic::{Code, Status};
-use shoal_api::messages::now_ms;
+use shoal_daemon::clock::now_ms;
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
