@@ -58,15 +58,10 @@ impl BookReads {
     /// Runs `read` on a blocking thread, a tracked task sending its answer to the loop, or
     /// `failed` if the read did not finish (it panicked): every read is answered, so no
     /// state waits for an answer that never comes.
-    fn ask(
-        &self,
-        sec: Arc<crate::security::Security>,
-        read: impl FnOnce(&dyn crate::enrollment::Enrollments) -> BookAnswer + Send + 'static,
-        failed: BookAnswer,
-    ) {
+    fn ask(&self, read: impl FnOnce() -> BookAnswer + Send + 'static, failed: BookAnswer) {
         let answers = self.answers.clone();
         self.tracker.spawn(async move {
-            let answer = match tokio::task::spawn_blocking(move || read(&*sec.enrollments)).await {
+            let answer = match tokio::task::spawn_blocking(read).await {
                 Ok(answer) => answer,
                 Err(e) => {
                     warn!(error = %e, "a read of the enrollment book failed");
@@ -169,13 +164,15 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         let Some(sec) = &self.security else {
             return;
         };
-        for device in self.keys.reads() {
+        for device in self.keys.reads(now_ms()) {
             self.metrics.device_key_reads.inc();
             let failed = BookAnswer::Key {
                 device: device.clone(),
                 cert: Err(NoDeviceKey::Unreadable("the read did not finish".into())),
             };
-            let read = move |b: &dyn crate::enrollment::Enrollments| {
+            let sec = sec.clone();
+            let read = move || {
+                let b = &*sec.enrollments;
                 let cert = match crate::access::revoked(b, &device) {
                     Ok(true) => Err(NoDeviceKey::Revoked),
                     Ok(false) => b
@@ -185,7 +182,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 };
                 BookAnswer::Key { device, cert }
             };
-            self.book.ask(sec.clone(), read, failed);
+            self.book.ask(read, failed);
         }
     }
 
@@ -199,14 +196,17 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 device: device.clone(),
                 grant: None,
             };
-            let read = move |b: &dyn crate::enrollment::Enrollments| {
-                let grant = b.grant(&device).unwrap_or_else(|e| {
+            let sec = sec.clone();
+            let read = move || {
+                let grant = sec
+                    .enrollments
+                    .grant(&device).unwrap_or_else(|e| {
                     warn!(%device, error = %e, "cannot read a device's grant from the enrollment book");
                     None
                 });
                 BookAnswer::Grant { device, grant }
             };
-            self.book.ask(sec.clone(), read, failed);
+            self.book.ask(read, failed);
         }
     }
 
@@ -253,6 +253,29 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_read_that_panics_is_answered_as_failed() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let tracker = TaskTracker::new();
+        let reads = BookReads::new(tx, tracker.clone());
+        let failed = BookAnswer::Key {
+            device: dev("a"),
+            cert: Err(NoDeviceKey::Unreadable("the read did not finish".into())),
+        };
+        reads.ask(|| panic!("the book exploded"), failed);
+        match rx.recv().await {
+            Some(BookAnswer::Key {
+                device,
+                cert: Err(NoDeviceKey::Unreadable(_)),
+            }) => {
+                assert_eq!(device, dev("a"))
+            }
+            other => panic!("{other:?}"),
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
 
     fn dev(id: &str) -> DeviceId {
         DeviceId::try_from(id.to_string()).unwrap()

@@ -14,9 +14,6 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             BusEvent::Connected => {}
             BusEvent::Apply(a) => self.on_mqtt_apply(*a).await,
             BusEvent::Hello(hello) => {
-                // A board wiped and enrolled again connects with its new key: read its key
-                // again (should the enrollment's notice have been lost).
-                self.keys.forget(&hello.device_id);
                 let publish = self.fleet(|f| f.hello(*hello, now_ms()));
                 self.queue(publish);
             }

@@ -9,10 +9,15 @@
 //!
 //! The book is the truth; this is a cache of it, and it is forgotten
 //! ([`DeviceKeys::forget`]) where a key can change: a device that enrolls again (through
-//! this replica or another) gets a new key, and a wiped board says hello when it connects
-//! with it, so an enrollment notice that never arrived is made up for; a new leader starts
-//! with an empty cache. A renewal keeps the key (see `http::enroll`). Anything else that
-//! changed a record (an operator's edit of the book) is read again within [`FRESH_MS`].
+//! this replica or another) gets a new key; a new leader starts with an empty cache. A
+//! renewal keeps the key (see `http::enroll`). A change the leader is not told of (an
+//! enrollment through a standby without shared ingest, an edit of the book by hand) is read
+//! within [`FRESH_MS`]. A device's hello does not forget its key: hellos are retained, so
+//! every reconnect of the hub's bus would read the whole fleet's keys again, and a device
+//! could keep the reads busy by reconnecting.
+//!
+//! A read the book could not answer (etcd unreachable) is tried again after [`RETRY_MS`];
+//! the state waits meanwhile, sent neither without its secrets nor to a guessed key.
 //!
 //! A parked state keeps the stored (encrypted) secrets it was committed with: it is sealed
 //! with those, not with whatever the fleet holds when the key arrives (a later change may
@@ -31,6 +36,8 @@ use std::sync::Arc;
 pub(super) const FRESH_MS: u64 = 60_000;
 /// Reads of the book in flight at once (a new leader may need every device's key).
 pub(super) const MAX_READS: usize = 16;
+/// How long after a failed read its device is read again.
+pub(super) const RETRY_MS: u64 = 2_000;
 
 /// Keys at hand, states waiting for theirs, and the reads that will bring them.
 #[derive(Debug, Default)]
@@ -45,6 +52,8 @@ pub(super) struct DeviceKeys {
     /// Devices whose key is to be read, in order, once a read slot is free.
     queue: VecDeque<DeviceId>,
     queued: BTreeSet<DeviceId>,
+    /// Devices whose last read failed, and when they may be read again.
+    retry_at: BTreeMap<DeviceId, u64>,
 }
 
 /// A durable desired state and the stored secrets it was committed with, to seal with them.
@@ -102,15 +111,31 @@ impl DeviceKeys {
     }
 
     /// Devices whose key to read now, each answered by [`DeviceKeys::answer`]: at most
-    /// [`MAX_READS`] in flight, and only for states still parked.
-    pub(super) fn reads(&mut self) -> Vec<DeviceId> {
+    /// [`MAX_READS`] in flight, only for states still parked, and not before a failed
+    /// read's [`RETRY_MS`] have passed (called again on the loop's tick).
+    pub(super) fn reads(&mut self, now: u64) -> Vec<DeviceId> {
+        let due: Vec<DeviceId> = self
+            .retry_at
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(d, _)| d.clone())
+            .collect();
+        for device in due {
+            self.retry_at.remove(&device);
+            if self.parked.contains_key(&device) && self.queued.insert(device.clone()) {
+                self.queue.push_back(device);
+            }
+        }
         let mut start = Vec::new();
         while self.reading.len() < MAX_READS {
             let Some(device) = self.queue.pop_front() else {
                 break;
             };
             self.queued.remove(&device);
-            if self.parked.contains_key(&device) && !self.reading.contains_key(&device) {
+            if self.parked.contains_key(&device)
+                && !self.reading.contains_key(&device)
+                && !self.retry_at.contains_key(&device)
+            {
                 self.reading.insert(device.clone(), true);
                 start.push(device);
             }
@@ -119,9 +144,10 @@ impl DeviceKeys {
     }
 
     /// The book's answer for `device`'s certificate (`None`: it is not enrolled). Returns
-    /// the parked state to send and the key to seal it to, or why there is none (its
-    /// secrets are then left out, as for any device without a key). A stale answer is
-    /// not used: the device is read again.
+    /// the parked state to send and the key to seal it to, or why there is none (not
+    /// enrolled, revoked: its secrets are then left out). A stale answer is not used: the
+    /// device is read again, behind the others; a failed read is tried again after
+    /// [`RETRY_MS`].
     pub(super) fn answer(
         &mut self,
         device: &DeviceId,
@@ -131,7 +157,14 @@ impl DeviceKeys {
         let fresh = self.reading.remove(device)?;
         if !fresh {
             if self.parked.contains_key(device) && self.queued.insert(device.clone()) {
-                self.queue.push_front(device.clone());
+                self.queue.push_back(device.clone());
+            }
+            return None;
+        }
+        if matches!(cert, Err(NoDeviceKey::Unreadable(_))) {
+            if self.parked.contains_key(device) {
+                self.retry_at
+                    .insert(device.clone(), now.saturating_add(RETRY_MS));
             }
             return None;
         }
@@ -227,15 +260,15 @@ mod tests {
             k.route(sealable("a", 1, false), T0),
             Route::Send(_)
         ));
-        assert!(k.reads().is_empty());
+        assert!(k.reads(T0).is_empty());
     }
 
     #[test]
     fn a_state_waits_for_its_key_then_goes_sealed_to_it() {
         let mut k = DeviceKeys::default();
         assert!(matches!(k.route(sealable("a", 1, true), T0), Route::Parked));
-        assert_eq!(k.reads(), vec![dev("a")]);
-        assert!(k.reads().is_empty(), "one read per device");
+        assert_eq!(k.reads(T0), vec![dev("a")]);
+        assert!(k.reads(T0).is_empty(), "one read per device");
         let (s, key) = k.answer(&dev("a"), Ok(Some("A1".into())), T0).unwrap();
         assert_eq!((s.state.generation, key.unwrap().as_ref()), (1, "A1"));
         // The key is at hand now: the next state is sealed without a read.
@@ -251,10 +284,10 @@ mod tests {
     fn a_newer_state_supersedes_a_parked_one() {
         let mut k = DeviceKeys::default();
         k.route(sealable("a", 1, true), T0);
-        let reads = k.reads();
+        let reads = k.reads(T0);
         k.route(sealable("a", 2, true), T0);
         assert!(
-            k.reads().is_empty(),
+            k.reads(T0).is_empty(),
             "the read in flight serves the newer state"
         );
         let (s, _) = k.answer(&reads[0], Ok(Some("A".into())), T0).unwrap();
@@ -262,7 +295,7 @@ mod tests {
         // A newer state without secrets goes at once, and the parked one never goes.
         k.forget(&dev("a"));
         k.route(sealable("a", 3, true), T0);
-        let reads = k.reads();
+        let reads = k.reads(T0);
         assert_eq!(generation(&k.route(sealable("a", 4, false), T0)), Some(4));
         assert!(k.answer(&reads[0], Ok(Some("A".into())), T0).is_none());
         assert_eq!(k.parked(), 0);
@@ -272,12 +305,12 @@ mod tests {
     fn an_answer_begun_before_the_device_enrolled_again_is_not_used() {
         let mut k = DeviceKeys::default();
         k.route(sealable("a", 1, true), T0);
-        let reads = k.reads();
+        let reads = k.reads(T0);
         k.forget(&dev("a")); // enrolled again while the old key was being read
         assert!(k.answer(&reads[0], Ok(Some("OLD".into())), T0).is_none());
         // A newer state meanwhile waits too: the old key was not kept.
         assert!(matches!(k.route(sealable("a", 2, true), T0), Route::Parked));
-        assert_eq!(k.reads(), vec![dev("a")], "read again");
+        assert_eq!(k.reads(T0), vec![dev("a")], "read again");
         let (_, key) = k.answer(&dev("a"), Ok(Some("NEW".into())), T0).unwrap();
         assert_eq!(key.unwrap().as_ref(), "NEW");
         // And the old key was never kept.
@@ -290,11 +323,11 @@ mod tests {
     fn a_forgotten_or_stale_key_is_read_again() {
         let mut k = DeviceKeys::default();
         k.route(sealable("a", 1, true), T0);
-        k.reads();
+        k.reads(T0);
         k.answer(&dev("a"), Ok(Some("A".into())), T0);
         k.forget(&dev("a"));
         assert!(matches!(k.route(sealable("a", 2, true), T0), Route::Parked));
-        k.reads();
+        k.reads(T0);
         k.answer(&dev("a"), Ok(Some("A".into())), T0);
         assert!(matches!(
             k.route(sealable("a", 3, true), T0 + FRESH_MS - 1),
@@ -304,7 +337,7 @@ mod tests {
             k.route(sealable("a", 4, true), T0 + FRESH_MS),
             Route::Parked
         ));
-        k.reads();
+        k.reads(T0);
         k.answer(&dev("a"), Ok(Some("A".into())), T0 + FRESH_MS);
         k.prune(T0 + FRESH_MS + 1);
         assert_eq!(k.known(), 1, "still fresh");
@@ -320,7 +353,7 @@ mod tests {
     fn a_clock_that_went_back_makes_a_key_stale() {
         let mut k = DeviceKeys::default();
         k.route(sealable("a", 1, true), T0);
-        k.reads();
+        k.reads(T0);
         k.answer(&dev("a"), Ok(Some("A".into())), T0);
         assert!(matches!(
             k.route(sealable("a", 2, true), T0 - 1),
@@ -340,30 +373,59 @@ mod tests {
             updated_ms: T0,
         }];
         k.route(s, T0);
-        k.reads();
+        k.reads(T0);
         let (s, _) = k.answer(&dev("a"), Ok(Some("A".into())), T0).unwrap();
         assert_eq!(s.secrets[0].version, "1");
     }
 
     #[test]
-    fn no_key_is_kept_for_a_device_without_a_record_or_when_the_book_fails() {
+    fn no_key_is_kept_for_a_device_without_a_record_or_revoked() {
         let mut k = DeviceKeys::default();
         for (answer, want) in [
             (Ok(None), "the device has no enrollment record"),
-            (
-                Err(NoDeviceKey::Unreadable("etcd is down".into())),
-                "cannot read the enrollment record: etcd is down",
-            ),
+            (Err(NoDeviceKey::Revoked), "the device is revoked"),
         ] {
             k.route(sealable("a", 1, true), T0);
-            assert_eq!(k.reads(), vec![dev("a")]);
+            assert_eq!(k.reads(T0), vec![dev("a")]);
             let (_, key) = k.answer(&dev("a"), answer, T0).unwrap();
             assert_eq!(key.unwrap_err().to_string(), want);
             assert!(matches!(k.route(sealable("a", 2, true), T0), Route::Parked));
-            k.reads();
+            k.reads(T0);
             assert!(k.answer(&dev("a"), Ok(Some("A".into())), T0).is_some());
             k.forget(&dev("a"));
         }
+    }
+
+    #[test]
+    fn a_read_the_book_could_not_answer_is_tried_again_later() {
+        let mut k = DeviceKeys::default();
+        k.route(sealable("a", 1, true), T0);
+        assert_eq!(k.reads(T0), vec![dev("a")]);
+        let down = Err(NoDeviceKey::Unreadable("etcd is down".into()));
+        assert!(k.answer(&dev("a"), down, T0).is_none(), "the state waits");
+        assert_eq!(k.parked(), 1);
+        assert!(k.reads(T0 + RETRY_MS - 1).is_empty(), "not at once");
+        assert_eq!(k.reads(T0 + RETRY_MS), vec![dev("a")]);
+        let (s, key) = k
+            .answer(&dev("a"), Ok(Some("A".into())), T0 + RETRY_MS)
+            .unwrap();
+        assert_eq!((s.state.generation, key.unwrap().as_ref()), (1, "A"));
+    }
+
+    #[test]
+    fn a_stale_answer_goes_behind_the_others() {
+        let mut k = DeviceKeys::default();
+        for i in 0..=MAX_READS {
+            k.route(sealable(&format!("d{i}"), 1, true), T0);
+        }
+        let first = k.reads(T0);
+        k.forget(&first[0]);
+        assert!(k.answer(&first[0], Ok(Some("OLD".into())), T0).is_none());
+        assert_eq!(
+            k.reads(T0),
+            vec![dev(&format!("d{MAX_READS}"))],
+            "the waiting one first"
+        );
     }
 
     #[test]
@@ -372,14 +434,14 @@ mod tests {
         for i in 0..(MAX_READS + 5) {
             k.route(sealable(&format!("d{i}"), 1, true), T0);
         }
-        let first = k.reads();
+        let first = k.reads(T0);
         assert_eq!(first.len(), MAX_READS);
-        assert!(k.reads().is_empty());
+        assert!(k.reads(T0).is_empty());
         assert!(k
             .answer(&dev("stranger"), Ok(Some("X".into())), T0)
             .is_none());
         assert!(k.answer(&first[0], Ok(Some("K".into())), T0).is_some());
-        assert_eq!(k.reads(), vec![dev(&format!("d{MAX_READS}"))]);
+        assert_eq!(k.reads(T0), vec![dev(&format!("d{MAX_READS}"))]);
         assert_eq!(k.parked(), MAX_READS + 4);
     }
 }

@@ -224,6 +224,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             Event::Tick => {
                 let grace = self.grace_ms;
                 self.keys.prune(now_ms());
+                self.read_keys(); // failed reads, due again
                 let publish = self.fleet(|f| f.check_lost(now_ms(), grace));
                 self.publish_desired(publish).await;
                 // Readiness periods and deadlines pass with time, not only with reports.

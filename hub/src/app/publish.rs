@@ -50,6 +50,55 @@ pub enum NoDeviceKey {
     Revoked,
 }
 
+/// The state with the values of the secrets its workloads use, each sealed to `key` (the
+/// certificate the device enrolled with), from the stored secrets it was committed with.
+/// A secret that cannot be sealed is left out (the replicas that need it report it
+/// missing) and the reason logged. CPU only: the key was read off the loop
+/// ([`super::keys`]).
+pub(super) fn seal(
+    s: Sealable,
+    key: Result<&str, NoDeviceKey>,
+    secrets_key: &shoal_pki::secret::SecretsKey,
+) -> DesiredState {
+    let Sealable { mut state, secrets } = s;
+    let wanted = wanted(&state);
+    if wanted.is_empty() {
+        return state;
+    }
+    let dev = &state.device_id;
+    let mut sealed = Vec::new();
+    for (name, version) in wanted {
+        let r = key.clone().map_err(SealError::from).and_then(|cert| {
+            let s = secrets
+                .iter()
+                .find(|s| &s.name == name)
+                .ok_or(SealError::Unknown)?;
+            if s.version != version {
+                return Err(SealError::Version {
+                    wanted: version.to_string(),
+                    have: s.version.clone(),
+                });
+            }
+            let plain = open_stored(secrets_key, s)?;
+            shoal_pki::secret::seal_to_device(cert, dev.as_str(), name.as_str(), version, &plain)
+                .map_err(SealError::from)
+        });
+        match r {
+            Ok(x) => sealed.push(shoal_api::secret::SealedSecret {
+                name: name.clone(),
+                version: version.to_string(),
+                enc: shoal_api::secret::b64::encode(&x.enc),
+                ciphertext: shoal_api::secret::b64::encode(&x.ciphertext),
+            }),
+            Err(why) => {
+                warn!(device = %dev, secret = %name, reason = %why, "cannot deliver secret")
+            }
+        }
+    }
+    state.secrets = sealed;
+    state
+}
+
 /// The secrets `state`'s workloads use, by name, at the version each runs with.
 fn wanted(state: &DesiredState) -> BTreeMap<&shoal_api::ids::SecretName, &str> {
     state
@@ -71,55 +120,9 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         Sealable { state, secrets }
     }
 
-    /// The state with the values of the secrets its workloads use, each sealed to `key` (the
-    /// certificate the device enrolled with), from the stored secrets it was committed with.
-    /// A secret that cannot be sealed is left out (the replicas that need it report it
-    /// missing) and the reason logged. CPU only: the key was read off the loop
-    /// ([`super::keys`]).
+    /// [`seal`] with the hub's secrets key.
     pub(super) fn sealed(&self, s: Sealable, key: Result<&str, NoDeviceKey>) -> DesiredState {
-        let Sealable { mut state, secrets } = s;
-        let wanted = wanted(&state);
-        if wanted.is_empty() {
-            return state;
-        }
-        let dev = &state.device_id;
-        let mut sealed = Vec::new();
-        for (name, version) in wanted {
-            let r = key.clone().map_err(SealError::from).and_then(|cert| {
-                let s = secrets
-                    .iter()
-                    .find(|s| &s.name == name)
-                    .ok_or(SealError::Unknown)?;
-                if s.version != version {
-                    return Err(SealError::Version {
-                        wanted: version.to_string(),
-                        have: s.version.clone(),
-                    });
-                }
-                let plain = open_stored(&self.secrets_key, s)?;
-                shoal_pki::secret::seal_to_device(
-                    cert,
-                    dev.as_str(),
-                    name.as_str(),
-                    version,
-                    &plain,
-                )
-                .map_err(SealError::from)
-            });
-            match r {
-                Ok(x) => sealed.push(shoal_api::secret::SealedSecret {
-                    name: name.clone(),
-                    version: version.to_string(),
-                    enc: shoal_api::secret::b64::encode(&x.enc),
-                    ciphertext: shoal_api::secret::b64::encode(&x.ciphertext),
-                }),
-                Err(why) => {
-                    warn!(device = %dev, secret = %name, reason = %why, "cannot deliver secret")
-                }
-            }
-        }
-        state.secrets = sealed;
-        state
+        seal(s, key, &self.secrets_key)
     }
 
     /// Sends durable desired states: each sealed to its device's key and signed now, or
@@ -183,5 +186,88 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 warn!(%device, error = %e, "cannot publish a log request");
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use shoal_api::messages::DesiredWorkload;
+
+    /// A device's key and certificate from a fresh fleet CA.
+    fn device(name: &str) -> (String, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = shoal_pki::ca::FleetCa::load_or_create(dir.path()).unwrap();
+        let (key, csr) = shoal_pki::device::key_and_csr(name).unwrap();
+        let cert = ca
+            .sign_csr(&csr, name, std::time::Duration::from_secs(3600))
+            .unwrap();
+        (key, cert)
+    }
+
+    fn stored(key: &shoal_pki::secret::SecretsKey, version: &str, value: &[u8]) -> StoredSecret {
+        StoredSecret {
+            name: serde_json::from_value(serde_json::json!("db")).unwrap(),
+            keys: vec!["password".into()],
+            version: version.into(),
+            encrypted: shoal_api::secret::b64::encode(&key.encrypt("db", version, value).unwrap()),
+            updated_ms: 0,
+        }
+    }
+
+    fn state(version: &str) -> DesiredState {
+        let w: DesiredWorkload = serde_json::from_value(serde_json::json!({
+            "name": "app", "revision": "r1",
+            "secrets": [{ "name": "db", "path": "/etc/db", "version": version }],
+            "resources": { "memory": 1024, "cpu": null },
+            "restart": { "policy": "Always", "initialBackoffMs": 1, "maxBackoffMs": 1 },
+        }))
+        .unwrap();
+        let mut s: DesiredState =
+            serde_json::from_value(serde_json::json!({ "deviceId": "edge-a", "generation": 7 }))
+                .unwrap();
+        s.workloads = vec![w];
+        s
+    }
+
+    #[test]
+    fn a_state_is_sealed_with_the_secrets_it_was_committed_with_and_opens_on_its_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let at_rest = shoal_pki::secret::SecretsKey::load_or_create(&dir.path().join("k")).unwrap();
+        let (device_key, cert) = device("edge-a");
+        let s = Sealable {
+            state: state("v1"),
+            secrets: vec![stored(&at_rest, "v1", b"hunter2")],
+        };
+        let out = seal(s, Ok(&cert), &at_rest);
+        let sealed = &out.secrets[0];
+        let opened = shoal_pki::secret::open_on_device(
+            &device_key,
+            "edge-a",
+            "db",
+            "v1",
+            &shoal_pki::secret::Sealed {
+                enc: shoal_api::secret::b64::decode(&sealed.enc).unwrap(),
+                ciphertext: shoal_api::secret::b64::decode(&sealed.ciphertext).unwrap(),
+            },
+        )
+        .unwrap();
+        assert_eq!(opened, b"hunter2");
+        // The committed version is what is sealed: a state naming v1 whose snapshot holds
+        // another version gets nothing (never a value it was not committed with).
+        let s = Sealable {
+            state: state("v1"),
+            secrets: vec![stored(&at_rest, "v2", b"newer")],
+        };
+        assert!(seal(s, Ok(&cert), &at_rest).secrets.is_empty());
+        // No key, no secret.
+        let s = Sealable {
+            state: state("v1"),
+            secrets: vec![stored(&at_rest, "v1", b"hunter2")],
+        };
+        assert!(seal(s, Err(NoDeviceKey::Revoked), &at_rest)
+            .secrets
+            .is_empty());
     }
 }

@@ -37,7 +37,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     i.relay.enrolled(device)
                 }
                 None => {
-                    warn!(%device, "a device enrolled through a standby without shared ingest: the leader applies its token's grant when it starts, and seals its secrets to its new key when the device has said hello and its desired state changes")
+                    warn!(%device, "a device enrolled through a standby without shared ingest: the leader applies its token's grant when it starts, and seals its secrets to its new key when its desired state changes (a minute after it last read the key at most)")
                 }
             },
             Event::Http(_) => {} // refused by the http module
