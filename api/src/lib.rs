@@ -1,38 +1,18 @@
-//! Shoal's shared contract: the fleet manifest schema, MQTT topic names and the messages that
-//! cross the bus between operators, the hub and edge agents.
+//! Shoal's shared contract, in four parts:
+//! - [`model`]: domain types, validated with `TryFrom` (ids, workloads, labels and
+//!   selectors, quantities, volumes, network rules, secrets, OCI references, WASM checks);
+//! - [`wire`]: what travels as YAML/JSON: the manifest schema (strict), the bus's topics and
+//!   messages (permissive, versioned), the mDNS contract, the HTTP API's views;
+//! - [`policy`]: who may do what (the MQTT ACL and packet guard, operator roles);
+//! - [`present`]: tables and escaping for the command lines.
 //!
-//! Two layers live here:
-//! - **wire types** ([`manifest`], [`messages`]): what travels as YAML/JSON. Messages are
-//!   permissive (unknown fields are ignored, most fields default) so that a newer peer can talk to
-//!   an older one; manifests are strict (an unknown field is a typo, and is rejected).
-//! - **domain types** ([`workload`], [`ids`], [`quantity`], [`volume`], [`secret`]): validated with `TryFrom`, so code
-//!   that holds a [`workload::Workload`] never re-checks it.
-//!
-//! No I/O happens in this crate.
+//! No I/O happens in this crate, and it reads no clock (`cargo xtask boundaries`): whoever
+//! decides by time passes `now`.
 
-pub mod acl;
-pub mod discovery;
-pub mod endpoint;
-pub mod ids;
-pub mod labels;
-pub mod manifest;
-pub mod messages;
-pub mod mqtt_guard;
-pub mod mqtt_keepalive;
-pub mod network;
-pub mod oci;
-pub mod operator;
-pub mod printable;
-pub mod quantity;
-pub mod report;
-pub mod secret;
-pub mod selector;
-pub mod table;
-pub mod topics;
-pub mod views;
-pub mod volume;
-pub mod wasm;
-pub mod workload;
+pub mod model;
+pub mod policy;
+pub mod present;
+pub mod wire;
 
 /// The protocol generation spoken on the bus; it is also the `v1` in every topic.
 pub const PROTOCOL_VERSION: u32 = 1;

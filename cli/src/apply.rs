@@ -22,7 +22,7 @@ pub(crate) fn registries(cli: &Cli) -> shoal_registry::Registries {
 /// Reads a module file and checks that it is valid WASM; the error is the reason only.
 pub(crate) fn read_module(file: &Path) -> Result<Vec<u8>, String> {
     let bytes = std::fs::read(file).map_err(|e| format!("cannot read the file: {e}"))?;
-    shoal_api::wasm::validate(&bytes)
+    shoal_api::model::wasm::validate(&bytes)
         .map_err(|e| format!("not a valid wasm module or component: {e}"))?;
     Ok(bytes)
 }

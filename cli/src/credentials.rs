@@ -49,7 +49,7 @@ pub(crate) fn client_id_prefix(dir: Option<&Path>) -> String {
         .and_then(|d| std::fs::read_to_string(d.join("operator.pem")).ok())
         .and_then(|pem| shoal_pki::tls::first_cert(&pem).ok())
         .and_then(|der| shoal_pki::tls::common_name(&der))
-        .and_then(|cn| shoal_api::operator::named_in(&cn))
+        .and_then(|cn| shoal_api::policy::operator::named_in(&cn))
         .map(|name| format!("{name}."))
         .unwrap_or_default()
 }

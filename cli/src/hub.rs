@@ -22,7 +22,7 @@ impl Hub {
         // the request is not one.
         let mut headers = reqwest::header::HeaderMap::new();
         headers.insert(
-            shoal_api::views::CLIENT_HEADER,
+            shoal_api::wire::views::CLIENT_HEADER,
             reqwest::header::HeaderValue::from_static("shoal-cli"),
         );
         let builder = reqwest::Client::builder()

@@ -33,18 +33,18 @@ use watch::*;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
-use shoal_api::endpoint::BrokerUrl;
-use shoal_api::manifest::{parse_stream, to_yaml_stream, ManifestError};
-use shoal_api::messages::ApplyResult;
-use shoal_api::operator::AuditEntry;
-use shoal_api::printable::escaped;
-use shoal_api::quantity::format_memory_rounded;
-use shoal_api::table::Table;
-use shoal_api::topics;
-use shoal_api::views::{
+use shoal_api::model::quantity::format_memory_rounded;
+use shoal_api::model::workload::{validate_all, ModuleRef};
+use shoal_api::policy::operator::AuditEntry;
+use shoal_api::present::printable::escaped;
+use shoal_api::present::table::Table;
+use shoal_api::wire::endpoint::BrokerUrl;
+use shoal_api::wire::manifest::{parse_stream, to_yaml_stream, ManifestError};
+use shoal_api::wire::messages::ApplyResult;
+use shoal_api::wire::topics;
+use shoal_api::wire::views::{
     ApiError, BlobRef, DeviceView, EventView, LogEntry, SecretView, WorkloadView,
 };
-use shoal_api::workload::{validate_all, ModuleRef};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -138,7 +138,7 @@ enum Command {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
         /// How long to wait for the hub's verdict.
-        #[arg(long, default_value = "10s", value_parser = shoal_api::quantity::duration_arg)]
+        #[arg(long, default_value = "10s", value_parser = shoal_api::model::quantity::duration_arg)]
         timeout: Duration,
     },
     /// Upload a WASM module to the hub and print its digest, or with an `oci://` reference
@@ -146,7 +146,7 @@ enum Command {
     Push {
         file: PathBuf,
         /// `oci://REGISTRY/REPOSITORY:TAG`.
-        destination: Option<shoal_api::oci::OciRef>,
+        destination: Option<shoal_api::model::oci::OciRef>,
     },
     /// List devices, workloads, secrets (names and keys, never values) or recent events.
     Get {
@@ -180,7 +180,7 @@ enum Command {
         #[arg(long)]
         no_wait: bool,
         /// `status`: how long to wait.
-        #[arg(long, default_value = "10m", value_parser = shoal_api::quantity::duration_arg)]
+        #[arg(long, default_value = "10m", value_parser = shoal_api::model::quantity::duration_arg)]
         timeout: Duration,
         /// `undo`: the revision to go back to (from `rollout history`; a unique prefix does).
         #[arg(long, value_name = "REVISION")]
@@ -235,7 +235,7 @@ lines of the others are printed anyway.")]
         #[arg(short = 'f', long)]
         follow: bool,
         /// Only lines written this recently (e.g. 30s, 10m, 2h), by each device's clock.
-        #[arg(long, value_parser = shoal_api::quantity::duration_arg, value_name = "DURATION")]
+        #[arg(long, value_parser = shoal_api::model::quantity::duration_arg, value_name = "DURATION")]
         since: Option<Duration>,
         /// Only the last N lines of each replica.
         #[arg(long, value_name = "N")]
@@ -461,8 +461,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             changes,
             overwrite,
         } => {
-            let change = shoal_api::labels::LabelChange::parse(&changes, overwrite)?;
-            let labels: shoal_api::labels::Labels = hub
+            let change = shoal_api::model::labels::LabelChange::parse(&changes, overwrite)?;
+            let labels: shoal_api::model::labels::Labels = hub
                 .post_for(
                     &format!("/v1/devices/{device}/labels"),
                     &serde_json::to_value(&change)?,

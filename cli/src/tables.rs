@@ -64,7 +64,7 @@ pub(crate) fn ago(ms: u64) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    shoal_api::quantity::format_age(now.saturating_sub(ms))
+    shoal_api::model::quantity::format_age(now.saturating_sub(ms))
 }
 
 pub(crate) fn print_devices(devices: &[DeviceView], output: Output) -> anyhow::Result<()> {
@@ -257,7 +257,7 @@ pub(crate) fn describe(w: &WorkloadView, output: Output) -> anyhow::Result<()> {
         }
         println!(
             "Resources:  {}",
-            shoal_api::workload::describe_resources(&spec.resources)
+            shoal_api::model::workload::describe_resources(&spec.resources)
         );
         if !spec.volumes.is_empty() {
             let v: Vec<String> = spec

@@ -1,5 +1,5 @@
 //! The mDNS adapter (mdns-sd), shared by the hub and the agent. The only module that names
-//! mdns-sd; what is advertised is defined in `shoal_api::discovery`.
+//! mdns-sd; what is advertised is defined in `shoal_api::wire::discovery`.
 //!
 //! [`Discovery`] is the seam: [`Mdns`] is the real implementation, [`NoDiscovery`] the one used
 //! with `--no-mdns` (it advertises and finds nothing). Browse results arrive as

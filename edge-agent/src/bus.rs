@@ -7,9 +7,9 @@
 //! desired states and log requests become [`BusEvent`]s; publishing goes through the [`Bus`] trait.
 
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
-use shoal_api::endpoint::BrokerUrl;
-use shoal_api::ids::DeviceId;
-use shoal_api::topics;
+use shoal_api::model::ids::DeviceId;
+use shoal_api::wire::endpoint::BrokerUrl;
+use shoal_api::wire::topics;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,7 +75,7 @@ fn options(
     tls: Option<&Arc<rustls::ClientConfig>>,
 ) -> MqttOptions {
     let mut opts = MqttOptions::new(
-        format!("{}{device}", shoal_api::acl::AGENT_CLIENT_PREFIX),
+        format!("{}{device}", shoal_api::policy::acl::AGENT_CLIENT_PREFIX),
         broker.host.clone(),
         broker.port,
     );

@@ -7,8 +7,8 @@
 
 use clap::{ArgMatches, FromArgMatches};
 use serde::{Deserialize, Deserializer};
-use shoal_api::endpoint::BrokerUrl;
-use shoal_api::ids::DeviceId;
+use shoal_api::model::ids::DeviceId;
+use shoal_api::wire::endpoint::BrokerUrl;
 use shoal_daemon::config::{parsed, parsed_with, ConfigFileError};
 use shoal_daemon::mdns::{MdnsArgs, MdnsFile, MdnsOptions};
 use std::collections::BTreeMap;
@@ -130,7 +130,7 @@ pub struct Settings {
     #[serde(deserialize_with = "parsed")]
     pub broker: Option<BrokerUrl>,
     /// The fleet this device joins; hubs of other fleets are ignored.
-    #[arg(long, env = "SHOAL_FLEET", default_value = shoal_api::discovery::DEFAULT_FLEET)]
+    #[arg(long, env = "SHOAL_FLEET", default_value = shoal_api::wire::discovery::DEFAULT_FLEET)]
     pub fleet: Option<String>,
     /// Unix socket of the local API (`shoal-agent ps`, …).
     #[arg(long, env = "SHOAL_AGENT_SOCKET", default_value = crate::local::DEFAULT_SOCKET)]
@@ -169,7 +169,7 @@ pub struct Settings {
     pub no_wasm: bool,
     /// How long a workload's volumes are kept after it left this device, in case it comes
     /// back (e.g. 0s, 30m, 24h).
-    #[arg(long, env = "SHOAL_AGENT_VOLUME_RETENTION", value_parser = shoal_api::quantity::duration_arg, default_value = "24h")]
+    #[arg(long, env = "SHOAL_AGENT_VOLUME_RETENTION", value_parser = shoal_api::model::quantity::duration_arg, default_value = "24h")]
     #[serde(deserialize_with = "duration")]
     pub volume_retention: Option<Duration>,
     /// A one-time join token from `shoal-hub token create`, to enroll this device (only
@@ -274,7 +274,7 @@ pub fn resolve(m: &ArgMatches) -> Result<AgentConfig, ConfigError> {
             return Err(ConfigError::HubUrl(h.clone()));
         }
     }
-    let fleet = shoal_api::discovery::fleet_or_default(merged!(fleet, "fleet"))
+    let fleet = shoal_api::wire::discovery::fleet_or_default(merged!(fleet, "fleet"))
         .map_err(ConfigError::Fleet)?;
     let mdns = cli.mdns_flags.options(&file.mdns);
     if broker.is_none() && mdns.is_none() {
@@ -362,11 +362,11 @@ fn join_token(
 }
 
 pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
-    shoal_api::ids::parse_label_list(s).map_err(|e| e.to_string())
+    shoal_api::model::ids::parse_label_list(s).map_err(|e| e.to_string())
 }
 
 pub fn parse_memory(s: &str) -> Result<u64, String> {
-    shoal_api::quantity::parse_memory(s).map_err(|e| e.to_string())
+    shoal_api::model::quantity::parse_memory(s).map_err(|e| e.to_string())
 }
 
 fn memory<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
@@ -374,15 +374,15 @@ fn memory<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    parsed_with(d, shoal_api::quantity::duration_arg)
+    parsed_with(d, shoal_api::model::quantity::duration_arg)
 }
 
 /// A table of labels, each key and value checked.
 fn labels<'de, D: Deserializer<'de>>(d: D) -> Result<Option<BTreeMap<String, String>>, D::Error> {
     let l = BTreeMap::<String, String>::deserialize(d)?;
     for (k, v) in &l {
-        shoal_api::ids::check_label_key(k).map_err(serde::de::Error::custom)?;
-        shoal_api::ids::check_label_value(v).map_err(serde::de::Error::custom)?;
+        shoal_api::model::ids::check_label_key(k).map_err(serde::de::Error::custom)?;
+        shoal_api::model::ids::check_label_value(v).map_err(serde::de::Error::custom)?;
     }
     Ok(Some(l))
 }

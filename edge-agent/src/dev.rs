@@ -7,7 +7,7 @@
 use crate::logs::LogSink;
 use crate::runtime::wasm::{WasmInitError, WasmRun, WasmRuntime};
 use crate::runtime::Exit;
-use shoal_api::ids::Digest;
+use shoal_api::model::ids::Digest;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
@@ -22,7 +22,7 @@ pub struct DevRun {
     pub memory_limit: u64,
     /// CPU share in millicores; `None`: no cap.
     pub cpu_millis: Option<u32>,
-    pub limits: shoal_api::workload::RunLimits,
+    pub limits: shoal_api::model::workload::RunLimits,
     /// Compiled-module cache and the run's log.
     pub data_dir: PathBuf,
 }
@@ -35,7 +35,10 @@ pub enum DevError {
         source: std::io::Error,
     },
     #[error("{path:?} is not a valid wasm module or component: {reason}")]
-    Invalid { path: String, reason: String },
+    Invalid {
+        path: String,
+        reason: shoal_api::model::wasm::InvalidWasm,
+    },
     #[error("this agent is runtime-only (built without a compiler): it runs only modules the hub precompiled; use a full agent for `run MODULE`")]
     RuntimeOnly,
     #[error(transparent)]
@@ -59,7 +62,7 @@ pub async fn run_module(dev: DevRun, shutdown: CancellationToken) -> Result<Exit
         path: shown.clone(),
         source,
     })?;
-    shoal_api::wasm::validate(&bytes).map_err(|reason| DevError::Invalid {
+    shoal_api::model::wasm::validate(&bytes).map_err(|reason| DevError::Invalid {
         path: shown.clone(),
         reason,
     })?;

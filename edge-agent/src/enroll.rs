@@ -22,8 +22,8 @@
 //! as `shoal-hub-api`, its broker as `shoal-hub` or `shoal-broker`, both from this device's
 //! fleet CA) before the agent uses it; nothing is sent over them.
 
-use shoal_api::ids::DeviceId;
-use shoal_api::views::{EnrollRequest, Enrolled, RenewRequest};
+use shoal_api::model::ids::DeviceId;
+use shoal_api::wire::views::{EnrollRequest, Enrolled, RenewRequest};
 use shoal_pki::device::{key_and_csr, DeviceCredentials};
 use shoal_pki::sign::HubKey;
 use shoal_pki::tls::{self, ClientIdentity};
@@ -279,7 +279,7 @@ async fn answer<T: serde::de::DeserializeOwned>(
         return r.json().await.map_err(HttpError::Answer);
     }
     let status = r.status();
-    let body: Option<shoal_api::views::ApiError> = r.json().await.ok();
+    let body: Option<shoal_api::wire::views::ApiError> = r.json().await.ok();
     Err(match body {
         Some(b) => HttpError::Refused {
             status,
@@ -388,7 +388,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn authenticate(
     id: &Identity,
     http: Option<&str>,
-    broker: Option<&shoal_api::endpoint::BrokerUrl>,
+    broker: Option<&shoal_api::wire::endpoint::BrokerUrl>,
 ) -> Result<(), EnrollError> {
     authenticate_with(&id.client, &id.mqtt, http, broker).await
 }
@@ -398,7 +398,7 @@ async fn authenticate_with(
     client: &Arc<rustls::ClientConfig>,
     mqtt: &Arc<rustls::ClientConfig>,
     http: Option<&str>,
-    broker: Option<&shoal_api::endpoint::BrokerUrl>,
+    broker: Option<&shoal_api::wire::endpoint::BrokerUrl>,
 ) -> Result<(), EnrollError> {
     if let Some(url) = http {
         let unauthenticated = |reason: HandshakeError| EnrollError::Unauthenticated {
@@ -537,7 +537,7 @@ mod tests {
             .unwrap()
             .port();
         let http = |p: u16| format!("https://127.0.0.1:{p}");
-        let mqtts = |p: u16| -> shoal_api::endpoint::BrokerUrl {
+        let mqtts = |p: u16| -> shoal_api::wire::endpoint::BrokerUrl {
             format!("mqtts://127.0.0.1:{p}").parse().unwrap()
         };
         // (HTTP API, broker, authenticated)

@@ -12,8 +12,8 @@
 //! A cached module is used without asking the hub, which is what lets a device restart its
 //! workloads while the hub is unreachable.
 
-use shoal_api::ids::Digest;
-use shoal_api::oci::OciRef;
+use shoal_api::model::ids::Digest;
+use shoal_api::model::oci::OciRef;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -199,7 +199,7 @@ impl Fetcher {
             let status = resp.status();
             // The hub explains a refused precompile (wrong engine, bad target) in the body.
             let why = resp
-                .json::<shoal_api::views::ApiError>()
+                .json::<shoal_api::wire::views::ApiError>()
                 .await
                 .map(|b| format!(": {}", b.error))
                 .unwrap_or_default();

@@ -24,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use shoal_api::ids::WorkloadName;
+use shoal_api::model::ids::WorkloadName;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tokio::sync::{mpsc, oneshot};
@@ -170,7 +170,7 @@ pub struct MemoryView {
 pub struct InspectView {
     pub workload: String,
     /// The replicas of it in the desired state in force.
-    pub desired: Vec<shoal_api::messages::DesiredWorkload>,
+    pub desired: Vec<shoal_api::wire::messages::DesiredWorkload>,
     pub observed: Vec<ReplicaView>,
     /// Its log files on this device.
     pub logs: Vec<String>,

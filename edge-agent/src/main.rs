@@ -64,7 +64,7 @@ enum Command {
         #[arg(long, value_name = "N")]
         tail: Option<usize>,
         /// Only lines written this recently (e.g. 30s, 10m, 2h).
-        #[arg(long, value_parser = shoal_api::quantity::duration_arg, value_name = "DURATION")]
+        #[arg(long, value_parser = shoal_api::model::quantity::duration_arg, value_name = "DURATION")]
         since: Option<Duration>,
         /// The running agent's local API socket.
         #[arg(long, env = "SHOAL_AGENT_SOCKET", default_value = local::DEFAULT_SOCKET)]
@@ -132,7 +132,7 @@ struct RunArgs {
     #[arg(long, value_parser = parse_cpu, requires = "module")]
     limit_cpu: Option<u32>,
     /// With MODULE: stop it once it used this much CPU time (spec.limits.cpuTime), e.g. 30s.
-    #[arg(long, value_parser = shoal_api::quantity::duration_arg, requires = "module")]
+    #[arg(long, value_parser = shoal_api::model::quantity::duration_arg, requires = "module")]
     limit_cpu_time: Option<Duration>,
     /// With MODULE: an environment variable for it, KEY=VALUE (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env, requires = "module")]
@@ -142,7 +142,7 @@ struct RunArgs {
 }
 
 fn parse_cpu(s: &str) -> Result<u32, String> {
-    shoal_api::quantity::parse_cpu(s).map_err(|e| e.to_string())
+    shoal_api::model::quantity::parse_cpu(s).map_err(|e| e.to_string())
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -171,7 +171,7 @@ async fn dev_run(a: RunArgs) -> anyhow::Result<i32> {
         env: a.module_env.into_iter().collect(),
         memory_limit: a.limit_memory.unwrap_or(64 << 20),
         cpu_millis: a.limit_cpu,
-        limits: shoal_api::workload::RunLimits {
+        limits: shoal_api::model::workload::RunLimits {
             cpu_time_ms: a
                 .limit_cpu_time
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
@@ -289,14 +289,14 @@ fn real_main() -> anyhow::Result<i32> {
 
 /// A workload name checked before it goes into a URL path.
 fn path_segment(name: &str) -> anyhow::Result<&str> {
-    shoal_api::ids::WorkloadName::try_from(name)?;
+    shoal_api::model::ids::WorkloadName::try_from(name)?;
     Ok(name)
 }
 
 /// `shoal-agent ps` as a table.
 fn ps_table(v: &Vec<ReplicaView>, now_ms: u64) -> String {
-    use shoal_api::quantity::{format_age, format_memory_rounded};
-    use shoal_api::table::Table;
+    use shoal_api::model::quantity::{format_age, format_memory_rounded};
+    use shoal_api::present::table::Table;
     if v.is_empty() {
         return "no replicas on this device\n".into();
     }
@@ -340,7 +340,7 @@ fn ps_table(v: &Vec<ReplicaView>, now_ms: u64) -> String {
 
 /// `shoal-agent status` as text.
 fn status_text(v: &AgentStatusView, now_ms: u64) -> String {
-    use shoal_api::quantity::{format_age, format_memory_rounded};
+    use shoal_api::model::quantity::{format_age, format_memory_rounded};
     let ago = |t: u64| format!("{} ago", format_age(now_ms.saturating_sub(t)));
     let hub = match (&v.hub.broker, v.hub.connected) {
         (None, _) => "not found yet (looking over mDNS)".to_string(),
@@ -408,7 +408,7 @@ fn inspect_text(v: &InspectView, now_ms: u64) -> String {
             "  {} revision {} {what} memory {}{}\n",
             d.instance(),
             d.revision,
-            shoal_api::quantity::format_memory_rounded(d.resources.memory),
+            shoal_api::model::quantity::format_memory_rounded(d.resources.memory),
             d.resources
                 .cpu
                 .map(|c| format!(" cpu {c}m"))
@@ -437,8 +437,8 @@ fn inspect_text(v: &InspectView, now_ms: u64) -> String {
 /// `shoal-agent peers` as text: the hubs, then the devices, with how long ago each was
 /// first seen.
 fn peers_table(v: &PeersView, now_ms: u64) -> String {
-    use shoal_api::table::Table;
-    let age = |since: u64| shoal_api::quantity::format_age(now_ms.saturating_sub(since));
+    use shoal_api::present::table::Table;
+    let age = |since: u64| shoal_api::model::quantity::format_age(now_ms.saturating_sub(since));
     if !v.mdns {
         return "mDNS is off on this agent (--no-mdns): no peers are discovered\n".into();
     }
@@ -446,7 +446,7 @@ fn peers_table(v: &PeersView, now_ms: u64) -> String {
     for h in &v.hubs {
         let name = h
             .instance
-            .strip_suffix(shoal_api::discovery::HUB_SERVICE)
+            .strip_suffix(shoal_api::wire::discovery::HUB_SERVICE)
             .unwrap_or(&h.instance)
             .trim_end_matches('.');
         hubs.row(vec![

@@ -142,7 +142,7 @@ pub fn render(
         };
         // Every phase gets a series (1 for the current one), so that `sum by (phase)`
         // counts replicas per phase without gaps.
-        for p in shoal_api::messages::Phase::ALL {
+        for p in shoal_api::wire::messages::Phase::ALL {
             let p = p.to_string();
             phase
                 .get_or_create(&PhaseLabels {

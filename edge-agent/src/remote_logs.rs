@@ -10,9 +10,9 @@
 
 use crate::bus::Bus;
 use crate::logs::{log_files, read_backlog, Follower, Window, MAX_LINE_BYTES};
-use shoal_api::ids::{DeviceId, WorkloadName};
-use shoal_api::messages::{LogChunk, LogLine, LogRequest, LOG_CHUNK_BYTES};
-use shoal_api::topics;
+use shoal_api::model::ids::{DeviceId, WorkloadName};
+use shoal_api::wire::messages::{LogChunk, LogLine, LogRequest, LOG_CHUNK_BYTES};
+use shoal_api::wire::topics;
 use shoal_daemon::clock::now_ms;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

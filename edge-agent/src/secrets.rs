@@ -1,4 +1,4 @@
-//! The device side of secrets (rules in [`shoal_api::secret`]): values arrive sealed to this
+//! The device side of secrets (rules in [`shoal_api::model::secret`]): values arrive sealed to this
 //! device's key inside the signed desired state; they are opened here and written, one
 //! read-only file per key, to `DATA_DIR/run/secrets/{name}/{version}`.
 //!
@@ -15,8 +15,8 @@
 //!   user reads them too). `env` entries are read from the same files when a run starts.
 //! - Nothing here logs a value: errors name the secret and the reason.
 
-use shoal_api::ids::SecretName;
-use shoal_api::secret::{DesiredSecretMount, SealedSecret, Secret};
+use shoal_api::model::ids::SecretName;
+use shoal_api::model::secret::{DesiredSecretMount, SealedSecret, Secret};
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -170,9 +170,9 @@ impl SecretFiles {
     /// Opens one sealed secret with the device key `pem` and writes it out.
     fn open(&self, pem: &str, device: &str, s: &SealedSecret) -> Result<(), OpenError> {
         let sealed = shoal_pki::secret::Sealed {
-            enc: shoal_api::secret::b64::decode(&s.enc)
+            enc: shoal_api::model::secret::b64::decode(&s.enc)
                 .ok_or(OpenError::NotBase64("encapsulated key"))?,
-            ciphertext: shoal_api::secret::b64::decode(&s.ciphertext)
+            ciphertext: shoal_api::model::secret::b64::decode(&s.ciphertext)
                 .ok_or(OpenError::NotBase64("ciphertext"))?,
         };
         let plain =
@@ -190,7 +190,7 @@ impl SecretFiles {
         std::fs::create_dir(&tmp).map_err(FileError::new("create", &tmp))?;
         for (k, v) in &secret.data {
             // The key was checked on the hub; check again before it becomes a file name.
-            shoal_api::secret::check_key(k).map_err(OpenError::Malformed)?;
+            shoal_api::model::secret::check_key(k).map_err(OpenError::Malformed)?;
             let f = tmp.join(k);
             std::fs::write(&f, v).map_err(FileError::new("write", &f))?;
             std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o444))
@@ -255,7 +255,7 @@ impl SecretFiles {
                 });
             }
             for (var, key) in &m.mount.env {
-                shoal_api::secret::check_key(key).map_err(ForRunError::Key)?;
+                shoal_api::model::secret::check_key(key).map_err(ForRunError::Key)?;
                 let bytes =
                     std::fs::read(dir.join(key)).map_err(|error| ForRunError::Unreadable {
                         name: name.clone(),
@@ -297,7 +297,7 @@ fn remove_readonly(dir: &Path) {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use shoal_api::secret::SecretMount;
+    use shoal_api::model::secret::SecretMount;
 
     /// A device key and certificate from a throwaway CA.
     fn device(dir: &Path, name: &str) -> (PathBuf, String) {
@@ -330,8 +330,8 @@ mod tests {
         SealedSecret {
             name: s.name,
             version: version.into(),
-            enc: shoal_api::secret::b64::encode(&x.enc),
-            ciphertext: shoal_api::secret::b64::encode(&x.ciphertext),
+            enc: shoal_api::model::secret::b64::encode(&x.enc),
+            ciphertext: shoal_api::model::secret::b64::encode(&x.ciphertext),
         }
     }
 

@@ -11,10 +11,10 @@
 
 use crate::core::directory::Directory;
 use crate::runtime::AllowList;
-use shoal_api::discovery::{self, ServiceAd};
-use shoal_api::ids::{DeviceId, WorkloadName};
-use shoal_api::messages::DesiredWorkload;
-use shoal_api::workload::Expose;
+use shoal_api::model::ids::{DeviceId, WorkloadName};
+use shoal_api::model::workload::Expose;
+use shoal_api::wire::discovery::{self, ServiceAd};
+use shoal_api::wire::messages::DesiredWorkload;
 use shoal_daemon::mdns::Advert;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -190,14 +190,14 @@ fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_api::workload::{Port, Resources, Restart, RestartPolicy};
+    use shoal_api::model::workload::{Port, Resources, Restart, RestartPolicy};
 
     fn dw(name: &str, replica: u32, ports: &[(u16, Expose)], uses: &[&str]) -> DesiredWorkload {
         DesiredWorkload {
             name: WorkloadName::try_from(name).unwrap(),
             replica,
             revision: "r".into(),
-            module: Some(shoal_api::ids::Digest::of(b"m")),
+            module: Some(shoal_api::model::ids::Digest::of(b"m")),
             oci: None,
             container: None,
             args: vec![],

@@ -4,7 +4,7 @@
 //! or a reboot with no hub in sight it restarts exactly the workloads it was told to run.
 //! [`SledStore`] is the real implementation; [`MemStore`] is a fake for tests.
 
-use shoal_api::messages::DesiredState;
+use shoal_api::wire::messages::DesiredState;
 use std::path::Path;
 use std::sync::Mutex;
 

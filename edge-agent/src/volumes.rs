@@ -1,4 +1,4 @@
-//! The device side of `spec.volumes` (rules in [`shoal_api::volume`]): one directory per
+//! The device side of `spec.volumes` (rules in [`shoal_api::model::volume`]): one directory per
 //! workload and volume, `DATA_DIR/volumes/{workload}/{volume}`, created before a run and
 //! removed once no replica of the workload has been desired, running or stopping on this
 //! device for the retention period (`shoal-agent run --volume-retention`, default 24h).
@@ -7,8 +7,8 @@
 //! workload's data; each volume directory itself is 0777, as Kubernetes makes an `emptyDir`,
 //! so a container whose image runs as a non-root user can still write to it.
 
-use shoal_api::ids::WorkloadName;
-use shoal_api::volume::Volume;
+use shoal_api::model::ids::WorkloadName;
+use shoal_api::model::volume::Volume;
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -121,11 +121,12 @@ pub fn precompile(bytes: &[u8], target: &str) -> Result<Vec<u8>, PrecompileError
         target: target.to_string(),
         reason: format!("{e:#}"),
     };
-    use shoal_api::wasm::Kind;
+    use shoal_api::model::wasm::Kind;
     let mut config = config()?;
     config.target(target).map_err(bad_target)?;
     let engine = wasmtime::Engine::new(&config).map_err(bad_target)?;
-    let kind = shoal_api::wasm::kind(bytes).map_err(PrecompileError::Invalid)?;
+    let kind =
+        shoal_api::model::wasm::kind(bytes).map_err(|e| PrecompileError::Invalid(e.to_string()))?;
     let compiled = match kind {
         Kind::Module => engine.precompile_module(bytes),
         Kind::Component => engine.precompile_component(bytes),

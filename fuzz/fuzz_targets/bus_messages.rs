@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shoal_api::messages::{ApplyResult, DesiredState, DeviceStatus, Hello};
+use shoal_api::wire::messages::{ApplyResult, DesiredState, DeviceStatus, Hello};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(d) = serde_json::from_slice::<DesiredState>(data) {
@@ -26,6 +26,6 @@ fuzz_target!(|data: &[u8]| {
     let _ = serde_json::from_slice::<Hello>(data);
     let _ = serde_json::from_slice::<ApplyResult>(data);
     if let Ok(topic) = std::str::from_utf8(data) {
-        let _ = shoal_api::topics::classify(topic);
+        let _ = shoal_api::wire::topics::classify(topic);
     }
 });

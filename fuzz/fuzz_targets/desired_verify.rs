@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shoal_api::ids::DeviceId;
+use shoal_api::model::ids::DeviceId;
 use shoal_pki::sign::{verify_desired, HubKey, HubSigner};
 use std::sync::OnceLock;
 

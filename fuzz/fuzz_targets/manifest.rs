@@ -6,9 +6,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shoal_api::manifest::parse_stream;
-use shoal_api::secret::{check_key, Secret};
-use shoal_api::workload::{validate_all, Workload};
+use shoal_api::model::secret::{check_key, Secret};
+use shoal_api::model::workload::{validate_all, Workload};
+use shoal_api::wire::manifest::parse_stream;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

@@ -1,13 +1,13 @@
-//! The embedded broker's packet filter (`shoal_api::mqtt_guard`) on arbitrary client bytes,
+//! The embedded broker's packet filter (`shoal_api::policy::mqtt_guard`) on arbitrary client bytes,
 //! as a device: it must never panic, never pass a PUBLISH or SUBSCRIBE the ACL forbids, never
 //! let a retained PUBLISH through on a topic that keeps nothing retained, and a CONNECT it
 //! rewrites must be one well-framed packet.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shoal_api::acl::{self, Access, Identity};
-use shoal_api::ids::DeviceId;
-use shoal_api::mqtt_guard::{packet_len, Guard, Pass};
+use shoal_api::model::ids::DeviceId;
+use shoal_api::policy::acl::{self, Access, Identity};
+use shoal_api::policy::mqtt_guard::{packet_len, Guard, Pass};
 
 fuzz_target!(|data: &[u8]| {
     let who = Identity::Device(DeviceId::try_from("edge-a").expect("a valid id"));

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shoal_api::oci::{choose_platform, oci_arch, OciRef, Platform};
+use shoal_api::model::oci::{choose_platform, oci_arch, OciRef, Platform};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

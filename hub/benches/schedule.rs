@@ -9,9 +9,9 @@
 //! because it is linear in devices per placement.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use shoal_api::ids::{DeviceId, Digest, WorkloadName};
-use shoal_api::selector::{Requirement, Selector, SetRequirement};
-use shoal_api::workload::{
+use shoal_api::model::ids::{DeviceId, Digest, WorkloadName};
+use shoal_api::model::selector::{Requirement, Selector, SetRequirement};
+use shoal_api::model::workload::{
     ModuleRef, Placement, Resources, Restart, RestartPolicy, Strategy, Workload,
 };
 use shoal_hub::fleet::scheduler::{schedule, Assignments, DeviceView};

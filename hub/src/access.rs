@@ -19,9 +19,9 @@
 
 use crate::enrollment::{EnrollError, Enrollments, Shelf};
 use serde::{Deserialize, Serialize};
-use shoal_api::acl::{Identity, Operator};
-use shoal_api::ids::{DeviceId, OperatorName};
-use shoal_api::operator::{OperatorRecord, OperatorRefusal};
+use shoal_api::model::ids::{DeviceId, OperatorName};
+use shoal_api::policy::acl::{Identity, Operator};
+use shoal_api::policy::operator::{OperatorRecord, OperatorRefusal};
 use shoal_pki::PkiError;
 
 /// Why a certificate from the fleet CA does not get in.
@@ -186,7 +186,7 @@ pub fn pin_bootstrap(
             retired.drain(..extra);
             OperatorRecord {
                 name,
-                role: shoal_api::operator::Role::Admin,
+                role: shoal_api::policy::operator::Role::Admin,
                 certificates: vec![mine],
                 created_ms: now_ms,
                 expires_ms,
@@ -207,7 +207,7 @@ pub fn admit(
     let Some(cn) = shoal_pki::tls::common_name(cert) else {
         return Ok(Err(Refusal::NoIdentity));
     };
-    if let Some(name) = shoal_api::operator::named_in(&cn) {
+    if let Some(name) = shoal_api::policy::operator::named_in(&cn) {
         let Some(record) = operator(book, &name)? else {
             return Ok(Err(OperatorRefusal::Unknown(name.to_string()).into()));
         };
@@ -344,7 +344,7 @@ impl Verdicts {
                 tracing::warn!(operator = %filed, error = %e, "unreadable operator record: refused");
                 OperatorRecord {
                     name: filed.clone(),
-                    role: shoal_api::operator::Role::Viewer,
+                    role: shoal_api::policy::operator::Role::Viewer,
                     certificates: Vec::new(),
                     created_ms: 0,
                     expires_ms: 0,
@@ -437,7 +437,7 @@ mod tests {
         let alice = OperatorName::try_from("alice").unwrap();
         let op = Identity::Operator(Operator {
             name: alice.clone(),
-            role: shoal_api::operator::Role::Viewer,
+            role: shoal_api::policy::operator::Role::Viewer,
         });
         let mut v = Verdicts::default();
         assert!(
@@ -449,7 +449,7 @@ mod tests {
         assert!(v.still_in(&op, "f1"), "a record not read yet");
         let mut rec = OperatorRecord {
             name: alice.clone(),
-            role: shoal_api::operator::Role::Viewer,
+            role: shoal_api::policy::operator::Role::Viewer,
             certificates: vec!["f1".into()],
             created_ms: 0,
             expires_ms: 0,

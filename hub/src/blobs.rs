@@ -12,13 +12,22 @@
 //! acknowledged once it is there too, and a replica fetches a blob it lacks from there the
 //! first time it needs it (checking its digest), then keeps it.
 
-use shoal_api::ids::Digest;
-use shoal_api::manifest::ManifestError;
-use shoal_api::workload::{ModuleRef, Workload};
+use shoal_api::model::ids::Digest;
+use shoal_api::model::workload::{ModuleRef, Workload};
+use shoal_api::wire::manifest::ManifestError;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+
+/// Why a blob named as a module is not one.
+#[derive(Debug, thiserror::Error)]
+pub enum NotAModule {
+    #[error(transparent)]
+    Invalid(#[from] shoal_api::model::wasm::InvalidWasm),
+    #[error(transparent)]
+    Unreadable(#[from] BlobError),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
@@ -74,7 +83,7 @@ pub struct BlobStore {
     /// instead of each starting one (and the hub's CPUs stay for its other work).
     compiling: Mutex<()>,
     /// Validation verdicts per digest (blobs are immutable, so a verdict never changes).
-    verdicts: Mutex<HashMap<Digest, Result<(), String>>>,
+    verdicts: Mutex<HashMap<Digest, Result<(), shoal_api::model::wasm::InvalidWasm>>>,
     shared: Option<Box<dyn SharedBlobs>>,
 }
 
@@ -247,20 +256,21 @@ impl BlobStore {
         std::fs::read(&p).map_err(io(&p))
     }
 
-    /// `Ok` if the blob is a valid WASM core module or component.
-    pub fn validate_wasm(&self, d: &Digest) -> Result<(), String> {
+    /// `Ok` if the blob is a valid WASM core module or component (the verdict is kept: a
+    /// blob never changes).
+    pub fn validate_wasm(&self, d: &Digest) -> Result<(), NotAModule> {
         if let Some(v) = self.lock().get(d) {
-            return v.clone();
+            return v.clone().map_err(NotAModule::Invalid);
         }
-        let verdict = match self.read(d) {
-            Err(e) => return Err(e.to_string()),
-            Ok(bytes) => shoal_api::wasm::validate(&bytes),
-        };
+        let verdict = shoal_api::model::wasm::validate(&self.read(d)?);
         self.lock().insert(d.clone(), verdict.clone());
-        verdict
+        Ok(verdict?)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Result<(), String>>> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<Digest, Result<(), shoal_api::model::wasm::InvalidWasm>>>
+    {
         self.verdicts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -324,9 +334,9 @@ mod tests {
         // The smallest valid core module: magic + version.
         let d = s.put(b"\0asm\x01\0\0\0").unwrap();
         assert!(s.has(&d));
-        assert_eq!(s.validate_wasm(&d), Ok(()));
+        assert!(s.validate_wasm(&d).is_ok());
         let bad = s.put(b"not wasm at all").unwrap();
-        assert!(s.validate_wasm(&bad).is_err());
+        assert!(matches!(s.validate_wasm(&bad), Err(NotAModule::Invalid(_))));
         assert!(matches!(s.put(b""), Err(BlobError::Empty)));
     }
 
@@ -385,7 +395,8 @@ mod tests {
         let text = |m: &str| {
             format!("apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: w }}\nspec:\n  wasm: {{ module: \"{m}\" }}\n")
         };
-        let tag = shoal_api::workload::parse_workloads(&text("oci://localhost:5000/a:v1")).unwrap();
+        let tag = shoal_api::model::workload::parse_workloads(&text("oci://localhost:5000/a:v1"))
+            .unwrap();
         let errs = s.check_modules(&[(1, &tag[0])]);
         assert_eq!(errs.len(), 1);
         assert!(
@@ -395,9 +406,9 @@ mod tests {
             "{}",
             errs[0].message
         );
-        let pinned = shoal_api::workload::parse_workloads(&text(&format!(
+        let pinned = shoal_api::model::workload::parse_workloads(&text(&format!(
             "oci://localhost:5000/a:v1@{}",
-            shoal_api::ids::Digest::of(b"m")
+            shoal_api::model::ids::Digest::of(b"m")
         )))
         .unwrap();
         assert!(s.check_modules(&[(1, &pinned[0])]).is_empty());

@@ -8,7 +8,7 @@
 use crate::store::StoreChoice;
 use clap::{ArgMatches, FromArgMatches};
 use serde::{Deserialize, Deserializer};
-use shoal_api::endpoint::BrokerUrl;
+use shoal_api::wire::endpoint::BrokerUrl;
 use shoal_daemon::config::{parsed, parsed_with, ConfigFileError};
 use shoal_daemon::mdns::{MdnsArgs, MdnsFile, MdnsOptions};
 use std::net::SocketAddr;
@@ -100,7 +100,7 @@ pub struct Settings {
     #[arg(long, env = "SHOAL_HUB_PUBLIC_URL")]
     pub public_url: Option<String>,
     /// The fleet this hub serves; agents configured for another fleet ignore it.
-    #[arg(long, env = "SHOAL_FLEET", default_value = shoal_api::discovery::DEFAULT_FLEET)]
+    #[arg(long, env = "SHOAL_FLEET", default_value = shoal_api::wire::discovery::DEFAULT_FLEET)]
     pub fleet: Option<String>,
     /// This hub's name on the LAN [default: the host name].
     #[arg(long, env = "SHOAL_HUB_NAME")]
@@ -113,7 +113,7 @@ pub struct Settings {
     pub mdns: MdnsFile,
     /// How long a device may be offline or silent before it is lost and its replicas are
     /// rescheduled (`placement: every` ones stay), e.g. 500ms, 30s, 2m.
-    #[arg(long, env = "SHOAL_HUB_DEVICE_GRACE", value_parser = shoal_api::quantity::duration_arg, default_value = "30s")]
+    #[arg(long, env = "SHOAL_HUB_DEVICE_GRACE", value_parser = shoal_api::model::quantity::duration_arg, default_value = "30s")]
     #[serde(deserialize_with = "duration")]
     pub device_grace: Option<Duration>,
     /// Serve MQTT and HTTP in the clear, without client certificates or topic ACLs. For
@@ -122,7 +122,7 @@ pub struct Settings {
     pub insecure: bool,
     /// How long device certificates are valid; agents renew them after two thirds
     /// (e.g. 90d is 2160h; at least 10s).
-    #[arg(long, env = "SHOAL_HUB_DEVICE_CERT_LIFETIME", value_parser = shoal_api::quantity::duration_arg, default_value = "2160h")]
+    #[arg(long, env = "SHOAL_HUB_DEVICE_CERT_LIFETIME", value_parser = shoal_api::model::quantity::duration_arg, default_value = "2160h")]
     #[serde(deserialize_with = "duration")]
     pub device_cert_lifetime: Option<Duration>,
     /// Another name (DNS name or IP address) for the hub's server certificate, e.g. the
@@ -146,7 +146,7 @@ pub struct Settings {
     pub store: Option<StoreChoice>,
     /// With an etcd store: the TTL of the lease the leader holds its leadership with; a dead
     /// leader is replaced about this long after (at least 2s).
-    #[arg(long, env = "SHOAL_HUB_LEADER_LEASE", value_parser = shoal_api::quantity::duration_arg, default_value = "3s")]
+    #[arg(long, env = "SHOAL_HUB_LEADER_LEASE", value_parser = shoal_api::model::quantity::duration_arg, default_value = "3s")]
     #[serde(deserialize_with = "duration")]
     pub leader_lease: Option<Duration>,
 }
@@ -164,7 +164,7 @@ pub fn resolve(m: &ArgMatches) -> Result<HubConfig, ConfigError> {
     }
     let insecure = cli.insecure || file.insecure;
     let fleet =
-        shoal_api::discovery::fleet_or_default(merged!(fleet)).map_err(ConfigError::Fleet)?;
+        shoal_api::wire::discovery::fleet_or_default(merged!(fleet)).map_err(ConfigError::Fleet)?;
     let device_cert_lifetime =
         merged!(device_cert_lifetime).unwrap_or(shoal_pki::ca::DEVICE_CERT_LIFETIME);
     if device_cert_lifetime < MIN_DEVICE_CERT_LIFETIME {
@@ -204,7 +204,7 @@ const DEFAULT_DEVICE_GRACE: Duration = Duration::from_secs(30);
 const DEFAULT_LEADER_LEASE: Duration = Duration::from_secs(3);
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    parsed_with(d, shoal_api::quantity::duration_arg)
+    parsed_with(d, shoal_api::model::quantity::duration_arg)
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ pub const COOKIE: &str = "shoal_session";
 
 /// Who asked for a login link: a session reads as long as its owner may (a revoked
 /// operator's sessions end with it). `None`: a hub run `--insecure`.
-pub type Owner = Option<(shoal_api::acl::Identity, String)>;
+pub type Owner = Option<(shoal_api::policy::acl::Identity, String)>;
 
 /// Login tokens and sessions, by their random value.
 #[derive(Debug, Default)]

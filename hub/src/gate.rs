@@ -42,11 +42,11 @@ pub const MAX_BUDGET: u64 = 16_384;
 /// How many connections one identity may hold at once: a device needs its MQTT session and
 /// a download or two, an operator a CLI or a few and a browser; the hub is not counted. No
 /// single certificate (a device's, taken from a board) fills the gate.
-pub fn max_per_identity(who: &shoal_api::acl::Identity) -> usize {
+pub fn max_per_identity(who: &shoal_api::policy::acl::Identity) -> usize {
     match who {
-        shoal_api::acl::Identity::Hub => usize::MAX,
-        shoal_api::acl::Identity::Device(_) => 8,
-        shoal_api::acl::Identity::Operator(_) => 64,
+        shoal_api::policy::acl::Identity::Hub => usize::MAX,
+        shoal_api::policy::acl::Identity::Device(_) => 8,
+        shoal_api::policy::acl::Identity::Operator(_) => 64,
     }
 }
 
@@ -243,7 +243,7 @@ impl Gate {
 impl Ticket {
     /// The connection showed `who`'s certificate: it keeps its place, unless `who` holds
     /// as many connections as it may (`false`: close this one).
-    pub fn verified_as(&self, who: &shoal_api::acl::Identity) -> bool {
+    pub fn verified_as(&self, who: &shoal_api::policy::acl::Identity) -> bool {
         let max = max_per_identity(who);
         if max != usize::MAX {
             let key = who.to_string();
@@ -438,12 +438,14 @@ mod tests {
     #[test]
     fn one_identity_holds_only_so_many_connections() {
         let g = Gate::new(RESERVE + 1000);
-        let d = shoal_api::acl::Identity::Device(shoal_api::ids::DeviceId::try_from("d").unwrap());
+        let d = shoal_api::policy::acl::Identity::Device(
+            shoal_api::model::ids::DeviceId::try_from("d").unwrap(),
+        );
         let held: Vec<Ticket> = (0..8).map(|_| g.enter(1).unwrap()).collect();
         assert!(held.iter().all(|t| t.verified_as(&d)));
         let ninth = g.enter(1).unwrap();
         assert!(!ninth.verified_as(&d), "a ninth connection of one device");
-        assert!(ninth.verified_as(&shoal_api::acl::Identity::Hub));
+        assert!(ninth.verified_as(&shoal_api::policy::acl::Identity::Hub));
         drop(held);
         let again = g.enter(1).unwrap();
         assert!(

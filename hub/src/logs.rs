@@ -12,8 +12,8 @@
 //!
 //! Pure: the main loop publishes what the methods return.
 
-use shoal_api::ids::{DeviceId, WorkloadName};
-use shoal_api::messages::{LogChunk, LogRequest};
+use shoal_api::model::ids::{DeviceId, WorkloadName};
+use shoal_api::wire::messages::{LogChunk, LogRequest};
 use std::collections::{BTreeMap, HashMap};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
@@ -186,7 +186,7 @@ impl LogSessions {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use shoal_api::messages::LogLine;
+    use shoal_api::wire::messages::LogLine;
 
     fn dev(d: &str) -> DeviceId {
         DeviceId::try_from(d).unwrap()

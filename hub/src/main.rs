@@ -57,16 +57,16 @@ enum OperatorCommand {
     /// Create operator NAME with a role and write its bundle (ca.pem, operator.pem,
     /// operator.key) to --out, for `shoal --credentials DIR`.
     Create {
-        name: shoal_api::ids::OperatorName,
+        name: shoal_api::model::ids::OperatorName,
         /// viewer (reads), deployer (and changes workloads), admin (and manages devices,
         /// reads the audit log).
         #[arg(long)]
-        role: shoal_api::operator::Role,
+        role: shoal_api::policy::operator::Role,
         /// Where to write the bundle (created owner-only).
         #[arg(long)]
         out: PathBuf,
         /// How long its certificate is valid (renew before with `operator renew`).
-        #[arg(long, default_value = "2160h", value_parser = shoal_api::quantity::duration_arg)]
+        #[arg(long, default_value = "2160h", value_parser = shoal_api::model::quantity::duration_arg)]
         ttl: std::time::Duration,
         #[command(flatten)]
         book: BookArgs,
@@ -74,17 +74,17 @@ enum OperatorCommand {
     /// Issue operator NAME a new certificate (same name and role) into --out; the one it
     /// replaces keeps working until it expires.
     Renew {
-        name: shoal_api::ids::OperatorName,
+        name: shoal_api::model::ids::OperatorName,
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value = "2160h", value_parser = shoal_api::quantity::duration_arg)]
+        #[arg(long, default_value = "2160h", value_parser = shoal_api::model::quantity::duration_arg)]
         ttl: std::time::Duration,
         #[command(flatten)]
         book: BookArgs,
     },
     /// Revoke operator NAME: its certificates are refused from its next connection on.
     Revoke {
-        name: shoal_api::ids::OperatorName,
+        name: shoal_api::model::ids::OperatorName,
         #[command(flatten)]
         book: BookArgs,
     },
@@ -100,7 +100,7 @@ enum DeviceCommand {
     /// Revoke device ID for good: its certificates are refused from its next connection on
     /// (MQTT and HTTPS), it cannot renew, and no join token enrolls that id again.
     Revoke {
-        id: shoal_api::ids::DeviceId,
+        id: shoal_api::model::ids::DeviceId,
         #[command(flatten)]
         book: BookArgs,
     },
@@ -141,26 +141,26 @@ enum TokenCommand {
         #[arg(long, env = "SHOAL_HUB_STORE", value_name = "URL")]
         store: Option<shoal_hub::store::StoreChoice>,
         /// How long the token stays valid (e.g. 30m, 24h).
-        #[arg(long, default_value = "24h", value_parser = shoal_api::quantity::duration_arg)]
+        #[arg(long, default_value = "24h", value_parser = shoal_api::model::quantity::duration_arg)]
         ttl: std::time::Duration,
         /// Bind the token to this device id: it enrolls that device only, and may enroll it
         /// again (a wiped or replaced board), which an unbound token may not.
         #[arg(long, value_name = "ID")]
-        device: Option<shoal_api::ids::DeviceId>,
+        device: Option<shoal_api::model::ids::DeviceId>,
         /// Labels the enrolled device gets (`k=v,k=v`; placement selects on them). A
         /// device's own `--labels` steer nothing: labels are the operator's word, given here
         /// or later with `shoal label device ID k=v`.
         #[arg(long, value_name = "K=V,…", value_parser = token_labels, default_value = "")]
-        labels: shoal_api::labels::Labels,
+        labels: shoal_api::model::labels::Labels,
         /// Allow a plaintext `etcd://` store (for local experiments only).
         #[arg(long)]
         insecure: bool,
     },
 }
 
-fn token_labels(s: &str) -> Result<shoal_api::labels::Labels, String> {
-    let l = shoal_api::ids::parse_label_list(s).map_err(|e| e.to_string())?;
-    shoal_api::labels::check_grant(&l).map_err(|e| e.to_string())?;
+fn token_labels(s: &str) -> Result<shoal_api::model::labels::Labels, String> {
+    let l = shoal_api::model::ids::parse_label_list(s).map_err(|e| e.to_string())?;
+    shoal_api::model::labels::check_grant(&l).map_err(|e| e.to_string())?;
     Ok(l)
 }
 
@@ -309,18 +309,18 @@ fn open_book(
 }
 
 fn operator_command(cmd: OperatorCommand) -> anyhow::Result<()> {
-    use shoal_api::operator::OperatorRecord;
+    use shoal_api::policy::operator::OperatorRecord;
     let now = shoal_daemon::clock::now_ms();
     // Issues `name` a certificate into `out`: (its fingerprint, when it expires).
     let issue = |data_dir: Option<PathBuf>,
-                 name: &shoal_api::ids::OperatorName,
+                 name: &shoal_api::model::ids::OperatorName,
                  out: &std::path::Path,
                  ttl: std::time::Duration|
      -> anyhow::Result<(String, u64)> {
         let dir =
             data_dir.context("issuing a certificate needs the hub's --data-dir (its fleet CA)")?;
         let ca = shoal_pki::ca::FleetCa::load(&shoal_hub::security::pki_dir(&dir))?;
-        let cn = shoal_api::operator::common_name(name);
+        let cn = shoal_api::policy::operator::common_name(name);
         let (cert, key) = ca.issue_for(&cn, &shoal_pki::ca::Usage::Client, ttl)?;
         // Owner-only when created here; an existing directory keeps its mode (the key file
         // is owner-only whatever the directory).
@@ -341,7 +341,7 @@ fn operator_command(cmd: OperatorCommand) -> anyhow::Result<()> {
             ttl,
             book,
         } => {
-            if name.as_str() == shoal_api::operator::BOOTSTRAP {
+            if name.as_str() == shoal_api::policy::operator::BOOTSTRAP {
                 anyhow::bail!(
                     "operator name {:?} is the hub's own bootstrap bundle: pick another",
                     name.as_str()
@@ -379,7 +379,7 @@ fn operator_command(cmd: OperatorCommand) -> anyhow::Result<()> {
             ttl,
             book,
         } => {
-            if name.as_str() == shoal_api::operator::BOOTSTRAP {
+            if name.as_str() == shoal_api::policy::operator::BOOTSTRAP {
                 anyhow::bail!(
                     "operator {:?} is the hub's own bundle: the hub renews it at start",
                     name.as_str()
@@ -417,13 +417,14 @@ fn operator_command(cmd: OperatorCommand) -> anyhow::Result<()> {
             record.revoked_ms = Some(now);
             shoal_hub::access::put_operator(b.as_ref(), &record)?;
             println!("operator/{name} revoked");
-            if name.as_str() == shoal_api::operator::BOOTSTRAP {
+            if name.as_str() == shoal_api::policy::operator::BOOTSTRAP {
                 println!("restart the hub (each replica) to rotate its DATA_DIR/operator bundle");
             }
         }
         OperatorCommand::List { book } => {
             let (b, _) = open_book(&book)?;
-            let mut t = shoal_api::table::Table::new(&["NAME", "ROLE", "EXPIRES", "REVOKED"]);
+            let mut t =
+                shoal_api::present::table::Table::new(&["NAME", "ROLE", "EXPIRES", "REVOKED"]);
             for r in shoal_hub::access::operators(b.as_ref())? {
                 let day = |ms: u64| {
                     time::OffsetDateTime::from_unix_timestamp(i64::try_from(ms / 1000).unwrap_or(0))

@@ -12,8 +12,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use shoal_api::messages::Phase;
-use shoal_api::views::{DeviceView, EventView, WorkloadView};
+use shoal_api::wire::messages::Phase;
+use shoal_api::wire::views::{DeviceView, EventView, WorkloadView};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -310,7 +310,7 @@ impl Metrics {
 mod tests {
     use super::*;
     use prometheus_client::encoding::text::encode;
-    use shoal_api::views::{ReplicaView, RolloutView};
+    use shoal_api::wire::views::{ReplicaView, RolloutView};
 
     #[test]
     fn gauges_follow_the_fleet_and_counters_add_up() {

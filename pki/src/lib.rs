@@ -5,7 +5,7 @@
 //!
 //! Certificates name their holder in the subject's common name: the hub is `shoal-hub`,
 //! operators are `shoal-operator`, and a device is its device id (see
-//! [`shoal_api::acl::Identity`]). Every server certificate the fleet CA issues also names
+//! [`shoal_api::policy::acl::Identity`]). Every server certificate the fleet CA issues also names
 //! `shoal-hub`, and clients verify that fixed name rather than the address they dialled: a
 //! device that found its hub over mDNS at some LAN address still checks that the peer is the
 //! fleet's hub, and a device certificate (client-auth only) can never pass as one.

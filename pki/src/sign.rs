@@ -1,12 +1,12 @@
 //! The hub's signature over desired state (ed25519, ring). The hub signs the exact bytes of
-//! each [`DesiredState`](shoal_api::messages::DesiredState) and publishes them in a
+//! each [`DesiredState`](shoal_api::wire::messages::DesiredState) and publishes them in a
 //! [`SignedDesired`] envelope; an agent opens the envelope with the hub's public key (from
 //! enrollment) before it parses anything, so a forged retained message changes nothing.
 
 use crate::{read_string, write_atomic, PkiError};
 use base64::Engine;
 use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
-use shoal_api::messages::SignedDesired;
+use shoal_api::wire::messages::SignedDesired;
 use std::path::Path;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -177,8 +177,8 @@ impl HubSigner {
     /// Signs a log request for `device` at `now_ms` (its device and time set here).
     pub fn sign_log_request(
         &self,
-        req: &mut shoal_api::messages::LogRequest,
-        device: &shoal_api::ids::DeviceId,
+        req: &mut shoal_api::wire::messages::LogRequest,
+        device: &shoal_api::model::ids::DeviceId,
         now_ms: u64,
     ) {
         req.device_id = Some(device.clone());
@@ -192,9 +192,9 @@ impl HubSigner {
 /// the newest taken (`newest_ms`) by more than [`LOG_REQUEST_WINDOW_MS`].
 pub fn verify_log_request(
     key: &HubKey,
-    own: &shoal_api::ids::DeviceId,
+    own: &shoal_api::model::ids::DeviceId,
     newest_ms: u64,
-    req: &shoal_api::messages::LogRequest,
+    req: &shoal_api::wire::messages::LogRequest,
 ) -> Result<(), LogRequestRefused> {
     let id = || req.request.clone();
     let sig = req
@@ -247,12 +247,12 @@ pub enum Rejected {
 /// device id, then a generation newer than `have`.
 pub fn verify_desired(
     key: Option<&HubKey>,
-    own: &shoal_api::ids::DeviceId,
+    own: &shoal_api::model::ids::DeviceId,
     have: u64,
     payload: &[u8],
-) -> Result<shoal_api::messages::DesiredState, Rejected> {
+) -> Result<shoal_api::wire::messages::DesiredState, Rejected> {
     let bytes = open(key, payload)?;
-    let d: shoal_api::messages::DesiredState =
+    let d: shoal_api::wire::messages::DesiredState =
         serde_json::from_slice(&bytes).map_err(|e| Rejected::Malformed(e.to_string()))?;
     if &d.device_id != own {
         return Err(Rejected::OtherDevice(d.device_id.to_string()));
@@ -273,9 +273,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let hub = HubSigner::load_or_create(&dir.path().join("k")).unwrap();
         let key = HubKey::from_b64(&hub.public_key_b64()).unwrap();
-        let d1 = shoal_api::ids::DeviceId::try_from("d1").unwrap();
-        let d2 = shoal_api::ids::DeviceId::try_from("d2").unwrap();
-        let mut req = shoal_api::messages::LogRequest {
+        let d1 = shoal_api::model::ids::DeviceId::try_from("d1").unwrap();
+        let d2 = shoal_api::model::ids::DeviceId::try_from("d2").unwrap();
+        let mut req = shoal_api::wire::messages::LogRequest {
             protocol: 1,
             request: "r1".into(),
             workload: "web".into(),
@@ -309,12 +309,12 @@ mod tests {
             Err(LogRequestRefused::Unsigned(_))
         ));
         for tamper in [
-            |r: &mut shoal_api::messages::LogRequest| r.workload = "vault".into(),
-            |r: &mut shoal_api::messages::LogRequest| {
-                r.device_id = shoal_api::ids::DeviceId::try_from("d2").ok()
+            |r: &mut shoal_api::wire::messages::LogRequest| r.workload = "vault".into(),
+            |r: &mut shoal_api::wire::messages::LogRequest| {
+                r.device_id = shoal_api::model::ids::DeviceId::try_from("d2").ok()
             },
-            |r: &mut shoal_api::messages::LogRequest| r.issued_ms += 1,
-            |r: &mut shoal_api::messages::LogRequest| r.cancel = true,
+            |r: &mut shoal_api::wire::messages::LogRequest| r.issued_ms += 1,
+            |r: &mut shoal_api::wire::messages::LogRequest| r.cancel = true,
         ] {
             let mut t = req.clone();
             tamper(&mut t);
@@ -408,7 +408,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let hub = HubSigner::load_or_create(&dir.path().join("k")).unwrap();
         let key = HubKey::from_b64(&hub.public_key_b64()).unwrap();
-        let me = shoal_api::ids::DeviceId::try_from("edge-a").unwrap();
+        let me = shoal_api::model::ids::DeviceId::try_from("edge-a").unwrap();
         let state = |dev: &str, g: u64| {
             hub.seal(format!(r#"{{"deviceId":"{dev}","generation":{g}}}"#).as_bytes())
         };

@@ -19,8 +19,8 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
-use shoal_api::ids::Digest;
-use shoal_api::oci::{OciRef, Platform};
+use shoal_api::model::ids::Digest;
+use shoal_api::model::oci::{OciRef, Platform};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Mutex;
@@ -243,7 +243,7 @@ impl Registries {
     pub async fn resolve_image(
         &self,
         r: &OciRef,
-    ) -> Result<(Digest, Vec<shoal_api::oci::Platform>), RegistryError> {
+    ) -> Result<(Digest, Vec<shoal_api::model::oci::Platform>), RegistryError> {
         let client = self.client(r)?;
         let reference = Self::reference(r)?;
         let auth = self.auth(r);
@@ -272,7 +272,7 @@ impl Registries {
                     ),
                 };
                 // Attestation entries say unknown/unknown; anything unparsable is skipped too.
-                if let Ok(p) = text.parse::<shoal_api::oci::Platform>() {
+                if let Ok(p) = text.parse::<shoal_api::model::oci::Platform>() {
                     if p.os != "unknown" && !platforms.contains(&p) {
                         platforms.push(p);
                     }
@@ -301,7 +301,7 @@ impl Registries {
     }
 
     /// Pulls the pinned image `r` for Linux on `arch` (Rust's `std::env::consts::ARCH`) and
-    /// `variant` (see `shoal_api::oci::choose_platform`): the index (if `r` pins one) and the
+    /// `variant` (see `shoal_api::model::oci::choose_platform`): the index (if `r` pins one) and the
     /// matching platform manifest, checked against their digests; the config and layers streamed into `dir` and checked against theirs. Layers
     /// already in `dir` (verified earlier) are not fetched again.
     pub async fn pull_image(
@@ -340,13 +340,13 @@ impl Registries {
                     }
                 })
                 .collect();
-            let entry = shoal_api::oci::choose_platform(&platforms, arch, variant)
+            let entry = shoal_api::model::oci::choose_platform(&platforms, arch, variant)
                 .and_then(|i| entries.get(i))
                 .ok_or_else(|| RegistryError::Registry {
                     reference: r.to_string(),
                     reason: format!(
                         "the image index has no manifest for linux/{}{} (it has: {})",
-                        shoal_api::oci::oci_arch(arch),
+                        shoal_api::model::oci::oci_arch(arch),
                         variant.map(|v| format!("/{v}")).unwrap_or_default(),
                         platforms
                             .iter()
@@ -537,9 +537,9 @@ impl Registries {
 
     /// Publishes `wasm` (a module or component) at `r` (a tag). Returns `r` pinned.
     pub async fn push_wasm(&self, r: &OciRef, wasm: Vec<u8>) -> Result<Pushed, RegistryError> {
-        let kind = shoal_api::wasm::kind(&wasm).map_err(|reason| RegistryError::NotWasm {
+        let kind = shoal_api::model::wasm::kind(&wasm).map_err(|e| RegistryError::NotWasm {
             reference: r.to_string(),
-            reason,
+            reason: e.to_string(),
         })?;
         let layer_size = wasm.len();
         let layer = self.push_blob(r, wasm).await?;
@@ -687,8 +687,12 @@ fn wasm_layer(
 
 /// The config blob of the CNCF layout. `exports`/`imports` are left empty: filling them
 /// needs a WIT decoder, and no puller we know of relies on them.
-fn wasm_config(layer: &Digest, kind: shoal_api::wasm::Kind, now: std::time::SystemTime) -> Vec<u8> {
-    let component = matches!(kind, shoal_api::wasm::Kind::Component);
+fn wasm_config(
+    layer: &Digest,
+    kind: shoal_api::model::wasm::Kind,
+    now: std::time::SystemTime,
+) -> Vec<u8> {
+    let component = matches!(kind, shoal_api::model::wasm::Kind::Component);
     let config = serde_json::json!({
         "created": humantime::format_rfc3339_seconds(now).to_string(),
         "author": null,
@@ -770,7 +774,7 @@ mod tests {
         let d = Digest::of(b"x");
         let c: serde_json::Value = serde_json::from_slice(&wasm_config(
             &d,
-            shoal_api::wasm::Kind::Component,
+            shoal_api::model::wasm::Kind::Component,
             std::time::UNIX_EPOCH,
         ))
         .unwrap();
@@ -780,7 +784,7 @@ mod tests {
         assert_eq!(c["component"]["exports"], serde_json::json!([]));
         let c: serde_json::Value = serde_json::from_slice(&wasm_config(
             &d,
-            shoal_api::wasm::Kind::Module,
+            shoal_api::model::wasm::Kind::Module,
             std::time::UNIX_EPOCH,
         ))
         .unwrap();

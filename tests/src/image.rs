@@ -6,8 +6,8 @@
 //! [`push_busybox_with`] adds a second layer of files (an `/etc/passwd`, say) and a `USER`.
 
 use anyhow::{Context, Result};
-use shoal_api::ids::Digest;
-use shoal_api::oci::OciRef;
+use shoal_api::model::ids::Digest;
+use shoal_api::model::oci::OciRef;
 use shoal_registry::Registries;
 use std::io::Write;
 

@@ -7,11 +7,11 @@
 //! It is how scale and chaos are tested without N boards (`shoal-sim`, and the scale test).
 
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
-use shoal_api::ids::DeviceId;
-use shoal_api::messages::{
+use shoal_api::model::ids::DeviceId;
+use shoal_api::wire::messages::{
     DesiredState, DeviceStatus, Hello, InstanceStatus, Phase, STATUS_PERIOD_MS,
 };
-use shoal_api::topics;
+use shoal_api::wire::topics;
 use shoal_daemon::clock::now_ms;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

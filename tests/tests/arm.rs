@@ -68,7 +68,7 @@ fn runs_a_workload_under_qemu(board: &Board, runtime_only: bool) -> Result<()> {
     })?;
 
     // Where the module was compiled: by the hub, for the board's engine, or on the board.
-    let digest = shoal_api::ids::Digest::of(&std::fs::read(module("probe.wasm"))?);
+    let digest = shoal_api::model::ids::Digest::of(&std::fs::read(module("probe.wasm"))?);
     let precompiled = hub
         .data_dir
         .join("blobs/precompiled")

@@ -39,7 +39,7 @@ fn containers_pull_run_stop_and_leave_nothing() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let registries = Arc::new(shoal_registry::Registries::new(Default::default()));
-        let tag: shoal_api::oci::OciRef = registry.reference("shoal/busybox:1").parse()?;
+        let tag: shoal_api::model::oci::OciRef = registry.reference("shoal/busybox:1").parse()?;
         let pinned = shoal_e2e::image::push_busybox(
             &registries,
             &tag,
@@ -122,8 +122,18 @@ fn containers_pull_run_stop_and_leave_nothing() -> anyhow::Result<()> {
                 reason: "exited with status 3".into()
             }
         );
-        let text = std::fs::read_to_string(&log)?;
-        for want in ["out hello", "err", "read-only"] {
+        // The log is copied from the task's pipes: its last lines may land just after the
+        // exit is seen.
+        let wants = ["out hello", "err", "read-only"];
+        let mut text = String::new();
+        for _ in 0..50 {
+            text = std::fs::read_to_string(&log).unwrap_or_default();
+            if wants.iter().all(|w| text.contains(w)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for want in wants {
             assert!(text.contains(want), "{want:?} not in {text:?}");
         }
 

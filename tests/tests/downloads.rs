@@ -43,7 +43,7 @@ fn a_device_makes_the_hub_compile_only_its_own_targets_of_its_own_modules() -> R
     hub.apply(&m)?;
     hub.wait_running("mine", 1, Duration::from_secs(30))?;
     let digest = |file: &str| -> Result<String> {
-        Ok(shoal_api::ids::Digest::of(&std::fs::read(module(file))?).to_string())
+        Ok(shoal_api::model::ids::Digest::of(&std::fs::read(module(file))?).to_string())
     };
     let (mine, theirs) = (digest("probe.wasm")?, digest("ticker.wasm")?);
 

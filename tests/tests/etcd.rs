@@ -4,8 +4,8 @@
 //! etcd holds.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use shoal_api::ids::{DeviceId, WorkloadName};
-use shoal_api::messages::DesiredState;
+use shoal_api::model::ids::{DeviceId, WorkloadName};
+use shoal_api::wire::messages::DesiredState;
 use shoal_e2e::*;
 use shoal_hub::etcd::{EtcdStore, EtcdUrl, TXN_OPS};
 use shoal_hub::store::Store;
@@ -54,8 +54,8 @@ fn etcd_store_keeps_writes_until_flushed_and_retries_a_failed_flush() -> anyhow:
         "apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: web }}\nspec:\n  wasm: {{ module: \"sha256:{}\" }}\n",
         "0".repeat(64)
     );
-    let stream = shoal_api::manifest::parse_stream(&manifest).unwrap();
-    let w = shoal_api::workload::validate_all(stream.workloads)
+    let stream = shoal_api::wire::manifest::parse_stream(&manifest).unwrap();
+    let w = shoal_api::model::workload::validate_all(stream.workloads)
         .unwrap()
         .remove(0);
     store.put_workload(&w)?;

@@ -91,7 +91,7 @@ fn modules_pulled_from_a_registry_run_and_tampered_ones_do_not() -> anyhow::Resu
         &registry.reference("shoal/ticker:v1"),
     ]);
     let ticker_pinned = stdout(&out);
-    let layer = shoal_api::ids::Digest::of(&std::fs::read(&ticker)?);
+    let layer = shoal_api::model::ids::Digest::of(&std::fs::read(&ticker)?);
     let blob = registry.blob_path(layer.as_str());
     let mut bytes = std::fs::read(&blob)?;
     let last = bytes.len() - 1;

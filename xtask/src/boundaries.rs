@@ -2,7 +2,10 @@
 //! commands only, and the shared types read no clock. Files under the core's folders may
 //! not name a crate or call that does I/O or reads the clock; files of the hub's shell
 //! (`hub/src/app`) may not name MQTT topics or clients, HTTP status codes or the store's
-//! clients, which belong to their adapters; files of `api/src` may not read the clock. CI
+//! clients, which belong to their adapters; the agent's replica supervisor may not name a
+//! runtime's variant or engine, and its runtimes neither the agent's loop nor its replicas;
+//! files of `api/src` may not read the clock. A file's test module (last in the file) is
+//! not checked. CI
 //! runs this before the build, and it fails naming the file, line and the forbidden name.
 //!
 //! Written by hand (a few lines of text matching): a lint crate would need a compile of its
@@ -63,6 +66,24 @@ pub const API: &[&str] = &["api/src"];
 /// clock is `shoal_daemon::clock`).
 pub const CLOCK: &[&str] = &["SystemTime", "Instant::now", "UNIX_EPOCH"];
 
+/// The agent's replica supervisor drives the one runtime trait (`crate::runtime::Runtime`).
+pub const AGENT_REPLICA: &[&str] = &["edge-agent/src/replica"];
+
+/// What it may not name: a runtime's variant or engine.
+pub const RUNTIME_VARIANTS: &[&str] = &[
+    "VariantSpec::",
+    "runtime::wasm",
+    "runtime::containerd",
+    "wasmtime",
+    "containerd_client",
+];
+
+/// The agent's runtimes, used by the agent and its replicas, never the other way round.
+pub const AGENT_RUNTIME: &[&str] = &["edge-agent/src/runtime"];
+
+/// What they may not name: the agent's loop or its replicas.
+pub const AGENT_PARTS: &[&str] = &["crate::app", "crate::replica", "crate::supervisor"];
+
 /// A set of folders and the names their files may not use, and why.
 struct Rule {
     dirs: &'static [&'static str],
@@ -80,6 +101,16 @@ const RULES: &[Rule] = &[
         dirs: SHELL,
         forbidden: ADAPTERS_ONLY,
         why: "the shell sees typed commands only (topics, payloads, status codes and clients belong to the adapters)",
+    },
+    Rule {
+        dirs: AGENT_REPLICA,
+        forbidden: RUNTIME_VARIANTS,
+        why: "the supervisor drives the one Runtime trait, never a variant or its engine",
+    },
+    Rule {
+        dirs: AGENT_RUNTIME,
+        forbidden: AGENT_PARTS,
+        why: "the runtimes know neither the agent's loop nor its replicas (they use the runtimes)",
     },
     Rule {
         dirs: API,
@@ -115,7 +146,17 @@ fn check(file: &str, text: &str) -> Vec<Violation> {
 
 fn check_rule(rule: &Rule, file: &str, text: &str) -> Vec<Violation> {
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        // A file's unit tests come last (clippy's `items_after_test_module`): fakes there
+        // may name what the code may not.
+        if line.trim() == "#[cfg(test)]"
+            && lines
+                .get(i + 1)
+                .is_some_and(|next| next.trim_start().starts_with("mod "))
+        {
+            break;
+        }
         let code = line.split("//").next().unwrap_or_default();
         for name in rule.forbidden {
             if uses(code, name) {
@@ -198,7 +239,7 @@ mod tests {
         let shell = check_rule(
             &RULES[1],
             "hub/src/app/x.rs",
-            "let t = shoal_api::topics::desired(&d);\nlet ok = 1;\nreturn StatusCode::NOT_FOUND;\n",
+            "let t = shoal_api::wire::topics::desired(&d);\nlet ok = 1;\nreturn StatusCode::NOT_FOUND;\n",
         );
         assert_eq!(
             shell.iter().map(|v| (v.line, v.name)).collect::<Vec<_>>(),
@@ -209,9 +250,26 @@ mod tests {
             "{}",
             shell[0]
         );
+        // The agent: the supervisor sees no variant, the runtimes no supervisor; a test
+        // module at the end of a file is not checked.
+        let replica = check_rule(
+            &RULES[2],
+            "edge-agent/src/replica/x.rs",
+            "let VariantSpec::Container(c) = &spec.variant else { return };\n#[cfg(test)]\nmod tests {\n    let VariantSpec::Wasm(w) = x;\n}\n",
+        );
+        assert_eq!(
+            replica.iter().map(|v| (v.line, v.name)).collect::<Vec<_>>(),
+            [(1, "VariantSpec::")]
+        );
+        let runtime = check_rule(
+            &RULES[3],
+            "edge-agent/src/runtime/x.rs",
+            "use crate::replica::Shared;\n",
+        );
+        assert_eq!(runtime.len(), 1, "{runtime:?}");
         // The shared types: no clock.
         let api = check_rule(
-            &RULES[2],
+            &RULES[4],
             "api/src/x.rs",
             "let t = std::time::SystemTime::now();\nlet n = now;\n",
         );

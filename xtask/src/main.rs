@@ -201,11 +201,11 @@ fn main() -> Result<()> {
             }
             if !found.is_empty() {
                 bail!(
-                    "{} forbidden name(s) in the functional core or the hub's shell",
+                    "{} forbidden name(s) across the checked boundaries (see xtask/src/boundaries.rs)",
                     found.len()
                 );
             }
-            println!("the functional core names no I/O crate and no clock; the hub's shell no topic, status code or client; the shared types no clock");
+            println!("the functional core names no I/O crate and no clock; the hub's shell no topic, status code or client; the agent's supervisor no runtime variant, its runtimes no supervisor; the shared types no clock");
             Ok(())
         }
         Cmd::Dist {

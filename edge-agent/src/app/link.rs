@@ -4,9 +4,9 @@
 
 use crate::bus::{Bus, MqttBus};
 use crate::local::HubLinkView;
-use shoal_api::ids::DeviceId;
-use shoal_api::messages::{DeviceStatus, Hello, InstanceStatus};
-use shoal_api::topics;
+use shoal_api::model::ids::DeviceId;
+use shoal_api::wire::messages::{DeviceStatus, Hello, InstanceStatus};
+use shoal_api::wire::topics;
 use shoal_daemon::clock::now_ms;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tracing::{debug, warn};

@@ -297,7 +297,7 @@ impl Agent {
             HUB_SEARCH_REPORT_PERIOD,
         );
         let searched_since = std::time::Instant::now();
-        let period = Duration::from_millis(shoal_api::messages::STATUS_PERIOD_MS);
+        let period = Duration::from_millis(shoal_api::wire::messages::STATUS_PERIOD_MS);
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let mut hub_check = tokio::time::interval(HUB_CHECK_PERIOD);
         hub_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

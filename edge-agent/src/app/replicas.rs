@@ -13,9 +13,9 @@ use crate::replica::supervisor::{self, Shared, Update};
 use crate::runtime::Network;
 use crate::store::{Store, StoreError};
 use crate::volumes::Swept;
-use shoal_api::endpoint::BrokerUrl;
-use shoal_api::ids::{DeviceId, SecretName, WorkloadName};
-use shoal_api::messages::{DesiredState, DesiredWorkload, InstanceStatus, Phase};
+use shoal_api::model::ids::{DeviceId, SecretName, WorkloadName};
+use shoal_api::wire::endpoint::BrokerUrl;
+use shoal_api::wire::messages::{DesiredState, DesiredWorkload, InstanceStatus, Phase};
 use shoal_daemon::clock::now_ms;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -366,7 +366,7 @@ impl Replicas {
             match swept {
                 Swept::Orphaned(workload) => info!(
                     %workload,
-                    retention = %shoal_api::quantity::format_duration_ms(
+                    retention = %shoal_api::model::quantity::format_duration_ms(
                         u64::try_from(retention.as_millis()).unwrap_or(u64::MAX)
                     ),
                     "the workload left this device; its volumes are kept for the retention period"
@@ -523,8 +523,8 @@ mod tests {
         Artifact, BoxFuture, Exit, RunSpec, Running, Runtime, RuntimeError, Runtimes,
     };
     use crate::store::MemStore;
-    use shoal_api::ids::Digest;
-    use shoal_api::workload::{Resources, Restart, RestartPolicy};
+    use shoal_api::model::ids::Digest;
+    use shoal_api::model::workload::{Resources, Restart, RestartPolicy};
     use shoal_pki::sign::{HubKey, HubSigner};
     use std::sync::Arc;
     use tokio_util::sync::CancellationToken;

@@ -11,8 +11,8 @@ use crate::local::{self, LocalRequest};
 use crate::runtime::wasm::WasmRuntime;
 use crate::runtime::Runtime;
 use crate::store::Store;
-use shoal_api::discovery;
-use shoal_api::messages::{Hello, RUNTIME_CONTAINER, RUNTIME_WASM, RUNTIME_WASM_PRECOMPILED};
+use shoal_api::wire::discovery;
+use shoal_api::wire::messages::{Hello, RUNTIME_CONTAINER, RUNTIME_WASM, RUNTIME_WASM_PRECOMPILED};
 use shoal_daemon::clock::now_ms;
 use shoal_daemon::mdns::{Discovery, Mdns, MdnsEvent, NoDiscovery};
 use std::sync::Arc;
@@ -285,7 +285,7 @@ pub fn hello(config: &AgentConfig, containers: bool) -> Hello {
         protocol: shoal_api::PROTOCOL_VERSION,
         device_id: config.device_id.clone(),
         arch: std::env::consts::ARCH.to_string(),
-        variant: shoal_api::oci::native_variant().map(String::from),
+        variant: shoal_api::model::oci::native_variant().map(String::from),
         os: std::env::consts::OS.to_string(),
         runtimes,
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),

@@ -3,8 +3,8 @@
 //! [`crate::remote_logs::Streams`], which serves each on a task of its own.
 
 use crate::bus::Bus;
-use shoal_api::ids::DeviceId;
-use shoal_api::messages::LogRequest;
+use shoal_api::model::ids::DeviceId;
+use shoal_api::wire::messages::LogRequest;
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

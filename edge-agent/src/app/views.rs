@@ -7,7 +7,7 @@ use super::Agent;
 use crate::local::{
     self, AgentStatusView, DevicePeer, HubPeer, InspectView, LocalRequest, PeersView, ReplicaView,
 };
-use shoal_api::messages::{DesiredWorkload, Phase};
+use shoal_api::wire::messages::{DesiredWorkload, Phase};
 use std::collections::BTreeMap;
 
 impl Agent {

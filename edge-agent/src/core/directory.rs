@@ -5,17 +5,17 @@
 //!
 //! Nothing from mDNS is authenticated, so what a record may do is bounded here: hubs naming
 //! another fleet CA are ignored ([`choose_hub`]); service endpoints are filtered like
-//! `spec.network.allow` ([`shoal_api::network::lan_endpoint_allowed`]: no link-local, no
+//! `spec.network.allow` ([`shoal_api::model::network::lan_endpoint_allowed`]: no link-local, no
 //! loopback and none of this device's own addresses unless mDNS itself runs on loopback,
 //! IPv4-mapped IPv6 read as IPv4).
 
 pub mod hub_link;
 
-use shoal_api::discovery::{
+use shoal_api::model::ids::{DeviceId, WorkloadName};
+use shoal_api::model::network::{canonical_ip, lan_endpoint_allowed};
+use shoal_api::wire::discovery::{
     self, choose_hub, preferred_addr, AgentAd, HubAd, HubChoice, HubWanted, SeenHub, ServiceAd,
 };
-use shoal_api::ids::{DeviceId, WorkloadName};
-use shoal_api::network::{canonical_ip, lan_endpoint_allowed};
 use shoal_daemon::mdns::{MdnsEvent, Resolved};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};

@@ -4,9 +4,9 @@
 //! one replica's life (fetch, run, restart with back-off) belongs to its supervisor task and is
 //! decided by the pure helpers [`restart_delay`] and [`after_exit`].
 
-use shoal_api::ids::SecretName;
-use shoal_api::messages::DesiredWorkload;
-use shoal_api::workload::Restart;
+use shoal_api::model::ids::SecretName;
+use shoal_api::model::workload::Restart;
+use shoal_api::wire::messages::DesiredWorkload;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -105,8 +105,8 @@ pub fn after_exit(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_api::ids::{Digest, WorkloadName};
-    use shoal_api::workload::{Resources, RestartPolicy};
+    use shoal_api::model::ids::{Digest, WorkloadName};
+    use shoal_api::model::workload::{Resources, RestartPolicy};
 
     fn dw(name: &str, replica: u32, rev: &str) -> DesiredWorkload {
         DesiredWorkload {
@@ -207,9 +207,9 @@ mod tests {
     fn a_new_secret_version_replaces_the_replica() {
         let with = |version: &str| {
             let mut d = dw("a", 0, "r1");
-            d.secrets = vec![shoal_api::secret::DesiredSecretMount {
-                mount: shoal_api::secret::SecretMount {
-                    name: shoal_api::ids::SecretName::try_from("db").unwrap(),
+            d.secrets = vec![shoal_api::model::secret::DesiredSecretMount {
+                mount: shoal_api::model::secret::SecretMount {
+                    name: shoal_api::model::ids::SecretName::try_from("db").unwrap(),
                     path: Some("/run/secrets/db".into()),
                     env: Default::default(),
                 },

@@ -3,7 +3,7 @@
 //! supervisor runs one probe per period next to the replica and restarts it after
 //! `failureThreshold` failures in a row.
 
-use shoal_api::workload::{Check, Health};
+use shoal_api::model::workload::{Check, Health};
 use std::time::Duration;
 
 /// Why a probe failed; shown in logs and the replica's status.

@@ -5,7 +5,7 @@
 use crate::runtime::{Mount, RunSpec};
 use crate::secrets::SecretFiles;
 use crate::volumes::Volumes;
-use shoal_api::messages::DesiredWorkload;
+use shoal_api::wire::messages::DesiredWorkload;
 use std::collections::BTreeMap;
 
 /// Why a replica's volumes or secrets are not ready; shown as it is.

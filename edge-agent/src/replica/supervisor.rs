@@ -11,8 +11,8 @@ use crate::core::plan::{after_exit, AfterExit};
 use crate::logs::LogSink;
 use crate::runtime::{BoxFuture, Exit, Network, RunSpec, Runtime, RuntimeError};
 use crate::volumes::Volumes;
-use shoal_api::messages::{DesiredWorkload, InstanceStatus, Phase};
-use shoal_api::workload::Variant;
+use shoal_api::model::workload::Variant;
+use shoal_api::wire::messages::{DesiredWorkload, InstanceStatus, Phase};
 use shoal_daemon::clock::now_ms;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -380,8 +380,8 @@ pub async fn supervise(
 mod tests {
     use super::*;
     use crate::runtime::{Artifact, Running, RuntimeError, Runtimes, VariantSpec};
-    use shoal_api::ids::{Digest, WorkloadName};
-    use shoal_api::workload::{Resources, Restart, RestartPolicy};
+    use shoal_api::model::ids::{Digest, WorkloadName};
+    use shoal_api::model::workload::{Resources, Restart, RestartPolicy};
     use std::collections::VecDeque;
     use std::sync::Mutex;
 
@@ -608,8 +608,8 @@ mod tests {
         d
     }
 
-    fn box_container() -> shoal_api::workload::Container {
-        shoal_api::workload::Container {
+    fn box_container() -> shoal_api::model::workload::Container {
+        shoal_api::model::workload::Container {
             image: format!("oci://localhost:5000/box:1@{}", Digest::of(b"i"))
                 .parse()
                 .unwrap(),
@@ -856,8 +856,8 @@ mod tests {
             l.local_addr().unwrap().port()
         };
         let mut d = desired(RestartPolicy::Always);
-        d.health = Some(shoal_api::workload::Health {
-            check: shoal_api::workload::Check::Tcp { port: closed },
+        d.health = Some(shoal_api::model::workload::Health {
+            check: shoal_api::model::workload::Check::Tcp { port: closed },
             period_ms: 10,
             timeout_ms: 100,
             failure_threshold: 2,

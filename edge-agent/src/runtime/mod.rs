@@ -18,10 +18,10 @@ pub mod wasm;
 
 use crate::logs::LogSink;
 pub use crate::volumes::Mount;
-use shoal_api::ids::Digest;
-use shoal_api::messages::DesiredWorkload;
-use shoal_api::oci::OciRef;
-use shoal_api::workload::{RunLimits, Variant};
+use shoal_api::model::ids::Digest;
+use shoal_api::model::oci::OciRef;
+use shoal_api::model::workload::{RunLimits, Variant};
+use shoal_api::wire::messages::DesiredWorkload;
 use std::any::Any;
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -376,7 +376,7 @@ pub struct Network {
     /// Endpoints of the services it `uses`; `None` when it uses none.
     pub connect: Option<AllowList>,
     /// `spec.network.allow`: destinations it may always connect to.
-    pub allow: Vec<shoal_api::network::NetRule>,
+    pub allow: Vec<shoal_api::model::network::NetRule>,
     /// Host directory shown read-only at `/shoal/services` (endpoint files).
     pub services_dir: Option<PathBuf>,
 }
@@ -427,46 +427,5 @@ impl RuntimeError {
                 | RuntimeError::NothingToRun
                 | RuntimeError::Foreign { .. }
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    /// `runtime/*` knows neither the agent's loop nor the replica's supervisor
-    /// (ARCHITECTURE.md, Invariants): they use the runtimes, never the other way round.
-    #[test]
-    fn runtimes_import_neither_the_agent_nor_the_replica() {
-        fn sources(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
-            for e in std::fs::read_dir(dir).unwrap().flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    sources(&p, out);
-                } else if p.extension().is_some_and(|x| x == "rs") {
-                    out.push(p);
-                }
-            }
-        }
-        let mut files = Vec::new();
-        sources(
-            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/runtime"),
-            &mut files,
-        );
-        assert!(files.len() > 10, "{files:?}");
-        // Spelled apart, so that this file does not name them itself.
-        let forbidden = ["app", "replica", "supervisor"].map(|m| format!("crate::{m}"));
-        for f in files {
-            let text = std::fs::read_to_string(&f).unwrap();
-            for (i, line) in text.lines().enumerate() {
-                let code = line.split("//").next().unwrap_or_default();
-                for name in &forbidden {
-                    assert!(
-                        !code.contains(name.as_str()),
-                        "{}:{}: runtime/ may not name {name}",
-                        f.display(),
-                        i + 1
-                    );
-                }
-            }
-        }
     }
 }

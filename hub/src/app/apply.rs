@@ -6,9 +6,9 @@ use crate::app::command::Bus;
 use crate::fleet::ApplyOutcome;
 use crate::metrics::ResultLabel;
 use crate::store::{Store, StoredSecret};
-use shoal_api::manifest::{parse_stream, ManifestError};
-use shoal_api::messages::ApplyResult;
-use shoal_api::workload::validate_all;
+use shoal_api::model::workload::validate_all;
+use shoal_api::wire::manifest::{parse_stream, ManifestError};
+use shoal_api::wire::messages::ApplyResult;
 use shoal_daemon::clock::now_ms;
 use tracing::info;
 
@@ -97,7 +97,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                         name: s.name.clone(),
                         keys: s.data.keys().cloned().collect(),
                         version,
-                        encrypted: shoal_api::secret::b64::encode(&blob),
+                        encrypted: shoal_api::model::secret::b64::encode(&blob),
                         updated_ms: now,
                     },
                 )),

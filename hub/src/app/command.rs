@@ -5,8 +5,10 @@
 
 use crate::http::Request;
 use crate::mqtt::wire::ReplyTo;
-use shoal_api::ids::{DeviceId, WorkloadName};
-use shoal_api::messages::{ApplyResult, DeviceStatus, Hello, IngestBatch, LogChunk, LogRequest};
+use shoal_api::model::ids::{DeviceId, WorkloadName};
+use shoal_api::wire::messages::{
+    ApplyResult, DeviceStatus, Hello, IngestBatch, LogChunk, LogRequest,
+};
 use shoal_daemon::mdns::MdnsEvent;
 use std::future::Future;
 

@@ -10,7 +10,7 @@ use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::mqtt::bus;
 use crate::store::Store;
-use shoal_api::endpoint::BrokerUrl;
+use shoal_api::wire::endpoint::BrokerUrl;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -102,7 +102,7 @@ pub(super) async fn serve(
     let scheme = if security.is_some() { "https" } else { "http" };
     let public_url = match &config.public_url {
         Some(u) => Some(
-            shoal_api::endpoint::check_public_url(u, security.is_some())
+            shoal_api::wire::endpoint::check_public_url(u, security.is_some())
                 .map_err(HubError::PublicUrl)?,
         ),
         None => None,
@@ -201,7 +201,7 @@ pub(super) async fn serve(
     });
     let bus = bus::connect(
         &hub_link,
-        &format!("{}{replica}", shoal_api::acl::HUB_CLIENT_PREFIX),
+        &format!("{}{replica}", shoal_api::policy::acl::HUB_CLIENT_PREFIX),
         auth,
         bus::BusOptions {
             shared_ingest: ingest.is_some(),

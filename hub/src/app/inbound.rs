@@ -63,7 +63,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         let named = by
             .as_deref()
             .filter(|_| self.attributed_applies)
-            .and_then(|b| shoal_api::ids::OperatorName::try_from(b).ok());
+            .and_then(|b| shoal_api::model::ids::OperatorName::try_from(b).ok());
         let who = match named {
             Some(name) => format!("operator {name}"),
             None => "unknown (an MQTT apply the broker did not attribute)".to_string(),
@@ -88,7 +88,11 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
 
     /// Another replica's ingest batch: the reports it took, and the devices that enrolled
     /// through it.
-    async fn on_ingest(&mut self, replica: String, mut batch: shoal_api::messages::IngestBatch) {
+    async fn on_ingest(
+        &mut self,
+        replica: String,
+        mut batch: shoal_api::wire::messages::IngestBatch,
+    ) {
         let Some(i) = self.ingest.as_mut() else {
             return;
         };

@@ -27,8 +27,8 @@
 
 use super::publish::NoDeviceKey;
 use crate::fleet::records::StoredSecret;
-use shoal_api::ids::DeviceId;
-use shoal_api::messages::DesiredState;
+use shoal_api::model::ids::DeviceId;
+use shoal_api::wire::messages::DesiredState;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
@@ -210,7 +210,7 @@ impl DeviceKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_api::messages::DesiredWorkload;
+    use shoal_api::wire::messages::DesiredWorkload;
 
     const T0: u64 = 1_000_000;
 

@@ -1,8 +1,8 @@
 //! The hub's mDNS advert (what agents on the LAN find) and the agents it sees.
 
 use super::*;
-use shoal_api::discovery::{self, HubAd, MqttEndpoint};
-use shoal_api::endpoint::BrokerUrl;
+use shoal_api::wire::discovery::{self, HubAd, MqttEndpoint};
+use shoal_api::wire::endpoint::BrokerUrl;
 use shoal_daemon::mdns::{Advert, Discovery, Mdns, MdnsEvent, MdnsOptions};
 use std::net::SocketAddr;
 use tokio::sync::mpsc;

@@ -31,6 +31,8 @@ mod mdns;
 mod publish;
 mod requests;
 mod standby;
+#[cfg(test)]
+mod tests;
 mod unwritten;
 mod views;
 
@@ -40,8 +42,8 @@ use crate::http::Request;
 use crate::metrics::Metrics;
 use crate::store::Store;
 pub use command::{Bus, BusEvent, Event, Failed, LogRefusal, NotDurable};
-use shoal_api::ids::DeviceId;
-use shoal_api::messages::DesiredState;
+use shoal_api::model::ids::DeviceId;
+use shoal_api::wire::messages::DesiredState;
 use shoal_daemon::mdns::MdnsEvent;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -77,7 +79,7 @@ pub enum HubError {
     #[error("store {0}: {msg}", msg = crate::etcd::PLAINTEXT_REFUSED)]
     PlainEtcd(String),
     #[error(transparent)]
-    PublicUrl(#[from] shoal_api::endpoint::PublicUrlError),
+    PublicUrl(#[from] shoal_api::wire::endpoint::PublicUrlError),
     #[error("cannot listen for HTTP on {addr}: {source}")]
     HttpListen {
         addr: SocketAddr,

@@ -5,8 +5,8 @@ use super::*;
 use crate::app::command::{Bus, Outbound};
 use crate::app::keys::{Route, Sealable};
 use crate::store::{Store, StoredSecret};
-use shoal_api::ids::DeviceId;
-use shoal_api::messages::DesiredState;
+use shoal_api::model::ids::DeviceId;
+use shoal_api::wire::messages::DesiredState;
 use shoal_daemon::clock::now_ms;
 use std::collections::BTreeMap;
 use tracing::warn;
@@ -16,7 +16,7 @@ pub(super) fn open_stored(
     key: &shoal_pki::secret::SecretsKey,
     s: &StoredSecret,
 ) -> Result<Vec<u8>, SealError> {
-    let blob = shoal_api::secret::b64::decode(&s.encrypted)
+    let blob = shoal_api::model::secret::b64::decode(&s.encrypted)
         .ok_or_else(|| SealError::NotBase64(s.name.clone()))?;
     Ok(key.decrypt(s.name.as_str(), &s.version, &blob)?)
 }
@@ -26,7 +26,7 @@ pub(super) fn open_stored(
 #[derive(Debug, thiserror::Error)]
 pub(super) enum SealError {
     #[error("the stored form of secret {:?} is not base64", .0.as_str())]
-    NotBase64(shoal_api::ids::SecretName),
+    NotBase64(shoal_api::model::ids::SecretName),
     #[error(transparent)]
     Crypto(#[from] shoal_pki::secret::SecretError),
     #[error(transparent)]
@@ -84,11 +84,11 @@ pub(super) fn seal(
                 .map_err(SealError::from)
         });
         match r {
-            Ok(x) => sealed.push(shoal_api::secret::SealedSecret {
+            Ok(x) => sealed.push(shoal_api::model::secret::SealedSecret {
                 name: name.clone(),
                 version: version.to_string(),
-                enc: shoal_api::secret::b64::encode(&x.enc),
-                ciphertext: shoal_api::secret::b64::encode(&x.ciphertext),
+                enc: shoal_api::model::secret::b64::encode(&x.enc),
+                ciphertext: shoal_api::model::secret::b64::encode(&x.ciphertext),
             }),
             Err(why) => {
                 warn!(device = %dev, secret = %name, reason = %why, "cannot deliver secret")
@@ -100,7 +100,7 @@ pub(super) fn seal(
 }
 
 /// The secrets `state`'s workloads use, by name, at the version each runs with.
-fn wanted(state: &DesiredState) -> BTreeMap<&shoal_api::ids::SecretName, &str> {
+fn wanted(state: &DesiredState) -> BTreeMap<&shoal_api::model::ids::SecretName, &str> {
     state
         .workloads
         .iter()
@@ -173,7 +173,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     /// publishes it.
     pub(super) async fn publish_log_requests(
         &mut self,
-        out: Vec<(DeviceId, shoal_api::messages::LogRequest)>,
+        out: Vec<(DeviceId, shoal_api::wire::messages::LogRequest)>,
     ) {
         let now = now_ms();
         for (device, mut req) in out {
@@ -193,7 +193,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use shoal_api::messages::DesiredWorkload;
+    use shoal_api::wire::messages::DesiredWorkload;
 
     /// A device's key and certificate from a fresh fleet CA.
     fn device(name: &str) -> (String, String) {
@@ -211,7 +211,9 @@ mod tests {
             name: serde_json::from_value(serde_json::json!("db")).unwrap(),
             keys: vec!["password".into()],
             version: version.into(),
-            encrypted: shoal_api::secret::b64::encode(&key.encrypt("db", version, value).unwrap()),
+            encrypted: shoal_api::model::secret::b64::encode(
+                &key.encrypt("db", version, value).unwrap(),
+            ),
             updated_ms: 0,
         }
     }
@@ -248,8 +250,8 @@ mod tests {
             "db",
             "v1",
             &shoal_pki::secret::Sealed {
-                enc: shoal_api::secret::b64::decode(&sealed.enc).unwrap(),
-                ciphertext: shoal_api::secret::b64::decode(&sealed.ciphertext).unwrap(),
+                enc: shoal_api::model::secret::b64::decode(&sealed.enc).unwrap(),
+                ciphertext: shoal_api::model::secret::b64::decode(&sealed.ciphertext).unwrap(),
             },
         )
         .unwrap();

@@ -99,7 +99,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 let devices = self.core.device_views();
                 let workloads = self.core.workload_views();
                 self.observe(&devices, &workloads);
-                let _ = reply.send(shoal_api::views::FleetView {
+                let _ = reply.send(shoal_api::wire::views::FleetView {
                     devices,
                     workloads,
                     events: self.events.since(after, None),

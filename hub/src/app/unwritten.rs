@@ -31,69 +31,8 @@ impl Unwritten {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::store::{MemStore, Snapshot};
-    use shoal_api::ids::SecretName;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    /// A `MemStore` that refuses its `fail_at`-th write (counting from 0), once.
-    struct Flaky {
-        inner: MemStore,
-        seen: AtomicUsize,
-        fail_at: usize,
-    }
-
-    impl Store for Flaky {
-        fn load(&self) -> Result<Snapshot, StoreError> {
-            self.inner.load()
-        }
-        fn write(&self, w: &Write) -> Result<(), StoreError> {
-            if self.seen.fetch_add(1, Ordering::SeqCst) == self.fail_at {
-                return Err(StoreError::Db("disk full".into()));
-            }
-            self.inner.write(w)
-        }
-        fn put_workload(&self, w: &shoal_api::workload::Workload) -> Result<(), StoreError> {
-            self.inner.put_workload(w)
-        }
-        fn delete_workload(&self, n: &shoal_api::ids::WorkloadName) -> Result<(), StoreError> {
-            self.inner.delete_workload(n)
-        }
-        fn put_device(&self, d: &crate::store::DeviceRecord) -> Result<(), StoreError> {
-            self.inner.put_device(d)
-        }
-        fn put_assignments(
-            &self,
-            a: &crate::fleet::scheduler::Assignments,
-        ) -> Result<(), StoreError> {
-            self.inner.put_assignments(a)
-        }
-        fn put_desired(&self, d: &shoal_api::messages::DesiredState) -> Result<(), StoreError> {
-            self.inner.put_desired(d)
-        }
-        fn put_rollout(
-            &self,
-            n: &shoal_api::ids::WorkloadName,
-            r: Option<&crate::fleet::rollout::Record>,
-        ) -> Result<(), StoreError> {
-            self.inner.put_rollout(n, r)
-        }
-        fn put_secret(
-            &self,
-            n: &SecretName,
-            s: Option<&crate::store::StoredSecret>,
-        ) -> Result<(), StoreError> {
-            self.inner.put_secret(n, s)
-        }
-        fn put_labels_owned(&self) -> Result<(), StoreError> {
-            self.inner.put_labels_owned()
-        }
-        fn put_audit(&self, e: &shoal_api::operator::AuditEntry) -> Result<(), StoreError> {
-            self.inner.put_audit(e)
-        }
-        fn flush(&self) -> Result<(), StoreError> {
-            Ok(())
-        }
-    }
+    use crate::app::tests::TestStore;
+    use shoal_api::model::ids::SecretName;
 
     fn secret(name: &str, version: &str) -> Write {
         let name = SecretName::try_from(name).unwrap();
@@ -109,7 +48,7 @@ mod tests {
         )
     }
 
-    fn versions(store: &Flaky) -> Vec<(String, String)> {
+    fn versions(store: &TestStore) -> Vec<(String, String)> {
         store
             .load()
             .unwrap()
@@ -121,11 +60,7 @@ mod tests {
 
     #[test]
     fn a_refused_write_is_kept_with_every_later_one_and_written_in_order() {
-        let store = Flaky {
-            inner: MemStore::default(),
-            seen: AtomicUsize::new(0),
-            fail_at: 1,
-        };
+        let store = TestStore::refusing_write(1);
         let mut q = Unwritten::default();
         // The second write is refused: the first is in, the second and third wait.
         let first = vec![secret("a", "1"), secret("b", "1"), secret("a", "2")];

@@ -4,7 +4,7 @@
 use super::*;
 use crate::app::command::Bus;
 use crate::store::Store;
-use shoal_api::ids::DeviceId;
+use shoal_api::model::ids::DeviceId;
 use shoal_daemon::clock::now_ms;
 use tracing::info;
 
@@ -22,7 +22,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     #[allow(clippy::type_complexity)]
     pub(super) fn log_targets(
         &self,
-        workload: &shoal_api::ids::WorkloadName,
+        workload: &shoal_api::model::ids::WorkloadName,
         device: Option<&DeviceId>,
     ) -> Result<(Vec<DeviceId>, Vec<(DeviceId, String)>, usize), LogRefusal> {
         let Some(view) = self.core.workload_view(workload) else {
@@ -78,8 +78,8 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     /// Records the events between the last snapshot and these views of the fleet.
     pub(super) fn observe(
         &mut self,
-        devices: &[shoal_api::views::DeviceView],
-        workloads: &[shoal_api::views::WorkloadView],
+        devices: &[shoal_api::wire::views::DeviceView],
+        workloads: &[shoal_api::wire::views::WorkloadView],
     ) {
         let changed = std::mem::take(&mut self.changed);
         self.last_snapshot = Some(std::time::Instant::now());

@@ -20,8 +20,8 @@
 //! the leader decides depends on them, and enrolling must not wait for a failover.
 
 use crate::store::StoreError;
-use shoal_api::ids::DeviceId;
-use shoal_api::labels::{Grant, Labels};
+use shoal_api::model::ids::DeviceId;
+use shoal_api::model::labels::{Grant, Labels};
 use shoal_pki::token::{self, JoinToken, TokenError, TokenRecord};
 use shoal_pki::PkiError;
 mod files;

@@ -12,7 +12,7 @@ const BLOB_CHUNK: usize = 1 << 20;
 /// last, `{prefix}.blobs/{hex}` holding the number of chunks. Use a connection of its own,
 /// so that large uploads do not hold up the state's flushes.
 impl crate::blobs::SharedBlobs for EtcdStore {
-    fn put(&self, d: &shoal_api::ids::Digest, bytes: &[u8]) -> Result<(), SharedBlobError> {
+    fn put(&self, d: &shoal_api::model::ids::Digest, bytes: &[u8]) -> Result<(), SharedBlobError> {
         let marker = format!("{}.blobs/{}", self.url.prefix, d.hex());
         if self.get_blob(&marker)?.is_some() {
             return Ok(());
@@ -24,7 +24,7 @@ impl crate::blobs::SharedBlobs for EtcdStore {
         Ok(self.put_now(Op::Put(marker, chunks.len().to_string().into_bytes()))?)
     }
 
-    fn get(&self, d: &shoal_api::ids::Digest) -> Result<Option<Vec<u8>>, SharedBlobError> {
+    fn get(&self, d: &shoal_api::model::ids::Digest) -> Result<Option<Vec<u8>>, SharedBlobError> {
         Ok(self.get_blob(&format!("{}.blobs/{}", self.url.prefix, d.hex()))?)
     }
 }

@@ -3,7 +3,7 @@
 use super::client::Op;
 use super::EtcdStore;
 use crate::enrollment::EnrollError;
-use shoal_api::ids::DeviceId;
+use shoal_api::model::ids::DeviceId;
 
 /// Join tokens and enrollment records shared by hub replicas (see [`crate::enrollment`]):
 /// `{prefix}.enroll/tokens/{id}` and `{prefix}.enroll/devices/{id}`, beside the state (not
@@ -43,7 +43,7 @@ impl crate::enrollment::Enrollments for EtcdStore {
         used: &shoal_pki::token::TokenRecord,
         device: &DeviceId,
         cert_pem: &str,
-        grant: &shoal_api::labels::Grant,
+        grant: &shoal_api::model::labels::Grant,
     ) -> Result<bool, EnrollError> {
         let (token, record) = (
             self.enroll_key("tokens", id),
@@ -64,7 +64,10 @@ impl crate::enrollment::Enrollments for EtcdStore {
         Ok(self.cas(guards, puts)?)
     }
 
-    fn grant(&self, device: &DeviceId) -> Result<Option<shoal_api::labels::Grant>, EnrollError> {
+    fn grant(
+        &self,
+        device: &DeviceId,
+    ) -> Result<Option<shoal_api::model::labels::Grant>, EnrollError> {
         let key = self.enroll_key("grants", device.as_str());
         match self.get(&key)? {
             Some((bytes, _)) => crate::enrollment::parse_grant(&bytes, &key).map(Some),
@@ -72,7 +75,7 @@ impl crate::enrollment::Enrollments for EtcdStore {
         }
     }
 
-    fn grants(&self) -> Result<Vec<(DeviceId, shoal_api::labels::Grant)>, EnrollError> {
+    fn grants(&self) -> Result<Vec<(DeviceId, shoal_api::model::labels::Grant)>, EnrollError> {
         let under = self.enroll_key("grants", "");
         let mut out = Vec::new();
         for (key, bytes) in self.entries(&under)? {

@@ -4,9 +4,9 @@ use super::client::{Cmd, Op, Refused};
 use super::EtcdStore;
 use crate::store::{Fence, Snapshot, Store, StoreError, StoredSecret};
 use serde::de::DeserializeOwned;
-use shoal_api::ids::{SecretName, WorkloadName};
-use shoal_api::messages::DesiredState;
-use shoal_api::workload::Workload;
+use shoal_api::model::ids::{SecretName, WorkloadName};
+use shoal_api::model::workload::Workload;
+use shoal_api::wire::messages::DesiredState;
 
 fn dec<T: DeserializeOwned>(key: &str, v: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(v).map_err(|source| StoreError::Corrupt {
@@ -84,7 +84,7 @@ impl Store for EtcdStore {
     fn put_labels_owned(&self) -> Result<(), StoreError> {
         self.put("meta", "labels-owned", &true)
     }
-    fn put_audit(&self, e: &shoal_api::operator::AuditEntry) -> Result<(), StoreError> {
+    fn put_audit(&self, e: &shoal_api::policy::operator::AuditEntry) -> Result<(), StoreError> {
         if let Some(old) = e.seq.checked_sub(crate::fleet::audit::KEPT) {
             self.push(Op::Delete(self.audit_key(&format!("{old:020}"))));
         }

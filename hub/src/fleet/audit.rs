@@ -3,7 +3,7 @@
 //! with `GET /v1/audit` (`shoal get audit`). Pure: the store writes what
 //! [`AuditLog::record`] returns; the clock is a parameter.
 
-use shoal_api::operator::AuditEntry;
+use shoal_api::policy::operator::AuditEntry;
 use std::collections::VecDeque;
 
 /// How many entries the store keeps (older ones are deleted as new ones come).
@@ -122,7 +122,7 @@ fn bounded(s: String) -> String {
 
 /// What an apply did, in one line: `workload/web created, secret/db unchanged`, or why it
 /// was refused.
-pub fn apply_outcome(r: &shoal_api::messages::ApplyResult) -> String {
+pub fn apply_outcome(r: &shoal_api::wire::messages::ApplyResult) -> String {
     if !r.accepted {
         let first = r
             .errors
@@ -154,7 +154,7 @@ mod tests {
 
     #[test]
     fn apply_outcomes_read_as_one_line() {
-        let mut r = shoal_api::messages::ApplyResult {
+        let mut r = shoal_api::wire::messages::ApplyResult {
             protocol: 1,
             request_id: None,
             accepted: true,

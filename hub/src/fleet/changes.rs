@@ -6,10 +6,10 @@
 use super::records::{DeviceRecord, StoredSecret};
 use super::rollout::Record;
 use super::scheduler::Assignments;
-use shoal_api::ids::{SecretName, WorkloadName};
-use shoal_api::messages::DesiredState;
-use shoal_api::operator::AuditEntry;
-use shoal_api::workload::Workload;
+use shoal_api::model::ids::{SecretName, WorkloadName};
+use shoal_api::model::workload::Workload;
+use shoal_api::policy::operator::AuditEntry;
+use shoal_api::wire::messages::DesiredState;
 
 /// One write for the store, in the order the fleet made it. Variants differ in size (a
 /// desired state or a workload against a name); writes live only until the next commit.

@@ -4,10 +4,10 @@
 use super::records::DeviceRecord;
 use super::rollout::Observed;
 use super::*;
-use shoal_api::ids::{DeviceId, Digest, WorkloadName};
-use shoal_api::labels::{self, Grant, LabelChange, LabelError, Labels};
-use shoal_api::messages::{DesiredState, Hello, Phase};
-use shoal_api::workload::Placement;
+use shoal_api::model::ids::{DeviceId, Digest, WorkloadName};
+use shoal_api::model::labels::{self, Grant, LabelChange, LabelError, Labels};
+use shoal_api::model::workload::Placement;
+use shoal_api::wire::messages::{DesiredState, Hello, Phase};
 use tracing::{info, info_span, warn};
 
 /// Why a device may not download a blob.
@@ -31,11 +31,11 @@ pub enum LabelRefusal {
 impl Fleet {
     /// A device announced itself (on every connect). A hello with values no real device has
     /// is refused (logged, nothing changes). The labels it asks for steer nothing unless the
-    /// operator granted the same (see [`shoal_api::labels`]).
+    /// operator granted the same (see [`shoal_api::model::labels`]).
     pub fn hello(&mut self, hello: Hello, now: u64) -> Vec<DesiredState> {
         let id = hello.device_id.clone();
         let _span = info_span!("hello", device = %id).entered();
-        if let Err(e) = shoal_api::report::check_hello(&hello) {
+        if let Err(e) = shoal_api::wire::report::check_hello(&hello) {
             warn!(error = %e, "hello refused");
             return Vec::new();
         }
@@ -151,7 +151,7 @@ impl Fleet {
                 Some(t) => (t, grace_ms),
                 None => (
                     live.last_heard_ms,
-                    grace_ms.max(3 * shoal_api::messages::STATUS_PERIOD_MS),
+                    grace_ms.max(3 * shoal_api::wire::messages::STATUS_PERIOD_MS),
                 ),
             };
             if now.saturating_sub(since) > limit {

@@ -11,8 +11,8 @@
 //! The hub keeps the newest [`RING`] events in memory ([`Events`]); they are not persisted
 //! (as in Kubernetes, events are a recent-history aid, not state).
 
-use shoal_api::messages::Phase;
-use shoal_api::views::{DeviceView, EventView, WorkloadView};
+use shoal_api::wire::messages::Phase;
+use shoal_api::wire::views::{DeviceView, EventView, WorkloadView};
 use std::collections::{BTreeMap, VecDeque};
 
 /// How many events the hub keeps.
@@ -463,7 +463,7 @@ impl Events {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_api::views::{ReplicaView, RolloutView};
+    use shoal_api::wire::views::{ReplicaView, RolloutView};
 
     fn dev(id: &str, online: bool, lost: bool) -> DeviceView {
         serde_json::from_value(serde_json::json!({

@@ -1,11 +1,11 @@
 //! Status ingest spread over hub replicas. Pure: no I/O.
 //!
 //! Replicas on one store and one external broker subscribe to device statuses through the
-//! MQTT 5 shared subscription [`shoal_api::topics::SHARED_STATUS`]: the broker hands each
+//! MQTT 5 shared subscription [`shoal_api::wire::topics::SHARED_STATUS`]: the broker hands each
 //! report to one replica, so decoding and checking them is spread over all of them. Yet the
 //! leader decides on every device, and every standby must be ready to: so the replica that
 //! took a report passes on what the others need, batched, on its own
-//! [`shoal_api::topics::hub_ingest`] topic (which only the hub identity may publish to):
+//! [`shoal_api::wire::topics::hub_ingest`] topic (which only the hub identity may publish to):
 //!
 //! - a status whose content changed, whole;
 //! - a status that repeats known content (the 10 s heartbeat, nearly all of the traffic)
@@ -19,8 +19,8 @@
 //! on again (another replica may have taken the older one as current).
 
 use sha2::{Digest, Sha256};
-use shoal_api::ids::DeviceId;
-use shoal_api::messages::{DeviceStatus, Heard, IngestBatch};
+use shoal_api::model::ids::DeviceId;
+use shoal_api::wire::messages::{DeviceStatus, Heard, IngestBatch};
 use std::collections::BTreeMap;
 
 /// Whole statuses per batch: a status lists every replica on its device, so batches stay
@@ -112,7 +112,7 @@ impl Relay {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use shoal_api::messages::{InstanceStatus, Phase};
+    use shoal_api::wire::messages::{InstanceStatus, Phase};
 
     /// A status of device `d` with one replica of `web` in `phase` (also used by `core`'s tests).
     pub(crate) fn status(d: &str, generation: u64, phase: Phase, time_ms: u64) -> DeviceStatus {

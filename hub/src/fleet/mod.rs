@@ -58,10 +58,10 @@ use changes::{Changes, Write};
 use records::{DeviceRecord, Snapshot, StoredSecret};
 use rollout::Record;
 use scheduler::Schedule;
-use shoal_api::ids::{DeviceId, SecretName, WorkloadName};
-use shoal_api::labels::{self, Labels};
-use shoal_api::messages::{DesiredState, DeviceStatus};
-use shoal_api::workload::Workload;
+use shoal_api::model::ids::{DeviceId, SecretName, WorkloadName};
+use shoal_api::model::labels::{self, Labels};
+use shoal_api::model::workload::Workload;
+use shoal_api::wire::messages::{DesiredState, DeviceStatus};
 use std::collections::BTreeMap;
 use tracing::{info, warn};
 
@@ -242,14 +242,18 @@ impl Fleet {
         &mut self,
         change: audit::Change,
         now_ms: u64,
-    ) -> shoal_api::operator::AuditEntry {
+    ) -> shoal_api::policy::operator::AuditEntry {
         let e = self.audit.record(change, now_ms);
         self.changes.put_audit(&e);
         e
     }
 
     /// Audit entries numbered after `after`, oldest first, at most `limit`.
-    pub fn audit_since(&self, after: u64, limit: usize) -> Vec<shoal_api::operator::AuditEntry> {
+    pub fn audit_since(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Vec<shoal_api::policy::operator::AuditEntry> {
         self.audit.since(after, limit)
     }
 

@@ -4,9 +4,9 @@
 
 use super::scheduler::{self, Assignments, DeviceView as SchedDevice, Schedule};
 use super::*;
-use shoal_api::ids::{DeviceId, WorkloadName};
-use shoal_api::messages::{DesiredState, DesiredWorkload};
-use shoal_api::workload::Workload;
+use shoal_api::model::ids::{DeviceId, WorkloadName};
+use shoal_api::model::workload::Workload;
+use shoal_api::wire::messages::{DesiredState, DesiredWorkload};
 use std::collections::{BTreeMap, BTreeSet};
 use tracing::info;
 

@@ -4,10 +4,10 @@
 
 use super::scheduler::Assignments;
 use serde::{Deserialize, Serialize};
-use shoal_api::ids::{DeviceId, SecretName, WorkloadName};
-use shoal_api::messages::{DesiredState, Hello};
-use shoal_api::operator::AuditEntry;
-use shoal_api::workload::Workload;
+use shoal_api::model::ids::{DeviceId, SecretName, WorkloadName};
+use shoal_api::model::workload::Workload;
+use shoal_api::policy::operator::AuditEntry;
+use shoal_api::wire::messages::{DesiredState, Hello};
 use std::collections::BTreeMap;
 
 /// A device as the hub remembers it: what it last said of itself (`hello`), and what the
@@ -24,7 +24,7 @@ pub struct DeviceRecord {
     /// operator's; the hub then adopts what the device had reported (see
     /// `Fleet::open`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub labels: Option<shoal_api::labels::Labels>,
+    pub labels: Option<shoal_api::model::labels::Labels>,
     /// The join token whose grant was applied last (each grant is applied once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub granted_by: Option<String>,

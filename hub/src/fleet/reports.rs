@@ -2,8 +2,8 @@
 //! [`super::ingest`]) and the fact that they spoke.
 
 use super::*;
-use shoal_api::ids::DeviceId;
-use shoal_api::messages::DeviceStatus;
+use shoal_api::model::ids::DeviceId;
+use shoal_api::wire::messages::DeviceStatus;
 
 /// How long a status stays newer than a report with an older device time arriving after it.
 /// Hub replicas take reports in parallel, so two of a device's reports can reach a hub out of
@@ -17,11 +17,11 @@ pub enum Accepted {
     /// New content, now the device's status (a copy for the other replicas).
     New(DeviceStatus),
     /// The content the hub had, newer: the device is alive.
-    Same(shoal_api::messages::Heard),
+    Same(shoal_api::wire::messages::Heard),
     /// Older than the status the hub has; `ours` is that status when its content differs
     /// (another replica may have taken the older report as the newest: it needs ours).
     Stale {
-        heard: shoal_api::messages::Heard,
+        heard: shoal_api::wire::messages::Heard,
         ours: Option<DeviceStatus>,
     },
 }
@@ -52,7 +52,7 @@ impl Fleet {
         let id = status.device_id.clone();
         self.reported(&id, now);
         let live = self.live.entry(id.clone()).or_default();
-        let heard = |fingerprint: String| shoal_api::messages::Heard {
+        let heard = |fingerprint: String| shoal_api::wire::messages::Heard {
             device_id: id.clone(),
             time_ms: status.time_ms,
             fingerprint,
@@ -92,7 +92,7 @@ impl Fleet {
     /// must pass on again: its own, where the batch brought an older one with other content.
     pub fn ingest_batch(
         &mut self,
-        batch: shoal_api::messages::IngestBatch,
+        batch: shoal_api::wire::messages::IngestBatch,
         now: u64,
     ) -> Vec<DeviceStatus> {
         let mut again = Vec::new();
@@ -109,7 +109,7 @@ impl Fleet {
 
     /// Another replica heard a device repeat a status: it is alive, and when the content is
     /// the one this hub has, that status is as new as the report.
-    pub fn heard_status(&mut self, h: &shoal_api::messages::Heard, now: u64) {
+    pub fn heard_status(&mut self, h: &shoal_api::wire::messages::Heard, now: u64) {
         self.reported(&h.device_id, now);
         let Some(live) = self.live.get_mut(&h.device_id) else {
             return;

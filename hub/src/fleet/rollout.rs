@@ -29,10 +29,10 @@
 //!   `Failed` where it is (updated replicas keep the new revision) until the operator acts.
 
 use serde::{Deserialize, Serialize};
-use shoal_api::ids::DeviceId;
-use shoal_api::messages::Phase;
-use shoal_api::quantity::format_duration_ms;
-use shoal_api::workload::{Placement, UpdatePolicy, Workload};
+use shoal_api::model::ids::DeviceId;
+use shoal_api::model::quantity::format_duration_ms;
+use shoal_api::model::workload::{Placement, UpdatePolicy, Workload};
+use shoal_api::wire::messages::Phase;
 use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,7 +231,7 @@ pub const HISTORY: usize = 10;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Record {
-    pub workload: shoal_api::ids::WorkloadName,
+    pub workload: shoal_api::model::ids::WorkloadName,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<Rollout>,
     #[serde(default)]
@@ -495,7 +495,7 @@ pub fn step(r: &mut Rollout, target: &Workload, observed: &[Observed], now: u64)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_api::workload::{parse_workloads, Budget};
+    use shoal_api::model::workload::{parse_workloads, Budget};
 
     fn spec(args: &str, replicas: u32) -> Workload {
         let text = format!(
@@ -703,8 +703,8 @@ mod tests {
         let old = spec("a", 2);
         let mut new = spec("b", 2);
         new.update.max_unavailable = Budget::Count(1);
-        new.health = Some(shoal_api::workload::Health {
-            check: shoal_api::workload::Check::Tcp { port: 80 },
+        new.health = Some(shoal_api::model::workload::Health {
+            check: shoal_api::model::workload::Check::Tcp { port: 80 },
             period_ms: 1000,
             timeout_ms: 100,
             failure_threshold: 1,

@@ -3,9 +3,9 @@
 
 use super::rollout::{self, Observed, Outcome, Record, Rollout, RolloutState};
 use super::*;
-use shoal_api::ids::WorkloadName;
-use shoal_api::messages::{DesiredState, Phase};
-use shoal_api::workload::Workload;
+use shoal_api::model::ids::WorkloadName;
+use shoal_api::model::workload::Workload;
+use shoal_api::wire::messages::{DesiredState, Phase};
 use tracing::{info, info_span};
 
 /// What `shoal rollout ACTION` asks for.
@@ -254,7 +254,7 @@ impl Fleet {
                 // Only what runs goes back; how many and where stay as they are now.
                 let spec = keep_placement(spec, &current);
                 // The secrets that revision reads must still be there.
-                let missing = shoal_api::secret::unresolved(&spec.secrets, |n| {
+                let missing = shoal_api::model::secret::unresolved(&spec.secrets, |n| {
                     self.secrets.get(n).map(|s| s.keys.clone())
                 });
                 if !missing.is_empty() {

@@ -29,11 +29,11 @@
 //! ordered by the score, so placing R replicas on D devices is O(D + R log D) per workload
 //! (`cargo bench -p shoal-hub` measures it at fleet scale).
 
-use shoal_api::ids::{DeviceId, WorkloadName};
-use shoal_api::oci::Platform;
-use shoal_api::quantity::format_memory;
-use shoal_api::selector::Selector;
-use shoal_api::workload::{Placement, Strategy, Workload};
+use shoal_api::model::ids::{DeviceId, WorkloadName};
+use shoal_api::model::oci::Platform;
+use shoal_api::model::quantity::format_memory;
+use shoal_api::model::selector::Selector;
+use shoal_api::model::workload::{Placement, Strategy, Workload};
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::rc::Rc;
@@ -607,9 +607,9 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use proptest::strategy::Strategy as _;
-    use shoal_api::ids::Digest;
-    use shoal_api::selector::Selector;
-    use shoal_api::workload::{ModuleRef, Resources, Restart, RestartPolicy};
+    use shoal_api::model::ids::Digest;
+    use shoal_api::model::selector::Selector;
+    use shoal_api::model::workload::{ModuleRef, Resources, Restart, RestartPolicy};
 
     fn dev(id: &str, labels: &[(&str, &str)], mem_mi: u64) -> DeviceView {
         DeviceView {
@@ -641,7 +641,7 @@ mod tests {
                     .collect(),
             ),
             spread: None,
-            strategy: shoal_api::workload::Strategy::Spread,
+            strategy: shoal_api::model::workload::Strategy::Spread,
             module: Some(ModuleRef::Digest(Digest::of(name.as_bytes()))),
             container: None,
             args: vec![],
@@ -667,8 +667,8 @@ mod tests {
     }
 
     /// A container variant of the test image offering `platforms`.
-    fn container(platforms: &[&str]) -> shoal_api::workload::Container {
-        shoal_api::workload::Container {
+    fn container(platforms: &[&str]) -> shoal_api::model::workload::Container {
+        shoal_api::model::workload::Container {
             image: "oci://localhost:5000/box:1".parse().unwrap(),
             command: vec![],
             read_only_root: true,
@@ -677,11 +677,11 @@ mod tests {
         }
     }
 
-    fn port_decl(port: u16) -> shoal_api::workload::Port {
-        shoal_api::workload::Port {
+    fn port_decl(port: u16) -> shoal_api::model::workload::Port {
+        shoal_api::model::workload::Port {
             name: port.to_string(),
             port,
-            expose: shoal_api::workload::Expose::None,
+            expose: shoal_api::model::workload::Expose::None,
         }
     }
 
@@ -903,7 +903,7 @@ mod tests {
     fn sel_expr(json: &str) -> Selector {
         let wire = serde_json::from_str(json).unwrap();
         let mut errs = Vec::new();
-        let s = shoal_api::selector::validate("s", &wire, &mut errs);
+        let s = shoal_api::model::selector::validate("s", &wire, &mut errs);
         assert!(errs.is_empty(), "{errs:?}");
         s
     }
@@ -973,7 +973,7 @@ mod tests {
         assert_eq!(devices_of(&s, "w"), ["a1", "b1", "a2"]);
         // Binpack fills the fullest device that fits.
         let mut w = wl("w", Placement::Replicas(3), &[], 100);
-        w.strategy = shoal_api::workload::Strategy::Binpack;
+        w.strategy = shoal_api::model::workload::Strategy::Binpack;
         let s = schedule(
             &[dev("big", &[], 1000), dev("small", &[], 300)],
             &[w],
@@ -1111,16 +1111,20 @@ mod tests {
                     .enumerate()
                     .map(|(i, (zone, n, mem, every, port))| {
                         let (cpu, strategy, spread) = match i % 4 {
-                            0 => (None, shoal_api::workload::Strategy::Spread, None),
-                            1 => (Some(300), shoal_api::workload::Strategy::Binpack, None),
+                            0 => (None, shoal_api::model::workload::Strategy::Spread, None),
+                            1 => (
+                                Some(300),
+                                shoal_api::model::workload::Strategy::Binpack,
+                                None,
+                            ),
                             2 => (
                                 Some(700),
-                                shoal_api::workload::Strategy::Spread,
+                                shoal_api::model::workload::Strategy::Spread,
                                 Some("zone"),
                             ),
                             _ => (
                                 Some(100),
-                                shoal_api::workload::Strategy::Spread,
+                                shoal_api::model::workload::Strategy::Spread,
                                 Some("rack"),
                             ),
                         };

@@ -3,10 +3,10 @@
 
 use super::records::StoredSecret;
 use super::*;
-use shoal_api::ids::{SecretName, WorkloadName};
-use shoal_api::manifest::ManifestError;
-use shoal_api::views::SecretView;
-use shoal_api::workload::Workload;
+use shoal_api::model::ids::{SecretName, WorkloadName};
+use shoal_api::model::workload::Workload;
+use shoal_api::wire::manifest::ManifestError;
+use shoal_api::wire::views::SecretView;
 use std::collections::{BTreeMap, BTreeSet};
 use tracing::info;
 
@@ -67,7 +67,7 @@ impl Fleet {
                 .map(|s| s.keys.clone())
         };
         for (n, w) in workloads {
-            for message in shoal_api::secret::unresolved(&w.secrets, keys_of) {
+            for message in shoal_api::model::secret::unresolved(&w.secrets, keys_of) {
                 errors.push(ManifestError {
                     document: *n,
                     workload: Some(w.name.to_string()),

@@ -3,12 +3,12 @@
 use super::*;
 use crate::fleet::records::{DeviceRecord, Snapshot};
 use crate::store::{MemStore, Store};
-use shoal_api::labels::{Grant, LabelChange, LabelError};
-use shoal_api::messages::{DesiredState, DeviceStatus, Hello, Phase};
+use shoal_api::model::labels::{Grant, LabelChange, LabelError};
+use shoal_api::wire::messages::{DesiredState, DeviceStatus, Hello, Phase};
 
 /// The clock in these tests: inputs take `now`, so time moves only when a test says.
 const T0: u64 = 1_700_000_000_000;
-use shoal_api::workload::{parse_workloads, Placement};
+use shoal_api::model::workload::{parse_workloads, Placement};
 
 fn hello(id: &str, labels: &[(&str, &str)]) -> Hello {
     Hello {
@@ -87,11 +87,11 @@ proptest::proptest! {
             .collect();
         let mut relays: Vec<crate::fleet::ingest::Relay> = (0..3).map(|_| Default::default()).collect();
         // Batches on the wire: (from, batch), delivered in order per sender.
-        let mut wire: Vec<(usize, shoal_api::messages::IngestBatch)> = Vec::new();
+        let mut wire: Vec<(usize, shoal_api::wire::messages::IngestBatch)> = Vec::new();
         let deliver = |hubs: &mut Vec<Fleet>,
                        relays: &mut Vec<crate::fleet::ingest::Relay>,
                        from: usize,
-                       b: shoal_api::messages::IngestBatch| {
+                       b: shoal_api::wire::messages::IngestBatch| {
             for to in (0..3).filter(|&t| t != from) {
                 for again in hubs[to].ingest_batch(b.clone(), T0) {
                     relays[to].changed(again);
@@ -483,7 +483,7 @@ fn each_device_gets_the_variant_it_can_run() {
     hub.hello(boxed, T0);
     let text = format!(
         "apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: both }}\nspec:\n  placement: every\n  wasm: {{ module: \"sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\" }}\n  container: {{ image: \"oci://localhost:5000/both:1@{}\", platforms: [linux/arm64] }}\n",
-        shoal_api::ids::Digest::of(b"image")
+        shoal_api::model::ids::Digest::of(b"image")
     );
     hub.apply(parse_workloads(&text).unwrap(), T0);
     let on = |d: &str| hub.desired[&DeviceId::try_from(d).unwrap()].workloads[0].clone();
@@ -710,7 +710,7 @@ fn report(hub: &mut Fleet, phase_of: impl Fn(&str) -> Phase) {
         let workloads = hub.desired[&id]
             .workloads
             .iter()
-            .map(|w| shoal_api::messages::InstanceStatus {
+            .map(|w| shoal_api::wire::messages::InstanceStatus {
                 name: w.name.clone(),
                 replica: w.replica,
                 revision: w.revision.clone(),

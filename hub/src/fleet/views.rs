@@ -3,11 +3,11 @@
 
 use super::rollout::RolloutState;
 use super::*;
-use shoal_api::ids::{DeviceId, WorkloadName};
-use shoal_api::labels::{self};
-use shoal_api::messages::{DesiredWorkload, Phase};
-use shoal_api::views::{DeviceView, ReplicaView, WorkloadView};
-use shoal_api::workload::{Placement, Workload};
+use shoal_api::model::ids::{DeviceId, WorkloadName};
+use shoal_api::model::labels::{self};
+use shoal_api::model::workload::{Placement, Workload};
+use shoal_api::wire::messages::{DesiredWorkload, Phase};
+use shoal_api::wire::views::{DeviceView, ReplicaView, WorkloadView};
 use std::collections::BTreeMap;
 
 impl Fleet {
@@ -127,19 +127,19 @@ impl Fleet {
         &self,
         name: &WorkloadName,
         placed: &BTreeMap<u32, DeviceId>,
-    ) -> Option<shoal_api::views::RolloutView> {
+    ) -> Option<shoal_api::wire::views::RolloutView> {
         let rec = self.rollouts.get(name)?;
         let history = rec
             .history
             .iter()
-            .map(|e| shoal_api::views::RevisionView {
+            .map(|e| shoal_api::wire::views::RevisionView {
                 revision: e.revision.clone(),
                 applied_ms: e.applied_ms,
                 outcome: e.outcome.clone(),
             })
             .collect();
         let r = rec.rollout.as_ref()?;
-        Some(shoal_api::views::RolloutView {
+        Some(shoal_api::wire::views::RolloutView {
             state: r.state.to_string(),
             revision: r.revision.clone(),
             previous_revision: r.previous.as_ref().map(|p| p.revision()),

@@ -3,9 +3,9 @@
 //! refused.
 
 use super::*;
-use shoal_api::ids::WorkloadName;
-use shoal_api::messages::DesiredState;
-use shoal_api::workload::{Placement, Workload};
+use shoal_api::model::ids::WorkloadName;
+use shoal_api::model::workload::{Placement, Workload};
+use shoal_api::wire::messages::DesiredState;
 use tracing::info;
 
 /// Why `shoal scale` or `shoal rollout …` changed nothing.
@@ -84,10 +84,10 @@ impl Fleet {
         if w.placement == Placement::Every {
             return Err(WorkloadRefusal::NoReplicaCount(name.clone()));
         }
-        if replicas > shoal_api::workload::MAX_REPLICAS {
+        if replicas > shoal_api::model::workload::MAX_REPLICAS {
             return Err(WorkloadRefusal::TooManyReplicas {
                 replicas,
-                max: shoal_api::workload::MAX_REPLICAS,
+                max: shoal_api::model::workload::MAX_REPLICAS,
             });
         }
         w.placement = Placement::Replicas(replicas);

@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use shoal_api::acl::Identity;
+use shoal_api::policy::acl::Identity;
 use std::sync::Arc;
 
 /// What a response says happened, for the audit log (set by handlers; errors carry their
@@ -72,7 +72,7 @@ pub(super) async fn audit_changes(
         who,
         from,
         action,
-        outcome: shoal_api::printable::escaped(&outcome).into_owned(),
+        outcome: shoal_api::present::printable::escaped(&outcome).into_owned(),
         accepted: status.is_success(),
     };
     match ask(&s, |reply| Request::Audit { change, reply }).await {

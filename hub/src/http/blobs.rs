@@ -7,9 +7,9 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use shoal_api::acl::Identity;
-use shoal_api::ids::Digest;
-use shoal_api::views::BlobRef;
+use shoal_api::model::ids::Digest;
+use shoal_api::policy::acl::Identity;
+use shoal_api::wire::views::BlobRef;
 
 pub(super) async fn put_blob(State(s): State<AppState>, body: Bytes) -> Response {
     let size = body.len() as u64;

@@ -7,9 +7,9 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use shoal_api::acl::Identity;
-use shoal_api::ids::DeviceId;
-use shoal_api::views::{EnrollRequest, Enrolled, RenewRequest};
+use shoal_api::model::ids::DeviceId;
+use shoal_api::policy::acl::Identity;
+use shoal_api::wire::views::{EnrollRequest, Enrolled, RenewRequest};
 use shoal_pki::token::JoinToken;
 use std::sync::Arc;
 

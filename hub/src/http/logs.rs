@@ -6,8 +6,8 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use shoal_api::ids::DeviceId;
-use shoal_api::views::LogEntry;
+use shoal_api::model::ids::DeviceId;
+use shoal_api::wire::views::LogEntry;
 
 /// `GET /v1/events` query.
 #[derive(Debug, serde::Deserialize)]

@@ -10,8 +10,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use shoal_api::ids::{DeviceId, SecretName};
-use shoal_api::labels::{LabelChange, LabelError};
+use shoal_api::model::ids::{DeviceId, SecretName};
+use shoal_api::model::labels::{LabelChange, LabelError};
 
 pub(super) async fn devices(State(s): State<AppState>) -> Response {
     match ask(&s, |reply| Request::Devices { reply }).await {

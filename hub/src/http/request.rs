@@ -3,10 +3,10 @@
 
 use crate::app::{Failed, LogRefusal, NotDurable};
 use crate::fleet::{RolloutAction, WorkloadRefusal};
-use shoal_api::ids::{DeviceId, Digest, SecretName, WorkloadName};
-use shoal_api::labels::{LabelChange, Labels};
-use shoal_api::messages::ApplyResult;
-use shoal_api::views::{DeviceView, EventView, FleetView, SecretView, WorkloadView};
+use shoal_api::model::ids::{DeviceId, Digest, SecretName, WorkloadName};
+use shoal_api::model::labels::{LabelChange, Labels};
+use shoal_api::wire::messages::ApplyResult;
+use shoal_api::wire::views::{DeviceView, EventView, FleetView, SecretView, WorkloadView};
 use tokio::sync::{mpsc, oneshot};
 
 /// A question for the main loop.
@@ -59,7 +59,7 @@ pub enum Request {
     /// standby, so it is not answered as a read).
     AuditLog {
         after: u64,
-        reply: oneshot::Sender<Vec<shoal_api::operator::AuditEntry>>,
+        reply: oneshot::Sender<Vec<shoal_api::policy::operator::AuditEntry>>,
     },
     /// The devices the enrollment book says are revoked (all of them; see
     /// [`crate::access::watch`]).

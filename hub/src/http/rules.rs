@@ -5,8 +5,8 @@ use super::*;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::Response;
-use shoal_api::acl::Identity;
-use shoal_api::operator::Role;
+use shoal_api::policy::acl::Identity;
+use shoal_api::policy::operator::Role;
 
 /// What a route requires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,7 +140,7 @@ pub(super) async fn same_site_only(
             );
         }
     }
-    let marked = h.contains_key(shoal_api::views::CLIENT_HEADER);
+    let marked = h.contains_key(shoal_api::wire::views::CLIENT_HEADER);
     let mime = text(header::CONTENT_TYPE)
         .unwrap_or_default()
         .split(';')
@@ -163,7 +163,7 @@ pub(super) async fn same_site_only(
             format!(
                 "{m} {} needs a JSON, YAML or binary body (Content-Type, not {mime:?}) or the {} header: a browser page could send this one from another site",
                 req.uri().path(),
-                shoal_api::views::CLIENT_HEADER
+                shoal_api::wire::views::CLIENT_HEADER
             ),
         );
     }

@@ -11,8 +11,8 @@ use prometheus_client::metrics::family::Family;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-use shoal_api::endpoint::BrokerUrl;
-use shoal_api::topics;
+use shoal_api::wire::endpoint::BrokerUrl;
+use shoal_api::wire::topics;
 
 use std::time::Duration;
 use tokio::sync::mpsc;

@@ -4,9 +4,9 @@
 
 use crate::app::command::{BusEvent, MqttApply, Outbound};
 use bytes::Bytes;
-use shoal_api::ids::DeviceId;
-use shoal_api::messages::{DeviceStatus, Hello, LogChunk};
-use shoal_api::topics::{self, Inbound};
+use shoal_api::model::ids::DeviceId;
+use shoal_api::wire::messages::{DeviceStatus, Hello, LogChunk};
+use shoal_api::wire::topics::{self, Inbound};
 use tracing::warn;
 
 /// A publish as the broker delivered it.
@@ -246,7 +246,7 @@ mod tests {
             let Some(BusEvent::Apply(a)) = decode(raw(t, b"kind: x", rt)) else {
                 panic!("not an apply");
             };
-            let result = shoal_api::messages::ApplyResult {
+            let result = shoal_api::wire::messages::ApplyResult {
                 protocol: shoal_api::PROTOCOL_VERSION,
                 request_id: a.req.clone(),
                 accepted: true,

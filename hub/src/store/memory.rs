@@ -2,10 +2,10 @@
 
 use super::{DeviceRecord, Snapshot, Store, StoreError, StoredSecret};
 use crate::fleet::scheduler::Assignments;
-use shoal_api::ids::{SecretName, WorkloadName};
-use shoal_api::messages::DesiredState;
-use shoal_api::operator::AuditEntry;
-use shoal_api::workload::Workload;
+use shoal_api::model::ids::{SecretName, WorkloadName};
+use shoal_api::model::workload::Workload;
+use shoal_api::policy::operator::AuditEntry;
+use shoal_api::wire::messages::DesiredState;
 use std::sync::Mutex;
 
 /// In-memory fake for unit tests.

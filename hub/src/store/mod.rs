@@ -12,10 +12,10 @@ use crate::fleet::changes::Write;
 /// The records the fleet keeps are the fleet's types; the store persists them.
 pub use crate::fleet::records::{DeviceRecord, Snapshot, StoredSecret};
 use crate::fleet::scheduler::Assignments;
-use shoal_api::ids::{SecretName, WorkloadName};
-use shoal_api::messages::DesiredState;
-use shoal_api::operator::AuditEntry;
-use shoal_api::workload::Workload;
+use shoal_api::model::ids::{SecretName, WorkloadName};
+use shoal_api::model::workload::Workload;
+use shoal_api::policy::operator::AuditEntry;
+use shoal_api::wire::messages::DesiredState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -3,10 +3,10 @@
 use super::{DeviceRecord, Snapshot, Store, StoreError, StoredSecret};
 use crate::fleet::scheduler::Assignments;
 use serde::{de::DeserializeOwned, Serialize};
-use shoal_api::ids::{SecretName, WorkloadName};
-use shoal_api::messages::DesiredState;
-use shoal_api::operator::AuditEntry;
-use shoal_api::workload::Workload;
+use shoal_api::model::ids::{SecretName, WorkloadName};
+use shoal_api::model::workload::Workload;
+use shoal_api::policy::operator::AuditEntry;
+use shoal_api::wire::messages::DesiredState;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -168,7 +168,7 @@ impl Store for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_api::ids::DeviceId;
+    use shoal_api::model::ids::DeviceId;
 
     #[test]
     fn sled_roundtrip() {

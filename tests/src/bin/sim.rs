@@ -20,7 +20,7 @@ use std::time::Duration;
 )]
 struct Args {
     #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
-    broker: shoal_api::endpoint::BrokerUrl,
+    broker: shoal_api::wire::endpoint::BrokerUrl,
     #[arg(long, default_value_t = 100)]
     devices: usize,
     #[arg(long, default_value = "sim")]
@@ -28,7 +28,7 @@ struct Args {
     /// Labels every simulated device carries, k=v,k2=v2.
     #[arg(long, default_value = "")]
     labels: String,
-    #[arg(long, default_value = "50ms", value_parser = shoal_api::quantity::duration_arg)]
+    #[arg(long, default_value = "50ms", value_parser = shoal_api::model::quantity::duration_arg)]
     start_delay: Duration,
     #[arg(long, default_value_t = 0.0)]
     failure_rate: f64,
@@ -40,7 +40,7 @@ async fn main() -> anyhow::Result<()> {
     let labels = if a.labels.is_empty() {
         Default::default()
     } else {
-        shoal_api::ids::parse_label_list(&a.labels)?
+        shoal_api::model::ids::parse_label_list(&a.labels)?
     };
     let cfg = SimConfig {
         host: a.broker.host.clone(),

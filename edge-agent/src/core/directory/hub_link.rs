@@ -23,8 +23,8 @@
 //! [`HubLink::connected`] and [`HubLink::disconnected`], and asks [`HubLink::next`] again
 //! after a [`Step::Use`] and every few seconds.
 
-use shoal_api::discovery::SelectedHub;
-use shoal_api::endpoint::BrokerUrl;
+use shoal_api::wire::discovery::SelectedHub;
+use shoal_api::wire::endpoint::BrokerUrl;
 use std::collections::BTreeMap;
 
 /// How long a candidate that failed authentication is skipped (unless its record changes).

@@ -17,7 +17,7 @@ use containerd_client::services::v1::{
 use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::Code;
 use containerd_client::types::Descriptor;
-use shoal_api::oci::OciRef;
+use shoal_api::model::oci::OciRef;
 use shoal_registry::PulledImage;
 use std::collections::HashMap;
 use std::path::Path;
@@ -49,7 +49,7 @@ impl Containerd {
             .pull_image(
                 image,
                 std::env::consts::ARCH,
-                shoal_api::oci::native_variant(),
+                shoal_api::model::oci::native_variant(),
                 &blobs,
             )
             .await?;
@@ -173,7 +173,7 @@ impl Containerd {
             .await?;
         let target = match &p.index {
             Some((media, bytes)) => {
-                let digest = shoal_api::ids::Digest::of(bytes);
+                let digest = shoal_api::model::ids::Digest::of(bytes);
                 let labels = HashMap::from([(
                     "containerd.io/gc.ref.content.m.0".to_string(),
                     p.manifest.2.to_string(),
@@ -235,7 +235,7 @@ impl Containerd {
             let chain = if i == 0 {
                 diff_ids[0].clone()
             } else {
-                shoal_api::ids::Digest::of(format!("{parent} {}", diff_ids[i]).as_bytes())
+                shoal_api::model::ids::Digest::of(format!("{parent} {}", diff_ids[i]).as_bytes())
                     .to_string()
             };
             if self.snapshot_exists(&chain).await {

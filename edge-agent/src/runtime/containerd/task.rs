@@ -393,7 +393,7 @@ pub(super) fn exit_of(
     run: &ContainerRun,
     oom_kills: Option<u64>,
 ) -> Exit {
-    let limit = shoal_api::quantity::format_memory(run.memory_limit);
+    let limit = shoal_api::model::quantity::format_memory(run.memory_limit);
     match w {
         Ok(r) => match r.into_inner().exit_status {
             0 => Exit::Success,

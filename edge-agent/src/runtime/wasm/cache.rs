@@ -5,7 +5,7 @@
 
 use super::{Inner, ModuleKind, WasmModule, WasmRuntime};
 use crate::runtime::RuntimeError;
-use shoal_api::ids::Digest;
+use shoal_api::model::ids::Digest;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;

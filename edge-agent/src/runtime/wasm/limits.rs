@@ -25,7 +25,7 @@ pub(super) enum LimitExceeded {
          its limit of {limit}"
     )]
     Table { desired: u64, limit: u64 },
-    #[error("CPU time limit exceeded: the run used its limit of {} of CPU time (spec.limits.cpuTime)", shoal_api::quantity::format_duration_ms(*.limit_ms))]
+    #[error("CPU time limit exceeded: the run used its limit of {} of CPU time (spec.limits.cpuTime)", shoal_api::model::quantity::format_duration_ms(*.limit_ms))]
     CpuTime { limit_ms: u64 },
     #[error("log rate limit exceeded: the run wrote more than {}/s over {window} s (spec.limits.logRate)", fmt_bytes(*.per_sec))]
     LogRate { per_sec: u64, window: u64 },

@@ -41,7 +41,7 @@ pub use output::{GuestOutput, OutputBudget};
 pub use workloads::WasmWorkloads;
 
 use crate::runtime::{Mount, Network, Usage};
-use shoal_api::ids::Digest;
+use shoal_api::model::ids::Digest;
 use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -70,7 +70,7 @@ pub struct WasmRun {
     /// `spec.volumes`: directories preopened read-write at their guest paths.
     pub mounts: Vec<Mount>,
     /// `spec.limits`: breaching one stops the run with the limit as its reason.
-    pub limits: shoal_api::workload::RunLimits,
+    pub limits: shoal_api::model::workload::RunLimits,
     /// Where the runtime reports what the run uses (shared with the agent).
     pub usage: Arc<Usage>,
 }

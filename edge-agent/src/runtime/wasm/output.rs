@@ -30,7 +30,7 @@ pub struct OutputBudget {
 impl OutputBudget {
     pub(super) fn for_spec(spec: &WasmRun) -> Option<Arc<Self>> {
         let per_sec = spec.limits.log_bytes_per_sec?;
-        let window = shoal_api::workload::RunLimits::LOG_WINDOW_SECS;
+        let window = shoal_api::model::workload::RunLimits::LOG_WINDOW_SECS;
         Some(Arc::new(OutputBudget {
             per_window: per_sec.saturating_mul(window),
             per_sec,
@@ -43,7 +43,7 @@ impl OutputBudget {
 
     pub(super) fn add(&self, n: usize) {
         let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let window_ms = shoal_api::workload::RunLimits::LOG_WINDOW_SECS * 1000;
+        let window_ms = shoal_api::model::workload::RunLimits::LOG_WINDOW_SECS * 1000;
         if now.saturating_sub(self.window_start_ms.load(Ordering::Acquire)) >= window_ms {
             self.window_start_ms.store(now, Ordering::Release);
             self.bytes.store(0, Ordering::Release);
@@ -61,7 +61,7 @@ impl OutputBudget {
     pub(super) fn error(&self) -> LimitExceeded {
         LimitExceeded::LogRate {
             per_sec: self.per_sec,
-            window: shoal_api::workload::RunLimits::LOG_WINDOW_SECS,
+            window: shoal_api::model::workload::RunLimits::LOG_WINDOW_SECS,
         }
     }
 }

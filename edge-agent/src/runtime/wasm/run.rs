@@ -11,7 +11,7 @@ use super::WasmRun;
 use super::{ModuleKind, RunStats, WasmModule, WasmRuntime};
 use crate::logs::LogSink;
 use crate::runtime::{Exit, RuntimeError};
-use shoal_api::ids::Digest;
+use shoal_api::model::ids::Digest;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;

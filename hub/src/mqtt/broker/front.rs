@@ -3,14 +3,14 @@
 //! here because it is a few dozen lines of framing that no crate offers on its own.
 
 use super::MAX_CONNECT;
-use shoal_api::mqtt_guard::packet_len;
-use shoal_api::mqtt_keepalive::{silence_limit, take_keep_alive, timed_out};
+use shoal_api::policy::mqtt_guard::packet_len;
+use shoal_api::policy::mqtt_keepalive::{silence_limit, take_keep_alive, timed_out};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Reads the CONNECT, takes the client's keep-alive (see [`shoal_api::mqtt_keepalive`]) and
+/// Reads the CONNECT, takes the client's keep-alive (see [`shoal_api::policy::mqtt_keepalive`]) and
 /// splices the connection to the backend of its protocol level.
 pub(super) async fn dispatch(
     conn: TcpStream,
@@ -81,9 +81,9 @@ pub(super) async fn read_connect<R: AsyncRead + Unpin>(
             return Ok(Some(buf.drain(..n).collect()));
         }
         if buf.len() > MAX_CONNECT {
-            return Err(invalid(shoal_api::mqtt_guard::Violation::Malformed(
-                "CONNECT larger than 64 KiB",
-            )));
+            return Err(invalid(
+                shoal_api::policy::mqtt_guard::Violation::Malformed("CONNECT larger than 64 KiB"),
+            ));
         }
         let n = rx.read(&mut chunk).await?;
         if n == 0 {
@@ -122,13 +122,13 @@ pub(super) async fn farewell<W: tokio::io::AsyncWrite + Unpin>(tx: &mut W, last:
     let _ = tokio::time::timeout(Duration::from_secs(5), bye).await;
 }
 
-pub(super) fn invalid(v: shoal_api::mqtt_guard::Violation) -> std::io::Error {
+pub(super) fn invalid(v: shoal_api::policy::mqtt_guard::Violation) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, v.to_string())
 }
 
 /// How a connection ended badly.
 pub(super) enum Violation {
-    Guard(shoal_api::mqtt_guard::Violation),
+    Guard(shoal_api::policy::mqtt_guard::Violation),
     /// The client sent nothing for this long: 1.5 × its keep-alive.
     Silent(Duration),
     /// The enrollment book no longer lets the client in (revoked).
@@ -136,8 +136,8 @@ pub(super) enum Violation {
     Io(std::io::Error),
 }
 
-impl From<shoal_api::mqtt_guard::Violation> for Violation {
-    fn from(v: shoal_api::mqtt_guard::Violation) -> Self {
+impl From<shoal_api::policy::mqtt_guard::Violation> for Violation {
+    fn from(v: shoal_api::policy::mqtt_guard::Violation) -> Self {
         Violation::Guard(v)
     }
 }

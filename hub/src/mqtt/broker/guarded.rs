@@ -1,13 +1,13 @@
 //! The TLS front: a client certificate from the fleet CA required, the identity it names,
-//! every packet through the topic ACL ([`shoal_api::mqtt_guard`]), revocations watched, and
+//! every packet through the topic ACL ([`shoal_api::policy::mqtt_guard`]), revocations watched, and
 //! a budget per client.
 
 use super::front::{
     farewell, invalid, parse_level, quick_ack, read_client, read_connect, Parse, Violation,
 };
-use shoal_api::acl::Identity;
-use shoal_api::mqtt_guard::{packet_len_max, refusal, Guard, Pass};
-use shoal_api::mqtt_keepalive::{silence_limit, take_keep_alive, timed_out};
+use shoal_api::policy::acl::Identity;
+use shoal_api::policy::mqtt_guard::{packet_len_max, refusal, Guard, Pass};
+use shoal_api::policy::mqtt_keepalive::{silence_limit, take_keep_alive, timed_out};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

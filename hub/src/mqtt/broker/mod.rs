@@ -8,11 +8,11 @@
 //!
 //! With TLS (the default) the front listener also terminates TLS, requires a client
 //! certificate from the fleet CA, and passes every packet the client sends through
-//! [`shoal_api::mqtt_guard`], which enforces the fleet's topic ACL; rumqttd then only accepts the
+//! [`shoal_api::policy::mqtt_guard`], which enforces the fleet's topic ACL; rumqttd then only accepts the
 //! private login the guard writes into CONNECT, so nothing reaches it around the front.
 //!
 //! On both paths, TLS and plain, the front keeps the client's keep-alive in place of rumqttd
-//! ([`shoal_api::mqtt_keepalive`]): it accepts keep-alive 0 (rumqttd refuses it), and it cuts
+//! ([`shoal_api::policy::mqtt_keepalive`]): it accepts keep-alive 0 (rumqttd refuses it), and it cuts
 //! a client silent for 1.5 × its keep-alive by closing rumqttd's side without a DISCONNECT,
 //! so rumqttd publishes the client's will. Topics starting with `$` need nothing from the
 //! front: rumqttd matches them to no filter at all (`rumqttd::protocol::matches`), so no
@@ -58,7 +58,7 @@ const MAX_CONNECT: usize = 64 << 10;
 
 /// Largest MQTT payload the embedded broker accepts (manifests, desired state).
 pub const MAX_PAYLOAD: usize = 4 << 20;
-const _: () = assert!(shoal_api::mqtt_guard::MAX_PACKET > MAX_PAYLOAD);
+const _: () = assert!(shoal_api::policy::mqtt_guard::MAX_PACKET > MAX_PAYLOAD);
 
 /// The running embedded broker.
 #[derive(Debug, Clone)]

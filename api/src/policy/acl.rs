@@ -10,9 +10,9 @@
 //! A device's MQTT client id must be `shoal-agent-{d}`; nobody else may use that prefix, and
 //! only the hub `shoal-hub-`, so no client can take over (and disconnect) another's session.
 
-use crate::ids::{DeviceId, OperatorName};
-use crate::operator::Role;
-use crate::topics::PREFIX;
+use crate::model::ids::{DeviceId, OperatorName};
+use crate::policy::operator::Role;
+use crate::wire::topics::PREFIX;
 use std::fmt;
 
 /// Who a client is, from its certificate's common name.

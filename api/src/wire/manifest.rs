@@ -3,8 +3,8 @@
 //! A manifest is a YAML stream: several documents separated by `---`, each one workload or
 //! secret (a document may also be a sequence of them, which is how a JSON array arrives).
 //! Fields are strict: an unknown field is almost always a typo, so it is rejected rather than
-//! ignored. [`parse_stream`] returns the raw workload documents, which [`crate::workload`]
-//! validates, and the secrets, already validated by [`crate::secret::parse`] (which never
+//! ignored. [`parse_stream`] returns the raw workload documents, which [`crate::model::workload`]
+//! validates, and the secrets, already validated by [`crate::model::secret::parse`] (which never
 //! quotes a value in an error).
 
 use serde::{Deserialize, Serialize};
@@ -37,9 +37,9 @@ pub struct WorkloadSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<String>,
     /// Device label requirements: a value (equality) or `{in: [...]}`, `{notIn: [...]}`,
-    /// `{exists: bool}` (see [`crate::selector`]).
+    /// `{exists: bool}` (see [`crate::model::selector`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub selector: BTreeMap<String, crate::selector::WireRequirement>,
+    pub selector: BTreeMap<String, crate::model::selector::WireRequirement>,
     /// A device label to spread replicas across (e.g. `zone`): fewest replicas per value first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spread: Option<String>,
@@ -76,17 +76,17 @@ pub struct WorkloadSpec {
     /// `/shoal/services/{name}/{port}` inside the sandbox and allows connections to them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub uses: Vec<String>,
-    /// Directories on the device that outlive a run (see [`crate::volume`]).
+    /// Directories on the device that outlive a run (see [`crate::model::volume`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<Volume>,
-    /// Outbound connections a WASM guest may open (see [`crate::network`]).
+    /// Outbound connections a WASM guest may open (see [`crate::model::network`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<Network>,
     /// Limits that stop a WASM run when it breaches them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<Limits>,
     /// Secrets the workload reads, as files or environment variables (see
-    /// [`crate::secret`]).
+    /// [`crate::model::secret`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<SecretRef>,
 }
@@ -317,7 +317,7 @@ pub const SECRET: &str = "Secret";
 #[derive(Debug, Default)]
 pub struct Stream {
     pub workloads: Vec<Located<WorkloadManifest>>,
-    pub secrets: Vec<Located<crate::secret::Secret>>,
+    pub secrets: Vec<Located<crate::model::secret::Secret>>,
 }
 
 /// A parsed document: its 1-based position in the stream and its content.
@@ -382,7 +382,7 @@ pub fn parse_stream(text: &str) -> Result<Stream, Vec<ManifestError>> {
         let mut doc = matches!(shape, Some(Value::Mapping(_))).then_some(doc);
         for item in items {
             if is_secret(item) {
-                match crate::secret::parse(item) {
+                match crate::model::secret::parse(item) {
                     Ok(s) => out.secrets.push((n, s)),
                     Err(es) => errors.extend(
                         es.into_iter()
@@ -452,7 +452,7 @@ fn unquote(text: &str) -> String {
 /// publishes after uploading local modules.
 pub fn to_yaml_stream(
     manifests: &[WorkloadManifest],
-    secrets: &[crate::secret::Secret],
+    secrets: &[crate::model::secret::Secret],
 ) -> Result<String, serde_yaml_ng::Error> {
     let mut out = String::new();
     for s in secrets {

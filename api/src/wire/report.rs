@@ -4,11 +4,11 @@
 //! (architecture, runtimes, capacity) and steers placement through capacity, so the hub
 //! refuses a hello with values no real device has (an exabyte of memory attracts every
 //! replica) or with strings that could forge lines in logs and tables (control characters,
-//! unbounded lengths). Labels in a hello are requests (see [`crate::labels`]); they are
+//! unbounded lengths). Labels in a hello are requests (see [`crate::model::labels`]); they are
 //! checked for syntax and number here. Pure.
 
-use crate::labels::MAX_LABELS;
-use crate::messages::{Hello, RUNTIME_CONTAINER, RUNTIME_WASM, RUNTIME_WASM_PRECOMPILED};
+use crate::model::labels::MAX_LABELS;
+use crate::wire::messages::{Hello, RUNTIME_CONTAINER, RUNTIME_WASM, RUNTIME_WASM_PRECOMPILED};
 
 /// Most memory a device may offer: 16 TiB.
 pub const MAX_MEMORY: u64 = 16 << 40;
@@ -52,12 +52,12 @@ pub fn check_hello(h: &Hello) -> Result<(), ReportError> {
     }
     if let Some(n) = h
         .max_replicas
-        .filter(|&n| n > crate::workload::MAX_REPLICAS)
+        .filter(|&n| n > crate::model::workload::MAX_REPLICAS)
     {
         return Err(bad(
             "maxReplicas",
             n.to_string(),
-            format!("is more than {}", crate::workload::MAX_REPLICAS),
+            format!("is more than {}", crate::model::workload::MAX_REPLICAS),
         ));
     }
     let words = [
@@ -109,7 +109,8 @@ pub fn check_hello(h: &Hello) -> Result<(), ReportError> {
         ));
     }
     for (k, v) in &h.labels {
-        let syntax = crate::ids::check_label_key(k).and_then(|()| crate::ids::check_label_value(v));
+        let syntax = crate::model::ids::check_label_key(k)
+            .and_then(|()| crate::model::ids::check_label_value(v));
         if let Err(e) = syntax {
             return Err(bad(
                 "label",

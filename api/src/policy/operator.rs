@@ -7,7 +7,7 @@
 //! bootstrap bundle (`DATA_DIR/operator`, common name `shoal-operator`) is an admin that
 //! only whoever can read the hub's data directory holds.
 
-use crate::ids::OperatorName;
+use crate::model::ids::OperatorName;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -17,7 +17,7 @@ use std::str::FromStr;
 pub const CN_PREFIX: &str = "shoal-operator:";
 
 /// The name the bootstrap operator (the hub's `DATA_DIR/operator` bundle) goes by.
-pub const BOOTSTRAP: &str = crate::acl::OPERATOR;
+pub const BOOTSTRAP: &str = crate::policy::acl::OPERATOR;
 
 /// What an operator may do. Ordered: each role may do what the ones before it may.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

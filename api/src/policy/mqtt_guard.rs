@@ -12,8 +12,8 @@
 //! connection state machines and would have to own the connection; this needs a few header
 //! fields of three packet types, read in place.
 
-use crate::acl::{self, Access, Identity};
-use crate::topics::{self, Inbound};
+use crate::policy::acl::{self, Access, Identity};
+use crate::wire::topics::{self, Inbound};
 
 /// Largest packet a client may send: the broker's 4 MiB payload limit plus headers.
 pub const MAX_PACKET: usize = (4 << 20) + 64 * 1024;
@@ -328,7 +328,7 @@ pub fn refusal(level: Option<u8>, during_connect: bool, client_level: u8) -> Opt
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::DeviceId;
+    use crate::model::ids::DeviceId;
 
     fn dev(s: &str) -> Identity {
         Identity::Device(DeviceId::try_from(s).unwrap())
@@ -390,7 +390,7 @@ mod tests {
     fn an_apply_cannot_be_a_will() {
         for topic in ["shoal/v1/apply", "shoal/v1/apply/r1"] {
             let mut g = Guard::new(
-                Identity::Operator(crate::acl::Operator::bootstrap()),
+                Identity::Operator(crate::policy::acl::Operator::bootstrap()),
                 login(),
             );
             assert!(
@@ -475,7 +475,7 @@ mod tests {
         assert_eq!(g.check(&[0xc0, 0]), Ok(Pass::AsIs), "PINGREQ");
 
         let mut g = Guard::new(
-            Identity::Operator(crate::acl::Operator::bootstrap()),
+            Identity::Operator(crate::policy::acl::Operator::bootstrap()),
             login(),
         );
         g.check(&connect(5, "shoal-cli-1", None, None)).unwrap();

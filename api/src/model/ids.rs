@@ -126,9 +126,9 @@ name_newtype!(
 );
 
 impl OperatorName {
-    /// The bootstrap operator's name (`crate::operator::BOOTSTRAP`, a valid label).
+    /// The bootstrap operator's name (`crate::policy::operator::BOOTSTRAP`, a valid label).
     pub fn bootstrap() -> Self {
-        OperatorName(crate::operator::BOOTSTRAP.to_string())
+        OperatorName(crate::policy::operator::BOOTSTRAP.to_string())
     }
 }
 

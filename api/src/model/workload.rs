@@ -4,10 +4,10 @@
 //! problem it finds, each naming the field, the bad value and the reason. [`parse_workloads`]
 //! does this for a whole manifest stream and also rejects duplicate names.
 
-use crate::ids::{check_label_key, check_label_value, Digest, WorkloadName};
-use crate::manifest::{parse_stream, ManifestError, WorkloadManifest};
-use crate::quantity::{format_memory, parse_cpu, parse_duration, parse_memory};
-use crate::selector::Selector;
+use crate::model::ids::{check_label_key, check_label_value, Digest, WorkloadName};
+use crate::model::quantity::{format_memory, parse_cpu, parse_duration, parse_memory};
+use crate::model::selector::Selector;
+use crate::wire::manifest::{parse_stream, ManifestError, WorkloadManifest};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -39,7 +39,7 @@ pub enum ModuleRef {
     Path(String),
     /// An OCI artifact in a registry. The hub accepts only pinned references (`shoal apply`
     /// pins a tag to the manifest digest it points at); agents pull it themselves.
-    Oci(crate::oci::OciRef),
+    Oci(crate::model::oci::OciRef),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,14 +120,14 @@ impl Variant {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Container {
-    pub image: crate::oci::OciRef,
+    pub image: crate::model::oci::OciRef,
     /// Replaces the image's entrypoint; empty: the image's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
     pub read_only_root: bool,
     /// Platforms the image offers; empty: unknown (then no device is filtered out).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub platforms: Vec<crate::oci::Platform>,
+    pub platforms: Vec<crate::model::oci::Platform>,
     /// Between SIGTERM and SIGKILL when stopped (`stopGracePeriod`, default 10s).
     #[serde(default = "default_stop_grace")]
     pub stop_grace_ms: u64,
@@ -307,17 +307,17 @@ pub struct Workload {
     pub health: Option<Health>,
     pub ports: Vec<Port>,
     pub uses: Vec<WorkloadName>,
-    /// `spec.volumes` (see [`crate::volume`]).
+    /// `spec.volumes` (see [`crate::model::volume`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub volumes: Vec<crate::volume::Volume>,
-    /// `spec.network.allow` (see [`crate::network`]).
+    pub volumes: Vec<crate::model::volume::Volume>,
+    /// `spec.network.allow` (see [`crate::model::network`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub network: Vec<crate::network::NetRule>,
+    pub network: Vec<crate::model::network::NetRule>,
     #[serde(default, skip_serializing_if = "RunLimits::is_none")]
     pub limits: RunLimits,
-    /// `spec.secrets` (see [`crate::secret`]): references only, never values.
+    /// `spec.secrets` (see [`crate::model::secret`]): references only, never values.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub secrets: Vec<crate::secret::SecretMount>,
+    pub secrets: Vec<crate::model::secret::SecretMount>,
 }
 
 impl Workload {
@@ -340,13 +340,13 @@ impl Workload {
             #[serde(skip_serializing_if = "Option::is_none")]
             health: &'a Option<Health>,
             #[serde(skip_serializing_if = "<[_]>::is_empty")]
-            volumes: &'a [crate::volume::Volume],
+            volumes: &'a [crate::model::volume::Volume],
             #[serde(skip_serializing_if = "<[_]>::is_empty")]
-            network: &'a [crate::network::NetRule],
+            network: &'a [crate::model::network::NetRule],
             #[serde(skip_serializing_if = "RunLimits::is_none")]
             limits: &'a RunLimits,
             #[serde(skip_serializing_if = "<[_]>::is_empty")]
-            secrets: &'a [crate::secret::SecretMount],
+            secrets: &'a [crate::model::secret::SecretMount],
         }
         // Empty lists are left out so that revisions of workloads written before ports and
         // uses existed do not change (which would restart every replica on upgrade).
@@ -386,7 +386,7 @@ impl Workload {
     /// the `wasm` runtime, or the `wasm-precompiled` one and the module is a hub blob (the hub
     /// precompiles only what it stores); otherwise the container, where the device has the `container`
     /// runtime and the image offers a platform it runs (the same choice the device makes when
-    /// it pulls: [`crate::oci::choose_platform`]), or its platforms are unknown. `None`:
+    /// it pulls: [`crate::model::oci::choose_platform`]), or its platforms are unknown. `None`:
     /// neither.
     pub fn variant_for(
         &self,
@@ -394,7 +394,7 @@ impl Workload {
         arch: &str,
         cpu_variant: Option<&str>,
     ) -> Option<Variant> {
-        use crate::messages::{RUNTIME_CONTAINER, RUNTIME_WASM, RUNTIME_WASM_PRECOMPILED};
+        use crate::wire::messages::{RUNTIME_CONTAINER, RUNTIME_WASM, RUNTIME_WASM_PRECOMPILED};
         let wasm = match &self.module {
             Some(ModuleRef::Digest(_)) => {
                 has_runtime(RUNTIME_WASM) || has_runtime(RUNTIME_WASM_PRECOMPILED)
@@ -407,7 +407,7 @@ impl Workload {
         }
         let c = self.container.as_ref()?;
         let platform_ok = c.platforms.is_empty()
-            || crate::oci::choose_platform(&c.platforms, arch, cpu_variant).is_some();
+            || crate::model::oci::choose_platform(&c.platforms, arch, cpu_variant).is_some();
         (has_runtime(RUNTIME_CONTAINER) && platform_ok).then_some(Variant::Container)
     }
 
@@ -466,7 +466,7 @@ impl TryFrom<WorkloadManifest> for Workload {
             (Some(n), None) => Some(Placement::Replicas(n)),
             (None, None) => Some(Placement::Replicas(1)),
         };
-        let selector = crate::selector::validate("spec.selector", &spec.selector, &mut errs);
+        let selector = crate::model::selector::validate("spec.selector", &spec.selector, &mut errs);
         if let Some(key) = &spec.spread {
             if let Err(e) = check_label_key(key) {
                 errs.push(format!("spec.spread: {e}"));
@@ -546,11 +546,14 @@ impl TryFrom<WorkloadManifest> for Workload {
         let health = spec.health.and_then(|h| health(h, &mut errs));
         let ports = ports(name.as_ref(), spec.ports, &mut errs);
         let uses = uses(spec.uses, &mut errs);
-        let volumes = crate::volume::validate(spec.volumes, &mut errs);
-        let network =
-            crate::network::validate(spec.network.map(|n| n.allow).unwrap_or_default(), &mut errs);
+        let volumes = crate::model::volume::validate(spec.volumes, &mut errs);
+        let network = crate::model::network::validate(
+            spec.network.map(|n| n.allow).unwrap_or_default(),
+            &mut errs,
+        );
         let limits = run_limits(spec.limits, &mut errs);
-        let secrets = crate::secret::validate_mounts(spec.secrets, &spec.env, &volumes, &mut errs);
+        let secrets =
+            crate::model::secret::validate_mounts(spec.secrets, &spec.env, &volumes, &mut errs);
 
         match (name, placement, variants, memory, cpu, restart) {
             (
@@ -587,7 +590,7 @@ impl TryFrom<WorkloadManifest> for Workload {
     }
 }
 
-fn run_limits(l: Option<crate::manifest::Limits>, errs: &mut Vec<String>) -> RunLimits {
+fn run_limits(l: Option<crate::wire::manifest::Limits>, errs: &mut Vec<String>) -> RunLimits {
     let Some(l) = l else {
         return RunLimits::default();
     };
@@ -627,7 +630,7 @@ fn run_limits(l: Option<crate::manifest::Limits>, errs: &mut Vec<String>) -> Run
 
 fn ports(
     workload: Option<&WorkloadName>,
-    wire: Vec<crate::manifest::Port>,
+    wire: Vec<crate::wire::manifest::Port>,
     errs: &mut Vec<String>,
 ) -> Vec<Port> {
     let mut out: Vec<Port> = Vec::new();
@@ -663,7 +666,7 @@ fn ports(
             .name
             .clone()
             .unwrap_or_else(|| number.map(|n| n.to_string()).unwrap_or_default());
-        if let (Some(_), Err(e)) = (&p.name, crate::discovery::check_port_name(&name)) {
+        if let (Some(_), Err(e)) = (&p.name, crate::wire::discovery::check_port_name(&name)) {
             errs.push(format!("{field}.name: {e}"));
         }
         if let Some(n) = number {
@@ -675,7 +678,8 @@ fn ports(
             errs.push(format!("{field}.name {name:?} is declared twice"));
         }
         if expose == Expose::Mdns {
-            if let Some(Err(e)) = workload.map(|w| crate::discovery::check_service_name(w.as_str()))
+            if let Some(Err(e)) =
+                workload.map(|w| crate::wire::discovery::check_service_name(w.as_str()))
             {
                 errs.push(format!(
                     "{field}.expose: mdns advertises the workload under its name, but {e}; rename the workload or drop expose"
@@ -694,7 +698,7 @@ fn uses(wire: Vec<String>, errs: &mut Vec<String>) -> Vec<WorkloadName> {
     for (i, u) in wire.iter().enumerate() {
         match WorkloadName::try_from(u.as_str()) {
             Err(e) => errs.push(format!("spec.uses[{i}]: {e}")),
-            Ok(n) => match crate::discovery::check_service_name(u) {
+            Ok(n) => match crate::wire::discovery::check_service_name(u) {
                 Err(e) => errs.push(format!("spec.uses[{i}] can never be found: {e}")),
                 Ok(()) if out.contains(&n) => {
                     errs.push(format!("spec.uses[{i}] {u:?} is listed twice"))
@@ -758,14 +762,14 @@ fn module_ref(module: &str, sha256: Option<&str>, errs: &mut Vec<String>) -> Opt
             }
         };
     }
-    if module.starts_with(crate::oci::SCHEME) {
+    if module.starts_with(crate::model::oci::SCHEME) {
         if expected.is_some() {
             errs.push(format!(
                 "spec.wasm.sha256 is invalid with an OCI module {module:?}: pin the reference itself (REPOSITORY@sha256:...)"
             ));
             return None;
         }
-        return match module.parse::<crate::oci::OciRef>() {
+        return match module.parse::<crate::model::oci::OciRef>() {
             Ok(r) => Some(ModuleRef::Oci(r)),
             Err(e) => {
                 errs.push(format!("spec.wasm.module: {e}"));
@@ -782,7 +786,7 @@ fn module_ref(module: &str, sha256: Option<&str>, errs: &mut Vec<String>) -> Opt
     Some(ModuleRef::Path(module.to_string()))
 }
 
-fn health(h: crate::manifest::Health, errs: &mut Vec<String>) -> Option<Health> {
+fn health(h: crate::wire::manifest::Health, errs: &mut Vec<String>) -> Option<Health> {
     let port = |field: &str, p: i64, errs: &mut Vec<String>| {
         let ok = u16::try_from(p).ok().filter(|p| *p != 0);
         if ok.is_none() {
@@ -841,10 +845,10 @@ fn health(h: crate::manifest::Health, errs: &mut Vec<String>) -> Option<Health> 
 }
 
 /// `spec.container`, validated.
-fn container(c: crate::manifest::ContainerSpec, errs: &mut Vec<String>) -> Option<Container> {
-    let image = if c.image.starts_with(crate::oci::SCHEME) {
+fn container(c: crate::wire::manifest::ContainerSpec, errs: &mut Vec<String>) -> Option<Container> {
+    let image = if c.image.starts_with(crate::model::oci::SCHEME) {
         c.image
-            .parse::<crate::oci::OciRef>()
+            .parse::<crate::model::oci::OciRef>()
             .map_err(|e| errs.push(format!("spec.container.image: {e}")))
             .ok()
     } else {
@@ -856,7 +860,7 @@ fn container(c: crate::manifest::ContainerSpec, errs: &mut Vec<String>) -> Optio
     };
     let mut platforms = Vec::new();
     for p in &c.platforms {
-        match p.parse::<crate::oci::Platform>() {
+        match p.parse::<crate::model::oci::Platform>() {
             Ok(p) if !platforms.contains(&p) => platforms.push(p),
             Ok(_) => {}
             Err(e) => errs.push(format!("spec.container.platforms: {e}")),
@@ -902,7 +906,7 @@ fn budget(v: &serde_json::Value) -> Option<Budget> {
     }
 }
 
-fn update(u: crate::manifest::Update, errs: &mut Vec<String>) -> UpdatePolicy {
+fn update(u: crate::wire::manifest::Update, errs: &mut Vec<String>) -> UpdatePolicy {
     let mut p = UpdatePolicy::default();
     if let Some(v) = &u.max_unavailable {
         match budget(v) {
@@ -947,7 +951,7 @@ fn update(u: crate::manifest::Update, errs: &mut Vec<String>) -> UpdatePolicy {
             Some(d) => format!("{d:?}"),
             None => format!(
                 "(the default, {})",
-                crate::quantity::format_duration_ms(p.progress_deadline_ms)
+                crate::model::quantity::format_duration_ms(p.progress_deadline_ms)
             ),
         };
         errs.push(format!(
@@ -958,7 +962,7 @@ fn update(u: crate::manifest::Update, errs: &mut Vec<String>) -> UpdatePolicy {
     p
 }
 
-fn restart(r: crate::manifest::Restart, errs: &mut Vec<String>) -> Option<Restart> {
+fn restart(r: crate::wire::manifest::Restart, errs: &mut Vec<String>) -> Option<Restart> {
     let policy = match r.policy.as_deref() {
         None | Some("Always") => Some(RestartPolicy::Always),
         Some("OnFailure") => Some(RestartPolicy::OnFailure),
@@ -1021,7 +1025,7 @@ pub fn parse_workloads(text: &str) -> Result<Vec<Workload>, Vec<ManifestError>> 
 
 /// Validates already-parsed documents (see [`parse_workloads`]).
 pub fn validate_all(
-    docs: Vec<crate::manifest::Located<WorkloadManifest>>,
+    docs: Vec<crate::wire::manifest::Located<WorkloadManifest>>,
 ) -> Result<Vec<Workload>, Vec<ManifestError>> {
     let mut errors = Vec::new();
     let mut out: Vec<(usize, Workload)> = Vec::new();

@@ -14,7 +14,7 @@
 //! [`Requirement`] serializes the same way, so a stored equality selector written before
 //! set-based requirements existed still reads back.
 
-use crate::ids::{check_label_key, check_label_value};
+use crate::model::ids::{check_label_key, check_label_value};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

@@ -1,8 +1,8 @@
 //! Read models served by the hub's HTTP API (`/v1/devices`, `/v1/workloads`) and printed by
 //! `shoal get … -o json`. Permissive like every wire type.
 
-use crate::messages::Phase;
-use crate::workload::Workload;
+use crate::model::workload::Workload;
+use crate::wire::messages::Phase;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 

@@ -10,7 +10,7 @@
 //!
 //! Pure: the hub keeps the labels, the CLI sends the edits.
 
-use crate::ids::{check_label_key, check_label_value, IdError};
+use crate::model::ids::{check_label_key, check_label_value, IdError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 

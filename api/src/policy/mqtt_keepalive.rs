@@ -10,7 +10,7 @@
 //! silence itself ([`silence_limit`]); when that runs out it closes rumqttd's side without a
 //! DISCONNECT (rumqttd then publishes the will), and the client's.
 
-use crate::mqtt_guard::Violation;
+use crate::policy::mqtt_guard::Violation;
 use std::time::Duration;
 
 /// The keep-alive rumqttd sees for every client: the largest there is, so its own timer

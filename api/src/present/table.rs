@@ -29,7 +29,7 @@ impl Table {
     pub fn row(&mut self, row: Vec<String>) {
         self.rows.push(
             row.into_iter()
-                .map(|c| crate::printable::escaped(&c).into_owned())
+                .map(|c| crate::present::printable::escaped(&c).into_owned())
                 .collect(),
         );
     }

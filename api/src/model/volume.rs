@@ -88,7 +88,7 @@ pub fn check_path(path: &str) -> Result<(), String> {
 }
 
 /// Validates `spec.volumes`, pushing every problem (field, value, reason) to `errs`.
-pub fn validate(wire: Vec<crate::manifest::Volume>, errs: &mut Vec<String>) -> Vec<Volume> {
+pub fn validate(wire: Vec<crate::wire::manifest::Volume>, errs: &mut Vec<String>) -> Vec<Volume> {
     let mut out: Vec<Volume> = Vec::new();
     for (i, v) in wire.into_iter().enumerate() {
         let field = format!("spec.volumes[{i}]");
@@ -173,7 +173,7 @@ mod tests {
 
     #[test]
     fn a_list_is_checked_as_a_whole() {
-        let wire = |n: &str, p: &str| crate::manifest::Volume {
+        let wire = |n: &str, p: &str| crate::wire::manifest::Volume {
             name: n.into(),
             path: p.into(),
         };

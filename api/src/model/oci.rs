@@ -7,7 +7,7 @@
 //! The grammar follows the OCI distribution spec (repository path components of lowercase
 //! alphanumerics with `.`, `_`, `__`, `-` separators; tags of at most 128 characters).
 
-use crate::ids::Digest;
+use crate::model::ids::Digest;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;

@@ -1,11 +1,11 @@
-//! Messages carried on the bus (JSON payloads), one per topic in [`crate::topics`].
+//! Messages carried on the bus (JSON payloads), one per topic in [`crate::wire::topics`].
 //!
 //! Permissive by design: unknown fields are ignored and most fields default, so peers of
 //! different versions keep talking. Each carries `protocol` so a breaking change can be detected.
 
-use crate::ids::{DeviceId, Digest, WorkloadName};
-use crate::manifest::ManifestError;
-use crate::workload::{Health, Port, Resources, Restart, Workload};
+use crate::model::ids::{DeviceId, Digest, WorkloadName};
+use crate::model::workload::{Health, Port, Resources, Restart, Workload};
+use crate::wire::manifest::ManifestError;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -132,10 +132,10 @@ pub struct DesiredWorkload {
     pub module: Option<Digest>,
     /// Where to pull the module when it is not a hub blob: a pinned OCI reference.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub oci: Option<crate::oci::OciRef>,
+    pub oci: Option<crate::model::oci::OciRef>,
     /// The container variant, when the replica runs it (then `module` is absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub container: Option<crate::workload::Container>,
+    pub container: Option<crate::model::workload::Container>,
     #[serde(default)]
     pub args: Vec<String>,
     #[serde(default)]
@@ -148,19 +148,22 @@ pub struct DesiredWorkload {
     pub ports: Vec<Port>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub uses: Vec<WorkloadName>,
-    /// Directories kept on the device for the workload (see [`crate::volume`]).
+    /// Directories kept on the device for the workload (see [`crate::model::volume`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub volumes: Vec<crate::volume::Volume>,
-    /// Outbound connections the WASM guest may open (see [`crate::network`]).
+    pub volumes: Vec<crate::model::volume::Volume>,
+    /// Outbound connections the WASM guest may open (see [`crate::model::network`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub network: Vec<crate::network::NetRule>,
-    /// Limits that stop a run (see [`crate::workload::RunLimits`]).
-    #[serde(default, skip_serializing_if = "crate::workload::RunLimits::is_none")]
-    pub limits: crate::workload::RunLimits,
+    pub network: Vec<crate::model::network::NetRule>,
+    /// Limits that stop a run (see [`crate::model::workload::RunLimits`]).
+    #[serde(
+        default,
+        skip_serializing_if = "crate::model::workload::RunLimits::is_none"
+    )]
+    pub limits: crate::model::workload::RunLimits,
     /// Secrets the replica reads, at the version it runs with; their values travel sealed in
     /// [`DesiredState::secrets`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub secrets: Vec<crate::secret::DesiredSecretMount>,
+    pub secrets: Vec<crate::model::secret::DesiredSecretMount>,
 }
 
 impl DesiredWorkload {
@@ -170,18 +173,18 @@ impl DesiredWorkload {
     pub fn from_workload(
         w: &Workload,
         replica: u32,
-        variant: crate::workload::Variant,
+        variant: crate::model::workload::Variant,
     ) -> Option<Self> {
         let (module, oci, container) = match variant {
-            crate::workload::Variant::Wasm => (
+            crate::model::workload::Variant::Wasm => (
                 Some(w.digest()?.clone()),
                 match &w.module {
-                    Some(crate::workload::ModuleRef::Oci(r)) => Some(r.clone()),
+                    Some(crate::model::workload::ModuleRef::Oci(r)) => Some(r.clone()),
                     _ => None,
                 },
                 None,
             ),
-            crate::workload::Variant::Container => (None, None, Some(w.container.clone()?)),
+            crate::model::workload::Variant::Container => (None, None, Some(w.container.clone()?)),
         };
         Some(Self {
             name: w.name.clone(),
@@ -204,7 +207,7 @@ impl DesiredWorkload {
             secrets: w
                 .secrets
                 .iter()
-                .map(|m| crate::secret::DesiredSecretMount {
+                .map(|m| crate::model::secret::DesiredSecretMount {
                     mount: m.clone(),
                     version: String::new(),
                 })
@@ -244,7 +247,7 @@ pub struct DesiredState {
     pub workloads: Vec<DesiredWorkload>,
     /// The values of the secrets these workloads use, each sealed to this device's key.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub secrets: Vec<crate::secret::SealedSecret>,
+    pub secrets: Vec<crate::model::secret::SealedSecret>,
 }
 
 /// What the hub publishes on `devices/{d}/desired`: a [`DesiredState`]'s exact JSON bytes

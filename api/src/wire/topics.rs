@@ -15,9 +15,9 @@
 //!
 //! Hub replicas (a shared store, an external broker) take device statuses through the MQTT 5
 //! shared subscription [`SHARED_STATUS`], so each report reaches one replica; that replica
-//! passes what the others need on as an [`crate::messages::IngestBatch`].
+//! passes what the others need on as an [`crate::wire::messages::IngestBatch`].
 
-use crate::ids::DeviceId;
+use crate::model::ids::DeviceId;
 
 pub const PREFIX: &str = "shoal/v1";
 /// Apply without a request id (no verdict is published).

@@ -21,9 +21,9 @@
 //! them encrypted; devices receive only the secrets their workloads use, sealed to their own
 //! key (see `shoal_pki::secret`), in [`SealedSecret`]s, and see files read-only.
 
-use crate::ids::SecretName;
-use crate::manifest::Metadata;
-use crate::volume::Volume;
+use crate::model::ids::SecretName;
+use crate::model::volume::Volume;
+use crate::wire::manifest::Metadata;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -262,7 +262,7 @@ pub struct SecretMount {
 /// Validates `spec.secrets` against the workload's own `env` and `volumes`, pushing every
 /// problem to `errs`.
 pub fn validate_mounts(
-    wire: Vec<crate::manifest::SecretRef>,
+    wire: Vec<crate::wire::manifest::SecretRef>,
     env: &BTreeMap<String, String>,
     volumes: &[Volume],
     errs: &mut Vec<String>,
@@ -284,9 +284,12 @@ pub fn validate_mounts(
             (None, false) => None,
         };
         if let Some(p) = &path {
-            if let Err(e) = crate::volume::check_path(p) {
+            if let Err(e) = crate::model::volume::check_path(p) {
                 errs.push(format!("{field}.path: {e}"));
-            } else if let Some(v) = volumes.iter().find(|v| crate::volume::nested(&v.path, p)) {
+            } else if let Some(v) = volumes
+                .iter()
+                .find(|v| crate::model::volume::nested(&v.path, p))
+            {
                 errs.push(format!(
                     "{field}.path {p:?} overlaps volume {:?} at {:?}",
                     v.name, v.path
@@ -294,7 +297,7 @@ pub fn validate_mounts(
             } else if let Some(o) = out.iter().find(|o| {
                 o.path
                     .as_deref()
-                    .is_some_and(|q| crate::volume::nested(q, p))
+                    .is_some_and(|q| crate::model::volume::nested(q, p))
             }) {
                 errs.push(format!(
                     "{field}.path {p:?} overlaps secret {:?} at {:?}",
@@ -490,8 +493,12 @@ mod tests {
         assert!(parse(&yaml(&big)).unwrap_err()[0].contains("at most"));
     }
 
-    fn wire(name: &str, path: Option<&str>, env: &[(&str, &str)]) -> crate::manifest::SecretRef {
-        crate::manifest::SecretRef {
+    fn wire(
+        name: &str,
+        path: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> crate::wire::manifest::SecretRef {
+        crate::wire::manifest::SecretRef {
             name: name.into(),
             path: path.map(str::to_string),
             env: env

@@ -19,8 +19,8 @@
 //! `ca` is not the agent's own and ranks the rest; the agent uses a candidate only once it
 //! has authenticated it.
 
-use crate::endpoint::BrokerUrl;
-use crate::ids::{DeviceId, WorkloadName};
+use crate::model::ids::{DeviceId, WorkloadName};
+use crate::wire::endpoint::BrokerUrl;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -108,7 +108,7 @@ pub fn dns_label(s: &str) -> String {
     format!(
         "{}~{}",
         &s[..cut],
-        &crate::ids::Digest::of(s.as_bytes()).hex()[..12]
+        &crate::model::ids::Digest::of(s.as_bytes()).hex()[..12]
     )
 }
 

@@ -1,0 +1,13 @@
+//! Domain types: validated once (with `TryFrom` or a parser), so code that holds one never
+//! re-checks it. Ids are newtypes; a [`workload::Workload`] is a checked manifest.
+
+pub mod ids;
+pub mod labels;
+pub mod network;
+pub mod oci;
+pub mod quantity;
+pub mod secret;
+pub mod selector;
+pub mod volume;
+pub mod wasm;
+pub mod workload;

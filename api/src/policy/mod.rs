@@ -1,0 +1,7 @@
+//! Who may do what: the MQTT topic ACL and the embedded broker's packet guard, keep-alive
+//! rules, operator roles and their rights.
+
+pub mod acl;
+pub mod mqtt_guard;
+pub mod mqtt_keepalive;
+pub mod operator;
