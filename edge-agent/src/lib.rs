@@ -16,6 +16,7 @@ pub mod replica;
 pub mod runtime;
 pub mod secrets;
 pub mod services;
+pub mod status;
 pub mod store;
 pub mod volumes;
 

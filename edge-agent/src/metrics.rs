@@ -19,7 +19,7 @@
 //! | `shoal_agent_disk_available_bytes` | gauge | |
 //! | `process_resident_memory_bytes` | gauge | (the agent's own RSS) |
 
-use crate::local::{AgentStatusView, ReplicaView};
+use crate::status::{AgentStatusView, ReplicaView};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -197,7 +197,7 @@ pub fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::local::{HubLinkView, MemoryView};
+    use crate::status::{HubLinkView, MemoryView};
 
     #[test]
     fn a_scrape_names_each_replica_and_its_phase() {

@@ -20,8 +20,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-/// Where a consumer's endpoint directory appears inside its sandbox.
-pub const GUEST_DIR: &str = "/shoal/services";
+/// Where a consumer's endpoint directory appears inside its sandbox (the runtimes preopen
+/// it there).
+pub use crate::runtime::SERVICES_GUEST_DIR as GUEST_DIR;
 
 /// The mDNS advertisements this device should carry: one per exposed port of every replica
 /// that is running. Keyed by instance name.

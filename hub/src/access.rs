@@ -369,12 +369,12 @@ pub type VerdictsRx = tokio::sync::watch::Receiver<std::sync::Arc<Verdicts>>;
 pub const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Reads the book every [`WATCH_EVERY`] until `shutdown` and publishes what it says when it
-/// changes; the revoked devices also go to the main loop (`requests`), now and then again
-/// every so often (a standby that becomes leader learns them too).
+/// changes; the revoked devices also go to `revoked` (the main loop: it must not block), now
+/// and then again every so often (a standby that becomes leader learns them too).
 pub async fn watch(
     sec: std::sync::Arc<crate::security::Security>,
     tx: tokio::sync::watch::Sender<std::sync::Arc<Verdicts>>,
-    requests: tokio::sync::mpsc::Sender<crate::http::Request>,
+    revoked: impl Fn(std::collections::BTreeSet<DeviceId>) + Send + 'static,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut tick = tokio::time::interval(WATCH_EVERY);
@@ -398,8 +398,7 @@ pub async fn watch(
         let changed = **tx.borrow() != now;
         // Every 15th round (30 s) the main loop hears the set again, changed or not.
         if changed || rounds.is_multiple_of(15) {
-            let devices = now.revoked.clone();
-            let _ = requests.try_send(crate::http::Request::Revoked { devices });
+            revoked(now.revoked.clone());
         }
         rounds += 1;
         if changed {

@@ -5,7 +5,7 @@
 //! environment and defaults; the file comes between the last two because [`resolve`] asks
 //! clap where each value came from. The result is [`HubConfig`], what `app::run` takes.
 
-use crate::store::StoreChoice;
+use crate::backend::StoreChoice;
 use clap::{ArgMatches, FromArgMatches};
 use serde::{Deserialize, Deserializer};
 use shoal_api::wire::endpoint::BrokerUrl;

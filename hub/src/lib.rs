@@ -11,6 +11,7 @@
 
 pub mod access;
 pub mod app;
+pub mod backend;
 pub mod blobs;
 pub mod config;
 pub mod dashboard;

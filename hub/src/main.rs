@@ -46,7 +46,7 @@ struct BookArgs {
     data_dir: Option<PathBuf>,
     /// The hub's store, as given to `serve` (`sled`, or `etcds://…`).
     #[arg(long, env = "SHOAL_HUB_STORE", value_name = "URL")]
-    store: Option<shoal_hub::store::StoreChoice>,
+    store: Option<shoal_hub::backend::StoreChoice>,
     /// Allow a plaintext `etcd://` store (for local experiments only).
     #[arg(long)]
     insecure: bool,
@@ -139,7 +139,7 @@ enum TokenCommand {
         data_dir: Option<PathBuf>,
         /// The hub's store, as given to `serve` (`sled`, or `etcd://HOST:PORT[,…][/PREFIX]`).
         #[arg(long, env = "SHOAL_HUB_STORE", value_name = "URL")]
-        store: Option<shoal_hub::store::StoreChoice>,
+        store: Option<shoal_hub::backend::StoreChoice>,
         /// How long the token stays valid (e.g. 30m, 24h).
         #[arg(long, default_value = "24h", value_parser = shoal_api::model::quantity::duration_arg)]
         ttl: std::time::Duration,
@@ -243,7 +243,7 @@ fn real_main() -> anyhow::Result<()> {
             let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
             let now = shoal_daemon::clock::now_ms();
             let token = match (store, data_dir) {
-                (Some(shoal_hub::store::StoreChoice::Etcd(url)), _) => {
+                (Some(shoal_hub::backend::StoreChoice::Etcd(url)), _) => {
                     if url.plaintext() && !insecure {
                         anyhow::bail!("{}", shoal_hub::etcd::PLAINTEXT_REFUSED);
                     }
@@ -286,7 +286,7 @@ fn open_book(
     args: &BookArgs,
 ) -> anyhow::Result<(Box<dyn shoal_hub::enrollment::Enrollments>, Option<PathBuf>)> {
     match (&args.store, &args.data_dir) {
-        (Some(shoal_hub::store::StoreChoice::Etcd(url)), dir) => {
+        (Some(shoal_hub::backend::StoreChoice::Etcd(url)), dir) => {
             if url.plaintext() && !args.insecure {
                 anyhow::bail!("{}", shoal_hub::etcd::PLAINTEXT_REFUSED);
             }

@@ -82,14 +82,6 @@ impl Security {
         if ca.write_operator_bundle(&operator_dir(data_dir))? {
             tracing::info!(bundle = %operator_dir(data_dir).display(), "wrote the operator credential bundle (ca.pem, operator.pem, operator.key)");
         }
-        let now = shoal_daemon::clock::now_ms();
-        crate::access::pin_bootstrap(&*enrollments, &ca, &operator_dir(data_dir), now).map_err(
-            |e| PkiError::BadFile {
-                what: "the bootstrap operator's record",
-                path: operator_dir(data_dir).display().to_string(),
-                reason: e.to_string(),
-            },
-        )?;
         Ok(Self {
             enrollments,
             ca,

@@ -26,6 +26,7 @@
 //! build.
 
 mod boundaries;
+mod circles;
 mod oci;
 
 use anyhow::{bail, Context, Result};
@@ -42,7 +43,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Check that the functional core names no I/O crate and no clock, the hub's shell no adapter, and `api` no clock.
+    /// Check that the functional core names no I/O crate and no clock, the hub's shell no adapter, `api` no clock, and no file of the hub or the agent imports in a circle.
     Boundaries,
     /// Build and package shoal-agent for each target (default: amd64, arm64 and armhf).
     Dist {
@@ -199,13 +200,18 @@ fn main() -> Result<()> {
             for v in &found {
                 eprintln!("{v}");
             }
-            if !found.is_empty() {
+            let circles = circles::run(&repo_root())?;
+            for c in &circles {
+                eprintln!("{c}");
+            }
+            if !found.is_empty() || !circles.is_empty() {
                 bail!(
-                    "{} forbidden name(s) across the checked boundaries (see xtask/src/boundaries.rs)",
-                    found.len()
+                    "{} forbidden name(s) across the checked boundaries (see xtask/src/boundaries.rs), {} import circle(s) (xtask/src/circles.rs)",
+                    found.len(),
+                    circles.len()
                 );
             }
-            println!("the functional core names no I/O crate and no clock; the hub's shell no topic, status code or client; the agent's supervisor no runtime variant, its runtimes no supervisor; the shared types no clock");
+            println!("the functional core names no I/O crate and no clock; the hub's shell no topic, status code or client; the agent's supervisor no runtime variant, its runtimes no supervisor; the shared types no clock; no import circle between the hub's or the agent's files");
             Ok(())
         }
         Cmd::Dist {

@@ -3,7 +3,7 @@
 //! in sync.
 
 use crate::bus::{Bus, MqttBus};
-use crate::local::HubLinkView;
+use crate::status::HubLinkView;
 use shoal_api::model::ids::DeviceId;
 use shoal_api::wire::messages::{DeviceStatus, Hello, InstanceStatus};
 use shoal_api::wire::topics;

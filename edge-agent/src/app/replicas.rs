@@ -8,9 +8,10 @@
 //! the loop hands it the network grants of a replica and publishes what it reports.
 
 use crate::core::plan::{plan, secret_versions, Action, Observed};
-use crate::local::{RestartError, RestartView};
+use crate::local::RestartError;
 use crate::replica::supervisor::{self, Shared, Update};
 use crate::runtime::Network;
+use crate::status::RestartView;
 use crate::store::{Store, StoreError};
 use crate::volumes::Swept;
 use shoal_api::model::ids::{DeviceId, SecretName, WorkloadName};

@@ -4,9 +4,8 @@
 
 use super::replicas::Replicas;
 use super::Agent;
-use crate::local::{
-    self, AgentStatusView, DevicePeer, HubPeer, InspectView, LocalRequest, PeersView, ReplicaView,
-};
+use crate::local::{self, LocalRequest};
+use crate::status::{AgentStatusView, DevicePeer, HubPeer, InspectView, PeersView, ReplicaView};
 use shoal_api::wire::messages::{DesiredWorkload, Phase};
 use std::collections::BTreeMap;
 

@@ -32,6 +32,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// Where a consumer's service endpoint directory appears inside its sandbox (see
+/// `crate::services`).
+pub const SERVICES_GUEST_DIR: &str = "/shoal/services";
+
 /// A boxed future, for the object-safe [`Runtime`].
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 

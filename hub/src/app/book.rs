@@ -5,7 +5,8 @@
 //! just enrolled was granted by its join token. Only a leader that has not started its loop
 //! yet waits for the book: for every grant it has not applied ([`MainLoop::catch_up_grants`]).
 
-use super::publish::NoDeviceKey;
+use super::command::BookAnswer;
+use super::keys::NoDeviceKey;
 use super::*;
 use crate::app::command::Bus;
 use crate::store::Store;
@@ -18,23 +19,6 @@ use tracing::warn;
 
 /// How many answers wait for the loop at most (readers wait beyond that, the loop never).
 pub(super) const ANSWERS: usize = 64;
-
-/// What the book said.
-#[derive(Debug)]
-pub enum BookAnswer {
-    /// `device`'s certificate (`None`: it has no enrollment record), or why it could not
-    /// be read.
-    Key {
-        device: DeviceId,
-        cert: Result<Option<String>, NoDeviceKey>,
-    },
-    /// What `device`'s join token granted it (`None`: nothing, or the read failed, logged:
-    /// the fleet then keeps the labels it has, fewer rights, never more).
-    Grant {
-        device: DeviceId,
-        grant: Option<Grant>,
-    },
-}
 
 /// Grant reads in flight at once (enrollments come in bursts; the book is one etcd client).
 pub(super) const MAX_GRANT_READS: usize = 4;

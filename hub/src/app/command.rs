@@ -1,11 +1,12 @@
 //! The loop's typed inputs and outputs, the ports its adapters implement. Topics and payload
 //! bytes exist only in the MQTT adapter ([`crate::mqtt`]), which decodes what arrives into a
 //! [`BusEvent`] and encodes each [`Outbound`]; status codes exist only in the HTTP adapter,
-//! whose requests arrive as [`crate::http::Request`].
+//! whose requests arrive as [`super::request::Request`].
 
-use crate::http::Request;
-use crate::mqtt::wire::ReplyTo;
-use shoal_api::model::ids::{DeviceId, WorkloadName};
+use super::keys::NoDeviceKey;
+use super::request::Request;
+use shoal_api::model::ids::DeviceId;
+use shoal_api::model::labels::Grant;
 use shoal_api::wire::messages::{
     ApplyResult, DeviceStatus, Hello, IngestBatch, LogChunk, LogRequest,
 };
@@ -19,7 +20,7 @@ pub enum Event {
     Http(Request),
     Mdns(MdnsEvent),
     /// The enrollment book answered a read (see `app::book`).
-    Book(crate::app::book::BookAnswer),
+    Book(BookAnswer),
     /// Time to look for lost devices.
     Tick,
     /// Time to step rollouts that have new reports.
@@ -51,6 +52,15 @@ pub enum BusEvent {
     },
     /// Log lines a device sends for a `shoal logs` request.
     Logs(Box<LogChunk>),
+}
+
+/// Where an apply's result goes: the MQTT adapter fills it from the apply it decoded and
+/// reads it to send the result (its results address, and the response address its
+/// publisher asked for where that is allowed). Opaque to the shell, which only passes it on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplyTo {
+    pub(crate) addresses: Vec<String>,
+    pub(crate) correlation: Option<bytes::Bytes>,
 }
 
 /// A manifest applied over MQTT.
@@ -92,29 +102,19 @@ pub trait Bus: Send + Sync + 'static {
     fn send(&self, msg: Outbound) -> impl Future<Output = Result<(), BusError>> + Send;
 }
 
-/// The change was decided but could not be made durable (the store's flush failed): nothing
-/// was published, and whoever asked must not be told it worked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the hub could not make the change durable (store flush failed); it retries, check the hub's disk")]
-pub struct NotDurable;
-
-/// Why an operator's change was not made: refused by the fleet (`R`, the operator's to
-/// fix), or not durable (the hub's).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Failed<R> {
-    #[error(transparent)]
-    Refused(R),
-    #[error(transparent)]
-    NotDurable(#[from] NotDurable),
-}
-
-/// Why `shoal logs` has nobody to ask.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum LogRefusal {
-    #[error("workload {:?} not found", .0.as_str())]
-    WorkloadNotFound(WorkloadName),
-    #[error("device {:?} not found", .0.as_str())]
-    DeviceNotFound(DeviceId),
-    #[error("workload {:?} has no replica placed on a device yet", .0.as_str())]
-    NotPlaced(WorkloadName),
+/// What the book said.
+#[derive(Debug)]
+pub enum BookAnswer {
+    /// `device`'s certificate (`None`: it has no enrollment record), or why it could not
+    /// be read.
+    Key {
+        device: DeviceId,
+        cert: Result<Option<String>, NoDeviceKey>,
+    },
+    /// What `device`'s join token granted it (`None`: nothing, or the read failed, logged:
+    /// the fleet then keeps the labels it has, fewer rights, never more).
+    Grant {
+        device: DeviceId,
+        grant: Option<Grant>,
+    },
 }

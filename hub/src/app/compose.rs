@@ -11,6 +11,7 @@ use crate::metrics::Metrics;
 use crate::mqtt::bus;
 use crate::store::Store;
 use shoal_api::wire::endpoint::BrokerUrl;
+use shoal_daemon::clock::now_ms;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -23,7 +24,7 @@ pub(super) async fn serve(
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<(), HubError> {
-    if let crate::store::StoreChoice::Etcd(url) = &config.store {
+    if let crate::backend::StoreChoice::Etcd(url) = &config.store {
         if url.plaintext() && !config.insecure {
             return Err(HubError::PlainEtcd(url.to_string()));
         }
@@ -31,7 +32,7 @@ pub(super) async fn serve(
     let store = config.store.open(&config.data_dir)?;
     // Replicas on etcd share the fleet's keys and elect a leader (see crate::ha).
     let elector = match &config.store {
-        crate::store::StoreChoice::Etcd(url) => {
+        crate::backend::StoreChoice::Etcd(url) => {
             if config.broker.is_none() {
                 warn!("hub state in etcd with the embedded broker: other hub replicas cannot take over this one's devices (give every replica the same --broker)");
             }
@@ -40,10 +41,10 @@ pub(super) async fn serve(
                 .await?;
             Some(e)
         }
-        crate::store::StoreChoice::Sled => None,
+        crate::backend::StoreChoice::Sled => None,
     };
     let mut blobs = BlobStore::open(&config.data_dir)?;
-    if let crate::store::StoreChoice::Etcd(url) = &config.store {
+    if let crate::backend::StoreChoice::Etcd(url) = &config.store {
         blobs = blobs.with_shared(Box::new(crate::etcd::EtcdStore::connect(url)?));
     }
     let blobs = Arc::new(blobs);
@@ -63,7 +64,7 @@ pub(super) async fn serve(
         // Replicas share tokens and enrollment records through etcd.
         let files = crate::enrollment::Files::new(&crate::security::pki_dir(&config.data_dir));
         let enrollments: Box<dyn crate::enrollment::Enrollments> = match &config.store {
-            crate::store::StoreChoice::Etcd(url) => {
+            crate::backend::StoreChoice::Etcd(url) => {
                 let etcd = crate::etcd::EtcdStore::connect(url)?;
                 // A hub that kept its devices on disk (sled, or an older hub on etcd) brings
                 // them along; etcd's own records win.
@@ -76,15 +77,25 @@ pub(super) async fn serve(
                 }
                 Box::new(etcd)
             }
-            crate::store::StoreChoice::Sled => Box::new(files),
+            crate::backend::StoreChoice::Sled => Box::new(files),
         };
-        Some(Arc::new(crate::security::Security::load(
+        let sec = crate::security::Security::load(
             &config.data_dir,
             &names,
             signer.public_key_b64(),
             config.device_cert_lifetime,
             enrollments,
-        )?))
+        )?;
+        // The bundle the hub wrote is its bootstrap operator's: pinned in the book.
+        let bundle = crate::security::operator_dir(&config.data_dir);
+        crate::access::pin_bootstrap(&*sec.enrollments, &sec.ca, &bundle, now_ms()).map_err(
+            |e| shoal_pki::PkiError::BadFile {
+                what: "the bootstrap operator's record",
+                path: bundle.display().to_string(),
+                reason: e.to_string(),
+            },
+        )?;
+        Some(Arc::new(sec))
     };
 
     let http_listener = tokio::net::TcpListener::bind(config.http_listen)
@@ -229,10 +240,14 @@ pub(super) async fn serve(
         verdicts: security.as_ref().map(|_| verdicts.clone()),
     });
     if let Some(sec) = &security {
+        let requests = req_tx.clone();
         tracker.spawn(crate::access::watch(
             sec.clone(),
             verdicts_tx,
-            req_tx.clone(),
+            move |devices| {
+                // Never waits: the set is sent again within 30 s if the loop is full now.
+                let _ = requests.try_send(Request::Revoked { devices });
+            },
             shutdown.clone(),
         ));
     }

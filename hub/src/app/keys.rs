@@ -25,7 +25,6 @@
 //!
 //! Decisions only: no I/O and no clock (`now` is a parameter), tested below with tables.
 
-use super::publish::NoDeviceKey;
 use crate::fleet::records::StoredSecret;
 use shoal_api::model::ids::DeviceId;
 use shoal_api::wire::messages::DesiredState;
@@ -54,6 +53,19 @@ pub(super) struct DeviceKeys {
     queued: BTreeSet<DeviceId>,
     /// Devices whose last read failed, and when they may be read again.
     retry_at: BTreeMap<DeviceId, u64>,
+}
+
+/// Why there is no device key to seal secrets to.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NoDeviceKey {
+    #[error("the hub runs --insecure: devices hold no keys to seal secrets to")]
+    Insecure,
+    #[error("the device has no enrollment record")]
+    NotEnrolled,
+    #[error("cannot read the enrollment record: {0}")]
+    Unreadable(String),
+    #[error("the device is revoked")]
+    Revoked,
 }
 
 /// A durable desired state and the stored secrets it was committed with, to seal with them.

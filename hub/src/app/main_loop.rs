@@ -196,7 +196,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         match &event {
             Event::Tick | Event::RolloutTick | Event::RelayTick => {}
             // A key changes nothing in the fleet; a grant may change labels.
-            Event::Book(crate::app::book::BookAnswer::Key { .. }) => {}
+            Event::Book(crate::app::command::BookAnswer::Key { .. }) => {}
             Event::Http(r) if r.reads_only() => {}
             // Log lines change nothing in the fleet.
             Event::Bus(BusEvent::Logs(_)) => {}

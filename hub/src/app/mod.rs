@@ -29,6 +29,7 @@ mod keys;
 mod main_loop;
 mod mdns;
 mod publish;
+pub mod request;
 mod requests;
 mod standby;
 #[cfg(test)]
@@ -38,10 +39,11 @@ mod views;
 
 use crate::blobs::BlobStore;
 use crate::fleet::Fleet;
-use crate::http::Request;
 use crate::metrics::Metrics;
 use crate::store::Store;
-pub use command::{Bus, BusEvent, Event, Failed, LogRefusal, NotDurable};
+pub use command::{Bus, BusEvent, Event};
+use request::Request;
+pub use request::{Failed, LogRefusal, NotDurable};
 use shoal_api::model::ids::DeviceId;
 use shoal_api::wire::messages::DesiredState;
 use shoal_daemon::mdns::MdnsEvent;
@@ -120,7 +122,7 @@ struct Channels {
     bus: mpsc::Receiver<BusEvent>,
     requests: mpsc::Receiver<Request>,
     mdns: mpsc::Receiver<MdnsEvent>,
-    book: mpsc::Receiver<book::BookAnswer>,
+    book: mpsc::Receiver<command::BookAnswer>,
 }
 
 /// What a standby main loop hands to the leader's when it is elected.

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::app::command::{Bus, Outbound};
-use crate::app::keys::{Route, Sealable};
+use crate::app::keys::{NoDeviceKey, Route, Sealable};
 use crate::store::{Store, StoredSecret};
 use shoal_api::model::ids::DeviceId;
 use shoal_api::wire::messages::DesiredState;
@@ -35,19 +35,6 @@ pub(super) enum SealError {
     Unknown,
     #[error("the desired state wants version {wanted}, the hub has {have}")]
     Version { wanted: String, have: String },
-}
-
-/// Why there is no device key to seal secrets to.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum NoDeviceKey {
-    #[error("the hub runs --insecure: devices hold no keys to seal secrets to")]
-    Insecure,
-    #[error("the device has no enrollment record")]
-    NotEnrolled,
-    #[error("cannot read the enrollment record: {0}")]
-    Unreadable(String),
-    #[error("the device is revoked")]
-    Revoked,
 }
 
 /// The state with the values of the secrets its workloads use, each sealed to `key` (the

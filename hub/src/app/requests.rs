@@ -1,9 +1,9 @@
-//! Requests from the HTTP adapter ([`crate::http::Request`]), answered on their reply
+//! Requests from the HTTP adapter ([`super::request::Request`]), answered on their reply
 //! channels after any change they made is durable.
 
+use super::request::{DeviceAction, Request};
 use super::*;
 use crate::app::command::Bus;
-use crate::http::{DeviceAction, Request};
 use crate::store::Store;
 use shoal_daemon::clock::now_ms;
 use tracing::{info_span, warn, Instrument};
@@ -79,7 +79,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                             now_ms(),
                         );
                         self.publish_log_requests(out).await;
-                        Ok(crate::http::LogStream {
+                        Ok(super::request::LogStream {
                             asked: devices,
                             unreachable,
                             replicas,

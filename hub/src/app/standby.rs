@@ -2,9 +2,9 @@
 //! leader's writes (store reloads, at most every 500 ms and every 30 s whatever the etcd
 //! watch says), and never writes or publishes.
 
+use super::request::Request;
 use super::*;
 use crate::app::command::{Bus, BusEvent};
-use crate::http::Request;
 use crate::store::Store;
 use shoal_daemon::clock::now_ms;
 use tracing::warn;

@@ -172,8 +172,8 @@ fn hello(id: &str) -> Hello {
 /// `shoal apply` as the HTTP adapter hands it to the loop.
 async fn apply(main: &mut MainLoop<TestStore, FakeBus>, text: String) -> ApplyResult {
     let (reply, answer) = tokio::sync::oneshot::channel();
-    main.handle(Event::Http(crate::http::Request::Apply {
-        text: crate::http::ManifestText(text),
+    main.handle(Event::Http(super::request::Request::Apply {
+        text: super::request::ManifestText(text),
         reply,
     }))
     .await;

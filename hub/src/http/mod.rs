@@ -51,16 +51,15 @@ mod browser;
 mod enroll;
 mod logs;
 mod operate;
-mod request;
 mod rules;
 
+pub use crate::app::request::{DeviceAction, LogStream, ManifestText, Request};
 use audit::*;
 use blobs::*;
 use browser::*;
 use enroll::*;
 use logs::*;
 use operate::*;
-pub use request::{DeviceAction, LogStream, ManifestText, Request};
 use rules::*;
 pub use rules::{need, Need};
 

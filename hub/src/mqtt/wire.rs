@@ -2,7 +2,7 @@
 //! [`BusEvent`]s, and each [`Outbound`] encoded into the messages that carry it. The only
 //! place the hub's loop traffic meets topic strings and payload bytes.
 
-use crate::app::command::{BusEvent, MqttApply, Outbound};
+use crate::app::command::{BusEvent, MqttApply, Outbound, ReplyTo};
 use bytes::Bytes;
 use shoal_api::model::ids::DeviceId;
 use shoal_api::wire::messages::{DeviceStatus, Hello, LogChunk};
@@ -26,14 +26,6 @@ pub struct Message {
     pub payload: Vec<u8>,
     pub retain: bool,
     pub correlation: Option<Bytes>,
-}
-
-/// Where an apply's result goes: the results topic of its request id, and the response
-/// topic its publisher asked for where that is allowed. Opaque outside this adapter.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ReplyTo {
-    topics: Vec<String>,
-    correlation: Option<Bytes>,
 }
 
 /// The kind of a hub-bound topic (for metrics); `None` for any other topic.
@@ -84,7 +76,7 @@ pub fn decode(raw: Raw) -> Option<BusEvent> {
                 req,
                 by,
                 reply: ReplyTo {
-                    topics: targets,
+                    addresses: targets,
                     correlation: raw.correlation,
                 },
             })))
@@ -145,7 +137,7 @@ pub fn encode(msg: Outbound) -> Vec<Message> {
         }],
         Outbound::ApplyResult { to, result } => {
             let body = serde_json::to_vec(&result).unwrap_or_default();
-            to.topics
+            to.addresses
                 .into_iter()
                 .map(|topic| Message {
                     topic,

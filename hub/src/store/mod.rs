@@ -5,7 +5,7 @@
 //! [`SledStore`] (the default, `DATA_DIR/hub.db`, in `sled.rs`) and
 //! [`crate::etcd::EtcdStore`] are the real implementations; [`MemStore`] (`memory.rs`) is an
 //! in-memory fake for tests. The port ([`Store`], [`StoreError`]) names neither: adapters box
-//! their errors. [`StoreChoice`] (`choice.rs`) picks one from `--store`.
+//! their errors. `crate::backend::StoreChoice` picks one from `--store`.
 //! Every write is flushed before the hub acknowledges the change that caused it.
 
 use crate::fleet::changes::Write;
@@ -147,10 +147,8 @@ impl<S: Store + ?Sized> Load for S {
     }
 }
 
-mod choice;
 mod memory;
 mod sled;
 
 pub use self::sled::SledStore;
-pub use choice::StoreChoice;
 pub use memory::MemStore;

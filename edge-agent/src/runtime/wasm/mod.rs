@@ -29,6 +29,7 @@
 mod cache;
 mod cpu;
 mod engine;
+mod host;
 mod limits;
 mod output;
 mod run;

@@ -4,6 +4,7 @@
 //! (`_start` or `wasi:cli/run`); and how the run's end becomes an [`Exit`].
 
 use super::cpu::{Meter, Metered, Quota};
+use super::host::Host;
 use super::limits::{fmt_bytes, LimitExceeded, Limits};
 use super::output::OutputBudget;
 use super::wasi::{wasi_builder, ComponentState, CoreState, P2Wasi};
@@ -142,17 +143,6 @@ impl WasmRuntime {
         let this = self.clone();
         async move { this.run_measured(module, spec, log, cancel).await.0 }
     }
-}
-
-pub(super) struct Host<W> {
-    pub(super) wasi: W,
-    pub(super) limits: Limits,
-    pub(super) meter: Arc<Meter>,
-    pub(super) quota: Option<Quota>,
-    /// `spec.limits.cpuTime`: busy time after which the run is stopped.
-    pub(super) cpu_time: Option<Duration>,
-    /// `spec.limits.logRate`, counted by the guest's output streams.
-    pub(super) output: Option<Arc<OutputBudget>>,
 }
 
 pub(super) fn new_store<W: Send + 'static>(engine: &Engine, host: Host<W>) -> Store<Host<W>> {

@@ -4,8 +4,8 @@
 //! only to listen on `spec.ports` and connect to `spec.network.allow` and the current
 //! endpoints of `spec.uses` (a denied connect is said once in the replica's log).
 
+use super::host::Host;
 use super::output::{GuestOutput, OutputBudget};
-use super::run::Host;
 use super::WasmRun;
 use crate::logs::{LogSink, Stream};
 use std::sync::Arc;
@@ -74,7 +74,7 @@ pub(super) fn wasi_builder(
         builder
             .preopened_dir(
                 dir,
-                crate::services::GUEST_DIR,
+                crate::runtime::SERVICES_GUEST_DIR,
                 wasmtime_wasi::FsPerms::ReadOnly,
             )
             .map_err(|error| SandboxError::ServicesDir {

@@ -1,7 +1,7 @@
-//! The requests the HTTP handlers put to the main loop (`crate::app`), with their typed
-//! replies: the port between the HTTP adapter and the shell.
+//! The requests the HTTP handlers put to the main loop, with their typed replies: the port
+//! the HTTP adapter (`crate::http`) uses. Here, with the shell that answers them, so that the
+//! shell names no adapter but where it composes them (`compose.rs`).
 
-use crate::app::{Failed, LogRefusal, NotDurable};
 use crate::fleet::{RolloutAction, WorkloadRefusal};
 use shoal_api::model::ids::{DeviceId, Digest, SecretName, WorkloadName};
 use shoal_api::model::labels::{LabelChange, Labels};
@@ -156,4 +156,31 @@ pub enum DeviceAction {
     Cordon,
     Uncordon,
     Drain,
+}
+
+/// The change was decided but could not be made durable (the store's flush failed): nothing
+/// was published, and whoever asked must not be told it worked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the hub could not make the change durable (store flush failed); it retries, check the hub's disk")]
+pub struct NotDurable;
+
+/// Why an operator's change was not made: refused by the fleet (`R`, the operator's to
+/// fix), or not durable (the hub's).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failed<R> {
+    #[error(transparent)]
+    Refused(R),
+    #[error(transparent)]
+    NotDurable(#[from] NotDurable),
+}
+
+/// Why `shoal logs` has nobody to ask.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LogRefusal {
+    #[error("workload {:?} not found", .0.as_str())]
+    WorkloadNotFound(WorkloadName),
+    #[error("device {:?} not found", .0.as_str())]
+    DeviceNotFound(DeviceId),
+    #[error("workload {:?} has no replica placed on a device yet", .0.as_str())]
+    NotPlaced(WorkloadName),
 }

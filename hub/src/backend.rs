@@ -1,6 +1,8 @@
-//! Which store the hub keeps its state in (`--store`): sled, or etcd for hub replicas.
+//! Which store the hub keeps its state in (`--store`): sled, or etcd for hub replicas. Here,
+//! not in `store/`: choosing names the adapters, and the etcd adapter implements the store's
+//! port (so the port does not name its adapter).
 
-use super::{SledStore, Store, StoreError};
+use crate::store::{SledStore, Store, StoreError};
 use std::path::Path;
 
 /// Where the hub keeps its state (`--store`).
