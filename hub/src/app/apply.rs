@@ -84,8 +84,9 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 continue;
             }
             let sealed = s.to_bytes().and_then(|plain| {
-                let version = self.secrets_key.version(s.name.as_str(), &plain);
-                self.secrets_key
+                let version = self.publisher.secrets_key.version(s.name.as_str(), &plain);
+                self.publisher
+                    .secrets_key
                     .encrypt(s.name.as_str(), &version, &plain)
                     .map(|blob| (version, blob))
                     .map_err(|e| e.to_string())

@@ -118,7 +118,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             + Send
             + 'static,
     ) -> Option<T> {
-        let sec = self.security.clone()?;
+        let sec = self.publisher.security.clone()?;
         let r = tokio::task::spawn_blocking(move || read(&*sec.enrollments)).await;
         match r
             .map_err(|e| e.to_string())
@@ -145,10 +145,10 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     /// device the book says is revoked has no key to seal to, whatever the loop has heard
     /// of the revocation yet.
     pub(super) fn read_keys(&mut self) {
-        let Some(sec) = &self.security else {
+        let Some(sec) = &self.publisher.security else {
             return;
         };
-        for device in self.keys.reads(now_ms()) {
+        for device in self.publisher.keys.reads(now_ms()) {
             self.metrics.device_key_reads.inc();
             let failed = BookAnswer::Key {
                 device: device.clone(),
@@ -166,16 +166,16 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 };
                 BookAnswer::Key { device, cert }
             };
-            self.book.ask(read, failed);
+            self.publisher.book.ask(read, failed);
         }
     }
 
     /// Starts the grant reads enrolled devices wait for.
     fn read_grants(&mut self) {
-        let Some(sec) = &self.security else {
+        let Some(sec) = &self.publisher.security else {
             return;
         };
-        for device in self.book.grants.reads() {
+        for device in self.publisher.book.grants.reads() {
             let failed = BookAnswer::Grant {
                 device: device.clone(),
                 grant: None,
@@ -190,7 +190,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 });
                 BookAnswer::Grant { device, grant }
             };
-            self.book.ask(read, failed);
+            self.publisher.book.ask(read, failed);
         }
     }
 
@@ -198,12 +198,12 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     /// grant is read from the book (never from a message) and applied when it arrives; its
     /// key is new, so its state is sealed anew then.
     pub(super) async fn enrolled(&mut self, device: DeviceId) {
-        self.keys.forget(&device);
-        if self.security.is_none() {
+        self.publisher.keys.forget(&device);
+        if self.publisher.security.is_none() {
             // No book (--insecure): nothing was granted.
             return self.granted(device, None).await;
         }
-        self.book.grants.want(device);
+        self.publisher.book.grants.want(device);
         self.read_grants();
     }
 
@@ -211,14 +211,14 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     pub(super) async fn on_book(&mut self, answer: BookAnswer) {
         match answer {
             BookAnswer::Key { device, cert } => {
-                if let Some((state, key)) = self.keys.answer(&device, cert, now_ms()) {
+                if let Some((state, key)) = self.publisher.keys.answer(&device, cert, now_ms()) {
                     let state = self.sealed(state, key.as_deref().map_err(NoDeviceKey::clone));
                     self.send_signed(state).await;
                 }
                 self.read_keys();
             }
             BookAnswer::Grant { device, grant } => {
-                if self.book.grants.answered(&device) {
+                if self.publisher.book.grants.answered(&device) {
                     self.granted(device, grant).await;
                 }
                 self.read_grants();

@@ -288,22 +288,31 @@ pub(super) async fn serve(
         book: book_rx,
     };
     let mut parts = Parts {
-        bus,
+        publisher: Publisher {
+            bus,
+            signer,
+            secrets_key,
+            security: security.clone(),
+            book: book::BookReads::new(book_tx, tracker.clone()),
+            keys: Default::default(),
+        },
+        views: Views {
+            events: crate::fleet::events::Events::default(),
+            fleet_changed,
+            changed: true,
+            last_snapshot: None,
+        },
+        settings: LoopSettings {
+            fleet: config.fleet.clone(),
+            grace_ms: u64::try_from(config.device_grace.as_millis()).unwrap_or(u64::MAX),
+            // Only the embedded broker's guard writes `apply-as` topics; through an external
+            // broker (or with no guard, --insecure) anyone allowed to publish there could.
+            attributed_applies: config.broker.is_none() && security.is_some(),
+        },
         blobs,
         metrics,
-        fleet: config.fleet.clone(),
-        grace_ms: u64::try_from(config.device_grace.as_millis()).unwrap_or(u64::MAX),
-        signer,
-        secrets_key,
-        security: security.clone(),
-        events: crate::fleet::events::Events::default(),
-        fleet_changed,
         logs: crate::logs::LogSessions::default(),
         ingest,
-        // Only the embedded broker's guard writes `apply-as` topics; through an external
-        // broker (or with no guard, --insecure) anyone allowed to publish there could.
-        attributed_applies: config.broker.is_none() && security.is_some(),
-        book: book::BookReads::new(book_tx, tracker.clone()),
     };
     let mut lost = None;
     let mut heard = None;
@@ -343,10 +352,15 @@ pub(super) async fn serve(
         parts.metrics.elections_won.inc();
         heard = Some(core);
     }
-    let mut core = Fleet::open(store.load()?, public_url.clone(), parts.security.is_none());
+    let mut core = Fleet::open(
+        store.load()?,
+        public_url.clone(),
+        parts.publisher.security.is_none(),
+    );
     core.set_artifact_port(artifact_port);
     for s in core.stored_secrets() {
-        open_stored(&parts.secrets_key, s).map_err(|e| HubError::SecretsKey(e.to_string()))?;
+        open_stored(&parts.publisher.secrets_key, s)
+            .map_err(|e| HubError::SecretsKey(e.to_string()))?;
     }
     if let Some(mut standby) = heard {
         core.adopt_live(&mut standby);
@@ -354,7 +368,7 @@ pub(super) async fn serve(
     // Revoked devices are known before anything is placed or sealed (the watch tells the
     // loop again later, but a leader must not place on them meanwhile).
     let mut revoked_states = Vec::new();
-    if let Some(sec) = parts.security.clone() {
+    if let Some(sec) = parts.publisher.security.clone() {
         let read = tokio::task::spawn_blocking(move || {
             crate::access::Verdicts::read(&*sec.enrollments).map(|v| v.revoked)
         })

@@ -62,7 +62,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         // broker the hub cannot know (its ACL decides who may apply).
         let named = by
             .as_deref()
-            .filter(|_| self.attributed_applies)
+            .filter(|_| self.settings.attributed_applies)
             .and_then(|b| shoal_api::model::ids::OperatorName::try_from(b).ok());
         let who = match named {
             Some(name) => format!("operator {name}"),
@@ -81,7 +81,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             warn!(error = %e, "cannot record an apply in the audit log");
         }
         let answer = Outbound::ApplyResult { to: reply, result };
-        if let Err(e) = self.bus.send(answer).await {
+        if let Err(e) = self.publisher.bus.send(answer).await {
             warn!(error = %e, "cannot publish apply result");
         }
     }
@@ -133,7 +133,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 replica: replica.clone(),
                 batch,
             };
-            if let Err(e) = self.bus.send(msg).await {
+            if let Err(e) = self.publisher.bus.send(msg).await {
                 warn!(error = %e, "cannot pass device reports on to the other hub replicas");
             }
         }

@@ -15,47 +15,37 @@ use tracing::warn;
 
 impl<S: Store, B: Bus> MainLoop<S, B> {
     pub(super) fn new(core: Fleet, p: Parts<B>, role: Role<S>) -> Self {
+        let mut publisher = p.publisher;
+        // A new leader reads every key afresh (a standby seals nothing, but say so).
+        publisher.keys = Default::default();
+        // And records a snapshot of the fleet at once.
+        let mut views = p.views;
+        views.changed = true;
+        views.last_snapshot = None;
         MainLoop {
             core,
             role,
-            bus: p.bus,
+            publisher,
+            views,
+            settings: p.settings,
             blobs: p.blobs,
             metrics: p.metrics,
-            fleet: p.fleet,
-            grace_ms: p.grace_ms,
-            rollout_due: false,
             outbox: Vec::new(),
-            signer: p.signer,
-            secrets_key: p.secrets_key,
-            security: p.security,
-            book: p.book,
-            keys: Default::default(),
-            events: p.events,
-            fleet_changed: p.fleet_changed,
-            changed: true,
-            last_snapshot: None,
+            rollout_due: false,
             logs: p.logs,
             ingest: p.ingest,
-            attributed_applies: p.attributed_applies,
         }
     }
 
     pub(super) fn into_parts(self) -> (Fleet, Parts<B>) {
         let p = Parts {
-            bus: self.bus,
+            publisher: self.publisher,
+            views: self.views,
+            settings: self.settings,
             blobs: self.blobs,
             metrics: self.metrics,
-            fleet: self.fleet,
-            grace_ms: self.grace_ms,
-            signer: self.signer,
-            secrets_key: self.secrets_key,
-            security: self.security,
-            events: self.events,
-            fleet_changed: self.fleet_changed,
             logs: self.logs,
             ingest: self.ingest,
-            attributed_applies: self.attributed_applies,
-            book: self.book,
         };
         (self.core, p)
     }
@@ -70,7 +60,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         tokio::pin!(until);
         // Often enough that a lost device is noticed within a second of its grace period.
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(
-            (self.grace_ms / 4).clamp(50, 1000),
+            (self.settings.grace_ms / 4).clamp(50, 1000),
         ));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut rollout_tick =
@@ -200,7 +190,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             Event::Http(r) if r.reads_only() => {}
             // Log lines change nothing in the fleet.
             Event::Bus(BusEvent::Logs(_)) => {}
-            _ => self.changed = true,
+            _ => self.views.changed = true,
         }
         if self.is_standby() {
             return self.stand_by(event).await;
@@ -222,8 +212,8 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             }
             Event::Book(answer) => self.on_book(answer).await,
             Event::Tick => {
-                let grace = self.grace_ms;
-                self.keys.prune(now_ms());
+                let grace = self.settings.grace_ms;
+                self.publisher.keys.prune(now_ms());
                 self.read_keys(); // failed reads, due again
                 let publish = self.fleet(|f| f.check_lost(now_ms(), grace));
                 self.publish_desired(publish).await;
@@ -236,7 +226,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 self.publish_log_requests(due).await;
             }
             Event::Mdns(MdnsEvent::Resolved(r)) => match AgentAd::from_txt(&r.fullname, &r.txt) {
-                Ok(ad) if ad.fleet == self.fleet => {
+                Ok(ad) if ad.fleet == self.settings.fleet => {
                     self.core.mdns_seen(r.fullname, ad.device, r.addrs)
                 }
                 Ok(_) => {} // another fleet's device

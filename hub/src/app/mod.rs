@@ -127,22 +127,52 @@ struct Channels {
 
 /// What a standby main loop hands to the leader's when it is elected.
 struct Parts<B: Bus> {
-    bus: B,
+    publisher: Publisher<B>,
+    views: Views,
+    settings: LoopSettings,
     blobs: Arc<BlobStore>,
     metrics: Arc<Metrics>,
-    fleet: String,
-    grace_ms: u64,
-    signer: shoal_pki::sign::HubSigner,
-    secrets_key: shoal_pki::secret::SecretsKey,
-    security: Option<Arc<crate::security::Security>>,
-    events: crate::fleet::events::Events,
-    fleet_changed: tokio::sync::watch::Sender<u64>,
+    /// Open `shoal logs` sessions.
     logs: crate::logs::LogSessions,
+    /// `Some` for replicas sharing status ingest.
     ingest: Option<Ingest>,
+}
+
+/// How the loop reaches devices: the bus, the keys it signs and seals with, and the
+/// enrollment book it reads device keys and grants from (off the loop).
+struct Publisher<B: Bus> {
+    bus: B,
+    /// Signs every desired state before it is published.
+    signer: shoal_pki::sign::HubSigner,
+    /// Encrypts secrets at rest.
+    secrets_key: shoal_pki::secret::SecretsKey,
+    /// Enrollment records: the device keys secrets are sealed to (`None`: `--insecure`).
+    security: Option<Arc<crate::security::Security>>,
+    /// Reads of the enrollment book in flight.
+    book: book::BookReads,
+    /// Device keys at hand, and desired states waiting for theirs.
+    keys: keys::DeviceKeys,
+}
+
+/// What the loop shows of the fleet: recent events and the dashboards' change counter.
+struct Views {
+    /// Recent fleet events (see [`crate::fleet::events`]).
+    events: crate::fleet::events::Events,
+    /// Bumped when the fleet changed (the dashboard streams wait on it).
+    fleet_changed: tokio::sync::watch::Sender<u64>,
+    /// Something happened since the last events snapshot.
+    changed: bool,
+    last_snapshot: Option<std::time::Instant>,
+}
+
+/// What the loop reads of the hub's settings.
+struct LoopSettings {
+    fleet: String,
+    /// How long a silent device is waited for before its replicas move.
+    grace_ms: u64,
     /// Whether an `apply-as/{operator}` topic says who applied (the embedded broker's
     /// guard writes it) or is only a claim.
     attributed_applies: bool,
-    book: book::BookReads,
 }
 
 /// This replica's share of status ingest (see [`crate::fleet::ingest`]).
@@ -202,37 +232,17 @@ struct MainLoop<S: Store, B: Bus> {
     /// Leading (the only holder of the store's write path) or standing by (reads are
     /// answered, devices are listened to, nothing is written or published).
     role: Role<S>,
-    bus: B,
+    publisher: Publisher<B>,
+    views: Views,
+    settings: LoopSettings,
     blobs: Arc<BlobStore>,
     metrics: Arc<Metrics>,
-    fleet: String,
-    grace_ms: u64,
     /// Desired states to publish at the next commit.
     outbox: Vec<DesiredState>,
     /// Status reports arrived during a rollout since its last step.
     rollout_due: bool,
-    /// Signs every desired state before it is published.
-    signer: shoal_pki::sign::HubSigner,
-    /// Encrypts secrets at rest.
-    secrets_key: shoal_pki::secret::SecretsKey,
-    /// Enrollment records: the device keys secrets are sealed to (`None`: `--insecure`).
-    security: Option<Arc<crate::security::Security>>,
-    /// Reads of the enrollment book in flight.
-    book: book::BookReads,
-    /// Device keys at hand, and desired states waiting for theirs.
-    keys: keys::DeviceKeys,
-    /// Recent fleet events (see [`crate::fleet::events`]).
-    events: crate::fleet::events::Events,
-    /// Bumped when the fleet changed (the dashboard streams wait on it).
-    fleet_changed: tokio::sync::watch::Sender<u64>,
-    /// Something happened since the last events snapshot.
-    changed: bool,
-    last_snapshot: Option<std::time::Instant>,
     /// Open `shoal logs` sessions.
     logs: crate::logs::LogSessions,
     /// `Some` for replicas sharing status ingest.
     ingest: Option<Ingest>,
-    /// Whether an `apply-as/{operator}` topic says who applied (the embedded broker's
-    /// guard writes it) or is only a claim.
-    attributed_applies: bool,
 }

@@ -109,7 +109,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
 
     /// [`seal`] with the hub's secrets key.
     pub(super) fn sealed(&self, s: Sealable, key: Result<&str, NoDeviceKey>) -> DesiredState {
-        seal(s, key, &self.secrets_key)
+        seal(s, key, &self.publisher.secrets_key)
     }
 
     /// Sends durable desired states: each sealed to its device's key and signed now, or
@@ -118,9 +118,9 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         let now = now_ms();
         for d in states {
             let d = self.sealable(d);
-            let ready = match &self.security {
+            let ready = match &self.publisher.security {
                 None => Some(self.sealed(d, Err(NoDeviceKey::Insecure))),
-                Some(_) => match self.keys.route(d, now) {
+                Some(_) => match self.publisher.keys.route(d, now) {
                     Route::Send(d) => Some(d),
                     Route::Seal(d, key) => Some(self.sealed(d, Ok(&key))),
                     Route::Parked => None,
@@ -136,7 +136,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     /// Signs `d` and publishes it.
     pub(super) async fn send_signed(&self, d: DesiredState) {
         let payload = match serde_json::to_vec(&d) {
-            Ok(p) => self.signer.seal(&p),
+            Ok(p) => self.publisher.signer.seal(&p),
             Err(e) => {
                 warn!(device = %d.device_id, error = %e, "cannot encode desired state");
                 return;
@@ -146,7 +146,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             device: d.device_id.clone(),
             signed: payload,
         };
-        match self.bus.send(msg).await {
+        match self.publisher.bus.send(msg).await {
             Ok(()) => {
                 self.metrics.desired_published.inc();
             }
@@ -164,12 +164,14 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     ) {
         let now = now_ms();
         for (device, mut req) in out {
-            self.signer.sign_log_request(&mut req, &device, now);
+            self.publisher
+                .signer
+                .sign_log_request(&mut req, &device, now);
             let msg = Outbound::LogRequest {
                 device: device.clone(),
                 req,
             };
-            if let Err(e) = self.bus.send(msg).await {
+            if let Err(e) = self.publisher.bus.send(msg).await {
                 warn!(%device, error = %e, "cannot publish a log request");
             }
         }

@@ -13,7 +13,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         match r {
             Request::Revoked { devices } => {
                 for d in &devices {
-                    self.keys.forget(d);
+                    self.publisher.keys.forget(d);
                 }
                 let r = self.fleet(|f| f.set_revoked(devices));
                 if let Err(e) = self.published(r).await {
@@ -102,7 +102,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 let _ = reply.send(shoal_api::wire::views::FleetView {
                     devices,
                     workloads,
-                    events: self.events.since(after, None),
+                    events: self.views.events.since(after, None),
                 });
             }
             Request::Events {
@@ -112,7 +112,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             } => {
                 // Up to date with what the requester may just have done.
                 self.record_events(true);
-                let _ = reply.send(self.events.since(after, object.as_deref()));
+                let _ = reply.send(self.views.events.since(after, object.as_deref()));
             }
             Request::Devices { reply } => {
                 let _ = reply.send(self.core.device_views());

@@ -129,20 +129,29 @@ fn leader(dir: &std::path::Path) -> (MainLoop<TestStore, FakeBus>, FakeBus) {
     let bus = FakeBus::default();
     let (book_tx, _book_rx) = mpsc::channel(1);
     let parts = Parts {
-        bus: bus.clone(),
+        publisher: Publisher {
+            bus: bus.clone(),
+            signer: crate::security::signer(dir).unwrap(),
+            secrets_key: crate::security::secrets_key(dir).unwrap(),
+            security: None,
+            book: BookReads::new(book_tx, TaskTracker::new()),
+            keys: Default::default(),
+        },
+        views: Views {
+            events: Default::default(),
+            fleet_changed: tokio::sync::watch::channel(0).0,
+            changed: true,
+            last_snapshot: None,
+        },
+        settings: LoopSettings {
+            fleet: "test".into(),
+            grace_ms: 10_000,
+            attributed_applies: false,
+        },
         blobs: Arc::new(BlobStore::open(dir).unwrap()),
         metrics: Arc::new(Metrics::default()),
-        fleet: "test".into(),
-        grace_ms: 10_000,
-        signer: crate::security::signer(dir).unwrap(),
-        secrets_key: crate::security::secrets_key(dir).unwrap(),
-        security: None,
-        events: Default::default(),
-        fleet_changed: tokio::sync::watch::channel(0).0,
         logs: Default::default(),
         ingest: None,
-        attributed_applies: false,
-        book: BookReads::new(book_tx, TaskTracker::new()),
     };
     let store = TestStore::default();
     let core = Fleet::open(store.load().unwrap(), "http://127.0.0.1:1".into(), true);

@@ -65,9 +65,10 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     /// whenever `now` (a reader wants the latest).
     pub(super) fn record_events(&mut self, now: bool) {
         let due = self
+            .views
             .last_snapshot
             .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1));
-        if !(self.changed || due || now) {
+        if !(self.views.changed || due || now) {
             return;
         }
         let devices = self.core.device_views();
@@ -81,16 +82,18 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         devices: &[shoal_api::wire::views::DeviceView],
         workloads: &[shoal_api::wire::views::WorkloadView],
     ) {
-        let changed = std::mem::take(&mut self.changed);
-        self.last_snapshot = Some(std::time::Instant::now());
+        let changed = std::mem::take(&mut self.views.changed);
+        self.views.last_snapshot = Some(std::time::Instant::now());
         let snapshot = crate::fleet::events::Snapshot::of(devices, workloads);
-        let added = self.events.observe(snapshot, now_ms());
+        let added = self.views.events.observe(snapshot, now_ms());
         for e in &added {
             info!(target: "shoal_hub::fleet::events", kind = %e.kind, reason = %e.reason, object = %e.object, "{}", e.message);
         }
         self.metrics.recorded(&added);
         if changed || !added.is_empty() {
-            self.fleet_changed.send_modify(|v| *v = v.wrapping_add(1));
+            self.views
+                .fleet_changed
+                .send_modify(|v| *v = v.wrapping_add(1));
         }
     }
 }
