@@ -122,7 +122,7 @@ pub struct Settings {
     pub device_id: Option<DeviceId>,
     /// Labels this device asks for, k=v,k2=v2: shown to operators, but placement selects
     /// only on the labels they grant (join token `--labels`, `shoal label device`).
-    #[arg(long, env = "SHOAL_AGENT_LABELS", value_parser = parse_labels)]
+    #[arg(long, env = "SHOAL_AGENT_LABELS", value_parser = shoal_api::model::ids::parse_label_list)]
     #[serde(deserialize_with = "labels")]
     pub labels: Option<BTreeMap<String, String>>,
     /// MQTT broker, mqtt://HOST:PORT [default: find the fleet's hub over mDNS].
@@ -147,7 +147,7 @@ pub struct Settings {
     #[arg(skip)]
     pub mdns: MdnsFile,
     /// Memory offered to workloads (e.g. 512Mi) [default: all of the machine's memory].
-    #[arg(long, env = "SHOAL_AGENT_MEMORY", value_parser = parse_memory)]
+    #[arg(long, env = "SHOAL_AGENT_MEMORY", value_parser = shoal_api::model::quantity::parse_memory)]
     #[serde(deserialize_with = "memory")]
     pub memory: Option<u64>,
     /// Most replicas this device takes [default: no limit].
@@ -361,16 +361,8 @@ fn join_token(
     Ok(Some(text.parse()?))
 }
 
-pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
-    shoal_api::model::ids::parse_label_list(s).map_err(|e| e.to_string())
-}
-
-pub fn parse_memory(s: &str) -> Result<u64, String> {
-    shoal_api::model::quantity::parse_memory(s).map_err(|e| e.to_string())
-}
-
 fn memory<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    parsed_with(d, parse_memory)
+    parsed_with(d, shoal_api::model::quantity::parse_memory)
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {

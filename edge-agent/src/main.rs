@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use shoal_agent::config::{parse_memory, Settings};
+use shoal_agent::config::Settings;
 use shoal_agent::local::{self, AgentStatusView, InspectView, PeersView, ReplicaView, RestartView};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -126,10 +126,10 @@ struct RunArgs {
     #[arg(last = true, value_name = "ARGS", requires = "module")]
     module_args: Vec<String>,
     /// With MODULE: its memory limit [default: 64Mi, a workload's default].
-    #[arg(long, value_parser = parse_memory, requires = "module")]
+    #[arg(long, value_parser = shoal_api::model::quantity::parse_memory, requires = "module")]
     limit_memory: Option<u64>,
     /// With MODULE: its CPU share, e.g. 250m [default: none].
-    #[arg(long, value_parser = parse_cpu, requires = "module")]
+    #[arg(long, value_parser = shoal_api::model::quantity::parse_cpu, requires = "module")]
     limit_cpu: Option<u32>,
     /// With MODULE: stop it once it used this much CPU time (spec.limits.cpuTime), e.g. 30s.
     #[arg(long, value_parser = shoal_api::model::quantity::duration_arg, requires = "module")]
@@ -141,14 +141,15 @@ struct RunArgs {
     settings: Settings,
 }
 
-fn parse_cpu(s: &str) -> Result<u32, String> {
-    shoal_api::model::quantity::parse_cpu(s).map_err(|e| e.to_string())
-}
+/// A `--env` that is not `KEY=VALUE`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not KEY=VALUE")]
+struct NotKeyValue(String);
 
-fn parse_env(s: &str) -> Result<(String, String), String> {
+fn parse_env(s: &str) -> Result<(String, String), NotKeyValue> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("{s:?} is not KEY=VALUE")),
+        _ => Err(NotKeyValue(s.to_string())),
     }
 }
 

@@ -158,9 +158,18 @@ enum TokenCommand {
     },
 }
 
-fn token_labels(s: &str) -> Result<shoal_api::model::labels::Labels, String> {
-    let l = shoal_api::model::ids::parse_label_list(s).map_err(|e| e.to_string())?;
-    shoal_api::model::labels::check_grant(&l).map_err(|e| e.to_string())?;
+/// Why a token's `--labels` are refused.
+#[derive(Debug, thiserror::Error)]
+enum BadTokenLabels {
+    #[error(transparent)]
+    Syntax(#[from] shoal_api::model::ids::IdError),
+    #[error(transparent)]
+    Grant(#[from] shoal_api::model::labels::LabelError),
+}
+
+fn token_labels(s: &str) -> Result<shoal_api::model::labels::Labels, BadTokenLabels> {
+    let l = shoal_api::model::ids::parse_label_list(s)?;
+    shoal_api::model::labels::check_grant(&l)?;
     Ok(l)
 }
 
