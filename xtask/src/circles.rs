@@ -7,8 +7,9 @@
 //! Tarjan's algorithm): a crate graph tool would need a compile of its own, and this is the
 //! module graph inside one crate, which cargo does not expose.
 
+use crate::boundaries::sources;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The crates whose files may not import each other in a circle, from the repository root.
 pub const CRATES: &[&str] = &["hub/src", "edge-agent/src"];
@@ -170,18 +171,6 @@ fn circles(g: &BTreeMap<Module, BTreeSet<Module>>) -> Vec<Vec<Module>> {
         }
     }
     walk.out
-}
-
-fn sources(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for e in std::fs::read_dir(dir)? {
-        let p = e?.path();
-        if p.is_dir() {
-            sources(&p, out)?;
-        } else if p.extension().is_some_and(|x| x == "rs") {
-            out.push(p);
-        }
-    }
-    Ok(())
 }
 
 /// The import circles in each crate of [`CRATES`] under `root`, each shown as
