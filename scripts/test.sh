@@ -20,7 +20,7 @@ phase "build the WASM modules"
 scripts/build-modules.sh
 phase "fmt";      cargo fmt --all -- --check
 cargo fmt --manifest-path fuzz/Cargo.toml -- --check
-phase "boundaries (the functional core names no I/O crate and no clock; the hub shell no topic or status code)"
+phase "boundaries (pure cores, a shell that sees typed commands, one runtime seam in the agent, no clock in api, no import circle between files)"
 cargo run -q -p xtask -- boundaries
 phase "clippy"; cargo clippy --workspace --all-targets -q -- -D warnings
 # The runtime-only agent (no Cranelift, no containerd) has code of its own behind cfgs.
