@@ -12,7 +12,7 @@
 //! this replica or another) gets a new key; a new leader starts with an empty cache. A
 //! renewal keeps the key (see `http::enroll`). A change the leader is not told of (an
 //! enrollment through a standby without shared ingest, an edit of the book by hand) is read
-//! within [`FRESH_MS`]. A device's hello does not forget its key: hellos are retained, so
+//! for the device's first state [`FRESH_MS`] or more after its key was. A device's hello does not forget its key: hellos are retained, so
 //! every reconnect of the hub's bus would read the whole fleet's keys again, and a device
 //! could keep the reads busy by reconnecting.
 //!
