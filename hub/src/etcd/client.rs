@@ -205,23 +205,28 @@ impl Drop for EtcdStore {
     }
 }
 
+/// The keys and values of a range read.
+fn entries(resp: &etcd_client::GetResponse) -> Entries {
+    resp.kvs()
+        .iter()
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                kv.value().to_vec(),
+            )
+        })
+        .collect()
+}
+
 /// The client thread: one command at a time, each bounded by [`CALL_TIMEOUT`].
 pub(super) fn serve(rt: tokio::runtime::Runtime, client: Client, rx: mpsc::Receiver<Cmd>) {
     let mut kv = client.kv_client();
     while let Ok(cmd) = rx.recv() {
         match cmd {
             Cmd::Load(from, reply) => {
-                let r = rt.block_on(read(&mut kv, &from, true)).map(|resp| {
-                    resp.kvs()
-                        .iter()
-                        .map(|kv| {
-                            (
-                                String::from_utf8_lossy(kv.key()).into_owned(),
-                                kv.value().to_vec(),
-                            )
-                        })
-                        .collect()
-                });
+                let r = rt
+                    .block_on(read(&mut kv, &from, true))
+                    .map(|resp| entries(&resp));
                 let _ = reply.send(r);
             }
             Cmd::Newest(from, limit, reply) => {
@@ -238,17 +243,7 @@ pub(super) fn serve(rt: tokio::runtime::Runtime, client: Client, rx: mpsc::Recei
                     })
                     .map_err(|_| EtcdFault::Timeout)
                     .and_then(|r| r.map_err(EtcdFault::from))
-                    .map(|resp| {
-                        resp.kvs()
-                            .iter()
-                            .map(|kv| {
-                                (
-                                    String::from_utf8_lossy(kv.key()).into_owned(),
-                                    kv.value().to_vec(),
-                                )
-                            })
-                            .collect()
-                    });
+                    .map(|resp| entries(&resp));
                 let _ = reply.send(r);
             }
             Cmd::Get(key, reply) => {
