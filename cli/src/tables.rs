@@ -81,6 +81,7 @@ pub(crate) fn devices_table(devices: &[DeviceView], wide: bool) -> Table {
         "MEMORY",
         "ALLOCATED",
         "REPLICAS",
+        "HARDWARE",
         "GENERATION",
         "LAST SEEN",
         "MDNS",
@@ -119,6 +120,20 @@ pub(crate) fn devices_table(devices: &[DeviceView], wide: bool) -> Table {
             format_memory_rounded(d.memory),
             format_memory_rounded(d.memory_allocated),
             d.replicas.to_string(),
+            // Asked for by the replicas placed here / offered, per class.
+            if d.hardware.is_empty() {
+                "-".into()
+            } else {
+                let items: Vec<String> = d
+                    .hardware
+                    .iter()
+                    .map(|(c, n)| {
+                        let used = d.hardware_allocated.get(c).copied().unwrap_or(0);
+                        format!("{c}={used}/{n}")
+                    })
+                    .collect();
+                items.join(",")
+            },
             format!("{}/{}", d.observed_generation, d.desired_generation),
             ago(d.last_seen_ms),
             if d.mdns_addresses.is_empty() {
@@ -132,7 +147,7 @@ pub(crate) fn devices_table(devices: &[DeviceView], wide: bool) -> Table {
         ]);
     }
     if !wide {
-        t.hide(&["RUNTIMES", "GENERATION", "MDNS", "NOT GRANTED"]);
+        t.hide(&["RUNTIMES", "HARDWARE", "GENERATION", "MDNS", "NOT GRANTED"]);
     }
     t
 }
@@ -259,6 +274,14 @@ pub(crate) fn describe(w: &WorkloadView, output: Output) -> anyhow::Result<()> {
             "Resources:  {}",
             shoal_api::model::workload::describe_resources(&spec.resources)
         );
+        if !spec.devices.is_empty() {
+            let d: Vec<String> = spec
+                .devices
+                .iter()
+                .map(|(c, n)| format!("{c}={n}"))
+                .collect();
+            println!("Hardware:   {}", d.join(", "));
+        }
         if !spec.volumes.is_empty() {
             let v: Vec<String> = spec
                 .volumes
@@ -283,7 +306,7 @@ pub(crate) fn describe(w: &WorkloadView, output: Output) -> anyhow::Result<()> {
     }
     println!("Replicas:");
     let mut t = Table::new(&[
-        "REPLICA", "DEVICE", "VARIANT", "PHASE", "RESTARTS", "STARTED", "REASON",
+        "REPLICA", "DEVICE", "VARIANT", "PHASE", "RESTARTS", "STARTED", "HOLDS", "REASON",
     ]);
     for r in &w.replicas {
         t.row(vec![
@@ -297,8 +320,16 @@ pub(crate) fn describe(w: &WorkloadView, output: Output) -> anyhow::Result<()> {
             r.phase.to_string(),
             r.restarts.to_string(),
             r.started_at_ms.map_or("-".into(), ago),
+            if r.devices.is_empty() {
+                "-".into()
+            } else {
+                r.devices.join(",")
+            },
             r.reason.clone().unwrap_or_default(),
         ]);
+    }
+    if w.replicas.iter().all(|r| r.devices.is_empty()) {
+        t.hide(&["HOLDS"]);
     }
     print!("{t}");
     Ok(())

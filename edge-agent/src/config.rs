@@ -7,7 +7,7 @@
 
 use clap::{ArgMatches, FromArgMatches};
 use serde::{Deserialize, Deserializer};
-use shoal_api::model::ids::DeviceId;
+use shoal_api::model::ids::{DeviceClass, DeviceId};
 use shoal_api::wire::endpoint::BrokerUrl;
 use shoal_daemon::config::{parsed, parsed_with, ConfigFileError};
 use shoal_daemon::mdns::{MdnsArgs, MdnsFile, MdnsOptions};
@@ -50,6 +50,9 @@ pub struct AgentConfig {
     pub join_token: Option<shoal_pki::token::JoinToken>,
     /// The hub's HTTP API for enrollment, e.g. `https://hub.local:8080`.
     pub hub_url: Option<String>,
+    /// Hardware offered to workloads, per class: the nodes listed and the globs to look
+    /// for more with (see [`crate::hardware`]).
+    pub devices: BTreeMap<DeviceClass, DevicesFile>,
 }
 
 /// Where containerd listens, and the namespace the agent keeps its containers in.
@@ -163,6 +166,14 @@ pub struct Settings {
     pub registries: BTreeMap<String, RegistryFile>,
     #[command(flatten)]
     pub containerd: ContainerdSettings,
+    /// Hardware this device offers to workloads, CLASS=PATH (e.g. serial=/dev/ttyUSB0);
+    /// repeat for several. Adds to the `[devices.CLASS]` tables of the config file.
+    #[arg(long = "device", value_name = "CLASS=PATH", value_parser = device_arg)]
+    #[serde(skip)]
+    pub device_flags: Vec<(DeviceClass, PathBuf)>,
+    /// The `[devices.CLASS]` tables: `paths` and `glob`.
+    #[arg(skip)]
+    pub devices: BTreeMap<DeviceClass, DevicesFile>,
     /// Do not offer the WASM runtime (workloads with a container variant run that here).
     #[arg(long, env = "SHOAL_AGENT_NO_WASM")]
     #[serde(skip)]
@@ -226,6 +237,32 @@ pub struct ContainerdSettings {
     /// `false` turns the container runtime off (the file's `--no-containerd`).
     #[arg(skip)]
     pub enabled: Option<bool>,
+}
+
+/// One `[devices.CLASS]` table of the config file: device nodes offered to workloads that
+/// ask for `resources.devices: { CLASS: N }`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DevicesFile {
+    /// Device nodes, e.g. `["/dev/ttyUSB0", "/dev/serial/by-id/usb-FTDI-if00"]`.
+    #[serde(default)]
+    pub paths: Vec<PathBuf>,
+    /// Patterns looked up at start, e.g. `"/dev/ttyACM*"` (matches in name order).
+    #[serde(default)]
+    pub glob: Vec<String>,
+}
+
+/// `--device CLASS=PATH`.
+fn device_arg(s: &str) -> Result<(DeviceClass, PathBuf), String> {
+    let (class, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not CLASS=PATH (e.g. serial=/dev/ttyUSB0)"))?;
+    let class = DeviceClass::try_from(class).map_err(|e| e.to_string())?;
+    let path = PathBuf::from(path);
+    if !path.is_absolute() {
+        return Err(format!("{:?} is not an absolute path", path.display()));
+    }
+    Ok((class, path))
 }
 
 /// One `[registries."HOST:PORT"]` table of the config file.
@@ -316,7 +353,28 @@ pub fn resolve(m: &ArgMatches) -> Result<AgentConfig, ConfigError> {
     // Only a socket the user named must be served; the default one is tried.
     let explicit = shoal_daemon::config::given(m, "socket") || file.socket.is_some();
     let socket = merged!(socket, "socket").map(|path| LocalSocket { path, explicit });
+    let mut devices = file.devices.clone();
+    for (class, path) in &cli.device_flags {
+        devices
+            .entry(class.clone())
+            .or_default()
+            .paths
+            .push(path.clone());
+    }
+    for (class, d) in &devices {
+        let relative = d.paths.iter().map(|p| p.display().to_string());
+        let relative = relative
+            .chain(d.glob.iter().cloned())
+            .find(|p| !p.starts_with('/'));
+        if let Some(p) = relative {
+            return Err(bad(
+                &format!("devices.{class}"),
+                format!("{p:?} is not an absolute path"),
+            ));
+        }
+    }
     Ok(AgentConfig {
+        devices,
         metrics_listen: merged!(metrics_listen, "metrics_listen"),
         insecure,
         // Parsed here, not by clap, whose error would echo the secret.
@@ -416,6 +474,53 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("no broker and mDNS is off"), "{e}");
+    }
+
+    #[test]
+    fn device_tables_and_flags_add_up_and_paths_must_be_absolute() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            "data-dir = \"/d\"\ndevice-id = \"d\"\nbroker = \"mqtts://h:8883\"\n[devices.serial]\npaths = [\"/dev/ttyUSB0\"]\nglob = [\"/dev/ttyACM*\"]\n",
+        )
+        .unwrap();
+        let c = resolved(&[
+            "--config",
+            file.to_str().unwrap(),
+            "--device",
+            "serial=/dev/ttyUSB1",
+            "--device",
+            "camera=/dev/video0",
+        ])
+        .unwrap();
+        let serial = &c.devices[&DeviceClass::try_from("serial").unwrap()];
+        assert_eq!(
+            serial.paths,
+            [PathBuf::from("/dev/ttyUSB0"), "/dev/ttyUSB1".into()]
+        );
+        assert_eq!(serial.glob, ["/dev/ttyACM*"]);
+        assert_eq!(c.devices.len(), 2);
+        assert_eq!(
+            device_arg("serial=ttyUSB1").unwrap_err(),
+            "\"ttyUSB1\" is not an absolute path"
+        );
+        assert!(device_arg("Serial=/dev/x")
+            .unwrap_err()
+            .contains("\"Serial\""));
+        assert!(device_arg("/dev/x").unwrap_err().contains("CLASS=PATH"));
+        std::fs::write(
+            &file,
+            "data-dir = \"/d\"\ndevice-id = \"d\"\nbroker = \"mqtts://h:8883\"\n[devices.serial]\nglob = [\"ttyACM*\"]\n",
+        )
+        .unwrap();
+        let e = resolved(&["--config", file.to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("devices.serial") && e.contains("\"ttyACM*\" is not an absolute path"),
+            "{e}"
+        );
     }
 
     #[test]

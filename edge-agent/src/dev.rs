@@ -97,6 +97,7 @@ pub async fn run_module(dev: DevRun, shutdown: CancellationToken) -> Result<Exit
             network: Default::default(),
             mounts: Vec::new(),
             limits: dev.limits,
+            devices: Vec::new(),
             usage: Default::default(),
         };
         let exit = runtime.run(module, spec, log.clone(), shutdown).await;

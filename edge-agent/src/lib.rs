@@ -7,6 +7,7 @@ pub mod core;
 pub mod dev;
 pub mod enroll;
 pub mod fetch;
+pub mod hardware;
 pub mod host;
 pub mod local;
 pub mod logs;

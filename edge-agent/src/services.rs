@@ -229,6 +229,7 @@ mod tests {
             network: vec![],
             limits: Default::default(),
             secrets: Default::default(),
+            devices: Default::default(),
         }
     }
 

@@ -43,6 +43,7 @@ fn fleet(devices: usize) -> Vec<DeviceView> {
             memory: 4 << 30,
             cpu_millis: 64_000,
             max_replicas: None,
+            hardware: Default::default(),
             online: true,
             lost: false,
             cordoned: false,
@@ -103,6 +104,7 @@ fn workloads(count: usize, replicas_each: u32) -> Vec<Workload> {
                 network: vec![],
                 limits: Default::default(),
                 secrets: Default::default(),
+                devices: Default::default(),
             }
         })
         .collect()

@@ -335,6 +335,7 @@ mod tests {
             revision: "r2".into(),
             variant: "wasm".into(),
             healthy: None,
+            devices: Vec::new(),
         };
         let web = WorkloadView {
             name: "web".into(),

@@ -12,6 +12,7 @@ pub mod browser;
 pub mod image;
 pub mod mqtt;
 pub mod netns;
+pub mod pty;
 pub mod sim;
 
 use anyhow::{bail, Context, Result};

@@ -92,6 +92,7 @@ async fn device(cfg: &SimConfig, id: DeviceId, stats: &SimStats, stop: Cancellat
         labels: cfg.labels.clone(),
         agent_version: "sim".into(),
         max_replicas: None,
+        devices: Default::default(),
     };
     let (tx, mut rx) = mpsc::channel::<Started>(64);
     let mut generation = 0u64;
@@ -190,6 +191,7 @@ async fn device(cfg: &SimConfig, id: DeviceId, stats: &SimStats, stop: Cancellat
                                     backoff_ms: None,
                                     variant: "sim".into(),
                                     healthy: None,
+                                    devices: Vec::new(),
                                 });
                             }
                         }

@@ -26,6 +26,7 @@ fn run(id: &str, args: &[&str], log: &std::path::Path) -> ContainerRun {
         log_max_bytes: 1 << 20,
         stop_grace: Duration::from_millis(500),
         labels: BTreeMap::new(),
+        devices: vec![],
     }
 }
 

@@ -125,6 +125,13 @@ name_newtype!(
     "operator name"
 );
 
+name_newtype!(
+    /// A kind of hardware a device offers to workloads (`serial`, `camera`, `gpio`; a
+    /// DNS-1123 label): see [`crate::model::hardware`].
+    DeviceClass,
+    "device class"
+);
+
 impl OperatorName {
     /// The bootstrap operator's name (`crate::policy::operator::BOOTSTRAP`, a valid label).
     pub fn bootstrap() -> Self {

@@ -318,6 +318,9 @@ pub struct Workload {
     /// `spec.secrets` (see [`crate::model::secret`]): references only, never values.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<crate::model::secret::SecretMount>,
+    /// `resources.devices`: hardware nodes per class (see [`crate::model::hardware`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub devices: crate::model::hardware::DeviceRequests,
 }
 
 impl Workload {
@@ -347,6 +350,8 @@ impl Workload {
             limits: &'a RunLimits,
             #[serde(skip_serializing_if = "<[_]>::is_empty")]
             secrets: &'a [crate::model::secret::SecretMount],
+            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+            devices: &'a crate::model::hardware::DeviceRequests,
         }
         // Empty lists are left out so that revisions of workloads written before ports and
         // uses existed do not change (which would restart every replica on upgrade).
@@ -364,6 +369,7 @@ impl Workload {
             network: &self.network,
             limits: &self.limits,
             secrets: &self.secrets,
+            devices: &self.devices,
         };
         // Serializing plain structs and BTreeMaps cannot fail; fall back to Debug regardless.
         let bytes =
@@ -527,6 +533,11 @@ impl TryFrom<WorkloadManifest> for Workload {
                 .map_err(|e| errs.push(format!("spec.resources.memory: {e}")))
                 .ok(),
         };
+        let devices = crate::model::hardware::validate_requests(
+            "spec.resources.devices",
+            &res.devices,
+            &mut errs,
+        );
         let cpu = match res.cpu.as_deref() {
             None => Some(None),
             Some(s) => parse_cpu(s)
@@ -584,6 +595,7 @@ impl TryFrom<WorkloadManifest> for Workload {
                 network,
                 limits,
                 secrets,
+                devices,
             }),
             _ => Err(errs),
         }

@@ -189,6 +189,10 @@ pub struct Resources {
     pub memory: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<String>,
+    /// Hardware nodes per device class (`serial: 1`), handed out by the device's agent (see
+    /// [`crate::model::hardware`]). Wide integers: a negative count gets a clear error.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub devices: BTreeMap<String, i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

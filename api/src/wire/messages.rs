@@ -56,6 +56,9 @@ pub struct Hello {
     /// Most replicas the device takes (`shoal-agent run --max-replicas`); absent: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_replicas: Option<u32>,
+    /// Hardware nodes the agent offers, per class (see [`crate::model::hardware`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub devices: BTreeMap<String, u32>,
 }
 
 impl Hello {
@@ -74,6 +77,7 @@ impl Hello {
             labels: BTreeMap::new(),
             agent_version: String::new(),
             max_replicas: None,
+            devices: BTreeMap::new(),
         }
     }
 }
@@ -164,6 +168,9 @@ pub struct DesiredWorkload {
     /// [`DesiredState::secrets`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<crate::model::secret::DesiredSecretMount>,
+    /// Hardware nodes per class the device hands the replica (`resources.devices`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub devices: crate::model::hardware::DeviceRequests,
 }
 
 impl DesiredWorkload {
@@ -203,6 +210,7 @@ impl DesiredWorkload {
             volumes: w.volumes.clone(),
             network: w.network.clone(),
             limits: w.limits,
+            devices: w.devices.clone(),
             // The hub fills in each secret's version.
             secrets: w
                 .secrets
@@ -290,6 +298,9 @@ pub struct InstanceStatus {
     /// The health probe's verdict while running; absent without a probe or before the first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthy: Option<bool>,
+    /// The hardware nodes the replica holds (`resources.devices`), by path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
 }
 
 /// `devices/{d}/status` (retained): what the device observes.

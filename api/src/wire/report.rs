@@ -101,6 +101,10 @@ pub fn check_hello(h: &Hello) -> Result<(), ReportError> {
             ));
         }
     }
+    if let Err(reason) = crate::model::hardware::check_counts(&h.devices) {
+        let value: Vec<String> = h.devices.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        return Err(bad("devices", value.join(","), reason));
+    }
     if h.labels.len() > MAX_LABELS {
         return Err(bad(
             "labels",
@@ -169,6 +173,24 @@ mod tests {
             (
                 |h| h.labels = (0..65).map(|i| (format!("k{i}"), String::new())).collect(),
                 "labels \"65 labels\" are more than 64",
+            ),
+            (
+                |h| {
+                    h.devices.insert("serial".into(), 2);
+                },
+                "",
+            ),
+            (
+                |h| {
+                    h.devices.insert("serial".into(), 1_000_000);
+                },
+                "devices \"serial=1000000\" 1000000 serial devices are more than 64",
+            ),
+            (
+                |h| {
+                    h.devices.insert("se\nrial".into(), 1);
+                },
+                "devices \"se\\nrial=1\"",
             ),
         ];
         for (change, want) in cases {

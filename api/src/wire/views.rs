@@ -39,6 +39,12 @@ pub struct DeviceView {
     /// Memory requested by the replicas placed here, bytes.
     #[serde(default)]
     pub memory_allocated: u64,
+    /// Hardware nodes the device offers, per class (`[devices.CLASS]` of its agent).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub hardware: BTreeMap<String, u32>,
+    /// Hardware nodes asked for by the replicas placed here, per class.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub hardware_allocated: BTreeMap<String, u32>,
     /// The labels placement sees: the operator's (join token, `shoal label device`).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -91,6 +97,9 @@ pub struct ReplicaView {
     /// The health probe's last verdict while running (none without a probe).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthy: Option<bool>,
+    /// The hardware nodes the device says the replica holds (`resources.devices`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -209,6 +209,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         http: crate::http_client(reqwest::Client::builder()).unwrap_or_default(),
     };
     let hub_key = identity.as_ref().map(|i| i.hub_key.clone());
+    let hardware = crate::hardware::inventory(&config.devices);
+    for (class, nodes) in &hardware {
+        info!(class = %class, nodes = ?nodes, "offering hardware to workloads");
+    }
     let settings = Settings {
         device_id: config.device_id.clone(),
         hub_key: hub_key.clone(),
@@ -221,6 +225,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             insecure: config.insecure,
         },
         volume_retention: config.volume_retention,
+        hardware: hardware.clone(),
     };
     let wiring = Wiring {
         dns,
@@ -237,7 +242,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         link: Link::new(
             config.device_id.clone(),
             bus,
-            start::hello(&config, containers.is_some()),
+            start::hello(&config, containers.is_some(), &hardware),
         ),
         streams: LogStreams::new(
             config.device_id.clone(),

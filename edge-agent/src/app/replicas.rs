@@ -7,6 +7,7 @@
 //! replica uses any more (volumes, opened secrets). It knows nothing of the bus or mDNS:
 //! the loop hands it the network grants of a replica and publishes what it reports.
 
+use crate::core::hardware::{Grant, Holder, Holdings, Inventory};
 use crate::core::plan::{plan, secret_versions, Action, Observed};
 use crate::local::RestartError;
 use crate::replica::supervisor::{self, Shared, Update};
@@ -39,6 +40,8 @@ pub struct Settings {
     pub artifacts: ArtifactSource,
     /// How long a workload's volumes outlive its leaving this device.
     pub volume_retention: Duration,
+    /// The hardware nodes the device offers (`resources.devices`).
+    pub hardware: Inventory,
 }
 
 /// What the agent was pointed at, for [`Replicas::artifact_base`].
@@ -91,6 +94,8 @@ pub struct Replicas {
     /// Where a container that stopped in the background says so ([`Replicas::gone`]).
     gone_tx: mpsc::Sender<String>,
     next_task: u64,
+    /// Which replica (or stopping container) holds which hardware node.
+    hardware: Holdings,
 }
 
 impl Replicas {
@@ -105,6 +110,7 @@ impl Replicas {
         tracker: TaskTracker,
     ) -> Self {
         Replicas {
+            hardware: Holdings::new(settings.hardware.clone()),
             settings,
             store,
             shared,
@@ -205,7 +211,18 @@ impl Replicas {
             })
             .collect();
         let base = self.artifact_base(&desired);
-        for action in plan(&desired.workloads, &observed) {
+        // A replica that waited for hardware has no supervisor: its status is made anew.
+        let replicas = &self.replicas;
+        self.statuses.retain(|i, _| replicas.contains_key(i));
+        let mut actions = plan(&desired.workloads, &observed);
+        // Stops, then replacements, then new replicas: hardware nodes are given back before
+        // they are handed out again.
+        actions.sort_by_key(|a| match a {
+            Action::Stop(_) => 0,
+            Action::Replace(_) => 1,
+            Action::Start(_) => 2,
+        });
+        for action in actions {
             match action {
                 Action::Stop(instance) => self.stop(&instance).await,
                 // The same replica and revision again while its old container still stops
@@ -220,17 +237,59 @@ impl Replicas {
                     info!(instance = %w.instance(), "waiting for the previous container of this replica to stop");
                 }
                 Action::Start(w) => {
-                    let network = grants(&w);
-                    self.spawn(w, &base, network);
+                    if let Some(devices) = self.take_hardware(&w) {
+                        let network = grants(&w);
+                        self.spawn(w, &base, network, devices);
+                    }
                 }
                 Action::Replace(w) => {
                     self.stop(&w.instance()).await;
-                    let network = grants(&w);
-                    self.spawn(w, &base, network);
+                    if let Some(devices) = self.take_hardware(&w) {
+                        let network = grants(&w);
+                        self.spawn(w, &base, network, devices);
+                    }
                 }
             }
         }
         true
+    }
+
+    /// The hardware nodes `w` asks for, or `None` while they are held by others: then `w`
+    /// is Pending with the reason, and asks again at the next reconcile (one runs when a
+    /// replica stops or a container is gone).
+    fn take_hardware(&mut self, w: &DesiredWorkload) -> Option<Grant> {
+        let instance = w.instance();
+        match self
+            .hardware
+            .take(Holder::Replica(instance.clone()), &w.devices)
+        {
+            Ok(g) => Some(g),
+            Err(short) => {
+                let reason = short.to_string();
+                let said = self.statuses.get(&instance).and_then(|s| s.reason.as_ref());
+                if said != Some(&reason) {
+                    info!(%instance, %reason, "replica waits for hardware");
+                }
+                self.statuses.insert(
+                    instance,
+                    InstanceStatus {
+                        name: w.name.clone(),
+                        replica: w.replica,
+                        revision: w.revision.clone(),
+                        phase: Phase::Pending,
+                        restarts: 0,
+                        reason: Some(reason),
+                        exit_code: None,
+                        started_at_ms: None,
+                        backoff_ms: None,
+                        variant: String::new(),
+                        healthy: None,
+                        devices: Vec::new(),
+                    },
+                );
+                None
+            }
+        }
     }
 
     /// After a reconcile: volumes and opened secrets nothing uses any more.
@@ -258,6 +317,7 @@ impl Replicas {
     /// start at the next reconcile; its volumes may go).
     pub fn gone(&mut self, id: &str) {
         self.stopping.remove(id);
+        self.hardware.release(&Holder::Stopping(id.to_string()));
     }
 
     /// Restarts the replicas of `name` (`shoal-agent restart`); `Err`: why none was.
@@ -400,7 +460,7 @@ impl Replicas {
         });
     }
 
-    fn spawn(&mut self, w: DesiredWorkload, artifact_base: &str, network: Network) {
+    fn spawn(&mut self, w: DesiredWorkload, artifact_base: &str, network: Network, devices: Grant) {
         self.next_task += 1;
         let task = self.next_task;
         let controls = supervisor::Controls::default();
@@ -418,6 +478,7 @@ impl Replicas {
             w,
             artifact_base.to_string(),
             network,
+            devices,
             task,
             controls.clone(),
         ));
@@ -471,8 +532,11 @@ impl Replicas {
         if let Some(r) = self.replicas.remove(instance) {
             info!(%instance, "stopping replica");
             r.controls.cancel.cancel();
+            let holder = Holder::Replica(instance.to_string());
             if let Some(id) = r.container {
-                // Its volumes and secret files stay until it is gone.
+                // Its volumes, secret files and hardware nodes stay until it is gone.
+                self.hardware
+                    .hand_over(&holder, Holder::Stopping(id.clone()));
                 self.stopping.insert(id.clone(), (r.workload, r.secrets));
                 let gone = self.gone_tx.clone();
                 self.tracker.spawn(async move {
@@ -481,6 +545,7 @@ impl Replicas {
                 });
             } else {
                 let _ = r.handle.await;
+                self.hardware.release(&holder);
             }
         }
         self.statuses.remove(instance);
@@ -564,7 +629,14 @@ mod tests {
             spec: &'a RunSpec,
             _l: &'a LogSink,
         ) -> BoxFuture<'a, Result<Box<dyn Running>, RuntimeError>> {
-            let exit = spec.instance.starts_with("bad-").then(|| Exit::Failure {
+            // A run given hardware must find each node in its SHOAL_DEVICES_* variables.
+            let named = |p: &std::path::PathBuf| {
+                spec.env.iter().any(|(k, v)| {
+                    k.starts_with("SHOAL_DEVICES_") && v.split(',').any(|n| p.as_os_str() == n)
+                })
+            };
+            let unnamed = !spec.devices.iter().all(named);
+            let exit = (spec.instance.starts_with("bad-") || unnamed).then(|| Exit::Failure {
                 code: Some(2),
                 reason: "exited with status 2".into(),
             });
@@ -600,6 +672,7 @@ mod tests {
             network: vec![],
             limits: Default::default(),
             secrets: Default::default(),
+            devices: Default::default(),
         }
     }
 
@@ -628,7 +701,8 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let hub = HubSigner::load_or_create(&dir.path().join("hub.key")).unwrap();
             let store = Arc::new(MemStore::default());
-            let (replicas, updates) = Self::replicas(dir.path(), &hub, store.clone());
+            let (replicas, updates) =
+                Self::replicas(dir.path(), &hub, store.clone(), Inventory::new());
             Fixture {
                 _dir: dir,
                 hub,
@@ -643,6 +717,7 @@ mod tests {
             dir: &std::path::Path,
             hub: &HubSigner,
             store: Arc<MemStore>,
+            hardware: Inventory,
         ) -> (Replicas, mpsc::Receiver<Update>) {
             let (tx, rx) = mpsc::channel(64);
             let (gone, _) = mpsc::channel(8);
@@ -663,6 +738,7 @@ mod tests {
                 device_key: None,
                 artifacts: ArtifactSource::default(),
                 volume_retention: Duration::from_secs(3600),
+                hardware,
             };
             let replicas =
                 Replicas::new(settings, Box::new(store), shared, gone, TaskTracker::new());
@@ -795,11 +871,68 @@ mod tests {
         assert_eq!(f.replicas.statuses().count(), 0);
 
         // After a restart of the agent, the persisted state is taken up again, offline.
-        let (mut again, _updates) = Fixture::replicas(f._dir.path(), &f.hub, f.store.clone());
+        let (mut again, _updates) =
+            Fixture::replicas(f._dir.path(), &f.hub, f.store.clone(), Inventory::new());
         assert!(again.resume().unwrap());
         assert_eq!(again.generation(), 2);
         assert!(again.reconcile(&mut |_| Network::default()).await);
         assert_eq!(again.len(), 2);
         again.stop_all().await;
+    }
+
+    #[tokio::test]
+    async fn a_replica_waits_for_hardware_another_holds_and_gets_it_when_freed() {
+        let mut f = Fixture::new();
+        let serial = shoal_api::model::ids::DeviceClass::try_from("serial").unwrap();
+        let inventory: Inventory = [(serial.clone(), vec!["/dev/ttyS9".to_string()])].into();
+        let (replicas, updates) =
+            Fixture::replicas(f._dir.path(), &f.hub, f.store.clone(), inventory);
+        (f.replicas, f.updates) = (replicas, updates);
+        let wants = |name: &str| {
+            let mut w = workload(name, 0, "r1");
+            w.devices.insert(serial.clone(), 1);
+            w
+        };
+        let devices_of = |r: &Replicas, instance: &str| {
+            r.statuses()
+                .find(|s| format!("{}-{}", s.name, s.replica) == instance)
+                .map(|s| (s.devices.clone(), s.reason.clone()))
+        };
+
+        assert_eq!(
+            f.desired(&state("d1", 1, vec![wants("logger"), wants("reader")])),
+            Desired::Accepted
+        );
+        f.reconcile().await;
+        f.settle(&[
+            ("logger-0", Phase::Running, "r1"),
+            ("reader-0", Phase::Pending, "r1"),
+        ])
+        .await;
+        assert_eq!(
+            devices_of(&f.replicas, "logger-0"),
+            Some((vec!["/dev/ttyS9".to_string()], None))
+        );
+        assert_eq!(
+            devices_of(&f.replicas, "reader-0"),
+            Some((
+                vec![],
+                Some("waiting for a free serial device: needs 1, 0 of 1 free (/dev/ttyS9 held by logger-0)".into())
+            ))
+        );
+        assert_eq!(f.running(), ["logger-0"]);
+
+        // The holder leaves: the node is free again, and the waiting replica takes it.
+        assert_eq!(
+            f.desired(&state("d1", 2, vec![wants("reader")])),
+            Desired::Accepted
+        );
+        f.reconcile().await;
+        f.settle(&[("reader-0", Phase::Running, "r1")]).await;
+        assert_eq!(
+            devices_of(&f.replicas, "reader-0"),
+            Some((vec!["/dev/ttyS9".to_string()], None))
+        );
+        f.replicas.stop_all().await;
     }
 }

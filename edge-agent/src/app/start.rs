@@ -269,7 +269,11 @@ pub async fn containers(
 }
 
 /// The device's capabilities, sent on every connect.
-pub fn hello(config: &AgentConfig, containers: bool) -> Hello {
+pub fn hello(
+    config: &AgentConfig,
+    containers: bool,
+    hardware: &crate::core::hardware::Inventory,
+) -> Hello {
     let mut runtimes = Vec::new();
     if config.wasm {
         runtimes.push(if WasmRuntime::compiles() {
@@ -293,5 +297,6 @@ pub fn hello(config: &AgentConfig, containers: bool) -> Hello {
         labels: config.labels.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         max_replicas: config.max_replicas,
+        devices: crate::core::hardware::Holdings::new(hardware.clone()).counts(),
     }
 }

@@ -4,7 +4,9 @@
 //!
 //! - [`plan`]: from the desired state and what runs, the replicas to start and stop;
 //! - [`directory`]: what mDNS showed (hubs, peers, service endpoints), and which hub to use
-//!   ([`directory::hub_link`]).
+//!   ([`directory::hub_link`]);
+//! - [`hardware`]: which hardware nodes each replica holds.
 
 pub mod directory;
+pub mod hardware;
 pub mod plan;

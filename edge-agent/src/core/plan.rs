@@ -134,6 +134,7 @@ mod tests {
             network: vec![],
             limits: Default::default(),
             secrets: Default::default(),
+            devices: Default::default(),
         }
     }
 

@@ -144,6 +144,7 @@ pub async fn supervise(
     desired: DesiredWorkload,
     artifact_base: String,
     network: Network,
+    devices: crate::core::hardware::Grant,
     task: u64,
     controls: Controls,
 ) {
@@ -166,6 +167,7 @@ pub async fn supervise(
                 backoff_ms: None,
                 variant: Variant::Wasm.as_str().into(),
                 healthy: None,
+                devices: devices.values().flatten().cloned().collect(),
             },
             tx: shared.updates.clone(),
         };
@@ -234,6 +236,7 @@ pub async fn supervise(
             }
         };
         ready.apply(&mut spec);
+        spec.grant_devices(&devices);
         let mut step = 0u32;
         loop {
             r.status.exit_code = None;
@@ -464,6 +467,7 @@ mod tests {
             network: vec![],
             limits: Default::default(),
             secrets: Default::default(),
+            devices: Default::default(),
         }
     }
 
@@ -482,6 +486,7 @@ mod tests {
             desired(policy),
             "http://x".into(),
             Network::default(),
+            Default::default(),
             1,
             Controls {
                 cancel: cancel.clone(),
@@ -536,6 +541,7 @@ mod tests {
             desired(RestartPolicy::Never),
             "http://x".into(),
             Network::default(),
+            Default::default(),
             1,
             controls.clone(),
         ));
@@ -580,6 +586,7 @@ mod tests {
             desired(RestartPolicy::Never),
             "http://x".into(),
             Network::default(),
+            Default::default(),
             1,
             controls.clone(),
         ));
@@ -757,6 +764,7 @@ mod tests {
             d,
             "http://x".into(),
             Network::default(),
+            Default::default(),
             1,
             Controls {
                 cancel: cancel.clone(),
@@ -820,6 +828,7 @@ mod tests {
             d,
             "http://x".into(),
             Network::default(),
+            Default::default(),
             1,
             Controls {
                 cancel: cancel.clone(),
@@ -868,6 +877,7 @@ mod tests {
             d,
             "http://x".into(),
             Network::default(),
+            Default::default(),
             1,
             Controls {
                 cancel: cancel.clone(),

@@ -113,6 +113,9 @@ pub struct RunSpec {
     pub cpu_millis: Option<u32>,
     /// `spec.volumes` (read-write) and `spec.secrets` (read-only) at their guest paths.
     pub mounts: Vec<Mount>,
+    /// The hardware nodes the replica holds (`resources.devices`), at the same paths for
+    /// the workload as on the device.
+    pub devices: Vec<PathBuf>,
     /// Where the runtime reports what the replica uses (shared with the agent).
     pub usage: Arc<Usage>,
     /// What only one runtime reads.
@@ -198,9 +201,20 @@ impl RunSpec {
             memory_limit: d.resources.memory,
             cpu_millis: d.resources.cpu,
             mounts: Vec::new(),
+            devices: Vec::new(),
             usage,
             variant,
         })
+    }
+
+    /// Gives the run the hardware nodes `grant` holds: each class's paths in
+    /// `SHOAL_DEVICES_{CLASS}` (comma-separated), and the nodes themselves to the runtime.
+    pub fn grant_devices(&mut self, grant: &crate::core::hardware::Grant) {
+        for (class, nodes) in grant {
+            self.env
+                .insert(shoal_api::model::hardware::env_name(class), nodes.join(","));
+            self.devices.extend(nodes.iter().map(PathBuf::from));
+        }
     }
 
     /// Which variant this runs, as replica statuses name it.
@@ -221,6 +235,7 @@ impl std::fmt::Debug for RunSpec {
             .field("memory_limit", &self.memory_limit)
             .field("cpu_millis", &self.cpu_millis)
             .field("mounts", &self.mounts)
+            .field("devices", &self.devices)
             .field("usage", &self.usage)
             .field("variant", &self.variant)
             .finish()
@@ -413,6 +428,11 @@ pub enum RuntimeError {
     #[cfg(feature = "containerd")]
     #[error("cannot start the container: {0}")]
     Start(containerd::ContainerdError),
+    #[error("cannot hand device {} to the replica: {error}", .path.display())]
+    Device {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error("this device has no container runtime (containerd did not answer at startup)")]
     NoContainerRuntime,
     #[error("the desired state names neither a module nor a container")]

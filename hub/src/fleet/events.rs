@@ -485,6 +485,7 @@ mod tests {
             revision: "rev1".into(),
             variant: "wasm".into(),
             healthy: None,
+            devices: Vec::new(),
         }
     }
 

@@ -132,6 +132,7 @@ pub(crate) mod tests {
                 backoff_ms: None,
                 variant: "wasm".into(),
                 healthy: None,
+                devices: Vec::new(),
             }],
             time_ms,
         }

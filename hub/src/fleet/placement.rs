@@ -42,6 +42,7 @@ impl Fleet {
                     memory: r.hello.memory,
                     cpu_millis: u64::from(r.hello.cpus) * 1000,
                     max_replicas: r.hello.max_replicas,
+                    hardware: r.hello.devices.clone(),
                     online: live.is_some_and(|l| l.online),
                     lost: live.is_some_and(|l| l.lost),
                     cordoned: r.cordoned,

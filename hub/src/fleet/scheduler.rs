@@ -54,6 +54,8 @@ pub struct DeviceView {
     pub cpu_millis: u64,
     /// Most replicas the device takes; `None`: no limit.
     pub max_replicas: Option<u32>,
+    /// Hardware nodes it offers per class (`resources.devices`).
+    pub hardware: BTreeMap<String, u32>,
     pub online: bool,
     /// Offline past the grace period: its replicas (except `every`) move elsewhere.
     pub lost: bool,
@@ -86,6 +88,8 @@ struct Load {
     cpu: u64,
     replicas: u32,
     ports: BTreeSet<u16>,
+    /// Hardware nodes taken, per class.
+    hardware: BTreeMap<String, u32>,
 }
 
 impl Load {
@@ -94,6 +98,19 @@ impl Load {
         self.cpu += u64::from(w.resources.cpu.unwrap_or(0));
         self.replicas += 1;
         self.ports.extend(w.ports.iter().map(|p| p.port));
+        for (class, n) in &w.devices {
+            *self.hardware.entry(class.to_string()).or_default() += n;
+        }
+    }
+
+    /// A class of hardware `w` needs more of than `d` has free: the class and how many are.
+    fn hardware_short(&self, d: &DeviceView, w: &Workload) -> Option<(String, u32)> {
+        w.devices.iter().find_map(|(class, need)| {
+            let class = class.as_str();
+            let has = d.hardware.get(class).copied().unwrap_or(0);
+            let free = has.saturating_sub(self.hardware.get(class).copied().unwrap_or(0));
+            (free < *need).then(|| (class.to_string(), free))
+        })
     }
 
     fn port_taken(&self, w: &Workload) -> Option<u16> {
@@ -116,6 +133,8 @@ enum Unfit {
     Full(u32),
     Memory(u64),
     Cpu(u64),
+    /// Too few free hardware nodes of a class: the class and how many are free.
+    Hardware(String, u32),
 }
 
 /// What an unfinished rollout changes about placing one workload.
@@ -504,6 +523,9 @@ fn dynamic_fit(d: &DeviceView, w: &Workload, load: &Load) -> Result<(), Unfit> {
     if free < w.resources.memory {
         return Err(Unfit::Memory(free));
     }
+    if let Some((class, free)) = load.hardware_short(d, w) {
+        return Err(Unfit::Hardware(class, free));
+    }
     if let Some(cpu) = w.resources.cpu {
         let free_cpu = d.cpu_millis.saturating_sub(load.cpu);
         if d.cpu_millis > 0 && free_cpu < u64::from(cpu) {
@@ -528,6 +550,8 @@ fn explain(devices: &[DeviceView], w: &Workload, load: &[Load]) -> String {
     let mut ports: BTreeMap<u16, usize> = BTreeMap::new();
     let (mut max_free_mem, mut max_free_cpu) = (0u64, 0u64);
     let mut full = BTreeMap::<u32, usize>::new();
+    // Per class: devices short of it, and the most free on any of them.
+    let mut hardware = BTreeMap::<String, (usize, u32)>::new();
     let mut topology = 0;
     for (d, l) in devices.iter().zip(load) {
         match static_fit(d, w).and_then(|()| dynamic_fit(d, w, l)) {
@@ -553,6 +577,11 @@ fn explain(devices: &[DeviceView], w: &Workload, load: &[Load]) -> String {
             Err(Unfit::Cpu(free)) => {
                 *counts.entry("cpu").or_default() += 1;
                 max_free_cpu = max_free_cpu.max(free);
+            }
+            Err(Unfit::Hardware(class, free)) => {
+                let e = hardware.entry(class).or_default();
+                e.0 += 1;
+                e.1 = e.1.max(free);
             }
         }
     }
@@ -595,6 +624,16 @@ fn explain(devices: &[DeviceView], w: &Workload, load: &[Load]) -> String {
             w.resources.cpu.unwrap_or(0)
         ));
     }
+    for (class, (n, max_free)) in hardware {
+        let need = w
+            .devices
+            .iter()
+            .find(|(c, _)| c.as_str() == class)
+            .map_or(0, |(_, n)| *n);
+        parts.push(format!(
+            "{n} insufficient {class} devices (need {need}, max free {max_free})"
+        ));
+    }
     if parts.is_empty() {
         // Eligible devices exist but all replicas could not be spread further.
         return format!("{ok}/{} devices eligible", devices.len());
@@ -624,6 +663,7 @@ mod tests {
             memory: mem_mi << 20,
             cpu_millis: 2000,
             max_replicas: None,
+            hardware: BTreeMap::new(),
             online: true,
             lost: false,
             cordoned: false,
@@ -663,7 +703,23 @@ mod tests {
             network: vec![],
             limits: Default::default(),
             secrets: Default::default(),
+            devices: Default::default(),
         }
+    }
+
+    /// A device offering `serial` hardware nodes.
+    fn with_serial(mut d: DeviceView, n: u32) -> DeviceView {
+        d.hardware.insert("serial".into(), n);
+        d
+    }
+
+    /// A workload asking for `n` serial nodes per replica.
+    fn wants_serial(mut w: Workload, n: u32) -> Workload {
+        w.devices.insert(
+            shoal_api::model::ids::DeviceClass::try_from("serial").unwrap(),
+            n,
+        );
+        w
     }
 
     /// A container variant of the test image offering `platforms`.
@@ -872,6 +928,24 @@ mod tests {
                 workloads: vec![wl("big", Placement::Replicas(2), &[("zone", "y")], 200)],
                 want: vec![("big", vec!["b"])],
                 pending: vec![("big", "0/2 devices: 1 no label zone=y, 1 insufficient memory (need 200Mi, max free 56Mi)")],
+            },
+            Case {
+                name: "hardware goes only where a node is free, one replica per node",
+                devices: vec![with_serial(dev("a", &[], 256), 1), dev("b", &[], 256), with_serial(dev("c", &[], 256), 2)],
+                workloads: vec![wants_serial(wl("logger", Placement::Replicas(4), &[], 16), 1)],
+                want: vec![("logger", vec!["a", "c", "c"])],
+                pending: vec![("logger", "0/3 devices: 3 insufficient serial devices (need 1, max free 0)")],
+            },
+            Case {
+                name: "every skips devices without the hardware and says so",
+                devices: vec![with_serial(dev("a", &[], 256), 1), dev("b", &[], 256)],
+                workloads: vec![wants_serial(wl("modbus", Placement::Every, &[], 16), 1), wants_serial(wl("pump", Placement::Replicas(1), &[], 16), 1)],
+                want: vec![("modbus", vec!["a"]), ("pump", vec![])],
+                pending: vec![
+                    // Said after placing: the node of a is now taken by modbus itself.
+                    ("modbus", "0/2 devices: 2 insufficient serial devices (need 1, max free 0)"),
+                    ("pump", "0/2 devices: 2 insufficient serial devices (need 1, max free 0)"),
+                ],
             },
             Case {
                 name: "no devices",

@@ -26,6 +26,7 @@ fn hello(id: &str, labels: &[(&str, &str)]) -> Hello {
             .collect(),
         agent_version: "test".into(),
         max_replicas: None,
+        devices: Default::default(),
     }
 }
 
@@ -722,6 +723,7 @@ fn report(hub: &mut Fleet, phase_of: impl Fn(&str) -> Phase) {
                 backoff_ms: None,
                 variant: "wasm".into(),
                 healthy: None,
+                devices: Vec::new(),
             })
             .collect();
         hub.status(

@@ -35,6 +35,13 @@ impl Fleet {
                     cpus: r.hello.cpus,
                     memory: r.hello.memory,
                     memory_allocated: placed.iter().map(|w| w.resources.memory).sum(),
+                    hardware: r.hello.devices.clone(),
+                    hardware_allocated: placed.iter().fold(BTreeMap::new(), |mut m, w| {
+                        for (class, n) in &w.devices {
+                            *m.entry(class.to_string()).or_default() += n;
+                        }
+                        m
+                    }),
                     requested_labels: labels::ungranted(&r.hello.labels, &labels),
                     labels,
                     agent_version: r.hello.agent_version.clone(),
@@ -98,6 +105,7 @@ impl Fleet {
                     revision: String::new(),
                     variant: String::new(),
                     healthy: None,
+                    devices: Vec::new(),
                 });
             }
         }
@@ -180,6 +188,7 @@ impl Fleet {
             revision: String::new(),
             variant: String::new(),
             healthy: None,
+            devices: Vec::new(),
         };
         match reported {
             Some(i) if i.revision == revision => {
@@ -192,6 +201,13 @@ impl Fleet {
                 v.revision = i.revision.clone();
                 v.variant = i.variant.clone();
                 v.healthy = i.healthy;
+                // The device's word, bounded: shown to operators, trusted for nothing.
+                v.devices = i
+                    .devices
+                    .iter()
+                    .take(64)
+                    .map(|d| d.chars().take(256).collect())
+                    .collect();
                 if !online {
                     v.reason = Some(format!(
                         "device {dev} is offline; last reported {}",

@@ -260,6 +260,16 @@ impl Runtime for ContainerdRuntime {
         Box::pin(async move {
             let c = container_spec(spec)?;
             let image = prepared.get::<Arc<PreparedImage>>(NAME)?;
+            // Read now, not when granted: a node replugged meanwhile has new numbers.
+            let mut devices = Vec::new();
+            for path in &spec.devices {
+                let node =
+                    crate::hardware::node_info(path).map_err(|error| RuntimeError::Device {
+                        path: path.clone(),
+                        error,
+                    })?;
+                devices.push(node);
+            }
             // One container id per revision, so a replaced revision still stopping never
             // collides with its successor; restarts reuse it.
             let run = ContainerRun {
@@ -275,6 +285,7 @@ impl Runtime for ContainerdRuntime {
                 log_max_bytes: c.log_max_bytes,
                 stop_grace: c.stop_grace,
                 labels: c.labels.clone(),
+                devices,
             };
             let started = self.containerd.begin(&image, &run).await;
             if let Err(e) = started {
@@ -379,6 +390,8 @@ pub struct ContainerRun {
     pub stop_grace: Duration,
     /// Extra labels on the container (e.g. the replica it belongs to).
     pub labels: BTreeMap<String, String>,
+    /// Hardware nodes the container is given (`resources.devices`), at their own paths.
+    pub devices: Vec<crate::hardware::NodeInfo>,
 }
 
 impl std::fmt::Debug for ContainerRun {
@@ -393,6 +406,7 @@ impl std::fmt::Debug for ContainerRun {
             .field("read_only_root", &self.read_only_root)
             .field("mounts", &self.mounts)
             .field("log_path", &self.log_path)
+            .field("devices", &self.devices)
             .finish_non_exhaustive()
     }
 }

@@ -156,6 +156,46 @@ pub fn runtime_spec(
         }
         devices.push(b.build()?);
     }
+    // The hardware nodes the replica holds: the device's own node bind-mounted at the path
+    // the agent's config names (not made anew with mknod, which a pseudo-terminal's slave
+    // refuses to be opened through, and which would copy a node that may be replugged), and
+    // allowed by the cgroup. Without `nodev`, unlike every other mount.
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    for n in &run.devices {
+        let typ = if n.block {
+            LinuxDeviceType::B
+        } else {
+            LinuxDeviceType::C
+        };
+        let (major, minor) = (
+            i64::try_from(n.major).unwrap_or(i64::MAX),
+            i64::try_from(n.minor).unwrap_or(i64::MAX),
+        );
+        mounts.push(
+            oci_spec::runtime::MountBuilder::default()
+                .destination(n.path.clone())
+                .typ("bind")
+                .source(n.source.clone())
+                .options(vec![
+                    "bind".into(),
+                    "rprivate".into(),
+                    "nosuid".into(),
+                    "noexec".into(),
+                    "rw".into(),
+                ])
+                .build()?,
+        );
+        devices.push(
+            LinuxDeviceCgroupBuilder::default()
+                .allow(true)
+                .typ(typ)
+                .major(major)
+                .minor(minor)
+                .access("rwm")
+                .build()?,
+        );
+    }
+    spec.set_mounts(Some(mounts));
     resources = resources.devices(devices);
     linux.set_resources(Some(resources.build()?));
     linux.set_seccomp(Some(seccomp::default_profile(host, &bounding)?));
@@ -233,6 +273,7 @@ mod tests {
             log_max_bytes: 1 << 20,
             stop_grace: Duration::from_secs(1),
             labels: BTreeMap::new(),
+            devices: vec![],
         }
     }
 
@@ -413,5 +454,46 @@ mod tests {
         let e =
             runtime_spec(&ImageConfig::default(), &run(), "shoal", &app_user(), &HOST).unwrap_err();
         assert!(matches!(e, SpecError::NothingToRun), "{e}");
+    }
+
+    #[test]
+    fn a_granted_node_is_mounted_and_allowed_and_no_other_is() {
+        let plain = spec_of(&image(), &run());
+        let mounts = |s: &oci_spec::runtime::Spec| s.mounts().clone().unwrap_or_default();
+        let mut r = run();
+        r.devices = vec![crate::hardware::NodeInfo {
+            path: "/dev/serial/by-id/usb-ftdi".into(),
+            source: "/dev/ttyUSB0".into(),
+            block: false,
+            major: 188,
+            minor: 0,
+        }];
+        let spec = spec_of(&image(), &r);
+        assert_eq!(mounts(&spec).len(), mounts(&plain).len() + 1);
+        let node = mounts(&spec)
+            .into_iter()
+            .find(|m| m.destination() == &PathBuf::from("/dev/serial/by-id/usb-ftdi"))
+            .unwrap();
+        assert_eq!(node.source().as_deref(), Some(Path::new("/dev/ttyUSB0")));
+        let options = node.options().clone().unwrap();
+        assert!(!options.contains(&"nodev".to_string()), "{options:?}");
+        assert!(options.contains(&"nosuid".to_string()), "{options:?}");
+        let linux = spec.linux().as_ref().unwrap();
+        let rules = linux
+            .resources()
+            .as_ref()
+            .unwrap()
+            .devices()
+            .as_ref()
+            .unwrap();
+        // Denied first, then allowed: the usual ones and exactly this node.
+        assert!(!rules[0].allow());
+        let this: Vec<_> = rules
+            .iter()
+            .filter(|d| d.allow() && d.major() == Some(188))
+            .collect();
+        assert_eq!(this.len(), 1);
+        assert_eq!(this[0].minor(), Some(0));
+        assert_eq!(this[0].access().as_deref(), Some("rwm"));
     }
 }

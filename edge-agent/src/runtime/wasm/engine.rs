@@ -62,8 +62,12 @@ impl WasmRuntime {
         let mut core_linker = wasmtime::Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut core_linker, |s: &mut CoreState| &mut s.wasi)
             .map_err(|e| WasmInitError::Linker(format!("{e:#}")))?;
+        super::devices::add_to_core_linker(&mut core_linker)
+            .map_err(|e| WasmInitError::Linker(format!("{e:#}")))?;
         let mut component_linker = wasmtime::component::Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut component_linker)
+            .map_err(|e| WasmInitError::Linker(format!("{e:#}")))?;
+        super::devices::add_to_component_linker(&mut component_linker)
             .map_err(|e| WasmInitError::Linker(format!("{e:#}")))?;
 
         // The epoch advances on a thread of its own, not on a tokio timer: a guest only yields

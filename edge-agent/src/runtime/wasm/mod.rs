@@ -28,6 +28,7 @@
 
 mod cache;
 mod cpu;
+mod devices;
 mod engine;
 mod host;
 mod limits;
@@ -72,6 +73,8 @@ pub struct WasmRun {
     pub mounts: Vec<Mount>,
     /// `spec.limits`: breaching one stops the run with the limit as its reason.
     pub limits: shoal_api::model::workload::RunLimits,
+    /// Hardware nodes the guest may open through the `shoal:device` interface.
+    pub devices: Vec<PathBuf>,
     /// Where the runtime reports what the run uses (shared with the agent).
     pub usage: Arc<Usage>,
 }
@@ -87,6 +90,7 @@ impl std::fmt::Debug for WasmRun {
             .field("network", &self.network)
             .field("mounts", &self.mounts)
             .field("limits", &self.limits)
+            .field("devices", &self.devices)
             .field("usage", &self.usage)
             .finish()
     }

@@ -188,6 +188,7 @@ pub(super) fn host<W>(
     spec: &WasmRun,
     meter: Arc<Meter>,
     output: Option<Arc<OutputBudget>>,
+    log: &LogSink,
 ) -> Host<W> {
     Host {
         wasi,
@@ -196,6 +197,7 @@ pub(super) fn host<W>(
         quota: spec.cpu_millis.map(|m| Quota::new(m, Instant::now())),
         cpu_time: spec.limits.cpu_time_ms.map(Duration::from_millis),
         output,
+        devices: super::devices::Devices::new(&spec.devices, Some(log.clone())),
     }
 }
 
@@ -216,7 +218,7 @@ pub(super) async fn run_core(
             }
         }
     };
-    let mut store = new_store(&engine, host(wasi, &spec, meter, budget));
+    let mut store = new_store(&engine, host(wasi, &spec, meter, budget, &log));
     let result = async {
         let instance = pre.instantiate_async(&mut store).await?;
         let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
@@ -250,7 +252,7 @@ pub(super) async fn run_component(
         ctx,
         table: ResourceTable::new(),
     };
-    let mut store = new_store(&engine, host(wasi, &spec, meter, budget));
+    let mut store = new_store(&engine, host(wasi, &spec, meter, budget, &log));
     let result = async {
         let command = pre.instantiate_async(&mut store).await?;
         command.wasi_cli_run().call_run(&mut store).await

@@ -89,6 +89,7 @@ fn spec(instance: &str, args: &[&str]) -> WasmRun {
         network: Default::default(),
         mounts: vec![],
         limits: Default::default(),
+        devices: vec![],
         usage: Default::default(),
     }
 }
@@ -520,5 +521,100 @@ async fn garbage_is_an_invalid_module() {
         .read_dir()
         .unwrap()
         .any(|e| e.is_ok()));
+    fx.stop().await;
+}
+
+/// A pseudo-terminal: its master side, and the path of its slave (a real character device,
+/// as a USB serial adapter would be), kept open so the master reads whatever is written.
+pub(crate) fn pty() -> (std::fs::File, std::fs::File, String) {
+    use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).unwrap();
+    grantpt(&master).unwrap();
+    unlockpt(&master).unwrap();
+    let name = ptsname(&master, Vec::new()).unwrap();
+    let path = name.to_str().unwrap().to_string();
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(rustix::fs::OFlags::NOCTTY.bits() as i32)
+        .open(&path)
+        .unwrap();
+    (std::fs::File::from(master), slave, path)
+}
+
+/// Reads `file` on a blocking thread until a line containing `want`; fails after 20 s.
+pub(crate) async fn read_line_with(file: &std::fs::File, want: &str) -> String {
+    let mut file = file.try_clone().unwrap();
+    let want = want.to_string();
+    let read = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        loop {
+            let n = file.read(&mut buf).unwrap();
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got).to_string();
+            if let Some(line) = text.lines().find(|l| l.contains(&want)) {
+                return line.to_string();
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(20), read)
+        .await
+        .expect("the line in time")
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_talks_to_its_granted_serial_device_and_opens_no_other() {
+    use std::io::Write;
+    let fx = Fixture::new();
+    let module = fx.prepare("serial").await;
+    let (master, _slave, path) = pty();
+    let mut run = spec("serial-0", &["t1", "--once", "--try", "/dev/null"]);
+    run.env.insert("SHOAL_DEVICES_SERIAL".into(), path.clone());
+    run.devices = vec![PathBuf::from(&path)];
+    let log = fx.log("serial-0");
+    let guest =
+        tokio::spawn(
+            fx.runtime
+                .run(module.clone(), run, log.clone(), CancellationToken::new()),
+        );
+    let ping = read_line_with(&master, "ping from").await;
+    assert_eq!(ping, "ping from ? t1", "raw mode: no CR added");
+    (&master).write_all(b"pong 42\n").unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(20), guest)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit, Exit::Success, "{}", log_text(&log));
+    let text = log_text(&log);
+    assert!(text.contains("reply: pong 42"), "{text}");
+    // /dev/null is no grant of this replica: refused (-1), and said in its log.
+    assert!(text.contains("open /dev/null: -1"), "{text}");
+    assert!(
+        text.contains("open of device \"/dev/null\" denied: not granted to this replica"),
+        "{text}"
+    );
+
+    // Without a grant, the same node stays closed even when named in the environment.
+    let mut ungranted = spec("serial-1", &["t2", "--once"]);
+    ungranted
+        .env
+        .insert("SHOAL_DEVICES_SERIAL".into(), path.clone());
+    let log = fx.log("serial-1");
+    let exit = fx
+        .runtime
+        .run(module, ungranted, log.clone(), CancellationToken::new())
+        .await;
+    assert_eq!(
+        exit,
+        Exit::Failure {
+            code: Some(3),
+            reason: "exited with status 3".into()
+        }
+    );
+    assert!(log_text(&log).contains(&format!("cannot open {path}: -1")));
     fx.stop().await;
 }

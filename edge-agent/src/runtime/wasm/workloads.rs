@@ -89,6 +89,7 @@ impl<F: ModuleSource> Runtime for WasmWorkloads<F> {
                 network: w.network.clone(),
                 mounts: spec.mounts.clone(),
                 limits: w.limits,
+                devices: spec.devices.clone(),
                 usage: spec.usage.clone(),
             };
             Ok(Box::new(WasmRunning {

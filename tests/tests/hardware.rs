@@ -1,0 +1,190 @@
+//! Hardware on real agents (issue 26): a pseudo-terminal's slave (a real character device)
+//! offered as `serial`, scheduled like an extended resource, and reached from a WASM guest
+//! through the `shoal_device` host functions and from a container as its own node.
+//!
+//! - The hub counts what each device offers (`get devices`), places a workload asking for
+//!   `resources.devices.serial` only where one is free, and leaves a second one Pending
+//!   with a reason while the first holds the node; it takes the node once the first leaves.
+//! - The guest writes a line to the device and reads the reply the test writes on the
+//!   master side; `describe` says which replica holds which node.
+//! - A container is given the node at its own path, and nothing else of `/dev`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use shoal_e2e::pty::Pty;
+use shoal_e2e::*;
+use std::time::Duration;
+
+fn serial_workload(name: &str, label: &str) -> String {
+    format!(
+        "---\napiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: {name} }}\nspec:\n  wasm: {{ module: \"{}\" }}\n  args: [\"{label}\"]\n  resources: {{ devices: {{ serial: 1 }} }}\n",
+        module("serial.wasm").display()
+    )
+}
+
+#[test]
+fn a_serial_device_is_scheduled_held_and_reached_from_wasm() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pty = Pty::open()?;
+    let hub = Hub::start(dir.path(), None)?;
+    let device_flag = format!("serial={}", pty.path);
+    let edge1 = Agent::start_with(
+        dir.path(),
+        "edge-1",
+        "",
+        &hub.join(),
+        &["--device", &device_flag],
+    )?;
+    // A node that does not exist is not offered (and not counted).
+    let _edge2 = Agent::start_with(
+        dir.path(),
+        "edge-2",
+        "",
+        &hub.join(),
+        &["--device", "serial=/dev/shoal-no-such-tty"],
+    )?;
+    hub.wait_devices_online(2, Duration::from_secs(20))?;
+    let devices = hub.json(&["get", "devices"])?;
+    let hardware = |id: &str| {
+        devices
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == id)
+            .map(|d| d["hardware"].clone())
+            .unwrap()
+    };
+    assert_eq!(hardware("edge-1"), serde_json::json!({ "serial": 1 }));
+    assert_eq!(hardware("edge-2"), serde_json::Value::Null);
+
+    hub.apply(&write_manifest(
+        dir.path(),
+        "a.yaml",
+        &serial_workload("modbus", "site-a"),
+    ))?;
+    if let Err(e) = hub.wait_running("modbus", 1, Duration::from_secs(30)) {
+        panic!("{e}: {}", hub.workload("modbus")?.unwrap());
+    }
+    let ping = pty.expect_line("ping from", Duration::from_secs(20))?;
+    assert_eq!(ping, "ping from ? site-a");
+    pty.send("temperature 21.5\n")?;
+    wait_until(
+        Duration::from_secs(20),
+        "the reply in the guest's log",
+        || {
+            Ok(edge1
+                .workload_log("modbus-0")
+                .contains("reply: temperature 21.5")
+                .then_some(()))
+        },
+    )?;
+    let w = hub.workload("modbus")?.unwrap();
+    assert_eq!(w["replicas"][0]["device"], "edge-1");
+    assert_eq!(w["replicas"][0]["devices"], serde_json::json!([pty.path]));
+    let wide = hub.shoal(&["get", "devices", "-o", "wide"]);
+    let text = String::from_utf8_lossy(&wide.stdout);
+    assert!(text.contains("serial=1/1"), "{text}");
+
+    // A second workload asking for the same class: nowhere to go while the node is held.
+    hub.apply(&write_manifest(
+        dir.path(),
+        "b.yaml",
+        &serial_workload("logger", "site-b"),
+    ))?;
+    let reason = wait_until(Duration::from_secs(20), "logger pending", || {
+        let w = hub.workload("logger")?.unwrap();
+        Ok(w["pendingReason"].as_str().map(str::to_string))
+    })?;
+    assert_eq!(
+        reason,
+        "0/2 devices: 2 insufficient serial devices (need 1, max free 0)"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(hub.workload("logger")?.unwrap()["ready"], 0);
+
+    // The holder leaves: the node is handed to the waiting workload.
+    assert!(hub
+        .shoal(&["delete", "workload", "modbus"])
+        .status
+        .success());
+    hub.wait_running("logger", 1, Duration::from_secs(30))?;
+    let ping = pty.expect_line("ping from", Duration::from_secs(20))?;
+    assert_eq!(ping, "ping from ? site-b");
+    Ok(())
+}
+
+#[test]
+fn a_container_gets_its_serial_node_at_the_same_path() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let Some(ctrd) = PrivateContainerd::start(dir.path())? else {
+        return Ok(());
+    };
+    let registry = Registry::start(dir.path())?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let regs = shoal_registry::Registries::new(Default::default());
+        let tag = registry.reference("shoal/busybox:1").parse()?;
+        shoal_e2e::image::push_busybox(&regs, &tag, &[("amd64", None), ("arm64", Some("v8"))]).await
+    })?;
+    let pty = Pty::open()?;
+    // Offered by a name outside /dev/pts (the container mounts its own devpts there), as a
+    // board names its adapter by /dev/serial/by-id/…: a link the agent follows.
+    let link = dir.path().join("ttySENSOR0");
+    std::os::unix::fs::symlink(&pty.path, &link)?;
+    let link = link.to_str().unwrap().to_string();
+    let hub = Hub::start(dir.path(), None)?;
+    let namespace = format!("shoal-e2e-{}-hw", std::process::id());
+    let _agent = Agent::start_with(
+        dir.path(),
+        "c1",
+        "",
+        &hub.join(),
+        &[
+            "--no-wasm",
+            "--containerd-socket",
+            ctrd.socket.to_str().unwrap(),
+            "--containerd-namespace",
+            &namespace,
+            "--device",
+            &format!("serial={link}"),
+        ],
+    )?;
+    hub.wait_devices_online(1, Duration::from_secs(20))?;
+    let tag = registry.reference("shoal/busybox:1");
+    let manifest = format!(
+        r#"apiVersion: shoal.dev/v1
+kind: Workload
+metadata: {{ name: meter }}
+spec:
+  container: {{ image: "{tag}", command: [/bin/sh] }}
+  args: ["-c", "echo ping from container > $SHOAL_DEVICES_SERIAL; read -r reply < $SHOAL_DEVICES_SERIAL; echo got $reply; ls /dev /dev/pts; sleep 3600"]
+  resources: {{ memory: 32Mi, devices: {{ serial: 1 }} }}
+"#
+    );
+    hub.apply(&write_manifest(dir.path(), "meter.yaml", &manifest))?;
+    let ping = pty.expect_line("ping from", Duration::from_secs(60));
+    if ping.is_err() {
+        let logs = hub.shoal(&["logs", "meter"]);
+        panic!(
+            "{ping:?}: {} {}",
+            hub.workload("meter")?.unwrap(),
+            String::from_utf8_lossy(&logs.stdout)
+        );
+    }
+    assert_eq!(ping?, "ping from container");
+    pty.send("pressure 1013\n")?;
+    let log = wait_until(
+        Duration::from_secs(20),
+        "the reply in the container's log",
+        || {
+            let log = hub.shoal(&["logs", "meter"]);
+            let text = String::from_utf8_lossy(&log.stdout).to_string();
+            Ok(text.contains("got pressure 1013").then_some(text))
+        },
+    )?;
+    // Its /dev is containerd's usual few nodes: not the device's other terminals.
+    assert!(!log.contains("ttyS0") && !log.contains("ttyUSB"), "{log}");
+    let w = hub.workload("meter")?.unwrap();
+    assert_eq!(w["replicas"][0]["devices"], serde_json::json!([link]));
+    assert!(hub.shoal(&["delete", "workload", "meter"]).status.success());
+    Ok(())
+}
