@@ -8,6 +8,8 @@
 //! - The guest writes a line to the device and reads the reply the test writes on the
 //!   master side; `describe` says which replica holds which node.
 //! - A container is given the node at its own path, and nothing else of `/dev`.
+//! - Both learn where they run: `SHOAL_DEVICE_ID`, `SHOAL_WORKLOAD`, `SHOAL_REPLICA`, the
+//!   device's operator labels as `SHOAL_LABEL_*`, and `${device.…}` references expanded.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use shoal_e2e::pty::Pty;
@@ -65,7 +67,8 @@ fn a_serial_device_is_scheduled_held_and_reached_from_wasm() -> anyhow::Result<(
         panic!("{e}: {}", hub.workload("modbus")?.unwrap());
     }
     let ping = pty.expect_line("ping from", Duration::from_secs(20))?;
-    assert_eq!(ping, "ping from ? site-a");
+    // The guest learnt where it runs (SHOAL_DEVICE_ID).
+    assert_eq!(ping, "ping from edge-1 site-a");
     pty.send("temperature 21.5\n")?;
     wait_until(
         Duration::from_secs(20),
@@ -108,7 +111,7 @@ fn a_serial_device_is_scheduled_held_and_reached_from_wasm() -> anyhow::Result<(
         .success());
     hub.wait_running("logger", 1, Duration::from_secs(30))?;
     let ping = pty.expect_line("ping from", Duration::from_secs(20))?;
-    assert_eq!(ping, "ping from ? site-b");
+    assert_eq!(ping, "ping from edge-1 site-b");
     Ok(())
 }
 
@@ -136,7 +139,7 @@ fn a_container_gets_its_serial_node_at_the_same_path() -> anyhow::Result<()> {
     let _agent = Agent::start_with(
         dir.path(),
         "c1",
-        "",
+        "zone=north",
         &hub.join(),
         &[
             "--no-wasm",
@@ -156,7 +159,8 @@ kind: Workload
 metadata: {{ name: meter }}
 spec:
   container: {{ image: "{tag}", command: [/bin/sh] }}
-  args: ["-c", "echo ping from container > $SHOAL_DEVICES_SERIAL; read -r reply < $SHOAL_DEVICES_SERIAL; echo got $reply; ls /dev /dev/pts; sleep 3600"]
+  args: ["-c", "echo ping from container > $SHOAL_DEVICES_SERIAL; read -r reply < $SHOAL_DEVICES_SERIAL; echo got $reply; echo I am $SHOAL_WORKLOAD-$SHOAL_REPLICA on $SHOAL_DEVICE_ID in $SHOAL_LABEL_ZONE, topic $TOPIC; ls /dev /dev/pts; sleep 3600"]
+  env: {{ TOPIC: "site/${{device.labels.zone}}/${{device.id}}" }}
   resources: {{ memory: 32Mi, devices: {{ serial: 1 }} }}
 "#
     );
@@ -181,6 +185,11 @@ spec:
             Ok(text.contains("got pressure 1013").then_some(text))
         },
     )?;
+    // It learnt where it runs, and the manifest's references were filled in for its device.
+    assert!(
+        log.contains("I am meter-0 on c1 in north, topic site/north/c1"),
+        "{log}"
+    );
     // Its /dev is containerd's usual few nodes: not the device's other terminals.
     assert!(!log.contains("ttyS0") && !log.contains("ttyUSB"), "{log}");
     let w = hub.workload("meter")?.unwrap();

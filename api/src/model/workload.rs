@@ -525,6 +525,7 @@ impl TryFrom<WorkloadManifest> for Workload {
                 errs.push(format!("spec.args: {a:?} is invalid: must not contain NUL"));
             }
         }
+        crate::model::downward::check(&spec.env, &spec.args, &mut errs);
 
         let res = spec.resources.unwrap_or_default();
         let memory = match res.memory.as_deref() {

@@ -223,6 +223,27 @@ impl DesiredWorkload {
         })
     }
 
+    /// Fills in where the replica runs (see [`crate::model::downward`]): the references in
+    /// its environment and arguments expanded for device `device` with operator labels
+    /// `labels`, and the `SHOAL_*` variables added.
+    pub fn place_on(&mut self, device: &DeviceId, labels: &BTreeMap<String, String>) {
+        use crate::model::downward::{env, expand, Context};
+        let ctx = Context {
+            device: device.as_str(),
+            labels,
+            workload: self.name.as_str(),
+            replica: self.replica,
+            revision: &self.revision,
+        };
+        for v in self.env.values_mut() {
+            *v = expand(v, &ctx);
+        }
+        for a in &mut self.args {
+            *a = expand(a, &ctx);
+        }
+        self.env.extend(env(&ctx));
+    }
+
     /// The replica's identity on its device, e.g. `hello-0`.
     pub fn instance(&self) -> String {
         instance_name(&self.name, self.replica)

@@ -128,6 +128,8 @@ impl Fleet {
         self.schedule = next;
 
         let mut per_device: BTreeMap<DeviceId, Vec<DesiredWorkload>> = BTreeMap::new();
+        // The operator's labels of each device a replica goes to (`SHOAL_LABEL_*`).
+        let mut labels_by_device: BTreeMap<DeviceId, BTreeMap<String, String>> = BTreeMap::new();
         for (name, replicas) in &self.schedule.assignments {
             let Some(w) = self.workloads.get(name) else {
                 continue;
@@ -147,6 +149,13 @@ impl Fleet {
                     continue;
                 };
                 if let Some(mut dw) = DesiredWorkload::from_workload(spec, replica, variant) {
+                    let labels = labels_by_device.entry(dev.clone()).or_insert_with(|| {
+                        self.devices
+                            .get(dev)
+                            .map(|r| self.labels_of(r))
+                            .unwrap_or_default()
+                    });
+                    dw.place_on(dev, labels);
                     // A new version of a secret restarts the replicas that use it.
                     for m in &mut dw.secrets {
                         m.version = self

@@ -991,3 +991,58 @@ fn state_survives_reopen() {
     assert_eq!(hub2.all_desired(), before);
     assert_eq!(hub2.assignments(), hub.assignments());
 }
+
+#[test]
+fn each_replica_learns_its_device_and_labels_and_a_relabel_restarts_nothing() {
+    let mut hub = fleet();
+    join(&mut hub, "a", &[("zone", "north")]);
+    join(&mut hub, "b", &[]);
+    let m = r#"
+apiVersion: shoal.dev/v1
+kind: Workload
+metadata: { name: meter }
+spec:
+  placement: every
+  wasm: { module: "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad" }
+  env: { TOPIC: "site/${device.labels.zone}/${device.id}", RAW: "$${device.id}" }
+  args: ["--name", "${workload.name}-${replica}"]
+"#;
+    hub.apply(parse_workloads(m).unwrap(), T0);
+    let desired = |hub: &Fleet, d: &str| hub.desired[&id(d)].workloads[0].clone();
+    let a = desired(&hub, "a");
+    assert_eq!(a.env["TOPIC"], "site/north/a");
+    assert_eq!(a.env["RAW"], "${device.id}");
+    assert_eq!(a.env["SHOAL_DEVICE_ID"], "a");
+    assert_eq!(a.env["SHOAL_WORKLOAD"], "meter");
+    assert_eq!(a.env["SHOAL_REVISION"], a.revision);
+    assert_eq!(a.env["SHOAL_LABEL_ZONE"], "north");
+    assert_eq!(a.args, ["--name", &format!("meter-{}", a.replica)]);
+    let b = desired(&hub, "b");
+    assert_eq!(
+        b.env["TOPIC"], "site//b",
+        "a label the device lacks is empty"
+    );
+    assert!(!b.env.contains_key("SHOAL_LABEL_ZONE"));
+    assert_eq!(a.revision, b.revision, "one revision fleet-wide");
+
+    // The operator moves `a` to another zone: its next state says so, same revision (what
+    // runs keeps what it started with, as a container keeps its environment).
+    let changed = hub.label(&id("a"), &change(&["zone=south"], true)).unwrap();
+    assert_eq!(changed.len(), 1);
+    let a2 = desired(&hub, "a");
+    assert_eq!(a2.env["TOPIC"], "site/south/a");
+    assert_eq!(a2.env["SHOAL_LABEL_ZONE"], "south");
+    assert_eq!(a2.revision, a.revision);
+
+    // A manifest may not set SHOAL_* itself, nor name an unknown reference.
+    let bad = m
+        .replace("RAW:", "SHOAL_DEVICE_ID:")
+        .replace("${device.id}\"", "${device.name}\"");
+    let errs = parse_workloads(&bad).unwrap_err();
+    let text = format!("{errs:?}");
+    assert!(
+        text.contains("\\\"SHOAL_DEVICE_ID\\\" is reserved"),
+        "{text}"
+    );
+    assert!(text.contains("${device.name}"), "{text}");
+}
