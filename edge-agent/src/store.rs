@@ -1,10 +1,12 @@
-//! Durable agent state behind the [`Store`] trait: the last accepted desired state.
+//! Durable agent state behind the [`Store`] trait: the last accepted desired state, and which
+//! hardware node each replica holds (a container keeps its nodes across an agent restart).
 //!
 //! The agent saves (and flushes) a desired state *before* acting on it, so that after a crash
 //! or a reboot with no hub in sight it restarts exactly the workloads it was told to run.
 //! [`SledStore`] is the real implementation; [`MemStore`] is a fake for tests.
 
 use shoal_api::wire::messages::DesiredState;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -24,9 +26,17 @@ pub trait Store: Send + 'static {
     fn load_desired(&self) -> Result<Option<DesiredState>, StoreError>;
     /// Saves durably: when this returns `Ok`, the state survives a crash.
     fn save_desired(&self, d: &DesiredState) -> Result<(), StoreError>;
+    /// The hardware nodes each replica holds (by instance), as last saved.
+    fn load_hardware(&self) -> Result<Holdings, StoreError>;
+    /// Saves durably, before a replica is started with what it was given.
+    fn save_hardware(&self, h: &Holdings) -> Result<(), StoreError>;
 }
 
+/// What [`Store::save_hardware`] keeps: instance → its nodes per class.
+pub type Holdings = BTreeMap<String, crate::core::hardware::Grant>;
+
 const DESIRED_KEY: &[u8] = b"desired";
+const HARDWARE_KEY: &[u8] = b"hardware";
 
 pub struct SledStore {
     db: sled::Db,
@@ -63,6 +73,18 @@ impl Store for SledStore {
         self.db.flush()?;
         Ok(())
     }
+    fn load_hardware(&self) -> Result<Holdings, StoreError> {
+        match self.db.get(HARDWARE_KEY)? {
+            None => Ok(Holdings::new()),
+            Some(v) => serde_json::from_slice(&v).map_err(StoreError::Corrupt),
+        }
+    }
+    fn save_hardware(&self, h: &Holdings) -> Result<(), StoreError> {
+        let v = serde_json::to_vec(h).map_err(StoreError::Encode)?;
+        self.db.insert(HARDWARE_KEY, v)?;
+        self.db.flush()?;
+        Ok(())
+    }
 }
 
 /// A store shared (a test keeps a handle on the one it hands over).
@@ -73,11 +95,18 @@ impl<S: Store + Sync> Store for std::sync::Arc<S> {
     fn save_desired(&self, d: &DesiredState) -> Result<(), StoreError> {
         self.as_ref().save_desired(d)
     }
+    fn load_hardware(&self) -> Result<Holdings, StoreError> {
+        self.as_ref().load_hardware()
+    }
+    fn save_hardware(&self, h: &Holdings) -> Result<(), StoreError> {
+        self.as_ref().save_hardware(h)
+    }
 }
 
 #[derive(Default)]
 pub struct MemStore {
     desired: Mutex<Option<DesiredState>>,
+    hardware: Mutex<Holdings>,
 }
 
 impl Store for MemStore {
@@ -90,6 +119,17 @@ impl Store for MemStore {
     }
     fn save_desired(&self, d: &DesiredState) -> Result<(), StoreError> {
         *self.desired.lock().unwrap_or_else(|p| p.into_inner()) = Some(d.clone());
+        Ok(())
+    }
+    fn load_hardware(&self) -> Result<Holdings, StoreError> {
+        Ok(self
+            .hardware
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone())
+    }
+    fn save_hardware(&self, h: &Holdings) -> Result<(), StoreError> {
+        *self.hardware.lock().unwrap_or_else(|p| p.into_inner()) = h.clone();
         Ok(())
     }
 }

@@ -96,6 +96,8 @@ pub struct Replicas {
     next_task: u64,
     /// Which replica (or stopping container) holds which hardware node.
     hardware: Holdings,
+    /// What of it was last saved (the replicas' part).
+    hardware_saved: crate::store::Holdings,
 }
 
 impl Replicas {
@@ -111,6 +113,7 @@ impl Replicas {
     ) -> Self {
         Replicas {
             hardware: Holdings::new(settings.hardware.clone()),
+            hardware_saved: Default::default(),
             settings,
             store,
             shared,
@@ -136,6 +139,16 @@ impl Replicas {
             "resuming persisted desired state"
         );
         self.open_secrets(&d);
+        // What the replicas held before (their containers may still run with it), for
+        // those still desired.
+        let held = self.store.load_hardware()?;
+        let desired: BTreeSet<String> = d.workloads.iter().map(|w| w.instance()).collect();
+        for (instance, grant) in held {
+            if desired.contains(&instance) && !self.hardware.resume(&instance, grant) {
+                warn!(%instance, "hardware it held is no longer offered or is taken: it asks again");
+            }
+        }
+        self.hardware_saved = self.hardware.replicas();
         self.desired = Some(d);
         Ok(true)
     }
@@ -259,13 +272,21 @@ impl Replicas {
     /// replica stops or a container is gone).
     fn take_hardware(&mut self, w: &DesiredWorkload) -> Option<Grant> {
         let instance = w.instance();
-        match self
+        let taken = self
             .hardware
             .take(Holder::Replica(instance.clone()), &w.devices)
-        {
+            .map_err(|short| short.to_string())
+            .and_then(|g| {
+                // Durable before a container is made with it: after a crash, the agent
+                // knows which node its adopted container holds.
+                self.save_hardware().map(|()| g).map_err(|e| {
+                    self.hardware.release(&Holder::Replica(instance.clone()));
+                    format!("cannot record the hardware it is given: {e}")
+                })
+            });
+        match taken {
             Ok(g) => Some(g),
-            Err(short) => {
-                let reason = short.to_string();
+            Err(reason) => {
                 let said = self.statuses.get(&instance).and_then(|s| s.reason.as_ref());
                 if said != Some(&reason) {
                     info!(%instance, %reason, "replica waits for hardware");
@@ -290,6 +311,16 @@ impl Replicas {
                 None
             }
         }
+    }
+
+    /// Saves which replica holds which node, when that changed.
+    fn save_hardware(&mut self) -> Result<(), StoreError> {
+        let now = self.hardware.replicas();
+        if now != self.hardware_saved {
+            self.store.save_hardware(&now)?;
+            self.hardware_saved = now;
+        }
+        Ok(())
     }
 
     /// After a reconcile: volumes and opened secrets nothing uses any more.
@@ -546,6 +577,11 @@ impl Replicas {
             } else {
                 let _ = r.handle.await;
                 self.hardware.release(&holder);
+            }
+            // Losing this save only keeps a grant of a replica no longer desired, which
+            // the next start drops.
+            if let Err(e) = self.save_hardware() {
+                warn!(%instance, error = %e, "cannot record the hardware it gave back");
             }
         }
         self.statuses.remove(instance);
@@ -932,6 +968,60 @@ mod tests {
         assert_eq!(
             devices_of(&f.replicas, "reader-0"),
             Some((vec!["/dev/ttyS9".to_string()], None))
+        );
+        f.replicas.stop_all().await;
+    }
+
+    #[tokio::test]
+    async fn after_an_agent_restart_each_replica_keeps_the_node_it_held() {
+        let mut f = Fixture::new();
+        let serial = shoal_api::model::ids::DeviceClass::try_from("serial").unwrap();
+        let inventory: Inventory = [(
+            serial.clone(),
+            vec!["/dev/ttyA".to_string(), "/dev/ttyB".to_string()],
+        )]
+        .into();
+        let (replicas, updates) =
+            Fixture::replicas(f._dir.path(), &f.hub, f.store.clone(), inventory.clone());
+        (f.replicas, f.updates) = (replicas, updates);
+        let wants = |name: &str| {
+            let mut w = workload(name, 0, "r1");
+            w.devices.insert(serial.clone(), 1);
+            w
+        };
+        f.desired(&state("d1", 1, vec![wants("x"), wants("y")]));
+        f.reconcile().await;
+        f.settle(&[("x-0", Phase::Running, "r1"), ("y-0", Phase::Running, "r1")])
+            .await;
+        f.desired(&state("d1", 2, vec![wants("y")]));
+        f.reconcile().await;
+        f.settle(&[("y-0", Phase::Running, "r1")]).await;
+        let held = |r: &Replicas, i: &str| {
+            r.statuses()
+                .find(|s| format!("{}-{}", s.name, s.replica) == i)
+                .map(|s| s.devices.clone())
+        };
+        assert_eq!(
+            held(&f.replicas, "y-0"),
+            Some(vec!["/dev/ttyB".to_string()])
+        );
+        f.replicas.stop_all().await;
+
+        // A new agent over the same store (y-0's container would still run with ttyB).
+        let (again, updates) = Fixture::replicas(f._dir.path(), &f.hub, f.store.clone(), inventory);
+        (f.replicas, f.updates) = (again, updates);
+        assert!(f.replicas.resume().unwrap());
+        f.desired(&state("d1", 3, vec![wants("y"), wants("z")]));
+        f.reconcile().await;
+        f.settle(&[("y-0", Phase::Running, "r1"), ("z-0", Phase::Running, "r1")])
+            .await;
+        assert_eq!(
+            held(&f.replicas, "y-0"),
+            Some(vec!["/dev/ttyB".to_string()])
+        );
+        assert_eq!(
+            held(&f.replicas, "z-0"),
+            Some(vec!["/dev/ttyA".to_string()])
         );
         f.replicas.stop_all().await;
     }

@@ -123,6 +123,34 @@ impl Holdings {
         Ok(grant)
     }
 
+    /// What each replica holds (not containers stopping), as the agent persists it.
+    pub fn replicas(&self) -> BTreeMap<String, Grant> {
+        self.held
+            .iter()
+            .filter_map(|(h, g)| match h {
+                Holder::Replica(i) => Some((i.clone(), g.clone())),
+                Holder::Stopping(_) => None,
+            })
+            .collect()
+    }
+
+    /// Takes up what replica `instance` held before the agent restarted (its container may
+    /// still run with those nodes): `false`, and nothing held, when a node is no longer
+    /// offered or already held.
+    pub fn resume(&mut self, instance: &str, grant: Grant) -> bool {
+        let offered = grant.iter().all(|(c, nodes)| {
+            let all = self.inventory.get(c).map(Vec::as_slice).unwrap_or(&[]);
+            nodes
+                .iter()
+                .all(|n| all.contains(n) && self.holder_of(n).is_none())
+        });
+        if offered && !grant.is_empty() {
+            self.held
+                .insert(Holder::Replica(instance.to_string()), grant);
+        }
+        offered
+    }
+
     /// `holder` gives back what it holds.
     pub fn release(&mut self, holder: &Holder) {
         self.held.remove(holder);
@@ -235,5 +263,34 @@ mod tests {
             "waiting for a free gpio device: needs 1, 0 of 0 free"
         );
         assert!(h.take(replica("a-0"), &wants(&[])).unwrap().is_empty());
+    }
+
+    #[test]
+    fn what_replicas_held_before_a_restart_is_taken_up_first() {
+        let mut h = holdings();
+        h.take(replica("x-0"), &wants(&[("serial", 1)])).unwrap();
+        h.take(replica("y-0"), &wants(&[("serial", 1)])).unwrap();
+        h.release(&replica("x-0"));
+        let saved = h.replicas();
+        assert_eq!(saved.len(), 1);
+
+        // The agent restarts: y-0's container still runs with /dev/ttyUSB1.
+        let mut again = holdings();
+        for (i, g) in saved {
+            assert!(again.resume(&i, g));
+        }
+        let z = again
+            .take(replica("z-0"), &wants(&[("serial", 1)]))
+            .unwrap();
+        assert_eq!(z[&class("serial")], ["/dev/ttyUSB0"], "not y-0's node");
+        let y = again
+            .take(replica("y-0"), &wants(&[("serial", 1)]))
+            .unwrap();
+        assert_eq!(y[&class("serial")], ["/dev/ttyUSB1"]);
+        // A node no longer offered, or held, is not taken up.
+        let gone: Grant = [(class("serial"), vec!["/dev/ttyUSB9".to_string()])].into();
+        assert!(!again.resume("w-0", gone));
+        let taken: Grant = [(class("serial"), vec!["/dev/ttyUSB0".to_string()])].into();
+        assert!(!again.resume("v-0", taken));
     }
 }

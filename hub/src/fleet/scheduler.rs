@@ -212,11 +212,14 @@ pub fn schedule_with(
                 Placement::Every => on_device.insert(i), // one per device: lowest index wins
                 Placement::Replicas(_) => !d.lost,
             };
+            // Hardware as the current spec asks (a request added or grown, or a device that
+            // now reports fewer nodes, moves the replica rather than parking it there).
             if in_range
                 && stays
                 && w.selects(&d.labels)
                 && runs_a_variant(d, w)
                 && load[i].port_taken(spec).is_none()
+                && load[i].hardware_short(d, w).is_none()
             {
                 kept.insert(replica, dev.clone());
                 load[i].add(spec);
@@ -293,11 +296,18 @@ pub fn schedule_with(
                     placed.insert(next, devices[i].id.clone());
                     load[i].add(w);
                 }
-                // Matching devices that could not take it are worth reporting.
+                // Matching devices that could not take it are worth reporting (not those that
+                // offer none of a hardware class it asks for: like a label, that is a choice).
                 let have: HashSet<&DeviceId> = placed.values().collect();
-                let blocked = devices
-                    .iter()
-                    .any(|d| d.online && !d.lost && !have.contains(&d.id) && w.selects(&d.labels));
+                let blocked = devices.iter().any(|d| {
+                    d.online
+                        && !d.lost
+                        && !have.contains(&d.id)
+                        && w.selects(&d.labels)
+                        && w.devices
+                            .keys()
+                            .all(|c| d.hardware.get(c.as_str()).is_some_and(|n| *n > 0))
+                });
                 if blocked || placed.is_empty() {
                     out.pending.insert(
                         w.name.clone(),
@@ -858,6 +868,29 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_moves_when_its_device_no_longer_has_the_hardware_it_asks_for() {
+        let devices = vec![
+            with_serial(dev("a", &[], 256), 1),
+            with_serial(dev("b", &[], 256), 1),
+        ];
+        let plain = wl("meter", Placement::Replicas(1), &[], 16);
+        let s = schedule(&devices, std::slice::from_ref(&plain), &Assignments::new());
+        let on = devices_of(&s, "meter");
+        assert_eq!(on, ["a"]);
+        // The request grows past what `a` has: the replica goes where it fits.
+        let s2 = schedule(&devices, &[wants_serial(plain.clone(), 2)], &s.assignments);
+        assert_eq!(devices_of(&s2, "meter"), Vec::<String>::new());
+        assert!(s2.pending.contains_key(&plain.name));
+        // `a` reports no serial any more (adapter gone): the replica moves to `b`.
+        let asking = wants_serial(plain, 1);
+        let s3 = schedule(&devices, std::slice::from_ref(&asking), &Assignments::new());
+        assert_eq!(devices_of(&s3, "meter"), ["a"]);
+        let shrunk = vec![dev("a", &[], 256), with_serial(dev("b", &[], 256), 1)];
+        let s4 = schedule(&shrunk, &[asking], &s3.assignments);
+        assert_eq!(devices_of(&s4, "meter"), ["b"]);
+    }
+
+    #[test]
     fn replicas_holding_the_same_port_never_share_a_device() {
         let devices = vec![dev("a", &[], 512), dev("b", &[], 512)];
         let mut web = wl("web", Placement::Replicas(3), &[], 16);
@@ -942,8 +975,7 @@ mod tests {
                 workloads: vec![wants_serial(wl("modbus", Placement::Every, &[], 16), 1), wants_serial(wl("pump", Placement::Replicas(1), &[], 16), 1)],
                 want: vec![("modbus", vec!["a"]), ("pump", vec![])],
                 pending: vec![
-                    // Said after placing: the node of a is now taken by modbus itself.
-                    ("modbus", "0/2 devices: 2 insufficient serial devices (need 1, max free 0)"),
+                    // b offers no serial at all: not a reason for modbus to be pending.
                     ("pump", "0/2 devices: 2 insufficient serial devices (need 1, max free 0)"),
                 ],
             },

@@ -67,9 +67,17 @@ pub fn runtime_spec(
     let mut who = process.user().clone();
     who.set_uid(user.uid);
     who.set_gid(user.gid);
-    who.set_additional_gids(
-        (!user.additional_gids.is_empty()).then(|| user.additional_gids.clone()),
-    );
+    // A non-root process also gets the group of each hardware node it holds (`dialout`
+    // for a serial port), as `--group-add` would, so a 0660 node opens.
+    let mut gids = user.additional_gids.clone();
+    if user.uid != 0 {
+        for n in &run.devices {
+            if !gids.contains(&n.gid) {
+                gids.push(n.gid);
+            }
+        }
+    }
+    who.set_additional_gids((!gids.is_empty()).then_some(gids));
     process.set_user(who);
     let bounding = process
         .capabilities()
@@ -191,7 +199,7 @@ pub fn runtime_spec(
                 .typ(typ)
                 .major(major)
                 .minor(minor)
-                .access("rwm")
+                .access("rw")
                 .build()?,
         );
     }
@@ -467,6 +475,7 @@ mod tests {
             block: false,
             major: 188,
             minor: 0,
+            gid: 20,
         }];
         let spec = spec_of(&image(), &r);
         assert_eq!(mounts(&spec).len(), mounts(&plain).len() + 1);
@@ -494,6 +503,15 @@ mod tests {
             .collect();
         assert_eq!(this.len(), 1);
         assert_eq!(this[0].minor(), Some(0));
-        assert_eq!(this[0].access().as_deref(), Some("rwm"));
+        assert_eq!(this[0].access().as_deref(), Some("rw"), "no mknod");
+        // A non-root process gets the node's group, so a 0660 root:dialout node opens.
+        let gids = spec
+            .process()
+            .as_ref()
+            .unwrap()
+            .user()
+            .additional_gids()
+            .clone();
+        assert!(gids.unwrap().contains(&20));
     }
 }

@@ -571,7 +571,14 @@ async fn a_guest_talks_to_its_granted_serial_device_and_opens_no_other() {
     use std::io::Write;
     let fx = Fixture::new();
     let module = fx.prepare("serial").await;
-    let (master, _slave, path) = pty();
+    let (master, slave, path) = pty();
+    let echo = |f: &std::fs::File| {
+        rustix::termios::tcgetattr(f)
+            .unwrap()
+            .local_modes
+            .contains(rustix::termios::LocalModes::ECHO)
+    };
+    assert!(echo(&slave), "a fresh terminal echoes");
     let mut run = spec("serial-0", &["t1", "--once", "--try", "/dev/null"]);
     run.env.insert("SHOAL_DEVICES_SERIAL".into(), path.clone());
     run.devices = vec![PathBuf::from(&path)];
@@ -583,6 +590,7 @@ async fn a_guest_talks_to_its_granted_serial_device_and_opens_no_other() {
         );
     let ping = read_line_with(&master, "ping from").await;
     assert_eq!(ping, "ping from ? t1", "raw mode: no CR added");
+    assert!(!echo(&slave), "no echo while the guest holds it");
     (&master).write_all(b"pong 42\n").unwrap();
     let exit = tokio::time::timeout(Duration::from_secs(20), guest)
         .await
@@ -597,6 +605,15 @@ async fn a_guest_talks_to_its_granted_serial_device_and_opens_no_other() {
         text.contains("open of device \"/dev/null\" denied: not granted to this replica"),
         "{text}"
     );
+    // Closed (on the blocking pool) with its settings put back.
+    let t0 = Instant::now();
+    while !echo(&slave) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "settings not restored"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Without a grant, the same node stays closed even when named in the environment.
     let mut ungranted = spec("serial-1", &["t2", "--once"]);
