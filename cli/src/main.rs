@@ -17,6 +17,7 @@
 
 mod apply;
 mod credentials;
+mod device;
 mod hub;
 mod mqtt;
 mod rollout;
@@ -25,6 +26,7 @@ mod watch;
 
 use apply::*;
 use credentials::*;
+use device::*;
 use hub::*;
 use mqtt::*;
 use rollout::*;
@@ -68,6 +70,7 @@ enum LabelKind {
   shoal get events --for workload/web -w   what happened to web, then follow new events
   shoal logs web --since 10m -f            web's recent lines from its devices, then new ones
   shoal describe workload web -o yaml      one workload, with its spec, as YAML
+  shoal describe device edge-1             a device: capacity, hardware, labels, replicas, events
   shoal rollout status web                 wait for a rollout (exit 1 if it fails)
   shoal dashboard                          a link that signs a browser in to the dashboard
   shoal completion bash > /etc/bash_completion.d/shoal
@@ -159,10 +162,10 @@ enum Command {
         #[arg(short = 'w', long)]
         watch: bool,
     },
-    /// Show one workload (or secret) in detail.
+    /// Show one workload, secret or device in detail.
     Describe {
         #[arg(value_enum)]
-        kind: OneKind,
+        kind: DescribeKind,
         name: String,
     },
     /// Delete a workload, or a secret no workload uses.
@@ -294,6 +297,16 @@ enum OneKind {
     Secret,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DescribeKind {
+    #[value(alias = "workloads")]
+    Workload,
+    #[value(alias = "secrets")]
+    Secret,
+    #[value(alias = "devices")]
+    Device,
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let cli = Cli::parse();
@@ -401,7 +414,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             emit(&entries, cli.output, |wide| audit_table(&entries, wide))
         }
         Command::Describe {
-            kind: OneKind::Secret,
+            kind: DescribeKind::Device,
+            name,
+        } => describe_device(&hub, &name, cli.output).await,
+        Command::Describe {
+            kind: DescribeKind::Secret,
             name,
         } => {
             let secrets: Vec<SecretView> = hub.get("/v1/secrets").await?;

@@ -71,6 +71,39 @@ pub(crate) fn print_devices(devices: &[DeviceView], output: Output) -> anyhow::R
     emit(devices, output, |wide| devices_table(devices, wide))
 }
 
+/// `Online`, `Offline`, `Lost`, `Enrolled` (never connected) or `Revoked`, and `Cordoned`.
+pub(crate) fn device_status(d: &DeviceView) -> String {
+    let state = match (d.online, d.lost) {
+        _ if d.revoked => "Revoked",
+        (true, _) => "Online",
+        (false, true) => "Lost",
+        // Enrolled, never connected.
+        (false, false) if d.last_seen_ms == 0 => "Enrolled",
+        (false, false) => "Offline",
+    };
+    if d.cordoned {
+        format!("{state},Cordoned")
+    } else {
+        state.to_string()
+    }
+}
+
+/// `serial=1/2,camera=0/1`: asked for by the replicas placed on `d` / offered, per class.
+pub(crate) fn hardware_use(d: &DeviceView) -> String {
+    if d.hardware.is_empty() {
+        return "-".into();
+    }
+    let items: Vec<String> = d
+        .hardware
+        .iter()
+        .map(|(c, n)| {
+            let used = d.hardware_allocated.get(c).copied().unwrap_or(0);
+            format!("{c}={used}/{n}")
+        })
+        .collect();
+    items.join(",")
+}
+
 pub(crate) fn devices_table(devices: &[DeviceView], wide: bool) -> Table {
     let mut t = Table::new(&[
         "NAME",
@@ -99,41 +132,14 @@ pub(crate) fn devices_table(devices: &[DeviceView], wide: bool) -> Table {
     for d in devices {
         t.row(vec![
             d.id.clone(),
-            {
-                let state = match (d.online, d.lost) {
-                    _ if d.revoked => "Revoked",
-                    (true, _) => "Online",
-                    (false, true) => "Lost",
-                    // Enrolled, never connected.
-                    (false, false) if d.last_seen_ms == 0 => "Enrolled",
-                    (false, false) => "Offline",
-                };
-                if d.cordoned {
-                    format!("{state},Cordoned")
-                } else {
-                    state.to_string()
-                }
-            },
+            device_status(d),
             d.arch.clone(),
             d.runtimes.join(","),
             d.cpus.to_string(),
             format_memory_rounded(d.memory),
             format_memory_rounded(d.memory_allocated),
             d.replicas.to_string(),
-            // Asked for by the replicas placed here / offered, per class.
-            if d.hardware.is_empty() {
-                "-".into()
-            } else {
-                let items: Vec<String> = d
-                    .hardware
-                    .iter()
-                    .map(|(c, n)| {
-                        let used = d.hardware_allocated.get(c).copied().unwrap_or(0);
-                        format!("{c}={used}/{n}")
-                    })
-                    .collect();
-                items.join(",")
-            },
+            hardware_use(d),
             format!("{}/{}", d.observed_generation, d.desired_generation),
             ago(d.last_seen_ms),
             if d.mdns_addresses.is_empty() {

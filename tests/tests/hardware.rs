@@ -86,6 +86,29 @@ fn a_serial_device_is_scheduled_held_and_reached_from_wasm() -> anyhow::Result<(
     let wide = hub.shoal(&["get", "devices", "-o", "wide"]);
     let text = String::from_utf8_lossy(&wide.stdout);
     assert!(text.contains("serial=1/1"), "{text}");
+    // `describe device`: its hardware, and which replica holds which node.
+    let described = hub.shoal(&["describe", "device", "edge-1"]);
+    let text = String::from_utf8_lossy(&described.stdout).to_string();
+    assert!(described.status.success(), "{text}");
+    assert!(text.contains("Hardware:    serial=1/1"), "{text}");
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("modbus"))
+        .unwrap_or_else(|| panic!("no modbus row in {text}"));
+    assert!(row.contains("Running") && row.contains(&pty.path), "{row}");
+    assert!(
+        text.contains("DeviceJoined") || text.contains("Scheduled"),
+        "{text}"
+    );
+    let json = hub.json(&["describe", "device", "edge-1"])?;
+    assert_eq!(json["replicas"][0]["workload"], "modbus");
+    assert_eq!(
+        json["replicas"][0]["devices"],
+        serde_json::json!([pty.path])
+    );
+    let missing = hub.shoal(&["describe", "device", "nope"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("device \"nope\" not found"));
 
     // A second workload asking for the same class: nowhere to go while the node is held.
     hub.apply(&write_manifest(
