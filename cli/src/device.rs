@@ -1,7 +1,8 @@
 //! `shoal describe device ID`: one device as an operator needs it when something is wrong
 //! there: its state, capacity and hardware, its labels (the operator's, which placement
-//! sees, and those it asked for and was not granted), what runs on it (with the hardware
-//! nodes each replica holds) and its recent events. Composed from the hub's read APIs.
+//! sees, and those it asked for and was not granted), the operators' annotations, what runs
+//! on it (with the hardware nodes each replica holds) and its recent events. Composed from
+//! the hub's read APIs.
 
 use super::*;
 use serde::Serialize;
@@ -94,6 +95,9 @@ pub(crate) async fn describe_device(hub: &Hub, id: &str, output: Output) -> anyh
         "Labels:      {} (the operator's: placement selects on these)",
         list(&d.labels)
     );
+    for (k, v) in &d.annotations {
+        println!("Annotation:  {k}: {}", escaped(v));
+    }
     if !d.requested_labels.is_empty() {
         println!(
             "Requested:   {} (asked for by the device, not granted)",

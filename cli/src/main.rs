@@ -67,6 +67,7 @@ enum LabelKind {
   shoal get workloads                      what runs, how many replicas are ready
   shoal get devices -o wide                every column (labels, mDNS addresses, generations)
   shoal label device edge-1 role=vault     grant a label (placement selects on operators' labels)
+  shoal annotate device edge-1 note='fan replaced'   a note for people (steers nothing)
   shoal get events --for workload/web -w   what happened to web, then follow new events
   shoal logs web --since 10m -f            web's recent lines from its devices, then new ones
   shoal describe workload web -o yaml      one workload, with its spec, as YAML
@@ -210,6 +211,23 @@ enum Command {
         #[arg(required = true, value_name = "KEY=VALUE|KEY-")]
         changes: Vec<String>,
         /// Allow changing a label that has another value.
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Set or remove a device's annotations: the operators' free-text notes (who owns it,
+    /// where it hangs, what was replaced). They steer nothing; `describe device` shows them.
+    #[command(after_help = "Examples:
+  shoal annotate device edge-1 owner='plant 7, line 2'   add a note
+  shoal annotate device edge-1 owner='line 3' --overwrite change one
+  shoal annotate device edge-1 owner-                     remove one")]
+    Annotate {
+        /// What to annotate.
+        kind: LabelKind,
+        device: String,
+        /// KEY=TEXT to set, KEY- to remove.
+        #[arg(required = true, value_name = "KEY=TEXT|KEY-")]
+        changes: Vec<String>,
+        /// Allow changing an annotation that has another value.
         #[arg(long)]
         overwrite: bool,
     },
@@ -487,6 +505,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await?;
             let now: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             println!("device/{device} labelled: {}", now.join(","));
+            Ok(())
+        }
+        Command::Annotate {
+            kind: LabelKind::Device,
+            device,
+            changes,
+            overwrite,
+        } => {
+            use shoal_api::model::labels::{LabelChange, Meta};
+            let change = LabelChange::parse_as(Meta::Annotation, &changes, overwrite)?;
+            let now: shoal_api::model::labels::Labels = hub
+                .post_for(
+                    &format!("/v1/devices/{device}/annotations"),
+                    &serde_json::to_value(&change)?,
+                )
+                .await?;
+            let keys: Vec<&str> = now.keys().map(String::as_str).collect();
+            println!("device/{device} annotated: {}", keys.join(","));
             Ok(())
         }
         Command::Cordon { device } => hub.device_action(&device, "cordon").await,

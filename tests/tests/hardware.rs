@@ -100,7 +100,28 @@ fn a_serial_device_is_scheduled_held_and_reached_from_wasm() -> anyhow::Result<(
         text.contains("DeviceJoined") || text.contains("Scheduled"),
         "{text}"
     );
+    // The operators' notes: shown, kept, and refused when they would overwrite silently.
+    let out = hub.shoal(&["annotate", "device", "edge-1", "owner=plant 7, line 2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again = hub.shoal(&["annotate", "device", "edge-1", "owner=someone"]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("pass --overwrite"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let text =
+        String::from_utf8_lossy(&hub.shoal(&["describe", "device", "edge-1"]).stdout).to_string();
+    assert!(
+        text.contains("Annotation:  owner: plant 7, line 2"),
+        "{text}"
+    );
     let json = hub.json(&["describe", "device", "edge-1"])?;
+    assert_eq!(json["device"]["annotations"]["owner"], "plant 7, line 2");
     assert_eq!(json["replicas"][0]["workload"], "modbus");
     assert_eq!(
         json["replicas"][0]["devices"],

@@ -151,6 +151,17 @@ fn operators_act_by_role_are_audited_and_can_be_revoked() -> Result<()> {
         "{}",
         text(&o)
     );
+    // Nor edits what operators note about a device.
+    let o = shoal_as(
+        &hub,
+        &alice,
+        &["annotate", "device", "nobody", "owner=alice"],
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("admin role"),
+        "{}",
+        text(&o)
+    );
 
     // The audit log, read by an admin (the hub's bootstrap bundle), says who did what.
     let entries = audit(&hub)?;

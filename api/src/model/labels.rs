@@ -8,6 +8,10 @@
 //! granted only where the operator granted the same. Keys under [`RESERVED_PREFIX`] are set
 //! by operators only (a hub that trusts reports, `--insecure`, still drops them).
 //!
+//! Annotations (`shoal annotate device D k=text`) are edited the same way ([`Meta`]): free
+//! text for people and tools (who owns the board, where it hangs, what was replaced), which
+//! steers nothing.
+//!
 //! Pure: the hub keeps the labels, the CLI sends the edits.
 
 use crate::model::ids::{check_label_key, check_label_value, IdError};
@@ -22,6 +26,51 @@ pub const RESERVED_PREFIX: &str = "shoal.dev/";
 
 /// Most labels a device has (set by operators) or reports.
 pub const MAX_LABELS: usize = 64;
+
+/// Most annotations a device has.
+pub const MAX_ANNOTATIONS: usize = 64;
+/// Longest annotation value, in bytes.
+pub const MAX_ANNOTATION_BYTES: usize = 4096;
+
+/// What a [`LabelChange`] edits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Meta {
+    /// Labels: placement selects on them; values are label values.
+    Label,
+    /// Annotations: free text (no NUL, at most [`MAX_ANNOTATION_BYTES`]), steering nothing.
+    Annotation,
+}
+
+impl Meta {
+    pub fn name(self) -> &'static str {
+        match self {
+            Meta::Label => "label",
+            Meta::Annotation => "annotation",
+        }
+    }
+
+    fn max(self) -> usize {
+        match self {
+            Meta::Label => MAX_LABELS,
+            Meta::Annotation => MAX_ANNOTATIONS,
+        }
+    }
+
+    fn check_value(self, key: &str, v: &str) -> Result<(), LabelError> {
+        match self {
+            Meta::Label => Ok(check_label_value(v)?),
+            Meta::Annotation if v.len() > MAX_ANNOTATION_BYTES => Err(LabelError::Value {
+                key: key.to_string(),
+                reason: format!("is longer than {MAX_ANNOTATION_BYTES} bytes"),
+            }),
+            Meta::Annotation if v.contains('\0') => Err(LabelError::Value {
+                key: key.to_string(),
+                reason: "contains NUL".to_string(),
+            }),
+            Meta::Annotation => Ok(()),
+        }
+    }
+}
 
 /// Whether `key` is under [`RESERVED_PREFIX`].
 pub fn is_reserved(key: &str) -> bool {
@@ -51,21 +100,25 @@ pub enum LabelError {
     #[error(transparent)]
     Invalid(#[from] IdError),
     #[error(
-        "label {key:?} already has the value {current:?}: pass --overwrite to set it to {wanted:?}"
+        "{what} {key:?} already has the value {current:?}: pass --overwrite to set it to {wanted:?}"
     )]
     Exists {
+        what: &'static str,
         key: String,
         current: String,
         wanted: String,
     },
-    #[error("label {0:?} is both set and removed in one change")]
-    SetAndRemoved(String),
-    #[error("label change {0:?} is invalid: expected KEY=VALUE to set or KEY- to remove")]
-    Syntax(String),
-    #[error("no label changes given: expected KEY=VALUE to set or KEY- to remove")]
-    Empty,
-    #[error("{0} labels are too many: a device has at most {MAX_LABELS}")]
-    TooMany(usize),
+    #[error("{0} {1:?} is both set and removed in one change")]
+    SetAndRemoved(&'static str, String),
+    #[error("{0} change {1:?} is invalid: expected KEY=VALUE to set or KEY- to remove")]
+    Syntax(&'static str, String),
+    #[error("no {0} changes given: expected KEY=VALUE to set or KEY- to remove")]
+    Empty(&'static str),
+    #[error("{1} {0}s are too many: a device has at most {2}")]
+    TooMany(&'static str, usize, usize),
+    /// An annotation's value (not quoted: it may be long).
+    #[error("annotation {key:?}: the value {reason}")]
+    Value { key: String, reason: String },
 }
 
 /// An operator's change to a device's labels (`POST /v1/devices/{id}/labels`).
@@ -86,6 +139,15 @@ pub struct LabelChange {
 impl LabelChange {
     /// From the CLI's words: `KEY=VALUE` sets, `KEY-` removes.
     pub fn parse<S: AsRef<str>>(words: &[S], overwrite: bool) -> Result<Self, LabelError> {
+        Self::parse_as(Meta::Label, words, overwrite)
+    }
+
+    /// [`LabelChange::parse`] for labels or annotations.
+    pub fn parse_as<S: AsRef<str>>(
+        meta: Meta,
+        words: &[S],
+        overwrite: bool,
+    ) -> Result<Self, LabelError> {
         let mut c = LabelChange {
             overwrite,
             ..LabelChange::default()
@@ -97,26 +159,31 @@ impl LabelChange {
             } else if let Some(k) = w.strip_suffix('-').filter(|k| !k.is_empty()) {
                 c.remove.push(k.to_string());
             } else {
-                return Err(LabelError::Syntax(w.to_string()));
+                return Err(LabelError::Syntax(meta.name(), w.to_string()));
             }
         }
-        c.check()?;
+        c.check_as(meta)?;
         Ok(c)
     }
 
     /// Checks every key and value, and that the change says something.
     pub fn check(&self) -> Result<(), LabelError> {
+        self.check_as(Meta::Label)
+    }
+
+    /// [`LabelChange::check`] for labels or annotations.
+    pub fn check_as(&self, meta: Meta) -> Result<(), LabelError> {
         if self.set.is_empty() && self.remove.is_empty() {
-            return Err(LabelError::Empty);
+            return Err(LabelError::Empty(meta.name()));
         }
         for (k, v) in &self.set {
             check_label_key(k)?;
-            check_label_value(v)?;
+            meta.check_value(k, v)?;
         }
         for k in &self.remove {
             check_label_key(k)?;
             if self.set.contains_key(k) {
-                return Err(LabelError::SetAndRemoved(k.clone()));
+                return Err(LabelError::SetAndRemoved(meta.name(), k.clone()));
             }
         }
         Ok(())
@@ -124,12 +191,18 @@ impl LabelChange {
 
     /// `current` with this change made; nothing is changed if any part is refused.
     pub fn apply(&self, current: &Labels) -> Result<Labels, LabelError> {
-        self.check()?;
+        self.apply_as(Meta::Label, current)
+    }
+
+    /// [`LabelChange::apply`] for labels or annotations.
+    pub fn apply_as(&self, meta: Meta, current: &Labels) -> Result<Labels, LabelError> {
+        self.check_as(meta)?;
         let mut out = current.clone();
         for (k, v) in &self.set {
             match current.get(k) {
                 Some(old) if old != v && !self.overwrite => {
                     return Err(LabelError::Exists {
+                        what: meta.name(),
                         key: k.clone(),
                         current: old.clone(),
                         wanted: v.clone(),
@@ -143,8 +216,8 @@ impl LabelChange {
         for k in &self.remove {
             out.remove(k);
         }
-        if out.len() > MAX_LABELS {
-            return Err(LabelError::TooMany(out.len()));
+        if out.len() > meta.max() {
+            return Err(LabelError::TooMany(meta.name(), out.len(), meta.max()));
         }
         Ok(out)
     }
@@ -171,7 +244,7 @@ pub struct Grant {
 /// Checks labels an operator binds to a join token (`token create --labels`).
 pub fn check_grant(labels: &Labels) -> Result<(), LabelError> {
     if labels.len() > MAX_LABELS {
-        return Err(LabelError::TooMany(labels.len()));
+        return Err(LabelError::TooMany("label", labels.len(), MAX_LABELS));
     }
     for (k, v) in labels {
         check_label_key(k)?;
@@ -267,14 +340,17 @@ mod tests {
         let many: Labels = (0..=MAX_LABELS)
             .map(|i| (format!("k{i}"), "v".into()))
             .collect();
-        assert!(matches!(check_grant(&many), Err(LabelError::TooMany(65))));
+        assert!(matches!(
+            check_grant(&many),
+            Err(LabelError::TooMany("label", 65, 64))
+        ));
         let change = LabelChange {
             set: many,
             ..LabelChange::default()
         };
         assert!(matches!(
             change.apply(&Labels::new()),
-            Err(LabelError::TooMany(_))
+            Err(LabelError::TooMany(..))
         ));
     }
 
@@ -284,5 +360,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("force"), "{e}");
+    }
+
+    #[test]
+    fn annotations_take_free_text_within_bounds() {
+        let cur = labels(&[("owner", "plant 7")]);
+        let c = LabelChange::parse_as(
+            Meta::Annotation,
+            &["note=fan replaced 2026-11-30, see ticket #41", "owner-"],
+            false,
+        )
+        .unwrap();
+        let got = c.apply_as(Meta::Annotation, &cur).unwrap();
+        assert_eq!(
+            got,
+            labels(&[("note", "fan replaced 2026-11-30, see ticket #41")])
+        );
+        let long = format!("note={}", "x".repeat(MAX_ANNOTATION_BYTES + 1));
+        let e = LabelChange::parse_as(Meta::Annotation, &[long], false).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "annotation \"note\": the value is longer than 4096 bytes"
+        );
+        let e = LabelChange::parse_as(Meta::Annotation, &["owner=someone else"], false)
+            .unwrap()
+            .apply_as(Meta::Annotation, &cur)
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("annotation \"owner\" already has the value"),
+            "{e}"
+        );
+        // The same text is no label value.
+        assert!(LabelChange::parse(&["note=a b"], false).is_err());
     }
 }

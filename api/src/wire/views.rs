@@ -51,6 +51,9 @@ pub struct DeviceView {
     /// Labels the device asked for (`shoal-agent run --labels`) that it was not granted.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub requested_labels: BTreeMap<String, String>,
+    /// The operators' notes (`shoal annotate device`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
     #[serde(default)]
     pub agent_version: String,
     /// When the device last spoke; 0 for a device that enrolled and never connected.

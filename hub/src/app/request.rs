@@ -41,9 +41,11 @@ pub enum Request {
         digest: Digest,
         reply: oneshot::Sender<Result<String, crate::fleet::FetchRefusal>>,
     },
-    /// `shoal label device`: the device's labels afterwards.
+    /// `shoal label device` / `shoal annotate device`: the device's labels (annotations)
+    /// afterwards.
     Label {
         id: DeviceId,
+        meta: shoal_api::model::labels::Meta,
         change: LabelChange,
         reply: oneshot::Sender<Result<Labels, Failed<crate::fleet::LabelRefusal>>>,
     },

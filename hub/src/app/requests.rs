@@ -49,10 +49,18 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 let _ = reply.send(r);
             }
             Request::Enrolled { device } => self.enrolled(device).await,
-            Request::Label { id, change, reply } => {
-                let done = self.fleet(|f| f.label(&id, &change));
+            Request::Label {
+                id,
+                meta,
+                change,
+                reply,
+            } => {
+                let done = match meta {
+                    shoal_api::model::labels::Meta::Label => self.fleet(|f| f.label(&id, &change)),
+                    shoal_api::model::labels::Meta::Annotation => self.core.annotate(&id, &change),
+                };
                 let r = match self.command(done).await {
-                    Ok(()) => Ok(self.core.labels_of_device(&id).unwrap_or_default()),
+                    Ok(()) => Ok(self.core.meta_of_device(&id, meta).unwrap_or_default()),
                     Err(e) => Err(e),
                 };
                 let _ = reply.send(r);

@@ -5,7 +5,7 @@ use super::records::DeviceRecord;
 use super::rollout::Observed;
 use super::*;
 use shoal_api::model::ids::{DeviceId, Digest, WorkloadName};
-use shoal_api::model::labels::{self, Grant, LabelChange, LabelError, Labels};
+use shoal_api::model::labels::{self, Grant, LabelChange, LabelError, Labels, Meta};
 use shoal_api::model::workload::Placement;
 use shoal_api::wire::messages::{DesiredState, Hello, Phase};
 use tracing::{info, info_span, warn};
@@ -50,6 +50,7 @@ impl Fleet {
                 // Never what the device says now: a record without labels of its own keeps
                 // none (see `adopt_reported_labels`).
                 labels: old.labels.clone(),
+                annotations: old.annotations.clone(),
                 hello,
             },
             None => {
@@ -62,6 +63,7 @@ impl Fleet {
                     draining: false,
                     labels: Some(Labels::new()),
                     granted_by: None,
+                    annotations: Labels::new(),
                 }
             }
         };
@@ -208,6 +210,7 @@ impl Fleet {
                     draining: false,
                     labels: Some(Labels::new()),
                     granted_by: None,
+                    annotations: Labels::new(),
                 });
             let fresh_grant = grant.filter(|g| rec.granted_by.as_deref() != Some(g.token.as_str()));
             if known && fresh_grant.is_none() {
@@ -260,6 +263,35 @@ impl Fleet {
     /// The labels placement sees for device `id`, if the hub knows it.
     pub fn labels_of_device(&self, id: &DeviceId) -> Option<Labels> {
         self.devices.get(id).map(|r| self.labels_of(r))
+    }
+
+    /// The device's labels or annotations, as `meta` says.
+    pub fn meta_of_device(&self, id: &DeviceId, meta: Meta) -> Option<Labels> {
+        match meta {
+            Meta::Label => self.labels_of_device(id),
+            Meta::Annotation => self.devices.get(id).map(|r| r.annotations.clone()),
+        }
+    }
+
+    /// `shoal annotate device ID k=text k-`: the operators' notes on a device. Placement
+    /// never reads them, so nothing is placed again.
+    pub fn annotate(
+        &mut self,
+        id: &DeviceId,
+        change: &LabelChange,
+    ) -> Result<Vec<DesiredState>, LabelRefusal> {
+        let Some(rec) = self.devices.get(id) else {
+            return Err(LabelRefusal::UnknownDevice(id.clone()));
+        };
+        let next = change.apply_as(Meta::Annotation, &rec.annotations)?;
+        if next != rec.annotations {
+            info!(device = %id, keys = ?next.keys().collect::<Vec<_>>(), "device annotated");
+            let mut rec = rec.clone();
+            rec.annotations = next;
+            self.changes.put_device(&rec);
+            self.devices.insert(id.clone(), rec);
+        }
+        Ok(Vec::new())
     }
 
     /// `shoal label device ID k=v k-`: the operator changes the labels placement sees.

@@ -34,6 +34,9 @@ pub struct DeviceRecord {
     /// `shoal drain` in progress: replicas are being moved off within their budgets.
     #[serde(default)]
     pub draining: bool,
+    /// `shoal annotate device`: the operators' free text about the device (steers nothing).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub annotations: shoal_api::model::labels::Labels,
 }
 
 /// A secret as the hub keeps it: names and a version in the clear, the values encrypted

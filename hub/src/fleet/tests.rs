@@ -303,6 +303,7 @@ fn records_from_before_the_upgrade_keep_what_their_devices_reported_then() {
         draining: false,
         labels: None,
         granted_by: None,
+        annotations: Default::default(),
     };
     store.put_device(&old).unwrap();
     let mut hub = open_from(&store, false);
@@ -1045,4 +1046,41 @@ spec:
         "{text}"
     );
     assert!(text.contains("${device.name}"), "{text}");
+}
+
+#[test]
+fn annotations_are_the_operators_notes_kept_across_hellos_and_reopen() {
+    let store = std::sync::Arc::new(MemStore::default());
+    let mut hub = open_from(&store, false);
+    join(&mut hub, "a", &[("zone", "north")]);
+    hub.apply(parse_workloads(M).unwrap(), T0);
+    let before = hub.desired.clone();
+    let note = LabelChange::parse_as(
+        shoal_api::model::labels::Meta::Annotation,
+        &["owner=plant 7, line 2", "note=fan replaced"],
+        false,
+    )
+    .unwrap();
+    assert!(
+        hub.annotate(&id("a"), &note).unwrap().is_empty(),
+        "nothing placed again"
+    );
+    assert_eq!(hub.desired, before);
+    let view = |hub: &Fleet| {
+        hub.device_views()
+            .into_iter()
+            .find(|v| v.id == "a")
+            .unwrap()
+    };
+    assert_eq!(view(&hub).annotations["owner"], "plant 7, line 2");
+    // A hello (every reconnect) keeps them; so does a reopen from the store.
+    hub.hello(hello("a", &[]), T0 + 1);
+    assert_eq!(view(&hub).annotations.len(), 2);
+    save(&mut hub, &store);
+    let hub = open_from(&store, false);
+    assert_eq!(view(&hub).annotations["note"], "fan replaced");
+    assert!(matches!(
+        fleet().annotate(&id("nope"), &note),
+        Err(LabelRefusal::UnknownDevice(_))
+    ));
 }

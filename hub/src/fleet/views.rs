@@ -43,6 +43,7 @@ impl Fleet {
                         m
                     }),
                     requested_labels: labels::ungranted(&r.hello.labels, &labels),
+                    annotations: r.annotations.clone(),
                     labels,
                     agent_version: r.hello.agent_version.clone(),
                     last_seen_ms: r.last_seen_ms,

@@ -9,6 +9,7 @@
 //! | `DELETE /v1/workloads/{name}` | delete |
 //! | `POST /v1/devices/{id}/cordon`, `/uncordon`, `/drain` | no new replicas; move replicas off |
 //! | `POST /v1/devices/{id}/labels` | `LabelChange` (set, remove, overwrite) → the device's labels |
+//! | `POST /v1/devices/{id}/annotations` | `LabelChange` of free text → the device's annotations |
 //! | `POST /v1/workloads/{name}/rollout/{pause,resume,promote,undo}` | steer a rollout |
 //! | `POST /v1/workloads/{name}/scale` | body `{"replicas": N}` |
 //! | `POST /v1/apply` | manifest text → `ApplyResult` (same path as an MQTT apply) |
@@ -143,6 +144,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::dashboard::routes())
         .route("/v1/devices", get(devices))
         .route("/v1/devices/{id}/labels", post(label_device))
+        .route("/v1/devices/{id}/annotations", post(annotate_device))
         .route("/v1/devices/{id}/{action}", post(device_action))
         .route(
             "/v1/workloads/{name}/rollout/{action}",

@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use shoal_api::model::ids::{DeviceId, SecretName};
-use shoal_api::model::labels::{LabelChange, LabelError};
+use shoal_api::model::labels::{LabelChange, LabelError, Meta};
 
 pub(super) async fn devices(State(s): State<AppState>) -> Response {
     match ask(&s, |reply| Request::Devices { reply }).await {
@@ -149,18 +149,43 @@ pub(super) async fn scale(
 }
 
 pub(super) async fn label_device(
+    s: State<AppState>,
+    id: Path<String>,
+    change: Json<LabelChange>,
+) -> Response {
+    edit_device(s, id, change, Meta::Label).await
+}
+
+/// `POST /v1/devices/{id}/annotations`: a [`LabelChange`] of free-text values.
+pub(super) async fn annotate_device(
+    s: State<AppState>,
+    id: Path<String>,
+    change: Json<LabelChange>,
+) -> Response {
+    edit_device(s, id, change, Meta::Annotation).await
+}
+
+async fn edit_device(
     State(s): State<AppState>,
     Path(id): Path<String>,
     Json(change): Json<LabelChange>,
+    meta: Meta,
 ) -> Response {
     let id: DeviceId = match id.parse() {
         Ok(d) => d,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("{e}")),
     };
-    if let Err(e) = change.check() {
+    if let Err(e) = change.check_as(meta) {
         return error(StatusCode::BAD_REQUEST, e.to_string());
     }
-    match ask(&s, |reply| Request::Label { id, change, reply }).await {
+    match ask(&s, |reply| Request::Label {
+        id,
+        meta,
+        change,
+        reply,
+    })
+    .await
+    {
         Ok(Ok(labels)) => Json(labels).into_response(),
         Ok(Err(e)) => failed(e, |r| match r {
             crate::fleet::LabelRefusal::UnknownDevice(_) => StatusCode::NOT_FOUND,

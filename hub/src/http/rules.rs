@@ -217,6 +217,11 @@ mod tests {
             ),
             (
                 Method::POST,
+                "/v1/devices/d/annotations",
+                Need::Operator(Role::Admin),
+            ),
+            (
+                Method::POST,
                 "/v1/devices/d/drain",
                 Need::Operator(Role::Admin),
             ),
