@@ -1190,13 +1190,14 @@ mod tests {
                 0u8..8,
                 0u64..3000,
                 0u32..4,
+                0u32..3,
             ),
             0..6,
         )
         .prop_map(|v| {
             v.into_iter()
                 .enumerate()
-                .map(|(i, (zone, mem, online, flags, cpu, max))| {
+                .map(|(i, (zone, mem, online, flags, cpu, max, serial))| {
                     let mut d = dev(
                         &format!("d{i}"),
                         &[("zone", ["a", "b", "c"][zone as usize])],
@@ -1207,55 +1208,64 @@ mod tests {
                     d.lost = flags & 2 != 0;
                     d.cpu_millis = cpu;
                     d.max_replicas = (max > 0).then_some(max);
+                    if serial > 0 {
+                        d = with_serial(d, serial);
+                    }
                     d
                 })
                 .collect::<Vec<_>>()
         });
-        let wls = prop::collection::vec((0u8..4, 0u32..5, 1u64..128, any::<bool>(), 0u16..4), 0..5)
-            .prop_map(|v| {
-                v.into_iter()
-                    .enumerate()
-                    .map(|(i, (zone, n, mem, every, port))| {
-                        let (cpu, strategy, spread) = match i % 4 {
-                            0 => (None, shoal_api::model::workload::Strategy::Spread, None),
-                            1 => (
-                                Some(300),
-                                shoal_api::model::workload::Strategy::Binpack,
-                                None,
-                            ),
-                            2 => (
-                                Some(700),
-                                shoal_api::model::workload::Strategy::Spread,
-                                Some("zone"),
-                            ),
-                            _ => (
-                                Some(100),
-                                shoal_api::model::workload::Strategy::Spread,
-                                Some("rack"),
-                            ),
-                        };
-                        let sel: Vec<(&str, &str)> = if zone == 3 {
-                            vec![]
-                        } else {
-                            vec![("zone", ["a", "b", "c"][zone as usize])]
-                        };
-                        let p = if every {
-                            Placement::Every
-                        } else {
-                            Placement::Replicas(n)
-                        };
-                        let mut w = wl(&format!("w{i}"), p, &sel, mem);
-                        w.resources.cpu = cpu;
-                        w.strategy = strategy;
-                        w.spread = spread.map(String::from);
-                        // Port 0 here means none; 1-3 make clashes likely.
-                        if port > 0 {
-                            w.ports.push(port_decl(8000 + port));
-                        }
-                        w
-                    })
-                    .collect::<Vec<_>>()
-            });
+        let wls = prop::collection::vec(
+            (0u8..4, 0u32..5, 1u64..128, any::<bool>(), 0u16..4, 0u32..3),
+            0..5,
+        )
+        .prop_map(|v| {
+            v.into_iter()
+                .enumerate()
+                .map(|(i, (zone, n, mem, every, port, serial))| {
+                    let (cpu, strategy, spread) = match i % 4 {
+                        0 => (None, shoal_api::model::workload::Strategy::Spread, None),
+                        1 => (
+                            Some(300),
+                            shoal_api::model::workload::Strategy::Binpack,
+                            None,
+                        ),
+                        2 => (
+                            Some(700),
+                            shoal_api::model::workload::Strategy::Spread,
+                            Some("zone"),
+                        ),
+                        _ => (
+                            Some(100),
+                            shoal_api::model::workload::Strategy::Spread,
+                            Some("rack"),
+                        ),
+                    };
+                    let sel: Vec<(&str, &str)> = if zone == 3 {
+                        vec![]
+                    } else {
+                        vec![("zone", ["a", "b", "c"][zone as usize])]
+                    };
+                    let p = if every {
+                        Placement::Every
+                    } else {
+                        Placement::Replicas(n)
+                    };
+                    let mut w = wl(&format!("w{i}"), p, &sel, mem);
+                    w.resources.cpu = cpu;
+                    w.strategy = strategy;
+                    w.spread = spread.map(String::from);
+                    // Port 0 here means none; 1-3 make clashes likely.
+                    if port > 0 {
+                        w.ports.push(port_decl(8000 + port));
+                    }
+                    if serial > 0 {
+                        w = wants_serial(w, serial);
+                    }
+                    w
+                })
+                .collect::<Vec<_>>()
+        });
         (devs, wls)
     }
 
@@ -1266,9 +1276,12 @@ mod tests {
             let mut used: BTreeMap<DeviceId, u64> = BTreeMap::new();
             let mut cpu: BTreeMap<DeviceId, u64> = BTreeMap::new();
             let mut count: BTreeMap<DeviceId, u32> = BTreeMap::new();
+            let mut serial: BTreeMap<DeviceId, u32> = BTreeMap::new();
             for w in &workloads {
                 let placed = &s.assignments[&w.name];
                 for d in placed.values() {
+                    *serial.entry(d.clone()).or_default() +=
+                        w.devices.values().copied().sum::<u32>();
                     let dv = devices.iter().find(|x| &x.id == d).unwrap();
                     prop_assert!(w.selects(&dv.labels), "selector violated");
                     prop_assert!(dv.online && !dv.lost && !dv.cordoned, "ineligible device used");
@@ -1292,6 +1305,11 @@ mod tests {
                 if let Some(max) = d.max_replicas {
                     prop_assert!(count.get(&d.id).copied().unwrap_or(0) <= max, "over replica limit");
                 }
+                let offered = d.hardware.get("serial").copied().unwrap_or(0);
+                prop_assert!(
+                    serial.get(&d.id).copied().unwrap_or(0) <= offered,
+                    "more serial nodes asked for than {} offers", d.id
+                );
                 let mut ports = BTreeSet::new();
                 for w in &workloads {
                     let here = s.assignments[&w.name].values().filter(|p| **p == d.id).count();
