@@ -27,6 +27,9 @@ fn run(id: &str, args: &[&str], log: &std::path::Path) -> ContainerRun {
         stop_grace: Duration::from_millis(500),
         labels: BTreeMap::new(),
         devices: vec![],
+        cap_add: vec![],
+        cap_drop: vec![],
+        groups: vec![],
     }
 }
 

@@ -202,8 +202,12 @@ fn a_container_gets_its_serial_node_at_the_same_path() -> anyhow::Result<()> {
 kind: Workload
 metadata: {{ name: meter }}
 spec:
-  container: {{ image: "{tag}", command: [/bin/sh] }}
-  args: ["-c", "echo ping from container > $SHOAL_DEVICES_SERIAL; read -r reply < $SHOAL_DEVICES_SERIAL; echo got $reply; echo I am $SHOAL_WORKLOAD-$SHOAL_REPLICA on $SHOAL_DEVICE_ID in $SHOAL_LABEL_ZONE, topic $TOPIC; ls /dev /dev/pts; sleep 3600"]
+  container:
+    image: "{tag}"
+    command: [/bin/sh]
+    capabilities: {{ add: [NET_RAW], drop: [KILL] }}
+    supplementalGroups: [4242]
+  args: ["-c", "echo ping from container > $SHOAL_DEVICES_SERIAL; read -r reply < $SHOAL_DEVICES_SERIAL; echo got $reply; echo I am $SHOAL_WORKLOAD-$SHOAL_REPLICA on $SHOAL_DEVICE_ID in $SHOAL_LABEL_ZONE, topic $TOPIC; grep -E '^(CapEff|Groups)' /proc/self/status; ls /dev /dev/pts; sleep 3600"]
   env: {{ TOPIC: "site/${{device.labels.zone}}/${{device.id}}" }}
   resources: {{ memory: 32Mi, devices: {{ serial: 1 }} }}
 "#
@@ -234,6 +238,14 @@ spec:
         log.contains("I am meter-0 on c1 in north, topic site/north/c1"),
         "{log}"
     );
+    // Its capabilities: the defaults (AUDIT_WRITE, KILL, NET_BIND_SERVICE) less KILL, plus
+    // NET_RAW: bits 29, 10 and 13. And the group it was given.
+    assert!(log.contains("CapEff:\t0000000020002400"), "{log}");
+    let groups = log
+        .lines()
+        .find(|l| l.starts_with("Groups:"))
+        .unwrap_or_default();
+    assert!(groups.split_whitespace().any(|g| g == "4242"), "{log}");
     // Its /dev is containerd's usual few nodes: not the device's other terminals.
     assert!(!log.contains("ttyS0") && !log.contains("ttyUSB"), "{log}");
     let w = hub.workload("meter")?.unwrap();

@@ -1,6 +1,7 @@
 //! Domain types: validated once (with `TryFrom` or a parser), so code that holds one never
 //! re-checks it. Ids are newtypes; a [`workload::Workload`] is a checked manifest.
 
+pub mod caps;
 pub mod downward;
 pub mod hardware;
 pub mod ids;

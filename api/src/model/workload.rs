@@ -131,6 +131,15 @@ pub struct Container {
     /// Between SIGTERM and SIGKILL when stopped (`stopGracePeriod`, default 10s).
     #[serde(default = "default_stop_grace")]
     pub stop_grace_ms: u64,
+    /// `capabilities.add` (normalised: `NET_RAW`; see [`crate::model::caps`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_add: Vec<String>,
+    /// `capabilities.drop` (normalised; `ALL` drops every default).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_drop: Vec<String>,
+    /// `supplementalGroups`: extra group ids of the process.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<u32>,
 }
 
 /// `spec.container.stopGracePeriod` when not given, as Kubernetes' default is 30s but edge
@@ -894,7 +903,23 @@ fn container(c: crate::wire::manifest::ContainerSpec, errs: &mut Vec<String>) ->
             return None;
         }
     };
+    let caps = c.capabilities.unwrap_or_default();
+    let (cap_add, cap_drop) =
+        crate::model::caps::validate("spec.container.capabilities", &caps.add, &caps.drop, errs);
+    let mut groups = Vec::new();
+    for (i, g) in c.supplemental_groups.iter().enumerate() {
+        match g.as_u64().and_then(|n| u32::try_from(n).ok()) {
+            Some(n) if !groups.contains(&n) => groups.push(n),
+            Some(_) => {}
+            None => errs.push(format!(
+                "spec.container.supplementalGroups[{i}] {g} is invalid: give a group id (a number; a name like dialout has different ids in different images)"
+            )),
+        }
+    }
     Some(Container {
+        cap_add,
+        cap_drop,
+        groups,
         image: image?,
         command: c.command,
         read_only_root: c.read_only_root_filesystem.unwrap_or(true),

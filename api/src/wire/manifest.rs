@@ -180,6 +180,23 @@ pub struct ContainerSpec {
     /// sends the container to devices of these. `shoal apply` fills it from the image index.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub platforms: Vec<String>,
+    /// Linux capabilities to add to or drop from containerd's defaults (see
+    /// [`crate::model::caps`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Capabilities>,
+    /// Extra group ids of the container's process (numbers, as Kubernetes takes them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub supplemental_groups: Vec<serde_json::Value>,
+}
+
+/// `spec.container.capabilities`: `{ add: [NET_RAW], drop: [ALL] }`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capabilities {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drop: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

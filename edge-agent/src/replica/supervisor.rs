@@ -624,6 +624,9 @@ mod tests {
             read_only_root: true,
             platforms: vec![],
             stop_grace_ms: 100,
+            cap_add: vec![],
+            cap_drop: vec![],
+            groups: vec![],
         }
     }
 

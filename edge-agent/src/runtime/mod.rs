@@ -158,6 +158,11 @@ pub struct ContainerSpec {
     pub log_max_bytes: u64,
     /// Extra labels on the container (the replica it belongs to).
     pub labels: BTreeMap<String, String>,
+    /// `capabilities.add` / `drop` (see `shoal_api::model::caps`).
+    pub cap_add: Vec<String>,
+    pub cap_drop: Vec<String>,
+    /// `supplementalGroups`.
+    pub groups: Vec<u32>,
 }
 
 impl RunSpec {
@@ -191,6 +196,9 @@ impl RunSpec {
                     ("dev.shoal.revision".to_string(), d.revision.clone()),
                 ]
                 .into(),
+                cap_add: c.cap_add.clone(),
+                cap_drop: c.cap_drop.clone(),
+                groups: c.groups.clone(),
             }),
             (None, None) => return Err(RuntimeError::NothingToRun),
         };

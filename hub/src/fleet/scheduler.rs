@@ -740,6 +740,9 @@ mod tests {
             read_only_root: true,
             platforms: platforms.iter().map(|p| p.parse().unwrap()).collect(),
             stop_grace_ms: 10_000,
+            cap_add: vec![],
+            cap_drop: vec![],
+            groups: vec![],
         }
     }
 

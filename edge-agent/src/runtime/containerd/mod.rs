@@ -286,6 +286,9 @@ impl Runtime for ContainerdRuntime {
                 stop_grace: c.stop_grace,
                 labels: c.labels.clone(),
                 devices,
+                cap_add: c.cap_add.clone(),
+                cap_drop: c.cap_drop.clone(),
+                groups: c.groups.clone(),
             };
             let started = self.containerd.begin(&image, &run).await;
             if let Err(e) = started {
@@ -392,6 +395,11 @@ pub struct ContainerRun {
     pub labels: BTreeMap<String, String>,
     /// Hardware nodes the container is given (`resources.devices`), at their own paths.
     pub devices: Vec<crate::hardware::NodeInfo>,
+    /// `capabilities.add` / `drop` (see `shoal_api::model::caps`).
+    pub cap_add: Vec<String>,
+    pub cap_drop: Vec<String>,
+    /// `supplementalGroups`.
+    pub groups: Vec<u32>,
 }
 
 impl std::fmt::Debug for ContainerRun {

@@ -12,6 +12,10 @@ use std::path::PathBuf;
 pub enum SpecError {
     #[error("nothing to run: the image has no entrypoint or command, and the manifest gives none")]
     NothingToRun,
+    /// The desired state asks for a capability no container may have (the hub refuses such
+    /// a manifest; this is the device's own check).
+    #[error("capabilities {0:?} are not allowed in a container")]
+    Capabilities(Vec<String>),
     #[error(transparent)]
     Oci(#[from] oci_spec::OciSpecError),
 }
@@ -67,9 +71,14 @@ pub fn runtime_spec(
     let mut who = process.user().clone();
     who.set_uid(user.uid);
     who.set_gid(user.gid);
-    // A non-root process also gets the group of each hardware node it holds (`dialout`
-    // for a serial port), as `--group-add` would, so a 0660 node opens.
+    // `supplementalGroups`, and for a non-root process the group of each hardware node it
+    // holds (`dialout` for a serial port), as `--group-add` would, so a 0660 node opens.
     let mut gids = user.additional_gids.clone();
+    for g in &run.groups {
+        if !gids.contains(g) {
+            gids.push(*g);
+        }
+    }
     if user.uid != 0 {
         for n in &run.devices {
             if !gids.contains(&n.gid) {
@@ -79,11 +88,32 @@ pub fn runtime_spec(
     }
     who.set_additional_gids((!gids.is_empty()).then_some(gids));
     process.set_user(who);
-    let bounding = process
-        .capabilities()
-        .as_ref()
-        .and_then(|c| c.bounding().clone())
-        .unwrap_or_default();
+    // containerd's defaults, less `drop`, plus `add` (checked again here: only those that
+    // stay inside the container), in every set a process starts with.
+    let names = shoal_api::model::caps::effective(&run.cap_add, &run.cap_drop)
+        .ok_or_else(|| SpecError::Capabilities(run.cap_add.clone()))?;
+    // By their serde names (`CAP_NET_RAW`), which is how the runtime spec spells them.
+    let wanted: oci_spec::runtime::Capabilities = names
+        .iter()
+        .filter_map(|n| {
+            serde_json::from_value::<oci_spec::runtime::Capability>(serde_json::Value::from(
+                n.as_str(),
+            ))
+            .ok()
+        })
+        .collect();
+    if wanted.len() != names.len() {
+        return Err(SpecError::Capabilities(names));
+    }
+    let mut caps = process.capabilities().clone().unwrap_or_default();
+    // Every set, ambient too, as the runtime's default did: a non-root process keeps them.
+    caps.set_bounding(Some(wanted.clone()));
+    caps.set_effective(Some(wanted.clone()));
+    caps.set_permitted(Some(wanted.clone()));
+    caps.set_inheritable(Some(wanted.clone()));
+    caps.set_ambient(Some(wanted.clone()));
+    process.set_capabilities(Some(caps));
+    let bounding = wanted;
     spec.set_process(Some(process));
     if let Some(root) = spec.root().clone() {
         let mut root = root;
@@ -282,6 +312,9 @@ mod tests {
             stop_grace: Duration::from_secs(1),
             labels: BTreeMap::new(),
             devices: vec![],
+            cap_add: vec![],
+            cap_drop: vec![],
+            groups: vec![],
         }
     }
 
@@ -513,5 +546,57 @@ mod tests {
             .additional_gids()
             .clone();
         assert!(gids.unwrap().contains(&20));
+    }
+
+    #[test]
+    fn capabilities_are_the_defaults_less_drop_plus_add_and_nothing_beyond() {
+        let caps = |s: &oci_spec::runtime::Spec| {
+            let c = s
+                .process()
+                .as_ref()
+                .unwrap()
+                .capabilities()
+                .clone()
+                .unwrap();
+            let mut v: Vec<String> = c
+                .bounding()
+                .clone()
+                .unwrap()
+                .iter()
+                .map(|c| {
+                    serde_json::to_value(c)
+                        .unwrap()
+                        .as_str()
+                        .unwrap()
+                        .to_string()
+                })
+                .collect();
+            v.sort();
+            assert_eq!(c.effective(), c.bounding());
+            assert_eq!(c.ambient(), c.bounding());
+            v
+        };
+        assert_eq!(
+            caps(&spec_of(&image(), &run())),
+            ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+        );
+        let mut r = run();
+        r.cap_add = vec!["NET_RAW".into(), "SYS_NICE".into()];
+        r.cap_drop = vec!["ALL".into()];
+        r.groups = vec![4242];
+        let s = spec_of(&image(), &r);
+        assert_eq!(caps(&s), ["CAP_NET_RAW", "CAP_SYS_NICE"]);
+        let gids = s
+            .process()
+            .as_ref()
+            .unwrap()
+            .user()
+            .additional_gids()
+            .clone();
+        assert!(gids.unwrap().contains(&4242));
+        // A desired state asking for more is refused by the device too.
+        r.cap_add = vec!["SYS_ADMIN".into()];
+        let e = runtime_spec(&image(), &r, "shoal", &app_user(), &HOST).unwrap_err();
+        assert!(matches!(e, SpecError::Capabilities(_)), "{e}");
     }
 }
