@@ -75,12 +75,12 @@ pub(crate) async fn describe_device(hub: &Hub, id: &str, output: Output) -> anyh
     println!("Status:      {}", device_status(d));
     println!(
         "Platform:    {}/{}, runtimes {}",
-        d.os,
-        d.arch,
+        escaped(&d.os),
+        escaped(&d.arch),
         if d.runtimes.is_empty() {
             "<none>".to_string()
         } else {
-            d.runtimes.join(", ")
+            escaped(&d.runtimes.join(", ")).into_owned()
         }
     );
     println!(
@@ -90,7 +90,10 @@ pub(crate) async fn describe_device(hub: &Hub, id: &str, output: Output) -> anyh
         format_memory_rounded(d.memory_allocated),
         d.replicas
     );
-    println!("Hardware:    {} (asked for / offered)", hardware_use(d));
+    println!(
+        "Hardware:    {} (asked for / offered)",
+        escaped(&hardware_use(d))
+    );
     println!(
         "Labels:      {} (the operator's: placement selects on these)",
         list(&d.labels)
@@ -112,7 +115,7 @@ pub(crate) async fn describe_device(hub: &Hub, id: &str, output: Output) -> anyh
         d.desired_generation
     );
     if !d.mdns_addresses.is_empty() {
-        println!("mDNS:        {}", d.mdns_addresses.join(", "));
+        println!("mDNS:        {}", escaped(&d.mdns_addresses.join(", ")));
     }
     println!("Replicas:");
     let mut t = Table::new(&[

@@ -10,10 +10,15 @@
 //!
 //! References: `${device.id}`, `${device.labels.KEY}` (empty where the device has no such
 //! label: select on it to be sure it has one), `${workload.name}`, `${replica}`,
-//! `${revision}`; `$${` is a literal `${`. Anything else in `${…}` is refused at apply.
-//! Values are taken when the replica starts, as Kubernetes takes a container's environment:
-//! relabelling a device changes what its replicas get at their next start, and restarts
-//! nothing by itself.
+//! `${revision}`; `$${` is a literal `${`. Any other `${device.…}`, `${workload.…}`,
+//! `${replica…}` or `${revision…}` is refused at apply (a misspelt reference); other `${…}`
+//! (a shell's `${HOME}`) is left as it is. Only `env` values and `args` are expanded (not
+//! `container.command`).
+//!
+//! Values are fixed for a replica when it is placed and started, as Kubernetes fixes a
+//! container's environment: relabelling a device gives its replicas the new values when they
+//! are next replaced (a new revision), not at a crash restart, and restarts nothing by
+//! itself.
 
 use std::collections::BTreeMap;
 
@@ -46,6 +51,10 @@ enum Piece {
     Ref(Ref),
 }
 
+/// What a Shoal reference starts with; any other `${…}` (a shell's `${HOME}`, `${PORT:-80}`)
+/// is left as it is.
+const RESERVED_REFS: &[&str] = &["device.", "workload.", "replica", "revision"];
+
 /// Splits `s` into text and references; the error names the bad reference.
 fn parse(s: &str) -> Result<Vec<Piece>, String> {
     let mut out = Vec::new();
@@ -57,7 +66,10 @@ fn parse(s: &str) -> Result<Vec<Piece>, String> {
         if let Some(tail) = after.strip_prefix("${") {
             text.push_str("${");
             rest = tail;
-        } else if let Some(tail) = after.strip_prefix('{') {
+        } else if let Some(tail) = after
+            .strip_prefix('{')
+            .filter(|t| RESERVED_REFS.iter().any(|r| t.starts_with(r)))
+        {
             let end = tail
                 .find('}')
                 .ok_or_else(|| format!("\"${{{tail}\" is not closed with '}}'"))?;
@@ -197,6 +209,11 @@ mod tests {
             ),
             ("cost: 5$", "cost: 5$"),
             ("plain", "plain"),
+            // A shell's own references are left alone.
+            (
+                "${HOME}/x ${PORT:-80} ${unclosed",
+                "${HOME}/x ${PORT:-80} ${unclosed",
+            ),
         ];
         for (input, want) in table {
             assert_eq!(expand(input, &c), want, "{input}");

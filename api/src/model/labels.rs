@@ -31,6 +31,9 @@ pub const MAX_LABELS: usize = 64;
 pub const MAX_ANNOTATIONS: usize = 64;
 /// Longest annotation value, in bytes.
 pub const MAX_ANNOTATION_BYTES: usize = 4096;
+/// Most bytes of all of a device's annotations (keys and values): they live in its record,
+/// which every hello rewrites.
+pub const MAX_ANNOTATIONS_TOTAL: usize = 16 * 1024;
 
 /// What a [`LabelChange`] edits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +119,8 @@ pub enum LabelError {
     Empty(&'static str),
     #[error("{1} {0}s are too many: a device has at most {2}")]
     TooMany(&'static str, usize, usize),
+    #[error("annotations of {0} bytes are too many: a device has at most {MAX_ANNOTATIONS_TOTAL}")]
+    Size(usize),
     /// An annotation's value (not quoted: it may be long).
     #[error("annotation {key:?}: the value {reason}")]
     Value { key: String, reason: String },
@@ -218,6 +223,10 @@ impl LabelChange {
         }
         if out.len() > meta.max() {
             return Err(LabelError::TooMany(meta.name(), out.len(), meta.max()));
+        }
+        let total: usize = out.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if meta == Meta::Annotation && total > MAX_ANNOTATIONS_TOTAL {
+            return Err(LabelError::Size(total));
         }
         Ok(out)
     }
@@ -391,6 +400,14 @@ mod tests {
                 .starts_with("annotation \"owner\" already has the value"),
             "{e}"
         );
+        let big: Vec<String> = (0..5)
+            .map(|i| format!("k{i}={}", "x".repeat(4000)))
+            .collect();
+        let e = LabelChange::parse_as(Meta::Annotation, &big, false)
+            .unwrap()
+            .apply_as(Meta::Annotation, &cur)
+            .unwrap_err();
+        assert!(e.to_string().contains("at most 16384"), "{e}");
         // The same text is no label value.
         assert!(LabelChange::parse(&["note=a b"], false).is_err());
     }

@@ -311,6 +311,11 @@ pub fn validate_mounts(
                 errs.push(format!(
                     "{field}.env: name {var:?} is invalid: must be non-empty without '=' or NUL"
                 ));
+            } else if var.starts_with(crate::model::downward::RESERVED_PREFIX) {
+                errs.push(format!(
+                    "{field}.env: name {var:?} is reserved: Shoal sets the {}* variables",
+                    crate::model::downward::RESERVED_PREFIX
+                ));
             } else if env.contains_key(var) {
                 errs.push(format!(
                     "{field}.env.{var} is also set in spec.env: give it one source"

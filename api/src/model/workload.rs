@@ -908,7 +908,15 @@ fn container(c: crate::wire::manifest::ContainerSpec, errs: &mut Vec<String>) ->
         crate::model::caps::validate("spec.container.capabilities", &caps.add, &caps.drop, errs);
     let mut groups = Vec::new();
     for (i, g) in c.supplemental_groups.iter().enumerate() {
-        match g.as_u64().and_then(|n| u32::try_from(n).ok()) {
+        match g
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|n| *n != u32::MAX)
+        {
+            Some(_) if groups.len() >= 32 => {
+                errs.push("spec.container.supplementalGroups: more than 32 groups".to_string());
+                break;
+            }
             Some(n) if !groups.contains(&n) => groups.push(n),
             Some(_) => {}
             None => errs.push(format!(

@@ -106,12 +106,28 @@ pub fn runtime_spec(
         return Err(SpecError::Capabilities(names));
     }
     let mut caps = process.capabilities().clone().unwrap_or_default();
-    // Every set, ambient too, as the runtime's default did: a non-root process keeps them.
+    // Bounding, permitted, effective: all of them. Inheritable and ambient (what a non-root
+    // process keeps) only the defaults not dropped, as before: an added capability does not
+    // reach a non-root `USER`, as in Kubernetes.
+    let defaults: oci_spec::runtime::Capabilities = wanted
+        .iter()
+        .filter(|c| {
+            serde_json::to_value(c)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .is_some_and(|n| {
+                    shoal_api::model::caps::DEFAULT
+                        .iter()
+                        .any(|d| n == format!("CAP_{d}"))
+                })
+        })
+        .copied()
+        .collect();
     caps.set_bounding(Some(wanted.clone()));
     caps.set_effective(Some(wanted.clone()));
     caps.set_permitted(Some(wanted.clone()));
-    caps.set_inheritable(Some(wanted.clone()));
-    caps.set_ambient(Some(wanted.clone()));
+    caps.set_inheritable(Some(defaults.clone()));
+    caps.set_ambient(Some(defaults));
     process.set_capabilities(Some(caps));
     let bounding = wanted;
     spec.set_process(Some(process));
@@ -573,19 +589,31 @@ mod tests {
                 .collect();
             v.sort();
             assert_eq!(c.effective(), c.bounding());
-            assert_eq!(c.ambient(), c.bounding());
             v
+        };
+        let ambient = |s: &oci_spec::runtime::Spec| {
+            let c = s
+                .process()
+                .as_ref()
+                .unwrap()
+                .capabilities()
+                .clone()
+                .unwrap();
+            c.ambient().clone().unwrap().len()
         };
         assert_eq!(
             caps(&spec_of(&image(), &run())),
             ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
         );
         let mut r = run();
-        r.cap_add = vec!["NET_RAW".into(), "SYS_NICE".into()];
+        assert_eq!(ambient(&spec_of(&image(), &run())), 3);
+        r.cap_add = vec!["CHOWN".into(), "KILL".into()];
         r.cap_drop = vec!["ALL".into()];
         r.groups = vec![4242];
         let s = spec_of(&image(), &r);
-        assert_eq!(caps(&s), ["CAP_NET_RAW", "CAP_SYS_NICE"]);
+        assert_eq!(caps(&s), ["CAP_CHOWN", "CAP_KILL"]);
+        // Only the default one (KILL) is ambient: an added CHOWN does not reach a non-root user.
+        assert_eq!(ambient(&s), 1);
         let gids = s
             .process()
             .as_ref()
