@@ -14,7 +14,7 @@ const MIB: u64 = 1024 * 1024;
 /// Path of an example guest; fails the test (with how to build it) when it is missing.
 fn example(name: &str) -> PathBuf {
     let file = format!("{name}.wasm");
-    let target = if name == "hello" || name == "netprobe" {
+    let target = if ["hello", "netprobe", "serial-component"].contains(&name) {
         "wasm32-wasip2"
     } else {
         "wasm32-wasip1"
@@ -633,5 +633,35 @@ async fn a_guest_talks_to_its_granted_serial_device_and_opens_no_other() {
         }
     );
     assert!(log_text(&log).contains(&format!("cannot open {path}: -1")));
+    fx.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_component_talks_to_its_granted_serial_device_through_shoal_device_io() {
+    use std::io::Write;
+    let fx = Fixture::new();
+    let module = fx.prepare("serial-component").await;
+    let (master, _slave, path) = pty();
+    let mut run = spec("serial-c-0", &["c1", "--try", "/dev/null"]);
+    run.env.insert("SHOAL_DEVICES_SERIAL".into(), path.clone());
+    run.devices = vec![PathBuf::from(&path)];
+    let log = fx.log("serial-c-0");
+    let guest = tokio::spawn(
+        fx.runtime
+            .run(module, run, log.clone(), CancellationToken::new()),
+    );
+    assert_eq!(read_line_with(&master, "ping from").await, "ping from c1");
+    (&master).write_all(b"pong 7\n").unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(20), guest)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit, Exit::Success, "{}", log_text(&log));
+    let text = log_text(&log);
+    assert!(text.contains("reply: pong 7"), "{text}");
+    assert!(
+        text.contains("open /dev/null: device \"/dev/null\" is not granted to this replica"),
+        "{text}"
+    );
     fx.stop().await;
 }
