@@ -84,6 +84,7 @@ pub(crate) async fn apply(
         .collect();
     let mut manifests: Vec<_> = stream.workloads.iter().map(|(_, m)| m.clone()).collect();
     let secrets: Vec<_> = stream.secrets.into_iter().map(|(_, s)| s).collect();
+    let configs: Vec<_> = stream.configs.into_iter().map(|(_, c)| c).collect();
     let workloads = validate_all(stream.workloads).map_err(|e| report(&e))?;
 
     // Upload modules given as local paths; refer to them by digest. Pin `oci://` tags to the
@@ -152,7 +153,8 @@ pub(crate) async fn apply(
     if !errors.is_empty() {
         return Err(report(&errors));
     }
-    let payload = to_yaml_stream(&manifests, &secrets).context("cannot encode manifest")?;
+    let payload =
+        to_yaml_stream(&manifests, &secrets, &configs).context("cannot encode manifest")?;
     // Secret values go over HTTPS to the hub only: on MQTT the broker (and any operator
     // subscribed to shoal/v1/apply) would see them.
     let result = if secrets.is_empty() {
@@ -169,6 +171,9 @@ pub(crate) async fn apply(
     if matches!(output, Output::Table | Output::Wide) {
         for (name, verdict) in &result.secrets {
             println!("secret/{name} {verdict}");
+        }
+        for (name, verdict) in &result.configs {
+            println!("config/{name} {verdict}");
         }
         for (name, verdict) in &result.workloads {
             println!("workload/{name} {verdict}");

@@ -16,6 +16,7 @@
 //! work.
 
 mod apply;
+mod config;
 mod credentials;
 mod device;
 mod hub;
@@ -25,6 +26,7 @@ mod tables;
 mod watch;
 
 use apply::*;
+use config::*;
 use credentials::*;
 use device::*;
 use hub::*;
@@ -45,7 +47,7 @@ use shoal_api::wire::manifest::{parse_stream, to_yaml_stream, ManifestError};
 use shoal_api::wire::messages::ApplyResult;
 use shoal_api::wire::topics;
 use shoal_api::wire::views::{
-    ApiError, BlobRef, DeviceView, EventView, LogEntry, SecretView, WorkloadView,
+    ApiError, BlobRef, ConfigView, DeviceView, EventView, LogEntry, SecretView, WorkloadView,
 };
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -152,7 +154,8 @@ enum Command {
         /// `oci://REGISTRY/REPOSITORY:TAG`.
         destination: Option<shoal_api::model::oci::OciRef>,
     },
-    /// List devices, workloads, secrets (names and keys, never values) or recent events.
+    /// List devices, workloads, secrets (names and keys, never values), configs or recent
+    /// events.
     Get {
         #[arg(value_enum)]
         kind: Kind,
@@ -163,13 +166,13 @@ enum Command {
         #[arg(short = 'w', long)]
         watch: bool,
     },
-    /// Show one workload, secret or device in detail.
+    /// Show one workload, secret, config (with each device's values) or device in detail.
     Describe {
         #[arg(value_enum)]
         kind: DescribeKind,
         name: String,
     },
-    /// Delete a workload, or a secret no workload uses.
+    /// Delete a workload, or a secret or config no workload uses.
     Delete {
         #[arg(value_enum)]
         kind: OneKind,
@@ -300,6 +303,9 @@ enum Kind {
     /// Names, keys and versions only: values are never shown.
     #[value(alias = "secret")]
     Secrets,
+    /// Names, keys, overrides and users (`describe config` shows the values).
+    #[value(alias = "config")]
+    Configs,
     /// What happened in the fleet: placements, restarts, failures, rollouts, devices.
     #[value(alias = "event")]
     Events,
@@ -313,6 +319,8 @@ enum OneKind {
     Workload,
     #[value(alias = "secrets")]
     Secret,
+    #[value(alias = "configs")]
+    Config,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -323,6 +331,8 @@ enum DescribeKind {
     Secret,
     #[value(alias = "devices")]
     Device,
+    #[value(alias = "configs")]
+    Config,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -341,12 +351,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     if let Command::Get {
-        kind: Kind::Devices | Kind::Workloads | Kind::Secrets,
+        kind: Kind::Devices | Kind::Workloads | Kind::Secrets | Kind::Configs,
         object: Some(_),
         ..
     }
     | Command::Get {
-        kind: Kind::Devices | Kind::Workloads | Kind::Secrets,
+        kind: Kind::Devices | Kind::Workloads | Kind::Secrets | Kind::Configs,
         watch: true,
         ..
     } = &cli.command
@@ -421,6 +431,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_secrets(&secrets, cli.output)
         }
         Command::Get {
+            kind: Kind::Configs,
+            ..
+        } => {
+            let configs: Vec<ConfigView> = hub.get("/v1/configs").await?;
+            emit(&configs, cli.output, |_| configs_table(&configs))
+        }
+        Command::Get {
             kind: Kind::Events,
             object,
             watch,
@@ -435,6 +452,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             kind: DescribeKind::Device,
             name,
         } => describe_device(&hub, &name, cli.output).await,
+        Command::Describe {
+            kind: DescribeKind::Config,
+            name,
+        } => describe_config(&hub, &name, cli.output).await,
         Command::Describe {
             kind: DescribeKind::Secret,
             name,
@@ -456,6 +477,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             hub.delete(&format!("/v1/secrets/{name}")).await?;
             println!("secret/{name} deleted");
+            Ok(())
+        }
+        Command::Delete {
+            kind: OneKind::Config,
+            name,
+        } => {
+            hub.delete(&format!("/v1/configs/{name}")).await?;
+            println!("config/{name} deleted");
             Ok(())
         }
         Command::Delete { name, .. } => {

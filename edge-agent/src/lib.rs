@@ -3,6 +3,7 @@
 pub mod app;
 pub mod bus;
 pub mod config;
+pub mod configs;
 pub mod core;
 pub mod dev;
 pub mod enroll;

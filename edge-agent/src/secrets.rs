@@ -288,7 +288,7 @@ fn check_version(v: &str) -> bool {
 }
 
 /// Removes a directory made read-only (0555): it must be writable to empty it.
-fn remove_readonly(dir: &Path) {
+pub(crate) fn remove_readonly(dir: &Path) {
     let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -120,6 +120,11 @@ name_newtype!(
     "secret name"
 );
 name_newtype!(
+    /// A config's `metadata.name` (a DNS-1123 label).
+    ConfigName,
+    "config name"
+);
+name_newtype!(
     /// A named operator (`shoal-hub operator create NAME`; a DNS-1123 label).
     OperatorName,
     "operator name"

@@ -2,6 +2,7 @@
 //! re-checks it. Ids are newtypes; a [`workload::Workload`] is a checked manifest.
 
 pub mod caps;
+pub mod config;
 pub mod downward;
 pub mod hardware;
 pub mod ids;
@@ -9,6 +10,7 @@ pub mod labels;
 pub mod network;
 pub mod oci;
 pub mod quantity;
+pub mod refs;
 pub mod secret;
 pub mod selector;
 pub mod volume;

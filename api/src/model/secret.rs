@@ -22,7 +22,6 @@
 //! key (see `shoal_pki::secret`), in [`SealedSecret`]s, and see files read-only.
 
 use crate::model::ids::SecretName;
-use crate::model::volume::Volume;
 use crate::wire::manifest::Metadata;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -246,128 +245,33 @@ pub fn parse(doc: &serde_yaml_ng::Value) -> Result<Secret, Vec<String>> {
     }
 }
 
-/// How one workload uses one secret (`spec.secrets[]`), validated.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SecretMount {
-    pub name: SecretName,
-    /// Directory where each key is a read-only file; `None`: no files (env only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
-    /// Environment variable → key.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub env: BTreeMap<String, String>,
-}
+/// How one workload uses one secret (`spec.secrets[]`), validated (see [`crate::model::refs`]).
+pub type SecretMount = crate::model::refs::Ref<SecretName>;
 
-/// Validates `spec.secrets` against the workload's own `env` and `volumes`, pushing every
-/// problem to `errs`.
+/// Secrets as workloads reference them.
+pub const KIND: crate::model::refs::Kind = crate::model::refs::Kind {
+    name: "secret",
+    field: "spec.secrets",
+    default_dir: DEFAULT_DIR,
+};
+
+/// Validates `spec.secrets` against the workload's own `env` and what is `taken` (its
+/// volumes), pushing every problem to `errs`.
 pub fn validate_mounts(
     wire: Vec<crate::wire::manifest::SecretRef>,
     env: &BTreeMap<String, String>,
-    volumes: &[Volume],
+    taken: &mut Vec<crate::model::refs::Taken>,
     errs: &mut Vec<String>,
 ) -> Vec<SecretMount> {
-    let mut out: Vec<SecretMount> = Vec::new();
-    for (i, r) in wire.into_iter().enumerate() {
-        let field = format!("spec.secrets[{i}]");
-        let before = errs.len();
-        let name = match SecretName::try_from(r.name.as_str()) {
-            Ok(n) => Some(n),
-            Err(e) => {
-                errs.push(format!("{field}.name: {e}"));
-                None
-            }
-        };
-        let path = match (&r.path, r.env.is_empty()) {
-            (Some(p), _) => Some(p.clone()),
-            (None, true) => Some(format!("{DEFAULT_DIR}/{}", r.name)),
-            (None, false) => None,
-        };
-        if let Some(p) = &path {
-            if let Err(e) = crate::model::volume::check_path(p) {
-                errs.push(format!("{field}.path: {e}"));
-            } else if let Some(v) = volumes
-                .iter()
-                .find(|v| crate::model::volume::nested(&v.path, p))
-            {
-                errs.push(format!(
-                    "{field}.path {p:?} overlaps volume {:?} at {:?}",
-                    v.name, v.path
-                ));
-            } else if let Some(o) = out.iter().find(|o| {
-                o.path
-                    .as_deref()
-                    .is_some_and(|q| crate::model::volume::nested(q, p))
-            }) {
-                errs.push(format!(
-                    "{field}.path {p:?} overlaps secret {:?} at {:?}",
-                    o.name.as_str(),
-                    o.path.as_deref().unwrap_or_default()
-                ));
-            }
-        }
-        for (var, key) in &r.env {
-            if var.is_empty() || var.contains('=') || var.contains('\0') {
-                errs.push(format!(
-                    "{field}.env: name {var:?} is invalid: must be non-empty without '=' or NUL"
-                ));
-            } else if var.starts_with(crate::model::downward::RESERVED_PREFIX) {
-                errs.push(format!(
-                    "{field}.env: name {var:?} is reserved: Shoal sets the {}* variables",
-                    crate::model::downward::RESERVED_PREFIX
-                ));
-            } else if env.contains_key(var) {
-                errs.push(format!(
-                    "{field}.env.{var} is also set in spec.env: give it one source"
-                ));
-            } else if out.iter().any(|o| o.env.contains_key(var)) {
-                errs.push(format!(
-                    "{field}.env.{var} is set by another secret reference too"
-                ));
-            }
-            if let Err(e) = check_key(key) {
-                errs.push(format!("{field}.env.{var}: {e}"));
-            }
-        }
-        if let (Some(name), true) = (name, errs.len() == before) {
-            out.push(SecretMount {
-                name,
-                path,
-                env: r.env,
-            });
-        }
-    }
-    out
+    crate::model::refs::validate(KIND, wire, env, taken, errs)
 }
 
-/// What each mount needs that the known secrets lack: a missing secret, or a key an `env`
-/// entry names that the secret does not have. `keys_of` gives a secret's keys, or `None`
-/// when no such secret exists.
+/// What each mount needs that the known secrets lack (see [`crate::model::refs::unresolved`]).
 pub fn unresolved(
     mounts: &[SecretMount],
     keys_of: impl Fn(&SecretName) -> Option<Vec<String>>,
 ) -> Vec<String> {
-    let mut out = Vec::new();
-    for (i, m) in mounts.iter().enumerate() {
-        match keys_of(&m.name) {
-            None => out.push(format!(
-                "spec.secrets[{i}].name: secret {:?} does not exist: apply it first (or in the same manifest)",
-                m.name.as_str()
-            )),
-            Some(keys) => {
-                for (var, key) in &m.env {
-                    if !keys.contains(key) {
-                        out.push(format!(
-                            "spec.secrets[{i}].env.{var}: secret {:?} has no key {key:?} (it has {})",
-                            m.name.as_str(),
-                            keys.join(", ")
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    out
+    crate::model::refs::unresolved(KIND, mounts, keys_of)
 }
 
 /// A mount as a device receives it: the version of the secret to run with. A new version
@@ -421,6 +325,7 @@ pub mod b64 {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::model::volume::Volume;
 
     fn yaml(s: &str) -> serde_yaml_ng::Value {
         serde_yaml_ng::from_str(s).unwrap()
@@ -528,7 +433,7 @@ mod tests {
                 wire("tls", Some("/etc/tls"), &[]),
             ],
             &env,
-            &vols,
+            &mut crate::model::refs::volumes(&vols),
             &mut errs,
         );
         assert!(errs.is_empty(), "{errs:?}");
@@ -545,7 +450,7 @@ mod tests {
                 wire("w", Some("rel"), &[("", "k")]),
             ],
             &env,
-            &vols,
+            &mut crate::model::refs::volumes(&vols),
             &mut errs,
         );
         assert!(bad.is_empty());
@@ -571,7 +476,7 @@ mod tests {
                 wire("gone", None, &[]),
             ],
             &BTreeMap::new(),
-            &[],
+            &mut Vec::new(),
             &mut errs,
         );
         let missing = unresolved(&mounts, |n| {

@@ -330,6 +330,13 @@ pub struct Workload {
     /// `resources.devices`: hardware nodes per class (see [`crate::model::hardware`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub devices: crate::model::hardware::DeviceRequests,
+    /// `spec.configs` (see [`crate::model::config`]): references.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub configs: Vec<crate::model::config::ConfigMount>,
+    /// The content of each config `configs` names, as the hub pinned it when this revision
+    /// was made (empty in a manifest): a new config is a new revision, which rolls out.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub configs_pinned: BTreeMap<crate::model::ids::ConfigName, crate::model::config::Config>,
 }
 
 impl Workload {
@@ -361,6 +368,11 @@ impl Workload {
             secrets: &'a [crate::model::secret::SecretMount],
             #[serde(skip_serializing_if = "BTreeMap::is_empty")]
             devices: &'a crate::model::hardware::DeviceRequests,
+            #[serde(skip_serializing_if = "<[_]>::is_empty")]
+            configs: &'a [crate::model::config::ConfigMount],
+            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+            configs_pinned:
+                &'a BTreeMap<crate::model::ids::ConfigName, crate::model::config::Config>,
         }
         // Empty lists are left out so that revisions of workloads written before ports and
         // uses existed do not change (which would restart every replica on upgrade).
@@ -379,6 +391,8 @@ impl Workload {
             limits: &self.limits,
             secrets: &self.secrets,
             devices: &self.devices,
+            configs: &self.configs,
+            configs_pinned: &self.configs_pinned,
         };
         // Serializing plain structs and BTreeMaps cannot fail; fall back to Debug regardless.
         let bytes =
@@ -573,8 +587,11 @@ impl TryFrom<WorkloadManifest> for Workload {
             &mut errs,
         );
         let limits = run_limits(spec.limits, &mut errs);
+        let mut taken = crate::model::refs::volumes(&volumes);
         let secrets =
-            crate::model::secret::validate_mounts(spec.secrets, &spec.env, &volumes, &mut errs);
+            crate::model::secret::validate_mounts(spec.secrets, &spec.env, &mut taken, &mut errs);
+        let configs =
+            crate::model::config::validate_mounts(spec.configs, &spec.env, &mut taken, &mut errs);
 
         match (name, placement, variants, memory, cpu, restart) {
             (
@@ -606,6 +623,8 @@ impl TryFrom<WorkloadManifest> for Workload {
                 limits,
                 secrets,
                 devices,
+                configs,
+                configs_pinned: BTreeMap::new(),
             }),
             _ => Err(errs),
         }

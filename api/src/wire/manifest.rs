@@ -1,4 +1,5 @@
-//! Fleet manifest wire format (`apiVersion: shoal.dev/v1`, `kind: Workload` or `Secret`).
+//! Fleet manifest wire format (`apiVersion: shoal.dev/v1`, `kind: Workload`, `Secret` or
+//! `Config`).
 //!
 //! A manifest is a YAML stream: several documents separated by `---`, each one workload or
 //! secret (a document may also be a sequence of them, which is how a JSON array arrives).
@@ -89,16 +90,21 @@ pub struct WorkloadSpec {
     /// [`crate::model::secret`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<SecretRef>,
+    /// Configs the workload reads, as files or environment variables (see
+    /// [`crate::model::config`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub configs: Vec<SecretRef>,
 }
 
-/// `spec.secrets[]`: `{ name: db, path: /etc/db, env: { DB_PASSWORD: password } }`.
+/// `spec.secrets[]` and `spec.configs[]`: `{ name: db, path: /etc/db, env: { DB_PASSWORD:
+/// password } }`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecretRef {
-    /// The secret's `metadata.name`.
+    /// The secret's (config's) `metadata.name`.
     pub name: String,
-    /// Directory where each key is a read-only file (default `/run/secrets/{name}` unless
-    /// `env` is given).
+    /// Directory where each key is a read-only file (default `/run/secrets/{name}`, or
+    /// `/run/configs/{name}`, unless `env` is given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     /// Environment variable → the key whose value it takes.
@@ -296,7 +302,7 @@ pub struct ManifestError {
     /// The object's name (a workload's, unless `kind` says otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<String>,
-    /// `Secret` when the object is a secret; absent for workloads.
+    /// `Secret` or `Config` when the object is one; absent for workloads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
     pub message: String,
@@ -312,12 +318,23 @@ impl ManifestError {
             message,
         }
     }
+
+    /// A problem with config `name` (if known) in document `document`.
+    pub fn config(document: usize, name: Option<String>, message: String) -> Self {
+        Self {
+            document,
+            workload: name,
+            kind: Some(CONFIG.into()),
+            message,
+        }
+    }
 }
 
 impl std::fmt::Display for ManifestError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match self.kind.as_deref() {
             Some(SECRET) => "secret",
+            Some(CONFIG) => "config",
             _ => "workload",
         };
         match &self.workload {
@@ -334,17 +351,55 @@ impl std::fmt::Display for ManifestError {
 /// The `kind` of a secret document.
 pub const SECRET: &str = "Secret";
 
+/// The `kind` of a config document.
+pub const CONFIG: &str = "Config";
+
+/// A `kind: Config` document as written (see [`crate::model::config`], which validates it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConfigManifest {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ConfigMetadata,
+    /// Key → text value: every key a workload may read.
+    #[serde(default)]
+    pub data: BTreeMap<String, String>,
+    /// Values for some devices: by id, or by a selector on the operator's labels.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overrides: Vec<OverrideManifest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigMetadata {
+    pub name: String,
+}
+
+/// `overrides[]`: `{ device: board-7, data: {…} }` or `{ selector: { site: berlin }, data: {…} }`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverrideManifest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<BTreeMap<String, crate::model::selector::WireRequirement>>,
+    #[serde(default)]
+    pub data: BTreeMap<String, String>,
+}
+
 /// A manifest stream, parsed: its workload documents (to validate) and its secrets.
 #[derive(Debug, Default)]
 pub struct Stream {
     pub workloads: Vec<Located<WorkloadManifest>>,
     pub secrets: Vec<Located<crate::model::secret::Secret>>,
+    pub configs: Vec<Located<crate::model::config::Config>>,
 }
 
 /// A parsed document: its 1-based position in the stream and its content.
 pub type Located<T> = (usize, T);
 
-/// Splits a YAML stream (or a JSON document or array) into workload manifests and secrets.
+/// Splits a YAML stream (or a JSON document or array) into workload manifests, secrets and
+/// configs.
 ///
 /// Each document is parsed independently, so one broken document does not hide the problems of
 /// the others; every error found is returned. Empty documents are skipped.
@@ -380,7 +435,7 @@ pub fn parse_stream(text: &str) -> Result<Stream, Vec<ManifestError>> {
             .and_then(|n| n.as_str())
             .map(str::to_string)
     };
-    let is_secret = |v: &Value| v.get("kind").and_then(|k| k.as_str()) == Some(SECRET);
+    let kind_of = |v: &Value| v.get("kind").and_then(|k| k.as_str()).map(str::to_string);
     let mut out = Stream::default();
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let n = i + 1;
@@ -393,7 +448,7 @@ pub fn parse_stream(text: &str) -> Result<Stream, Vec<ManifestError>> {
                 errors.push(ManifestError {
                     document: n,
                     message:
-                        "expected a Workload or Secret mapping (apiVersion, kind, metadata, ...)"
+                        "expected a Workload, Secret or Config mapping (apiVersion, kind, metadata, ...)"
                             .into(),
                     ..Default::default()
                 });
@@ -402,7 +457,25 @@ pub fn parse_stream(text: &str) -> Result<Stream, Vec<ManifestError>> {
         };
         let mut doc = matches!(shape, Some(Value::Mapping(_))).then_some(doc);
         for item in items {
-            if is_secret(item) {
+            let kind = kind_of(item);
+            if kind.as_deref() == Some(CONFIG) {
+                let parsed = match doc.take() {
+                    Some(d) => ConfigManifest::deserialize(d),
+                    None => serde_yaml_ng::from_value::<ConfigManifest>(item.clone()),
+                };
+                let checked = parsed
+                    .map_err(|e| vec![e.to_string()])
+                    .and_then(crate::model::config::Config::try_from);
+                match checked {
+                    Ok(c) => out.configs.push((n, c)),
+                    Err(es) => errors.extend(
+                        es.into_iter()
+                            .map(|m| ManifestError::config(n, name_of(item), m)),
+                    ),
+                }
+                continue;
+            }
+            if kind.as_deref() == Some(SECRET) {
                 match crate::model::secret::parse(item) {
                     Ok(s) => out.secrets.push((n, s)),
                     Err(es) => errors.extend(
@@ -432,10 +505,10 @@ pub fn parse_stream(text: &str) -> Result<Stream, Vec<ManifestError>> {
     if !errors.is_empty() {
         return Err(errors);
     }
-    if out.workloads.is_empty() && out.secrets.is_empty() {
+    if out.workloads.is_empty() && out.secrets.is_empty() && out.configs.is_empty() {
         return Err(vec![ManifestError {
             document: 1,
-            message: "manifest contains no workloads or secrets".into(),
+            message: "manifest contains no workloads, secrets or configs".into(),
             ..Default::default()
         }]);
     }
@@ -469,13 +542,18 @@ fn unquote(text: &str) -> String {
     out
 }
 
-/// Renders manifests (and secrets, values base64) back to a YAML stream: what `shoal apply`
-/// publishes after uploading local modules.
+/// Renders manifests (and secrets, values base64, and configs) back to a YAML stream: what
+/// `shoal apply` publishes after uploading local modules.
 pub fn to_yaml_stream(
     manifests: &[WorkloadManifest],
     secrets: &[crate::model::secret::Secret],
+    configs: &[crate::model::config::Config],
 ) -> Result<String, serde_yaml_ng::Error> {
     let mut out = String::new();
+    for c in configs {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml_ng::to_string(&c.to_manifest())?);
+    }
     for s in secrets {
         out.push_str("---\n");
         out.push_str(&serde_yaml_ng::to_string(&s.to_manifest())?);
@@ -517,6 +595,7 @@ mod tests {
         let again = to_yaml_stream(
             &[s.workloads[0].1.clone()],
             &s.secrets.iter().map(|(_, x)| x.clone()).collect::<Vec<_>>(),
+            &[],
         )
         .unwrap();
         let back = parse_stream(&again).unwrap();

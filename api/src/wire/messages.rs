@@ -171,6 +171,10 @@ pub struct DesiredWorkload {
     /// Hardware nodes per class the device hands the replica (`resources.devices`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub devices: crate::model::hardware::DeviceRequests,
+    /// The configs the replica reads as files, with this device's values (the variables it
+    /// reads from configs are in `env` already).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub configs: Vec<crate::model::config::ConfigFiles>,
 }
 
 impl DesiredWorkload {
@@ -211,6 +215,8 @@ impl DesiredWorkload {
             network: w.network.clone(),
             limits: w.limits,
             devices: w.devices.clone(),
+            // The hub resolves them per device (`Self::read_configs`).
+            configs: Vec::new(),
             // The hub fills in each secret's version.
             secrets: w
                 .secrets
@@ -242,6 +248,21 @@ impl DesiredWorkload {
             *a = expand(a, &ctx);
         }
         self.env.extend(env(&ctx));
+    }
+
+    /// Adds what the replica reads from `spec`'s pinned configs on `device` (operator labels
+    /// `labels`): files, and variables. After [`Self::place_on`]: config values are literal,
+    /// never expanded.
+    pub fn read_configs(
+        &mut self,
+        spec: &Workload,
+        device: &DeviceId,
+        labels: &BTreeMap<String, String>,
+    ) {
+        let (files, env) =
+            crate::model::config::for_device(&spec.configs, &spec.configs_pinned, device, labels);
+        self.configs = files;
+        self.env.extend(env);
     }
 
     /// The replica's identity on its device, e.g. `hello-0`.
@@ -389,6 +410,9 @@ pub struct ApplyResult {
     /// The same for each accepted secret.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub secrets: BTreeMap<String, String>,
+    /// The same for each accepted config.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub configs: BTreeMap<String, String>,
     /// Every reason the manifest was rejected (empty when accepted).
     #[serde(default)]
     pub errors: Vec<ManifestError>,

@@ -142,6 +142,60 @@ pub struct SecretView {
     pub updated_ms: u64,
 }
 
+/// A config as `shoal get configs` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigView {
+    pub name: String,
+    pub keys: Vec<String>,
+    /// How many overrides it has.
+    pub overrides: usize,
+    /// Changes with the content.
+    pub version: String,
+    /// Workloads that read it.
+    #[serde(default)]
+    pub used_by: Vec<String>,
+}
+
+/// `shoal describe config`: the config, who reads which version of it, and which value each
+/// device gets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigDescription {
+    pub config: crate::model::config::Config,
+    pub version: String,
+    #[serde(default)]
+    pub users: Vec<ConfigUser>,
+    /// Every device the hub knows, with its values.
+    #[serde(default)]
+    pub devices: Vec<DeviceValues>,
+}
+
+/// A workload that reads a config, and the version its current spec pinned (an older one
+/// after a rollback, until the config or the workload is applied again).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigUser {
+    pub workload: String,
+    pub version: String,
+}
+
+/// One device's values of a config, each with where it comes from (`data` or
+/// `overrides[i]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceValues {
+    pub device: String,
+    pub values: BTreeMap<String, ResolvedValue>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedValue {
+    pub value: String,
+    pub from: crate::model::config::Source,
+}
+
 /// A workload's latest rollout (`shoal rollout status`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -71,7 +71,7 @@ pub enum AgentError {
     NoBroker,
     #[error(transparent)]
     Enroll(#[from] crate::enroll::EnrollError),
-    #[error("secrets directory: {0}")]
+    #[error("secrets or configs directory: {0}")]
     Secrets(crate::secrets::FileError),
 }
 
@@ -197,6 +197,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     // the first reconcile sweeps the rest.
     let secrets = crate::secrets::SecretFiles::new(&config.data_dir);
     secrets.prepare().map_err(AgentError::Secrets)?;
+    let configs = crate::configs::ConfigDirs::new(&config.data_dir);
+    configs.prepare().map_err(AgentError::Secrets)?;
     let shared = Shared {
         runtime: Arc::new(Runtimes {
             wasm: Arc::new(WasmWorkloads::new(runtime, fetcher, hub_http_rx.clone())),
@@ -205,6 +207,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         logs_dir: config.data_dir.join("logs"),
         volumes: crate::volumes::Volumes::new(config.data_dir.join("volumes")),
         secrets,
+        configs,
         updates: up_tx,
         http: crate::http_client(reqwest::Client::builder()).unwrap_or_default(),
     };

@@ -8,7 +8,7 @@
 //! the loop hands it the network grants of a replica and publishes what it reports.
 
 use crate::core::hardware::{Grant, Holder, Holdings, Inventory};
-use crate::core::plan::{plan, secret_versions, Action, Observed};
+use crate::core::plan::{config_digests, plan, secret_versions, Action, Observed};
 use crate::local::RestartError;
 use crate::replica::supervisor::{self, Shared, Update};
 use crate::runtime::Network;
@@ -71,6 +71,8 @@ struct Replica {
     revision: String,
     /// The secrets it runs with, at their versions ([`crate::core::plan::secret_versions`]).
     secrets: BTreeSet<(SecretName, String)>,
+    /// Its config files ([`crate::core::plan::config_digests`]).
+    configs: BTreeSet<String>,
     /// The container's id when it runs the container variant (its stop may take a grace
     /// period).
     container: Option<String>,
@@ -78,6 +80,14 @@ struct Replica {
     controls: supervisor::Controls,
     handle: JoinHandle<()>,
 }
+
+/// A container stopping in the background: its workload, and the secrets and config files
+/// it may still read.
+type Stopping = (
+    WorkloadName,
+    BTreeSet<(SecretName, String)>,
+    BTreeSet<String>,
+);
 
 /// The desired state, the replicas and their statuses.
 pub struct Replicas {
@@ -90,7 +100,7 @@ pub struct Replicas {
     statuses: BTreeMap<String, InstanceStatus>,
     /// Containers still stopping in the background (id → workload): their workloads'
     /// volumes stay, and a replica that would reuse the id waits for them.
-    stopping: BTreeMap<String, (WorkloadName, BTreeSet<(SecretName, String)>)>,
+    stopping: BTreeMap<String, Stopping>,
     /// Where a container that stopped in the background says so ([`Replicas::gone`]).
     gone_tx: mpsc::Sender<String>,
     next_task: u64,
@@ -219,6 +229,7 @@ impl Replicas {
                     Observed {
                         revision: r.revision.clone(),
                         secrets: r.secrets.clone(),
+                        configs: r.configs.clone(),
                     },
                 )
             })
@@ -420,7 +431,8 @@ impl Replicas {
         })
     }
 
-    /// Removes opened secrets that neither the desired state nor a running replica uses.
+    /// Removes opened secrets and config files that neither the desired state nor a running
+    /// replica uses.
     fn sweep_secrets(&self) {
         let Some(desired) = &self.desired else {
             return;
@@ -434,9 +446,29 @@ impl Replicas {
                     .values()
                     .flat_map(|r| r.secrets.iter().cloned()),
             )
-            .chain(self.stopping.values().flat_map(|(_, s)| s.iter().cloned()))
+            .chain(
+                self.stopping
+                    .values()
+                    .flat_map(|(_, s, _)| s.iter().cloned()),
+            )
             .collect();
         self.shared.secrets.sweep(&keep);
+        let keep: BTreeSet<String> = desired
+            .workloads
+            .iter()
+            .flat_map(config_digests)
+            .chain(
+                self.replicas
+                    .values()
+                    .flat_map(|r| r.configs.iter().cloned()),
+            )
+            .chain(
+                self.stopping
+                    .values()
+                    .flat_map(|(_, _, c)| c.iter().cloned()),
+            )
+            .collect();
+        self.shared.configs.sweep(&keep);
     }
 
     /// Sweeps the volumes of workloads this device no longer runs (not desired, no replica
@@ -451,7 +483,7 @@ impl Replicas {
             .iter()
             .map(|w| w.name.as_str())
             .chain(self.replicas.values().map(|r| r.workload.as_str()))
-            .chain(self.stopping.values().map(|(w, _)| w.as_str()))
+            .chain(self.stopping.values().map(|(w, _, _)| w.as_str()))
             .collect();
         let retention = self.settings.volume_retention;
         for swept in self.shared.volumes.sweep(&keep, now_ms(), retention) {
@@ -500,6 +532,7 @@ impl Replicas {
         let revision = w.revision.clone();
         let workload = w.name.clone();
         let secrets = secret_versions(&w);
+        let configs = config_digests(&w);
         let container = w
             .container
             .is_some()
@@ -519,6 +552,7 @@ impl Replicas {
                 workload,
                 revision,
                 secrets,
+                configs,
                 container,
                 task,
                 controls,
@@ -568,7 +602,8 @@ impl Replicas {
                 // Its volumes, secret files and hardware nodes stay until it is gone.
                 self.hardware
                     .hand_over(&holder, Holder::Stopping(id.clone()));
-                self.stopping.insert(id.clone(), (r.workload, r.secrets));
+                self.stopping
+                    .insert(id.clone(), (r.workload, r.secrets, r.configs));
                 let gone = self.gone_tx.clone();
                 self.tracker.spawn(async move {
                     let _ = r.handle.await;
@@ -684,6 +719,7 @@ mod tests {
 
     fn workload(name: &str, replica: u32, revision: &str) -> DesiredWorkload {
         DesiredWorkload {
+            configs: Vec::new(),
             name: WorkloadName::try_from(name).unwrap(),
             replica,
             revision: revision.into(),
@@ -765,6 +801,7 @@ mod tests {
                 logs_dir: dir.join("logs"),
                 volumes: crate::volumes::Volumes::new(dir.join("volumes")),
                 secrets: crate::secrets::SecretFiles::new(dir),
+                configs: crate::configs::ConfigDirs::new(dir),
                 updates: tx,
                 http: crate::http_client(reqwest::Client::builder()).unwrap(),
             };

@@ -16,6 +16,14 @@ pub struct Observed {
     pub revision: String,
     /// The secrets it runs with, and their versions ([`secret_versions`]).
     pub secrets: BTreeSet<(SecretName, String)>,
+    /// The config files it runs with ([`config_digests`]).
+    pub configs: BTreeSet<String>,
+}
+
+/// The digests of the config files a replica runs with (see
+/// [`shoal_api::model::config::ConfigFiles::digest`]).
+pub fn config_digests(w: &DesiredWorkload) -> BTreeSet<String> {
+    w.configs.iter().map(|c| c.digest()).collect()
 }
 
 /// The (secret, version) pairs a replica runs with.
@@ -49,8 +57,13 @@ pub fn plan(desired: &[DesiredWorkload], observed: &BTreeMap<String, Observed>) 
     for d in desired {
         match observed.get(&d.instance()) {
             None => actions.push(Action::Start(d.clone())),
-            // A new revision, or a secret it uses changed: run it again.
-            Some(o) if o.revision != d.revision || o.secrets != secret_versions(d) => {
+            // A new revision, or a secret it uses changed, or its config values (its
+            // device's labels moved it to another override): run it again.
+            Some(o)
+                if o.revision != d.revision
+                    || o.secrets != secret_versions(d)
+                    || o.configs != config_digests(d) =>
+            {
                 actions.push(Action::Replace(d.clone()))
             }
             Some(_) => {}
@@ -110,6 +123,7 @@ mod tests {
 
     fn dw(name: &str, replica: u32, rev: &str) -> DesiredWorkload {
         DesiredWorkload {
+            configs: Vec::new(),
             name: WorkloadName::try_from(name).unwrap(),
             replica,
             revision: rev.into(),
@@ -222,6 +236,7 @@ mod tests {
             BTreeMap::from([(
                 d.instance(),
                 Observed {
+                    configs: config_digests(d),
                     revision: d.revision.clone(),
                     secrets: secret_versions(d),
                 },

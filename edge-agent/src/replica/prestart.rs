@@ -1,4 +1,5 @@
-//! Before a replica's first run: its volumes made (or found) and its secrets opened, as the
+//! Before a replica's first run: its volumes made (or found), its secrets opened and its
+//! config files written, as the
 //! mounts and environment variables the run gets. A secret not on the device yet is an
 //! error the supervisor retries now and then (it may arrive under the same version).
 
@@ -15,6 +16,8 @@ pub enum PrestartError {
     Volumes(#[from] crate::volumes::VolumeError),
     #[error(transparent)]
     Secrets(#[from] crate::secrets::ForRunError),
+    #[error(transparent)]
+    Configs(#[from] crate::configs::ConfigError),
 }
 
 /// What a run gets from its volumes and secrets.
@@ -33,15 +36,18 @@ impl Prestart {
     }
 }
 
-/// Volumes, then secrets: their mounts and the environment variables they give.
+/// Volumes, then secrets, then configs: their mounts and the environment variables they
+/// give (those from configs are in the desired environment already).
 pub fn prestart(
     volumes: &Volumes,
     secrets: &SecretFiles,
+    configs: &crate::configs::ConfigDirs,
     desired: &DesiredWorkload,
 ) -> Result<Prestart, PrestartError> {
     let mut mounts = volumes.prepare(&desired.name, &desired.volumes)?;
     let (secret_mounts, secret_env) = secrets.for_run(&desired.secrets)?;
     mounts.extend(secret_mounts);
+    mounts.extend(configs.for_run(&desired.configs)?);
     let mut env = desired.env.clone();
     env.extend(secret_env);
     Ok(Prestart { mounts, env })

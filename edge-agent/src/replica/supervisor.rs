@@ -46,6 +46,8 @@ pub struct Shared {
     pub volumes: Volumes,
     /// Where opened secrets live.
     pub secrets: crate::secrets::SecretFiles,
+    /// Where config files are written.
+    pub configs: crate::configs::ConfigDirs,
     pub updates: mpsc::Sender<Update>,
     /// For HTTP health probes.
     pub http: reqwest::Client,
@@ -216,7 +218,7 @@ pub async fn supervise(
             }
         };
 
-        let ready = match prestart(&shared.volumes, &shared.secrets, &desired) {
+        let ready = match prestart(&shared.volumes, &shared.secrets, &shared.configs, &desired) {
             Ok(x) => x,
             Err(e) => {
                 log.system(&format!("cannot start: {e}"));
@@ -229,7 +231,7 @@ pub async fn supervise(
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep(PREPARE_RETRY) => {}
                     }
-                    if let Ok(x) = prestart(&shared.volumes, &shared.secrets, &desired) {
+                    if let Ok(x) = prestart(&shared.volumes, &shared.secrets, &shared.configs, &desired) {
                         break x;
                     }
                 }
@@ -443,6 +445,7 @@ mod tests {
 
     fn desired(policy: RestartPolicy) -> DesiredWorkload {
         DesiredWorkload {
+            configs: Vec::new(),
             name: WorkloadName::try_from("w").unwrap(),
             replica: 0,
             revision: "r".into(),
@@ -523,6 +526,7 @@ mod tests {
             logs_dir: dir.to_path_buf(),
             volumes: Volumes::new(dir.join("volumes")),
             secrets: crate::secrets::SecretFiles::new(dir),
+            configs: crate::configs::ConfigDirs::new(dir),
             updates,
             http: crate::http_client(reqwest::Client::builder()).unwrap_or_default(),
         }

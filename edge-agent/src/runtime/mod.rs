@@ -254,12 +254,18 @@ impl std::fmt::Debug for RunSpec {
 /// still stopping never collides with its successor (restarts reuse it).
 pub fn container_id(d: &DesiredWorkload) -> String {
     let secrets = crate::core::plan::secret_versions(d);
-    if secrets.is_empty() {
+    let configs = crate::core::plan::config_digests(d);
+    if secrets.is_empty() && configs.is_empty() {
         format!("{}-{}", d.instance(), d.revision)
     } else {
-        // A new secret version is a new container too: the old one may still be stopping.
+        // A new secret version (or config values) is a new container too: the old one may
+        // still be stopping.
         use sha2::Digest as _;
-        let text: Vec<String> = secrets.iter().map(|(n, v)| format!("{n}@{v}")).collect();
+        let text: Vec<String> = secrets
+            .iter()
+            .map(|(n, v)| format!("{n}@{v}"))
+            .chain(configs)
+            .collect();
         let h = hex::encode(sha2::Sha256::digest(text.join(",").as_bytes()));
         format!("{}-{}-{}", d.instance(), d.revision, &h[..8])
     }

@@ -27,21 +27,27 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             accepted: false,
             workloads: Default::default(),
             secrets: Default::default(),
+            configs: Default::default(),
             errors,
         };
         let result = match self.try_apply(text, over_mqtt).await {
-            Ok((workloads, secrets)) => ApplyResult {
+            Ok(Outcomes {
+                workloads,
+                secrets,
+                configs,
+            }) => ApplyResult {
                 protocol: shoal_api::PROTOCOL_VERSION,
                 request_id: req.clone(),
                 accepted: true,
                 workloads,
                 secrets,
+                configs,
                 errors: Vec::new(),
             },
             Err(errors) => reject(errors),
         };
         if result.accepted {
-            info!(workloads = ?result.workloads, secrets = ?result.secrets, "manifest accepted");
+            info!(workloads = ?result.workloads, secrets = ?result.secrets, configs = ?result.configs, "manifest accepted");
             self.metrics
                 .applies
                 .get_or_create(&ResultLabel {
@@ -66,7 +72,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         &mut self,
         text: &str,
         over_mqtt: bool,
-    ) -> Result<(ApplyOutcome, ApplyOutcome), Vec<ManifestError>> {
+    ) -> Result<Outcomes, Vec<ManifestError>> {
         let stream = parse_stream(text)?;
         let positions: Vec<usize> = stream.workloads.iter().map(|(n, _)| *n).collect();
         let workloads = validate_all(stream.workloads)?;
@@ -107,12 +113,20 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         }
         let refs: Vec<(usize, &StoredSecret)> = secrets.iter().map(|(n, s)| (*n, s)).collect();
         errors.extend(self.core.check_secrets(&located, &refs));
+        let configs: Vec<(usize, &_)> = stream.configs.iter().map(|(n, c)| (*n, c)).collect();
+        errors.extend(self.core.check_configs(&located, &configs));
         if !errors.is_empty() {
             return Err(errors);
         }
         let stored = self
             .core
             .apply_secrets(secrets.into_iter().map(|(_, s)| s).collect());
+        let applied = workloads.iter().map(|w| w.name.clone()).collect();
+        let configs = self.core.apply_configs(
+            stream.configs.into_iter().map(|(_, c)| c).collect(),
+            &applied,
+            now,
+        );
         let (outcome, publish) = self.fleet(|f| f.apply(workloads, now));
         if !self.publish_desired(publish).await {
             return Err(vec![ManifestError {
@@ -120,6 +134,17 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 ..Default::default()
             }]);
         }
-        Ok((outcome, stored))
+        Ok(Outcomes {
+            workloads: outcome,
+            secrets: stored,
+            configs,
+        })
     }
+}
+
+/// What happened to each object of an accepted apply, by kind.
+pub(super) struct Outcomes {
+    workloads: ApplyOutcome,
+    secrets: ApplyOutcome,
+    configs: ApplyOutcome,
 }

@@ -3,7 +3,7 @@
 //! shell names no adapter but where it composes them (`compose.rs`).
 
 use crate::fleet::{RolloutAction, WorkloadRefusal};
-use shoal_api::model::ids::{DeviceId, Digest, SecretName, WorkloadName};
+use shoal_api::model::ids::{ConfigName, DeviceId, Digest, SecretName, WorkloadName};
 use shoal_api::model::labels::{LabelChange, Labels};
 use shoal_api::wire::messages::ApplyResult;
 use shoal_api::wire::views::{DeviceView, EventView, FleetView, SecretView, WorkloadView};
@@ -30,6 +30,18 @@ pub enum Request {
     DeleteSecret {
         name: SecretName,
         reply: oneshot::Sender<Result<(), Failed<crate::fleet::SecretRefusal>>>,
+    },
+    Configs {
+        reply: oneshot::Sender<Vec<shoal_api::wire::views::ConfigView>>,
+    },
+    /// `None`: no such config.
+    Config {
+        name: ConfigName,
+        reply: oneshot::Sender<Option<shoal_api::wire::views::ConfigDescription>>,
+    },
+    DeleteConfig {
+        name: ConfigName,
+        reply: oneshot::Sender<Result<(), Failed<crate::fleet::ConfigRefusal>>>,
     },
     /// A device enrolled (perhaps again, with a new key); what its token granted is in the
     /// enrollment book.
@@ -134,6 +146,8 @@ impl Request {
             Request::Devices { .. }
                 | Request::MayFetch { .. }
                 | Request::Secrets { .. }
+                | Request::Configs { .. }
+                | Request::Config { .. }
                 | Request::Workloads { .. }
                 | Request::Workload { .. }
                 | Request::RefreshMetrics { .. }

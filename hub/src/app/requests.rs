@@ -48,6 +48,19 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 };
                 let _ = reply.send(r);
             }
+            Request::Configs { reply } => {
+                let _ = reply.send(self.core.config_views());
+            }
+            Request::Config { name, reply } => {
+                let _ = reply.send(self.core.describe_config(&name));
+            }
+            Request::DeleteConfig { name, reply } => {
+                let r = match self.core.delete_config(&name) {
+                    Ok(()) => self.persisted().map_err(Failed::from),
+                    Err(refused) => Err(Failed::Refused(refused)),
+                };
+                let _ = reply.send(r);
+            }
             Request::Enrolled { device } => self.enrolled(device).await,
             Request::Label {
                 id,

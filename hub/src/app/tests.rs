@@ -72,6 +72,13 @@ impl Store for TestStore {
     ) -> Result<(), StoreError> {
         self.inner.put_secret(n, s)
     }
+    fn put_config(
+        &self,
+        n: &shoal_api::model::ids::ConfigName,
+        c: Option<&shoal_api::model::config::Config>,
+    ) -> Result<(), StoreError> {
+        self.inner.put_config(n, c)
+    }
     fn put_labels_owned(&self) -> Result<(), StoreError> {
         self.inner.put_labels_owned()
     }

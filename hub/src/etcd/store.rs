@@ -4,7 +4,8 @@ use super::client::{Cmd, Op, Refused};
 use super::EtcdStore;
 use crate::store::{Fence, Snapshot, Store, StoreError, StoredSecret};
 use serde::de::DeserializeOwned;
-use shoal_api::model::ids::{SecretName, WorkloadName};
+use shoal_api::model::config::Config;
+use shoal_api::model::ids::{ConfigName, SecretName, WorkloadName};
 use shoal_api::model::workload::Workload;
 use shoal_api::wire::messages::DesiredState;
 
@@ -43,6 +44,10 @@ impl Store for EtcdStore {
                 "rollouts" => {
                     let r: crate::fleet::rollout::Record = dec(&key, &value)?;
                     snap.rollouts.insert(r.workload.clone(), r);
+                }
+                "configs" => {
+                    let c: Config = dec(&key, &value)?;
+                    snap.configs.insert(c.name.clone(), c);
                 }
                 "secrets" => {
                     let s: StoredSecret = dec(&key, &value)?;
@@ -104,6 +109,15 @@ impl Store for EtcdStore {
             Some(r) => self.put("rollouts", name.as_str(), r),
             None => {
                 self.push(Op::Delete(self.key("rollouts", name.as_str())));
+                Ok(())
+            }
+        }
+    }
+    fn put_config(&self, name: &ConfigName, c: Option<&Config>) -> Result<(), StoreError> {
+        match c {
+            Some(c) => self.put("configs", name.as_str(), c),
+            None => {
+                self.push(Op::Delete(self.key("configs", name.as_str())));
                 Ok(())
             }
         }

@@ -120,7 +120,8 @@ fn bounded(s: String) -> String {
     s.chars().take(FIELD_CHARS - 1).chain(['…']).collect()
 }
 
-/// What an apply did, in one line: `workload/web created, secret/db unchanged`, or why it
+/// What an apply did, in one line: `secret/db unchanged, config/site configured,
+/// workload/web created`, or why it
 /// was refused.
 pub fn apply_outcome(r: &shoal_api::wire::messages::ApplyResult) -> String {
     if !r.accepted {
@@ -138,6 +139,7 @@ pub fn apply_outcome(r: &shoal_api::wire::messages::ApplyResult) -> String {
         .secrets
         .iter()
         .map(|(n, v)| format!("secret/{n} {v}"))
+        .chain(r.configs.iter().map(|(n, v)| format!("config/{n} {v}")))
         .chain(r.workloads.iter().map(|(n, v)| format!("workload/{n} {v}")))
         .collect();
     if parts.is_empty() {
@@ -160,11 +162,12 @@ mod tests {
             accepted: true,
             workloads: [("web".to_string(), "created".to_string())].into(),
             secrets: [("db".to_string(), "unchanged".to_string())].into(),
+            configs: [("site".to_string(), "configured".to_string())].into(),
             errors: Vec::new(),
         };
         assert_eq!(
             apply_outcome(&r),
-            "secret/db unchanged, workload/web created"
+            "secret/db unchanged, config/site configured, workload/web created"
         );
         r.accepted = false;
         assert_eq!(apply_outcome(&r), "refused: ");

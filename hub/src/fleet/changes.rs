@@ -25,6 +25,11 @@ pub enum Write {
     Rollout(WorkloadName, Option<Record>),
     /// `None`: the secret is deleted.
     Secret(SecretName, Option<StoredSecret>),
+    /// `None`: the config is deleted.
+    Config(
+        shoal_api::model::ids::ConfigName,
+        Option<shoal_api::model::config::Config>,
+    ),
     /// Device labels are the operator's in this store (see [`super::Fleet::open`]).
     LabelsOwned,
     Audit(AuditEntry),
@@ -63,6 +68,14 @@ impl Changes {
 
     pub fn put_secret(&mut self, name: &SecretName, s: Option<&StoredSecret>) {
         self.writes.push(Write::Secret(name.clone(), s.cloned()));
+    }
+
+    pub fn put_config(
+        &mut self,
+        name: &shoal_api::model::ids::ConfigName,
+        c: Option<&shoal_api::model::config::Config>,
+    ) {
+        self.writes.push(Write::Config(name.clone(), c.cloned()));
     }
 
     pub fn put_labels_owned(&mut self) {

@@ -13,6 +13,7 @@
 //! - [`devices`]: hello, presence, loss, grants, labels, cordon, drain, revocation, mDNS;
 //! - [`reports`]: what devices report, across hub replicas;
 //! - [`secrets`]: checks, storage and deletion of secrets;
+//! - [`configs`]: checks, storage and deletion of configs, pinned into their users' revisions;
 //! - [`placement`]: the only part that crosses the others (scheduler → desired states);
 //! - [`views`]: read models for `shoal get` and the dashboard.
 //!
@@ -31,6 +32,7 @@
 
 pub mod audit;
 pub mod changes;
+pub mod configs;
 pub mod devices;
 pub mod events;
 pub mod ingest;
@@ -47,6 +49,7 @@ pub mod workloads;
 #[cfg(test)]
 mod tests;
 
+pub use configs::ConfigRefusal;
 pub use devices::{FetchRefusal, LabelRefusal};
 pub use placement::SchedulingRun;
 pub use reports::Accepted;
@@ -110,6 +113,8 @@ pub struct Fleet {
     rollouts: BTreeMap<WorkloadName, Record>,
     /// Secrets: names, keys and versions; values only encrypted (persisted).
     secrets: BTreeMap<SecretName, StoredSecret>,
+    /// Configs as last applied (persisted); workloads read the copies pinned in their specs.
+    configs: BTreeMap<shoal_api::model::ids::ConfigName, shoal_api::model::config::Config>,
     /// Scheduler runs since the server last took them (for its metrics).
     runs: Vec<SchedulingRun>,
     /// Whether the labels devices report steer placement (an `--insecure` fleet, where any
@@ -148,6 +153,7 @@ impl Fleet {
             mdns: BTreeMap::new(),
             rollouts: snap.rollouts,
             secrets: snap.secrets,
+            configs: snap.configs,
             runs: Vec::new(),
             trust_reported_labels,
             audit: audit::AuditLog::from_loaded(snap.audit),
@@ -224,6 +230,7 @@ impl Fleet {
         self.desired = snap.desired;
         self.rollouts = snap.rollouts;
         self.secrets = snap.secrets;
+        self.configs = snap.configs;
         // A standby's store drops the writes: the leader adopts and writes the same.
         self.adopt_reported_labels(snap.labels_owned);
         self.schedule = self.place();

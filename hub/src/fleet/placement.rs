@@ -156,6 +156,7 @@ impl Fleet {
                             .unwrap_or_default()
                     });
                     dw.place_on(dev, labels);
+                    dw.read_configs(spec, dev, labels);
                     // A new version of a secret restarts the replicas that use it.
                     for m in &mut dw.secrets {
                         m.version = self

@@ -71,6 +71,7 @@ pub struct Snapshot {
     pub desired: BTreeMap<DeviceId, DesiredState>,
     pub rollouts: BTreeMap<WorkloadName, super::rollout::Record>,
     pub secrets: BTreeMap<SecretName, StoredSecret>,
+    pub configs: BTreeMap<shoal_api::model::ids::ConfigName, shoal_api::model::config::Config>,
     /// Device labels are the operator's in this store (see `Fleet::open`): a record
     /// without labels gets none, its device's reports are not adopted.
     pub labels_owned: bool,

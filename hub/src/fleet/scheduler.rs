@@ -682,6 +682,8 @@ mod tests {
 
     fn wl(name: &str, placement: Placement, sel: &[(&str, &str)], mem_mi: u64) -> Workload {
         Workload {
+            configs: Default::default(),
+            configs_pinned: Default::default(),
             name: WorkloadName::try_from(name).unwrap(),
             labels: BTreeMap::new(),
             placement,

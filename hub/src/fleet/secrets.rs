@@ -23,6 +23,28 @@ pub enum SecretRefusal {
     },
 }
 
+/// An error for each name given again after its first document: `at(document, name,
+/// message)` locates it.
+pub(super) fn duplicated<'a>(
+    names: impl Iterator<Item = (usize, &'a str)>,
+    at: fn(usize, Option<String>, String) -> ManifestError,
+) -> Vec<ManifestError> {
+    let mut seen = BTreeMap::new();
+    let mut errors = Vec::new();
+    for (n, name) in names {
+        if let Some(first) = seen.insert(name, n) {
+            errors.push(at(
+                n,
+                Some(name.to_string()),
+                format!(
+                    "metadata.name {name:?} is duplicated: already defined in document {first}"
+                ),
+            ));
+        }
+    }
+    errors
+}
+
 impl Fleet {
     /// Every spec replicas may run: the workloads', and those of the revisions rollouts
     /// still run (the last good one, and each replica's not yet replaced).
@@ -44,20 +66,10 @@ impl Fleet {
         workloads: &[(usize, &Workload)],
         incoming: &[(usize, &StoredSecret)],
     ) -> Vec<ManifestError> {
-        let mut errors = Vec::new();
-        let mut seen = BTreeMap::new();
-        for (n, s) in incoming {
-            if let Some(first) = seen.insert(s.name.clone(), *n) {
-                errors.push(ManifestError::secret(
-                    *n,
-                    Some(s.name.to_string()),
-                    format!(
-                        "metadata.name {:?} is duplicated: already defined in document {first}",
-                        s.name.as_str()
-                    ),
-                ));
-            }
-        }
+        let mut errors = duplicated(
+            incoming.iter().map(|(n, s)| (*n, s.name.as_str())),
+            ManifestError::secret,
+        );
         let keys_of = |name: &SecretName| {
             incoming
                 .iter()

@@ -1084,3 +1084,5 @@ fn annotations_are_the_operators_notes_kept_across_hellos_and_reopen() {
         Err(LabelRefusal::UnknownDevice(_))
     ));
 }
+
+mod configs;

@@ -54,7 +54,8 @@ impl Fleet {
         now: u64,
     ) -> (ApplyOutcome, Vec<DesiredState>) {
         let mut outcome = ApplyOutcome::new();
-        for w in workloads {
+        for mut w in workloads {
+            self.pin_configs(&mut w);
             let verdict = match self.workloads.get(&w.name) {
                 None => "created",
                 Some(old) if *old == w => "unchanged",

@@ -15,6 +15,9 @@
 //! | `POST /v1/apply` | manifest text → `ApplyResult` (same path as an MQTT apply) |
 //! | `GET /v1/secrets` | `[SecretView]`: names, keys, versions, users; never values |
 //! | `DELETE /v1/secrets/{name}` | delete a secret no workload uses (409 otherwise) |
+//! | `GET /v1/configs` | `[ConfigView]`: names, keys, versions, users |
+//! | `GET /v1/configs/{name}` | `ConfigDescription`: the config, its users, each device's values |
+//! | `DELETE /v1/configs/{name}` | delete a config no workload reads (409 otherwise) |
 //! | `POST /v1/blobs` | upload bytes → `BlobRef` |
 //! | `GET /v1/blobs/{digest}` | download a blob |
 //! | `GET /v1/blobs/{digest}/precompiled?target=T&engine=E` | the blob compiled for a runtime-only agent |
@@ -49,6 +52,7 @@
 mod audit;
 mod blobs;
 mod browser;
+mod configs;
 mod enroll;
 mod logs;
 mod operate;
@@ -58,6 +62,7 @@ pub use crate::app::request::{DeviceAction, LogStream, ManifestText, Request};
 use audit::*;
 use blobs::*;
 use browser::*;
+use configs::*;
 use enroll::*;
 use logs::*;
 use operate::*;
@@ -158,6 +163,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/audit", get(audit_log))
         .route("/v1/secrets", get(secrets))
         .route("/v1/secrets/{name}", axum::routing::delete(delete_secret))
+        .route("/v1/configs", get(configs))
+        .route("/v1/configs/{name}", get(config).delete(delete_config))
         .route("/v1/blobs", post(put_blob))
         .route("/v1/blobs/{digest}", get(get_blob))
         .route("/v1/blobs/{digest}/precompiled", get(get_precompiled))

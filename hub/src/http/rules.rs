@@ -18,8 +18,8 @@ pub enum Need {
     Operator(Role),
 }
 
-/// The access rule for a request: viewers read; deployers change workloads, secrets and
-/// blobs; admins also manage devices and read the audit log.
+/// The access rule for a request: viewers read; deployers change workloads, secrets,
+/// configs and blobs; admins also manage devices and read the audit log.
 pub fn need(method: &axum::http::Method, path: &str) -> Need {
     match (method.as_str(), path) {
         (_, "/healthz" | "/v1/ca" | "/v1/enroll") => Need::Nothing,
@@ -210,6 +210,12 @@ mod tests {
                 "/v1/secrets/s",
                 Need::Operator(Role::Deployer),
             ),
+            (
+                Method::DELETE,
+                "/v1/configs/c",
+                Need::Operator(Role::Deployer),
+            ),
+            (Method::GET, "/v1/configs/c", Need::Operator(Role::Viewer)),
             (
                 Method::POST,
                 "/v1/devices/d/labels",

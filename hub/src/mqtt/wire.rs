@@ -244,6 +244,7 @@ mod tests {
                 accepted: true,
                 workloads: Default::default(),
                 secrets: Default::default(),
+                configs: Default::default(),
                 errors: Vec::new(),
             };
             encode(Outbound::ApplyResult {

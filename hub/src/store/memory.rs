@@ -2,7 +2,8 @@
 
 use super::{DeviceRecord, Snapshot, Store, StoreError, StoredSecret};
 use crate::fleet::scheduler::Assignments;
-use shoal_api::model::ids::{SecretName, WorkloadName};
+use shoal_api::model::config::Config;
+use shoal_api::model::ids::{ConfigName, SecretName, WorkloadName};
 use shoal_api::model::workload::Workload;
 use shoal_api::policy::operator::AuditEntry;
 use shoal_api::wire::messages::DesiredState;
@@ -60,6 +61,13 @@ impl Store for MemStore {
         self.with(|s| match sec {
             Some(x) => s.secrets.insert(name.clone(), x.clone()),
             None => s.secrets.remove(name),
+        });
+        Ok(())
+    }
+    fn put_config(&self, name: &ConfigName, c: Option<&Config>) -> Result<(), StoreError> {
+        self.with(|s| match c {
+            Some(x) => s.configs.insert(name.clone(), x.clone()),
+            None => s.configs.remove(name),
         });
         Ok(())
     }

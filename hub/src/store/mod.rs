@@ -12,7 +12,8 @@ use crate::fleet::changes::Write;
 /// The records the fleet keeps are the fleet's types; the store persists them.
 pub use crate::fleet::records::{DeviceRecord, Snapshot, StoredSecret};
 use crate::fleet::scheduler::Assignments;
-use shoal_api::model::ids::{SecretName, WorkloadName};
+use shoal_api::model::config::Config;
+use shoal_api::model::ids::{ConfigName, SecretName, WorkloadName};
 use shoal_api::model::workload::Workload;
 use shoal_api::policy::operator::AuditEntry;
 use shoal_api::wire::messages::DesiredState;
@@ -66,6 +67,8 @@ pub trait Store: Send + 'static {
     ) -> Result<(), StoreError>;
     /// A secret, or its removal (`None`).
     fn put_secret(&self, name: &SecretName, s: Option<&StoredSecret>) -> Result<(), StoreError>;
+    /// A config, or its removal (`None`).
+    fn put_config(&self, name: &ConfigName, c: Option<&Config>) -> Result<(), StoreError>;
     /// Marks device labels as the operator's in this store, for good.
     fn put_labels_owned(&self) -> Result<(), StoreError>;
     /// Appends an audit entry (and forgets the one [`crate::fleet::audit::KEPT`] before it).
@@ -85,6 +88,7 @@ pub trait Store: Send + 'static {
             Write::Desired(d) => self.put_desired(d),
             Write::Rollout(n, r) => self.put_rollout(n, r.as_ref()),
             Write::Secret(n, s) => self.put_secret(n, s.as_ref()),
+            Write::Config(n, c) => self.put_config(n, c.as_ref()),
             Write::LabelsOwned => self.put_labels_owned(),
             Write::Audit(e) => self.put_audit(e),
         }
@@ -120,6 +124,9 @@ impl Store for Box<dyn Store> {
     }
     fn put_secret(&self, name: &SecretName, s: Option<&StoredSecret>) -> Result<(), StoreError> {
         (**self).put_secret(name, s)
+    }
+    fn put_config(&self, name: &ConfigName, c: Option<&Config>) -> Result<(), StoreError> {
+        (**self).put_config(name, c)
     }
     fn put_labels_owned(&self) -> Result<(), StoreError> {
         (**self).put_labels_owned()

@@ -3,7 +3,8 @@
 use super::{DeviceRecord, Snapshot, Store, StoreError, StoredSecret};
 use crate::fleet::scheduler::Assignments;
 use serde::{de::DeserializeOwned, Serialize};
-use shoal_api::model::ids::{SecretName, WorkloadName};
+use shoal_api::model::config::Config;
+use shoal_api::model::ids::{ConfigName, SecretName, WorkloadName};
 use shoal_api::model::workload::Workload;
 use shoal_api::policy::operator::AuditEntry;
 use shoal_api::wire::messages::DesiredState;
@@ -22,6 +23,7 @@ const DESIRED: &str = "desired";
 const META: &str = "meta";
 const ROLLOUTS: &str = "rollouts";
 const SECRETS: &str = "secrets";
+const CONFIGS: &str = "configs";
 const AUDIT: &str = "audit";
 const ASSIGNMENTS_KEY: &[u8] = b"assignments";
 const LABELS_OWNED_KEY: &[u8] = b"labels-owned";
@@ -35,6 +37,7 @@ pub struct SledStore {
     meta: sled::Tree,
     rollouts: sled::Tree,
     secrets: sled::Tree,
+    configs: sled::Tree,
     audit: sled::Tree,
 }
 
@@ -52,6 +55,7 @@ impl SledStore {
             meta: db.open_tree(META)?,
             rollouts: db.open_tree(ROLLOUTS)?,
             secrets: db.open_tree(SECRETS)?,
+            configs: db.open_tree(CONFIGS)?,
             audit: db.open_tree(AUDIT)?,
             db,
         })
@@ -96,6 +100,7 @@ impl Store for SledStore {
                 r.workload.clone()
             })?,
             secrets: load_tree(&self.secrets, |s: &StoredSecret| s.name.clone())?,
+            configs: load_tree(&self.configs, |c: &Config| c.name.clone())?,
             assignments,
             labels_owned: self.meta.contains_key(LABELS_OWNED_KEY)?,
             audit: {
@@ -137,6 +142,13 @@ impl Store for SledStore {
         match r {
             Some(r) => self.rollouts.insert(name.as_str(), enc(r)?)?,
             None => self.rollouts.remove(name.as_str())?,
+        };
+        Ok(())
+    }
+    fn put_config(&self, name: &ConfigName, c: Option<&Config>) -> Result<(), StoreError> {
+        match c {
+            Some(c) => self.configs.insert(name.as_str(), enc(c)?)?,
+            None => self.configs.remove(name.as_str())?,
         };
         Ok(())
     }
