@@ -337,6 +337,10 @@ pub struct Workload {
     /// was made (empty in a manifest): a new config is a new revision, which rolls out.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub configs_pinned: BTreeMap<crate::model::ids::ConfigName, crate::model::config::Config>,
+    /// The version of each secret `secrets` names, as the hub pinned it when this revision
+    /// was made (empty in a manifest): a new value is a new revision, which rolls out.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets_pinned: BTreeMap<crate::model::ids::SecretName, String>,
 }
 
 impl Workload {
@@ -373,6 +377,8 @@ impl Workload {
             #[serde(skip_serializing_if = "BTreeMap::is_empty")]
             configs_pinned:
                 &'a BTreeMap<crate::model::ids::ConfigName, crate::model::config::Config>,
+            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+            secrets_pinned: &'a BTreeMap<crate::model::ids::SecretName, String>,
         }
         // Empty lists are left out so that revisions of workloads written before ports and
         // uses existed do not change (which would restart every replica on upgrade).
@@ -393,6 +399,7 @@ impl Workload {
             devices: &self.devices,
             configs: &self.configs,
             configs_pinned: &self.configs_pinned,
+            secrets_pinned: &self.secrets_pinned,
         };
         // Serializing plain structs and BTreeMaps cannot fail; fall back to Debug regardless.
         let bytes =
@@ -625,6 +632,7 @@ impl TryFrom<WorkloadManifest> for Workload {
                 devices,
                 configs,
                 configs_pinned: BTreeMap::new(),
+                secrets_pinned: BTreeMap::new(),
             }),
             _ => Err(errs),
         }

@@ -106,6 +106,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                         version,
                         encrypted: shoal_api::model::secret::b64::encode(&blob),
                         updated_ms: now,
+                        earlier: Vec::new(),
                     },
                 )),
                 Err(e) => errors.push(ManifestError::secret(*n, Some(s.name.to_string()), e)),
@@ -118,10 +119,10 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         if !errors.is_empty() {
             return Err(errors);
         }
-        let stored = self
-            .core
-            .apply_secrets(secrets.into_iter().map(|(_, s)| s).collect());
         let applied = workloads.iter().map(|w| w.name.clone()).collect();
+        let stored =
+            self.core
+                .apply_secrets(secrets.into_iter().map(|(_, s)| s).collect(), &applied, now);
         let configs = self.core.apply_configs(
             stream.configs.into_iter().map(|(_, c)| c).collect(),
             &applied,

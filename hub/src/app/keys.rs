@@ -383,6 +383,7 @@ mod tests {
             version: "1".into(),
             encrypted: "AAAA".into(),
             updated_ms: T0,
+            earlier: Vec::new(),
         }];
         k.route(s, T0);
         k.reads(T0);

@@ -8,7 +8,7 @@ use crate::store::{Store, StoredSecret};
 use shoal_api::model::ids::DeviceId;
 use shoal_api::wire::messages::DesiredState;
 use shoal_daemon::clock::now_ms;
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use tracing::warn;
 
 /// The values of a stored secret, decrypted with the hub's secrets key.
@@ -58,7 +58,9 @@ pub(super) fn seal(
         let r = key.clone().map_err(SealError::from).and_then(|cert| {
             let s = secrets
                 .iter()
-                .find(|s| &s.name == name)
+                .filter(|s| &s.name == name)
+                .find(|s| s.version == version)
+                .or_else(|| secrets.iter().find(|s| &s.name == name))
                 .ok_or(SealError::Unknown)?;
             if s.version != version {
                 return Err(SealError::Version {
@@ -86,8 +88,9 @@ pub(super) fn seal(
     state
 }
 
-/// The secrets `state`'s workloads use, by name, at the version each runs with.
-fn wanted(state: &DesiredState) -> BTreeMap<&shoal_api::model::ids::SecretName, &str> {
+/// The secrets `state`'s workloads use, at the version each runs with (replicas of one
+/// workload mid-rollout may run two versions of one secret).
+fn wanted(state: &DesiredState) -> BTreeSet<(&shoal_api::model::ids::SecretName, &str)> {
     state
         .workloads
         .iter()
@@ -101,8 +104,8 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
     /// now (right after the commit that made the state durable).
     pub(super) fn sealable(&self, state: DesiredState) -> Sealable {
         let secrets = wanted(&state)
-            .into_keys()
-            .filter_map(|name| self.core.secret(name).cloned())
+            .into_iter()
+            .filter_map(|(name, version)| self.core.secret(name)?.at(version))
             .collect();
         Sealable { state, secrets }
     }
@@ -204,6 +207,7 @@ mod tests {
                 &key.encrypt("db", version, value).unwrap(),
             ),
             updated_ms: 0,
+            earlier: Vec::new(),
         }
     }
 

@@ -44,6 +44,7 @@ mod tests {
                 version: version.into(),
                 encrypted: String::new(),
                 updated_ms: 0,
+                earlier: Vec::new(),
             }),
         )
     }

@@ -124,7 +124,8 @@ impl Fleet {
             .cloned()
             .collect();
         for mut w in users {
-            self.pin_configs(&mut w);
+            w.configs_pinned.retain(|n, _| !changed.contains(n));
+            self.pin_inputs(&mut w);
             if self.workloads.get(&w.name) != Some(&w) {
                 self.start_rollout(&w, now);
                 self.changes.put_workload(&w);
@@ -135,12 +136,31 @@ impl Fleet {
         outcome
     }
 
-    /// Pins the stored content of each config `w` reads into `w`.
-    pub(super) fn pin_configs(&self, w: &mut Workload) {
+    /// Pins what `w` reads and has not pinned yet: each config's stored content, each
+    /// secret's current version. Pins of objects it no longer reads go. A spec from the
+    /// history (`rollout undo`) keeps its configs as they were.
+    pub(super) fn pin_inputs(&self, w: &mut Workload) {
+        let mut configs = std::mem::take(&mut w.configs_pinned);
         w.configs_pinned = w
             .configs
             .iter()
-            .filter_map(|m| Some((m.name.clone(), self.configs.get(&m.name)?.clone())))
+            .filter_map(|m| {
+                let c = configs
+                    .remove(&m.name)
+                    .or_else(|| self.configs.get(&m.name).cloned())?;
+                Some((m.name.clone(), c))
+            })
+            .collect();
+        let mut secrets = std::mem::take(&mut w.secrets_pinned);
+        w.secrets_pinned = w
+            .secrets
+            .iter()
+            .filter_map(|m| {
+                let v = secrets
+                    .remove(&m.name)
+                    .or_else(|| Some(self.secrets.get(&m.name)?.version.clone()))?;
+                Some((m.name.clone(), v))
+            })
             .collect();
     }
 

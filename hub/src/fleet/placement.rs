@@ -126,6 +126,7 @@ impl Fleet {
             }
         }
         self.schedule = next;
+        self.prune_secret_versions();
 
         let mut per_device: BTreeMap<DeviceId, Vec<DesiredWorkload>> = BTreeMap::new();
         // The operator's labels of each device a replica goes to (`SHOAL_LABEL_*`).
@@ -157,12 +158,14 @@ impl Fleet {
                     });
                     dw.place_on(dev, labels);
                     dw.read_configs(spec, dev, labels);
-                    // A new version of a secret restarts the replicas that use it.
+                    // The version the replica's revision pinned (specs stored before pins
+                    // existed: the current one).
                     for m in &mut dw.secrets {
-                        m.version = self
-                            .secrets
+                        m.version = spec
+                            .secrets_pinned
                             .get(&m.mount.name)
-                            .map(|s| s.version.clone())
+                            .cloned()
+                            .or_else(|| Some(self.secrets.get(&m.mount.name)?.version.clone()))
                             .unwrap_or_default();
                     }
                     per_device.entry(dev.clone()).or_default().push(dw);

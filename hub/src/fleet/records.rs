@@ -50,6 +50,40 @@ pub struct StoredSecret {
     pub version: String,
     pub encrypted: String,
     pub updated_ms: u64,
+    /// Earlier versions that revisions still running pin (replicas a rollout has not
+    /// replaced yet, the revision a rollback returns to); dropped as soon as none does.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier: Vec<EarlierSecret>,
+}
+
+/// An earlier version of a stored secret (values encrypted, as the current one's).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EarlierSecret {
+    pub version: String,
+    pub keys: Vec<String>,
+    pub encrypted: String,
+}
+
+impl StoredSecret {
+    /// Version `version` of the secret, current or earlier, as a secret of its own.
+    pub fn at(&self, version: &str) -> Option<StoredSecret> {
+        if self.version == version {
+            return Some(StoredSecret {
+                earlier: Vec::new(),
+                ..self.clone()
+            });
+        }
+        let e = self.earlier.iter().find(|e| e.version == version)?;
+        Some(StoredSecret {
+            name: self.name.clone(),
+            keys: e.keys.clone(),
+            version: e.version.clone(),
+            encrypted: e.encrypted.clone(),
+            updated_ms: self.updated_ms,
+            earlier: Vec::new(),
+        })
+    }
 }
 
 impl std::fmt::Debug for StoredSecret {

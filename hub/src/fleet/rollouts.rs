@@ -251,8 +251,12 @@ impl Fleet {
                         revision: rev,
                     });
                 }
-                // Only what runs goes back; how many and where stay as they are now.
-                let spec = keep_placement(spec, &current);
+                // Only what runs goes back; how many and where stay as they are now. Its
+                // configs go back too (their content is in the spec); secrets are read as
+                // they are now (earlier values are not kept beyond the rollouts that run
+                // them).
+                let mut spec = keep_placement(spec, &current);
+                spec.secrets_pinned.clear();
                 // The secrets that revision reads must still be there.
                 let missing = shoal_api::model::secret::unresolved(&spec.secrets, |n| {
                     self.secrets.get(n).map(|s| s.keys.clone())

@@ -684,6 +684,7 @@ mod tests {
         Workload {
             configs: Default::default(),
             configs_pinned: Default::default(),
+            secrets_pinned: Default::default(),
             name: WorkloadName::try_from(name).unwrap(),
             labels: BTreeMap::new(),
             placement,

@@ -1,7 +1,7 @@
 //! Secrets: checked against the workloads that read them, stored (values only encrypted),
 //! deleted only when no workload or running revision uses them.
 
-use super::records::StoredSecret;
+use super::records::{EarlierSecret, StoredSecret};
 use super::*;
 use shoal_api::model::ids::{SecretName, WorkloadName};
 use shoal_api::model::workload::Workload;
@@ -111,24 +111,78 @@ impl Fleet {
         errors
     }
 
-    /// Stores secrets (created, configured or unchanged); the [`Self::apply`] that follows
-    /// reconciles, which hands new versions to the replicas that use them.
-    pub fn apply_secrets(&mut self, secrets: Vec<StoredSecret>) -> ApplyOutcome {
+    /// Stores secrets (created, configured or unchanged), keeping the version before as an
+    /// earlier one while revisions pin it, and gives each stored workload outside the apply
+    /// (`applied`) that reads a changed one a new revision pinning the new version, which
+    /// starts its rollout. The [`Self::apply`] that follows pins the applied workloads and
+    /// reconciles.
+    pub fn apply_secrets(
+        &mut self,
+        secrets: Vec<StoredSecret>,
+        applied: &BTreeSet<WorkloadName>,
+        now: u64,
+    ) -> ApplyOutcome {
         let mut outcome = ApplyOutcome::new();
-        for s in secrets {
+        let mut changed = BTreeSet::new();
+        for mut s in secrets {
             let verdict = match self.secrets.get(&s.name) {
                 None => "created",
                 Some(old) if old.version == s.version && old.keys == s.keys => "unchanged",
-                Some(_) => "configured",
+                Some(old) => {
+                    s.earlier = old.earlier.clone();
+                    s.earlier.retain(|e| e.version != s.version);
+                    s.earlier.push(EarlierSecret {
+                        version: old.version.clone(),
+                        keys: old.keys.clone(),
+                        encrypted: old.encrypted.clone(),
+                    });
+                    "configured"
+                }
             };
             if verdict != "unchanged" {
                 self.changes.put_secret(&s.name, Some(&s));
                 info!(secret = %s.name, version = %s.version, verdict, "secret stored");
+                changed.insert(s.name.clone());
                 self.secrets.insert(s.name.clone(), s.clone());
             }
             outcome.insert(s.name.to_string(), verdict.to_string());
         }
+        let users: Vec<Workload> = self
+            .workloads
+            .values()
+            .filter(|w| !applied.contains(&w.name))
+            .filter(|w| w.secrets.iter().any(|m| changed.contains(&m.name)))
+            .cloned()
+            .collect();
+        for mut w in users {
+            w.secrets_pinned.retain(|n, _| !changed.contains(n));
+            self.pin_inputs(&mut w);
+            if self.workloads.get(&w.name) != Some(&w) {
+                self.start_rollout(&w, now);
+                self.changes.put_workload(&w);
+                info!(workload = %w.name, revision = %w.revision(), "secret changed: new revision");
+                self.workloads.insert(w.name.clone(), w);
+            }
+        }
         outcome
+    }
+
+    /// Drops the earlier versions of secrets that no spec in use pins any more (the rollout
+    /// that replaced them finished): an old value leaves the store as soon as nothing runs it.
+    pub(super) fn prune_secret_versions(&mut self) {
+        let pinned: BTreeSet<(SecretName, String)> = self
+            .specs_in_use()
+            .flat_map(|w| w.secrets_pinned.iter())
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        for s in self.secrets.values_mut() {
+            let before = s.earlier.len();
+            s.earlier
+                .retain(|e| pinned.contains(&(s.name.clone(), e.version.clone())));
+            if s.earlier.len() != before {
+                self.changes.put_secret(&s.name, Some(s));
+            }
+        }
     }
 
     /// Deletes a secret no workload uses. `Err(why)`: not found, or still in use (by a

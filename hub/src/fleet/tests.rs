@@ -807,6 +807,7 @@ fn stored(name: &str, keys: &[&str], version: &str) -> StoredSecret {
         version: version.into(),
         encrypted: "opaque".into(),
         updated_ms: 1,
+        earlier: Vec::new(),
     }
 }
 
@@ -843,7 +844,10 @@ spec:
     );
     let v1 = stored("db", &["password"], "01");
     assert!(hub.check_secrets(&located, &[(2, &v1)]).is_empty());
-    assert_eq!(hub.apply_secrets(vec![v1.clone()])["db"], "created");
+    assert_eq!(
+        hub.apply_secrets(vec![v1.clone()], &Default::default(), T0)["db"],
+        "created"
+    );
     let (_, publish) = hub.apply(uses.clone(), T0);
     // Only the device that runs the workload is told about the secret, at its version.
     assert_eq!(publish.len(), 1);
@@ -856,15 +860,39 @@ spec:
     let gen = publish[0].generation;
 
     // The same content again: unchanged, nothing published.
-    assert_eq!(hub.apply_secrets(vec![v1.clone()])["db"], "unchanged");
+    assert_eq!(
+        hub.apply_secrets(vec![v1.clone()], &Default::default(), T0)["db"],
+        "unchanged"
+    );
     assert!(hub.apply(vec![], T0).1.is_empty());
-    // New content: a new version reaches device a under a new generation.
+    // New content: a new revision of the workload, which rolls out; the version before
+    // stays (encrypted) while a replica still runs it, and goes once none does.
     let v2 = stored("db", &["password"], "02");
-    assert_eq!(hub.apply_secrets(vec![v2])["db"], "configured");
+    assert_eq!(
+        hub.apply_secrets(vec![v2], &Default::default(), T0)["db"],
+        "configured"
+    );
     let (_, publish) = hub.apply(vec![], T0);
+    assert!(
+        publish.is_empty(),
+        "nothing switches before the rollout steps"
+    );
+    assert!(hub.rolling());
+    let db = SecretName::try_from("db").unwrap();
+    assert_eq!(hub.secret(&db).unwrap().earlier.len(), 1);
+    assert!(hub.secret(&db).unwrap().at("01").is_some());
+    report_running(&mut hub);
+    let publish = hub.advance_rollouts(T0);
     assert_eq!(publish.len(), 1);
     assert_eq!(publish[0].workloads[0].secrets[0].version, "02");
     assert!(publish[0].generation > gen);
+    report_running(&mut hub);
+    hub.advance_rollouts(T0);
+    assert!(!hub.rolling(), "complete");
+    assert!(
+        hub.secret(&db).unwrap().earlier.is_empty(),
+        "the old value left the store"
+    );
     // Dropping the key the stored workload reads is refused.
     let errs = hub.check_secrets(&[], &[(1, &stored("db", &["user"], "03"))]);
     assert!(
@@ -876,7 +904,6 @@ spec:
     assert!(errs[0].message.contains("duplicated"), "{errs:?}");
 
     // In use: not deleted; unused: deleted; gone: not found. Views never hold values.
-    let db = SecretName::try_from("db").unwrap();
     assert_eq!(
         hub.delete_secret(&db),
         Err(SecretRefusal::InUse {

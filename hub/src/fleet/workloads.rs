@@ -55,7 +55,7 @@ impl Fleet {
     ) -> (ApplyOutcome, Vec<DesiredState>) {
         let mut outcome = ApplyOutcome::new();
         for mut w in workloads {
-            self.pin_configs(&mut w);
+            self.pin_inputs(&mut w);
             let verdict = match self.workloads.get(&w.name) {
                 None => "created",
                 Some(old) if *old == w => "unchanged",
