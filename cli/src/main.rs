@@ -172,7 +172,8 @@ enum Command {
         kind: DescribeKind,
         name: String,
     },
-    /// Delete a workload, or a secret or config no workload uses.
+    /// Delete a workload, a secret or config no workload uses, or an offline device the hub
+    /// should forget (revoke it first to keep it out).
     Delete {
         #[arg(value_enum)]
         kind: OneKind,
@@ -321,6 +322,9 @@ enum OneKind {
     Secret,
     #[value(alias = "configs")]
     Config,
+    /// A device gone for good (refused while it is online).
+    #[value(alias = "devices")]
+    Device,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -477,6 +481,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             hub.delete(&format!("/v1/secrets/{name}")).await?;
             println!("secret/{name} deleted");
+            Ok(())
+        }
+        Command::Delete {
+            kind: OneKind::Device,
+            name,
+        } => {
+            hub.delete(&format!("/v1/devices/{name}")).await?;
+            println!("device/{name} deleted");
             Ok(())
         }
         Command::Delete {

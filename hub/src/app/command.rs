@@ -87,6 +87,8 @@ pub enum Outbound {
     Ingest { replica: String, batch: IngestBatch },
     /// A `shoal logs` request (signed) for a device.
     LogRequest { device: DeviceId, req: LogRequest },
+    /// A deleted device: what is retained for it (desired state, status, presence) cleared.
+    Forget { device: DeviceId },
 }
 
 /// Why a message could not be sent.

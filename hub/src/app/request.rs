@@ -31,6 +31,11 @@ pub enum Request {
         name: SecretName,
         reply: oneshot::Sender<Result<(), Failed<crate::fleet::SecretRefusal>>>,
     },
+    /// `shoal delete device`.
+    DeleteDevice {
+        id: DeviceId,
+        reply: oneshot::Sender<Result<(), Failed<crate::fleet::DeviceRefusal>>>,
+    },
     Configs {
         reply: oneshot::Sender<Vec<shoal_api::wire::views::ConfigView>>,
     },

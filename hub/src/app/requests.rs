@@ -3,7 +3,7 @@
 
 use super::request::{DeviceAction, Request};
 use super::*;
-use crate::app::command::Bus;
+use crate::app::command::{Bus, Outbound};
 use crate::store::Store;
 use shoal_daemon::clock::now_ms;
 use tracing::{info_span, warn, Instrument};
@@ -46,6 +46,17 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                     Ok(()) => self.persisted().map_err(Failed::from),
                     Err(refused) => Err(Failed::Refused(refused)),
                 };
+                let _ = reply.send(r);
+            }
+            Request::DeleteDevice { id, reply } => {
+                let done = self.fleet(|f| f.delete_device(&id));
+                let r = self.command(done).await;
+                if r.is_ok() {
+                    let forget = Outbound::Forget { device: id.clone() };
+                    if let Err(e) = self.publisher.bus.send(forget).await {
+                        warn!(device = %id, error = %e, "cannot clear the deleted device's retained messages");
+                    }
+                }
                 let _ = reply.send(r);
             }
             Request::Configs { reply } => {

@@ -9,7 +9,7 @@ use super::command::{BusError, Outbound};
 use super::*;
 use crate::fleet::changes::Write;
 use crate::store::{MemStore, Snapshot, StoreError};
-use shoal_api::model::ids::SecretName;
+use shoal_api::model::ids::{DeviceId, SecretName};
 use shoal_api::wire::messages::{ApplyResult, Hello};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -71,6 +71,9 @@ impl Store for TestStore {
         s: Option<&crate::store::StoredSecret>,
     ) -> Result<(), StoreError> {
         self.inner.put_secret(n, s)
+    }
+    fn delete_device(&self, id: &DeviceId) -> Result<(), StoreError> {
+        self.inner.delete_device(id)
     }
     fn put_config(
         &self,

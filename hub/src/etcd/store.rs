@@ -5,7 +5,7 @@ use super::EtcdStore;
 use crate::store::{Fence, Snapshot, Store, StoreError, StoredSecret};
 use serde::de::DeserializeOwned;
 use shoal_api::model::config::Config;
-use shoal_api::model::ids::{ConfigName, SecretName, WorkloadName};
+use shoal_api::model::ids::{ConfigName, DeviceId, SecretName, WorkloadName};
 use shoal_api::model::workload::Workload;
 use shoal_api::wire::messages::DesiredState;
 
@@ -112,6 +112,11 @@ impl Store for EtcdStore {
                 Ok(())
             }
         }
+    }
+    fn delete_device(&self, id: &DeviceId) -> Result<(), StoreError> {
+        self.push(Op::Delete(self.key("devices", id.as_str())));
+        self.push(Op::Delete(self.key("desired", id.as_str())));
+        Ok(())
     }
     fn put_config(&self, name: &ConfigName, c: Option<&Config>) -> Result<(), StoreError> {
         match c {

@@ -6,7 +6,7 @@
 use super::records::{DeviceRecord, StoredSecret};
 use super::rollout::Record;
 use super::scheduler::Assignments;
-use shoal_api::model::ids::{SecretName, WorkloadName};
+use shoal_api::model::ids::{DeviceId, SecretName, WorkloadName};
 use shoal_api::model::workload::Workload;
 use shoal_api::policy::operator::AuditEntry;
 use shoal_api::wire::messages::DesiredState;
@@ -25,6 +25,8 @@ pub enum Write {
     Rollout(WorkloadName, Option<Record>),
     /// `None`: the secret is deleted.
     Secret(SecretName, Option<StoredSecret>),
+    /// A device forgotten: its record and its desired state.
+    DeleteDevice(DeviceId),
     /// `None`: the config is deleted.
     Config(
         shoal_api::model::ids::ConfigName,
@@ -68,6 +70,10 @@ impl Changes {
 
     pub fn put_secret(&mut self, name: &SecretName, s: Option<&StoredSecret>) {
         self.writes.push(Write::Secret(name.clone(), s.cloned()));
+    }
+
+    pub fn delete_device(&mut self, id: &DeviceId) {
+        self.writes.push(Write::DeleteDevice(id.clone()));
     }
 
     pub fn put_config(

@@ -11,6 +11,7 @@
 //! - [`workloads`]: apply, scale, delete;
 //! - [`rollouts`]: start, advance and steer rolling updates;
 //! - [`devices`]: hello, presence, loss, grants, labels, cordon, drain, revocation, mDNS;
+//! - [`forget`]: deleting a device that is gone for good;
 //! - [`reports`]: what devices report, across hub replicas;
 //! - [`secrets`]: checks, storage and deletion of secrets;
 //! - [`configs`]: checks, storage and deletion of configs, pinned into their users' revisions;
@@ -35,6 +36,7 @@ pub mod changes;
 pub mod configs;
 pub mod devices;
 pub mod events;
+pub mod forget;
 pub mod ingest;
 pub mod placement;
 pub mod records;
@@ -51,6 +53,7 @@ mod tests;
 
 pub use configs::ConfigRefusal;
 pub use devices::{FetchRefusal, LabelRefusal};
+pub use forget::DeviceRefusal;
 pub use placement::SchedulingRun;
 pub use reports::Accepted;
 pub use rollouts::RolloutAction;

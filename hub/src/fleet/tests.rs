@@ -1113,3 +1113,4 @@ fn annotations_are_the_operators_notes_kept_across_hellos_and_reopen() {
 }
 
 mod configs;
+mod forget;

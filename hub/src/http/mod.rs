@@ -15,6 +15,7 @@
 //! | `POST /v1/apply` | manifest text → `ApplyResult` (same path as an MQTT apply) |
 //! | `GET /v1/secrets` | `[SecretView]`: names, keys, versions, users; never values |
 //! | `DELETE /v1/secrets/{name}` | delete a secret no workload uses (409 otherwise) |
+//! | `DELETE /v1/devices/{id}` | forget an offline device (409 while it is online) |
 //! | `GET /v1/configs` | `[ConfigView]`: names, keys, versions, users |
 //! | `GET /v1/configs/{name}` | `ConfigDescription`: the config, its users, each device's values |
 //! | `DELETE /v1/configs/{name}` | delete a config no workload reads (409 otherwise) |
@@ -148,6 +149,7 @@ pub fn router(state: AppState) -> Router {
         .route("/login", get(login))
         .merge(crate::dashboard::routes())
         .route("/v1/devices", get(devices))
+        .route("/v1/devices/{id}", axum::routing::delete(delete_device))
         .route("/v1/devices/{id}/labels", post(label_device))
         .route("/v1/devices/{id}/annotations", post(annotate_device))
         .route("/v1/devices/{id}/{action}", post(device_action))

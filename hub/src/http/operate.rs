@@ -148,6 +148,27 @@ pub(super) async fn scale(
     )
 }
 
+/// `DELETE /v1/devices/{id}`: forget a device that is gone for good.
+pub(super) async fn delete_device(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+    let id: DeviceId = match id.parse() {
+        Ok(d) => d,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("{e}")),
+    };
+    match ask(&s, |reply| Request::DeleteDevice {
+        id: id.clone(),
+        reply,
+    })
+    .await
+    {
+        Ok(Ok(())) => Json(serde_json::json!({ "deleted": id.as_str() })).into_response(),
+        Ok(Err(e)) => failed(e, |r| match r {
+            crate::fleet::DeviceRefusal::NotFound(_) => StatusCode::NOT_FOUND,
+            crate::fleet::DeviceRefusal::Online(_) => StatusCode::CONFLICT,
+        }),
+        Err(f) => f.into_response(),
+    }
+}
+
 pub(super) async fn label_device(
     s: State<AppState>,
     id: Path<String>,

@@ -216,6 +216,7 @@ mod tests {
                 Need::Operator(Role::Deployer),
             ),
             (Method::GET, "/v1/configs/c", Need::Operator(Role::Viewer)),
+            (Method::DELETE, "/v1/devices/d", Need::Operator(Role::Admin)),
             (
                 Method::POST,
                 "/v1/devices/d/labels",

@@ -155,6 +155,20 @@ pub fn encode(msg: Outbound) -> Vec<Message> {
             topics::log_request(&device),
             serde_json::to_vec(&req).unwrap_or_default(),
         )],
+        // An empty retained message clears what the broker keeps for the topic.
+        Outbound::Forget { device } => [
+            topics::desired(&device),
+            topics::status(&device),
+            topics::presence(&device),
+        ]
+        .into_iter()
+        .map(|topic| Message {
+            topic,
+            payload: Vec::new(),
+            retain: true,
+            correlation: None,
+        })
+        .collect(),
     }
 }
 

@@ -3,7 +3,7 @@
 use super::{DeviceRecord, Snapshot, Store, StoreError, StoredSecret};
 use crate::fleet::scheduler::Assignments;
 use shoal_api::model::config::Config;
-use shoal_api::model::ids::{ConfigName, SecretName, WorkloadName};
+use shoal_api::model::ids::{ConfigName, DeviceId, SecretName, WorkloadName};
 use shoal_api::model::workload::Workload;
 use shoal_api::policy::operator::AuditEntry;
 use shoal_api::wire::messages::DesiredState;
@@ -61,6 +61,13 @@ impl Store for MemStore {
         self.with(|s| match sec {
             Some(x) => s.secrets.insert(name.clone(), x.clone()),
             None => s.secrets.remove(name),
+        });
+        Ok(())
+    }
+    fn delete_device(&self, id: &DeviceId) -> Result<(), StoreError> {
+        self.with(|s| {
+            s.devices.remove(id);
+            s.desired.remove(id)
         });
         Ok(())
     }

@@ -13,7 +13,7 @@ use crate::fleet::changes::Write;
 pub use crate::fleet::records::{DeviceRecord, Snapshot, StoredSecret};
 use crate::fleet::scheduler::Assignments;
 use shoal_api::model::config::Config;
-use shoal_api::model::ids::{ConfigName, SecretName, WorkloadName};
+use shoal_api::model::ids::{ConfigName, DeviceId, SecretName, WorkloadName};
 use shoal_api::model::workload::Workload;
 use shoal_api::policy::operator::AuditEntry;
 use shoal_api::wire::messages::DesiredState;
@@ -67,6 +67,8 @@ pub trait Store: Send + 'static {
     ) -> Result<(), StoreError>;
     /// A secret, or its removal (`None`).
     fn put_secret(&self, name: &SecretName, s: Option<&StoredSecret>) -> Result<(), StoreError>;
+    /// Forgets a device: its record and its desired state.
+    fn delete_device(&self, id: &DeviceId) -> Result<(), StoreError>;
     /// A config, or its removal (`None`).
     fn put_config(&self, name: &ConfigName, c: Option<&Config>) -> Result<(), StoreError>;
     /// Marks device labels as the operator's in this store, for good.
@@ -89,6 +91,7 @@ pub trait Store: Send + 'static {
             Write::Rollout(n, r) => self.put_rollout(n, r.as_ref()),
             Write::Secret(n, s) => self.put_secret(n, s.as_ref()),
             Write::Config(n, c) => self.put_config(n, c.as_ref()),
+            Write::DeleteDevice(id) => self.delete_device(id),
             Write::LabelsOwned => self.put_labels_owned(),
             Write::Audit(e) => self.put_audit(e),
         }
@@ -127,6 +130,9 @@ impl Store for Box<dyn Store> {
     }
     fn put_config(&self, name: &ConfigName, c: Option<&Config>) -> Result<(), StoreError> {
         (**self).put_config(name, c)
+    }
+    fn delete_device(&self, id: &DeviceId) -> Result<(), StoreError> {
+        (**self).delete_device(id)
     }
     fn put_labels_owned(&self) -> Result<(), StoreError> {
         (**self).put_labels_owned()

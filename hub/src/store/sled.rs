@@ -4,7 +4,7 @@ use super::{DeviceRecord, Snapshot, Store, StoreError, StoredSecret};
 use crate::fleet::scheduler::Assignments;
 use serde::{de::DeserializeOwned, Serialize};
 use shoal_api::model::config::Config;
-use shoal_api::model::ids::{ConfigName, SecretName, WorkloadName};
+use shoal_api::model::ids::{ConfigName, DeviceId, SecretName, WorkloadName};
 use shoal_api::model::workload::Workload;
 use shoal_api::policy::operator::AuditEntry;
 use shoal_api::wire::messages::DesiredState;
@@ -145,6 +145,11 @@ impl Store for SledStore {
         };
         Ok(())
     }
+    fn delete_device(&self, id: &DeviceId) -> Result<(), StoreError> {
+        self.devices.remove(id.as_str())?;
+        self.desired.remove(id.as_str())?;
+        Ok(())
+    }
     fn put_config(&self, name: &ConfigName, c: Option<&Config>) -> Result<(), StoreError> {
         match c {
             Some(c) => self.configs.insert(name.as_str(), enc(c)?)?,
@@ -180,7 +185,6 @@ impl Store for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_api::model::ids::DeviceId;
 
     #[test]
     fn sled_roundtrip() {
