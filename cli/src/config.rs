@@ -59,7 +59,7 @@ pub(crate) async fn describe_config(hub: &Hub, name: &str, output: Output) -> an
             String::new()
         } else {
             format!(
-                " (runs version {}: apply the workload or the config to move it on)",
+                " (its spec pins version {}, rolled back or still rolling out: `shoal rollout status`; apply the workload again to move it on)",
                 u.version
             )
         };

@@ -181,17 +181,21 @@ pub(crate) fn print_secrets(secrets: &[SecretView], output: Output) -> anyhow::R
 }
 
 pub(crate) fn secrets_table(secrets: &[SecretView]) -> Table {
-    let mut t = Table::new(&["NAME", "KEYS", "VERSION", "USED BY"]);
+    let mut t = Table::new(&["NAME", "KEYS", "VERSION", "USED BY", "BEHIND"]);
     for s in secrets {
+        let list = |l: &[String]| {
+            if l.is_empty() {
+                "-".into()
+            } else {
+                l.join(",")
+            }
+        };
         t.row(vec![
             s.name.clone(),
             s.keys.join(","),
             s.version.clone(),
-            if s.used_by.is_empty() {
-                "-".into()
-            } else {
-                s.used_by.join(",")
-            },
+            list(&s.used_by),
+            list(&s.behind),
         ]);
     }
     t

@@ -28,6 +28,12 @@ pub enum ConfigError {
     File { name: String, error: FileError },
 }
 
+/// How directories being written start.
+const TMP: &str = ".tmp-";
+
+/// Numbers this process's temporary directories apart.
+static NEXT_TMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// The config files of one agent.
 #[derive(Debug, Clone)]
 pub struct ConfigDirs {
@@ -43,7 +49,8 @@ impl ConfigDirs {
     }
 
     /// Creates the directory (owner-only; what a previous agent wrote stays for the
-    /// containers it ran and this agent adopts).
+    /// containers it ran and this agent adopts) and removes what a previous agent left
+    /// half-written.
     pub fn prepare(&self) -> Result<(), FileError> {
         std::fs::create_dir_all(&self.root)
             .and_then(|()| {
@@ -53,7 +60,17 @@ impl ConfigDirs {
                 what: "create",
                 path: self.root.clone(),
                 error,
-            })
+            })?;
+        for e in std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if e.file_name().to_string_lossy().starts_with(TMP) {
+                remove_readonly(&e.path());
+            }
+        }
+        Ok(())
     }
 
     /// The replica's config files, written if missing: one read-only mount per reference.
@@ -63,13 +80,15 @@ impl ConfigDirs {
     ) -> Result<Vec<crate::runtime::Mount>, ConfigError> {
         let mut mounts = Vec::new();
         for f in files {
+            // Variables only: they are in the desired environment already.
+            let Some(path) = &f.path else { continue };
             let dir = self.root.join(f.digest());
             if !dir.is_dir() {
                 self.write(f, &dir)?;
             }
             mounts.push(crate::runtime::Mount {
                 host: dir,
-                guest: f.path.clone(),
+                guest: path.clone(),
                 read_only: true,
             });
         }
@@ -85,11 +104,13 @@ impl ConfigDirs {
                 error: FileError { what, path, error },
             }
         };
+        // A name no other writer uses: two replicas with the same values may start at once.
+        let n = NEXT_TMP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = self
             .root
-            .join(format!(".tmp-{}-{}", f.digest(), std::process::id()));
+            .join(format!("{TMP}{}-{}-{n}", f.digest(), std::process::id()));
         remove_readonly(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(file_error("create", &tmp))?;
+        std::fs::create_dir(&tmp).map_err(file_error("create", &tmp))?;
         for (k, v) in &f.data {
             // The key was checked on the hub; check again before it becomes a file name.
             shoal_api::model::secret::check_key(k).map_err(|error| ConfigError::Key {
@@ -114,14 +135,14 @@ impl ConfigDirs {
         }
     }
 
-    /// Removes every directory whose digest is not in `keep`.
+    /// Removes every directory whose digest is not in `keep` (not those being written).
     pub fn sweep(&self, keep: &BTreeSet<String>) {
         let Ok(entries) = std::fs::read_dir(&self.root) else {
             return;
         };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if !keep.contains(&name) {
+            if !keep.contains(&name) && !name.starts_with(TMP) {
                 remove_readonly(&e.path());
             }
         }
@@ -136,7 +157,7 @@ mod tests {
     fn files(path: &str, value: &str) -> ConfigFiles {
         ConfigFiles {
             name: "site".try_into().unwrap(),
-            path: path.into(),
+            path: Some(path.into()),
             data: [("interval".to_string(), value.to_string())].into(),
         }
     }

@@ -26,11 +26,13 @@
 //! wins, so the most specific does. Overrides change values, they add no key: a workload
 //! that reads a key reads it on every device. Values are literal text (no `${…}` expansion).
 //!
-//! **How a change reaches replicas**: the hub pins each Config a workload reads into the
-//! workload's revision ([`crate::model::workload::Workload::configs_pinned`]). A new Config
-//! is a new revision of every workload that reads it, and rolls out like any other change
-//! (`maxUnavailable`, health gates, automatic rollback); going back to a revision goes back
-//! to the values it read.
+//! **How a change reaches replicas**: the hub pins the version of each Config a workload
+//! reads into the workload's revision
+//! ([`crate::model::workload::Workload::configs_pinned`]). A new Config is a new revision of
+//! every workload that reads it, and rolls out like any other change (`maxUnavailable`,
+//! health gates, automatic rollback); replicas not yet replaced keep the version they
+//! started with, which the hub keeps until none runs it. `rollout undo` reads configs as
+//! they are now (apply the earlier Config to go back to its values).
 
 use crate::model::ids::{ConfigName, DeviceId, Digest};
 use crate::model::refs::{Kind, Ref, Taken};
@@ -39,9 +41,12 @@ use crate::wire::manifest::{ConfigManifest, ConfigMetadata, OverrideManifest, Se
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// Most bytes of keys and values in one config, overrides included: it travels inside
-/// desired states.
+/// Most bytes of one config as stored (JSON: keys, values, overrides and their selectors):
+/// it travels inside desired states.
 pub const MAX_CONFIG_BYTES: usize = 64 * 1024;
+
+/// Most references to configs in one workload (`spec.configs`).
+pub const MAX_REFS: usize = 8;
 
 /// Most overrides in one config.
 pub const MAX_OVERRIDES: usize = 256;
@@ -229,10 +234,12 @@ impl TryFrom<ConfigManifest> for Config {
             errs.push("the config has no keys: give data".into());
         }
         if m.overrides.len() > MAX_OVERRIDES {
+            // Checked before anything else of them: each is compared with the others.
             errs.push(format!(
                 "overrides has {} entries: at most {MAX_OVERRIDES} are allowed",
                 m.overrides.len()
             ));
+            return Err(errs);
         }
         let mut overrides: Vec<(usize, Override)> = Vec::new();
         for (i, o) in m.overrides.into_iter().enumerate() {
@@ -289,25 +296,22 @@ impl TryFrom<ConfigManifest> for Config {
             ));
         }
         let overrides: Vec<Override> = overrides.into_iter().map(|(_, o)| o).collect();
-        let total: usize = m
-            .data
-            .iter()
-            .chain(overrides.iter().flat_map(|o| &o.data))
-            .map(|(k, v)| k.len() + v.len())
-            .sum();
-        if total > MAX_CONFIG_BYTES {
-            errs.push(format!(
-                "the config holds {total} bytes: at most {MAX_CONFIG_BYTES} are allowed"
-            ));
+        let (Some(name), true) = (name, errs.is_empty()) else {
+            return Err(errs);
+        };
+        let config = Config {
+            name,
+            data: m.data,
+            overrides,
+        };
+        // As stored and sent: escapes and selectors count too.
+        let size = serde_json::to_vec(&config).map_or(usize::MAX, |v| v.len());
+        if size > MAX_CONFIG_BYTES {
+            return Err(vec![format!(
+                "the config takes {size} bytes as stored: at most {MAX_CONFIG_BYTES} are allowed"
+            )]);
         }
-        match name {
-            Some(name) if errs.is_empty() => Ok(Config {
-                name,
-                data: m.data,
-                overrides,
-            }),
-            _ => Err(errs),
-        }
+        Ok(config)
     }
 }
 
@@ -330,6 +334,13 @@ pub fn validate_mounts(
     taken: &mut Vec<Taken>,
     errs: &mut Vec<String>,
 ) -> Vec<ConfigMount> {
+    if wire.len() > MAX_REFS {
+        errs.push(format!(
+            "spec.configs has {} entries: at most {MAX_REFS} are allowed",
+            wire.len()
+        ));
+        return Vec::new();
+    }
     crate::model::refs::validate(KIND, wire, env, taken, errs)
 }
 
@@ -341,52 +352,58 @@ pub fn unresolved(
     crate::model::refs::unresolved(KIND, mounts, keys_of)
 }
 
-/// A config's files as one device receives them: its values resolved for that device.
+/// A config as one replica on one device reads it: its values resolved for that device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConfigFiles {
     pub name: ConfigName,
-    /// Where the replica sees them (read-only).
-    pub path: String,
+    /// Where the replica sees them as files (read-only); `None`: the reference gives
+    /// variables only (then `data` holds only the keys they read, and the variables are in
+    /// the desired environment already).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
     pub data: BTreeMap<String, String>,
 }
 
 impl ConfigFiles {
-    /// A short hash of the files (name, path and values): the directory they are written
-    /// to on the device, and what a replica is restarted for when it changes.
+    /// A short hash of name, path and values: the directory files are written to on the
+    /// device, and what a replica is restarted for when it changes (also when it reads
+    /// them as variables only).
     pub fn digest(&self) -> String {
         let bytes = serde_json::to_vec(self).unwrap_or_else(|_| format!("{self:?}").into_bytes());
         Digest::of(&bytes).hex()[..16].to_string()
     }
 }
 
-/// What a replica on `device` gets from the configs it reads, as pinned in its revision:
-/// the files to mount, and the environment variables taken from keys.
-pub fn for_device(
+/// What a replica on `device` gets from the configs it reads (`config_of` gives the
+/// version its revision pinned): one [`ConfigFiles`] per reference, and the environment
+/// variables taken from keys.
+pub fn for_device<'a>(
     mounts: &[ConfigMount],
-    pinned: &BTreeMap<ConfigName, Config>,
+    config_of: impl Fn(&ConfigName) -> Option<&'a Config>,
     device: &DeviceId,
     labels: &BTreeMap<String, String>,
 ) -> (Vec<ConfigFiles>, BTreeMap<String, String>) {
     let mut files = Vec::new();
     let mut env = BTreeMap::new();
     for m in mounts {
-        let Some(config) = pinned.get(&m.name) else {
+        let Some(config) = config_of(&m.name) else {
             continue;
         };
-        let values = config.values_for(device, labels);
+        let mut values = config.values_for(device, labels);
         for (var, key) in &m.env {
             if let Some(v) = values.get(key) {
                 env.insert(var.clone(), v.clone());
             }
         }
-        if let Some(path) = &m.path {
-            files.push(ConfigFiles {
-                name: m.name.clone(),
-                path: path.clone(),
-                data: values,
-            });
+        if m.path.is_none() {
+            values.retain(|k, _| m.env.values().any(|key| key == k));
         }
+        files.push(ConfigFiles {
+            name: m.name.clone(),
+            path: m.path.clone(),
+            data: values,
+        });
     }
     (files, env)
 }

@@ -333,10 +333,10 @@ pub struct Workload {
     /// `spec.configs` (see [`crate::model::config`]): references.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub configs: Vec<crate::model::config::ConfigMount>,
-    /// The content of each config `configs` names, as the hub pinned it when this revision
+    /// The version of each config `configs` names, as the hub pinned it when this revision
     /// was made (empty in a manifest): a new config is a new revision, which rolls out.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub configs_pinned: BTreeMap<crate::model::ids::ConfigName, crate::model::config::Config>,
+    pub configs_pinned: BTreeMap<crate::model::ids::ConfigName, String>,
     /// The version of each secret `secrets` names, as the hub pinned it when this revision
     /// was made (empty in a manifest): a new value is a new revision, which rolls out.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -375,8 +375,7 @@ impl Workload {
             #[serde(skip_serializing_if = "<[_]>::is_empty")]
             configs: &'a [crate::model::config::ConfigMount],
             #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-            configs_pinned:
-                &'a BTreeMap<crate::model::ids::ConfigName, crate::model::config::Config>,
+            configs_pinned: &'a BTreeMap<crate::model::ids::ConfigName, String>,
             #[serde(skip_serializing_if = "BTreeMap::is_empty")]
             secrets_pinned: &'a BTreeMap<crate::model::ids::SecretName, String>,
         }

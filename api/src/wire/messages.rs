@@ -250,17 +250,18 @@ impl DesiredWorkload {
         self.env.extend(env(&ctx));
     }
 
-    /// Adds what the replica reads from `spec`'s pinned configs on `device` (operator labels
-    /// `labels`): files, and variables. After [`Self::place_on`]: config values are literal,
-    /// never expanded.
-    pub fn read_configs(
+    /// Adds what the replica reads from `spec`'s configs (`config_of` gives the version
+    /// `spec` pinned) on `device` (operator labels `labels`): files, and variables. After
+    /// [`Self::place_on`]: config values are literal, never expanded.
+    pub fn read_configs<'a>(
         &mut self,
         spec: &Workload,
+        config_of: impl Fn(&crate::model::ids::ConfigName) -> Option<&'a crate::model::config::Config>,
         device: &DeviceId,
         labels: &BTreeMap<String, String>,
     ) {
         let (files, env) =
-            crate::model::config::for_device(&spec.configs, &spec.configs_pinned, device, labels);
+            crate::model::config::for_device(&spec.configs, config_of, device, labels);
         self.configs = files;
         self.env.extend(env);
     }

@@ -140,6 +140,10 @@ pub struct SecretView {
     #[serde(default)]
     pub used_by: Vec<String>,
     pub updated_ms: u64,
+    /// Workloads whose spec still pins an earlier version (a rollout not finished, or rolled
+    /// back): their replicas still read the earlier value, which the hub keeps until none does.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub behind: Vec<String>,
 }
 
 /// A config as `shoal get configs` shows it.

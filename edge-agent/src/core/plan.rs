@@ -256,6 +256,22 @@ mod tests {
             plan(&[dw("a", 0, "r1")], &running(&with("v1"))),
             vec![Action::Replace(dw("a", 0, "r1"))]
         );
+        // Same revision, other config values (the device was relabelled into another
+        // override), read as variables only: replaced too.
+        let read = |value: &str| {
+            let mut d = dw("a", 0, "r1");
+            d.configs = vec![shoal_api::model::config::ConfigFiles {
+                name: "site".try_into().unwrap(),
+                path: None,
+                data: [("interval".to_string(), value.to_string())].into(),
+            }];
+            d
+        };
+        assert!(plan(&[read("5")], &running(&read("5"))).is_empty());
+        assert_eq!(
+            plan(&[read("10")], &running(&read("5"))),
+            vec![Action::Replace(read("10"))]
+        );
     }
 
     #[test]

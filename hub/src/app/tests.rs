@@ -78,7 +78,7 @@ impl Store for TestStore {
     fn put_config(
         &self,
         n: &shoal_api::model::ids::ConfigName,
-        c: Option<&shoal_api::model::config::Config>,
+        c: Option<&crate::fleet::records::StoredConfig>,
     ) -> Result<(), StoreError> {
         self.inner.put_config(n, c)
     }

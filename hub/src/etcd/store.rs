@@ -2,9 +2,8 @@
 
 use super::client::{Cmd, Op, Refused};
 use super::EtcdStore;
-use crate::store::{Fence, Snapshot, Store, StoreError, StoredSecret};
+use crate::store::{Fence, Snapshot, Store, StoreError, StoredConfig, StoredSecret};
 use serde::de::DeserializeOwned;
-use shoal_api::model::config::Config;
 use shoal_api::model::ids::{ConfigName, DeviceId, SecretName, WorkloadName};
 use shoal_api::model::workload::Workload;
 use shoal_api::wire::messages::DesiredState;
@@ -46,8 +45,8 @@ impl Store for EtcdStore {
                     snap.rollouts.insert(r.workload.clone(), r);
                 }
                 "configs" => {
-                    let c: Config = dec(&key, &value)?;
-                    snap.configs.insert(c.name.clone(), c);
+                    let c: StoredConfig = dec(&key, &value)?;
+                    snap.configs.insert(c.config.name.clone(), c);
                 }
                 "secrets" => {
                     let s: StoredSecret = dec(&key, &value)?;
@@ -118,7 +117,7 @@ impl Store for EtcdStore {
         self.push(Op::Delete(self.key("desired", id.as_str())));
         Ok(())
     }
-    fn put_config(&self, name: &ConfigName, c: Option<&Config>) -> Result<(), StoreError> {
+    fn put_config(&self, name: &ConfigName, c: Option<&StoredConfig>) -> Result<(), StoreError> {
         match c {
             Some(c) => self.put("configs", name.as_str(), c),
             None => {

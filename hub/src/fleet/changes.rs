@@ -3,7 +3,7 @@
 //! flushes before it publishes or answers (`crate::app`'s `commit`). So the core names no
 //! store and no store error, and "durable before acknowledged" is sequenced in one place.
 
-use super::records::{DeviceRecord, StoredSecret};
+use super::records::{DeviceRecord, StoredConfig, StoredSecret};
 use super::rollout::Record;
 use super::scheduler::Assignments;
 use shoal_api::model::ids::{DeviceId, SecretName, WorkloadName};
@@ -28,10 +28,7 @@ pub enum Write {
     /// A device forgotten: its record and its desired state.
     DeleteDevice(DeviceId),
     /// `None`: the config is deleted.
-    Config(
-        shoal_api::model::ids::ConfigName,
-        Option<shoal_api::model::config::Config>,
-    ),
+    Config(shoal_api::model::ids::ConfigName, Option<StoredConfig>),
     /// Device labels are the operator's in this store (see [`super::Fleet::open`]).
     LabelsOwned,
     Audit(AuditEntry),
@@ -79,7 +76,7 @@ impl Changes {
     pub fn put_config(
         &mut self,
         name: &shoal_api::model::ids::ConfigName,
-        c: Option<&shoal_api::model::config::Config>,
+        c: Option<&StoredConfig>,
     ) {
         self.writes.push(Write::Config(name.clone(), c.cloned()));
     }

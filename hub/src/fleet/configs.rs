@@ -2,12 +2,14 @@
 //! the workloads that read them, and deleted only when no workload or running revision
 //! does.
 //!
-//! Pinning is what makes a config change roll out: a workload's spec carries the content of
+//! Pinning is what makes a config change roll out: a workload's spec carries the version of
 //! each config it reads (`Workload::configs_pinned`, part of its revision), so a new config
 //! gives each user a new revision, which the rollout engine replaces replica by replica
 //! under the workload's own budget and health gates, and rolls back on failure. Replicas not
-//! yet replaced keep the values their revision pinned.
+//! yet replaced keep the values of the version their revision pinned: the hub keeps earlier
+//! versions while a spec in use pins them ([`super::records::StoredConfig`]), secrets alike.
 
+use super::records::StoredConfig;
 use super::*;
 use shoal_api::model::config::Config;
 use shoal_api::model::ids::{ConfigName, WorkloadName};
@@ -50,7 +52,7 @@ impl Fleet {
             incoming
                 .iter()
                 .map(|(_, c)| *c)
-                .chain(self.configs.get(name))
+                .chain(self.configs.get(name).map(|s| &s.config))
                 .find(|c| &c.name == name)
                 .map(Config::keys)
         };
@@ -103,16 +105,22 @@ impl Fleet {
         let mut changed = BTreeSet::new();
         for c in configs {
             let name = c.name.clone();
-            let verdict = match self.configs.get(&c.name) {
-                None => "created",
-                Some(old) if *old == c => "unchanged",
-                Some(_) => "configured",
+            let (verdict, earlier) = match self.configs.get(&c.name) {
+                None => ("created", Vec::new()),
+                Some(old) if old.config == c => ("unchanged", Vec::new()),
+                Some(old) => {
+                    let mut earlier = old.earlier.clone();
+                    earlier.retain(|e| *e != c);
+                    earlier.push(old.config.clone());
+                    ("configured", earlier)
+                }
             };
             if verdict != "unchanged" {
-                self.changes.put_config(&c.name, Some(&c));
                 info!(config = %c.name, version = %c.version(), verdict, "config stored");
                 changed.insert(c.name.clone());
-                self.configs.insert(c.name.clone(), c);
+                let stored = StoredConfig { config: c, earlier };
+                self.changes.put_config(&name, Some(&stored));
+                self.configs.insert(name.clone(), stored);
             }
             outcome.insert(name.to_string(), verdict.to_string());
         }
@@ -136,19 +144,18 @@ impl Fleet {
         outcome
     }
 
-    /// Pins what `w` reads and has not pinned yet: each config's stored content, each
-    /// secret's current version. Pins of objects it no longer reads go. A spec from the
-    /// history (`rollout undo`) keeps its configs as they were.
+    /// Pins what `w` reads and has not pinned yet: each config's and each secret's current
+    /// version. Pins of objects it no longer reads go.
     pub(super) fn pin_inputs(&self, w: &mut Workload) {
         let mut configs = std::mem::take(&mut w.configs_pinned);
         w.configs_pinned = w
             .configs
             .iter()
             .filter_map(|m| {
-                let c = configs
+                let v = configs
                     .remove(&m.name)
-                    .or_else(|| self.configs.get(&m.name).cloned())?;
-                Some((m.name.clone(), c))
+                    .or_else(|| Some(self.configs.get(&m.name)?.config.version()))?;
+                Some((m.name.clone(), v))
             })
             .collect();
         let mut secrets = std::mem::take(&mut w.secrets_pinned);
@@ -192,10 +199,25 @@ impl Fleet {
             .collect()
     }
 
+    /// The config `spec` reads as `name`: the version it pinned (the current one for specs
+    /// stored before pins existed).
+    pub(super) fn config_of<'a>(
+        &'a self,
+        spec: &Workload,
+        name: &ConfigName,
+    ) -> Option<&'a Config> {
+        let stored = self.configs.get(name)?;
+        match spec.configs_pinned.get(name) {
+            Some(v) => stored.at(v),
+            None => Some(&stored.config),
+        }
+    }
+
     /// `shoal get configs`.
     pub fn config_views(&self) -> Vec<ConfigView> {
         self.configs
             .values()
+            .map(|s| &s.config)
             .map(|c| ConfigView {
                 name: c.name.to_string(),
                 keys: c.keys(),
@@ -208,7 +230,7 @@ impl Fleet {
 
     /// `shoal describe config`: who reads which version, and each device's values.
     pub fn describe_config(&self, name: &ConfigName) -> Option<ConfigDescription> {
-        let c = self.configs.get(name)?;
+        let c = &self.configs.get(name)?.config;
         let users = self
             .workloads
             .values()
@@ -216,11 +238,7 @@ impl Fleet {
                 w.configs.iter().find(|m| &m.name == name)?;
                 Some(ConfigUser {
                     workload: w.name.to_string(),
-                    version: w
-                        .configs_pinned
-                        .get(name)
-                        .map(Config::version)
-                        .unwrap_or_default(),
+                    version: w.configs_pinned.get(name).cloned().unwrap_or_default(),
                 })
             })
             .collect();

@@ -117,7 +117,7 @@ pub struct Fleet {
     /// Secrets: names, keys and versions; values only encrypted (persisted).
     secrets: BTreeMap<SecretName, StoredSecret>,
     /// Configs as last applied (persisted); workloads read the copies pinned in their specs.
-    configs: BTreeMap<shoal_api::model::ids::ConfigName, shoal_api::model::config::Config>,
+    configs: BTreeMap<shoal_api::model::ids::ConfigName, records::StoredConfig>,
     /// Scheduler runs since the server last took them (for its metrics).
     runs: Vec<SchedulingRun>,
     /// Whether the labels devices report steer placement (an `--insecure` fleet, where any

@@ -126,7 +126,7 @@ impl Fleet {
             }
         }
         self.schedule = next;
-        self.prune_secret_versions();
+        self.prune_earlier_versions();
 
         let mut per_device: BTreeMap<DeviceId, Vec<DesiredWorkload>> = BTreeMap::new();
         // The operator's labels of each device a replica goes to (`SHOAL_LABEL_*`).
@@ -157,7 +157,7 @@ impl Fleet {
                             .unwrap_or_default()
                     });
                     dw.place_on(dev, labels);
-                    dw.read_configs(spec, dev, labels);
+                    dw.read_configs(spec, |n| self.config_of(spec, n), dev, labels);
                     // The version the replica's revision pinned (specs stored before pins
                     // existed: the current one).
                     for m in &mut dw.secrets {

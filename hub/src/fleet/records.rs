@@ -96,6 +96,26 @@ impl std::fmt::Debug for StoredSecret {
     }
 }
 
+/// A config as the hub keeps it: the one last applied, and earlier versions that specs in
+/// use still pin (replicas a rollout has not replaced yet, the revision a rollback returns
+/// to), dropped as soon as none does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredConfig {
+    pub config: shoal_api::model::config::Config,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier: Vec<shoal_api::model::config::Config>,
+}
+
+impl StoredConfig {
+    /// Version `version`, current or earlier.
+    pub fn at(&self, version: &str) -> Option<&shoal_api::model::config::Config> {
+        std::iter::once(&self.config)
+            .chain(&self.earlier)
+            .find(|c| c.version() == version)
+    }
+}
+
 /// Everything the hub loads at start.
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
@@ -105,7 +125,7 @@ pub struct Snapshot {
     pub desired: BTreeMap<DeviceId, DesiredState>,
     pub rollouts: BTreeMap<WorkloadName, super::rollout::Record>,
     pub secrets: BTreeMap<SecretName, StoredSecret>,
-    pub configs: BTreeMap<shoal_api::model::ids::ConfigName, shoal_api::model::config::Config>,
+    pub configs: BTreeMap<shoal_api::model::ids::ConfigName, StoredConfig>,
     /// Device labels are the operator's in this store (see `Fleet::open`): a record
     /// without labels gets none, its device's reports are not adopted.
     pub labels_owned: bool,

@@ -251,12 +251,19 @@ impl Fleet {
                         revision: rev,
                     });
                 }
-                // Only what runs goes back; how many and where stay as they are now. Its
-                // configs go back too (their content is in the spec); secrets are read as
-                // they are now (earlier values are not kept beyond the rollouts that run
-                // them).
+                // Only what runs goes back; how many and where stay as they are now. Configs
+                // and secrets are read as they are now: earlier versions are kept only for
+                // the rollouts that still run them.
                 let mut spec = keep_placement(spec, &current);
+                spec.configs_pinned.clear();
                 spec.secrets_pinned.clear();
+                self.pin_inputs(&mut spec);
+                if spec == current {
+                    return Err(WorkloadRefusal::InputsOnly {
+                        revision: rev,
+                        workload: name.clone(),
+                    });
+                }
                 // The secrets that revision reads must still be there.
                 let missing = shoal_api::model::secret::unresolved(&spec.secrets, |n| {
                     self.secrets.get(n).map(|s| s.keys.clone())

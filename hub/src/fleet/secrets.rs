@@ -3,7 +3,7 @@
 
 use super::records::{EarlierSecret, StoredSecret};
 use super::*;
-use shoal_api::model::ids::{SecretName, WorkloadName};
+use shoal_api::model::ids::{ConfigName, SecretName, WorkloadName};
 use shoal_api::model::workload::Workload;
 use shoal_api::wire::manifest::ManifestError;
 use shoal_api::wire::views::SecretView;
@@ -167,21 +167,49 @@ impl Fleet {
         outcome
     }
 
-    /// Drops the earlier versions of secrets that no spec in use pins any more (the rollout
-    /// that replaced them finished): an old value leaves the store as soon as nothing runs it.
-    pub(super) fn prune_secret_versions(&mut self) {
-        let pinned: BTreeSet<(SecretName, String)> = self
+    /// Drops the earlier versions of secrets and configs that no spec in use pins any more
+    /// (the rollout that replaced them finished): an old value leaves the store as soon as
+    /// nothing runs it.
+    pub(super) fn prune_earlier_versions(&mut self) {
+        let secrets: BTreeSet<(&SecretName, &String)> = self
             .specs_in_use()
             .flat_map(|w| w.secrets_pinned.iter())
-            .map(|(n, v)| (n.clone(), v.clone()))
             .collect();
-        for s in self.secrets.values_mut() {
-            let before = s.earlier.len();
-            s.earlier
-                .retain(|e| pinned.contains(&(s.name.clone(), e.version.clone())));
-            if s.earlier.len() != before {
-                self.changes.put_secret(&s.name, Some(s));
+        let configs: BTreeSet<(&ConfigName, &String)> = self
+            .specs_in_use()
+            .flat_map(|w| w.configs_pinned.iter())
+            .collect();
+        let mut gone_secrets = Vec::new();
+        for s in self.secrets.values() {
+            if s.earlier
+                .iter()
+                .any(|e| !secrets.contains(&(&s.name, &e.version)))
+            {
+                let mut kept = s.clone();
+                kept.earlier
+                    .retain(|e| secrets.contains(&(&s.name, &e.version)));
+                gone_secrets.push(kept);
             }
+        }
+        let mut gone_configs = Vec::new();
+        for (name, c) in &self.configs {
+            if c.earlier
+                .iter()
+                .any(|e| !configs.contains(&(name, &e.version())))
+            {
+                let mut kept = c.clone();
+                kept.earlier
+                    .retain(|e| configs.contains(&(name, &e.version())));
+                gone_configs.push((name.clone(), kept));
+            }
+        }
+        for s in gone_secrets {
+            self.changes.put_secret(&s.name, Some(&s));
+            self.secrets.insert(s.name.clone(), s);
+        }
+        for (name, c) in gone_configs {
+            self.changes.put_config(&name, Some(&c));
+            self.configs.insert(name, c);
         }
     }
 
@@ -234,6 +262,17 @@ impl Fleet {
                     .into_iter()
                     .collect(),
                 updated_ms: s.updated_ms,
+                behind: self
+                    .specs_in_use()
+                    .filter(|w| {
+                        w.secrets_pinned
+                            .get(&s.name)
+                            .is_some_and(|v| *v != s.version)
+                    })
+                    .map(|w| w.name.to_string())
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect(),
             })
             .collect()
     }

@@ -880,6 +880,11 @@ spec:
     assert!(hub.rolling());
     let db = SecretName::try_from("db").unwrap();
     assert_eq!(hub.secret(&db).unwrap().earlier.len(), 1);
+    assert_eq!(
+        hub.secret_views()[0].behind,
+        ["sensor"],
+        "a replica still reads 01"
+    );
     assert!(hub.secret(&db).unwrap().at("01").is_some());
     report_running(&mut hub);
     let publish = hub.advance_rollouts(T0);

@@ -38,6 +38,13 @@ pub enum WorkloadRefusal {
         workload: WorkloadName,
         revision: String,
     },
+    /// The revision asked for differs from the current one only in the configs or secrets
+    /// it read, which `rollout undo` does not bring back.
+    #[error("workload {:?} would run its current revision {revision} again: the earlier revision differs only in the configs or secrets it read, which undo reads as they are now (apply the earlier config or secret to go back to its values)", .workload.as_str())]
+    InputsOnly {
+        workload: WorkloadName,
+        revision: String,
+    },
     /// Going back to `revision` would read secrets (or keys) that are gone.
     #[error("cannot go back to revision {revision}: {}", .missing.join("; "))]
     SecretsGone {

@@ -1,8 +1,7 @@
 //! An in-memory store, for tests.
 
-use super::{DeviceRecord, Snapshot, Store, StoreError, StoredSecret};
+use super::{DeviceRecord, Snapshot, Store, StoreError, StoredConfig, StoredSecret};
 use crate::fleet::scheduler::Assignments;
-use shoal_api::model::config::Config;
 use shoal_api::model::ids::{ConfigName, DeviceId, SecretName, WorkloadName};
 use shoal_api::model::workload::Workload;
 use shoal_api::policy::operator::AuditEntry;
@@ -71,7 +70,7 @@ impl Store for MemStore {
         });
         Ok(())
     }
-    fn put_config(&self, name: &ConfigName, c: Option<&Config>) -> Result<(), StoreError> {
+    fn put_config(&self, name: &ConfigName, c: Option<&StoredConfig>) -> Result<(), StoreError> {
         self.with(|s| match c {
             Some(x) => s.configs.insert(name.clone(), x.clone()),
             None => s.configs.remove(name),

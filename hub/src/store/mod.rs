@@ -10,9 +10,8 @@
 
 use crate::fleet::changes::Write;
 /// The records the fleet keeps are the fleet's types; the store persists them.
-pub use crate::fleet::records::{DeviceRecord, Snapshot, StoredSecret};
+pub use crate::fleet::records::{DeviceRecord, Snapshot, StoredConfig, StoredSecret};
 use crate::fleet::scheduler::Assignments;
-use shoal_api::model::config::Config;
 use shoal_api::model::ids::{ConfigName, DeviceId, SecretName, WorkloadName};
 use shoal_api::model::workload::Workload;
 use shoal_api::policy::operator::AuditEntry;
@@ -70,7 +69,7 @@ pub trait Store: Send + 'static {
     /// Forgets a device: its record and its desired state.
     fn delete_device(&self, id: &DeviceId) -> Result<(), StoreError>;
     /// A config, or its removal (`None`).
-    fn put_config(&self, name: &ConfigName, c: Option<&Config>) -> Result<(), StoreError>;
+    fn put_config(&self, name: &ConfigName, c: Option<&StoredConfig>) -> Result<(), StoreError>;
     /// Marks device labels as the operator's in this store, for good.
     fn put_labels_owned(&self) -> Result<(), StoreError>;
     /// Appends an audit entry (and forgets the one [`crate::fleet::audit::KEPT`] before it).
@@ -128,7 +127,7 @@ impl Store for Box<dyn Store> {
     fn put_secret(&self, name: &SecretName, s: Option<&StoredSecret>) -> Result<(), StoreError> {
         (**self).put_secret(name, s)
     }
-    fn put_config(&self, name: &ConfigName, c: Option<&Config>) -> Result<(), StoreError> {
+    fn put_config(&self, name: &ConfigName, c: Option<&StoredConfig>) -> Result<(), StoreError> {
         (**self).put_config(name, c)
     }
     fn delete_device(&self, id: &DeviceId) -> Result<(), StoreError> {

@@ -1,9 +1,8 @@
 //! The default store: sled in `DATA_DIR/hub.db`, one tree per kind of record, JSON values.
 
-use super::{DeviceRecord, Snapshot, Store, StoreError, StoredSecret};
+use super::{DeviceRecord, Snapshot, Store, StoreError, StoredConfig, StoredSecret};
 use crate::fleet::scheduler::Assignments;
 use serde::{de::DeserializeOwned, Serialize};
-use shoal_api::model::config::Config;
 use shoal_api::model::ids::{ConfigName, DeviceId, SecretName, WorkloadName};
 use shoal_api::model::workload::Workload;
 use shoal_api::policy::operator::AuditEntry;
@@ -100,7 +99,7 @@ impl Store for SledStore {
                 r.workload.clone()
             })?,
             secrets: load_tree(&self.secrets, |s: &StoredSecret| s.name.clone())?,
-            configs: load_tree(&self.configs, |c: &Config| c.name.clone())?,
+            configs: load_tree(&self.configs, |c: &StoredConfig| c.config.name.clone())?,
             assignments,
             labels_owned: self.meta.contains_key(LABELS_OWNED_KEY)?,
             audit: {
@@ -150,7 +149,7 @@ impl Store for SledStore {
         self.desired.remove(id.as_str())?;
         Ok(())
     }
-    fn put_config(&self, name: &ConfigName, c: Option<&Config>) -> Result<(), StoreError> {
+    fn put_config(&self, name: &ConfigName, c: Option<&StoredConfig>) -> Result<(), StoreError> {
         match c {
             Some(c) => self.configs.insert(name.as_str(), enc(c)?)?,
             None => self.configs.remove(name.as_str())?,

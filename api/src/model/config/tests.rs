@@ -141,6 +141,22 @@ overrides:
         "x".repeat(MAX_CONFIG_BYTES)
     );
     assert!(parse(&big).unwrap_err()[0].contains("at most 65536"));
+    // Escapes count as stored: 20k control characters take 120k bytes.
+    let escaped = format!(
+        "apiVersion: shoal.dev/v1\nkind: Config\nmetadata: {{name: a}}\ndata: {{k: \"{}\"}}\n",
+        "\\x01".repeat(20_000)
+    );
+    assert!(parse(&escaped).unwrap_err()[0].contains("as stored: at most 65536"));
+    // Too many overrides is said at once, without comparing them all.
+    let many: String = (0..MAX_OVERRIDES + 1)
+        .map(|i| format!("  - {{device: d{i}, data: {{k: v}}}}\n"))
+        .collect();
+    let text = format!(
+        "apiVersion: shoal.dev/v1\nkind: Config\nmetadata: {{name: a}}\ndata: {{k: v}}\noverrides:\n{many}"
+    );
+    let errs = parse(&text).unwrap_err();
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].contains("at most 256"));
 }
 
 #[test]
@@ -165,11 +181,10 @@ fn a_replica_gets_its_devices_values_as_files_and_env() {
         &mut errs,
     );
     assert!(errs.is_empty(), "{errs:?}");
-    let pinned: BTreeMap<ConfigName, Config> = [(c.name.clone(), c)].into();
     let dev = DeviceId::try_from("board-7").unwrap();
-    let (files, env) = for_device(&mounts, &pinned, &dev, &labels(&[("site", "berlin")]));
-    assert_eq!(files[0].path, "/run/configs/sensor");
-    assert_eq!(files[1].path, "/etc/s");
+    let (files, env) = for_device(&mounts, |_| Some(&c), &dev, &labels(&[("site", "berlin")]));
+    assert_eq!(files[0].path.as_deref(), Some("/run/configs/sensor"));
+    assert_eq!(files[1].path.as_deref(), Some("/etc/s"));
     assert_eq!(files[0].data["port"], "/dev/ttyACM0");
     assert_eq!(env["INTERVAL"], "10");
 

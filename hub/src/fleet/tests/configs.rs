@@ -74,8 +74,11 @@ fn a_config_reaches_each_device_with_its_values_and_a_change_rolls_out() {
     let want: BTreeMap<String, String> =
         [("a".into(), "10".into()), ("b".into(), "5".into())].into();
     assert_eq!(intervals(&hub), want);
-    let files = &hub.desired[&id("a")].workloads[0].configs[0];
-    assert_eq!(files.path, "/etc/site");
+    let env_only = &hub.desired[&id("a")].workloads[0].configs[0];
+    assert_eq!(env_only.path, None);
+    assert_eq!(env_only.data.keys().collect::<Vec<_>>(), ["interval"]);
+    let files = &hub.desired[&id("a")].workloads[0].configs[1];
+    assert_eq!(files.path.as_deref(), Some("/etc/site"));
     assert_eq!(files.data["unit"], "C");
 
     // The same config again changes nothing; a new one rolls out one replica at a time.
@@ -109,6 +112,21 @@ fn a_config_reaches_each_device_with_its_values_and_a_change_rolls_out() {
     let want: BTreeMap<String, String> =
         [("a".into(), "30".into()), ("b".into(), "5".into())].into();
     assert_eq!(intervals(&hub), want);
+    let name = ConfigName::try_from("site").unwrap();
+    assert!(
+        hub.configs[&name].earlier.is_empty(),
+        "no replica reads the earlier version: it is gone"
+    );
+    // Undo would only re-read the config as it is: refused, saying so.
+    let undo = hub.rollout_action(
+        &WorkloadName::try_from("web").unwrap(),
+        RolloutAction::Undo { to: None },
+        T0,
+    );
+    assert!(
+        matches!(undo, Err(WorkloadRefusal::InputsOnly { .. })),
+        "{undo:?}"
+    );
 }
 
 #[test]
