@@ -80,3 +80,41 @@ pub(crate) async fn describe_config(hub: &Hub, name: &str, output: Output) -> an
     print!("{t}");
     Ok(())
 }
+
+/// `shoal policy get|set`.
+pub(crate) async fn policy(
+    hub: &Hub,
+    action: PolicyCmd,
+    allow: &[String],
+    output: Output,
+) -> anyhow::Result<()> {
+    use shoal_api::policy::fleet::{FleetPolicy, Privilege};
+    let policy: FleetPolicy = match action {
+        PolicyCmd::Get => {
+            if !allow.is_empty() {
+                bail!("--allow goes with `policy set`");
+            }
+            hub.get("/v1/policy").await?
+        }
+        PolicyCmd::Set => {
+            if allow.is_empty() {
+                bail!("give --allow privileged,host-devices (or --allow none)");
+            }
+            let mut p = FleetPolicy::default();
+            for a in allow.iter().filter(|a| a.as_str() != "none") {
+                match a.parse::<Privilege>().map_err(anyhow::Error::msg)? {
+                    Privilege::Privileged => p.allow_privileged = true,
+                    Privilege::HostDevices => p.allow_host_devices = true,
+                }
+            }
+            hub.put_for("/v1/policy", &serde_json::to_value(p)?).await?
+        }
+    };
+    emit(&policy, output, |_| {
+        let mut t = Table::new(&["PRIVILEGE", "ALLOWED"]);
+        for p in Privilege::ALL {
+            t.row(vec![p.name().into(), policy.allows(p).to_string()]);
+        }
+        t
+    })
+}

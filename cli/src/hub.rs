@@ -118,6 +118,24 @@ impl Hub {
         r.json().await.context("hub sent an unreadable answer")
     }
 
+    pub(crate) async fn put_for<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<T> {
+        let r = self
+            .check(
+                self.http()?
+                    .put(format!("{}{path}", self.base))
+                    .json(body)
+                    .send()
+                    .await,
+                path,
+            )
+            .await?;
+        r.json().await.context("hub sent an unreadable answer")
+    }
+
     pub(crate) async fn post_json(
         &self,
         path: &str,

@@ -194,6 +194,16 @@ enum Command {
         #[arg(long, value_name = "REVISION")]
         to_revision: Option<String>,
     },
+    /// Show (`get`) or set (`set --allow …`, admins) what containers may ask for beyond the
+    /// confined defaults: `privileged`, `host-devices`. Devices must allow it too
+    /// (`shoal-agent run --allow`).
+    Policy {
+        #[arg(value_enum)]
+        action: PolicyCmd,
+        /// `set`: the privileges allowed, comma-separated (`none`: none).
+        #[arg(long, value_delimiter = ',', value_name = "PRIVILEGE")]
+        allow: Vec<String>,
+    },
     /// Change a workload's replica count (no rollout: the revision stays).
     Scale {
         workload: String,
@@ -293,6 +303,12 @@ enum RolloutCmd {
     /// Go back to the revision before the current one (after an automatic rollback, the one
     /// that failed), or to `--to-revision`; the replica count and placement stay.
     Undo,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PolicyCmd {
+    Get,
+    Set,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -522,6 +538,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
+        Command::Policy { action, allow } => policy(&hub, action, &allow, cli.output).await,
         Command::Scale { workload, replicas } => {
             hub.post_json(
                 &format!("/v1/workloads/{workload}/scale"),

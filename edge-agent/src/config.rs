@@ -27,6 +27,9 @@ pub struct AgentConfig {
     pub memory: Option<u64>,
     /// Most replicas this device takes; `None`: no limit.
     pub max_replicas: Option<u32>,
+    /// What containers may ask for here beyond the confined defaults (see
+    /// `shoal_api::policy::fleet`); the fleet's policy must allow it too.
+    pub allow: std::collections::BTreeSet<shoal_api::policy::fleet::Privilege>,
     /// The fleet this device belongs to; hubs of other fleets are ignored.
     pub fleet: String,
     /// mDNS interfaces; `None`: mDNS off (then `broker` is required).
@@ -156,6 +159,16 @@ pub struct Settings {
     /// Most replicas this device takes [default: no limit].
     #[arg(long, env = "SHOAL_AGENT_MAX_REPLICAS")]
     pub max_replicas: Option<u32>,
+    /// What containers may ask for on this device beyond the confined defaults,
+    /// comma-separated: privileged, host-devices. Each is root on the device: the fleet's
+    /// policy must allow it too [default: none].
+    #[arg(
+        long,
+        env = "SHOAL_AGENT_ALLOW",
+        value_delimiter = ',',
+        value_name = "PRIVILEGE"
+    )]
+    pub allow: Option<Vec<shoal_api::policy::fleet::Privilege>>,
     /// A registry (`HOST:PORT`) that may be reached over plain HTTP; loopback ones always
     /// may. Repeat for several; adds to `[registries]` in the config file.
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
@@ -391,6 +404,10 @@ pub fn resolve(m: &ArgMatches) -> Result<AgentConfig, ConfigError> {
         broker,
         memory: merged!(memory, "memory"),
         max_replicas: merged!(max_replicas, "max_replicas"),
+        allow: merged!(allow, "allow")
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
         fleet,
         mdns,
         socket,

@@ -28,6 +28,7 @@ fn env(name: &str, default: usize) -> usize {
 fn fleet(devices: usize) -> Vec<DeviceView> {
     (0..devices)
         .map(|i| DeviceView {
+            allows: Default::default(),
             id: DeviceId::try_from(format!("dev-{i:05}").as_str()).unwrap(),
             labels: [
                 ("zone".to_string(), format!("z{}", i % 10)),

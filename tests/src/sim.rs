@@ -81,6 +81,7 @@ async fn device(cfg: &SimConfig, id: DeviceId, stats: &SimStats, stop: Cancellat
     ));
     let (client, mut events) = AsyncClient::new(o, 256);
     let hello = Hello {
+        allows: Vec::new(),
         protocol: shoal_api::PROTOCOL_VERSION,
         device_id: id.clone(),
         arch: "sim".into(),

@@ -30,6 +30,9 @@ fn run(id: &str, args: &[&str], log: &std::path::Path) -> ContainerRun {
         cap_add: vec![],
         cap_drop: vec![],
         groups: vec![],
+        privileged: false,
+        host_devices: vec![],
+        allow: Default::default(),
     }
 }
 

@@ -253,3 +253,133 @@ spec:
     assert!(hub.shoal(&["delete", "workload", "meter"]).status.success());
     Ok(())
 }
+
+/// A container given a host node by path, and a privileged one: refused until an admin
+/// allows them in the fleet's policy, pending on a device that does not allow them, then
+/// run by one that does, with what they asked for.
+#[test]
+fn host_nodes_and_privileged_containers_need_the_policy_and_the_device() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let Some(ctrd) = PrivateContainerd::start(dir.path())? else {
+        return Ok(());
+    };
+    let registry = Registry::start(dir.path())?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let regs = shoal_registry::Registries::new(Default::default());
+        let tag = registry.reference("shoal/busybox:1").parse()?;
+        shoal_e2e::image::push_busybox(&regs, &tag, &[("amd64", None), ("arm64", Some("v8"))]).await
+    })?;
+    let pty = Pty::open()?;
+    let hub = Hub::start(dir.path(), None)?;
+    let namespace = format!("shoal-e2e-{}-priv", std::process::id());
+    let agent = |allow: &[&str]| {
+        let mut args = vec![
+            "--no-wasm",
+            "--containerd-socket",
+            ctrd.socket.to_str().unwrap(),
+            "--containerd-namespace",
+            &namespace,
+        ];
+        args.extend_from_slice(allow);
+        Agent::start_with(dir.path(), "c1", "", &hub.join(), &args)
+    };
+    let mut c1 = agent(&[])?;
+    hub.wait_devices_online(1, Duration::from_secs(20))?;
+    let tag = registry.reference("shoal/busybox:1");
+    let manifest = format!(
+        r#"apiVersion: shoal.dev/v1
+kind: Workload
+metadata: {{ name: meter }}
+spec:
+  container:
+    image: "{tag}"
+    command: [/bin/sh]
+    devices: [{{ path: "{slave}", containerPath: /dev/ttyS7, permissions: rw }}]
+  args: ["-c", "echo ping by path > /dev/ttyS7; read -r reply < /dev/ttyS7; echo got $reply; sleep 3600"]
+  resources: {{ memory: 32Mi }}
+---
+apiVersion: shoal.dev/v1
+kind: Workload
+metadata: {{ name: root }}
+spec:
+  container:
+    image: "{tag}"
+    command: [/bin/sh]
+    privileged: true
+  args: ["-c", "grep -E '^(CapEff|Seccomp):' /proc/self/status; [ -e /dev/loop-control ] && echo sees the device nodes; sleep 3600"]
+  resources: {{ memory: 32Mi }}
+"#,
+        slave = pty.path
+    );
+    let m = write_manifest(dir.path(), "priv.yaml", &manifest);
+    // The fleet's policy allows neither yet.
+    let out = hub.shoal(&["apply", "-f", m.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("spec.container.privileged is refused by the fleet's policy"),
+        "{err}"
+    );
+    let set = hub.shoal_ok(&["policy", "set", "--allow", "privileged,host-devices"]);
+    assert!(String::from_utf8_lossy(&set.stdout).contains("privileged"));
+    hub.apply(&m)?;
+    // The device does not allow them: pending, saying so.
+    wait_until(Duration::from_secs(20), "meter pending on consent", || {
+        let w = hub.workload("meter")?.unwrap_or_default();
+        let reason = w["pendingReason"].as_str().unwrap_or_default().to_string();
+        Ok(reason
+            .contains(
+                "1 not allowing host-devices containers (shoal-agent run --allow host-devices)",
+            )
+            .then_some(()))
+    })?;
+    // The same device, now consenting.
+    c1.proc.kill();
+    let _c1 = agent(&["--allow", "host-devices,privileged"])?;
+    let ping = pty.expect_line("ping by", Duration::from_secs(60));
+    if ping.is_err() {
+        let logs = hub.shoal(&["logs", "meter"]);
+        panic!("{ping:?}: {}", String::from_utf8_lossy(&logs.stdout));
+    }
+    pty.send("ok\n")?;
+    wait_until(Duration::from_secs(20), "the reply read by path", || {
+        let log = hub.shoal(&["logs", "meter"]);
+        Ok(String::from_utf8_lossy(&log.stdout)
+            .contains("got ok")
+            .then_some(()))
+    })?;
+    let log = wait_until(
+        Duration::from_secs(60),
+        "the privileged container's view",
+        || {
+            let log = hub.shoal(&["logs", "root"]);
+            let text = String::from_utf8_lossy(&log.stdout).to_string();
+            Ok(text.contains("sees the device nodes").then_some(text))
+        },
+    );
+    let log = match log {
+        Ok(l) => l,
+        Err(e) => panic!("{e}: {}", hub.workload("root")?.unwrap_or_default()),
+    };
+    // Every capability (not the confined 00000000a80425fb-style set), no seccomp filter.
+    let cap = log
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(str::trim)
+        .unwrap_or_default();
+    let bits = u64::from_str_radix(cap, 16).unwrap_or(0);
+    assert!(bits.count_ones() >= 38, "{log}");
+    assert!(log.contains("Seccomp:\t0"), "{log}");
+    // The policy is not withdrawn from under them.
+    let out = hub.shoal(&["policy", "set", "--allow", "none"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("cannot be withdrawn: workload(s) root use it"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(hub.shoal(&["delete", "workload", "meter"]).status.success());
+    assert!(hub.shoal(&["delete", "workload", "root"]).status.success());
+    Ok(())
+}

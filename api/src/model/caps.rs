@@ -9,7 +9,8 @@
 //! on every interface) is not among them; nor `SYS_NICE` (real-time threads escape the CPU
 //! limit and starve the device), `WAKE_ALARM`, `MKNOD`, `SYS_ADMIN`, `NET_ADMIN`,
 //! `SYS_TIME`, `SYS_RAWIO`, `SYS_MODULE`, `SYS_PTRACE`, `BPF` or any other: they act on the
-//! whole device and are refused at apply (privileged containers are not offered). The agent
+//! whole device and are refused at apply (a privileged container, which has them all, needs
+//! the fleet's policy and the device's consent: [`crate::policy::fleet`]). The agent
 //! checks the same rule again before it starts a container. Added capabilities reach a
 //! non-root process only through its bounding, permitted and effective sets, as in
 //! Kubernetes: they are not ambient, so a non-root `USER` does not gain them.
@@ -31,50 +32,63 @@ pub const EXTRA: &[&str] = &[
     "SYS_CHROOT",
 ];
 
-/// Every capability name Linux knows (for clear errors: a typo is not "not allowed").
-const KNOWN: &[&str] = &[
-    "AUDIT_CONTROL",
-    "AUDIT_READ",
-    "AUDIT_WRITE",
-    "BLOCK_SUSPEND",
-    "BPF",
-    "CHECKPOINT_RESTORE",
+/// Every capability name Linux knows (for clear errors: a typo is not "not allowed"), in the
+/// order of their numbers (`CAP_CHOWN` is 0): what a privileged container gets, of those
+/// the agent itself holds (see [`crate::policy::fleet`]).
+pub const KNOWN: &[&str] = &[
     "CHOWN",
     "DAC_OVERRIDE",
     "DAC_READ_SEARCH",
     "FOWNER",
     "FSETID",
-    "IPC_LOCK",
-    "IPC_OWNER",
     "KILL",
-    "LEASE",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
     "LINUX_IMMUTABLE",
-    "MAC_ADMIN",
-    "MAC_OVERRIDE",
-    "MKNOD",
-    "NET_ADMIN",
     "NET_BIND_SERVICE",
     "NET_BROADCAST",
+    "NET_ADMIN",
     "NET_RAW",
-    "PERFMON",
-    "SETFCAP",
-    "SETGID",
-    "SETPCAP",
-    "SETUID",
-    "SYSLOG",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
     "SYS_ADMIN",
     "SYS_BOOT",
-    "SYS_CHROOT",
-    "SYS_MODULE",
     "SYS_NICE",
-    "SYS_PACCT",
-    "SYS_PTRACE",
-    "SYS_RAWIO",
     "SYS_RESOURCE",
     "SYS_TIME",
     "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
     "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
 ];
+
+/// The capabilities of `bounding` (a bit per capability number, as `/proc/self/status`
+/// writes `CapBnd`) by name; `None`: every known one.
+pub fn held(bounding: Option<u64>) -> Vec<&'static str> {
+    KNOWN
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| bounding.is_none_or(|b| b >> i & 1 == 1))
+        .map(|(_, n)| *n)
+        .collect()
+}
 
 /// `name` without `CAP_`, upper-cased.
 fn normal(name: &str) -> String {

@@ -59,6 +59,18 @@ pub fn check_name(name: &str) -> Result<(), String> {
 /// A mount path: absolute and normalized (no `.`, `..` or empty components), not `/`, not
 /// under a reserved directory.
 pub fn check_path(path: &str) -> Result<(), String> {
+    check_shape(path)?;
+    for r in RESERVED {
+        if path == r || path.starts_with(&format!("{r}/")) {
+            return Err(format!("path {path:?} is invalid: {r} is reserved"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `path` is absolute, normalized, not `/`, bounded and without NUL (what
+/// [`check_path`] checks besides the reserved directories).
+pub fn check_shape(path: &str) -> Result<(), String> {
     let bad = |why: &str| Err(format!("path {path:?} is invalid: {why}"));
     if !path.starts_with('/') {
         return bad("must be absolute");
@@ -78,11 +90,6 @@ pub fn check_path(path: &str) -> Result<(), String> {
         .any(|c| c.is_empty() || c == "." || c == "..")
     {
         return bad("must be normalized: no '.', '..', '//' or trailing '/'");
-    }
-    for r in RESERVED {
-        if path == r || path.starts_with(&format!("{r}/")) {
-            return bad(&format!("{r} is reserved"));
-        }
     }
     Ok(())
 }

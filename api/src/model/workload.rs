@@ -140,6 +140,83 @@ pub struct Container {
     /// `supplementalGroups`: extra group ids of the process.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<u32>,
+    /// `privileged: true` (see [`crate::policy::fleet`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub privileged: bool,
+    /// `devices`: host device nodes by path (see [`crate::policy::fleet`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_devices: Vec<HostDevice>,
+}
+
+/// A host device node a container is given by path (`spec.container.devices[]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostDevice {
+    /// On the device: an absolute, normalized path under `/dev/`.
+    pub path: String,
+    /// In the container (absolute, normalized; default `path`).
+    pub container_path: String,
+    /// A non-empty subset of `rwm`, in that order.
+    pub permissions: String,
+}
+
+/// Most host device nodes one container is given by path.
+pub const MAX_HOST_DEVICES: usize = 32;
+
+fn host_devices(
+    wire: Vec<crate::wire::manifest::HostDeviceSpec>,
+    errs: &mut Vec<String>,
+) -> Vec<HostDevice> {
+    if wire.len() > MAX_HOST_DEVICES {
+        errs.push(format!(
+            "spec.container.devices has {} entries: at most {MAX_HOST_DEVICES} are allowed",
+            wire.len()
+        ));
+        return Vec::new();
+    }
+    let mut out: Vec<HostDevice> = Vec::new();
+    for (i, d) in wire.into_iter().enumerate() {
+        let field = format!("spec.container.devices[{i}]");
+        let before = errs.len();
+        let container_path = d.container_path.unwrap_or_else(|| d.path.clone());
+        let under_dev = |p: &str| match crate::model::volume::check_shape(p) {
+            Ok(()) if !p.starts_with("/dev/") => Err(format!(
+                "path {p:?} is invalid: a device node lives under /dev/"
+            )),
+            r => r,
+        };
+        if let Err(e) = under_dev(&d.path) {
+            errs.push(format!("{field}.path: {e}"));
+        }
+        if let Err(e) = under_dev(&container_path) {
+            errs.push(format!("{field}.containerPath: {e}"));
+        } else if let Some(j) = out.iter().position(|o| o.container_path == container_path) {
+            errs.push(format!(
+                "{field}.containerPath {container_path:?} is given already in spec.container.devices[{j}]"
+            ));
+        }
+        let given = d.permissions.unwrap_or_else(|| "rwm".into());
+        let permissions: String = ['r', 'w', 'm']
+            .into_iter()
+            .filter(|c| given.contains(*c))
+            .collect();
+        if given.is_empty()
+            || given.chars().any(|c| !"rwm".contains(c))
+            || given.len() != permissions.len()
+        {
+            errs.push(format!(
+                "{field}.permissions {given:?} is invalid: give r, w and/or m, each once"
+            ));
+        }
+        if errs.len() == before {
+            out.push(HostDevice {
+                path: d.path,
+                container_path,
+                permissions,
+            });
+        }
+    }
+    out
 }
 
 /// `spec.container.stopGracePeriod` when not given, as Kubernetes' default is 30s but edge
@@ -950,10 +1027,20 @@ fn container(c: crate::wire::manifest::ContainerSpec, errs: &mut Vec<String>) ->
             )),
         }
     }
+    let privileged = c.privileged.unwrap_or(false);
+    if privileged && !c.devices.is_empty() {
+        errs.push(
+            "spec.container.devices is not needed with privileged: every device node is there, at its own path"
+                .to_string(),
+        );
+    }
+    let host_devices = host_devices(c.devices, errs);
     Some(Container {
         cap_add,
         cap_drop,
         groups,
+        privileged,
+        host_devices,
         image: image?,
         command: c.command,
         read_only_root: c.read_only_root_filesystem.unwrap_or(true),

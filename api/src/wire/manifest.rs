@@ -193,6 +193,26 @@ pub struct ContainerSpec {
     /// Extra group ids of the container's process (numbers, as Kubernetes takes them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub supplemental_groups: Vec<serde_json::Value>,
+    /// Every capability, no seccomp filter, every device node: only where the fleet's policy
+    /// and the device allow it (see [`crate::policy::fleet`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privileged: Option<bool>,
+    /// Host device nodes by path: only where the fleet's policy and the device allow it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<HostDeviceSpec>,
+}
+
+/// `spec.container.devices[]`: `{ path: /dev/ttyUSB0, containerPath: /dev/ttyS0,
+/// permissions: rw }`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HostDeviceSpec {
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_path: Option<String>,
+    /// Any of `r`, `w`, `m` (mknod); default `rwm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permissions: Option<String>,
 }
 
 /// `spec.container.capabilities`: `{ add: [NET_RAW], drop: [ALL] }`.

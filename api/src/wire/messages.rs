@@ -56,6 +56,11 @@ pub struct Hello {
     /// Most replicas the device takes (`shoal-agent run --max-replicas`); absent: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_replicas: Option<u32>,
+    /// What the device lets containers ask for beyond the confined defaults
+    /// (`shoal-agent run --allow`; see [`crate::policy::fleet`]). Absent from older agents:
+    /// nothing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allows: Vec<crate::policy::fleet::Privilege>,
     /// Hardware nodes the agent offers, per class (see [`crate::model::hardware`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub devices: BTreeMap<String, u32>,
@@ -66,6 +71,7 @@ impl Hello {
     /// enrolled and has not connected yet.
     pub fn announcing(device_id: DeviceId) -> Self {
         Hello {
+            allows: Vec::new(),
             protocol: protocol(),
             device_id,
             arch: String::new(),

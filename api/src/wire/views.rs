@@ -45,6 +45,9 @@ pub struct DeviceView {
     /// Hardware nodes asked for by the replicas placed here, per class.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub hardware_allocated: BTreeMap<String, u32>,
+    /// What the device lets containers ask for (`privileged`, `host-devices`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allows: Vec<String>,
     /// The labels placement sees: the operator's (join token, `shoal label device`).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,

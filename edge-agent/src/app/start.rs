@@ -248,7 +248,11 @@ pub async fn containers(
                 info!(containers = ?removed, "removed containers no longer desired");
             }
             Some(Arc::new(
-                crate::runtime::containerd::ContainerdRuntime::new(c, stopping),
+                crate::runtime::containerd::ContainerdRuntime::new(
+                    c,
+                    stopping,
+                    config.allow.clone(),
+                ),
             ))
         }
         Err(e) => {
@@ -286,6 +290,7 @@ pub fn hello(
         runtimes.push(RUNTIME_CONTAINER.to_string());
     }
     Hello {
+        allows: config.allow.iter().copied().collect(),
         protocol: shoal_api::PROTOCOL_VERSION,
         device_id: config.device_id.clone(),
         arch: std::env::consts::ARCH.to_string(),

@@ -631,6 +631,8 @@ mod tests {
             cap_add: vec![],
             cap_drop: vec![],
             groups: vec![],
+            privileged: false,
+            host_devices: vec![],
         }
     }
 

@@ -163,6 +163,10 @@ pub struct ContainerSpec {
     pub cap_drop: Vec<String>,
     /// `supplementalGroups`.
     pub groups: Vec<u32>,
+    /// `privileged: true` (only if this device allows it).
+    pub privileged: bool,
+    /// `devices`: host device nodes by path (only if this device allows it).
+    pub host_devices: Vec<shoal_api::model::workload::HostDevice>,
 }
 
 impl RunSpec {
@@ -196,6 +200,8 @@ impl RunSpec {
                     ("dev.shoal.revision".to_string(), d.revision.clone()),
                 ]
                 .into(),
+                privileged: c.privileged,
+                host_devices: c.host_devices.clone(),
                 cap_add: c.cap_add.clone(),
                 cap_drop: c.cap_drop.clone(),
                 groups: c.groups.clone(),

@@ -78,6 +78,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         let workloads = validate_all(stream.workloads)?;
         let located: Vec<(usize, &_)> = positions.iter().copied().zip(workloads.iter()).collect();
         let mut errors = self.blobs.check_modules(&located);
+        errors.extend(self.core.check_policy(&located));
         let now = now_ms();
         let mut secrets = Vec::new();
         for (n, s) in &stream.secrets {

@@ -31,6 +31,15 @@ pub enum Request {
         name: SecretName,
         reply: oneshot::Sender<Result<(), Failed<crate::fleet::SecretRefusal>>>,
     },
+    /// `shoal policy get`.
+    Policy {
+        reply: oneshot::Sender<shoal_api::policy::fleet::FleetPolicy>,
+    },
+    /// `shoal policy set`.
+    SetPolicy {
+        policy: shoal_api::policy::fleet::FleetPolicy,
+        reply: oneshot::Sender<Result<(), Failed<crate::fleet::PolicyRefusal>>>,
+    },
     /// `shoal delete device`.
     DeleteDevice {
         id: DeviceId,
@@ -152,6 +161,7 @@ impl Request {
                 | Request::MayFetch { .. }
                 | Request::Secrets { .. }
                 | Request::Configs { .. }
+                | Request::Policy { .. }
                 | Request::Config { .. }
                 | Request::Workloads { .. }
                 | Request::Workload { .. }

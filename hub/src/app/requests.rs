@@ -48,6 +48,16 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 };
                 let _ = reply.send(r);
             }
+            Request::Policy { reply } => {
+                let _ = reply.send(self.core.policy());
+            }
+            Request::SetPolicy { policy, reply } => {
+                let r = match self.core.set_policy(policy) {
+                    Ok(()) => self.persisted().map_err(Failed::from),
+                    Err(refused) => Err(Failed::Refused(refused)),
+                };
+                let _ = reply.send(r);
+            }
             Request::DeleteDevice { id, reply } => {
                 let done = self.fleet(|f| f.delete_device(&id));
                 let r = self.command(done).await;

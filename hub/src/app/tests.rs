@@ -72,6 +72,9 @@ impl Store for TestStore {
     ) -> Result<(), StoreError> {
         self.inner.put_secret(n, s)
     }
+    fn put_policy(&self, p: &shoal_api::policy::fleet::FleetPolicy) -> Result<(), StoreError> {
+        self.inner.put_policy(p)
+    }
     fn delete_device(&self, id: &DeviceId) -> Result<(), StoreError> {
         self.inner.delete_device(id)
     }

@@ -56,6 +56,7 @@ impl Store for EtcdStore {
                     snap.assignments = dec(&key, &value)?;
                 }
                 "meta" if key.ends_with("/meta/labels-owned") => snap.labels_owned = true,
+                "meta" if key.ends_with("/meta/policy") => snap.policy = dec(&key, &value)?,
                 _ => {} // written by a newer hub: not ours to judge
             }
         }
@@ -111,6 +112,9 @@ impl Store for EtcdStore {
                 Ok(())
             }
         }
+    }
+    fn put_policy(&self, p: &shoal_api::policy::fleet::FleetPolicy) -> Result<(), StoreError> {
+        self.put("meta", "policy", p)
     }
     fn delete_device(&self, id: &DeviceId) -> Result<(), StoreError> {
         self.push(Op::Delete(self.key("devices", id.as_str())));

@@ -25,6 +25,8 @@ pub enum Write {
     Rollout(WorkloadName, Option<Record>),
     /// `None`: the secret is deleted.
     Secret(SecretName, Option<StoredSecret>),
+    /// The fleet's policy, as an admin set it.
+    Policy(shoal_api::policy::fleet::FleetPolicy),
     /// A device forgotten: its record and its desired state.
     DeleteDevice(DeviceId),
     /// `None`: the config is deleted.
@@ -67,6 +69,10 @@ impl Changes {
 
     pub fn put_secret(&mut self, name: &SecretName, s: Option<&StoredSecret>) {
         self.writes.push(Write::Secret(name.clone(), s.cloned()));
+    }
+
+    pub fn put_policy(&mut self, p: shoal_api::policy::fleet::FleetPolicy) {
+        self.writes.push(Write::Policy(p));
     }
 
     pub fn delete_device(&mut self, id: &DeviceId) {

@@ -12,6 +12,7 @@
 //! - [`rollouts`]: start, advance and steer rolling updates;
 //! - [`devices`]: hello, presence, loss, grants, labels, cordon, drain, revocation, mDNS;
 //! - [`forget`]: deleting a device that is gone for good;
+//! - [`policy`]: what an admin lets containers ask for (privileged, host device nodes);
 //! - [`reports`]: what devices report, across hub replicas;
 //! - [`secrets`]: checks, storage and deletion of secrets;
 //! - [`configs`]: checks, storage and deletion of configs, pinned into their users' revisions;
@@ -39,6 +40,7 @@ pub mod events;
 pub mod forget;
 pub mod ingest;
 pub mod placement;
+pub mod policy;
 pub mod records;
 pub mod reports;
 pub mod rollout;
@@ -55,6 +57,7 @@ pub use configs::ConfigRefusal;
 pub use devices::{FetchRefusal, LabelRefusal};
 pub use forget::DeviceRefusal;
 pub use placement::SchedulingRun;
+pub use policy::PolicyRefusal;
 pub use reports::Accepted;
 pub use rollouts::RolloutAction;
 pub use secrets::SecretRefusal;
@@ -118,6 +121,8 @@ pub struct Fleet {
     secrets: BTreeMap<SecretName, StoredSecret>,
     /// Configs as last applied (persisted); workloads read the copies pinned in their specs.
     configs: BTreeMap<shoal_api::model::ids::ConfigName, records::StoredConfig>,
+    /// What an admin lets containers ask for (persisted).
+    policy: shoal_api::policy::fleet::FleetPolicy,
     /// Scheduler runs since the server last took them (for its metrics).
     runs: Vec<SchedulingRun>,
     /// Whether the labels devices report steer placement (an `--insecure` fleet, where any
@@ -157,6 +162,7 @@ impl Fleet {
             rollouts: snap.rollouts,
             secrets: snap.secrets,
             configs: snap.configs,
+            policy: snap.policy,
             runs: Vec::new(),
             trust_reported_labels,
             audit: audit::AuditLog::from_loaded(snap.audit),
@@ -234,6 +240,7 @@ impl Fleet {
         self.rollouts = snap.rollouts;
         self.secrets = snap.secrets;
         self.configs = snap.configs;
+        self.policy = snap.policy;
         // A standby's store drops the writes: the leader adopts and writes the same.
         self.adopt_reported_labels(snap.labels_owned);
         self.schedule = self.place();

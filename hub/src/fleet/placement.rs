@@ -43,6 +43,7 @@ impl Fleet {
                     cpu_millis: u64::from(r.hello.cpus) * 1000,
                     max_replicas: r.hello.max_replicas,
                     hardware: r.hello.devices.clone(),
+                    allows: r.hello.allows.iter().copied().collect(),
                     online: live.is_some_and(|l| l.online),
                     lost: live.is_some_and(|l| l.lost),
                     cordoned: r.cordoned,
@@ -141,8 +142,13 @@ impl Fleet {
                 // WASM where the device can, else the container (the scheduler only places
                 // a replica where one of them runs).
                 let Some(variant) = self.devices.get(dev).and_then(|d| {
+                    let permitted =
+                        shoal_api::policy::fleet::permits(spec, |p| d.hello.allows.contains(&p));
                     spec.variant_for(
-                        |r| d.hello.runtimes.iter().any(|x| x == r),
+                        |r| {
+                            d.hello.runtimes.iter().any(|x| x == r)
+                                && (permitted || r != shoal_api::wire::messages::RUNTIME_CONTAINER)
+                        },
                         &d.hello.arch,
                         d.hello.variant.as_deref(),
                     )

@@ -126,6 +126,8 @@ pub struct Snapshot {
     pub rollouts: BTreeMap<WorkloadName, super::rollout::Record>,
     pub secrets: BTreeMap<SecretName, StoredSecret>,
     pub configs: BTreeMap<shoal_api::model::ids::ConfigName, StoredConfig>,
+    /// What an admin lets containers ask for.
+    pub policy: shoal_api::policy::fleet::FleetPolicy,
     /// Device labels are the operator's in this store (see `Fleet::open`): a record
     /// without labels gets none, its device's reports are not adopted.
     pub labels_owned: bool,

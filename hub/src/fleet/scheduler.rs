@@ -34,6 +34,8 @@ use shoal_api::model::oci::Platform;
 use shoal_api::model::quantity::format_memory;
 use shoal_api::model::selector::Selector;
 use shoal_api::model::workload::{Placement, Strategy, Workload};
+use shoal_api::policy::fleet::Privilege;
+use shoal_api::wire::messages::RUNTIME_CONTAINER;
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::rc::Rc;
@@ -56,6 +58,8 @@ pub struct DeviceView {
     pub max_replicas: Option<u32>,
     /// Hardware nodes it offers per class (`resources.devices`).
     pub hardware: BTreeMap<String, u32>,
+    /// What it lets containers ask for (`shoal-agent run --allow`).
+    pub allows: BTreeSet<Privilege>,
     pub online: bool,
     /// Offline past the grace period: its replicas (except `every`) move elsewhere.
     pub lost: bool,
@@ -135,6 +139,8 @@ enum Unfit {
     Cpu(u64),
     /// Too few free hardware nodes of a class: the class and how many are free.
     Hardware(String, u32),
+    /// Its container asks for what the device does not allow.
+    Privilege(Privilege),
 }
 
 /// What an unfinished rollout changes about placing one workload.
@@ -155,6 +161,8 @@ struct EligibilityKey<'a> {
     wasm: bool,
     /// The container variant's platforms (`Some(empty)`: a container of unknown platforms).
     container: Option<&'a [Platform]>,
+    /// What the container asks for beyond the defaults.
+    needs: Vec<Privilege>,
 }
 
 impl<'a> EligibilityKey<'a> {
@@ -164,6 +172,7 @@ impl<'a> EligibilityKey<'a> {
             spread: w.spread.as_ref(),
             wasm: w.module.is_some(),
             container: w.container.as_ref().map(|c| c.platforms.as_slice()),
+            needs: shoal_api::policy::fleet::needs(w),
         }
     }
 }
@@ -491,10 +500,16 @@ impl Ord for Candidate<'_> {
     }
 }
 
-/// Whether `d` can run a variant of `w` (see [`Workload::variant_for`]).
+/// Whether `d` can run a variant of `w` (see [`Workload::variant_for`]): its container
+/// only if `d` allows what the container asks for.
 fn runs_a_variant(d: &DeviceView, w: &Workload) -> bool {
-    w.variant_for(|r| d.runtimes.contains(r), &d.arch, d.variant.as_deref())
-        .is_some()
+    let permitted = shoal_api::policy::fleet::permits(w, |p| d.allows.contains(&p));
+    w.variant_for(
+        |r| d.runtimes.contains(r) && (permitted || r != RUNTIME_CONTAINER),
+        &d.arch,
+        d.variant.as_deref(),
+    )
+    .is_some()
 }
 
 /// What does not change while one workload is placed: state, labels, runtime, topology.
@@ -509,7 +524,16 @@ fn static_fit(d: &DeviceView, w: &Workload) -> Result<(), Unfit> {
         return Err(Unfit::Label(req));
     }
     if !runs_a_variant(d, w) {
-        return Err(Unfit::Runtime);
+        let missing = shoal_api::policy::fleet::needs(w)
+            .into_iter()
+            .find(|p| !d.allows.contains(p));
+        let with_them = w
+            .variant_for(|r| d.runtimes.contains(r), &d.arch, d.variant.as_deref())
+            .is_some();
+        return Err(match missing {
+            Some(p) if with_them => Unfit::Privilege(p),
+            _ => Unfit::Runtime,
+        });
     }
     if let Some(key) = &w.spread {
         if !d.labels.contains_key(key) {
@@ -563,11 +587,15 @@ fn explain(devices: &[DeviceView], w: &Workload, load: &[Load]) -> String {
     // Per class: devices short of it, and the most free on any of them.
     let mut hardware = BTreeMap::<String, (usize, u32)>::new();
     let mut topology = 0;
+    let mut privileges = BTreeMap::<Privilege, usize>::new();
     for (d, l) in devices.iter().zip(load) {
         match static_fit(d, w).and_then(|()| dynamic_fit(d, w, l)) {
             Ok(()) => ok += 1,
             Err(Unfit::Offline) => *counts.entry("offline").or_default() += 1,
             Err(Unfit::Cordoned) => *counts.entry("cordoned").or_default() += 1,
+            Err(Unfit::Privilege(p)) => {
+                *privileges.entry(p).or_default() += 1;
+            }
             Err(Unfit::Runtime) => {
                 let what = match (&w.module, &w.container) {
                     (Some(_), None) => "no wasm runtime",
@@ -614,6 +642,11 @@ fn explain(devices: &[DeviceView], w: &Workload, load: &[Load]) -> String {
         .find(|(k, _)| k.starts_with("no wasm") || k.starts_with("no container"));
     if let Some((what, n)) = runtime {
         parts.push(format!("{n} {what}"));
+    }
+    for (p, n) in privileges {
+        parts.push(format!(
+            "{n} not allowing {p} containers (shoal-agent run --allow {p})"
+        ));
     }
     for (p, n) in ports {
         parts.push(format!("{n} port {p} in use"));
@@ -662,6 +695,7 @@ mod tests {
 
     fn dev(id: &str, labels: &[(&str, &str)], mem_mi: u64) -> DeviceView {
         DeviceView {
+            allows: Default::default(),
             id: DeviceId::try_from(id).unwrap(),
             labels: labels
                 .iter()
@@ -738,6 +772,8 @@ mod tests {
     /// A container variant of the test image offering `platforms`.
     fn container(platforms: &[&str]) -> shoal_api::model::workload::Container {
         shoal_api::model::workload::Container {
+            host_devices: vec![],
+            privileged: false,
             image: "oci://localhost:5000/box:1".parse().unwrap(),
             command: vec![],
             read_only_root: true,

@@ -12,6 +12,7 @@ use shoal_api::model::workload::{parse_workloads, Placement};
 
 fn hello(id: &str, labels: &[(&str, &str)]) -> Hello {
     Hello {
+        allows: Vec::new(),
         protocol: 1,
         device_id: DeviceId::try_from(id).unwrap(),
         arch: "x86_64".into(),
@@ -1119,3 +1120,4 @@ fn annotations_are_the_operators_notes_kept_across_hellos_and_reopen() {
 
 mod configs;
 mod forget;
+mod policy;

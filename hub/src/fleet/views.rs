@@ -42,6 +42,12 @@ impl Fleet {
                         }
                         m
                     }),
+                    allows: r
+                        .hello
+                        .allows
+                        .iter()
+                        .map(|p| p.name().to_string())
+                        .collect(),
                     requested_labels: labels::ungranted(&r.hello.labels, &labels),
                     annotations: r.annotations.clone(),
                     labels,

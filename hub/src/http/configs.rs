@@ -1,8 +1,29 @@
-//! The operator's routes on configs: list, describe (each device's values) and delete.
+//! The operator's routes on configs (list, describe with each device's values, delete) and
+//! on the fleet's policy (read; set, for admins).
 
 use super::*;
 use axum::extract::{Path, State};
 use shoal_api::model::ids::ConfigName;
+
+pub(super) async fn policy(State(s): State<AppState>) -> Response {
+    match ask(&s, |reply| Request::Policy { reply }).await {
+        Ok(p) => Json(p).into_response(),
+        Err(f) => f.into_response(),
+    }
+}
+
+pub(super) async fn set_policy(
+    State(s): State<AppState>,
+    Json(policy): Json<shoal_api::policy::fleet::FleetPolicy>,
+) -> Response {
+    match ask(&s, |reply| Request::SetPolicy { policy, reply }).await {
+        Ok(Ok(())) => Json(policy).into_response(),
+        Ok(Err(e)) => failed(e, |r| match r {
+            crate::fleet::PolicyRefusal::InUse { .. } => StatusCode::CONFLICT,
+        }),
+        Err(f) => f.into_response(),
+    }
+}
 
 pub(super) async fn configs(State(s): State<AppState>) -> Response {
     match ask(&s, |reply| Request::Configs { reply }).await {

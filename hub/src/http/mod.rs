@@ -16,6 +16,7 @@
 //! | `GET /v1/secrets` | `[SecretView]`: names, keys, versions, users; never values |
 //! | `DELETE /v1/secrets/{name}` | delete a secret no workload uses (409 otherwise) |
 //! | `DELETE /v1/devices/{id}` | forget an offline device (409 while it is online) |
+//! | `GET /v1/policy`, `PUT /v1/policy` | the fleet's policy on privileged containers (set: admins) |
 //! | `GET /v1/configs` | `[ConfigView]`: names, keys, versions, users |
 //! | `GET /v1/configs/{name}` | `ConfigDescription`: the config, its users, each device's values |
 //! | `DELETE /v1/configs/{name}` | delete a config no workload reads (409 otherwise) |
@@ -166,6 +167,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/secrets", get(secrets))
         .route("/v1/secrets/{name}", axum::routing::delete(delete_secret))
         .route("/v1/configs", get(configs))
+        .route("/v1/policy", get(policy).put(set_policy))
         .route("/v1/configs/{name}", get(config).delete(delete_config))
         .route("/v1/blobs", post(put_blob))
         .route("/v1/blobs/{digest}", get(get_blob))

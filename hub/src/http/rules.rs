@@ -19,7 +19,8 @@ pub enum Need {
 }
 
 /// The access rule for a request: viewers read; deployers change workloads, secrets,
-/// configs and blobs; admins also manage devices and read the audit log.
+/// configs and blobs; admins also manage devices, set the fleet's policy and read the audit
+/// log.
 pub fn need(method: &axum::http::Method, path: &str) -> Need {
     match (method.as_str(), path) {
         (_, "/healthz" | "/v1/ca" | "/v1/enroll") => Need::Nothing,
@@ -33,6 +34,7 @@ pub fn need(method: &axum::http::Method, path: &str) -> Need {
         // A read-only session for a browser.
         ("POST", "/v1/dashboard/login") => Need::Operator(Role::Viewer),
         (_, p) if p.starts_with("/v1/devices/") => Need::Operator(Role::Admin),
+        (_, "/v1/policy") => Need::Operator(Role::Admin),
         _ => Need::Operator(Role::Deployer),
     }
 }
@@ -217,6 +219,8 @@ mod tests {
             ),
             (Method::GET, "/v1/configs/c", Need::Operator(Role::Viewer)),
             (Method::DELETE, "/v1/devices/d", Need::Operator(Role::Admin)),
+            (Method::PUT, "/v1/policy", Need::Operator(Role::Admin)),
+            (Method::GET, "/v1/policy", Need::Operator(Role::Viewer)),
             (
                 Method::POST,
                 "/v1/devices/d/labels",

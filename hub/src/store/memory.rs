@@ -63,6 +63,10 @@ impl Store for MemStore {
         });
         Ok(())
     }
+    fn put_policy(&self, p: &shoal_api::policy::fleet::FleetPolicy) -> Result<(), StoreError> {
+        self.with(|s| s.policy = *p);
+        Ok(())
+    }
     fn delete_device(&self, id: &DeviceId) -> Result<(), StoreError> {
         self.with(|s| {
             s.devices.remove(id);

@@ -14,6 +14,7 @@ pub use crate::fleet::records::{DeviceRecord, Snapshot, StoredConfig, StoredSecr
 use crate::fleet::scheduler::Assignments;
 use shoal_api::model::ids::{ConfigName, DeviceId, SecretName, WorkloadName};
 use shoal_api::model::workload::Workload;
+use shoal_api::policy::fleet::FleetPolicy;
 use shoal_api::policy::operator::AuditEntry;
 use shoal_api::wire::messages::DesiredState;
 
@@ -66,6 +67,8 @@ pub trait Store: Send + 'static {
     ) -> Result<(), StoreError>;
     /// A secret, or its removal (`None`).
     fn put_secret(&self, name: &SecretName, s: Option<&StoredSecret>) -> Result<(), StoreError>;
+    /// The fleet's policy.
+    fn put_policy(&self, p: &FleetPolicy) -> Result<(), StoreError>;
     /// Forgets a device: its record and its desired state.
     fn delete_device(&self, id: &DeviceId) -> Result<(), StoreError>;
     /// A config, or its removal (`None`).
@@ -91,6 +94,7 @@ pub trait Store: Send + 'static {
             Write::Secret(n, s) => self.put_secret(n, s.as_ref()),
             Write::Config(n, c) => self.put_config(n, c.as_ref()),
             Write::DeleteDevice(id) => self.delete_device(id),
+            Write::Policy(p) => self.put_policy(p),
             Write::LabelsOwned => self.put_labels_owned(),
             Write::Audit(e) => self.put_audit(e),
         }
@@ -132,6 +136,9 @@ impl Store for Box<dyn Store> {
     }
     fn delete_device(&self, id: &DeviceId) -> Result<(), StoreError> {
         (**self).delete_device(id)
+    }
+    fn put_policy(&self, p: &FleetPolicy) -> Result<(), StoreError> {
+        (**self).put_policy(p)
     }
     fn put_labels_owned(&self) -> Result<(), StoreError> {
         (**self).put_labels_owned()

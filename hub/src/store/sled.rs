@@ -26,6 +26,7 @@ const CONFIGS: &str = "configs";
 const AUDIT: &str = "audit";
 const ASSIGNMENTS_KEY: &[u8] = b"assignments";
 const LABELS_OWNED_KEY: &[u8] = b"labels-owned";
+const POLICY_KEY: &[u8] = b"policy";
 
 /// sled-backed store in `DATA_DIR/hub.db`.
 pub struct SledStore {
@@ -91,7 +92,12 @@ impl Store for SledStore {
             Some(v) => dec(ASSIGNMENTS_KEY, &v)?,
             None => Assignments::new(),
         };
+        let policy = match self.meta.get(POLICY_KEY)? {
+            Some(v) => dec(POLICY_KEY, &v)?,
+            None => Default::default(),
+        };
         Ok(Snapshot {
+            policy,
             workloads: load_tree(&self.workloads, |w: &Workload| w.name.clone())?,
             devices: load_tree(&self.devices, |d: &DeviceRecord| d.hello.device_id.clone())?,
             desired: load_tree(&self.desired, |d: &DesiredState| d.device_id.clone())?,
@@ -142,6 +148,10 @@ impl Store for SledStore {
             Some(r) => self.rollouts.insert(name.as_str(), enc(r)?)?,
             None => self.rollouts.remove(name.as_str())?,
         };
+        Ok(())
+    }
+    fn put_policy(&self, p: &shoal_api::policy::fleet::FleetPolicy) -> Result<(), StoreError> {
+        self.meta.insert(POLICY_KEY, enc(p)?)?;
         Ok(())
     }
     fn delete_device(&self, id: &DeviceId) -> Result<(), StoreError> {

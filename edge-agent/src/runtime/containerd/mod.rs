@@ -43,6 +43,7 @@ use containerd_client::services::v1::ListContainersRequest;
 use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::{Request, Status};
 use serde::{Deserialize, Serialize};
+use shoal_api::policy::fleet::Privilege;
 use shoal_registry::Registries;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -206,13 +207,20 @@ impl Containerd {
 pub struct ContainerdRuntime {
     containerd: Containerd,
     stopping: CancellationToken,
+    /// What this device lets containers ask for (`shoal-agent run --allow`).
+    allow: std::collections::BTreeSet<Privilege>,
 }
 
 impl ContainerdRuntime {
-    pub fn new(containerd: Containerd, stopping: CancellationToken) -> Self {
+    pub fn new(
+        containerd: Containerd,
+        stopping: CancellationToken,
+        allow: std::collections::BTreeSet<Privilege>,
+    ) -> Self {
         ContainerdRuntime {
             containerd,
             stopping,
+            allow,
         }
     }
 }
@@ -270,6 +278,14 @@ impl Runtime for ContainerdRuntime {
                     })?;
                 devices.push(node);
             }
+            let mut host_devices = Vec::new();
+            for d in &c.host_devices {
+                let path = PathBuf::from(&d.path);
+                let mut node = crate::hardware::node_info(&path)
+                    .map_err(|error| RuntimeError::Device { path, error })?;
+                node.path = PathBuf::from(&d.container_path);
+                host_devices.push((node, d.permissions.clone()));
+            }
             // One container id per revision, so a replaced revision still stopping never
             // collides with its successor; restarts reuse it.
             let run = ContainerRun {
@@ -289,6 +305,9 @@ impl Runtime for ContainerdRuntime {
                 cap_add: c.cap_add.clone(),
                 cap_drop: c.cap_drop.clone(),
                 groups: c.groups.clone(),
+                privileged: c.privileged,
+                host_devices,
+                allow: self.allow.clone(),
             };
             let started = self.containerd.begin(&image, &run).await;
             if let Err(e) = started {
@@ -400,6 +419,13 @@ pub struct ContainerRun {
     pub cap_drop: Vec<String>,
     /// `supplementalGroups`.
     pub groups: Vec<u32>,
+    /// `privileged: true`.
+    pub privileged: bool,
+    /// `devices`: host nodes at their container paths, with their cgroup access (`rwm`).
+    pub host_devices: Vec<(crate::hardware::NodeInfo, String)>,
+    /// What this device lets containers ask for (`shoal-agent run --allow`): checked again
+    /// when the spec is built, whatever the hub sent.
+    pub allow: std::collections::BTreeSet<Privilege>,
 }
 
 impl std::fmt::Debug for ContainerRun {

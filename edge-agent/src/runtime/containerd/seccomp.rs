@@ -144,6 +144,17 @@ pub struct Host<'a> {
     pub arch: &'a str,
     /// `(major, minor)` of the running kernel; `None` when unknown (tracing stays refused).
     pub kernel: Option<(u32, u32)>,
+    /// The agent's own bounding capabilities (`CapBnd`): a privileged container gets these,
+    /// which runc can give; `None` when unknown (then every known one).
+    pub cap_bounding: Option<u64>,
+}
+
+/// `CapBnd` of a `/proc/PID/status` text.
+pub fn cap_bounding(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
 }
 
 /// The default profile for a container whose bounding set is `bounding`, on `host`.
@@ -273,7 +284,11 @@ mod tests {
     }
 
     fn host(arch: &str, kernel: Option<(u32, u32)>) -> Host<'_> {
-        Host { arch, kernel }
+        Host {
+            arch,
+            kernel,
+            cap_bounding: None,
+        }
     }
 
     fn oci_default_caps() -> Capabilities {

@@ -16,6 +16,10 @@ pub enum SpecError {
     /// a manifest; this is the device's own check).
     #[error("capabilities {0:?} are not allowed in a container")]
     Capabilities(Vec<String>),
+    /// The desired state asks for what this device does not allow (the hub places such a
+    /// container only where it is allowed; this is the device's own check).
+    #[error("{} containers are not allowed on this device (shoal-agent run --allow {})", .0, .0)]
+    NotAllowed(shoal_api::policy::fleet::Privilege),
     #[error(transparent)]
     Oci(#[from] oci_spec::OciSpecError),
 }
@@ -51,6 +55,22 @@ pub fn runtime_spec(
     if argv.is_empty() {
         return Err(SpecError::NothingToRun);
     }
+    use shoal_api::policy::fleet::Privilege;
+    for (wants, p) in [
+        (run.privileged, Privilege::Privileged),
+        (!run.host_devices.is_empty(), Privilege::HostDevices),
+    ] {
+        if wants && !run.allow.contains(&p) {
+            return Err(SpecError::NotAllowed(p));
+        }
+    }
+    // The nodes given by class, then those given by path, with their cgroup access.
+    let nodes: Vec<(&crate::hardware::NodeInfo, &str)> = run
+        .devices
+        .iter()
+        .map(|n| (n, "rw"))
+        .chain(run.host_devices.iter().map(|(n, a)| (n, a.as_str())))
+        .collect();
     let mut env: Vec<String> = image.env.clone();
     for (k, v) in &run.env {
         env.retain(|e| e.split_once('=').map(|(n, _)| n) != Some(k.as_str()));
@@ -80,7 +100,7 @@ pub fn runtime_spec(
         }
     }
     if user.uid != 0 {
-        for n in &run.devices {
+        for (n, _) in &nodes {
             if !gids.contains(&n.gid) {
                 gids.push(n.gid);
             }
@@ -90,8 +110,16 @@ pub fn runtime_spec(
     process.set_user(who);
     // containerd's defaults, less `drop`, plus `add` (checked again here: only those that
     // stay inside the container), in every set a process starts with.
-    let names = shoal_api::model::caps::effective(&run.cap_add, &run.cap_drop)
-        .ok_or_else(|| SpecError::Capabilities(run.cap_add.clone()))?;
+    let names = if run.privileged {
+        // Privileged: every capability the agent holds (runc cannot give more).
+        shoal_api::model::caps::held(host.cap_bounding)
+            .iter()
+            .map(|c| format!("CAP_{c}"))
+            .collect()
+    } else {
+        shoal_api::model::caps::effective(&run.cap_add, &run.cap_drop)
+            .ok_or_else(|| SpecError::Capabilities(run.cap_add.clone()))?
+    };
     // By their serde names (`CAP_NET_RAW`), which is how the runtime spec spells them.
     let wanted: oci_spec::runtime::Capabilities = names
         .iter()
@@ -102,7 +130,8 @@ pub fn runtime_spec(
             .ok()
         })
         .collect();
-    if wanted.len() != names.len() {
+    // A privileged container gets every capability this build of the spec knows.
+    if wanted.len() != names.len() && !run.privileged {
         return Err(SpecError::Capabilities(names));
     }
     let mut caps = process.capabilities().clone().unwrap_or_default();
@@ -215,7 +244,31 @@ pub fn runtime_spec(
     // refuses to be opened through, and which would copy a node that may be replugged), and
     // allowed by the cgroup. Without `nodev`, unlike every other mount.
     let mut mounts = spec.mounts().clone().unwrap_or_default();
-    for n in &run.devices {
+    if run.privileged {
+        // Every device node: the device's /dev in place of the container's own (its
+        // /dev/pts, /dev/shm and /dev/mqueue still mount on top), and no cgroup rule.
+        devices = vec![LinuxDeviceCgroupBuilder::default()
+            .allow(true)
+            .access("rwm")
+            .build()?];
+        for m in mounts.iter_mut() {
+            if m.destination() == std::path::Path::new("/dev") {
+                *m = oci_spec::runtime::MountBuilder::default()
+                    .destination("/dev")
+                    .typ("bind")
+                    .source("/dev")
+                    .options(vec!["rbind".into(), "rprivate".into(), "nosuid".into()])
+                    .build()?;
+            }
+            if m.destination() == std::path::Path::new("/sys") {
+                let opts = m.options().clone().unwrap_or_default();
+                m.set_options(Some(opts.into_iter().filter(|o| o != "ro").collect()));
+            }
+        }
+        linux.set_masked_paths(None);
+        linux.set_readonly_paths(None);
+    }
+    for (n, access) in nodes {
         let typ = if n.block {
             LinuxDeviceType::B
         } else {
@@ -245,14 +298,17 @@ pub fn runtime_spec(
                 .typ(typ)
                 .major(major)
                 .minor(minor)
-                .access("rw")
+                .access(access)
                 .build()?,
         );
     }
     spec.set_mounts(Some(mounts));
     resources = resources.devices(devices);
     linux.set_resources(Some(resources.build()?));
-    linux.set_seccomp(Some(seccomp::default_profile(host, &bounding)?));
+    // Privileged: no seccomp filter, as Docker and Kubernetes do.
+    if !run.privileged {
+        linux.set_seccomp(Some(seccomp::default_profile(host, &bounding)?));
+    }
     spec.set_linux(Some(linux));
     Ok(spec)
 }
@@ -331,7 +387,126 @@ mod tests {
             cap_add: vec![],
             cap_drop: vec![],
             groups: vec![],
+            privileged: false,
+            host_devices: vec![],
+            allow: Default::default(),
         }
+    }
+
+    #[test]
+    fn privileges_need_the_devices_consent_and_give_what_they_say() {
+        use shoal_api::policy::fleet::Privilege;
+        let node = |path: &str, major: u64| crate::hardware::NodeInfo {
+            path: path.into(),
+            source: "/dev/ttyACM0".into(),
+            block: false,
+            major,
+            minor: 1,
+            gid: 20,
+        };
+        // Asked for, not allowed here: refused, whatever the hub said.
+        let mut r = run();
+        r.privileged = true;
+        let err = runtime_spec(&image(), &r, "shoal", &app_user(), &HOST).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("privileged containers are not allowed on this device"),
+            "{err}"
+        );
+        let mut h = run();
+        h.host_devices = vec![(node("/dev/ttyS9", 166), "r".into())];
+        let err = runtime_spec(&image(), &h, "shoal", &app_user(), &HOST).unwrap_err();
+        assert!(err.to_string().contains("--allow host-devices"), "{err}");
+
+        // A host node by path: mounted at its container path, allowed with its access only.
+        h.allow = [Privilege::HostDevices].into();
+        let spec = spec_of(&image(), &h);
+        assert!(spec
+            .mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|m| m.destination() == Path::new("/dev/ttyS9")
+                && m.source().as_deref() == Some(Path::new("/dev/ttyACM0"))));
+        let linux = spec.linux().as_ref().unwrap();
+        let rules = linux
+            .resources()
+            .as_ref()
+            .unwrap()
+            .devices()
+            .clone()
+            .unwrap();
+        let this: Vec<_> = rules.iter().filter(|d| d.major() == Some(166)).collect();
+        assert_eq!(this.len(), 1);
+        assert_eq!(this[0].access().as_deref(), Some("r"));
+        assert!(linux.seccomp().is_some(), "still confined otherwise");
+
+        // Privileged: every capability, no seccomp filter, every device, the device's /dev.
+        r.allow = [Privilege::Privileged].into();
+        let spec = spec_of(&image(), &r);
+        let caps = spec
+            .process()
+            .as_ref()
+            .unwrap()
+            .capabilities()
+            .clone()
+            .unwrap();
+        assert!(caps.bounding().as_ref().unwrap().len() >= 38);
+        // Only those the agent holds.
+        let held = seccomp::Host {
+            cap_bounding: Some(0x1_feff_ffff),
+            ..HOST
+        };
+        let spec = runtime_spec(&image(), &r, "shoal", &app_user(), &held).unwrap();
+        let caps = spec
+            .process()
+            .as_ref()
+            .unwrap()
+            .capabilities()
+            .clone()
+            .unwrap();
+        let names: Vec<String> = caps
+            .bounding()
+            .clone()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                serde_json::to_value(c)
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert!(
+            !names.contains(&"CAP_SYS_RESOURCE".to_string()),
+            "{names:?}"
+        );
+        assert!(names.contains(&"CAP_SYS_ADMIN".to_string()), "{names:?}");
+        let spec = spec_of(&image(), &r);
+        let linux = spec.linux().as_ref().unwrap();
+        assert!(linux.seccomp().is_none());
+        let rules = linux
+            .resources()
+            .as_ref()
+            .unwrap()
+            .devices()
+            .clone()
+            .unwrap();
+        assert!(rules[0].allow() && rules[0].typ().is_none() && rules[0].major().is_none());
+        assert!(linux.masked_paths().is_none());
+        let dev = spec
+            .mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.destination() == Path::new("/dev"))
+            .cloned()
+            .unwrap();
+        assert_eq!(dev.source().as_deref(), Some(Path::new("/dev")));
+        // And not for the confined default.
+        let plain = spec_of(&image(), &run());
+        assert!(plain.linux().as_ref().unwrap().seccomp().is_some());
     }
 
     fn image() -> ImageConfig {
@@ -344,6 +519,7 @@ mod tests {
     const HOST: seccomp::Host = seccomp::Host {
         arch: "x86_64",
         kernel: Some((6, 1)),
+        cap_bounding: None,
     };
 
     fn app_user() -> ProcessUser {

@@ -226,6 +226,10 @@ impl Containerd {
                 .await
                 .ok()
                 .and_then(|r| seccomp::kernel_version(&r)),
+            cap_bounding: tokio::fs::read_to_string("/proc/self/status")
+                .await
+                .ok()
+                .and_then(|s| seccomp::cap_bounding(&s)),
         };
         let spec =
             runtime_spec(&image.config, run, &self.namespace, &user, &host).map_err(|source| {
