@@ -1,6 +1,6 @@
 //! `shoal delete device`: refused while the device is online; once its
 //! agent is gone the hub forgets it: `get devices` no longer lists it, its replica runs
-//! elsewhere, and the broker keeps nothing retained for it.
+//! elsewhere, and the broker keeps only an emptied desired state for it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use anyhow::Result;
@@ -32,10 +32,8 @@ fn an_offline_device_is_forgotten() -> Result<()> {
     hub.apply(&m)?;
     hub.wait_running("app", 2, Duration::from_secs(30))?;
     let desired = "shoal/v1/devices/edge-a/desired";
-    assert!(
-        !retained(&hub, desired)?.is_empty(),
-        "a retained desired state"
-    );
+    let before = retained(&hub, desired)?;
+    assert!(!before.is_empty(), "a retained desired state");
 
     let out = hub.shoal(&["delete", "device", "edge-a"]);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -54,8 +52,13 @@ fn an_offline_device_is_forgotten() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stdout).contains("device/edge-a deleted"));
     let devices = hub.devices()?;
     assert!(devices.iter().all(|x| x["id"] != "edge-a"), "{devices:?}");
-    assert_eq!(retained(&hub, desired)?, "", "nothing retained for it");
+    // Its hello, status and presence are gone; an emptied desired state (newer) stays, so
+    // that a board that comes back stops what it ran.
     assert_eq!(retained(&hub, "shoal/v1/devices/edge-a/status")?, "");
+    assert_eq!(retained(&hub, "shoal/v1/devices/edge-a/hello")?, "");
+    assert_eq!(retained(&hub, "shoal/v1/devices/edge-a/presence")?, "");
+    let after = retained(&hub, desired)?;
+    assert!(!after.is_empty() && after != before, "{after}");
     // Both replicas run on the device that is left.
     wait_until(Duration::from_secs(30), "both replicas on edge-b", || {
         let w = hub.json(&["describe", "workload", "app"])?;

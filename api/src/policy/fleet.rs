@@ -63,6 +63,15 @@ impl std::str::FromStr for Privilege {
     }
 }
 
+/// The privileges of a list, those this build knows: a newer agent's others are left out
+/// (never granted), rather than its whole hello refused.
+pub fn known_privileges<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<Privilege>, D::Error> {
+    let names = Vec::<String>::deserialize(d)?;
+    Ok(names.iter().filter_map(|n| n.parse().ok()).collect())
+}
+
 /// The fleet's answer to [`Privilege`]s: what an admin allows workloads to ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -59,7 +59,11 @@ pub struct Hello {
     /// What the device lets containers ask for beyond the confined defaults
     /// (`shoal-agent run --allow`; see [`crate::policy::fleet`]). Absent from older agents:
     /// nothing.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "crate::policy::fleet::known_privileges"
+    )]
     pub allows: Vec<crate::policy::fleet::Privilege>,
     /// Hardware nodes the agent offers, per class (see [`crate::model::hardware`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

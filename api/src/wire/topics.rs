@@ -5,7 +5,7 @@
 //! | `shoal/v1/apply`, `shoal/v1/apply/{req}` | operator → hub | no |
 //! | `shoal/v1/apply-as/{operator}[/{req}]` | the embedded broker → hub: an apply, with who sent it | no |
 //! | `shoal/v1/results/{req}` | hub → operator | no |
-//! | `shoal/v1/devices/{d}/hello` | agent → hub | no |
+//! | `shoal/v1/devices/{d}/hello` | agent → hub | yes |
 //! | `shoal/v1/devices/{d}/presence` | agent (and its last will) | yes |
 //! | `shoal/v1/devices/{d}/desired` | hub → agent | yes |
 //! | `shoal/v1/devices/{d}/status` | agent → hub | yes |

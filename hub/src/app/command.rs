@@ -87,7 +87,8 @@ pub enum Outbound {
     Ingest { replica: String, batch: IngestBatch },
     /// A `shoal logs` request (signed) for a device.
     LogRequest { device: DeviceId, req: LogRequest },
-    /// A deleted device: what is retained for it (desired state, status, presence) cleared.
+    /// A deleted device: what it retained (hello, status, presence) cleared; its emptied
+    /// desired state stays retained.
     Forget { device: DeviceId },
 }
 

@@ -118,7 +118,6 @@ impl Store for EtcdStore {
     }
     fn delete_device(&self, id: &DeviceId) -> Result<(), StoreError> {
         self.push(Op::Delete(self.key("devices", id.as_str())));
-        self.push(Op::Delete(self.key("desired", id.as_str())));
         Ok(())
     }
     fn put_config(&self, name: &ConfigName, c: Option<&StoredConfig>) -> Result<(), StoreError> {

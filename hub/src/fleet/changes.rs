@@ -27,7 +27,7 @@ pub enum Write {
     Secret(SecretName, Option<StoredSecret>),
     /// The fleet's policy, as an admin set it.
     Policy(shoal_api::policy::fleet::FleetPolicy),
-    /// A device forgotten: its record and its desired state.
+    /// A device forgotten: its record (its desired state stays, emptied).
     DeleteDevice(DeviceId),
     /// `None`: the config is deleted.
     Config(shoal_api::model::ids::ConfigName, Option<StoredConfig>),

@@ -1,9 +1,11 @@
 //! `shoal delete device`: the hub forgets a device that is gone for good (a board replaced,
-//! a site closed). Its record, labels, annotations and desired state go; its replicas are
-//! placed elsewhere by the next reconcile. A device that is connected is refused: it would
-//! only say hello again. Forgetting is not revoking: a device whose certificate is still
-//! valid that connects again comes back as new (without the operator's labels), so revoke
-//! it first (`shoal-hub device revoke`) to keep it out.
+//! a site closed). Its record, labels and annotations go; its replicas are placed elsewhere.
+//! Its desired state stays, emptied, under a new generation: a board that comes back anyway
+//! stops what it ran (it would otherwise keep running replicas that now run elsewhere, and
+//! refuse the hub's states as older than the one it holds). A device that is connected is
+//! refused: it would only say hello again. Forgetting is not revoking: a device whose
+//! certificate is still valid that connects again comes back as new (without the
+//! operator's labels), so revoke it first (`shoal-hub device revoke`) to keep it out.
 
 use super::*;
 use tracing::info;
@@ -29,10 +31,10 @@ impl Fleet {
         }
         self.devices.remove(id);
         self.live.remove(id);
-        self.desired.remove(id);
         self.mdns.retain(|_, (d, _)| d != id);
         self.changes.delete_device(id);
         info!(device = %id, "device deleted");
+        // Placement no longer sees it: its desired state is emptied like any other's.
         Ok(self.reconcile())
     }
 }

@@ -264,6 +264,14 @@ impl Fleet {
                         workload: name.clone(),
                     });
                 }
+                // The fleet's policy now, not the one the revision was applied under.
+                let refused = self.policy.refusals(&spec);
+                if !refused.is_empty() {
+                    return Err(WorkloadRefusal::Policy {
+                        revision: spec.revision(),
+                        reasons: refused,
+                    });
+                }
                 // The secrets that revision reads must still be there.
                 let missing = shoal_api::model::secret::unresolved(&spec.secrets, |n| {
                     self.secrets.get(n).map(|s| s.keys.clone())

@@ -45,6 +45,12 @@ pub enum WorkloadRefusal {
         workload: WorkloadName,
         revision: String,
     },
+    /// Going back to `revision` would run what the fleet's policy no longer allows.
+    #[error("cannot go back to revision {revision}: {}", .reasons.join("; "))]
+    Policy {
+        revision: String,
+        reasons: Vec<String>,
+    },
     /// Going back to `revision` would read secrets (or keys) that are gone.
     #[error("cannot go back to revision {revision}: {}", .missing.join("; "))]
     SecretsGone {

@@ -17,7 +17,23 @@ pub(super) async fn set_policy(
     Json(policy): Json<shoal_api::policy::fleet::FleetPolicy>,
 ) -> Response {
     match ask(&s, |reply| Request::SetPolicy { policy, reply }).await {
-        Ok(Ok(())) => Json(policy).into_response(),
+        Ok(Ok(())) => {
+            let allowed: Vec<&str> = shoal_api::policy::fleet::Privilege::ALL
+                .into_iter()
+                .filter(|p| policy.allows(*p))
+                .map(|p| p.name())
+                .collect();
+            let mut r = Json(policy).into_response();
+            r.extensions_mut().insert(AuditNote(format!(
+                "policy set: allow {}",
+                if allowed.is_empty() {
+                    "none".to_string()
+                } else {
+                    allowed.join(",")
+                }
+            )));
+            r
+        }
         Ok(Err(e)) => failed(e, |r| match r {
             crate::fleet::PolicyRefusal::InUse { .. } => StatusCode::CONFLICT,
         }),

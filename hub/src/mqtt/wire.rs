@@ -91,7 +91,9 @@ pub fn decode(raw: Raw) -> Option<BusEvent> {
             };
             let online = match &raw.payload[..] {
                 b"online" => true,
-                b"offline" | b"" => false,
+                b"offline" => false,
+                // A cleared retained message (`shoal delete device`) says nothing.
+                b"" => return None,
                 other => {
                     warn!(%device, payload = %String::from_utf8_lossy(other), "unknown presence payload ignored");
                     return None;
@@ -157,7 +159,7 @@ pub fn encode(msg: Outbound) -> Vec<Message> {
         )],
         // An empty retained message clears what the broker keeps for the topic.
         Outbound::Forget { device } => [
-            topics::desired(&device),
+            topics::hello(&device),
             topics::status(&device),
             topics::presence(&device),
         ]
@@ -243,6 +245,8 @@ mod tests {
             Some(BusEvent::Presence { online: false, .. })
         ));
         assert!(decode(raw("shoal/v1/devices/d1/presence", b"maybe", None)).is_none());
+        // A cleared retained presence (a deleted device) says nothing.
+        assert!(decode(raw("shoal/v1/devices/d1/presence", b"", None)).is_none());
         assert!(decode(raw("elsewhere/d1/hello", &hello("d1"), None)).is_none());
     }
 

@@ -68,10 +68,7 @@ impl Store for MemStore {
         Ok(())
     }
     fn delete_device(&self, id: &DeviceId) -> Result<(), StoreError> {
-        self.with(|s| {
-            s.devices.remove(id);
-            s.desired.remove(id)
-        });
+        self.with(|s| s.devices.remove(id));
         Ok(())
     }
     fn put_config(&self, name: &ConfigName, c: Option<&StoredConfig>) -> Result<(), StoreError> {

@@ -69,7 +69,7 @@ pub trait Store: Send + 'static {
     fn put_secret(&self, name: &SecretName, s: Option<&StoredSecret>) -> Result<(), StoreError>;
     /// The fleet's policy.
     fn put_policy(&self, p: &FleetPolicy) -> Result<(), StoreError>;
-    /// Forgets a device: its record and its desired state.
+    /// Forgets a device's record (its desired state is written as any other).
     fn delete_device(&self, id: &DeviceId) -> Result<(), StoreError>;
     /// A config, or its removal (`None`).
     fn put_config(&self, name: &ConfigName, c: Option<&StoredConfig>) -> Result<(), StoreError>;

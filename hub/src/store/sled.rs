@@ -156,7 +156,6 @@ impl Store for SledStore {
     }
     fn delete_device(&self, id: &DeviceId) -> Result<(), StoreError> {
         self.devices.remove(id.as_str())?;
-        self.desired.remove(id.as_str())?;
         Ok(())
     }
     fn put_config(&self, name: &ConfigName, c: Option<&StoredConfig>) -> Result<(), StoreError> {

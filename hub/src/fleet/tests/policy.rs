@@ -91,3 +91,39 @@ fn privileged_containers_need_the_fleet_and_the_device() {
     hub.delete(&WorkloadName::try_from("meter").unwrap());
     hub.set_policy(FleetPolicy::default()).unwrap();
 }
+
+#[test]
+fn undo_does_not_bring_back_what_the_policy_no_longer_allows() {
+    let mut hub = fleet();
+    hub.hello(container_device("rig", &[Privilege::Privileged]), T0);
+    hub.presence(&id("rig"), true, T0);
+    hub.set_policy(FleetPolicy {
+        allow_privileged: true,
+        allow_host_devices: false,
+    })
+    .unwrap();
+    let first = PRIV.split("---").next().unwrap();
+    hub.apply(parse_workloads(first).unwrap(), T0);
+    let confined = first.replace("    privileged: true\n", "");
+    hub.apply(parse_workloads(&confined).unwrap(), T0);
+    report(&mut hub, |_| Phase::Running);
+    hub.advance_rollouts(T0);
+    report(&mut hub, |_| Phase::Running);
+    hub.advance_rollouts(T0);
+    // Nothing uses it now: withdrawn.
+    hub.set_policy(FleetPolicy::default()).unwrap();
+    let undo = hub.rollout_action(
+        &WorkloadName::try_from("modbus").unwrap(),
+        RolloutAction::Undo { to: None },
+        T0,
+    );
+    match undo {
+        Err(WorkloadRefusal::Policy { reasons, .. }) => {
+            assert!(
+                reasons[0].contains("spec.container.privileged is refused"),
+                "{reasons:?}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+}
