@@ -102,7 +102,7 @@ pub(crate) async fn policy(
             }
             let mut p = FleetPolicy::default();
             for a in allow.iter().filter(|a| a.as_str() != "none") {
-                match a.parse::<Privilege>().map_err(anyhow::Error::msg)? {
+                match a.parse::<Privilege>()? {
                     Privilege::Privileged => p.allow_privileged = true,
                     Privilege::HostDevices => p.allow_host_devices = true,
                 }

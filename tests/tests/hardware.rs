@@ -159,19 +159,28 @@ fn a_serial_device_is_scheduled_held_and_reached_from_wasm() -> anyhow::Result<(
     Ok(())
 }
 
-#[test]
-fn a_container_gets_its_serial_node_at_the_same_path() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let Some(ctrd) = PrivateContainerd::start(dir.path())? else {
-        return Ok(());
+/// A private containerd and a registry holding busybox as `shoal/busybox:1`; `None` where
+/// containerd cannot run (the test then has nothing to do).
+fn busybox_rig(dir: &std::path::Path) -> anyhow::Result<Option<(PrivateContainerd, Registry)>> {
+    let Some(ctrd) = PrivateContainerd::start(dir)? else {
+        return Ok(None);
     };
-    let registry = Registry::start(dir.path())?;
+    let registry = Registry::start(dir)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let regs = shoal_registry::Registries::new(Default::default());
         let tag = registry.reference("shoal/busybox:1").parse()?;
         shoal_e2e::image::push_busybox(&regs, &tag, &[("amd64", None), ("arm64", Some("v8"))]).await
     })?;
+    Ok(Some((ctrd, registry)))
+}
+
+#[test]
+fn a_container_gets_its_serial_node_at_the_same_path() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let Some((ctrd, registry)) = busybox_rig(dir.path())? else {
+        return Ok(());
+    };
     let pty = Pty::open()?;
     // Offered by a name outside /dev/pts (the container mounts its own devpts there), as a
     // board names its adapter by /dev/serial/by-id/…: a link the agent follows.
@@ -260,16 +269,9 @@ spec:
 #[test]
 fn host_nodes_and_privileged_containers_need_the_policy_and_the_device() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let Some(ctrd) = PrivateContainerd::start(dir.path())? else {
+    let Some((ctrd, registry)) = busybox_rig(dir.path())? else {
         return Ok(());
     };
-    let registry = Registry::start(dir.path())?;
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async {
-        let regs = shoal_registry::Registries::new(Default::default());
-        let tag = registry.reference("shoal/busybox:1").parse()?;
-        shoal_e2e::image::push_busybox(&regs, &tag, &[("amd64", None), ("arm64", Some("v8"))]).await
-    })?;
     let pty = Pty::open()?;
     let hub = Hub::start(dir.path(), None)?;
     let namespace = format!("shoal-e2e-{}-priv", std::process::id());

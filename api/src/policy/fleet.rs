@@ -53,13 +53,18 @@ impl std::fmt::Display for Privilege {
     }
 }
 
+/// A name that is not a [`Privilege`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a privilege: give privileged or host-devices")]
+pub struct UnknownPrivilege(pub String);
+
 impl std::str::FromStr for Privilege {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownPrivilege;
+    fn from_str(s: &str) -> Result<Self, UnknownPrivilege> {
         Privilege::ALL
             .into_iter()
             .find(|p| p.name() == s)
-            .ok_or_else(|| format!("{s:?} is not a privilege: give privileged or host-devices"))
+            .ok_or_else(|| UnknownPrivilege(s.to_string()))
     }
 }
 

@@ -124,24 +124,40 @@ impl Fleet {
             }
             outcome.insert(name.to_string(), verdict.to_string());
         }
+        self.repin(applied, now, |w| {
+            w.configs_pinned.retain(|n, _| !changed.contains(n));
+            w.configs.iter().any(|m| changed.contains(&m.name))
+        });
+        outcome
+    }
+
+    /// Gives each stored workload outside the apply (`applied`) for which `unpin` says it
+    /// reads a changed config or secret (after dropping that pin) the current versions: a
+    /// new revision, whose rollout starts.
+    pub(super) fn repin(
+        &mut self,
+        applied: &BTreeSet<WorkloadName>,
+        now: u64,
+        unpin: impl Fn(&mut Workload) -> bool,
+    ) {
         let users: Vec<Workload> = self
             .workloads
             .values()
             .filter(|w| !applied.contains(&w.name))
-            .filter(|w| w.configs.iter().any(|m| changed.contains(&m.name)))
-            .cloned()
+            .filter_map(|w| {
+                let mut w = w.clone();
+                unpin(&mut w).then_some(w)
+            })
             .collect();
         for mut w in users {
-            w.configs_pinned.retain(|n, _| !changed.contains(n));
             self.pin_inputs(&mut w);
             if self.workloads.get(&w.name) != Some(&w) {
                 self.start_rollout(&w, now);
                 self.changes.put_workload(&w);
-                info!(workload = %w.name, revision = %w.revision(), "config changed: new revision");
+                info!(workload = %w.name, revision = %w.revision(), "input changed: new revision");
                 self.workloads.insert(w.name.clone(), w);
             }
         }
-        outcome
     }
 
     /// Pins what `w` reads and has not pinned yet: each config's and each secret's current

@@ -147,23 +147,10 @@ impl Fleet {
             }
             outcome.insert(s.name.to_string(), verdict.to_string());
         }
-        let users: Vec<Workload> = self
-            .workloads
-            .values()
-            .filter(|w| !applied.contains(&w.name))
-            .filter(|w| w.secrets.iter().any(|m| changed.contains(&m.name)))
-            .cloned()
-            .collect();
-        for mut w in users {
+        self.repin(applied, now, |w| {
             w.secrets_pinned.retain(|n, _| !changed.contains(n));
-            self.pin_inputs(&mut w);
-            if self.workloads.get(&w.name) != Some(&w) {
-                self.start_rollout(&w, now);
-                self.changes.put_workload(&w);
-                info!(workload = %w.name, revision = %w.revision(), "secret changed: new revision");
-                self.workloads.insert(w.name.clone(), w);
-            }
-        }
+            w.secrets.iter().any(|m| changed.contains(&m.name))
+        });
         outcome
     }
 
