@@ -20,6 +20,7 @@ mod config;
 mod credentials;
 mod device;
 mod hub;
+mod jobs;
 mod mqtt;
 mod rollout;
 mod tables;
@@ -30,6 +31,7 @@ use config::*;
 use credentials::*;
 use device::*;
 use hub::*;
+use jobs::*;
 use mqtt::*;
 use rollout::*;
 use tables::*;
@@ -204,6 +206,8 @@ enum Command {
         #[arg(long, value_delimiter = ',', value_name = "PRIVILEGE")]
         allow: Vec<String>,
     },
+    /// Run a job again (`spec.completion`): a new run from no results, the same revision.
+    Rerun { workload: String },
     /// Change a workload's replica count (no rollout: the revision stays).
     Scale {
         workload: String,
@@ -317,6 +321,9 @@ enum Kind {
     Devices,
     #[value(alias = "workload")]
     Workloads,
+    /// Workloads that run to completion: each one's current run, its counts and status.
+    #[value(alias = "job")]
+    Jobs,
     /// Names, keys and versions only: values are never shown.
     #[value(alias = "secret")]
     Secrets,
@@ -371,12 +378,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     if let Command::Get {
-        kind: Kind::Devices | Kind::Workloads | Kind::Secrets | Kind::Configs,
+        kind: Kind::Devices | Kind::Workloads | Kind::Jobs | Kind::Secrets | Kind::Configs,
         object: Some(_),
         ..
     }
     | Command::Get {
-        kind: Kind::Devices | Kind::Workloads | Kind::Secrets | Kind::Configs,
+        kind: Kind::Devices | Kind::Workloads | Kind::Jobs | Kind::Secrets | Kind::Configs,
         watch: true,
         ..
     } = &cli.command
@@ -442,6 +449,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let workloads: Vec<WorkloadView> = hub.get("/v1/workloads").await?;
             print_workloads(&workloads, cli.output)
+        }
+        Command::Get {
+            kind: Kind::Jobs, ..
+        } => {
+            let workloads: Vec<WorkloadView> = hub.get("/v1/workloads").await?;
+            let jobs: Vec<&WorkloadView> = workloads.iter().filter(|w| w.job.is_some()).collect();
+            emit(&jobs, cli.output, |wide| jobs_table(&workloads, wide))
         }
         Command::Get {
             kind: Kind::Secrets,
@@ -539,6 +553,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }
         Command::Policy { action, allow } => policy(&hub, action, &allow, cli.output).await,
+        Command::Rerun { workload } => {
+            hub.post_json(
+                &format!("/v1/workloads/{workload}/rerun"),
+                &serde_json::json!({}),
+            )
+            .await?;
+            println!("job/{workload} runs again");
+            Ok(())
+        }
         Command::Scale { workload, replicas } => {
             hub.post_json(
                 &format!("/v1/workloads/{workload}/scale"),

@@ -314,6 +314,9 @@ pub(crate) fn describe(w: &WorkloadView, output: Output) -> anyhow::Result<()> {
     if let Some(p) = &w.pending_reason {
         println!("Pending:    {}", escaped(p));
     }
+    if let Some(j) = &w.job {
+        describe_job(j);
+    }
     println!("Replicas:");
     let mut t = Table::new(&[
         "REPLICA", "DEVICE", "VARIANT", "PHASE", "RESTARTS", "STARTED", "HOLDS", "REASON",

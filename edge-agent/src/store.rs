@@ -1,5 +1,6 @@
-//! Durable agent state behind the [`Store`] trait: the last accepted desired state, and which
-//! hardware node each replica holds (a container keeps its nodes across an agent restart).
+//! Durable agent state behind the [`Store`] trait: the last accepted desired state, which
+//! hardware node each replica holds (a container keeps its nodes across an agent restart),
+//! and the results of job runs (a finished run is never run again, whatever restarts).
 //!
 //! The agent saves (and flushes) a desired state *before* acting on it, so that after a crash
 //! or a reboot with no hub in sight it restarts exactly the workloads it was told to run.
@@ -30,13 +31,22 @@ pub trait Store: Send + 'static {
     fn load_hardware(&self) -> Result<Holdings, StoreError>;
     /// Saves durably, before a replica is started with what it was given.
     fn save_hardware(&self, h: &Holdings) -> Result<(), StoreError>;
+    /// The results of the job runs that finished here, as last saved.
+    fn load_runs(&self) -> Result<Runs, StoreError>;
+    /// Saves durably, before a run's result is reported.
+    fn save_runs(&self, r: &Runs) -> Result<(), StoreError>;
 }
+
+/// What [`Store::save_runs`] keeps: instance → the final status of its run (which names the
+/// revision and run number it is the result of).
+pub type Runs = BTreeMap<String, shoal_api::wire::messages::InstanceStatus>;
 
 /// What [`Store::save_hardware`] keeps: instance → its nodes per class.
 pub type Holdings = BTreeMap<String, crate::core::hardware::Grant>;
 
 const DESIRED_KEY: &[u8] = b"desired";
 const HARDWARE_KEY: &[u8] = b"hardware";
+const RUNS_KEY: &[u8] = b"runs";
 
 pub struct SledStore {
     db: sled::Db,
@@ -85,6 +95,18 @@ impl Store for SledStore {
         self.db.flush()?;
         Ok(())
     }
+    fn load_runs(&self) -> Result<Runs, StoreError> {
+        match self.db.get(RUNS_KEY)? {
+            None => Ok(Runs::new()),
+            Some(v) => serde_json::from_slice(&v).map_err(StoreError::Corrupt),
+        }
+    }
+    fn save_runs(&self, r: &Runs) -> Result<(), StoreError> {
+        let v = serde_json::to_vec(r).map_err(StoreError::Encode)?;
+        self.db.insert(RUNS_KEY, v)?;
+        self.db.flush()?;
+        Ok(())
+    }
 }
 
 /// A store shared (a test keeps a handle on the one it hands over).
@@ -101,12 +123,19 @@ impl<S: Store + Sync> Store for std::sync::Arc<S> {
     fn save_hardware(&self, h: &Holdings) -> Result<(), StoreError> {
         self.as_ref().save_hardware(h)
     }
+    fn load_runs(&self) -> Result<Runs, StoreError> {
+        self.as_ref().load_runs()
+    }
+    fn save_runs(&self, r: &Runs) -> Result<(), StoreError> {
+        self.as_ref().save_runs(r)
+    }
 }
 
 #[derive(Default)]
 pub struct MemStore {
     desired: Mutex<Option<DesiredState>>,
     hardware: Mutex<Holdings>,
+    runs: Mutex<Runs>,
 }
 
 impl Store for MemStore {
@@ -130,6 +159,13 @@ impl Store for MemStore {
     }
     fn save_hardware(&self, h: &Holdings) -> Result<(), StoreError> {
         *self.hardware.lock().unwrap_or_else(|p| p.into_inner()) = h.clone();
+        Ok(())
+    }
+    fn load_runs(&self) -> Result<Runs, StoreError> {
+        Ok(self.runs.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+    fn save_runs(&self, r: &Runs) -> Result<(), StoreError> {
+        *self.runs.lock().unwrap_or_else(|p| p.into_inner()) = r.clone();
         Ok(())
     }
 }

@@ -77,6 +77,7 @@ fn workloads(count: usize, replicas_each: u32) -> Vec<Workload> {
                 configs: Default::default(),
                 configs_pinned: Default::default(),
                 secrets_pinned: Default::default(),
+                completion: None,
                 name: WorkloadName::try_from(format!("w-{i:04}").as_str()).unwrap(),
                 labels: BTreeMap::new(),
                 placement: Placement::Replicas(replicas_each),

@@ -356,6 +356,7 @@ mod tests {
                 started_ms: 0,
                 history: vec![],
             }),
+            job: None,
         };
         m.refresh(&devices, &[web], 2);
         m.scheduled(

@@ -193,6 +193,8 @@ async fn device(cfg: &SimConfig, id: DeviceId, stats: &SimStats, stop: Cancellat
                                     variant: "sim".into(),
                                     healthy: None,
                                     devices: Vec::new(),
+                                    run: w.job.map(|j| j.run),
+                                    finished_at_ms: None,
                                 });
                             }
                         }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod downward;
 pub mod hardware;
 pub mod ids;
+pub mod job;
 pub mod labels;
 pub mod network;
 pub mod oci;

@@ -418,6 +418,9 @@ pub struct Workload {
     /// was made (empty in a manifest): a new value is a new revision, which rolls out.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub secrets_pinned: BTreeMap<crate::model::ids::SecretName, String>,
+    /// `spec.completion`: a job (see [`crate::model::job`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion: Option<crate::model::job::Completion>,
 }
 
 impl Workload {
@@ -455,6 +458,8 @@ impl Workload {
             configs_pinned: &'a BTreeMap<crate::model::ids::ConfigName, String>,
             #[serde(skip_serializing_if = "BTreeMap::is_empty")]
             secrets_pinned: &'a BTreeMap<crate::model::ids::SecretName, String>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            completion: &'a Option<crate::model::job::Completion>,
         }
         // Empty lists are left out so that revisions of workloads written before ports and
         // uses existed do not change (which would restart every replica on upgrade).
@@ -476,6 +481,7 @@ impl Workload {
             configs: &self.configs,
             configs_pinned: &self.configs_pinned,
             secrets_pinned: &self.secrets_pinned,
+            completion: &self.completion,
         };
         // Serializing plain structs and BTreeMaps cannot fail; fall back to Debug regardless.
         let bytes =
@@ -653,7 +659,25 @@ impl TryFrom<WorkloadManifest> for Workload {
                 .ok(),
         };
 
-        let restart = restart(spec.restart.unwrap_or_default(), &mut errs);
+        let completion = spec.completion.and_then(|c| {
+            let cx = crate::model::job::Context {
+                every: placement == Some(Placement::Every),
+                replicas: spec.replicas,
+                restart_policy: spec.restart.as_ref().and_then(|r| r.policy.as_deref()),
+                update_given: spec.update.is_some(),
+            };
+            crate::model::job::validate(c, &cx, &mut errs)
+        });
+        let job_restart_default =
+            completion.is_some() && spec.restart.as_ref().is_none_or(|r| r.policy.is_none());
+        let mut restart = restart(spec.restart.unwrap_or_default(), &mut errs);
+        if let (true, Some(r)) = (job_restart_default, restart.as_mut()) {
+            r.policy = RestartPolicy::OnFailure;
+        }
+        let placement = match (placement, completion) {
+            (Some(Placement::Replicas(_)), Some(c)) => Some(Placement::Replicas(c.completions)),
+            (p, _) => p,
+        };
         let update = update(spec.update.unwrap_or_default(), &mut errs);
         if placement == Some(Placement::Every) && !update.max_surge.is_zero() {
             errs.push(
@@ -709,6 +733,7 @@ impl TryFrom<WorkloadManifest> for Workload {
                 configs,
                 configs_pinned: BTreeMap::new(),
                 secrets_pinned: BTreeMap::new(),
+                completion,
             }),
             _ => Err(errs),
         }

@@ -94,6 +94,30 @@ pub struct WorkloadSpec {
     /// [`crate::model::config`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub configs: Vec<SecretRef>,
+    /// Run to completion rather than as a service (see [`crate::model::job`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion: Option<Completion>,
+}
+
+/// `spec.completion`: the workload is a job (see [`crate::model::job`]).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Completion {
+    /// Successful runs wanted (default 1). Not with `placement: every` (once per device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completions: Option<u32>,
+    /// Most runs at once (default 1; with `placement: every`, every matching device at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallelism: Option<u32>,
+    /// Retries of a failed run on its device before it counts as failed (default 6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_limit: Option<u32>,
+    /// Longest a run may take on its device, retries included (e.g. `10m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_deadline: Option<String>,
+    /// Delete the workload this long after the job finished (e.g. `1h`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_after_finished: Option<String>,
 }
 
 /// `spec.secrets[]` and `spec.configs[]`: `{ name: db, path: /etc/db, env: { DB_PASSWORD:

@@ -185,6 +185,10 @@ pub struct DesiredWorkload {
     /// reads from configs are in `env` already).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub configs: Vec<crate::model::config::ConfigFiles>,
+    /// A job's replica: the run it belongs to and the limits the device enforces (see
+    /// [`crate::model::job`]). Absent for services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<crate::model::job::JobRun>,
 }
 
 impl DesiredWorkload {
@@ -227,6 +231,8 @@ impl DesiredWorkload {
             devices: w.devices.clone(),
             // The hub resolves them per device (`Self::read_configs`).
             configs: Vec::new(),
+            // The hub names the run.
+            job: None,
             // The hub fills in each secret's version.
             secrets: w
                 .secrets
@@ -354,6 +360,12 @@ pub struct InstanceStatus {
     /// The hardware nodes the replica holds (`resources.devices`), by path.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<String>,
+    /// A job's replica: the run this status is about ([`crate::model::job::JobRun::run`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<u64>,
+    /// Milliseconds since the Unix epoch when the replica finished (`Succeeded`/`Failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at_ms: Option<u64>,
 }
 
 /// `devices/{d}/status` (retained): what the device observes.

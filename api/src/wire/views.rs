@@ -129,6 +129,50 @@ pub struct WorkloadView {
     /// The latest rollout, if the workload has had a new revision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutView>,
+    /// A job's current run (see [`crate::model::job`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobView>,
+}
+
+/// A job's current run as `shoal get jobs` and `shoal describe` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobView {
+    pub run: u64,
+    /// Successful runs wanted; 0 for `placement: every` (once per matching device).
+    pub completions: u32,
+    pub succeeded: u32,
+    pub failed: u32,
+    /// Replicas placed and not finished.
+    pub active: u32,
+    /// `Running`, `Complete` or `Failed` (a `placement: every` job stays `Running`).
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub started_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_ms: Option<u64>,
+    /// Each slot's result: by completion index, or by device for `placement: every`.
+    #[serde(default)]
+    pub results: Vec<JobResultView>,
+}
+
+/// One slot's result in a job's run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobResultView {
+    pub slot: String,
+    pub device: String,
+    pub replica: u32,
+    pub phase: Phase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub restarts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at_ms: Option<u64>,
 }
 
 /// A secret as `shoal get secrets` shows it: never its values.

@@ -352,11 +352,17 @@ impl Agent {
                 self.streams.on_request(&payload, self.link.bus());
             }
             Event::Replica(u) => {
-                if let Some(running_changed) = self.replicas.on_update(u) {
-                    if running_changed {
+                if let Some(updated) = self.replicas.on_update(u) {
+                    if updated.running_changed {
                         self.refresh_services();
                     }
-                    self.publish_status().await;
+                    if updated.run_finished {
+                        // Its supervisor goes and its hardware is given back; the
+                        // status follows.
+                        self.reconcile().await;
+                    } else {
+                        self.publish_status().await;
+                    }
                 }
             }
             Event::Gone(id) => {

@@ -4,16 +4,18 @@
 //! [`Replicas`] takes a desired state (verified, newer, saved durably before it is acted
 //! on), reconciles the replicas with it (`plan`, then one supervisor task per replica to
 //! start, stop or replace), keeps the statuses the supervisors report, and sweeps what no
-//! replica uses any more (volumes, opened secrets). It knows nothing of the bus or mDNS:
+//! replica uses any more (volumes, opened secrets). A job replica's result is saved durably
+//! before it is reported, and a desired job replica with a result for its run is not run
+//! again (`crate::core::plan::finished`), whatever restarts in between. It knows nothing of the bus or mDNS:
 //! the loop hands it the network grants of a replica and publishes what it reports.
 
 use crate::core::hardware::{Grant, Holder, Holdings, Inventory};
-use crate::core::plan::{config_digests, plan, secret_versions, Action, Observed};
+use crate::core::plan::{config_digests, finished, plan, secret_versions, Action, Observed};
 use crate::local::RestartError;
 use crate::replica::supervisor::{self, Shared, Update};
 use crate::runtime::Network;
 use crate::status::RestartView;
-use crate::store::{Store, StoreError};
+use crate::store::{Runs, Store, StoreError};
 use crate::volumes::Swept;
 use shoal_api::model::ids::{DeviceId, SecretName, WorkloadName};
 use shoal_api::wire::endpoint::BrokerUrl;
@@ -69,6 +71,8 @@ pub enum Desired {
 struct Replica {
     workload: WorkloadName,
     revision: String,
+    /// A job replica's run.
+    run: Option<u64>,
     /// The secrets it runs with, at their versions ([`crate::core::plan::secret_versions`]).
     secrets: BTreeSet<(SecretName, String)>,
     /// Its config files ([`crate::core::plan::config_digests`]).
@@ -108,6 +112,17 @@ pub struct Replicas {
     hardware: Holdings,
     /// What of it was last saved (the replicas' part).
     hardware_saved: crate::store::Holdings,
+    /// The results of job runs that finished here (saved before reported).
+    runs: Runs,
+}
+
+/// What a supervisor's report changed ([`Replicas::on_update`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Updated {
+    /// The replica entered or left `Running`.
+    pub running_changed: bool,
+    /// A job's run finished: its supervisor can go (at the next reconcile).
+    pub run_finished: bool,
 }
 
 impl Replicas {
@@ -134,6 +149,7 @@ impl Replicas {
             stopping: BTreeMap::new(),
             gone_tx: gone,
             next_task: 0,
+            runs: Runs::new(),
         }
     }
 
@@ -159,6 +175,7 @@ impl Replicas {
             }
         }
         self.hardware_saved = self.hardware.replicas();
+        self.runs = self.store.load_runs()?;
         self.desired = Some(d);
         Ok(true)
     }
@@ -228,6 +245,7 @@ impl Replicas {
                     k.clone(),
                     Observed {
                         revision: r.revision.clone(),
+                        run: r.run,
                         secrets: r.secrets.clone(),
                         configs: r.configs.clone(),
                     },
@@ -238,7 +256,30 @@ impl Replicas {
         // A replica that waited for hardware has no supervisor: its status is made anew.
         let replicas = &self.replicas;
         self.statuses.retain(|i, _| replicas.contains_key(i));
-        let mut actions = plan(&desired.workloads, &observed);
+        // Results of runs no longer desired go; finished runs are not run again (their
+        // supervisors, idle, are stopped).
+        let kept: Runs = desired
+            .workloads
+            .iter()
+            .filter_map(|w| {
+                let i = w.instance();
+                let r = self.runs.get(&i).filter(|r| finished(w, Some(r)))?;
+                Some((i, r.clone()))
+            })
+            .collect();
+        if kept != self.runs {
+            self.runs = kept;
+            if let Err(e) = self.store.save_runs(&self.runs) {
+                warn!(error = %e, "cannot forget the results of earlier job runs");
+            }
+        }
+        let todo: Vec<DesiredWorkload> = desired
+            .workloads
+            .iter()
+            .filter(|w| !finished(w, self.runs.get(&w.instance())))
+            .cloned()
+            .collect();
+        let mut actions = plan(&todo, &observed);
         // Stops, then replacements, then new replicas: hardware nodes are given back before
         // they are handed out again.
         actions.sort_by_key(|a| match a {
@@ -317,6 +358,8 @@ impl Replicas {
                         variant: String::new(),
                         healthy: None,
                         devices: Vec::new(),
+                        run: w.job.map(|j| j.run),
+                        finished_at_ms: None,
                     },
                 );
                 None
@@ -341,8 +384,9 @@ impl Replicas {
     }
 
     /// A supervisor's report. `None` when it comes from a task that no longer supervises
-    /// its replica (dropped); else whether the replica entered or left `Running`.
-    pub fn on_update(&mut self, u: Update) -> Option<bool> {
+    /// its replica (dropped). A job run's result is saved durably first: reported, it is
+    /// never run again.
+    pub fn on_update(&mut self, u: Update) -> Option<Updated> {
         let current = self
             .replicas
             .get(&u.instance)
@@ -350,9 +394,26 @@ impl Replicas {
         if !current {
             return None;
         }
+        let run_finished = u.status.run.is_some()
+            && u.status.finished_at_ms.is_some()
+            && matches!(u.status.phase, Phase::Succeeded | Phase::Failed);
+        if run_finished {
+            self.runs.insert(u.instance.clone(), u.status.clone());
+            match self.store.save_runs(&self.runs) {
+                Ok(()) => {
+                    info!(instance = %u.instance, phase = %u.status.phase, "job run finished")
+                }
+                Err(e) => {
+                    warn!(instance = %u.instance, error = %e, "cannot save a job run's result: the run may be run again after a restart")
+                }
+            }
+        }
         let was_running = self.is_running(&u.instance);
         self.statuses.insert(u.instance.clone(), u.status);
-        Some(was_running != self.is_running(&u.instance))
+        Some(Updated {
+            running_changed: was_running != self.is_running(&u.instance),
+            run_finished,
+        })
     }
 
     /// A container stopping in the background has ended (a replica held back for its id may
@@ -397,9 +458,15 @@ impl Replicas {
         self.desired.as_ref().map_or(0, |d| d.generation)
     }
 
-    /// The last status of every supervised replica, by instance.
+    /// The last status of every supervised replica, and the result of every desired job
+    /// run that finished here, by instance.
     pub fn statuses(&self) -> impl Iterator<Item = &InstanceStatus> {
-        self.statuses.values()
+        let finished = self
+            .runs
+            .iter()
+            .filter(|(i, _)| !self.statuses.contains_key(*i))
+            .map(|(_, s)| s);
+        self.statuses.values().chain(finished)
     }
 
     /// How many replicas are supervised.
@@ -530,6 +597,7 @@ impl Replicas {
         let instance = w.instance();
         info!(%instance, revision = %w.revision, "starting replica");
         let revision = w.revision.clone();
+        let run = w.job.map(|j| j.run);
         let workload = w.name.clone();
         let secrets = secret_versions(&w);
         let configs = config_digests(&w);
@@ -551,6 +619,7 @@ impl Replicas {
             Replica {
                 workload,
                 revision,
+                run,
                 secrets,
                 configs,
                 container,
@@ -711,6 +780,8 @@ mod tests {
                 code: Some(2),
                 reason: "exited with status 2".into(),
             });
+            // Replicas of `ok` succeed at once.
+            let exit = exit.or_else(|| spec.instance.starts_with("ok-").then_some(Exit::Success));
             Box::pin(std::future::ready(Ok(
                 Box::new(FakeRun(exit)) as Box<dyn Running>
             )))
@@ -719,6 +790,7 @@ mod tests {
 
     fn workload(name: &str, replica: u32, revision: &str) -> DesiredWorkload {
         DesiredWorkload {
+            job: None,
             configs: Vec::new(),
             name: WorkloadName::try_from(name).unwrap(),
             replica,
@@ -1060,6 +1132,61 @@ mod tests {
             held(&f.replicas, "z-0"),
             Some(vec!["/dev/ttyA".to_string()])
         );
+        f.replicas.stop_all().await;
+    }
+
+    #[tokio::test]
+    async fn a_job_run_s_result_is_saved_and_never_run_again_until_the_next_run() {
+        let mut f = Fixture::new();
+        let job = |name: &str, run: u64| {
+            let mut w = workload(name, 0, "r1");
+            w.restart.policy = RestartPolicy::OnFailure;
+            w.job = Some(shoal_api::model::job::JobRun {
+                run,
+                backoff_limit: 2,
+                active_deadline_ms: None,
+            });
+            w
+        };
+        f.desired(&state("d1", 1, vec![job("ok", 1), job("bad", 1)]));
+        f.reconcile().await;
+        f.settle(&[
+            ("bad-0", Phase::Failed, "r1"),
+            ("ok-0", Phase::Succeeded, "r1"),
+        ])
+        .await;
+        // Saved before it was taken: the store has both results, with their runs.
+        let saved = f.store.load_runs().unwrap();
+        assert_eq!(saved["ok-0"].phase, Phase::Succeeded);
+        assert_eq!(saved["bad-0"].run, Some(1));
+        assert_eq!(saved["bad-0"].restarts, 2, "retried backoffLimit times");
+        assert!(saved["bad-0"].finished_at_ms.is_some());
+        // The finished supervisors go at the next reconcile; the results stay reported.
+        f.reconcile().await;
+        assert_eq!(f.replicas.len(), 0);
+        assert_eq!(f.replicas.statuses().count(), 2);
+        f.replicas.stop_all().await;
+
+        // A new agent over the same store runs neither again.
+        let (again, updates) =
+            Fixture::replicas(f._dir.path(), &f.hub, f.store.clone(), Inventory::new());
+        (f.replicas, f.updates) = (again, updates);
+        assert!(f.replicas.resume().unwrap());
+        f.reconcile().await;
+        assert_eq!(f.replicas.len(), 0, "nothing runs again after a restart");
+        let phases: Vec<Phase> = f.replicas.statuses().map(|s| s.phase).collect();
+        assert_eq!(phases, [Phase::Failed, Phase::Succeeded]);
+
+        // The next run (`shoal rerun`) runs `ok` again; `bad` left: its result goes.
+        f.desired(&state("d1", 2, vec![job("ok", 2)]));
+        f.reconcile().await;
+        assert_eq!(f.replicas.len(), 1);
+        assert!(
+            f.store.load_runs().unwrap().is_empty(),
+            "earlier results forgotten"
+        );
+        f.settle(&[("ok-0", Phase::Succeeded, "r1")]).await;
+        assert_eq!(f.store.load_runs().unwrap()["ok-0"].run, Some(2));
         f.replicas.stop_all().await;
     }
 }

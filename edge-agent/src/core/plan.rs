@@ -6,7 +6,7 @@
 
 use shoal_api::model::ids::SecretName;
 use shoal_api::model::workload::Restart;
-use shoal_api::wire::messages::DesiredWorkload;
+use shoal_api::wire::messages::{DesiredWorkload, InstanceStatus};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -14,6 +14,8 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Observed {
     pub revision: String,
+    /// A job replica's run ([`shoal_api::model::job::JobRun::run`]).
+    pub run: Option<u64>,
     /// The secrets it runs with, and their versions ([`secret_versions`]).
     pub secrets: BTreeSet<(SecretName, String)>,
     /// The config files it runs with ([`config_digests`]).
@@ -61,6 +63,7 @@ pub fn plan(desired: &[DesiredWorkload], observed: &BTreeMap<String, Observed>) 
             // device's labels moved it to another override): run it again.
             Some(o)
                 if o.revision != d.revision
+                    || o.run != d.job.map(|j| j.run)
                     || o.secrets != secret_versions(d)
                     || o.configs != config_digests(d) =>
             {
@@ -70,6 +73,15 @@ pub fn plan(desired: &[DesiredWorkload], observed: &BTreeMap<String, Observed>) 
         }
     }
     actions
+}
+
+/// Whether `result` (the saved final status of a job replica's run, if any) is the result
+/// of the run `w` asks for: then that run is over and not run again.
+pub fn finished(w: &DesiredWorkload, result: Option<&InstanceStatus>) -> bool {
+    match (w.job, result) {
+        (Some(j), Some(r)) => r.run == Some(j.run) && r.revision == w.revision,
+        _ => false,
+    }
 }
 
 /// A run lasting at least this long resets the back-off (it was healthy for a while).
@@ -123,6 +135,7 @@ mod tests {
 
     fn dw(name: &str, replica: u32, rev: &str) -> DesiredWorkload {
         DesiredWorkload {
+            job: None,
             configs: Vec::new(),
             name: WorkloadName::try_from(name).unwrap(),
             replica,
@@ -238,6 +251,7 @@ mod tests {
                 Observed {
                     configs: config_digests(d),
                     revision: d.revision.clone(),
+                    run: None,
                     secrets: secret_versions(d),
                 },
             )])
@@ -330,5 +344,76 @@ mod tests {
             proptest::prop_assert!(plan(&desired, &observed).is_empty());
             proptest::prop_assert_eq!(observed.len(), desired.len());
         }
+    }
+
+    #[test]
+    fn a_finished_run_is_not_run_again_and_a_new_run_replaces() {
+        let job = |run| {
+            let mut d = dw("j", 0, "r1");
+            d.job = Some(shoal_api::model::job::JobRun {
+                run,
+                backoff_limit: 1,
+                active_deadline_ms: None,
+            });
+            d
+        };
+        let result = |rev: &str, run: Option<u64>| InstanceStatus {
+            name: WorkloadName::try_from("j").unwrap(),
+            replica: 0,
+            revision: rev.into(),
+            phase: shoal_api::wire::messages::Phase::Succeeded,
+            restarts: 0,
+            reason: None,
+            exit_code: Some(0),
+            started_at_ms: None,
+            backoff_ms: None,
+            variant: "wasm".into(),
+            healthy: None,
+            devices: vec![],
+            run,
+            finished_at_ms: Some(1),
+        };
+        type Case = (&'static str, DesiredWorkload, Option<InstanceStatus>, bool);
+        let cases: Vec<Case> = vec![
+            ("no result", job(1), None, false),
+            (
+                "this run's result",
+                job(1),
+                Some(result("r1", Some(1))),
+                true,
+            ),
+            (
+                "an earlier run's",
+                job(2),
+                Some(result("r1", Some(1))),
+                false,
+            ),
+            (
+                "another revision's",
+                job(1),
+                Some(result("r0", Some(1))),
+                false,
+            ),
+            (
+                "a service is never finished",
+                dw("j", 0, "r1"),
+                Some(result("r1", None)),
+                false,
+            ),
+        ];
+        for (name, w, r, want) in cases {
+            assert_eq!(finished(&w, r.as_ref()), want, "{name}");
+        }
+        // A rerun (same revision, next run) replaces what still runs the earlier run.
+        let observed = BTreeMap::from([(
+            "j-0".to_string(),
+            Observed {
+                revision: "r1".into(),
+                run: Some(1),
+                ..Default::default()
+            },
+        )]);
+        assert_eq!(plan(&[job(2)], &observed), vec![Action::Replace(job(2))]);
+        assert_eq!(plan(&[job(1)], &observed), vec![]);
     }
 }

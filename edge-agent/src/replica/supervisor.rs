@@ -72,6 +72,14 @@ impl Reporter {
             .await;
     }
 
+    /// The replica is done: `Succeeded` or `Failed`, for good (until its desired state
+    /// changes, or, for a service, `shoal-agent restart`).
+    async fn finish(&mut self, phase: Phase, reason: String) {
+        self.status.finished_at_ms = Some(now_ms());
+        self.status.backoff_ms = None;
+        self.phase(phase, Some(reason)).await;
+    }
+
     async fn phase(&mut self, phase: Phase, reason: Option<String>) {
         if self.status.phase != phase {
             info!(from = %self.status.phase, to = %phase, reason = reason.as_deref().unwrap_or(""), "replica phase");
@@ -107,8 +115,7 @@ where
                 // Trying again cannot help: failed until the desired state changes.
                 let why = e.to_string();
                 log.system(&why);
-                r.phase(Phase::Failed, Some(why)).await;
-                cancel.cancelled().await;
+                r.finish(Phase::Failed, why).await;
                 return None;
             }
             Err(e) => {
@@ -150,7 +157,17 @@ pub async fn supervise(
     task: u64,
     controls: Controls,
 ) {
-    let cancel = controls.cancel.clone();
+    let outer = controls.cancel.clone();
+    // A job's run ends at its deadline: the life below sees it as a stop (so a run is stopped
+    // and removed the usual way), and the deadline's verdict is reported after it.
+    let deadline = desired
+        .job
+        .and_then(|j| j.active_deadline_ms)
+        .map(|ms| (ms, tokio::time::Instant::now() + Duration::from_millis(ms)));
+    let cancel = match deadline {
+        Some(_) => outer.child_token(),
+        None => outer.clone(),
+    };
     let instance = desired.instance();
     let span = info_span!("replica", instance = %instance, revision = %desired.revision);
     async move {
@@ -170,19 +187,76 @@ pub async fn supervise(
                 variant: Variant::Wasm.as_str().into(),
                 healthy: None,
                 devices: devices.values().flatten().cloned().collect(),
+                run: desired.job.map(|j| j.run),
+                finished_at_ms: None,
             },
             tx: shared.updates.clone(),
         };
+        let life = life(
+            &shared,
+            &desired,
+            artifact_base,
+            network,
+            &devices,
+            &controls,
+            &cancel,
+            &mut r,
+        );
+        match deadline {
+            None => life.await,
+            Some((ms, at)) => {
+                let watchdog = async {
+                    tokio::time::sleep_until(at).await;
+                    cancel.cancel();
+                    std::future::pending::<()>().await
+                };
+                tokio::select! {
+                    _ = life => {}
+                    _ = watchdog => {}
+                }
+                if r.status.finished_at_ms.is_none() && !outer.is_cancelled() {
+                    let why = format!(
+                        "deadline exceeded: the run took longer than activeDeadline {}",
+                        shoal_api::model::quantity::format_duration_ms(ms)
+                    );
+                    warn!(%why, "job run stopped");
+                    r.finish(Phase::Failed, why).await;
+                }
+            }
+        }
+        outer.cancelled().await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// The replica's life until it is stopped (`cancel`) or done for good (`finished_at_ms` set
+/// in its last status, which is sent).
+#[allow(clippy::too_many_arguments)]
+async fn life(
+    shared: &Shared,
+    desired: &DesiredWorkload,
+    artifact_base: String,
+    network: Network,
+    devices: &crate::core::hardware::Grant,
+    controls: &Controls,
+    cancel: &CancellationToken,
+    r: &mut Reporter,
+) {
+    let instance = desired.instance();
+    {
+        let job = desired.job;
         let log = match LogSink::open(&shared.logs_dir, &instance, LOG_MAX_BYTES) {
             Ok(l) => l,
             Err(e) => {
-                r.phase(Phase::Failed, Some(format!("cannot open log file: {e}"))).await;
+                r.finish(Phase::Failed, format!("cannot open log file: {e}"))
+                    .await;
                 return;
             }
         };
         let runtime = shared.runtime.as_ref();
         let spec = RunSpec::for_replica(
-            &desired,
+            desired,
             artifact_base,
             network,
             controls.usage.clone(),
@@ -193,14 +267,13 @@ pub async fn supervise(
             Err(e) => {
                 let why = e.to_string();
                 log.system(&why);
-                r.phase(Phase::Failed, Some(why)).await;
-                cancel.cancelled().await;
+                r.finish(Phase::Failed, why).await;
                 return;
             }
         };
         r.status.variant = spec.variant_name().into();
 
-        let Some(pulled) = pull(&mut r, &log, &cancel, || runtime.pull(&spec)).await else {
+        let Some(pulled) = pull(r, &log, cancel, || runtime.pull(&spec)).await else {
             return;
         };
         r.phase(Phase::Starting, None).await;
@@ -212,17 +285,23 @@ pub async fn supervise(
             Ok(p) => p,
             Err(e) => {
                 log.system(&format!("cannot start: {e}"));
-                r.phase(Phase::Failed, Some(e.to_string())).await;
-                cancel.cancelled().await;
+                r.finish(Phase::Failed, e.to_string()).await;
                 return;
             }
         };
 
-        let ready = match prestart(&shared.volumes, &shared.secrets, &shared.configs, &desired) {
+        let ready = match prestart(&shared.volumes, &shared.secrets, &shared.configs, desired) {
             Ok(x) => x,
             Err(e) => {
                 log.system(&format!("cannot start: {e}"));
-                r.phase(Phase::Failed, Some(e.to_string())).await;
+                // A job's run has not started: it waits rather than fails (which would be
+                // its result).
+                let phase = if job.is_some() {
+                    Phase::Pending
+                } else {
+                    Phase::Failed
+                };
+                r.phase(phase, Some(e.to_string())).await;
                 // A secret may still arrive under the same version (opened once the hub
                 // re-sealed it, e.g. after the device enrolled again): look again now and
                 // then rather than stay failed until the desired state changes.
@@ -231,14 +310,16 @@ pub async fn supervise(
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep(PREPARE_RETRY) => {}
                     }
-                    if let Ok(x) = prestart(&shared.volumes, &shared.secrets, &shared.configs, &desired) {
+                    if let Ok(x) =
+                        prestart(&shared.volumes, &shared.secrets, &shared.configs, desired)
+                    {
                         break x;
                     }
                 }
             }
         };
         ready.apply(&mut spec);
-        spec.grant_devices(&devices);
+        spec.grant_devices(devices);
         let mut step = 0u32;
         loop {
             r.status.exit_code = None;
@@ -324,10 +405,9 @@ pub async fn supervise(
                 }
             };
             let exit = match (exit, unhealthy) {
-                (Exit::Cancelled, Some(reason)) if !cancel.is_cancelled() => Exit::Failure {
-                    code: None,
-                    reason,
-                },
+                (Exit::Cancelled, Some(reason)) if !cancel.is_cancelled() => {
+                    Exit::Failure { code: None, reason }
+                }
                 (Exit::Cancelled, None) if !cancel.is_cancelled() => {
                     info!("restarting on request");
                     log.system("restarting on request (shoal-agent restart)");
@@ -342,19 +422,48 @@ pub async fn supervise(
                 Exit::Failure { code, reason } => (false, code, reason),
             };
             r.status.exit_code = code;
-            let (next, next_step) =
-                after_exit(&desired.restart, success, step, t0.elapsed(), rand::random::<f64>());
+            let (next, next_step) = after_exit(
+                &desired.restart,
+                success,
+                step,
+                t0.elapsed(),
+                rand::random::<f64>(),
+            );
             step = next_step;
+            let gave_up = job.filter(|j| !success && j.gives_up(r.status.restarts));
+            let next = if gave_up.is_some() {
+                AfterExit::Stay
+            } else {
+                next
+            };
             match next {
                 AfterExit::Stay => {
-                    let phase = if success { Phase::Succeeded } else { Phase::Failed };
-                    log.system(&format!("{reason}; restart policy {:?}: not restarting", desired.restart.policy));
-                    r.phase(phase, Some(reason)).await;
+                    let phase = if success {
+                        Phase::Succeeded
+                    } else {
+                        Phase::Failed
+                    };
+                    match gave_up {
+                        Some(j) => log.system(&format!(
+                            "{reason}; backoffLimit {} reached: not retrying",
+                            j.backoff_limit
+                        )),
+                        None => log.system(&format!(
+                            "{reason}; restart policy {:?}: not restarting",
+                            desired.restart.policy
+                        )),
+                    }
+                    r.finish(phase, reason).await;
+                    if job.is_some() {
+                        // A job's run is over: its result stands until the next run.
+                        return;
+                    }
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = controls.restart.notified() => {
                             log.system("starting again on request (shoal-agent restart)");
                             r.status.restarts += 1;
+                            r.status.finished_at_ms = None;
                             step = 0;
                         }
                     }
@@ -363,8 +472,11 @@ pub async fn supervise(
                     let ms = delay.as_millis() as u64;
                     log.system(&format!("{reason}; restarting in {ms}ms"));
                     r.status.backoff_ms = Some(ms);
-                    r.phase(Phase::CrashLoopBackOff, Some(format!("{reason}; restarting in {ms}ms")))
-                        .await;
+                    r.phase(
+                        Phase::CrashLoopBackOff,
+                        Some(format!("{reason}; restarting in {ms}ms")),
+                    )
+                    .await;
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep(delay) => {}
@@ -377,8 +489,6 @@ pub async fn supervise(
             }
         }
     }
-    .instrument(span)
-    .await
 }
 
 #[cfg(test)]
@@ -445,6 +555,7 @@ mod tests {
 
     fn desired(policy: RestartPolicy) -> DesiredWorkload {
         DesiredWorkload {
+            job: None,
             configs: Vec::new(),
             name: WorkloadName::try_from("w").unwrap(),
             replica: 0,
@@ -606,6 +717,55 @@ mod tests {
             }
         }
         assert!(seen.contains(&(Phase::Failed, 0)), "{seen:?}");
+        controls.cancel.cancel();
+        h.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_job_run_stops_at_its_deadline_and_fails_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        // Every run lasts until it is stopped.
+        let shared = fake_shared(dir.path(), vec![], None, tx);
+        let mut d = desired(RestartPolicy::OnFailure);
+        d.job = Some(shoal_api::model::job::JobRun {
+            run: 3,
+            backoff_limit: 5,
+            active_deadline_ms: Some(200),
+        });
+        let controls = Controls::default();
+        let h = tokio::spawn(supervise(
+            shared,
+            d,
+            "http://x".into(),
+            Network::default(),
+            Default::default(),
+            1,
+            controls.clone(),
+        ));
+        let last = loop {
+            let u = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("an update")
+                .expect("supervisor alive");
+            if u.status.phase == Phase::Failed {
+                break u.status;
+            }
+        };
+        assert_eq!(last.run, Some(3));
+        assert!(last.finished_at_ms.is_some());
+        assert!(
+            last.reason
+                .as_deref()
+                .unwrap_or("")
+                .contains("activeDeadline 200ms"),
+            "{last:?}"
+        );
+        assert_eq!(last.restarts, 0, "a stop at the deadline is not retried");
+        // It stays so until stopped.
+        assert!(tokio::time::timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .is_err());
         controls.cancel.cancel();
         h.await.unwrap();
     }

@@ -32,7 +32,8 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 }
                 // Stepped in batches (see RolloutTick): one step per report would
                 // republish desired states once per freed slot.
-                self.rollout_due |= self.core.rolling() || self.core.draining();
+                self.rollout_due |=
+                    self.core.rolling() || self.core.draining() || self.core.has_jobs();
             }
             BusEvent::Ingest { replica, batch } => self.on_ingest(replica, *batch).await,
             BusEvent::Logs(chunk) => {
@@ -108,7 +109,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         for again in self.core.ingest_batch(batch, now_ms()) {
             i.relay.changed(again);
         }
-        self.rollout_due |= self.core.rolling() || self.core.draining();
+        self.rollout_due |= self.core.rolling() || self.core.draining() || self.core.has_jobs();
         if matches!(self.role, Role::Standby(_)) {
             for device in enrolled {
                 i.heard_enrolled(device, now_ms());

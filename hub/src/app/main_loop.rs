@@ -217,8 +217,9 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 self.read_keys(); // failed reads, due again
                 let publish = self.fleet(|f| f.check_lost(now_ms(), grace));
                 self.publish_desired(publish).await;
-                // Readiness periods and deadlines pass with time, not only with reports.
-                if self.core.rolling() || self.core.draining() {
+                // Readiness periods, deadlines and jobs' lifetimes pass with time, not
+                // only with reports.
+                if self.core.rolling() || self.core.draining() || self.core.has_jobs() {
                     self.advance_rollouts().await;
                 }
                 self.record_events(false);
@@ -263,10 +264,14 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         }
     }
 
-    /// Steps rollouts and drains on what devices reported.
+    /// Steps rollouts, jobs and drains on what devices reported.
     pub(super) async fn advance_rollouts(&mut self) {
         let publish = self.fleet(|f| f.advance_rollouts(now_ms()));
         self.publish_desired(publish).await;
+        if self.core.has_jobs() {
+            let publish = self.fleet(|f| f.advance_jobs(now_ms()));
+            self.publish_desired(publish).await;
+        }
         if self.core.draining() {
             let publish = self.fleet(|f| f.advance_drains());
             self.publish_desired(publish).await;

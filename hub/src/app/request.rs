@@ -122,6 +122,11 @@ pub enum Request {
         replicas: u32,
         reply: oneshot::Sender<Result<(), Failed<WorkloadRefusal>>>,
     },
+    /// A job runs again (`shoal rerun`).
+    Rerun {
+        name: WorkloadName,
+        reply: oneshot::Sender<Result<(), Failed<WorkloadRefusal>>>,
+    },
     /// Cordon, uncordon or drain a device; `Ok(false)`: no such device.
     Device {
         id: DeviceId,

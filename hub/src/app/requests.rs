@@ -190,6 +190,11 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
                 let r = self.command(done).await;
                 let _ = reply.send(r);
             }
+            Request::Rerun { name, reply } => {
+                let done = self.fleet(|f| f.rerun(&name, now_ms()));
+                let r = self.command(done).await;
+                let _ = reply.send(r);
+            }
             Request::Device { id, action, reply } => {
                 let r = self.fleet(|f| match action {
                     DeviceAction::Cordon => f.cordon(&id, true),

@@ -78,6 +78,13 @@ impl Store for TestStore {
     fn delete_device(&self, id: &DeviceId) -> Result<(), StoreError> {
         self.inner.delete_device(id)
     }
+    fn put_job(
+        &self,
+        n: &shoal_api::model::ids::WorkloadName,
+        j: Option<&crate::fleet::job::JobState>,
+    ) -> Result<(), StoreError> {
+        self.inner.put_job(n, j)
+    }
     fn put_config(
         &self,
         n: &shoal_api::model::ids::ConfigName,

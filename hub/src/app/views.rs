@@ -29,10 +29,13 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             return Err(LogRefusal::WorkloadNotFound(workload.clone()));
         };
         let devices = self.core.device_views();
+        // A job's finished replicas left their devices; their logs are still there.
+        let finished = view.job.iter().flat_map(|j| &j.results);
         let placed: std::collections::BTreeSet<&str> = view
             .replicas
             .iter()
             .filter_map(|r| r.device.as_deref())
+            .chain(finished.clone().map(|r| r.device.as_str()))
             .collect();
         let wanted: Vec<&str> = match device {
             Some(d) if devices.iter().any(|v| v.id == d.as_str()) => vec![d.as_str()],
@@ -44,7 +47,10 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             .replicas
             .iter()
             .filter(|r| r.device.as_deref().is_some_and(|d| wanted.contains(&d)))
-            .count();
+            .count()
+            + finished
+                .filter(|r| wanted.contains(&r.device.as_str()))
+                .count();
         let (mut asked, mut unreachable) = (Vec::new(), Vec::new());
         for v in devices.iter().filter(|v| wanted.contains(&v.id.as_str())) {
             let Ok(id) = DeviceId::try_from(v.id.as_str()) else {

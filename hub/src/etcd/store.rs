@@ -48,6 +48,10 @@ impl Store for EtcdStore {
                     let c: StoredConfig = dec(&key, &value)?;
                     snap.configs.insert(c.config.name.clone(), c);
                 }
+                "jobs" => {
+                    let j: crate::fleet::job::JobState = dec(&key, &value)?;
+                    snap.jobs.insert(j.workload.clone(), j);
+                }
                 "secrets" => {
                     let s: StoredSecret = dec(&key, &value)?;
                     snap.secrets.insert(s.name.clone(), s);
@@ -119,6 +123,19 @@ impl Store for EtcdStore {
     fn delete_device(&self, id: &DeviceId) -> Result<(), StoreError> {
         self.push(Op::Delete(self.key("devices", id.as_str())));
         Ok(())
+    }
+    fn put_job(
+        &self,
+        name: &WorkloadName,
+        j: Option<&crate::fleet::job::JobState>,
+    ) -> Result<(), StoreError> {
+        match j {
+            Some(j) => self.put("jobs", name.as_str(), j),
+            None => {
+                self.push(Op::Delete(self.key("jobs", name.as_str())));
+                Ok(())
+            }
+        }
     }
     fn put_config(&self, name: &ConfigName, c: Option<&StoredConfig>) -> Result<(), StoreError> {
         match c {

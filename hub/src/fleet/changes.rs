@@ -31,6 +31,8 @@ pub enum Write {
     DeleteDevice(DeviceId),
     /// `None`: the config is deleted.
     Config(shoal_api::model::ids::ConfigName, Option<StoredConfig>),
+    /// `None`: the job's runs are forgotten (deleted, or no longer a job).
+    Job(WorkloadName, Option<super::job::JobState>),
     /// Device labels are the operator's in this store (see [`super::Fleet::open`]).
     LabelsOwned,
     Audit(AuditEntry),
@@ -85,6 +87,10 @@ impl Changes {
         c: Option<&StoredConfig>,
     ) {
         self.writes.push(Write::Config(name.clone(), c.cloned()));
+    }
+
+    pub fn put_job(&mut self, name: &WorkloadName, j: Option<&super::job::JobState>) {
+        self.writes.push(Write::Job(name.clone(), j.cloned()));
     }
 
     pub fn put_labels_owned(&mut self) {

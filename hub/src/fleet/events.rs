@@ -500,6 +500,7 @@ mod tests {
             pending_reason: None,
             spec: None,
             rollout,
+            job: None,
         }
     }
 

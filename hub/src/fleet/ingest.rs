@@ -133,6 +133,8 @@ pub(crate) mod tests {
                 variant: "wasm".into(),
                 healthy: None,
                 devices: Vec::new(),
+                run: None,
+                finished_at_ms: None,
             }],
             time_ms,
         }

@@ -10,6 +10,7 @@
 //!
 //! - [`workloads`]: apply, scale, delete;
 //! - [`rollouts`]: start, advance and steer rolling updates;
+//! - [`jobs`]: runs of workloads that run to completion, their results, rerun and expiry;
 //! - [`devices`]: hello, presence, loss, grants, labels, cordon, drain, revocation, mDNS;
 //! - [`forget`]: deleting a device that is gone for good;
 //! - [`policy`]: what an admin lets containers ask for (privileged, host device nodes);
@@ -23,6 +24,7 @@
 //!
 //! - [`scheduler`]: placement (which device runs which replica);
 //! - [`rollout`]: rolling updates, step by step;
+//! - [`job`]: a job run's results and end;
 //! - [`ingest`]: status reports spread over hub replicas;
 //! - [`events`]: fleet events from one view to the next;
 //! - [`audit`]: the audit log's numbering and bounds.
@@ -39,6 +41,8 @@ pub mod devices;
 pub mod events;
 pub mod forget;
 pub mod ingest;
+pub mod job;
+pub mod jobs;
 pub mod placement;
 pub mod policy;
 pub mod records;
@@ -50,6 +54,8 @@ pub mod secrets;
 pub mod views;
 pub mod workloads;
 
+#[cfg(test)]
+mod job_tests;
 #[cfg(test)]
 mod tests;
 
@@ -123,6 +129,8 @@ pub struct Fleet {
     configs: BTreeMap<shoal_api::model::ids::ConfigName, records::StoredConfig>,
     /// What an admin lets containers ask for (persisted).
     policy: shoal_api::policy::fleet::FleetPolicy,
+    /// Per job workload: its current run (persisted).
+    jobs: BTreeMap<WorkloadName, job::JobState>,
     /// Scheduler runs since the server last took them (for its metrics).
     runs: Vec<SchedulingRun>,
     /// Whether the labels devices report steer placement (an `--insecure` fleet, where any
@@ -163,6 +171,7 @@ impl Fleet {
             secrets: snap.secrets,
             configs: snap.configs,
             policy: snap.policy,
+            jobs: snap.jobs,
             runs: Vec::new(),
             trust_reported_labels,
             audit: audit::AuditLog::from_loaded(snap.audit),
@@ -241,6 +250,7 @@ impl Fleet {
         self.secrets = snap.secrets;
         self.configs = snap.configs;
         self.policy = snap.policy;
+        self.jobs = snap.jobs;
         // A standby's store drops the writes: the leader adopts and writes the same.
         self.adopt_reported_labels(snap.labels_owned);
         self.schedule = self.place();

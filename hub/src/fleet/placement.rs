@@ -5,7 +5,7 @@
 use super::scheduler::{self, Assignments, DeviceView as SchedDevice, Schedule};
 use super::*;
 use shoal_api::model::ids::{DeviceId, WorkloadName};
-use shoal_api::model::workload::Workload;
+use shoal_api::model::workload::{Placement, Workload};
 use shoal_api::wire::messages::{DesiredState, DesiredWorkload};
 use std::collections::{BTreeMap, BTreeSet};
 use tracing::info;
@@ -23,8 +23,21 @@ pub struct SchedulingRun {
 const RUNS_KEPT: usize = 1024;
 
 impl Fleet {
+    /// The workloads as the scheduler places them: a job with a count asks for the
+    /// replicas its run wants now.
     pub(super) fn workload_list(&self) -> Vec<Workload> {
-        self.workloads.values().cloned().collect()
+        self.workloads
+            .values()
+            .map(|w| {
+                let mut w = w.clone();
+                if let (Placement::Replicas(_), Some(wants)) =
+                    (&w.placement, self.job_wants(&w.name))
+                {
+                    w.placement = Placement::Replicas(wants.replicas);
+                }
+                w
+            })
+            .collect()
     }
 
     pub(super) fn sched_devices(&self) -> Vec<SchedDevice> {
@@ -54,7 +67,7 @@ impl Fleet {
 
     /// Runs the scheduler over the current state, rollouts in progress included.
     pub(super) fn place(&self) -> Schedule {
-        let inflight: std::collections::HashMap<&WorkloadName, scheduler::InFlight<'_>> = self
+        let mut inflight: std::collections::HashMap<&WorkloadName, scheduler::InFlight<'_>> = self
             .rollouts
             .iter()
             .filter_map(|(name, rec)| {
@@ -69,10 +82,19 @@ impl Fleet {
                     scheduler::InFlight {
                         earlier,
                         surge: r.extra(),
+                        ..Default::default()
                     },
                 ))
             })
             .collect();
+        for name in self.jobs.keys() {
+            if let Some(wants) = self.job_wants(name) {
+                let f = inflight.entry(name).or_default();
+                f.done = wants.done_replicas;
+                f.done_devices = wants.done_devices;
+                f.cap = wants.cap;
+            }
+        }
         scheduler::schedule_with(
             &self.sched_devices(),
             &self.workload_list(),
@@ -156,6 +178,7 @@ impl Fleet {
                     continue;
                 };
                 if let Some(mut dw) = DesiredWorkload::from_workload(spec, replica, variant) {
+                    dw.job = self.job_run(spec);
                     let labels = labels_by_device.entry(dev.clone()).or_insert_with(|| {
                         self.devices
                             .get(dev)

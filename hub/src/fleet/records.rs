@@ -128,6 +128,8 @@ pub struct Snapshot {
     pub configs: BTreeMap<shoal_api::model::ids::ConfigName, StoredConfig>,
     /// What an admin lets containers ask for.
     pub policy: shoal_api::policy::fleet::FleetPolicy,
+    /// Each job's current run.
+    pub jobs: BTreeMap<WorkloadName, super::job::JobState>,
     /// Device labels are the operator's in this store (see `Fleet::open`): a record
     /// without labels gets none, its device's reports are not adopted.
     pub labels_owned: bool,

@@ -143,13 +143,19 @@ enum Unfit {
     Privilege(Privilege),
 }
 
-/// What an unfinished rollout changes about placing one workload.
+/// What an unfinished rollout, or a job's run, changes about placing one workload.
 #[derive(Debug, Clone, Default)]
 pub struct InFlight<'a> {
     /// Replicas still running an earlier spec: they keep its resources and ports.
     pub earlier: BTreeMap<u32, &'a Workload>,
     /// Replicas wanted beyond `spec.replicas` (`maxSurge`).
     pub surge: u32,
+    /// A job's completion indices that have their result: never placed (again).
+    pub done: BTreeSet<u32>,
+    /// A `placement: every` job's devices that have their result: not placed there again.
+    pub done_devices: BTreeSet<DeviceId>,
+    /// `placement: every`: most replicas at once (a job's parallelism).
+    pub cap: Option<u32>,
 }
 
 /// Everything of a workload that [`static_fit`] reads: two workloads with equal keys are
@@ -212,8 +218,9 @@ pub fn schedule_with(
         for (&replica, dev) in current.get(&w.name).into_iter().flatten() {
             let in_range = match w.placement {
                 Placement::Replicas(n) => (kept.len() as u32) < n.saturating_add(fl.surge),
-                Placement::Every => true,
-            };
+                Placement::Every => fl.cap.is_none_or(|c| (kept.len() as u32) < c),
+            } && !fl.done.contains(&replica)
+                && !fl.done_devices.contains(dev);
             let Some(&i) = by_id.get(dev) else { continue };
             let spec = fl.earlier.get(&replica).copied().unwrap_or(w);
             let d = &devices[i];
@@ -240,7 +247,8 @@ pub fn schedule_with(
     // Step 2: place what is missing.
     for w in &wl {
         let mut placed = out.assignments.remove(&w.name).unwrap_or_default();
-        let surge = inflight.get(&w.name).map_or(0, |f| f.surge);
+        let fl = inflight.get(&w.name).unwrap_or(&none);
+        let surge = fl.surge;
         let needs_more = match w.placement {
             Placement::Replicas(n) => placed.len() < n.saturating_add(surge) as usize,
             Placement::Every => true,
@@ -264,7 +272,7 @@ pub fn schedule_with(
             Placement::Replicas(n) => {
                 let count = (n.saturating_add(surge) as usize).saturating_sub(placed.len());
                 let missing: Vec<u32> = (0..)
-                    .filter(|r| !placed.contains_key(r))
+                    .filter(|r| !placed.contains_key(r) && !fl.done.contains(r))
                     .take(count)
                     .collect();
                 if !missing.is_empty() {
@@ -293,9 +301,13 @@ pub fn schedule_with(
                     .iter()
                     .copied()
                     .filter(|&i| !have.contains(&devices[i].id))
+                    .filter(|&i| !fl.done_devices.contains(&devices[i].id))
                     .collect();
                 let mut next = 0u32;
                 for i in new {
+                    if fl.cap.is_some_and(|c| placed.len() as u32 >= c) {
+                        break; // the rest wait for a slot
+                    }
                     if dynamic_fit(&devices[i], w, &load[i]).is_err() {
                         continue;
                     }
@@ -308,16 +320,20 @@ pub fn schedule_with(
                 // Matching devices that could not take it are worth reporting (not those that
                 // offer none of a hardware class it asks for: like a label, that is a choice).
                 let have: HashSet<&DeviceId> = placed.values().collect();
-                let blocked = devices.iter().any(|d| {
-                    d.online
-                        && !d.lost
-                        && !have.contains(&d.id)
-                        && w.selects(&d.labels)
-                        && w.devices
-                            .keys()
-                            .all(|c| d.hardware.get(c.as_str()).is_some_and(|n| *n > 0))
-                });
-                if blocked || placed.is_empty() {
+                let at_cap = fl.cap.is_some_and(|c| placed.len() as u32 >= c);
+                let blocked = !at_cap
+                    && devices.iter().any(|d| {
+                        d.online
+                            && !d.lost
+                            && !have.contains(&d.id)
+                            && !fl.done_devices.contains(&d.id)
+                            && w.selects(&d.labels)
+                            && w.devices
+                                .keys()
+                                .all(|c| d.hardware.get(c.as_str()).is_some_and(|n| *n > 0))
+                    });
+                let done = !fl.done_devices.is_empty() || fl.cap == Some(0);
+                if blocked || (placed.is_empty() && !done) {
                     out.pending.insert(
                         w.name.clone(),
                         Pending {
@@ -719,6 +735,7 @@ mod tests {
             configs: Default::default(),
             configs_pinned: Default::default(),
             secrets_pinned: Default::default(),
+            completion: None,
             name: WorkloadName::try_from(name).unwrap(),
             labels: BTreeMap::new(),
             placement,
@@ -879,6 +896,7 @@ mod tests {
             InFlight {
                 earlier: BTreeMap::new(),
                 surge: 1,
+                ..Default::default()
             },
         )]
         .into();
@@ -899,6 +917,7 @@ mod tests {
             InFlight {
                 earlier: [(1, &old)].into(),
                 surge: 1,
+                ..Default::default()
             },
         )]
         .into();

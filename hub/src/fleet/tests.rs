@@ -10,7 +10,7 @@ use shoal_api::wire::messages::{DesiredState, DeviceStatus, Hello, Phase};
 const T0: u64 = 1_700_000_000_000;
 use shoal_api::model::workload::{parse_workloads, Placement};
 
-fn hello(id: &str, labels: &[(&str, &str)]) -> Hello {
+pub(super) fn hello(id: &str, labels: &[(&str, &str)]) -> Hello {
     Hello {
         allows: Vec::new(),
         protocol: 1,
@@ -160,7 +160,7 @@ fn open_from(store: &MemStore, trust_reported_labels: bool) -> Fleet {
 }
 
 /// A fleet with nothing stored yet.
-fn fleet() -> Fleet {
+pub(super) fn fleet() -> Fleet {
     Fleet::open(Snapshot::default(), "http://h".into(), false)
 }
 
@@ -726,6 +726,8 @@ fn report(hub: &mut Fleet, phase_of: impl Fn(&str) -> Phase) {
                 variant: "wasm".into(),
                 healthy: None,
                 devices: Vec::new(),
+                run: None,
+                finished_at_ms: None,
             })
             .collect();
         hub.status(

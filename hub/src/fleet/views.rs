@@ -135,6 +135,7 @@ impl Fleet {
             pending_reason: pending.map(|p| p.reason.clone()),
             spec: with_spec.then(|| w.clone()),
             rollout: self.rollout_view(&w.name, &placed),
+            job: self.job_view(w, placed.len() as u32),
         }
     }
 

@@ -17,6 +17,10 @@ pub enum WorkloadRefusal {
     NoReplicaCount(WorkloadName),
     #[error("replicas {replicas} is invalid: must be at most {max}")]
     TooManyReplicas { replicas: u32, max: u32 },
+    #[error("workload {:?} is not a job (it has no spec.completion)", .0.as_str())]
+    NotAJob(WorkloadName),
+    #[error("workload {:?} is a job: its count is spec.completion.completions, changed by applying it", .0.as_str())]
+    JobCount(WorkloadName),
     #[error("workload {:?} has no rollout in progress", .0.as_str())]
     NoRollout(WorkloadName),
     #[error("workload {:?} has no earlier revision to go back to", .0.as_str())]
@@ -75,7 +79,19 @@ impl Fleet {
                 Some(_) => "configured",
             };
             if verdict != "unchanged" {
-                self.start_rollout(&w, now);
+                // Jobs do not roll out: a new revision is a new run.
+                let job = w.completion.is_some()
+                    || self
+                        .workloads
+                        .get(&w.name)
+                        .is_some_and(|o| o.completion.is_some());
+                if job {
+                    self.rollouts.remove(&w.name);
+                    self.changes.put_rollout(&w.name, None);
+                } else {
+                    self.start_rollout(&w, now);
+                }
+                self.start_run(&w, now);
                 self.changes.put_workload(&w);
                 info!(workload = %w.name, revision = %w.revision(), verdict, "workload stored");
                 self.workloads.insert(w.name.clone(), w.clone());
@@ -98,6 +114,9 @@ impl Fleet {
         if w.placement == Placement::Every {
             return Err(WorkloadRefusal::NoReplicaCount(name.clone()));
         }
+        if w.completion.is_some() {
+            return Err(WorkloadRefusal::JobCount(name.clone()));
+        }
         if replicas > shoal_api::model::workload::MAX_REPLICAS {
             return Err(WorkloadRefusal::TooManyReplicas {
                 replicas,
@@ -116,6 +135,9 @@ impl Fleet {
         self.workloads.remove(name)?;
         self.rollouts.remove(name);
         self.changes.put_rollout(name, None);
+        if self.jobs.remove(name).is_some() {
+            self.changes.put_job(name, None);
+        }
         self.changes.delete_workload(name);
         info!(workload = %name, "workload deleted");
         Some(self.reconcile())

@@ -12,6 +12,7 @@
 //! | `POST /v1/devices/{id}/annotations` | `LabelChange` of free text → the device's annotations |
 //! | `POST /v1/workloads/{name}/rollout/{pause,resume,promote,undo}` | steer a rollout |
 //! | `POST /v1/workloads/{name}/scale` | body `{"replicas": N}` |
+//! | `POST /v1/workloads/{name}/rerun` | a job runs again (`shoal rerun`) |
 //! | `POST /v1/apply` | manifest text → `ApplyResult` (same path as an MQTT apply) |
 //! | `GET /v1/secrets` | `[SecretView]`: names, keys, versions, users; never values |
 //! | `DELETE /v1/secrets/{name}` | delete a secret no workload uses (409 otherwise) |
@@ -159,6 +160,7 @@ pub fn router(state: AppState) -> Router {
             post(rollout_action),
         )
         .route("/v1/workloads/{name}/scale", post(scale))
+        .route("/v1/workloads/{name}/rerun", post(rerun))
         .route("/v1/workloads/{name}/logs", get(logs))
         .route("/v1/workloads", get(workloads))
         .route("/v1/workloads/{name}", get(workload).delete(delete))

@@ -148,6 +148,15 @@ pub(super) async fn scale(
     )
 }
 
+/// `POST /v1/workloads/{name}/rerun`: a job's next run, from no results.
+pub(super) async fn rerun(State(s): State<AppState>, Path(name): Path<String>) -> Response {
+    let name = match parse_name(&name) {
+        Ok(n) => n,
+        Err(f) => return f.into_response(),
+    };
+    answer(ask(&s, |reply| Request::Rerun { name, reply }).await)
+}
+
 /// `DELETE /v1/devices/{id}`: forget a device that is gone for good.
 pub(super) async fn delete_device(State(s): State<AppState>, Path(id): Path<String>) -> Response {
     let id: DeviceId = match id.parse() {

@@ -208,6 +208,11 @@ mod tests {
                 Need::Operator(Role::Deployer),
             ),
             (
+                Method::POST,
+                "/v1/workloads/web/rerun",
+                Need::Operator(Role::Deployer),
+            ),
+            (
                 Method::DELETE,
                 "/v1/secrets/s",
                 Need::Operator(Role::Deployer),

@@ -71,6 +71,17 @@ impl Store for MemStore {
         self.with(|s| s.devices.remove(id));
         Ok(())
     }
+    fn put_job(
+        &self,
+        name: &WorkloadName,
+        j: Option<&crate::fleet::job::JobState>,
+    ) -> Result<(), StoreError> {
+        self.with(|s| match j {
+            Some(x) => s.jobs.insert(name.clone(), x.clone()),
+            None => s.jobs.remove(name),
+        });
+        Ok(())
+    }
     fn put_config(&self, name: &ConfigName, c: Option<&StoredConfig>) -> Result<(), StoreError> {
         self.with(|s| match c {
             Some(x) => s.configs.insert(name.clone(), x.clone()),

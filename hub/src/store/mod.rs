@@ -73,6 +73,12 @@ pub trait Store: Send + 'static {
     fn delete_device(&self, id: &DeviceId) -> Result<(), StoreError>;
     /// A config, or its removal (`None`).
     fn put_config(&self, name: &ConfigName, c: Option<&StoredConfig>) -> Result<(), StoreError>;
+    /// A job's current run, or its removal (`None`).
+    fn put_job(
+        &self,
+        name: &WorkloadName,
+        j: Option<&crate::fleet::job::JobState>,
+    ) -> Result<(), StoreError>;
     /// Marks device labels as the operator's in this store, for good.
     fn put_labels_owned(&self) -> Result<(), StoreError>;
     /// Appends an audit entry (and forgets the one [`crate::fleet::audit::KEPT`] before it).
@@ -93,6 +99,7 @@ pub trait Store: Send + 'static {
             Write::Rollout(n, r) => self.put_rollout(n, r.as_ref()),
             Write::Secret(n, s) => self.put_secret(n, s.as_ref()),
             Write::Config(n, c) => self.put_config(n, c.as_ref()),
+            Write::Job(n, j) => self.put_job(n, j.as_ref()),
             Write::DeleteDevice(id) => self.delete_device(id),
             Write::Policy(p) => self.put_policy(p),
             Write::LabelsOwned => self.put_labels_owned(),
@@ -136,6 +143,13 @@ impl Store for Box<dyn Store> {
     }
     fn delete_device(&self, id: &DeviceId) -> Result<(), StoreError> {
         (**self).delete_device(id)
+    }
+    fn put_job(
+        &self,
+        name: &WorkloadName,
+        j: Option<&crate::fleet::job::JobState>,
+    ) -> Result<(), StoreError> {
+        (**self).put_job(name, j)
     }
     fn put_policy(&self, p: &FleetPolicy) -> Result<(), StoreError> {
         (**self).put_policy(p)

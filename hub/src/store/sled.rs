@@ -23,6 +23,7 @@ const META: &str = "meta";
 const ROLLOUTS: &str = "rollouts";
 const SECRETS: &str = "secrets";
 const CONFIGS: &str = "configs";
+const JOBS: &str = "jobs";
 const AUDIT: &str = "audit";
 const ASSIGNMENTS_KEY: &[u8] = b"assignments";
 const LABELS_OWNED_KEY: &[u8] = b"labels-owned";
@@ -38,6 +39,7 @@ pub struct SledStore {
     rollouts: sled::Tree,
     secrets: sled::Tree,
     configs: sled::Tree,
+    jobs: sled::Tree,
     audit: sled::Tree,
 }
 
@@ -56,6 +58,7 @@ impl SledStore {
             rollouts: db.open_tree(ROLLOUTS)?,
             secrets: db.open_tree(SECRETS)?,
             configs: db.open_tree(CONFIGS)?,
+            jobs: db.open_tree(JOBS)?,
             audit: db.open_tree(AUDIT)?,
             db,
         })
@@ -106,6 +109,9 @@ impl Store for SledStore {
             })?,
             secrets: load_tree(&self.secrets, |s: &StoredSecret| s.name.clone())?,
             configs: load_tree(&self.configs, |c: &StoredConfig| c.config.name.clone())?,
+            jobs: load_tree(&self.jobs, |j: &crate::fleet::job::JobState| {
+                j.workload.clone()
+            })?,
             assignments,
             labels_owned: self.meta.contains_key(LABELS_OWNED_KEY)?,
             audit: {
@@ -156,6 +162,17 @@ impl Store for SledStore {
     }
     fn delete_device(&self, id: &DeviceId) -> Result<(), StoreError> {
         self.devices.remove(id.as_str())?;
+        Ok(())
+    }
+    fn put_job(
+        &self,
+        name: &WorkloadName,
+        j: Option<&crate::fleet::job::JobState>,
+    ) -> Result<(), StoreError> {
+        match j {
+            Some(j) => self.jobs.insert(name.as_str(), enc(j)?)?,
+            None => self.jobs.remove(name.as_str())?,
+        };
         Ok(())
     }
     fn put_config(&self, name: &ConfigName, c: Option<&StoredConfig>) -> Result<(), StoreError> {
