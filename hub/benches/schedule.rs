@@ -78,6 +78,7 @@ fn workloads(count: usize, replicas_each: u32) -> Vec<Workload> {
                 configs_pinned: Default::default(),
                 secrets_pinned: Default::default(),
                 completion: None,
+                after: Vec::new(),
                 name: WorkloadName::try_from(format!("w-{i:04}").as_str()).unwrap(),
                 labels: BTreeMap::new(),
                 placement: Placement::Replicas(replicas_each),

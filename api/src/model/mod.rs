@@ -10,6 +10,7 @@ pub mod job;
 pub mod labels;
 pub mod network;
 pub mod oci;
+pub mod order;
 pub mod quantity;
 pub mod refs;
 pub mod secret;

@@ -421,6 +421,9 @@ pub struct Workload {
     /// `spec.completion`: a job (see [`crate::model::job`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion: Option<crate::model::job::Completion>,
+    /// `spec.after` (see [`crate::model::order`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<crate::model::order::After>,
 }
 
 impl Workload {
@@ -460,6 +463,8 @@ impl Workload {
             secrets_pinned: &'a BTreeMap<crate::model::ids::SecretName, String>,
             #[serde(skip_serializing_if = "Option::is_none")]
             completion: &'a Option<crate::model::job::Completion>,
+            #[serde(skip_serializing_if = "<[_]>::is_empty")]
+            after: &'a [crate::model::order::After],
         }
         // Empty lists are left out so that revisions of workloads written before ports and
         // uses existed do not change (which would restart every replica on upgrade).
@@ -482,6 +487,7 @@ impl Workload {
             configs_pinned: &self.configs_pinned,
             secrets_pinned: &self.secrets_pinned,
             completion: &self.completion,
+            after: &self.after,
         };
         // Serializing plain structs and BTreeMaps cannot fail; fall back to Debug regardless.
         let bytes =
@@ -679,6 +685,7 @@ impl TryFrom<WorkloadManifest> for Workload {
             (p, _) => p,
         };
         let update = update(spec.update.unwrap_or_default(), &mut errs);
+        let after = crate::model::order::validate(spec.after, name.as_ref(), &mut errs);
         if placement == Some(Placement::Every) && !update.max_surge.is_zero() {
             errs.push(
                 "spec.update.maxSurge is invalid with placement \"every\": each device runs one replica, which is replaced in place"
@@ -734,6 +741,7 @@ impl TryFrom<WorkloadManifest> for Workload {
                 configs_pinned: BTreeMap::new(),
                 secrets_pinned: BTreeMap::new(),
                 completion,
+                after,
             }),
             _ => Err(errs),
         }

@@ -94,9 +94,25 @@ pub struct WorkloadSpec {
     /// [`crate::model::config`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub configs: Vec<SecretRef>,
+    /// Workloads whose replica on the same device must be up first (see
+    /// [`crate::model::order`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<AfterSpec>,
     /// Run to completion rather than as a service (see [`crate::model::job`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion: Option<Completion>,
+}
+
+/// `spec.after[]`: `{ workload: broker, condition: Running|Healthy|Succeeded, restartWith: false }`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AfterSpec {
+    pub workload: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<String>,
+    /// Stop and wait again when the dependency stops meeting the condition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_with: Option<bool>,
 }
 
 /// `spec.completion`: the workload is a job (see [`crate::model::job`]).

@@ -108,12 +108,14 @@ pub enum Phase {
     Failed,
     /// Exited and waiting out a restart back-off.
     CrashLoopBackOff,
+    /// Waiting for the workloads it starts after (`spec.after`) on its device.
+    Waiting,
 }
 
 impl Phase {
     /// Every phase, in lifecycle order (metrics give each one a series so that
     /// `sum by (phase)` has no gaps).
-    pub const ALL: [Phase; 7] = [
+    pub const ALL: [Phase; 8] = [
         Phase::Pending,
         Phase::Pulling,
         Phase::Starting,
@@ -121,6 +123,7 @@ impl Phase {
         Phase::Succeeded,
         Phase::Failed,
         Phase::CrashLoopBackOff,
+        Phase::Waiting,
     ];
 }
 
@@ -189,6 +192,10 @@ pub struct DesiredWorkload {
     /// [`crate::model::job`]). Absent for services.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<crate::model::job::JobRun>,
+    /// Workloads whose replica on this device must meet a condition before this one starts
+    /// (see [`crate::model::order`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<crate::model::order::After>,
 }
 
 impl DesiredWorkload {
@@ -233,6 +240,7 @@ impl DesiredWorkload {
             configs: Vec::new(),
             // The hub names the run.
             job: None,
+            after: w.after.clone(),
             // The hub fills in each secret's version.
             secrets: w
                 .secrets

@@ -356,7 +356,7 @@ impl Agent {
                     if updated.running_changed {
                         self.refresh_services();
                     }
-                    if updated.run_finished {
+                    if updated.run_finished || updated.order {
                         // Its supervisor goes and its hardware is given back; the
                         // status follows.
                         self.reconcile().await;

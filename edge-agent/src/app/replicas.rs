@@ -10,7 +10,9 @@
 //! the loop hands it the network grants of a replica and publishes what it reports.
 
 use crate::core::hardware::{Grant, Holder, Holdings, Inventory};
-use crate::core::plan::{config_digests, finished, plan, secret_versions, Action, Observed};
+use crate::core::plan::{
+    config_digests, finished, lost_dependency, plan, secret_versions, waiting_for, Action, Observed,
+};
 use crate::local::RestartError;
 use crate::replica::supervisor::{self, Shared, Update};
 use crate::runtime::Network;
@@ -123,6 +125,9 @@ pub struct Updated {
     pub running_changed: bool,
     /// A job's run finished: its supervisor can go (at the next reconcile).
     pub run_finished: bool,
+    /// A replica others may wait for (`spec.after`) changed phase or health: they may start,
+    /// or stop to wait again, at the next reconcile.
+    pub order: bool,
 }
 
 impl Replicas {
@@ -279,6 +284,54 @@ impl Replicas {
             .filter(|w| !finished(w, self.runs.get(&w.instance())))
             .cloned()
             .collect();
+        // `spec.after`: what each waiting replica would wait for, from the statuses now.
+        // Only replicas that stay desired count: one about to stop is gone already.
+        let staying: BTreeSet<String> = desired.workloads.iter().map(|w| w.instance()).collect();
+        let known: Vec<InstanceStatus> = self
+            .statuses()
+            .filter(|s| {
+                staying.contains(&shoal_api::wire::messages::instance_name(
+                    &s.name, s.replica,
+                ))
+            })
+            .cloned()
+            .collect();
+        let probed: BTreeSet<&WorkloadName> = desired
+            .workloads
+            .iter()
+            .filter(|w| w.health.is_some())
+            .map(|w| &w.name)
+            .collect();
+        let replicas_of = |n: &WorkloadName| -> Vec<crate::core::plan::Dependency<'_>> {
+            known
+                .iter()
+                .filter(|s| &s.name == n)
+                .map(|s| (s, probed.contains(n)))
+                .collect()
+        };
+        // A running replica whose dependency (`restartWith`) failed stops, to wait again.
+        let mut lost = Vec::new();
+        for w in &todo {
+            if !self.replicas.contains_key(&w.instance()) || w.after.is_empty() {
+                continue;
+            }
+            if let Some(why) = lost_dependency(w, replicas_of) {
+                lost.push((w.instance(), why));
+            }
+        }
+        let mut waits: BTreeMap<String, String> = BTreeMap::new();
+        for w in todo.iter().filter(|w| !w.after.is_empty()) {
+            if let Some(why) = waiting_for(w, replicas_of) {
+                waits.insert(w.instance(), why);
+            }
+        }
+        drop(known);
+        let mut observed = observed;
+        for (instance, why) in lost {
+            info!(%instance, reason = %why, "a workload it starts after stopped: stopping to wait again");
+            self.stop(&instance).await;
+            observed.remove(&instance);
+        }
         let mut actions = plan(&todo, &observed);
         // Stops, then replacements, then new replicas: hardware nodes are given back before
         // they are handed out again.
@@ -300,6 +353,12 @@ impl Replicas {
                             .contains_key(&crate::runtime::container_id(&w)) =>
                 {
                     info!(instance = %w.instance(), "waiting for the previous container of this replica to stop");
+                }
+                Action::Start(w) | Action::Replace(w) if waits.contains_key(&w.instance()) => {
+                    let instance = w.instance();
+                    self.stop(&instance).await;
+                    let why = waits.remove(&instance).unwrap_or_default();
+                    self.held_back(&w, Phase::Waiting, why);
                 }
                 Action::Start(w) => {
                     if let Some(devices) = self.take_hardware(&w) {
@@ -339,32 +398,39 @@ impl Replicas {
         match taken {
             Ok(g) => Some(g),
             Err(reason) => {
-                let said = self.statuses.get(&instance).and_then(|s| s.reason.as_ref());
-                if said != Some(&reason) {
-                    info!(%instance, %reason, "replica waits for hardware");
-                }
-                self.statuses.insert(
-                    instance,
-                    InstanceStatus {
-                        name: w.name.clone(),
-                        replica: w.replica,
-                        revision: w.revision.clone(),
-                        phase: Phase::Pending,
-                        restarts: 0,
-                        reason: Some(reason),
-                        exit_code: None,
-                        started_at_ms: None,
-                        backoff_ms: None,
-                        variant: String::new(),
-                        healthy: None,
-                        devices: Vec::new(),
-                        run: w.job.map(|j| j.run),
-                        finished_at_ms: None,
-                    },
-                );
+                self.held_back(w, Phase::Pending, reason);
                 None
             }
         }
+    }
+
+    /// `w` does not start yet, in `phase` (`Pending` for hardware, `Waiting` for the
+    /// workloads it starts after) with the reason; it asks again at the next reconcile.
+    fn held_back(&mut self, w: &DesiredWorkload, phase: Phase, reason: String) {
+        let instance = w.instance();
+        let said = self.statuses.get(&instance).and_then(|s| s.reason.as_ref());
+        if said != Some(&reason) {
+            info!(%instance, %reason, "replica held back");
+        }
+        self.statuses.insert(
+            instance,
+            InstanceStatus {
+                name: w.name.clone(),
+                replica: w.replica,
+                revision: w.revision.clone(),
+                phase,
+                restarts: 0,
+                reason: Some(reason),
+                exit_code: None,
+                started_at_ms: None,
+                backoff_ms: None,
+                variant: String::new(),
+                healthy: None,
+                devices: Vec::new(),
+                run: w.job.map(|j| j.run),
+                finished_at_ms: None,
+            },
+        );
     }
 
     /// Saves which replica holds which node, when that changed.
@@ -409,10 +475,17 @@ impl Replicas {
             }
         }
         let was_running = self.is_running(&u.instance);
+        let before = self.statuses.get(&u.instance).map(|s| (s.phase, s.healthy));
+        let now = (u.status.phase, u.status.healthy);
+        let awaited = self
+            .desired_workloads()
+            .iter()
+            .any(|w| w.after.iter().any(|a| a.workload == u.status.name));
         self.statuses.insert(u.instance.clone(), u.status);
         Some(Updated {
             running_changed: was_running != self.is_running(&u.instance),
             run_finished,
+            order: awaited && before != Some(now),
         })
     }
 
@@ -791,6 +864,7 @@ mod tests {
     fn workload(name: &str, replica: u32, revision: &str) -> DesiredWorkload {
         DesiredWorkload {
             job: None,
+            after: Vec::new(),
             configs: Vec::new(),
             name: WorkloadName::try_from(name).unwrap(),
             replica,

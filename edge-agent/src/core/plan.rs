@@ -5,8 +5,9 @@
 //! decided by the pure helpers [`restart_delay`] and [`after_exit`].
 
 use shoal_api::model::ids::SecretName;
+use shoal_api::model::ids::WorkloadName;
 use shoal_api::model::workload::Restart;
-use shoal_api::wire::messages::{DesiredWorkload, InstanceStatus};
+use shoal_api::wire::messages::{DesiredWorkload, InstanceStatus, Phase};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -84,6 +85,67 @@ pub fn finished(w: &DesiredWorkload, result: Option<&InstanceStatus>) -> bool {
     }
 }
 
+/// What a replica of a workload this one starts after looks like here: its status, and
+/// whether that workload has a health probe.
+pub type Dependency<'a> = (&'a InstanceStatus, bool);
+
+fn meets(c: shoal_api::model::order::Condition, (s, probed): Dependency<'_>) -> bool {
+    use shoal_api::model::order::Condition;
+    match c {
+        Condition::Running => s.phase == Phase::Running,
+        Condition::Healthy => {
+            s.phase == Phase::Running
+                && match s.healthy {
+                    Some(h) => h,
+                    None => !probed,
+                }
+        }
+        Condition::Succeeded => s.phase == Phase::Succeeded,
+    }
+}
+
+/// Why `w` may not start yet (`spec.after`): the first entry no replica of its workload on
+/// this device meets (`replicas_of` gives them), in words; `None`: it may start.
+pub fn waiting_for<'a>(
+    w: &DesiredWorkload,
+    replicas_of: impl Fn(&WorkloadName) -> Vec<Dependency<'a>>,
+) -> Option<String> {
+    unmet(w, false, replicas_of)
+}
+
+/// Why a running `w` must stop and wait again: an entry with `restartWith` that no replica
+/// of its workload here meets any more; `None`: it keeps running.
+pub fn lost_dependency<'a>(
+    w: &DesiredWorkload,
+    replicas_of: impl Fn(&WorkloadName) -> Vec<Dependency<'a>>,
+) -> Option<String> {
+    unmet(w, true, replicas_of)
+}
+
+fn unmet<'a>(
+    w: &DesiredWorkload,
+    restart_with_only: bool,
+    replicas_of: impl Fn(&WorkloadName) -> Vec<Dependency<'a>>,
+) -> Option<String> {
+    w.after
+        .iter()
+        .filter(|a| a.restart_with || !restart_with_only)
+        .find_map(|a| {
+            let here = replicas_of(&a.workload);
+            if here.iter().any(|d| meets(a.condition, *d)) {
+                return None;
+            }
+            let seen = match here.first() {
+                None => "no replica of it on this device".to_string(),
+                Some((s, _)) => format!("its replica is {}", s.phase),
+            };
+            Some(format!(
+                "waiting for {} to be {:?} ({seen})",
+                a.workload, a.condition
+            ))
+        })
+}
+
 /// A run lasting at least this long resets the back-off (it was healthy for a while).
 pub const STABLE_RUN: Duration = Duration::from_secs(600);
 
@@ -136,6 +198,7 @@ mod tests {
     fn dw(name: &str, replica: u32, rev: &str) -> DesiredWorkload {
         DesiredWorkload {
             job: None,
+            after: Vec::new(),
             configs: Vec::new(),
             name: WorkloadName::try_from(name).unwrap(),
             replica,
@@ -415,5 +478,115 @@ mod tests {
         )]);
         assert_eq!(plan(&[job(2)], &observed), vec![Action::Replace(job(2))]);
         assert_eq!(plan(&[job(1)], &observed), vec![]);
+    }
+
+    #[test]
+    fn start_order_waits_for_each_condition_on_this_device() {
+        use shoal_api::model::order::{After, Condition};
+        let st = |name: &str, phase: Phase, healthy: Option<bool>| InstanceStatus {
+            name: WorkloadName::try_from(name).unwrap(),
+            replica: 0,
+            revision: "r".into(),
+            phase,
+            restarts: 0,
+            reason: None,
+            exit_code: None,
+            started_at_ms: None,
+            backoff_ms: None,
+            variant: String::new(),
+            healthy,
+            devices: vec![],
+            run: None,
+            finished_at_ms: None,
+        };
+        let after = |c: Condition, restart_with: bool| {
+            let mut d = dw("app", 0, "r1");
+            d.after = vec![After {
+                workload: WorkloadName::try_from("dep").unwrap(),
+                condition: c,
+                restart_with,
+            }];
+            d
+        };
+        type Case = (
+            &'static str,
+            Condition,
+            Vec<(InstanceStatus, bool)>,
+            Option<&'static str>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "none here",
+                Condition::Running,
+                vec![],
+                Some("waiting for dep to be Running (no replica of it on this device)"),
+            ),
+            (
+                "starting",
+                Condition::Running,
+                vec![(st("dep", Phase::Starting, None), false)],
+                Some("waiting for dep to be Running (its replica is Starting)"),
+            ),
+            (
+                "running",
+                Condition::Running,
+                vec![(st("dep", Phase::Running, None), false)],
+                None,
+            ),
+            (
+                "healthy, no probe",
+                Condition::Healthy,
+                vec![(st("dep", Phase::Running, None), false)],
+                None,
+            ),
+            (
+                "healthy, probe not yet",
+                Condition::Healthy,
+                vec![(st("dep", Phase::Running, None), true)],
+                Some("waiting for dep to be Healthy (its replica is Running)"),
+            ),
+            (
+                "healthy, probe passed",
+                Condition::Healthy,
+                vec![(st("dep", Phase::Running, Some(true)), true)],
+                None,
+            ),
+            (
+                "one of two meets it",
+                Condition::Running,
+                vec![
+                    (st("dep", Phase::Failed, None), false),
+                    (st("dep", Phase::Running, None), false),
+                ],
+                None,
+            ),
+            (
+                "succeeded",
+                Condition::Succeeded,
+                vec![(st("dep", Phase::Succeeded, None), false)],
+                None,
+            ),
+            (
+                "failed is not succeeded",
+                Condition::Succeeded,
+                vec![(st("dep", Phase::Failed, None), false)],
+                Some("waiting for dep to be Succeeded (its replica is Failed)"),
+            ),
+        ];
+        for (name, c, deps, want) in cases {
+            let w = after(c, false);
+            let got = waiting_for(&w, |n| {
+                deps.iter()
+                    .filter(|(s, _)| &s.name == n)
+                    .map(|(s, p)| (s, *p))
+                    .collect()
+            });
+            assert_eq!(got.as_deref(), want, "{name}");
+            // Without restartWith a running dependent never stops for it.
+            assert_eq!(lost_dependency(&w, |_| Vec::new()), None, "{name}");
+        }
+        let w = after(Condition::Running, true);
+        let crashed = st("dep", Phase::CrashLoopBackOff, None);
+        assert!(lost_dependency(&w, |_| vec![(&crashed, false)]).is_some());
     }
 }

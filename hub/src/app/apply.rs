@@ -117,6 +117,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
         errors.extend(self.core.check_secrets(&located, &refs));
         let configs: Vec<(usize, &_)> = stream.configs.iter().map(|(n, c)| (*n, c)).collect();
         errors.extend(self.core.check_configs(&located, &configs));
+        errors.extend(self.core.check_order(&located));
         if !errors.is_empty() {
             return Err(errors);
         }

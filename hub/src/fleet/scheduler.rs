@@ -736,6 +736,7 @@ mod tests {
             configs_pinned: Default::default(),
             secrets_pinned: Default::default(),
             completion: None,
+            after: Vec::new(),
             name: WorkloadName::try_from(name).unwrap(),
             labels: BTreeMap::new(),
             placement,

@@ -143,6 +143,39 @@ impl Fleet {
         Some(self.reconcile())
     }
 
+    /// `spec.after` across the fleet as the apply would leave it: a cycle is an error on
+    /// the first applied workload on it, naming the cycle.
+    pub fn check_order(
+        &self,
+        workloads: &[(usize, &Workload)],
+    ) -> Vec<shoal_api::wire::manifest::ManifestError> {
+        let mut edges: std::collections::BTreeMap<&WorkloadName, Vec<&WorkloadName>> = self
+            .workloads
+            .values()
+            .map(|w| (&w.name, w.after.iter().map(|a| &a.workload).collect()))
+            .collect();
+        for (_, w) in workloads {
+            edges.insert(&w.name, w.after.iter().map(|a| &a.workload).collect());
+        }
+        let Some(cycle) = shoal_api::model::order::cycle(&edges) else {
+            return Vec::new();
+        };
+        let on = |n: &WorkloadName| workloads.iter().find(|(_, w)| &w.name == n);
+        let Some((doc, w)) = cycle.iter().find_map(on) else {
+            return Vec::new(); // stored already: not this apply's doing
+        };
+        let names: Vec<&str> = cycle.iter().map(WorkloadName::as_str).collect();
+        vec![shoal_api::wire::manifest::ManifestError {
+            document: *doc,
+            workload: Some(w.name.to_string()),
+            kind: None,
+            message: format!(
+                "spec.after makes a cycle: {} (each waits for the next on its device, so none would start)",
+                names.join(" → ")
+            ),
+        }]
+    }
+
     pub fn has_workload(&self, name: &WorkloadName) -> bool {
         self.workloads.contains_key(name)
     }
