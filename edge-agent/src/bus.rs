@@ -99,11 +99,16 @@ fn options(
 /// Connects (and keeps reconnecting) to the broker `target` names; events go to `tx`. While
 /// `target` is `None` (no hub found yet) nothing is attempted; when it changes (the hub moved)
 /// the connection is dropped and made again to the new address.
+///
+/// `contact` is set to the time of each packet that proves the broker receives what this
+/// device sends (CONNACK, PUBACK, PINGRESP; never a message from the hub, which a one-way
+/// partition could still deliver): `spec.disconnect.stopAfter` counts from it.
 pub fn connect(
     mut target: watch::Receiver<Option<BrokerUrl>>,
     device: &DeviceId,
     tls: Option<Arc<rustls::ClientConfig>>,
     tx: mpsc::Sender<BusEvent>,
+    contact: watch::Sender<Option<std::time::Instant>>,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> MqttBus {
@@ -164,6 +169,9 @@ pub fn connect(
                 }
                 ev = eventloop.poll() => ev,
             };
+            if let Ok(Event::Incoming(Packet::ConnAck(_) | Packet::PubAck(_) | Packet::PingResp)) = &ev {
+                contact.send_replace(Some(std::time::Instant::now()));
+            }
             match ev {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     if failures > 0 {

@@ -47,6 +47,7 @@ fn fleet(devices: usize) -> Vec<DeviceView> {
             hardware: Default::default(),
             online: true,
             lost: false,
+            lost_for: Default::default(),
             cordoned: false,
         })
         .collect()
@@ -79,6 +80,7 @@ fn workloads(count: usize, replicas_each: u32) -> Vec<Workload> {
                 secrets_pinned: Default::default(),
                 completion: None,
                 after: Vec::new(),
+                disconnect: None,
                 name: WorkloadName::try_from(format!("w-{i:04}").as_str()).unwrap(),
                 labels: BTreeMap::new(),
                 placement: Placement::Replicas(replicas_each),

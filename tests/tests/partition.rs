@@ -169,3 +169,159 @@ fn a_partitioned_device_loses_its_replicas_and_on_return_runs_no_duplicates() ->
     assert_eq!(running(&other)?, both);
     Ok(())
 }
+
+/// Whether `instance` runs on `agent`, by its local `ps`; `None` while `ps` fails.
+fn runs(agent: &Agent, instance: &str) -> Option<bool> {
+    let out = std::process::Command::new(bin("shoal-agent"))
+        .args(["ps", "-o", "json", "--socket"])
+        .arg(agent.data_dir.join("agent.sock"))
+        .output()
+        .ok()?;
+    let ps: Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some(
+        ps.as_array()?
+            .iter()
+            .any(|r| r["phase"] == "Running" && r["instance"] == instance),
+    )
+}
+
+/// A singleton that must never run twice (`spec.disconnect: { lostAfter: 20s, stopAfter:
+/// 5s }`): its device is cut off; sampling both devices' local APIs throughout, at no
+/// instant do two copies run. The cut-off copy stops by itself, the replacement starts on
+/// the other device once `lostAfter` has passed, and after the heal exactly one copy runs.
+#[test]
+fn a_singleton_with_stop_after_never_runs_twice_in_a_partition() -> Result<()> {
+    let Some(lan) = Lan::new(3)? else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let hub_dir = dir.path().join("hub");
+    let mut cmd = lan.command(0, bin("shoal-hub"));
+    cmd.args(["serve", "--data-dir"]).arg(&hub_dir).args([
+        "--mqtt-listen",
+        "0.0.0.0:8883",
+        "--http-listen",
+        "0.0.0.0:8080",
+        "--no-mdns",
+    ]);
+    let _hub = Proc::spawn("hub", &mut cmd, dir.path().join("hub.log"))?;
+    let creds = hub_dir.join("operator");
+    let shoal = |args: &[&str]| {
+        lan.command(0, bin("shoal"))
+            .args(args)
+            .env("SHOAL_BROKER", "mqtts://127.0.0.1:8883")
+            .env("SHOAL_HUB", "https://127.0.0.1:8080")
+            .env("SHOAL_CREDENTIALS", &creds)
+            .output()
+            .expect("run shoal")
+    };
+    wait_until(Duration::from_secs(20), "hub up", || {
+        Ok(shoal(&["get", "devices"]).status.success().then_some(()))
+    })?;
+    let join = Join {
+        broker: format!("mqtts://{}:8883", lan.addr(0)),
+        hub: format!("https://{}:8080", lan.addr(0)),
+        hub_data: Some(hub_dir.clone()),
+        etcd: None,
+        grant_labels: true,
+    };
+    let agents = [
+        Agent::start_program(
+            dir.path(),
+            "p1",
+            "",
+            &join,
+            &[],
+            lan.command(1, bin("shoal-agent")),
+        )?,
+        Agent::start_program(
+            dir.path(),
+            "p2",
+            "",
+            &join,
+            &[],
+            lan.command(2, bin("shoal-agent")),
+        )?,
+    ];
+    wait_until(Duration::from_secs(30), "two devices online", || {
+        let out = shoal(&["get", "devices", "-o", "json"]);
+        let d: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let up = d
+            .as_array()
+            .map_or(0, |a| a.iter().filter(|d| d["online"] == true).count());
+        Ok((up == 2).then_some(()))
+    })?;
+    let manifest = write_manifest(
+        dir.path(),
+        "valve.yaml",
+        &format!(
+            "apiVersion: shoal.dev/v1\nkind: Workload\nmetadata: {{ name: valve }}\nspec:\n  wasm: {{ module: \"{}\" }}\n  args: [heartbeat, \"200\"]\n  disconnect: {{ lostAfter: 20s, stopAfter: 5s }}\n",
+            module("probe.wasm").display()
+        ),
+    );
+    let out = shoal(&["apply", "-f", manifest.to_str().unwrap()]);
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let holder = wait_until(Duration::from_secs(60), "valve running", || {
+        Ok((0..2).find(|&i| runs(&agents[i], "valve-0") == Some(true)))
+    })?;
+    let other = 1 - holder;
+
+    // Cut off the holder, and watch both devices until the replacement runs.
+    let cut_at = std::time::Instant::now();
+    lan.set_link(holder + 1, false)?;
+    let (mut stopped_after, mut replaced_after) = (None, None);
+    while replaced_after.is_none() {
+        anyhow::ensure!(
+            cut_at.elapsed() < Duration::from_secs(90),
+            "no replacement after 90s"
+        );
+        let (h, o) = (
+            runs(&agents[holder], "valve-0"),
+            runs(&agents[other], "valve-0"),
+        );
+        assert!(
+            !(h == Some(true) && o == Some(true)),
+            "two copies run at once, {:?} after the cut",
+            cut_at.elapsed()
+        );
+        if h == Some(false) && stopped_after.is_none() {
+            stopped_after = Some(cut_at.elapsed());
+        }
+        if o == Some(true) {
+            replaced_after = Some(cut_at.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (stopped, replaced) = (stopped_after.unwrap(), replaced_after.unwrap());
+    println!("cut-off copy stopped after {stopped:?}, replacement running after {replaced:?}");
+    assert!(stopped < replaced);
+    // stopAfter counts from the last confirmed message (at most a status period before the cut).
+    assert!(stopped <= Duration::from_secs(5 + 10 + 2), "{stopped:?}");
+    // lostAfter counts from the hub's last hearing (at most a status period before the cut),
+    // then the hub's check (1 s) and the start.
+    assert!(replaced <= Duration::from_secs(20 + 10 + 5), "{replaced:?}");
+
+    // Heal: the device takes the hub's newer state, the copy it had stays stopped.
+    lan.set_link(holder + 1, true)?;
+    let healed = std::time::Instant::now();
+    while healed.elapsed() < Duration::from_secs(20) {
+        let (h, o) = (
+            runs(&agents[holder], "valve-0"),
+            runs(&agents[other], "valve-0"),
+        );
+        assert!(
+            !(h == Some(true) && o == Some(true)),
+            "two copies after the heal"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(runs(&agents[other], "valve-0"), Some(true));
+    assert_eq!(runs(&agents[holder], "valve-0"), Some(false));
+    let log = agents[holder].proc.log_text();
+    assert!(log.contains("replica fenced"), "{log}");
+    Ok(())
+}

@@ -112,6 +112,11 @@ pub fn validate(
         None if cx.every => None,
         None => Some(1),
     };
+    if let (Some("Never"), Some(n)) = (cx.restart_policy, wire.backoff_limit) {
+        errs.push(format!(
+            "spec.completion.backoffLimit {n} is invalid with spec.restart.policy \"Never\": a failed run is not retried (use OnFailure)"
+        ));
+    }
     let backoff_limit = wire.backoff_limit.unwrap_or(DEFAULT_BACKOFF_LIMIT);
     if backoff_limit > MAX_BACKOFF_LIMIT {
         errs.push(format!(
@@ -161,7 +166,8 @@ pub fn validate(
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct JobRun {
-    /// The job's run number: a new one (`shoal rerun`) runs again what the last finished.
+    /// The run's id, unique per run of the job (never reused, even by a job deleted and
+    /// applied again): a new one (`shoal rerun`) runs again what the last finished.
     pub run: u64,
     /// Retries of a failed run before it is failed for good.
     pub backoff_limit: u32,
@@ -289,6 +295,18 @@ mod tests {
                     ..cx(false)
                 },
                 "spec.update is invalid with spec.completion",
+            ),
+            (
+                "never retried",
+                Wire {
+                    backoff_limit: Some(2),
+                    ..Default::default()
+                },
+                Context {
+                    restart_policy: Some("Never"),
+                    ..cx(false)
+                },
+                "spec.completion.backoffLimit 2 is invalid with spec.restart.policy \"Never\"",
             ),
             (
                 "backoff limit",

@@ -3,6 +3,7 @@
 
 pub mod caps;
 pub mod config;
+pub mod disconnect;
 pub mod downward;
 pub mod hardware;
 pub mod ids;

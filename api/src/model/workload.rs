@@ -424,6 +424,9 @@ pub struct Workload {
     /// `spec.after` (see [`crate::model::order`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<crate::model::order::After>,
+    /// `spec.disconnect` (see [`crate::model::disconnect`]). Not part of the revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disconnect: Option<crate::model::disconnect::Disconnect>,
 }
 
 impl Workload {
@@ -461,8 +464,10 @@ impl Workload {
             configs_pinned: &'a BTreeMap<crate::model::ids::ConfigName, String>,
             #[serde(skip_serializing_if = "BTreeMap::is_empty")]
             secrets_pinned: &'a BTreeMap<crate::model::ids::SecretName, String>,
+            /// A job's `backoffLimit` and `activeDeadline` (what its devices enforce; the
+            /// rest of `spec.completion` is the hub's to count, and changes no run).
             #[serde(skip_serializing_if = "Option::is_none")]
-            completion: &'a Option<crate::model::job::Completion>,
+            completion: Option<(u32, Option<u64>)>,
             #[serde(skip_serializing_if = "<[_]>::is_empty")]
             after: &'a [crate::model::order::After],
         }
@@ -486,7 +491,9 @@ impl Workload {
             configs: &self.configs,
             configs_pinned: &self.configs_pinned,
             secrets_pinned: &self.secrets_pinned,
-            completion: &self.completion,
+            completion: self
+                .completion
+                .map(|c| (c.backoff_limit, c.active_deadline_ms)),
             after: &self.after,
         };
         // Serializing plain structs and BTreeMaps cannot fail; fall back to Debug regardless.
@@ -686,6 +693,18 @@ impl TryFrom<WorkloadManifest> for Workload {
         };
         let update = update(spec.update.unwrap_or_default(), &mut errs);
         let after = crate::model::order::validate(spec.after, name.as_ref(), &mut errs);
+        let stop_grace = variants
+            .as_ref()
+            .and_then(|(_, c)| c.as_ref())
+            .map_or(0, |c| c.stop_grace_ms);
+        let disconnect = spec.disconnect.and_then(|d| {
+            crate::model::disconnect::validate(
+                d,
+                placement == Some(Placement::Every),
+                stop_grace,
+                &mut errs,
+            )
+        });
         if placement == Some(Placement::Every) && !update.max_surge.is_zero() {
             errs.push(
                 "spec.update.maxSurge is invalid with placement \"every\": each device runs one replica, which is replaced in place"
@@ -742,6 +761,7 @@ impl TryFrom<WorkloadManifest> for Workload {
                 secrets_pinned: BTreeMap::new(),
                 completion,
                 after,
+                disconnect,
             }),
             _ => Err(errs),
         }

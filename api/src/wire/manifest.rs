@@ -98,6 +98,9 @@ pub struct WorkloadSpec {
     /// [`crate::model::order`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<AfterSpec>,
+    /// How long a lost device is waited for (see [`crate::model::disconnect`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disconnect: Option<DisconnectSpec>,
     /// Run to completion rather than as a service (see [`crate::model::job`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion: Option<Completion>,
@@ -113,6 +116,18 @@ pub struct AfterSpec {
     /// Stop and wait again when the dependency stops meeting the condition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_with: Option<bool>,
+}
+
+/// `spec.disconnect`: `{ lostAfter: 5m, replace: true, stopAfter: 2m }`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DisconnectSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_after: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replace: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_after: Option<String>,
 }
 
 /// `spec.completion`: the workload is a job (see [`crate::model::job`]).

@@ -196,6 +196,10 @@ pub struct DesiredWorkload {
     /// (see [`crate::model::order`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<crate::model::order::After>,
+    /// `spec.disconnect.stopAfter`: stop the replica when the broker confirmed nothing of
+    /// the device's for this long (see [`crate::model::disconnect`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_after_ms: Option<u64>,
 }
 
 impl DesiredWorkload {
@@ -241,6 +245,7 @@ impl DesiredWorkload {
             // The hub names the run.
             job: None,
             after: w.after.clone(),
+            stop_after_ms: w.disconnect.and_then(|d| d.stop_after_ms),
             // The hub fills in each secret's version.
             secrets: w
                 .secrets

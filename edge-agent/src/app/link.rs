@@ -24,10 +24,17 @@ pub struct Link {
     view: HubLinkView,
     /// When a verified desired state last arrived.
     last_sync_ms: Option<u64>,
+    /// When the broker last confirmed something this device sent (see [`crate::bus::connect`]).
+    contact: tokio::sync::watch::Receiver<Option<std::time::Instant>>,
 }
 
 impl Link {
-    pub fn new(device_id: DeviceId, bus: MqttBus, hello: Hello) -> Self {
+    pub fn new(
+        device_id: DeviceId,
+        bus: MqttBus,
+        hello: Hello,
+        contact: tokio::sync::watch::Receiver<Option<std::time::Instant>>,
+    ) -> Self {
         Link {
             device_id,
             bus,
@@ -35,7 +42,13 @@ impl Link {
             status_ms: AtomicU64::new(0),
             view: HubLinkView::default(),
             last_sync_ms: None,
+            contact,
         }
+    }
+
+    /// When the broker last confirmed something this device sent.
+    pub fn contact(&self) -> Option<std::time::Instant> {
+        *self.contact.borrow()
     }
 
     /// The bus connected (`true`) or lost its connection (`false`, with why).

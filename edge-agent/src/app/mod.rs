@@ -92,6 +92,8 @@ enum Event {
     Heartbeat,
     /// Time to look at the choice of hub again.
     HubCheck,
+    /// Time to see whether replicas with `spec.disconnect.stopAfter` still may run.
+    ContactCheck,
 }
 
 /// The channels the main loop reads (all bounded).
@@ -173,6 +175,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let bus_stop = CancellationToken::new();
     let (bus_tx, bus_rx) = mpsc::channel(64);
     let (broker_tx, broker_rx) = watch::channel(config.broker.clone());
+    let (contact_tx, contact_rx) = watch::channel(None);
     let (hub_http_tx, hub_http_rx) = watch::channel(config.hub_url.clone());
     if let Some(id) = &identity {
         tracker.spawn(crate::enroll::renew_loop(
@@ -186,6 +189,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         &config.device_id,
         identity.as_ref().map(|i| i.mqtt.clone()),
         bus_tx,
+        contact_tx,
         &tracker,
         bus_stop.clone(),
     );
@@ -246,6 +250,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             config.device_id.clone(),
             bus,
             start::hello(&config, containers.is_some(), &hardware),
+            contact_rx,
         ),
         streams: LogStreams::new(
             config.device_id.clone(),
@@ -307,6 +312,8 @@ impl Agent {
         let searched_since = std::time::Instant::now();
         let period = Duration::from_millis(shoal_api::wire::messages::STATUS_PERIOD_MS);
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let mut contact_check = tokio::time::interval(Duration::from_secs(1));
+        contact_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut hub_check = tokio::time::interval(HUB_CHECK_PERIOD);
         hub_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -321,6 +328,7 @@ impl Agent {
                 _ = report.tick() => Event::HubSearchReport,
                 _ = heartbeat.tick() => Event::Heartbeat,
                 _ = hub_check.tick() => Event::HubCheck,
+                _ = contact_check.tick(), if self.replicas.fences() => Event::ContactCheck,
             };
             self.handle(event, searched_since).await;
         }
@@ -330,6 +338,7 @@ impl Agent {
     async fn handle(&mut self, event: Event, searched_since: std::time::Instant) {
         match event {
             Event::Bus(BusEvent::Connected) => {
+                self.replicas.connection_changed();
                 self.link.changed(true, None);
                 self.discovery.connected();
                 self.link
@@ -337,15 +346,28 @@ impl Agent {
                     .await;
             }
             Event::Bus(BusEvent::Disconnected(reason)) => {
+                self.replicas.connection_changed();
                 self.link.changed(false, Some(reason));
                 self.discovery.disconnected();
             }
             Event::Bus(BusEvent::Desired(payload)) => match self.replicas.on_desired(&payload) {
                 Desired::Accepted => {
                     self.link.synced();
+                    self.replicas.synced();
+                    self.replicas
+                        .check_contact(self.link.contact(), std::time::Instant::now());
                     self.reconcile().await;
                 }
-                Desired::Same => self.link.synced(),
+                Desired::Same => {
+                    self.link.synced();
+                    self.replicas.synced();
+                    if self
+                        .replicas
+                        .check_contact(self.link.contact(), std::time::Instant::now())
+                    {
+                        self.reconcile().await;
+                    }
+                }
                 Desired::Ignored => {}
             },
             Event::Bus(BusEvent::LogRequest(payload)) => {
@@ -374,6 +396,9 @@ impl Agent {
             Event::Probed((target, result)) => self.discovery.on_probed(target, result),
             Event::Local(request) => self.on_local(request),
             Event::Heartbeat => {
+                if self.replicas.results_unsaved() && self.replicas.save_results() {
+                    self.reconcile().await; // the finished supervisors go
+                }
                 self.publish_status().await;
                 self.replicas.sweep_volumes(); // orphaned volumes expire
                 if self.discovery.own_addrs_changed() {
@@ -381,6 +406,14 @@ impl Agent {
                 }
             }
             Event::HubCheck => self.discovery.choose_hub(),
+            Event::ContactCheck => {
+                if self
+                    .replicas
+                    .check_contact(self.link.contact(), std::time::Instant::now())
+                {
+                    self.reconcile().await;
+                }
+            }
             Event::HubSearchReport => self
                 .discovery
                 .report_search(searched_since.elapsed().as_secs(), self.replicas.len()),

@@ -116,6 +116,14 @@ pub struct Replicas {
     hardware_saved: crate::store::Holdings,
     /// The results of job runs that finished here (saved before reported).
     runs: Runs,
+    /// Results not saved yet (the store failed): reported without `finishedAtMs` meanwhile.
+    unsaved: Runs,
+    /// Replicas with `spec.disconnect.stopAfter` that may not run for want of contact with
+    /// the hub (stopped, or never started): instance → why.
+    fenced: BTreeMap<String, String>,
+    /// A desired state came from the hub since the bus last connected or disconnected: what
+    /// the device runs is the hub's current word.
+    synced: bool,
 }
 
 /// What a supervisor's report changed ([`Replicas::on_update`]).
@@ -155,7 +163,93 @@ impl Replicas {
             gone_tx: gone,
             next_task: 0,
             runs: Runs::new(),
+            unsaved: Runs::new(),
+            fenced: BTreeMap::new(),
+            synced: false,
         }
+    }
+
+    /// Saves the results not saved yet with the others; `true` when all are saved (their
+    /// statuses then carry `finishedAtMs`).
+    pub fn save_results(&mut self) -> bool {
+        if self.unsaved.is_empty() {
+            return true;
+        }
+        let mut all = self.runs.clone();
+        all.extend(self.unsaved.clone());
+        if let Err(e) = self.store.save_runs(&all) {
+            warn!(error = %e, results = self.unsaved.len(), "cannot save job runs' results: not reported until they are");
+            return false;
+        }
+        for (instance, s) in std::mem::take(&mut self.unsaved) {
+            if let Some(shown) = self.statuses.get_mut(&instance) {
+                shown.finished_at_ms = s.finished_at_ms;
+            }
+        }
+        self.runs = all;
+        true
+    }
+
+    /// Whether results wait to be saved (see [`Self::save_results`]).
+    pub fn results_unsaved(&self) -> bool {
+        !self.unsaved.is_empty()
+    }
+
+    /// The bus connected or lost its connection: until the hub's desired state arrives
+    /// again, replicas with `stopAfter` do not (re)start.
+    pub fn connection_changed(&mut self) {
+        self.synced = false;
+    }
+
+    /// The hub's desired state arrived (new, or the one in force again).
+    pub fn synced(&mut self) {
+        self.synced = true;
+    }
+
+    /// Whether any desired replica has `spec.disconnect.stopAfter` (the loop then checks
+    /// contact every second).
+    pub fn fences(&self) -> bool {
+        self.desired_workloads()
+            .iter()
+            .any(|w| w.stop_after_ms.is_some())
+    }
+
+    /// Replicas with `stopAfter` run only while the broker confirmed this device's messages
+    /// within that time (`contact`) and the hub's desired state arrived since the last
+    /// (re)connect; the others are fenced: stopped at the next reconcile, or not started.
+    /// `true`: a replica was fenced or let go (reconcile).
+    pub fn check_contact(
+        &mut self,
+        contact: Option<std::time::Instant>,
+        now: std::time::Instant,
+    ) -> bool {
+        let mut changed = false;
+        let mut fenced = BTreeMap::new();
+        for w in self.desired_workloads() {
+            let Some(ms) = w.stop_after_ms else { continue };
+            let limit = Duration::from_millis(ms);
+            let heard = contact.is_some_and(|c| now.saturating_duration_since(c) <= limit);
+            let instance = w.instance();
+            if heard && self.synced {
+                if self.fenced.contains_key(&instance) {
+                    info!(%instance, "the hub is heard again: the replica may run");
+                    changed = true;
+                }
+                continue;
+            }
+            let why = format!(
+                "stopped: the hub has not heard this device for {} (spec.disconnect.stopAfter); it runs again once the hub is back",
+                shoal_api::model::quantity::format_duration_ms(ms)
+            );
+            if !self.fenced.contains_key(&instance) {
+                warn!(%instance, reason = %why, "replica fenced");
+                changed = true;
+            }
+            fenced.insert(instance, why);
+        }
+        changed |= fenced.len() != self.fenced.len();
+        self.fenced = fenced;
+        changed
     }
 
     /// Takes the persisted desired state, if any (offline autonomy): `true` when there is
@@ -282,6 +376,7 @@ impl Replicas {
             .workloads
             .iter()
             .filter(|w| !finished(w, self.runs.get(&w.instance())))
+            .filter(|w| !self.fenced.contains_key(&w.instance()))
             .cloned()
             .collect();
         // `spec.after`: what each waiting replica would wait for, from the statuses now.
@@ -368,11 +463,27 @@ impl Replicas {
                 }
                 Action::Replace(w) => {
                     self.stop(&w.instance()).await;
+                    // A job's next run on the same revision has the same container id as
+                    // the run still stopping: it starts once that one is gone.
+                    if w.container.is_some()
+                        && self
+                            .stopping
+                            .contains_key(&crate::runtime::container_id(&w))
+                    {
+                        info!(instance = %w.instance(), "waiting for the previous container of this replica to stop");
+                        continue;
+                    }
                     if let Some(devices) = self.take_hardware(&w) {
                         let network = grants(&w);
                         self.spawn(w, &base, network, devices);
                     }
                 }
+            }
+        }
+        // Fenced replicas (stopped above, or never started) say why.
+        for w in &desired.workloads {
+            if let Some(why) = self.fenced.get(&w.instance()).cloned() {
+                self.held_back(w, Phase::Pending, why);
             }
         }
         true
@@ -460,18 +571,19 @@ impl Replicas {
         if !current {
             return None;
         }
-        let run_finished = u.status.run.is_some()
+        let mut u = u;
+        let mut run_finished = u.status.run.is_some()
             && u.status.finished_at_ms.is_some()
             && matches!(u.status.phase, Phase::Succeeded | Phase::Failed);
         if run_finished {
-            self.runs.insert(u.instance.clone(), u.status.clone());
-            match self.store.save_runs(&self.runs) {
-                Ok(()) => {
-                    info!(instance = %u.instance, phase = %u.status.phase, "job run finished")
-                }
-                Err(e) => {
-                    warn!(instance = %u.instance, error = %e, "cannot save a job run's result: the run may be run again after a restart")
-                }
+            self.unsaved.insert(u.instance.clone(), u.status.clone());
+            if self.save_results() {
+                info!(instance = %u.instance, phase = %u.status.phase, "job run finished");
+            } else {
+                // Not reported as a result until saved (`finishedAtMs` is what the hub
+                // takes): tried again with each heartbeat.
+                u.status.finished_at_ms = None;
+                run_finished = false;
             }
         }
         let was_running = self.is_running(&u.instance);
@@ -864,6 +976,7 @@ mod tests {
     fn workload(name: &str, replica: u32, revision: &str) -> DesiredWorkload {
         DesiredWorkload {
             job: None,
+            stop_after_ms: None,
             after: Vec::new(),
             configs: Vec::new(),
             name: WorkloadName::try_from(name).unwrap(),
@@ -1261,6 +1374,63 @@ mod tests {
         );
         f.settle(&[("ok-0", Phase::Succeeded, "r1")]).await;
         assert_eq!(f.store.load_runs().unwrap()["ok-0"].run, Some(2));
+        f.replicas.stop_all().await;
+    }
+
+    #[tokio::test]
+    async fn a_replica_with_stop_after_runs_only_while_the_hub_is_heard() {
+        let mut f = Fixture::new();
+        let mut valve = workload("valve", 0, "r1");
+        valve.stop_after_ms = Some(5_000);
+        f.desired(&state("d1", 1, vec![valve, workload("web", 0, "r1")]));
+        let t0 = std::time::Instant::now();
+        // At boot, before any contact: fenced, not started; the other replica runs.
+        assert!(f.replicas.check_contact(None, t0));
+        f.reconcile().await;
+        f.settle(&[
+            ("valve-0", Phase::Pending, "r1"),
+            ("web-0", Phase::Running, "r1"),
+        ])
+        .await;
+        let why = f
+            .replicas
+            .statuses()
+            .find(|s| s.name.as_str() == "valve")
+            .unwrap();
+        assert!(why
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("spec.disconnect.stopAfter"));
+        // Contact, but the hub's state not (yet) again since the connect: still fenced.
+        assert!(!f.replicas.check_contact(Some(t0), t0));
+        f.replicas.synced();
+        assert!(f.replicas.check_contact(Some(t0), t0));
+        f.reconcile().await;
+        f.settle(&[
+            ("valve-0", Phase::Running, "r1"),
+            ("web-0", Phase::Running, "r1"),
+        ])
+        .await;
+        // 5 s without a confirmed message: stopped; the other keeps running.
+        let later = t0 + Duration::from_millis(5_001);
+        assert!(!f
+            .replicas
+            .check_contact(Some(t0), t0 + Duration::from_secs(5)));
+        assert!(f.replicas.check_contact(Some(t0), later));
+        f.reconcile().await;
+        assert_eq!(f.running(), ["web-0"]);
+        // A reconnect alone does not let it run: the hub's state must come again.
+        f.replicas.connection_changed();
+        assert!(!f.replicas.check_contact(Some(later), later));
+        f.replicas.synced();
+        assert!(f.replicas.check_contact(Some(later), later));
+        f.reconcile().await;
+        f.settle(&[
+            ("valve-0", Phase::Running, "r1"),
+            ("web-0", Phase::Running, "r1"),
+        ])
+        .await;
         f.replicas.stop_all().await;
     }
 }

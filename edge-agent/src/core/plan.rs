@@ -198,6 +198,7 @@ mod tests {
     fn dw(name: &str, replica: u32, rev: &str) -> DesiredWorkload {
         DesiredWorkload {
             job: None,
+            stop_after_ms: None,
             after: Vec::new(),
             configs: Vec::new(),
             name: WorkloadName::try_from(name).unwrap(),

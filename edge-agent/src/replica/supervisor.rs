@@ -556,6 +556,7 @@ mod tests {
     fn desired(policy: RestartPolicy) -> DesiredWorkload {
         DesiredWorkload {
             job: None,
+            stop_after_ms: None,
             after: Vec::new(),
             configs: Vec::new(),
             name: WorkloadName::try_from("w").unwrap(),

@@ -152,7 +152,7 @@ impl Fleet {
         for mut w in users {
             self.pin_inputs(&mut w);
             if self.workloads.get(&w.name) != Some(&w) {
-                self.start_rollout(&w, now);
+                self.new_spec(&w, now);
                 self.changes.put_workload(&w);
                 info!(workload = %w.name, revision = %w.revision(), "input changed: new revision");
                 self.workloads.insert(w.name.clone(), w);

@@ -126,12 +126,13 @@ impl Fleet {
             live.lost = false;
             info!(device = %id, "lost device is back");
         }
+        live.lost_for.clear();
     }
 
     /// Marks devices lost that have been offline, or silent, for longer than `grace_ms`, and
     /// reschedules their replicas. Call it periodically with the current time.
     pub fn check_lost(&mut self, now: u64, grace_ms: u64) -> Vec<DesiredState> {
-        let mut changed = false;
+        let mut changed = self.check_lost_for(now);
         // A device that enrolled and never connected has no replicas to move.
         for id in self
             .devices
@@ -168,6 +169,39 @@ impl Fleet {
         } else {
             Vec::new()
         }
+    }
+
+    /// Workloads with their own `spec.disconnect.lostAfter`: a device not heard from for
+    /// that long (by the last time it spoke, whatever its presence says) is lost for them.
+    /// `true`: something changed.
+    fn check_lost_for(&mut self, now: u64) -> bool {
+        let own: Vec<(&WorkloadName, u64)> = self
+            .workloads
+            .values()
+            .filter_map(|w| {
+                let d = w.disconnect.filter(|d| d.replace)?;
+                Some((&w.name, d.lost_after_ms?))
+            })
+            .collect();
+        let mut changed = false;
+        for (id, live) in self.live.iter_mut() {
+            // Not heard since this hub started: counted from when it went offline, if it
+            // did (`check_lost` starts the others' clocks at its first run).
+            let since = match (live.last_heard_ms, live.offline_since_ms) {
+                (0, Some(t)) => t,
+                (0, None) => continue,
+                (t, _) => t,
+            };
+            let silent = now.saturating_sub(since);
+            for (name, after) in &own {
+                if silent > *after && !live.lost_for.contains(*name) {
+                    info!(device = %id, workload = %name, silent_ms = silent, "device lost for this workload (its spec.disconnect.lostAfter passed)");
+                    live.lost_for.insert((*name).clone());
+                    changed = true;
+                }
+            }
+        }
+        changed
     }
 
     /// A device enrolled (or enrolled again, with a new key): what its join token granted

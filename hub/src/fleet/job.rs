@@ -51,8 +51,13 @@ pub struct JobState {
     pub workload: WorkloadName,
     /// The revision this run runs.
     pub revision: String,
-    /// 1 for the first run; each rerun or new revision adds one.
+    /// 1 for the first run; each rerun or new revision adds one (what people read).
     pub run: u64,
+    /// What devices tell runs apart by: the hub's clock when the run started, and always
+    /// more than the previous run's (a job deleted and applied again starts at run 1, but
+    /// with a new id, so no device takes an old result for the new run).
+    #[serde(default)]
+    pub id: u64,
     pub started_ms: u64,
     /// Slot (completion index, or device id for `placement: every`) → its result.
     #[serde(default)]
@@ -69,6 +74,7 @@ impl JobState {
             workload,
             revision,
             run,
+            id: now,
             started_ms: now,
             results: BTreeMap::new(),
             finished: None,
@@ -77,7 +83,9 @@ impl JobState {
 
     /// The next run of the same job (a rerun or a new revision).
     pub fn next(&self, revision: String, now: u64) -> Self {
-        Self::start(self.workload.clone(), revision, self.run + 1, now)
+        let mut next = Self::start(self.workload.clone(), revision, self.run + 1, now);
+        next.id = now.max(self.id + 1);
+        next
     }
 
     /// The slot of replica `replica` on `device`.
@@ -101,7 +109,7 @@ impl JobState {
         let ours = status.name == self.workload
             && status.replica == replica
             && status.revision == self.revision
-            && status.run == Some(self.run);
+            && status.run == Some(self.id);
         let done = matches!(status.phase, Phase::Succeeded | Phase::Failed)
             && status.finished_at_ms.is_some();
         let slot = Self::slot(every, replica, device);
@@ -116,7 +124,8 @@ impl JobState {
                 phase: status.phase,
                 exit_code: status.exit_code,
                 restarts: status.restarts,
-                reason: status.reason.clone(),
+                // A device's words, kept with the job: bounded.
+                reason: status.reason.as_deref().map(bounded),
                 started_at_ms: status.started_at_ms,
                 finished_at_ms: status.finished_at_ms,
             },
@@ -215,6 +224,20 @@ impl JobState {
     }
 }
 
+/// Most bytes of a device's reason kept in a result.
+pub const REASON_BYTES: usize = 256;
+
+fn bounded(s: &str) -> String {
+    if s.len() <= REASON_BYTES {
+        return s.to_string();
+    }
+    let mut end = REASON_BYTES;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
 /// What a job's run asks of placement ([`JobState::wants`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wants {
@@ -269,7 +292,7 @@ mod tests {
     #[test]
     fn a_count_completes_slot_by_slot_within_parallelism() {
         let c = c(3, Some(2));
-        let mut j = JobState::start("j".try_into().unwrap(), "r1".into(), 1, 0);
+        let mut j = JobState::start("j".try_into().unwrap(), "r1".into(), 1, 1);
         assert_eq!(j.wants(&c, false).replicas, 2);
         // Running, an earlier run's result, and another revision's: not results.
         assert!(!j.report(false, &dev("a"), 0, &status(0, 1, Phase::Running, 0)));
@@ -297,12 +320,15 @@ mod tests {
         assert!(j.expired(&c, 1007));
         let next = j.next("r1".into(), 9);
         assert_eq!((next.run, next.results.len(), next.finished), (2, 0, None));
+        assert!(next.id > j.id);
+        // The same millisecond: still a new id.
+        assert_eq!(j.next("r1".into(), 0).id, j.id + 1);
     }
 
     #[test]
     fn one_failed_completion_fails_the_run_and_says_where() {
         let c = c(2, Some(2));
-        let mut j = JobState::start("j".try_into().unwrap(), "r1".into(), 1, 0);
+        let mut j = JobState::start("j".try_into().unwrap(), "r1".into(), 1, 1);
         let mut s = status(1, 1, Phase::Failed, 3);
         s.restarts = 1;
         j.report(false, &dev("b"), 1, &s);
@@ -323,7 +349,7 @@ mod tests {
             parallelism: Some(1),
             ..c(0, None)
         };
-        let mut j = JobState::start("j".try_into().unwrap(), "r1".into(), 1, 0);
+        let mut j = JobState::start("j".try_into().unwrap(), "r1".into(), 1, 1);
         // The same replica index on two devices (each device's own replica 0 over time).
         assert!(j.report(true, &dev("a"), 0, &status(0, 1, Phase::Succeeded, 0)));
         assert!(j.report(true, &dev("b"), 0, &status(0, 1, Phase::Failed, 2)));

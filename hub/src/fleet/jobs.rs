@@ -120,6 +120,14 @@ impl Fleet {
         for name in &expired {
             info!(workload = %name, "job deleted: its ttlAfterFinished has passed");
             publish.extend(self.delete(name).unwrap_or_default()); // reconciled
+            let change = super::audit::Change {
+                who: "the hub".into(),
+                from: "ttlAfterFinished".into(),
+                action: format!("delete workload {name}"),
+                outcome: "deleted: the job finished and its ttlAfterFinished passed".into(),
+                accepted: true,
+            };
+            self.record_audit(change, now);
         }
         if changed && expired.is_empty() {
             publish = self.reconcile();
@@ -140,7 +148,7 @@ impl Fleet {
         let c = w.completion?;
         let state = self.jobs.get(&w.name)?;
         Some(shoal_api::model::job::JobRun {
-            run: state.run,
+            run: state.id,
             backoff_limit: c.backoff_limit,
             active_deadline_ms: c.active_deadline_ms,
         })

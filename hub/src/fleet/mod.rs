@@ -55,8 +55,6 @@ pub mod views;
 pub mod workloads;
 
 #[cfg(test)]
-mod job_tests;
-#[cfg(test)]
 mod tests;
 
 pub use configs::ConfigRefusal;
@@ -91,6 +89,9 @@ struct Live {
     offline_since_ms: Option<u64>,
     /// Offline, or silent, for longer than the grace period: its replicas move.
     lost: bool,
+    /// Workloads whose own `spec.disconnect.lostAfter` has passed since the device was last
+    /// heard (see [`Fleet::check_lost`]).
+    lost_for: std::collections::BTreeSet<WorkloadName>,
     /// When this hub took `status` (its own clock; see [`Fleet::accept_status`]).
     status_at_ms: u64,
     /// `status`'s fingerprint, once asked for.

@@ -59,6 +59,7 @@ impl Fleet {
                     allows: r.hello.allows.iter().copied().collect(),
                     online: live.is_some_and(|l| l.online),
                     lost: live.is_some_and(|l| l.lost),
+                    lost_for: live.map(|l| l.lost_for.clone()).unwrap_or_default(),
                     cordoned: r.cordoned,
                 }
             })

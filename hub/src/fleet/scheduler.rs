@@ -63,6 +63,9 @@ pub struct DeviceView {
     pub online: bool,
     /// Offline past the grace period: its replicas (except `every`) move elsewhere.
     pub lost: bool,
+    /// Workloads whose own `spec.disconnect.lostAfter` has passed since the device was last
+    /// heard: their replicas move (and none is placed here), whatever `lost` says.
+    pub lost_for: BTreeSet<WorkloadName>,
     /// Takes no new replicas (keeps what it runs).
     pub cordoned: bool,
 }
@@ -215,18 +218,21 @@ pub fn schedule_with(
         let fl = inflight.get(&w.name).unwrap_or(&none);
         let mut kept = BTreeMap::new();
         let mut on_device = BTreeSet::new();
+        // `placement: every` under a cap: replicas kept on devices that are not lost (one
+        // on a lost device stays, but holds no slot: the job goes on elsewhere).
+        let mut active = 0u32;
         for (&replica, dev) in current.get(&w.name).into_iter().flatten() {
+            let Some(&i) = by_id.get(dev) else { continue };
             let in_range = match w.placement {
                 Placement::Replicas(n) => (kept.len() as u32) < n.saturating_add(fl.surge),
-                Placement::Every => fl.cap.is_none_or(|c| (kept.len() as u32) < c),
+                Placement::Every => devices[i].lost || fl.cap.is_none_or(|c| active < c),
             } && !fl.done.contains(&replica)
                 && !fl.done_devices.contains(dev);
-            let Some(&i) = by_id.get(dev) else { continue };
             let spec = fl.earlier.get(&replica).copied().unwrap_or(w);
             let d = &devices[i];
             let stays = match w.placement {
                 Placement::Every => on_device.insert(i), // one per device: lowest index wins
-                Placement::Replicas(_) => !d.lost,
+                Placement::Replicas(_) => still_there(d, w),
             };
             // Hardware as the current spec asks (a request added or grown, or a device that
             // now reports fewer nodes, moves the replica rather than parking it there).
@@ -239,6 +245,7 @@ pub fn schedule_with(
             {
                 kept.insert(replica, dev.clone());
                 load[i].add(spec);
+                active += u32::from(!d.lost);
             }
         }
         out.assignments.insert(w.name.clone(), kept);
@@ -304,8 +311,12 @@ pub fn schedule_with(
                     .filter(|&i| !fl.done_devices.contains(&devices[i].id))
                     .collect();
                 let mut next = 0u32;
+                let mut active = placed
+                    .values()
+                    .filter(|d| by_id.get(d).is_some_and(|&i| !devices[i].lost))
+                    .count() as u32;
                 for i in new {
-                    if fl.cap.is_some_and(|c| placed.len() as u32 >= c) {
+                    if fl.cap.is_some_and(|c| active >= c) {
                         break; // the rest wait for a slot
                     }
                     if dynamic_fit(&devices[i], w, &load[i]).is_err() {
@@ -316,11 +327,12 @@ pub fn schedule_with(
                     }
                     placed.insert(next, devices[i].id.clone());
                     load[i].add(w);
+                    active += 1;
                 }
                 // Matching devices that could not take it are worth reporting (not those that
                 // offer none of a hardware class it asks for: like a label, that is a choice).
                 let have: HashSet<&DeviceId> = placed.values().collect();
-                let at_cap = fl.cap.is_some_and(|c| placed.len() as u32 >= c);
+                let at_cap = fl.cap.is_some_and(|c| active >= c);
                 let blocked = !at_cap
                     && devices.iter().any(|d| {
                         d.online
@@ -560,7 +572,21 @@ fn static_fit(d: &DeviceView, w: &Workload) -> Result<(), Unfit> {
 }
 
 /// Room on the device given what is placed so far.
+/// Whether a replica of `w` placed on `d` stays there as far as the device's silence goes
+/// (`spec.disconnect`): never moved with `replace: false`; moved after its own `lostAfter`
+/// if it has one; else once the device is lost.
+fn still_there(d: &DeviceView, w: &Workload) -> bool {
+    match w.disconnect {
+        Some(c) if !c.replace => true,
+        Some(c) if c.lost_after_ms.is_some() => !d.lost_for.contains(&w.name),
+        _ => !d.lost,
+    }
+}
+
 fn dynamic_fit(d: &DeviceView, w: &Workload, load: &Load) -> Result<(), Unfit> {
+    if d.lost_for.contains(&w.name) {
+        return Err(Unfit::Offline);
+    }
     if let Some(port) = load.port_taken(w) {
         return Err(Unfit::Port(port));
     }
@@ -726,6 +752,7 @@ mod tests {
             hardware: BTreeMap::new(),
             online: true,
             lost: false,
+            lost_for: BTreeSet::new(),
             cordoned: false,
         }
     }
@@ -737,6 +764,7 @@ mod tests {
             secrets_pinned: Default::default(),
             completion: None,
             after: Vec::new(),
+            disconnect: None,
             name: WorkloadName::try_from(name).unwrap(),
             labels: BTreeMap::new(),
             placement,

@@ -10,7 +10,7 @@ use shoal_api::wire::messages::{DesiredState, DeviceStatus, Hello, Phase};
 const T0: u64 = 1_700_000_000_000;
 use shoal_api::model::workload::{parse_workloads, Placement};
 
-pub(super) fn hello(id: &str, labels: &[(&str, &str)]) -> Hello {
+fn hello(id: &str, labels: &[(&str, &str)]) -> Hello {
     Hello {
         allows: Vec::new(),
         protocol: 1,
@@ -160,7 +160,7 @@ fn open_from(store: &MemStore, trust_reported_labels: bool) -> Fleet {
 }
 
 /// A fleet with nothing stored yet.
-pub(super) fn fleet() -> Fleet {
+fn fleet() -> Fleet {
     Fleet::open(Snapshot::default(), "http://h".into(), false)
 }
 
@@ -1121,5 +1121,7 @@ fn annotations_are_the_operators_notes_kept_across_hellos_and_reopen() {
 }
 
 mod configs;
+mod disconnect;
 mod forget;
+mod jobs;
 mod policy;

@@ -79,19 +79,7 @@ impl Fleet {
                 Some(_) => "configured",
             };
             if verdict != "unchanged" {
-                // Jobs do not roll out: a new revision is a new run.
-                let job = w.completion.is_some()
-                    || self
-                        .workloads
-                        .get(&w.name)
-                        .is_some_and(|o| o.completion.is_some());
-                if job {
-                    self.rollouts.remove(&w.name);
-                    self.changes.put_rollout(&w.name, None);
-                } else {
-                    self.start_rollout(&w, now);
-                }
-                self.start_run(&w, now);
+                self.new_spec(&w, now);
                 self.changes.put_workload(&w);
                 info!(workload = %w.name, revision = %w.revision(), verdict, "workload stored");
                 self.workloads.insert(w.name.clone(), w.clone());
@@ -100,6 +88,25 @@ impl Fleet {
         }
         let publish = self.reconcile();
         (outcome, publish)
+    }
+
+    /// A workload's spec is about to change to `w` (an apply, or a config or secret it
+    /// reads): a job starts a new run if its revision changed (jobs do not roll out),
+    /// anything else a rollout.
+    pub(super) fn new_spec(&mut self, w: &Workload, now: u64) {
+        let job = w.completion.is_some()
+            || self
+                .workloads
+                .get(&w.name)
+                .is_some_and(|o| o.completion.is_some());
+        if job {
+            if self.rollouts.remove(&w.name).is_some() {
+                self.changes.put_rollout(&w.name, None);
+            }
+        } else {
+            self.start_rollout(w, now);
+        }
+        self.start_run(w, now);
     }
 
     /// `shoal scale`: a new replica count. `Err(why)`: not possible.

@@ -1,14 +1,10 @@
 //! The fleet's jobs: runs placed within their parallelism, results taken from reports, a
 //! failed completion failing the run, `placement: every` per device, rerun, expiry, and a
 //! run's results surviving a reopen.
-use super::tests::{fleet, hello};
 use super::*;
-use crate::fleet::records::Snapshot;
-use crate::store::{MemStore, Store};
 use shoal_api::model::workload::parse_workloads;
 use shoal_api::wire::messages::{DeviceStatus, InstanceStatus, Phase};
 
-const T0: u64 = 1_700_000_000_000;
 const MODULE: &str = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
 
 fn job(name: &str, completion: &str, placement: &str) -> Vec<Workload> {
@@ -81,7 +77,8 @@ fn a_count_runs_within_parallelism_until_every_completion_succeeded() {
         .values()
         .flat_map(|d| &d.workloads)
         .find_map(|w| w.job);
-    assert_eq!(run.map(|j| (j.run, j.backoff_limit)), Some((1, 6)));
+    let first = hub.job(&name).unwrap().id;
+    assert_eq!(run.map(|j| (j.run, j.backoff_limit)), Some((first, 6)));
     // Replica 0 succeeds: it leaves, and completion 2 starts (never 0 again).
     for d in ["a", "b"] {
         report(&mut hub, d, |r| {
@@ -113,7 +110,9 @@ fn a_count_runs_within_parallelism_until_every_completion_succeeded() {
         .values()
         .flat_map(|d| &d.workloads)
         .find_map(|w| w.job);
-    assert_eq!(run.map(|j| j.run), Some(2));
+    let second = hub.job(&name).unwrap().id;
+    assert!(second > first);
+    assert_eq!(run.map(|j| j.run), Some(second));
 }
 
 #[test]
@@ -242,7 +241,18 @@ fn a_new_revision_is_a_new_run_and_runs_survive_a_reopen() {
         .values()
         .flat_map(|d| &d.workloads)
         .find_map(|w| w.job);
-    assert_eq!(run.map(|j| (j.run, j.backoff_limit)), Some((2, 1)));
+    let id = hub.job(&name).unwrap().id;
+    assert_eq!(run.map(|j| (j.run, j.backoff_limit)), Some((id, 1)));
+    // What only the hub reads (parallelism, ttl) is no new run.
+    hub.apply(
+        job(
+            "batch",
+            "{ completions: 2, backoffLimit: 1, ttlAfterFinished: 1h }",
+            "",
+        ),
+        T0 + 25,
+    );
+    assert_eq!(hub.job(&name).unwrap().id, id);
     // Not a job: rerun and scale say so.
     hub.apply(
         parse_workloads(&format!(
@@ -256,4 +266,70 @@ fn a_new_revision_is_a_new_run_and_runs_survive_a_reopen() {
         hub.rerun(&name, T0 + 40),
         Err(WorkloadRefusal::NotAJob(_))
     ));
+}
+
+#[test]
+fn a_config_the_job_reads_changing_starts_a_new_run_not_a_rollout() {
+    let config = |v: &str| {
+        let mut s = shoal_api::wire::manifest::parse_stream(&format!(
+            "apiVersion: shoal.dev/v1\nkind: Config\nmetadata: {{name: site}}\ndata: {{interval: '{v}'}}\n"
+        ))
+        .unwrap();
+        s.configs.remove(0).1
+    };
+    let mut hub = fleet();
+    hub.hello(hello("a", &[]), T0);
+    let none = std::collections::BTreeSet::new();
+    hub.apply_configs(vec![config("5")], &none, T0);
+    hub.apply(
+        job(
+            "batch",
+            "{ completions: 2 }\n  configs: [{ name: site, env: { INTERVAL: interval } }]",
+            "",
+        ),
+        T0,
+    );
+    let name = WorkloadName::try_from("batch").unwrap();
+    let first = hub.job(&name).unwrap().clone();
+    hub.apply_configs(vec![config("7")], &none, T0 + 10);
+    hub.reconcile();
+    let w = hub.workloads[&name].clone();
+    let state = hub.job(&name).unwrap();
+    assert_eq!(
+        state.revision,
+        w.revision(),
+        "the run follows the new revision"
+    );
+    assert_eq!(state.run, first.run + 1);
+    assert!(state.id > first.id);
+    assert!(!hub.rolling(), "jobs do not roll out");
+    // Its replica reports under the new run, and the result counts.
+    report(&mut hub, "a", |_| (Phase::Succeeded, 0));
+    hub.advance_jobs(T0 + 20);
+    assert_eq!(hub.job(&name).unwrap().succeeded(), 1);
+}
+
+#[test]
+fn a_lost_device_holds_no_slot_of_an_every_job() {
+    let mut hub = fleet();
+    hub.hello(hello("a", &[]), T0);
+    hub.hello(hello("b", &[]), T0);
+    hub.apply(
+        job("check", "{ parallelism: 1 }", "  placement: every\n"),
+        T0,
+    );
+    let name = WorkloadName::try_from("check").unwrap();
+    let first = hub.assignments()[&name].values().next().unwrap().clone();
+    let other: DeviceId = if first.as_str() == "a" { "b" } else { "a" }
+        .parse()
+        .unwrap();
+    // The holder falls silent past the grace; the other goes on.
+    hub.reported(&other, T0 + 31_000);
+    hub.check_lost(T0 + 31_000, 30_000);
+    let on: Vec<&DeviceId> = hub.assignments()[&name].values().collect();
+    assert!(on.contains(&&other), "{on:?}");
+    assert!(
+        on.contains(&&first),
+        "an every replica stays on its lost device"
+    );
 }
