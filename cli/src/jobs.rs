@@ -60,6 +60,34 @@ pub(crate) fn jobs_table(workloads: &[WorkloadView], wide: bool) -> Table {
     t
 }
 
+/// The schedule part of `shoal describe workload`: each device's next run and last runs.
+pub(crate) fn describe_schedules(w: &WorkloadView) {
+    let at = |ms: u64| {
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+            .to_string()
+    };
+    for r in &w.replicas {
+        let Some(s) = &r.schedule else { continue };
+        println!(
+            "Schedule of replica {} on {}: next run {}",
+            r.replica,
+            r.device.as_deref().unwrap_or("<none>"),
+            s.next_ms.map_or("-".to_string(), at)
+        );
+        let mut t = Table::new(&["SCHEDULED", "OUTCOME", "EXIT", "FINISHED", "OFFLINE"]);
+        for run in &s.runs {
+            t.row(vec![
+                at(run.scheduled_ms),
+                escaped(&run.outcome).into_owned(),
+                run.exit_code.map_or("-".into(), |c| c.to_string()),
+                run.finished_ms.map_or("-".into(), ago),
+                if run.offline { "yes" } else { "" }.to_string(),
+            ]);
+        }
+        print!("{t}");
+    }
+}
+
 /// The job part of `shoal describe workload`.
 pub(crate) fn describe_job(j: &JobView) {
     println!(

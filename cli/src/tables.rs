@@ -345,5 +345,6 @@ pub(crate) fn describe(w: &WorkloadView, output: Output) -> anyhow::Result<()> {
         t.hide(&["HOLDS"]);
     }
     print!("{t}");
+    describe_schedules(w);
     Ok(())
 }

@@ -197,6 +197,7 @@ mod tests {
         DesiredWorkload {
             job: None,
             stop_after_ms: None,
+            schedule: None,
             after: Vec::new(),
             configs: Vec::new(),
             name: WorkloadName::try_from(name).unwrap(),

@@ -35,7 +35,14 @@ pub trait Store: Send + 'static {
     fn load_runs(&self) -> Result<Runs, StoreError>;
     /// Saves durably, before a run's result is reported.
     fn save_runs(&self, r: &Runs) -> Result<(), StoreError>;
+    /// Each scheduled replica's state (`spec.schedule`), as last saved.
+    fn load_schedules(&self) -> Result<Schedules, StoreError>;
+    /// Saves durably, before a scheduled run starts.
+    fn save_schedules(&self, s: &Schedules) -> Result<(), StoreError>;
 }
+
+/// What [`Store::save_schedules`] keeps: instance → its schedule's state.
+pub type Schedules = BTreeMap<String, crate::core::schedule::ScheduleState>;
 
 /// What [`Store::save_runs`] keeps: instance → the final status of its run (which names the
 /// revision and run number it is the result of).
@@ -47,6 +54,7 @@ pub type Holdings = BTreeMap<String, crate::core::hardware::Grant>;
 const DESIRED_KEY: &[u8] = b"desired";
 const HARDWARE_KEY: &[u8] = b"hardware";
 const RUNS_KEY: &[u8] = b"runs";
+const SCHEDULES_KEY: &[u8] = b"schedules";
 
 pub struct SledStore {
     db: sled::Db,
@@ -107,6 +115,18 @@ impl Store for SledStore {
         self.db.flush()?;
         Ok(())
     }
+    fn load_schedules(&self) -> Result<Schedules, StoreError> {
+        match self.db.get(SCHEDULES_KEY)? {
+            None => Ok(Schedules::new()),
+            Some(v) => serde_json::from_slice(&v).map_err(StoreError::Corrupt),
+        }
+    }
+    fn save_schedules(&self, s: &Schedules) -> Result<(), StoreError> {
+        let v = serde_json::to_vec(s).map_err(StoreError::Encode)?;
+        self.db.insert(SCHEDULES_KEY, v)?;
+        self.db.flush()?;
+        Ok(())
+    }
 }
 
 /// A store shared (a test keeps a handle on the one it hands over).
@@ -129,6 +149,12 @@ impl<S: Store + Sync> Store for std::sync::Arc<S> {
     fn save_runs(&self, r: &Runs) -> Result<(), StoreError> {
         self.as_ref().save_runs(r)
     }
+    fn load_schedules(&self) -> Result<Schedules, StoreError> {
+        self.as_ref().load_schedules()
+    }
+    fn save_schedules(&self, s: &Schedules) -> Result<(), StoreError> {
+        self.as_ref().save_schedules(s)
+    }
 }
 
 #[derive(Default)]
@@ -136,6 +162,7 @@ pub struct MemStore {
     desired: Mutex<Option<DesiredState>>,
     hardware: Mutex<Holdings>,
     runs: Mutex<Runs>,
+    schedules: Mutex<Schedules>,
 }
 
 impl Store for MemStore {
@@ -166,6 +193,17 @@ impl Store for MemStore {
     }
     fn save_runs(&self, r: &Runs) -> Result<(), StoreError> {
         *self.runs.lock().unwrap_or_else(|p| p.into_inner()) = r.clone();
+        Ok(())
+    }
+    fn load_schedules(&self) -> Result<Schedules, StoreError> {
+        Ok(self
+            .schedules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone())
+    }
+    fn save_schedules(&self, s: &Schedules) -> Result<(), StoreError> {
+        *self.schedules.lock().unwrap_or_else(|p| p.into_inner()) = s.clone();
         Ok(())
     }
 }

@@ -81,6 +81,7 @@ fn workloads(count: usize, replicas_each: u32) -> Vec<Workload> {
                 completion: None,
                 after: Vec::new(),
                 disconnect: None,
+                schedule: None,
                 name: WorkloadName::try_from(format!("w-{i:04}").as_str()).unwrap(),
                 labels: BTreeMap::new(),
                 placement: Placement::Replicas(replicas_each),

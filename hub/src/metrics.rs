@@ -324,6 +324,7 @@ mod tests {
         ]))
         .unwrap();
         let rep = |phase| ReplicaView {
+            schedule: None,
             replica: 0,
             device: Some("a".into()),
             phase,

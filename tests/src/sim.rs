@@ -181,6 +181,7 @@ async fn device(cfg: &SimConfig, id: DeviceId, stats: &SimStats, stop: Cancellat
                                     let _ = tx.send(started).await;
                                 });
                                 next.insert(instance, InstanceStatus {
+                                    schedule: None,
                                     name: w.name.clone(),
                                     replica: w.replica,
                                     revision: w.revision.clone(),

@@ -319,7 +319,13 @@ fn a_singleton_with_stop_after_never_runs_twice_in_a_partition() -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(runs(&agents[other], "valve-0"), Some(true));
+    let other_log = agents[other].proc.log_text();
+    assert_eq!(
+        runs(&agents[other], "valve-0"),
+        Some(true),
+        "{}",
+        &other_log[other_log.len().saturating_sub(6000)..]
+    );
     assert_eq!(runs(&agents[holder], "valve-0"), Some(false));
     let log = agents[holder].proc.log_text();
     assert!(log.contains("replica fenced"), "{log}");

@@ -22,8 +22,11 @@ use serde::{Deserialize, Serialize};
 
 /// What `lostAfter` must exceed `stopAfter` plus the stop grace period by: a status period
 /// (how much later than the hub's last hearing the device's last confirmed contact can be)
-/// and 2 s for delivery and the hub's once-a-second check.
-pub const MARGIN_MS: u64 = crate::wire::messages::STATUS_PERIOD_MS + 2_000;
+/// and 5 s for delivery, the agent's and the hub's once-a-second checks and a busy loop.
+pub const MARGIN_MS: u64 = crate::wire::messages::STATUS_PERIOD_MS + 5_000;
+
+/// The shortest `lostAfter`: two status periods (a device is silent between its statuses).
+pub const MIN_LOST_AFTER_MS: u64 = 2 * crate::wire::messages::STATUS_PERIOD_MS;
 
 /// A validated `spec.disconnect`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,7 +67,19 @@ pub fn validate(
         "spec.disconnect.lostAfter",
         wire.lost_after.as_deref(),
         errs,
-    );
+    )
+    .filter(|ms| {
+        let ok = *ms >= MIN_LOST_AFTER_MS;
+        if !ok {
+            errs.push(format!(
+                "spec.disconnect.lostAfter {:?} is invalid: must be at least {} (a device reports every {}, so a shorter wait moves replicas off devices that are fine)",
+                wire.lost_after.as_deref().unwrap_or_default(),
+                format_duration_ms(MIN_LOST_AFTER_MS),
+                format_duration_ms(crate::wire::messages::STATUS_PERIOD_MS),
+            ));
+        }
+        ok
+    });
     let stop_after_ms = duration(
         "spec.disconnect.stopAfter",
         wire.stop_after.as_deref(),
@@ -125,7 +140,7 @@ mod tests {
             (d.lost_after_ms, d.replace, d.stop_after_ms),
             (Some(20_000), true, Some(5_000))
         );
-        // A container's grace period counts: 5s + 10s + 12s.
+        // A container's grace period counts: 5s + 10s + 15s.
         assert!(validate(
             spec(Some("20s"), None, Some("5s")),
             false,
@@ -134,7 +149,7 @@ mod tests {
         )
         .is_none());
         assert!(
-            errs[0].starts_with("spec.disconnect.lostAfter \"20s\" is invalid: with stopAfter 5s and replace it must be at least 27s"),
+            errs[0].starts_with("spec.disconnect.lostAfter \"20s\" is invalid: with stopAfter 5s and replace it must be at least 30s"),
             "{errs:?}"
         );
         // stopAfter without replace (the replica never moves): no constraint.
@@ -152,6 +167,11 @@ mod tests {
                 spec(Some("500ms"), None, None),
                 false,
                 "spec.disconnect.lostAfter \"500ms\" is invalid: must be at least 1s",
+            ),
+            (
+                spec(Some("10s"), None, None),
+                false,
+                "spec.disconnect.lostAfter \"10s\" is invalid: must be at least 20s",
             ),
             (
                 spec(None, None, Some("soon")),

@@ -55,6 +55,43 @@ fn millis(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// `backoffLimit` (default [`DEFAULT_BACKOFF_LIMIT`]) and `activeDeadline` of one run, as
+/// jobs and schedules share them.
+pub fn run_limits(
+    wire: &crate::wire::manifest::Completion,
+    restart_policy: Option<&str>,
+    errs: &mut Vec<String>,
+) -> (u32, Option<u64>) {
+    if let (Some("Never"), Some(n)) = (restart_policy, wire.backoff_limit) {
+        errs.push(format!(
+            "spec.completion.backoffLimit {n} is invalid with spec.restart.policy \"Never\": a failed run is not retried (use OnFailure)"
+        ));
+    }
+    let backoff_limit = wire.backoff_limit.unwrap_or(DEFAULT_BACKOFF_LIMIT);
+    if backoff_limit > MAX_BACKOFF_LIMIT {
+        errs.push(format!(
+            "spec.completion.backoffLimit {backoff_limit} is invalid: must be at most {MAX_BACKOFF_LIMIT}"
+        ));
+    }
+    let active_deadline_ms =
+        wire.active_deadline
+            .as_deref()
+            .and_then(|s| match parse_duration(s) {
+                Ok(d) if !d.is_zero() => Some(millis(d)),
+                Ok(_) => {
+                    errs.push(format!(
+                        "spec.completion.activeDeadline {s:?} is invalid: must be more than 0"
+                    ));
+                    None
+                }
+                Err(e) => {
+                    errs.push(format!("spec.completion.activeDeadline: {e}"));
+                    None
+                }
+            });
+    (backoff_limit, active_deadline_ms)
+}
+
 /// Validates `spec.completion` against the rest of the spec; every problem goes to `errs`.
 pub fn validate(
     wire: crate::wire::manifest::Completion,
@@ -112,33 +149,7 @@ pub fn validate(
         None if cx.every => None,
         None => Some(1),
     };
-    if let (Some("Never"), Some(n)) = (cx.restart_policy, wire.backoff_limit) {
-        errs.push(format!(
-            "spec.completion.backoffLimit {n} is invalid with spec.restart.policy \"Never\": a failed run is not retried (use OnFailure)"
-        ));
-    }
-    let backoff_limit = wire.backoff_limit.unwrap_or(DEFAULT_BACKOFF_LIMIT);
-    if backoff_limit > MAX_BACKOFF_LIMIT {
-        errs.push(format!(
-            "spec.completion.backoffLimit {backoff_limit} is invalid: must be at most {MAX_BACKOFF_LIMIT}"
-        ));
-    }
-    let active_deadline_ms =
-        wire.active_deadline
-            .as_deref()
-            .and_then(|s| match parse_duration(s) {
-                Ok(d) if !d.is_zero() => Some(millis(d)),
-                Ok(_) => {
-                    errs.push(format!(
-                        "spec.completion.activeDeadline {s:?} is invalid: must be more than 0"
-                    ));
-                    None
-                }
-                Err(e) => {
-                    errs.push(format!("spec.completion.activeDeadline: {e}"));
-                    None
-                }
-            });
+    let (backoff_limit, active_deadline_ms) = run_limits(&wire, cx.restart_policy, errs);
     let ttl_after_finished_ms = match (cx.every, wire.ttl_after_finished.as_deref()) {
         (_, None) => None,
         (true, Some(s)) => {

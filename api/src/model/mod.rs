@@ -14,6 +14,7 @@ pub mod oci;
 pub mod order;
 pub mod quantity;
 pub mod refs;
+pub mod schedule;
 pub mod secret;
 pub mod selector;
 pub mod volume;

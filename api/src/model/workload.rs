@@ -427,6 +427,9 @@ pub struct Workload {
     /// `spec.disconnect` (see [`crate::model::disconnect`]). Not part of the revision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disconnect: Option<crate::model::disconnect::Disconnect>,
+    /// `spec.schedule`, with each run's limits (see [`crate::model::schedule`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<crate::model::schedule::DesiredSchedule>,
 }
 
 impl Workload {
@@ -470,6 +473,8 @@ impl Workload {
             completion: Option<(u32, Option<u64>)>,
             #[serde(skip_serializing_if = "<[_]>::is_empty")]
             after: &'a [crate::model::order::After],
+            #[serde(skip_serializing_if = "Option::is_none")]
+            schedule: &'a Option<crate::model::schedule::DesiredSchedule>,
         }
         // Empty lists are left out so that revisions of workloads written before ports and
         // uses existed do not change (which would restart every replica on upgrade).
@@ -495,6 +500,7 @@ impl Workload {
                 .completion
                 .map(|c| (c.backoff_limit, c.active_deadline_ms)),
             after: &self.after,
+            schedule: &self.schedule,
         };
         // Serializing plain structs and BTreeMaps cannot fail; fall back to Debug regardless.
         let bytes =
@@ -571,7 +577,7 @@ impl TryFrom<WorkloadManifest> for Workload {
             .map_err(|e| errs.push(format!("metadata.name: {e}")))
             .ok();
         check_labels("metadata.labels", &m.metadata.labels, &mut errs);
-        let spec = m.spec;
+        let mut spec = m.spec;
 
         let placement = match (spec.replicas, spec.placement.as_deref()) {
             (Some(_), Some(p)) => {
@@ -672,6 +678,31 @@ impl TryFrom<WorkloadManifest> for Workload {
                 .ok(),
         };
 
+        let schedule = spec.schedule.take().map(|s| {
+            let policy = spec.restart.as_ref().and_then(|r| r.policy.as_deref());
+            if policy == Some("Always") {
+                errs.push(
+                    "spec.restart.policy \"Always\" is invalid with spec.schedule: each run would never finish; use OnFailure or Never"
+                        .to_string(),
+                );
+            }
+            if spec.update.is_some() {
+                errs.push(
+                    "spec.update is invalid with spec.schedule: scheduled runs do not roll out, the next run takes the new spec"
+                        .to_string(),
+                );
+            }
+            let c = spec.completion.take().unwrap_or_default();
+            let (backoff_limit, active_deadline_ms) =
+                crate::model::job::run_limits(&c, policy, &mut errs);
+            crate::model::schedule::validate(s, Some(&c), &mut errs).map(|schedule| {
+                crate::model::schedule::DesiredSchedule {
+                    schedule,
+                    backoff_limit,
+                    active_deadline_ms,
+                }
+            })
+        });
         let completion = spec.completion.and_then(|c| {
             let cx = crate::model::job::Context {
                 every: placement == Some(Placement::Every),
@@ -681,8 +712,8 @@ impl TryFrom<WorkloadManifest> for Workload {
             };
             crate::model::job::validate(c, &cx, &mut errs)
         });
-        let job_restart_default =
-            completion.is_some() && spec.restart.as_ref().is_none_or(|r| r.policy.is_none());
+        let job_restart_default = (completion.is_some() || schedule.is_some())
+            && spec.restart.as_ref().is_none_or(|r| r.policy.is_none());
         let mut restart = restart(spec.restart.unwrap_or_default(), &mut errs);
         if let (true, Some(r)) = (job_restart_default, restart.as_mut()) {
             r.policy = RestartPolicy::OnFailure;
@@ -762,6 +793,7 @@ impl TryFrom<WorkloadManifest> for Workload {
                 completion,
                 after,
                 disconnect,
+                schedule: schedule.flatten(),
             }),
             _ => Err(errs),
         }

@@ -101,6 +101,9 @@ pub struct WorkloadSpec {
     /// How long a lost device is waited for (see [`crate::model::disconnect`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disconnect: Option<DisconnectSpec>,
+    /// Runs fired by the device on a cron schedule (see [`crate::model::schedule`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<ScheduleSpec>,
     /// Run to completion rather than as a service (see [`crate::model::job`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion: Option<Completion>,
@@ -116,6 +119,20 @@ pub struct AfterSpec {
     /// Stop and wait again when the dependency stops meeting the condition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_with: Option<bool>,
+}
+
+/// `spec.schedule`: `{ cron: "0 3 * * *", timeZone: Europe/Berlin, concurrency: Forbid,
+/// startingDeadline: 1h }`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ScheduleSpec {
+    pub cron: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub starting_deadline: Option<String>,
 }
 
 /// `spec.disconnect`: `{ lostAfter: 5m, replace: true, stopAfter: 2m }`.

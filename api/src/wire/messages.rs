@@ -110,12 +110,14 @@ pub enum Phase {
     CrashLoopBackOff,
     /// Waiting for the workloads it starts after (`spec.after`) on its device.
     Waiting,
+    /// Between the runs of its schedule (`spec.schedule`).
+    Scheduled,
 }
 
 impl Phase {
     /// Every phase, in lifecycle order (metrics give each one a series so that
     /// `sum by (phase)` has no gaps).
-    pub const ALL: [Phase; 8] = [
+    pub const ALL: [Phase; 9] = [
         Phase::Pending,
         Phase::Pulling,
         Phase::Starting,
@@ -124,6 +126,7 @@ impl Phase {
         Phase::Failed,
         Phase::CrashLoopBackOff,
         Phase::Waiting,
+        Phase::Scheduled,
     ];
 }
 
@@ -200,6 +203,10 @@ pub struct DesiredWorkload {
     /// the device's for this long (see [`crate::model::disconnect`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_after_ms: Option<u64>,
+    /// `spec.schedule`: the device fires this replica's runs itself (see
+    /// [`crate::model::schedule`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<crate::model::schedule::DesiredSchedule>,
 }
 
 impl DesiredWorkload {
@@ -246,6 +253,7 @@ impl DesiredWorkload {
             job: None,
             after: w.after.clone(),
             stop_after_ms: w.disconnect.and_then(|d| d.stop_after_ms),
+            schedule: w.schedule.clone(),
             // The hub fills in each secret's version.
             secrets: w
                 .secrets
@@ -379,6 +387,9 @@ pub struct InstanceStatus {
     /// Milliseconds since the Unix epoch when the replica finished (`Succeeded`/`Failed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at_ms: Option<u64>,
+    /// A scheduled replica: its next run and its last runs on this device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<crate::model::schedule::ScheduleStatus>,
 }
 
 /// `devices/{d}/status` (retained): what the device observes.

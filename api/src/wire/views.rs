@@ -106,6 +106,9 @@ pub struct ReplicaView {
     /// The hardware nodes the device says the replica holds (`resources.devices`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<String>,
+    /// A scheduled replica: its next run and its last runs, as its device reports them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<crate::model::schedule::ScheduleStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -46,6 +46,11 @@ impl Link {
         }
     }
 
+    /// Whether the bus is connected now.
+    pub fn connected(&self) -> bool {
+        self.view.connected
+    }
+
     /// When the broker last confirmed something this device sent.
     pub fn contact(&self) -> Option<std::time::Instant> {
         *self.contact.borrow()

@@ -92,7 +92,8 @@ enum Event {
     Heartbeat,
     /// Time to look at the choice of hub again.
     HubCheck,
-    /// Time to see whether replicas with `spec.disconnect.stopAfter` still may run.
+    /// Time to see whether replicas with `spec.disconnect.stopAfter` still may run, and
+    /// whether a scheduled run is due.
     ContactCheck,
 }
 
@@ -268,6 +269,11 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     }
     agent.replicas.empty_trash();
     if agent.replicas.resume()? {
+        // Before anything starts: with no contact yet, replicas with `stopAfter` wait for
+        // the hub's word.
+        agent
+            .replicas
+            .check_contact(agent.link.contact(), std::time::Instant::now());
         agent.reconcile().await;
     }
     agent
@@ -328,7 +334,7 @@ impl Agent {
                 _ = report.tick() => Event::HubSearchReport,
                 _ = heartbeat.tick() => Event::Heartbeat,
                 _ = hub_check.tick() => Event::HubCheck,
-                _ = contact_check.tick(), if self.replicas.fences() => Event::ContactCheck,
+                _ = contact_check.tick(), if self.replicas.ticks() => Event::ContactCheck,
             };
             self.handle(event, searched_since).await;
         }
@@ -338,7 +344,6 @@ impl Agent {
     async fn handle(&mut self, event: Event, searched_since: std::time::Instant) {
         match event {
             Event::Bus(BusEvent::Connected) => {
-                self.replicas.connection_changed();
                 self.link.changed(true, None);
                 self.discovery.connected();
                 self.link
@@ -346,28 +351,17 @@ impl Agent {
                     .await;
             }
             Event::Bus(BusEvent::Disconnected(reason)) => {
-                self.replicas.connection_changed();
                 self.link.changed(false, Some(reason));
                 self.discovery.disconnected();
             }
             Event::Bus(BusEvent::Desired(payload)) => match self.replicas.on_desired(&payload) {
                 Desired::Accepted => {
                     self.link.synced();
-                    self.replicas.synced();
                     self.replicas
                         .check_contact(self.link.contact(), std::time::Instant::now());
                     self.reconcile().await;
                 }
-                Desired::Same => {
-                    self.link.synced();
-                    self.replicas.synced();
-                    if self
-                        .replicas
-                        .check_contact(self.link.contact(), std::time::Instant::now())
-                    {
-                        self.reconcile().await;
-                    }
-                }
+                Desired::Same => self.link.synced(),
                 Desired::Ignored => {}
             },
             Event::Bus(BusEvent::LogRequest(payload)) => {
@@ -407,10 +401,25 @@ impl Agent {
             }
             Event::HubCheck => self.discovery.choose_hub(),
             Event::ContactCheck => {
-                if self
+                // Statuses (and their acknowledgements) come every 10 s: with a shorter
+                // `stopAfter`, one is sent whenever contact is older than a quarter of it,
+                // so a device that is fine never fences itself.
+                if let Some(ms) = self.replicas.min_stop_after() {
+                    let stale = self
+                        .link
+                        .contact()
+                        .is_none_or(|c| c.elapsed() > Duration::from_millis(ms / 4));
+                    if stale && self.link.connected() {
+                        self.publish_status().await;
+                    }
+                }
+                let fenced = self
                     .replicas
-                    .check_contact(self.link.contact(), std::time::Instant::now())
-                {
+                    .check_contact(self.link.contact(), std::time::Instant::now());
+                let fired = self
+                    .replicas
+                    .check_schedules(now_ms(), self.link.connected());
+                if fenced || fired {
                     self.reconcile().await;
                 }
             }

@@ -13,11 +13,12 @@ use crate::core::hardware::{Grant, Holder, Holdings, Inventory};
 use crate::core::plan::{
     config_digests, finished, lost_dependency, plan, secret_versions, waiting_for, Action, Observed,
 };
+use crate::core::schedule::{decide, Decision, ScheduleState};
 use crate::local::RestartError;
 use crate::replica::supervisor::{self, Shared, Update};
 use crate::runtime::Network;
 use crate::status::RestartView;
-use crate::store::{Runs, Store, StoreError};
+use crate::store::{Runs, Schedules, Store, StoreError};
 use crate::volumes::Swept;
 use shoal_api::model::ids::{DeviceId, SecretName, WorkloadName};
 use shoal_api::wire::endpoint::BrokerUrl;
@@ -119,11 +120,17 @@ pub struct Replicas {
     /// Results not saved yet (the store failed): reported without `finishedAtMs` meanwhile.
     unsaved: Runs,
     /// Replicas with `spec.disconnect.stopAfter` that may not run for want of contact with
-    /// the hub (stopped, or never started): instance → why.
-    fenced: BTreeMap<String, String>,
-    /// A desired state came from the hub since the bus last connected or disconnected: what
-    /// the device runs is the hub's current word.
-    synced: bool,
+    /// the hub (stopped, or never started): instance → why, and the generation of the
+    /// desired state in force when they were fenced.
+    fenced: BTreeMap<String, (String, u64)>,
+    /// Each scheduled replica's state (`spec.schedule`; saved before a run starts).
+    schedules: Schedules,
+    /// Scheduled replicas with a run in progress: instance → the time it was scheduled at
+    /// (its run id).
+    active: BTreeMap<String, u64>,
+    /// The device's clock as [`Self::check_schedules`] last read it (what statuses show the
+    /// next run from).
+    schedule_now: u64,
 }
 
 /// What a supervisor's report changed ([`Replicas::on_update`]).
@@ -165,8 +172,109 @@ impl Replicas {
             runs: Runs::new(),
             unsaved: Runs::new(),
             fenced: BTreeMap::new(),
-            synced: false,
+            schedules: Schedules::new(),
+            active: BTreeMap::new(),
+            schedule_now: 0,
         }
+    }
+
+    /// Whether the loop should call [`Self::check_contact`] and [`Self::check_schedules`]
+    /// every second: a desired replica has `stopAfter` or a schedule.
+    pub fn ticks(&self) -> bool {
+        self.desired_workloads()
+            .iter()
+            .any(|w| w.stop_after_ms.is_some() || w.schedule.is_some())
+    }
+
+    /// The shortest `stopAfter` of the desired replicas (the loop keeps contact fresher
+    /// than a quarter of it).
+    pub fn min_stop_after(&self) -> Option<u64> {
+        self.desired_workloads()
+            .iter()
+            .filter_map(|w| w.stop_after_ms)
+            .min()
+    }
+
+    /// Fires, skips or misses the scheduled replicas' runs due at `now` (Unix ms, the
+    /// device's clock); `online`: the hub's broker is connected (runs fired offline say
+    /// so). The schedules' state is saved before a run starts: each scheduled time runs at
+    /// most once. `true`: something changed (reconcile).
+    pub fn check_schedules(&mut self, now: u64, online: bool) -> bool {
+        self.schedule_now = now;
+        let scheduled: Vec<(String, shoal_api::model::schedule::DesiredSchedule)> = self
+            .desired_workloads()
+            .iter()
+            .filter_map(|w| Some((w.instance(), w.schedule.clone()?)))
+            .collect();
+        let before = self.schedules.clone();
+        let active_before = self.active.clone();
+        self.schedules
+            .retain(|i, _| scheduled.iter().any(|(s, _)| s == i));
+        self.active
+            .retain(|i, _| scheduled.iter().any(|(s, _)| s == i));
+        use crate::core::schedule::run;
+        for (instance, s) in &scheduled {
+            // First seen now: no catching up on the past.
+            let st = self
+                .schedules
+                .entry(instance.clone())
+                .or_insert_with(|| ScheduleState {
+                    last_ms: now,
+                    runs: Vec::new(),
+                });
+            let running = self.active.get(instance).copied();
+            match decide(s, st, running.is_some(), now) {
+                Ok(Decision::Idle) => {}
+                Ok(Decision::Fire(at)) => {
+                    info!(%instance, scheduled_ms = at, online, "scheduled run starts");
+                    st.record(run(at, "Running", !online));
+                    self.active.insert(instance.clone(), at);
+                }
+                Ok(Decision::Replace(at)) => {
+                    info!(%instance, scheduled_ms = at, "scheduled run replaces the one still running");
+                    if let Some(prev) = running {
+                        st.finish(prev, "Replaced", None, now);
+                    }
+                    st.record(run(at, "Running", !online));
+                    self.active.insert(instance.clone(), at);
+                }
+                Ok(Decision::Skip(at)) => {
+                    info!(%instance, scheduled_ms = at, "scheduled run skipped: the previous one still runs (concurrency Forbid)");
+                    let mut r = run(at, "Skipped", !online);
+                    r.finished_ms = Some(now);
+                    st.record(r);
+                }
+                Ok(Decision::Miss(at)) => {
+                    warn!(%instance, scheduled_ms = at, "scheduled run missed: found past its startingDeadline");
+                    let mut r = run(at, "Missed", !online);
+                    r.finished_ms = Some(now);
+                    st.record(r);
+                }
+                Err(e) => warn!(%instance, error = %e, "schedule cannot be evaluated"),
+            }
+        }
+        if self.schedules == before {
+            return self.active != active_before;
+        }
+        if let Err(e) = self.store.save_schedules(&self.schedules) {
+            // Nothing starts unsaved: it would run again after a restart.
+            warn!(error = %e, "cannot save the schedules' state: no run starts until it is");
+            self.schedules = before;
+            self.active = active_before;
+            return false;
+        }
+        true
+    }
+
+    /// A scheduled replica's status part.
+    fn schedule_status(
+        &self,
+        w: &DesiredWorkload,
+        now: u64,
+    ) -> Option<shoal_api::model::schedule::ScheduleStatus> {
+        let s = w.schedule.as_ref()?;
+        let st = self.schedules.get(&w.instance())?;
+        Some(st.status(s, now))
     }
 
     /// Saves the results not saved yet with the others; `true` when all are saved (their
@@ -195,34 +303,19 @@ impl Replicas {
         !self.unsaved.is_empty()
     }
 
-    /// The bus connected or lost its connection: until the hub's desired state arrives
-    /// again, replicas with `stopAfter` do not (re)start.
-    pub fn connection_changed(&mut self) {
-        self.synced = false;
-    }
-
-    /// The hub's desired state arrived (new, or the one in force again).
-    pub fn synced(&mut self) {
-        self.synced = true;
-    }
-
-    /// Whether any desired replica has `spec.disconnect.stopAfter` (the loop then checks
-    /// contact every second).
-    pub fn fences(&self) -> bool {
-        self.desired_workloads()
-            .iter()
-            .any(|w| w.stop_after_ms.is_some())
-    }
-
-    /// Replicas with `stopAfter` run only while the broker confirmed this device's messages
-    /// within that time (`contact`) and the hub's desired state arrived since the last
-    /// (re)connect; the others are fenced: stopped at the next reconcile, or not started.
+    /// Replicas with `stopAfter` run only while the broker has confirmed this device's
+    /// messages within that time (`contact`). One that was not is fenced (stopped at the
+    /// next reconcile, or not started, at boot too) until contact is back **and** a desired
+    /// state newer than the one in force when it was fenced has arrived: the hub issues one
+    /// when it hears the device again (its hello), so the replica runs again only on the
+    /// hub's word given after that, never on a retained state the broker replays.
     /// `true`: a replica was fenced or let go (reconcile).
     pub fn check_contact(
         &mut self,
         contact: Option<std::time::Instant>,
         now: std::time::Instant,
     ) -> bool {
+        let generation = self.generation();
         let mut changed = false;
         let mut fenced = BTreeMap::new();
         for w in self.desired_workloads() {
@@ -230,22 +323,26 @@ impl Replicas {
             let limit = Duration::from_millis(ms);
             let heard = contact.is_some_and(|c| now.saturating_duration_since(c) <= limit);
             let instance = w.instance();
-            if heard && self.synced {
-                if self.fenced.contains_key(&instance) {
-                    info!(%instance, "the hub is heard again: the replica may run");
+            match self.fenced.get(&instance) {
+                None if heard => continue,
+                Some((_, at)) if heard && generation > *at => {
+                    info!(%instance, "the hub heard this device again: the replica may run");
                     changed = true;
+                    continue;
                 }
-                continue;
+                Some(kept) => {
+                    fenced.insert(instance, kept.clone());
+                }
+                None => {
+                    let why = format!(
+                        "stopped: the hub has not heard this device for {} (spec.disconnect.stopAfter); it runs again once the hub is back",
+                        shoal_api::model::quantity::format_duration_ms(ms)
+                    );
+                    warn!(%instance, reason = %why, "replica fenced");
+                    changed = true;
+                    fenced.insert(instance, (why, generation));
+                }
             }
-            let why = format!(
-                "stopped: the hub has not heard this device for {} (spec.disconnect.stopAfter); it runs again once the hub is back",
-                shoal_api::model::quantity::format_duration_ms(ms)
-            );
-            if !self.fenced.contains_key(&instance) {
-                warn!(%instance, reason = %why, "replica fenced");
-                changed = true;
-            }
-            fenced.insert(instance, why);
         }
         changed |= fenced.len() != self.fenced.len();
         self.fenced = fenced;
@@ -275,6 +372,16 @@ impl Replicas {
         }
         self.hardware_saved = self.hardware.replicas();
         self.runs = self.store.load_runs()?;
+        self.schedules = self.store.load_schedules()?;
+        // Runs that were going when the agent stopped are over (never run again).
+        let now = now_ms();
+        let mut cut = false;
+        for st in self.schedules.values_mut() {
+            cut |= st.interrupted(now);
+        }
+        if cut {
+            self.store.save_schedules(&self.schedules)?;
+        }
         self.desired = Some(d);
         Ok(true)
     }
@@ -372,12 +479,25 @@ impl Replicas {
                 warn!(error = %e, "cannot forget the results of earlier job runs");
             }
         }
+        // A scheduled replica runs only while one of its runs is on, as that run (a job's).
         let todo: Vec<DesiredWorkload> = desired
             .workloads
             .iter()
             .filter(|w| !finished(w, self.runs.get(&w.instance())))
             .filter(|w| !self.fenced.contains_key(&w.instance()))
-            .cloned()
+            .filter_map(|w| match &w.schedule {
+                None => Some(w.clone()),
+                Some(s) => {
+                    let at = *self.active.get(&w.instance())?;
+                    let mut run = w.clone();
+                    run.job = Some(shoal_api::model::job::JobRun {
+                        run: at,
+                        backoff_limit: s.backoff_limit,
+                        active_deadline_ms: s.active_deadline_ms,
+                    });
+                    Some(run)
+                }
+            })
             .collect();
         // `spec.after`: what each waiting replica would wait for, from the statuses now.
         // Only replicas that stay desired count: one about to stop is gone already.
@@ -480,10 +600,28 @@ impl Replicas {
                 }
             }
         }
-        // Fenced replicas (stopped above, or never started) say why.
+        // Fenced replicas (stopped above, or never started) say why; scheduled ones between
+        // runs, when the next is.
+        let now = self.schedule_now;
         for w in &desired.workloads {
-            if let Some(why) = self.fenced.get(&w.instance()).cloned() {
+            let instance = w.instance();
+            if let Some((why, _)) = self.fenced.get(&instance).cloned() {
                 self.held_back(w, Phase::Pending, why);
+            } else if w.schedule.is_some() && !self.active.contains_key(&instance) {
+                let schedule = self.schedule_status(w, now);
+                let next = schedule.as_ref().and_then(|s| s.next_ms).map_or(
+                    "none (the schedule names no later time)".to_string(),
+                    |t| {
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + Duration::from_millis(t),
+                        )
+                        .to_string()
+                    },
+                );
+                self.held_back(w, Phase::Scheduled, format!("next run at {next}"));
+                if let Some(s) = self.statuses.get_mut(&instance) {
+                    s.schedule = schedule;
+                }
             }
         }
         true
@@ -526,6 +664,7 @@ impl Replicas {
         self.statuses.insert(
             instance,
             InstanceStatus {
+                schedule: None,
                 name: w.name.clone(),
                 replica: w.replica,
                 revision: w.revision.clone(),
@@ -575,7 +714,33 @@ impl Replicas {
         let mut run_finished = u.status.run.is_some()
             && u.status.finished_at_ms.is_some()
             && matches!(u.status.phase, Phase::Succeeded | Phase::Failed);
-        if run_finished {
+        let scheduled = self.active.get(&u.instance).copied();
+        if let Some(at) = scheduled.filter(|at| u.status.run == Some(*at)) {
+            // A scheduled run: its end goes to the schedule's history (saved), not to the
+            // job results.
+            if run_finished {
+                if let Some(st) = self.schedules.get_mut(&u.instance) {
+                    let outcome = u.status.phase.to_string();
+                    st.finish(
+                        at,
+                        &outcome,
+                        u.status.exit_code,
+                        u.status.finished_at_ms.unwrap_or_default(),
+                    );
+                }
+                self.active.remove(&u.instance);
+                if let Err(e) = self.store.save_schedules(&self.schedules) {
+                    warn!(instance = %u.instance, error = %e, "cannot save a scheduled run's end");
+                }
+                info!(instance = %u.instance, phase = %u.status.phase, scheduled_ms = at, "scheduled run finished");
+            }
+            let w = self
+                .desired_workloads()
+                .iter()
+                .find(|w| w.instance() == u.instance)
+                .cloned();
+            u.status.schedule = w.and_then(|w| self.schedule_status(&w, self.schedule_now));
+        } else if run_finished {
             self.unsaved.insert(u.instance.clone(), u.status.clone());
             if self.save_results() {
                 info!(instance = %u.instance, phase = %u.status.phase, "job run finished");
@@ -977,6 +1142,7 @@ mod tests {
         DesiredWorkload {
             job: None,
             stop_after_ms: None,
+            schedule: None,
             after: Vec::new(),
             configs: Vec::new(),
             name: WorkloadName::try_from(name).unwrap(),
@@ -1382,7 +1548,8 @@ mod tests {
         let mut f = Fixture::new();
         let mut valve = workload("valve", 0, "r1");
         valve.stop_after_ms = Some(5_000);
-        f.desired(&state("d1", 1, vec![valve, workload("web", 0, "r1")]));
+        let both = |g| state("d1", g, vec![valve.clone(), workload("web", 0, "r1")]);
+        f.desired(&both(1));
         let t0 = std::time::Instant::now();
         // At boot, before any contact: fenced, not started; the other replica runs.
         assert!(f.replicas.check_contact(None, t0));
@@ -1402,9 +1569,13 @@ mod tests {
             .as_deref()
             .unwrap()
             .contains("spec.disconnect.stopAfter"));
-        // Contact, but the hub's state not (yet) again since the connect: still fenced.
+        // Contact, but no desired state newer than the one it was fenced under: the
+        // broker may be replaying a retained one the hub gave before it lost the device.
         assert!(!f.replicas.check_contact(Some(t0), t0));
-        f.replicas.synced();
+        assert_eq!(f.desired(&both(1)), Desired::Same);
+        assert!(!f.replicas.check_contact(Some(t0), t0));
+        // The hub heard the device and issued its state anew: it runs.
+        f.desired(&both(2));
         assert!(f.replicas.check_contact(Some(t0), t0));
         f.reconcile().await;
         f.settle(&[
@@ -1413,17 +1584,16 @@ mod tests {
         ])
         .await;
         // 5 s without a confirmed message: stopped; the other keeps running.
-        let later = t0 + Duration::from_millis(5_001);
         assert!(!f
             .replicas
             .check_contact(Some(t0), t0 + Duration::from_secs(5)));
+        let later = t0 + Duration::from_millis(5_001);
         assert!(f.replicas.check_contact(Some(t0), later));
         f.reconcile().await;
         assert_eq!(f.running(), ["web-0"]);
-        // A reconnect alone does not let it run: the hub's state must come again.
-        f.replicas.connection_changed();
+        // Contact again alone does not let it run; the hub's next word does.
         assert!(!f.replicas.check_contact(Some(later), later));
-        f.replicas.synced();
+        f.desired(&both(3));
         assert!(f.replicas.check_contact(Some(later), later));
         f.reconcile().await;
         f.settle(&[
@@ -1431,6 +1601,82 @@ mod tests {
             ("web-0", Phase::Running, "r1"),
         ])
         .await;
+        f.replicas.stop_all().await;
+    }
+
+    #[tokio::test]
+    async fn scheduled_runs_fire_by_the_device_clock_once_each_across_restarts() {
+        use shoal_api::model::schedule::{Concurrency, DesiredSchedule, Schedule};
+        let mut f = Fixture::new();
+        let mut ok = workload("ok", 0, "r1");
+        ok.restart.policy = RestartPolicy::OnFailure;
+        ok.schedule = Some(DesiredSchedule {
+            schedule: Schedule {
+                cron: "*/2 * * * * *".into(),
+                time_zone: "UTC".into(),
+                concurrency: Concurrency::Forbid,
+                starting_deadline_ms: None,
+            },
+            backoff_limit: 0,
+            active_deadline_ms: None,
+        });
+        f.desired(&state("d1", 1, vec![ok.clone()]));
+        // First seen at 10 s: nothing from the past; between runs it says when the next is.
+        assert!(f.replicas.check_schedules(10_000, true));
+        f.reconcile().await;
+        let s = f.replicas.statuses().next().unwrap().clone();
+        assert_eq!(s.phase, Phase::Scheduled);
+        assert_eq!(s.schedule.as_ref().and_then(|s| s.next_ms), Some(12_000));
+        assert!(!f.replicas.check_schedules(11_000, true));
+        // 12 s: it fires (offline: the broker is down), runs to completion, and is recorded.
+        assert!(f.replicas.check_schedules(12_300, false));
+        f.reconcile().await;
+        assert_eq!(f.replicas.len(), 1);
+        let u = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let u = f.updates.recv().await.expect("a supervisor alive");
+                let done = u.status.phase == Phase::Succeeded;
+                let updated = f.replicas.on_update(u);
+                if done {
+                    break updated;
+                }
+            }
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(u.run_finished);
+        f.reconcile().await;
+        assert_eq!(f.replicas.len(), 0, "between runs nothing runs");
+        let saved = f.store.load_schedules().unwrap();
+        let runs = &saved["ok-0"].runs;
+        assert_eq!(runs.len(), 1);
+        assert_eq!(
+            (
+                runs[0].scheduled_ms,
+                runs[0].outcome.as_str(),
+                runs[0].offline
+            ),
+            (12_000, "Succeeded", true)
+        );
+        f.replicas.stop_all().await;
+
+        // A new agent over the same store, at 13 s: 12 s is not run again.
+        let (again, updates) =
+            Fixture::replicas(f._dir.path(), &f.hub, f.store.clone(), Inventory::new());
+        (f.replicas, f.updates) = (again, updates);
+        assert!(f.replicas.resume().unwrap());
+        assert!(!f.replicas.check_schedules(13_000, true));
+        // Off until 21.5 s: of 14, 16, 18 and 20 s only the latest runs.
+        assert!(f.replicas.check_schedules(21_500, true));
+        let runs = &f.store.load_schedules().unwrap()["ok-0"].runs;
+        assert_eq!(runs.len(), 2);
+        assert_eq!(
+            (runs[1].scheduled_ms, runs[1].outcome.as_str()),
+            (20_000, "Running")
+        );
+        f.reconcile().await;
+        assert_eq!(f.replicas.len(), 1);
         f.replicas.stop_all().await;
     }
 }

@@ -5,8 +5,10 @@
 //! - [`plan`]: from the desired state and what runs, the replicas to start and stop;
 //! - [`directory`]: what mDNS showed (hubs, peers, service endpoints), and which hub to use
 //!   ([`directory::hub_link`]);
-//! - [`hardware`]: which hardware nodes each replica holds.
+//! - [`hardware`]: which hardware nodes each replica holds;
+//! - [`schedule`]: when a scheduled replica's runs start, are skipped or missed.
 
 pub mod directory;
 pub mod hardware;
 pub mod plan;
+pub mod schedule;

@@ -199,6 +199,7 @@ mod tests {
         DesiredWorkload {
             job: None,
             stop_after_ms: None,
+            schedule: None,
             after: Vec::new(),
             configs: Vec::new(),
             name: WorkloadName::try_from(name).unwrap(),
@@ -422,6 +423,7 @@ mod tests {
             d
         };
         let result = |rev: &str, run: Option<u64>| InstanceStatus {
+            schedule: None,
             name: WorkloadName::try_from("j").unwrap(),
             replica: 0,
             revision: rev.into(),
@@ -485,6 +487,7 @@ mod tests {
     fn start_order_waits_for_each_condition_on_this_device() {
         use shoal_api::model::order::{After, Condition};
         let st = |name: &str, phase: Phase, healthy: Option<bool>| InstanceStatus {
+            schedule: None,
             name: WorkloadName::try_from(name).unwrap(),
             replica: 0,
             revision: "r".into(),

@@ -175,6 +175,7 @@ pub async fn supervise(
             instance: instance.clone(),
             task,
             status: InstanceStatus {
+                schedule: None,
                 name: desired.name.clone(),
                 replica: desired.replica,
                 revision: desired.revision.clone(),
@@ -557,6 +558,7 @@ mod tests {
         DesiredWorkload {
             job: None,
             stop_after_ms: None,
+            schedule: None,
             after: Vec::new(),
             configs: Vec::new(),
             name: WorkloadName::try_from("w").unwrap(),

@@ -167,6 +167,9 @@ pub struct ContainerSpec {
     pub privileged: bool,
     /// `devices`: host device nodes by path (only if this device allows it).
     pub host_devices: Vec<shoal_api::model::workload::HostDevice>,
+    /// Left running for the next agent when this one stops (adopted then); `false` for a
+    /// replica with `spec.disconnect.stopAfter`, which runs only while an agent fences it.
+    pub detach: bool,
 }
 
 impl RunSpec {
@@ -205,6 +208,7 @@ impl RunSpec {
                 cap_add: c.cap_add.clone(),
                 cap_drop: c.cap_drop.clone(),
                 groups: c.groups.clone(),
+                detach: d.stop_after_ms.is_none(),
             }),
             (None, None) => return Err(RuntimeError::NothingToRun),
         };

@@ -87,7 +87,18 @@ impl Fleet {
         // A device that joins with no desired state yet still gets an (empty) one, so it
         // knows it is in sync; and a device whose desired state exists gets it again.
         if !out.iter().any(|d| d.device_id == id) {
+            // A replica with `stopAfter` that its agent stopped for want of contact runs
+            // again only on a desired state newer than the one it stopped under: one
+            // issued now, after the hub heard the device (see `model::disconnect`).
+            let fenced = self
+                .desired
+                .get(&id)
+                .is_some_and(|d| d.workloads.iter().any(|w| w.stop_after_ms.is_some()));
             let d = match self.desired.get(&id) {
+                Some(d) if fenced => {
+                    let workloads = d.workloads.clone();
+                    self.bump(&id, workloads)
+                }
                 Some(d) => d.clone(),
                 None => self.bump(&id, Vec::new()),
             };
@@ -132,7 +143,7 @@ impl Fleet {
     /// Marks devices lost that have been offline, or silent, for longer than `grace_ms`, and
     /// reschedules their replicas. Call it periodically with the current time.
     pub fn check_lost(&mut self, now: u64, grace_ms: u64) -> Vec<DesiredState> {
-        let mut changed = self.check_lost_for(now);
+        let mut changed = self.check_lost_for(now, grace_ms);
         // A device that enrolled and never connected has no replicas to move.
         for id in self
             .devices
@@ -173,18 +184,32 @@ impl Fleet {
 
     /// Workloads with their own `spec.disconnect.lostAfter`: a device not heard from for
     /// that long (by the last time it spoke, whatever its presence says) is lost for them.
-    /// `true`: something changed.
-    fn check_lost_for(&mut self, now: u64) -> bool {
-        let own: Vec<(&WorkloadName, u64)> = self
+    /// With `stopAfter`, the short wait holds only once the device has confirmed (its
+    /// status's generation) the desired state that tells it to stop: until then, as during
+    /// a rollout or on an agent that knows no `stopAfter`, it is waited for at least as
+    /// long as for any workload. `true`: something changed.
+    fn check_lost_for(&mut self, now: u64, grace_ms: u64) -> bool {
+        let own: Vec<(&WorkloadName, u64, Option<u64>)> = self
             .workloads
             .values()
             .filter_map(|w| {
                 let d = w.disconnect.filter(|d| d.replace)?;
-                Some((&w.name, d.lost_after_ms?))
+                Some((&w.name, d.lost_after_ms?, d.stop_after_ms))
             })
             .collect();
+        let default_wait = grace_ms.max(3 * shoal_api::wire::messages::STATUS_PERIOD_MS);
         let mut changed = false;
         for (id, live) in self.live.iter_mut() {
+            let desired = self.desired.get(id);
+            let acked = live.status.as_ref().map(|s| s.observed_generation);
+            let confirmed = |name: &WorkloadName, stop: u64| {
+                desired.is_some_and(|d| {
+                    acked == Some(d.generation)
+                        && d.workloads
+                            .iter()
+                            .any(|w| &w.name == name && w.stop_after_ms == Some(stop))
+                })
+            };
             // Not heard since this hub started: counted from when it went offline, if it
             // did (`check_lost` starts the others' clocks at its first run).
             let since = match (live.last_heard_ms, live.offline_since_ms) {
@@ -193,8 +218,12 @@ impl Fleet {
                 (t, _) => t,
             };
             let silent = now.saturating_sub(since);
-            for (name, after) in &own {
-                if silent > *after && !live.lost_for.contains(*name) {
+            for (name, lost_after, stop_after) in &own {
+                let after = match stop_after {
+                    Some(stop) if !confirmed(name, *stop) => (*lost_after).max(default_wait),
+                    _ => *lost_after,
+                };
+                if silent > after && !live.lost_for.contains(*name) {
                     info!(device = %id, workload = %name, silent_ms = silent, "device lost for this workload (its spec.disconnect.lostAfter passed)");
                     live.lost_for.insert((*name).clone());
                     changed = true;

@@ -474,6 +474,7 @@ mod tests {
 
     fn rep(i: u32, device: Option<&str>, phase: Phase, restarts: u32) -> ReplicaView {
         ReplicaView {
+            schedule: None,
             replica: i,
             device: device.map(String::from),
             phase,

@@ -121,6 +121,7 @@ pub(crate) mod tests {
             device_id: DeviceId::try_from(d).unwrap(),
             observed_generation: generation,
             workloads: vec![InstanceStatus {
+                schedule: None,
                 name: "web".try_into().unwrap(),
                 replica: 0,
                 revision: "r1".into(),

@@ -272,6 +272,7 @@ mod tests {
 
     fn status(replica: u32, run: u64, phase: Phase, code: i32) -> InstanceStatus {
         InstanceStatus {
+            schedule: None,
             name: "j".try_into().unwrap(),
             replica,
             revision: "r1".into(),

@@ -272,6 +272,13 @@ impl Fleet {
                         reasons: refused,
                     });
                 }
+                // Its start order must make no cycle with the workloads as they are now.
+                if let Some(e) = self.check_order(&[(0, &spec)]).into_iter().next() {
+                    return Err(WorkloadRefusal::Order {
+                        revision: spec.revision(),
+                        reason: e.message,
+                    });
+                }
                 // The secrets that revision reads must still be there.
                 let missing = shoal_api::model::secret::unresolved(&spec.secrets, |n| {
                     self.secrets.get(n).map(|s| s.keys.clone())

@@ -765,6 +765,7 @@ mod tests {
             completion: None,
             after: Vec::new(),
             disconnect: None,
+            schedule: None,
             name: WorkloadName::try_from(name).unwrap(),
             labels: BTreeMap::new(),
             placement,

@@ -714,6 +714,7 @@ fn report(hub: &mut Fleet, phase_of: impl Fn(&str) -> Phase) {
             .workloads
             .iter()
             .map(|w| shoal_api::wire::messages::InstanceStatus {
+                schedule: None,
                 name: w.name.clone(),
                 replica: w.replica,
                 revision: w.revision.clone(),

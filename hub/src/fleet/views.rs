@@ -101,6 +101,7 @@ impl Fleet {
         if let Some(p) = pending {
             for &replica in &p.replicas {
                 replicas.push(ReplicaView {
+                    schedule: None,
                     replica,
                     device: None,
                     phase: Phase::Pending,
@@ -197,6 +198,7 @@ impl Fleet {
             variant: String::new(),
             healthy: None,
             devices: Vec::new(),
+            schedule: None,
         };
         match reported {
             Some(i) if i.revision == revision => {
@@ -216,6 +218,19 @@ impl Fleet {
                     .take(64)
                     .map(|d| d.chars().take(256).collect())
                     .collect();
+                v.schedule = i.schedule.as_ref().map(|s| {
+                    let mut s = s.clone();
+                    // Bounded as the device keeps it.
+                    let extra = s
+                        .runs
+                        .len()
+                        .saturating_sub(shoal_api::model::schedule::HISTORY);
+                    s.runs.drain(..extra);
+                    for r in &mut s.runs {
+                        r.outcome = r.outcome.chars().take(32).collect();
+                    }
+                    s
+                });
                 if !online {
                     v.reason = Some(format!(
                         "device {dev} is offline; last reported {}",

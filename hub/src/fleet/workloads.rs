@@ -55,6 +55,9 @@ pub enum WorkloadRefusal {
         revision: String,
         reasons: Vec<String>,
     },
+    /// Going back to `revision` would make a cycle of `spec.after`.
+    #[error("cannot go back to revision {revision}: {reason}")]
+    Order { revision: String, reason: String },
     /// Going back to `revision` would read secrets (or keys) that are gone.
     #[error("cannot go back to revision {revision}: {}", .missing.join("; "))]
     SecretsGone {
@@ -94,11 +97,9 @@ impl Fleet {
     /// reads): a job starts a new run if its revision changed (jobs do not roll out),
     /// anything else a rollout.
     pub(super) fn new_spec(&mut self, w: &Workload, now: u64) {
-        let job = w.completion.is_some()
-            || self
-                .workloads
-                .get(&w.name)
-                .is_some_and(|o| o.completion.is_some());
+        // Scheduled runs do not roll out either: the next run takes the new spec.
+        let runs = |w: &Workload| w.completion.is_some() || w.schedule.is_some();
+        let job = runs(w) || self.workloads.get(&w.name).is_some_and(runs);
         if job {
             if self.rollouts.remove(&w.name).is_some() {
                 self.changes.put_rollout(&w.name, None);

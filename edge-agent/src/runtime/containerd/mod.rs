@@ -314,10 +314,17 @@ impl Runtime for ContainerdRuntime {
                 self.containerd.remove(&run.id).await;
                 return Err(RuntimeError::Start(e));
             }
+            // A replica that must not outlive its agent is stopped with it (a token never
+            // cancelled: nothing detaches it).
+            let detach = if c.detach {
+                self.stopping.clone()
+            } else {
+                CancellationToken::new()
+            };
             Ok(Box::new(ContainerdRunning {
                 containerd: self.containerd.clone(),
                 run,
-                detach: self.stopping.clone(),
+                detach,
             }) as Box<dyn Running>)
         })
     }

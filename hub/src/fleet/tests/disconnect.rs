@@ -30,7 +30,11 @@ fn each_workload_waits_for_a_silent_device_as_long_as_it_says() {
         "  disconnect: { lostAfter: 60s, stopAfter: 5s }\n",
     ));
     all.extend(workload("store", "  disconnect: { replace: false }\n"));
-    all.extend(workload("quick", "  disconnect: { lostAfter: 5s }\n"));
+    all.extend(workload("quick", "  disconnect: { lostAfter: 20s }\n"));
+    all.extend(workload(
+        "guard",
+        "  disconnect: { lostAfter: 20s, stopAfter: 5s }\n",
+    ));
     hub.apply(all, T0);
     hub.hello(hello("b", &[]), T0);
     for w in ["web", "valve", "store", "quick"] {
@@ -39,17 +43,21 @@ fn each_workload_waits_for_a_silent_device_as_long_as_it_says() {
     // b keeps talking; a falls silent at T0.
     let b: DeviceId = "b".parse().unwrap();
     let heard_b = |hub: &mut Fleet, t: u64| hub.reported(&b, t);
-    heard_b(&mut hub, T0 + 6_000);
-    hub.check_lost(T0 + 6_000, 30_000);
+    heard_b(&mut hub, T0 + 21_000);
+    hub.check_lost(T0 + 21_000, 30_000);
     assert_eq!(
         on(&hub, "quick"),
         ["b"],
-        "its own 5s passed, the hub's grace not"
+        "its own 20s passed, the hub's grace not"
     );
+    // a never confirmed the desired state that tells it to stop the guard: its short
+    // wait does not hold, a device is waited for as long as for any workload.
+    assert_eq!(on(&hub, "guard"), ["a"]);
     assert_eq!(on(&hub, "web"), ["a"]);
     heard_b(&mut hub, T0 + 31_000);
     hub.check_lost(T0 + 31_000, 30_000);
     assert_eq!(on(&hub, "web"), ["b"], "the hub's grace passed");
+    assert_eq!(on(&hub, "guard"), ["b"]);
     assert_eq!(on(&hub, "valve"), ["a"], "its own lostAfter has not");
     assert_eq!(on(&hub, "store"), ["a"]);
     heard_b(&mut hub, T0 + 61_000);

@@ -28,6 +28,7 @@ fn report(hub: &mut Fleet, dev: &str, phase_of: impl Fn(u32) -> (Phase, i32)) {
             let (phase, code) = phase_of(w.replica);
             let done = matches!(phase, Phase::Succeeded | Phase::Failed);
             InstanceStatus {
+                schedule: None,
                 name: w.name.clone(),
                 replica: w.replica,
                 revision: w.revision.clone(),
