@@ -62,9 +62,16 @@ pub(crate) fn jobs_table(workloads: &[WorkloadView], wide: bool) -> Table {
 
 /// The schedule part of `shoal describe workload`: each device's next run and last runs.
 pub(crate) fn describe_schedules(w: &WorkloadView) {
+    // Formatted by hand through `write!`: a time past the year 9999 is not printable.
     let at = |ms: u64| {
-        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms))
-            .to_string()
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let t =
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms));
+        match write!(out, "{t}") {
+            Ok(()) => out,
+            Err(_) => "-".to_string(),
+        }
     };
     for r in &w.replicas {
         let Some(s) = &r.schedule else { continue };

@@ -25,6 +25,9 @@ use serde::{Deserialize, Serialize};
 /// and 5 s for delivery, the agent's and the hub's once-a-second checks and a busy loop.
 pub const MARGIN_MS: u64 = crate::wire::messages::STATUS_PERIOD_MS + 5_000;
 
+/// The shortest `stopAfter`.
+pub const MIN_STOP_AFTER_MS: u64 = 5_000;
+
 /// The shortest `lostAfter`: two status periods (a device is silent between its statuses).
 pub const MIN_LOST_AFTER_MS: u64 = 2 * crate::wire::messages::STATUS_PERIOD_MS;
 
@@ -63,6 +66,19 @@ pub fn validate(
     errs: &mut Vec<String>,
 ) -> Option<Disconnect> {
     let before = errs.len();
+    if let Some(ms) = duration(
+        "spec.disconnect.stopAfter",
+        wire.stop_after.as_deref(),
+        &mut Vec::new(),
+    )
+    .filter(|ms| *ms < MIN_STOP_AFTER_MS)
+    {
+        errs.push(format!(
+            "spec.disconnect.stopAfter {:?} is invalid: must be at least {} (the device proves contact every quarter of it)",
+            wire.stop_after.as_deref().unwrap_or_default(),
+            format_duration_ms(MIN_STOP_AFTER_MS.max(ms)),
+        ));
+    }
     let lost_after_ms = duration(
         "spec.disconnect.lostAfter",
         wire.lost_after.as_deref(),

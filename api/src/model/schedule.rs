@@ -154,10 +154,12 @@ pub fn validate(
         wire.starting_deadline
             .as_deref()
             .and_then(|s| match parse_duration(s) {
-                Ok(d) if !d.is_zero() => Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                Ok(d) if d.as_millis() >= 1000 => {
+                    Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                }
                 Ok(_) => {
                     errs.push(format!(
-                        "spec.schedule.startingDeadline {s:?} is invalid: must be more than 0"
+                        "spec.schedule.startingDeadline {s:?} is invalid: must be at least 1s (the device checks once a second)"
                     ));
                     None
                 }

@@ -115,6 +115,8 @@ struct Agent {
     link: Link,
     streams: LogStreams,
     started_at_ms: u64,
+    /// When the loop last said hello again for a fenced replica (see `ContactCheck`).
+    reannounced: Option<std::time::Instant>,
 }
 
 /// Runs the agent until `shutdown` is cancelled.
@@ -262,6 +264,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         ),
         config,
         started_at_ms: now_ms(),
+        reannounced: None,
     };
     agent.discovery.advertise_self(agent.link.hello());
     for ev in early {
@@ -416,6 +419,22 @@ impl Agent {
                 let fenced = self
                     .replicas
                     .check_contact(self.link.contact(), std::time::Instant::now());
+                // Fenced, but the broker hears this device again without a reconnect (a
+                // stall shorter than the keep-alive): hello again, at most every 5 s, for
+                // the hub to issue the state that lets the replica run.
+                let fresh = self
+                    .link
+                    .contact()
+                    .is_some_and(|c| c.elapsed() < Duration::from_secs(2));
+                let due = self
+                    .reannounced
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(5));
+                if self.replicas.has_fenced() && fresh && due && self.link.connected() {
+                    self.reannounced = Some(std::time::Instant::now());
+                    self.link
+                        .announce(self.replicas.generation(), self.replicas.statuses())
+                        .await;
+                }
                 let fired = self
                     .replicas
                     .check_schedules(now_ms(), self.link.connected());

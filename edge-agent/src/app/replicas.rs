@@ -126,8 +126,9 @@ pub struct Replicas {
     /// Each scheduled replica's state (`spec.schedule`; saved before a run starts).
     schedules: Schedules,
     /// Scheduled replicas with a run in progress: instance → the time it was scheduled at
-    /// (its run id).
-    active: BTreeMap<String, u64>,
+    /// (its run id) and the spec it started with (a change of the desired state mid-run is
+    /// for the next run, never a restart of this one).
+    active: BTreeMap<String, (u64, DesiredWorkload)>,
     /// The device's clock as [`Self::check_schedules`] last read it (what statuses show the
     /// next run from).
     schedule_now: u64,
@@ -181,9 +182,18 @@ impl Replicas {
     /// Whether the loop should call [`Self::check_contact`] and [`Self::check_schedules`]
     /// every second: a desired replica has `stopAfter` or a schedule.
     pub fn ticks(&self) -> bool {
-        self.desired_workloads()
-            .iter()
-            .any(|w| w.stop_after_ms.is_some() || w.schedule.is_some())
+        !self.schedules.is_empty()
+            || !self.fenced.is_empty()
+            || self
+                .desired_workloads()
+                .iter()
+                .any(|w| w.stop_after_ms.is_some() || w.schedule.is_some())
+    }
+
+    /// Whether a replica is fenced (the loop then says hello again once contact is back,
+    /// for the hub to issue the state that lets it run).
+    pub fn has_fenced(&self) -> bool {
+        !self.fenced.is_empty()
     }
 
     /// The shortest `stopAfter` of the desired replicas (the loop keeps contact fresher
@@ -201,34 +211,58 @@ impl Replicas {
     /// most once. `true`: something changed (reconcile).
     pub fn check_schedules(&mut self, now: u64, online: bool) -> bool {
         self.schedule_now = now;
-        let scheduled: Vec<(String, shoal_api::model::schedule::DesiredSchedule)> = self
+        let scheduled: Vec<(
+            String,
+            shoal_api::model::schedule::DesiredSchedule,
+            DesiredWorkload,
+        )> = self
             .desired_workloads()
             .iter()
-            .filter_map(|w| Some((w.instance(), w.schedule.clone()?)))
+            .filter_map(|w| Some((w.instance(), w.schedule.clone()?, w.clone())))
             .collect();
         let before = self.schedules.clone();
         let active_before = self.active.clone();
         self.schedules
-            .retain(|i, _| scheduled.iter().any(|(s, _)| s == i));
+            .retain(|i, _| scheduled.iter().any(|(s, _, _)| s == i));
         self.active
-            .retain(|i, _| scheduled.iter().any(|(s, _)| s == i));
+            .retain(|i, _| scheduled.iter().any(|(s, _, _)| s == i));
         use crate::core::schedule::run;
-        for (instance, s) in &scheduled {
-            // First seen now: no catching up on the past.
+        for (instance, s, w) in &scheduled {
+            // First seen now, or its schedule changed: no catching up on the past.
             let st = self
                 .schedules
                 .entry(instance.clone())
                 .or_insert_with(|| ScheduleState {
                     last_ms: now,
                     runs: Vec::new(),
+                    schedule: None,
                 });
-            let running = self.active.get(instance).copied();
-            match decide(s, st, running.is_some(), now) {
+            if st.schedule.as_ref() != Some(&s.schedule) {
+                st.schedule = Some(s.schedule.clone());
+                st.last_ms = now;
+            }
+            // The clock went back (a wrong time corrected): not a day of silence for that.
+            if st.last_ms > now.saturating_add(86_400_000) {
+                warn!(%instance, last_ms = st.last_ms, now, "the device's clock went back: the schedule counts from now");
+                st.last_ms = now;
+            }
+            let running = self.active.get(instance).map(|(at, _)| *at);
+            let decision = match decide(s, st, running.is_some(), now) {
+                // A fenced replica may not run: the hub has not heard this device.
+                Ok(Decision::Fire(at) | Decision::Replace(at))
+                    if self.fenced.contains_key(instance) =>
+                {
+                    warn!(%instance, scheduled_ms = at, "scheduled run not started: the replica is fenced (spec.disconnect.stopAfter)");
+                    Ok(Decision::Miss(at))
+                }
+                d => d,
+            };
+            match decision {
                 Ok(Decision::Idle) => {}
                 Ok(Decision::Fire(at)) => {
                     info!(%instance, scheduled_ms = at, online, "scheduled run starts");
                     st.record(run(at, "Running", !online));
-                    self.active.insert(instance.clone(), at);
+                    self.active.insert(instance.clone(), (at, w.clone()));
                 }
                 Ok(Decision::Replace(at)) => {
                     info!(%instance, scheduled_ms = at, "scheduled run replaces the one still running");
@@ -236,7 +270,7 @@ impl Replicas {
                         st.finish(prev, "Replaced", None, now);
                     }
                     st.record(run(at, "Running", !online));
-                    self.active.insert(instance.clone(), at);
+                    self.active.insert(instance.clone(), (at, w.clone()));
                 }
                 Ok(Decision::Skip(at)) => {
                     info!(%instance, scheduled_ms = at, "scheduled run skipped: the previous one still runs (concurrency Forbid)");
@@ -245,7 +279,7 @@ impl Replicas {
                     st.record(r);
                 }
                 Ok(Decision::Miss(at)) => {
-                    warn!(%instance, scheduled_ms = at, "scheduled run missed: found past its startingDeadline");
+                    warn!(%instance, scheduled_ms = at, "scheduled run missed");
                     let mut r = run(at, "Missed", !online);
                     r.finished_ms = Some(now);
                     st.record(r);
@@ -479,6 +513,10 @@ impl Replicas {
                 warn!(error = %e, "cannot forget the results of earlier job runs");
             }
         }
+        // Runs of scheduled replicas no longer desired are over.
+        let desired_here: BTreeSet<String> =
+            desired.workloads.iter().map(|w| w.instance()).collect();
+        self.active.retain(|i, _| desired_here.contains(i));
         // A scheduled replica runs only while one of its runs is on, as that run (a job's).
         let todo: Vec<DesiredWorkload> = desired
             .workloads
@@ -488,8 +526,10 @@ impl Replicas {
             .filter_map(|w| match &w.schedule {
                 None => Some(w.clone()),
                 Some(s) => {
-                    let at = *self.active.get(&w.instance())?;
-                    let mut run = w.clone();
+                    // The run goes on with the spec it started with.
+                    let (at, started) = self.active.get(&w.instance())?;
+                    let at = *at;
+                    let mut run = started.clone();
                     run.job = Some(shoal_api::model::job::JobRun {
                         run: at,
                         backoff_limit: s.backoff_limit,
@@ -714,7 +754,7 @@ impl Replicas {
         let mut run_finished = u.status.run.is_some()
             && u.status.finished_at_ms.is_some()
             && matches!(u.status.phase, Phase::Succeeded | Phase::Failed);
-        let scheduled = self.active.get(&u.instance).copied();
+        let scheduled = self.active.get(&u.instance).map(|(at, _)| *at);
         if let Some(at) = scheduled.filter(|at| u.status.run == Some(*at)) {
             // A scheduled run: its end goes to the schedule's history (saved), not to the
             // job results.
@@ -1677,6 +1717,70 @@ mod tests {
         );
         f.reconcile().await;
         assert_eq!(f.replicas.len(), 1);
+        f.replicas.stop_all().await;
+    }
+
+    #[tokio::test]
+    async fn a_run_keeps_its_spec_and_a_changed_schedule_counts_from_the_change() {
+        use shoal_api::model::schedule::{Concurrency, DesiredSchedule, Schedule};
+        let mut f = Fixture::new();
+        let scheduled = |name: &str, rev: &str, cron: &str| {
+            let mut w = workload(name, 0, rev);
+            w.restart.policy = RestartPolicy::OnFailure;
+            w.schedule = Some(DesiredSchedule {
+                schedule: Schedule {
+                    cron: cron.into(),
+                    time_zone: "UTC".into(),
+                    concurrency: Concurrency::Forbid,
+                    starting_deadline_ms: None,
+                },
+                backoff_limit: 0,
+                active_deadline_ms: None,
+            });
+            w
+        };
+        // `long` runs until stopped (the fake runtime's default).
+        f.desired(&state(
+            "d1",
+            1,
+            vec![scheduled("long", "r1", "*/2 * * * * *")],
+        ));
+        f.replicas.check_schedules(10_000, true);
+        assert!(f.replicas.check_schedules(12_000, true));
+        f.reconcile().await;
+        // A new revision mid-run: the run goes on as it started; the next run takes r2.
+        f.desired(&state(
+            "d1",
+            2,
+            vec![scheduled("long", "r2", "*/2 * * * * *")],
+        ));
+        f.reconcile().await;
+        let revs: Vec<String> = f
+            .replicas
+            .supervised()
+            .map(|s| s.revision.to_string())
+            .collect();
+        assert_eq!(revs, ["r1"]);
+        // A changed schedule counts from the change: 14 s (due under the old one) is not run.
+        f.desired(&state(
+            "d1",
+            3,
+            vec![scheduled("long", "r2", "*/5 * * * * *")],
+        ));
+        f.replicas.check_schedules(13_000, true);
+        f.replicas.check_schedules(14_500, true);
+        let runs = &f.store.load_schedules().unwrap()["long-0"].runs;
+        assert_eq!(
+            runs.iter().map(|r| r.scheduled_ms).collect::<Vec<_>>(),
+            [12_000]
+        );
+        // At 15 s the new schedule is due, while the 12 s run still runs: skipped (Forbid).
+        assert!(f.replicas.check_schedules(15_000, true));
+        let runs = &f.store.load_schedules().unwrap()["long-0"].runs;
+        assert_eq!(
+            (runs[1].scheduled_ms, runs[1].outcome.as_str()),
+            (15_000, "Skipped")
+        );
         f.replicas.stop_all().await;
     }
 }

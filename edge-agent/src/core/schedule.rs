@@ -18,6 +18,10 @@ pub struct ScheduleState {
     pub last_ms: u64,
     /// The last runs, newest last (at most [`HISTORY`]).
     pub runs: Vec<ScheduledRun>,
+    /// The schedule `last_ms` counts for: a changed one starts from when it changed (no
+    /// catching up on times the old one did not name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<shoal_api::model::schedule::Schedule>,
 }
 
 /// What to do now.
@@ -134,6 +138,7 @@ mod tests {
         let state = |last| ScheduleState {
             last_ms: last,
             runs: vec![],
+            schedule: None,
         };
         type Case = (&'static str, u64, bool, u64, Decision);
         let cases: Vec<Case> = vec![

@@ -208,7 +208,9 @@ impl RunSpec {
                 cap_add: c.cap_add.clone(),
                 cap_drop: c.cap_drop.clone(),
                 groups: c.groups.clone(),
-                detach: d.stop_after_ms.is_none(),
+                // Neither a fenced nor a scheduled run may outlive its agent (unsupervised,
+                // it would be adopted as the next run, or run on unfenced).
+                detach: d.stop_after_ms.is_none() && d.schedule.is_none(),
             }),
             (None, None) => return Err(RuntimeError::NothingToRun),
         };

@@ -229,6 +229,13 @@ impl Fleet {
                     for r in &mut s.runs {
                         r.outcome = r.outcome.chars().take(32).collect();
                     }
+                    // Times a person's tools can print (before the year 10000).
+                    const LAST_MS: u64 = 253_402_300_799_999;
+                    s.next_ms = s.next_ms.filter(|t| *t <= LAST_MS);
+                    s.runs.retain(|r| r.scheduled_ms <= LAST_MS);
+                    for r in &mut s.runs {
+                        r.finished_ms = r.finished_ms.filter(|t| *t <= LAST_MS);
+                    }
                     s
                 });
                 if !online {
