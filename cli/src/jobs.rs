@@ -120,10 +120,11 @@ pub(crate) fn describe_job(j: &JobView) {
     let mut t = Table::new(&[
         "SLOT", "DEVICE", "PHASE", "EXIT", "RETRIES", "FINISHED", "REASON",
     ]);
-    for r in &j.results {
+    for v in &j.results {
+        let r = &v.result;
         t.row(vec![
-            r.slot.clone(),
-            r.device.clone(),
+            v.slot.clone(),
+            r.device.to_string(),
             r.phase.to_string(),
             r.exit_code.map_or("-".into(), |c| c.to_string()),
             r.restarts.to_string(),

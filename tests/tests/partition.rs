@@ -32,34 +32,56 @@ fn running(agent: &Agent) -> Result<Vec<String>> {
     Ok(v)
 }
 
+/// The hub on host 0 of `lan` (with `extra` serve flags), up, and how agents join it.
+fn hub_on(lan: &Lan, dir: &std::path::Path, extra: &[&str]) -> Result<(Proc, Join)> {
+    let hub_dir = dir.join("hub");
+    let mut cmd = lan.command(0, bin("shoal-hub"));
+    cmd.args(["serve", "--data-dir"])
+        .arg(&hub_dir)
+        .args([
+            "--mqtt-listen",
+            "0.0.0.0:8883",
+            "--http-listen",
+            "0.0.0.0:8080",
+            "--no-mdns",
+        ])
+        .args(extra);
+    let hub = Proc::spawn("hub", &mut cmd, dir.join("hub.log"))?;
+    wait_until(Duration::from_secs(20), "hub up", || {
+        Ok(shoal_on(lan, dir, &["get", "devices"])
+            .status
+            .success()
+            .then_some(()))
+    })?;
+    let join = Join {
+        broker: format!("mqtts://{}:8883", lan.addr(0)),
+        hub: format!("https://{}:8080", lan.addr(0)),
+        hub_data: Some(hub_dir),
+        etcd: None,
+        grant_labels: true,
+    };
+    Ok((hub, join))
+}
+
+/// `shoal ARGS` on host 0, as the operator of the hub [`hub_on`] started under `dir`.
+fn shoal_on(lan: &Lan, dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    lan.command(0, bin("shoal"))
+        .args(args)
+        .env("SHOAL_BROKER", "mqtts://127.0.0.1:8883")
+        .env("SHOAL_HUB", "https://127.0.0.1:8080")
+        .env("SHOAL_CREDENTIALS", dir.join("hub").join("operator"))
+        .output()
+        .expect("run shoal")
+}
+
 #[test]
 fn a_partitioned_device_loses_its_replicas_and_on_return_runs_no_duplicates() -> Result<()> {
     let Some(lan) = Lan::new(3)? else {
         return Ok(());
     };
     let dir = tempfile::tempdir()?;
-    let hub_dir = dir.path().join("hub");
-    let mut cmd = lan.command(0, bin("shoal-hub"));
-    cmd.args(["serve", "--data-dir"]).arg(&hub_dir).args([
-        "--mqtt-listen",
-        "0.0.0.0:8883",
-        "--http-listen",
-        "0.0.0.0:8080",
-        "--no-mdns",
-        "--device-grace",
-        "3s",
-    ]);
-    let _hub = Proc::spawn("hub", &mut cmd, dir.path().join("hub.log"))?;
-    let creds = hub_dir.join("operator");
-    let shoal = |args: &[&str]| {
-        lan.command(0, bin("shoal"))
-            .args(args)
-            .env("SHOAL_BROKER", "mqtts://127.0.0.1:8883")
-            .env("SHOAL_HUB", "https://127.0.0.1:8080")
-            .env("SHOAL_CREDENTIALS", &creds)
-            .output()
-            .expect("run shoal")
-    };
+    let (_hub, join) = hub_on(&lan, dir.path(), &["--device-grace", "3s"])?;
+    let shoal = |args: &[&str]| shoal_on(&lan, dir.path(), args);
     let json = |args: &[&str]| -> Result<Value> {
         let mut a = args.to_vec();
         a.extend(["-o", "json"]);
@@ -70,16 +92,6 @@ fn a_partitioned_device_loses_its_replicas_and_on_return_runs_no_duplicates() ->
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(serde_json::from_slice(&out.stdout)?)
-    };
-    wait_until(Duration::from_secs(20), "hub up", || {
-        Ok(shoal(&["get", "devices"]).status.success().then_some(()))
-    })?;
-    let join = Join {
-        broker: format!("mqtts://{}:8883", lan.addr(0)),
-        hub: format!("https://{}:8080", lan.addr(0)),
-        hub_data: Some(hub_dir.clone()),
-        etcd: None,
-        grant_labels: true,
     };
     let cut = Agent::start_program(
         dir.path(),
@@ -172,17 +184,7 @@ fn a_partitioned_device_loses_its_replicas_and_on_return_runs_no_duplicates() ->
 
 /// Whether `instance` runs on `agent`, by its local `ps`; `None` while `ps` fails.
 fn runs(agent: &Agent, instance: &str) -> Option<bool> {
-    let out = std::process::Command::new(bin("shoal-agent"))
-        .args(["ps", "-o", "json", "--socket"])
-        .arg(agent.data_dir.join("agent.sock"))
-        .output()
-        .ok()?;
-    let ps: Value = serde_json::from_slice(&out.stdout).ok()?;
-    Some(
-        ps.as_array()?
-            .iter()
-            .any(|r| r["phase"] == "Running" && r["instance"] == instance),
-    )
+    running(agent).ok().map(|r| r.iter().any(|i| i == instance))
 }
 
 /// A singleton that must never run twice (`spec.disconnect: { lostAfter: 20s, stopAfter:
@@ -195,36 +197,8 @@ fn a_singleton_with_stop_after_never_runs_twice_in_a_partition() -> Result<()> {
         return Ok(());
     };
     let dir = tempfile::tempdir()?;
-    let hub_dir = dir.path().join("hub");
-    let mut cmd = lan.command(0, bin("shoal-hub"));
-    cmd.args(["serve", "--data-dir"]).arg(&hub_dir).args([
-        "--mqtt-listen",
-        "0.0.0.0:8883",
-        "--http-listen",
-        "0.0.0.0:8080",
-        "--no-mdns",
-    ]);
-    let _hub = Proc::spawn("hub", &mut cmd, dir.path().join("hub.log"))?;
-    let creds = hub_dir.join("operator");
-    let shoal = |args: &[&str]| {
-        lan.command(0, bin("shoal"))
-            .args(args)
-            .env("SHOAL_BROKER", "mqtts://127.0.0.1:8883")
-            .env("SHOAL_HUB", "https://127.0.0.1:8080")
-            .env("SHOAL_CREDENTIALS", &creds)
-            .output()
-            .expect("run shoal")
-    };
-    wait_until(Duration::from_secs(20), "hub up", || {
-        Ok(shoal(&["get", "devices"]).status.success().then_some(()))
-    })?;
-    let join = Join {
-        broker: format!("mqtts://{}:8883", lan.addr(0)),
-        hub: format!("https://{}:8080", lan.addr(0)),
-        hub_data: Some(hub_dir.clone()),
-        etcd: None,
-        grant_labels: true,
-    };
+    let (_hub, join) = hub_on(&lan, dir.path(), &[])?;
+    let shoal = |args: &[&str]| shoal_on(&lan, dir.path(), args);
     let agents = [
         Agent::start_program(
             dir.path(),

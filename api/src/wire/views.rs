@@ -160,20 +160,33 @@ pub struct JobView {
     pub results: Vec<JobResultView>,
 }
 
-/// One slot's result in a job's run.
+/// One slot's result in a job's run: the slot, and the result the hub keeps for it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct JobResultView {
     pub slot: String,
-    pub device: String,
+    #[serde(flatten)]
+    pub result: SlotResult,
+}
+
+/// A slot's result in a job's run, as the hub keeps it (and shows it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlotResult {
+    pub device: crate::model::ids::DeviceId,
     pub replica: u32,
+    /// `Succeeded` or `Failed`.
     pub phase: Phase,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
+    /// Retries on the device before this result.
     #[serde(default)]
     pub restarts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at_ms: Option<u64>,
+    /// By the device's clock.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at_ms: Option<u64>,
 }

@@ -35,7 +35,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             .replicas
             .iter()
             .filter_map(|r| r.device.as_deref())
-            .chain(finished.clone().map(|r| r.device.as_str()))
+            .chain(finished.clone().map(|r| r.result.device.as_str()))
             .collect();
         let wanted: Vec<&str> = match device {
             Some(d) if devices.iter().any(|v| v.id == d.as_str()) => vec![d.as_str()],
@@ -49,7 +49,7 @@ impl<S: Store, B: Bus> MainLoop<S, B> {
             .filter(|r| r.device.as_deref().is_some_and(|d| wanted.contains(&d)))
             .count()
             + finished
-                .filter(|r| wanted.contains(&r.device.as_str()))
+                .filter(|r| wanted.contains(&r.result.device.as_str()))
                 .count();
         let (mut asked, mut unreachable) = (Vec::new(), Vec::new());
         for v in devices.iter().filter(|v| wanted.contains(&v.id.as_str())) {

@@ -12,27 +12,7 @@ use shoal_api::model::job::Completion;
 use shoal_api::wire::messages::{InstanceStatus, Phase};
 use std::collections::{BTreeMap, BTreeSet};
 
-/// One slot's result in a run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SlotResult {
-    pub device: DeviceId,
-    pub replica: u32,
-    /// `Succeeded` or `Failed`.
-    pub phase: Phase,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exit_code: Option<i32>,
-    /// Retries on the device before this result.
-    #[serde(default)]
-    pub restarts: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub started_at_ms: Option<u64>,
-    /// By the device's clock.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finished_at_ms: Option<u64>,
-}
+pub use shoal_api::wire::views::SlotResult;
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

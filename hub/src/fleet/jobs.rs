@@ -182,13 +182,7 @@ impl Fleet {
                 .iter()
                 .map(|(slot, r)| shoal_api::wire::views::JobResultView {
                     slot: slot.clone(),
-                    device: r.device.to_string(),
-                    replica: r.replica,
-                    phase: r.phase,
-                    exit_code: r.exit_code,
-                    restarts: r.restarts,
-                    reason: r.reason.clone(),
-                    finished_at_ms: r.finished_at_ms,
+                    result: r.clone(),
                 })
                 .collect(),
         })
